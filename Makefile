@@ -1,0 +1,40 @@
+# model-sandbox: `make demo` and `make test` do all the set-up on a fresh Debian machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help venv engine image demo test test-unit lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(STAMP) ## create .venv and install the package with its dev tools
+
+engine: ## install and start a Docker engine if none is reachable (Debian, root)
+	@scripts/ensure-docker.sh
+
+image: venv engine ## build the worker image (offline) unless it is up to date
+	$(BIN)/model-sandbox image build
+
+demo: image ## convert a benign and a hostile checkpoint that the demo generates
+	$(BIN)/python examples/demo.py
+
+test: image ## the whole suite, container tests included
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: venv ## tests that need no Docker engine
+	$(BIN)/python -m pytest tests/unit tests/property $(PYTEST_ARGS)
+
+lint: venv ## ruff and mypy --strict
+	$(BIN)/ruff check sandbox tests examples benchmarks
+	$(BIN)/mypy sandbox
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,393 @@
+"""The public operations, each a short sequence of pipeline stages:
+
+    scan -> launch -> monitor -> extract -> convert -> verify -> report
+
+:func:`safe_load` is a drop-in for ``torch.load`` whose pickle runs only inside the sandbox;
+:func:`convert` writes a checked SafeTensors file; :func:`scan` loads without keeping weights
+and returns the report; :func:`patch_torch` routes every ``torch.load`` through
+:func:`safe_load`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from . import _convert, _extract, _image, _launch, _monitor, _verify
+from ._worker import _protocol as P
+from .errors import (
+    HashMismatch,
+    InputNotFound,
+    SandboxError,
+    SandboxViolation,
+)
+from .policy import Policy
+from .report import Finding, LoadReport, Severity, Verdict
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["convert", "patch_torch", "safe_load", "scan"]
+
+_VERSION = "0.1.0"
+
+
+# -- the pipeline ------------------------------------------------------------------------------
+
+@dataclass
+class _Loaded:
+    report: LoadReport
+    output: _extract.WorkerOutput | None
+    error: SandboxError | None
+
+
+def _hash_file(path: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _resolve_input(path: str | os.PathLike[str]) -> str:
+    p = os.path.realpath(os.fspath(path))
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        raise InputNotFound(f"cannot open {os.fspath(path)!r}: {exc.strerror}", path=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputNotFound(f"{os.fspath(path)!r} is not a regular file", path=path)
+    if not os.access(p, os.R_OK):
+        raise InputNotFound(f"{os.fspath(path)!r} is not readable", path=path)
+    return p
+
+
+def _judge(report: LoadReport) -> Verdict:
+    if report.error is not None:
+        return Verdict.ERROR
+    worst = report.max_severity
+    if worst is None or worst <= Severity.LOW:
+        return Verdict.CLEAN
+    return Verdict.MALICIOUS if worst >= Severity.HIGH else Verdict.SUSPICIOUS
+
+
+@contextlib.contextmanager
+def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.Runner | None,
+               write_tensors: bool, expected_sha256: str | None) -> Iterator[_Loaded]:
+    """Run one load in a fresh container; yields the report and the validated outputs.
+    The output directory is deleted when the block ends."""
+    start = time.monotonic()
+    report = LoadReport(input_path=os.fspath(path), tool={"name": "model-sandbox", "version": _VERSION},
+                        policy={"name": policy.name, "digest": policy.digest})
+    work: str | None = None
+    loaded = _Loaded(report=report, output=None, error=None)
+    try:
+        try:
+            real = _resolve_input(path)
+            report.input_sha256, report.input_size = _hash_file(real)
+            if expected_sha256 is not None and report.input_sha256 != expected_sha256.lower():
+                raise HashMismatch(
+                    f"{os.fspath(path)!r} has sha256 {report.input_sha256}, not the pinned "
+                    f"{expected_sha256.lower()}", path=path, expected=expected_sha256.lower(),
+                    actual=report.input_sha256)
+            runner = runner or _launch.DockerRunner()
+            image = runner.ensure_image()
+            report.tool["image"] = image
+            report.tool["worker_digest"] = _image.worker_digest()
+            work = tempfile.mkdtemp(prefix="model-sandbox-")
+            out_dir = os.path.join(work, "out")
+            os.mkdir(out_dir)
+            os.chmod(out_dir, 0o777)  # the sandbox's uid writes here; the 0700 parent guards it
+            spec = _launch.make_spec(policy, image=image, input_path=real, output_dir=out_dir,
+                                     input_size=report.input_size, write_tensors=write_tensors)
+            run = runner.run(spec)
+            output = _extract.read_outputs(out_dir, tensors_cap=spec.output_bytes)
+            loaded.output = output
+            outcome = _monitor.interpret(run, output.status, spec, os.fspath(path))
+            report.findings += outcome.findings
+            report.resources.update(outcome.resources)
+            report.format = outcome.format
+            changed = _verify.input_identity(report.input_sha256, output.status)
+            if changed:
+                report.add(changed)
+            for name in output.unexpected[:20]:
+                report.add(Finding(
+                    rule="unexpected-output", severity=Severity.MEDIUM, category="file",
+                    message="the load wrote a file the worker never writes to its output directory",
+                    evidence={"name": name}))
+            if outcome.error is not None:
+                raise outcome.error
+            if output.manifest is None or (write_tensors and output.tensors_path is None):
+                from .errors import LoadFailed
+                raise LoadFailed("the loader reported success but left no manifest/tensors")
+            _summarise(report, output.manifest)
+        except SandboxError as exc:
+            loaded.error = exc
+            report.error = {"reference": exc.reference, "message": exc.message}
+        report.verdict = _judge(report)
+        report.duration_s = round(time.monotonic() - start, 3)
+        if loaded.error is not None:
+            loaded.error.report = report
+        yield loaded
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _summarise(report: LoadReport, manifest: dict[str, Any]) -> None:
+    report.format = manifest.get("format", report.format)
+    report.tensors = len(manifest["tensors"]) + len(manifest["views"])
+    report.tensor_bytes = sum(int(t["nbytes"]) for t in manifest["tensors"])
+    for u in manifest.get("unrepresentable", [])[:50]:
+        report.add(Finding(rule="unrepresentable-object", severity=Severity.INFO, category="format",
+                           message="an object that is not data was replaced by a placeholder",
+                           evidence={"path": u["path"][:300], "type": u["type"][:200]}))
+    report.notes += [str(n)[:300] for n in manifest.get("notes", [])[:50]]
+
+
+def _refuse(report: LoadReport, policy: Policy) -> bool:
+    threshold = Verdict(policy.fail_on)
+    return report.verdict is not Verdict.ERROR and report.verdict.rank >= threshold.rank
+
+
+def _raise_if_unsafe(loaded: _Loaded, policy: Policy) -> None:
+    report = loaded.report
+    if _refuse(report, policy):
+        top = max(report.findings, key=lambda f: f.severity)
+        raise SandboxViolation(
+            f"{report.input_path} is {report.verdict.value}: {top.message}", report=report)
+    if loaded.error is not None:
+        raise loaded.error
+
+
+# -- public operations -------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _as_path(f: Any) -> Iterator[str | os.PathLike[str]]:
+    """torch.load accepts paths and binary file objects; the sandbox mounts a file."""
+    if isinstance(f, (str, os.PathLike)):
+        yield f
+        return
+    if not hasattr(f, "read"):
+        raise TypeError(f"expected a path or a binary file object, got {type(f).__name__}")
+    fd, tmp = tempfile.mkstemp(prefix="model-sandbox-in-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := f.read(1 << 20):
+                if isinstance(chunk, str):
+                    raise TypeError("the file object must be opened in binary mode")
+                out.write(chunk)
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
+              pickle_module: Any = None, *, weights_only: bool | None = None,
+              mmap: bool | None = None, policy: Policy | None = None,
+              expected_sha256: str | None = None, runner: _launch.Runner | None = None,
+              **pickle_load_args: Any) -> Any:
+    """Load a checkpoint like ``torch.load`` does, except that the pickle runs only inside the
+    sandbox and the host receives checked SafeTensors plus a JSON skeleton.
+
+    Accepts what ``torch.load`` accepts: a path, an ``os.PathLike`` or a binary file object;
+    ``map_location`` as a string, ``torch.device``, dict or callable. ``weights_only=True`` (the
+    default, as in torch >= 2.6) raises :class:`UnrepresentableObject` if the file holds objects
+    that cannot be rebuilt as data; with ``weights_only=False`` they come back as
+    :class:`Unrepresentable` placeholders. ``nn.Module`` and optimizer objects come back as
+    their ``state_dict()``. ``pickle_module`` and ``pickle_load_args`` are accepted for
+    compatibility and ignored: nothing is unpickled on the host. ``mmap`` is accepted; the
+    sandbox already maps torch zip files, and the host reads the checked tensors into memory.
+
+    Raises :class:`SandboxViolation` (with ``.report``) when the policy judges the file unsafe,
+    and the other :class:`SandboxError` subclasses for inputs that cannot be loaded.
+    """
+    del pickle_module, pickle_load_args, mmap
+    policy = policy or Policy.default()
+    _convert.check_map_location(map_location)
+    wo = True if weights_only is None else bool(weights_only)
+    with _as_path(f) as path, _sandboxed(path, policy=policy, runner=runner, write_tensors=True,
+                                         expected_sha256=expected_sha256) as loaded:
+        _raise_if_unsafe(loaded, policy)
+        assert loaded.output is not None and loaded.output.manifest is not None
+        assert loaded.output.tensors_path is not None
+        manifest = loaded.output.manifest
+        tensors = _convert.load_tensors(loaded.output.tensors_path, manifest)
+        tensors = _convert.place(tensors, manifest, map_location)
+        return _convert.rebuild(manifest["skeleton"], tensors, weights_only=wo)
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, *,
+            policy: Policy | None = None, expected_sha256: str | None = None,
+            runner: _launch.Runner | None = None, write_report: bool = True) -> LoadReport:
+    """Load ``src`` in the sandbox and write its tensors to ``dst`` (default: ``src`` with the
+    suffix ``.safetensors``), atomically, plus ``<dst>.report.json``. The file's metadata holds
+    the JSON skeleton of the original structure and the views (tied weights) it shares.
+
+    Raises :class:`SandboxViolation` and writes no weights when the policy judges the file
+    unsafe; raises the matching :class:`SandboxError` when it cannot be loaded.
+    """
+    policy = policy or Policy.default()
+    dst_path = Path(dst) if dst is not None else Path(src).with_suffix(".safetensors")
+    with _sandboxed(src, policy=policy, runner=runner, write_tensors=True,
+                    expected_sha256=expected_sha256) as loaded:
+        report = loaded.report
+        try:
+            _raise_if_unsafe(loaded, policy)
+            assert loaded.output is not None and loaded.output.manifest is not None
+            assert loaded.output.tensors_path is not None
+            manifest = loaded.output.manifest
+            tensors = _convert.load_tensors(loaded.output.tensors_path, manifest)
+            _write_safetensors(dst_path, tensors, manifest, report)
+            report.outputs["safetensors"] = str(dst_path)
+            report.outputs["safetensors_sha256"] = _hash_file(str(dst_path))[0]
+        except SandboxError as exc:
+            if exc.report is None:
+                exc.report = report
+                report.error = {"reference": exc.reference, "message": exc.message}
+                report.verdict = Verdict.ERROR
+            raise
+        finally:
+            if write_report:
+                rpath = Path(str(dst_path) + ".report.json")
+                report.outputs.setdefault("report", str(rpath))
+                atomic_write(rpath, report.to_json().encode())
+        return report
+
+
+def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
+                       report: LoadReport) -> None:
+    """Re-serialise the checked tensors on the host (the worker's file is never copied)."""
+    import torch
+    from safetensors.torch import save_file
+
+    stored: dict[str, torch.Tensor] = {}
+    for e in manifest["tensors"]:
+        t = tensors[e["name"]]
+        stored_as, _ = P.TORCH_DTYPES[e["dtype"]]
+        stored[e["name"]] = t.contiguous().reshape(-1).view(torch.uint8) \
+            if stored_as == "U8" and e["dtype"] != "uint8" else t.contiguous()
+    metadata = {
+        "format": "pt",
+        "model_sandbox.version": _VERSION,
+        "model_sandbox.source_sha256": report.input_sha256 or "",
+        "model_sandbox.skeleton": json.dumps(manifest["skeleton"], separators=(",", ":")),
+        "model_sandbox.views": json.dumps(manifest["views"], separators=(",", ":")),
+        "model_sandbox.dtypes": json.dumps({e["name"]: e["dtype"] for e in manifest["tensors"]
+                                            if P.TORCH_DTYPES[e["dtype"]][0] == "U8"}),
+    }
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        save_file(stored, tmp, metadata=metadata)
+        _fsync_path(tmp)
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        _fsync_path(str(path))
+
+
+def scan(path: str | os.PathLike[str], *, dynamic: bool = True, policy: Policy | None = None,
+         expected_sha256: str | None = None, runner: _launch.Runner | None = None) -> LoadReport:
+    """Load ``path`` in the sandbox without keeping its weights and return the report.
+    Never raises for a bad or hostile file: the report's verdict and error say what happened."""
+    if not dynamic:
+        raise NotImplementedError("static-only scanning is not available yet")
+    policy = policy or Policy.default()
+    with _sandboxed(path, policy=policy, runner=runner, write_tensors=False,
+                    expected_sha256=expected_sha256) as loaded:
+        return loaded.report
+
+
+# -- routing torch.load ------------------------------------------------------------------------
+
+class patch_torch:  # noqa: N801 - used like a function: sandbox.patch_torch()
+    """Route every ``torch.load`` (and ``torch.serialization.load``) through :func:`safe_load`.
+
+    ``sandbox.patch_torch()`` patches until ``.stop()``; ``with sandbox.patch_torch(): ...``
+    patches for the block. Code that bound ``torch.load`` to another name before the patch
+    keeps the original."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        import torch
+        import torch.serialization
+
+        self.policy = policy
+        self._originals = (torch.load, torch.serialization.load)
+        self.active = False
+
+        def load(f: Any, map_location: Any = None, pickle_module: Any = None, **kwargs: Any) -> Any:
+            return safe_load(f, map_location, pickle_module, policy=self.policy, **kwargs)
+
+        load.__doc__ = safe_load.__doc__
+        load.__wrapped__ = self._originals[0]  # type: ignore[attr-defined]
+        self._replacement = load
+        self.start()
+
+    def start(self) -> patch_torch:
+        import torch
+        import torch.serialization
+
+        torch.load = self._replacement
+        torch.serialization.load = self._replacement
+        self.active = True
+        return self
+
+    def stop(self) -> None:
+        import torch
+        import torch.serialization
+
+        if self.active:
+            torch.load, torch.serialization.load = self._originals
+            self.active = False
+
+    def __enter__(self) -> patch_torch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

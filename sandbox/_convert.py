@@ -1,0 +1,276 @@
+"""Stage 5, host: open the worker's SafeTensors with the safetensors library, check every
+tensor against the manifest (names, dtypes, shapes, sha256), and rebuild the returned
+structure from the JSON skeleton. No unpickler is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import hashlib
+import math
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._worker import _protocol as P
+from .errors import OutputRejected, UnrepresentableObject
+
+if TYPE_CHECKING:
+    import torch
+
+_DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|meta|hpu|xla|privateuseone|ipu|mtia)(:\d{1,4})?$")
+
+
+class Unrepresentable:
+    """Stands where the checkpoint held an object that model-sandbox does not rebuild.
+
+    ``type_name`` is the class the object claimed to be and ``path`` where it was; nothing of
+    the object itself crossed the sandbox boundary."""
+
+    __slots__ = ("path", "type_name")
+
+    def __init__(self, type_name: str, path: str) -> None:
+        self.type_name = type_name
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"<Unrepresentable {self.type_name} at {self.path}>"
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    import torch
+
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return hashlib.sha256(b"").hexdigest()
+    raw = flat.contiguous().view(torch.uint8)
+    return hashlib.sha256(raw.numpy().data).hexdigest()
+
+
+def load_tensors(path: str, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor and view named by the (validated) manifest, checked byte for byte."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    entries = {t["name"]: t for t in manifest["tensors"]}
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            if keys != set(entries):
+                missing = sorted(set(entries) - keys)[:5]
+                extra = sorted(keys - set(entries))[:5]
+                raise OutputRejected(f"tensor file and manifest disagree (missing {missing}, "
+                                     f"unexpected {extra})", item=P.TENSORS_FILE)
+            for name, entry in entries.items():
+                t = f.get_tensor(name)
+                stored_as, _ = P.TORCH_DTYPES[entry["dtype"]]
+                target = getattr(torch, entry["dtype"], None)
+                if target is None:
+                    raise OutputRejected(f"{name}: dtype {entry['dtype']} is unknown to this torch")
+                if stored_as == "U8" and entry["dtype"] != "uint8":
+                    if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != entry["nbytes"]:
+                        raise OutputRejected(f"{name}: raw bytes of the wrong size", item=name)
+                    t = t.view(target).reshape(entry["shape"]) if t.numel() else \
+                        torch.empty(entry["shape"], dtype=target)
+                if t.dtype != target or list(t.shape) != entry["shape"]:
+                    raise OutputRejected(f"{name}: dtype/shape differ from the manifest", item=name)
+                if tensor_digest(t) != entry["sha256"]:
+                    raise OutputRejected(f"{name}: bytes differ from the manifest's sha256", item=name)
+                out[name] = t
+    except SafetensorError as exc:
+        raise OutputRejected(f"the tensor file is not valid SafeTensors: {exc}",
+                             item=P.TENSORS_FILE) from None
+    for v in manifest["views"]:
+        base = out[v["base"]]
+        out[v["name"]] = base.as_strided(v["shape"], v["stride"], base.storage_offset() + v["offset"])
+    return out
+
+
+MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[storage, str], storage]
+
+
+def place(tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
+          map_location: MapLocation) -> dict[str, torch.Tensor]:
+    """Move tensors where ``torch.load(map_location=...)`` would have put them.
+
+    Views follow their base, so storage sharing survives the move."""
+    import torch
+
+    locations = {e["name"]: e["location"] for e in manifest["tensors"] + manifest["views"]}
+    moved: dict[str, torch.Tensor] = {}
+    for entry in manifest["tensors"]:
+        name = entry["name"]
+        moved[name] = _move(tensors[name], locations[name], map_location)
+    for v in manifest["views"]:
+        base = moved[v["base"]]
+        moved[v["name"]] = base.as_strided(v["shape"], v["stride"], base.storage_offset() + v["offset"])
+    return moved
+
+
+def _move(t: torch.Tensor, location: str, map_location: MapLocation) -> torch.Tensor:
+    import torch
+
+    if map_location is None:
+        target: Any = location
+    elif isinstance(map_location, (str, torch.device)):
+        target = map_location
+    elif isinstance(map_location, dict):
+        target = map_location.get(location, location)
+    elif callable(map_location):
+        result = map_location(t.untyped_storage(), location)
+        if result is None:
+            target = "cpu"
+        elif isinstance(result, (torch.UntypedStorage, torch.TypedStorage)):
+            if result.device == t.device and result.data_ptr() == t.untyped_storage().data_ptr():
+                return t
+            storage = result.untyped() if isinstance(result, torch.TypedStorage) else result
+            fresh = torch.empty(0, dtype=t.dtype, device=storage.device)
+            return fresh.set_(storage, t.storage_offset(), t.shape, t.stride())
+        else:
+            target = result
+    else:
+        raise TypeError(f"map_location of type {type(map_location).__name__} is not supported")
+    device = torch.device(target)
+    return t if device == t.device else t.to(device)
+
+
+def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bool) -> Any:
+    """The structure the skeleton describes, with tensors from ``tensors``."""
+    import torch
+
+    params: dict[str, torch.Tensor] = {}
+    opaque: list[str] = []
+    nodes = 0
+
+    def tensor(ref: Any) -> torch.Tensor:
+        if not isinstance(ref, str) or ref not in tensors:
+            raise OutputRejected(f"skeleton names an unknown tensor {str(ref)[:80]!r}")
+        return tensors[ref]
+
+    def floaty(node: Any) -> float:
+        v = build(node, 0)
+        if not isinstance(v, float):
+            raise OutputRejected("skeleton: complex part is not a float")
+        return v
+
+    def build(node: Any, depth: int) -> Any:
+        nonlocal nodes
+        nodes += 1
+        if nodes > P.MAX_SKELETON_NODES or depth > P.MAX_SKELETON_DEPTH + 2:
+            raise OutputRejected("skeleton is too large or too deep")
+        if node is None or isinstance(node, (bool, int, str)):
+            return node
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                raise OutputRejected("skeleton holds a non-finite bare float")
+            return node
+        if not isinstance(node, dict) or node.get("$") not in P.NODE_KINDS:
+            raise OutputRejected(f"skeleton node of unknown kind {str(node)[:80]!r}")
+        kind = node["$"]
+        if kind == "float":
+            if node.get("v") not in ("nan", "inf", "-inf"):
+                raise OutputRejected("skeleton: bad float")
+            return float(node["v"])
+        if kind == "bytes":
+            try:
+                return base64.b64decode(node["b64"], validate=True)
+            except (KeyError, TypeError, ValueError):
+                raise OutputRejected("skeleton: bad bytes") from None
+        if kind in ("list", "tuple", "set", "frozenset"):
+            items = node.get("items")
+            if not isinstance(items, list):
+                raise OutputRejected(f"skeleton: {kind} without items")
+            built = [build(i, depth + 1) for i in items]
+            if kind == "list":
+                return built
+            if kind == "tuple":
+                return tuple(built)
+            try:
+                return set(built) if kind == "set" else frozenset(built)
+            except TypeError:
+                raise OutputRejected("skeleton: unhashable set member") from None
+        if kind in ("dict", "namespace"):
+            items = node.get("items")
+            if not isinstance(items, list) or not all(isinstance(p, list) and len(p) == 2 for p in items):
+                raise OutputRejected(f"skeleton: {kind} items malformed")
+            pairs = [(build(k, depth + 1), build(v, depth + 1)) for k, v in items]
+            if kind == "namespace":
+                if not all(isinstance(k, str) for k, _ in pairs):
+                    raise OutputRejected("skeleton: namespace keys must be strings")
+                return argparse.Namespace(**dict(pairs))
+            dkind = node.get("kind")
+            if dkind not in P.DICT_KINDS:
+                raise OutputRejected("skeleton: unknown dict kind")
+            try:
+                if dkind == "OrderedDict":
+                    return collections.OrderedDict(pairs)
+                if dkind == "defaultdict":
+                    return collections.defaultdict(None, pairs)
+                return dict(pairs)
+            except TypeError:
+                raise OutputRejected("skeleton: unhashable dict key") from None
+        if kind == "tensor":
+            t = tensor(node.get("ref"))
+            if node.get("parameter") is True:
+                ref = node["ref"]
+                if ref not in params:
+                    params[ref] = torch.nn.Parameter(t, requires_grad=bool(node.get("requires_grad")))
+                return params[ref]
+            if node.get("requires_grad") is True and t.is_floating_point():
+                t.requires_grad_(True)
+            return t
+        if kind == "ndarray":
+            return tensor(node.get("ref")).cpu().numpy()
+        if kind == "npscalar":
+            arr = tensor(node.get("ref")).cpu().numpy()
+            if arr.ndim != 0 or str(arr.dtype) != node.get("dtype"):
+                raise OutputRejected("skeleton: numpy scalar does not match its tensor")
+            return arr[()]
+        if kind == "dtype":
+            value = node.get("v")
+            dt = getattr(torch, value, None) if isinstance(value, str) and value.isidentifier() else None
+            if not isinstance(dt, torch.dtype):
+                raise OutputRejected(f"skeleton: unknown dtype {str(value)[:40]!r}")
+            return dt
+        if kind == "device":
+            value = node.get("v")
+            if not isinstance(value, str) or not _DEVICE.match(value):
+                raise OutputRejected("skeleton: bad device")
+            return torch.device(value)
+        if kind == "size":
+            value = node.get("v")
+            if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                      for x in value):
+                raise OutputRejected("skeleton: bad size")
+            return torch.Size(value)
+        if kind == "complex":
+            return complex(floaty(node.get("re")), floaty(node.get("im")))
+        if kind == "module":
+            return build(node.get("state"), depth + 1)
+        # opaque
+        type_name, path = node.get("type"), node.get("path")
+        if not isinstance(type_name, str) or not isinstance(path, str):
+            raise OutputRejected("skeleton: bad opaque node")
+        opaque.append(type_name[:200])
+        return Unrepresentable(type_name[:200], path[:500])
+
+    result = build(skeleton, 0)
+    if weights_only and opaque:
+        raise UnrepresentableObject(
+            f"the checkpoint holds {len(opaque)} object(s) that cannot be rebuilt as data: "
+            + ", ".join(sorted(set(opaque))[:5]), types=sorted(set(opaque)))
+    return result
+
+
+def check_map_location(map_location: MapLocation) -> None:
+    """Reject argument types torch.load would reject, before any work is done."""
+    import torch
+
+    if map_location is None or isinstance(map_location, (str, torch.device, dict)):
+        return
+    if isinstance(map_location, Callable):  # type: ignore[arg-type]
+        return
+    raise TypeError(f"map_location of type {type(map_location).__name__} is not supported")

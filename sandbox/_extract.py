@@ -1,0 +1,207 @@
+"""Stage 4, host: bounded, name-checked copy-out of what the worker left in its output directory.
+
+Everything read here came from a process that ran attacker-controlled code. Only the expected
+file names are opened; each must be a regular file (never a symlink, device or directory),
+within its size cap; JSON is parsed only after the size check and then validated field by field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._worker import _protocol as P
+from .errors import OutputRejected
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class WorkerOutput:
+    out_dir: str
+    status: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None
+    tensors_path: str | None = None
+    unexpected: list[str] = field(default_factory=list)
+
+
+def _open_regular(path: str, cap: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise OutputRejected(f"cannot open {os.path.basename(path)}: {exc.strerror}",
+                             item=os.path.basename(path)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputRejected(f"{os.path.basename(path)} is not a regular file",
+                                 item=os.path.basename(path))
+        if st.st_size > cap:
+            raise OutputRejected(f"{os.path.basename(path)} is {st.st_size} bytes, over the "
+                                 f"{cap} byte cap", item=os.path.basename(path))
+        chunks = []
+        remaining = cap + 1
+        while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 20))):
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > cap:
+            raise OutputRejected(f"{os.path.basename(path)} grew past its cap while being read",
+                                 item=os.path.basename(path))
+        return data
+    finally:
+        os.close(fd)
+
+
+def _parse_json(data: bytes, item: str) -> Any:
+    def no_constants(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=no_constants)
+    except (ValueError, RecursionError) as exc:
+        raise OutputRejected(f"{item} is not valid JSON: {str(exc)[:200]}", item=item) from None
+
+
+def read_outputs(out_dir: str, *, tensors_cap: int) -> WorkerOutput:
+    """Inventory ``out_dir`` and read the status and manifest (validated)."""
+    out = WorkerOutput(out_dir=out_dir)
+    try:
+        entries = list(os.scandir(out_dir))
+    except OSError as exc:
+        raise OutputRejected(f"cannot list the output directory: {exc.strerror}") from None
+    present: dict[str, os.DirEntry[str]] = {}
+    for e in entries[:10_000]:
+        if e.name in P.OUTPUT_FILES:
+            present[e.name] = e
+        else:
+            out.unexpected.append(e.name[:200])
+    for name, e in present.items():
+        if not e.is_file(follow_symlinks=False):
+            raise OutputRejected(f"{name} in the output directory is not a regular file", item=name)
+
+    if P.STATUS_FILE in present:
+        status = _parse_json(_open_regular(present[P.STATUS_FILE].path, P.MAX_STATUS_BYTES),
+                             P.STATUS_FILE)
+        out.status = validate_status(status)
+    if P.MANIFEST_FILE in present:
+        manifest = _parse_json(_open_regular(present[P.MANIFEST_FILE].path, P.MAX_JSON_BYTES),
+                               P.MANIFEST_FILE)
+        out.manifest = validate_manifest(manifest)
+    if P.TENSORS_FILE in present:
+        size = present[P.TENSORS_FILE].stat(follow_symlinks=False).st_size
+        if size > tensors_cap:
+            raise OutputRejected(f"{P.TENSORS_FILE} is {size} bytes, over the {tensors_cap} cap",
+                                 item=P.TENSORS_FILE)
+        out.tensors_path = present[P.TENSORS_FILE].path
+    return out
+
+
+def _require(cond: bool, item: str, what: str) -> None:
+    if not cond:
+        raise OutputRejected(f"{item}: {what}", item=item)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_status(data: Any) -> dict[str, Any]:
+    item = P.STATUS_FILE
+    _require(isinstance(data, dict), item, "not an object")
+    _require(data.get("protocol") == P.PROTOCOL_VERSION, item, "wrong protocol version")
+    for key in ("input_sha256",):
+        if key in data:
+            _require(isinstance(data[key], str) and bool(_SHA256.match(data[key])), item,
+                     f"{key} is not a sha256")
+    for key in ("wall_s", "cpu_user_s", "cpu_system_s"):
+        if key in data:
+            _require(isinstance(data[key], (int, float)) and not isinstance(data[key], bool),
+                     item, f"{key} is not a number")
+    for key in ("exit_code", "max_rss_kb", "input_size"):
+        if key in data:
+            _require(_is_int(data[key]), item, f"{key} is not an integer")
+    if "env_keys" in data:
+        _require(isinstance(data["env_keys"], list) and
+                 all(isinstance(k, str) for k in data["env_keys"]), item, "env_keys malformed")
+    result = data.get("result")
+    _require(result is None or isinstance(result, dict), item, "result is not an object")
+    if isinstance(result, dict):
+        for key in ("kind", "message", "type", "format", "detected"):
+            if key in result:
+                _require(isinstance(result[key], str), item, f"result.{key} is not a string")
+                result[key] = result[key][:4000]
+    return data
+
+
+def validate_manifest(data: Any) -> dict[str, Any]:
+    item = P.MANIFEST_FILE
+    _require(isinstance(data, dict), item, "not an object")
+    _require(data.get("protocol") == P.PROTOCOL_VERSION, item, "wrong protocol version")
+    tensors = data.get("tensors")
+    views = data.get("views")
+    _require(isinstance(tensors, list) and len(tensors) <= P.MAX_TENSORS, item, "tensors malformed")
+    _require(isinstance(views, list) and len(views) <= P.MAX_TENSORS, item, "views malformed")
+    names: set[str] = set()
+    for t in tensors:
+        _require(isinstance(t, dict), item, "tensor entry is not an object")
+        _check_name(t.get("name"), names, item)
+        _require(t.get("dtype") in P.TORCH_DTYPES, item, f"unknown dtype {str(t.get('dtype'))[:40]}")
+        stored_as, size = P.TORCH_DTYPES[t["dtype"]]
+        _require(t.get("stored_as") == stored_as, item, f"{t['name']}: wrong storage dtype")
+        shape = _check_shape(t.get("shape"), item)
+        numel = 1
+        for s in shape:
+            numel *= s
+        _require(t.get("nbytes") == numel * size, item, f"{t['name']}: nbytes does not match shape")
+        _require(isinstance(t.get("sha256"), str) and bool(_SHA256.match(t["sha256"])), item,
+                 f"{t['name']}: sha256 malformed")
+        _check_location(t.get("location"), item)
+    stored = {t["name"]: t for t in tensors}
+    for v in views:
+        _require(isinstance(v, dict), item, "view entry is not an object")
+        _check_name(v.get("name"), names, item)
+        base = stored.get(v.get("base"))  # type: ignore[arg-type]
+        _require(base is not None, item, f"view {v['name']} names no stored base")
+        assert base is not None
+        _require(v.get("dtype") == base["dtype"], item, f"view {v['name']}: dtype differs from base")
+        shape = _check_shape(v.get("shape"), item)
+        stride = _check_shape(v.get("stride"), item)
+        _require(len(stride) == len(shape), item, f"view {v['name']}: stride rank")
+        offset = v.get("offset")
+        _require(_is_int(offset) and offset >= 0, item, f"view {v['name']}: offset")
+        base_numel = base["nbytes"] // P.TORCH_DTYPES[base["dtype"]][1]
+        last = offset + sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) \
+            if all(s > 0 for s in shape) else offset
+        _require(last < base_numel or (base_numel == 0 and 0 in shape), item,
+                 f"view {v['name']}: reaches past its base")
+        _check_location(v.get("location"), item)
+    _require(isinstance(data.get("unrepresentable", []), list), item, "unrepresentable malformed")
+    for u in data.get("unrepresentable", []):
+        _require(isinstance(u, dict) and all(isinstance(u.get(k), str) for k in ("path", "type")),
+                 item, "unrepresentable entry malformed")
+    _require(isinstance(data.get("notes", []), list) and
+             all(isinstance(n, str) for n in data.get("notes", [])), item, "notes malformed")
+    _require(isinstance(data.get("format"), str), item, "format missing")
+    return data
+
+
+def _check_name(name: Any, names: set[str], item: str) -> None:
+    _require(isinstance(name, str) and 0 < len(name) <= P.MAX_NAME_LEN and name != "__metadata__",
+             item, "tensor name malformed")
+    _require(name not in names, item, f"duplicate tensor name {name[:80]!r}")
+    names.add(name)
+
+
+def _check_shape(shape: Any, item: str) -> list[int]:
+    _require(isinstance(shape, list) and len(shape) <= P.MAX_NDIM and
+             all(_is_int(s) and 0 <= s < 2**62 for s in shape), item, "shape malformed")
+    return list(shape)
+
+
+def _check_location(loc: Any, item: str) -> None:
+    _require(isinstance(loc, str) and len(loc) <= 64 and loc.isprintable(), item, "location malformed")

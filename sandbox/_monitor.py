@@ -1,0 +1,110 @@
+"""Stage 3, host half: what the engine and the supervisor say about how the load ended.
+
+Engine facts (exit code, OOM kill, the host-side timeout and output-flood kills) are
+trustworthy. The supervisor's ``status.json`` was written after every loader process was
+killed, but it sits in a directory the loader could write, so it is validated data, not proof.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._launch import ContainerSpec, RunResult
+from .errors import LimitExceeded, LoadFailed, MalformedInput, SandboxError, UnsupportedFormat
+from .report import Event, Finding, Severity
+
+
+@dataclass
+class Outcome:
+    """How the sandboxed load ended, as the report needs it."""
+
+    ok: bool
+    format: str | None = None
+    error: SandboxError | None = None
+    findings: list[Finding] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    resources: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _limit(limit: str, value: float | int, message: str) -> tuple[Finding, LimitExceeded]:
+    finding = Finding(rule=f"limit-{limit.replace('_', '-')}", severity=Severity.MEDIUM,
+                      category="resource", message=message, evidence={"limit": limit, "value": value})
+    return finding, LimitExceeded(message, limit=limit, value=value)
+
+
+def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec,
+              input_path: str) -> Outcome:
+    out = Outcome(ok=False)
+    out.resources = {"container_s": round(run.duration_s, 3)}
+    if status:
+        for key in ("wall_s", "cpu_user_s", "cpu_system_s", "max_rss_kb"):
+            if key in status:
+                out.resources[key] = status[key]
+        if status.get("env_keys"):
+            out.findings.append(Finding(
+                rule="environment-not-empty", severity=Severity.HIGH, category="credential",
+                message="the loader's environment was not empty", evidence={"keys": status["env_keys"][:20]}))
+    result = (status or {}).get("result") or {}
+
+    # Engine-level limits first: they are facts.
+    if run.output_flood:
+        f, e = _limit("output_bytes", spec.output_bytes,
+                      f"the load wrote more than {spec.output_bytes:,} bytes or too many files "
+                      "to its output directory and was stopped")
+        out.findings.append(f)
+        out.error = e
+        return out
+    if run.oom_killed:
+        f, e = _limit("memory", spec.memory_bytes,
+                      f"the load exceeded the memory limit of {spec.memory_bytes // 2**20} MiB "
+                      "and was killed")
+        out.findings.append(f)
+        out.error = e
+        return out
+    if run.timed_out or (status and status.get("timed_out")):
+        f, e = _limit("wall_clock", spec.wall_clock_s,
+                      f"the load did not finish within {spec.wall_clock_s:g} s and was stopped")
+        out.findings.append(f)
+        out.error = e
+        return out
+    if status is None:
+        out.error = LoadFailed(
+            "the sandbox ended without a status (exit code "
+            f"{run.exit_code}); the supervisor did not run to completion")
+        return out
+
+    exit_code = status.get("exit_code")
+    if result.get("ok") is True and exit_code == 0:
+        out.ok = True
+        out.format = result.get("format")
+        return out
+    kind = result.get("kind")
+    message = result.get("message") or "the loader ended without a result"
+    if kind == "unsupported-format":
+        out.error = UnsupportedFormat(f"{message}", path=input_path,
+                                      detected=result.get("detected") or "unknown")
+    elif kind == "malformed-input":
+        out.error = MalformedInput(message, path=input_path)
+    elif isinstance(exit_code, int) and exit_code < 0:
+        signal_no = -exit_code
+        if signal_no == 9:  # SIGKILL from the kernel: the cgroup's memory limit (or pids)
+            f, e = _limit("memory", spec.memory_bytes,
+                          "the loader was killed by SIGKILL, most likely at the memory limit "
+                          f"of {spec.memory_bytes // 2**20} MiB")
+            out.findings.append(f)
+            out.error = e
+        else:
+            out.error = LoadFailed(f"the loader was killed by signal {signal_no}")
+    else:
+        typ = result.get("type")
+        detail = f"{typ}: {message}" if typ else message
+        if "RLIMIT_FSIZE" in detail or "File too large" in detail:
+            f, e = _limit("output_bytes", spec.output_bytes,
+                          f"the load tried to write a file larger than {spec.output_bytes:,} bytes")
+            out.findings.append(f)
+            out.error = e
+        else:
+            out.error = LoadFailed(f"torch could not load the file in the sandbox: {detail}")
+    return out

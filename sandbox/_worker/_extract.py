@@ -1,0 +1,292 @@
+"""Container side: turn whatever ``torch.load`` returned into tensors + a JSON skeleton.
+
+Walks dicts (plain, OrderedDict, defaultdict, subclasses), lists, tuples, sets, argparse
+Namespaces, ``nn.Module`` / optimizer / LR-scheduler objects (their ``state_dict()``), numpy
+arrays and scalars, and tensors. Every tensor gets a name; tensors that are views of another
+stored tensor's storage (tied weights, slices) are recorded as views instead of being stored
+twice. Anything that cannot be represented as data is named in ``unrepresentable`` and
+replaced by an ``opaque`` node: it is never passed through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _protocol as P
+
+_PRIMITIVE_TYPES = (bool, int, float, str)
+
+
+def _type_name(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass
+class _TensorUse:
+    name: str
+    tensor: torch.Tensor
+    kind: str  # "tensor" | "ndarray" | "npscalar"
+
+
+@dataclass
+class Extraction:
+    skeleton: Any
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    views: list[dict[str, Any]] = field(default_factory=list)
+    unrepresentable: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Extractor:
+    def __init__(self, locations: dict[int, str] | None = None) -> None:
+        self.locations = locations or {}
+        self.uses: list[_TensorUse] = []
+        self.by_id: dict[int, str] = {}
+        self.names: set[str] = set()
+        self.nodes = 0
+        self.unrepresentable: list[dict[str, str]] = []
+        self.notes: list[str] = []
+        self._stack: set[int] = set()
+
+    # -- naming --------------------------------------------------------------------------------
+    def _name(self, path: tuple[str, ...]) -> str:
+        base = ".".join(path) if path else "tensor"
+        base = "".join(ch if ch.isprintable() else "?" for ch in base)
+        if len(base) > P.MAX_NAME_LEN - 20:
+            base = base[: P.MAX_NAME_LEN - 40] + "~" + hashlib.sha256(base.encode()).hexdigest()[:16]
+        name, n = base, 1
+        while name in self.names or name == "__metadata__":
+            name = f"{base}#{n}"
+            n += 1
+        self.names.add(name)
+        return name
+
+    @staticmethod
+    def _component(key: Any) -> str:
+        if isinstance(key, str):
+            return key
+        if isinstance(key, (bool, int)) or key is None:
+            return str(key)
+        return repr(key)[:80]
+
+    # -- walking -------------------------------------------------------------------------------
+    def _opaque(self, obj: object, where: str, why: str) -> dict[str, Any]:
+        tname = _type_name(obj)
+        self.unrepresentable.append({"path": where, "type": tname, "reason": why})
+        return {"$": "opaque", "type": tname, "path": where}
+
+    def walk(self, obj: Any, path: tuple[str, ...] = (), depth: int = 0) -> Any:
+        where = "root" + "".join(f"[{p!r}]" for p in path)
+        self.nodes += 1
+        if self.nodes > P.MAX_SKELETON_NODES:
+            raise ValueError(f"the loaded object has more than {P.MAX_SKELETON_NODES} nodes")
+        if depth > P.MAX_SKELETON_DEPTH:
+            return self._opaque(obj, where, f"nested deeper than {P.MAX_SKELETON_DEPTH}")
+
+        if obj is None or type(obj) in (bool, int, str):
+            if type(obj) is str and len(obj) > P.MAX_STRING_LEN:
+                return self._opaque(obj, where, "string too long")
+            return obj
+        if type(obj) is float:
+            return obj if math.isfinite(obj) else {"$": "float", "v": repr(obj)}
+        if type(obj) is complex:
+            return {"$": "complex", "re": self.walk(obj.real, path, depth + 1),
+                    "im": self.walk(obj.imag, path, depth + 1)}
+        if isinstance(obj, (bytes, bytearray)):
+            if len(obj) > P.MAX_STRING_LEN:
+                return self._opaque(obj, where, "bytes too long")
+            return {"$": "bytes", "b64": base64.b64encode(bytes(obj)).decode("ascii")}
+
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj, path, where)
+        if isinstance(obj, np.ndarray):
+            return self._ndarray(obj, path, where)
+        if isinstance(obj, np.generic):
+            return self._npscalar(obj, path, where)
+        if isinstance(obj, torch.dtype):
+            return {"$": "dtype", "v": str(obj).removeprefix("torch.")}
+        if isinstance(obj, torch.device):
+            return {"$": "device", "v": str(obj)}
+        if isinstance(obj, torch.Size):
+            return {"$": "size", "v": [int(x) for x in obj]}
+
+        if isinstance(obj, _PRIMITIVE_TYPES):  # subclasses: int enums, str subclasses...
+            self.notes.append(f"{where}: {_type_name(obj)} stored as its base value")
+            for base in (bool, int, float, str):
+                if isinstance(obj, base):
+                    return self.walk(base(obj), path, depth)
+
+        if id(obj) in self._stack:
+            return self._opaque(obj, where, "reference cycle")
+        self._stack.add(id(obj))
+        try:
+            return self._container(obj, path, where, depth)
+        finally:
+            self._stack.discard(id(obj))
+
+    def _container(self, obj: Any, path: tuple[str, ...], where: str, depth: int) -> Any:
+        if isinstance(obj, dict):
+            if isinstance(obj, collections.OrderedDict):
+                kind = "OrderedDict"
+            elif isinstance(obj, collections.defaultdict):
+                kind = "defaultdict"
+            else:
+                kind = "dict"
+            if type(obj) not in (dict, collections.OrderedDict, collections.defaultdict):
+                self.notes.append(f"{where}: {_type_name(obj)} returned as {kind}")
+            items = []
+            for key, value in obj.items():
+                comp = self._component(key)
+                items.append([self._key(key, path + (comp,), depth),
+                              self.walk(value, path + (comp,), depth + 1)])
+            return {"$": "dict", "kind": kind, "items": items}
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            kind = ("list" if isinstance(obj, list) else "tuple" if isinstance(obj, tuple)
+                    else "set" if isinstance(obj, set) else "frozenset")
+            if type(obj) not in (list, tuple, set, frozenset):
+                self.notes.append(f"{where}: {_type_name(obj)} returned as {kind}")
+            seq = sorted(obj, key=repr) if kind in ("set", "frozenset") else obj
+            return {"$": kind, "items": [self.walk(v, path + (str(i),), depth + 1)
+                                         for i, v in enumerate(seq)]}
+        if isinstance(obj, argparse.Namespace):
+            return {"$": "namespace", "items": [[k, self.walk(v, path + (k,), depth + 1)]
+                                                for k, v in vars(obj).items()]}
+        if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer,
+                            torch.optim.lr_scheduler.LRScheduler)):
+            try:
+                state = obj.state_dict()
+            except Exception as exc:  # a hostile or broken state_dict()
+                return self._opaque(obj, where, f"state_dict() failed: {type(exc).__name__}")
+            self.notes.append(f"{where}: {_type_name(obj)} returned as its state_dict()")
+            return {"$": "module", "type": _type_name(obj),
+                    "state": self.walk(state, path, depth + 1)}
+        return self._opaque(obj, where, "not a data type the host can rebuild")
+
+    def _key(self, key: Any, path: tuple[str, ...], depth: int) -> Any:
+        if isinstance(key, (torch.Tensor, np.ndarray)):
+            return self._opaque(key, "key of root" + "".join(f"[{p!r}]" for p in path), "tensor as key")
+        return self.walk(key, path + ("<key>",), depth + 1)
+
+    # -- tensors -------------------------------------------------------------------------------
+    def _tensor(self, t: torch.Tensor, path: tuple[str, ...], where: str) -> Any:
+        if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type == "meta":
+            return self._opaque(t, where, f"{t.layout} / quantized / nested / meta tensor")
+        if str(t.dtype).removeprefix("torch.") not in P.TORCH_DTYPES:
+            return self._opaque(t, where, f"dtype {t.dtype} not supported")
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            self.notes.append(f"{where}: tensor subclass {_type_name(t)} returned as a plain tensor")
+        node = {"$": "tensor", "ref": self._ref(t, path, "tensor"),
+                "parameter": isinstance(t, torch.nn.Parameter), "requires_grad": bool(t.requires_grad)}
+        return node
+
+    def _ref(self, t: torch.Tensor, path: tuple[str, ...], kind: str) -> str:
+        existing = self.by_id.get(id(t))
+        if existing is not None:
+            return existing
+        name = self._name(path)
+        self.by_id[id(t)] = name
+        self.uses.append(_TensorUse(name, t, kind))
+        return name
+
+    def _ndarray(self, a: np.ndarray, path: tuple[str, ...], where: str) -> Any:
+        if a.dtype.hasobject or a.dtype.fields is not None or a.dtype.kind not in "biufc":
+            return self._opaque(a, where, f"numpy dtype {a.dtype} is not numeric")
+        if id(a) in self.by_id:
+            return {"$": "ndarray", "ref": self.by_id[id(a)]}
+        native = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("="), copy=False))
+        t = torch.from_numpy(native)
+        name = self._name(path)
+        self.by_id[id(a)] = name
+        self.uses.append(_TensorUse(name, t, "ndarray"))
+        return {"$": "ndarray", "ref": name}
+
+    def _npscalar(self, s: np.generic, path: tuple[str, ...], where: str) -> Any:
+        if s.dtype.kind not in "biufc":
+            return self._opaque(s, where, f"numpy scalar of dtype {s.dtype}")
+        t = torch.from_numpy(np.array(s, dtype=s.dtype.newbyteorder("=")))
+        name = self._name(path)
+        self.uses.append(_TensorUse(name, t, "npscalar"))
+        return {"$": "npscalar", "dtype": str(s.dtype), "ref": name}
+
+    # -- storage planning ----------------------------------------------------------------------
+    def finish(self, skeleton: Any) -> Extraction:
+        out = Extraction(skeleton=skeleton, unrepresentable=self.unrepresentable, notes=self.notes)
+        if len(self.uses) > P.MAX_TENSORS:
+            raise ValueError(f"more than {P.MAX_TENSORS} tensors")
+        # Bases: per storage, the contiguous tensors, largest first, are stored; a tensor whose
+        # elements lie inside a stored base of the same dtype becomes a view of it.
+        by_storage: dict[int, list[_TensorUse]] = collections.defaultdict(list)
+        for use in self.uses:
+            t = use.tensor
+            if t.numel() > 0 and use.kind == "tensor":
+                by_storage[t.untyped_storage().data_ptr()].append(use)
+        view_of: dict[str, tuple[_TensorUse, int]] = {}
+        for group in by_storage.values():
+            if len(group) < 2:
+                continue
+            group = sorted(group, key=lambda u: (-u.tensor.numel(), u.name))
+            bases: list[_TensorUse] = []
+            for use in group:
+                t = use.tensor
+                lo = t.storage_offset()
+                hi = lo + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+                for base in bases:
+                    b = base.tensor
+                    if b.dtype == t.dtype and b.storage_offset() <= lo and \
+                            hi < b.storage_offset() + b.numel():
+                        view_of[use.name] = (base, lo - b.storage_offset())
+                        break
+                else:
+                    if t.is_contiguous():
+                        bases.append(use)
+            shared = [u.name for u in group if u.name not in view_of]
+            if len(shared) > 1:
+                out.notes.append(
+                    "tensors share storage but are not views of one another; stored as copies: "
+                    + ", ".join(shared[:8]) + (" ..." if len(shared) > 8 else ""))
+        owners: collections.Counter[int] = collections.Counter(
+            u.tensor.untyped_storage().data_ptr() for u in self.uses
+            if u.name not in view_of and u.tensor.numel() > 0)
+        for use in self.uses:
+            t = use.tensor
+            dtype = str(t.dtype).removeprefix("torch.")
+            location = self.locations.get(t.untyped_storage().data_ptr(), str(t.device)) \
+                if use.kind == "tensor" else "cpu"
+            if use.name in view_of:
+                base, offset = view_of[use.name]
+                out.views.append({"name": use.name, "base": base.name, "offset": offset,
+                                  "shape": list(t.shape), "stride": list(t.stride()),
+                                  "dtype": dtype, "location": location})
+                continue
+            data = t.detach().to("cpu").contiguous()
+            if owners[data.untyped_storage().data_ptr()] > 1 or data.data_ptr() != \
+                    data.untyped_storage().data_ptr() or data.untyped_storage().nbytes() != \
+                    data.numel() * data.element_size():
+                data = data.clone()  # safetensors refuses tensors that share or overhang memory
+            stored_as, _ = P.TORCH_DTYPES[dtype]
+            raw = data.reshape(-1).view(torch.uint8)
+            if stored_as == "U8" and dtype != "uint8":
+                data = raw
+            digest = hashlib.sha256(raw.numpy().data if raw.numel() else b"").hexdigest()
+            out.stored[use.name] = data
+            out.entries.append({"name": use.name, "dtype": dtype, "shape": list(t.shape),
+                                "stored_as": stored_as, "nbytes": raw.numel(), "sha256": digest,
+                                "location": location})
+        return out
+
+
+def extract(obj: Any, locations: dict[int, str] | None = None) -> Extraction:
+    ex = Extractor(locations)
+    skeleton = ex.walk(obj)
+    return ex.finish(skeleton)

@@ -1,0 +1,70 @@
+"""The wire format between the container-side worker and the host.
+
+Stdlib only: the host imports this module (and only this one) from the worker package.
+Everything here is a name or a number; what crosses the boundary is files in the output
+directory, which the host treats as untrusted data and validates against these limits.
+
+Output directory after a load::
+
+    tensors.safetensors   every stored tensor (written by the loader)
+    manifest.json         tensors (name, dtype, shape, sha256), views, skeleton, unrepresentable
+    status.json           written by the supervisor: how the loader ended, resource figures
+    events.jsonl          (monitoring) one event per line
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+
+# Paths inside the container.
+INPUT_PATH = "/input/model"
+OUTPUT_DIR = "/out"
+
+TENSORS_FILE = "tensors.safetensors"
+MANIFEST_FILE = "manifest.json"
+STATUS_FILE = "status.json"
+EVENTS_FILE = "events.jsonl"
+OUTPUT_FILES = frozenset({TENSORS_FILE, MANIFEST_FILE, STATUS_FILE, EVENTS_FILE})
+
+# Bounds the host applies when reading (the worker keeps within them too).
+MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_STATUS_BYTES = 1 * 1024 * 1024
+MAX_TENSORS = 1_000_000
+MAX_NAME_LEN = 1024
+MAX_SKELETON_DEPTH = 200
+MAX_SKELETON_NODES = 2_000_000
+MAX_STRING_LEN = 1 * 1024 * 1024
+MAX_NDIM = 64
+
+# The skeleton: JSON for the returned structure. Primitives (None, bool, int, finite float,
+# str) stand for themselves; everything else is an object whose "$" key names its kind.
+NODE_KINDS = frozenset({
+    "float",       # {"v": "nan" | "inf" | "-inf"}
+    "bytes",       # {"b64": str}
+    "list", "tuple", "set", "frozenset",   # {"items": [node...]}
+    "dict",        # {"kind": "dict"|"OrderedDict"|"defaultdict", "items": [[key, value]...]}
+    "tensor",      # {"ref": name, "parameter": bool, "requires_grad": bool}
+    "ndarray",     # {"ref": name}
+    "npscalar",    # {"dtype": str, "ref": name}
+    "dtype",       # {"v": "float32"}
+    "device",      # {"v": "cpu"}
+    "size",        # {"v": [int...]}
+    "complex",     # {"re": float-node, "im": float-node}
+    "namespace",   # {"items": [[str, node]...]}  argparse.Namespace
+    "module",      # {"type": "pkg.Class", "state": dict-node}  nn.Module / optimizer -> state_dict
+    "opaque",      # {"type": "pkg.Class", "path": str}  an object we will not rebuild
+})
+DICT_KINDS = frozenset({"dict", "OrderedDict", "defaultdict"})
+
+# Tensor dtypes the protocol knows, by torch name. "storage" is how the bytes are stored in
+# the safetensors file: a safetensors dtype of the same name, or raw bytes (U8) viewed back.
+TORCH_DTYPES: dict[str, tuple[str, int]] = {
+    # name: (safetensors dtype, element size)
+    "float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1),
+    "uint64": ("U64", 8), "uint32": ("U32", 4), "uint16": ("U16", 2), "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+    "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1),
+    "float8_e4m3fnuz": ("U8", 1), "float8_e5m2fnuz": ("U8", 1), "float8_e8m0fnu": ("U8", 1),
+    "complex64": ("C64", 8), "complex128": ("U8", 16), "complex32": ("U8", 4),
+}

@@ -1,0 +1,164 @@
+"""Load policies: frozen, typed values with named constructors.
+
+A policy file is TOML and starts with ``name`` and ``description``::
+
+    name = "default"
+    description = "..."
+    fail_on = "malicious"            # safe_load/convert refuse at or above this verdict
+
+    [limits]
+    wall_clock_s = 300
+    memory_mb = 8192
+    pids = 64
+    cpus = 1.0
+    tmp_mb = 256
+    output_mb = 65536                # ceiling; the real cap also scales with the input
+    output_ratio = 4.0
+
+Unknown keys are errors (a typo must not silently weaken a limit). Every problem in a file is
+reported at once, with its key, by :class:`~sandbox.errors.PolicyError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import PolicyError
+
+__all__ = ["Limits", "Policy"]
+
+_VERDICTS = ("suspicious", "malicious")
+
+
+@dataclass(frozen=True)
+class Limits:
+    wall_clock_s: float = 300.0
+    memory_mb: int = 8192
+    pids: int = 64
+    cpus: float = 1.0
+    tmp_mb: int = 256
+    output_mb: int = 65536
+    output_ratio: float = 4.0
+
+    def output_bytes(self, input_size: int) -> int:
+        """The byte cap on the output directory for an input of ``input_size`` bytes."""
+        scaled = max(256 * 2**20, int(self.output_ratio * input_size) + 64 * 2**20)
+        return min(self.output_mb * 2**20, scaled)
+
+    _BOUNDS = {
+        "wall_clock_s": (1.0, 86400.0), "memory_mb": (256, 1 << 20), "pids": (8, 65536),
+        "cpus": (0.1, 1024.0), "tmp_mb": (1, 1 << 20), "output_mb": (1, 1 << 24),
+        "output_ratio": (1.0, 1000.0),
+    }
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    description: str
+    fail_on: str = "malicious"
+    limits: Limits = field(default_factory=Limits)
+
+    # -- named constructors -------------------------------------------------------------------
+    @classmethod
+    def default(cls) -> Policy:
+        return cls.builtin("default")
+
+    @classmethod
+    def strict(cls) -> Policy:
+        return cls.builtin("strict")
+
+    @classmethod
+    def audit(cls) -> Policy:
+        return cls.builtin("audit")
+
+    @classmethod
+    def builtin(cls, name: str) -> Policy:
+        names = builtin_names()
+        if name not in names:
+            raise PolicyError(f"no built-in policy {name!r}; built-in: {', '.join(names)}")
+        text = resources.files("sandbox.policies").joinpath(f"{name}.toml").read_text("utf-8")
+        return cls.from_toml(text, source=f"<builtin:{name}>")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        p = Path(path)
+        try:
+            text = p.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"cannot read policy {p}: {exc}", source=str(p)) from None
+        return cls.from_toml(text, source=str(p))
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str = "<string>") -> Policy:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"{source}: not valid TOML: {exc}", source=source,
+                              problems=[str(exc)]) from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> Policy:
+        problems: list[str] = []
+        known = {"name", "description", "fail_on", "limits"}
+        problems += [f"unknown key {k!r}" for k in data if k not in known]
+        for key in ("name", "description"):
+            if not isinstance(data.get(key), str) or not data.get(key, "").strip():
+                problems.append(f"{key!r} is required and must be a non-empty string")
+        fail_on = data.get("fail_on", "malicious")
+        if fail_on not in _VERDICTS:
+            problems.append(f"'fail_on' must be one of {list(_VERDICTS)}, not {fail_on!r}")
+        raw_limits = data.get("limits", {})
+        limits_kwargs: dict[str, Any] = {}
+        if not isinstance(raw_limits, dict):
+            problems.append("'limits' must be a table")
+            raw_limits = {}
+        fields = {f.name: f for f in dataclasses.fields(Limits)}
+        for key, value in raw_limits.items():
+            f = fields.get(key)
+            if f is None:
+                problems.append(f"unknown key 'limits.{key}'")
+                continue
+            want = float if f.type in ("float", float) else int
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (want is int and not isinstance(value, int)):
+                problems.append(f"'limits.{key}' must be {'a number' if want is float else 'an integer'}")
+                continue
+            lo, hi = Limits._BOUNDS[key]
+            if not lo <= value <= hi:
+                problems.append(f"'limits.{key}' = {value} is outside [{lo}, {hi}]")
+                continue
+            limits_kwargs[key] = want(value)
+        if problems:
+            raise PolicyError(f"{source}: invalid policy: " + "; ".join(problems),
+                              source=source, problems=problems)
+        return cls(name=data["name"], description=data["description"], fail_on=fail_on,
+                   limits=Limits(**limits_kwargs))
+
+    # -- identity -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return d
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def builtin_names() -> list[str]:
+    files = resources.files("sandbox.policies")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".toml"))
+
+
+def seccomp_profile() -> str:
+    """The container-level seccomp profile (Docker's JSON format), as text."""
+    return resources.files("sandbox.policies").joinpath("seccomp.json").read_text("utf-8")

@@ -1,0 +1,185 @@
+"""The load report: verdict, findings with evidence, events and figures.
+
+A :class:`LoadReport` is plain data. It serialises to a versioned JSON document
+(:data:`SCHEMA_VERSION`), renders as text for people, and owns the exit code
+(0 clean, 1 unsafe, 2 error).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Event",
+    "Finding",
+    "LoadReport",
+    "Severity",
+    "Verdict",
+]
+
+SCHEMA_VERSION = "1.0"
+
+
+class Severity(enum.IntEnum):
+    """Ordered: ``Severity.HIGH > Severity.LOW``."""
+
+    INFO = 0
+    LOW = 1
+    MEDIUM = 2
+    HIGH = 3
+    CRITICAL = 4
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: str) -> Severity:
+        try:
+            return cls[value.upper()]
+        except KeyError:
+            raise ValueError(f"unknown severity {value!r}; one of {[str(s) for s in cls]}") from None
+
+
+class Verdict(enum.Enum):
+    CLEAN = "clean"
+    SUSPICIOUS = "suspicious"
+    MALICIOUS = "malicious"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def rank(self) -> int:
+        return {"clean": 0, "suspicious": 1, "malicious": 2, "error": 3}[self.value]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One observed action. ``source`` is ``kernel`` (seccomp notification, trustworthy),
+    ``engine`` (container engine facts) or ``self_reported`` (inside the loader; may be forged)."""
+
+    id: int
+    t: float
+    source: str
+    kind: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    action: str = "recorded"
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    severity: Severity
+    category: str
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    events: tuple[int, ...] = ()
+
+
+@dataclass
+class LoadReport:
+    """Everything known about one load of one file."""
+
+    input_path: str
+    input_sha256: str | None = None
+    input_size: int | None = None
+    format: str | None = None
+    verdict: Verdict = Verdict.CLEAN
+    findings: list[Finding] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    tensors: int = 0
+    tensor_bytes: int = 0
+    outputs: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: dict[str, str] | None = None
+    tool: dict[str, str] = field(default_factory=dict)
+    policy: dict[str, str] = field(default_factory=dict)
+    duration_s: float | None = None
+
+    # -- judgement ---------------------------------------------------------------------------
+    def add(self, finding: Finding) -> None:
+        self.findings.append(finding)
+
+    @property
+    def max_severity(self) -> Severity | None:
+        return max((f.severity for f in self.findings), default=None)
+
+    @property
+    def exit_code(self) -> int:
+        if self.verdict is Verdict.ERROR:
+            return 2
+        return 0 if self.verdict is Verdict.CLEAN else 1
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["schema"] = f"model-sandbox/load-report/{SCHEMA_VERSION}"
+        data["verdict"] = self.verdict.value
+        data["findings"] = [
+            {**asdict(f), "severity": str(f.severity), "events": list(f.events)} for f in self.findings
+        ]
+        return data
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True, allow_nan=False, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoadReport:
+        schema = data.get("schema", "")
+        if not isinstance(schema, str) or not schema.startswith("model-sandbox/load-report/1."):
+            raise ValueError(f"not a model-sandbox load report (schema {schema!r})")
+        fields = {k: v for k, v in data.items() if k != "schema"}
+        fields["verdict"] = Verdict(fields.get("verdict", "error"))
+        fields["findings"] = [
+            Finding(
+                rule=f["rule"], severity=Severity.parse(f["severity"]), category=f["category"],
+                message=f["message"], evidence=dict(f.get("evidence", {})),
+                events=tuple(f.get("events", ())),
+            )
+            for f in fields.get("findings", [])
+        ]
+        fields["events"] = [Event(**e) for e in fields.get("events", [])]
+        return cls(**fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> LoadReport:
+        return cls.from_dict(json.loads(text))
+
+    # -- rendering ---------------------------------------------------------------------------
+    def to_text(self) -> str:
+        lines = [f"{self.input_path}: {self.verdict.value.upper()}"]
+        facts = []
+        if self.format:
+            facts.append(f"format {self.format}")
+        if self.input_size is not None:
+            facts.append(f"{self.input_size:,} bytes")
+        if self.input_sha256:
+            facts.append(f"sha256 {self.input_sha256[:16]}…")
+        if self.tensors:
+            facts.append(f"{self.tensors} tensors, {self.tensor_bytes:,} bytes")
+        if self.duration_s is not None:
+            facts.append(f"{self.duration_s:.2f} s")
+        if facts:
+            lines.append("  " + ", ".join(facts))
+        if self.error:
+            lines.append(f"  error[{self.error.get('reference', '?')}]: {self.error.get('message', '')}")
+        for f in sorted(self.findings, key=lambda f: -f.severity):
+            lines.append(f"  [{str(f.severity).upper():8}] {f.category}: {f.message}")
+            for key, value in f.evidence.items():
+                lines.append(f"             {key}: {_short(value)}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        for name, path in self.outputs.items():
+            lines.append(f"  wrote {name}: {path}")
+        return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
