@@ -74,6 +74,18 @@ def _resolve_input(path: str | os.PathLike[str]) -> str:
     return p
 
 
+def _mountable(path: str, work: str) -> str:
+    """A path to the input that the sandbox's unprivileged uid can read. A file that others may
+    read is mounted as it is; any other is copied into the private work directory first (the
+    mount is made by the engine, so only the file's own mode matters, not its directories')."""
+    if os.stat(path).st_mode & stat.S_IROTH:
+        return path
+    staged = os.path.join(work, "input")
+    shutil.copyfile(path, staged)
+    os.chmod(staged, 0o644)
+    return staged
+
+
 def _judge(report: LoadReport) -> Verdict:
     if report.error is not None:
         return Verdict.ERROR
@@ -96,6 +108,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
     try:
         try:
             real = _resolve_input(path)
+            work = tempfile.mkdtemp(prefix="model-sandbox-")
+            real = _mountable(real, work)
             report.input_sha256, report.input_size = _hash_file(real)
             if expected_sha256 is not None and report.input_sha256 != expected_sha256.lower():
                 raise HashMismatch(
@@ -106,13 +120,15 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             image = runner.ensure_image()
             report.tool["image"] = image
             report.tool["worker_digest"] = _image.worker_digest()
-            work = tempfile.mkdtemp(prefix="model-sandbox-")
             out_dir = os.path.join(work, "out")
             os.mkdir(out_dir)
             os.chmod(out_dir, 0o777)  # the sandbox's uid writes here; the 0700 parent guards it
             spec = _launch.make_spec(policy, image=image, input_path=real, output_dir=out_dir,
                                      input_size=report.input_size, write_tensors=write_tensors)
             run = runner.run(spec)
+            used, entries = _launch.dir_usage(out_dir)
+            if used > spec.output_bytes or entries > _launch.MAX_OUTPUT_ENTRIES:
+                run.output_flood = True  # caught after the fact: the container is gone
             output = _extract.read_outputs(out_dir, tensors_cap=spec.output_bytes)
             loaded.output = output
             outcome = _monitor.interpret(run, output.status, spec, os.fspath(path))
@@ -182,16 +198,15 @@ def _as_path(f: Any) -> Iterator[str | os.PathLike[str]]:
         return
     if not hasattr(f, "read"):
         raise TypeError(f"expected a path or a binary file object, got {type(f).__name__}")
-    fd, tmp = tempfile.mkstemp(prefix="model-sandbox-in-")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with tempfile.TemporaryDirectory(prefix="model-sandbox-in-") as tmp_dir:
+        tmp = os.path.join(tmp_dir, "input")
+        with open(tmp, "wb") as out:
             while chunk := f.read(1 << 20):
                 if isinstance(chunk, str):
                     raise TypeError("the file object must be opened in binary mode")
                 out.write(chunk)
+        os.chmod(tmp, 0o644)  # inside a 0700 directory: readable by the sandbox's mount only
         yield tmp
-    finally:
-        os.unlink(tmp)
 
 
 def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,

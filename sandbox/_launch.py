@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 LABEL = "org.model-sandbox"
 _LOG_LIMIT = 64 * 1024
+MAX_OUTPUT_ENTRIES = 1000
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class Runner(Protocol):
     def ensure_image(self) -> str: ...
 
 
-def _dir_usage(path: str, limit_entries: int = 10_000) -> tuple[int, int]:
+def dir_usage(path: str, limit_entries: int = 10_000) -> tuple[int, int]:
     """(bytes, entries) under ``path``, not following links, counting at most a bound."""
     total = entries = 0
     stack = [path]
@@ -241,8 +242,8 @@ class DockerRunner:
                     if isinstance(exc, requests.exceptions.ConnectionError) and \
                             "timed out" not in str(exc).lower():
                         raise _engine_error("wait for the sandbox", exc) from None
-                used, entries = _dir_usage(spec.output_dir)
-                if used > spec.output_bytes or entries > 1000:
+                used, entries = dir_usage(spec.output_dir)
+                if used > spec.output_bytes or entries > MAX_OUTPUT_ENTRIES:
                     result.output_flood = True
                     result.notes.append(f"output directory reached {used} bytes / {entries} entries")
                     _kill(container)

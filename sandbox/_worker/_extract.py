@@ -235,7 +235,8 @@ class Extractor:
         for group in by_storage.values():
             if len(group) < 2:
                 continue
-            group = sorted(group, key=lambda u: (-u.tensor.numel(), u.name))
+            order = {id(u): i for i, u in enumerate(group)}  # ties: first seen is the base
+            group = sorted(group, key=lambda u: (-u.tensor.numel(), order[id(u)]))
             bases: list[_TensorUse] = []
             for use in group:
                 t = use.tensor

@@ -30,12 +30,16 @@ class LoaderError(Exception):
         self.detected = detected
 
 
+class _Unresolved(Exception):
+    """Raised while identifying: the stream needs a global or a persistent id."""
+
+
 class _NoGlobals(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError("globals are not resolved while identifying the format")
+        raise _Unresolved(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent ids are not resolved while identifying")
+        raise _Unresolved(pid)
 
 
 def identify(path: str) -> str:
@@ -58,20 +62,28 @@ def identify(path: str) -> str:
         if names and all(n.endswith(".npy") for n in names):
             return "numpy-npz"
         return "unknown"
+    if head.startswith(b"PK\x03\x04"):
+        raise LoaderError("malformed-input", "a truncated or corrupt zip archive (no central directory)")
     if head.startswith(b"\x93NUMPY"):
         return "numpy-npy"
     if _is_tar(path):
         return "torch-tar"
-    if len(head) >= 8 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{":
+    if len(head) >= 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{":
         return "safetensors"
-    if head[:1].decode("latin-1") in _PICKLE_OPCODES:
-        with open(path, "rb") as f:
-            try:
-                first = _NoGlobals(f).load()
-            except Exception:
-                return "pickle"
-        return "torch-legacy" if first == LEGACY_MAGIC else "pickle"
-    return "unknown"
+    if head[:1] == b"\x80" and not (len(head) > 1 and 2 <= head[1] <= 5):
+        return "unknown"
+    if head[:1].decode("latin-1") not in _PICKLE_OPCODES:
+        return "unknown"
+    with open(path, "rb") as f:
+        try:
+            first = _NoGlobals(f).load()
+        except _Unresolved:
+            return "pickle"  # needs globals: a real pickle, judged when it is loaded
+        except Exception as exc:
+            if head[:1] == b"\x80":
+                raise LoaderError("malformed-input", f"a corrupt or truncated pickle ({exc})") from None
+            return "unknown"
+    return "torch-legacy" if first == LEGACY_MAGIC else "pickle"
 
 
 def _is_tar(path: str) -> bool:

@@ -1,0 +1,210 @@
+"""Checkpoints the tests write: benign variants of every supported format, and hostile ones
+whose payloads only leave markers (a file in a directory the test owns, or a connection to a
+127.0.0.1 port the test listens on).
+
+This module runs in the *test* process, which may pickle freely; it never loads a hostile file
+except through :func:`prove_live`, which does so in a throw-away subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import collections
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# -- benign --------------------------------------------------------------------------------------
+
+ALL_DTYPES = [
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
+    torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+    torch.complex64, torch.complex128,
+]
+
+
+def dtype_tensor(dtype: torch.dtype, shape: tuple[int, ...] = (3, 5), seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    if dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=dtype)
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g) * 4).to(dtype)
+    info = torch.iinfo(dtype)
+    lo, hi = max(info.min, -(2**31)), min(info.max, 2**31 - 1)
+    return torch.randint(lo, hi, shape, generator=g, dtype=torch.int64).to(dtype)
+
+
+def state_dict() -> collections.OrderedDict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return collections.OrderedDict([
+        ("encoder.weight", torch.randn(16, 8, generator=g)),
+        ("encoder.bias", torch.randn(16, generator=g)),
+        ("decoder.weight", torch.randn(8, 16, generator=g).half()),
+        ("steps", torch.tensor(7)),
+    ])
+
+
+def nested_checkpoint() -> dict[str, Any]:
+    sd = state_dict()
+    return {
+        "epoch": 3,
+        "lr": 1e-3,
+        "best": float("nan"),
+        "name": "run-ü",
+        "flags": (True, False, None),
+        "blob": b"\x00\x01bytes",
+        "state_dict": sd,
+        "history": [1.5, 2.5, {"nested": [torch.arange(4), "x"]}],
+        "config": argparse.Namespace(hidden=16, act="gelu", dims=[1, 2]),
+        "shape": torch.Size([2, 3]),
+        "dtype": torch.bfloat16,
+        "device": torch.device("cpu"),
+        "z": complex(1.0, -2.0),
+        "int_keys": {0: "a", 1: "b", (2, 3): "tuple-key"},
+        "np_array": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "np_scalar": np.float64(2.5),
+        "set": {1, 2, 3},
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.25, dtype=torch.float64),
+    }
+
+
+class TiedModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied weights
+
+
+def views_checkpoint() -> dict[str, torch.Tensor]:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    return {
+        "base": base,
+        "row_slice": base[1:3],           # a view with an offset
+        "column": base[:, 2],             # strided view
+        "transposed": base.t(),           # non-contiguous view of the whole
+        "alias": base.view(24),           # same storage, other shape
+        "lonely_t": torch.randn(3, 5).t(),  # non-contiguous, its base not in the file
+    }
+
+
+def write_legacy_tar(path: Path, obj_factory: Any, tensors: dict[str, torch.Tensor],
+                     location: str = "cpu") -> None:
+    """The tar format of torch < 0.1.10, built by hand: members ``sys_info``, ``storages``,
+    ``tensors`` and ``pickle``. ``obj_factory(ref)`` builds the pickled object from
+    ``ref(name)``, which stands for a tensor (a persistent id)."""
+    storage_types = {torch.float32: torch.FloatStorage, torch.float64: torch.DoubleStorage,
+                     torch.int64: torch.LongStorage, torch.float16: torch.HalfStorage,
+                     torch.uint8: torch.ByteStorage}
+    names = list(tensors)
+    storages = io.BytesIO()
+    pickle.dump(len(names), storages, protocol=2)
+    for i, name in enumerate(names):
+        t = tensors[name].contiguous()
+        pickle.dump((i, location, storage_types[t.dtype]), storages, protocol=2)
+        storages.write(struct.pack("<q", t.numel()))
+        storages.write(t.numpy().tobytes())
+    pickle.dump([], storages, protocol=2)
+    tens = io.BytesIO()
+    pickle.dump(len(names), tens, protocol=2)
+    for i, name in enumerate(names):
+        t = tensors[name].contiguous()
+        pickle.dump((1000 + i, i, None), tens, protocol=2)
+        tens.write(struct.pack("<i", t.dim()) + b"\0" * 4)
+        tens.write(struct.pack(f"<{t.dim()}q", *t.shape))
+        tens.write(struct.pack(f"<{t.dim()}q", *t.stride()))
+        tens.write(struct.pack("<q", 0))
+
+    class _Ref:
+        def __init__(self, key: int) -> None:
+            self.key = key
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            return str(obj.key) if isinstance(obj, _Ref) else None
+
+    body = io.BytesIO()
+    _Pickler(body, protocol=2).dump(obj_factory(lambda name: _Ref(1000 + names.index(name))))
+    sys_info = pickle.dumps({"protocol_version": 1001, "little_endian": True,
+                             "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in (("sys_info", sys_info), ("storages", storages.getvalue()),
+                             ("tensors", tens.getvalue()), ("pickle", body.getvalue())):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+# -- hostile -------------------------------------------------------------------------------------
+
+class Reduce:
+    """Pickles as ``func(*args)``: the classic REDUCE payload."""
+
+    def __init__(self, func: Any, *args: Any) -> None:
+        self.func = func
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return self.func, self.args
+
+
+def eval_payload(code: str) -> Reduce:
+    """An object whose unpickling evaluates ``code`` (an expression) and becomes its value."""
+    return Reduce(builtins.eval, code)
+
+
+def exec_payload(code: str) -> Reduce:
+    return Reduce(builtins.exec, code)
+
+
+def hostile_checkpoint(payload: Reduce) -> dict[str, Any]:
+    """A realistic checkpoint with the payload riding along as one value."""
+    return {"state_dict": state_dict(), "epoch": 1, "payload": payload}
+
+
+def save(obj: Any, path: Path, fmt: str = "zip") -> Path:
+    if fmt == "zip":
+        torch.save(obj, path)
+    elif fmt == "legacy":
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+    elif fmt == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=4)
+    else:
+        raise ValueError(fmt)
+    return path
+
+
+def prove_live(path: Path, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    """Load ``path`` with plain ``torch.load`` in a throw-away subprocess (what a victim would
+    do) and return its stdout, which prints the ``payload`` value when there is one."""
+    code = (
+        "import sys, pickle, torch\n"
+        "p = sys.argv[1]\n"
+        "try:\n"
+        "    obj = torch.load(p, weights_only=False)\n"
+        "except RuntimeError:\n"
+        "    obj = pickle.load(open(p, 'rb'))\n"
+        "print(repr(obj.get('payload') if isinstance(obj, dict) else None))\n"
+    )
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"the live proof failed to load the file: {proc.stderr[-2000:]}")
+    return proc.stdout

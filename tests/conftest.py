@@ -1,0 +1,95 @@
+"""Shared fixtures.
+
+Container tests (marker ``container``) need a reachable Docker engine and the worker image.
+Outside CI a missing engine skips them; with ``CI=true`` it fails the run: the container tests
+are the evidence that isolation works, and CI must never pass without them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _engine_problem() -> str | None:
+    try:
+        from sandbox._launch import connect
+
+        connect()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="session")
+def sandbox_ready() -> Iterator[str]:
+    """The worker image tag, built if needed. Afterwards, no container of ours may remain."""
+    problem = _engine_problem()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"CI=true but no Docker engine is reachable: {problem}")
+        pytest.skip(f"no Docker engine: {problem}")
+    from sandbox._launch import LABEL, DockerRunner, connect
+
+    runner = DockerRunner()
+    tag, _, _ = runner.build_image()
+    yield tag
+    client = connect()
+    left = client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})
+    assert not left, f"containers left behind: {[c.name for c in left]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "sandbox_ready" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.container)
+
+
+@dataclass
+class Listener:
+    """A TCP listener on 127.0.0.1 that records every connection and the bytes it received."""
+
+    port: int
+    connections: int = 0
+    received: bytearray = field(default_factory=bytearray)
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    state = Listener(port=srv.getsockname()[1])
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except (TimeoutError, OSError):
+                continue
+            state.connections += 1
+            conn.settimeout(1.0)
+            try:
+                while chunk := conn.recv(65536):
+                    state.received += chunk
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield state
+    stop.set()
+    thread.join(timeout=2)
+    srv.close()

@@ -1,0 +1,215 @@
+"""Benign checkpoints of every supported format, through the real sandbox: bit-exact round
+trips through ``safe_load`` and ``convert``, and the same structure ``torch.load`` returns."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import sandbox
+from tests import checkpoints as ck
+
+
+def assert_same(a: Any, b: Any, where: str = "root") -> None:
+    """Structural equality with bit-exact tensors (dtype, shape, bytes) and exact types."""
+    if isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert a.device.type == b.device.type, where
+        assert isinstance(a, torch.nn.Parameter) == isinstance(b, torch.nn.Parameter), where
+        left = a.detach().contiguous().reshape(-1).view(torch.uint8)
+        right = b.detach().contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(left, right), where
+        return
+    if isinstance(b, np.ndarray):
+        assert isinstance(a, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert a.tobytes() == b.tobytes(), where
+        return
+    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
+    if isinstance(b, dict):
+        assert list(a.keys()) == list(b.keys()), where
+        for k in b:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(b, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(b, argparse.Namespace):
+        assert_same(vars(a), vars(b), where)
+    elif isinstance(b, float) and math.isnan(b):
+        assert math.isnan(a), where
+    elif isinstance(b, np.generic):
+        assert a.dtype == b.dtype and a == b, where
+    else:
+        assert a == b, where
+
+
+def reference_load(path: Path) -> Any:
+    """What plain torch.load returns for a benign file (allowed in tests: the file is ours)."""
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "pickle"])
+def test_nested_structure_matches_torch_load(tmp_path: Path, fmt: str) -> None:
+    path = ck.save(ck.nested_checkpoint(), tmp_path / f"nested.{fmt}.pt", fmt)
+    got = sandbox.safe_load(path, weights_only=False)
+    expected = reference_load(path) if fmt != "pickle" else ck.nested_checkpoint()
+    assert_same(got, expected)
+
+
+def test_every_dtype_bit_exact(tmp_path: Path) -> None:
+    data = {str(dt): ck.dtype_tensor(dt, seed=i) for i, dt in enumerate(ck.ALL_DTYPES)}
+    data["scalar_bf16"] = torch.tensor(1.5, dtype=torch.bfloat16)
+    data["zero_size"] = torch.empty(0, 3, dtype=torch.float16)
+    path = ck.save(data, tmp_path / "dtypes.pt")
+    got = sandbox.safe_load(path)
+    assert_same(got, data)
+
+    dst = tmp_path / "dtypes.safetensors"
+    report = sandbox.convert(path, dst)
+    assert report.verdict is sandbox.Verdict.CLEAN
+    # the converted file reads back with the plain safetensors library; dtypes safetensors
+    # lacks are stored as raw bytes and named in the metadata
+    raw = load_file(dst)
+    with safe_open(dst, framework="pt") as f:
+        meta = f.metadata()
+    raw_dtypes = json.loads(meta["model_sandbox.dtypes"])
+    for name, t in data.items():
+        if name in raw_dtypes:
+            back = raw[name].view(getattr(torch, raw_dtypes[name])).reshape(t.shape)
+        else:
+            back = raw[name]
+        assert_same(back, t, name)
+
+
+def test_tied_weights_share_storage_on_the_host(tmp_path: Path) -> None:
+    model = ck.TiedModel()
+    path = ck.save(model.state_dict(), tmp_path / "tied.pt")
+    got = sandbox.safe_load(path)
+    assert_same(got, model.state_dict())
+    assert got["embed.weight"].data_ptr() == got["head.weight"].data_ptr()
+    got["embed.weight"][0, 0] = 42.0
+    assert got["head.weight"][0, 0] == 42.0
+
+
+def test_views_offsets_and_non_contiguous(tmp_path: Path) -> None:
+    data = ck.views_checkpoint()
+    path = ck.save(data, tmp_path / "views.pt")
+    got = sandbox.safe_load(path)
+    assert_same(got, data)
+    base_ptr = got["base"].untyped_storage().data_ptr()
+    for name in ("row_slice", "column", "transposed", "alias"):
+        assert got[name].untyped_storage().data_ptr() == base_ptr, name
+    assert got["column"].stride() == data["column"].stride()
+    assert got["transposed"].stride() == data["transposed"].stride()
+
+    dst = tmp_path / "views.safetensors"
+    sandbox.convert(path, dst)
+    with safe_open(dst, framework="pt") as f:
+        stored = set(f.keys())
+        views = json.loads(f.metadata()["model_sandbox.views"])
+    assert "base" in stored and {v["name"] for v in views} >= {"row_slice", "column", "alias"}
+
+
+def test_full_module_and_optimizer_come_back_as_state_dicts(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    path = ck.save({"model": model, "optimizer": opt.state_dict(), "opt_obj": opt},
+                   tmp_path / "module.pt")
+    got = sandbox.safe_load(path, weights_only=False)
+    assert_same(got["model"], model.state_dict())
+    assert_same(got["optimizer"], opt.state_dict())
+    assert_same(got["opt_obj"], opt.state_dict())
+
+
+def test_legacy_tar_format(tmp_path: Path) -> None:
+    tensors = {"w": torch.randn(3, 4), "b": torch.arange(5)}
+    path = tmp_path / "legacy.tar.pt"
+    ck.write_legacy_tar(path, lambda ref: {"w": ref("w"), "b": ref("b"), "epoch": 9}, tensors)
+    expected = reference_load(path)  # torch still reads the format: the fixture is faithful
+    got = sandbox.safe_load(path, weights_only=False)
+    assert_same(got, expected)
+    assert sandbox.scan(path).format == "torch-tar"
+
+
+def test_numpy_npy_and_npz(tmp_path: Path) -> None:
+    arr = np.arange(12, dtype=np.int16).reshape(3, 4)
+    np.save(tmp_path / "a.npy", arr)
+    assert_same(sandbox.safe_load(tmp_path / "a.npy"), arr)
+    np.savez(tmp_path / "b.npz", x=arr, y=np.linspace(0, 1, 5))
+    got = sandbox.safe_load(tmp_path / "b.npz")
+    assert_same(got, {"x": arr, "y": np.linspace(0, 1, 5)})
+
+
+def test_file_object_input(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(ck.state_dict(), buf)
+    buf.seek(0)
+    assert_same(sandbox.safe_load(buf), ck.state_dict())
+
+
+def test_map_location_forms(tmp_path: Path) -> None:
+    tensors = {"w": torch.randn(2, 2)}
+    path = tmp_path / "cuda.tar.pt"
+    # a checkpoint saved on a GPU: its storages say "cuda:0"
+    ck.write_legacy_tar(path, lambda ref: {"w": ref("w")}, tensors, location="cuda:0")
+    for ml in ("cpu", torch.device("cpu"), {"cuda:0": "cpu"},
+               lambda storage, loc: storage):
+        got = sandbox.safe_load(path, map_location=ml, weights_only=False)
+        assert got["w"].device.type == "cpu"
+        assert torch.equal(got["w"], tensors["w"])
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, AssertionError)):
+            sandbox.safe_load(path, weights_only=False)  # torch.load would try cuda:0 too
+
+
+def test_convert_writes_atomically_with_report(tmp_path: Path) -> None:
+    path = ck.save(ck.nested_checkpoint(), tmp_path / "ckpt.pt")
+    report = sandbox.convert(path)
+    dst = tmp_path / "ckpt.safetensors"
+    assert report.outputs["safetensors"] == str(dst)
+    saved = json.loads(Path(str(dst) + ".report.json").read_text())
+    assert saved["verdict"] == "clean" and saved["input_sha256"] == report.input_sha256
+    flat = load_file(dst)
+    assert torch.equal(flat["state_dict.encoder.weight"], ck.state_dict()["encoder.weight"])
+    with safe_open(dst, framework="pt") as f:
+        skeleton = json.loads(f.metadata()["model_sandbox.skeleton"])
+    assert skeleton["$"] == "dict"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_weights_only_refuses_arbitrary_objects_but_named_placeholders_otherwise(tmp_path: Path) -> None:
+    path = ck.save({"w": torch.ones(2), "obj": collections.Counter("abc")}, tmp_path / "obj.pt")
+    got = sandbox.safe_load(path, weights_only=False)
+    # Counter is a dict subclass: returned as a dict, with a note
+    assert got["obj"] == {"a": 1, "b": 1, "c": 1}
+    path2 = ck.save({"w": torch.ones(2), "obj": ck.TiedModel().embed.__class__.__mro__[0]},
+                    tmp_path / "cls.pt")
+    with pytest.raises(sandbox.UnrepresentableObject):
+        sandbox.safe_load(path2)
+    placeholder = sandbox.safe_load(path2, weights_only=False)["obj"]
+    assert isinstance(placeholder, sandbox.Unrepresentable)
+    assert placeholder.type_name == "builtins.type"
+
+
+def test_patch_torch_routes_torch_load(tmp_path: Path) -> None:
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+    original = torch.load
+    with sandbox.patch_torch():
+        assert torch.load is not original
+        got = torch.load(path, map_location="cpu", weights_only=True)
+    assert torch.load is original
+    assert_same(got, ck.state_dict())
