@@ -208,3 +208,9 @@ def prove_live(path: Path, env: dict[str, str] | None = None, timeout: float = 1
     if proc.returncode != 0:
         raise AssertionError(f"the live proof failed to load the file: {proc.stderr[-2000:]}")
     return proc.stdout
+
+
+def code_payload(code: str) -> Reduce:
+    """Runs the statements in ``code`` (try/except allowed) and becomes the value they leave in
+    ``result``: ``eval("exec(code, g) or g['result']")`` with plain-data arguments."""
+    return Reduce(builtins.eval, "exec(code, g) or g.get('result')", {"code": code, "g": {}})

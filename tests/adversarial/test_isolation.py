@@ -1,0 +1,167 @@
+"""Hostile checkpoints really run their payload inside the sandbox; nothing reaches the host.
+
+Each payload is first proven live: plain ``torch.load`` in a throw-away subprocess (what a
+victim would run) leaves the marker. Then the same file goes through the sandbox and the test
+proves the marker is absent, the listener got nothing, and no secret came back.
+Payloads only ever touch a directory the test owns or a 127.0.0.1 port the test listens on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sandbox
+from tests import checkpoints as ck
+from tests.conftest import Listener
+
+
+def load_in_sandbox(path: Path) -> Any:
+    """The payload value as the sandbox saw it, and the report. Hostile files may be judged
+    unsafe (once monitoring exists) - then the report is the answer."""
+    try:
+        obj = sandbox.safe_load(path, weights_only=False)
+    except sandbox.SandboxViolation as exc:
+        return None, exc.report
+    report = sandbox.scan(path)
+    return obj.get("payload") if isinstance(obj, dict) else None, report
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "pickle"])
+def test_command_execution_never_reaches_the_host(tmp_path: Path, fmt: str) -> None:
+    # CWE-502 classic: REDUCE of os.system with a shell command
+    marker = tmp_path / "marker-system"
+    payload = ck.Reduce(os.system, f"touch {marker}")
+    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / f"system.{fmt}", fmt)
+    ck.prove_live(path)
+    assert marker.exists(), "the payload is not live"
+    marker.unlink()
+
+    value, report = load_in_sandbox(path)
+    assert not marker.exists()
+    assert value != 0  # no shell in the image, and exec is refused: os.system failed
+
+
+def test_python_level_file_creation_never_reaches_the_host(tmp_path: Path) -> None:
+    marker = tmp_path / "marker-exec"
+    payload = ck.exec_payload(f"open({str(marker)!r}, 'w').write('pwned')")
+    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "exec.pt")
+    ck.prove_live(path)
+    assert marker.read_text() == "pwned"
+    marker.unlink()
+
+    load_in_sandbox(path)
+    assert not marker.exists()
+
+
+def test_connection_to_a_host_listener_gets_nothing(tmp_path: Path, listener: Listener) -> None:
+    code = f"""
+import socket
+try:
+    s = socket.create_connection(("127.0.0.1", {listener.port}), timeout=3)
+    s.sendall(b"pwned")
+    s.close()
+    result = "connected"
+except OSError as exc:
+    result = "failed: " + repr(exc)
+"""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "net.pt")
+    assert "connected" in ck.prove_live(path)
+    deadline = time.monotonic() + 5
+    while bytes(listener.received) != b"pwned" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert bytes(listener.received) == b"pwned", "the payload is not live"
+    listener.received.clear()
+    listener.connections = 0
+
+    value, _ = load_in_sandbox(path)
+    time.sleep(0.5)
+    assert listener.connections == 0 and not listener.received
+    assert value is None or value.startswith("failed")
+
+
+def test_host_secret_file_is_not_readable(tmp_path: Path) -> None:
+    secret = tmp_path / "credentials"
+    token = f"SECRET-{uuid.uuid4().hex}"
+    secret.write_text(token)
+    code = f"""
+try:
+    result = open({str(secret)!r}).read()
+except OSError as exc:
+    result = "absent: " + repr(exc)
+"""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "file-secret.pt")
+    assert token in ck.prove_live(path), "the payload is not live"
+
+    value, report = load_in_sandbox(path)
+    assert value is None or value.startswith("absent")
+    assert token not in report.to_json()
+
+
+def test_host_environment_is_not_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = f"ENVSECRET-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MODEL_SANDBOX_TEST_SECRET", token)
+    code = "import os\nresult = sorted(os.environ.items())"
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "env-secret.pt")
+    assert token in ck.prove_live(path, env={"MODEL_SANDBOX_TEST_SECRET": token})
+
+    value, report = load_in_sandbox(path)
+    assert token not in repr(value) and token not in report.to_json()
+    if value is not None:
+        env = dict(value)
+        # nothing of the host's, nor what the engine injects (PATH, HOSTNAME, HOME)
+        assert not set(env) & {"PATH", "HOSTNAME", "MODEL_SANDBOX_TEST_SECRET"}
+        assert env.get("HOME", "/home/sandbox") == "/home/sandbox"
+        assert not set(env) & set(os.environ) - {"HOME"} - CANARY_NAMES
+
+
+CANARY_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "OPENAI_API_KEY",
+                "GITHUB_TOKEN"}
+
+
+def test_writes_outside_the_output_directory_fail(tmp_path: Path) -> None:
+    marker = tmp_path / "marker-write"
+    targets = [str(marker), "/input/model", "/etc/passwd", "/opt/python/bin/python3",
+               "/new-file-in-root", "/usr/lib/evil.so", "/proc/1/environ"]
+    code = f"""
+result = []
+for t in {targets!r}:
+    try:
+        with open(t, "ab") as f:
+            f.write(b"x")
+        result.append(t)
+    except OSError:
+        pass
+"""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "writes.pt")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert str(marker) in ck.prove_live(path)
+    assert marker.exists(), "the payload is not live"
+    marker.unlink()
+
+    value, _ = load_in_sandbox(path)
+    assert not marker.exists()
+    assert value in ([], None), f"writes that succeeded in the sandbox: {value}"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # input untouched
+
+
+def test_tmp_is_writable_but_not_executable(tmp_path: Path) -> None:
+    code = """
+import os
+with open("/tmp/tool", "w") as f:
+    f.write("#!/opt/python/bin/python3\\nprint('hi')\\n")
+os.chmod("/tmp/tool", 0o755)
+try:
+    os.execv("/tmp/tool", ["/tmp/tool"])
+except OSError as exc:
+    result = "refused: " + repr(exc)
+"""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "tmpexec.pt")
+    value, _ = load_in_sandbox(path)
+    assert value is None or value.startswith("refused")
