@@ -1,0 +1,5 @@
+"""``python -m sandbox`` runs the ``model-sandbox`` command."""
+
+from ._cli import run
+
+run()
