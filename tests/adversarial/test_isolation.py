@@ -27,7 +27,8 @@ def load_in_sandbox(path: Path) -> Any:
     unsafe (once monitoring exists) - then the report is the answer."""
     try:
         obj = sandbox.safe_load(path, weights_only=False)
-    except sandbox.SandboxViolation as exc:
+    except (sandbox.SandboxViolation, sandbox.LoadFailed) as exc:
+        assert exc.report is not None
         return None, exc.report
     report = sandbox.scan(path)
     return obj.get("payload") if isinstance(obj, dict) else None, report
