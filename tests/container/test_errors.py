@@ -1,0 +1,158 @@
+"""Bad input gets a clear, typed error; limits end the load and name themselves; the CLI's
+exit codes follow the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sandbox
+from tests import checkpoints as ck
+
+
+def policy(**limits: float) -> sandbox.Policy:
+    return sandbox.Policy.from_dict({"name": "test", "description": "tight limits for tests",
+                                     "limits": limits})
+
+
+def test_truncated_zip_is_malformed(tmp_path: Path) -> None:
+    path = ck.save(ck.state_dict(), tmp_path / "full.pt")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(sandbox.MalformedInput) as info:
+        sandbox.safe_load(cut)
+    assert "zip" in str(info.value)
+    assert info.value.report is not None and info.value.report.verdict is sandbox.Verdict.ERROR
+
+
+def test_corrupt_legacy_file_fails_clearly(tmp_path: Path) -> None:
+    path = ck.save(ck.state_dict(), tmp_path / "legacy.pt", "legacy")
+    data = bytearray(path.read_bytes())
+    cut = tmp_path / "legacy-cut.pt"
+    cut.write_bytes(bytes(data[: len(data) - 40]))
+    with pytest.raises(sandbox.LoadFailed) as info:
+        sandbox.safe_load(cut)
+    assert info.value.report is not None
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(sandbox.MalformedInput, match="empty"):
+        sandbox.safe_load(tmp_path / "empty.pt")
+
+
+def test_unknown_bytes_are_unsupported(tmp_path: Path) -> None:
+    (tmp_path / "noise.bin").write_bytes(bytes(range(7, 256)) * 10)
+    with pytest.raises(sandbox.UnsupportedFormat) as info:
+        sandbox.safe_load(tmp_path / "noise.bin")
+    assert info.value.detected == "unknown"
+
+
+def test_torchscript_is_unsupported(tmp_path: Path) -> None:
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ts.pt"))
+    with pytest.raises(sandbox.UnsupportedFormat) as info:
+        sandbox.safe_load(tmp_path / "ts.pt")
+    assert info.value.detected == "torchscript"
+
+
+def test_missing_path_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(sandbox.InputNotFound):
+        sandbox.safe_load(tmp_path / "nope.pt")
+    with pytest.raises(sandbox.InputNotFound):
+        sandbox.safe_load(tmp_path)
+
+
+def test_pinned_hash_mismatch_refuses_before_loading(tmp_path: Path) -> None:
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(sandbox.HashMismatch):
+        sandbox.safe_load(path, expected_sha256="0" * 64)
+
+
+def test_odd_file_names(tmp_path: Path) -> None:
+    odd = tmp_path / "we:ird, name ü $(x) 'q'.pt"
+    ck.save(ck.state_dict(), odd)
+    assert torch.equal(sandbox.safe_load(odd)["encoder.bias"], ck.state_dict()["encoder.bias"])
+    link = tmp_path / "link.pt"
+    link.symlink_to(odd)
+    assert sandbox.scan(link).verdict is sandbox.Verdict.CLEAN
+
+
+def test_unreadable_by_others_is_staged(tmp_path: Path) -> None:
+    path = ck.save(ck.state_dict(), tmp_path / "private.pt")
+    os.chmod(path, 0o600)
+    assert sandbox.scan(path).verdict is sandbox.Verdict.CLEAN
+
+
+def test_wall_clock_limit(tmp_path: Path) -> None:
+    payload = ck.code_payload("import time\ntime.sleep(60)")
+    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "sleep.pt")
+    with pytest.raises(sandbox.LimitExceeded) as info:
+        sandbox.safe_load(path, weights_only=False, policy=policy(wall_clock_s=3))
+    assert info.value.limit == "wall_clock"
+    report = info.value.report
+    assert report is not None and report.duration_s is not None and report.duration_s < 30
+    assert any(f.category == "resource" for f in report.findings)
+
+
+def test_memory_limit(tmp_path: Path) -> None:
+    payload = ck.code_payload("blob = b'x' * (2 * 1024 ** 3)")
+    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "membomb.pt")
+    with pytest.raises(sandbox.LimitExceeded) as info:
+        sandbox.safe_load(path, weights_only=False, policy=policy(memory_mb=768))
+    assert info.value.limit == "memory"
+
+
+def test_output_flood(tmp_path: Path) -> None:
+    code = """
+for i in range(40):
+    with open(f"/out/flood-{i}", "wb") as f:
+        f.write(b"x" * (1024 * 1024))
+"""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "flood.pt")
+    with pytest.raises(sandbox.LimitExceeded) as info:
+        sandbox.safe_load(path, weights_only=False, policy=policy(output_mb=16))
+    assert info.value.limit == "output_bytes"
+
+
+def test_planted_output_files_are_rejected_or_reported(tmp_path: Path) -> None:
+    code = """
+import os
+os.symlink("/etc/passwd", "/out/manifest.json")
+"""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "plant.pt")
+    with pytest.raises((sandbox.OutputRejected, sandbox.LoadFailed)):
+        sandbox.safe_load(path, weights_only=False)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sandbox", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_cli_exit_codes_and_formats(tmp_path: Path) -> None:
+    good = ck.save(ck.state_dict(), tmp_path / "good.pt")
+    proc = run_cli("scan", str(good), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["verdict"] == "clean"
+
+    (tmp_path / "bad.pt").write_bytes(b"\x80\x04garbage")
+    proc = run_cli("scan", str(good), str(tmp_path / "bad.pt"))
+    assert proc.returncode == 2
+    assert "ERROR" in proc.stdout and "CLEAN" in proc.stdout
+
+    proc = run_cli("convert", str(good), "-o", str(tmp_path / "out" / "good.safetensors"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "good.safetensors").exists()
+    assert (tmp_path / "out" / "good.safetensors.report.json").exists()
+
+    proc = run_cli("report", "render", str(tmp_path / "out" / "good.safetensors.report.json"))
+    assert proc.returncode == 0 and "CLEAN" in proc.stdout
+
+    proc = run_cli("scan", str(tmp_path / "missing.pt"))
+    assert proc.returncode == 2 and "input-not-found" in proc.stdout + proc.stderr
