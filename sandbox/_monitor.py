@@ -70,9 +70,12 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
         out.error = e
         return out
     if status is None:
+        tail = "".join(ch if ch.isprintable() or ch == "\n" else "?"
+                       for ch in run.logs[-600:].decode("utf-8", "replace")).strip()
         out.error = LoadFailed(
             "the sandbox ended without a status (exit code "
-            f"{run.exit_code}); the supervisor did not run to completion")
+            f"{run.exit_code}); the supervisor did not run to completion"
+            + (f"; its output ended with: {tail}" if tail else ""))
         return out
 
     exit_code = status.get("exit_code")

@@ -54,6 +54,7 @@ def test_unknown_bytes_are_unsupported(tmp_path: Path) -> None:
     assert info.value.detected == "unknown"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated
 def test_torchscript_is_unsupported(tmp_path: Path) -> None:
     torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ts.pt"))
     with pytest.raises(sandbox.UnsupportedFormat) as info:
