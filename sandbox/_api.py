@@ -122,7 +122,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             report.tool["worker_digest"] = _image.worker_digest()
             out_dir = os.path.join(work, "out")
             os.mkdir(out_dir)
-            os.chmod(out_dir, 0o777)  # the sandbox's uid writes here; the 0700 parent guards it
+            os.chmod(out_dir, 0o777)  # noqa: S103 - the sandbox's uid writes here; the parent is 0700
             spec = _launch.make_spec(policy, image=image, input_path=real, output_dir=out_dir,
                                      input_size=report.input_size, write_tensors=write_tensors)
             run = runner.run(spec)
@@ -373,14 +373,14 @@ class patch_torch:  # noqa: N801 - used like a function: sandbox.patch_torch()
         import torch.serialization
 
         self.policy = policy
-        self._originals = (torch.load, torch.serialization.load)
+        # named, never called: these are what stop() puts back
+        self._originals = (torch.load, torch.serialization.load)  # noqa: TID251
         self.active = False
 
         def load(f: Any, map_location: Any = None, pickle_module: Any = None, **kwargs: Any) -> Any:
             return safe_load(f, map_location, pickle_module, policy=self.policy, **kwargs)
 
         load.__doc__ = safe_load.__doc__
-        load.__wrapped__ = self._originals[0]  # type: ignore[attr-defined]
         self._replacement = load
         self.start()
 
@@ -388,8 +388,8 @@ class patch_torch:  # noqa: N801 - used like a function: sandbox.patch_torch()
         import torch
         import torch.serialization
 
-        torch.load = self._replacement
-        torch.serialization.load = self._replacement
+        torch.load = self._replacement  # noqa: TID251 - replacing it is the point
+        torch.serialization.load = self._replacement  # noqa: TID251
         self.active = True
         return self
 
@@ -398,7 +398,7 @@ class patch_torch:  # noqa: N801 - used like a function: sandbox.patch_torch()
         import torch.serialization
 
         if self.active:
-            torch.load, torch.serialization.load = self._originals
+            torch.load, torch.serialization.load = self._originals  # noqa: TID251
             self.active = False
 
     def __enter__(self) -> patch_torch:

@@ -97,7 +97,6 @@ def place(tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
     """Move tensors where ``torch.load(map_location=...)`` would have put them.
 
     Views follow their base, so storage sharing survives the move."""
-    import torch
 
     locations = {e["name"]: e["location"] for e in manifest["tensors"] + manifest["views"]}
     moved: dict[str, torch.Tensor] = {}
@@ -126,7 +125,7 @@ def _move(t: torch.Tensor, location: str, map_location: MapLocation) -> torch.Te
         elif isinstance(result, (torch.UntypedStorage, torch.TypedStorage)):
             if result.device == t.device and result.data_ptr() == t.untyped_storage().data_ptr():
                 return t
-            storage = result.untyped() if isinstance(result, torch.TypedStorage) else result
+            storage = result.untyped() if isinstance(result, torch.TypedStorage) else result  # type: ignore[no-untyped-call]
             fresh = torch.empty(0, dtype=t.dtype, device=storage.device)
             return fresh.set_(storage, t.storage_offset(), t.shape, t.stride())
         else:

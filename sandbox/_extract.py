@@ -135,7 +135,8 @@ def validate_status(data: Any) -> dict[str, Any]:
             if key in result:
                 _require(isinstance(result[key], str), item, f"result.{key} is not a string")
                 result[key] = result[key][:4000]
-    return data
+    status: dict[str, Any] = data
+    return status
 
 
 def validate_manifest(data: Any) -> dict[str, Any]:
@@ -187,7 +188,8 @@ def validate_manifest(data: Any) -> dict[str, Any]:
     _require(isinstance(data.get("notes", []), list) and
              all(isinstance(n, str) for n in data.get("notes", [])), item, "notes malformed")
     _require(isinstance(data.get("format"), str), item, "format missing")
-    return data
+    manifest: dict[str, Any] = data
+    return manifest
 
 
 def _check_name(name: Any, names: set[str], item: str) -> None:

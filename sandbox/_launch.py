@@ -65,7 +65,10 @@ class ContainerSpec:
             "ipc_mode": "none",
             "privileged": False,
             "init": False,
-            "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={self.tmp_bytes}"},
+            "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={self.tmp_bytes}",
+                      # the canary home: fake credentials the supervisor plants for the loader
+                      P.CANARY_HOME: f"rw,noexec,nosuid,nodev,size=1m,uid={_image.SANDBOX_UID},"
+                                     f"gid={_image.SANDBOX_UID}"},
             "mounts": [
                 Mount(P.INPUT_PATH, self.input_path, type="bind", read_only=True),
                 Mount(P.OUTPUT_DIR, self.output_dir, type="bind", read_only=False),
@@ -293,7 +296,7 @@ def _bounded_logs(container: Any) -> bytes:
             out += chunk
             if len(out) >= _LOG_LIMIT:
                 break
-    except Exception:
+    except Exception:  # noqa: S110 - logs are a diagnostic nicety; the engine may be gone
         pass
     return bytes(out[:_LOG_LIMIT])
 

@@ -24,7 +24,7 @@ Every class carries structured fields and a message that says what happened and 
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -75,9 +75,9 @@ class SandboxError(Exception):
 class InputError(SandboxError):
     reference = "input-error"
 
-    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None):
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, hint: str | None = None):
         super().__init__(message, hint=hint)
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else os.fspath(path)
 
 
 class InputNotFound(InputError):
@@ -92,7 +92,7 @@ class UnsupportedFormat(InputError):
         "TorchScript archives need torch.jit.load, which this tool does not run"
     )
 
-    def __init__(self, message: str, *, path: str | Path | None = None, detected: str = "unknown"):
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, detected: str = "unknown"):
         super().__init__(message, path=path)
         self.detected = detected
 
@@ -101,7 +101,7 @@ class MalformedInput(InputError):
     reference = "malformed-input"
     hint = "the file is truncated or corrupt; re-download it and compare its sha256"
 
-    def __init__(self, message: str, *, path: str | Path | None = None, offset: int | None = None):
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, offset: int | None = None):
         super().__init__(message, path=path)
         self.offset = offset
 
@@ -110,7 +110,7 @@ class HashMismatch(InputError):
     reference = "hash-mismatch"
     hint = "the file is not the one that was pinned: do not load it; re-download from a trusted source"
 
-    def __init__(self, message: str, *, path: str | Path | None, expected: str, actual: str):
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None, expected: str, actual: str):
         super().__init__(message, path=path)
         self.expected = expected
         self.actual = actual

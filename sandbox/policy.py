@@ -35,6 +35,11 @@ from .errors import PolicyError
 __all__ = ["Limits", "Policy"]
 
 _VERDICTS = ("suspicious", "malicious")
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "wall_clock_s": (1.0, 86400.0), "memory_mb": (256, 1 << 20), "pids": (8, 65536),
+    "cpus": (0.1, 1024.0), "tmp_mb": (1, 1 << 20), "output_mb": (1, 1 << 24),
+    "output_ratio": (1.0, 1000.0),
+}
 
 
 @dataclass(frozen=True)
@@ -52,11 +57,6 @@ class Limits:
         scaled = max(256 * 2**20, int(self.output_ratio * input_size) + 64 * 2**20)
         return min(self.output_mb * 2**20, scaled)
 
-    _BOUNDS = {
-        "wall_clock_s": (1.0, 86400.0), "memory_mb": (256, 1 << 20), "pids": (8, 65536),
-        "cpus": (0.1, 1024.0), "tmp_mb": (1, 1 << 20), "output_mb": (1, 1 << 24),
-        "output_ratio": (1.0, 1000.0),
-    }
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class Policy:
                     (want is int and not isinstance(value, int)):
                 problems.append(f"'limits.{key}' must be {'a number' if want is float else 'an integer'}")
                 continue
-            lo, hi = Limits._BOUNDS[key]
+            lo, hi = _BOUNDS[key]
             if not lo <= value <= hi:
                 problems.append(f"'limits.{key}' = {value} is outside [{lo}, {hi}]")
                 continue

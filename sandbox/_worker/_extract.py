@@ -246,7 +246,7 @@ class Extractor:
                     b = base.tensor
                     if b.dtype == t.dtype and b.storage_offset() <= lo and \
                             hi < b.storage_offset() + b.numel():
-                        view_of[use.name] = (base, lo - b.storage_offset())
+                        view_of[use.name] = (base, int(lo - b.storage_offset()))
                         break
                 else:
                     if t.is_contiguous():

@@ -116,7 +116,7 @@ def load(path: str) -> tuple[Any, str, dict[int, str]]:
             return {k: npz[k] for k in npz.files}, fmt, locations
     if fmt == "pickle":
         with open(path, "rb") as f:
-            return pickle.load(f), fmt, locations  # noqa: S301 - inside the sandbox, on purpose
+            return pickle.load(f), fmt, locations
     obj = torch.load(path, map_location=record_location, weights_only=False,
                      mmap=(fmt == "torch-zip"))
     return obj, fmt, locations

@@ -1,0 +1,93 @@
+"""Module boundaries: the worker never imports the host package; the host imports only the
+worker's wire protocol; ``import sandbox`` imports neither torch nor docker."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import sandbox
+
+ROOT = Path(sandbox.__file__).parent
+WORKER = ROOT / "_worker"
+WORKER_THIRD_PARTY = {"torch", "numpy", "safetensors", "psutil"}
+
+
+def imports(path: Path) -> list[tuple[str, int]]:
+    """(module, level) for every import statement in the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, 0) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.module or "", node.level))
+    return found
+
+
+def test_worker_imports_only_stdlib_torch_numpy_safetensors() -> None:
+    for path in WORKER.glob("*.py"):
+        for module, level in imports(path):
+            if level > 1:
+                raise AssertionError(f"{path.name} reaches outside the worker package: {module}")
+            if level == 1:
+                continue
+            top = module.split(".")[0]
+            assert top != "sandbox", f"{path.name} imports the host package"
+            assert top in sys.stdlib_module_names or top in WORKER_THIRD_PARTY, \
+                f"{path.name} imports {module}"
+
+
+def test_host_imports_only_the_protocol_from_the_worker() -> None:
+    for path in ROOT.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and "_worker" in node.module:
+                names = {a.name for a in node.names}
+                if node.module.endswith("_worker"):
+                    assert names == {"_protocol"}, f"{path.name} imports {names} from the worker"
+                else:
+                    assert node.module.endswith("_worker._protocol"), f"{path.name}: {node.module}"
+
+
+def test_import_sandbox_is_light() -> None:
+    code = ("import sys, sandbox\n"
+            "heavy = [m for m in ('torch', 'docker', 'numpy', 'safetensors') if m in sys.modules]\n"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert sandbox.__all__ == sorted(sandbox.__all__)
+    public = {n for n in vars(sandbox) if not n.startswith("_")} - {
+        "errors", "policy", "report", "policies"}
+    assert set(sandbox.__all__) == public
+
+
+def _dotted(node: ast.AST) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def test_host_never_unpickles() -> None:
+    """Belt and braces beside the ruff banned-api rule: no host module calls an unpickler,
+    whether by attribute (``torch.load(...)``) or by import (``from pickle import loads``)."""
+    banned = {"torch.load", "torch.serialization.load", "pickle.load", "pickle.loads",
+              "pickle.Unpickler", "_pickle.Unpickler", "np.load", "numpy.load", "dill.load",
+              "joblib.load", "marshal.loads"}
+    for path in ROOT.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):  # patch_torch may *name* torch.load to replace it
+                name = _dotted(node.func)
+                assert name not in banned, f"{path.name}:{node.lineno} calls {name}"
+            if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "_pickle", "marshal",
+                                                                     "dill", "joblib"):
+                names = {a.name for a in node.names}
+                assert not names & {"load", "loads", "Unpickler"}, f"{path.name} imports {names}"

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sandbox import Finding, LoadReport, Policy, PolicyError, Severity, Verdict
+from sandbox.policy import builtin_names
+
+
+def test_builtin_policies_load_and_differ() -> None:
+    assert {"default", "strict", "audit"} <= set(builtin_names())
+    d, s, a = Policy.default(), Policy.strict(), Policy.audit()
+    assert d.fail_on == "malicious" and s.fail_on == "suspicious"
+    assert s.limits.wall_clock_s < d.limits.wall_clock_s
+    assert len({d.digest, s.digest, a.digest}) == 3
+    assert d.digest == Policy.default().digest
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('description = ""\nfail_on = "never"\nextra = 1\n'
+                   '[limits]\nmemory_mb = 1\npids = "many"\nwall_clok_s = 3\n')
+    with pytest.raises(PolicyError) as info:
+        Policy.from_file(bad)
+    problems = "\n".join(info.value.problems)
+    for expected in ("'name' is required", "'description' is required", "fail_on",
+                     "unknown key 'extra'", "limits.memory_mb", "limits.pids",
+                     "unknown key 'limits.wall_clok_s'"):
+        assert expected in problems
+
+
+def test_policy_cli_check_and_show(tmp_path: Path) -> None:
+    good = tmp_path / "p.toml"
+    good.write_text('name = "mine"\ndescription = "for tests"\n[limits]\nwall_clock_s = 10\n')
+    run = [sys.executable, "-m", "sandbox", "policy"]
+    out = subprocess.run([*run, "check", str(good)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and "valid policy 'mine'" in out.stdout
+    (tmp_path / "bad.toml").write_text("name = 3\n")
+    out = subprocess.run([*run, "check", str(tmp_path / "bad.toml")], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 2 and "'name' is required" in out.stderr
+    out = subprocess.run([*run, "show", "strict"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["fail_on"] == "suspicious"
+
+
+def test_report_json_round_trip_and_exit_codes() -> None:
+    r = LoadReport(input_path="x.pt", input_sha256="a" * 64, format="torch-zip")
+    assert r.exit_code == 0
+    r.add(Finding(rule="exec", severity=Severity.CRITICAL, category="exec",
+                  message="tried to run a program", evidence={"argv": ["/bin/sh", "-c", "id"]},
+                  events=(1, 2)))
+    r.verdict = Verdict.MALICIOUS
+    assert r.exit_code == 1
+    back = LoadReport.from_json(r.to_json())
+    assert back.to_dict() == r.to_dict()
+    assert back.findings[0].severity is Severity.CRITICAL
+    text = r.to_text()
+    assert "MALICIOUS" in text and "/bin/sh" in text
+    r.verdict = Verdict.ERROR
+    assert r.exit_code == 2
+
+
+def test_report_rejects_foreign_json() -> None:
+    with pytest.raises(ValueError):
+        LoadReport.from_json('{"schema": "something-else"}')
+
+
+def test_severity_order() -> None:
+    assert Severity.INFO < Severity.LOW < Severity.MEDIUM < Severity.HIGH < Severity.CRITICAL
+    assert Severity.parse("High") is Severity.HIGH

@@ -1,0 +1,107 @@
+"""The worker's extraction and the host's rebuild, in-process (benign objects only): every
+structure and dtype survives, sharing is preserved, and hostile skeletons are refused."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import pytest
+import torch
+
+from sandbox._convert import Unrepresentable, rebuild
+from sandbox._worker._extract import extract
+from sandbox.errors import OutputRejected, UnrepresentableObject
+from tests import checkpoints as ck
+
+
+def round_trip(obj: Any, *, weights_only: bool = False) -> Any:
+    ex = extract(obj)
+    tensors: dict[str, torch.Tensor] = {}
+    for e in ex.entries:
+        tensors[e["name"]] = ex.stored[e["name"]]
+    for e in ex.entries:
+        if e["stored_as"] == "U8" and e["dtype"] != "uint8":
+            tensors[e["name"]] = tensors[e["name"]].view(getattr(torch, e["dtype"])).reshape(e["shape"])
+    for v in ex.views:
+        base = tensors[v["base"]]
+        tensors[v["name"]] = base.as_strided(v["shape"], v["stride"], base.storage_offset() + v["offset"])
+    return rebuild(ex.skeleton, tensors, weights_only=weights_only)
+
+
+def test_nested_structure() -> None:
+    obj = ck.nested_checkpoint()
+    got = round_trip(obj)
+    assert list(got) == list(obj)
+    assert isinstance(got["state_dict"], collections.OrderedDict)
+    assert got["flags"] == (True, False, None) and got["blob"] == b"\x00\x01bytes"
+    assert got["int_keys"] == {0: "a", 1: "b", (2, 3): "tuple-key"}
+    assert got["dtype"] is torch.bfloat16 and got["z"] == complex(1, -2)
+    assert got["set"] == {1, 2, 3}
+
+
+@pytest.mark.parametrize("dtype", ck.ALL_DTYPES, ids=str)
+def test_every_dtype(dtype: torch.dtype) -> None:
+    t = ck.dtype_tensor(dtype)
+    got = round_trip({"t": t, "nc": t.t(), "scalar": t[0, 0].clone()})
+    for key, ref in (("t", t), ("nc", t.t()), ("scalar", t[0, 0])):
+        assert got[key].dtype == dtype and got[key].shape == ref.shape
+        assert torch.equal(got[key].reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8))
+
+
+def test_same_tensor_object_twice_is_one_object() -> None:
+    t = torch.randn(3)
+    got = round_trip({"a": t, "b": t, "list": [t]})
+    assert got["a"] is got["b"] is got["list"][0]
+
+
+def test_parameters_and_requires_grad() -> None:
+    p = torch.nn.Parameter(torch.randn(2, 2))
+    got = round_trip({"p": p, "g": torch.ones(2, requires_grad=True)})
+    assert isinstance(got["p"], torch.nn.Parameter) and got["p"].requires_grad
+    assert got["g"].requires_grad
+
+
+def test_cycles_and_depth_are_bounded() -> None:
+    a: list[Any] = [1]
+    a.append(a)
+    got = round_trip(a)
+    assert isinstance(got[1], Unrepresentable)
+    deep: Any = 0
+    for _ in range(500):
+        deep = [deep]
+    got = round_trip(deep)  # does not blow the stack; the deep part becomes a placeholder
+
+
+def test_weights_only_refuses_placeholders() -> None:
+    with pytest.raises(UnrepresentableObject) as info:
+        round_trip({"f": object()}, weights_only=True)
+    assert info.value.types == ["builtins.object"]
+
+
+@pytest.mark.parametrize("node", [
+    {"$": "exec", "v": "x"},
+    {"$": "dtype", "v": "load"},                    # torch.load is not a dtype
+    {"$": "dtype", "v": "__class__"},
+    {"$": "device", "v": "cuda; rm -rf /"},
+    {"$": "tensor", "ref": "missing"},
+    {"$": "dict", "kind": "dict", "items": [[[1], 2]]},   # unhashable key
+    {"$": "dict", "kind": "Counter", "items": []},
+    {"$": "float", "v": "1e999"},
+    {"$": "bytes", "b64": "!!"},
+    {"$": "namespace", "items": [[1, 2]]},
+    {"$": "size", "v": ["1"]},
+    [1, 2],                                         # bare JSON arrays are never a node
+    {"plain": "object"},
+])
+def test_hostile_skeletons_are_refused(node: Any) -> None:
+    with pytest.raises(OutputRejected):
+        rebuild(node, {}, weights_only=False)
+
+
+def test_skeleton_depth_bomb_is_refused() -> None:
+    node: Any = 1
+    for _ in range(5000):
+        node = {"$": "list", "items": [node]}
+    with pytest.raises(OutputRejected):
+        rebuild(node, {}, weights_only=False)

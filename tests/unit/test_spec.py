@@ -1,0 +1,97 @@
+"""Every hardening option of the container, asserted on the typed spec (no daemon needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sandbox import Policy
+from sandbox._launch import ContainerSpec, make_spec
+from sandbox._worker import _protocol as P
+from sandbox.policy import seccomp_profile
+
+
+@pytest.fixture
+def spec() -> ContainerSpec:
+    return make_spec(Policy.default(), image="model-sandbox-worker:test", input_path="/data/in.pt",
+                     output_dir="/work/out", input_size=10 * 2**20)
+
+
+def test_network_capabilities_privileges(spec: ContainerSpec) -> None:
+    kw = spec.docker_kwargs()
+    assert kw["network_mode"] == "none"
+    assert kw["cap_drop"] == ["ALL"] and "cap_add" not in kw
+    assert kw["privileged"] is False
+    assert "no-new-privileges:true" in kw["security_opt"]
+    assert kw["ipc_mode"] == "none"
+    assert kw["user"] == "65534:65534"
+
+
+def test_filesystem(spec: ContainerSpec) -> None:
+    kw = spec.docker_kwargs()
+    assert kw["read_only"] is True
+    assert set(kw["tmpfs"]) <= {"/tmp", "/home/sandbox"}
+    for options in kw["tmpfs"].values():
+        assert {"noexec", "nosuid", "nodev"} <= set(options.split(","))
+        assert "size=" in options
+    mounts = {m["Target"]: m for m in kw["mounts"]}
+    assert set(mounts) == {P.INPUT_PATH, P.OUTPUT_DIR}
+    assert mounts[P.INPUT_PATH]["ReadOnly"] is True and mounts[P.INPUT_PATH]["Source"] == "/data/in.pt"
+    assert mounts[P.OUTPUT_DIR]["ReadOnly"] is False and mounts[P.OUTPUT_DIR]["Source"] == "/work/out"
+    for m in kw["mounts"]:
+        assert "docker.sock" not in m["Source"] and not m["Source"].startswith(("/root", "/home"))
+    assert "volumes" not in kw
+
+
+def test_environment_is_empty(spec: ContainerSpec) -> None:
+    assert spec.docker_kwargs()["environment"] == {}
+
+
+def test_limits(spec: ContainerSpec) -> None:
+    kw = spec.docker_kwargs()
+    lim = Policy.default().limits
+    assert kw["mem_limit"] == kw["memswap_limit"] == lim.memory_mb * 2**20  # no swap
+    assert kw["pids_limit"] == lim.pids
+    assert kw["nano_cpus"] == int(lim.cpus * 1e9)
+    assert {u["Name"]: u["Hard"] for u in kw["ulimits"]}["core"] == 0
+    assert kw["log_config"]["Config"]["max-size"] == "1m"  # payload output cannot fill the disk
+    cfg = json.loads(spec.command[0])
+    assert cfg["wall_clock_s"] == lim.wall_clock_s
+    assert cfg["max_output_bytes"] == spec.output_bytes == lim.output_bytes(10 * 2**20)
+
+
+def test_output_cap_scales_with_input_within_the_ceiling() -> None:
+    lim = Policy.default().limits
+    assert lim.output_bytes(0) == 256 * 2**20
+    assert lim.output_bytes(2**30) == int(4.0 * 2**30) + 64 * 2**20
+    assert lim.output_bytes(2**50) == lim.output_mb * 2**20
+
+
+def test_seccomp_profile_is_ours_and_denies_by_default(spec: ContainerSpec) -> None:
+    opts = [o for o in spec.docker_kwargs()["security_opt"] if o.startswith("seccomp=")]
+    assert len(opts) == 1
+    profile = json.loads(opts[0].removeprefix("seccomp="))
+    assert profile == json.loads(seccomp_profile())
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert profile["architectures"] == ["SCMP_ARCH_X86_64"]
+    allowed: set[str] = set()
+    for rule in profile["syscalls"]:
+        assert rule.get("comment"), f"uncommented group {rule['names']}"
+        if rule["action"] == "SCMP_ACT_ALLOW" and not rule.get("args"):
+            allowed |= set(rule["names"])
+    for dangerous in ("mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "ptrace",
+                      "process_vm_readv", "process_vm_writev", "bpf", "perf_event_open",
+                      "keyctl", "add_key", "request_key", "kexec_load", "init_module",
+                      "finit_module", "delete_module", "reboot", "userfaultfd",
+                      "open_by_handle_at", "io_uring_setup", "setuid", "setgid", "setresuid",
+                      "mknod", "syslog", "clone"):
+        assert dangerous not in allowed, dangerous
+    clone = [r for r in profile["syscalls"] if "clone" in r["names"]]
+    assert clone and all(r["args"][0]["op"] == "SCMP_CMP_MASKED_EQ" for r in clone
+                         if r["action"] == "SCMP_ACT_ALLOW")
+
+
+def test_spec_is_frozen(spec: ContainerSpec) -> None:
+    with pytest.raises(AttributeError):
+        spec.image = "other"  # type: ignore[misc]
