@@ -1,0 +1,961 @@
+"""Unit tests for the static pre-flight scanner (sandbox._scan).
+
+Every fixture is built here, in the test process. Hostile fixtures only ever *name* harmless
+callables (``os.system('true')`` and the like) and nothing in these tests unpickles them: the
+scanner never executes anything, and the tests never call ``pickle.loads`` on hostile data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import collections
+import gzip
+import io
+import json
+import lzma
+import os
+import pickle
+import pickletools
+import struct
+import sys
+import tarfile
+import time
+import types
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sandbox import _scan
+from sandbox._scan import (
+    GlobalRef,
+    MalformedStream,
+    StaticScan,
+    classify_global,
+    identify,
+    scan_file,
+    scan_pickle_bytes,
+)
+from sandbox.errors import MalformedInput
+from sandbox.report import Severity
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def su(s: str) -> bytes:
+    """SHORT_BINUNICODE."""
+    raw = s.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw
+
+
+def bu(s: str) -> bytes:
+    """BINUNICODE."""
+    raw = s.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def binbytes(b: bytes) -> bytes:
+    return b"B" + struct.pack("<I", len(b)) + b
+
+
+def os_system_p4(cmd: str = "true") -> bytes:
+    """Protocol-4 ``os.system(cmd)`` built by hand (never unpickled)."""
+    return b"\x80\x04" + su("os") + su("system") + b"\x93" + su(cmd) + b"\x85R."
+
+
+def os_system_p2(cmd: str = "true") -> bytes:
+    return b"\x80\x02cos\nsystem\n" + bu(cmd) + b"\x85R."
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def by_rule(scan: StaticScan, rule: str) -> list[Any]:
+    return [f for f in scan.findings if f.rule == rule]
+
+
+def qualnames(refs: tuple[GlobalRef, ...] | list[GlobalRef], cls: str | None = None) -> set[str]:
+    return {g.qualname for g in refs if cls is None or g.classification == cls}
+
+
+def assert_benign(scan: StaticScan) -> None:
+    above = [f for f in scan.findings if f.severity > Severity.INFO]
+    assert not above, above
+    assert all(g.classification == "allowed" for g in scan.globals), scan.globals
+
+
+def torch_zip(tmp_path: Path, obj: object, name: str = "m.pt") -> Path:
+    p = tmp_path / name
+    torch.save(obj, p)
+    return p
+
+
+def evil_torch_zip(prefix: str = "archive", payload: bytes | None = None,
+                   order: tuple[str, ...] = ("data.pkl", "version", "byteorder")) -> bytes:
+    """A zip laid out like torch.save's, with data.pkl replaced by ``payload``."""
+    buf = io.BytesIO()
+    members = {"data.pkl": payload if payload is not None else os_system_p2(),
+               "version": b"3\n", "byteorder": b"little"}
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for n in order:
+            z.writestr(f"{prefix}/{n}", members[n])
+    return buf.getvalue()
+
+
+def central_offset(data: bytes, name: bytes) -> int:
+    i = data.find(b"PK\x01\x02")
+    while i >= 0:
+        nlen = int.from_bytes(data[i + 28:i + 30], "little")
+        if data[i + 46:i + 46 + nlen] == name:
+            return i
+        i = data.find(b"PK\x01\x02", i + 4)
+    raise AssertionError(name)
+
+
+def local_offset(data: bytes, name: bytes) -> int:
+    c = central_offset(data, name)
+    return int.from_bytes(data[c + 42:c + 46], "little")
+
+
+# ---------------------------------------------------------------------------------------------
+# benign corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def test_torch_zip_state_dict_is_clean_and_lists_storages(tmp_path: Path) -> None:
+    sd = collections.OrderedDict(w=torch.ones(3, 4), b=torch.zeros(2, dtype=torch.float16),
+                                 n=torch.arange(5), q=torch.ones(2, dtype=torch.bfloat16))
+    p = torch_zip(tmp_path, sd, "weights.bin")
+    scan = scan_file(p)
+    assert scan.format == "torch-zip"
+    assert scan.torch_would_load == "weights/data.pkl"
+    assert scan.pickles == ("weights/data.pkl",)
+    assert_benign(scan)
+    got = {(s.dtype, s.numel, s.location) for s in scan.storages}
+    assert got == {("float32", 12, "cpu"), ("float16", 2, "cpu"), ("int64", 5, "cpu"),
+                   ("bfloat16", 2, "cpu")}
+    names = set(zipfile.ZipFile(p).namelist())
+    assert all(f"weights/data/{s.key}" in names for s in scan.storages)
+    assert scan.protocol_max == 2
+
+
+def test_new_dtype_storage_is_untyped_bytes(tmp_path: Path) -> None:
+    p = torch_zip(tmp_path, {"f8": torch.zeros(4, dtype=torch.float8_e4m3fn)})
+    scan = scan_file(p)
+    assert_benign(scan)
+    assert [(s.dtype, s.numel) for s in scan.storages] == [("uint8", 4)]
+
+
+def test_legacy_stacked_state_dict_is_clean(tmp_path: Path) -> None:
+    p = tmp_path / "old.pt"
+    torch.save({"w": torch.ones(3), "h": torch.ones(2, dtype=torch.float16)}, p,
+               _use_new_zipfile_serialization=False)
+    scan = scan_file(p)
+    assert scan.format == "torch-legacy"
+    assert scan.pickles == ("<legacy:0>", "<legacy:1>", "<legacy:2>", "<legacy:3>", "<legacy:4>")
+    assert scan.torch_would_load == "<legacy:3>"
+    assert_benign(scan)
+    assert {(s.dtype, s.numel) for s in scan.storages} == {("float32", 3), ("float16", 2)}
+    assert identify(p) == "torch-legacy"
+
+
+def test_optimizer_state_and_namespace_are_clean(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    ckpt = {"optimizer": opt.state_dict(), "args": argparse.Namespace(lr=1e-3, name="x"),
+            "model": model.state_dict(), "epoch": 3, "tags": {"a", "b"}}
+    scan = scan_file(torch_zip(tmp_path, ckpt))
+    assert_benign(scan)
+    assert "argparse.Namespace" in qualnames(scan.globals)
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_plain_pickles_of_allowlisted_types_are_clean(tmp_path: Path, protocol: int) -> None:
+    obj = {"od": collections.OrderedDict(a=1), "s": {1, 2}, "fs": frozenset([3]), "c": 1j,
+           "b": b"\x00\x01", "ba": bytearray(b"z"), "l": [1.5, None, True], "t": (1, "x")}
+    p = write(tmp_path, "x.pkl", pickle.dumps(obj, protocol=protocol))
+    scan = scan_file(p)
+    assert scan.format == "pickle"
+    assert scan.torch_would_load == "<raw>"
+    assert_benign(scan)
+    assert scan.protocol_max == protocol
+
+
+def test_numpy_numeric_npy_and_npz_are_clean(tmp_path: Path) -> None:
+    p = tmp_path / "a.npy"
+    np.save(p, np.arange(12.0).reshape(3, 4))
+    z = tmp_path / "b.npz"
+    np.savez_compressed(z, a=np.arange(3), b=np.ones((2, 2), dtype=np.float16))
+    for path, fmt in ((p, "numpy-npy"), (z, "numpy-npz")):
+        scan = scan_file(path)
+        assert scan.format == fmt
+        assert scan.findings == () and scan.pickles == ()
+
+
+def test_numpy_arrays_pickled_are_clean(tmp_path: Path) -> None:
+    obj = {"a": np.arange(4, dtype=np.int32), "s": np.float64(2.0), "d": np.dtype("<U3")}
+    for proto in (2, 4, 5):
+        assert_benign(scan_file(write(tmp_path, f"n{proto}.pkl", pickle.dumps(obj, protocol=proto))))
+
+
+def test_full_module_pickle_is_unknown_not_dangerous(tmp_path: Path) -> None:
+    scan = scan_file(torch_zip(tmp_path, torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())))
+    assert "torch.nn.modules.linear.Linear" in qualnames(scan.globals, "unknown")
+    assert {f.rule for f in scan.findings} == {"unknown-global"}
+    assert scan.max_severity == Severity.MEDIUM
+
+
+def test_torchscript_archive_is_identified(tmp_path: Path) -> None:
+    p = tmp_path / "ts.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(p))
+    assert identify(p) == "torchscript"
+    scan = scan_file(p)
+    assert scan.format == "torchscript"
+    assert any(name.endswith("constants.pkl") for name in scan.pickles)
+
+
+def test_safetensors_validated(tmp_path: Path) -> None:
+    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "__metadata__": {"format": "pt"}}
+    raw = json.dumps(header).encode()
+    good = struct.pack("<Q", len(raw)) + raw + b"\x00" * 8
+    p = write(tmp_path, "model.pt", good)  # the extension lies; content decides
+    assert identify(p) == "safetensors"
+    scan = scan_file(p)
+    assert scan.format == "safetensors" and scan.pickles == () and scan.findings == ()
+    header["w"]["data_offsets"] = [0, 12]
+    raw = json.dumps(header).encode()
+    bad = write(tmp_path, "bad.safetensors", struct.pack("<Q", len(raw)) + raw + b"\x00" * 8)
+    with pytest.raises(MalformedInput):
+        scan_file(bad)
+
+
+def test_unknown_content_is_a_format_not_an_error(tmp_path: Path) -> None:
+    for name, data in (("empty", b""), ("text.pt", b"hello world\n" * 10), ("zeros", bytes(4096))):
+        p = write(tmp_path, name, data)
+        assert identify(p) == "unknown"
+        assert scan_file(p).format == "unknown"
+
+
+def test_identify_ignores_extensions(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.arange(3))
+    os.replace(tmp_path / "a.npy", tmp_path / "a.safetensors")
+    assert identify(tmp_path / "a.safetensors") == "numpy-npy"
+    p = write(tmp_path, "weights.npz", pickle.dumps([1, 2], protocol=4))
+    assert identify(p) == "pickle"
+
+
+# ---------------------------------------------------------------------------------------------
+# classification
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module,name", [
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch", "FloatStorage"), ("torch", "bfloat16"),
+    ("collections", "OrderedDict"), ("numpy._core.multiarray", "_reconstruct"),
+    ("argparse", "Namespace"), ("_codecs", "encode"), ("torch.nn.parameter", "Parameter"),
+])
+def test_allowlist(module: str, name: str) -> None:
+    assert classify_global(module, name) == ("allowed", None)
+
+
+@pytest.mark.parametrize("module,name,category", [
+    ("posix", "system", "exec"), ("subprocess", "Popen", "exec"), ("builtins", "eval", "exec"),
+    ("builtins", "getattr", "exec"), ("builtins", "open", "file"), ("socket", "socket", "network"),
+    ("shutil", "rmtree", "file"), ("ctypes", "CDLL", "privilege"), ("marshal", "loads", "exec"),
+    ("types", "CodeType", "exec"), ("torch", "load", "exec"), ("torch.hub", "load", "exec"),
+    ("functools", "partial", "exec"), ("operator", "attrgetter", "exec"),
+    ("runpy", "run_path", "exec"), ("importlib", "import_module", "exec"),
+    ("numpy", "load", "exec"), ("torch.utils.cpp_extension", "load_inline", "exec"),
+])
+def test_dangerous_table(module: str, name: str, category: str) -> None:
+    assert classify_global(module, name) == ("dangerous", category)
+
+
+def test_unknown_is_the_default() -> None:
+    assert classify_global("mypackage.models", "Net") == ("unknown", None)
+    assert classify_global("torch.nn.modules.linear", "Linear") == ("unknown", None)
+    # an allowlisted name with an attribute chain is no longer allowlisted
+    assert classify_global("torch", "FloatStorage.mro")[0] == "unknown"
+
+
+def test_tables_are_immutable() -> None:
+    assert isinstance(_scan.ALLOWED_GLOBALS, frozenset)
+    assert isinstance(_scan.DANGEROUS_GLOBALS, tuple)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcode reader: techniques
+# ---------------------------------------------------------------------------------------------
+
+
+def test_protocol0_global_inst_obj() -> None:
+    # classic protocol-0 payloads (GLOBAL+REDUCE, INST, OBJ), as in fickling's and picklescan's
+    # test corpora
+    cases = {
+        "GLOBAL": b"cos\nsystem\n(S'true'\ntR.",
+        "INST": b"(S'true'\nios\nsystem\n.",
+        "OBJ": b"(cos\nsystem\nS'true'\no.",
+    }
+    for opcode, data in cases.items():
+        res = scan_pickle_bytes(data)
+        (g,) = res.globals
+        assert (g.module, g.name, g.classification, g.called) == ("os", "system", "dangerous", True)
+        assert g.opcode == ("INST" if opcode == "INST" else "GLOBAL")
+        assert res.protocol == (1 if opcode == "OBJ" else 0)  # OBJ came with protocol 1
+
+
+def test_stack_global_through_memo_and_decoys() -> None:
+    # picklescan issue #22 (imaginaryctf "Safe Pickle"): STACK_GLOBAL operands fetched from the
+    # memo instead of the strings pushed right before it
+    data = (b"\x80\x04" + su("os") + b"\x94" + su("system") + b"\x94"   # memo 0, 1
+            + su("builtins") + su("print") + b"00"                     # decoys, popped
+            + b"h\x00h\x01\x93" + su("true") + b"\x85R.")
+    res = scan_pickle_bytes(data)
+    assert [(g.module, g.name, g.opcode, g.called) for g in res.globals] == [
+        ("os", "system", "STACK_GLOBAL", True)]
+    # the same with PUT/GET (protocol 0 memo) and LONG_BINPUT / LONG_BINGET
+    data = (b"\x80\x04" + su("subprocess") + b"r\x07\x00\x00\x00" + b"0" + su("call")
+            + b"p99\n0" + b"j\x07\x00\x00\x00g99\n\x93" + su("true") + b"\x85R.")
+    assert qualnames(scan_pickle_bytes(data).globals, "dangerous") == {"subprocess.call"}
+
+
+def test_stack_global_with_computed_operands_is_evasion() -> None:
+    # module name computed at load time: _codecs.decode('bnQ=', 'base64')-style indirection
+    data = (b"\x80\x04" + su("_codecs") + su("decode") + b"\x93" + su("b3M=") + su("base64")
+            + b"\x86R" + su("system") + b"\x93" + su("true") + b"\x85R.")
+    res = scan_pickle_bytes(data)
+    assert any(f.rule == "unresolved-global" and f.severity == Severity.HIGH
+               and f.category == "evasion" for f in res.findings)
+    assert ("<unresolved>", "<unresolved>") in {(g.module, g.name) for g in res.globals}
+
+
+def test_stack_global_with_non_string_operands_is_malformed() -> None:
+    with pytest.raises(MalformedStream):
+        scan_pickle_bytes(b"\x80\x04K\x01K\x02\x93.")
+
+
+def test_dotted_names_and_submodules() -> None:
+    # modelscan issue #338: builtins-only attribute chains; JFrog CVE-2025-10157: dangerous
+    # submodules (asyncio.*) missed by module-name denylists; dotted qualnames resolved by
+    # pickle for protocol >= 4
+    cases = [
+        ("builtins", "print.__class__.__base__.__subclasses__"),
+        ("torch.serialization", "os.system"),
+        ("collections", "OrderedDict.__reduce_ex__"),
+        ("asyncio.unix_events", "_UnixSubprocessTransport"),
+        ("builtins", "getattr"),
+        ("posix", "system"),
+        ("torch.serialization", "pickle.loads"),
+    ]
+    for module, name in cases:
+        data = b"\x80\x04" + su(module) + su(name) + b"\x93" + b")R."
+        (g,) = scan_pickle_bytes(data).globals
+        assert (g.module, g.name, g.classification) == (module, name, "dangerous"), (module, name)
+
+
+def test_python2_names_are_mapped_like_pickle_does() -> None:
+    # protocol < 3: __builtin__ -> builtins (pickle's fix_imports)
+    (g,) = scan_pickle_bytes(b"\x80\x02c__builtin__\neval\n" + bu("1") + b"\x85R.").globals
+    assert (g.module, g.name, g.classification) == ("builtins", "eval", "dangerous")
+    (g,) = scan_pickle_bytes(b"\x80\x02c__builtin__\nset\n]\x85R.").globals
+    assert g.classification == "allowed"
+    # protocol 3+: no mapping, exactly like pickle
+    (g,) = scan_pickle_bytes(b"\x80\x03c__builtin__\nset\n]\x85R.").globals
+    assert (g.module, g.classification) == ("__builtin__", "unknown")
+
+
+def test_marshal_and_code_objects() -> None:
+    # code-object payloads (fickling's "code injection" examples): marshal.loads / CodeType
+    code = b"\x80\x04" + su("marshal") + su("loads") + b"\x93" + binbytes(b"\xe3" + bytes(20)) + b"\x85R."
+    assert qualnames(scan_pickle_bytes(code).globals, "dangerous") == {"marshal.loads"}
+    fn = (b"\x80\x04" + su("types") + su("FunctionType") + b"\x93" + su("types") + su("CodeType")
+          + b"\x93)R}\x86R.")
+    assert qualnames(scan_pickle_bytes(fn).globals, "dangerous") == {"types.FunctionType",
+                                                                     "types.CodeType"}
+
+
+def test_nested_pickle_bytes_constant() -> None:
+    inner = os_system_p4()
+    outer = b"\x80\x04" + su("pickle") + su("loads") + b"\x93" + binbytes(inner) + b"\x85R."
+    res = scan_pickle_bytes(outer, member="archive/data.pkl")
+    nested_member = f"archive/data.pkl#nested@{outer.index(inner)}"
+    assert res.pickles == ("archive/data.pkl", nested_member)
+    assert {(g.member, g.qualname) for g in res.globals} == {
+        ("archive/data.pkl", "pickle.loads"), (nested_member, "os.system")}
+    assert any(f.rule == "nested-pickle" and f.severity == Severity.HIGH for f in res.findings)
+
+
+def test_nested_pickle_via_codecs_encode_string() -> None:
+    # protocol-2 bytes are written as _codecs.encode(<latin-1 str>, 'latin1'): the nested pickle
+    # then arrives as a str constant
+    assert b"c_codecs\nencode\n" in pickle.dumps(b"placeholder", protocol=2)
+    payload = os_system_p2()
+    outer = b"\x80\x02ctorch.storage\n_load_from_bytes\n"
+    outer += b"c_codecs\nencode\n" + bu(payload.decode("latin-1")) + bu("latin1") + b"\x86R\x85R."
+    res = scan_pickle_bytes(outer)
+    assert "os.system" in qualnames(res.globals, "dangerous")
+    assert "torch.storage._load_from_bytes" in qualnames(res.globals, "dangerous")
+    assert any(g.member.startswith("<raw>#nested@") for g in res.globals)
+
+
+def test_random_bytes_constant_is_not_a_nested_pickle() -> None:
+    data = pickle.dumps({"blob": b"\x80\x02garbage that is not a pickle"}, protocol=4)
+    res = scan_pickle_bytes(data)
+    assert res.pickles == ("<raw>",) and res.findings == ()
+
+
+def test_frame_length_past_end_is_truncation() -> None:
+    body = os_system_p4()[2:]
+    data = b"\x80\x04\x95" + struct.pack("<Q", len(body) + 100) + body
+    with pytest.raises(MalformedStream) as err:
+        scan_pickle_bytes(data)
+    assert err.value.offset == 2  # the FRAME opcode
+
+
+def test_opcode_straddling_frame_is_reported_and_walked() -> None:
+    # Frames are only read-ahead hints for the C unpickler; a scanner that trusts frame
+    # boundaries (or stops at them) disagrees with it. Put the payload across a frame end.
+    body = os_system_p4()[2:]
+    data = b"\x80\x04\x95" + struct.pack("<Q", 3) + body
+    res = scan_pickle_bytes(data)
+    assert qualnames(res.globals, "dangerous") == {"os.system"}
+    assert [f.rule for f in res.findings if f.rule == "pickle-frame-mismatch"]
+
+
+def test_proper_frames_are_clean() -> None:
+    data = pickle.dumps({"k" * 10: list(range(20000))}, protocol=5)
+    assert b"\x95" in data[:3]
+    res = scan_pickle_bytes(data)
+    assert res.findings == () and res.end == len(data)
+
+
+def test_ext_codes_are_unresolved() -> None:
+    res = scan_pickle_bytes(b"\x80\x02\x82\x01)R.")
+    assert [f.rule for f in res.findings] == ["unresolved-global"]
+
+
+def test_parse_error_keeps_what_ran_before_it(tmp_path: Path) -> None:
+    # pickle executes every opcode before an invalid one: the payload must still be reported
+    data = os_system_p4()[:-1] + b"\xff"
+    with pytest.raises(MalformedStream) as err:
+        scan_pickle_bytes(data)
+    assert err.value.partial is not None
+    assert qualnames(err.value.partial.globals, "dangerous") == {"os.system"}
+    scan = scan_file(write(tmp_path, "bad.pkl", data))
+    assert {f.rule for f in scan.findings} == {"pickle-parse-error", "dangerous-global"}
+
+
+def test_truncated_pickle_raises_with_offset_and_partial(tmp_path: Path) -> None:
+    data = os_system_p2()
+    cut = data[:-3]
+    with pytest.raises(MalformedStream) as err:
+        scan_file(write(tmp_path, "cut.pkl", cut))
+    assert err.value.offset is not None and err.value.member == "<raw>"
+    assert err.value.partial is not None
+    assert qualnames(err.value.partial.globals, "dangerous") == {"os.system"}
+
+
+@pytest.mark.parametrize("claim", [
+    b"X\xff\xff\xff\xff", b"\x8d" + b"\xff" * 8, b"\x8e" + b"\xff" * 8, b"\x96" + b"\xff" * 8,
+    b"\x8b\xff\xff\xff\x7f", b"T\xff\xff\xff\x7f", b"\x95" + b"\xff" * 8,
+])
+def test_huge_length_claims_fail_fast(claim: bytes) -> None:
+    t = time.monotonic()
+    with pytest.raises(MalformedInput):
+        scan_pickle_bytes(b"\x80\x04" + claim + b"abc")
+    assert time.monotonic() - t < 1.0
+
+
+def test_mark_bomb_hits_depth_limit() -> None:
+    res = scan_pickle_bytes(b"\x80\x02" + b"(" * 5000 + b".", max_depth=1000)
+    assert [f.rule for f in res.findings] == ["scan-limit-exceeded"]
+
+
+def test_memo_bomb_hits_memo_limit() -> None:
+    res = scan_pickle_bytes(b"\x80\x04N" + b"\x94" * 5000 + b".", max_memo=100)
+    assert [(f.rule, f.category) for f in res.findings] == [("scan-limit-exceeded", "resource")]
+
+
+def test_op_limit_and_time_budget() -> None:
+    data = b"\x80\x04" + b"N0" * 200_000 + b"N."
+    assert [f.rule for f in scan_pickle_bytes(data, max_ops=1000).findings] == ["scan-limit-exceeded"]
+    assert [f.rule for f in scan_pickle_bytes(data, time_budget_s=0).findings] == ["scan-limit-exceeded"]
+
+
+def test_called_flag() -> None:
+    # a global that is only passed around is not "called"; REDUCE/BUILD/NEWOBJ make it so
+    res = scan_pickle_bytes(b"\x80\x02cos\nsystem\n\x85.")
+    assert [g.called for g in res.globals] == [False]
+    res = scan_pickle_bytes(b"\x80\x02cos\nenviron\n}b.")  # BUILD on a module attribute
+    assert [g.called for g in res.globals] == [True]
+    res = scan_pickle_bytes(b"\x80\x02cos\nsystem\n)\x81.")
+    assert [g.called for g in res.globals] == [True]
+
+
+def test_scanning_never_executes(tmp_path: Path) -> None:
+    marker = tmp_path / "created-by-payload"
+    data = (b"\x80\x04" + su("builtins") + su("open") + b"\x93" + su(str(marker)) + su("w")
+            + b"\x86R.")
+    data += b"\x80\x04" + su("zz_scan_never_imports_me") + su("f") + b"\x93)R."
+    p = write(tmp_path, "open.pkl", data)
+    scan = scan_file(p)
+    assert qualnames(scan.globals, "dangerous") == {"builtins.open"}
+    assert not marker.exists()
+    assert "zz_scan_never_imports_me.f" in qualnames(scan.globals, "unknown")
+    assert "zz_scan_never_imports_me" not in sys.modules
+
+
+def test_malformed_storage_record() -> None:
+    data = b"\x80\x02(X\x07\x00\x00\x00storageK\x01K\x02K\x03tQ."
+    res = scan_pickle_bytes(data)
+    assert [f.rule for f in res.findings] == ["malformed-storage-record"]
+    assert res.storages == ()
+
+
+def test_opcode_table_matches_pickletools() -> None:
+    assert _scan._OP_PROTO == {op.code.encode("latin-1")[0]: op.proto for op in pickletools.opcodes}
+
+
+def test_pickletools_agrees_on_the_stream_end() -> None:
+    obj = {"a": [1, 2, (3, "x")], "b": collections.OrderedDict(z=b"q"), "c": argparse.Namespace(k=1)}
+    for proto in range(6):
+        data = pickle.dumps(obj, protocol=proto) + b"trailing"
+        last = list(pickletools.genops(data))[-1]
+        assert scan_pickle_bytes(data).end == last[2] + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# zip containers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_any_prefix_data_pkl_not_first_and_several_pickles(tmp_path: Path) -> None:
+    data = evil_torch_zip("my-model", order=("version", "byteorder", "data.pkl"))
+    buf = io.BytesIO(data)
+    with zipfile.ZipFile(buf, "a") as z:
+        z.writestr("my-model/extra.pkl", pickle.dumps({"ok": 1}, protocol=2))
+    p = write(tmp_path, "x.bin", buf.getvalue())
+    scan = scan_file(p)
+    assert scan.format == "torch-zip"
+    assert scan.torch_would_load == "my-model/data.pkl"
+    assert set(scan.pickles) == {"my-model/data.pkl", "my-model/extra.pkl"}
+    assert {(g.member, g.qualname) for g in scan.globals if g.classification == "dangerous"} == {
+        ("my-model/data.pkl", "os.system")}
+    (f,) = by_rule(scan, "dangerous-global")
+    assert f.severity == Severity.CRITICAL and f.category == "exec"
+
+
+def test_torch_target_is_case_insensitive_like_miniz(tmp_path: Path) -> None:
+    data = evil_torch_zip("archive")
+    data = data.replace(b"archive/data.pkl", b"archive/DATA.PKL")
+    scan = scan_file(write(tmp_path, "c.pt", data))
+    assert scan.torch_would_load == "archive/DATA.PKL"
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+
+
+def test_pickle_in_member_with_unusual_name(tmp_path: Path) -> None:
+    # picklescan GHSA-769v-p64c-89pr: pickles hidden under non-.pkl names were not scanned
+    buf = io.BytesIO(evil_torch_zip(payload=pickle.dumps({}, protocol=2)))
+    with zipfile.ZipFile(buf, "a") as z:
+        z.writestr("archive/extra.bin", os_system_p4())
+    scan = scan_file(write(tmp_path, "h.pt", buf.getvalue()))
+    assert {(g.member, g.qualname) for g in scan.globals} == {("archive/extra.bin", "os.system")}
+
+
+def flip_flags(data: bytes, name: bytes, *, central: int = 0, local: int = 0) -> bytes:
+    out = bytearray(data)
+    c = central_offset(data, name)
+    lo = int.from_bytes(out[c + 42:c + 46], "little")
+    out[c + 8] ^= central & 0xFF
+    out[c + 9] ^= central >> 8
+    out[lo + 6] ^= local & 0xFF
+    out[lo + 7] ^= local >> 8
+    return bytes(out)
+
+
+@pytest.mark.parametrize("central,local", [(0, 0x0001), (0, 0x0040), (0x0001, 0), (0x2000, 0),
+                                           (0, 0x0800)])
+def test_zip_flag_bits(tmp_path: Path, central: int, local: int) -> None:
+    # picklescan GHSA-w8jq-xcqf-f792: flag-bit tricks that break a scanner's zip reader. torch's
+    # reader (miniz) ignores the local header's flags and refuses encrypted/patch bits in the
+    # central directory; the scanner reads the member whatever the bits say.
+    benign = flip_flags(torch_zip(tmp_path, {"w": torch.ones(2)}, "archive.pt").read_bytes(),
+                        b"archive/data.pkl", central=central, local=local)
+    if not central:  # torch loads it: a scanner that gives up here misses what torch runs
+        loaded = torch.load(io.BytesIO(benign), weights_only=True)  # benign fixture
+        assert torch.equal(loaded["w"], torch.ones(2))
+    p = write(tmp_path, "f.pt", flip_flags(evil_torch_zip(), b"archive/data.pkl",
+                                           central=central, local=local))
+    scan = scan_file(p)
+    (f,) = by_rule(scan, "zip-flag-bits")
+    assert (f.severity, f.category) == (Severity.HIGH, "evasion")
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+
+
+def test_zip_local_and_central_names_disagree(tmp_path: Path) -> None:
+    # picklescan GHSA-7q5r-7gvp-wc82 family: zip tricks that crash Python's zipfile but not
+    # torch's miniz reader, which trusts the central directory
+    data = bytearray(evil_torch_zip())
+    lo = local_offset(bytes(data), b"archive/data.pkl")
+    assert data[lo + 30:lo + 46] == b"archive/data.pkl"
+    data[lo + 30:lo + 46] = b"archive/data.pkx"
+    p = write(tmp_path, "n.pt", bytes(data))
+    with pytest.raises(zipfile.BadZipFile), zipfile.ZipFile(p) as z:
+        z.read("archive/data.pkl")
+    # torch's reader does not care (benign twin of the same trick)
+    twin = bytearray(torch_zip(tmp_path, {"w": torch.ones(2)}, "archive.pt").read_bytes())
+    lo = local_offset(bytes(twin), b"archive/data.pkl")
+    twin[lo + 30:lo + 46] = b"archive/data.pkx"
+    assert torch.equal(torch.load(io.BytesIO(bytes(twin)), weights_only=True)["w"], torch.ones(2))
+    scan = scan_file(p)
+    assert by_rule(scan, "zip-header-mismatch")
+    assert scan.torch_would_load == "archive/data.pkl"
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+
+
+def test_zip_bad_crc(tmp_path: Path) -> None:
+    # JFrog CVE-2025-10156: a bad CRC makes zipfile raise while torch loads the member
+    data = bytearray(evil_torch_zip())
+    c = central_offset(bytes(data), b"archive/data.pkl")
+    data[c + 16] ^= 0xFF
+    p = write(tmp_path, "crc.pt", bytes(data))
+    with pytest.raises(zipfile.BadZipFile), zipfile.ZipFile(p) as z:
+        z.read("archive/data.pkl")
+    twin = bytearray(torch_zip(tmp_path, {"w": torch.ones(2)}, "archive.pt").read_bytes())
+    twin[central_offset(bytes(twin), b"archive/data.pkl") + 16] ^= 0xFF
+    assert torch.equal(torch.load(io.BytesIO(bytes(twin)), weights_only=True)["w"], torch.ones(2))
+    scan = scan_file(p)
+    (f,) = by_rule(scan, "zip-bad-crc")
+    assert f.severity == Severity.HIGH
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+
+
+def test_zip_duplicate_names(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        with pytest.warns(UserWarning):
+            z.writestr("archive/data.pkl", os_system_p2())
+    scan = scan_file(write(tmp_path, "dup.pt", buf.getvalue()))
+    assert by_rule(scan, "zip-duplicate-name")
+    assert scan.pickles == ("archive/data.pkl", "archive/data.pkl")
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+
+
+def test_pickle_zip_polyglot(tmp_path: Path) -> None:
+    # zip readers find the archive from its end; torch.load reads a pickle at offset 0
+    benign_zip = (tmp_path / "b.pt")
+    torch.save({"w": torch.ones(2)}, benign_zip)
+    data = os_system_p2() + benign_zip.read_bytes()
+    p = write(tmp_path, "poly.pt", data)
+    assert zipfile.is_zipfile(p)
+    scan = scan_file(p)
+    assert scan.format == "pickle" and scan.torch_would_load == "<raw>"
+    assert by_rule(scan, "zip-polyglot")
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+    assert "zip:b/data.pkl" in scan.pickles
+
+
+def test_deflated_members_and_zip64_records(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/version", b"3\n")
+        with z.open("archive/data.pkl", "w", force_zip64=True) as fh:
+            fh.write(os_system_p2())
+    scan = scan_file(write(tmp_path, "d.pt", buf.getvalue()))
+    assert scan.torch_would_load == "archive/data.pkl"
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+    assert not by_rule(scan, "zip-bad-crc")
+
+
+def test_truncated_zip_is_malformed(tmp_path: Path) -> None:
+    data = torch_zip(tmp_path, {"w": torch.ones(100)}).read_bytes()
+    p = write(tmp_path, "cut.pt", data[: len(data) // 2])
+    with pytest.raises(MalformedInput):
+        scan_file(p)
+
+
+def test_zip_scan_reads_no_tensor_data(tmp_path: Path) -> None:
+    p = torch_zip(tmp_path, {"big": torch.zeros(64 * 1024 * 1024, dtype=torch.uint8)})
+    t = time.monotonic()
+    scan = scan_file(p)
+    assert time.monotonic() - t < 0.5
+    assert [(s.dtype, s.numel) for s in scan.storages] == [("uint8", 64 * 1024 * 1024)]
+
+
+def test_npz_scan_reads_headers_only(tmp_path: Path) -> None:
+    p = tmp_path / "big.npz"
+    np.savez(p, **{f"a{i}": np.zeros(8 * 1024 * 1024, dtype=np.uint8) for i in range(8)})
+    t = time.monotonic()
+    scan = scan_file(p)
+    assert time.monotonic() - t < 0.5
+    assert scan.format == "numpy-npz" and scan.findings == ()
+
+
+# ---------------------------------------------------------------------------------------------
+# legacy formats
+# ---------------------------------------------------------------------------------------------
+
+
+class _TensorRef:
+    """Stands in for a tensor in the legacy tar's ``pickle`` member."""
+
+
+class _LegacyPickler(pickle.Pickler):
+    def persistent_id(self, obj: object) -> str | None:
+        return "1" if isinstance(obj, _TensorRef) else None
+
+
+def legacy_tar() -> bytes:
+    """A checkpoint as torch < 0.1.10 wrote it: tar with sys_info, pickle, tensors, storages.
+
+    ``storages`` holds a count, then per storage a (key, location, storage type) pickle, an
+    int64 element count and the raw data, then the storage views; ``tensors`` a count, then
+    per tensor a (key, storage key, type) pickle and ndim/sizes/strides/offset; ``pickle`` the
+    object with persistent ids naming tensor keys (torch/serialization.py, legacy_load).
+    """
+    values = struct.pack("<3f", 1.0, 2.0, 3.0)
+    storages = (pickle.dumps(1, protocol=2)
+                + pickle.dumps((0, "cpu", torch.FloatStorage), protocol=2)
+                + struct.pack("<q", 3) + values + pickle.dumps([], protocol=2))
+    tensors = (pickle.dumps(1, protocol=2) + pickle.dumps((1, 0, None), protocol=2)
+               + struct.pack("<i", 1) + bytes(4) + struct.pack("<q", 3) + struct.pack("<q", 1)
+               + struct.pack("<q", 0))
+    obj = io.BytesIO()
+    _LegacyPickler(obj, protocol=2).dump({"w": _TensorRef()})
+    sys_info = pickle.dumps({"protocol_version": 1001, "little_endian": True}, protocol=2)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("sys_info", sys_info), ("pickle", obj.getvalue()),
+                           ("tensors", tensors), ("storages", storages)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_legacy_tar_fixture_loads_and_scans_clean(tmp_path: Path) -> None:
+    p = write(tmp_path, "ancient.pt", legacy_tar())
+    loaded = torch.load(p, weights_only=False)  # benign fixture built above
+    assert torch.equal(loaded["w"], torch.tensor([1.0, 2.0, 3.0]))
+    assert identify(p) == "torch-tar"
+    scan = scan_file(p)
+    assert scan.format == "torch-tar" and scan.torch_would_load == "tar:pickle"
+    assert_benign(scan)
+    assert [(s.key, s.dtype, s.numel, s.location) for s in scan.storages] == [
+        ("0", "float32", 3, "cpu")]
+    assert "tar:pickle" in scan.pickles and "tar:storages@0" in scan.pickles
+
+
+def test_other_tar_archives_are_unknown(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:") as tar:
+        info = tarfile.TarInfo("README")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    p = write(tmp_path, "x.tar", out.getvalue())
+    assert identify(p) == "unknown"
+    assert scan_file(p).format == "unknown"
+
+
+def test_legacy_tar_payload_in_storages(tmp_path: Path) -> None:
+    # the storages member is unpickled first; a scanner that only reads ``pickle`` misses it
+    evil_count = (b"\x80\x02cos\nsystem\n" + bu("true") + b"\x85R0K\x01.")
+    scan = scan_file(write(tmp_path, "evil.tar", _replace_storage_count(evil_count)))
+    assert scan.format == "torch-tar"
+    assert {(g.member, g.qualname) for g in scan.globals if g.classification == "dangerous"} == {
+        ("tar:storages@0", "os.system")}
+    assert [s.key for s in scan.storages] == ["0"]
+
+
+def _replace_storage_count(count_pickle: bytes) -> bytes:
+    """legacy_tar() with the storage-count pickle replaced by ``count_pickle``."""
+    src = tarfile.open(fileobj=io.BytesIO(legacy_tar()))
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:") as tar:
+        for info in src.getmembers():
+            data = src.extractfile(info).read()  # type: ignore[union-attr]
+            if info.name == "storages":
+                first = pickle.dumps(1, protocol=2)
+                assert data.startswith(first)
+                data = count_pickle + data[len(first):]
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def legacy_stacked(obj_pickle: bytes, magic: bytes | None = None) -> bytes:
+    magic = magic if magic is not None else pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+    return (magic + pickle.dumps(1001, protocol=2) + pickle.dumps({"little_endian": True}, protocol=2)
+            + obj_pickle + pickle.dumps(["0"], protocol=2) + b"raw storage bytes")
+
+
+def test_legacy_stacked_payload_in_object(tmp_path: Path) -> None:
+    scan = scan_file(write(tmp_path, "l.pt", legacy_stacked(os_system_p2())))
+    assert scan.format == "torch-legacy"
+    assert {(g.member, g.qualname) for g in scan.globals} == {("<legacy:3>", "os.system")}
+
+
+def test_legacy_payload_in_magic_slot_is_a_plain_pickle(tmp_path: Path) -> None:
+    scan = scan_file(write(tmp_path, "m.pt", legacy_stacked(pickle.dumps({}, 2), magic=os_system_p2())))
+    assert scan.format == "pickle" and scan.torch_would_load == "<raw>"
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+    assert by_rule(scan, "pickle-trailing-data")
+
+
+def test_truncated_legacy_file(tmp_path: Path) -> None:
+    data = legacy_stacked(os_system_p2())
+    cut = data[: data.index(b"system") + 12]
+    with pytest.raises(MalformedStream) as err:
+        scan_file(write(tmp_path, "t.pt", cut))
+    assert err.value.member == "<legacy:3>"
+    assert err.value.partial is not None
+    assert err.value.partial.format == "torch-legacy"
+    assert "os.system" in qualnames(err.value.partial.globals, "dangerous")
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy and joblib
+# ---------------------------------------------------------------------------------------------
+
+
+def npy_object(payload: bytes) -> bytes:
+    header = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    header = header + " " * (63 - (10 + len(header)) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + payload
+
+
+def test_numpy_object_array_payload(tmp_path: Path) -> None:
+    p = write(tmp_path, "a.npy", npy_object(os_system_p2()))
+    scan = scan_file(p)
+    assert scan.format == "numpy-npy"
+    assert by_rule(scan, "numpy-object-array")
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+    z = tmp_path / "a.npz"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", _npy_bytes(np.arange(2)))
+        zf.writestr("evil.npy", npy_object(os_system_p2()))
+    scan = scan_file(z)
+    assert scan.format == "numpy-npz"
+    start = len(npy_object(b""))
+    assert {(g.member, g.qualname) for g in scan.globals} == {(f"evil.npy#pickle@{start}", "os.system")}
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    np.save(b, arr)
+    return b.getvalue()
+
+
+class _Wrapper:
+    """Pickled under joblib's name for NumpyArrayWrapper (fixture only)."""
+
+    def __init__(self, arr: np.ndarray, aligned: bool) -> None:
+        self.subclass = np.ndarray
+        self.shape = arr.shape
+        self.order = "C"
+        self.dtype = arr.dtype
+        self.allow_mmap = True
+        if aligned:  # joblib >= 1.2; older files have no padding and no such attribute
+            self.numpy_array_alignment_bytes = 16
+
+
+class _JoblibLikePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
+    """Writes arrays the way joblib's NumpyPickler does: wrapper, then raw bytes inline."""
+
+    def save(self, obj: object, save_persistent_id: bool = True) -> None:
+        if type(obj) is np.ndarray:
+            super().save(_Wrapper(obj, self.aligned))
+            if self.proto >= 4:
+                self.framer.commit_frame(force=True)
+            fh = self._fh
+            if obj.dtype.hasobject:
+                pickle.dump(obj, fh, protocol=2)
+                return
+            if self.aligned:
+                pad = 16 - (fh.tell() + 1) % 16
+                fh.write(bytes([pad]) + b"\xff" * pad)
+            fh.write(obj.tobytes())
+            return
+        super().save(obj, save_persistent_id)
+
+
+def joblib_like(obj: object, protocol: int = 4, aligned: bool = True) -> bytes:
+    assert "joblib" not in sys.modules  # the fixture fakes the module names it pickles under
+    fake = types.ModuleType("joblib.numpy_pickle")
+    fake.NumpyArrayWrapper = _Wrapper  # type: ignore[attr-defined]
+    _Wrapper.__module__, _Wrapper.__qualname__ = "joblib.numpy_pickle", "NumpyArrayWrapper"
+    sys.modules["joblib"] = types.ModuleType("joblib")
+    sys.modules["joblib.numpy_pickle"] = fake
+    try:
+        fh = io.BytesIO()
+        p = _JoblibLikePickler(fh, protocol=protocol)
+        p._fh = fh
+        p.aligned = aligned
+        p.dump(obj)
+        return fh.getvalue()
+    finally:
+        del sys.modules["joblib.numpy_pickle"], sys.modules["joblib"]
+        _Wrapper.__module__, _Wrapper.__qualname__ = __name__, "_Wrapper"
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_joblib_arrays_are_skipped_and_payload_after_them_found(tmp_path: Path, protocol: int) -> None:
+    benign = joblib_like({"a": np.arange(100, dtype=np.float64), "b": np.ones((3, 3), np.int8)},
+                         protocol)
+    scan = scan_file(write(tmp_path, "m.joblib", benign))
+    assert scan.format == "joblib"
+    assert "joblib.numpy_pickle.NumpyArrayWrapper" in qualnames(scan.globals, "allowed")
+    assert not [f for f in scan.findings if f.severity >= Severity.MEDIUM]
+    evil = joblib_like([np.arange(100, dtype=np.float64), _Evil()], protocol)
+    scan = scan_file(write(tmp_path, "e.joblib", evil))
+    assert "posix.system" in qualnames(scan.globals, "dangerous")
+
+
+@pytest.mark.parametrize("kind", ["zlib", "gzip", "bz2", "xz", "lzma"])
+def test_compressed_joblib(tmp_path: Path, kind: str) -> None:
+    raw = joblib_like([np.arange(10), _Evil()], 4)
+    packed = {"zlib": zlib.compress, "gzip": gzip.compress, "bz2": bz2.compress,
+              "xz": lzma.compress,
+              "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE)}[kind](raw)
+    p = write(tmp_path, "c.pkl", packed)
+    assert identify(p) == "joblib"
+    scan = scan_file(p)
+    assert scan.format == "joblib" and scan.pickles[0] == f"<{kind}>"
+    assert "posix.system" in qualnames(scan.globals, "dangerous")
+
+
+def test_joblib_array_bytes_that_are_opcodes_for_plain_pickle(tmp_path: Path) -> None:
+    # joblib skips the array bytes; pickle.load (or torch.load) would run them as opcodes.
+    # Both readings are scanned.
+    # Old joblib (<= 1.1) writes the array bytes right after the wrapper's BUILD, unpadded.
+    hidden = b"cos\nsystem\n(S'true'\ntR."
+    data = joblib_like([np.frombuffer(hidden, dtype=np.uint8)], 2, aligned=False)
+    at = data.index(hidden)
+    assert data[at - 1:at] == b"b"  # BUILD, then the raw array bytes
+    scan = scan_file(write(tmp_path, "d.joblib", data))
+    assert scan.format == "joblib"
+    assert {(g.member, g.qualname) for g in scan.globals if g.classification == "dangerous"} == {
+        ("<raw>", "os.system")}
+    assert "<raw>#joblib" in scan.pickles
