@@ -26,6 +26,22 @@ STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
 OUTPUT_FILES = frozenset({TENSORS_FILE, MANIFEST_FILE, STATUS_FILE, EVENTS_FILE})
 
+# The canary home: a small tmpfs the supervisor fills with fake credentials for the loader.
+CANARY_HOME = "/home/sandbox"
+
+# Monitoring events (events.jsonl): one JSON object per line,
+#   {"id": int, "t": float, "source": str, "kind": str, "detail": {...}, "action": str}
+# written by the supervisor after every loader process is dead. Kernel events and the loader's
+# self-reported ones have separate budgets, so a flood of one cannot push out the other; the
+# exact number of every (source, kind, action) is in status.json under "monitor".
+EVENT_SOURCES = frozenset({"kernel", "self_reported", "supervisor"})
+EVENT_ACTIONS = frozenset({"denied", "allowed", "recorded"})
+MAX_KERNEL_EVENTS = 5000
+MAX_SELF_REPORTED_EVENTS = 1000
+MAX_EVENT_LINE = 16 * 1024
+MAX_EVENTS_BYTES = 16 * 1024 * 1024
+MAX_CANARIES = 32
+
 # Bounds the host applies when reading (the worker keeps within them too).
 MAX_JSON_BYTES = 64 * 1024 * 1024
 MAX_STATUS_BYTES = 1 * 1024 * 1024
