@@ -116,7 +116,10 @@ def _supervise(cfg: dict[str, Any]) -> dict[str, Any]:
         _reap_others(pid)
         if time.monotonic() - start > wall:
             timed_out = True
-            _kill_all()
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             _, wait_status = os.waitpid(pid, 0)
             break
         time.sleep(0.02)
