@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -40,9 +41,18 @@ def sandbox_ready() -> Iterator[str]:
 
     runner = DockerRunner()
     tag, _, _ = runner.build_image()
-    yield tag
     client = connect()
-    left = client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})
+    before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
+    yield tag
+    # Ours are removed in every case. (Another run on the same engine may hold some briefly:
+    # give those a moment, and ignore what existed before this session.)
+    deadline = time.monotonic() + 15
+    while True:
+        left = [c for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})
+                if c.id not in before]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert not left, f"containers left behind: {[c.name for c in left]}"
 
 
