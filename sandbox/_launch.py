@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     import docker
 
 LABEL = "org.model-sandbox"
+OWNER_LABEL = "org.model-sandbox.owner"  # "<host>:<pid>" of the process that created it
 _LOG_LIMIT = 64 * 1024
 MAX_OUTPUT_ENTRIES = 1000
 
@@ -155,6 +157,7 @@ class DockerRunner:
     def client(self) -> docker.DockerClient:
         if self._client is None:
             self._client = connect()
+            sweep_orphans(self._client)
         return self._client
 
     # -- images -------------------------------------------------------------------------------
@@ -223,8 +226,10 @@ class DockerRunner:
         import docker.errors
         import requests.exceptions
 
+        kwargs = spec.docker_kwargs()
+        kwargs["labels"] = {**kwargs["labels"], OWNER_LABEL: _owner()}
         try:
-            container = self.client.containers.create(**spec.docker_kwargs())
+            container = self.client.containers.create(**kwargs)
         except docker.errors.ImageNotFound:
             raise ImageMissing(f"the worker image {spec.image} is not built", tag=spec.image) from None
         except docker.errors.DockerException as exc:
@@ -321,6 +326,36 @@ def connect() -> docker.DockerClient:
     except docker.errors.DockerException as exc:
         raise EngineUnavailable(f"no Docker engine is reachable: {str(exc)[:300]}") from None
     return client
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def sweep_orphans(client: docker.DockerClient) -> int:
+    """Remove worker containers whose creating process on this host is gone (a CLI killed
+    with SIGKILL cannot remove its own). Returns how many were removed."""
+    host = socket.gethostname()
+    removed = 0
+    try:
+        containers = client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})
+    except Exception:  # noqa: S110 - sweeping is best effort; the run itself reports engine errors
+        return 0
+    for c in containers:
+        owner = (c.labels or {}).get(OWNER_LABEL, "")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its owner is alive and will remove it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        _remove(c)
+        removed += 1
+    return removed
 
 
 def cleanup_leftovers(client: docker.DockerClient | None = None) -> int:

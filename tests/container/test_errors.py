@@ -157,3 +157,65 @@ def test_cli_exit_codes_and_formats(tmp_path: Path) -> None:
 
     proc = run_cli("scan", str(tmp_path / "missing.pt"))
     assert proc.returncode == 2 and "input-not-found" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
+    import signal
+    import time
+
+    from sandbox._launch import LABEL, connect
+
+    client = connect()
+    before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
+    payload = ck.code_payload("import time\ntime.sleep(120)")
+    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "slow.pt")
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "scan", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        ours: list[str] = []
+        while not ours and time.monotonic() < deadline:
+            ours = [c.id for c in client.containers.list(filters={"label": f"{LABEL}=worker"})
+                    if c.id not in before]
+            time.sleep(0.2)
+        assert ours, "the sandbox container never started"
+        time.sleep(1.0)
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = [c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})
+            if c.id in ours]
+    assert not left, f"{sig} left the sandbox container behind"
+    assert proc.returncode != 0
+
+
+def test_sigkilled_cli_container_is_swept_by_the_next_run(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from sandbox._launch import LABEL, DockerRunner, connect
+
+    client = connect()
+    before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
+    payload = ck.code_payload("import time\ntime.sleep(120)")
+    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "slow.pt")
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "scan", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    ours: list[str] = []
+    while not ours and time.monotonic() < deadline:
+        ours = [c.id for c in client.containers.list(filters={"label": f"{LABEL}=worker"})
+                if c.id not in before]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert ours, "the sandbox container never started"
+    still = [c.id for c in client.containers.list(all=True) if c.id in ours]
+    assert still, "nothing to sweep: the container vanished by itself"
+    _ = DockerRunner().client  # a new run sweeps containers whose owner is dead
+    left = [c.id for c in client.containers.list(all=True) if c.id in ours]
+    assert not left
