@@ -37,7 +37,7 @@ def sandbox_ready() -> Iterator[str]:
         if IN_CI:
             pytest.fail(f"CI=true but no Docker engine is reachable: {problem}")
         pytest.skip(f"no Docker engine: {problem}")
-    from sandbox._launch import LABEL, DockerRunner, connect
+    from sandbox._launch import LABEL, OWNER_LABEL, DockerRunner, connect
 
     runner = DockerRunner()
     tag, _, _ = runner.build_image()
@@ -49,11 +49,27 @@ def sandbox_ready() -> Iterator[str]:
     deadline = time.monotonic() + 15
     while True:
         left = [c for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})
-                if c.id not in before]
+                if c.id not in before and _ours_or_orphaned(c.labels.get(OWNER_LABEL, ""))]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert not left, f"containers left behind: {[c.name for c in left]}"
+
+
+def _ours_or_orphaned(owner: str) -> bool:
+    """Created by this test process, or by a process that is gone (a CLI a test ran)."""
+    pid = owner.rpartition(":")[2]
+    if not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
