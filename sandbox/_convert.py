@@ -29,11 +29,14 @@ class Unrepresentable:
     ``type_name`` is the class the object claimed to be and ``path`` where it was; nothing of
     the object itself crossed the sandbox boundary."""
 
-    __slots__ = ("path", "type_name")
+    __slots__ = ("path", "state", "type_name")
 
-    def __init__(self, type_name: str, path: str) -> None:
+    def __init__(self, type_name: str, path: str, state: Any = None) -> None:
         self.type_name = type_name
         self.path = path
+        #: for a class the sandbox did not have: the data the object held (its constructor
+        #: arguments, ``__setstate__`` state, items), rebuilt like any other data
+        self.state = state
 
     def __repr__(self) -> str:
         return f"<Unrepresentable {self.type_name} at {self.path}>"
@@ -254,7 +257,8 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
         if not isinstance(type_name, str) or not isinstance(path, str):
             raise OutputRejected("skeleton: bad opaque node")
         opaque.append(type_name[:200])
-        return Unrepresentable(type_name[:200], path[:500])
+        state = build(node["state"], depth + 1) if "state" in node else None
+        return Unrepresentable(type_name[:200], path[:500], state)
 
     result = build(skeleton, 0)
     if weights_only and opaque:

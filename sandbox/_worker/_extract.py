@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import _protocol as P
+from ._ghosts import Ghost, ghost_parts
 
 _PRIMITIVE_TYPES = (bool, int, float, str)
 
@@ -171,7 +172,33 @@ class Extractor:
             self.notes.append(f"{where}: {_type_name(obj)} returned as its state_dict()")
             return {"$": "module", "type": _type_name(obj),
                     "state": self.walk(state, path, depth + 1)}
+        if isinstance(obj, Ghost):
+            return self._ghost(obj, path, where, depth)
         return self._opaque(obj, where, "not a data type the host can rebuild")
+
+    def _ghost(self, obj: Ghost, path: tuple[str, ...], where: str, depth: int) -> Any:
+        """An object of a class the sandbox does not have: keep what it holds, as data."""
+        tname = obj._ghost_type
+        parts = ghost_parts(obj)
+        state = parts.get("state")
+        if isinstance(state, dict) and "_parameters" in state and "_modules" in state:
+            self.notes.append(f"{where}: {tname} (not installed in the sandbox) returned as "
+                              "its state_dict")
+            return {"$": "module", "type": tname,
+                    "state": self.walk(_module_state(state), path, depth + 1)}
+        if set(parts) <= {"items", "state"} and "items" in parts and not state:
+            self.notes.append(f"{where}: {tname} (not installed in the sandbox) returned as dict")
+            return self._container(collections.OrderedDict(parts["items"]), path, where, depth) \
+                | {"kind": "dict"}
+        if set(parts) == {"list"}:
+            self.notes.append(f"{where}: {tname} (not installed in the sandbox) returned as list")
+            return self._container(parts["list"], path, where, depth)
+        node = self._opaque(obj, where, "class not installed in the sandbox")
+        node["type"] = tname
+        self.unrepresentable[-1]["type"] = tname
+        if parts:
+            node["state"] = self.walk(parts, path, depth + 1)
+        return node
 
     def _key(self, key: Any, path: tuple[str, ...], depth: int) -> Any:
         if isinstance(key, (torch.Tensor, np.ndarray)):
@@ -285,6 +312,33 @@ class Extractor:
                                 "stored_as": stored_as, "nbytes": raw.numel(), "sha256": digest,
                                 "location": location})
         return out
+
+
+def _module_state(attrs: dict[str, Any], prefix: str = "",
+                  out: collections.OrderedDict[str, Any] | None = None,
+                  depth: int = 0) -> collections.OrderedDict[str, Any]:
+    """What ``nn.Module.state_dict()`` would return, from the attributes of a module whose
+    class is missing: parameters and persistent buffers, recursively through submodules."""
+    out = collections.OrderedDict() if out is None else out
+    if depth > 100:
+        return out
+    skip = attrs.get("_non_persistent_buffers_set") or set()
+    for key in ("_parameters", "_buffers"):
+        table = attrs.get(key)
+        if isinstance(table, dict):
+            for name, value in table.items():
+                if value is not None and not (key == "_buffers" and name in skip):
+                    out[prefix + str(name)] = value.detach() if isinstance(value, torch.Tensor) \
+                        else value
+    modules = attrs.get("_modules")
+    if isinstance(modules, dict):
+        for name, sub in modules.items():
+            if isinstance(sub, torch.nn.Module):
+                for k, v in sub.state_dict().items():
+                    out[f"{prefix}{name}.{k}"] = v
+            elif isinstance(sub, Ghost) and isinstance(ghost_parts(sub).get("state"), dict):
+                _module_state(ghost_parts(sub)["state"], f"{prefix}{name}.", out, depth + 1)
+    return out
 
 
 def extract(obj: Any, locations: dict[int, str] | None = None) -> Extraction:

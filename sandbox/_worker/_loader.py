@@ -15,6 +15,7 @@ import tarfile
 import zipfile
 from typing import Any
 
+from . import _ghosts
 from . import _protocol as P
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -116,9 +117,9 @@ def load(path: str) -> tuple[Any, str, dict[int, str]]:
             return {k: npz[k] for k in npz.files}, fmt, locations
     if fmt == "pickle":
         with open(path, "rb") as f:
-            return pickle.load(f), fmt, locations
+            return _ghosts.Unpickler(f).load(), fmt, locations
     obj = torch.load(path, map_location=record_location, weights_only=False,
-                     mmap=(fmt == "torch-zip"))
+                     mmap=(fmt == "torch-zip"), pickle_module=_ghosts.pickle_module)
     return obj, fmt, locations
 
 

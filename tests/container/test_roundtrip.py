@@ -213,3 +213,39 @@ def test_patch_torch_routes_torch_load(tmp_path: Path) -> None:
         got = torch.load(path, map_location="cpu", weights_only=True)
     assert torch.load is original
     assert_same(got, ck.state_dict())
+
+
+def test_classes_missing_from_the_sandbox_still_yield_their_tensors(tmp_path: Path) -> None:
+    """A full-module pickle of a project's own class, and a dict subclass from a package the
+    sandbox lacks: torch.load would fail on the first missing global; we recover the data."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, types, collections, torch
+        mod = types.ModuleType("myproject.models"); sys.modules["myproject"] = types.ModuleType("myproject")
+        sys.modules["myproject.models"] = mod
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(3, 2)
+                self.register_buffer("scale", torch.full((2,), 0.5))
+        class AttributeDict(dict):
+            pass
+        Net.__module__ = AttributeDict.__module__ = "myproject.models"
+        mod.Net, mod.AttributeDict = Net, AttributeDict
+        torch.manual_seed(0)
+        net = Net()
+        hp = AttributeDict(lr=0.1, layers=[3, 2])
+        torch.save({{"model": net, "hparams": hp, "ref": net.state_dict()}}, {str(tmp_path / "missing.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    got = sandbox.safe_load(tmp_path / "missing.pt", weights_only=False)
+    assert list(got["model"]) == list(got["ref"]) == ["scale", "fc.weight", "fc.bias"]
+    for k in got["model"]:
+        assert torch.equal(got["model"][k], got["ref"][k])
+    assert got["hparams"] == {"lr": 0.1, "layers": [3, 2]}
+    report = sandbox.scan(tmp_path / "missing.pt")
+    assert report.verdict is sandbox.Verdict.CLEAN
+    assert any("myproject.models.Net" in n for n in report.notes)
