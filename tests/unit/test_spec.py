@@ -9,6 +9,7 @@ import pytest
 from sandbox import Policy
 from sandbox._launch import ContainerSpec, make_spec
 from sandbox._worker import _protocol as P
+from sandbox._worker import _seccomp
 from sandbox.policy import seccomp_profile
 
 
@@ -80,13 +81,18 @@ def test_seccomp_profile_is_ours_and_denies_by_default(spec: ContainerSpec) -> N
         assert rule.get("comment"), f"uncommented group {rule['names']}"
         if rule["action"] == "SCMP_ACT_ALLOW" and not rule.get("args"):
             allowed |= set(rule["names"])
-    for dangerous in ("mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "ptrace",
-                      "process_vm_readv", "process_vm_writev", "bpf", "perf_event_open",
-                      "keyctl", "add_key", "request_key", "kexec_load", "init_module",
-                      "finit_module", "delete_module", "reboot", "userfaultfd",
-                      "open_by_handle_at", "io_uring_setup", "setuid", "setgid", "setresuid",
-                      "mknod", "syslog", "clone"):
+    # never allowed at all
+    for dangerous in ("pivot_root", "chroot", "unshare", "setns", "perf_event_open",
+                      "kexec_load", "init_module", "finit_module", "delete_module", "reboot",
+                      "userfaultfd", "open_by_handle_at", "io_uring_setup", "mknod", "syslog",
+                      "clone", "swapon", "iopl", "ioperm"):
         assert dangerous not in allowed, dangerous
+    # allowed in the container only so that the loader's own filter reports them; the
+    # supervisor refuses them (its default answer is EPERM)
+    for watched in ("ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "bpf",
+                    "keyctl", "add_key", "request_key", "setuid", "setgid", "setresuid",
+                    "pidfd_open", "pidfd_getfd", "execve", "execveat", "connect", "sendto"):
+        assert watched in _seccomp.SYSCALLS, f"{watched} is allowed but not reported"
     clone = [r for r in profile["syscalls"] if "clone" in r["names"]]
     assert clone and all(r["args"][0]["op"] == "SCMP_CMP_MASKED_EQ" for r in clone
                          if r["action"] == "SCMP_ACT_ALLOW")
