@@ -28,6 +28,7 @@ from ._worker import _protocol as P
 from .errors import (
     HashMismatch,
     InputNotFound,
+    OutputRejected,
     SandboxError,
     SandboxViolation,
 )
@@ -87,12 +88,16 @@ def _mountable(path: str, work: str) -> str:
 
 
 def _judge(report: LoadReport) -> Verdict:
+    """High-severity evidence decides even when the load then failed: a payload that tried to
+    run a program and crashed the load is malicious, not merely an error."""
+    worst = report.max_severity
+    if worst is not None and worst >= Severity.HIGH:
+        return Verdict.MALICIOUS
     if report.error is not None:
         return Verdict.ERROR
-    worst = report.max_severity
     if worst is None or worst <= Severity.LOW:
         return Verdict.CLEAN
-    return Verdict.MALICIOUS if worst >= Severity.HIGH else Verdict.SUSPICIOUS
+    return Verdict.SUSPICIOUS
 
 
 @contextlib.contextmanager
@@ -129,7 +134,14 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             used, entries = _launch.dir_usage(out_dir)
             if used > spec.output_bytes or entries > _launch.MAX_OUTPUT_ENTRIES:
                 run.output_flood = True  # caught after the fact: the container is gone
-            output = _extract.read_outputs(out_dir, tensors_cap=spec.output_bytes)
+            rejected: SandboxError | None = None
+            try:
+                output = _extract.read_outputs(out_dir, tensors_cap=spec.output_bytes)
+            except OutputRejected as exc:  # keep the evidence: status and events still count
+                rejected = exc
+                output = _extract.WorkerOutput(out_dir=out_dir)
+                with contextlib.suppress(OutputRejected):
+                    output.status = _extract.read_status(out_dir)
             loaded.output = output
             outcome = _monitor.interpret(run, output.status, spec, os.fspath(path))
             report.findings += outcome.findings
@@ -149,6 +161,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                     evidence={"name": name}))
             if outcome.error is not None:
                 raise outcome.error
+            if rejected is not None:
+                raise rejected
             if output.manifest is None or (write_tensors and output.tensors_path is None):
                 from .errors import LoadFailed
                 raise LoadFailed("the loader reported success but left no manifest/tensors")

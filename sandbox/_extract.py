@@ -101,6 +101,14 @@ def read_outputs(out_dir: str, *, tensors_cap: int) -> WorkerOutput:
     return out
 
 
+def read_status(out_dir: str) -> dict[str, Any] | None:
+    """Only the supervisor's status (validated), or None when there is none."""
+    path = os.path.join(out_dir, P.STATUS_FILE)
+    if not os.path.lexists(path):
+        return None
+    return validate_status(_parse_json(_open_regular(path, P.MAX_STATUS_BYTES), P.STATUS_FILE))
+
+
 def _require(cond: bool, item: str, what: str) -> None:
     if not cond:
         raise OutputRejected(f"{item}: {what}", item=item)

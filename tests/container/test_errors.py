@@ -127,8 +127,15 @@ import os
 os.symlink("/etc/passwd", "/out/manifest.json")
 """
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "plant.pt")
-    with pytest.raises((sandbox.OutputRejected, sandbox.LoadFailed)):
+    with pytest.raises(sandbox.SandboxViolation) as info:
         sandbox.safe_load(path, weights_only=False)
+    report = info.value.report
+    # the worker's own write through the link was refused (or the host refused the planted
+    # file), and the kernel saw it being planted
+    assert report.error is not None
+    assert report.error["reference"] in ("output-rejected", "load-failed")
+    links = [e for e in report.events if e.source == "kernel" and e.kind == "symlink"]
+    assert links and links[0].detail["target"] == "/etc/passwd"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
