@@ -11,6 +11,7 @@ and returns the report; :func:`patch_torch` routes every ``torch.load`` through
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from . import _convert, _events, _extract, _image, _launch, _monitor, _verify
+from . import _convert, _events, _extract, _image, _launch, _monitor, _scan, _verify
 from ._worker import _protocol as P
 from .errors import (
     HashMismatch,
@@ -31,6 +32,7 @@ from .errors import (
     OutputRejected,
     SandboxError,
     SandboxViolation,
+    UnsupportedFormat,
 )
 from .policy import Policy
 from .report import Finding, LoadReport, Severity, Verdict
@@ -50,6 +52,7 @@ class _Loaded:
     report: LoadReport
     output: _extract.WorkerOutput | None
     error: SandboxError | None
+    stopped_early: bool = False
 
 
 def _hash_file(path: str) -> tuple[str, int]:
@@ -100,9 +103,75 @@ def _judge(report: LoadReport) -> Verdict:
     return Verdict.SUSPICIOUS
 
 
+def _static_stage(path: str, report: LoadReport, policy: Policy) -> _scan.StaticScan | None:
+    """Stage 1: read every pickle without running it. Its findings join the report (marked
+    ``source: static``); a file it cannot parse is left to the real loader to judge."""
+    st: _scan.StaticScan | None
+    try:
+        st = _scan.scan_file(path)
+    except _scan.MalformedStream as exc:
+        report.notes.append(f"static scan stopped: {exc.message}")
+        st = exc.partial
+    except SandboxError as exc:
+        report.notes.append(f"static scan failed: {exc.message}")
+        return None
+    if st is None:
+        return None
+    if st.format in ("torchscript", "safetensors"):
+        what = {"torchscript": "a TorchScript archive (it needs torch.jit.load, which this tool "
+                               "does not run)",
+                "safetensors": "already SafeTensors: open it with the safetensors library"}
+        raise UnsupportedFormat(f"{report.input_path} is {what[st.format]}", path=path,
+                                detected=st.format)
+    unknown = Severity.parse(policy.static.unknown_globals)
+    for f in st.findings:
+        severity = unknown if f.rule == "unknown-global" else f.severity
+        report.add(dataclasses.replace(f, severity=severity,
+                                       evidence={**f.evidence, "source": "static"}))
+    dangerous = sorted({f"{g.module}.{g.name}" for g in st.globals if g.classification == "dangerous"})
+    unknown_names = sorted({f"{g.module}.{g.name}" for g in st.globals if g.classification == "unknown"})
+    report.static = {"format": st.format, "pickles": list(st.pickles)[:50],
+                     "globals": len(st.globals), "dangerous": dangerous[:50],
+                     "unknown": unknown_names[:50], "storages": len(st.storages),
+                     "torch_would_load": st.torch_would_load}
+    report.format = st.format
+    return st
+
+
+_DYNAMIC_CATEGORIES = ("exec", "network", "credential", "privilege")
+
+
+def _differential(report: LoadReport, st: _scan.StaticScan | None) -> None:
+    """Where the static view and the observed behaviour disagree, the disagreement is itself
+    evidence of an attempt to fool scanners."""
+    if st is None:
+        return
+    static_saw = any(f.severity >= Severity.CRITICAL and f.evidence.get("source") == "static"
+                     for f in report.findings)
+    acted = [f for f in report.findings if f.evidence.get("source") != "static"
+             and f.category in _DYNAMIC_CATEGORIES and f.severity >= Severity.HIGH]
+    if acted and not static_saw:
+        report.add(Finding(
+            rule="static-dynamic-mismatch", severity=Severity.HIGH, category="evasion",
+            message="the static scan saw no dangerous global, yet the load acted: the file is "
+                    "built to evade pickle scanners",
+            evidence={"static_globals": len(st.globals), "observed": acted[0].message}))
+    loaded_as = report.format
+    if st.format in _COMPARABLE_FORMATS + ("unknown",) and loaded_as in _COMPARABLE_FORMATS and \
+            st.format != loaded_as:
+        report.add(Finding(
+            rule="format-differential", severity=Severity.HIGH, category="evasion",
+            message="the file reads as one format to a scanner and loads as another",
+            evidence={"static": st.format, "loaded_as": loaded_as}))
+
+
+_COMPARABLE_FORMATS = ("torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy", "numpy-npz")
+
+
 @contextlib.contextmanager
 def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.Runner | None,
-               write_tensors: bool, expected_sha256: str | None) -> Iterator[_Loaded]:
+               write_tensors: bool, expected_sha256: str | None,
+               stop_early: bool = False, dynamic: bool = True) -> Iterator[_Loaded]:
     """Run one load in a fresh container; yields the report and the validated outputs.
     The output directory is deleted when the block ends."""
     start = time.monotonic()
@@ -121,6 +190,12 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                     f"{os.fspath(path)!r} has sha256 {report.input_sha256}, not the pinned "
                     f"{expected_sha256.lower()}", path=path, expected=expected_sha256.lower(),
                     actual=report.input_sha256)
+            st = _static_stage(real, report, policy)
+            if not dynamic or (stop_early and _static_stops(report, policy)):
+                loaded.stopped_early = dynamic
+                if dynamic:
+                    report.notes.append("refused on the static scan: the sandbox did not run")
+                raise _StaticOnly
             runner = runner or _launch.DockerRunner()
             image = runner.ensure_image()
             report.tool["image"] = image
@@ -167,6 +242,9 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                 from .errors import LoadFailed
                 raise LoadFailed("the loader reported success but left no manifest/tensors")
             _summarise(report, output.manifest)
+            _differential(report, st)
+        except _StaticOnly:
+            pass
         except SandboxError as exc:
             loaded.error = exc
             report.error = {"reference": exc.reference, "message": exc.message}
@@ -178,6 +256,17 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+class _StaticOnly(Exception):
+    """Internal: the pipeline ends after the static stage."""
+
+
+def _static_stops(report: LoadReport, policy: Policy) -> bool:
+    if policy.static.stop_before_sandbox == "never":
+        return False
+    return _judge(report).rank >= Verdict(policy.static.stop_before_sandbox).rank and \
+        _judge(report) is not Verdict.ERROR
 
 
 def _summarise(report: LoadReport, manifest: dict[str, Any]) -> None:
@@ -192,13 +281,15 @@ def _summarise(report: LoadReport, manifest: dict[str, Any]) -> None:
 
 
 def _refuse(report: LoadReport, policy: Policy) -> bool:
+    if policy.fail_on == "never":
+        return False
     threshold = Verdict(policy.fail_on)
     return report.verdict is not Verdict.ERROR and report.verdict.rank >= threshold.rank
 
 
 def _raise_if_unsafe(loaded: _Loaded, policy: Policy) -> None:
     report = loaded.report
-    if _refuse(report, policy):
+    if _refuse(report, policy) or loaded.stopped_early:
         top = max(report.findings, key=lambda f: f.severity)
         raise SandboxViolation(
             f"{report.input_path} is {report.verdict.value}: {top.message}", report=report)
@@ -252,7 +343,8 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
     _convert.check_map_location(map_location)
     wo = True if weights_only is None else bool(weights_only)
     with _as_path(f) as path, _sandboxed(path, policy=policy, runner=runner, write_tensors=True,
-                                         expected_sha256=expected_sha256) as loaded:
+                                         expected_sha256=expected_sha256,
+                                         stop_early=True) as loaded:
         _raise_if_unsafe(loaded, policy)
         assert loaded.output is not None and loaded.output.manifest is not None
         assert loaded.output.tensors_path is not None
@@ -275,7 +367,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
     policy = policy or Policy.default()
     dst_path = Path(dst) if dst is not None else Path(src).with_suffix(".safetensors")
     with _sandboxed(src, policy=policy, runner=runner, write_tensors=True,
-                    expected_sha256=expected_sha256) as loaded:
+                    expected_sha256=expected_sha256, stop_early=True) as loaded:
         report = loaded.report
         try:
             _raise_if_unsafe(loaded, policy)
@@ -367,13 +459,12 @@ def _fsync_dir(path: Path) -> None:
 
 def scan(path: str | os.PathLike[str], *, dynamic: bool = True, policy: Policy | None = None,
          expected_sha256: str | None = None, runner: _launch.Runner | None = None) -> LoadReport:
-    """Load ``path`` in the sandbox without keeping its weights and return the report.
+    """Scan ``path`` statically, then load it in the sandbox without keeping its weights, and
+    return the report. ``dynamic=False`` stops after the static scan (no Docker needed).
     Never raises for a bad or hostile file: the report's verdict and error say what happened."""
-    if not dynamic:
-        raise NotImplementedError("static-only scanning is not available yet")
     policy = policy or Policy.default()
     with _sandboxed(path, policy=policy, runner=runner, write_tensors=False,
-                    expected_sha256=expected_sha256) as loaded:
+                    expected_sha256=expected_sha256, dynamic=dynamic) as loaded:
         return loaded.report
 
 

@@ -92,7 +92,8 @@ class UnsupportedFormat(InputError):
         "TorchScript archives need torch.jit.load, which this tool does not run"
     )
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, detected: str = "unknown"):
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 detected: str = "unknown"):
         super().__init__(message, path=path)
         self.detected = detected
 
@@ -101,7 +102,8 @@ class MalformedInput(InputError):
     reference = "malformed-input"
     hint = "the file is truncated or corrupt; re-download it and compare its sha256"
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, offset: int | None = None):
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 offset: int | None = None):
         super().__init__(message, path=path)
         self.offset = offset
 

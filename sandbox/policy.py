@@ -4,7 +4,8 @@ A policy file is TOML and starts with ``name`` and ``description``::
 
     name = "default"
     description = "..."
-    fail_on = "malicious"            # safe_load/convert refuse at or above this verdict
+    fail_on = "malicious"            # safe_load/convert refuse at or above this verdict;
+                                     # "never" returns the (validated) data of any file
 
     [limits]
     wall_clock_s = 300
@@ -14,6 +15,10 @@ A policy file is TOML and starts with ``name`` and ``description``::
     tmp_mb = 256
     output_mb = 65536                # ceiling; the real cap also scales with the input
     output_ratio = 4.0
+
+    [static]
+    unknown_globals = "info"         # severity of a pickle global outside the allowlist
+    stop_before_sandbox = "malicious"  # safe_load/convert refuse before running at this verdict
 
 Unknown keys are errors (a typo must not silently weaken a limit). Every problem in a file is
 reported at once, with its key, by :class:`~sandbox.errors.PolicyError`.
@@ -25,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,9 +38,9 @@ from typing import Any
 
 from .errors import PolicyError
 
-__all__ = ["Limits", "Policy"]
+__all__ = ["Limits", "Policy", "StaticRules"]
 
-_VERDICTS = ("suspicious", "malicious")
+_VERDICTS = ("suspicious", "malicious", "never")
 _BOUNDS: dict[str, tuple[float, float]] = {
     "wall_clock_s": (1.0, 86400.0), "memory_mb": (256, 1 << 20), "pids": (8, 65536),
     "cpus": (0.1, 1024.0), "tmp_mb": (1, 1 << 20), "output_mb": (1, 1 << 24),
@@ -60,11 +66,30 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class StaticRules:
+    """How the static pre-scan's findings count.
+
+    ``unknown_globals``: the severity of a pickle global outside the allowlist (full-module
+    pickles name their own classes, so ``info`` under the default policy, ``medium`` under
+    ``strict``). ``stop_before_sandbox``: ``safe_load``/``convert`` refuse without running the
+    sandbox when the static verdict reaches this (``never``: always run it; ``scan`` always
+    runs it, to collect behaviour evidence)."""
+
+    unknown_globals: str = "info"
+    stop_before_sandbox: str = "malicious"
+
+
+_STATIC_CHOICES = {"unknown_globals": ("info", "low", "medium", "high", "critical"),
+                   "stop_before_sandbox": ("suspicious", "malicious", "never")}
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str
     description: str
     fail_on: str = "malicious"
     limits: Limits = field(default_factory=Limits)
+    static: StaticRules = field(default_factory=StaticRules)
 
     # -- named constructors -------------------------------------------------------------------
     @classmethod
@@ -108,7 +133,7 @@ class Policy:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> Policy:
         problems: list[str] = []
-        known = {"name", "description", "fail_on", "limits"}
+        known = {"name", "description", "fail_on", "limits", "static"}
         problems += [f"unknown key {k!r}" for k in data if k not in known]
         for key in ("name", "description"):
             if not isinstance(data.get(key), str) or not data.get(key, "").strip():
@@ -137,11 +162,28 @@ class Policy:
                 problems.append(f"'limits.{key}' = {value} is outside [{lo}, {hi}]")
                 continue
             limits_kwargs[key] = want(value)
+        raw_static = data.get("static", {})
+        static_kwargs: dict[str, str] = {}
+        if not isinstance(raw_static, dict):
+            problems.append("'static' must be a table")
+            raw_static = {}
+        for key, value in raw_static.items():
+            choices = _STATIC_CHOICES.get(key)
+            if choices is None:
+                problems.append(f"unknown key 'static.{key}'")
+            elif value not in choices:
+                problems.append(f"'static.{key}' must be one of {list(choices)}, not {value!r}")
+            else:
+                static_kwargs[key] = value
         if problems:
             raise PolicyError(f"{source}: invalid policy: " + "; ".join(problems),
                               source=source, problems=problems)
+        if fail_on == "never":
+            warnings.warn(f"policy {data['name']!r} (fail_on = \"never\") hands back the data of "
+                          "files judged malicious; isolation is unchanged, but use it for "
+                          "research, not in production", UserWarning, stacklevel=3)
         return cls(name=data["name"], description=data["description"], fail_on=fail_on,
-                   limits=Limits(**limits_kwargs))
+                   limits=Limits(**limits_kwargs), static=StaticRules(**static_kwargs))
 
     # -- identity -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

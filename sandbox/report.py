@@ -98,6 +98,7 @@ class LoadReport:
     resources: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error: dict[str, str] | None = None
+    static: dict[str, Any] = field(default_factory=dict)
     tool: dict[str, str] = field(default_factory=dict)
     policy: dict[str, str] = field(default_factory=dict)
     duration_s: float | None = None

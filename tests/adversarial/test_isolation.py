@@ -22,16 +22,22 @@ from tests import checkpoints as ck
 from tests.conftest import Listener
 
 
-def load_in_sandbox(path: Path) -> Any:
-    """The payload value as the sandbox saw it, and the report. Hostile files may be judged
-    unsafe (once monitoring exists) - then the report is the answer."""
+def load_in_sandbox(path: Path) -> tuple[Any, sandbox.LoadReport]:
+    """What the payload left in the loaded structure (the sandbox always runs, and hands back
+    the validated data even of a hostile file), and the report of a second, scanning load."""
     try:
-        obj = sandbox.safe_load(path, weights_only=False)
-    except (sandbox.SandboxViolation, sandbox.LoadFailed) as exc:
+        obj = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy())
+        value = obj.get("payload") if isinstance(obj, dict) else None
+    except sandbox.LoadFailed as exc:  # the payload broke the load: an answer too
         assert exc.report is not None
-        return None, exc.report
+        value = None
     report = sandbox.scan(path)
-    return obj.get("payload") if isinstance(obj, dict) else None, report
+    assert "wall_s" in report.resources, "the sandbox did not run the load"
+    return value, report
+
+
+def kernel_events(report: sandbox.LoadReport, kind: str) -> list[sandbox.Event]:
+    return [e for e in report.events if e.source == "kernel" and e.kind == kind]
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "pickle"])
@@ -44,9 +50,12 @@ def test_command_execution_never_reaches_the_host(tmp_path: Path, fmt: str) -> N
     assert marker.exists(), "the payload is not live"
     marker.unlink()
 
-    value, _ = load_in_sandbox(path)
+    value, report = load_in_sandbox(path)
     assert not marker.exists()
     assert value != 0  # no shell in the image, and exec is refused: os.system failed
+    # ...and the kernel saw the attempt, with the command line
+    assert any(str(marker) in " ".join(e.detail.get("argv", [])) and e.action == "denied"
+               for e in kernel_events(report, "execve"))
 
 
 def test_python_level_file_creation_never_reaches_the_host(tmp_path: Path) -> None:
@@ -57,8 +66,10 @@ def test_python_level_file_creation_never_reaches_the_host(tmp_path: Path) -> No
     assert marker.read_text() == "pwned"
     marker.unlink()
 
-    load_in_sandbox(path)
+    _, report = load_in_sandbox(path)
     assert not marker.exists()
+    # the payload ran, and found no such place: the host's directories are not there
+    assert report.error is not None and "No such file or directory" in report.error["message"]
 
 
 def test_connection_to_a_host_listener_gets_nothing(tmp_path: Path, listener: Listener) -> None:
@@ -81,10 +92,12 @@ except OSError as exc:
     listener.received.clear()
     listener.connections = 0
 
-    value, _ = load_in_sandbox(path)
+    value, report = load_in_sandbox(path)
     time.sleep(0.5)
     assert listener.connections == 0 and not listener.received
-    assert value is None or value.startswith("failed")
+    assert value.startswith("failed")
+    assert any(e.detail.get("port") == listener.port and e.action == "denied"
+               for e in kernel_events(report, "connect"))
 
 
 def test_host_secret_file_is_not_readable(tmp_path: Path) -> None:
@@ -101,7 +114,7 @@ except OSError as exc:
     assert token in ck.prove_live(path), "the payload is not live"
 
     value, report = load_in_sandbox(path)
-    assert value is None or value.startswith("absent")
+    assert value.startswith("absent")
     assert token not in report.to_json()
 
 
@@ -114,12 +127,12 @@ def test_host_environment_is_not_visible(tmp_path: Path, monkeypatch: pytest.Mon
 
     value, report = load_in_sandbox(path)
     assert token not in repr(value) and token not in report.to_json()
-    if value is not None:
-        env = dict(value)
-        # nothing of the host's, nor what the engine injects (PATH, HOSTNAME, HOME)
-        assert not set(env) & {"PATH", "HOSTNAME", "MODEL_SANDBOX_TEST_SECRET"}
-        assert env.get("HOME", "/home/sandbox") == "/home/sandbox"
-        assert not set(env) & set(os.environ) - {"HOME"} - CANARY_NAMES
+    env = dict(value)
+    # nothing of the host's, nor what the engine injects (PATH, HOSTNAME, HOME)
+    assert not set(env) & {"PATH", "HOSTNAME", "MODEL_SANDBOX_TEST_SECRET"}
+    assert env["HOME"] == "/home/sandbox"
+    # what the loader does see is the canaries: fake credentials whose use is evidence
+    assert set(env) - {"HOME"} <= CANARY_NAMES
 
 
 CANARY_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "OPENAI_API_KEY",
@@ -148,7 +161,7 @@ for t in {targets!r}:
 
     value, _ = load_in_sandbox(path)
     assert not marker.exists()
-    assert value in ([], None), f"writes that succeeded in the sandbox: {value}"
+    assert value == [], f"writes that succeeded in the sandbox: {value}"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # input untouched
 
 
@@ -165,4 +178,4 @@ except OSError as exc:
 """
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "tmpexec.pt")
     value, _ = load_in_sandbox(path)
-    assert value is None or value.startswith("refused")
+    assert value.startswith("refused")

@@ -17,8 +17,8 @@ from tests import checkpoints as ck
 
 
 def policy(**limits: float) -> sandbox.Policy:
-    return sandbox.Policy.from_dict({"name": "test", "description": "tight limits for tests",
-                                     "limits": limits})
+    """Tight limits; the sandbox always runs, and the limit's error is what comes back."""
+    return ck.observe_policy(**limits)
 
 
 def test_truncated_zip_is_malformed(tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ os.symlink("/etc/passwd", "/out/manifest.json")
 """
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "plant.pt")
     with pytest.raises(sandbox.SandboxViolation) as info:
-        sandbox.safe_load(path, weights_only=False)
+        sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy("malicious"))
     report = info.value.report
     # the worker's own write through the link was refused (or the host refused the planted
     # file), and the kernel saw it being planted

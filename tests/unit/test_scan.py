@@ -410,7 +410,9 @@ def test_nested_pickle_via_codecs_encode_string() -> None:
     outer += b"c_codecs\nencode\n" + bu(payload.decode("latin-1")) + bu("latin1") + b"\x86R\x85R."
     res = scan_pickle_bytes(outer)
     assert "os.system" in qualnames(res.globals, "dangerous")
-    assert "torch.storage._load_from_bytes" in qualnames(res.globals, "dangerous")
+    # the loader itself is not condemned (plain pickle.dump of any tensor goes through it),
+    # but what it would load is walked and judged
+    assert "torch.storage._load_from_bytes" in qualnames(res.globals, "unknown")
     assert any(g.member.startswith("<raw>#nested@") for g in res.globals)
 
 
