@@ -1,0 +1,1126 @@
+"""Stage 6 helper, host: rebuild a plain state_dict's tensors from the file's own records.
+
+The sandbox *loads* a checkpoint and returns tensors; a pickle can change weights while it is
+being loaded (Sleepy Pickle: ``torch.add(stored, delta)``, an in-place ``fill_``, a sign bit
+set through tensor metadata). When the file is a plain state_dict (a possibly nested dict of
+tensors and literals that imports nothing but the tensor rebuild functions), the tensors it
+describes can be computed without unpickling anything: every tensor is a
+``_rebuild_tensor_v2``/``_v3``/``_rebuild_parameter`` call whose arguments are literals and a
+``persistent_load`` storage record, and the storage bytes lie in the archive. This module does
+that computation and compares the result with what the sandbox returned.
+
+* :func:`try_reconstruct` returns a :class:`Reconstruction` (every tensor's name, dtype,
+  shape, stride, storage offset and sha256 of its row-major bytes) or a
+  :class:`NotReconstructed` with the reason no comparison is possible (a global that is not a
+  rebuild function, an opcode a plain ``torch.save`` never writes, a container trick the static
+  scan flagged, ...). :func:`reconstruct` is the same with ``None`` for the second case.
+* :func:`compare` returns ``weights-tampered`` / ``weights-mismatch`` findings.
+
+Formats: torch zip (``<prefix>/data/<key>`` records, ``<prefix>/byteorder`` honoured), legacy
+stacked pickles (raw storages after the storage-keys list: an int64 little-endian element
+count, then the bytes, in list order) and the legacy tar format (``storages``, ``tensors`` and
+``pickle`` members).
+
+How it reads. The file is memory-mapped; the zip directory and tar headers are parsed by
+:mod:`sandbox._scan` (whose :func:`~sandbox._scan.scan_file` runs first and must report an
+allowlist-only file without evasion findings). Pickle streams are evaluated by a small opcode
+interpreter here that implements the binary opcodes of protocols 2-5 with the C unpickler's
+stack, mark and memo rules, resolves only the globals listed in ``_CALLABLES``/storage and
+dtype names, and stops (``NotReconstructed``) at anything else. Storage bytes are taken only
+from inside the record that holds them (every offset and length is checked against the record
+and the file); a view that needs bytes the record does not hold is a finding
+(``storage-too-short``), never a read past the record. Tensors are named the way the worker's
+extractor names them (``sandbox/_worker/_extract.py``: dict keys joined with ``.``, list
+indices as numbers, ``#n`` suffixes for clashes), so names can be compared one to one.
+
+torch and numpy are imported only inside the functions that build tensors.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import _scan
+from ._worker import _protocol as P
+from .errors import MalformedInput
+from .report import Finding, Severity
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "NotReconstructed",
+    "Reconstruction",
+    "StaticTensor",
+    "compare",
+    "reconstruct",
+    "try_reconstruct",
+]
+
+_MAX_OPS = 50_000_000
+_MAX_MEMO = 5_000_000
+_TIME_BUDGET_S = 300.0
+_MAX_EVIDENCE = 20  # tensors named in one finding
+
+_REBUILDERS = frozenset({
+    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter",
+})
+_DTYPE_ALIASES = {
+    "float": "float32", "double": "float64", "half": "float16", "short": "int16",
+    "int": "int32", "long": "int64", "cfloat": "complex64", "cdouble": "complex128",
+    "chalf": "complex32",
+}
+_LEGACY_PROTOCOL_VERSION = 1001
+
+
+# --------------------------------------------------------------------------------------------
+# Public data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StaticTensor:
+    """One tensor as the file's records describe it.
+
+    ``dtype`` is the torch dtype name (``float32``); ``storage_offset`` and ``stride`` count
+    elements, as torch does (the offset is relative to the storage the pickle names, which in
+    a legacy file may itself be a view starting inside root storage ``storage_key``).
+    ``sha256`` is the digest of the tensor's bytes in row-major order (what
+    ``sandbox._convert.tensor_digest`` computes for a loaded tensor); ``data`` holds those
+    bytes when :func:`try_reconstruct` was asked to keep them, else ``None``.
+    ``metadata`` is the ``conj``/``neg`` bits the pickle set on the tensor (already applied to
+    ``sha256`` and ``data``, as ``torch.load`` applies them).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_key: str
+    storage_offset: int
+    sha256: str
+    data: bytes | None = None
+    metadata: tuple[tuple[str, bool], ...] = ()
+
+    def to_torch(self) -> torch.Tensor:
+        """The tensor as a fresh contiguous torch tensor (needs ``data``)."""
+        import torch
+
+        if self.data is None:
+            raise ValueError(f"{self.name}: reconstructed without keep_data=True")
+        dtype = getattr(torch, self.dtype)
+        if not self.data:
+            return torch.empty(self.shape, dtype=dtype)
+        return torch.frombuffer(bytearray(self.data), dtype=torch.uint8).view(dtype).reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The tensors a plain state_dict file describes, rebuilt from its raw records.
+
+    ``tensors`` maps worker-style names to :class:`StaticTensor`. ``unreadable`` names tensors
+    whose view needs bytes the file does not hold (each has a finding in ``findings``); they
+    are left out of :func:`compare`. ``findings`` are observations made while rebuilding
+    (storage records shorter or longer than their claim, tensors whose sign/conjugate bit the
+    pickle sets); they are not repeated by :func:`compare`.
+    """
+
+    format: str
+    tensors: Mapping[str, StaticTensor]
+    unreadable: frozenset[str] = frozenset()
+    findings: tuple[Finding, ...] = ()
+
+
+@dataclass(frozen=True)
+class NotReconstructed:
+    """Why the file's tensors cannot be rebuilt statically (so no comparison is possible)."""
+
+    reason: str
+    format: str | None = None
+
+    def finding(self) -> Finding:
+        """An INFO finding for the report: the weight-tamper check did not run, and why."""
+        return Finding(
+            rule="weights-not-compared", severity=Severity.INFO, category="integrity",
+            message=("the weights the loader returned were not compared with the file's records: "
+                     + self.reason),
+            evidence={"reason": self.reason, "format": self.format})
+
+
+class _Unsupported(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Symbolic values of the interpreter
+# --------------------------------------------------------------------------------------------
+
+
+class _Global:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _StorageType:
+    __slots__ = ("dtype", "name")
+
+    def __init__(self, name: str, dtype: str) -> None:
+        self.name = name
+        self.dtype = dtype
+
+
+class _Dtype:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Storage:
+    """A storage: ``nbytes`` bytes at ``offset`` inside root storage ``root``."""
+
+    __slots__ = ("dtype", "nbytes", "offset", "root")
+
+    def __init__(self, root: str, dtype: str, offset: int, nbytes: int) -> None:
+        self.root = root
+        self.dtype = dtype
+        self.offset = offset
+        self.nbytes = nbytes
+
+
+class _Tensor:
+    __slots__ = ("dtype", "metadata", "offset", "parameter", "shape", "storage", "stride")
+
+    def __init__(self, storage: _Storage, dtype: str, offset: int, shape: tuple[int, ...],
+                 stride: tuple[int, ...], metadata: tuple[tuple[str, bool], ...] = (),
+                 parameter: bool = False) -> None:
+        self.storage = storage
+        self.dtype = dtype
+        self.offset = offset
+        self.shape = shape
+        self.stride = stride
+        self.metadata = metadata
+        self.parameter = parameter
+
+
+_Persistent = Callable[[object], object]
+
+
+def _element_size(dtype: str) -> int:
+    entry = P.TORCH_DTYPES.get(dtype)
+    if entry is None:
+        raise _Unsupported(f"dtype {dtype} is not one the sandbox hands back")
+    return entry[1]
+
+
+def _storage_type(name: str) -> _StorageType | None:
+    """torch's unpickler maps any global whose name contains ``Storage`` to a storage type."""
+    base = name.rsplit(".", 1)[-1]
+    entry = _scan._STORAGE_TYPES.get(base)
+    if entry is None:
+        return None
+    return _StorageType(base, entry[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The opcode interpreter (binary opcodes of protocols 2-5; no code is ever run)
+# --------------------------------------------------------------------------------------------
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.ops = 0
+        self.deadline = time.monotonic() + _TIME_BUDGET_S
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_tuple(v: object, what: str) -> tuple[int, ...]:
+    if not isinstance(v, (tuple, list)) or not all(_is_int(x) for x in v):
+        raise _Unsupported(f"tensor {what} is not a sequence of integers")
+    if len(v) > P.MAX_NDIM:
+        raise _Unsupported(f"tensor has more than {P.MAX_NDIM} dimensions")
+    return tuple(int(x) for x in v)
+
+
+def _check_hooks(v: object) -> None:
+    if not isinstance(v, dict) or v:
+        raise _Unsupported("tensor backward_hooks is not an empty OrderedDict")
+
+
+def _metadata(v: object) -> tuple[tuple[str, bool], ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, dict) or not all(k in ("conj", "neg") and isinstance(b, bool)
+                                          for k, b in v.items()):
+        raise _Unsupported("tensor metadata other than the conj/neg bits")
+    return tuple(sorted((str(k), bool(b)) for k, b in v.items() if b))
+
+
+def _make_tensor(storage: object, offset: object, size: object, stride: object, dtype: str | None,
+                 metadata: object) -> _Tensor:
+    if not isinstance(storage, _Storage):
+        raise _Unsupported("a tensor is rebuilt from something other than a storage record")
+    if not _is_int(offset) or not isinstance(offset, int) or offset < 0:
+        raise _Unsupported("tensor storage offset is not a non-negative integer")
+    shape = _int_tuple(size, "size")
+    strides = _int_tuple(stride, "stride")
+    if len(shape) != len(strides) or any(d < 0 for d in shape) or any(s < 0 for s in strides):
+        raise _Unsupported("tensor size and stride do not describe a strided view")
+    dt = storage.dtype if dtype is None else dtype
+    _element_size(dt)
+    return _Tensor(storage, dt, offset, shape, strides, _metadata(metadata))
+
+
+def _call(func: object, args: object) -> object:
+    """REDUCE: the few callables a plain state_dict uses, evaluated symbolically."""
+    if not isinstance(func, _Global):
+        raise _Unsupported("REDUCE of something that is not an allowlisted global")
+    if not isinstance(args, tuple):
+        raise _Unsupported("REDUCE arguments are not a tuple")
+    name, n = func.name, len(args)
+    if name == "collections.OrderedDict":
+        if n:
+            raise _Unsupported("OrderedDict built from arguments")
+        return collections.OrderedDict()
+    if name == "_codecs.encode":
+        if n == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+            try:
+                return args[0].encode("latin-1")
+            except UnicodeEncodeError:
+                raise _Unsupported("bytes literal does not encode") from None
+        raise _Unsupported("_codecs.encode with arguments other than (str, 'latin1')")
+    if name == "torch._utils._rebuild_tensor":
+        if n != 4:
+            raise _Unsupported(f"{name} with {n} arguments")
+        return _make_tensor(args[0], args[1], args[2], args[3], None, None)
+    if name == "torch._utils._rebuild_tensor_v2":
+        if n not in (6, 7):
+            raise _Unsupported(f"{name} with {n} arguments")
+        if not isinstance(args[4], bool):
+            raise _Unsupported("requires_grad is not a bool")
+        _check_hooks(args[5])
+        return _make_tensor(args[0], args[1], args[2], args[3], None, args[6] if n == 7 else None)
+    if name == "torch._utils._rebuild_tensor_v3":
+        if n not in (7, 8):
+            raise _Unsupported(f"{name} with {n} arguments")
+        if not isinstance(args[4], bool):
+            raise _Unsupported("requires_grad is not a bool")
+        _check_hooks(args[5])
+        if not isinstance(args[6], _Dtype):
+            raise _Unsupported("_rebuild_tensor_v3 without a dtype")
+        return _make_tensor(args[0], args[1], args[2], args[3], args[6].name,
+                            args[7] if n == 8 else None)
+    if name == "torch._utils._rebuild_parameter":
+        if n != 3 or not isinstance(args[0], _Tensor) or not isinstance(args[1], bool):
+            raise _Unsupported("_rebuild_parameter with unexpected arguments")
+        _check_hooks(args[2])
+        t = args[0]
+        return _Tensor(t.storage, t.dtype, t.offset, t.shape, t.stride, t.metadata, parameter=True)
+    raise _Unsupported(f"the pickle calls {name}, which is not a tensor rebuild function")
+
+
+def _resolve_global(module: str, name: str, proto: int) -> object:
+    module, name = _scan._resolve_name(module, name, proto)
+    if module == "torch.tensor":  # torch's load_module_mapping
+        module = "torch._tensor"
+    if "Storage" in name:
+        st = _storage_type(name)
+        if st is not None and st.name != "UntypedStorage":
+            return st
+        if f"{module}.{name}" in ("torch.UntypedStorage", "torch.storage.UntypedStorage"):
+            return _StorageType("UntypedStorage", "uint8")
+    full = f"{module}.{name}"
+    if full in _REBUILDERS or full in ("collections.OrderedDict", "_codecs.encode"):
+        return _Global(full)
+    if module == "torch":
+        dtype = _DTYPE_ALIASES.get(name, name)
+        if dtype in P.TORCH_DTYPES:
+            return _Dtype(dtype)
+    raise _Unsupported(f"the pickle imports {full}, which a plain state_dict does not need")
+
+
+def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | None,
+              budget: _Budget) -> tuple[object, int]:
+    """Evaluate one pickle stream in ``buf[start:end]``; returns (value, offset after STOP).
+
+    Raises ``_Unsupported`` for anything a plain ``torch.save`` of a state_dict does not write
+    and for every error the real unpickler would raise.
+    """
+    stack: list[object] = []
+    marks: list[int] = []
+    memo: dict[int, object] = {}
+    proto = 0
+    pos = start
+
+    def need(n: int) -> int:
+        nonlocal pos
+        if n < 0 or pos + n > end:
+            raise _Unsupported("pickle data is truncated")
+        at = pos
+        pos += n
+        return at
+
+    def uint(n: int) -> int:
+        at = need(n)
+        return int.from_bytes(buf[at:at + n], "little")
+
+    def fence() -> int:
+        return marks[-1] if marks else 0
+
+    def pop() -> object:
+        if len(stack) <= fence():
+            raise _Unsupported("unpickling stack underflow")
+        return stack.pop()
+
+    def top() -> object:
+        if len(stack) <= fence():
+            raise _Unsupported("unpickling stack underflow")
+        return stack[-1]
+
+    def pop_mark() -> list[object]:
+        if not marks:
+            raise _Unsupported("pickle has no MARK where one is needed")
+        k = marks.pop()
+        items = stack[k:]
+        del stack[k:]
+        return items
+
+    def text(raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise _Unsupported("invalid UTF-8 in a pickle string") from None
+
+    def put(idx: int) -> None:
+        if idx not in memo and len(memo) >= _MAX_MEMO:
+            raise _Unsupported(f"more than {_MAX_MEMO} memo entries")
+        memo[idx] = top()
+
+    def setitems(target: object, items: list[object]) -> None:
+        if not isinstance(target, dict):
+            raise _Unsupported("SETITEM(S) on something that is not a dict")
+        try:
+            for i in range(0, len(items), 2):
+                key = items[i]
+                if not _plain_key(key):
+                    raise _Unsupported("a dict key is not a str/int/float/bool/None/bytes/tuple")
+                target[key] = items[i + 1]
+        except TypeError:
+            raise _Unsupported("unhashable dict key") from None
+
+    while True:
+        if pos >= end:
+            raise _Unsupported("pickle data ended before its STOP opcode")
+        budget.ops += 1
+        if budget.ops > _MAX_OPS:
+            raise _Unsupported(f"more than {_MAX_OPS} pickle opcodes")
+        if not budget.ops & 0xFFFF and time.monotonic() > budget.deadline:
+            raise _Unsupported("time budget exhausted")
+        op = buf[pos]
+        pos += 1
+        if op == 0x80:  # PROTO
+            proto = uint(1)
+            if proto > 5:
+                raise _Unsupported(f"pickle protocol {proto}")
+        elif op == 0x95:  # FRAME
+            uint(8)
+        elif op == 0x2E:  # STOP
+            return pop(), pos
+        elif op == 0x28:  # MARK
+            marks.append(len(stack))
+        elif op == 0x7D:  # EMPTY_DICT
+            stack.append({})
+        elif op == 0x5D:  # EMPTY_LIST
+            stack.append([])
+        elif op == 0x29:  # EMPTY_TUPLE
+            stack.append(())
+        elif op == 0x74:  # TUPLE
+            stack.append(tuple(pop_mark()))
+        elif op in (0x85, 0x86, 0x87):  # TUPLE1/2/3
+            n = op - 0x84
+            if len(stack) - fence() < n:
+                raise _Unsupported("unpickling stack underflow")
+            items = stack[len(stack) - n:]
+            del stack[len(stack) - n:]
+            stack.append(tuple(items))
+        elif op == 0x6C:  # LIST
+            stack.append(pop_mark())
+        elif op == 0x64:  # DICT
+            items = pop_mark()
+            if len(items) % 2:
+                raise _Unsupported("odd number of items for DICT")
+            d: dict[object, object] = {}
+            setitems(d, items)
+            stack.append(d)
+        elif op == 0x73:  # SETITEM
+            value = pop()
+            key = pop()
+            setitems(top(), [key, value])
+        elif op == 0x75:  # SETITEMS
+            items = pop_mark()
+            if len(items) % 2:
+                raise _Unsupported("odd number of items for SETITEMS")
+            setitems(top(), items)
+        elif op == 0x61:  # APPEND
+            value = pop()
+            target = top()
+            if not isinstance(target, list):
+                raise _Unsupported("APPEND to something that is not a list")
+            target.append(value)
+        elif op == 0x65:  # APPENDS
+            items = pop_mark()
+            target = top()
+            if not isinstance(target, list):
+                raise _Unsupported("APPENDS to something that is not a list")
+            target.extend(items)
+        elif op == 0x71:  # BINPUT
+            put(uint(1))
+        elif op == 0x72:  # LONG_BINPUT
+            put(uint(4))
+        elif op == 0x94:  # MEMOIZE
+            put(len(memo))
+        elif op in (0x68, 0x6A):  # BINGET / LONG_BINGET
+            idx = uint(1 if op == 0x68 else 4)
+            if idx not in memo:
+                raise _Unsupported(f"memo value not found at index {idx}")
+            stack.append(memo[idx])
+        elif op == 0x4B:  # BININT1
+            stack.append(uint(1))
+        elif op == 0x4D:  # BININT2
+            stack.append(uint(2))
+        elif op == 0x4A:  # BININT
+            at = need(4)
+            stack.append(int.from_bytes(buf[at:at + 4], "little", signed=True))
+        elif op in (0x8A, 0x8B):  # LONG1 / LONG4
+            if op == 0x8A:
+                n = uint(1)
+            else:
+                at = need(4)
+                n = int.from_bytes(buf[at:at + 4], "little", signed=True)
+            if n > 64:
+                raise _Unsupported("integer literal longer than 64 bytes")
+            at = need(n)
+            stack.append(int.from_bytes(buf[at:at + n], "little", signed=True))
+        elif op == 0x47:  # BINFLOAT
+            at = need(8)
+            stack.append(struct.unpack(">d", buf[at:at + 8])[0])
+        elif op == 0x4E:  # NONE
+            stack.append(None)
+        elif op == 0x88:  # NEWTRUE
+            stack.append(True)
+        elif op == 0x89:  # NEWFALSE
+            stack.append(False)
+        elif op in (0x58, 0x8C, 0x8D):  # BINUNICODE / SHORT_BINUNICODE / BINUNICODE8
+            n = uint(4 if op == 0x58 else (1 if op == 0x8C else 8))
+            at = need(n)
+            stack.append(text(bytes(buf[at:at + n])))
+        elif op in (0x42, 0x43, 0x8E):  # BINBYTES / SHORT_BINBYTES / BINBYTES8
+            n = uint(4 if op == 0x42 else (1 if op == 0x43 else 8))
+            at = need(n)
+            stack.append(bytes(buf[at:at + n]))
+        elif op == 0x63:  # GLOBAL
+            nl1 = buf.find(b"\n", pos, end)
+            nl2 = buf.find(b"\n", nl1 + 1, end) if nl1 >= 0 else -1
+            if nl2 < 0:
+                raise _Unsupported("GLOBAL argument without newline")
+            module, name = text(bytes(buf[pos:nl1])), text(bytes(buf[nl1 + 1:nl2]))
+            pos = nl2 + 1
+            stack.append(_resolve_global(module, name, proto))
+        elif op == 0x93:  # STACK_GLOBAL
+            name_v = pop()
+            module_v = pop()
+            if not isinstance(module_v, str) or not isinstance(name_v, str):
+                raise _Unsupported("STACK_GLOBAL operands are not strings")
+            stack.append(_resolve_global(module_v, name_v, proto))
+        elif op == 0x52:  # REDUCE
+            args = pop()
+            func = pop()
+            stack.append(_call(func, args))
+        elif op == 0x62:  # BUILD
+            state = pop()
+            inst = top()
+            if not isinstance(inst, collections.OrderedDict) or not _attr_state(state):
+                raise _Unsupported("BUILD (setstate) on something other than an OrderedDict's "
+                                   "attributes")
+        elif op == 0x51:  # BINPERSID
+            pid = pop()
+            if persistent is None:
+                raise _Unsupported("a persistent id where torch has no persistent_load")
+            stack.append(persistent(pid))
+        elif op == 0x30:  # POP
+            if marks and marks[-1] == len(stack):
+                marks.pop()
+            else:
+                pop()
+        elif op == 0x31:  # POP_MARK
+            pop_mark()
+        elif op == 0x32:  # DUP
+            stack.append(top())
+        else:
+            raise _Unsupported(f"pickle opcode 0x{op:02x} is not one torch.save writes for a "
+                               "state_dict")
+
+
+def _plain_key(key: object) -> bool:
+    if key is None or isinstance(key, (str, int, float, bytes)):
+        return True
+    return isinstance(key, tuple) and all(_plain_key(k) for k in key)
+
+
+def _attr_state(state: object) -> bool:
+    """A BUILD state that only sets instance attributes (``state_dict._metadata``)."""
+    if isinstance(state, tuple) and len(state) == 2:
+        return all(s is None or isinstance(s, dict) for s in state)
+    return state is None or isinstance(state, dict)
+
+
+def _decode_ascii(v: object) -> object:
+    return v.decode("ascii", "replace") if isinstance(v, bytes) else v
+
+
+# --------------------------------------------------------------------------------------------
+# Naming, as the worker's extractor does it
+# --------------------------------------------------------------------------------------------
+
+
+class _Namer:
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.by_id: dict[int, str] = {}
+        self.order: list[tuple[str, _Tensor]] = []
+        self.nodes = 0
+        self.active: set[int] = set()
+
+    def name(self, path: tuple[str, ...]) -> str:
+        base = ".".join(path) if path else "tensor"
+        base = "".join(ch if ch.isprintable() else "?" for ch in base)
+        if len(base) > P.MAX_NAME_LEN - 20:
+            try:
+                digest = hashlib.sha256(base.encode()).hexdigest()[:16]
+            except UnicodeEncodeError:
+                raise _Unsupported("a tensor path holds a lone surrogate") from None
+            base = base[: P.MAX_NAME_LEN - 40] + "~" + digest
+        name, n = base, 1
+        while name in self.names or name == "__metadata__":
+            name = f"{base}#{n}"
+            n += 1
+        self.names.add(name)
+        return name
+
+    @staticmethod
+    def component(key: object) -> str:
+        if isinstance(key, str):
+            return key
+        if isinstance(key, (bool, int)) or key is None:
+            return str(key)
+        return repr(key)[:80]
+
+    def walk(self, obj: object, path: tuple[str, ...] = (), depth: int = 0) -> None:
+        self.nodes += 1
+        if self.nodes > P.MAX_SKELETON_NODES:
+            raise _Unsupported(f"more than {P.MAX_SKELETON_NODES} values")
+        if depth > P.MAX_SKELETON_DEPTH:
+            return  # the worker makes it opaque: no tensors from here
+        if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+            return
+        if isinstance(obj, _Tensor):
+            if id(obj) not in self.by_id:
+                name = self.name(path)
+                self.by_id[id(obj)] = name
+                self.order.append((name, obj))
+            return
+        if not isinstance(obj, (dict, list, tuple)):
+            return  # a storage, dtype or class as a value: no tensor, opaque or a leaf
+        if id(obj) in self.active:
+            return  # a reference cycle: opaque in the worker
+        self.active.add(id(obj))
+        try:
+            if isinstance(obj, dict):
+                for key, value in obj.items():
+                    comp = self.component(key)
+                    self.walk(key, path + (comp, "<key>"), depth + 1)
+                    self.walk(value, path + (comp,), depth + 1)
+            else:
+                for i, value in enumerate(obj):
+                    self.walk(value, path + (str(i),), depth + 1)
+        finally:
+            self.active.discard(id(obj))
+
+
+# --------------------------------------------------------------------------------------------
+# Formats: where each root storage's bytes are
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layout:
+    """What a format's loader produced: the object, and where each root storage's bytes are."""
+
+    value: object
+    # root storage -> (file offset of its bytes, bytes the file holds for it, bytes claimed)
+    regions: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    swap: bool = False
+    findings: list[Finding] = field(default_factory=list)
+
+
+def _storage_claims(claims: dict[object, _Storage], key: object, stype: object, numel: object,
+                    *, legacy: bool = False) -> _Storage:
+    """persistent_load's cache: the first record of a key fixes its dtype and size."""
+    try:
+        cached = claims.get(key)
+    except TypeError:
+        raise _Unsupported("unhashable storage key") from None
+    if cached is not None:
+        return cached
+    if not isinstance(stype, _StorageType):
+        raise _Unsupported("storage record without a storage type")
+    if not _is_int(numel) or not isinstance(numel, int) or numel < 0:
+        raise _Unsupported("storage record with an invalid element count")
+    if not isinstance(key, (str, int)) or isinstance(key, bool):
+        raise _Unsupported("storage key is not a string or an integer")
+    if legacy and stype.name == "UntypedStorage":
+        raise _Unsupported("a legacy file names an UntypedStorage; torch's legacy loader fails on it")
+    storage = _Storage(str(key), stype.dtype, 0, numel * _element_size(stype.dtype))
+    claims[key] = storage
+    return storage
+
+
+def _zip_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
+    z = _scan._find_zip(buf)
+    if z is None or z.shift:
+        raise _Unsupported("the zip directory cannot be located unambiguously")
+    target, matches, prefix = _scan._torch_target(z.entries)
+    if target is None or prefix is None or len(matches) != 1:
+        raise _Unsupported("no single <prefix>/data.pkl")
+    by_name: dict[bytes, list[_scan._ZipEntry]] = {}
+    for e in z.entries:
+        by_name.setdefault(e.name.lower(), []).append(e)
+
+    def record(name: str) -> _scan._ZipEntry | None:
+        found = by_name.get((prefix + b"/" + name.encode()).lower(), [])
+        if len(found) > 1:
+            raise _Unsupported(f"more than one zip member is named {name}")
+        return found[0] if found else None
+
+    def stored(e: _scan._ZipEntry) -> tuple[int, int]:
+        if e.method != 0:
+            raise _Unsupported(f"zip member {e.text} is compressed (method {e.method}); torch's "
+                               "mmap reader would use its compressed bytes")
+        return e.data_start, e.csize
+
+    out = _Layout(value=None)
+    order = record("byteorder")
+    if order is not None:
+        at, n = stored(order)
+        mark = bytes(buf[at:at + min(n, 16)])
+        if mark not in (b"little", b"big"):
+            raise _Unsupported("byteorder record is neither 'little' nor 'big'")
+        out.swap = mark == b"big"
+    claims: dict[object, _Storage] = {}
+
+    def persistent(pid: object) -> object:
+        if not isinstance(pid, tuple) or len(pid) != 5 or _decode_ascii(pid[0]) != "storage":
+            raise _Unsupported("persistent id is not a ('storage', type, key, location, numel) "
+                               "record")
+        return _storage_claims(claims, pid[2], pid[1], pid[4])
+
+    at, n = stored(matches[0])
+    out.value, _ = _evaluate(buf, at, at + n, persistent, budget)
+    for storage in claims.values():
+        member = record(f"data/{storage.root}")
+        if member is None:
+            raise _Unsupported(f"storage {storage.root} has no data/{storage.root} record")
+        start, size = stored(member)
+        out.regions[storage.root] = (start, min(size, storage.nbytes), storage.nbytes)
+        if size != storage.nbytes:
+            out.findings.append(Finding(
+                rule="storage-size-mismatch", severity=Severity.MEDIUM, category="evasion",
+                message=(f"zip record data/{storage.root} holds {size} bytes but its storage "
+                         f"claims {storage.nbytes}; torch's mmap reader reads the claimed size "
+                         "from the record's start"),
+                evidence={"storage": storage.root, "record_bytes": size,
+                          "claimed_bytes": storage.nbytes}))
+    return out
+
+
+def _legacy_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
+    size = len(buf)
+    magic, p = _evaluate(buf, 0, size, None, budget)
+    if magic != _scan._LEGACY_MAGIC:
+        raise _Unsupported("legacy file does not start with torch's magic number")
+    version, p = _evaluate(buf, p, size, None, budget)
+    if version != _LEGACY_PROTOCOL_VERSION:
+        raise _Unsupported(f"legacy protocol version {version!r}; torch refuses the file")
+    _, p = _evaluate(buf, p, size, None, budget)  # sys_info
+    claims: dict[object, _Storage] = {}
+    views: dict[object, _Storage] = {}
+
+    def persistent(pid: object) -> object:
+        if not isinstance(pid, tuple) or len(pid) != 6 or _decode_ascii(pid[0]) != "storage":
+            raise _Unsupported("persistent id is not a legacy storage record")
+        root = _storage_claims(claims, pid[2], pid[1], pid[4], legacy=True)
+        meta = pid[5]
+        if meta is None:
+            return root
+        if not isinstance(meta, tuple) or len(meta) != 3 or not all(_is_int(x) for x in meta[1:]):
+            raise _Unsupported("storage view metadata is not (key, offset, size)")
+        try:
+            if meta[0] in views:
+                return views[meta[0]]
+        except TypeError:
+            raise _Unsupported("unhashable storage view key") from None
+        elem = _element_size(root.dtype)
+        off, n = meta[1], meta[2]
+        if not isinstance(off, int) or not isinstance(n, int) or off < 0 or n < 0:
+            raise _Unsupported("negative storage view offset or size")
+        view = _Storage(root.root, root.dtype, root.offset + off * elem, n * elem)
+        views[meta[0]] = view
+        return view
+
+    out = _Layout(value=None)
+    out.value, p = _evaluate(buf, p, size, persistent, budget)
+    keys, p = _evaluate(buf, p, size, None, budget)
+    if not isinstance(keys, list):
+        raise _Unsupported("the storage-keys record is not a list")
+    by_root = {str(k): s for k, s in claims.items()}
+    for key in keys:
+        try:
+            storage = claims.get(key)
+        except TypeError:
+            raise _Unsupported("unhashable storage key in the keys list") from None
+        if storage is None:
+            raise _Unsupported(f"storage key {key!r} is listed but no tensor names it")
+        if p + 8 > size:
+            raise _Unsupported("the file ends inside the raw storages")
+        count = int.from_bytes(buf[p:p + 8], "little", signed=True)
+        nbytes = count * _element_size(storage.dtype)
+        if count < 0 or nbytes != storage.nbytes:
+            raise _Unsupported(f"storage {storage.root} holds {count} elements on disk but "
+                               f"{storage.nbytes // _element_size(storage.dtype)} in its record; "
+                               "torch refuses the file")
+        if p + 8 + nbytes > size:
+            raise _Unsupported("the file ends inside the raw storages")
+        out.regions[storage.root] = (p + 8, nbytes, nbytes)
+        p += 8 + nbytes
+    for root in by_root:
+        if root not in out.regions:
+            out.findings.append(Finding(
+                rule="storage-data-missing", severity=Severity.MEDIUM, category="evasion",
+                message=f"storage {root} is used by a tensor but the file holds no data for it; "
+                        "torch leaves its memory uninitialised",
+                evidence={"storage": root}))
+            out.regions[root] = (0, 0, by_root[root].nbytes)
+    return out
+
+
+def _tar_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
+    members, odd, capped = _scan._tar_members(buf)
+    if odd or capped:
+        raise _Unsupported("the tar archive has members that are not plain files")
+    for name in ("storages", "tensors", "pickle"):
+        if name not in members:
+            raise _Unsupported(f"the tar archive has no {name!r} member")
+    out = _Layout(value=None)
+    objects: dict[object, object] = {}
+
+    def count_of(value: object, what: str) -> int:
+        if not _is_int(value) or not isinstance(value, int) or value < 0:
+            raise _Unsupported(f"tar member {what!r} does not start with a count")
+        return value
+
+    start, length = members["storages"][-1]  # tarfile (and torch) use the last copy
+    end = start + length
+    n, p = _evaluate(buf, start, end, None, budget)
+    for _ in range(count_of(n, "storages")):
+        rec, p = _evaluate(buf, p, end, None, budget)
+        if not isinstance(rec, tuple) or len(rec) != 3 or not isinstance(rec[2], _StorageType) \
+                or rec[2].name == "UntypedStorage":
+            raise _Unsupported("tar storage entry is not (key, location, typed storage type)")
+        elem = _element_size(rec[2].dtype)
+        if p + 8 > end:
+            raise _Unsupported("tar storage header is truncated")
+        numel = int.from_bytes(buf[p:p + 8], "little", signed=True)
+        if numel < 0 or p + 8 + numel * elem > end:
+            raise _Unsupported("tar storage data is truncated")
+        try:
+            root = f"storage:{len(out.regions)}"
+            objects[rec[0]] = _Storage(root, rec[2].dtype, 0, numel * elem)
+        except TypeError:
+            raise _Unsupported("unhashable tar storage key") from None
+        out.regions[root] = (p + 8, numel * elem, numel * elem)
+        p += 8 + numel * elem
+    views, p = _evaluate(buf, p, end, None, budget)
+    if not isinstance(views, list):
+        raise _Unsupported("tar storage views are not a list")
+    for v in views:
+        if not isinstance(v, tuple) or len(v) != 4 or not all(_is_int(x) for x in v[2:]):
+            raise _Unsupported("tar storage view is not (key, root, offset, numel)")
+        try:
+            root_s = objects.get(v[1])
+        except TypeError:
+            raise _Unsupported("unhashable tar storage key") from None
+        if not isinstance(root_s, _Storage):
+            raise _Unsupported("tar storage view of an unknown storage")
+        elem = _element_size(root_s.dtype)
+        off, cnt = v[2], v[3]
+        assert isinstance(off, int) and isinstance(cnt, int)
+        if off < 0 or cnt < 0:
+            raise _Unsupported("negative tar storage view offset or size")
+        objects[v[0]] = _Storage(root_s.root, root_s.dtype, root_s.offset + off * elem, cnt * elem)
+
+    start, length = members["tensors"][-1]
+    end = start + length
+    n, p = _evaluate(buf, start, end, None, budget)
+    for _ in range(count_of(n, "tensors")):
+        rec, p = _evaluate(buf, p, end, None, budget)
+        if not isinstance(rec, tuple) or len(rec) != 3:
+            raise _Unsupported("tar tensor entry is not (key, storage id, type)")
+        try:
+            storage = objects.get(rec[1])
+        except TypeError:
+            raise _Unsupported("unhashable tar storage id") from None
+        if not isinstance(storage, _Storage):
+            raise _Unsupported("tar tensor names an unknown storage")
+        if p + 8 > end:
+            raise _Unsupported("tar tensor header is truncated")
+        ndim = int.from_bytes(buf[p:p + 4], "little", signed=True)
+        if ndim < 0 or ndim > P.MAX_NDIM or p + 8 + 16 * ndim + 8 > end:
+            raise _Unsupported("tar tensor header is truncated or has too many dimensions")
+        q = p + 8
+        shape = struct.unpack_from(f"<{ndim}q", buf, q)
+        stride = struct.unpack_from(f"<{ndim}q", buf, q + 8 * ndim)
+        (offset,) = struct.unpack_from("<q", buf, q + 16 * ndim)
+        p = q + 16 * ndim + 8
+        try:
+            objects[rec[0]] = _make_tensor(storage, offset, shape, stride, None, None)
+        except TypeError:
+            raise _Unsupported("unhashable tar tensor key") from None
+
+    def persistent(pid: object) -> object:
+        if isinstance(pid, tuple):
+            raise _Unsupported("the tar pickle restores a module container")
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+            raise _Unsupported("tar persistent id is not a key")
+        try:
+            obj = objects[int(pid)]
+        except (ValueError, KeyError):
+            raise _Unsupported(f"tar persistent id {pid!r} names nothing") from None
+        return obj
+
+    start, length = members["pickle"][-1]
+    out.value, _ = _evaluate(buf, start, start + length, persistent, budget)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Building tensors from bytes
+# --------------------------------------------------------------------------------------------
+
+
+def _swap_unit(dtype: str) -> int:
+    size = _element_size(dtype)
+    return size // 2 if dtype.startswith("complex") else size
+
+
+def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: _scan._Buf, fmt: str,
+                 *, keep_data: bool) -> Reconstruction:
+    import torch
+
+    from ._convert import tensor_digest
+
+    findings = list(layout.findings)
+    unreadable: set[str] = set()
+    tensors: dict[str, StaticTensor] = {}
+    by_root: dict[str, list[tuple[str, _Tensor]]] = collections.defaultdict(list)
+    for name, t in named:
+        by_root[t.storage.root].append((name, t))
+    for root, uses in by_root.items():
+        start, available, _claimed = layout.regions[root]
+        with memoryview(buf) as file_view:
+            with file_view[start:start + available] as region:
+                raw = bytearray(region)  # one copy: torch.frombuffer needs a writable buffer
+        if layout.swap:
+            # torch byte-swaps each storage by the dtype of the record that created it
+            unit = _swap_unit(uses[0][1].storage.dtype)
+            if unit > 1:
+                whole = len(raw) - len(raw) % unit
+                base = torch.frombuffer(raw, dtype=torch.uint8, count=whole) if whole else None
+                if base is not None:
+                    base.view(-1, unit).copy_(base.view(-1, unit).flip(1))
+        for name, t in uses:
+            elem = _element_size(t.dtype)
+            numel = 1
+            for d in t.shape:
+                numel *= d
+            first = t.storage.offset + t.offset * elem
+            last = first + elem * (1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride, strict=True)))
+            window = min(t.storage.offset + t.storage.nbytes, available)
+            if numel and last > window:
+                unreadable.add(name)
+                findings.append(Finding(
+                    rule="storage-too-short", severity=Severity.MEDIUM, category="evasion",
+                    message=(f"tensor {name} needs bytes {first}..{last} of storage {root} but "
+                             f"the file holds only {window}; torch would read memory that is not "
+                             "the file's"),
+                    evidence={"tensor": name, "storage": root, "needs_bytes": last,
+                              "has_bytes": window}))
+                continue
+            dtype = getattr(torch, t.dtype)
+            if numel:
+                flat = torch.frombuffer(raw, dtype=torch.uint8, offset=first, count=last - first)
+                view = flat.view(dtype).as_strided(t.shape, t.stride, 0)
+            else:
+                view = torch.empty(t.shape, dtype=dtype)
+            meta = dict(t.metadata)
+            if meta:
+                view = view.clone()
+                try:
+                    torch._utils.set_tensor_metadata(view, meta)  # type: ignore[no-untyped-call]
+                    view = view.resolve_conj().resolve_neg()
+                except (RuntimeError, NotImplementedError):
+                    raise _Unsupported(f"torch cannot set the {'/'.join(meta)} bit on a {t.dtype} "
+                                       "tensor; the load fails") from None
+                findings.append(Finding(
+                    rule="tensor-metadata-bits", severity=Severity.MEDIUM, category="evasion",
+                    message=(f"the pickle sets the {'/'.join(meta)} bit on tensor {name}: the "
+                             "loaded values are not the stored bytes but their "
+                             + ("negation" if "neg" in meta and "conj" not in meta
+                                else "conjugate" if "neg" not in meta else "negated conjugate")),
+                    evidence={"tensor": name, "bits": sorted(meta)}))
+            data = view.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() \
+                if keep_data and numel else (b"" if keep_data else None)
+            tensors[name] = StaticTensor(
+                name=name, dtype=t.dtype, shape=t.shape, stride=t.stride, storage_key=root,
+                storage_offset=t.offset, sha256=tensor_digest(view), data=data,
+                metadata=t.metadata)
+    ordered = {name: tensors[name] for name, _ in named if name in tensors}
+    return Reconstruction(format=fmt, tensors=ordered, unreadable=frozenset(unreadable),
+                          findings=tuple(findings))
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+_LAYOUTS: dict[str, Callable[[_scan._Buf, _Budget], _Layout]] = {
+    "torch-zip": _zip_layout, "torch-legacy": _legacy_layout, "torch-tar": _tar_layout,
+}
+
+
+def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
+                    ) -> Reconstruction | NotReconstructed:
+    """Rebuild every tensor of a plain state_dict at ``path`` from the file's raw records.
+
+    Runs :func:`sandbox._scan.scan_file` first: the file must be a torch zip, legacy or legacy
+    tar checkpoint whose pickles import only allowlisted globals, with no evasion finding (a
+    parser-differential trick makes any static view of the file doubtful). Then the pickle is
+    evaluated symbolically (see the module docstring) and each tensor's bytes are cut out of
+    its storage record. With ``keep_data`` each :class:`StaticTensor` keeps its row-major
+    bytes (memory: the tensors' total size); without it only their sha256 is kept, and at most
+    one storage is in memory at a time. Never raises for file content: unreadable or unusual
+    files give :class:`NotReconstructed`.
+    """
+    try:
+        scan = _scan.scan_file(path)
+    except MalformedInput as exc:
+        return NotReconstructed(f"the static scan could not read the file ({exc.message})")
+    fmt = scan.format
+    if fmt not in _LAYOUTS:
+        return NotReconstructed(f"format {fmt} is not a torch checkpoint with raw storage records",
+                                fmt)
+    foreign = sorted({g.qualname for g in scan.globals if g.classification != "allowed"})
+    if foreign:
+        return NotReconstructed("the pickle imports globals a plain state_dict does not: "
+                                + ", ".join(foreign[:5]), fmt)
+    tricks = sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
+    if tricks:
+        return NotReconstructed("the static scan found container or stream tricks ("
+                                + ", ".join(tricks) + "); the file has no single reading", fmt)
+    try:
+        with _scan._open_buffer(path) as buf:
+            layout = _LAYOUTS[fmt](buf, _Budget())
+            namer = _Namer()
+            namer.walk(layout.value)
+            if len(namer.order) > P.MAX_TENSORS:
+                raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
+            return _materialise(layout, namer.order, buf, fmt, keep_data=keep_data)
+    except _Unsupported as exc:
+        return NotReconstructed(exc.reason, fmt)
+    except MalformedInput as exc:
+        return NotReconstructed(f"the file could not be read ({exc.message})", fmt)
+    except RecursionError:
+        return NotReconstructed("the pickle nests containers too deeply", fmt)
+
+
+def reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False) -> Reconstruction | None:
+    """:func:`try_reconstruct`, with ``None`` where no reconstruction is possible."""
+    result = try_reconstruct(path, keep_data=keep_data)
+    return result if isinstance(result, Reconstruction) else None
+
+
+def compare(reconstruction: Reconstruction, tensors: Mapping[str, torch.Tensor]) -> list[Finding]:
+    """Findings where the sandbox's tensors differ from the file's records.
+
+    ``tensors`` is what the host read back from the sandbox (``_convert.load_tensors``: names
+    as the worker gives them, views included). A tensor whose dtype, shape or bytes differ is
+    listed in one HIGH ``weights-tampered`` finding (expected and actual sha256 per tensor);
+    names on one side only are listed in one HIGH ``weights-mismatch`` finding. Tensors in
+    ``reconstruction.unreadable`` are skipped (their findings are in the reconstruction).
+    Returns ``[]`` when everything matches.
+    """
+    from ._convert import tensor_digest
+
+    findings: list[Finding] = []
+    expected = {n: t for n, t in reconstruction.tensors.items()}
+    skip = reconstruction.unreadable
+    missing = sorted(n for n in expected if n not in tensors)
+    extra = sorted(n for n in tensors if n not in expected and n not in skip)
+    changed: list[dict[str, Any]] = []
+    for name, want in expected.items():
+        got = tensors.get(name)
+        if got is None:
+            continue
+        got_dtype = str(got.dtype).removeprefix("torch.")
+        got_shape = tuple(int(d) for d in got.shape)
+        if got_dtype != want.dtype or got_shape != want.shape:
+            changed.append({"name": name, "expected_dtype": want.dtype, "actual_dtype": got_dtype,
+                            "expected_shape": list(want.shape), "actual_shape": list(got_shape),
+                            "expected_sha256": want.sha256, "actual_sha256": None})
+            continue
+        digest = tensor_digest(got.resolve_conj().resolve_neg())
+        if digest != want.sha256:
+            changed.append({"name": name, "expected_sha256": want.sha256,
+                            "actual_sha256": digest})
+    if changed:
+        names = [c["name"] for c in changed]
+        findings.append(Finding(
+            rule="weights-tampered", severity=Severity.HIGH, category="evasion",
+            message=("the loader returned weights that are not in the file: "
+                     + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
+                                               else "")),
+            evidence={"tensors": changed[:_MAX_EVIDENCE], "count": len(changed),
+                      "format": reconstruction.format}))
+    if missing or extra:
+        findings.append(Finding(
+            rule="weights-mismatch", severity=Severity.HIGH, category="evasion",
+            message=(f"the loader returned {len(extra)} tensor(s) the file does not describe and "
+                     f"lacks {len(missing)} that it does"),
+            evidence={"missing": missing[:_MAX_EVIDENCE], "extra": extra[:_MAX_EVIDENCE],
+                      "missing_count": len(missing), "extra_count": len(extra),
+                      "format": reconstruction.format}))
+    return findings
