@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from . import _api
 from .errors import PolicyError, SandboxError
@@ -31,7 +35,11 @@ def _policy(value: str | None) -> Policy:
 
 
 def _emit(reports: list[LoadReport], fmt: str) -> None:
-    if fmt == "json":
+    if fmt == "sarif":
+        from ._sarif import render_sarif
+
+        print(json.dumps(render_sarif(reports), indent=2, sort_keys=True, ensure_ascii=False))
+    elif fmt == "json":
         data = [r.to_dict() for r in reports]
         print(json.dumps(data[0] if len(data) == 1 else data, indent=2, sort_keys=True, default=str))
     else:
@@ -42,24 +50,230 @@ def _exit_code(reports: list[LoadReport]) -> int:
     return max((r.exit_code for r in reports), default=EXIT_CLEAN)
 
 
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _pin(value: str) -> tuple[str | None, str]:
+    """``HEX`` (for the one input) or ``FILE:HEX``."""
+    if _HEX64.fullmatch(value):
+        return None, value.lower()
+    path, sep, hexd = value.rpartition(":")
+    if not sep or not path or not _HEX64.fullmatch(hexd):
+        raise argparse.ArgumentTypeError(f"expected FILE:HEX (or HEX for one input), got {value!r}")
+    return path, hexd.lower()
+
+
+def _pins(args: argparse.Namespace, inputs: Sequence[str]) -> dict[str, str]:
+    """Pins from --lock and --expect-sha256, keyed by absolute and resolved path."""
+    from ._lock import read_lock
+
+    pins: dict[str, str] = read_lock(args.lock) if getattr(args, "lock", None) else {}
+    for path, hexd in args.expect_sha256 or []:
+        if path is None:
+            if len(inputs) != 1 or os.path.isdir(inputs[0]):
+                raise SandboxError("--expect-sha256 HEX pins a single input file; use FILE:HEX")
+            path = inputs[0]
+        full = os.path.abspath(path)
+        for key in {full, os.path.realpath(full)}:
+            pins[key] = hexd
+    return pins
+
+
+def _pin_for(pins: dict[str, str], path: str) -> str | None:
+    return pins.get(os.path.abspath(path)) or pins.get(os.path.realpath(path))
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     policy = _policy(args.policy)
-    reports = [_api.scan(p, policy=policy, expected_sha256=args.expect_sha256) for p in args.paths]
+    pins = _pins(args, args.paths)
+    reports = [_api.scan(p, policy=policy, expected_sha256=_pin_for(pins, p)) for p in args.paths]
     _emit(reports, args.format)
     return _exit_code(reports)
 
 
+_BATCH_ONLY = ("jobs", "include", "exclude", "force", "report_dir", "quiet")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    srcs: list[str] = args.srcs
+    batch = (len(srcs) > 1 or os.path.isdir(srcs[0])
+             or (args.output is not None and os.path.isdir(args.output))
+             or any(getattr(args, k) not in (None, False, []) for k in _BATCH_ONLY))
+    if batch:
+        return _convert_batch(args)
     policy = _policy(args.policy)
+    pins = _pins(args, srcs)
+    expected = _pin_for(pins, srcs[0])
+    if args.lock and expected is None:
+        raise SandboxError(f"{srcs[0]!r} is not listed in the lock file {args.lock!r}; refusing "
+                           "to open it", hint="add it with `model-sandbox lock` after checking it")
     try:
-        report = _api.convert(args.src, args.output, policy=policy,
-                              expected_sha256=args.expect_sha256)
+        report = _api.convert(srcs[0], args.output, policy=policy, expected_sha256=expected)
     except SandboxError as exc:
         if exc.report is None:
             raise
         report = exc.report
     _emit([report], args.format)
     return report.exit_code
+
+
+# -- batch conversion --------------------------------------------------------------------------
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "--:--"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class _ProgressLine:
+    """One self-rewriting line on a terminal (stderr), at most ten times a second."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.last = 0.0
+        self.width = 0
+
+    def __call__(self, p: object) -> None:
+        from ._batch import BatchProgress
+
+        assert isinstance(p, BatchProgress)
+        now = time.monotonic()
+        if now - self.last < 0.1 and p.done < p.total:
+            return
+        self.last = now
+        c = p.counts
+        pct = 100 * p.bytes_done / p.bytes_total if p.bytes_total else 100.0
+        text = (f"[{p.done}/{p.total}] {pct:3.0f}% {_size(p.bytes_done)}/{_size(p.bytes_total)} "
+                f"{_size(p.rate_bytes_s)}/s ETA {_duration(p.eta_s)} | clean {c['clean']} "
+                f"suspicious {c['suspicious']} malicious {c['malicious']} failed {c['error']} "
+                f"skipped {c['skipped']}")
+        self.width = max(self.width, len(text))
+        self.stream.write("\r" + text.ljust(self.width))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+def _item_line(r: object) -> str:
+    from ._batch import ItemResult
+
+    assert isinstance(r, ItemResult)
+    verdict = r.verdict.value if r.verdict else "-"
+    extra = " (unchanged)" if r.reused else ""
+    if r.reason and r.verdict is not None:
+        extra += f" ({r.reference or 'error'}: {r.reason})"
+    elif r.reason:
+        extra += f" ({r.reason})"
+    return f"{r.status.value:9} {verdict:10} {r.rel}{extra}"
+
+
+def _summary_text(summary: object, *, quiet: bool) -> str:
+    from ._batch import BatchSummary, Status
+
+    assert isinstance(summary, BatchSummary)
+    res = summary.results
+    by_status = {s: sum(r.status is s for r in res) for s in Status}
+    c = summary.counts
+    lines = [
+        f"model-sandbox: {len(res)} files: {by_status[Status.CONVERTED]} converted, "
+        f"{by_status[Status.REFUSED]} refused as unsafe, {by_status[Status.FAILED]} failed, "
+        f"{by_status[Status.SKIPPED]} skipped ({c['reused']} unchanged since the last run"
+        f"{f', {summary.excluded} excluded by pattern' if summary.excluded else ''})",
+        f"  verdicts: clean {c['clean']}, suspicious {c['suspicious']}, malicious {c['malicious']}, "
+        f"error {c['error']}",
+        f"  {_size(summary.bytes_in)} in, {_size(summary.bytes_out)} out, "
+        f"{summary.elapsed_s:.1f} s; output in {summary.outdir}",
+    ]
+    slow = summary.slowest(5)
+    if slow and not quiet:
+        lines.append("  slowest: " + ", ".join(f"{r.rel} {r.duration_s:.1f} s" for r in slow))
+    if summary.problems:
+        lines.append("not clean:")
+        for r in summary.problems:
+            verdict = r.verdict.value.upper() if r.verdict else "-"
+            why = r.top_finding or (f"{r.reference}: {r.reason}" if r.reason else "")
+            lines.append(f"  {verdict:10} {r.rel}: {why}")
+    skipped = [r for r in res if r.status is Status.SKIPPED]
+    if skipped and not quiet:
+        lines.append("skipped:")
+        lines += [f"  {r.rel}: {r.reason}" for r in skipped]
+    if summary.stopped:
+        lines.append(f"stopped: {summary.stopped}")
+    if summary.stopped or summary.interrupted:
+        lines.append(f"{len(summary.not_done)} files not done; run the same command again to "
+                     "continue (finished files are not redone)")
+    return "\n".join(lines)
+
+
+def _convert_batch(args: argparse.Namespace) -> int:
+    from ._batch import BatchError, BatchOptions, run_batch
+
+    if args.output is None:
+        raise BatchError("several inputs or a directory need -o OUTDIR")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise BatchError(f"{args.output!r} exists and is not a directory")
+    options = BatchOptions(
+        policy=_policy(args.policy), jobs=args.jobs, include=tuple(args.include or ()),
+        exclude=tuple(args.exclude or ()), force=args.force,
+        report_dir=Path(args.report_dir) if args.report_dir else None,
+        pins=_pins(args, args.srcs), require_pins=bool(args.lock))
+    interactive = args.format == "text" and not args.quiet
+    bar = _ProgressLine(sys.stderr) if interactive and sys.stderr.isatty() else None
+    per_file = interactive and bar is None
+    try:
+        summary = run_batch(args.srcs, args.output, options, progress=bar,
+                            on_result=(lambda r: print(_item_line(r), flush=True)) if per_file else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.format == "text":
+        print(_summary_text(summary, quiet=args.quiet))
+    else:
+        reports = summary.reports()
+        if args.format == "sarif":
+            _emit(reports, "sarif")
+        else:  # always a list here, even for one file
+            print(json.dumps([r.to_dict() for r in reports], indent=2, sort_keys=True, default=str))
+        if summary.stopped or summary.interrupted:
+            print(_summary_text(summary, quiet=True), file=sys.stderr)
+    if summary.interrupted:
+        return 130
+    return summary.exit_code
+
+
+def cmd_bom(args: argparse.Namespace) -> int:
+    from ._bom import build_bom
+
+    text, problems = build_bom(args.outdir)
+    for p in problems:
+        print(f"model-sandbox: {p}", file=sys.stderr)
+    if not text:
+        return EXIT_ERROR
+    if args.output in (None, "-"):
+        print(text)
+    else:
+        _api.atomic_write(Path(args.output), text.encode())
+    return EXIT_ERROR if problems else EXIT_CLEAN
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from ._lock import lock_entries, render_lock
+
+    sys.stdout.write(render_lock(lock_entries(args.paths, include=args.include or (),
+                                              exclude=args.exclude or ())))
+    return EXIT_CLEAN
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -117,13 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--format", choices=("text", "json"), default="text",
-                       help="report format (default: text)")
+        p.add_argument("--format", choices=("text", "json", "sarif"), default="text",
+                       help="output format: text, json (the versioned report schema; a list for "
+                            "several files) or sarif (SARIF 2.1.0) (default: text)")
         p.add_argument("--policy", metavar="NAME|FILE",
                        help=f"load policy: one of {', '.join(builtin_names())} or a TOML file "
                             "(default: default)")
-        p.add_argument("--expect-sha256", metavar="HEX",
-                       help="refuse the input unless its sha256 is HEX")
+        p.add_argument("--expect-sha256", metavar="FILE:HEX", type=_pin, action="append",
+                       help="refuse FILE unless its sha256 is HEX, before the sandbox opens it "
+                            "(repeatable; plain HEX pins the one input)")
 
     p = sub.add_parser("scan", help="load files in the sandbox without keeping weights; print reports",
                        description="Load each file in the sandbox, keep no weights, print the "
@@ -132,14 +348,54 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("convert", help="convert a checkpoint to SafeTensors through the sandbox",
-                       description="Load SRC in the sandbox and write DST (default: SRC with "
-                                   "the suffix .safetensors) and DST.report.json. Nothing is "
-                                   "written when the file is judged unsafe.")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("-o", "--output", metavar="DST", help="output file")
+    p = sub.add_parser("convert", help="convert checkpoints to SafeTensors through the sandbox",
+                       description="One file: load SRC in the sandbox and write DST (default: SRC "
+                                   "with the suffix .safetensors) and DST.report.json. Several "
+                                   "files or directories (recursive): write OUTDIR mirroring the "
+                                   "input tree (a/b/x.pt -> OUTDIR/a/b/x.safetensors), one report "
+                                   "per file, and a manifest that lets a re-run skip what is done. "
+                                   "Files are recognised by content; others are listed as skipped. "
+                                   "Nothing is written for a file judged unsafe.")
+    p.add_argument("srcs", nargs="+", metavar="SRC", help="checkpoint files or directories")
+    p.add_argument("-o", "--output", metavar="DST|OUTDIR",
+                   help="output file (one SRC file) or directory (required for directories and "
+                        "several inputs)")
+    p.add_argument("--jobs", "-j", type=int, metavar="N",
+                   help="sandboxes run in parallel (default: number of cores)")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="only inputs whose relative path or name matches (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="leave out inputs whose relative path or name matches (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="redo every input, even those the manifest shows as done and unchanged")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress and no per-file lines: only the summary")
+    p.add_argument("--report-dir", metavar="DIR",
+                   help="write each file's JSON report under DIR, mirroring the tree "
+                        "(default: OUTDIR)")
+    p.add_argument("--lock", metavar="FILE",
+                   help="a lock file from `model-sandbox lock`: refuse, before opening it, every "
+                        "input whose sha256 differs or that it does not list")
     common(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bom", help="write a CycloneDX 1.6 ML-BOM for a batch's OUTDIR",
+                       description="One machine-learning-model component per converted model, "
+                                   "with its legacy source as pedigree ancestor and the verdict, "
+                                   "hashes, tool, image and policy digests as properties.")
+    p.add_argument("outdir", metavar="OUTDIR")
+    p.add_argument("-o", "--output", metavar="FILE", help="output file (default: stdout)")
+    p.set_defaults(func=cmd_bom)
+
+    p = sub.add_parser("lock", help="print a lock file pinning the sha256 of model files",
+                       description="Find model files (by content) under each PATH and print "
+                                   "`HEX  PATH` lines (sha256sum format) to use with "
+                                   "`convert --lock FILE`. Paths are relative to the current "
+                                   "directory, as for `sha256sum -c`.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--include", action="append", metavar="GLOB", help="only matching files")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="leave out matching files")
+    p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("image", help="the worker image", description="Manage the worker image.")
     isub = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
@@ -168,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = rsub.add_parser("render", help="print a saved JSON report as text or JSON",
                         description="Print a saved JSON report.")
     r.add_argument("file", metavar="FILE")
-    r.add_argument("--format", choices=("text", "json"), default="text")
+    r.add_argument("--format", choices=("text", "json", "sarif"), default="text")
     r.set_defaults(func=cmd_report_render)
     return parser
 
