@@ -53,6 +53,7 @@ class _Loaded:
     output: _extract.WorkerOutput | None
     error: SandboxError | None
     stopped_early: bool = False
+    tensors: dict[str, torch.Tensor] | None = None  # checked against the manifest
 
 
 def _hash_file(path: str) -> tuple[str, int]:
@@ -242,6 +243,9 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                 from .errors import LoadFailed
                 raise LoadFailed("the loader reported success but left no manifest/tensors")
             _summarise(report, output.manifest)
+            if output.tensors_path is not None:
+                loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest)
+            report.findings += _verify.weights(real, output.manifest, loaded.tensors)
             _differential(report, st)
         except _StaticOnly:
             pass
@@ -349,8 +353,8 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
         assert loaded.output is not None and loaded.output.manifest is not None
         assert loaded.output.tensors_path is not None
         manifest = loaded.output.manifest
-        tensors = _convert.load_tensors(loaded.output.tensors_path, manifest)
-        tensors = _convert.place(tensors, manifest, map_location)
+        assert loaded.tensors is not None
+        tensors = _convert.place(loaded.tensors, manifest, map_location)
         return _convert.rebuild(manifest["skeleton"], tensors, weights_only=wo)
 
 
@@ -374,8 +378,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
             assert loaded.output is not None and loaded.output.manifest is not None
             assert loaded.output.tensors_path is not None
             manifest = loaded.output.manifest
-            tensors = _convert.load_tensors(loaded.output.tensors_path, manifest)
-            _write_safetensors(dst_path, tensors, manifest, report)
+            assert loaded.tensors is not None
+            _write_safetensors(dst_path, loaded.tensors, manifest, report)
             report.outputs["safetensors"] = str(dst_path)
             report.outputs["safetensors_sha256"] = _hash_file(str(dst_path))[0]
         except SandboxError as exc:
@@ -418,6 +422,7 @@ def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: di
     os.close(fd)
     try:
         save_file(stored, tmp, metadata=metadata)
+        _canonical_header(tmp)
         _fsync_path(tmp)
         os.replace(tmp, dst)
         _fsync_dir(dst.parent)
@@ -425,6 +430,20 @@ def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: di
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _canonical_header(path: str) -> None:
+    """Rewrite the SafeTensors header with sorted keys (same length, space-padded, as the
+    format allows), so that the same checkpoint always converts to the same bytes: the
+    library writes its metadata map in no fixed order."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canonical) > size:  # cannot happen for the same content; leave it as written
+            return
+        f.seek(8)
+        f.write(canonical + b" " * (size - len(canonical)))
 
 
 def atomic_write(path: Path, data: bytes) -> None:

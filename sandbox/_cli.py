@@ -86,7 +86,8 @@ def _pin_for(pins: dict[str, str], path: str) -> str | None:
 def cmd_scan(args: argparse.Namespace) -> int:
     policy = _policy(args.policy)
     pins = _pins(args, args.paths)
-    reports = [_api.scan(p, policy=policy, expected_sha256=_pin_for(pins, p)) for p in args.paths]
+    reports = [_api.scan(p, policy=policy, expected_sha256=_pin_for(pins, p),
+                         dynamic=not args.static_only) for p in args.paths]
     _emit(reports, args.format)
     return _exit_code(reports)
 
@@ -342,9 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(repeatable; plain HEX pins the one input)")
 
     p = sub.add_parser("scan", help="load files in the sandbox without keeping weights; print reports",
-                       description="Load each file in the sandbox, keep no weights, print the "
+                       description="Scan each file statically (every pickle read, never run), "
+                                   "then load it in the sandbox, keep no weights, and print the "
                                    "report. Exit code: the worst over all files.")
     p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--static-only", action="store_true",
+                   help="stop after the static scan (no Docker needed)")
     common(p)
     p.set_defaults(func=cmd_scan)
 

@@ -297,7 +297,7 @@ class Extractor:
                                   "shape": list(t.shape), "stride": list(t.stride()),
                                   "dtype": dtype, "location": location})
                 continue
-            data = t.detach().to("cpu").contiguous()
+            data = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
             if owners[data.untyped_storage().data_ptr()] > 1 or data.data_ptr() != \
                     data.untyped_storage().data_ptr() or data.untyped_storage().nbytes() != \
                     data.numel() * data.element_size():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import sandbox
 from tests import checkpoints as ck
@@ -179,3 +180,27 @@ except OSError as exc:
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "tmpexec.pt")
     value, _ = load_in_sandbox(path)
     assert value.startswith("refused")
+
+
+def test_weights_changed_by_tensor_metadata_are_flagged(tmp_path: Path) -> None:
+    # Only allowlisted globals (torch._utils._rebuild_tensor_v2 with a {"neg": True} metadata
+    # dict), yet torch.load returns weights that are not the bytes in the file. The static
+    # reconstruction notices the bit; the sandboxed load returns what torch returns.
+    w = torch.arange(6, dtype=torch.float32)
+    path = tmp_path / "neg.pt"
+    torch.save({"w": w._neg_view(), "b": torch.ones(3)}, path)
+    report = sandbox.scan(path)
+    assert any(f.rule == "tensor-metadata-bits" and f.evidence["tensor"] == "w"
+               for f in report.findings)
+    assert report.verdict is sandbox.Verdict.SUSPICIOUS
+    got = sandbox.safe_load(path)  # suspicious is below the default refusal
+    assert torch.equal(got["w"], -w)
+
+
+def test_sandbox_weights_are_compared_with_the_file(tmp_path: Path) -> None:
+    # A plain state dict: rebuilt from the archive without any unpickler and compared with
+    # what the sandboxed loader returned, byte for byte; nothing to report (a comparison
+    # that could not run would say so with a "weights-not-compared" finding).
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+    report = sandbox.scan(path)
+    assert report.verdict is sandbox.Verdict.CLEAN and not report.findings

@@ -249,3 +249,11 @@ def test_classes_missing_from_the_sandbox_still_yield_their_tensors(tmp_path: Pa
     report = sandbox.scan(tmp_path / "missing.pt")
     assert report.verdict is sandbox.Verdict.CLEAN
     assert any("myproject.models.Net" in n for n in report.notes)
+
+
+def test_conversion_is_deterministic(tmp_path: Path) -> None:
+    path = ck.save(ck.nested_checkpoint(), tmp_path / "ckpt.pt")
+    a = sandbox.convert(path, tmp_path / "a.safetensors")
+    b = sandbox.convert(path, tmp_path / "b.safetensors")
+    assert a.outputs["safetensors_sha256"] == b.outputs["safetensors_sha256"]
+    assert load_file(tmp_path / "a.safetensors").keys() == load_file(tmp_path / "b.safetensors").keys()

@@ -186,3 +186,29 @@ def test_manifest_validation_rejects(bad: dict[str, Any]) -> None:
 def test_manifest_validation_accepts_a_view_inside_its_base() -> None:
     validate_manifest(_manifest(views=[{"name": "v", "base": "a", "offset": 4, "shape": [2],
                                         "stride": [1], "dtype": "float32", "location": "cpu"}]))
+
+
+class PoisoningRunner(FakeRunner):
+    """Plays a loader that returns other weights than the file holds (Sleepy Pickle)."""
+
+    def run(self, spec: ContainerSpec) -> RunResult:
+        result = super().run(spec)
+        obj, fmt, loc = _loader.load(spec.input_path)
+        obj["encoder.weight"] = obj["encoder.weight"] + 1.0
+        cfg = json.loads(spec.command[0])
+        _loader.write_outputs(obj, fmt, loc, spec.output_dir, tensors=cfg["write_tensors"])
+        return result
+
+
+@pytest.mark.parametrize("keep_weights", [True, False])
+def test_weights_changed_during_load_are_caught(tmp_path: Path, keep_weights: bool) -> None:
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+    if keep_weights:
+        with pytest.raises(sandbox.SandboxViolation) as info:
+            sandbox.safe_load(path, runner=PoisoningRunner())
+        report = info.value.report
+    else:
+        report = sandbox.scan(path, runner=PoisoningRunner())
+    tampered = [f for f in report.findings if f.rule == "weights-tampered"]
+    assert tampered and tampered[0].evidence["tensors"][0]["name"] == "encoder.weight"
+    assert report.verdict is sandbox.Verdict.MALICIOUS

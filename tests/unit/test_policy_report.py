@@ -72,3 +72,27 @@ def test_report_rejects_foreign_json() -> None:
 def test_severity_order() -> None:
     assert Severity.INFO < Severity.LOW < Severity.MEDIUM < Severity.HIGH < Severity.CRITICAL
     assert Severity.parse("High") is Severity.HIGH
+
+
+def test_static_only_scan_needs_no_engine(tmp_path: Path) -> None:
+    import pickle
+
+    import torch
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (eval, ("1 + 1",))
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "good.pt")
+    (tmp_path / "bad.pkl").write_bytes(pickle.dumps({"x": Payload()}))
+    env = {**__import__("os").environ, "DOCKER_HOST": "unix:///nonexistent.sock"}
+    run = [sys.executable, "-m", "sandbox", "scan", "--static-only", "--format", "json"]
+    good = subprocess.run([*run, str(tmp_path / "good.pt")], capture_output=True, text=True,
+                          env=env, check=False)
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["static"]["format"] == "torch-zip"
+    bad = subprocess.run([*run, str(tmp_path / "bad.pkl")], capture_output=True, text=True,
+                         env=env, check=False)
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    assert report["verdict"] == "malicious" and "builtins.eval" in report["static"]["dangerous"]
