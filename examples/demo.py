@@ -2,7 +2,8 @@
 
 The hostile file's payload is harmless: it tries to create a marker file in ./demo-output and
 to connect to a port this script listens on at 127.0.0.1. Loaded with plain torch.load it
-would do both; through model-sandbox it does neither, and the report says what it tried.
+would do both. `convert` refuses it on the static scan; `scan` loads it in the sandbox to
+record what it tries (the program it starts, the address it dials); neither reaches the host.
 """
 
 from __future__ import annotations
@@ -47,9 +48,12 @@ def main() -> int:
     torch.save({"state_dict": model.state_dict(), "payload": Payload(code)}, OUT / "hostile.pt")
 
     worst = 0
-    for name in ("benign.pt", "hostile.pt"):
-        print(f"\n$ model-sandbox convert {OUT / name}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "sandbox", "convert", str(OUT / name)],
+    # convert refuses the hostile file on its static scan alone; scan then runs it in the
+    # sandbox anyway, to record what it tries to do
+    for command, name in (("convert", "benign.pt"), ("convert", "hostile.pt"),
+                          ("scan", "hostile.pt")):
+        print(f"\n$ model-sandbox {command} {OUT / name}", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "sandbox", command, str(OUT / name)],
                               check=False)
         worst = max(worst, proc.returncode)
 
