@@ -39,7 +39,6 @@ torch and numpy are imported only inside the functions that build tensors.
 from __future__ import annotations
 
 import collections
-import hashlib
 import os
 import struct
 import time
@@ -607,28 +606,9 @@ class _Namer:
         self.active: set[int] = set()
 
     def name(self, path: tuple[str, ...]) -> str:
-        base = ".".join(path) if path else "tensor"
-        base = "".join(ch if ch.isprintable() else "?" for ch in base)
-        if len(base) > P.MAX_NAME_LEN - 20:
-            try:
-                digest = hashlib.sha256(base.encode()).hexdigest()[:16]
-            except UnicodeEncodeError:
-                raise _Unsupported("a tensor path holds a lone surrogate") from None
-            base = base[: P.MAX_NAME_LEN - 40] + "~" + digest
-        name, n = base, 1
-        while name in self.names or name == "__metadata__":
-            name = f"{base}#{n}"
-            n += 1
-        self.names.add(name)
-        return name
+        return P.tensor_name(path, self.names)  # the worker's naming, exactly
 
-    @staticmethod
-    def component(key: object) -> str:
-        if isinstance(key, str):
-            return key
-        if isinstance(key, (bool, int)) or key is None:
-            return str(key)
-        return repr(key)[:80]
+    component = staticmethod(P.path_component)
 
     def walk(self, obj: object, path: tuple[str, ...] = (), depth: int = 0) -> None:
         self.nodes += 1

@@ -62,24 +62,9 @@ class Extractor:
 
     # -- naming --------------------------------------------------------------------------------
     def _name(self, path: tuple[str, ...]) -> str:
-        base = ".".join(path) if path else "tensor"
-        base = "".join(ch if ch.isprintable() else "?" for ch in base)
-        if len(base) > P.MAX_NAME_LEN - 20:
-            base = base[: P.MAX_NAME_LEN - 40] + "~" + hashlib.sha256(base.encode()).hexdigest()[:16]
-        name, n = base, 1
-        while name in self.names or name == "__metadata__":
-            name = f"{base}#{n}"
-            n += 1
-        self.names.add(name)
-        return name
+        return P.tensor_name(path, self.names)
 
-    @staticmethod
-    def _component(key: Any) -> str:
-        if isinstance(key, str):
-            return key
-        if isinstance(key, (bool, int)) or key is None:
-            return str(key)
-        return repr(key)[:80]
+    _component = staticmethod(P.path_component)
 
     # -- walking -------------------------------------------------------------------------------
     def _opaque(self, obj: object, where: str, why: str) -> dict[str, Any]:

@@ -14,6 +14,8 @@ Output directory after a load::
 
 from __future__ import annotations
 
+import hashlib
+
 PROTOCOL_VERSION = 1
 
 # Paths inside the container.
@@ -84,3 +86,31 @@ TORCH_DTYPES: dict[str, tuple[str, int]] = {
     "float8_e4m3fnuz": ("U8", 1), "float8_e5m2fnuz": ("U8", 1), "float8_e8m0fnu": ("U8", 1),
     "complex64": ("C64", 8), "complex128": ("U8", 16), "complex32": ("U8", 4),
 }
+
+
+# -- naming, shared by the worker and the host's independent reconstruction --------------------
+
+def path_component(key: object) -> str:
+    """How one dict key or list index appears in a tensor name."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, (bool, int)) or key is None:
+        return str(key)
+    return repr(key)[:80]
+
+
+def tensor_name(path: tuple[str, ...], taken: set[str]) -> str:
+    """A unique tensor name for ``path`` (components joined with "."), added to ``taken``.
+
+    Unprintable characters become "?", very long names are shortened with a hash, and a name
+    already taken gets "#1", "#2"... (``__metadata__`` is reserved by SafeTensors)."""
+    base = ".".join(path) if path else "tensor"
+    base = "".join(ch if ch.isprintable() else "?" for ch in base)
+    if len(base) > MAX_NAME_LEN - 20:
+        base = base[: MAX_NAME_LEN - 40] + "~" + hashlib.sha256(base.encode()).hexdigest()[:16]
+    name, n = base, 1
+    while name in taken or name == "__metadata__":
+        name = f"{base}#{n}"
+        n += 1
+    taken.add(name)
+    return name
