@@ -37,34 +37,41 @@ def weights(path: str, manifest: dict[str, Any],
             tensors: Mapping[str, torch.Tensor] | None = None) -> list[Finding]:
     """Compare what the sandbox returned with an independent reading of the file.
 
-    With ``tensors`` (what the host read back) every tensor and view is compared byte for
-    byte; without (a scan keeps no weights) the manifest's per-tensor sha256 is used."""
+    Stored tensors are compared through the manifest's sha256 (the host has already checked
+    every stored tensor's bytes against it); views, when the host holds the ``tensors``, are
+    hashed as the caller will see them. Without tensors (a scan keeps no weights) a view is
+    covered by its base."""
     rec = _reconstruct.try_reconstruct(path)
     if isinstance(rec, _reconstruct.NotReconstructed):
         return [rec.finding()]
     findings = list(rec.findings)
-    if tensors is not None:
-        return findings + _reconstruct.compare(rec, tensors)
     stored = {e["name"]: e for e in manifest["tensors"]}
-    views = {v["name"] for v in manifest["views"]}
+    views = {v["name"]: v for v in manifest["views"]}
     expected = dict(rec.tensors)
     missing = sorted(n for n in expected if n not in stored and n not in views)
-    extra = sorted(n for n in list(stored) + sorted(views)
-                   if n not in expected and n not in rec.unreadable)
-    changed = []
+    extra = sorted(n for n in [*stored, *views] if n not in expected and n not in rec.unreadable)
+    changed: list[dict[str, Any]] = []
     for name, want in expected.items():
-        entry = stored.get(name)
+        entry = stored.get(name) or views.get(name)
         if entry is None:
-            continue  # a view: its base is compared
+            continue
+        if name in stored:
+            digest: str | None = entry["sha256"]
+        elif tensors is not None and name in tensors:
+            from ._convert import tensor_digest
+
+            digest = tensor_digest(tensors[name])
+        else:
+            digest = None  # a view without the host's tensors: its base is compared
         if entry["dtype"] != want.dtype or tuple(entry["shape"]) != tuple(want.shape) or \
-                entry["sha256"] != want.sha256:
-            changed.append({"name": name, "expected_sha256": want.sha256,
-                            "actual_sha256": entry["sha256"]})
+                (digest is not None and digest != want.sha256):
+            changed.append({"name": name, "expected_sha256": want.sha256, "actual_sha256": digest})
     if changed:
         findings.append(Finding(
             rule="weights-tampered", severity=Severity.HIGH, category="evasion",
             message="the loader returned weights that are not in the file: "
-                    + ", ".join(c["name"] for c in changed[:5]),
+                    + ", ".join(str(c["name"]) for c in changed[:5])
+                    + (f" and {len(changed) - 5} more" if len(changed) > 5 else ""),
             evidence={"tensors": changed[:20], "count": len(changed), "format": rec.format}))
     if missing or extra:
         findings.append(Finding(
