@@ -64,7 +64,8 @@ def main() -> None:
     stages.wrap(_convert, "load_tensors", "host read-back")
     stages.wrap(_verify, "weights", "weight check")
 
-    print(f"{'size':>8} {'torch.load':>11} {'safe_load':>10} {'ratio':>6} {'scan':>7}  stages of one safe_load")
+    print(f"{'size':>8} {'torch.load':>11} {'safe_load':>10} {'ratio':>6} {'scan':>7}  "
+          "stages of one safe_load")
     with tempfile.TemporaryDirectory() as tmp:
         for mb in (int(x) for x in args.sizes_mb.split(",")):
             n = max(1, mb // 8)

@@ -140,7 +140,7 @@ def main() -> None:
             scan = scan_file(path)
             t_scan = median_time(functools.partial(scan_file, path), args.repeat)
             t_rec = median_time(functools.partial(try_reconstruct, path), args.repeat)
-            t_load = median_time(functools.partial(torch.load, path, weights_only=True),  # noqa: TID251  (the baseline)
+            t_load = median_time(functools.partial(torch.load, path, weights_only=True),
                                  args.repeat)
             print(f"\n{label}: {mb:,.1f} MB, {len(scan.storages)} storage records, "
                   f"{len(scan.findings)} findings")
