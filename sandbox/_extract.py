@@ -8,6 +8,7 @@ within its size cap; JSON is parsed only after the size check and then validated
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -136,6 +137,11 @@ def validate_status(data: Any) -> dict[str, Any]:
     if "env_keys" in data:
         _require(isinstance(data["env_keys"], list) and
                  all(isinstance(k, str) for k in data["env_keys"]), item, "env_keys malformed")
+    if "limit" in data:
+        _require(data["limit"] is None or data["limit"] in _SUPERVISOR_LIMITS, item,
+                 "limit is not one the supervisor enforces")
+    if "resources" in data:
+        data["resources"] = _validate_resources(data["resources"], item)
     result = data.get("result")
     _require(result is None or isinstance(result, dict), item, "result is not an object")
     if isinstance(result, dict):
@@ -145,6 +151,32 @@ def validate_status(data: Any) -> dict[str, Any]:
                 result[key] = result[key][:4000]
     status: dict[str, Any] = data
     return status
+
+
+_SUPERVISOR_LIMITS = ("wall_clock", "cpu")
+_RESOURCE_SECONDS = ("cpu_s", "sample_s")
+_RESOURCE_COUNTS = ("rss_peak_bytes", "threads_peak", "children_peak", "samples")
+
+
+def _validate_resources(res: Any, item: str) -> dict[str, Any]:
+    """The supervisor's samples of the loader's tree: known keys only, finite and non-negative."""
+    _require(isinstance(res, dict), item, "resources is not an object")
+    clean: dict[str, Any] = {}
+    for key in _RESOURCE_SECONDS:
+        if key in res:
+            v = res[key]
+            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                     math.isfinite(v) and 0 <= v <= 1e9, item, f"resources.{key} is not a duration")
+            clean[key] = float(v)
+    for key in _RESOURCE_COUNTS:
+        if key in res:
+            v = res[key]
+            _require(_is_int(v) and 0 <= v < 2**63, item, f"resources.{key} is not a count")
+            clean[key] = v
+    if "error" in res:
+        _require(isinstance(res["error"], str), item, "resources.error is not a string")
+        clean["error"] = res["error"][:200]
+    return clean
 
 
 def validate_manifest(data: Any) -> dict[str, Any]:

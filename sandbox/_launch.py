@@ -91,7 +91,7 @@ def make_spec(policy: Policy, *, image: str, input_path: str, output_dir: str, i
               write_tensors: bool = True) -> ContainerSpec:
     lim = policy.limits
     out_bytes = lim.output_bytes(input_size)
-    cfg = {"wall_clock_s": lim.wall_clock_s, "max_output_bytes": out_bytes,
+    cfg = {"wall_clock_s": lim.wall_clock_s, "cpu_s": lim.cpu_s, "max_output_bytes": out_bytes,
            "write_tensors": write_tensors}
     return ContainerSpec(
         image=image,

@@ -7,6 +7,7 @@ killed, but it sits in a directory the loader could write, so it is validated da
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +29,26 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
-def _limit(limit: str, value: float | int, message: str) -> tuple[Finding, LimitExceeded]:
+def _limit(limit: str, value: float | int, message: str, *,
+           by: str = "engine", **evidence: Any) -> tuple[Finding, LimitExceeded]:
+    """The finding and the error for a limit that ended the load; ``by``: who enforced it (the
+    engine, or the supervisor inside the container)."""
     finding = Finding(rule=f"limit-{limit.replace('_', '-')}", severity=Severity.MEDIUM,
-                      category="resource", message=message, evidence={"limit": limit, "value": value})
+                      category="resource", message=message,
+                      evidence={"limit": limit, "value": value, "enforced_by": by, **evidence})
     return finding, LimitExceeded(message, limit=limit, value=value)
+
+
+def _cpu_limit(spec: ContainerSpec) -> float:
+    """The CPU-time limit the spec passed to the supervisor (its JSON config, built by us)."""
+    try:
+        value = json.loads(spec.command[-1]).get("cpu_s", spec.wall_clock_s)
+    except (IndexError, ValueError, AttributeError):
+        return spec.wall_clock_s
+    return float(value) if isinstance(value, (int, float)) else spec.wall_clock_s
+
+
+_SIGXCPU = 24  # the loader's RLIMIT_CPU backstop
 
 
 def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec,
@@ -42,6 +59,9 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
         for key in ("wall_s", "cpu_user_s", "cpu_system_s", "max_rss_kb"):
             if key in status:
                 out.resources[key] = status[key]
+        # the supervisor's samples of the loader's process tree (validated by _extract)
+        for key, value in (status.get("resources") or {}).items():
+            out.resources["sampling_error" if key == "error" else key] = value
         if status.get("env_keys"):
             out.findings.append(Finding(
                 rule="environment-not-empty", severity=Severity.HIGH, category="credential",
@@ -63,9 +83,26 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
         out.findings.append(f)
         out.error = e
         return out
-    if run.timed_out or (status and status.get("timed_out")):
+    if run.timed_out:
         f, e = _limit("wall_clock", spec.wall_clock_s,
                       f"the load did not finish within {spec.wall_clock_s:g} s and was stopped")
+        out.findings.append(f)
+        out.error = e
+        return out
+    # Limits the supervisor enforced: it names them (older statuses only say "timed_out").
+    acted = (status or {}).get("limit") or ("wall_clock" if (status or {}).get("timed_out") else None)
+    if acted == "wall_clock":
+        f, e = _limit("wall_clock", spec.wall_clock_s,
+                      f"the load did not finish within {spec.wall_clock_s:g} s and was stopped",
+                      by="supervisor")
+        out.findings.append(f)
+        out.error = e
+        return out
+    if acted == "cpu":
+        cpu = _cpu_limit(spec)
+        used = out.resources.get("cpu_s")
+        f, e = _limit("cpu", cpu, f"the load used more than {cpu:g} s of CPU time and was stopped",
+                      by="supervisor", **({"used_s": used} if used is not None else {}))
         out.findings.append(f)
         out.error = e
         return out
@@ -96,6 +133,12 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
             f, e = _limit("memory", spec.memory_bytes,
                           "the loader was killed by SIGKILL, most likely at the memory limit "
                           f"of {spec.memory_bytes // 2**20} MiB")
+            out.findings.append(f)
+            out.error = e
+        elif signal_no == _SIGXCPU:
+            cpu = _cpu_limit(spec)
+            f, e = _limit("cpu", cpu, f"the loader used more than {cpu:g} s of CPU time and was "
+                          "stopped by its own CPU rlimit", by="rlimit")
             out.findings.append(f)
             out.error = e
         else:

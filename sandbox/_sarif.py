@@ -51,6 +51,7 @@ RULES: dict[str, tuple[str, Severity]] = {
     "unexpected-output": ("the load wrote a file the worker never writes", Severity.MEDIUM),
     "unrepresentable-object": ("an object that is not data was replaced by a placeholder",
                                Severity.INFO),
+    "limit-cpu": ("the load reached the CPU-time limit", Severity.MEDIUM),
     "limit-memory": ("the load reached the memory limit", Severity.MEDIUM),
     "limit-wall-clock": ("the load reached the wall-clock limit", Severity.MEDIUM),
     "limit-output-bytes": ("the load reached the output-size limit", Severity.MEDIUM),

@@ -9,6 +9,8 @@ A policy file is TOML and starts with ``name`` and ``description``::
 
     [limits]
     wall_clock_s = 300
+    cpu_s = 300                      # CPU time of the loader's whole process tree; default:
+                                     # the same as wall_clock_s
     memory_mb = 8192
     pids = 64
     cpus = 1.0
@@ -42,7 +44,7 @@ __all__ = ["Limits", "Policy", "StaticRules"]
 
 _VERDICTS = ("suspicious", "malicious", "never")
 _BOUNDS: dict[str, tuple[float, float]] = {
-    "wall_clock_s": (1.0, 86400.0), "memory_mb": (256, 1 << 20), "pids": (8, 65536),
+    "wall_clock_s": (1.0, 86400.0), "cpu_s": (1.0, 86400.0), "memory_mb": (256, 1 << 20), "pids": (8, 65536),
     "cpus": (0.1, 1024.0), "tmp_mb": (1, 1 << 20), "output_mb": (1, 1 << 24),
     "output_ratio": (1.0, 1000.0),
 }
@@ -50,13 +52,30 @@ _BOUNDS: dict[str, tuple[float, float]] = {
 
 @dataclass(frozen=True)
 class Limits:
+    """What one sandboxed load may use.
+
+    ``wall_clock_s``: seconds from the loader's start to its end; ``cpu_s``: CPU seconds (user
+    plus system) of the loader's whole process tree, as the supervisor samples it about every
+    100 ms (not set: the same as ``wall_clock_s``, which one CPU cannot exceed, so it changes
+    nothing unless configured); ``memory_mb``: the container's memory (and swap) limit;
+    ``pids``: processes and threads in the container; ``cpus``: CPU share; ``tmp_mb``: the
+    scratch ``/tmp``; ``output_mb`` / ``output_ratio``: the cap on the output directory (see
+    :meth:`output_bytes`). Exceeding any of them ends the load with
+    :class:`~sandbox.errors.LimitExceeded` naming the limit.
+    """
+
     wall_clock_s: float = 300.0
+    cpu_s: float = 0.0  # 0: not set, becomes wall_clock_s
     memory_mb: int = 8192
     pids: int = 64
     cpus: float = 1.0
     tmp_mb: int = 256
     output_mb: int = 65536
     output_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not self.cpu_s:
+            object.__setattr__(self, "cpu_s", float(self.wall_clock_s))
 
     def output_bytes(self, input_size: int) -> int:
         """The byte cap on the output directory for an input of ``input_size`` bytes."""

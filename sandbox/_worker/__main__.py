@@ -9,23 +9,27 @@ Started by the engine as the container's PID 1 (``python -I -m sandbox_worker CO
    new session with resource limits;
 3. takes the loader's seccomp listener (see :mod:`._seccomp`: the loader installs a notifying
    filter before it opens the input, and fails closed if it cannot) and, while waiting under the
-   wall-clock limit, answers every notification, drains the loader's self-reported audit events
-   and collects its bounded result message;
+   wall-clock and CPU-time limits, answers every notification, drains the loader's
+   self-reported audit events, samples the resources of the loader's process tree (psutil,
+   about every 100 ms, between notifications) and collects its bounded result message;
 4. kills every other process left in the container (PID 1 can; the payload cannot kill PID 1:
    the kernel drops signals to a namespace's init that it has no handler for, and we keep none:
    Python's SIGINT handler is reset; kill/ptrace of PID 1 are refused by the filter, and this
    process is not dumpable, so its memory and descriptors are out of the loader's reach);
 5. writes ``events.jsonl`` (bounded: separate budgets for kernel and self-reported events, exact
    counts in the status) and then ``status.json`` (with the canary values, so that the host can
-   search for them) to the output directory, replacing anything the loader planted there.
+   search for them, the ``resources`` the tree used and the ``limit`` the supervisor enforced,
+   if any) to the output directory, replacing anything the loader planted there.
 
-The supervisor never imports torch and never unpickles anything.
+The supervisor never imports torch and never unpickles anything; psutil is imported on the
+first sample, after the loader has been forked.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import importlib
 import json
 import os
 import resource
@@ -43,6 +47,8 @@ from . import _seccomp
 
 STAGE2 = "--stage2"
 _RESULT_LIMIT = 64 * 1024
+_SAMPLE_EVERY_S = 0.1
+_CPU_BACKSTOP_S = 5  # RLIMIT_CPU of the loader: this many seconds past the tree's limit
 
 
 def _config(argv: list[str]) -> dict[str, Any]:
@@ -71,6 +77,10 @@ def _loader_main(cfg: dict[str, Any], ch: _ChildEnds, env: dict[str, str], start
         if max_out > 0:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_out, max_out))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        cpu = float(cfg.get("cpu_s", 0))
+        if cpu > 0:  # a backstop per process: the supervisor stops the whole tree before this
+            soft = int(cpu) + _CPU_BACKSTOP_S
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + _CPU_BACKSTOP_S))
         os.chdir("/tmp")
         os.environ.update(env)  # the canaries: the loader's whole environment
         try:
@@ -281,6 +291,101 @@ class _SelfReports:
         self.log.add("self_reported", kind[:64], detail, "recorded", min(max(t, 0.0), 1e7))
 
 
+# -- resources ----------------------------------------------------------------------------------
+
+class _Resources:
+    """Samples the loader's process tree with psutil: every process in the container's PID
+    namespace but this one (the loader, whatever it spawned, and orphans re-parented to us).
+
+    CPU time is the live processes' own and reaped children's time plus what this process has
+    reaped (``RUSAGE_CHILDREN``), kept monotonic; RSS is summed over the tree; threads and child
+    processes are counted. Peaks are over samples, so a spike shorter than the interval can be
+    missed (the final figures also take the kernel's ``ru_maxrss`` of the largest process)."""
+
+    def __init__(self, loader: int, cpu_limit_s: float) -> None:
+        self.loader = loader
+        self.cpu_limit_s = cpu_limit_s
+        self.me = os.getpid()
+        self.next_at = 0.0
+        self.samples = 0
+        self.cpu_s = 0.0
+        self.rss_peak = 0
+        self.threads_peak = 0
+        self.children_peak = 0
+        self.sample_s = 0.0  # time spent sampling, to keep the cost visible
+        self.error: str | None = None
+        self._psutil: Any = None
+        self._procs: dict[int, Any] = {}
+
+    def wait_s(self, now: float, most: float) -> float:
+        """How long the event loop may block before the next sample is due."""
+        if self.error is not None:
+            return most
+        return min(most, max(0.0, self.next_at - now))
+
+    def due(self, now: float) -> bool:
+        return self.error is None and now >= self.next_at
+
+    def over_limit(self) -> bool:
+        return 0 < self.cpu_limit_s < self.cpu_s
+
+    def sample(self, now: float) -> None:
+        self.next_at = now + _SAMPLE_EVERY_S
+        t0 = time.perf_counter()
+        try:
+            self._sample()
+        except Exception as exc:  # monitoring must never stop the supervisor
+            self.error = f"{type(exc).__name__}: {exc}"[:200]
+        self.sample_s += time.perf_counter() - t0
+
+    def _sample(self) -> None:
+        if self._psutil is None:  # in the image; imported here, after the loader's fork
+            self._psutil = importlib.import_module("psutil")
+        ps = self._psutil
+        cpu = rss = threads = others = 0
+        live: dict[int, Any] = {}
+        for pid in ps.pids():
+            if pid == self.me:
+                continue
+            proc = self._procs.get(pid)
+            try:
+                if proc is None:
+                    proc = ps.Process(pid)
+                with proc.oneshot():
+                    t = proc.cpu_times()
+                    mem = proc.memory_info()
+                    n = proc.num_threads()
+            except ps.Error:  # gone, or a zombie: its time reaches its parent (or us) when reaped
+                continue
+            live[pid] = proc
+            cpu += t.user + t.system + t.children_user + t.children_system
+            rss += mem.rss
+            threads += n
+            others += pid != self.loader
+        self._procs = live
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.samples += 1
+        self.cpu_s = max(self.cpu_s, cpu + reaped.ru_utime + reaped.ru_stime)
+        self.rss_peak = max(self.rss_peak, rss)
+        self.threads_peak = max(self.threads_peak, threads)
+        self.children_peak = max(self.children_peak, others)
+
+    def finish(self) -> dict[str, Any]:
+        """Final figures, once every loader process has been reaped."""
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out: dict[str, Any] = {
+            "cpu_s": round(max(self.cpu_s, usage.ru_utime + usage.ru_stime), 3),
+            "rss_peak_bytes": max(self.rss_peak, usage.ru_maxrss * 1024),
+            "threads_peak": self.threads_peak,
+            "children_peak": self.children_peak,
+            "samples": self.samples,
+            "sample_s": round(self.sample_s, 4),
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
 # -- supervision ---------------------------------------------------------------------------------
 
 class _Monitor:
@@ -346,6 +451,7 @@ def _supervise(cfg: dict[str, Any]) -> tuple[dict[str, Any], _EventLog]:
     env = {k: values[k] for k in _ENV_CANARIES}
     env["HOME"] = P.CANARY_HOME
     wall = float(cfg.get("wall_clock_s", 120))
+    cpu_limit = float(cfg.get("cpu_s", 0))
     rfd, result_w = os.pipe()
     hand_r, hand_w = os.pipe()
     ack_r, ack_w = os.pipe()
@@ -358,6 +464,7 @@ def _supervise(cfg: dict[str, Any]) -> tuple[dict[str, Any], _EventLog]:
         _loader_main(cfg, _ChildEnds(result_w, hand_w, ack_r, audit_w), env, start)
     for fd in (result_w, hand_w, ack_r, audit_w):
         os.close(fd)
+    resources = _Resources(pid, cpu_limit)
     monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start)
     status["monitor"] = {"kernel": monitor is not None}
     for fd in (rfd, audit_r):
@@ -366,11 +473,11 @@ def _supervise(cfg: dict[str, Any]) -> tuple[dict[str, Any], _EventLog]:
     chunks: list[bytes] = []
     received = 0
     wait_status: int | None = None
-    timed_out = False
+    limit: str | None = None
     open_fds = [rfd, audit_r]
     while wait_status is None:
         watch = open_fds + ([monitor.listener] if monitor else [])
-        ready = _seccomp.wait_readable(watch, 0.05)
+        ready = _seccomp.wait_readable(watch, resources.wait_s(time.monotonic(), 0.05))
         if monitor and monitor.listener in ready and not monitor.serve():
             monitor.close()
             monitor = None
@@ -393,9 +500,15 @@ def _supervise(cfg: dict[str, Any]) -> tuple[dict[str, Any], _EventLog]:
         wait_status = _reap_others(pid)
         if wait_status is not None:
             break
-        if time.monotonic() - start > wall:
-            timed_out = True
+        now = time.monotonic()
+        if now - start > wall:
+            limit = "wall_clock"
             break
+        if resources.due(now):
+            resources.sample(now)
+            if resources.over_limit():
+                limit = "cpu"
+                break
     elapsed = time.monotonic() - start
     reaped = _kill_all()
     if wait_status is None:
@@ -416,7 +529,9 @@ def _supervise(cfg: dict[str, Any]) -> tuple[dict[str, Any], _EventLog]:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     status.update({
         "wall_s": round(elapsed, 4),
-        "timed_out": timed_out,
+        "timed_out": limit == "wall_clock",
+        "limit": limit,
+        "resources": resources.finish(),
         "exit_code": os.waitstatus_to_exitcode(wait_status),
         "cpu_user_s": round(usage.ru_utime, 3),
         "cpu_system_s": round(usage.ru_stime, 3),

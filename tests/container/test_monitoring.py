@@ -266,6 +266,11 @@ def test_benign_state_dict_is_clean_with_no_findings(tmp_path: Path) -> None:
     assert report.verdict is Verdict.CLEAN
     assert report.findings == []
     assert not [e for e in report.events if e.source == "kernel" and e.action == "denied"]
+    # the supervisor's samples of the loader: importing torch alone takes CPU and memory
+    res = report.resources
+    assert res["cpu_s"] > 0 and res["rss_peak_bytes"] > 50 * 2**20
+    assert res["threads_peak"] >= 1 and res["children_peak"] == 0 and res["samples"] >= 1
+    assert "sampling_error" not in res
     # the same report survives its own JSON round trip
     assert LoadReport.from_json(report.to_json()).verdict is Verdict.CLEAN
     json.loads(report.to_json())

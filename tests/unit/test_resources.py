@@ -1,0 +1,162 @@
+"""Resources and the CPU-time limit, host side: the policy key, the supervisor's config, the
+validation of the (untrusted) ``resources`` and ``limit`` in status.json, and how a limit the
+supervisor enforced becomes an error and a finding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sandbox
+from sandbox import _monitor
+from sandbox._extract import validate_status
+from sandbox._launch import ContainerSpec, RunResult, make_spec
+from sandbox._worker import _protocol as P
+from sandbox.errors import LimitExceeded, LoadFailed, OutputRejected, PolicyError
+from sandbox.policy import Limits, Policy
+from sandbox.report import Severity
+from tests import checkpoints as ck
+
+RESOURCES = {"cpu_s": 2.5, "rss_peak_bytes": 230_000_000, "threads_peak": 3, "children_peak": 0,
+             "samples": 25, "sample_s": 0.02}
+
+
+def status(**extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": [], "exit_code": 0,
+                            "wall_s": 2.6, "result": {"ok": True, "format": "torch-zip"},
+                            "limit": None, "resources": dict(RESOURCES)}
+    base.update(extra)
+    return base
+
+
+def spec(tmp_path: Path, **limits: float) -> ContainerSpec:
+    return make_spec(ck.observe_policy("never", **limits), image="img", input_path=str(tmp_path / "in.pt"),
+                     output_dir=str(tmp_path), input_size=1000)
+
+
+# -- the policy key -------------------------------------------------------------------------------
+
+def test_cpu_limit_defaults_to_the_wall_clock() -> None:
+    assert Limits().cpu_s == Limits().wall_clock_s == 300
+    assert Limits(wall_clock_s=42).cpu_s == 42
+    assert Limits(wall_clock_s=42, cpu_s=7).cpu_s == 7
+    assert ck.observe_policy(wall_clock_s=10).limits.cpu_s == 10
+    assert ck.observe_policy(cpu_s=3, wall_clock_s=60).limits.cpu_s == 3
+
+
+def test_builtin_policies_set_a_cpu_limit() -> None:
+    for p in (Policy.default(), Policy.strict(), Policy.audit()):
+        assert 1 <= p.limits.cpu_s <= p.limits.wall_clock_s * p.limits.cpus
+    assert Policy.strict().limits.cpu_s < Policy.default().limits.cpu_s
+
+
+@pytest.mark.parametrize("value", [0, 0.5, 86401, "10", True])
+def test_cpu_limit_is_validated(value: Any) -> None:
+    with pytest.raises(PolicyError, match=r"limits\.cpu_s"):
+        Policy.from_dict({"name": "x", "description": "y", "limits": {"cpu_s": value}})
+
+
+def test_the_supervisor_gets_the_cpu_limit(tmp_path: Path) -> None:
+    cfg = json.loads(spec(tmp_path, cpu_s=3, wall_clock_s=60).command[0])
+    assert cfg["cpu_s"] == 3 and cfg["wall_clock_s"] == 60
+
+
+# -- validation of status.json ------------------------------------------------------------------
+
+def test_valid_resources_pass_and_unknown_keys_are_dropped() -> None:
+    data = status(limit="cpu", resources={**RESOURCES, "junk": "x" * 10_000, "error": "e" * 500})
+    got = validate_status(data)
+    assert got["limit"] == "cpu"
+    assert set(got["resources"]) == set(RESOURCES) | {"error"}
+    assert len(got["resources"]["error"]) == 200
+    assert isinstance(got["resources"]["cpu_s"], float)
+
+
+@pytest.mark.parametrize("resources", [
+    [], "cpu", {"cpu_s": "1"}, {"cpu_s": True}, {"cpu_s": -1.0}, {"cpu_s": float("nan")},
+    {"cpu_s": float("inf")}, {"rss_peak_bytes": 1.5}, {"threads_peak": -1},
+    {"children_peak": False}, {"samples": 2**64}, {"error": 3},
+])
+def test_malformed_resources_are_rejected(resources: Any) -> None:
+    with pytest.raises(OutputRejected, match="resources"):
+        validate_status(status(resources=resources))
+
+
+@pytest.mark.parametrize("limit", ["memory", "CPU", "", 1, ["cpu"]])
+def test_unknown_limits_are_rejected(limit: Any) -> None:
+    with pytest.raises(OutputRejected, match="limit"):
+        validate_status(status(limit=limit))
+
+
+# -- interpretation --------------------------------------------------------------------------------
+
+def test_resources_are_copied_into_the_outcome(tmp_path: Path) -> None:
+    out = _monitor.interpret(RunResult(exit_code=0), validate_status(status()), spec(tmp_path), "in.pt")
+    assert out.ok and out.error is None
+    assert {k: out.resources[k] for k in RESOURCES} == RESOURCES
+    err = status(resources={**RESOURCES, "error": "no psutil"})
+    out = _monitor.interpret(RunResult(exit_code=0), validate_status(err), spec(tmp_path), "in.pt")
+    assert out.resources["sampling_error"] == "no psutil"
+
+
+def test_cpu_limit_from_the_supervisor(tmp_path: Path) -> None:
+    st = status(limit="cpu", exit_code=-9, resources={**RESOURCES, "cpu_s": 3.1},
+                result={"ok": False, "kind": "load-failed", "message": "no result"})
+    out = _monitor.interpret(RunResult(exit_code=0), validate_status(st),
+                             spec(tmp_path, cpu_s=3, wall_clock_s=60), "in.pt")
+    assert isinstance(out.error, LimitExceeded)
+    assert out.error.limit == "cpu" and out.error.value == 3
+    (f,) = out.findings
+    assert (f.rule, f.severity, f.category) == ("limit-cpu", Severity.MEDIUM, "resource")
+    assert f.evidence == {"limit": "cpu", "value": 3.0, "enforced_by": "supervisor", "used_s": 3.1}
+
+
+def test_wall_clock_from_the_supervisor_names_itself(tmp_path: Path) -> None:
+    for st in (status(limit="wall_clock", timed_out=True, exit_code=-9),
+               status(timed_out=True, exit_code=-9)):  # a status without "limit"
+        out = _monitor.interpret(RunResult(exit_code=0), validate_status(st),
+                                 spec(tmp_path, wall_clock_s=5), "in.pt")
+        assert isinstance(out.error, LimitExceeded) and out.error.limit == "wall_clock"
+        assert out.findings[0].evidence["enforced_by"] == "supervisor"
+
+
+def test_engine_limits_come_first(tmp_path: Path) -> None:
+    st = validate_status(status(limit="cpu", exit_code=-9))
+    for run, limit in ((RunResult(exit_code=137, oom_killed=True), "memory"),
+                       (RunResult(exit_code=137, timed_out=True), "wall_clock"),
+                       (RunResult(exit_code=137, output_flood=True), "output_bytes")):
+        out = _monitor.interpret(run, st, spec(tmp_path), "in.pt")
+        assert isinstance(out.error, LimitExceeded) and out.error.limit == limit
+        assert out.findings[0].evidence["enforced_by"] == "engine"
+
+
+def test_the_rlimit_backstop_is_the_cpu_limit(tmp_path: Path) -> None:
+    st = status(exit_code=-24, result={"ok": False, "kind": "load-failed", "message": "no result"})
+    out = _monitor.interpret(RunResult(exit_code=0), validate_status(st),
+                             spec(tmp_path, cpu_s=4), "in.pt")
+    assert isinstance(out.error, LimitExceeded) and out.error.limit == "cpu"
+    assert out.findings[0].evidence["enforced_by"] == "rlimit"
+    # other signals stay load failures
+    st = status(exit_code=-11, result={"ok": False, "kind": "load-failed", "message": "x"})
+    out = _monitor.interpret(RunResult(exit_code=0), validate_status(st), spec(tmp_path), "in.pt")
+    assert isinstance(out.error, LoadFailed) and not isinstance(out.error, LimitExceeded)
+
+
+def test_cpu_limit_through_the_pipeline(tmp_path: Path) -> None:
+    from tests.unit.test_pipeline import FakeRunner
+
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+
+    def spun(out: str, st: dict[str, Any]) -> None:
+        st.update(limit="cpu", exit_code=-9, resources={**RESOURCES, "cpu_s": 2.1},
+                  result={"ok": False, "kind": "load-failed", "message": "no result"})
+
+    with pytest.raises(sandbox.LimitExceeded) as info:
+        sandbox.safe_load(path, runner=FakeRunner(spun), policy=ck.observe_policy(cpu_s=2))
+    assert info.value.limit == "cpu"
+    report = info.value.report
+    assert report is not None and report.resources["cpu_s"] == 2.1
+    assert any(f.rule == "limit-cpu" for f in report.findings)
