@@ -225,7 +225,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             monitored = _events.read(out_dir, output.status)
             report.events += monitored.events
             report.findings += monitored.findings
-            report.notes += monitored.notes
+            report.notes += monitored.notes + outcome.notes
             report.format = outcome.format
             changed = _verify.input_identity(report.input_sha256, output.status)
             if changed:
@@ -252,6 +252,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
         except SandboxError as exc:
             loaded.error = exc
             report.error = {"reference": exc.reference, "message": exc.message}
+        _apply_severities(report, policy)
         report.verdict = _judge(report)
         report.duration_s = round(time.monotonic() - start, 3)
         if loaded.error is not None:
@@ -260,6 +261,20 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _apply_severities(report: LoadReport, policy: Policy) -> None:
+    """The policy's per-rule severities; ``ignore`` drops the finding (its events stay)."""
+    overrides = dict(policy.events.severity)
+    if not overrides:
+        return
+    kept = []
+    for f in report.findings:
+        level = overrides.get(f.rule)
+        if level == "ignore":
+            continue
+        kept.append(f if level is None else dataclasses.replace(f, severity=Severity.parse(level)))
+    report.findings = kept
 
 
 class _StaticOnly(Exception):

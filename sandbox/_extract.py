@@ -142,6 +142,14 @@ def validate_status(data: Any) -> dict[str, Any]:
                  "limit is not one the supervisor enforces")
     if "resources" in data:
         data["resources"] = _validate_resources(data["resources"], item)
+    stopped = data.get("stopped")
+    if stopped is not None:
+        _require(isinstance(stopped, dict) and isinstance(stopped.get("kind"), str) and
+                 isinstance(stopped.get("category"), str) and
+                 isinstance(stopped.get("t"), (int, float)) and not isinstance(stopped["t"], bool),
+                 item, "stopped malformed")
+        data["stopped"] = {"kind": stopped["kind"][:40], "category": stopped["category"][:40],
+                           "t": float(stopped["t"])}
     result = data.get("result")
     _require(result is None or isinstance(result, dict), item, "result is not an object")
     if isinstance(result, dict):

@@ -171,8 +171,11 @@ def _rootfs_entries(site_dirs: list[Path]) -> Iterator[_Entry]:
         compileall.compile_dir(str(pkg), quiet=1, ddir=f"{dest_lib}/site-packages/sandbox_worker")
         for path in sorted(pkg.rglob("*")):
             if path.is_file():
+                # from the file, with its mtime: each .pyc records its source's mtime, and a
+                # mismatch makes the loader try to rewrite it on the read-only root (refused,
+                # and reported as a write outside the output directory)
                 yield _Entry(f"{dest_lib}/site-packages/sandbox_worker/{path.relative_to(pkg)}",
-                             data=path.read_bytes())
+                             source=path)
 
     # torch checks at import that its shared-memory manager exists; the worker never shares
     # tensors between processes, so an inert placeholder stands in for the executable.

@@ -91,8 +91,10 @@ def make_spec(policy: Policy, *, image: str, input_path: str, output_dir: str, i
               write_tensors: bool = True) -> ContainerSpec:
     lim = policy.limits
     out_bytes = lim.output_bytes(input_size)
+    ev = policy.events
     cfg = {"wall_clock_s": lim.wall_clock_s, "cpu_s": lim.cpu_s, "max_output_bytes": out_bytes,
-           "write_tensors": write_tensors}
+           "write_tensors": write_tensors, "fatal": list(ev.fatal), "errno": ev.errno_number,
+           "allow_read": list(ev.allow_read)}
     return ContainerSpec(
         image=image,
         input_path=input_path,

@@ -115,6 +115,13 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
             + (f"; its output ended with: {tail}" if tail else ""))
         return out
 
+    stopped = status.get("stopped")
+    if stopped is not None:
+        out.notes.append(f"the policy ended the load at the first refused {stopped['category']} "
+                         f"call ({stopped['kind']}, {stopped['t']:.3f} s after the start)")
+        out.error = LoadFailed(f"the load was stopped by the policy: it attempted "
+                               f"{stopped['category']} ({stopped['kind']})")
+        return out
     exit_code = status.get("exit_code")
     if result.get("ok") is True and exit_code == 0:
         out.ok = True

@@ -18,6 +18,13 @@ A policy file is TOML and starts with ``name`` and ``description``::
     output_mb = 65536                # ceiling; the real cap also scales with the input
     output_ratio = 4.0
 
+    [events]
+    fatal = ["exec", "network", "credential", "privilege"]  # refused calls that end the load
+    errno = "EPERM"                  # what refused calls return
+    allow_read = []                  # extra path prefixes whose reads are expected
+    [events.severity]                # per rule id: another severity, or "ignore"
+    "network-socket" = "medium"
+
     [static]
     unknown_globals = "info"         # severity of a pickle global outside the allowlist
     stop_before_sandbox = "malicious"  # safe_load/convert refuse before running at this verdict
@@ -40,7 +47,7 @@ from typing import Any
 
 from .errors import PolicyError
 
-__all__ = ["Limits", "Policy", "StaticRules"]
+__all__ = ["EventRules", "Limits", "Policy", "StaticRules"]
 
 _VERDICTS = ("suspicious", "malicious", "never")
 _BOUNDS: dict[str, tuple[float, float]] = {
@@ -102,6 +109,31 @@ _STATIC_CHOICES = {"unknown_globals": ("info", "low", "medium", "high", "critica
                    "stop_before_sandbox": ("suspicious", "malicious", "never")}
 
 
+_ERRNOS = {"EPERM": 1, "ENOENT": 2, "EACCES": 13, "ENOSYS": 38}
+_SEVERITY_CHOICES = ("ignore", "info", "low", "medium", "high", "critical")
+
+
+@dataclass(frozen=True)
+class EventRules:
+    """What the loader's filter and the report do with what the kernel shows.
+
+    ``fatal``: categories of refused calls that end the load at the first one (``exec``,
+    ``network``, ``credential``, ``privilege``, ``process``, ``file``); the report still says
+    what it tried, and the verdict is malicious. ``errno``: what refused calls return.
+    ``allow_read``: extra path prefixes whose reads are expected (not recorded).
+    ``severity``: per rule id (see docs/rules.md), another severity, or ``ignore`` to keep the
+    events but drop the finding."""
+
+    fatal: tuple[str, ...] = ("exec", "network", "credential", "privilege")
+    errno: str = "EPERM"
+    allow_read: tuple[str, ...] = ()
+    severity: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def errno_number(self) -> int:
+        return _ERRNOS[self.errno]
+
+
 @dataclass(frozen=True)
 class Policy:
     name: str
@@ -109,6 +141,7 @@ class Policy:
     fail_on: str = "malicious"
     limits: Limits = field(default_factory=Limits)
     static: StaticRules = field(default_factory=StaticRules)
+    events: EventRules = field(default_factory=EventRules)
 
     # -- named constructors -------------------------------------------------------------------
     @classmethod
@@ -152,7 +185,7 @@ class Policy:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> Policy:
         problems: list[str] = []
-        known = {"name", "description", "fail_on", "limits", "static"}
+        known = {"name", "description", "fail_on", "limits", "static", "events"}
         problems += [f"unknown key {k!r}" for k in data if k not in known]
         for key in ("name", "description"):
             if not isinstance(data.get(key), str) or not data.get(key, "").strip():
@@ -194,6 +227,7 @@ class Policy:
                 problems.append(f"'static.{key}' must be one of {list(choices)}, not {value!r}")
             else:
                 static_kwargs[key] = value
+        events = _event_rules(data.get("events", {}), problems)
         if problems:
             raise PolicyError(f"{source}: invalid policy: " + "; ".join(problems),
                               source=source, problems=problems)
@@ -202,7 +236,8 @@ class Policy:
                           "files judged malicious; isolation is unchanged, but use it for "
                           "research, not in production", UserWarning, stacklevel=3)
         return cls(name=data["name"], description=data["description"], fail_on=fail_on,
-                   limits=Limits(**limits_kwargs), static=StaticRules(**static_kwargs))
+                   limits=Limits(**limits_kwargs), static=StaticRules(**static_kwargs),
+                   events=events)
 
     # -- identity -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -213,6 +248,43 @@ class Policy:
     def digest(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+def _event_rules(raw: Any, problems: list[str]) -> EventRules:
+    if not isinstance(raw, dict):
+        problems.append("'events' must be a table")
+        return EventRules()
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "fatal":
+            from ._worker._protocol import FATAL_CATEGORIES
+
+            if not isinstance(value, list) or not all(v in FATAL_CATEGORIES for v in value):
+                problems.append(f"'events.fatal' must be a list of {list(FATAL_CATEGORIES)}")
+            else:
+                kwargs["fatal"] = tuple(dict.fromkeys(value))
+        elif key == "errno":
+            if value not in _ERRNOS:
+                problems.append(f"'events.errno' must be one of {list(_ERRNOS)}, not {value!r}")
+            else:
+                kwargs["errno"] = value
+        elif key == "allow_read":
+            if not isinstance(value, list) or not all(
+                    isinstance(v, str) and v.startswith("/") and ".." not in v.split("/")
+                    for v in value):
+                problems.append("'events.allow_read' must be a list of absolute path prefixes "
+                                "without '..'")
+            else:
+                kwargs["allow_read"] = tuple(value)
+        elif key == "severity":
+            if not isinstance(value, dict) or not all(
+                    isinstance(k, str) and v in _SEVERITY_CHOICES for k, v in value.items()):
+                problems.append(f"'events.severity' maps rule ids to one of {list(_SEVERITY_CHOICES)}")
+            else:
+                kwargs["severity"] = tuple(sorted(value.items()))
+        else:
+            problems.append(f"unknown key 'events.{key}'")
+    return EventRules(**kwargs)
 
 
 def builtin_names() -> list[str]:

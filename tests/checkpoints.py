@@ -217,7 +217,8 @@ def code_payload(code: str) -> Reduce:
 
 
 def observe_policy(fail_on: str = "never", **limits: float) -> Any:
-    """A policy that always runs the sandbox (no refusal on the static scan) and, with
+    """A policy that always runs the sandbox (no refusal on the static scan), lets the load go
+    on after a refused call (no fatal events), and, with
     ``fail_on="never"``, hands back the validated data even of hostile files: what the tests
     need to see what a payload achieved inside the sandbox."""
     import warnings
@@ -229,4 +230,4 @@ def observe_policy(fail_on: str = "never", **limits: float) -> Any:
         return sandbox.Policy.from_dict({
             "name": "observe", "description": "tests: always load, report everything",
             "fail_on": fail_on, "limits": limits,
-            "static": {"stop_before_sandbox": "never"}})
+            "static": {"stop_before_sandbox": "never"}, "events": {"fatal": []}})

@@ -28,6 +28,7 @@ first sample, after the loader has been forked.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import importlib
 import json
@@ -392,14 +393,19 @@ class _Monitor:
     """Answers the loader's notifications and records them."""
 
     def __init__(self, listener: int, loader: int, log: _EventLog, canary_files: list[str],
-                 start: float) -> None:
+                 start: float, cfg: dict[str, Any]) -> None:
         self.listener = listener
         self.mem = _seccomp.Memory()
-        self.decoder = _seccomp.Decoder(self.mem, loader, frozenset(canary_files))
+        self.decoder = _seccomp.Decoder(self.mem, loader, frozenset(canary_files),
+                                        extra_quiet=tuple(cfg.get("allow_read", ())))
         self.log = log
         self.start = start
         self.notifications = 0
         self.vanished = 0
+        # the policy: which refused events end the load at once, and the errno refusals get
+        self.fatal = frozenset(cfg.get("fatal", ()))
+        self.errno = int(cfg.get("errno", errno.EPERM))
+        self.stopped: dict[str, Any] | None = None
 
     def serve(self, budget: int = 256) -> bool:
         """Answer up to ``budget`` pending notifications. False when the listener is done."""
@@ -420,7 +426,7 @@ class _Monitor:
             if not _seccomp.id_valid(self.listener, n.id):
                 self.vanished += 1  # the memory we read may no longer be the caller's
                 continue
-            _seccomp.respond(self.listener, n.id, deny=d.deny)
+            _seccomp.respond(self.listener, n.id, deny=None if d.deny is None else self.errno)
             action = "allowed" if d.deny is None else "denied"
             if d.record:
                 strings = [str(v).encode("utf-8", "surrogateescape") for v in d.detail.values()
@@ -428,8 +434,13 @@ class _Monitor:
                 found = self.log.find_canaries(d.payload, *strings)
                 if found:
                     d.detail["canaries"] = found
-            self.log.add("kernel", d.kind, d.detail, action, time.monotonic() - self.start,
-                         keep=d.record)
+            t = time.monotonic() - self.start
+            self.log.add("kernel", d.kind, d.detail, action, t, keep=d.record)
+            if d.deny is not None and self.stopped is None:
+                category = P.event_category(d.kind, d.detail)
+                if category in self.fatal:
+                    self.stopped = {"kind": d.kind, "category": category, "t": round(t, 4)}
+                    return True
         return True
 
     def close(self) -> None:
@@ -465,7 +476,7 @@ def _supervise(cfg: dict[str, Any]) -> tuple[dict[str, Any], _EventLog]:
     for fd in (result_w, hand_w, ack_r, audit_w):
         os.close(fd)
     resources = _Resources(pid, cpu_limit)
-    monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start)
+    monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start, cfg)
     status["monitor"] = {"kernel": monitor is not None}
     for fd in (rfd, audit_r):
         os.set_blocking(fd, False)
@@ -481,6 +492,9 @@ def _supervise(cfg: dict[str, Any]) -> tuple[dict[str, Any], _EventLog]:
         if monitor and monitor.listener in ready and not monitor.serve():
             monitor.close()
             monitor = None
+        if monitor and monitor.stopped:
+            status["stopped"] = monitor.stopped  # a fatal event: the load ends here
+            break
         for fd in (rfd, audit_r):
             if fd in ready and fd in open_fds:
                 data = _read_some(fd)
@@ -555,7 +569,7 @@ def _read_some(fd: int) -> bytes | None:
 
 
 def _take_listener(pid: int, hand_r: int, ack_w: int, log: _EventLog, canary_files: list[str],
-                   start: float) -> _Monitor | None:
+                   start: float, cfg: dict[str, Any]) -> _Monitor | None:
     """Copy the loader's listener fd into this process, then let the loader close its own."""
     monitor = None
     try:
@@ -563,7 +577,7 @@ def _take_listener(pid: int, hand_r: int, ack_w: int, log: _EventLog, canary_fil
             number = os.read(hand_r, 32)
             if number.isdigit():
                 listener = _seccomp.take_fd(pid, int(number))
-                monitor = _Monitor(listener, pid, log, canary_files, start)
+                monitor = _Monitor(listener, pid, log, canary_files, start, cfg)
     except OSError:
         monitor = None
     try:

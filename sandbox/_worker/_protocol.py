@@ -114,3 +114,25 @@ def tensor_name(path: tuple[str, ...], taken: set[str]) -> str:
         n += 1
     taken.add(name)
     return name
+
+
+# -- what a refused kernel event is, for policies that stop the load at the first one -----------
+
+FATAL_CATEGORIES = ("exec", "network", "credential", "privilege", "process", "file")
+_CATEGORY_OF_KIND = {
+    "execve": "exec", "execveat": "exec",
+    "connect": "network", "sendto": "network", "sendmsg": "network", "sendmmsg": "network",
+    "bind": "network", "listen": "network", "accept": "network", "accept4": "network",
+    "clone": "process", "fork": "process", "vfork": "process",
+    "open": "file", "openat": "file", "openat2": "file", "creat": "file", "unlink": "file",
+    "unlinkat": "file", "rename": "file", "renameat": "file", "renameat2": "file", "link": "file",
+    "linkat": "file", "symlink": "file", "symlinkat": "file", "chmod": "file", "fchmod": "file",
+    "fchmodat": "file", "fchmodat2": "file",
+}
+
+
+def event_category(kind: str, detail: dict[str, object]) -> str:
+    """The category of a *refused* kernel event: what a policy's ``events.fatal`` names."""
+    if detail.get("class") == "canary" or detail.get("canaries"):
+        return "credential"
+    return _CATEGORY_OF_KIND.get(kind, "privilege")

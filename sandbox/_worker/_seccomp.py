@@ -470,10 +470,13 @@ class Decoder:
     """Turns notifications into :class:`Decision` s. ``loader`` is the loader's pid;
     ``canary_files`` are the planted credential files."""
 
-    def __init__(self, mem: Memory, loader: int, canary_files: frozenset[str]) -> None:
+    def __init__(self, mem: Memory, loader: int, canary_files: frozenset[str],
+                 extra_quiet: tuple[str, ...] = ()) -> None:
         self.mem = mem
         self.loader = loader
         self.canary_files = canary_files
+        # reads under these prefixes are expected (the policy's events.allow_read)
+        self.quiet_prefixes = QUIET_READ_PREFIXES + tuple(p for p in extra_quiet if p.startswith("/"))
         self._table: dict[str, Callable[[Notification], Decision]] = {
             "open": self._open, "openat": self._open, "openat2": self._open, "creat": self._open,
             "execve": self._exec, "execveat": self._exec,
@@ -544,7 +547,7 @@ class Decoder:
             return "sensitive"
         if any(path == p.rstrip("/") or path.startswith(p) for p in SENSITIVE_PREFIXES):
             return "sensitive"
-        if path in QUIET_EXACT or path.startswith(QUIET_READ_PREFIXES):
+        if path in QUIET_EXACT or path.startswith(self.quiet_prefixes):
             return "quiet"
         return "other"
 

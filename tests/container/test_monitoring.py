@@ -23,6 +23,11 @@ from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
 from tests import checkpoints as ck
 from tests.conftest import Listener
 
+# Record everything and stop nothing, so that each test sees every attempt its payload makes
+# (under the default policy the first refused exec, network, credential or privilege call
+# ends the load: see test_default_policy_stops_at_the_first_fatal_call).
+AUDIT = sandbox.Policy.audit()
+
 pytestmark = pytest.mark.container
 
 
@@ -107,7 +112,7 @@ def test_os_system_is_an_exec_event_with_argv(tmp_path: Path) -> None:
 def test_subprocess_popen_is_refused_and_recorded(tmp_path: Path) -> None:
     marker = tmp_path / "marker-popen"
     path = hostile(tmp_path, f"import subprocess\nsubprocess.Popen(['touch', {str(marker)!r}]).wait()")
-    report = sandbox.scan(path)
+    report = sandbox.scan(path, policy=AUDIT)
     assert report.verdict is Verdict.MALICIOUS
     execs = kernel(report, "execve")
     assert execs and all(e.action == "denied" for e in execs)
@@ -123,7 +128,7 @@ def test_subprocess_popen_is_refused_and_recorded(tmp_path: Path) -> None:
 def test_exec_payload_connect_is_denied_with_address(tmp_path: Path, listener: Listener) -> None:
     path = hostile(tmp_path, "import socket\n"
                    f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)")
-    report = sandbox.scan(path)
+    report = sandbox.scan(path, policy=AUDIT)
     assert report.verdict is Verdict.MALICIOUS
     conns = kernel(report, "connect")
     assert conns and conns[0].action == "denied"
@@ -147,7 +152,7 @@ def test_ctypes_libc_connect_and_system_are_seen_by_the_kernel(tmp_path: Path,
                    f"addr = struct.pack('<HH4s8x', 2, socket.htons({listener.port}), bytes([127, 0, 0, 1]))\n"
                    "libc.connect(fd, addr, 16)\n"
                    f"libc.system(b'touch {marker}')")
-    report = sandbox.scan(path)
+    report = sandbox.scan(path, policy=AUDIT)
     assert report.verdict is Verdict.MALICIOUS
     assert any(e.detail.get("port") == listener.port and e.action == "denied"
                for e in kernel(report, "connect"))
@@ -166,7 +171,7 @@ def test_canary_read_and_sendto_is_an_exfiltration_finding(tmp_path: Path,
                    "data = open(os.path.expanduser('~/.aws/credentials'), 'rb').read()\n"
                    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
                    f"s.sendto(data, ('127.0.0.1', {port}))")
-    report = sandbox.scan(path)
+    report = sandbox.scan(path, policy=AUDIT)
     assert report.verdict is Verdict.MALICIOUS
     opened = finding(report, "canary-file-read")
     assert opened.severity is Severity.HIGH
@@ -184,7 +189,7 @@ def test_canary_environment_value_in_argv_is_exfiltration(tmp_path: Path) -> Non
     marker = tmp_path / "marker-env"
     path = hostile(tmp_path, "import os\n"
                    f"os.system('echo ' + os.environ['AWS_SECRET_ACCESS_KEY'] + ' > {marker}')")
-    report = sandbox.scan(path)
+    report = sandbox.scan(path, policy=AUDIT)
     f = finding(report, "canary-exfiltration")
     assert "AWS_SECRET_ACCESS_KEY" in f.evidence["canaries"]
     assert_nothing_reached_host(marker)
@@ -204,7 +209,7 @@ def test_thread_connecting_after_a_delay_is_seen(tmp_path: Path, listener: Liste
                    "t = threading.Thread(target=later)\n"
                    "t.start()\n"
                    "t.join()")
-    report = sandbox.scan(path)
+    report = sandbox.scan(path, policy=AUDIT)
     conns = [e for e in kernel(report, "connect") if e.detail.get("port") == listener.port]
     assert conns and conns[0].action == "denied" and conns[0].t >= 0.3
     assert report.verdict is Verdict.MALICIOUS
@@ -223,7 +228,7 @@ def test_kill_and_ptrace_of_the_supervisor_fail_and_kills_are_recorded(tmp_path:
                    "libc = ctypes.CDLL(None)\n"
                    "libc.ptrace(16, 1, 0, 0)\n"          # PTRACE_ATTACH
                    "libc.kill(-1, 9)\n")
-    report = sandbox.scan(path)
+    report = sandbox.scan(path, policy=AUDIT)
     kills = [e for e in kernel(report, "kill") if e.detail.get("target") == 1]
     assert len(kills) == 3 and all(e.action == "denied" for e in kills)
     # ptrace reaches the loader's notifying filter (the container profile lets it through for
@@ -243,7 +248,7 @@ def test_event_flood_is_truncated_with_exact_counts(tmp_path: Path) -> None:
     path = hostile(tmp_path, "import socket\n"
                    "for i in range(20000):\n"
                    "    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()")
-    report = sandbox.scan(path)
+    report = sandbox.scan(path, policy=AUDIT)
     sockets = kernel(report, "socket")
     assert 0 < len(sockets) <= 5000
     trunc = finding(report, "event-log-truncated")
@@ -262,7 +267,7 @@ def test_event_flood_is_truncated_with_exact_counts(tmp_path: Path) -> None:
 def test_benign_state_dict_is_clean_with_no_findings(tmp_path: Path) -> None:
     path = tmp_path / "benign.pt"
     torch.save(ck.state_dict(), path)
-    report = sandbox.scan(path)
+    report = sandbox.scan(path, policy=AUDIT)
     assert report.verdict is Verdict.CLEAN
     assert report.findings == []
     assert not [e for e in report.events if e.source == "kernel" and e.action == "denied"]
@@ -274,3 +279,46 @@ def test_benign_state_dict_is_clean_with_no_findings(tmp_path: Path) -> None:
     # the same report survives its own JSON round trip
     assert LoadReport.from_json(report.to_json()).verdict is Verdict.CLEAN
     json.loads(report.to_json())
+
+
+# -- policies ------------------------------------------------------------------------------------
+
+def test_default_policy_stops_at_the_first_fatal_call(tmp_path: Path, listener: Listener) -> None:
+    marker = tmp_path / "marker-fatal"
+    path = hostile(tmp_path, f"import os, socket\nos.system('touch {marker}')\n"
+                   f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)")
+    stopped = sandbox.scan(path)
+    assert stopped.verdict is Verdict.MALICIOUS
+    assert kernel(stopped, "execve") and not kernel(stopped, "connect")
+    assert stopped.error is not None and "stopped by the policy" in stopped.error["message"]
+    assert any("ended the load" in n for n in stopped.notes)
+    everything = sandbox.scan(path, policy=AUDIT)  # the audit policy sees the rest too
+    assert kernel(everything, "execve") and kernel(everything, "connect")
+    assert_nothing_reached_host(marker)
+    assert listener.connections == 0
+
+
+def test_policy_errno_and_severity_overrides(tmp_path: Path) -> None:
+    import warnings
+
+    code = ("import socket\n"
+            "try:\n"
+            "    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
+            "    result = 'connected'\n"
+            "except OSError as exc:\n"
+            "    result = exc.errno\n")
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "errno.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        policy = sandbox.Policy.from_dict({
+            "name": "quiet-sockets", "description": "tests: EACCES, sockets are expected",
+            "fail_on": "never", "static": {"stop_before_sandbox": "never"},
+            "events": {"fatal": [], "errno": "EACCES",
+                       "severity": {"network-socket": "ignore", "network-connect": "low"}}})
+    import errno
+
+    assert sandbox.safe_load(path, weights_only=False, policy=policy)["payload"] == errno.EACCES
+    report = sandbox.scan(path, policy=policy)
+    assert not [f for f in report.findings if f.rule == "network-socket"]
+    assert finding(report, "network-connect").severity is Severity.LOW
+    assert kernel(report, "socket") and kernel(report, "connect")  # the events stay

@@ -96,3 +96,24 @@ def test_static_only_scan_needs_no_engine(tmp_path: Path) -> None:
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
     assert report["verdict"] == "malicious" and "builtins.eval" in report["static"]["dangerous"]
+
+
+def test_event_rules_are_validated() -> None:
+    with pytest.raises(PolicyError) as info:
+        Policy.from_toml('name = "x"\ndescription = "y"\n[events]\nfatal = ["exec", "dns"]\n'
+                         'errno = "EINTR"\nallow_read = ["relative/", "/a/../b"]\nloud = 1\n'
+                         '[events.severity]\n"exec-attempt" = "scary"\n')
+    problems = "\n".join(info.value.problems)
+    for expected in ("events.fatal", "events.errno", "events.allow_read", "unknown key 'events.loud'",
+                     "events.severity"):
+        assert expected in problems
+    p = Policy.from_toml('name = "x"\ndescription = "y"\n[events]\nfatal = []\nerrno = "EACCES"\n'
+                         'allow_read = ["/data/"]\n[events.severity]\n"network-socket" = "ignore"\n')
+    assert p.events.fatal == () and p.events.errno_number == 13
+    assert p.events.allow_read == ("/data/",) and dict(p.events.severity) == {"network-socket": "ignore"}
+
+
+def test_builtin_policies_fatal_events() -> None:
+    assert set(Policy.default().events.fatal) == {"exec", "network", "credential", "privilege"}
+    assert Policy.audit().events.fatal == ()
+    assert set(Policy.strict().events.fatal) >= set(Policy.default().events.fatal)
