@@ -180,6 +180,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                         policy={"name": policy.name, "digest": policy.digest})
     work: str | None = None
     loaded = _Loaded(report=report, output=None, error=None)
+    st: _scan.StaticScan | None = None
+    ran = False
     try:
         try:
             real = _resolve_input(path)
@@ -207,6 +209,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             spec = _launch.make_spec(policy, image=image, input_path=real, output_dir=out_dir,
                                      input_size=report.input_size, write_tensors=write_tensors)
             run = runner.run(spec)
+            ran = True
             used, entries = _launch.dir_usage(out_dir)
             if used > spec.output_bytes or entries > _launch.MAX_OUTPUT_ENTRIES:
                 run.output_flood = True  # caught after the fact: the container is gone
@@ -246,12 +249,13 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             if output.tensors_path is not None:
                 loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest)
             report.findings += _verify.weights(real, output.manifest, loaded.tensors)
-            _differential(report, st)
         except _StaticOnly:
             pass
         except SandboxError as exc:
             loaded.error = exc
             report.error = {"reference": exc.reference, "message": exc.message}
+        if ran:  # also when the load failed or was stopped: what it did still counts
+            _differential(report, st)
         _apply_severities(report, policy)
         report.verdict = _judge(report)
         report.duration_s = round(time.monotonic() - start, 3)

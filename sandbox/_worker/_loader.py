@@ -50,7 +50,9 @@ def identify(path: str) -> str:
         head = f.read(16)
     if not head:
         raise LoaderError("malformed-input", "the file is empty")
-    if zipfile.is_zipfile(path):
+    # torch and numpy recognise a zip by the local header at offset 0, not by the central
+    # directory that zipfile finds from the end (a pickle can carry a zip at its tail)
+    if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()

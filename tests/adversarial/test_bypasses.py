@@ -141,3 +141,39 @@ def test_subprocess_through_a_dotted_name(tmp_path: Path) -> None:
     path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "dotted.pt", "legacy")
     report = assert_contained(path, marker)
     assert [e for e in report.events if e.source == "kernel" and e.kind == "execve"]
+
+
+def _nested_zip_pickle(marker: Path, trailing: bytes) -> bytes:
+    """A raw pickle whose "storage" is torch.storage._load_from_bytes(<a torch zip>): how plain
+    pickle.dump writes tensors, so the loader is not condemned by name; the zip inside carries
+    the payload. ``trailing`` data after it decides whether zip readers find the inner zip."""
+    inner = io.BytesIO()
+    torch.save({"payload": system_payload(marker)}, inner)
+    return pickle.dumps({"storage": ck.Reduce(torch.storage._load_from_bytes, inner.getvalue()),
+                         "trailing": trailing}, protocol=4)
+
+
+def test_payload_in_a_nested_torch_zip_at_the_tail(tmp_path: Path) -> None:
+    # the inner zip's directory is near the end of the file: a zip reader finds it, so the
+    # static scan reads it as a polyglot and sees the payload; the worker, like torch, reads
+    # a zip only from its local header at offset 0 and unpickles the outer stream
+    marker = tmp_path / "tail-zip-marker"
+    path = tmp_path / "nested-zip.pkl"
+    path.write_bytes(_nested_zip_pickle(marker, b""))
+    report = assert_contained(path, marker, live="pickle")
+    assert execs(report, marker)
+    assert "posix.system" in report.static["dangerous"]
+
+
+def test_payload_hidden_from_the_static_view_is_caught_by_behaviour(tmp_path: Path) -> None:
+    # the same, with 128 KiB after the inner zip: no zip reader finds its directory, the
+    # static scan sees nothing dangerous, and the load acts; the disagreement is itself
+    # reported as evasion
+    marker = tmp_path / "hidden-zip-marker"
+    path = tmp_path / "hidden-zip.pkl"
+    path.write_bytes(_nested_zip_pickle(marker, b"\0" * (128 * 1024)))
+    report = assert_contained(path, marker, live="pickle")
+    assert execs(report, marker)
+    assert not report.static["dangerous"]
+    assert any(f.rule == "static-dynamic-mismatch" and f.severity >= sandbox.Severity.HIGH
+               for f in report.findings)
