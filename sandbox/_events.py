@@ -311,6 +311,30 @@ def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Fi
                 "the supervisor could not decode a system call (refused)")
 
 
+def _dropped_refusals(events: list[Event], mon: Monitoring) -> None:
+    """Refused calls the log had no room for still weigh: the counts are exact."""
+    kept: dict[str, int] = {}
+    for ev in events:
+        if ev.source == "kernel" and ev.action == "denied":
+            kept[ev.kind] = kept.get(ev.kind, 0) + 1
+    missing: dict[str, int] = {}
+    for key, count in mon.counts.items():
+        source, _, rest = key.partition(":")
+        kind, _, action = rest.rpartition(":")
+        if source == "kernel" and action == "denied" and count > kept.get(kind, 0):
+            missing[kind] = count - kept.get(kind, 0)
+    if not missing:
+        return
+    categories = {P.event_category(kind, {}) for kind in missing}
+    worst = Severity.CRITICAL if categories & {"exec", "network"} else Severity.HIGH
+    mon.findings.append(Finding(
+        rule="refusals-not-logged", severity=worst, category="monitor",
+        message="the load made refused calls beyond what the event log keeps: "
+                + ", ".join(f"{n} {k}" for k, n in sorted(missing.items())[:8]),
+        evidence={"refused": dict(sorted(missing.items())[:50]),
+                  "categories": sorted(categories)}))
+
+
 def analyse(events: list[Event], status: dict[str, Any] | None) -> Monitoring:
     """Findings for parsed events plus the supervisor's counts."""
     status = status or {}
@@ -323,6 +347,7 @@ def analyse(events: list[Event], status: dict[str, Any] | None) -> Monitoring:
             _judge(ev, canaries, set(files), out)
     mon.findings = out.result()
     if truncated:
+        _dropped_refusals(events, mon)
         mon.notes.append("the event log was truncated; per-call counts are exact: " +
                          ", ".join(f"{k}={v}" for k, v in sorted(mon.counts.items())[:40]))
         mon.findings.append(Finding(rule="event-log-truncated", severity=Severity.LOW,

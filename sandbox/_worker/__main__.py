@@ -223,6 +223,10 @@ class _EventLog:
             return
         cap = P.MAX_KERNEL_EVENTS if source == "kernel" else P.MAX_SELF_REPORTED_EVENTS
         budget = P.MAX_EVENTS_BYTES // 2 if source == "kernel" else P.MAX_EVENTS_BYTES // 8
+        if action != "denied":
+            # a fifth of the log is kept for refusals: a flood of allowed calls (sockets,
+            # reads) cannot push out the exec or connect that follows it
+            cap, budget = cap * 4 // 5, budget * 4 // 5
         if self.kept[source] >= cap or self.size >= P.MAX_EVENTS_BYTES - 2 * P.MAX_EVENT_LINE:
             self.dropped[source] += 1
             return

@@ -322,3 +322,24 @@ def test_policy_errno_and_severity_overrides(tmp_path: Path) -> None:
     assert not [f for f in report.findings if f.rule == "network-socket"]
     assert finding(report, "network-connect").severity is Severity.LOW
     assert kernel(report, "socket") and kernel(report, "connect")  # the events stay
+
+
+def test_a_flood_cannot_push_out_the_attack_that_follows(tmp_path: Path, listener: Listener) -> None:
+    # 20,000 allowed-but-recorded calls first, then 6,000 refused connects: the log keeps a
+    # reserve for refusals, and refusals beyond it still count through the exact totals
+    path = hostile(tmp_path, "import socket\n"
+                   "for i in range(20000):\n"
+                   "    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\n"
+                   "for i in range(6000):\n"
+                   "    try:\n"
+                   f"        socket.create_connection(('127.0.0.1', {listener.port}), timeout=1)\n"
+                   "    except OSError:\n"
+                   "        pass\n")
+    report = sandbox.scan(path, policy=AUDIT)
+    assert kernel(report, "connect"), "the refusals were pushed out of the log"
+    assert finding(report, "network-connect").severity is Severity.CRITICAL
+    dropped = finding(report, "refusals-not-logged")
+    assert dropped.severity is Severity.CRITICAL and dropped.evidence["refused"]["connect"] > 0
+    kept = len(kernel(report, "connect"))
+    assert kept + dropped.evidence["refused"]["connect"] == 6000
+    assert listener.connections == 0
