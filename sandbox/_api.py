@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -57,13 +56,7 @@ class _Loaded:
 
 
 def _hash_file(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+    return P.sha256_file(path)
 
 
 def _resolve_input(path: str | os.PathLike[str]) -> str:
@@ -77,6 +70,38 @@ def _resolve_input(path: str | os.PathLike[str]) -> str:
     if not os.access(p, os.R_OK):
         raise InputNotFound(f"{os.fspath(path)!r} is not readable", path=path)
     return p
+
+
+_WORK_PREFIX = "model-sandbox-work-"
+_swept = False
+
+
+def _sweep_work_dirs() -> None:
+    """Once per process: remove work directories whose process is gone (one killed with
+    SIGKILL cannot clean up; its staged inputs and outputs must not pile up)."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    root = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(_WORK_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(_WORK_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _mountable(path: str, work: str) -> str:
@@ -185,7 +210,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
     try:
         try:
             real = _resolve_input(path)
-            work = tempfile.mkdtemp(prefix="model-sandbox-")
+            _sweep_work_dirs()
+            work = tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{os.getpid()}-")
             real = _mountable(real, work)
             report.input_sha256, report.input_size = _hash_file(real)
             if expected_sha256 is not None and report.input_sha256 != expected_sha256.lower():
@@ -330,7 +356,7 @@ def _as_path(f: Any) -> Iterator[str | os.PathLike[str]]:
         return
     if not hasattr(f, "read"):
         raise TypeError(f"expected a path or a binary file object, got {type(f).__name__}")
-    with tempfile.TemporaryDirectory(prefix="model-sandbox-in-") as tmp_dir:
+    with tempfile.TemporaryDirectory(prefix=f"{_WORK_PREFIX}{os.getpid()}-in-") as tmp_dir:
         tmp = os.path.join(tmp_dir, "input")
         with open(tmp, "wb") as out:
             while chunk := f.read(1 << 20):

@@ -10,6 +10,7 @@ import base64
 import collections
 import hashlib
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -252,6 +253,8 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             return complex(floaty(node.get("re")), floaty(node.get("im")))
         if kind == "module":
             return build(node.get("state"), depth + 1)
+        if kind == "value":
+            return _value(node)
         # opaque
         type_name, path = node.get("type"), node.get("path")
         if not isinstance(type_name, str) or not isinstance(path, str):
@@ -266,6 +269,49 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             f"the checkpoint holds {len(opaque)} object(s) that cannot be rebuilt as data: "
             + ", ".join(sorted(set(opaque))[:5]), types=sorted(set(opaque)))
     return result
+
+
+def _value(node: dict[str, Any]) -> Any:
+    """A standard-library value from plain data: constructors that parse, never import."""
+    import datetime
+    import decimal
+    import fractions
+    import pathlib
+    import uuid
+
+    tname, v = node.get("type"), node.get("v")
+    if tname not in P.VALUE_TYPES:
+        raise OutputRejected(f"skeleton: {str(tname)[:60]!r} is not a value type")
+    try:
+        if tname in ("builtins.range", "builtins.slice"):
+            if not isinstance(v, list) or len(v) != 3 or not all(
+                    x is None or (isinstance(x, int) and not isinstance(x, bool)) for x in v):
+                raise ValueError("bad bounds")
+            if tname == "builtins.slice":
+                return slice(*v)
+            return range(*(x for x in v if x is not None))
+        if tname == "datetime.timedelta":
+            if not isinstance(v, list) or len(v) != 3 or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise ValueError("bad timedelta")
+            return datetime.timedelta(days=v[0], seconds=v[1], microseconds=v[2])
+        if not isinstance(v, str):
+            raise ValueError("not a string")
+        parsers: dict[str, Any] = {
+            "datetime.datetime": datetime.datetime.fromisoformat,
+            "datetime.date": datetime.date.fromisoformat,
+            "datetime.time": datetime.time.fromisoformat,
+            "pathlib.PosixPath": pathlib.PurePosixPath if os.name != "posix" else pathlib.PosixPath,
+            "pathlib.PurePosixPath": pathlib.PurePosixPath,
+            "pathlib.WindowsPath": pathlib.PureWindowsPath,
+            "pathlib.PureWindowsPath": pathlib.PureWindowsPath,
+            "decimal.Decimal": decimal.Decimal,
+            "fractions.Fraction": fractions.Fraction,
+            "uuid.UUID": uuid.UUID,
+        }
+        return parsers[tname](v)
+    except (ValueError, TypeError, ArithmeticError, KeyError) as exc:
+        raise OutputRejected(f"skeleton: bad {tname} value ({str(exc)[:80]})") from None
 
 
 def check_map_location(map_location: MapLocation) -> None:

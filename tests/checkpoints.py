@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import builtins
 import collections
+import datetime
 import io
 import os
+import pathlib
 import pickle
 import struct
 import subprocess
@@ -80,6 +82,9 @@ def nested_checkpoint() -> dict[str, Any]:
         "set": {1, 2, 3},
         "empty": torch.empty(0, 4),
         "scalar": torch.tensor(3.25, dtype=torch.float64),
+        "saved_at": datetime.datetime(2024, 5, 6, 7, 8, 9),
+        "run_dir": pathlib.PosixPath("/runs/exp 1"),
+        "keep": slice(None, 10, 2),
     }
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import hashlib
 import importlib
 import json
 import os
@@ -59,13 +58,7 @@ def _config(argv: list[str]) -> dict[str, Any]:
 
 
 def _sha256(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+    return P.sha256_file(path)
 
 
 def _loader_main(cfg: dict[str, Any], ch: _ChildEnds, env: dict[str, str], start: float) -> None:

@@ -107,6 +107,9 @@ class Extractor:
         if isinstance(obj, torch.Size):
             return {"$": "size", "v": [int(x) for x in obj]}
 
+        tname = _type_name(obj)
+        if tname in P.VALUE_TYPES:
+            return self._value(obj, tname, path, where, depth)
         if isinstance(obj, _PRIMITIVE_TYPES):  # subclasses: int enums, str subclasses...
             self.notes.append(f"{where}: {_type_name(obj)} stored as its base value")
             for base in (bool, int, float, str):
@@ -120,6 +123,21 @@ class Extractor:
             return self._container(obj, path, where, depth)
         finally:
             self._stack.discard(id(obj))
+
+    def _value(self, obj: Any, tname: str, path: tuple[str, ...], where: str, depth: int) -> Any:
+        if tname in ("datetime.datetime", "datetime.date", "datetime.time"):
+            v: Any = obj.isoformat()
+        elif tname == "datetime.timedelta":
+            v = [obj.days, obj.seconds, obj.microseconds]
+        elif tname in ("builtins.range", "builtins.slice"):
+            v = [obj.start, obj.stop, obj.step]
+            if not all(x is None or type(x) is int for x in v):
+                return self._opaque(obj, where, "a slice of non-integers")
+        else:
+            v = str(obj)
+        if isinstance(v, str) and len(v) > P.MAX_STRING_LEN:
+            return self._opaque(obj, where, "value too long")
+        return {"$": "value", "type": tname, "v": v}
 
     def _container(self, obj: Any, path: tuple[str, ...], where: str, depth: int) -> Any:
         if isinstance(obj, dict):

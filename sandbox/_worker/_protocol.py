@@ -71,6 +71,15 @@ NODE_KINDS = frozenset({
     "namespace",   # {"items": [[str, node]...]}  argparse.Namespace
     "module",      # {"type": "pkg.Class", "state": dict-node}  nn.Module / optimizer -> state_dict
     "opaque",      # {"type": "pkg.Class", "path": str}  an object we will not rebuild
+    "value",       # {"type": one of VALUE_TYPES, "v": JSON}  a stdlib value type
+})
+# Standard-library value types the host rebuilds from plain data (no code runs to make them):
+# "v" is an ISO string (dates, times), [days, seconds, microseconds] (timedelta), the str()
+# of the value (paths, Decimal, Fraction, UUID), or [start, stop, step] (range, slice).
+VALUE_TYPES = frozenset({
+    "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta",
+    "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.WindowsPath", "pathlib.PureWindowsPath",
+    "decimal.Decimal", "fractions.Fraction", "uuid.UUID", "builtins.range", "builtins.slice",
 })
 DICT_KINDS = frozenset({"dict", "OrderedDict", "defaultdict"})
 
@@ -136,3 +145,14 @@ def event_category(kind: str, detail: dict[str, object]) -> str:
     if detail.get("class") == "canary" or detail.get("canaries"):
         return "credential"
     return _CATEGORY_OF_KIND.get(kind, "privilege")
+
+
+def sha256_file(path: str) -> tuple[str, int]:
+    """(hex sha256, size) of a file, read in 1 MiB chunks: how both sides identify the input."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size

@@ -212,3 +212,25 @@ def test_weights_changed_during_load_are_caught(tmp_path: Path, keep_weights: bo
     tampered = [f for f in report.findings if f.rule == "weights-tampered"]
     assert tampered and tampered[0].evidence["tensors"][0]["name"] == "encoder.weight"
     assert report.verdict is sandbox.Verdict.MALICIOUS
+
+
+def test_work_directories_of_dead_processes_are_swept(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import tempfile
+
+    from sandbox import _api
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    proc = subprocess.Popen(["true"])  # a pid that has exited
+    proc.wait()
+    stale = tmp_path / f"{_api._WORK_PREFIX}{proc.pid}-abc"
+    (stale / "out").mkdir(parents=True)
+    alive = tmp_path / f"{_api._WORK_PREFIX}{os.getpid()}-xyz"  # ours: kept
+    alive.mkdir()
+    monkeypatch.setattr(_api, "_swept", False)
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+    sandbox.scan(path, runner=FakeRunner())
+    assert not stale.exists() and alive.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(_api._WORK_PREFIX)
+                and p != alive]

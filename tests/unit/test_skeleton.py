@@ -105,3 +105,35 @@ def test_skeleton_depth_bomb_is_refused() -> None:
         node = {"$": "list", "items": [node]}
     with pytest.raises(OutputRejected):
         rebuild(node, {}, weights_only=False)
+
+
+def test_standard_library_values() -> None:
+    import datetime
+    import decimal
+    import fractions
+    import pathlib
+    import uuid
+
+    obj = {
+        "when": datetime.datetime(2024, 5, 6, 7, 8, 9, 10, tzinfo=datetime.UTC),
+        "day": datetime.date(2020, 1, 2), "at": datetime.time(3, 4, 5),
+        "took": datetime.timedelta(days=1, seconds=2, microseconds=3),
+        "dir": pathlib.PosixPath("/data/run 1"), "pure": pathlib.PurePosixPath("a/b"),
+        "win": pathlib.PureWindowsPath("C:/x"), "d": decimal.Decimal("1.10"),
+        "f": fractions.Fraction(1, 3), "id": uuid.UUID(int=7), "r": range(1, 10, 2),
+        "s": slice(None, 5, None),
+    }
+    got = round_trip(obj)
+    assert got == obj
+    assert all(type(got[k]) is type(obj[k]) for k in obj)
+
+
+@pytest.mark.parametrize("node", [
+    {"$": "value", "type": "os.system", "v": "id"},
+    {"$": "value", "type": "datetime.datetime", "v": "yesterday"},
+    {"$": "value", "type": "builtins.range", "v": [1, "2", None]},
+    {"$": "value", "type": "uuid.UUID", "v": 5},
+])
+def test_bad_values_are_refused(node: Any) -> None:
+    with pytest.raises(OutputRejected):
+        rebuild(node, {}, weights_only=False)
