@@ -626,6 +626,22 @@ def _walk(ctx: _Ctx, buf: _Buf, start: int, end: int, member: str, *, nest: int 
         pos = idx + 1
         return line
 
+    def memo_index(short: bool, long_: bool, name: str, at: int) -> int:
+        """The memo index of PUT/GET (text), BINPUT/BINGET (1 byte), LONG_* (4 bytes)."""
+        nonlocal pos
+        if short:
+            need(1)
+            pos += 1
+            return buf[pos - 1]
+        if long_:
+            need(4)
+            pos += 4
+            return int.from_bytes(buf[pos - 4:pos], "little")
+        try:
+            return int(readline())
+        except ValueError:
+            raise _InvalidError(at - start, f"bad {name} argument") from None
+
     def pop() -> object:
         if len(stack) <= fence:
             raise _InvalidError(op_off - start, "unpickling stack underflow")
@@ -785,38 +801,14 @@ def _walk(ctx: _Ctx, buf: _Buf, start: int, end: int, member: str, *, nest: int 
             max_proto = op_proto
 
         if op == 0x71 or op == 0x72 or op == 0x70:  # BINPUT / LONG_BINPUT / PUT
-            if op == 0x71:
-                need(1)
-                idx = buf[pos]
-                pos += 1
-            elif op == 0x72:
-                need(4)
-                idx = int.from_bytes(buf[pos:pos + 4], "little")
-                pos += 4
-            else:
-                try:
-                    idx = int(readline())
-                except ValueError:
-                    raise _InvalidError(op_off - start, "bad PUT argument") from None
-                if idx < 0:
-                    raise _InvalidError(op_off - start, "negative PUT argument")
+            idx = memo_index(op == 0x71, op == 0x72, "PUT", op_off)
+            if idx < 0:
+                raise _InvalidError(op_off - start, "negative PUT argument")
             if idx not in memo and len(memo) >= ctx.max_memo:
                 raise _LimitError(op_off - start, f"more than {ctx.max_memo} memo entries")
             memo[idx] = top()
         elif op == 0x68 or op == 0x6A or op == 0x67:  # BINGET / LONG_BINGET / GET
-            if op == 0x68:
-                need(1)
-                idx = buf[pos]
-                pos += 1
-            elif op == 0x6A:
-                need(4)
-                idx = int.from_bytes(buf[pos:pos + 4], "little")
-                pos += 4
-            else:
-                try:
-                    idx = int(readline())
-                except ValueError:
-                    raise _InvalidError(op_off - start, "bad GET argument") from None
+            idx = memo_index(op == 0x68, op == 0x6A, "GET", op_off)
             if idx not in memo:
                 raise _InvalidError(op_off - start, f"memo value not found at index {idx}")
             stack.append(memo[idx])
