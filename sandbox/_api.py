@@ -197,7 +197,8 @@ _COMPARABLE_FORMATS = ("torch-zip", "torch-legacy", "torch-tar", "pickle", "nump
 @contextlib.contextmanager
 def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.Runner | None,
                write_tensors: bool, expected_sha256: str | None,
-               stop_early: bool = False, dynamic: bool = True) -> Iterator[_Loaded]:
+               stop_early: bool = False, dynamic: bool = True,
+               mmap: bool = False) -> Iterator[_Loaded]:
     """Run one load in a fresh container; yields the report and the validated outputs.
     The output directory is deleted when the block ends."""
     start = time.monotonic()
@@ -273,7 +274,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                 raise LoadFailed("the loader reported success but left no manifest/tensors")
             _summarise(report, output.manifest)
             if output.tensors_path is not None:
-                loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest)
+                loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest,
+                                                       mmap=mmap)
             report.findings += _verify.weights(real, output.manifest, loaded.tensors)
         except _StaticOnly:
             pass
@@ -381,19 +383,21 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
     that cannot be rebuilt as data; with ``weights_only=False`` they come back as
     :class:`Unrepresentable` placeholders. ``nn.Module`` and optimizer objects come back as
     their ``state_dict()``. ``pickle_module`` and ``pickle_load_args`` are accepted for
-    compatibility and ignored: nothing is unpickled on the host. ``mmap`` is accepted; the
-    sandbox already maps torch zip files, and the host reads the checked tensors into memory.
+    compatibility and ignored: nothing is unpickled on the host. ``mmap=True``: the returned
+    CPU tensors share a private memory mapping of the checked SafeTensors file instead of being
+    copied (as with torch, writes to them never reach a file); the sandbox always maps torch
+    zip inputs.
 
     Raises :class:`SandboxViolation` (with ``.report``) when the policy judges the file unsafe,
     and the other :class:`SandboxError` subclasses for inputs that cannot be loaded.
     """
-    del pickle_module, pickle_load_args, mmap
+    del pickle_module, pickle_load_args
     policy = policy or Policy.default()
     _convert.check_map_location(map_location)
     wo = True if weights_only is None else bool(weights_only)
     with _as_path(f) as path, _sandboxed(path, policy=policy, runner=runner, write_tensors=True,
                                          expected_sha256=expected_sha256,
-                                         stop_early=True) as loaded:
+                                         stop_early=True, mmap=bool(mmap)) as loaded:
         _raise_if_unsafe(loaded, policy)
         assert loaded.output is not None and loaded.output.manifest is not None
         assert loaded.output.tensors_path is not None

@@ -9,6 +9,7 @@ import argparse
 import base64
 import collections
 import hashlib
+import json
 import math
 import os
 import re
@@ -53,8 +54,39 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(raw.numpy().data).hexdigest()
 
 
-def load_tensors(path: str, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every tensor and view named by the (validated) manifest, checked byte for byte."""
+def _mapped(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
+    """Tensors that live in a private memory mapping of the (already validated) file: no copy.
+    The file may be deleted afterwards; the mapping keeps it. A tensor whose offset is not
+    aligned to its element size is left out (the caller reads it normally)."""
+    import torch
+
+    size = os.path.getsize(path)
+    storage: Any = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    from safetensors.torch import _getdtype
+
+    out = {}
+    for name in keys:
+        info = header[name]
+        dtype = _getdtype(info["dtype"])
+        begin = 8 + n + int(info["data_offsets"][0])
+        elem = torch.empty(0, dtype=dtype).element_size()
+        if begin % elem or 0 in info["shape"]:
+            continue
+        shape = [int(d) for d in info["shape"]]
+        stride = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            stride[i] = stride[i + 1] * shape[i + 1]
+        out[name] = torch.empty(0, dtype=dtype).set_(storage, begin // elem, shape, stride)
+    return out
+
+
+def load_tensors(path: str, manifest: dict[str, Any], *,
+                 mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor and view named by the (validated) manifest, checked byte for byte.
+    ``mmap=True``: the tensors share a private mapping of the file instead of being copied."""
     import torch
     from safetensors import SafetensorError, safe_open
 
@@ -68,9 +100,13 @@ def load_tensors(path: str, manifest: dict[str, Any]) -> dict[str, torch.Tensor]
                 extra = sorted(keys - set(entries))[:5]
                 raise OutputRejected(f"tensor file and manifest disagree (missing {missing}, "
                                      f"unexpected {extra})", item=P.TENSORS_FILE)
+            # the header is validated by the library above before anything is mapped
+            mapped = _mapped(path, keys) if mmap else {}
             for name, entry in entries.items():
-                t = f.get_tensor(name)
                 stored_as, _ = P.TORCH_DTYPES[entry["dtype"]]
+                raw = stored_as == "U8" and entry["dtype"] != "uint8"
+                # raw bytes are re-viewed as a wider dtype, which needs an aligned offset
+                t = mapped[name] if name in mapped and not raw else f.get_tensor(name)
                 target = getattr(torch, entry["dtype"], None)
                 if target is None:
                     raise OutputRejected(f"{name}: dtype {entry['dtype']} is unknown to this torch")

@@ -257,3 +257,15 @@ def test_conversion_is_deterministic(tmp_path: Path) -> None:
     b = sandbox.convert(path, tmp_path / "b.safetensors")
     assert a.outputs["safetensors_sha256"] == b.outputs["safetensors_sha256"]
     assert load_file(tmp_path / "a.safetensors").keys() == load_file(tmp_path / "b.safetensors").keys()
+
+
+def test_mmap_returns_tensors_backed_by_a_private_mapping(tmp_path: Path) -> None:
+    data = {str(dt): ck.dtype_tensor(dt, seed=i) for i, dt in enumerate(ck.ALL_DTYPES)}
+    data["views"] = ck.views_checkpoint()  # type: ignore[assignment]
+    path = ck.save(data, tmp_path / "mm.pt")
+    got = sandbox.safe_load(path, mmap=True)
+    assert_same(got, data)
+    maps = Path("/proc/self/maps").read_text()
+    assert "model-sandbox-work-" in maps  # the checked file is mapped, not copied
+    got["torch.float32"][0, 0] = 123.0  # private: writable, and it never reaches a file
+    assert got["torch.float32"][0, 0] == 123.0
