@@ -1053,37 +1053,53 @@ def reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False) -> Rec
     return result if isinstance(result, Reconstruction) else None
 
 
+#: what the sandbox returned for one tensor: (dtype name, shape, sha256 or None when its bytes
+#: are not to be compared, e.g. a view whose base is compared instead)
+Actual = tuple[str, tuple[int, ...], "str | None"]
+
+
 def compare(reconstruction: Reconstruction, tensors: Mapping[str, torch.Tensor]) -> list[Finding]:
     """Findings where the sandbox's tensors differ from the file's records.
 
     ``tensors`` is what the host read back from the sandbox (``_convert.load_tensors``: names
-    as the worker gives them, views included). A tensor whose dtype, shape or bytes differ is
-    listed in one HIGH ``weights-tampered`` finding (expected and actual sha256 per tensor);
-    names on one side only are listed in one HIGH ``weights-mismatch`` finding. Tensors in
-    ``reconstruction.unreadable`` are skipped (their findings are in the reconstruction).
-    Returns ``[]`` when everything matches.
-    """
+    as the worker gives them, views included). See :func:`compare_digests`."""
     from ._convert import tensor_digest
 
+    actual: dict[str, Actual] = {}
+    for name, got in tensors.items():
+        dtype = str(got.dtype).removeprefix("torch.")
+        shape = tuple(int(d) for d in got.shape)
+        want = reconstruction.tensors.get(name)
+        same_kind = want is not None and (want.dtype, want.shape) == (dtype, shape)
+        actual[name] = (dtype, shape,
+                        tensor_digest(got.resolve_conj().resolve_neg()) if same_kind else None)
+    return compare_digests(reconstruction, actual)
+
+
+def compare_digests(reconstruction: Reconstruction, actual: Mapping[str, Actual]) -> list[Finding]:
+    """Findings where what the sandbox returned differs from the file's records.
+
+    A tensor whose dtype, shape or bytes differ is listed in one HIGH ``weights-tampered``
+    finding (expected and actual sha256 per tensor); names on one side only are listed in one
+    HIGH ``weights-mismatch`` finding. Tensors in ``reconstruction.unreadable`` are skipped
+    (their findings are in the reconstruction). Returns ``[]`` when everything matches.
+    """
     findings: list[Finding] = []
-    expected = {n: t for n, t in reconstruction.tensors.items()}
+    expected = reconstruction.tensors
     skip = reconstruction.unreadable
-    missing = sorted(n for n in expected if n not in tensors)
-    extra = sorted(n for n in tensors if n not in expected and n not in skip)
+    missing = sorted(n for n in expected if n not in actual)
+    extra = sorted(n for n in actual if n not in expected and n not in skip)
     changed: list[dict[str, Any]] = []
     for name, want in expected.items():
-        got = tensors.get(name)
+        got = actual.get(name)
         if got is None:
             continue
-        got_dtype = str(got.dtype).removeprefix("torch.")
-        got_shape = tuple(int(d) for d in got.shape)
-        if got_dtype != want.dtype or got_shape != want.shape:
+        got_dtype, got_shape, digest = got
+        if got_dtype != want.dtype or tuple(got_shape) != want.shape:
             changed.append({"name": name, "expected_dtype": want.dtype, "actual_dtype": got_dtype,
                             "expected_shape": list(want.shape), "actual_shape": list(got_shape),
-                            "expected_sha256": want.sha256, "actual_sha256": None})
-            continue
-        digest = tensor_digest(got.resolve_conj().resolve_neg())
-        if digest != want.sha256:
+                            "expected_sha256": want.sha256, "actual_sha256": digest})
+        elif digest is not None and digest != want.sha256:
             changed.append({"name": name, "expected_sha256": want.sha256,
                             "actual_sha256": digest})
     if changed:

@@ -44,39 +44,14 @@ def weights(path: str, manifest: dict[str, Any],
     rec = _reconstruct.try_reconstruct(path)
     if isinstance(rec, _reconstruct.NotReconstructed):
         return [rec.finding()]
-    findings = list(rec.findings)
-    stored = {e["name"]: e for e in manifest["tensors"]}
-    views = {v["name"]: v for v in manifest["views"]}
-    expected = dict(rec.tensors)
-    missing = sorted(n for n in expected if n not in stored and n not in views)
-    extra = sorted(n for n in [*stored, *views] if n not in expected and n not in rec.unreadable)
-    changed: list[dict[str, Any]] = []
-    for name, want in expected.items():
-        entry = stored.get(name) or views.get(name)
-        if entry is None:
-            continue
-        if name in stored:
-            digest: str | None = entry["sha256"]
-        elif tensors is not None and name in tensors:
+    actual: dict[str, _reconstruct.Actual] = {}
+    for e in manifest["tensors"]:
+        actual[e["name"]] = (e["dtype"], tuple(e["shape"]), e["sha256"])
+    for v in manifest["views"]:
+        digest = None  # without the host's tensors a view's base stands for it
+        if tensors is not None and v["name"] in tensors and v["name"] in rec.tensors:
             from ._convert import tensor_digest
 
-            digest = tensor_digest(tensors[name])
-        else:
-            digest = None  # a view without the host's tensors: its base is compared
-        if entry["dtype"] != want.dtype or tuple(entry["shape"]) != tuple(want.shape) or \
-                (digest is not None and digest != want.sha256):
-            changed.append({"name": name, "expected_sha256": want.sha256, "actual_sha256": digest})
-    if changed:
-        findings.append(Finding(
-            rule="weights-tampered", severity=Severity.HIGH, category="evasion",
-            message="the loader returned weights that are not in the file: "
-                    + ", ".join(str(c["name"]) for c in changed[:5])
-                    + (f" and {len(changed) - 5} more" if len(changed) > 5 else ""),
-            evidence={"tensors": changed[:20], "count": len(changed), "format": rec.format}))
-    if missing or extra:
-        findings.append(Finding(
-            rule="weights-mismatch", severity=Severity.HIGH, category="evasion",
-            message=f"the loader returned {len(extra)} tensor(s) the file does not describe and "
-                    f"left out {len(missing)} it does",
-            evidence={"missing": missing[:20], "extra": extra[:20]}))
-    return findings
+            digest = tensor_digest(tensors[v["name"]])
+        actual[v["name"]] = (v["dtype"], tuple(v["shape"]), digest)
+    return list(rec.findings) + _reconstruct.compare_digests(rec, actual)
