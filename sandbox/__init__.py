@@ -7,6 +7,7 @@ container; the host receives only SafeTensors (checked against a manifest) and a
 
 from ._api import convert, patch_torch, safe_load, scan
 from ._convert import Unrepresentable
+from ._pool import Pool
 from .errors import (
     EngineError,
     EngineUnavailable,
@@ -48,6 +49,7 @@ __all__ = [
     "OutputRejected",
     "Policy",
     "PolicyError",
+    "Pool",
     "SandboxError",
     "SandboxViolation",
     "Severity",

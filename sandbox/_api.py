@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from . import _convert, _events, _extract, _image, _launch, _monitor, _scan, _verify
+from ._channel import WORK_PREFIX
+from ._pool import default_runner as _default_runner
 from ._worker import _protocol as P
 from .errors import (
     HashMismatch,
@@ -59,26 +61,28 @@ def _hash_file(path: str) -> tuple[str, int]:
     return P.sha256_file(path)
 
 
-def _resolve_input(path: str | os.PathLike[str]) -> str:
+def _open_input(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(real path, read-only descriptor) of a regular, readable input. The descriptor is what
+    the sandbox gets: no path of the host is mounted, nothing is copied."""
     p = os.path.realpath(os.fspath(path))
     try:
-        st = os.stat(p)
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
         raise InputNotFound(f"cannot open {os.fspath(path)!r}: {exc.strerror}", path=path) from None
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
         raise InputNotFound(f"{os.fspath(path)!r} is not a regular file", path=path)
-    if not os.access(p, os.R_OK):
-        raise InputNotFound(f"{os.fspath(path)!r} is not readable", path=path)
-    return p
+    os.set_blocking(fd, True)
+    return p, fd
 
 
-_WORK_PREFIX = "model-sandbox-work-"
+_WORK_PREFIX = WORK_PREFIX
 _swept = False
 
 
 def _sweep_work_dirs() -> None:
     """Once per process: remove work directories whose process is gone (one killed with
-    SIGKILL cannot clean up; its staged inputs and outputs must not pile up)."""
+    SIGKILL cannot clean up its channel directories)."""
     global _swept
     if _swept:
         return
@@ -104,24 +108,15 @@ def _sweep_work_dirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _mountable(path: str, work: str) -> str:
-    """A path to the input that the sandbox's unprivileged uid can read. A file that others may
-    read is mounted as it is; any other is copied into the private work directory first (the
-    mount is made by the engine, so only the file's own mode matters, not its directories')."""
-    if os.stat(path).st_mode & stat.S_IROTH:
-        return path
-    staged = os.path.join(work, "input")
-    shutil.copyfile(path, staged)
-    os.chmod(staged, 0o644)
-    return staged
-
-
 def _judge(report: LoadReport) -> Verdict:
     """High-severity evidence decides even when the load then failed: a payload that tried to
-    run a program and crashed the load is malicious, not merely an error."""
-    worst = report.max_severity
+    run a program and crashed the load is malicious, not merely an error. A lost monitor alone
+    is an error (the load's outcome is unknown), never clean."""
+    worst = max((f.severity for f in report.findings if f.rule != "monitor-lost"), default=None)
     if worst is not None and worst >= Severity.HIGH:
         return Verdict.MALICIOUS
+    if any(f.rule == "monitor-lost" for f in report.findings):
+        return Verdict.ERROR
     if report.error is not None:
         return Verdict.ERROR
     if worst is None or worst <= Severity.LOW:
@@ -199,22 +194,20 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                write_tensors: bool, expected_sha256: str | None,
                stop_early: bool = False, dynamic: bool = True,
                mmap: bool = False) -> Iterator[_Loaded]:
-    """Run one load in a fresh container; yields the report and the validated outputs.
-    The output directory is deleted when the block ends."""
+    """Run one load in a sandbox; yields the report and the validated outputs. The outputs
+    (sealed memfds) are released when the block ends."""
     start = time.monotonic()
     report = LoadReport(input_path=os.fspath(path), tool={"name": "model-sandbox", "version": _VERSION},
                         policy={"name": policy.name, "digest": policy.digest})
-    work: str | None = None
     loaded = _Loaded(report=report, output=None, error=None)
     st: _scan.StaticScan | None = None
-    ran = False
+    run: _launch.RunResult | None = None
+    input_fd = -1
     try:
         try:
-            real = _resolve_input(path)
+            real, input_fd = _open_input(path)
             _sweep_work_dirs()
-            work = tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{os.getpid()}-")
-            real = _mountable(real, work)
-            report.input_sha256, report.input_size = _hash_file(real)
+            report.input_sha256, report.input_size = P.sha256_fd(input_fd)
             if expected_sha256 is not None and report.input_sha256 != expected_sha256.lower():
                 raise HashMismatch(
                     f"{os.fspath(path)!r} has sha256 {report.input_sha256}, not the pinned "
@@ -226,63 +219,23 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                 if dynamic:
                     report.notes.append("refused on the static scan: the sandbox did not run")
                 raise _StaticOnly
-            runner = runner or _launch.DockerRunner()
+            runner = runner or _default_runner()
             image = runner.ensure_image()
             report.tool["image"] = image
             report.tool["worker_digest"] = _image.worker_digest()
-            out_dir = os.path.join(work, "out")
-            os.mkdir(out_dir)
-            os.chmod(out_dir, 0o777)  # noqa: S103 - the sandbox's uid writes here; the parent is 0700
-            spec = _launch.make_spec(policy, image=image, input_path=real, output_dir=out_dir,
-                                     input_size=report.input_size, write_tensors=write_tensors)
-            run = runner.run(spec)
-            ran = True
-            used, entries = _launch.dir_usage(out_dir)
-            if used > spec.output_bytes or entries > _launch.MAX_OUTPUT_ENTRIES:
-                run.output_flood = True  # caught after the fact: the container is gone
-            rejected: SandboxError | None = None
-            try:
-                output = _extract.read_outputs(out_dir, tensors_cap=spec.output_bytes)
-            except OutputRejected as exc:  # keep the evidence: status and events still count
-                rejected = exc
-                output = _extract.WorkerOutput(out_dir=out_dir)
-                with contextlib.suppress(OutputRejected):
-                    output.status = _extract.read_status(out_dir)
-            loaded.output = output
-            outcome = _monitor.interpret(run, output.status, spec, os.fspath(path))
-            report.findings += outcome.findings
-            report.resources.update(outcome.resources)
-            monitored = _events.read(out_dir, output.status)
-            report.events += monitored.events
-            report.findings += monitored.findings
-            report.notes += monitored.notes + outcome.notes
-            report.format = outcome.format
-            changed = _verify.input_identity(report.input_sha256, output.status)
-            if changed:
-                report.add(changed)
-            for name in output.unexpected[:20]:
-                report.add(Finding(
-                    rule="unexpected-output", severity=Severity.MEDIUM, category="file",
-                    message="the load wrote a file the worker never writes to its output directory",
-                    evidence={"name": name}))
-            if outcome.error is not None:
-                raise outcome.error
-            if rejected is not None:
-                raise rejected
-            if output.manifest is None or (write_tensors and output.tensors_path is None):
-                from .errors import LoadFailed
-                raise LoadFailed("the loader reported success but left no manifest/tensors")
-            _summarise(report, output.manifest)
-            if output.tensors_path is not None:
-                loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest,
-                                                       mmap=mmap)
-            report.findings += _verify.weights(real, output.manifest, loaded.tensors)
+            spec = _launch.make_spec(policy, image=image)
+            job = _launch.make_job(policy, input_fd=input_fd, input_size=report.input_size,
+                                   write_tensors=write_tensors)
+            run = runner.run(spec, job)
+            _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors, mmap)
+            assert loaded.output is not None and loaded.output.manifest is not None
+            report.findings += _verify.weights(real, loaded.output.manifest, loaded.tensors)
         except _StaticOnly:
             pass
         except SandboxError as exc:
             loaded.error = exc
             report.error = {"reference": exc.reference, "message": exc.message}
-        if ran:  # also when the load failed or was stopped: what it did still counts
+        if run is not None:  # also when the load failed or was stopped: what it did still counts
             _differential(report, st)
         _apply_severities(report, policy)
         report.verdict = _judge(report)
@@ -291,8 +244,51 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             loaded.error.report = report
         yield loaded
     finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
+        if run is not None:
+            run.close()
+        if input_fd >= 0:
+            os.close(input_fd)
+
+
+def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
+               spec: _launch.ContainerSpec, job: _launch.Job, shown: str, write_tensors: bool,
+               mmap: bool) -> None:
+    """Stages 3-5 over what the sandbox sent: engine facts and the supervisor's status,
+    events, then the validated manifest and tensors. Evidence is kept even when the outputs
+    are rejected."""
+    rejected: SandboxError | None = None
+    try:
+        output = _extract.read_outputs(run.received)
+    except OutputRejected as exc:  # keep the evidence: status and events still count
+        rejected = exc
+        output = _extract.WorkerOutput()
+        with contextlib.suppress(OutputRejected):
+            output.status = _extract.read_status(run.received)
+    loaded.output = output
+    if run.warm:
+        report.resources["warm"] = True
+    outcome = _monitor.interpret(run, output.status, spec, job, shown)
+    report.findings += outcome.findings
+    report.resources.update(outcome.resources)
+    monitored = _events.read(run.received.events, output.status, run.received.outputs,
+                             run.received.events_dropped)
+    report.events += monitored.events
+    report.findings += monitored.findings
+    report.notes += monitored.notes + outcome.notes
+    report.format = outcome.format
+    changed = _verify.input_identity(report.input_sha256 or "", output.status)
+    if changed:
+        report.add(changed)
+    if outcome.error is not None:
+        raise outcome.error
+    if rejected is not None:
+        raise rejected
+    if output.manifest is None or (write_tensors and output.tensors_path is None):
+        from .errors import LoadFailed
+        raise LoadFailed("the loader reported success but sent no manifest/tensors")
+    _summarise(report, output.manifest)
+    if output.tensors_path is not None:
+        loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest, mmap=mmap)
 
 
 def _apply_severities(report: LoadReport, policy: Policy) -> None:

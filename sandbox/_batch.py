@@ -88,7 +88,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _api, _image, _scan
-from ._launch import LABEL, ContainerSpec, Runner, RunResult
+from ._launch import LABEL, ContainerSpec, Job, Runner, RunResult
 from .errors import (
     EngineError,
     EngineUnavailable,
@@ -409,29 +409,24 @@ class _Manifest:
 # -- containers of this batch ------------------------------------------------------------------
 
 class _LabelledRunner:
-    """Gives every container of this batch the label ``org.model-sandbox.batch=<id>`` so that
-    an interrupted run can kill its own containers, and a later run remove what a SIGKILLed
-    one left -- never anyone else's. One DockerRunner per thread."""
+    """Runs this batch's loads in a :class:`~sandbox.Pool` of ``jobs`` warm sandboxes, each
+    container labelled ``org.model-sandbox.batch=<id>`` so that an interrupted run can kill its
+    own containers, and a later run remove what a SIGKILLed one left -- never anyone else's."""
 
-    def __init__(self, batch_id: str) -> None:
+    def __init__(self, batch_id: str, jobs: int = 1, policy: Policy | None = None) -> None:
+        from ._pool import Pool
+
         self.batch_id = batch_id
-        self._local = threading.local()
-
-    def _runner(self) -> Runner:
-        r: Runner | None = getattr(self._local, "runner", None)
-        if r is None:
-            from ._launch import DockerRunner
-
-            r = DockerRunner()
-            self._local.runner = r
-        return r
+        self.pool = Pool(size=jobs, policy=policy, labels=((BATCH_LABEL, batch_id),))
 
     def ensure_image(self) -> str:
-        return self._runner().ensure_image()
+        return self.pool.ensure_image()
 
-    def run(self, spec: ContainerSpec) -> RunResult:
-        labelled = dataclasses.replace(spec, labels=spec.labels + ((BATCH_LABEL, self.batch_id),))
-        return self._runner().run(labelled)
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        return self.pool.run(spec, job)
+
+    def close(self) -> None:
+        self.pool.close()
 
     def sweep(self) -> int:
         """Kill and remove this batch's containers. Never raises (the engine may be gone)."""
@@ -766,7 +761,8 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
     entries, skipped, excluded = discover(sources, include=options.include, exclude=options.exclude,
                                           ignore=(out, report_root))
     manifest = _Manifest(out)
-    labelled = _LabelledRunner(batch_id(out)) if runner is None else None
+    jobs = max(1, options.jobs or os.cpu_count() or 1)
+    labelled = _LabelledRunner(batch_id(out), jobs, options.policy) if runner is None else None
     completed_ok = False
     try:
         if labelled is not None:
@@ -791,7 +787,6 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
                     bytes_done=done_bytes, bytes_total=total_bytes,
                     elapsed_s=time.monotonic() - start, counts=_counts(summary.results), last=last))
 
-        jobs = max(1, options.jobs or os.cpu_count() or 1)
         pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="model-sandbox-batch")
         pending: dict[Future[ItemResult], Entry] = {pool.submit(_process, e, ctx): e for e in entries}
         try:
@@ -829,6 +824,7 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
             ctx.cancel.set()
             pool.shutdown(wait=False, cancel_futures=True)
             if labelled is not None:
+                labelled.pool.close()
                 labelled.sweep()  # ends the in-flight loads now
             for fut, entry in pending.items():
                 late: ItemResult | None = None
@@ -849,5 +845,6 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
         return summary
     finally:
         if labelled is not None:
+            labelled.close()
             labelled.sweep()
         manifest.close(compact=completed_ok)

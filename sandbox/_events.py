@@ -1,11 +1,12 @@
 """Stage 3, host half: the supervisor's event log -> report events and findings.
 
-``events.jsonl`` and the ``monitor``/``canaries`` parts of ``status.json`` were written by the
-supervisor after every loader process was dead, but in a directory the loader could write:
-they are parsed as untrusted data. The file is read only if it is a regular file within
-:data:`~sandbox._worker._protocol.MAX_EVENTS_BYTES`; at most a bounded number of lines, each a
-JSON object whose fields are checked one by one; strings are cut and made printable (a path or
-an argv may carry terminal escapes). Nothing here evaluates anything.
+The events (JSON lines the supervisor streamed over the channel while the load ran) and the
+``monitor``/``canaries`` parts of its status never passed through a place the loader can write,
+but they are still parsed as untrusted data: at most
+:data:`~sandbox._worker._protocol.MAX_EVENTS_BYTES` (the channel enforces it as it reads), a
+bounded number of lines, each a JSON object whose fields are checked one by one; strings are cut
+and made printable (a path or an argv may carry terminal escapes). Nothing here evaluates
+anything.
 
 Findings rest on ``kernel`` events only (seccomp notifications the supervisor decoded);
 ``self_reported`` events (the loader's audit hook, which the payload can forge or silence) are
@@ -19,7 +20,6 @@ import math
 import mmap
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,25 +133,6 @@ def parse_events(data: bytes) -> tuple[list[Event], int]:
         seen.add(ev.id)
         events.append(ev)
     return events, rejected
-
-
-def _read_file(path: str, cap: int) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > cap:
-            return None
-        chunks, left = [], cap + 1
-        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-        return data if len(data) <= cap else None
-    finally:
-        os.close(fd)
 
 
 def _canaries(status: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
@@ -358,56 +339,42 @@ def analyse(events: list[Event], status: dict[str, Any] | None) -> Monitoring:
     return mon
 
 
-def _scan_outputs(out_dir: str, canaries: dict[str, str]) -> list[Finding]:
-    """A planted credential inside what the loader wrote (manifest, tensors, stray files)."""
+def _scan_outputs(outputs: dict[str, int], canaries: dict[str, str]) -> list[Finding]:
+    """A planted credential inside what the loader wrote (the manifest and tensor memfds)."""
     if not canaries:
         return []
     needles = {k: v.encode() for k, v in canaries.items()}
     findings = []
-    try:
-        entries = [e for e in os.scandir(out_dir) if e.name not in (P.STATUS_FILE, P.EVENTS_FILE)][:50]
-    except OSError:
-        return []
-    for e in entries:
+    for name, fd in sorted(outputs.items()):
         try:
-            if not e.is_file(follow_symlinks=False):
+            size = os.fstat(fd).st_size
+            if size == 0 or size > _OUTPUT_SCAN_BYTES:
                 continue
-            st = e.stat(follow_symlinks=False)
-            if st.st_size == 0 or st.st_size > _OUTPUT_SCAN_BYTES:
-                continue
-            fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
             with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
                 hits = sorted(k for k, v in needles.items() if m.find(v) >= 0)
         except (OSError, ValueError):
             hits = []
-        finally:
-            os.close(fd)
         if hits:
             findings.append(Finding(
                 rule="canary-exfiltration", severity=Severity.CRITICAL, category="credential",
                 message="exfiltration attempt: a planted credential was written to the output",
-                evidence={"file": _printable(e.name, 200), "canaries": hits[:10]}))
+                evidence={"file": name, "canaries": hits[:10]}))
     return findings
 
 
-def read(out_dir: str, status: dict[str, Any] | None) -> Monitoring:
-    """Everything monitoring found for one load in ``out_dir`` (events.jsonl + status)."""
-    events: list[Event] = []
-    notes = []
-    path = os.path.join(out_dir, P.EVENTS_FILE)
-    data = _read_file(path, P.MAX_EVENTS_BYTES)
-    if data is None and os.path.lexists(path):
-        notes.append(f"{P.EVENTS_FILE} was not a regular file within {P.MAX_EVENTS_BYTES} bytes; ignored")
+def read(events: bytes, status: dict[str, Any] | None, outputs: dict[str, int],
+         dropped: int = 0) -> Monitoring:
+    """Everything monitoring found for one load: the streamed events, the status, and a search
+    of the outputs for planted credentials."""
+    parsed: list[Event] = []
     rejected = 0
-    if data:
-        events, rejected = parse_events(data)
-    mon = analyse(events, status)
-    mon.notes += notes
+    if events:
+        parsed, rejected = parse_events(events)
+    mon = analyse(parsed, status)
+    if dropped:
+        mon.notes.append(f"{dropped} events past the {P.MAX_EVENTS_BYTES} byte cap were dropped")
     if rejected:
-        mon.notes.append(f"{rejected} malformed lines in {P.EVENTS_FILE} were ignored")
+        mon.notes.append(f"{rejected} malformed event lines were ignored")
     canaries, _ = _canaries(status or {})
-    mon.findings += _scan_outputs(out_dir, canaries)
+    mon.findings += _scan_outputs(outputs, canaries)
     return mon

@@ -1,20 +1,20 @@
-"""Stage 4, host: bounded, name-checked copy-out of what the worker left in its output directory.
+"""Stage 4, host: the worker's outputs, taken from what came over the channel.
 
-Everything read here came from a process that ran attacker-controlled code. Only the expected
-file names are opened; each must be a regular file (never a symlink, device or directory),
-within its size cap; JSON is parsed only after the size check and then validated field by field.
+Everything read here came from a sandbox that ran attacker-controlled code. The channel
+(:mod:`._channel`) already checked frame sizes and that each output is a sealed memfd within its
+cap; here the status and manifest are parsed (strict JSON) and validated field by field, and the
+tensors stay in their sealed memfd for the convert stage to open with the safetensors library.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from ._channel import Received
 from ._worker import _protocol as P
 from .errors import OutputRejected
 
@@ -23,91 +23,43 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclass
 class WorkerOutput:
-    out_dir: str
     status: dict[str, Any] | None = None
     manifest: dict[str, Any] | None = None
-    tensors_path: str | None = None
-    unexpected: list[str] = field(default_factory=list)
-
-
-def _open_regular(path: str, cap: int) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise OutputRejected(f"cannot open {os.path.basename(path)}: {exc.strerror}",
-                             item=os.path.basename(path)) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OutputRejected(f"{os.path.basename(path)} is not a regular file",
-                                 item=os.path.basename(path))
-        if st.st_size > cap:
-            raise OutputRejected(f"{os.path.basename(path)} is {st.st_size} bytes, over the "
-                                 f"{cap} byte cap", item=os.path.basename(path))
-        chunks = []
-        remaining = cap + 1
-        while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 20))):
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > cap:
-            raise OutputRejected(f"{os.path.basename(path)} grew past its cap while being read",
-                                 item=os.path.basename(path))
-        return data
-    finally:
-        os.close(fd)
+    tensors_path: str | None = None  # /proc/self/fd/N of the sealed tensors memfd
 
 
 def _parse_json(data: bytes, item: str) -> Any:
-    def no_constants(name: str) -> None:
-        raise ValueError(f"non-standard JSON constant {name}")
-
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=no_constants)
-    except (ValueError, RecursionError) as exc:
-        raise OutputRejected(f"{item} is not valid JSON: {str(exc)[:200]}", item=item) from None
+        return P.parse_json(data, item)
+    except P.ProtocolError as exc:
+        raise OutputRejected(str(exc), item=item) from None
 
 
-def read_outputs(out_dir: str, *, tensors_cap: int) -> WorkerOutput:
-    """Inventory ``out_dir`` and read the status and manifest (validated)."""
-    out = WorkerOutput(out_dir=out_dir)
-    try:
-        entries = list(os.scandir(out_dir))
-    except OSError as exc:
-        raise OutputRejected(f"cannot list the output directory: {exc.strerror}") from None
-    present: dict[str, os.DirEntry[str]] = {}
-    for e in entries[:10_000]:
-        if e.name in P.OUTPUT_FILES:
-            present[e.name] = e
-        else:
-            out.unexpected.append(e.name[:200])
-    for name, e in present.items():
-        if not e.is_file(follow_symlinks=False):
-            raise OutputRejected(f"{name} in the output directory is not a regular file", item=name)
-
-    if P.STATUS_FILE in present:
-        status = _parse_json(_open_regular(present[P.STATUS_FILE].path, P.MAX_STATUS_BYTES),
-                             P.STATUS_FILE)
-        out.status = validate_status(status)
-    if P.MANIFEST_FILE in present:
-        manifest = _parse_json(_open_regular(present[P.MANIFEST_FILE].path, P.MAX_JSON_BYTES),
-                               P.MANIFEST_FILE)
-        out.manifest = validate_manifest(manifest)
-    if P.TENSORS_FILE in present:
-        size = present[P.TENSORS_FILE].stat(follow_symlinks=False).st_size
-        if size > tensors_cap:
-            raise OutputRejected(f"{P.TENSORS_FILE} is {size} bytes, over the {tensors_cap} cap",
-                                 item=P.TENSORS_FILE)
-        out.tensors_path = present[P.TENSORS_FILE].path
-    return out
+def _read_memfd(fd: int, cap: int, item: str) -> bytes:
+    size = os.fstat(fd).st_size
+    if size > cap:
+        raise OutputRejected(f"{item} is {size} bytes, over the {cap} byte cap", item=item)
+    return os.pread(fd, size, 0) if size else b""
 
 
-def read_status(out_dir: str) -> dict[str, Any] | None:
-    """Only the supervisor's status (validated), or None when there is none."""
-    path = os.path.join(out_dir, P.STATUS_FILE)
-    if not os.path.lexists(path):
+def read_status(received: Received) -> dict[str, Any] | None:
+    """Only the supervisor's status (validated), or None when it sent none."""
+    if received.status is None:
         return None
-    return validate_status(_parse_json(_open_regular(path, P.MAX_STATUS_BYTES), P.STATUS_FILE))
+    return validate_status(_parse_json(received.status, P.STATUS_FILE))
+
+
+def read_outputs(received: Received) -> WorkerOutput:
+    """The status and the manifest (validated) and where the tensors are."""
+    out = WorkerOutput(status=read_status(received))
+    fd = received.outputs.get("manifest")
+    if fd is not None:
+        out.manifest = validate_manifest(_parse_json(_read_memfd(fd, P.MAX_JSON_BYTES,
+                                                                 P.MANIFEST_FILE), P.MANIFEST_FILE))
+    fd = received.outputs.get("tensors")
+    if fd is not None:
+        out.tensors_path = f"/proc/self/fd/{fd}"
+    return out
 
 
 def _require(cond: bool, item: str, what: str) -> None:
@@ -161,7 +113,7 @@ def validate_status(data: Any) -> dict[str, Any]:
     return status
 
 
-_SUPERVISOR_LIMITS = ("wall_clock", "cpu")
+_SUPERVISOR_LIMITS = ("wall_clock", "cpu", "output_bytes")
 _RESOURCE_SECONDS = ("cpu_s", "sample_s")
 _RESOURCE_COUNTS = ("rss_peak_bytes", "threads_peak", "children_peak", "samples")
 

@@ -1,17 +1,20 @@
-"""Stage 2, host: Policy -> ContainerSpec (pure) -> Runner -> DockerRunner.
+"""Stage 2, host: Policy -> ContainerSpec + Job (pure) -> Runner -> DockerRunner.
 
 This is the only module that imports ``docker``. :class:`ContainerSpec` is a frozen, typed
-description of one disposable container; :meth:`ContainerSpec.docker_kwargs` is the one place
-that turns it into engine arguments, so unit tests can assert every hardening option without
-a daemon. :class:`DockerRunner` runs a spec and always removes the container (success, error,
-timeout, Ctrl-C).
+description of one disposable container (everything fixed when it starts: image, limits,
+profile); a :class:`Job` is what one load asks of it (its config and the input descriptor),
+sent over the channel (:mod:`._channel`), so a container can be started before its job exists.
+:meth:`ContainerSpec.docker_kwargs` is the one place that turns a spec into engine arguments, so
+unit tests can assert every hardening option without a daemon. :class:`DockerRunner` starts
+:class:`Sandbox` es; a sandbox runs exactly one job and is always removed (success, error,
+timeout, Ctrl-C, or discarded unused).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _image
+from ._channel import Channel, Received
 from ._worker import _protocol as P
 from .errors import EngineError, EngineUnavailable, ImageMismatch, ImageMissing
 from .policy import Policy, seccomp_profile
@@ -34,27 +38,27 @@ MAX_OUTPUT_ENTRIES = 1000
 
 @dataclass(frozen=True)
 class ContainerSpec:
+    """Everything fixed when a sandbox starts. Hashable: a warm sandbox serves a job whose
+    spec equals the one it was started with."""
+
     image: str
-    input_path: str
-    output_dir: str
-    command: tuple[str, ...]
-    wall_clock_s: float
     memory_bytes: int
     pids: int
     nano_cpus: int
     tmp_bytes: int
-    output_bytes: int
     seccomp: str
     user: str = f"{_image.SANDBOX_UID}:{_image.SANDBOX_UID}"
     labels: tuple[tuple[str, str], ...] = ((LABEL, "worker"),)
 
-    def docker_kwargs(self) -> dict[str, Any]:
-        """Arguments for ``containers.create``. Every isolation choice is made here."""
+    def docker_kwargs(self, channel_dir: str) -> dict[str, Any]:
+        """Arguments for ``containers.create``. Every isolation choice is made here. The only
+        host path the container sees is ``channel_dir``, read-only: no directory of the host is
+        writable from inside."""
         from docker.types import LogConfig, Mount, Ulimit
 
         return {
             "image": self.image,
-            "command": list(self.command),
+            "command": [],
             "detach": True,
             "network_mode": "none",
             "cap_drop": ["ALL"],
@@ -71,10 +75,7 @@ class ContainerSpec:
                       # the canary home: fake credentials the supervisor plants for the loader
                       P.CANARY_HOME: f"rw,noexec,nosuid,nodev,size=1m,uid={_image.SANDBOX_UID},"
                                      f"gid={_image.SANDBOX_UID}"},
-            "mounts": [
-                Mount(P.INPUT_PATH, self.input_path, type="bind", read_only=True),
-                Mount(P.OUTPUT_DIR, self.output_dir, type="bind", read_only=False),
-            ],
+            "mounts": [Mount(P.CHANNEL_DIR, channel_dir, type="bind", read_only=True)],
             "mem_limit": self.memory_bytes,
             "memswap_limit": self.memory_bytes,
             "pids_limit": self.pids,
@@ -87,32 +88,45 @@ class ContainerSpec:
         }
 
 
-def make_spec(policy: Policy, *, image: str, input_path: str, output_dir: str, input_size: int,
-              write_tensors: bool = True) -> ContainerSpec:
+def make_spec(policy: Policy, *, image: str) -> ContainerSpec:
     lim = policy.limits
-    out_bytes = lim.output_bytes(input_size)
-    ev = policy.events
-    cfg = {"wall_clock_s": lim.wall_clock_s, "cpu_s": lim.cpu_s, "max_output_bytes": out_bytes,
-           "write_tensors": write_tensors, "fatal": list(ev.fatal), "errno": ev.errno_number,
-           "allow_read": list(ev.allow_read)}
     return ContainerSpec(
         image=image,
-        input_path=input_path,
-        output_dir=output_dir,
-        command=(json.dumps(cfg, sort_keys=True),),
-        wall_clock_s=lim.wall_clock_s,
         memory_bytes=lim.memory_mb * 2**20,
         pids=lim.pids,
         nano_cpus=int(lim.cpus * 1e9),
         tmp_bytes=lim.tmp_mb * 2**20,
-        output_bytes=out_bytes,
         seccomp=seccomp_profile(),
     )
 
 
+@dataclass(frozen=True)
+class Job:
+    """One load: its config (sent in the JOB frame) and the input, a read-only descriptor the
+    host opened (sent with it; the container never sees a path of the host)."""
+
+    config: P.JobConfig
+    input_fd: int
+
+    @property
+    def output_bytes(self) -> int:
+        return self.config.max_output_bytes
+
+
+def make_job(policy: Policy, *, input_fd: int, input_size: int,
+             write_tensors: bool = True) -> Job:
+    lim, ev = policy.limits, policy.events
+    return Job(P.JobConfig(wall_clock_s=lim.wall_clock_s, cpu_s=lim.cpu_s,
+                           max_output_bytes=lim.output_bytes(input_size),
+                           write_tensors=write_tensors, fatal=tuple(ev.fatal),
+                           errno=ev.errno_number, allow_read=tuple(ev.allow_read)), input_fd)
+
+
 @dataclass
 class RunResult:
-    """What the engine knows about a finished container (trusted: it comes from the engine)."""
+    """How one sandboxed job ended. Engine facts (exit code, OOM kill, the host's own timeout)
+    are trusted; ``received`` is what came over the channel, checked as it was read but still
+    untrusted data."""
 
     exit_code: int | None
     oom_killed: bool = False
@@ -121,30 +135,17 @@ class RunResult:
     duration_s: float = 0.0
     logs: bytes = b""
     notes: list[str] = field(default_factory=list)
+    received: Received = field(default_factory=Received)
+    warm: bool = False  # the job went to a sandbox that was started before it
+
+    def close(self) -> None:
+        self.received.close()
 
 
 class Runner(Protocol):
-    def run(self, spec: ContainerSpec) -> RunResult: ...
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult: ...
 
     def ensure_image(self) -> str: ...
-
-
-def dir_usage(path: str, limit_entries: int = 10_000) -> tuple[int, int]:
-    """(bytes, entries) under ``path``, not following links, counting at most a bound."""
-    total = entries = 0
-    stack = [path]
-    while stack and entries <= limit_entries:
-        try:
-            with os.scandir(stack.pop()) as it:
-                for e in it:
-                    entries += 1
-                    st = e.stat(follow_symlinks=False)
-                    total += st.st_blocks * 512 if st.st_blocks else st.st_size
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(e.path)
-        except OSError:
-            continue
-    return total, entries
 
 
 class DockerRunner:
@@ -224,52 +225,149 @@ class DockerRunner:
         return tag, time.monotonic() - start, int(img.attrs.get("Size", 0))
 
     # -- containers ---------------------------------------------------------------------------
-    def run(self, spec: ContainerSpec) -> RunResult:
+    def start(self, spec: ContainerSpec, *, connect_s: float = 60.0) -> Sandbox:
+        """Create and start one container for ``spec`` and wait until its supervisor connected
+        and said hello: a warm sandbox, ready for exactly one job."""
         import docker.errors
-        import requests.exceptions
 
-        kwargs = spec.docker_kwargs()
+        _refuse_remote_engine(self.client)
+        channel = Channel()
+        kwargs = spec.docker_kwargs(channel.directory)
         kwargs["labels"] = {**kwargs["labels"], OWNER_LABEL: _owner()}
         try:
             container = self.client.containers.create(**kwargs)
         except docker.errors.ImageNotFound:
+            channel.remove()
             raise ImageMissing(f"the worker image {spec.image} is not built", tag=spec.image) from None
         except docker.errors.DockerException as exc:
+            channel.remove()
             raise _engine_error("create the sandbox container", exc) from None
+        box = Sandbox(self, spec, container, channel)
+        try:
+            container.start()
+            container.reload()
+            pid = int(container.attrs.get("State", {}).get("Pid") or 0)
+            box.hello = channel.accept(connect_s, expected_pid=pid or None)
+        except BaseException as exc:
+            box.discard(keep_logs=True)
+            if isinstance(exc, docker.errors.DockerException):
+                raise _engine_error("start the sandbox", exc) from None
+            if isinstance(exc, EngineError) and box.logs:
+                raise EngineError(f"{exc.message}; its output: {_printable(box.logs[-400:])}") \
+                    from None
+            raise
+        return box
+
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        """A fresh sandbox for ``job`` (no warm one): start, run, remove."""
+        return self.start(spec).run(job)
+
+
+class Sandbox:
+    """One started container whose supervisor is connected and waiting (warm). Runs exactly one
+    job (:meth:`run`) or is discarded unused (:meth:`discard`); either way the container and its
+    channel are removed."""
+
+    def __init__(self, runner: DockerRunner, spec: ContainerSpec, container: Any,
+                 channel: Channel) -> None:
+        self.runner = runner
+        self.spec = spec
+        self.container = container
+        self.channel = channel
+        self.hello: P.Hello | None = None
+        self.started = time.monotonic()
+        self.logs = b""
+        self.used = False
+
+    def alive(self) -> bool:
+        """The supervisor still holds its end (a warm sandbox that died is not handed out)."""
+        conn = self.channel.conn
+        if conn is None:
+            return False
+        try:
+            return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def run(self, job: Job) -> RunResult:
+        import docker.errors
+
+        assert not self.used, "a sandbox runs one job"
+        self.used = True
         result = RunResult(exit_code=None)
         start = time.monotonic()
         try:
-            container.start()
-            # Backstop: the supervisor enforces the wall clock itself; the engine kill is for a
-            # supervisor that cannot (a frozen container, a host under load).
-            deadline = start + spec.wall_clock_s + 15
-            while True:
-                try:
-                    res = self.client.api.wait(container.id, timeout=self.poll_s)
-                    result.exit_code = int(res.get("StatusCode", -1))
-                    break
-                except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as exc:
-                    if isinstance(exc, requests.exceptions.ConnectionError) and \
-                            "timed out" not in str(exc).lower():
-                        raise _engine_error("wait for the sandbox", exc) from None
-                used, entries = dir_usage(spec.output_dir)
-                if used > spec.output_bytes or entries > MAX_OUTPUT_ENTRIES:
-                    result.output_flood = True
-                    result.notes.append(f"output directory reached {used} bytes / {entries} entries")
-                    _kill(container)
-                elif time.monotonic() > deadline:
+            self.channel.send_job(job.config, job.input_fd)
+            # Backstop: the supervisor enforces the wall clock itself; this is for a supervisor
+            # that cannot (a frozen container, a host under load).
+            deadline = start + job.config.wall_clock_s + 15
+            result.received = self.channel.collect(deadline, job.output_bytes)
+            if not result.received.closed:
+                if not result.received.violations:
                     result.timed_out = True
-                    _kill(container)
-            container.reload()
-            state = container.attrs.get("State", {})
+                _kill(self.container)
+            self.channel.close()  # the supervisor, if alive, ends at once
+            result.exit_code = _wait(self.runner, self.container, 15)
+            if result.exit_code is None:
+                _kill(self.container)
+                result.exit_code = _wait(self.runner, self.container, 15)
+            self.container.reload()
+            state = self.container.attrs.get("State", {})
             result.oom_killed = bool(state.get("OOMKilled"))
-            result.logs = _bounded_logs(container)
+            if result.exit_code != 0 or not result.received.completed:
+                result.logs = _bounded_logs(self.container)
         except docker.errors.DockerException as exc:
+            result.close()
             raise _engine_error("run the sandbox", exc) from None
+        except BaseException:
+            result.close()
+            raise
         finally:
             result.duration_s = time.monotonic() - start
-            _remove(container)
+            self.discard(background=True)
         return result
+
+    def discard(self, *, keep_logs: bool = False, background: bool = False) -> None:
+        """Close the channel (the supervisor exits when it sees that) and remove the container.
+        ``background``: the removal runs in a (non-daemon) thread, so the caller does not wait
+        for the engine, yet the interpreter does not exit before it is done."""
+        self.used = True
+        self.channel.remove()
+        if keep_logs:
+            self.logs = _bounded_logs(self.container)
+        if background:
+            threading.Thread(target=_remove, args=(self.container,),
+                             name="model-sandbox-remove").start()
+        else:
+            _remove(self.container)
+
+
+def _wait(runner: DockerRunner, container: Any, timeout_s: float) -> int | None:
+    import requests.exceptions
+
+    try:
+        res = runner.client.api.wait(container.id, timeout=timeout_s)
+        return int(res.get("StatusCode", -1))
+    except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+        return None
+
+
+def _printable(data: bytes) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in data.decode("utf-8", "replace"))
+
+
+def _refuse_remote_engine(client: Any) -> None:
+    """The channel is a socket in a host directory: the engine must share this filesystem."""
+    host = os.environ.get("DOCKER_HOST", "")
+    base = str(getattr(getattr(client, "api", None), "base_url", ""))
+    if host.startswith(("tcp://", "ssh://", "http://", "https://")) or \
+            (base.startswith(("http://", "https://")) and "localhost" not in base):
+        raise EngineUnavailable(
+            f"the Docker engine at {host or base} is remote: model-sandbox hands files to the "
+            "sandbox through a local socket, so it needs an engine on this machine (a local "
+            "or rootless dockerd)")
 
 
 def _kill(container: Any) -> None:

@@ -1,17 +1,18 @@
 """Stage 3, host half: what the engine and the supervisor say about how the load ended.
 
-Engine facts (exit code, OOM kill, the host-side timeout and output-flood kills) are
-trustworthy. The supervisor's ``status.json`` was written after every loader process was
-killed, but it sits in a directory the loader could write, so it is validated data, not proof.
+Engine facts (exit code, OOM kill, the host-side timeout) are trustworthy. The supervisor's
+status came over the channel after every loader process was killed, from the container's PID 1:
+no file the loader could write. A result counts only when the engine's exit code is 0 *and* the
+supervisor completed (its DONE frame); anything else is an error with a ``monitor-lost`` finding,
+never a clean load -- a supervisor that died may have lost evidence.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._launch import ContainerSpec, RunResult
+from ._launch import ContainerSpec, Job, RunResult
 from .errors import LimitExceeded, LoadFailed, MalformedInput, SandboxError, UnsupportedFormat
 from .report import Event, Finding, Severity
 
@@ -39,21 +40,21 @@ def _limit(limit: str, value: float | int, message: str, *,
     return finding, LimitExceeded(message, limit=limit, value=value)
 
 
-def _cpu_limit(spec: ContainerSpec) -> float:
-    """The CPU-time limit the spec passed to the supervisor (its JSON config, built by us)."""
-    try:
-        value = json.loads(spec.command[-1]).get("cpu_s", spec.wall_clock_s)
-    except (IndexError, ValueError, AttributeError):
-        return spec.wall_clock_s
-    return float(value) if isinstance(value, (int, float)) else spec.wall_clock_s
+def _cpu_limit(job: Job) -> float:
+    """The CPU-time limit the job passed to the supervisor."""
+    return job.config.cpu_s or job.config.wall_clock_s
 
 
 _SIGXCPU = 24  # the loader's RLIMIT_CPU backstop
 
 
-def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec,
+def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec, job: Job,
               input_path: str) -> Outcome:
     out = Outcome(ok=False)
+    wall = job.config.wall_clock_s
+    lost = _monitor_lost(run, status)
+    if lost is not None:
+        out.findings.append(lost)
     out.resources = {"container_s": round(run.duration_s, 3)}
     if status:
         for key in ("wall_s", "cpu_user_s", "cpu_system_s", "max_rss_kb"):
@@ -69,13 +70,6 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
     result = (status or {}).get("result") or {}
 
     # Engine-level limits first: they are facts.
-    if run.output_flood:
-        f, e = _limit("output_bytes", spec.output_bytes,
-                      f"the load wrote more than {spec.output_bytes:,} bytes or too many files "
-                      "to its output directory and was stopped")
-        out.findings.append(f)
-        out.error = e
-        return out
     if run.oom_killed:
         f, e = _limit("memory", spec.memory_bytes,
                       f"the load exceeded the memory limit of {spec.memory_bytes // 2**20} MiB "
@@ -84,27 +78,37 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
         out.error = e
         return out
     if run.timed_out:
-        f, e = _limit("wall_clock", spec.wall_clock_s,
-                      f"the load did not finish within {spec.wall_clock_s:g} s and was stopped")
+        f, e = _limit("wall_clock", wall,
+                      f"the load did not finish within {wall:g} s and was stopped")
         out.findings.append(f)
         out.error = e
         return out
     # Limits the supervisor enforced: it names them (older statuses only say "timed_out").
     acted = (status or {}).get("limit") or ("wall_clock" if (status or {}).get("timed_out") else None)
     if acted == "wall_clock":
-        f, e = _limit("wall_clock", spec.wall_clock_s,
-                      f"the load did not finish within {spec.wall_clock_s:g} s and was stopped",
+        f, e = _limit("wall_clock", wall,
+                      f"the load did not finish within {wall:g} s and was stopped",
+                      by="supervisor")
+        out.findings.append(f)
+        out.error = e
+        return out
+    if acted == "output_bytes":
+        f, e = _limit("output_bytes", job.output_bytes,
+                      f"the load wrote more than {job.output_bytes:,} bytes of output",
                       by="supervisor")
         out.findings.append(f)
         out.error = e
         return out
     if acted == "cpu":
-        cpu = _cpu_limit(spec)
+        cpu = _cpu_limit(job)
         used = out.resources.get("cpu_s")
         f, e = _limit("cpu", cpu, f"the load used more than {cpu:g} s of CPU time and was stopped",
                       by="supervisor", **({"used_s": used} if used is not None else {}))
         out.findings.append(f)
         out.error = e
+        return out
+    if lost is not None:
+        out.error = LoadFailed(lost.message)
         return out
     if status is None:
         tail = "".join(ch if ch.isprintable() or ch == "\n" else "?"
@@ -143,7 +147,7 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
             out.findings.append(f)
             out.error = e
         elif signal_no == _SIGXCPU:
-            cpu = _cpu_limit(spec)
+            cpu = _cpu_limit(job)
             f, e = _limit("cpu", cpu, f"the loader used more than {cpu:g} s of CPU time and was "
                           "stopped by its own CPU rlimit", by="rlimit")
             out.findings.append(f)
@@ -154,10 +158,32 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
         typ = result.get("type")
         detail = f"{typ}: {message}" if typ else message
         if "RLIMIT_FSIZE" in detail or "File too large" in detail:
-            f, e = _limit("output_bytes", spec.output_bytes,
-                          f"the load tried to write a file larger than {spec.output_bytes:,} bytes")
+            f, e = _limit("output_bytes", job.output_bytes,
+                          f"the load tried to write a file larger than {job.output_bytes:,} bytes")
             out.findings.append(f)
             out.error = e
         else:
             out.error = LoadFailed(f"torch could not load the file in the sandbox: {detail}")
     return out
+
+
+def _monitor_lost(run: RunResult, status: dict[str, Any] | None) -> Finding | None:
+    """HIGH ``monitor-lost`` when the supervisor did not complete, the channel was abused, or
+    the engine reports a failure: then the evidence may be incomplete, and nothing that came
+    over the channel is a result."""
+    got = run.received
+    why = None
+    if got.violations:
+        why = f"the channel was abused: {got.violations[0]}"
+    elif run.oom_killed or run.timed_out:
+        return None  # an engine-enforced limit: reported as that limit
+    elif not got.completed:
+        why = "the supervisor never completed (it died, or was killed, before its DONE)"
+    elif run.exit_code != 0:
+        why = f"the sandbox exited with code {run.exit_code} after its supervisor completed"
+    if why is None:
+        return None
+    return Finding(rule="monitor-lost", severity=Severity.HIGH, category="evasion",
+                   message=f"the monitor was lost: {why}; evidence may be missing",
+                   evidence={"exit_code": run.exit_code, "completed": got.completed,
+                             "violations": got.violations[:5], "status": status is not None})

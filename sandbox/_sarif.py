@@ -50,7 +50,9 @@ RULES: dict[str, tuple[str, Severity]] = {
     "event-log-truncated": ("the event log hit its cap; later events were dropped", Severity.LOW),
     "input-changed": ("the file the sandbox loaded differs from the file the host hashed",
                       Severity.CRITICAL),
-    "unexpected-output": ("the load wrote a file the worker never writes", Severity.MEDIUM),
+    "monitor-lost": ("the supervisor did not complete, the engine reported a failure, or the "
+                     "channel was abused: evidence may be missing (verdict error unless other "
+                     "high evidence)", Severity.HIGH),
     "unrepresentable-object": ("an object that is not data was replaced by a placeholder",
                                Severity.INFO),
     "limit-cpu": ("the load reached the CPU-time limit", Severity.MEDIUM),

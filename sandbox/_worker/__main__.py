@@ -28,16 +28,17 @@ first sample, after the loader has been forked.
 from __future__ import annotations
 
 import base64
-import errno
 import importlib
 import json
 import os
 import resource
 import secrets
 import signal
+import socket
 import string
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,34 +50,30 @@ STAGE2 = "--stage2"
 _RESULT_LIMIT = 64 * 1024
 _SAMPLE_EVERY_S = 0.1
 _CPU_BACKSTOP_S = 5  # RLIMIT_CPU of the loader: this many seconds past the tree's limit
+_MAX_COUNT_KEYS = 256  # distinct (source, kind, action) counters in the status
 
 
-def _config(argv: list[str]) -> dict[str, Any]:
-    args = [a for a in argv if a != STAGE2]
-    cfg: dict[str, Any] = json.loads(args[0]) if args else {}
-    return cfg
-
-
-def _sha256(path: str) -> tuple[str, int]:
-    return P.sha256_file(path)
-
-
-def _loader_main(cfg: dict[str, Any], ch: _ChildEnds, env: dict[str, str], start: float) -> None:
-    """Runs in the forked child; never returns."""
+def _loader_main(ch: _ChildEnds, env: dict[str, str]) -> None:
+    """Runs in the forked child; never returns. Warm until the supervisor hands it a job: the
+    heavy imports happen before any input exists, the filter goes in before the input arrives."""
     code = 4
     message: dict[str, Any] = {"ok": False, "kind": "load-failed", "message": "no result"}
     try:
         os.setsid()
-        max_out = int(cfg.get("max_output_bytes", 0))
-        if max_out > 0:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (max_out, max_out))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        cpu = float(cfg.get("cpu_s", 0))
-        if cpu > 0:  # a backstop per process: the supervisor stops the whole tree before this
-            soft = int(cpu) + _CPU_BACKSTOP_S
-            resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + _CPU_BACKSTOP_S))
         os.chdir("/tmp")
+        os.environ.clear()
         os.environ.update(env)  # the canaries: the loader's whole environment
+        from . import _loader
+        _loader.prepare()  # torch, numpy, safetensors: trusted code, no input yet
+        os.write(ch.hand_w, b"R")  # warm: the supervisor says hello only now
+        cfg, input_fd = _receive_job(ch.job)
+        if cfg.max_output_bytes > 0:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (cfg.max_output_bytes, cfg.max_output_bytes))
+        if cfg.cpu_s > 0:  # a backstop per process: the supervisor stops the whole tree before this
+            soft = int(cfg.cpu_s) + _CPU_BACKSTOP_S
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + _CPU_BACKSTOP_S))
+        source = _loader.Input(input_fd)  # probes its descriptor before the filter is in place
         try:
             # Dumpable, so that the supervisor may take the listener and read our memory;
             # after the filter, prctl(PR_SET_DUMPABLE) is refused.
@@ -92,16 +89,16 @@ def _loader_main(cfg: dict[str, Any], ch: _ChildEnds, env: dict[str, str], start
         os.close(ch.hand_w)
         os.close(ch.ack_r)
         from . import _audit
-        _audit.install(ch.audit_w, start)
-        from ._loader import LoaderError, load, write_outputs
+        _audit.install(ch.audit_w, time.monotonic())
 
         try:
-            obj, fmt, locations = load(P.INPUT_PATH)
-            manifest = write_outputs(obj, fmt, locations, P.OUTPUT_DIR,
-                                     tensors=bool(cfg.get("write_tensors", True)))
+            obj, fmt, locations = _loader.load(source)
+            manifest = _loader.write_outputs(obj, fmt, locations, tensors_fd=ch.tensors,
+                                             manifest_fd=ch.manifest,
+                                             tensors=cfg.write_tensors)
             message = {"ok": True, "format": fmt, "tensors": len(manifest["tensors"])}
             code = 0
-        except LoaderError as exc:
+        except _loader.LoaderError as exc:
             message = {"ok": False, "kind": exc.kind, "message": str(exc)[:4000],
                        "detected": exc.detected}
             code = 3
@@ -118,10 +115,21 @@ def _loader_main(cfg: dict[str, Any], ch: _ChildEnds, env: dict[str, str], start
         code = 5
     finally:
         try:
-            os.write(ch.result_w, json.dumps(message).encode()[:_RESULT_LIMIT])
+            os.write(ch.result_w, json.dumps(message, default=str).encode()[:_RESULT_LIMIT])
         except BaseException:
             pass
         os._exit(code)
+
+
+def _receive_job(sock: socket.socket) -> tuple[P.JobConfig, int]:
+    """The job the supervisor forwards (its config and the input descriptor)."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, P.MAX_FRAME, 1)
+    if not data or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise SystemExit(0)  # the sandbox is being discarded unused
+    sock.close()
+    return P.JobConfig.from_json(data), fds[0]
 
 
 class _MonitorFailed(Exception):
@@ -134,6 +142,9 @@ class _ChildEnds:
     hand_w: int
     ack_r: int
     audit_w: int
+    job: socket.socket
+    tensors: int
+    manifest: int
 
 
 # -- canary credentials ----------------------------------------------------------------------------
@@ -211,6 +222,8 @@ class _EventLog:
     def add(self, source: str, kind: str, detail: dict[str, Any], action: str, t: float,
             *, keep: bool = True) -> None:
         key = f"{source}:{kind}:{action}"
+        if key not in self.counts and len(self.counts) >= _MAX_COUNT_KEYS:
+            key = f"{source}:other:{action}"  # kinds are the loader's words: their number is bounded
         self.counts[key] = self.counts.get(key, 0) + 1
         if not keep:
             return
@@ -234,7 +247,11 @@ class _EventLog:
     def _line(self, source: str, kind: str, detail: dict[str, Any], action: str, t: float) -> bytes:
         ev = {"id": self.next_id, "t": round(max(t, 0.0), 4), "source": source, "kind": kind[:64],
               "detail": detail, "action": action}
-        line = json.dumps(ev, default=str, ensure_ascii=True).encode()
+        try:
+            line = json.dumps(ev, default=str, ensure_ascii=True).encode()
+        except (ValueError, RecursionError):
+            ev["detail"] = {"unencodable": True}
+            line = json.dumps(ev).encode()
         if len(line) >= P.MAX_EVENT_LINE:
             ev["detail"] = {"oversized": True, **{k: str(v)[:1000] for k, v in list(detail.items())[:8]}}
             line = json.dumps(ev, default=str, ensure_ascii=True).encode()[: P.MAX_EVENT_LINE - 1]
@@ -278,15 +295,38 @@ class _SelfReports:
             self._one(line)
 
     def _one(self, line: bytes) -> None:
+        """Total: any bytes become one bounded record or a count of malformed lines."""
         try:
             ev = json.loads(line.decode("utf-8", "replace"))
-            kind, detail, t = ev["kind"], ev["detail"], float(ev["t"])
-            if not isinstance(kind, str) or not isinstance(detail, dict) or not t == t:
+            kind, detail, t = ev["kind"], ev["detail"], ev["t"]
+            if not isinstance(kind, str) or not isinstance(detail, dict) or \
+                    isinstance(t, bool) or not isinstance(t, (int, float)):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+            t = float(t) if -1e7 < t < 1e7 else 0.0
+            detail = _flat(detail)
+        except Exception:
             self.log.add("self_reported", "malformed", {}, "recorded", 0.0, keep=False)
             return
         self.log.add("self_reported", kind[:64], detail, "recorded", min(max(t, 0.0), 1e7))
+
+
+def _flat(detail: dict[Any, Any]) -> dict[str, Any]:
+    """At most 16 keys of scalars or short strings: nothing the loader sends is kept nested."""
+    out: dict[str, Any] = {}
+    for k, v in list(detail.items())[:16]:
+        if v is None or (isinstance(v, (bool, int, float)) and not isinstance(v, int)) or \
+                isinstance(v, bool):
+            out[str(k)[:64]] = v
+        elif isinstance(v, int):
+            out[str(k)[:64]] = v if -2**63 <= v < 2**63 else str(v)[:40]
+        elif isinstance(v, str):
+            out[str(k)[:64]] = v[:1000]
+        else:
+            try:
+                out[str(k)[:64]] = json.dumps(v, default=str)[:1000]
+            except (ValueError, RecursionError, TypeError):
+                out[str(k)[:64]] = "<unencodable>"
+    return out
 
 
 # -- resources ----------------------------------------------------------------------------------
@@ -390,18 +430,18 @@ class _Monitor:
     """Answers the loader's notifications and records them."""
 
     def __init__(self, listener: int, loader: int, log: _EventLog, canary_files: list[str],
-                 start: float, cfg: dict[str, Any]) -> None:
+                 start: float, cfg: P.JobConfig) -> None:
         self.listener = listener
         self.mem = _seccomp.Memory()
         self.decoder = _seccomp.Decoder(self.mem, loader, frozenset(canary_files),
-                                        extra_quiet=tuple(cfg.get("allow_read", ())))
+                                        extra_quiet=cfg.allow_read)
         self.log = log
         self.start = start
         self.notifications = 0
         self.vanished = 0
         # the policy: which refused events end the load at once, and the errno refusals get
-        self.fatal = frozenset(cfg.get("fatal", ()))
-        self.errno = int(cfg.get("errno", errno.EPERM))
+        self.fatal = frozenset(cfg.fatal)
+        self.errno = cfg.errno
         self.stopped: dict[str, Any] | None = None
 
     def serve(self, budget: int = 256) -> bool:
@@ -445,115 +485,292 @@ class _Monitor:
         os.close(self.listener)
 
 
-def _supervise(cfg: dict[str, Any]) -> tuple[dict[str, Any], _EventLog]:
-    status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": sorted(os.environ)}
-    values = _canaries()
-    log = _EventLog(values)
+class _Host:
+    """The supervisor's end of the channel. Sends are blocking (the host reads concurrently);
+    a host that is gone makes every later send a no-op and :attr:`gone` true."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.gone = False
+
+    def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        if self.gone:
+            return
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], fds)
+            else:
+                self.sock.send(data)
+        except OSError:
+            self.gone = True
+
+    def json(self, kind: bytes, doc: Any, fds: list[int] | None = None) -> None:
+        self.send(P.json_frame(kind, doc), fds)
+
+    def events(self, lines: list[bytes]) -> None:
+        """Event lines, packed into frames of at most MAX_FRAME bytes."""
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            if batch and size + len(line) > P.MAX_FRAME:
+                self.send(P.frame(P.EVENTS, b"".join(batch)))
+                batch, size = [], 0
+            batch.append(line[: P.MAX_FRAME])
+            size += len(line)
+        if batch:
+            self.send(P.frame(P.EVENTS, b"".join(batch)))
+
+    def hung_up(self) -> bool:
+        """True when the host closed its end (or sent something it never sends mid-load)."""
+        if self.gone:
+            return True
+        try:
+            self.sock.recv(16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        self.gone = True  # EOF, an error, or an unexpected frame: the host is not waiting
+        return True
+
+
+def _hash_fd(fd: int, out: dict[str, Any]) -> None:
+    """sha256 and size of the input, read with pread (the loader shares the file offset)."""
     try:
-        status["input_sha256"], status["input_size"] = _sha256(P.INPUT_PATH)
+        out["input_sha256"], out["input_size"] = P.sha256_fd(fd)
     except OSError as exc:
-        status["result"] = {"ok": False, "kind": "input-error", "message": str(exc)}
-        return status, log
-    canary_files = _plant(values)
-    status["canaries"] = {"values": values, "files": canary_files}
-    env = {k: values[k] for k in _ENV_CANARIES}
-    env["HOME"] = P.CANARY_HOME
-    wall = float(cfg.get("wall_clock_s", 120))
-    cpu_limit = float(cfg.get("cpu_s", 0))
-    rfd, result_w = os.pipe()
-    hand_r, hand_w = os.pipe()
-    ack_r, ack_w = os.pipe()
-    audit_r, audit_w = os.pipe()
-    start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        for fd in (rfd, hand_r, ack_w, audit_r):
+        out["input_error"] = str(exc)[:200]
+
+
+def _bounded_result(raw: bytes) -> dict[str, Any] | None:
+    """The loader's result message, reduced to known keys of bounded size; None if unreadable.
+    Total: nothing the loader writes can raise out of here."""
+    try:
+        doc = json.loads(raw.decode("utf-8", "replace"))
+        if not isinstance(doc, dict):
+            return None
+        out: dict[str, Any] = {"ok": doc.get("ok") is True}
+        for key, limit in (("kind", 64), ("message", 4000), ("type", 200), ("format", 64),
+                           ("detected", 64)):
+            if isinstance(doc.get(key), str):
+                out[key] = doc[key][:limit]
+        if isinstance(doc.get("tensors"), int) and not isinstance(doc["tensors"], bool) and \
+                0 <= doc["tensors"] < 2**40:
+            out["tensors"] = doc["tensors"]
+        return out
+    except Exception:
+        return None
+
+
+def _seal(fd: int, limit: int) -> tuple[int, str | None]:
+    """Seal an output memfd (every loader process is dead: no writable mapping is left).
+    Returns (size, problem)."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, P.F_ADD_SEALS, P.OUTPUT_SEALS)
+        size = os.fstat(fd).st_size
+    except OSError as exc:
+        return 0, f"could not seal: {exc.strerror}"
+    if limit and size > limit:
+        return size, "over the output limit"
+    return size, None
+
+
+class _Supervisor:
+    """One sandbox, one job: warm loader, job hand-off, supervision, sealed outputs."""
+
+    def __init__(self, host: _Host) -> None:
+        self.host = host
+        self.start = time.monotonic()
+        self.values = _canaries()
+        self.log = _EventLog(self.values)
+        self.sent = 0  # event lines already streamed to the host
+        self.status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION,
+                                       "env_keys": sorted(os.environ)}
+
+    def stream(self) -> None:
+        if self.sent < len(self.log.lines):
+            self.host.events(self.log.lines[self.sent:])
+            self.sent = len(self.log.lines)
+
+    def run(self) -> None:
+        canary_files = _plant(self.values)
+        self.status["canaries"] = {"values": self.values, "files": canary_files}
+        env = {k: self.values[k] for k in _ENV_CANARIES}
+        env["HOME"] = P.CANARY_HOME
+        tensors, manifest = P.memfd_create("tensors"), P.memfd_create("manifest")
+        job_sup, job_ldr = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        rfd, result_w = os.pipe()
+        hand_r, hand_w = os.pipe()
+        ack_r, ack_w = os.pipe()
+        audit_r, audit_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            for fd in (rfd, hand_r, ack_w, audit_r, self.host.sock.fileno()):
+                os.close(fd)
+            job_sup.close()
+            _loader_main(_ChildEnds(result_w, hand_w, ack_r, audit_w, job_ldr, tensors, manifest),
+                         env)
+        for fd in (result_w, hand_w, ack_r, audit_w):
             os.close(fd)
-        _loader_main(cfg, _ChildEnds(result_w, hand_w, ack_r, audit_w), env, start)
-    for fd in (result_w, hand_w, ack_r, audit_w):
-        os.close(fd)
-    resources = _Resources(pid, cpu_limit)
-    monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start, cfg)
-    status["monitor"] = {"kernel": monitor is not None}
-    for fd in (rfd, audit_r):
-        os.set_blocking(fd, False)
-    reports = _SelfReports(log)
-    chunks: list[bytes] = []
-    received = 0
-    wait_status: int | None = None
-    limit: str | None = None
-    open_fds = [rfd, audit_r]
-    while wait_status is None:
-        watch = open_fds + ([monitor.listener] if monitor else [])
-        ready = _seccomp.wait_readable(watch, resources.wait_s(time.monotonic(), 0.05))
-        if monitor and monitor.listener in ready and not monitor.serve():
-            monitor.close()
-            monitor = None
-        if monitor and monitor.stopped:
-            status["stopped"] = monitor.stopped  # a fatal event: the load ends here
-            break
+        job_ldr.close()
+        if not _seccomp.wait_readable([hand_r], 300) or os.read(hand_r, 1) != b"R":
+            sys.stderr.write("model-sandbox supervisor: the loader could not get ready\n")
+            _kill_all()
+            return  # no hello: the host reports a sandbox that could not start
+        self.host.json(P.HELLO, {"protocol": P.PROTOCOL_VERSION, "pid": os.getpid(),
+                                 "warm": True})
+        job = self._wait_for_job(pid, rfd)
+        if job is None:  # the host went away, or sent no usable job: discard the sandbox
+            _kill_all()
+            return
+        cfg, input_fd = job
+        hashed: dict[str, Any] = {}
+        hasher = threading.Thread(target=_hash_fd, args=(input_fd, hashed), daemon=True)
+        hasher.start()
+        try:
+            socket.send_fds(job_sup, [cfg.to_json()], [input_fd])
+        except OSError:
+            pass  # the loader died while warm: its result (or its absence) says so
+        job_sup.close()
+        self.start = time.monotonic()
+        raw, wait_status, limit, resources, monitor_info = self._supervise(pid, cfg, rfd,
+                                                                           hand_r, ack_w,
+                                                                           audit_r, canary_files)
+        hasher.join(timeout=60)
+        os.close(input_fd)
+        self.status.update(hashed)
+        self.status["monitor"] = monitor_info
+        result = _bounded_result(raw)
+        self.status["result"] = result
+        self.status.update({"limit": limit, "timed_out": limit == "wall_clock",
+                            "resources": resources,
+                            "exit_code": os.waitstatus_to_exitcode(wait_status)})
+        if self.host.gone:
+            return
+        ok = bool(result and result.get("ok"))
+        for name, fd in (("manifest", manifest), ("tensors", tensors)):
+            size, problem = _seal(fd, cfg.max_output_bytes if name == "tensors" else 0)
+            if problem == "over the output limit" and self.status["limit"] is None:
+                self.status["limit"] = "output_bytes"
+            if problem:
+                self.status.setdefault("output_problems", {})[name] = problem
+            elif ok and size:
+                self.host.json(P.OUTPUT, {"name": name, "size": size}, [fd])
+            os.close(fd)
+        self.stream()
+        self.host.send(P.json_frame(P.STATUS, self._bounded_status()))
+        self.host.send(P.frame(P.DONE, b"{}"))
+
+    def _bounded_status(self) -> dict[str, Any]:
+        data = json.dumps(self.status, default=str).encode()
+        if len(data) > P.MAX_FRAME:
+            self.status["monitor"]["counts"] = {}
+            self.status["monitor"]["counts_dropped"] = True
+        return self.status
+
+    def _wait_for_job(self, loader: int, rfd: int) -> tuple[P.JobConfig, int] | None:
+        """Block until the host sends a job; None when it hangs up or breaks the protocol."""
+        while True:
+            ready = _seccomp.wait_readable([self.host.sock.fileno()], 1.0)
+            if not ready:
+                if os.waitpid(loader, os.WNOHANG)[0] == loader:
+                    return None  # the warm loader died (import failure): nothing can be served
+                continue
+            try:
+                data, fds, _flags, _ = socket.recv_fds(self.host.sock, P.MAX_FRAME + 1, 2)
+            except OSError:
+                return None
+            if not data or data[:1] != P.JOB or len(fds) != 1 or len(data) > P.MAX_FRAME + 1:
+                for fd in fds:
+                    os.close(fd)
+                return None
+            try:
+                return P.JobConfig.from_json(data[1:]), fds[0]
+            except P.ProtocolError:
+                os.close(fds[0])
+                return None
+
+    def _supervise(self, pid: int, cfg: P.JobConfig, rfd: int, hand_r: int, ack_w: int,
+                   audit_r: int, canary_files: list[str]
+                   ) -> tuple[bytes, int, str | None, dict[str, Any], dict[str, Any]]:
+        log, start = self.log, self.start
+        resources = _Resources(pid, cfg.cpu_s)
+        monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start, cfg)
+        monitor_info: dict[str, Any] = {"kernel": monitor is not None}
         for fd in (rfd, audit_r):
-            if fd in ready and fd in open_fds:
-                data = _read_some(fd)
-                if data is None:
-                    continue
-                if not data:
-                    open_fds.remove(fd)
-                elif fd == audit_r:
+            os.set_blocking(fd, False)
+        reports = _SelfReports(log)
+        chunks: list[bytes] = []
+        received = 0
+        wait_status: int | None = None
+        limit: str | None = None
+        open_fds = [rfd, audit_r]
+        host_fd = self.host.sock.fileno()
+        while wait_status is None:
+            watch = open_fds + [host_fd] + ([monitor.listener] if monitor else [])
+            ready = _seccomp.wait_readable(watch, resources.wait_s(time.monotonic(), 0.05))
+            if host_fd in ready and self.host.hung_up():
+                break  # nobody is waiting for this load: end it now
+            if monitor and monitor.listener in ready and not monitor.serve():
+                monitor.close()
+                monitor = None
+            if monitor and monitor.stopped:
+                self.status["stopped"] = monitor.stopped  # a fatal event: the load ends here
+                break
+            for fd in (rfd, audit_r):
+                if fd in ready and fd in open_fds:
+                    data = _read_some(fd)
+                    if data is None:
+                        continue
+                    if not data:
+                        open_fds.remove(fd)
+                    elif fd == audit_r:
+                        reports.feed(data)
+                    elif received < _RESULT_LIMIT:
+                        chunks.append(data)
+                        received += len(data)
+            self.stream()  # evidence leaves the sandbox as soon as it is recorded
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                wait_status = st
+                break
+            wait_status = _reap_others(pid)
+            if wait_status is not None:
+                break
+            now = time.monotonic()
+            if now - start > cfg.wall_clock_s:
+                limit = "wall_clock"
+                break
+            if resources.due(now):
+                resources.sample(now)
+                if resources.over_limit():
+                    limit = "cpu"
+                    break
+        elapsed = time.monotonic() - start
+        reaped = _kill_all()
+        if wait_status is None:
+            wait_status = reaped.get(pid, signal.SIGKILL)
+        if monitor:
+            monitor_info.update(notifications=monitor.notifications, vanished=monitor.vanished)
+            monitor.close()
+        for fd in (rfd, audit_r):
+            while fd in open_fds and (data := _read_some(fd)):
+                if fd == audit_r:
                     reports.feed(data)
                 elif received < _RESULT_LIMIT:
                     chunks.append(data)
                     received += len(data)
-        done, st = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            wait_status = st
-            break
-        wait_status = _reap_others(pid)
-        if wait_status is not None:
-            break
-        now = time.monotonic()
-        if now - start > wall:
-            limit = "wall_clock"
-            break
-        if resources.due(now):
-            resources.sample(now)
-            if resources.over_limit():
-                limit = "cpu"
-                break
-    elapsed = time.monotonic() - start
-    reaped = _kill_all()
-    if wait_status is None:
-        wait_status = reaped.get(pid, signal.SIGKILL)
-    if monitor:
-        status["monitor"].update(notifications=monitor.notifications, vanished=monitor.vanished)
-        monitor.close()
-    for fd in (rfd, audit_r):
-        while fd in open_fds and (data := _read_some(fd)):
-            if fd == audit_r:
-                reports.feed(data)
-            elif received < _RESULT_LIMIT:
-                chunks.append(data)
-                received += len(data)
-        os.close(fd)
-    log.finish(time.monotonic() - start)
-    status["monitor"].update(log.summary())
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    status.update({
-        "wall_s": round(elapsed, 4),
-        "timed_out": limit == "wall_clock",
-        "limit": limit,
-        "resources": resources.finish(),
-        "exit_code": os.waitstatus_to_exitcode(wait_status),
-        "cpu_user_s": round(usage.ru_utime, 3),
-        "cpu_system_s": round(usage.ru_stime, 3),
-        "max_rss_kb": usage.ru_maxrss,
-    })
-    try:
-        status["result"] = json.loads(b"".join(chunks)[:_RESULT_LIMIT].decode("utf-8", "replace"))
-    except ValueError:
-        status["result"] = None
-    return status, log
-
+            os.close(fd)
+        log.finish(time.monotonic() - start)
+        monitor_info.update(log.summary())
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.status.update({"wall_s": round(elapsed, 4), "cpu_user_s": round(usage.ru_utime, 3),
+                            "cpu_system_s": round(usage.ru_stime, 3),
+                            "max_rss_kb": usage.ru_maxrss})
+        return b"".join(chunks)[:_RESULT_LIMIT], wait_status, limit, resources.finish(), \
+            monitor_info
 
 def _read_some(fd: int) -> bytes | None:
     """Bytes from a non-blocking pipe: None when none are waiting, b"" at its end."""
@@ -566,7 +783,7 @@ def _read_some(fd: int) -> bytes | None:
 
 
 def _take_listener(pid: int, hand_r: int, ack_w: int, log: _EventLog, canary_files: list[str],
-                   start: float, cfg: dict[str, Any]) -> _Monitor | None:
+                   start: float, cfg: P.JobConfig) -> _Monitor | None:
     """Copy the loader's listener fd into this process, then let the loader close its own."""
     monitor = None
     try:
@@ -620,21 +837,19 @@ def _kill_all() -> dict[int, int]:
     return reaped
 
 
-def _write_out(name: str, data: bytes) -> None:
-    """Write ``name`` in the output directory, replacing whatever the loader planted there.
-    Called only after every loader process is dead."""
-    path = os.path.join(P.OUTPUT_DIR, name)
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            import shutil
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+def _connect() -> socket.socket:
+    """The host's socket, waited for briefly (it exists before the container starts)."""
+    deadline = time.monotonic() + 10
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(P.SOCKET_PATH)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def main(argv: list[str]) -> int:
@@ -645,10 +860,12 @@ def main(argv: list[str]) -> int:
     # the loader can neither read our memory nor take our descriptors.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     _seccomp.prctl(_seccomp.PR_SET_DUMPABLE, 0)
-    cfg = _config(argv)
-    status, log = _supervise(cfg)
-    _write_out(P.EVENTS_FILE, b"".join(log.lines))
-    _write_out(P.STATUS_FILE, json.dumps(status, default=str).encode())
+    try:
+        sock = _connect()
+    except OSError as exc:
+        sys.stderr.write(f"model-sandbox supervisor: cannot reach the host's channel: {exc}\n")
+        return 6
+    _Supervisor(_Host(sock)).run()
     return 0
 
 

@@ -13,7 +13,7 @@ import pickle
 import pickletools
 import tarfile
 import zipfile
-from typing import Any
+from typing import IO, Any
 
 from . import _ghosts
 from . import _protocol as P
@@ -43,18 +43,49 @@ class _NoGlobals(pickle.Unpickler):
         raise _Unresolved(pid)
 
 
-def identify(path: str) -> str:
+def prepare() -> None:
+    """Import what a load needs before any input exists (a warm sandbox waits after this)."""
+    import numpy  # noqa: F401
+    import safetensors  # noqa: F401
+    import torch  # noqa: F401
+
+    from . import _extract  # noqa: F401
+
+
+class Input:
+    """The input, known only by a descriptor the host opened. ``path`` names it for the APIs
+    that need a name (``torch.load(mmap=True)``): ``/proc/self/fd/N`` when this uid may reopen
+    the file, else None, and every reader gets its own file object over a duplicate."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.path: str | None = f"/proc/self/fd/{fd}"
+        try:
+            os.close(os.open(self.path, os.O_RDONLY))
+        except OSError:
+            self.path = None
+
+    def open(self) -> IO[bytes]:
+        if self.path is not None:
+            return open(self.path, "rb")
+        f = os.fdopen(os.dup(self.fd), "rb")
+        f.seek(0)
+        return f
+
+
+def identify(source: str | Input) -> str:
     """Format by content: torch-zip, torchscript, numpy-npz, torch-tar, numpy-npy,
     torch-legacy, pickle, safetensors or unknown."""
-    with open(path, "rb") as f:
+    inp = source if isinstance(source, Input) else _PathInput(source)
+    with inp.open() as f:
         head = f.read(16)
     if not head:
         raise LoaderError("malformed-input", "the file is empty")
     # torch and numpy recognise a zip by the local header at offset 0, not by the central
     # directory that zipfile finds from the end (a pickle can carry a zip at its tail)
-    if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
+    if head.startswith(b"PK\x03\x04") and _is_zip(inp):
         try:
-            with zipfile.ZipFile(path) as zf:
+            with inp.open() as raw, zipfile.ZipFile(raw) as zf:
                 names = zf.namelist()
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
             raise LoaderError("malformed-input", f"corrupt zip archive: {exc}") from None
@@ -69,7 +100,7 @@ def identify(path: str) -> str:
         raise LoaderError("malformed-input", "a truncated or corrupt zip archive (no central directory)")
     if head.startswith(b"\x93NUMPY"):
         return "numpy-npy"
-    if _is_tar(path):
+    if _is_tar(inp):
         return "torch-tar"
     if len(head) >= 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{":
         return "safetensors"
@@ -77,7 +108,7 @@ def identify(path: str) -> str:
         return "unknown"
     if head[:1].decode("latin-1") not in _PICKLE_OPCODES:
         return "unknown"
-    with open(path, "rb") as f:
+    with inp.open() as f:
         try:
             first = _NoGlobals(f).load()
         except _Unresolved:
@@ -89,16 +120,29 @@ def identify(path: str) -> str:
     return "torch-legacy" if first == LEGACY_MAGIC else "pickle"
 
 
-def _is_tar(path: str) -> bool:
+class _PathInput(Input):
+    def __init__(self, path: str) -> None:
+        self.fd = -1
+        self.path = path
+
+
+def _is_zip(inp: Input) -> bool:
+    with inp.open() as f:
+        return zipfile.is_zipfile(f)
+
+
+def _is_tar(inp: Input) -> bool:
     try:
-        return tarfile.is_tarfile(path)
-    except OSError:
+        with inp.open() as f:
+            return tarfile.is_tarfile(f)
+    except (OSError, tarfile.TarError):
         return False
 
 
-def load(path: str) -> tuple[Any, str, dict[int, str]]:
-    """Load ``path`` with the real loader. Returns (object, format, storage locations)."""
-    fmt = identify(path)
+def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
+    """Load the input with the real loader. Returns (object, format, storage locations)."""
+    inp = source if isinstance(source, Input) else _PathInput(source)
+    fmt = identify(inp)
     if fmt in ("torchscript", "safetensors", "unknown"):
         what = {"torchscript": "a TorchScript archive", "safetensors": "already SafeTensors",
                 "unknown": "not a format model-sandbox loads"}[fmt]
@@ -113,24 +157,28 @@ def load(path: str) -> tuple[Any, str, dict[int, str]]:
         return storage
 
     if fmt == "numpy-npy":
-        return np.load(path, allow_pickle=True), fmt, locations
+        with inp.open() as f:
+            return np.load(f, allow_pickle=True), fmt, locations
     if fmt == "numpy-npz":
-        with np.load(path, allow_pickle=True) as npz:
+        with inp.open() as f, np.load(f, allow_pickle=True) as npz:
             return {k: npz[k] for k in npz.files}, fmt, locations
     if fmt == "pickle":
-        with open(path, "rb") as f:
+        with inp.open() as f:
             return _ghosts.Unpickler(f).load(), fmt, locations
-    obj = torch.load(path, map_location=record_location, weights_only=False,
-                     mmap=(fmt == "torch-zip"), pickle_module=_ghosts.pickle_module)
+    if inp.path is not None:
+        obj = torch.load(inp.path, map_location=record_location, weights_only=False,
+                         mmap=(fmt == "torch-zip"), pickle_module=_ghosts.pickle_module)
+        return obj, fmt, locations
+    with inp.open() as f:
+        obj = torch.load(f, map_location=record_location, weights_only=False,
+                         pickle_module=_ghosts.pickle_module)
     return obj, fmt, locations
 
 
-def write_outputs(obj: Any, fmt: str, locations: dict[int, str], out_dir: str, *,
-                  tensors: bool = True) -> dict[str, Any]:
+def write_outputs(obj: Any, fmt: str, locations: dict[int, str], *, tensors_fd: int,
+                  manifest_fd: int, tensors: bool = True) -> dict[str, Any]:
     """Extract tensors from ``obj`` and write the manifest and (unless ``tensors`` is false)
-    the safetensors file."""
-    from safetensors.torch import save_file
-
+    the SafeTensors bytes to the two output descriptors (memfds the supervisor seals)."""
     from ._extract import extract
 
     ex = extract(obj, locations)
@@ -140,7 +188,7 @@ def write_outputs(obj: Any, fmt: str, locations: dict[int, str], out_dir: str, *
     if len(skeleton_json) > P.MAX_JSON_BYTES // 2:
         metadata.pop("model_sandbox.skeleton")
     if tensors:
-        save_file(ex.stored, os.path.join(out_dir, P.TENSORS_FILE), metadata=metadata)
+        write_safetensors(tensors_fd, ex.stored, metadata)
     manifest = {
         "protocol": P.PROTOCOL_VERSION,
         "format": fmt,
@@ -152,6 +200,47 @@ def write_outputs(obj: Any, fmt: str, locations: dict[int, str], out_dir: str, *
     }
     buf = io.StringIO()
     json.dump(manifest, buf, allow_nan=False, separators=(",", ":"))
-    with open(os.path.join(out_dir, P.MANIFEST_FILE), "w", encoding="utf-8") as f:
-        f.write(buf.getvalue())
+    _write_all(manifest_fd, buf.getvalue().encode("utf-8"))
     return manifest
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
+              "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64"}
+_ST_OF_TORCH = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(fd: int, stored: dict[str, Any], metadata: dict[str, str]) -> int:
+    """Write ``stored`` (contiguous CPU tensors) as a SafeTensors file to ``fd``, streaming each
+    tensor's bytes: no second copy of the weights in memory. Returns the bytes written. The
+    host reads it back with the safetensors library, whose parser validates the header."""
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    # widest elements first: every tensor then starts at a multiple of its element size
+    order = sorted(stored, key=lambda k: (-stored[k].element_size(), k))
+    for name in order:
+        t = stored[name]
+        dtype = _ST_OF_TORCH.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"{name}: dtype {t.dtype} has no SafeTensors name")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    _write_all(fd, len(head).to_bytes(8, "little") + head)
+    for name in order:
+        t = stored[name].detach().cpu().contiguous()
+        if t.numel():
+            _write_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return 8 + len(head) + offset
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view[: 1 << 24])
+        view = view[n:]

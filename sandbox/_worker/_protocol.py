@@ -1,32 +1,191 @@
 """The wire format between the container-side worker and the host.
 
 Stdlib only: the host imports this module (and only this one) from the worker package.
-Everything here is a name or a number; what crosses the boundary is files in the output
-directory, which the host treats as untrusted data and validates against these limits.
 
-Output directory after a load::
+**The channel.** Nothing crosses the boundary through a directory the sandbox can write. The
+host owns one unix ``SOCK_SEQPACKET`` socket per sandbox, in a directory bind-mounted
+*read-only* at :data:`CHANNEL_DIR`; only the supervisor (the container's PID 1) connects, before
+any loader code has seen an input, and the host accepts exactly one connection and then removes
+the socket file. Every message is one frame: a one-byte type and a payload of at most
+:data:`MAX_FRAME` bytes, with file descriptors only where the type says so::
 
-    tensors.safetensors   every stored tensor (written by the loader)
-    manifest.json         tensors (name, dtype, shape, sha256), views, skeleton, unrepresentable
-    status.json           written by the supervisor: how the loader ended, resource figures
-    events.jsonl          (monitoring) one event per line
+    supervisor -> host   HELLO    {"protocol", "pid"}                   the sandbox is ready (warm)
+    host -> supervisor   JOB      JobConfig JSON + 1 fd: the input, opened read-only by the host
+    supervisor -> host   EVENTS   JSON lines, streamed while the load runs
+    supervisor -> host   OUTPUT   {"name": "manifest"|"tensors", "size"} + 1 fd: a sealed memfd
+    supervisor -> host   STATUS   how the loader ended, resource figures, canary values
+    supervisor -> host   DONE     {} -- the supervisor completed; nothing follows
+
+Outputs are memfds the supervisor created before it forked the loader, sealed by the supervisor
+(:data:`OUTPUT_SEALS`) once every loader process is dead; their pages are charged to the
+container's memory cgroup, so the memory limit bounds them. The host checks the seals and the
+size before it maps anything, and reads every frame with the caps below. When the host end
+closes, the supervisor kills the load and the container exits.
+
+Outputs::
+
+    tensors    a SafeTensors file of every stored tensor (written by the loader)
+    manifest   JSON: tensors (name, dtype, shape, sha256), views, skeleton, unrepresentable
 """
 
 from __future__ import annotations
 
+import errno as _errno
 import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
-# Paths inside the container.
-INPUT_PATH = "/input/model"
-OUTPUT_DIR = "/out"
+# -- the channel --------------------------------------------------------------------------------
 
-TENSORS_FILE = "tensors.safetensors"
-MANIFEST_FILE = "manifest.json"
-STATUS_FILE = "status.json"
-EVENTS_FILE = "events.jsonl"
-OUTPUT_FILES = frozenset({TENSORS_FILE, MANIFEST_FILE, STATUS_FILE, EVENTS_FILE})
+CHANNEL_DIR = "/run/sandbox"        # inside the container: the host's socket directory, read-only
+SOCKET_NAME = "channel"
+SOCKET_PATH = f"{CHANNEL_DIR}/{SOCKET_NAME}"
+
+HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE = b"H", b"J", b"E", b"O", b"S", b"D"
+FRAME_TYPES = frozenset({HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE})
+FDS_OF = {JOB: 1, OUTPUT: 1}         # frames that carry descriptors, and how many; others none
+MAX_FRAME = 64 * 1024               # payload bytes; a larger frame is a protocol violation
+OUTPUT_NAMES = ("manifest", "tensors")
+
+# memfd seals (linux/fcntl.h): the host maps an output only when all four are set
+F_ADD_SEALS, F_GET_SEALS = 1033, 1034
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
+OUTPUT_SEALS = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
+
+# Names of the outputs in messages and errors.
+TENSORS_FILE = "tensors"
+MANIFEST_FILE = "manifest"
+STATUS_FILE = "status"
+EVENTS_FILE = "events"
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    """One message on the channel."""
+    if kind not in FRAME_TYPES or len(payload) > MAX_FRAME:
+        raise ValueError("bad frame")
+    return kind + payload
+
+
+def json_frame(kind: bytes, doc: object) -> bytes:
+    return frame(kind, json.dumps(doc, separators=(",", ":"), allow_nan=False,
+                                  default=str).encode())
+
+
+class ProtocolError(ValueError):
+    """A document that crossed the boundary is not what the protocol allows."""
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def parse_json(data: bytes, what: str) -> object:
+    """Strict JSON (UTF-8, no NaN/Infinity), any nesting error turned into ProtocolError."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+
+
+# -- typed documents ------------------------------------------------------------------------
+
+def _num(v: object, lo: float, hi: float, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+            not lo <= v <= hi:
+        raise ProtocolError(f"{what} is not a number in [{lo:g}, {hi:g}]")
+    return float(v)
+
+
+def _int(v: object, lo: int, hi: int, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ProtocolError(f"{what} is not an integer in [{lo}, {hi}]")
+    return v
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What the host asks of one sandbox: sent with the input descriptor in the JOB frame.
+    The supervisor parses it with :meth:`from_json` (total: any bytes in, a config or a
+    ProtocolError out), so even a host bug cannot crash it."""
+
+    wall_clock_s: float = 120.0
+    cpu_s: float = 0.0
+    max_output_bytes: int = 0
+    write_tensors: bool = True
+    fatal: tuple[str, ...] = ()
+    errno: int = _errno.EPERM
+    allow_read: tuple[str, ...] = ()
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> JobConfig:
+        d = parse_json(data, "job")
+        if not isinstance(d, dict) or set(d) - {f for f in cls.__dataclass_fields__}:
+            raise ProtocolError("job: not an object of known fields")
+        fatal, allow = d.get("fatal", []), d.get("allow_read", [])
+        if not isinstance(fatal, list) or not all(f in FATAL_CATEGORIES for f in fatal):
+            raise ProtocolError("job: fatal names an unknown category")
+        if not isinstance(allow, list) or len(allow) > 64 or \
+                not all(isinstance(a, str) and 0 < len(a) <= 4096 for a in allow):
+            raise ProtocolError("job: allow_read malformed")
+        if not isinstance(d.get("write_tensors", True), bool):
+            raise ProtocolError("job: write_tensors is not a boolean")
+        return cls(wall_clock_s=_num(d.get("wall_clock_s", 120.0), 0.001, 1e7, "wall_clock_s"),
+                   cpu_s=_num(d.get("cpu_s", 0.0), 0, 1e7, "cpu_s"),
+                   max_output_bytes=_int(d.get("max_output_bytes", 0), 0, 2**62, "max_output_bytes"),
+                   write_tensors=d.get("write_tensors", True), fatal=tuple(fatal),
+                   errno=_int(d.get("errno", _errno.EPERM), 1, 4095, "errno"),
+                   allow_read=tuple(allow))
+
+
+@dataclass(frozen=True)
+class Output:
+    """An OUTPUT frame's document: which output the attached memfd holds, and its size."""
+
+    name: str
+    size: int
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Output:
+        d = parse_json(data, "output")
+        if not isinstance(d, dict) or d.get("name") not in OUTPUT_NAMES:
+            raise ProtocolError("output: unknown name")
+        return cls(name=str(d["name"]), size=_int(d.get("size"), 0, 2**62, "output size"))
+
+
+@dataclass(frozen=True)
+class Hello:
+    protocol: int
+    pid: int
+    warm: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Hello:
+        d = parse_json(data, "hello")
+        if not isinstance(d, dict) or d.get("protocol") != PROTOCOL_VERSION:
+            raise ProtocolError("hello: wrong protocol version")
+        return cls(protocol=PROTOCOL_VERSION, pid=_int(d.get("pid"), 1, 2**31, "pid"),
+                   warm=d.get("warm") is True)
+
+
+def memfd_seals(fd: int) -> int:
+    """The seals of ``fd`` (raises OSError for a descriptor that is not a memfd)."""
+    import fcntl
+
+    return fcntl.fcntl(fd, F_GET_SEALS)
+
+
+def memfd_create(name: str) -> int:
+    """A sealable, close-on-exec memfd."""
+    return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
 
 # The canary home: a small tmpfs the supervisor fills with fake credentials for the loader.
 CANARY_HOME = "/home/sandbox"
@@ -156,3 +315,13 @@ def sha256_file(path: str) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+def sha256_fd(fd: int) -> tuple[str, int]:
+    """(hex sha256, size) of an open file, read with pread from offset 0."""
+    h = hashlib.sha256()
+    pos = 0
+    while chunk := os.pread(fd, 1 << 20, pos):
+        h.update(chunk)
+        pos += len(chunk)
+    return h.hexdigest(), pos

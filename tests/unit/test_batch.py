@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from sandbox import _api, _batch, _cli, _lock, _scan
 from sandbox._batch import BatchOptions, BatchSummary, Status, read_manifest, run_batch
-from sandbox._launch import ContainerSpec, RunResult
+from sandbox._launch import ContainerSpec, Job, RunResult
 from sandbox.errors import EngineUnavailable
 from sandbox.report import Verdict
 from tests import checkpoints as ck
-from tests.unit.test_pipeline import FakeRunner
+from tests.unit.test_pipeline import FakeRunner, Played
 
 
 class Fake(FakeRunner):
@@ -30,16 +30,17 @@ class Fake(FakeRunner):
         self.inputs: list[str] = []
         self._serial = threading.Lock()  # self.tamper is per load; the batch runs loads in threads
 
-    def run(self, spec: ContainerSpec) -> RunResult:
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
         with self._serial:
-            self.inputs.append(os.path.basename(spec.input_path))
-            if os.path.basename(spec.input_path).startswith("evil"):
-                def swap(out: str, status: dict[str, Any]) -> None:
+            name = os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}"))
+            self.inputs.append(name)
+            if name.startswith("evil"):
+                def swap(out: Played, status: dict[str, Any]) -> None:
                     status["input_sha256"] = "f" * 64
                 self.tamper = swap
             else:
                 self.tamper = None
-            return super().run(spec)
+            return super().run(spec, job)
 
 
 def tree(root: Path) -> Path:
@@ -377,10 +378,13 @@ class SweepingFake(Fake):
     def sweep(self) -> int:
         return 0
 
+    def close(self) -> None:
+        pass
+
 
 def test_cli_batch_formats_and_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(_batch, "_LabelledRunner", lambda batch_id: SweepingFake())
+    monkeypatch.setattr(_batch, "_LabelledRunner", lambda batch_id, jobs, policy: SweepingFake())
     src = tmp_path / "src"
     src.mkdir()
     ck.save(ck.state_dict(), src / "good.pt")

@@ -4,10 +4,11 @@ mapping can be tested quickly and exhaustively. The real sandbox is tested in te
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,49 @@ import pytest
 import torch
 
 import sandbox
+from sandbox._channel import Received, check_memfd
 from sandbox._extract import read_outputs, validate_manifest
-from sandbox._launch import ContainerSpec, RunResult
+from sandbox._launch import ContainerSpec, Job, RunResult
 from sandbox._worker import _loader
 from sandbox._worker import _protocol as P
 from sandbox.errors import OutputRejected
+from sandbox.report import Severity
 from tests import checkpoints as ck
 
 
-class FakeRunner:
-    """Does what the container does, in-process, then lets a test tamper with the output."""
+@dataclass
+class Played:
+    """What the fake sandbox sends: a test may change any of it before it is sealed."""
 
-    def __init__(self, tamper: Callable[[str, dict[str, Any]], None] | None = None,
+    input_name: str
+    manifest: bytes | None = None
+    tensors: bytes | None = None
+
+
+def sealed(data: bytes, name: str = "out") -> int:
+    fd = P.memfd_create(name)
+    os.write(fd, data)
+    fcntl.fcntl(fd, P.F_ADD_SEALS, P.OUTPUT_SEALS)
+    return fd
+
+
+def play(obj: Any, fmt: str, loc: dict[int, str], write_tensors: bool) -> tuple[bytes, bytes]:
+    """(manifest, tensors) as the loader writes them."""
+    t_fd, m_fd = P.memfd_create("t"), P.memfd_create("m")
+    try:
+        _loader.write_outputs(obj, fmt, loc, tensors_fd=t_fd, manifest_fd=m_fd,
+                              tensors=write_tensors)
+        return (os.pread(m_fd, os.fstat(m_fd).st_size, 0),
+                os.pread(t_fd, os.fstat(t_fd).st_size, 0))
+    finally:
+        os.close(t_fd)
+        os.close(m_fd)
+
+
+class FakeRunner:
+    """Does what the container does, in-process, then lets a test tamper with what is sent."""
+
+    def __init__(self, tamper: Callable[[Played, dict[str, Any]], None] | None = None,
                  run_result: RunResult | None = None) -> None:
         self.tamper = tamper
         self.run_result = run_result
@@ -35,26 +67,32 @@ class FakeRunner:
     def ensure_image(self) -> str:
         return "model-sandbox-worker:fake"
 
-    def run(self, spec: ContainerSpec) -> RunResult:
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
         self.specs.append(spec)
-        cfg = json.loads(spec.command[0])
-        data = Path(spec.input_path).read_bytes()
+        source = _loader.Input(job.input_fd)
+        digest, size = P.sha256_fd(job.input_fd)
+        played = Played(os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}")))
         status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": [],
-                                  "input_sha256": hashlib.sha256(data).hexdigest(),
-                                  "input_size": len(data), "exit_code": 0, "wall_s": 0.1}
+                                  "input_sha256": digest, "input_size": size, "exit_code": 0,
+                                  "wall_s": 0.1}
         try:
-            obj, fmt, loc = _loader.load(spec.input_path)
-            _loader.write_outputs(obj, fmt, loc, spec.output_dir, tensors=cfg["write_tensors"])
+            obj, fmt, loc = _loader.load(source)
+            played.manifest, played.tensors = play(obj, fmt, loc, job.config.write_tensors)
             status["result"] = {"ok": True, "format": fmt}
         except _loader.LoaderError as exc:
             status["result"] = {"ok": False, "kind": exc.kind, "message": str(exc),
                                 "detected": exc.detected}
             status["exit_code"] = 3
         if self.tamper:
-            self.tamper(spec.output_dir, status)
-        with open(os.path.join(spec.output_dir, P.STATUS_FILE), "w") as f:
-            json.dump(status, f)
-        return self.run_result or RunResult(exit_code=0)
+            self.tamper(played, status)
+        result = self.run_result or RunResult(exit_code=0)
+        got = Received(status=json.dumps(status).encode(), completed=True, closed=True)
+        if played.manifest is not None:
+            got.outputs["manifest"] = sealed(played.manifest)
+        if played.tensors:
+            got.outputs["tensors"] = sealed(played.tensors)
+        result.received = got
+        return result
 
 
 def test_fake_pipeline_round_trip(tmp_path: Path) -> None:
@@ -69,44 +107,38 @@ def test_fake_pipeline_round_trip(tmp_path: Path) -> None:
 def test_tampered_tensor_bytes_are_rejected(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
 
-    def flip_a_byte(out: str, status: dict[str, Any]) -> None:
-        manifest = json.loads(Path(out, P.MANIFEST_FILE).read_text())
+    def flip_a_byte(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
         manifest["tensors"][0]["sha256"] = "0" * 64
-        Path(out, P.MANIFEST_FILE).write_text(json.dumps(manifest))
+        out.manifest = json.dumps(manifest).encode()
 
     with pytest.raises(OutputRejected, match="sha256"):
         sandbox.safe_load(path, runner=FakeRunner(flip_a_byte))
 
 
-def test_symlinked_output_is_rejected(tmp_path: Path) -> None:
-    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
-    secret = tmp_path / "host-secret"
-    secret.write_text("{}")
-
-    def plant(out: str, status: dict[str, Any]) -> None:
-        os.unlink(os.path.join(out, P.MANIFEST_FILE))
-        os.symlink(secret, os.path.join(out, P.MANIFEST_FILE))
-
-    with pytest.raises(OutputRejected, match="regular file"):
-        sandbox.safe_load(path, runner=FakeRunner(plant))
-
-
-def test_unexpected_output_is_a_finding(tmp_path: Path) -> None:
-    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
-
-    def extra(out: str, status: dict[str, Any]) -> None:
-        Path(out, "loot.txt").write_text("x")
-
-    report = sandbox.scan(path, runner=FakeRunner(extra))
-    assert report.verdict is sandbox.Verdict.SUSPICIOUS
-    assert any(f.rule == "unexpected-output" and f.evidence["name"] == "loot.txt"
-               for f in report.findings)
+def test_outputs_must_be_sealed_memfds_of_the_declared_size(tmp_path: Path) -> None:
+    unsealed = P.memfd_create("x")
+    os.write(unsealed, b"{}")
+    assert "not sealed" in (check_memfd(unsealed, 2, 100) or "")
+    fcntl.fcntl(unsealed, P.F_ADD_SEALS, P.OUTPUT_SEALS)
+    assert check_memfd(unsealed, 2, 100) is None
+    assert "differs from the declared" in (check_memfd(unsealed, 3, 100) or "")
+    assert "over the 1 byte cap" in (check_memfd(unsealed, 2, 1) or "")
+    regular = tmp_path / "f"
+    regular.write_bytes(b"{}")
+    fd = os.open(regular, os.O_RDONLY)
+    assert "memfd" in (check_memfd(fd, 2, 100) or "")
+    r, w = os.pipe()
+    assert "memfd" in (check_memfd(r, 0, 100) or "")
+    for x in (unsealed, fd, r, w):
+        os.close(x)
 
 
 def test_input_swapped_under_the_sandbox(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
 
-    def other(out: str, status: dict[str, Any]) -> None:
+    def other(out: Played, status: dict[str, Any]) -> None:
         status["input_sha256"] = "f" * 64
 
     report = sandbox.scan(path, runner=FakeRunner(other))
@@ -120,18 +152,48 @@ def test_input_swapped_under_the_sandbox(tmp_path: Path) -> None:
 def test_engine_facts_map_to_limits(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
     for result, limit in ((RunResult(exit_code=137, oom_killed=True), "memory"),
-                          (RunResult(exit_code=137, timed_out=True), "wall_clock"),
-                          (RunResult(exit_code=137, output_flood=True), "output_bytes")):
+                          (RunResult(exit_code=137, timed_out=True), "wall_clock")):
         with pytest.raises(sandbox.LimitExceeded) as info:
             sandbox.safe_load(path, runner=FakeRunner(run_result=result))
         assert info.value.limit == limit
         assert info.value.report is not None and info.value.report.exit_code == 2
 
+    def flood(out: Played, status: dict[str, Any]) -> None:
+        status["limit"] = "output_bytes"
+
+    with pytest.raises(sandbox.LimitExceeded) as info:
+        sandbox.safe_load(path, runner=FakeRunner(flood))
+    assert info.value.limit == "output_bytes"
+
+
+@pytest.mark.parametrize("how", ["no-done", "exit-code", "violation"])
+def test_a_lost_monitor_is_an_error_never_clean(tmp_path: Path, how: str) -> None:
+    """A status without the supervisor's completion, a non-zero engine exit code or an abused
+    channel is never a result: verdict error, HIGH monitor-lost (a forged status cannot help)."""
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+
+    class Lost(FakeRunner):
+        def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+            result = super().run(spec, job)
+            if how == "no-done":
+                result.received.completed = False
+            elif how == "exit-code":
+                result.exit_code = 1
+            else:
+                result.received.violations.append("an oversize frame")
+            return result
+
+    report = sandbox.scan(path, runner=Lost())
+    assert report.verdict is sandbox.Verdict.ERROR and report.exit_code == 2
+    assert [f.severity for f in report.findings if f.rule == "monitor-lost"] == [Severity.HIGH]
+    with pytest.raises(sandbox.LoadFailed):
+        sandbox.safe_load(path, runner=Lost())
+
 
 def test_convert_refuses_to_write_weights_for_unsafe_files(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
 
-    def other(out: str, status: dict[str, Any]) -> None:
+    def other(out: Played, status: dict[str, Any]) -> None:
         status["input_sha256"] = "f" * 64
 
     with pytest.raises(sandbox.SandboxViolation):
@@ -141,20 +203,18 @@ def test_convert_refuses_to_write_weights_for_unsafe_files(tmp_path: Path) -> No
     assert saved["verdict"] == "malicious"
 
 
-def test_status_json_is_validated(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / P.STATUS_FILE).write_text(json.dumps({"protocol": 1, "exit_code": "zero"}))
+def test_status_is_validated() -> None:
+    bad = json.dumps({"protocol": P.PROTOCOL_VERSION, "exit_code": "zero"}).encode()
     with pytest.raises(OutputRejected, match="exit_code"):
-        read_outputs(str(out), tensors_cap=1 << 20)
-    (out / P.STATUS_FILE).write_text("NaN")
-    with pytest.raises(OutputRejected):
-        read_outputs(str(out), tensors_cap=1 << 20)
+        read_outputs(Received(status=bad))
+    for junk in (b"NaN", b"[" * 100_000, b"\xff\xfe", b'{"protocol": 1e999999}'):
+        with pytest.raises(OutputRejected):
+            read_outputs(Received(status=junk))
 
 
 def _manifest(**over: Any) -> dict[str, Any]:
     m: dict[str, Any] = {
-        "protocol": 1, "format": "torch-zip", "skeleton": None, "notes": [], "unrepresentable": [],
+        "protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "skeleton": None, "notes": [], "unrepresentable": [],
         "tensors": [{"name": "a", "dtype": "float32", "shape": [2, 3], "stored_as": "F32",
                      "nbytes": 24, "sha256": "0" * 64, "location": "cpu"}],
         "views": [],
@@ -176,7 +236,7 @@ def _manifest(**over: Any) -> dict[str, Any]:
                 "dtype": "float32", "location": "cpu"}]},      # duplicate name
     {"views": [{"name": "v", "base": "zz", "offset": 0, "shape": [1], "stride": [1],
                 "dtype": "float32", "location": "cpu"}]},      # no such base
-    {"protocol": 2},
+    {"protocol": 1},
 ])
 def test_manifest_validation_rejects(bad: dict[str, Any]) -> None:
     with pytest.raises(OutputRejected):
@@ -191,12 +251,15 @@ def test_manifest_validation_accepts_a_view_inside_its_base() -> None:
 class PoisoningRunner(FakeRunner):
     """Plays a loader that returns other weights than the file holds (Sleepy Pickle)."""
 
-    def run(self, spec: ContainerSpec) -> RunResult:
-        result = super().run(spec)
-        obj, fmt, loc = _loader.load(spec.input_path)
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        result = super().run(spec, job)
+        obj, fmt, loc = _loader.load(_loader.Input(job.input_fd))
         obj["encoder.weight"] = obj["encoder.weight"] + 1.0
-        cfg = json.loads(spec.command[0])
-        _loader.write_outputs(obj, fmt, loc, spec.output_dir, tensors=cfg["write_tensors"])
+        manifest, tensors = play(obj, fmt, loc, job.config.write_tensors)
+        result.close()
+        result.received.outputs["manifest"] = sealed(manifest)
+        if tensors:
+            result.received.outputs["tensors"] = sealed(tensors)
         return result
 
 
@@ -225,7 +288,7 @@ def test_work_directories_of_dead_processes_are_swept(tmp_path: Path,
     proc = subprocess.Popen(["true"])  # a pid that has exited
     proc.wait()
     stale = tmp_path / f"{_api._WORK_PREFIX}{proc.pid}-abc"
-    (stale / "out").mkdir(parents=True)
+    (stale / "sub").mkdir(parents=True)
     alive = tmp_path / f"{_api._WORK_PREFIX}{os.getpid()}-xyz"  # ours: kept
     alive.mkdir()
     monkeypatch.setattr(_api, "_swept", False)

@@ -12,8 +12,9 @@ import pytest
 
 import sandbox
 from sandbox import _monitor
+from sandbox._channel import Received
 from sandbox._extract import validate_status
-from sandbox._launch import ContainerSpec, RunResult, make_spec
+from sandbox._launch import ContainerSpec, Job, RunResult, make_job, make_spec
 from sandbox._worker import _protocol as P
 from sandbox.errors import LimitExceeded, LoadFailed, OutputRejected, PolicyError
 from sandbox.policy import Limits, Policy
@@ -33,8 +34,16 @@ def status(**extra: Any) -> dict[str, Any]:
 
 
 def spec(tmp_path: Path, **limits: float) -> ContainerSpec:
-    return make_spec(ck.observe_policy("never", **limits), image="img", input_path=str(tmp_path / "in.pt"),
-                     output_dir=str(tmp_path), input_size=1000)
+    return make_spec(ck.observe_policy("never", **limits), image="img")
+
+
+def job(**limits: float) -> Job:
+    return make_job(ck.observe_policy("never", **limits), input_fd=-1, input_size=1000)
+
+
+def done(**kw: Any) -> RunResult:
+    """A run whose supervisor completed (its DONE frame arrived)."""
+    return RunResult(received=Received(completed=True, closed=True), **kw)
 
 
 # -- the policy key -------------------------------------------------------------------------------
@@ -59,8 +68,8 @@ def test_cpu_limit_is_validated(value: Any) -> None:
         Policy.from_dict({"name": "x", "description": "y", "limits": {"cpu_s": value}})
 
 
-def test_the_supervisor_gets_the_cpu_limit(tmp_path: Path) -> None:
-    cfg = json.loads(spec(tmp_path, cpu_s=3, wall_clock_s=60).command[0])
+def test_the_supervisor_gets_the_cpu_limit() -> None:
+    cfg = json.loads(job(cpu_s=3, wall_clock_s=60).config.to_json())
     assert cfg["cpu_s"] == 3 and cfg["wall_clock_s"] == 60
 
 
@@ -94,19 +103,19 @@ def test_unknown_limits_are_rejected(limit: Any) -> None:
 # -- interpretation --------------------------------------------------------------------------------
 
 def test_resources_are_copied_into_the_outcome(tmp_path: Path) -> None:
-    out = _monitor.interpret(RunResult(exit_code=0), validate_status(status()), spec(tmp_path), "in.pt")
+    out = _monitor.interpret(done(exit_code=0), validate_status(status()), spec(tmp_path), job(), "in.pt")
     assert out.ok and out.error is None
     assert {k: out.resources[k] for k in RESOURCES} == RESOURCES
     err = status(resources={**RESOURCES, "error": "no psutil"})
-    out = _monitor.interpret(RunResult(exit_code=0), validate_status(err), spec(tmp_path), "in.pt")
+    out = _monitor.interpret(done(exit_code=0), validate_status(err), spec(tmp_path), job(), "in.pt")
     assert out.resources["sampling_error"] == "no psutil"
 
 
 def test_cpu_limit_from_the_supervisor(tmp_path: Path) -> None:
     st = status(limit="cpu", exit_code=-9, resources={**RESOURCES, "cpu_s": 3.1},
                 result={"ok": False, "kind": "load-failed", "message": "no result"})
-    out = _monitor.interpret(RunResult(exit_code=0), validate_status(st),
-                             spec(tmp_path, cpu_s=3, wall_clock_s=60), "in.pt")
+    out = _monitor.interpret(done(exit_code=0), validate_status(st),
+                             spec(tmp_path, cpu_s=3, wall_clock_s=60), job(cpu_s=3, wall_clock_s=60), "in.pt")
     assert isinstance(out.error, LimitExceeded)
     assert out.error.limit == "cpu" and out.error.value == 3
     (f,) = out.findings
@@ -117,8 +126,8 @@ def test_cpu_limit_from_the_supervisor(tmp_path: Path) -> None:
 def test_wall_clock_from_the_supervisor_names_itself(tmp_path: Path) -> None:
     for st in (status(limit="wall_clock", timed_out=True, exit_code=-9),
                status(timed_out=True, exit_code=-9)):  # a status without "limit"
-        out = _monitor.interpret(RunResult(exit_code=0), validate_status(st),
-                                 spec(tmp_path, wall_clock_s=5), "in.pt")
+        out = _monitor.interpret(done(exit_code=0), validate_status(st),
+                                 spec(tmp_path, wall_clock_s=5), job(wall_clock_s=5), "in.pt")
         assert isinstance(out.error, LimitExceeded) and out.error.limit == "wall_clock"
         assert out.findings[0].evidence["enforced_by"] == "supervisor"
 
@@ -126,22 +135,21 @@ def test_wall_clock_from_the_supervisor_names_itself(tmp_path: Path) -> None:
 def test_engine_limits_come_first(tmp_path: Path) -> None:
     st = validate_status(status(limit="cpu", exit_code=-9))
     for run, limit in ((RunResult(exit_code=137, oom_killed=True), "memory"),
-                       (RunResult(exit_code=137, timed_out=True), "wall_clock"),
-                       (RunResult(exit_code=137, output_flood=True), "output_bytes")):
-        out = _monitor.interpret(run, st, spec(tmp_path), "in.pt")
+                       (RunResult(exit_code=137, timed_out=True), "wall_clock")):
+        out = _monitor.interpret(run, st, spec(tmp_path), job(), "in.pt")
         assert isinstance(out.error, LimitExceeded) and out.error.limit == limit
         assert out.findings[0].evidence["enforced_by"] == "engine"
 
 
 def test_the_rlimit_backstop_is_the_cpu_limit(tmp_path: Path) -> None:
     st = status(exit_code=-24, result={"ok": False, "kind": "load-failed", "message": "no result"})
-    out = _monitor.interpret(RunResult(exit_code=0), validate_status(st),
-                             spec(tmp_path, cpu_s=4), "in.pt")
+    out = _monitor.interpret(done(exit_code=0), validate_status(st),
+                             spec(tmp_path, cpu_s=4), job(cpu_s=4), "in.pt")
     assert isinstance(out.error, LimitExceeded) and out.error.limit == "cpu"
     assert out.findings[0].evidence["enforced_by"] == "rlimit"
     # other signals stay load failures
     st = status(exit_code=-11, result={"ok": False, "kind": "load-failed", "message": "x"})
-    out = _monitor.interpret(RunResult(exit_code=0), validate_status(st), spec(tmp_path), "in.pt")
+    out = _monitor.interpret(done(exit_code=0), validate_status(st), spec(tmp_path), job(), "in.pt")
     assert isinstance(out.error, LoadFailed) and not isinstance(out.error, LimitExceeded)
 
 
@@ -150,7 +158,7 @@ def test_cpu_limit_through_the_pipeline(tmp_path: Path) -> None:
 
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
 
-    def spun(out: str, st: dict[str, Any]) -> None:
+    def spun(out: Any, st: dict[str, Any]) -> None:
         st.update(limit="cpu", exit_code=-9, resources={**RESOURCES, "cpu_s": 2.1},
                   result={"ok": False, "kind": "load-failed", "message": "no result"})
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sandbox import Policy
-from sandbox._launch import ContainerSpec, make_spec
+from sandbox._launch import ContainerSpec, make_job, make_spec
 from sandbox._worker import _protocol as P
 from sandbox._worker import _seccomp
 from sandbox.policy import seccomp_profile
@@ -15,12 +15,14 @@ from sandbox.policy import seccomp_profile
 
 @pytest.fixture
 def spec() -> ContainerSpec:
-    return make_spec(Policy.default(), image="model-sandbox-worker:test", input_path="/data/in.pt",
-                     output_dir="/work/out", input_size=10 * 2**20)
+    return make_spec(Policy.default(), image="model-sandbox-worker:test")
+
+
+CHANNEL = "/tmp/model-sandbox-work-1-ch-x"
 
 
 def test_network_capabilities_privileges(spec: ContainerSpec) -> None:
-    kw = spec.docker_kwargs()
+    kw = spec.docker_kwargs(CHANNEL)
     assert kw["network_mode"] == "none"
     assert kw["cap_drop"] == ["ALL"] and "cap_add" not in kw
     assert kw["privileged"] is False
@@ -30,36 +32,48 @@ def test_network_capabilities_privileges(spec: ContainerSpec) -> None:
 
 
 def test_filesystem(spec: ContainerSpec) -> None:
-    kw = spec.docker_kwargs()
+    kw = spec.docker_kwargs(CHANNEL)
     assert kw["read_only"] is True
     assert set(kw["tmpfs"]) <= {"/tmp", "/home/sandbox"}
     for options in kw["tmpfs"].values():
         assert {"noexec", "nosuid", "nodev"} <= set(options.split(","))
         assert "size=" in options
+    # the one host path inside is the channel's directory, read-only: nothing of the host is
+    # writable from the sandbox, and the input arrives as a descriptor, not a mount
     mounts = {m["Target"]: m for m in kw["mounts"]}
-    assert set(mounts) == {P.INPUT_PATH, P.OUTPUT_DIR}
-    assert mounts[P.INPUT_PATH]["ReadOnly"] is True and mounts[P.INPUT_PATH]["Source"] == "/data/in.pt"
-    assert mounts[P.OUTPUT_DIR]["ReadOnly"] is False and mounts[P.OUTPUT_DIR]["Source"] == "/work/out"
+    assert set(mounts) == {P.CHANNEL_DIR}
+    assert mounts[P.CHANNEL_DIR]["ReadOnly"] is True and mounts[P.CHANNEL_DIR]["Source"] == CHANNEL
+    assert all(m["ReadOnly"] for m in kw["mounts"])
     for m in kw["mounts"]:
         assert "docker.sock" not in m["Source"] and not m["Source"].startswith(("/root", "/home"))
     assert "volumes" not in kw
 
 
 def test_environment_is_empty(spec: ContainerSpec) -> None:
-    assert spec.docker_kwargs()["environment"] == {}
+    assert spec.docker_kwargs(CHANNEL)["environment"] == {}
 
 
 def test_limits(spec: ContainerSpec) -> None:
-    kw = spec.docker_kwargs()
+    kw = spec.docker_kwargs(CHANNEL)
     lim = Policy.default().limits
     assert kw["mem_limit"] == kw["memswap_limit"] == lim.memory_mb * 2**20  # no swap
     assert kw["pids_limit"] == lim.pids
     assert kw["nano_cpus"] == int(lim.cpus * 1e9)
     assert {u["Name"]: u["Hard"] for u in kw["ulimits"]}["core"] == 0
     assert kw["log_config"]["Config"]["max-size"] == "1m"  # payload output cannot fill the disk
-    cfg = json.loads(spec.command[0])
+    job = make_job(Policy.default(), input_fd=3, input_size=10 * 2**20)
+    cfg = json.loads(job.config.to_json())
     assert cfg["wall_clock_s"] == lim.wall_clock_s
-    assert cfg["max_output_bytes"] == spec.output_bytes == lim.output_bytes(10 * 2**20)
+    assert cfg["max_output_bytes"] == job.output_bytes == lim.output_bytes(10 * 2**20)
+    assert P.JobConfig.from_json(job.config.to_json()) == job.config
+
+
+@pytest.mark.parametrize("junk", [b"", b"[]", b"{", b"[" * 50_000, b'{"wall_clock_s": 1e999}',
+                                  b'{"cpu_s": -1}', b'{"fatal": ["everything"]}',
+                                  b'{"errno": true}', b'{"extra": 1}', b"\xff"])
+def test_job_config_parsing_is_total(junk: bytes) -> None:
+    with pytest.raises(P.ProtocolError):
+        P.JobConfig.from_json(junk)
 
 
 def test_output_cap_scales_with_input_within_the_ceiling() -> None:
@@ -70,7 +84,7 @@ def test_output_cap_scales_with_input_within_the_ceiling() -> None:
 
 
 def test_seccomp_profile_is_ours_and_denies_by_default(spec: ContainerSpec) -> None:
-    opts = [o for o in spec.docker_kwargs()["security_opt"] if o.startswith("seccomp=")]
+    opts = [o for o in spec.docker_kwargs(CHANNEL)["security_opt"] if o.startswith("seccomp=")]
     assert len(opts) == 1
     profile = json.loads(opts[0].removeprefix("seccomp="))
     assert profile == json.loads(seccomp_profile())

@@ -1,0 +1,240 @@
+"""Warm, single-use sandboxes: :class:`Pool`.
+
+A pool keeps ``size`` sandboxes started ahead of demand -- container up, supervisor connected to
+its channel, loader forked with torch already imported -- each waiting for exactly one job and
+discarded after it. A background thread refills the pool as sandboxes are used; :meth:`close`
+(also on ``with`` exit, Ctrl-C or an exception) removes every sandbox that is still waiting.
+Nothing is reused across jobs: a payload can never see the next file.
+
+A warm sandbox serves a job whose :class:`~sandbox._launch.ContainerSpec` equals the one it was
+started with (the same image and container limits); any other job gets a fresh sandbox. The pool
+learns the spec to keep warm from its policy, else from the first job it runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import replace
+from typing import IO, TYPE_CHECKING, Any
+
+from . import _launch
+from .errors import SandboxError
+from .policy import Policy
+
+if TYPE_CHECKING:
+    from .report import LoadReport
+
+__all__ = ["Pool"]
+
+
+class Pool:
+    """``size`` warm sandboxes, refilled in the background. Use as a context manager::
+
+        with sandbox.Pool(size=2) as pool:
+            sd = pool.safe_load("model.pt")
+            report = pool.scan("other.bin")
+
+    It is a runner too: ``sandbox.safe_load(f, runner=pool)``. Thread-safe."""
+
+    def __init__(self, size: int = 1, *, policy: Policy | None = None,
+                 runner: _launch.DockerRunner | None = None,
+                 labels: tuple[tuple[str, str], ...] = ()) -> None:
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        self.size = size
+        self.policy = policy
+        self.labels = labels
+        self._runner = runner
+        self._spec: _launch.ContainerSpec | None = None
+        self._ready: deque[_launch.Sandbox] = deque()
+        self._starting = 0
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.failures = 0
+        self.last_error: str | None = None
+        self.served_warm = 0
+        self.served_cold = 0
+        _live.add(self)
+
+    # -- the runner protocol ----------------------------------------------------------------
+    @property
+    def runner(self) -> _launch.DockerRunner:
+        if self._runner is None:
+            self._runner = _launch.DockerRunner()
+        return self._runner
+
+    def ensure_image(self) -> str:
+        return self.runner.ensure_image()
+
+    def _labelled(self, spec: _launch.ContainerSpec) -> _launch.ContainerSpec:
+        return replace(spec, labels=spec.labels + self.labels) if self.labels else spec
+
+    def run(self, spec: _launch.ContainerSpec, job: _launch.Job) -> _launch.RunResult:
+        """Run ``job`` in a warm sandbox of ``spec`` if one is ready, else in a fresh one."""
+        spec = self._labelled(spec)
+        box = self._take(spec)
+        if box is None:
+            with self._lock:
+                self.served_cold += 1
+            result = self.runner.start(spec).run(job)
+        else:
+            with self._lock:
+                self.served_warm += 1
+            result = box.run(job)
+            result.warm = True
+        return result
+
+    def _take(self, spec: _launch.ContainerSpec) -> _launch.Sandbox | None:
+        with self._lock:
+            if self._closed:
+                raise SandboxError("the pool is closed")
+            if self._spec is None:
+                self._spec = spec
+            elif self._spec != spec:
+                return None
+            self._ensure_thread()
+            box = None
+            while self._ready:
+                candidate = self._ready.popleft()
+                if candidate.alive():
+                    box = candidate
+                    break
+                threading.Thread(target=candidate.discard, daemon=True).start()
+            self._lock.notify_all()  # the filler replaces what was taken
+            return box
+
+    # -- warming ------------------------------------------------------------------------------
+    def warm(self, wait: bool = False, timeout_s: float = 120.0) -> Pool:
+        """Start filling now (by default the first job starts it). ``wait=True`` blocks until
+        ``size`` sandboxes are ready (or the timeout passes)."""
+        with self._lock:
+            if self._spec is None:
+                policy = self.policy or Policy.default()
+                self._spec = self._labelled(_launch.make_spec(policy, image=self.ensure_image()))
+            self._ensure_thread()
+            if wait:
+                deadline = time.monotonic() + timeout_s
+                while len(self._ready) < self.size and not self._closed and \
+                        time.monotonic() < deadline and self.failures < 3:
+                    self._lock.wait(0.1)
+        return self
+
+    @property
+    def ready(self) -> int:
+        with self._lock:
+            return len(self._ready)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None and self.size > 0:
+            self._thread = threading.Thread(target=self._fill, name="model-sandbox-pool",
+                                            daemon=True)
+            self._thread.start()
+
+    def _fill(self) -> None:
+        failures_in_a_row = 0
+        while True:
+            with self._lock:
+                while not self._closed and (len(self._ready) + self._starting >= self.size or
+                                            self._spec is None):
+                    self._lock.wait(1.0)
+                if self._closed:
+                    return
+                spec = self._spec
+                self._starting += 1
+            assert spec is not None
+            box: _launch.Sandbox | None = None
+            try:
+                box = self.runner.start(spec)
+                failures_in_a_row = 0
+            except Exception as exc:  # the engine went away, an image problem: jobs go cold
+                failures_in_a_row += 1
+                with self._lock:
+                    self.failures += 1
+                    self.last_error = str(exc)[:300]
+            with self._lock:
+                self._starting -= 1
+                if box is not None and not self._closed:
+                    self._ready.append(box)
+                    box = None
+                self._lock.notify_all()
+            if box is not None:
+                box.discard()
+            if failures_in_a_row:
+                time.sleep(min(30.0, 0.5 * 2 ** failures_in_a_row))
+
+    # -- closing ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove every waiting sandbox; jobs already running finish on their own."""
+        with self._lock:
+            self._closed = True
+            boxes = list(self._ready)
+            self._ready.clear()
+            self._lock.notify_all()
+        for box in boxes:
+            with contextlib.suppress(Exception):
+                box.discard()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=90)
+        _live.discard(self)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the operations, through this pool ----------------------------------------------------
+    def safe_load(self, f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
+                  **kwargs: Any) -> Any:
+        """:func:`sandbox.safe_load` in one of this pool's sandboxes."""
+        from ._api import safe_load
+
+        kwargs.setdefault("policy", self.policy)
+        return safe_load(f, map_location, runner=self, **kwargs)
+
+    def convert(self, src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None,
+                **kwargs: Any) -> LoadReport:
+        """:func:`sandbox.convert` in one of this pool's sandboxes."""
+        from ._api import convert
+
+        kwargs.setdefault("policy", self.policy)
+        return convert(src, dst, runner=self, **kwargs)
+
+    def scan(self, path: str | os.PathLike[str], **kwargs: Any) -> LoadReport:
+        """:func:`sandbox.scan` in one of this pool's sandboxes."""
+        from ._api import scan
+
+        kwargs.setdefault("policy", self.policy)
+        return scan(path, runner=self, **kwargs)
+
+
+_live: weakref.WeakSet[Pool] = weakref.WeakSet()
+_default: Pool | None = None
+_default_lock = threading.Lock()
+
+
+def default_runner() -> _launch.Runner:
+    """The runner of the module-level functions: a process-wide pool of one warm sandbox,
+    created on first use, unless ``MODEL_SANDBOX_WARM=0`` (then a fresh sandbox per call)."""
+    global _default
+    if os.environ.get("MODEL_SANDBOX_WARM", "1").strip().lower() in ("0", "false", "no", "off"):
+        return _launch.DockerRunner()
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = Pool(size=1)
+        return _default
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_live):
+        with contextlib.suppress(Exception):
+            pool.close()
