@@ -161,6 +161,7 @@ class Channel:
             problem = self._take(got, data, fds, output_cap)
             if problem:
                 got.violations.append(problem)
+                got.completed = False  # whatever came before, this conversation is not a result
                 self.close()  # the supervisor, seeing the close, ends the load
                 return got
 

@@ -6,6 +6,7 @@ Exit codes: 0 clean, 1 unsafe (suspicious or malicious), 2 error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -14,11 +15,13 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from . import _api
+from ._launch import DockerRunner, Runner
+from ._pool import Pool
 from .errors import PolicyError, SandboxError
 from .policy import Policy, builtin_names
 from .report import LoadReport
@@ -83,11 +86,23 @@ def _pin_for(pins: dict[str, str], path: str) -> str | None:
     return pins.get(os.path.abspath(path)) or pins.get(os.path.realpath(path))
 
 
+@contextlib.contextmanager
+def _runner(files: int) -> Iterator[Runner]:
+    """One file: a fresh sandbox (nothing warmed for later). Several: a pool of one, so the
+    next file's sandbox starts while this one loads."""
+    if files > 1:
+        with Pool(size=1) as pool:
+            yield pool
+    else:
+        yield DockerRunner()
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     policy = _policy(args.policy)
     pins = _pins(args, args.paths)
-    reports = [_api.scan(p, policy=policy, expected_sha256=_pin_for(pins, p),
-                         dynamic=not args.static_only) for p in args.paths]
+    with _runner(len(args.paths)) as runner:
+        reports = [_api.scan(p, policy=policy, expected_sha256=_pin_for(pins, p),
+                             dynamic=not args.static_only, runner=runner) for p in args.paths]
     _emit(reports, args.format)
     return _exit_code(reports)
 
@@ -109,7 +124,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise SandboxError(f"{srcs[0]!r} is not listed in the lock file {args.lock!r}; refusing "
                            "to open it", hint="add it with `model-sandbox lock` after checking it")
     try:
-        report = _api.convert(srcs[0], args.output, policy=policy, expected_sha256=expected)
+        with _runner(1) as runner:
+            report = _api.convert(srcs[0], args.output, policy=policy, expected_sha256=expected,
+                                  runner=runner)
     except SandboxError as exc:
         if exc.report is None:
             raise

@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._worker import _protocol as P
+
 RECIPE_VERSION = "2"
 REPOSITORY = "model-sandbox-worker"
 DIGEST_LABEL = "org.model-sandbox.worker-digest"
@@ -193,7 +195,7 @@ def write_rootfs(fileobj: io.BufferedWriter | io.BytesIO) -> int:
     count = 0
     seen: set[str] = set()
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for d in ("/tmp", "/out", "/input", "/home/sandbox", "/proc", "/sys", "/dev", "/etc",
+        for d in ("/tmp", "/run", P.CHANNEL_DIR, "/home/sandbox", "/proc", "/sys", "/dev", "/etc",
                   "/usr/lib", "/lib64"):
             info = tarfile.TarInfo(d.lstrip("/"))
             info.type = tarfile.DIRTYPE

@@ -44,6 +44,8 @@ def sandbox_ready() -> Iterator[str]:
     client = connect()
     before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
     yield tag
+    from sandbox import _pool
+    _pool._close_all()  # the process-wide warm sandbox of the module-level functions
     # Ours are removed in every case. (Another run on the same engine may hold some briefly:
     # give those a moment, and ignore what existed before this session.)
     deadline = time.monotonic() + 15

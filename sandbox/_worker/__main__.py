@@ -73,7 +73,10 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str]) -> None:
         if cfg.cpu_s > 0:  # a backstop per process: the supervisor stops the whole tree before this
             soft = int(cfg.cpu_s) + _CPU_BACKSTOP_S
             resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + _CPU_BACKSTOP_S))
-        source = _loader.Input(input_fd)  # probes its descriptor before the filter is in place
+        if input_fd != P.INPUT_FD:  # a fixed number: the monitor knows an open of it is the input
+            os.dup2(input_fd, P.INPUT_FD)
+            os.close(input_fd)
+        source = _loader.Input(P.INPUT_FD)  # probes its descriptor before the filter is in place
         try:
             # Dumpable, so that the supervisor may take the listener and read our memory;
             # after the filter, prctl(PR_SET_DUMPABLE) is refused.

@@ -41,7 +41,7 @@ ARMED = frozenset({"import", "open", "exec", "compile", "ctypes.dlsym",
 OWN_PACKAGES = frozenset({"torch", "numpy", "safetensors", "sandbox_worker"})
 INSTALLED = "/opt/python/"
 QUIET_OPEN = ("/opt/python/", "/usr/lib/", "/lib/", "/lib64/", "/proc/self/", "/sys/", "/tmp/",
-              "/out/", "/input/model", "/dev/null", "/dev/urandom")
+              "/dev/null", "/dev/urandom")
 
 
 def _short(value: Any, limit: int = 300) -> Any:

@@ -45,6 +45,9 @@ CHANNEL_DIR = "/run/sandbox"        # inside the container: the host's socket di
 SOCKET_NAME = "channel"
 SOCKET_PATH = f"{CHANNEL_DIR}/{SOCKET_NAME}"
 
+INPUT_FD = 1000                     # where the loader keeps the input descriptor (nofile is 1024)
+INPUT_ALIAS = "<input>"             # how events name an open of the input through /proc/self/fd
+
 HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE = b"H", b"J", b"E", b"O", b"S", b"D"
 FRAME_TYPES = frozenset({HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE})
 FDS_OF = {JOB: 1, OUTPUT: 1}         # frames that carry descriptors, and how many; others none

@@ -51,6 +51,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _protocol as P
+
 # -- kernel ABI (x86-64) -----------------------------------------------------------------------
 
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -454,13 +456,13 @@ class Decision:
 
 # Path classes, decided from the normalised path. Reads there are not worth an event.
 QUIET_READ_PREFIXES = ("/opt/python/", "/usr/lib/", "/usr/lib64/", "/lib/", "/lib64/", "/usr/share/",
-                       "/sys/", "/tmp/", "/out/", "/etc/ld.so.cache", "/etc/localtime",
+                       "/sys/", "/tmp/", "/etc/ld.so.cache", "/etc/localtime",
                        "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/host.conf",
                        "/etc/gai.conf", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat",
                        "/proc/sys/", "/proc/filesystems")
 QUIET_EXACT = frozenset({"/dev/null", "/dev/urandom", "/dev/random", "/dev/zero", "/dev/tty",
-                         "/input/model", "/tmp", "/out", "/", "/opt/python", "/usr/lib", "/etc"})
-WRITABLE_PREFIXES = ("/tmp/", "/out/")
+                         P.INPUT_ALIAS, "/tmp", "/", "/opt/python", "/usr/lib", "/etc"})
+WRITABLE_PREFIXES = ("/tmp/",)  # the sandbox's own scratch tmpfs: nothing of the host
 SENSITIVE_PREFIXES = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/root", "/home/", "/run/secrets",
                       "/var/run/", "/run/", "/proc/1/", "/proc/kcore", "/sys/kernel/", "/dev/mem",
                       "/etc/ssh", "/.dockerenv", "/proc/kallsyms", "/sys/fs/cgroup")
@@ -525,8 +527,10 @@ class Decoder:
         for alias in ("/proc/self", "/proc/thread-self"):
             if path == alias or path.startswith(alias + "/"):
                 path = f"/proc/{pid}" + path[len(alias):]
+        if path in (f"/proc/{pid}/fd/{P.INPUT_FD}", f"/proc/{self.loader}/fd/{P.INPUT_FD}"):
+            return given, P.INPUT_ALIAS  # the input, reopened through its descriptor
         # Links can only be planted in the writable places; /proc links name other files.
-        if path.startswith(("/tmp/", "/out/", "/home/", "/proc/")):
+        if path.startswith(("/tmp/", "/home/", "/proc/")):
             try:
                 real = os.path.realpath(path)
                 if not real.startswith("/proc/1/") or path.startswith("/proc/1/"):
@@ -573,7 +577,7 @@ class Decoder:
         if given != path:
             detail["given"] = given
         if writing:
-            ok = path.startswith(WRITABLE_PREFIXES) or path in ("/dev/null", "/tmp", "/out")
+            ok = path.startswith(WRITABLE_PREFIXES) or path in ("/dev/null", "/tmp")
             detail["write"] = True
             return Decision(name, detail, deny=None if ok else errno.EPERM, record=not ok)
         return Decision(name, detail, deny=None, record=cls != "quiet")

@@ -140,13 +140,19 @@ CANARY_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "OPENA
                 "GITHUB_TOKEN"}
 
 
-def test_writes_outside_the_output_directory_fail(tmp_path: Path) -> None:
+def test_writes_outside_the_sandbox_scratch_fail(tmp_path: Path) -> None:
     marker = tmp_path / "marker-write"
-    targets = [str(marker), "/input/model", "/etc/passwd", "/opt/python/bin/python3",
+    targets = [str(marker), "/etc/passwd", "/opt/python/bin/python3", "/run/sandbox/x",
                "/new-file-in-root", "/usr/lib/evil.so", "/proc/1/environ"]
     code = f"""
+import os
 result = []
-for t in {targets!r}:
+# the input arrives as a read-only descriptor: reopening it for writing must fail too
+inputs = [f"/proc/self/fd/{{fd}}" for fd in range(3, 64)
+          if os.path.exists(f"/proc/self/fd/{{fd}}")
+          and os.readlink(f"/proc/self/fd/{{fd}}").startswith("/")
+          and not os.readlink(f"/proc/self/fd/{{fd}}").startswith(("/memfd:", "/dev/"))]
+for t in {targets!r} + inputs:
     try:
         with open(t, "ab") as f:
             f.write(b"x")

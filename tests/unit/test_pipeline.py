@@ -214,7 +214,8 @@ def test_status_is_validated() -> None:
 
 def _manifest(**over: Any) -> dict[str, Any]:
     m: dict[str, Any] = {
-        "protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "skeleton": None, "notes": [], "unrepresentable": [],
+        "protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "skeleton": None, "notes": [],
+        "unrepresentable": [],
         "tensors": [{"name": "a", "dtype": "float32", "shape": [2, 3], "stored_as": "F32",
                      "nbytes": 24, "sha256": "0" * 64, "location": "cpu"}],
         "views": [],

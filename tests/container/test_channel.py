@@ -1,0 +1,114 @@
+"""The channel and warm sandboxes on the real engine: a sandbox whose owner dies stops at once,
+a supervisor that is killed is never a clean result, pooled sandboxes are single-use and leave
+nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+import sandbox
+from sandbox._launch import LABEL, OWNER_LABEL, ContainerSpec, DockerRunner, Job, RunResult, connect
+from tests import checkpoints as ck
+
+
+def running(label: str) -> list[str]:
+    """Ids of running containers of ours carrying ``label`` (``key=value``)."""
+    return [c.id for c in connect().containers.list(filters={"label": [f"{LABEL}=worker", label]})]
+
+
+def test_a_sigkilled_scan_leaves_no_running_container(tmp_path: Path) -> None:
+    """The host's end of the channel closes with its process; the supervisor sees it and the
+    container exits: nothing keeps working for a minute after its owner is gone."""
+    slow = ck.save(ck.hostile_checkpoint(ck.code_payload("import time\ntime.sleep(60)")),
+                   tmp_path / "slow.pt")
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "scan", str(slow)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    owner = f"{OWNER_LABEL}={os.uname().nodename}:{proc.pid}"
+    try:
+        deadline = time.monotonic() + 60
+        while not running(owner) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running(owner), "the sandbox never started"
+        time.sleep(2.0)  # the payload is sleeping inside the load now
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        killed_at = time.monotonic()
+        while running(owner) and time.monotonic() < killed_at + 2.0:
+            time.sleep(0.1)
+        assert not running(owner), "the sandbox kept running after its owner was killed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _ = DockerRunner().client  # a new runner sweeps the stopped container of a dead owner
+
+
+class KillingRunner(DockerRunner):
+    """Kills the container (its supervisor with it) while the load runs."""
+
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        box = self.start(spec)
+        threading.Timer(2.0, box.container.kill).start()
+        return box.run(job)
+
+
+def test_a_supervisor_killed_mid_load_is_monitor_lost_never_clean(tmp_path: Path) -> None:
+    slow = ck.save(ck.hostile_checkpoint(ck.code_payload("import time\ntime.sleep(30)")),
+                   tmp_path / "slow.pt")
+    report = sandbox.scan(slow, policy=ck.observe_policy(), runner=KillingRunner())
+    assert report.verdict is sandbox.Verdict.ERROR and report.exit_code == 2
+    lost = [f for f in report.findings if f.rule == "monitor-lost"]
+    assert lost and lost[0].severity is sandbox.Severity.HIGH
+    assert lost[0].evidence["completed"] is False
+
+
+def test_pooled_sandboxes_are_warm_single_use_and_leave_nothing(tmp_path: Path) -> None:
+    tag = ("org.model-sandbox.test", uuid.uuid4().hex[:12])
+    label = f"{tag[0]}={tag[1]}"
+    plant = ck.save(ck.hostile_checkpoint(ck.code_payload(
+        "open('/tmp/persist', 'w').write('x')\nresult = 1")), tmp_path / "plant.pt")
+    probe = ck.save(ck.hostile_checkpoint(ck.code_payload(
+        "import os\nresult = os.path.exists('/tmp/persist')")), tmp_path / "probe.pt")
+    sd = ck.state_dict()
+    good = ck.save(sd, tmp_path / "sd.pt")
+    policy = ck.observe_policy()
+    with sandbox.Pool(size=2, policy=policy, labels=(tag,)) as pool:
+        pool.warm(wait=True)
+        assert pool.ready == 2 and len(running(label)) == 2
+        assert pool.safe_load(plant, weights_only=False)["payload"] == 1
+        # the next file gets another sandbox: nothing the last payload left is there
+        assert pool.safe_load(probe, weights_only=False)["payload"] is False
+        got = pool.safe_load(good)
+        assert all(torch.equal(got[k], v) for k, v in sd.items())
+        report = pool.scan(good)
+        assert report.verdict is sandbox.Verdict.CLEAN and report.resources.get("warm") is True
+        assert pool.served_warm >= 3
+    deadline = time.monotonic() + 10
+    while connect().containers.list(all=True, filters={"label": label}) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not connect().containers.list(all=True, filters={"label": label})
+
+
+def test_a_pool_closed_by_an_exception_leaves_nothing() -> None:
+    tag = ("org.model-sandbox.test", uuid.uuid4().hex[:12])
+    label = f"{tag[0]}={tag[1]}"
+    with pytest.raises(RuntimeError), sandbox.Pool(size=1, labels=(tag,)) as pool:
+        pool.warm(wait=True)
+        assert running(label)
+        raise RuntimeError("the caller's own failure")
+    deadline = time.monotonic() + 10
+    while connect().containers.list(all=True, filters={"label": label}) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not connect().containers.list(all=True, filters={"label": label})
