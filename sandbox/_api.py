@@ -69,11 +69,38 @@ def _open_input(path: str | os.PathLike[str]) -> tuple[str, int]:
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
         raise InputNotFound(f"cannot open {os.fspath(path)!r}: {exc.strerror}", path=path) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise InputNotFound(f"{os.fspath(path)!r} is not a regular file", path=path)
     os.set_blocking(fd, True)
+    if _sandbox_may_write(st):
+        fd = _private_copy(fd)
     return p, fd
+
+
+def _sandbox_may_write(st: os.stat_result) -> bool:
+    """Whether the sandbox's uid could reopen the file for writing through its descriptor
+    (``/proc/self/fd``): world-writable, or owned or group-writable by that uid."""
+    uid = _image.SANDBOX_UID
+    return bool(st.st_mode & stat.S_IWOTH or st.st_uid == uid or
+                (st.st_mode & stat.S_IWGRP and st.st_gid == uid))
+
+
+def _private_copy(fd: int) -> int:
+    """A read-only, already unlinked copy of ``fd``'s file (closes ``fd``): what the sandbox
+    gets instead of a file it could modify."""
+    try:
+        tmp = tempfile.TemporaryFile(prefix=f"{_WORK_PREFIX}{os.getpid()}-in-")
+        with os.fdopen(fd, "rb") as src:
+            shutil.copyfileobj(src, tmp, 1 << 20)
+        tmp.flush()
+        os.fchmod(tmp.fileno(), 0o444)
+        out = os.dup(tmp.fileno())
+        tmp.close()
+        return out
+    except OSError as exc:
+        raise InputNotFound(f"cannot stage a private copy of the input: {exc.strerror}") from None
 
 
 _WORK_PREFIX = WORK_PREFIX

@@ -479,6 +479,7 @@ class Decoder:
         self.canary_files = canary_files
         # reads under these prefixes are expected (the policy's events.allow_read)
         self.quiet_prefixes = QUIET_READ_PREFIXES + tuple(p for p in extra_quiet if p.startswith("/"))
+        self.via_proc = False  # the last path argument went through a /proc link
         self._table: dict[str, Callable[[Notification], Decision]] = {
             "open": self._open, "openat": self._open, "openat2": self._open, "creat": self._open,
             "execve": self._exec, "execveat": self._exec,
@@ -527,6 +528,9 @@ class Decoder:
         for alias in ("/proc/self", "/proc/thread-self"):
             if path == alias or path.startswith(alias + "/"):
                 path = f"/proc/{pid}" + path[len(alias):]
+        # A /proc link may name a file of another mount (the input is the host's file): its
+        # resolved name says nothing about where a write would land, so no write goes that way.
+        self.via_proc = path.startswith("/proc/")
         if path in (f"/proc/{pid}/fd/{P.INPUT_FD}", f"/proc/{self.loader}/fd/{P.INPUT_FD}"):
             return given, P.INPUT_ALIAS  # the input, reopened through its descriptor
         # Links can only be planted in the writable places; /proc links name other files.
@@ -577,7 +581,8 @@ class Decoder:
         if given != path:
             detail["given"] = given
         if writing:
-            ok = path.startswith(WRITABLE_PREFIXES) or path in ("/dev/null", "/tmp")
+            ok = not self.via_proc and (path.startswith(WRITABLE_PREFIXES) or
+                                        path in ("/dev/null", "/tmp"))
             detail["write"] = True
             return Decision(name, detail, deny=None if ok else errno.EPERM, record=not ok)
         return Decision(name, detail, deny=None, record=cls != "quiet")

@@ -147,9 +147,10 @@ def test_writes_outside_the_sandbox_scratch_fail(tmp_path: Path) -> None:
     code = f"""
 import os
 result = []
-# the input arrives as a read-only descriptor: reopening it for writing must fail too
-inputs = [f"/proc/self/fd/{{fd}}" for fd in range(3, 64)
-          if os.path.exists(f"/proc/self/fd/{{fd}}")
+# the input arrives as a read-only descriptor: reopening it (or any file the loader opened)
+# for writing must fail too; only inside the sandbox (uid 65534), never in the live proof
+inputs = [f"/proc/self/fd/{{fd}}" for fd in list(range(3, 64)) + [1000]
+          if os.getuid() == 65534 and os.path.exists(f"/proc/self/fd/{{fd}}")
           and os.readlink(f"/proc/self/fd/{{fd}}").startswith("/")
           and not os.readlink(f"/proc/self/fd/{{fd}}").startswith(("/memfd:", "/dev/"))]
 for t in {targets!r} + inputs:
@@ -161,6 +162,7 @@ for t in {targets!r} + inputs:
         pass
 """
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "writes.pt")
+    path.chmod(0o666)  # even a world-writable input: the sandbox gets a copy it cannot change
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert str(marker) in ck.prove_live(path)
     assert marker.exists(), "the payload is not live"

@@ -266,6 +266,6 @@ def test_mmap_returns_tensors_backed_by_a_private_mapping(tmp_path: Path) -> Non
     got = sandbox.safe_load(path, mmap=True)
     assert_same(got, data)
     maps = Path("/proc/self/maps").read_text()
-    assert "model-sandbox-work-" in maps  # the checked file is mapped, not copied
+    assert "/memfd:tensors" in maps  # the checked, sealed output is mapped, not copied
     got["torch.float32"][0, 0] = 123.0  # private: writable, and it never reaches a file
     assert got["torch.float32"][0, 0] == 123.0
