@@ -41,6 +41,8 @@ from .report import Finding, LoadReport, Severity, Verdict
 if TYPE_CHECKING:
     import torch
 
+    from ._reconstruct import Placement
+
 __all__ = ["convert", "patch_torch", "safe_load", "scan"]
 
 _VERSION = "0.1.0"
@@ -55,6 +57,8 @@ class _Loaded:
     error: SandboxError | None
     stopped_early: bool = False
     tensors: dict[str, torch.Tensor] | None = None  # checked against the manifest
+    handoff: str = "memfd"  # or "layout": the tensors were mapped from the input itself
+    placements: list[Placement] = dataclasses.field(default_factory=list)
 
 
 def _hash_file(path: str) -> tuple[str, int]:
@@ -251,12 +255,28 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             report.tool["image"] = image
             report.tool["worker_digest"] = _image.worker_digest()
             spec = _launch.make_spec(policy, image=image)
+            static_count = len(report.findings)
             job = _launch.make_job(policy, input_fd=input_fd, input_size=report.input_size,
                                    write_tensors=write_tensors)
             run = runner.run(spec, job)
-            _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors, mmap)
+            try:
+                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors, mmap)
+            except _LayoutRefused as exc:
+                # the sandbox read a plain state dict that the host cannot place in the file:
+                # the full loader decides, in a fresh sandbox
+                run.close()
+                report.notes.append(f"layout hand-off refused ({exc}); loaded in full")
+                report.findings, report.events = list(report.findings[:static_count]), []
+                job = dataclasses.replace(job, config=dataclasses.replace(job.config,
+                                                                          layout=False))
+                run = runner.run(spec, job)
+                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors, mmap)
             assert loaded.output is not None and loaded.output.manifest is not None
-            report.findings += _verify.weights(real, loaded.output.manifest, loaded.tensors)
+            if loaded.handoff == "layout":
+                report.notes.append("the tensors were taken from the file's own records, placed "
+                                    "by the host and checked against the sandbox's reading")
+            else:
+                report.findings += _verify.weights(real, loaded.output.manifest, loaded.tensors)
         except _StaticOnly:
             pass
         except SandboxError as exc:
@@ -310,12 +330,59 @@ def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
         raise outcome.error
     if rejected is not None:
         raise rejected
-    if output.manifest is None or (write_tensors and output.tensors_path is None):
+    if output.manifest is None or (write_tensors and output.tensors_path is None and
+                                   output.manifest.get("layout") is None):
         from .errors import LoadFailed
         raise LoadFailed("the loader reported success but sent no manifest/tensors")
+    if output.manifest.get("layout") is not None:
+        output.manifest, loaded.placements = _placed(report, output.manifest, job)
+        loaded.handoff = report.resources["handoff"] = "layout"
+        _summarise(report, output.manifest)
+        if write_tensors:
+            loaded.tensors = _convert.map_layout(f"/proc/self/fd/{job.input_fd}",
+                                                 loaded.placements, copy=not mmap)
+        return
     _summarise(report, output.manifest)
     if output.tensors_path is not None:
         loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest, mmap=mmap)
+
+
+class _LayoutRefused(Exception):
+    """Internal: the host cannot place the plain state dict the sandbox described."""
+
+
+def _placed(report: LoadReport, manifest: dict[str, Any], job: _launch.Job
+            ) -> tuple[dict[str, Any], list[Placement]]:
+    """The layout hand-off: the host places every tensor in the input itself and requires the
+    sandbox's layout to agree exactly; returns the manifest the later stages use."""
+    from . import _reconstruct
+
+    placed = _reconstruct.try_place(f"/proc/self/fd/{job.input_fd}")
+    if isinstance(placed, _reconstruct.NotReconstructed):
+        raise _LayoutRefused(placed.reason)
+    theirs = manifest["layout"]
+    mine = [p.as_layout() for p in placed]
+    if mine != [{k: v for k, v in t.items() if k != "location"} for t in theirs]:
+        differ = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False))
+                       if a != {k: v for k, v in b.items() if k != "location"}),
+                      min(len(mine), len(theirs)))
+        report.add(Finding(
+            rule="layout-differential", severity=Severity.HIGH, category="evasion",
+            message="the sandbox's reading of the pickle and the host's reading of the archive "
+                    "describe different tensors: the file reads differently to different parsers",
+            evidence={"host_tensors": len(mine), "sandbox_tensors": len(theirs),
+                      "first_difference": differ}))
+        raise OutputRejected("the sandbox's layout disagrees with the file's records")
+    tensors = []
+    for p, t in zip(placed, theirs, strict=True):
+        stored_as, size = P.TORCH_DTYPES[p.dtype]
+        numel = 1
+        for d in p.shape:
+            numel *= d
+        tensors.append({"name": p.name, "dtype": p.dtype, "shape": list(p.shape),
+                        "stored_as": stored_as, "nbytes": numel * size, "sha256": "",
+                        "location": t["location"]})
+    return {**manifest, "tensors": tensors, "views": []}, placed
 
 
 def _apply_severities(report: LoadReport, policy: Policy) -> None:
@@ -423,7 +490,6 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
                                          stop_early=True, mmap=bool(mmap)) as loaded:
         _raise_if_unsafe(loaded, policy)
         assert loaded.output is not None and loaded.output.manifest is not None
-        assert loaded.output.tensors_path is not None
         manifest = loaded.output.manifest
         assert loaded.tensors is not None
         tensors = _convert.place(loaded.tensors, manifest, map_location)
@@ -448,7 +514,6 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
         try:
             _raise_if_unsafe(loaded, policy)
             assert loaded.output is not None and loaded.output.manifest is not None
-            assert loaded.output.tensors_path is not None
             manifest = loaded.output.manifest
             assert loaded.tensors is not None
             _write_safetensors(dst_path, loaded.tensors, manifest, report)
@@ -470,16 +535,21 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
 
 def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
                        report: LoadReport) -> None:
-    """Re-serialise the checked tensors on the host (the worker's file is never copied)."""
+    """Re-serialise the checked tensors on the host (the worker's file is never copied),
+    streaming each tensor's bytes to a temporary file, then renaming it into place. Tensors
+    that share memory (ties, views) are each written whole: every name is a tensor."""
     import torch
-    from safetensors.torch import save_file
 
     stored: dict[str, torch.Tensor] = {}
+    entries = []
     for e in manifest["tensors"]:
         t = tensors[e["name"]]
         stored_as, _ = P.TORCH_DTYPES[e["dtype"]]
-        stored[e["name"]] = t.contiguous().reshape(-1).view(torch.uint8) \
+        t = t.contiguous().reshape(-1).view(torch.uint8) \
             if stored_as == "U8" and e["dtype"] != "uint8" else t.contiguous()
+        stored[e["name"]] = t
+        entries.append((e["name"], str(t.dtype).removeprefix("torch."), list(t.shape),
+                        t.numel() * t.element_size()))
     metadata = {
         "format": "pt",
         "model_sandbox.version": _VERSION,
@@ -489,33 +559,25 @@ def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: di
         "model_sandbox.dtypes": json.dumps({e["name"]: e["dtype"] for e in manifest["tensors"]
                                             if P.TORCH_DTYPES[e["dtype"]][0] == "U8"}),
     }
+    head, order = P.safetensors_header(entries, metadata)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
     try:
-        save_file(stored, tmp, metadata=metadata)
-        _canonical_header(tmp)
-        _fsync_path(tmp)
+        try:
+            P.write_all(fd, head)
+            for name in order:
+                t = stored[name]
+                if t.numel():
+                    P.write_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy().data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, dst)
         _fsync_dir(dst.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def _canonical_header(path: str) -> None:
-    """Rewrite the SafeTensors header with sorted keys (same length, space-padded, as the
-    format allows), so that the same checkpoint always converts to the same bytes: the
-    library writes its metadata map in no fixed order."""
-    with open(path, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        if len(canonical) > size:  # cannot happen for the same content; leave it as written
-            return
-        f.seek(8)
-        f.write(canonical + b" " * (size - len(canonical)))
 
 
 def atomic_write(path: Path, data: bytes) -> None:

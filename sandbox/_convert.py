@@ -22,6 +22,8 @@ from .errors import OutputRejected, UnrepresentableObject
 if TYPE_CHECKING:
     import torch
 
+    from ._reconstruct import Placement
+
 _DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|meta|hpu|xla|privateuseone|ipu|mtia)(:\d{1,4})?$")
 
 
@@ -81,6 +83,64 @@ def _mapped(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
             stride[i] = stride[i + 1] * shape[i + 1]
         out[name] = torch.empty(0, dtype=dtype).set_(storage, begin // elem, shape, stride)
     return out
+
+
+def map_layout(path: str, placements: list[Placement], *, copy: bool
+               ) -> dict[str, torch.Tensor]:
+    """The tensors of a plain state dict, straight from the input file's own records (the
+    placements were checked against the file and against the sandbox's layout). ``copy=False``:
+    they share one private, copy-on-write mapping of the file (tensors of one storage share
+    memory, as after ``torch.load(mmap=True)``); ``copy=True``: each storage's bytes are read
+    once into memory, and tensors of one storage still share it."""
+    import torch
+
+    size = os.path.getsize(path)
+    out: dict[str, torch.Tensor] = {}
+    if copy:
+        spans: dict[str, tuple[int, int]] = {}
+        for p in placements:
+            if p.extent:
+                lo, hi = spans.get(p.storage_key, (p.file_offset, p.file_offset + p.extent))
+                spans[p.storage_key] = (min(lo, p.file_offset), max(hi, p.file_offset + p.extent))
+        buffers: dict[str, tuple[int, torch.Tensor]] = {}
+        with open(path, "rb", buffering=0) as f:
+            for key, (lo, hi) in spans.items():
+                lo -= lo % 8  # keeps every element of the span as aligned as in the file
+                buf = torch.empty(hi - lo, dtype=torch.uint8)
+                view = memoryview(buf.numpy().data)
+                f.seek(lo)
+                got = 0
+                while got < hi - lo:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise OutputRejected("the input file shrank while it was read")
+                    got += n
+                buffers[key] = (lo, buf)
+        for p in placements:
+            dtype = getattr(torch, p.dtype)
+            if not p.extent:
+                out[p.name] = torch.empty(p.shape, dtype=dtype)
+                continue
+            lo, buf = buffers[p.storage_key]
+            out[p.name] = _strided(buf.untyped_storage(), p.file_offset - lo, p, dtype)
+        return out
+    storage: Any = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    for p in placements:
+        dtype = getattr(torch, p.dtype)
+        out[p.name] = _strided(storage, p.file_offset, p, dtype) if p.extent else \
+            torch.empty(p.shape, dtype=dtype)
+    return out
+
+
+def _strided(storage: Any, byte_offset: int, p: Placement, dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
+    elem = torch.empty(0, dtype=dtype).element_size()
+    if byte_offset % elem == 0:
+        return torch.empty(0, dtype=dtype).set_(storage, byte_offset // elem, p.shape, p.stride)
+    # an unaligned record (not what torch.save writes): copy the bytes it spans
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, byte_offset, (p.extent,), (1,))
+    return raw.clone().view(dtype).as_strided(p.shape, p.stride, 0)
 
 
 def load_tensors(path: str, manifest: dict[str, Any], *,

@@ -113,6 +113,8 @@ def validate_status(data: Any) -> dict[str, Any]:
     return status
 
 
+_LAYOUT_KEYS = frozenset({"name", "key", "dtype", "shape", "stride", "offset", "parameter",
+                          "location"})
 _SUPERVISOR_LIMITS = ("wall_clock", "cpu", "output_bytes")
 _RESOURCE_SECONDS = ("cpu_s", "sample_s")
 _RESOURCE_COUNTS = ("rss_peak_bytes", "threads_peak", "children_peak", "samples")
@@ -181,6 +183,21 @@ def validate_manifest(data: Any) -> dict[str, Any]:
         _require(last < base_numel or (base_numel == 0 and 0 in shape), item,
                  f"view {v['name']}: reaches past its base")
         _check_location(v.get("location"), item)
+    layout = data.get("layout")
+    if layout is not None:
+        _require(isinstance(layout, list) and 0 < len(layout) <= P.MAX_TENSORS and not tensors
+                 and not views, item, "layout malformed")
+        for t in layout:
+            _require(isinstance(t, dict) and set(t) == _LAYOUT_KEYS, item, "layout entry malformed")
+            _check_name(t["name"], names, item)
+            _require(isinstance(t["key"], str) and 0 < len(t["key"]) <= 64 and
+                     t["key"].isprintable(), item, "layout key malformed")
+            _require(t["dtype"] in P.TORCH_DTYPES, item, "layout dtype unknown")
+            _require(len(_check_shape(t["shape"], item)) == len(_check_shape(t["stride"], item)),
+                     item, "layout stride rank")
+            _require(_is_int(t["offset"]) and 0 <= t["offset"] < 2**62, item, "layout offset")
+            _require(isinstance(t["parameter"], bool), item, "layout parameter flag")
+            _check_location(t["location"], item)
     _require(isinstance(data.get("unrepresentable", []), list), item, "unrepresentable malformed")
     for u in data.get("unrepresentable", []):
         _require(isinstance(u, dict) and all(isinstance(u.get(k), str) for k in ("path", "type")),

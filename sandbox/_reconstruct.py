@@ -56,10 +56,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NotReconstructed",
+    "Placement",
     "Reconstruction",
     "StaticTensor",
     "compare",
     "reconstruct",
+    "try_place",
     "try_reconstruct",
 ]
 
@@ -1045,6 +1047,80 @@ def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
         return NotReconstructed(f"the file could not be read ({exc.message})", fmt)
     except RecursionError:
         return NotReconstructed("the pickle nests containers too deeply", fmt)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one tensor of a plain torch-zip state dict lies in the file: ``file_offset`` is
+    the byte offset of its first element, ``extent`` the bytes from there to its last one; both
+    lie inside the record of its storage (checked)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_key: str
+    storage_offset: int
+    parameter: bool
+    file_offset: int
+    extent: int
+
+    def as_layout(self) -> dict[str, Any]:
+        """The fields the sandbox's layout document gives for this tensor."""
+        return {"name": self.name, "key": self.storage_key, "dtype": self.dtype,
+                "shape": list(self.shape), "stride": list(self.stride),
+                "offset": self.storage_offset, "parameter": self.parameter}
+
+
+def try_place(path: str | os.PathLike[str]) -> list[Placement] | NotReconstructed:
+    """Every tensor of a plain, little-endian torch-zip state dict at ``path``, placed in the
+    file (no tensor bytes are read). The same checks as :func:`try_reconstruct`; in addition
+    any finding of the reading (a storage record of another size than its claim), a
+    metadata bit or a view past its record makes the file not placeable."""
+    try:
+        scan = _scan.scan_file(path)
+    except MalformedInput as exc:
+        return NotReconstructed(f"the static scan could not read the file ({exc.message})")
+    if scan.format != "torch-zip":
+        return NotReconstructed(f"format {scan.format} is not a torch zip", scan.format)
+    foreign = sorted({g.qualname for g in scan.globals if g.classification != "allowed"})
+    tricks = sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
+    if foreign or tricks:
+        return NotReconstructed("not a plain state dict without tricks", scan.format)
+    try:
+        with _scan._open_buffer(path) as buf:
+            layout = _zip_layout(buf, _Budget())
+            if layout.swap or layout.findings:
+                raise _Unsupported("a big-endian archive, or records of unexpected sizes")
+            namer = _Namer()
+            namer.walk(layout.value)
+            if len(namer.order) > P.MAX_TENSORS:
+                raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
+            placed = []
+            for name, t in namer.order:
+                if t.metadata:
+                    raise _Unsupported(f"tensor {name} sets metadata bits")
+                start, available, _claimed = layout.regions[t.storage.root]
+                elem = _element_size(t.dtype)
+                first = t.storage.offset + t.offset * elem
+                numel = 1
+                for d in t.shape:
+                    numel *= d
+                extent = elem * (1 + sum((d - 1) * st for d, st in
+                                         zip(t.shape, t.stride, strict=True))) if numel else 0
+                if numel and first + extent > min(t.storage.offset + t.storage.nbytes, available):
+                    raise _Unsupported(f"tensor {name} reaches past its storage record")
+                placed.append(Placement(
+                    name=name, dtype=t.dtype, shape=t.shape, stride=t.stride,
+                    storage_key=t.storage.root, storage_offset=t.offset,
+                    parameter=t.parameter, file_offset=start + first, extent=extent))
+            return placed
+    except _Unsupported as exc:
+        return NotReconstructed(exc.reason, scan.format)
+    except MalformedInput as exc:
+        return NotReconstructed(f"the file could not be read ({exc.message})", scan.format)
+    except RecursionError:
+        return NotReconstructed("the pickle nests containers too deeply", scan.format)
 
 
 def reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False) -> Reconstruction | None:

@@ -50,6 +50,8 @@ RULES: dict[str, tuple[str, Severity]] = {
     "event-log-truncated": ("the event log hit its cap; later events were dropped", Severity.LOW),
     "input-changed": ("the file the sandbox loaded differs from the file the host hashed",
                       Severity.CRITICAL),
+    "layout-differential": ("the sandbox's reading of a plain state dict's pickle and the host's "
+                            "reading of the archive describe different tensors", Severity.HIGH),
     "monitor-lost": ("the supervisor did not complete, the engine reported a failure, or the "
                      "channel was abused: evidence may be missing (verdict error unless other "
                      "high evidence)", Severity.HIGH),

@@ -95,11 +95,18 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str]) -> None:
         _audit.install(ch.audit_w, time.monotonic())
 
         try:
-            obj, fmt, locations = _loader.load(source)
-            manifest = _loader.write_outputs(obj, fmt, locations, tensors_fd=ch.tensors,
-                                             manifest_fd=ch.manifest,
-                                             tensors=cfg.write_tensors)
-            message = {"ok": True, "format": fmt, "tensors": len(manifest["tensors"])}
+            layout = _loader.try_layout(source) if cfg.layout else None
+            if layout is not None:  # a plain state dict: the host maps the bytes itself
+                _loader.write_layout(layout, manifest_fd=ch.manifest)
+                message = {"ok": True, "format": layout["format"],
+                           "tensors": len(layout["layout"]), "handoff": "layout"}
+            else:
+                obj, fmt, locations = _loader.load(source)
+                manifest = _loader.write_outputs(obj, fmt, locations, tensors_fd=ch.tensors,
+                                                 manifest_fd=ch.manifest,
+                                                 tensors=cfg.write_tensors)
+                message = {"ok": True, "format": fmt, "tensors": len(manifest["tensors"]),
+                           "handoff": "memfd"}
             code = 0
         except _loader.LoaderError as exc:
             message = {"ok": False, "kind": exc.kind, "message": str(exc)[:4000],
@@ -554,7 +561,7 @@ def _bounded_result(raw: bytes) -> dict[str, Any] | None:
             return None
         out: dict[str, Any] = {"ok": doc.get("ok") is True}
         for key, limit in (("kind", 64), ("message", 4000), ("type", 200), ("format", 64),
-                           ("detected", 64)):
+                           ("detected", 64), ("handoff", 16)):
             if isinstance(doc.get(key), str):
                 out[key] = doc[key][:limit]
         if isinstance(doc.get("tensors"), int) and not isinstance(doc["tensors"], bool) and \

@@ -175,6 +175,28 @@ def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
     return obj, fmt, locations
 
 
+def try_layout(source: Input) -> dict[str, Any] | None:
+    """The layout document of a plain torch-zip state dict (torch-free, see ``_layout``), or
+    None when the file needs the full loader."""
+    from . import _layout
+
+    try:
+        if identify(source) != "torch-zip":
+            return None
+        return _layout.read(source.open)
+    except (_layout.NotPlain, LoaderError):
+        return None
+
+
+def write_layout(layout: dict[str, Any], *, manifest_fd: int) -> None:
+    """The manifest of the layout hand-off: no stored tensors, the layout and the skeleton."""
+    manifest = {"protocol": P.PROTOCOL_VERSION, "format": layout["format"], "tensors": [],
+                "views": [], "layout": layout["layout"], "skeleton": layout["skeleton"],
+                "unrepresentable": [], "notes": []}
+    _write_all(manifest_fd, json.dumps(manifest, allow_nan=False,
+                                       separators=(",", ":")).encode("utf-8"))
+
+
 def write_outputs(obj: Any, fmt: str, locations: dict[int, str], *, tensors_fd: int,
                   manifest_fd: int, tensors: bool = True) -> dict[str, Any]:
     """Extract tensors from ``obj`` and write the manifest and (unless ``tensors`` is false)
@@ -204,43 +226,21 @@ def write_outputs(obj: Any, fmt: str, locations: dict[int, str], *, tensors_fd: 
     return manifest
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
-              "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64"}
-_ST_OF_TORCH = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def write_safetensors(fd: int, stored: dict[str, Any], metadata: dict[str, str]) -> int:
-    """Write ``stored`` (contiguous CPU tensors) as a SafeTensors file to ``fd``, streaming each
-    tensor's bytes: no second copy of the weights in memory. Returns the bytes written. The
-    host reads it back with the safetensors library, whose parser validates the header."""
+def write_safetensors(fd: int, stored: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Write ``stored`` (CPU tensors) as a SafeTensors file to ``fd``, streaming each tensor's
+    bytes: no second copy of the weights in memory. The host reads it back with the
+    safetensors library, whose parser validates the header."""
     import torch
 
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    # widest elements first: every tensor then starts at a multiple of its element size
-    order = sorted(stored, key=lambda k: (-stored[k].element_size(), k))
+    tensors = {name: t.detach().cpu().contiguous() for name, t in stored.items()}
+    head, order = P.safetensors_header(
+        [(name, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size())
+         for name, t in tensors.items()], metadata)
+    _write_all(fd, head)
     for name in order:
-        t = stored[name]
-        dtype = _ST_OF_TORCH.get(str(t.dtype).removeprefix("torch."))
-        if dtype is None:
-            raise ValueError(f"{name}: dtype {t.dtype} has no SafeTensors name")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    _write_all(fd, len(head).to_bytes(8, "little") + head)
-    for name in order:
-        t = stored[name].detach().cpu().contiguous()
+        t = tensors[name]
         if t.numel():
-            _write_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return 8 + len(head) + offset
+            _write_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy().data))
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view[: 1 << 24])
-        view = view[n:]
+_write_all = P.write_all

@@ -122,6 +122,7 @@ class JobConfig:
     fatal: tuple[str, ...] = ()
     errno: int = _errno.EPERM
     allow_read: tuple[str, ...] = ()
+    layout: bool = True  # a plain torch-zip state dict may come back as a layout (no bytes)
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -138,14 +139,15 @@ class JobConfig:
         if not isinstance(allow, list) or len(allow) > 64 or \
                 not all(isinstance(a, str) and 0 < len(a) <= 4096 for a in allow):
             raise ProtocolError("job: allow_read malformed")
-        if not isinstance(d.get("write_tensors", True), bool):
-            raise ProtocolError("job: write_tensors is not a boolean")
+        for flag in ("write_tensors", "layout"):
+            if not isinstance(d.get(flag, True), bool):
+                raise ProtocolError(f"job: {flag} is not a boolean")
         return cls(wall_clock_s=_num(d.get("wall_clock_s", 120.0), 0.001, 1e7, "wall_clock_s"),
                    cpu_s=_num(d.get("cpu_s", 0.0), 0, 1e7, "cpu_s"),
                    max_output_bytes=_int(d.get("max_output_bytes", 0), 0, 2**62, "max_output_bytes"),
                    write_tensors=d.get("write_tensors", True), fatal=tuple(fatal),
                    errno=_int(d.get("errno", _errno.EPERM), 1, 4095, "errno"),
-                   allow_read=tuple(allow))
+                   allow_read=tuple(allow), layout=d.get("layout", True))
 
 
 @dataclass(frozen=True)
@@ -328,3 +330,40 @@ def sha256_fd(fd: int) -> tuple[str, int]:
         h.update(chunk)
         pos += len(chunk)
     return h.hexdigest(), pos
+
+
+# -- SafeTensors, written by both sides without a second copy of the weights -----------------
+
+ST_DTYPES = {"float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2),
+             "bfloat16": ("BF16", 2), "int64": ("I64", 8), "int32": ("I32", 4),
+             "int16": ("I16", 2), "int8": ("I8", 1), "uint64": ("U64", 8), "uint32": ("U32", 4),
+             "uint16": ("U16", 2), "uint8": ("U8", 1), "bool": ("BOOL", 1),
+             "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1),
+             "complex64": ("C64", 8)}
+
+
+def safetensors_header(entries: list[tuple[str, str, list[int], int]],
+                       metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    """The 8-byte length and the JSON header (sorted keys, space-padded to 8 bytes) for
+    ``entries`` of (name, torch dtype name, shape, nbytes); returns it and the order in which
+    the tensors' bytes must follow: widest elements first, then by name, so that every tensor
+    starts at a multiple of its element size and the same tensors always give the same bytes."""
+    by_name = {e[0]: e for e in entries}
+    order = sorted(by_name, key=lambda n: (-ST_DTYPES[by_name[n][1]][1], n))
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        _, dtype, shape, nbytes = by_name[name]
+        header[name] = {"dtype": ST_DTYPES[dtype][0], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head, order
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view[: 1 << 24])
+        view = view[n:]
