@@ -342,6 +342,7 @@ def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
             loaded.tensors = _convert.map_layout(f"/proc/self/fd/{job.input_fd}",
                                                  loaded.placements, copy=not mmap)
         return
+    report.resources["handoff"] = "memfd"
     _summarise(report, output.manifest)
     if output.tensors_path is not None:
         loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest, mmap=mmap)

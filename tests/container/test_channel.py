@@ -115,3 +115,23 @@ def test_a_pool_closed_by_an_exception_leaves_nothing() -> None:
             time.monotonic() < deadline:
         time.sleep(0.2)
     assert not connect().containers.list(all=True, filters={"label": label})
+
+
+def test_plain_state_dicts_take_the_layout_the_rest_the_full_loader(tmp_path: Path) -> None:
+    """Bit-exact either way; the report names the hand-off."""
+    plain = {f"layer{i}.{p}": ck.dtype_tensor(dt, seed=i)
+             for i, dt in enumerate(ck.ALL_DTYPES) for p in ("weight",)
+             if str(dt).removeprefix("torch.") in ("float32", "float16", "bfloat16", "int64",
+                                                   "int8", "uint8", "bool", "float64",
+                                                   "complex64")}
+    plain["strided"] = torch.arange(24.0).reshape(4, 6)[:, 1::2]
+    lay = ck.save(plain, tmp_path / "plain.pt")
+    module = ck.save(torch.nn.Sequential(torch.nn.Linear(4, 3)), tmp_path / "module.pt")
+    policy = ck.observe_policy()
+    got = sandbox.safe_load(lay, policy=policy)
+    for k, v in plain.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert sandbox.scan(lay, policy=policy).resources["handoff"] == "layout"
+    whole = sandbox.safe_load(module, weights_only=False, policy=policy)
+    assert set(whole) == {"0.weight", "0.bias"}
+    assert sandbox.scan(module, policy=policy).resources["handoff"] == "memfd"

@@ -59,26 +59,37 @@ class FakeRunner:
     """Does what the container does, in-process, then lets a test tamper with what is sent."""
 
     def __init__(self, tamper: Callable[[Played, dict[str, Any]], None] | None = None,
-                 run_result: RunResult | None = None) -> None:
+                 run_result: RunResult | None = None, *, layout: bool = False) -> None:
         self.tamper = tamper
         self.run_result = run_result
+        self.layout = layout  # play the layout hand-off for plain state dicts
         self.specs: list[ContainerSpec] = []
+        self.jobs: list[Job] = []
 
     def ensure_image(self) -> str:
         return "model-sandbox-worker:fake"
 
     def run(self, spec: ContainerSpec, job: Job) -> RunResult:
         self.specs.append(spec)
+        self.jobs.append(job)
         source = _loader.Input(job.input_fd)
         digest, size = P.sha256_fd(job.input_fd)
         played = Played(os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}")))
         status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": [],
                                   "input_sha256": digest, "input_size": size, "exit_code": 0,
                                   "wall_s": 0.1}
+        layout = _loader.try_layout(source) if self.layout and job.config.layout else None
         try:
-            obj, fmt, loc = _loader.load(source)
-            played.manifest, played.tensors = play(obj, fmt, loc, job.config.write_tensors)
-            status["result"] = {"ok": True, "format": fmt}
+            if layout is not None:
+                fd = P.memfd_create("m")
+                _loader.write_layout(layout, manifest_fd=fd)
+                played.manifest = os.pread(fd, os.fstat(fd).st_size, 0)
+                os.close(fd)
+                status["result"] = {"ok": True, "format": "torch-zip", "handoff": "layout"}
+            else:
+                obj, fmt, loc = _loader.load(source)
+                played.manifest, played.tensors = play(obj, fmt, loc, job.config.write_tensors)
+                status["result"] = {"ok": True, "format": fmt}
         except _loader.LoaderError as exc:
             status["result"] = {"ok": False, "kind": exc.kind, "message": str(exc),
                                 "detected": exc.detected}
@@ -298,3 +309,79 @@ def test_work_directories_of_dead_processes_are_swept(tmp_path: Path,
     assert not stale.exists() and alive.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(_api._WORK_PREFIX)
                 and p != alive]
+
+
+# -- the layout hand-off ---------------------------------------------------------------------------
+
+def plain(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    sd = ck.state_dict()
+    sd["tied"] = sd["encoder.weight"]
+    sd["row"] = sd["encoder.weight"][1]
+    return ck.save({"model": sd, "epoch": 3}, tmp_path / "plain.pt"), sd
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_plain_state_dicts_come_back_through_the_layout(tmp_path: Path, mmap: bool) -> None:
+    path, sd = plain(tmp_path)
+    runner = FakeRunner(layout=True)
+    got = sandbox.safe_load(path, runner=runner, mmap=mmap)
+    assert got["epoch"] == 3 and set(got["model"]) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(got["model"][k], v) and got["model"][k].dtype == v.dtype
+    # ties and views share memory, as after torch.load
+    assert got["model"]["tied"].data_ptr() == got["model"]["encoder.weight"].data_ptr()
+    report = sandbox.scan(path, runner=runner)
+    assert report.verdict is sandbox.Verdict.CLEAN and report.resources["handoff"] == "layout"
+    out = tmp_path / "plain.safetensors"
+    sandbox.convert(path, out, runner=runner)
+    from safetensors.torch import load_file
+    back = load_file(str(out))
+    # every tensor is a tensor of its own (the very same object twice is one name, as today)
+    assert set(back) == {f"model.{k}" for k in sd if k != "tied"}
+    assert torch.equal(back["model.row"], sd["row"])
+
+
+@pytest.mark.parametrize("change", ["offset", "shape", "key", "dtype", "extra", "missing",
+                                    "name"])
+def test_a_layout_that_disagrees_with_the_file_is_refused(tmp_path: Path, change: str) -> None:
+    path, _ = plain(tmp_path)
+
+    def lie(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        doc = json.loads(out.manifest)
+        first = doc["layout"][0]
+        if change == "offset":
+            first["offset"] += 1 << 20      # outside its record
+        elif change == "shape":
+            first["shape"] = [s * 2 for s in first["shape"]]
+        elif change == "key":
+            # overlaps another storage
+            first["key"] = next(t["key"] for t in doc["layout"] if t["key"] != first["key"])
+        elif change == "dtype":
+            first["dtype"] = "float64"
+        elif change == "extra":
+            doc["layout"].append({**first, "name": "smuggled"})
+        elif change == "missing":
+            doc["layout"].pop()
+        else:
+            first["name"] = "renamed"
+        out.manifest = json.dumps(doc).encode()
+
+    report = sandbox.scan(path, runner=FakeRunner(lie, layout=True))
+    assert report.verdict is sandbox.Verdict.MALICIOUS
+    assert any(f.rule == "layout-differential" for f in report.findings), change
+    with pytest.raises(sandbox.SandboxViolation):
+        sandbox.safe_load(path, runner=FakeRunner(lie, layout=True))
+
+
+def test_a_layout_the_host_cannot_place_goes_to_the_full_loader(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox import _reconstruct
+
+    path, sd = plain(tmp_path)
+    monkeypatch.setattr(_reconstruct, "try_place",
+                        lambda p: _reconstruct.NotReconstructed("test: cannot place"))
+    runner = FakeRunner(layout=True)
+    got = sandbox.safe_load(path, runner=runner)
+    assert torch.equal(got["model"]["encoder.weight"], sd["encoder.weight"])
+    assert [j.config.layout for j in runner.jobs] == [True, False]  # a second, full load
