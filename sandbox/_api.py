@@ -18,7 +18,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -58,6 +58,7 @@ class _Loaded:
     stopped_early: bool = False
     tensors: dict[str, torch.Tensor] | None = None  # checked against the manifest
     handoff: str = "memfd"  # or "layout": the tensors were mapped from the input itself
+    input_path: str = ""    # /proc/self/fd/N of the host's descriptor of the input
     placements: list[Placement] = dataclasses.field(default_factory=list)
 
 
@@ -224,7 +225,7 @@ _COMPARABLE_FORMATS = ("torch-zip", "torch-legacy", "torch-tar", "pickle", "nump
 def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.Runner | None,
                write_tensors: bool, expected_sha256: str | None,
                stop_early: bool = False, dynamic: bool = True,
-               mmap: bool = False) -> Iterator[_Loaded]:
+               mmap: bool = False, materialise: bool = True) -> Iterator[_Loaded]:
     """Run one load in a sandbox; yields the report and the validated outputs. The outputs
     (sealed memfds) are released when the block ends."""
     start = time.monotonic()
@@ -237,6 +238,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
     try:
         try:
             real, input_fd = _open_input(path)
+            loaded.input_path = f"/proc/self/fd/{input_fd}"
             _sweep_work_dirs()
             report.input_sha256, report.input_size = P.sha256_fd(input_fd)
             if expected_sha256 is not None and report.input_sha256 != expected_sha256.lower():
@@ -260,7 +262,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                                    write_tensors=write_tensors)
             run = runner.run(spec, job)
             try:
-                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors, mmap)
+                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors,
+                           mmap, materialise)
             except _LayoutRefused as exc:
                 # the sandbox read a plain state dict that the host cannot place in the file:
                 # the full loader decides, in a fresh sandbox
@@ -270,7 +273,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                 job = dataclasses.replace(job, config=dataclasses.replace(job.config,
                                                                           layout=False))
                 run = runner.run(spec, job)
-                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors, mmap)
+                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors,
+                           mmap, materialise)
             assert loaded.output is not None and loaded.output.manifest is not None
             if loaded.handoff == "layout":
                 report.notes.append("the tensors were taken from the file's own records, placed "
@@ -299,7 +303,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
 
 def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
                spec: _launch.ContainerSpec, job: _launch.Job, shown: str, write_tensors: bool,
-               mmap: bool) -> None:
+               mmap: bool, materialise: bool = True) -> None:
     """Stages 3-5 over what the sandbox sent: engine facts and the supervisor's status,
     events, then the validated manifest and tensors. Evidence is kept even when the outputs
     are rejected."""
@@ -338,7 +342,7 @@ def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
         output.manifest, loaded.placements = _placed(report, output.manifest, job)
         loaded.handoff = report.resources["handoff"] = "layout"
         _summarise(report, output.manifest)
-        if write_tensors:
+        if write_tensors and materialise:
             loaded.tensors = _convert.map_layout(f"/proc/self/fd/{job.input_fd}",
                                                  loaded.placements, copy=not mmap)
         return
@@ -510,14 +514,18 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
     policy = policy or Policy.default()
     dst_path = Path(dst) if dst is not None else Path(src).with_suffix(".safetensors")
     with _sandboxed(src, policy=policy, runner=runner, write_tensors=True,
-                    expected_sha256=expected_sha256, stop_early=True) as loaded:
+                    expected_sha256=expected_sha256, stop_early=True,
+                    materialise=False) as loaded:
         report = loaded.report
         try:
             _raise_if_unsafe(loaded, policy)
             assert loaded.output is not None and loaded.output.manifest is not None
             manifest = loaded.output.manifest
-            assert loaded.tensors is not None
-            _write_safetensors(dst_path, loaded.tensors, manifest, report)
+            if loaded.handoff == "layout":  # byte ranges of the input: no torch on the host
+                _write_placed(dst_path, loaded.input_path, loaded.placements, manifest, report)
+            else:
+                assert loaded.tensors is not None
+                _write_safetensors(dst_path, loaded.tensors, manifest, report)
             report.outputs["safetensors"] = str(dst_path)
             report.outputs["safetensors_sha256"] = _hash_file(str(dst_path))[0]
         except SandboxError as exc:
@@ -551,7 +559,19 @@ def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: di
         stored[e["name"]] = t
         entries.append((e["name"], str(t.dtype).removeprefix("torch."), list(t.shape),
                         t.numel() * t.element_size()))
-    metadata = {
+    head, order = P.safetensors_header(entries, _st_metadata(manifest, report))
+
+    def body(fd: int) -> None:
+        for name in order:
+            t = stored[name]
+            if t.numel():
+                P.write_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy().data))
+
+    _atomic_stream(dst, head, body)
+
+
+def _st_metadata(manifest: dict[str, Any], report: LoadReport) -> dict[str, str]:
+    return {
         "format": "pt",
         "model_sandbox.version": _VERSION,
         "model_sandbox.source_sha256": report.input_sha256 or "",
@@ -560,16 +580,17 @@ def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: di
         "model_sandbox.dtypes": json.dumps({e["name"]: e["dtype"] for e in manifest["tensors"]
                                             if P.TORCH_DTYPES[e["dtype"]][0] == "U8"}),
     }
-    head, order = P.safetensors_header(entries, metadata)
+
+
+def _atomic_stream(dst: Path, head: bytes, body: Callable[[int], None]) -> None:
+    """``head`` then whatever ``body`` writes, to a temporary file beside ``dst``, fsynced and
+    renamed into place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     try:
         try:
             P.write_all(fd, head)
-            for name in order:
-                t = stored[name]
-                if t.numel():
-                    P.write_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy().data))
+            body(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -579,6 +600,56 @@ def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: di
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _write_placed(dst: Path, source: str, placements: list[Placement], manifest: dict[str, Any],
+                  report: LoadReport) -> None:
+    """The layout hand-off's SafeTensors file, copied from the input's own byte ranges (checked
+    placements): contiguous tensors with ``copy_file_range``, strided ones gathered by numpy.
+    torch is not imported."""
+    entries = []
+    for p, e in zip(placements, manifest["tensors"], strict=True):
+        raw = P.TORCH_DTYPES[p.dtype][0] == "U8" and p.dtype != "uint8"
+        entries.append((p.name, "uint8" if raw else p.dtype, [e["nbytes"]] if raw else list(p.shape),
+                        e["nbytes"]))
+    head, order = P.safetensors_header(entries, _st_metadata(manifest, report))
+    by_name = {p.name: p for p in placements}
+
+    def body(fd: int) -> None:
+        with open(source, "rb", buffering=0) as src:
+            for name in order:
+                _copy_placed(src, fd, by_name[name])
+
+    _atomic_stream(dst, head, body)
+
+
+def _copy_placed(src: IO[bytes], fd: int, p: Placement) -> None:
+    size = P.TORCH_DTYPES[p.dtype][1]
+    numel = 1
+    for d in p.shape:
+        numel *= d
+    if not numel:
+        return
+    row_major: list[int] = []
+    step = 1
+    for d in reversed(p.shape):
+        row_major.insert(0, step)
+        step *= d
+    if all(d == 1 or s == r for d, s, r in zip(p.shape, p.stride, row_major, strict=True)):
+        offset, left = p.file_offset, numel * size
+        while left:
+            n = os.copy_file_range(src.fileno(), fd, left, offset)
+            if not n:
+                raise OutputRejected("the input file shrank while it was copied")
+            offset, left = offset + n, left - n
+        return
+    import numpy as np
+
+    region = np.memmap(src, dtype=np.uint8, mode="r", offset=p.file_offset, shape=(p.extent,))
+    elements = np.lib.stride_tricks.as_strided(
+        region.view(np.dtype(f"V{size}")), shape=p.shape, strides=[s * size for s in p.stride],
+        writeable=False)
+    P.write_all(fd, memoryview(np.ascontiguousarray(elements).data).cast("B"))
 
 
 def atomic_write(path: Path, data: bytes) -> None:

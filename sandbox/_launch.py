@@ -225,14 +225,19 @@ class DockerRunner:
         return tag, time.monotonic() - start, int(img.attrs.get("Size", 0))
 
     # -- containers ---------------------------------------------------------------------------
-    def start(self, spec: ContainerSpec, *, connect_s: float = 60.0) -> Sandbox:
+    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0,
+              prepare: bool = True) -> Sandbox:
         """Create and start one container for ``spec`` and wait until its supervisor connected
-        and said hello: a warm sandbox, ready for exactly one job."""
+        and said hello: a sandbox ready for exactly one job. ``prepare=True`` (a warm sandbox
+        for later) imports torch before the hello; ``False`` (the job is waiting now) leaves
+        that to the job, which a plain state dict's layout hand-off does not need."""
         import docker.errors
 
         _refuse_remote_engine(self.client)
         channel = Channel()
         kwargs = spec.docker_kwargs(channel.directory)
+        if not prepare:
+            kwargs["command"] = [P.COLD]
         kwargs["labels"] = {**kwargs["labels"], OWNER_LABEL: _owner()}
         try:
             container = self.client.containers.create(**kwargs)
@@ -260,7 +265,7 @@ class DockerRunner:
 
     def run(self, spec: ContainerSpec, job: Job) -> RunResult:
         """A fresh sandbox for ``job`` (no warm one): start, run, remove."""
-        return self.start(spec).run(job)
+        return self.start(spec, prepare=False).run(job)
 
 
 class Sandbox:

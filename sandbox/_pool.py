@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Pool"]
 
+_WAIT_FOR_STARTING_S = 60.0
+
 
 class Pool:
     """``size`` warm sandboxes, refilled in the background. Use as a context manager::
@@ -83,7 +85,7 @@ class Pool:
         if box is None:
             with self._lock:
                 self.served_cold += 1
-            result = self.runner.start(spec).run(job)
+            result = self.runner.start(spec, prepare=False).run(job)
         else:
             with self._lock:
                 self.served_warm += 1
@@ -100,6 +102,18 @@ class Pool:
             elif self._spec != spec:
                 return None
             self._ensure_thread()
+            self._lock.notify_all()  # wake the filler: a job wants a sandbox
+            # A sandbox already starting is ready sooner than a fresh one would be: wait for it
+            # (but not for a filler that keeps failing, and not past a bound)
+            now = time.monotonic()
+            deadline = now + _WAIT_FOR_STARTING_S
+            failures = self.failures
+            while not self._ready and not self._starting and self.size and \
+                    time.monotonic() < now + 0.5:
+                self._lock.wait(0.02)  # the filler, just woken, is about to start one
+            while not self._ready and self._starting and not self._closed and \
+                    self.failures == failures and time.monotonic() < deadline:
+                self._lock.wait(0.05)
             box = None
             while self._ready:
                 candidate = self._ready.popleft()

@@ -53,7 +53,7 @@ _CPU_BACKSTOP_S = 5  # RLIMIT_CPU of the loader: this many seconds past the tree
 _MAX_COUNT_KEYS = 256  # distinct (source, kind, action) counters in the status
 
 
-def _loader_main(ch: _ChildEnds, env: dict[str, str]) -> None:
+def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool) -> None:
     """Runs in the forked child; never returns. Warm until the supervisor hands it a job: the
     heavy imports happen before any input exists, the filter goes in before the input arrives."""
     code = 4
@@ -65,7 +65,8 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str]) -> None:
         os.environ.clear()
         os.environ.update(env)  # the canaries: the loader's whole environment
         from . import _loader
-        _loader.prepare()  # torch, numpy, safetensors: trusted code, no input yet
+        if prepare:
+            _loader.prepare()  # torch, numpy, safetensors: trusted code, no input yet
         os.write(ch.hand_w, b"R")  # warm: the supervisor says hello only now
         cfg, input_fd = _receive_job(ch.job)
         if cfg.max_output_bytes > 0:
@@ -590,8 +591,9 @@ def _seal(fd: int, limit: int) -> tuple[int, str | None]:
 class _Supervisor:
     """One sandbox, one job: warm loader, job hand-off, supervision, sealed outputs."""
 
-    def __init__(self, host: _Host) -> None:
+    def __init__(self, host: _Host, prepare: bool = True) -> None:
         self.host = host
+        self.prepare = prepare
         self.start = time.monotonic()
         self.values = _canaries()
         self.log = _EventLog(self.values)
@@ -621,7 +623,7 @@ class _Supervisor:
                 os.close(fd)
             job_sup.close()
             _loader_main(_ChildEnds(result_w, hand_w, ack_r, audit_w, job_ldr, tensors, manifest),
-                         env)
+                         env, self.prepare)
         for fd in (result_w, hand_w, ack_r, audit_w):
             os.close(fd)
         job_ldr.close()
@@ -875,7 +877,7 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         sys.stderr.write(f"model-sandbox supervisor: cannot reach the host's channel: {exc}\n")
         return 6
-    _Supervisor(_Host(sock)).run()
+    _Supervisor(_Host(sock), prepare=P.COLD not in argv).run()
     return 0
 
 

@@ -44,6 +44,7 @@ PROTOCOL_VERSION = 2
 CHANNEL_DIR = "/run/sandbox"        # inside the container: the host's socket directory, read-only
 SOCKET_NAME = "channel"
 SOCKET_PATH = f"{CHANNEL_DIR}/{SOCKET_NAME}"
+COLD = "--cold"                     # the supervisor's argument: do not import torch ahead of a job
 
 INPUT_FD = 1000                     # where the loader keeps the input descriptor (nofile is 1024)
 INPUT_ALIAS = "<input>"             # how events name an open of the input through /proc/self/fd
