@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickletools
 import shutil
 import stat
 import tempfile
@@ -30,6 +31,7 @@ from ._worker import _protocol as P
 from .errors import (
     HashMismatch,
     InputNotFound,
+    MalformedInput,
     OutputRejected,
     SandboxError,
     SandboxViolation,
@@ -82,6 +84,25 @@ def _open_input(path: str | os.PathLike[str]) -> tuple[str, int]:
     if _sandbox_may_write(st):
         fd = _private_copy(fd)
     return p, fd
+
+
+_PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
+_MAGICS = (b"PK\x03\x04", b"\x93NUMPY")
+
+
+def _refuse_non_checkpoint(fd: int, path: str | os.PathLike[str]) -> None:
+    """Refuse, from the first bytes alone, an input that no loader could take: not a zip, a
+    numpy file, a tar archive or a pickle (a file of zeros, a text file, an image). A 20 GB
+    file of zeros is refused at once instead of being hashed and loaded."""
+    head = os.pread(fd, 512, 0)
+    if not head:
+        raise MalformedInput(f"{os.fspath(path)!r} is empty", path=path)
+    if head.startswith(_MAGICS) or head[257:262] == b"ustar" or head[:1] in _PICKLE_OPCODES:
+        return
+    if len(head) >= 9 and head[8:9] == b"{":  # SafeTensors: the static stage says so clearly
+        return
+    raise UnsupportedFormat(f"{os.fspath(path)!r} is not a checkpoint: its first bytes are not "
+                            "a zip, numpy, tar or pickle header", path=path, detected="unknown")
 
 
 def _sandbox_may_write(st: os.stat_result) -> bool:
@@ -240,6 +261,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             real, input_fd = _open_input(path)
             loaded.input_path = f"/proc/self/fd/{input_fd}"
             _sweep_work_dirs()
+            _refuse_non_checkpoint(input_fd, path)  # from a bounded prefix, before any full read
             report.input_sha256, report.input_size = P.sha256_fd(input_fd)
             if expected_sha256 is not None and report.input_sha256 != expected_sha256.lower():
                 raise HashMismatch(

@@ -24,7 +24,7 @@ from ._launch import DockerRunner, Runner
 from ._pool import Pool
 from .errors import PolicyError, SandboxError
 from .policy import Policy, builtin_names
-from .report import LoadReport
+from .report import LoadReport, clean_text
 
 EXIT_CLEAN, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
 
@@ -191,10 +191,10 @@ def _item_line(r: object) -> str:
     verdict = r.verdict.value if r.verdict else "-"
     extra = " (unchanged)" if r.reused else ""
     if r.reason and r.verdict is not None:
-        extra += f" ({r.reference or 'error'}: {r.reason})"
+        extra += f" ({clean_text(r.reference or 'error', 60)}: {clean_text(r.reason, 500)})"
     elif r.reason:
-        extra += f" ({r.reason})"
-    return f"{r.status.value:9} {verdict:10} {r.rel}{extra}"
+        extra += f" ({clean_text(r.reason, 500)})"
+    return f"{r.status.value:9} {verdict:10} {clean_text(r.rel, 500)}{extra}"
 
 
 def _summary_text(summary: object, *, quiet: bool) -> str:
@@ -212,23 +212,25 @@ def _summary_text(summary: object, *, quiet: bool) -> str:
         f"  verdicts: clean {c['clean']}, suspicious {c['suspicious']}, malicious {c['malicious']}, "
         f"error {c['error']}",
         f"  {_size(summary.bytes_in)} in, {_size(summary.bytes_out)} out, "
-        f"{summary.elapsed_s:.1f} s; output in {summary.outdir}",
+        f"{summary.elapsed_s:.1f} s; output in {clean_text(str(summary.outdir), 500)}",
     ]
     slow = summary.slowest(5)
     if slow and not quiet:
-        lines.append("  slowest: " + ", ".join(f"{r.rel} {r.duration_s:.1f} s" for r in slow))
+        lines.append("  slowest: " + ", ".join(f"{clean_text(r.rel, 200)} {r.duration_s:.1f} s"
+                                               for r in slow))
     if summary.problems:
         lines.append("not clean:")
         for r in summary.problems:
             verdict = r.verdict.value.upper() if r.verdict else "-"
             why = r.top_finding or (f"{r.reference}: {r.reason}" if r.reason else "")
-            lines.append(f"  {verdict:10} {r.rel}: {why}")
+            lines.append(f"  {verdict:10} {clean_text(r.rel, 500)}: {clean_text(why, 500)}")
     skipped = [r for r in res if r.status is Status.SKIPPED]
     if skipped and not quiet:
         lines.append("skipped:")
-        lines += [f"  {r.rel}: {r.reason}" for r in skipped]
+        lines += [f"  {clean_text(r.rel, 500)}: {clean_text(r.reason or '', 300)}"
+                  for r in skipped]
     if summary.stopped:
-        lines.append(f"stopped: {summary.stopped}")
+        lines.append(f"stopped: {clean_text(summary.stopped, 1000)}")
     if summary.stopped or summary.interrupted:
         lines.append(f"{len(summary.not_done)} files not done; run the same command again to "
                      "continue (finished files are not redone)")
@@ -276,7 +278,7 @@ def cmd_bom(args: argparse.Namespace) -> int:
 
     text, problems = build_bom(args.outdir)
     for p in problems:
-        print(f"model-sandbox: {p}", file=sys.stderr)
+        print(f"model-sandbox: {clean_text(p, 1000)}", file=sys.stderr)
     if not text:
         return EXIT_ERROR
     if args.output in (None, "-"):
@@ -460,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SandboxError as exc:
         if args.verbose:
             traceback.print_exc()
-        print(exc.diagnostics(), file=sys.stderr)
+        print("\n".join(clean_text(line, 4000) for line in exc.diagnostics().splitlines()),
+              file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("model-sandbox: interrupted", file=sys.stderr)

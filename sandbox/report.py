@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -154,14 +155,18 @@ class LoadReport:
 
     # -- rendering ---------------------------------------------------------------------------
     def to_text(self) -> str:
-        lines = [f"{self.input_path}: {self.verdict.value.upper()}"]
+        """Readable text. Every string that came from the file or the sandbox is escaped
+        (:func:`clean_text`): a file name or a global cannot move the cursor, clear the screen
+        or draw a fake verdict."""
+        c = clean_text
+        lines = [f"{c(self.input_path, 500)}: {self.verdict.value.upper()}"]
         facts = []
         if self.format:
-            facts.append(f"format {self.format}")
+            facts.append(f"format {c(self.format, 40)}")
         if self.input_size is not None:
             facts.append(f"{self.input_size:,} bytes")
         if self.input_sha256:
-            facts.append(f"sha256 {self.input_sha256[:16]}…")
+            facts.append(f"sha256 {c(self.input_sha256[:16])}…")
         if self.tensors:
             facts.append(f"{self.tensors} tensors, {self.tensor_bytes:,} bytes")
         if self.duration_s is not None:
@@ -169,18 +174,35 @@ class LoadReport:
         if facts:
             lines.append("  " + ", ".join(facts))
         if self.error:
-            lines.append(f"  error[{self.error.get('reference', '?')}]: {self.error.get('message', '')}")
+            lines.append(f"  error[{c(str(self.error.get('reference', '?')), 60)}]: "
+                         f"{c(str(self.error.get('message', '')), 2000)}")
         for f in sorted(self.findings, key=lambda f: -f.severity):
-            lines.append(f"  [{str(f.severity).upper():8}] {f.category}: {f.message}")
+            lines.append(f"  [{str(f.severity).upper():8}] {c(f.category, 40)}: {c(f.message, 1000)}")
             for key, value in f.evidence.items():
-                lines.append(f"             {key}: {_short(value)}")
+                lines.append(f"             {c(str(key), 60)}: {_short(value)}")
         for note in self.notes:
-            lines.append(f"  note: {note}")
+            lines.append(f"  note: {c(note, 1000)}")
         for name, path in self.outputs.items():
-            lines.append(f"  wrote {name}: {path}")
+            lines.append(f"  wrote {c(name, 60)}: {c(str(path), 500)}")
         return "\n".join(lines)
+
+
+def clean_text(text: str, limit: int = 300) -> str:
+    """``text`` safe for a terminal: control and format characters (escape sequences, carriage
+    returns, backspaces, bidirectional overrides) shown as ``\\x1b``-style escapes, at most
+    ``limit`` characters. JSON and SARIF keep the exact value; only text output is escaped."""
+    out = []
+    for ch in text[: limit * 2]:
+        if ch.isprintable() and unicodedata.category(ch) not in ("Cf", "Zl", "Zp"):
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                       else f"\\U{code:08x}")
+    joined = "".join(out)
+    return joined if len(joined) <= limit else joined[: limit - 1] + "…"
 
 
 def _short(value: Any, limit: int = 200) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return clean_text(text, limit)

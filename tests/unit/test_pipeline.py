@@ -385,3 +385,21 @@ def test_a_layout_the_host_cannot_place_goes_to_the_full_loader(
     got = sandbox.safe_load(path, runner=runner)
     assert torch.equal(got["model"]["encoder.weight"], sd["encoder.weight"])
     assert [j.config.layout for j in runner.jobs] == [True, False]  # a second, full load
+
+
+def test_a_huge_file_of_zeros_is_refused_from_its_first_bytes(tmp_path: Path) -> None:
+    """Issue: a 20 GB sparse file given to convert was still being processed minutes later.
+    The format is judged from a bounded prefix before anything reads the whole file: no hash,
+    no sandbox."""
+    path = tmp_path / "zeros.pt"
+    with open(path, "wb") as f:
+        f.truncate(20 * 2**30)
+    runner = FakeRunner()
+    report = sandbox.scan(path, runner=runner)
+    assert report.error is not None and report.error["reference"] == "unsupported-format"
+    assert report.input_sha256 is None and runner.specs == []
+    with pytest.raises(sandbox.UnsupportedFormat):
+        sandbox.convert(path, tmp_path / "out.safetensors", runner=runner)
+    (tmp_path / "text.pt").write_text("hello, I am not a model\n")
+    assert sandbox.scan(tmp_path / "text.pt", runner=runner).error["reference"] == \
+        "unsupported-format"

@@ -117,3 +117,20 @@ def test_builtin_policies_fatal_events() -> None:
     assert set(Policy.default().events.fatal) == {"exec", "network", "credential", "privilege"}
     assert Policy.audit().events.fatal == ()
     assert set(Policy.strict().events.fatal) >= set(Policy.default().events.fatal)
+
+
+def test_text_output_escapes_what_the_file_controls() -> None:
+    """Issue: escape sequences in a file name, a global or a message could clear the screen
+    and draw a fake CLEAN header. Text output shows them escaped; JSON keeps them exact."""
+    from sandbox.report import Finding, LoadReport, Severity, clean_text
+
+    evil = "x\x1b[2J\x1b[H\rmodel.pt: CLEAN\u202e\x08"
+    r = LoadReport(input_path=evil, format=evil, notes=[evil])
+    r.add(Finding(rule="unknown-global", severity=Severity.HIGH, category="code", message=evil,
+                  evidence={"global": evil, evil: 1}))
+    r.error = {"reference": evil, "message": evil}
+    text = r.to_text()
+    assert not any(ch in text for ch in "\x1b\r\x08\u202e")
+    assert "\\x1b[2J" in text and "\\u202e" in text
+    assert json.loads(r.to_json())["input_path"] == evil
+    assert len(clean_text("a" * 10_000, 300)) == 300
