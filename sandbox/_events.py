@@ -261,13 +261,23 @@ def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Fi
                     "the load opened a planted credential file", key=path, path=path)
         elif d.get("write") and action == "denied":
             out.add(ev, "file-write-outside", Severity.HIGH, "file",
-                    "the load tried to write outside its output and scratch directories",
+                    "the load tried to write outside the sandbox's scratch space",
                     key=path, path=path, flags=d.get("flags"))
+        elif d.get("write") and cls == "scratch":
+            out.add(ev, "file-write", Severity.MEDIUM, "file",
+                    "the load created or wrote a file (in the sandbox's scratch space; a plain "
+                    "torch.load would write it on your machine)", key=path, path=path,
+                    flags=d.get("flags"))
         elif cls == "sensitive":
             out.add(ev, "sensitive-file-read", Severity.HIGH, "file",
                     "the load opened a sensitive path", key=path, path=path)
     elif kind in _PATH_OPS:
-        if action == "denied":
+        if action != "denied" and d.get("class") == "scratch" and \
+                kind not in ("symlink", "symlinkat", "link", "linkat"):
+            out.add(ev, "file-write", Severity.MEDIUM, "file",
+                    f"the load changed files ({kind}) in the sandbox's scratch space",
+                    key=str(d.get("paths")), paths=d.get("paths"))
+        elif action == "denied":
             out.add(ev, "file-change-outside", Severity.HIGH, "file",
                     "the load tried to change files outside its output and scratch directories",
                     key=kind, paths=d.get("paths"))
@@ -290,6 +300,60 @@ def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Fi
     elif kind == "decode_error":
         out.add(ev, "monitor-decode-error", Severity.MEDIUM, "monitor",
                 "the supervisor could not decode a system call (refused)")
+
+
+# What the loader's audit hook reports, by event: (rule, severity, category, message). The hook
+# writes each event to the supervisor's pipe *before* the audited action runs, so the first one
+# a payload triggers left the loader before the payload's next line; later ones could be forged
+# (they say so in their evidence). Kernel evidence stays primary: these close the gap where a
+# payload runs Python without a refused system call.
+_SELF_EVIDENCE: dict[str, tuple[str, Severity, str, str]] = {
+    "compile": ("code-execution", Severity.HIGH, "code",
+                "the load compiled Python source (code execution while deserialising)"),
+    "exec": ("code-execution", Severity.HIGH, "code",
+             "the load executed a code object that is not part of an installed module"),
+    **{k: ("process-attempt", Severity.HIGH, "exec", "the load asked Python to run a program")
+       for k in ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn",
+                 "pty.spawn", "os.fork", "os.forkpty")},
+    **{k: ("network-attempt", Severity.HIGH, "network", "the load asked Python for the network")
+       for k in ("socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo",
+                 "socket.gethostbyname", "urllib.Request", "http.client.connect",
+                 "ftplib.connect", "smtplib.connect", "webbrowser.open")},
+    **{k: ("native-code", Severity.HIGH, "code", "the load reached native code through ctypes")
+       for k in ("ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function", "ctypes.string_at")},
+    **{k: ("monitor-tamper", Severity.HIGH, "monitor",
+           "the load tried to install or replace Python's tracing or audit hooks")
+       for k in ("sys.addaudithook", "sys.setprofile", "sys.settrace")},
+    **{k: ("file-write", Severity.MEDIUM, "file", "the load asked Python to change files")
+       for k in ("os.remove", "os.rename", "os.chmod", "shutil.rmtree")},
+}
+
+
+def _judge_self(ev: Event, out: _Findings, code_ran: bool) -> bool:
+    """A finding for a self-reported event that shows code running; True when it is HIGH."""
+    d, kind = ev.detail, ev.kind
+    rule = _SELF_EVIDENCE.get(kind)
+    if rule is None and kind == "open" and any(c in str(d.get("mode", "")) for c in "wax+"):
+        rule = ("file-write", Severity.MEDIUM, "file", "the load opened a file for writing")
+    if rule is None:
+        return False
+    name, severity, category, message = rule
+    target = str(d.get("path") or d.get("args") or "").lstrip("[\"' ")
+    if name == "file-write" and (target.startswith(P.LOADER_SCRATCH) or
+                                 not target.startswith("/")):
+        # torch's own extraction of a legacy tar, or a path relative to a directory
+        # descriptor: the kernel's events, with the path resolved, judge those
+        return False
+    evidence: dict[str, Any] = {"source": "self_reported"}
+    for key in ("source", "object", "path", "executable", "address", "args", "caller"):
+        if key in d:
+            evidence["code" if key == "source" else key] = _printable(str(d[key]), 300)
+    if code_ran:
+        evidence["possibly_forged"] = True  # after code already ran, the loader may write anything
+    out.add(ev, name, severity, category, message,
+            key=f"{kind}:{evidence.get('code') or evidence.get('object') or evidence.get('path')}",
+            **evidence)
+    return severity >= Severity.HIGH
 
 
 def _dropped_refusals(events: list[Event], mon: Monitoring) -> None:
@@ -323,9 +387,12 @@ def analyse(events: list[Event], status: dict[str, Any] | None) -> Monitoring:
     canaries, files = _canaries(status)
     mon.counts, kernel, truncated = _counts(status)
     out = _Findings()
+    code_ran = False  # a HIGH self-reported event was seen: later ones may be forged
     for ev in events:
         if ev.source == "kernel":
             _judge(ev, canaries, set(files), out)
+        elif ev.source == "self_reported":
+            code_ran = _judge_self(ev, out, code_ran) or code_ran
     mon.findings = out.result()
     if truncated:
         _dropped_refusals(events, mon)

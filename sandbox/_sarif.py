@@ -34,7 +34,21 @@ RULES: dict[str, tuple[str, Severity]] = {
     "process-spawn": ("the load started a child process to run a program", Severity.MEDIUM),
     "network-connect": ("the load tried to connect to a network address", Severity.CRITICAL),
     "network-socket": ("the load opened a network socket", Severity.MEDIUM),
-    "file-write-outside": ("the load tried to write outside its output directory", Severity.HIGH),
+    "file-write": ("the load created, wrote, renamed or removed a file (in the sandbox's "
+                   "scratch space; a plain torch.load would do it on your machine)",
+                   Severity.MEDIUM),
+    "code-execution": ("the load compiled or executed Python code (self-reported by the "
+                       "loader's audit hook before it ran)", Severity.HIGH),
+    "process-attempt": ('the load asked Python to run a program (self-reported)',
+                       Severity.HIGH),
+    "network-attempt": ('the load asked Python for the network (self-reported)',
+                       Severity.HIGH),
+    "native-code": ('the load reached native code through ctypes (self-reported)',
+                   Severity.HIGH),
+    "monitor-tamper": ("the load tried to install or replace Python's tracing or audit hooks "
+                       "(self-reported)", Severity.HIGH),
+    "file-write-outside": ("the load tried to write outside the sandbox's scratch space",
+                           Severity.HIGH),
     "sensitive-file-read": ("the load tried to read a sensitive file", Severity.HIGH),
     "file-change-outside": ("the load tried to change files or metadata outside its output",
                             Severity.HIGH),

@@ -78,6 +78,8 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool) -> None:
             os.dup2(input_fd, P.INPUT_FD)
             os.close(input_fd)
         source = _loader.Input(P.INPUT_FD)  # probes its descriptor before the filter is in place
+        import tempfile
+        tempfile.gettempdir()  # its one-time probe writes a file: done before monitoring starts
         try:
             # Dumpable, so that the supervisor may take the listener and read our memory;
             # after the filter, prctl(PR_SET_DUMPABLE) is refused.

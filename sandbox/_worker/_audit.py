@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -38,6 +39,37 @@ ALWAYS = frozenset({
 })
 ARMED = frozenset({"import", "open", "exec", "compile", "ctypes.dlsym",
                    "ctypes.call_function", "ctypes.string_at", "ctypes.cdata", "builtins.input"})
+# stdlib modules that generate code only from validated identifiers (namedtuple, dataclasses),
+# or only parse (ast.parse: inspect reads builtin signatures with it)
+_CODEGEN = ("/collections/__init__.py", "/dataclasses.py", "/ast.py")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,200}$")
+
+
+def _importing() -> bool:
+    """Whether a module import is in progress below the audited call: a payload's own call
+    through the unpickler has no import machinery on its stack."""
+    f = sys._getframe(3)
+    while f is not None:
+        if f.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        f = f.f_back  # type: ignore[assignment]
+    return False
+
+
+def _harmless_codegen(caller: str, event: str, obj: Any) -> bool:
+    """Code the standard library makes for itself: namedtuple/dataclass methods, ast parses, and
+    typing's forward references that are plain (dotted) names. A payload reaching typing with
+    any other expression is still reported."""
+    if caller.endswith(_CODEGEN):
+        return True
+    if not caller.endswith("/typing.py"):
+        return False
+    if event == "compile":
+        return isinstance(obj, str) and bool(_NAME.match(obj))
+    code = obj
+    return (getattr(code, "co_filename", "") == "<string>" and not
+            [c for c in getattr(code, "co_consts", (1,)) if c is not None] and
+            len(getattr(code, "co_code", b"x" * 99)) <= 24)
 OWN_PACKAGES = frozenset({"torch", "numpy", "safetensors", "sandbox_worker"})
 INSTALLED = "/opt/python/"
 QUIET_OPEN = ("/opt/python/", "/usr/lib/", "/lib/", "/lib64/", "/proc/self/", "/sys/", "/tmp/",
@@ -118,9 +150,15 @@ def _detail(event: str, args: tuple[Any, ...], seen: set[tuple[str, str]]) -> di
         return {"module": _short(name)}
     if event == "exec" and getattr(args[0], "co_filename", "").startswith(INSTALLED):
         return None  # a module of the image being imported
-    if event == "compile" and isinstance(args[0], str | bytes) and \
-            args[0][:18] in ("def __create_fn__(", b"def __create_fn__("):
-        return None  # dataclasses generating their methods
+    if event in ("exec", "compile"):
+        caller = sys._getframe(2).f_code.co_filename  # _detail <- hook <- the running frame
+        if caller.startswith(INSTALLED) and _harmless_codegen(caller, event, args[0]):
+            return None
+        if _importing() and (event == "compile" or
+                             getattr(args[0], "co_filename", "<").startswith("<")):
+            # an installed module generating code while it is imported (torch's lazy
+            # submodules, sympy, mpmath): code from a file outside the image is still reported
+            return None
     if event == "open":
         path = args[0]
         if isinstance(path, int) or not isinstance(path, str | bytes):
@@ -132,7 +170,8 @@ def _detail(event: str, args: tuple[Any, ...], seen: set[tuple[str, str]]) -> di
     if event in ("exec", "ctypes.call_function", "ctypes.cdata"):
         return {"object": _short(args[0] if args else None, 200)}
     if event == "compile":
-        return {"source": _short(args[0], 300), "filename": _short(args[1] if len(args) > 1 else None)}
+        return {"source": _short(args[0], 300), "filename": _short(args[1] if len(args) > 1 else None),
+                "caller": _short(sys._getframe(2).f_code.co_filename, 200)}
     if event == "socket.__new__":
         return {"family": _short(args[1]), "type": _short(args[2])}
     if event in ("socket.connect", "socket.bind", "socket.sendto"):

@@ -165,6 +165,11 @@ def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
     if fmt == "pickle":
         with inp.open() as f:
             return _ghosts.Unpickler(f).load(), fmt, locations
+    if fmt == "torch-tar":  # torch extracts a legacy tar's storages into a temporary directory
+        import tempfile
+
+        os.makedirs(P.LOADER_SCRATCH, mode=0o700, exist_ok=True)
+        tempfile.tempdir = P.LOADER_SCRATCH.rstrip("/")
     if inp.path is not None:
         obj = torch.load(inp.path, map_location=record_location, weights_only=False,
                          mmap=(fmt == "torch-zip"), pickle_module=_ghosts.pickle_module)

@@ -46,6 +46,7 @@ SOCKET_NAME = "channel"
 SOCKET_PATH = f"{CHANNEL_DIR}/{SOCKET_NAME}"
 COLD = "--cold"                     # the supervisor's argument: do not import torch ahead of a job
 
+LOADER_SCRATCH = "/tmp/.loader/"    # torch's own temporary files (legacy tar extraction)
 INPUT_FD = 1000                     # where the loader keeps the input descriptor (nofile is 1024)
 INPUT_ALIAS = "<input>"             # how events name an open of the input through /proc/self/fd
 

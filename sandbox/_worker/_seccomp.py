@@ -584,7 +584,14 @@ class Decoder:
             ok = not self.via_proc and (path.startswith(WRITABLE_PREFIXES) or
                                         path in ("/dev/null", "/tmp"))
             detail["write"] = True
-            return Decision(name, detail, deny=None if ok else errno.EPERM, record=not ok)
+            if ok and path.startswith(P.LOADER_SCRATCH):
+                detail["class"] = "loader_scratch"  # torch's own extraction of a legacy tar
+            elif ok and path not in ("/dev/null", "/tmp"):
+                detail["class"] = "scratch"
+            # every write is kept: legitimate deserialisation writes nothing, and a write in the
+            # sandbox's scratch space would land in the user's files under a plain torch.load
+            return Decision(name, detail, deny=None if ok else errno.EPERM,
+                            record=path not in ("/dev/null", "/tmp"))
         return Decision(name, detail, deny=None, record=cls != "quiet")
 
     def _exec(self, n: Notification) -> Decision:
@@ -720,10 +727,11 @@ class Decoder:
         detail: dict[str, Any] = {"paths": paths}
         if name in ("symlink", "symlinkat"):
             detail["target"] = self.mem.cstr(n.pid, n.args[0]) or ""
-        ok = all(p.startswith(WRITABLE_PREFIXES) for p in paths)
-        detail["class"] = "scratch" if ok else "outside"
-        return Decision(name, detail, deny=None if ok else errno.EPERM, record=not ok or
-                        name in ("symlink", "symlinkat", "link", "linkat"))
+        ok = all(p.startswith(WRITABLE_PREFIXES) for p in paths) and not self.via_proc
+        detail["class"] = ("loader_scratch" if ok and all(p.startswith(P.LOADER_SCRATCH)
+                                                          for p in paths)
+                           else "scratch" if ok else "outside")
+        return Decision(name, detail, deny=None if ok else errno.EPERM)
 
 
 def _preview(data: bytes, limit: int = 256) -> str:

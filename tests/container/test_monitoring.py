@@ -256,9 +256,12 @@ def test_event_flood_is_truncated_with_exact_counts(tmp_path: Path) -> None:
     f = finding(report, "network-socket")
     assert f.severity is Severity.MEDIUM and f.evidence["occurrences"] == len(sockets)
     assert len(f.events) <= 50
-    # the behaviour alone is suspicious; the payload's exec global makes the file malicious
-    dynamic = [x for x in report.findings if x.evidence.get("source") != "static"]
-    assert max(x.severity for x in dynamic) is Severity.MEDIUM
+    # the kernel's view alone is suspicious; the loader's audit hook saw the payload's source
+    # compiled (before it ran), and the exec global makes the file malicious statically too
+    kernel_findings = [x for x in report.findings
+                       if x.evidence.get("source") not in ("static", "self_reported")]
+    assert max(x.severity for x in kernel_findings) is Severity.MEDIUM
+    assert finding(report, "code-execution").evidence["source"] == "self_reported"
     assert report.verdict is Verdict.MALICIOUS
 
 
@@ -271,9 +274,10 @@ def test_benign_state_dict_is_clean_with_no_findings(tmp_path: Path) -> None:
     assert report.verdict is Verdict.CLEAN
     assert report.findings == []
     assert not [e for e in report.events if e.source == "kernel" and e.action == "denied"]
-    # the supervisor's samples of the loader: importing torch alone takes CPU and memory
+    # the supervisor's samples of the loader (a plain state dict takes the layout hand-off,
+    # which needs no torch: a small interpreter)
     res = report.resources
-    assert res["cpu_s"] > 0 and res["rss_peak_bytes"] > 50 * 2**20
+    assert res["cpu_s"] > 0 and res["rss_peak_bytes"] > 5 * 2**20
     assert res["threads_peak"] >= 1 and res["children_peak"] == 0 and res["samples"] >= 1
     assert "sampling_error" not in res
     # the same report survives its own JSON round trip

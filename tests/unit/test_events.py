@@ -120,10 +120,23 @@ def test_privilege_and_files() -> None:
     assert len(mon.findings) == 5  # an ordinary read elsewhere is an event, not a finding
 
 
-def test_self_reported_events_never_make_findings() -> None:
-    mon = judge(line(1, "os.system", {"args": ["rm -rf /"]}, "recorded", source="self_reported"),
-                line(2, "execve", {"path": "/bin/sh"}, "denied", source="self_reported"))
-    assert mon.findings == [] and len(mon.events) == 2
+def test_self_reported_events_are_evidence_labelled_as_such() -> None:
+    """The audit hook writes each event before the audited action runs: the first one a payload
+    triggers is evidence; what follows it may be forged and says so. A kernel-only kind that
+    arrives as self-reported (forged) makes no finding."""
+    mon = judge(line(1, "compile", {"source": "import os; os.system('x')", "caller": "<x>"},
+                     "recorded", source="self_reported"),
+                line(2, "os.system", {"args": ["rm -rf /"]}, "recorded", source="self_reported"),
+                line(3, "execve", {"path": "/bin/sh"}, "denied", source="self_reported"),
+                line(4, "open", {"path": "/tmp/x", "mode": "w"}, "recorded",
+                     source="self_reported"))
+    r = rules(mon)
+    assert set(r) == {"code-execution", "process-attempt", "file-write"}
+    assert r["code-execution"].severity is Severity.HIGH
+    assert r["code-execution"].evidence["source"] == "self_reported"
+    assert "possibly_forged" not in r["code-execution"].evidence
+    assert r["process-attempt"].evidence["possibly_forged"] is True
+    assert r["file-write"].severity is Severity.MEDIUM and len(mon.events) == 4
 
 
 def test_truncation_reports_exact_counts() -> None:
