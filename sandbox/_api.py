@@ -18,6 +18,7 @@ import pickletools
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -103,6 +104,37 @@ def _refuse_non_checkpoint(fd: int, path: str | os.PathLike[str]) -> None:
         return
     raise UnsupportedFormat(f"{os.fspath(path)!r} is not a checkpoint: its first bytes are not "
                             "a zip, numpy, tar or pickle header", path=path, detected="unknown")
+
+
+def _identity(fd: int) -> tuple[int, int, int, int]:
+    """(inode, size, mtime, ctime) of the open input: any write to the file changes it."""
+    st = os.fstat(fd)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _Hasher:
+    """sha256 of the input in a thread (hashlib releases the GIL): the static scan and the
+    sandbox run meanwhile. :meth:`result` waits for it and re-raises its error."""
+
+    def __init__(self, fd: int) -> None:
+        self._digest: str | None = None
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, args=(fd,), name="model-sandbox-hash",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, fd: int) -> None:
+        try:
+            self._digest = P.sha256_fd(fd)[0]
+        except OSError as exc:
+            self._error = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
 
 
 def _sandbox_may_write(st: os.stat_result) -> bool:
@@ -255,6 +287,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
     loaded = _Loaded(report=report, output=None, error=None)
     st: _scan.StaticScan | None = None
     run: _launch.RunResult | None = None
+    hasher: _Hasher | None = None
     input_fd = -1
     try:
         try:
@@ -262,12 +295,16 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             loaded.input_path = f"/proc/self/fd/{input_fd}"
             _sweep_work_dirs()
             _refuse_non_checkpoint(input_fd, path)  # from a bounded prefix, before any full read
-            report.input_sha256, report.input_size = P.sha256_fd(input_fd)
-            if expected_sha256 is not None and report.input_sha256 != expected_sha256.lower():
-                raise HashMismatch(
-                    f"{os.fspath(path)!r} has sha256 {report.input_sha256}, not the pinned "
-                    f"{expected_sha256.lower()}", path=path, expected=expected_sha256.lower(),
-                    actual=report.input_sha256)
+            before = _identity(input_fd)
+            report.input_size = before[1]
+            hasher = _Hasher(input_fd)  # runs beside the static scan and the sandbox
+            if expected_sha256 is not None:  # a pin is checked before anything reads the file
+                report.input_sha256 = hasher.result()
+                if report.input_sha256 != expected_sha256.lower():
+                    raise HashMismatch(
+                        f"{os.fspath(path)!r} has sha256 {report.input_sha256}, not the pinned "
+                        f"{expected_sha256.lower()}", path=path, expected=expected_sha256.lower(),
+                        actual=report.input_sha256)
             st = _static_stage(real, report, policy)
             if not dynamic or (stop_early and _static_stops(report, policy)):
                 loaded.stopped_early = dynamic
@@ -280,9 +317,15 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             report.tool["worker_digest"] = _image.worker_digest()
             spec = _launch.make_spec(policy, image=image)
             static_count = len(report.findings)
-            job = _launch.make_job(policy, input_fd=input_fd, input_size=report.input_size,
+            job = _launch.make_job(policy, input_fd=input_fd, input_size=before[1],
                                    write_tensors=write_tensors)
             run = runner.run(spec, job)
+            report.input_sha256 = hasher.result()
+            if _identity(input_fd) != before:
+                report.add(Finding(
+                    rule="input-changed", severity=Severity.HIGH, category="evasion",
+                    message="the input file was modified while it was being loaded",
+                    evidence={"before": list(before), "after": list(_identity(input_fd))}))
             try:
                 _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors,
                            mmap, materialise)
@@ -308,6 +351,9 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
         except SandboxError as exc:
             loaded.error = exc
             report.error = {"reference": exc.reference, "message": exc.message}
+        if hasher is not None and report.input_sha256 is None:
+            with contextlib.suppress(OSError):
+                report.input_sha256 = hasher.result()
         if run is not None:  # also when the load failed or was stopped: what it did still counts
             _differential(report, st)
         _apply_severities(report, policy)

@@ -34,6 +34,9 @@ LABEL = "org.model-sandbox"
 OWNER_LABEL = "org.model-sandbox.owner"  # "<host>:<pid>" of the process that created it
 _LOG_LIMIT = 64 * 1024
 MAX_OUTPUT_ENTRIES = 1000
+# Up to this size the supervisor also hashes the input it was given (defence in depth); a
+# larger input's identity is the host's check (inode, size, mtime and ctime before and after)
+HASH_IN_SANDBOX_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,8 @@ def make_job(policy: Policy, *, input_fd: int, input_size: int,
     return Job(P.JobConfig(wall_clock_s=lim.wall_clock_s, cpu_s=lim.cpu_s,
                            max_output_bytes=lim.output_bytes(input_size),
                            write_tensors=write_tensors, fatal=tuple(ev.fatal),
-                           errno=ev.errno_number, allow_read=tuple(ev.allow_read)), input_fd)
+                           errno=ev.errno_number, allow_read=tuple(ev.allow_read),
+                           hash_input=input_size <= HASH_IN_SANDBOX_BYTES), input_fd)
 
 
 @dataclass

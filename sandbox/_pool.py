@@ -46,10 +46,17 @@ class Pool:
 
     def __init__(self, size: int = 1, *, policy: Policy | None = None,
                  runner: _launch.DockerRunner | None = None,
-                 labels: tuple[tuple[str, str], ...] = ()) -> None:
+                 labels: tuple[tuple[str, str], ...] = (),
+                 prepare: bool | None = None) -> None:
         if size < 0:
             raise ValueError("size must be >= 0")
         self.size = size
+        # Whether waiting sandboxes import torch ahead of their job. A plain state dict (the
+        # layout hand-off) never needs it, the full loader always does: by default the pool
+        # follows what its recent jobs needed (``prepare=True``/``False`` fixes it).
+        self._adaptive = prepare is None
+        self._prepare = bool(prepare)
+        self._layouts_in_a_row = 0
         self.policy = policy
         self.labels = labels
         self._runner = runner
@@ -91,7 +98,20 @@ class Pool:
                 self.served_warm += 1
             result = box.run(job)
             result.warm = True
+        self._learn(result)
         return result
+
+    def _learn(self, result: _launch.RunResult) -> None:
+        """Adapt ``prepare`` to the jobs (the status is untrusted: this is only a speed hint)."""
+        status = result.received.status or b""
+        if not self._adaptive:
+            return
+        if b'"handoff":"memfd"' in status:
+            self._prepare, self._layouts_in_a_row = True, 0
+        elif b'"handoff":"layout"' in status:
+            self._layouts_in_a_row += 1
+            if self._layouts_in_a_row >= 3:
+                self._prepare = False
 
     def _take(self, spec: _launch.ContainerSpec) -> _launch.Sandbox | None:
         with self._lock:
@@ -165,7 +185,7 @@ class Pool:
             assert spec is not None
             box: _launch.Sandbox | None = None
             try:
-                box = self.runner.start(spec)
+                box = self.runner.start(spec, prepare=self._prepare)
                 failures_in_a_row = 0
             except Exception as exc:  # the engine went away, an image problem: jobs go cold
                 failures_in_a_row += 1

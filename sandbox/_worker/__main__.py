@@ -95,10 +95,15 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool) -> None:
         os.close(ch.hand_w)
         os.close(ch.ack_r)
         from . import _audit
-        _audit.install(ch.audit_w, time.monotonic())
 
         try:
+            # the layout reader resolves nothing but inert stand-ins: no code of the file can
+            # run there, so the audit hook goes in after it, and after torch is imported (its
+            # import, here or in a warm sandbox, is not the file's doing)
             layout = _loader.try_layout(source) if cfg.layout else None
+            if layout is None:
+                _loader.prepare()
+            _audit.install(ch.audit_w, time.monotonic())
             if layout is not None:  # a plain state dict: the host maps the bytes itself
                 _loader.write_layout(layout, manifest_fd=ch.manifest)
                 message = {"ok": True, "format": layout["format"],
@@ -555,6 +560,14 @@ def _hash_fd(fd: int, out: dict[str, Any]) -> None:
         out["input_error"] = str(exc)[:200]
 
 
+def _size_fd(fd: int, out: dict[str, Any]) -> None:
+    """The input's size only (the host checks a large input's identity itself)."""
+    try:
+        out["input_size"] = os.fstat(fd).st_size
+    except OSError as exc:
+        out["input_error"] = str(exc)[:200]
+
+
 def _bounded_result(raw: bytes) -> dict[str, Any] | None:
     """The loader's result message, reduced to known keys of bounded size; None if unreadable.
     Total: nothing the loader writes can raise out of here."""
@@ -641,7 +654,8 @@ class _Supervisor:
             return
         cfg, input_fd = job
         hashed: dict[str, Any] = {}
-        hasher = threading.Thread(target=_hash_fd, args=(input_fd, hashed), daemon=True)
+        hasher = threading.Thread(target=_hash_fd if cfg.hash_input else _size_fd,
+                                  args=(input_fd, hashed), daemon=True)
         hasher.start()
         try:
             socket.send_fds(job_sup, [cfg.to_json()], [input_fd])

@@ -136,6 +136,8 @@ def install(fd: int, start: float) -> None:
 
 
 def _detail(event: str, args: tuple[Any, ...], seen: set[tuple[str, str]]) -> dict[str, Any] | None:
+    if event.startswith("ctypes.") and _importing():
+        return None  # an installed module loading its native library while it is imported
     if event == "pickle.find_class":
         key = (str(args[0])[:200], str(args[1])[:200])
         if key in seen:

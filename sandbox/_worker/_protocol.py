@@ -125,6 +125,7 @@ class JobConfig:
     errno: int = _errno.EPERM
     allow_read: tuple[str, ...] = ()
     layout: bool = True  # a plain torch-zip state dict may come back as a layout (no bytes)
+    hash_input: bool = True  # the supervisor hashes the input (the host's own check for big files)
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -141,7 +142,7 @@ class JobConfig:
         if not isinstance(allow, list) or len(allow) > 64 or \
                 not all(isinstance(a, str) and 0 < len(a) <= 4096 for a in allow):
             raise ProtocolError("job: allow_read malformed")
-        for flag in ("write_tensors", "layout"):
+        for flag in ("write_tensors", "layout", "hash_input"):
             if not isinstance(d.get(flag, True), bool):
                 raise ProtocolError(f"job: {flag} is not a boolean")
         return cls(wall_clock_s=_num(d.get("wall_clock_s", 120.0), 0.001, 1e7, "wall_clock_s"),
@@ -149,7 +150,8 @@ class JobConfig:
                    max_output_bytes=_int(d.get("max_output_bytes", 0), 0, 2**62, "max_output_bytes"),
                    write_tensors=d.get("write_tensors", True), fatal=tuple(fatal),
                    errno=_int(d.get("errno", _errno.EPERM), 1, 4095, "errno"),
-                   allow_read=tuple(allow), layout=d.get("layout", True))
+                   allow_read=tuple(allow), layout=d.get("layout", True),
+                   hash_input=d.get("hash_input", True))
 
 
 @dataclass(frozen=True)
