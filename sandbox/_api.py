@@ -232,6 +232,11 @@ def _static_stage(path: str, report: LoadReport, policy: Policy) -> _scan.Static
     unknown = Severity.parse(policy.static.unknown_globals)
     for f in st.findings:
         severity = unknown if f.rule == "unknown-global" else f.severity
+        if f.rule == "unknown-global" and _calls_a_function(f.evidence):
+            # rebuilding an object of some class is what checkpoints do; *calling* a function
+            # nobody listed while loading is not (timeit, torch ops, ...): at least MEDIUM
+            severity = max(severity, Severity.MEDIUM)
+            f = dataclasses.replace(f, evidence={**f.evidence, "kind": "function"})
         report.add(dataclasses.replace(f, severity=severity,
                                        evidence={**f.evidence, "source": "static"}))
     dangerous = sorted({f"{g.module}.{g.name}" for g in st.globals if g.classification == "dangerous"})
@@ -242,6 +247,15 @@ def _static_stage(path: str, report: LoadReport, policy: Policy) -> _scan.Static
                      "torch_would_load": st.torch_would_load}
     report.format = st.format
     return st
+
+
+def _calls_a_function(evidence: dict[str, Any]) -> bool:
+    """An unknown global that the pickle calls and that is, by Python's naming convention, a
+    function: ``module.lower_case`` (classes are CapWords; the stdlib's lower-case value types
+    are data; private ``_helpers`` such as libraries' rebuild functions stay INFO)."""
+    name = str(evidence.get("global", ""))
+    last = name.rpartition(".")[2]
+    return bool(evidence.get("called")) and last[:1].islower() and name not in P.VALUE_TYPES
 
 
 _DYNAMIC_CATEGORIES = ("exec", "network", "credential", "privilege")

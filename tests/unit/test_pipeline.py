@@ -403,3 +403,20 @@ def test_a_huge_file_of_zeros_is_refused_from_its_first_bytes(tmp_path: Path) ->
     (tmp_path / "text.pt").write_text("hello, I am not a model\n")
     assert sandbox.scan(tmp_path / "text.pt", runner=runner).error["reference"] == \
         "unsupported-format"
+
+
+def test_calling_an_unlisted_function_is_at_least_medium(tmp_path: Path) -> None:
+    """Issue: a pickle that computes its tensors through ordinary torch functions (an add while
+    loading) got only INFO. Rebuilding an object of some class stays INFO; calling a function
+    nobody listed is MEDIUM (suspicious)."""
+    import datetime
+
+    computed = ck.save({"w": ck.Reduce(torch.nn.functional.relu, -torch.ones(2))},
+                       tmp_path / "computed.pt")
+    report = sandbox.scan(computed, dynamic=False)
+    calls = [f for f in report.findings if f.evidence.get("kind") == "function"]
+    assert calls and calls[0].severity is Severity.MEDIUM and "torch" in calls[0].evidence["global"]
+    assert report.verdict is sandbox.Verdict.SUSPICIOUS
+    dated = ck.save({"w": torch.ones(2), "when": datetime.datetime(2024, 1, 2)},
+                    tmp_path / "dated.pt")
+    assert sandbox.scan(dated, dynamic=False).verdict is sandbox.Verdict.CLEAN
