@@ -271,6 +271,10 @@ def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Fi
         elif cls == "sensitive":
             out.add(ev, "sensitive-file-read", Severity.HIGH, "file",
                     "the load opened a sensitive path", key=path, path=path)
+        elif cls == "probe":
+            out.add(ev, "environment-probe", Severity.LOW, "evasion",
+                    "the load looked for signs of a container or a sandbox (a payload that "
+                    "stays quiet where it is watched)", key=path, path=path)
     elif kind in _PATH_OPS:
         if action != "denied" and d.get("class") == "scratch" and \
                 kind not in ("symlink", "symlinkat", "link", "linkat"):

@@ -184,8 +184,8 @@ def _rootfs_entries(site_dirs: list[Path]) -> Iterator[_Entry]:
     yield _Entry(f"{dest_lib}/site-packages/torch/bin/torch_shm_manager", data=b"", mode=0o644)
     yield _Entry("/etc/passwd", data=(
         "root:x:0:0:root:/root:/sbin/nologin\n"
-        f"sandbox:x:{SANDBOX_UID}:{SANDBOX_UID}:sandbox:/home/sandbox:/sbin/nologin\n").encode())
-    yield _Entry("/etc/group", data=f"root:x:0:\nsandbox:x:{SANDBOX_UID}:\n".encode())
+        f"user:x:{SANDBOX_UID}:{SANDBOX_UID}:user:{P.CANARY_HOME}:/bin/sh\n").encode())
+    yield _Entry("/etc/group", data=f"root:x:0:\nuser:x:{SANDBOX_UID}:\n".encode())
 
 
 def write_rootfs(fileobj: io.BufferedWriter | io.BytesIO) -> int:
@@ -195,7 +195,7 @@ def write_rootfs(fileobj: io.BufferedWriter | io.BytesIO) -> int:
     count = 0
     seen: set[str] = set()
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for d in ("/tmp", "/run", P.CHANNEL_DIR, "/home/sandbox", "/proc", "/sys", "/dev", "/etc",
+        for d in ("/tmp", "/run", P.CHANNEL_DIR, P.CANARY_HOME, "/proc", "/sys", "/dev", "/etc",
                   "/usr/lib", "/lib64"):
             info = tarfile.TarInfo(d.lstrip("/"))
             info.type = tarfile.DIRTYPE

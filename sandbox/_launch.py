@@ -70,7 +70,7 @@ class ContainerSpec:
             "user": self.user,
             "environment": {},
             "working_dir": "/tmp",
-            "hostname": "sandbox",
+            "hostname": _ordinary_hostname(),
             "ipc_mode": "none",
             "privileged": False,
             "init": False,
@@ -89,6 +89,14 @@ class ContainerSpec:
             "labels": dict(self.labels),
             "stop_signal": "SIGKILL",
         }
+
+
+def _ordinary_hostname() -> str:
+    """A hostname like a workstation's, different every time: no tell-tale fixed name."""
+    import secrets
+
+    return f"{secrets.choice(('dev', 'ws', 'gpu', 'ml', 'lab', 'train'))}-" \
+           f"{secrets.choice(('box', 'node', 'host', 'srv', 'pc'))}{secrets.randbelow(90) + 10}"
 
 
 def make_spec(policy: Policy, *, image: str) -> ContainerSpec:

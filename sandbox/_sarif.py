@@ -47,6 +47,8 @@ RULES: dict[str, tuple[str, Severity]] = {
                    Severity.HIGH),
     "monitor-tamper": ("the load tried to install or replace Python's tracing or audit hooks "
                        "(self-reported)", Severity.HIGH),
+    "environment-probe": ("the load looked for signs of a container or a sandbox (mount tables, "
+                          "cgroups, /.dockerenv, DMI)", Severity.LOW),
     "file-write-outside": ("the load tried to write outside the sandbox's scratch space",
                            Severity.HIGH),
     "sensitive-file-read": ("the load tried to read a sensitive file", Severity.HIGH),

@@ -197,7 +197,7 @@ def memfd_create(name: str) -> int:
     return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
 
 # The canary home: a small tmpfs the supervisor fills with fake credentials for the loader.
-CANARY_HOME = "/home/sandbox"
+CANARY_HOME = "/home/user"  # an ordinary name: nothing here says "sandbox"
 
 # Monitoring events (events.jsonl): one JSON object per line,
 #   {"id": int, "t": float, "source": str, "kind": str, "detail": {...}, "action": str}

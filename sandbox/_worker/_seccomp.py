@@ -45,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import select
 import struct
 from collections.abc import Callable
@@ -462,6 +463,13 @@ QUIET_READ_PREFIXES = ("/opt/python/", "/usr/lib/", "/usr/lib64/", "/lib/", "/li
                        "/proc/sys/", "/proc/filesystems")
 QUIET_EXACT = frozenset({"/dev/null", "/dev/urandom", "/dev/random", "/dev/zero", "/dev/tty",
                          P.INPUT_ALIAS, "/tmp", "/", "/opt/python", "/usr/lib", "/etc"})
+# Reads that tell a container or a sandbox apart from a workstation: evidence of a payload that
+# checks where it runs before it acts (LOW alone)
+_PROBE = re.compile(r"^/proc/(\d+|self|thread-self)/(mountinfo|mounts|mountstats|cgroup)$")
+PROBE_PATHS = frozenset({"/.dockerenv", "/run/.containerenv", "/proc/1/sched", "/proc/self/cgroup",
+                         "/sys/class/dmi/id/product_name", "/sys/class/dmi/id/sys_vendor",
+                         "/proc/sys/kernel/hostname", "/etc/hostname"})
+PROBE_PREFIXES = ("/sys/class/dmi/", "/sys/devices/virtual/dmi/", "/sys/hypervisor/")
 WRITABLE_PREFIXES = ("/tmp/",)  # the sandbox's own scratch tmpfs: nothing of the host
 SENSITIVE_PREFIXES = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/root", "/home/", "/run/secrets",
                       "/var/run/", "/run/", "/proc/1/", "/proc/kcore", "/sys/kernel/", "/dev/mem",
@@ -546,8 +554,10 @@ class Decoder:
     def _classify(self, path: str, pid: int) -> str:
         if path in self.canary_files:
             return "canary"
-        if path.startswith(("/home/sandbox/", "/home/sandbox")) and path != "/home/sandbox":
+        if path.startswith(P.CANARY_HOME + "/"):
             return "canary_home"
+        if _PROBE.match(path) or path in PROBE_PATHS or path.startswith(PROBE_PREFIXES):
+            return "probe"  # looking for signs of a container or a sandbox
         mine = (f"/proc/{pid}/", f"/proc/{self.loader}/")
         if path.startswith(mine):  # its own environment is the canaries it already has
             return "quiet"

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import sandbox
+from sandbox._worker import _protocol as P
 from tests import checkpoints as ck
 from tests.conftest import Listener
 
@@ -131,7 +132,7 @@ def test_host_environment_is_not_visible(tmp_path: Path, monkeypatch: pytest.Mon
     env = dict(value)
     # nothing of the host's, nor what the engine injects (PATH, HOSTNAME, HOME)
     assert not set(env) & {"PATH", "HOSTNAME", "MODEL_SANDBOX_TEST_SECRET"}
-    assert env["HOME"] == "/home/sandbox"
+    assert env["HOME"] == P.CANARY_HOME
     # what the loader does see is the canaries: fake credentials whose use is evidence
     assert set(env) - {"HOME"} <= CANARY_NAMES
 

@@ -86,3 +86,27 @@ def test_benign_configs_stay_clean(tmp_path: Path) -> None:
     ck.write_legacy_tar(tar, lambda ref: {"w": ref("w"), "epoch": 9}, {"w": torch.ones(2)})
     report = sandbox.scan(tar)
     assert report.verdict is sandbox.Verdict.CLEAN, [(f.rule, f.message) for f in report.findings]
+
+
+def test_looking_for_the_sandbox_is_recorded_and_nothing_tells_it_apart(tmp_path: Path) -> None:
+    """A payload that stays quiet where it is watched defeats behaviour evidence: nothing cheap
+    may tell the sandbox apart (hostname, home, environment), and the probes are findings."""
+    code = """
+import os, socket
+seen = {"hostname": socket.gethostname(), "home": os.environ.get("HOME", "")}
+for probe in ("/proc/self/mountinfo", "/proc/1/cgroup", "/.dockerenv"):
+    try:
+        seen[probe] = len(open(probe).read())
+    except OSError:
+        seen[probe] = None
+result = seen
+"""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "probe.pt")
+    first = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy())["payload"]
+    second = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy())["payload"]
+    for seen in (first, second):
+        assert "sandbox" not in seen["hostname"] and "sandbox" not in seen["home"]
+    assert first["hostname"] != second["hostname"] or first["hostname"] != "sandbox"
+    report = sandbox.scan(path, policy=ck.observe_policy())
+    probes = [f for f in report.findings if f.rule == "environment-probe"]
+    assert probes and all(f.severity is sandbox.Severity.LOW for f in probes)

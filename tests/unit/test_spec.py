@@ -34,7 +34,7 @@ def test_network_capabilities_privileges(spec: ContainerSpec) -> None:
 def test_filesystem(spec: ContainerSpec) -> None:
     kw = spec.docker_kwargs(CHANNEL)
     assert kw["read_only"] is True
-    assert set(kw["tmpfs"]) <= {"/tmp", "/home/sandbox"}
+    assert set(kw["tmpfs"]) <= {"/tmp", P.CANARY_HOME}
     for options in kw["tmpfs"].values():
         assert {"noexec", "nosuid", "nodev"} <= set(options.split(","))
         assert "size=" in options
