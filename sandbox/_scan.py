@@ -1480,6 +1480,9 @@ def _member_bytes(ctx: _Ctx, buf: _Buf, e: _ZipEntry, label: str, *,
 def _check_zip(ctx: _Ctx, buf: _Buf, z: _Zip, prefix: str) -> None:
     """Findings for container tricks: flag bits, header mismatches, duplicates, CRC."""
     seen: dict[bytes, int] = {}
+    # an archive without a pickle or an array in it is no checkpoint: the loader refuses it, so
+    # its flag bits (an encrypted text file, say) are no evasion
+    loadable = any(e.name.lower().endswith((b".pkl", b".npy")) for e in z.entries)
     for e in z.entries:
         label = prefix + e.text
         key = e.name.lower()
@@ -1499,7 +1502,7 @@ def _check_zip(ctx: _Ctx, buf: _Buf, z: _Zip, prefix: str) -> None:
                     f"zip member {e.text!r}: local header says compression {e.local_method}, "
                     f"central directory {e.method}", member=label)
         if (e.flags | e.local_flags) & _ZIP_SUSPICIOUS_FLAGS or e.flags != e.local_flags:
-            ctx.add("zip-flag-bits", Severity.HIGH, "evasion",
+            ctx.add("zip-flag-bits", Severity.HIGH if loadable else Severity.INFO, "evasion",
                     f"zip member {e.text!r} has flag bits central=0x{e.flags:04x} "
                     f"local=0x{e.local_flags:04x} (encryption/patch bits, or headers disagree)",
                     member=label, central=e.flags, local=e.local_flags)

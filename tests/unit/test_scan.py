@@ -961,3 +961,22 @@ def test_joblib_array_bytes_that_are_opcodes_for_plain_pickle(tmp_path: Path) ->
     assert {(g.member, g.qualname) for g in scan.globals if g.classification == "dangerous"} == {
         ("<raw>", "os.system")}
     assert "<raw>#joblib" in scan.pickles
+
+
+def test_an_encrypted_zip_without_a_checkpoint_is_not_malicious(tmp_path: Path) -> None:
+    """Issue (other scanners' regression files): an encrypted zip holding only a text file was
+    judged malicious (HIGH zip-flag-bits); it is no checkpoint, and the loader refuses it."""
+    import zipfile
+
+    path = tmp_path / "secret.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    raw = bytearray(path.read_bytes())
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # set the encryption bit in both headers
+        at = raw.find(sig)
+        flag = at + (6 if sig == b"PK\x03\x04" else 8)
+        raw[flag] |= 0x01
+    path.write_bytes(bytes(raw))
+    st = scan_file(str(path))
+    bits = [f for f in st.findings if f.rule == "zip-flag-bits"]
+    assert bits and all(f.severity is Severity.INFO for f in bits)
