@@ -1,7 +1,8 @@
 """Warm, single-use sandboxes: :class:`Pool`.
 
 A pool keeps ``size`` sandboxes started ahead of demand -- container up, supervisor connected to
-its channel, loader forked with torch already imported -- each waiting for exactly one job and
+its channel, loader forked (torch imported ahead when recent jobs needed the full loader; a
+plain state dict's layout hand-off never does) -- each waiting for exactly one job and
 discarded after it. A background thread refills the pool as sandboxes are used; :meth:`close`
 (also on ``with`` exit, Ctrl-C or an exception) removes every sandbox that is still waiting.
 Nothing is reused across jobs: a payload can never see the next file.
