@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 LABEL = "org.model-sandbox"
 OWNER_LABEL = "org.model-sandbox.owner"  # "<host>:<pid>" of the process that created it
 _LOG_LIMIT = 64 * 1024
-MAX_OUTPUT_ENTRIES = 1000
 # Up to this size the supervisor also hashes the input it was given (defence in depth); a
 # larger input's identity is the host's check (inode, size, mtime and ctime before and after)
 HASH_IN_SANDBOX_BYTES = 64 * 2**20
@@ -143,7 +142,6 @@ class RunResult:
     exit_code: int | None
     oom_killed: bool = False
     timed_out: bool = False
-    output_flood: bool = False
     duration_s: float = 0.0
     logs: bytes = b""
     notes: list[str] = field(default_factory=list)
