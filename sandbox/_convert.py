@@ -266,7 +266,8 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             if not math.isfinite(node):
                 raise OutputRejected("skeleton holds a non-finite bare float")
             return node
-        if not isinstance(node, dict) or node.get("$") not in P.NODE_KINDS:
+        if not isinstance(node, dict) or not isinstance(node.get("$"), str) or \
+                node["$"] not in P.NODE_KINDS:
             raise OutputRejected(f"skeleton node of unknown kind {str(node)[:80]!r}")
         kind = node["$"]
         if kind == "float":
@@ -367,6 +368,9 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
     return result
 
 
+_BIG_EXPONENT = re.compile(r"[eE][+-]?0*\d{4,}")
+
+
 def _value(node: dict[str, Any]) -> Any:
     """A standard-library value from plain data: constructors that parse, never import."""
     import datetime
@@ -391,8 +395,11 @@ def _value(node: dict[str, Any]) -> Any:
                     isinstance(x, int) and not isinstance(x, bool) for x in v):
                 raise ValueError("bad timedelta")
             return datetime.timedelta(days=v[0], seconds=v[1], microseconds=v[2])
-        if not isinstance(v, str):
-            raise ValueError("not a string")
+        if not isinstance(v, str) or len(v) > 4096:
+            raise ValueError("not a short string")
+        if tname == "fractions.Fraction" and _BIG_EXPONENT.search(v):
+            # Fraction("1e999999999") computes 10**999999999: minutes of CPU on the host
+            raise ValueError("an exponent too large")
         parsers: dict[str, Any] = {
             "datetime.datetime": datetime.datetime.fromisoformat,
             "datetime.date": datetime.date.fromisoformat,

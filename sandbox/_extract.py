@@ -153,7 +153,8 @@ def validate_manifest(data: Any) -> dict[str, Any]:
     for t in tensors:
         _require(isinstance(t, dict), item, "tensor entry is not an object")
         _check_name(t.get("name"), names, item)
-        _require(t.get("dtype") in P.TORCH_DTYPES, item, f"unknown dtype {str(t.get('dtype'))[:40]}")
+        _require(isinstance(t.get("dtype"), str) and t["dtype"] in P.TORCH_DTYPES, item,
+                 f"unknown dtype {str(t.get('dtype'))[:40]}")
         stored_as, size = P.TORCH_DTYPES[t["dtype"]]
         _require(t.get("stored_as") == stored_as, item, f"{t['name']}: wrong storage dtype")
         shape = _check_shape(t.get("shape"), item)
@@ -192,7 +193,8 @@ def validate_manifest(data: Any) -> dict[str, Any]:
             _check_name(t["name"], names, item)
             _require(isinstance(t["key"], str) and 0 < len(t["key"]) <= 64 and
                      t["key"].isprintable(), item, "layout key malformed")
-            _require(t["dtype"] in P.TORCH_DTYPES, item, "layout dtype unknown")
+            _require(isinstance(t["dtype"], str) and t["dtype"] in P.TORCH_DTYPES, item,
+                     "layout dtype unknown")
             _require(len(_check_shape(t["shape"], item)) == len(_check_shape(t["stride"], item)),
                      item, "layout stride rank")
             _require(_is_int(t["offset"]) and 0 <= t["offset"] < 2**62, item, "layout offset")
