@@ -1045,8 +1045,16 @@ def _walk(ctx: _Ctx, buf: _Buf, start: int, end: int, member: str, *, nest: int 
             need(8)
             n = int.from_bytes(buf[pos:pos + 8], "little")
             pos += 8
-            need(n)
-            frame_end = pos + n
+            if pos + n > end:
+                # the C unpickler reads on regardless of a lying FRAME length: so do we, or a
+                # scanner goes blind while the loader runs every opcode that follows
+                ctx.add("pickle-frame-mismatch", Severity.MEDIUM, "evasion",
+                        f"a FRAME in {member} claims {n} bytes but only {end - pos} follow; "
+                        "the opcodes after it are read anyway",
+                        member=member, offset=op_off - start)
+                frame_end = -1
+            else:
+                frame_end = pos + n
         elif op == 0x2E:  # STOP
             value = pop()
             ctx.protocol_max = max_proto if ctx.protocol_max is None else max(ctx.protocol_max,

@@ -980,3 +980,21 @@ def test_an_encrypted_zip_without_a_checkpoint_is_not_malicious(tmp_path: Path) 
     st = scan_file(str(path))
     bits = [f for f in st.findings if f.rule == "zip-flag-bits"]
     assert bits and all(f.severity is Severity.INFO for f in bits)
+
+
+def test_a_lying_frame_length_does_not_blind_the_scan() -> None:
+    """Issue (other scanners' regression files): a pickle whose FRAME length disagrees with the
+    bytes that follow was judged clean with 0 globals, while the loader ran its globals."""
+    body = pickle.dumps(ck_payload(), protocol=4)
+    assert body[2:3] == b"\x95"
+    forged = body[:3] + (10**9).to_bytes(8, "little") + body[11:]
+    st = scan_pickle_bytes(forged)
+    assert any(g.classification == "dangerous" for g in st.globals)
+    assert any(f.rule == "pickle-frame-mismatch" for f in st.findings)
+
+
+def ck_payload() -> object:
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, ("true",))
+    return {"w": 1, "payload": Evil()}
