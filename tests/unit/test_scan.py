@@ -422,12 +422,14 @@ def test_random_bytes_constant_is_not_a_nested_pickle() -> None:
     assert res.pickles == ("<raw>",) and res.findings == ()
 
 
-def test_frame_length_past_end_is_truncation() -> None:
+def test_frame_length_past_end_is_read_on_and_reported() -> None:
+    # it used to stop the scan (0 globals, judged clean); the stream is read on instead
     body = os_system_p4()[2:]
     data = b"\x80\x04\x95" + struct.pack("<Q", len(body) + 100) + body
-    with pytest.raises(MalformedStream) as err:
-        scan_pickle_bytes(data)
-    assert err.value.offset == 2  # the FRAME opcode
+    res = scan_pickle_bytes(data)
+    mismatch = [f for f in res.findings if f.rule == "pickle-frame-mismatch"]
+    assert mismatch and mismatch[0].evidence["offset"] == 2  # the FRAME opcode
+    assert any(g.classification == "dangerous" for g in res.globals)
 
 
 def test_opcode_straddling_frame_is_reported_and_walked() -> None:
