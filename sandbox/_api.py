@@ -285,6 +285,31 @@ def _differential(report: LoadReport, st: _scan.StaticScan | None) -> None:
             evidence={"static": st.format, "loaded_as": loaded_as}))
 
 
+_GiB = 2**30
+
+
+def _resource_abuse(report: LoadReport) -> None:
+    """Memory or CPU far beyond what the file's size and tensors need (a tiny file that
+    allocates gigabytes, one that computes for seconds while loading). The thresholds leave room
+    for ``import torch`` and for every copy a real load makes."""
+    res = report.resources
+    size = max(report.input_size or 0, report.tensor_bytes or 0)
+    rss = res.get("rss_peak_bytes")
+    if isinstance(rss, int) and rss > _GiB + 4 * size:
+        report.add(Finding(
+            rule="resource-abuse", severity=Severity.MEDIUM, category="resource",
+            message=f"the load used {rss / 2**20:,.0f} MiB of memory for a file of "
+                    f"{size / 2**20:,.1f} MiB",
+            evidence={"rss_peak_bytes": rss, "file_bytes": report.input_size,
+                      "tensor_bytes": report.tensor_bytes}))
+    cpu = res.get("cpu_s")
+    if isinstance(cpu, (int, float)) and cpu > 30 + 30 * size / _GiB:
+        report.add(Finding(
+            rule="resource-abuse", severity=Severity.MEDIUM, category="resource",
+            message=f"the load used {cpu:,.1f} s of CPU time for a file of {size / 2**20:,.1f} MiB",
+            evidence={"cpu_s": cpu, "file_bytes": report.input_size}))
+
+
 _COMPARABLE_FORMATS = ("torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy", "numpy-npz")
 
 
@@ -370,6 +395,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                 report.input_sha256 = hasher.result()
         if run is not None:  # also when the load failed or was stopped: what it did still counts
             _differential(report, st)
+            _resource_abuse(report)
         _apply_severities(report, policy)
         report.verdict = _judge(report)
         report.duration_s = round(time.monotonic() - start, 3)

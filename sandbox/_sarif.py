@@ -49,6 +49,8 @@ RULES: dict[str, tuple[str, Severity]] = {
                        "(self-reported)", Severity.HIGH),
     "environment-probe": ("the load looked for signs of a container or a sandbox (mount tables, "
                           "cgroups, /.dockerenv, DMI)", Severity.LOW),
+    "resource-abuse": ("the load used memory or CPU time far beyond what the file's size and "
+                       "tensors need", Severity.MEDIUM),
     "file-write-outside": ("the load tried to write outside the sandbox's scratch space",
                            Severity.HIGH),
     "sensitive-file-read": ("the load tried to read a sensitive file", Severity.HIGH),

@@ -110,3 +110,15 @@ result = seen
     report = sandbox.scan(path, policy=ck.observe_policy())
     probes = [f for f in report.findings if f.rule == "environment-probe"]
     assert probes and all(f.severity is sandbox.Severity.LOW for f in probes)
+
+
+def test_a_tiny_file_that_allocates_gigabytes_is_a_finding(tmp_path: Path) -> None:
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(
+        "blob = b'x' * 1_600_000_000\nresult = len(blob)")), tmp_path / "hog.pt")
+    report = sandbox.scan(path, policy=ck.observe_policy())
+    abuse = [f for f in report.findings if f.rule == "resource-abuse"]
+    assert abuse and abuse[0].evidence["rss_peak_bytes"] > 1_500_000_000
+    assert report.verdict is not sandbox.Verdict.CLEAN
+    # a benign file of the same size is not
+    benign = ck.save(ck.state_dict(), tmp_path / "benign.pt")
+    assert not [f for f in sandbox.scan(benign).findings if f.rule == "resource-abuse"]
