@@ -302,7 +302,7 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
                     raise OutputRejected("skeleton: namespace keys must be strings")
                 return argparse.Namespace(**dict(pairs))
             dkind = node.get("kind")
-            if dkind not in P.DICT_KINDS:
+            if not isinstance(dkind, str) or dkind not in P.DICT_KINDS:
                 raise OutputRejected("skeleton: unknown dict kind")
             try:
                 if dkind == "OrderedDict":
@@ -380,7 +380,7 @@ def _value(node: dict[str, Any]) -> Any:
     import uuid
 
     tname, v = node.get("type"), node.get("v")
-    if tname not in P.VALUE_TYPES:
+    if not isinstance(tname, str) or tname not in P.VALUE_TYPES:
         raise OutputRejected(f"skeleton: {str(tname)[:60]!r} is not a value type")
     try:
         if tname in ("builtins.range", "builtins.slice"):

@@ -99,7 +99,8 @@ def _event(obj: Any) -> Event | None:
         return None
     if not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
         return None
-    if source not in P.EVENT_SOURCES or action not in P.EVENT_ACTIONS:
+    if not isinstance(source, str) or not isinstance(action, str) or \
+            source not in P.EVENT_SOURCES or action not in P.EVENT_ACTIONS:
         return None
     if not (isinstance(kind, str) and _KIND.match(kind)) or not isinstance(detail, dict):
         return None

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import sandbox
+from sandbox._worker import _protocol as P
 from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
 from tests import checkpoints as ck
 from tests.conftest import Listener
@@ -175,7 +176,7 @@ def test_canary_read_and_sendto_is_an_exfiltration_finding(tmp_path: Path,
     assert report.verdict is Verdict.MALICIOUS
     opened = finding(report, "canary-file-read")
     assert opened.severity is Severity.HIGH
-    assert opened.evidence["path"] == "/home/sandbox/.aws/credentials"
+    assert opened.evidence["path"] == f"{P.CANARY_HOME}/.aws/credentials"
     exfil = finding(report, "canary-exfiltration")
     assert exfil.severity is Severity.CRITICAL
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(exfil.evidence["canaries"])

@@ -15,7 +15,7 @@ from sandbox.report import Severity
 CANARIES = {"AWS_SECRET_ACCESS_KEY": "s3cr3tCanaryValue0123456789abcdefABCDEF+/",
             "HF_TOKEN": "hf_CanaryTokenValueXYZabcdefghijklmnop"}
 STATUS: dict[str, Any] = {
-    "canaries": {"values": CANARIES, "files": ["/home/sandbox/.aws/credentials"]},
+    "canaries": {"values": CANARIES, "files": ["/home/user/.aws/credentials"]},
     "monitor": {"kernel": True, "truncated": False, "counts": {}},
     "result": {"ok": True},
 }
@@ -89,7 +89,7 @@ def test_exec_connect_socket_mapping() -> None:
 
 def test_credentials_and_exfiltration() -> None:
     mon = judge(
-        line(1, "openat", {"path": "/home/sandbox/.aws/credentials", "flags": "O_RDONLY",
+        line(1, "openat", {"path": "/home/user/.aws/credentials", "flags": "O_RDONLY",
                            "class": "canary"}, "allowed"),
         line(2, "sendto", {"family": "AF_INET", "address": "10.0.0.1", "port": 53,
                            "preview": "x" + CANARIES["HF_TOKEN"]}),
