@@ -67,6 +67,8 @@ class Pool:
         self._lock = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._starters: set[threading.Thread] = set()
+        self._failures_in_a_row = 0
         self.failures = 0
         self.last_error: str | None = None
         self.served_warm = 0
@@ -173,7 +175,8 @@ class Pool:
             self._thread.start()
 
     def _fill(self) -> None:
-        failures_in_a_row = 0
+        """Keep ``size`` sandboxes ready or starting; starts run side by side (one start is
+        mostly waiting on the engine), each in a thread of its own."""
         while True:
             with self._lock:
                 while not self._closed and (len(self._ready) + self._starting >= self.size or
@@ -183,26 +186,37 @@ class Pool:
                     return
                 spec = self._spec
                 self._starting += 1
+                delay = min(30.0, 0.5 * 2 ** self._failures_in_a_row) \
+                    if self._failures_in_a_row else 0.0
             assert spec is not None
-            box: _launch.Sandbox | None = None
-            try:
-                box = self.runner.start(spec, prepare=self._prepare)
-                failures_in_a_row = 0
-            except Exception as exc:  # the engine went away, an image problem: jobs go cold
-                failures_in_a_row += 1
-                with self._lock:
-                    self.failures += 1
-                    self.last_error = str(exc)[:300]
+            starter = threading.Thread(target=self._start_one, args=(spec, delay),
+                                       name="model-sandbox-pool-start", daemon=True)
             with self._lock:
-                self._starting -= 1
-                if box is not None and not self._closed:
-                    self._ready.append(box)
-                    box = None
-                self._lock.notify_all()
-            if box is not None:
-                box.discard()
-            if failures_in_a_row:
-                time.sleep(min(30.0, 0.5 * 2 ** failures_in_a_row))
+                self._starters.add(starter)
+            starter.start()
+
+    def _start_one(self, spec: _launch.ContainerSpec, delay: float) -> None:
+        box: _launch.Sandbox | None = None
+        try:
+            if delay:
+                time.sleep(delay)  # the engine failed just before: back off
+            box = self.runner.start(spec, prepare=self._prepare)
+            failed = False
+        except Exception as exc:  # the engine went away, an image problem: jobs go cold
+            failed = True
+            with self._lock:
+                self.failures += 1
+                self.last_error = str(exc)[:300]
+        with self._lock:
+            self._failures_in_a_row = self._failures_in_a_row + 1 if failed else 0
+            self._starting -= 1
+            self._starters.discard(threading.current_thread())
+            if box is not None and not self._closed:
+                self._ready.append(box)
+                box = None
+            self._lock.notify_all()
+        if box is not None:
+            box.discard()
 
     # -- closing ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -215,9 +229,11 @@ class Pool:
         for box in boxes:
             with contextlib.suppress(Exception):
                 box.discard()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=90)
+        with self._lock:
+            threads = [t for t in (self._thread, *self._starters) if t is not None]
+        for thread in threads:  # a start in flight discards its sandbox once it is up
+            if thread is not threading.current_thread():
+                thread.join(timeout=90)
         _live.discard(self)
 
     def __enter__(self) -> Pool:
