@@ -1660,15 +1660,24 @@ def _descr_has_object(descr: object, depth: int = 0) -> bool:
 def _scan_npy(ctx: _Ctx, data: _Buf, end: int, label: str) -> None:
     header, start = _npy_header(data, 0, end, label)
     if _descr_has_object(header.get("descr")):
-        ctx.add("numpy-object-array", Severity.MEDIUM, "exec",
-                f"{label} is an object array: numpy.load(allow_pickle=True) unpickles its data",
-                member=label, offset=start)
+        member = f"{label}#pickle@{start}"
+        plain = True
         try:
-            _walk(ctx, data, start, end, f"{label}#pickle@{start}")
+            _walk(ctx, data, start, end, member)
         except (_TruncatedError, _InvalidError) as exc:
-            _parse_error(ctx, f"{label}#pickle@{start}", exc.offset, exc.message)
+            plain = False
+            _parse_error(ctx, member, exc.offset, exc.message)
         except _LimitError as exc:
+            plain = False
             ctx.limit(label, exc)
+        # an object array of plain values (numbers, strings, nested lists) imports nothing a
+        # checkpoint does not: numpy still unpickles it, but there is nothing to run
+        plain = plain and all(r.classification == "allowed" for r in ctx.refs
+                              if r.member == member)
+        ctx.add("numpy-object-array", Severity.INFO if plain else Severity.MEDIUM, "exec",
+                f"{label} is an object array: numpy.load(allow_pickle=True) unpickles its data"
+                + (" (plain values only)" if plain else ""),
+                member=label, offset=start)
 
 
 def _scan_npz_member(ctx: _Ctx, buf: _Buf, e: _ZipEntry, label: str) -> None:

@@ -1000,3 +1000,18 @@ def ck_payload() -> object:
         def __reduce__(self) -> tuple[object, tuple[str]]:
             return (os.system, ("true",))
     return {"w": 1, "payload": Evil()}
+
+
+def test_a_numpy_object_array_of_plain_values_is_not_suspicious(tmp_path: Path) -> None:
+    """Issue (other scanners' regression files): numpy object arrays holding only plain values
+    were judged suspicious. They import nothing; one that hides a callable stays MEDIUM."""
+    import numpy as np
+
+    plain = tmp_path / "plain.npy"
+    np.save(plain, np.array([1, "a", [2, 3], None], dtype=object), allow_pickle=True)
+    found = {f.rule: f.severity for f in scan_file(str(plain)).findings}
+    assert found == {"numpy-object-array": Severity.INFO}
+    evil = tmp_path / "evil.npy"
+    np.save(evil, np.array([ck_payload()], dtype=object), allow_pickle=True)
+    found = {f.rule: f.severity for f in scan_file(str(evil)).findings}
+    assert found["numpy-object-array"] is Severity.MEDIUM and "dangerous-global" in found
