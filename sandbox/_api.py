@@ -62,6 +62,7 @@ class _Loaded:
     tensors: dict[str, torch.Tensor] | None = None  # checked against the manifest
     handoff: str = "memfd"  # or "layout": the tensors were mapped from the input itself
     input_path: str = ""    # /proc/self/fd/N of the host's descriptor of the input
+    static: _scan.StaticScan | None = None  # the static stage's scan, reused by the layout check
     placements: list[Placement] = dataclasses.field(default_factory=list)
 
 
@@ -209,6 +210,9 @@ def _judge(report: LoadReport) -> Verdict:
     return Verdict.SUSPICIOUS
 
 
+_SCAN_STOPPED = "static scan stopped"
+
+
 def _static_stage(path: str, report: LoadReport, policy: Policy) -> _scan.StaticScan | None:
     """Stage 1: read every pickle without running it. Its findings join the report (marked
     ``source: static``); a file it cannot parse is left to the real loader to judge."""
@@ -216,7 +220,7 @@ def _static_stage(path: str, report: LoadReport, policy: Policy) -> _scan.Static
     try:
         st = _scan.scan_file(path)
     except _scan.MalformedStream as exc:
-        report.notes.append(f"static scan stopped: {exc.message}")
+        report.notes.append(f"{_SCAN_STOPPED}: {exc.message}")
         st = exc.partial
     except SandboxError as exc:
         report.notes.append(f"static scan failed: {exc.message}")
@@ -345,6 +349,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                         f"{expected_sha256.lower()}", path=path, expected=expected_sha256.lower(),
                         actual=report.input_sha256)
             st = _static_stage(real, report, policy)
+            if not any(n.startswith(_SCAN_STOPPED) for n in report.notes):
+                loaded.static = st  # a complete scan: the layout check need not read it again
             if not dynamic or (stop_early and _static_stops(report, policy)):
                 loaded.stopped_early = dynamic
                 if dynamic:
@@ -447,7 +453,7 @@ def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
         from .errors import LoadFailed
         raise LoadFailed("the loader reported success but sent no manifest/tensors")
     if output.manifest.get("layout") is not None:
-        output.manifest, loaded.placements = _placed(report, output.manifest, job)
+        output.manifest, loaded.placements = _placed(report, output.manifest, job, loaded.static)
         loaded.handoff = report.resources["handoff"] = "layout"
         _summarise(report, output.manifest)
         if write_tensors and materialise:
@@ -464,13 +470,13 @@ class _LayoutRefused(Exception):
     """Internal: the host cannot place the plain state dict the sandbox described."""
 
 
-def _placed(report: LoadReport, manifest: dict[str, Any], job: _launch.Job
-            ) -> tuple[dict[str, Any], list[Placement]]:
+def _placed(report: LoadReport, manifest: dict[str, Any], job: _launch.Job,
+            static: _scan.StaticScan | None) -> tuple[dict[str, Any], list[Placement]]:
     """The layout hand-off: the host places every tensor in the input itself and requires the
     sandbox's layout to agree exactly; returns the manifest the later stages use."""
     from . import _reconstruct
 
-    placed = _reconstruct.try_place(f"/proc/self/fd/{job.input_fd}")
+    placed = _reconstruct.try_place(f"/proc/self/fd/{job.input_fd}", static)
     if isinstance(placed, _reconstruct.NotReconstructed):
         raise _LayoutRefused(placed.reason)
     theirs = manifest["layout"]

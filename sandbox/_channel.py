@@ -34,7 +34,6 @@ _OUTPUT_CAPS = {"manifest": P.MAX_JSON_BYTES}
 class Received:
     """What the supervisor sent for one job, checked frame by frame."""
 
-    hello: P.Hello | None = None
     status: bytes | None = None
     events: bytes = b""
     events_dropped: int = 0

@@ -1072,15 +1072,18 @@ class Placement:
                 "offset": self.storage_offset, "parameter": self.parameter}
 
 
-def try_place(path: str | os.PathLike[str]) -> list[Placement] | NotReconstructed:
+def try_place(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
+              ) -> list[Placement] | NotReconstructed:
     """Every tensor of a plain, little-endian torch-zip state dict at ``path``, placed in the
     file (no tensor bytes are read). The same checks as :func:`try_reconstruct`; in addition
     any finding of the reading (a storage record of another size than its claim), a
-    metadata bit or a view past its record makes the file not placeable."""
-    try:
-        scan = _scan.scan_file(path)
-    except MalformedInput as exc:
-        return NotReconstructed(f"the static scan could not read the file ({exc.message})")
+    metadata bit or a view past its record makes the file not placeable. ``scan``: the static
+    stage's scan of the same file, when the caller has it (it is not read twice)."""
+    if scan is None:
+        try:
+            scan = _scan.scan_file(path)
+        except MalformedInput as exc:
+            return NotReconstructed(f"the static scan could not read the file ({exc.message})")
     if scan.format != "torch-zip":
         return NotReconstructed(f"format {scan.format} is not a torch zip", scan.format)
     foreign = sorted({g.qualname for g in scan.globals if g.classification != "allowed"})

@@ -332,8 +332,7 @@ def _flat(detail: dict[Any, Any]) -> dict[str, Any]:
     """At most 16 keys of scalars or short strings: nothing the loader sends is kept nested."""
     out: dict[str, Any] = {}
     for k, v in list(detail.items())[:16]:
-        if v is None or (isinstance(v, (bool, int, float)) and not isinstance(v, int)) or \
-                isinstance(v, bool):
+        if v is None or isinstance(v, (bool, float)):
             out[str(k)[:64]] = v
         elif isinstance(v, int):
             out[str(k)[:64]] = v if -2**63 <= v < 2**63 else str(v)[:40]

@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 PROTOCOL_VERSION = 2
 
@@ -174,7 +174,6 @@ class Hello:
     protocol: int
     pid: int
     warm: bool = False
-    notes: tuple[str, ...] = field(default=())
 
     @classmethod
     def from_json(cls, data: bytes) -> Hello:

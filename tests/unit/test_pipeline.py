@@ -380,7 +380,7 @@ def test_a_layout_the_host_cannot_place_goes_to_the_full_loader(
 
     path, sd = plain(tmp_path)
     monkeypatch.setattr(_reconstruct, "try_place",
-                        lambda p: _reconstruct.NotReconstructed("test: cannot place"))
+                        lambda p, scan=None: _reconstruct.NotReconstructed("test: cannot place"))
     runner = FakeRunner(layout=True)
     got = sandbox.safe_load(path, runner=runner)
     assert torch.equal(got["model"]["encoder.weight"], sd["encoder.weight"])
