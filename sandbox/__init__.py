@@ -25,6 +25,7 @@ from .errors import (
     SandboxViolation,
     UnrepresentableObject,
     UnsupportedFormat,
+    UnverifiedWeights,
 )
 from .policy import Limits, Policy
 from .report import Event, Finding, LoadReport, Severity, Verdict
@@ -56,6 +57,7 @@ __all__ = [
     "Unrepresentable",
     "UnrepresentableObject",
     "UnsupportedFormat",
+    "UnverifiedWeights",
     "Verdict",
     "convert",
     "patch_torch",

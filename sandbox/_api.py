@@ -37,6 +37,7 @@ from .errors import (
     SandboxError,
     SandboxViolation,
     UnsupportedFormat,
+    UnverifiedWeights,
 )
 from .policy import Policy
 from .report import Finding, LoadReport, Severity, Verdict
@@ -390,7 +391,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                 report.notes.append("the tensors were taken from the file's own records, placed "
                                     "by the host and checked against the sandbox's reading")
             else:
-                report.findings += _verify.weights(real, loaded.output.manifest, loaded.tensors)
+                report.findings += _verify.weights(real, loaded.output.manifest, loaded.tensors,
+                                                   scan=loaded.static)
         except _StaticOnly:
             pass
         except SandboxError as exc:
@@ -547,7 +549,9 @@ def _refuse(report: LoadReport, policy: Policy) -> bool:
     return report.verdict is not Verdict.ERROR and report.verdict.rank >= threshold.rank
 
 
-def _raise_if_unsafe(loaded: _Loaded, policy: Policy) -> None:
+def _raise_if_unsafe(loaded: _Loaded, policy: Policy, *, weights_only: bool = False) -> None:
+    """Raise what the caller must not get past: a verdict the policy refuses, a load that
+    failed, and (``weights_only``) tensors the host could not verify against the file."""
     report = loaded.report
     if _refuse(report, policy) or loaded.stopped_early:
         top = max(report.findings, key=lambda f: f.severity)
@@ -555,6 +559,10 @@ def _raise_if_unsafe(loaded: _Loaded, policy: Policy) -> None:
             f"{report.input_path} is {report.verdict.value}: {top.message}", report=report)
     if loaded.error is not None:
         raise loaded.error
+    unverified = [f for f in report.findings if f.rule == "weights-unverified"]
+    if weights_only and unverified:
+        raise UnverifiedWeights(f"{report.input_path}: {unverified[0].message}", report=report,
+                                names=list(unverified[0].evidence.get("tensors", [])))
 
 
 # -- public operations -------------------------------------------------------------------------
@@ -607,7 +615,7 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
     with _as_path(f) as path, _sandboxed(path, policy=policy, runner=runner, write_tensors=True,
                                          expected_sha256=expected_sha256,
                                          stop_early=True, mmap=bool(mmap)) as loaded:
-        _raise_if_unsafe(loaded, policy)
+        _raise_if_unsafe(loaded, policy, weights_only=wo)
         assert loaded.output is not None and loaded.output.manifest is not None
         manifest = loaded.output.manifest
         assert loaded.tensors is not None
@@ -632,7 +640,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
                     materialise=False) as loaded:
         report = loaded.report
         try:
-            _raise_if_unsafe(loaded, policy)
+            _raise_if_unsafe(loaded, policy, weights_only=True)
             assert loaded.output is not None and loaded.output.manifest is not None
             manifest = loaded.output.manifest
             if loaded.handoff == "layout":  # byte ranges of the input: no torch on the host

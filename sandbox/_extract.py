@@ -28,7 +28,18 @@ class WorkerOutput:
     tensors_path: str | None = None  # /proc/self/fd/N of the sealed tensors memfd
 
 
+#: JSON values (counted from the separators and openers before parsing) the host will build
+#: from one document: parsing allocates ~70 bytes of Python objects per value, so this keeps a
+#: document of any shape under ~600 MB of host memory (the bytes cap alone does not: 64 MB of
+#: ``[],`` is 21 million lists, 1.4 GB)
+MAX_JSON_VALUES = 8_000_000
+
+
 def _parse_json(data: bytes, item: str) -> Any:
+    values = data.count(b",") + data.count(b":") + data.count(b"[") + data.count(b"{")
+    if values > MAX_JSON_VALUES:
+        raise OutputRejected(f"{item} holds about {values} JSON values, over the "
+                             f"{MAX_JSON_VALUES} the host builds from one document", item=item)
     try:
         return P.parse_json(data, item)
     except P.ProtocolError as exc:

@@ -39,7 +39,9 @@ torch and numpy are imported only inside the functions that build tensors.
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
+import re
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -56,11 +58,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NotReconstructed",
+    "Inventory",
     "Placement",
     "Reconstruction",
     "StaticTensor",
     "compare",
     "reconstruct",
+    "try_inventory",
     "try_place",
     "try_reconstruct",
 ]
@@ -147,14 +151,6 @@ class NotReconstructed:
     reason: str
     format: str | None = None
 
-    def finding(self) -> Finding:
-        """An INFO finding for the report: the weight-tamper check did not run, and why."""
-        return Finding(
-            rule="weights-not-compared", severity=Severity.INFO, category="integrity",
-            message=("the weights the loader returned were not compared with the file's records: "
-                     + self.reason),
-            evidence={"reason": self.reason, "format": self.format})
-
 
 class _Unsupported(Exception):
     def __init__(self, reason: str) -> None:
@@ -202,7 +198,8 @@ class _Storage:
 
 
 class _Tensor:
-    __slots__ = ("dtype", "metadata", "offset", "parameter", "shape", "storage", "stride")
+    __slots__ = ("dtype", "metadata", "offset", "parameter", "shape", "storage", "stride",
+                 "tainted")
 
     def __init__(self, storage: _Storage, dtype: str, offset: int, shape: tuple[int, ...],
                  stride: tuple[int, ...], metadata: tuple[tuple[str, bool], ...] = (),
@@ -214,6 +211,46 @@ class _Tensor:
         self.stride = stride
         self.metadata = metadata
         self.parameter = parameter
+        self.tainted = False  # its state was set after it was built: its bytes are unknown
+
+
+class _Opaque:
+    """General reading: an object of a class, or the result of a call, that is not rebuilt.
+    ``parts`` keeps its arguments, state and items (tensors inside it are still found)."""
+
+    __slots__ = ("name", "parts")
+
+    def __init__(self, name: str, parts: list[object]) -> None:
+        self.name = name
+        self.parts = parts
+
+
+class _NpDtype:
+    __slots__ = ("code", "order")
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+        self.order = "="
+
+
+class _NpArray:
+    """A numpy array or scalar as its pickle describes it; complete once ``data`` is set."""
+
+    __slots__ = ("data", "dtype", "fortran", "shape")
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] = ()
+        self.dtype: _NpDtype | None = None
+        self.fortran = False
+        self.data: bytes | None = None
+
+
+_NP_RECONSTRUCT = frozenset({"numpy.core.multiarray._reconstruct",
+                             "numpy._core.multiarray._reconstruct"})
+_NP_SCALAR = frozenset({"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"})
+_NP_FROMBUFFER = frozenset({"numpy.core.numeric._frombuffer", "numpy._core.numeric._frombuffer"})
+_NP_CODE = re.compile(r"[<>|=]?[?bBhHiIlLqQefdgFDGuicf][0-9]{0,2}")
+_NP_KINDS = frozenset("biufc")
 
 
 _Persistent = Callable[[object], object]
@@ -241,9 +278,15 @@ def _storage_type(name: str) -> _StorageType | None:
 
 
 class _Budget:
-    def __init__(self) -> None:
+    """Limits of one reading, and its mode. ``general``: the inventory reading (see
+    :func:`try_inventory`): any global is an inert stand-in, and every tensor and numpy array
+    the pickle builds is recorded in ``made``."""
+
+    def __init__(self, *, general: bool = False) -> None:
         self.ops = 0
         self.deadline = time.monotonic() + _TIME_BUDGET_S
+        self.general = general
+        self.made: list[_Tensor | _NpArray] = []
 
 
 def _is_int(v: object) -> bool:
@@ -287,13 +330,33 @@ def _make_tensor(storage: object, offset: object, size: object, stride: object, 
     return _Tensor(storage, dt, offset, shape, strides, _metadata(metadata))
 
 
-def _call(func: object, args: object) -> object:
-    """REDUCE: the few callables a plain state_dict uses, evaluated symbolically."""
+def _call(func: object, args: object, budget: _Budget) -> object:
+    """REDUCE: the few callables a plain state_dict uses, evaluated symbolically; in the
+    general reading also numpy's array rebuilders, and an inert :class:`_Opaque` for any other
+    call."""
+    if not budget.general:
+        return _call_known(func, args, budget)
+    try:
+        value = _call_known(func, args, budget)
+    except _Unsupported:  # e.g. a tensor rebuilt from a storage made by a call: not verified
+        return _Opaque(getattr(func, "name", "<call>"), [args])
+    if isinstance(value, (_Tensor, _NpArray)):
+        budget.made.append(value)
+    return value
+
+
+def _call_known(func: object, args: object, budget: _Budget) -> object:
+    if budget.general and (not isinstance(func, _Global) or not isinstance(args, tuple)):
+        return _Opaque("<call>", [func, args])
     if not isinstance(func, _Global):
         raise _Unsupported("REDUCE of something that is not an allowlisted global")
     if not isinstance(args, tuple):
         raise _Unsupported("REDUCE arguments are not a tuple")
     name, n = func.name, len(args)
+    if budget.general:
+        general = _call_general(name, args, budget)
+        if general is not None:
+            return general
     if name == "collections.OrderedDict":
         if n:
             raise _Unsupported("OrderedDict built from arguments")
@@ -332,10 +395,80 @@ def _call(func: object, args: object) -> object:
         _check_hooks(args[2])
         t = args[0]
         return _Tensor(t.storage, t.dtype, t.offset, t.shape, t.stride, t.metadata, parameter=True)
+    if budget.general:
+        return _Opaque(name, list(args))
     raise _Unsupported(f"the pickle calls {name}, which is not a tensor rebuild function")
 
 
-def _resolve_global(module: str, name: str, proto: int) -> object:
+def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> object | None:
+    """The general reading's extra callables; None for the plain ones and opaque calls."""
+    n = len(args)
+    if name in ("torch._tensor._rebuild_from_type_v2", "torch._tensor._rebuild_from_type"):
+        # a tensor subclass: the tensor is func(*args); the subclass and its state are dropped
+        # by the worker (returned as a plain tensor), so only the inner rebuild matters
+        if n >= 3 and isinstance(args[2], tuple):
+            inner = _call(args[0], args[2], budget)
+            if n == 4 and isinstance(inner, _Tensor) and not _harmless_state(args[3]):
+                inner.tainted = True  # state that may replace the data (``data``, a class)
+            return inner
+        return _Opaque(name, list(args))
+    if name == "torch._utils._rebuild_parameter_with_state":
+        if n == 4 and isinstance(args[0], _Tensor) and isinstance(args[1], bool):
+            _check_hooks(args[2])
+            t = args[0]
+            p = _Tensor(t.storage, t.dtype, t.offset, t.shape, t.stride, t.metadata,
+                        parameter=True)
+            p.tainted = t.tainted or not _harmless_state(args[3])
+            return p
+        return _Opaque(name, list(args))
+    if name == "builtins.bytes" and n == 0:  # protocol 2 pickles b"" as bytes()
+        return b""
+    if name == "builtins.bytearray" and n == 0:
+        return bytearray()
+    if name == "builtins.bytearray" and n == 2 and isinstance(args[0], str) and \
+            args[1] in ("latin1", "latin-1"):
+        try:
+            return bytearray(args[0].encode("latin-1"))
+        except UnicodeEncodeError:
+            return _Opaque(name, list(args))
+    if name in _NP_RECONSTRUCT:
+        return _NpArray()
+    if name == "numpy.dtype":
+        if n >= 1 and isinstance(args[0], str) and _NP_CODE.fullmatch(args[0]):
+            return _NpDtype(args[0])
+        return _Opaque(name, list(args))
+    if name in _NP_SCALAR:
+        if n == 2 and isinstance(args[0], _NpDtype) and isinstance(args[1], bytes):
+            a = _NpArray()
+            a.dtype, a.data = args[0], args[1]
+            return a
+        return _Opaque(name, list(args))
+    if name in _NP_FROMBUFFER:
+        if n == 4 and isinstance(args[0], (bytes, bytearray)) and isinstance(args[1], _NpDtype) \
+                and args[3] in ("C", "F"):
+            a = _NpArray()
+            a.data, a.dtype, a.fortran = bytes(args[0]), args[1], args[3] == "F"
+            a.shape = _int_tuple(args[2], "shape") if isinstance(args[2], (tuple, list)) else ()
+            return a
+        return _Opaque(name, list(args))
+    return None
+
+
+def _harmless_state(state: object) -> bool:
+    """State set on a rebuilt tensor that cannot change its values: plain attributes (a flag a
+    library attaches to a parameter) other than the ones that reach the data."""
+    if state is None:
+        return True
+    if isinstance(state, tuple) and len(state) == 2:
+        return all(_harmless_state(s) for s in state)
+    if not isinstance(state, dict):
+        return False
+    return all(isinstance(k, str) and not k.startswith("_data") and k not in
+               ("data", "grad", "real", "imag", "__class__", "__dict__") and
+               (v is None or isinstance(v, (bool, int, float, str))) for k, v in state.items())
+
+
+def _resolve_global(module: str, name: str, proto: int, budget: _Budget) -> object:
     module, name = _scan._resolve_name(module, name, proto)
     if module == "torch.tensor":  # torch's load_module_mapping
         module = "torch._tensor"
@@ -352,6 +485,8 @@ def _resolve_global(module: str, name: str, proto: int) -> object:
         dtype = _DTYPE_ALIASES.get(name, name)
         if dtype in P.TORCH_DTYPES:
             return _Dtype(dtype)
+    if budget.general:
+        return _Global(full)  # inert: calling it gives an _Opaque, unless _call_general knows it
     raise _Unsupported(f"the pickle imports {full}, which a plain state_dict does not need")
 
 
@@ -413,16 +548,25 @@ def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | N
         memo[idx] = top()
 
     def setitems(target: object, items: list[object]) -> None:
+        if budget.general and isinstance(target, _Opaque):
+            target.parts.extend(items)  # a dict subclass, or __setitem__ of anything
+            return
         if not isinstance(target, dict):
             raise _Unsupported("SETITEM(S) on something that is not a dict")
         try:
             for i in range(0, len(items), 2):
                 key = items[i]
                 if not _plain_key(key):
-                    raise _Unsupported("a dict key is not a str/int/float/bool/None/bytes/tuple")
+                    if not budget.general:
+                        raise _Unsupported("a dict key is not a str/int/float/bool/None/bytes/"
+                                           "tuple")
+                    key = _Opaque("<key>", [key])
                 target[key] = items[i + 1]
         except TypeError:
-            raise _Unsupported("unhashable dict key") from None
+            if not budget.general:
+                raise _Unsupported("unhashable dict key") from None
+            for i in range(0, len(items), 2):  # keep the values: tensors may hide there
+                target[_Opaque("<key>", [items[i]])] = items[i + 1]
 
     while True:
         if pos >= end:
@@ -480,15 +624,21 @@ def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | N
         elif op == 0x61:  # APPEND
             value = pop()
             target = top()
-            if not isinstance(target, list):
+            if budget.general and isinstance(target, _Opaque):
+                target.parts.append(value)
+            elif not isinstance(target, list):
                 raise _Unsupported("APPEND to something that is not a list")
-            target.append(value)
+            else:
+                target.append(value)
         elif op == 0x65:  # APPENDS
             items = pop_mark()
             target = top()
-            if not isinstance(target, list):
+            if budget.general and isinstance(target, _Opaque):
+                target.parts.extend(items)
+            elif not isinstance(target, list):
                 raise _Unsupported("APPENDS to something that is not a list")
-            target.extend(items)
+            else:
+                target.extend(items)
         elif op == 0x71:  # BINPUT
             put(uint(1))
         elif op == 0x72:  # LONG_BINPUT
@@ -541,21 +691,23 @@ def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | N
                 raise _Unsupported("GLOBAL argument without newline")
             module, name = text(bytes(buf[pos:nl1])), text(bytes(buf[nl1 + 1:nl2]))
             pos = nl2 + 1
-            stack.append(_resolve_global(module, name, proto))
+            stack.append(_resolve_global(module, name, proto, budget))
         elif op == 0x93:  # STACK_GLOBAL
             name_v = pop()
             module_v = pop()
             if not isinstance(module_v, str) or not isinstance(name_v, str):
                 raise _Unsupported("STACK_GLOBAL operands are not strings")
-            stack.append(_resolve_global(module_v, name_v, proto))
+            stack.append(_resolve_global(module_v, name_v, proto, budget))
         elif op == 0x52:  # REDUCE
             args = pop()
             func = pop()
-            stack.append(_call(func, args))
+            stack.append(_call(func, args, budget))
         elif op == 0x62:  # BUILD
             state = pop()
             inst = top()
-            if not isinstance(inst, collections.OrderedDict) or not _attr_state(state):
+            if budget.general and not isinstance(inst, (dict, list, tuple)):
+                _build_general(inst, state, budget)
+            elif not isinstance(inst, collections.OrderedDict) or not _attr_state(state):
                 raise _Unsupported("BUILD (setstate) on something other than an OrderedDict's "
                                    "attributes")
         elif op == 0x51:  # BINPERSID
@@ -572,9 +724,88 @@ def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | N
             pop_mark()
         elif op == 0x32:  # DUP
             stack.append(top())
+        elif budget.general and op in _GENERAL_OPS:
+            _general_op(op, stack, pop, pop_mark, budget)
+        elif budget.general and op == 0x69:  # INST module\nname\n, MARK args
+            nl1 = buf.find(b"\n", pos, end)
+            nl2 = buf.find(b"\n", nl1 + 1, end) if nl1 >= 0 else -1
+            if nl2 < 0:
+                raise _Unsupported("INST argument without newline")
+            full = text(bytes(buf[pos:nl1])) + "." + text(bytes(buf[nl1 + 1:nl2]))
+            pos = nl2 + 1
+            stack.append(_Opaque(full, pop_mark()))
+        elif budget.general and op in (0x55, 0x54):  # SHORT_BINSTRING / BINSTRING
+            n = uint(1 if op == 0x55 else 4)
+            at = need(n)
+            stack.append(bytes(buf[at:at + n]).decode("latin-1"))
+        elif budget.general and op == 0x96:  # BYTEARRAY8
+            n = uint(8)
+            at = need(n)
+            stack.append(bytearray(buf[at:at + n]))
+        elif budget.general and op in (0x82, 0x83, 0x84):  # EXT1/2/4: copyreg's registry
+            stack.append(_Global(f"<extension {uint(1 << (op - 0x82) if op < 0x84 else 4)}>"))
         else:
             raise _Unsupported(f"pickle opcode 0x{op:02x} is not one torch.save writes for a "
                                "state_dict")
+
+
+_GENERAL_OPS = frozenset({0x81, 0x92, 0x6F, 0x8F, 0x90, 0x91})
+
+
+def _general_op(op: int, stack: list[object], pop: Callable[[], object],
+                pop_mark: Callable[[], list[object]], budget: _Budget) -> None:
+    """The general reading's object and set opcodes: every new object is inert."""
+    if op == 0x81:  # NEWOBJ cls args
+        args = pop()
+        cls = pop()
+        stack.append(_Opaque(getattr(cls, "name", "<class>"), [cls, args]))
+    elif op == 0x92:  # NEWOBJ_EX cls args kwargs
+        kwargs = pop()
+        args = pop()
+        cls = pop()
+        stack.append(_Opaque(getattr(cls, "name", "<class>"), [cls, args, kwargs]))
+    elif op == 0x6F:  # OBJ: MARK cls args...
+        items = pop_mark()
+        if not items:
+            raise _Unsupported("OBJ without a class")
+        stack.append(_Opaque(getattr(items[0], "name", "<class>"), items))
+    elif op == 0x8F:  # EMPTY_SET: kept as a list (members may be unhashable stand-ins)
+        stack.append(_Opaque("builtins.set", []))
+    elif op == 0x90:  # ADDITEMS
+        items = pop_mark()
+        target = stack[-1] if stack else None
+        if not isinstance(target, _Opaque):
+            raise _Unsupported("ADDITEMS to something that is not a set")
+        target.parts.extend(items)
+    else:  # FROZENSET
+        stack.append(_Opaque("builtins.frozenset", pop_mark()))
+
+
+def _build_general(inst: object, state: object, budget: _Budget) -> None:
+    """BUILD in the general reading: numpy arrays and dtypes take their state; a tensor whose
+    state is set may have other values than its record; any other object keeps the state."""
+    if isinstance(inst, _Opaque):
+        inst.parts.append(state)
+    elif isinstance(inst, _NpDtype):
+        if isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">", "|", "="):
+            inst.order = str(state[1])
+    elif isinstance(inst, _NpArray):
+        # ndarray.__setstate__: (version, shape, dtype, is_fortran, data)
+        if isinstance(state, tuple) and len(state) == 5:
+            state = state[1:]
+        if not isinstance(state, tuple) or len(state) != 4 or inst.data is not None:
+            raise _Unsupported("numpy array state is not (shape, dtype, fortran, data)")
+        shape, dtype, fortran, data = state
+        if isinstance(dtype, _NpDtype) and isinstance(data, (bytes, bytearray)) and \
+                isinstance(fortran, bool) and isinstance(shape, (tuple, list)):
+            inst.shape, inst.dtype, inst.fortran = _int_tuple(shape, "shape"), dtype, fortran
+            inst.data = bytes(data)
+        # else: an object array (data is a list) or something odd: not a numeric array
+    elif isinstance(inst, _Tensor):
+        if not _harmless_state(state):
+            inst.tainted = True  # Tensor.__setstate__ can set_() another storage
+    else:
+        raise _Unsupported("BUILD (setstate) on a value that has no state")
 
 
 def _plain_key(key: object) -> bool:
@@ -753,6 +984,9 @@ def _legacy_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
     views: dict[object, _Storage] = {}
 
     def persistent(pid: object) -> object:
+        if budget.general and isinstance(pid, tuple) and pid and \
+                _decode_ascii(pid[0]) == "module":
+            return _Global("<module class>")  # (type, source file, source): the class itself
         if not isinstance(pid, tuple) or len(pid) != 6 or _decode_ascii(pid[0]) != "storage":
             raise _Unsupported("persistent id is not a legacy storage record")
         root = _storage_claims(claims, pid[2], pid[1], pid[4], legacy=True)
@@ -889,7 +1123,9 @@ def _tar_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
         (offset,) = struct.unpack_from("<q", buf, q + 16 * ndim)
         p = q + 16 * ndim + 8
         try:
-            objects[rec[0]] = _make_tensor(storage, offset, shape, stride, None, None)
+            objects[rec[0]] = made = _make_tensor(storage, offset, shape, stride, None, None)
+            if budget.general:
+                budget.made.append(made)
         except TypeError:
             raise _Unsupported("unhashable tar tensor key") from None
 
@@ -1005,7 +1241,7 @@ _LAYOUTS: dict[str, Callable[[_scan._Buf, _Budget], _Layout]] = {
 
 
 def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
-                    ) -> Reconstruction | NotReconstructed:
+                    scan: _scan.StaticScan | None = None) -> Reconstruction | NotReconstructed:
     """Rebuild every tensor of a plain state_dict at ``path`` from the file's raw records.
 
     Runs :func:`sandbox._scan.scan_file` first: the file must be a torch zip, legacy or legacy
@@ -1017,10 +1253,11 @@ def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
     one storage is in memory at a time. Never raises for file content: unreadable or unusual
     files give :class:`NotReconstructed`.
     """
-    try:
-        scan = _scan.scan_file(path)
-    except MalformedInput as exc:
-        return NotReconstructed(f"the static scan could not read the file ({exc.message})")
+    if scan is None:
+        try:
+            scan = _scan.scan_file(path)
+        except MalformedInput as exc:
+            return NotReconstructed(f"the static scan could not read the file ({exc.message})")
     fmt = scan.format
     if fmt not in _LAYOUTS:
         return NotReconstructed(f"format {fmt} is not a torch checkpoint with raw storage records",
@@ -1041,6 +1278,159 @@ def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
             if len(namer.order) > P.MAX_TENSORS:
                 raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
             return _materialise(layout, namer.order, buf, fmt, keep_data=keep_data)
+    except _Unsupported as exc:
+        return NotReconstructed(exc.reason, fmt)
+    except MalformedInput as exc:
+        return NotReconstructed(f"the file could not be read ({exc.message})", fmt)
+    except RecursionError:
+        return NotReconstructed("the pickle nests containers too deeply", fmt)
+
+
+#: one tensor as (torch dtype name, shape, sha256 of its row-major native-order bytes)
+Digest = tuple[str, tuple[int, ...], str]
+
+_NP_TORCH = {n: n for n in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                            "uint32", "uint64", "float16", "float32", "float64", "complex64",
+                            "complex128")}
+_MAX_INVENTORY_MEMBER = 1 << 31  # bytes of one npz member read to hash it
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Every tensor and numeric numpy array a checkpoint's pickles build, wherever it sits in
+    the structure (inside objects of any class, optimizer states, numpy arrays), as digests.
+
+    The general reading behind it interprets the pickle like :func:`try_reconstruct`, except
+    that a global it does not know is an inert stand-in and a call of one yields an inert
+    object (whose arguments and state are still read): nothing is run, and no stand-in's
+    behaviour is guessed. A tensor whose state is set after it was built (``__setstate__``
+    that could swap its data) is left out, so what the loader returns for it is unverified.
+    ``digests`` holds what the file describes; a tensor the sandbox returns that is not among
+    them was computed while loading."""
+
+    format: str
+    digests: frozenset[Digest]
+    findings: tuple[Finding, ...] = ()
+
+
+def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool,
+               data: object) -> Digest | None:
+    """The digest of a numeric numpy array as the worker returns it (native byte order,
+    C-contiguous, as a torch tensor); None for arrays the worker does not return as tensors
+    or that numpy would refuse to build."""
+    import numpy as np
+
+    code = dtype if isinstance(dtype, str) else dtype.order + dtype.code.lstrip("<>|=")
+    if not _NP_CODE.fullmatch(code):
+        return None
+    try:
+        dt = np.dtype(code)
+    except TypeError:
+        return None
+    name = _NP_TORCH.get(dt.newbyteorder("=").name)
+    if dt.kind not in _NP_KINDS or dt.fields is not None or dt.subdtype is not None or not name:
+        return None
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel * dt.itemsize > len(data):  # type: ignore[arg-type]
+            return None
+    if numel * dt.itemsize != len(data) or len(shape) > P.MAX_NDIM:  # type: ignore[arg-type]
+        return None
+    a = np.frombuffer(data, dtype=dt, count=numel).reshape(  # type: ignore[call-overload]
+        shape, order="F" if fortran else "C")
+    native = np.ascontiguousarray(a.astype(dt.newbyteorder("="), copy=False))
+    return name, tuple(shape), hashlib.sha256(native.reshape(-1).view(np.uint8).data).hexdigest()
+
+
+def _npy_digests(buf: _scan._Buf, start: int, end: int, label: str,
+                 budget: _Budget) -> list[Digest]:
+    """A ``.npy`` record: its array's digest, or (an object array) what its pickle builds."""
+    header, data_at = _scan._npy_header(buf, start, end, label)
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    if _scan._descr_has_object(descr):
+        _evaluate(buf, data_at, end, None, budget)
+        return []  # the arrays and tensors it built are in budget.made
+    if not isinstance(descr, str) or not isinstance(fortran, bool) or \
+            not isinstance(shape, tuple):
+        return []  # a structured array: not returned as a tensor
+    shape_t = _int_tuple(shape, "shape")
+    with memoryview(buf) as view:
+        digest = _np_digest(descr, shape_t, fortran, view[data_at:end])
+    return [digest] if digest is not None else []
+
+
+def _npz_digests(path: str | os.PathLike[str], budget: _Budget) -> list[Digest]:
+    """Every ``.npy`` member of an ``.npz``, read with the zipfile module numpy itself uses."""
+    import zipfile
+
+    out: list[Digest] = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                if info.file_size > _MAX_INVENTORY_MEMBER:
+                    raise _Unsupported(f"npz member {info.filename!r} is larger than "
+                                       f"{_MAX_INVENTORY_MEMBER} bytes")
+                with zf.open(info) as member:
+                    data = member.read(_MAX_INVENTORY_MEMBER + 1)
+                if len(data) > _MAX_INVENTORY_MEMBER:
+                    raise _Unsupported(f"npz member {info.filename!r} inflates past its size")
+                out += _npy_digests(data, 0, len(data), info.filename, budget)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError) as exc:
+        raise _Unsupported(f"the npz archive cannot be read: {exc}") from None
+    return out
+
+
+def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
+                  ) -> Inventory | NotReconstructed:
+    """The general reading of the file at ``path`` (see :class:`Inventory`), or why there is
+    none: a format without one, a container or stream trick that leaves the file without a
+    single reading, a budget exhausted. ``scan``: the static stage's scan of the same file
+    when the caller has it. Never raises for file content."""
+    if scan is None:
+        try:
+            scan = _scan.scan_file(path)
+        except MalformedInput as exc:
+            return NotReconstructed(f"the static scan could not read the file ({exc.message})")
+    fmt = scan.format
+    tricks = sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
+    if tricks:
+        return NotReconstructed("the static scan found container or stream tricks ("
+                                + ", ".join(tricks) + "); the file has no single reading", fmt)
+    budget = _Budget(general=True)
+    digests: list[Digest] = []
+    findings: list[Finding] = []
+    try:
+        with _scan._open_buffer(path) as buf:
+            if fmt in _LAYOUTS:
+                layout = _LAYOUTS[fmt](buf, budget)
+                findings += layout.findings
+            elif fmt == "pickle":
+                layout = _Layout(value=_evaluate(buf, 0, len(buf), None, budget)[0])
+            elif fmt == "numpy-npy":
+                layout = _Layout(value=None)
+                digests += _npy_digests(buf, 0, len(buf), "<npy>", budget)
+            elif fmt == "numpy-npz":
+                layout = _Layout(value=None)
+                digests += _npz_digests(path, budget)
+            else:
+                raise _Unsupported(f"format {fmt} has no general reading")
+            unique = {id(m): m for m in budget.made}
+            if len(unique) > P.MAX_TENSORS:
+                raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
+            tensors = [(f"#{i}", t) for i, t in enumerate(unique.values())
+                       if isinstance(t, _Tensor) and not t.tainted]
+            rec = _materialise(layout, tensors, buf, fmt, keep_data=False)
+            findings += [f for f in rec.findings if f not in findings]
+            digests += [(t.dtype, t.shape, t.sha256) for t in rec.tensors.values()]
+            for m in unique.values():
+                if isinstance(m, _NpArray) and m.data is not None and m.dtype is not None:
+                    d = _np_digest(m.dtype, m.shape, m.fortran, m.data)
+                    if d is not None:
+                        digests.append(d)
+            return Inventory(format=fmt, digests=frozenset(digests), findings=tuple(findings))
     except _Unsupported as exc:
         return NotReconstructed(exc.reason, fmt)
     except MalformedInput as exc:

@@ -101,6 +101,8 @@ _MAX_ZIP_ENTRIES = 1_000_000
 _MAX_NPY_HEADER = 1 << 20
 _MAX_SAFETENSORS_HEADER = 100_000_000
 _MAX_TRAILING_STREAMS = 16
+_BOMB_MIN_BYTES = 256 << 20  # a compressed zip member this large when inflated, and
+_BOMB_RATIO = 200  # compressed more than this, is a decompression bomb
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001
 
@@ -241,6 +243,14 @@ _DANGEROUS_ATTRS: frozenset[str] = frozenset({
 })
 _SAFE_DUNDERS: frozenset[str] = frozenset({"__newobj__", "__newobj_ex__"})
 
+# Activation functions implemented in torch's C extension, which configs store (often bound
+# with functools.partial): pure tensor math under the dangerous ``torch._C`` prefix. They are
+# unknown globals, not dangerous ones; a weight they compute while loading is unverified.
+_MATH_BUILTINS: frozenset[str] = frozenset(
+    f"torch._C._nn.{n}" for n in (
+        "gelu", "silu", "elu", "leaky_relu", "hardtanh", "softplus", "hardswish",
+        "hardsigmoid", "mish", "relu6", "glu", "log_sigmoid", "softshrink", "hardshrink"))
+
 # Callables that unpickle their bytes argument (nested pickles).
 _NESTED_LOADERS: frozenset[str] = frozenset({
     "pickle.loads", "pickle.load", "pickle._loads", "pickle._load", "_pickle.loads",
@@ -278,6 +288,8 @@ def classify_global(module: str, name: str) -> tuple[str, str | None]:
     full = f"{module}.{name}"
     if full in ALLOWED_GLOBALS:
         return "allowed", None
+    if full in _MATH_BUILTINS:
+        return "unknown", None
     category = _dangerous_prefix(full)
     if category is not None:
         return "dangerous", category
@@ -425,6 +437,10 @@ class _RefRec:
     category: str | None
     called: bool = False
     unresolved: bool = False
+    # functools.partial only: True while every partial it made binds a global that is not
+    # dangerous to literal arguments and none of them is called in the stream; False once one
+    # is not; None when it made none
+    inert_partial: bool | None = None
 
 
 @dataclass
@@ -665,6 +681,8 @@ def _walk(ctx: _Ctx, buf: _Buf, start: int, end: int, member: str, *, nest: int 
     def called(value: object) -> None:
         if isinstance(value, _Global):
             ctx.refs[value.idx].called = True
+        elif isinstance(value, _Obj) and _partial_ref(ctx, value.callee) is not None:
+            _partial_ref(ctx, value.callee).inert_partial = False  # type: ignore[union-attr]
 
     def add_global(module: str, name: str, opcode: str) -> _Global:
         module, name = _resolve_name(module, name, proto)
@@ -857,11 +875,18 @@ def _walk(ctx: _Ctx, buf: _Buf, start: int, end: int, member: str, *, nest: int 
             args = pop()
             func = pop()
             called(func)
+            _note_partial(ctx, func, isinstance(args, tuple) and len(args) >= 1
+                          and _inert_target(ctx, args[0]) and _literal(args[1:]))
             stack.append(_Obj("reduce", func, args))
         elif op == 0x62:  # BUILD
             state = pop()
             inst = top()
-            called(inst)
+            if isinstance(inst, _Obj) and _partial_ref(ctx, inst.callee) is not None:
+                # partial.__setstate__((func, args, keywords, __dict__)): still not a call
+                _note_partial(ctx, inst.callee, isinstance(state, tuple) and len(state) == 4
+                              and _inert_target(ctx, state[0]) and _literal(state[1:]))
+            else:
+                called(inst)
             if isinstance(inst, _Obj):
                 inst.state = state
                 if joblib and _callee_name(ctx, inst) in _JOBLIB_WRAPPERS:
@@ -1113,6 +1138,57 @@ def _walk(ctx: _Ctx, buf: _Buf, start: int, end: int, member: str, *, nest: int 
                 frame_end = -1
 
 
+_PARTIAL = ("functools", "partial")
+
+
+def _partial_ref(ctx: _Ctx, value: object) -> _RefRec | None:
+    """The import record of ``functools.partial`` when ``value`` is that global."""
+    if isinstance(value, _Global):
+        ref = ctx.refs[value.idx]
+        if (ref.module, ref.name) == _PARTIAL:
+            return ref
+    return None
+
+
+def _note_partial(ctx: _Ctx, func: object, inert: bool) -> None:
+    ref = _partial_ref(ctx, func)
+    if ref is not None and ref.inert_partial is not False:
+        ref.inert_partial = inert
+
+
+def _inert_target(ctx: _Ctx, value: object) -> bool:
+    """A global a partial may bind without risk at load time: one that is not dangerous (an
+    optimizer or scheduler class, an activation function); binding never calls it."""
+    return isinstance(value, _Global) and ctx.refs[value.idx].classification != "dangerous" \
+        and not ctx.refs[value.idx].unresolved
+
+
+def _literal(value: object, depth: int = 0) -> bool:
+    """Plain data the static reading kept whole: no global, call or truncated container."""
+    if value is None or isinstance(value, (bool, int, float, str, _Bytes)):
+        return True
+    if depth > 16:
+        return False
+    if isinstance(value, tuple):
+        return all(_literal(v, depth + 1) for v in value)
+    if isinstance(value, _List):
+        return value.count == len(value.items) and all(_literal(v, depth + 1)
+                                                      for v in value.items)
+    if isinstance(value, _Dict):
+        return value.count == len(value.items) and all(
+            _literal(k, depth + 1) and _literal(v, depth + 1) for k, v in value.items)
+    return False
+
+
+def _classification(r: _RefRec) -> str:
+    """A ref's classification, with the one context rule: ``functools.partial`` binding a
+    global that is not dangerous to literal arguments, and never called, only stores a
+    callable (as configs do with optimizer classes) and counts as allowed."""
+    if (r.module, r.name) == _PARTIAL and r.inert_partial:
+        return "allowed"
+    return r.classification
+
+
 def _callee_name(ctx: _Ctx, obj: _Obj) -> str | None:
     if isinstance(obj.callee, _Global):
         ref = ctx.refs[obj.callee.idx]
@@ -1195,7 +1271,7 @@ def _joblib_layout(state: object) -> tuple[int, bool, bool] | None:
 
 def _global_refs(ctx: _Ctx) -> tuple[GlobalRef, ...]:
     return tuple(GlobalRef(module=r.module, name=r.name, member=r.member, opcode=r.opcode,
-                           offset=r.offset, classification=r.classification, called=r.called)
+                           offset=r.offset, classification=_classification(r), called=r.called)
                  for r in ctx.refs)
 
 
@@ -1203,16 +1279,16 @@ def _global_findings(ctx: _Ctx) -> list[Finding]:
     """One finding per (member, global) that is not allowed."""
     groups: dict[tuple[str, str, str], list[_RefRec]] = {}
     for r in ctx.refs:
-        if r.classification == "allowed" or r.unresolved:
+        if _classification(r) == "allowed" or r.unresolved:
             continue
         groups.setdefault((r.member, r.module, r.name), []).append(r)
     out = []
     for (member, module, name), refs in groups.items():
-        first = refs[0]
-        dangerous = first.classification == "dangerous"
+        first = next((r for r in refs if _classification(r) == "dangerous"), refs[0])
+        dangerous = _classification(first) == "dangerous"
         out.append(Finding(
             rule="dangerous-global" if dangerous else "unknown-global",
-            severity=_SEVERITY_OF[first.classification],
+            severity=_SEVERITY_OF[_classification(first)],
             category=(first.category or "exec") if dangerous else "exec",
             message=(f"{member} imports {'dangerous' if dangerous else 'non-allowlisted'} "
                      f"global {module}.{name}"
@@ -1569,6 +1645,12 @@ def _scan_zip(ctx: _Ctx, buf: _Buf, z: _Zip, fmt: str, prefix: str = "") -> None
         lname = e.name.lower()
         if lname.endswith(b"/") and e.usize == 0:
             continue
+        if e.method != 0 and e.usize >= _BOMB_MIN_BYTES and e.usize > _BOMB_RATIO * max(e.csize, 1):
+            ctx.add("resource-abuse", Severity.MEDIUM, "resource",
+                    f"zip member {label} declares {e.usize} bytes from {e.csize} compressed "
+                    f"({e.usize // max(e.csize, 1)}:1): a decompression bomb for the loader; "
+                    "the scan does not inflate it", member=label, declared_bytes=e.usize,
+                    compressed_bytes=e.csize, ratio=e.usize // max(e.csize, 1))
         if lname.endswith(b".npy"):
             _scan_npz_member(ctx, buf, e, label)
             continue

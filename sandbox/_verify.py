@@ -2,10 +2,14 @@
 
 * the input the worker hashed inside the container is the file the host hashed before the
   run (a file swapped under the sandbox is an error, not a load);
-* the weights the loader returned are the weights the file holds: for plain state_dicts the
+* the weights the loader returned are the weights the file holds. For plain state_dicts the
   tensors are rebuilt from the archive's records without any unpickler
-  (:mod:`._reconstruct`) and compared, so a pickle that changes weights while it loads
-  (Sleepy Pickle) is caught;
+  (:func:`._reconstruct.try_reconstruct`) and compared name by name, so a pickle that changes
+  weights while it loads (Sleepy Pickle) is caught (``weights-tampered``). For everything else
+  (objects of any class, optimizer states, numpy arrays) the general reading
+  (:func:`._reconstruct.try_inventory`) lists every tensor the file describes, and each tensor
+  the loader returned must be one of them; one that is not was computed while loading and is
+  ``weights-unverified`` (which ``safe_load(weights_only=True)`` and ``convert`` refuse);
 * (tensor bytes against the manifest are checked while reading them, in ``_convert``).
 """
 
@@ -14,11 +18,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import _reconstruct
+from . import _reconstruct, _scan
 from .report import Finding, Severity
 
 if TYPE_CHECKING:
     import torch
+
+_MAX_NAMED = 20  # tensors named in one finding
 
 
 def input_identity(host_sha256: str, status: dict[str, Any] | None) -> Finding | None:
@@ -33,25 +39,59 @@ def input_identity(host_sha256: str, status: dict[str, Any] | None) -> Finding |
         evidence={"host_sha256": host_sha256, "sandbox_sha256": status["input_sha256"]})
 
 
-def weights(path: str, manifest: dict[str, Any],
-            tensors: Mapping[str, torch.Tensor] | None = None) -> list[Finding]:
-    """Compare what the sandbox returned with an independent reading of the file.
-
-    Stored tensors are compared through the manifest's sha256 (the host has already checked
-    every stored tensor's bytes against it); views, when the host holds the ``tensors``, are
-    hashed as the caller will see them. Without tensors (a scan keeps no weights) a view is
-    covered by its base."""
-    rec = _reconstruct.try_reconstruct(path)
-    if isinstance(rec, _reconstruct.NotReconstructed):
-        return [rec.finding()]
+def _returned(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor] | None,
+              want_view: Mapping[str, Any] | None) -> dict[str, _reconstruct.Actual]:
+    """What the sandbox returned per tensor name: stored tensors by the manifest's sha256
+    (the host has already checked every stored tensor's bytes against it); a view by the
+    digest of what the caller will see when the host holds the ``tensors`` (and, with
+    ``want_view``, only for names in it), else ``None``: its base stands for it."""
     actual: dict[str, _reconstruct.Actual] = {}
     for e in manifest["tensors"]:
         actual[e["name"]] = (e["dtype"], tuple(e["shape"]), e["sha256"])
     for v in manifest["views"]:
-        digest = None  # without the host's tensors a view's base stands for it
-        if tensors is not None and v["name"] in tensors and v["name"] in rec.tensors:
+        digest = None
+        if tensors is not None and v["name"] in tensors and \
+                (want_view is None or v["name"] in want_view):
             from ._convert import tensor_digest
 
             digest = tensor_digest(tensors[v["name"]])
         actual[v["name"]] = (v["dtype"], tuple(v["shape"]), digest)
-    return list(rec.findings) + _reconstruct.compare_digests(rec, actual)
+    return actual
+
+
+def weights(path: str, manifest: dict[str, Any],
+            tensors: Mapping[str, torch.Tensor] | None = None,
+            scan: _scan.StaticScan | None = None) -> list[Finding]:
+    """Compare what the sandbox returned with an independent reading of the file.
+
+    ``scan``: the static stage's complete scan of the same file, when there is one (the file
+    is not scanned again)."""
+    rec = _reconstruct.try_reconstruct(path, scan=scan)
+    if isinstance(rec, _reconstruct.Reconstruction):
+        return list(rec.findings) + _reconstruct.compare_digests(
+            rec, _returned(manifest, tensors, rec.tensors))
+    actual = _returned(manifest, tensors, None)
+    if not actual:
+        return []  # nothing handed over, nothing to verify
+    inv = _reconstruct.try_inventory(path, scan=scan)
+    if isinstance(inv, _reconstruct.NotReconstructed):
+        unverified = sorted(actual)
+        reason = f"the file has no independent reading: {inv.reason}"
+        found: list[Finding] = []
+    else:
+        unverified = sorted(n for n, (dtype, shape, digest) in actual.items()
+                            if digest is not None and (dtype, shape, digest) not in inv.digests)
+        reason = ("not among the tensors the file's records describe: computed or changed "
+                  "while loading")
+        found = list(inv.findings)
+    if unverified:
+        found.append(Finding(
+            rule="weights-unverified", severity=Severity.MEDIUM, category="integrity",
+            message=(f"{len(unverified)} of the {len(actual)} tensors the loader returned could "
+                     f"not be verified against the file ({reason}): "
+                     + ", ".join(unverified[:5])
+                     + (f" and {len(unverified) - 5} more" if len(unverified) > 5 else "")),
+            evidence={"tensors": unverified[:_MAX_NAMED], "count": len(unverified),
+                      "returned": len(actual), "reason": reason,
+                      "format": inv.format}))
+    return found

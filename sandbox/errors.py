@@ -18,6 +18,7 @@
     ├── UnrepresentableObject         weights_only=True but the file holds objects we cannot rebuild
     ├── PolicyError                   a policy file is invalid (exact field and reason)
     └── SandboxViolation              the verdict reached the policy's threshold; .report has the evidence
+        └── UnverifiedWeights         weights only, but the loader returned tensors the file does not hold
 
 Every class carries structured fields and a message that says what happened and what to do.
 """
@@ -216,3 +217,17 @@ class SandboxViolation(SandboxError):
     def __init__(self, message: str, *, report: LoadReport):
         super().__init__(message)
         self.report = report
+
+
+class UnverifiedWeights(SandboxViolation):
+    """The loader returned tensors that are not among those the file's records describe
+    (computed or changed while loading), and the caller asked for weights only
+    (``safe_load(weights_only=True)``, ``convert``). ``names`` lists them."""
+
+    reference = "weights-unverified"
+    hint = ("the file computes tensors while it loads; if you trust it, load it with "
+            "safe_load(weights_only=False) and check the report's weights-unverified finding")
+
+    def __init__(self, message: str, *, report: LoadReport, names: list[str] | None = None):
+        super().__init__(message, report=report)
+        self.names = list(names or [])

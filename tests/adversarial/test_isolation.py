@@ -209,7 +209,7 @@ def test_weights_changed_by_tensor_metadata_are_flagged(tmp_path: Path) -> None:
 def test_sandbox_weights_are_compared_with_the_file(tmp_path: Path) -> None:
     # A plain state dict: rebuilt from the archive without any unpickler and compared with
     # what the sandboxed loader returned, byte for byte; nothing to report (a comparison
-    # that could not run would say so with a "weights-not-compared" finding).
+    # that could not run would say so with a "weights-unverified" finding).
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
     report = sandbox.scan(path)
     assert report.verdict is sandbox.Verdict.CLEAN and not report.findings

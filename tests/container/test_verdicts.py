@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import shutil
 import time
 import timeit
@@ -66,8 +67,8 @@ def test_benign_configs_stay_clean(tmp_path: Path) -> None:
     """What real checkpoints carry besides tensors: hyper-parameters, argparse namespaces,
     torch dtypes, counters; a pickled module and optimizer (torch imports submodules lazily
     while it loads them, generating code as it goes: not the file's code); plus a legacy tar
-    (torch extracts it into a temporary directory of its own). (``functools.partial`` of an
-    optimizer class is still flagged by the static scan: see the verdicts issue.)"""
+    (torch extracts it into a temporary directory of its own); optimizer and scheduler
+    classes and an activation bound with ``functools.partial``, as config systems store them."""
     ckpt = {
         "state_dict": ck.state_dict(),
         "hyper_parameters": {"lr": 1e-3, "dtype": torch.float16, "layers": [4, 4],
@@ -76,6 +77,9 @@ def test_benign_configs_stay_clean(tmp_path: Path) -> None:
         "model": torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()),
         "counts": collections.Counter(a=1),
         "epoch": 7,
+        "optimizer_cls": functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.99)),
+        "scheduler_cls": functools.partial(torch.optim.lr_scheduler.StepLR, step_size=5),
+        "activation": functools.partial(torch.nn.functional.gelu, approximate="tanh"),
     }
     path = ck.save(ckpt, tmp_path / "benign.pt")
     report = sandbox.scan(path)
@@ -122,3 +126,60 @@ def test_a_tiny_file_that_allocates_gigabytes_is_a_finding(tmp_path: Path) -> No
     # a benign file of the same size is not
     benign = ck.save(ck.state_dict(), tmp_path / "benign.pt")
     assert not [f for f in sandbox.scan(benign).findings if f.rule == "resource-abuse"]
+
+
+def sleepy_module_checkpoint(tmp_path: Path) -> tuple[Path, torch.Tensor]:
+    """A pickled module plus a state dict one of whose weights an ordinary torch function
+    computes while it loads (Sleepy Pickle through ``torch.nn.functional.normalize``, a global
+    no scanner lists as dangerous); returns the file and the weight a plain load gives."""
+    torch.manual_seed(3)
+    sd = ck.state_dict()
+    stored = sd["encoder.weight"].clone()
+    poisoned = collections.OrderedDict(sd)
+    poisoned["encoder.weight"] = ck.Reduce(torch.nn.functional.normalize, stored)  # type: ignore[assignment]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    return (ck.save({"model": model, "state_dict": poisoned}, tmp_path / "sleepy.pt"),
+            torch.nn.functional.normalize(stored))
+
+
+def test_weights_computed_while_loading_are_refused_under_weights_only(tmp_path: Path) -> None:
+    """A module checkpoint has no plain reading; the host's general reading of its pickle
+    lists every tensor the file stores, and the computed one is not among them."""
+    path, computed = sleepy_module_checkpoint(tmp_path)
+    try:
+        sandbox.safe_load(path)
+    except sandbox.UnverifiedWeights as exc:
+        assert exc.names == ["state_dict.encoder.weight"]
+        assert rules(exc.report)["weights-unverified"].severity is sandbox.Severity.MEDIUM
+        assert exc.report.verdict is sandbox.Verdict.SUSPICIOUS
+    else:
+        raise AssertionError("safe_load(weights_only=True) returned unverified weights")
+    # asked for arbitrary objects, the caller gets what torch.load gives, with the finding
+    got = sandbox.safe_load(path, weights_only=False)
+    assert torch.equal(got["state_dict"]["encoder.weight"], computed)
+    out = tmp_path / "out.safetensors"
+    try:
+        sandbox.convert(path, out)
+    except sandbox.UnverifiedWeights:
+        pass
+    else:
+        raise AssertionError("convert wrote unverified weights")
+    assert not out.exists()
+
+
+def test_module_optimizer_and_numpy_checkpoints_are_verified(tmp_path: Path) -> None:
+    """The benign counterpart: every tensor of a pickled module, optimizer, and numpy arrays
+    is found in the file's own records, so nothing is unverified and safe_load returns."""
+    import numpy as np
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    path = ck.save({"model": model, "optimizer": opt, "mean": np.arange(4, dtype=">f4"),
+                    "step": np.int64(9)}, tmp_path / "full.pt")
+    report = sandbox.scan(path)
+    assert "weights-unverified" not in rules(report), report.findings
+    got = sandbox.safe_load(path)
+    assert torch.equal(got["model"]["0.weight"], model[0].weight.detach())
+    assert np.array_equal(np.asarray(got["mean"]), np.arange(4, dtype=np.float32))

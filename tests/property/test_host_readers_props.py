@@ -96,3 +96,17 @@ def test_reported_attacks_on_the_skeleton(node: Any) -> None:
     import torch
 
     bounded(_convert.rebuild, node, {"t": torch.zeros(2)}, weights_only=False)
+
+
+@pytest.mark.parametrize("unit", [b"[],", b"{},", b"0,", b'"":0,'])
+def test_a_manifest_of_tiny_values_is_refused_before_it_is_parsed(unit: bytes) -> None:
+    """64 MB of ``[],`` would be 21 million Python lists (1.4 GB) if parsed: refused from a
+    count of its separators, in well under a second, without building anything."""
+    data = b"[" + unit * ((P.MAX_JSON_BYTES - 3) // len(unit)) + b"0]"
+    assert len(data) <= P.MAX_JSON_BYTES
+    started = time.monotonic()
+    with pytest.raises(SandboxError, match="JSON values"):
+        _extract._parse_json(data, "manifest")
+    assert time.monotonic() - started < 5
+    if unit != b'"":0,':  # the same shape, small, is parsed
+        assert len(_extract._parse_json(b"[" + unit * 1000 + b"0]", "manifest")) == 1001

@@ -267,9 +267,7 @@ def test_sleepy_pickle_is_not_reconstructed_and_compare_names_the_tensor(tmp_pat
     assert isinstance(result, NotReconstructed)
     # torch.add pickles as getattr(torch._C._VariableFunctionsClass, "add")
     assert "builtins.getattr" in result.reason
-    info = result.finding()
-    assert info.rule == "weights-not-compared" and info.severity is Severity.INFO
-    assert reconstruct(evil_path) is None
+    assert reconstruct(evil_path) is None  # the general reading takes over (test_verify)
 
     # what the sandbox hands back for the poisoned file (our own harmless torch.add payload)
     returned = sandbox_tensors(torch.load(evil_path, weights_only=False), tmp_path)

@@ -1015,3 +1015,83 @@ def test_a_numpy_object_array_of_plain_values_is_not_suspicious(tmp_path: Path) 
     np.save(evil, np.array([ck_payload()], dtype=object), allow_pickle=True)
     found = {f.rule: f.severity for f in scan_file(str(evil)).findings}
     assert found["numpy-object-array"] is Severity.MEDIUM and "dangerous-global" in found
+
+
+# ---------------------------------------------------------------------------------------------
+# functools.partial: binding is not calling
+# ---------------------------------------------------------------------------------------------
+
+
+class _CallOf:
+    """Pickles as ``func(*args)``."""
+
+    def __init__(self, func: Any, *args: Any) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return self.func, self.args
+
+
+def _partial_scan(value: Any, protocol: int) -> StaticScan:
+    return scan_pickle_bytes(pickle.dumps({"optimizer_cls": value, "epoch": 1},
+                                          protocol=protocol))  # type: ignore[return-value]
+
+
+def _severities(scan: Any) -> dict[str, Severity]:
+    return {f.evidence["global"]: f.severity for f in scan.findings if "global" in f.evidence}
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_partial_of_an_optimizer_class_or_activation_is_not_dangerous(protocol: int) -> None:
+    import functools
+
+    for value in (functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.99)),
+                  functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10),
+                  functools.partial(torch.nn.functional.gelu, approximate="tanh"),
+                  [functools.partial(torch.optim.SGD, momentum=0.9, nesterov=True)] * 2):
+        scan = _partial_scan(value, protocol)
+        found = _severities(scan)
+        assert "functools.partial" not in found, (value, scan.findings)
+        # the bound class is only an unknown global (INFO under the default policy)
+        assert {f.rule for f in scan.findings} == {"unknown-global"}, scan.findings
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_partial_that_binds_danger_or_is_called_stays_dangerous(protocol: int) -> None:
+    import functools
+
+    bound_danger = functools.partial(os.system, "true")
+    called = _CallOf(functools.partial(torch.optim.SGD, lr=1.0))  # partial(...)() at load
+    computed_arg = functools.partial(torch.optim.SGD, lr=_CallOf(float, "1"))
+    for value in (bound_danger, called, computed_arg):
+        scan = _partial_scan(value, protocol)
+        assert _severities(scan).get("functools.partial") is Severity.CRITICAL, (value, protocol)
+
+
+def test_a_deflated_storage_record_that_declares_far_more_is_a_bomb(tmp_path: Path) -> None:
+    """A storage record deflated from 300 MB of zeros: torch would inflate it while loading;
+    the scan reports the ratio from the zip headers and inflates nothing."""
+    small = tmp_path / "small.pt"
+    torch.save({"w": torch.zeros(4)}, small)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(small) as src:
+        record = next(i.filename for i in src.infolist() if i.filename.endswith("/data/0"))
+    with zipfile.ZipFile(small) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for info in src.infolist():
+            if info.filename == record:
+                zi = zipfile.ZipInfo(record)
+                zi.compress_type = zipfile.ZIP_DEFLATED
+                with dst.open(zi, "w", force_zip64=True) as out:
+                    chunk = bytes(1 << 20)
+                    for _ in range(300):
+                        out.write(chunk)
+            else:
+                dst.writestr(info, src.read(info.filename))
+    assert bomb.stat().st_size < 2 << 20
+    scan = scan_file(bomb)
+    found = [f for f in scan.findings if f.rule == "resource-abuse"]
+    assert len(found) == 1 and found[0].severity is Severity.MEDIUM
+    assert found[0].evidence["declared_bytes"] == 300 << 20
+    assert found[0].evidence["ratio"] > 200
+    # the benign counterpart: the same tensors stored, as torch writes them
+    assert not [f for f in scan_file(small).findings if f.rule == "resource-abuse"]

@@ -1,0 +1,199 @@
+"""Stage 6 (``sandbox._verify``): every tensor the loader returns is checked against an
+independent reading of the file, also for checkpoints that are not plain state dicts.
+
+The "returned" side is what the worker's extractor makes of a real ``torch.load`` in this
+process (the payloads here only compute with torch: nothing leaves a marker or runs a command).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sandbox import _reconstruct, _verify
+from sandbox._worker._extract import extract
+from sandbox.report import Severity
+from tests.checkpoints import Reduce, save, state_dict
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+        self.norm = torch.nn.LayerNorm(3)
+        self.register_buffer("steps", torch.tensor([7]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.lin(x))
+
+
+def returned(path: Path, **load: Any) -> dict[str, Any]:
+    """The manifest the sandbox would send for ``path``."""
+    if path.suffix == ".npy":
+        obj = np.load(path, allow_pickle=True)
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=True) as npz:
+            obj = {k: npz[k] for k in npz.files}
+    elif path.suffix == ".pkl":
+        with open(path, "rb") as f:
+            obj = pickle.load(f)
+    else:
+        obj = torch.load(path, weights_only=False, **load)
+    ex = extract(obj)
+    return {"tensors": ex.entries, "views": ex.views}
+
+
+def findings_for(path: Path) -> list[Any]:
+    return _verify.weights(str(path), returned(path))
+
+
+def unverified(path: Path) -> list[str]:
+    found = [f for f in findings_for(path) if f.rule == "weights-unverified"]
+    assert len(found) <= 1
+    return list(found[0].evidence["tensors"]) if found else []
+
+
+# -- benign structures beyond plain state dicts: everything verified ---------------------------
+
+
+def test_a_pickled_module_of_a_custom_class_is_verified(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = save({"model": Block(), "epoch": 2}, tmp_path / "module.pt")
+    assert findings_for(path) == []
+    assert len(returned(path)["tensors"]) == 5
+
+
+def test_a_pickled_optimizer_and_tensor_subclasses_are_verified(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = Block()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    param = torch.nn.Parameter(torch.randn(3))
+    param.flag = True  # a plain attribute: _rebuild_parameter_with_state, values unchanged
+    path = save({"model": model, "opt": opt, "p": param}, tmp_path / "opt.pt")
+    assert findings_for(path) == []
+    path = save({"model": model, "opt": opt, "p": param}, tmp_path / "opt-legacy.pt", "legacy")
+    assert findings_for(path) == []
+
+
+def test_numpy_arrays_in_a_checkpoint_are_verified(tmp_path: Path) -> None:
+    arrays = {
+        "f64": np.arange(12, dtype=np.float64).reshape(3, 4),
+        "big": np.arange(6, dtype=">i4"),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        "bool": np.array([True, False, True]),
+        "c": np.array([1 + 2j, 3 - 4j], dtype=np.complex64),
+        "scalar": np.float32(3.5),
+        "empty": np.zeros((0, 3), dtype=np.int16),
+        "w": torch.ones(2, 2),
+    }
+    for fmt in ("zip", "legacy"):
+        path = save(arrays, tmp_path / f"np-{fmt}.pt", fmt)
+        assert findings_for(path) == [], fmt
+        assert len(returned(path)["tensors"]) == 8
+
+
+def test_npy_and_npz_files_are_verified(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.arange(10, dtype=">f8").reshape(2, 5))
+    np.savez(tmp_path / "b.npz", x=np.arange(4), y=np.ones((2, 2), dtype=np.float16))
+    np.savez_compressed(tmp_path / "c.npz", x=np.arange(4), y=np.eye(3))
+    for name in ("a.npy", "b.npz", "c.npz"):
+        assert findings_for(tmp_path / name) == [], name
+
+
+# -- tensors computed while loading: unverified ---------------------------------------------
+
+
+def sleepy(tmp_path: Path) -> Path:
+    """A module checkpoint (so no plain reading applies) one of whose weights is computed by
+    ``torch.add`` while it loads: the Sleepy Pickle pattern."""
+    torch.manual_seed(2)
+    sd = state_dict()
+    delta = torch.zeros_like(sd["encoder.weight"])
+    delta[0, 1] = 5.0
+    poisoned = collections.OrderedDict(sd)
+    poisoned["encoder.weight"] = Reduce(torch.add, sd["encoder.weight"], delta)  # type: ignore[assignment]
+    return save({"model": Block(), "state_dict": poisoned}, tmp_path / "sleepy.pt")
+
+
+def test_a_weight_computed_while_loading_is_unverified_and_named(tmp_path: Path) -> None:
+    path = sleepy(tmp_path)
+    found = findings_for(path)
+    assert [f.rule for f in found] == ["weights-unverified"]
+    assert found[0].severity is Severity.MEDIUM
+    assert found[0].evidence["tensors"] == ["state_dict.encoder.weight"]
+    assert found[0].evidence["returned"] == len(returned(path)["tensors"])
+
+
+def test_tensors_unpickled_from_bytes_are_unverified(tmp_path: Path) -> None:
+    # pickle.dumps of a tensor nests a whole torch.save archive in the bytes of a call
+    # (torch.storage._load_from_bytes): no record of the file describes the tensor
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"w": torch.arange(5.0), "n": 3}, protocol=2))
+    assert unverified(path) == ["w"]
+
+
+def test_a_file_without_any_reading_leaves_everything_unverified(tmp_path: Path) -> None:
+    path = save({"w": torch.ones(3), "b": torch.zeros(2)}, tmp_path / "sd.pt")
+    manifest = returned(path)
+    path.write_bytes(b"\x00" * 64)  # the file is no longer what the sandbox loaded
+    found = _verify.weights(str(path), manifest)
+    assert [f.rule for f in found] == ["weights-unverified"]
+    assert sorted(found[0].evidence["tensors"]) == ["b", "w"]
+    assert "no independent reading" in found[0].evidence["reason"]
+
+
+def test_swapped_but_stored_tensors_still_count_as_the_files(tmp_path: Path) -> None:
+    # membership, not names, for general files: bytes the file holds are the file's (a plain
+    # state dict is compared name by name, see test_reconstruct)
+    path = save({"model": Block(), "extra": torch.full((3,), 2.0)}, tmp_path / "m.pt")
+    manifest = returned(path)
+    assert _verify.weights(str(path), manifest) == []
+    forged = dict(manifest["tensors"][0], sha256="0" * 64)
+    manifest["tensors"][0] = forged
+    found = _verify.weights(str(path), manifest)
+    assert [f.rule for f in found] == ["weights-unverified"]
+    assert found[0].evidence["tensors"] == [forged["name"]]
+
+
+# -- the general reading itself -------------------------------------------------------------
+
+
+def test_inventory_of_a_hostile_file_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    payload = Reduce(exec, f"open({str(marker)!r}, 'w').close()")
+    path = save({"w": torch.ones(2), "payload": payload}, tmp_path / "evil.pt")
+    inv = _reconstruct.try_inventory(path)
+    assert isinstance(inv, _reconstruct.Inventory)
+    assert (("float32", (2,), _digest(torch.ones(2)))) in inv.digests
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("cut", [1, 10, 100, 200, 400])
+def test_inventory_of_a_truncated_or_corrupt_file_never_raises(tmp_path: Path, cut: int) -> None:
+    buf = io.BytesIO()
+    torch.save({"model": Block(), "a": np.arange(3)}, buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[:-cut])
+    assert isinstance(_reconstruct.try_inventory(path),
+                      (_reconstruct.Inventory, _reconstruct.NotReconstructed))
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    assert isinstance(_reconstruct.try_inventory(path),
+                      (_reconstruct.Inventory, _reconstruct.NotReconstructed))
+
+
+def _digest(t: torch.Tensor) -> str:
+    from sandbox._convert import tensor_digest
+
+    return tensor_digest(t)
