@@ -65,6 +65,7 @@ class _Loaded:
     input_path: str = ""    # /proc/self/fd/N of the host's descriptor of the input
     static: _scan.StaticScan | None = None  # the static stage's scan, reused by the layout check
     placements: list[Placement] = dataclasses.field(default_factory=list)
+    reading: _verify.Reading | None = None  # the host's own reading, under way beside the load
 
 
 def _hash_file(path: str) -> tuple[str, int]:
@@ -214,12 +215,14 @@ def _judge(report: LoadReport) -> Verdict:
 _SCAN_STOPPED = "static scan stopped"
 
 
-def _static_stage(path: str, report: LoadReport, policy: Policy) -> _scan.StaticScan | None:
+def _static_stage(path: str, report: LoadReport, policy: Policy, *,
+                  source: str | None = None) -> _scan.StaticScan | None:
     """Stage 1: read every pickle without running it. Its findings join the report (marked
-    ``source: static``); a file it cannot parse is left to the real loader to judge."""
+    ``source: static``); a file it cannot parse is left to the real loader to judge.
+    ``source``: where to read it (the host's descriptor of ``path``), when not ``path``."""
     st: _scan.StaticScan | None
     try:
-        st = _scan.scan_file(path)
+        st = _scan.scan_file(source or path)
     except _scan.MalformedStream as exc:
         report.notes.append(f"{_SCAN_STOPPED}: {exc.message}")
         st = exc.partial
@@ -349,7 +352,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                         f"{os.fspath(path)!r} has sha256 {report.input_sha256}, not the pinned "
                         f"{expected_sha256.lower()}", path=path, expected=expected_sha256.lower(),
                         actual=report.input_sha256)
-            st = _static_stage(real, report, policy)
+            st = _static_stage(real, report, policy, source=loaded.input_path)
             if not any(n.startswith(_SCAN_STOPPED) for n in report.notes):
                 loaded.static = st  # a complete scan: the layout check need not read it again
             if not dynamic or (stop_early and _static_stops(report, policy)):
@@ -357,6 +360,11 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                 if dynamic:
                     report.notes.append("refused on the static scan: the sandbox did not run")
                 raise _StaticOnly
+            if loaded.static is not None and any(
+                    g.classification != "allowed" for g in loaded.static.globals):
+                # not a plain state dict, so no layout hand-off: the host's own reading of the
+                # file runs beside the sandbox
+                loaded.reading = _verify.Reading(loaded.input_path, loaded.static)
             runner = runner or _default_runner()
             image = runner.ensure_image()
             report.tool["image"] = image
@@ -391,8 +399,9 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                 report.notes.append("the tensors were taken from the file's own records, placed "
                                     "by the host and checked against the sandbox's reading")
             else:
-                report.findings += _verify.weights(real, loaded.output.manifest, loaded.tensors,
-                                                   scan=loaded.static)
+                report.findings += _verify.weights(loaded.input_path, loaded.output.manifest,
+                                                   loaded.tensors,
+                                                   scan=loaded.static, reading=loaded.reading)
         except _StaticOnly:
             pass
         except SandboxError as exc:

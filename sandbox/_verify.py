@@ -15,8 +15,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from . import _reconstruct, _scan
 from .report import Finding, Severity
@@ -59,21 +60,59 @@ def _returned(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor] | No
     return actual
 
 
+_Reading: TypeAlias = (
+    "_reconstruct.Reconstruction | _reconstruct.Inventory | _reconstruct.NotReconstructed")
+
+
+def read(path: str, scan: _scan.StaticScan | None = None) -> _Reading:
+    """The host's independent reading of the file: the plain reconstruction where it applies,
+    else the general inventory (or why there is none). Runs nothing; never raises for file
+    content."""
+    rec = _reconstruct.try_reconstruct(path, scan=scan)
+    if isinstance(rec, _reconstruct.Reconstruction):
+        return rec
+    return _reconstruct.try_inventory(path, scan=scan)
+
+
+class Reading:
+    """:func:`read` in a background thread, started while the sandbox loads the same file
+    (hashing the file's tensors then costs no wall-clock time); :meth:`result` waits."""
+
+    def __init__(self, path: str, scan: _scan.StaticScan | None) -> None:
+        self._result: _Reading | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path, scan), daemon=True,
+                                        name="model-sandbox-verify")
+        self._thread.start()
+
+    def _run(self, path: str, scan: _scan.StaticScan | None) -> None:
+        try:
+            self._result = read(path, scan)
+        except BaseException as exc:  # handed to the caller by result()
+            self._result = exc
+
+    def result(self) -> _Reading:
+        self._thread.join()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        assert self._result is not None
+        return self._result
+
+
 def weights(path: str, manifest: dict[str, Any],
             tensors: Mapping[str, torch.Tensor] | None = None,
-            scan: _scan.StaticScan | None = None) -> list[Finding]:
+            scan: _scan.StaticScan | None = None, reading: Reading | None = None) -> list[Finding]:
     """Compare what the sandbox returned with an independent reading of the file.
 
     ``scan``: the static stage's complete scan of the same file, when there is one (the file
-    is not scanned again)."""
-    rec = _reconstruct.try_reconstruct(path, scan=scan)
-    if isinstance(rec, _reconstruct.Reconstruction):
-        return list(rec.findings) + _reconstruct.compare_digests(
-            rec, _returned(manifest, tensors, rec.tensors))
+    is not scanned again); ``reading``: that reading, already under way."""
+    got = reading.result() if reading is not None else read(path, scan)
+    if isinstance(got, _reconstruct.Reconstruction):
+        return list(got.findings) + _reconstruct.compare_digests(
+            got, _returned(manifest, tensors, got.tensors))
     actual = _returned(manifest, tensors, None)
     if not actual:
         return []  # nothing handed over, nothing to verify
-    inv = _reconstruct.try_inventory(path, scan=scan)
+    inv = got
     if isinstance(inv, _reconstruct.NotReconstructed):
         unverified = sorted(actual)
         reason = f"the file has no independent reading: {inv.reason}"
