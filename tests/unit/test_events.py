@@ -187,3 +187,24 @@ def test_sockaddr_decoding() -> None:
     unix = struct.pack("<H", 1) + b"/var/run/docker.sock\0"
     assert _seccomp.sockaddr(unix)["path"] == "/var/run/docker.sock"
     assert _seccomp.open_flags(0o1101) == "O_WRONLY|O_CREAT|O_TRUNC"
+
+
+def test_what_follows_a_sandbox_probe_is_one_level_more_severe() -> None:
+    probe = line(1, "openat", {"path": "/proc/self/mountinfo", "class": "probe"}, "allowed")
+    write = line(2, "openat", {"path": "/tmp/x", "class": "scratch", "write": True,
+                               "flags": "O_WRONLY|O_CREAT"}, "allowed")
+    sock = line(3, "socket", {"family": "AF_UNIX"}, "allowed")
+    alone = rules(judge(write, sock))
+    assert alone["file-write"].severity is Severity.MEDIUM
+    assert alone["network-socket"].severity is Severity.MEDIUM
+    after = rules(judge(probe, write, sock))
+    assert after["environment-probe"].severity is Severity.LOW
+    assert after["file-write"].severity is Severity.HIGH
+    assert after["file-write"].evidence["after_probe_event"] == 1
+    assert after["network-socket"].severity is Severity.HIGH
+    # what came before the probe keeps its severity
+    before = rules(judge(line(1, "socket", {"family": "AF_UNIX"}, "allowed"),
+                         line(2, "openat", {"path": "/proc/self/mountinfo", "class": "probe"},
+                              "allowed")))
+    assert before["network-socket"].severity is Severity.MEDIUM
+    assert rules(judge(probe))["environment-probe"].severity is Severity.LOW
