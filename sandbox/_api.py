@@ -17,6 +17,7 @@ import os
 import pickletools
 import shutil
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -260,10 +261,29 @@ def _static_stage(path: str, report: LoadReport, policy: Policy, *,
 def _calls_a_function(evidence: dict[str, Any]) -> bool:
     """An unknown global that the pickle calls and that is, by Python's naming convention, a
     function: ``module.lower_case`` (classes are CapWords; the stdlib's lower-case value types
-    are data; private ``_helpers`` such as libraries' rebuild functions stay INFO)."""
+    are data). Private ``_helpers`` of third-party libraries (their rebuild functions) stay
+    INFO; a private helper of the standard library does not (checkpoints have no use for one,
+    and a module newer than the sandbox's Python cannot be observed running)."""
     name = str(evidence.get("global", ""))
-    last = name.rpartition(".")[2]
-    return bool(evidence.get("called")) and last[:1].islower() and name not in P.VALUE_TYPES
+    module, _, last = name.rpartition(".")
+    if not evidence.get("called") or name in P.VALUE_TYPES or name in _STDLIB_REBUILDERS:
+        return False
+    if last[:1].islower():
+        return True
+    return last[:1] == "_" and _stdlib(module)
+
+
+# the standard library's own pickle support: how its types rebuild themselves
+_STDLIB_REBUILDERS = frozenset({
+    "copyreg._reconstructor", "copy_reg._reconstructor", "re._compile",
+    "array._array_reconstructor", "zoneinfo.ZoneInfo._unpickle",
+})
+
+
+def _stdlib(module: str) -> bool:
+    top = module.partition(".")[0]
+    return top in sys.stdlib_module_names or top in ("_pyrepl", "_colorize", "annotationlib",
+                                                     "compression", "_interpreters")
 
 
 _DYNAMIC_CATEGORIES = ("exec", "network", "credential", "privilege")

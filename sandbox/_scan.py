@@ -214,6 +214,12 @@ DANGEROUS_GLOBALS: tuple[tuple[str, str], ...] = (
     ("torch.fx.graph_module._deserialize_graph_module", "exec"),
     ("numpy.load", "exec"), ("numpy.lib.npyio", "exec"), ("numpy.lib.format", "exec"),
     ("numpy.f2py", "exec"), ("numpy.distutils", "exec"), ("numpy.testing", "exec"),
+    # published gadgets (scanner advisories): helpers that run a shell command, evaluate a
+    # string or unpickle their argument, in modules a plain allowlist would not know
+    ("_aix_support", "exec"), ("_osx_support", "exec"), ("_pyrepl", "exec"),
+    ("lib2to3", "exec"), ("torch.utils.bottleneck", "exec"),
+    ("torch.utils.data.datapipes.utils.decoder", "exec"), ("torch.utils._config_module", "exec"),
+    ("logging.FileHandler", "file"), ("logging.handlers", "network"),
     # network
     ("socket", "network"), ("_socket", "network"), ("ssl", "network"), ("http", "network"),
     ("urllib", "network"), ("urllib3", "network"), ("requests", "network"), ("httpx", "network"),

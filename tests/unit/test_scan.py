@@ -1095,3 +1095,34 @@ def test_a_deflated_storage_record_that_declares_far_more_is_a_bomb(tmp_path: Pa
     assert found[0].evidence["ratio"] > 200
     # the benign counterpart: the same tensors stored, as torch writes them
     assert not [f for f in scan_file(small).findings if f.rule == "resource-abuse"]
+
+
+@pytest.mark.parametrize("module,name", [
+    ("_aix_support", "_read_cmd_output"), ("_osx_support", "_read_output"),
+    ("_pyrepl.pager", "pipe_pager"), ("lib2to3.pgen2.pgen", "ParserGenerator.make_label"),
+    ("torch.utils.bottleneck.__main__", "run_cprofile"),
+    ("torch.utils.data.datapipes.utils.decoder", "basichandlers"),
+    ("torch.utils._config_module", "ConfigModule.load_config"),
+    ("logging", "FileHandler"), ("logging.handlers", "SocketHandler"),
+])
+def test_published_gadgets_are_dangerous(module: str, name: str) -> None:
+    """Helpers named in public scanner advisories: each runs a command, evaluates a string,
+    unpickles its argument, or opens a file or socket; some live in modules newer than the
+    sandbox's Python (which it therefore cannot observe running)."""
+    assert classify_global(module, name)[0] == "dangerous"
+
+
+def test_a_private_stdlib_helper_called_while_loading_is_a_function_call() -> None:
+    from sandbox._api import _calls_a_function
+
+    def called(name: str) -> bool:
+        return _calls_a_function({"global": name, "called": True})
+
+    assert called("_sitebuiltins._helper") and called("sysconfig._get_sysconfigdata_name")
+    assert called("some_module.run")  # a public lower-case function anywhere
+    # a third-party library's private rebuild helper, the stdlib's own pickle support, and
+    # classes stay unknown globals
+    assert not called("sklearn.utils._bunch._reconstruct_bunch")
+    assert not called("copyreg._reconstructor") and not called("re._compile")
+    assert not called("torch.optim.AdamW")
+    assert not _calls_a_function({"global": "_sitebuiltins._helper", "called": False})
