@@ -480,10 +480,10 @@ def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
     if rejected is not None:
         raise rejected
     if output.manifest is None or (write_tensors and output.tensors_path is None and
-                                   output.manifest.get("layout") is None):
+                                   output.manifest.layout is None):
         from .errors import LoadFailed
         raise LoadFailed("the loader reported success but sent no manifest/tensors")
-    if output.manifest.get("layout") is not None:
+    if output.manifest.layout is not None:
         output.manifest, loaded.placements = _placed(report, output.manifest, job, loaded.static)
         loaded.handoff = report.resources["handoff"] = "layout"
         _summarise(report, output.manifest)
@@ -501,8 +501,8 @@ class _LayoutRefused(Exception):
     """Internal: the host cannot place the plain state dict the sandbox described."""
 
 
-def _placed(report: LoadReport, manifest: dict[str, Any], job: _launch.Job,
-            static: _scan.StaticScan | None) -> tuple[dict[str, Any], list[Placement]]:
+def _placed(report: LoadReport, manifest: P.Manifest, job: _launch.Job,
+            static: _scan.StaticScan | None) -> tuple[P.Manifest, list[Placement]]:
     """The layout hand-off: the host places every tensor in the input itself and requires the
     sandbox's layout to agree exactly; returns the manifest the later stages use."""
     from . import _reconstruct
@@ -510,12 +510,13 @@ def _placed(report: LoadReport, manifest: dict[str, Any], job: _launch.Job,
     placed = _reconstruct.try_place(f"/proc/self/fd/{job.input_fd}", static)
     if isinstance(placed, _reconstruct.NotReconstructed):
         raise _LayoutRefused(placed.reason)
-    theirs = manifest["layout"]
-    mine = [p.as_layout() for p in placed]
-    if mine != [{k: v for k, v in t.items() if k != "location"} for t in theirs]:
-        differ = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False))
-                       if a != {k: v for k, v in b.items() if k != "location"}),
-                      min(len(mine), len(theirs)))
+    theirs = manifest.layout or ()
+    mine = [(p.name, p.storage_key, p.dtype, p.shape, p.stride, p.storage_offset, p.parameter)
+            for p in placed]
+    said = [(t.name, t.key, t.dtype, t.shape, t.stride, t.offset, t.parameter) for t in theirs]
+    if mine != said:
+        differ = next((i for i, (a, b) in enumerate(zip(mine, said, strict=False)) if a != b),
+                      min(len(mine), len(said)))
         report.add(Finding(
             rule="layout-differential", severity=Severity.HIGH, category="evasion",
             message="the sandbox's reading of the pickle and the host's reading of the archive "
@@ -529,10 +530,11 @@ def _placed(report: LoadReport, manifest: dict[str, Any], job: _launch.Job,
         numel = 1
         for d in p.shape:
             numel *= d
-        tensors.append({"name": p.name, "dtype": p.dtype, "shape": list(p.shape),
-                        "stored_as": stored_as, "nbytes": numel * size, "sha256": "",
-                        "location": t["location"]})
-    return {**manifest, "tensors": tensors, "views": []}, placed
+        # no digest: the bytes are the file's own, placed by the host
+        tensors.append(P.TensorEntry(name=p.name, dtype=p.dtype, shape=p.shape,
+                                     stored_as=stored_as, nbytes=numel * size, sha256="",
+                                     location=t.location))
+    return dataclasses.replace(manifest, tensors=tuple(tensors), views=()), placed
 
 
 def _apply_severities(report: LoadReport, policy: Policy) -> None:
@@ -560,15 +562,15 @@ def _static_stops(report: LoadReport, policy: Policy) -> bool:
         _judge(report) is not Verdict.ERROR
 
 
-def _summarise(report: LoadReport, manifest: dict[str, Any]) -> None:
-    report.format = manifest.get("format", report.format)
-    report.tensors = len(manifest["tensors"]) + len(manifest["views"])
-    report.tensor_bytes = sum(int(t["nbytes"]) for t in manifest["tensors"])
-    for u in manifest.get("unrepresentable", [])[:50]:
+def _summarise(report: LoadReport, manifest: P.Manifest) -> None:
+    report.format = manifest.format
+    report.tensors = len(manifest.tensors) + len(manifest.views)
+    report.tensor_bytes = sum(t.nbytes for t in manifest.tensors)
+    for u in manifest.unrepresentable[:50]:
         report.add(Finding(rule="unrepresentable-object", severity=Severity.INFO, category="format",
                            message="an object that is not data was replaced by a placeholder",
-                           evidence={"path": u["path"][:300], "type": u["type"][:200]}))
-    report.notes += [str(n)[:300] for n in manifest.get("notes", [])[:50]]
+                           evidence={"path": u.path[:300], "type": u.type[:200]}))
+    report.notes += [n[:300] for n in manifest.notes[:50]]
 
 
 def _refuse(report: LoadReport, policy: Policy) -> bool:
@@ -649,7 +651,7 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
         manifest = loaded.output.manifest
         assert loaded.tensors is not None
         tensors = _convert.place(loaded.tensors, manifest, map_location)
-        return _convert.rebuild(manifest["skeleton"], tensors, weights_only=wo)
+        return _convert.rebuild(manifest.skeleton, tensors, weights_only=wo)
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, *,
@@ -693,7 +695,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
         return report
 
 
-def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
+def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: P.Manifest,
                        report: LoadReport) -> None:
     """Re-serialise the checked tensors on the host (the worker's file is never copied),
     streaming each tensor's bytes to a temporary file, then renaming it into place. Tensors
@@ -702,13 +704,12 @@ def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: di
 
     stored: dict[str, torch.Tensor] = {}
     entries = []
-    for e in manifest["tensors"]:
-        t = tensors[e["name"]]
-        stored_as, _ = P.TORCH_DTYPES[e["dtype"]]
+    for e in manifest.tensors:
+        t = tensors[e.name]
         t = t.contiguous().reshape(-1).view(torch.uint8) \
-            if stored_as == "U8" and e["dtype"] != "uint8" else t.contiguous()
-        stored[e["name"]] = t
-        entries.append((e["name"], str(t.dtype).removeprefix("torch."), list(t.shape),
+            if e.stored_as == "U8" and e.dtype != "uint8" else t.contiguous()
+        stored[e.name] = t
+        entries.append((e.name, str(t.dtype).removeprefix("torch."), list(t.shape),
                         t.numel() * t.element_size()))
     head, order = P.safetensors_header(entries, _st_metadata(manifest, report))
 
@@ -721,15 +722,16 @@ def _write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: di
     _atomic_stream(dst, head, body)
 
 
-def _st_metadata(manifest: dict[str, Any], report: LoadReport) -> dict[str, str]:
+def _st_metadata(manifest: P.Manifest, report: LoadReport) -> dict[str, str]:
     return {
         "format": "pt",
         "model_sandbox.version": _VERSION,
         "model_sandbox.source_sha256": report.input_sha256 or "",
-        "model_sandbox.skeleton": json.dumps(manifest["skeleton"], separators=(",", ":")),
-        "model_sandbox.views": json.dumps(manifest["views"], separators=(",", ":")),
-        "model_sandbox.dtypes": json.dumps({e["name"]: e["dtype"] for e in manifest["tensors"]
-                                            if P.TORCH_DTYPES[e["dtype"]][0] == "U8"}),
+        "model_sandbox.skeleton": json.dumps(manifest.skeleton, separators=(",", ":")),
+        "model_sandbox.views": json.dumps([dataclasses.asdict(v) for v in manifest.views],
+                                          separators=(",", ":")),
+        "model_sandbox.dtypes": json.dumps({e.name: e.dtype for e in manifest.tensors
+                                            if e.stored_as == "U8"}),
     }
 
 
@@ -753,16 +755,16 @@ def _atomic_stream(dst: Path, head: bytes, body: Callable[[int], None]) -> None:
         raise
 
 
-def _write_placed(dst: Path, source: str, placements: list[Placement], manifest: dict[str, Any],
+def _write_placed(dst: Path, source: str, placements: list[Placement], manifest: P.Manifest,
                   report: LoadReport) -> None:
     """The layout hand-off's SafeTensors file, copied from the input's own byte ranges (checked
     placements): contiguous tensors with ``copy_file_range``, strided ones gathered by numpy.
     torch is not imported."""
     entries = []
-    for p, e in zip(placements, manifest["tensors"], strict=True):
-        raw = P.TORCH_DTYPES[p.dtype][0] == "U8" and p.dtype != "uint8"
-        entries.append((p.name, "uint8" if raw else p.dtype, [e["nbytes"]] if raw else list(p.shape),
-                        e["nbytes"]))
+    for p, e in zip(placements, manifest.tensors, strict=True):
+        raw = e.stored_as == "U8" and p.dtype != "uint8"
+        entries.append((p.name, "uint8" if raw else p.dtype, [e.nbytes] if raw else list(p.shape),
+                        e.nbytes))
     head, order = P.safetensors_header(entries, _st_metadata(manifest, report))
     by_name = {p.name: p for p in placements}
 

@@ -143,14 +143,14 @@ def _strided(storage: Any, byte_offset: int, p: Placement, dtype: torch.dtype) -
     return raw.clone().view(dtype).as_strided(p.shape, p.stride, 0)
 
 
-def load_tensors(path: str, manifest: dict[str, Any], *,
+def load_tensors(path: str, manifest: P.Manifest, *,
                  mmap: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor and view named by the (validated) manifest, checked byte for byte.
     ``mmap=True``: the tensors share a private mapping of the file instead of being copied."""
     import torch
     from safetensors import SafetensorError, safe_open
 
-    entries = {t["name"]: t for t in manifest["tensors"]}
+    entries = {t.name: t for t in manifest.tensors}
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -163,49 +163,47 @@ def load_tensors(path: str, manifest: dict[str, Any], *,
             # the header is validated by the library above before anything is mapped
             mapped = _mapped(path, keys) if mmap else {}
             for name, entry in entries.items():
-                stored_as, _ = P.TORCH_DTYPES[entry["dtype"]]
-                raw = stored_as == "U8" and entry["dtype"] != "uint8"
+                stored_as = entry.stored_as
+                raw = stored_as == "U8" and entry.dtype != "uint8"
                 # raw bytes are re-viewed as a wider dtype, which needs an aligned offset
                 t = mapped[name] if name in mapped and not raw else f.get_tensor(name)
-                target = getattr(torch, entry["dtype"], None)
+                target = getattr(torch, entry.dtype, None)
                 if target is None:
-                    raise OutputRejected(f"{name}: dtype {entry['dtype']} is unknown to this torch")
-                if stored_as == "U8" and entry["dtype"] != "uint8":
-                    if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != entry["nbytes"]:
+                    raise OutputRejected(f"{name}: dtype {entry.dtype} is unknown to this torch")
+                if raw:
+                    if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != entry.nbytes:
                         raise OutputRejected(f"{name}: raw bytes of the wrong size", item=name)
-                    t = t.view(target).reshape(entry["shape"]) if t.numel() else \
-                        torch.empty(entry["shape"], dtype=target)
-                if t.dtype != target or list(t.shape) != entry["shape"]:
+                    t = t.view(target).reshape(entry.shape) if t.numel() else \
+                        torch.empty(entry.shape, dtype=target)
+                if t.dtype != target or tuple(t.shape) != entry.shape:
                     raise OutputRejected(f"{name}: dtype/shape differ from the manifest", item=name)
-                if tensor_digest(t) != entry["sha256"]:
+                if tensor_digest(t) != entry.sha256:
                     raise OutputRejected(f"{name}: bytes differ from the manifest's sha256", item=name)
                 out[name] = t
     except SafetensorError as exc:
         raise OutputRejected(f"the tensor file is not valid SafeTensors: {exc}",
                              item=P.TENSORS_FILE) from None
-    for v in manifest["views"]:
-        base = out[v["base"]]
-        out[v["name"]] = base.as_strided(v["shape"], v["stride"], base.storage_offset() + v["offset"])
+    for v in manifest.views:
+        base = out[v.base]
+        out[v.name] = base.as_strided(v.shape, v.stride, base.storage_offset() + v.offset)
     return out
 
 
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[storage, str], storage]
 
 
-def place(tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
+def place(tensors: dict[str, torch.Tensor], manifest: P.Manifest,
           map_location: MapLocation) -> dict[str, torch.Tensor]:
     """Move tensors where ``torch.load(map_location=...)`` would have put them.
 
     Views follow their base, so storage sharing survives the move."""
 
-    locations = {e["name"]: e["location"] for e in manifest["tensors"] + manifest["views"]}
     moved: dict[str, torch.Tensor] = {}
-    for entry in manifest["tensors"]:
-        name = entry["name"]
-        moved[name] = _move(tensors[name], locations[name], map_location)
-    for v in manifest["views"]:
-        base = moved[v["base"]]
-        moved[v["name"]] = base.as_strided(v["shape"], v["stride"], base.storage_offset() + v["offset"])
+    for entry in manifest.tensors:
+        moved[entry.name] = _move(tensors[entry.name], entry.location, map_location)
+    for v in manifest.views:
+        base = moved[v.base]
+        moved[v.name] = base.as_strided(v.shape, v.stride, base.storage_offset() + v.offset)
     return moved
 
 

@@ -136,34 +136,6 @@ def parse_events(data: bytes) -> tuple[list[Event], int]:
     return events, rejected
 
 
-def _canaries(status: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
-    c = status.get("canaries")
-    if not isinstance(c, dict):
-        return {}, []
-    values = c.get("values")
-    files = c.get("files")
-    good: dict[str, str] = {}
-    if isinstance(values, dict):
-        for k, v in list(values.items())[: P.MAX_CANARIES]:
-            if isinstance(k, str) and isinstance(v, str) and 12 <= len(v) <= 512 and len(k) <= 64:
-                good[k] = v
-    paths = [p for p in files[: P.MAX_CANARIES] if isinstance(p, str) and len(p) <= 256] \
-        if isinstance(files, list) else []
-    return good, paths
-
-
-def _counts(status: dict[str, Any]) -> tuple[dict[str, int], bool, bool]:
-    m = status.get("monitor")
-    if not isinstance(m, dict):
-        return {}, False, False
-    counts = m.get("counts")
-    good = {}
-    if isinstance(counts, dict):
-        for k, v in list(counts.items())[:1000]:
-            if isinstance(k, str) and len(k) <= 160 and isinstance(v, int) and not isinstance(v, bool) \
-                    and 0 <= v < 2**53:
-                good[_printable(k, 160)] = v
-    return good, m.get("kernel") is True, m.get("truncated") is True
 
 
 # -- judging -------------------------------------------------------------------------------------
@@ -408,12 +380,13 @@ def _after_probe(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-def analyse(events: list[Event], status: dict[str, Any] | None) -> Monitoring:
+def analyse(events: list[Event], status: P.Status | None) -> Monitoring:
     """Findings for parsed events plus the supervisor's counts."""
-    status = status or {}
+    status = status or P.Status()
     mon = Monitoring(events=events)
-    canaries, files = _canaries(status)
-    mon.counts, kernel, truncated = _counts(status)
+    canaries, files = dict(status.canaries), status.canary_files
+    mon.counts = {_printable(k, 160): v for k, v in status.counts}
+    truncated = status.truncated
     out = _Findings()
     code_ran = False  # a HIGH self-reported event was seen: later ones may be forged
     for ev in events:
@@ -429,7 +402,7 @@ def analyse(events: list[Event], status: dict[str, Any] | None) -> Monitoring:
         mon.findings.append(Finding(rule="event-log-truncated", severity=Severity.LOW,
                                     category="monitor", message="more events than the log keeps",
                                     evidence={"counts": dict(sorted(mon.counts.items())[:100])}))
-    if status.get("result") is not None and not kernel:
+    if status.result is not None and not status.kernel_monitor:
         mon.notes.append("kernel monitoring was not active for this load")
     return mon
 
@@ -457,7 +430,7 @@ def _scan_outputs(outputs: dict[str, int], canaries: dict[str, str]) -> list[Fin
     return findings
 
 
-def read(events: bytes, status: dict[str, Any] | None, outputs: dict[str, int],
+def read(events: bytes, status: P.Status | None, outputs: dict[str, int],
          dropped: int = 0) -> Monitoring:
     """Everything monitoring found for one load: the streamed events, the status, and a search
     of the outputs for planted credentials."""
@@ -470,6 +443,5 @@ def read(events: bytes, status: dict[str, Any] | None, outputs: dict[str, int],
         mon.notes.append(f"{dropped} events past the {P.MAX_EVENTS_BYTES} byte cap were dropped")
     if rejected:
         mon.notes.append(f"{rejected} malformed event lines were ignored")
-    canaries, _ = _canaries(status or {})
-    mon.findings += _scan_outputs(outputs, canaries)
+    mon.findings += _scan_outputs(outputs, dict(status.canaries) if status else {})
     return mon

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._launch import ContainerSpec, Job, RunResult
+from ._worker import _protocol as P
 from .errors import LimitExceeded, LoadFailed, MalformedInput, SandboxError, UnsupportedFormat
 from .report import Event, Finding, Severity
 
@@ -48,7 +49,7 @@ def _cpu_limit(job: Job) -> float:
 _SIGXCPU = 24  # the loader's RLIMIT_CPU backstop
 
 
-def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec, job: Job,
+def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job: Job,
               input_path: str) -> Outcome:
     out = Outcome(ok=False)
     wall = job.config.wall_clock_s
@@ -56,18 +57,21 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
     if lost is not None:
         out.findings.append(lost)
     out.resources = {"container_s": round(run.duration_s, 3)}
-    if status:
-        for key in ("wall_s", "cpu_user_s", "cpu_system_s", "max_rss_kb"):
-            if key in status:
-                out.resources[key] = status[key]
-        # the supervisor's samples of the loader's process tree (validated by _extract)
-        for key, value in (status.get("resources") or {}).items():
+    if status is not None:
+        for key, figure in (("wall_s", status.wall_s), ("cpu_user_s", status.cpu_user_s),
+                            ("cpu_system_s", status.cpu_system_s),
+                            ("max_rss_kb", status.max_rss_kb)):
+            if figure is not None:
+                out.resources[key] = figure
+        # the supervisor's samples of the loader's process tree
+        for key, value in status.resources:
             out.resources["sampling_error" if key == "error" else key] = value
-        if status.get("env_keys"):
+        if status.env_keys:
             out.findings.append(Finding(
                 rule="environment-not-empty", severity=Severity.HIGH, category="credential",
-                message="the loader's environment was not empty", evidence={"keys": status["env_keys"][:20]}))
-    result = (status or {}).get("result") or {}
+                message="the loader's environment was not empty",
+                evidence={"keys": list(status.env_keys[:20])}))
+    result = (status.result if status is not None else None) or P.LoadResult()
 
     # Engine-level limits first: they are facts.
     if run.oom_killed:
@@ -84,7 +88,8 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
         out.error = e
         return out
     # Limits the supervisor enforced: it names them (older statuses only say "timed_out").
-    acted = (status or {}).get("limit") or ("wall_clock" if (status or {}).get("timed_out") else None)
+    acted = None if status is None else \
+        status.limit or ("wall_clock" if status.timed_out else None)
     if acted == "wall_clock":
         f, e = _limit("wall_clock", wall,
                       f"the load did not finish within {wall:g} s and was stopped",
@@ -119,23 +124,23 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
             + (f"; its output ended with: {tail}" if tail else ""))
         return out
 
-    stopped = status.get("stopped")
+    stopped = status.stopped
     if stopped is not None:
-        out.notes.append(f"the policy ended the load at the first refused {stopped['category']} "
-                         f"call ({stopped['kind']}, {stopped['t']:.3f} s after the start)")
+        out.notes.append(f"the policy ended the load at the first refused {stopped.category} "
+                         f"call ({stopped.kind}, {stopped.t:.3f} s after the start)")
         out.error = LoadFailed(f"the load was stopped by the policy: it attempted "
-                               f"{stopped['category']} ({stopped['kind']})")
+                               f"{stopped.category} ({stopped.kind})")
         return out
-    exit_code = status.get("exit_code")
-    if result.get("ok") is True and exit_code == 0:
+    exit_code = status.exit_code
+    if result.ok and exit_code == 0:
         out.ok = True
-        out.format = result.get("format")
+        out.format = result.format
         return out
-    kind = result.get("kind")
-    message = result.get("message") or "the loader ended without a result"
+    kind = result.kind
+    message = result.message or "the loader ended without a result"
     if kind == "unsupported-format":
         out.error = UnsupportedFormat(f"{message}", path=input_path,
-                                      detected=result.get("detected") or "unknown")
+                                      detected=result.detected or "unknown")
     elif kind == "malformed-input":
         out.error = MalformedInput(message, path=input_path)
     elif isinstance(exit_code, int) and exit_code < 0:
@@ -155,7 +160,7 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
         else:
             out.error = LoadFailed(f"the loader was killed by signal {signal_no}")
     else:
-        typ = result.get("type")
+        typ = result.type
         detail = f"{typ}: {message}" if typ else message
         if "RLIMIT_FSIZE" in detail or "File too large" in detail:
             f, e = _limit("output_bytes", job.output_bytes,
@@ -167,7 +172,7 @@ def interpret(run: RunResult, status: dict[str, Any] | None, spec: ContainerSpec
     return out
 
 
-def _monitor_lost(run: RunResult, status: dict[str, Any] | None) -> Finding | None:
+def _monitor_lost(run: RunResult, status: P.Status | None) -> Finding | None:
     """HIGH ``monitor-lost`` when the supervisor did not complete, the channel was abused, or
     the engine reports a failure: then the evidence may be incomplete, and nothing that came
     over the channel is a result."""

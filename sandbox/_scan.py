@@ -50,6 +50,7 @@ import json
 import lzma
 import mmap
 import os
+import re
 import struct
 import tarfile
 import time
@@ -596,6 +597,9 @@ class _WalkOut:
     value: object
     end: int
     protocol: int
+
+
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def _pickle_like(head: bytes) -> bool:
@@ -2200,7 +2204,10 @@ def _first_pickle_kind(buf: _Buf) -> str | None:
     except (_TruncatedError, _InvalidError, _LimitError):
         if _has_joblib_wrapper(ctx, 0):
             return "joblib"
-        return "pickle" if _pickle_like(head) or ctx.refs else None
+        # a broken stream is still a pickle when it names a global Python could import; text
+        # that merely starts with an opcode letter ("chat_template: ..." reads as GLOBAL) is not
+        return "pickle" if _pickle_like(head) or any(
+            _DOTTED.fullmatch(r.module) and _DOTTED.fullmatch(r.name) for r in ctx.refs) else None
     if _has_joblib_wrapper(ctx, 0):
         return "joblib"
     return "torch-legacy" if out.value == _LEGACY_MAGIC else "pickle"

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from . import _reconstruct, _scan
+from ._worker import _protocol as P
 from .report import Finding, Severity
 
 if TYPE_CHECKING:
@@ -28,35 +29,33 @@ if TYPE_CHECKING:
 _MAX_NAMED = 20  # tensors named in one finding
 
 
-def input_identity(host_sha256: str, status: dict[str, Any] | None) -> Finding | None:
+def input_identity(host_sha256: str, status: P.Status | None) -> Finding | None:
     """A finding when the sandbox loaded other bytes than the host hashed."""
-    if status is None or "input_sha256" not in status:
-        return None
-    if status["input_sha256"] == host_sha256:
+    if status is None or status.input_sha256 is None or status.input_sha256 == host_sha256:
         return None
     return Finding(
         rule="input-changed", severity=Severity.HIGH, category="evasion",
         message="the file inside the sandbox differs from the file the host hashed",
-        evidence={"host_sha256": host_sha256, "sandbox_sha256": status["input_sha256"]})
+        evidence={"host_sha256": host_sha256, "sandbox_sha256": status.input_sha256})
 
 
-def _returned(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor] | None,
+def _returned(manifest: P.Manifest, tensors: Mapping[str, torch.Tensor] | None,
               want_view: Mapping[str, Any] | None) -> dict[str, _reconstruct.Actual]:
     """What the sandbox returned per tensor name: stored tensors by the manifest's sha256
     (the host has already checked every stored tensor's bytes against it); a view by the
     digest of what the caller will see when the host holds the ``tensors`` (and, with
     ``want_view``, only for names in it), else ``None``: its base stands for it."""
     actual: dict[str, _reconstruct.Actual] = {}
-    for e in manifest["tensors"]:
-        actual[e["name"]] = (e["dtype"], tuple(e["shape"]), e["sha256"])
-    for v in manifest["views"]:
+    for e in manifest.tensors:
+        actual[e.name] = (e.dtype, e.shape, e.sha256)
+    for v in manifest.views:
         digest = None
-        if tensors is not None and v["name"] in tensors and \
-                (want_view is None or v["name"] in want_view):
+        if tensors is not None and v.name in tensors and \
+                (want_view is None or v.name in want_view):
             from ._convert import tensor_digest
 
-            digest = tensor_digest(tensors[v["name"]])
-        actual[v["name"]] = (v["dtype"], tuple(v["shape"]), digest)
+            digest = tensor_digest(tensors[v.name])
+        actual[v.name] = (v.dtype, v.shape, digest)
     return actual
 
 
@@ -98,7 +97,7 @@ class Reading:
         return self._result
 
 
-def weights(path: str, manifest: dict[str, Any],
+def weights(path: str, manifest: P.Manifest,
             tensors: Mapping[str, torch.Tensor] | None = None,
             scan: _scan.StaticScan | None = None, reading: Reading | None = None) -> list[Finding]:
     """Compare what the sandbox returned with an independent reading of the file.

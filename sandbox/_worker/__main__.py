@@ -695,6 +695,12 @@ class _Supervisor:
         if len(data) > P.MAX_FRAME:
             self.status["monitor"]["counts"] = {}
             self.status["monitor"]["counts_dropped"] = True
+        try:
+            P.Status.from_obj(json.loads(json.dumps(self.status, default=str)))
+        except P.ProtocolError as exc:  # our own bug: say so instead of a status the host refuses
+            self.status = {"protocol": P.PROTOCOL_VERSION, "env_keys": self.status["env_keys"],
+                           "result": {"ok": False, "kind": "internal-error",
+                                      "message": f"the supervisor's status is invalid: {exc}"}}
         return self.status
 
     def _wait_for_job(self, loader: int, rfd: int) -> tuple[P.JobConfig, int] | None:

@@ -6,7 +6,6 @@ sandbox, in the loader process the supervisor forked, with an empty environment.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -198,8 +197,8 @@ def write_layout(layout: dict[str, Any], *, manifest_fd: int) -> None:
     manifest = {"protocol": P.PROTOCOL_VERSION, "format": layout["format"], "tensors": [],
                 "views": [], "layout": layout["layout"], "skeleton": layout["skeleton"],
                 "unrepresentable": [], "notes": []}
-    _write_all(manifest_fd, json.dumps(manifest, allow_nan=False,
-                                       separators=(",", ":")).encode("utf-8"))
+    # the host's own definition of the document checks it before it is sent
+    _write_all(manifest_fd, P.Manifest.from_obj(manifest).to_json())
 
 
 def write_outputs(obj: Any, fmt: str, locations: dict[int, str], *, tensors_fd: int,
@@ -225,9 +224,8 @@ def write_outputs(obj: Any, fmt: str, locations: dict[int, str], *, tensors_fd: 
         "unrepresentable": ex.unrepresentable,
         "notes": ex.notes[:1000],
     }
-    buf = io.StringIO()
-    json.dump(manifest, buf, allow_nan=False, separators=(",", ":"))
-    _write_all(manifest_fd, buf.getvalue().encode("utf-8"))
+    # the host's own definition of the document checks it before it is sent
+    _write_all(manifest_fd, P.Manifest.from_obj(manifest).to_json())
     return manifest
 
 

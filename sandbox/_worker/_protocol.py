@@ -184,6 +184,458 @@ class Hello:
                    warm=d.get("warm") is True)
 
 
+# -- the documents the sandbox sends back: one definition, parsed by the host, checked by the
+# -- supervisor before it sends them. ``from_obj`` is total: any JSON value in, a document or a
+# -- ProtocolError out; nothing outside these classes reads an untrusted dict.
+
+_SHA256_CHARS = frozenset("0123456789abcdef")
+
+
+def _req(cond: bool, what: str) -> None:
+    if not cond:
+        raise ProtocolError(what)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt_str(d: dict[str, object], key: str, limit: int, what: str) -> str | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    _req(isinstance(v, str), f"{what}.{key} is not a string")
+    assert isinstance(v, str)
+    return v[:limit]
+
+
+def _opt_num(d: dict[str, object], key: str, what: str) -> float | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    _req(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+         f"{what}.{key} is not a number")
+    return float(v)  # type: ignore[arg-type]
+
+
+def _opt_int(d: dict[str, object], key: str, what: str, lo: int = -(2**63),
+             hi: int = 2**63) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    _req(_is_int(v) and lo <= v < hi, f"{what}.{key} is not an integer")  # type: ignore[operator]
+    return v  # type: ignore[return-value]
+
+
+def _sha256(v: object) -> bool:
+    return isinstance(v, str) and len(v) == 64 and set(v) <= _SHA256_CHARS
+
+
+def _dims(v: object, what: str) -> tuple[int, ...]:
+    _req(isinstance(v, list) and len(v) <= MAX_NDIM and
+         all(_is_int(s) and 0 <= s < 2**62 for s in v), f"{what} malformed")  # type: ignore[union-attr]
+    return tuple(v)  # type: ignore[arg-type]
+
+
+def _name(v: object, taken: set[str], what: str) -> str:
+    _req(isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN and v != "__metadata__",
+         f"{what}: tensor name malformed")
+    assert isinstance(v, str)
+    _req(v not in taken, f"{what}: duplicate tensor name {v[:80]!r}")
+    taken.add(v)
+    return v
+
+
+def _location(v: object, what: str) -> str:
+    _req(isinstance(v, str) and len(v) <= 64 and v.isprintable(), f"{what}: location malformed")
+    return v  # type: ignore[return-value]
+
+
+def _obj(v: object, what: str) -> dict[str, object]:
+    _req(isinstance(v, dict), f"{what} is not an object")
+    return v  # type: ignore[return-value]
+
+
+def _doc(data: bytes, what: str) -> dict[str, object]:
+    return _obj(parse_json(data, what), what)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A stored tensor: its bytes are in the tensors output, ``nbytes`` long, in the safetensors
+    dtype ``stored_as`` (raw ``U8`` where safetensors has no such dtype)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stored_as: str
+    nbytes: int
+    sha256: str
+    location: str = "cpu"
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // TORCH_DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class ViewEntry:
+    """A tensor that is a strided view (``offset``/``stride`` in elements) of a stored one."""
+
+    name: str
+    base: str
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    location: str = "cpu"
+
+
+@dataclass(frozen=True)
+class LayoutEntry:
+    """One tensor of the layout hand-off: where it lies in the input's storage record ``key``
+    (``offset``/``stride`` in elements); the host places it in the file itself."""
+
+    name: str
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    parameter: bool
+    location: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Unrepresentable:
+    """An object replaced by a placeholder: where it was, its type, and why."""
+
+    path: str
+    type: str
+    reason: str = ""
+
+
+_LAYOUT_KEYS = frozenset({"name", "key", "dtype", "shape", "stride", "offset", "parameter",
+                          "location"})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the loader returned, as data: stored tensors, views, or (the layout hand-off) where
+    each tensor lies in the input; the skeleton of the returned structure (a JSON tree checked
+    node by node where the host rebuilds it); what could not be represented; notes."""
+
+    format: str
+    tensors: tuple[TensorEntry, ...] = ()
+    views: tuple[ViewEntry, ...] = ()
+    layout: tuple[LayoutEntry, ...] | None = None
+    skeleton: object = None
+    unrepresentable: tuple[Unrepresentable, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def to_obj(self) -> dict[str, object]:
+        d: dict[str, object] = {
+            "protocol": PROTOCOL_VERSION, "format": self.format,
+            "tensors": [asdict(t) for t in self.tensors], "views": [asdict(v) for v in self.views],
+            "skeleton": self.skeleton,  # plain JSON already (asdict would deep-copy it)
+            "unrepresentable": [asdict(u) for u in self.unrepresentable],
+            "notes": list(self.notes)}
+        if self.layout is not None:
+            d["layout"] = [asdict(t) for t in self.layout]
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_obj(), separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        return cls.from_obj(parse_json(data, MANIFEST_FILE))
+
+    @classmethod
+    def from_obj(cls, data: object) -> Manifest:
+        what = MANIFEST_FILE
+        d = _obj(data, what)
+        _req(d.get("protocol") == PROTOCOL_VERSION, f"{what}: wrong protocol version")
+        raw_tensors, raw_views = d.get("tensors"), d.get("views")
+        _req(isinstance(raw_tensors, list) and len(raw_tensors) <= MAX_TENSORS,
+             f"{what}: tensors malformed")
+        _req(isinstance(raw_views, list) and len(raw_views) <= MAX_TENSORS,
+             f"{what}: views malformed")
+        assert isinstance(raw_tensors, list) and isinstance(raw_views, list)
+        taken: set[str] = set()
+        tensors = tuple(cls._tensor(t, taken) for t in raw_tensors)
+        stored = {t.name: t for t in tensors}
+        views = tuple(cls._view(v, taken, stored) for v in raw_views)
+        layout = None
+        if d.get("layout") is not None:
+            raw = d["layout"]
+            _req(isinstance(raw, list) and 0 < len(raw) <= MAX_TENSORS and not tensors
+                 and not views, f"{what}: layout malformed")
+            assert isinstance(raw, list)
+            layout = tuple(cls._placed(t, taken) for t in raw)
+        unrep = d.get("unrepresentable", [])
+        _req(isinstance(unrep, list), f"{what}: unrepresentable malformed")
+        assert isinstance(unrep, list)
+        unrepresentable = []
+        for u in unrep[:10_000]:
+            u = _obj(u, f"{what}: unrepresentable entry")
+            _req(isinstance(u.get("path"), str) and isinstance(u.get("type"), str),
+                 f"{what}: unrepresentable entry malformed")
+            unrepresentable.append(Unrepresentable(
+                path=str(u["path"])[:4000], type=str(u["type"])[:400],
+                reason=_opt_str(u, "reason", 400, what) or ""))
+        notes = d.get("notes", [])
+        _req(isinstance(notes, list) and all(isinstance(n, str) for n in notes),
+             f"{what}: notes malformed")
+        assert isinstance(notes, list)
+        fmt = d.get("format")
+        _req(isinstance(fmt, str) and len(fmt) <= 64, f"{what}: format missing")
+        return cls(format=str(fmt), tensors=tensors, views=views, layout=layout,
+                   skeleton=d.get("skeleton"), unrepresentable=tuple(unrepresentable),
+                   notes=tuple(str(n)[:4000] for n in notes[:10_000]))
+
+    @staticmethod
+    def _tensor(raw: object, taken: set[str]) -> TensorEntry:
+        what = MANIFEST_FILE
+        t = _obj(raw, f"{what}: tensor entry")
+        name = _name(t.get("name"), taken, what)
+        dtype = t.get("dtype")
+        _req(isinstance(dtype, str) and dtype in TORCH_DTYPES,
+             f"{what}: unknown dtype {str(dtype)[:40]}")
+        assert isinstance(dtype, str)
+        stored_as, size = TORCH_DTYPES[dtype]
+        _req(t.get("stored_as") == stored_as, f"{what}: {name}: wrong storage dtype")
+        shape = _dims(t.get("shape"), f"{what}: {name}: shape")
+        numel = 1
+        for s in shape:
+            numel *= s
+        _req(t.get("nbytes") == numel * size, f"{what}: {name}: nbytes does not match shape")
+        _req(_sha256(t.get("sha256")), f"{what}: {name}: sha256 malformed")
+        return TensorEntry(name=name, dtype=dtype, shape=shape, stored_as=stored_as,
+                           nbytes=numel * size, sha256=str(t["sha256"]),
+                           location=_location(t.get("location"), what))
+
+    @staticmethod
+    def _view(raw: object, taken: set[str], stored: dict[str, TensorEntry]) -> ViewEntry:
+        what = MANIFEST_FILE
+        v = _obj(raw, f"{what}: view entry")
+        name = _name(v.get("name"), taken, what)
+        base_name = v.get("base")
+        base = stored.get(base_name) if isinstance(base_name, str) else None
+        _req(base is not None, f"{what}: view {name} names no stored base")
+        assert base is not None
+        _req(v.get("dtype") == base.dtype, f"{what}: view {name}: dtype differs from base")
+        shape = _dims(v.get("shape"), f"{what}: view {name}: shape")
+        stride = _dims(v.get("stride"), f"{what}: view {name}: stride")
+        _req(len(stride) == len(shape), f"{what}: view {name}: stride rank")
+        offset = v.get("offset")
+        _req(_is_int(offset) and offset >= 0, f"{what}: view {name}: offset")  # type: ignore[operator]
+        assert isinstance(offset, int)
+        last = offset + sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) \
+            if all(s > 0 for s in shape) else offset
+        _req(last < base.numel or (base.numel == 0 and 0 in shape),
+             f"{what}: view {name}: reaches past its base")
+        return ViewEntry(name=name, base=base.name, offset=offset, shape=shape, stride=stride,
+                         dtype=base.dtype, location=_location(v.get("location"), what))
+
+    @staticmethod
+    def _placed(raw: object, taken: set[str]) -> LayoutEntry:
+        what = MANIFEST_FILE
+        t = _obj(raw, f"{what}: layout entry")
+        _req(set(t) == _LAYOUT_KEYS, f"{what}: layout entry malformed")
+        name = _name(t["name"], taken, what)
+        key = t["key"]
+        _req(isinstance(key, str) and 0 < len(key) <= 64 and key.isprintable(),
+             f"{what}: layout key malformed")
+        dtype = t["dtype"]
+        _req(isinstance(dtype, str) and dtype in TORCH_DTYPES, f"{what}: layout dtype unknown")
+        shape = _dims(t["shape"], f"{what}: layout shape")
+        stride = _dims(t["stride"], f"{what}: layout stride")
+        _req(len(shape) == len(stride), f"{what}: layout stride rank")
+        offset = t["offset"]
+        _req(_is_int(offset) and 0 <= offset < 2**62, f"{what}: layout offset")  # type: ignore[operator]
+        _req(isinstance(t["parameter"], bool), f"{what}: layout parameter flag")
+        return LayoutEntry(name=name, key=str(key), dtype=str(dtype), shape=shape, stride=stride,
+                           offset=int(offset), parameter=bool(t["parameter"]),  # type: ignore[call-overload]
+                           location=_location(t["location"], what))
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The policy ended the load at a refused call of this kind and category."""
+
+    kind: str
+    category: str
+    t: float
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """How the loader said it ended (what it says can be forged once a payload ran: the host
+    believes ``ok`` only together with the engine's exit code and the supervisor's DONE)."""
+
+    ok: bool = False
+    kind: str | None = None
+    message: str | None = None
+    type: str | None = None
+    format: str | None = None
+    detected: str | None = None
+    handoff: str | None = None
+    tensors: int | None = None
+
+
+_RESOURCE_SECONDS = ("cpu_s", "sample_s")
+_RESOURCE_COUNTS = ("rss_peak_bytes", "threads_peak", "children_peak", "samples")
+SUPERVISOR_LIMITS = ("wall_clock", "cpu", "output_bytes")
+
+
+@dataclass(frozen=True)
+class Status:
+    """The supervisor's account of one job: the input it saw, how the loader ended, what it
+    used, the limits it enforced, the canary values it planted and the monitor's counts.
+
+    ``canaries`` (name -> value) and ``counts`` ((source, kind, action) key -> number) are
+    read leniently: a malformed entry is dropped, never the status."""
+
+    env_keys: tuple[str, ...] = ()
+    input_sha256: str | None = None
+    input_size: int | None = None
+    input_error: str | None = None
+    wall_s: float | None = None
+    cpu_user_s: float | None = None
+    cpu_system_s: float | None = None
+    max_rss_kb: int | None = None
+    exit_code: int | None = None
+    limit: str | None = None
+    timed_out: bool = False
+    resources: tuple[tuple[str, float | int | str], ...] = ()
+    stopped: Stopped | None = None
+    result: LoadResult | None = None
+    canaries: tuple[tuple[str, str], ...] = ()
+    canary_files: tuple[str, ...] = ()
+    kernel_monitor: bool = False
+    counts: tuple[tuple[str, int], ...] = ()
+    truncated: bool = False
+    output_problems: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Status:
+        return cls.from_obj(parse_json(data, STATUS_FILE))
+
+    @classmethod
+    def from_obj(cls, data: object) -> Status:
+        what = STATUS_FILE
+        d = _obj(data, what)
+        _req(d.get("protocol") == PROTOCOL_VERSION, f"{what}: wrong protocol version")
+        sha = d.get("input_sha256")
+        _req(sha is None or _sha256(sha), f"{what}: input_sha256 is not a sha256")
+        env = d.get("env_keys", [])
+        _req(isinstance(env, list) and all(isinstance(k, str) for k in env),
+             f"{what}: env_keys malformed")
+        assert isinstance(env, list)
+        limit = d.get("limit")
+        _req(limit is None or limit in SUPERVISOR_LIMITS,
+             f"{what}: limit is not one the supervisor enforces")
+        timed_out = d.get("timed_out", False)
+        _req(isinstance(timed_out, bool), f"{what}: timed_out is not a boolean")
+        problems = d.get("output_problems", {})
+        _req(isinstance(problems, dict) and all(k in OUTPUT_NAMES and isinstance(v, str)
+                                                for k, v in problems.items()),
+             f"{what}: output_problems malformed")
+        assert isinstance(problems, dict)
+        canaries, canary_files = cls._canaries(d.get("canaries"))
+        counts, kernel, truncated = cls._monitor(d.get("monitor"))
+        return cls(
+            env_keys=tuple(k[:200] for k in env[:1000]),
+            input_sha256=str(sha) if sha is not None else None,
+            input_size=_opt_int(d, "input_size", what, 0),
+            input_error=_opt_str(d, "input_error", 200, what),
+            wall_s=_opt_num(d, "wall_s", what), cpu_user_s=_opt_num(d, "cpu_user_s", what),
+            cpu_system_s=_opt_num(d, "cpu_system_s", what),
+            max_rss_kb=_opt_int(d, "max_rss_kb", what), exit_code=_opt_int(d, "exit_code", what),
+            limit=str(limit) if limit is not None else None, timed_out=timed_out is True,
+            resources=cls._resources(d.get("resources")), stopped=cls._stopped(d.get("stopped")),
+            result=cls._result(d.get("result")), canaries=canaries, canary_files=canary_files,
+            kernel_monitor=kernel, counts=counts, truncated=truncated,
+            output_problems=tuple(sorted((str(k), str(v)[:200]) for k, v in problems.items())))
+
+    @staticmethod
+    def _resources(raw: object) -> tuple[tuple[str, float | int | str], ...]:
+        if raw is None:
+            return ()
+        what = f"{STATUS_FILE}.resources"
+        r = _obj(raw, what)
+        out: list[tuple[str, float | int | str]] = []
+        for key in _RESOURCE_SECONDS:
+            v = _opt_num(r, key, what)
+            if v is not None:
+                _req(0 <= v <= 1e9, f"{what}.{key} is not a duration")
+                out.append((key, v))
+        for key in _RESOURCE_COUNTS:
+            n = _opt_int(r, key, what, 0)
+            if n is not None:
+                out.append((key, n))
+        err = _opt_str(r, "error", 200, what)
+        if err is not None:
+            out.append(("error", err))
+        return tuple(out)
+
+    @staticmethod
+    def _stopped(raw: object) -> Stopped | None:
+        if raw is None:
+            return None
+        what = f"{STATUS_FILE}.stopped"
+        s = _obj(raw, what)
+        kind, category = _opt_str(s, "kind", 40, what), _opt_str(s, "category", 40, what)
+        t = _opt_num(s, "t", what)
+        _req(kind is not None and category is not None and t is not None, f"{what} malformed")
+        assert kind is not None and category is not None and t is not None
+        return Stopped(kind=kind, category=category, t=t)
+
+    @staticmethod
+    def _result(raw: object) -> LoadResult | None:
+        if raw is None:
+            return None
+        what = f"{STATUS_FILE}.result"
+        r = _obj(raw, what)
+        ok = r.get("ok", False)
+        _req(isinstance(ok, bool), f"{what}.ok is not a boolean")
+        return LoadResult(ok=bool(ok), kind=_opt_str(r, "kind", 64, what),
+                          message=_opt_str(r, "message", 4000, what),
+                          type=_opt_str(r, "type", 200, what),
+                          format=_opt_str(r, "format", 64, what),
+                          detected=_opt_str(r, "detected", 64, what),
+                          handoff=_opt_str(r, "handoff", 16, what),
+                          tensors=_opt_int(r, "tensors", what, 0, 2**40))
+
+    @staticmethod
+    def _canaries(raw: object) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+        if not isinstance(raw, dict):
+            return (), ()
+        values, files = raw.get("values"), raw.get("files")
+        good: list[tuple[str, str]] = []
+        if isinstance(values, dict):
+            for k, v in list(values.items())[:MAX_CANARIES]:
+                if isinstance(k, str) and isinstance(v, str) and 12 <= len(v) <= 512 and \
+                        len(k) <= 64:
+                    good.append((k, v))
+        paths = tuple(p for p in files[:MAX_CANARIES] if isinstance(p, str) and len(p) <= 256) \
+            if isinstance(files, list) else ()
+        return tuple(good), paths
+
+    @staticmethod
+    def _monitor(raw: object) -> tuple[tuple[tuple[str, int], ...], bool, bool]:
+        if not isinstance(raw, dict):
+            return (), False, False
+        counts = raw.get("counts")
+        good: list[tuple[str, int]] = []
+        if isinstance(counts, dict):
+            for k, v in list(counts.items())[:1000]:
+                if isinstance(k, str) and len(k) <= 160 and _is_int(v) and 0 <= v < 2**53:
+                    good.append((k, v))
+        return tuple(good), raw.get("kernel") is True, raw.get("truncated") is True
+
+
 def memfd_seals(fd: int) -> int:
     """The seals of ``fd`` (raises OSError for a descriptor that is not a memfd)."""
     import fcntl

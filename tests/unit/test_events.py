@@ -27,10 +27,15 @@ def line(i: int, kind: str, detail: dict[str, Any], action: str = "denied",
                        "action": action}).encode() + b"\n"
 
 
+def doc(status: dict[str, Any]) -> P.Status:
+    """The typed status document the host reads from the supervisor's JSON."""
+    return P.Status.from_obj({"protocol": P.PROTOCOL_VERSION, **status})
+
+
 def judge(*lines: bytes, status: dict[str, Any] | None = None) -> _events.Monitoring:
     events, rejected = _events.parse_events(b"".join(lines))
     assert rejected == 0
-    return _events.analyse(events, status or STATUS)
+    return _events.analyse(events, doc(status or STATUS))
 
 
 def rules(mon: _events.Monitoring) -> dict[str, Any]:
@@ -152,7 +157,7 @@ def test_read_scans_outputs_for_canaries() -> None:
     fd = P.memfd_create("manifest")
     os.write(fd, json.dumps({"notes": [CANARIES["AWS_SECRET_ACCESS_KEY"]]}).encode())
     try:
-        mon = _events.read(b"", STATUS, {"manifest": fd}, dropped=3)
+        mon = _events.read(b"", doc(STATUS), {"manifest": fd}, dropped=3)
     finally:
         os.close(fd)
     r = rules(mon)

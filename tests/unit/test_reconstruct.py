@@ -28,6 +28,7 @@ from sandbox._reconstruct import (
     reconstruct,
     try_reconstruct,
 )
+from sandbox._worker import _protocol as P
 from sandbox._worker._extract import extract
 from sandbox.report import Severity
 from tests.checkpoints import (
@@ -59,7 +60,9 @@ def sandbox_tensors(obj: Any, tmp_path: Path) -> dict[str, torch.Tensor]:
     ex = extract(obj)
     path = tmp_path / "handoff.safetensors"
     save_file(ex.stored, str(path))
-    return _convert.load_tensors(str(path), {"tensors": ex.entries, "views": ex.views})
+    manifest = P.Manifest.from_obj({"protocol": P.PROTOCOL_VERSION, "format": "torch-zip",
+                                    "tensors": ex.entries, "views": ex.views})
+    return _convert.load_tensors(str(path), manifest)
 
 
 def raw(t: torch.Tensor) -> bytes:

@@ -1126,3 +1126,14 @@ def test_a_private_stdlib_helper_called_while_loading_is_a_function_call() -> No
     assert not called("copyreg._reconstructor") and not called("re._compile")
     assert not called("torch.optim.AdamW")
     assert not _calls_a_function({"global": "_sitebuiltins._helper", "called": False})
+
+
+def test_text_that_starts_with_an_opcode_letter_is_not_a_pickle(tmp_path: Path) -> None:
+    """A YAML config whose first key starts with "c" reads as a GLOBAL opcode with a module
+    name no Python could import: not a pickle (torch.load and pickle.load fail on it too)."""
+    path = tmp_path / "config.yaml"
+    path.write_text('chat_template: "{{ messages }}"\nmodel_type: llama\n')
+    assert identify(path) == "unknown"
+    broken = tmp_path / "broken.pkl"  # a real protocol-0 global, then garbage: still a pickle
+    broken.write_bytes(b"cos\nsystem\n(S'echo'\ntR\xff\xff")
+    assert identify(broken) == "pickle"

@@ -8,6 +8,7 @@ process (the payloads here only compute with torch: nothing leaves a marker or r
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import pickle
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from sandbox import _reconstruct, _verify
+from sandbox._worker import _protocol as P
 from sandbox._worker._extract import extract
 from sandbox.report import Severity
 from tests.checkpoints import Reduce, save, state_dict
@@ -34,7 +36,7 @@ class Block(torch.nn.Module):
         return self.norm(self.lin(x))
 
 
-def returned(path: Path, **load: Any) -> dict[str, Any]:
+def returned(path: Path, **load: Any) -> P.Manifest:
     """The manifest the sandbox would send for ``path``."""
     if path.suffix == ".npy":
         obj = np.load(path, allow_pickle=True)
@@ -47,7 +49,8 @@ def returned(path: Path, **load: Any) -> dict[str, Any]:
     else:
         obj = torch.load(path, weights_only=False, **load)
     ex = extract(obj)
-    return {"tensors": ex.entries, "views": ex.views}
+    return P.Manifest.from_obj({"protocol": P.PROTOCOL_VERSION, "format": "x",
+                                "tensors": ex.entries, "views": ex.views})
 
 
 def findings_for(path: Path) -> list[Any]:
@@ -67,7 +70,7 @@ def test_a_pickled_module_of_a_custom_class_is_verified(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = save({"model": Block(), "epoch": 2}, tmp_path / "module.pt")
     assert findings_for(path) == []
-    assert len(returned(path)["tensors"]) == 5
+    assert len(returned(path).tensors) == 5
 
 
 def test_a_pickled_optimizer_and_tensor_subclasses_are_verified(tmp_path: Path) -> None:
@@ -98,7 +101,7 @@ def test_numpy_arrays_in_a_checkpoint_are_verified(tmp_path: Path) -> None:
     for fmt in ("zip", "legacy"):
         path = save(arrays, tmp_path / f"np-{fmt}.pt", fmt)
         assert findings_for(path) == [], fmt
-        assert len(returned(path)["tensors"]) == 8
+        assert len(returned(path).tensors) == 8
 
 
 def test_npy_and_npz_files_are_verified(tmp_path: Path) -> None:
@@ -130,7 +133,7 @@ def test_a_weight_computed_while_loading_is_unverified_and_named(tmp_path: Path)
     assert [f.rule for f in found] == ["weights-unverified"]
     assert found[0].severity is Severity.MEDIUM
     assert found[0].evidence["tensors"] == ["state_dict.encoder.weight"]
-    assert found[0].evidence["returned"] == len(returned(path)["tensors"])
+    assert found[0].evidence["returned"] == len(returned(path).tensors)
 
 
 def test_tensors_unpickled_from_bytes_are_unverified(tmp_path: Path) -> None:
@@ -157,11 +160,11 @@ def test_swapped_but_stored_tensors_still_count_as_the_files(tmp_path: Path) -> 
     path = save({"model": Block(), "extra": torch.full((3,), 2.0)}, tmp_path / "m.pt")
     manifest = returned(path)
     assert _verify.weights(str(path), manifest) == []
-    forged = dict(manifest["tensors"][0], sha256="0" * 64)
-    manifest["tensors"][0] = forged
+    forged = dataclasses.replace(manifest.tensors[0], sha256="0" * 64)
+    manifest = dataclasses.replace(manifest, tensors=(forged, *manifest.tensors[1:]))
     found = _verify.weights(str(path), manifest)
     assert [f.rule for f in found] == ["weights-unverified"]
-    assert found[0].evidence["tensors"] == [forged["name"]]
+    assert found[0].evidence["tensors"] == [forged.name]
 
 
 # -- the general reading itself -------------------------------------------------------------
