@@ -16,10 +16,8 @@ kept as context. Each finding names the events that support it.
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +27,6 @@ from .report import Event, Finding, Severity
 __all__ = ["Monitoring", "analyse", "parse_events", "read"]
 
 _MAX_LINES = P.MAX_KERNEL_EVENTS + P.MAX_SELF_REPORTED_EVENTS + 16
-_MAX_STR = 2048
-_MAX_ITEMS = 64
-_MAX_DEPTH = 4
-_KIND = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _MAX_EVENT_IDS = 50
 _OUTPUT_SCAN_BYTES = 512 * 2**20
 
@@ -62,49 +56,15 @@ class Monitoring:
 
 # -- parsing -----------------------------------------------------------------------------------
 
-def _printable(text: str, limit: int = _MAX_STR) -> str:
-    text = text[:limit]
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
-                   for c in text)
-
-
-def _clean(value: Any, depth: int = 0) -> Any:
-    """A bounded, printable copy of a JSON value (None where it is not plain data)."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return value if -(2**63) <= value < 2**64 else None
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, str):
-        return _printable(value)
-    if depth >= _MAX_DEPTH:
-        return None
-    if isinstance(value, list):
-        return [_clean(v, depth + 1) for v in value[:_MAX_ITEMS]]
-    if isinstance(value, dict):
-        return {_printable(str(k), 64): _clean(v, depth + 1)
-                for k, v in list(value.items())[:_MAX_ITEMS]}
-    return None
+_printable = P.printable
 
 
 def _event(obj: Any) -> Event | None:
-    if not isinstance(obj, dict):
+    line = P.EventLine.from_obj(obj)
+    if line is None:
         return None
-    eid, t, source, kind = obj.get("id"), obj.get("t"), obj.get("source"), obj.get("kind")
-    detail, action = obj.get("detail", {}), obj.get("action")
-    if not (isinstance(eid, int) and not isinstance(eid, bool) and 0 < eid < 2**53):
-        return None
-    if not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
-        return None
-    if not isinstance(source, str) or not isinstance(action, str) or \
-            source not in P.EVENT_SOURCES or action not in P.EVENT_ACTIONS:
-        return None
-    if not (isinstance(kind, str) and _KIND.match(kind)) or not isinstance(detail, dict):
-        return None
-    return Event(id=eid, t=float(t), source=source, kind=kind, detail=_clean(detail), action=action)
+    return Event(id=line.id, t=line.t, source=line.source, kind=line.kind, detail=line.detail,
+                 action=line.action)
 
 
 def parse_events(data: bytes) -> tuple[list[Event], int]:

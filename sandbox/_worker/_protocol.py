@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 
 PROTOCOL_VERSION = 2
@@ -634,6 +635,78 @@ class Status:
                 if isinstance(k, str) and len(k) <= 160 and _is_int(v) and 0 <= v < 2**53:
                     good.append((k, v))
         return tuple(good), raw.get("kernel") is True, raw.get("truncated") is True
+
+
+# -- event lines: what the supervisor streams while the load runs --------------------------------
+
+_EVENT_KIND = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_MAX_EVENT_STR = 2048
+_MAX_EVENT_ITEMS = 64
+_MAX_EVENT_DEPTH = 4
+
+
+def printable(text: str, limit: int = _MAX_EVENT_STR) -> str:
+    """``text`` cut to ``limit`` characters, with every unprintable character escaped."""
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+                   for c in text)
+
+
+def _plain(value: object, depth: int = 0) -> object:
+    """A bounded, printable copy of a JSON value (None where it is not plain data)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return printable(value)
+    if depth >= _MAX_EVENT_DEPTH:
+        return None
+    if isinstance(value, list):
+        return [_plain(v, depth + 1) for v in value[:_MAX_EVENT_ITEMS]]
+    if isinstance(value, dict):
+        return {printable(str(k), 64): _plain(v, depth + 1)
+                for k, v in list(value.items())[:_MAX_EVENT_ITEMS]}
+    return None
+
+
+@dataclass(frozen=True)
+class EventLine:
+    """One line of the event stream. ``detail`` is a bounded, printable copy of what the
+    supervisor decoded (its keys depend on ``kind``: a path, an address, an argv...)."""
+
+    id: int
+    t: float
+    source: str
+    kind: str
+    detail: dict[str, object]
+    action: str
+
+    @classmethod
+    def from_obj(cls, obj: object) -> EventLine | None:
+        """The line, or None where it is not one (lines are refused one by one)."""
+        if not isinstance(obj, dict):
+            return None
+        eid, t, source, kind = obj.get("id"), obj.get("t"), obj.get("source"), obj.get("kind")
+        detail, action = obj.get("detail", {}), obj.get("action")
+        if not (_is_int(eid) and 0 < eid < 2**53):  # type: ignore[operator]
+            return None
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+                and t >= 0):
+            return None
+        if not isinstance(source, str) or not isinstance(action, str) or \
+                source not in EVENT_SOURCES or action not in EVENT_ACTIONS:
+            return None
+        if not (isinstance(kind, str) and _EVENT_KIND.match(kind)) or not isinstance(detail, dict):
+            return None
+        clean = _plain(detail)
+        assert isinstance(clean, dict)
+        return cls(id=int(eid), t=float(t), source=source, kind=kind,  # type: ignore[arg-type]
+                   detail=clean, action=action)
 
 
 def memfd_seals(fd: int) -> int:
