@@ -5,10 +5,12 @@ container; the host receives only SafeTensors (checked against a manifest) and a
 ``import sandbox`` imports neither torch nor docker: the stages that need them do.
 """
 
+from . import _version
 from ._api import convert, patch_torch, safe_load, scan
 from ._convert import Unrepresentable
 from ._pool import Pool
 from .errors import (
+    BatchError,
     EngineError,
     EngineUnavailable,
     HashMismatch,
@@ -16,13 +18,20 @@ from .errors import (
     ImageMissing,
     InputError,
     InputNotFound,
+    InputUnreadable,
+    InternalError,
     LimitExceeded,
     LoadFailed,
+    LockFileError,
     MalformedInput,
+    MalformedStream,
+    NotPinned,
     OutputRejected,
     PolicyError,
     SandboxError,
     SandboxViolation,
+    TruncatedInput,
+    UnpicklingFailed,
     UnrepresentableObject,
     UnsupportedFormat,
     UnverifiedWeights,
@@ -30,9 +39,11 @@ from .errors import (
 from .policy import Limits, Policy
 from .report import Event, Finding, LoadReport, Severity, Verdict
 
-__version__ = "0.1.0"
+__version__ = _version.VERSION
+
 
 __all__ = [
+    "BatchError",
     "EngineError",
     "EngineUnavailable",
     "Event",
@@ -42,11 +53,16 @@ __all__ = [
     "ImageMissing",
     "InputError",
     "InputNotFound",
+    "InputUnreadable",
+    "InternalError",
     "LimitExceeded",
     "Limits",
     "LoadFailed",
     "LoadReport",
+    "LockFileError",
     "MalformedInput",
+    "MalformedStream",
+    "NotPinned",
     "OutputRejected",
     "Policy",
     "PolicyError",
@@ -54,6 +70,8 @@ __all__ = [
     "SandboxError",
     "SandboxViolation",
     "Severity",
+    "TruncatedInput",
+    "UnpicklingFailed",
     "Unrepresentable",
     "UnrepresentableObject",
     "UnsupportedFormat",

@@ -87,14 +87,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _api, _image, _scan
+from . import _api, _files, _image, _scan
 from ._launch import LABEL, ContainerSpec, Job, Runner, RunResult
+from ._version import VERSION
 from .errors import (
+    BatchError,
     EngineError,
     EngineUnavailable,
     HashMismatch,
-    InputError,
+    InputUnreadable,
+    InternalError,
     MalformedInput,
+    NotPinned,
     SandboxError,
 )
 from .policy import Policy
@@ -121,14 +125,7 @@ BATCH_LABEL = f"{LABEL}.batch"
 MODEL_FORMATS = frozenset({"torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy",
                            "numpy-npz", "joblib", "torchscript"})
 _ZIP_MAGIC = b"PK\x03\x04"
-_STALE_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what _api.atomic_write leaves on SIGKILL
-
-
-class BatchError(SandboxError):
-    """The batch as a whole cannot run (bad arguments, an OUTDIR another batch holds, ...)."""
-
-    reference = "batch-error"
-    hint = "check the SRC and OUTDIR arguments"
+_STALE_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what _files.atomic_write leaves on SIGKILL
 
 
 class Status(enum.Enum):
@@ -391,7 +388,7 @@ class _Manifest:
     def compact(self) -> None:
         lines = [json.dumps(self.records[k].to_record(), sort_keys=True, allow_nan=False) + "\n"
                  for k in sorted(self.records)]
-        _api.atomic_write(self.path, "".join(lines).encode())
+        _files.atomic_write(self.path, "".join(lines).encode())
 
     def append(self, item: ItemResult) -> None:
         self.records[item.rel] = item
@@ -588,7 +585,7 @@ class _Cancelled(Exception):
 
 def _sha_of(path: Path) -> str | None:
     try:
-        return _api._hash_file(str(path))[0]
+        return _files.sha256_file(str(path))[0]
     except OSError:
         return None
 
@@ -642,7 +639,7 @@ def _finish(entry: Entry, ctx: _Ctx, report: LoadReport, status: Status, *, star
     rpath = _safe_join(ctx.report_root, f"{entry.rel}.report.json")
     report.outputs["report"] = str(rpath)
     data = report.to_json().encode()
-    _api.atomic_write(rpath, data)
+    _files.atomic_write(rpath, data)
     out_rel = ctx.out_rels[entry.rel] if status is Status.CONVERTED else None
     return ItemResult(
         rel=entry.rel, status=status, size=entry.size, verdict=report.verdict, reason=reason,
@@ -666,9 +663,8 @@ def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
             head = f.read(4)
     except (MalformedInput, OSError) as exc:
         msg = exc.message if isinstance(exc, SandboxError) else f"cannot read: {exc.strerror}"
-        err = InputError(f"{entry.rel!r} cannot be read: {msg}", path=entry.source)
-        err.reference = "input-unreadable"
-        return _static_failure(entry, ctx, started, err)
+        return _static_failure(entry, ctx, started, InputUnreadable(
+            f"{entry.rel!r} cannot be read: {msg}", path=entry.source))
     if fmt not in MODEL_FORMATS:
         if fmt == "unknown" and head == _ZIP_MAGIC:
             return _static_failure(entry, ctx, started, MalformedInput(
@@ -681,16 +677,14 @@ def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
     try:
         sha, size = _hash(entry.real, ctx.cancel)
     except OSError as exc:
-        err = InputError(f"{entry.rel!r} cannot be read: {exc.strerror}", path=entry.source)
-        err.reference = "input-unreadable"
-        return _static_failure(entry, ctx, started, err, fmt=fmt)
+        return _static_failure(entry, ctx, started, InputUnreadable(
+            f"{entry.rel!r} cannot be read: {exc.strerror}", path=entry.source), fmt=fmt)
     entry = dataclasses.replace(entry, size=size)
     pin = ctx.options.pins.get(entry.real) or ctx.options.pins.get(entry.source)
     if pin is None and ctx.options.require_pins:
-        err = InputError(f"{entry.rel!r} is not listed in the lock file; refusing to open it",
-                         path=entry.source, hint="add it with `model-sandbox lock` after checking it")
-        err.reference = "not-pinned"
-        return _static_failure(entry, ctx, started, err, sha=sha, fmt=fmt)
+        return _static_failure(entry, ctx, started, NotPinned(
+            f"{entry.rel!r} is not listed in the lock file; refusing to open it",
+            path=entry.source), sha=sha, fmt=fmt)
     if pin is not None and pin.lower() != sha:
         return _static_failure(entry, ctx, started, HashMismatch(
             f"{entry.rel!r} has sha256 {sha}, not the pinned {pin.lower()}", path=entry.source,
@@ -718,9 +712,8 @@ def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
             return _finish(entry, ctx, report, Status.FAILED, started_wall=started_wall,
                            reason=exc.message, reference=exc.reference)
         except Exception as exc:  # a bug or a host I/O error: this file fails, the batch goes on
-            bug = SandboxError(f"internal error while converting {entry.rel!r}: "
-                               f"{type(exc).__name__}: {exc}")
-            bug.reference = "internal-error"
+            bug = InternalError(f"internal error while converting {entry.rel!r}: "
+                                f"{type(exc).__name__}: {exc}")
             return _static_failure(entry, ctx, started, bug, sha=sha, fmt=fmt)
     raise AssertionError("unreachable")
 
@@ -771,7 +764,7 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
         ctx = _Ctx(outdir=out, report_root=report_root, options=options,
                    runner=labelled or runner,  # type: ignore[arg-type]
                    previous=dict(manifest.records), out_rels=_output_rels(entries),
-                   tool={"name": "model-sandbox", "version": _api._VERSION,
+                   tool={"name": "model-sandbox", "version": VERSION,
                          "worker_digest": _image.worker_digest()},
                    cancel=threading.Event())
         summary = BatchSummary(outdir=out, results=list(skipped), excluded=excluded)

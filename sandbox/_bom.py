@@ -36,7 +36,8 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from . import _api, _batch
+from . import _batch, _files
+from ._version import VERSION
 from .report import LoadReport
 
 __all__ = ["build_bom"]
@@ -70,7 +71,7 @@ def build_bom(outdir: str | os.PathLike[str], *, serial: uuid.UUID | None = None
     bom = Bom(serial_number=serial or uuid.uuid4())
     bom.metadata.timestamp = timestamp or datetime.datetime.now(tz=datetime.UTC)
     bom.metadata.tools.components.add(Component(
-        name="model-sandbox", version=_api._VERSION, type=ComponentType.APPLICATION,
+        name="model-sandbox", version=VERSION, type=ComponentType.APPLICATION,
         description="loads untrusted PyTorch checkpoints in a hardened container and "
                     "converts them to SafeTensors"))
     images: set[str] = set()
@@ -80,7 +81,7 @@ def build_bom(outdir: str | os.PathLike[str], *, serial: uuid.UUID | None = None
         if rec.status is not _batch.Status.CONVERTED or rec.output is None:
             continue
         try:
-            actual = _api._hash_file(str(out / rec.output))[0]
+            actual = _files.sha256_file(str(out / rec.output))[0]
         except OSError:
             problems.append(f"{rec.output}: missing (recorded for {rel})")
             continue

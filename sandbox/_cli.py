@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import _api
+from . import _api, _files
 from ._launch import DockerRunner, Runner
 from ._pool import Pool
 from .errors import PolicyError, SandboxError
@@ -238,7 +238,8 @@ def _summary_text(summary: object, *, quiet: bool) -> str:
 
 
 def _convert_batch(args: argparse.Namespace) -> int:
-    from ._batch import BatchError, BatchOptions, run_batch
+    from ._batch import BatchOptions, run_batch
+    from .errors import BatchError
 
     if args.output is None:
         raise BatchError("several inputs or a directory need -o OUTDIR")
@@ -284,7 +285,7 @@ def cmd_bom(args: argparse.Namespace) -> int:
     if args.output in (None, "-"):
         print(text)
     else:
-        _api.atomic_write(Path(args.output), text.encode())
+        _files.atomic_write(Path(args.output), text.encode())
     return EXIT_ERROR if problems else EXIT_CLEAN
 
 

@@ -54,12 +54,13 @@ import re
 import struct
 import tarfile
 import time
+import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .errors import MalformedInput
+from .errors import MalformedInput, MalformedStream
 from .report import Finding, Severity
 
 __all__ = [
@@ -390,21 +391,6 @@ class StaticScan:
     @property
     def max_severity(self) -> Severity | None:
         return max((f.severity for f in self.findings), default=None)
-
-
-class MalformedStream(MalformedInput):
-    """A pickle stream (or the file holding it) is truncated or invalid.
-
-    ``member`` names the stream, ``offset`` is the position in it; ``partial`` is the scan of
-    everything read before the fault (``None`` when nothing was).
-    """
-
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
-                 offset: int | None = None, member: str | None = None,
-                 partial: StaticScan | None = None) -> None:
-        super().__init__(message, path=None if path is None else os.fspath(path), offset=offset)
-        self.member = member
-        self.partial = partial
 
 
 # --------------------------------------------------------------------------------------------
@@ -1031,7 +1017,9 @@ def _walk(ctx: _Ctx, buf: _Buf, start: int, end: int, member: str, *, nest: int 
             line = readline()
             if len(line) >= 2 and line[0] == line[-1] and line[:1] in (b"'", b'"'):
                 try:
-                    raw = codecs.escape_decode(line[1:-1])[0]
+                    with warnings.catch_warnings():  # pickle decodes it the same way, quietly
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        raw = codecs.escape_decode(line[1:-1])[0]
                 except ValueError:
                     raise _InvalidError(op_off - start, "bad STRING escape") from None
                 if len(raw) > _MAX_STR:

@@ -294,20 +294,21 @@ def test_work_directories_of_dead_processes_are_swept(tmp_path: Path,
     import subprocess
     import tempfile
 
-    from sandbox import _api
+    from sandbox import _input
+    from sandbox._channel import WORK_PREFIX
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     proc = subprocess.Popen(["true"])  # a pid that has exited
     proc.wait()
-    stale = tmp_path / f"{_api._WORK_PREFIX}{proc.pid}-abc"
+    stale = tmp_path / f"{WORK_PREFIX}{proc.pid}-abc"
     (stale / "sub").mkdir(parents=True)
-    alive = tmp_path / f"{_api._WORK_PREFIX}{os.getpid()}-xyz"  # ours: kept
+    alive = tmp_path / f"{WORK_PREFIX}{os.getpid()}-xyz"  # ours: kept
     alive.mkdir()
-    monkeypatch.setattr(_api, "_swept", False)
+    monkeypatch.setattr(_input, "_swept", False)
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
     sandbox.scan(path, runner=FakeRunner())
     assert not stale.exists() and alive.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(_api._WORK_PREFIX)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(WORK_PREFIX)
                 and p != alive]
 
 

@@ -1,0 +1,69 @@
+"""Host helpers for the files the tool writes and hashes: one sha256 of a file, one atomic
+replace (temporary file beside the target, fsync, rename, fsync of the directory)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ._worker import _protocol as P
+
+__all__ = ["atomic_stream", "atomic_write", "fsync_dir", "fsync_path", "sha256_file"]
+
+
+def sha256_file(path: str) -> tuple[str, int]:
+    """(hex sha256, size) of the file at ``path``: the same helper the worker uses."""
+    return P.sha256_file(path)
+
+
+def atomic_stream(dst: Path, head: bytes, body: Callable[[int], None]) -> None:
+    """``head`` then whatever ``body`` writes, to a temporary file beside ``dst``, fsynced and
+    renamed into place."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        try:
+            P.write_all(fd, head)
+            body(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fsync_path(str(path))

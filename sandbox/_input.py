@@ -1,0 +1,171 @@
+"""Stage 0, host: the input, before anything reads it whole.
+
+A regular, readable file opened read-only (the descriptor is what the sandbox gets; a file the
+sandbox's uid could write is replaced by a private 0444 copy first); refused from its first
+bytes when no loader could take it; identified by inode, size and times so a swap under the
+sandbox is noticed; hashed in a thread beside the other stages. Also: file objects staged to a
+private file, and the sweep of work directories a killed process left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickletools
+import shutil
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from . import _image
+from ._channel import WORK_PREFIX
+from ._worker import _protocol as P
+from .errors import InputNotFound, TruncatedInput, UnsupportedFormat
+
+__all__ = ["Hasher", "as_path", "identity", "open_input", "refuse_non_checkpoint",
+           "sweep_work_dirs"]
+
+
+def open_input(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(real path, read-only descriptor) of a regular, readable input. The descriptor is what
+    the sandbox gets: no path of the host is mounted, nothing is copied."""
+    p = os.path.realpath(os.fspath(path))
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise InputNotFound(f"cannot open {os.fspath(path)!r}: {exc.strerror}", path=path) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputNotFound(f"{os.fspath(path)!r} is not a regular file", path=path)
+    os.set_blocking(fd, True)
+    if _sandbox_may_write(st):
+        fd = _private_copy(fd)
+    return p, fd
+
+
+_PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
+
+
+_MAGICS = (b"PK\x03\x04", b"\x93NUMPY")
+
+
+def refuse_non_checkpoint(fd: int, path: str | os.PathLike[str]) -> None:
+    """Refuse, from the first bytes alone, an input that no loader could take: not a zip, a
+    numpy file, a tar archive or a pickle (a file of zeros, a text file, an image). A 20 GB
+    file of zeros is refused at once instead of being hashed and loaded."""
+    head = os.pread(fd, 512, 0)
+    if not head:
+        raise TruncatedInput(f"{os.fspath(path)!r} is empty", path=path)
+    if head.startswith(_MAGICS) or head[257:262] == b"ustar" or head[:1] in _PICKLE_OPCODES:
+        return
+    if len(head) >= 9 and head[8:9] == b"{":  # SafeTensors: the static stage says so clearly
+        return
+    raise UnsupportedFormat(f"{os.fspath(path)!r} is not a checkpoint: its first bytes are not "
+                            "a zip, numpy, tar or pickle header", path=path, detected="unknown")
+
+
+def identity(fd: int) -> tuple[int, int, int, int]:
+    """(inode, size, mtime, ctime) of the open input: any write to the file changes it."""
+    st = os.fstat(fd)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Hasher:
+    """sha256 of the input in a thread (hashlib releases the GIL): the static scan and the
+    sandbox run meanwhile. :meth:`result` waits for it and re-raises its error."""
+
+    def __init__(self, fd: int) -> None:
+        self._digest: str | None = None
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, args=(fd,), name="model-sandbox-hash",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, fd: int) -> None:
+        try:
+            self._digest = P.sha256_fd(fd)[0]
+        except OSError as exc:
+            self._error = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+
+def _sandbox_may_write(st: os.stat_result) -> bool:
+    """Whether the sandbox's uid could reopen the file for writing through its descriptor
+    (``/proc/self/fd``): world-writable, or owned or group-writable by that uid."""
+    uid = _image.SANDBOX_UID
+    return bool(st.st_mode & stat.S_IWOTH or st.st_uid == uid or
+                (st.st_mode & stat.S_IWGRP and st.st_gid == uid))
+
+
+def _private_copy(fd: int) -> int:
+    """A read-only, already unlinked copy of ``fd``'s file (closes ``fd``): what the sandbox
+    gets instead of a file it could modify."""
+    try:
+        tmp = tempfile.TemporaryFile(prefix=f"{WORK_PREFIX}{os.getpid()}-in-")
+        with os.fdopen(fd, "rb") as src:
+            shutil.copyfileobj(src, tmp, 1 << 20)
+        tmp.flush()
+        os.fchmod(tmp.fileno(), 0o444)
+        out = os.dup(tmp.fileno())
+        tmp.close()
+        return out
+    except OSError as exc:
+        raise InputNotFound(f"cannot stage a private copy of the input: {exc.strerror}") from None
+
+
+_swept = False
+
+
+def sweep_work_dirs() -> None:
+    """Once per process: remove work directories whose process is gone (one killed with
+    SIGKILL cannot clean up its channel directories)."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    root = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(WORK_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(WORK_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def as_path(f: Any) -> Iterator[str | os.PathLike[str]]:
+    """torch.load accepts paths and binary file objects; the sandbox mounts a file."""
+    if isinstance(f, (str, os.PathLike)):
+        yield f
+        return
+    if not hasattr(f, "read"):
+        raise TypeError(f"expected a path or a binary file object, got {type(f).__name__}")
+    with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-in-") as tmp_dir:
+        tmp = os.path.join(tmp_dir, "input")
+        with open(tmp, "wb") as out:
+            while chunk := f.read(1 << 20):
+                if isinstance(chunk, str):
+                    raise TypeError("the file object must be opened in binary mode")
+                out.write(chunk)
+        os.chmod(tmp, 0o644)  # inside a 0700 directory: readable by the sandbox's mount only
+        yield tmp
