@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv engine image demo test test-unit lint clean
+.PHONY: help venv engine image demo test test-unit lint docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,6 +35,9 @@ test-unit: venv ## tests that need no Docker engine
 lint: venv ## ruff and mypy --strict
 	$(BIN)/ruff check sandbox tests examples benchmarks
 	$(BIN)/mypy sandbox
+
+docs: venv ## regenerate docs/rules.md from the rule table (sandbox/_rules.py)
+	$(BIN)/python -m sandbox._rules > docs/rules.md
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

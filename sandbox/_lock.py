@@ -29,17 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import _batch, _scan
-from .errors import MalformedInput, SandboxError
+from .errors import LockFileError, MalformedInput
 
 __all__ = ["LockFileError", "lock_entries", "parse_lock", "read_lock", "render_lock"]
 
 HEADER = "# model-sandbox lock file 1: sha256sum format; `sha256sum -c FILE` checks it as well"
 _LINE = re.compile(r"^(\\?)([0-9a-fA-F]{64}) [ *](.+)$", re.DOTALL)
-
-
-class LockFileError(SandboxError):
-    reference = "lock-file-invalid"
-    hint = "regenerate it with `model-sandbox lock PATH... > FILE` after checking the files"
 
 
 def _display(path: str) -> str:

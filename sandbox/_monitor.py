@@ -14,7 +14,15 @@ from typing import Any
 
 from ._launch import ContainerSpec, Job, RunResult
 from ._worker import _protocol as P
-from .errors import LimitExceeded, LoadFailed, MalformedInput, SandboxError, UnsupportedFormat
+from .errors import (
+    LimitExceeded,
+    LoadFailed,
+    MalformedInput,
+    SandboxError,
+    TruncatedInput,
+    UnpicklingFailed,
+    UnsupportedFormat,
+)
 from .report import Event, Finding, Severity
 
 
@@ -142,7 +150,8 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
         out.error = UnsupportedFormat(f"{message}", path=input_path,
                                       detected=result.detected or "unknown")
     elif kind == "malformed-input":
-        out.error = MalformedInput(message, path=input_path)
+        out.error = (TruncatedInput if _truncated(result) else MalformedInput)(message,
+                                                                              path=input_path)
     elif isinstance(exit_code, int) and exit_code < 0:
         signal_no = -exit_code
         if signal_no == 9:  # SIGKILL from the kernel: the cgroup's memory limit (or pids)
@@ -167,9 +176,20 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
                           f"the load tried to write a file larger than {job.output_bytes:,} bytes")
             out.findings.append(f)
             out.error = e
+        elif _truncated(result):
+            out.error = TruncatedInput(f"the file is truncated: {detail}", path=input_path)
+        elif typ == "UnpicklingError":
+            out.error = UnpicklingFailed(f"torch could not load the file in the sandbox: {detail}")
         else:
             out.error = LoadFailed(f"torch could not load the file in the sandbox: {detail}")
     return out
+
+
+def _truncated(result: P.LoadResult) -> bool:
+    """The loader's error says the file ends early (the words torch and pickle use for it)."""
+    text = f"{result.type or ''}: {result.message or ''}".lower()
+    return (result.type == "EOFError" or "truncated" in text or "ran out of input" in text
+            or "unexpected end" in text)
 
 
 def _monitor_lost(run: RunResult, status: P.Status | None) -> Finding | None:

@@ -7,31 +7,48 @@
     │   ├── InputNotFound             no such file, or not a regular file
     │   ├── UnsupportedFormat         TorchScript, unknown bytes, ...
     │   ├── MalformedInput            truncated/corrupt file, or a pickle stream the scanner rejects
+    │   │   ├── TruncatedInput        the file ends before its data does
+    │   │   └── MalformedStream       a pickle stream the static scan could not read (.partial)
+    │   ├── InputUnreadable           the file cannot be read (permissions, I/O error)
+    │   ├── NotPinned                 a lock file is in force and does not list the file
     │   └── HashMismatch              the file's sha256 differs from the pinned one
     ├── EngineError                   the container engine could not run the sandbox
     │   ├── EngineUnavailable         no reachable Docker daemon
     │   ├── ImageMissing              the worker image for this version is not built
     │   └── ImageMismatch             an image with our tag exists but was built from other code
     ├── LoadFailed                    the loader ran in the sandbox and failed (torch raised, ...)
+    │   ├── UnpicklingFailed          torch's unpickler refused the stream
     │   └── LimitExceeded             a wall-clock, memory, pids or output-size limit ended it
     ├── OutputRejected                what came out of the sandbox is malformed: never trusted
     ├── UnrepresentableObject         weights_only=True but the file holds objects we cannot rebuild
     ├── PolicyError                   a policy file is invalid (exact field and reason)
-    └── SandboxViolation              the verdict reached the policy's threshold; .report has the evidence
-        └── UnverifiedWeights         weights only, but the loader returned tensors the file does not hold
+    ├── SandboxViolation              the verdict reached the policy's threshold; .report has the evidence
+    │   └── UnverifiedWeights         weights only, but the loader returned tensors the file does not hold
+    ├── BatchError                    the batch as a whole cannot run (arguments, a held OUTDIR)
+    ├── LockFileError                 a lock file cannot be used
+    └── InternalError                 model-sandbox failed on this input (a bug)
 
 Every class carries structured fields and a message that says what happened and what to do.
+
+The classes also derive from what ``torch.load`` raises in the same case, so code written for
+torch keeps catching them: ``SandboxViolation``, ``UnrepresentableObject`` and
+``UnsupportedFormat`` are ``pickle.UnpicklingError``; ``MalformedInput`` and ``LoadFailed`` are
+``RuntimeError``; ``TruncatedInput`` is also ``EOFError`` and ``UnpicklingError``, and
+``UnpicklingFailed`` (torch's unpickler refused the stream) is also ``UnpicklingError``.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ._scan import StaticScan
     from .report import LoadReport
 
 __all__ = [
+    "BatchError",
     "EngineError",
     "EngineUnavailable",
     "HashMismatch",
@@ -39,15 +56,23 @@ __all__ = [
     "ImageMissing",
     "InputError",
     "InputNotFound",
+    "InputUnreadable",
+    "InternalError",
     "LimitExceeded",
     "LoadFailed",
+    "LockFileError",
     "MalformedInput",
+    "MalformedStream",
+    "NotPinned",
     "OutputRejected",
     "PolicyError",
     "SandboxError",
     "SandboxViolation",
+    "TruncatedInput",
+    "UnpicklingFailed",
     "UnrepresentableObject",
     "UnsupportedFormat",
+    "UnverifiedWeights",
 ]
 
 
@@ -86,7 +111,10 @@ class InputNotFound(InputError):
     hint = "check the path; only regular files (or symlinks to them) can be loaded"
 
 
-class UnsupportedFormat(InputError):
+class UnsupportedFormat(InputError, pickle.UnpicklingError):
+    """Not a checkpoint format the tool loads (``torch.load`` raises ``UnpicklingError`` for
+    such bytes: code that catches it keeps working)."""
+
     reference = "unsupported-format"
     hint = (
         "model-sandbox loads torch zip and legacy checkpoints, raw pickles and numpy .npy/.npz; "
@@ -99,7 +127,9 @@ class UnsupportedFormat(InputError):
         self.detected = detected
 
 
-class MalformedInput(InputError):
+class MalformedInput(InputError, RuntimeError):
+    """A truncated or corrupt file (``torch.load`` raises ``RuntimeError`` for a corrupt zip)."""
+
     reference = "malformed-input"
     hint = "the file is truncated or corrupt; re-download it and compare its sha256"
 
@@ -107,6 +137,34 @@ class MalformedInput(InputError):
                  offset: int | None = None):
         super().__init__(message, path=path)
         self.offset = offset
+
+
+class TruncatedInput(MalformedInput, EOFError, pickle.UnpicklingError):
+    """The file ends before its data does. ``torch.load`` raises ``EOFError`` ("Ran out of
+    input") or ``UnpicklingError`` ("pickle data was truncated") for one: this is both."""
+
+
+class MalformedStream(MalformedInput):
+    """A pickle stream (or the file holding it) is truncated or invalid, as the static scan
+    read it. ``member`` names the stream, ``offset`` is the position in it; ``partial`` is the
+    scan of everything read before the fault (``None`` when nothing was)."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 offset: int | None = None, member: str | None = None,
+                 partial: StaticScan | None = None) -> None:
+        super().__init__(message, path=None if path is None else os.fspath(path), offset=offset)
+        self.member = member
+        self.partial = partial
+
+
+class InputUnreadable(InputError):
+    reference = "input-unreadable"
+    hint = "check the file's permissions and the disk; nothing was loaded"
+
+
+class NotPinned(InputError):
+    reference = "not-pinned"
+    hint = "add it with `model-sandbox lock` after checking it"
 
 
 class HashMismatch(InputError):
@@ -152,8 +210,9 @@ class ImageMismatch(EngineError):
         self.found = found
 
 
-class LoadFailed(SandboxError):
-    """The loader ran inside the sandbox and did not produce a result."""
+class LoadFailed(SandboxError, RuntimeError):
+    """The loader ran inside the sandbox and did not produce a result (what ``torch.load``
+    would raise is in the message; the class is a ``RuntimeError`` as torch's errors are)."""
 
     reference = "load-failed"
     hint = "the checkpoint could not be loaded even by torch in the sandbox; see the report"
@@ -161,6 +220,11 @@ class LoadFailed(SandboxError):
     def __init__(self, message: str, *, report: LoadReport | None = None):
         super().__init__(message)
         self.report = report
+
+
+class UnpicklingFailed(LoadFailed, pickle.UnpicklingError):
+    """torch's unpickler refused the stream inside the sandbox (``torch.load`` raises
+    ``UnpicklingError`` there too)."""
 
 
 class LimitExceeded(LoadFailed):
@@ -186,7 +250,10 @@ class OutputRejected(SandboxError):
         self.item = item
 
 
-class UnrepresentableObject(SandboxError):
+class UnrepresentableObject(SandboxError, pickle.UnpicklingError):
+    """``weights_only=True`` and the file holds objects that are not data (``torch.load`` raises
+    ``UnpicklingError`` for them too)."""
+
     reference = "unrepresentable-object"
     hint = (
         "the checkpoint holds Python objects that cannot be rebuilt safely; pass "
@@ -208,8 +275,12 @@ class PolicyError(SandboxError):
         self.problems = list(problems or [])
 
 
-class SandboxViolation(SandboxError):
-    """The policy judged the checkpoint unsafe. ``report`` holds the verdict and evidence."""
+class SandboxViolation(SandboxError, pickle.UnpicklingError):
+    """The policy judged the checkpoint unsafe. ``report`` holds the verdict and evidence.
+
+    Also a ``pickle.UnpicklingError``, as ``torch.load(weights_only=True)`` raises for a file
+    that imports what it will not load: loaders that catch it (to retry, skip or report) keep
+    working when every load goes through the sandbox."""
 
     reference = "sandbox-violation"
     hint = "do not use this file; the report lists what it tried to do"
@@ -231,3 +302,25 @@ class UnverifiedWeights(SandboxViolation):
     def __init__(self, message: str, *, report: LoadReport, names: list[str] | None = None):
         super().__init__(message, report=report)
         self.names = list(names or [])
+
+
+class BatchError(SandboxError):
+    """The batch as a whole cannot run (bad arguments, an OUTDIR another batch holds, ...)."""
+
+    reference = "batch-error"
+    hint = "check the SRC and OUTDIR arguments"
+
+
+class LockFileError(SandboxError):
+    """A lock file (pins of sha256 per model file) cannot be used."""
+
+    reference = "lock-file-invalid"
+    hint = "regenerate it with `model-sandbox lock PATH... > FILE` after checking the files"
+
+
+class InternalError(SandboxError):
+    """model-sandbox itself failed on this input (a bug): in a batch, this file fails and the
+    batch goes on."""
+
+    reference = "internal-error"
+    hint = "please report it with the report's details"

@@ -246,3 +246,48 @@ def test_sigkilled_cli_container_is_swept_by_the_next_run(tmp_path: Path) -> Non
     _ = DockerRunner().client  # a new run sweeps containers whose owner is dead
     left = [c.id for c in client.containers.list(all=True) if c.id in ours]
     assert not left
+
+
+def _torch_raises(path: Path) -> type[BaseException]:
+    """What plain torch.load raises for a (benign but broken) file, run in this process: the
+    files here carry no payload."""
+    try:
+        torch.load(path, weights_only=False)
+    except Exception as exc:  # the type is the point
+        return type(exc)
+    raise AssertionError(f"torch.load accepted {path}")
+
+
+def test_broken_files_raise_what_torch_raises(tmp_path: Path) -> None:
+    """Code written for torch keeps catching what it caught: the typed error of each broken
+    file is also an instance of the class torch.load raises for it."""
+    full = ck.save(ck.state_dict(), tmp_path / "full.pt")
+    cut_zip = tmp_path / "cut.pt"
+    cut_zip.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    legacy = ck.save(ck.state_dict(), tmp_path / "legacy.pt", "legacy")
+    cut_legacy = tmp_path / "legacy-cut.pt"
+    cut_legacy.write_bytes(legacy.read_bytes()[:60])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.pt"
+    text.write_bytes(b"these are not weights\n" * 10)
+    for path in (cut_zip, cut_legacy, empty, text):
+        expected = _torch_raises(path)
+        with pytest.raises(sandbox.SandboxError) as info:
+            sandbox.safe_load(path)
+        assert isinstance(info.value, expected), (path.name, type(info.value), expected)
+
+
+def test_a_refused_file_is_an_unpickling_error_with_its_report(tmp_path: Path) -> None:
+    """As torch.load(weights_only=True) raises UnpicklingError for a file that imports what
+    it will not load; the report rides along."""
+    import pickle
+
+    marker = tmp_path / "marker"
+    path = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")),
+                   tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError) as info:
+        sandbox.safe_load(path)
+    assert isinstance(info.value, sandbox.SandboxViolation)
+    assert info.value.report.verdict is sandbox.Verdict.MALICIOUS
+    assert not marker.exists()
