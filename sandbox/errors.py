@@ -285,6 +285,8 @@ class SandboxViolation(SandboxError, pickle.UnpicklingError):
     reference = "sandbox-violation"
     hint = "do not use this file; the report lists what it tried to do"
 
+    report: LoadReport  # always set: the verdict and its evidence
+
     def __init__(self, message: str, *, report: LoadReport):
         super().__init__(message)
         self.report = report

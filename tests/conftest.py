@@ -1,6 +1,7 @@
 """Shared fixtures.
 
-Container tests (marker ``container``) need a reachable Docker engine and the worker image.
+Container tests (every test under ``tests/container`` and ``tests/adversarial``, marker
+``container``) need a reachable Docker engine and the worker image.
 Outside CI a missing engine skips them; with ``CI=true`` it fails the run: the container tests
 are the evidence that isolation works, and CI must never pass without them.
 """
@@ -74,8 +75,17 @@ def _ours_or_orphaned(owner: str) -> bool:
     return False
 
 
+_CONTAINER_TIERS = ("container", "adversarial")  # directories whose every test needs the sandbox
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        tier = item.path.parent.name if item.path.parent.parent.name == "tests" else ""
+        if tier in _CONTAINER_TIERS:
+            item.add_marker(pytest.mark.usefixtures("sandbox_ready"))
+            fixtures = getattr(item, "fixturenames", None)
+            if fixtures is not None and "sandbox_ready" not in fixtures:
+                fixtures.insert(0, "sandbox_ready")
         if "sandbox_ready" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.container)
 

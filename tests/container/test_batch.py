@@ -26,7 +26,7 @@ import torch
 from sandbox import _batch
 from sandbox._launch import LABEL, connect
 from tests import checkpoints as ck
-from tests.unit.test_batch import UNSTABLE, st_content
+from tests.fakes import UNSTABLE, st_content
 
 REAL_LOADS = 16
 

@@ -18,7 +18,8 @@ from tests import checkpoints as ck
 
 def policy(**limits: float) -> sandbox.Policy:
     """Tight limits; the sandbox always runs, and the limit's error is what comes back."""
-    return ck.observe_policy(**limits)
+    policy: sandbox.Policy = ck.observe_policy(**limits)  # type: ignore[arg-type]
+    return policy
 
 
 def test_truncated_zip_is_malformed(tmp_path: Path) -> None:
@@ -56,7 +57,7 @@ def test_unknown_bytes_are_unsupported(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated
 def test_torchscript_is_unsupported(tmp_path: Path) -> None:
-    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ts.pt"))
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ts.pt"))  # type: ignore[no-untyped-call]
     with pytest.raises(sandbox.UnsupportedFormat) as info:
         sandbox.safe_load(tmp_path / "ts.pt")
     assert info.value.detected == "torchscript"

@@ -181,5 +181,5 @@ def test_module_optimizer_and_numpy_checkpoints_are_verified(tmp_path: Path) -> 
     report = sandbox.scan(path)
     assert "weights-unverified" not in rules(report), report.findings
     got = sandbox.safe_load(path)
-    assert torch.equal(got["model"]["0.weight"], model[0].weight.detach())
+    assert torch.equal(got["model"]["0.weight"], model[0].weight.detach())  # type: ignore[operator]
     assert np.array_equal(np.asarray(got["mean"]), np.arange(4, dtype=np.float32))

@@ -169,7 +169,7 @@ def test_valid_pickles_agree_with_pickletools(value: object, protocol: int) -> N
     data = pickle.dumps(value, protocol=protocol)
     res = scan_pickle_bytes(data + b"trailing bytes")
     ops = list(pickletools.genops(data))
-    assert res.end == ops[-1][2] + 1 == len(data)
+    assert ops[-1][2] is not None and res.end == ops[-1][2] + 1 == len(data)
     importing = [op for op, _, _ in ops if op.name in ("GLOBAL", "STACK_GLOBAL", "INST")]
     assert len(res.globals) == len(importing)
     assert all(g.classification == "allowed" for g in res.globals)

@@ -10,69 +10,14 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sandbox import _api, _batch, _cli, _lock, _scan
-from sandbox._batch import BatchOptions, BatchSummary, Status, read_manifest, run_batch
-from sandbox._launch import ContainerSpec, Job, RunResult
+from sandbox._batch import BatchOptions, Status, read_manifest, run_batch
 from sandbox.errors import EngineUnavailable
 from sandbox.report import Verdict
 from tests import checkpoints as ck
-from tests.unit.test_pipeline import FakeRunner, Played
-
-
-class Fake(FakeRunner):
-    """FakeRunner that plays a hostile load (the input swapped under the sandbox, as in
-    test_pipeline) for inputs named ``evil*``, and remembers every input it was given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inputs: list[str] = []
-        self._serial = threading.Lock()  # self.tamper is per load; the batch runs loads in threads
-
-    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
-        with self._serial:
-            name = os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}"))
-            self.inputs.append(name)
-            if name.startswith("evil"):
-                def swap(out: Played, status: dict[str, Any]) -> None:
-                    status["input_sha256"] = "f" * 64
-                self.tamper = swap
-            else:
-                self.tamper = None
-            return super().run(spec, job)
-
-
-def tree(root: Path) -> Path:
-    """A small input tree with odd names, symlinks, non-model and broken files."""
-    src = root / "src"
-    (src / "a" / "b").mkdir(parents=True)
-    ck.save(ck.state_dict(), src / "a" / "b" / "x.pt")
-    ck.save({"w": torch.ones(2)}, src / "a" / "b" / "x.bin")           # same stem as x.pt
-    (src / "sp ace ü").mkdir()
-    ck.save({"w": torch.zeros(3)}, src / "sp ace ü" / "modèle 1.ckpt")
-    ck.save(ck.state_dict(), src / "legacy.pth", fmt="legacy")
-    ck.save({"w": torch.arange(3)}, src / "no_extension")
-    (src / "notes.txt").write_text("not a model")
-    (src / "empty.pt").write_bytes(b"")
-    save_file({"w": torch.ones(1)}, str(src / "done.safetensors"))
-    os.symlink("a/b/x.pt", src / "inside-link.pt")                   # stays inside: followed
-    outside = root / "outside.pt"
-    ck.save(ck.state_dict(), outside)
-    os.symlink(outside, src / "outside-link.pt")                     # leaves SRC: skipped
-    os.symlink("a", src / "dir-link")                                 # symlinked dir: skipped
-    os.symlink("missing.pt", src / "broken-link.pt")
-    return src
-
-
-def batch(src: Path | list[Path], out: Path, runner: FakeRunner | None = None,
-          **kw: Any) -> BatchSummary:
-    sources = src if isinstance(src, list) else [src]
-    return run_batch(sources, out, BatchOptions(jobs=2, **kw), runner=runner or Fake())
-
-
-def by_rel(summary: BatchSummary) -> dict[str, _batch.ItemResult]:
-    return {r.rel: r for r in summary.results}
+from tests.fakes import Fake, FakeRunner, batch, by_rel, st_content, strip_times, tree
 
 
 def test_tree_is_mirrored_with_odd_names_and_symlink_rules(tmp_path: Path) -> None:
@@ -175,19 +120,6 @@ def test_changed_policy_redoes_everything(tmp_path: Path) -> None:
 
 # Not compared: times, and the hashes of files that hold times (reports) or whose header order
 # the safetensors library does not fix (outputs: their content is compared instead).
-UNSTABLE = ("started", "finished", "duration_s", "report_sha256", "output_sha256")
-
-
-def strip_times(records: dict[str, _batch.ItemResult]) -> dict[str, dict[str, Any]]:
-    return {k: {f: v for f, v in r.to_record().items() if f not in UNSTABLE}
-            for k, r in records.items()}
-
-
-def st_content(path: Path) -> tuple[dict[str, Any], bytes]:
-    """A SafeTensors file's header (as data) and tensor bytes."""
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]), data[8 + n:]
 
 
 def test_manifest_survives_a_torn_last_line(tmp_path: Path) -> None:

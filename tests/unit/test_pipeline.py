@@ -7,8 +7,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,86 +22,7 @@ from sandbox._worker import _protocol as P
 from sandbox.errors import OutputRejected
 from sandbox.report import Severity
 from tests import checkpoints as ck
-
-
-@dataclass
-class Played:
-    """What the fake sandbox sends: a test may change any of it before it is sealed."""
-
-    input_name: str
-    manifest: bytes | None = None
-    tensors: bytes | None = None
-
-
-def sealed(data: bytes, name: str = "out") -> int:
-    fd = P.memfd_create(name)
-    os.write(fd, data)
-    fcntl.fcntl(fd, P.F_ADD_SEALS, P.OUTPUT_SEALS)
-    return fd
-
-
-def play(obj: Any, fmt: str, loc: dict[int, str], write_tensors: bool) -> tuple[bytes, bytes]:
-    """(manifest, tensors) as the loader writes them."""
-    t_fd, m_fd = P.memfd_create("t"), P.memfd_create("m")
-    try:
-        _loader.write_outputs(obj, fmt, loc, tensors_fd=t_fd, manifest_fd=m_fd,
-                              tensors=write_tensors)
-        return (os.pread(m_fd, os.fstat(m_fd).st_size, 0),
-                os.pread(t_fd, os.fstat(t_fd).st_size, 0))
-    finally:
-        os.close(t_fd)
-        os.close(m_fd)
-
-
-class FakeRunner:
-    """Does what the container does, in-process, then lets a test tamper with what is sent."""
-
-    def __init__(self, tamper: Callable[[Played, dict[str, Any]], None] | None = None,
-                 run_result: RunResult | None = None, *, layout: bool = False) -> None:
-        self.tamper = tamper
-        self.run_result = run_result
-        self.layout = layout  # play the layout hand-off for plain state dicts
-        self.specs: list[ContainerSpec] = []
-        self.jobs: list[Job] = []
-
-    def ensure_image(self) -> str:
-        return "model-sandbox-worker:fake"
-
-    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
-        self.specs.append(spec)
-        self.jobs.append(job)
-        source = _loader.Input(job.input_fd)
-        digest, size = P.sha256_fd(job.input_fd)
-        played = Played(os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}")))
-        status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": [],
-                                  "input_sha256": digest, "input_size": size, "exit_code": 0,
-                                  "wall_s": 0.1}
-        layout = _loader.try_layout(source) if self.layout and job.config.layout else None
-        try:
-            if layout is not None:
-                fd = P.memfd_create("m")
-                _loader.write_layout(layout, manifest_fd=fd)
-                played.manifest = os.pread(fd, os.fstat(fd).st_size, 0)
-                os.close(fd)
-                status["result"] = {"ok": True, "format": "torch-zip", "handoff": "layout"}
-            else:
-                obj, fmt, loc = _loader.load(source)
-                played.manifest, played.tensors = play(obj, fmt, loc, job.config.write_tensors)
-                status["result"] = {"ok": True, "format": fmt}
-        except _loader.LoaderError as exc:
-            status["result"] = {"ok": False, "kind": exc.kind, "message": str(exc),
-                                "detected": exc.detected}
-            status["exit_code"] = 3
-        if self.tamper:
-            self.tamper(played, status)
-        result = self.run_result or RunResult(exit_code=0)
-        got = Received(status=json.dumps(status).encode(), completed=True, closed=True)
-        if played.manifest is not None:
-            got.outputs["manifest"] = sealed(played.manifest)
-        if played.tensors:
-            got.outputs["tensors"] = sealed(played.tensors)
-        result.received = got
-        return result
+from tests.fakes import FakeRunner, Played, play, sealed
 
 
 def test_fake_pipeline_round_trip(tmp_path: Path) -> None:
@@ -402,8 +321,8 @@ def test_a_huge_file_of_zeros_is_refused_from_its_first_bytes(tmp_path: Path) ->
     with pytest.raises(sandbox.UnsupportedFormat):
         sandbox.convert(path, tmp_path / "out.safetensors", runner=runner)
     (tmp_path / "text.pt").write_text("hello, I am not a model\n")
-    assert sandbox.scan(tmp_path / "text.pt", runner=runner).error["reference"] == \
-        "unsupported-format"
+    error = sandbox.scan(tmp_path / "text.pt", runner=runner).error
+    assert error is not None and error["reference"] == "unsupported-format"
 
 
 def test_calling_an_unlisted_function_is_at_least_medium(tmp_path: Path) -> None:

@@ -155,7 +155,7 @@ def test_the_rlimit_backstop_is_the_cpu_limit(tmp_path: Path) -> None:
 
 
 def test_cpu_limit_through_the_pipeline(tmp_path: Path) -> None:
-    from tests.unit.test_pipeline import FakeRunner
+    from tests.fakes import FakeRunner
 
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
 

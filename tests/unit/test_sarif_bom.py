@@ -22,7 +22,7 @@ from sandbox._rules import RULES, render_markdown
 from sandbox._sarif import render_sarif
 from sandbox.report import Finding, LoadReport, Severity, Verdict
 from tests import checkpoints as ck
-from tests.unit.test_batch import Fake, batch
+from tests.fakes import Fake, batch
 
 ROOT = Path(__file__).resolve().parents[2]
 SARIF_SCHEMA = json.loads(

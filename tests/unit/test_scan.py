@@ -25,6 +25,7 @@ import types
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,8 +231,9 @@ def test_torchscript_archive_is_identified(tmp_path: Path) -> None:
 
 
 def test_safetensors_validated(tmp_path: Path) -> None:
-    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "__metadata__": {"format": "pt"}}
+    header: dict[str, dict[str, Any]] = {
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "__metadata__": {"format": "pt"}}
     raw = json.dumps(header).encode()
     good = struct.pack("<Q", len(raw)) + raw + b"\x00" * 8
     p = write(tmp_path, "model.pt", good)  # the extension lies; content decides
@@ -541,7 +543,7 @@ def test_pickletools_agrees_on_the_stream_end() -> None:
     for proto in range(6):
         data = pickle.dumps(obj, protocol=proto) + b"trailing"
         last = list(pickletools.genops(data))[-1]
-        assert scan_pickle_bytes(data).end == last[2] + 1
+        assert last[2] is not None and scan_pickle_bytes(data).end == last[2] + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,7 +707,8 @@ def test_zip_scan_reads_no_tensor_data(tmp_path: Path) -> None:
 
 def test_npz_scan_reads_headers_only(tmp_path: Path) -> None:
     p = tmp_path / "big.npz"
-    np.savez(p, **{f"a{i}": np.zeros(8 * 1024 * 1024, dtype=np.uint8) for i in range(8)})
+    np.savez(p, **{f"a{i}": np.zeros(8 * 1024 * 1024, dtype=np.uint8)  # type: ignore[arg-type]
+                   for i in range(8)})
     t = time.monotonic()
     scan = scan_file(p)
     assert time.monotonic() - t < 0.5
@@ -883,9 +886,14 @@ class _Wrapper:
 class _JoblibLikePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
     """Writes arrays the way joblib's NumpyPickler does: wrapper, then raw bytes inline."""
 
+    aligned: bool
+    proto: int
+    framer: Any
+    _fh: io.BytesIO
+
     def save(self, obj: object, save_persistent_id: bool = True) -> None:
         if type(obj) is np.ndarray:
-            super().save(_Wrapper(obj, self.aligned))
+            super().save(_Wrapper(obj, self.aligned))  # type: ignore[misc]
             if self.proto >= 4:
                 self.framer.commit_frame(force=True)
             fh = self._fh
@@ -897,7 +905,7 @@ class _JoblibLikePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
                 fh.write(bytes([pad]) + b"\xff" * pad)
             fh.write(obj.tobytes())
             return
-        super().save(obj, save_persistent_id)
+        super().save(obj, save_persistent_id)  # type: ignore[misc]
 
 
 def joblib_like(obj: object, protocol: int = 4, aligned: bool = True) -> bytes:
@@ -940,9 +948,10 @@ def test_joblib_arrays_are_skipped_and_payload_after_them_found(tmp_path: Path, 
 @pytest.mark.parametrize("kind", ["zlib", "gzip", "bz2", "xz", "lzma"])
 def test_compressed_joblib(tmp_path: Path, kind: str) -> None:
     raw = joblib_like([np.arange(10), _Evil()], 4)
-    packed = {"zlib": zlib.compress, "gzip": gzip.compress, "bz2": bz2.compress,
-              "xz": lzma.compress,
-              "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE)}[kind](raw)
+    compress: dict[str, Callable[[bytes], bytes]] = {
+        "zlib": zlib.compress, "gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
+        "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE)}
+    packed = compress[kind](raw)
     p = write(tmp_path, "c.pkl", packed)
     assert identify(p) == "joblib"
     scan = scan_file(p)
@@ -1062,7 +1071,7 @@ def test_partial_that_binds_danger_or_is_called_stays_dangerous(protocol: int) -
 
     bound_danger = functools.partial(os.system, "true")
     called = _CallOf(functools.partial(torch.optim.SGD, lr=1.0))  # partial(...)() at load
-    computed_arg = functools.partial(torch.optim.SGD, lr=_CallOf(float, "1"))
+    computed_arg = functools.partial(torch.optim.SGD, lr=_CallOf(float, "1"))  # type: ignore[arg-type]
     for value in (bound_danger, called, computed_arg):
         scan = _partial_scan(value, protocol)
         assert _severities(scan).get("functools.partial") is Severity.CRITICAL, (value, protocol)

@@ -33,7 +33,8 @@ class Block(torch.nn.Module):
         self.register_buffer("steps", torch.tensor([7]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.lin(x))
+        out: torch.Tensor = self.norm(self.lin(x))
+        return out
 
 
 def returned(path: Path, **load: Any) -> P.Manifest:
@@ -80,7 +81,7 @@ def test_a_pickled_optimizer_and_tensor_subclasses_are_verified(tmp_path: Path) 
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     param = torch.nn.Parameter(torch.randn(3))
-    param.flag = True  # a plain attribute: _rebuild_parameter_with_state, values unchanged
+    param.flag = True  # type: ignore[attr-defined]  # a plain attribute: _rebuild_parameter_with_state, values unchanged
     path = save({"model": model, "opt": opt, "p": param}, tmp_path / "opt.pt")
     assert findings_for(path) == []
     path = save({"model": model, "opt": opt, "p": param}, tmp_path / "opt-legacy.pt", "legacy")

@@ -1,0 +1,175 @@
+"""Fakes shared by the tests that need no daemon: a runner that plays the container (benign
+files only, loaded in this process by the worker's own code, its outputs sealed in memfds as the
+supervisor does), and the small batch helpers built on it. The real sandbox is tested in
+tests/container and tests/adversarial."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from sandbox import _batch
+from sandbox._batch import BatchOptions, BatchSummary, run_batch
+from sandbox._channel import Received
+from sandbox._launch import ContainerSpec, Job, RunResult
+from sandbox._worker import _loader
+from sandbox._worker import _protocol as P
+from tests import checkpoints as ck
+
+
+@dataclass
+class Played:
+    """What the fake sandbox sends: a test may change any of it before it is sealed."""
+
+    input_name: str
+    manifest: bytes | None = None
+    tensors: bytes | None = None
+
+
+def sealed(data: bytes, name: str = "out") -> int:
+    fd = P.memfd_create(name)
+    os.write(fd, data)
+    fcntl.fcntl(fd, P.F_ADD_SEALS, P.OUTPUT_SEALS)
+    return fd
+
+
+def play(obj: Any, fmt: str, loc: dict[int, str], write_tensors: bool) -> tuple[bytes, bytes]:
+    """(manifest, tensors) as the loader writes them."""
+    t_fd, m_fd = P.memfd_create("t"), P.memfd_create("m")
+    try:
+        _loader.write_outputs(obj, fmt, loc, tensors_fd=t_fd, manifest_fd=m_fd,
+                              tensors=write_tensors)
+        return (os.pread(m_fd, os.fstat(m_fd).st_size, 0),
+                os.pread(t_fd, os.fstat(t_fd).st_size, 0))
+    finally:
+        os.close(t_fd)
+        os.close(m_fd)
+
+
+class FakeRunner:
+    """Does what the container does, in-process, then lets a test tamper with what is sent."""
+
+    def __init__(self, tamper: Callable[[Played, dict[str, Any]], None] | None = None,
+                 run_result: RunResult | None = None, *, layout: bool = False) -> None:
+        self.tamper = tamper
+        self.run_result = run_result
+        self.layout = layout  # play the layout hand-off for plain state dicts
+        self.specs: list[ContainerSpec] = []
+        self.jobs: list[Job] = []
+
+    def ensure_image(self) -> str:
+        return "model-sandbox-worker:fake"
+
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        self.specs.append(spec)
+        self.jobs.append(job)
+        source = _loader.Input(job.input_fd)
+        digest, size = P.sha256_fd(job.input_fd)
+        played = Played(os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}")))
+        status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": [],
+                                  "input_sha256": digest, "input_size": size, "exit_code": 0,
+                                  "wall_s": 0.1}
+        layout = _loader.try_layout(source) if self.layout and job.config.layout else None
+        try:
+            if layout is not None:
+                fd = P.memfd_create("m")
+                _loader.write_layout(layout, manifest_fd=fd)
+                played.manifest = os.pread(fd, os.fstat(fd).st_size, 0)
+                os.close(fd)
+                status["result"] = {"ok": True, "format": "torch-zip", "handoff": "layout"}
+            else:
+                obj, fmt, loc = _loader.load(source)
+                played.manifest, played.tensors = play(obj, fmt, loc, job.config.write_tensors)
+                status["result"] = {"ok": True, "format": fmt}
+        except _loader.LoaderError as exc:
+            status["result"] = {"ok": False, "kind": exc.kind, "message": str(exc),
+                                "detected": exc.detected}
+            status["exit_code"] = 3
+        if self.tamper:
+            self.tamper(played, status)
+        result = self.run_result or RunResult(exit_code=0)
+        got = Received(status=json.dumps(status).encode(), completed=True, closed=True)
+        if played.manifest is not None:
+            got.outputs["manifest"] = sealed(played.manifest)
+        if played.tensors:
+            got.outputs["tensors"] = sealed(played.tensors)
+        result.received = got
+        return result
+
+
+class Fake(FakeRunner):
+    """FakeRunner that plays a hostile load (the input swapped under the sandbox, as in
+    test_pipeline) for inputs named ``evil*``, and remembers every input it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[str] = []
+        self._serial = threading.Lock()  # self.tamper is per load; the batch runs loads in threads
+
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        with self._serial:
+            name = os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}"))
+            self.inputs.append(name)
+            if name.startswith("evil"):
+                def swap(out: Played, status: dict[str, Any]) -> None:
+                    status["input_sha256"] = "f" * 64
+                self.tamper = swap
+            else:
+                self.tamper = None
+            return super().run(spec, job)
+
+
+def tree(root: Path) -> Path:
+    """A small input tree with odd names, symlinks, non-model and broken files."""
+    src = root / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    ck.save(ck.state_dict(), src / "a" / "b" / "x.pt")
+    ck.save({"w": torch.ones(2)}, src / "a" / "b" / "x.bin")           # same stem as x.pt
+    (src / "sp ace ü").mkdir()
+    ck.save({"w": torch.zeros(3)}, src / "sp ace ü" / "modèle 1.ckpt")
+    ck.save(ck.state_dict(), src / "legacy.pth", fmt="legacy")
+    ck.save({"w": torch.arange(3)}, src / "no_extension")
+    (src / "notes.txt").write_text("not a model")
+    (src / "empty.pt").write_bytes(b"")
+    save_file({"w": torch.ones(1)}, str(src / "done.safetensors"))
+    os.symlink("a/b/x.pt", src / "inside-link.pt")                   # stays inside: followed
+    outside = root / "outside.pt"
+    ck.save(ck.state_dict(), outside)
+    os.symlink(outside, src / "outside-link.pt")                     # leaves SRC: skipped
+    os.symlink("a", src / "dir-link")                                 # symlinked dir: skipped
+    os.symlink("missing.pt", src / "broken-link.pt")
+    return src
+
+
+def batch(src: Path | list[Path], out: Path, runner: FakeRunner | None = None,
+          **kw: Any) -> BatchSummary:
+    sources = src if isinstance(src, list) else [src]
+    return run_batch(sources, out, BatchOptions(jobs=2, **kw), runner=runner or Fake())
+
+
+def by_rel(summary: BatchSummary) -> dict[str, _batch.ItemResult]:
+    return {r.rel: r for r in summary.results}
+
+
+UNSTABLE = ("started", "finished", "duration_s", "report_sha256", "output_sha256")
+
+
+def strip_times(records: dict[str, _batch.ItemResult]) -> dict[str, dict[str, Any]]:
+    return {k: {f: v for f, v in r.to_record().items() if f not in UNSTABLE}
+            for k, r in records.items()}
+
+
+def st_content(path: Path) -> tuple[dict[str, Any], bytes]:
+    """A SafeTensors file's header (as data) and tensor bytes."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]), data[8 + n:]
