@@ -30,6 +30,13 @@ What a batch does
    each file's report is written atomically to ``<report root>/<rel>.report.json`` (the report
    root is ``--report-dir`` or OUTDIR).
 5. **record** one manifest line per finished input (see below), then a summary.
+6. **sharded checkpoints**: a ``*.index.json`` whose ``weight_map`` names shard files beside it
+   (``pytorch_model-00001-of-00002.bin``...) makes its shards convert to
+   ``model-0000N-of-0000M.safetensors``; once every shard is converted, the batch writes
+   ``model.safetensors.index.json`` (the weight map checked against each converted file's own
+   keys) and copies the JSON files beside the index (``config.json``, tokenizer files: data),
+   so the output directory loads with ``from_pretrained``. An index that cannot be written is
+   named in the summary (exit code 2).
 
 Failure isolation: anything wrong with one file (corrupt, hostile, oversized, unreadable,
 unsupported, even an unexpected exception) becomes that file's result and the batch goes on.
@@ -490,6 +497,10 @@ class BatchSummary:
     interrupted: bool = False
     stopped: str | None = None      # why the batch stopped early (engine gone)
     not_done: list[str] = field(default_factory=list)
+    # sharded checkpoints: the model.safetensors.index.json written (output rels), and why an
+    # index was not
+    indexes: list[str] = field(default_factory=list)
+    index_problems: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -497,7 +508,7 @@ class BatchSummary:
 
     @property
     def exit_code(self) -> int:
-        if self.stopped is not None:
+        if self.stopped is not None or self.index_problems:
             return 2
         return max((r.exit_code for r in self.results), default=0)
 
@@ -734,6 +745,111 @@ def batch_id(outdir: str | os.PathLike[str]) -> str:
     return hashlib.sha256(os.path.realpath(os.fspath(outdir)).encode()).hexdigest()[:16]
 
 
+# -- sharded checkpoints ------------------------------------------------------------------------
+
+_MAX_INDEX_BYTES = 64 << 20
+_SIDECARS = (".json",)  # what from_pretrained reads beside the weights (config, tokenizer...)
+_MAX_SIDECAR_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class _Sharded:
+    """A ``*.index.json`` whose weight map names shard files beside it (``transformers``'
+    sharded ``.bin`` layout): each shard converts to ``model-0000N-of-0000M.safetensors``."""
+
+    index_rel: str
+    directory: str              # rel of the directory ("" for a SRC root)
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    renamed: dict[str, str]     # shard rel -> output rel
+
+
+def _shard_plans(entries: Sequence[Entry]) -> list[_Sharded]:
+    """The sharded checkpoints among ``entries``: an index file (bounded, strict JSON) whose
+    ``weight_map`` maps names to files that are all entries in its own directory."""
+    by_rel = {e.rel: e for e in entries}
+    plans = []
+    for e in entries:
+        if not e.rel.endswith(".index.json") or e.rel.endswith("model.safetensors.index.json") \
+                or e.size > _MAX_INDEX_BYTES:
+            continue
+        try:
+            with open(e.real, "rb") as f:
+                doc = json.loads(f.read(_MAX_INDEX_BYTES + 1).decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        wmap = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(wmap, dict) or not wmap or not all(
+                isinstance(k, str) and isinstance(v, str) and v and "/" not in v and
+                v not in (".", "..") for k, v in wmap.items()):
+            continue
+        head = e.rel.rpartition("/")[0]
+        shards = sorted(set(wmap.values()))
+        rels = [f"{head}/{name}" if head else name for name in shards]
+        if not all(r in by_rel for r in rels):
+            continue
+        n = len(rels)
+        renamed = {r: (f"{head}/" if head else "") + f"model-{i:05d}-of-{n:05d}.safetensors"
+                   for i, r in enumerate(rels, 1)}
+        plans.append(_Sharded(index_rel=e.rel, directory=head, weight_map=dict(wmap),
+                              renamed=renamed))
+    return plans
+
+
+def _write_index(plan: _Sharded, results: dict[str, ItemResult], out: Path,
+                 sources: dict[str, Entry]) -> str:
+    """``model.safetensors.index.json`` for a converted sharded checkpoint (its weight map
+    checked against the converted files' own keys) and the JSON files beside the index.
+    Returns the index's output rel; raises ``BatchError`` with the reason it is not written."""
+    from safetensors import SafetensorError, safe_open
+
+    head = plan.directory
+    shard_of_rel = {r.rpartition("/")[2]: r for r in plan.renamed}
+    new_map: dict[str, str] = {}
+    total = 0
+    for shard_name, rel in sorted(shard_of_rel.items()):
+        item = results.get(rel)
+        if item is None or item.status is not Status.CONVERTED or item.output is None:
+            raise BatchError(f"{plan.index_rel}: shard {rel!r} was not converted")
+        try:
+            with safe_open(str(_safe_join(out, item.output)), framework="numpy") as f:
+                keys = set(f.keys())
+                wanted = [k for k, v in plan.weight_map.items() if v == shard_name]
+                missing = sorted(k for k in wanted if k not in keys)
+                if missing:
+                    raise BatchError(f"{plan.index_rel}: {rel!r} converted without "
+                                     f"{len(missing)} tensor(s) its index names, e.g. "
+                                     f"{missing[0][:200]!r}")
+                for k in wanted:
+                    sl = f.get_slice(k)
+                    numel = 1
+                    for d in sl.get_shape():
+                        numel *= d
+                    total += numel * _ST_SIZES.get(sl.get_dtype(), 1)
+        except (SafetensorError, OSError) as exc:
+            raise BatchError(f"{plan.index_rel}: cannot read {item.output!r}: {exc}") from None
+        new_name = item.output.rpartition("/")[2]
+        new_map.update({k: new_name for k in wanted})
+    doc = {"metadata": {"total_size": total, "format": "pt",
+                        "converted_by": f"model-sandbox {VERSION}"},
+           "weight_map": dict(sorted(new_map.items()))}
+    rel = f"{head}/model.safetensors.index.json" if head else "model.safetensors.index.json"
+    _files.atomic_write(_safe_join(out, rel), json.dumps(doc, indent=2).encode())
+    for src_rel, e in sources.items():  # config.json, tokenizer files...: data, copied as is
+        if src_rel.rpartition("/")[0] == head and src_rel.endswith(_SIDECARS) and \
+                src_rel != plan.index_rel and not src_rel.endswith(".index.json") and \
+                e.size <= _MAX_SIDECAR_BYTES:
+            with contextlib.suppress(OSError):
+                with open(e.real, "rb") as f:
+                    data = f.read(_MAX_SIDECAR_BYTES + 1)
+                if len(data) <= _MAX_SIDECAR_BYTES:
+                    _files.atomic_write(_safe_join(out, src_rel), data)
+    return rel
+
+
+_ST_SIZES = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,
+             "BF16": 2, "I16": 2, "U16": 2}
+
+
 def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLike[str],
               options: BatchOptions | None = None, *,
               progress: Callable[[BatchProgress], None] | None = None,
@@ -761,9 +877,13 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
         if labelled is not None:
             labelled.sweep()  # what a SIGKILLed run of this batch left behind
         _sweep_stale(out, report_root)
+        plans = _shard_plans(entries)
+        out_rels = _output_rels(entries)
+        for plan in plans:
+            out_rels.update(plan.renamed)
         ctx = _Ctx(outdir=out, report_root=report_root, options=options,
                    runner=labelled or runner,  # type: ignore[arg-type]
-                   previous=dict(manifest.records), out_rels=_output_rels(entries),
+                   previous=dict(manifest.records), out_rels=out_rels,
                    tool={"name": "model-sandbox", "version": VERSION,
                          "worker_digest": _image.worker_digest()},
                    cancel=threading.Event())
@@ -833,6 +953,14 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
             pool.shutdown(wait=True, cancel_futures=True)
         summary.not_done.sort()
         summary.results.sort(key=lambda r: r.rel)
+        if not summary.interrupted and summary.stopped is None:
+            by_rel = {r.rel: r for r in summary.results}
+            sources_by_rel = {e.rel: e for e in entries}
+            for plan in plans:
+                try:
+                    summary.indexes.append(_write_index(plan, by_rel, out, sources_by_rel))
+                except BatchError as exc:
+                    summary.index_problems.append(exc.message)
         summary.elapsed_s = time.monotonic() - start
         completed_ok = True
         return summary

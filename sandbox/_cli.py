@@ -229,6 +229,10 @@ def _summary_text(summary: object, *, quiet: bool) -> str:
         lines.append("skipped:")
         lines += [f"  {clean_text(r.rel, 500)}: {clean_text(r.reason or '', 300)}"
                   for r in skipped]
+    for rel in summary.indexes:
+        lines.append(f"sharded checkpoint: wrote {clean_text(rel, 500)}")
+    for why in summary.index_problems:
+        lines.append(f"sharded checkpoint: no index: {clean_text(why, 500)}")
     if summary.stopped:
         lines.append(f"stopped: {clean_text(summary.stopped, 1000)}")
     if summary.stopped or summary.interrupted:

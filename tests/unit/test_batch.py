@@ -356,3 +356,56 @@ def test_cli_batch_formats_and_exit_codes(tmp_path: Path, monkeypatch: pytest.Mo
     assert _cli.main(["bom", "o3", "-o", "bom.json"]) == 0
     bom = json.loads((tmp_path / "bom.json").read_text())
     assert [c["name"] for c in bom["components"]] == ["good.safetensors"]
+
+
+def sharded_model(src: Path) -> dict[str, torch.Tensor]:
+    """A transformers-style sharded .bin checkpoint: two shards, their index, a config."""
+    torch.manual_seed(7)
+    weights = {f"layer.{i}.weight": torch.randn(3, 4) for i in range(4)}
+    weights["embed.weight"] = torch.randn(5, 4)
+    names = sorted(weights)
+    shards = {"pytorch_model-00001-of-00002.bin": names[:3],
+              "pytorch_model-00002-of-00002.bin": names[3:]}
+    src.mkdir(parents=True)
+    for shard, keys in shards.items():
+        torch.save({k: weights[k] for k in keys}, src / shard)
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({
+        "metadata": {"total_size": 0},
+        "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    (src / "config.json").write_text(json.dumps({"model_type": "toy", "hidden_size": 4}))
+    return weights
+
+
+def test_a_sharded_checkpoint_converts_to_a_sharded_safetensors_model(tmp_path: Path) -> None:
+    weights = sharded_model(tmp_path / "src" / "toy")
+    out = tmp_path / "out"
+    summary = batch(tmp_path / "src", out)
+    assert summary.exit_code == 0 and summary.index_problems == []
+    assert summary.indexes == ["toy/model.safetensors.index.json"]
+    model = out / "toy"
+    assert sorted(p.name for p in model.glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(weights)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in weights.values())
+    # what from_pretrained does with the index: every name from the shard the map names
+    for name, t in weights.items():
+        shard = load_file(model / index["weight_map"][name])
+        assert torch.equal(shard[name], t), name
+    assert json.loads((model / "config.json").read_text())["model_type"] == "toy"
+    # a rerun reuses every shard and writes the same index
+    again = batch(tmp_path / "src", out)
+    assert all(r.reused for r in again.results if r.status is Status.CONVERTED)
+    assert json.loads((model / "model.safetensors.index.json").read_text()) == index
+
+
+def test_an_index_that_names_tensors_its_shards_lack_is_reported(tmp_path: Path) -> None:
+    sharded_model(tmp_path / "src")
+    index = tmp_path / "src" / "pytorch_model.bin.index.json"
+    doc = json.loads(index.read_text())
+    doc["weight_map"]["ghost.weight"] = "pytorch_model-00001-of-00002.bin"
+    index.write_text(json.dumps(doc))
+    summary = batch(tmp_path / "src", tmp_path / "out")
+    assert summary.indexes == [] and summary.exit_code == 2
+    assert "ghost.weight" in summary.index_problems[0]
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
