@@ -8,6 +8,7 @@ as raw bytes."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -28,22 +29,26 @@ __all__ = ["write_placed", "write_safetensors"]
 
 
 def write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: P.Manifest,
-                       report: LoadReport) -> None:
+                      report: LoadReport) -> None:
     """Re-serialise the checked tensors on the host (the worker's file is never copied),
-    streaming each tensor's bytes to a temporary file, then renaming it into place. Tensors
-    that share memory (ties, views) are each written whole: every name is a tensor."""
+    streaming each tensor's bytes to a temporary file, then renaming it into place.
+
+    Complete: every tensor name is a tensor in the file, as plain readers expect (a view is
+    written as its own contiguous copy, a tie once per name it has in the structure)."""
     import torch
 
     stored: dict[str, torch.Tensor] = {}
     entries = []
-    for e in manifest.tensors:
-        t = tensors[e.name]
-        t = t.contiguous().reshape(-1).view(torch.uint8) \
-            if e.stored_as == "U8" and e.dtype != "uint8" else t.contiguous()
-        stored[e.name] = t
-        entries.append((e.name, str(t.dtype).removeprefix("torch."), list(t.shape),
+    out = _outputs(manifest)
+    for name, (source, dtype) in out.items():
+        t = tensors[source].contiguous()
+        code = _code(dtype)
+        if code is None:  # no native safetensors dtype here: raw bytes, the dtype in metadata
+            t = t.reshape(-1).view(torch.uint8)
+        stored[name] = t
+        entries.append((name, "uint8" if code is None else dtype, list(t.shape),
                         t.numel() * t.element_size()))
-    head, order = P.safetensors_header(entries, _st_metadata(manifest, report))
+    head, order = P.safetensors_header(entries, _st_metadata(manifest, report, out))
 
     def body(fd: int) -> None:
         for name in order:
@@ -54,16 +59,108 @@ def write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: P.M
     _files.atomic_stream(dst, head, body)
 
 
-def _st_metadata(manifest: P.Manifest, report: LoadReport) -> dict[str, str]:
+# dtypes the protocol carries as raw bytes, and the safetensors code each has where supported
+_NEWER_CODES = {"float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
+                "float8_e8m0fnu": "F8_E8M0"}
+
+
+def _code(dtype: str) -> str | None:
+    """The safetensors dtype code the output uses for ``dtype``, or None for raw bytes."""
+    stored_as = P.TORCH_DTYPES[dtype][0]
+    if stored_as != "U8" or dtype == "uint8":
+        return stored_as
+    return _NEWER_CODES[dtype] if dtype in _NEWER_CODES and _reads_natively(dtype) else None
+
+
+@functools.cache
+def _reads_natively(dtype: str) -> bool:
+    """Whether the installed safetensors reads ``dtype`` back into torch natively (checked once,
+    with a one-element file)."""
+    try:
+        from safetensors.torch import load
+
+        head, _ = P.safetensors_header([("x", dtype, [1], 1)], {})
+        got = load(head + b"\x00")["x"]
+        return str(got.dtype) == f"torch.{dtype}"
+    except Exception:  # an older safetensors or torch: raw bytes it is
+        return False
+
+
+def _outputs(manifest: P.Manifest) -> dict[str, tuple[str, str]]:
+    """Every name the output holds -> (the tensor it is written from, dtype): the stored
+    tensors, the views, and each further name a tied tensor has in the skeleton."""
+    out = {e.name: (e.name, e.dtype) for e in manifest.tensors}
+    out.update({v.name: (v.name, v.dtype) for v in manifest.views})
+    for alias, ref in _aliases(manifest.skeleton, set(out)).items():
+        out[alias] = (ref, out[ref][1])
+    return out
+
+
+def _aliases(skeleton: object, names: set[str]) -> dict[str, str]:
+    """Names the structure gives a tensor besides its own (``lm_head.weight`` for a weight tied
+    to ``embed.weight``), named as the worker names tensors, from the (untrusted, bounded)
+    skeleton: walked iteratively, with a node budget; anything unexpected is skipped."""
+    taken = set(names)
+    aliases: dict[str, str] = {}
+    stack: list[tuple[object, tuple[str, ...] | None, int]] = [(skeleton, (), 0)]
+    budget = P.MAX_SKELETON_NODES
+    while stack and budget > 0:
+        node, path, depth = stack.pop()
+        budget -= 1
+        if not isinstance(node, dict) or depth > P.MAX_SKELETON_DEPTH:
+            continue
+        kind = node.get("$")
+        if kind in ("tensor", "ndarray", "npscalar"):
+            ref = node.get("ref")
+            if path is not None and isinstance(ref, str) and ref in names:
+                name = P.tensor_name(path, set())
+                if name not in taken:
+                    aliases[name] = ref
+                    taken.add(name)
+            continue
+        children: list[tuple[object, tuple[str, ...] | None]] = []
+        items = node.get("items")
+        if kind in ("dict", "namespace") and isinstance(items, list):
+            for pair in items:
+                if isinstance(pair, list) and len(pair) == 2:
+                    comp = _component(pair[0])
+                    children.append((pair[1], None if path is None or comp is None
+                                     else path + (comp,)))
+        elif kind in ("list", "tuple", "set", "frozenset") and isinstance(items, list):
+            children = [(v, None if path is None else path + (str(i),))
+                        for i, v in enumerate(items)]
+        elif kind in ("module", "opaque"):
+            children = [(node.get("state"), path)]
+        stack.extend((child, p, depth + 1) for child, p in reversed(children))
+    return aliases
+
+
+def _component(key: object) -> str | None:
+    """How the worker names a dict key in a path (``P.path_component``), from its skeleton
+    node; None where the node does not say (the key was an object)."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int)):
+        return str(key)
+    if isinstance(key, float):
+        return repr(key)
+    return None
+
+
+def _st_metadata(manifest: P.Manifest, report: LoadReport,
+                 out: dict[str, tuple[str, str]]) -> dict[str, str]:
     return {
         "format": "pt",
         "model_sandbox.version": VERSION,
         "model_sandbox.source_sha256": report.input_sha256 or "",
         "model_sandbox.skeleton": json.dumps(manifest.skeleton, separators=(",", ":")),
+        # how the tensors shared storage in the original: views of a base, ties of a name
         "model_sandbox.views": json.dumps([dataclasses.asdict(v) for v in manifest.views],
                                           separators=(",", ":")),
-        "model_sandbox.dtypes": json.dumps({e.name: e.dtype for e in manifest.tensors
-                                            if e.stored_as == "U8"}),
+        "model_sandbox.ties": json.dumps({n: src for n, (src, _) in out.items() if n != src},
+                                         separators=(",", ":")),
+        "model_sandbox.dtypes": json.dumps({n: d for n, (_, d) in out.items()
+                                            if _code(d) is None}),
     }
 
 
@@ -72,13 +169,19 @@ def write_placed(dst: Path, source: str, placements: list[Placement], manifest: 
     """The layout hand-off's SafeTensors file, copied from the input's own byte ranges (checked
     placements): contiguous tensors with ``copy_file_range``, strided ones gathered by numpy.
     torch is not imported."""
-    entries = []
-    for p, e in zip(placements, manifest.tensors, strict=True):
-        raw = e.stored_as == "U8" and p.dtype != "uint8"
-        entries.append((p.name, "uint8" if raw else p.dtype, [e.nbytes] if raw else list(p.shape),
-                        e.nbytes))
-    head, order = P.safetensors_header(entries, _st_metadata(manifest, report))
     by_name = {p.name: p for p in placements}
+    out = _outputs(manifest)
+    entries = []
+    for name, (origin, dtype) in out.items():
+        p = by_name[origin]
+        nbytes = P.TORCH_DTYPES[dtype][1]
+        for d in p.shape:
+            nbytes *= d
+        raw = _code(dtype) is None
+        entries.append((name, "uint8" if raw else dtype, [nbytes] if raw else list(p.shape),
+                        nbytes))
+    head, order = P.safetensors_header(entries, _st_metadata(manifest, report, out))
+    by_name = {name: by_name[origin] for name, (origin, _) in out.items()}
 
     def body(fd: int) -> None:
         with open(source, "rb", buffering=0) as src:

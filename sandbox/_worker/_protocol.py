@@ -867,7 +867,11 @@ ST_DTYPES = {"float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2)
              "int16": ("I16", 2), "int8": ("I8", 1), "uint64": ("U64", 8), "uint32": ("U32", 4),
              "uint16": ("U16", 2), "uint8": ("U8", 1), "bool": ("BOOL", 1),
              "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1),
-             "complex64": ("C64", 8)}
+             "complex64": ("C64", 8),
+             # newer safetensors releases read these natively; the host writes them so only
+             # where its safetensors does (the protocol itself carries them as raw bytes)
+             "float8_e4m3fnuz": ("F8_E4M3FNUZ", 1), "float8_e5m2fnuz": ("F8_E5M2FNUZ", 1),
+             "float8_e8m0fnu": ("F8_E8M0", 1)}
 
 
 def safetensors_header(entries: list[tuple[str, str, list[int], int]],

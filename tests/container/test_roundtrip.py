@@ -273,3 +273,55 @@ def test_mmap_returns_tensors_backed_by_a_private_mapping(tmp_path: Path) -> Non
     assert "/memfd:tensors" in maps  # the checked, sealed output is mapped, not copied
     got["torch.float32"][0, 0] = 123.0  # private: writable, and it never reaches a file
     assert got["torch.float32"][0, 0] == 123.0
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    flat = t.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+@pytest.mark.parametrize("handoff", ["layout", "memfd"])
+def test_converted_files_are_complete_for_plain_readers(tmp_path: Path, handoff: str) -> None:
+    """Every key of the original state dict is a tensor of its own in the converted file, with
+    its shape, dtype and bytes: tied weights (one tensor under two names), views of one
+    storage, a non-contiguous column, float8 variants safetensors reads natively. Read back
+    with safetensors' torch and numpy readers, compared with torch.load of the same file."""
+    from safetensors.numpy import load_file as load_numpy
+
+    torch.manual_seed(5)
+    embed = torch.randn(6, 4)
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    sd: dict[str, Any] = {
+        "embed.weight": embed, "lm_head.weight": embed,            # tied: one tensor
+        "base": base, "rows": base[1:3], "column": base[:, 2],     # views of one storage
+    }
+    if handoff == "memfd":  # (the torch-free layout reader takes the common dtypes only)
+        sd["f8a"] = torch.randn(5).to(torch.float8_e4m3fnuz)
+        sd["f8b"] = torch.randn(5).to(torch.float8_e5m2fnuz)
+    obj: Any = sd if handoff == "layout" else {"sd": sd, "args": argparse.Namespace(lr=0.1)}
+    path = ck.save(obj, tmp_path / "ckpt.pt")
+    dst = tmp_path / "ckpt.safetensors"
+    report = sandbox.convert(path, dst)
+    assert report.resources["handoff"] == handoff
+    original = torch.load(path, weights_only=False)  # our own benign fixture
+    want = original if handoff == "layout" else {f"sd.{k}": v for k, v in original["sd"].items()}
+    got = load_file(dst)
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert _bits(got[name]) == _bits(t), name
+    with safe_open(dst, framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["model_sandbox.dtypes"]) == {}  # both float8 variants are native
+    ties = json.loads(meta["model_sandbox.ties"])
+    prefix = "" if handoff == "layout" else "sd."
+    assert ties == {f"{prefix}lm_head.weight": f"{prefix}embed.weight"}
+    plain = {k: v for k, v in want.items() if not k.endswith(("f8a", "f8b"))}
+    dst_np = tmp_path / "plain.safetensors"
+    sandbox.convert(ck.save(plain if handoff == "layout" else {"sd": {
+        k.removeprefix("sd."): v for k, v in plain.items()}, "args": argparse.Namespace()},
+        tmp_path / "plain.pt"), dst_np)
+    arrays = load_numpy(dst_np)
+    assert set(arrays) == set(plain)
+    for name, t in plain.items():
+        assert arrays[name].tobytes() == _bits(t), name

@@ -256,9 +256,10 @@ def test_plain_state_dicts_come_back_through_the_layout(tmp_path: Path, mmap: bo
     sandbox.convert(path, out, runner=runner)
     from safetensors.torch import load_file
     back = load_file(str(out))
-    # every tensor is a tensor of its own (the very same object twice is one name, as today)
-    assert set(back) == {f"model.{k}" for k in sd if k != "tied"}
+    # complete: every name is a tensor of its own, the tie included (recorded in the metadata)
+    assert set(back) == {f"model.{k}" for k in sd}
     assert torch.equal(back["model.row"], sd["row"])
+    assert torch.equal(back["model.tied"], sd["encoder.weight"])
 
 
 @pytest.mark.parametrize("change", ["offset", "shape", "key", "dtype", "extra", "missing",
