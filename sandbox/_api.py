@@ -50,7 +50,10 @@ if TYPE_CHECKING:
 
     from ._reconstruct import Placement
 
-__all__ = ["convert", "patch_torch", "safe_load", "scan"]
+__all__ = ["SHARED_MODES", "convert", "patch_torch", "safe_load", "scan"]
+
+#: how ``convert`` writes tensors that share storage: every name (default), or HF's convention
+SHARED_MODES = ("complete", "dedupe")
 
 VERSION = "0.1.0"
 
@@ -340,15 +343,21 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, *,
             policy: Policy | None = None, expected_sha256: str | None = None,
-            runner: _launch.Runner | None = None, write_report: bool = True) -> LoadReport:
+            runner: _launch.Runner | None = None, write_report: bool = True,
+            shared: str = "complete") -> LoadReport:
     """Load ``src`` in the sandbox and write its tensors to ``dst`` (default: ``src`` with the
-    suffix ``.safetensors``), atomically, plus ``<dst>.report.json``. The file's metadata holds
-    the JSON skeleton of the original structure and the views (tied weights) it shares.
+    suffix ``.safetensors``), atomically, plus ``<dst>.report.json``. Every name of the
+    returned structure is a tensor in the file (``shared="complete"``, the default: views as
+    contiguous copies, a tied tensor once per name); ``shared="dedupe"`` writes a tied tensor
+    under one name, as Hugging Face's ``save_pretrained`` does. The metadata holds the JSON
+    skeleton of the original structure and how its tensors shared storage (views, ties).
 
     Raises :class:`SandboxViolation` and writes no weights when the policy judges the file
     unsafe; raises the matching :class:`SandboxError` when it cannot be loaded.
     """
     policy = policy or Policy.default()
+    if shared not in SHARED_MODES:
+        raise ValueError(f"shared must be one of {SHARED_MODES}, not {shared!r}")
     dst_path = Path(dst) if dst is not None else Path(src).with_suffix(".safetensors")
     with _sandboxed(src, policy=policy, runner=runner, write_tensors=True,
                     expected_sha256=expected_sha256, stop_early=True,
@@ -359,10 +368,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
             assert loaded.output is not None and loaded.output.manifest is not None
             manifest = loaded.output.manifest
             if loaded.handoff == "layout":  # byte ranges of the input: no torch on the host
-                _write.write_placed(dst_path, loaded.input_path, loaded.placements, manifest, report)
+                _write.write_placed(dst_path, loaded.input_path, loaded.placements, manifest, report,
+                                    dedupe=shared == "dedupe")
             else:
                 assert loaded.tensors is not None
-                _write.write_safetensors(dst_path, loaded.tensors, manifest, report)
+                _write.write_safetensors(dst_path, loaded.tensors, manifest, report,
+                                         dedupe=shared == "dedupe")
             report.outputs["safetensors"] = str(dst_path)
             report.outputs["safetensors_sha256"] = _files.sha256_file(str(dst_path))[0]
         except SandboxError as exc:

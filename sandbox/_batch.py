@@ -463,6 +463,7 @@ class BatchOptions:
     require_pins: bool = False              # a lock file: every model input must be pinned
     retries: int = 4                        # engine-unavailable retries per file
     backoff_s: float = 1.0                  # first retry delay; doubles, capped at 30 s
+    shared: str = "complete"                # or "dedupe": tied tensors under one name (HF)
 
 
 @dataclass(frozen=True)
@@ -608,7 +609,8 @@ def _reusable(prev: ItemResult | None, sha: str, size: int, ctx: _Ctx) -> bool:
     if (prev.sha256, prev.size) != (sha, size) or prev.policy.get("digest") != policy.digest:
         return False
     if prev.tool.get("worker_digest") != ctx.tool["worker_digest"] or \
-            prev.tool.get("version") != ctx.tool["version"]:
+            prev.tool.get("version") != ctx.tool["version"] or \
+            prev.tool.get("shared", "complete") != ctx.tool["shared"]:
         return False
     if prev.report is None or prev.report_sha256 is None or \
             prev.report != _rel_to(ctx.outdir, ctx.report_root / f"{prev.rel}.report.json") or \
@@ -708,6 +710,7 @@ def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
     for attempt in range(ctx.options.retries + 1):
         try:
             report = _api.convert(entry.source, dst, policy=ctx.options.policy, expected_sha256=sha,
+                                  shared=ctx.options.shared,
                                   runner=ctx.runner, write_report=False)
             return _finish(entry, ctx, report, Status.CONVERTED, started_wall=started_wall)
         except EngineUnavailable as exc:
@@ -885,7 +888,7 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
                    runner=labelled or runner,  # type: ignore[arg-type]
                    previous=dict(manifest.records), out_rels=out_rels,
                    tool={"name": "model-sandbox", "version": VERSION,
-                         "worker_digest": _image.worker_digest()},
+                         "worker_digest": _image.worker_digest(), "shared": options.shared},
                    cancel=threading.Event())
         summary = BatchSummary(outdir=out, results=list(skipped), excluded=excluded)
         for r in skipped:

@@ -126,7 +126,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         with _runner(1) as runner:
             report = _api.convert(srcs[0], args.output, policy=policy, expected_sha256=expected,
-                                  runner=runner)
+                                  runner=runner, shared=args.shared)
     except SandboxError as exc:
         if exc.report is None:
             raise
@@ -253,7 +253,7 @@ def _convert_batch(args: argparse.Namespace) -> int:
         policy=_policy(args.policy), jobs=args.jobs, include=tuple(args.include or ()),
         exclude=tuple(args.exclude or ()), force=args.force,
         report_dir=Path(args.report_dir) if args.report_dir else None,
-        pins=_pins(args, args.srcs), require_pins=bool(args.lock))
+        pins=_pins(args, args.srcs), require_pins=bool(args.lock), shared=args.shared)
     interactive = args.format == "text" and not args.quiet
     bar = _ProgressLine(sys.stderr) if interactive and sys.stderr.isatty() else None
     per_file = interactive and bar is None
@@ -396,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out inputs whose relative path or name matches (repeatable)")
     p.add_argument("--force", action="store_true",
                    help="redo every input, even those the manifest shows as done and unchanged")
+    p.add_argument("--shared", choices=_api.SHARED_MODES, default="complete",
+                   help="tensors that share storage: every name a tensor of its own (complete, "
+                        "what plain SafeTensors readers expect), or a tied tensor under one "
+                        "name (dedupe, Hugging Face's save_pretrained convention) "
+                        "(default: complete)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="no progress and no per-file lines: only the summary")
     p.add_argument("--report-dir", metavar="DIR",

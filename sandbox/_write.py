@@ -29,17 +29,19 @@ __all__ = ["write_placed", "write_safetensors"]
 
 
 def write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: P.Manifest,
-                      report: LoadReport) -> None:
+                      report: LoadReport, *, dedupe: bool = False) -> None:
     """Re-serialise the checked tensors on the host (the worker's file is never copied),
     streaming each tensor's bytes to a temporary file, then renaming it into place.
 
     Complete: every tensor name is a tensor in the file, as plain readers expect (a view is
-    written as its own contiguous copy, a tie once per name it has in the structure)."""
+    written as its own contiguous copy, a tie once per name it has in the structure).
+    ``dedupe``: Hugging Face's convention instead: a tied tensor under one name only (the
+    others are in ``model_sandbox.ties``; ``from_pretrained`` re-ties them from the config)."""
     import torch
 
     stored: dict[str, torch.Tensor] = {}
     entries = []
-    out = _outputs(manifest)
+    out = _outputs(manifest, dedupe=dedupe)
     for name, (source, dtype) in out.items():
         t = tensors[source].contiguous()
         code = _code(dtype)
@@ -48,7 +50,7 @@ def write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: P.M
         stored[name] = t
         entries.append((name, "uint8" if code is None else dtype, list(t.shape),
                         t.numel() * t.element_size()))
-    head, order = P.safetensors_header(entries, _st_metadata(manifest, report, out))
+    head, order = P.safetensors_header(entries, _st_metadata(manifest, report, out, dedupe))
 
     def body(fd: int) -> None:
         for name in order:
@@ -86,13 +88,15 @@ def _reads_natively(dtype: str) -> bool:
         return False
 
 
-def _outputs(manifest: P.Manifest) -> dict[str, tuple[str, str]]:
+def _outputs(manifest: P.Manifest, *, dedupe: bool = False) -> dict[str, tuple[str, str]]:
     """Every name the output holds -> (the tensor it is written from, dtype): the stored
-    tensors, the views, and each further name a tied tensor has in the skeleton."""
+    tensors, the views, and (unless ``dedupe``) each further name a tied tensor has in the
+    skeleton."""
     out = {e.name: (e.name, e.dtype) for e in manifest.tensors}
     out.update({v.name: (v.name, v.dtype) for v in manifest.views})
-    for alias, ref in _aliases(manifest.skeleton, set(out)).items():
-        out[alias] = (ref, out[ref][1])
+    if not dedupe:
+        for alias, ref in _aliases(manifest.skeleton, set(out)).items():
+            out[alias] = (ref, out[ref][1])
     return out
 
 
@@ -148,7 +152,9 @@ def _component(key: object) -> str | None:
 
 
 def _st_metadata(manifest: P.Manifest, report: LoadReport,
-                 out: dict[str, tuple[str, str]]) -> dict[str, str]:
+                 out: dict[str, tuple[str, str]], dedupe: bool = False) -> dict[str, str]:
+    ties = _aliases(manifest.skeleton, set(out)) if dedupe else \
+        {n: src for n, (src, _) in out.items() if n != src}
     return {
         "format": "pt",
         "model_sandbox.version": VERSION,
@@ -157,20 +163,20 @@ def _st_metadata(manifest: P.Manifest, report: LoadReport,
         # how the tensors shared storage in the original: views of a base, ties of a name
         "model_sandbox.views": json.dumps([dataclasses.asdict(v) for v in manifest.views],
                                           separators=(",", ":")),
-        "model_sandbox.ties": json.dumps({n: src for n, (src, _) in out.items() if n != src},
-                                         separators=(",", ":")),
+        "model_sandbox.ties": json.dumps(ties, separators=(",", ":")),
+        "model_sandbox.shared": "dedupe" if dedupe else "complete",
         "model_sandbox.dtypes": json.dumps({n: d for n, (_, d) in out.items()
                                             if _code(d) is None}),
     }
 
 
 def write_placed(dst: Path, source: str, placements: list[Placement], manifest: P.Manifest,
-                  report: LoadReport) -> None:
+                 report: LoadReport, *, dedupe: bool = False) -> None:
     """The layout hand-off's SafeTensors file, copied from the input's own byte ranges (checked
     placements): contiguous tensors with ``copy_file_range``, strided ones gathered by numpy.
     torch is not imported."""
     by_name = {p.name: p for p in placements}
-    out = _outputs(manifest)
+    out = _outputs(manifest, dedupe=dedupe)
     entries = []
     for name, (origin, dtype) in out.items():
         p = by_name[origin]
@@ -180,7 +186,7 @@ def write_placed(dst: Path, source: str, placements: list[Placement], manifest: 
         raw = _code(dtype) is None
         entries.append((name, "uint8" if raw else dtype, [nbytes] if raw else list(p.shape),
                         nbytes))
-    head, order = P.safetensors_header(entries, _st_metadata(manifest, report, out))
+    head, order = P.safetensors_header(entries, _st_metadata(manifest, report, out, dedupe))
     by_name = {name: by_name[origin] for name, (origin, _) in out.items()}
 
     def body(fd: int) -> None:

@@ -341,3 +341,29 @@ def test_calling_an_unlisted_function_is_at_least_medium(tmp_path: Path) -> None
     dated = ck.save({"w": torch.ones(2), "when": datetime.datetime(2024, 1, 2)},
                     tmp_path / "dated.pt")
     assert sandbox.scan(dated, dynamic=False).verdict is sandbox.Verdict.CLEAN
+
+
+@pytest.mark.parametrize("layout", [True, False])
+def test_shared_dedupe_writes_a_tie_once_and_records_it(tmp_path: Path, layout: bool) -> None:
+    """Hugging Face's convention on request: the tied name is left out of the tensors and
+    recorded in the metadata; views stay tensors of their own."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    emb = torch.randn(4, 3)
+    base = torch.arange(12.0).reshape(3, 4)
+    sd = {"embed.weight": emb, "lm_head.weight": emb, "base": base, "row": base[1]}
+    path = ck.save(sd, tmp_path / "tied.pt")
+    runner = FakeRunner(layout=layout)
+    for mode, keys in (("complete", set(sd)), ("dedupe", set(sd) - {"lm_head.weight"})):
+        out = tmp_path / f"{mode}.safetensors"
+        sandbox.convert(path, out, runner=runner, shared=mode)
+        with safe_open(out, framework="pt") as f:
+            assert set(f.keys()) == keys, mode
+            meta = f.metadata()
+            assert torch.equal(f.get_tensor("row"), base[1])
+        assert _json.loads(meta["model_sandbox.ties"]) == {"lm_head.weight": "embed.weight"}
+        assert meta["model_sandbox.shared"] == mode
+    with pytest.raises(ValueError, match="shared"):
+        sandbox.convert(path, tmp_path / "x.safetensors", runner=runner, shared="nope")
