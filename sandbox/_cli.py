@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import _api, _files
+from . import _api, _files, _hfcache
 from ._launch import DockerRunner, Runner
 from ._pool import Pool
 from .errors import PolicyError, SandboxError
@@ -99,12 +100,48 @@ def _runner(files: int) -> Iterator[Runner]:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     policy = _policy(args.policy)
-    pins = _pins(args, args.paths)
-    with _runner(len(args.paths)) as runner:
-        reports = [_api.scan(p, policy=policy, expected_sha256=_pin_for(pins, p),
-                             dynamic=not args.static_only, runner=runner) for p in args.paths]
-    _emit(reports, args.format)
+    paths = list(args.paths) + ([str(_hfcache.default_cache())] if args.hf_cache else [])
+    if not paths:
+        raise SandboxError("nothing to scan: give a PATH or --hf-cache")
+    pins = _pins(args, paths)
+    targets = [t for p in paths for t in _hfcache.expand(p)]
+    by_blob: dict[str, LoadReport] = {}  # a blob several revisions share is scanned once
+    reports = []
+    with _runner(len({t.real for t in targets})) as runner:
+        for t in targets:
+            first = by_blob.get(t.real)
+            if first is None:
+                first = by_blob[t.real] = _api.scan(
+                    t.path, policy=policy, expected_sha256=_pin_for(pins, t.path),
+                    dynamic=not args.static_only, runner=runner)
+                report = first
+            else:
+                report = dataclasses.replace(first, input_path=t.path)
+                report.notes = [*first.notes, "the same file as another revision's: scanned once"]
+            reports.append(report)
+    if args.format == "text" and any(t.repo for t in targets):
+        print(_models_text(targets, reports))
+    else:
+        _emit(reports, args.format)
     return _exit_code(reports)
+
+
+def _models_text(targets: Sequence[_hfcache.Target], reports: Sequence[LoadReport]) -> str:
+    """Hugging Face cache results: one line per model file, grouped by model and revision."""
+    lines: list[str] = []
+    last = None
+    for t, r in zip(targets, reports, strict=True):
+        key = (t.repo, t.revision)
+        if key != last:
+            lines.append(f"{clean_text(key[0] or '(not in a cache)', 300)} @ "
+                         f"{clean_text(key[1] or '-', 80)}")
+            last = key
+        top = max(r.findings, key=lambda f: f.severity, default=None)
+        why = f" ({clean_text(top.rule, 60)}: {clean_text(top.message, 200)})" if top and \
+            r.verdict.value != "clean" else ""
+        name = t.label.split(": ", 1)[-1]
+        lines.append(f"  {r.verdict.value.upper():10} {clean_text(name, 300)}{why}")
+    return "\n".join(lines)
 
 
 _BATCH_ONLY = ("jobs", "include", "exclude", "force", "report_dir", "quiet")
@@ -370,7 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Scan each file statically (every pickle read, never run), "
                                    "then load it in the sandbox, keep no weights, and print the "
                                    "report. Exit code: the worst over all files.")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="files, directories (every checkpoint in them, recognised by content) "
+                        "or a Hugging Face cache (models--org--name/snapshots/REV/...: results "
+                        "per model and revision, each blob scanned once)")
+    p.add_argument("--hf-cache", action="store_true",
+                   help="also scan the Hugging Face cache ($HF_HUB_CACHE, $HF_HOME/hub or "
+                        "~/.cache/huggingface/hub)")
     p.add_argument("--static-only", action="store_true",
                    help="stop after the static scan (no Docker needed)")
     common(p)
