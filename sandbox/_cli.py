@@ -359,6 +359,31 @@ def cmd_image_tag(args: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
+def _patch_dir(args: argparse.Namespace) -> Path:
+    from . import _autopatch
+
+    return Path(args.target) if args.target else _autopatch.site_dir(user=args.user)
+
+
+def cmd_patch_install(args: argparse.Namespace) -> int:
+    from . import _autopatch
+
+    path = _autopatch.install(_patch_dir(args))
+    print(f"wrote {path}: run a script with {_autopatch.ENV}=1 and its torch.load calls go "
+          "through the sandbox")
+    return EXIT_CLEAN
+
+
+def cmd_patch_uninstall(args: argparse.Namespace) -> int:
+    from . import _autopatch
+
+    target = _patch_dir(args)
+    removed = _autopatch.uninstall(target)
+    print(f"removed {target / _autopatch.PTH_NAME}" if removed else
+          f"nothing to remove in {target}")
+    return EXIT_CLEAN
+
+
 def cmd_policy_show(args: argparse.Namespace) -> int:
     policy = _policy(args.name)
     print(json.dumps({**policy.to_dict(), "digest": policy.digest}, indent=2))
@@ -494,6 +519,20 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Validate a policy file and list every problem.")
     c.add_argument("file", metavar="FILE")
     c.set_defaults(func=cmd_policy_check)
+
+    p = sub.add_parser("patch", help="route torch.load of unmodified scripts through the sandbox",
+                       description="Install (or remove) a .pth file in site-packages that makes "
+                                   "every Python started with MODEL_SANDBOX_PATCH=1 route "
+                                   "torch.load through sandbox.safe_load once torch is "
+                                   "imported. Without the variable the file does nothing.")
+    patch_sub = p.add_subparsers(dest="patch_command", required=True, metavar="ACTION")
+    for action, func in (("install", cmd_patch_install), ("uninstall", cmd_patch_uninstall)):
+        a = patch_sub.add_parser(action, help=f"{action} the .pth file",
+                                 description=f"{action.capitalize()} the .pth file.")
+        where = a.add_mutually_exclusive_group()
+        where.add_argument("--user", action="store_true", help="the user site-packages")
+        where.add_argument("--target", metavar="DIR", help="another site directory")
+        a.set_defaults(func=func)
 
     p = sub.add_parser("report", help="render a saved report", description="Render a JSON report.")
     rsub = p.add_subparsers(dest="report_command", required=True, metavar="ACTION")
