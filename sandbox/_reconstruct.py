@@ -1311,6 +1311,10 @@ class Inventory:
     format: str
     digests: frozenset[Digest]
     findings: tuple[Finding, ...] = ()
+    #: tensors reachable from the top through plain dicts, lists and tuples only, by the name
+    #: the worker gives them: the host compares these by name (a payload that rearranges a
+    #: plain container after it was built is caught even when the bytes are the file's)
+    named: Mapping[str, Digest] = field(default_factory=dict)
 
 
 def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool,
@@ -1425,12 +1429,18 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
             rec = _materialise(layout, tensors, buf, fmt, keep_data=False)
             findings += [f for f in rec.findings if f not in findings]
             digests += [(t.dtype, t.shape, t.sha256) for t in rec.tensors.values()]
+            by_id = {id(t): rec.tensors[name] for name, t in tensors if name in rec.tensors}
+            namer = _Namer()
+            namer.walk(layout.value)
+            named = {name: (st.dtype, st.shape, st.sha256) for name, t in namer.order
+                     if "#" not in name and (st := by_id.get(id(t))) is not None}
             for m in unique.values():
                 if isinstance(m, _NpArray) and m.data is not None and m.dtype is not None:
                     d = _np_digest(m.dtype, m.shape, m.fortran, m.data)
                     if d is not None:
                         digests.append(d)
-            return Inventory(format=fmt, digests=frozenset(digests), findings=tuple(findings))
+            return Inventory(format=fmt, digests=frozenset(digests), findings=tuple(findings),
+                             named=named)
     except _Unsupported as exc:
         return NotReconstructed(exc.reason, fmt)
     except MalformedInput as exc:

@@ -117,11 +117,27 @@ def weights(path: str, manifest: P.Manifest,
         reason = f"the file has no independent reading: {inv.reason}"
         found: list[Finding] = []
     else:
+        # a name both readings give (plain containers from the top) must hold the same tensor
+        differ = [n for n, got in sorted(actual.items())
+                  if n in inv.named and got[2] is not None and got != inv.named[n]]
+        changed: list[dict[str, Any]] = [
+            {"name": n, "expected_sha256": inv.named[n][2], "actual_sha256": actual[n][2],
+             "expected_shape": list(inv.named[n][1]), "actual_shape": list(actual[n][1])}
+            for n in differ]
         unverified = sorted(n for n, (dtype, shape, digest) in actual.items()
-                            if digest is not None and (dtype, shape, digest) not in inv.digests)
+                            if digest is not None and (dtype, shape, digest) not in inv.digests
+                            and n not in differ)
         reason = ("not among the tensors the file's records describe: computed or changed "
                   "while loading")
         found = list(inv.findings)
+        if changed:
+            found.append(Finding(
+                rule="weights-tampered", severity=Severity.HIGH, category="evasion",
+                message=("the loader returned other weights than the file holds under these "
+                         "names: " + ", ".join(differ[:5])
+                         + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")),
+                evidence={"tensors": changed[:_MAX_NAMED], "count": len(changed),
+                          "format": inv.format}))
     if unverified:
         found.append(Finding(
             rule="weights-unverified", severity=Severity.MEDIUM, category="integrity",

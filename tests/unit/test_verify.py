@@ -201,3 +201,36 @@ def _digest(t: torch.Tensor) -> str:
     from sandbox._convert import tensor_digest
 
     return tensor_digest(t)
+
+
+class _Rearranged(dict):  # type: ignore[type-arg]
+    """Pickles as a plain dict, then a call of ``dict.update`` on that same dict (by memo)
+    that swaps two same-shape weights while the file loads: every byte returned is a byte the
+    file stores, only under other names."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], swap: tuple[str, str]) -> None:
+        super().__init__()
+        self.sd, self.swap = sd, swap
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        a, b = self.swap
+        return (dict.update, (self.sd, {a: self.sd[b], b: self.sd[a]}))
+
+
+def test_a_plain_dict_rearranged_while_loading_is_tampered(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    sd = {"layer1.weight": torch.randn(3, 3), "layer2.weight": torch.randn(3, 3),
+          "bias": torch.zeros(3)}
+    obj = {"state_dict": sd, "hook": _Rearranged(sd, ("layer1.weight", "layer2.weight"))}
+    path = save(obj, tmp_path / "swapped.pt")
+    manifest = returned(path)
+    loaded = torch.load(path, weights_only=False)
+    assert torch.equal(loaded["state_dict"]["layer1.weight"], sd["layer2.weight"])  # swapped
+    found = _verify.weights(str(path), manifest)
+    tampered = [f for f in found if f.rule == "weights-tampered"]
+    assert len(tampered) == 1 and tampered[0].severity is Severity.HIGH
+    assert [t["name"] for t in tampered[0].evidence["tensors"]] == [
+        "state_dict.layer1.weight", "state_dict.layer2.weight"]
+    # the untouched bias, and the benign twin of the file, are verified by name
+    benign = save({"state_dict": sd, "epoch": 1, "args": {"lr": 0.1}}, tmp_path / "ok.pt")
+    assert _verify.weights(str(benign), returned(benign)) == []
