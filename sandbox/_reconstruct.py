@@ -1240,6 +1240,17 @@ _LAYOUTS: dict[str, Callable[[_scan._Buf, _Budget], _Layout]] = {
 }
 
 
+def _scanned(path: str | os.PathLike[str], scan: _scan.StaticScan | None
+             ) -> _scan.StaticScan | NotReconstructed:
+    """The static stage's scan when the caller has it, else a scan of ``path`` now."""
+    if scan is not None:
+        return scan
+    try:
+        return _scan.scan_file(path)
+    except MalformedInput as exc:
+        return NotReconstructed(f"the static scan could not read the file ({exc.message})")
+
+
 def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
                     scan: _scan.StaticScan | None = None) -> Reconstruction | NotReconstructed:
     """Rebuild every tensor of a plain state_dict at ``path`` from the file's raw records.
@@ -1253,11 +1264,10 @@ def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
     one storage is in memory at a time. Never raises for file content: unreadable or unusual
     files give :class:`NotReconstructed`.
     """
-    if scan is None:
-        try:
-            scan = _scan.scan_file(path)
-        except MalformedInput as exc:
-            return NotReconstructed(f"the static scan could not read the file ({exc.message})")
+    scanned = _scanned(path, scan)
+    if isinstance(scanned, NotReconstructed):
+        return scanned
+    scan = scanned
     fmt = scan.format
     if fmt not in _LAYOUTS:
         return NotReconstructed(f"format {fmt} is not a torch checkpoint with raw storage records",
@@ -1393,11 +1403,10 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
     none: a format without one, a container or stream trick that leaves the file without a
     single reading, a budget exhausted. ``scan``: the static stage's scan of the same file
     when the caller has it. Never raises for file content."""
-    if scan is None:
-        try:
-            scan = _scan.scan_file(path)
-        except MalformedInput as exc:
-            return NotReconstructed(f"the static scan could not read the file ({exc.message})")
+    scanned = _scanned(path, scan)
+    if isinstance(scanned, NotReconstructed):
+        return scanned
+    scan = scanned
     fmt = scan.format
     tricks = sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
     if tricks:
@@ -1479,11 +1488,10 @@ def try_place(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
     any finding of the reading (a storage record of another size than its claim), a
     metadata bit or a view past its record makes the file not placeable. ``scan``: the static
     stage's scan of the same file, when the caller has it (it is not read twice)."""
-    if scan is None:
-        try:
-            scan = _scan.scan_file(path)
-        except MalformedInput as exc:
-            return NotReconstructed(f"the static scan could not read the file ({exc.message})")
+    scanned = _scanned(path, scan)
+    if isinstance(scanned, NotReconstructed):
+        return scanned
+    scan = scanned
     if scan.format != "torch-zip":
         return NotReconstructed(f"format {scan.format} is not a torch zip", scan.format)
     foreign = sorted({g.qualname for g in scan.globals if g.classification != "allowed"})
