@@ -183,3 +183,28 @@ def test_module_optimizer_and_numpy_checkpoints_are_verified(tmp_path: Path) -> 
     got = sandbox.safe_load(path)
     assert torch.equal(got["model"]["0.weight"], model[0].weight.detach())  # type: ignore[operator]
     assert np.array_equal(np.asarray(got["mean"]), np.arange(4, dtype=np.float32))
+
+
+def test_a_small_zip_whose_record_inflates_far_is_not_clean(tmp_path: Path) -> None:
+    """A ~1 MB torch zip whose storage record is deflated from 300 MB of zeros: the static
+    scan reports the ratio from the zip headers without inflating anything, and the verdict is
+    never clean, whatever the load does."""
+    import zipfile
+
+    small = ck.save({"w": torch.zeros(4)}, tmp_path / "small.pt")
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(small) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for info in src.infolist():
+            if info.filename.endswith("/data/0"):
+                zi = zipfile.ZipInfo(info.filename)
+                zi.compress_type = zipfile.ZIP_DEFLATED
+                with dst.open(zi, "w", force_zip64=True) as out:
+                    for _ in range(300):
+                        out.write(bytes(1 << 20))
+            else:
+                dst.writestr(info, src.read(info.filename))
+    assert bomb.stat().st_size < 2 << 20
+    report = sandbox.scan(bomb)
+    abuse = [f for f in report.findings if f.rule == "resource-abuse"]
+    assert abuse and abuse[0].evidence["ratio"] > 200, report.findings
+    assert report.verdict is not sandbox.Verdict.CLEAN
