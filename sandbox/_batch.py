@@ -97,6 +97,7 @@ from typing import Any
 from . import _api, _files, _image, _scan
 from ._launch import LABEL, ContainerSpec, Job, Runner, RunResult
 from ._version import VERSION
+from ._worker import _protocol as P
 from .errors import (
     BatchError,
     EngineError,
@@ -849,8 +850,8 @@ def _write_index(plan: _Sharded, results: dict[str, ItemResult], out: Path,
     return rel
 
 
-_ST_SIZES = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,
-             "BF16": 2, "I16": 2, "U16": 2}
+#: element size of each safetensors dtype code (the wire format's own table)
+_ST_SIZES = {code: size for code, size in P.ST_DTYPES.values()}
 
 
 def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLike[str],

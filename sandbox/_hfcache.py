@@ -1,7 +1,8 @@
 """Host: what ``model-sandbox scan`` scans when given a directory, and Hugging Face caches.
 
-A plain directory is walked recursively (sorted; symlinked directories are not entered) and
-every regular file that is a checkpoint *by content* is scanned. A Hugging Face hub cache
+A plain directory is walked as a batch walks it (``_batch.discover``: sorted, symlinked
+directories not entered, a symlink to a file followed only inside the directory) and every
+regular file that is a checkpoint *by content* is scanned. A Hugging Face hub cache
 (``models--org--name/snapshots/<revision>/<file>``, each file a symlink to
 ``models--org--name/blobs/<hash>``) is read as models and revisions: a blob that several
 revisions share is scanned once and its report shown under each of them. A symlink is followed
@@ -115,6 +116,7 @@ def expand(path: str) -> list[Target]:
                     if real is not None and _checkpoint(real):
                         out.append(Target(path=f, real=real, repo=repo, revision=snap.name))
         return out
-    root_real = os.path.realpath(path)
-    return [Target(path=f, real=real) for f in _walk(path)
-            if (real := _regular(f, root_real)) is not None and _checkpoint(real)]
+    from ._batch import discover  # the batch's walk: the same symlink and file-type rules
+
+    entries, _skipped, _excluded = discover([path])
+    return [Target(path=e.source, real=e.real) for e in entries if _checkpoint(e.real)]

@@ -46,7 +46,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _scan
 from ._worker import _protocol as P
@@ -63,6 +63,7 @@ __all__ = [
     "Reconstruction",
     "StaticTensor",
     "compare",
+    "read",
     "reconstruct",
     "try_inventory",
     "try_place",
@@ -1251,6 +1252,52 @@ def _scanned(path: str | os.PathLike[str], scan: _scan.StaticScan | None
         return NotReconstructed(f"the static scan could not read the file ({exc.message})")
 
 
+def _foreign(scan: _scan.StaticScan) -> list[str]:
+    """The globals a plain state dict does not import."""
+    return sorted({g.qualname for g in scan.globals if g.classification != "allowed"})
+
+
+def _tricks(scan: _scan.StaticScan) -> list[str]:
+    """Container or stream tricks the static scan found: the file has no single reading."""
+    return sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
+
+
+def _named(value: object) -> list[tuple[str, _Tensor]]:
+    """The tensors of ``value`` under the worker's names (plain containers only)."""
+    namer = _Namer()
+    namer.walk(value)
+    if len(namer.order) > P.MAX_TENSORS:
+        raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
+    return namer.order
+
+
+_R = TypeVar("_R")
+
+
+def _guarded(fmt: str, read: Callable[[], _R]) -> _R | NotReconstructed:
+    """``read()``, with every way file content can make it fail turned into the reason."""
+    try:
+        return read()
+    except _Unsupported as exc:
+        return NotReconstructed(exc.reason, fmt)
+    except MalformedInput as exc:
+        return NotReconstructed(f"the file could not be read ({exc.message})", fmt)
+    except RecursionError:
+        return NotReconstructed("the pickle nests containers too deeply", fmt)
+
+
+def read(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
+         ) -> Reconstruction | Inventory | NotReconstructed:
+    """The host's independent reading of the file: the plain reconstruction where it applies,
+    else the general inventory (or why there is none), from one static scan. Runs nothing;
+    never raises for file content."""
+    scanned = _scanned(path, scan)
+    if isinstance(scanned, NotReconstructed):
+        return scanned
+    rec = try_reconstruct(path, scan=scanned)
+    return rec if isinstance(rec, Reconstruction) else try_inventory(path, scan=scanned)
+
+
 def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
                     scan: _scan.StaticScan | None = None) -> Reconstruction | NotReconstructed:
     """Rebuild every tensor of a plain state_dict at ``path`` from the file's raw records.
@@ -1272,28 +1319,21 @@ def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
     if fmt not in _LAYOUTS:
         return NotReconstructed(f"format {fmt} is not a torch checkpoint with raw storage records",
                                 fmt)
-    foreign = sorted({g.qualname for g in scan.globals if g.classification != "allowed"})
+    foreign = _foreign(scan)
     if foreign:
         return NotReconstructed("the pickle imports globals a plain state_dict does not: "
                                 + ", ".join(foreign[:5]), fmt)
-    tricks = sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
+    tricks = _tricks(scan)
     if tricks:
         return NotReconstructed("the static scan found container or stream tricks ("
                                 + ", ".join(tricks) + "); the file has no single reading", fmt)
-    try:
+
+    def rebuild() -> Reconstruction:
         with _scan._open_buffer(path) as buf:
             layout = _LAYOUTS[fmt](buf, _Budget())
-            namer = _Namer()
-            namer.walk(layout.value)
-            if len(namer.order) > P.MAX_TENSORS:
-                raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
-            return _materialise(layout, namer.order, buf, fmt, keep_data=keep_data)
-    except _Unsupported as exc:
-        return NotReconstructed(exc.reason, fmt)
-    except MalformedInput as exc:
-        return NotReconstructed(f"the file could not be read ({exc.message})", fmt)
-    except RecursionError:
-        return NotReconstructed("the pickle nests containers too deeply", fmt)
+            return _materialise(layout, _named(layout.value), buf, fmt, keep_data=keep_data)
+
+    return _guarded(fmt, rebuild)
 
 
 #: one tensor as (torch dtype name, shape, sha256 of its row-major native-order bytes)
@@ -1408,14 +1448,15 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
         return scanned
     scan = scanned
     fmt = scan.format
-    tricks = sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
+    tricks = _tricks(scan)
     if tricks:
         return NotReconstructed("the static scan found container or stream tricks ("
                                 + ", ".join(tricks) + "); the file has no single reading", fmt)
-    budget = _Budget(general=True)
-    digests: list[Digest] = []
-    findings: list[Finding] = []
-    try:
+
+    def inventory() -> Inventory:
+        budget = _Budget(general=True)
+        digests: list[Digest] = []
+        findings: list[Finding] = []
         with _scan._open_buffer(path) as buf:
             if fmt in _LAYOUTS:
                 layout = _LAYOUTS[fmt](buf, budget)
@@ -1439,9 +1480,7 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
             findings += [f for f in rec.findings if f not in findings]
             digests += [(t.dtype, t.shape, t.sha256) for t in rec.tensors.values()]
             by_id = {id(t): rec.tensors[name] for name, t in tensors if name in rec.tensors}
-            namer = _Namer()
-            namer.walk(layout.value)
-            named = {name: (st.dtype, st.shape, st.sha256) for name, t in namer.order
+            named = {name: (st.dtype, st.shape, st.sha256) for name, t in _named(layout.value)
                      if "#" not in name and (st := by_id.get(id(t))) is not None}
             for m in unique.values():
                 if isinstance(m, _NpArray) and m.data is not None and m.dtype is not None:
@@ -1450,12 +1489,8 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
                         digests.append(d)
             return Inventory(format=fmt, digests=frozenset(digests), findings=tuple(findings),
                              named=named)
-    except _Unsupported as exc:
-        return NotReconstructed(exc.reason, fmt)
-    except MalformedInput as exc:
-        return NotReconstructed(f"the file could not be read ({exc.message})", fmt)
-    except RecursionError:
-        return NotReconstructed("the pickle nests containers too deeply", fmt)
+
+    return _guarded(fmt, inventory)
 
 
 @dataclass(frozen=True)
@@ -1494,21 +1529,16 @@ def try_place(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
     scan = scanned
     if scan.format != "torch-zip":
         return NotReconstructed(f"format {scan.format} is not a torch zip", scan.format)
-    foreign = sorted({g.qualname for g in scan.globals if g.classification != "allowed"})
-    tricks = sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
-    if foreign or tricks:
+    if _foreign(scan) or _tricks(scan):
         return NotReconstructed("not a plain state dict without tricks", scan.format)
-    try:
+
+    def place() -> list[Placement]:
         with _scan._open_buffer(path) as buf:
             layout = _zip_layout(buf, _Budget())
             if layout.swap or layout.findings:
                 raise _Unsupported("a big-endian archive, or records of unexpected sizes")
-            namer = _Namer()
-            namer.walk(layout.value)
-            if len(namer.order) > P.MAX_TENSORS:
-                raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
             placed = []
-            for name, t in namer.order:
+            for name, t in _named(layout.value):
                 if t.metadata:
                     raise _Unsupported(f"tensor {name} sets metadata bits")
                 start, available, _claimed = layout.regions[t.storage.root]
@@ -1526,12 +1556,8 @@ def try_place(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
                     storage_key=t.storage.root, storage_offset=t.offset,
                     parameter=t.parameter, file_offset=start + first, extent=extent))
             return placed
-    except _Unsupported as exc:
-        return NotReconstructed(exc.reason, scan.format)
-    except MalformedInput as exc:
-        return NotReconstructed(f"the file could not be read ({exc.message})", scan.format)
-    except RecursionError:
-        return NotReconstructed("the pickle nests containers too deeply", scan.format)
+
+    return _guarded(scan.format, place)
 
 
 def reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False) -> Reconstruction | None:

@@ -63,18 +63,8 @@ _Reading: TypeAlias = (
     "_reconstruct.Reconstruction | _reconstruct.Inventory | _reconstruct.NotReconstructed")
 
 
-def read(path: str, scan: _scan.StaticScan | None = None) -> _Reading:
-    """The host's independent reading of the file: the plain reconstruction where it applies,
-    else the general inventory (or why there is none). Runs nothing; never raises for file
-    content."""
-    rec = _reconstruct.try_reconstruct(path, scan=scan)
-    if isinstance(rec, _reconstruct.Reconstruction):
-        return rec
-    return _reconstruct.try_inventory(path, scan=scan)
-
-
 class Reading:
-    """:func:`read` in a background thread, started while the sandbox loads the same file
+    """:func:`._reconstruct.read` in a background thread, started while the sandbox loads the same file
     (hashing the file's tensors then costs no wall-clock time); :meth:`result` waits."""
 
     def __init__(self, path: str, scan: _scan.StaticScan | None) -> None:
@@ -85,7 +75,7 @@ class Reading:
 
     def _run(self, path: str, scan: _scan.StaticScan | None) -> None:
         try:
-            self._result = read(path, scan)
+            self._result = _reconstruct.read(path, scan)
         except BaseException as exc:  # handed to the caller by result()
             self._result = exc
 
@@ -104,7 +94,7 @@ def weights(path: str, manifest: P.Manifest,
 
     ``scan``: the static stage's complete scan of the same file, when there is one (the file
     is not scanned again); ``reading``: that reading, already under way."""
-    got = reading.result() if reading is not None else read(path, scan)
+    got = reading.result() if reading is not None else _reconstruct.read(path, scan)
     if isinstance(got, _reconstruct.Reconstruction):
         return list(got.findings) + _reconstruct.compare_digests(
             got, _returned(manifest, tensors, got.tensors))
