@@ -15,6 +15,7 @@ import time
 import timeit
 from pathlib import Path
 
+import pytest
 import torch
 
 import sandbox
@@ -208,3 +209,33 @@ def test_a_small_zip_whose_record_inflates_far_is_not_clean(tmp_path: Path) -> N
     abuse = [f for f in report.findings if f.rule == "resource-abuse"]
     assert abuse and abuse[0].evidence["ratio"] > 200, report.findings
     assert report.verdict is not sandbox.Verdict.CLEAN
+
+
+class _Rearranged(dict):  # type: ignore[type-arg]
+    """Unpickles as ``dict.update(sd, {a: sd[b], b: sd[a]})`` on the state dict itself: the
+    loaded weights are all bytes the file stores, under swapped names."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], a: str, b: str) -> None:
+        super().__init__()
+        self.sd, self.a, self.b = sd, a, b
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (dict.update, (self.sd, {self.a: self.sd[self.b], self.b: self.sd[self.a]}))
+
+
+def test_weights_rearranged_while_loading_are_tampered(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    sd = {"layer1.weight": torch.randn(3, 3), "layer2.weight": torch.randn(3, 3)}
+    path = ck.save({"state_dict": sd, "hook": _Rearranged(sd, "layer1.weight", "layer2.weight")},
+                   tmp_path / "rearranged.pt")
+    # the swap runs under plain torch.load (a benign payload: this process may load it)
+    assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["layer1.weight"],
+                       sd["layer2.weight"])
+    report = sandbox.scan(path, policy=ck.observe_policy())
+    tampered = rules(report).get("weights-tampered")
+    assert tampered is not None and tampered.severity is sandbox.Severity.HIGH, report.findings
+    assert report.verdict is sandbox.Verdict.MALICIOUS
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(sandbox.SandboxViolation):
+        sandbox.convert(path, out)
+    assert not out.exists()

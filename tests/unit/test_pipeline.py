@@ -367,3 +367,30 @@ def test_shared_dedupe_writes_a_tie_once_and_records_it(tmp_path: Path, layout: 
         assert meta["model_sandbox.shared"] == mode
     with pytest.raises(ValueError, match="shared"):
         sandbox.convert(path, tmp_path / "x.safetensors", runner=runner, shared="nope")
+
+
+class SwappingRunner(FakeRunner):
+    """Replaces the file at the input's path while the load runs (an attacker with write access
+    to the directory): the host must keep verifying the file it handed over, by descriptor."""
+
+    def __init__(self, replacement: Path) -> None:
+        super().__init__()
+        self.replacement = replacement
+
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        target = os.readlink(f"/proc/self/fd/{job.input_fd}")
+        os.replace(self.replacement, target)
+        return super().run(spec, job)
+
+
+def test_the_host_verifies_the_file_it_handed_over_not_what_its_path_names_later(
+        tmp_path: Path) -> None:
+    sd = ck.state_dict()
+    path = ck.save(sd, tmp_path / "sd.pt", "legacy")  # verified after the load, by the host
+    other = ck.save({k: v + 1 for k, v in sd.items()}, tmp_path / "other.pt", "legacy")
+    report = sandbox.scan(path, runner=SwappingRunner(other))
+    rules = [f.rule for f in report.findings]
+    # the swap itself is noticed (the handed-over inode lost its name), and the weights are
+    # compared with that inode's records: a reading by path would call them tampered
+    assert "input-changed" in rules, rules
+    assert not any(r.startswith("weights-") for r in rules), rules
