@@ -65,6 +65,7 @@ __all__ = [
     "compare",
     "read",
     "reconstruct",
+    "row_major",
     "try_inventory",
     "try_place",
     "try_reconstruct",
@@ -1151,6 +1152,34 @@ def _tar_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
 # --------------------------------------------------------------------------------------------
 
 
+def _storage_copy(buf: _scan._Buf, start: int, size: int, swap_as: str | None) -> bytearray:
+    """A writable copy of a storage's bytes (torch.frombuffer needs one), byte-swapped by the
+    dtype ``swap_as`` of the record that created it when the archive is big-endian (as torch
+    does)."""
+    import torch
+
+    with memoryview(buf) as file_view:
+        with file_view[start:start + size] as region:
+            raw = bytearray(region)
+    unit = _swap_unit(swap_as) if swap_as is not None else 1
+    whole = len(raw) - len(raw) % unit
+    if unit > 1 and whole:
+        base = torch.frombuffer(raw, dtype=torch.uint8, count=whole)
+        base.view(-1, unit).copy_(base.view(-1, unit).flip(1))
+    return raw
+
+
+def row_major(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether a strided view's elements are one run in row-major order (size-1 dimensions
+    may have any stride)."""
+    step = 1
+    for d, s in zip(reversed(shape), reversed(stride), strict=True):
+        if d != 1 and s != step:
+            return False
+        step *= d
+    return True
+
+
 def _swap_unit(dtype: str) -> int:
     size = _element_size(dtype)
     return size // 2 if dtype.startswith("complex") else size
@@ -1170,17 +1199,7 @@ def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: _scan._
         by_root[t.storage.root].append((name, t))
     for root, uses in by_root.items():
         start, available, _claimed = layout.regions[root]
-        with memoryview(buf) as file_view:
-            with file_view[start:start + available] as region:
-                raw = bytearray(region)  # one copy: torch.frombuffer needs a writable buffer
-        if layout.swap:
-            # torch byte-swaps each storage by the dtype of the record that created it
-            unit = _swap_unit(uses[0][1].storage.dtype)
-            if unit > 1:
-                whole = len(raw) - len(raw) % unit
-                base = torch.frombuffer(raw, dtype=torch.uint8, count=whole) if whole else None
-                if base is not None:
-                    base.view(-1, unit).copy_(base.view(-1, unit).flip(1))
+        raw: bytearray | None = None  # the storage's bytes, copied only when torch needs them
         for name, t in uses:
             elem = _element_size(t.dtype)
             numel = 1
@@ -1199,8 +1218,21 @@ def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: _scan._
                     evidence={"tensor": name, "storage": root, "needs_bytes": last,
                               "has_bytes": window}))
                 continue
+            if numel and not keep_data and not layout.swap and not t.metadata and \
+                    row_major(t.shape, t.stride):
+                # the common case: the digest of the file's own bytes, with no copy and no torch
+                with memoryview(buf) as file_view:
+                    with file_view[start + first:start + last] as region:
+                        digest = hashlib.sha256(region).hexdigest()
+                tensors[name] = StaticTensor(
+                    name=name, dtype=t.dtype, shape=t.shape, stride=t.stride, storage_key=root,
+                    storage_offset=t.offset, sha256=digest, metadata=t.metadata)
+                continue
             dtype = getattr(torch, t.dtype)
             if numel:
+                if raw is None:
+                    raw = _storage_copy(buf, start, available,
+                                        uses[0][1].storage.dtype if layout.swap else None)
                 flat = torch.frombuffer(raw, dtype=torch.uint8, offset=first, count=last - first)
                 view = flat.view(dtype).as_strided(t.shape, t.stride, 0)
             else:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from . import _files
+from ._reconstruct import row_major
 from ._version import VERSION
 from ._worker import _protocol as P
 from .errors import OutputRejected
@@ -204,12 +205,7 @@ def _copy_placed(src: IO[bytes], fd: int, p: Placement) -> None:
         numel *= d
     if not numel:
         return
-    row_major: list[int] = []
-    step = 1
-    for d in reversed(p.shape):
-        row_major.insert(0, step)
-        step *= d
-    if all(d == 1 or s == r for d, s, r in zip(p.shape, p.stride, row_major, strict=True)):
+    if row_major(p.shape, p.stride):
         offset, left = p.file_offset, numel * size
         while left:
             n = os.copy_file_range(src.fileno(), fd, left, offset)
