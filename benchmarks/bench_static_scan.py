@@ -4,7 +4,7 @@ Writes benchmark checkpoints into a temporary directory (or ``--dir``), then tim
 and in this one process:
 
 * ``scan_file`` (throughput in MB/s of file size and in tensors/s);
-* ``sandbox._reconstruct.try_reconstruct`` (the static weight rebuild, hashes only);
+* ``sandbox._verify.reconstruct.try_reconstruct`` (the static weight rebuild, hashes only);
 * ``torch.load(weights_only=True)`` of the same file, the in-process baseline;
 
 and, when a separate benchmark interpreter is given (``--baseline-python`` or the
@@ -39,8 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sandbox._reconstruct import try_reconstruct  # noqa: E402  (after the path fix above)
 from sandbox._scan import scan_file  # noqa: E402
+from sandbox._verify.reconstruct import try_reconstruct  # noqa: E402  (after the path fix above)
 
 # Runs in the baseline interpreter: time one tool's scan of one file, print JSON.
 _BASELINE = r"""

@@ -48,7 +48,7 @@ from .report import Finding, LoadReport, Severity, Verdict
 if TYPE_CHECKING:
     import torch
 
-    from ._reconstruct import Placement
+    from ._verify.reconstruct import Placement
 
 __all__ = ["SHARED_MODES", "convert", "patch_torch", "safe_load", "scan"]
 
@@ -238,7 +238,7 @@ def _placed(report: LoadReport, manifest: P.Manifest, job: _launch.Job,
             static: _scan.StaticScan | None) -> tuple[P.Manifest, list[Placement]]:
     """The layout hand-off: the host places every tensor in the input itself and requires the
     sandbox's layout to agree exactly; returns the manifest the later stages use."""
-    from . import _reconstruct
+    from ._verify import reconstruct as _reconstruct
 
     placed = _reconstruct.try_place(f"/proc/self/fd/{job.input_fd}", static)
     if isinstance(placed, _reconstruct.NotReconstructed):

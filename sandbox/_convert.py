@@ -22,7 +22,7 @@ from .errors import OutputRejected, UnrepresentableObject
 if TYPE_CHECKING:
     import torch
 
-    from ._reconstruct import Placement
+    from ._verify.reconstruct import Placement
 
 _DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|meta|hpu|xla|privateuseone|ipu|mtia)(:\d{1,4})?$")
 

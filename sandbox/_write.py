@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from . import _files
-from ._reconstruct import row_major
+from ._verify.reconstruct import row_major
 from ._version import VERSION
 from ._worker import _protocol as P
 from .errors import OutputRejected
@@ -24,7 +24,7 @@ from .report import LoadReport
 if TYPE_CHECKING:
     import torch
 
-    from ._reconstruct import Placement
+    from ._verify.reconstruct import Placement
 
 __all__ = ["write_placed", "write_safetensors"]
 

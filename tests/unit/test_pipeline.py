@@ -297,7 +297,7 @@ def test_a_layout_that_disagrees_with_the_file_is_refused(tmp_path: Path, change
 
 def test_a_layout_the_host_cannot_place_goes_to_the_full_loader(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sandbox import _reconstruct
+    from sandbox._verify import reconstruct as _reconstruct
 
     path, sd = plain(tmp_path)
     monkeypatch.setattr(_reconstruct, "try_place",

@@ -1,4 +1,4 @@
-"""Static reconstruction of plain state_dicts (sandbox._reconstruct) and the weight-tamper check.
+"""Static reconstruction of plain state_dicts (sandbox._verify.reconstruct) and the weight-tamper check.
 
 Every benign fixture is written with ``torch.save`` (or by hand for the legacy tar format) and
 the reconstruction is held against ``torch.load`` of the same file, bit for bit, and against
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from sandbox import _convert
-from sandbox._reconstruct import (
+from sandbox._verify.reconstruct import (
     NotReconstructed,
     Reconstruction,
     StaticTensor,

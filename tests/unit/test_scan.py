@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from sandbox import _scan
+from sandbox._formats import pickle_ops
 from sandbox._scan import (
     GlobalRef,
     MalformedStream,
@@ -535,7 +536,7 @@ def test_malformed_storage_record() -> None:
 
 
 def test_opcode_table_matches_pickletools() -> None:
-    assert _scan._OP_PROTO == {op.code.encode("latin-1")[0]: op.proto for op in pickletools.opcodes}
+    assert pickle_ops.OP_PROTO == {op.code.encode("latin-1")[0]: op.proto for op in pickletools.opcodes}
 
 
 def test_pickletools_agrees_on_the_stream_end() -> None:

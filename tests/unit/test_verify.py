@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from sandbox import _reconstruct, _verify
+from sandbox import _verify
+from sandbox._verify import reconstruct as _reconstruct
 from sandbox._worker import _protocol as P
 from sandbox._worker._extract import extract
 from sandbox.report import Severity

@@ -48,10 +48,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _scan
-from ._worker import _protocol as P
-from .errors import MalformedInput
-from .report import Finding, Severity
+from sandbox import _scan
+from sandbox._formats import npy, tar_archive
+from sandbox._formats.buffer import Buf, open_buffer
+from sandbox._formats.pickle_ops import BIG_INT, LEGACY_MAGIC, Fault, resolve_name, step, text
+from sandbox._formats.zip_archive import ZipEntry, find_zip, torch_target
+from sandbox._scan.globals import STORAGE_TYPES
+from sandbox._worker import _protocol as P
+from sandbox.errors import MalformedInput
+from sandbox.report import Finding, Severity
 
 if TYPE_CHECKING:
     import torch
@@ -268,7 +273,7 @@ def _element_size(dtype: str) -> int:
 def _storage_type(name: str) -> _StorageType | None:
     """torch's unpickler maps any global whose name contains ``Storage`` to a storage type."""
     base = name.rsplit(".", 1)[-1]
-    entry = _scan._STORAGE_TYPES.get(base)
+    entry = STORAGE_TYPES.get(base)
     if entry is None:
         return None
     return _StorageType(base, entry[0])
@@ -471,7 +476,7 @@ def _harmless_state(state: object) -> bool:
 
 
 def _resolve_global(module: str, name: str, proto: int, budget: _Budget) -> object:
-    module, name = _scan._resolve_name(module, name, proto)
+    module, name = resolve_name(module, name, proto)
     if module == "torch.tensor":  # torch's load_module_mapping
         module = "torch._tensor"
     if "Storage" in name:
@@ -492,30 +497,26 @@ def _resolve_global(module: str, name: str, proto: int, budget: _Budget) -> obje
     raise _Unsupported(f"the pickle imports {full}, which a plain state_dict does not need")
 
 
-def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | None,
+def _evaluate(buf: Buf, start: int, end: int, persistent: _Persistent | None,
               budget: _Budget) -> tuple[object, int]:
     """Evaluate one pickle stream in ``buf[start:end]``; returns (value, offset after STOP).
 
     Raises ``_Unsupported`` for anything a plain ``torch.save`` of a state_dict does not write
     and for every error the real unpickler would raise.
     """
+    try:
+        return _interpret(buf, start, end, persistent, budget)
+    except Fault as exc:
+        raise _Unsupported(exc.message) from None
+
+
+def _interpret(buf: Buf, pos: int, end: int, persistent: _Persistent | None,
+               budget: _Budget) -> tuple[object, int]:
+    """The reconstruction's interpreter over the shared opcode decoder (see :func:`_evaluate`)."""
+    proto = 0
     stack: list[object] = []
     marks: list[int] = []
     memo: dict[int, object] = {}
-    proto = 0
-    pos = start
-
-    def need(n: int) -> int:
-        nonlocal pos
-        if n < 0 or pos + n > end:
-            raise _Unsupported("pickle data is truncated")
-        at = pos
-        pos += n
-        return at
-
-    def uint(n: int) -> int:
-        at = need(n)
-        return int.from_bytes(buf[at:at + n], "little")
 
     def fence() -> int:
         return marks[-1] if marks else 0
@@ -537,12 +538,6 @@ def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | N
         items = stack[k:]
         del stack[k:]
         return items
-
-    def text(raw: bytes) -> str:
-        try:
-            return raw.decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            raise _Unsupported("invalid UTF-8 in a pickle string") from None
 
     def put(idx: int) -> None:
         if idx not in memo and len(memo) >= _MAX_MEMO:
@@ -571,21 +566,16 @@ def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | N
                 target[_Opaque("<key>", [items[i]])] = items[i + 1]
 
     while True:
-        if pos >= end:
-            raise _Unsupported("pickle data ended before its STOP opcode")
         budget.ops += 1
         if budget.ops > _MAX_OPS:
             raise _Unsupported(f"more than {_MAX_OPS} pickle opcodes")
         if not budget.ops & 0xFFFF and time.monotonic() > budget.deadline:
             raise _Unsupported("time budget exhausted")
-        op = buf[pos]
-        pos += 1
+        op, arg, pos = step(buf, pos, end)
         if op == 0x80:  # PROTO
-            proto = uint(1)
-            if proto > 5:
-                raise _Unsupported(f"pickle protocol {proto}")
-        elif op == 0x95:  # FRAME
-            uint(8)
+            proto = arg
+        elif op == 0x95:  # FRAME: a length the unpickler does not need
+            pass
         elif op == 0x2E:  # STOP
             return pop(), pos
         elif op == 0x28:  # MARK
@@ -623,55 +613,29 @@ def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | N
             if len(items) % 2:
                 raise _Unsupported("odd number of items for SETITEMS")
             setitems(top(), items)
-        elif op == 0x61:  # APPEND
-            value = pop()
-            target = top()
-            if budget.general and isinstance(target, _Opaque):
-                target.parts.append(value)
-            elif not isinstance(target, list):
-                raise _Unsupported("APPEND to something that is not a list")
-            else:
-                target.append(value)
-        elif op == 0x65:  # APPENDS
-            items = pop_mark()
+        elif op == 0x61 or op == 0x65:  # APPEND / APPENDS
+            items = [pop()] if op == 0x61 else pop_mark()
             target = top()
             if budget.general and isinstance(target, _Opaque):
                 target.parts.extend(items)
             elif not isinstance(target, list):
-                raise _Unsupported("APPENDS to something that is not a list")
+                raise _Unsupported("APPEND(S) to something that is not a list")
             else:
                 target.extend(items)
-        elif op == 0x71:  # BINPUT
-            put(uint(1))
-        elif op == 0x72:  # LONG_BINPUT
-            put(uint(4))
+        elif op == 0x71 or op == 0x72:  # BINPUT / LONG_BINPUT
+            put(arg)
         elif op == 0x94:  # MEMOIZE
             put(len(memo))
-        elif op in (0x68, 0x6A):  # BINGET / LONG_BINGET
-            idx = uint(1 if op == 0x68 else 4)
-            if idx not in memo:
-                raise _Unsupported(f"memo value not found at index {idx}")
-            stack.append(memo[idx])
-        elif op == 0x4B:  # BININT1
-            stack.append(uint(1))
-        elif op == 0x4D:  # BININT2
-            stack.append(uint(2))
-        elif op == 0x4A:  # BININT
-            at = need(4)
-            stack.append(int.from_bytes(buf[at:at + 4], "little", signed=True))
-        elif op in (0x8A, 0x8B):  # LONG1 / LONG4
-            if op == 0x8A:
-                n = uint(1)
-            else:
-                at = need(4)
-                n = int.from_bytes(buf[at:at + 4], "little", signed=True)
-            if n > 64:
+        elif op == 0x68 or op == 0x6A:  # BINGET / LONG_BINGET
+            if arg not in memo:
+                raise _Unsupported(f"memo value not found at index {arg}")
+            stack.append(memo[arg])
+        elif op in (0x4B, 0x4D, 0x4A, 0x47):  # BININT1 / BININT2 / BININT / BINFLOAT
+            stack.append(arg)
+        elif op == 0x8A or op == 0x8B:  # LONG1 / LONG4
+            if arg is BIG_INT:
                 raise _Unsupported("integer literal longer than 64 bytes")
-            at = need(n)
-            stack.append(int.from_bytes(buf[at:at + n], "little", signed=True))
-        elif op == 0x47:  # BINFLOAT
-            at = need(8)
-            stack.append(struct.unpack(">d", buf[at:at + 8])[0])
+            stack.append(arg)
         elif op == 0x4E:  # NONE
             stack.append(None)
         elif op == 0x88:  # NEWTRUE
@@ -679,21 +643,11 @@ def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | N
         elif op == 0x89:  # NEWFALSE
             stack.append(False)
         elif op in (0x58, 0x8C, 0x8D):  # BINUNICODE / SHORT_BINUNICODE / BINUNICODE8
-            n = uint(4 if op == 0x58 else (1 if op == 0x8C else 8))
-            at = need(n)
-            stack.append(text(bytes(buf[at:at + n])))
+            stack.append(text(buf, arg))
         elif op in (0x42, 0x43, 0x8E):  # BINBYTES / SHORT_BINBYTES / BINBYTES8
-            n = uint(4 if op == 0x42 else (1 if op == 0x43 else 8))
-            at = need(n)
-            stack.append(bytes(buf[at:at + n]))
+            stack.append(bytes(buf[arg[0]:arg[1]]))
         elif op == 0x63:  # GLOBAL
-            nl1 = buf.find(b"\n", pos, end)
-            nl2 = buf.find(b"\n", nl1 + 1, end) if nl1 >= 0 else -1
-            if nl2 < 0:
-                raise _Unsupported("GLOBAL argument without newline")
-            module, name = text(bytes(buf[pos:nl1])), text(bytes(buf[nl1 + 1:nl2]))
-            pos = nl2 + 1
-            stack.append(_resolve_global(module, name, proto, budget))
+            stack.append(_resolve_global(arg[0], arg[1], proto, budget))
         elif op == 0x93:  # STACK_GLOBAL
             name_v = pop()
             module_v = pop()
@@ -729,23 +683,13 @@ def _evaluate(buf: _scan._Buf, start: int, end: int, persistent: _Persistent | N
         elif budget.general and op in _GENERAL_OPS:
             _general_op(op, stack, pop, pop_mark, budget)
         elif budget.general and op == 0x69:  # INST module\nname\n, MARK args
-            nl1 = buf.find(b"\n", pos, end)
-            nl2 = buf.find(b"\n", nl1 + 1, end) if nl1 >= 0 else -1
-            if nl2 < 0:
-                raise _Unsupported("INST argument without newline")
-            full = text(bytes(buf[pos:nl1])) + "." + text(bytes(buf[nl1 + 1:nl2]))
-            pos = nl2 + 1
-            stack.append(_Opaque(full, pop_mark()))
+            stack.append(_Opaque(f"{arg[0]}.{arg[1]}", pop_mark()))
         elif budget.general and op in (0x55, 0x54):  # SHORT_BINSTRING / BINSTRING
-            n = uint(1 if op == 0x55 else 4)
-            at = need(n)
-            stack.append(bytes(buf[at:at + n]).decode("latin-1"))
+            stack.append(bytes(buf[arg[0]:arg[1]]).decode("latin-1"))
         elif budget.general and op == 0x96:  # BYTEARRAY8
-            n = uint(8)
-            at = need(n)
-            stack.append(bytearray(buf[at:at + n]))
+            stack.append(bytearray(bytes(buf[arg[0]:arg[1]])))
         elif budget.general and op in (0x82, 0x83, 0x84):  # EXT1/2/4: copyreg's registry
-            stack.append(_Global(f"<extension {uint(1 << (op - 0x82) if op < 0x84 else 4)}>"))
+            stack.append(_Global(f"<extension {arg}>"))
         else:
             raise _Unsupported(f"pickle opcode 0x{op:02x} is not one torch.save writes for a "
                                "state_dict")
@@ -915,24 +859,24 @@ def _storage_claims(claims: dict[object, _Storage], key: object, stype: object, 
     return storage
 
 
-def _zip_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
-    z = _scan._find_zip(buf)
+def _zip_layout(buf: Buf, budget: _Budget) -> _Layout:
+    z = find_zip(buf)
     if z is None or z.shift:
         raise _Unsupported("the zip directory cannot be located unambiguously")
-    target, matches, prefix = _scan._torch_target(z.entries)
+    target, matches, prefix = torch_target(z.entries)
     if target is None or prefix is None or len(matches) != 1:
         raise _Unsupported("no single <prefix>/data.pkl")
-    by_name: dict[bytes, list[_scan._ZipEntry]] = {}
+    by_name: dict[bytes, list[ZipEntry]] = {}
     for e in z.entries:
         by_name.setdefault(e.name.lower(), []).append(e)
 
-    def record(name: str) -> _scan._ZipEntry | None:
+    def record(name: str) -> ZipEntry | None:
         found = by_name.get((prefix + b"/" + name.encode()).lower(), [])
         if len(found) > 1:
             raise _Unsupported(f"more than one zip member is named {name}")
         return found[0] if found else None
 
-    def stored(e: _scan._ZipEntry) -> tuple[int, int]:
+    def stored(e: ZipEntry) -> tuple[int, int]:
         if e.method != 0:
             raise _Unsupported(f"zip member {e.text} is compressed (method {e.method}); torch's "
                                "mmap reader would use its compressed bytes")
@@ -973,10 +917,10 @@ def _zip_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
     return out
 
 
-def _legacy_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
+def _legacy_layout(buf: Buf, budget: _Budget) -> _Layout:
     size = len(buf)
     magic, p = _evaluate(buf, 0, size, None, budget)
-    if magic != _scan._LEGACY_MAGIC:
+    if magic != LEGACY_MAGIC:
         raise _Unsupported("legacy file does not start with torch's magic number")
     version, p = _evaluate(buf, p, size, None, budget)
     if version != _LEGACY_PROTOCOL_VERSION:
@@ -1046,8 +990,8 @@ def _legacy_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
     return out
 
 
-def _tar_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
-    members, odd, capped = _scan._tar_members(buf)
+def _tar_layout(buf: Buf, budget: _Budget) -> _Layout:
+    members, odd, capped = tar_archive.members(buf)
     if odd or capped:
         raise _Unsupported("the tar archive has members that are not plain files")
     for name in ("storages", "tensors", "pickle"):
@@ -1152,7 +1096,7 @@ def _tar_layout(buf: _scan._Buf, budget: _Budget) -> _Layout:
 # --------------------------------------------------------------------------------------------
 
 
-def _storage_copy(buf: _scan._Buf, start: int, size: int, swap_as: str | None) -> bytearray:
+def _storage_copy(buf: Buf, start: int, size: int, swap_as: str | None) -> bytearray:
     """A writable copy of a storage's bytes (torch.frombuffer needs one), byte-swapped by the
     dtype ``swap_as`` of the record that created it when the archive is big-endian (as torch
     does)."""
@@ -1185,11 +1129,11 @@ def _swap_unit(dtype: str) -> int:
     return size // 2 if dtype.startswith("complex") else size
 
 
-def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: _scan._Buf, fmt: str,
+def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: Buf, fmt: str,
                  *, keep_data: bool) -> Reconstruction:
     import torch
 
-    from ._convert import tensor_digest
+    from sandbox._convert import tensor_digest
 
     findings = list(layout.findings)
     unreadable: set[str] = set()
@@ -1268,7 +1212,7 @@ def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: _scan._
 # Entry points
 # --------------------------------------------------------------------------------------------
 
-_LAYOUTS: dict[str, Callable[[_scan._Buf, _Budget], _Layout]] = {
+_LAYOUTS: dict[str, Callable[[Buf, _Budget], _Layout]] = {
     "torch-zip": _zip_layout, "torch-legacy": _legacy_layout, "torch-tar": _tar_layout,
 }
 
@@ -1361,7 +1305,7 @@ def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
                                 + ", ".join(tricks) + "); the file has no single reading", fmt)
 
     def rebuild() -> Reconstruction:
-        with _scan._open_buffer(path) as buf:
+        with open_buffer(path) as buf:
             layout = _LAYOUTS[fmt](buf, _Budget())
             return _materialise(layout, _named(layout.value), buf, fmt, keep_data=keep_data)
 
@@ -1429,12 +1373,12 @@ def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool,
     return name, tuple(shape), hashlib.sha256(native.reshape(-1).view(np.uint8).data).hexdigest()
 
 
-def _npy_digests(buf: _scan._Buf, start: int, end: int, label: str,
+def _npy_digests(buf: Buf, start: int, end: int, label: str,
                  budget: _Budget) -> list[Digest]:
     """A ``.npy`` record: its array's digest, or (an object array) what its pickle builds."""
-    header, data_at = _scan._npy_header(buf, start, end, label)
+    header, data_at = npy.header(buf, start, end, label)
     descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
-    if _scan._descr_has_object(descr):
+    if npy.descr_has_object(descr):
         _evaluate(buf, data_at, end, None, budget)
         return []  # the arrays and tensors it built are in budget.made
     if not isinstance(descr, str) or not isinstance(fortran, bool) or \
@@ -1489,7 +1433,7 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
         budget = _Budget(general=True)
         digests: list[Digest] = []
         findings: list[Finding] = []
-        with _scan._open_buffer(path) as buf:
+        with open_buffer(path) as buf:
             if fmt in _LAYOUTS:
                 layout = _LAYOUTS[fmt](buf, budget)
                 findings += layout.findings
@@ -1565,7 +1509,7 @@ def try_place(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
         return NotReconstructed("not a plain state dict without tricks", scan.format)
 
     def place() -> list[Placement]:
-        with _scan._open_buffer(path) as buf:
+        with open_buffer(path) as buf:
             layout = _zip_layout(buf, _Budget())
             if layout.swap or layout.findings:
                 raise _Unsupported("a big-endian archive, or records of unexpected sizes")
@@ -1608,7 +1552,7 @@ def compare(reconstruction: Reconstruction, tensors: Mapping[str, torch.Tensor])
 
     ``tensors`` is what the host read back from the sandbox (``_convert.load_tensors``: names
     as the worker gives them, views included). See :func:`compare_digests`."""
-    from ._convert import tensor_digest
+    from sandbox._convert import tensor_digest
 
     actual: dict[str, Actual] = {}
     for name, got in tensors.items():

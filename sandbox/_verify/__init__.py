@@ -4,10 +4,10 @@
   run (a file swapped under the sandbox is an error, not a load);
 * the weights the loader returned are the weights the file holds. For plain state_dicts the
   tensors are rebuilt from the archive's records without any unpickler
-  (:func:`._reconstruct.try_reconstruct`) and compared name by name, so a pickle that changes
+  (:func:`.reconstruct.try_reconstruct`) and compared name by name, so a pickle that changes
   weights while it loads (Sleepy Pickle) is caught (``weights-tampered``). For everything else
   (objects of any class, optimizer states, numpy arrays) the general reading
-  (:func:`._reconstruct.try_inventory`) lists every tensor the file describes, and each tensor
+  (:func:`.reconstruct.try_inventory`) lists every tensor the file describes, and each tensor
   the loader returned must be one of them; one that is not was computed while loading and is
   ``weights-unverified`` (which ``safe_load(weights_only=True)`` and ``convert`` refuse);
 * (tensor bytes against the manifest are checked while reading them, in ``_convert``).
@@ -19,9 +19,10 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from . import _reconstruct, _scan
-from ._worker import _protocol as P
-from .report import Finding, Severity
+from sandbox import _scan
+from sandbox._verify import reconstruct as _reconstruct
+from sandbox._worker import _protocol as P
+from sandbox.report import Finding, Severity
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +53,7 @@ def _returned(manifest: P.Manifest, tensors: Mapping[str, torch.Tensor] | None,
         digest = None
         if tensors is not None and v.name in tensors and \
                 (want_view is None or v.name in want_view):
-            from ._convert import tensor_digest
+            from sandbox._convert import tensor_digest
 
             digest = tensor_digest(tensors[v.name])
         actual[v.name] = (v.dtype, v.shape, digest)
@@ -64,7 +65,7 @@ _Reading: TypeAlias = (
 
 
 class Reading:
-    """:func:`._reconstruct.read` in a background thread, started while the sandbox loads the same file
+    """:func:`.reconstruct.read` in a background thread, started while the sandbox loads the same file
     (hashing the file's tensors then costs no wall-clock time); :meth:`result` waits."""
 
     def __init__(self, path: str, scan: _scan.StaticScan | None) -> None:

@@ -1,0 +1,62 @@
+"""The JSON header of a SafeTensors file: recognised, and checked against the data length."""
+
+from __future__ import annotations
+
+import json
+
+from sandbox.errors import MalformedInput
+
+from .buffer import Buf, u64
+
+MAX_HEADER = 100_000_000
+
+DTYPES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+    "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+
+
+def looks_like(buf: Buf) -> bool:
+    if len(buf) < 10:
+        return False
+    n = u64(buf, 0)
+    if not (2 <= n <= min(MAX_HEADER, len(buf) - 8) and buf[8] == 0x7B):
+        return False
+    try:
+        return isinstance(json.loads(bytes(buf[8:8 + n]).decode("utf-8")), dict)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+
+
+def check(buf: Buf) -> None:
+    n = u64(buf, 0)
+    try:
+        header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise MalformedInput(f"safetensors header is not JSON: {exc}", offset=8) from None
+    if not isinstance(header, dict):
+        raise MalformedInput("safetensors header is not a JSON object", offset=8)
+    data_len = len(buf) - 8 - n
+    for key, spec in header.items():
+        if key == "__metadata__":
+            if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+                raise MalformedInput("safetensors __metadata__ must map strings to strings", offset=8)
+            continue
+        if not isinstance(spec, dict):
+            raise MalformedInput(f"safetensors entry {key!r} is not an object", offset=8)
+        dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise MalformedInput(f"safetensors entry {key!r} has unknown dtype {dtype!r}", offset=8)
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                  and d >= 0 for d in shape):
+            raise MalformedInput(f"safetensors entry {key!r} has an invalid shape", offset=8)
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise MalformedInput(f"safetensors entry {key!r} has invalid data_offsets", offset=8)
+        count = 1
+        for d in shape:
+            count *= d
+        if count * DTYPES[dtype] != offsets[1] - offsets[0]:
+            raise MalformedInput(f"safetensors entry {key!r}: shape and byte range disagree",
+                                 offset=8)
