@@ -108,7 +108,7 @@ class FakeRunner:
 
 class Fake(FakeRunner):
     """FakeRunner that plays a hostile load (the input swapped under the sandbox, as in
-    test_pipeline) for inputs named ``evil*``, and remembers every input it was given."""
+    test_api) for inputs named ``evil*``, and remembers every input it was given."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Batch conversion without a daemon: the fake runner of test_pipeline plays the container."""
+"""Batch conversion without a daemon: the fake runner of tests/fakes.py plays the container."""
 
 from __future__ import annotations
 

@@ -91,3 +91,36 @@ def test_host_never_unpickles() -> None:
                                                                      "dill", "joblib"):
                 names = {a.name for a in node.names}
                 assert not names & {"load", "loads", "Unpickler"}, f"{path.name} imports {names}"
+
+
+def test_every_package_directory_is_installed() -> None:
+    """A wheel holds the packages pyproject.toml lists: each directory of ``sandbox`` with an
+    ``__init__.py`` must be one of them (an editable install would hide the omission)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT.parent).parts) for p in ROOT.rglob("__init__.py")
+               if "__pycache__" not in p.parts}
+    assert on_disk <= listed, f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    """Modules share what they export: ``from sandbox.x import _name`` (a private function,
+    class or constant of another module, not a private submodule) is not used."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        package = path.parent.relative_to(ROOT.parent).parts
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = list(package[:len(package) - node.level + 1]) if node.level else []
+            module = base + (node.module.split(".") if node.module else [])
+            if not module or module[0] != "sandbox":
+                continue
+            where = ROOT.parent.joinpath(*module)
+            for alias in node.names:
+                submodule = (where / alias.name).is_dir() or (where / f"{alias.name}.py").exists()
+                if alias.name.startswith("_") and not submodule:
+                    offenders.append(f"{path.relative_to(ROOT)}: {'.'.join(module)}.{alias.name}")
+    assert not offenders, offenders
