@@ -26,7 +26,7 @@ from sandbox.report import Severity
 
 from .globals import JOBLIB_WRAPPERS, STORAGE_TYPES
 from .results import StorageRecord
-from .walker import Ctx, Global, Invalid, LimitExceeded, Truncated, WalkOut, walk
+from .walker import Ctx, Global, Invalid, LimitExceeded, Truncated, WalkOut, walk, walk_quietly
 
 _MAX_TRAILING_STREAMS = 16
 
@@ -400,14 +400,7 @@ def _trailing(ctx: Ctx, buf: Buf, p: int, member: str) -> None:
     for _ in range(_MAX_TRAILING_STREAMS):
         if p >= size or not pickle_like(bytes(buf[p:p + 2])):
             return
-        label = f"{member}@{p}"
-        saved = ctx.mark()
-        try:
-            p = walk(ctx, buf, p, size, label).end
-        except (Truncated, Invalid):
-            if len(ctx.refs) == saved[0]:
-                ctx.rollback(saved)
+        out = walk_quietly(ctx, buf, p, size, f"{member}@{p}")
+        if out is None:
             return
-        except LimitExceeded as exc:
-            ctx.limit(label, exc)
-            return
+        p = out.end

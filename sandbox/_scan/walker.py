@@ -290,14 +290,9 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
                     member=name, offset=rel)
             return
         saved = ctx.mark()
-        try:
-            walk(ctx, data, a, b, name, nest=nest + 1)
-        except (Truncated, Invalid):
-            if len(ctx.refs) == saved[0]:
-                ctx.rollback(saved)
-                return
-        except LimitExceeded as exc:
-            ctx.limit(name, exc)
+        if walk_quietly(ctx, data, a, b, name, nest=nest + 1) is None and \
+                len(ctx.pickles) == saved[3]:
+            return  # not a pickle after all: rolled back
         # Hiding a pickle inside a pickle is evasion when what it hides is not plain data; a
         # nested stream of allowlisted globals is how torch pickles storages (legacy bytes
         # handed to torch.storage._load_from_bytes), so that is only noted.
@@ -579,6 +574,22 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
     except Fault as exc:
         at(exc, op_off - start)
         raise
+
+
+def walk_quietly(ctx: Ctx, buf: Buf, start: int, end: int, label: str, *,
+                 nest: int = 0) -> WalkOut | None:
+    """:func:`walk` over bytes that may not be a pickle at all (a constant that starts like
+    one, data after a stream): a fault that found no global leaves no trace (rolled back), one
+    that did keeps what it found; a limit is a finding. ``None`` unless it reached STOP."""
+    saved = ctx.mark()
+    try:
+        return walk(ctx, buf, start, end, label, nest=nest)
+    except (Truncated, Invalid):
+        if len(ctx.refs) == saved[0]:
+            ctx.rollback(saved)
+    except LimitExceeded as exc:
+        ctx.limit(label, exc)
+    return None
 
 
 # operands that make STACK_GLOBAL fail in the unpickler (anything else may be a str at run time)

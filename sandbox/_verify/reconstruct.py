@@ -170,26 +170,20 @@ class _Unsupported(Exception):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True, eq=False)
 class _Global:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
+    name: str
 
 
+@dataclass(slots=True, eq=False)
 class _StorageType:
-    __slots__ = ("dtype", "name")
-
-    def __init__(self, name: str, dtype: str) -> None:
-        self.name = name
-        self.dtype = dtype
+    name: str
+    dtype: str
 
 
+@dataclass(slots=True, eq=False)
 class _Dtype:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
+    name: str
 
 
 class _Storage:
