@@ -215,6 +215,16 @@ def prove_live(path: Path, env: dict[str, str] | None = None, timeout: float = 1
     return proc.stdout
 
 
+def prove_marker(path: Path, marker: Path, content: str | None = None) -> None:
+    """:func:`prove_live` for a payload that leaves ``marker``: it must appear (with
+    ``content``, when given) under a plain load, and is removed again for the sandboxed run."""
+    prove_live(path)
+    assert marker.exists(), "the payload is not live"
+    if content is not None:
+        assert marker.read_text() == content
+    marker.unlink()
+
+
 def code_payload(code: str) -> Reduce:
     """Runs the statements in ``code`` (try/except allowed) and becomes the value they leave in
     ``result``: ``eval("exec(code, g) or g['result']")`` with plain-data arguments."""

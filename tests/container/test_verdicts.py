@@ -33,9 +33,7 @@ def test_code_run_through_an_unlisted_stdlib_callable_is_not_clean(tmp_path: Pat
     stmt = f"open({str(marker)!r}, 'w').write('ran')"
     path = ck.save(ck.hostile_checkpoint(ck.Reduce(timeit.timeit, stmt, "pass", time.perf_counter, 1)),
                    tmp_path / "timeit.pt")
-    ck.prove_live(path)
-    assert marker.exists(), "the payload is not live"
-    marker.unlink()
+    ck.prove_marker(path, marker)
     report = sandbox.scan(path, policy=ck.observe_policy())
     assert not marker.exists()
     code = [f for f in report.findings if f.rule == "code-execution"]
@@ -54,9 +52,7 @@ def test_a_file_written_in_the_sandbox_scratch_space_is_a_finding(tmp_path: Path
     target = tmp_path / "marker-copy"
     path = ck.save(ck.hostile_checkpoint(ck.Reduce(shutil.copyfile, "/etc/hostname", str(target))),
                    tmp_path / "copy.pt")
-    ck.prove_live(path)
-    assert target.exists(), "the payload is not live"
-    target.unlink()
+    ck.prove_marker(path, target)
     report = sandbox.scan(path, policy=ck.observe_policy())
     assert not target.exists()
     writes = [f for f in report.findings if f.rule == "file-write"]
