@@ -173,6 +173,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
             loaded.error.report = report
         yield loaded
     finally:
+        if loaded.reading is not None:
+            loaded.reading.cancel()  # finished when its result was used; else no longer wanted
         if run is not None:
             run.close()
         if input_fd >= 0:

@@ -70,15 +70,21 @@ class Reading:
 
     def __init__(self, path: str, scan: _scan.StaticScan | None) -> None:
         self._result: _Reading | BaseException | None = None
+        self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(path, scan), daemon=True,
                                         name="model-sandbox-verify")
         self._thread.start()
 
     def _run(self, path: str, scan: _scan.StaticScan | None) -> None:
         try:
-            self._result = _reconstruct.read(path, scan)
+            self._result = _reconstruct.read(path, scan, cancel=self._cancel)
         except BaseException as exc:  # handed to the caller by result()
             self._result = exc
+
+    def cancel(self) -> None:
+        """The result is no longer wanted (the load failed or was refused): the thread stops
+        at its next check instead of hashing the rest of the file. Does not wait."""
+        self._cancel.set()
 
     def result(self) -> _Reading:
         self._thread.join()

@@ -43,6 +43,7 @@ import hashlib
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ __all__ = [
 
 _MAX_OPS = 50_000_000
 _MAX_MEMO = 5_000_000
+CANCELLED = "the reading was cancelled: its result is no longer wanted"
 _TIME_BUDGET_S = 300.0
 _MAX_EVIDENCE = 20  # tensors named in one finding
 
@@ -283,11 +285,19 @@ class _Budget:
     :func:`try_inventory`): any global is an inert stand-in, and every tensor and numpy array
     the pickle builds is recorded in ``made``."""
 
-    def __init__(self, *, general: bool = False) -> None:
+    def __init__(self, *, general: bool = False, cancel: threading.Event | None = None) -> None:
         self.ops = 0
         self.deadline = time.monotonic() + _TIME_BUDGET_S
         self.general = general
         self.made: list[_Tensor | _NpArray] = []
+        self.cancel = cancel
+
+    def check(self) -> None:
+        """Raise when the time budget is spent or the caller no longer wants the reading."""
+        if time.monotonic() > self.deadline:
+            raise _Unsupported("time budget exhausted")
+        if self.cancel is not None and self.cancel.is_set():
+            raise _Unsupported(CANCELLED)
 
 
 def _is_int(v: object) -> bool:
@@ -563,8 +573,8 @@ def _interpret(buf: Buf, pos: int, end: int, persistent: _Persistent | None,
         budget.ops += 1
         if budget.ops > _MAX_OPS:
             raise _Unsupported(f"more than {_MAX_OPS} pickle opcodes")
-        if not budget.ops & 0xFFFF and time.monotonic() > budget.deadline:
-            raise _Unsupported("time budget exhausted")
+        if not budget.ops & 0xFFFF:
+            budget.check()
         op, arg, pos = step(buf, pos, end)
         if op == 0x80:  # PROTO
             proto = arg
@@ -1124,7 +1134,7 @@ def _swap_unit(dtype: str) -> int:
 
 
 def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: Buf, fmt: str,
-                 *, keep_data: bool) -> Reconstruction:
+                 *, keep_data: bool, budget: _Budget) -> Reconstruction:
     import torch
 
     from sandbox._convert import tensor_digest
@@ -1136,6 +1146,7 @@ def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: Buf, fm
     for name, t in named:
         by_root[t.storage.root].append((name, t))
     for root, uses in by_root.items():
+        budget.check()
         start, available, _claimed = layout.regions[root]
         raw: bytearray | None = None  # the storage's bytes, copied only when torch needs them
         for name, t in uses:
@@ -1256,20 +1267,23 @@ def _guarded(fmt: str, read: Callable[[], _R]) -> _R | NotReconstructed:
         return NotReconstructed("the pickle nests containers too deeply", fmt)
 
 
-def read(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
-         ) -> Reconstruction | Inventory | NotReconstructed:
+def read(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None,
+         cancel: threading.Event | None = None) -> Reconstruction | Inventory | NotReconstructed:
     """The host's independent reading of the file: the plain reconstruction where it applies,
     else the general inventory (or why there is none), from one static scan. Runs nothing;
-    never raises for file content."""
+    never raises for file content. Setting ``cancel`` ends it soon after (the reason is then
+    :data:`CANCELLED`)."""
     scanned = _scanned(path, scan)
     if isinstance(scanned, NotReconstructed):
         return scanned
-    rec = try_reconstruct(path, scan=scanned)
-    return rec if isinstance(rec, Reconstruction) else try_inventory(path, scan=scanned)
+    rec = try_reconstruct(path, scan=scanned, cancel=cancel)
+    return rec if isinstance(rec, Reconstruction) else \
+        try_inventory(path, scan=scanned, cancel=cancel)
 
 
 def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
-                    scan: _scan.StaticScan | None = None) -> Reconstruction | NotReconstructed:
+                    scan: _scan.StaticScan | None = None,
+                    cancel: threading.Event | None = None) -> Reconstruction | NotReconstructed:
     """Rebuild every tensor of a plain state_dict at ``path`` from the file's raw records.
 
     Runs :func:`sandbox._scan.scan_file` first: the file must be a torch zip, legacy or legacy
@@ -1299,9 +1313,11 @@ def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
                                 + ", ".join(tricks) + "); the file has no single reading", fmt)
 
     def rebuild() -> Reconstruction:
+        budget = _Budget(cancel=cancel)
         with open_buffer(path) as buf:
-            layout = _LAYOUTS[fmt](buf, _Budget())
-            return _materialise(layout, _named(layout.value), buf, fmt, keep_data=keep_data)
+            layout = _LAYOUTS[fmt](buf, budget)
+            return _materialise(layout, _named(layout.value), buf, fmt, keep_data=keep_data,
+                                budget=budget)
 
     return _guarded(fmt, rebuild)
 
@@ -1407,8 +1423,8 @@ def _npz_digests(path: str | os.PathLike[str], budget: _Budget) -> list[Digest]:
     return out
 
 
-def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
-                  ) -> Inventory | NotReconstructed:
+def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None,
+                  cancel: threading.Event | None = None) -> Inventory | NotReconstructed:
     """The general reading of the file at ``path`` (see :class:`Inventory`), or why there is
     none: a format without one, a container or stream trick that leaves the file without a
     single reading, a budget exhausted. ``scan``: the static stage's scan of the same file
@@ -1424,7 +1440,7 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
                                 + ", ".join(tricks) + "); the file has no single reading", fmt)
 
     def inventory() -> Inventory:
-        budget = _Budget(general=True)
+        budget = _Budget(general=True, cancel=cancel)
         digests: list[Digest] = []
         findings: list[Finding] = []
         with open_buffer(path) as buf:
@@ -1446,7 +1462,7 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
                 raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
             tensors = [(f"#{i}", t) for i, t in enumerate(unique.values())
                        if isinstance(t, _Tensor) and not t.tainted]
-            rec = _materialise(layout, tensors, buf, fmt, keep_data=False)
+            rec = _materialise(layout, tensors, buf, fmt, keep_data=False, budget=budget)
             findings += [f for f in rec.findings if f not in findings]
             digests += [(t.dtype, t.shape, t.sha256) for t in rec.tensors.values()]
             by_id = {id(t): rec.tensors[name] for name, t in tensors if name in rec.tensors}
@@ -1454,6 +1470,7 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
                      if "#" not in name and (st := by_id.get(id(t))) is not None}
             for m in unique.values():
                 if isinstance(m, _NpArray) and m.data is not None and m.dtype is not None:
+                    budget.check()
                     d = _np_digest(m.dtype, m.shape, m.fortran, m.data)
                     if d is not None:
                         digests.append(d)

@@ -235,3 +235,27 @@ def test_a_plain_dict_rearranged_while_loading_is_tampered(tmp_path: Path) -> No
     # the untouched bias, and the benign twin of the file, are verified by name
     benign = save({"state_dict": sd, "epoch": 1, "args": {"lr": 0.1}}, tmp_path / "ok.pt")
     assert _verify.weights(str(benign), returned(benign)) == []
+
+
+class _Holder:
+    """A class the host's reading does not know: only the general reading lists its tensors."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+
+def test_a_reading_nobody_wants_stops_instead_of_hashing_the_whole_file(tmp_path: Path) -> None:
+    """The reading runs beside the sandbox; when the load fails or is refused, ``_api`` cancels
+    it, and it ends at its next check rather than reading the rest of a large file."""
+    from sandbox import _scan
+
+    path = tmp_path / "holder.pt"
+    torch.save(_Holder([torch.full((4,), float(i)) for i in range(30_000)]), path)
+    scan = _scan.scan_file(path)
+    reading = _verify.Reading(str(path), scan)
+    reading.cancel()
+    got = reading.result()
+    assert isinstance(got, _reconstruct.NotReconstructed)
+    assert got.reason == _reconstruct.CANCELLED
+    whole = _verify.Reading(str(path), scan).result()
+    assert isinstance(whole, _reconstruct.Inventory) and len(whole.digests) == 30_000
