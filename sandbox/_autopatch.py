@@ -79,11 +79,10 @@ def site_dir(user: bool = False) -> Path:
 
 def install(target: Path) -> Path:
     """Write the .pth file into ``target``; returns its path."""
-    target.mkdir(parents=True, exist_ok=True)
+    from sandbox import _files  # not at interpreter start, where this module is imported
+
     path = target / PTH_NAME
-    tmp = target / f".{PTH_NAME}.tmp"
-    tmp.write_text(pth_text())
-    os.replace(tmp, path)
+    _files.atomic_write(path, pth_text().encode())
     return path
 
 
