@@ -12,7 +12,8 @@ Worker side
     model-sandbox is the client's (the same worker image digest, :func:`_image.worker_digest`)
     and that its runner works (the image with that digest is built and the engine answers).
     A ready worker advertises the resource ``model-sandbox-<digest[:16]>`` with as many
-    units as sandboxes it may run at once (its cores by default): every task asks for one
+    units as sandboxes it may run at once (``--resources model-sandbox=N`` given to the worker,
+    else its cores; run it with at least N threads): every task asks for one
     unit, so the scheduler sends tasks only to ready workers of the right version, never more
     than that many at a time to one worker. A worker that is not ready gets no unit, and
     :func:`convert_task` refuses to run there anyway with :class:`WorkerNotReady`, the reason
@@ -85,9 +86,11 @@ if TYPE_CHECKING:
     from ._batch import Entry, ItemResult, _Ctx
     from ._pool import Pool
 
-__all__ = ["OUTPUTS", "PLUGIN_NAME", "Readiness", "Remote", "convert_task", "resource_name"]
+__all__ = ["OUTPUTS", "PLUGIN_NAME", "SLOTS_RESOURCE", "Readiness", "Remote", "convert_task", "resource_name"]
 
 PLUGIN_NAME = "model-sandbox-readiness"
+#: a worker started with ``--resources model-sandbox=N`` runs at most N sandboxes at once
+SLOTS_RESOURCE = "model-sandbox"
 OUTPUTS = ("stream", "shared")
 _MAX_REPORT_BYTES = 64 << 20     # a report's JSON from a worker
 _MAX_TEXT = 4000                 # an error message from a worker
@@ -108,7 +111,9 @@ def resource_name(digest: str) -> str:
 
 class Readiness(WorkerPlugin):
     """Checks at worker start that this worker can run the client's sandbox (see the module
-    docstring); a ready worker advertises ``slots`` sandbox units (default: its cores)."""
+    docstring); a ready worker advertises ``slots`` sandbox units: ``slots``, else the worker's
+    own resource ``model-sandbox`` (``dask worker --resources model-sandbox=N``), else its
+    cores."""
 
     def __init__(self, expected_digest: str, slots: int | None = None) -> None:
         self.expected = expected_digest
@@ -124,11 +129,13 @@ class Readiness(WorkerPlugin):
         self.__init__(state["expected"], state["slots"])  # type: ignore[misc]
 
     async def setup(self, worker: Worker) -> None:
-        self.state = await asyncio.to_thread(self._check, worker.address)
+        own = worker.state.total_resources.get(SLOTS_RESOURCE)
+        self.state = await asyncio.to_thread(self._check, worker.address,
+                                             int(own) if own else None)
         if self.state["ready"]:
             await worker.set_resources(**{resource_name(self.expected): float(self.state["slots"])})
 
-    def _check(self, address: str) -> dict[str, Any]:
+    def _check(self, address: str, own_slots: int | None) -> dict[str, Any]:
         found = _image.worker_digest()
         if found != self.expected:
             return {"ready": False, "digest": found,
@@ -141,7 +148,7 @@ class Readiness(WorkerPlugin):
         except SandboxError as exc:
             return {"ready": False, "digest": found,
                     "error": f"worker {address} cannot run the sandbox: {exc.message}"}
-        slots = max(1, self.slots or os.cpu_count() or 1)
+        slots = max(1, self.slots or own_slots or os.cpu_count() or 1)
         return {"ready": True, "digest": found, "image": tag, "slots": slots, "error": None}
 
     def runner(self) -> Pool:
