@@ -55,7 +55,7 @@ class Cluster:
 
     def _start(self, name: str, args: list[str], env: dict[str, str] | None = None
                ) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.root / f"{name}.log", "wb")
         proc = subprocess.Popen([str(DASK), *args], stdout=log, stderr=subprocess.STDOUT,
                                 cwd=self.root, env={**os.environ, **(env or {})})
         log.close()
@@ -148,7 +148,8 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
         killed = False
         while time.monotonic() < deadline and proc.poll() is None:
             done = len(_batch.read_manifest(out)) if (out / _batch.MANIFEST_NAME).exists() else 0
-            if done >= 3 and client.processing(workers=[w1_address])[w1_address]:
+            busy = client.processing(workers=[w1_address])  # type: ignore[no-untyped-call]
+            if done >= 3 and busy[w1_address]:
                 w1.send_signal(signal.SIGKILL)  # in the middle of one file's task
                 killed = True
                 break
