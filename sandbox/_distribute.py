@@ -41,7 +41,8 @@ bytes per in-flight task. A worker that dies mid-task (SIGKILL, a lost node) has
 rescheduled on another worker by the scheduler; a task whose workers keep dying
 (``distributed.scheduler.allowed-failures``) fails that one file with :class:`ClusterError`.
 Each file is one task and one client thread: its result is recorded once, whatever the retries.
-A scheduler that goes away stops the batch like an engine that goes away (a re-run continues).
+A scheduler that goes away, or a cluster left without a ready worker for a minute, stops the
+batch like an engine that goes away (a re-run continues).
 
 Trust: Dask moves tasks and results between client and workers with pickle; the cluster
 (scheduler and workers) must be as trusted as this host (use TLS and a private network, see
@@ -238,7 +239,7 @@ class Remote:
         except TimeoutError:
             raise ClusterError(f"the Dask cluster has no worker after {wait_s:.0f} s") from None
         client.register_plugin(Readiness(self.digest, slots), name=PLUGIN_NAME)
-        states = client.run(_state)
+        states = client.run(_state, on_error="return")  # an exception: that worker is not ready
         self.ready: dict[str, int] = {}
         self.refused: dict[str, str] = {}
         for address, st in sorted(states.items()):
@@ -247,7 +248,8 @@ class Remote:
                     st.get("digest") == self.digest and isinstance(st.get("slots"), int):
                 self.ready[addr] = max(1, st["slots"])
             else:
-                err = st.get("error") if isinstance(st, dict) else None
+                err = st.get("error") if isinstance(st, dict) else \
+                    f"worker {addr} did not answer: {type(st).__name__}: {st}"
                 self.refused[addr] = str(err or "not ready")[:_MAX_TEXT]
         if not self.ready:
             reasons = "; ".join(self.refused.values()) or "no worker answered"
@@ -255,6 +257,28 @@ class Remote:
                                  expected=self.digest)
         self.slots = sum(self.ready.values())
         self.notes = [f"Dask worker refused its tasks: {why}" for why in self.refused.values()]
+        self.wait_s = wait_s
+        self._watch = threading.Lock()
+        self._checked = time.monotonic()
+        self._none_since: float | None = None
+
+    def _gone(self) -> str | None:
+        """Why no task can run any more (no worker ready for us for ``wait_s``), or None.
+        Asks the scheduler at most every few seconds, whichever thread asks."""
+        with self._watch:
+            now = time.monotonic()
+            if now - self._checked < 5.0:
+                return None
+            self._checked = now
+            workers = self.client.scheduler_info()["workers"].values()
+            if any(w.get("resources", {}).get(self.resource) for w in workers):
+                self._none_since = None
+                return None
+            self._none_since = self._none_since or now
+            if now - self._none_since < self.wait_s:
+                return None
+            return (f"no Dask worker ready for this model-sandbox has been left for "
+                    f"{self.wait_s:.0f} s (the workers died or left the cluster)")
 
     def __call__(self, entry: Entry, ctx: _Ctx, dst: Path, sha: str, fmt: str | None,
                  started: tuple[float, float]) -> ItemResult:
@@ -279,6 +303,10 @@ class Remote:
                     if ctx.cancel.is_set():
                         fut.cancel()  # type: ignore[no-untyped-call]
                         raise _batch._Cancelled from None
+                    gone = self._gone()
+                    if gone is not None:
+                        fut.cancel()  # type: ignore[no-untyped-call]
+                        raise _batch._EngineGone(gone) from None
                 except KilledWorker as exc:
                     return _batch._static_failure(entry, ctx, started, ClusterError(
                         f"{entry.rel!r}: the Dask cluster gave up on this file, every worker that "

@@ -11,6 +11,7 @@ real sandbox on the real engine.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from sandbox._launch import LABEL, OWNER_LABEL, connect
 from sandbox.policy import Policy
 from tests import checkpoints as ck
 from tests.container.test_batch import snapshot
+from tests.fakes import st_content
 
 DASK = Path(sys.executable).with_name("dask")
 BENIGN = 12
@@ -206,5 +208,23 @@ def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Clust
             fut.result(timeout=60)
         assert task.value.worker == address and task.value.found not in ("", ours)
         assert "runs another model-sandbox" in task.value.message
+
+        # with a worker of our version beside it, the batch runs there (written to the shared
+        # OUTDIR by the worker, checked and renamed by the client) and names the stale one
+        cluster.worker("current")
+        client.wait_for_workers(2, timeout=90)
     finally:
         client.close()  # type: ignore[no-untyped-call]
+    run = cli("convert", "src", "-o", "out", "--cluster", cluster.address, "--cluster-output",
+              "shared", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "note: Dask worker refused its tasks: worker" in run.stdout
+    assert "runs another model-sandbox" in run.stdout
+    (record,) = _batch.read_manifest(tmp_path / "out").values()
+    assert record.status is _batch.Status.CONVERTED and record.output == "m.safetensors"
+    assert record.output_sha256 == hashlib.sha256(
+        (tmp_path / "out" / "m.safetensors").read_bytes()).hexdigest()
+    header, body = st_content(tmp_path / "out" / "m.safetensors")
+    assert (header["w"]["dtype"], header["w"]["shape"]) == ("F32", [2])
+    assert body == torch.ones(2).numpy().tobytes()
+    assert not list((tmp_path / "out").rglob("*.tmp"))
