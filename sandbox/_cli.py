@@ -149,6 +149,10 @@ _BATCH_ONLY = ("jobs", "include", "exclude", "force", "report_dir", "quiet", "cl
 
 def cmd_convert(args: argparse.Namespace) -> int:
     srcs: list[str] = args.srcs
+    if args.cluster is None and args.cluster_output != "stream":
+        from .errors import BatchError
+
+        raise BatchError("--cluster-output applies to a batch on a Dask cluster: add --cluster")
     batch = (len(srcs) > 1 or os.path.isdir(srcs[0])
              or (args.output is not None and os.path.isdir(args.output))
              or any(getattr(args, k) not in (None, False, []) for k in _BATCH_ONLY))

@@ -206,3 +206,14 @@ def test_readiness_plugin_travels_as_its_parameters() -> None:
     assert (back.expected, back.slots, back.state["ready"]) == ("c" * 64, 3, False)
     assert _distribute.resource_name("c" * 64) == "model-sandbox-" + "c" * 16
     assert Policy.default().digest  # the policy object is what convert_task receives
+
+
+def test_cluster_output_without_a_cluster_is_an_error(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from sandbox._cli import main
+
+    (tmp_path / "m.pt").write_bytes(b"x")
+    code = main(["convert", str(tmp_path / "m.pt"), "-o", str(tmp_path / "out"),
+                 "--cluster-output", "shared"])
+    assert code == 2 and "error[batch-error]: --cluster-output" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
