@@ -199,6 +199,7 @@ def convert_task(src: str, sha256: str, policy: Policy, shared: str, expected_di
             try:
                 report = _api.convert(src, dst, policy=policy, expected_sha256=sha256,
                                       shared=shared, runner=runner, write_report=False)
+                report.notes.append(f"loaded by Dask worker {worker.address}")
                 answer: dict[str, Any] = {"kind": "converted", "report": report.to_json()}
                 if staged is None:
                     answer["data"] = Path(dst).read_bytes()
@@ -212,6 +213,7 @@ def convert_task(src: str, sha256: str, policy: Policy, shared: str, expected_di
                 return {"kind": "engine", "message": exc.diagnostics()}
             except SandboxError as exc:
                 rep = exc.report or LoadReport(input_path=src, verdict=Verdict.ERROR)
+                rep.notes.append(f"loaded by Dask worker {worker.address}")
                 return {"kind": "error", "report": rep.to_json(), "message": exc.message,
                         "reference": exc.reference}
             except Exception as exc:  # a bug or a worker I/O error: this file fails

@@ -12,6 +12,7 @@ real sandbox on the real engine.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -144,8 +145,8 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
         proc = subprocess.Popen([sys.executable, "-m", "sandbox", "convert", "src", "-o", "out",
                                  "--cluster", cluster.address], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        w1_address = next(a for a, w in client.scheduler_info()["workers"].items()
-                          if w["name"] == "w1")
+        names = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+        w1_address, w2_address = names["w1"], names["w2"]
         deadline = time.monotonic() + 120
         killed = False
         while time.monotonic() < deadline and proc.poll() is None:
@@ -153,6 +154,7 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
             busy = client.processing(workers=[w1_address])  # type: ignore[no-untyped-call]
             if done >= 3 and busy[w1_address]:
                 w1.send_signal(signal.SIGKILL)  # in the middle of one file's task
+                (lost_key,) = busy[w1_address]
                 killed = True
                 break
             time.sleep(0.05)
@@ -173,6 +175,12 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
     assert not (out / "b" / "evil.safetensors").exists()
     assert not list(out.rglob("*.tmp"))
     assert not marker.exists(), "the payload reached the host"
+    # the task w1 was running when it died ran again on w2, and its file was recorded once
+    lost = [r for r in records.values() if r.sha256 and str(lost_key).startswith(
+        f"model-sandbox-{r.sha256[:16]}-")]
+    assert len(lost) == 1, (lost_key, records)
+    assert f"loaded by Dask worker {w2_address}" in json.loads(
+        (out / f"{lost[0].rel}.report.json").read_text())["notes"]
     print(f"\nlocal run {local_s:.1f} s, cluster run with a worker killed {cluster_s:.1f} s")
 
 
