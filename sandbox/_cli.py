@@ -488,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file (one SRC file) or directory (required for directories and "
                         "several inputs)")
     p.add_argument("--jobs", "-j", type=int, metavar="N",
-                   help="sandboxes run in parallel (default: number of cores)")
+                   help="sandboxes run in parallel (default: number of cores); with --cluster, "
+                        "files in flight on the cluster (default: the sandboxes its ready "
+                        "workers may run together)")
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="only inputs whose relative path or name matches (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB",

@@ -149,6 +149,10 @@ class Readiness(WorkerPlugin):
         except SandboxError as exc:
             return {"ready": False, "digest": found,
                     "error": f"worker {address} cannot run the sandbox: {exc.message}"}
+        except Exception as exc:  # the engine's client library failed in another way
+            return {"ready": False, "digest": found,
+                    "error": f"worker {address} cannot run the sandbox: "
+                             f"{type(exc).__name__}: {exc}"}
         slots = max(1, self.slots or own_slots or os.cpu_count() or 1)
         return {"ready": True, "digest": found, "image": tag, "slots": slots, "error": None}
 
