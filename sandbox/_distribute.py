@@ -276,15 +276,20 @@ class Remote:
             if now - self._checked < 5.0:
                 return None
             self._checked = now
-            workers = self.client.scheduler_info()["workers"].values()
-            if any(w.get("resources", {}).get(self.resource) for w in workers):
+            try:
+                workers = self.client.scheduler_info()["workers"].values()
+                alive = any(w.get("resources", {}).get(self.resource) for w in workers)
+            except Exception:  # the scheduler does not answer: as good as no worker
+                alive = False
+            if alive:
                 self._none_since = None
                 return None
             self._none_since = self._none_since or now
             if now - self._none_since < self.wait_s:
                 return None
             return (f"no Dask worker ready for this model-sandbox has been left for "
-                    f"{self.wait_s:.0f} s (the workers died or left the cluster)")
+                    f"{self.wait_s:.0f} s (the workers died or left the cluster, or the "
+                    "scheduler went away)")
 
     def __call__(self, entry: Entry, ctx: _Ctx, dst: Path, sha: str, fmt: str | None,
                  started: tuple[float, float]) -> ItemResult:

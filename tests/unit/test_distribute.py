@@ -217,3 +217,36 @@ def test_cluster_output_without_a_cluster_is_an_error(tmp_path: Path,
                  "--cluster-output", "shared"])
     assert code == 2 and "error[batch-error]: --cluster-output" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+class _Scheduler:
+    def __init__(self, workers: dict[str, dict[str, object]] | None) -> None:
+        self.workers = workers
+
+    def scheduler_info(self) -> dict[str, object]:
+        if self.workers is None:
+            raise OSError("scheduler gone")
+        return {"workers": self.workers}
+
+
+@pytest.mark.parametrize(("workers", "gone"), [
+    ({"tcp://a:1": {"resources": {"model-sandbox-" + "d" * 16: 2.0}}}, False),
+    ({"tcp://a:1": {"resources": {"model-sandbox-" + "e" * 16: 2.0}}}, True),  # another version
+    ({}, True),
+    (None, True),  # the scheduler does not answer
+])
+def test_a_cluster_without_a_ready_worker_stops_the_batch(workers: dict[str, dict[str, object]] | None,
+                                                          gone: bool) -> None:
+    remote = _distribute.Remote.__new__(_distribute.Remote)
+    remote.client = _Scheduler(workers)  # type: ignore[assignment]
+    remote.resource = _distribute.resource_name("d" * 64)
+    remote.wait_s = 0.0
+    remote._watch = threading.Lock()
+    remote._none_since = None
+    remote._checked = float("-inf")
+    first = remote._gone()
+    assert (first is not None) is gone
+    if gone:
+        assert first is not None and "no Dask worker ready" in first
+    remote._checked = float("-inf")
+    assert (remote._gone() is not None) is gone
