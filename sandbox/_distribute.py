@@ -300,11 +300,15 @@ class Remote:
         opts = ctx.options
         staged = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp" \
             if self.output == "shared" else None  # the name _batch._sweep_stale removes
-        fut = self.client.submit(convert_task, entry.source, sha, opts.policy, opts.shared,
-                                 self.digest, None if staged is None else str(staged),
-                                 opts.retries, opts.backoff_s, pure=False,
-                                 resources={self.resource: 1}, key=f"model-sandbox-{sha[:16]}-"
-                                 f"{secrets.token_hex(8)}")
+        try:
+            fut = self.client.submit(convert_task, entry.source, sha, opts.policy, opts.shared,
+                                     self.digest, None if staged is None else str(staged),
+                                     opts.retries, opts.backoff_s, pure=False,
+                                     resources={self.resource: 1},
+                                     key=f"model-sandbox-{sha[:16]}-{secrets.token_hex(8)}")
+        except Exception as exc:  # a closed or disconnected client
+            raise _batch._EngineGone(f"cannot submit to the Dask cluster: {type(exc).__name__}: "
+                                     f"{exc}") from None
         try:
             while True:
                 try:
