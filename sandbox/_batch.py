@@ -26,7 +26,8 @@ What a batch does
    that the lock does not list -- is refused with a report before any sandbox opens it. The
    sandbox is then always given the hash just computed (``expected_sha256``), so the file it
    loads is the file the manifest describes.
-4. **convert** with :func:`sandbox._api.convert` (one container per file, ``jobs`` threads);
+4. **convert** with :func:`sandbox._api.convert` (one container per file, ``jobs`` threads;
+   with ``client=``, a Dask task per file runs it on a cluster worker: :mod:`sandbox._distribute`);
    each file's report is written atomically to ``<report root>/<rel>.report.json`` (the report
    root is ``--report-dir`` or OUTDIR).
 5. **record** one manifest line per finished input (see below), then a summary.
