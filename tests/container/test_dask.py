@@ -4,7 +4,8 @@ real sandbox on the real engine.
 
 1. ``convert --cluster`` of a small tree (a dozen tiny checkpoints and one hostile one), with one
    worker SIGKILLed while it runs a file, ends with the same output tree and manifest as a local
-   run: its task is rescheduled on the other worker, and every file is recorded exactly once.
+   run: its task is rescheduled on the other worker, and every file is recorded exactly once;
+   a second run through the cluster redoes nothing.
 2. A worker whose model-sandbox differs from the client's (another worker image digest: a copy of
    the package with one worker file changed) refuses tasks with :class:`WorkerNotReady`, which
    reaches the client and the CLI."""
@@ -183,6 +184,11 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
     assert len(lost) == 1, (lost_key, records)
     assert f"loaded by Dask worker {w2_address}" in json.loads(
         (out / f"{lost[0].rel}.report.json").read_text())["notes"]
+    # resume through the cluster: nothing is redone, nothing changes
+    again = cli("convert", "src", "-o", "out", "--cluster", cluster.address, "-q", cwd=tmp_path)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert f"({BENIGN + 1} unchanged since the last run" in again.stdout
+    assert snapshot(out) == snapshot(tmp_path / "ref")
     print(f"\nlocal run {local_s:.1f} s, cluster run with a worker killed {cluster_s:.1f} s")
 
 
