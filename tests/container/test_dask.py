@@ -189,6 +189,14 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
     assert again.returncode == 1, again.stdout + again.stderr
     assert f"({BENIGN + 1} unchanged since the last run" in again.stdout
     assert snapshot(out) == snapshot(tmp_path / "ref")
+    # and its SARIF log says what the local run's says
+    sarif = [cli("convert", "src", "-o", o, *extra, "--format", "sarif", cwd=tmp_path)
+             for o, extra in (("out", ["--cluster", cluster.address]), ("ref", []))]
+    assert [r.returncode for r in sarif] == [1, 1], sarif
+    results = [sorted((r["ruleId"], r["level"], r["locations"][0]["physicalLocation"][
+        "artifactLocation"]["uri"]) for r in json.loads(run.stdout)["runs"][0]["results"])
+        for run in sarif]
+    assert results[0] == results[1] and any(rule for rule, _, _ in results[0])
     print(f"\nlocal run {local_s:.1f} s, cluster run with a worker killed {cluster_s:.1f} s")
 
 
