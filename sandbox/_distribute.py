@@ -368,10 +368,10 @@ class Remote:
         text = answer.get("report")
         if not isinstance(text, str) or len(text) > _MAX_REPORT_BYTES:
             return rejected("no report, or one over 64 MiB")
-        try:
-            report = LoadReport.from_json(text)
-        except (ValueError, TypeError, KeyError, RecursionError) as exc:
-            return rejected(f"the report does not parse: {type(exc).__name__}: {str(exc)[:200]}")
+        report_or_why = parse_report(text)
+        if isinstance(report_or_why, str):
+            return rejected(f"the report is invalid: {report_or_why}")
+        report = report_or_why
         if report.input_sha256 not in (None, sha) or (kind == "converted" and
                                                        report.input_sha256 != sha):
             return rejected(f"the report describes another input (sha256 "
@@ -425,6 +425,72 @@ class Remote:
                 os.unlink(tmp)  # gone after the rename
         report.outputs["safetensors"] = str(dst)
         return _batch._finish(entry, ctx, report, _batch.Status.CONVERTED, started_wall=started[1])
+
+
+def _is_str_map(v: object) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
+                                       for k, x in v.items())
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int
+
+
+def _is_num(v: object) -> bool:
+    return type(v) in (int, float)
+
+
+def _opt(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+def _list_of(check: Any) -> Any:
+    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+
+
+def _record(spec: dict[str, Any], required: frozenset[str] = frozenset()) -> Any:
+    return lambda v: isinstance(v, dict) and required <= set(v) and all(
+        k in spec and spec[k](x) for k, x in v.items())
+
+
+def _is(t: type) -> Any:
+    return lambda v: isinstance(v, t)
+
+
+#: the type of every field of a load report's JSON (``LoadReport.from_dict`` trusts its input:
+#: it parses our own reports; a worker's answer is checked against this first)
+_FINDING = _record({"rule": _is(str), "severity": _is(str), "category": _is(str),
+                    "message": _is(str), "evidence": _is(dict), "events": _list_of(_is_int)},
+                   frozenset({"rule", "severity", "category", "message"}))
+_EVENT = _record({"id": _is_int, "t": _is_num, "source": _is(str), "kind": _is(str),
+                  "detail": _is(dict), "action": _is(str)},
+                 frozenset({"id", "t", "source", "kind"}))
+_REPORT = _record({
+    "schema": _is(str), "input_path": _is(str), "input_sha256": _opt(_is(str)),
+    "input_size": _opt(_is_int), "format": _opt(_is(str)), "verdict": _is(str),
+    "findings": _list_of(_FINDING), "events": _list_of(_EVENT), "tensors": _is_int,
+    "tensor_bytes": _is_int, "outputs": _is_str_map, "resources": _is(dict),
+    "notes": _list_of(_is(str)), "error": _opt(_is_str_map), "static": _is(dict),
+    "tool": _is_str_map, "policy": _is_str_map, "duration_s": _opt(_is_num)},
+    frozenset({"schema", "input_path"}))
+
+
+def parse_report(text: str) -> LoadReport | str:
+    """A worker's report, parsed and typed, or why it is not one: strict JSON (no NaN or
+    Infinity), every field of the type the schema gives it, then ``LoadReport.from_dict``."""
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        data = json.loads(text, parse_constant=no_constant)
+    except (ValueError, RecursionError) as exc:
+        return f"not JSON: {str(exc)[:200]}"
+    if not _REPORT(data):
+        return "a field is missing, unknown or of the wrong type"
+    try:
+        return LoadReport.from_dict(data)
+    except (ValueError, TypeError, KeyError) as exc:
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _text(value: object, limit: int = _MAX_TEXT) -> str:

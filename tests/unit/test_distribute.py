@@ -250,3 +250,43 @@ def test_a_cluster_without_a_ready_worker_stops_the_batch(workers: dict[str, dic
         assert first is not None and "no Dask worker ready" in first
     remote._checked = float("-inf")
     assert (remote._gone() is not None) is gone
+
+
+def _full_report() -> LoadReport:
+    from sandbox.report import Event, Finding, Severity
+
+    rep = LoadReport(input_path="/in/m.pt", input_sha256=SRC_SHA, input_size=10, format="torch-zip",
+                     verdict=Verdict.MALICIOUS, tensors=2, tensor_bytes=8, duration_s=1.5,
+                     tool={"name": "model-sandbox"}, policy={"name": "default", "digest": "x"},
+                     notes=["n"], error=None, static={"globals": ["os.system"]},
+                     resources={"peak_rss": 1})
+    rep.add(Finding(rule="exec", severity=Severity.CRITICAL, category="process",
+                    message="execve", evidence={"argv": ["sh"]}, events=(1,)))
+    rep.events.append(Event(id=1, t=0.5, source="seccomp", kind="exec", detail={"path": "/bin/sh"},
+                            action="denied"))
+    return rep
+
+
+def test_a_real_report_parses_back_equal() -> None:
+    rep = _full_report()
+    back = _distribute.parse_report(rep.to_json())
+    assert isinstance(back, LoadReport) and back.to_json() == rep.to_json()
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("input_path", 5), ("verdict", "nope"), ("findings", [1]), ("outputs", [1]), ("notes", 5),
+    ("tensors", "x"), ("tensors", True), ("input_sha256", 5), ("events", {}), ("error", 5),
+    ("tool", 3), ("policy", [1]), ("duration_s", "x"), ("unknown", None), ("schema", "other/1"),
+    ("outputs", {"safetensors_sha256": 5}), ("findings", [{"rule": "r"}]),
+])
+def test_reports_of_the_wrong_shape_are_refused(field: str, value: object) -> None:
+    data = json.loads(_full_report().to_json())
+    data[field] = value
+    assert isinstance(_distribute.parse_report(json.dumps(data)), str)
+
+
+def test_non_json_numbers_and_non_objects_are_refused() -> None:
+    text = _full_report().to_json().replace('"duration_s": 1.5', '"duration_s": NaN')
+    assert "NaN" in text and isinstance(_distribute.parse_report(text), str)
+    for bad in ("[]", "5", "{", "[" * 100000):
+        assert isinstance(_distribute.parse_report(bad), str)
