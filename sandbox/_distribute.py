@@ -244,7 +244,13 @@ class Remote:
             client.wait_for_workers(1, timeout=wait_s)
         except TimeoutError:
             raise ClusterError(f"the Dask cluster has no worker after {wait_s:.0f} s") from None
-        client.register_plugin(Readiness(self.digest, slots), name=PLUGIN_NAME)
+        try:
+            client.register_plugin(Readiness(self.digest, slots), name=PLUGIN_NAME)
+        except Exception as exc:  # a worker without model-sandbox cannot even unpickle it
+            raise WorkerNotReady(
+                "a Dask worker cannot install model-sandbox's readiness check (is the client's "
+                f"release of model-sandbox[dask] installed there?): {type(exc).__name__}: "
+                f"{str(exc)[:_MAX_TEXT]}", expected=self.digest) from None
         states = client.run(_state, on_error="return")  # an exception: that worker is not ready
         self.ready: dict[str, int] = {}
         self.refused: dict[str, str] = {}
