@@ -12,6 +12,7 @@ real sandbox on the real engine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,15 +82,18 @@ class Cluster:
         return (self.root / f"{name}.log").read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """The workers first (they say goodbye to the scheduler), then the scheduler."""
+        workers = [p for p in self.procs if p is not self.scheduler]
+        for group in (workers, [self.scheduler]):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 @pytest.fixture
@@ -104,10 +108,14 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 def _remove_containers_of(procs: list[subprocess.Popen[bytes]]) -> None:
     """A SIGKILLed worker cannot remove its warm sandboxes: remove those it created."""
+    import docker.errors
+
     pids = {str(p.pid) for p in procs}
     for c in connect().containers.list(all=True, filters={"label": f"{LABEL}=worker"}):
         if (c.labels or {}).get(OWNER_LABEL, "").rpartition(":")[2] in pids:
-            c.remove(force=True, v=True)
+            # another process's orphan sweep may be removing it at the same moment
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                c.remove(force=True, v=True)
 
 
 def make_tree(root: Path, marker: Path) -> Path:
