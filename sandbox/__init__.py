@@ -7,10 +7,13 @@ container; the host receives only SafeTensors (checked against a manifest) and a
 
 from . import _version
 from ._api import convert, patch_torch, safe_load, scan
+from ._batch import BatchOptions
+from ._batch import run_batch as batch
 from ._convert import Unrepresentable
 from ._pool import Pool
 from .errors import (
     BatchError,
+    ClusterError,
     EngineError,
     EngineUnavailable,
     HashMismatch,
@@ -35,6 +38,7 @@ from .errors import (
     UnrepresentableObject,
     UnsupportedFormat,
     UnverifiedWeights,
+    WorkerNotReady,
 )
 from .policy import Limits, Policy
 from .report import Event, Finding, LoadReport, Severity, Verdict
@@ -44,6 +48,8 @@ __version__ = _version.VERSION
 
 __all__ = [
     "BatchError",
+    "BatchOptions",
+    "ClusterError",
     "EngineError",
     "EngineUnavailable",
     "Event",
@@ -77,6 +83,8 @@ __all__ = [
     "UnsupportedFormat",
     "UnverifiedWeights",
     "Verdict",
+    "WorkerNotReady",
+    "batch",
     "convert",
     "patch_torch",
     "safe_load",

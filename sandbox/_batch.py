@@ -26,7 +26,8 @@ What a batch does
    that the lock does not list -- is refused with a report before any sandbox opens it. The
    sandbox is then always given the hash just computed (``expected_sha256``), so the file it
    loads is the file the manifest describes.
-4. **convert** with :func:`sandbox._api.convert` (one container per file, ``jobs`` threads);
+4. **convert** with :func:`sandbox._api.convert` (one container per file, ``jobs`` threads;
+   with ``client=``, a Dask task per file runs it on a cluster worker: :mod:`sandbox._distribute`);
    each file's report is written atomically to ``<report root>/<rel>.report.json`` (the report
    root is ``--report-dir`` or OUTDIR).
 5. **record** one manifest line per finished input (see below), then a summary.
@@ -503,6 +504,8 @@ class BatchSummary:
     # index was not
     indexes: list[str] = field(default_factory=list)
     index_problems: list[str] = field(default_factory=list)
+    # facts about where the batch ran worth a line (a Dask worker that refused its tasks)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -578,6 +581,10 @@ class _Ctx:
     out_rels: Mapping[str, str]
     tool: dict[str, str]
     cancel: threading.Event
+    # where a file's sandbox runs when it is not this host: (entry, ctx, dst, sha256, format,
+    # started) -> the file's result (``_distribute.Remote``: a Dask cluster)
+    remote: Callable[[Entry, _Ctx, Path, str, str | None, tuple[float, float]], ItemResult] | None \
+        = None
 
 
 def _hash(path: str, cancel: threading.Event) -> tuple[str, int]:
@@ -665,6 +672,15 @@ def _finish(entry: Entry, ctx: _Ctx, report: LoadReport, status: Status, *, star
         load_report=report)
 
 
+def _not_converted(entry: Entry, ctx: _Ctx, report: LoadReport, *, started_wall: float,
+                   reason: str, reference: str) -> ItemResult:
+    """The result of a load that raised: refused (judged unsafe) or failed (an error)."""
+    if report.error is None and report.verdict is not Verdict.ERROR:
+        return _finish(entry, ctx, report, Status.REFUSED, started_wall=started_wall)
+    return _finish(entry, ctx, report, Status.FAILED, started_wall=started_wall,
+                   reason=reason, reference=reference)
+
+
 def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
     """One input, start to end. Never raises for a problem with the file itself."""
     started = (time.monotonic(), time.time())
@@ -707,6 +723,8 @@ def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
     if prev is not None and _reusable(prev, sha, size, ctx):
         return dataclasses.replace(prev, reused=True, load_report=None)
     dst = _safe_join(ctx.outdir, ctx.out_rels[entry.rel])
+    if ctx.remote is not None:
+        return ctx.remote(entry, ctx, dst, sha, fmt, started)
     delay = ctx.options.backoff_s
     for attempt in range(ctx.options.retries + 1):
         try:
@@ -722,10 +740,8 @@ def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
             raise _EngineGone(exc.diagnostics()) from None
         except SandboxError as exc:
             report = exc.report or LoadReport(input_path=entry.source, verdict=Verdict.ERROR)
-            if report.error is None and report.verdict is not Verdict.ERROR:
-                return _finish(entry, ctx, report, Status.REFUSED, started_wall=started_wall)
-            return _finish(entry, ctx, report, Status.FAILED, started_wall=started_wall,
-                           reason=exc.message, reference=exc.reference)
+            return _not_converted(entry, ctx, report, started_wall=started_wall,
+                                  reason=exc.message, reference=exc.reference)
         except Exception as exc:  # a bug or a host I/O error: this file fails, the batch goes on
             bug = InternalError(f"internal error while converting {entry.rel!r}: "
                                 f"{type(exc).__name__}: {exc}")
@@ -858,15 +874,28 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
               options: BatchOptions | None = None, *,
               progress: Callable[[BatchProgress], None] | None = None,
               on_result: Callable[[ItemResult], None] | None = None,
-              runner: Runner | None = None) -> BatchSummary:
+              runner: Runner | None = None, client: Any = None,
+              cluster_output: str = "stream") -> BatchSummary:
     """Convert every model file under ``sources`` into ``outdir`` (see the module docstring).
 
     ``progress`` receives snapshots (after each file and a few times a second); ``on_result``
     each finished input. Both are called from the calling thread. ``runner`` replaces the
     Docker engine (tests). A :class:`KeyboardInterrupt` in the calling thread ends the batch
-    cleanly and returns the summary with ``interrupted=True``."""
+    cleanly and returns the summary with ``interrupted=True``.
+
+    ``client`` (a ``distributed.Client``) runs each file's sandbox on the Dask cluster's
+    workers instead of this host (see :mod:`sandbox._distribute`); everything else -- discovery,
+    hashes, pins, resume, the manifest, reports and outputs -- stays here. ``cluster_output``:
+    ``"stream"`` (the worker sends the converted bytes back) or ``"shared"`` (the worker writes
+    them beside their destination, on storage both reach; the client checks and renames them).
+    Raises :class:`~sandbox.errors.WorkerNotReady` when no worker can run our sandbox."""
     options = options or BatchOptions()
     start = time.monotonic()
+    remote = None
+    if client is not None:
+        from ._distribute import Remote
+
+        remote = Remote(client, output=cluster_output)
     out = Path(outdir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     report_root = (options.report_dir or out).absolute()
@@ -874,8 +903,9 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
     entries, skipped, excluded = discover(sources, include=options.include, exclude=options.exclude,
                                           ignore=(out, report_root))
     manifest = _Manifest(out)
-    jobs = max(1, options.jobs or os.cpu_count() or 1)
-    labelled = _LabelledRunner(batch_id(out), jobs, options.policy) if runner is None else None
+    jobs = max(1, options.jobs or (remote.slots if remote else os.cpu_count()) or 1)
+    labelled = _LabelledRunner(batch_id(out), jobs, options.policy) \
+        if runner is None and remote is None else None
     completed_ok = False
     try:
         if labelled is not None:
@@ -890,8 +920,9 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
                    previous=dict(manifest.records), out_rels=out_rels,
                    tool={"name": "model-sandbox", "version": VERSION,
                          "worker_digest": _image.worker_digest(), "shared": options.shared},
-                   cancel=threading.Event())
-        summary = BatchSummary(outdir=out, results=list(skipped), excluded=excluded)
+                   cancel=threading.Event(), remote=remote)
+        summary = BatchSummary(outdir=out, results=list(skipped), excluded=excluded,
+                               notes=list(remote.notes) if remote else [])
         for r in skipped:
             manifest.append(r)
         total_bytes = sum(e.size for e in entries)

@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import _api, _files, _hfcache
 from ._launch import DockerRunner, Runner
@@ -144,11 +144,15 @@ def _models_text(targets: Sequence[_hfcache.Target], reports: Sequence[LoadRepor
     return "\n".join(lines)
 
 
-_BATCH_ONLY = ("jobs", "include", "exclude", "force", "report_dir", "quiet")
+_BATCH_ONLY = ("jobs", "include", "exclude", "force", "report_dir", "quiet", "cluster")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     srcs: list[str] = args.srcs
+    if args.cluster is None and args.cluster_output != "stream":
+        from .errors import BatchError
+
+        raise BatchError("--cluster-output applies to a batch on a Dask cluster: add --cluster")
     batch = (len(srcs) > 1 or os.path.isdir(srcs[0])
              or (args.output is not None and os.path.isdir(args.output))
              or any(getattr(args, k) not in (None, False, []) for k in _BATCH_ONLY))
@@ -270,12 +274,36 @@ def _summary_text(summary: object, *, quiet: bool) -> str:
         lines.append(f"sharded checkpoint: wrote {clean_text(rel, 500)}")
     for why in summary.index_problems:
         lines.append(f"sharded checkpoint: no index: {clean_text(why, 500)}")
+    for note in summary.notes:
+        lines.append(f"note: {clean_text(note, 1000)}")
     if summary.stopped:
         lines.append(f"stopped: {clean_text(summary.stopped, 1000)}")
     if summary.stopped or summary.interrupted:
         lines.append(f"{len(summary.not_done)} files not done; run the same command again to "
                      "continue (finished files are not redone)")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _cluster(address: str | None) -> Iterator[Any]:
+    """A ``distributed.Client`` connected to ``address``, or None without one."""
+    if address is None:
+        yield None
+        return
+    from .errors import ClusterError
+
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ClusterError("--cluster needs Dask: pip install 'model-sandbox[dask]'") from None
+    try:
+        client = Client(address, timeout=30, set_as_default=False)  # type: ignore[no-untyped-call]
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address!r}: {exc}") from None
+    try:
+        yield client
+    finally:
+        client.close()  # type: ignore[no-untyped-call]
 
 
 def _convert_batch(args: argparse.Namespace) -> int:
@@ -295,8 +323,11 @@ def _convert_batch(args: argparse.Namespace) -> int:
     bar = _ProgressLine(sys.stderr) if interactive and sys.stderr.isatty() else None
     per_file = interactive and bar is None
     try:
-        summary = run_batch(args.srcs, args.output, options, progress=bar,
-                            on_result=(lambda r: print(_item_line(r), flush=True)) if per_file else None)
+        with _cluster(args.cluster) as client:
+            summary = run_batch(args.srcs, args.output, options, progress=bar,
+                                on_result=(lambda r: print(_item_line(r), flush=True))
+                                if per_file else None,
+                                client=client, cluster_output=args.cluster_output)
     finally:
         if bar is not None:
             bar.close()
@@ -457,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file (one SRC file) or directory (required for directories and "
                         "several inputs)")
     p.add_argument("--jobs", "-j", type=int, metavar="N",
-                   help="sandboxes run in parallel (default: number of cores)")
+                   help="sandboxes run in parallel (default: number of cores); with --cluster, "
+                        "files in flight on the cluster (default: the sandboxes its ready "
+                        "workers may run together)")
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="only inputs whose relative path or name matches (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB",
@@ -477,6 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock", metavar="FILE",
                    help="a lock file from `model-sandbox lock`: refuse, before opening it, every "
                         "input whose sha256 differs or that it does not list")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="run each file's sandbox on the workers of this Dask scheduler "
+                        "(tcp://HOST:8786; needs model-sandbox[dask], the same version and "
+                        "image on every worker, and the inputs at the same paths there; see "
+                        "docs/dask.md); hashes, pins, reports and the manifest stay here")
+    p.add_argument("--cluster-output", choices=("stream", "shared"), default="stream",
+                   help="with --cluster: workers send the converted bytes back (stream), or "
+                        "write them beside their destination in OUTDIR, which they must reach "
+                        "at the same path (shared); the client checks them either way "
+                        "(default: stream)")
     common(p)
     p.set_defaults(func=cmd_convert)
 

@@ -25,6 +25,8 @@
     ├── SandboxViolation              the verdict reached the policy's threshold; .report has the evidence
     │   └── UnverifiedWeights         weights only, but the loader returned tensors the file does not hold
     ├── BatchError                    the batch as a whole cannot run (arguments, a held OUTDIR)
+    ├── ClusterError                  the Dask cluster cannot run the batch, or lost a file's task
+    │   └── WorkerNotReady            a Dask worker cannot run our sandbox (runner, image digest)
     ├── LockFileError                 a lock file cannot be used
     └── InternalError                 model-sandbox failed on this input (a bug)
 
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchError",
+    "ClusterError",
     "EngineError",
     "EngineUnavailable",
     "HashMismatch",
@@ -73,6 +76,7 @@ __all__ = [
     "UnrepresentableObject",
     "UnsupportedFormat",
     "UnverifiedWeights",
+    "WorkerNotReady",
 ]
 
 
@@ -311,6 +315,40 @@ class BatchError(SandboxError):
 
     reference = "batch-error"
     hint = "check the SRC and OUTDIR arguments"
+
+
+class ClusterError(SandboxError):
+    """The Dask cluster of a distributed batch cannot run it (scheduler unreachable, no worker
+    ready), or lost one file's task (its workers kept dying while running it)."""
+
+    reference = "cluster-error"
+    hint = "check the scheduler address and the workers' logs (docs/dask.md)"
+
+    def __reduce__(self) -> tuple[object, ...]:  # crosses Dask's wire with its fields
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+class WorkerNotReady(ClusterError):
+    """A Dask worker cannot run our sandbox: no working runner, or its model-sandbox (worker
+    image digest) differs from the client's. It refuses every task with this error."""
+
+    reference = "worker-not-ready"
+    hint = ("install the client's model-sandbox version on the worker and build its image "
+            "there (`model-sandbox image build`), then restart the worker")
+
+    def __init__(self, message: str, *, worker: str = "", expected: str = "",
+                 found: str = "") -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.expected = expected  # the client's worker digest
+        self.found = found        # the worker's, when it was the digest that differed
+
+
+def _rebuild(cls: type[ClusterError], message: str, state: dict[str, object]) -> ClusterError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.__dict__.update(state)
+    return exc
 
 
 class LockFileError(SandboxError):
