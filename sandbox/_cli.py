@@ -403,9 +403,15 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_report_render(args: argparse.Namespace) -> int:
-    text = Path(args.file).read_text("utf-8")
-    report = LoadReport.from_json(text)
-    _emit([report], args.format)
+    from ._html import read_report, write_html
+
+    report = read_report(args.file)  # untrusted input: size-capped, strict, every field checked
+    if args.html:
+        path = write_html(report, args.html)
+        print(f"wrote {clean_text(str(path), 500)} ({report.verdict.value}, "
+              f"{len(report.findings)} findings, {len(report.events)} events)")
+    else:
+        _emit([report], args.format)
     return report.exit_code
 
 
@@ -534,19 +540,42 @@ def build_parser() -> argparse.ArgumentParser:
         where.add_argument("--target", metavar="DIR", help="another site directory")
         a.set_defaults(func=func)
 
-    p = sub.add_parser("report", help="render a saved report", description="Render a JSON report.")
+    p = sub.add_parser("report", help="render a saved report as text, JSON, SARIF or an HTML page",
+                       description="Render a saved JSON report. `report FILE ...` is short for "
+                                   "`report render FILE ...`.")
     rsub = p.add_subparsers(dest="report_command", required=True, metavar="ACTION")
-    r = rsub.add_parser("render", help="print a saved JSON report as text or JSON",
-                        description="Print a saved JSON report.")
+    r = rsub.add_parser("render", help="print a saved JSON report, or write it as an HTML page",
+                        description="Print a saved JSON report (checked field by field first), "
+                                    "or with --html write one self-contained page: verdict, "
+                                    "findings with their evidence, a timeline of the events "
+                                    "and the resource figures.")
     r.add_argument("file", metavar="FILE")
     r.add_argument("--format", choices=("text", "json", "sarif"), default="text")
+    r.add_argument("--html", metavar="OUT",
+                   help="write the report as one HTML page (no external assets, no script) "
+                        "to OUT instead of printing it")
     r.set_defaults(func=cmd_report_render)
     return parser
 
 
+_REPORT_ACTIONS = ("render", "-h", "--help")
+
+
+def _shorthand(argv: list[str]) -> list[str]:
+    """``report FILE ...`` is ``report render FILE ...``."""
+    for i, arg in enumerate(argv):
+        if arg == "report":
+            if i + 1 < len(argv) and argv[i + 1] not in _REPORT_ACTIONS:
+                return [*argv[: i + 1], "render", *argv[i + 1:]]
+            return argv
+        if not arg.startswith("-"):
+            return argv
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_shorthand(list(sys.argv[1:] if argv is None else argv)))
     _terminate_like_interrupt()
     try:
         code: int = args.func(args)

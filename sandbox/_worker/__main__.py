@@ -69,6 +69,7 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool) -> None:
             _loader.prepare()  # torch, numpy, safetensors: trusted code, no input yet
         os.write(ch.hand_w, b"R")  # warm: the supervisor says hello only now
         cfg, input_fd = _receive_job(ch.job)
+        received = time.monotonic()  # the supervisor's kernel events count from (about) here
         if cfg.max_output_bytes > 0:
             resource.setrlimit(resource.RLIMIT_FSIZE, (cfg.max_output_bytes, cfg.max_output_bytes))
         if cfg.cpu_s > 0:  # a backstop per process: the supervisor stops the whole tree before this
@@ -103,7 +104,7 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool) -> None:
             layout = _loader.try_layout(source) if cfg.layout else None
             if layout is None:
                 _loader.prepare()
-            _audit.install(ch.audit_w, time.monotonic())
+            _audit.install(ch.audit_w, received)  # one clock for both sources
             if layout is not None:  # a plain state dict: the host maps the bytes itself
                 _loader.write_layout(layout, manifest_fd=ch.manifest)
                 message = {"ok": True, "format": layout["format"],

@@ -1,0 +1,159 @@
+"""The HTML page of a saved report: the JSON on disk is checked field by field before anything
+is rendered, every string is escaped, the page refers to nothing outside itself, and the
+timeline names the pickle global imported before each system call. (The page in a real
+browser, for a real hostile load: tests/container/test_report_html.py.)"""
+
+from __future__ import annotations
+
+import html.parser
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox import _cli
+from sandbox._html import MAX_REPORT_BYTES, origins, read_report, render_html
+from sandbox.errors import ReportInvalid
+from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
+
+HOSTILE_NAME = 'evil<script>alert(1)</script>"\u202e.pt'
+
+
+def hostile_report() -> LoadReport:
+    r = LoadReport(input_path=HOSTILE_NAME, input_sha256="ab" * 32, input_size=10,
+                   format="torch-zip", verdict=Verdict.MALICIOUS, duration_s=1.5,
+                   static={"dangerous": ["builtins.eval"], "unknown": []},
+                   resources={"wall_s": 1.2, "rss_peak_bytes": 5 * 2**20, "threads_peak": 2,
+                              "custom": "<b>x</b>"})
+    r.events = [
+        Event(1, 0.010, "self_reported", "pickle.find_class",
+              {"module": "collections", "name": "OrderedDict"}),
+        Event(2, 0.011, "self_reported", "pickle.find_class",
+              {"module": "__builtin__", "name": "eval"}),
+        Event(3, 0.012, "kernel", "execve", {"path": "/bin/sh", "argv": ["sh", "-c", "</style>"]},
+              "denied"),
+        Event(4, 0.013, "self_reported", "pickle.find_class",
+              {"module": "torch._utils", "name": "_rebuild_tensor_v2"}),
+        Event(5, 0.014, "kernel", "connect",
+              {"family": "AF_INET", "target": "AF_INET 127.0.0.1:9", "address": "127.0.0.1",
+               "port": 9}, "denied"),
+    ]
+    r.findings = [
+        Finding("exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program",
+                {"argv": ["sh", "-c", "<img src=x onerror=alert(1)>"]}, (3,)),
+        Finding("network-connect", Severity.CRITICAL, "network", "reach <a href='x'>",
+                {"event": "connect \x1b[2J"}, (5, 99)),
+    ]
+    return r
+
+
+class _Tags(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def tags(page: str) -> list[tuple[str, dict[str, str | None]]]:
+    p = _Tags()
+    p.feed(page)
+    return p.tags
+
+
+def test_every_string_is_escaped_and_nothing_is_external() -> None:
+    page = render_html(hostile_report())
+    found = tags(page)
+    names = {t for t, _ in found}
+    assert "script" not in names and "img" not in names and "a" in names
+    assert not any(k.startswith("on") for _, attrs in found for k in attrs)
+    assert all((attrs.get("href") or "#").startswith("#") for t, attrs in found if t == "a")
+    assert not any("src" in attrs for _, attrs in found)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;/style&gt;" in page and "\x1b" not in page and "\u202e" not in page
+    assert "\\u202e" in page and "\\x1b[2J" in page  # shown, not obeyed
+    csp = [a["content"] for t, a in found if t == "meta" and a.get("http-equiv")]
+    assert csp and "default-src 'none'" in (csp[0] or "")
+    # the finding's link to an event the report holds, none to one it lacks
+    assert 'href="#ev-5"' in page and 'href="#ev-99"' not in page and 'id="ev-5"' in page
+
+
+def test_origins_name_the_suspect_global_before_each_kernel_event() -> None:
+    r = hostile_report()
+    # the torch global imported between them is not a suspect: eval stays the origin
+    assert origins(r) == {3: ("builtins.eval", 2), 5: ("builtins.eval", 2)}
+    r.events = [e for e in r.events if e.id != 2]
+    assert origins(r) == {}
+
+
+def test_round_trip_of_a_saved_report(tmp_path: Path) -> None:
+    r = hostile_report()
+    path = tmp_path / "r.json"
+    path.write_text(r.to_json())
+    back = read_report(path)
+    assert back.to_dict() == r.to_dict()
+    path.write_text(json.dumps([r.to_dict()]))  # a batch's list of one
+    assert read_report(path).input_path == HOSTILE_NAME
+
+
+def _write(tmp_path: Path, data: Any) -> Path:
+    path = tmp_path / "r.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"schema": "other/1.0"}, "not a model-sandbox load report"),
+    ({"verdict": "fine"}, "'verdict'"),
+    ({"input_path": 3}, "'input_path' must be a string"),
+    ({"tensors": True}, "'tensors' must be an integer"),
+    ({"duration_s": "1"}, "'duration_s' must be a number"),
+    ({"findings": [{"rule": "x"}]}, "findings[0]"),
+    ({"findings": [{"rule": "x", "severity": "huge", "category": "c", "message": "m"}]},
+     "unknown severity"),
+    ({"events": [{"id": 1, "t": 0, "source": "kernel", "kind": "x", "detail": [],
+                  "action": "denied"}]}, "events[0]: 'detail' must be an object"),
+    ({"events": [{"id": "1", "t": 0, "source": "k", "kind": "x", "action": "a"}]},
+     "events[0]: 'id'"),
+    ({"notes": [1]}, "'notes'"),
+    ({"error": {"reference": 1}}, "'error'"),
+    ({"static": {"a": json.loads("[" * 40 + "1" + "]" * 40)}},
+     "nested deeper"),
+])
+def test_malformed_reports_are_refused_by_field(tmp_path: Path, change: dict[str, Any],
+                                                problem: str) -> None:
+    data = {**hostile_report().to_dict(), **change}
+    with pytest.raises(ReportInvalid) as info:
+        read_report(_write(tmp_path, data))
+    assert problem in info.value.problem
+    assert info.value.reference == "report-invalid"
+
+
+@pytest.mark.parametrize("text", ["{", '{"schema": NaN}', "[1, 2]", "\xff"])
+def test_not_strict_json_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ReportInvalid):
+        read_report(_write(tmp_path, text))
+
+
+def test_an_oversize_report_is_refused_before_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    with open(path, "wb") as f:
+        f.truncate(MAX_REPORT_BYTES + 1)
+    with pytest.raises(ReportInvalid, match="larger than"):
+        read_report(path)
+
+
+def test_cli_writes_the_page_and_keeps_the_reports_exit_code(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _write(tmp_path, hostile_report().to_json())
+    out = tmp_path / "page.html"
+    assert _cli.main(["report", str(src), "--html", str(out)]) == 1
+    assert "<!DOCTYPE html>" in out.read_text()
+    assert "wrote" in capsys.readouterr().out
+    assert _cli.main(["report", "render", str(src), "--format", "json"]) == 1
+    assert json.loads(capsys.readouterr().out)["verdict"] == "malicious"
+    bad = _write(tmp_path, "{}")
+    assert _cli.main(["report", str(bad), "--html", str(out)]) == 2
+    assert "error[report-invalid]" in capsys.readouterr().err
