@@ -14,11 +14,10 @@ import re
 import signal
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any
 
 from . import _api, _files, _hfcache
 from ._launch import DockerRunner, Runner
@@ -182,45 +181,6 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def _duration(s: float | None) -> str:
-    if s is None:
-        return "--:--"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-class _ProgressLine:
-    """One self-rewriting line on a terminal (stderr), at most ten times a second."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.last = 0.0
-        self.width = 0
-
-    def __call__(self, p: object) -> None:
-        from ._batch import BatchProgress
-
-        assert isinstance(p, BatchProgress)
-        now = time.monotonic()
-        if now - self.last < 0.1 and p.done < p.total:
-            return
-        self.last = now
-        c = p.counts
-        pct = 100 * p.bytes_done / p.bytes_total if p.bytes_total else 100.0
-        text = (f"[{p.done}/{p.total}] {pct:3.0f}% {_size(p.bytes_done)}/{_size(p.bytes_total)} "
-                f"{_size(p.rate_bytes_s)}/s ETA {_duration(p.eta_s)} | clean {c['clean']} "
-                f"suspicious {c['suspicious']} malicious {c['malicious']} failed {c['error']} "
-                f"skipped {c['skipped']}")
-        self.width = max(self.width, len(text))
-        self.stream.write("\r" + text.ljust(self.width))
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-
-
 def _item_line(r: object) -> str:
     from ._batch import ItemResult
 
@@ -292,15 +252,21 @@ def _convert_batch(args: argparse.Namespace) -> int:
         report_dir=Path(args.report_dir) if args.report_dir else None,
         pins=_pins(args, args.srcs), require_pins=bool(args.lock), shared=args.shared)
     interactive = args.format == "text" and not args.quiet
-    bar = _ProgressLine(sys.stderr) if interactive and sys.stderr.isatty() else None
+    # a person watching stderr gets rich's bar; anything else the plain per-file lines
+    bar: Any = None
+    if interactive and sys.stderr.isatty():
+        from ._term import BatchBar, console
+
+        bar = BatchBar(console(sys.stderr))
     per_file = interactive and bar is None
-    try:
+    with bar if bar is not None else contextlib.nullcontext():
         summary = run_batch(args.srcs, args.output, options, progress=bar,
                             on_result=(lambda r: print(_item_line(r), flush=True)) if per_file else None)
-    finally:
-        if bar is not None:
-            bar.close()
-    if args.format == "text":
+    if args.format == "text" and sys.stdout.isatty():
+        from ._term import console, summary_tables
+
+        console(sys.stdout).print(summary_tables(summary, quiet=args.quiet))
+    elif args.format == "text":
         print(_summary_text(summary, quiet=args.quiet))
     else:
         reports = summary.reports()
