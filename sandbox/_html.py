@@ -10,13 +10,14 @@ that forbids scripts and every fetch, so even a bug in the escaping could not ru
 
 The page shows the verdict, the findings with their evidence, a timeline of the events (with the
 pickle global imported last before each system call, the call's likely origin) and the resource
-figures. The report holds the supervisor's peaks, not a series over time; the page shows them as
-such.
+use: memory and CPU over time from the supervisor's samples (``resources.series``) where the
+report has them, and the peaks.
 """
 
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -129,6 +130,25 @@ def _event(e: dict[str, Any]) -> Event:
                  action=_str(e, "action", limit=200))
 
 
+def _series(value: Any) -> list[tuple[float, float, int]]:
+    """``resources.series``: ``[t, cpu_s, rss_bytes]`` samples in time order, or nothing."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > _MAX_ITEMS:
+        raise _Bad(f"'resources.series' must be a list of at most {_MAX_ITEMS} samples")
+    out: list[tuple[float, float, int]] = []
+    for p in value:
+        if not (isinstance(p, list) and len(p) == 3 and isinstance(p[2], int)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
+            raise _Bad("'resources.series' samples must be [t, cpu_s, rss_bytes]")
+        t, cpu, rss = float(p[0]), float(p[1]), int(p[2])
+        if not (0 <= t <= 1e7 and 0 <= cpu <= 1e9 and 0 <= rss < 2**50) or \
+                (out and t < out[-1][0]):
+            raise _Bad("'resources.series' samples must be in range and in time order")
+        out.append((t, cpu, rss))
+    return out
+
+
 def validate(data: Any) -> LoadReport:
     """A :class:`LoadReport` from parsed JSON, every field checked; raises :class:`_Bad`."""
     if not isinstance(data, dict):
@@ -144,6 +164,8 @@ def validate(data: Any) -> LoadReport:
     notes = _list(data, "notes")
     if any(not isinstance(n, str) for n in notes):
         raise _Bad("'notes' must be a list of strings")
+    resources = _obj(data, "resources")
+    _series(resources.get("series"))
     error = _obj(data, "error", optional=True)
     if error is not None and any(not isinstance(v, str) for v in error.values()):
         raise _Bad("'error' must map names to strings")
@@ -156,7 +178,7 @@ def validate(data: Any) -> LoadReport:
         findings=_each(_list(data, "findings"), "findings", _finding),
         events=_each(_list(data, "events"), "events", _event),
         tensors=_int(data, "tensors"), tensor_bytes=_int(data, "tensor_bytes"),
-        outputs=_obj(data, "outputs"), resources=_obj(data, "resources"), notes=notes,
+        outputs=_obj(data, "outputs"), resources=resources, notes=notes,
         error=error, static=_obj(data, "static"), tool=_obj(data, "tool"),
         policy=_obj(data, "policy"), duration_s=_num(data, "duration_s", optional=True))
 
@@ -395,10 +417,53 @@ _RESOURCE_LABELS = (
 )
 
 
+def _series_svg(points: list[tuple[float, float, int]]) -> str:
+    """Memory (RSS of the loader's tree) and CPU use (percent of one core, between samples)
+    over the load, as two lines on one time axis."""
+    if len(points) < 2:
+        return ""
+    width, height, left, right, top, bottom = 1000, 240, 60, 60, 32, 28
+    t0, t1 = points[0][0], points[-1][0]
+    span = max(t1 - t0, 1e-3)
+    rss_max = max(max(p[2] for p in points), 1)
+    cpu = [0.0] + [max(0.0, (b[1] - a[1]) / (b[0] - a[0]) * 100) if b[0] > a[0] else 0.0
+                   for a, b in itertools.pairwise(points)]
+    cpu_max = max(100.0, max(cpu))
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def xy(t: float, frac: float) -> str:
+        return f"{left + plot_w * (t - t0) / span:.1f},{top + plot_h * (1 - frac):.1f}"
+
+    rss_line = " ".join(xy(p[0], p[2] / rss_max) for p in points)
+    cpu_line = " ".join(xy(p[0], c / cpu_max) for p, c in zip(points, cpu, strict=True))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+             f'width="100%" role="img" aria-label="resource use over time" id="resource-chart">',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" '
+             f'stroke="#ddd"/>',
+             f'<polyline points="{rss_line}" fill="none" stroke="#2d6a9f" stroke-width="2"/>',
+             f'<polyline points="{cpu_line}" fill="none" stroke="#c05a00" stroke-width="1.5" '
+             f'stroke-dasharray="4 2"/>',
+             f'<text x="{left - 6}" y="{top + 10}" text-anchor="end" fill="#2d6a9f">'
+             f"{_bytes(rss_max)}</text>",
+             f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" fill="#2d6a9f">0</text>',
+             f'<text x="{width - right + 6}" y="{top + 10}" fill="#c05a00">{cpu_max:.0f}%</text>',
+             f'<text x="{width - right + 6}" y="{top + plot_h}" fill="#c05a00">0%</text>']
+    for k in range(5):
+        x = left + plot_w * k / 4
+        anchor = "start" if k == 0 else "end" if k == 4 else "middle"
+        parts.append(f'<text x="{x:.0f}" y="{height - 10}" text-anchor="{anchor}">'
+                     f"{(t0 + span * k / 4) * 1000:.0f} ms</text>")
+    parts.append(f'<text x="{left}" y="12" fill="#2d6a9f">── memory (RSS of the loader\'s '
+                 f'processes)</text><text x="{left + 320}" y="12" fill="#c05a00">- - CPU (% of '
+                 f"one core)</text></svg>")
+    return "".join(parts)
+
+
 def _resources_html(r: LoadReport) -> str:
     res = r.resources
     if not res:
         return '<p class="muted">The report holds no resource figures.</p>'
+    series = _series(res.get("series"))
     rows = []
     for key, label, unit in _RESOURCE_LABELS:
         if key not in res:
@@ -413,12 +478,17 @@ def _resources_html(r: LoadReport) -> str:
         else:
             shown = _e(value, 100)
         rows.append(f"<tr><td>{label}</td><td>{shown}</td></tr>")
-    known = {k for k, _, _ in _RESOURCE_LABELS}
+    known = {k for k, _, _ in _RESOURCE_LABELS} | {"series"}
     rows += [f'<tr><td class="mono">{_e(k, 60)}</td><td>{_e(v, 200)}</td></tr>'
              for k, v in sorted(res.items()) if k not in known]
-    return ('<p class="muted">Peaks over the supervisor\'s samples (about every 100 ms); the '
-            "report holds no series over time.</p><table><tbody>" + "".join(rows)
-            + "</tbody></table>")
+    if len(series) >= 2:
+        head = ("<p class=\"muted\">The supervisor's samples of the loader's process tree "
+                f"({len(series)} kept, about every 100 ms or fewer for long loads), then the "
+                "peaks.</p>" + _series_svg(series))
+    else:
+        head = ('<p class="muted">Peaks over the supervisor\'s samples (about every 100 ms); '
+                "this report holds no series over time.</p>")
+    return head + "<table><tbody>" + "".join(rows) + "</tbody></table>"
 
 
 def _static_html(r: LoadReport) -> str:

@@ -358,11 +358,17 @@ class _Resources:
     processes are counted. Peaks are over samples, so a spike shorter than the interval can be
     missed (the final figures also take the kernel's ``ru_maxrss`` of the largest process)."""
 
-    def __init__(self, loader: int, cpu_limit_s: float) -> None:
+    def __init__(self, loader: int, cpu_limit_s: float, start: float = 0.0) -> None:
         self.loader = loader
         self.cpu_limit_s = cpu_limit_s
+        self.start = start  # the job's start: the series' times count from it, as events do
+        # (t, cpu_s, rss) per kept sample: at most MAX_RESOURCE_POINTS, halved (every other
+        # point kept, and from then on every second sample) whenever it fills
+        self.series: list[tuple[float, float, int]] = []
+        self.stride = 1
         self.me = os.getpid()
         self.next_at = 0.0
+        self.at = 0.0  # when the current sample was taken
         self.samples = 0
         self.cpu_s = 0.0
         self.rss_peak = 0
@@ -387,6 +393,7 @@ class _Resources:
 
     def sample(self, now: float) -> None:
         self.next_at = now + _SAMPLE_EVERY_S
+        self.at = now
         t0 = time.perf_counter()
         try:
             self._sample()
@@ -425,6 +432,12 @@ class _Resources:
         self.rss_peak = max(self.rss_peak, rss)
         self.threads_peak = max(self.threads_peak, threads)
         self.children_peak = max(self.children_peak, others)
+        if self.samples % self.stride == 0:
+            if len(self.series) >= P.MAX_RESOURCE_POINTS:
+                self.series = self.series[::2]
+                self.stride *= 2
+            self.series.append((round(max(0.0, self.at - self.start), 3), round(self.cpu_s, 3),
+                                rss))
 
     def finish(self) -> dict[str, Any]:
         """Final figures, once every loader process has been reaped."""
@@ -436,6 +449,7 @@ class _Resources:
             "children_peak": self.children_peak,
             "samples": self.samples,
             "sample_s": round(self.sample_s, 4),
+            "series": [list(p) for p in self.series],
         }
         if self.error:
             out["error"] = self.error
@@ -730,7 +744,7 @@ class _Supervisor:
                    audit_r: int, canary_files: list[str]
                    ) -> tuple[bytes, int, str | None, dict[str, Any], dict[str, Any]]:
         log, start = self.log, self.start
-        resources = _Resources(pid, cfg.cpu_s)
+        resources = _Resources(pid, cfg.cpu_s, start)
         monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start, cfg)
         monitor_info: dict[str, Any] = {"kernel": monitor is not None}
         for fd in (rfd, audit_r):

@@ -3,8 +3,9 @@
 The checkpoint's payload really runs in the sandbox: it asks for a shell that would leave a
 marker in this test's directory, then connects to a port this test listens on. The report the
 CLI saved becomes a page (`model-sandbox report FILE --html OUT`); the browser loads it with no
-console message of level error or warning, shows the verdict and every finding, and the
-timeline ties the refused execve and connect to the pickle global imported before them. The
+console message of level error or warning, shows the verdict and every finding, the timeline
+ties the refused execve and connect to the pickle global imported before them, and the
+resource chart draws the supervisor's samples. The
 screenshot is saved next to the page; ``MODEL_SANDBOX_UPDATE_SCREENSHOT=1`` also writes it to
 ``docs/img/report-hostile.png`` (the README's picture)."""
 
@@ -34,6 +35,10 @@ _SCRIPT = """JSON.stringify({
     text: e.innerText})),
   denied: [...document.querySelectorAll('#timeline tr.denied')].map(
     r => [...r.querySelectorAll('td')].map(td => td.innerText)),
+  series: [...document.querySelectorAll('#resource-chart polyline')].map(
+    l => l.getAttribute('points').trim().split(' ').length),
+  chart: (() => { const c = document.getElementById('resource-chart');
+                  return c ? c.getBoundingClientRect().height : 0; })(),
   scripts: document.scripts.length,
   external: [...document.querySelectorAll('[src],link[href]')].length,
 })"""
@@ -83,6 +88,9 @@ def test_hostile_report_page_in_chromium(tmp_path: Path, listener: Listener) -> 
     for row in denied.values():
         assert row[5] == "builtins.eval", row
         assert float(row[1]) > 0
+    # resource use over time: memory and CPU lines of the supervisor's samples, drawn
+    samples = len(report.resources["series"])
+    assert samples >= 2 and seen["series"] == [samples, samples] and seen["chart"] > 50
     shot = save_screenshot(page.screenshot, tmp_path / "hostile.png")
     assert shot.stat().st_size > 10_000
     if os.environ.get("MODEL_SANDBOX_UPDATE_SCREENSHOT") == "1":

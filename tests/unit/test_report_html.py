@@ -25,7 +25,9 @@ def hostile_report() -> LoadReport:
                    format="torch-zip", verdict=Verdict.MALICIOUS, duration_s=1.5,
                    static={"dangerous": ["builtins.eval"], "unknown": []},
                    resources={"wall_s": 1.2, "rss_peak_bytes": 5 * 2**20, "threads_peak": 2,
-                              "custom": "<b>x</b>"})
+                              "custom": "<b>x</b>",
+                              "series": [[0.0, 0.0, 2**20], [0.1, 0.1, 3 * 2**20],
+                                         [0.2, 0.15, 5 * 2**20]]})
     r.events = [
         Event(1, 0.010, "self_reported", "pickle.find_class",
               {"module": "collections", "name": "OrderedDict"}),
@@ -80,6 +82,21 @@ def test_every_string_is_escaped_and_nothing_is_external() -> None:
     assert 'href="#ev-5"' in page and 'href="#ev-99"' not in page and 'id="ev-5"' in page
 
 
+def test_resource_use_over_time_is_a_chart_when_the_report_has_samples() -> None:
+    r = hostile_report()
+    page = render_html(r)
+    found = tags(page)
+    lines = [a["points"] for t, a in found if t == "polyline"]
+    assert len(lines) == 2  # memory and CPU
+    rss = [tuple(float(v) for v in p.split(",")) for p in (lines[0] or "").split()]
+    assert len(rss) == 3 and rss[0][1] > rss[1][1] > rss[2][1]  # rising memory: y falls
+    cpu = [tuple(float(v) for v in p.split(",")) for p in (lines[1] or "").split()]
+    assert cpu[1][1] < cpu[2][1]  # 100% of a core, then 50%
+    assert "5.0 MiB" in page and "&lt;b&gt;x&lt;/b&gt;" in page
+    del r.resources["series"]
+    assert "polyline" not in render_html(r) and "no series over time" in render_html(r)
+
+
 def test_origins_name_the_suspect_global_before_each_kernel_event() -> None:
     r = hostile_report()
     # the torch global imported between them is not a suspect: eval stays the origin
@@ -118,6 +135,8 @@ def _write(tmp_path: Path, data: Any) -> Path:
     ({"events": [{"id": "1", "t": 0, "source": "k", "kind": "x", "action": "a"}]},
      "events[0]: 'id'"),
     ({"notes": [1]}, "'notes'"),
+    ({"resources": {"series": [[0.2, 0, 1], [0.1, 0, 1]]}}, "'resources.series'"),
+    ({"resources": {"series": [[0.1, 0, "1"]]}}, "'resources.series'"),
     ({"error": {"reference": 1}}, "'error'"),
     ({"static": {"a": json.loads("[" * 40 + "1" + "]" * 40)}},
      "nested deeper"),

@@ -95,6 +95,24 @@ def test_malformed_resources_are_rejected(resources: Any) -> None:
         validate_status(status(resources=resources))
 
 
+@pytest.mark.parametrize("series", [
+    "x", [[0.1, 0.2]], [[0.1, 0.2, 1.5]], [[0.1, True, 1]], [["0", 0, 1]], [[-1, 0, 1]],
+    [[0.1, 0, -1]], [[0.2, 0, 1], [0.1, 0, 1]], [[0.1, 0, 1]] * (P.MAX_RESOURCE_POINTS + 1),
+])
+def test_malformed_resource_series_are_rejected(series: Any) -> None:
+    with pytest.raises(OutputRejected, match="series"):
+        validate_status(status(resources={**RESOURCES, "series": series}))
+
+
+def test_a_resource_series_reaches_the_report_as_samples(tmp_path: Path) -> None:
+    points = [[i / 10, i / 20, 1000 + i] for i in range(P.MAX_RESOURCE_POINTS)]
+    got = validate_status(status(resources={**RESOURCES, "series": points}))
+    assert len(got.series) == P.MAX_RESOURCE_POINTS and got.series[3] == (0.3, 0.15, 1003)
+    assert "series" not in dict(got.resources)
+    out = _monitor.interpret(done(exit_code=0), got, spec(tmp_path), job(), "in.pt")
+    assert out.resources["series"][1] == [0.1, 0.05, 1001]
+
+
 @pytest.mark.parametrize("limit", ["memory", "CPU", "", 1, ["cpu"]])
 def test_unknown_limits_are_rejected(limit: Any) -> None:
     with pytest.raises(OutputRejected, match="limit"):
