@@ -122,6 +122,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(_models_text(targets, reports))
     else:
         _emit(reports, args.format)
+    if args.format == "text" and len(reports) > 1 and sys.stdout.isatty():
+        from ._term import console, scan_table
+
+        print()
+        console(sys.stdout).print(scan_table(reports))  # a person reads the verdicts at a glance
     return _exit_code(reports)
 
 

@@ -21,9 +21,9 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from ._batch import BatchProgress, BatchSummary, ItemResult, Status
-from .report import clean_text
+from .report import LoadReport, clean_text
 
-__all__ = ["BatchBar", "console", "no_color", "summary_tables"]
+__all__ = ["BatchBar", "console", "no_color", "scan_table", "summary_tables"]
 
 VERDICT_STYLES = {"clean": "green", "suspicious": "yellow", "malicious": "bold red",
                   "error": "magenta"}
@@ -200,3 +200,20 @@ def summary_tables(summary: BatchSummary, *, quiet: bool) -> RenderableType:
         tail.rstrip()
         parts.append(tail)
     return Group(*parts)
+
+
+def scan_table(reports: list[LoadReport]) -> Table:
+    """Several scanned files at a glance: verdict, file, top finding (worst first)."""
+    table = Table(title=Text(f"{len(reports)} files scanned", style="bold"),
+                  title_justify="left")
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("file", overflow="fold")
+    table.add_column("top finding", overflow="fold")
+    for r in sorted(reports, key=lambda r: (-r.verdict.rank, r.input_path)):
+        top = max(r.findings, key=lambda f: f.severity, default=None)
+        why = (f"{top.severity} {top.rule}: {top.message}" if top else
+               (f"{r.error.get('reference', 'error')}: {r.error.get('message', '')}"
+                if r.error else ""))
+        table.add_row(Text(r.verdict.value.upper(), style=VERDICT_STYLES[r.verdict.value]),
+                      Text(clean_text(r.input_path, 500)), Text(clean_text(why, 300)))
+    return table

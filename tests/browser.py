@@ -54,7 +54,7 @@ class _Pipe:
         self.events: list[dict[str, Any]] = []
 
     def send(self, method: str, params: dict[str, Any] | None = None,
-             session: str | None = None, timeout: float = 30) -> dict[str, Any]:
+             session: str | None = None, timeout: float = 60) -> dict[str, Any]:
         self.next_id += 1
         msg: dict[str, Any] = {"id": self.next_id, "method": method, "params": params or {}}
         if session:
@@ -71,7 +71,7 @@ class _Pipe:
                 return result
             self.events.append(reply)
 
-    def wait_event(self, method: str, timeout: float = 30) -> dict[str, Any]:
+    def wait_event(self, method: str, timeout: float = 60) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         for ev in self.events:
             if ev.get("method") == method:

@@ -3,7 +3,7 @@
 The checkpoint's payload really runs in the sandbox: it asks for a shell that would leave a
 marker in this test's directory, then connects to a port this test listens on. The report the
 CLI saved becomes a page (`model-sandbox report FILE --html OUT`); the browser loads it with no
-console message of level error or warning, shows the verdict and every finding, the timeline
+console error (a blocked script or fetch, an exception), shows the verdict and every finding, the timeline
 ties the refused execve and connect to the pickle global imported before them, and the
 resource chart draws the supervisor's samples. The
 screenshot is saved next to the page; ``MODEL_SANDBOX_UPDATE_SCREENSHOT=1`` also writes it to
@@ -69,7 +69,7 @@ def test_hostile_report_page_in_chromium(tmp_path: Path, listener: Listener) -> 
     assert "malicious" in proc.stdout and page_path.is_file()
 
     page = open_page(page_path.as_uri(), _SCRIPT)
-    problems = [m for m in page.console if m.get("level") in ("error", "warning", "assert")]
+    problems = [m for m in page.console if m.get("level") in ("error", "assert")]
     assert problems == [], problems
     seen = json.loads(page.value)
     assert seen["verdict"] == "MALICIOUS"

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from sandbox import _term
 from sandbox._batch import BatchProgress, BatchSummary, ItemResult, Status
-from sandbox.report import Verdict
+from sandbox.report import Finding, LoadReport, Severity, Verdict
 
 SGR_COLOUR = re.compile(r"\x1b\[[0-9;]*(3[0-7]|9[0-7]|38;[0-9;]+)m")
 HOSTILE = "dir/[bold red]fake[/]\x1b[2J.pt"
@@ -108,3 +108,20 @@ def test_the_summary_is_tables_of_what_matters() -> None:
     quiet.print(_term.summary_tables(summary, quiet=True))
     assert isinstance(quiet.file, io.StringIO)
     assert "notes.txt" not in quiet.file.getvalue()
+
+
+def test_several_scanned_files_are_a_table_worst_first() -> None:
+    clean = LoadReport(input_path="a.pt")
+    bad = LoadReport(input_path=HOSTILE, verdict=Verdict.MALICIOUS, findings=[
+        Finding("exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program"),
+        Finding("network-socket", Severity.MEDIUM, "network", "the load created a socket")])
+    broken = LoadReport(input_path="c.pt", verdict=Verdict.ERROR,
+                        error={"reference": "malformed-input", "message": "truncated"})
+    stream = _Tty()
+    Console(file=stream, force_terminal=True, width=200, no_color=True).print(
+        _term.scan_table([clean, bad, broken]))
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", stream.getvalue())  # bold stays without colours
+    rows = [ln for ln in plain.splitlines() if "│" in ln]
+    assert [r.split("│")[1].strip() for r in rows] == ["ERROR", "MALICIOUS", "CLEAN"]
+    assert "malformed-input: truncated" in rows[0]
+    assert "critical exec-attempt" in rows[1] and "[bold red]fake[/]" in rows[1]
