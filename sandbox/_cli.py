@@ -519,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Print a saved JSON report (checked field by field first), "
                                     "or with --html write one self-contained page: verdict, "
                                     "findings with their evidence, a timeline of the events "
-                                    "and the resource figures.")
+                                    "and the resource use (over time where the report has "
+                                    "the samples, and the peaks).")
     r.add_argument("file", metavar="FILE")
     r.add_argument("--format", choices=("text", "json", "sarif"), default="text")
     r.add_argument("--html", metavar="OUT",
