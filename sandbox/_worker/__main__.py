@@ -366,6 +366,7 @@ class _Resources:
         # point kept, and from then on every second sample) whenever it fills
         self.series: list[tuple[float, float, int]] = []
         self.stride = 1
+        self.seen = 0  # samples offered to the series
         self.me = os.getpid()
         self.next_at = 0.0
         self.at = 0.0  # when the current sample was taken
@@ -432,12 +433,21 @@ class _Resources:
         self.rss_peak = max(self.rss_peak, rss)
         self.threads_peak = max(self.threads_peak, threads)
         self.children_peak = max(self.children_peak, others)
-        if self.samples % self.stride == 0:
-            if len(self.series) >= P.MAX_RESOURCE_POINTS:
-                self.series = self.series[::2]
-                self.stride *= 2
-            self.series.append((round(max(0.0, self.at - self.start), 3), round(self.cpu_s, 3),
-                                rss))
+        self.keep(self.at - self.start, self.cpu_s, rss)
+
+    def keep(self, t: float, cpu_s: float, rss: int) -> None:
+        """Add this sample to the series when it falls on the stride; when the series is full,
+        keep every other point and from then on every other sample: evenly spread over the
+        whole load, at most MAX_RESOURCE_POINTS."""
+        self.seen += 1
+        if (self.seen - 1) % self.stride:
+            return
+        if len(self.series) >= P.MAX_RESOURCE_POINTS:
+            self.series = self.series[::2]
+            self.stride *= 2
+            if (self.seen - 1) % self.stride:
+                return
+        self.series.append((round(max(0.0, t), 3), round(cpu_s, 3), rss))
 
     def finish(self) -> dict[str, Any]:
         """Final figures, once every loader process has been reaped."""
@@ -707,6 +717,10 @@ class _Supervisor:
 
     def _bounded_status(self) -> dict[str, Any]:
         data = json.dumps(self.status, default=str).encode()
+        resources = self.status.get("resources")
+        if len(data) > P.MAX_FRAME and isinstance(resources, dict) and resources.get("series"):
+            resources.pop("series")  # the samples over time give way first; counts are evidence
+            data = json.dumps(self.status, default=str).encode()
         if len(data) > P.MAX_FRAME:
             self.status["monitor"]["counts"] = {}
             self.status["monitor"]["counts_dropped"] = True
