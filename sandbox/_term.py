@@ -57,7 +57,7 @@ def duration(s: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _counts_text(counts: dict[str, int] | Any) -> Text:
+def _counts_text(counts: dict[str, int] | Any, *, skipped: bool = False) -> Text:
     text = Text()
     for key, label in (("clean", "clean"), ("suspicious", "suspicious"),
                        ("malicious", "malicious"), ("error", "failed")):
@@ -65,6 +65,8 @@ def _counts_text(counts: dict[str, int] | Any) -> Text:
         if text:
             text.append(" ")
         text.append(f"{label} {n}", style=VERDICT_STYLES[key] if n else "dim")
+    if skipped:
+        text.append(f" skipped {int(counts.get('skipped', 0))}", style="dim")
     return text
 
 
@@ -116,7 +118,7 @@ class BatchBar:
             bytes=Text(f"{size(p.bytes_done)}/{size(p.bytes_total)}"),
             rate=Text(f"{size(p.rate_bytes_s)}/s {files_s:.1f} files/s"),
             eta=Text(f"ETA {duration(p.eta_s)}"),
-            counts=_counts_text(p.counts),
+            counts=_counts_text(p.counts, skipped=True),
             current=Text(clean_text(current, 300) + more, style="cyan"))
         last = p.last
         if last is not None and (last.status in (Status.REFUSED, Status.FAILED)):

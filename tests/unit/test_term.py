@@ -39,7 +39,7 @@ def _results() -> list[ItemResult]:
 def _progress(last: ItemResult | None, running: tuple[str, ...]) -> BatchProgress:
     return BatchProgress(done=2, total=5, bytes_done=150 * 2**20, bytes_total=300 * 2**20,
                          elapsed_s=10.0, counts={"clean": 1, "suspicious": 0, "malicious": 1,
-                                                 "error": 0},
+                                                 "error": 0, "skipped": 4},
                          last=last, running=running)
 
 
@@ -59,7 +59,7 @@ def test_the_bar_shows_counts_rate_eta_and_the_current_file() -> None:
     assert "2/5 files" in text and "50%" in text
     assert "150.0 MiB/300.0 MiB" in text and "15.0 MiB/s 0.2 files/s" in text
     assert "ETA 0:15" in text  # three files left at five seconds each
-    assert "clean 1" in text and "malicious 1" in text
+    assert "clean 1" in text and "malicious 1" in text and "skipped 4" in text
     assert "b.pt (+1)" in text
     assert SGR_COLOUR.search(text)
 
