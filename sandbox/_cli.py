@@ -106,8 +106,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     targets = [t for p in paths for t in _hfcache.expand(p)]
     by_blob: dict[str, LoadReport] = {}  # a blob several revisions share is scanned once
     reports = []
-    with _runner(len({t.real for t in targets})) as runner:
+    bar: Any = None
+    if args.format == "text" and len(targets) > 1 and sys.stderr.isatty():
+        from ._term import ScanBar, console
+
+        bar = ScanBar(console(sys.stderr), len(targets))
+    with _runner(len({t.real for t in targets})) as runner, \
+            bar if bar is not None else contextlib.nullcontext():
         for t in targets:
+            if bar is not None:
+                bar.start(t.path)
             first = by_blob.get(t.real)
             if first is None:
                 first = by_blob[t.real] = _api.scan(
@@ -118,6 +126,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 report = dataclasses.replace(first, input_path=t.path)
                 report.notes = [*first.notes, "the same file as another revision's: scanned once"]
             reports.append(report)
+            if bar is not None:
+                bar.done(report)
     if args.format == "text" and any(t.repo for t in targets):
         print(_models_text(targets, reports))
     else:

@@ -16,14 +16,24 @@ import os
 from typing import IO, Any
 
 from rich.console import Console, Group, RenderableType
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskProgressColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Column, Table
 from rich.text import Text
 
 from ._batch import BatchProgress, BatchSummary, ItemResult, Status
 from .report import LoadReport, clean_text
 
-__all__ = ["BatchBar", "console", "no_color", "scan_table", "summary_tables"]
+__all__ = ["BatchBar", "ScanBar", "console", "no_color", "scan_table", "summary_tables"]
 
 VERDICT_STYLES = {"clean": "green", "suspicious": "yellow", "malicious": "bold red",
                   "error": "magenta"}
@@ -126,6 +136,44 @@ class BatchBar:
 
     def close(self) -> None:
         self.progress.stop()
+
+
+class ScanBar:
+    """``scan`` of several files on a terminal: files done of all, elapsed time, ETA, verdict
+    counts and the file being scanned; a file that is not clean is listed above the bar as it
+    finishes. ``start(path)`` before each file, ``done(report)`` after it."""
+
+    def __init__(self, out: Console, total: int) -> None:
+        self.progress = Progress(
+            MofNCompleteColumn(), BarColumn(bar_width=24), TimeElapsedColumn(),
+            TextColumn("ETA", markup=False), TimeRemainingColumn(), _Fields("counts"),
+            _Fields("current", Column(no_wrap=True, overflow="ellipsis", min_width=10, ratio=1)),
+            console=out, transient=True, redirect_stdout=False, redirect_stderr=False,
+            expand=True)
+        self.counts = {"clean": 0, "suspicious": 0, "malicious": 0, "error": 0}
+        self.task = self.progress.add_task("scan", total=total, counts=_counts_text(self.counts),
+                                           current=Text())
+
+    def __enter__(self) -> ScanBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def start(self, path: str) -> None:
+        self.progress.update(self.task, current=Text(clean_text(path, 300), style="cyan"))
+
+    def done(self, report: LoadReport) -> None:
+        self.counts[report.verdict.value] += 1
+        self.progress.update(self.task, advance=1, counts=_counts_text(self.counts))
+        if report.verdict.value != "clean":
+            top = max(report.findings, key=lambda f: f.severity, default=None)
+            line = Text(f"{report.verdict.value:10}", style=VERDICT_STYLES[report.verdict.value])
+            line.append(" " + clean_text(report.input_path, 500))
+            if top is not None:
+                line.append(f" ({top.severity} {clean_text(top.rule, 60)})", style="dim")
+            self.progress.console.print(line)
 
 
 def item_text(r: ItemResult) -> Text:

@@ -1,5 +1,6 @@
-"""The real CLI's batch output in a pseudo-terminal (rich's bar and tables, colours, NO_COLOR)
-and through a pipe (the plain per-file lines and summary that scripts parse, no escapes)."""
+"""The real CLI's batch output in a pseudo-terminal (rich's bar and tables, colours, NO_COLOR;
+and a scan of several files) and through a pipe (the plain per-file lines and summary that
+scripts parse, no escapes)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,14 @@ def test_batch_on_a_terminal_and_through_a_pipe(tmp_path: Path) -> None:
                          {**env, "NO_COLOR": "1"})
     assert code == 1 and b"3 files" in drawn and b"MALICIOUS" in drawn
     assert not SGR_COLOUR.search(drawn), drawn[-2000:]
+
+    # scan of several files on a terminal: a bar while it runs, a table of verdicts at the end
+    code, drawn = in_pty(["scan", str(src)], env)
+    assert code == 1, drawn[-3000:]
+    text = drawn.decode("utf-8", "replace")
+    assert re.search(r"[0-3]/3", text) and "ETA" in text
+    assert "3 files scanned" in text and "MALICIOUS" in text and "CLEAN" in text
+    assert not marker.exists()
 
     # a pipe: the plain lines, as before
     proc = subprocess.run([sys.executable, "-m", "sandbox", "convert", str(src), "-o",

@@ -125,3 +125,23 @@ def test_several_scanned_files_are_a_table_worst_first() -> None:
     assert [r.split("│")[1].strip() for r in rows] == ["ERROR", "MALICIOUS", "CLEAN"]
     assert "malformed-input: truncated" in rows[0]
     assert "critical exec-attempt" in rows[1] and "[bold red]fake[/]" in rows[1]
+
+
+def test_the_scan_bar_counts_verdicts_and_lists_what_is_not_clean() -> None:
+    stream = _Tty()
+    out = Console(file=stream, force_terminal=True, width=220, color_system="standard")
+    bad = LoadReport(input_path=HOSTILE, verdict=Verdict.MALICIOUS, findings=[
+        Finding("exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program")])
+    with _term.ScanBar(out, 3) as bar:
+        bar.start("a.pt")
+        bar.done(LoadReport(input_path="a.pt"))
+        bar.start(HOSTILE)
+        bar.done(bad)
+        bar.start("c.pt")
+        bar.progress.refresh()
+    text = stream.getvalue()
+    assert "2/3" in text and "ETA" in text and "clean 1" in text and "malicious 1" in text
+    assert "c.pt" in text  # the file being scanned
+    listed = [ln for ln in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).splitlines()
+              if "critical exec-attempt" in ln]
+    assert listed and "[bold red]fake[/]" in listed[0] and "\x1b[2J" not in text
