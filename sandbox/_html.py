@@ -76,8 +76,8 @@ def _num(data: dict[str, Any], key: str, *, optional: bool = False) -> Any:
     value = data.get(key)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad(f"{key!r} must be a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1e15 < value < 1e15:
+        raise _Bad(f"{key!r} must be a number (of a plausible size)")
     return float(value)
 
 
@@ -141,6 +141,8 @@ def _series(value: Any) -> list[tuple[float, float, int]]:
         if not (isinstance(p, list) and len(p) == 3 and isinstance(p[2], int)
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
             raise _Bad("'resources.series' samples must be [t, cpu_s, rss_bytes]")
+        if not all(-1e15 < v < 1e15 for v in p):
+            raise _Bad("'resources.series' samples must be in range and in time order")
         t, cpu, rss = float(p[0]), float(p[1]), int(p[2])
         if not (0 <= t <= 1e7 and 0 <= cpu <= 1e9 and 0 <= rss < 2**50) or \
                 (out and t < out[-1][0]):

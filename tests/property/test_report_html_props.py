@@ -23,8 +23,9 @@ _text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.sampled
     ["<script>alert(1)</script>", "\"'><img src=x onerror=alert(1)>", "</style><b>", "\x1b[2J",
      "\u202e", "javascript:alert(1)", "]]>", "<!--"])
 _json: Any = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False,
-                                                                       allow_infinity=False)
+    st.none() | st.booleans() | st.integers(-2**70, 2**70)
+    | st.sampled_from([10**400, -(10**400)])  # past what a float holds
+    | st.floats(allow_nan=False, allow_infinity=False)
     | _text,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
     max_leaves=20)
