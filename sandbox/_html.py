@@ -310,8 +310,9 @@ def origins(report: LoadReport) -> dict[int, tuple[str, int]]:
     when the static scan named it dangerous or unknown, or its package is none of torch's,
     numpy's or the standard containers'. An attribution by order, not a proof: code that ran
     later may have made the call."""
-    flagged = {str(n) for key in ("dangerous", "unknown")
-               for n in (report.static.get(key) or []) if isinstance(n, str)}
+    lists = [report.static.get(key) for key in ("dangerous", "unknown")]
+    flagged = {n for names in lists if isinstance(names, list) for n in names
+               if isinstance(n, str)}
     out: dict[int, tuple[str, int]] = {}
     last: tuple[str, int] | None = None
     for ev in sorted(report.events, key=lambda e: e.id):

@@ -83,6 +83,16 @@ def test_a_report_with_any_field_replaced(field: str, value: Any) -> None:
 
 
 @SETTINGS
+@given(st.sampled_from(["static", "resources", "tool", "policy", "outputs"]),
+       st.sampled_from(["dangerous", "unknown", "series", "name", "image", "version", "x"]),
+       _json)
+def test_a_report_with_any_figure_replaced(where: str, key: str, value: Any) -> None:
+    doc = hostile_report().to_dict()
+    doc[where][key] = value
+    _check(doc)
+
+
+@SETTINGS
 @given(st.sampled_from(["findings", "events"]), st.text(max_size=20), _json)
 def test_a_report_with_any_entry_field_replaced(where: str, key: str, value: Any) -> None:
     doc = hostile_report().to_dict()

@@ -101,6 +101,8 @@ def test_origins_name_the_suspect_global_before_each_kernel_event() -> None:
     r = hostile_report()
     # the torch global imported between them is not a suspect: eval stays the origin
     assert origins(r) == {3: ("builtins.eval", 2), 5: ("builtins.eval", 2)}
+    r.static = {"dangerous": 5, "unknown": "builtins.eval"}  # a hand-edited report
+    assert origins(r) == {3: ("builtins.eval", 2), 5: ("builtins.eval", 2)}
     r.events = [e for e in r.events if e.id != 2]
     assert origins(r) == {}
 
