@@ -127,7 +127,7 @@ def _finding(f: dict[str, Any]) -> Finding:
 def _event(e: dict[str, Any]) -> Event:
     return Event(id=_int(e, "id"), t=_num(e, "t"), source=_str(e, "source", limit=200),
                  kind=_str(e, "kind", limit=200), detail=_obj(e, "detail"),
-                 action=_str(e, "action", limit=200))
+                 action=_str({"action": "recorded", **e}, "action", limit=200))
 
 
 def _series(value: Any) -> list[tuple[float, float, int]]:
