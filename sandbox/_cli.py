@@ -384,16 +384,19 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_report_render(args: argparse.Namespace) -> int:
-    from ._html import read_report, write_html
+    from ._html import read_reports, write_html
 
-    report = read_report(args.file)  # untrusted input: size-capped, strict, every field checked
+    reports = read_reports(args.file)  # untrusted input: size-capped, strict, each field checked
     if args.html:
-        path = write_html(report, args.html)
-        print(f"wrote {clean_text(str(path), 500)} ({report.verdict.value}, "
-              f"{len(report.findings)} findings, {len(report.events)} events)")
+        path = write_html(reports, args.html)
+        what = ", ".join(f"{n} {v}" for v in ("malicious", "suspicious", "error", "clean")
+                         if (n := sum(r.verdict.value == v for r in reports)))
+        print(f"wrote {clean_text(str(path), 500)} ({len(reports)} "
+              f"report{'s' if len(reports) > 1 else ''}: {what}; "
+              f"{sum(len(r.findings) for r in reports)} findings)")
     else:
-        _emit([report], args.format)
-    return report.exit_code
+        _emit(reports, args.format)
+    return _exit_code(reports)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -522,12 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
         a.set_defaults(func=func)
 
     p = sub.add_parser("report", help="render a saved report as text, JSON, SARIF or an HTML page",
-                       description="Render a saved JSON report. `report FILE ...` is short for "
-                                   "`report render FILE ...`.")
+                       description="Render a saved JSON report (or a batch's list of them). "
+                                   "`report FILE ...` is short for `report render FILE ...`.")
     rsub = p.add_subparsers(dest="report_command", required=True, metavar="ACTION")
     r = rsub.add_parser("render", help="print a saved JSON report, or write it as an HTML page",
-                        description="Print a saved JSON report (checked field by field first), "
-                                    "or with --html write one self-contained page: verdict, "
+                        description="Print a saved JSON report or list of reports (checked field "
+                                    "by field first), or with --html write one self-contained "
+                                    "page (several reports: a table of them first): verdict, "
                                     "findings with their evidence, a timeline of the events "
                                     "and the resource use (over time where the report has "
                                     "the samples, and the peaks).")

@@ -27,7 +27,8 @@ from typing import Any
 from .errors import ReportInvalid
 from .report import SCHEMA_VERSION, Event, Finding, LoadReport, Severity, Verdict, clean_text
 
-__all__ = ["MAX_REPORT_BYTES", "read_report", "render_html", "write_html"]
+__all__ = ["MAX_REPORT_BYTES", "read_report", "read_reports", "render_html", "render_html_many",
+           "write_html"]
 
 MAX_REPORT_BYTES = 64 * 2**20
 _MAX_ITEMS = 20_000  # findings, events, notes
@@ -186,7 +187,18 @@ def validate(data: Any) -> LoadReport:
 
 
 def read_report(path: str | os.PathLike[str]) -> LoadReport:
-    """The report saved at ``path``, validated; raises :class:`~sandbox.errors.ReportInvalid`."""
+    """The one report saved at ``path``, validated; raises
+    :class:`~sandbox.errors.ReportInvalid`."""
+    reports = read_reports(path)
+    if len(reports) != 1:
+        raise ReportInvalid(f"{clean_text(os.fspath(path), 300)} holds {len(reports)} reports, "
+                            "not one", path=os.fspath(path), problem="not exactly one report")
+    return reports[0]
+
+
+def read_reports(path: str | os.PathLike[str]) -> list[LoadReport]:
+    """The report, or the list of reports (a batch's ``--format json``), saved at ``path``,
+    each validated; raises :class:`~sandbox.errors.ReportInvalid`."""
     name = os.fspath(path)
 
     def bad(problem: str) -> ReportInvalid:
@@ -208,12 +220,17 @@ def read_report(path: str | os.PathLike[str]) -> LoadReport:
         data = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(f"not strict JSON ({clean_text(str(exc), 200)})") from None
-    if isinstance(data, list) and len(data) == 1:  # a batch's --format json of one file
-        data = data[0]
-    try:
-        return validate(data)
-    except _Bad as exc:
-        raise bad(str(exc)) from None
+    if not isinstance(data, list):
+        data = [data]
+    elif not data or len(data) > _MAX_ITEMS:
+        raise bad(f"a list of reports must hold 1 to {_MAX_ITEMS}")
+    out = []
+    for i, item in enumerate(data):
+        try:
+            out.append(validate(item))
+        except _Bad as exc:
+            raise bad(str(exc) if len(data) == 1 else f"report [{i}]: {exc}") from None
+    return out
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -280,10 +297,10 @@ def _facts(r: LoadReport) -> str:
     return "".join(f"<span>{f}</span>" for f in facts)
 
 
-def _finding_html(f: Finding, known: set[int]) -> str:
+def _finding_html(f: Finding, known: set[int], p: str) -> str:
     rows = "".join(f"<dt>{_e(k, 100)}</dt><dd>{_e(v, 2000)}</dd>" for k, v in f.evidence.items())
     if f.events:
-        links = ", ".join(f'<a href="#ev-{i}">#{i}</a>' if i in known else f"#{i}"
+        links = ", ".join(f'<a href="#{p}ev-{i}">#{i}</a>' if i in known else f"#{i}"
                           for i in f.events[:50])
         rows += f"<dt>events</dt><dd>{links}</dd>"
     colour = _SEVERITY_COLOURS[str(f.severity)]
@@ -376,17 +393,17 @@ def _timeline_svg(events: list[Event]) -> str:
     return "".join(parts)
 
 
-def _events_html(r: LoadReport) -> str:
+def _events_html(r: LoadReport, p: str) -> str:
     if not r.events:
         return '<p class="muted">No events were recorded.</p>'
     via = origins(r)
     rows = []
     for ev in sorted(r.events, key=lambda e: e.id)[:_MAX_ITEMS]:
         cause = via.get(ev.id)
-        cause_html = (f'<a href="#ev-{cause[1]}" class="mono">{_e(cause[0], 200)}</a>'
+        cause_html = (f'<a href="#{p}ev-{cause[1]}" class="mono">{_e(cause[0], 200)}</a>'
                       if cause else "")
         cls = ' class="denied"' if ev.action == "denied" else ""
-        rows.append(f'<tr id="ev-{ev.id}"{cls}><td>{ev.id}</td><td>{ev.t * 1000:.1f}</td>'
+        rows.append(f'<tr id="{p}ev-{ev.id}"{cls}><td>{ev.id}</td><td>{ev.t * 1000:.1f}</td>'
                     f"<td>{_e(ev.source, 30)}</td><td>{_e(ev.action, 30)}</td>"
                     f'<td class="mono">{_e(_describe(ev), 400)}</td><td>{cause_html}</td></tr>')
     return (_timeline_svg(r.events) +
@@ -420,7 +437,7 @@ _RESOURCE_LABELS = (
 )
 
 
-def _series_svg(points: list[tuple[float, float, int]]) -> str:
+def _series_svg(points: list[tuple[float, float, int]], p: str) -> str:
     """Memory (RSS of the loader's tree) and CPU use (percent of one core, between samples)
     over the load, as two lines on one time axis."""
     if len(points) < 2:
@@ -440,7 +457,7 @@ def _series_svg(points: list[tuple[float, float, int]]) -> str:
     rss_line = " ".join(xy(p[0], p[2] / rss_max) for p in points)
     cpu_line = " ".join(xy(p[0], c / cpu_max) for p, c in zip(points, cpu, strict=True))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-             f'width="100%" role="img" aria-label="resource use over time" id="resource-chart">',
+             f'width="100%" role="img" aria-label="resource use over time" id="{p}resource-chart">',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" '
              f'stroke="#ddd"/>',
              f'<polyline points="{rss_line}" fill="none" stroke="#2d6a9f" stroke-width="2"/>',
@@ -462,7 +479,7 @@ def _series_svg(points: list[tuple[float, float, int]]) -> str:
     return "".join(parts)
 
 
-def _resources_html(r: LoadReport) -> str:
+def _resources_html(r: LoadReport, p: str) -> str:
     res = r.resources
     if not res:
         return '<p class="muted">The report holds no resource figures.</p>'
@@ -487,7 +504,7 @@ def _resources_html(r: LoadReport) -> str:
     if len(series) >= 2:
         head = ("<p class=\"muted\">The supervisor's samples of the loader's process tree "
                 f"({len(series)} kept, about every 100 ms or fewer for long loads), then the "
-                "peaks.</p>" + _series_svg(series))
+                "peaks.</p>" + _series_svg(series, p))
     else:
         head = ('<p class="muted">Peaks over the supervisor\'s samples (about every 100 ms); '
                 "this report holds no series over time.</p>")
@@ -502,13 +519,24 @@ def _static_html(r: LoadReport) -> str:
     return f'<div class="box"><dl>{rows}</dl></div>'
 
 
-def render_html(report: LoadReport) -> str:
-    """The whole page for ``report``: one string, no external reference."""
-    r = report
+_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
+        "form-action 'none'")
+
+
+def _page(title: str, body: str) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+            '<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>{html.escape(clean_text(title, 300))}</title><style>{_CSS}</style></head>"
+            f"<body><main>{body}</main></body></html>\n")
+
+
+def _report_html(r: LoadReport, p: str) -> str:
+    """One report's part of a page; every id starts with ``p`` (several reports, one page)."""
     verdict = r.verdict.value
     known = {e.id for e in r.events}
     findings = sorted(r.findings, key=lambda f: -f.severity)
-    findings_html = "".join(_finding_html(f, known) for f in findings[:_MAX_ITEMS]) or \
+    findings_html = "".join(_finding_html(f, known, p) for f in findings[:_MAX_ITEMS]) or \
         '<p class="muted">No findings.</p>'
     error = ""
     if r.error:
@@ -517,33 +545,58 @@ def render_html(report: LoadReport) -> str:
                  f"{_e(r.error.get('message', ''), 4000)}</section>")
     notes = "".join(f"<li>{_e(n, 2000)}</li>" for n in r.notes[:_MAX_ITEMS])
     outputs = "".join(f'<dt>{_e(k, 60)}</dt><dd>{_e(v, 1000)}</dd>' for k, v in r.outputs.items())
-    title = f"{verdict.upper()}: {clean_text(r.input_path, 200)}"
-    csp = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
-           "base-uri 'none'; form-action 'none'")
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><main>"
-        f'<header><span class="verdict" id="verdict" style="background:'
+        f'<header><span class="verdict" id="{p}verdict" style="background:'
         f'{_VERDICT_COLOURS[verdict]}">{verdict.upper()}</span>'
         f"<h1>{_e(r.input_path, 500)}</h1></header>"
         f'<div class="facts">{_facts(r)}</div>'
-        f'<h2>Findings ({len(r.findings)})</h2><div id="findings">{error}{findings_html}</div>'
-        f'<h2>Timeline ({len(r.events)} events)</h2><div id="timeline">{_events_html(r)}</div>'
-        f'<h2>Resources</h2><div id="resources">{_resources_html(r)}</div>'
+        f'<h2>Findings ({len(r.findings)})</h2><div id="{p}findings">{error}{findings_html}</div>'
+        f'<h2>Timeline ({len(r.events)} events)</h2><div id="{p}timeline">'
+        f"{_events_html(r, p)}</div>"
+        f'<h2>Resources</h2><div id="{p}resources">{_resources_html(r, p)}</div>'
         f'<h2>Static scan</h2>{_static_html(r)}'
         + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "")
         + (f'<h2>Outputs</h2><div class="box"><dl>{outputs}</dl></div>' if outputs else "")
         + f'<p class="muted">schema model-sandbox/load-report/{SCHEMA_VERSION} · '
-        f"tool {_e(r.tool.get('image', ''), 100)}</p>"
-        "</main></body></html>\n")
+        f"tool {_e(r.tool.get('image', ''), 100)}</p>")
 
 
-def write_html(report: LoadReport, out: str | os.PathLike[str]) -> Path:
-    """Render ``report`` and write it to ``out`` atomically."""
+def render_html(report: LoadReport) -> str:
+    """The whole page for ``report``: one string, no external reference."""
+    return _page(f"{report.verdict.value.upper()}: {report.input_path}", _report_html(report, ""))
+
+
+def render_html_many(reports: list[LoadReport]) -> str:
+    """One page for several reports (a batch's ``--format json``): a table of them, worst
+    verdict first, each linking to its own part of the page."""
+    order = sorted(range(len(reports)), key=lambda i: (-reports[i].verdict.rank,
+                                                       reports[i].input_path))
+    rows = []
+    for i in order:
+        r = reports[i]
+        top = max(r.findings, key=lambda f: f.severity, default=None)
+        why = f"{top.severity} {top.rule}: {top.message}" if top else ""
+        rows.append(f'<tr><td><span class="sev" style="background:'
+                    f'{_VERDICT_COLOURS[r.verdict.value]}">{r.verdict.value}</span></td>'
+                    f'<td class="mono"><a href="#r{i}">{_e(r.input_path, 300)}</a></td>'
+                    f"<td>{_e(why, 300)}</td></tr>")
+    worst = max((r.verdict for r in reports), key=lambda v: v.rank)
+    body = (f'<header><span class="verdict" id="verdict" style="background:'
+            f'{_VERDICT_COLOURS[worst.value]}">{worst.value.upper()}</span>'
+            f"<h1>{len(reports)} reports</h1></header>"
+            '<table id="reports"><thead><tr><th>verdict</th><th>file</th><th>top finding</th>'
+            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+            + "".join(f'<section class="report" id="r{i}"><hr>{_report_html(reports[i], f"r{i}-")}'
+                      "</section>" for i in order))
+    return _page(f"{worst.value.upper()}: {len(reports)} reports", body)
+
+
+def write_html(reports: list[LoadReport], out: str | os.PathLike[str]) -> Path:
+    """Render ``reports`` (one page, one or several reports) and write it to ``out``
+    atomically."""
     from ._files import atomic_write
 
     path = Path(out)
-    atomic_write(path, render_html(report).encode("utf-8"))
+    page = render_html(reports[0]) if len(reports) == 1 else render_html_many(reports)
+    atomic_write(path, page.encode("utf-8"))
     return path

@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandbox._html import read_report, render_html
+from sandbox._html import read_reports, render_html, render_html_many
 from sandbox.errors import ReportInvalid
 from tests.unit.test_report_html import hostile_report
 
@@ -46,7 +46,7 @@ class _Tags(html.parser.HTMLParser):
 _ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "main", "header", "span",
                  "h1", "h2", "div", "section", "strong", "dl", "dt", "dd", "a", "table", "thead",
                  "tbody", "tr", "th", "td", "p", "em", "svg", "line", "circle", "text",
-                 "rect", "polyline", "ul", "li"}
+                 "rect", "polyline", "ul", "li", "hr"}
 _ALLOWED_ATTRS = {"charset", "http-equiv", "content", "name", "lang", "class", "id", "style",
                   "href", "data-rule", "xmlns", "viewbox", "width", "height", "role", "aria-label",
                   "x", "y", "x1", "x2", "y1", "y2", "cx", "cy", "r", "fill", "fill-opacity",
@@ -58,10 +58,10 @@ def _check(doc: Any) -> None:
         path = Path(tmp) / "r.json"
         path.write_text(json.dumps(doc))
         try:
-            report = read_report(path)
+            reports = read_reports(path)
         except ReportInvalid:
             return
-    page = render_html(report)
+    page = render_html(reports[0]) if len(reports) == 1 else render_html_many(reports)
     tags = _Tags()
     tags.feed(page)
     assert tags.tags <= _ALLOWED_TAGS, tags.tags - _ALLOWED_TAGS
@@ -90,6 +90,17 @@ def test_a_report_with_any_figure_replaced(where: str, key: str, value: Any) -> 
     doc = hostile_report().to_dict()
     doc[where][key] = value
     _check(doc)
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(_FIELDS), max_size=3), st.lists(_json, min_size=3, max_size=3),
+       st.integers(1, 3))
+def test_a_list_of_reports_with_fields_replaced(fields: list[str], values: list[Any],
+                                                n: int) -> None:
+    docs = [hostile_report().to_dict() for _ in range(n)]
+    for i, (field, value) in enumerate(zip(fields, values, strict=False)):
+        docs[i % n][field] = value
+    _check(docs)
 
 
 @SETTINGS

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from sandbox import _cli
-from sandbox._html import MAX_REPORT_BYTES, origins, read_report, render_html
+from sandbox._html import (
+    MAX_REPORT_BYTES,
+    origins,
+    read_report,
+    read_reports,
+    render_html,
+    render_html_many,
+)
 from sandbox.errors import ReportInvalid
 from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
 
@@ -181,3 +188,39 @@ def test_cli_writes_the_page_and_keeps_the_reports_exit_code(
     bad = _write(tmp_path, "{}")
     assert _cli.main(["report", str(bad), "--html", str(out)]) == 2
     assert "error[report-invalid]" in capsys.readouterr().err
+
+
+def test_a_batch_list_is_one_page_with_a_table_and_unique_ids(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clean = LoadReport(input_path="good.pt", events=[Event(1, 0.1, "kernel", "openat", {})])
+    bad = hostile_report()
+    src = _write(tmp_path, json.dumps([clean.to_dict(), bad.to_dict()]))
+    assert [r.input_path for r in read_reports(src)] == ["good.pt", HOSTILE_NAME]
+    with pytest.raises(ReportInvalid, match="not one"):
+        read_report(src)
+    page = render_html_many(read_reports(src))
+    found = tags(page)
+    ids = [a["id"] for _, a in found if a.get("id")]
+    assert len(ids) == len(set(ids))  # every report's ids are its own
+    assert {"r0-ev-1", "r1-ev-1", "r1-ev-5", "r0-findings", "r1-findings"} <= set(ids)
+    rows = page.split('<table id="reports">')[1].split("</table>")[0].split("<tr>")[2:]
+    assert len(rows) == 2 and "malicious" in rows[0] and 'href="#r1"' in rows[0]  # worst first
+    assert 'href="#r1-ev-5"' in page and 'href="#ev-5"' not in page
+    out = tmp_path / "batch.html"
+    assert _cli.main(["report", str(src), "--html", str(out)]) == 1
+    assert "2 reports: 1 malicious, 1 clean" in capsys.readouterr().out
+    assert out.read_text() == page
+    assert _cli.main(["report", str(src)]) == 1  # text: both reports
+    text = capsys.readouterr().out
+    assert "good.pt: CLEAN" in text and "MALICIOUS" in text
+
+
+@pytest.mark.parametrize(("doc", "problem"), [
+    ([], "a list of reports must hold"),
+    ([{"schema": "model-sandbox/load-report/1.0", "input_path": "a", "verdict": "clean"}, 3],
+     "report [1]: the document must be a JSON object"),
+])
+def test_malformed_lists_of_reports_are_refused(tmp_path: Path, doc: Any, problem: str) -> None:
+    with pytest.raises(ReportInvalid) as info:
+        read_reports(_write(tmp_path, doc))
+    assert problem in info.value.problem
