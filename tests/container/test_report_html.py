@@ -5,7 +5,8 @@ marker in this test's directory, then connects to a port this test listens on. T
 CLI saved becomes a page (`model-sandbox report FILE --html OUT`); the browser loads it with no
 console error (a blocked script or fetch, an exception), shows the verdict and every finding, the timeline
 ties the refused execve and connect to the pickle global imported before them, and the
-resource chart draws the supervisor's samples. The
+resource chart draws the supervisor's samples; a list of reports (a batch's JSON) is one page
+with a table of them first. The
 screenshot is saved next to the page; ``MODEL_SANDBOX_UPDATE_SCREENSHOT=1`` also writes it to
 ``docs/img/report-hostile.png`` (the README's picture)."""
 
@@ -95,3 +96,24 @@ def test_hostile_report_page_in_chromium(tmp_path: Path, listener: Listener) -> 
     assert shot.stat().st_size > 10_000
     if os.environ.get("MODEL_SANDBOX_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, ROOT / "docs" / "img" / "report-hostile.png")
+
+    # a batch's list (this report and a benign file's static scan): one page, a table first
+    benign = sandbox.scan(ck.save(ck.state_dict(), tmp_path / "good.pt"), dynamic=False)
+    listed = tmp_path / "batch.json"
+    listed.write_text(json.dumps([benign.to_dict(), report.to_dict()]))
+    many = tmp_path / "batch.html"
+    proc = subprocess.run([sys.executable, "-m", "sandbox", "report", str(listed), "--html",
+                           str(many)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1 and "2 reports" in proc.stdout, proc.stderr
+    page = open_page(many.as_uri(), """JSON.stringify({
+      rows: [...document.querySelectorAll('#reports tbody tr')].map(r => r.innerText),
+      sections: [...document.querySelectorAll('section.report')].map(s => ({
+        id: s.id, findings: s.querySelectorAll('.finding').length,
+        height: s.getBoundingClientRect().height})),
+    })""")
+    assert [m for m in page.console if m.get("level") in ("error", "assert")] == []
+    seen = json.loads(page.value)
+    assert len(seen["rows"]) == 2 and seen["rows"][0].startswith("MALICIOUS")
+    assert "good.pt" in seen["rows"][1]
+    assert [s["findings"] for s in seen["sections"]] == [len(report.findings), 0]
+    assert all(s["height"] > 100 for s in seen["sections"])
