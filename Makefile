@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv engine image demo test test-unit lint docs clean
+.PHONY: help venv engine browser image demo test test-unit lint docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,13 +20,16 @@ venv: $(STAMP) ## create .venv and install the package with its dev tools
 engine: ## install and start a Docker engine if none is reachable (Debian, root)
 	@scripts/ensure-docker.sh
 
+browser: ## install Debian's chromium for the HTML report's browser test unless one is there (root)
+	@scripts/ensure-chromium.sh
+
 image: venv engine ## build the worker image (offline) unless it is up to date
 	$(BIN)/model-sandbox image build
 
 demo: image ## convert a benign and a hostile checkpoint that the demo generates
 	$(BIN)/python examples/demo.py
 
-test: image ## the whole suite, container tests included
+test: image browser ## the whole suite, container tests included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: venv ## tests that need no Docker engine

@@ -479,6 +479,7 @@ class BatchProgress:
     elapsed_s: float
     counts: Mapping[str, int]
     last: ItemResult | None
+    running: tuple[str, ...] = ()  # inputs being loaded now (relative paths, sorted)
 
     @property
     def rate_bytes_s(self) -> float:
@@ -933,10 +934,12 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
                 progress(BatchProgress(
                     done=len(summary.results) - len(skipped), total=len(entries),
                     bytes_done=done_bytes, bytes_total=total_bytes,
-                    elapsed_s=time.monotonic() - start, counts=_counts(summary.results), last=last))
+                    elapsed_s=time.monotonic() - start, counts=_counts(summary.results), last=last,
+                    running=tuple(sorted(e.rel for f, e in pending.items() if f.running()))))
 
+        pending: dict[Future[ItemResult], Entry] = {}
         pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="model-sandbox-batch")
-        pending: dict[Future[ItemResult], Entry] = {pool.submit(_process, e, ctx): e for e in entries}
+        pending.update({pool.submit(_process, e, ctx): e for e in entries})
         try:
             snapshot(None)
             while pending:

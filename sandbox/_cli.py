@@ -14,11 +14,10 @@ import re
 import signal
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from . import _api, _files, _hfcache
 from ._launch import DockerRunner, Runner
@@ -107,8 +106,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     targets = [t for p in paths for t in _hfcache.expand(p)]
     by_blob: dict[str, LoadReport] = {}  # a blob several revisions share is scanned once
     reports = []
-    with _runner(len({t.real for t in targets})) as runner:
+    bar: Any = None
+    if args.format == "text" and len(targets) > 1 and sys.stderr.isatty():
+        from ._term import ScanBar, console
+
+        bar = ScanBar(console(sys.stderr), len(targets))
+    with _runner(len({t.real for t in targets})) as runner, \
+            bar if bar is not None else contextlib.nullcontext():
         for t in targets:
+            if bar is not None:
+                bar.start(t.path)
             first = by_blob.get(t.real)
             if first is None:
                 first = by_blob[t.real] = _api.scan(
@@ -119,10 +126,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 report = dataclasses.replace(first, input_path=t.path)
                 report.notes = [*first.notes, "the same file as another revision's: scanned once"]
             reports.append(report)
+            if bar is not None:
+                bar.done(report)
     if args.format == "text" and any(t.repo for t in targets):
         print(_models_text(targets, reports))
     else:
         _emit(reports, args.format)
+    if args.format == "text" and len(reports) > 1 and sys.stdout.isatty():
+        from ._term import console, scan_table
+
+        print()
+        console(sys.stdout).print(scan_table(reports))  # a person reads the verdicts at a glance
     return _exit_code(reports)
 
 
@@ -184,45 +198,6 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def _duration(s: float | None) -> str:
-    if s is None:
-        return "--:--"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-class _ProgressLine:
-    """One self-rewriting line on a terminal (stderr), at most ten times a second."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.last = 0.0
-        self.width = 0
-
-    def __call__(self, p: object) -> None:
-        from ._batch import BatchProgress
-
-        assert isinstance(p, BatchProgress)
-        now = time.monotonic()
-        if now - self.last < 0.1 and p.done < p.total:
-            return
-        self.last = now
-        c = p.counts
-        pct = 100 * p.bytes_done / p.bytes_total if p.bytes_total else 100.0
-        text = (f"[{p.done}/{p.total}] {pct:3.0f}% {_size(p.bytes_done)}/{_size(p.bytes_total)} "
-                f"{_size(p.rate_bytes_s)}/s ETA {_duration(p.eta_s)} | clean {c['clean']} "
-                f"suspicious {c['suspicious']} malicious {c['malicious']} failed {c['error']} "
-                f"skipped {c['skipped']}")
-        self.width = max(self.width, len(text))
-        self.stream.write("\r" + text.ljust(self.width))
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
 
 
 def _item_line(r: object) -> str:
@@ -320,18 +295,25 @@ def _convert_batch(args: argparse.Namespace) -> int:
         report_dir=Path(args.report_dir) if args.report_dir else None,
         pins=_pins(args, args.srcs), require_pins=bool(args.lock), shared=args.shared)
     interactive = args.format == "text" and not args.quiet
-    bar = _ProgressLine(sys.stderr) if interactive and sys.stderr.isatty() else None
+    # a person watching stderr gets rich's bar; anything else the plain per-file lines
+    bar: Any = None
+    if interactive and sys.stderr.isatty():
+        from ._term import BatchBar, console
+
+        bar = BatchBar(console(sys.stderr))
     per_file = interactive and bar is None
-    try:
-        with _cluster(args.cluster) as client:
-            summary = run_batch(args.srcs, args.output, options, progress=bar,
-                                on_result=(lambda r: print(_item_line(r), flush=True))
-                                if per_file else None,
-                                client=client, cluster_output=args.cluster_output)
-    finally:
-        if bar is not None:
-            bar.close()
-    if args.format == "text":
+    with bar if bar is not None else contextlib.nullcontext(), _cluster(args.cluster) as client:
+        summary = run_batch(args.srcs, args.output, options, progress=bar,
+                            on_result=(lambda r: print(_item_line(r), flush=True))
+                            if per_file else None,
+                            client=client, cluster_output=args.cluster_output)
+    if args.format == "text" and sys.stdout.isatty():
+        from ._term import console, summary_tables
+
+        console(sys.stdout).print(summary_tables(summary, quiet=args.quiet))
+        for note in summary.notes:
+            print(f"note: {note}")
+    elif args.format == "text":
         print(_summary_text(summary, quiet=args.quiet))
     else:
         reports = summary.reports()
@@ -434,10 +416,19 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_report_render(args: argparse.Namespace) -> int:
-    text = Path(args.file).read_text("utf-8")
-    report = LoadReport.from_json(text)
-    _emit([report], args.format)
-    return report.exit_code
+    from ._html import read_reports, write_html
+
+    reports = read_reports(args.file)  # untrusted input: size-capped, strict, each field checked
+    if args.html:
+        path = write_html(reports, args.html)
+        what = ", ".join(f"{n} {v}" for v in ("malicious", "suspicious", "error", "clean")
+                         if (n := sum(r.verdict.value == v for r in reports)))
+        print(f"wrote {clean_text(str(path), 500)} ({len(reports)} "
+              f"report{'s' if len(reports) > 1 else ''}: {what}; "
+              f"{sum(len(r.findings) for r in reports)} findings)")
+    else:
+        _emit(reports, args.format)
+    return _exit_code(reports)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -577,19 +568,44 @@ def build_parser() -> argparse.ArgumentParser:
         where.add_argument("--target", metavar="DIR", help="another site directory")
         a.set_defaults(func=func)
 
-    p = sub.add_parser("report", help="render a saved report", description="Render a JSON report.")
+    p = sub.add_parser("report", help="render a saved report as text, JSON, SARIF or an HTML page",
+                       description="Render a saved JSON report (or a batch's list of them). "
+                                   "`report FILE ...` is short for `report render FILE ...`.")
     rsub = p.add_subparsers(dest="report_command", required=True, metavar="ACTION")
-    r = rsub.add_parser("render", help="print a saved JSON report as text or JSON",
-                        description="Print a saved JSON report.")
+    r = rsub.add_parser("render", help="print a saved JSON report, or write it as an HTML page",
+                        description="Print a saved JSON report or list of reports (checked field "
+                                    "by field first), or with --html write one self-contained "
+                                    "page (several reports: a table of them first): verdict, "
+                                    "findings with their evidence, a timeline of the events "
+                                    "and the resource use (over time where the report has "
+                                    "the samples, and the peaks).")
     r.add_argument("file", metavar="FILE")
     r.add_argument("--format", choices=("text", "json", "sarif"), default="text")
+    r.add_argument("--html", metavar="OUT",
+                   help="write the report as one HTML page (no external assets, no script) "
+                        "to OUT instead of printing it")
     r.set_defaults(func=cmd_report_render)
     return parser
 
 
+_REPORT_ACTIONS = ("render", "-h", "--help")
+
+
+def _shorthand(argv: list[str]) -> list[str]:
+    """``report FILE ...`` is ``report render FILE ...``."""
+    for i, arg in enumerate(argv):
+        if arg == "report":
+            if i + 1 < len(argv) and argv[i + 1] not in _REPORT_ACTIONS:
+                return [*argv[: i + 1], "render", *argv[i + 1:]]
+            return argv
+        if not arg.startswith("-"):
+            return argv
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_shorthand(list(sys.argv[1:] if argv is None else argv)))
     _terminate_like_interrupt()
     try:
         code: int = args.func(args)

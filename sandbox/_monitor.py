@@ -74,6 +74,8 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
         # the supervisor's samples of the loader's process tree
         for key, value in status.resources:
             out.resources["sampling_error" if key == "error" else key] = value
+        if status.series:
+            out.resources["series"] = [list(p) for p in status.series]
         if status.env_keys:
             out.findings.append(Finding(
                 rule="environment-not-empty", severity=Severity.HIGH, category="credential",

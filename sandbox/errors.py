@@ -28,6 +28,7 @@
     ├── ClusterError                  the Dask cluster cannot run the batch, or lost a file's task
     │   └── WorkerNotReady            a Dask worker cannot run our sandbox (runner, image digest)
     ├── LockFileError                 a lock file cannot be used
+    ├── ReportInvalid                 a saved report is not one (not JSON, a field of the wrong type)
     └── InternalError                 model-sandbox failed on this input (a bug)
 
 Every class carries structured fields and a message that says what happened and what to do.
@@ -69,6 +70,7 @@ __all__ = [
     "NotPinned",
     "OutputRejected",
     "PolicyError",
+    "ReportInvalid",
     "SandboxError",
     "SandboxViolation",
     "TruncatedInput",
@@ -356,6 +358,19 @@ class LockFileError(SandboxError):
 
     reference = "lock-file-invalid"
     hint = "regenerate it with `model-sandbox lock PATH... > FILE` after checking the files"
+
+
+class ReportInvalid(SandboxError):
+    """A saved JSON report cannot be read: too large, not strict JSON, another schema, or a
+    field of the wrong type (``.problem`` says which)."""
+
+    reference = "report-invalid"
+    hint = "give a report written by model-sandbox (`--format json` or FILE.report.json)"
+
+    def __init__(self, message: str, *, path: str | None = None, problem: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.problem = problem
 
 
 class InternalError(SandboxError):

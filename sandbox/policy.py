@@ -161,7 +161,7 @@ class Policy:
         names = builtin_names()
         if name not in names:
             raise PolicyError(f"no built-in policy {name!r}; built-in: {', '.join(names)}")
-        text = resources.files("sandbox.policies").joinpath(f"{name}.toml").read_text("utf-8")
+        text = _policy_files().joinpath(f"{name}.toml").read_text("utf-8")
         return cls.from_toml(text, source=f"<builtin:{name}>")
 
     @classmethod
@@ -287,11 +287,23 @@ def _event_rules(raw: Any, problems: list[str]) -> EventRules:
     return EventRules(**kwargs)
 
 
+def _policy_files() -> Any:
+    """The built-in policy files: the installed ``sandbox.policies`` package, or, in a source
+    checkout run without installing (the static pre-commit hook), its ``policies/`` folder."""
+    try:
+        return resources.files("sandbox.policies")
+    except ModuleNotFoundError:
+        checkout = Path(__file__).resolve().parent.parent / "policies"
+        if not (checkout / "default.toml").is_file():
+            raise
+        return checkout
+
+
 def builtin_names() -> list[str]:
-    files = resources.files("sandbox.policies")
+    files = _policy_files()
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".toml"))
 
 
 def seccomp_profile() -> str:
     """The container-level seccomp profile (Docker's JSON format), as text."""
-    return resources.files("sandbox.policies").joinpath("seccomp.json").read_text("utf-8")
+    return str(_policy_files().joinpath("seccomp.json").read_text("utf-8"))

@@ -69,6 +69,7 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool) -> None:
             _loader.prepare()  # torch, numpy, safetensors: trusted code, no input yet
         os.write(ch.hand_w, b"R")  # warm: the supervisor says hello only now
         cfg, input_fd = _receive_job(ch.job)
+        received = time.monotonic()  # the supervisor's kernel events count from (about) here
         if cfg.max_output_bytes > 0:
             resource.setrlimit(resource.RLIMIT_FSIZE, (cfg.max_output_bytes, cfg.max_output_bytes))
         if cfg.cpu_s > 0:  # a backstop per process: the supervisor stops the whole tree before this
@@ -103,7 +104,7 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool) -> None:
             layout = _loader.try_layout(source) if cfg.layout else None
             if layout is None:
                 _loader.prepare()
-            _audit.install(ch.audit_w, time.monotonic())
+            _audit.install(ch.audit_w, received)  # one clock for both sources
             if layout is not None:  # a plain state dict: the host maps the bytes itself
                 _loader.write_layout(layout, manifest_fd=ch.manifest)
                 message = {"ok": True, "format": layout["format"],
@@ -357,11 +358,18 @@ class _Resources:
     processes are counted. Peaks are over samples, so a spike shorter than the interval can be
     missed (the final figures also take the kernel's ``ru_maxrss`` of the largest process)."""
 
-    def __init__(self, loader: int, cpu_limit_s: float) -> None:
+    def __init__(self, loader: int, cpu_limit_s: float, start: float = 0.0) -> None:
         self.loader = loader
         self.cpu_limit_s = cpu_limit_s
+        self.start = start  # the job's start: the series' times count from it, as events do
+        # (t, cpu_s, rss) per kept sample: at most MAX_RESOURCE_POINTS, halved (every other
+        # point kept, and from then on every second sample) whenever it fills
+        self.series: list[tuple[float, float, int]] = []
+        self.stride = 1
+        self.seen = 0  # samples offered to the series
         self.me = os.getpid()
         self.next_at = 0.0
+        self.at = 0.0  # when the current sample was taken
         self.samples = 0
         self.cpu_s = 0.0
         self.rss_peak = 0
@@ -386,6 +394,7 @@ class _Resources:
 
     def sample(self, now: float) -> None:
         self.next_at = now + _SAMPLE_EVERY_S
+        self.at = now
         t0 = time.perf_counter()
         try:
             self._sample()
@@ -424,6 +433,21 @@ class _Resources:
         self.rss_peak = max(self.rss_peak, rss)
         self.threads_peak = max(self.threads_peak, threads)
         self.children_peak = max(self.children_peak, others)
+        self.keep(self.at - self.start, self.cpu_s, rss)
+
+    def keep(self, t: float, cpu_s: float, rss: int) -> None:
+        """Add this sample to the series when it falls on the stride; when the series is full,
+        keep every other point and from then on every other sample: evenly spread over the
+        whole load, at most MAX_RESOURCE_POINTS."""
+        self.seen += 1
+        if (self.seen - 1) % self.stride:
+            return
+        if len(self.series) >= P.MAX_RESOURCE_POINTS:
+            self.series = self.series[::2]
+            self.stride *= 2
+            if (self.seen - 1) % self.stride:
+                return
+        self.series.append((round(max(0.0, t), 3), round(cpu_s, 3), rss))
 
     def finish(self) -> dict[str, Any]:
         """Final figures, once every loader process has been reaped."""
@@ -435,6 +459,7 @@ class _Resources:
             "children_peak": self.children_peak,
             "samples": self.samples,
             "sample_s": round(self.sample_s, 4),
+            "series": [list(p) for p in self.series],
         }
         if self.error:
             out["error"] = self.error
@@ -692,6 +717,10 @@ class _Supervisor:
 
     def _bounded_status(self) -> dict[str, Any]:
         data = json.dumps(self.status, default=str).encode()
+        resources = self.status.get("resources")
+        if len(data) > P.MAX_FRAME and isinstance(resources, dict) and resources.get("series"):
+            resources.pop("series")  # the samples over time give way first; counts are evidence
+            data = json.dumps(self.status, default=str).encode()
         if len(data) > P.MAX_FRAME:
             self.status["monitor"]["counts"] = {}
             self.status["monitor"]["counts_dropped"] = True
@@ -729,7 +758,7 @@ class _Supervisor:
                    audit_r: int, canary_files: list[str]
                    ) -> tuple[bytes, int, str | None, dict[str, Any], dict[str, Any]]:
         log, start = self.log, self.start
-        resources = _Resources(pid, cfg.cpu_s)
+        resources = _Resources(pid, cfg.cpu_s, start)
         monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start, cfg)
         monitor_info: dict[str, Any] = {"kernel": monitor is not None}
         for fd in (rfd, audit_r):

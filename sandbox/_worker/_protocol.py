@@ -510,6 +510,8 @@ class Status:
     limit: str | None = None
     timed_out: bool = False
     resources: tuple[tuple[str, float | int | str], ...] = ()
+    #: the supervisor's samples over time: (seconds since the job began, CPU seconds, RSS bytes)
+    series: tuple[tuple[float, float, int], ...] = ()
     stopped: Stopped | None = None
     result: LoadResult | None = None
     canaries: tuple[tuple[str, str], ...] = ()
@@ -555,7 +557,8 @@ class Status:
             cpu_system_s=_opt_num(d, "cpu_system_s", what),
             max_rss_kb=_opt_int(d, "max_rss_kb", what), exit_code=_opt_int(d, "exit_code", what),
             limit=str(limit) if limit is not None else None, timed_out=timed_out is True,
-            resources=cls._resources(d.get("resources")), stopped=cls._stopped(d.get("stopped")),
+            resources=cls._resources(d.get("resources")), series=cls._series(d.get("resources")),
+            stopped=cls._stopped(d.get("stopped")),
             result=cls._result(d.get("result")), canaries=canaries, canary_files=canary_files,
             kernel_monitor=kernel, counts=counts, truncated=truncated,
             output_problems=tuple(sorted((str(k), str(v)[:200]) for k, v in problems.items())))
@@ -579,6 +582,28 @@ class Status:
         err = _opt_str(r, "error", 200, what)
         if err is not None:
             out.append(("error", err))
+        return tuple(out)
+
+    @staticmethod
+    def _series(raw: object) -> tuple[tuple[float, float, int], ...]:
+        """``resources.series``: at most :data:`MAX_RESOURCE_POINTS` triples of finite,
+        non-negative numbers, in time order."""
+        if not isinstance(raw, dict) or raw.get("series") is None:
+            return ()
+        what = f"{STATUS_FILE}.resources.series"
+        points = raw["series"]
+        _req(isinstance(points, list) and len(points) <= MAX_RESOURCE_POINTS,
+             f"{what} is not a list of at most {MAX_RESOURCE_POINTS} samples")
+        out: list[tuple[float, float, int]] = []
+        for p in points:
+            _req(isinstance(p, list) and len(p) == 3
+                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+                 and isinstance(p[2], int), f"{what}: a sample is not [t, cpu_s, rss_bytes]")
+            t, cpu, rss = float(p[0]), float(p[1]), int(p[2])
+            _req(0 <= t <= 1e7 and 0 <= cpu <= 1e9 and 0 <= rss < 2**50,
+                 f"{what}: a sample is out of range")
+            _req(not out or t >= out[-1][0], f"{what}: samples are not in time order")
+            out.append((t, cpu, rss))
         return tuple(out)
 
     @staticmethod
@@ -735,6 +760,7 @@ MAX_SELF_REPORTED_EVENTS = 1000
 MAX_EVENT_LINE = 16 * 1024
 MAX_EVENTS_BYTES = 16 * 1024 * 1024
 MAX_CANARIES = 32
+MAX_RESOURCE_POINTS = 300  # (t, cpu_s, rss_bytes) samples of the loader's tree in a status
 
 # Bounds the host applies when reading (the worker keeps within them too).
 MAX_JSON_BYTES = 64 * 1024 * 1024

@@ -1,6 +1,7 @@
 """The loaders people use, offline, with every torch.load routed through the sandbox
-(``patch_torch``): transformers (a ``.bin`` and a sharded ``.bin`` directory), a Lightning-style
-checkpoint, and ``nn.Module.load_state_dict(torch.load(...))``. The results equal the
+(``patch_torch``): transformers (a ``.bin`` and a sharded ``.bin`` directory), diffusers (a real
+``UNet2DModel`` from a tiny config, saved as ``.bin``), a Lightning-style checkpoint, and
+``nn.Module.load_state_dict(torch.load(...))``. The results equal the
 originals and each load went through ``safe_load``; a hostile variant raises and leaves no
 marker. The sharded directory, converted by a batch, loads with ``from_pretrained`` too."""
 
@@ -129,3 +130,56 @@ def test_lightning_style_checkpoint_and_load_state_dict(tmp_path: Path, calls: l
     assert torch.equal(state[0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert same_weights(net, fresh)
     assert calls == [str(path), str(plain)]
+
+
+def tiny_unet() -> Any:
+    """A real diffusers model class from a tiny config (a few thousand parameters)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def test_diffusers_from_pretrained_goes_through_the_sandbox(tmp_path: Path,
+                                                           calls: list[str]) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    model = tiny_unet()
+    model.save_pretrained(tmp_path / "unet", safe_serialization=False)
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.bin"
+    assert weights.is_file() and not list((tmp_path / "unet").glob("*.safetensors"))
+    with sandbox.patch_torch():
+        loaded = diffusers.UNet2DModel.from_pretrained(tmp_path / "unet", use_safetensors=False)
+    assert same_weights(model, loaded)
+    assert [Path(c).name for c in calls] == [weights.name]
+    # the sandbox's own report of the same file: a clean torch zip whose tensors all came back
+    report = sandbox.scan(weights)
+    assert report.verdict is sandbox.Verdict.CLEAN and report.format == "torch-zip"
+    assert report.tensors == len(model.state_dict())
+
+
+def test_a_hostile_bin_raises_in_diffusers_from_pretrained(tmp_path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    model = tiny_unet()
+    model.save_pretrained(tmp_path / "unet", safe_serialization=False)
+    marker = tmp_path / "marker"
+    sd: dict[str, Any] = dict(model.state_dict())
+    sd["payload"] = ck.Reduce(os.system, f"touch {marker}")
+    torch.save(sd, tmp_path / "unet" / "diffusion_pytorch_model.bin")
+    with sandbox.patch_torch(), pytest.raises(OSError) as info:
+        diffusers.UNet2DModel.from_pretrained(tmp_path / "unet", use_safetensors=False)
+    # diffusers' load_state_dict turns whatever torch.load raised into its own OSError
+    # ("Unable to load weights ..."): ours is in the chain, with its report
+    violations = [e for e in _chain(info.value) if isinstance(e, sandbox.SandboxViolation)]
+    assert violations, repr(info.value)
+    assert violations[0].report is not None and violations[0].report.verdict.value == "malicious"
+    assert not marker.exists()

@@ -4,6 +4,7 @@ supervisor enforced becomes an error and a finding."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,24 @@ def test_malformed_resources_are_rejected(resources: Any) -> None:
         validate_status(status(resources=resources))
 
 
+@pytest.mark.parametrize("series", [
+    "x", [[0.1, 0.2]], [[0.1, 0.2, 1.5]], [[0.1, True, 1]], [["0", 0, 1]], [[-1, 0, 1]],
+    [[0.1, 0, -1]], [[0.2, 0, 1], [0.1, 0, 1]], [[0.1, 0, 1]] * (P.MAX_RESOURCE_POINTS + 1),
+])
+def test_malformed_resource_series_are_rejected(series: Any) -> None:
+    with pytest.raises(OutputRejected, match="series"):
+        validate_status(status(resources={**RESOURCES, "series": series}))
+
+
+def test_a_resource_series_reaches_the_report_as_samples(tmp_path: Path) -> None:
+    points = [[i / 10, i / 20, 1000 + i] for i in range(P.MAX_RESOURCE_POINTS)]
+    got = validate_status(status(resources={**RESOURCES, "series": points}))
+    assert len(got.series) == P.MAX_RESOURCE_POINTS and got.series[3] == (0.3, 0.15, 1003)
+    assert "series" not in dict(got.resources)
+    out = _monitor.interpret(done(exit_code=0), got, spec(tmp_path), job(), "in.pt")
+    assert out.resources["series"][1] == [0.1, 0.05, 1001]
+
+
 @pytest.mark.parametrize("limit", ["memory", "CPU", "", 1, ["cpu"]])
 def test_unknown_limits_are_rejected(limit: Any) -> None:
     with pytest.raises(OutputRejected, match="limit"):
@@ -169,3 +188,36 @@ def test_cpu_limit_through_the_pipeline(tmp_path: Path) -> None:
     report = info.value.report
     assert report is not None and report.resources["cpu_s"] == 2.1
     assert any(f.rule == "limit-cpu" for f in report.findings)
+
+
+# -- the supervisor's series ------------------------------------------------------------------------
+
+def test_the_series_stays_bounded_and_evenly_spread() -> None:
+    from sandbox._worker.__main__ import _Resources
+
+    r = _Resources(loader=1, cpu_limit_s=0, start=0.0)
+    for i in range(1000):
+        r.keep(i / 10, i / 100, 1000 + i)
+    kept = [p[2] - 1000 for p in r.series]
+    assert len(kept) <= P.MAX_RESOURCE_POINTS and kept[0] == 0 and kept[-1] >= 990
+    assert {b - a for a, b in itertools.pairwise(kept)} == {r.stride}
+    # and what it reports passes the wire format's own check
+    doc = status(resources={**RESOURCES, "series": [list(p) for p in r.series]})
+    assert len(validate_status(doc).series) == len(kept)
+
+
+def test_an_oversize_status_drops_the_series_before_the_counts() -> None:
+    from sandbox._worker.__main__ import _Supervisor
+
+    sup = _Supervisor(host=None, prepare=False)  # type: ignore[arg-type]
+    series = [[i / 10, i / 100, 10**12 + i] for i in range(P.MAX_RESOURCE_POINTS)]
+    counts = {f"kernel:call{i}:denied": i for i in range(200)}
+    sup.status.update({"exit_code": 0, "resources": {**RESOURCES, "series": series},
+                       "monitor": {"kernel": True, "counts": counts},
+                       "result": {"ok": True, "format": "torch-zip"}})
+    small = len(json.dumps({**sup.status, "resources": RESOURCES}))
+    padding = P.MAX_FRAME - small - 1000  # fits without the series, not with it
+    sup.status["env_keys"] = ["K" * 199] * (padding // 203)
+    out = sup._bounded_status()
+    assert "series" not in out["resources"] and out["monitor"]["counts"] == counts
+    assert len(json.dumps(out)) <= P.MAX_FRAME

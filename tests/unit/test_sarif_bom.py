@@ -87,7 +87,8 @@ def emitted_rules() -> set[str]:
         found |= set(re.findall(r'^\s+"([a-z]+(?:-[a-z0-9]+)+)", Severity\.', src, flags=re.M))
         found |= set(re.findall(r'reference = "([a-z0-9-]+)"', src))
         found |= {f"limit-{m.replace('_', '-')}" for m in re.findall(r'_limit\("([a-z_]+)"', src)}
-    return found - {"batch-error", "lock-file-invalid", "policy-error", "sandbox-violation",
+    return found - {"batch-error", "lock-file-invalid", "report-invalid", "policy-error",
+                    "sandbox-violation",
                     "input-error", "unrepresentable-object"} | {"unrepresentable-object"}
 
 
