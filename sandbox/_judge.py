@@ -21,7 +21,8 @@ __all__ = ["SCAN_STOPPED", "apply_severities", "calls_a_function", "differential
            "resource_abuse", "static_stage", "static_stops", "verdict"]
 
 
-_COMPARABLE_FORMATS = ("torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy", "numpy-npz")
+_COMPARABLE_FORMATS = ("torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy", "numpy-npz",
+                       "joblib")
 
 
 def verdict(report: LoadReport) -> Verdict:

@@ -59,6 +59,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import MalformedInput, MalformedStream
 from .report import Finding, Severity
@@ -2011,6 +2012,8 @@ def _compression(buf: _Buf) -> str | None:
         return "xz"
     if head[:3] == b"\x5d\x00\x00":
         return "lzma"
+    if head[:4] == b"\x04\x22\x4d\x18":
+        return "lz4"  # an LZ4 frame: joblib.dump(compress="lz4")
     return None
 
 
@@ -2042,7 +2045,11 @@ def _decompress(ctx: _Ctx, buf: _Buf, kind: str, cap: int) -> tuple[bytes, bool]
                     break
                 out += z.decompress(data, cap + 1 - len(out))
         else:
-            def fresh() -> bz2.BZ2Decompressor | lzma.LZMADecompressor:
+            def fresh() -> Any:  # bz2, lzma and lz4 decompressors share one interface
+                if kind == "lz4":
+                    import lz4.frame
+
+                    return lz4.frame.LZ4FrameDecompressor()
                 return bz2.BZ2Decompressor() if kind == "bz2" else lzma.LZMADecompressor()
             d = fresh()
             pending = b""
@@ -2050,8 +2057,8 @@ def _decompress(ctx: _Ctx, buf: _Buf, kind: str, cap: int) -> tuple[bytes, bool]
                 if time.monotonic() > ctx.deadline:
                     break
                 if d.eof:
-                    rest = d.unused_data + pending
-                    if not rest or kind not in ("bz2", "xz"):
+                    rest = (d.unused_data or b"") + pending  # lz4: None when empty
+                    if not rest or kind not in ("bz2", "xz", "lz4"):
                         break
                     d, pending = fresh(), b""
                     out += d.decompress(rest, cap + 1 - len(out))
@@ -2067,7 +2074,7 @@ def _decompress(ctx: _Ctx, buf: _Buf, kind: str, cap: int) -> tuple[bytes, bool]
                 else:
                     data = b""
                 out += d.decompress(data, cap + 1 - len(out))
-    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
+    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError, RuntimeError) as exc:
         raise MalformedInput(f"{kind} data does not decompress: {exc}") from None
     return bytes(out[:cap]), len(out) > cap
 
