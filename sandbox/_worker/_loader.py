@@ -176,8 +176,8 @@ def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
     """Load the input with the real loader. Returns (object, format, storage locations)."""
     inp = source if isinstance(source, Input) else _PathInput(source)
     fmt = identify(inp)
-    if fmt in ("torchscript", "safetensors", "unknown"):
-        what = {"torchscript": "a TorchScript archive", "safetensors": "already SafeTensors",
+    if fmt in ("safetensors", "unknown"):
+        what = {"safetensors": "already SafeTensors",
                 "unknown": "not a format model-sandbox loads"}[fmt]
         raise LoaderError("unsupported-format", f"the file is {what}", detected=fmt)
     import numpy as np
@@ -200,6 +200,9 @@ def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
             return _ghosts.Unpickler(f).load(), fmt, locations
     if fmt == "joblib":
         return _load_joblib(inp), fmt, locations
+    if fmt == "torchscript":  # the archive's code runs here, under the same monitoring
+        with inp.open() as f:
+            return torch.jit.load(f, map_location="cpu"), fmt, locations
     if fmt == "torch-tar":  # torch extracts a legacy tar's storages into a temporary directory
         import tempfile
 
