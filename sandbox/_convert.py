@@ -417,12 +417,6 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
             raise OutputRejected(f"composite {kind}: bad parameter {key!r}")
         return v
 
-    def scalar(name: str, want: torch.dtype) -> torch.Tensor:
-        t = parts[name]
-        if t.dtype != want or t.dim() != 0:
-            raise OutputRejected(f"composite {kind}: {name} must be a {want} scalar")
-        return t
-
     try:
         with warnings.catch_warnings():  # torch calls nested tensors a prototype
             warnings.simplefilter("ignore")
@@ -448,9 +442,11 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
                         or list(data.shape) != shape:
                     raise OutputRejected(f"composite {kind}: int_repr does not fit {dtype!s:.20}")
                 if kind == "quantized_per_tensor":
-                    out = torch._make_per_tensor_quantized_tensor(
-                        data, float(scalar("scale", torch.float64)),
-                        int(scalar("zero_point", torch.int64)))
+                    scale = param("scale", float)
+                    if not math.isfinite(scale):
+                        raise OutputRejected(f"composite {kind}: bad scale")
+                    out = torch._make_per_tensor_quantized_tensor(data, scale,
+                                                                  param("zero_point", int))
                 else:
                     axis = param("axis", int)
                     scales, zeros = parts["scales"], parts["zero_points"]

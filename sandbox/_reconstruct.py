@@ -271,7 +271,10 @@ def _storage_type(name: str) -> _StorageType | None:
     entry = _scan._STORAGE_TYPES.get(base)
     if entry is None:
         return None
-    return _StorageType(base, entry[0])
+    # a quantized storage holds the bytes of its integer representation (what the sandbox
+    # returns as a quantized tensor's int_repr)
+    return _StorageType(base, {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}.get(
+        entry[0], entry[0]))
 
 
 # --------------------------------------------------------------------------------------------

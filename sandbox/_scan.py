@@ -45,6 +45,7 @@ import _compat_pickle
 import ast
 import bz2
 import codecs
+import hashlib
 import io
 import json
 import lzma
@@ -378,6 +379,18 @@ class PickleScan:
 
 
 @dataclass(frozen=True)
+class JoblibArray:
+    """One numeric array joblib wrote inline after its wrapper: how the wrapper describes it
+    and the sha256 of its raw bytes (``fortran``: column-major)."""
+
+    code: str
+    byteorder: str
+    shape: tuple[int, ...]
+    fortran: bool
+    sha256: str
+
+
+@dataclass(frozen=True)
 class StaticScan:
     """Everything the static scan of one file found. See the module docstring."""
 
@@ -388,6 +401,7 @@ class StaticScan:
     findings: tuple[Finding, ...]
     protocol_max: int | None
     torch_would_load: str | None
+    joblib_arrays: tuple[JoblibArray, ...] = ()  # the inline arrays of a joblib file
 
     @property
     def max_severity(self) -> Severity | None:
@@ -449,6 +463,7 @@ class _Ctx:
     storages: list[StorageRecord] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     pickles: list[str] = field(default_factory=list)
+    joblib_arrays: list[JoblibArray] = field(default_factory=list)
     protocol_max: int | None = None
     format: str = "unknown"  # as far as known; reported in MalformedStream.partial
     target: str | None = None
@@ -792,6 +807,8 @@ def _walk(ctx: _Ctx, buf: _Buf, start: int, end: int, member: str, *, nest: int 
             need(pad)
             pos += pad
         need(nbytes)
+        if isinstance(state, _Dict):  # the host's own reading of the array, for _verify
+            ctx.joblib_arrays.append(_joblib_digest(state, bytes(buf[pos:pos + nbytes])))
         pos += nbytes
 
     op_off = pos
@@ -1230,6 +1247,20 @@ def _dtype_itemsize(code: str) -> int | None:
     return n * 4 if kind == "U" else n
 
 
+def _joblib_digest(state: _Dict, data: bytes) -> JoblibArray:
+    """dtype code, byte order, shape, memory order and sha256 of one inline joblib array."""
+    dtype = state.get("dtype")
+    code = dtype.args[0] if isinstance(dtype, _Obj) and isinstance(dtype.args, tuple) and \
+        dtype.args and isinstance(dtype.args[0], str) else "?"
+    dstate = dtype.state if isinstance(dtype, _Obj) else None
+    order = dstate[1] if isinstance(dstate, tuple) and len(dstate) > 1 and \
+        isinstance(dstate[1], str) else "|"
+    shape = state.get("shape")
+    memory = state.get("order")
+    return JoblibArray(code, order, shape if isinstance(shape, tuple) else (),
+                       memory == "F", hashlib.sha256(data).hexdigest())
+
+
 def _joblib_layout(state: object) -> tuple[int, bool, bool] | None:
     """(array bytes, holds objects, has alignment padding) from a NumpyArrayWrapper state."""
     if not isinstance(state, _Dict):
@@ -1303,7 +1334,8 @@ def _result(ctx: _Ctx, fmt: str, torch_would_load: str | None) -> StaticScan:
     return StaticScan(format=fmt, pickles=tuple(ctx.pickles), globals=_global_refs(ctx),
                       storages=tuple(ctx.storages),
                       findings=tuple(ctx.findings) + tuple(_global_findings(ctx)),
-                      protocol_max=ctx.protocol_max, torch_would_load=torch_would_load)
+                      protocol_max=ctx.protocol_max, torch_would_load=torch_would_load,
+                      joblib_arrays=tuple(ctx.joblib_arrays))
 
 
 # --------------------------------------------------------------------------------------------

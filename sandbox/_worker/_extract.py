@@ -383,10 +383,11 @@ def _recipe(t: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict[str, An
             return None
         scheme = t.qscheme()
         if scheme == torch.per_tensor_affine:
-            return "quantized_per_tensor", {
-                "int_repr": t.int_repr(),
-                "scale": torch.tensor(t.q_scale(), dtype=torch.float64),
-                "zero_point": torch.tensor(t.q_zero_point(), dtype=torch.int64)}, {}
+            scale = float(t.q_scale())
+            if not math.isfinite(scale):
+                return None
+            return "quantized_per_tensor", {"int_repr": t.int_repr()}, {
+                "scale": scale, "zero_point": int(t.q_zero_point())}
         if scheme == torch.per_channel_affine:
             return "quantized_per_channel", {
                 "int_repr": t.int_repr(), "scales": t.q_per_channel_scales(),

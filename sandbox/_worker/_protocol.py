@@ -778,7 +778,7 @@ COMPOSITE_KINDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "sparse_bsr": (frozenset({"crow_indices", "col_indices", "values"}), frozenset()),
     "sparse_csc": (frozenset({"ccol_indices", "row_indices", "values"}), frozenset()),
     "sparse_bsc": (frozenset({"ccol_indices", "row_indices", "values"}), frozenset()),
-    "quantized_per_tensor": (frozenset({"int_repr", "scale", "zero_point"}), frozenset()),
+    "quantized_per_tensor": (frozenset({"int_repr"}), frozenset()),  # scale, zero_point: params
     "quantized_per_channel": (frozenset({"int_repr", "scales", "zero_points"}), frozenset()),
     "nested": (frozenset(), frozenset()),
     "nested_jagged": (frozenset({"values", "offsets"}), frozenset({"lengths"})),
