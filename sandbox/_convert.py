@@ -350,9 +350,9 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             parts = node.get("parts")
             if not isinstance(parts, dict) or len(parts) > P.MAX_TENSORS:
                 raise OutputRejected("skeleton: composite without parts")
-            built = {str(k): tensor(v.get("ref") if isinstance(v, dict) else None)
-                     for k, v in parts.items()}
-            t = assemble(node, built)
+            pieces = {str(k): tensor(v.get("ref") if isinstance(v, dict) else None)
+                      for k, v in parts.items()}
+            t = assemble(node, pieces)
             if node.get("parameter") is True:
                 return torch.nn.Parameter(t, requires_grad=bool(node.get("requires_grad")))
             return t

@@ -1493,8 +1493,8 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
         digests: list[Digest] = []
         findings: list[Finding] = []
         with _scan._open_buffer(path) as buf:
-            if fmt in _LAYOUTS:
-                layout = _LAYOUTS[fmt](buf, budget)
+            if fmt in _LAYOUTS or fmt == "torchscript":  # TorchScript: a torch zip's records
+                layout = _LAYOUTS.get(fmt, _zip_layout)(buf, budget)
                 findings += layout.findings
             elif fmt == "pickle":
                 layout = _Layout(value=_evaluate(buf, 0, len(buf), None, budget)[0])

@@ -104,7 +104,7 @@ def joblib_inventory(scan: _scan.StaticScan) -> _reconstruct.Inventory:
     digests = set()
     for a in scan.joblib_arrays:
         dtype = _NP_TORCH.get(a.code.lstrip("<>|="))
-        if dtype is None or a.fortran and len(a.shape) > 1 or a.byteorder not in ("|", "=", native):
+        if dtype is None or (a.fortran and len(a.shape) > 1) or a.byteorder not in ("|", "=", native):
             continue
         digests.add((dtype, a.shape, a.sha256))
     return _reconstruct.Inventory(format="joblib", digests=frozenset(digests), findings=(),

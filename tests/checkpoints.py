@@ -356,7 +356,7 @@ class TorchScriptProbe(torch.nn.Module):
 
     @torch.jit.export
     def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
-        self.weight = state[0]
+        self.weight = state[0]  # type: ignore[assignment]
         self.path = state[1]
         self.training = state[2]
         if torch.from_file(self.path, False, 1, dtype=torch.uint8).numel() > 1:
@@ -373,7 +373,8 @@ class TorchScriptNet(torch.nn.Module):
         self.register_buffer("scale", torch.tensor([0.5, 2.0, 4.0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x) * self.scale
+        out: torch.Tensor = self.fc(x) * self.scale
+        return out
 
 
 def save_torchscript(module: torch.nn.Module, path: Path) -> Path:

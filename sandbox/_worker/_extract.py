@@ -249,7 +249,7 @@ class Extractor:
                         "parameter": False, "requires_grad": False}
                  for part, c in parts.items()}
         self.notes.append(f"{where}: {kind} tensor returned as its components "
-                          + ", ".join(n["ref"] for n in nodes.values()))
+                          + ", ".join(str(n["ref"]) for n in nodes.values()))
         node = {"$": "composite", "kind": kind, "name": name,
                 "dtype": str(t.dtype).removeprefix("torch."),
                 "shape": None if t.is_nested else [int(d) for d in t.shape],
@@ -369,8 +369,8 @@ def _recipe(t: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict[str, An
     (the host's ``_convert.assemble`` is the inverse), or None for a kind it does not know."""
     if t.is_nested:
         if t.layout == torch.jagged:
-            parts = {"values": t.values(), "offsets": t.offsets()}
-            lengths = t.lengths()
+            parts = {"values": t.values(), "offsets": t.offsets()}  # type: ignore[attr-defined]
+            lengths = t.lengths()  # type: ignore[attr-defined]
             if lengths is not None:
                 parts["lengths"] = lengths
             return "nested_jagged", parts, {"ragged_idx": int(t._ragged_idx)}  # type: ignore[attr-defined]

@@ -202,7 +202,7 @@ def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
         return _load_joblib(inp), fmt, locations
     if fmt == "torchscript":  # the archive's code runs here, under the same monitoring
         with inp.open() as f:
-            return torch.jit.load(f, map_location="cpu"), fmt, locations
+            return torch.jit.load(f, map_location="cpu"), fmt, locations  # type: ignore[no-untyped-call]
     if fmt == "torch-tar":  # torch extracts a legacy tar's storages into a temporary directory
         import tempfile
 
@@ -222,6 +222,9 @@ def _load_joblib(inp: Input) -> Any:
     """``joblib.load`` from a file object (never by name: joblib's pre-0.10 format would open
     companion files), with joblib's own unpickler, except that a class the sandbox does not
     have (a scikit-learn estimator) becomes a ghost, as in every other load."""
+    # joblib's import probes multiprocessing by creating a semaphore (a file in /dev/shm):
+    # nothing a load needs, and a write the monitoring would rightly report
+    os.environ["JOBLIB_MULTIPROCESSING"] = "0"
     import joblib
     from joblib import numpy_pickle
 
@@ -234,7 +237,7 @@ def _load_joblib(inp: Input) -> Any:
 
     numpy_pickle.NumpyUnpickler = Unpickler
     with inp.open() as f:
-        return joblib.load(f)
+        return joblib.load(f)  # type: ignore[no-untyped-call]
 
 
 def try_layout(source: Input) -> dict[str, Any] | None:
