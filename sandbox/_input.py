@@ -55,8 +55,8 @@ _MAGICS = (b"PK\x03\x04", b"\x93NUMPY",
 
 def refuse_non_checkpoint(fd: int, path: str | os.PathLike[str]) -> None:
     """Refuse, from the first bytes alone, an input that no loader could take: not a zip, a
-    numpy file, a tar archive, a pickle or a compressed stream (a file of zeros, a text file, an image). A 20 GB
-    file of zeros is refused at once instead of being hashed and loaded."""
+    numpy file, a tar archive, a pickle or a compressed stream (a file of zeros, a text file,
+    an image). A 20 GB file of zeros is refused at once instead of being hashed and loaded."""
     head = os.pread(fd, 512, 0)
     if not head:
         raise TruncatedInput(f"{os.fspath(path)!r} is empty", path=path)
@@ -67,7 +67,8 @@ def refuse_non_checkpoint(fd: int, path: str | os.PathLike[str]) -> None:
     if len(head) >= 9 and head[8:9] == b"{":  # SafeTensors: the static stage says so clearly
         return
     raise UnsupportedFormat(f"{os.fspath(path)!r} is not a checkpoint: its first bytes are not "
-                            "a zip, numpy, tar, pickle or compressed-stream header", path=path, detected="unknown")
+                            "a zip, numpy, tar, pickle or compressed-stream header", path=path,
+                            detected="unknown")
 
 
 def identity(fd: int) -> tuple[int, int, int, int]:

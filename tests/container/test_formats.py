@@ -150,9 +150,12 @@ def test_a_hostile_joblib_file_is_refused_and_its_payload_never_reaches_the_host
     assert not (tmp_path / "hostile.safetensors").exists()
     # loaded anyway (a policy that always runs the sandbox): the payload runs inside only
     report = sandbox.scan(src, policy=ck.observe_policy())
-    assert report.format == "joblib"
+    assert report.static["format"] == "joblib" and "builtins.eval" in report.static["dangerous"]
     assert report.verdict is sandbox.Verdict.MALICIOUS
-    assert any(f.rule == "code-execution" for f in report.findings), report.findings
+    code = [f for f in report.findings if f.rule == "code-execution"]
+    assert any(str(marker) in f.evidence.get("code", "") for f in code), report.findings
+    assert any(f.rule == "file-write" and f.evidence.get("path") == str(marker)
+               for f in report.findings)
     assert not marker.exists()
 
 
