@@ -405,10 +405,7 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
     elif not (isinstance(shape, list) and len(shape) <= P.MAX_NDIM and all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise OutputRejected("composite: bad shape")
-    if kind == "nested":
-        if not parts or set(parts) != {str(i) for i in range(len(parts))}:
-            raise OutputRejected("composite: nested parts must be numbered 0..n-1")
-    elif not need <= set(parts) <= need | optional:
+    if not need <= set(parts) <= need | optional:
         raise OutputRejected(f"composite {kind}: parts {sorted(parts)[:8]} are not its parts")
 
     def param(key: str, typ: type) -> Any:
@@ -457,8 +454,9 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
                                              "do not fit the data")
                     out = torch._make_per_channel_quantized_tensor(data, scales, zeros, axis)
             elif kind == "nested":
-                items = [parts[str(i)] for i in range(len(parts))]
-                out = torch.nested.nested_tensor(items)
+                _check_nested_views(parts)
+                out = torch._nested_view_from_buffer(parts["values"], parts["sizes"],
+                                                     parts["strides"], parts["storage_offsets"])
             else:  # nested_jagged
                 values, offsets = parts["values"], parts["offsets"]
                 lengths = parts.get("lengths")
@@ -478,6 +476,29 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
         raise OutputRejected(f"composite {kind}: the reassembled tensor does not have the "
                              "declared dtype and shape")
     return out
+
+
+def _check_nested_views(parts: dict[str, torch.Tensor]) -> None:
+    """Every piece of a strided nested tensor lies inside its buffer (what
+    ``_nested_view_from_buffer`` itself does not check)."""
+    import torch
+
+    values, sizes = parts["values"], parts["sizes"]
+    strides, offsets = parts["strides"], parts["storage_offsets"]
+    ok = values.dim() == 1 and sizes.dtype == strides.dtype == offsets.dtype == torch.int64 \
+        and sizes.dim() == 2 and strides.shape == sizes.shape and offsets.dim() == 1 \
+        and offsets.shape[0] == sizes.shape[0] and sizes.shape[0] > 0
+    if ok:
+        sizes_l, strides_l, offsets_l = sizes.tolist(), strides.tolist(), offsets.tolist()
+        for size, stride, offset in zip(sizes_l, strides_l, offsets_l, strict=True):
+            if offset < 0 or any(d < 0 for d in size) or any(s < 0 for s in stride):
+                ok = False
+            elif all(size) and offset + sum((d - 1) * s for d, s in zip(size, stride,
+                                                                         strict=True)) \
+                    >= values.numel():
+                ok = False
+    if not ok:
+        raise OutputRejected("composite nested: the pieces do not lie inside the buffer")
 
 
 def composites(skeleton: object) -> dict[str, dict[str, Any]]:

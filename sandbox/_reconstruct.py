@@ -426,6 +426,13 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
             p.tainted = t.tainted or not _harmless_state(args[3])
             return p
         return _Opaque(name, list(args))
+    if name == "torch._utils._rebuild_qtensor":
+        # (storage, offset, size, stride, quantizer params, requires_grad, hooks): the storage
+        # holds the integer representation, which the sandbox returns as ``<name>.int_repr``
+        # (the quantizer's per-channel tensors are read where the params build them)
+        if n == 7 and isinstance(args[0], _Storage):
+            return _make_tensor(args[0], args[1], args[2], args[3], None, None)
+        return _Opaque(name, list(args))
     if name == "builtins.bytes" and n == 0:  # protocol 2 pickles b"" as bytes()
         return b""
     if name == "builtins.bytearray" and n == 0:

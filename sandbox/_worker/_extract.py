@@ -374,8 +374,10 @@ def _recipe(t: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict[str, An
             if lengths is not None:
                 parts["lengths"] = lengths
             return "nested_jagged", parts, {"ragged_idx": int(t._ragged_idx)}  # type: ignore[attr-defined]
-        if t.layout == torch.strided:
-            return "nested", {str(i): c for i, c in enumerate(t.unbind())}, {}
+        if t.layout == torch.strided:  # what torch.save writes: a buffer and each piece's view
+            return "nested", {"values": t.values(), "sizes": t._nested_tensor_size(),
+                              "strides": t._nested_tensor_strides(),
+                              "storage_offsets": t._nested_tensor_storage_offsets()}, {}
         return None
     if t.is_quantized:
         dtype = str(t.dtype).removeprefix("torch.")

@@ -770,8 +770,8 @@ NODE_KINDS = frozenset({
     "composite",
 })
 # composite kind -> (the parts it needs, the optional parts); the host's _convert.assemble
-# rebuilds each, the worker's _extract._recipe takes it apart. Nested strided tensors have
-# numbered parts "0", "1", ... instead; nested tensors have no fixed shape ("shape": null).
+# rebuilds each, the worker's _extract._recipe takes it apart (nested tensors have no fixed
+# shape: "shape" is null).
 COMPOSITE_KINDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "sparse_coo": (frozenset({"indices", "values"}), frozenset()),
     "sparse_csr": (frozenset({"crow_indices", "col_indices", "values"}), frozenset()),
@@ -780,7 +780,7 @@ COMPOSITE_KINDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "sparse_bsc": (frozenset({"ccol_indices", "row_indices", "values"}), frozenset()),
     "quantized_per_tensor": (frozenset({"int_repr"}), frozenset()),  # scale, zero_point: params
     "quantized_per_channel": (frozenset({"int_repr", "scales", "zero_points"}), frozenset()),
-    "nested": (frozenset(), frozenset()),
+    "nested": (frozenset({"values", "sizes", "strides", "storage_offsets"}), frozenset()),
     "nested_jagged": (frozenset({"values", "offsets"}), frozenset({"lengths"})),
 }
 # Standard-library value types the host rebuilds from plain data (no code runs to make them):
