@@ -13,6 +13,7 @@ import builtins
 import collections
 import datetime
 import io
+import json
 import os
 import pathlib
 import pickle
@@ -318,6 +319,25 @@ def joblib_pipeline() -> dict[str, Any]:
     return {"weights": np.arange(20, dtype=np.float32).reshape(4, 5) - 3.5,
             "bias": np.array([1, -2, 3], dtype=np.int64), "estimator": Estimator(),
             "name": "pipeline"}
+
+
+def dump_joblib(path: Path, compress: Any = 0, payload_code: str | None = None) -> Path:
+    """``joblib.dump(joblib_pipeline() [+ a code payload], path, compress=...)`` in a
+    subprocess: the test process never imports joblib (tests/unit/test_scan.py fakes its module
+    names to build joblib-like files without it)."""
+    code = (
+        "import sys, json, joblib\n"
+        "from tests import checkpoints as ck\n"
+        "path, compress, payload = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]\n"
+        "obj = ck.joblib_pipeline()\n"
+        "if payload:\n"
+        "    obj['payload'] = ck.code_payload(payload)\n"
+        "joblib.dump(obj, path, compress=tuple(compress) if compress else 0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path), json.dumps(compress),
+                    payload_code or ""], check=True, timeout=120, capture_output=True,
+                   cwd=Path(__file__).parent.parent)
+    return path
 
 
 def joblib_components(obj: dict[str, Any]) -> dict[str, np.ndarray]:

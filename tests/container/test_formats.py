@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import pytest
 import torch
@@ -118,8 +117,7 @@ def test_jagged_nested_values_stay_unverified(tmp_path: Path) -> None:
 @pytest.mark.parametrize("compress", [0, ("zlib", 3), ("gzip", 3), ("lz4", 3)],
                          ids=["plain", "zlib", "gzip", "lz4"])
 def test_joblib_archives_convert_exactly(tmp_path: Path, compress: Any) -> None:
-    src = tmp_path / "pipeline.joblib"
-    joblib.dump(ck.joblib_pipeline(), src, compress=compress)
+    src = ck.dump_joblib(tmp_path / "pipeline.joblib", compress)
     expected = ck.reference_components(src, "joblib")
     out = tmp_path / "pipeline.safetensors"
     report = sandbox.convert(src, out, policy=ck.observe_policy(fail_on="malicious"))
@@ -133,9 +131,8 @@ def test_joblib_archives_convert_exactly(tmp_path: Path, compress: Any) -> None:
 def test_a_hostile_joblib_file_is_refused_and_its_payload_never_reaches_the_host(
         tmp_path: Path) -> None:
     marker = tmp_path / "marker-joblib"
-    payload = ck.code_payload(f"open({str(marker)!r}, 'w').write('ran')")
-    src = tmp_path / "hostile.joblib"
-    joblib.dump({**ck.joblib_pipeline(), "payload": payload}, src, compress=("zlib", 3))
+    src = ck.dump_joblib(tmp_path / "hostile.joblib", ("zlib", 3),
+                         payload_code=f"open({str(marker)!r}, 'w').write('ran')")
     import subprocess
     import sys
     subprocess.run([sys.executable, "-c", "import joblib, sys; joblib.load(sys.argv[1])", str(src)],

@@ -4,14 +4,13 @@ composite tensors' round trip through the skeleton, and refusals of tampered rec
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
 
-import joblib
 import lz4.frame
-import numpy as np
 import pytest
 import torch
 
@@ -27,9 +26,8 @@ COMPRESSIONS = [0, ("zlib", 3), ("gzip", 3), ("lz4", 3), ("bz2", 3), ("xz", 3)]
 @pytest.mark.parametrize("compress", COMPRESSIONS, ids=lambda c: c[0] if c else "plain")
 def test_joblib_files_are_identified_and_their_arrays_read_by_the_host(
         tmp_path: Path, compress: Any) -> None:
-    obj = ck.joblib_pipeline()
-    path = tmp_path / "p.joblib"
-    joblib.dump(obj, path, compress=compress)
+    obj = ck.joblib_pipeline()  # what the subprocess dumps (the arrays are deterministic)
+    path = ck.dump_joblib(tmp_path / "p.joblib", compress)
     assert _scan.identify(path) == "joblib"
     assert _loader.identify(str(path)) == "joblib"
     st = _scan.scan_file(path)
@@ -54,9 +52,10 @@ def test_joblib_inflation_is_bounded(tmp_path: Path) -> None:
 
 
 def test_fortran_ordered_joblib_arrays_stay_unverified(tmp_path: Path) -> None:
-    path = tmp_path / "f.joblib"
-    joblib.dump({"f": np.asfortranarray(np.arange(6.0).reshape(2, 3))}, path)
-    assert _verify.joblib_inventory(_scan.scan_file(path)).digests == frozenset()
+    st = _scan.scan_file(ck.dump_joblib(tmp_path / "f.joblib"))
+    fortran = [dataclasses.replace(a, fortran=True) for a in st.joblib_arrays]
+    assert _verify.joblib_inventory(dataclasses.replace(st, joblib_arrays=tuple(fortran))
+                                    ).digests == {("int64", (3,), fortran[1].sha256)}
 
 
 def test_composites_cross_as_components_and_are_reassembled() -> None:
@@ -93,7 +92,7 @@ def test_kinds_without_a_recipe_are_placeholders() -> None:
 def test_a_tampered_composite_recipe_is_rejected() -> None:
     """The recipe is untrusted: out-of-bounds sparse indices, quantization parameters that do
     not fit the data, nested pieces outside their buffer and unknown kinds are refused."""
-    bad = [
+    bad: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = [
         ({"kind": "sparse_coo", "dtype": "float32", "shape": [3], "params": {"coalesced": False}},
          {"indices": torch.tensor([[0, 9]]), "values": torch.tensor([1.0, 2.0])}),
         ({"kind": "sparse_coo", "dtype": "float32", "shape": [3], "params": {"coalesced": True}},
@@ -119,7 +118,7 @@ def test_a_tampered_composite_recipe_is_rejected() -> None:
     ]
     for recipe, parts in bad:
         with pytest.raises(sandbox.OutputRejected):
-            _convert.assemble(recipe, parts)
+            _convert.assemble(dict(recipe), parts)
 
 
 def test_torchscript_static_stage_lists_the_code_and_reads_its_own_names(tmp_path: Path) -> None:
