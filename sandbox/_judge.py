@@ -22,7 +22,7 @@ __all__ = ["SCAN_STOPPED", "apply_severities", "calls_a_function", "differential
 
 
 _COMPARABLE_FORMATS = ("torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy", "numpy-npz",
-                       "joblib")
+                       "joblib", "torchscript")
 
 
 def verdict(report: LoadReport) -> Verdict:
