@@ -459,12 +459,11 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
                                                      parts["strides"], parts["storage_offsets"])
             else:  # nested_jagged
                 values, offsets = parts["values"], parts["offsets"]
-                lengths = parts.get("lengths")
                 ragged = param("ragged_idx", int)
                 ok = offsets.dtype == torch.int64 and offsets.dim() == 1 and offsets.numel() >= 1 \
                     and bool(offsets[0] == 0) and bool((offsets[1:] >= offsets[:-1]).all()) \
                     and int(offsets[-1]) <= (values.shape[0] if values.dim() else 0) \
-                    and 1 <= ragged <= values.dim() and lengths is None
+                    and 1 <= ragged <= values.dim()
                 if not ok:
                     raise OutputRejected("composite nested_jagged: offsets do not fit the values")
                 out = torch.nested.nested_tensor_from_jagged(values, offsets, jagged_dim=ragged)

@@ -369,10 +369,9 @@ def _recipe(t: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict[str, An
     (the host's ``_convert.assemble`` is the inverse), or None for a kind it does not know."""
     if t.is_nested:
         if t.layout == torch.jagged:
+            if t.lengths() is not None:  # type: ignore[attr-defined]
+                return None  # a non-contiguous jagged tensor (with holes): a placeholder
             parts = {"values": t.values(), "offsets": t.offsets()}  # type: ignore[attr-defined]
-            lengths = t.lengths()  # type: ignore[attr-defined]
-            if lengths is not None:
-                parts["lengths"] = lengths
             return "nested_jagged", parts, {"ragged_idx": int(t._ragged_idx)}  # type: ignore[attr-defined]
         if t.layout == torch.strided:  # what torch.save writes: a buffer and each piece's view
             return "nested", {"values": t.values(), "sizes": t._nested_tensor_size(),

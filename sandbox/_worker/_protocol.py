@@ -781,7 +781,7 @@ COMPOSITE_KINDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "quantized_per_tensor": (frozenset({"int_repr"}), frozenset()),  # scale, zero_point: params
     "quantized_per_channel": (frozenset({"int_repr", "scales", "zero_points"}), frozenset()),
     "nested": (frozenset({"values", "sizes", "strides", "storage_offsets"}), frozenset()),
-    "nested_jagged": (frozenset({"values", "offsets"}), frozenset({"lengths"})),
+    "nested_jagged": (frozenset({"values", "offsets"}), frozenset()),
 }
 # Standard-library value types the host rebuilds from plain data (no code runs to make them):
 # "v" is an ISO string (dates, times), [days, seconds, microseconds] (timedelta), the str()

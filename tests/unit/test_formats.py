@@ -83,8 +83,13 @@ def test_composites_cross_as_components_and_are_reassembled() -> None:
 def test_kinds_without_a_recipe_are_placeholders() -> None:
     q = torch.quantize_per_channel(torch.randn(2, 3), torch.tensor([0.1, 0.2]),
                                    torch.tensor([0.0, 1.0]), 0, torch.quint8)  # float qparams
-    ex = extract({"q": q, "meta": torch.empty(2, device="meta")})
-    assert sorted(u["path"] for u in ex.unrepresentable) == ["root['meta']", "root['q']"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        holes = torch.nested.nested_tensor_from_jagged(  # a jagged tensor with lengths
+            torch.randn(6, 3), torch.tensor([0, 2, 6]), lengths=torch.tensor([1, 3]))
+    ex = extract({"q": q, "meta": torch.empty(2, device="meta"), "holes": holes})
+    assert sorted(u["path"] for u in ex.unrepresentable) == [
+        "root['holes']", "root['meta']", "root['q']"]
     with pytest.raises(sandbox.UnrepresentableObject):
         _convert.rebuild(ex.skeleton, ex.stored, weights_only=True)
 
