@@ -808,7 +808,10 @@ def _walk(ctx: _Ctx, buf: _Buf, start: int, end: int, member: str, *, nest: int 
             pos += pad
         need(nbytes)
         if isinstance(state, _Dict):  # the host's own reading of the array, for _verify
-            ctx.joblib_arrays.append(_joblib_digest(state, bytes(buf[pos:pos + nbytes])))
+            h = hashlib.sha256()
+            for lo in range(pos, pos + nbytes, 1 << 24):  # in slices: no copy of a large array
+                h.update(buf[lo:min(lo + (1 << 24), pos + nbytes)])
+            ctx.joblib_arrays.append(_joblib_digest(state, h.hexdigest()))
         pos += nbytes
 
     op_off = pos
@@ -1247,7 +1250,7 @@ def _dtype_itemsize(code: str) -> int | None:
     return n * 4 if kind == "U" else n
 
 
-def _joblib_digest(state: _Dict, data: bytes) -> JoblibArray:
+def _joblib_digest(state: _Dict, sha256: str) -> JoblibArray:
     """dtype code, byte order, shape, memory order and sha256 of one inline joblib array."""
     dtype = state.get("dtype")
     code = dtype.args[0] if isinstance(dtype, _Obj) and isinstance(dtype.args, tuple) and \
@@ -1258,7 +1261,7 @@ def _joblib_digest(state: _Dict, data: bytes) -> JoblibArray:
     shape = state.get("shape")
     memory = state.get("order")
     return JoblibArray(code, order, shape if isinstance(shape, tuple) else (),
-                       memory == "F", hashlib.sha256(data).hexdigest())
+                       memory == "F", sha256)
 
 
 def _joblib_layout(state: object) -> tuple[int, bool, bool] | None:
