@@ -7,7 +7,7 @@ container; the host receives only SafeTensors (checked against a manifest) and a
 
 from . import _version
 from ._api import convert, patch_torch, safe_load, scan
-from ._convert import Unrepresentable
+from ._convert import Unrepresentable, load_composites
 from ._pool import Pool
 from .errors import (
     BatchError,
@@ -78,6 +78,7 @@ __all__ = [
     "UnverifiedWeights",
     "Verdict",
     "convert",
+    "load_composites",
     "patch_torch",
     "safe_load",
     "scan",

@@ -477,6 +477,42 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
     return out
 
 
+def load_composites(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The sparse, quantized and nested tensors of a file that ``convert`` wrote, reassembled
+    from their component tensors (which stay in the file under their own names) by the recipes
+    in its ``model_sandbox.composites`` metadata. The file is read with the safetensors library
+    and every recipe is checked as ``safe_load`` checks it (:class:`OutputRejected`)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            raw = meta.get("model_sandbox.composites", "{}")
+            recipes: Any = None
+            as_bytes: Any = None
+            try:
+                recipes = json.loads(raw) if len(raw) <= P.MAX_JSON_BYTES else None
+                as_bytes = json.loads(meta.get("model_sandbox.dtypes", "{}"))
+            except ValueError:
+                pass
+            if not isinstance(recipes, dict) or not isinstance(as_bytes, dict):
+                raise OutputRejected("model_sandbox.composites is not a JSON object")
+            keys = set(f.keys())
+            out: dict[str, torch.Tensor] = {}
+            for name, recipe in recipes.items():
+                refs = recipe.get("parts") if isinstance(recipe, dict) else None
+                if not isinstance(refs, dict) or not all(
+                        isinstance(r, str) and r in keys and r not in as_bytes
+                        for r in refs.values()):
+                    raise OutputRejected(f"composite {str(name)[:80]!r}: its parts are not "
+                                         "tensors of the file")
+                out[str(name)] = assemble(recipe, {str(p): f.get_tensor(r)
+                                                   for p, r in refs.items()})
+            return out
+    except SafetensorError as exc:
+        raise OutputRejected(f"not a valid SafeTensors file: {exc}") from None
+
+
 def _check_nested_views(parts: dict[str, torch.Tensor]) -> None:
     """Every piece of a strided nested tensor lies inside its buffer (what
     ``_nested_view_from_buffer`` itself does not check)."""

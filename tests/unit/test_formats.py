@@ -80,6 +80,32 @@ def test_composites_cross_as_components_and_are_reassembled() -> None:
     assert set(_convert.composites(ex.skeleton)) == set(original) - {"plain"}
 
 
+def test_load_composites_reads_a_converted_file_and_checks_its_recipes(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    original = ck.composite_checkpoint()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex = extract(original)
+    recipes = _convert.composites(ex.skeleton)
+    path = tmp_path / "c.safetensors"
+    stored = {k: v.contiguous() for k, v in ex.stored.items()}
+    save_file(stored, str(path), metadata={"model_sandbox.composites": json.dumps(recipes)})
+    got = sandbox.load_composites(path)
+    assert sorted(got) == sorted(recipes)
+    assert torch.equal(got["csr"].to_dense(), original["csr"].to_dense())
+    assert torch.equal(got["q_channel"].int_repr(), original["q_channel"].int_repr())
+    recipes["coo"]["parts"]["values"] = "no-such-tensor"
+    save_file(stored, str(path), metadata={"model_sandbox.composites": json.dumps(recipes)})
+    with pytest.raises(sandbox.OutputRejected):
+        sandbox.load_composites(path)
+    save_file(stored, str(path), metadata={"model_sandbox.composites": "[1, 2]"})
+    with pytest.raises(sandbox.OutputRejected):
+        sandbox.load_composites(path)
+
+
 def test_kinds_without_a_recipe_are_placeholders() -> None:
     q = torch.quantize_per_channel(torch.randn(2, 3), torch.tensor([0.1, 0.2]),
                                    torch.tensor([0.0, 1.0]), 0, torch.quint8)  # float qparams
