@@ -76,7 +76,8 @@ class Input:
 # own reader recognises (zlib's is checked further, as the host's scan does)
 _COMPRESSED_MAGIC = (b"\x1f\x8b\x08", b"\x04\x22\x4d\x18", b"BZh", b"\xfd7zXZ\x00",
                      b"\x5d\x00\x00")
-_JOBLIB_WRAPPERS = ("NumpyArrayWrapper", "NDArrayWrapper")
+# joblib >= 0.10 (older files keep arrays in companion files, which a sandbox does not have)
+_JOBLIB_WRAPPERS = ("NumpyArrayWrapper",)
 _IDENTIFY_OPS = 200_000
 
 
