@@ -9,7 +9,7 @@ from . import _version
 from ._api import convert, patch_torch, safe_load, scan
 from ._batch import BatchOptions
 from ._batch import run_batch as batch
-from ._convert import Unrepresentable
+from ._convert import Unrepresentable, load_composites
 from ._pool import Pool
 from .errors import (
     BatchError,
@@ -88,6 +88,7 @@ __all__ = [
     "WorkerNotReady",
     "batch",
     "convert",
+    "load_composites",
     "patch_torch",
     "safe_load",
     "scan",

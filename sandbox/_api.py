@@ -346,7 +346,7 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, *,
             policy: Policy | None = None, expected_sha256: str | None = None,
             runner: _launch.Runner | None = None, write_report: bool = True,
-            shared: str = "complete") -> LoadReport:
+            shared: str = "complete", allow_unverified: bool = False) -> LoadReport:
     """Load ``src`` in the sandbox and write its tensors to ``dst`` (default: ``src`` with the
     suffix ``.safetensors``), atomically, plus ``<dst>.report.json``. Every name of the
     returned structure is a tensor in the file (``shared="complete"``, the default: views as
@@ -355,7 +355,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
     skeleton of the original structure and how its tensors shared storage (views, ties).
 
     Raises :class:`SandboxViolation` and writes no weights when the policy judges the file
-    unsafe; raises the matching :class:`SandboxError` when it cannot be loaded.
+    unsafe; raises the matching :class:`SandboxError` when it cannot be loaded, and
+    :class:`UnverifiedWeights` when the host could not verify every returned tensor against
+    its own reading of the file (a quantized tensor's integer data, a nested tensor's pieces:
+    see the README), unless ``allow_unverified`` (the report keeps the MEDIUM finding).
     """
     policy = policy or Policy.default()
     if shared not in SHARED_MODES:
@@ -366,7 +369,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
                     materialise=False) as loaded:
         report = loaded.report
         try:
-            _raise_if_unsafe(loaded, policy, weights_only=True)
+            _raise_if_unsafe(loaded, policy, weights_only=not allow_unverified)
             assert loaded.output is not None and loaded.output.manifest is not None
             manifest = loaded.output.manifest
             if loaded.handoff == "layout":  # byte ranges of the input: no torch on the host

@@ -466,6 +466,7 @@ class BatchOptions:
     retries: int = 4                        # engine-unavailable retries per file
     backoff_s: float = 1.0                  # first retry delay; doubles, capped at 30 s
     shared: str = "complete"                # or "dedupe": tied tensors under one name (HF)
+    allow_unverified: bool = False          # write tensors the host could not verify (MEDIUM)
 
 
 @dataclass(frozen=True)
@@ -731,6 +732,7 @@ def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
         try:
             report = _api.convert(entry.source, dst, policy=ctx.options.policy, expected_sha256=sha,
                                   shared=ctx.options.shared,
+                                  allow_unverified=ctx.options.allow_unverified,
                                   runner=ctx.runner, write_report=False)
             return _finish(entry, ctx, report, Status.CONVERTED, started_wall=started_wall)
         except EngineUnavailable as exc:

@@ -181,7 +181,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         with _runner(1) as runner:
             report = _api.convert(srcs[0], args.output, policy=policy, expected_sha256=expected,
-                                  runner=runner, shared=args.shared)
+                                  runner=runner, shared=args.shared,
+                                  allow_unverified=args.allow_unverified)
     except SandboxError as exc:
         if exc.report is None:
             raise
@@ -293,7 +294,8 @@ def _convert_batch(args: argparse.Namespace) -> int:
         policy=_policy(args.policy), jobs=args.jobs, include=tuple(args.include or ()),
         exclude=tuple(args.exclude or ()), force=args.force,
         report_dir=Path(args.report_dir) if args.report_dir else None,
-        pins=_pins(args, args.srcs), require_pins=bool(args.lock), shared=args.shared)
+        pins=_pins(args, args.srcs), require_pins=bool(args.lock), shared=args.shared,
+        allow_unverified=args.allow_unverified)
     interactive = args.format == "text" and not args.quiet
     # a person watching stderr gets rich's bar; anything else the plain per-file lines
     bar: Any = None
@@ -493,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "what plain SafeTensors readers expect), or a tied tensor under one "
                         "name (dedupe, Hugging Face's save_pretrained convention) "
                         "(default: complete)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="write tensors the host could not verify against its own reading of the "
+                        "file (a jagged nested tensor's values, Fortran-ordered joblib arrays); "
+                        "the report keeps the weights-unverified finding (default: refuse)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="no progress and no per-file lines: only the summary")
     p.add_argument("--report-dir", metavar="DIR",

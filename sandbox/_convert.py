@@ -346,6 +346,16 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             return torch.Size(value)
         if kind == "complex":
             return complex(floaty(node.get("re")), floaty(node.get("im")))
+        if kind == "composite":
+            parts = node.get("parts")
+            if not isinstance(parts, dict) or len(parts) > P.MAX_TENSORS:
+                raise OutputRejected("skeleton: composite without parts")
+            pieces = {str(k): tensor(v.get("ref") if isinstance(v, dict) else None)
+                      for k, v in parts.items()}
+            t = assemble(node, pieces)
+            if node.get("parameter") is True:
+                return torch.nn.Parameter(t, requires_grad=bool(node.get("requires_grad")))
+            return t
         if kind == "module":
             return build(node.get("state"), depth + 1)
         if kind == "value":
@@ -364,6 +374,195 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             f"the checkpoint holds {len(opaque)} object(s) that cannot be rebuilt as data: "
             + ", ".join(sorted(set(opaque))[:5]), types=sorted(set(opaque)))
     return result
+
+
+_QUANTIZED = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}
+_COMPRESSED = {"sparse_csr": "crow_indices", "sparse_bsr": "crow_indices",
+               "sparse_csc": "ccol_indices", "sparse_bsc": "ccol_indices"}
+
+
+def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sparse, quantized or nested tensor a composite recipe (a skeleton node, or an entry
+    of a converted file's ``model_sandbox.composites``) describes, from its component tensors.
+
+    Every recipe is untrusted: the parts must be exactly those of its kind, sparse tensors are
+    built with torch's invariant checks (indices in bounds), quantization parameters must have
+    the dtypes and lengths torch gives them, and the result must have the declared dtype and
+    shape. Raises :class:`OutputRejected` otherwise."""
+    import warnings
+
+    import torch
+
+    kind, dtype, shape, params = (recipe.get("kind"), recipe.get("dtype"), recipe.get("shape"),
+                                  recipe.get("params"))
+    if not isinstance(kind, str) or kind not in P.COMPOSITE_KINDS or not isinstance(params, dict):
+        raise OutputRejected(f"composite of unknown kind {str(kind)[:40]!r}")
+    need, optional = P.COMPOSITE_KINDS[kind]
+    nested = kind.startswith("nested")
+    if nested:
+        if shape is not None:
+            raise OutputRejected("composite: a nested tensor has no fixed shape")
+    elif not (isinstance(shape, list) and len(shape) <= P.MAX_NDIM and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise OutputRejected("composite: bad shape")
+    if not need <= set(parts) <= need | optional:
+        raise OutputRejected(f"composite {kind}: parts {sorted(parts)[:8]} are not its parts")
+
+    def param(key: str, typ: type) -> Any:
+        v = params.get(key)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise OutputRejected(f"composite {kind}: bad parameter {key!r}")
+        return v
+
+    try:
+        with warnings.catch_warnings():  # torch calls nested tensors a prototype
+            warnings.simplefilter("ignore")
+            if kind == "sparse_coo":
+                out = torch.sparse_coo_tensor(parts["indices"], parts["values"], shape,
+                                              check_invariants=True)
+                if param("coalesced", bool):
+                    merged = out.coalesce()
+                    if not torch.equal(merged._indices(), parts["indices"]):
+                        raise OutputRejected("composite sparse_coo: claims to be coalesced "
+                                             "but is not")
+                    out = torch.sparse_coo_tensor(parts["indices"], parts["values"], shape,
+                                                  is_coalesced=True, check_invariants=True)
+            elif kind in _COMPRESSED:
+                compressed = _COMPRESSED[kind]
+                plain = "col_indices" if compressed == "crow_indices" else "row_indices"
+                out = torch.sparse_compressed_tensor(
+                    parts[compressed], parts[plain], parts["values"], shape,
+                    layout=getattr(torch, kind), check_invariants=True)
+            elif kind.startswith("quantized"):
+                data = parts["int_repr"]
+                if dtype not in _QUANTIZED or str(data.dtype) != f"torch.{_QUANTIZED[dtype]}" \
+                        or list(data.shape) != shape:
+                    raise OutputRejected(f"composite {kind}: int_repr does not fit {dtype!s:.20}")
+                if kind == "quantized_per_tensor":
+                    scale = param("scale", float)
+                    if not math.isfinite(scale):
+                        raise OutputRejected(f"composite {kind}: bad scale")
+                    out = torch._make_per_tensor_quantized_tensor(data, scale,
+                                                                  param("zero_point", int))
+                else:
+                    axis = param("axis", int)
+                    scales, zeros = parts["scales"], parts["zero_points"]
+                    if not 0 <= axis < len(shape) or scales.dtype != torch.float64 or \
+                            zeros.dtype != torch.int64 or list(scales.shape) != [shape[axis]] or \
+                            list(zeros.shape) != [shape[axis]]:
+                        raise OutputRejected(f"composite {kind}: scales, zero points and axis "
+                                             "do not fit the data")
+                    out = torch._make_per_channel_quantized_tensor(data, scales, zeros, axis)
+            elif kind == "nested":
+                _check_nested_views(parts)
+                out = torch._nested_view_from_buffer(parts["values"], parts["sizes"],
+                                                     parts["strides"], parts["storage_offsets"])
+            else:  # nested_jagged
+                values, offsets = parts["values"], parts["offsets"]
+                ragged = param("ragged_idx", int)
+                ok = offsets.dtype == torch.int64 and offsets.dim() == 1 and offsets.numel() >= 1 \
+                    and bool(offsets[0] == 0) and bool((offsets[1:] >= offsets[:-1]).all()) \
+                    and int(offsets[-1]) <= (values.shape[0] if values.dim() else 0) \
+                    and 1 <= ragged <= values.dim()
+                if not ok:
+                    raise OutputRejected("composite nested_jagged: offsets do not fit the values")
+                out = torch.nested.nested_tensor_from_jagged(values, offsets, jagged_dim=ragged)
+    except OutputRejected:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise OutputRejected(f"composite {kind} cannot be reassembled: {str(exc)[:200]}") from None
+    if str(out.dtype) != f"torch.{dtype}" or (not nested and list(out.shape) != shape):
+        raise OutputRejected(f"composite {kind}: the reassembled tensor does not have the "
+                             "declared dtype and shape")
+    return out
+
+
+def load_composites(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The sparse, quantized and nested tensors of a file that ``convert`` wrote, reassembled
+    from their component tensors (which stay in the file under their own names) by the recipes
+    in its ``model_sandbox.composites`` metadata. The file is read with the safetensors library
+    and every recipe is checked as ``safe_load`` checks it (:class:`OutputRejected`)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            raw = meta.get("model_sandbox.composites", "{}")
+            recipes: Any = None
+            as_bytes: Any = None
+            try:
+                recipes = json.loads(raw) if len(raw) <= P.MAX_JSON_BYTES else None
+                as_bytes = json.loads(meta.get("model_sandbox.dtypes", "{}"))
+            except ValueError:
+                pass
+            if not isinstance(recipes, dict) or not isinstance(as_bytes, dict):
+                raise OutputRejected("model_sandbox.composites is not a JSON object")
+            keys = set(f.keys())
+            out: dict[str, torch.Tensor] = {}
+            for name, recipe in recipes.items():
+                refs = recipe.get("parts") if isinstance(recipe, dict) else None
+                if not isinstance(refs, dict) or not all(
+                        isinstance(r, str) and r in keys and r not in as_bytes
+                        for r in refs.values()):
+                    raise OutputRejected(f"composite {str(name)[:80]!r}: its parts are not "
+                                         "tensors of the file")
+                out[str(name)] = assemble(recipe, {str(p): f.get_tensor(r)
+                                                   for p, r in refs.items()})
+            return out
+    except SafetensorError as exc:
+        raise OutputRejected(f"not a valid SafeTensors file: {exc}") from None
+
+
+def _check_nested_views(parts: dict[str, torch.Tensor]) -> None:
+    """Every piece of a strided nested tensor lies inside its buffer (what
+    ``_nested_view_from_buffer`` itself does not check)."""
+    import torch
+
+    values, sizes = parts["values"], parts["sizes"]
+    strides, offsets = parts["strides"], parts["storage_offsets"]
+    ok = values.dim() == 1 and sizes.dtype == strides.dtype == offsets.dtype == torch.int64 \
+        and sizes.dim() == 2 and strides.shape == sizes.shape and offsets.dim() == 1 \
+        and offsets.shape[0] == sizes.shape[0] and sizes.shape[0] > 0
+    if ok:
+        sizes_l, strides_l, offsets_l = sizes.tolist(), strides.tolist(), offsets.tolist()
+        for size, stride, offset in zip(sizes_l, strides_l, offsets_l, strict=True):
+            if offset < 0 or any(d < 0 for d in size) or any(s < 0 for s in stride):
+                ok = False
+            elif all(size) and offset + sum((d - 1) * s for d, s in zip(size, stride,
+                                                                         strict=True)) \
+                    >= values.numel():
+                ok = False
+    if not ok:
+        raise OutputRejected("composite nested: the pieces do not lie inside the buffer")
+
+
+def composites(skeleton: object) -> dict[str, dict[str, Any]]:
+    """The composite recipes of a (bounded, untrusted) skeleton by the composite's name, with
+    each part's tensor name: what a converted file's ``model_sandbox.composites`` holds and
+    :func:`assemble` reads. Walked iteratively with a node budget; malformed nodes are skipped
+    (``rebuild`` rejects them)."""
+    found: dict[str, dict[str, Any]] = {}
+    stack: list[tuple[object, int]] = [(skeleton, 0)]
+    budget = P.MAX_SKELETON_NODES
+    while stack and budget > 0:
+        node, depth = stack.pop()
+        budget -= 1
+        if isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node[:P.MAX_SKELETON_NODES])
+            continue
+        if not isinstance(node, dict) or depth > P.MAX_SKELETON_DEPTH + 2:
+            continue
+        if node.get("$") == "composite":
+            name, parts = node.get("name"), node.get("parts")
+            if isinstance(name, str) and isinstance(parts, dict):
+                refs = {str(k): v.get("ref") for k, v in parts.items() if isinstance(v, dict)}
+                if all(isinstance(r, str) for r in refs.values()):
+                    found[name] = {"kind": node.get("kind"), "dtype": node.get("dtype"),
+                                   "shape": node.get("shape"), "params": node.get("params"),
+                                   "parts": refs}
+            continue
+        stack.extend((child, depth + 1) for key, child in node.items() if key != "$")
+    return found
 
 
 _BIG_EXPONENT = re.compile(r"[eE][+-]?0*\d{4,}")

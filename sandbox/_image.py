@@ -7,8 +7,8 @@ that tag but another digest label is refused (:class:`~sandbox.errors.ImageMisma
 
 Offline build (no registry needed): a root filesystem is assembled as a tar stream from the
 running interpreter (binary, standard library, and the shared-library closure that ``ldd``
-reports), the installed distributions the worker needs (torch, numpy, safetensors, psutil
-and their requirements) and the worker package, then handed to ``docker import``.
+reports), the installed distributions the worker needs (torch, numpy, safetensors, psutil,
+joblib, lz4 and their requirements) and the worker package, then handed to ``docker import``.
 ``images/Dockerfile`` is the equivalent for machines that can pull a base image.
 """
 
@@ -35,7 +35,7 @@ RECIPE_VERSION = "2"
 REPOSITORY = "model-sandbox-worker"
 DIGEST_LABEL = "org.model-sandbox.worker-digest"
 WORKER_SRC = Path(__file__).parent / "_worker"
-ROOT_DISTRIBUTIONS = ("torch", "numpy", "safetensors", "psutil")
+ROOT_DISTRIBUTIONS = ("torch", "numpy", "safetensors", "psutil", "joblib", "lz4")
 PY = "/opt/python"
 SANDBOX_UID = 65534
 

@@ -48,22 +48,27 @@ def open_input(path: str | os.PathLike[str]) -> tuple[str, int]:
 _PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
 
 
-_MAGICS = (b"PK\x03\x04", b"\x93NUMPY")
+_MAGICS = (b"PK\x03\x04", b"\x93NUMPY",
+           # a compressed joblib archive: gzip, lz4 frame, bz2, xz (zlib: checked below)
+           b"\x1f\x8b\x08", b"\x04\x22\x4d\x18", b"BZh", b"\xfd7zXZ\x00")
 
 
 def refuse_non_checkpoint(fd: int, path: str | os.PathLike[str]) -> None:
     """Refuse, from the first bytes alone, an input that no loader could take: not a zip, a
-    numpy file, a tar archive or a pickle (a file of zeros, a text file, an image). A 20 GB
-    file of zeros is refused at once instead of being hashed and loaded."""
+    numpy file, a tar archive, a pickle or a compressed stream (a file of zeros, a text file,
+    an image). A 20 GB file of zeros is refused at once instead of being hashed and loaded."""
     head = os.pread(fd, 512, 0)
     if not head:
         raise TruncatedInput(f"{os.fspath(path)!r} is empty", path=path)
     if head.startswith(_MAGICS) or head[257:262] == b"ustar" or head[:1] in _PICKLE_OPCODES:
         return
+    if len(head) >= 2 and head[0] == 0x78 and int.from_bytes(head[:2], "big") % 31 == 0:
+        return  # a zlib stream (joblib.dump(compress=...)'s default)
     if len(head) >= 9 and head[8:9] == b"{":  # SafeTensors: the static stage says so clearly
         return
     raise UnsupportedFormat(f"{os.fspath(path)!r} is not a checkpoint: its first bytes are not "
-                            "a zip, numpy, tar or pickle header", path=path, detected="unknown")
+                            "a zip, numpy, tar, pickle or compressed-stream header", path=path,
+                            detected="unknown")
 
 
 def identity(fd: int) -> tuple[int, int, int, int]:

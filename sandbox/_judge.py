@@ -21,7 +21,8 @@ __all__ = ["SCAN_STOPPED", "apply_severities", "calls_a_function", "differential
            "resource_abuse", "static_stage", "static_stops", "verdict"]
 
 
-_COMPARABLE_FORMATS = ("torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy", "numpy-npz")
+_COMPARABLE_FORMATS = ("torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy", "numpy-npz",
+                       "joblib", "torchscript")
 
 
 def verdict(report: LoadReport) -> Verdict:
@@ -59,14 +60,18 @@ def static_stage(path: str, report: LoadReport, policy: Policy, *,
         return None
     if st is None:
         return None
-    if st.format in ("torchscript", "safetensors"):
-        what = {"torchscript": "a TorchScript archive (it needs torch.jit.load, which this tool "
-                               "does not run)",
-                "safetensors": "already SafeTensors: open it with the safetensors library"}
-        raise UnsupportedFormat(f"{report.input_path} is {what[st.format]}", path=path,
-                                detected=st.format)
+    if st.format == "safetensors":
+        raise UnsupportedFormat(f"{report.input_path} is already SafeTensors: open it with the "
+                                "safetensors library", path=path, detected=st.format)
     unknown = Severity.parse(policy.static.unknown_globals)
     for f in st.findings:
+        if st.format == "torchscript" and _torchscript_global(f.evidence):
+            # TorchScript's own (C++) unpickler resolves these names to its compiled classes and
+            # list builders; no Python global runs. The archive's code runs in the sandbox only.
+            f = dataclasses.replace(f, severity=Severity.INFO,
+                                    evidence={**f.evidence, "torchscript": True})
+            report.add(dataclasses.replace(f, evidence={**f.evidence, "source": "static"}))
+            continue
         severity = unknown if f.rule == "unknown-global" else f.severity
         if f.rule == "unknown-global" and calls_a_function(f.evidence):
             # rebuilding an object of some class is what checkpoints do; *calling* a function
@@ -82,7 +87,43 @@ def static_stage(path: str, report: LoadReport, policy: Policy, *,
                      "unknown": unknown_names[:50], "storages": len(st.storages),
                      "torch_would_load": st.torch_would_load}
     report.format = st.format
+    if st.format == "torchscript":
+        report.static["code_files"], report.static["code_bytes"] = _torchscript_code(
+            source or path)
+        report.notes.append("a TorchScript archive: its code runs (in the sandbox only) when "
+                            "torch.jit.load reads it; static.code_files lists it")
     return st
+
+
+_TORCHSCRIPT_NAMES = ("__torch__.", "torch.jit._pickle.")
+_MAX_CODE_FILES = 500
+
+
+def _torchscript_global(evidence: dict[str, Any]) -> bool:
+    """A name that TorchScript's unpickler resolves itself: its compiled classes, its list
+    builders."""
+    name = str(evidence.get("global", ""))
+    return name.startswith(_TORCHSCRIPT_NAMES)
+
+
+def _torchscript_code(path: str) -> tuple[list[dict[str, Any]], int]:
+    """The code files of a TorchScript archive (``<prefix>/code/...``) and their sizes, from the
+    zip's central directory (nothing is decompressed or run); at most 500 listed, all counted."""
+    import zipfile
+
+    files: list[dict[str, Any]] = []
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                parts = info.filename.split("/")
+                if len(parts) >= 3 and parts[1] == "code" and not info.is_dir():
+                    total += info.file_size
+                    if len(files) < _MAX_CODE_FILES:
+                        files.append({"name": info.filename[:300], "size": info.file_size})
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return files, total
+    return files, total
 
 
 def calls_a_function(evidence: dict[str, Any]) -> bool:

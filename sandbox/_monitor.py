@@ -181,9 +181,11 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
         elif _truncated(result):
             out.error = TruncatedInput(f"the file is truncated: {detail}", path=input_path)
         elif typ == "UnpicklingError":
-            out.error = UnpicklingFailed(f"torch could not load the file in the sandbox: {detail}")
+            # torch.load, joblib.load or torch.jit.load
+            out.error = UnpicklingFailed(f"the loader could not load the file in the sandbox: "
+                                         f"{detail}")
         else:
-            out.error = LoadFailed(f"torch could not load the file in the sandbox: {detail}")
+            out.error = LoadFailed(f"the loader could not load the file in the sandbox: {detail}")
     return out
 
 

@@ -2,7 +2,8 @@
 
 From the checked tensors (the memfd hand-off), or straight from the input's own byte ranges
 (the layout hand-off: ``copy_file_range`` for contiguous tensors, a numpy gather for strided
-ones; torch is not imported). The metadata holds the skeleton, the views and the dtypes stored
+ones; torch is not imported). The metadata holds the skeleton, the views, the recipes of
+sparse / quantized / nested tensors (stored as their component tensors) and the dtypes stored
 as raw bytes."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from . import _files
+from ._convert import composites
 from ._verify.reconstruct import row_major
 from ._version import VERSION
 from ._worker import _protocol as P
@@ -166,6 +168,10 @@ def _st_metadata(manifest: P.Manifest, report: LoadReport,
                                           separators=(",", ":")),
         "model_sandbox.ties": json.dumps(ties, separators=(",", ":")),
         "model_sandbox.shared": "dedupe" if dedupe else "complete",
+        # sparse / quantized / nested tensors: name -> kind, dtype, shape, parameters and the
+        # names of the ordinary tensors it is made of (``_convert.assemble`` rebuilds it)
+        "model_sandbox.composites": json.dumps(composites(manifest.skeleton),
+                                               separators=(",", ":")),
         "model_sandbox.dtypes": json.dumps({n: d for n, (_, d) in out.items()
                                             if _code(d) is None}),
     }

@@ -5,7 +5,7 @@
     SandboxError                      base; .reference (stable kebab-case id), .hint, diagnostics()
     ├── InputError                    the input itself cannot be used
     │   ├── InputNotFound             no such file, or not a regular file
-    │   ├── UnsupportedFormat         TorchScript, unknown bytes, ...
+    │   ├── UnsupportedFormat         SafeTensors, unknown bytes, ...
     │   ├── MalformedInput            truncated/corrupt file, or a pickle stream the scanner rejects
     │   │   ├── TruncatedInput        the file ends before its data does
     │   │   └── MalformedStream       a pickle stream the static scan could not read (.partial)
@@ -123,8 +123,8 @@ class UnsupportedFormat(InputError, pickle.UnpicklingError):
 
     reference = "unsupported-format"
     hint = (
-        "model-sandbox loads torch zip and legacy checkpoints, raw pickles and numpy .npy/.npz; "
-        "TorchScript archives need torch.jit.load, which this tool does not run"
+        "model-sandbox loads torch zip and legacy checkpoints, raw pickles, numpy .npy/.npz, "
+        "joblib and TorchScript archives; SafeTensors files need no sandbox"
     )
 
     def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,

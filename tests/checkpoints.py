@@ -13,6 +13,7 @@ import builtins
 import collections
 import datetime
 import io
+import json
 import os
 import pathlib
 import pickle
@@ -246,3 +247,184 @@ def observe_policy(fail_on: str = "never", **limits: float) -> Any:
             "name": "observe", "description": "tests: always load, report everything",
             "fail_on": fail_on, "limits": limits,
             "static": {"stop_before_sandbox": "never"}, "events": {"fatal": []}})
+
+
+# -- the formats of issue 11: composites, joblib, TorchScript --------------------------------------
+
+def composite_checkpoint() -> dict[str, Any]:
+    """Sparse (COO, coalesced and not; CSR; CSC), quantized (per tensor, per channel) and
+    nested tensors beside an ordinary one."""
+    import warnings
+
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(4, 5, generator=g)
+    dense[dense.abs() < 0.8] = 0
+    with warnings.catch_warnings():  # torch calls nested and CSR tensors a prototype / beta
+        warnings.simplefilter("ignore")
+        return _composites(g, dense)
+
+
+def _composites(g: torch.Generator, dense: torch.Tensor) -> dict[str, Any]:
+    nested = torch.nested.nested_tensor([torch.randn(2, 3, generator=g),
+                                         torch.randn(4, 3, generator=g)])
+    return {
+        "plain": torch.arange(6, dtype=torch.float32),
+        "coo": torch.sparse_coo_tensor(torch.tensor([[0, 2, 1, 0], [1, 0, 3, 1]]),
+                                       torch.tensor([1.5, -2.0, 3.25, 0.5]), (3, 4)),
+        "coo_coalesced": dense.to_sparse(),
+        "csr": dense.to_sparse_csr(),
+        "csc": dense.to_sparse_csc(),
+        "q_tensor": torch.quantize_per_tensor(torch.randn(3, 4, generator=g), 0.05, 7,
+                                              torch.qint8),
+        "q_channel": torch.quantize_per_channel(
+            torch.randn(3, 4, generator=g), torch.tensor([0.1, 0.02, 0.3], dtype=torch.float64),
+            torch.tensor([0, 5, 255]), 0, torch.quint8),
+        "nested": nested,
+    }
+
+
+def jagged_checkpoint() -> dict[str, Any]:
+    """A jagged nested tensor (torch pickles it as a tensor subclass with dynamic-shape
+    metadata: the static scan flags the ``torch._dynamo`` global it names)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"jagged": torch.nested.nested_tensor(
+            [torch.randn(1, 2, generator=g), torch.randn(3, 2, generator=g)], layout=torch.jagged)}
+
+
+def composite_components(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ordinary tensors a converted file holds for ``composite_checkpoint()``, written out
+    by hand from torch's own accessors (the test's independent expectation)."""
+    out: dict[str, torch.Tensor] = {"plain": obj["plain"]}
+    for key in ("coo", "coo_coalesced"):
+        out[f"{key}.indices"], out[f"{key}.values"] = obj[key]._indices(), obj[key]._values()
+    out["csr.crow_indices"], out["csr.col_indices"] = obj["csr"].crow_indices(), obj["csr"].col_indices()
+    out["csr.values"] = obj["csr"].values()
+    out["csc.ccol_indices"], out["csc.row_indices"] = obj["csc"].ccol_indices(), obj["csc"].row_indices()
+    out["csc.values"] = obj["csc"].values()
+    q = obj["q_tensor"]
+    out["q_tensor.int_repr"] = q.int_repr()  # scale and zero point are in the recipe
+    qc = obj["q_channel"]
+    out["q_channel.int_repr"], out["q_channel.scales"] = qc.int_repr(), qc.q_per_channel_scales()
+    out["q_channel.zero_points"] = qc.q_per_channel_zero_points()
+    nested = obj["nested"]
+    out["nested.values"], out["nested.sizes"] = nested.values(), nested._nested_tensor_size()
+    out["nested.strides"] = nested._nested_tensor_strides()
+    out["nested.storage_offsets"] = nested._nested_tensor_storage_offsets()
+    return out
+
+
+class Estimator:
+    """Stands for a scikit-learn estimator: a class the sandbox does not have, holding arrays."""
+
+    def __init__(self) -> None:
+        self.coef_ = np.arange(6, dtype=np.float64).reshape(2, 3) / 7
+        self.n_features_in_ = 3
+
+
+def joblib_pipeline() -> dict[str, Any]:
+    return {"weights": np.arange(20, dtype=np.float32).reshape(4, 5) - 3.5,
+            "bias": np.array([1, -2, 3], dtype=np.int64), "estimator": Estimator(),
+            "name": "pipeline"}
+
+
+def dump_joblib(path: Path, compress: Any = 0, payload_code: str | None = None) -> Path:
+    """``joblib.dump(joblib_pipeline() [+ a code payload], path, compress=...)`` in a
+    subprocess: the test process never imports joblib (tests/unit/test_scan.py fakes its module
+    names to build joblib-like files without it)."""
+    code = (
+        "import sys, json, joblib\n"
+        "from tests import checkpoints as ck\n"
+        "path, compress, payload = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]\n"
+        "obj = ck.joblib_pipeline()\n"
+        "if payload:\n"
+        "    obj['payload'] = ck.code_payload(payload)\n"
+        "joblib.dump(obj, path, compress=tuple(compress) if compress else 0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path), json.dumps(compress),
+                    payload_code or ""], check=True, timeout=120, capture_output=True,
+                   cwd=Path(__file__).parent.parent)
+    return path
+
+
+def joblib_components(obj: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays a converted ``joblib_pipeline()`` holds (the estimator's by its state)."""
+    return {"weights": obj["weights"], "bias": obj["bias"],
+            "estimator.state.coef_": obj["estimator"].coef_}
+
+
+def reference_components(path: Path, kind: str) -> dict[str, np.ndarray]:
+    """Load a *trusted* fixture with plain ``torch.load``/``joblib.load`` in a throw-away
+    subprocess and return its components as numpy arrays (bytes exactly as loaded)."""
+    out = path.with_suffix(".reference.npz")
+    code = (
+        "import sys, numpy as np, torch, joblib\n"
+        "from tests import checkpoints as ck\n"
+        "p, kind, out = sys.argv[1:4]\n"
+        "if kind == 'joblib':\n"
+        "    comps = ck.joblib_components(joblib.load(p))\n"
+        "elif kind == 'torchscript':\n"
+        "    comps = {k: v.numpy() for k, v in torch.jit.load(p).state_dict().items()}\n"
+        "else:\n"
+        "    comps = {k: v.numpy() for k, v in ck.composite_components(\n"
+        "        torch.load(p, weights_only=False)).items()}\n"
+        "np.savez(out, **{k: np.ascontiguousarray(v) for k, v in comps.items()})\n"
+    )
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(path), kind, str(out)],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          cwd=Path(__file__).parent.parent)
+    if proc.returncode != 0:
+        raise AssertionError(f"the reference load failed: {proc.stderr[-2000:]}")
+    with np.load(out) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+class TorchScriptProbe(torch.nn.Module):
+    """A TorchScript module whose ``__setstate__`` (archive code, run by ``torch.jit.load``)
+    opens the file at ``path``: harmless on a test's own file, a credential read elsewhere."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return (self.weight, self.path, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        self.weight = state[0]  # type: ignore[assignment]
+        self.path = state[1]
+        self.training = state[2]
+        if torch.from_file(self.path, False, 1, dtype=torch.uint8).numel() > 1:
+            self.training = True
+
+
+class TorchScriptNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.fc = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(3, 4, generator=g))
+        self.register_buffer("scale", torch.tensor([0.5, 2.0, 4.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(x) * self.scale
+        return out
+
+
+def save_torchscript(module: torch.nn.Module, path: Path) -> Path:
+    import warnings
+
+    with warnings.catch_warnings():  # torch.jit.script is deprecated
+        warnings.simplefilter("ignore")
+        torch.jit.script(module).save(str(path))  # type: ignore[no-untyped-call]
+    return path

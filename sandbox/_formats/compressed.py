@@ -1,4 +1,4 @@
-"""Whole-file compressions a pickle comes wrapped in (joblib's zlib, gzip, bz2, xz, lzma),
+"""Whole-file compressions a pickle comes wrapped in (joblib's zlib, gzip, bz2, xz, lzma, lz4),
 recognised by their magic and inflated with the standard library within a cap and a deadline."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import bz2
 import lzma
 import time
 import zlib
+from typing import Any
 
 from sandbox.errors import MalformedInput
 
@@ -25,6 +26,8 @@ def detect(buf: Buf) -> str | None:
         return "xz"
     if head[:3] == b"\x5d\x00\x00":
         return "lzma"
+    if head[:4] == b"\x04\x22\x4d\x18":
+        return "lz4"  # an LZ4 frame: joblib.dump(compress="lz4")
     return None
 
 
@@ -56,7 +59,11 @@ def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes, b
                     break
                 out += z.decompress(data, cap + 1 - len(out))
         else:
-            def fresh() -> bz2.BZ2Decompressor | lzma.LZMADecompressor:
+            def fresh() -> Any:  # bz2, lzma and lz4 decompressors share one interface
+                if kind == "lz4":
+                    import lz4.frame
+
+                    return lz4.frame.LZ4FrameDecompressor()
                 return bz2.BZ2Decompressor() if kind == "bz2" else lzma.LZMADecompressor()
             d = fresh()
             pending = b""
@@ -64,8 +71,8 @@ def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes, b
                 if time.monotonic() > deadline:
                     break
                 if d.eof:
-                    rest = d.unused_data + pending
-                    if not rest or kind not in ("bz2", "xz"):
+                    rest = (d.unused_data or b"") + pending  # lz4: None when empty
+                    if not rest or kind not in ("bz2", "xz", "lz4"):
                         break
                     d, pending = fresh(), b""
                     out += d.decompress(rest, cap + 1 - len(out))
@@ -81,6 +88,6 @@ def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes, b
                 else:
                     data = b""
                 out += d.decompress(data, cap + 1 - len(out))
-    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
+    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError, RuntimeError) as exc:
         raise MalformedInput(f"{kind} data does not decompress: {exc}") from None
     return bytes(out[:cap]), len(out) > cap

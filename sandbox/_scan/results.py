@@ -64,6 +64,18 @@ class PickleScan:
 
 
 @dataclass(frozen=True)
+class JoblibArray:
+    """One numeric array joblib wrote inline after its wrapper: how the wrapper describes it
+    and the sha256 of its raw bytes (``fortran``: column-major)."""
+
+    code: str
+    byteorder: str
+    shape: tuple[int, ...]
+    fortran: bool
+    sha256: str
+
+
+@dataclass(frozen=True)
 class StaticScan:
     """Everything the static scan of one file found. See the module docstring."""
 
@@ -74,6 +86,7 @@ class StaticScan:
     findings: tuple[Finding, ...]
     protocol_max: int | None
     torch_would_load: str | None
+    joblib_arrays: tuple[JoblibArray, ...] = ()  # the inline arrays of a joblib file
 
     @property
     def max_severity(self) -> Severity | None:

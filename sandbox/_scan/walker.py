@@ -9,6 +9,7 @@ Nothing the stream names is imported or called.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ from sandbox._formats.pickle_ops import (
 from sandbox.report import Finding, Severity
 
 from .globals import JOBLIB_WRAPPERS, STORAGE_TYPES, classify_global
-from .results import GlobalRef, StaticScan, StorageRecord
+from .results import GlobalRef, JoblibArray, StaticScan, StorageRecord
 
 _MAX_NESTING = 4  # pickles inside pickles inside ...
 _MAX_STACK = 5_000_000  # symbolic stack entries in one stream
@@ -78,6 +79,7 @@ class Ctx:
     storages: list[StorageRecord] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     pickles: list[str] = field(default_factory=list)
+    joblib_arrays: list[JoblibArray] = field(default_factory=list)
     protocol_max: int | None = None
     format: str = "unknown"  # as far as known; reported in MalformedStream.partial
     target: str | None = None
@@ -339,6 +341,11 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
             pos += 1 + buf[pos]
         if nbytes < 0 or pos + nbytes > end:
             raise Truncated(-1, f"length claim of {nbytes} bytes runs past the end of the data")
+        if isinstance(state, Dict):  # the host's own reading of the array, for _verify
+            h = hashlib.sha256()
+            for lo in range(pos, pos + nbytes, 1 << 24):  # in slices: no copy of a large array
+                h.update(buf[lo:min(lo + (1 << 24), pos + nbytes)])
+            ctx.joblib_arrays.append(_joblib_digest(state, h.hexdigest()))
         pos += nbytes
 
     try:
@@ -675,6 +682,20 @@ def _storage_record(ctx: Ctx, pid: tuple[object, ...], member: str) -> StorageRe
                          member=member)
 
 
+def _joblib_digest(state: Dict, sha256: str) -> JoblibArray:
+    """dtype code, byte order, shape, memory order and sha256 of one inline joblib array."""
+    dtype = state.get("dtype")
+    code = dtype.args[0] if isinstance(dtype, Obj) and isinstance(dtype.args, tuple) and \
+        dtype.args and isinstance(dtype.args[0], str) else "?"
+    dstate = dtype.state if isinstance(dtype, Obj) else None
+    order = dstate[1] if isinstance(dstate, tuple) and len(dstate) > 1 and \
+        isinstance(dstate[1], str) else "|"
+    shape = state.get("shape")
+    memory = state.get("order")
+    return JoblibArray(code, order, shape if isinstance(shape, tuple) else (),
+                       memory == "F", sha256)
+
+
 def _joblib_layout(state: object) -> tuple[int, bool, bool] | None:
     """(array bytes, holds objects, has alignment padding) from a NumpyArrayWrapper state."""
     if not isinstance(state, Dict):
@@ -748,4 +769,5 @@ def result(ctx: Ctx, fmt: str, torch_would_load: str | None) -> StaticScan:
     return StaticScan(format=fmt, pickles=tuple(ctx.pickles), globals=_global_refs(ctx),
                       storages=tuple(ctx.storages),
                       findings=tuple(ctx.findings) + tuple(_global_findings(ctx)),
-                      protocol_max=ctx.protocol_max, torch_would_load=torch_would_load)
+                      protocol_max=ctx.protocol_max, torch_would_load=torch_would_load,
+                      joblib_arrays=tuple(ctx.joblib_arrays))

@@ -94,6 +94,30 @@ class Reading:
         return self._result
 
 
+# numpy dtype codes (native or no byte order) -> the torch dtype the sandbox returns them as
+_NP_TORCH = {"f2": "float16", "f4": "float32", "f8": "float64", "i1": "int8", "i2": "int16",
+             "i4": "int32", "i8": "int64", "u1": "uint8", "u2": "uint16", "u4": "uint32",
+             "u8": "uint64", "b1": "bool", "c8": "complex64", "c16": "complex128"}
+
+
+def joblib_inventory(scan: _scan.StaticScan) -> _reconstruct.Inventory:
+    """The host's reading of a joblib file: every inline numeric array the static scan walked
+    past (joblib's own layout, inflated within the scan's bound), by dtype, shape and sha256.
+    Only C-ordered arrays in this machine's byte order are listed: the sandbox returns arrays
+    as native, row-major tensors, so others (and object arrays) stay unverified."""
+    import sys
+
+    native = "<" if sys.byteorder == "little" else ">"
+    digests = set()
+    for a in scan.joblib_arrays:
+        dtype = _NP_TORCH.get(a.code.lstrip("<>|="))
+        if dtype is None or (a.fortran and len(a.shape) > 1) or a.byteorder not in ("|", "=", native):
+            continue
+        digests.add((dtype, a.shape, a.sha256))
+    return _reconstruct.Inventory(format="joblib", digests=frozenset(digests), findings=(),
+                                  named={})
+
+
 def weights(path: str, manifest: P.Manifest,
             tensors: Mapping[str, torch.Tensor] | None = None,
             scan: _scan.StaticScan | None = None, reading: Reading | None = None) -> list[Finding]:
@@ -102,6 +126,9 @@ def weights(path: str, manifest: P.Manifest,
     ``scan``: the static stage's complete scan of the same file, when there is one (the file
     is not scanned again); ``reading``: that reading, already under way."""
     got = reading.result() if reading is not None else _reconstruct.read(path, scan)
+    if isinstance(got, _reconstruct.NotReconstructed) and scan is not None and \
+            scan.format == "joblib":
+        got = joblib_inventory(scan)
     if isinstance(got, _reconstruct.Reconstruction):
         return list(got.findings) + _reconstruct.compare_digests(
             got, _returned(manifest, tensors, got.tensors))

@@ -272,7 +272,10 @@ def _storage_type(name: str) -> _StorageType | None:
     entry = STORAGE_TYPES.get(base)
     if entry is None:
         return None
-    return _StorageType(base, entry[0])
+    # a quantized storage holds the bytes of its integer representation (what the sandbox
+    # returns as a quantized tensor's int_repr)
+    return _StorageType(base, {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}.get(
+        entry[0], entry[0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,6 +434,13 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
                         parameter=True)
             p.tainted = t.tainted or not _harmless_state(args[3])
             return p
+        return _Opaque(name, list(args))
+    if name == "torch._utils._rebuild_qtensor":
+        # (storage, offset, size, stride, quantizer params, requires_grad, hooks): the storage
+        # holds the integer representation, which the sandbox returns as ``<name>.int_repr``
+        # (the quantizer's per-channel tensors are read where the params build them)
+        if n == 7 and isinstance(args[0], _Storage):
+            return _make_tensor(args[0], args[1], args[2], args[3], None, None)
         return _Opaque(name, list(args))
     if name == "builtins.bytes" and n == 0:  # protocol 2 pickles b"" as bytes()
         return b""
@@ -1444,8 +1454,8 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
         digests: list[Digest] = []
         findings: list[Finding] = []
         with open_buffer(path) as buf:
-            if fmt in _LAYOUTS:
-                layout = _LAYOUTS[fmt](buf, budget)
+            if fmt in _LAYOUTS or fmt == "torchscript":  # TorchScript: a torch zip's records
+                layout = _LAYOUTS.get(fmt, _zip_layout)(buf, budget)
                 findings += layout.findings
             elif fmt == "pickle":
                 layout = _Layout(value=_evaluate(buf, 0, len(buf), None, budget)[0])

@@ -59,6 +59,8 @@ class Extractor:
         self.unrepresentable: list[dict[str, str]] = []
         self.notes: list[str] = []
         self._stack: set[int] = set()
+        self.composites: dict[int, dict[str, Any]] = {}
+        self.keep: list[torch.Tensor] = []  # composites stay alive while their ids are keys
 
     # -- naming --------------------------------------------------------------------------------
     def _name(self, path: tuple[str, ...]) -> str:
@@ -210,14 +212,52 @@ class Extractor:
 
     # -- tensors -------------------------------------------------------------------------------
     def _tensor(self, t: torch.Tensor, path: tuple[str, ...], where: str) -> Any:
-        if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type == "meta":
-            return self._opaque(t, where, f"{t.layout} / quantized / nested / meta tensor")
+        if t.device.type == "meta":
+            return self._opaque(t, where, "meta tensor (it has no data)")
+        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+            return self._composite(t, path, where)
         if str(t.dtype).removeprefix("torch.") not in P.TORCH_DTYPES:
             return self._opaque(t, where, f"dtype {t.dtype} not supported")
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
             self.notes.append(f"{where}: tensor subclass {_type_name(t)} returned as a plain tensor")
         node = {"$": "tensor", "ref": self._ref(t, path, "tensor"),
                 "parameter": isinstance(t, torch.nn.Parameter), "requires_grad": bool(t.requires_grad)}
+        return node
+
+    def _composite(self, t: torch.Tensor, path: tuple[str, ...], where: str) -> Any:
+        """A sparse, quantized or nested tensor as its component tensors (ordinary strided
+        tensors, stored like any other under ``<name>.<part>``) and the parameters the host
+        needs to reassemble it; a placeholder when it has no such description here."""
+        try:
+            recipe = _recipe(t)
+        except Exception as exc:  # a kind or state this torch cannot take apart
+            return self._opaque(t, where, f"{t.layout} tensor cannot be taken apart "
+                                          f"({type(exc).__name__})")
+        if recipe is None:
+            kind = "quantized" if t.is_quantized else "nested" if t.is_nested else str(t.layout)
+            return self._opaque(t, where, f"{kind} tensor of a kind the host cannot reassemble")
+        kind, parts, params = recipe
+        for part, c in parts.items():
+            if c.layout != torch.strided or c.is_quantized or c.is_nested or \
+                    str(c.dtype).removeprefix("torch.") not in P.TORCH_DTYPES:
+                return self._opaque(t, where, f"{kind} tensor whose {part} is not a plain tensor")
+        seen = self.composites.get(id(t))
+        if seen is not None:  # the same composite twice: the same recipe, the same parts
+            return seen
+        name = P.tensor_name(path, self.names)  # the composite's own name (nothing stored)
+        nodes = {part: {"$": "tensor", "ref": self._ref(c.detach(), path + (part,), "tensor"),
+                        "parameter": False, "requires_grad": False}
+                 for part, c in parts.items()}
+        self.notes.append(f"{where}: {kind} tensor returned as its components "
+                          + ", ".join(str(n["ref"]) for n in nodes.values()))
+        node = {"$": "composite", "kind": kind, "name": name,
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": None if t.is_nested else [int(d) for d in t.shape],
+                "parts": nodes, "params": params,
+                "parameter": isinstance(t, torch.nn.Parameter),
+                "requires_grad": bool(t.requires_grad)}
+        self.composites[id(t)] = node
+        self.keep.append(t)
         return node
 
     def _ref(self, t: torch.Tensor, path: tuple[str, ...], kind: str) -> str:
@@ -315,6 +355,55 @@ class Extractor:
                                 "stored_as": stored_as, "nbytes": raw.numel(), "sha256": digest,
                                 "location": location})
         return out
+
+
+_SPARSE_PARTS = {
+    torch.sparse_csr: ("crow_indices", "col_indices"), torch.sparse_csc: ("ccol_indices", "row_indices"),
+    torch.sparse_bsr: ("crow_indices", "col_indices"), torch.sparse_bsc: ("ccol_indices", "row_indices"),
+}
+_QUANTIZED = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}
+
+
+def _recipe(t: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(kind, component tensors, JSON parameters) of a sparse, quantized or nested tensor
+    (the host's ``_convert.assemble`` is the inverse), or None for a kind it does not know."""
+    if t.is_nested:
+        if t.layout == torch.jagged:
+            if t.lengths() is not None:  # type: ignore[attr-defined]
+                return None  # a non-contiguous jagged tensor (with holes): a placeholder
+            parts = {"values": t.values(), "offsets": t.offsets()}  # type: ignore[attr-defined]
+            return "nested_jagged", parts, {"ragged_idx": int(t._ragged_idx)}  # type: ignore[attr-defined]
+        if t.layout == torch.strided:  # what torch.save writes: a buffer and each piece's view
+            return "nested", {"values": t.values(), "sizes": t._nested_tensor_size(),
+                              "strides": t._nested_tensor_strides(),
+                              "storage_offsets": t._nested_tensor_storage_offsets()}, {}
+        return None
+    if t.is_quantized:
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _QUANTIZED:
+            return None
+        scheme = t.qscheme()
+        if scheme == torch.per_tensor_affine:
+            scale = float(t.q_scale())
+            if not math.isfinite(scale):
+                return None
+            return "quantized_per_tensor", {"int_repr": t.int_repr()}, {
+                "scale": scale, "zero_point": int(t.q_zero_point())}
+        if scheme == torch.per_channel_affine:
+            return "quantized_per_channel", {
+                "int_repr": t.int_repr(), "scales": t.q_per_channel_scales(),
+                "zero_points": t.q_per_channel_zero_points()}, {"axis": int(t.q_per_channel_axis())}
+        return None  # float zero points (per_channel_affine_float_qparams), symmetric schemes
+    if t.layout == torch.sparse_coo:
+        return "sparse_coo", {"indices": t._indices(), "values": t._values()}, \
+            {"coalesced": bool(t.is_coalesced())}
+    if t.layout in _SPARSE_PARTS:
+        compressed, plain = _SPARSE_PARTS[t.layout]
+        getter = {"crow_indices": t.crow_indices, "col_indices": t.col_indices,
+                  "ccol_indices": t.ccol_indices, "row_indices": t.row_indices}
+        return str(t.layout).removeprefix("torch."), {
+            compressed: getter[compressed](), plain: getter[plain](), "values": t.values()}, {}
+    return None
 
 
 def _module_state(attrs: dict[str, Any], prefix: str = "",

@@ -72,9 +72,41 @@ class Input:
         return f
 
 
+# joblib.dump(compress=...) writes one compressed stream: these are the magic numbers joblib's
+# own reader recognises (zlib's is checked further, as the host's scan does)
+_COMPRESSED_MAGIC = (b"\x1f\x8b\x08", b"\x04\x22\x4d\x18", b"BZh", b"\xfd7zXZ\x00",
+                     b"\x5d\x00\x00")
+# joblib >= 0.10 (older files keep arrays in companion files, which a sandbox does not have)
+_JOBLIB_WRAPPERS = ("NumpyArrayWrapper",)
+_IDENTIFY_OPS = 200_000
+
+
+def _zlib_head(head: bytes) -> bool:
+    return len(head) >= 2 and head[0] == 0x78 and ((head[0] << 8) | head[1]) % 31 == 0
+
+
+def _has_joblib_arrays(inp: Input) -> bool:
+    """Whether the pickle names joblib's array wrapper before its first array's raw bytes
+    (which end what a plain pickle reader can follow): then only joblib.load reads it."""
+    with inp.open() as f:
+        try:
+            for n, (op, arg, _) in enumerate(pickletools.genops(f)):
+                if n > _IDENTIFY_OPS:
+                    break
+                if op.name == "GLOBAL" and isinstance(arg, str) and \
+                        arg.split(" ")[-1] in _JOBLIB_WRAPPERS:
+                    return True
+                if isinstance(arg, str) and arg in _JOBLIB_WRAPPERS and "UNICODE" in op.name:
+                    return True
+        except Exception:  # the raw bytes after a wrapper, or a corrupt stream
+            return False
+    return False
+
+
 def identify(source: str | Input) -> str:
     """Format by content: torch-zip, torchscript, numpy-npz, torch-tar, numpy-npy,
-    torch-legacy, pickle, safetensors or unknown."""
+    torch-legacy, joblib (a pickle with joblib's inline arrays, or a compressed stream),
+    pickle, safetensors or unknown."""
     inp = source if isinstance(source, Input) else _PathInput(source)
     with inp.open() as f:
         head = f.read(16)
@@ -103,6 +135,8 @@ def identify(source: str | Input) -> str:
         return "torch-tar"
     if len(head) >= 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{":
         return "safetensors"
+    if _zlib_head(head) or head.startswith(_COMPRESSED_MAGIC):
+        return "joblib"
     if head[:1] == b"\x80" and not (len(head) > 1 and 2 <= head[1] <= 5):
         return "unknown"
     if head[:1].decode("latin-1") not in _PICKLE_OPCODES:
@@ -111,7 +145,8 @@ def identify(source: str | Input) -> str:
         try:
             first = _NoGlobals(f).load()
         except _Unresolved:
-            return "pickle"  # needs globals: a real pickle, judged when it is loaded
+            # needs globals: a real pickle, judged when it is loaded
+            return "joblib" if _has_joblib_arrays(inp) else "pickle"
         except Exception as exc:
             if head[:1] == b"\x80":
                 raise LoaderError("malformed-input", f"a corrupt or truncated pickle ({exc})") from None
@@ -142,8 +177,8 @@ def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
     """Load the input with the real loader. Returns (object, format, storage locations)."""
     inp = source if isinstance(source, Input) else _PathInput(source)
     fmt = identify(inp)
-    if fmt in ("torchscript", "safetensors", "unknown"):
-        what = {"torchscript": "a TorchScript archive", "safetensors": "already SafeTensors",
+    if fmt in ("safetensors", "unknown"):
+        what = {"safetensors": "already SafeTensors",
                 "unknown": "not a format model-sandbox loads"}[fmt]
         raise LoaderError("unsupported-format", f"the file is {what}", detected=fmt)
     import numpy as np
@@ -164,6 +199,11 @@ def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
     if fmt == "pickle":
         with inp.open() as f:
             return _ghosts.Unpickler(f).load(), fmt, locations
+    if fmt == "joblib":
+        return _load_joblib(inp), fmt, locations
+    if fmt == "torchscript":  # the archive's code runs here, under the same monitoring
+        with inp.open() as f:
+            return torch.jit.load(f, map_location="cpu"), fmt, locations  # type: ignore[no-untyped-call]
     if fmt == "torch-tar":  # torch extracts a legacy tar's storages into a temporary directory
         import tempfile
 
@@ -177,6 +217,28 @@ def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
         obj = torch.load(f, map_location=record_location, weights_only=False,
                          pickle_module=_ghosts.pickle_module)
     return obj, fmt, locations
+
+
+def _load_joblib(inp: Input) -> Any:
+    """``joblib.load`` from a file object (never by name: joblib's pre-0.10 format would open
+    companion files), with joblib's own unpickler, except that a class the sandbox does not
+    have (a scikit-learn estimator) becomes a ghost, as in every other load."""
+    # joblib's import probes multiprocessing by creating a semaphore (a file in /dev/shm):
+    # nothing a load needs, and a write the monitoring would rightly report
+    os.environ["JOBLIB_MULTIPROCESSING"] = "0"
+    import joblib
+    from joblib import numpy_pickle
+
+    class Unpickler(numpy_pickle.NumpyUnpickler):  # type: ignore[misc]
+        def find_class(self, module: str, name: str) -> Any:
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                return _ghosts.ghost_class(f"{module}.{name}")
+
+    numpy_pickle.NumpyUnpickler = Unpickler
+    with inp.open() as f:
+        return joblib.load(f)  # type: ignore[no-untyped-call]
 
 
 def try_layout(source: Input) -> dict[str, Any] | None:

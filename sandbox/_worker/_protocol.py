@@ -790,7 +790,25 @@ NODE_KINDS = frozenset({
     "module",      # {"type": "pkg.Class", "state": dict-node}  nn.Module / optimizer -> state_dict
     "opaque",      # {"type": "pkg.Class", "path": str}  an object we will not rebuild
     "value",       # {"type": one of VALUE_TYPES, "v": JSON}  a stdlib value type
+    # a sparse / quantized / nested tensor as ordinary component tensors: {"kind": one of
+    # COMPOSITE_KINDS, "name": str, "dtype": str, "shape": [int...], "parts": {part: tensor-node},
+    # "params": {str: JSON}, "parameter": bool, "requires_grad": bool}
+    "composite",
 })
+# composite kind -> (the parts it needs, the optional parts); the host's _convert.assemble
+# rebuilds each, the worker's _extract._recipe takes it apart (nested tensors have no fixed
+# shape: "shape" is null).
+COMPOSITE_KINDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "sparse_coo": (frozenset({"indices", "values"}), frozenset()),
+    "sparse_csr": (frozenset({"crow_indices", "col_indices", "values"}), frozenset()),
+    "sparse_bsr": (frozenset({"crow_indices", "col_indices", "values"}), frozenset()),
+    "sparse_csc": (frozenset({"ccol_indices", "row_indices", "values"}), frozenset()),
+    "sparse_bsc": (frozenset({"ccol_indices", "row_indices", "values"}), frozenset()),
+    "quantized_per_tensor": (frozenset({"int_repr"}), frozenset()),  # scale, zero_point: params
+    "quantized_per_channel": (frozenset({"int_repr", "scales", "zero_points"}), frozenset()),
+    "nested": (frozenset({"values", "sizes", "strides", "storage_offsets"}), frozenset()),
+    "nested_jagged": (frozenset({"values", "offsets"}), frozenset()),
+}
 # Standard-library value types the host rebuilds from plain data (no code runs to make them):
 # "v" is an ISO string (dates, times), [days, seconds, microseconds] (timedelta), the str()
 # of the value (paths, Decimal, Fraction, UUID), or [start, stop, step] (range, slice).

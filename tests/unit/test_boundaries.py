@@ -12,7 +12,8 @@ import sandbox
 
 ROOT = Path(sandbox.__file__).parent
 WORKER = ROOT / "_worker"
-WORKER_THIRD_PARTY = {"torch", "numpy", "safetensors", "psutil"}
+# what the worker image carries (sandbox._image.ROOT_DISTRIBUTIONS): joblib for joblib archives
+WORKER_THIRD_PARTY = {"torch", "numpy", "safetensors", "psutil", "joblib"}
 
 
 def imports(path: Path) -> list[tuple[str, int]]:
