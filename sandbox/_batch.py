@@ -567,14 +567,14 @@ def _counts(results: Sequence[ItemResult]) -> dict[str, int]:
     return counts
 
 
-class _EngineGone(Exception):
+class EngineGone(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
 @dataclass
-class _Ctx:
+class BatchContext:
     outdir: Path
     report_root: Path
     options: BatchOptions
@@ -585,23 +585,23 @@ class _Ctx:
     cancel: threading.Event
     # where a file's sandbox runs when it is not this host: (entry, ctx, dst, sha256, format,
     # started) -> the file's result (``_distribute.Remote``: a Dask cluster)
-    remote: Callable[[Entry, _Ctx, Path, str, str | None, tuple[float, float]], ItemResult] | None \
+    remote: Callable[[Entry, BatchContext, Path, str, str | None, tuple[float, float]], ItemResult] | None \
         = None
 
 
-def _hash(path: str, cancel: threading.Event) -> tuple[str, int]:
+def hash_input(path: str, cancel: threading.Event) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             if cancel.is_set():
-                raise _Cancelled
+                raise Cancelled
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
 
 
-class _Cancelled(Exception):
+class Cancelled(Exception):
     pass
 
 
@@ -612,7 +612,7 @@ def _sha_of(path: Path) -> str | None:
         return None
 
 
-def _reusable(prev: ItemResult | None, sha: str, size: int, ctx: _Ctx) -> bool:
+def _reusable(prev: ItemResult | None, sha: str, size: int, ctx: BatchContext) -> bool:
     if prev is None or ctx.options.force or prev.status is Status.SKIPPED:
         return False
     policy = ctx.options.policy
@@ -645,7 +645,7 @@ def _top(report: LoadReport) -> str | None:
     return f"{f.severity} {f.rule}: {f.message}"
 
 
-def _static_failure(entry: Entry, ctx: _Ctx, started: tuple[float, float], exc: SandboxError, *,
+def static_failure(entry: Entry, ctx: BatchContext, started: tuple[float, float], exc: SandboxError, *,
                     sha: str | None = None, fmt: str | None = None) -> ItemResult:
     """A report for a file refused or failed before any container ran."""
     report = LoadReport(input_path=entry.source, input_sha256=sha, input_size=entry.size, format=fmt,
@@ -653,11 +653,11 @@ def _static_failure(entry: Entry, ctx: _Ctx, started: tuple[float, float], exc: 
                         tool=dict(ctx.tool), policy={"name": ctx.options.policy.name,
                                                      "digest": ctx.options.policy.digest},
                         duration_s=round(time.monotonic() - started[0], 3))
-    return _finish(entry, ctx, report, Status.FAILED, started_wall=started[1], reason=exc.message,
+    return finish(entry, ctx, report, Status.FAILED, started_wall=started[1], reason=exc.message,
                    reference=exc.reference)
 
 
-def _finish(entry: Entry, ctx: _Ctx, report: LoadReport, status: Status, *, started_wall: float,
+def finish(entry: Entry, ctx: BatchContext, report: LoadReport, status: Status, *, started_wall: float,
             reason: str | None = None, reference: str | None = None) -> ItemResult:
     rpath = _safe_join(ctx.report_root, f"{entry.rel}.report.json")
     report.outputs["report"] = str(rpath)
@@ -674,32 +674,32 @@ def _finish(entry: Entry, ctx: _Ctx, report: LoadReport, status: Status, *, star
         load_report=report)
 
 
-def _not_converted(entry: Entry, ctx: _Ctx, report: LoadReport, *, started_wall: float,
+def not_converted(entry: Entry, ctx: BatchContext, report: LoadReport, *, started_wall: float,
                    reason: str, reference: str) -> ItemResult:
     """The result of a load that raised: refused (judged unsafe) or failed (an error)."""
     if report.error is None and report.verdict is not Verdict.ERROR:
-        return _finish(entry, ctx, report, Status.REFUSED, started_wall=started_wall)
-    return _finish(entry, ctx, report, Status.FAILED, started_wall=started_wall,
+        return finish(entry, ctx, report, Status.REFUSED, started_wall=started_wall)
+    return finish(entry, ctx, report, Status.FAILED, started_wall=started_wall,
                    reason=reason, reference=reference)
 
 
-def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
+def _process(entry: Entry, ctx: BatchContext) -> ItemResult:
     """One input, start to end. Never raises for a problem with the file itself."""
     started = (time.monotonic(), time.time())
     started_wall = started[1]
     if ctx.cancel.is_set():
-        raise _Cancelled
+        raise Cancelled
     try:
         fmt = _scan.identify(entry.real)
         with open(entry.real, "rb") as f:
             head = f.read(4)
     except (MalformedInput, OSError) as exc:
         msg = exc.message if isinstance(exc, SandboxError) else f"cannot read: {exc.strerror}"
-        return _static_failure(entry, ctx, started, InputUnreadable(
+        return static_failure(entry, ctx, started, InputUnreadable(
             f"{entry.rel!r} cannot be read: {msg}", path=entry.source))
     if fmt not in MODEL_FORMATS:
         if fmt == "unknown" and head == _ZIP_MAGIC:
-            return _static_failure(entry, ctx, started, MalformedInput(
+            return static_failure(entry, ctx, started, MalformedInput(
                 f"{entry.rel!r} starts like a zip archive but has no readable central directory "
                 "(truncated?)", path=entry.source), fmt=fmt)
         reason = ("empty file" if entry.size == 0 else "already SafeTensors" if fmt == "safetensors"
@@ -707,18 +707,18 @@ def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
         return ItemResult(rel=entry.rel, status=Status.SKIPPED, size=entry.size, format=fmt,
                           reason=reason)
     try:
-        sha, size = _hash(entry.real, ctx.cancel)
+        sha, size = hash_input(entry.real, ctx.cancel)
     except OSError as exc:
-        return _static_failure(entry, ctx, started, InputUnreadable(
+        return static_failure(entry, ctx, started, InputUnreadable(
             f"{entry.rel!r} cannot be read: {exc.strerror}", path=entry.source), fmt=fmt)
     entry = dataclasses.replace(entry, size=size)
     pin = ctx.options.pins.get(entry.real) or ctx.options.pins.get(entry.source)
     if pin is None and ctx.options.require_pins:
-        return _static_failure(entry, ctx, started, NotPinned(
+        return static_failure(entry, ctx, started, NotPinned(
             f"{entry.rel!r} is not listed in the lock file; refusing to open it",
             path=entry.source), sha=sha, fmt=fmt)
     if pin is not None and pin.lower() != sha:
-        return _static_failure(entry, ctx, started, HashMismatch(
+        return static_failure(entry, ctx, started, HashMismatch(
             f"{entry.rel!r} has sha256 {sha}, not the pinned {pin.lower()}", path=entry.source,
             expected=pin.lower(), actual=sha), sha=sha, fmt=fmt)
     prev = ctx.previous.get(entry.rel)  # pins are checked first: a changed pin is never reused
@@ -734,21 +734,21 @@ def _process(entry: Entry, ctx: _Ctx) -> ItemResult:
                                   shared=ctx.options.shared,
                                   allow_unverified=ctx.options.allow_unverified,
                                   runner=ctx.runner, write_report=False)
-            return _finish(entry, ctx, report, Status.CONVERTED, started_wall=started_wall)
+            return finish(entry, ctx, report, Status.CONVERTED, started_wall=started_wall)
         except EngineUnavailable as exc:
             if attempt == ctx.options.retries or ctx.cancel.wait(min(delay, 30.0)):
-                raise _EngineGone(exc.diagnostics()) from None
+                raise EngineGone(exc.diagnostics()) from None
             delay *= 2
         except EngineError as exc:
-            raise _EngineGone(exc.diagnostics()) from None
+            raise EngineGone(exc.diagnostics()) from None
         except SandboxError as exc:
             report = exc.report or LoadReport(input_path=entry.source, verdict=Verdict.ERROR)
-            return _not_converted(entry, ctx, report, started_wall=started_wall,
+            return not_converted(entry, ctx, report, started_wall=started_wall,
                                   reason=exc.message, reference=exc.reference)
         except Exception as exc:  # a bug or a host I/O error: this file fails, the batch goes on
             bug = InternalError(f"internal error while converting {entry.rel!r}: "
                                 f"{type(exc).__name__}: {exc}")
-            return _static_failure(entry, ctx, started, bug, sha=sha, fmt=fmt)
+            return static_failure(entry, ctx, started, bug, sha=sha, fmt=fmt)
     raise AssertionError("unreachable")
 
 
@@ -918,7 +918,7 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
         out_rels = _output_rels(entries)
         for plan in plans:
             out_rels.update(plan.renamed)
-        ctx = _Ctx(outdir=out, report_root=report_root, options=options,
+        ctx = BatchContext(outdir=out, report_root=report_root, options=options,
                    runner=labelled or runner,  # type: ignore[arg-type]
                    previous=dict(manifest.records), out_rels=out_rels,
                    tool={"name": "model-sandbox", "version": VERSION,
@@ -953,7 +953,7 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
                         continue
                     try:
                         item = fut.result()
-                    except _EngineGone as exc:
+                    except EngineGone as exc:
                         if summary.stopped is None:
                             summary.stopped = exc.message
                             ctx.cancel.set()
@@ -961,7 +961,7 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
                                 f.cancel()
                         summary.not_done.append(entry.rel)
                         continue
-                    except _Cancelled:
+                    except Cancelled:
                         summary.not_done.append(entry.rel)
                         continue
                     done_bytes += entry.size

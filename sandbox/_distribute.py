@@ -84,7 +84,7 @@ from .report import LoadReport, Verdict
 if TYPE_CHECKING:
     from distributed import Client, Worker
 
-    from ._batch import Entry, ItemResult, _Ctx
+    from ._batch import BatchContext, Entry, ItemResult
     from ._pool import Pool
 
 __all__ = ["OUTPUTS", "PLUGIN_NAME", "SLOTS_RESOURCE", "Readiness", "Remote", "convert_task", "resource_name"]
@@ -297,7 +297,7 @@ class Remote:
                     f"{self.wait_s:.0f} s (the workers died or left the cluster, or the "
                     "scheduler went away)")
 
-    def __call__(self, entry: Entry, ctx: _Ctx, dst: Path, sha: str, fmt: str | None,
+    def __call__(self, entry: Entry, ctx: BatchContext, dst: Path, sha: str, fmt: str | None,
                  started: tuple[float, float]) -> ItemResult:
         from distributed import KilledWorker
 
@@ -313,7 +313,7 @@ class Remote:
                                      resources={self.resource: 1},
                                      key=f"model-sandbox-{sha[:16]}-{secrets.token_hex(8)}")
         except Exception as exc:  # a closed or disconnected client
-            raise _batch._EngineGone(f"cannot submit to the Dask cluster: {type(exc).__name__}: "
+            raise _batch.EngineGone(f"cannot submit to the Dask cluster: {type(exc).__name__}: "
                                      f"{exc}") from None
         try:
             while True:
@@ -323,20 +323,20 @@ class Remote:
                 except TimeoutError:
                     if ctx.cancel.is_set():
                         fut.cancel()  # type: ignore[no-untyped-call]
-                        raise _batch._Cancelled from None
+                        raise _batch.Cancelled from None
                     gone = self._gone()
                     if gone is not None:
                         fut.cancel()  # type: ignore[no-untyped-call]
-                        raise _batch._EngineGone(gone) from None
+                        raise _batch.EngineGone(gone) from None
                 except KilledWorker as exc:
-                    return _batch._static_failure(entry, ctx, started, ClusterError(
+                    return _batch.static_failure(entry, ctx, started, ClusterError(
                         f"{entry.rel!r}: the Dask cluster gave up on this file, every worker that "
                         f"ran it died ({exc})", hint="see the workers' logs (memory?); a re-run "
                         "redoes it"), sha=sha, fmt=fmt)
                 except WorkerNotReady as exc:
-                    raise _batch._EngineGone(exc.diagnostics()) from None
+                    raise _batch.EngineGone(exc.diagnostics()) from None
                 except (OSError, concurrent.futures.CancelledError) as exc:  # scheduler gone, cancelled
-                    raise _batch._EngineGone(f"the Dask cluster went away: {type(exc).__name__}: "
+                    raise _batch.EngineGone(f"the Dask cluster went away: {type(exc).__name__}: "
                                              f"{exc}") from None
             return self._accept(answer, entry, ctx, dst, sha, fmt, started, staged)
         finally:
@@ -345,19 +345,19 @@ class Remote:
                 with contextlib.suppress(OSError):
                     os.unlink(staged)  # still there only when it was not accepted
 
-    def _accept(self, answer: object, entry: Entry, ctx: _Ctx, dst: Path, sha: str,
+    def _accept(self, answer: object, entry: Entry, ctx: BatchContext, dst: Path, sha: str,
                 fmt: str | None, started: tuple[float, float], staged: Path | None) -> ItemResult:
         from . import _batch
 
         def rejected(why: str, report: LoadReport | None = None) -> ItemResult:
             exc = OutputRejected(f"{entry.rel!r}: a Dask worker's answer is rejected: {why}")
             if report is None:
-                return _batch._static_failure(entry, ctx, started, exc, sha=sha, fmt=fmt)
+                return _batch.static_failure(entry, ctx, started, exc, sha=sha, fmt=fmt)
             report.verdict = Verdict.ERROR
             report.error = {"reference": exc.reference, "message": exc.message}
             report.outputs.pop("safetensors", None)
             report.outputs.pop("safetensors_sha256", None)
-            return _batch._finish(entry, ctx, report, _batch.Status.FAILED,
+            return _batch.finish(entry, ctx, report, _batch.Status.FAILED,
                                   started_wall=started[1], reason=exc.message,
                                   reference=exc.reference)
 
@@ -366,9 +366,9 @@ class Remote:
             return rejected("not an answer of convert_task")
         kind = answer["kind"]
         if kind == "engine":
-            raise _batch._EngineGone(_text(answer.get("message")))
+            raise _batch.EngineGone(_text(answer.get("message")))
         if kind == "internal":
-            return _batch._static_failure(entry, ctx, started, InternalError(
+            return _batch.static_failure(entry, ctx, started, InternalError(
                 f"internal error on a Dask worker while converting {entry.rel!r}: "
                 f"{_text(answer.get('message'))}"), sha=sha, fmt=fmt)
         text = answer.get("report")
@@ -383,7 +383,7 @@ class Remote:
             return rejected(f"the report describes another input (sha256 "
                             f"{str(report.input_sha256)[:64]}, the client hashed {sha})")
         if kind == "error":
-            return _batch._not_converted(entry, ctx, report, started_wall=started[1],
+            return _batch.not_converted(entry, ctx, report, started_wall=started[1],
                                          reason=_text(answer.get("message")),
                                          reference=_text(answer.get("reference"), 100))
         if report.verdict is Verdict.ERROR or report.error is not None:
@@ -430,7 +430,7 @@ class Remote:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)  # gone after the rename
         report.outputs["safetensors"] = str(dst)
-        return _batch._finish(entry, ctx, report, _batch.Status.CONVERTED, started_wall=started[1])
+        return _batch.finish(entry, ctx, report, _batch.Status.CONVERTED, started_wall=started[1])
 
 
 def _is_str_map(v: object) -> bool:

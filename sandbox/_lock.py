@@ -54,7 +54,7 @@ def lock_entries(paths: Sequence[str | os.PathLike[str]], *, include: Sequence[s
         try:
             if _scan.identify(e.real) not in _batch.MODEL_FORMATS:
                 continue
-            sha, _ = _batch._hash(e.real, never)
+            sha, _ = _batch.hash_input(e.real, never)
         except (MalformedInput, OSError) as exc:
             raise LockFileError(f"cannot read {e.source!r}: {exc}") from None
         out.append((sha, _display(e.source)))

@@ -339,7 +339,7 @@ def test_cli_batch_formats_and_exit_codes(tmp_path: Path, monkeypatch: pytest.Mo
     assert sarif["version"] == "2.1.0"
     assert any(r["ruleId"] == "input-changed" for r in sarif["runs"][0]["results"])
 
-    sha = _batch._hash(str(src / "good.pt"), threading.Event())[0]
+    sha = _batch.hash_input(str(src / "good.pt"), threading.Event())[0]
     code = _cli.main(["convert", str(src), "-o", str(tmp_path / "o2"), "--quiet",
                       "--expect-sha256", f"{src / 'good.pt'}:{'0' * 64}",
                       "--expect-sha256", f"{src / 'evil.pt'}:{sha}"])

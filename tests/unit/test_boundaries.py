@@ -112,7 +112,9 @@ def test_no_module_imports_a_private_name_of_another() -> None:
     offenders = []
     for path in ROOT.rglob("*.py"):
         package = path.parent.relative_to(ROOT.parent).parts
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        modules: set[str] = set()
+        for node in ast.walk(tree):
             if not isinstance(node, ast.ImportFrom):
                 continue
             base = list(package[:len(package) - node.level + 1]) if node.level else []
@@ -124,4 +126,11 @@ def test_no_module_imports_a_private_name_of_another() -> None:
                 submodule = (where / alias.name).is_dir() or (where / f"{alias.name}.py").exists()
                 if alias.name.startswith("_") and not submodule:
                     offenders.append(f"{path.relative_to(ROOT)}: {'.'.join(module)}.{alias.name}")
+                elif submodule:
+                    modules.add(alias.asname or alias.name)
+        # ... nor reaches into one: ``_batch._helper`` on a module imported as a name
+        offenders += [f"{path.relative_to(ROOT)}: {node.value.id}.{node.attr}"
+                      for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                      and isinstance(node.value, ast.Name) and node.value.id in modules
+                      and node.attr.startswith("_") and not node.attr.startswith("__")]
     assert not offenders, offenders

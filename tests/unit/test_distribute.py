@@ -90,7 +90,7 @@ def test_not_safetensors_at_all(tmp_path: Path) -> None:
 
 # -- the client's handling of one answer --------------------------------------------------------
 
-def setup(tmp_path: Path, output: str = "stream") -> tuple[_distribute.Remote, _batch._Ctx,
+def setup(tmp_path: Path, output: str = "stream") -> tuple[_distribute.Remote, _batch.BatchContext,
                                                             _batch.Entry, Path]:
     remote = _distribute.Remote.__new__(_distribute.Remote)  # no cluster: only _accept is used
     remote.output = output
@@ -99,7 +99,7 @@ def setup(tmp_path: Path, output: str = "stream") -> tuple[_distribute.Remote, _
     src = tmp_path / "m.pt"
     src.write_bytes(b"x" * 100)
     entry = _batch.Entry(rel="m.pt", source=str(src), real=str(src), size=100)
-    ctx = _batch._Ctx(outdir=out, report_root=out, options=_batch.BatchOptions(), runner=None,  # type: ignore[arg-type]
+    ctx = _batch.BatchContext(outdir=out, report_root=out, options=_batch.BatchOptions(), runner=None,  # type: ignore[arg-type]
                       previous={}, out_rels={"m.pt": "m.safetensors"},
                       tool={"name": "model-sandbox", "version": "0", "worker_digest": "d",
                             "shared": "complete"}, cancel=threading.Event())
@@ -185,7 +185,7 @@ def test_a_refusal_and_an_error_keep_their_meaning(tmp_path: Path) -> None:
     internal = remote._accept({"kind": "internal", "message": "boom"}, entry, ctx, dst, SRC_SHA,
                               "torch-zip", (0.0, 0.0), None)
     assert internal.status is _batch.Status.FAILED and internal.reference == "internal-error"
-    with pytest.raises(_batch._EngineGone):
+    with pytest.raises(_batch.EngineGone):
         remote._accept({"kind": "engine", "message": "no engine"}, entry, ctx, dst, SRC_SHA,
                        "torch-zip", (0.0, 0.0), None)
 
