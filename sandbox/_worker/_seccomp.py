@@ -128,7 +128,7 @@ NAMES.update({NR_CLONE: "clone", NR_KILL: "kill", NR_TGKILL: "tgkill", NR_MPROTE
 
 # -- classic BPF ---------------------------------------------------------------------------------
 
-_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K, _AND_K = 0x20, 0x15, 0x35, 0x45, 0x06, 0x54
 _OFF_NR, _OFF_ARCH = 0, 4
 
 
@@ -158,6 +158,10 @@ class _Asm:
 
     def ret(self, k: int) -> None:
         self.ins.append((_RET_K, 0, 0, k))
+
+    def and_k(self, k: int) -> None:
+        """A &= k (BPF_ALU | BPF_AND | BPF_K)."""
+        self.ins.append((_AND_K, 0, 0, k))
 
     def assemble(self) -> bytes:
         out = bytearray()
