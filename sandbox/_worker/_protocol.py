@@ -46,6 +46,7 @@ CHANNEL_DIR = "/run/sandbox"        # inside the container: the host's socket di
 SOCKET_NAME = "channel"
 SOCKET_PATH = f"{CHANNEL_DIR}/{SOCKET_NAME}"
 COLD = "--cold"                     # the supervisor's argument: do not import torch ahead of a job
+NPROC = "--nproc="                  # the supervisor's argument (bwrap runner): its RLIMIT_NPROC
 
 LOADER_SCRATCH = "/tmp/.loader/"    # torch's own temporary files (legacy tar extraction)
 INPUT_FD = 1000                     # where the loader keeps the input descriptor (nofile is 1024)
