@@ -327,6 +327,11 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
     copied (as with torch, writes to them never reach a file); the sandbox always maps torch
     zip inputs.
 
+    ``runner``: what makes the sandbox: a runner or :class:`Pool`, or a name (``"docker"``,
+    ``"bwrap"``, ``"auto"``: a fresh sandbox of that kind); by default the process-wide pool,
+    whose runner is ``$MODEL_SANDBOX_RUNNER`` or ``auto`` (Docker when an engine answers, else
+    bubblewrap).
+
     Raises :class:`SandboxViolation` (with ``.report``) when the policy judges the file unsafe,
     and the other :class:`SandboxError` subclasses for inputs that cannot be loaded.
     """

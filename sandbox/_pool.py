@@ -43,7 +43,9 @@ class Pool:
             sd = pool.safe_load("model.pt")
             report = pool.scan("other.bin")
 
-    It is a runner too: ``sandbox.safe_load(f, runner=pool)``. Thread-safe."""
+    It is a runner too: ``sandbox.safe_load(f, runner=pool)``. Thread-safe. ``runner``: the
+    runner its sandboxes come from, or its name (``"docker"``, ``"bwrap"``, ``"auto"``); by
+    default ``$MODEL_SANDBOX_RUNNER``, else ``auto``."""
 
     def __init__(self, size: int = 1, *, policy: Policy | None = None,
                  runner: _launch.StartingRunner | str | None = None,

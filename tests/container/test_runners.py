@@ -1,0 +1,97 @@
+"""The daemon-less path: the whole pipeline through the bubblewrap runner as an unprivileged
+user with no Docker socket, and ``auto`` choosing bwrap when no engine answers.
+
+Payloads only create a marker file in a directory the test owns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import sandbox
+from sandbox import _bwrap
+from tests import checkpoints as ck
+from tests.conftest import IN_CI
+
+NO_ENGINE = "unix:///nonexistent/model-sandbox-no-engine.sock"
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the unprivileged user may use (pytest's own tmp_path is root's, 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="model-sandbox-unpriv-"))
+    path.chmod(0o777)  # noqa: S103 - the test's own scratch directory, for uid 65534
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_auto_converts_with_the_engine_unreachable(tmp_path: Path, bwrap_ready: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", NO_ENGINE)
+    monkeypatch.delenv("MODEL_SANDBOX_RUNNER", raising=False)
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+    report = sandbox.convert(path, runner="auto")
+    assert report.verdict is sandbox.Verdict.CLEAN and report.tool["runner"] == "bwrap"
+    assert (tmp_path / "sd.safetensors").exists()
+    # the docker runner, asked for by name, says that no engine answers
+    with pytest.raises(sandbox.EngineUnavailable):
+        sandbox.scan(path, runner="docker")
+
+
+def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(shared_dir: Path,
+                                                                    bwrap_ready: str) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        if IN_CI:
+            pytest.fail("CI runs as root with setpriv: this test must run there")
+        pytest.skip("needs root (to become uid 65534) and setpriv")
+    cache = _bwrap.cache_root()
+    if not _bwrap._traversable(cache):  # the tree root made, shared read-only with uid 65534
+        pytest.skip(f"the root filesystem cache {cache} is not reachable by other users")
+    nobody = pwd.getpwuid(65534).pw_name
+    benign = ck.save(ck.state_dict(), shared_dir / "benign.pt")
+    marker = shared_dir / "marker-unprivileged"
+    hostile = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")),
+                      shared_dir / "hostile.pt")
+    ck.prove_live(hostile)
+    assert marker.exists(), "the payload is not live"
+    marker.unlink()
+    home = shared_dir / "home"
+    home.mkdir()
+    for p in (benign, hostile):
+        p.chmod(0o644)
+    os.chown(home, 65534, 65534)
+    env = {"HOME": str(home), "DOCKER_HOST": NO_ENGINE, "PATH": "/usr/bin:/bin",
+           "XDG_CACHE_HOME": str(cache.parent.parent), "MODEL_SANDBOX_WARM": "0"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+             sys.executable, "-m", "sandbox", *args], env=env, cwd=shared_dir,
+            capture_output=True, text=True, timeout=300, check=False)
+
+    who = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                          "id", "-un"], capture_output=True, text=True, check=True)
+    assert who.stdout.strip() == nobody
+    out = shared_dir / "benign.safetensors"
+    done = cli("convert", str(benign), "-o", str(out), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["verdict"] == "clean" and report["tool"]["runner"] == "bwrap"
+    assert out.exists() and out.stat().st_uid == 65534
+
+    refused = cli("convert", str(hostile), "--format", "json")
+    assert refused.returncode == 1, refused.stderr
+    report = json.loads(refused.stdout)
+    assert report["verdict"] == "malicious" and report["tool"]["runner"] == "bwrap"
+    assert not marker.exists()
+    assert not (shared_dir / "hostile.safetensors").exists()
