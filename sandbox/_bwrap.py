@@ -51,7 +51,6 @@ from . import _image, _launch
 from ._channel import Channel
 from ._syscalls import X86_64
 from ._worker import _protocol as P
-from ._worker import _seccomp as S
 from .errors import EngineError, EngineUnavailable
 from .policy import seccomp_profile
 
@@ -64,15 +63,15 @@ _CPU_MARGIN_S = 30  # RLIMIT_CPU: the supervisor stops the loader at cpu_s; this
 # SECCOMP_RET_TRACE without a tracer fails the call with ENOSYS, and it ranks *below*
 # SECCOMP_RET_USER_NOTIF: a foreign-ABI call (i386 ``int 0x80``, x32) thus reaches the loader's
 # own filter, which reports it and has the supervisor refuse it, and never runs anywhere else.
-RET_TRACE = 0x7FF00000
+RET_TRACE = P.SECCOMP_RET_TRACE
 
 
 def _action(rule: dict[str, Any], default_errno: int) -> int:
     action = rule["action"]
     if action == "SCMP_ACT_ALLOW":
-        return S.RET_ALLOW
+        return P.SECCOMP_RET_ALLOW
     if action == "SCMP_ACT_ERRNO":
-        return S.RET_ERRNO | (int(rule.get("errnoRet", default_errno)) & 0xFFFF)
+        return P.SECCOMP_RET_ERRNO | (int(rule.get("errnoRet", default_errno)) & 0xFFFF)
     raise ValueError(f"unsupported seccomp action {action!r}")
 
 
@@ -85,7 +84,7 @@ def compile_profile(text: str) -> bytes:
     default_errno = int(profile.get("defaultErrnoRet", _errno.EPERM))
     if profile.get("defaultAction") != "SCMP_ACT_ERRNO":
         raise ValueError("the profile must deny by default (SCMP_ACT_ERRNO)")
-    default = S.RET_ERRNO | default_errno
+    default = P.SECCOMP_RET_ERRNO | default_errno
     rules: dict[int, list[tuple[int, list[dict[str, Any]]]]] = {}
     for rule in profile["syscalls"]:
         action = _action(rule, default_errno)
@@ -93,15 +92,15 @@ def compile_profile(text: str) -> bytes:
             if name not in X86_64:
                 raise ValueError(f"unknown system call {name!r} in the seccomp profile")
             rules.setdefault(X86_64[name], []).append((action, list(rule.get("args") or [])))
-    a = S._Asm()
+    a = P.BpfAsm()
     a.ld(4)  # arch
-    a.jmp(S._JEQ_K, S.AUDIT_ARCH_X86_64, 1, 0)
+    a.jmp(P.BPF_JEQ_K, P.AUDIT_ARCH_X86_64, 1, 0)
     a.ret(RET_TRACE)
     a.ld(0)  # nr
-    a.jmp(S._JGE_K, S.X32_SYSCALL_BIT, 0, 1)
+    a.jmp(P.BPF_JGE_K, P.X32_SYSCALL_BIT, 0, 1)
     a.ret(RET_TRACE)
     for i, (nr, alternatives) in enumerate(sorted(rules.items())):
-        a.jmp(S._JEQ_K, nr, 0, f"next{i}")
+        a.jmp(P.BPF_JEQ_K, nr, 0, f"next{i}")
         for j, (action, args) in enumerate(alternatives):
             miss = f"alt{i}.{j}"
             for arg in args:
@@ -111,9 +110,9 @@ def compile_profile(text: str) -> bytes:
                     a.ld(off)
                     if op == "SCMP_CMP_MASKED_EQ":
                         a.and_k((value >> shift) & 0xFFFFFFFF)
-                        a.jmp(S._JEQ_K, (two >> shift) & 0xFFFFFFFF, 0, miss)
+                        a.jmp(P.BPF_JEQ_K, (two >> shift) & 0xFFFFFFFF, 0, miss)
                     elif op == "SCMP_CMP_EQ":
-                        a.jmp(S._JEQ_K, (value >> shift) & 0xFFFFFFFF, 0, miss)
+                        a.jmp(P.BPF_JEQ_K, (value >> shift) & 0xFFFFFFFF, 0, miss)
                     else:
                         raise ValueError(f"unsupported argument comparison {op!r}")
             a.ret(action)

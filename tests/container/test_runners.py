@@ -30,7 +30,7 @@ NO_ENGINE = "unix:///nonexistent/model-sandbox-no-engine.sock"
 def shared_dir() -> Iterator[Path]:
     """A directory the unprivileged user may use (pytest's own tmp_path is root's, 0700)."""
     path = Path(tempfile.mkdtemp(prefix="model-sandbox-unpriv-"))
-    path.chmod(0o777)  # noqa: S103 - the test's own scratch directory, for uid 65534
+    path.chmod(0o777)  # the test's own scratch directory, for uid 65534
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

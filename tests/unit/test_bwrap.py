@@ -12,7 +12,7 @@ import pytest
 from sandbox import _bwrap, _launch
 from sandbox._syscalls import X86_64
 from sandbox._worker import _protocol as P
-from sandbox._worker import _seccomp as S
+from sandbox._worker import _seccomp as S  # the constants the loader's filter uses
 from sandbox.errors import PolicyError
 from sandbox.policy import Policy, seccomp_profile
 
@@ -23,13 +23,14 @@ def run_bpf(program: bytes, nr: int, args: tuple[int, ...] = (), arch: int = S.A
             ) -> int:
     """Evaluate a classic BPF seccomp program on ``struct seccomp_data``."""
     data = struct.pack("<iIQ6Q", nr, arch, 0, *(list(args) + [0] * (6 - len(args))))
-    ins = [struct.unpack_from("<HBBI", program, i) for i in range(0, len(program), 8)]
+    ins: list[tuple[int, int, int, int]] = [struct.unpack_from("<HBBI", program, i)
+                                            for i in range(0, len(program), 8)]
     acc, pc = 0, 0
     while True:
         code, jt, jf, k = ins[pc]
         pc += 1
         if code == 0x20:  # ld [k]
-            acc = struct.unpack_from("<I", data, k)[0]
+            acc = int(struct.unpack_from("<I", data, k)[0])
         elif code == 0x54:  # and #k
             acc &= k
         elif code in (0x15, 0x35, 0x45):  # jeq, jge, jset
