@@ -288,8 +288,16 @@ LIMITS = {"memory": "rlimit RLIMIT_AS (per process)",
           "cpus": "not enforced (no control group)"}
 
 
+def etc_files(hostname: str) -> dict[str, bytes]:
+    """What an ordinary machine (and a Docker container) has in /etc/hostname and /etc/hosts."""
+    return {"/etc/hostname": f"{hostname}\n".encode(),
+            "/etc/hosts": (f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                           f"127.0.1.1\t{hostname}\n").encode()}
+
+
 def bwrap_args(spec: _launch.ContainerSpec, *, rootfs_fd: int, channel_fd: int, seccomp_fd: int,
-               info_fd: int, hostname: str, prepare: bool = True) -> list[str]:
+               info_fd: int, hostname: str, etc_fds: dict[str, int] | None = None,
+               prepare: bool = True) -> list[str]:
     """bwrap's options for ``spec``. Every isolation choice is made here (pure: unit tests
     check it without running anything)."""
     uid = str(_image.SANDBOX_UID)
@@ -303,6 +311,8 @@ def bwrap_args(spec: _launch.ContainerSpec, *, rootfs_fd: int, channel_fd: int, 
             "--perms", "1777", "--size", str(spec.tmp_bytes), "--tmpfs", "/tmp",  # noqa: S108
             "--perms", "0700", "--size", str(2**20), "--tmpfs", P.CANARY_HOME,
             "--ro-bind-fd", str(channel_fd), P.CHANNEL_DIR,
+            *[a for dest, fd in sorted((etc_fds or {}).items())
+              for a in ("--ro-bind-data", str(fd), dest)],
             "--chdir", "/tmp",  # noqa: S108 - the sandbox's own tmpfs
             "--seccomp", str(seccomp_fd),
             "--info-fd", str(info_fd),
@@ -446,8 +456,16 @@ class BwrapRunner:
             os.lseek(prog, 0, os.SEEK_SET)
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
             fds.append(info_w)
+            hostname = _launch._ordinary_hostname()
+            etc_fds = {}
+            for dest, data in etc_files(hostname).items():
+                fd = os.memfd_create("model-sandbox-etc", os.MFD_CLOEXEC)
+                fds.append(fd)
+                os.write(fd, data)
+                os.lseek(fd, 0, os.SEEK_SET)
+                etc_fds[dest] = fd
             argv = bwrap_args(spec, rootfs_fd=fds[0], channel_fd=fds[1], seccomp_fd=prog,
-                              info_fd=info_w, hostname=_launch._ordinary_hostname(),
+                              info_fd=info_w, hostname=hostname, etc_fds=etc_fds,
                               prepare=prepare)
             proc = _spawner.call(lambda: self._popen(argv, rlimits(spec), fds, subprocess.STDOUT))
         except BaseException:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import sandbox
-from sandbox import _bwrap
+from sandbox import _bwrap, _image
 from tests import checkpoints as ck
 from tests.conftest import IN_CI
 
@@ -54,9 +54,6 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(shared_dir: P
         if IN_CI:
             pytest.fail("CI runs as root with setpriv: this test must run there")
         pytest.skip("needs root (to become uid 65534) and setpriv")
-    cache = _bwrap.cache_root()
-    if not _bwrap._traversable(cache):  # the tree root made, shared read-only with uid 65534
-        pytest.skip(f"the root filesystem cache {cache} is not reachable by other users")
     nobody = pwd.getpwuid(65534).pw_name
     benign = ck.save(ck.state_dict(), shared_dir / "benign.pt")
     marker = shared_dir / "marker-unprivileged"
@@ -71,7 +68,7 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(shared_dir: P
         p.chmod(0o644)
     os.chown(home, 65534, 65534)
     env = {"HOME": str(home), "DOCKER_HOST": NO_ENGINE, "PATH": "/usr/bin:/bin",
-           "XDG_CACHE_HOME": str(cache.parent.parent), "MODEL_SANDBOX_WARM": "0"}
+           "MODEL_SANDBOX_WARM": "0"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -82,6 +79,15 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(shared_dir: P
     who = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
                           "id", "-un"], capture_output=True, text=True, check=True)
     assert who.stdout.strip() == nobody
+    # the root filesystem root made (bwrap_ready), read-only, when that user's Python would
+    # make the same one (same digest); else its own, in its own cache under HOME
+    digest = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", sys.executable,
+         "-c", "from sandbox import _image; print(_image.worker_digest())"], env=env,
+        cwd=shared_dir, capture_output=True, text=True, check=True).stdout.strip()
+    cache = _bwrap.cache_root()
+    if digest == _image.worker_digest() and _bwrap._traversable(cache):
+        env["XDG_CACHE_HOME"] = str(cache.parent.parent)
     out = shared_dir / "benign.safetensors"
     done = cli("convert", str(benign), "-o", str(out), "--format", "json")
     assert done.returncode == 0, done.stderr

@@ -105,7 +105,8 @@ def test_unsupported_profiles_are_refused() -> None:
 def test_bwrap_options_carry_the_isolation_contract() -> None:
     spec = _launch.make_spec(Policy.default(), image="model-sandbox-worker:test")
     args = _bwrap.bwrap_args(spec, rootfs_fd=10, channel_fd=11, seccomp_fd=12, info_fd=13,
-                             hostname="ws-box12", prepare=False)
+                             hostname="ws-box12", etc_fds={"/etc/hostname": 14, "/etc/hosts": 15},
+                             prepare=False)
     for flag in ("--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
                  "--as-pid-1", "--clearenv"):
         assert flag in args, flag
@@ -119,6 +120,10 @@ def test_bwrap_options_carry_the_isolation_contract() -> None:
     assert f"--size {spec.tmp_bytes} --tmpfs /tmp" in joined
     assert f"--perms 0700 --size {2**20} --tmpfs {P.CANARY_HOME}" in joined
     assert "--seccomp 12" in joined and "--info-fd 13" in joined
+    # an ordinary machine's /etc/hostname and /etc/hosts, copied in (not host paths)
+    assert "--ro-bind-data 14 /etc/hostname" in joined and "--ro-bind-data 15 /etc/hosts" in joined
+    assert "--hostname ws-box12" in joined
+    assert _bwrap.etc_files("ws-box12")["/etc/hostname"] == b"ws-box12\n"
     tail = args[args.index("--") + 1:]
     assert tail == ["/opt/python/bin/python3", "-I", "-m", "sandbox_worker",
                     f"{P.NPROC}{spec.pids}", P.COLD]
