@@ -178,7 +178,10 @@ def ensure_rootfs(digest: str | None = None,
         writer = threading.Thread(target=produce, name="model-sandbox-rootfs", daemon=True)
         writer.start()
         with os.fdopen(r, "rb") as src, tarfile.open(fileobj=src, mode="r|") as tar:
-            tar.extractall(tmp, filter="tar")  # our own tree, written just now
+            if hasattr(tarfile, "tar_filter"):  # Python >= 3.11.4
+                tar.extractall(tmp, filter="tar")  # our own tree, written just now
+            else:  # pragma: no cover - older interpreters; the tree is ours all the same
+                tar.extractall(tmp)  # noqa: S202
         writer.join()
         if failure:
             raise EngineError(f"could not assemble the root filesystem: {failure[0]}")
