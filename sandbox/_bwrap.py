@@ -482,7 +482,7 @@ class BwrapRunner:
         box = BwrapSandbox(self, spec, proc, channel)
         try:
             pid = _read_child_pid(info_r, min(connect_s, 60.0))
-            box.hello = channel.accept(connect_s, expected_pid=pid)
+            box.hello = _accept(channel, proc, connect_s, pid)
         except BaseException as exc:
             box.discard(keep_logs=True)
             text = _launch._printable(box.logs[-400:])
@@ -498,6 +498,23 @@ class BwrapRunner:
     def run(self, spec: _launch.ContainerSpec, job: _launch.Job) -> _launch.RunResult:
         """A fresh sandbox for ``job``: start, run, remove."""
         return self.start(spec, prepare=False).run(job)
+
+
+def _accept(channel: Channel, proc: subprocess.Popen[bytes], timeout_s: float,
+            pid: int) -> P.Hello:
+    """The supervisor's hello, or an error as soon as bwrap has exited (no waiting out the
+    whole timeout for a sandbox that could not start)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return channel.accept(min(1.0, max(0.0, deadline - time.monotonic())),
+                                  expected_pid=pid)
+        except EngineError:
+            if channel.listener is None or time.monotonic() >= deadline:
+                raise  # a peer connected and failed, or the time is up
+            if proc.poll() is not None:
+                raise EngineError(f"the sandbox exited (status {proc.returncode}) before its "
+                                  "supervisor connected") from None
 
 
 def _read_child_pid(fd: int, timeout_s: float) -> int:

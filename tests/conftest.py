@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -38,12 +39,12 @@ def sandbox_ready() -> Iterator[str]:
         if IN_CI:
             pytest.fail(f"CI=true but no Docker engine is reachable: {problem}")
         pytest.skip(f"no Docker engine: {problem}")
-    from sandbox._launch import LABEL, OWNER_LABEL, DockerRunner, connect
+    from sandbox._launch import OWNER_LABEL, DockerRunner, connect
 
     runner = DockerRunner()
     tag, _, _ = runner.build_image()
     client = connect()
-    before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
+    before = set(_workers(client))
     yield tag
     from sandbox import _pool
     _pool._close_all()  # the process-wide warm sandbox of the module-level functions
@@ -51,12 +52,21 @@ def sandbox_ready() -> Iterator[str]:
     # give those a moment, and ignore what existed before this session.)
     deadline = time.monotonic() + 15
     while True:
-        left = [c for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})
-                if c.id not in before and _ours_or_orphaned(c.labels.get(OWNER_LABEL, ""))]
+        left = [cid for cid, labels in _workers(client).items()
+                if cid not in before and _ours_or_orphaned(labels.get(OWNER_LABEL, ""))]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert not left, f"containers left behind: {[c.name for c in left]}"
+    assert not left, f"containers left behind: {left}"
+
+
+def _workers(client: Any) -> dict[str, dict[str, str]]:
+    """Worker containers (id -> labels) from one listing call: no per-container inspection,
+    which fails when another run on the same engine removes one in between."""
+    from sandbox._launch import LABEL
+
+    rows = client.api.containers(all=True, filters={"label": f"{LABEL}=worker"})
+    return {str(r["Id"]): dict(r.get("Labels") or {}) for r in rows}
 
 
 RUNNERS = ("docker", "bwrap")
