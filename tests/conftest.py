@@ -3,7 +3,8 @@
 Container tests (every test under ``tests/container`` and ``tests/adversarial``, marker
 ``container``) need a reachable Docker engine and the worker image.
 Outside CI a missing engine skips them; with ``CI=true`` it fails the run: the container tests
-are the evidence that isolation works, and CI must never pass without them.
+are the evidence that isolation works, and CI must never pass without them. The same holds for
+the bubblewrap runner (``bwrap_ready``); ``each_runner`` runs a test under both runners.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,6 +60,28 @@ def sandbox_ready() -> Iterator[str]:
             break
         time.sleep(0.5)
     assert not left, f"containers left behind: {left}"
+    # ...and no bwrap sandbox of this process (each ends with its job, its pool or this process)
+    deadline = time.monotonic() + 15
+    while (sandboxes := _bwrap_children()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not sandboxes, f"bwrap sandboxes left behind: {sandboxes}"
+
+
+def _bwrap_children() -> list[int]:
+    """Live bwrap processes started by this process (the runner executes bwrap in its child)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        if comm == "bwrap" and int(ppid) == os.getpid() and state != "Z":
+            found.append(int(entry))
+    return found
 
 
 def _workers(client: Any) -> dict[str, dict[str, str]]:
