@@ -10,9 +10,11 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +122,75 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(shared_dir: P
     assert any(e["source"] == "kernel" and e["kind"] == "execve" and e["action"] == "denied"
                and str(marker) in " ".join(e["detail"].get("argv", [])) for e in report["events"])
     assert not marker.exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (the runner starts bwrap from a thread of its own)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path,
+                                                            bwrap_ready: str) -> None:
+    plant = ck.save(ck.hostile_checkpoint(ck.code_payload(
+        "open('/tmp/persist', 'w').write('x')\nresult = 1")), tmp_path / "plant.pt")
+    probe = ck.save(ck.hostile_checkpoint(ck.code_payload(
+        "import os\nresult = os.path.exists('/tmp/persist')")), tmp_path / "probe.pt")
+    with sandbox.Pool(size=2, policy=ck.observe_policy(), runner="bwrap") as pool:
+        pool.warm(wait=True)
+        assert pool.ready == 2 and pool.name == "bwrap"
+        started = [p for p in _children(os.getpid()) if Path(f"/proc/{p}/comm").read_text()
+                   .strip() == "bwrap"]
+        assert len(started) >= 2
+        assert pool.safe_load(plant, weights_only=False)["payload"] == 1
+        # the next file gets another sandbox: nothing the last payload left is there
+        assert pool.safe_load(probe, weights_only=False)["payload"] is False
+        assert pool.served_warm >= 2
+    assert not [p for p in started if _alive(p)], "a sandbox outlived its pool"
+
+
+def test_a_sigkilled_cli_leaves_no_bwrap_sandbox(tmp_path: Path, bwrap_ready: str) -> None:
+    """--die-with-parent: the sandbox (and the payload in it) ends with its owner."""
+    slow = ck.save(ck.hostile_checkpoint(ck.code_payload("import time\ntime.sleep(60)")),
+                   tmp_path / "slow.pt")
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "scan", str(slow), "--runner",
+                             "bwrap"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        tree: list[int] = []
+        while time.monotonic() < deadline:
+            bwraps = [p for p in _children(proc.pid)
+                      if Path(f"/proc/{p}/comm").read_text().strip() == "bwrap"]
+            tree = [q for p in bwraps for q in (p, *_children(p))]
+            if len(tree) >= 2:  # bwrap and the supervisor in the sandbox
+                break
+            time.sleep(0.2)
+        assert len(tree) >= 2, "the sandbox never started"
+        time.sleep(2.0)  # the payload is sleeping inside the load now
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        killed_at = time.monotonic()
+        while any(_alive(p) for p in tree) and time.monotonic() < killed_at + 5.0:
+            time.sleep(0.1)
+        assert not [p for p in tree if _alive(p)], "the sandbox outlived its owner"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
