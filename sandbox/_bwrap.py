@@ -326,6 +326,17 @@ def bwrap_args(spec: _launch.ContainerSpec, *, rootfs_fd: int, channel_fd: int, 
     return args
 
 
+def host_root() -> bool:
+    """Root of the initial user namespace (the machine's root: the sandbox drops to uid 65534
+    before bwrap); root inside a user namespace of its own is not, and may have no 65534."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        return Path("/proc/self/uid_map").read_text().split()[:3] == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
 class _Spawner:
     """Starts every bwrap from one long-lived thread: ``--die-with-parent`` ties a sandbox to
     the *thread* that forked it, and the pool starts sandboxes from short-lived threads."""
@@ -362,6 +373,7 @@ class _Spawner:
 
 
 _spawner = _Spawner()
+_probed: set[tuple[str, int]] = set()  # (root filesystem, euid) whose trial sandbox started
 
 
 class BwrapRunner:
@@ -381,7 +393,10 @@ class BwrapRunner:
         if self._rootfs is None or self._rootfs.name != digest:
             self._rootfs, _ = ensure_rootfs(digest)
         if not self._checked:
-            self._probe()
+            key = (str(self._rootfs), os.geteuid())
+            if key not in _probed:  # once per process: a trial sandbox costs a few tens of ms
+                self._probe()
+                _probed.add(key)
             self._checked = True
         return _image.image_tag(digest)
 
@@ -425,7 +440,7 @@ class BwrapRunner:
         binary = bwrap_path()
         bfd = os.open(binary, os.O_RDONLY)  # executable by fd: the dropped uid need not reach it
         try:
-            cfg = {"uid": _image.SANDBOX_UID if os.geteuid() == 0 else None,
+            cfg = {"uid": _image.SANDBOX_UID if host_root() else None,
                    "rlimits": limits, "bwrap": bfd}
             return subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _SHIM, json.dumps(cfg), *bwrap_argv],

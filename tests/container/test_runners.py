@@ -194,3 +194,28 @@ def test_a_sigkilled_cli_leaves_no_bwrap_sandbox(tmp_path: Path, bwrap_ready: st
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_without_user_namespaces_the_error_names_the_sysctls(tmp_path: Path,
+                                                            bwrap_ready: str) -> None:
+    """A user namespace whose own ``user.max_user_namespaces`` is 0 is a host where the kernel
+    refuses user namespaces: the CLI says so, naming the sysctls and their values."""
+    if shutil.which("unshare") is None:
+        if IN_CI:
+            pytest.fail("unshare (util-linux) is missing")
+        pytest.skip("unshare (util-linux) is missing")
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+    cli = f"exec {sys.executable} -m sandbox scan {path} --runner bwrap --format json"
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-ec",
+                           f"echo 0 > /proc/sys/user/max_user_namespaces; {cli}"],
+                          env={**os.environ,
+                               "XDG_CACHE_HOME": str(_bwrap.cache_root().parent.parent)},
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    report = json.loads(done.stdout)
+    assert report["verdict"] == "error" and report["error"]["reference"] == "engine-unavailable"
+    message = report["error"]["message"]
+    assert "cannot create the sandbox's user namespace" in message
+    assert "user.max_user_namespaces=0" in message
+    assert "kernel.unprivileged_userns_clone=" in message
+    assert "kernel.apparmor_restrict_unprivileged_userns=" in message
