@@ -580,11 +580,14 @@ class BwrapSandbox:
         """Keeps the last 64 KiB of what the sandbox printed (bounded, whatever it prints)."""
         stream = self.proc.stdout
         assert stream is not None
-        with contextlib.suppress(OSError, ValueError):
-            while chunk := os.read(stream.fileno(), 65536):
-                self._out += chunk
-                if len(self._out) > 2 * _LOG_LIMIT:
-                    del self._out[:-_LOG_LIMIT]
+        try:
+            with contextlib.suppress(OSError, ValueError):
+                while chunk := os.read(stream.fileno(), 65536):
+                    self._out += chunk
+                    if len(self._out) > 2 * _LOG_LIMIT:
+                        del self._out[:-_LOG_LIMIT]
+        finally:
+            stream.close()  # at the end of the output: every process of the sandbox is gone
 
     def alive(self) -> bool:
         return self.proc.poll() is None and _launch.channel_alive(self.channel)
@@ -640,5 +643,3 @@ class BwrapSandbox:
             self._wait(10)
         if keep_logs:
             self._reader.join(timeout=2)
-        if self.proc.stdout is not None and not self._reader.is_alive():
-            self.proc.stdout.close()
