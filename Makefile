@@ -23,8 +23,9 @@ engine: ## install and start a Docker engine if none is reachable (Debian, root)
 browser: ## install Debian's chromium for the HTML report's browser test unless one is there (root)
 	@scripts/ensure-chromium.sh
 
-image: venv engine ## build the worker image (offline) unless it is up to date
-	$(BIN)/model-sandbox image build
+image: venv engine ## build the worker image (offline) and the bwrap runner's root filesystem, unless up to date
+	$(BIN)/model-sandbox image build --runner docker
+	$(BIN)/model-sandbox image build --runner bwrap
 
 demo: image ## convert a benign and a hostile checkpoint that the demo generates
 	$(BIN)/python examples/demo.py

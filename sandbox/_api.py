@@ -75,7 +75,8 @@ class _Loaded:
 
 
 @contextlib.contextmanager
-def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.Runner | None,
+def _sandboxed(path: str | os.PathLike[str], *, policy: Policy,
+               runner: _launch.Runner | str | None,
                write_tensors: bool, expected_sha256: str | None,
                stop_early: bool = False, dynamic: bool = True,
                mmap: bool = False, materialise: bool = True) -> Iterator[_Loaded]:
@@ -118,7 +119,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy, runner: _launch.
                 # not a plain state dict, so no layout hand-off: the host's own reading of the
                 # file runs beside the sandbox
                 loaded.reading = _verify.Reading(loaded.input_path, loaded.static)
-            runner = runner or _default_runner()
+            runner = _launch.make_runner(runner) if isinstance(runner, str) \
+                else runner or _default_runner()
             image = runner.ensure_image()
             report.tool["image"] = image
             report.tool["worker_digest"] = _image.worker_digest()
@@ -201,6 +203,8 @@ def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
     outcome = _monitor.interpret(run, output.status, spec, job, shown)
     report.findings += outcome.findings
     report.resources.update(outcome.resources)
+    report.tool["runner"] = run.runner
+    report.resources["limits_enforced_by"] = dict(run.limits)
     monitored = _events.read(run.received.events, output.status, run.received.outputs,
                              run.received.events_dropped)
     report.events += monitored.events
@@ -309,7 +313,7 @@ def _raise_if_unsafe(loaded: _Loaded, policy: Policy, *, weights_only: bool = Fa
 def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
               pickle_module: Any = None, *, weights_only: bool | None = None,
               mmap: bool | None = None, policy: Policy | None = None,
-              expected_sha256: str | None = None, runner: _launch.Runner | None = None,
+              expected_sha256: str | None = None, runner: _launch.Runner | str | None = None,
               **pickle_load_args: Any) -> Any:
     """Load a checkpoint like ``torch.load`` does, except that the pickle runs only inside the
     sandbox and the host receives checked SafeTensors plus a JSON skeleton.
@@ -324,6 +328,11 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
     CPU tensors share a private memory mapping of the checked SafeTensors file instead of being
     copied (as with torch, writes to them never reach a file); the sandbox always maps torch
     zip inputs.
+
+    ``runner``: what makes the sandbox: a runner or :class:`Pool`, or a name (``"docker"``,
+    ``"bwrap"``, ``"auto"``: a fresh sandbox of that kind); by default the process-wide pool,
+    whose runner is ``$MODEL_SANDBOX_RUNNER`` or ``auto`` (Docker when an engine answers, else
+    bubblewrap).
 
     Raises :class:`SandboxViolation` (with ``.report``) when the policy judges the file unsafe,
     and the other :class:`SandboxError` subclasses for inputs that cannot be loaded.
@@ -345,7 +354,7 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, *,
             policy: Policy | None = None, expected_sha256: str | None = None,
-            runner: _launch.Runner | None = None, write_report: bool = True,
+            runner: _launch.Runner | str | None = None, write_report: bool = True,
             shared: str = "complete", allow_unverified: bool = False) -> LoadReport:
     """Load ``src`` in the sandbox and write its tensors to ``dst`` (default: ``src`` with the
     suffix ``.safetensors``), atomically, plus ``<dst>.report.json``. Every name of the
@@ -396,7 +405,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
 
 
 def scan(path: str | os.PathLike[str], *, dynamic: bool = True, policy: Policy | None = None,
-         expected_sha256: str | None = None, runner: _launch.Runner | None = None) -> LoadReport:
+         expected_sha256: str | None = None, runner: _launch.Runner | str | None = None) -> LoadReport:
     """Scan ``path`` statically, then load it in the sandbox without keeping its weights, and
     return the report. ``dynamic=False`` stops after the static scan (no Docker needed).
     Never raises for a bad or hostile file: the report's verdict and error say what happened."""

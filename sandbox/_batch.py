@@ -96,9 +96,9 @@ from pathlib import Path
 from typing import Any
 
 from . import _api, _files, _image, _scan
+from ._formats import safetensors_header
 from ._launch import LABEL, ContainerSpec, Job, Runner, RunResult
 from ._version import VERSION
-from ._worker import _protocol as P
 from .errors import (
     BatchError,
     EngineError,
@@ -419,11 +419,13 @@ class _LabelledRunner:
     container labelled ``org.model-sandbox.batch=<id>`` so that an interrupted run can kill its
     own containers, and a later run remove what a SIGKILLed one left -- never anyone else's."""
 
-    def __init__(self, batch_id: str, jobs: int = 1, policy: Policy | None = None) -> None:
+    def __init__(self, batch_id: str, jobs: int = 1, policy: Policy | None = None,
+                 runner: str | None = None) -> None:
         from ._pool import Pool
 
         self.batch_id = batch_id
-        self.pool = Pool(size=jobs, policy=policy, labels=((BATCH_LABEL, batch_id),))
+        self.pool = Pool(size=jobs, policy=policy, labels=((BATCH_LABEL, batch_id),),
+                         runner=runner)
 
     def ensure_image(self) -> str:
         return self.pool.ensure_image()
@@ -467,6 +469,7 @@ class BatchOptions:
     backoff_s: float = 1.0                  # first retry delay; doubles, capped at 30 s
     shared: str = "complete"                # or "dedupe": tied tensors under one name (HF)
     allow_unverified: bool = False          # write tensors the host could not verify (MEDIUM)
+    runner: str | None = None               # docker, bwrap or auto (None: $MODEL_SANDBOX_RUNNER)
 
 
 @dataclass(frozen=True)
@@ -847,7 +850,7 @@ def _write_index(plan: _Sharded, results: dict[str, ItemResult], out: Path,
                     numel = 1
                     for d in sl.get_shape():
                         numel *= d
-                    total += numel * _ST_SIZES.get(sl.get_dtype(), 1)
+                    total += numel * safetensors_header.DTYPES.get(sl.get_dtype(), 1)
         except (SafetensorError, OSError) as exc:
             raise BatchError(f"{plan.index_rel}: cannot read {item.output!r}: {exc}") from None
         new_name = item.output.rpartition("/")[2]
@@ -868,9 +871,6 @@ def _write_index(plan: _Sharded, results: dict[str, ItemResult], out: Path,
                     _files.atomic_write(_safe_join(out, src_rel), data)
     return rel
 
-
-#: element size of each safetensors dtype code (the wire format's own table)
-_ST_SIZES = {code: size for code, size in P.ST_DTYPES.values()}
 
 
 def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLike[str],
@@ -907,7 +907,8 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
                                           ignore=(out, report_root))
     manifest = _Manifest(out)
     jobs = max(1, options.jobs or (remote.slots if remote else os.cpu_count()) or 1)
-    labelled = _LabelledRunner(batch_id(out), jobs, options.policy) \
+    labelled = _LabelledRunner(batch_id(out), jobs, options.policy,
+                                options.runner) \
         if runner is None and remote is None else None
     completed_ok = False
     try:

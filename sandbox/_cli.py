@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _api, _files, _hfcache
-from ._launch import DockerRunner, Runner
+from ._launch import RUNNERS, Runner, make_runner
 from ._pool import Pool
 from .errors import PolicyError, SandboxError
 from .policy import Policy, builtin_names
@@ -87,14 +87,15 @@ def _pin_for(pins: dict[str, str], path: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _runner(files: int) -> Iterator[Runner]:
+def _runner(files: int, kind: str | None = None) -> Iterator[Runner]:
     """One file: a fresh sandbox (nothing warmed for later). Several: a pool of one, so the
-    next file's sandbox starts while this one loads."""
+    next file's sandbox starts while this one loads. ``kind``: docker, bwrap or auto (None:
+    ``$MODEL_SANDBOX_RUNNER``, else auto)."""
     if files > 1:
-        with Pool(size=1) as pool:
+        with Pool(size=1, runner=kind or None) as pool:
             yield pool
     else:
-        yield DockerRunner()
+        yield make_runner(kind)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -111,7 +112,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         from ._term import ScanBar, console
 
         bar = ScanBar(console(sys.stderr), len(targets))
-    with _runner(len({t.real for t in targets})) as runner, \
+    with _runner(len({t.real for t in targets}), args.runner) as runner, \
             bar if bar is not None else contextlib.nullcontext():
         for t in targets:
             if bar is not None:
@@ -179,7 +180,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise SandboxError(f"{srcs[0]!r} is not listed in the lock file {args.lock!r}; refusing "
                            "to open it", hint="add it with `model-sandbox lock` after checking it")
     try:
-        with _runner(1) as runner:
+        with _runner(1, args.runner) as runner:
             report = _api.convert(srcs[0], args.output, policy=policy, expected_sha256=expected,
                                   runner=runner, shared=args.shared,
                                   allow_unverified=args.allow_unverified)
@@ -295,7 +296,7 @@ def _convert_batch(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude or ()), force=args.force,
         report_dir=Path(args.report_dir) if args.report_dir else None,
         pins=_pins(args, args.srcs), require_pins=bool(args.lock), shared=args.shared,
-        allow_unverified=args.allow_unverified)
+        allow_unverified=args.allow_unverified, runner=args.runner)
     interactive = args.format == "text" and not args.quiet
     # a person watching stderr gets rich's bar; anything else the plain per-file lines
     bar: Any = None
@@ -354,12 +355,15 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
+    from ._bwrap import BwrapRunner
     from ._launch import DockerRunner
 
     def progress(msg: str) -> None:
         print(f"model-sandbox: {msg}", file=sys.stderr)
 
-    tag, seconds, size = DockerRunner().build_image(force=args.force, progress=progress)
+    runner = make_runner(args.runner)
+    assert isinstance(runner, DockerRunner | BwrapRunner)
+    tag, seconds, size = runner.build_image(force=args.force, progress=progress)
     if seconds == 0.0:
         print(f"{tag} is up to date ({size / 2**20:.0f} MiB)")
     else:
@@ -451,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--expect-sha256", metavar="FILE:HEX", type=_pin, action="append",
                        help="refuse FILE unless its sha256 is HEX, before the sandbox opens it "
                             "(repeatable; plain HEX pins the one input)")
+        runner_option(p)
+
+    def runner_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--runner", choices=RUNNERS, default=None,
+                       help="what makes the sandbox: docker (a Docker engine), bwrap (bubblewrap, "
+                            "no daemon: unprivileged user namespaces) or auto (Docker when an "
+                            "engine answers, else bwrap) (default: $MODEL_SANDBOX_RUNNER, else "
+                            "auto)")
 
     p = sub.add_parser("scan", help="load files in the sandbox without keeping weights; print reports",
                        description="Scan each file statically (every pickle read, never run), "
@@ -542,8 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     isub = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     b = isub.add_parser("build", help="build the worker image offline from this environment",
                         description="Assemble the worker image from this Python environment "
-                                    "(no registry needed) and import it into Docker.")
+                                    "(no registry needed) and import it into Docker; with "
+                                    "--runner bwrap, extract it into the user's cache instead "
+                                    "(the bwrap runner also does that on first use).")
     b.add_argument("--force", action="store_true", help="rebuild even if it is up to date")
+    runner_option(b)
     b.set_defaults(func=cmd_image_build)
     t = isub.add_parser("tag", help="print the tag this version expects",
                         description="Print the content-derived tag of the worker image.")

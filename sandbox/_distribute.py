@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 from distributed import WorkerPlugin, get_worker
 
 from . import _api, _files, _image
+from ._formats import safetensors_header
 from .errors import (
     ClusterError,
     EngineError,
@@ -85,6 +86,7 @@ if TYPE_CHECKING:
     from distributed import Client, Worker
 
     from ._batch import BatchContext, Entry, ItemResult
+    from ._launch import StartingRunner
     from ._pool import Pool
 
 __all__ = ["OUTPUTS", "PLUGIN_NAME", "SLOTS_RESOURCE", "Readiness", "Remote", "convert_task", "resource_name"]
@@ -95,11 +97,7 @@ SLOTS_RESOURCE = "model-sandbox"
 OUTPUTS = ("stream", "shared")
 _MAX_REPORT_BYTES = 64 << 20     # a report's JSON from a worker
 _MAX_TEXT = 4000                 # an error message from a worker
-_MAX_HEADER = 100 << 20          # a SafeTensors header (the format's own limit)
 _WAIT_FOR_WORKERS_S = 60.0
-_SAFETENSORS_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
-                      "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
-                      "F64": 8, "C64": 8}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -121,6 +119,7 @@ class Readiness(WorkerPlugin):
         self.slots = slots
         self.state: dict[str, Any] = {"ready": False, "error": "not set up yet"}
         self._pool: Pool | None = None
+        self._runner: StartingRunner | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # what travels to the workers: the parameters
@@ -143,9 +142,12 @@ class Readiness(WorkerPlugin):
                     "error": f"worker {address} runs another model-sandbox: worker image digest "
                              f"{found[:16]}, the client's is {self.expected[:16]}"}
         try:
-            from ._launch import DockerRunner
+            from ._launch import make_runner
 
-            tag = DockerRunner().ensure_image()
+            # the worker's own choice: $MODEL_SANDBOX_RUNNER, else Docker where an engine
+            # answers, else bubblewrap
+            runner = make_runner()
+            tag = runner.ensure_image()
         except SandboxError as exc:
             return {"ready": False, "digest": found,
                     "error": f"worker {address} cannot run the sandbox: {exc.message}"}
@@ -154,7 +156,9 @@ class Readiness(WorkerPlugin):
                     "error": f"worker {address} cannot run the sandbox: "
                              f"{type(exc).__name__}: {exc}"}
         slots = max(1, self.slots or own_slots or os.cpu_count() or 1)
-        return {"ready": True, "digest": found, "image": tag, "slots": slots, "error": None}
+        self._runner = runner
+        return {"ready": True, "digest": found, "image": tag, "runner": runner.name,
+                "slots": slots, "error": None}
 
     def runner(self) -> Pool:
         """This worker's pool of warm sandboxes (as many as its units), made on first use."""
@@ -162,7 +166,7 @@ class Readiness(WorkerPlugin):
 
         with self._lock:
             if self._pool is None:
-                self._pool = Pool(size=int(self.state["slots"]))
+                self._pool = Pool(size=int(self.state["slots"]), runner=self._runner)
             return self._pool
 
     def teardown(self, worker: Worker) -> None:
@@ -518,7 +522,7 @@ def check_safetensors(path: Path, *, out_sha: str, source_sha: str) -> str | Non
         f.seek(0)
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= min(_MAX_HEADER, size - 8):
+        if not 2 <= n <= min(safetensors_header.MAX_HEADER, size - 8):
             return "not SafeTensors: bad header length"
         try:
             header = json.loads(f.read(n).decode("utf-8"))
@@ -536,7 +540,7 @@ def check_safetensors(path: Path, *, out_sha: str, source_sha: str) -> str | Non
         if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
             return f"SafeTensors entry {name[:100]!r} is malformed"
         dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-        if dtype not in _SAFETENSORS_SIZES or not isinstance(shape, list) or not all(
+        if dtype not in safetensors_header.DTYPES or not isinstance(shape, list) or not all(
                 type(d) is int and d >= 0 for d in shape) or not isinstance(offsets, list) or \
                 len(offsets) != 2 or not all(type(o) is int for o in offsets):
             return f"SafeTensors entry {name[:100]!r} is malformed"
@@ -544,7 +548,7 @@ def check_safetensors(path: Path, *, out_sha: str, source_sha: str) -> str | Non
         for d in shape:
             count *= d
         if not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != \
-                count * _SAFETENSORS_SIZES[dtype]:
+                count * safetensors_header.DTYPES[dtype]:
             return f"SafeTensors entry {name[:100]!r}: shape and byte range disagree"
         spans.append((offsets[0], offsets[1]))
     pos = 0

@@ -186,6 +186,9 @@ def _rootfs_entries(site_dirs: list[Path]) -> Iterator[_Entry]:
         "root:x:0:0:root:/root:/sbin/nologin\n"
         f"user:x:{SANDBOX_UID}:{SANDBOX_UID}:user:{P.CANARY_HOME}:/bin/sh\n").encode())
     yield _Entry("/etc/group", data=f"root:x:0:\nuser:x:{SANDBOX_UID}:\n".encode())
+    # mount points: Docker binds its own over them; the bwrap runner binds the sandbox's name
+    yield _Entry("/etc/hostname", data=b"")
+    yield _Entry("/etc/hosts", data=b"")
 
 
 def write_rootfs(fileobj: io.BufferedWriter | io.BytesIO) -> int:

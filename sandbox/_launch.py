@@ -51,6 +51,9 @@ class ContainerSpec:
     seccomp: str
     user: str = f"{_image.SANDBOX_UID}:{_image.SANDBOX_UID}"
     labels: tuple[tuple[str, str], ...] = ((LABEL, "worker"),)
+    # per-process backstops of the bwrap runner (rlimits); the Docker runner does not use them
+    cpu_s: float = 0.0
+    file_bytes: int = 0
 
     def docker_kwargs(self, channel_dir: str) -> dict[str, Any]:
         """Arguments for ``containers.create``. Every isolation choice is made here. The only
@@ -69,7 +72,7 @@ class ContainerSpec:
             "user": self.user,
             "environment": {},
             "working_dir": "/tmp",
-            "hostname": _ordinary_hostname(),
+            "hostname": ordinary_hostname(),
             "ipc_mode": "none",
             "privileged": False,
             "init": False,
@@ -90,7 +93,7 @@ class ContainerSpec:
         }
 
 
-def _ordinary_hostname() -> str:
+def ordinary_hostname() -> str:
     """A hostname like a workstation's, different every time: no tell-tale fixed name."""
     import secrets
 
@@ -107,6 +110,8 @@ def make_spec(policy: Policy, *, image: str) -> ContainerSpec:
         nano_cpus=int(lim.cpus * 1e9),
         tmp_bytes=lim.tmp_mb * 2**20,
         seccomp=seccomp_profile(),
+        cpu_s=lim.cpu_s,
+        file_bytes=lim.output_mb * 2**20,
     )
 
 
@@ -147,6 +152,8 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     received: Received = field(default_factory=Received)
     warm: bool = False  # the job went to a sandbox that was started before it
+    runner: str = "docker"  # which runner ran it
+    limits: dict[str, str] = field(default_factory=dict)  # limit -> what enforced it
 
     def close(self) -> None:
         self.received.close()
@@ -158,8 +165,71 @@ class Runner(Protocol):
     def ensure_image(self) -> str: ...
 
 
+class Box(Protocol):
+    """A started sandbox waiting for one job (:class:`Sandbox`, :class:`~sandbox._bwrap.
+    BwrapSandbox`)."""
+
+    hello: P.Hello | None
+
+    def alive(self) -> bool: ...
+
+    def run(self, job: Job) -> RunResult: ...
+
+    def discard(self, *, keep_logs: bool = False, background: bool = False) -> None: ...
+
+
+class StartingRunner(Runner, Protocol):
+    """A runner that can start a sandbox ahead of its job (what :class:`~sandbox.Pool` needs)."""
+
+    name: str
+
+    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0,
+              prepare: bool = True) -> Box: ...
+
+
+RUNNER_ENV = "MODEL_SANDBOX_RUNNER"
+RUNNERS = ("auto", "docker", "bwrap")
+DOCKER_LIMITS = {"memory": "control group (Docker)", "pids": "control group (Docker)",
+                 "cpus": "control group (Docker)",
+                 "cpu_time": "supervisor (whole tree) and rlimit RLIMIT_CPU (loader)",
+                 "file_size": "rlimit RLIMIT_FSIZE (loader)", "open_files": "rlimit (Docker)",
+                 "tmp": "tmpfs size", "wall_clock": "supervisor and host"}
+
+
+def runner_kind(kind: str | None = None) -> str:
+    """``kind``, else ``$MODEL_SANDBOX_RUNNER``, else ``auto``; validated."""
+    value = (kind or os.environ.get(RUNNER_ENV, "") or "auto").strip().lower()
+    if value not in RUNNERS:
+        from .errors import PolicyError
+
+        raise PolicyError(f"unknown runner {value!r}: expected one of {', '.join(RUNNERS)}")
+    return value
+
+
+def make_runner(kind: str | None = None) -> StartingRunner:
+    """The runner ``kind`` names (see :func:`runner_kind`). ``auto``: Docker when an engine
+    answers, else bubblewrap."""
+    value = runner_kind(kind)
+    if value == "auto":
+        try:
+            client = connect()
+            _refuse_remote_engine(client)
+        except EngineUnavailable:
+            value = "bwrap"
+        else:
+            sweep_orphans(client)
+            return DockerRunner(client)
+    if value == "bwrap":
+        from ._bwrap import BwrapRunner
+
+        return BwrapRunner()
+    return DockerRunner()
+
+
 class DockerRunner:
     """Runs specs on a Docker engine through the docker SDK."""
+
+    name = "docker"
 
     def __init__(self, client: docker.DockerClient | None = None, *,
                  poll_s: float = 0.1) -> None:
@@ -268,7 +338,7 @@ class DockerRunner:
             if isinstance(exc, docker.errors.DockerException):
                 raise _engine_error("start the sandbox", exc) from None
             if isinstance(exc, EngineError) and box.logs:
-                raise EngineError(f"{exc.message}; its output: {_printable(box.logs[-400:])}") \
+                raise EngineError(f"{exc.message}; its output: {printable_output(box.logs[-400:])}") \
                     from None
             raise
         return box
@@ -296,22 +366,14 @@ class Sandbox:
 
     def alive(self) -> bool:
         """The supervisor still holds its end (a warm sandbox that died is not handed out)."""
-        conn = self.channel.conn
-        if conn is None:
-            return False
-        try:
-            return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+        return channel_alive(self.channel)
 
     def run(self, job: Job) -> RunResult:
         import docker.errors
 
         assert not self.used, "a sandbox runs one job"
         self.used = True
-        result = RunResult(exit_code=None)
+        result = RunResult(exit_code=None, runner="docker", limits=dict(DOCKER_LIMITS))
         start = time.monotonic()
         try:
             self.channel.send_job(job.config, job.input_fd)
@@ -359,6 +421,19 @@ class Sandbox:
             _remove(self.container)
 
 
+def channel_alive(channel: Channel) -> bool:
+    """The supervisor still holds its end of ``channel``."""
+    conn = channel.conn
+    if conn is None:
+        return False
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 def _wait(runner: DockerRunner, container: Any, timeout_s: float) -> int | None:
     import requests.exceptions
 
@@ -369,7 +444,7 @@ def _wait(runner: DockerRunner, container: Any, timeout_s: float) -> int | None:
         return None
 
 
-def _printable(data: bytes) -> str:
+def printable_output(data: bytes) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in data.decode("utf-8", "replace"))
 
 

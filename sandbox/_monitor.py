@@ -122,6 +122,16 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
         out.findings.append(f)
         out.error = e
         return out
+    if run.runner == "bwrap" and not result.ok and result.type == "MemoryError":
+        # without a control group the memory limit is RLIMIT_AS: an allocation past it fails
+        # (MemoryError) instead of the kernel killing the container. (The type is the loader's
+        # word: a payload raising MemoryError itself only ends its own load as over the limit.)
+        f, e = _limit("memory", spec.memory_bytes,
+                      f"the load exceeded the memory limit of {spec.memory_bytes // 2**20} MiB "
+                      "(an allocation failed at the address-space limit)", by="rlimit")
+        out.findings.append(f)
+        out.error = e
+        return out
     if lost is not None:
         out.error = LoadFailed(lost.message)
         return out

@@ -43,10 +43,12 @@ class Pool:
             sd = pool.safe_load("model.pt")
             report = pool.scan("other.bin")
 
-    It is a runner too: ``sandbox.safe_load(f, runner=pool)``. Thread-safe."""
+    It is a runner too: ``sandbox.safe_load(f, runner=pool)``. Thread-safe. ``runner``: the
+    runner its sandboxes come from, or its name (``"docker"``, ``"bwrap"``, ``"auto"``); by
+    default ``$MODEL_SANDBOX_RUNNER``, else ``auto``."""
 
     def __init__(self, size: int = 1, *, policy: Policy | None = None,
-                 runner: _launch.DockerRunner | None = None,
+                 runner: _launch.StartingRunner | str | None = None,
                  labels: tuple[tuple[str, str], ...] = (),
                  prepare: bool | None = None) -> None:
         if size < 0:
@@ -60,9 +62,13 @@ class Pool:
         self._layouts_in_a_row = 0
         self.policy = policy
         self.labels = labels
-        self._runner = runner
+        # a runner, or its name ("docker", "bwrap", "auto"); None: $MODEL_SANDBOX_RUNNER or auto
+        self._runner: _launch.StartingRunner | None = None if isinstance(runner, str) else runner
+        self._runner_kind = runner if isinstance(runner, str) else None
+        if self._runner_kind is not None:
+            _launch.runner_kind(self._runner_kind)  # validated now, chosen on first use
         self._spec: _launch.ContainerSpec | None = None
-        self._ready: deque[_launch.Sandbox] = deque()
+        self._ready: deque[_launch.Box] = deque()
         self._starting = 0
         self._lock = threading.Condition()
         self._closed = False
@@ -77,10 +83,14 @@ class Pool:
 
     # -- the runner protocol ----------------------------------------------------------------
     @property
-    def runner(self) -> _launch.DockerRunner:
+    def runner(self) -> _launch.StartingRunner:
         if self._runner is None:
-            self._runner = _launch.DockerRunner()
+            self._runner = _launch.make_runner(self._runner_kind)
         return self._runner
+
+    @property
+    def name(self) -> str:
+        return self.runner.name
 
     def ensure_image(self) -> str:
         return self.runner.ensure_image()
@@ -116,7 +126,7 @@ class Pool:
             if self._layouts_in_a_row >= 3:
                 self._prepare = False
 
-    def _take(self, spec: _launch.ContainerSpec) -> _launch.Sandbox | None:
+    def _take(self, spec: _launch.ContainerSpec) -> _launch.Box | None:
         with self._lock:
             if self._closed:
                 raise SandboxError("the pool is closed")
@@ -196,7 +206,7 @@ class Pool:
             starter.start()
 
     def _start_one(self, spec: _launch.ContainerSpec, delay: float) -> None:
-        box: _launch.Sandbox | None = None
+        box: _launch.Box | None = None
         try:
             if delay:
                 time.sleep(delay)  # the engine failed just before: back off
@@ -274,13 +284,17 @@ _default_lock = threading.Lock()
 
 def default_runner() -> _launch.Runner:
     """The runner of the module-level functions: a process-wide pool of one warm sandbox,
-    created on first use, unless ``MODEL_SANDBOX_WARM=0`` (then a fresh sandbox per call)."""
+    created on first use, unless ``MODEL_SANDBOX_WARM=0`` (then a fresh sandbox per call).
+    The runner is ``$MODEL_SANDBOX_RUNNER`` (``docker``, ``bwrap`` or ``auto``, the default)."""
     global _default
     if os.environ.get("MODEL_SANDBOX_WARM", "1").strip().lower() in ("0", "false", "no", "off"):
-        return _launch.DockerRunner()
+        return _launch.make_runner()
+    kind = _launch.runner_kind()
     with _default_lock:
-        if _default is None or _default._closed:
-            _default = Pool(size=1)
+        if _default is None or _default._closed or _default._runner_kind != kind:
+            if _default is not None and not _default._closed:
+                _default.close()
+            _default = Pool(size=1, runner=kind)
         return _default
 
 

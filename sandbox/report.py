@@ -171,6 +171,8 @@ class LoadReport:
             facts.append(f"{self.tensors} tensors, {self.tensor_bytes:,} bytes")
         if self.duration_s is not None:
             facts.append(f"{self.duration_s:.2f} s")
+        if self.tool.get("runner"):
+            facts.append(f"runner {c(str(self.tool['runner']), 20)}")
         if facts:
             lines.append("  " + ", ".join(facts))
         if self.error:

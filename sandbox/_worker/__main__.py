@@ -922,6 +922,11 @@ def main(argv: list[str]) -> int:
     # the loader can neither read our memory nor take our descriptors.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     _seccomp.prctl(_seccomp.PR_SET_DUMPABLE, 0)
+    for arg in argv:  # the bwrap runner's process limit: set here, inside the user namespace,
+        # it counts this sandbox's processes and threads only (every later one inherits it)
+        if arg.startswith(P.NPROC) and arg[len(P.NPROC):].isdigit():
+            n = int(arg[len(P.NPROC):])
+            resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
     try:
         sock = _connect()
     except OSError as exc:

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import struct
 from dataclasses import asdict, dataclass
 
 PROTOCOL_VERSION = 2
@@ -46,6 +47,7 @@ CHANNEL_DIR = "/run/sandbox"        # inside the container: the host's socket di
 SOCKET_NAME = "channel"
 SOCKET_PATH = f"{CHANNEL_DIR}/{SOCKET_NAME}"
 COLD = "--cold"                     # the supervisor's argument: do not import torch ahead of a job
+NPROC = "--nproc="                  # the supervisor's argument (bwrap runner): its RLIMIT_NPROC
 
 LOADER_SCRATCH = "/tmp/.loader/"    # torch's own temporary files (legacy tar extraction)
 INPUT_FD = 1000                     # where the loader keeps the input descriptor (nofile is 1024)
@@ -943,3 +945,62 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         n = os.write(fd, view[: 1 << 24])
         view = view[n:]
+
+
+# -- classic BPF (seccomp) -------------------------------------------------------------------------
+# Shared by the loader's notifying filter (``_seccomp.build_filter``) and the host's compile of
+# the container profile for the bwrap runner (``sandbox._bwrap.compile_profile``).
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+X32_SYSCALL_BIT = 0x40000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
+SECCOMP_RET_TRACE = 0x7FF00000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_JSET_K, BPF_RET_K, BPF_AND_K = \
+    0x20, 0x15, 0x35, 0x45, 0x06, 0x54
+
+
+def bpf_arg_lo(i: int) -> int:
+    """Offset of the low word of system call argument ``i`` in ``struct seccomp_data``."""
+    return 16 + 8 * i
+
+
+def bpf_arg_hi(i: int) -> int:
+    return 20 + 8 * i
+
+
+class BpfAsm:
+    """A tiny assembler with forward labels (classic BPF jumps only go forward, by <= 255)."""
+
+    def __init__(self) -> None:
+        self.ins: list[tuple[int, int | str, int | str, int]] = []
+        self.labels: dict[str, int] = {}
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.ins)
+
+    def ld(self, off: int) -> None:
+        self.ins.append((BPF_LD_W_ABS, 0, 0, off))
+
+    def jmp(self, op: int, k: int, jt: int | str, jf: int | str) -> None:
+        self.ins.append((op, jt, jf, k))
+
+    def ret(self, k: int) -> None:
+        self.ins.append((BPF_RET_K, 0, 0, k))
+
+    def and_k(self, k: int) -> None:
+        """A &= k (BPF_ALU | BPF_AND | BPF_K)."""
+        self.ins.append((BPF_AND_K, 0, 0, k))
+
+    def assemble(self) -> bytes:
+        out = bytearray()
+        for pc, (code, jt, jf, k) in enumerate(self.ins):
+            offs = []
+            for j in (jt, jf):
+                off = self.labels[j] - pc - 1 if isinstance(j, str) else j
+                if not 0 <= off <= 255:
+                    raise ValueError(f"BPF jump out of range at {pc}")
+                offs.append(off)
+            out += struct.pack("<HBBI", code, offs[0], offs[1], k & 0xFFFFFFFF)
+        return bytes(out)

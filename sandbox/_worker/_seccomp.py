@@ -56,17 +56,17 @@ from . import _protocol as P
 
 # -- kernel ABI (x86-64) -----------------------------------------------------------------------
 
-AUDIT_ARCH_X86_64 = 0xC000003E
-X32_SYSCALL_BIT = 0x40000000
+AUDIT_ARCH_X86_64 = P.AUDIT_ARCH_X86_64
+X32_SYSCALL_BIT = P.X32_SYSCALL_BIT
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_GET_NOTIF_SIZES = 3
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 
 RET_KILL_PROCESS = 0x80000000
-RET_ERRNO = 0x00050000
-RET_USER_NOTIF = 0x7FC00000
-RET_ALLOW = 0x7FFF0000
+RET_ERRNO = P.SECCOMP_RET_ERRNO
+RET_USER_NOTIF = P.SECCOMP_RET_USER_NOTIF
+RET_ALLOW = P.SECCOMP_RET_ALLOW
 
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 NOTIF_SIZE = 80            # struct seccomp_notif
@@ -126,50 +126,14 @@ NAMES: dict[int, str] = {nr: name for name, nr in SYSCALLS.items()}
 NAMES.update({NR_CLONE: "clone", NR_KILL: "kill", NR_TGKILL: "tgkill", NR_MPROTECT: "mprotect",
               NR_PKEY_MPROTECT: "pkey_mprotect", NR_MMAP: "mmap", NR_PRCTL: "prctl"})
 
-# -- classic BPF ---------------------------------------------------------------------------------
+# -- classic BPF (the assembler is shared with the host, which compiles the container profile
+# for the bwrap runner: it lives in the protocol module, the one module both sides import) ------
 
-_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = P.BPF_LD_W_ABS, P.BPF_JEQ_K, P.BPF_JGE_K, \
+    P.BPF_JSET_K, P.BPF_RET_K
 _OFF_NR, _OFF_ARCH = 0, 4
-
-
-def _arg_lo(i: int) -> int:
-    return 16 + 8 * i
-
-
-def _arg_hi(i: int) -> int:
-    return 20 + 8 * i
-
-
-class _Asm:
-    """A tiny assembler with forward labels (classic BPF jumps only go forward, by <= 255)."""
-
-    def __init__(self) -> None:
-        self.ins: list[tuple[int, int | str, int | str, int]] = []
-        self.labels: dict[str, int] = {}
-
-    def label(self, name: str) -> None:
-        self.labels[name] = len(self.ins)
-
-    def ld(self, off: int) -> None:
-        self.ins.append((_LD_W_ABS, 0, 0, off))
-
-    def jmp(self, op: int, k: int, jt: int | str, jf: int | str) -> None:
-        self.ins.append((op, jt, jf, k))
-
-    def ret(self, k: int) -> None:
-        self.ins.append((_RET_K, 0, 0, k))
-
-    def assemble(self) -> bytes:
-        out = bytearray()
-        for pc, (code, jt, jf, k) in enumerate(self.ins):
-            offs = []
-            for j in (jt, jf):
-                off = self.labels[j] - pc - 1 if isinstance(j, str) else j
-                if not 0 <= off <= 255:
-                    raise ValueError(f"BPF jump out of range at {pc}")
-                offs.append(off)
-            out += struct.pack("<HBBI", code, offs[0], offs[1], k & 0xFFFFFFFF)
-        return bytes(out)
+_arg_lo, _arg_hi = P.bpf_arg_lo, P.bpf_arg_hi
+_Asm = P.BpfAsm
 
 
 def build_filter(self_pid: int) -> bytes:

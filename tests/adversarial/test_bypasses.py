@@ -23,6 +23,9 @@ import torch
 import sandbox
 from tests import checkpoints as ck
 
+# every test once per runner (Docker and bubblewrap): the same payloads, the same assertions
+pytestmark = pytest.mark.usefixtures("each_runner")
+
 
 def system_payload(marker: Path) -> ck.Reduce:
     return ck.Reduce(os.system, f"touch {marker}")
@@ -42,6 +45,7 @@ def assert_contained(path: Path, marker: Path, *, live: str = "torch") -> sandbo
 
     report = sandbox.scan(path)
     assert not marker.exists()
+    assert report.tool["runner"] == os.environ["MODEL_SANDBOX_RUNNER"]
     assert report.verdict is sandbox.Verdict.MALICIOUS, report.to_text()
     with pytest.raises(sandbox.SandboxViolation):
         sandbox.safe_load(path, weights_only=False)

@@ -23,6 +23,9 @@ from sandbox._worker import _protocol as P
 from tests import checkpoints as ck
 from tests.conftest import Listener
 
+# every test once per runner (Docker and bubblewrap): the same payloads, the same assertions
+pytestmark = pytest.mark.usefixtures("each_runner")
+
 
 def load_in_sandbox(path: Path) -> tuple[Any, sandbox.LoadReport]:
     """What the payload left in the loaded structure (the sandbox always runs, and hands back
@@ -35,6 +38,7 @@ def load_in_sandbox(path: Path) -> tuple[Any, sandbox.LoadReport]:
         value = None
     report = sandbox.scan(path)
     assert "wall_s" in report.resources, "the sandbox did not run the load"
+    assert report.tool["runner"] == os.environ["MODEL_SANDBOX_RUNNER"]
     return value, report
 
 

@@ -105,12 +105,16 @@ def test_wall_clock_limit(tmp_path: Path) -> None:
     assert any(f.category == "resource" for f in report.findings)
 
 
-def test_memory_limit(tmp_path: Path) -> None:
+def test_memory_limit(tmp_path: Path, each_runner: str) -> None:
     payload = ck.code_payload("blob = b'x' * (2 * 1024 ** 3)")
     path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "membomb.pt")
     with pytest.raises(sandbox.LimitExceeded) as info:
         sandbox.safe_load(path, weights_only=False, policy=policy(memory_mb=768))
     assert info.value.limit == "memory"
+    report = info.value.report
+    assert report is not None and report.tool["runner"] == each_runner
+    (f,) = [f for f in report.findings if f.rule == "limit-memory"]
+    assert f.evidence["enforced_by"] == ("rlimit" if each_runner == "bwrap" else "engine")
 
 
 @pytest.mark.parametrize("how", ["tensor", "descriptors"])

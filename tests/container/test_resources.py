@@ -31,7 +31,7 @@ def kernel(report: LoadReport, kind: str) -> list[Event]:
 
 # -- the CPU-time limit ----------------------------------------------------------------------------
 
-def test_cpu_spin_is_stopped_at_the_cpu_limit(tmp_path: Path) -> None:
+def test_cpu_spin_is_stopped_at_the_cpu_limit(tmp_path: Path, each_runner: str) -> None:
     path = payload_file(tmp_path, "while True:\n    pass")
     with pytest.raises(sandbox.LimitExceeded) as info:
         sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy(cpu_s=3, wall_clock_s=60))
@@ -65,7 +65,7 @@ def test_threads_are_counted(tmp_path: Path) -> None:
     assert not [f for f in report.findings if f.category in ("process", "resource")]
 
 
-def test_fork_bomb_is_refused_and_the_pids_limit_holds(tmp_path: Path) -> None:
+def test_fork_bomb_is_refused_and_the_pids_limit_holds(tmp_path: Path, each_runner: str) -> None:
     code = """
 import os, threading, time
 refused = 0
@@ -133,7 +133,7 @@ libc.syscall(317, 1, 0, ctypes.addressof(prog))      # seccomp(SECCOMP_SET_MODE_
     assert {prctl.id, seccomp.id} <= ids
 
 
-def test_32_bit_system_call_is_reported_and_refused(tmp_path: Path) -> None:
+def test_32_bit_system_call_is_reported_and_refused(tmp_path: Path, each_runner: str) -> None:
     # ``int 0x80`` from a code page of our own: ``mov eax, 20 (i386 getpid); int 0x80; ret``.
     # The container profile lets i386 calls through by name so that the loader's filter sees
     # them; the filter reports every call of a foreign ABI and the supervisor refuses it.

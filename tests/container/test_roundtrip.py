@@ -61,7 +61,7 @@ def reference_load(path: Path) -> Any:
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "pickle"])
-def test_nested_structure_matches_torch_load(tmp_path: Path, fmt: str) -> None:
+def test_nested_structure_matches_torch_load(tmp_path: Path, fmt: str, each_runner: str) -> None:
     path = ck.save(ck.nested_checkpoint(), tmp_path / f"nested.{fmt}.pt", fmt)
     got = sandbox.safe_load(path, weights_only=False)
     expected = reference_load(path) if fmt != "pickle" else ck.nested_checkpoint()
@@ -180,13 +180,17 @@ def test_map_location_forms(tmp_path: Path) -> None:
             sandbox.safe_load(path, weights_only=False)  # torch.load would try cuda:0 too
 
 
-def test_convert_writes_atomically_with_report(tmp_path: Path) -> None:
+def test_convert_writes_atomically_with_report(tmp_path: Path, each_runner: str) -> None:
     path = ck.save(ck.nested_checkpoint(), tmp_path / "ckpt.pt")
     report = sandbox.convert(path)
     dst = tmp_path / "ckpt.safetensors"
     assert report.outputs["safetensors"] == str(dst)
     saved = json.loads(Path(str(dst) + ".report.json").read_text())
     assert saved["verdict"] == "clean" and saved["input_sha256"] == report.input_sha256
+    # the report names the runner and what enforced each limit
+    assert saved["tool"]["runner"] == report.tool["runner"] == each_runner
+    enforced = saved["resources"]["limits_enforced_by"]
+    assert ("rlimit RLIMIT_AS" if each_runner == "bwrap" else "control group") in enforced["memory"]
     flat = load_file(dst)
     assert torch.equal(flat["state_dict.encoder.weight"], ck.state_dict()["encoder.weight"])
     with safe_open(dst, framework="pt") as f:

@@ -26,7 +26,7 @@ def rules(report: sandbox.LoadReport) -> dict[str, sandbox.Finding]:
     return {f.rule: f for f in report.findings}
 
 
-def test_code_run_through_an_unlisted_stdlib_callable_is_not_clean(tmp_path: Path) -> None:
+def test_code_run_through_an_unlisted_stdlib_callable_is_not_clean(tmp_path: Path, each_runner: str) -> None:
     """``timeit.timeit(stmt)`` compiles and runs ``stmt``: arbitrary Python with no refused
     system call. The loader's audit hook reports the compile before it runs."""
     marker = tmp_path / "marker-timeit"
@@ -46,7 +46,7 @@ def test_code_run_through_an_unlisted_stdlib_callable_is_not_clean(tmp_path: Pat
     assert report.verdict is sandbox.Verdict.MALICIOUS and report.exit_code == 1
 
 
-def test_a_file_written_in_the_sandbox_scratch_space_is_a_finding(tmp_path: Path) -> None:
+def test_a_file_written_in_the_sandbox_scratch_space_is_a_finding(tmp_path: Path, each_runner: str) -> None:
     """``shutil.copyfile`` to /tmp succeeds inside the sandbox (its own tmpfs); a plain
     torch.load would have written on the user's machine."""
     target = tmp_path / "marker-copy"

@@ -316,7 +316,7 @@ class SweepingFake(Fake):
 
 def test_cli_batch_formats_and_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(_batch, "_LabelledRunner", lambda batch_id, jobs, policy: SweepingFake())
+    monkeypatch.setattr(_batch, "_LabelledRunner", lambda batch_id, jobs, policy, runner=None: SweepingFake())
     src = tmp_path / "src"
     src.mkdir()
     ck.save(ck.state_dict(), src / "good.pt")
