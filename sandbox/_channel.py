@@ -13,6 +13,7 @@ received so far).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import shutil
@@ -41,12 +42,54 @@ class Received:
     completed: bool = False  # the supervisor's DONE frame arrived
     closed: bool = False     # the supervisor's end closed (it exited)
     violations: list[str] = field(default_factory=list)
+    # an inline output being received (gVisor): (name, the host's own memfd, bytes still due)
+    pending: tuple[str, int, int] | None = None
 
     def close(self) -> None:
         for fd in self.outputs.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.outputs.clear()
+        if self.pending is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.pending[1])
+            self.pending = None
+
+
+def _inline(got: Received, out: P.Output, cap: int) -> str | None:
+    """An inline output announced (gVisor): its bytes follow as CHUNK frames, written into a
+    memfd the host creates; its size is checked against the cap before any byte is taken."""
+    if out.size > cap:
+        return f"the {out.name} output is larger than its cap ({out.size:,} > {cap:,} bytes)"
+    fd = P.memfd_create(f"inline-{out.name}")
+    got.pending = (out.name, fd, out.size)
+    return _chunk(got, b"") if out.size == 0 else None
+
+
+def _chunk(got: Received, data: bytes) -> str | None:
+    """Bytes of the pending inline output; sealed and kept once complete."""
+    if got.pending is None:
+        return "a CHUNK frame without an inline output"
+    name, fd, due = got.pending
+    if len(data) > due:
+        return f"the inline {name} output is longer than announced"
+    try:
+        if data:
+            os.write(fd, data)
+    except OSError as exc:
+        return f"the inline {name} output could not be kept: {exc.strerror}"
+    due -= len(data)
+    got.pending = (name, fd, due)
+    if due:
+        return None
+    got.pending = None
+    try:
+        fcntl.fcntl(fd, P.F_ADD_SEALS, P.OUTPUT_SEALS)
+    except OSError as exc:
+        os.close(fd)
+        return f"the inline {name} output could not be sealed: {exc.strerror}"
+    got.outputs[name] = fd
+    return None
 
 
 def check_memfd(fd: int, declared: int, cap: int) -> str | None:
@@ -86,9 +129,11 @@ class Channel:
         self.conn: socket.socket | None = None
         self.peer_pid: int | None = None
 
-    def accept(self, timeout_s: float, expected_pid: int | None = None) -> P.Hello:
+    def accept(self, timeout_s: float,
+               expected_pid: int | frozenset[int] | None = None) -> P.Hello:
         """The supervisor's connection and HELLO. Refuses a peer that is not ``expected_pid``
-        (the container's PID 1 as the engine reports it, where this host can see it)."""
+        (the container's PID 1 as the engine reports it, where this host can see it; under
+        gVisor, whose gofer makes the connection for the sandbox, a set of both)."""
         assert self.listener is not None
         ready, _, _ = select.select([self.listener], [], [], timeout_s)
         if not ready:
@@ -98,10 +143,13 @@ class Channel:
         pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
         self.peer_pid = pid
-        if expected_pid and pid and pid != expected_pid and os.path.exists(f"/proc/{expected_pid}"):
+        allowed = expected_pid if isinstance(expected_pid, frozenset) else \
+            frozenset({expected_pid} if expected_pid else ())
+        if allowed and pid and pid not in allowed and \
+                any(os.path.exists(f"/proc/{p}") for p in allowed):
             conn.close()
             raise EngineError(f"the channel was reached by process {pid}, not the sandbox's "
-                              f"supervisor ({expected_pid}): refused")
+                              f"supervisor ({', '.join(map(str, sorted(allowed)))}): refused")
         self.conn = conn
         data, fds = self._recv(timeout_s)
         for fd in fds:
@@ -176,12 +224,17 @@ class Channel:
 
         if len(payload) > P.MAX_FRAME:
             return refuse("an oversize frame")
-        if kind not in (P.EVENTS, P.OUTPUT, P.STATUS, P.DONE):
+        if kind not in (P.EVENTS, P.OUTPUT, P.STATUS, P.DONE, P.CHUNK):
             return refuse(f"an unexpected frame type {kind!r}")
-        if len(fds) != expected:
+        inline = kind == P.OUTPUT and not fds and b'"inline":true' in payload
+        if len(fds) != (0 if inline else expected):
             return refuse(f"{len(fds)} file descriptors with a frame that carries {expected}")
         if got.completed:
             return refuse("a frame after DONE")
+        if got.pending is not None and kind != P.CHUNK:
+            return refuse(f"the inline {got.pending[0]} output ended early")
+        if kind == P.CHUNK:
+            return _chunk(got, payload)
         if kind == P.EVENTS:
             room = P.MAX_EVENTS_BYTES - len(got.events)
             if len(payload) <= room:
@@ -199,6 +252,10 @@ class Channel:
                 return refuse(str(exc))
             if out.name in got.outputs:
                 return refuse(f"a second {out.name} output")
+            if out.inline != inline:
+                return refuse(f"the {out.name} output's document and descriptor disagree")
+            if out.inline:
+                return _inline(got, out, _OUTPUT_CAPS.get(out.name, output_cap))
             why = check_memfd(fds[0], out.size, _OUTPUT_CAPS.get(out.name, output_cap))
             if why:
                 return refuse(f"the {out.name} output is {why}")

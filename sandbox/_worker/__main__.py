@@ -47,15 +47,17 @@ from . import _protocol as P
 from . import _seccomp
 
 STAGE2 = "--stage2"
+PLAIN_HANDOFF = b"plain"  # the loader's word, under gVisor, that its plain filter is in place
 _RESULT_LIMIT = 64 * 1024
 _SAMPLE_EVERY_S = 0.1
 _CPU_BACKSTOP_S = 5  # RLIMIT_CPU of the loader: this many seconds past the tree's limit
 _MAX_COUNT_KEYS = 256  # distinct (source, kind, action) counters in the status
 
 
-def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool) -> None:
+def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool = False) -> None:
     """Runs in the forked child; never returns. Warm until the supervisor hands it a job: the
-    heavy imports happen before any input exists, the filter goes in before the input arrives."""
+    heavy imports happen before any input exists, the filter goes in before the input arrives.
+    ``plain`` (under gVisor): the filter refuses in the kernel and reports to nobody here."""
     code = 4
     message: dict[str, Any] = {"ok": False, "kind": "load-failed", "message": "no result"}
     try:
@@ -82,13 +84,18 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool) -> None:
         import tempfile
         tempfile.gettempdir()  # its one-time probe writes a file: done before monitoring starts
         try:
-            # Dumpable, so that the supervisor may take the listener and read our memory;
-            # after the filter, prctl(PR_SET_DUMPABLE) is refused.
-            _seccomp.prctl(_seccomp.PR_SET_DUMPABLE, 1)
-            listener = _seccomp.install(os.getpid())
-            os.write(ch.hand_w, str(listener).encode())
-            ack = os.read(ch.ack_r, 16)
-            os.close(listener)  # the supervisor holds the only copy from here on
+            if plain:  # gVisor: its trace of this sandbox (read by the host) is the evidence
+                _seccomp.install_plain(os.getpid(), cfg.errno)
+                os.write(ch.hand_w, PLAIN_HANDOFF)
+                ack = os.read(ch.ack_r, 16)
+            else:
+                # Dumpable, so that the supervisor may take the listener and read our memory;
+                # after the filter, prctl(PR_SET_DUMPABLE) is refused.
+                _seccomp.prctl(_seccomp.PR_SET_DUMPABLE, 1)
+                listener = _seccomp.install(os.getpid())
+                os.write(ch.hand_w, str(listener).encode())
+                ack = os.read(ch.ack_r, 16)
+                os.close(listener)  # the supervisor holds the only copy from here on
         except OSError as exc:
             raise _MonitorFailed(f"could not install the monitoring filter: {exc}") from None
         if ack != b"ok":
@@ -630,9 +637,10 @@ def _seal(fd: int, limit: int) -> tuple[int, str | None]:
 class _Supervisor:
     """One sandbox, one job: warm loader, job hand-off, supervision, sealed outputs."""
 
-    def __init__(self, host: _Host, prepare: bool = True) -> None:
+    def __init__(self, host: _Host, prepare: bool = True, plain: bool = False) -> None:
         self.host = host
         self.prepare = prepare
+        self.plain = plain  # gVisor: the loader's filter refuses itself; no notifications
         self.start = time.monotonic()
         self.values = _canaries()
         self.log = _EventLog(self.values)
@@ -662,7 +670,7 @@ class _Supervisor:
                 os.close(fd)
             job_sup.close()
             _loader_main(_ChildEnds(result_w, hand_w, ack_r, audit_w, job_ldr, tensors, manifest),
-                         env, self.prepare)
+                         env, self.prepare, self.plain)
         for fd in (result_w, hand_w, ack_r, audit_w):
             os.close(fd)
         job_ldr.close()
@@ -708,12 +716,26 @@ class _Supervisor:
                 self.status["limit"] = "output_bytes"
             if problem:
                 self.status.setdefault("output_problems", {})[name] = problem
+            elif ok and size and self.plain:  # gVisor: no descriptor reaches a host socket
+                self.host.json(P.OUTPUT, {"name": name, "size": size, "inline": True})
+                self._send_inline(fd, size)
             elif ok and size:
                 self.host.json(P.OUTPUT, {"name": name, "size": size}, [fd])
             os.close(fd)
         self.stream()
         self.host.send(P.json_frame(P.STATUS, self._bounded_status()))
         self.host.send(P.frame(P.DONE, b"{}"))
+
+    def _send_inline(self, fd: int, size: int) -> None:
+        """A sealed output's bytes as CHUNK frames (every loader process is dead: nothing
+        changes them while they are read)."""
+        pos = 0
+        while pos < size and not self.host.gone:
+            chunk = os.pread(fd, min(P.MAX_FRAME, size - pos), pos)
+            if not chunk:
+                break
+            self.host.send(P.frame(P.CHUNK, chunk))
+            pos += len(chunk)
 
     def _bounded_status(self) -> dict[str, Any]:
         data = json.dumps(self.status, default=str).encode()
@@ -759,8 +781,9 @@ class _Supervisor:
                    ) -> tuple[bytes, int, str | None, dict[str, Any], dict[str, Any]]:
         log, start = self.log, self.start
         resources = _Resources(pid, cfg.cpu_s, start)
-        monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start, cfg)
-        monitor_info: dict[str, Any] = {"kernel": monitor is not None}
+        monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start, cfg, self.plain)
+        monitor_info: dict[str, Any] = {"kernel": monitor is not None,
+                                        "filter": "plain" if self.plain else "notify"}
         for fd in (rfd, audit_r):
             os.set_blocking(fd, False)
         reports = _SelfReports(log)
@@ -845,9 +868,19 @@ def _read_some(fd: int) -> bytes | None:
 
 
 def _take_listener(pid: int, hand_r: int, ack_w: int, log: _EventLog, canary_files: list[str],
-                   start: float, cfg: P.JobConfig) -> _Monitor | None:
-    """Copy the loader's listener fd into this process, then let the loader close its own."""
+                   start: float, cfg: P.JobConfig, plain: bool = False) -> _Monitor | None:
+    """Copy the loader's listener fd into this process, then let the loader close its own.
+    ``plain`` (gVisor): the loader only says that its plain filter is in; nothing to take."""
     monitor = None
+    if plain:
+        ok = _seccomp.wait_readable([hand_r], 30) and os.read(hand_r, 32) == PLAIN_HANDOFF
+        try:
+            os.write(ack_w, b"ok" if ok else b"no")
+        except OSError:
+            pass
+        os.close(hand_r)
+        os.close(ack_w)
+        return None
     try:
         if _seccomp.wait_readable([hand_r], 30):
             number = os.read(hand_r, 32)
@@ -932,7 +965,7 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         sys.stderr.write(f"model-sandbox supervisor: cannot reach the host's channel: {exc}\n")
         return 6
-    _Supervisor(_Host(sock), prepare=P.COLD not in argv).run()
+    _Supervisor(_Host(sock), prepare=P.COLD not in argv, plain=P.PLAIN_FILTER in argv).run()
     return 0
 
 

@@ -13,12 +13,18 @@ the socket file. Every message is one frame: a one-byte type and a payload of at
     host -> supervisor   JOB      JobConfig JSON + 1 fd: the input, opened read-only by the host
     supervisor -> host   EVENTS   JSON lines, streamed while the load runs
     supervisor -> host   OUTPUT   {"name": "manifest"|"tensors", "size"} + 1 fd: a sealed memfd
+                                  (or, under gVisor, {..., "inline": true} and no fd, followed by
+                                  CHUNK frames of exactly "size" bytes in all)
+    supervisor -> host   CHUNK    raw bytes of the inline output announced last
     supervisor -> host   STATUS   how the loader ended, resource figures, canary values
     supervisor -> host   DONE     {} -- the supervisor completed; nothing follows
 
 Outputs are memfds the supervisor created before it forked the loader, sealed by the supervisor
 (:data:`OUTPUT_SEALS`) once every loader process is dead; their pages are charged to the
-container's memory cgroup, so the memory limit bounds them. The host checks the seals and the
+container's memory cgroup, so the memory limit bounds them. gVisor cannot pass its descriptors
+to a host socket (``sendmsg`` with ``SCM_RIGHTS`` fails with ``EINVAL``): there the supervisor
+sends the same bytes *inline* (CHUNK frames), and the host writes them into a memfd of its own,
+which it seals before anything reads it. The host checks the seals and the
 size before it maps anything, and reads every frame with the caps below. When the host end
 closes, the supervisor kills the load and the container exits.
 
@@ -48,13 +54,17 @@ SOCKET_NAME = "channel"
 SOCKET_PATH = f"{CHANNEL_DIR}/{SOCKET_NAME}"
 COLD = "--cold"                     # the supervisor's argument: do not import torch ahead of a job
 NPROC = "--nproc="                  # the supervisor's argument (bwrap runner): its RLIMIT_NPROC
+# the supervisor's argument under gVisor (runsc), where seccomp user notification does not exist:
+# the loader's filter refuses in the kernel (SECCOMP_RET_ERRNO) what the supervisor would refuse,
+# and the evidence is gVisor's own trace of the sandbox's system calls, read by the host
+PLAIN_FILTER = "--plain-filter"
 
 LOADER_SCRATCH = "/tmp/.loader/"    # torch's own temporary files (legacy tar extraction)
 INPUT_FD = 1000                     # where the loader keeps the input descriptor (nofile is 1024)
 INPUT_ALIAS = "<input>"             # how events name an open of the input through /proc/self/fd
 
-HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE = b"H", b"J", b"E", b"O", b"S", b"D"
-FRAME_TYPES = frozenset({HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE})
+HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE, CHUNK = b"H", b"J", b"E", b"O", b"S", b"D", b"C"
+FRAME_TYPES = frozenset({HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE, CHUNK})
 FDS_OF = {JOB: 1, OUTPUT: 1}         # frames that carry descriptors, and how many; others none
 MAX_FRAME = 64 * 1024               # payload bytes; a larger frame is a protocol violation
 OUTPUT_NAMES = ("manifest", "tensors")
@@ -163,13 +173,18 @@ class Output:
 
     name: str
     size: int
+    inline: bool = False  # no memfd: CHUNK frames carry the bytes (under gVisor)
 
     @classmethod
     def from_json(cls, data: bytes) -> Output:
         d = parse_json(data, "output")
         if not isinstance(d, dict) or d.get("name") not in OUTPUT_NAMES:
             raise ProtocolError("output: unknown name")
-        return cls(name=str(d["name"]), size=_int(d.get("size"), 0, 2**62, "output size"))
+        inline = d.get("inline", False)
+        if not isinstance(inline, bool):
+            raise ProtocolError("output: inline is not a boolean")
+        return cls(name=str(d["name"]), size=_int(d.get("size"), 0, 2**62, "output size"),
+                   inline=inline)
 
 
 @dataclass(frozen=True)
@@ -749,6 +764,51 @@ def memfd_create(name: str) -> int:
 
 # The canary home: a small tmpfs the supervisor fills with fake credentials for the loader.
 CANARY_HOME = "/home/user"  # an ordinary name: nothing here says "sandbox"
+
+# Path classes, decided from the normalised path (the supervisor's decoder and the host's reader
+# of gVisor's trace use the same tables). Reads under QUIET_* are not worth an event.
+QUIET_READ_PREFIXES = ("/opt/python/", "/usr/lib/", "/usr/lib64/", "/lib/", "/lib64/", "/usr/share/",
+                       "/sys/", "/tmp/", "/etc/ld.so.cache", "/etc/localtime",
+                       "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/host.conf",
+                       "/etc/gai.conf", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat",
+                       "/proc/sys/", "/proc/filesystems")
+QUIET_EXACT = frozenset({"/dev/null", "/dev/urandom", "/dev/random", "/dev/zero", "/dev/tty",
+                         INPUT_ALIAS, "/tmp", "/", "/opt/python", "/usr/lib", "/etc"})
+# Reads that tell a container or a sandbox apart from a workstation: evidence of a payload that
+# checks where it runs before it acts (LOW alone)
+PROBE_RE = re.compile(r"^/proc/(\d+|self|thread-self)/(mountinfo|mounts|mountstats|cgroup)$")
+PROBE_PATHS = frozenset({"/.dockerenv", "/run/.containerenv", "/proc/1/sched", "/proc/self/cgroup",
+                         "/sys/class/dmi/id/product_name", "/sys/class/dmi/id/sys_vendor",
+                         "/proc/sys/kernel/hostname", "/etc/hostname"})
+PROBE_PREFIXES = ("/sys/class/dmi/", "/sys/devices/virtual/dmi/", "/sys/hypervisor/")
+WRITABLE_PREFIXES = ("/tmp/",)  # the sandbox's own scratch tmpfs: nothing of the host
+SENSITIVE_PREFIXES = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/root", "/home/", "/run/secrets",
+                      "/var/run/", "/run/", "/proc/1/", "/proc/kcore", "/sys/kernel/", "/dev/mem",
+                      "/etc/ssh", "/.dockerenv", "/proc/kallsyms", "/sys/fs/cgroup")
+
+
+def classify_path(path: str, *, canary_files: frozenset[str] | set[str],
+                  own: tuple[str, ...] = (), quiet_prefixes: tuple[str, ...] = QUIET_READ_PREFIXES
+                  ) -> str:
+    """The class of an opened path: ``canary``, ``canary_home``, ``probe``, ``quiet``,
+    ``sensitive`` or ``other``. ``own``: the caller's own ``/proc/<pid>/`` prefixes (its own
+    environment is the canaries it already has)."""
+    if path in canary_files:
+        return "canary"
+    if path.startswith(CANARY_HOME + "/"):
+        return "canary_home"
+    if PROBE_RE.match(path) or path in PROBE_PATHS or path.startswith(PROBE_PREFIXES):
+        return "probe"  # looking for signs of a container or a sandbox
+    if own and path.startswith(own):
+        return "quiet"
+    if path.startswith("/proc/") and path[6:7].isdigit():
+        return "sensitive"
+    if any(path == p.rstrip("/") or path.startswith(p) for p in SENSITIVE_PREFIXES):
+        return "sensitive"
+    if path in QUIET_EXACT or path.startswith(quiet_prefixes):
+        return "quiet"
+    return "other"
+
 
 # Monitoring events (events.jsonl): one JSON object per line,
 #   {"id": int, "t": float, "source": str, "kind": str, "detail": {...}, "action": str}

@@ -45,7 +45,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import select
 import struct
 from collections.abc import Callable
@@ -192,6 +191,80 @@ def build_filter(self_pid: int) -> bytes:
     return a.assemble()
 
 
+# Under gVisor (runsc) there is no seccomp user notification: the loader installs this filter
+# instead, which refuses in the kernel what the supervisor refuses by default, with the same
+# errno, and lets through what the supervisor would let through (opens, path operations, socket
+# creation, vfork-style children: the container decides what they can do). Decisions that
+# depend on a path (a write outside the scratch space) cannot be made in BPF: there the
+# container answers (read-only root). gVisor's trace of the sandbox's system calls is the
+# evidence; the host reads it (sandbox/_gvisor.py).
+PLAIN_ALLOWED = frozenset({
+    "socket", "socketpair", "vfork", "open", "openat", "openat2", "creat",
+    "rename", "renameat", "renameat2", "unlink", "unlinkat", "link", "linkat", "symlink",
+    "symlinkat", "chmod", "fchmod", "fchmodat", "fchmodat2", "memfd_create",
+})
+# signals: refused when aimed at the supervisor (pid 1) or at every process (-1), as the
+# supervisor refuses them; any other target is allowed (it can only be a sandbox process)
+PLAIN_SIGNAL_CALLS = frozenset({"tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"})
+
+
+def plain_refused() -> frozenset[str]:
+    """The calls :func:`build_plain_filter` always refuses (for the host's trace reader too)."""
+    return frozenset(SYSCALLS) - PLAIN_ALLOWED - PLAIN_SIGNAL_CALLS
+
+
+def build_plain_filter(self_pid: int, refuse_errno: int) -> bytes:
+    """The loader's filter where no notification exists: the decisions of :class:`Decoder`
+    that do not depend on memory, made in BPF (see :data:`PLAIN_ALLOWED`):
+
+    * another architecture or the x32 ABI: refused;
+    * ``clone`` of a thread, or vfork-style (``CLONE_VM|CLONE_VFORK``): allowed; others refused;
+    * ``clone3``: ``ENOSYS``, as in :func:`build_filter`;
+    * ``kill``/``tgkill``/``tkill``/``rt_(tg)sigqueueinfo`` aimed at pid 1 or -1: refused;
+    * ``prctl(PR_SET_SECCOMP | PR_SET_DUMPABLE)``: refused;
+    * every other call of :data:`SYSCALLS` not in :data:`PLAIN_ALLOWED`: refused.
+    """
+    deny = RET_ERRNO | (refuse_errno & 0xFFFF)
+    a = _Asm()
+    a.ld(_OFF_ARCH)
+    a.jmp(_JEQ_K, AUDIT_ARCH_X86_64, 0, "deny")
+    a.ld(_OFF_NR)
+    a.jmp(_JGE_K, X32_SYSCALL_BIT, "deny", 0)
+    a.jmp(_JEQ_K, NR_CLONE, "clone", 0)
+    a.jmp(_JEQ_K, NR_CLONE3, "enosys", 0)
+    a.jmp(_JEQ_K, NR_KILL, "kill", 0)
+    a.jmp(_JEQ_K, NR_TGKILL, "kill", 0)
+    a.jmp(_JEQ_K, NR_PRCTL, "prctl", 0)
+    for name in sorted(PLAIN_SIGNAL_CALLS):
+        a.jmp(_JEQ_K, SYSCALLS[name], "kill", 0)
+    for nr in sorted({SYSCALLS[n] for n in plain_refused()}):
+        a.jmp(_JEQ_K, nr, "deny", 0)
+    a.ret(RET_ALLOW)
+    a.label("clone")
+    a.ld(_arg_lo(0))
+    a.jmp(_JSET_K, CLONE_THREAD, "allow", 0)
+    a.and_k(CLONE_VM | CLONE_VFORK)
+    a.jmp(_JEQ_K, CLONE_VM | CLONE_VFORK, "allow", "deny")
+    a.label("kill")  # the target: pid 1 (the supervisor) or -1 (every process) is refused
+    a.ld(_arg_lo(0))
+    a.jmp(_JEQ_K, 1, "hi0", 0)
+    a.jmp(_JEQ_K, 0xFFFFFFFF, "deny", "allow")
+    a.label("hi0")
+    a.ld(_arg_hi(0))
+    a.jmp(_JEQ_K, 0, "deny", "allow")
+    a.label("prctl")
+    a.ld(_arg_lo(0))
+    a.jmp(_JEQ_K, PR_SET_SECCOMP, "deny", 0)
+    a.jmp(_JEQ_K, PR_SET_DUMPABLE, "deny", "allow")
+    a.label("allow")
+    a.ret(RET_ALLOW)
+    a.label("deny")
+    a.ret(deny)
+    a.label("enosys")
+    a.ret(RET_ERRNO | errno.ENOSYS)
+    return a.assemble()
+
+
 # -- libc ----------------------------------------------------------------------------------------
 
 _libc: Any = None
@@ -240,6 +313,17 @@ def install(self_pid: int) -> int:
     return _check(_c().syscall(ctypes.c_long(SYS_SECCOMP), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
                                ctypes.c_long(SECCOMP_FILTER_FLAG_NEW_LISTENER), ctypes.byref(prog)),
                   "seccomp(SET_MODE_FILTER)")
+
+
+def install_plain(self_pid: int, refuse_errno: int) -> None:
+    """In the loader, under gVisor: no-new-privs, then :func:`build_plain_filter` (no listener:
+    there is nothing to hand over)."""
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    code = build_plain_filter(self_pid, refuse_errno)
+    buf = ctypes.create_string_buffer(code, len(code))
+    prog = _SockFprog(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    _check(_c().syscall(ctypes.c_long(SYS_SECCOMP), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+                        ctypes.c_long(0), ctypes.byref(prog)), "seccomp(SET_MODE_FILTER)")
 
 
 def take_fd(pid: int, fd: int) -> int:
@@ -419,25 +503,13 @@ class Decision:
     payload: bytes = b""                 # data the call would send (searched for canaries)
 
 
-# Path classes, decided from the normalised path. Reads there are not worth an event.
-QUIET_READ_PREFIXES = ("/opt/python/", "/usr/lib/", "/usr/lib64/", "/lib/", "/lib64/", "/usr/share/",
-                       "/sys/", "/tmp/", "/etc/ld.so.cache", "/etc/localtime",
-                       "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/host.conf",
-                       "/etc/gai.conf", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat",
-                       "/proc/sys/", "/proc/filesystems")
-QUIET_EXACT = frozenset({"/dev/null", "/dev/urandom", "/dev/random", "/dev/zero", "/dev/tty",
-                         P.INPUT_ALIAS, "/tmp", "/", "/opt/python", "/usr/lib", "/etc"})
-# Reads that tell a container or a sandbox apart from a workstation: evidence of a payload that
-# checks where it runs before it acts (LOW alone)
-_PROBE = re.compile(r"^/proc/(\d+|self|thread-self)/(mountinfo|mounts|mountstats|cgroup)$")
-PROBE_PATHS = frozenset({"/.dockerenv", "/run/.containerenv", "/proc/1/sched", "/proc/self/cgroup",
-                         "/sys/class/dmi/id/product_name", "/sys/class/dmi/id/sys_vendor",
-                         "/proc/sys/kernel/hostname", "/etc/hostname"})
-PROBE_PREFIXES = ("/sys/class/dmi/", "/sys/devices/virtual/dmi/", "/sys/hypervisor/")
-WRITABLE_PREFIXES = ("/tmp/",)  # the sandbox's own scratch tmpfs: nothing of the host
-SENSITIVE_PREFIXES = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/root", "/home/", "/run/secrets",
-                      "/var/run/", "/run/", "/proc/1/", "/proc/kcore", "/sys/kernel/", "/dev/mem",
-                      "/etc/ssh", "/.dockerenv", "/proc/kallsyms", "/sys/fs/cgroup")
+# Path classes (the tables are in the protocol module: the host classifies gVisor's trace with them)
+QUIET_READ_PREFIXES = P.QUIET_READ_PREFIXES
+QUIET_EXACT = P.QUIET_EXACT
+PROBE_PATHS = P.PROBE_PATHS
+PROBE_PREFIXES = P.PROBE_PREFIXES
+WRITABLE_PREFIXES = P.WRITABLE_PREFIXES
+SENSITIVE_PREFIXES = P.SENSITIVE_PREFIXES
 
 
 class Decoder:
@@ -516,22 +588,9 @@ class Decoder:
         return given, path
 
     def _classify(self, path: str, pid: int) -> str:
-        if path in self.canary_files:
-            return "canary"
-        if path.startswith(P.CANARY_HOME + "/"):
-            return "canary_home"
-        if _PROBE.match(path) or path in PROBE_PATHS or path.startswith(PROBE_PREFIXES):
-            return "probe"  # looking for signs of a container or a sandbox
-        mine = (f"/proc/{pid}/", f"/proc/{self.loader}/")
-        if path.startswith(mine):  # its own environment is the canaries it already has
-            return "quiet"
-        if path.startswith("/proc/") and path[6:7].isdigit():
-            return "sensitive"
-        if any(path == p.rstrip("/") or path.startswith(p) for p in SENSITIVE_PREFIXES):
-            return "sensitive"
-        if path in QUIET_EXACT or path.startswith(self.quiet_prefixes):
-            return "quiet"
-        return "other"
+        return P.classify_path(path, canary_files=self.canary_files,
+                               own=(f"/proc/{pid}/", f"/proc/{self.loader}/"),
+                               quiet_prefixes=self.quiet_prefixes)
 
     # -- handlers -----------------------------------------------------------------------------
     def _plain(self, n: Notification) -> Decision:
