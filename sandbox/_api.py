@@ -77,7 +77,7 @@ class _Loaded:
 @contextlib.contextmanager
 def _sandboxed(path: str | os.PathLike[str], *, policy: Policy,
                runner: _launch.Runner | str | None,
-               write_tensors: bool, expected_sha256: str | None,
+               write_tensors: bool, expected_sha256: str | None, runtime: str | None = None,
                stop_early: bool = False, dynamic: bool = True,
                mmap: bool = False, materialise: bool = True) -> Iterator[_Loaded]:
     """Run one load in a sandbox; yields the report and the validated outputs. The outputs
@@ -119,8 +119,7 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy,
                 # not a plain state dict, so no layout hand-off: the host's own reading of the
                 # file runs beside the sandbox
                 loaded.reading = _verify.Reading(loaded.input_path, loaded.static)
-            runner = _launch.make_runner(runner) if isinstance(runner, str) \
-                else runner or _default_runner()
+            runner = _runner_for(runner, runtime)
             image = runner.ensure_image()
             report.tool["image"] = image
             report.tool["worker_digest"] = _image.worker_digest()
@@ -204,9 +203,13 @@ def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
     report.findings += outcome.findings
     report.resources.update(outcome.resources)
     report.tool["runner"] = run.runner
+    if run.runner == "docker":
+        report.tool["runtime"] = run.runtime
+    report.tool["monitoring"] = _monitoring(run)
     report.resources["limits_enforced_by"] = dict(run.limits)
     monitored = _events.read(run.received.events, output.status, run.received.outputs,
-                             run.received.events_dropped)
+                             run.received.events_dropped, trace=run.trace,
+                             allow_read=job.config.allow_read)
     report.events += monitored.events
     report.findings += monitored.findings
     report.notes += monitored.notes + outcome.notes
@@ -234,6 +237,29 @@ def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
     _summarise(report, output.manifest)
     if output.tensors_path is not None:
         loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest, mmap=mmap)
+
+
+def _monitoring(run: _launch.RunResult) -> str:
+    """Where the kernel-level evidence came from: ``seccomp-notify`` (the supervisor decoded
+    each notified call) or ``gvisor-trace`` (the sentry's strace of the sandbox, read by the
+    host; refused calls by number only). Self-reported events are the audit hook's in both."""
+    return "gvisor-trace" if run.runtime == "runsc" else "seccomp-notify"
+
+
+def _runner_for(runner: _launch.Runner | str | None, runtime: str | None) -> _launch.Runner:
+    """The runner a call names (a runner, a pool, a kind), under ``runtime`` when given."""
+    if runtime is None:
+        return _launch.make_runner(runner) if isinstance(runner, str) \
+            else runner or _default_runner()
+    if runner is None or isinstance(runner, str):
+        return _launch.make_runner(runner, runtime=runtime)
+    inner = getattr(runner, "runner", runner)  # a Pool's runner
+    if getattr(inner, "runtime", "runc") != _launch.runtime_kind(runtime):
+        from .errors import PolicyError
+
+        raise PolicyError(f"runtime={runtime!r} was asked for, but the given runner runs "
+                          f"{getattr(inner, 'runtime', 'runc')!r}: pass one or the other")
+    return runner
 
 
 class _LayoutRefused(Exception):
@@ -314,7 +340,7 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
               pickle_module: Any = None, *, weights_only: bool | None = None,
               mmap: bool | None = None, policy: Policy | None = None,
               expected_sha256: str | None = None, runner: _launch.Runner | str | None = None,
-              **pickle_load_args: Any) -> Any:
+              runtime: str | None = None, **pickle_load_args: Any) -> Any:
     """Load a checkpoint like ``torch.load`` does, except that the pickle runs only inside the
     sandbox and the host receives checked SafeTensors plus a JSON skeleton.
 
@@ -332,7 +358,8 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
     ``runner``: what makes the sandbox: a runner or :class:`Pool`, or a name (``"docker"``,
     ``"bwrap"``, ``"auto"``: a fresh sandbox of that kind); by default the process-wide pool,
     whose runner is ``$MODEL_SANDBOX_RUNNER`` or ``auto`` (Docker when an engine answers, else
-    bubblewrap).
+    bubblewrap). ``runtime``: ``"runsc"`` runs the Docker runner's sandbox under gVisor
+    (``"runc"``: the engine's default; by default ``$MODEL_SANDBOX_RUNTIME``, else runc).
 
     Raises :class:`SandboxViolation` (with ``.report``) when the policy judges the file unsafe,
     and the other :class:`SandboxError` subclasses for inputs that cannot be loaded.
@@ -342,7 +369,7 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
     _convert.check_map_location(map_location)
     wo = True if weights_only is None else bool(weights_only)
     with _input.as_path(f) as path, _sandboxed(path, policy=policy, runner=runner, write_tensors=True,
-                                         expected_sha256=expected_sha256,
+                                         expected_sha256=expected_sha256, runtime=runtime,
                                          stop_early=True, mmap=bool(mmap)) as loaded:
         _raise_if_unsafe(loaded, policy, weights_only=wo)
         assert loaded.output is not None and loaded.output.manifest is not None
@@ -355,7 +382,8 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, *,
             policy: Policy | None = None, expected_sha256: str | None = None,
             runner: _launch.Runner | str | None = None, write_report: bool = True,
-            shared: str = "complete", allow_unverified: bool = False) -> LoadReport:
+            shared: str = "complete", allow_unverified: bool = False,
+            runtime: str | None = None) -> LoadReport:
     """Load ``src`` in the sandbox and write its tensors to ``dst`` (default: ``src`` with the
     suffix ``.safetensors``), atomically, plus ``<dst>.report.json``. Every name of the
     returned structure is a tensor in the file (``shared="complete"``, the default: views as
@@ -368,13 +396,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
     :class:`UnverifiedWeights` when the host could not verify every returned tensor against
     its own reading of the file (a quantized tensor's integer data, a nested tensor's pieces:
     see the README), unless ``allow_unverified`` (the report keeps the MEDIUM finding).
+    ``runner`` and ``runtime`` as for :func:`safe_load`.
     """
     policy = policy or Policy.default()
     if shared not in SHARED_MODES:
         raise ValueError(f"shared must be one of {SHARED_MODES}, not {shared!r}")
     dst_path = Path(dst) if dst is not None else Path(src).with_suffix(".safetensors")
     with _sandboxed(src, policy=policy, runner=runner, write_tensors=True,
-                    expected_sha256=expected_sha256, stop_early=True,
+                    expected_sha256=expected_sha256, stop_early=True, runtime=runtime,
                     materialise=False) as loaded:
         report = loaded.report
         try:
@@ -405,13 +434,15 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
 
 
 def scan(path: str | os.PathLike[str], *, dynamic: bool = True, policy: Policy | None = None,
-         expected_sha256: str | None = None, runner: _launch.Runner | str | None = None) -> LoadReport:
+         expected_sha256: str | None = None, runner: _launch.Runner | str | None = None,
+         runtime: str | None = None) -> LoadReport:
     """Scan ``path`` statically, then load it in the sandbox without keeping its weights, and
     return the report. ``dynamic=False`` stops after the static scan (no Docker needed).
-    Never raises for a bad or hostile file: the report's verdict and error say what happened."""
+    Never raises for a bad or hostile file: the report's verdict and error say what happened.
+    ``runner`` and ``runtime`` as for :func:`safe_load`."""
     policy = policy or Policy.default()
     with _sandboxed(path, policy=policy, runner=runner, write_tensors=False,
-                    expected_sha256=expected_sha256, dynamic=dynamic) as loaded:
+                    expected_sha256=expected_sha256, dynamic=dynamic, runtime=runtime) as loaded:
         return loaded.report
 
 

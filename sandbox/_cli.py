@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _api, _files, _hfcache
-from ._launch import RUNNERS, Runner, make_runner
+from ._launch import RUNNERS, RUNTIMES, Runner, make_runner
 from ._pool import Pool
 from .errors import PolicyError, SandboxError
 from .policy import Policy, builtin_names
@@ -87,15 +87,17 @@ def _pin_for(pins: dict[str, str], path: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _runner(files: int, kind: str | None = None) -> Iterator[Runner]:
+def _runner(files: int, kind: str | None = None, runtime: str | None = None) -> Iterator[Runner]:
     """One file: a fresh sandbox (nothing warmed for later). Several: a pool of one, so the
     next file's sandbox starts while this one loads. ``kind``: docker, bwrap or auto (None:
-    ``$MODEL_SANDBOX_RUNNER``, else auto)."""
+    ``$MODEL_SANDBOX_RUNNER``, else auto); ``runtime``: runc or runsc (None:
+    ``$MODEL_SANDBOX_RUNTIME``, else runc)."""
     if files > 1:
-        with Pool(size=1, runner=kind or None) as pool:
+        with Pool(size=1, runner=make_runner(kind, runtime=runtime) if runtime else kind or None) \
+                as pool:
             yield pool
     else:
-        yield make_runner(kind)
+        yield make_runner(kind, runtime=runtime)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -112,7 +114,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         from ._term import ScanBar, console
 
         bar = ScanBar(console(sys.stderr), len(targets))
-    with _runner(len({t.real for t in targets}), args.runner) as runner, \
+    with _runner(len({t.real for t in targets}), args.runner, args.runtime) as runner, \
             bar if bar is not None else contextlib.nullcontext():
         for t in targets:
             if bar is not None:
@@ -180,7 +182,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise SandboxError(f"{srcs[0]!r} is not listed in the lock file {args.lock!r}; refusing "
                            "to open it", hint="add it with `model-sandbox lock` after checking it")
     try:
-        with _runner(1, args.runner) as runner:
+        with _runner(1, args.runner, args.runtime) as runner:
             report = _api.convert(srcs[0], args.output, policy=policy, expected_sha256=expected,
                                   runner=runner, shared=args.shared,
                                   allow_unverified=args.allow_unverified)
@@ -289,6 +291,10 @@ def _convert_batch(args: argparse.Namespace) -> int:
 
     if args.output is None:
         raise BatchError("several inputs or a directory need -o OUTDIR")
+    if args.runtime:  # the batch's pools (and a Dask worker's) take it from the environment
+        from ._launch import RUNTIME_ENV, runtime_kind
+
+        os.environ[RUNTIME_ENV] = runtime_kind(args.runtime)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise BatchError(f"{args.output!r} exists and is not a directory")
     options = BatchOptions(
@@ -463,6 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "no daemon: unprivileged user namespaces) or auto (Docker when an "
                             "engine answers, else bwrap) (default: $MODEL_SANDBOX_RUNNER, else "
                             "auto)")
+        if p.prog.split()[-1] in ("scan", "convert"):
+            p.add_argument("--runtime", choices=RUNTIMES, default=None,
+                           help="the Docker runner's runtime: runc (the engine's default) or "
+                                "runsc (gVisor: a kernel in user space between the payload and "
+                                "the host's kernel; slower; evidence from gVisor's own trace; "
+                                "needs the engine's model-sandbox-runsc runtime, see "
+                                "`MODEL_SANDBOX_RUNSC=1 scripts/ensure-docker.sh`) "
+                                "(default: $MODEL_SANDBOX_RUNTIME, else runc)")
 
     p = sub.add_parser("scan", help="load files in the sandbox without keeping weights; print reports",
                        description="Scan each file statically (every pickle read, never run), "

@@ -8,7 +8,8 @@ bounded number of lines, each a JSON object whose fields are checked one by one;
 and made printable (a path or an argv may carry terminal escapes). Nothing here evaluates
 anything.
 
-Findings rest on ``kernel`` events only (seccomp notifications the supervisor decoded);
+Findings rest on ``kernel`` events (seccomp notifications the supervisor decoded) and, under
+gVisor, ``gvisor`` events (the sentry's trace, read by the host: :mod:`._gvisor`);
 ``self_reported`` events (the loader's audit hook, which the payload can forge or silence) are
 kept as context. Each finding names the events that support it.
 """
@@ -19,12 +20,17 @@ import json
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._worker import _protocol as P
 from .report import Event, Finding, Severity
 
+if TYPE_CHECKING:
+    from ._gvisor import Trace
+
 __all__ = ["Monitoring", "analyse", "parse_events", "read"]
+
+EVIDENCE_SOURCES = frozenset({"kernel", "gvisor"})  # what findings rest on
 
 _MAX_LINES = P.MAX_KERNEL_EVENTS + P.MAX_SELF_REPORTED_EVENTS + 16
 _MAX_EVENT_IDS = 50
@@ -103,6 +109,9 @@ def parse_events(data: bytes) -> tuple[list[Event], int]:
 def describe(ev: Event) -> str:
     """One line for an event: ``connect AF_INET 127.0.0.1:4444 — denied``."""
     d = ev.detail
+    if ev.source == "gvisor" and ev.action == "denied" and "refused_by" in d:
+        return _printable(f"{ev.kind} (refused by the loader's filter; gVisor traces no "
+                          f"arguments of a refused call) — {ev.action}", 300)
     if ev.kind in ("execve", "execveat"):
         argv: list[Any] = d["argv"] if isinstance(d.get("argv"), list) else []
         what = " ".join(str(a) for a in argv[:16]) or str(d.get("path", ""))
@@ -154,8 +163,12 @@ class _Findings:
         return out
 
 
-def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Findings) -> None:
+def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Findings,
+           context: dict[str, Any] | None = None) -> None:
+    """``context``: for a refused call gVisor saw without its arguments, what the audit hook
+    said just before (self-reported: it names where the arguments came from)."""
     d, kind, action = ev.detail, ev.kind, ev.action
+    ctx = {"arguments": context} if context else {}
     found = set(x for x in d.get("canaries", []) if isinstance(x, str)) \
         if isinstance(d.get("canaries"), list) else set()
     text = json.dumps(d)
@@ -166,7 +179,7 @@ def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Fi
                 key=kind, canaries=sorted(found)[:10])
     if kind in ("execve", "execveat"):
         out.add(ev, "exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program",
-                key=str(d.get("path")), path=d.get("path"), argv=d.get("argv"))
+                key=str(d.get("path")), path=d.get("path"), argv=d.get("argv"), **ctx)
     elif kind in ("fork", "vfork", "clone"):
         if d.get("style") == "fork" or action == "denied":
             out.add(ev, "process-creation", Severity.HIGH, "process",
@@ -177,10 +190,13 @@ def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Fi
     elif kind in _SEND or kind in ("bind", "listen", "accept", "accept4"):
         fam = d.get("family")
         target = d.get("target")
-        if kind in _SEND and fam in ("AF_INET", "AF_INET6"):
+        if kind in _SEND and (fam in ("AF_INET", "AF_INET6") or
+                              (ev.source == "gvisor" and action == "denied")):
+            # under gVisor a refused call's arguments are not in the trace: its address is
+            # unknown to the evidence (the audit hook's, if any, is in "arguments")
             out.add(ev, "network-connect", Severity.CRITICAL, "network",
                     "the load tried to reach a network address", key=f"{kind} {target}",
-                    address=d.get("address"), port=d.get("port"))
+                    address=d.get("address"), port=d.get("port"), **ctx)
         else:
             out.add(ev, f"network-{kind}", Severity.HIGH, "network",
                     f"the load tried to use a socket ({kind})", key=str(target))
@@ -192,7 +208,7 @@ def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Fi
         if cls in ("canary", "canary_home") or path in canary_files:
             out.add(ev, "canary-file-read", Severity.HIGH, "credential",
                     "the load opened a planted credential file", key=path, path=path)
-        elif d.get("write") and action == "denied":
+        elif d.get("write") and (action == "denied" or cls == "outside"):
             out.add(ev, "file-write-outside", Severity.HIGH, "file",
                     "the load tried to write outside the sandbox's scratch space",
                     key=path, path=path, flags=d.get("flags"))
@@ -214,7 +230,7 @@ def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Fi
             out.add(ev, "file-write", Severity.MEDIUM, "file",
                     f"the load changed files ({kind}) in the sandbox's scratch space",
                     key=str(d.get("paths")), paths=d.get("paths"))
-        elif action == "denied":
+        elif action == "denied" or d.get("class") == "outside":
             out.add(ev, "file-change-outside", Severity.HIGH, "file",
                     "the load tried to change files outside its output and scratch directories",
                     key=kind, paths=d.get("paths"))
@@ -340,6 +356,32 @@ def _after_probe(findings: list[Finding]) -> list[Finding]:
     return out
 
 
+_CONTEXT_OF = {  # a refused call gVisor saw -> the audit events that name its arguments
+    **{k: ("socket.connect", "socket.sendto", "socket.bind", "http.client.connect",
+           "urllib.Request") for k in ("connect", "sendto", "sendmsg", "sendmmsg", "bind")},
+    **{k: ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn",
+           "pty.spawn") for k in ("execve", "execveat")},
+}
+
+
+_CONTEXT_KINDS = frozenset(k for kinds in _CONTEXT_OF.values() for k in kinds)
+
+
+def _context(ev: Event, said: list[Event]) -> dict[str, Any] | None:
+    """For a refused ``gvisor`` event: the self-reported event nearest in time (within 2 s)
+    that names its arguments (the audit hook writes before the call; the two clocks start a
+    few milliseconds apart, so order alone cannot pair them)."""
+    if ev.source != "gvisor" or ev.action != "denied":
+        return None
+    kinds = _CONTEXT_OF.get(ev.kind, ())
+    near = [e for e in said if e.kind in kinds and abs(e.t - ev.t) <= 2.0]
+    if not near:
+        return None
+    best = min(near, key=lambda e: abs(e.t - ev.t))
+    detail = {k: _printable(str(v), 300) for k, v in list(best.detail.items())[:6]}
+    return {"source": "self_reported", "event": best.id, "kind": best.kind, **detail}
+
+
 def analyse(events: list[Event], status: P.Status | None) -> Monitoring:
     """Findings for parsed events plus the supervisor's counts."""
     status = status or P.Status()
@@ -349,9 +391,10 @@ def analyse(events: list[Event], status: P.Status | None) -> Monitoring:
     truncated = status.truncated
     out = _Findings()
     code_ran = False  # a HIGH self-reported event was seen: later ones may be forged
+    said = [e for e in events if e.source == "self_reported" and e.kind in _CONTEXT_KINDS]
     for ev in events:
-        if ev.source == "kernel":
-            _judge(ev, canaries, set(files), out)
+        if ev.source in EVIDENCE_SOURCES:
+            _judge(ev, canaries, set(files), out, _context(ev, said))
         elif ev.source == "self_reported":
             code_ran = _judge_self(ev, out, code_ran) or code_ran
     mon.findings = _after_probe(out.result())
@@ -362,7 +405,8 @@ def analyse(events: list[Event], status: P.Status | None) -> Monitoring:
         mon.findings.append(Finding(rule="event-log-truncated", severity=Severity.LOW,
                                     category="monitor", message="more events than the log keeps",
                                     evidence={"counts": dict(sorted(mon.counts.items())[:100])}))
-    if status.result is not None and not status.kernel_monitor:
+    if status.result is not None and not status.kernel_monitor and \
+            not any(e.source == "gvisor" for e in events):
         mon.notes.append("kernel monitoring was not active for this load")
     return mon
 
@@ -391,17 +435,89 @@ def _scan_outputs(outputs: dict[str, int], canaries: dict[str, str]) -> list[Fin
 
 
 def read(events: bytes, status: P.Status | None, outputs: dict[str, int],
-         dropped: int = 0) -> Monitoring:
+         dropped: int = 0, *, trace: Trace | None = None,
+         allow_read: tuple[str, ...] = ()) -> Monitoring:
     """Everything monitoring found for one load: the streamed events, the status, and a search
-    of the outputs for planted credentials."""
+    of the outputs for planted credentials. ``trace``: under gVisor, the sentry's trace of the
+    sandbox (its events join the supervisor's in time order, numbered afresh)."""
     parsed: list[Event] = []
     rejected = 0
     if events:
         parsed, rejected = parse_events(events)
+    trace_findings: list[Finding] = []
+    trace_notes: list[str] = []
+    if trace is not None:
+        parsed, trace_findings, trace_notes = _with_trace(parsed, trace, status, allow_read)
     mon = analyse(parsed, status)
+    mon.findings += trace_findings
+    mon.notes += trace_notes
     if dropped:
         mon.notes.append(f"{dropped} events past the {P.MAX_EVENTS_BYTES} byte cap were dropped")
     if rejected:
         mon.notes.append(f"{rejected} malformed event lines were ignored")
     mon.findings += _scan_outputs(outputs, dict(status.canaries) if status else {})
     return mon
+
+
+def _with_trace(events: list[Event], trace: Trace, status: P.Status | None,
+                allow_read: tuple[str, ...]) -> tuple[list[Event], list[Finding], list[str]]:
+    """The supervisor's events and gVisor's, in time order and numbered afresh; findings about
+    the trace itself (missing, broken lines, flooded, truncated)."""
+    from ._gvisor import MAX_LOG_BYTES, to_events
+
+    files = frozenset(status.canary_files) if status is not None else frozenset()
+    mine = to_events(trace, canary_files=files, allow_read=allow_read)
+    merged = sorted(events + mine, key=lambda e: (e.t, e.source != "self_reported", e.id))
+    events = [Event(id=i, t=e.t, source=e.source, kind=e.kind, detail=e.detail, action=e.action)
+              for i, e in enumerate(merged, 1)]
+    findings: list[Finding] = []
+    notes = [f"kernel-level evidence: gVisor's trace of the sandbox (runsc --strace, read by "
+             f"the host): {len(mine)} events from {trace.bytes_read:,} bytes"]
+    loaded = status is not None and status.result is not None
+    if loaded and not (trace.found and trace.started):
+        why = "was not found" if not trace.found else \
+            "never showed the loader's filter going in"
+        findings.append(Finding(
+            rule="monitor-lost", severity=Severity.HIGH, category="evasion",
+            message=f"the monitor was lost: gVisor's trace of this sandbox {why}; evidence may "
+                    "be missing",
+            evidence={"trace": trace.path or "none", "found": trace.found,
+                      "started": trace.started}))
+    if trace.anomalies:
+        findings.append(Finding(
+            rule="trace-anomaly", severity=Severity.HIGH, category="evasion",
+            message="gVisor's trace of the load holds lines that do not read as whole system "
+                    "calls (a line break in a path or a thread name): a call may be hidden",
+            evidence={"lines": trace.anomalies[:10], "count": trace.counts.get("anomaly", 0)}))
+    if trace.flooded:
+        findings.append(Finding(
+            rule="trace-flood", severity=Severity.HIGH, category="evasion",
+            message=f"the load made so many traced calls that gVisor's trace outgrew "
+                    f"{MAX_LOG_BYTES // 2**20} MiB; the sandbox was stopped",
+            evidence={"limit_bytes": MAX_LOG_BYTES}))
+    if trace.dropped or trace.truncated:
+        notes.append("gVisor's trace held more than the report keeps; exact counts: " +
+                     ", ".join(f"{k}={v}" for k, v in sorted(trace.counts.items())[:40]))
+        findings.append(Finding(rule="event-log-truncated", severity=Severity.LOW,
+                                category="monitor", message="more events than the log keeps",
+                                evidence={"counts": dict(sorted(trace.counts.items())[:100]),
+                                          "read_bytes": trace.bytes_read,
+                                          "truncated": trace.truncated}))
+        denied = {k.rpartition(":")[0]: v for k, v in trace.counts.items()
+                  if k.endswith(":denied")}
+        kept: dict[str, int] = {}
+        for e in mine:
+            if e.action == "denied":
+                kept[e.kind] = kept.get(e.kind, 0) + 1
+        missing = {k: n - kept.get(k, 0) for k, n in denied.items() if n > kept.get(k, 0)}
+        if missing:
+            categories = {P.event_category(k, {}) for k in missing}
+            findings.append(Finding(
+                rule="refusals-not-logged",
+                severity=Severity.CRITICAL if categories & {"exec", "network"} else Severity.HIGH,
+                category="monitor",
+                message="the load made refused calls beyond what the event log keeps: "
+                        + ", ".join(f"{n} {k}" for k, n in sorted(missing.items())[:8]),
+                evidence={"refused": dict(sorted(missing.items())[:50]),
+                          "categories": sorted(categories)}))
+    return events, findings, notes

@@ -336,7 +336,7 @@ def origins(report: LoadReport) -> dict[int, tuple[str, int]]:
         name = _global_name(ev)
         if name is not None and (name in flagged or name.split(".")[0] not in _TRUSTED_TOP):
             last = (name, ev.id)
-        elif ev.source == "kernel" and last is not None:
+        elif ev.source in ("kernel", "gvisor") and last is not None:
             out[ev.id] = last
     return out
 

@@ -30,6 +30,8 @@ from .policy import Policy, seccomp_profile
 if TYPE_CHECKING:
     import docker
 
+    from . import _gvisor
+
 LABEL = "org.model-sandbox"
 OWNER_LABEL = "org.model-sandbox.owner"  # "<host>:<pid>" of the process that created it
 _LOG_LIMIT = 64 * 1024
@@ -154,6 +156,8 @@ class RunResult:
     warm: bool = False  # the job went to a sandbox that was started before it
     runner: str = "docker"  # which runner ran it
     limits: dict[str, str] = field(default_factory=dict)  # limit -> what enforced it
+    runtime: str = "runc"  # the engine's runtime: runc, or runsc (gVisor)
+    trace: _gvisor.Trace | None = None  # under gVisor: what the host read of the sentry's trace
 
     def close(self) -> None:
         self.received.close()
@@ -189,11 +193,22 @@ class StartingRunner(Runner, Protocol):
 
 RUNNER_ENV = "MODEL_SANDBOX_RUNNER"
 RUNNERS = ("auto", "docker", "bwrap")
+RUNTIME_ENV = "MODEL_SANDBOX_RUNTIME"
+#: the Docker runner's runtimes: runc (the engine's default) or runsc (gVisor, opt-in)
+RUNTIMES = ("runc", "runsc")
 DOCKER_LIMITS = {"memory": "control group (Docker)", "pids": "control group (Docker)",
                  "cpus": "control group (Docker)",
                  "cpu_time": "supervisor (whole tree) and rlimit RLIMIT_CPU (loader)",
                  "file_size": "rlimit RLIMIT_FSIZE (loader)", "open_files": "rlimit (Docker)",
                  "tmp": "tmpfs size", "wall_clock": "supervisor and host"}
+# under gVisor the control group holds the whole sandbox (the sentry and the gofer); the
+# loader's processes are the sentry's tasks
+GVISOR_LIMITS = {**DOCKER_LIMITS,
+                 "memory": "control group (Docker), around the gVisor sandbox",
+                 "pids": "gVisor (the container's pids limit, enforced by the sentry)",
+                 "cpus": "control group (Docker), around the gVisor sandbox",
+                 "trace_log": "host (the sentry's log of the sandbox, at most "
+                              "256 MiB)"}
 
 
 def runner_kind(kind: str | None = None) -> str:
@@ -206,10 +221,28 @@ def runner_kind(kind: str | None = None) -> str:
     return value
 
 
-def make_runner(kind: str | None = None) -> StartingRunner:
+def runtime_kind(runtime: str | None = None) -> str:
+    """``runtime``, else ``$MODEL_SANDBOX_RUNTIME``, else ``runc``; validated."""
+    value = (runtime or os.environ.get(RUNTIME_ENV, "") or "runc").strip().lower()
+    if value not in RUNTIMES:
+        from .errors import PolicyError
+
+        raise PolicyError(f"unknown runtime {value!r}: expected one of {', '.join(RUNTIMES)}")
+    return value
+
+
+def make_runner(kind: str | None = None, *, runtime: str | None = None) -> StartingRunner:
     """The runner ``kind`` names (see :func:`runner_kind`). ``auto``: Docker when an engine
-    answers, else bubblewrap."""
+    answers, else bubblewrap. ``runtime`` (see :func:`runtime_kind`): ``runsc`` runs the Docker
+    runner's sandboxes under gVisor (``auto`` then means Docker; bwrap has no runtimes)."""
     value = runner_kind(kind)
+    if runtime_kind(runtime) == "runsc":
+        if value == "bwrap":
+            from .errors import PolicyError
+
+            raise PolicyError("--runtime runsc (gVisor) is a runtime of the Docker engine: it "
+                              "needs the Docker runner (--runner docker or auto), not bwrap")
+        return DockerRunner(runtime="runsc")
     if value == "auto":
         try:
             client = connect()
@@ -232,9 +265,24 @@ class DockerRunner:
     name = "docker"
 
     def __init__(self, client: docker.DockerClient | None = None, *,
-                 poll_s: float = 0.1) -> None:
+                 poll_s: float = 0.1, runtime: str = "runc") -> None:
         self._client = client
         self.poll_s = poll_s
+        self.runtime = runtime_kind(runtime)
+        self._trace_dir: str | None = None
+
+    def trace_dir(self) -> str:
+        """Under gVisor: the directory where the engine's runtime logs its trace (checked once:
+        the runtime must be registered with the flags the evidence needs)."""
+        if self._trace_dir is None:
+            from . import _gvisor
+
+            try:
+                runtimes = self.client.info().get("Runtimes") or {}
+            except Exception as exc:
+                raise _engine_error("ask the engine for its runtimes", exc) from None
+            self._trace_dir = _gvisor.check_runtime(runtimes)
+        return self._trace_dir
 
     @property
     def client(self) -> docker.DockerClient:
@@ -314,11 +362,21 @@ class DockerRunner:
         import docker.errors
 
         _refuse_remote_engine(self.client)
+        trace_dir = self.trace_dir() if self.runtime == "runsc" else None
         channel = Channel()
         kwargs = spec.docker_kwargs(channel.directory)
         if not prepare:
             kwargs["command"] = [P.COLD]
+        if trace_dir is not None:  # gVisor: the loader's filter refuses; the trace is evidence
+            from . import _gvisor
+
+            kwargs["runtime"] = _gvisor.ENGINE_RUNTIME
+            kwargs["command"] = [*kwargs["command"], P.PLAIN_FILTER]
+            kwargs["security_opt"] = [f"seccomp={_gvisor.profile(spec.seccomp)}"
+                                      if o.startswith("seccomp=") else o
+                                      for o in kwargs["security_opt"]]
         kwargs["labels"] = {**kwargs["labels"], OWNER_LABEL: _owner()}
+        created = time.time()
         try:
             container = self.client.containers.create(**kwargs)
         except docker.errors.ImageNotFound:
@@ -328,11 +386,21 @@ class DockerRunner:
             channel.remove()
             raise _engine_error("create the sandbox container", exc) from None
         box = Sandbox(self, spec, container, channel)
+        if trace_dir is not None:
+            from . import _gvisor
+
+            box.watch = _gvisor.Watch(trace_dir, str(container.id), created,
+                                      lambda: _kill(container))
         try:
             container.start()
             container.reload()
             pid = int(container.attrs.get("State", {}).get("Pid") or 0)
-            box.hello = channel.accept(connect_s, expected_pid=pid or None)
+            expected: int | frozenset[int] | None = pid or None
+            if trace_dir is not None and pid:
+                from . import _gvisor
+
+                expected = frozenset({pid, *_gvisor.gofers(pid, str(container.id))})
+            box.hello = channel.accept(connect_s, expected_pid=expected)
         except BaseException as exc:
             box.discard(keep_logs=True)
             if isinstance(exc, docker.errors.DockerException):
@@ -363,6 +431,7 @@ class Sandbox:
         self.started = time.monotonic()
         self.logs = b""
         self.used = False
+        self.watch: _gvisor.Watch | None = None  # under gVisor: the sentry's log of this sandbox
 
     def alive(self) -> bool:
         """The supervisor still holds its end (a warm sandbox that died is not handed out)."""
@@ -373,7 +442,11 @@ class Sandbox:
 
         assert not self.used, "a sandbox runs one job"
         self.used = True
-        result = RunResult(exit_code=None, runner="docker", limits=dict(DOCKER_LIMITS))
+        result = RunResult(exit_code=None, runner="docker", limits=dict(DOCKER_LIMITS),
+                           runtime=self.runner.runtime)
+        if self.watch is not None:
+            result.limits = dict(GVISOR_LIMITS)
+            self.watch.start()
         start = time.monotonic()
         try:
             self.channel.send_job(job.config, job.input_fd)
@@ -395,6 +468,8 @@ class Sandbox:
             result.oom_killed = bool(state.get("OOMKilled"))
             if result.exit_code != 0 or not result.received.completed:
                 result.logs = _bounded_logs(self.container)
+            if self.watch is not None:
+                result.trace = self._trace()
         except docker.errors.DockerException as exc:
             result.close()
             raise _engine_error("run the sandbox", exc) from None
@@ -406,12 +481,32 @@ class Sandbox:
             self.discard(background=True)
         return result
 
+    def _trace(self) -> _gvisor.Trace:
+        """The sentry's trace of this sandbox, read once the container has exited (every line
+        is written by then), then removed from the host."""
+        from . import _gvisor
+
+        assert self.watch is not None
+        self.watch.stop()
+        trace = _gvisor.read_trace(self.watch.locate())
+        trace.flooded = self.watch.flooded
+        if os.environ.get("MODEL_SANDBOX_KEEP_TRACE", "") != "1":  # kept to debug, or to study
+            _gvisor.remove(trace.path)
+        return trace
+
     def discard(self, *, keep_logs: bool = False, background: bool = False) -> None:
         """Close the channel (the supervisor exits when it sees that) and remove the container.
         ``background``: the removal runs in a (non-daemon) thread, so the caller does not wait
         for the engine, yet the interpreter does not exit before it is done."""
+        unused = not self.used
         self.used = True
         self.channel.remove()
+        if self.watch is not None:
+            self.watch.stop()
+            if unused:  # a warm sandbox never used: its trace is of no load
+                from . import _gvisor
+
+                _gvisor.remove(self.watch.locate())
         if keep_logs:
             self.logs = _bounded_logs(self.container)
         if background:

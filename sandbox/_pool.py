@@ -65,6 +65,7 @@ class Pool:
         # a runner, or its name ("docker", "bwrap", "auto"); None: $MODEL_SANDBOX_RUNNER or auto
         self._runner: _launch.StartingRunner | None = None if isinstance(runner, str) else runner
         self._runner_kind = runner if isinstance(runner, str) else None
+        self._runtime = getattr(runner, "runtime", None)  # the default pool's key, with the kind
         if self._runner_kind is not None:
             _launch.runner_kind(self._runner_kind)  # validated now, chosen on first use
         self._spec: _launch.ContainerSpec | None = None
@@ -289,12 +290,14 @@ def default_runner() -> _launch.Runner:
     global _default
     if os.environ.get("MODEL_SANDBOX_WARM", "1").strip().lower() in ("0", "false", "no", "off"):
         return _launch.make_runner()
-    kind = _launch.runner_kind()
+    kind, runtime = _launch.runner_kind(), _launch.runtime_kind()
     with _default_lock:
-        if _default is None or _default._closed or _default._runner_kind != kind:
+        if _default is None or _default._closed or _default._runner_kind != kind or \
+                _default._runtime != runtime:
             if _default is not None and not _default._closed:
                 _default.close()
             _default = Pool(size=1, runner=kind)
+            _default._runtime = runtime
         return _default
 
 

@@ -94,8 +94,15 @@ RULES: dict[str, Rule] = {r.id: r for r in (
          "the sandbox's reading of a plain state dict's pickle and the host's reading of the "
          'archive describe different tensors'),
     Rule('monitor-lost', Severity.HIGH, 'dynamic',
-         'the supervisor did not complete, the engine reported a failure, or the channel was '
-         'abused: evidence may be missing (verdict error unless other high evidence)'),
+         'the supervisor did not complete, the engine reported a failure, the channel was '
+         "abused, or (gVisor) the sentry's trace is missing: evidence may be missing (verdict "
+         'error unless other high evidence)'),
+    Rule('trace-anomaly', Severity.HIGH, 'dynamic',
+         "under gVisor: the sentry's trace holds lines that do not read as whole system calls "
+         '(a line break in a path or a thread name): a call may be hidden'),
+    Rule('trace-flood', Severity.HIGH, 'dynamic',
+         "under gVisor: the sentry's trace of the load outgrew its cap and the sandbox was "
+         'stopped'),
     Rule('unrepresentable-object', Severity.INFO, 'dynamic',
          'an object that is not data was replaced by a placeholder'),
     Rule('limit-cpu', Severity.MEDIUM, 'dynamic',

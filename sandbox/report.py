@@ -62,7 +62,8 @@ class Verdict(enum.Enum):
 @dataclass(frozen=True)
 class Event:
     """One observed action. ``source`` is ``kernel`` (seccomp notification, trustworthy),
-    ``engine`` (container engine facts) or ``self_reported`` (inside the loader; may be forged)."""
+    ``gvisor`` (gVisor's trace of the sandbox, read by the host: trustworthy), ``engine``
+    (container engine facts) or ``self_reported`` (inside the loader; may be forged)."""
 
     id: int
     t: float
@@ -172,7 +173,9 @@ class LoadReport:
         if self.duration_s is not None:
             facts.append(f"{self.duration_s:.2f} s")
         if self.tool.get("runner"):
-            facts.append(f"runner {c(str(self.tool['runner']), 20)}")
+            runtime = self.tool.get("runtime")
+            facts.append(f"runner {c(str(self.tool['runner']), 20)}" +
+                         (f" ({c(str(runtime), 20)})" if runtime and runtime != "runc" else ""))
         if facts:
             lines.append("  " + ", ".join(facts))
         if self.error:
