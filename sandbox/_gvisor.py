@@ -133,6 +133,14 @@ def profile(seccomp_json: str) -> str:
     return json.dumps(doc)
 
 
+def host_pids(pids: int) -> int:
+    """The control group's pids limit around a gVisor sandbox of ``pids`` tasks: with the ptrace
+    platform the sentry, the gofer and every task's stub are host threads and processes (at the
+    default 64 the full torch loader made the sentry panic: "error initializing first thread:
+    resource temporarily unavailable")."""
+    return max(256, 8 * pids)
+
+
 def gofers(sandbox_pid: int, container_id: str) -> list[int]:
     """Host pids of the gofer of ``container_id``: under gVisor the sandbox's connection to a
     host socket (our channel) is made by its gofer, a sibling of the sandbox process (same
@@ -372,44 +380,49 @@ def parse(data: bytes, trace: Trace | None = None) -> Trace:
                                 name=_NAMES.get(nr, f"syscall_{nr}"), action="denied"))
             continue
         in_trace_line = True
-        call = _split_call(rest)
-        if call is None:
+        calls = _split_calls(rest)
+        if not calls:
             if t0 is not None and pid != 1:
                 _anomaly(trace, "a trace line that does not read as a system call", raw)
             continue
-        direction, name, args = call
-        if direction != "X":
-            continue
-        result = _RESULT.search(args)
-        if result is None or cut:
-            if t0 is not None and pid != 1:
-                _anomaly(trace, "a returned call whose line is cut or broken", raw)
-            continue
-        arg_text = args[:result.start()]
-        ret = int(result.group(1))
-        err = int(result.group(2)) if result.group(2) else None
         if t0 is None:
-            # monitoring begins when the loader's own filter goes in: seccomp(SET_MODE_FILTER)
-            if name == "seccomp" and pid != 1 and arg_text.startswith("0x1, ") and ret == 0 \
-                    and err is None:
-                t0 = now
-                trace.started = True
+            # monitoring begins when the loader's own filter goes in: seccomp(SET_MODE_FILTER),
+            # returned 0 (no code of the file can run before it; the thread name is still ours)
+            if pid != 1 and len(calls) == 1 and not cut:
+                direction, name, args = calls[0]
+                result = _RESULT.search(args)
+                if direction == "X" and name == "seccomp" and result is not None and \
+                        args.startswith("0x1, ") and result.group(1) == "0" and \
+                        not result.group(2):
+                    t0 = now
+                    trace.started = True
             continue
         if pid == 1:
             continue  # the supervisor's own calls
-        _keep(trace, Record(t=round(max(now - t0, 0.0), 4), pid=pid, tid=tid, name=name,
-                            action="returned", args=arg_text, ret=ret, errno=err))
+        read = False
+        for direction, name, args in calls:
+            result = _RESULT.search(args)
+            if result is None or cut:
+                continue
+            read = True
+            if direction != "X":
+                continue
+            _keep(trace, Record(t=round(max(now - t0, 0.0), 4), pid=pid, tid=tid, name=name,
+                                action="returned", args=args[:result.start()],
+                                ret=int(result.group(1)),
+                                errno=int(result.group(2)) if result.group(2) else None))
+        if not read and any(d == "X" for d, _, _ in calls):
+            _anomaly(trace, "a returned call whose line is cut or broken", raw)
     return trace
 
 
-def _split_call(rest: str) -> tuple[str, str, str] | None:
-    """(E or X, name, everything after the opening parenthesis). The thread name before it is
-    the payload's to choose (up to 15 bytes): the first `` E name(``/`` X name(`` within 16
-    characters of a name gVisor traces is taken."""
-    for m in _CALL.finditer(rest[:40]):
-        if m.start() <= 16 and m.group(2) in _TRACED_NAMES:
-            return m.group(1), m.group(2), rest[m.end():]
-    return None
+def _split_calls(rest: str) -> list[tuple[str, str, str]]:
+    """Every reading of ``rest`` as (E or X, name, what follows the opening parenthesis). The
+    thread name before the call is the payload's to choose (up to 15 bytes, spaces allowed),
+    so it may itself look like `` X seccomp(``: every `` E name(``/`` X name(`` of a traced
+    call that starts within the thread name's reach is a candidate, and each is kept."""
+    return [(m.group(1), m.group(2), rest[m.end():]) for m in _CALL.finditer(rest[:64])
+            if m.start() <= 20 and m.group(2) in _TRACED_NAMES]
 
 
 _TRACED_NAMES = frozenset(TRACED) | {"openat2", "clone3", "fchmodat2"}

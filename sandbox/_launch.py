@@ -205,7 +205,8 @@ DOCKER_LIMITS = {"memory": "control group (Docker)", "pids": "control group (Doc
 # loader's processes are the sentry's tasks
 GVISOR_LIMITS = {**DOCKER_LIMITS,
                  "memory": "control group (Docker), around the gVisor sandbox",
-                 "pids": "gVisor (the container's pids limit, enforced by the sentry)",
+                 "pids": "rlimit RLIMIT_NPROC inside gVisor (set by the supervisor); the "
+                         "control group around the sandbox counts its host threads",
                  "cpus": "control group (Docker), around the gVisor sandbox",
                  "trace_log": "host (the sentry's log of the sandbox, at most "
                               "256 MiB)"}
@@ -375,6 +376,10 @@ class DockerRunner:
             kwargs["security_opt"] = [f"seccomp={_gvisor.profile(spec.seccomp)}"
                                       if o.startswith("seccomp=") else o
                                       for o in kwargs["security_opt"]]
+            # the ptrace platform backs every task of the sandbox with host threads, which the
+            # control group counts: the sandbox's own count is RLIMIT_NPROC, set inside it
+            kwargs["pids_limit"] = _gvisor.host_pids(spec.pids)
+            kwargs["command"] = [*kwargs["command"], f"{P.NPROC}{spec.pids}"]
         kwargs["labels"] = {**kwargs["labels"], OWNER_LABEL: _owner()}
         created = time.time()
         try:
