@@ -218,6 +218,22 @@ def test_a_fork_is_refused_and_recorded(tmp_path: Path, runsc: _launch.DockerRun
         ["denied"]
 
 
+def test_threads_are_capped_inside_gvisor(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
+    # the sandbox's own count is RLIMIT_NPROC (the control group's, raised for the ptrace
+    # platform's host threads, is not what holds the payload)
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(
+        "import threading\nev = threading.Event()\nresult = 0\n"
+        "try:\n"
+        "    for _ in range(200):\n"
+        "        threading.Thread(target=ev.wait, daemon=True).start()\n"
+        "        result += 1\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "ev.set()")), tmp_path / "threads.pt")
+    obj = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy(), runner=runsc)
+    assert 0 < obj["payload"] < sandbox.Policy.default().limits.pids
+
+
 # -- attacks on the evidence itself ------------------------------------------------------------------
 
 FORGED = [
