@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._syscalls import X86_64
 from ._worker import _protocol as P
 from .errors import EngineUnavailable
 from .report import Event
@@ -271,26 +272,9 @@ _MODE = r"(?:[A-Z_]+\|)*0o[0-7]+"  # e.g. 0o644, S_ISVTX|0o0
 _ADDR = re.compile(r", (0x[0-9a-f]+) ")
 _DIRFD = re.compile(r"^(AT_FDCWD|0x[0-9a-f]+) ")
 
-_NAMES = {nr: name for name, nr in (
-    ("read", 0), ("write", 1), ("open", 2), ("mprotect", 10), ("ioctl", 16), ("socket", 41),
-    ("connect", 42), ("accept", 43), ("sendto", 44), ("recvfrom", 45), ("sendmsg", 46),
-    ("bind", 49), ("listen", 50), ("socketpair", 53), ("clone", 56), ("fork", 57), ("vfork", 58),
-    ("execve", 59), ("kill", 62), ("rename", 82), ("creat", 85), ("link", 86), ("unlink", 87),
-    ("symlink", 88), ("chmod", 90), ("fchmod", 91), ("ptrace", 101), ("setuid", 105),
-    ("setgid", 106), ("setreuid", 113), ("setregid", 114), ("setgroups", 116),
-    ("setresuid", 117), ("setresgid", 119), ("setfsuid", 122), ("setfsgid", 123),
-    ("rt_sigqueueinfo", 129), ("pivot_root", 155), ("prctl", 157), ("chroot", 161),
-    ("mount", 165), ("umount2", 166), ("tkill", 200), ("tgkill", 234), ("add_key", 248),
-    ("request_key", 249), ("keyctl", 250), ("openat", 257), ("unlinkat", 263),
-    ("renameat", 264), ("linkat", 265), ("symlinkat", 266), ("fchmodat", 268), ("unshare", 272),
-    ("accept4", 288), ("rt_tgsigqueueinfo", 297), ("perf_event_open", 298), ("sendmmsg", 307),
-    ("setns", 308), ("process_vm_readv", 310), ("process_vm_writev", 311), ("renameat2", 316),
-    ("seccomp", 317), ("memfd_create", 319), ("bpf", 321), ("execveat", 322),
-    ("userfaultfd", 323), ("pkey_mprotect", 329), ("pidfd_send_signal", 424),
-    ("io_uring_setup", 425), ("clone3", 435), ("pidfd_open", 434), ("openat2", 437),
-    ("pidfd_getfd", 438), ("fchmodat2", 452))}
-_PATH_CALLS = {"unlink": 1, "rename": 2, "link": 2, "symlink": 2, "chmod": 1, "unlinkat": 1,
-               "renameat": 2, "renameat2": 2, "linkat": 2, "symlinkat": 2, "fchmodat": 1}
+_NAMES = {nr: name for name, nr in X86_64.items()}  # a refused call's number -> name
+_PATH_CALLS = frozenset({"unlink", "rename", "link", "symlink", "chmod", "unlinkat", "renameat",
+                         "renameat2", "linkat", "symlinkat", "fchmodat"})
 _WRITE_FLAGS = frozenset({"O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND", "O_TMPFILE"})
 
 

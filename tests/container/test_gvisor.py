@@ -117,6 +117,25 @@ def test_a_plain_state_dict_converts_through_the_cli(tmp_path: Path,
     assert_same(dict(sorted(load_file(dst).items())), dict(sorted(sd.items())))
 
 
+def test_the_environment_chooses_gvisor_for_the_module_level_functions(
+        tmp_path: Path, runsc: _launch.DockerRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the process-wide warm pool follows MODEL_SANDBOX_RUNTIME; a warm gVisor sandbox serves a
+    # job, and the warm sandbox it refills is discarded (its trace removed) at the end
+    monkeypatch.setenv(_launch.RUNTIME_ENV, "runsc")
+    monkeypatch.setenv(_launch.RUNNER_ENV, "docker")
+    path = ck.save(ck.nested_checkpoint(), tmp_path / "nested.pt")
+    first = sandbox.scan(path)
+    second = sandbox.scan(path)
+    for report in (first, second):
+        assert report.tool["runtime"] == "runsc" and report.verdict is Verdict.CLEAN
+    assert second.resources.get("warm") is True
+    from sandbox import _pool
+
+    _pool._close_all()
+    assert not [n for n in os.listdir(_gvisor.LOG_DIR) if n.endswith(".boot.txt")] or \
+        os.environ.get("MODEL_SANDBOX_KEEP_TRACE") == "1"
+
+
 def test_the_payload_really_runs_inside_gvisor(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
     # the payload reads the kernel's version: gVisor's sentry answers with its own
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(
