@@ -38,7 +38,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,13 +315,14 @@ def _seconds(m: re.Match[bytes]) -> float:
     return h * 3600 + mi * 60 + s + us / 1e6
 
 
-def parse(data: bytes, trace: Trace | None = None) -> Trace:
-    """The evidence in the bytes of a sentry's log (see the module docstring)."""
+def parse(data: bytes | Iterable[bytes], trace: Trace | None = None) -> Trace:
+    """The evidence in a sentry's log: its bytes, or its lines without their newlines (see the
+    module docstring)."""
     trace = trace or Trace()
     t0: float | None = None
     day = 0.0  # glog has no year and no date change marker: times wrap at midnight
     prev: float | None = None
-    for raw in data.split(b"\n"):
+    for raw in data.split(b"\n") if isinstance(data, bytes) else data:
         trace.lines += 1
         if not raw:
             continue
@@ -427,7 +428,8 @@ def _keep(trace: Trace, record: Record) -> None:
 
 
 def read_trace(path: str | None, trace: Trace | None = None) -> Trace:
-    """Read (at most :data:`MAX_READ_BYTES` of) the log at ``path`` and parse it."""
+    """Read (at most :data:`MAX_READ_BYTES` of) the log at ``path``, a line at a time (no line
+    held beyond :data:`MAX_LINE`), and parse it."""
     trace = trace or Trace()
     trace.path = path
     if path is None:
@@ -436,24 +438,32 @@ def read_trace(path: str | None, trace: Trace | None = None) -> Trace:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return trace
-    try:
-        size = os.fstat(fd).st_size
-        chunks = []
-        got = 0
-        while got < min(size, MAX_READ_BYTES):
-            chunk = os.pread(fd, min(1 << 20, MAX_READ_BYTES - got), got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-    except OSError:
-        return trace
-    finally:
-        os.close(fd)
-    trace.found = True
-    trace.bytes_read = got
-    trace.truncated = size > MAX_READ_BYTES
-    return parse(b"".join(chunks), trace)
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return trace
+            trace.found = True
+            parse(_lines(f, trace), trace)
+        except OSError:
+            pass
+    return trace
+
+
+def _lines(f: Any, trace: Trace) -> Iterator[bytes]:
+    """The lines of ``f`` without their newline, each cut at ``MAX_LINE + 1`` bytes (the rest of
+    a longer line is skipped), until :data:`MAX_READ_BYTES` have been read."""
+    while trace.bytes_read < MAX_READ_BYTES:
+        line = f.readline(MAX_LINE + 1)
+        if not line:
+            return
+        trace.bytes_read += len(line)
+        if not line.endswith(b"\n") and len(line) > MAX_LINE:
+            while (rest := f.readline(1 << 16)) and trace.bytes_read < MAX_READ_BYTES:
+                trace.bytes_read += len(rest)
+                if rest.endswith(b"\n"):
+                    break
+        yield line.rstrip(b"\n")
+    trace.truncated = bool(f.read(1))
 
 
 def remove(path: str | None) -> None:

@@ -226,9 +226,19 @@ def test_the_log_is_found_by_container_id_and_read_bounded(tmp_path: Path,
     (tmp_path / "runsc.log.y.boot.txt").symlink_to(mine)  # never followed
     assert _gvisor.find_log(str(tmp_path), CID, since=0) == str(mine)
     assert _gvisor.find_log(str(tmp_path), "not-an-id", since=0) is None
-    monkeypatch.setattr(_gvisor, "MAX_READ_BYTES", len(log(REAL_ARGS, REAL_START)) + 10)
+    monkeypatch.setattr(_gvisor, "MAX_READ_BYTES", len(log(REAL_ARGS)) + 10)  # and one line
     trace = _gvisor.read_trace(str(mine))
     assert trace.found and trace.started and trace.truncated
+
+
+def test_a_huge_line_is_cut_while_read_and_the_next_line_still_counts(tmp_path: Path) -> None:
+    huge = REAL_SHADOW.replace("/etc/shadow", "/tmp/" + "y" * 2**20 + "/../../etc/shadow")
+    path = tmp_path / "runsc.log.1.boot.txt"
+    path.write_bytes(log(REAL_ARGS, REAL_START, huge, REAL_CANARY))
+    trace = _gvisor.read_trace(str(path))
+    assert trace.anomalies and not trace.truncated
+    assert trace.bytes_read == path.stat().st_size
+    assert [r.args.split(", ")[1][-10:] for r in trace.records] == ["redentials"]
 
 
 def test_the_watch_stops_a_flooding_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
