@@ -228,7 +228,9 @@ def runtime_kind(runtime: str | None = None) -> str:
     if value not in RUNTIMES:
         from .errors import PolicyError
 
-        raise PolicyError(f"unknown runtime {value!r}: expected one of {', '.join(RUNTIMES)}")
+        err = PolicyError(f"unknown runtime {value!r}: expected one of {', '.join(RUNTIMES)}")
+        err.hint = f"--runtime runc or --runtime runsc (or unset ${RUNTIME_ENV})"
+        raise err
     return value
 
 
@@ -241,8 +243,10 @@ def make_runner(kind: str | None = None, *, runtime: str | None = None) -> Start
         if value == "bwrap":
             from .errors import PolicyError
 
-            raise PolicyError("--runtime runsc (gVisor) is a runtime of the Docker engine: it "
+            err = PolicyError("--runtime runsc (gVisor) is a runtime of the Docker engine: it "
                               "needs the Docker runner (--runner docker or auto), not bwrap")
+            err.hint = "drop --runner bwrap (or $MODEL_SANDBOX_RUNNER=bwrap), or --runtime runsc"
+            raise err
         return DockerRunner(runtime="runsc")
     if value == "auto":
         try:
