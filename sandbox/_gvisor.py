@@ -215,16 +215,25 @@ def _names_container(head: bytes, needle: bytes) -> bool:
 
 
 class Watch:
-    """Finds the sandbox's log once it exists and stops the sandbox (``kill``) when the log
-    grows past :data:`MAX_LOG_BYTES`: a flood of traced calls must not fill the host's disk."""
+    """Follows the sandbox's log while the load runs: stops the sandbox (``kill``) when the log
+    grows past :data:`MAX_LOG_BYTES` (a flood of traced calls must not fill the host's disk),
+    and calls ``on_fatal`` at the first refused call of a category in ``fatal`` (the policy's
+    ``events.fatal``: under runc the supervisor ends the load itself; here only the host sees the
+    refusals). Polls every ``poll_s``: the load ends within about that much of the refusal."""
 
     def __init__(self, log_dir: str, container_id: str, since: float,
-                 kill: Callable[[], None], poll_s: float = 0.25) -> None:
+                 kill: Callable[[], None], poll_s: float = 0.1) -> None:
         self.log_dir, self.container_id, self.since = log_dir, container_id, since
         self.kill = kill
         self.poll_s = poll_s
         self.path: str | None = None
         self.flooded = False
+        self.fatal: frozenset[str] = frozenset()
+        self.on_fatal: Callable[[dict[str, Any]], None] | None = None
+        self.stopped: dict[str, Any] | None = None
+        self._offset = 0
+        self._partial = b""
+        self._parser = _Parser(Trace())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -245,11 +254,33 @@ class Watch:
                 continue
             try:
                 size = os.stat(path).st_size
+                if self.fatal and self.stopped is None:
+                    self._follow(path, size)
             except OSError:
                 continue
             if size > MAX_LOG_BYTES:
                 self.flooded = True
                 self.kill()
+                return
+
+    def _follow(self, path: str, size: int) -> None:
+        """Parse what the log gained since the last poll (at most 4 MiB of it per poll)."""
+        with open(path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read(min(size - self._offset, 4 * 2**20)) if size > self._offset else b""
+        self._offset += len(chunk)
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()[: MAX_LINE + 1]
+        for raw in lines:
+            record = self._parser.feed(raw)
+            self._parser.trace.records.clear()  # only the verdict on each line is needed here
+            if record is None or record.action != "denied" or record.name in _BY_DESIGN:
+                continue
+            category = P.event_category(record.name, {})
+            if category in self.fatal:
+                self.stopped = {"kind": record.name, "category": category, "t": record.t}
+                if self.on_fatal is not None:
+                    self.on_fatal(self.stopped)
                 return
 
     def stop(self) -> None:
@@ -275,6 +306,7 @@ _DIRFD = re.compile(r"^(AT_FDCWD|0x[0-9a-f]+) ")
 _NAMES = {nr: name for name, nr in X86_64.items()}  # a refused call's number -> name
 _PATH_CALLS = frozenset({"unlink", "rename", "link", "symlink", "chmod", "unlinkat", "renameat",
                          "renameat2", "linkat", "symlinkat", "fchmodat"})
+_BY_DESIGN = frozenset({"clone3"})  # refused with ENOSYS so that libc falls back: not evidence
 _WRITE_FLAGS = frozenset({"O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND", "O_TMPFILE"})
 
 
@@ -318,14 +350,28 @@ def _seconds(m: re.Match[bytes]) -> float:
 def parse(data: bytes | Iterable[bytes], trace: Trace | None = None) -> Trace:
     """The evidence in a sentry's log: its bytes, or its lines without their newlines (see the
     module docstring)."""
-    trace = trace or Trace()
-    t0: float | None = None
-    day = 0.0  # glog has no year and no date change marker: times wrap at midnight
-    prev: float | None = None
+    parser = _Parser(trace or Trace())
     for raw in data.split(b"\n") if isinstance(data, bytes) else data:
+        parser.feed(raw)
+    return parser.trace
+
+
+class _Parser:
+    """Reads a sentry's log one line at a time (each line on its own: nothing a line says
+    changes how another is read, except the one line that starts monitoring)."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+        self.t0: float | None = None
+        self.day = 0.0  # glog has no date change marker: times wrap at midnight
+        self.prev: float | None = None
+
+    def feed(self, raw: bytes) -> Record | None:
+        """Take one line; returns the record it added, if any."""
+        trace, t0 = self.trace, self.t0
         trace.lines += 1
         if not raw:
-            continue
+            return None
         cut = len(raw) > MAX_LINE
         raw = raw[:MAX_LINE]
         head = _HEADER.match(raw)
@@ -336,38 +382,35 @@ def parse(data: bytes | Iterable[bytes], trace: Trace | None = None) -> Trace:
             if t0 is not None:
                 _anomaly(trace, "a line continued on the next one (a line break in a path or a "
                                 "thread name)", raw)
-            continue
+            return None
         now = _seconds(head)
-        if prev is not None and now + day < prev - 3600:
-            day += 86400.0
-        now += day
-        prev = now
+        if self.prev is not None and now + self.day < self.prev - 3600:
+            self.day += 86400.0
+        now += self.day
+        self.prev = now
         source = head.group(7)
         if source not in (b"strace.go", b"task_syscall.go"):
-            continue
+            return None
         text = raw[head.end():].decode("utf-8", "replace")
         task = _TASK.match(text)
         if task is None:
             if t0 is not None and source == b"strace.go":
                 _anomaly(trace, "a trace line without its task", raw)
-            continue
+            return None
         pid, tid = int(task.group(1)), int(task.group(2))
         rest = text[task.end():]
         if source == b"task_syscall.go":
             denied = _DENIED.match(rest)
-            if denied is None:
-                continue
-            if t0 is None or pid == 1:
-                continue
+            if denied is None or t0 is None or pid == 1:
+                return None
             nr = int(denied.group(1))
-            _keep(trace, Record(t=round(max(now - t0, 0.0), 4), pid=pid, tid=tid,
-                                name=_NAMES.get(nr, f"syscall_{nr}"), action="denied"))
-            continue
+            return _keep(trace, Record(t=round(max(now - t0, 0.0), 4), pid=pid, tid=tid,
+                                       name=_NAMES.get(nr, f"syscall_{nr}"), action="denied"))
         calls = _split_calls(rest)
         if not calls:
             if t0 is not None and pid != 1:
                 _anomaly(trace, "a trace line that does not read as a system call", raw)
-            continue
+            return None
         if t0 is None:
             # monitoring begins when the loader's own filter goes in: seccomp(SET_MODE_FILTER),
             # returned 0 (no code of the file can run before it; the thread name is still ours)
@@ -377,12 +420,13 @@ def parse(data: bytes | Iterable[bytes], trace: Trace | None = None) -> Trace:
                 if direction == "X" and name == "seccomp" and result is not None and \
                         args.startswith("0x1, ") and result.group(1) == "0" and \
                         not result.group(2):
-                    t0 = now
+                    self.t0 = now
                     trace.started = True
-            continue
+            return None
         if pid == 1:
-            continue  # the supervisor's own calls
+            return None  # the supervisor's own calls
         read = False
+        added = None
         for direction, name, args in calls:
             result = _RESULT.search(args)
             if result is None or cut:
@@ -390,13 +434,13 @@ def parse(data: bytes | Iterable[bytes], trace: Trace | None = None) -> Trace:
             read = True
             if direction != "X":
                 continue
-            _keep(trace, Record(t=round(max(now - t0, 0.0), 4), pid=pid, tid=tid, name=name,
-                                action="returned", args=args[:result.start()],
-                                ret=int(result.group(1)),
-                                errno=int(result.group(2)) if result.group(2) else None))
+            added = _keep(trace, Record(t=round(max(now - t0, 0.0), 4), pid=pid, tid=tid,
+                                        name=name, action="returned",
+                                        args=args[:result.start()], ret=int(result.group(1)),
+                                        errno=int(result.group(2)) if result.group(2) else None))
         if not read and any(d == "X" for d, _, _ in calls):
             _anomaly(trace, "a returned call whose line is cut or broken", raw)
-    return trace
+        return added
 
 
 def _split_calls(rest: str) -> list[tuple[str, str, str]]:
@@ -417,14 +461,15 @@ def _anomaly(trace: Trace, what: str, raw: bytes) -> None:
         trace.anomalies.append(f"{what}: {P.printable(raw.decode('utf-8', 'replace'), 300)}")
 
 
-def _keep(trace: Trace, record: Record) -> None:
+def _keep(trace: Trace, record: Record) -> Record:
     key = f"{record.name}:{record.action}"
     trace.counts[key] = trace.counts.get(key, 0) + 1
     cap = MAX_TRACE_EVENTS if record.action == "denied" else MAX_TRACE_EVENTS * 4 // 5
     if len(trace.records) >= cap:
         trace.dropped += 1
-        return
-    trace.records.append(record)
+    else:
+        trace.records.append(record)
+    return record
 
 
 def read_trace(path: str | None, trace: Trace | None = None) -> Trace:
@@ -607,7 +652,7 @@ def _record_event(r: Record, canary_files: frozenset[str],
                   quiet: tuple[str, ...]) -> tuple[str, dict[str, Any], str] | None:
     base: dict[str, Any] = {"pid": r.pid, "tid": r.tid}
     if r.action == "denied":
-        if r.name == "clone3":
+        if r.name in _BY_DESIGN:
             return None  # ENOSYS by design, for libc to fall back to clone (no event under runc)
         return r.name, {**base, "refused_by": "seccomp (the loader's filter)"}, "denied"
     if r.name in ("open", "openat", "creat"):

@@ -455,6 +455,8 @@ class Sandbox:
                            runtime=self.runner.runtime)
         if self.watch is not None:
             result.limits = dict(GVISOR_LIMITS)
+            self.watch.fatal = frozenset(job.config.fatal)
+            self.watch.on_fatal = self._stop_load
             self.watch.start()
         start = time.monotonic()
         try:
@@ -489,6 +491,15 @@ class Sandbox:
             result.duration_s = time.monotonic() - start
             self.discard(background=True)
         return result
+
+    def _stop_load(self, stopped: dict[str, Any]) -> None:
+        """Under gVisor: the policy ends the load at a refusal the host saw in the trace."""
+        conn = self.channel.conn
+        if conn is not None:
+            try:
+                conn.send(P.json_frame(P.STOP, stopped))
+            except OSError:
+                pass  # the supervisor is gone already: its status says how the load ended
 
     def _trace(self) -> _gvisor.Trace:
         """The sentry's trace of this sandbox, read once the container has exited (every line

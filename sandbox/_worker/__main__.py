@@ -541,6 +541,7 @@ class _Host:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.gone = False
+        self.stop: dict[str, Any] | None = None  # the host's STOP (gVisor: the policy's end)
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         if self.gone:
@@ -570,15 +571,25 @@ class _Host:
             self.send(P.frame(P.EVENTS, b"".join(batch)))
 
     def hung_up(self) -> bool:
-        """True when the host closed its end (or sent something it never sends mid-load)."""
+        """True when the host closed its end (or sent something it never sends mid-load). A
+        STOP (gVisor: the policy ends the load) is kept in :attr:`stop` instead."""
         if self.gone:
             return True
         try:
-            self.sock.recv(16, socket.MSG_DONTWAIT)
+            data = self.sock.recv(512, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:
-            pass
+            data = b""
+        if data[:1] == P.STOP and self.stop is None:
+            try:
+                doc = json.loads(data[1:])
+                t = float(doc["t"])
+                self.stop = {"kind": str(doc["kind"])[:40], "category": str(doc["category"])[:40],
+                             "t": round(t, 4) if 0 <= t < 1e7 else 0.0}
+                return False
+            except (ValueError, KeyError, TypeError):
+                pass
         self.gone = True  # EOF, an error, or an unexpected frame: the host is not waiting
         return True
 
@@ -798,6 +809,9 @@ class _Supervisor:
             ready = _seccomp.wait_readable(watch, resources.wait_s(time.monotonic(), 0.05))
             if host_fd in ready and self.host.hung_up():
                 break  # nobody is waiting for this load: end it now
+            if self.host.stop is not None:  # gVisor: the host saw a fatal refusal in the trace
+                self.status["stopped"] = self.host.stop
+                break
             if monitor and monitor.listener in ready and not monitor.serve():
                 monitor.close()
                 monitor = None

@@ -16,6 +16,8 @@ the socket file. Every message is one frame: a one-byte type and a payload of at
                                   (or, under gVisor, {..., "inline": true} and no fd, followed by
                                   CHUNK frames of exactly "size" bytes in all)
     supervisor -> host   CHUNK    raw bytes of the inline output announced last
+    host -> supervisor   STOP     {"kind", "category", "t"} -- under gVisor, where the host sees
+                                  the refusals (in gVisor's trace): the policy ends the load
     supervisor -> host   STATUS   how the loader ended, resource figures, canary values
     supervisor -> host   DONE     {} -- the supervisor completed; nothing follows
 
@@ -64,7 +66,8 @@ INPUT_FD = 1000                     # where the loader keeps the input descripto
 INPUT_ALIAS = "<input>"             # how events name an open of the input through /proc/self/fd
 
 HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE, CHUNK = b"H", b"J", b"E", b"O", b"S", b"D", b"C"
-FRAME_TYPES = frozenset({HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE, CHUNK})
+STOP = b"X"
+FRAME_TYPES = frozenset({HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE, CHUNK, STOP})
 FDS_OF = {JOB: 1, OUTPUT: 1}         # frames that carry descriptors, and how many; others none
 MAX_FRAME = 64 * 1024               # payload bytes; a larger frame is a protocol violation
 OUTPUT_NAMES = ("manifest", "tensors")

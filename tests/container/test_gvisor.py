@@ -253,6 +253,45 @@ def test_threads_are_capped_inside_gvisor(tmp_path: Path, runsc: _launch.DockerR
     assert 0 < obj["payload"] < sandbox.Policy.default().limits.pids
 
 
+def test_the_default_policy_ends_the_load_at_the_first_fatal_refusal(
+        tmp_path: Path, listener: Listener, runsc: _launch.DockerRunner) -> None:
+    # under gVisor the host sees the refusal in the trace and tells the supervisor to stop
+    # (within about a tenth of a second: the payload waits longer than that before its connect)
+    marker = tmp_path / "marker-fatal"
+    path = hostile(tmp_path, f"import os, socket, time\nos.system('touch {marker}')\n"
+                   "time.sleep(3)\n"
+                   f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)")
+    stopped = sandbox.scan(path, runner=runsc)
+    assert stopped.verdict is Verdict.MALICIOUS
+    assert gvisor(stopped, "execve") and not gvisor(stopped, "connect")
+    assert stopped.error is not None and "stopped by the policy" in stopped.error["message"]
+    assert any("ended the load" in n for n in stopped.notes)
+    everything = scan(path, runsc)
+    assert gvisor(everything, "execve") and gvisor(everything, "connect")
+    assert not marker.exists() and listener.connections == 0
+
+
+def test_the_policys_errno_is_the_plain_filters(tmp_path: Path,
+                                                runsc: _launch.DockerRunner) -> None:
+    import warnings
+
+    code = ("import socket\n"
+            "try:\n"
+            "    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
+            "    result = 'connected'\n"
+            "except OSError as exc:\n"
+            "    result = exc.errno\n")
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "errno.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        policy = sandbox.Policy.from_dict({
+            "name": "eacces", "description": "tests: refusals answer EACCES",
+            "fail_on": "never", "static": {"stop_before_sandbox": "never"},
+            "events": {"fatal": [], "errno": "EACCES"}})
+    obj = sandbox.safe_load(path, weights_only=False, policy=policy, runner=runsc)
+    assert obj["payload"] == 13  # EACCES, as under runc
+
+
 # -- attacks on the evidence itself ------------------------------------------------------------------
 
 FORGED = [

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,27 @@ def test_the_watch_stops_a_flooding_sandbox(tmp_path: Path, monkeypatch: pytest.
     assert killed and watch.flooded
 
 
+def test_the_watch_reports_the_first_fatal_refusal(tmp_path: Path) -> None:
+    path = tmp_path / "runsc.log.1.boot.txt"
+    path.write_bytes(log(REAL_ARGS, REAL_EXEC_DENIED))  # before the filter went in: not the load's
+    seen: list[dict[str, object]] = []
+    watch = _gvisor.Watch(str(tmp_path), CID, 0, lambda: None, poll_s=0.01)
+    watch.fatal = frozenset({"exec", "network"})
+    watch.on_fatal = seen.append
+    watch.start()
+    with path.open("ab") as f:
+        f.write(log(REAL_START, REAL_CLONE3_DENIED, REAL_SHADOW))  # neither is fatal
+        f.flush()
+        time.sleep(0.2)
+        assert not seen
+        f.write(log(REAL_CONNECT_DENIED, REAL_EXEC_DENIED))
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.02)
+    watch.stop()
+    assert seen == [{"kind": "connect", "category": "network", "t": pytest.approx(32.9, abs=0.1)}]
+
+
 # -- the engine's runtime ------------------------------------------------------------------------
 
 def test_the_runtime_check_names_what_to_add() -> None:
@@ -346,8 +368,6 @@ def test_inline_outputs_land_in_a_sealed_host_memfd() -> None:
     sup.send(P.json_frame(P.STATUS, {"protocol": P.PROTOCOL_VERSION}))
     sup.send(P.frame(P.DONE, b"{}"))
     sup.close()
-    import time
-
     got = ch.collect(time.monotonic() + 5, 10**6)
     assert got.completed and not got.violations
     fd = got.outputs["tensors"]
@@ -365,8 +385,6 @@ def test_inline_outputs_land_in_a_sealed_host_memfd() -> None:
     ([P.json_frame(P.OUTPUT, {"name": "tensors", "size": 10**7, "inline": True})], "cap"),
 ])
 def test_inline_outputs_are_checked_frame_by_frame(frames: list[bytes], why: str) -> None:
-    import time
-
     sup, ch = _pair()
     for f in frames:
         sup.send(f)
