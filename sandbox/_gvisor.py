@@ -18,7 +18,10 @@ sentry writes into its first line, reads it (bounded) and turns its lines into `
   (``self_reported``), which the report keeps apart.
 
 Monitoring starts at the loader's own ``seccomp(SECCOMP_SET_MODE_FILTER)`` (no code of the file
-can run before it); lines of thread group 1 (the supervisor) are not the load's.
+can run before it); lines of thread group 1 (the supervisor) are not the load's. While the load
+runs, :class:`Watch` follows the log: a log past :data:`MAX_LOG_BYTES` stops the sandbox, and the
+first refusal of a category the policy calls fatal makes the host send the supervisor a STOP
+frame (under runc the supervisor sees refusals itself and ends the load at once).
 
 The log is written by the sentry, not by the payload, but the payload chooses much of what is in
 it (paths, thread names), so it is read as untrusted data: bounded in bytes, lines and events;
