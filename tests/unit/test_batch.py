@@ -292,19 +292,6 @@ def test_pins_and_lock_refuse_before_opening(tmp_path: Path, monkeypatch: pytest
     assert r["new.pt"].reference == "hash-mismatch" and "new.pt" not in runner.inputs
 
 
-def test_lock_file_format(tmp_path: Path) -> None:
-    entries = [("a" * 64, "dir/x.pt"), ("b" * 64, "back\\slash\nnew.pt")]
-    text = _lock.render_lock(entries)
-    assert text.splitlines()[1] == f"{'a' * 64}  dir/x.pt"
-    assert text.splitlines()[2].startswith("\\")
-    pins = _lock.parse_lock(text, base=tmp_path)
-    assert pins[str(tmp_path / "dir" / "x.pt")] == "a" * 64
-    assert pins[str(tmp_path / "back\\slash\nnew.pt")] == "b" * 64
-    with pytest.raises(_lock.LockFileError, match="line 2"):
-        _lock.parse_lock("# c\nnot a line\n")
-    with pytest.raises(_lock.LockFileError, match="two different hashes"):
-        _lock.parse_lock(f"{'a' * 64}  x.pt\n{'b' * 64}  x.pt\n", base=tmp_path)
-
 
 class SweepingFake(Fake):
     def sweep(self) -> int:
