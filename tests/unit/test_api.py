@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import sandbox
-from sandbox._channel import Received, check_memfd
-from sandbox._extract import read_outputs, validate_manifest
+from sandbox._channel import check_memfd
 from sandbox._launch import ContainerSpec, Job, RunResult
 from sandbox._worker import _loader
 from sandbox._worker import _protocol as P
