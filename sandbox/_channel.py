@@ -39,7 +39,7 @@ class Received:
     events_dropped: int = 0
     outputs: dict[str, int] = field(default_factory=dict)  # name -> sealed memfd (owned here)
     completed: bool = False  # the supervisor's DONE frame arrived
-    closed: bool = False     # the supervisor's end closed (it exited)
+    closed: bool = False  # the supervisor's end closed (it exited)
     violations: list[str] = field(default_factory=list)
 
     def close(self) -> None:
@@ -79,7 +79,8 @@ class Channel:
         os.chmod(self.directory, 0o711)  # noqa: S103 - search only; the socket is the one entry
         self.path = os.path.join(self.directory, P.SOCKET_NAME)
         self.listener: socket.socket | None = socket.socket(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
         self.listener.bind(self.path)
         os.chmod(self.path, 0o666)  # noqa: S103 - the only way in is through the 0711 directory
         self.listener.listen(1)
@@ -95,13 +96,16 @@ class Channel:
             raise EngineError(f"the sandbox's supervisor did not connect within {timeout_s:g} s")
         conn, _ = self.listener.accept()
         self._stop_listening()
-        pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        pid, _uid, _gid = struct.unpack(
+            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
         self.peer_pid = pid
         if expected_pid and pid and pid != expected_pid and os.path.exists(f"/proc/{expected_pid}"):
             conn.close()
-            raise EngineError(f"the channel was reached by process {pid}, not the sandbox's "
-                              f"supervisor ({expected_pid}): refused")
+            raise EngineError(
+                f"the channel was reached by process {pid}, not the sandbox's "
+                f"supervisor ({expected_pid}): refused"
+            )
         self.conn = conn
         data, fds = self._recv(timeout_s)
         for fd in fds:
@@ -129,8 +133,7 @@ class Channel:
         if not ready:
             raise TimeoutError
         try:
-            data, fds, flags, _ = socket.recv_fds(self.conn, P.MAX_FRAME + 2, 4,
-                                                  socket.MSG_CMSG_CLOEXEC)
+            data, fds, flags, _ = socket.recv_fds(self.conn, P.MAX_FRAME + 2, 4, socket.MSG_CMSG_CLOEXEC)
         except OSError:
             return b"", []
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):

@@ -76,17 +76,18 @@ class ContainerSpec:
             "ipc_mode": "none",
             "privileged": False,
             "init": False,
-            "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={self.tmp_bytes}",
-                      # the canary home: fake credentials the supervisor plants for the loader
-                      P.CANARY_HOME: f"rw,noexec,nosuid,nodev,size=1m,uid={_image.SANDBOX_UID},"
-                                     f"gid={_image.SANDBOX_UID}"},
+            "tmpfs": {
+                "/tmp": f"rw,noexec,nosuid,nodev,size={self.tmp_bytes}",
+                # the canary home: fake credentials the supervisor plants for the loader
+                P.CANARY_HOME: f"rw,noexec,nosuid,nodev,size=1m,uid={_image.SANDBOX_UID},"
+                f"gid={_image.SANDBOX_UID}",
+            },
             "mounts": [Mount(P.CHANNEL_DIR, channel_dir, type="bind", read_only=True)],
             "mem_limit": self.memory_bytes,
             "memswap_limit": self.memory_bytes,
             "pids_limit": self.pids,
             "nano_cpus": self.nano_cpus,
-            "ulimits": [Ulimit(name="core", soft=0, hard=0),
-                        Ulimit(name="nofile", soft=1024, hard=1024)],
+            "ulimits": [Ulimit(name="core", soft=0, hard=0), Ulimit(name="nofile", soft=1024, hard=1024)],
             "log_config": LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
             "labels": dict(self.labels),
             "stop_signal": "SIGKILL",
@@ -97,8 +98,10 @@ def ordinary_hostname() -> str:
     """A hostname like a workstation's, different every time: no tell-tale fixed name."""
     import secrets
 
-    return f"{secrets.choice(('dev', 'ws', 'gpu', 'ml', 'lab', 'train'))}-" \
-           f"{secrets.choice(('box', 'node', 'host', 'srv', 'pc'))}{secrets.randbelow(90) + 10}"
+    return (
+        f"{secrets.choice(('dev', 'ws', 'gpu', 'ml', 'lab', 'train'))}-"
+        f"{secrets.choice(('box', 'node', 'host', 'srv', 'pc'))}{secrets.randbelow(90) + 10}"
+    )
 
 
 def make_spec(policy: Policy, *, image: str) -> ContainerSpec:
@@ -128,14 +131,21 @@ class Job:
         return self.config.max_output_bytes
 
 
-def make_job(policy: Policy, *, input_fd: int, input_size: int,
-             write_tensors: bool = True) -> Job:
+def make_job(policy: Policy, *, input_fd: int, input_size: int, write_tensors: bool = True) -> Job:
     lim, ev = policy.limits, policy.events
-    return Job(P.JobConfig(wall_clock_s=lim.wall_clock_s, cpu_s=lim.cpu_s,
-                           max_output_bytes=lim.output_bytes(input_size),
-                           write_tensors=write_tensors, fatal=tuple(ev.fatal),
-                           errno=ev.errno_number, allow_read=tuple(ev.allow_read),
-                           hash_input=input_size <= HASH_IN_SANDBOX_BYTES), input_fd)
+    return Job(
+        P.JobConfig(
+            wall_clock_s=lim.wall_clock_s,
+            cpu_s=lim.cpu_s,
+            max_output_bytes=lim.output_bytes(input_size),
+            write_tensors=write_tensors,
+            fatal=tuple(ev.fatal),
+            errno=ev.errno_number,
+            allow_read=tuple(ev.allow_read),
+            hash_input=input_size <= HASH_IN_SANDBOX_BYTES,
+        ),
+        input_fd,
+    )
 
 
 @dataclass
@@ -183,17 +193,21 @@ class StartingRunner(Runner, Protocol):
 
     name: str
 
-    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0,
-              prepare: bool = True) -> Box: ...
+    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0, prepare: bool = True) -> Box: ...
 
 
 RUNNER_ENV = "MODEL_SANDBOX_RUNNER"
 RUNNERS = ("auto", "docker", "bwrap")
-DOCKER_LIMITS = {"memory": "control group (Docker)", "pids": "control group (Docker)",
-                 "cpus": "control group (Docker)",
-                 "cpu_time": "supervisor (whole tree) and rlimit RLIMIT_CPU (loader)",
-                 "file_size": "rlimit RLIMIT_FSIZE (loader)", "open_files": "rlimit (Docker)",
-                 "tmp": "tmpfs size", "wall_clock": "supervisor and host"}
+DOCKER_LIMITS = {
+    "memory": "control group (Docker)",
+    "pids": "control group (Docker)",
+    "cpus": "control group (Docker)",
+    "cpu_time": "supervisor (whole tree) and rlimit RLIMIT_CPU (loader)",
+    "file_size": "rlimit RLIMIT_FSIZE (loader)",
+    "open_files": "rlimit (Docker)",
+    "tmp": "tmpfs size",
+    "wall_clock": "supervisor and host",
+}
 
 
 def runner_kind(kind: str | None = None) -> str:
@@ -231,8 +245,7 @@ class DockerRunner:
 
     name = "docker"
 
-    def __init__(self, client: docker.DockerClient | None = None, *,
-                 poll_s: float = 0.1) -> None:
+    def __init__(self, client: docker.DockerClient | None = None, *, poll_s: float = 0.1) -> None:
         self._client = client
         self.poll_s = poll_s
 
@@ -260,11 +273,16 @@ class DockerRunner:
         if found != digest:
             raise ImageMismatch(
                 f"the image {tag} was built from other worker code (digest {found[:16] or 'none'}, "
-                f"expected {digest[:16]})", tag=tag, expected=digest, found=found)
+                f"expected {digest[:16]})",
+                tag=tag,
+                expected=digest,
+                found=found,
+            )
         return tag
 
-    def build_image(self, *, force: bool = False,
-                    progress: Callable[[str], None] | None = None) -> tuple[str, float, int]:
+    def build_image(
+        self, *, force: bool = False, progress: Callable[[str], None] | None = None
+    ) -> tuple[str, float, int]:
         """Build the worker image offline. Returns (tag, seconds, size in bytes)."""
         import tempfile
 
@@ -297,16 +315,16 @@ class DockerRunner:
                 progress(f"importing {count} files ({tar_path.stat().st_size / 2**20:.0f} MiB)")
             repo, _, version = tag.partition(":")
             try:
-                self.client.api.import_image_from_file(str(tar_path), repository=repo,
-                                                       tag=version, changes=changes)
+                self.client.api.import_image_from_file(
+                    str(tar_path), repository=repo, tag=version, changes=changes
+                )
             except docker.errors.DockerException as exc:
                 raise EngineError(f"docker import failed: {exc}") from None
         img = self.client.images.get(tag)
         return tag, time.monotonic() - start, int(img.attrs.get("Size", 0))
 
     # -- containers ---------------------------------------------------------------------------
-    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0,
-              prepare: bool = True) -> Sandbox:
+    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0, prepare: bool = True) -> Sandbox:
         """Create and start one container for ``spec`` and wait until its supervisor connected
         and said hello: a sandbox ready for exactly one job. ``prepare=True`` (a warm sandbox
         for later) imports torch before the hello; ``False`` (the job is waiting now) leaves
@@ -338,8 +356,7 @@ class DockerRunner:
             if isinstance(exc, docker.errors.DockerException):
                 raise _engine_error("start the sandbox", exc) from None
             if isinstance(exc, EngineError) and box.logs:
-                raise EngineError(f"{exc.message}; its output: {printable_output(box.logs[-400:])}") \
-                    from None
+                raise EngineError(f"{exc.message}; its output: {printable_output(box.logs[-400:])}") from None
             raise
         return box
 
@@ -353,8 +370,7 @@ class Sandbox:
     job (:meth:`run`) or is discarded unused (:meth:`discard`); either way the container and its
     channel are removed."""
 
-    def __init__(self, runner: DockerRunner, spec: ContainerSpec, container: Any,
-                 channel: Channel) -> None:
+    def __init__(self, runner: DockerRunner, spec: ContainerSpec, container: Any, channel: Channel) -> None:
         self.runner = runner
         self.spec = spec
         self.container = container
@@ -415,8 +431,7 @@ class Sandbox:
         if keep_logs:
             self.logs = _bounded_logs(self.container)
         if background:
-            threading.Thread(target=_remove, args=(self.container,),
-                             name="model-sandbox-remove").start()
+            threading.Thread(target=_remove, args=(self.container,), name="model-sandbox-remove").start()
         else:
             _remove(self.container)
 
@@ -452,12 +467,14 @@ def _refuse_remote_engine(client: Any) -> None:
     """The channel is a socket in a host directory: the engine must share this filesystem."""
     host = os.environ.get("DOCKER_HOST", "")
     base = str(getattr(getattr(client, "api", None), "base_url", ""))
-    if host.startswith(("tcp://", "ssh://", "http://", "https://")) or \
-            (base.startswith(("http://", "https://")) and "localhost" not in base):
+    if host.startswith(("tcp://", "ssh://", "http://", "https://")) or (
+        base.startswith(("http://", "https://")) and "localhost" not in base
+    ):
         raise EngineUnavailable(
             f"the Docker engine at {host or base} is remote: model-sandbox hands files to the "
             "sandbox through a local socket, so it needs an engine on this machine (a local "
-            "or rootless dockerd)")
+            "or rootless dockerd)"
+        )
 
 
 def _kill(container: Any) -> None:
@@ -498,8 +515,7 @@ def _bounded_logs(container: Any) -> bytes:
 
 def _engine_error(doing: str, exc: Exception) -> EngineError:
     text = str(exc)
-    if "Connection" in type(exc).__name__ or "connection" in text.lower() or \
-            "No such file" in text:
+    if "Connection" in type(exc).__name__ or "connection" in text.lower() or "No such file" in text:
         return EngineUnavailable(f"lost the Docker engine while trying to {doing}: {text[:300]}")
     return EngineError(f"could not {doing}: {text[:500]}")
 

@@ -46,10 +46,8 @@ def play(obj: Any, fmt: str, loc: dict[int, str], write_tensors: bool) -> tuple[
     """(manifest, tensors) as the loader writes them."""
     t_fd, m_fd = P.memfd_create("t"), P.memfd_create("m")
     try:
-        _loader.write_outputs(obj, fmt, loc, tensors_fd=t_fd, manifest_fd=m_fd,
-                              tensors=write_tensors)
-        return (os.pread(m_fd, os.fstat(m_fd).st_size, 0),
-                os.pread(t_fd, os.fstat(t_fd).st_size, 0))
+        _loader.write_outputs(obj, fmt, loc, tensors_fd=t_fd, manifest_fd=m_fd, tensors=write_tensors)
+        return (os.pread(m_fd, os.fstat(m_fd).st_size, 0), os.pread(t_fd, os.fstat(t_fd).st_size, 0))
     finally:
         os.close(t_fd)
         os.close(m_fd)
@@ -58,8 +56,13 @@ def play(obj: Any, fmt: str, loc: dict[int, str], write_tensors: bool) -> tuple[
 class FakeRunner:
     """Does what the container does, in-process, then lets a test tamper with what is sent."""
 
-    def __init__(self, tamper: Callable[[Played, dict[str, Any]], None] | None = None,
-                 run_result: RunResult | None = None, *, layout: bool = False) -> None:
+    def __init__(
+        self,
+        tamper: Callable[[Played, dict[str, Any]], None] | None = None,
+        run_result: RunResult | None = None,
+        *,
+        layout: bool = False,
+    ) -> None:
         self.tamper = tamper
         self.run_result = run_result
         self.layout = layout  # play the layout hand-off for plain state dicts
@@ -75,9 +78,14 @@ class FakeRunner:
         source = _loader.Input(job.input_fd)
         digest, size = P.sha256_fd(job.input_fd)
         played = Played(os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}")))
-        status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": [],
-                                  "input_sha256": digest, "input_size": size, "exit_code": 0,
-                                  "wall_s": 0.1}
+        status: dict[str, Any] = {
+            "protocol": P.PROTOCOL_VERSION,
+            "env_keys": [],
+            "input_sha256": digest,
+            "input_size": size,
+            "exit_code": 0,
+            "wall_s": 0.1,
+        }
         layout = _loader.try_layout(source) if self.layout and job.config.layout else None
         try:
             if layout is not None:
@@ -91,8 +99,7 @@ class FakeRunner:
                 played.manifest, played.tensors = play(obj, fmt, loc, job.config.write_tensors)
                 status["result"] = {"ok": True, "format": fmt}
         except _loader.LoaderError as exc:
-            status["result"] = {"ok": False, "kind": exc.kind, "message": str(exc),
-                                "detected": exc.detected}
+            status["result"] = {"ok": False, "kind": exc.kind, "message": str(exc), "detected": exc.detected}
             status["exit_code"] = 3
         if self.tamper:
             self.tamper(played, status)
@@ -120,8 +127,10 @@ class Fake(FakeRunner):
             name = os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}"))
             self.inputs.append(name)
             if name.startswith("evil"):
+
                 def swap(out: Played, status: dict[str, Any]) -> None:
                     status["input_sha256"] = "f" * 64
+
                 self.tamper = swap
             else:
                 self.tamper = None
@@ -133,7 +142,7 @@ def tree(root: Path) -> Path:
     src = root / "src"
     (src / "a" / "b").mkdir(parents=True)
     ck.save(ck.state_dict(), src / "a" / "b" / "x.pt")
-    ck.save({"w": torch.ones(2)}, src / "a" / "b" / "x.bin")           # same stem as x.pt
+    ck.save({"w": torch.ones(2)}, src / "a" / "b" / "x.bin")  # same stem as x.pt
     (src / "sp ace ü").mkdir()
     ck.save({"w": torch.zeros(3)}, src / "sp ace ü" / "modèle 1.ckpt")
     ck.save(ck.state_dict(), src / "legacy.pth", fmt="legacy")
@@ -141,17 +150,16 @@ def tree(root: Path) -> Path:
     (src / "notes.txt").write_text("not a model")
     (src / "empty.pt").write_bytes(b"")
     save_file({"w": torch.ones(1)}, str(src / "done.safetensors"))
-    os.symlink("a/b/x.pt", src / "inside-link.pt")                   # stays inside: followed
+    os.symlink("a/b/x.pt", src / "inside-link.pt")  # stays inside: followed
     outside = root / "outside.pt"
     ck.save(ck.state_dict(), outside)
-    os.symlink(outside, src / "outside-link.pt")                     # leaves SRC: skipped
-    os.symlink("a", src / "dir-link")                                 # symlinked dir: skipped
+    os.symlink(outside, src / "outside-link.pt")  # leaves SRC: skipped
+    os.symlink("a", src / "dir-link")  # symlinked dir: skipped
     os.symlink("missing.pt", src / "broken-link.pt")
     return src
 
 
-def batch(src: Path | list[Path], out: Path, runner: FakeRunner | None = None,
-          **kw: Any) -> BatchSummary:
+def batch(src: Path | list[Path], out: Path, runner: FakeRunner | None = None, **kw: Any) -> BatchSummary:
     sources = src if isinstance(src, list) else [src]
     return run_batch(sources, out, BatchOptions(jobs=2, **kw), runner=runner or Fake())
 
@@ -164,12 +172,11 @@ UNSTABLE = ("started", "finished", "duration_s", "report_sha256", "output_sha256
 
 
 def strip_times(records: dict[str, _batch.ItemResult]) -> dict[str, dict[str, Any]]:
-    return {k: {f: v for f, v in r.to_record().items() if f not in UNSTABLE}
-            for k, r in records.items()}
+    return {k: {f: v for f, v in r.to_record().items() if f not in UNSTABLE} for k, r in records.items()}
 
 
 def st_content(path: Path) -> tuple[dict[str, Any], bytes]:
     """A SafeTensors file's header (as data) and tensor bytes."""
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]

@@ -80,8 +80,10 @@ def test_input_swapped_under_the_sandbox(tmp_path: Path) -> None:
 
 def test_engine_facts_map_to_limits(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
-    for result, limit in ((RunResult(exit_code=137, oom_killed=True), "memory"),
-                          (RunResult(exit_code=137, timed_out=True), "wall_clock")):
+    for result, limit in (
+        (RunResult(exit_code=137, oom_killed=True), "memory"),
+        (RunResult(exit_code=137, timed_out=True), "wall_clock"),
+    ):
         with pytest.raises(sandbox.LimitExceeded) as info:
             sandbox.safe_load(path, runner=FakeRunner(run_result=result))
         assert info.value.limit == limit
@@ -161,8 +163,9 @@ def test_weights_changed_during_load_are_caught(tmp_path: Path, keep_weights: bo
     assert report.verdict is sandbox.Verdict.MALICIOUS
 
 
-def test_work_directories_of_dead_processes_are_swept(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_work_directories_of_dead_processes_are_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import subprocess
     import tempfile
 
@@ -180,11 +183,11 @@ def test_work_directories_of_dead_processes_are_swept(tmp_path: Path,
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
     sandbox.scan(path, runner=FakeRunner())
     assert not stale.exists() and alive.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(WORK_PREFIX)
-                and p != alive]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(WORK_PREFIX) and p != alive]
 
 
 # -- the layout hand-off ---------------------------------------------------------------------------
+
 
 def plain(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     sd = ck.state_dict()
@@ -208,6 +211,7 @@ def test_plain_state_dicts_come_back_through_the_layout(tmp_path: Path, mmap: bo
     out = tmp_path / "plain.safetensors"
     sandbox.convert(path, out, runner=runner)
     from safetensors.torch import load_file
+
     back = load_file(str(out))
     # complete: every name is a tensor of its own, the tie included (recorded in the metadata)
     assert set(back) == {f"model.{k}" for k in sd}
@@ -215,8 +219,7 @@ def test_plain_state_dicts_come_back_through_the_layout(tmp_path: Path, mmap: bo
     assert torch.equal(back["model.tied"], sd["encoder.weight"])
 
 
-@pytest.mark.parametrize("change", ["offset", "shape", "key", "dtype", "extra", "missing",
-                                    "name"])
+@pytest.mark.parametrize("change", ["offset", "shape", "key", "dtype", "extra", "missing", "name"])
 def test_a_layout_that_disagrees_with_the_file_is_refused(tmp_path: Path, change: str) -> None:
     path, _ = plain(tmp_path)
 
@@ -225,7 +228,7 @@ def test_a_layout_that_disagrees_with_the_file_is_refused(tmp_path: Path, change
         doc = json.loads(out.manifest)
         first = doc["layout"][0]
         if change == "offset":
-            first["offset"] += 1 << 20      # outside its record
+            first["offset"] += 1 << 20  # outside its record
         elif change == "shape":
             first["shape"] = [s * 2 for s in first["shape"]]
         elif change == "key":
@@ -249,12 +252,14 @@ def test_a_layout_that_disagrees_with_the_file_is_refused(tmp_path: Path, change
 
 
 def test_a_layout_the_host_cannot_place_goes_to_the_full_loader(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sandbox._verify import reconstruct as _reconstruct
 
     path, sd = plain(tmp_path)
-    monkeypatch.setattr(_reconstruct, "try_place",
-                        lambda p, scan=None: _reconstruct.NotReconstructed("test: cannot place"))
+    monkeypatch.setattr(
+        _reconstruct, "try_place", lambda p, scan=None: _reconstruct.NotReconstructed("test: cannot place")
+    )
     runner = FakeRunner(layout=True)
     got = sandbox.safe_load(path, runner=runner)
     assert torch.equal(got["model"]["encoder.weight"], sd["encoder.weight"])
@@ -285,14 +290,12 @@ def test_calling_an_unlisted_function_is_at_least_medium(tmp_path: Path) -> None
     nobody listed is MEDIUM (suspicious)."""
     import datetime
 
-    computed = ck.save({"w": ck.Reduce(torch.nn.functional.relu, -torch.ones(2))},
-                       tmp_path / "computed.pt")
+    computed = ck.save({"w": ck.Reduce(torch.nn.functional.relu, -torch.ones(2))}, tmp_path / "computed.pt")
     report = sandbox.scan(computed, dynamic=False)
     calls = [f for f in report.findings if f.evidence.get("kind") == "function"]
     assert calls and calls[0].severity is Severity.MEDIUM and "torch" in calls[0].evidence["global"]
     assert report.verdict is sandbox.Verdict.SUSPICIOUS
-    dated = ck.save({"w": torch.ones(2), "when": datetime.datetime(2024, 1, 2)},
-                    tmp_path / "dated.pt")
+    dated = ck.save({"w": torch.ones(2), "when": datetime.datetime(2024, 1, 2)}, tmp_path / "dated.pt")
     assert sandbox.scan(dated, dynamic=False).verdict is sandbox.Verdict.CLEAN
 
 
@@ -336,8 +339,7 @@ class SwappingRunner(FakeRunner):
         return super().run(spec, job)
 
 
-def test_the_host_verifies_the_file_it_handed_over_not_what_its_path_names_later(
-        tmp_path: Path) -> None:
+def test_the_host_verifies_the_file_it_handed_over_not_what_its_path_names_later(tmp_path: Path) -> None:
     sd = ck.state_dict()
     path = ck.save(sd, tmp_path / "sd.pt", "legacy")  # verified after the load, by the host
     other = ck.save({k: v + 1 for k, v in sd.items()}, tmp_path / "other.pt", "legacy")

@@ -13,9 +13,23 @@ from sandbox import _cli, _files, _image
 from sandbox._cli import EXIT_CLEAN, EXIT_ERROR, EXIT_UNSAFE
 from tests import checkpoints as ck
 
-COMMANDS = [["scan"], ["convert"], ["bom"], ["lock"], ["image"], ["image", "build"],
-            ["image", "tag"], ["policy"], ["policy", "show"], ["policy", "check"], ["patch"],
-            ["patch", "install"], ["patch", "uninstall"], ["report"], ["report", "render"]]
+COMMANDS = [
+    ["scan"],
+    ["convert"],
+    ["bom"],
+    ["lock"],
+    ["image"],
+    ["image", "build"],
+    ["image", "tag"],
+    ["policy"],
+    ["policy", "show"],
+    ["policy", "check"],
+    ["patch"],
+    ["patch", "install"],
+    ["patch", "uninstall"],
+    ["report"],
+    ["report", "render"],
+]
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=" ".join)
@@ -54,20 +68,24 @@ def test_pins_are_hex_or_file_colon_hex() -> None:
 
 def test_report_shorthand() -> None:
     assert _cli._shorthand(["report", "r.json"]) == ["report", "render", "r.json"]
-    assert _cli._shorthand(["-v", "report", "r.json", "--html", "o"]) == \
-        ["-v", "report", "render", "r.json", "--html", "o"]
+    assert _cli._shorthand(["-v", "report", "r.json", "--html", "o"]) == [
+        "-v",
+        "report",
+        "render",
+        "r.json",
+        "--html",
+        "o",
+    ]
     assert _cli._shorthand(["report", "render", "r.json"]) == ["report", "render", "r.json"]
     assert _cli._shorthand(["scan", "report"]) == ["scan", "report"]  # a file named report
 
 
-def test_static_only_scan_exit_codes_and_formats(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_static_only_scan_exit_codes_and_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     benign = ck.save(ck.state_dict(), tmp_path / "benign.pt")
     hostile = ck.save(ck.hostile_checkpoint(ck.exec_payload("pass")), tmp_path / "hostile.pt")
     assert _cli.main(["scan", "--static-only", str(benign)]) == EXIT_CLEAN
     assert "benign.pt" in capsys.readouterr().out
-    assert _cli.main(["scan", "--static-only", "--format", "json", str(benign),
-                      str(hostile)]) == EXIT_UNSAFE
+    assert _cli.main(["scan", "--static-only", "--format", "json", str(benign), str(hostile)]) == EXIT_UNSAFE
     reports = json.loads(capsys.readouterr().out)
     assert [r["verdict"] for r in reports] == ["clean", "malicious"]
     assert _cli.main(["scan", "--static-only", "--format", "sarif", str(hostile)]) == EXIT_UNSAFE
@@ -75,15 +93,13 @@ def test_static_only_scan_exit_codes_and_formats(tmp_path: Path,
     assert sarif["version"] == "2.1.0" and sarif["runs"][0]["results"]
 
 
-def test_errors_are_one_clean_message_and_exit_2(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_errors_are_one_clean_message_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli.main(["scan", "--static-only", str(tmp_path / "missing.pt")]) == EXIT_ERROR
     assert _cli.main(["convert", str(tmp_path / "missing.pt")]) == EXIT_ERROR
     out = capsys.readouterr()
     assert out.out.count("error[input-not-found]") == 2 and "Traceback" not in out.out + out.err
     # a policy that cannot be read: one message on stderr, nothing started
-    assert _cli.main(["scan", "--static-only", "x.pt", "--policy",
-                      str(tmp_path / "nope.toml")]) == EXIT_ERROR
+    assert _cli.main(["scan", "--static-only", "x.pt", "--policy", str(tmp_path / "nope.toml")]) == EXIT_ERROR
     out = capsys.readouterr()
     assert "nope.toml" in out.err and "Traceback" not in out.err and not out.out
     # a control character in a name reaches the terminal escaped, never raw
@@ -93,10 +109,13 @@ def test_errors_are_one_clean_message_and_exit_2(tmp_path: Path,
     assert "red.pt" in out.out and "\x1b" not in out.out + out.err
 
 
-def test_pinning_a_directory_with_plain_hex_is_refused(tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    assert _cli.main(["convert", str(tmp_path), "-o", str(tmp_path / "out"),
-                      "--expect-sha256", "0" * 64]) == EXIT_ERROR
+def test_pinning_a_directory_with_plain_hex_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        _cli.main(["convert", str(tmp_path), "-o", str(tmp_path / "out"), "--expect-sha256", "0" * 64])
+        == EXIT_ERROR
+    )
     assert "FILE:HEX" in capsys.readouterr().err
 
 
@@ -110,8 +129,9 @@ def test_policy_show_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "bad.toml" in out.out + out.err
 
 
-def test_lock_prints_sha256sum_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lock_prints_sha256sum_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     ck.save(ck.state_dict(), tmp_path / "m.pt")
     (tmp_path / "notes.txt").write_text("not a model")
     monkeypatch.chdir(tmp_path)

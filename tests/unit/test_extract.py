@@ -29,39 +29,133 @@ def test_status_is_validated() -> None:
 
 def _manifest(**over: Any) -> dict[str, Any]:
     m: dict[str, Any] = {
-        "protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "skeleton": None, "notes": [],
+        "protocol": P.PROTOCOL_VERSION,
+        "format": "torch-zip",
+        "skeleton": None,
+        "notes": [],
         "unrepresentable": [],
-        "tensors": [{"name": "a", "dtype": "float32", "shape": [2, 3], "stored_as": "F32",
-                     "nbytes": 24, "sha256": "0" * 64, "location": "cpu"}],
+        "tensors": [
+            {
+                "name": "a",
+                "dtype": "float32",
+                "shape": [2, 3],
+                "stored_as": "F32",
+                "nbytes": 24,
+                "sha256": "0" * 64,
+                "location": "cpu",
+            }
+        ],
         "views": [],
     }
     m.update(over)
     return m
 
 
-@pytest.mark.parametrize("bad", [
-    {"tensors": [{"name": "a", "dtype": "object", "shape": [1], "stored_as": "F32", "nbytes": 4,
-                  "sha256": "0" * 64, "location": "cpu"}]},
-    {"tensors": [{"name": "a", "dtype": "float32", "shape": [2, 3], "stored_as": "F32",
-                  "nbytes": 25, "sha256": "0" * 64, "location": "cpu"}]},
-    {"tensors": [{"name": "", "dtype": "float32", "shape": [], "stored_as": "F32", "nbytes": 4,
-                  "sha256": "0" * 64, "location": "cpu"}]},
-    {"views": [{"name": "v", "base": "a", "offset": 5, "shape": [2], "stride": [1],
-                "dtype": "float32", "location": "cpu"}]},      # reaches past the base
-    {"views": [{"name": "a", "base": "a", "offset": 0, "shape": [1], "stride": [1],
-                "dtype": "float32", "location": "cpu"}]},      # duplicate name
-    {"views": [{"name": "v", "base": "zz", "offset": 0, "shape": [1], "stride": [1],
-                "dtype": "float32", "location": "cpu"}]},      # no such base
-    {"protocol": 1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {
+            "tensors": [
+                {
+                    "name": "a",
+                    "dtype": "object",
+                    "shape": [1],
+                    "stored_as": "F32",
+                    "nbytes": 4,
+                    "sha256": "0" * 64,
+                    "location": "cpu",
+                }
+            ]
+        },
+        {
+            "tensors": [
+                {
+                    "name": "a",
+                    "dtype": "float32",
+                    "shape": [2, 3],
+                    "stored_as": "F32",
+                    "nbytes": 25,
+                    "sha256": "0" * 64,
+                    "location": "cpu",
+                }
+            ]
+        },
+        {
+            "tensors": [
+                {
+                    "name": "",
+                    "dtype": "float32",
+                    "shape": [],
+                    "stored_as": "F32",
+                    "nbytes": 4,
+                    "sha256": "0" * 64,
+                    "location": "cpu",
+                }
+            ]
+        },
+        {
+            "views": [
+                {
+                    "name": "v",
+                    "base": "a",
+                    "offset": 5,
+                    "shape": [2],
+                    "stride": [1],
+                    "dtype": "float32",
+                    "location": "cpu",
+                }
+            ]
+        },  # reaches past the base
+        {
+            "views": [
+                {
+                    "name": "a",
+                    "base": "a",
+                    "offset": 0,
+                    "shape": [1],
+                    "stride": [1],
+                    "dtype": "float32",
+                    "location": "cpu",
+                }
+            ]
+        },  # duplicate name
+        {
+            "views": [
+                {
+                    "name": "v",
+                    "base": "zz",
+                    "offset": 0,
+                    "shape": [1],
+                    "stride": [1],
+                    "dtype": "float32",
+                    "location": "cpu",
+                }
+            ]
+        },  # no such base
+        {"protocol": 1},
+    ],
+)
 def test_manifest_validation_rejects(bad: dict[str, Any]) -> None:
     with pytest.raises(OutputRejected):
         validate_manifest(_manifest(**bad))
 
 
 def test_manifest_validation_accepts_a_view_inside_its_base() -> None:
-    validate_manifest(_manifest(views=[{"name": "v", "base": "a", "offset": 4, "shape": [2],
-                                        "stride": [1], "dtype": "float32", "location": "cpu"}]))
+    validate_manifest(
+        _manifest(
+            views=[
+                {
+                    "name": "v",
+                    "base": "a",
+                    "offset": 4,
+                    "shape": [2],
+                    "stride": [1],
+                    "dtype": "float32",
+                    "location": "cpu",
+                }
+            ]
+        )
+    )
 
 
 def test_a_document_of_too_many_values_is_refused_before_it_is_parsed() -> None:
@@ -82,9 +176,12 @@ def test_a_manifest_over_its_cap_is_refused_unread(monkeypatch: pytest.MonkeyPat
 def test_outputs_are_read_from_their_memfds() -> None:
     status = {"protocol": P.PROTOCOL_VERSION, "exit_code": 0, "wall_s": 0.5}
     tensors = sealed(b"\0" * 16)
-    out = read_outputs(Received(status=json.dumps(status).encode(),
-                                outputs={"manifest": sealed(json.dumps(_manifest()).encode()),
-                                         "tensors": tensors}))
+    out = read_outputs(
+        Received(
+            status=json.dumps(status).encode(),
+            outputs={"manifest": sealed(json.dumps(_manifest()).encode()), "tensors": tensors},
+        )
+    )
     assert out.status is not None and out.status.exit_code == 0 and out.status.wall_s == 0.5
     assert out.manifest is not None and [t.name for t in out.manifest.tensors] == ["a"]
     assert out.tensors_path == f"/proc/self/fd/{tensors}"

@@ -29,8 +29,7 @@ def test_the_digest_follows_the_worker_source(tmp_path: Path, monkeypatch: pytes
 
 
 def test_the_closure_is_the_loaders_distributions_only() -> None:
-    names = {d.metadata["Name"].lower().replace("_", "-") for d in
-             _image._closure(_image.ROOT_DISTRIBUTIONS)}
+    names = {d.metadata["Name"].lower().replace("_", "-") for d in _image._closure(_image.ROOT_DISTRIBUTIONS)}
     assert {"torch", "numpy", "safetensors", "psutil", "joblib", "lz4"} <= names
     assert "filelock" in names  # a requirement of torch's, found recursively
     assert not names & {"docker", "rich", "model-sandbox", "distributed", "requests"}
@@ -39,19 +38,24 @@ def test_the_closure_is_the_loaders_distributions_only() -> None:
 @pytest.fixture(scope="module")
 def entries() -> list[_image._Entry]:
     paths = sysconfig.get_paths()
-    return list(_image._rootfs_entries(sorted({Path(paths['purelib']), Path(paths['platlib'])})))
+    return list(_image._rootfs_entries(sorted({Path(paths["purelib"]), Path(paths["platlib"])})))
 
 
 def test_the_root_filesystem_holds_only_its_own_roots(entries: list[_image._Entry]) -> None:
-    roots = (PurePosixPath(_image.PY), PurePosixPath("/usr/lib"), PurePosixPath("/lib64"),
-             PurePosixPath("/etc"), PurePosixPath("/lib"))
+    roots = (
+        PurePosixPath(_image.PY),
+        PurePosixPath("/usr/lib"),
+        PurePosixPath("/lib64"),
+        PurePosixPath("/etc"),
+        PurePosixPath("/lib"),
+    )
     for e in entries:
         path = PurePosixPath(e.arcname)
         assert path.is_absolute() and ".." not in path.parts, e.arcname
         assert any(path.is_relative_to(r) for r in roots), e.arcname
         assert ".ssh" not in path.parts and ".aws" not in path.parts, e.arcname
         if e.source is not None and "/sandbox_worker/" not in e.arcname:  # those: compiled
-            assert e.source.is_file(), e.source                          # in a scratch dir
+            assert e.source.is_file(), e.source  # in a scratch dir
         if e.link is not None:
             assert not e.link.startswith("/") and ".." not in e.link, e
     names = [e.arcname for e in entries]

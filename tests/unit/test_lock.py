@@ -27,17 +27,25 @@ def test_lock_file_format(tmp_path: Path) -> None:
 
 
 def test_every_odd_name_round_trips(tmp_path: Path) -> None:
-    names = ["plain.pt", "sp ace.pt", "tab\t.pt", "back\\slash.pt", "new\nline.pt",
-             "cr\r.pt", "\\n-literal.pt", "uni-\u00e9\u4e2d.pt", "trailing\\"]
+    names = [
+        "plain.pt",
+        "sp ace.pt",
+        "tab\t.pt",
+        "back\\slash.pt",
+        "new\nline.pt",
+        "cr\r.pt",
+        "\\n-literal.pt",
+        "uni-\u00e9\u4e2d.pt",
+        "trailing\\",
+    ]
     entries = [(f"{i:064x}", n) for i, n in enumerate(names)]
     pins = _lock.parse_lock(_lock.render_lock(entries), base=tmp_path)
     for sha, name in entries:
         assert pins[str(tmp_path / name)] == sha, name
 
 
-def test_a_lock_lists_model_files_by_content(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    model = ck.save(ck.state_dict(), tmp_path / "weights.bin")    # no telling suffix needed
+def test_a_lock_lists_model_files_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ck.save(ck.state_dict(), tmp_path / "weights.bin")  # no telling suffix needed
     (tmp_path / "model.pt").write_text("a text file named like a model")
     os.symlink(model, tmp_path / "link.bin")
     monkeypatch.chdir(tmp_path)
