@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -58,11 +59,7 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
         if IN_CI:
             pytest.fail("CI runs as root with setpriv: this test must run there")
         pytest.skip("needs root (to become uid 65534) and setpriv")
-    python = Path(os.path.realpath(sys.executable))
-    if not _bwrap._traversable(python.parent) or not os.stat(python).st_mode & 0o005:
-        if IN_CI:
-            pytest.fail(f"uid 65534 cannot run this interpreter ({python})")
-        pytest.skip(f"uid 65534 cannot run this interpreter ({python}): a venv under /root?")
+    python, env = _python_for_nobody(shared_dir)
     nobody = pwd.getpwuid(65534).pw_name
     benign = ck.save(ck.state_dict(), shared_dir / "benign.pt")
     marker = shared_dir / "marker-unprivileged"
@@ -77,9 +74,9 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
     for p in (benign, hostile):
         p.chmod(0o644)
     os.chown(home, 65534, 65534)
-    env = {"HOME": str(home), "DOCKER_HOST": NO_ENGINE, "PATH": "/usr/bin:/bin", "MODEL_SANDBOX_WARM": "0"}
-    if "LD_LIBRARY_PATH" in os.environ:  # an interpreter that needs it (pyenv's shared build)
-        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+    env.update(
+        {"HOME": str(home), "DOCKER_HOST": NO_ENGINE, "PATH": "/usr/bin:/bin", "MODEL_SANDBOX_WARM": "0"}
+    )
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -89,7 +86,7 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
                 "--regid=65534",
                 "--clear-groups",
                 "--",
-                sys.executable,
+                python,
                 "-m",
                 "sandbox",
                 *args,
@@ -118,7 +115,7 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
             "--regid=65534",
             "--clear-groups",
             "--",
-            sys.executable,
+            python,
             "-c",
             "import sys; from sandbox import _image; print(sys.version); print(_image.worker_digest())",
         ],
@@ -160,6 +157,43 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
         for e in report["events"]
     )
     assert not marker.exists()
+
+
+def _python_for_nobody(shared_dir: Path) -> tuple[str, dict[str, str]]:
+    """An interpreter uid 65534 can run, with this environment's packages, and the variables
+    it needs: this one where that user can reach it; else (an interpreter under root's 0700
+    home, as pyenv's is) a copy of its base installation (binary, libpython, standard library)
+    in the test's directory, whose site directory adds this environment's."""
+    python = Path(os.path.realpath(sys.executable))
+    base = Path(sys.base_prefix)
+    libdir = base / "lib"
+    env = {"LD_LIBRARY_PATH": os.environ["LD_LIBRARY_PATH"]} if "LD_LIBRARY_PATH" in os.environ else {}
+    if _bwrap._traversable(python.parent) and os.stat(python).st_mode & 0o005 and _bwrap._traversable(libdir):
+        return str(python), env
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    copy = shared_dir / "python"
+    (copy / "bin").mkdir(parents=True)
+    shutil.copy2(python, copy / "bin" / version)
+    shutil.copytree(
+        libdir / version,
+        copy / "lib" / version,
+        symlinks=True,
+        ignore=shutil.ignore_patterns("site-packages", "test", "__pycache__"),
+    )
+    for lib in libdir.glob("libpython*.so*"):
+        shutil.copy2(lib, copy / "lib" / lib.name, follow_symlinks=True)
+    site = copy / "lib" / version / "site-packages"
+    site.mkdir()
+    packages = sysconfig.get_paths()["purelib"]
+    (site / "this-environment.pth").write_text(f"import site; site.addsitedir({packages!r})\n")
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+    env["LD_LIBRARY_PATH"] = str(copy / "lib")  # before the binary's runpath under /root
+    if not _bwrap._traversable(Path(packages)):
+        if IN_CI:
+            pytest.fail(f"uid 65534 cannot reach this environment's packages ({packages})")
+        pytest.skip(f"uid 65534 cannot reach this environment's packages ({packages})")
+    return str(copy / "bin" / version), env
 
 
 def _children(pid: int) -> list[int]:
