@@ -30,16 +30,8 @@ __all__ = [
 ]
 
 
-_COMPARABLE_FORMATS = (
-    "torch-zip",
-    "torch-legacy",
-    "torch-tar",
-    "pickle",
-    "numpy-npy",
-    "numpy-npz",
-    "joblib",
-    "torchscript",
-)
+#: formats the sandbox loads (the static stage's formats but a SafeTensors file and an unknown one)
+_COMPARABLE_FORMATS = tuple(f for f in _scan.FORMATS if f not in ("safetensors", "unknown"))
 
 
 def verdict(report: LoadReport) -> Verdict:

@@ -13,7 +13,7 @@ as markup: a file named ``[red]x`` or holding an escape sequence is shown as it 
 from __future__ import annotations
 
 import os
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from rich.console import Console, Group, RenderableType
 from rich.progress import (
@@ -102,7 +102,20 @@ class _Fields(ProgressColumn):
         return value if isinstance(value, Text) else Text(str(value or ""))
 
 
-class BatchBar:
+class _Live:
+    """A rich progress display shown while the ``with`` block runs."""
+
+    progress: Progress
+
+    def __enter__(self) -> Self:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+class BatchBar(_Live):
     """The batch's progress on a terminal: files done of all, percent of bytes, bytes, rate,
     ETA, verdict counts and the file being loaded; files that are not clean are listed above
     the bar as they finish. Call it with each :class:`BatchProgress`; use as a context
@@ -129,13 +142,6 @@ class BatchBar:
             "convert", total=None, files="", bytes="", rate="", eta="", counts=Text(), current=Text()
         )
 
-    def __enter__(self) -> BatchBar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
     def __call__(self, p: BatchProgress) -> None:
         files_s = p.done / p.elapsed_s if p.elapsed_s > 0 else 0.0
         current = p.running[0] if p.running else (p.last.rel if p.last else "")
@@ -159,7 +165,7 @@ class BatchBar:
         self.progress.stop()
 
 
-class ScanBar:
+class ScanBar(_Live):
     """``scan`` of several files on a terminal: files done of all, elapsed time, ETA, verdict
     counts and the file being scanned; a file that is not clean is listed above the bar as it
     finishes. ``start(path)`` before each file, ``done(report)`` after it."""
@@ -183,13 +189,6 @@ class ScanBar:
         self.task = self.progress.add_task(
             "scan", total=total, counts=_counts_text(self.counts), current=Text()
         )
-
-    def __enter__(self) -> ScanBar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
 
     def start(self, path: str) -> None:
         self.progress.update(self.task, current=Text(clean_text(path, 300), style="cyan"))

@@ -71,20 +71,12 @@ def write_safetensors(
     _files.atomic_stream(dst, head, body)
 
 
-# dtypes the protocol carries as raw bytes, and the safetensors code each has where supported
-_NEWER_CODES = {
-    "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ",
-    "float8_e8m0fnu": "F8_E8M0",
-}
-
-
 def _code(dtype: str) -> str | None:
     """The safetensors dtype code the output uses for ``dtype``, or None for raw bytes."""
     stored_as = P.TORCH_DTYPES[dtype][0]
     if stored_as != "U8" or dtype == "uint8":
         return stored_as
-    return _NEWER_CODES[dtype] if dtype in _NEWER_CODES and _reads_natively(dtype) else None
+    return P.NEWER_ST_CODES[dtype] if dtype in P.NEWER_ST_CODES and _reads_natively(dtype) else None
 
 
 @functools.cache

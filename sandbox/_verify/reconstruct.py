@@ -1345,9 +1345,17 @@ def _foreign(scan: _scan.StaticScan) -> list[str]:
     return sorted({g.qualname for g in scan.globals if g.classification != "allowed"})
 
 
-def _tricks(scan: _scan.StaticScan) -> list[str]:
-    """Container or stream tricks the static scan found: the file has no single reading."""
-    return sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
+def _tricky(scan: _scan.StaticScan) -> NotReconstructed | None:
+    """Why the file has no single reading, when the static scan found container or stream
+    tricks in it."""
+    tricks = sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
+    if not tricks:
+        return None
+    return NotReconstructed(
+        f"the static scan found container or stream tricks ({', '.join(tricks)}); the file has "
+        "no single reading",
+        scan.format,
+    )
 
 
 def _named(value: object) -> list[tuple[str, _Tensor]]:
@@ -1418,14 +1426,9 @@ def try_reconstruct(
         return NotReconstructed(
             "the pickle imports globals a plain state_dict does not: " + ", ".join(foreign[:5]), fmt
         )
-    tricks = _tricks(scan)
-    if tricks:
-        return NotReconstructed(
-            "the static scan found container or stream tricks ("
-            + ", ".join(tricks)
-            + "); the file has no single reading",
-            fmt,
-        )
+    tricky = _tricky(scan)
+    if tricky is not None:
+        return tricky
 
     def rebuild() -> Reconstruction:
         budget = _Budget(cancel=cancel)
@@ -1564,14 +1567,9 @@ def try_inventory(
         return scanned
     scan = scanned
     fmt = scan.format
-    tricks = _tricks(scan)
-    if tricks:
-        return NotReconstructed(
-            "the static scan found container or stream tricks ("
-            + ", ".join(tricks)
-            + "); the file has no single reading",
-            fmt,
-        )
+    tricky = _tricky(scan)
+    if tricky is not None:
+        return tricky
 
     def inventory() -> Inventory:
         budget = _Budget(general=True, cancel=cancel)
@@ -1662,7 +1660,7 @@ def try_place(
     scan = scanned
     if scan.format != "torch-zip":
         return NotReconstructed(f"format {scan.format} is not a torch zip", scan.format)
-    if _foreign(scan) or _tricks(scan):
+    if _foreign(scan) or _tricky(scan) is not None:
         return NotReconstructed("not a plain state dict without tricks", scan.format)
 
     def place() -> list[Placement]:

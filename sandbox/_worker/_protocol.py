@@ -1043,29 +1043,17 @@ def sha256_fd(fd: int) -> tuple[str, int]:
 
 # -- SafeTensors, written by both sides without a second copy of the weights -----------------
 
-ST_DTYPES = {
-    "float64": ("F64", 8),
-    "float32": ("F32", 4),
-    "float16": ("F16", 2),
-    "bfloat16": ("BF16", 2),
-    "int64": ("I64", 8),
-    "int32": ("I32", 4),
-    "int16": ("I16", 2),
-    "int8": ("I8", 1),
-    "uint64": ("U64", 8),
-    "uint32": ("U32", 4),
-    "uint16": ("U16", 2),
-    "uint8": ("U8", 1),
-    "bool": ("BOOL", 1),
-    "float8_e4m3fn": ("F8_E4M3", 1),
-    "float8_e5m2": ("F8_E5M2", 1),
-    "complex64": ("C64", 8),
-    # newer safetensors releases read these natively; the host writes them so only
-    # where its safetensors does (the protocol itself carries them as raw bytes)
-    "float8_e4m3fnuz": ("F8_E4M3FNUZ", 1),
-    "float8_e5m2fnuz": ("F8_E5M2FNUZ", 1),
-    "float8_e8m0fnu": ("F8_E8M0", 1),
+#: torch dtypes the protocol carries as raw bytes that newer safetensors releases read natively;
+#: the host writes their codes only where its safetensors does
+NEWER_ST_CODES = {
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "float8_e8m0fnu": "F8_E8M0",
 }
+#: torch dtype -> (safetensors code, element size) for every dtype a SafeTensors file may name
+ST_DTYPES = {
+    name: (code, size) for name, (code, size) in TORCH_DTYPES.items() if code != "U8" or name == "uint8"
+} | {name: (code, TORCH_DTYPES[name][1]) for name, code in NEWER_ST_CODES.items()}
 
 
 def safetensors_header(
