@@ -124,6 +124,7 @@ def test_a_pool_closed_by_an_exception_leaves_nothing() -> None:
     assert not connect().containers.list(all=True, filters={"label": label})
 
 
+@pytest.mark.usefixtures("each_runner")
 def test_plain_state_dicts_take_the_layout_the_rest_the_full_loader(tmp_path: Path) -> None:
     """Bit-exact either way; the report names the hand-off."""
     plain = {

@@ -79,6 +79,7 @@ def test_pinned_hash_mismatch_refuses_before_loading(tmp_path: Path) -> None:
         sandbox.safe_load(path, expected_sha256="0" * 64)
 
 
+@pytest.mark.usefixtures("each_runner")
 def test_odd_file_names(tmp_path: Path) -> None:
     odd = tmp_path / "we:ird, name ü $(x) 'q'.pt"
     ck.save(ck.state_dict(), odd)
@@ -88,12 +89,14 @@ def test_odd_file_names(tmp_path: Path) -> None:
     assert sandbox.scan(link).verdict is sandbox.Verdict.CLEAN
 
 
+@pytest.mark.usefixtures("each_runner")
 def test_unreadable_by_others_is_staged(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "private.pt")
     os.chmod(path, 0o600)
     assert sandbox.scan(path).verdict is sandbox.Verdict.CLEAN
 
 
+@pytest.mark.usefixtures("each_runner")
 def test_wall_clock_limit(tmp_path: Path) -> None:
     payload = ck.code_payload("import time\ntime.sleep(60)")
     path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "sleep.pt")
@@ -118,6 +121,7 @@ def test_memory_limit(tmp_path: Path, each_runner: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["tensor", "descriptors"])
+@pytest.mark.usefixtures("each_runner")
 def test_output_flood(tmp_path: Path, how: str) -> None:
     """Outputs live in memfds charged to the container; the output cap is the loader's file-size
     limit: a 40 MB tensor from a tiny file, or raw writes into the inherited output descriptors,

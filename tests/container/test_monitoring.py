@@ -1,5 +1,6 @@
 """Kernel-level monitoring: every technique below is seen by the supervisor through seccomp user
-notification, recorded as a ``kernel`` event, refused, and judged in the report.
+notification, recorded as a ``kernel`` event, refused, and judged in the report, under the
+Docker runner and under the bwrap runner.
 
 Payloads are harmless: they only try to create a marker file in a directory the test owns or to
 reach a 127.0.0.1 port the test listens on. Each test also proves that nothing reached the host.
@@ -29,7 +30,8 @@ from tests.conftest import Listener
 # ends the load: see test_default_policy_stops_at_the_first_fatal_call).
 AUDIT = sandbox.Policy.audit()
 
-pytestmark = pytest.mark.container
+# every test runs under each runner (the same loader filter and supervisor under both)
+pytestmark = [pytest.mark.container, pytest.mark.usefixtures("each_runner")]
 
 
 # -- helpers -------------------------------------------------------------------------------------
