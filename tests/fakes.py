@@ -23,7 +23,10 @@ from sandbox._channel import Received
 from sandbox._launch import ContainerSpec, Job, RunResult
 from sandbox._worker import _loader
 from sandbox._worker import _protocol as P
+from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
 from tests import checkpoints as ck
+
+HOSTILE_NAME = 'evil<script>alert(1)</script>"\u202e.pt'
 
 
 @dataclass
@@ -180,3 +183,86 @@ def st_content(path: Path) -> tuple[dict[str, Any], bytes]:
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def snapshot(outdir: Path) -> dict[str, Any]:
+    files: dict[str, Any] = {}
+    for p in sorted(outdir.rglob("*")):
+        rel = p.relative_to(outdir).as_posix()
+        if p.is_dir() or rel in (_batch.MANIFEST_NAME, _batch.LOCK_NAME):
+            continue
+        if p.suffix == ".safetensors":
+            files[rel] = st_content(p)
+        else:
+            report = json.loads(p.read_text())
+            files[rel] = (
+                report["verdict"],
+                sorted(f["rule"] for f in report["findings"]),
+                (report["error"] or {}).get("reference"),
+            )
+    manifest = {
+        k: {f: v for f, v in r.to_record().items() if f not in UNSTABLE}
+        for k, r in _batch.read_manifest(outdir).items()
+    }
+    return {"files": files, "manifest": manifest}
+
+
+def hostile_report() -> LoadReport:
+    """A report whose every string is hostile markup (for the HTML page's tests)."""
+    r = LoadReport(
+        input_path=HOSTILE_NAME,
+        input_sha256="ab" * 32,
+        input_size=10,
+        format="torch-zip",
+        verdict=Verdict.MALICIOUS,
+        duration_s=1.5,
+        static={"dangerous": ["builtins.eval"], "unknown": []},
+        resources={
+            "wall_s": 1.2,
+            "rss_peak_bytes": 5 * 2**20,
+            "threads_peak": 2,
+            "custom": "<b>x</b>",
+            "series": [[0.0, 0.0, 2**20], [0.1, 0.1, 3 * 2**20], [0.2, 0.15, 5 * 2**20]],
+        },
+    )
+    r.events = [
+        Event(
+            1, 0.010, "self_reported", "pickle.find_class", {"module": "collections", "name": "OrderedDict"}
+        ),
+        Event(2, 0.011, "self_reported", "pickle.find_class", {"module": "__builtin__", "name": "eval"}),
+        Event(3, 0.012, "kernel", "execve", {"path": "/bin/sh", "argv": ["sh", "-c", "</style>"]}, "denied"),
+        Event(
+            4,
+            0.013,
+            "self_reported",
+            "pickle.find_class",
+            {"module": "torch._utils", "name": "_rebuild_tensor_v2"},
+        ),
+        Event(
+            5,
+            0.014,
+            "kernel",
+            "connect",
+            {"family": "AF_INET", "target": "AF_INET 127.0.0.1:9", "address": "127.0.0.1", "port": 9},
+            "denied",
+        ),
+    ]
+    r.findings = [
+        Finding(
+            "exec-attempt",
+            Severity.CRITICAL,
+            "exec",
+            "the load tried to run a program",
+            {"argv": ["sh", "-c", "<img src=x onerror=alert(1)>"]},
+            (3,),
+        ),
+        Finding(
+            "network-connect",
+            Severity.CRITICAL,
+            "network",
+            "reach <a href='x'>",
+            {"event": "connect \x1b[2J"},
+            (5, 99),
+        ),
+    ]
+    return r

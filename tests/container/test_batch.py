@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ import torch
 from sandbox import _batch
 from sandbox._launch import LABEL, connect
 from tests import checkpoints as ck
-from tests.fakes import UNSTABLE, st_content
+from tests.fakes import snapshot
 
 REAL_LOADS = 16
 
@@ -77,28 +76,6 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def ours(outdir: Path) -> list[str]:
     label = f"{_batch.BATCH_LABEL}={_batch.batch_id(outdir)}"
     return [c.name for c in connect().containers.list(all=True, filters={"label": label})]
-
-
-def snapshot(outdir: Path) -> dict[str, Any]:
-    files: dict[str, Any] = {}
-    for p in sorted(outdir.rglob("*")):
-        rel = p.relative_to(outdir).as_posix()
-        if p.is_dir() or rel in (_batch.MANIFEST_NAME, _batch.LOCK_NAME):
-            continue
-        if p.suffix == ".safetensors":
-            files[rel] = st_content(p)
-        else:
-            report = json.loads(p.read_text())
-            files[rel] = (
-                report["verdict"],
-                sorted(f["rule"] for f in report["findings"]),
-                (report["error"] or {}).get("reference"),
-            )
-    manifest = {
-        k: {f: v for f, v in r.to_record().items() if f not in UNSTABLE}
-        for k, r in _batch.read_manifest(outdir).items()
-    }
-    return {"files": files, "manifest": manifest}
 
 
 def converted(outdir: Path) -> int:

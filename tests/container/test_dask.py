@@ -34,8 +34,7 @@ from sandbox import WorkerNotReady, _batch, _distribute, _image
 from sandbox._launch import LABEL, OWNER_LABEL, connect
 from sandbox.policy import Policy
 from tests import checkpoints as ck
-from tests.container.test_batch import snapshot
-from tests.fakes import st_content
+from tests.fakes import snapshot, st_content
 
 DASK = Path(sys.executable).with_name("dask")
 BENIGN = 12

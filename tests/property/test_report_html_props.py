@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from sandbox._html import read_reports, render_html, render_html_many
 from sandbox.errors import ReportInvalid
-from tests.unit.test_report_html import hostile_report
+from tests.fakes import hostile_report
 
 SETTINGS = settings(max_examples=150, deadline=3000, suppress_health_check=[HealthCheck.too_slow])
 

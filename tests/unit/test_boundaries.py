@@ -160,3 +160,22 @@ def test_no_module_imports_a_private_name_of_another() -> None:
             and not node.attr.startswith("__")
         ]
     assert not offenders, offenders
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in tests/fakes.py, tests/checkpoints.py or a conftest."""
+    tests = ROOT.parent / "tests"
+    offenders = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else ([a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            )
+            offenders += [
+                f"{path.relative_to(tests)}: {n}"
+                for n in names
+                if n.startswith("tests.") and n.rpartition(".")[2].startswith("test_")
+            ]
+    assert not offenders, offenders

@@ -22,69 +22,8 @@ from sandbox._html import (
     render_html_many,
 )
 from sandbox.errors import ReportInvalid
-from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
-
-HOSTILE_NAME = 'evil<script>alert(1)</script>"\u202e.pt'
-
-
-def hostile_report() -> LoadReport:
-    r = LoadReport(
-        input_path=HOSTILE_NAME,
-        input_sha256="ab" * 32,
-        input_size=10,
-        format="torch-zip",
-        verdict=Verdict.MALICIOUS,
-        duration_s=1.5,
-        static={"dangerous": ["builtins.eval"], "unknown": []},
-        resources={
-            "wall_s": 1.2,
-            "rss_peak_bytes": 5 * 2**20,
-            "threads_peak": 2,
-            "custom": "<b>x</b>",
-            "series": [[0.0, 0.0, 2**20], [0.1, 0.1, 3 * 2**20], [0.2, 0.15, 5 * 2**20]],
-        },
-    )
-    r.events = [
-        Event(
-            1, 0.010, "self_reported", "pickle.find_class", {"module": "collections", "name": "OrderedDict"}
-        ),
-        Event(2, 0.011, "self_reported", "pickle.find_class", {"module": "__builtin__", "name": "eval"}),
-        Event(3, 0.012, "kernel", "execve", {"path": "/bin/sh", "argv": ["sh", "-c", "</style>"]}, "denied"),
-        Event(
-            4,
-            0.013,
-            "self_reported",
-            "pickle.find_class",
-            {"module": "torch._utils", "name": "_rebuild_tensor_v2"},
-        ),
-        Event(
-            5,
-            0.014,
-            "kernel",
-            "connect",
-            {"family": "AF_INET", "target": "AF_INET 127.0.0.1:9", "address": "127.0.0.1", "port": 9},
-            "denied",
-        ),
-    ]
-    r.findings = [
-        Finding(
-            "exec-attempt",
-            Severity.CRITICAL,
-            "exec",
-            "the load tried to run a program",
-            {"argv": ["sh", "-c", "<img src=x onerror=alert(1)>"]},
-            (3,),
-        ),
-        Finding(
-            "network-connect",
-            Severity.CRITICAL,
-            "network",
-            "reach <a href='x'>",
-            {"event": "connect \x1b[2J"},
-            (5, 99),
-        ),
-    ]
-    return r
+from sandbox.report import Event, LoadReport
+from tests.fakes import HOSTILE_NAME, hostile_report
 
 
 class _Tags(html.parser.HTMLParser):
