@@ -8,7 +8,9 @@ real sandbox on the real engine.
    a second run through the cluster redoes nothing.
 2. A worker whose model-sandbox differs from the client's (another worker image digest: a copy of
    the package with one worker file changed) refuses tasks with :class:`WorkerNotReady`, which
-   reaches the client and the CLI."""
+   reaches the client and the CLI.
+3. Ctrl-C of ``convert --cluster`` mid-run keeps what finished, leaves the workers idle, and a
+   rerun ends with the local run's tree."""
 
 from __future__ import annotations
 
@@ -328,3 +330,54 @@ def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Clust
     assert (header["w"]["dtype"], header["w"]["shape"]) == ("F32", [2])
     assert body == torch.ones(2).numpy().tobytes()
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_an_interrupted_cluster_batch_resumes_to_the_local_runs_tree(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    """Ctrl-C of ``convert --cluster`` mid-run: exit 130, what finished is kept (manifest, outputs,
+    no temporary file), the cluster is left with nothing of ours running, and a rerun does the
+    rest and ends with the local run's tree."""
+    marker = tmp_path / "marker" / "pwned"
+    marker.parent.mkdir()
+    make_tree(tmp_path, marker)
+    cluster.worker("w1")
+    cluster.worker("w2")
+    client = cluster.client(2)
+    try:
+        local = cli("convert", "src", "-o", "ref", "--jobs", "2", "-q", cwd=tmp_path)
+        assert local.returncode == 1, local.stdout + local.stderr
+        out = tmp_path / "out"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sandbox", "convert", "src", "-o", "out", "--cluster", cluster.address],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / _batch.MANIFEST_NAME).exists() and len(_batch.read_manifest(out)) >= 3:
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 130, stdout + stderr
+        kept = _batch.read_manifest(out)
+        assert 3 <= len(kept) < BENIGN + 1, "the batch ended before it could be interrupted"
+        for r in kept.values():  # each record's output is whole, as its hash says
+            if r.status is _batch.Status.CONVERTED:
+                assert r.output is not None
+                assert hashlib.sha256((out / r.output).read_bytes()).hexdigest() == r.output_sha256
+        assert not list(out.rglob("*.tmp"))
+        # the client cancelled what it had in flight: the workers go idle
+        idle_by = time.monotonic() + 60
+        while time.monotonic() < idle_by and any(client.processing().values()):  # type: ignore[no-untyped-call]
+            time.sleep(0.2)
+        assert not any(client.processing().values()), client.processing()  # type: ignore[no-untyped-call]
+    finally:
+        client.close()  # type: ignore[no-untyped-call]
+    again = cli("convert", "src", "-o", "out", "--cluster", cluster.address, "-q", cwd=tmp_path)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert snapshot(out) == snapshot(tmp_path / "ref")
+    assert not marker.exists(), "the payload reached the host"
