@@ -36,8 +36,9 @@ test: image browser ## the whole suite, container tests included
 test-unit: venv ## tests that need no Docker engine
 	$(BIN)/python -m pytest tests/unit tests/property $(PYTEST_ARGS)
 
-lint: venv ## ruff and mypy --strict (the tests too)
+lint: venv ## ruff (lint and format check) and mypy --strict (the tests too)
 	$(BIN)/ruff check sandbox tests examples benchmarks
+	$(BIN)/ruff format --check sandbox tests examples benchmarks
 	$(BIN)/mypy sandbox tests
 
 docs: venv ## regenerate docs/rules.md from the rule table (sandbox/_rules.py)

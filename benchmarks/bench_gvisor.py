@@ -50,17 +50,20 @@ def _cases(tmp: Path, big_mb: float) -> list[tuple[str, Path]]:
     torch.save(_module(10), module)
     big = tmp / f"module-{big_mb:g}mb.pt"
     torch.save(_module(big_mb), big)
-    return [("plain state dict (layout hand-off)", small),
-            ("pickled nn.Module, full loader", module),
-            ("pickled nn.Module, full loader", big)]
+    return [
+        ("plain state dict (layout hand-off)", small),
+        ("pickled nn.Module, full loader", module),
+        ("pickled nn.Module, full loader", big),
+    ]
 
 
 def _convert(src: Path, runtime: str) -> float:
     runner = _launch.DockerRunner(runtime=runtime)
     dst = src.with_suffix(f".{runtime}.safetensors")
     start = time.perf_counter()
-    report = sandbox.convert(src, dst, runner=runner, write_report=False, allow_unverified=True,
-                             policy=sandbox.Policy.default())
+    report = sandbox.convert(
+        src, dst, runner=runner, write_report=False, allow_unverified=True, policy=sandbox.Policy.default()
+    )
     took = time.perf_counter() - start
     if report.verdict.value != "clean":
         raise SystemExit(f"{src.name} under {runtime}: {report.verdict.value}: {report.to_text()}")
@@ -79,10 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     _launch.DockerRunner(runtime="runsc").trace_dir()  # a clear error when not registered
     print(f"bench_gvisor {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
-    print(f"machine: {os.cpu_count()} CPUs, {platform.platform()}; python {platform.python_version()}, "
-          f"torch {torch.__version__}")
-    print(f"repeat {args.repeat} (runc and runsc alternating, one untimed run of each first); "
-          "wall seconds of sandbox.convert through a fresh container")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {platform.platform()}; python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"repeat {args.repeat} (runc and runsc alternating, one untimed run of each first); "
+        "wall seconds of sandbox.convert through a fresh container"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-gvisor-") as tmp:
         rows: list[tuple[str, str, list[float], list[float]]] = []
         for name, path in _cases(Path(tmp), args.big_mb):
@@ -94,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                 for runtime in ("runc", "runsc"):
                     times[runtime].append(_convert(path, runtime))
             rows.append((name, size, times["runc"], times["runsc"]))
-        print(f"\n  {'case':42} {'size':>9}  {'runc median  min-max':>22}  "
-              f"{'runsc median  min-max':>22}  ratio")
+        print(
+            f"\n  {'case':42} {'size':>9}  {'runc median  min-max':>22}  {'runsc median  min-max':>22}  ratio"
+        )
         for name, size, runc, runsc in rows:
             ratio: Any = statistics.median(runsc) / statistics.median(runc)
             print(f"  {name:42} {size:>9}  {_fmt(runc):>22}  {_fmt(runsc):>22}  {ratio:5.2f}x")

@@ -59,15 +59,16 @@ MB = 2**20  # every "MB" printed is 2**20 bytes
 NAME_W = 45
 
 # The targets: (label, threshold). Checked at the end against the medians.
-WARM_SMALL_MB, WARM_SMALL_EXTRA_S = 10, 0.3       # warm safe_load <= torch.load + 0.3 s
-BIG_MB, BIG_MAX_RATIO = 1024, 1.25                # 1 GB state dict <= 1.25x torch.load(w_o=False)
-MODULE_MAX_RATIO = 3.0                            # 1 GB module <= 3x torch.load(w_o=False)
-BATCH_MIN_SPEED = 0.5                             # 12 x 100 MB batch >= 0.5x in-process MB/s
-SMALL_MIN_FILES_S = 5.0                           # 200 small files >= 5 files/s
-CLI_MAX_S = 1.0                                   # cold CLI convert of a small file < 1 s
+WARM_SMALL_MB, WARM_SMALL_EXTRA_S = 10, 0.3  # warm safe_load <= torch.load + 0.3 s
+BIG_MB, BIG_MAX_RATIO = 1024, 1.25  # 1 GB state dict <= 1.25x torch.load(w_o=False)
+MODULE_MAX_RATIO = 3.0  # 1 GB module <= 3x torch.load(w_o=False)
+BATCH_MIN_SPEED = 0.5  # 12 x 100 MB batch >= 0.5x in-process MB/s
+SMALL_MIN_FILES_S = 5.0  # 200 small files >= 5 files/s
+CLI_MAX_S = 1.0  # cold CLI convert of a small file < 1 s
 
 
 # -- measuring ---------------------------------------------------------------------------------
+
 
 def _rss() -> int | None:
     """Resident set size of this process (bytes), from /proc/self/statm; None elsewhere."""
@@ -144,8 +145,14 @@ def _failure(exc: BaseException) -> str:
     return text[:240]
 
 
-def measure(fn: Callable[[], Any], repeat: int, *, before: Callable[[], None] | None = None,
-            untimed_first: bool = False, track_rss: bool = True) -> Result:
+def measure(
+    fn: Callable[[], Any],
+    repeat: int,
+    *,
+    before: Callable[[], None] | None = None,
+    untimed_first: bool = False,
+    track_rss: bool = True,
+) -> Result:
     """Time ``repeat`` calls of ``fn``; ``before`` runs (untimed) ahead of each one."""
     res = Result()
     try:
@@ -168,6 +175,7 @@ def measure(fn: Callable[[], Any], repeat: int, *, before: Callable[[], None] | 
 
 
 # -- printing ----------------------------------------------------------------------------------
+
 
 def out(line: str = "") -> None:
     print(line, flush=True)
@@ -200,13 +208,17 @@ def time_row(name: str, res: Result, ref: Result | None = None, note: str = "") 
         out(f"  {name:<{NAME_W}} failed: {res.error or 'no run'}")
         return
     rng = f"{_s(min(res.times))}-{_s(max(res.times))}"
-    out(f"  {name:<{NAME_W}} {_s(res.median):>9} {rng:>15} {_mb(res.peak):>9} "
-        f"{_ratio(res, ref):>7}  {' '.join(x for x in (res.note, note) if x)}".rstrip())
+    out(
+        f"  {name:<{NAME_W}} {_s(res.median):>9} {rng:>15} {_mb(res.peak):>9} "
+        f"{_ratio(res, ref):>7}  {' '.join(x for x in (res.note, note) if x)}".rstrip()
+    )
 
 
 def rate_header() -> None:
-    out(f"  {'case':<{NAME_W}} {'median s':>9} {'min-max s':>15} {'files/s':>8} {'MB/s':>8} "
-        f"{'peak RSS':>9} {'ratio':>7}  note")
+    out(
+        f"  {'case':<{NAME_W}} {'median s':>9} {'min-max s':>15} {'files/s':>8} {'MB/s':>8} "
+        f"{'peak RSS':>9} {'ratio':>7}  note"
+    )
 
 
 def rate_row(name: str, res: Result, files: int, nbytes: int, ref: Result | None = None) -> None:
@@ -214,11 +226,14 @@ def rate_row(name: str, res: Result, files: int, nbytes: int, ref: Result | None
         out(f"  {name:<{NAME_W}} failed: {res.error or 'no run'}")
         return
     rng = f"{_s(min(res.times))}-{_s(max(res.times))}"
-    out(f"  {name:<{NAME_W}} {_s(res.median):>9} {rng:>15} {files / res.median:>8.2f} "
-        f"{nbytes / MB / res.median:>8.2f} {_mb(res.peak):>9} {_ratio(res, ref):>7}  {res.note}".rstrip())
+    out(
+        f"  {name:<{NAME_W}} {_s(res.median):>9} {rng:>15} {files / res.median:>8.2f} "
+        f"{nbytes / MB / res.median:>8.2f} {_mb(res.peak):>9} {_ratio(res, ref):>7}  {res.note}".rstrip()
+    )
 
 
 # -- inputs ------------------------------------------------------------------------------------
+
 
 def _layers(mb: float, d: int) -> int:
     return max(1, round(mb * MB / (4 * (d * d + d))))
@@ -270,6 +285,7 @@ def write_many_big(folder: Path, count: int, mb: float) -> None:
 
 # -- the in-process baselines ------------------------------------------------------------------
 
+
 def hf_style_convert(src: str, dst: str, weights_only: bool = True) -> int:
     """What an in-process converter does: unpickle, then write SafeTensors (no fsync)."""
     obj = torch.load(src, map_location="cpu", weights_only=weights_only)
@@ -287,11 +303,14 @@ def in_process_batch(pairs: Sequence[tuple[str, str]], jobs: int) -> int:
         return sum(pool.map(hf_style_convert, [s for s, _ in pairs], [d for _, d in pairs]))
 
 
-_NEW_PROCESS_BASELINE = ("import sys, torch; from safetensors.torch import save_file; "
-                         "save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])")
+_NEW_PROCESS_BASELINE = (
+    "import sys, torch; from safetensors.torch import save_file; "
+    "save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])"
+)
 
 
 # -- the benchmark -----------------------------------------------------------------------------
+
 
 @dataclass
 class Bench:
@@ -334,16 +353,19 @@ class Bench:
         if not module:
             res["load_wo"] = measure(lambda: torch.load(p, weights_only=True), r, untimed_first=True)
         res["load"] = measure(lambda: torch.load(p, weights_only=False), r, untimed_first=True)
-        res["load_mmap"] = measure(lambda: torch.load(p, mmap=True, weights_only=wo_true), r,
-                                   untimed_first=True)
+        res["load_mmap"] = measure(
+            lambda: torch.load(p, mmap=True, weights_only=wo_true), r, untimed_first=True
+        )
         res["hf"] = measure(lambda: hf_style_convert(p, dst, wo_true), r, untimed_first=True)
         ref, hf = res["load"], res["hf"]
         mmap_name = f"torch.load(mmap=True, weights_only={wo_true})"
         if not module:
             time_row("torch.load(weights_only=True)", res["load_wo"], ref)
         else:
-            out(f"  {'torch.load(weights_only=True)':<{NAME_W}} not run: torch refuses a pickled "
-                "nn.Module unless weights_only=False")
+            out(
+                f"  {'torch.load(weights_only=True)':<{NAME_W}} not run: torch refuses a pickled "
+                "nn.Module unless weights_only=False"
+            )
         time_row("torch.load(weights_only=False)", ref, ref, "(ratio reference)")
         time_row(mmap_name, res["load_mmap"], ref)
         time_row(f"HF-style convert (load w_o={wo_true} + save_file)", hf, ref)
@@ -379,8 +401,9 @@ class Bench:
                 out(f"\n== state dict, {mb:g} MB ==\n  failed: writing the file: {_failure(exc)}")
                 continue
             self.info[f"sd:{mb:g}"] = size
-            self.loads(f"sd:{mb:g}", f"state dict, {size / MB:.1f} MB, {count} float32 tensors",
-                       path, module=False)
+            self.loads(
+                f"sd:{mb:g}", f"state dict, {size / MB:.1f} MB, {count} float32 tensors", path, module=False
+            )
             path.unlink()
 
     def module(self) -> None:
@@ -394,8 +417,12 @@ class Bench:
             out(f"\n== pickled nn.Module, {mb:g} MB ==\n  failed: writing the file: {_failure(exc)}")
             return
         self.info["module"] = size
-        self.loads("module", f"pickled nn.Module (nn.Sequential of nn.Linear), {size / MB:.1f} MB, "
-                   f"{count} tensors", path, module=True)
+        self.loads(
+            "module",
+            f"pickled nn.Module (nn.Sequential of nn.Linear), {size / MB:.1f} MB, {count} tensors",
+            path,
+            module=True,
+        )
         path.unlink()
 
     # -- batches --------------------------------------------------------------------------------
@@ -417,8 +444,7 @@ class Bench:
         def baseline() -> int:
             d = fresh_dir()
             try:
-                return in_process_batch([(str(f), str(d / (f.stem + ".safetensors"))) for f in files],
-                                        jobs)
+                return in_process_batch([(str(f), str(d / (f.stem + ".safetensors"))) for f in files], jobs)
             finally:
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -433,8 +459,10 @@ class Bench:
             bad = [x for x in summary.results if x.status is not _batch.Status.CONVERTED]
             if bad or summary.not_done or len(summary.results) != len(files):
                 why = f"; first: {bad[0].rel}: {bad[0].status} {bad[0].reason}" if bad else ""
-                raise RuntimeError(f"converted {len(summary.results) - len(bad)} of {len(files)}, "
-                                   f"not done {len(summary.not_done)}{why}")
+                raise RuntimeError(
+                    f"converted {len(summary.results) - len(bad)} of {len(files)}, "
+                    f"not done {len(summary.not_done)}{why}"
+                )
             return summary
 
         self.settle()
@@ -474,8 +502,10 @@ class Bench:
         exe = Path(sys.executable).with_name("model-sandbox")
         cli = str(exe) if exe.exists() else shutil.which("model-sandbox")
         out()
-        out(f"== a new process per call: one small state dict ({src.stat().st_size / 1024:.0f} KB), "
-            "end to end ==")
+        out(
+            f"== a new process per call: one small state dict ({src.stat().st_size / 1024:.0f} KB), "
+            "end to end =="
+        )
         time_header()
         runs = iter(range(1_000_000))
 
@@ -489,28 +519,31 @@ class Bench:
             if proc.returncode != 0:
                 text = (proc.stderr + proc.stdout).decode(errors="replace").splitlines()
                 lines = [x.strip() for x in text if x.strip()]
-                why = next((x for x in lines if "error[" in x or "Error:" in x),
-                           lines[0] if lines else "")
+                why = next((x for x in lines if "error[" in x or "Error:" in x), lines[0] if lines else "")
                 raise RuntimeError(f"exit {proc.returncode}: {why}")
 
         r = self.args.repeat
         first = r > 1  # an untimed first call (page cache of the interpreter and its modules)
         self.settle()
-        base = measure(lambda: run([sys.executable, "-c", _NEW_PROCESS_BASELINE, "SRC", "DST"]), r,
-                       untimed_first=first, track_rss=False)
+        base = measure(
+            lambda: run([sys.executable, "-c", _NEW_PROCESS_BASELINE, "SRC", "DST"]),
+            r,
+            untimed_first=first,
+            track_rss=False,
+        )
         time_row("python -c 'torch.load + save_file'", base, base, "(ratio reference)")
         if cli is None:
             out(f"  {'model-sandbox convert':<{NAME_W}} failed: the model-sandbox script is not installed")
             return
         convert = [cli, "convert", "SRC", "-o", "DST"]
         self.settle()
-        ours = measure(lambda: run(convert), r, untimed_first=first, before=self.settle,
-                       track_rss=False)
+        ours = measure(lambda: run(convert), r, untimed_first=first, before=self.settle, track_rss=False)
         time_row("ours: model-sandbox convert SRC -o DST", ours, base)
         cold_env = {**os.environ, "MODEL_SANDBOX_WARM": "0"}
         self.settle()
-        ours_cold = measure(lambda: run(convert, cold_env), r, untimed_first=first,
-                            before=self.settle, track_rss=False)
+        ours_cold = measure(
+            lambda: run(convert, cold_env), r, untimed_first=first, before=self.settle, track_rss=False
+        )
         time_row("ours: same, MODEL_SANDBOX_WARM=0", ours_cold, base)
         self.results["cli:base"] = base
         self.results["cli:ours"] = ours
@@ -544,8 +577,11 @@ class Bench:
         ours, base = get(f"sd:{mb:g}:warm"), get(f"sd:{mb:g}:load_wo")
         if ours and base:
             limit = base.median + WARM_SMALL_EXTRA_S
-            verdict(ours.median <= limit, f"{text}: {_s(ours.median)} s vs torch.load(weights_only=True) "
-                    f"{_s(base.median)} s + {WARM_SMALL_EXTRA_S} = {_s(limit)} s{caveat}")
+            verdict(
+                ours.median <= limit,
+                f"{text}: {_s(ours.median)} s vs torch.load(weights_only=True) "
+                f"{_s(base.median)} s + {WARM_SMALL_EXTRA_S} = {_s(limit)} s{caveat}",
+            )
         else:
             missing(text, "a case failed or was not run")
 
@@ -555,8 +591,10 @@ class Bench:
         if ours and base:
             ratio = ours.median / base.median
             extra = f"; cold {_s(cold.median)} s = {cold.median / base.median:.2f}x" if cold else ""
-            verdict(ratio <= BIG_MAX_RATIO, f"{text}: warm {_s(ours.median)} s vs {_s(base.median)} s "
-                    f"= {ratio:.2f}x{extra}{caveat}")
+            verdict(
+                ratio <= BIG_MAX_RATIO,
+                f"{text}: warm {_s(ours.median)} s vs {_s(base.median)} s = {ratio:.2f}x{extra}{caveat}",
+            )
         else:
             missing(text, "a case failed or was not run")
 
@@ -565,8 +603,10 @@ class Bench:
         caveat = "" if self.args.module_mb == 1024 else f" [measured at {self.args.module_mb:g} MB]"
         if ours and base:
             ratio = ours.median / base.median
-            verdict(ratio <= MODULE_MAX_RATIO, f"{text}: warm {_s(ours.median)} s vs {_s(base.median)} s "
-                    f"= {ratio:.2f}x{caveat}")
+            verdict(
+                ratio <= MODULE_MAX_RATIO,
+                f"{text}: warm {_s(ours.median)} s vs {_s(base.median)} s = {ratio:.2f}x{caveat}",
+            )
         else:
             missing(text, "a case failed or was not run")
 
@@ -575,8 +615,11 @@ class Bench:
         if ours and base and "big" in self.info:
             n, nbytes = self.info["big"]
             o, b = nbytes / MB / ours.median, nbytes / MB / base.median
-            caveat = "" if (n, self.args.big_file_mb) == (12, 100) else \
-                f" [measured on {n} x {self.args.big_file_mb:g} MB]"
+            caveat = (
+                ""
+                if (n, self.args.big_file_mb) == (12, 100)
+                else f" [measured on {n} x {self.args.big_file_mb:g} MB]"
+            )
             verdict(o >= BATCH_MIN_SPEED * b, f"{text}: {o:.2f} MB/s vs {b:.2f} MB/s = {o / b:.3f}x{caveat}")
         else:
             missing(text, "a case failed or was not run")
@@ -587,34 +630,52 @@ class Bench:
             n = self.info["small"][0]
             rate = n / ours.median
             caveat = "" if n == 200 else f" [measured on {n} files]"
-            verdict(rate >= SMALL_MIN_FILES_S, f"{text}: {rate:.2f} files/s ({n} files in "
-                    f"{_s(ours.median)} s){caveat}")
+            verdict(
+                rate >= SMALL_MIN_FILES_S,
+                f"{text}: {rate:.2f} files/s ({n} files in {_s(ours.median)} s){caveat}",
+            )
         else:
             missing(text, "a case failed or was not run")
 
         text = f"cold `model-sandbox convert` of a small state dict in a new process < {CLI_MAX_S:g} s"
         ours = get("cli:ours")
         if ours:
-            verdict(ours.median < CLI_MAX_S, f"{text}: {_s(ours.median)} s "
-                    f"(min {_s(min(ours.times))} s)")
+            verdict(ours.median < CLI_MAX_S, f"{text}: {_s(ours.median)} s (min {_s(min(ours.times))} s)")
         else:
             missing(text, "a case failed or was not run")
 
 
 # -- the command -------------------------------------------------------------------------------
 
-FULL = {"sizes_mb": "10,100,1024", "module_mb": 1024.0, "small_files": 200, "small_file_kb": 256.0,
-        "big_files": 12, "big_file_mb": 100.0, "repeat": 3}
-TINY = {"sizes_mb": "1", "module_mb": 1.0, "small_files": 6, "small_file_kb": 64.0,
-        "big_files": 2, "big_file_mb": 2.0, "repeat": 1}
+FULL = {
+    "sizes_mb": "10,100,1024",
+    "module_mb": 1024.0,
+    "small_files": 200,
+    "small_file_kb": 256.0,
+    "big_files": 12,
+    "big_file_mb": 100.0,
+    "repeat": 3,
+}
+TINY = {
+    "sizes_mb": "1",
+    "module_mb": 1.0,
+    "small_files": 6,
+    "small_file_kb": 64.0,
+    "big_files": 2,
+    "big_file_mb": 2.0,
+    "repeat": 1,
+}
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     doc = __doc__ or ""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--tiny", action="store_true",
-                   help="every row on tiny inputs in a minute or two: a 1 MB state dict and module, "
-                        "6 small files of 64 KB, 2 files of 2 MB, repeat 1 (explicit options win)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="every row on tiny inputs in a minute or two: a 1 MB state dict and module, "
+        "6 small files of 64 KB, 2 files of 2 MB, repeat 1 (explicit options win)",
+    )
     p.add_argument("--sizes-mb", help=f"state dict sizes, comma-separated (default {FULL['sizes_mb']})")
     p.add_argument("--module-mb", type=float, help="pickled nn.Module size, 0 skips it (default 1024)")
     p.add_argument("--small-files", type=int, help="files in the small batch (default 200)")
@@ -622,8 +683,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--big-files", type=int, help="files in the big batch (default 12)")
     p.add_argument("--big-file-mb", type=float, help="size of each big file (default 100)")
     p.add_argument("--repeat", type=int, help="timed runs per case (default 3)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="parallel jobs of both batches (default: os.cpu_count())")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="parallel jobs of both batches (default: os.cpu_count())",
+    )
     p.add_argument("--dir", help="where the temporary directory goes (default: the system's)")
     args = p.parse_args(argv)
     for k, v in (TINY if args.tiny else FULL).items():
@@ -643,32 +708,41 @@ def header(args: argparse.Namespace, tmp: Path) -> None:
             mem = f"{int(f.readline().split()[1]) / 2**20:.1f} GiB"
     out(f"bench_load {now}")
     out(f"machine: {os.cpu_count()} CPUs, {mem} RAM, {platform.platform()}, {platform.machine()}")
-    out(f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"safetensors {safetensors.__version__}, model-sandbox {sandbox.__version__}")
+    out(
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"safetensors {safetensors.__version__}, model-sandbox {sandbox.__version__}"
+    )
     try:
         runner = _launch.DockerRunner()
         engine = runner.client.version().get("Version", "?")
         out(f"docker engine {engine}, worker image {runner.ensure_image()}")
     except Exception as exc:
-        out(f"docker: failed: {_failure(exc)} (sandboxed rows will fail; "
-            "`.venv/bin/model-sandbox image build` builds the image)")
+        out(
+            f"docker: failed: {_failure(exc)} (sandboxed rows will fail; "
+            "`.venv/bin/model-sandbox image build` builds the image)"
+        )
     out(f"repeat {args.repeat}, jobs {args.jobs}, files in {tmp}")
-    out("times: wall seconds, median and min-max of the timed runs, page cache warm (baselines: one "
-        "untimed run first).")
-    out("peak RSS: the most this process's RSS rose above its level at the call's start (sampled "
-        "every 10 ms,")
-    out("  result still held; the container's memory is not included). ratio: median / the reference "
-        "row's median.")
-    out("ours: cold = safe_load(runner=DockerRunner()); warm = Pool(size=1).safe_load with a ready "
-        "sandbox")
-    out("  (warm-up untimed); back-to-back = the same pool, calls with no wait (refill in the "
-        "background).")
+    out(
+        "times: wall seconds, median and min-max of the timed runs, page cache warm (baselines: one "
+        "untimed run first)."
+    )
+    out(
+        "peak RSS: the most this process's RSS rose above its level at the call's start (sampled every 10 ms,"
+    )
+    out(
+        "  result still held; the container's memory is not included). ratio: median / the reference "
+        "row's median."
+    )
+    out("ours: cold = safe_load(runner=DockerRunner()); warm = Pool(size=1).safe_load with a ready sandbox")
+    out("  (warm-up untimed); back-to-back = the same pool, calls with no wait (refill in the background).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-load-", dir=args.dir) as tmp_s, \
-            sandbox.Pool(size=1) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-load-", dir=args.dir) as tmp_s,
+        sandbox.Pool(size=1) as pool,
+    ):
         tmp = Path(tmp_s)
         header(args, tmp)
         bench = Bench(args=args, tmp=tmp, pool=pool)

@@ -88,13 +88,15 @@ def make_files(d: Path, size_mb: int, big_tensors: int, small_tensors: int) -> l
     files = []
     per = max(1, size_mb * (1 << 20) // 4 // big_tensors)
     big = collections.OrderedDict(
-        (f"layers.{i}.weight", torch.empty(per).uniform_(generator=g)) for i in range(big_tensors))
+        (f"layers.{i}.weight", torch.empty(per).uniform_(generator=g)) for i in range(big_tensors)
+    )
     path = d / "big.pt"
     torch.save(big, path)
     files.append((f"torch zip, {big_tensors} tensors", path, big_tensors))
     del big
     small = collections.OrderedDict(
-        (f"blocks.{i // 8}.p{i % 8}", torch.randn(16, generator=g)) for i in range(small_tensors))
+        (f"blocks.{i // 8}.p{i % 8}", torch.randn(16, generator=g)) for i in range(small_tensors)
+    )
     path = d / "small.pt"
     torch.save({"state_dict": small, "epoch": 3}, path)
     files.append((f"torch zip, {small_tensors} small tensors", path, small_tensors))
@@ -102,7 +104,8 @@ def make_files(d: Path, size_mb: int, big_tensors: int, small_tensors: int) -> l
     torch.save({"state_dict": small, "epoch": 3}, path, _use_new_zipfile_serialization=False)
     files.append((f"legacy, {small_tensors} small tensors", path, small_tensors))
     mid = collections.OrderedDict(
-        (f"layers.{i}.weight", torch.randn(per // 8, generator=g)) for i in range(big_tensors))
+        (f"layers.{i}.weight", torch.randn(per // 8, generator=g)) for i in range(big_tensors)
+    )
     path = d / "mid_legacy.pt"
     torch.save(mid, path, _use_new_zipfile_serialization=False)
     files.append((f"legacy, {big_tensors} tensors", path, big_tensors))
@@ -112,8 +115,13 @@ def make_files(d: Path, size_mb: int, big_tensors: int, small_tensors: int) -> l
 def baseline(python: str | None, tool: str, path: Path, repeat: int) -> dict[str, object]:
     if not python:
         return {"error": "not installed (no --baseline-python)"}
-    proc = subprocess.run([python, "-c", _BASELINE, tool, str(path), str(repeat)],
-                          capture_output=True, text=True, timeout=3600, check=False)
+    proc = subprocess.run(
+        [python, "-c", _BASELINE, tool, str(path), str(repeat)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=False,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": f"failed ({proc.stderr.strip().splitlines()[-1:]})"}
@@ -128,35 +136,41 @@ def main() -> None:
     ap.add_argument("--big-tensors", type=int, default=2000)
     ap.add_argument("--small-tensors", type=int, default=20000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--baseline-python", default=os.environ.get("BENCH_BASELINE_PYTHON"),
-                    help="interpreter with picklescan/modelscan installed")
+    ap.add_argument(
+        "--baseline-python",
+        default=os.environ.get("BENCH_BASELINE_PYTHON"),
+        help="interpreter with picklescan/modelscan installed",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         files = make_files(Path(tmp), args.size_mb, args.big_tensors, args.small_tensors)
-        print(f"python {sys.version.split()[0]}, torch {torch.__version__}, "
-              f"{os.cpu_count()} cpus, median of {args.repeat} warm runs")
+        print(
+            f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+            f"{os.cpu_count()} cpus, median of {args.repeat} warm runs"
+        )
         for label, path, count in files:
             mb = path.stat().st_size / 1e6
             scan = scan_file(path)
             t_scan = median_time(functools.partial(scan_file, path), args.repeat)
             t_rec = median_time(functools.partial(try_reconstruct, path), args.repeat)
-            t_load = median_time(functools.partial(torch.load, path, weights_only=True),
-                                 args.repeat)
-            print(f"\n{label}: {mb:,.1f} MB, {len(scan.storages)} storage records, "
-                  f"{len(scan.findings)} findings")
-            print(f"  scan_file          {t_scan * 1e3:9.1f} ms  {mb / t_scan:9.0f} MB/s  "
-                  f"{count / t_scan:10.0f} tensors/s")
+            t_load = median_time(functools.partial(torch.load, path, weights_only=True), args.repeat)
+            print(
+                f"\n{label}: {mb:,.1f} MB, {len(scan.storages)} storage records, "
+                f"{len(scan.findings)} findings"
+            )
+            print(
+                f"  scan_file          {t_scan * 1e3:9.1f} ms  {mb / t_scan:9.0f} MB/s  "
+                f"{count / t_scan:10.0f} tensors/s"
+            )
             print(f"  try_reconstruct    {t_rec * 1e3:9.1f} ms  ({t_rec / t_scan:.2f}x scan_file)")
-            print(f"  torch.load(w_o)    {t_load * 1e3:9.1f} ms  (scan_file is {t_scan / t_load:.2f}x "
-                  "of it)")
+            print(f"  torch.load(w_o)    {t_load * 1e3:9.1f} ms  (scan_file is {t_scan / t_load:.2f}x of it)")
             for tool in ("picklescan", "modelscan"):
                 r = baseline(args.baseline_python, tool, path, args.repeat)
                 if "error" in r:
                     print(f"  {tool:18} {r['error']}")
                     continue
                 t = float(r["median_s"])  # type: ignore[arg-type]
-                print(f"  {tool:18} {t * 1e3:9.1f} ms  (scan_file is {t_scan / t:.2f}x of it) "
-                      f"{r['info']}")
+                print(f"  {tool:18} {t * 1e3:9.1f} ms  (scan_file is {t_scan / t:.2f}x of it) {r['info']}")
 
 
 if __name__ == "__main__":

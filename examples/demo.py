@@ -39,22 +39,21 @@ def main() -> int:
     marker = (OUT / "PWNED").resolve()
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    torch.save({"epoch": 5, "state_dict": model.state_dict(), "config": {"hidden": 8}},
-               OUT / "benign.pt")
-    code = (f"import os, socket\n"
-            f"os.system('touch {marker}')\n"
-            f"try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\n"
-            f"except OSError:\n    pass\n")
+    torch.save({"epoch": 5, "state_dict": model.state_dict(), "config": {"hidden": 8}}, OUT / "benign.pt")
+    code = (
+        f"import os, socket\n"
+        f"os.system('touch {marker}')\n"
+        f"try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\n"
+        f"except OSError:\n    pass\n"
+    )
     torch.save({"state_dict": model.state_dict(), "payload": Payload(code)}, OUT / "hostile.pt")
 
     worst = 0
     # convert refuses the hostile file on its static scan alone; scan then runs it in the
     # sandbox anyway, to record what it tries to do
-    for command, name in (("convert", "benign.pt"), ("convert", "hostile.pt"),
-                          ("scan", "hostile.pt")):
+    for command, name in (("convert", "benign.pt"), ("convert", "hostile.pt"), ("scan", "hostile.pt")):
         print(f"\n$ model-sandbox {command} {OUT / name}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "sandbox", command, str(OUT / name)],
-                              check=False)
+        proc = subprocess.run([sys.executable, "-m", "sandbox", command, str(OUT / name)], check=False)
         worst = max(worst, proc.returncode)
 
     try:

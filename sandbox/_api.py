@@ -60,6 +60,7 @@ VERSION = "0.1.0"
 
 # -- the pipeline ------------------------------------------------------------------------------
 
+
 @dataclass
 class _Loaded:
     report: LoadReport
@@ -68,23 +69,34 @@ class _Loaded:
     stopped_early: bool = False
     tensors: dict[str, torch.Tensor] | None = None  # checked against the manifest
     handoff: str = "memfd"  # or "layout": the tensors were mapped from the input itself
-    input_path: str = ""    # /proc/self/fd/N of the host's descriptor of the input
+    input_path: str = ""  # /proc/self/fd/N of the host's descriptor of the input
     static: _scan.StaticScan | None = None  # the static stage's scan, reused by the layout check
     placements: list[Placement] = dataclasses.field(default_factory=list)
     reading: _verify.Reading | None = None  # the host's own reading, under way beside the load
 
 
 @contextlib.contextmanager
-def _sandboxed(path: str | os.PathLike[str], *, policy: Policy,
-               runner: _launch.Runner | str | None,
-               write_tensors: bool, expected_sha256: str | None, runtime: str | None = None,
-               stop_early: bool = False, dynamic: bool = True,
-               mmap: bool = False, materialise: bool = True) -> Iterator[_Loaded]:
+def _sandboxed(
+    path: str | os.PathLike[str],
+    *,
+    policy: Policy,
+    runner: _launch.Runner | str | None,
+    write_tensors: bool,
+    expected_sha256: str | None,
+    runtime: str | None = None,
+    stop_early: bool = False,
+    dynamic: bool = True,
+    mmap: bool = False,
+    materialise: bool = True,
+) -> Iterator[_Loaded]:
     """Run one load in a sandbox; yields the report and the validated outputs. The outputs
     (sealed memfds) are released when the block ends."""
     start = time.monotonic()
-    report = LoadReport(input_path=os.fspath(path), tool={"name": "model-sandbox", "version": VERSION},
-                        policy={"name": policy.name, "digest": policy.digest})
+    report = LoadReport(
+        input_path=os.fspath(path),
+        tool={"name": "model-sandbox", "version": VERSION},
+        policy={"name": policy.name, "digest": policy.digest},
+    )
     loaded = _Loaded(report=report, output=None, error=None)
     st: _scan.StaticScan | None = None
     run: _launch.RunResult | None = None
@@ -104,8 +116,11 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy,
                 if report.input_sha256 != expected_sha256.lower():
                     raise HashMismatch(
                         f"{os.fspath(path)!r} has sha256 {report.input_sha256}, not the pinned "
-                        f"{expected_sha256.lower()}", path=path, expected=expected_sha256.lower(),
-                        actual=report.input_sha256)
+                        f"{expected_sha256.lower()}",
+                        path=path,
+                        expected=expected_sha256.lower(),
+                        actual=report.input_sha256,
+                    )
             st = _judge.static_stage(real, report, policy, source=loaded.input_path)
             if not any(n.startswith(_judge.SCAN_STOPPED) for n in report.notes):
                 loaded.static = st  # a complete scan: the layout check need not read it again
@@ -115,7 +130,8 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy,
                     report.notes.append("refused on the static scan: the sandbox did not run")
                 raise _StaticOnly
             if loaded.static is not None and any(
-                    g.classification != "allowed" for g in loaded.static.globals):
+                g.classification != "allowed" for g in loaded.static.globals
+            ):
                 # not a plain state dict, so no layout hand-off: the host's own reading of the
                 # file runs beside the sandbox
                 loaded.reading = _verify.Reading(loaded.input_path, loaded.static)
@@ -125,37 +141,46 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy,
             report.tool["worker_digest"] = _image.worker_digest()
             spec = _launch.make_spec(policy, image=image)
             static_count = len(report.findings)
-            job = _launch.make_job(policy, input_fd=input_fd, input_size=before[1],
-                                   write_tensors=write_tensors)
+            job = _launch.make_job(
+                policy, input_fd=input_fd, input_size=before[1], write_tensors=write_tensors
+            )
             run = runner.run(spec, job)
             report.input_sha256 = hasher.result()
             if _input.identity(input_fd) != before:
-                report.add(Finding(
-                    rule="input-changed", severity=Severity.HIGH, category="evasion",
-                    message="the input file was modified while it was being loaded",
-                    evidence={"before": list(before), "after": list(_input.identity(input_fd))}))
+                report.add(
+                    Finding(
+                        rule="input-changed",
+                        severity=Severity.HIGH,
+                        category="evasion",
+                        message="the input file was modified while it was being loaded",
+                        evidence={"before": list(before), "after": list(_input.identity(input_fd))},
+                    )
+                )
             try:
-                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors,
-                           mmap, materialise)
+                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors, mmap, materialise)
             except _LayoutRefused as exc:
                 # the sandbox read a plain state dict that the host cannot place in the file:
                 # the full loader decides, in a fresh sandbox
                 run.close()
                 report.notes.append(f"layout hand-off refused ({exc}); loaded in full")
                 report.findings, report.events = list(report.findings[:static_count]), []
-                job = dataclasses.replace(job, config=dataclasses.replace(job.config,
-                                                                          layout=False))
+                job = dataclasses.replace(job, config=dataclasses.replace(job.config, layout=False))
                 run = runner.run(spec, job)
-                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors,
-                           mmap, materialise)
+                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors, mmap, materialise)
             assert loaded.output is not None and loaded.output.manifest is not None
             if loaded.handoff == "layout":
-                report.notes.append("the tensors were taken from the file's own records, placed "
-                                    "by the host and checked against the sandbox's reading")
+                report.notes.append(
+                    "the tensors were taken from the file's own records, placed "
+                    "by the host and checked against the sandbox's reading"
+                )
             else:
-                report.findings += _verify.weights(loaded.input_path, loaded.output.manifest,
-                                                   loaded.tensors,
-                                                   scan=loaded.static, reading=loaded.reading)
+                report.findings += _verify.weights(
+                    loaded.input_path,
+                    loaded.output.manifest,
+                    loaded.tensors,
+                    scan=loaded.static,
+                    reading=loaded.reading,
+                )
         except _StaticOnly:
             pass
         except SandboxError as exc:
@@ -182,9 +207,17 @@ def _sandboxed(path: str | os.PathLike[str], *, policy: Policy,
             os.close(input_fd)
 
 
-def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
-               spec: _launch.ContainerSpec, job: _launch.Job, shown: str, write_tensors: bool,
-               mmap: bool, materialise: bool = True) -> None:
+def _monitored(
+    report: LoadReport,
+    loaded: _Loaded,
+    run: _launch.RunResult,
+    spec: _launch.ContainerSpec,
+    job: _launch.Job,
+    shown: str,
+    write_tensors: bool,
+    mmap: bool,
+    materialise: bool = True,
+) -> None:
     """Stages 3-5 over what the sandbox sent: engine facts and the supervisor's status,
     events, then the validated manifest and tensors. Evidence is kept even when the outputs
     are rejected."""
@@ -207,9 +240,14 @@ def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
         report.tool["runtime"] = run.runtime
     report.tool["monitoring"] = _monitoring(run)
     report.resources["limits_enforced_by"] = dict(run.limits)
-    monitored = _events.read(run.received.events, output.status, run.received.outputs,
-                             run.received.events_dropped, trace=run.trace,
-                             allow_read=job.config.allow_read)
+    monitored = _events.read(
+        run.received.events,
+        output.status,
+        run.received.outputs,
+        run.received.events_dropped,
+        trace=run.trace,
+        allow_read=job.config.allow_read,
+    )
     report.events += monitored.events
     report.findings += monitored.findings
     report.notes += monitored.notes + outcome.notes
@@ -221,17 +259,20 @@ def _monitored(report: LoadReport, loaded: _Loaded, run: _launch.RunResult,
         raise outcome.error
     if rejected is not None:
         raise rejected
-    if output.manifest is None or (write_tensors and output.tensors_path is None and
-                                   output.manifest.layout is None):
+    if output.manifest is None or (
+        write_tensors and output.tensors_path is None and output.manifest.layout is None
+    ):
         from .errors import LoadFailed
+
         raise LoadFailed("the loader reported success but sent no manifest/tensors")
     if output.manifest.layout is not None:
         output.manifest, loaded.placements = _placed(report, output.manifest, job, loaded.static)
         loaded.handoff = report.resources["handoff"] = "layout"
         _summarise(report, output.manifest)
         if write_tensors and materialise:
-            loaded.tensors = _convert.map_layout(f"/proc/self/fd/{job.input_fd}",
-                                                 loaded.placements, copy=not mmap)
+            loaded.tensors = _convert.map_layout(
+                f"/proc/self/fd/{job.input_fd}", loaded.placements, copy=not mmap
+            )
         return
     report.resources["handoff"] = "memfd"
     _summarise(report, output.manifest)
@@ -249,16 +290,17 @@ def _monitoring(run: _launch.RunResult) -> str:
 def _runner_for(runner: _launch.Runner | str | None, runtime: str | None) -> _launch.Runner:
     """The runner a call names (a runner, a pool, a kind), under ``runtime`` when given."""
     if runtime is None:
-        return _launch.make_runner(runner) if isinstance(runner, str) \
-            else runner or _default_runner()
+        return _launch.make_runner(runner) if isinstance(runner, str) else runner or _default_runner()
     if runner is None or isinstance(runner, str):
         return _launch.make_runner(runner, runtime=runtime)
     inner = getattr(runner, "runner", runner)  # a Pool's runner
     if getattr(inner, "runtime", "runc") != _launch.runtime_kind(runtime):
         from .errors import PolicyError
 
-        raise PolicyError(f"runtime={runtime!r} was asked for, but the given runner runs "
-                          f"{getattr(inner, 'runtime', 'runc')!r}: pass one or the other")
+        raise PolicyError(
+            f"runtime={runtime!r} was asked for, but the given runner runs "
+            f"{getattr(inner, 'runtime', 'runc')!r}: pass one or the other"
+        )
     return runner
 
 
@@ -266,8 +308,9 @@ class _LayoutRefused(Exception):
     """Internal: the host cannot place the plain state dict the sandbox described."""
 
 
-def _placed(report: LoadReport, manifest: P.Manifest, job: _launch.Job,
-            static: _scan.StaticScan | None) -> tuple[P.Manifest, list[Placement]]:
+def _placed(
+    report: LoadReport, manifest: P.Manifest, job: _launch.Job, static: _scan.StaticScan | None
+) -> tuple[P.Manifest, list[Placement]]:
     """The layout hand-off: the host places every tensor in the input itself and requires the
     sandbox's layout to agree exactly; returns the manifest the later stages use."""
     from ._verify import reconstruct as _reconstruct
@@ -276,18 +319,28 @@ def _placed(report: LoadReport, manifest: P.Manifest, job: _launch.Job,
     if isinstance(placed, _reconstruct.NotReconstructed):
         raise _LayoutRefused(placed.reason)
     theirs = manifest.layout or ()
-    mine = [(p.name, p.storage_key, p.dtype, p.shape, p.stride, p.storage_offset, p.parameter)
-            for p in placed]
+    mine = [
+        (p.name, p.storage_key, p.dtype, p.shape, p.stride, p.storage_offset, p.parameter) for p in placed
+    ]
     said = [(t.name, t.key, t.dtype, t.shape, t.stride, t.offset, t.parameter) for t in theirs]
     if mine != said:
-        differ = next((i for i, (a, b) in enumerate(zip(mine, said, strict=False)) if a != b),
-                      min(len(mine), len(said)))
-        report.add(Finding(
-            rule="layout-differential", severity=Severity.HIGH, category="evasion",
-            message="the sandbox's reading of the pickle and the host's reading of the archive "
-                    "describe different tensors: the file reads differently to different parsers",
-            evidence={"host_tensors": len(mine), "sandbox_tensors": len(theirs),
-                      "first_difference": differ}))
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(mine, said, strict=False)) if a != b), min(len(mine), len(said))
+        )
+        report.add(
+            Finding(
+                rule="layout-differential",
+                severity=Severity.HIGH,
+                category="evasion",
+                message="the sandbox's reading of the pickle and the host's reading of the archive "
+                "describe different tensors: the file reads differently to different parsers",
+                evidence={
+                    "host_tensors": len(mine),
+                    "sandbox_tensors": len(theirs),
+                    "first_difference": differ,
+                },
+            )
+        )
         raise OutputRejected("the sandbox's layout disagrees with the file's records")
     tensors = []
     for p, t in zip(placed, theirs, strict=True):
@@ -296,9 +349,17 @@ def _placed(report: LoadReport, manifest: P.Manifest, job: _launch.Job,
         for d in p.shape:
             numel *= d
         # no digest: the bytes are the file's own, placed by the host
-        tensors.append(P.TensorEntry(name=p.name, dtype=p.dtype, shape=p.shape,
-                                     stored_as=stored_as, nbytes=numel * size, sha256="",
-                                     location=t.location))
+        tensors.append(
+            P.TensorEntry(
+                name=p.name,
+                dtype=p.dtype,
+                shape=p.shape,
+                stored_as=stored_as,
+                nbytes=numel * size,
+                sha256="",
+                location=t.location,
+            )
+        )
     return dataclasses.replace(manifest, tensors=tuple(tensors), views=()), placed
 
 
@@ -311,9 +372,15 @@ def _summarise(report: LoadReport, manifest: P.Manifest) -> None:
     report.tensors = len(manifest.tensors) + len(manifest.views)
     report.tensor_bytes = sum(t.nbytes for t in manifest.tensors)
     for u in manifest.unrepresentable[:50]:
-        report.add(Finding(rule="unrepresentable-object", severity=Severity.INFO, category="format",
-                           message="an object that is not data was replaced by a placeholder",
-                           evidence={"path": u.path[:300], "type": u.type[:200]}))
+        report.add(
+            Finding(
+                rule="unrepresentable-object",
+                severity=Severity.INFO,
+                category="format",
+                message="an object that is not data was replaced by a placeholder",
+                evidence={"path": u.path[:300], "type": u.type[:200]},
+            )
+        )
     report.notes += [n[:300] for n in manifest.notes[:50]]
 
 
@@ -323,24 +390,34 @@ def _raise_if_unsafe(loaded: _Loaded, policy: Policy, *, weights_only: bool = Fa
     report = loaded.report
     if _judge.refuses(report, policy) or loaded.stopped_early:
         top = max(report.findings, key=lambda f: f.severity)
-        raise SandboxViolation(
-            f"{report.input_path} is {report.verdict.value}: {top.message}", report=report)
+        raise SandboxViolation(f"{report.input_path} is {report.verdict.value}: {top.message}", report=report)
     if loaded.error is not None:
         raise loaded.error
     unverified = [f for f in report.findings if f.rule == "weights-unverified"]
     if weights_only and unverified:
-        raise UnverifiedWeights(f"{report.input_path}: {unverified[0].message}", report=report,
-                                names=list(unverified[0].evidence.get("tensors", [])))
+        raise UnverifiedWeights(
+            f"{report.input_path}: {unverified[0].message}",
+            report=report,
+            names=list(unverified[0].evidence.get("tensors", [])),
+        )
 
 
 # -- public operations -------------------------------------------------------------------------
 
 
-def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
-              pickle_module: Any = None, *, weights_only: bool | None = None,
-              mmap: bool | None = None, policy: Policy | None = None,
-              expected_sha256: str | None = None, runner: _launch.Runner | str | None = None,
-              runtime: str | None = None, **pickle_load_args: Any) -> Any:
+def safe_load(
+    f: str | os.PathLike[str] | IO[bytes],
+    map_location: Any = None,
+    pickle_module: Any = None,
+    *,
+    weights_only: bool | None = None,
+    mmap: bool | None = None,
+    policy: Policy | None = None,
+    expected_sha256: str | None = None,
+    runner: _launch.Runner | str | None = None,
+    runtime: str | None = None,
+    **pickle_load_args: Any,
+) -> Any:
     """Load a checkpoint like ``torch.load`` does, except that the pickle runs only inside the
     sandbox and the host receives checked SafeTensors plus a JSON skeleton.
 
@@ -368,9 +445,19 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
     policy = policy or Policy.default()
     _convert.check_map_location(map_location)
     wo = True if weights_only is None else bool(weights_only)
-    with _input.as_path(f) as path, _sandboxed(path, policy=policy, runner=runner, write_tensors=True,
-                                         expected_sha256=expected_sha256, runtime=runtime,
-                                         stop_early=True, mmap=bool(mmap)) as loaded:
+    with (
+        _input.as_path(f) as path,
+        _sandboxed(
+            path,
+            policy=policy,
+            runner=runner,
+            write_tensors=True,
+            expected_sha256=expected_sha256,
+            runtime=runtime,
+            stop_early=True,
+            mmap=bool(mmap),
+        ) as loaded,
+    ):
         _raise_if_unsafe(loaded, policy, weights_only=wo)
         assert loaded.output is not None and loaded.output.manifest is not None
         manifest = loaded.output.manifest
@@ -379,11 +466,18 @@ def safe_load(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
         return _convert.rebuild(manifest.skeleton, tensors, weights_only=wo)
 
 
-def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, *,
-            policy: Policy | None = None, expected_sha256: str | None = None,
-            runner: _launch.Runner | str | None = None, write_report: bool = True,
-            shared: str = "complete", allow_unverified: bool = False,
-            runtime: str | None = None) -> LoadReport:
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None = None,
+    *,
+    policy: Policy | None = None,
+    expected_sha256: str | None = None,
+    runner: _launch.Runner | str | None = None,
+    write_report: bool = True,
+    shared: str = "complete",
+    allow_unverified: bool = False,
+    runtime: str | None = None,
+) -> LoadReport:
     """Load ``src`` in the sandbox and write its tensors to ``dst`` (default: ``src`` with the
     suffix ``.safetensors``), atomically, plus ``<dst>.report.json``. Every name of the
     returned structure is a tensor in the file (``shared="complete"``, the default: views as
@@ -402,21 +496,35 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
     if shared not in SHARED_MODES:
         raise ValueError(f"shared must be one of {SHARED_MODES}, not {shared!r}")
     dst_path = Path(dst) if dst is not None else Path(src).with_suffix(".safetensors")
-    with _sandboxed(src, policy=policy, runner=runner, write_tensors=True,
-                    expected_sha256=expected_sha256, stop_early=True, runtime=runtime,
-                    materialise=False) as loaded:
+    with _sandboxed(
+        src,
+        policy=policy,
+        runner=runner,
+        write_tensors=True,
+        expected_sha256=expected_sha256,
+        stop_early=True,
+        runtime=runtime,
+        materialise=False,
+    ) as loaded:
         report = loaded.report
         try:
             _raise_if_unsafe(loaded, policy, weights_only=not allow_unverified)
             assert loaded.output is not None and loaded.output.manifest is not None
             manifest = loaded.output.manifest
             if loaded.handoff == "layout":  # byte ranges of the input: no torch on the host
-                _write.write_placed(dst_path, loaded.input_path, loaded.placements, manifest, report,
-                                    dedupe=shared == "dedupe")
+                _write.write_placed(
+                    dst_path,
+                    loaded.input_path,
+                    loaded.placements,
+                    manifest,
+                    report,
+                    dedupe=shared == "dedupe",
+                )
             else:
                 assert loaded.tensors is not None
-                _write.write_safetensors(dst_path, loaded.tensors, manifest, report,
-                                         dedupe=shared == "dedupe")
+                _write.write_safetensors(
+                    dst_path, loaded.tensors, manifest, report, dedupe=shared == "dedupe"
+                )
             report.outputs["safetensors"] = str(dst_path)
             report.outputs["safetensors_sha256"] = _files.sha256_file(str(dst_path))[0]
         except SandboxError as exc:
@@ -433,20 +541,34 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = No
         return report
 
 
-def scan(path: str | os.PathLike[str], *, dynamic: bool = True, policy: Policy | None = None,
-         expected_sha256: str | None = None, runner: _launch.Runner | str | None = None,
-         runtime: str | None = None) -> LoadReport:
+def scan(
+    path: str | os.PathLike[str],
+    *,
+    dynamic: bool = True,
+    policy: Policy | None = None,
+    expected_sha256: str | None = None,
+    runner: _launch.Runner | str | None = None,
+    runtime: str | None = None,
+) -> LoadReport:
     """Scan ``path`` statically, then load it in the sandbox without keeping its weights, and
     return the report. ``dynamic=False`` stops after the static scan (no Docker needed).
     Never raises for a bad or hostile file: the report's verdict and error say what happened.
     ``runner`` and ``runtime`` as for :func:`safe_load`."""
     policy = policy or Policy.default()
-    with _sandboxed(path, policy=policy, runner=runner, write_tensors=False,
-                    expected_sha256=expected_sha256, dynamic=dynamic, runtime=runtime) as loaded:
+    with _sandboxed(
+        path,
+        policy=policy,
+        runner=runner,
+        write_tensors=False,
+        expected_sha256=expected_sha256,
+        dynamic=dynamic,
+        runtime=runtime,
+    ) as loaded:
         return loaded.report
 
 
 # -- routing torch.load ------------------------------------------------------------------------
+
 
 class patch_torch:  # noqa: N801 - used like a function: sandbox.patch_torch()
     """Route every ``torch.load`` (and ``torch.serialization.load``) through :func:`safe_load`.

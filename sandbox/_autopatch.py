@@ -27,8 +27,10 @@ PTH_NAME = "model_sandbox_patch.pth"
 
 def pth_text() -> str:
     """The .pth file's one executable line (``site`` runs lines that start with ``import``)."""
-    return (f"import os; exec('import sandbox._autopatch as _m; _m.activate()') "
-            f"if os.environ.get('{ENV}') == '1' else None\n")
+    return (
+        f"import os; exec('import sandbox._autopatch as _m; _m.activate()') "
+        f"if os.environ.get('{ENV}') == '1' else None\n"
+    )
 
 
 def _apply() -> None:
@@ -40,8 +42,9 @@ def _apply() -> None:
 class _AfterTorch(importlib.abc.MetaPathFinder):
     """Finds ``torch`` with the other finders and patches it once it has been executed."""
 
-    def find_spec(self, name: str, path: object = None,
-                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, name: str, path: object = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if name != "torch":
             return None
         sys.meta_path.remove(self)  # once; the real finders locate torch

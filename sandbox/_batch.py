@@ -131,17 +131,18 @@ MANIFEST_NAME = "model-sandbox-manifest.jsonl"
 LOCK_NAME = ".model-sandbox.lock"
 MANIFEST_SCHEMA = "model-sandbox/batch-manifest/1"
 BATCH_LABEL = f"{LABEL}.batch"
-MODEL_FORMATS = frozenset({"torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy",
-                           "numpy-npz", "joblib", "torchscript"})
+MODEL_FORMATS = frozenset(
+    {"torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy", "numpy-npz", "joblib", "torchscript"}
+)
 _ZIP_MAGIC = b"PK\x03\x04"
 _STALE_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what _files.atomic_write leaves on SIGKILL
 
 
 class Status(enum.Enum):
     CONVERTED = "converted"  # SafeTensors written (verdict clean, or below the policy's fail_on)
-    REFUSED = "refused"      # judged unsafe by the policy: report only, no weights
-    FAILED = "failed"        # could not be loaded (corrupt, unsupported, limits, pin mismatch...)
-    SKIPPED = "skipped"      # not a model file (by content), or not a regular file
+    REFUSED = "refused"  # judged unsafe by the policy: report only, no weights
+    FAILED = "failed"  # could not be loaded (corrupt, unsupported, limits, pin mismatch...)
+    SKIPPED = "skipped"  # not a model file (by content), or not a regular file
 
     def __str__(self) -> str:
         return self.value
@@ -149,13 +150,14 @@ class Status(enum.Enum):
 
 # -- discovery ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Entry:
     """One input file the batch will look at."""
 
-    rel: str      # relative POSIX path: the manifest key and the shape of the output tree
-    source: str   # the path as found (may be a symlink)
-    real: str     # the resolved regular file
+    rel: str  # relative POSIX path: the manifest key and the shape of the output tree
+    source: str  # the path as found (may be a symlink)
+    real: str  # the resolved regular file
     size: int
 
 
@@ -167,21 +169,21 @@ class ItemResult:
     status: Status
     size: int = 0
     verdict: Verdict | None = None
-    reason: str | None = None          # skip reason, or the error's message
-    reference: str | None = None       # the error's stable reference
+    reason: str | None = None  # skip reason, or the error's message
+    reference: str | None = None  # the error's stable reference
     sha256: str | None = None
     format: str | None = None
-    output: str | None = None          # relative to OUTDIR
+    output: str | None = None  # relative to OUTDIR
     output_sha256: str | None = None
-    report: str | None = None          # relative to OUTDIR (may start with ../ for --report-dir)
+    report: str | None = None  # relative to OUTDIR (may start with ../ for --report-dir)
     report_sha256: str | None = None
-    top_finding: str | None = None     # "severity rule: message"
+    top_finding: str | None = None  # "severity rule: message"
     tool: dict[str, str] = field(default_factory=dict)
     policy: dict[str, str] = field(default_factory=dict)
-    started: float | None = None       # unix time
+    started: float | None = None  # unix time
     finished: float | None = None
     duration_s: float = 0.0
-    reused: bool = False               # taken from the manifest, not redone (not serialised)
+    reused: bool = False  # taken from the manifest, not redone (not serialised)
     load_report: LoadReport | None = field(default=None, repr=False)  # not serialised
 
     @property
@@ -193,8 +195,11 @@ class ItemResult:
         return 0 if self.verdict is Verdict.CLEAN else 1
 
     def to_record(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("reused", "load_report")}
+        data = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("reused", "load_report")
+        }
         data["status"] = self.status.value
         data["verdict"] = None if self.verdict is None else self.verdict.value
         data["schema"] = MANIFEST_SCHEMA
@@ -226,9 +231,13 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def discover(sources: Sequence[str | os.PathLike[str]], *, include: Sequence[str] = (),
-             exclude: Sequence[str] = (), ignore: Sequence[str | os.PathLike[str]] = (),
-             ) -> tuple[list[Entry], list[ItemResult], int]:
+def discover(
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    ignore: Sequence[str | os.PathLike[str]] = (),
+) -> tuple[list[Entry], list[ItemResult], int]:
     """Walk ``sources``; returns (entries to look at, skipped non-files, count excluded by globs).
 
     ``ignore`` lists directories never entered (the output and report directories). Raises
@@ -271,14 +280,17 @@ def discover(sources: Sequence[str | os.PathLike[str]], *, include: Sequence[str
     seen: dict[str, str] = {}
     for e in entries:
         if e.rel in seen:
-            raise BatchError(f"two inputs map to the same relative path {e.rel!r}: "
-                             f"{seen[e.rel]!r} and {e.source!r}; convert them separately")
+            raise BatchError(
+                f"two inputs map to the same relative path {e.rel!r}: "
+                f"{seen[e.rel]!r} and {e.source!r}; convert them separately"
+            )
         seen[e.rel] = e.source
     return entries, skipped, excluded
 
 
-def _walk_dirs(top: str, base: str, ignored: set[str],
-               skip: Callable[[str, str], None]) -> Iterator[tuple[str, str]]:
+def _walk_dirs(
+    top: str, base: str, ignored: set[str], skip: Callable[[str, str], None]
+) -> Iterator[tuple[str, str]]:
     """(directory path, relative path) depth-first, sorted; symlinked directories are skipped."""
     stack = [(top, base)]
     while stack:
@@ -288,8 +300,9 @@ def _walk_dirs(top: str, base: str, ignored: set[str],
         yield path, rel
         try:
             with os.scandir(path) as it:
-                subdirs = sorted((de for de in it if de.is_dir(follow_symlinks=True)),
-                                 key=lambda d: d.name, reverse=True)
+                subdirs = sorted(
+                    (de for de in it if de.is_dir(follow_symlinks=True)), key=lambda d: d.name, reverse=True
+                )
         except OSError as exc:
             skip(rel or ".", f"directory cannot be read: {exc.strerror}")
             continue
@@ -301,8 +314,9 @@ def _walk_dirs(top: str, base: str, ignored: set[str],
             stack.append((de.path, sub_rel))
 
 
-def _add_file(path: str, rel: str, root_real: str | None, entries: list[Entry],
-              skip: Callable[[str, str], None]) -> None:
+def _add_file(
+    path: str, rel: str, root_real: str | None, entries: list[Entry], skip: Callable[[str, str], None]
+) -> None:
     try:
         lst = os.lstat(path)
     except OSError as exc:
@@ -325,6 +339,7 @@ def _add_file(path: str, rel: str, root_real: str | None, entries: list[Entry],
 
 def _output_rels(entries: Sequence[Entry]) -> dict[str, str]:
     """Input rel -> output rel; colliding stems keep their full names."""
+
     def stem_out(rel: str) -> str:
         head, _, name = rel.rpartition("/")
         stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
@@ -351,12 +366,14 @@ def _safe_join(root: Path, rel: str) -> Path:
         except FileExistsError:
             pass
         if not stat.S_ISDIR(os.lstat(cur).st_mode):
-            raise BatchError(f"{str(cur)!r} is not a plain directory (a symlink?); refusing to "
-                             "write through it")
+            raise BatchError(
+                f"{str(cur)!r} is not a plain directory (a symlink?); refusing to write through it"
+            )
     return cur / parts[-1]
 
 
 # -- the manifest ------------------------------------------------------------------------------
+
 
 def read_manifest(outdir: str | os.PathLike[str]) -> dict[str, ItemResult]:
     """The latest record per input in OUTDIR's manifest. Torn or invalid lines are dropped."""
@@ -388,15 +405,19 @@ class _Manifest:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise BatchError(f"another batch is writing to {str(outdir)!r}",
-                             hint="wait for it to finish, or use another OUTDIR") from None
+            raise BatchError(
+                f"another batch is writing to {str(outdir)!r}",
+                hint="wait for it to finish, or use another OUTDIR",
+            ) from None
         self.records = read_manifest(outdir)
         self.compact()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def compact(self) -> None:
-        lines = [json.dumps(self.records[k].to_record(), sort_keys=True, allow_nan=False) + "\n"
-                 for k in sorted(self.records)]
+        lines = [
+            json.dumps(self.records[k].to_record(), sort_keys=True, allow_nan=False) + "\n"
+            for k in sorted(self.records)
+        ]
         _files.atomic_write(self.path, "".join(lines).encode())
 
     def append(self, item: ItemResult) -> None:
@@ -414,18 +435,19 @@ class _Manifest:
 
 # -- containers of this batch ------------------------------------------------------------------
 
+
 class _LabelledRunner:
     """Runs this batch's loads in a :class:`~sandbox.Pool` of ``jobs`` warm sandboxes, each
     container labelled ``org.model-sandbox.batch=<id>`` so that an interrupted run can kill its
     own containers, and a later run remove what a SIGKILLed one left -- never anyone else's."""
 
-    def __init__(self, batch_id: str, jobs: int = 1, policy: Policy | None = None,
-                 runner: str | None = None) -> None:
+    def __init__(
+        self, batch_id: str, jobs: int = 1, policy: Policy | None = None, runner: str | None = None
+    ) -> None:
         from ._pool import Pool
 
         self.batch_id = batch_id
-        self.pool = Pool(size=jobs, policy=policy, labels=((BATCH_LABEL, batch_id),),
-                         runner=runner)
+        self.pool = Pool(size=jobs, policy=policy, labels=((BATCH_LABEL, batch_id),), runner=runner)
 
     def ensure_image(self) -> str:
         return self.pool.ensure_image()
@@ -443,8 +465,7 @@ class _LabelledRunner:
 
             client = connect()
             count = 0
-            for c in client.containers.list(
-                    all=True, filters={"label": f"{BATCH_LABEL}={self.batch_id}"}):
+            for c in client.containers.list(all=True, filters={"label": f"{BATCH_LABEL}={self.batch_id}"}):
                 with contextlib.suppress(Exception):
                     c.remove(force=True, v=True)
                     count += 1
@@ -455,21 +476,22 @@ class _LabelledRunner:
 
 # -- the batch ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class BatchOptions:
     policy: Policy = field(default_factory=Policy.default)
-    jobs: int | None = None                 # default: os.cpu_count()
+    jobs: int | None = None  # default: os.cpu_count()
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     force: bool = False
-    report_dir: Path | None = None          # default: reports go to OUTDIR
+    report_dir: Path | None = None  # default: reports go to OUTDIR
     pins: Mapping[str, str] = field(default_factory=dict)  # realpath -> sha256 hex
-    require_pins: bool = False              # a lock file: every model input must be pinned
-    retries: int = 4                        # engine-unavailable retries per file
-    backoff_s: float = 1.0                  # first retry delay; doubles, capped at 30 s
-    shared: str = "complete"                # or "dedupe": tied tensors under one name (HF)
-    allow_unverified: bool = False          # write tensors the host could not verify (MEDIUM)
-    runner: str | None = None               # docker, bwrap or auto (None: $MODEL_SANDBOX_RUNNER)
+    require_pins: bool = False  # a lock file: every model input must be pinned
+    retries: int = 4  # engine-unavailable retries per file
+    backoff_s: float = 1.0  # first retry delay; doubles, capped at 30 s
+    shared: str = "complete"  # or "dedupe": tied tensors under one name (HF)
+    allow_unverified: bool = False  # write tensors the host could not verify (MEDIUM)
+    runner: str | None = None  # docker, bwrap or auto (None: $MODEL_SANDBOX_RUNNER)
 
 
 @dataclass(frozen=True)
@@ -503,7 +525,7 @@ class BatchSummary:
     excluded: int = 0
     elapsed_s: float = 0.0
     interrupted: bool = False
-    stopped: str | None = None      # why the batch stopped early (engine gone)
+    stopped: str | None = None  # why the batch stopped early (engine gone)
     not_done: list[str] = field(default_factory=list)
     # sharded checkpoints: the model.safetensors.index.json written (output rels), and why an
     # index was not
@@ -588,8 +610,9 @@ class BatchContext:
     cancel: threading.Event
     # where a file's sandbox runs when it is not this host: (entry, ctx, dst, sha256, format,
     # started) -> the file's result (``_distribute.Remote``: a Dask cluster)
-    remote: Callable[[Entry, BatchContext, Path, str, str | None, tuple[float, float]], ItemResult] | None \
-        = None
+    remote: Callable[[Entry, BatchContext, Path, str, str | None, tuple[float, float]], ItemResult] | None = (
+        None
+    )
 
 
 def hash_input(path: str, cancel: threading.Event) -> tuple[str, int]:
@@ -621,17 +644,21 @@ def _reusable(prev: ItemResult | None, sha: str, size: int, ctx: BatchContext) -
     policy = ctx.options.policy
     if (prev.sha256, prev.size) != (sha, size) or prev.policy.get("digest") != policy.digest:
         return False
-    if prev.tool.get("worker_digest") != ctx.tool["worker_digest"] or \
-            prev.tool.get("version") != ctx.tool["version"] or \
-            prev.tool.get("shared", "complete") != ctx.tool["shared"]:
+    if (
+        prev.tool.get("worker_digest") != ctx.tool["worker_digest"]
+        or prev.tool.get("version") != ctx.tool["version"]
+        or prev.tool.get("shared", "complete") != ctx.tool["shared"]
+    ):
         return False
-    if prev.report is None or prev.report_sha256 is None or \
-            prev.report != _rel_to(ctx.outdir, ctx.report_root / f"{prev.rel}.report.json") or \
-            _sha_of(ctx.outdir / prev.report) != prev.report_sha256:
+    if (
+        prev.report is None
+        or prev.report_sha256 is None
+        or prev.report != _rel_to(ctx.outdir, ctx.report_root / f"{prev.rel}.report.json")
+        or _sha_of(ctx.outdir / prev.report) != prev.report_sha256
+    ):
         return False
     if prev.status is Status.CONVERTED:
-        if prev.output is None or prev.output != ctx.out_rels.get(prev.rel) or \
-                prev.output_sha256 is None:
+        if prev.output is None or prev.output != ctx.out_rels.get(prev.rel) or prev.output_sha256 is None:
             return False
         return _sha_of(ctx.outdir / prev.output) == prev.output_sha256
     return True
@@ -648,42 +675,85 @@ def _top(report: LoadReport) -> str | None:
     return f"{f.severity} {f.rule}: {f.message}"
 
 
-def static_failure(entry: Entry, ctx: BatchContext, started: tuple[float, float], exc: SandboxError, *,
-                    sha: str | None = None, fmt: str | None = None) -> ItemResult:
+def static_failure(
+    entry: Entry,
+    ctx: BatchContext,
+    started: tuple[float, float],
+    exc: SandboxError,
+    *,
+    sha: str | None = None,
+    fmt: str | None = None,
+) -> ItemResult:
     """A report for a file refused or failed before any container ran."""
-    report = LoadReport(input_path=entry.source, input_sha256=sha, input_size=entry.size, format=fmt,
-                        verdict=Verdict.ERROR, error={"reference": exc.reference, "message": exc.message},
-                        tool=dict(ctx.tool), policy={"name": ctx.options.policy.name,
-                                                     "digest": ctx.options.policy.digest},
-                        duration_s=round(time.monotonic() - started[0], 3))
-    return finish(entry, ctx, report, Status.FAILED, started_wall=started[1], reason=exc.message,
-                   reference=exc.reference)
+    report = LoadReport(
+        input_path=entry.source,
+        input_sha256=sha,
+        input_size=entry.size,
+        format=fmt,
+        verdict=Verdict.ERROR,
+        error={"reference": exc.reference, "message": exc.message},
+        tool=dict(ctx.tool),
+        policy={"name": ctx.options.policy.name, "digest": ctx.options.policy.digest},
+        duration_s=round(time.monotonic() - started[0], 3),
+    )
+    return finish(
+        entry,
+        ctx,
+        report,
+        Status.FAILED,
+        started_wall=started[1],
+        reason=exc.message,
+        reference=exc.reference,
+    )
 
 
-def finish(entry: Entry, ctx: BatchContext, report: LoadReport, status: Status, *, started_wall: float,
-            reason: str | None = None, reference: str | None = None) -> ItemResult:
+def finish(
+    entry: Entry,
+    ctx: BatchContext,
+    report: LoadReport,
+    status: Status,
+    *,
+    started_wall: float,
+    reason: str | None = None,
+    reference: str | None = None,
+) -> ItemResult:
     rpath = _safe_join(ctx.report_root, f"{entry.rel}.report.json")
     report.outputs["report"] = str(rpath)
     data = report.to_json().encode()
     _files.atomic_write(rpath, data)
     out_rel = ctx.out_rels[entry.rel] if status is Status.CONVERTED else None
     return ItemResult(
-        rel=entry.rel, status=status, size=entry.size, verdict=report.verdict, reason=reason,
-        reference=reference, sha256=report.input_sha256, format=report.format,
-        output=out_rel, output_sha256=report.outputs.get("safetensors_sha256") if out_rel else None,
-        report=_rel_to(ctx.outdir, rpath), report_sha256=hashlib.sha256(data).hexdigest(),
-        top_finding=_top(report), tool={**ctx.tool, **report.tool}, policy=dict(report.policy),
-        started=started_wall, finished=time.time(), duration_s=report.duration_s or 0.0,
-        load_report=report)
+        rel=entry.rel,
+        status=status,
+        size=entry.size,
+        verdict=report.verdict,
+        reason=reason,
+        reference=reference,
+        sha256=report.input_sha256,
+        format=report.format,
+        output=out_rel,
+        output_sha256=report.outputs.get("safetensors_sha256") if out_rel else None,
+        report=_rel_to(ctx.outdir, rpath),
+        report_sha256=hashlib.sha256(data).hexdigest(),
+        top_finding=_top(report),
+        tool={**ctx.tool, **report.tool},
+        policy=dict(report.policy),
+        started=started_wall,
+        finished=time.time(),
+        duration_s=report.duration_s or 0.0,
+        load_report=report,
+    )
 
 
-def not_converted(entry: Entry, ctx: BatchContext, report: LoadReport, *, started_wall: float,
-                   reason: str, reference: str) -> ItemResult:
+def not_converted(
+    entry: Entry, ctx: BatchContext, report: LoadReport, *, started_wall: float, reason: str, reference: str
+) -> ItemResult:
     """The result of a load that raised: refused (judged unsafe) or failed (an error)."""
     if report.error is None and report.verdict is not Verdict.ERROR:
         return finish(entry, ctx, report, Status.REFUSED, started_wall=started_wall)
-    return finish(entry, ctx, report, Status.FAILED, started_wall=started_wall,
-                   reason=reason, reference=reference)
+    return finish(
+        entry, ctx, report, Status.FAILED, started_wall=started_wall, reason=reason, reference=reference
+    )
 
 
 def _process(entry: Entry, ctx: BatchContext) -> ItemResult:
@@ -698,32 +768,67 @@ def _process(entry: Entry, ctx: BatchContext) -> ItemResult:
             head = f.read(4)
     except (MalformedInput, OSError) as exc:
         msg = exc.message if isinstance(exc, SandboxError) else f"cannot read: {exc.strerror}"
-        return static_failure(entry, ctx, started, InputUnreadable(
-            f"{entry.rel!r} cannot be read: {msg}", path=entry.source))
+        return static_failure(
+            entry, ctx, started, InputUnreadable(f"{entry.rel!r} cannot be read: {msg}", path=entry.source)
+        )
     if fmt not in MODEL_FORMATS:
         if fmt == "unknown" and head == _ZIP_MAGIC:
-            return static_failure(entry, ctx, started, MalformedInput(
-                f"{entry.rel!r} starts like a zip archive but has no readable central directory "
-                "(truncated?)", path=entry.source), fmt=fmt)
-        reason = ("empty file" if entry.size == 0 else "already SafeTensors" if fmt == "safetensors"
-                  else "not a model file (content not recognised)")
-        return ItemResult(rel=entry.rel, status=Status.SKIPPED, size=entry.size, format=fmt,
-                          reason=reason)
+            return static_failure(
+                entry,
+                ctx,
+                started,
+                MalformedInput(
+                    f"{entry.rel!r} starts like a zip archive but has no readable central directory "
+                    "(truncated?)",
+                    path=entry.source,
+                ),
+                fmt=fmt,
+            )
+        reason = (
+            "empty file"
+            if entry.size == 0
+            else "already SafeTensors"
+            if fmt == "safetensors"
+            else "not a model file (content not recognised)"
+        )
+        return ItemResult(rel=entry.rel, status=Status.SKIPPED, size=entry.size, format=fmt, reason=reason)
     try:
         sha, size = hash_input(entry.real, ctx.cancel)
     except OSError as exc:
-        return static_failure(entry, ctx, started, InputUnreadable(
-            f"{entry.rel!r} cannot be read: {exc.strerror}", path=entry.source), fmt=fmt)
+        return static_failure(
+            entry,
+            ctx,
+            started,
+            InputUnreadable(f"{entry.rel!r} cannot be read: {exc.strerror}", path=entry.source),
+            fmt=fmt,
+        )
     entry = dataclasses.replace(entry, size=size)
     pin = ctx.options.pins.get(entry.real) or ctx.options.pins.get(entry.source)
     if pin is None and ctx.options.require_pins:
-        return static_failure(entry, ctx, started, NotPinned(
-            f"{entry.rel!r} is not listed in the lock file; refusing to open it",
-            path=entry.source), sha=sha, fmt=fmt)
+        return static_failure(
+            entry,
+            ctx,
+            started,
+            NotPinned(
+                f"{entry.rel!r} is not listed in the lock file; refusing to open it", path=entry.source
+            ),
+            sha=sha,
+            fmt=fmt,
+        )
     if pin is not None and pin.lower() != sha:
-        return static_failure(entry, ctx, started, HashMismatch(
-            f"{entry.rel!r} has sha256 {sha}, not the pinned {pin.lower()}", path=entry.source,
-            expected=pin.lower(), actual=sha), sha=sha, fmt=fmt)
+        return static_failure(
+            entry,
+            ctx,
+            started,
+            HashMismatch(
+                f"{entry.rel!r} has sha256 {sha}, not the pinned {pin.lower()}",
+                path=entry.source,
+                expected=pin.lower(),
+                actual=sha,
+            ),
+            sha=sha,
+            fmt=fmt,
+        )
     prev = ctx.previous.get(entry.rel)  # pins are checked first: a changed pin is never reused
     if prev is not None and _reusable(prev, sha, size, ctx):
         return dataclasses.replace(prev, reused=True, load_report=None)
@@ -733,10 +838,16 @@ def _process(entry: Entry, ctx: BatchContext) -> ItemResult:
     delay = ctx.options.backoff_s
     for attempt in range(ctx.options.retries + 1):
         try:
-            report = _api.convert(entry.source, dst, policy=ctx.options.policy, expected_sha256=sha,
-                                  shared=ctx.options.shared,
-                                  allow_unverified=ctx.options.allow_unverified,
-                                  runner=ctx.runner, write_report=False)
+            report = _api.convert(
+                entry.source,
+                dst,
+                policy=ctx.options.policy,
+                expected_sha256=sha,
+                shared=ctx.options.shared,
+                allow_unverified=ctx.options.allow_unverified,
+                runner=ctx.runner,
+                write_report=False,
+            )
             return finish(entry, ctx, report, Status.CONVERTED, started_wall=started_wall)
         except EngineUnavailable as exc:
             if attempt == ctx.options.retries or ctx.cancel.wait(min(delay, 30.0)):
@@ -746,11 +857,11 @@ def _process(entry: Entry, ctx: BatchContext) -> ItemResult:
             raise EngineGone(exc.diagnostics()) from None
         except SandboxError as exc:
             report = exc.report or LoadReport(input_path=entry.source, verdict=Verdict.ERROR)
-            return not_converted(entry, ctx, report, started_wall=started_wall,
-                                  reason=exc.message, reference=exc.reference)
+            return not_converted(
+                entry, ctx, report, started_wall=started_wall, reason=exc.message, reference=exc.reference
+            )
         except Exception as exc:  # a bug or a host I/O error: this file fails, the batch goes on
-            bug = InternalError(f"internal error while converting {entry.rel!r}: "
-                                f"{type(exc).__name__}: {exc}")
+            bug = InternalError(f"internal error while converting {entry.rel!r}: {type(exc).__name__}: {exc}")
             return static_failure(entry, ctx, started, bug, sha=sha, fmt=fmt)
     raise AssertionError("unreachable")
 
@@ -784,9 +895,9 @@ class _Sharded:
     sharded ``.bin`` layout): each shard converts to ``model-0000N-of-0000M.safetensors``."""
 
     index_rel: str
-    directory: str              # rel of the directory ("" for a SRC root)
+    directory: str  # rel of the directory ("" for a SRC root)
     weight_map: dict[str, str]  # tensor name -> shard file name
-    renamed: dict[str, str]     # shard rel -> output rel
+    renamed: dict[str, str]  # shard rel -> output rel
 
 
 def _shard_plans(entries: Sequence[Entry]) -> list[_Sharded]:
@@ -795,8 +906,11 @@ def _shard_plans(entries: Sequence[Entry]) -> list[_Sharded]:
     by_rel = {e.rel: e for e in entries}
     plans = []
     for e in entries:
-        if not e.rel.endswith(".index.json") or e.rel.endswith("model.safetensors.index.json") \
-                or e.size > _MAX_INDEX_BYTES:
+        if (
+            not e.rel.endswith(".index.json")
+            or e.rel.endswith("model.safetensors.index.json")
+            or e.size > _MAX_INDEX_BYTES
+        ):
             continue
         try:
             with open(e.real, "rb") as f:
@@ -804,9 +918,14 @@ def _shard_plans(entries: Sequence[Entry]) -> list[_Sharded]:
         except (OSError, ValueError, RecursionError):
             continue
         wmap = doc.get("weight_map") if isinstance(doc, dict) else None
-        if not isinstance(wmap, dict) or not wmap or not all(
-                isinstance(k, str) and isinstance(v, str) and v and "/" not in v and
-                v not in (".", "..") for k, v in wmap.items()):
+        if (
+            not isinstance(wmap, dict)
+            or not wmap
+            or not all(
+                isinstance(k, str) and isinstance(v, str) and v and "/" not in v and v not in (".", "..")
+                for k, v in wmap.items()
+            )
+        ):
             continue
         head = e.rel.rpartition("/")[0]
         shards = sorted(set(wmap.values()))
@@ -814,15 +933,15 @@ def _shard_plans(entries: Sequence[Entry]) -> list[_Sharded]:
         if not all(r in by_rel for r in rels):
             continue
         n = len(rels)
-        renamed = {r: (f"{head}/" if head else "") + f"model-{i:05d}-of-{n:05d}.safetensors"
-                   for i, r in enumerate(rels, 1)}
-        plans.append(_Sharded(index_rel=e.rel, directory=head, weight_map=dict(wmap),
-                              renamed=renamed))
+        renamed = {
+            r: (f"{head}/" if head else "") + f"model-{i:05d}-of-{n:05d}.safetensors"
+            for i, r in enumerate(rels, 1)
+        }
+        plans.append(_Sharded(index_rel=e.rel, directory=head, weight_map=dict(wmap), renamed=renamed))
     return plans
 
 
-def _write_index(plan: _Sharded, results: dict[str, ItemResult], out: Path,
-                 sources: dict[str, Entry]) -> str:
+def _write_index(plan: _Sharded, results: dict[str, ItemResult], out: Path, sources: dict[str, Entry]) -> str:
     """``model.safetensors.index.json`` for a converted sharded checkpoint (its weight map
     checked against the converted files' own keys) and the JSON files beside the index.
     Returns the index's output rel; raises ``BatchError`` with the reason it is not written."""
@@ -842,9 +961,11 @@ def _write_index(plan: _Sharded, results: dict[str, ItemResult], out: Path,
                 wanted = [k for k, v in plan.weight_map.items() if v == shard_name]
                 missing = sorted(k for k in wanted if k not in keys)
                 if missing:
-                    raise BatchError(f"{plan.index_rel}: {rel!r} converted without "
-                                     f"{len(missing)} tensor(s) its index names, e.g. "
-                                     f"{missing[0][:200]!r}")
+                    raise BatchError(
+                        f"{plan.index_rel}: {rel!r} converted without "
+                        f"{len(missing)} tensor(s) its index names, e.g. "
+                        f"{missing[0][:200]!r}"
+                    )
                 for k in wanted:
                     sl = f.get_slice(k)
                     numel = 1
@@ -855,15 +976,20 @@ def _write_index(plan: _Sharded, results: dict[str, ItemResult], out: Path,
             raise BatchError(f"{plan.index_rel}: cannot read {item.output!r}: {exc}") from None
         new_name = item.output.rpartition("/")[2]
         new_map.update({k: new_name for k in wanted})
-    doc = {"metadata": {"total_size": total, "format": "pt",
-                        "converted_by": f"model-sandbox {VERSION}"},
-           "weight_map": dict(sorted(new_map.items()))}
+    doc = {
+        "metadata": {"total_size": total, "format": "pt", "converted_by": f"model-sandbox {VERSION}"},
+        "weight_map": dict(sorted(new_map.items())),
+    }
     rel = f"{head}/model.safetensors.index.json" if head else "model.safetensors.index.json"
     _files.atomic_write(_safe_join(out, rel), json.dumps(doc, indent=2).encode())
     for src_rel, e in sources.items():  # config.json, tokenizer files...: data, copied as is
-        if src_rel.rpartition("/")[0] == head and src_rel.endswith(_SIDECARS) and \
-                src_rel != plan.index_rel and not src_rel.endswith(".index.json") and \
-                e.size <= _MAX_SIDECAR_BYTES:
+        if (
+            src_rel.rpartition("/")[0] == head
+            and src_rel.endswith(_SIDECARS)
+            and src_rel != plan.index_rel
+            and not src_rel.endswith(".index.json")
+            and e.size <= _MAX_SIDECAR_BYTES
+        ):
             with contextlib.suppress(OSError):
                 with open(e.real, "rb") as f:
                     data = f.read(_MAX_SIDECAR_BYTES + 1)
@@ -872,13 +998,17 @@ def _write_index(plan: _Sharded, results: dict[str, ItemResult], out: Path,
     return rel
 
 
-
-def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLike[str],
-              options: BatchOptions | None = None, *,
-              progress: Callable[[BatchProgress], None] | None = None,
-              on_result: Callable[[ItemResult], None] | None = None,
-              runner: Runner | None = None, client: Any = None,
-              cluster_output: str = "stream") -> BatchSummary:
+def run_batch(
+    sources: Sequence[str | os.PathLike[str]],
+    outdir: str | os.PathLike[str],
+    options: BatchOptions | None = None,
+    *,
+    progress: Callable[[BatchProgress], None] | None = None,
+    on_result: Callable[[ItemResult], None] | None = None,
+    runner: Runner | None = None,
+    client: Any = None,
+    cluster_output: str = "stream",
+) -> BatchSummary:
     """Convert every model file under ``sources`` into ``outdir`` (see the module docstring).
 
     ``progress`` receives snapshots (after each file and a few times a second); ``on_result``
@@ -903,13 +1033,16 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
     out.mkdir(parents=True, exist_ok=True)
     report_root = (options.report_dir or out).absolute()
     report_root.mkdir(parents=True, exist_ok=True)
-    entries, skipped, excluded = discover(sources, include=options.include, exclude=options.exclude,
-                                          ignore=(out, report_root))
+    entries, skipped, excluded = discover(
+        sources, include=options.include, exclude=options.exclude, ignore=(out, report_root)
+    )
     manifest = _Manifest(out)
     jobs = max(1, options.jobs or (remote.slots if remote else os.cpu_count()) or 1)
-    labelled = _LabelledRunner(batch_id(out), jobs, options.policy,
-                                options.runner) \
-        if runner is None and remote is None else None
+    labelled = (
+        _LabelledRunner(batch_id(out), jobs, options.policy, options.runner)
+        if runner is None and remote is None
+        else None
+    )
     completed_ok = False
     try:
         if labelled is not None:
@@ -919,14 +1052,25 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
         out_rels = _output_rels(entries)
         for plan in plans:
             out_rels.update(plan.renamed)
-        ctx = BatchContext(outdir=out, report_root=report_root, options=options,
-                   runner=labelled or runner,  # type: ignore[arg-type]
-                   previous=dict(manifest.records), out_rels=out_rels,
-                   tool={"name": "model-sandbox", "version": VERSION,
-                         "worker_digest": _image.worker_digest(), "shared": options.shared},
-                   cancel=threading.Event(), remote=remote)
-        summary = BatchSummary(outdir=out, results=list(skipped), excluded=excluded,
-                               notes=list(remote.notes) if remote else [])
+        ctx = BatchContext(
+            outdir=out,
+            report_root=report_root,
+            options=options,
+            runner=labelled or runner,  # type: ignore[arg-type]
+            previous=dict(manifest.records),
+            out_rels=out_rels,
+            tool={
+                "name": "model-sandbox",
+                "version": VERSION,
+                "worker_digest": _image.worker_digest(),
+                "shared": options.shared,
+            },
+            cancel=threading.Event(),
+            remote=remote,
+        )
+        summary = BatchSummary(
+            outdir=out, results=list(skipped), excluded=excluded, notes=list(remote.notes) if remote else []
+        )
         for r in skipped:
             manifest.append(r)
         total_bytes = sum(e.size for e in entries)
@@ -934,11 +1078,18 @@ def run_batch(sources: Sequence[str | os.PathLike[str]], outdir: str | os.PathLi
 
         def snapshot(last: ItemResult | None) -> None:
             if progress is not None:
-                progress(BatchProgress(
-                    done=len(summary.results) - len(skipped), total=len(entries),
-                    bytes_done=done_bytes, bytes_total=total_bytes,
-                    elapsed_s=time.monotonic() - start, counts=_counts(summary.results), last=last,
-                    running=tuple(sorted(e.rel for f, e in pending.items() if f.running()))))
+                progress(
+                    BatchProgress(
+                        done=len(summary.results) - len(skipped),
+                        total=len(entries),
+                        bytes_done=done_bytes,
+                        bytes_total=total_bytes,
+                        elapsed_s=time.monotonic() - start,
+                        counts=_counts(summary.results),
+                        last=last,
+                        running=tuple(sorted(e.rel for f, e in pending.items() if f.running())),
+                    )
+                )
 
         pending: dict[Future[ItemResult], Entry] = {}
         pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="model-sandbox-batch")

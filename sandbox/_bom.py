@@ -56,8 +56,12 @@ def _findings_summary(outdir: Path, rec: _batch.ItemResult) -> str:
     return ",".join(f"{k}={counts[k]}" for k in sorted(counts)) or "none"
 
 
-def build_bom(outdir: str | os.PathLike[str], *, serial: uuid.UUID | None = None,
-              timestamp: datetime.datetime | None = None) -> tuple[str, list[str]]:
+def build_bom(
+    outdir: str | os.PathLike[str],
+    *,
+    serial: uuid.UUID | None = None,
+    timestamp: datetime.datetime | None = None,
+) -> tuple[str, list[str]]:
     """(CycloneDX 1.6 JSON, problems) for the converted models recorded in ``outdir``."""
     from cyclonedx.model import HashAlgorithm, HashType, Property
     from cyclonedx.model.bom import Bom
@@ -70,10 +74,15 @@ def build_bom(outdir: str | os.PathLike[str], *, serial: uuid.UUID | None = None
         return "", [f"{os.fspath(outdir)!r} has no {_batch.MANIFEST_NAME}: not a batch OUTDIR"]
     bom = Bom(serial_number=serial or uuid.uuid4())
     bom.metadata.timestamp = timestamp or datetime.datetime.now(tz=datetime.UTC)
-    bom.metadata.tools.components.add(Component(
-        name="model-sandbox", version=VERSION, type=ComponentType.APPLICATION,
-        description="loads untrusted PyTorch checkpoints in a hardened container and "
-                    "converts them to SafeTensors"))
+    bom.metadata.tools.components.add(
+        Component(
+            name="model-sandbox",
+            version=VERSION,
+            type=ComponentType.APPLICATION,
+            description="loads untrusted PyTorch checkpoints in a hardened container and "
+            "converts them to SafeTensors",
+        )
+    )
     images: set[str] = set()
     problems: list[str] = []
     for rel in sorted(records):
@@ -86,8 +95,7 @@ def build_bom(outdir: str | os.PathLike[str], *, serial: uuid.UUID | None = None
             problems.append(f"{rec.output}: missing (recorded for {rel})")
             continue
         if actual != rec.output_sha256:
-            problems.append(f"{rec.output}: sha256 {actual} differs from the manifest's "
-                            f"{rec.output_sha256}")
+            problems.append(f"{rec.output}: sha256 {actual} differs from the manifest's {rec.output_sha256}")
             continue
         props = {
             "input.name": rel,
@@ -107,21 +115,35 @@ def build_bom(outdir: str | os.PathLike[str], *, serial: uuid.UUID | None = None
         if rec.tool.get("image"):
             images.add(rec.tool["image"])
         ancestor = Component(
-            name=rel, type=ComponentType.FILE, bom_ref=f"input:{rel}",
+            name=rel,
+            type=ComponentType.FILE,
+            bom_ref=f"input:{rel}",
             hashes=[HashType(alg=HashAlgorithm.SHA_256, content=rec.sha256 or "")] if rec.sha256 else [],
-            properties=[Property(name=f"{_NS}input.format", value=rec.format or "unknown")])
-        bom.components.add(Component(
-            name=rec.output, type=ComponentType.MACHINE_LEARNING_MODEL, bom_ref=f"model:{rec.output}",
-            description=f"SafeTensors converted by model-sandbox from {rel}",
-            hashes=[HashType(alg=HashAlgorithm.SHA_256, content=actual)],
-            properties=[Property(name=_NS + k, value=v) for k, v in props.items() if v],
-            pedigree=Pedigree(ancestors=[ancestor],
-                              notes=f"loaded in the model-sandbox worker container; verdict "
-                                    f"{props['verdict']}")))
+            properties=[Property(name=f"{_NS}input.format", value=rec.format or "unknown")],
+        )
+        bom.components.add(
+            Component(
+                name=rec.output,
+                type=ComponentType.MACHINE_LEARNING_MODEL,
+                bom_ref=f"model:{rec.output}",
+                description=f"SafeTensors converted by model-sandbox from {rel}",
+                hashes=[HashType(alg=HashAlgorithm.SHA_256, content=actual)],
+                properties=[Property(name=_NS + k, value=v) for k, v in props.items() if v],
+                pedigree=Pedigree(
+                    ancestors=[ancestor],
+                    notes=f"loaded in the model-sandbox worker container; verdict {props['verdict']}",
+                ),
+            )
+        )
     for image in sorted(images):
-        bom.metadata.tools.components.add(Component(
-            name=image.partition(":")[0], version=image.partition(":")[2],
-            type=ComponentType.CONTAINER, description="the model-sandbox worker image"))
+        bom.metadata.tools.components.add(
+            Component(
+                name=image.partition(":")[0],
+                version=image.partition(":")[2],
+                type=ComponentType.CONTAINER,
+                description="the model-sandbox worker image",
+            )
+        )
     text = JsonV1Dot6(bom).output_as_string(indent=2)
     json.loads(text)  # the library's output is JSON; fail here rather than hand back garbage
     return text, problems

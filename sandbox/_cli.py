@@ -93,8 +93,7 @@ def _runner(files: int, kind: str | None = None, runtime: str | None = None) -> 
     ``$MODEL_SANDBOX_RUNNER``, else auto); ``runtime``: runc or runsc (None:
     ``$MODEL_SANDBOX_RUNTIME``, else runc)."""
     if files > 1:
-        with Pool(size=1, runner=make_runner(kind, runtime=runtime) if runtime else kind or None) \
-                as pool:
+        with Pool(size=1, runner=make_runner(kind, runtime=runtime) if runtime else kind or None) as pool:
             yield pool
     else:
         yield make_runner(kind, runtime=runtime)
@@ -114,16 +113,22 @@ def cmd_scan(args: argparse.Namespace) -> int:
         from ._term import ScanBar, console
 
         bar = ScanBar(console(sys.stderr), len(targets))
-    with _runner(len({t.real for t in targets}), args.runner, args.runtime) as runner, \
-            bar if bar is not None else contextlib.nullcontext():
+    with (
+        _runner(len({t.real for t in targets}), args.runner, args.runtime) as runner,
+        bar if bar is not None else contextlib.nullcontext(),
+    ):
         for t in targets:
             if bar is not None:
                 bar.start(t.path)
             first = by_blob.get(t.real)
             if first is None:
                 first = by_blob[t.real] = _api.scan(
-                    t.path, policy=policy, expected_sha256=_pin_for(pins, t.path),
-                    dynamic=not args.static_only, runner=runner)
+                    t.path,
+                    policy=policy,
+                    expected_sha256=_pin_for(pins, t.path),
+                    dynamic=not args.static_only,
+                    runner=runner,
+                )
                 report = first
             else:
                 report = dataclasses.replace(first, input_path=t.path)
@@ -150,12 +155,14 @@ def _models_text(targets: Sequence[_hfcache.Target], reports: Sequence[LoadRepor
     for t, r in zip(targets, reports, strict=True):
         key = (t.repo, t.revision)
         if key != last:
-            lines.append(f"{clean_text(key[0] or '(not in a cache)', 300)} @ "
-                         f"{clean_text(key[1] or '-', 80)}")
+            lines.append(f"{clean_text(key[0] or '(not in a cache)', 300)} @ {clean_text(key[1] or '-', 80)}")
             last = key
         top = max(r.findings, key=lambda f: f.severity, default=None)
-        why = f" ({clean_text(top.rule, 60)}: {clean_text(top.message, 200)})" if top and \
-            r.verdict.value != "clean" else ""
+        why = (
+            f" ({clean_text(top.rule, 60)}: {clean_text(top.message, 200)})"
+            if top and r.verdict.value != "clean"
+            else ""
+        )
         name = t.label.split(": ", 1)[-1]
         lines.append(f"  {r.verdict.value.upper():10} {clean_text(name, 300)}{why}")
     return "\n".join(lines)
@@ -170,22 +177,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from .errors import BatchError
 
         raise BatchError("--cluster-output applies to a batch on a Dask cluster: add --cluster")
-    batch = (len(srcs) > 1 or os.path.isdir(srcs[0])
-             or (args.output is not None and os.path.isdir(args.output))
-             or any(getattr(args, k) not in (None, False, []) for k in _BATCH_ONLY))
+    batch = (
+        len(srcs) > 1
+        or os.path.isdir(srcs[0])
+        or (args.output is not None and os.path.isdir(args.output))
+        or any(getattr(args, k) not in (None, False, []) for k in _BATCH_ONLY)
+    )
     if batch:
         return _convert_batch(args)
     policy = _policy(args.policy)
     pins = _pins(args, srcs)
     expected = _pin_for(pins, srcs[0])
     if args.lock and expected is None:
-        raise SandboxError(f"{srcs[0]!r} is not listed in the lock file {args.lock!r}; refusing "
-                           "to open it", hint="add it with `model-sandbox lock` after checking it")
+        raise SandboxError(
+            f"{srcs[0]!r} is not listed in the lock file {args.lock!r}; refusing to open it",
+            hint="add it with `model-sandbox lock` after checking it",
+        )
     try:
         with _runner(1, args.runner, args.runtime) as runner:
-            report = _api.convert(srcs[0], args.output, policy=policy, expected_sha256=expected,
-                                  runner=runner, shared=args.shared,
-                                  allow_unverified=args.allow_unverified)
+            report = _api.convert(
+                srcs[0],
+                args.output,
+                policy=policy,
+                expected_sha256=expected,
+                runner=runner,
+                shared=args.shared,
+                allow_unverified=args.allow_unverified,
+            )
     except SandboxError as exc:
         if exc.report is None:
             raise
@@ -195,6 +213,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # -- batch conversion --------------------------------------------------------------------------
+
 
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -236,8 +255,9 @@ def _summary_text(summary: object, *, quiet: bool) -> str:
     ]
     slow = summary.slowest(5)
     if slow and not quiet:
-        lines.append("  slowest: " + ", ".join(f"{clean_text(r.rel, 200)} {r.duration_s:.1f} s"
-                                               for r in slow))
+        lines.append(
+            "  slowest: " + ", ".join(f"{clean_text(r.rel, 200)} {r.duration_s:.1f} s" for r in slow)
+        )
     if summary.problems:
         lines.append("not clean:")
         for r in summary.problems:
@@ -247,8 +267,7 @@ def _summary_text(summary: object, *, quiet: bool) -> str:
     skipped = [r for r in res if r.status is Status.SKIPPED]
     if skipped and not quiet:
         lines.append("skipped:")
-        lines += [f"  {clean_text(r.rel, 500)}: {clean_text(r.reason or '', 300)}"
-                  for r in skipped]
+        lines += [f"  {clean_text(r.rel, 500)}: {clean_text(r.reason or '', 300)}" for r in skipped]
     for rel in summary.indexes:
         lines.append(f"sharded checkpoint: wrote {clean_text(rel, 500)}")
     for why in summary.index_problems:
@@ -258,8 +277,10 @@ def _summary_text(summary: object, *, quiet: bool) -> str:
     if summary.stopped:
         lines.append(f"stopped: {clean_text(summary.stopped, 1000)}")
     if summary.stopped or summary.interrupted:
-        lines.append(f"{len(summary.not_done)} files not done; run the same command again to "
-                     "continue (finished files are not redone)")
+        lines.append(
+            f"{len(summary.not_done)} files not done; run the same command again to "
+            "continue (finished files are not redone)"
+        )
     return "\n".join(lines)
 
 
@@ -298,11 +319,18 @@ def _convert_batch(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise BatchError(f"{args.output!r} exists and is not a directory")
     options = BatchOptions(
-        policy=_policy(args.policy), jobs=args.jobs, include=tuple(args.include or ()),
-        exclude=tuple(args.exclude or ()), force=args.force,
+        policy=_policy(args.policy),
+        jobs=args.jobs,
+        include=tuple(args.include or ()),
+        exclude=tuple(args.exclude or ()),
+        force=args.force,
         report_dir=Path(args.report_dir) if args.report_dir else None,
-        pins=_pins(args, args.srcs), require_pins=bool(args.lock), shared=args.shared,
-        allow_unverified=args.allow_unverified, runner=args.runner)
+        pins=_pins(args, args.srcs),
+        require_pins=bool(args.lock),
+        shared=args.shared,
+        allow_unverified=args.allow_unverified,
+        runner=args.runner,
+    )
     interactive = args.format == "text" and not args.quiet
     # a person watching stderr gets rich's bar; anything else the plain per-file lines
     bar: Any = None
@@ -312,10 +340,15 @@ def _convert_batch(args: argparse.Namespace) -> int:
         bar = BatchBar(console(sys.stderr))
     per_file = interactive and bar is None
     with bar if bar is not None else contextlib.nullcontext(), _cluster(args.cluster) as client:
-        summary = run_batch(args.srcs, args.output, options, progress=bar,
-                            on_result=(lambda r: print(_item_line(r), flush=True))
-                            if per_file else None,
-                            client=client, cluster_output=args.cluster_output)
+        summary = run_batch(
+            args.srcs,
+            args.output,
+            options,
+            progress=bar,
+            on_result=(lambda r: print(_item_line(r), flush=True)) if per_file else None,
+            client=client,
+            cluster_output=args.cluster_output,
+        )
     if args.format == "text" and sys.stdout.isatty():
         from ._term import console, summary_tables
 
@@ -355,8 +388,9 @@ def cmd_bom(args: argparse.Namespace) -> int:
 def cmd_lock(args: argparse.Namespace) -> int:
     from ._lock import lock_entries, render_lock
 
-    sys.stdout.write(render_lock(lock_entries(args.paths, include=args.include or (),
-                                              exclude=args.exclude or ())))
+    sys.stdout.write(
+        render_lock(lock_entries(args.paths, include=args.include or (), exclude=args.exclude or ()))
+    )
     return EXIT_CLEAN
 
 
@@ -394,8 +428,9 @@ def cmd_patch_install(args: argparse.Namespace) -> int:
     from . import _autopatch
 
     path = _autopatch.install(_patch_dir(args))
-    print(f"wrote {path}: run a script with {_autopatch.ENV}=1 and its torch.load calls go "
-          "through the sandbox")
+    print(
+        f"wrote {path}: run a script with {_autopatch.ENV}=1 and its torch.load calls go through the sandbox"
+    )
     return EXIT_CLEAN
 
 
@@ -404,8 +439,7 @@ def cmd_patch_uninstall(args: argparse.Namespace) -> int:
 
     target = _patch_dir(args)
     removed = _autopatch.uninstall(target)
-    print(f"removed {target / _autopatch.PTH_NAME}" if removed else
-          f"nothing to remove in {target}")
+    print(f"removed {target / _autopatch.PTH_NAME}" if removed else f"nothing to remove in {target}")
     return EXIT_CLEAN
 
 
@@ -433,11 +467,16 @@ def cmd_report_render(args: argparse.Namespace) -> int:
     reports = read_reports(args.file)  # untrusted input: size-capped, strict, each field checked
     if args.html:
         path = write_html(reports, args.html)
-        what = ", ".join(f"{n} {v}" for v in ("malicious", "suspicious", "error", "clean")
-                         if (n := sum(r.verdict.value == v for r in reports)))
-        print(f"wrote {clean_text(str(path), 500)} ({len(reports)} "
-              f"report{'s' if len(reports) > 1 else ''}: {what}; "
-              f"{sum(len(r.findings) for r in reports)} findings)")
+        what = ", ".join(
+            f"{n} {v}"
+            for v in ("malicious", "suspicious", "error", "clean")
+            if (n := sum(r.verdict.value == v for r in reports))
+        )
+        print(
+            f"wrote {clean_text(str(path), 500)} ({len(reports)} "
+            f"report{'s' if len(reports) > 1 else ''}: {what}; "
+            f"{sum(len(r.findings) for r in reports)} findings)"
+        )
     else:
         _emit(reports, args.format)
     return _exit_code(reports)
@@ -447,118 +486,194 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="model-sandbox",
         description="Open untrusted PyTorch checkpoints inside a locked-down container and get "
-                    "SafeTensors plus a report. Exit codes: 0 clean, 1 unsafe, 2 error.")
+        "SafeTensors plus a report. Exit codes: 0 clean, 1 unsafe, 2 error.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--format", choices=("text", "json", "sarif"), default="text",
-                       help="output format: text, json (the versioned report schema; a list for "
-                            "several files) or sarif (SARIF 2.1.0) (default: text)")
-        p.add_argument("--policy", metavar="NAME|FILE",
-                       help=f"load policy: one of {', '.join(builtin_names())} or a TOML file "
-                            "(default: default)")
-        p.add_argument("--expect-sha256", metavar="FILE:HEX", type=_pin, action="append",
-                       help="refuse FILE unless its sha256 is HEX, before the sandbox opens it "
-                            "(repeatable; plain HEX pins the one input)")
+        p.add_argument(
+            "--format",
+            choices=("text", "json", "sarif"),
+            default="text",
+            help="output format: text, json (the versioned report schema; a list for "
+            "several files) or sarif (SARIF 2.1.0) (default: text)",
+        )
+        p.add_argument(
+            "--policy",
+            metavar="NAME|FILE",
+            help=f"load policy: one of {', '.join(builtin_names())} or a TOML file (default: default)",
+        )
+        p.add_argument(
+            "--expect-sha256",
+            metavar="FILE:HEX",
+            type=_pin,
+            action="append",
+            help="refuse FILE unless its sha256 is HEX, before the sandbox opens it "
+            "(repeatable; plain HEX pins the one input)",
+        )
         runner_option(p)
 
     def runner_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--runner", choices=RUNNERS, default=None,
-                       help="what makes the sandbox: docker (a Docker engine), bwrap (bubblewrap, "
-                            "no daemon: unprivileged user namespaces) or auto (Docker when an "
-                            "engine answers, else bwrap) (default: $MODEL_SANDBOX_RUNNER, else "
-                            "auto)")
+        p.add_argument(
+            "--runner",
+            choices=RUNNERS,
+            default=None,
+            help="what makes the sandbox: docker (a Docker engine), bwrap (bubblewrap, "
+            "no daemon: unprivileged user namespaces) or auto (Docker when an "
+            "engine answers, else bwrap) (default: $MODEL_SANDBOX_RUNNER, else "
+            "auto)",
+        )
         if p.prog.split()[-1] in ("scan", "convert"):
-            p.add_argument("--runtime", choices=RUNTIMES, default=None,
-                           help="the Docker runner's runtime: runc (the engine's default) or "
-                                "runsc (gVisor: a kernel in user space between the payload and "
-                                "the host's kernel; slower; evidence from gVisor's own trace; "
-                                "needs the engine's model-sandbox-runsc runtime, see "
-                                "`MODEL_SANDBOX_RUNSC=1 scripts/ensure-docker.sh`) "
-                                "(default: $MODEL_SANDBOX_RUNTIME, else runc)")
+            p.add_argument(
+                "--runtime",
+                choices=RUNTIMES,
+                default=None,
+                help="the Docker runner's runtime: runc (the engine's default) or "
+                "runsc (gVisor: a kernel in user space between the payload and "
+                "the host's kernel; slower; evidence from gVisor's own trace; "
+                "needs the engine's model-sandbox-runsc runtime, see "
+                "`MODEL_SANDBOX_RUNSC=1 scripts/ensure-docker.sh`) "
+                "(default: $MODEL_SANDBOX_RUNTIME, else runc)",
+            )
 
-    p = sub.add_parser("scan", help="load files in the sandbox without keeping weights; print reports",
-                       description="Scan each file statically (every pickle read, never run), "
-                                   "then load it in the sandbox, keep no weights, and print the "
-                                   "report. Exit code: the worst over all files.")
-    p.add_argument("paths", nargs="*", metavar="PATH",
-                   help="files, directories (every checkpoint in them, recognised by content) "
-                        "or a Hugging Face cache (models--org--name/snapshots/REV/...: results "
-                        "per model and revision, each blob scanned once)")
-    p.add_argument("--hf-cache", action="store_true",
-                   help="also scan the Hugging Face cache ($HF_HUB_CACHE, $HF_HOME/hub or "
-                        "~/.cache/huggingface/hub)")
-    p.add_argument("--static-only", action="store_true",
-                   help="stop after the static scan (no Docker needed)")
+    p = sub.add_parser(
+        "scan",
+        help="load files in the sandbox without keeping weights; print reports",
+        description="Scan each file statically (every pickle read, never run), "
+        "then load it in the sandbox, keep no weights, and print the "
+        "report. Exit code: the worst over all files.",
+    )
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="files, directories (every checkpoint in them, recognised by content) "
+        "or a Hugging Face cache (models--org--name/snapshots/REV/...: results "
+        "per model and revision, each blob scanned once)",
+    )
+    p.add_argument(
+        "--hf-cache",
+        action="store_true",
+        help="also scan the Hugging Face cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub)",
+    )
+    p.add_argument("--static-only", action="store_true", help="stop after the static scan (no Docker needed)")
     common(p)
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("convert", help="convert checkpoints to SafeTensors through the sandbox",
-                       description="One file: load SRC in the sandbox and write DST (default: SRC "
-                                   "with the suffix .safetensors) and DST.report.json. Several "
-                                   "files or directories (recursive): write OUTDIR mirroring the "
-                                   "input tree (a/b/x.pt -> OUTDIR/a/b/x.safetensors), one report "
-                                   "per file, and a manifest that lets a re-run skip what is done. "
-                                   "Files are recognised by content; others are listed as skipped. "
-                                   "Nothing is written for a file judged unsafe.")
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints to SafeTensors through the sandbox",
+        description="One file: load SRC in the sandbox and write DST (default: SRC "
+        "with the suffix .safetensors) and DST.report.json. Several "
+        "files or directories (recursive): write OUTDIR mirroring the "
+        "input tree (a/b/x.pt -> OUTDIR/a/b/x.safetensors), one report "
+        "per file, and a manifest that lets a re-run skip what is done. "
+        "Files are recognised by content; others are listed as skipped. "
+        "Nothing is written for a file judged unsafe.",
+    )
     p.add_argument("srcs", nargs="+", metavar="SRC", help="checkpoint files or directories")
-    p.add_argument("-o", "--output", metavar="DST|OUTDIR",
-                   help="output file (one SRC file) or directory (required for directories and "
-                        "several inputs)")
-    p.add_argument("--jobs", "-j", type=int, metavar="N",
-                   help="sandboxes run in parallel (default: number of cores); with --cluster, "
-                        "files in flight on the cluster (default: the sandboxes its ready "
-                        "workers may run together)")
-    p.add_argument("--include", action="append", metavar="GLOB",
-                   help="only inputs whose relative path or name matches (repeatable)")
-    p.add_argument("--exclude", action="append", metavar="GLOB",
-                   help="leave out inputs whose relative path or name matches (repeatable)")
-    p.add_argument("--force", action="store_true",
-                   help="redo every input, even those the manifest shows as done and unchanged")
-    p.add_argument("--shared", choices=_api.SHARED_MODES, default="complete",
-                   help="tensors that share storage: every name a tensor of its own (complete, "
-                        "what plain SafeTensors readers expect), or a tied tensor under one "
-                        "name (dedupe, Hugging Face's save_pretrained convention) "
-                        "(default: complete)")
-    p.add_argument("--allow-unverified", action="store_true",
-                   help="write tensors the host could not verify against its own reading of the "
-                        "file (a jagged nested tensor's values, Fortran-ordered joblib arrays); "
-                        "the report keeps the weights-unverified finding (default: refuse)")
-    p.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress and no per-file lines: only the summary")
-    p.add_argument("--report-dir", metavar="DIR",
-                   help="write each file's JSON report under DIR, mirroring the tree "
-                        "(default: OUTDIR)")
-    p.add_argument("--lock", metavar="FILE",
-                   help="a lock file from `model-sandbox lock`: refuse, before opening it, every "
-                        "input whose sha256 differs or that it does not list")
-    p.add_argument("--cluster", metavar="ADDRESS",
-                   help="run each file's sandbox on the workers of this Dask scheduler "
-                        "(tcp://HOST:8786; needs model-sandbox[dask], the same version and "
-                        "image on every worker, and the inputs at the same paths there; see "
-                        "docs/dask.md); hashes, pins, reports and the manifest stay here")
-    p.add_argument("--cluster-output", choices=("stream", "shared"), default="stream",
-                   help="with --cluster: workers send the converted bytes back (stream), or "
-                        "write them beside their destination in OUTDIR, which they must reach "
-                        "at the same path (shared); the client checks them either way "
-                        "(default: stream)")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="DST|OUTDIR",
+        help="output file (one SRC file) or directory (required for directories and several inputs)",
+    )
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        metavar="N",
+        help="sandboxes run in parallel (default: number of cores); with --cluster, "
+        "files in flight on the cluster (default: the sandboxes its ready "
+        "workers may run together)",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="only inputs whose relative path or name matches (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="leave out inputs whose relative path or name matches (repeatable)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="redo every input, even those the manifest shows as done and unchanged",
+    )
+    p.add_argument(
+        "--shared",
+        choices=_api.SHARED_MODES,
+        default="complete",
+        help="tensors that share storage: every name a tensor of its own (complete, "
+        "what plain SafeTensors readers expect), or a tied tensor under one "
+        "name (dedupe, Hugging Face's save_pretrained convention) "
+        "(default: complete)",
+    )
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="write tensors the host could not verify against its own reading of the "
+        "file (a jagged nested tensor's values, Fortran-ordered joblib arrays); "
+        "the report keeps the weights-unverified finding (default: refuse)",
+    )
+    p.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress and no per-file lines: only the summary"
+    )
+    p.add_argument(
+        "--report-dir",
+        metavar="DIR",
+        help="write each file's JSON report under DIR, mirroring the tree (default: OUTDIR)",
+    )
+    p.add_argument(
+        "--lock",
+        metavar="FILE",
+        help="a lock file from `model-sandbox lock`: refuse, before opening it, every "
+        "input whose sha256 differs or that it does not list",
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run each file's sandbox on the workers of this Dask scheduler "
+        "(tcp://HOST:8786; needs model-sandbox[dask], the same version and "
+        "image on every worker, and the inputs at the same paths there; see "
+        "docs/dask.md); hashes, pins, reports and the manifest stay here",
+    )
+    p.add_argument(
+        "--cluster-output",
+        choices=("stream", "shared"),
+        default="stream",
+        help="with --cluster: workers send the converted bytes back (stream), or "
+        "write them beside their destination in OUTDIR, which they must reach "
+        "at the same path (shared); the client checks them either way "
+        "(default: stream)",
+    )
     common(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("bom", help="write a CycloneDX 1.6 ML-BOM for a batch's OUTDIR",
-                       description="One machine-learning-model component per converted model, "
-                                   "with its legacy source as pedigree ancestor and the verdict, "
-                                   "hashes, tool, image and policy digests as properties.")
+    p = sub.add_parser(
+        "bom",
+        help="write a CycloneDX 1.6 ML-BOM for a batch's OUTDIR",
+        description="One machine-learning-model component per converted model, "
+        "with its legacy source as pedigree ancestor and the verdict, "
+        "hashes, tool, image and policy digests as properties.",
+    )
     p.add_argument("outdir", metavar="OUTDIR")
     p.add_argument("-o", "--output", metavar="FILE", help="output file (default: stdout)")
     p.set_defaults(func=cmd_bom)
 
-    p = sub.add_parser("lock", help="print a lock file pinning the sha256 of model files",
-                       description="Find model files (by content) under each PATH and print "
-                                   "`HEX  PATH` lines (sha256sum format) to use with "
-                                   "`convert --lock FILE`. Paths are relative to the current "
-                                   "directory, as for `sha256sum -c`.")
+    p = sub.add_parser(
+        "lock",
+        help="print a lock file pinning the sha256 of model files",
+        description="Find model files (by content) under each PATH and print "
+        "`HEX  PATH` lines (sha256sum format) to use with "
+        "`convert --lock FILE`. Paths are relative to the current "
+        "directory, as for `sha256sum -c`.",
+    )
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--include", action="append", metavar="GLOB", help="only matching files")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="leave out matching files")
@@ -566,59 +681,82 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("image", help="the worker image", description="Manage the worker image.")
     isub = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
-    b = isub.add_parser("build", help="build the worker image offline from this environment",
-                        description="Assemble the worker image from this Python environment "
-                                    "(no registry needed) and import it into Docker; with "
-                                    "--runner bwrap, extract it into the user's cache instead "
-                                    "(the bwrap runner also does that on first use).")
+    b = isub.add_parser(
+        "build",
+        help="build the worker image offline from this environment",
+        description="Assemble the worker image from this Python environment "
+        "(no registry needed) and import it into Docker; with "
+        "--runner bwrap, extract it into the user's cache instead "
+        "(the bwrap runner also does that on first use).",
+    )
     b.add_argument("--force", action="store_true", help="rebuild even if it is up to date")
     runner_option(b)
     b.set_defaults(func=cmd_image_build)
-    t = isub.add_parser("tag", help="print the tag this version expects",
-                        description="Print the content-derived tag of the worker image.")
+    t = isub.add_parser(
+        "tag",
+        help="print the tag this version expects",
+        description="Print the content-derived tag of the worker image.",
+    )
     t.set_defaults(func=cmd_image_tag)
 
-    p = sub.add_parser("policy", help="show or check load policies",
-                       description="Show a built-in policy or check a policy file.")
+    p = sub.add_parser(
+        "policy",
+        help="show or check load policies",
+        description="Show a built-in policy or check a policy file.",
+    )
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     s = psub.add_parser("show", help="print a policy as JSON", description="Print a policy.")
     s.add_argument("name", metavar="NAME|FILE")
     s.set_defaults(func=cmd_policy_show)
-    c = psub.add_parser("check", help="validate a policy file",
-                        description="Validate a policy file and list every problem.")
+    c = psub.add_parser(
+        "check", help="validate a policy file", description="Validate a policy file and list every problem."
+    )
     c.add_argument("file", metavar="FILE")
     c.set_defaults(func=cmd_policy_check)
 
-    p = sub.add_parser("patch", help="route torch.load of unmodified scripts through the sandbox",
-                       description="Install (or remove) a .pth file in site-packages that makes "
-                                   "every Python started with MODEL_SANDBOX_PATCH=1 route "
-                                   "torch.load through sandbox.safe_load once torch is "
-                                   "imported. Without the variable the file does nothing.")
+    p = sub.add_parser(
+        "patch",
+        help="route torch.load of unmodified scripts through the sandbox",
+        description="Install (or remove) a .pth file in site-packages that makes "
+        "every Python started with MODEL_SANDBOX_PATCH=1 route "
+        "torch.load through sandbox.safe_load once torch is "
+        "imported. Without the variable the file does nothing.",
+    )
     patch_sub = p.add_subparsers(dest="patch_command", required=True, metavar="ACTION")
     for action, func in (("install", cmd_patch_install), ("uninstall", cmd_patch_uninstall)):
-        a = patch_sub.add_parser(action, help=f"{action} the .pth file",
-                                 description=f"{action.capitalize()} the .pth file.")
+        a = patch_sub.add_parser(
+            action, help=f"{action} the .pth file", description=f"{action.capitalize()} the .pth file."
+        )
         where = a.add_mutually_exclusive_group()
         where.add_argument("--user", action="store_true", help="the user site-packages")
         where.add_argument("--target", metavar="DIR", help="another site directory")
         a.set_defaults(func=func)
 
-    p = sub.add_parser("report", help="render a saved report as text, JSON, SARIF or an HTML page",
-                       description="Render a saved JSON report (or a batch's list of them). "
-                                   "`report FILE ...` is short for `report render FILE ...`.")
+    p = sub.add_parser(
+        "report",
+        help="render a saved report as text, JSON, SARIF or an HTML page",
+        description="Render a saved JSON report (or a batch's list of them). "
+        "`report FILE ...` is short for `report render FILE ...`.",
+    )
     rsub = p.add_subparsers(dest="report_command", required=True, metavar="ACTION")
-    r = rsub.add_parser("render", help="print a saved JSON report, or write it as an HTML page",
-                        description="Print a saved JSON report or list of reports (checked field "
-                                    "by field first), or with --html write one self-contained "
-                                    "page (several reports: a table of them first): verdict, "
-                                    "findings with their evidence, a timeline of the events "
-                                    "and the resource use (over time where the report has "
-                                    "the samples, and the peaks).")
+    r = rsub.add_parser(
+        "render",
+        help="print a saved JSON report, or write it as an HTML page",
+        description="Print a saved JSON report or list of reports (checked field "
+        "by field first), or with --html write one self-contained "
+        "page (several reports: a table of them first): verdict, "
+        "findings with their evidence, a timeline of the events "
+        "and the resource use (over time where the report has "
+        "the samples, and the peaks).",
+    )
     r.add_argument("file", metavar="FILE")
     r.add_argument("--format", choices=("text", "json", "sarif"), default="text")
-    r.add_argument("--html", metavar="OUT",
-                   help="write the report as one HTML page (no external assets, no script) "
-                        "to OUT instead of printing it")
+    r.add_argument(
+        "--html",
+        metavar="OUT",
+        help="write the report as one HTML page (no external assets, no script) "
+        "to OUT instead of printing it",
+    )
     r.set_defaults(func=cmd_report_render)
     return parser
 
@@ -631,7 +769,7 @@ def _shorthand(argv: list[str]) -> list[str]:
     for i, arg in enumerate(argv):
         if arg == "report":
             if i + 1 < len(argv) and argv[i + 1] not in _REPORT_ACTIONS:
-                return [*argv[: i + 1], "render", *argv[i + 1:]]
+                return [*argv[: i + 1], "render", *argv[i + 1 :]]
             return argv
         if not arg.startswith("-"):
             return argv
@@ -648,8 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SandboxError as exc:
         if args.verbose:
             traceback.print_exc()
-        print("\n".join(clean_text(line, 4000) for line in exc.diagnostics().splitlines()),
-              file=sys.stderr)
+        print("\n".join(clean_text(line, 4000) for line in exc.diagnostics().splitlines()), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("model-sandbox: interrupted", file=sys.stderr)
@@ -668,5 +805,3 @@ def _terminate_like_interrupt() -> None:
 
 def run() -> None:
     sys.exit(main())
-
-

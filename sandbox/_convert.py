@@ -85,8 +85,7 @@ def _mapped(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def map_layout(path: str, placements: list[Placement], *, copy: bool
-               ) -> dict[str, torch.Tensor]:
+def map_layout(path: str, placements: list[Placement], *, copy: bool) -> dict[str, torch.Tensor]:
     """The tensors of a plain state dict, straight from the input file's own records (the
     placements were checked against the file and against the sandbox's layout). ``copy=False``:
     they share one private, copy-on-write mapping of the file (tensors of one storage share
@@ -127,8 +126,9 @@ def map_layout(path: str, placements: list[Placement], *, copy: bool
     storage: Any = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     for p in placements:
         dtype = getattr(torch, p.dtype)
-        out[p.name] = _strided(storage, p.file_offset, p, dtype) if p.extent else \
-            torch.empty(p.shape, dtype=dtype)
+        out[p.name] = (
+            _strided(storage, p.file_offset, p, dtype) if p.extent else torch.empty(p.shape, dtype=dtype)
+        )
     return out
 
 
@@ -143,8 +143,7 @@ def _strided(storage: Any, byte_offset: int, p: Placement, dtype: torch.dtype) -
     return raw.clone().view(dtype).as_strided(p.shape, p.stride, 0)
 
 
-def load_tensors(path: str, manifest: P.Manifest, *,
-                 mmap: bool = False) -> dict[str, torch.Tensor]:
+def load_tensors(path: str, manifest: P.Manifest, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor and view named by the (validated) manifest, checked byte for byte.
     ``mmap=True``: the tensors share a private mapping of the file instead of being copied."""
     import torch
@@ -158,8 +157,10 @@ def load_tensors(path: str, manifest: P.Manifest, *,
             if keys != set(entries):
                 missing = sorted(set(entries) - keys)[:5]
                 extra = sorted(keys - set(entries))[:5]
-                raise OutputRejected(f"tensor file and manifest disagree (missing {missing}, "
-                                     f"unexpected {extra})", item=P.TENSORS_FILE)
+                raise OutputRejected(
+                    f"tensor file and manifest disagree (missing {missing}, unexpected {extra})",
+                    item=P.TENSORS_FILE,
+                )
             # the header is validated by the library above before anything is mapped
             mapped = _mapped(path, keys) if mmap else {}
             for name, entry in entries.items():
@@ -173,16 +174,20 @@ def load_tensors(path: str, manifest: P.Manifest, *,
                 if raw:
                     if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != entry.nbytes:
                         raise OutputRejected(f"{name}: raw bytes of the wrong size", item=name)
-                    t = t.view(target).reshape(entry.shape) if t.numel() else \
-                        torch.empty(entry.shape, dtype=target)
+                    t = (
+                        t.view(target).reshape(entry.shape)
+                        if t.numel()
+                        else torch.empty(entry.shape, dtype=target)
+                    )
                 if t.dtype != target or tuple(t.shape) != entry.shape:
                     raise OutputRejected(f"{name}: dtype/shape differ from the manifest", item=name)
                 if tensor_digest(t) != entry.sha256:
                     raise OutputRejected(f"{name}: bytes differ from the manifest's sha256", item=name)
                 out[name] = t
     except SafetensorError as exc:
-        raise OutputRejected(f"the tensor file is not valid SafeTensors: {exc}",
-                             item=P.TENSORS_FILE) from None
+        raise OutputRejected(
+            f"the tensor file is not valid SafeTensors: {exc}", item=P.TENSORS_FILE
+        ) from None
     for v in manifest.views:
         base = out[v.base]
         out[v.name] = base.as_strided(v.shape, v.stride, base.storage_offset() + v.offset)
@@ -192,8 +197,9 @@ def load_tensors(path: str, manifest: P.Manifest, *,
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[storage, str], storage]
 
 
-def place(tensors: dict[str, torch.Tensor], manifest: P.Manifest,
-          map_location: MapLocation) -> dict[str, torch.Tensor]:
+def place(
+    tensors: dict[str, torch.Tensor], manifest: P.Manifest, map_location: MapLocation
+) -> dict[str, torch.Tensor]:
     """Move tensors where ``torch.load(map_location=...)`` would have put them.
 
     Views follow their base, so storage sharing survives the move."""
@@ -264,8 +270,7 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             if not math.isfinite(node):
                 raise OutputRejected("skeleton holds a non-finite bare float")
             return node
-        if not isinstance(node, dict) or not isinstance(node.get("$"), str) or \
-                node["$"] not in P.NODE_KINDS:
+        if not isinstance(node, dict) or not isinstance(node.get("$"), str) or node["$"] not in P.NODE_KINDS:
             raise OutputRejected(f"skeleton node of unknown kind {str(node)[:80]!r}")
         kind = node["$"]
         if kind == "float":
@@ -340,8 +345,9 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             return torch.device(value)
         if kind == "size":
             value = node.get("v")
-            if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                      for x in value):
+            if not isinstance(value, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in value
+            ):
                 raise OutputRejected("skeleton: bad size")
             return torch.Size(value)
         if kind == "complex":
@@ -350,8 +356,7 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             parts = node.get("parts")
             if not isinstance(parts, dict) or len(parts) > P.MAX_TENSORS:
                 raise OutputRejected("skeleton: composite without parts")
-            pieces = {str(k): tensor(v.get("ref") if isinstance(v, dict) else None)
-                      for k, v in parts.items()}
+            pieces = {str(k): tensor(v.get("ref") if isinstance(v, dict) else None) for k, v in parts.items()}
             t = assemble(node, pieces)
             if node.get("parameter") is True:
                 return torch.nn.Parameter(t, requires_grad=bool(node.get("requires_grad")))
@@ -372,13 +377,19 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
     if weights_only and opaque:
         raise UnrepresentableObject(
             f"the checkpoint holds {len(opaque)} object(s) that cannot be rebuilt as data: "
-            + ", ".join(sorted(set(opaque))[:5]), types=sorted(set(opaque)))
+            + ", ".join(sorted(set(opaque))[:5]),
+            types=sorted(set(opaque)),
+        )
     return result
 
 
 _QUANTIZED = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}
-_COMPRESSED = {"sparse_csr": "crow_indices", "sparse_bsr": "crow_indices",
-               "sparse_csc": "ccol_indices", "sparse_bsc": "ccol_indices"}
+_COMPRESSED = {
+    "sparse_csr": "crow_indices",
+    "sparse_bsr": "crow_indices",
+    "sparse_csc": "ccol_indices",
+    "sparse_bsc": "ccol_indices",
+}
 
 
 def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -393,8 +404,12 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
 
     import torch
 
-    kind, dtype, shape, params = (recipe.get("kind"), recipe.get("dtype"), recipe.get("shape"),
-                                  recipe.get("params"))
+    kind, dtype, shape, params = (
+        recipe.get("kind"),
+        recipe.get("dtype"),
+        recipe.get("shape"),
+        recipe.get("params"),
+    )
     if not isinstance(kind, str) or kind not in P.COMPOSITE_KINDS or not isinstance(params, dict):
         raise OutputRejected(f"composite of unknown kind {str(kind)[:40]!r}")
     need, optional = P.COMPOSITE_KINDS[kind]
@@ -402,8 +417,11 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
     if nested:
         if shape is not None:
             raise OutputRejected("composite: a nested tensor has no fixed shape")
-    elif not (isinstance(shape, list) and len(shape) <= P.MAX_NDIM and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    elif not (
+        isinstance(shape, list)
+        and len(shape) <= P.MAX_NDIM
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise OutputRejected("composite: bad shape")
     if not need <= set(parts) <= need | optional:
         raise OutputRejected(f"composite {kind}: parts {sorted(parts)[:8]} are not its parts")
@@ -418,52 +436,69 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
         with warnings.catch_warnings():  # torch calls nested tensors a prototype
             warnings.simplefilter("ignore")
             if kind == "sparse_coo":
-                out = torch.sparse_coo_tensor(parts["indices"], parts["values"], shape,
-                                              check_invariants=True)
+                out = torch.sparse_coo_tensor(parts["indices"], parts["values"], shape, check_invariants=True)
                 if param("coalesced", bool):
                     merged = out.coalesce()
                     if not torch.equal(merged._indices(), parts["indices"]):
-                        raise OutputRejected("composite sparse_coo: claims to be coalesced "
-                                             "but is not")
-                    out = torch.sparse_coo_tensor(parts["indices"], parts["values"], shape,
-                                                  is_coalesced=True, check_invariants=True)
+                        raise OutputRejected("composite sparse_coo: claims to be coalesced but is not")
+                    out = torch.sparse_coo_tensor(
+                        parts["indices"], parts["values"], shape, is_coalesced=True, check_invariants=True
+                    )
             elif kind in _COMPRESSED:
                 compressed = _COMPRESSED[kind]
                 plain = "col_indices" if compressed == "crow_indices" else "row_indices"
                 out = torch.sparse_compressed_tensor(
-                    parts[compressed], parts[plain], parts["values"], shape,
-                    layout=getattr(torch, kind), check_invariants=True)
+                    parts[compressed],
+                    parts[plain],
+                    parts["values"],
+                    shape,
+                    layout=getattr(torch, kind),
+                    check_invariants=True,
+                )
             elif kind.startswith("quantized"):
                 data = parts["int_repr"]
-                if dtype not in _QUANTIZED or str(data.dtype) != f"torch.{_QUANTIZED[dtype]}" \
-                        or list(data.shape) != shape:
+                if (
+                    dtype not in _QUANTIZED
+                    or str(data.dtype) != f"torch.{_QUANTIZED[dtype]}"
+                    or list(data.shape) != shape
+                ):
                     raise OutputRejected(f"composite {kind}: int_repr does not fit {dtype!s:.20}")
                 if kind == "quantized_per_tensor":
                     scale = param("scale", float)
                     if not math.isfinite(scale):
                         raise OutputRejected(f"composite {kind}: bad scale")
-                    out = torch._make_per_tensor_quantized_tensor(data, scale,
-                                                                  param("zero_point", int))
+                    out = torch._make_per_tensor_quantized_tensor(data, scale, param("zero_point", int))
                 else:
                     axis = param("axis", int)
                     scales, zeros = parts["scales"], parts["zero_points"]
-                    if not 0 <= axis < len(shape) or scales.dtype != torch.float64 or \
-                            zeros.dtype != torch.int64 or list(scales.shape) != [shape[axis]] or \
-                            list(zeros.shape) != [shape[axis]]:
-                        raise OutputRejected(f"composite {kind}: scales, zero points and axis "
-                                             "do not fit the data")
+                    if (
+                        not 0 <= axis < len(shape)
+                        or scales.dtype != torch.float64
+                        or zeros.dtype != torch.int64
+                        or list(scales.shape) != [shape[axis]]
+                        or list(zeros.shape) != [shape[axis]]
+                    ):
+                        raise OutputRejected(
+                            f"composite {kind}: scales, zero points and axis do not fit the data"
+                        )
                     out = torch._make_per_channel_quantized_tensor(data, scales, zeros, axis)
             elif kind == "nested":
                 _check_nested_views(parts)
-                out = torch._nested_view_from_buffer(parts["values"], parts["sizes"],
-                                                     parts["strides"], parts["storage_offsets"])
+                out = torch._nested_view_from_buffer(
+                    parts["values"], parts["sizes"], parts["strides"], parts["storage_offsets"]
+                )
             else:  # nested_jagged
                 values, offsets = parts["values"], parts["offsets"]
                 ragged = param("ragged_idx", int)
-                ok = offsets.dtype == torch.int64 and offsets.dim() == 1 and offsets.numel() >= 1 \
-                    and bool(offsets[0] == 0) and bool((offsets[1:] >= offsets[:-1]).all()) \
-                    and int(offsets[-1]) <= (values.shape[0] if values.dim() else 0) \
+                ok = (
+                    offsets.dtype == torch.int64
+                    and offsets.dim() == 1
+                    and offsets.numel() >= 1
+                    and bool(offsets[0] == 0)
+                    and bool((offsets[1:] >= offsets[:-1]).all())
+                    and int(offsets[-1]) <= (values.shape[0] if values.dim() else 0)
                     and 1 <= ragged <= values.dim()
+                )
                 if not ok:
                     raise OutputRejected("composite nested_jagged: offsets do not fit the values")
                 out = torch.nested.nested_tensor_from_jagged(values, offsets, jagged_dim=ragged)
@@ -472,8 +507,9 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise OutputRejected(f"composite {kind} cannot be reassembled: {str(exc)[:200]}") from None
     if str(out.dtype) != f"torch.{dtype}" or (not nested and list(out.shape) != shape):
-        raise OutputRejected(f"composite {kind}: the reassembled tensor does not have the "
-                             "declared dtype and shape")
+        raise OutputRejected(
+            f"composite {kind}: the reassembled tensor does not have the declared dtype and shape"
+        )
     return out
 
 
@@ -502,12 +538,12 @@ def load_composites(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             for name, recipe in recipes.items():
                 refs = recipe.get("parts") if isinstance(recipe, dict) else None
                 if not isinstance(refs, dict) or not all(
-                        isinstance(r, str) and r in keys and r not in as_bytes
-                        for r in refs.values()):
-                    raise OutputRejected(f"composite {str(name)[:80]!r}: its parts are not "
-                                         "tensors of the file")
-                out[str(name)] = assemble(recipe, {str(p): f.get_tensor(r)
-                                                   for p, r in refs.items()})
+                    isinstance(r, str) and r in keys and r not in as_bytes for r in refs.values()
+                ):
+                    raise OutputRejected(
+                        f"composite {str(name)[:80]!r}: its parts are not tensors of the file"
+                    )
+                out[str(name)] = assemble(recipe, {str(p): f.get_tensor(r) for p, r in refs.items()})
             return out
     except SafetensorError as exc:
         raise OutputRejected(f"not a valid SafeTensors file: {exc}") from None
@@ -520,17 +556,24 @@ def _check_nested_views(parts: dict[str, torch.Tensor]) -> None:
 
     values, sizes = parts["values"], parts["sizes"]
     strides, offsets = parts["strides"], parts["storage_offsets"]
-    ok = values.dim() == 1 and sizes.dtype == strides.dtype == offsets.dtype == torch.int64 \
-        and sizes.dim() == 2 and strides.shape == sizes.shape and offsets.dim() == 1 \
-        and offsets.shape[0] == sizes.shape[0] and sizes.shape[0] > 0
+    ok = (
+        values.dim() == 1
+        and sizes.dtype == strides.dtype == offsets.dtype == torch.int64
+        and sizes.dim() == 2
+        and strides.shape == sizes.shape
+        and offsets.dim() == 1
+        and offsets.shape[0] == sizes.shape[0]
+        and sizes.shape[0] > 0
+    )
     if ok:
         sizes_l, strides_l, offsets_l = sizes.tolist(), strides.tolist(), offsets.tolist()
         for size, stride, offset in zip(sizes_l, strides_l, offsets_l, strict=True):
             if offset < 0 or any(d < 0 for d in size) or any(s < 0 for s in stride):
                 ok = False
-            elif all(size) and offset + sum((d - 1) * s for d, s in zip(size, stride,
-                                                                         strict=True)) \
-                    >= values.numel():
+            elif (
+                all(size)
+                and offset + sum((d - 1) * s for d, s in zip(size, stride, strict=True)) >= values.numel()
+            ):
                 ok = False
     if not ok:
         raise OutputRejected("composite nested: the pieces do not lie inside the buffer")
@@ -548,7 +591,7 @@ def composites(skeleton: object) -> dict[str, dict[str, Any]]:
         node, depth = stack.pop()
         budget -= 1
         if isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node[:P.MAX_SKELETON_NODES])
+            stack.extend((child, depth + 1) for child in node[: P.MAX_SKELETON_NODES])
             continue
         if not isinstance(node, dict) or depth > P.MAX_SKELETON_DEPTH + 2:
             continue
@@ -557,9 +600,13 @@ def composites(skeleton: object) -> dict[str, dict[str, Any]]:
             if isinstance(name, str) and isinstance(parts, dict):
                 refs = {str(k): v.get("ref") for k, v in parts.items() if isinstance(v, dict)}
                 if all(isinstance(r, str) for r in refs.values()):
-                    found[name] = {"kind": node.get("kind"), "dtype": node.get("dtype"),
-                                   "shape": node.get("shape"), "params": node.get("params"),
-                                   "parts": refs}
+                    found[name] = {
+                        "kind": node.get("kind"),
+                        "dtype": node.get("dtype"),
+                        "shape": node.get("shape"),
+                        "params": node.get("params"),
+                        "parts": refs,
+                    }
             continue
         stack.extend((child, depth + 1) for key, child in node.items() if key != "$")
     return found
@@ -581,15 +628,21 @@ def _value(node: dict[str, Any]) -> Any:
         raise OutputRejected(f"skeleton: {str(tname)[:60]!r} is not a value type")
     try:
         if tname in ("builtins.range", "builtins.slice"):
-            if not isinstance(v, list) or len(v) != 3 or not all(
-                    x is None or (isinstance(x, int) and not isinstance(x, bool)) for x in v):
+            if (
+                not isinstance(v, list)
+                or len(v) != 3
+                or not all(x is None or (isinstance(x, int) and not isinstance(x, bool)) for x in v)
+            ):
                 raise ValueError("bad bounds")
             if tname == "builtins.slice":
                 return slice(*v)
             return range(*(x for x in v if x is not None))
         if tname == "datetime.timedelta":
-            if not isinstance(v, list) or len(v) != 3 or not all(
-                    isinstance(x, int) and not isinstance(x, bool) for x in v):
+            if (
+                not isinstance(v, list)
+                or len(v) != 3
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            ):
                 raise ValueError("bad timedelta")
             return datetime.timedelta(days=v[0], seconds=v[1], microseconds=v[2])
         if not isinstance(v, str) or len(v) > 4096:

@@ -95,8 +95,8 @@ PLUGIN_NAME = "model-sandbox-readiness"
 #: a worker started with ``--resources model-sandbox=N`` runs at most N sandboxes at once
 SLOTS_RESOURCE = "model-sandbox"
 OUTPUTS = ("stream", "shared")
-_MAX_REPORT_BYTES = 64 << 20     # a report's JSON from a worker
-_MAX_TEXT = 4000                 # an error message from a worker
+_MAX_REPORT_BYTES = 64 << 20  # a report's JSON from a worker
+_MAX_TEXT = 4000  # an error message from a worker
 _WAIT_FOR_WORKERS_S = 60.0
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -107,6 +107,7 @@ def resource_name(digest: str) -> str:
 
 
 # -- worker side --------------------------------------------------------------------------------
+
 
 class Readiness(WorkerPlugin):
     """Checks at worker start that this worker can run the client's sandbox (see the module
@@ -130,17 +131,19 @@ class Readiness(WorkerPlugin):
 
     async def setup(self, worker: Worker) -> None:
         own = worker.state.total_resources.get(SLOTS_RESOURCE)
-        self.state = await asyncio.to_thread(self._check, worker.address,
-                                             int(own) if own else None)
+        self.state = await asyncio.to_thread(self._check, worker.address, int(own) if own else None)
         if self.state["ready"]:
             await worker.set_resources(**{resource_name(self.expected): float(self.state["slots"])})
 
     def _check(self, address: str, own_slots: int | None) -> dict[str, Any]:
         found = _image.worker_digest()
         if found != self.expected:
-            return {"ready": False, "digest": found,
-                    "error": f"worker {address} runs another model-sandbox: worker image digest "
-                             f"{found[:16]}, the client's is {self.expected[:16]}"}
+            return {
+                "ready": False,
+                "digest": found,
+                "error": f"worker {address} runs another model-sandbox: worker image digest "
+                f"{found[:16]}, the client's is {self.expected[:16]}",
+            }
         try:
             from ._launch import make_runner
 
@@ -149,16 +152,27 @@ class Readiness(WorkerPlugin):
             runner = make_runner()
             tag = runner.ensure_image()
         except SandboxError as exc:
-            return {"ready": False, "digest": found,
-                    "error": f"worker {address} cannot run the sandbox: {exc.message}"}
+            return {
+                "ready": False,
+                "digest": found,
+                "error": f"worker {address} cannot run the sandbox: {exc.message}",
+            }
         except Exception as exc:  # the engine's client library failed in another way
-            return {"ready": False, "digest": found,
-                    "error": f"worker {address} cannot run the sandbox: "
-                             f"{type(exc).__name__}: {exc}"}
+            return {
+                "ready": False,
+                "digest": found,
+                "error": f"worker {address} cannot run the sandbox: {type(exc).__name__}: {exc}",
+            }
         slots = max(1, self.slots or own_slots or os.cpu_count() or 1)
         self._runner = runner
-        return {"ready": True, "digest": found, "image": tag, "runner": runner.name,
-                "slots": slots, "error": None}
+        return {
+            "ready": True,
+            "digest": found,
+            "image": tag,
+            "runner": runner.name,
+            "slots": slots,
+            "error": None,
+        }
 
     def runner(self) -> Pool:
         """This worker's pool of warm sandboxes (as many as its units), made on first use."""
@@ -184,29 +198,52 @@ def _state(dask_worker: Worker) -> dict[str, Any]:
     return dict(plugin.state)
 
 
-def convert_task(src: str, sha256: str, policy: Policy, shared: str, expected_digest: str,
-                 staged: str | None, retries: int, backoff_s: float) -> dict[str, Any]:
+def convert_task(
+    src: str,
+    sha256: str,
+    policy: Policy,
+    shared: str,
+    expected_digest: str,
+    staged: str | None,
+    retries: int,
+    backoff_s: float,
+) -> dict[str, Any]:
     """One file's load on a worker. Returns plain data (``kind``: converted, error, engine or
     internal; ``report``: the report's JSON; ``data``: the converted bytes in stream mode).
     Raises :class:`WorkerNotReady` on a worker that is not ready for ``expected_digest``."""
     worker = get_worker()
     plugin = worker.plugins.get(PLUGIN_NAME)
-    if not isinstance(plugin, Readiness) or plugin.expected != expected_digest or \
-            not plugin.state.get("ready"):
-        why = plugin.state.get("error") if isinstance(plugin, Readiness) and \
-            plugin.expected == expected_digest else "its readiness check did not run for this client"
-        raise WorkerNotReady(f"worker {worker.address} refuses the task: {why}",
-                             worker=worker.address, expected=expected_digest,
-                             found=str(plugin.state.get("digest", "")) if isinstance(
-                                 plugin, Readiness) else "")
+    if (
+        not isinstance(plugin, Readiness)
+        or plugin.expected != expected_digest
+        or not plugin.state.get("ready")
+    ):
+        why = (
+            plugin.state.get("error")
+            if isinstance(plugin, Readiness) and plugin.expected == expected_digest
+            else "its readiness check did not run for this client"
+        )
+        raise WorkerNotReady(
+            f"worker {worker.address} refuses the task: {why}",
+            worker=worker.address,
+            expected=expected_digest,
+            found=str(plugin.state.get("digest", "")) if isinstance(plugin, Readiness) else "",
+        )
     runner = plugin.runner()
     delay = backoff_s
     with tempfile.TemporaryDirectory(prefix="model-sandbox-dask-") as tmp:
         dst = staged or os.path.join(tmp, "out.safetensors")
         for attempt in range(retries + 1):
             try:
-                report = _api.convert(src, dst, policy=policy, expected_sha256=sha256,
-                                      shared=shared, runner=runner, write_report=False)
+                report = _api.convert(
+                    src,
+                    dst,
+                    policy=policy,
+                    expected_sha256=sha256,
+                    shared=shared,
+                    runner=runner,
+                    write_report=False,
+                )
                 report.notes.append(f"loaded by Dask worker {worker.address}")
                 answer: dict[str, Any] = {"kind": "converted", "report": report.to_json()}
                 if staged is None:
@@ -222,8 +259,12 @@ def convert_task(src: str, sha256: str, policy: Policy, shared: str, expected_di
             except SandboxError as exc:
                 rep = exc.report or LoadReport(input_path=src, verdict=Verdict.ERROR)
                 rep.notes.append(f"loaded by Dask worker {worker.address}")
-                return {"kind": "error", "report": rep.to_json(), "message": exc.message,
-                        "reference": exc.reference}
+                return {
+                    "kind": "error",
+                    "report": rep.to_json(),
+                    "message": exc.message,
+                    "reference": exc.reference,
+                }
             except Exception as exc:  # a bug or a worker I/O error: this file fails
                 return {"kind": "internal", "message": f"{type(exc).__name__}: {exc}"}
     raise AssertionError("unreachable")
@@ -231,13 +272,20 @@ def convert_task(src: str, sha256: str, policy: Policy, shared: str, expected_di
 
 # -- client side --------------------------------------------------------------------------------
 
+
 class Remote:
     """The step of ``_batch._process`` that runs a file's sandbox on the cluster of ``client``.
     Registers :class:`Readiness` and reads every worker's state; raises
     :class:`WorkerNotReady` when none is ready."""
 
-    def __init__(self, client: Client, *, output: str = "stream", slots: int | None = None,
-                 wait_s: float = _WAIT_FOR_WORKERS_S) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        output: str = "stream",
+        slots: int | None = None,
+        wait_s: float = _WAIT_FOR_WORKERS_S,
+    ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
         self.client = client
@@ -254,23 +302,31 @@ class Remote:
             raise WorkerNotReady(
                 "a Dask worker cannot install model-sandbox's readiness check (is the client's "
                 f"release of model-sandbox[dask] installed there?): {type(exc).__name__}: "
-                f"{str(exc)[:_MAX_TEXT]}", expected=self.digest) from None
+                f"{str(exc)[:_MAX_TEXT]}",
+                expected=self.digest,
+            ) from None
         states = client.run(_state, on_error="return")  # an exception: that worker is not ready
         self.ready: dict[str, int] = {}
         self.refused: dict[str, str] = {}
         for address, st in sorted(states.items()):
             addr = str(address)[:200]
-            if isinstance(st, dict) and st.get("ready") is True and \
-                    st.get("digest") == self.digest and isinstance(st.get("slots"), int):
+            if (
+                isinstance(st, dict)
+                and st.get("ready") is True
+                and st.get("digest") == self.digest
+                and isinstance(st.get("slots"), int)
+            ):
                 self.ready[addr] = max(1, st["slots"])
             else:
-                err = st.get("error") if isinstance(st, dict) else \
-                    f"worker {addr} did not answer: {type(st).__name__}: {st}"
+                err = (
+                    st.get("error")
+                    if isinstance(st, dict)
+                    else f"worker {addr} did not answer: {type(st).__name__}: {st}"
+                )
                 self.refused[addr] = str(err or "not ready")[:_MAX_TEXT]
         if not self.ready:
             reasons = "; ".join(self.refused.values()) or "no worker answered"
-            raise WorkerNotReady(f"no Dask worker can run the sandbox: {reasons}",
-                                 expected=self.digest)
+            raise WorkerNotReady(f"no Dask worker can run the sandbox: {reasons}", expected=self.digest)
         self.slots = sum(self.ready.values())
         self.notes = [f"Dask worker refused its tasks: {why}" for why in self.refused.values()]
         self.wait_s = wait_s
@@ -297,28 +353,48 @@ class Remote:
             self._none_since = self._none_since or now
             if now - self._none_since < self.wait_s:
                 return None
-            return (f"no Dask worker ready for this model-sandbox has been left for "
-                    f"{self.wait_s:.0f} s (the workers died or left the cluster, or the "
-                    "scheduler went away)")
+            return (
+                f"no Dask worker ready for this model-sandbox has been left for "
+                f"{self.wait_s:.0f} s (the workers died or left the cluster, or the "
+                "scheduler went away)"
+            )
 
-    def __call__(self, entry: Entry, ctx: BatchContext, dst: Path, sha: str, fmt: str | None,
-                 started: tuple[float, float]) -> ItemResult:
+    def __call__(
+        self,
+        entry: Entry,
+        ctx: BatchContext,
+        dst: Path,
+        sha: str,
+        fmt: str | None,
+        started: tuple[float, float],
+    ) -> ItemResult:
         from distributed import KilledWorker
 
         from . import _batch
 
         opts = ctx.options
-        staged = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp" \
-            if self.output == "shared" else None  # the name _batch._sweep_stale removes
+        staged = (
+            dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp" if self.output == "shared" else None
+        )  # the name _batch._sweep_stale removes
         try:
-            fut = self.client.submit(convert_task, entry.source, sha, opts.policy, opts.shared,
-                                     self.digest, None if staged is None else str(staged),
-                                     opts.retries, opts.backoff_s, pure=False,
-                                     resources={self.resource: 1},
-                                     key=f"model-sandbox-{sha[:16]}-{secrets.token_hex(8)}")
+            fut = self.client.submit(
+                convert_task,
+                entry.source,
+                sha,
+                opts.policy,
+                opts.shared,
+                self.digest,
+                None if staged is None else str(staged),
+                opts.retries,
+                opts.backoff_s,
+                pure=False,
+                resources={self.resource: 1},
+                key=f"model-sandbox-{sha[:16]}-{secrets.token_hex(8)}",
+            )
         except Exception as exc:  # a closed or disconnected client
-            raise _batch.EngineGone(f"cannot submit to the Dask cluster: {type(exc).__name__}: "
-                                     f"{exc}") from None
+            raise _batch.EngineGone(
+                f"cannot submit to the Dask cluster: {type(exc).__name__}: {exc}"
+            ) from None
         try:
             while True:
                 try:
@@ -333,15 +409,24 @@ class Remote:
                         fut.cancel()  # type: ignore[no-untyped-call]
                         raise _batch.EngineGone(gone) from None
                 except KilledWorker as exc:
-                    return _batch.static_failure(entry, ctx, started, ClusterError(
-                        f"{entry.rel!r}: the Dask cluster gave up on this file, every worker that "
-                        f"ran it died ({exc})", hint="see the workers' logs (memory?); a re-run "
-                        "redoes it"), sha=sha, fmt=fmt)
+                    return _batch.static_failure(
+                        entry,
+                        ctx,
+                        started,
+                        ClusterError(
+                            f"{entry.rel!r}: the Dask cluster gave up on this file, every worker that "
+                            f"ran it died ({exc})",
+                            hint="see the workers' logs (memory?); a re-run redoes it",
+                        ),
+                        sha=sha,
+                        fmt=fmt,
+                    )
                 except WorkerNotReady as exc:
                     raise _batch.EngineGone(exc.diagnostics()) from None
                 except (OSError, concurrent.futures.CancelledError) as exc:  # scheduler gone, cancelled
-                    raise _batch.EngineGone(f"the Dask cluster went away: {type(exc).__name__}: "
-                                             f"{exc}") from None
+                    raise _batch.EngineGone(
+                        f"the Dask cluster went away: {type(exc).__name__}: {exc}"
+                    ) from None
             return self._accept(answer, entry, ctx, dst, sha, fmt, started, staged)
         finally:
             fut.release()  # type: ignore[no-untyped-call]
@@ -349,8 +434,17 @@ class Remote:
                 with contextlib.suppress(OSError):
                     os.unlink(staged)  # still there only when it was not accepted
 
-    def _accept(self, answer: object, entry: Entry, ctx: BatchContext, dst: Path, sha: str,
-                fmt: str | None, started: tuple[float, float], staged: Path | None) -> ItemResult:
+    def _accept(
+        self,
+        answer: object,
+        entry: Entry,
+        ctx: BatchContext,
+        dst: Path,
+        sha: str,
+        fmt: str | None,
+        started: tuple[float, float],
+        staged: Path | None,
+    ) -> ItemResult:
         from . import _batch
 
         def rejected(why: str, report: LoadReport | None = None) -> ItemResult:
@@ -361,20 +455,38 @@ class Remote:
             report.error = {"reference": exc.reference, "message": exc.message}
             report.outputs.pop("safetensors", None)
             report.outputs.pop("safetensors_sha256", None)
-            return _batch.finish(entry, ctx, report, _batch.Status.FAILED,
-                                  started_wall=started[1], reason=exc.message,
-                                  reference=exc.reference)
+            return _batch.finish(
+                entry,
+                ctx,
+                report,
+                _batch.Status.FAILED,
+                started_wall=started[1],
+                reason=exc.message,
+                reference=exc.reference,
+            )
 
         if not isinstance(answer, dict) or answer.get("kind") not in (
-                "converted", "error", "engine", "internal"):
+            "converted",
+            "error",
+            "engine",
+            "internal",
+        ):
             return rejected("not an answer of convert_task")
         kind = answer["kind"]
         if kind == "engine":
             raise _batch.EngineGone(_text(answer.get("message")))
         if kind == "internal":
-            return _batch.static_failure(entry, ctx, started, InternalError(
-                f"internal error on a Dask worker while converting {entry.rel!r}: "
-                f"{_text(answer.get('message'))}"), sha=sha, fmt=fmt)
+            return _batch.static_failure(
+                entry,
+                ctx,
+                started,
+                InternalError(
+                    f"internal error on a Dask worker while converting {entry.rel!r}: "
+                    f"{_text(answer.get('message'))}"
+                ),
+                sha=sha,
+                fmt=fmt,
+            )
         text = answer.get("report")
         if not isinstance(text, str) or len(text) > _MAX_REPORT_BYTES:
             return rejected("no report, or one over 64 MiB")
@@ -382,14 +494,20 @@ class Remote:
         if isinstance(report_or_why, str):
             return rejected(f"the report is invalid: {report_or_why}")
         report = report_or_why
-        if report.input_sha256 not in (None, sha) or (kind == "converted" and
-                                                       report.input_sha256 != sha):
-            return rejected(f"the report describes another input (sha256 "
-                            f"{str(report.input_sha256)[:64]}, the client hashed {sha})")
+        if report.input_sha256 not in (None, sha) or (kind == "converted" and report.input_sha256 != sha):
+            return rejected(
+                f"the report describes another input (sha256 "
+                f"{str(report.input_sha256)[:64]}, the client hashed {sha})"
+            )
         if kind == "error":
-            return _batch.not_converted(entry, ctx, report, started_wall=started[1],
-                                         reason=_text(answer.get("message")),
-                                         reference=_text(answer.get("reference"), 100))
+            return _batch.not_converted(
+                entry,
+                ctx,
+                report,
+                started_wall=started[1],
+                reason=_text(answer.get("message")),
+                reference=_text(answer.get("reference"), 100),
+            )
         if report.verdict is Verdict.ERROR or report.error is not None:
             return rejected("a converted file's report carries an error", report)
         out_sha = report.outputs.get("safetensors_sha256")
@@ -399,8 +517,7 @@ class Remote:
         if staged is None:
             data = answer.get("data")
             if not isinstance(data, bytes) or len(data) > cap:
-                return rejected(f"no converted bytes, or more than the output cap ({cap} bytes)",
-                                report)
+                return rejected(f"no converted bytes, or more than the output cap ({cap} bytes)", report)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
             tmp = Path(tmp_name)
             try:
@@ -419,11 +536,13 @@ class Remote:
             try:
                 st = os.lstat(tmp)
             except OSError:
-                return rejected("the worker wrote no file at the shared output location "
-                                "(does it reach OUTDIR at the same path?)", report)
+                return rejected(
+                    "the worker wrote no file at the shared output location "
+                    "(does it reach OUTDIR at the same path?)",
+                    report,
+                )
             if not stat.S_ISREG(st.st_mode) or st.st_size > cap:
-                return rejected(f"the staged output is not a regular file of at most {cap} bytes",
-                                report)
+                return rejected(f"the staged output is not a regular file of at most {cap} bytes", report)
         try:
             problem = check_safetensors(tmp, out_sha=out_sha, source_sha=sha)
             if problem is not None:
@@ -438,8 +557,7 @@ class Remote:
 
 
 def _is_str_map(v: object) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
-                                       for k, x in v.items())
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
 
 
 def _is_int(v: object) -> bool:
@@ -459,8 +577,9 @@ def _list_of(check: Any) -> Any:
 
 
 def _record(spec: dict[str, Any], required: frozenset[str] = frozenset()) -> Any:
-    return lambda v: isinstance(v, dict) and required <= set(v) and all(
-        k in spec and spec[k](x) for k, x in v.items())
+    return lambda v: (
+        isinstance(v, dict) and required <= set(v) and all(k in spec and spec[k](x) for k, x in v.items())
+    )
 
 
 def _is(t: type) -> Any:
@@ -469,25 +588,57 @@ def _is(t: type) -> Any:
 
 #: the type of every field of a load report's JSON (``LoadReport.from_dict`` trusts its input:
 #: it parses our own reports; a worker's answer is checked against this first)
-_FINDING = _record({"rule": _is(str), "severity": _is(str), "category": _is(str),
-                    "message": _is(str), "evidence": _is(dict), "events": _list_of(_is_int)},
-                   frozenset({"rule", "severity", "category", "message"}))
-_EVENT = _record({"id": _is_int, "t": _is_num, "source": _is(str), "kind": _is(str),
-                  "detail": _is(dict), "action": _is(str)},
-                 frozenset({"id", "t", "source", "kind"}))
-_REPORT = _record({
-    "schema": _is(str), "input_path": _is(str), "input_sha256": _opt(_is(str)),
-    "input_size": _opt(_is_int), "format": _opt(_is(str)), "verdict": _is(str),
-    "findings": _list_of(_FINDING), "events": _list_of(_EVENT), "tensors": _is_int,
-    "tensor_bytes": _is_int, "outputs": _is_str_map, "resources": _is(dict),
-    "notes": _list_of(_is(str)), "error": _opt(_is_str_map), "static": _is(dict),
-    "tool": _is_str_map, "policy": _is_str_map, "duration_s": _opt(_is_num)},
-    frozenset({"schema", "input_path"}))
+_FINDING = _record(
+    {
+        "rule": _is(str),
+        "severity": _is(str),
+        "category": _is(str),
+        "message": _is(str),
+        "evidence": _is(dict),
+        "events": _list_of(_is_int),
+    },
+    frozenset({"rule", "severity", "category", "message"}),
+)
+_EVENT = _record(
+    {
+        "id": _is_int,
+        "t": _is_num,
+        "source": _is(str),
+        "kind": _is(str),
+        "detail": _is(dict),
+        "action": _is(str),
+    },
+    frozenset({"id", "t", "source", "kind"}),
+)
+_REPORT = _record(
+    {
+        "schema": _is(str),
+        "input_path": _is(str),
+        "input_sha256": _opt(_is(str)),
+        "input_size": _opt(_is_int),
+        "format": _opt(_is(str)),
+        "verdict": _is(str),
+        "findings": _list_of(_FINDING),
+        "events": _list_of(_EVENT),
+        "tensors": _is_int,
+        "tensor_bytes": _is_int,
+        "outputs": _is_str_map,
+        "resources": _is(dict),
+        "notes": _list_of(_is(str)),
+        "error": _opt(_is_str_map),
+        "static": _is(dict),
+        "tool": _is_str_map,
+        "policy": _is_str_map,
+        "duration_s": _opt(_is_num),
+    },
+    frozenset({"schema", "input_path"}),
+)
 
 
 def parse_report(text: str) -> LoadReport | str:
     """A worker's report, parsed and typed, or why it is not one: strict JSON (no NaN or
     Infinity), every field of the type the schema gives it, then ``LoadReport.from_dict``."""
+
     def no_constant(name: str) -> None:
         raise ValueError(f"{name} is not JSON")
 
@@ -540,15 +691,22 @@ def check_safetensors(path: Path, *, out_sha: str, source_sha: str) -> str | Non
         if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
             return f"SafeTensors entry {name[:100]!r} is malformed"
         dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-        if dtype not in safetensors_header.DTYPES or not isinstance(shape, list) or not all(
-                type(d) is int and d >= 0 for d in shape) or not isinstance(offsets, list) or \
-                len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        if (
+            dtype not in safetensors_header.DTYPES
+            or not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+        ):
             return f"SafeTensors entry {name[:100]!r} is malformed"
         count = 1
         for d in shape:
             count *= d
-        if not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != \
-                count * safetensors_header.DTYPES[dtype]:
+        if (
+            not 0 <= offsets[0] <= offsets[1]
+            or offsets[1] - offsets[0] != count * safetensors_header.DTYPES[dtype]
+        ):
             return f"SafeTensors entry {name[:100]!r}: shape and byte range disagree"
         spans.append((offsets[0], offsets[1]))
     pos = 0

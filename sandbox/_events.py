@@ -36,20 +36,69 @@ _MAX_LINES = P.MAX_KERNEL_EVENTS + P.MAX_SELF_REPORTED_EVENTS + 16
 _MAX_EVENT_IDS = 50
 _OUTPUT_SCAN_BYTES = 512 * 2**20
 
-_PRIVILEGE = frozenset({
-    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "bpf", "perf_event_open",
-    "userfaultfd", "io_uring_setup", "keyctl", "add_key", "request_key", "setuid", "setgid",
-    "setreuid", "setregid", "setgroups", "setresuid", "setresgid", "setfsuid", "setfsgid",
-    "seccomp", "prctl", "pidfd_send_signal", "foreign_abi",
-})
-_OTHER_PROCESS = frozenset({"ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open",
-                            "pidfd_getfd", "kill", "tgkill", "tkill", "rt_sigqueueinfo",
-                            "rt_tgsigqueueinfo"})
+_PRIVILEGE = frozenset(
+    {
+        "mount",
+        "umount2",
+        "pivot_root",
+        "chroot",
+        "unshare",
+        "setns",
+        "bpf",
+        "perf_event_open",
+        "userfaultfd",
+        "io_uring_setup",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "setuid",
+        "setgid",
+        "setreuid",
+        "setregid",
+        "setgroups",
+        "setresuid",
+        "setresgid",
+        "setfsuid",
+        "setfsgid",
+        "seccomp",
+        "prctl",
+        "pidfd_send_signal",
+        "foreign_abi",
+    }
+)
+_OTHER_PROCESS = frozenset(
+    {
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "pidfd_open",
+        "pidfd_getfd",
+        "kill",
+        "tgkill",
+        "tkill",
+        "rt_sigqueueinfo",
+        "rt_tgsigqueueinfo",
+    }
+)
 _CODE = frozenset({"memfd_create", "mprotect", "pkey_mprotect", "mmap"})
 _SEND = frozenset({"connect", "sendto", "sendmsg", "sendmmsg"})
 _OPEN = frozenset({"open", "openat", "openat2", "creat"})
-_PATH_OPS = frozenset({"unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat",
-                       "symlink", "symlinkat", "chmod", "fchmodat", "fchmodat2"})
+_PATH_OPS = frozenset(
+    {
+        "unlink",
+        "unlinkat",
+        "rename",
+        "renameat",
+        "renameat2",
+        "link",
+        "linkat",
+        "symlink",
+        "symlinkat",
+        "chmod",
+        "fchmodat",
+        "fchmodat2",
+    }
+)
 
 
 @dataclass
@@ -69,8 +118,9 @@ def _event(obj: Any) -> Event | None:
     line = P.EventLine.from_obj(obj)
     if line is None:
         return None
-    return Event(id=line.id, t=line.t, source=line.source, kind=line.kind, detail=line.detail,
-                 action=line.action)
+    return Event(
+        id=line.id, t=line.t, source=line.source, kind=line.kind, detail=line.detail, action=line.action
+    )
 
 
 def parse_events(data: bytes) -> tuple[list[Event], int]:
@@ -102,16 +152,18 @@ def parse_events(data: bytes) -> tuple[list[Event], int]:
     return events, rejected
 
 
-
-
 # -- judging -------------------------------------------------------------------------------------
+
 
 def describe(ev: Event) -> str:
     """One line for an event: ``connect AF_INET 127.0.0.1:4444 — denied``."""
     d = ev.detail
     if ev.source == "gvisor" and ev.action == "denied" and "refused_by" in d:
-        return _printable(f"{ev.kind} (refused by the loader's filter; gVisor traces no "
-                          f"arguments of a refused call) — {ev.action}", 300)
+        return _printable(
+            f"{ev.kind} (refused by the loader's filter; gVisor traces no "
+            f"arguments of a refused call) — {ev.action}",
+            300,
+        )
     if ev.kind in ("execve", "execveat"):
         argv: list[Any] = d["argv"] if isinstance(d.get("argv"), list) else []
         what = " ".join(str(a) for a in argv[:16]) or str(d.get("path", ""))
@@ -135,8 +187,16 @@ class _Findings:
     def __init__(self) -> None:
         self.groups: dict[tuple[str, str], tuple[Finding, list[int], int]] = {}
 
-    def add(self, ev: Event, rule: str, severity: Severity, category: str, message: str,
-            key: str = "", **evidence: Any) -> None:
+    def add(
+        self,
+        ev: Event,
+        rule: str,
+        severity: Severity,
+        category: str,
+        message: str,
+        key: str = "",
+        **evidence: Any,
+    ) -> None:
         k = (rule, key)
         if k in self.groups:
             f, ids, n = self.groups[k]
@@ -145,8 +205,13 @@ class _Findings:
             self.groups[k] = (f, ids, n + 1)
             return
         ev_text = describe(ev)
-        f = Finding(rule=rule, severity=severity, category=category, message=message,
-                    evidence={"event": ev_text, **{k2: v for k2, v in evidence.items() if v is not None}})
+        f = Finding(
+            rule=rule,
+            severity=severity,
+            category=category,
+            message=message,
+            evidence={"event": ev_text, **{k2: v for k2, v in evidence.items() if v is not None}},
+        )
         self.groups[k] = (f, [ev.id], 1)
 
     def add_plain(self, finding: Finding) -> None:
@@ -158,101 +223,250 @@ class _Findings:
             evidence = dict(f.evidence)
             if n > 1:
                 evidence["occurrences"] = n
-            out.append(Finding(rule=f.rule, severity=f.severity, category=f.category, message=f.message,
-                               evidence=evidence, events=tuple(ids)))
+            out.append(
+                Finding(
+                    rule=f.rule,
+                    severity=f.severity,
+                    category=f.category,
+                    message=f.message,
+                    evidence=evidence,
+                    events=tuple(ids),
+                )
+            )
         return out
 
 
-def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Findings,
-           context: dict[str, Any] | None = None) -> None:
+def _judge(
+    ev: Event,
+    canaries: dict[str, str],
+    canary_files: set[str],
+    out: _Findings,
+    context: dict[str, Any] | None = None,
+) -> None:
     """``context``: for a refused call gVisor saw without its arguments, what the audit hook
     said just before (self-reported: it names where the arguments came from)."""
     d, kind, action = ev.detail, ev.kind, ev.action
     ctx = {"arguments": context} if context else {}
-    found = set(x for x in d.get("canaries", []) if isinstance(x, str)) \
-        if isinstance(d.get("canaries"), list) else set()
+    found = (
+        set(x for x in d.get("canaries", []) if isinstance(x, str))
+        if isinstance(d.get("canaries"), list)
+        else set()
+    )
     text = json.dumps(d)
     found |= {name for name, value in canaries.items() if value in text}
     if found:
-        out.add(ev, "canary-exfiltration", Severity.CRITICAL, "credential",
-                "exfiltration attempt: a planted credential appeared in a system call's arguments",
-                key=kind, canaries=sorted(found)[:10])
+        out.add(
+            ev,
+            "canary-exfiltration",
+            Severity.CRITICAL,
+            "credential",
+            "exfiltration attempt: a planted credential appeared in a system call's arguments",
+            key=kind,
+            canaries=sorted(found)[:10],
+        )
     if kind in ("execve", "execveat"):
-        out.add(ev, "exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program",
-                key=str(d.get("path")), path=d.get("path"), argv=d.get("argv"), **ctx)
+        out.add(
+            ev,
+            "exec-attempt",
+            Severity.CRITICAL,
+            "exec",
+            "the load tried to run a program",
+            key=str(d.get("path")),
+            path=d.get("path"),
+            argv=d.get("argv"),
+            **ctx,
+        )
     elif kind in ("fork", "vfork", "clone"):
         if d.get("style") == "fork" or action == "denied":
-            out.add(ev, "process-creation", Severity.HIGH, "process",
-                    "the load tried to start another process (refused)")
+            out.add(
+                ev,
+                "process-creation",
+                Severity.HIGH,
+                "process",
+                "the load tried to start another process (refused)",
+            )
         else:
-            out.add(ev, "process-spawn", Severity.MEDIUM, "process",
-                    "the load started a child process to run a program")
+            out.add(
+                ev,
+                "process-spawn",
+                Severity.MEDIUM,
+                "process",
+                "the load started a child process to run a program",
+            )
     elif kind in _SEND or kind in ("bind", "listen", "accept", "accept4"):
         fam = d.get("family")
         target = d.get("target")
-        if kind in _SEND and (fam in ("AF_INET", "AF_INET6") or
-                              (ev.source == "gvisor" and action == "denied")):
+        if kind in _SEND and (
+            fam in ("AF_INET", "AF_INET6") or (ev.source == "gvisor" and action == "denied")
+        ):
             # under gVisor a refused call's arguments are not in the trace: its address is
             # unknown to the evidence (the audit hook's, if any, is in "arguments")
-            out.add(ev, "network-connect", Severity.CRITICAL, "network",
-                    "the load tried to reach a network address", key=f"{kind} {target}",
-                    address=d.get("address"), port=d.get("port"), **ctx)
+            out.add(
+                ev,
+                "network-connect",
+                Severity.CRITICAL,
+                "network",
+                "the load tried to reach a network address",
+                key=f"{kind} {target}",
+                address=d.get("address"),
+                port=d.get("port"),
+                **ctx,
+            )
         else:
-            out.add(ev, f"network-{kind}", Severity.HIGH, "network",
-                    f"the load tried to use a socket ({kind})", key=str(target))
+            out.add(
+                ev,
+                f"network-{kind}",
+                Severity.HIGH,
+                "network",
+                f"the load tried to use a socket ({kind})",
+                key=str(target),
+            )
     elif kind in ("socket", "socketpair"):
-        out.add(ev, "network-socket", Severity.MEDIUM, "network", "the load created a socket",
-                key=f"{d.get('family')}")
+        out.add(
+            ev,
+            "network-socket",
+            Severity.MEDIUM,
+            "network",
+            "the load created a socket",
+            key=f"{d.get('family')}",
+        )
     elif kind in _OPEN:
         path, cls = str(d.get("path", "")), d.get("class")
         if cls in ("canary", "canary_home") or path in canary_files:
-            out.add(ev, "canary-file-read", Severity.HIGH, "credential",
-                    "the load opened a planted credential file", key=path, path=path)
+            out.add(
+                ev,
+                "canary-file-read",
+                Severity.HIGH,
+                "credential",
+                "the load opened a planted credential file",
+                key=path,
+                path=path,
+            )
         elif d.get("write") and (action == "denied" or cls == "outside"):
-            out.add(ev, "file-write-outside", Severity.HIGH, "file",
-                    "the load tried to write outside the sandbox's scratch space",
-                    key=path, path=path, flags=d.get("flags"))
+            out.add(
+                ev,
+                "file-write-outside",
+                Severity.HIGH,
+                "file",
+                "the load tried to write outside the sandbox's scratch space",
+                key=path,
+                path=path,
+                flags=d.get("flags"),
+            )
         elif d.get("write") and cls == "scratch":
-            out.add(ev, "file-write", Severity.MEDIUM, "file",
-                    "the load created or wrote a file (in the sandbox's scratch space; a plain "
-                    "torch.load would write it on your machine)", key=path, path=path,
-                    flags=d.get("flags"))
+            out.add(
+                ev,
+                "file-write",
+                Severity.MEDIUM,
+                "file",
+                "the load created or wrote a file (in the sandbox's scratch space; a plain "
+                "torch.load would write it on your machine)",
+                key=path,
+                path=path,
+                flags=d.get("flags"),
+            )
         elif cls == "sensitive":
-            out.add(ev, "sensitive-file-read", Severity.HIGH, "file",
-                    "the load opened a sensitive path", key=path, path=path)
+            out.add(
+                ev,
+                "sensitive-file-read",
+                Severity.HIGH,
+                "file",
+                "the load opened a sensitive path",
+                key=path,
+                path=path,
+            )
         elif cls == "probe":
-            out.add(ev, "environment-probe", Severity.LOW, "evasion",
-                    "the load looked for signs of a container or a sandbox (a payload that "
-                    "stays quiet where it is watched)", key=path, path=path)
+            out.add(
+                ev,
+                "environment-probe",
+                Severity.LOW,
+                "evasion",
+                "the load looked for signs of a container or a sandbox (a payload that "
+                "stays quiet where it is watched)",
+                key=path,
+                path=path,
+            )
     elif kind in _PATH_OPS:
-        if action != "denied" and d.get("class") == "scratch" and \
-                kind not in ("symlink", "symlinkat", "link", "linkat"):
-            out.add(ev, "file-write", Severity.MEDIUM, "file",
-                    f"the load changed files ({kind}) in the sandbox's scratch space",
-                    key=str(d.get("paths")), paths=d.get("paths"))
+        if (
+            action != "denied"
+            and d.get("class") == "scratch"
+            and kind not in ("symlink", "symlinkat", "link", "linkat")
+        ):
+            out.add(
+                ev,
+                "file-write",
+                Severity.MEDIUM,
+                "file",
+                f"the load changed files ({kind}) in the sandbox's scratch space",
+                key=str(d.get("paths")),
+                paths=d.get("paths"),
+            )
         elif action == "denied" or d.get("class") == "outside":
-            out.add(ev, "file-change-outside", Severity.HIGH, "file",
-                    "the load tried to change files outside its output and scratch directories",
-                    key=kind, paths=d.get("paths"))
+            out.add(
+                ev,
+                "file-change-outside",
+                Severity.HIGH,
+                "file",
+                "the load tried to change files outside its output and scratch directories",
+                key=kind,
+                paths=d.get("paths"),
+            )
         elif kind in ("symlink", "symlinkat", "link", "linkat"):
-            out.add(ev, "file-link", Severity.MEDIUM, "file", "the load created a link",
-                    key=str(d.get("paths")), paths=d.get("paths"), target=d.get("target"))
+            out.add(
+                ev,
+                "file-link",
+                Severity.MEDIUM,
+                "file",
+                "the load created a link",
+                key=str(d.get("paths")),
+                paths=d.get("paths"),
+                target=d.get("target"),
+            )
     elif kind in _OTHER_PROCESS:
         if d.get("supervisor"):
-            out.add(ev, "attack-supervisor", Severity.CRITICAL, "privilege",
-                    "the load tried to signal, trace or read the sandbox supervisor", key=kind)
+            out.add(
+                ev,
+                "attack-supervisor",
+                Severity.CRITICAL,
+                "privilege",
+                "the load tried to signal, trace or read the sandbox supervisor",
+                key=kind,
+            )
         elif action == "denied":
-            out.add(ev, "other-process", Severity.HIGH, "privilege",
-                    "the load tried to act on another process", key=kind)
+            out.add(
+                ev,
+                "other-process",
+                Severity.HIGH,
+                "privilege",
+                "the load tried to act on another process",
+                key=kind,
+            )
     elif kind in _PRIVILEGE:
-        out.add(ev, "privileged-call", Severity.HIGH, "privilege",
-                f"the load made a privileged or kernel-surface system call ({kind})", key=kind)
+        out.add(
+            ev,
+            "privileged-call",
+            Severity.HIGH,
+            "privilege",
+            f"the load made a privileged or kernel-surface system call ({kind})",
+            key=kind,
+        )
     elif kind in _CODE:
-        out.add(ev, "executable-memory", Severity.MEDIUM, "code",
-                "the load created executable memory or an in-memory file", key=kind)
+        out.add(
+            ev,
+            "executable-memory",
+            Severity.MEDIUM,
+            "code",
+            "the load created executable memory or an in-memory file",
+            key=kind,
+        )
     elif kind == "decode_error":
-        out.add(ev, "monitor-decode-error", Severity.MEDIUM, "monitor",
-                "the supervisor could not decode a system call (refused)")
+        out.add(
+            ev,
+            "monitor-decode-error",
+            Severity.MEDIUM,
+            "monitor",
+            "the supervisor could not decode a system call (refused)",
+        )
 
 
 # What the loader's audit hook reports, by event: (rule, severity, category, message). The hook
@@ -261,24 +475,63 @@ def _judge(ev: Event, canaries: dict[str, str], canary_files: set[str], out: _Fi
 # (they say so in their evidence). Kernel evidence stays primary: these close the gap where a
 # payload runs Python without a refused system call.
 _SELF_EVIDENCE: dict[str, tuple[str, Severity, str, str]] = {
-    "compile": ("code-execution", Severity.HIGH, "code",
-                "the load compiled Python source (code execution while deserialising)"),
-    "exec": ("code-execution", Severity.HIGH, "code",
-             "the load executed a code object that is not part of an installed module"),
-    **{k: ("process-attempt", Severity.HIGH, "exec", "the load asked Python to run a program")
-       for k in ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn",
-                 "pty.spawn", "os.fork", "os.forkpty")},
-    **{k: ("network-attempt", Severity.HIGH, "network", "the load asked Python for the network")
-       for k in ("socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo",
-                 "socket.gethostbyname", "urllib.Request", "http.client.connect",
-                 "ftplib.connect", "smtplib.connect", "webbrowser.open")},
-    **{k: ("native-code", Severity.HIGH, "code", "the load reached native code through ctypes")
-       for k in ("ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function", "ctypes.string_at")},
-    **{k: ("monitor-tamper", Severity.HIGH, "monitor",
-           "the load tried to install or replace Python's tracing or audit hooks")
-       for k in ("sys.addaudithook", "sys.setprofile", "sys.settrace")},
-    **{k: ("file-write", Severity.MEDIUM, "file", "the load asked Python to change files")
-       for k in ("os.remove", "os.rename", "os.chmod", "shutil.rmtree")},
+    "compile": (
+        "code-execution",
+        Severity.HIGH,
+        "code",
+        "the load compiled Python source (code execution while deserialising)",
+    ),
+    "exec": (
+        "code-execution",
+        Severity.HIGH,
+        "code",
+        "the load executed a code object that is not part of an installed module",
+    ),
+    **{
+        k: ("process-attempt", Severity.HIGH, "exec", "the load asked Python to run a program")
+        for k in (
+            "os.system",
+            "subprocess.Popen",
+            "os.exec",
+            "os.posix_spawn",
+            "os.spawn",
+            "pty.spawn",
+            "os.fork",
+            "os.forkpty",
+        )
+    },
+    **{
+        k: ("network-attempt", Severity.HIGH, "network", "the load asked Python for the network")
+        for k in (
+            "socket.connect",
+            "socket.bind",
+            "socket.sendto",
+            "socket.getaddrinfo",
+            "socket.gethostbyname",
+            "urllib.Request",
+            "http.client.connect",
+            "ftplib.connect",
+            "smtplib.connect",
+            "webbrowser.open",
+        )
+    },
+    **{
+        k: ("native-code", Severity.HIGH, "code", "the load reached native code through ctypes")
+        for k in ("ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function", "ctypes.string_at")
+    },
+    **{
+        k: (
+            "monitor-tamper",
+            Severity.HIGH,
+            "monitor",
+            "the load tried to install or replace Python's tracing or audit hooks",
+        )
+        for k in ("sys.addaudithook", "sys.setprofile", "sys.settrace")
+    },
+    **{
+        k: ("file-write", Severity.MEDIUM, "file", "the load asked Python to change files")
+        for k in ("os.remove", "os.rename", "os.chmod", "shutil.rmtree")
+    },
 }
 
 
@@ -292,8 +545,7 @@ def _judge_self(ev: Event, out: _Findings, code_ran: bool) -> bool:
         return False
     name, severity, category, message = rule
     target = str(d.get("path") or d.get("args") or "").lstrip("[\"' ")
-    if name == "file-write" and (target.startswith(P.LOADER_SCRATCH) or
-                                 not target.startswith("/")):
+    if name == "file-write" and (target.startswith(P.LOADER_SCRATCH) or not target.startswith("/")):
         # torch's own extraction of a legacy tar, or a path relative to a directory
         # descriptor: the kernel's events, with the path resolved, judge those
         return False
@@ -303,9 +555,15 @@ def _judge_self(ev: Event, out: _Findings, code_ran: bool) -> bool:
             evidence["code" if key == "source" else key] = _printable(str(d[key]), 300)
     if code_ran:
         evidence["possibly_forged"] = True  # after code already ran, the loader may write anything
-    out.add(ev, name, severity, category, message,
-            key=f"{kind}:{evidence.get('code') or evidence.get('object') or evidence.get('path')}",
-            **evidence)
+    out.add(
+        ev,
+        name,
+        severity,
+        category,
+        message,
+        key=f"{kind}:{evidence.get('code') or evidence.get('object') or evidence.get('path')}",
+        **evidence,
+    )
     return severity >= Severity.HIGH
 
 
@@ -325,12 +583,16 @@ def _dropped_refusals(events: list[Event], mon: Monitoring) -> None:
         return
     categories = {P.event_category(kind, {}) for kind in missing}
     worst = Severity.CRITICAL if categories & {"exec", "network"} else Severity.HIGH
-    mon.findings.append(Finding(
-        rule="refusals-not-logged", severity=worst, category="monitor",
-        message="the load made refused calls beyond what the event log keeps: "
-                + ", ".join(f"{n} {k}" for k, n in sorted(missing.items())[:8]),
-        evidence={"refused": dict(sorted(missing.items())[:50]),
-                  "categories": sorted(categories)}))
+    mon.findings.append(
+        Finding(
+            rule="refusals-not-logged",
+            severity=worst,
+            category="monitor",
+            message="the load made refused calls beyond what the event log keeps: "
+            + ", ".join(f"{n} {k}" for k, n in sorted(missing.items())[:8]),
+            evidence={"refused": dict(sorted(missing.items())[:50]), "categories": sorted(categories)},
+        )
+    )
 
 
 _RAISED = {Severity.LOW: Severity.MEDIUM, Severity.MEDIUM: Severity.HIGH}
@@ -347,20 +609,28 @@ def _after_probe(findings: list[Finding]) -> list[Finding]:
     first = min(probes)
     out = []
     for f in findings:
-        if f.rule != "environment-probe" and f.events and min(f.events) > first and \
-                f.severity in _RAISED:
-            f = Finding(rule=f.rule, severity=_RAISED[f.severity], category=f.category,
-                        message=f.message + " (after the load probed for a sandbox)",
-                        evidence={**f.evidence, "after_probe_event": first}, events=f.events)
+        if f.rule != "environment-probe" and f.events and min(f.events) > first and f.severity in _RAISED:
+            f = Finding(
+                rule=f.rule,
+                severity=_RAISED[f.severity],
+                category=f.category,
+                message=f.message + " (after the load probed for a sandbox)",
+                evidence={**f.evidence, "after_probe_event": first},
+                events=f.events,
+            )
         out.append(f)
     return out
 
 
 _CONTEXT_OF = {  # a refused call gVisor saw -> the audit events that name its arguments
-    **{k: ("socket.connect", "socket.sendto", "socket.bind", "http.client.connect",
-           "urllib.Request") for k in ("connect", "sendto", "sendmsg", "sendmmsg", "bind")},
-    **{k: ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn",
-           "pty.spawn") for k in ("execve", "execveat")},
+    **{
+        k: ("socket.connect", "socket.sendto", "socket.bind", "http.client.connect", "urllib.Request")
+        for k in ("connect", "sendto", "sendmsg", "sendmmsg", "bind")
+    },
+    **{
+        k: ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "pty.spawn")
+        for k in ("execve", "execveat")
+    },
 }
 
 
@@ -400,13 +670,24 @@ def analyse(events: list[Event], status: P.Status | None) -> Monitoring:
     mon.findings = _after_probe(out.result())
     if truncated:
         _dropped_refusals(events, mon)
-        mon.notes.append("the event log was truncated; per-call counts are exact: " +
-                         ", ".join(f"{k}={v}" for k, v in sorted(mon.counts.items())[:40]))
-        mon.findings.append(Finding(rule="event-log-truncated", severity=Severity.LOW,
-                                    category="monitor", message="more events than the log keeps",
-                                    evidence={"counts": dict(sorted(mon.counts.items())[:100])}))
-    if status.result is not None and not status.kernel_monitor and \
-            not any(e.source == "gvisor" for e in events):
+        mon.notes.append(
+            "the event log was truncated; per-call counts are exact: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(mon.counts.items())[:40])
+        )
+        mon.findings.append(
+            Finding(
+                rule="event-log-truncated",
+                severity=Severity.LOW,
+                category="monitor",
+                message="more events than the log keeps",
+                evidence={"counts": dict(sorted(mon.counts.items())[:100])},
+            )
+        )
+    if (
+        status.result is not None
+        and not status.kernel_monitor
+        and not any(e.source == "gvisor" for e in events)
+    ):
         mon.notes.append("kernel monitoring was not active for this load")
     return mon
 
@@ -427,16 +708,27 @@ def _scan_outputs(outputs: dict[str, int], canaries: dict[str, str]) -> list[Fin
         except (OSError, ValueError):
             hits = []
         if hits:
-            findings.append(Finding(
-                rule="canary-exfiltration", severity=Severity.CRITICAL, category="credential",
-                message="exfiltration attempt: a planted credential was written to the output",
-                evidence={"file": name, "canaries": hits[:10]}))
+            findings.append(
+                Finding(
+                    rule="canary-exfiltration",
+                    severity=Severity.CRITICAL,
+                    category="credential",
+                    message="exfiltration attempt: a planted credential was written to the output",
+                    evidence={"file": name, "canaries": hits[:10]},
+                )
+            )
     return findings
 
 
-def read(events: bytes, status: P.Status | None, outputs: dict[str, int],
-         dropped: int = 0, *, trace: Trace | None = None,
-         allow_read: tuple[str, ...] = ()) -> Monitoring:
+def read(
+    events: bytes,
+    status: P.Status | None,
+    outputs: dict[str, int],
+    dropped: int = 0,
+    *,
+    trace: Trace | None = None,
+    allow_read: tuple[str, ...] = (),
+) -> Monitoring:
     """Everything monitoring found for one load: the streamed events, the status, and a search
     of the outputs for planted credentials. ``trace``: under gVisor, the sentry's trace of the
     sandbox (its events join the supervisor's in time order, numbered afresh)."""
@@ -459,8 +751,9 @@ def read(events: bytes, status: P.Status | None, outputs: dict[str, int],
     return mon
 
 
-def _with_trace(events: list[Event], trace: Trace, status: P.Status | None,
-                allow_read: tuple[str, ...]) -> tuple[list[Event], list[Finding], list[str]]:
+def _with_trace(
+    events: list[Event], trace: Trace, status: P.Status | None, allow_read: tuple[str, ...]
+) -> tuple[list[Event], list[Finding], list[str]]:
     """The supervisor's events and gVisor's, in time order and numbered afresh; findings about
     the trace itself (missing, broken lines, flooded, truncated)."""
     from ._gvisor import MAX_LOG_BYTES, to_events
@@ -468,43 +761,69 @@ def _with_trace(events: list[Event], trace: Trace, status: P.Status | None,
     files = frozenset(status.canary_files) if status is not None else frozenset()
     mine = to_events(trace, canary_files=files, allow_read=allow_read)
     merged = sorted(events + mine, key=lambda e: (e.t, e.source != "self_reported", e.id))
-    events = [Event(id=i, t=e.t, source=e.source, kind=e.kind, detail=e.detail, action=e.action)
-              for i, e in enumerate(merged, 1)]
+    events = [
+        Event(id=i, t=e.t, source=e.source, kind=e.kind, detail=e.detail, action=e.action)
+        for i, e in enumerate(merged, 1)
+    ]
     findings: list[Finding] = []
-    notes = [f"kernel-level evidence: gVisor's trace of the sandbox (runsc --strace, read by "
-             f"the host): {len(mine)} events from {trace.bytes_read:,} bytes"]
+    notes = [
+        f"kernel-level evidence: gVisor's trace of the sandbox (runsc --strace, read by "
+        f"the host): {len(mine)} events from {trace.bytes_read:,} bytes"
+    ]
     loaded = status is not None and status.result is not None
     if loaded and not (trace.found and trace.started):
-        why = "was not found" if not trace.found else \
-            "never showed the loader's filter going in"
-        findings.append(Finding(
-            rule="monitor-lost", severity=Severity.HIGH, category="evasion",
-            message=f"the monitor was lost: gVisor's trace of this sandbox {why}; evidence may "
-                    "be missing",
-            evidence={"trace": trace.path or "none", "found": trace.found,
-                      "started": trace.started}))
+        why = "was not found" if not trace.found else "never showed the loader's filter going in"
+        findings.append(
+            Finding(
+                rule="monitor-lost",
+                severity=Severity.HIGH,
+                category="evasion",
+                message=f"the monitor was lost: gVisor's trace of this sandbox {why}; evidence may "
+                "be missing",
+                evidence={"trace": trace.path or "none", "found": trace.found, "started": trace.started},
+            )
+        )
     if trace.anomalies:
-        findings.append(Finding(
-            rule="trace-anomaly", severity=Severity.HIGH, category="evasion",
-            message="gVisor's trace of the load holds lines that do not read as whole system "
-                    "calls (a line break in a path or a thread name): a call may be hidden",
-            evidence={"lines": trace.anomalies[:10], "count": trace.counts.get("anomaly", 0)}))
+        findings.append(
+            Finding(
+                rule="trace-anomaly",
+                severity=Severity.HIGH,
+                category="evasion",
+                message="gVisor's trace of the load holds lines that do not read as whole system "
+                "calls (a line break in a path or a thread name): a call may be hidden",
+                evidence={"lines": trace.anomalies[:10], "count": trace.counts.get("anomaly", 0)},
+            )
+        )
     if trace.flooded:
-        findings.append(Finding(
-            rule="trace-flood", severity=Severity.HIGH, category="evasion",
-            message=f"the load made so many traced calls that gVisor's trace outgrew "
-                    f"{MAX_LOG_BYTES // 2**20} MiB; the sandbox was stopped",
-            evidence={"limit_bytes": MAX_LOG_BYTES}))
+        findings.append(
+            Finding(
+                rule="trace-flood",
+                severity=Severity.HIGH,
+                category="evasion",
+                message=f"the load made so many traced calls that gVisor's trace outgrew "
+                f"{MAX_LOG_BYTES // 2**20} MiB; the sandbox was stopped",
+                evidence={"limit_bytes": MAX_LOG_BYTES},
+            )
+        )
     if trace.dropped or trace.truncated:
-        notes.append("gVisor's trace held more than the report keeps; exact counts: " +
-                     ", ".join(f"{k}={v}" for k, v in sorted(trace.counts.items())[:40]))
-        findings.append(Finding(rule="event-log-truncated", severity=Severity.LOW,
-                                category="monitor", message="more events than the log keeps",
-                                evidence={"counts": dict(sorted(trace.counts.items())[:100]),
-                                          "read_bytes": trace.bytes_read,
-                                          "truncated": trace.truncated}))
-        denied = {k.rpartition(":")[0]: v for k, v in trace.counts.items()
-                  if k.endswith(":denied")}
+        notes.append(
+            "gVisor's trace held more than the report keeps; exact counts: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(trace.counts.items())[:40])
+        )
+        findings.append(
+            Finding(
+                rule="event-log-truncated",
+                severity=Severity.LOW,
+                category="monitor",
+                message="more events than the log keeps",
+                evidence={
+                    "counts": dict(sorted(trace.counts.items())[:100]),
+                    "read_bytes": trace.bytes_read,
+                    "truncated": trace.truncated,
+                },
+            )
+        )
+        denied = {k.rpartition(":")[0]: v for k, v in trace.counts.items() if k.endswith(":denied")}
         kept: dict[str, int] = {}
         for e in mine:
             if e.action == "denied":
@@ -512,12 +831,17 @@ def _with_trace(events: list[Event], trace: Trace, status: P.Status | None,
         missing = {k: n - kept.get(k, 0) for k, n in denied.items() if n > kept.get(k, 0)}
         if missing:
             categories = {P.event_category(k, {}) for k in missing}
-            findings.append(Finding(
-                rule="refusals-not-logged",
-                severity=Severity.CRITICAL if categories & {"exec", "network"} else Severity.HIGH,
-                category="monitor",
-                message="the load made refused calls beyond what the event log keeps: "
-                        + ", ".join(f"{n} {k}" for k, n in sorted(missing.items())[:8]),
-                evidence={"refused": dict(sorted(missing.items())[:50]),
-                          "categories": sorted(categories)}))
+            findings.append(
+                Finding(
+                    rule="refusals-not-logged",
+                    severity=Severity.CRITICAL if categories & {"exec", "network"} else Severity.HIGH,
+                    category="monitor",
+                    message="the load made refused calls beyond what the event log keeps: "
+                    + ", ".join(f"{n} {k}" for k, n in sorted(missing.items())[:8]),
+                    evidence={
+                        "refused": dict(sorted(missing.items())[:50]),
+                        "categories": sorted(categories),
+                    },
+                )
+            )
     return events, findings, notes

@@ -18,8 +18,14 @@ from ._channel import Received
 from ._worker import _protocol as P
 from .errors import OutputRejected
 
-__all__ = ["MAX_JSON_VALUES", "WorkerOutput", "read_outputs", "read_status", "validate_manifest",
-           "validate_status"]
+__all__ = [
+    "MAX_JSON_VALUES",
+    "WorkerOutput",
+    "read_outputs",
+    "read_status",
+    "validate_manifest",
+    "validate_status",
+]
 
 
 @dataclass
@@ -39,8 +45,11 @@ MAX_JSON_VALUES = 8_000_000
 def _parse_json(data: bytes, item: str) -> Any:
     values = data.count(b",") + data.count(b":") + data.count(b"[") + data.count(b"{")
     if values > MAX_JSON_VALUES:
-        raise OutputRejected(f"{item} holds about {values} JSON values, over the "
-                             f"{MAX_JSON_VALUES} the host builds from one document", item=item)
+        raise OutputRejected(
+            f"{item} holds about {values} JSON values, over the "
+            f"{MAX_JSON_VALUES} the host builds from one document",
+            item=item,
+        )
     try:
         return P.parse_json(data, item)
     except P.ProtocolError as exc:
@@ -82,8 +91,9 @@ def read_outputs(received: Received) -> WorkerOutput:
     out = WorkerOutput(status=read_status(received))
     fd = received.outputs.get("manifest")
     if fd is not None:
-        out.manifest = validate_manifest(_parse_json(_read_memfd(fd, P.MAX_JSON_BYTES,
-                                                                 P.MANIFEST_FILE), P.MANIFEST_FILE))
+        out.manifest = validate_manifest(
+            _parse_json(_read_memfd(fd, P.MAX_JSON_BYTES, P.MANIFEST_FILE), P.MANIFEST_FILE)
+        )
     fd = received.outputs.get("tensors")
     if fd is not None:
         out.tensors_path = f"/proc/self/fd/{fd}"

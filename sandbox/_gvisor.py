@@ -50,8 +50,17 @@ from ._worker import _protocol as P
 from .errors import EngineUnavailable
 from .report import Event
 
-__all__ = ["ENGINE_RUNTIME", "LOG_DIR", "RUNTIME_ARGS", "Trace", "check_runtime", "find_log",
-           "parse", "read_trace", "to_events"]
+__all__ = [
+    "ENGINE_RUNTIME",
+    "LOG_DIR",
+    "RUNTIME_ARGS",
+    "Trace",
+    "check_runtime",
+    "find_log",
+    "parse",
+    "read_trace",
+    "to_events",
+]
 
 #: the name under which the engine knows our gVisor runtime (a runtime of our own, so that the
 #: tracing flags apply to our sandboxes only)
@@ -59,66 +68,104 @@ ENGINE_RUNTIME = "model-sandbox-runsc"
 #: where the sentry writes its logs: root's, on the host, mounted into no container
 LOG_DIR = "/var/log/model-sandbox/runsc"
 #: the calls gVisor traces (refused ones appear as "denied by seccomp" lines whatever this says)
-TRACED = ("open", "openat", "creat", "socket", "socketpair", "clone", "fork", "vfork", "execve",
-          "execveat", "seccomp", "unlink", "unlinkat", "rename", "renameat", "renameat2", "link",
-          "linkat", "symlink", "symlinkat", "chmod", "fchmodat", "memfd_create")
+TRACED = (
+    "open",
+    "openat",
+    "creat",
+    "socket",
+    "socketpair",
+    "clone",
+    "fork",
+    "vfork",
+    "execve",
+    "execveat",
+    "seccomp",
+    "unlink",
+    "unlinkat",
+    "rename",
+    "renameat",
+    "renameat2",
+    "link",
+    "linkat",
+    "symlink",
+    "symlinkat",
+    "chmod",
+    "fchmodat",
+    "memfd_create",
+)
 #: ``runtimeArgs`` of the runtime in ``daemon.json``. ``--network=none``: runsc refuses
 #: ``network_mode=none`` containers without it; ``--host-uds=open``: the supervisor connects to
 #: the host's channel socket (it creates none; the channel's directory is the only host path
 #: mounted, read-only, and its socket is unlinked once connected); ``--oci-seccomp``: our
 #: container-level profile is enforced inside the sandbox as under runc.
-RUNTIME_ARGS = ("--platform=ptrace", "--network=none", "--host-uds=open", "--oci-seccomp",
-                "--debug", "--debug-command=boot", f"--debug-log={LOG_DIR}/",
-                "--strace", f"--strace-syscalls={','.join(TRACED)}")
+RUNTIME_ARGS = (
+    "--platform=ptrace",
+    "--network=none",
+    "--host-uds=open",
+    "--oci-seccomp",
+    "--debug",
+    "--debug-command=boot",
+    f"--debug-log={LOG_DIR}/",
+    "--strace",
+    f"--strace-syscalls={','.join(TRACED)}",
+)
 
-MAX_LOG_BYTES = 256 * 2**20   # the sandbox is stopped when its log grows past this (a flood)
+MAX_LOG_BYTES = 256 * 2**20  # the sandbox is stopped when its log grows past this (a flood)
 MAX_READ_BYTES = 256 * 2**20  # read at most this much of one log
-MAX_LINE = 16 * 1024          # longer lines are cut (and a cut trace line is an anomaly)
+MAX_LINE = 16 * 1024  # longer lines are cut (and a cut trace line is an anomaly)
 MAX_TRACE_EVENTS = P.MAX_KERNEL_EVENTS
-_HEAD_BYTES = 64 * 1024       # where the container id must appear (the sentry's first lines)
+_HEAD_BYTES = 64 * 1024  # where the container id must appear (the sentry's first lines)
 
 
 def snippet(log_dir: str = LOG_DIR) -> str:
     """What to add to ``/etc/docker/daemon.json`` (under ``runtimes``)."""
     args = ", ".join(f'"{a}"' for a in RUNTIME_ARGS).replace(f"{LOG_DIR}/", f"{log_dir}/")
-    return (f'"runtimes": {{"{ENGINE_RUNTIME}": {{"path": "/usr/bin/runsc", '
-            f'"runtimeArgs": [{args}]}}}}')
+    return f'"runtimes": {{"{ENGINE_RUNTIME}": {{"path": "/usr/bin/runsc", "runtimeArgs": [{args}]}}}}'
 
 
 def check_runtime(runtimes: dict[str, Any]) -> str:
     """The log directory of our runtime, from the engine's ``Runtimes`` (``docker info``);
     raises :class:`EngineUnavailable` naming what to add when it is missing or lacks a flag
     the evidence needs."""
-    hint = ("register it: `MODEL_SANDBOX_RUNSC=1 scripts/ensure-docker.sh` as root (installs "
-            "Debian's runsc, adds the runtime to /etc/docker/daemon.json and reloads dockerd "
-            "with SIGHUP), or add it by hand: " + snippet())
+    hint = (
+        "register it: `MODEL_SANDBOX_RUNSC=1 scripts/ensure-docker.sh` as root (installs "
+        "Debian's runsc, adds the runtime to /etc/docker/daemon.json and reloads dockerd "
+        "with SIGHUP), or add it by hand: " + snippet()
+    )
     entry = runtimes.get(ENGINE_RUNTIME) if isinstance(runtimes, dict) else None
     if not isinstance(entry, dict):
         raise EngineUnavailable(
             f"the Docker engine has no runtime {ENGINE_RUNTIME!r} (gVisor): add to "
-            f"/etc/docker/daemon.json {{{snippet()}}} and reload dockerd (kill -HUP)", hint=hint)
+            f"/etc/docker/daemon.json {{{snippet()}}} and reload dockerd (kill -HUP)",
+            hint=hint,
+        )
     args = [str(a) for a in entry.get("runtimeArgs") or []]
     flags: dict[str, str] = {}
     for a in args:
         name, _, value = a.partition("=")
         flags[name.lstrip("-").replace("_", "-")] = value if _ else "true"
-    missing = [f"--{k}={v}" if v != "true" else f"--{k}" for k, v in
-               (("network", "none"), ("strace", "true"), ("debug", "true"), ("host-uds", "open"))
-               if flags.get(k) != v]
+    missing = [
+        f"--{k}={v}" if v != "true" else f"--{k}"
+        for k, v in (("network", "none"), ("strace", "true"), ("debug", "true"), ("host-uds", "open"))
+        if flags.get(k) != v
+    ]
     traced = set(flags.get("strace-syscalls", "").split(","))
     if flags.get("strace-syscalls", "") and not set(TRACED) <= traced:
         missing.append(f"--strace-syscalls={','.join(TRACED)}")
     log_dir = flags.get("debug-log", "")
     if not log_dir.startswith("/") or not log_dir.endswith("/") or "%" in log_dir:
         missing.append(f"--debug-log={LOG_DIR}/ (a directory of the host, ending in /)")
-    if flags.get("debug-command", "boot") not in ("boot", "true") and \
-            "boot" not in flags.get("debug-command", "").split(","):
+    if flags.get("debug-command", "boot") not in ("boot", "true") and "boot" not in flags.get(
+        "debug-command", ""
+    ).split(","):
         missing.append("--debug-command=boot")
     if missing:
         raise EngineUnavailable(
             f"the engine's runtime {ENGINE_RUNTIME!r} lacks what model-sandbox needs to collect "
             f"gVisor's trace: {', '.join(missing)}; its runtimeArgs should be "
-            f"{list(RUNTIME_ARGS)}", hint=hint)
+            f"{list(RUNTIME_ARGS)}",
+            hint=hint,
+        )
     return log_dir.rstrip("/") or "/"
 
 
@@ -149,11 +196,12 @@ def gofers(sandbox_pid: int, container_id: str) -> list[int]:
     """Host pids of the gofer of ``container_id``: under gVisor the sandbox's connection to a
     host socket (our channel) is made by its gofer, a sibling of the sandbox process (same
     parent, the engine's shim) whose command line names the container."""
+
     def ppid(pid: int) -> int | None:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read(4096)
-            return int(stat[stat.rindex(b")") + 2:].split()[1])
+            return int(stat[stat.rindex(b")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             return None
 
@@ -169,13 +217,18 @@ def gofers(sandbox_pid: int, container_id: str) -> list[int]:
                 argv = f.read(65536).split(b"\0")
         except OSError:
             continue
-        if argv and argv[0] == b"runsc-gofer" and any(container_id.encode() in a for a in argv) \
-                and ppid(int(entry)) == parent:
+        if (
+            argv
+            and argv[0] == b"runsc-gofer"
+            and any(container_id.encode() in a for a in argv)
+            and ppid(int(entry)) == parent
+        ):
             found.append(int(entry))
     return found
 
 
 # -- finding and watching a container's log ------------------------------------------------------
+
 
 def find_log(log_dir: str, container_id: str, since: float) -> str | None:
     """The sentry's log of ``container_id``: a ``*.boot.txt`` file in ``log_dir`` modified
@@ -224,8 +277,9 @@ class Watch:
     ``events.fatal``: under runc the supervisor ends the load itself; here only the host sees the
     refusals). Polls every ``poll_s``: the load ends within about that much of the refusal."""
 
-    def __init__(self, log_dir: str, container_id: str, since: float,
-                 kill: Callable[[], None], poll_s: float = 0.1) -> None:
+    def __init__(
+        self, log_dir: str, container_id: str, since: float, kill: Callable[[], None], poll_s: float = 0.1
+    ) -> None:
         self.log_dir, self.container_id, self.since = log_dir, container_id, since
         self.kill = kill
         self.poll_s = poll_s
@@ -246,8 +300,7 @@ class Watch:
         return self.path
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="model-sandbox-trace-watch",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="model-sandbox-trace-watch", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -299,16 +352,31 @@ _HEADER = re.compile(rb"^([IWEDF])(\d{4}) (\d\d):(\d\d):(\d\d)\.(\d{6}) +\d+ ([\
 _TASK = re.compile(r"^\[ *(\d+): *(\d+)\] ")
 _CALL = re.compile(r" ([EX]) ([a-z0-9_]+)\(")
 _DENIED = re.compile(r"^Syscall (\d+): denied by seccomp$")
-_RESULT = re.compile(r"\) = (-?\d+) \(0x[0-9a-f]+\)(?: errno=(\d+) \(([a-z ,'-]*)\))? "
-                     r"\([0-9.]+(?:ns|µs|us|ms|s|m|h)[0-9.a-zµ]*\)$")
+_RESULT = re.compile(
+    r"\) = (-?\d+) \(0x[0-9a-f]+\)(?: errno=(\d+) \(([a-z ,'-]*)\))? "
+    r"\([0-9.]+(?:ns|µs|us|ms|s|m|h)[0-9.a-zµ]*\)$"
+)
 _FLAGS = r"[A-Z0-9_|x]+"
 _MODE = r"(?:[A-Z_]+\|)*0o[0-7]+"  # e.g. 0o644, S_ISVTX|0o0
 _ADDR = re.compile(r", (0x[0-9a-f]+) ")
 _DIRFD = re.compile(r"^(AT_FDCWD|0x[0-9a-f]+) ")
 
 _NAMES = {nr: name for name, nr in X86_64.items()}  # a refused call's number -> name
-_PATH_CALLS = frozenset({"unlink", "rename", "link", "symlink", "chmod", "unlinkat", "renameat",
-                         "renameat2", "linkat", "symlinkat", "fchmodat"})
+_PATH_CALLS = frozenset(
+    {
+        "unlink",
+        "rename",
+        "link",
+        "symlink",
+        "chmod",
+        "unlinkat",
+        "renameat",
+        "renameat2",
+        "linkat",
+        "symlinkat",
+        "fchmodat",
+    }
+)
 _BY_DESIGN = frozenset({"clone3"})  # refused with ENOSYS so that libc falls back: not evidence
 _WRITE_FLAGS = frozenset({"O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND", "O_TMPFILE"})
 
@@ -317,12 +385,12 @@ _WRITE_FLAGS = frozenset({"O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND"
 class Record:
     """One line of the trace that is evidence, parsed but not yet judged."""
 
-    t: float           # seconds since the loader's filter went in
-    pid: int           # thread group and thread, as the sandbox numbers them
+    t: float  # seconds since the loader's filter went in
+    pid: int  # thread group and thread, as the sandbox numbers them
     tid: int
-    name: str          # the system call
-    action: str        # "returned" (an X line) or "denied" (refused by the loader's filter)
-    args: str = ""     # the call's arguments as gVisor printed them (returned calls)
+    name: str  # the system call
+    action: str  # "returned" (an X line) or "denied" (refused by the loader's filter)
+    args: str = ""  # the call's arguments as gVisor printed them (returned calls)
     ret: int | None = None
     errno: int | None = None
 
@@ -332,15 +400,15 @@ class Trace:
     """What the host read of one sandbox's trace."""
 
     path: str | None = None
-    found: bool = False        # the log of this container was found
-    started: bool = False      # the loader's filter going in was seen: monitoring began
+    found: bool = False  # the log of this container was found
+    started: bool = False  # the loader's filter going in was seen: monitoring began
     records: list[Record] = field(default_factory=list)
-    anomalies: list[str] = field(default_factory=list)   # broken or cut trace lines (printable)
+    anomalies: list[str] = field(default_factory=list)  # broken or cut trace lines (printable)
     counts: dict[str, int] = field(default_factory=dict)  # "name:action" -> exact number
-    dropped: int = 0           # records past MAX_TRACE_EVENTS (counted, not kept)
+    dropped: int = 0  # records past MAX_TRACE_EVENTS (counted, not kept)
     bytes_read: int = 0
-    truncated: bool = False    # the log was longer than MAX_READ_BYTES
-    flooded: bool = False      # the log outgrew MAX_LOG_BYTES and the sandbox was stopped
+    truncated: bool = False  # the log was longer than MAX_READ_BYTES
+    flooded: bool = False  # the log outgrew MAX_LOG_BYTES and the sandbox was stopped
     lines: int = 0
 
 
@@ -383,8 +451,9 @@ class _Parser:
             # in, the sentry writes none of its own (none in a full torch load): a path or a
             # thread name with a line break does this, even where a forged header came between
             if t0 is not None:
-                _anomaly(trace, "a line continued on the next one (a line break in a path or a "
-                                "thread name)", raw)
+                _anomaly(
+                    trace, "a line continued on the next one (a line break in a path or a thread name)", raw
+                )
             return None
         now = _seconds(head)
         if self.prev is not None and now + self.day < self.prev - 3600:
@@ -394,21 +463,29 @@ class _Parser:
         source = head.group(7)
         if source not in (b"strace.go", b"task_syscall.go"):
             return None
-        text = raw[head.end():].decode("utf-8", "replace")
+        text = raw[head.end() :].decode("utf-8", "replace")
         task = _TASK.match(text)
         if task is None:
             if t0 is not None and source == b"strace.go":
                 _anomaly(trace, "a trace line without its task", raw)
             return None
         pid, tid = int(task.group(1)), int(task.group(2))
-        rest = text[task.end():]
+        rest = text[task.end() :]
         if source == b"task_syscall.go":
             denied = _DENIED.match(rest)
             if denied is None or t0 is None or pid == 1:
                 return None
             nr = int(denied.group(1))
-            return _keep(trace, Record(t=round(max(now - t0, 0.0), 4), pid=pid, tid=tid,
-                                       name=_NAMES.get(nr, f"syscall_{nr}"), action="denied"))
+            return _keep(
+                trace,
+                Record(
+                    t=round(max(now - t0, 0.0), 4),
+                    pid=pid,
+                    tid=tid,
+                    name=_NAMES.get(nr, f"syscall_{nr}"),
+                    action="denied",
+                ),
+            )
         calls = _split_calls(rest)
         if not calls:
             if t0 is not None and pid != 1:
@@ -420,9 +497,14 @@ class _Parser:
             if pid != 1 and len(calls) == 1 and not cut:
                 direction, name, args = calls[0]
                 result = _RESULT.search(args)
-                if direction == "X" and name == "seccomp" and result is not None and \
-                        args.startswith("0x1, ") and result.group(1) == "0" and \
-                        not result.group(2):
+                if (
+                    direction == "X"
+                    and name == "seccomp"
+                    and result is not None
+                    and args.startswith("0x1, ")
+                    and result.group(1) == "0"
+                    and not result.group(2)
+                ):
                     self.t0 = now
                     trace.started = True
             return None
@@ -437,10 +519,19 @@ class _Parser:
             read = True
             if direction != "X":
                 continue
-            added = _keep(trace, Record(t=round(max(now - t0, 0.0), 4), pid=pid, tid=tid,
-                                        name=name, action="returned",
-                                        args=args[:result.start()], ret=int(result.group(1)),
-                                        errno=int(result.group(2)) if result.group(2) else None))
+            added = _keep(
+                trace,
+                Record(
+                    t=round(max(now - t0, 0.0), 4),
+                    pid=pid,
+                    tid=tid,
+                    name=name,
+                    action="returned",
+                    args=args[: result.start()],
+                    ret=int(result.group(1)),
+                    errno=int(result.group(2)) if result.group(2) else None,
+                ),
+            )
         if not read and any(d == "X" for d, _, _ in calls):
             _anomaly(trace, "a returned call whose line is cut or broken", raw)
         return added
@@ -451,8 +542,11 @@ def _split_calls(rest: str) -> list[tuple[str, str, str]]:
     thread name before the call is the payload's to choose (up to 15 bytes, spaces allowed),
     so it may itself look like `` X seccomp(``: every `` E name(``/`` X name(`` of a traced
     call that starts within the thread name's reach is a candidate, and each is kept."""
-    return [(m.group(1), m.group(2), rest[m.end():]) for m in _CALL.finditer(rest[:64])
-            if m.start() <= 20 and m.group(2) in _TRACED_NAMES]
+    return [
+        (m.group(1), m.group(2), rest[m.end() :])
+        for m in _CALL.finditer(rest[:64])
+        if m.start() <= 20 and m.group(2) in _TRACED_NAMES
+    ]
 
 
 _TRACED_NAMES = frozenset(TRACED) | {"openat2", "clone3", "fchmodat2"}
@@ -525,6 +619,7 @@ def remove(path: str | None) -> None:
 
 # -- records -> events -----------------------------------------------------------------------
 
+
 def _norm(path: str, base: str, pid: int = 0) -> str:
     """An absolute, normalised path as the supervisor's decoder makes it: relative to ``base``
     (the directory gVisor printed for the call's dirfd), ``/proc/self`` as ``/proc/<pid>``, the
@@ -535,7 +630,7 @@ def _norm(path: str, base: str, pid: int = 0) -> str:
     path = os.path.normpath(path) if path.startswith("/") else path
     for alias in ("/proc/self", "/proc/thread-self"):
         if pid and (path == alias or path.startswith(alias + "/")):
-            path = f"/proc/{pid}" + path[len(alias):]
+            path = f"/proc/{pid}" + path[len(alias) :]
     if pid and path == f"/proc/{pid}/fd/{P.INPUT_FD}":
         return P.INPUT_ALIAS
     return path
@@ -549,35 +644,45 @@ def _readings(arg_text: str, *, dirfd: bool) -> list[tuple[str, str, str]]:
         d = _DIRFD.match(arg_text)
         if d is None:
             return out
-        body = arg_text[d.end():]
+        body = arg_text[d.end() :]
         for m in _ADDR.finditer(body):
-            base = body[:m.start()]
-            out.append((base, body[m.end():], ""))
+            base = body[: m.start()]
+            out.append((base, body[m.end() :], ""))
         return out
     first = re.match(r"^(0x[0-9a-f]+) ", arg_text)
     if first is None:
         return out
-    out.append(("", arg_text[first.end():], ""))
+    out.append(("", arg_text[first.end() :], ""))
     return out
 
 
-_SEVERITY_OF_CLASS = {"canary": 6, "canary_home": 5, "sensitive": 4, "outside": 4, "probe": 3,
-                      "other": 2, "scratch": 1, "loader_scratch": 1, "quiet": 0}
+_SEVERITY_OF_CLASS = {
+    "canary": 6,
+    "canary_home": 5,
+    "sensitive": 4,
+    "outside": 4,
+    "probe": 3,
+    "other": 2,
+    "scratch": 1,
+    "loader_scratch": 1,
+    "quiet": 0,
+}
 
 
-def _open_event(r: Record, canary_files: frozenset[str],
-                quiet: tuple[str, ...]) -> tuple[str, dict[str, Any], str] | None:
+def _open_event(
+    r: Record, canary_files: frozenset[str], quiet: tuple[str, ...]
+) -> tuple[str, dict[str, Any], str] | None:
     """An open's (kind, detail, action), or None for a quiet read."""
     tail: re.Match[str] | None
     if r.name == "openat":
         tail = re.search(rf", ({_FLAGS}), {_MODE}$", r.args)
-        readings = _readings(r.args[:tail.start()], dirfd=True) if tail else []
+        readings = _readings(r.args[: tail.start()], dirfd=True) if tail else []
     elif r.name == "open":
         tail = re.search(rf", ({_FLAGS}), {_MODE}$", r.args)
-        readings = _readings(r.args[:tail.start()], dirfd=False) if tail else []
+        readings = _readings(r.args[: tail.start()], dirfd=False) if tail else []
     else:  # creat(path, mode)
         tail = re.search(rf"(), {_MODE}$", r.args)
-        readings = _readings(r.args[:tail.start()], dirfd=False) if tail else []
+        readings = _readings(r.args[: tail.start()], dirfd=False) if tail else []
     if tail is None or not readings:
         return "open-unreadable", {"args": P.printable(r.args, 500)}, "recorded"
     flags = tail.group(1) or "O_WRONLY|O_CREAT|O_TRUNC"
@@ -586,8 +691,7 @@ def _open_event(r: Record, canary_files: frozenset[str],
     best: tuple[int, dict[str, Any], str] | None = None
     for base, given, _ in readings:
         path = _norm(given, base, r.pid)
-        cls = P.classify_path(path, canary_files=canary_files, own=(f"/proc/{r.pid}/",),
-                              quiet_prefixes=quiet)
+        cls = P.classify_path(path, canary_files=canary_files, own=(f"/proc/{r.pid}/",), quiet_prefixes=quiet)
         action = "allowed"
         detail: dict[str, Any] = {"path": P.printable(path, 1000), "flags": flags, "class": cls}
         if given != path:
@@ -598,8 +702,7 @@ def _open_event(r: Record, canary_files: frozenset[str],
             if path in ("/dev/null", "/tmp"):  # noqa: S108 - a path inside the sandbox
                 continue
             if scratch:
-                detail["class"] = "loader_scratch" if path.startswith(P.LOADER_SCRATCH) \
-                    else "scratch"
+                detail["class"] = "loader_scratch" if path.startswith(P.LOADER_SCRATCH) else "scratch"
             else:
                 detail["class"] = "outside"
                 action = "denied" if failed else "allowed"
@@ -623,10 +726,13 @@ def _path_event(r: Record) -> tuple[str, dict[str, Any], str]:
     body = r.args
     d = _DIRFD.match(body)
     if d is not None:
-        first = _ADDR.search(body[d.end():])
-        base = body[d.end():d.end() + first.start()] if first else ""
-    found = re.findall(r"(?:^|, )0x[0-9a-f]+ ((?:(?!, 0x[0-9a-f]+ |, AT_FDCWD |, 0x[0-9a-f]+$)"
-                       r".)*)", body)
+        first = _ADDR.search(body[d.end() :])
+        base = body[d.end() : d.end() + first.start()] if first else ""
+    found = re.findall(
+        r"(?:^|, )0x[0-9a-f]+ ((?:(?!, 0x[0-9a-f]+ |, AT_FDCWD |, 0x[0-9a-f]+$)"
+        r".)*)",
+        body,
+    )
     target = None
     if r.name in ("symlink", "symlinkat") and found:
         target = P.printable(found[0], 1000)  # a string, not a path of this call
@@ -636,10 +742,16 @@ def _path_event(r: Record) -> tuple[str, dict[str, Any], str]:
     paths = [P.printable(_norm(p, base, r.pid), 1000) for p in found[:4]]
     scratch = bool(paths) and all(p.startswith(P.WRITABLE_PREFIXES) for p in paths)
     failed = r.errno is not None
-    detail: dict[str, Any] = {"paths": paths,
-                              "class": ("loader_scratch" if scratch and all(
-                                  p.startswith(P.LOADER_SCRATCH) for p in paths)
-                                  else "scratch" if scratch else "outside")}
+    detail: dict[str, Any] = {
+        "paths": paths,
+        "class": (
+            "loader_scratch"
+            if scratch and all(p.startswith(P.LOADER_SCRATCH) for p in paths)
+            else "scratch"
+            if scratch
+            else "outside"
+        ),
+    }
     if target is not None:
         detail["target"] = target
     if failed:
@@ -651,8 +763,9 @@ def _path_event(r: Record) -> tuple[str, dict[str, Any], str]:
 _CLONE_THREAD = "CLONE_THREAD"
 
 
-def _record_event(r: Record, canary_files: frozenset[str],
-                  quiet: tuple[str, ...]) -> tuple[str, dict[str, Any], str] | None:
+def _record_event(
+    r: Record, canary_files: frozenset[str], quiet: tuple[str, ...]
+) -> tuple[str, dict[str, Any], str] | None:
     base: dict[str, Any] = {"pid": r.pid, "tid": r.tid}
     if r.action == "denied":
         if r.name in _BY_DESIGN:
@@ -665,17 +778,26 @@ def _record_event(r: Record, canary_files: frozenset[str],
         return ev[0], {**ev[1], **base}, ev[2]
     if r.name in ("socket", "socketpair"):
         parts = [p.strip() for p in r.args.split(",")[:3]]
-        detail = {**base, "family": P.printable(parts[0], 40) if parts else "?",
-                  "type": P.printable(parts[1].split("|")[0], 40) if len(parts) > 1 else "?"}
+        detail = {
+            **base,
+            "family": P.printable(parts[0], 40) if parts else "?",
+            "type": P.printable(parts[1].split("|")[0], 40) if len(parts) > 1 else "?",
+        }
         return r.name, detail, "allowed"
     if r.name in ("clone", "vfork", "fork"):
         flags = r.args.split(",")[0] if r.name == "clone" else ""
         if _CLONE_THREAD in flags:
             return None  # a thread
         vfork = r.name == "vfork" or ("CLONE_VM" in flags and "CLONE_VFORK" in flags)
-        return "clone" if r.name == "clone" else r.name, \
-            {**base, "style": "vfork" if vfork else "fork",
-             **({"flags": P.printable(flags, 200)} if flags else {})}, "allowed"
+        return (
+            "clone" if r.name == "clone" else r.name,
+            {
+                **base,
+                "style": "vfork" if vfork else "fork",
+                **({"flags": P.printable(flags, 200)} if flags else {}),
+            },
+            "allowed",
+        )
     if r.name in _PATH_CALLS:
         kind, detail, action = _path_event(r)
         return kind, {**detail, **base}, action
@@ -687,8 +809,9 @@ def _record_event(r: Record, canary_files: frozenset[str],
     return None
 
 
-def to_events(trace: Trace, *, canary_files: frozenset[str] = frozenset(),
-              allow_read: tuple[str, ...] = ()) -> list[Event]:
+def to_events(
+    trace: Trace, *, canary_files: frozenset[str] = frozenset(), allow_read: tuple[str, ...] = ()
+) -> list[Event]:
     """``gvisor`` events (ids 0: the caller numbers them) for the records of ``trace``."""
     quiet = P.QUIET_READ_PREFIXES + tuple(p for p in allow_read if p.startswith("/"))
     out: list[Event] = []

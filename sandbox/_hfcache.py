@@ -21,8 +21,9 @@ from . import _scan
 __all__ = ["Target", "default_cache", "expand"]
 
 #: formats ``scan`` loads (SafeTensors, unknown and text files are not checkpoints to scan)
-_CHECKPOINTS = frozenset({"torch-zip", "torch-legacy", "torch-tar", "pickle", "joblib",
-                          "numpy-npy", "numpy-npz", "torchscript"})
+_CHECKPOINTS = frozenset(
+    {"torch-zip", "torch-legacy", "torch-tar", "pickle", "joblib", "numpy-npy", "numpy-npz", "torchscript"}
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ def default_cache() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
     home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
     return Path(home) / "hub"
 
 
@@ -88,8 +90,7 @@ def _model_dirs(root: Path) -> list[Path]:
     if root.name.startswith("models--") and (root / "snapshots").is_dir():
         return [root]
     try:
-        children = sorted(p for p in root.iterdir()
-                          if p.name.startswith("models--") and not p.is_symlink())
+        children = sorted(p for p in root.iterdir() if p.name.startswith("models--") and not p.is_symlink())
     except OSError:
         return []
     return [p for p in children if (p / "snapshots").is_dir()]

@@ -27,8 +27,7 @@ from typing import Any
 from .errors import ReportInvalid
 from .report import SCHEMA_VERSION, Event, Finding, LoadReport, Severity, Verdict, clean_text
 
-__all__ = ["MAX_REPORT_BYTES", "read_report", "read_reports", "render_html", "render_html_many",
-           "write_html"]
+__all__ = ["MAX_REPORT_BYTES", "read_report", "read_reports", "render_html", "render_html_many", "write_html"]
 
 MAX_REPORT_BYTES = 64 * 2**20
 _MAX_ITEMS = 20_000  # findings, events, notes
@@ -37,6 +36,7 @@ _TRUSTED_TOP = frozenset({"torch", "collections", "numpy", "_codecs", "copyreg"}
 
 
 # -- reading -----------------------------------------------------------------------------------
+
 
 class _Bad(Exception):
     pass
@@ -68,7 +68,7 @@ def _int(data: dict[str, Any], key: str, *, optional: bool = False, default: int
     value = data.get(key, None if optional else default)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**64:
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**64:
         raise _Bad(f"{key!r} must be an integer")
     return value
 
@@ -120,15 +120,25 @@ def _finding(f: dict[str, Any]) -> Finding:
     events = _list(f, "events")
     if any(isinstance(e, bool) or not isinstance(e, int) for e in events):
         raise _Bad("'events' must be a list of integers")
-    return Finding(rule=_str(f, "rule", limit=200), severity=severity,
-                   category=_str(f, "category", limit=200), message=_str(f, "message"),
-                   evidence=_obj(f, "evidence"), events=tuple(events))
+    return Finding(
+        rule=_str(f, "rule", limit=200),
+        severity=severity,
+        category=_str(f, "category", limit=200),
+        message=_str(f, "message"),
+        evidence=_obj(f, "evidence"),
+        events=tuple(events),
+    )
 
 
 def _event(e: dict[str, Any]) -> Event:
-    return Event(id=_int(e, "id"), t=_num(e, "t"), source=_str(e, "source", limit=200),
-                 kind=_str(e, "kind", limit=200), detail=_obj(e, "detail"),
-                 action=_str({"action": "recorded", **e}, "action", limit=200))
+    return Event(
+        id=_int(e, "id"),
+        t=_num(e, "t"),
+        source=_str(e, "source", limit=200),
+        kind=_str(e, "kind", limit=200),
+        detail=_obj(e, "detail"),
+        action=_str({"action": "recorded", **e}, "action", limit=200),
+    )
 
 
 def _series(value: Any) -> list[tuple[float, float, int]]:
@@ -139,14 +149,17 @@ def _series(value: Any) -> list[tuple[float, float, int]]:
         raise _Bad(f"'resources.series' must be a list of at most {_MAX_ITEMS} samples")
     out: list[tuple[float, float, int]] = []
     for p in value:
-        if not (isinstance(p, list) and len(p) == 3 and isinstance(p[2], int)
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
+        if not (
+            isinstance(p, list)
+            and len(p) == 3
+            and isinstance(p[2], int)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+        ):
             raise _Bad("'resources.series' samples must be [t, cpu_s, rss_bytes]")
         if not all(-1e15 < v < 1e15 for v in p):
             raise _Bad("'resources.series' samples must be in range and in time order")
         t, cpu, rss = float(p[0]), float(p[1]), int(p[2])
-        if not (0 <= t <= 1e7 and 0 <= cpu <= 1e9 and 0 <= rss < 2**50) or \
-                (out and t < out[-1][0]):
+        if not (0 <= t <= 1e7 and 0 <= cpu <= 1e9 and 0 <= rss < 2**50) or (out and t < out[-1][0]):
             raise _Bad("'resources.series' samples must be in range and in time order")
         out.append((t, cpu, rss))
     return out
@@ -180,10 +193,17 @@ def validate(data: Any) -> LoadReport:
         verdict=verdict,
         findings=_each(_list(data, "findings"), "findings", _finding),
         events=_each(_list(data, "events"), "events", _event),
-        tensors=_int(data, "tensors"), tensor_bytes=_int(data, "tensor_bytes"),
-        outputs=_obj(data, "outputs"), resources=resources, notes=notes,
-        error=error, static=_obj(data, "static"), tool=_obj(data, "tool"),
-        policy=_obj(data, "policy"), duration_s=_num(data, "duration_s", optional=True))
+        tensors=_int(data, "tensors"),
+        tensor_bytes=_int(data, "tensor_bytes"),
+        outputs=_obj(data, "outputs"),
+        resources=resources,
+        notes=notes,
+        error=error,
+        static=_obj(data, "static"),
+        tool=_obj(data, "tool"),
+        policy=_obj(data, "policy"),
+        duration_s=_num(data, "duration_s", optional=True),
+    )
 
 
 def read_report(path: str | os.PathLike[str]) -> LoadReport:
@@ -191,8 +211,11 @@ def read_report(path: str | os.PathLike[str]) -> LoadReport:
     :class:`~sandbox.errors.ReportInvalid`."""
     reports = read_reports(path)
     if len(reports) != 1:
-        raise ReportInvalid(f"{clean_text(os.fspath(path), 300)} holds {len(reports)} reports, "
-                            "not one", path=os.fspath(path), problem="not exactly one report")
+        raise ReportInvalid(
+            f"{clean_text(os.fspath(path), 300)} holds {len(reports)} reports, not one",
+            path=os.fspath(path),
+            problem="not exactly one report",
+        )
     return reports[0]
 
 
@@ -202,8 +225,11 @@ def read_reports(path: str | os.PathLike[str]) -> list[LoadReport]:
     name = os.fspath(path)
 
     def bad(problem: str) -> ReportInvalid:
-        return ReportInvalid(f"{clean_text(name, 300)} is not a usable model-sandbox report: "
-                             f"{problem}", path=name, problem=problem)
+        return ReportInvalid(
+            f"{clean_text(name, 300)} is not a usable model-sandbox report: {problem}",
+            path=name,
+            problem=problem,
+        )
 
     try:
         with open(name, "rb") as f:
@@ -235,16 +261,21 @@ def read_reports(path: str | os.PathLike[str]) -> list[LoadReport]:
 
 # -- rendering ---------------------------------------------------------------------------------
 
+
 def _e(value: Any, limit: int = 2000) -> str:
     """Any value as escaped HTML text: printable (control and format characters as escapes)."""
     text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
     return html.escape(clean_text(text, limit), quote=True)
 
 
-_VERDICT_COLOURS = {"clean": "#1f7a3a", "suspicious": "#a36a00", "malicious": "#b3261e",
-                    "error": "#5a5a5a"}
-_SEVERITY_COLOURS = {"info": "#5a5a5a", "low": "#2d6a9f", "medium": "#a36a00",
-                     "high": "#c0392b", "critical": "#7b1010"}
+_VERDICT_COLOURS = {"clean": "#1f7a3a", "suspicious": "#a36a00", "malicious": "#b3261e", "error": "#5a5a5a"}
+_SEVERITY_COLOURS = {
+    "info": "#5a5a5a",
+    "low": "#2d6a9f",
+    "medium": "#a36a00",
+    "high": "#c0392b",
+    "critical": "#7b1010",
+}
 
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f5f5f4;
@@ -300,15 +331,16 @@ def _facts(r: LoadReport) -> str:
 def _finding_html(f: Finding, known: set[int], p: str) -> str:
     rows = "".join(f"<dt>{_e(k, 100)}</dt><dd>{_e(v, 2000)}</dd>" for k, v in f.evidence.items())
     if f.events:
-        links = ", ".join(f'<a href="#{p}ev-{i}">#{i}</a>' if i in known else f"#{i}"
-                          for i in f.events[:50])
+        links = ", ".join(f'<a href="#{p}ev-{i}">#{i}</a>' if i in known else f"#{i}" for i in f.events[:50])
         rows += f"<dt>events</dt><dd>{links}</dd>"
     colour = _SEVERITY_COLOURS[str(f.severity)]
-    return (f'<section class="finding" data-rule="{_e(f.rule, 200)}" '
-            f'style="border-left-color:{colour}">'
-            f'<div>{_severity_badge(f.severity)}<strong>{_e(f.message, 1000)}</strong></div>'
-            f'<div class="rule">{_e(f.rule, 200)} · {_e(f.category, 60)}</div>'
-            f"<dl>{rows}</dl></section>")
+    return (
+        f'<section class="finding" data-rule="{_e(f.rule, 200)}" '
+        f'style="border-left-color:{colour}">'
+        f"<div>{_severity_badge(f.severity)}<strong>{_e(f.message, 1000)}</strong></div>"
+        f'<div class="rule">{_e(f.rule, 200)} · {_e(f.category, 60)}</div>'
+        f"<dl>{rows}</dl></section>"
+    )
 
 
 def _global_name(ev: Event) -> str | None:
@@ -328,8 +360,7 @@ def origins(report: LoadReport) -> dict[int, tuple[str, int]]:
     numpy's or the standard containers'. An attribution by order, not a proof: code that ran
     later may have made the call."""
     lists = [report.static.get(key) for key in ("dangerous", "unknown")]
-    flagged = {n for names in lists if isinstance(names, list) for n in names
-               if isinstance(n, str)}
+    flagged = {n for names in lists if isinstance(names, list) for n in names if isinstance(n, str)}
     out: dict[int, tuple[str, int]] = {}
     last: tuple[str, int] | None = None
     for ev in sorted(report.events, key=lambda e: e.id):
@@ -364,31 +395,40 @@ def _timeline_svg(events: list[Event]) -> str:
     span = max(max(e.t for e in events) - start, 1e-3)
     height = 30 + lane_h * len(used)
     labels = 0
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-             f'width="100%" role="img" aria-label="events over time">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'width="100%" role="img" aria-label="events over time">'
+    ]
     for i, lane in enumerate(used):
         y = 10 + i * lane_h
-        parts.append(f'<text x="0" y="{y + 14}">{_e(lane, 30)}</text>'
-                     f'<line x1="{left}" x2="{width - 10}" y1="{y + 10}" y2="{y + 10}" '
-                     f'stroke="#ccc"/>')
+        parts.append(
+            f'<text x="0" y="{y + 14}">{_e(lane, 30)}</text>'
+            f'<line x1="{left}" x2="{width - 10}" y1="{y + 10}" y2="{y + 10}" '
+            f'stroke="#ccc"/>'
+        )
         for ev in events[:5000]:
             if ev.source != lane:
                 continue
             x = left + (width - 10 - left) * (ev.t - start) / span
             colour = "#c0392b" if ev.action == "denied" else "#2d6a9f"
-            parts.append(f'<circle cx="{x:.1f}" cy="{y + 10}" r="4" fill="{colour}" '
-                         f'fill-opacity=".75"><title>#{ev.id} {_e(ev.kind, 60)} '
-                         f'{ev.t * 1000:.1f} ms</title></circle>')
+            parts.append(
+                f'<circle cx="{x:.1f}" cy="{y + 10}" r="4" fill="{colour}" '
+                f'fill-opacity=".75"><title>#{ev.id} {_e(ev.kind, 60)} '
+                f"{ev.t * 1000:.1f} ms</title></circle>"
+            )
             if ev.action == "denied" and labels < 40:  # refused calls named on the chart
                 labels += 1
-                parts.append(f'<text x="{x:.1f}" y="{y + 2}" text-anchor="end" '
-                             f'fill="#b3261e">{_e(ev.kind, 30)}</text>')
+                parts.append(
+                    f'<text x="{x:.1f}" y="{y + 2}" text-anchor="end" fill="#b3261e">{_e(ev.kind, 30)}</text>'
+                )
     y = 10 + len(used) * lane_h
     for k in range(5):
         x = left + (width - 10 - left) * k / 4
         anchor = "start" if k == 0 else "end" if k == 4 else "middle"
-        parts.append(f'<text x="{x:.0f}" y="{y + 12}" text-anchor="{anchor}">'
-                     f"{(start + span * k / 4) * 1000:.1f} ms</text>")
+        parts.append(
+            f'<text x="{x:.0f}" y="{y + 12}" text-anchor="{anchor}">'
+            f"{(start + span * k / 4) * 1000:.1f} ms</text>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -400,21 +440,22 @@ def _events_html(r: LoadReport, p: str) -> str:
     rows = []
     for ev in sorted(r.events, key=lambda e: e.id)[:_MAX_ITEMS]:
         cause = via.get(ev.id)
-        cause_html = (f'<a href="#{p}ev-{cause[1]}" class="mono">{_e(cause[0], 200)}</a>'
-                      if cause else "")
+        cause_html = f'<a href="#{p}ev-{cause[1]}" class="mono">{_e(cause[0], 200)}</a>' if cause else ""
         cls = ' class="denied"' if ev.action == "denied" else ""
-        rows.append(f'<tr id="{p}ev-{ev.id}"{cls}><td>{ev.id}</td><td>{ev.t * 1000:.1f}</td>'
-                    f"<td>{_e(ev.source, 30)}</td><td>{_e(ev.action, 30)}</td>"
-                    f'<td class="mono">{_e(_describe(ev), 400)}</td><td>{cause_html}</td></tr>')
-    return (_timeline_svg(r.events) +
-            '<p class="muted">Times count from the moment the job reached the sandbox. '
-            "<em>kernel</em> events are system calls the seccomp monitor decoded (evidence); "
-            "<em>self_reported</em> ones come from the loader's audit hook (context a payload "
-            "could forge). <em>after global</em>: the suspect pickle global imported last "
-            "before the call.</p>"
-            "<table><thead><tr><th>#</th><th>ms</th><th>source</th><th>action</th>"
-            "<th>event</th><th>after global</th></tr></thead><tbody>"
-            + "".join(rows) + "</tbody></table>")
+        rows.append(
+            f'<tr id="{p}ev-{ev.id}"{cls}><td>{ev.id}</td><td>{ev.t * 1000:.1f}</td>'
+            f"<td>{_e(ev.source, 30)}</td><td>{_e(ev.action, 30)}</td>"
+            f'<td class="mono">{_e(_describe(ev), 400)}</td><td>{cause_html}</td></tr>'
+        )
+    return (
+        _timeline_svg(r.events) + '<p class="muted">Times count from the moment the job reached the sandbox. '
+        "<em>kernel</em> events are system calls the seccomp monitor decoded (evidence); "
+        "<em>self_reported</em> ones come from the loader's audit hook (context a payload "
+        "could forge). <em>after global</em>: the suspect pickle global imported last "
+        "before the call.</p>"
+        "<table><thead><tr><th>#</th><th>ms</th><th>source</th><th>action</th>"
+        "<th>event</th><th>after global</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
 
 
 def _bytes(n: float) -> str:
@@ -426,13 +467,17 @@ def _bytes(n: float) -> str:
 
 
 _RESOURCE_LABELS = (
-    ("wall_s", "wall time of the load", "s"), ("container_s", "container lifetime", "s"),
+    ("wall_s", "wall time of the load", "s"),
+    ("container_s", "container lifetime", "s"),
     ("cpu_s", "CPU time of the loader's process tree", "s"),
-    ("cpu_user_s", "CPU user time", "s"), ("cpu_system_s", "CPU system time", "s"),
+    ("cpu_user_s", "CPU user time", "s"),
+    ("cpu_system_s", "CPU system time", "s"),
     ("rss_peak_bytes", "peak memory (RSS) of the tree", "bytes"),
     ("max_rss_kb", "largest process's maximum RSS", "kb"),
-    ("threads_peak", "peak threads", ""), ("children_peak", "peak child processes", ""),
-    ("samples", "samples taken", ""), ("handoff", "hand-off of the tensors", ""),
+    ("threads_peak", "peak threads", ""),
+    ("children_peak", "peak child processes", ""),
+    ("samples", "samples taken", ""),
+    ("handoff", "hand-off of the tensors", ""),
     ("warm", "started before the job", ""),
 )
 
@@ -446,8 +491,10 @@ def _series_svg(points: list[tuple[float, float, int]], p: str) -> str:
     t0, t1 = points[0][0], points[-1][0]
     span = max(t1 - t0, 1e-3)
     rss_max = max(max(p[2] for p in points), 1)
-    cpu = [0.0] + [max(0.0, (b[1] - a[1]) / (b[0] - a[0]) * 100) if b[0] > a[0] else 0.0
-                   for a, b in itertools.pairwise(points)]
+    cpu = [0.0] + [
+        max(0.0, (b[1] - a[1]) / (b[0] - a[0]) * 100) if b[0] > a[0] else 0.0
+        for a, b in itertools.pairwise(points)
+    ]
     cpu_max = max(100.0, max(cpu))
     plot_w, plot_h = width - left - right, height - top - bottom
 
@@ -456,26 +503,30 @@ def _series_svg(points: list[tuple[float, float, int]], p: str) -> str:
 
     rss_line = " ".join(xy(p[0], p[2] / rss_max) for p in points)
     cpu_line = " ".join(xy(p[0], c / cpu_max) for p, c in zip(points, cpu, strict=True))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-             f'width="100%" role="img" aria-label="resource use over time" id="{p}resource-chart">',
-             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" '
-             f'stroke="#ddd"/>',
-             f'<polyline points="{rss_line}" fill="none" stroke="#2d6a9f" stroke-width="2"/>',
-             f'<polyline points="{cpu_line}" fill="none" stroke="#c05a00" stroke-width="1.5" '
-             f'stroke-dasharray="4 2"/>',
-             f'<text x="{left - 6}" y="{top + 10}" text-anchor="end" fill="#2d6a9f">'
-             f"{_bytes(rss_max)}</text>",
-             f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" fill="#2d6a9f">0</text>',
-             f'<text x="{width - right + 6}" y="{top + 10}" fill="#c05a00">{cpu_max:.0f}%</text>',
-             f'<text x="{width - right + 6}" y="{top + plot_h}" fill="#c05a00">0%</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'width="100%" role="img" aria-label="resource use over time" id="{p}resource-chart">',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ddd"/>',
+        f'<polyline points="{rss_line}" fill="none" stroke="#2d6a9f" stroke-width="2"/>',
+        f'<polyline points="{cpu_line}" fill="none" stroke="#c05a00" stroke-width="1.5" '
+        f'stroke-dasharray="4 2"/>',
+        f'<text x="{left - 6}" y="{top + 10}" text-anchor="end" fill="#2d6a9f">{_bytes(rss_max)}</text>',
+        f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" fill="#2d6a9f">0</text>',
+        f'<text x="{width - right + 6}" y="{top + 10}" fill="#c05a00">{cpu_max:.0f}%</text>',
+        f'<text x="{width - right + 6}" y="{top + plot_h}" fill="#c05a00">0%</text>',
+    ]
     for k in range(5):
         x = left + plot_w * k / 4
         anchor = "start" if k == 0 else "end" if k == 4 else "middle"
-        parts.append(f'<text x="{x:.0f}" y="{height - 10}" text-anchor="{anchor}">'
-                     f"{(t0 + span * k / 4) * 1000:.0f} ms</text>")
-    parts.append(f'<text x="{left}" y="12" fill="#2d6a9f">── memory (RSS of the loader\'s '
-                 f'processes)</text><text x="{left + 320}" y="12" fill="#c05a00">- - CPU (% of '
-                 f"one core)</text></svg>")
+        parts.append(
+            f'<text x="{x:.0f}" y="{height - 10}" text-anchor="{anchor}">'
+            f"{(t0 + span * k / 4) * 1000:.0f} ms</text>"
+        )
+    parts.append(
+        f'<text x="{left}" y="12" fill="#2d6a9f">── memory (RSS of the loader\'s '
+        f'processes)</text><text x="{left + 320}" y="12" fill="#c05a00">- - CPU (% of '
+        f"one core)</text></svg>"
+    )
     return "".join(parts)
 
 
@@ -499,15 +550,22 @@ def _resources_html(r: LoadReport, p: str) -> str:
             shown = _e(value, 100)
         rows.append(f"<tr><td>{label}</td><td>{shown}</td></tr>")
     known = {k for k, _, _ in _RESOURCE_LABELS} | {"series"}
-    rows += [f'<tr><td class="mono">{_e(k, 60)}</td><td>{_e(v, 200)}</td></tr>'
-             for k, v in sorted(res.items()) if k not in known]
+    rows += [
+        f'<tr><td class="mono">{_e(k, 60)}</td><td>{_e(v, 200)}</td></tr>'
+        for k, v in sorted(res.items())
+        if k not in known
+    ]
     if len(series) >= 2:
-        head = ("<p class=\"muted\">The supervisor's samples of the loader's process tree "
-                f"({len(series)} kept, about every 100 ms or fewer for long loads), then the "
-                "peaks.</p>" + _series_svg(series, p))
+        head = (
+            "<p class=\"muted\">The supervisor's samples of the loader's process tree "
+            f"({len(series)} kept, about every 100 ms or fewer for long loads), then the "
+            "peaks.</p>" + _series_svg(series, p)
+        )
     else:
-        head = ('<p class="muted">Peaks over the supervisor\'s samples (about every 100 ms); '
-                "this report holds no series over time.</p>")
+        head = (
+            '<p class="muted">Peaks over the supervisor\'s samples (about every 100 ms); '
+            "this report holds no series over time.</p>"
+        )
     return head + "<table><tbody>" + "".join(rows) + "</tbody></table>"
 
 
@@ -519,16 +577,17 @@ def _static_html(r: LoadReport) -> str:
     return f'<div class="box"><dl>{rows}</dl></div>'
 
 
-_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
-        "form-action 'none'")
+_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 
 
 def _page(title: str, body: str) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-            '<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{html.escape(clean_text(title, 300))}</title><style>{_CSS}</style></head>"
-            f"<body><main>{body}</main></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{html.escape(clean_text(title, 300))}</title><style>{_CSS}</style></head>"
+        f"<body><main>{body}</main></body></html>\n"
+    )
 
 
 def _report_html(r: LoadReport, p: str) -> str:
@@ -536,15 +595,19 @@ def _report_html(r: LoadReport, p: str) -> str:
     verdict = r.verdict.value
     known = {e.id for e in r.events}
     findings = sorted(r.findings, key=lambda f: -f.severity)
-    findings_html = "".join(_finding_html(f, known, p) for f in findings[:_MAX_ITEMS]) or \
-        '<p class="muted">No findings.</p>'
+    findings_html = (
+        "".join(_finding_html(f, known, p) for f in findings[:_MAX_ITEMS])
+        or '<p class="muted">No findings.</p>'
+    )
     error = ""
     if r.error:
-        error = (f'<section class="finding" style="border-left-color:#5a5a5a"><strong>error['
-                 f"{_e(r.error.get('reference', '?'), 80)}]</strong> "
-                 f"{_e(r.error.get('message', ''), 4000)}</section>")
+        error = (
+            f'<section class="finding" style="border-left-color:#5a5a5a"><strong>error['
+            f"{_e(r.error.get('reference', '?'), 80)}]</strong> "
+            f"{_e(r.error.get('message', ''), 4000)}</section>"
+        )
     notes = "".join(f"<li>{_e(n, 2000)}</li>" for n in r.notes[:_MAX_ITEMS])
-    outputs = "".join(f'<dt>{_e(k, 60)}</dt><dd>{_e(v, 1000)}</dd>' for k, v in r.outputs.items())
+    outputs = "".join(f"<dt>{_e(k, 60)}</dt><dd>{_e(v, 1000)}</dd>" for k, v in r.outputs.items())
     return (
         f'<header><span class="verdict" id="{p}verdict" style="background:'
         f'{_VERDICT_COLOURS[verdict]}">{verdict.upper()}</span>'
@@ -554,11 +617,12 @@ def _report_html(r: LoadReport, p: str) -> str:
         f'<h2>Timeline ({len(r.events)} events)</h2><div id="{p}timeline">'
         f"{_events_html(r, p)}</div>"
         f'<h2>Resources</h2><div id="{p}resources">{_resources_html(r, p)}</div>'
-        f'<h2>Static scan</h2>{_static_html(r)}'
+        f"<h2>Static scan</h2>{_static_html(r)}"
         + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "")
         + (f'<h2>Outputs</h2><div class="box"><dl>{outputs}</dl></div>' if outputs else "")
         + f'<p class="muted">schema model-sandbox/load-report/{SCHEMA_VERSION} · '
-        f"tool {_e(r.tool.get('image', ''), 100)}</p>")
+        f"tool {_e(r.tool.get('image', ''), 100)}</p>"
+    )
 
 
 def render_html(report: LoadReport) -> str:
@@ -569,25 +633,32 @@ def render_html(report: LoadReport) -> str:
 def render_html_many(reports: list[LoadReport]) -> str:
     """One page for several reports (a batch's ``--format json``): a table of them, worst
     verdict first, each linking to its own part of the page."""
-    order = sorted(range(len(reports)), key=lambda i: (-reports[i].verdict.rank,
-                                                       reports[i].input_path))
+    order = sorted(range(len(reports)), key=lambda i: (-reports[i].verdict.rank, reports[i].input_path))
     rows = []
     for i in order:
         r = reports[i]
         top = max(r.findings, key=lambda f: f.severity, default=None)
         why = f"{top.severity} {top.rule}: {top.message}" if top else ""
-        rows.append(f'<tr><td><span class="sev" style="background:'
-                    f'{_VERDICT_COLOURS[r.verdict.value]}">{r.verdict.value}</span></td>'
-                    f'<td class="mono"><a href="#r{i}">{_e(r.input_path, 300)}</a></td>'
-                    f"<td>{_e(why, 300)}</td></tr>")
+        rows.append(
+            f'<tr><td><span class="sev" style="background:'
+            f'{_VERDICT_COLOURS[r.verdict.value]}">{r.verdict.value}</span></td>'
+            f'<td class="mono"><a href="#r{i}">{_e(r.input_path, 300)}</a></td>'
+            f"<td>{_e(why, 300)}</td></tr>"
+        )
     worst = max((r.verdict for r in reports), key=lambda v: v.rank)
-    body = (f'<header><span class="verdict" id="verdict" style="background:'
-            f'{_VERDICT_COLOURS[worst.value]}">{worst.value.upper()}</span>'
-            f"<h1>{len(reports)} reports</h1></header>"
-            '<table id="reports"><thead><tr><th>verdict</th><th>file</th><th>top finding</th>'
-            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
-            + "".join(f'<section class="report" id="r{i}"><hr>{_report_html(reports[i], f"r{i}-")}'
-                      "</section>" for i in order))
+    body = (
+        f'<header><span class="verdict" id="verdict" style="background:'
+        f'{_VERDICT_COLOURS[worst.value]}">{worst.value.upper()}</span>'
+        f"<h1>{len(reports)} reports</h1></header>"
+        '<table id="reports"><thead><tr><th>verdict</th><th>file</th><th>top finding</th>'
+        "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+        + "".join(
+            f'<section class="report" id="r{i}"><hr>{_report_html(reports[i], f"r{i}-")}</section>'
+            for i in order
+        )
+    )
     return _page(f"{worst.value.upper()}: {len(reports)} reports", body)
 
 

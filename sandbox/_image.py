@@ -40,11 +40,27 @@ PY = "/opt/python"
 SANDBOX_UID = 65534
 
 # Parts of distributions the worker never uses: headers, test suites, build tooling.
-_SKIP_PREFIXES = ("torch/include/", "torch/test/", "torch/share/", "torch/bin/",
-                  "numpy/_core/include/", "numpy/core/include/", "numpy/f2py/",
-                  "numpy/tests/", "numpy/_core/tests/")
-_SKIP_STDLIB = ("site-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip",
-                "lib2to3", "config-3.11-x86_64-linux-gnu")
+_SKIP_PREFIXES = (
+    "torch/include/",
+    "torch/test/",
+    "torch/share/",
+    "torch/bin/",
+    "numpy/_core/include/",
+    "numpy/core/include/",
+    "numpy/f2py/",
+    "numpy/tests/",
+    "numpy/_core/tests/",
+)
+_SKIP_STDLIB = (
+    "site-packages",
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "config-3.11-x86_64-linux-gnu",
+)
 _EXTRA_STDLIB_SKIP = re.compile(r"(^|/)(tests?|__phello__)(/|$)")
 
 
@@ -90,13 +106,14 @@ def image_tag(digest: str | None = None) -> str:
 
 # -- offline root filesystem -------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Entry:
     arcname: str
-    source: Path | None = None      # a file to copy
-    data: bytes | None = None       # or literal content
+    source: Path | None = None  # a file to copy
+    data: bytes | None = None  # or literal content
     mode: int = 0o644
-    link: str | None = None         # or a symlink target
+    link: str | None = None  # or a symlink target
 
 
 def _shared_libs(binaries: Iterable[Path]) -> dict[str, Path]:
@@ -151,8 +168,7 @@ def _rootfs_entries(site_dirs: list[Path]) -> Iterator[_Entry]:
                 continue
             if src.suffix == ".so" or ".so." in src.name:
                 binaries.append(src)
-            yield _Entry(f"{dest_lib}/site-packages/{rel}", src,
-                         mode=0o755 if ".so" in src.name else 0o644)
+            yield _Entry(f"{dest_lib}/site-packages/{rel}", src, mode=0o755 if ".so" in src.name else 0o644)
 
     site_roots = tuple(str(d) + "/" for d in site_dirs)
     for soname, path in sorted(_shared_libs(binaries).items()):
@@ -170,21 +186,25 @@ def _rootfs_entries(site_dirs: list[Path]) -> Iterator[_Entry]:
         for src in _worker_files():
             (pkg / src.name).write_bytes(src.read_bytes())
         import compileall
+
         compileall.compile_dir(str(pkg), quiet=1, ddir=f"{dest_lib}/site-packages/sandbox_worker")
         for path in sorted(pkg.rglob("*")):
             if path.is_file():
                 # from the file, with its mtime: each .pyc records its source's mtime, and a
                 # mismatch makes the loader try to rewrite it on the read-only root (refused,
                 # and reported as a write outside the output directory)
-                yield _Entry(f"{dest_lib}/site-packages/sandbox_worker/{path.relative_to(pkg)}",
-                             source=path)
+                yield _Entry(f"{dest_lib}/site-packages/sandbox_worker/{path.relative_to(pkg)}", source=path)
 
     # torch checks at import that its shared-memory manager exists; the worker never shares
     # tensors between processes, so an inert placeholder stands in for the executable.
     yield _Entry(f"{dest_lib}/site-packages/torch/bin/torch_shm_manager", data=b"", mode=0o644)
-    yield _Entry("/etc/passwd", data=(
-        "root:x:0:0:root:/root:/sbin/nologin\n"
-        f"user:x:{SANDBOX_UID}:{SANDBOX_UID}:user:{P.CANARY_HOME}:/bin/sh\n").encode())
+    yield _Entry(
+        "/etc/passwd",
+        data=(
+            "root:x:0:0:root:/root:/sbin/nologin\n"
+            f"user:x:{SANDBOX_UID}:{SANDBOX_UID}:user:{P.CANARY_HOME}:/bin/sh\n"
+        ).encode(),
+    )
     yield _Entry("/etc/group", data=f"root:x:0:\nuser:x:{SANDBOX_UID}:\n".encode())
     # mount points: Docker binds its own over them; the bwrap runner binds the sandbox's name
     yield _Entry("/etc/hostname", data=b"")
@@ -193,13 +213,24 @@ def _rootfs_entries(site_dirs: list[Path]) -> Iterator[_Entry]:
 
 def write_rootfs(fileobj: io.BufferedWriter | io.BytesIO) -> int:
     """Write the worker's root filesystem as an uncompressed tar stream. Returns file count."""
-    site_dirs = sorted({Path(p) for p in (sysconfig.get_paths()["purelib"],
-                                          sysconfig.get_paths()["platlib"])})
+    site_dirs = sorted(
+        {Path(p) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])}
+    )
     count = 0
     seen: set[str] = set()
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for d in ("/tmp", "/run", P.CHANNEL_DIR, P.CANARY_HOME, "/proc", "/sys", "/dev", "/etc",
-                  "/usr/lib", "/lib64"):
+        for d in (
+            "/tmp",
+            "/run",
+            P.CHANNEL_DIR,
+            P.CANARY_HOME,
+            "/proc",
+            "/sys",
+            "/dev",
+            "/etc",
+            "/usr/lib",
+            "/lib64",
+        ):
             info = tarfile.TarInfo(d.lstrip("/"))
             info.type = tarfile.DIRTYPE
             info.mode = 0o1777 if d == "/tmp" else 0o755

@@ -23,8 +23,7 @@ from ._channel import WORK_PREFIX
 from ._worker import _protocol as P
 from .errors import InputNotFound, TruncatedInput, UnsupportedFormat
 
-__all__ = ["Hasher", "as_path", "identity", "open_input", "refuse_non_checkpoint",
-           "sweep_work_dirs"]
+__all__ = ["Hasher", "as_path", "identity", "open_input", "refuse_non_checkpoint", "sweep_work_dirs"]
 
 
 def open_input(path: str | os.PathLike[str]) -> tuple[str, int]:
@@ -48,9 +47,15 @@ def open_input(path: str | os.PathLike[str]) -> tuple[str, int]:
 _PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
 
 
-_MAGICS = (b"PK\x03\x04", b"\x93NUMPY",
-           # a compressed joblib archive: gzip, lz4 frame, bz2, xz (zlib: checked below)
-           b"\x1f\x8b\x08", b"\x04\x22\x4d\x18", b"BZh", b"\xfd7zXZ\x00")
+_MAGICS = (
+    b"PK\x03\x04",
+    b"\x93NUMPY",
+    # a compressed joblib archive: gzip, lz4 frame, bz2, xz (zlib: checked below)
+    b"\x1f\x8b\x08",
+    b"\x04\x22\x4d\x18",
+    b"BZh",
+    b"\xfd7zXZ\x00",
+)
 
 
 def refuse_non_checkpoint(fd: int, path: str | os.PathLike[str]) -> None:
@@ -66,9 +71,12 @@ def refuse_non_checkpoint(fd: int, path: str | os.PathLike[str]) -> None:
         return  # a zlib stream (joblib.dump(compress=...)'s default)
     if len(head) >= 9 and head[8:9] == b"{":  # SafeTensors: the static stage says so clearly
         return
-    raise UnsupportedFormat(f"{os.fspath(path)!r} is not a checkpoint: its first bytes are not "
-                            "a zip, numpy, tar, pickle or compressed-stream header", path=path,
-                            detected="unknown")
+    raise UnsupportedFormat(
+        f"{os.fspath(path)!r} is not a checkpoint: its first bytes are not "
+        "a zip, numpy, tar, pickle or compressed-stream header",
+        path=path,
+        detected="unknown",
+    )
 
 
 def identity(fd: int) -> tuple[int, int, int, int]:
@@ -84,8 +92,7 @@ class Hasher:
     def __init__(self, fd: int) -> None:
         self._digest: str | None = None
         self._error: OSError | None = None
-        self._thread = threading.Thread(target=self._run, args=(fd,), name="model-sandbox-hash",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fd,), name="model-sandbox-hash", daemon=True)
         self._thread.start()
 
     def _run(self, fd: int) -> None:
@@ -106,8 +113,9 @@ def _sandbox_may_write(st: os.stat_result) -> bool:
     """Whether the sandbox's uid could reopen the file for writing through its descriptor
     (``/proc/self/fd``): world-writable, or owned or group-writable by that uid."""
     uid = _image.SANDBOX_UID
-    return bool(st.st_mode & stat.S_IWOTH or st.st_uid == uid or
-                (st.st_mode & stat.S_IWGRP and st.st_gid == uid))
+    return bool(
+        st.st_mode & stat.S_IWOTH or st.st_uid == uid or (st.st_mode & stat.S_IWGRP and st.st_gid == uid)
+    )
 
 
 def _private_copy(fd: int) -> int:
@@ -142,7 +150,7 @@ def sweep_work_dirs() -> None:
     except OSError:
         return
     for name in names:
-        pid = name[len(WORK_PREFIX):].split("-", 1)[0]
+        pid = name[len(WORK_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:

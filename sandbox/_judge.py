@@ -17,12 +17,21 @@ from .errors import SandboxError, UnsupportedFormat
 from .policy import Policy
 from .report import Finding, LoadReport, Severity, Verdict
 
-__all__ = ["SCAN_STOPPED", "apply_severities", "calls_a_function", "differential", "refuses",
-           "resource_abuse", "static_stage", "static_stops", "verdict"]
+__all__ = [
+    "SCAN_STOPPED",
+    "apply_severities",
+    "calls_a_function",
+    "differential",
+    "refuses",
+    "resource_abuse",
+    "static_stage",
+    "static_stops",
+    "verdict",
+]
 
 
-_COMPARABLE_FORMATS = ("torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy", "numpy-npz",
-                       "joblib", "torchscript")
+#: formats the sandbox loads (the static stage's formats but a SafeTensors file and an unknown one)
+_COMPARABLE_FORMATS = tuple(f for f in _scan.FORMATS if f not in ("safetensors", "unknown"))
 
 
 def verdict(report: LoadReport) -> Verdict:
@@ -44,8 +53,9 @@ def verdict(report: LoadReport) -> Verdict:
 SCAN_STOPPED = "static scan stopped"
 
 
-def static_stage(path: str, report: LoadReport, policy: Policy, *,
-                  source: str | None = None) -> _scan.StaticScan | None:
+def static_stage(
+    path: str, report: LoadReport, policy: Policy, *, source: str | None = None
+) -> _scan.StaticScan | None:
     """Stage 1: read every pickle without running it. Its findings join the report (marked
     ``source: static``); a file it cannot parse is left to the real loader to judge.
     ``source``: where to read it (the host's descriptor of ``path``), when not ``path``."""
@@ -61,15 +71,17 @@ def static_stage(path: str, report: LoadReport, policy: Policy, *,
     if st is None:
         return None
     if st.format == "safetensors":
-        raise UnsupportedFormat(f"{report.input_path} is already SafeTensors: open it with the "
-                                "safetensors library", path=path, detected=st.format)
+        raise UnsupportedFormat(
+            f"{report.input_path} is already SafeTensors: open it with the safetensors library",
+            path=path,
+            detected=st.format,
+        )
     unknown = Severity.parse(policy.static.unknown_globals)
     for f in st.findings:
         if st.format == "torchscript" and _torchscript_global(f.evidence):
             # TorchScript's own (C++) unpickler resolves these names to its compiled classes and
             # list builders; no Python global runs. The archive's code runs in the sandbox only.
-            f = dataclasses.replace(f, severity=Severity.INFO,
-                                    evidence={**f.evidence, "torchscript": True})
+            f = dataclasses.replace(f, severity=Severity.INFO, evidence={**f.evidence, "torchscript": True})
             report.add(dataclasses.replace(f, evidence={**f.evidence, "source": "static"}))
             continue
         severity = unknown if f.rule == "unknown-global" else f.severity
@@ -78,20 +90,25 @@ def static_stage(path: str, report: LoadReport, policy: Policy, *,
             # nobody listed while loading is not (timeit, torch ops, ...): at least MEDIUM
             severity = max(severity, Severity.MEDIUM)
             f = dataclasses.replace(f, evidence={**f.evidence, "kind": "function"})
-        report.add(dataclasses.replace(f, severity=severity,
-                                       evidence={**f.evidence, "source": "static"}))
+        report.add(dataclasses.replace(f, severity=severity, evidence={**f.evidence, "source": "static"}))
     dangerous = sorted({f"{g.module}.{g.name}" for g in st.globals if g.classification == "dangerous"})
     unknown_names = sorted({f"{g.module}.{g.name}" for g in st.globals if g.classification == "unknown"})
-    report.static = {"format": st.format, "pickles": list(st.pickles)[:50],
-                     "globals": len(st.globals), "dangerous": dangerous[:50],
-                     "unknown": unknown_names[:50], "storages": len(st.storages),
-                     "torch_would_load": st.torch_would_load}
+    report.static = {
+        "format": st.format,
+        "pickles": list(st.pickles)[:50],
+        "globals": len(st.globals),
+        "dangerous": dangerous[:50],
+        "unknown": unknown_names[:50],
+        "storages": len(st.storages),
+        "torch_would_load": st.torch_would_load,
+    }
     report.format = st.format
     if st.format == "torchscript":
-        report.static["code_files"], report.static["code_bytes"] = _torchscript_code(
-            source or path)
-        report.notes.append("a TorchScript archive: its code runs (in the sandbox only) when "
-                            "torch.jit.load reads it; static.code_files lists it")
+        report.static["code_files"], report.static["code_bytes"] = _torchscript_code(source or path)
+        report.notes.append(
+            "a TorchScript archive: its code runs (in the sandbox only) when "
+            "torch.jit.load reads it; static.code_files lists it"
+        )
     return st
 
 
@@ -142,16 +159,26 @@ def calls_a_function(evidence: dict[str, Any]) -> bool:
 
 
 # the standard library's own pickle support: how its types rebuild themselves
-_STDLIB_REBUILDERS = frozenset({
-    "copyreg._reconstructor", "copy_reg._reconstructor", "re._compile",
-    "array._array_reconstructor", "zoneinfo.ZoneInfo._unpickle",
-})
+_STDLIB_REBUILDERS = frozenset(
+    {
+        "copyreg._reconstructor",
+        "copy_reg._reconstructor",
+        "re._compile",
+        "array._array_reconstructor",
+        "zoneinfo.ZoneInfo._unpickle",
+    }
+)
 
 
 def _stdlib(module: str) -> bool:
     top = module.partition(".")[0]
-    return top in sys.stdlib_module_names or top in ("_pyrepl", "_colorize", "annotationlib",
-                                                     "compression", "_interpreters")
+    return top in sys.stdlib_module_names or top in (
+        "_pyrepl",
+        "_colorize",
+        "annotationlib",
+        "compression",
+        "_interpreters",
+    )
 
 
 _DYNAMIC_CATEGORIES = ("exec", "network", "credential", "privilege")
@@ -162,23 +189,42 @@ def differential(report: LoadReport, st: _scan.StaticScan | None) -> None:
     evidence of an attempt to fool scanners."""
     if st is None:
         return
-    static_saw = any(f.severity >= Severity.CRITICAL and f.evidence.get("source") == "static"
-                     for f in report.findings)
-    acted = [f for f in report.findings if f.evidence.get("source") != "static"
-             and f.category in _DYNAMIC_CATEGORIES and f.severity >= Severity.HIGH]
+    static_saw = any(
+        f.severity >= Severity.CRITICAL and f.evidence.get("source") == "static" for f in report.findings
+    )
+    acted = [
+        f
+        for f in report.findings
+        if f.evidence.get("source") != "static"
+        and f.category in _DYNAMIC_CATEGORIES
+        and f.severity >= Severity.HIGH
+    ]
     if acted and not static_saw:
-        report.add(Finding(
-            rule="static-dynamic-mismatch", severity=Severity.HIGH, category="evasion",
-            message="the static scan saw no dangerous global, yet the load acted: the file is "
-                    "built to evade pickle scanners",
-            evidence={"static_globals": len(st.globals), "observed": acted[0].message}))
+        report.add(
+            Finding(
+                rule="static-dynamic-mismatch",
+                severity=Severity.HIGH,
+                category="evasion",
+                message="the static scan saw no dangerous global, yet the load acted: the file is "
+                "built to evade pickle scanners",
+                evidence={"static_globals": len(st.globals), "observed": acted[0].message},
+            )
+        )
     loaded_as = report.format
-    if st.format in _COMPARABLE_FORMATS + ("unknown",) and loaded_as in _COMPARABLE_FORMATS and \
-            st.format != loaded_as:
-        report.add(Finding(
-            rule="format-differential", severity=Severity.HIGH, category="evasion",
-            message="the file reads as one format to a scanner and loads as another",
-            evidence={"static": st.format, "loaded_as": loaded_as}))
+    if (
+        st.format in _COMPARABLE_FORMATS + ("unknown",)
+        and loaded_as in _COMPARABLE_FORMATS
+        and st.format != loaded_as
+    ):
+        report.add(
+            Finding(
+                rule="format-differential",
+                severity=Severity.HIGH,
+                category="evasion",
+                message="the file reads as one format to a scanner and loads as another",
+                evidence={"static": st.format, "loaded_as": loaded_as},
+            )
+        )
 
 
 _GiB = 2**30
@@ -192,18 +238,31 @@ def resource_abuse(report: LoadReport) -> None:
     size = max(report.input_size or 0, report.tensor_bytes or 0)
     rss = res.get("rss_peak_bytes")
     if isinstance(rss, int) and rss > _GiB + 4 * size:
-        report.add(Finding(
-            rule="resource-abuse", severity=Severity.MEDIUM, category="resource",
-            message=f"the load used {rss / 2**20:,.0f} MiB of memory for a file of "
-                    f"{size / 2**20:,.1f} MiB",
-            evidence={"rss_peak_bytes": rss, "file_bytes": report.input_size,
-                      "tensor_bytes": report.tensor_bytes}))
+        report.add(
+            Finding(
+                rule="resource-abuse",
+                severity=Severity.MEDIUM,
+                category="resource",
+                message=f"the load used {rss / 2**20:,.0f} MiB of memory for a file of "
+                f"{size / 2**20:,.1f} MiB",
+                evidence={
+                    "rss_peak_bytes": rss,
+                    "file_bytes": report.input_size,
+                    "tensor_bytes": report.tensor_bytes,
+                },
+            )
+        )
     cpu = res.get("cpu_s")
     if isinstance(cpu, (int, float)) and cpu > 30 + 30 * size / _GiB:
-        report.add(Finding(
-            rule="resource-abuse", severity=Severity.MEDIUM, category="resource",
-            message=f"the load used {cpu:,.1f} s of CPU time for a file of {size / 2**20:,.1f} MiB",
-            evidence={"cpu_s": cpu, "file_bytes": report.input_size}))
+        report.add(
+            Finding(
+                rule="resource-abuse",
+                severity=Severity.MEDIUM,
+                category="resource",
+                message=f"the load used {cpu:,.1f} s of CPU time for a file of {size / 2**20:,.1f} MiB",
+                evidence={"cpu_s": cpu, "file_bytes": report.input_size},
+            )
+        )
 
 
 def apply_severities(report: LoadReport, policy: Policy) -> None:
@@ -223,8 +282,10 @@ def apply_severities(report: LoadReport, policy: Policy) -> None:
 def static_stops(report: LoadReport, policy: Policy) -> bool:
     if policy.static.stop_before_sandbox == "never":
         return False
-    return verdict(report).rank >= Verdict(policy.static.stop_before_sandbox).rank and \
-        verdict(report) is not Verdict.ERROR
+    return (
+        verdict(report).rank >= Verdict(policy.static.stop_before_sandbox).rank
+        and verdict(report) is not Verdict.ERROR
+    )
 
 
 def refuses(report: LoadReport, policy: Policy) -> bool:

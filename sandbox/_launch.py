@@ -78,17 +78,18 @@ class ContainerSpec:
             "ipc_mode": "none",
             "privileged": False,
             "init": False,
-            "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={self.tmp_bytes}",
-                      # the canary home: fake credentials the supervisor plants for the loader
-                      P.CANARY_HOME: f"rw,noexec,nosuid,nodev,size=1m,uid={_image.SANDBOX_UID},"
-                                     f"gid={_image.SANDBOX_UID}"},
+            "tmpfs": {
+                "/tmp": f"rw,noexec,nosuid,nodev,size={self.tmp_bytes}",
+                # the canary home: fake credentials the supervisor plants for the loader
+                P.CANARY_HOME: f"rw,noexec,nosuid,nodev,size=1m,uid={_image.SANDBOX_UID},"
+                f"gid={_image.SANDBOX_UID}",
+            },
             "mounts": [Mount(P.CHANNEL_DIR, channel_dir, type="bind", read_only=True)],
             "mem_limit": self.memory_bytes,
             "memswap_limit": self.memory_bytes,
             "pids_limit": self.pids,
             "nano_cpus": self.nano_cpus,
-            "ulimits": [Ulimit(name="core", soft=0, hard=0),
-                        Ulimit(name="nofile", soft=1024, hard=1024)],
+            "ulimits": [Ulimit(name="core", soft=0, hard=0), Ulimit(name="nofile", soft=1024, hard=1024)],
             "log_config": LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
             "labels": dict(self.labels),
             "stop_signal": "SIGKILL",
@@ -99,8 +100,10 @@ def ordinary_hostname() -> str:
     """A hostname like a workstation's, different every time: no tell-tale fixed name."""
     import secrets
 
-    return f"{secrets.choice(('dev', 'ws', 'gpu', 'ml', 'lab', 'train'))}-" \
-           f"{secrets.choice(('box', 'node', 'host', 'srv', 'pc'))}{secrets.randbelow(90) + 10}"
+    return (
+        f"{secrets.choice(('dev', 'ws', 'gpu', 'ml', 'lab', 'train'))}-"
+        f"{secrets.choice(('box', 'node', 'host', 'srv', 'pc'))}{secrets.randbelow(90) + 10}"
+    )
 
 
 def make_spec(policy: Policy, *, image: str) -> ContainerSpec:
@@ -130,14 +133,21 @@ class Job:
         return self.config.max_output_bytes
 
 
-def make_job(policy: Policy, *, input_fd: int, input_size: int,
-             write_tensors: bool = True) -> Job:
+def make_job(policy: Policy, *, input_fd: int, input_size: int, write_tensors: bool = True) -> Job:
     lim, ev = policy.limits, policy.events
-    return Job(P.JobConfig(wall_clock_s=lim.wall_clock_s, cpu_s=lim.cpu_s,
-                           max_output_bytes=lim.output_bytes(input_size),
-                           write_tensors=write_tensors, fatal=tuple(ev.fatal),
-                           errno=ev.errno_number, allow_read=tuple(ev.allow_read),
-                           hash_input=input_size <= HASH_IN_SANDBOX_BYTES), input_fd)
+    return Job(
+        P.JobConfig(
+            wall_clock_s=lim.wall_clock_s,
+            cpu_s=lim.cpu_s,
+            max_output_bytes=lim.output_bytes(input_size),
+            write_tensors=write_tensors,
+            fatal=tuple(ev.fatal),
+            errno=ev.errno_number,
+            allow_read=tuple(ev.allow_read),
+            hash_input=input_size <= HASH_IN_SANDBOX_BYTES,
+        ),
+        input_fd,
+    )
 
 
 @dataclass
@@ -187,8 +197,7 @@ class StartingRunner(Runner, Protocol):
 
     name: str
 
-    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0,
-              prepare: bool = True) -> Box: ...
+    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0, prepare: bool = True) -> Box: ...
 
 
 RUNNER_ENV = "MODEL_SANDBOX_RUNNER"
@@ -196,20 +205,26 @@ RUNNERS = ("auto", "docker", "bwrap")
 RUNTIME_ENV = "MODEL_SANDBOX_RUNTIME"
 #: the Docker runner's runtimes: runc (the engine's default) or runsc (gVisor, opt-in)
 RUNTIMES = ("runc", "runsc")
-DOCKER_LIMITS = {"memory": "control group (Docker)", "pids": "control group (Docker)",
-                 "cpus": "control group (Docker)",
-                 "cpu_time": "supervisor (whole tree) and rlimit RLIMIT_CPU (loader)",
-                 "file_size": "rlimit RLIMIT_FSIZE (loader)", "open_files": "rlimit (Docker)",
-                 "tmp": "tmpfs size", "wall_clock": "supervisor and host"}
+DOCKER_LIMITS = {
+    "memory": "control group (Docker)",
+    "pids": "control group (Docker)",
+    "cpus": "control group (Docker)",
+    "cpu_time": "supervisor (whole tree) and rlimit RLIMIT_CPU (loader)",
+    "file_size": "rlimit RLIMIT_FSIZE (loader)",
+    "open_files": "rlimit (Docker)",
+    "tmp": "tmpfs size",
+    "wall_clock": "supervisor and host",
+}
 # under gVisor the control group holds the whole sandbox (the sentry and the gofer); the
 # loader's processes are the sentry's tasks
-GVISOR_LIMITS = {**DOCKER_LIMITS,
-                 "memory": "control group (Docker), around the gVisor sandbox",
-                 "pids": "rlimit RLIMIT_NPROC inside gVisor (set by the supervisor); the "
-                         "control group around the sandbox counts its host threads",
-                 "cpus": "control group (Docker), around the gVisor sandbox",
-                 "trace_log": "host (the sentry's log of the sandbox, at most "
-                              "256 MiB)"}
+GVISOR_LIMITS = {
+    **DOCKER_LIMITS,
+    "memory": "control group (Docker), around the gVisor sandbox",
+    "pids": "rlimit RLIMIT_NPROC inside gVisor (set by the supervisor); the "
+    "control group around the sandbox counts its host threads",
+    "cpus": "control group (Docker), around the gVisor sandbox",
+    "trace_log": "host (the sentry's log of the sandbox, at most 256 MiB)",
+}
 
 
 def runner_kind(kind: str | None = None) -> str:
@@ -243,8 +258,10 @@ def make_runner(kind: str | None = None, *, runtime: str | None = None) -> Start
         if value == "bwrap":
             from .errors import PolicyError
 
-            err = PolicyError("--runtime runsc (gVisor) is a runtime of the Docker engine: it "
-                              "needs the Docker runner (--runner docker or auto), not bwrap")
+            err = PolicyError(
+                "--runtime runsc (gVisor) is a runtime of the Docker engine: it "
+                "needs the Docker runner (--runner docker or auto), not bwrap"
+            )
             err.hint = "drop --runner bwrap (or $MODEL_SANDBOX_RUNNER=bwrap), or --runtime runsc"
             raise err
         return DockerRunner(runtime="runsc")
@@ -269,8 +286,9 @@ class DockerRunner:
 
     name = "docker"
 
-    def __init__(self, client: docker.DockerClient | None = None, *,
-                 poll_s: float = 0.1, runtime: str = "runc") -> None:
+    def __init__(
+        self, client: docker.DockerClient | None = None, *, poll_s: float = 0.1, runtime: str = "runc"
+    ) -> None:
         self._client = client
         self.poll_s = poll_s
         self.runtime = runtime_kind(runtime)
@@ -313,11 +331,16 @@ class DockerRunner:
         if found != digest:
             raise ImageMismatch(
                 f"the image {tag} was built from other worker code (digest {found[:16] or 'none'}, "
-                f"expected {digest[:16]})", tag=tag, expected=digest, found=found)
+                f"expected {digest[:16]})",
+                tag=tag,
+                expected=digest,
+                found=found,
+            )
         return tag
 
-    def build_image(self, *, force: bool = False,
-                    progress: Callable[[str], None] | None = None) -> tuple[str, float, int]:
+    def build_image(
+        self, *, force: bool = False, progress: Callable[[str], None] | None = None
+    ) -> tuple[str, float, int]:
         """Build the worker image offline. Returns (tag, seconds, size in bytes)."""
         import tempfile
 
@@ -350,16 +373,16 @@ class DockerRunner:
                 progress(f"importing {count} files ({tar_path.stat().st_size / 2**20:.0f} MiB)")
             repo, _, version = tag.partition(":")
             try:
-                self.client.api.import_image_from_file(str(tar_path), repository=repo,
-                                                       tag=version, changes=changes)
+                self.client.api.import_image_from_file(
+                    str(tar_path), repository=repo, tag=version, changes=changes
+                )
             except docker.errors.DockerException as exc:
                 raise EngineError(f"docker import failed: {exc}") from None
         img = self.client.images.get(tag)
         return tag, time.monotonic() - start, int(img.attrs.get("Size", 0))
 
     # -- containers ---------------------------------------------------------------------------
-    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0,
-              prepare: bool = True) -> Sandbox:
+    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0, prepare: bool = True) -> Sandbox:
         """Create and start one container for ``spec`` and wait until its supervisor connected
         and said hello: a sandbox ready for exactly one job. ``prepare=True`` (a warm sandbox
         for later) imports torch before the hello; ``False`` (the job is waiting now) leaves
@@ -377,9 +400,10 @@ class DockerRunner:
 
             kwargs["runtime"] = _gvisor.ENGINE_RUNTIME
             kwargs["command"] = [*kwargs["command"], P.PLAIN_FILTER]
-            kwargs["security_opt"] = [f"seccomp={_gvisor.profile(spec.seccomp)}"
-                                      if o.startswith("seccomp=") else o
-                                      for o in kwargs["security_opt"]]
+            kwargs["security_opt"] = [
+                f"seccomp={_gvisor.profile(spec.seccomp)}" if o.startswith("seccomp=") else o
+                for o in kwargs["security_opt"]
+            ]
             # the ptrace platform backs every task of the sandbox with host threads, which the
             # control group counts: the sandbox's own count is RLIMIT_NPROC, set inside it
             kwargs["pids_limit"] = _gvisor.host_pids(spec.pids)
@@ -398,8 +422,7 @@ class DockerRunner:
         if trace_dir is not None:
             from . import _gvisor
 
-            box.watch = _gvisor.Watch(trace_dir, str(container.id), created,
-                                      lambda: _kill(container))
+            box.watch = _gvisor.Watch(trace_dir, str(container.id), created, lambda: _kill(container))
         try:
             container.start()
             container.reload()
@@ -415,8 +438,7 @@ class DockerRunner:
             if isinstance(exc, docker.errors.DockerException):
                 raise _engine_error("start the sandbox", exc) from None
             if isinstance(exc, EngineError) and box.logs:
-                raise EngineError(f"{exc.message}; its output: {printable_output(box.logs[-400:])}") \
-                    from None
+                raise EngineError(f"{exc.message}; its output: {printable_output(box.logs[-400:])}") from None
             raise
         return box
 
@@ -430,8 +452,7 @@ class Sandbox:
     job (:meth:`run`) or is discarded unused (:meth:`discard`); either way the container and its
     channel are removed."""
 
-    def __init__(self, runner: DockerRunner, spec: ContainerSpec, container: Any,
-                 channel: Channel) -> None:
+    def __init__(self, runner: DockerRunner, spec: ContainerSpec, container: Any, channel: Channel) -> None:
         self.runner = runner
         self.spec = spec
         self.container = container
@@ -451,8 +472,9 @@ class Sandbox:
 
         assert not self.used, "a sandbox runs one job"
         self.used = True
-        result = RunResult(exit_code=None, runner="docker", limits=dict(DOCKER_LIMITS),
-                           runtime=self.runner.runtime)
+        result = RunResult(
+            exit_code=None, runner="docker", limits=dict(DOCKER_LIMITS), runtime=self.runner.runtime
+        )
         if self.watch is not None:
             result.limits = dict(GVISOR_LIMITS)
             self.watch.fatal = frozenset(job.config.fatal)
@@ -530,8 +552,7 @@ class Sandbox:
         if keep_logs:
             self.logs = _bounded_logs(self.container)
         if background:
-            threading.Thread(target=_remove, args=(self.container,),
-                             name="model-sandbox-remove").start()
+            threading.Thread(target=_remove, args=(self.container,), name="model-sandbox-remove").start()
         else:
             _remove(self.container)
 
@@ -567,12 +588,14 @@ def _refuse_remote_engine(client: Any) -> None:
     """The channel is a socket in a host directory: the engine must share this filesystem."""
     host = os.environ.get("DOCKER_HOST", "")
     base = str(getattr(getattr(client, "api", None), "base_url", ""))
-    if host.startswith(("tcp://", "ssh://", "http://", "https://")) or \
-            (base.startswith(("http://", "https://")) and "localhost" not in base):
+    if host.startswith(("tcp://", "ssh://", "http://", "https://")) or (
+        base.startswith(("http://", "https://")) and "localhost" not in base
+    ):
         raise EngineUnavailable(
             f"the Docker engine at {host or base} is remote: model-sandbox hands files to the "
             "sandbox through a local socket, so it needs an engine on this machine (a local "
-            "or rootless dockerd)")
+            "or rootless dockerd)"
+        )
 
 
 def _kill(container: Any) -> None:
@@ -613,8 +636,7 @@ def _bounded_logs(container: Any) -> bytes:
 
 def _engine_error(doing: str, exc: Exception) -> EngineError:
     text = str(exc)
-    if "Connection" in type(exc).__name__ or "connection" in text.lower() or \
-            "No such file" in text:
+    if "Connection" in type(exc).__name__ or "connection" in text.lower() or "No such file" in text:
         return EngineUnavailable(f"lost the Docker engine while trying to {doing}: {text[:300]}")
     return EngineError(f"could not {doing}: {text[:500]}")
 

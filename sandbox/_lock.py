@@ -44,8 +44,9 @@ def _display(path: str) -> str:
     return os.path.relpath(ab, cwd) if ab.startswith(cwd.rstrip(os.sep) + os.sep) else ab
 
 
-def lock_entries(paths: Sequence[str | os.PathLike[str]], *, include: Sequence[str] = (),
-                 exclude: Sequence[str] = ()) -> list[tuple[str, str]]:
+def lock_entries(
+    paths: Sequence[str | os.PathLike[str]], *, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[tuple[str, str]]:
     """(sha256, path) of every model file under ``paths``, identified by content, sorted."""
     entries, _, _ = _batch.discover(paths, include=include, exclude=exclude)
     never = threading.Event()
@@ -89,8 +90,9 @@ def render_lock(entries: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_lock(text: str, *, source: str = "<lock>",
-               base: str | os.PathLike[str] | None = None) -> dict[str, str]:
+def parse_lock(
+    text: str, *, source: str = "<lock>", base: str | os.PathLike[str] | None = None
+) -> dict[str, str]:
     """Pins from a lock file's text: absolute path (as written, and resolved) -> sha256.
 
     Relative paths are taken relative to ``base`` (default: the current directory)."""

@@ -39,13 +39,18 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
-def _limit(limit: str, value: float | int, message: str, *,
-           by: str = "engine", **evidence: Any) -> tuple[Finding, LimitExceeded]:
+def _limit(
+    limit: str, value: float | int, message: str, *, by: str = "engine", **evidence: Any
+) -> tuple[Finding, LimitExceeded]:
     """The finding and the error for a limit that ended the load; ``by``: who enforced it (the
     engine, or the supervisor inside the container)."""
-    finding = Finding(rule=f"limit-{limit.replace('_', '-')}", severity=Severity.MEDIUM,
-                      category="resource", message=message,
-                      evidence={"limit": limit, "value": value, "enforced_by": by, **evidence})
+    finding = Finding(
+        rule=f"limit-{limit.replace('_', '-')}",
+        severity=Severity.MEDIUM,
+        category="resource",
+        message=message,
+        evidence={"limit": limit, "value": value, "enforced_by": by, **evidence},
+    )
     return finding, LimitExceeded(message, limit=limit, value=value)
 
 
@@ -57,8 +62,9 @@ def _cpu_limit(job: Job) -> float:
 _SIGXCPU = 24  # the loader's RLIMIT_CPU backstop
 
 
-def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job: Job,
-              input_path: str) -> Outcome:
+def interpret(
+    run: RunResult, status: P.Status | None, spec: ContainerSpec, job: Job, input_path: str
+) -> Outcome:
     out = Outcome(ok=False)
     wall = job.config.wall_clock_s
     lost = _monitor_lost(run, status)
@@ -66,9 +72,12 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
         out.findings.append(lost)
     out.resources = {"container_s": round(run.duration_s, 3)}
     if status is not None:
-        for key, figure in (("wall_s", status.wall_s), ("cpu_user_s", status.cpu_user_s),
-                            ("cpu_system_s", status.cpu_system_s),
-                            ("max_rss_kb", status.max_rss_kb)):
+        for key, figure in (
+            ("wall_s", status.wall_s),
+            ("cpu_user_s", status.cpu_user_s),
+            ("cpu_system_s", status.cpu_system_s),
+            ("max_rss_kb", status.max_rss_kb),
+        ):
             if figure is not None:
                 out.resources[key] = figure
         # the supervisor's samples of the loader's process tree
@@ -77,48 +86,61 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
         if status.series:
             out.resources["series"] = [list(p) for p in status.series]
         if status.env_keys:
-            out.findings.append(Finding(
-                rule="environment-not-empty", severity=Severity.HIGH, category="credential",
-                message="the loader's environment was not empty",
-                evidence={"keys": list(status.env_keys[:20])}))
+            out.findings.append(
+                Finding(
+                    rule="environment-not-empty",
+                    severity=Severity.HIGH,
+                    category="credential",
+                    message="the loader's environment was not empty",
+                    evidence={"keys": list(status.env_keys[:20])},
+                )
+            )
     result = (status.result if status is not None else None) or P.LoadResult()
 
     # Engine-level limits first: they are facts.
     if run.oom_killed:
-        f, e = _limit("memory", spec.memory_bytes,
-                      f"the load exceeded the memory limit of {spec.memory_bytes // 2**20} MiB "
-                      "and was killed")
+        f, e = _limit(
+            "memory",
+            spec.memory_bytes,
+            f"the load exceeded the memory limit of {spec.memory_bytes // 2**20} MiB and was killed",
+        )
         out.findings.append(f)
         out.error = e
         return out
     if run.timed_out:
-        f, e = _limit("wall_clock", wall,
-                      f"the load did not finish within {wall:g} s and was stopped")
+        f, e = _limit("wall_clock", wall, f"the load did not finish within {wall:g} s and was stopped")
         out.findings.append(f)
         out.error = e
         return out
     # Limits the supervisor enforced: it names them (older statuses only say "timed_out").
-    acted = None if status is None else \
-        status.limit or ("wall_clock" if status.timed_out else None)
+    acted = None if status is None else status.limit or ("wall_clock" if status.timed_out else None)
     if acted == "wall_clock":
-        f, e = _limit("wall_clock", wall,
-                      f"the load did not finish within {wall:g} s and was stopped",
-                      by="supervisor")
+        f, e = _limit(
+            "wall_clock", wall, f"the load did not finish within {wall:g} s and was stopped", by="supervisor"
+        )
         out.findings.append(f)
         out.error = e
         return out
     if acted == "output_bytes":
-        f, e = _limit("output_bytes", job.output_bytes,
-                      f"the load wrote more than {job.output_bytes:,} bytes of output",
-                      by="supervisor")
+        f, e = _limit(
+            "output_bytes",
+            job.output_bytes,
+            f"the load wrote more than {job.output_bytes:,} bytes of output",
+            by="supervisor",
+        )
         out.findings.append(f)
         out.error = e
         return out
     if acted == "cpu":
         cpu = _cpu_limit(job)
         used = out.resources.get("cpu_s")
-        f, e = _limit("cpu", cpu, f"the load used more than {cpu:g} s of CPU time and was stopped",
-                      by="supervisor", **({"used_s": used} if used is not None else {}))
+        f, e = _limit(
+            "cpu",
+            cpu,
+            f"the load used more than {cpu:g} s of CPU time and was stopped",
+            by="supervisor",
+            **({"used_s": used} if used is not None else {}),
+        )
         out.findings.append(f)
         out.error = e
         return out
@@ -126,9 +148,13 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
         # without a control group the memory limit is RLIMIT_AS: an allocation past it fails
         # (MemoryError) instead of the kernel killing the container. (The type is the loader's
         # word: a payload raising MemoryError itself only ends its own load as over the limit.)
-        f, e = _limit("memory", spec.memory_bytes,
-                      f"the load exceeded the memory limit of {spec.memory_bytes // 2**20} MiB "
-                      "(an allocation failed at the address-space limit)", by="rlimit")
+        f, e = _limit(
+            "memory",
+            spec.memory_bytes,
+            f"the load exceeded the memory limit of {spec.memory_bytes // 2**20} MiB "
+            "(an allocation failed at the address-space limit)",
+            by="rlimit",
+        )
         out.findings.append(f)
         out.error = e
         return out
@@ -136,20 +162,25 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
         out.error = LoadFailed(lost.message)
         return out
     if status is None:
-        tail = "".join(ch if ch.isprintable() or ch == "\n" else "?"
-                       for ch in run.logs[-600:].decode("utf-8", "replace")).strip()
+        tail = "".join(
+            ch if ch.isprintable() or ch == "\n" else "?" for ch in run.logs[-600:].decode("utf-8", "replace")
+        ).strip()
         out.error = LoadFailed(
             "the sandbox ended without a status (exit code "
             f"{run.exit_code}); the supervisor did not run to completion"
-            + (f"; its output ended with: {tail}" if tail else ""))
+            + (f"; its output ended with: {tail}" if tail else "")
+        )
         return out
 
     stopped = status.stopped
     if stopped is not None:
-        out.notes.append(f"the policy ended the load at the first refused {stopped.category} "
-                         f"call ({stopped.kind}, {stopped.t:.3f} s after the start)")
-        out.error = LoadFailed(f"the load was stopped by the policy: it attempted "
-                               f"{stopped.category} ({stopped.kind})")
+        out.notes.append(
+            f"the policy ended the load at the first refused {stopped.category} "
+            f"call ({stopped.kind}, {stopped.t:.3f} s after the start)"
+        )
+        out.error = LoadFailed(
+            f"the load was stopped by the policy: it attempted {stopped.category} ({stopped.kind})"
+        )
         return out
     exit_code = status.exit_code
     if result.ok and exit_code == 0:
@@ -159,23 +190,28 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
     kind = result.kind
     message = result.message or "the loader ended without a result"
     if kind == "unsupported-format":
-        out.error = UnsupportedFormat(f"{message}", path=input_path,
-                                      detected=result.detected or "unknown")
+        out.error = UnsupportedFormat(f"{message}", path=input_path, detected=result.detected or "unknown")
     elif kind == "malformed-input":
-        out.error = (TruncatedInput if _truncated(result) else MalformedInput)(message,
-                                                                              path=input_path)
+        out.error = (TruncatedInput if _truncated(result) else MalformedInput)(message, path=input_path)
     elif isinstance(exit_code, int) and exit_code < 0:
         signal_no = -exit_code
         if signal_no == 9:  # SIGKILL from the kernel: the cgroup's memory limit (or pids)
-            f, e = _limit("memory", spec.memory_bytes,
-                          "the loader was killed by SIGKILL, most likely at the memory limit "
-                          f"of {spec.memory_bytes // 2**20} MiB")
+            f, e = _limit(
+                "memory",
+                spec.memory_bytes,
+                "the loader was killed by SIGKILL, most likely at the memory limit "
+                f"of {spec.memory_bytes // 2**20} MiB",
+            )
             out.findings.append(f)
             out.error = e
         elif signal_no == _SIGXCPU:
             cpu = _cpu_limit(job)
-            f, e = _limit("cpu", cpu, f"the loader used more than {cpu:g} s of CPU time and was "
-                          "stopped by its own CPU rlimit", by="rlimit")
+            f, e = _limit(
+                "cpu",
+                cpu,
+                f"the loader used more than {cpu:g} s of CPU time and was stopped by its own CPU rlimit",
+                by="rlimit",
+            )
             out.findings.append(f)
             out.error = e
         else:
@@ -184,16 +220,18 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
         typ = result.type
         detail = f"{typ}: {message}" if typ else message
         if "RLIMIT_FSIZE" in detail or "File too large" in detail:
-            f, e = _limit("output_bytes", job.output_bytes,
-                          f"the load tried to write a file larger than {job.output_bytes:,} bytes")
+            f, e = _limit(
+                "output_bytes",
+                job.output_bytes,
+                f"the load tried to write a file larger than {job.output_bytes:,} bytes",
+            )
             out.findings.append(f)
             out.error = e
         elif _truncated(result):
             out.error = TruncatedInput(f"the file is truncated: {detail}", path=input_path)
         elif typ == "UnpicklingError":
             # torch.load, joblib.load or torch.jit.load
-            out.error = UnpicklingFailed(f"the loader could not load the file in the sandbox: "
-                                         f"{detail}")
+            out.error = UnpicklingFailed(f"the loader could not load the file in the sandbox: {detail}")
         else:
             out.error = LoadFailed(f"the loader could not load the file in the sandbox: {detail}")
     return out
@@ -202,8 +240,12 @@ def interpret(run: RunResult, status: P.Status | None, spec: ContainerSpec, job:
 def _truncated(result: P.LoadResult) -> bool:
     """The loader's error says the file ends early (the words torch and pickle use for it)."""
     text = f"{result.type or ''}: {result.message or ''}".lower()
-    return (result.type == "EOFError" or "truncated" in text or "ran out of input" in text
-            or "unexpected end" in text)
+    return (
+        result.type == "EOFError"
+        or "truncated" in text
+        or "ran out of input" in text
+        or "unexpected end" in text
+    )
 
 
 def _monitor_lost(run: RunResult, status: P.Status | None) -> Finding | None:
@@ -222,7 +264,15 @@ def _monitor_lost(run: RunResult, status: P.Status | None) -> Finding | None:
         why = f"the sandbox exited with code {run.exit_code} after its supervisor completed"
     if why is None:
         return None
-    return Finding(rule="monitor-lost", severity=Severity.HIGH, category="evasion",
-                   message=f"the monitor was lost: {why}; evidence may be missing",
-                   evidence={"exit_code": run.exit_code, "completed": got.completed,
-                             "violations": got.violations[:5], "status": status is not None})
+    return Finding(
+        rule="monitor-lost",
+        severity=Severity.HIGH,
+        category="evasion",
+        message=f"the monitor was lost: {why}; evidence may be missing",
+        evidence={
+            "exit_code": run.exit_code,
+            "completed": got.completed,
+            "violations": got.violations[:5],
+            "status": status is not None,
+        },
+    )

@@ -47,10 +47,15 @@ class Pool:
     runner its sandboxes come from, or its name (``"docker"``, ``"bwrap"``, ``"auto"``); by
     default ``$MODEL_SANDBOX_RUNNER``, else ``auto``."""
 
-    def __init__(self, size: int = 1, *, policy: Policy | None = None,
-                 runner: _launch.StartingRunner | str | None = None,
-                 labels: tuple[tuple[str, str], ...] = (),
-                 prepare: bool | None = None) -> None:
+    def __init__(
+        self,
+        size: int = 1,
+        *,
+        policy: Policy | None = None,
+        runner: _launch.StartingRunner | str | None = None,
+        labels: tuple[tuple[str, str], ...] = (),
+        prepare: bool | None = None,
+    ) -> None:
         if size < 0:
             raise ValueError("size must be >= 0")
         self.size = size
@@ -142,11 +147,15 @@ class Pool:
             now = time.monotonic()
             deadline = now + _WAIT_FOR_STARTING_S
             failures = self.failures
-            while not self._ready and not self._starting and self.size and \
-                    time.monotonic() < now + 0.5:
+            while not self._ready and not self._starting and self.size and time.monotonic() < now + 0.5:
                 self._lock.wait(0.02)  # the filler, just woken, is about to start one
-            while not self._ready and self._starting and not self._closed and \
-                    self.failures == failures and time.monotonic() < deadline:
+            while (
+                not self._ready
+                and self._starting
+                and not self._closed
+                and self.failures == failures
+                and time.monotonic() < deadline
+            ):
                 self._lock.wait(0.05)
             box = None
             while self._ready:
@@ -169,8 +178,12 @@ class Pool:
             self._ensure_thread()
             if wait:
                 deadline = time.monotonic() + timeout_s
-                while len(self._ready) < self.size and not self._closed and \
-                        time.monotonic() < deadline and self.failures < 3:
+                while (
+                    len(self._ready) < self.size
+                    and not self._closed
+                    and time.monotonic() < deadline
+                    and self.failures < 3
+                ):
                     self._lock.wait(0.1)
         return self
 
@@ -181,8 +194,7 @@ class Pool:
 
     def _ensure_thread(self) -> None:
         if self._thread is None and self.size > 0:
-            self._thread = threading.Thread(target=self._fill, name="model-sandbox-pool",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._fill, name="model-sandbox-pool", daemon=True)
             self._thread.start()
 
     def _fill(self) -> None:
@@ -190,18 +202,19 @@ class Pool:
         mostly waiting on the engine), each in a thread of its own."""
         while True:
             with self._lock:
-                while not self._closed and (len(self._ready) + self._starting >= self.size or
-                                            self._spec is None):
+                while not self._closed and (
+                    len(self._ready) + self._starting >= self.size or self._spec is None
+                ):
                     self._lock.wait(1.0)
                 if self._closed:
                     return
                 spec = self._spec
                 self._starting += 1
-                delay = min(30.0, 0.5 * 2 ** self._failures_in_a_row) \
-                    if self._failures_in_a_row else 0.0
+                delay = min(30.0, 0.5 * 2**self._failures_in_a_row) if self._failures_in_a_row else 0.0
             assert spec is not None
-            starter = threading.Thread(target=self._start_one, args=(spec, delay),
-                                       name="model-sandbox-pool-start", daemon=True)
+            starter = threading.Thread(
+                target=self._start_one, args=(spec, delay), name="model-sandbox-pool-start", daemon=True
+            )
             with self._lock:
                 self._starters.add(starter)
             starter.start()
@@ -254,16 +267,18 @@ class Pool:
         self.close()
 
     # -- the operations, through this pool ----------------------------------------------------
-    def safe_load(self, f: str | os.PathLike[str] | IO[bytes], map_location: Any = None,
-                  **kwargs: Any) -> Any:
+    def safe_load(
+        self, f: str | os.PathLike[str] | IO[bytes], map_location: Any = None, **kwargs: Any
+    ) -> Any:
         """:func:`sandbox.safe_load` in one of this pool's sandboxes."""
         from ._api import safe_load
 
         kwargs.setdefault("policy", self.policy)
         return safe_load(f, map_location, runner=self, **kwargs)
 
-    def convert(self, src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None,
-                **kwargs: Any) -> LoadReport:
+    def convert(
+        self, src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, **kwargs: Any
+    ) -> LoadReport:
         """:func:`sandbox.convert` in one of this pool's sandboxes."""
         from ._api import convert
 
@@ -292,8 +307,12 @@ def default_runner() -> _launch.Runner:
         return _launch.make_runner()
     kind, runtime = _launch.runner_kind(), _launch.runtime_kind()
     with _default_lock:
-        if _default is None or _default._closed or _default._runner_kind != kind or \
-                _default._runtime != runtime:
+        if (
+            _default is None
+            or _default._closed
+            or _default._runner_kind != kind
+            or _default._runtime != runtime
+        ):
             if _default is not None and not _default._closed:
                 _default.close()
             _default = Pool(size=1, runner=kind)

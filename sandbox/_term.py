@@ -13,7 +13,7 @@ as markup: a file named ``[red]x`` or holding an escape sequence is shown as it 
 from __future__ import annotations
 
 import os
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from rich.console import Console, Group, RenderableType
 from rich.progress import (
@@ -35,8 +35,7 @@ from .report import LoadReport, clean_text
 
 __all__ = ["BatchBar", "ScanBar", "console", "no_color", "scan_table", "summary_tables"]
 
-VERDICT_STYLES = {"clean": "green", "suspicious": "yellow", "malicious": "bold red",
-                  "error": "magenta"}
+VERDICT_STYLES = {"clean": "green", "suspicious": "yellow", "malicious": "bold red", "error": "magenta"}
 
 
 def no_color(environ: Any = None) -> bool:
@@ -48,8 +47,14 @@ def no_color(environ: Any = None) -> bool:
 def console(stream: IO[str]) -> Console:
     """A console on ``stream``: colours only on a terminal and without ``NO_COLOR``."""
     tty = stream.isatty()
-    return Console(file=stream, force_terminal=tty, no_color=no_color() or not tty,
-                   highlight=False, emoji=False, markup=False)
+    return Console(
+        file=stream,
+        force_terminal=tty,
+        no_color=no_color() or not tty,
+        highlight=False,
+        emoji=False,
+        markup=False,
+    )
 
 
 def size(n: float) -> str:
@@ -69,8 +74,12 @@ def duration(s: float | None) -> str:
 
 def _counts_text(counts: dict[str, int] | Any, *, skipped: bool = False) -> Text:
     text = Text()
-    for key, label in (("clean", "clean"), ("suspicious", "suspicious"),
-                       ("malicious", "malicious"), ("error", "failed")):
+    for key, label in (
+        ("clean", "clean"),
+        ("suspicious", "suspicious"),
+        ("malicious", "malicious"),
+        ("error", "failed"),
+    ):
         n = int(counts.get(key, 0))
         if text:
             text.append(" ")
@@ -93,7 +102,20 @@ class _Fields(ProgressColumn):
         return value if isinstance(value, Text) else Text(str(value or ""))
 
 
-class BatchBar:
+class _Live:
+    """A rich progress display shown while the ``with`` block runs."""
+
+    progress: Progress
+
+    def __enter__(self) -> Self:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+class BatchBar(_Live):
     """The batch's progress on a terminal: files done of all, percent of bytes, bytes, rate,
     ETA, verdict counts and the file being loaded; files that are not clean are listed above
     the bar as they finish. Call it with each :class:`BatchProgress`; use as a context
@@ -102,34 +124,39 @@ class BatchBar:
     def __init__(self, out: Console) -> None:
         self.console = out
         self.progress = Progress(
-            _Fields("files"), BarColumn(bar_width=24), TaskProgressColumn(),
-            _Fields("bytes"), _Fields("rate"), _Fields("eta"), _Fields("counts"),
+            _Fields("files"),
+            BarColumn(bar_width=24),
+            TaskProgressColumn(),
+            _Fields("bytes"),
+            _Fields("rate"),
+            _Fields("eta"),
+            _Fields("counts"),
             _Fields("current", Column(no_wrap=True, overflow="ellipsis", min_width=10, ratio=1)),
-            console=out, transient=True, redirect_stdout=False, redirect_stderr=False,
-            expand=True)
-        self.task = self.progress.add_task("convert", total=None, files="", bytes="", rate="",
-                                           eta="", counts=Text(), current=Text())
-
-    def __enter__(self) -> BatchBar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+            console=out,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+            expand=True,
+        )
+        self.task = self.progress.add_task(
+            "convert", total=None, files="", bytes="", rate="", eta="", counts=Text(), current=Text()
+        )
 
     def __call__(self, p: BatchProgress) -> None:
         files_s = p.done / p.elapsed_s if p.elapsed_s > 0 else 0.0
         current = p.running[0] if p.running else (p.last.rel if p.last else "")
         more = f" (+{len(p.running) - 1})" if len(p.running) > 1 else ""
         self.progress.update(
-            self.task, total=max(p.bytes_total, 1), completed=p.bytes_done if p.bytes_total else
-            (1 if p.done >= p.total else 0),
+            self.task,
+            total=max(p.bytes_total, 1),
+            completed=p.bytes_done if p.bytes_total else (1 if p.done >= p.total else 0),
             files=Text(f"{p.done}/{p.total} files", style="bold"),
             bytes=Text(f"{size(p.bytes_done)}/{size(p.bytes_total)}"),
             rate=Text(f"{size(p.rate_bytes_s)}/s {files_s:.1f} files/s"),
             eta=Text(f"ETA {duration(p.eta_s)}"),
             counts=_counts_text(p.counts, skipped=True),
-            current=Text(clean_text(current, 300) + more, style="cyan"))
+            current=Text(clean_text(current, 300) + more, style="cyan"),
+        )
         last = p.last
         if last is not None and (last.status in (Status.REFUSED, Status.FAILED)):
             self.progress.console.print(item_text(last))
@@ -138,28 +165,30 @@ class BatchBar:
         self.progress.stop()
 
 
-class ScanBar:
+class ScanBar(_Live):
     """``scan`` of several files on a terminal: files done of all, elapsed time, ETA, verdict
     counts and the file being scanned; a file that is not clean is listed above the bar as it
     finishes. ``start(path)`` before each file, ``done(report)`` after it."""
 
     def __init__(self, out: Console, total: int) -> None:
         self.progress = Progress(
-            MofNCompleteColumn(), BarColumn(bar_width=24), TimeElapsedColumn(),
-            TextColumn("ETA", markup=False), TimeRemainingColumn(), _Fields("counts"),
+            MofNCompleteColumn(),
+            BarColumn(bar_width=24),
+            TimeElapsedColumn(),
+            TextColumn("ETA", markup=False),
+            TimeRemainingColumn(),
+            _Fields("counts"),
             _Fields("current", Column(no_wrap=True, overflow="ellipsis", min_width=10, ratio=1)),
-            console=out, transient=True, redirect_stdout=False, redirect_stderr=False,
-            expand=True)
+            console=out,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+            expand=True,
+        )
         self.counts = {"clean": 0, "suspicious": 0, "malicious": 0, "error": 0}
-        self.task = self.progress.add_task("scan", total=total, counts=_counts_text(self.counts),
-                                           current=Text())
-
-    def __enter__(self) -> ScanBar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        self.task = self.progress.add_task(
+            "scan", total=total, counts=_counts_text(self.counts), current=Text()
+        )
 
     def start(self, path: str) -> None:
         self.progress.update(self.task, current=Text(clean_text(path, 300), style="cyan"))
@@ -194,39 +223,52 @@ def summary_tables(summary: BatchSummary, *, quiet: bool) -> RenderableType:
     res = summary.results
     by_status = {s: sum(r.status is s for r in res) for s in Status}
     c = summary.counts
-    totals = Table(title=Text(f"{len(res)} files", style="bold"), show_header=False,
-                   box=None, padding=(0, 2), title_justify="left")
+    totals = Table(
+        title=Text(f"{len(res)} files", style="bold"),
+        show_header=False,
+        box=None,
+        padding=(0, 2),
+        title_justify="left",
+    )
     totals.add_column(style="dim")
     totals.add_column()
     totals.add_row("converted", str(by_status[Status.CONVERTED]))
-    totals.add_row("refused as unsafe", Text(str(by_status[Status.REFUSED]),
-                                             style="bold red" if by_status[Status.REFUSED] else ""))
-    totals.add_row("failed", Text(str(by_status[Status.FAILED]),
-                                  style="magenta" if by_status[Status.FAILED] else ""))
-    totals.add_row("skipped", f"{by_status[Status.SKIPPED]} ({c['reused']} unchanged since the "
-                              "last run)")
+    totals.add_row(
+        "refused as unsafe",
+        Text(str(by_status[Status.REFUSED]), style="bold red" if by_status[Status.REFUSED] else ""),
+    )
+    totals.add_row(
+        "failed", Text(str(by_status[Status.FAILED]), style="magenta" if by_status[Status.FAILED] else "")
+    )
+    totals.add_row("skipped", f"{by_status[Status.SKIPPED]} ({c['reused']} unchanged since the last run)")
     if summary.excluded:
         totals.add_row("excluded by pattern", str(summary.excluded))
     totals.add_row("verdicts", _counts_text(c))
-    totals.add_row("data", f"{size(summary.bytes_in)} in, {size(summary.bytes_out)} out, "
-                           f"{summary.elapsed_s:.1f} s")
+    totals.add_row(
+        "data", f"{size(summary.bytes_in)} in, {size(summary.bytes_out)} out, {summary.elapsed_s:.1f} s"
+    )
     totals.add_row("output", Text(clean_text(str(summary.outdir), 500)))
     slow = summary.slowest(5)
     if slow and not quiet:
-        totals.add_row("slowest", Text(", ".join(f"{clean_text(r.rel, 200)} {r.duration_s:.1f} s"
-                                                 for r in slow)))
+        totals.add_row(
+            "slowest", Text(", ".join(f"{clean_text(r.rel, 200)} {r.duration_s:.1f} s" for r in slow))
+        )
     parts: list[RenderableType] = [totals]
     if summary.problems:
-        table = Table(title=Text("not clean", style="bold"), title_justify="left",
-                      expand=False, show_lines=False)
+        table = Table(
+            title=Text("not clean", style="bold"), title_justify="left", expand=False, show_lines=False
+        )
         table.add_column("verdict", no_wrap=True)
         table.add_column("file", overflow="fold")
         table.add_column("why", overflow="fold")
         for r in summary.problems:
             verdict = r.verdict.value if r.verdict else "-"
             why = r.top_finding or (f"{r.reference}: {r.reason}" if r.reason else "")
-            table.add_row(Text(verdict.upper(), style=VERDICT_STYLES.get(verdict, "")),
-                          Text(clean_text(r.rel, 500)), Text(clean_text(why, 500)))
+            table.add_row(
+                Text(verdict.upper(), style=VERDICT_STYLES.get(verdict, "")),
+                Text(clean_text(r.rel, 500)),
+                Text(clean_text(why, 500)),
+            )
         parts.append(table)
     skipped = [r for r in res if r.status is Status.SKIPPED and not r.reused]
     if skipped and not quiet:
@@ -244,8 +286,10 @@ def summary_tables(summary: BatchSummary, *, quiet: bool) -> RenderableType:
     if summary.stopped:
         tail.append(f"stopped: {clean_text(summary.stopped, 1000)}\n", style="bold red")
     if summary.stopped or summary.interrupted:
-        tail.append(f"{len(summary.not_done)} files not done; run the same command again to "
-                    "continue (finished files are not redone)\n")
+        tail.append(
+            f"{len(summary.not_done)} files not done; run the same command again to "
+            "continue (finished files are not redone)\n"
+        )
     if tail:
         tail.rstrip()
         parts.append(tail)
@@ -254,16 +298,20 @@ def summary_tables(summary: BatchSummary, *, quiet: bool) -> RenderableType:
 
 def scan_table(reports: list[LoadReport]) -> Table:
     """Several scanned files at a glance: verdict, file, top finding (worst first)."""
-    table = Table(title=Text(f"{len(reports)} files scanned", style="bold"),
-                  title_justify="left")
+    table = Table(title=Text(f"{len(reports)} files scanned", style="bold"), title_justify="left")
     table.add_column("verdict", no_wrap=True)
     table.add_column("file", overflow="fold")
     table.add_column("top finding", overflow="fold")
     for r in sorted(reports, key=lambda r: (-r.verdict.rank, r.input_path)):
         top = max(r.findings, key=lambda f: f.severity, default=None)
-        why = (f"{top.severity} {top.rule}: {top.message}" if top else
-               (f"{r.error.get('reference', 'error')}: {r.error.get('message', '')}"
-                if r.error else ""))
-        table.add_row(Text(r.verdict.value.upper(), style=VERDICT_STYLES[r.verdict.value]),
-                      Text(clean_text(r.input_path, 500)), Text(clean_text(why, 300)))
+        why = (
+            f"{top.severity} {top.rule}: {top.message}"
+            if top
+            else (f"{r.error.get('reference', 'error')}: {r.error.get('message', '')}" if r.error else "")
+        )
+        table.add_row(
+            Text(r.verdict.value.upper(), style=VERDICT_STYLES[r.verdict.value]),
+            Text(clean_text(r.input_path, 500)),
+            Text(clean_text(why, 300)),
+        )
     return table

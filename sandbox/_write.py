@@ -31,8 +31,14 @@ if TYPE_CHECKING:
 __all__ = ["write_placed", "write_safetensors"]
 
 
-def write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: P.Manifest,
-                      report: LoadReport, *, dedupe: bool = False) -> None:
+def write_safetensors(
+    dst: Path,
+    tensors: dict[str, torch.Tensor],
+    manifest: P.Manifest,
+    report: LoadReport,
+    *,
+    dedupe: bool = False,
+) -> None:
     """Re-serialise the checked tensors on the host (the worker's file is never copied),
     streaming each tensor's bytes to a temporary file, then renaming it into place.
 
@@ -51,8 +57,9 @@ def write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: P.M
         if code is None:  # no native safetensors dtype here: raw bytes, the dtype in metadata
             t = t.reshape(-1).view(torch.uint8)
         stored[name] = t
-        entries.append((name, "uint8" if code is None else dtype, list(t.shape),
-                        t.numel() * t.element_size()))
+        entries.append(
+            (name, "uint8" if code is None else dtype, list(t.shape), t.numel() * t.element_size())
+        )
     head, order = P.safetensors_header(entries, _st_metadata(manifest, report, out, dedupe))
 
     def body(fd: int) -> None:
@@ -64,17 +71,12 @@ def write_safetensors(dst: Path, tensors: dict[str, torch.Tensor], manifest: P.M
     _files.atomic_stream(dst, head, body)
 
 
-# dtypes the protocol carries as raw bytes, and the safetensors code each has where supported
-_NEWER_CODES = {"float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
-                "float8_e8m0fnu": "F8_E8M0"}
-
-
 def _code(dtype: str) -> str | None:
     """The safetensors dtype code the output uses for ``dtype``, or None for raw bytes."""
     stored_as = P.TORCH_DTYPES[dtype][0]
     if stored_as != "U8" or dtype == "uint8":
         return stored_as
-    return _NEWER_CODES[dtype] if dtype in _NEWER_CODES and _reads_natively(dtype) else None
+    return P.NEWER_ST_CODES[dtype] if dtype in P.NEWER_ST_CODES and _reads_natively(dtype) else None
 
 
 @functools.cache
@@ -131,11 +133,9 @@ def _aliases(skeleton: object, names: set[str]) -> dict[str, str]:
             for pair in items:
                 if isinstance(pair, list) and len(pair) == 2:
                     comp = _component(pair[0])
-                    children.append((pair[1], None if path is None or comp is None
-                                     else path + (comp,)))
+                    children.append((pair[1], None if path is None or comp is None else path + (comp,)))
         elif kind in ("list", "tuple", "set", "frozenset") and isinstance(items, list):
-            children = [(v, None if path is None else path + (str(i),))
-                        for i, v in enumerate(items)]
+            children = [(v, None if path is None else path + (str(i),)) for i, v in enumerate(items)]
         elif kind in ("module", "opaque"):
             children = [(node.get("state"), path)]
         stack.extend((child, p, depth + 1) for child, p in reversed(children))
@@ -154,31 +154,41 @@ def _component(key: object) -> str | None:
     return None
 
 
-def _st_metadata(manifest: P.Manifest, report: LoadReport,
-                 out: dict[str, tuple[str, str]], dedupe: bool = False) -> dict[str, str]:
-    ties = _aliases(manifest.skeleton, set(out)) if dedupe else \
-        {n: src for n, (src, _) in out.items() if n != src}
+def _st_metadata(
+    manifest: P.Manifest, report: LoadReport, out: dict[str, tuple[str, str]], dedupe: bool = False
+) -> dict[str, str]:
+    ties = (
+        _aliases(manifest.skeleton, set(out))
+        if dedupe
+        else {n: src for n, (src, _) in out.items() if n != src}
+    )
     return {
         "format": "pt",
         "model_sandbox.version": VERSION,
         "model_sandbox.source_sha256": report.input_sha256 or "",
         "model_sandbox.skeleton": json.dumps(manifest.skeleton, separators=(",", ":")),
         # how the tensors shared storage in the original: views of a base, ties of a name
-        "model_sandbox.views": json.dumps([dataclasses.asdict(v) for v in manifest.views],
-                                          separators=(",", ":")),
+        "model_sandbox.views": json.dumps(
+            [dataclasses.asdict(v) for v in manifest.views], separators=(",", ":")
+        ),
         "model_sandbox.ties": json.dumps(ties, separators=(",", ":")),
         "model_sandbox.shared": "dedupe" if dedupe else "complete",
         # sparse / quantized / nested tensors: name -> kind, dtype, shape, parameters and the
         # names of the ordinary tensors it is made of (``_convert.assemble`` rebuilds it)
-        "model_sandbox.composites": json.dumps(composites(manifest.skeleton),
-                                               separators=(",", ":")),
-        "model_sandbox.dtypes": json.dumps({n: d for n, (_, d) in out.items()
-                                            if _code(d) is None}),
+        "model_sandbox.composites": json.dumps(composites(manifest.skeleton), separators=(",", ":")),
+        "model_sandbox.dtypes": json.dumps({n: d for n, (_, d) in out.items() if _code(d) is None}),
     }
 
 
-def write_placed(dst: Path, source: str, placements: list[Placement], manifest: P.Manifest,
-                 report: LoadReport, *, dedupe: bool = False) -> None:
+def write_placed(
+    dst: Path,
+    source: str,
+    placements: list[Placement],
+    manifest: P.Manifest,
+    report: LoadReport,
+    *,
+    dedupe: bool = False,
+) -> None:
     """The layout hand-off's SafeTensors file, copied from the input's own byte ranges (checked
     placements): contiguous tensors with ``copy_file_range``, strided ones gathered by numpy.
     torch is not imported."""
@@ -191,8 +201,7 @@ def write_placed(dst: Path, source: str, placements: list[Placement], manifest: 
         for d in p.shape:
             nbytes *= d
         raw = _code(dtype) is None
-        entries.append((name, "uint8" if raw else dtype, [nbytes] if raw else list(p.shape),
-                        nbytes))
+        entries.append((name, "uint8" if raw else dtype, [nbytes] if raw else list(p.shape), nbytes))
     head, order = P.safetensors_header(entries, _st_metadata(manifest, report, out, dedupe))
     by_name = {name: by_name[origin] for name, (origin, _) in out.items()}
 
@@ -223,6 +232,9 @@ def _copy_placed(src: IO[bytes], fd: int, p: Placement) -> None:
 
     region = np.memmap(src, dtype=np.uint8, mode="r", offset=p.file_offset, shape=(p.extent,))
     elements = np.lib.stride_tricks.as_strided(
-        region.view(np.dtype(f"V{size}")), shape=p.shape, strides=[s * size for s in p.stride],
-        writeable=False)
+        region.view(np.dtype(f"V{size}")),
+        shape=p.shape,
+        strides=[s * size for s in p.stride],
+        writeable=False,
+    )
     P.write_all(fd, memoryview(np.ascontiguousarray(elements).data).cast("B"))

@@ -127,8 +127,9 @@ class UnsupportedFormat(InputError, pickle.UnpicklingError):
         "joblib and TorchScript archives; SafeTensors files need no sandbox"
     )
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
-                 detected: str = "unknown"):
+    def __init__(
+        self, message: str, *, path: str | os.PathLike[str] | None = None, detected: str = "unknown"
+    ):
         super().__init__(message, path=path)
         self.detected = detected
 
@@ -139,8 +140,9 @@ class MalformedInput(InputError, RuntimeError):
     reference = "malformed-input"
     hint = "the file is truncated or corrupt; re-download it and compare its sha256"
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
-                 offset: int | None = None):
+    def __init__(
+        self, message: str, *, path: str | os.PathLike[str] | None = None, offset: int | None = None
+    ):
         super().__init__(message, path=path)
         self.offset = offset
 
@@ -155,9 +157,15 @@ class MalformedStream(MalformedInput):
     read it. ``member`` names the stream, ``offset`` is the position in it; ``partial`` is the
     scan of everything read before the fault (``None`` when nothing was)."""
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
-                 offset: int | None = None, member: str | None = None,
-                 partial: StaticScan | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        offset: int | None = None,
+        member: str | None = None,
+        partial: StaticScan | None = None,
+    ) -> None:
         super().__init__(message, path=None if path is None else os.fspath(path), offset=offset)
         self.member = member
         self.partial = partial
@@ -237,8 +245,9 @@ class LimitExceeded(LoadFailed):
     reference = "limit-exceeded"
     hint = "if the file is legitimate and large, raise the limit with a policy (see `policy show`)"
 
-    def __init__(self, message: str, *, limit: str, value: float | int | None = None,
-                 report: LoadReport | None = None):
+    def __init__(
+        self, message: str, *, limit: str, value: float | int | None = None, report: LoadReport | None = None
+    ):
         super().__init__(message, report=report)
         self.limit = limit
         self.value = value
@@ -246,10 +255,7 @@ class LimitExceeded(LoadFailed):
 
 class OutputRejected(SandboxError):
     reference = "output-rejected"
-    hint = (
-        "the sandbox produced output that fails validation; treat the checkpoint as hostile "
-        "and report it"
-    )
+    hint = "the sandbox produced output that fails validation; treat the checkpoint as hostile and report it"
 
     def __init__(self, message: str, *, item: str | None = None):
         super().__init__(message)
@@ -304,8 +310,10 @@ class UnverifiedWeights(SandboxViolation):
     (``safe_load(weights_only=True)``, ``convert``). ``names`` lists them."""
 
     reference = "weights-unverified"
-    hint = ("the file computes tensors while it loads; if you trust it, load it with "
-            "safe_load(weights_only=False) and check the report's weights-unverified finding")
+    hint = (
+        "the file computes tensors while it loads; if you trust it, load it with "
+        "safe_load(weights_only=False) and check the report's weights-unverified finding"
+    )
 
     def __init__(self, message: str, *, report: LoadReport, names: list[str] | None = None):
         super().__init__(message, report=report)
@@ -335,15 +343,16 @@ class WorkerNotReady(ClusterError):
     image digest) differs from the client's. It refuses every task with this error."""
 
     reference = "worker-not-ready"
-    hint = ("install the client's model-sandbox version on the worker and build its image "
-            "there (`model-sandbox image build`), then restart the worker")
+    hint = (
+        "install the client's model-sandbox version on the worker and build its image "
+        "there (`model-sandbox image build`), then restart the worker"
+    )
 
-    def __init__(self, message: str, *, worker: str = "", expected: str = "",
-                 found: str = "") -> None:
+    def __init__(self, message: str, *, worker: str = "", expected: str = "", found: str = "") -> None:
         super().__init__(message)
         self.worker = worker
         self.expected = expected  # the client's worker digest
-        self.found = found        # the worker's, when it was the digest that differed
+        self.found = found  # the worker's, when it was the digest that differed
 
 
 def _rebuild(cls: type[ClusterError], message: str, state: dict[str, object]) -> ClusterError:

@@ -51,8 +51,13 @@ __all__ = ["EventRules", "Limits", "Policy", "StaticRules"]
 
 _VERDICTS = ("suspicious", "malicious", "never")
 _BOUNDS: dict[str, tuple[float, float]] = {
-    "wall_clock_s": (1.0, 86400.0), "cpu_s": (1.0, 86400.0), "memory_mb": (256, 1 << 20), "pids": (8, 65536),
-    "cpus": (0.1, 1024.0), "tmp_mb": (1, 1 << 20), "output_mb": (1, 1 << 24),
+    "wall_clock_s": (1.0, 86400.0),
+    "cpu_s": (1.0, 86400.0),
+    "memory_mb": (256, 1 << 20),
+    "pids": (8, 65536),
+    "cpus": (0.1, 1024.0),
+    "tmp_mb": (1, 1 << 20),
+    "output_mb": (1, 1 << 24),
     "output_ratio": (1.0, 1000.0),
 }
 
@@ -90,7 +95,6 @@ class Limits:
         return min(self.output_mb * 2**20, scaled)
 
 
-
 @dataclass(frozen=True)
 class StaticRules:
     """How the static pre-scan's findings count.
@@ -105,8 +109,10 @@ class StaticRules:
     stop_before_sandbox: str = "malicious"
 
 
-_STATIC_CHOICES = {"unknown_globals": ("info", "low", "medium", "high", "critical"),
-                   "stop_before_sandbox": ("suspicious", "malicious", "never")}
+_STATIC_CHOICES = {
+    "unknown_globals": ("info", "low", "medium", "high", "critical"),
+    "stop_before_sandbox": ("suspicious", "malicious", "never"),
+}
 
 
 _ERRNOS = {"EPERM": 1, "ENOENT": 2, "EACCES": 13, "ENOSYS": 38}
@@ -178,8 +184,9 @@ class Policy:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"{source}: not valid TOML: {exc}", source=source,
-                              problems=[str(exc)]) from None
+            raise PolicyError(
+                f"{source}: not valid TOML: {exc}", source=source, problems=[str(exc)]
+            ) from None
         return cls.from_dict(data, source=source)
 
     @classmethod
@@ -205,8 +212,11 @@ class Policy:
                 problems.append(f"unknown key 'limits.{key}'")
                 continue
             want = float if f.type in ("float", float) else int
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    (want is int and not isinstance(value, int)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (want is int and not isinstance(value, int))
+            ):
                 problems.append(f"'limits.{key}' must be {'a number' if want is float else 'an integer'}")
                 continue
             lo, hi = _BOUNDS[key]
@@ -229,15 +239,25 @@ class Policy:
                 static_kwargs[key] = value
         events = _event_rules(data.get("events", {}), problems)
         if problems:
-            raise PolicyError(f"{source}: invalid policy: " + "; ".join(problems),
-                              source=source, problems=problems)
+            raise PolicyError(
+                f"{source}: invalid policy: " + "; ".join(problems), source=source, problems=problems
+            )
         if fail_on == "never":
-            warnings.warn(f"policy {data['name']!r} (fail_on = \"never\") hands back the data of "
-                          "files judged malicious; isolation is unchanged, but use it for "
-                          "research, not in production", UserWarning, stacklevel=3)
-        return cls(name=data["name"], description=data["description"], fail_on=fail_on,
-                   limits=Limits(**limits_kwargs), static=StaticRules(**static_kwargs),
-                   events=events)
+            warnings.warn(
+                f'policy {data["name"]!r} (fail_on = "never") hands back the data of '
+                "files judged malicious; isolation is unchanged, but use it for "
+                "research, not in production",
+                UserWarning,
+                stacklevel=3,
+            )
+        return cls(
+            name=data["name"],
+            description=data["description"],
+            fail_on=fail_on,
+            limits=Limits(**limits_kwargs),
+            static=StaticRules(**static_kwargs),
+            events=events,
+        )
 
     # -- identity -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -270,15 +290,15 @@ def _event_rules(raw: Any, problems: list[str]) -> EventRules:
                 kwargs["errno"] = value
         elif key == "allow_read":
             if not isinstance(value, list) or not all(
-                    isinstance(v, str) and v.startswith("/") and ".." not in v.split("/")
-                    for v in value):
-                problems.append("'events.allow_read' must be a list of absolute path prefixes "
-                                "without '..'")
+                isinstance(v, str) and v.startswith("/") and ".." not in v.split("/") for v in value
+            ):
+                problems.append("'events.allow_read' must be a list of absolute path prefixes without '..'")
             else:
                 kwargs["allow_read"] = tuple(value)
         elif key == "severity":
             if not isinstance(value, dict) or not all(
-                    isinstance(k, str) and v in _SEVERITY_CHOICES for k, v in value.items()):
+                isinstance(k, str) and v in _SEVERITY_CHOICES for k, v in value.items()
+            ):
                 problems.append(f"'events.severity' maps rule ids to one of {list(_SEVERITY_CHOICES)}")
             else:
                 kwargs["severity"] = tuple(sorted(value.items()))

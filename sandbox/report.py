@@ -141,8 +141,11 @@ class LoadReport:
         fields["verdict"] = Verdict(fields.get("verdict", "error"))
         fields["findings"] = [
             Finding(
-                rule=f["rule"], severity=Severity.parse(f["severity"]), category=f["category"],
-                message=f["message"], evidence=dict(f.get("evidence", {})),
+                rule=f["rule"],
+                severity=Severity.parse(f["severity"]),
+                category=f["category"],
+                message=f["message"],
+                evidence=dict(f.get("evidence", {})),
                 events=tuple(f.get("events", ())),
             )
             for f in fields.get("findings", [])
@@ -174,13 +177,17 @@ class LoadReport:
             facts.append(f"{self.duration_s:.2f} s")
         if self.tool.get("runner"):
             runtime = self.tool.get("runtime")
-            facts.append(f"runner {c(str(self.tool['runner']), 20)}" +
-                         (f" ({c(str(runtime), 20)})" if runtime and runtime != "runc" else ""))
+            facts.append(
+                f"runner {c(str(self.tool['runner']), 20)}"
+                + (f" ({c(str(runtime), 20)})" if runtime and runtime != "runc" else "")
+            )
         if facts:
             lines.append("  " + ", ".join(facts))
         if self.error:
-            lines.append(f"  error[{c(str(self.error.get('reference', '?')), 60)}]: "
-                         f"{c(str(self.error.get('message', '')), 2000)}")
+            lines.append(
+                f"  error[{c(str(self.error.get('reference', '?')), 60)}]: "
+                f"{c(str(self.error.get('message', '')), 2000)}"
+            )
         for f in sorted(self.findings, key=lambda f: -f.severity):
             lines.append(f"  [{str(f.severity).upper():8}] {c(f.category, 40)}: {c(f.message, 1000)}")
             for key, value in f.evidence.items():
@@ -202,8 +209,9 @@ def clean_text(text: str, limit: int = 300) -> str:
             out.append(ch)
         else:
             code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
-                       else f"\\U{code:08x}")
+            out.append(
+                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+            )
     joined = "".join(out)
     return joined if len(joined) <= limit else joined[: limit - 1] + "…"
 

@@ -53,8 +53,13 @@ class _Pipe:
         self.next_id = 0
         self.events: list[dict[str, Any]] = []
 
-    def send(self, method: str, params: dict[str, Any] | None = None,
-             session: str | None = None, timeout: float = 60) -> dict[str, Any]:
+    def send(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        session: str | None = None,
+        timeout: float = 60,
+    ) -> dict[str, Any]:
         self.next_id += 1
         msg: dict[str, Any] = {"id": self.next_id, "method": method, "params": params or {}}
         if session:
@@ -107,9 +112,19 @@ def open_page(url: str, script: str, *, width: int = 1100) -> Page:
     profile = tempfile.mkdtemp(prefix="model-sandbox-chromium-")
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()
-    args = [exe, "--headless", "--remote-debugging-pipe", "--no-first-run", "--disable-gpu",
-            "--no-default-browser-check", "--disable-extensions", "--mute-audio",
-            f"--user-data-dir={profile}", "--hide-scrollbars", "about:blank"]
+    args = [
+        exe,
+        "--headless",
+        "--remote-debugging-pipe",
+        "--no-first-run",
+        "--disable-gpu",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        "--mute-audio",
+        f"--user-data-dir={profile}",
+        "--hide-scrollbars",
+        "about:blank",
+    ]
     if os.geteuid() == 0:
         args.insert(1, "--no-sandbox")  # Chromium refuses to run its own sandbox as root
 
@@ -120,46 +135,59 @@ def open_page(url: str, script: str, *, width: int = 1100) -> Page:
         os.dup2(high_r, 3)
         os.dup2(high_w, 4)
 
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=child_fds, close_fds=False)
+    proc = subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=child_fds,
+        close_fds=False,
+    )
     os.close(to_r)
     os.close(from_w)
     pipe = _Pipe(proc, to_w, from_r)
     page = Page()
     try:
         target = pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"]
+        session = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Runtime", "Log", "Page"):
             pipe.send(f"{domain}.enable", session=session)
-        pipe.send("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False},
-                  session=session)
+        pipe.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
         pipe.send("Page.navigate", {"url": url}, session=session)
         pipe.wait_event("Page.loadEventFired")
-        result = pipe.send("Runtime.evaluate", {"expression": script, "returnByValue": True},
-                           session=session)
+        result = pipe.send("Runtime.evaluate", {"expression": script, "returnByValue": True}, session=session)
         if "exceptionDetails" in result:
             raise AssertionError(f"the test's script failed: {result['exceptionDetails']}")
         page.value = result["result"].get("value")
         metrics = pipe.send("Page.getLayoutMetrics", session=session)
         height = int(metrics["cssContentSize"]["height"])
-        shot = pipe.send("Page.captureScreenshot",
-                         {"format": "png", "captureBeyondViewport": True,
-                          "clip": {"x": 0, "y": 0, "width": width, "height": min(height, 4000),
-                                   "scale": 1}}, session=session)
+        shot = pipe.send(
+            "Page.captureScreenshot",
+            {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": width, "height": min(height, 4000), "scale": 1},
+            },
+            session=session,
+        )
         page.screenshot = base64.b64decode(shot["data"])
         for ev in pipe.events:
             method = ev.get("method")
             if method == "Runtime.consoleAPICalled":
-                page.console.append({"level": ev["params"].get("type"),
-                                     "text": json.dumps(ev["params"].get("args"))[:500]})
+                page.console.append(
+                    {"level": ev["params"].get("type"), "text": json.dumps(ev["params"].get("args"))[:500]}
+                )
             elif method == "Runtime.exceptionThrown":
                 page.console.append({"level": "error", "text": json.dumps(ev["params"])[:500]})
             elif method == "Log.entryAdded":
                 entry = ev["params"]["entry"]
-                page.console.append({"level": entry.get("level"), "text": entry.get("text"),
-                                     "url": entry.get("url")})
+                page.console.append(
+                    {"level": entry.get("level"), "text": entry.get("text"), "url": entry.get("url")}
+                )
         try:
             pipe.send("Browser.close", timeout=10)
         except AssertionError:

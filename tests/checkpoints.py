@@ -14,6 +14,7 @@ import collections
 import datetime
 import io
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -30,11 +31,25 @@ import torch
 # -- benign --------------------------------------------------------------------------------------
 
 ALL_DTYPES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
-    torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
-    torch.complex64, torch.complex128,
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint64,
+    torch.uint32,
+    torch.uint16,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.complex64,
+    torch.complex128,
 ]
 
 
@@ -53,12 +68,14 @@ def dtype_tensor(dtype: torch.dtype, shape: tuple[int, ...] = (3, 5), seed: int 
 
 def state_dict() -> collections.OrderedDict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return collections.OrderedDict([
-        ("encoder.weight", torch.randn(16, 8, generator=g)),
-        ("encoder.bias", torch.randn(16, generator=g)),
-        ("decoder.weight", torch.randn(8, 16, generator=g).half()),
-        ("steps", torch.tensor(7)),
-    ])
+    return collections.OrderedDict(
+        [
+            ("encoder.weight", torch.randn(16, 8, generator=g)),
+            ("encoder.bias", torch.randn(16, generator=g)),
+            ("decoder.weight", torch.randn(8, 16, generator=g).half()),
+            ("steps", torch.tensor(7)),
+        ]
+    )
 
 
 def nested_checkpoint() -> dict[str, Any]:
@@ -101,22 +118,27 @@ def views_checkpoint() -> dict[str, torch.Tensor]:
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     return {
         "base": base,
-        "row_slice": base[1:3],           # a view with an offset
-        "column": base[:, 2],             # strided view
-        "transposed": base.t(),           # non-contiguous view of the whole
-        "alias": base.view(24),           # same storage, other shape
+        "row_slice": base[1:3],  # a view with an offset
+        "column": base[:, 2],  # strided view
+        "transposed": base.t(),  # non-contiguous view of the whole
+        "alias": base.view(24),  # same storage, other shape
         "lonely_t": torch.randn(3, 5).t(),  # non-contiguous, its base not in the file
     }
 
 
-def write_legacy_tar(path: Path, obj_factory: Any, tensors: dict[str, torch.Tensor],
-                     location: str = "cpu") -> None:
+def write_legacy_tar(
+    path: Path, obj_factory: Any, tensors: dict[str, torch.Tensor], location: str = "cpu"
+) -> None:
     """The tar format of torch < 0.1.10, built by hand: members ``sys_info``, ``storages``,
     ``tensors`` and ``pickle``. ``obj_factory(ref)`` builds the pickled object from
     ``ref(name)``, which stands for a tensor (a persistent id)."""
-    storage_types = {torch.float32: torch.FloatStorage, torch.float64: torch.DoubleStorage,
-                     torch.int64: torch.LongStorage, torch.float16: torch.HalfStorage,
-                     torch.uint8: torch.ByteStorage}
+    storage_types = {
+        torch.float32: torch.FloatStorage,
+        torch.float64: torch.DoubleStorage,
+        torch.int64: torch.LongStorage,
+        torch.float16: torch.HalfStorage,
+        torch.uint8: torch.ByteStorage,
+    }
     names = list(tensors)
     storages = io.BytesIO()
     pickle.dump(len(names), storages, protocol=2)
@@ -146,17 +168,24 @@ def write_legacy_tar(path: Path, obj_factory: Any, tensors: dict[str, torch.Tens
 
     body = io.BytesIO()
     _Pickler(body, protocol=2).dump(obj_factory(lambda name: _Ref(1000 + names.index(name))))
-    sys_info = pickle.dumps({"protocol_version": 1001, "little_endian": True,
-                             "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2)
+    sys_info = pickle.dumps(
+        {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+        protocol=2,
+    )
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for member, data in (("sys_info", sys_info), ("storages", storages.getvalue()),
-                             ("tensors", tens.getvalue()), ("pickle", body.getvalue())):
+        for member, data in (
+            ("sys_info", sys_info),
+            ("storages", storages.getvalue()),
+            ("tensors", tens.getvalue()),
+            ("pickle", body.getvalue()),
+        ):
             info = tarfile.TarInfo(member)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
 
 
 # -- hostile -------------------------------------------------------------------------------------
+
 
 class Reduce:
     """Pickles as ``func(*args)``: the classic REDUCE payload."""
@@ -209,8 +238,14 @@ def prove_live(path: Path, env: dict[str, str] | None = None, timeout: float = 1
         "print(repr(obj.get('payload') if isinstance(obj, dict) else None))\n"
     )
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"the live proof failed to load the file: {proc.stderr[-2000:]}")
     return proc.stdout
@@ -243,13 +278,20 @@ def observe_policy(fail_on: str = "never", **limits: float) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return sandbox.Policy.from_dict({
-            "name": "observe", "description": "tests: always load, report everything",
-            "fail_on": fail_on, "limits": limits,
-            "static": {"stop_before_sandbox": "never"}, "events": {"fatal": []}})
+        return sandbox.Policy.from_dict(
+            {
+                "name": "observe",
+                "description": "tests: always load, report everything",
+                "fail_on": fail_on,
+                "limits": limits,
+                "static": {"stop_before_sandbox": "never"},
+                "events": {"fatal": []},
+            }
+        )
 
 
 # -- the formats of issue 11: composites, joblib, TorchScript --------------------------------------
+
 
 def composite_checkpoint() -> dict[str, Any]:
     """Sparse (COO, coalesced and not; CSR; CSC), quantized (per tensor, per channel) and
@@ -265,20 +307,23 @@ def composite_checkpoint() -> dict[str, Any]:
 
 
 def _composites(g: torch.Generator, dense: torch.Tensor) -> dict[str, Any]:
-    nested = torch.nested.nested_tensor([torch.randn(2, 3, generator=g),
-                                         torch.randn(4, 3, generator=g)])
+    nested = torch.nested.nested_tensor([torch.randn(2, 3, generator=g), torch.randn(4, 3, generator=g)])
     return {
         "plain": torch.arange(6, dtype=torch.float32),
-        "coo": torch.sparse_coo_tensor(torch.tensor([[0, 2, 1, 0], [1, 0, 3, 1]]),
-                                       torch.tensor([1.5, -2.0, 3.25, 0.5]), (3, 4)),
+        "coo": torch.sparse_coo_tensor(
+            torch.tensor([[0, 2, 1, 0], [1, 0, 3, 1]]), torch.tensor([1.5, -2.0, 3.25, 0.5]), (3, 4)
+        ),
         "coo_coalesced": dense.to_sparse(),
         "csr": dense.to_sparse_csr(),
         "csc": dense.to_sparse_csc(),
-        "q_tensor": torch.quantize_per_tensor(torch.randn(3, 4, generator=g), 0.05, 7,
-                                              torch.qint8),
+        "q_tensor": torch.quantize_per_tensor(torch.randn(3, 4, generator=g), 0.05, 7, torch.qint8),
         "q_channel": torch.quantize_per_channel(
-            torch.randn(3, 4, generator=g), torch.tensor([0.1, 0.02, 0.3], dtype=torch.float64),
-            torch.tensor([0, 5, 255]), 0, torch.quint8),
+            torch.randn(3, 4, generator=g),
+            torch.tensor([0.1, 0.02, 0.3], dtype=torch.float64),
+            torch.tensor([0, 5, 255]),
+            0,
+            torch.quint8,
+        ),
         "nested": nested,
     }
 
@@ -291,8 +336,11 @@ def jagged_checkpoint() -> dict[str, Any]:
     g = torch.Generator().manual_seed(4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {"jagged": torch.nested.nested_tensor(
-            [torch.randn(1, 2, generator=g), torch.randn(3, 2, generator=g)], layout=torch.jagged)}
+        return {
+            "jagged": torch.nested.nested_tensor(
+                [torch.randn(1, 2, generator=g), torch.randn(3, 2, generator=g)], layout=torch.jagged
+            )
+        }
 
 
 def composite_components(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -326,9 +374,12 @@ class Estimator:
 
 
 def joblib_pipeline() -> dict[str, Any]:
-    return {"weights": np.arange(20, dtype=np.float32).reshape(4, 5) - 3.5,
-            "bias": np.array([1, -2, 3], dtype=np.int64), "estimator": Estimator(),
-            "name": "pipeline"}
+    return {
+        "weights": np.arange(20, dtype=np.float32).reshape(4, 5) - 3.5,
+        "bias": np.array([1, -2, 3], dtype=np.int64),
+        "estimator": Estimator(),
+        "name": "pipeline",
+    }
 
 
 def dump_joblib(path: Path, compress: Any = 0, payload_code: str | None = None) -> Path:
@@ -344,16 +395,19 @@ def dump_joblib(path: Path, compress: Any = 0, payload_code: str | None = None) 
         "    obj['payload'] = ck.code_payload(payload)\n"
         "joblib.dump(obj, path, compress=tuple(compress) if compress else 0)\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(path), json.dumps(compress),
-                    payload_code or ""], check=True, timeout=120, capture_output=True,
-                   cwd=Path(__file__).parent.parent)
+    subprocess.run(
+        [sys.executable, "-c", code, str(path), json.dumps(compress), payload_code or ""],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        cwd=Path(__file__).parent.parent,
+    )
     return path
 
 
 def joblib_components(obj: dict[str, Any]) -> dict[str, np.ndarray]:
     """The arrays a converted ``joblib_pipeline()`` holds (the estimator's by its state)."""
-    return {"weights": obj["weights"], "bias": obj["bias"],
-            "estimator.state.coef_": obj["estimator"].coef_}
+    return {"weights": obj["weights"], "bias": obj["bias"], "estimator.state.coef_": obj["estimator"].coef_}
 
 
 def reference_components(path: Path, kind: str) -> dict[str, np.ndarray]:
@@ -373,9 +427,14 @@ def reference_components(path: Path, kind: str) -> dict[str, np.ndarray]:
         "        torch.load(p, weights_only=False)).items()}\n"
         "np.savez(out, **{k: np.ascontiguousarray(v) for k, v in comps.items()})\n"
     )
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(path), kind, str(out)],
-                          capture_output=True, text=True, timeout=120, check=False,
-                          cwd=Path(__file__).parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code, str(path), kind, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).parent.parent,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"the reference load failed: {proc.stderr[-2000:]}")
     with np.load(out) as npz:
@@ -428,3 +487,38 @@ def save_torchscript(module: torch.nn.Module, path: Path) -> Path:
         warnings.simplefilter("ignore")
         torch.jit.script(module).save(str(path))  # type: ignore[no-untyped-call]
     return path
+
+
+# -- comparing what came back -------------------------------------------------------------------
+def assert_same(a: Any, b: Any, where: str = "root") -> None:
+    """Structural equality with bit-exact tensors (dtype, shape, bytes) and exact types."""
+    if isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert a.device.type == b.device.type, where
+        assert isinstance(a, torch.nn.Parameter) == isinstance(b, torch.nn.Parameter), where
+        left = a.detach().contiguous().reshape(-1).view(torch.uint8)
+        right = b.detach().contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(left, right), where
+        return
+    if isinstance(b, np.ndarray):
+        assert isinstance(a, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert a.tobytes() == b.tobytes(), where
+        return
+    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
+    if isinstance(b, dict):
+        assert list(a.keys()) == list(b.keys()), where
+        for k in b:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(b, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(b, argparse.Namespace):
+        assert_same(vars(a), vars(b), where)
+    elif isinstance(b, float) and math.isnan(b):
+        assert math.isnan(a), where
+    elif isinstance(b, np.generic):
+        assert a.dtype == b.dtype and a == b, where
+    else:
+        assert a == b, where

@@ -49,13 +49,17 @@ def sandbox_ready() -> Iterator[str]:
     before = set(_workers(client))
     yield tag
     from sandbox import _pool
+
     _pool._close_all()  # the process-wide warm sandbox of the module-level functions
     # Ours are removed in every case. (Another run on the same engine may hold some briefly:
     # give those a moment, and ignore what existed before this session.)
     deadline = time.monotonic() + 15
     while True:
-        left = [cid for cid, labels in _workers(client).items()
-                if cid not in before and _ours_or_orphaned(labels.get(OWNER_LABEL, ""))]
+        left = [
+            cid
+            for cid, labels in _workers(client).items()
+            if cid not in before and _ours_or_orphaned(labels.get(OWNER_LABEL, ""))
+        ]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -77,8 +81,8 @@ def _bwrap_children() -> list[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
         if comm == "bwrap" and int(ppid) == os.getpid() and state != "Z":
             found.append(int(entry))
     return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,10 @@ from sandbox._channel import Received
 from sandbox._launch import ContainerSpec, Job, RunResult
 from sandbox._worker import _loader
 from sandbox._worker import _protocol as P
+from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
 from tests import checkpoints as ck
+
+HOSTILE_NAME = 'evil<script>alert(1)</script>"\u202e.pt'
 
 
 @dataclass
@@ -46,10 +50,8 @@ def play(obj: Any, fmt: str, loc: dict[int, str], write_tensors: bool) -> tuple[
     """(manifest, tensors) as the loader writes them."""
     t_fd, m_fd = P.memfd_create("t"), P.memfd_create("m")
     try:
-        _loader.write_outputs(obj, fmt, loc, tensors_fd=t_fd, manifest_fd=m_fd,
-                              tensors=write_tensors)
-        return (os.pread(m_fd, os.fstat(m_fd).st_size, 0),
-                os.pread(t_fd, os.fstat(t_fd).st_size, 0))
+        _loader.write_outputs(obj, fmt, loc, tensors_fd=t_fd, manifest_fd=m_fd, tensors=write_tensors)
+        return (os.pread(m_fd, os.fstat(m_fd).st_size, 0), os.pread(t_fd, os.fstat(t_fd).st_size, 0))
     finally:
         os.close(t_fd)
         os.close(m_fd)
@@ -58,8 +60,13 @@ def play(obj: Any, fmt: str, loc: dict[int, str], write_tensors: bool) -> tuple[
 class FakeRunner:
     """Does what the container does, in-process, then lets a test tamper with what is sent."""
 
-    def __init__(self, tamper: Callable[[Played, dict[str, Any]], None] | None = None,
-                 run_result: RunResult | None = None, *, layout: bool = False) -> None:
+    def __init__(
+        self,
+        tamper: Callable[[Played, dict[str, Any]], None] | None = None,
+        run_result: RunResult | None = None,
+        *,
+        layout: bool = False,
+    ) -> None:
         self.tamper = tamper
         self.run_result = run_result
         self.layout = layout  # play the layout hand-off for plain state dicts
@@ -75,9 +82,14 @@ class FakeRunner:
         source = _loader.Input(job.input_fd)
         digest, size = P.sha256_fd(job.input_fd)
         played = Played(os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}")))
-        status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": [],
-                                  "input_sha256": digest, "input_size": size, "exit_code": 0,
-                                  "wall_s": 0.1}
+        status: dict[str, Any] = {
+            "protocol": P.PROTOCOL_VERSION,
+            "env_keys": [],
+            "input_sha256": digest,
+            "input_size": size,
+            "exit_code": 0,
+            "wall_s": 0.1,
+        }
         layout = _loader.try_layout(source) if self.layout and job.config.layout else None
         try:
             if layout is not None:
@@ -91,8 +103,7 @@ class FakeRunner:
                 played.manifest, played.tensors = play(obj, fmt, loc, job.config.write_tensors)
                 status["result"] = {"ok": True, "format": fmt}
         except _loader.LoaderError as exc:
-            status["result"] = {"ok": False, "kind": exc.kind, "message": str(exc),
-                                "detected": exc.detected}
+            status["result"] = {"ok": False, "kind": exc.kind, "message": str(exc), "detected": exc.detected}
             status["exit_code"] = 3
         if self.tamper:
             self.tamper(played, status)
@@ -120,8 +131,10 @@ class Fake(FakeRunner):
             name = os.path.basename(os.readlink(f"/proc/self/fd/{job.input_fd}"))
             self.inputs.append(name)
             if name.startswith("evil"):
+
                 def swap(out: Played, status: dict[str, Any]) -> None:
                     status["input_sha256"] = "f" * 64
+
                 self.tamper = swap
             else:
                 self.tamper = None
@@ -133,7 +146,7 @@ def tree(root: Path) -> Path:
     src = root / "src"
     (src / "a" / "b").mkdir(parents=True)
     ck.save(ck.state_dict(), src / "a" / "b" / "x.pt")
-    ck.save({"w": torch.ones(2)}, src / "a" / "b" / "x.bin")           # same stem as x.pt
+    ck.save({"w": torch.ones(2)}, src / "a" / "b" / "x.bin")  # same stem as x.pt
     (src / "sp ace ü").mkdir()
     ck.save({"w": torch.zeros(3)}, src / "sp ace ü" / "modèle 1.ckpt")
     ck.save(ck.state_dict(), src / "legacy.pth", fmt="legacy")
@@ -141,17 +154,16 @@ def tree(root: Path) -> Path:
     (src / "notes.txt").write_text("not a model")
     (src / "empty.pt").write_bytes(b"")
     save_file({"w": torch.ones(1)}, str(src / "done.safetensors"))
-    os.symlink("a/b/x.pt", src / "inside-link.pt")                   # stays inside: followed
+    os.symlink("a/b/x.pt", src / "inside-link.pt")  # stays inside: followed
     outside = root / "outside.pt"
     ck.save(ck.state_dict(), outside)
-    os.symlink(outside, src / "outside-link.pt")                     # leaves SRC: skipped
-    os.symlink("a", src / "dir-link")                                 # symlinked dir: skipped
+    os.symlink(outside, src / "outside-link.pt")  # leaves SRC: skipped
+    os.symlink("a", src / "dir-link")  # symlinked dir: skipped
     os.symlink("missing.pt", src / "broken-link.pt")
     return src
 
 
-def batch(src: Path | list[Path], out: Path, runner: FakeRunner | None = None,
-          **kw: Any) -> BatchSummary:
+def batch(src: Path | list[Path], out: Path, runner: FakeRunner | None = None, **kw: Any) -> BatchSummary:
     sources = src if isinstance(src, list) else [src]
     return run_batch(sources, out, BatchOptions(jobs=2, **kw), runner=runner or Fake())
 
@@ -164,12 +176,118 @@ UNSTABLE = ("started", "finished", "duration_s", "report_sha256", "output_sha256
 
 
 def strip_times(records: dict[str, _batch.ItemResult]) -> dict[str, dict[str, Any]]:
-    return {k: {f: v for f, v in r.to_record().items() if f not in UNSTABLE}
-            for k, r in records.items()}
+    return {k: {f: v for f, v in r.to_record().items() if f not in UNSTABLE} for k, r in records.items()}
 
 
 def st_content(path: Path) -> tuple[dict[str, Any], bytes]:
     """A SafeTensors file's header (as data) and tensor bytes."""
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def snapshot(outdir: Path) -> dict[str, Any]:
+    files: dict[str, Any] = {}
+    for p in sorted(outdir.rglob("*")):
+        rel = p.relative_to(outdir).as_posix()
+        if p.is_dir() or rel in (_batch.MANIFEST_NAME, _batch.LOCK_NAME):
+            continue
+        if p.suffix == ".safetensors":
+            files[rel] = st_content(p)
+        else:
+            report = json.loads(p.read_text())
+            files[rel] = (
+                report["verdict"],
+                sorted(f["rule"] for f in report["findings"]),
+                (report["error"] or {}).get("reference"),
+            )
+    manifest = {
+        k: {f: v for f, v in r.to_record().items() if f not in UNSTABLE}
+        for k, r in _batch.read_manifest(outdir).items()
+    }
+    return {"files": files, "manifest": manifest}
+
+
+def hostile_report() -> LoadReport:
+    """A report whose every string is hostile markup (for the HTML page's tests)."""
+    r = LoadReport(
+        input_path=HOSTILE_NAME,
+        input_sha256="ab" * 32,
+        input_size=10,
+        format="torch-zip",
+        verdict=Verdict.MALICIOUS,
+        duration_s=1.5,
+        static={"dangerous": ["builtins.eval"], "unknown": []},
+        resources={
+            "wall_s": 1.2,
+            "rss_peak_bytes": 5 * 2**20,
+            "threads_peak": 2,
+            "custom": "<b>x</b>",
+            "series": [[0.0, 0.0, 2**20], [0.1, 0.1, 3 * 2**20], [0.2, 0.15, 5 * 2**20]],
+        },
+    )
+    r.events = [
+        Event(
+            1, 0.010, "self_reported", "pickle.find_class", {"module": "collections", "name": "OrderedDict"}
+        ),
+        Event(2, 0.011, "self_reported", "pickle.find_class", {"module": "__builtin__", "name": "eval"}),
+        Event(3, 0.012, "kernel", "execve", {"path": "/bin/sh", "argv": ["sh", "-c", "</style>"]}, "denied"),
+        Event(
+            4,
+            0.013,
+            "self_reported",
+            "pickle.find_class",
+            {"module": "torch._utils", "name": "_rebuild_tensor_v2"},
+        ),
+        Event(
+            5,
+            0.014,
+            "kernel",
+            "connect",
+            {"family": "AF_INET", "target": "AF_INET 127.0.0.1:9", "address": "127.0.0.1", "port": 9},
+            "denied",
+        ),
+    ]
+    r.findings = [
+        Finding(
+            "exec-attempt",
+            Severity.CRITICAL,
+            "exec",
+            "the load tried to run a program",
+            {"argv": ["sh", "-c", "<img src=x onerror=alert(1)>"]},
+            (3,),
+        ),
+        Finding(
+            "network-connect",
+            Severity.CRITICAL,
+            "network",
+            "reach <a href='x'>",
+            {"event": "connect \x1b[2J"},
+            (5, 99),
+        ),
+    ]
+    return r
+
+
+# -- classic BPF --------------------------------------------------------------------------------
+def run_bpf(program: bytes, nr: int, args: tuple[int, ...] = (), arch: int = P.AUDIT_ARCH_X86_64) -> int:
+    """Evaluate a classic BPF seccomp program on ``struct seccomp_data``."""
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *(list(args) + [0] * (6 - len(args))))
+    ins: list[tuple[int, int, int, int]] = [
+        struct.unpack_from("<HBBI", program, i) for i in range(0, len(program), 8)
+    ]
+    acc, pc = 0, 0
+    while True:
+        code, jt, jf, k = ins[pc]
+        pc += 1
+        if code == 0x20:  # ld [k]
+            acc = int(struct.unpack_from("<I", data, k)[0])
+        elif code == 0x54:  # and #k
+            acc &= k
+        elif code in (0x15, 0x35, 0x45):  # jeq, jge, jset
+            hit = acc == k if code == 0x15 else acc >= k if code == 0x35 else bool(acc & k)
+            pc += jt if hit else jf
+        elif code == 0x06:  # ret #k
+            return k
+        else:
+            raise AssertionError(f"unexpected instruction 0x{code:x}")

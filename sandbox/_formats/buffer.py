@@ -19,8 +19,9 @@ def open_buffer(path: str | os.PathLike[str]) -> Iterator[Buf]:
     try:
         fh = open(path, "rb")
     except OSError as exc:
-        raise MalformedInput(f"cannot read {os.fspath(path)!s}: {exc.strerror or exc}",
-                             path=os.fspath(path)) from None
+        raise MalformedInput(
+            f"cannot read {os.fspath(path)!s}: {exc.strerror or exc}", path=os.fspath(path)
+        ) from None
     try:
         try:
             size = os.fstat(fh.fileno()).st_size
@@ -29,8 +30,7 @@ def open_buffer(path: str | os.PathLike[str]) -> Iterator[Buf]:
                 return
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
-            raise MalformedInput(f"cannot map {os.fspath(path)!s}: {exc}",
-                                 path=os.fspath(path)) from None
+            raise MalformedInput(f"cannot map {os.fspath(path)!s}: {exc}", path=os.fspath(path)) from None
         try:
             yield mm
         finally:
@@ -40,12 +40,12 @@ def open_buffer(path: str | os.PathLike[str]) -> Iterator[Buf]:
 
 
 def u16(buf: Buf, at: int) -> int:
-    return int.from_bytes(buf[at:at + 2], "little")
+    return int.from_bytes(buf[at : at + 2], "little")
 
 
 def u32(buf: Buf, at: int) -> int:
-    return int.from_bytes(buf[at:at + 4], "little")
+    return int.from_bytes(buf[at : at + 4], "little")
 
 
 def u64(buf: Buf, at: int) -> int:
-    return int.from_bytes(buf[at:at + 8], "little")
+    return int.from_bytes(buf[at : at + 8], "little")

@@ -53,18 +53,20 @@ def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes, b
                     z = zlib.decompressobj(wbits)
                     data = rest
                 elif p < size:
-                    data = bytes(buf[p:p + chunk])
+                    data = bytes(buf[p : p + chunk])
                     p += len(data)
                 else:
                     break
                 out += z.decompress(data, cap + 1 - len(out))
         else:
+
             def fresh() -> Any:  # bz2, lzma and lz4 decompressors share one interface
                 if kind == "lz4":
                     import lz4.frame
 
                     return lz4.frame.LZ4FrameDecompressor()
                 return bz2.BZ2Decompressor() if kind == "bz2" else lzma.LZMADecompressor()
+
             d = fresh()
             pending = b""
             while len(out) <= cap:
@@ -81,7 +83,7 @@ def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes, b
                     if pending:
                         data, pending = pending, b""
                     elif p < size:
-                        data = bytes(buf[p:p + chunk])
+                        data = bytes(buf[p : p + chunk])
                         p += len(data)
                     else:
                         break

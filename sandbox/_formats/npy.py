@@ -13,7 +13,7 @@ MAX_HEADER = 1 << 20
 
 def header(data: Buf, base: int, end: int, label: str) -> tuple[dict[str, object], int]:
     """Parse a ``.npy`` header at ``base``; returns (header dict, offset of the data)."""
-    if end - base < 10 or bytes(data[base:base + 6]) != b"\x93NUMPY":
+    if end - base < 10 or bytes(data[base : base + 6]) != b"\x93NUMPY":
         raise MalformedInput(f"{label}: not a .npy header", offset=base)
     major = data[base + 6]
     if major == 1:
@@ -26,12 +26,11 @@ def header(data: Buf, base: int, end: int, label: str) -> tuple[dict[str, object
         raise MalformedInput(f"{label}: unsupported .npy version {major}", offset=base + 6)
     if hlen > MAX_HEADER or start + hlen > end:
         raise MalformedInput(f"{label}: .npy header length {hlen} is invalid", offset=base + 8)
-    raw = bytes(data[start:start + hlen])
+    raw = bytes(data[start : start + hlen])
     try:
         text = raw.decode("utf-8" if major == 3 else "latin-1")
         header = ast.literal_eval(text)
-    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError,
-            TypeError):
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError, TypeError):
         raise MalformedInput(f"{label}: .npy header is not a Python literal", offset=start) from None
     if not isinstance(header, dict) or not {"descr", "fortran_order", "shape"} <= set(header):
         raise MalformedInput(f"{label}: .npy header lacks descr/fortran_order/shape", offset=start)

@@ -51,10 +51,14 @@ OP_PROTO: dict[int, int] = {
     **{ord(c): 0 for c in "ILSNVFaltds02(gpcRbi.P"},
     **{ord(c): 1 for c in "JKMTUXG]e)}u1hjqroQ"},
     **{c: 2 for c in (0x8A, 0x8B, 0x88, 0x89, 0x85, 0x86, 0x87, 0x82, 0x83, 0x84, 0x81, 0x80)},
-    ord("B"): 3, ord("C"): 3,
+    ord("B"): 3,
+    ord("C"): 3,
     **{c: 4 for c in (0x8E, 0x8C, 0x8D, 0x8F, 0x90, 0x91, 0x94, 0x93, 0x92, 0x95)},
-    0x96: 5, 0x97: 5, 0x98: 5,
+    0x96: 5,
+    0x97: 5,
+    0x98: 5,
 }
+
 
 class Fault(Exception):
     """A stream the unpickler would fail on, at ``offset`` (relative to the stream's start;
@@ -113,7 +117,7 @@ def at(fault: Fault, offset: int) -> Fault:
 def text(buf: Buf, span: Span) -> str:
     """A BINUNICODE argument decoded as pickle does (UTF-8, lone surrogates allowed)."""
     try:
-        return codecs.decode(bytes(buf[span[0]:span[1]]), "utf-8", "surrogatepass")
+        return codecs.decode(bytes(buf[span[0] : span[1]]), "utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise Invalid(-1, "invalid UTF-8 in string") from None
 
@@ -133,7 +137,8 @@ def _uint_reader(width: int) -> _ArgReader:
     def read(buf: Buf, pos: int, end: int) -> tuple[object, int]:
         if pos + width > end:
             raise _short(width)
-        return int.from_bytes(buf[pos:pos + width], "little"), pos + width
+        return int.from_bytes(buf[pos : pos + width], "little"), pos + width
+
     return read
 
 
@@ -141,22 +146,25 @@ def _sint_reader(width: int) -> _ArgReader:
     def read(buf: Buf, pos: int, end: int) -> tuple[object, int]:
         if pos + width > end:
             raise _short(width)
-        return int.from_bytes(buf[pos:pos + width], "little", signed=True), pos + width
+        return int.from_bytes(buf[pos : pos + width], "little", signed=True), pos + width
+
     return read
 
 
 def _counted_reader(width: int, signed: bool, what: str) -> _ArgReader:
     """A length of ``width`` bytes, then that many bytes: their span."""
+
     def read(buf: Buf, pos: int, end: int) -> tuple[object, int]:
         if pos + width > end:
             raise _short(width)
-        n = int.from_bytes(buf[pos:pos + width], "little", signed=signed)
+        n = int.from_bytes(buf[pos : pos + width], "little", signed=signed)
         if n < 0:
             raise Invalid(-1, f"{what} pickle has negative byte count")
         pos += width
         if pos + n > end:
             raise _short(n)
         return (pos, pos + n), pos + n
+
     return read
 
 
@@ -172,22 +180,24 @@ def _proto(buf: Buf, pos: int, end: int) -> tuple[object, int]:
 def _binfloat(buf: Buf, pos: int, end: int) -> tuple[object, int]:
     if pos + 8 > end:
         raise _short(8)
-    return struct.unpack(">d", buf[pos:pos + 8])[0], pos + 8
+    return struct.unpack(">d", buf[pos : pos + 8])[0], pos + 8
 
 
 def _long_reader(width: int) -> _ArgReader:
     """LONG1/LONG4: a little-endian two's complement integer of a counted length."""
+
     def read(buf: Buf, pos: int, end: int) -> tuple[object, int]:
         if pos + width > end:
             raise _short(width)
-        n = int.from_bytes(buf[pos:pos + width], "little", signed=width == 4)
+        n = int.from_bytes(buf[pos : pos + width], "little", signed=width == 4)
         if n < 0:
             raise Invalid(-1, "LONG4 byte count < 0")
         pos += width
         if pos + n > end:
             raise _short(n)
-        value = int.from_bytes(buf[pos:pos + n], "little", signed=True) if n <= 64 else BIG_INT
+        value = int.from_bytes(buf[pos : pos + n], "little", signed=True) if n <= 64 else BIG_INT
         return value, pos + n
+
     return read
 
 
@@ -198,6 +208,7 @@ def _memo_line(what: str) -> _ArgReader:
             return int(line), pos
         except ValueError:
             raise Invalid(-1, f"bad {what} argument") from None
+
     return read
 
 
@@ -236,6 +247,7 @@ def _unicode(buf: Buf, pos: int, end: int) -> tuple[object, int]:
 
 def _int_reader(long: bool) -> _ArgReader:
     """INT (``00``/``01`` are booleans, any base prefix) and LONG (a trailing ``L``)."""
+
     def read(buf: Buf, pos: int, end: int) -> tuple[object, int]:
         line, pos = _line(buf, pos, end)
         digits = line.strip()
@@ -252,6 +264,7 @@ def _int_reader(long: bool) -> _ArgReader:
                 return int(digits), pos
             except ValueError:
                 raise Invalid(-1, "bad integer literal") from None
+
     return read
 
 
@@ -277,27 +290,42 @@ _READERS: dict[int, _ArgReader] = {
     **dict.fromkeys((0x4A, 0x84), _sint_reader(4)),  # BININT EXT4
     **dict.fromkeys((0x72, 0x6A), _uint_reader(4)),  # LONG_BINPUT LONG_BINGET
     0x95: _uint_reader(8),  # FRAME
-    0x70: _memo_line("PUT"), 0x67: _memo_line("GET"),
-    0x8A: _long_reader(1), 0x8B: _long_reader(4), 0x47: _binfloat,
-    0x58: _counted_reader(4, False, "BINUNICODE"), 0x8C: _counted_reader(1, False, "BINUNICODE"),
-    0x8D: _counted_reader(8, False, "BINUNICODE"), 0x42: _counted_reader(4, False, "BINBYTES"),
-    0x43: _counted_reader(1, False, "BINBYTES"), 0x8E: _counted_reader(8, False, "BINBYTES"),
-    0x96: _counted_reader(8, False, "BYTEARRAY8"), 0x54: _counted_reader(4, True, "BINSTRING"),
+    0x70: _memo_line("PUT"),
+    0x67: _memo_line("GET"),
+    0x8A: _long_reader(1),
+    0x8B: _long_reader(4),
+    0x47: _binfloat,
+    0x58: _counted_reader(4, False, "BINUNICODE"),
+    0x8C: _counted_reader(1, False, "BINUNICODE"),
+    0x8D: _counted_reader(8, False, "BINUNICODE"),
+    0x42: _counted_reader(4, False, "BINBYTES"),
+    0x43: _counted_reader(1, False, "BINBYTES"),
+    0x8E: _counted_reader(8, False, "BINBYTES"),
+    0x96: _counted_reader(8, False, "BYTEARRAY8"),
+    0x54: _counted_reader(4, True, "BINSTRING"),
     0x55: _counted_reader(1, False, "BINSTRING"),
-    0x53: _string, 0x56: _unicode, 0x49: _int_reader(False), 0x4C: _int_reader(True),
-    0x46: _float, 0x63: _names, 0x69: _names, 0x50: _persid,
+    0x53: _string,
+    0x56: _unicode,
+    0x49: _int_reader(False),
+    0x4C: _int_reader(True),
+    0x46: _float,
+    0x63: _names,
+    0x69: _names,
+    0x50: _persid,
 }
 
 
 def _invalid(op: int) -> _ArgReader:
     def read(buf: Buf, pos: int, end: int) -> tuple[object, int]:
         raise Invalid(-1, f"invalid opcode 0x{op:02x}")
+
     return read
 
 
 # opcode -> its argument reader; None for the opcodes that take no argument
 _TABLE: list[_ArgReader | None] = [
-    _READERS.get(op, _NO_ARG) if op in OP_PROTO else _invalid(op) for op in range(256)]
+    _READERS.get(op, _NO_ARG) if op in OP_PROTO else _invalid(op) for op in range(256)
+]
 
 
 def step(buf: Buf, pos: int, end: int) -> tuple[int, Any, int]:

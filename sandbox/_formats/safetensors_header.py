@@ -22,7 +22,7 @@ def looks_like(buf: Buf) -> bool:
     if not (2 <= n <= min(MAX_HEADER, len(buf) - 8) and buf[8] == 0x7B):
         return False
     try:
-        return isinstance(json.loads(bytes(buf[8:8 + n]).decode("utf-8")), dict)
+        return isinstance(json.loads(bytes(buf[8 : 8 + n]).decode("utf-8")), dict)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False
 
@@ -30,7 +30,7 @@ def looks_like(buf: Buf) -> bool:
 def check(buf: Buf) -> None:
     n = u64(buf, 0)
     try:
-        header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
+        header = json.loads(bytes(buf[8 : 8 + n]).decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MalformedInput(f"safetensors header is not JSON: {exc}", offset=8) from None
     if not isinstance(header, dict):
@@ -46,16 +46,19 @@ def check(buf: Buf) -> None:
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise MalformedInput(f"safetensors entry {key!r} has unknown dtype {dtype!r}", offset=8)
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                                  and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise MalformedInput(f"safetensors entry {key!r} has an invalid shape", offset=8)
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data_len):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
             raise MalformedInput(f"safetensors entry {key!r} has invalid data_offsets", offset=8)
         count = 1
         for d in shape:
             count *= d
         if count * DTYPES[dtype] != offsets[1] - offsets[0]:
-            raise MalformedInput(f"safetensors entry {key!r}: shape and byte range disagree",
-                                 offset=8)
+            raise MalformedInput(f"safetensors entry {key!r}: shape and byte range disagree", offset=8)

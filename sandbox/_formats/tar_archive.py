@@ -30,7 +30,6 @@ def is_tar(buf: Buf) -> bool:
     return claimed in (unsigned, signed)
 
 
-
 def members(buf: Buf) -> tuple[dict[str, list[tuple[int, int]]], list[str], bool]:
     """Headers of a tar archive: ({name: [(data offset, size)]}, odd members, capped).
 
@@ -55,8 +54,7 @@ def members(buf: Buf) -> tuple[dict[str, list[tuple[int, int]]], list[str], bool
                     odd.append(info.name)
                     continue
                 if info.offset_data + info.size > len(buf):
-                    raise MalformedInput(f"tar member {info.name!r} is truncated",
-                                         offset=info.offset_data)
+                    raise MalformedInput(f"tar member {info.name!r} is truncated", offset=info.offset_data)
                 members.setdefault(info.name, []).append((info.offset_data, info.size))
     except (tarfile.TarError, OSError, ValueError, EOFError, UnicodeError, OverflowError) as exc:
         raise MalformedInput(f"unreadable tar archive: {exc}") from None

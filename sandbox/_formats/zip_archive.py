@@ -44,8 +44,9 @@ class ZipEntry:
     @property
     def bomb(self) -> bool:
         """Declares far more bytes than it stores (see :data:`BOMB_MIN_BYTES`)."""
-        return self.method != 0 and self.usize >= BOMB_MIN_BYTES and \
-            self.usize > BOMB_RATIO * max(self.csize, 1)
+        return (
+            self.method != 0 and self.usize >= BOMB_MIN_BYTES and self.usize > BOMB_RATIO * max(self.csize, 1)
+        )
 
 
 @dataclass
@@ -82,35 +83,33 @@ def find_zip(buf: Buf) -> Zip | None:
     cd_off = u32(buf, eocd + 16)
     cd_end = eocd
     loc = eocd - 20
-    if loc >= 56 and buf[loc:loc + 4] == _ZIP64_LOCATOR:
+    if loc >= 56 and buf[loc : loc + 4] == _ZIP64_LOCATOR:
         # the zip64 end record sits right before its locator (its recorded offset is off by
         # the length of any data prepended to the archive)
         rec = loc - 56
-        if buf[rec:rec + 4] == _ZIP64_EOCD:
+        if buf[rec : rec + 4] == _ZIP64_EOCD:
             total = u64(buf, rec + 32)
             cd_size = u64(buf, rec + 40)
             cd_off = u64(buf, rec + 48)
             cd_end = rec
     shift = cd_end - cd_size - cd_off
-    if cd_off + cd_size <= size and buf[cd_off:cd_off + 4] == _CENTRAL:
+    if cd_off + cd_size <= size and buf[cd_off : cd_off + 4] == _CENTRAL:
         base, shift = cd_off, 0
-    elif shift > 0 and buf[cd_off + shift:cd_off + shift + 4] == _CENTRAL:
+    elif shift > 0 and buf[cd_off + shift : cd_off + shift + 4] == _CENTRAL:
         base = cd_off + shift
     elif total == 0 and cd_size == 0:
         return Zip([], 0)
     else:
         if eocd < 4 or not zip_like_start(buf):
             return None  # stray signature inside other data
-        raise MalformedInput("zip central directory not found where the end record points",
-                             offset=cd_off)
+        raise MalformedInput("zip central directory not found where the end record points", offset=cd_off)
     if total > MAX_ENTRIES or total * 46 > cd_size:
-        raise MalformedInput(f"zip claims {total} entries, more than the file can hold",
-                             offset=eocd)
+        raise MalformedInput(f"zip claims {total} entries, more than the file can hold", offset=eocd)
     entries: list[ZipEntry] = []
     p = base
     stop = min(size, base + cd_size)
     for index in range(total):
-        if p + 46 > stop or buf[p:p + 4] != _CENTRAL:
+        if p + 46 > stop or buf[p : p + 4] != _CENTRAL:
             raise MalformedInput(f"zip central directory entry {index} is truncated", offset=p)
         flags, method = u16(buf, p + 8), u16(buf, p + 10)
         crc, csize, usize = u32(buf, p + 16), u32(buf, p + 20), u32(buf, p + 24)
@@ -118,23 +117,21 @@ def find_zip(buf: Buf) -> Zip | None:
         header = u32(buf, p + 42)
         if p + 46 + nlen + elen + clen > stop:
             raise MalformedInput(f"zip central directory entry {index} is truncated", offset=p)
-        name = bytes(buf[p + 46:p + 46 + nlen])
-        extra = bytes(buf[p + 46 + nlen:p + 46 + nlen + elen])
+        name = bytes(buf[p + 46 : p + 46 + nlen])
+        extra = bytes(buf[p + 46 + nlen : p + 46 + nlen + elen])
         usize, csize, header = _zip64_fields(extra, usize, csize, header)
         entries.append(ZipEntry(index, name, flags, method, crc, csize, usize, header + shift))
         p += 46 + nlen + elen + clen
     for e in entries:
         h = e.header
-        if h < 0 or h + 30 > size or buf[h:h + 4] != LOCAL_MAGIC:
-            raise MalformedInput(f"zip local header of {e.text!r} is missing or truncated",
-                                 offset=h)
+        if h < 0 or h + 30 > size or buf[h : h + 4] != LOCAL_MAGIC:
+            raise MalformedInput(f"zip local header of {e.text!r} is missing or truncated", offset=h)
         e.local_flags, e.local_method = u16(buf, h + 6), u16(buf, h + 8)
         lnlen, lelen = u16(buf, h + 26), u16(buf, h + 28)
-        e.local_name = bytes(buf[h + 30:h + 30 + lnlen])
+        e.local_name = bytes(buf[h + 30 : h + 30 + lnlen])
         e.data_start = h + 30 + lnlen + lelen
         if e.data_start + e.csize > size:
-            raise MalformedInput(f"zip member {e.text!r} runs past the end of the file",
-                                 offset=e.data_start)
+            raise MalformedInput(f"zip member {e.text!r} runs past the end of the file", offset=e.data_start)
     return Zip(entries, shift)
 
 
@@ -145,21 +142,20 @@ def zip_like_start(buf: Buf) -> bool:
 def _zip64_fields(extra: bytes, usize: int, csize: int, header: int) -> tuple[int, int, int]:
     i = 0
     while i + 4 <= len(extra):
-        tag, n = int.from_bytes(extra[i:i + 2], "little"), int.from_bytes(extra[i + 2:i + 4], "little")
-        body = extra[i + 4:i + 4 + n]
+        tag, n = int.from_bytes(extra[i : i + 2], "little"), int.from_bytes(extra[i + 2 : i + 4], "little")
+        body = extra[i + 4 : i + 4 + n]
         if tag == 1:
             j = 0
             if usize == 0xFFFFFFFF and j + 8 <= len(body):
-                usize = int.from_bytes(body[j:j + 8], "little")
+                usize = int.from_bytes(body[j : j + 8], "little")
                 j += 8
             if csize == 0xFFFFFFFF and j + 8 <= len(body):
-                csize = int.from_bytes(body[j:j + 8], "little")
+                csize = int.from_bytes(body[j : j + 8], "little")
                 j += 8
             if header == 0xFFFFFFFF and j + 8 <= len(body):
-                header = int.from_bytes(body[j:j + 8], "little")
+                header = int.from_bytes(body[j : j + 8], "little")
         i += 4 + n
     return usize, csize, header
-
 
 
 def read_member(buf: Buf, e: ZipEntry, cap: int, label: str) -> tuple[bytes, bool]:
@@ -170,7 +166,7 @@ def read_member(buf: Buf, e: ZipEntry, cap: int, label: str) -> tuple[bytes, boo
     """
     raw_end = e.data_start + e.csize
     if e.method == 0:
-        return bytes(buf[e.data_start:min(raw_end, e.data_start + cap)]), e.csize > cap
+        return bytes(buf[e.data_start : min(raw_end, e.data_start + cap)]), e.csize > cap
     if e.method != 8:
         raise UnsupportedCompression(e.method)
     d = zlib.decompressobj(-15)
@@ -178,7 +174,7 @@ def read_member(buf: Buf, e: ZipEntry, cap: int, label: str) -> tuple[bytes, boo
     p = e.data_start
     try:
         while p < raw_end and len(out) <= cap:
-            chunk = bytes(buf[p:min(raw_end, p + (1 << 20))])
+            chunk = bytes(buf[p : min(raw_end, p + (1 << 20))])
             p += len(chunk)
             out += d.decompress(chunk, cap + 1 - len(out))
             while d.unconsumed_tail and len(out) <= cap:
@@ -186,8 +182,7 @@ def read_member(buf: Buf, e: ZipEntry, cap: int, label: str) -> tuple[bytes, boo
             if d.eof:
                 break
     except zlib.error as exc:
-        raise MalformedInput(f"zip member {label} does not inflate: {exc}",
-                             offset=e.data_start) from None
+        raise MalformedInput(f"zip member {label} does not inflate: {exc}", offset=e.data_start) from None
     return bytes(out[:cap]), len(out) > cap
 
 
@@ -221,4 +216,3 @@ def zip_format(z: Zip) -> tuple[str, str | None]:
     if any(n.endswith(b".pkl") for n in lower):
         return "torch-zip", None
     return "unknown", None
-

@@ -31,23 +31,32 @@ from .walker import Ctx, Global, Invalid, LimitExceeded, Truncated, WalkOut, wal
 _MAX_TRAILING_STREAMS = 16
 
 
-def _member_bytes(ctx: Ctx, buf: Buf, e: ZipEntry, label: str, *,
-                  limit: int | None = None) -> bytes | None:
+def _member_bytes(ctx: Ctx, buf: Buf, e: ZipEntry, label: str, *, limit: int | None = None) -> bytes | None:
     """Uncompressed bytes of a zip member: its first ``limit`` bytes, or (without ``limit``)
     all of them within the scan limit; ``None`` with a finding when it cannot be scanned."""
     cap = ctx.max_pickle_bytes if limit is None else limit
     try:
         data, over = read_member(buf, e, cap, label)
     except UnsupportedCompression:
-        ctx.add("zip-unsupported-compression", Severity.HIGH, "evasion",
-                f"zip member {label} uses compression method {e.method}; it cannot be scanned",
-                member=label, method=e.method)
+        ctx.add(
+            "zip-unsupported-compression",
+            Severity.HIGH,
+            "evasion",
+            f"zip member {label} uses compression method {e.method}; it cannot be scanned",
+            member=label,
+            method=e.method,
+        )
         return None
     if over and limit is None:
-        ctx.add("scan-limit-exceeded", Severity.HIGH, "resource",
-                f"zip member {label} is {e.csize} bytes, over the scan limit; not scanned"
-                if e.method == 0 else f"zip member {label} inflates past the scan limit; not scanned",
-                member=label)
+        ctx.add(
+            "scan-limit-exceeded",
+            Severity.HIGH,
+            "resource",
+            f"zip member {label} is {e.csize} bytes, over the scan limit; not scanned"
+            if e.method == 0
+            else f"zip member {label} inflates past the scan limit; not scanned",
+            member=label,
+        )
         return None
     return data
 
@@ -62,36 +71,66 @@ def _check_zip(ctx: Ctx, buf: Buf, z: Zip, prefix: str) -> None:
         label = prefix + e.text
         key = e.name.lower()
         if key in seen:
-            ctx.add("zip-duplicate-name", Severity.HIGH, "evasion",
-                    f"zip holds more than one member named {e.text!r} (case-insensitively); "
-                    "readers disagree on which one they use", member=label,
-                    entries=[seen[key], e.index])
+            ctx.add(
+                "zip-duplicate-name",
+                Severity.HIGH,
+                "evasion",
+                f"zip holds more than one member named {e.text!r} (case-insensitively); "
+                "readers disagree on which one they use",
+                member=label,
+                entries=[seen[key], e.index],
+            )
         else:
             seen[key] = e.index
         if e.local_name != e.name:
-            ctx.add("zip-header-mismatch", Severity.HIGH, "evasion",
-                    f"zip local header names {e.local_name.decode('utf-8', 'backslashreplace')!r} "
-                    f"but the central directory names {e.text!r}", member=label)
+            ctx.add(
+                "zip-header-mismatch",
+                Severity.HIGH,
+                "evasion",
+                f"zip local header names {e.local_name.decode('utf-8', 'backslashreplace')!r} "
+                f"but the central directory names {e.text!r}",
+                member=label,
+            )
         if e.local_method != e.method:
-            ctx.add("zip-header-mismatch", Severity.HIGH, "evasion",
-                    f"zip member {e.text!r}: local header says compression {e.local_method}, "
-                    f"central directory {e.method}", member=label)
+            ctx.add(
+                "zip-header-mismatch",
+                Severity.HIGH,
+                "evasion",
+                f"zip member {e.text!r}: local header says compression {e.local_method}, "
+                f"central directory {e.method}",
+                member=label,
+            )
         if (e.flags | e.local_flags) & SUSPICIOUS_FLAGS or e.flags != e.local_flags:
-            ctx.add("zip-flag-bits", Severity.HIGH if loadable else Severity.INFO, "evasion",
-                    f"zip member {e.text!r} has flag bits central=0x{e.flags:04x} "
-                    f"local=0x{e.local_flags:04x} (encryption/patch bits, or headers disagree)",
-                    member=label, central=e.flags, local=e.local_flags)
+            ctx.add(
+                "zip-flag-bits",
+                Severity.HIGH if loadable else Severity.INFO,
+                "evasion",
+                f"zip member {e.text!r} has flag bits central=0x{e.flags:04x} "
+                f"local=0x{e.local_flags:04x} (encryption/patch bits, or headers disagree)",
+                member=label,
+                central=e.flags,
+                local=e.local_flags,
+            )
 
 
 def _check_crc(ctx: Ctx, e: ZipEntry, data: bytes, label: str) -> None:
     if len(data) != e.usize:
-        ctx.add("zip-header-mismatch", Severity.HIGH, "evasion",
-                f"zip member {e.text!r} holds {len(data)} bytes but the directory says {e.usize}",
-                member=label)
+        ctx.add(
+            "zip-header-mismatch",
+            Severity.HIGH,
+            "evasion",
+            f"zip member {e.text!r} holds {len(data)} bytes but the directory says {e.usize}",
+            member=label,
+        )
     if zlib.crc32(data) != e.crc:
-        ctx.add("zip-bad-crc", Severity.HIGH, "evasion",
-                f"zip member {e.text!r} fails its CRC-32 check; torch's reader does not check it, "
-                "other readers refuse the file", member=label)
+        ctx.add(
+            "zip-bad-crc",
+            Severity.HIGH,
+            "evasion",
+            f"zip member {e.text!r} fails its CRC-32 check; torch's reader does not check it, "
+            "other readers refuse the file",
+            member=label,
+        )
 
 
 def scan_zip(ctx: Ctx, buf: Buf, z: Zip, fmt: str, prefix: str = "") -> None:
@@ -105,11 +144,18 @@ def scan_zip(ctx: Ctx, buf: Buf, z: Zip, fmt: str, prefix: str = "") -> None:
         if lname.endswith(b"/") and e.usize == 0:
             continue
         if e.bomb:
-            ctx.add("resource-abuse", Severity.MEDIUM, "resource",
-                    f"zip member {label} declares {e.usize} bytes from {e.csize} compressed "
-                    f"({e.usize // max(e.csize, 1)}:1): a decompression bomb for the loader; "
-                    "the scan does not inflate it", member=label, declared_bytes=e.usize,
-                    compressed_bytes=e.csize, ratio=e.usize // max(e.csize, 1))
+            ctx.add(
+                "resource-abuse",
+                Severity.MEDIUM,
+                "resource",
+                f"zip member {label} declares {e.usize} bytes from {e.csize} compressed "
+                f"({e.usize // max(e.csize, 1)}:1): a decompression bomb for the loader; "
+                "the scan does not inflate it",
+                member=label,
+                declared_bytes=e.usize,
+                compressed_bytes=e.csize,
+                ratio=e.usize // max(e.csize, 1),
+            )
         if lname.endswith(b".npy"):
             _scan_npz_member(ctx, buf, e, label)
             continue
@@ -127,8 +173,12 @@ def scan_zip(ctx: Ctx, buf: Buf, z: Zip, fmt: str, prefix: str = "") -> None:
         _check_crc(ctx, e, data, label)
         _walk_member(ctx, data, label, truncation_fatal=(e in matches))
     if fmt in ("torch-zip", "torchscript") and target is None:
-        ctx.add("zip-no-data-pkl", Severity.MEDIUM, "format",
-                "zip holds pickles but no <prefix>/data.pkl that torch's reader would load")
+        ctx.add(
+            "zip-no-data-pkl",
+            Severity.MEDIUM,
+            "format",
+            "zip holds pickles but no <prefix>/data.pkl that torch's reader would load",
+        )
 
 
 def _walk_member(ctx: Ctx, data: Buf, label: str, *, truncation_fatal: bool) -> None:
@@ -153,9 +203,15 @@ class Fatal(Exception):
 
 
 def parse_error(ctx: Ctx, member: str, offset: int, message: str) -> None:
-    ctx.add("pickle-parse-error", Severity.MEDIUM, "evasion",
-            f"{member} is not a valid pickle stream ({message}); the unpickler runs every "
-            "opcode before the fault", member=member, offset=offset)
+    ctx.add(
+        "pickle-parse-error",
+        Severity.MEDIUM,
+        "evasion",
+        f"{member} is not a valid pickle stream ({message}); the unpickler runs every "
+        "opcode before the fault",
+        member=member,
+        offset=offset,
+    )
 
 
 def scan_npy(ctx: Ctx, data: Buf, end: int, label: str) -> None:
@@ -173,12 +229,16 @@ def scan_npy(ctx: Ctx, data: Buf, end: int, label: str) -> None:
             ctx.limit(label, exc)
         # an object array of plain values (numbers, strings, nested lists) imports nothing a
         # checkpoint does not: numpy still unpickles it, but there is nothing to run
-        plain = plain and all(r.classification == "allowed" for r in ctx.refs
-                              if r.member == member)
-        ctx.add("numpy-object-array", Severity.INFO if plain else Severity.MEDIUM, "exec",
-                f"{label} is an object array: numpy.load(allow_pickle=True) unpickles its data"
-                + (" (plain values only)" if plain else ""),
-                member=label, offset=start)
+        plain = plain and all(r.classification == "allowed" for r in ctx.refs if r.member == member)
+        ctx.add(
+            "numpy-object-array",
+            Severity.INFO if plain else Severity.MEDIUM,
+            "exec",
+            f"{label} is an object array: numpy.load(allow_pickle=True) unpickles its data"
+            + (" (plain values only)" if plain else ""),
+            member=label,
+            offset=start,
+        )
 
 
 def _scan_npz_member(ctx: Ctx, buf: Buf, e: ZipEntry, label: str) -> None:
@@ -205,19 +265,33 @@ def scan_tar(ctx: Ctx, buf: Buf) -> str:
     if capped:
         ctx.limit("tar", LimitExceeded(0, f"more than {tar_archive.MAX_MEMBERS} tar members"))
     for name in odd:
-        ctx.add("legacy-tar-unparsed", Severity.HIGH, "evasion",
-                f"tar member {name!r} is not a plain file", member=f"tar:{name}")
+        ctx.add(
+            "legacy-tar-unparsed",
+            Severity.HIGH,
+            "evasion",
+            f"tar member {name!r} is not a plain file",
+            member=f"tar:{name}",
+        )
     if "storages" not in members and "pickle" not in members:
         return "unknown"
     for name, copies in members.items():
         if len(copies) > 1:
-            ctx.add("zip-duplicate-name", Severity.HIGH, "evasion",
-                    f"tar holds {len(copies)} members named {name!r}; torch uses the last",
-                    member=f"tar:{name}")
+            ctx.add(
+                "zip-duplicate-name",
+                Severity.HIGH,
+                "evasion",
+                f"tar holds {len(copies)} members named {name!r}; torch uses the last",
+                member=f"tar:{name}",
+            )
     for missing in ("storages", "tensors", "pickle"):
         if missing not in members:
-            ctx.add("legacy-tar-incomplete", Severity.MEDIUM, "format",
-                    f"legacy tar checkpoint has no {missing!r} member", member=f"tar:{missing}")
+            ctx.add(
+                "legacy-tar-incomplete",
+                Severity.MEDIUM,
+                "format",
+                f"legacy tar checkpoint has no {missing!r} member",
+                member=f"tar:{missing}",
+            )
     for start, size in members.get("storages", []):
         _tar_storages(ctx, buf, start, start + size)
     for start, size in members.get("tensors", []):
@@ -270,18 +344,26 @@ def _tar_storages(ctx: Ctx, buf: Buf, start: int, end: int) -> None:
                 raise Invalid(p - start, f"storage type {ref.module}.{ref.name} is not known")
             if p + 8 > end:
                 raise Fatal("tar:storages", p - start, "storage size header is truncated")
-            numel = int.from_bytes(buf[p:p + 8], "little", signed=True)
+            numel = int.from_bytes(buf[p : p + 8], "little", signed=True)
             nbytes = numel * entry[1]
             if numel < 0 or p + 8 + nbytes > end:
                 raise Fatal("tar:storages", p - start, "storage data is truncated")
-            ctx.storages.append(StorageRecord(key=str(key), dtype=entry[0], numel=numel,
-                                              location=location, member="tar:storages"))
+            ctx.storages.append(
+                StorageRecord(
+                    key=str(key), dtype=entry[0], numel=numel, location=location, member="tar:storages"
+                )
+            )
             p += 8 + nbytes
         _tar_walk(ctx, buf, p, end, start, "storages")  # storage views
     except Invalid as exc:
-        ctx.add("legacy-tar-unparsed", Severity.HIGH, "evasion",
-                f"tar member 'storages' cannot be followed ({exc.message}); the rest of it was "
-                "not scanned", member="tar:storages", offset=exc.offset)
+        ctx.add(
+            "legacy-tar-unparsed",
+            Severity.HIGH,
+            "evasion",
+            f"tar member 'storages' cannot be followed ({exc.message}); the rest of it was not scanned",
+            member="tar:storages",
+            offset=exc.offset,
+        )
     except LimitExceeded as exc:
         ctx.limit("tar:storages", exc)
 
@@ -296,15 +378,20 @@ def _tar_tensors(ctx: Ctx, buf: Buf, start: int, end: int) -> None:
             p = out.end
             if p + 8 > end:
                 raise Fatal("tar:tensors", p - start, "tensor header is truncated")
-            ndim = int.from_bytes(buf[p:p + 4], "little", signed=True)
+            ndim = int.from_bytes(buf[p : p + 4], "little", signed=True)
             skip = 8 + 16 * ndim + 8
             if ndim < 0 or p + skip > end:
                 raise Fatal("tar:tensors", p - start, "tensor header is truncated")
             p += skip
     except Invalid as exc:
-        ctx.add("legacy-tar-unparsed", Severity.HIGH, "evasion",
-                f"tar member 'tensors' cannot be followed ({exc.message}); the rest of it was "
-                "not scanned", member="tar:tensors", offset=exc.offset)
+        ctx.add(
+            "legacy-tar-unparsed",
+            Severity.HIGH,
+            "evasion",
+            f"tar member 'tensors' cannot be followed ({exc.message}); the rest of it was not scanned",
+            member="tar:tensors",
+            offset=exc.offset,
+        )
     except LimitExceeded as exc:
         ctx.limit("tar:tensors", exc)
 
@@ -346,9 +433,9 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
         ctx.format = "joblib"
         # Walk again the way joblib.load reads it; the plain walk above (kept) is what
         # pickle.load / torch.load would run on the same bytes.
-        plain_refs = {(r.module, r.name, r.offset) for r in ctx.refs[saved[0]:]}
+        plain_refs = {(r.module, r.name, r.offset) for r in ctx.refs[saved[0] :]}
         plain_findings = len(ctx.findings)
-        del ctx.findings[saved[2]:plain_findings]
+        del ctx.findings[saved[2] : plain_findings]
         mark = len(ctx.refs)
         label = f"{member}#joblib"
         try:
@@ -369,7 +456,7 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
         ctx.format, ctx.target = "torch-legacy", "<legacy:3>"
         names = ["<legacy:1>", "<legacy:2>", "<legacy:3>", "<legacy:4>"]
         ctx.pickles[saved[3]] = "<legacy:0>"
-        for ref in ctx.refs[saved[0]:]:
+        for ref in ctx.refs[saved[0] :]:
             ref.member = "<legacy:0>"
         p = out.end
         for i, name in enumerate(names):
@@ -381,9 +468,14 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
                 ctx.limit(name, exc)
                 return "torch-legacy", "<legacy:3>"
             if i == 0 and step.value != LEGACY_PROTOCOL_VERSION:
-                ctx.add("pickle-parse-error", Severity.MEDIUM, "format",
-                        f"legacy torch protocol version is {step.value!r}, not 1001; torch "
-                        "refuses the file after unpickling the first two streams", member=name)
+                ctx.add(
+                    "pickle-parse-error",
+                    Severity.MEDIUM,
+                    "format",
+                    f"legacy torch protocol version is {step.value!r}, not 1001; torch "
+                    "refuses the file after unpickling the first two streams",
+                    member=name,
+                )
             p = step.end
         return "torch-legacy", "<legacy:3>"
     _trailing(ctx, buf, out.end, member)
@@ -394,11 +486,17 @@ def _trailing(ctx: Ctx, buf: Buf, p: int, member: str) -> None:
     size = len(buf)
     if p >= size:
         return
-    ctx.add("pickle-trailing-data", Severity.LOW, "format",
-            f"{size - p} bytes follow the first pickle stream; pickle.load ignores them",
-            member=member, offset=p, length=size - p)
+    ctx.add(
+        "pickle-trailing-data",
+        Severity.LOW,
+        "format",
+        f"{size - p} bytes follow the first pickle stream; pickle.load ignores them",
+        member=member,
+        offset=p,
+        length=size - p,
+    )
     for _ in range(_MAX_TRAILING_STREAMS):
-        if p >= size or not pickle_like(bytes(buf[p:p + 2])):
+        if p >= size or not pickle_like(bytes(buf[p : p + 2])):
             return
         out = walk_quietly(ctx, buf, p, size, f"{member}@{p}")
         if out is None:

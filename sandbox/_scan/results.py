@@ -91,4 +91,3 @@ class StaticScan:
     @property
     def max_severity(self) -> Severity | None:
         return max((f.severity for f in self.findings), default=None)
-

@@ -65,8 +65,16 @@ from .results import PickleScan, StaticScan
 from .walker import Ctx, Invalid, LimitExceeded, Truncated, new_ctx, result, walk
 
 FORMATS: tuple[str, ...] = (
-    "torch-zip", "torch-legacy", "torch-tar", "pickle", "numpy-npy", "numpy-npz", "joblib",
-    "torchscript", "safetensors", "unknown",
+    "torch-zip",
+    "torch-legacy",
+    "torch-tar",
+    "pickle",
+    "numpy-npy",
+    "numpy-npz",
+    "joblib",
+    "torchscript",
+    "safetensors",
+    "unknown",
 )
 
 DEFAULT_MAX_PICKLE_BYTES = 1 << 30  # one materialised stream (zip member, decompressed data)
@@ -91,8 +99,12 @@ def _first_pickle_kind(buf: Buf) -> str | None:
             return "joblib"
         # a broken stream is still a pickle when it names a global Python could import; text
         # that merely starts with an opcode letter ("chat_template: ..." reads as GLOBAL) is not
-        return "pickle" if pickle_like(head) or any(
-            _DOTTED.fullmatch(r.module) and _DOTTED.fullmatch(r.name) for r in ctx.refs) else None
+        return (
+            "pickle"
+            if pickle_like(head)
+            or any(_DOTTED.fullmatch(r.module) and _DOTTED.fullmatch(r.name) for r in ctx.refs)
+            else None
+        )
     if has_joblib_wrapper(ctx, 0):
         return "joblib"
     return "torch-legacy" if out.value == LEGACY_MAGIC else "pickle"
@@ -121,7 +133,7 @@ def _identify_buf(buf: Buf) -> str:
         return kind
     comp = compressed.detect(buf)
     if comp is not None:
-        first: Buf = buf[:1 << 16] if len(buf) > 1 << 16 else buf
+        first: Buf = buf[: 1 << 16] if len(buf) > 1 << 16 else buf
         try:
             data, _ = compressed.decompress(first, comp, 1 << 16, time.monotonic() + 10.0)
         except MalformedInput:
@@ -143,10 +155,15 @@ def identify(path: str | os.PathLike[str]) -> str:
         return _identify_buf(buf)
 
 
-def scan_file(path: str | os.PathLike[str], *, max_pickle_bytes: int = DEFAULT_MAX_PICKLE_BYTES,
-              max_ops: int = DEFAULT_MAX_OPS, max_memo: int = DEFAULT_MAX_MEMO,
-              max_depth: int = DEFAULT_MAX_DEPTH,
-              time_budget_s: float = DEFAULT_TIME_BUDGET_S) -> StaticScan:
+def scan_file(
+    path: str | os.PathLike[str],
+    *,
+    max_pickle_bytes: int = DEFAULT_MAX_PICKLE_BYTES,
+    max_ops: int = DEFAULT_MAX_OPS,
+    max_memo: int = DEFAULT_MAX_MEMO,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+) -> StaticScan:
     """Statically scan the file at ``path``; see the module docstring for what is reported.
 
     ``max_pickle_bytes`` bounds each stream the scanner has to materialise (a zip member, a
@@ -160,9 +177,13 @@ def scan_file(path: str | os.PathLike[str], *, max_pickle_bytes: int = DEFAULT_M
         try:
             fmt, target = _dispatch(ctx, buf)
         except Fatal as exc:
-            raise MalformedStream(f"{exc.member}: {exc.message} at offset {exc.offset}",
-                                  path=os.fspath(path), offset=exc.offset, member=exc.member,
-                                  partial=result(ctx, ctx.format, ctx.target)) from None
+            raise MalformedStream(
+                f"{exc.member}: {exc.message} at offset {exc.offset}",
+                path=os.fspath(path),
+                offset=exc.offset,
+                member=exc.member,
+                partial=result(ctx, ctx.format, ctx.target),
+            ) from None
         except MalformedStream:
             raise
         except MalformedInput as exc:
@@ -178,14 +199,21 @@ def _dispatch(ctx: Ctx, buf: Buf) -> tuple[str, str | None]:
     if head[:4] == LOCAL_MAGIC:
         z = find_zip(buf)
         if z is None:
-            raise MalformedInput("file starts like a zip archive but has no end-of-central-"
-                                 "directory record (truncated?)", offset=size)
+            raise MalformedInput(
+                "file starts like a zip archive but has no end-of-central-directory record (truncated?)",
+                offset=size,
+            )
         fmt, target = zip_format(z)
         ctx.format, ctx.target = fmt, target
         if z.shift:
-            ctx.add("zip-polyglot", Severity.HIGH, "evasion",
-                    f"{z.shift} bytes precede the zip archive that its directory does not "
-                    "account for; readers disagree on member offsets", shift=z.shift)
+            ctx.add(
+                "zip-polyglot",
+                Severity.HIGH,
+                "evasion",
+                f"{z.shift} bytes precede the zip archive that its directory does not "
+                "account for; readers disagree on member offsets",
+                shift=z.shift,
+            )
         scan_zip(ctx, buf, z, fmt)
         return fmt, target
     if head[:6] == b"\x93NUMPY":
@@ -215,9 +243,14 @@ def _dispatch(ctx: Ctx, buf: Buf) -> tuple[str, str | None]:
             member = f"<{comp}>"
             ctx.format, ctx.target = "joblib", None
             if capped:
-                ctx.add("scan-limit-exceeded", Severity.HIGH, "resource",
-                        f"{comp} stream decompresses past {ctx.max_pickle_bytes} bytes; only the "
-                        "start was scanned", member=member)
+                ctx.add(
+                    "scan-limit-exceeded",
+                    Severity.HIGH,
+                    "resource",
+                    f"{comp} stream decompresses past {ctx.max_pickle_bytes} bytes; only the "
+                    "start was scanned",
+                    member=member,
+                )
             try:
                 if scan_pickle_file(ctx, data, member) is None:
                     parse_error(ctx, member, 0, "decompressed data is not a pickle stream")
@@ -237,9 +270,14 @@ def _polyglot(ctx: Ctx, buf: Buf) -> None:
         return
     if z is None or not z.entries:
         return
-    ctx.add("zip-polyglot", Severity.HIGH, "evasion",
-            "the file is also a zip archive (zip readers find it from the end) but torch reads "
-            "it from offset 0; its members are scanned too", entries=len(z.entries))
+    ctx.add(
+        "zip-polyglot",
+        Severity.HIGH,
+        "evasion",
+        "the file is also a zip archive (zip readers find it from the end) but torch reads "
+        "it from offset 0; its members are scanned too",
+        entries=len(z.entries),
+    )
     try:
         scan_zip(ctx, buf, z, zip_format(z)[0], prefix="zip:")
     except Fatal as exc:
@@ -248,10 +286,15 @@ def _polyglot(ctx: Ctx, buf: Buf) -> None:
         return
 
 
-def scan_pickle_bytes(data: bytes, *, member: str = "<raw>",
-                      max_ops: int = DEFAULT_MAX_OPS, max_memo: int = DEFAULT_MAX_MEMO,
-                      max_depth: int = DEFAULT_MAX_DEPTH,
-                      time_budget_s: float = DEFAULT_TIME_BUDGET_S) -> PickleScan:
+def scan_pickle_bytes(
+    data: bytes,
+    *,
+    member: str = "<raw>",
+    max_ops: int = DEFAULT_MAX_OPS,
+    max_memo: int = DEFAULT_MAX_MEMO,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+) -> PickleScan:
     """Walk the first pickle stream in ``data`` (and any pickles nested in its constants).
 
     Trailing bytes after STOP are ignored (``end`` says where the stream stopped). Raises
@@ -268,11 +311,21 @@ def scan_pickle_bytes(data: bytes, *, member: str = "<raw>",
         out = walk(ctx, bytes(data), 0, len(data), member)
         end, proto = out.end, out.protocol
     except (Truncated, Invalid) as exc:
-        raise MalformedStream(f"{member}: {exc.message} at offset {exc.offset}", offset=exc.offset,
-                              member=member, partial=result(ctx, "pickle", None)) from None
+        raise MalformedStream(
+            f"{member}: {exc.message} at offset {exc.offset}",
+            offset=exc.offset,
+            member=member,
+            partial=result(ctx, "pickle", None),
+        ) from None
     except LimitExceeded as exc:
         ctx.limit(member, exc)
     scan = result(ctx, "pickle", None)
-    return PickleScan(member=member, pickles=scan.pickles, globals=scan.globals,
-                      storages=scan.storages, findings=scan.findings, protocol=proto, end=end)
-
+    return PickleScan(
+        member=member,
+        pickles=scan.pickles,
+        globals=scan.globals,
+        storages=scan.storages,
+        findings=scan.findings,
+        protocol=proto,
+        end=end,
+    )

@@ -39,8 +39,7 @@ _MAX_KEEP = 64  # container items kept for symbolic evaluation
 _MAX_STR = 1 << 16  # longer strings are kept only as their length
 _SEVERITY_OF = {"dangerous": Severity.CRITICAL, "unknown": Severity.MEDIUM}
 
-__all__ = ["BIG_INT", "Ctx", "Invalid", "LimitExceeded", "Truncated", "WalkOut", "new_ctx",
-           "result", "walk"]
+__all__ = ["BIG_INT", "Ctx", "Invalid", "LimitExceeded", "Truncated", "WalkOut", "new_ctx", "result", "walk"]
 
 
 class LimitExceeded(Exception):
@@ -84,31 +83,39 @@ class Ctx:
     format: str = "unknown"  # as far as known; reported in MalformedStream.partial
     target: str | None = None
 
-    def add(self, rule: str, severity: Severity, category: str, message: str,
-            **evidence: object) -> None:
-        self.findings.append(Finding(rule=rule, severity=severity, category=category,
-                                     message=message, evidence=dict(evidence)))
+    def add(self, rule: str, severity: Severity, category: str, message: str, **evidence: object) -> None:
+        self.findings.append(
+            Finding(rule=rule, severity=severity, category=category, message=message, evidence=dict(evidence))
+        )
 
     def mark(self) -> tuple[int, int, int, int]:
         return len(self.refs), len(self.storages), len(self.findings), len(self.pickles)
 
     def rollback(self, mark: tuple[int, int, int, int]) -> None:
-        del self.refs[mark[0]:]
-        del self.storages[mark[1]:]
-        del self.findings[mark[2]:]
-        del self.pickles[mark[3]:]
+        del self.refs[mark[0] :]
+        del self.storages[mark[1] :]
+        del self.findings[mark[2] :]
+        del self.pickles[mark[3] :]
 
     def limit(self, member: str, exc: LimitExceeded) -> None:
-        self.add("scan-limit-exceeded", Severity.HIGH, "resource",
-                 f"scan of {member} stopped: {exc.message}; the scan is incomplete",
-                 member=member, offset=exc.offset)
+        self.add(
+            "scan-limit-exceeded",
+            Severity.HIGH,
+            "resource",
+            f"scan of {member} stopped: {exc.message}; the scan is incomplete",
+            member=member,
+            offset=exc.offset,
+        )
 
 
-def new_ctx(max_pickle_bytes: int, max_ops: int, max_memo: int, max_depth: int,
-             time_budget_s: float) -> Ctx:
-    return Ctx(max_pickle_bytes=max(1, int(max_pickle_bytes)), max_ops=max(1, int(max_ops)),
-                max_memo=max(1, int(max_memo)), max_depth=max(1, int(max_depth)),
-                deadline=time.monotonic() + float(time_budget_s))
+def new_ctx(max_pickle_bytes: int, max_ops: int, max_memo: int, max_depth: int, time_budget_s: float) -> Ctx:
+    return Ctx(
+        max_pickle_bytes=max(1, int(max_pickle_bytes)),
+        max_ops=max(1, int(max_ops)),
+        max_memo=max(1, int(max_memo)),
+        max_depth=max(1, int(max_depth)),
+        deadline=time.monotonic() + float(time_budget_s),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,8 +206,9 @@ class WalkOut:
     protocol: int
 
 
-def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0,
-         joblib: bool = False) -> WalkOut:
+def walk(
+    ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0, joblib: bool = False
+) -> WalkOut:
     """Walk one pickle stream in ``buf[start:end]`` up to its STOP opcode.
 
     Emulates the C unpickler's stack, mark stack and memo symbolically over the shared opcode
@@ -251,16 +259,31 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
     def add_global(module: str, name: str, opcode: str) -> Global:
         module, name = resolve_name(module, name, proto)
         classification, category = classify_global(module, name)
-        ctx.refs.append(RefRec(module, name, member, opcode, op_off - start, classification,
-                               category))
+        ctx.refs.append(RefRec(module, name, member, opcode, op_off - start, classification, category))
         return Global(len(ctx.refs) - 1)
 
     def add_unresolved(opcode: str, why: str) -> Global:
-        ctx.refs.append(RefRec("<unresolved>", "<unresolved>", member, opcode, op_off - start,
-                               "unknown", None, unresolved=True))
-        ctx.add("unresolved-global", Severity.HIGH, "evasion",
-                f"{opcode} in {member} imports a global that cannot be resolved statically ({why})",
-                member=member, offset=op_off - start, opcode=opcode)
+        ctx.refs.append(
+            RefRec(
+                "<unresolved>",
+                "<unresolved>",
+                member,
+                opcode,
+                op_off - start,
+                "unknown",
+                None,
+                unresolved=True,
+            )
+        )
+        ctx.add(
+            "unresolved-global",
+            Severity.HIGH,
+            "evasion",
+            f"{opcode} in {member} imports a global that cannot be resolved statically ({why})",
+            member=member,
+            offset=op_off - start,
+            opcode=opcode,
+        )
         return Global(len(ctx.refs) - 1)
 
     def push_text(span: Span) -> None:
@@ -287,45 +310,64 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
     def nested(data: Buf, a: int, b: int, rel: int, *, is_str: bool) -> None:
         name = f"{member}#nested@{rel}"
         if nest + 1 > _MAX_NESTING:
-            ctx.add("scan-limit-exceeded", Severity.HIGH, "resource",
-                    f"pickle nested more than {_MAX_NESTING} deep in {member}; not scanned",
-                    member=name, offset=rel)
+            ctx.add(
+                "scan-limit-exceeded",
+                Severity.HIGH,
+                "resource",
+                f"pickle nested more than {_MAX_NESTING} deep in {member}; not scanned",
+                member=name,
+                offset=rel,
+            )
             return
         saved = ctx.mark()
-        if walk_quietly(ctx, data, a, b, name, nest=nest + 1) is None and \
-                len(ctx.pickles) == saved[3]:
+        if walk_quietly(ctx, data, a, b, name, nest=nest + 1) is None and len(ctx.pickles) == saved[3]:
             return  # not a pickle after all: rolled back
         # Hiding a pickle inside a pickle is evasion when what it hides is not plain data; a
         # nested stream of allowlisted globals is how torch pickles storages (legacy bytes
         # handed to torch.storage._load_from_bytes), so that is only noted.
-        hidden = [ref for ref in ctx.refs[saved[0]:] if ref.classification != "allowed"]
-        ctx.add("nested-pickle", Severity.HIGH if hidden else Severity.INFO, "evasion",
-                f"{member} holds a {'str' if is_str else 'bytes'} constant that is itself a "
-                f"pickle ({name}); scanned too",
-                member=name, offset=rel)
+        hidden = [ref for ref in ctx.refs[saved[0] :] if ref.classification != "allowed"]
+        ctx.add(
+            "nested-pickle",
+            Severity.HIGH if hidden else Severity.INFO,
+            "evasion",
+            f"{member} holds a {'str' if is_str else 'bytes'} constant that is itself a "
+            f"pickle ({name}); scanned too",
+            member=name,
+            offset=rel,
+        )
 
     def record_persistent(pid: object) -> None:
         if not isinstance(pid, tuple) or not pid:
             return
         tag = pid[0]
         if isinstance(tag, Bytes):
-            tag = bytes(tag.buf[tag.start:tag.end]).decode("latin-1")
+            tag = bytes(tag.buf[tag.start : tag.end]).decode("latin-1")
         if tag != "storage":
             return
         rec = _storage_record(ctx, pid, member)
         if rec is None:
-            ctx.add("malformed-storage-record", Severity.MEDIUM, "format",
-                    f"persistent id in {member} names a storage but is not a valid storage record",
-                    member=member, offset=op_off - start)
+            ctx.add(
+                "malformed-storage-record",
+                Severity.MEDIUM,
+                "format",
+                f"persistent id in {member} names a storage but is not a valid storage record",
+                member=member,
+                offset=op_off - start,
+            )
         else:
             ctx.storages.append(rec)
 
     def joblib_array(state: object) -> None:
         nonlocal frame_end, pos
         if frame_end > pos:  # joblib ends the frame before writing the array bytes
-            ctx.add("pickle-frame-mismatch", Severity.MEDIUM, "evasion",
-                    f"joblib array data in {member} starts inside a FRAME",
-                    member=member, offset=pos - start)
+            ctx.add(
+                "pickle-frame-mismatch",
+                Severity.MEDIUM,
+                "evasion",
+                f"joblib array data in {member} starts inside a FRAME",
+                member=member,
+                offset=pos - start,
+            )
         frame_end = -1
         info = _joblib_layout(state)
         if info is None:
@@ -344,7 +386,7 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
         if isinstance(state, Dict):  # the host's own reading of the array, for _verify
             h = hashlib.sha256()
             for lo in range(pos, pos + nbytes, 1 << 24):  # in slices: no copy of a large array
-                h.update(buf[lo:min(lo + (1 << 24), pos + nbytes)])
+                h.update(buf[lo : min(lo + (1 << 24), pos + nbytes)])
             ctx.joblib_arrays.append(_joblib_digest(state, h.hexdigest()))
         pos += nbytes
 
@@ -393,8 +435,8 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
                 n = op - 0x84
                 if len(stack) - fence < n:
                     raise Invalid(-1, "unpickling stack underflow")
-                items = stack[len(stack) - n:]
-                del stack[len(stack) - n:]
+                items = stack[len(stack) - n :]
+                del stack[len(stack) - n :]
                 stack.append(tuple(items))
             elif op == 0x29:  # EMPTY_TUPLE
                 stack.append(())
@@ -402,16 +444,28 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
                 args = pop()
                 func = pop()
                 called(func)
-                _note_partial(ctx, func, isinstance(args, tuple) and len(args) >= 1
-                              and _inert_target(ctx, args[0]) and _literal(args[1:]))
+                _note_partial(
+                    ctx,
+                    func,
+                    isinstance(args, tuple)
+                    and len(args) >= 1
+                    and _inert_target(ctx, args[0])
+                    and _literal(args[1:]),
+                )
                 stack.append(Obj("reduce", func, args))
             elif op == 0x62:  # BUILD
                 state = pop()
                 inst = top()
                 if isinstance(inst, Obj) and _partial_ref(ctx, inst.callee) is not None:
                     # partial.__setstate__((func, args, keywords, __dict__)): still not a call
-                    _note_partial(ctx, inst.callee, isinstance(state, tuple) and len(state) == 4
-                                  and _inert_target(ctx, state[0]) and _literal(state[1:]))
+                    _note_partial(
+                        ctx,
+                        inst.callee,
+                        isinstance(state, tuple)
+                        and len(state) == 4
+                        and _inert_target(ctx, state[0])
+                        and _literal(state[1:]),
+                    )
                 else:
                     called(inst)
                 if isinstance(inst, Obj):
@@ -500,7 +554,7 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
                 if arg[1] - arg[0] > _MAX_STR:
                     stack.append(LONG_STR)
                 else:
-                    push_str(bytes(buf[arg[0]:arg[1]]).decode("latin-1"), arg[0])
+                    push_str(bytes(buf[arg[0] : arg[1]]).decode("latin-1"), arg[0])
             elif op == 0x53:  # STRING
                 if len(arg) > _MAX_STR:
                     stack.append(LONG_STR)
@@ -518,17 +572,21 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
                 if pos + arg > end:
                     # the C unpickler reads on regardless of a lying FRAME length: so do we, or a
                     # scanner goes blind while the loader runs every opcode that follows
-                    ctx.add("pickle-frame-mismatch", Severity.MEDIUM, "evasion",
-                            f"a FRAME in {member} claims {arg} bytes but only {end - pos} follow; "
-                            "the opcodes after it are read anyway",
-                            member=member, offset=op_off - start)
+                    ctx.add(
+                        "pickle-frame-mismatch",
+                        Severity.MEDIUM,
+                        "evasion",
+                        f"a FRAME in {member} claims {arg} bytes but only {end - pos} follow; "
+                        "the opcodes after it are read anyway",
+                        member=member,
+                        offset=op_off - start,
+                    )
                     frame_end = -1
                 else:
                     frame_end = pos + arg
             elif op == 0x2E:  # STOP
                 value = pop()
-                ctx.protocol_max = max_proto if ctx.protocol_max is None else \
-                    max(ctx.protocol_max, max_proto)
+                ctx.protocol_max = max_proto if ctx.protocol_max is None else max(ctx.protocol_max, max_proto)
                 return WalkOut(value, pos, max_proto)
             elif op == 0x30:  # POP
                 if marks and marks[-1] == len(stack):
@@ -572,10 +630,15 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
             if frame_end >= 0:
                 if pos > frame_end and op_off < frame_end and not straddle_reported:
                     straddle_reported = True
-                    ctx.add("pickle-frame-mismatch", Severity.MEDIUM, "evasion",
-                            f"an opcode in {member} runs past the end of its FRAME; framed readers "
-                            "and the C unpickler disagree on such streams",
-                            member=member, offset=op_off - start)
+                    ctx.add(
+                        "pickle-frame-mismatch",
+                        Severity.MEDIUM,
+                        "evasion",
+                        f"an opcode in {member} runs past the end of its FRAME; framed readers "
+                        "and the C unpickler disagree on such streams",
+                        member=member,
+                        offset=op_off - start,
+                    )
                 if pos >= frame_end:
                     frame_end = -1
     except Fault as exc:
@@ -583,8 +646,7 @@ def walk(ctx: Ctx, buf: Buf, start: int, end: int, member: str, *, nest: int = 0
         raise
 
 
-def walk_quietly(ctx: Ctx, buf: Buf, start: int, end: int, label: str, *,
-                 nest: int = 0) -> WalkOut | None:
+def walk_quietly(ctx: Ctx, buf: Buf, start: int, end: int, label: str, *, nest: int = 0) -> WalkOut | None:
     """:func:`walk` over bytes that may not be a pickle at all (a constant that starts like
     one, data after a stream): a fault that found no global leaves no trace (rolled back), one
     that did keeps what it found; a limit is a finding. ``None`` unless it reached STOP."""
@@ -624,8 +686,11 @@ def _note_partial(ctx: Ctx, func: object, inert: bool) -> None:
 def _inert_target(ctx: Ctx, value: object) -> bool:
     """A global a partial may bind without risk at load time: one that is not dangerous (an
     optimizer or scheduler class, an activation function); binding never calls it."""
-    return isinstance(value, Global) and ctx.refs[value.idx].classification != "dangerous" \
+    return (
+        isinstance(value, Global)
+        and ctx.refs[value.idx].classification != "dangerous"
         and not ctx.refs[value.idx].unresolved
+    )
 
 
 def _literal(value: object, depth: int = 0) -> bool:
@@ -637,11 +702,11 @@ def _literal(value: object, depth: int = 0) -> bool:
     if isinstance(value, tuple):
         return all(_literal(v, depth + 1) for v in value)
     if isinstance(value, List):
-        return value.count == len(value.items) and all(_literal(v, depth + 1)
-                                                      for v in value.items)
+        return value.count == len(value.items) and all(_literal(v, depth + 1) for v in value.items)
     if isinstance(value, Dict):
         return value.count == len(value.items) and all(
-            _literal(k, depth + 1) and _literal(v, depth + 1) for k, v in value.items)
+            _literal(k, depth + 1) and _literal(v, depth + 1) for k, v in value.items
+        )
     return False
 
 
@@ -673,27 +738,30 @@ def _storage_record(ctx: Ctx, pid: tuple[object, ...], member: str) -> StorageRe
     if entry is None or not ref.module.startswith("torch"):
         return None
     if isinstance(location, Bytes):
-        location = bytes(location.buf[location.start:location.end]).decode("latin-1")
+        location = bytes(location.buf[location.start : location.end]).decode("latin-1")
     if not isinstance(key, (str, int)) or isinstance(key, bool) or not isinstance(location, str):
         return None
     if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
         return None
-    return StorageRecord(key=str(key), dtype=entry[0], numel=numel, location=location,
-                         member=member)
+    return StorageRecord(key=str(key), dtype=entry[0], numel=numel, location=location, member=member)
 
 
 def _joblib_digest(state: Dict, sha256: str) -> JoblibArray:
     """dtype code, byte order, shape, memory order and sha256 of one inline joblib array."""
     dtype = state.get("dtype")
-    code = dtype.args[0] if isinstance(dtype, Obj) and isinstance(dtype.args, tuple) and \
-        dtype.args and isinstance(dtype.args[0], str) else "?"
+    code = (
+        dtype.args[0]
+        if isinstance(dtype, Obj)
+        and isinstance(dtype.args, tuple)
+        and dtype.args
+        and isinstance(dtype.args[0], str)
+        else "?"
+    )
     dstate = dtype.state if isinstance(dtype, Obj) else None
-    order = dstate[1] if isinstance(dstate, tuple) and len(dstate) > 1 and \
-        isinstance(dstate[1], str) else "|"
+    order = dstate[1] if isinstance(dstate, tuple) and len(dstate) > 1 and isinstance(dstate[1], str) else "|"
     shape = state.get("shape")
     memory = state.get("order")
-    return JoblibArray(code, order, shape if isinstance(shape, tuple) else (),
-                       memory == "F", sha256)
+    return JoblibArray(code, order, shape if isinstance(shape, tuple) else (), memory == "F", sha256)
 
 
 def _joblib_layout(state: object) -> tuple[int, bool, bool] | None:
@@ -735,9 +803,18 @@ def _joblib_layout(state: object) -> tuple[int, bool, bool] | None:
 
 
 def _global_refs(ctx: Ctx) -> tuple[GlobalRef, ...]:
-    return tuple(GlobalRef(module=r.module, name=r.name, member=r.member, opcode=r.opcode,
-                           offset=r.offset, classification=classification(r), called=r.called)
-                 for r in ctx.refs)
+    return tuple(
+        GlobalRef(
+            module=r.module,
+            name=r.name,
+            member=r.member,
+            opcode=r.opcode,
+            offset=r.offset,
+            classification=classification(r),
+            called=r.called,
+        )
+        for r in ctx.refs
+    )
 
 
 def _global_findings(ctx: Ctx) -> list[Finding]:
@@ -751,23 +828,36 @@ def _global_findings(ctx: Ctx) -> list[Finding]:
     for (member, module, name), refs in groups.items():
         first = next((r for r in refs if classification(r) == "dangerous"), refs[0])
         dangerous = classification(first) == "dangerous"
-        out.append(Finding(
-            rule="dangerous-global" if dangerous else "unknown-global",
-            severity=_SEVERITY_OF[classification(first)],
-            category=(first.category or "exec") if dangerous else "exec",
-            message=(f"{member} imports {'dangerous' if dangerous else 'non-allowlisted'} "
-                     f"global {module}.{name}"
-                     + (" and calls it" if any(r.called for r in refs) else "")),
-            evidence={"global": f"{module}.{name}", "member": member, "offset": first.offset,
-                      "opcode": first.opcode, "count": len(refs),
-                      "called": any(r.called for r in refs)},
-        ))
+        out.append(
+            Finding(
+                rule="dangerous-global" if dangerous else "unknown-global",
+                severity=_SEVERITY_OF[classification(first)],
+                category=(first.category or "exec") if dangerous else "exec",
+                message=(
+                    f"{member} imports {'dangerous' if dangerous else 'non-allowlisted'} "
+                    f"global {module}.{name}" + (" and calls it" if any(r.called for r in refs) else "")
+                ),
+                evidence={
+                    "global": f"{module}.{name}",
+                    "member": member,
+                    "offset": first.offset,
+                    "opcode": first.opcode,
+                    "count": len(refs),
+                    "called": any(r.called for r in refs),
+                },
+            )
+        )
     return out
 
 
 def result(ctx: Ctx, fmt: str, torch_would_load: str | None) -> StaticScan:
-    return StaticScan(format=fmt, pickles=tuple(ctx.pickles), globals=_global_refs(ctx),
-                      storages=tuple(ctx.storages),
-                      findings=tuple(ctx.findings) + tuple(_global_findings(ctx)),
-                      protocol_max=ctx.protocol_max, torch_would_load=torch_would_load,
-                      joblib_arrays=tuple(ctx.joblib_arrays))
+    return StaticScan(
+        format=fmt,
+        pickles=tuple(ctx.pickles),
+        globals=_global_refs(ctx),
+        storages=tuple(ctx.storages),
+        findings=tuple(ctx.findings) + tuple(_global_findings(ctx)),
+        protocol_max=ctx.protocol_max,
+        torch_would_load=torch_would_load,
+        joblib_arrays=tuple(ctx.joblib_arrays),
+    )

@@ -35,13 +35,17 @@ def input_identity(host_sha256: str, status: P.Status | None) -> Finding | None:
     if status is None or status.input_sha256 is None or status.input_sha256 == host_sha256:
         return None
     return Finding(
-        rule="input-changed", severity=Severity.HIGH, category="evasion",
+        rule="input-changed",
+        severity=Severity.HIGH,
+        category="evasion",
         message="the file inside the sandbox differs from the file the host hashed",
-        evidence={"host_sha256": host_sha256, "sandbox_sha256": status.input_sha256})
+        evidence={"host_sha256": host_sha256, "sandbox_sha256": status.input_sha256},
+    )
 
 
-def _returned(manifest: P.Manifest, tensors: Mapping[str, torch.Tensor] | None,
-              want_view: Mapping[str, Any] | None) -> dict[str, _reconstruct.Actual]:
+def _returned(
+    manifest: P.Manifest, tensors: Mapping[str, torch.Tensor] | None, want_view: Mapping[str, Any] | None
+) -> dict[str, _reconstruct.Actual]:
     """What the sandbox returned per tensor name: stored tensors by the manifest's sha256
     (the host has already checked every stored tensor's bytes against it); a view by the
     digest of what the caller will see when the host holds the ``tensors`` (and, with
@@ -51,8 +55,7 @@ def _returned(manifest: P.Manifest, tensors: Mapping[str, torch.Tensor] | None,
         actual[e.name] = (e.dtype, e.shape, e.sha256)
     for v in manifest.views:
         digest = None
-        if tensors is not None and v.name in tensors and \
-                (want_view is None or v.name in want_view):
+        if tensors is not None and v.name in tensors and (want_view is None or v.name in want_view):
             from sandbox._convert import tensor_digest
 
             digest = tensor_digest(tensors[v.name])
@@ -60,8 +63,7 @@ def _returned(manifest: P.Manifest, tensors: Mapping[str, torch.Tensor] | None,
     return actual
 
 
-_Reading: TypeAlias = (
-    "_reconstruct.Reconstruction | _reconstruct.Inventory | _reconstruct.NotReconstructed")
+_Reading: TypeAlias = "_reconstruct.Reconstruction | _reconstruct.Inventory | _reconstruct.NotReconstructed"
 
 
 class Reading:
@@ -71,8 +73,9 @@ class Reading:
     def __init__(self, path: str, scan: _scan.StaticScan | None) -> None:
         self._result: _Reading | BaseException | None = None
         self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(path, scan), daemon=True,
-                                        name="model-sandbox-verify")
+        self._thread = threading.Thread(
+            target=self._run, args=(path, scan), daemon=True, name="model-sandbox-verify"
+        )
         self._thread.start()
 
     def _run(self, path: str, scan: _scan.StaticScan | None) -> None:
@@ -95,9 +98,22 @@ class Reading:
 
 
 # numpy dtype codes (native or no byte order) -> the torch dtype the sandbox returns them as
-_NP_TORCH = {"f2": "float16", "f4": "float32", "f8": "float64", "i1": "int8", "i2": "int16",
-             "i4": "int32", "i8": "int64", "u1": "uint8", "u2": "uint16", "u4": "uint32",
-             "u8": "uint64", "b1": "bool", "c8": "complex64", "c16": "complex128"}
+_NP_TORCH = {
+    "f2": "float16",
+    "f4": "float32",
+    "f8": "float64",
+    "i1": "int8",
+    "i2": "int16",
+    "i4": "int32",
+    "i8": "int64",
+    "u1": "uint8",
+    "u2": "uint16",
+    "u4": "uint32",
+    "u8": "uint64",
+    "b1": "bool",
+    "c8": "complex64",
+    "c16": "complex128",
+}
 
 
 def joblib_inventory(scan: _scan.StaticScan) -> _reconstruct.Inventory:
@@ -114,24 +130,27 @@ def joblib_inventory(scan: _scan.StaticScan) -> _reconstruct.Inventory:
         if dtype is None or (a.fortran and len(a.shape) > 1) or a.byteorder not in ("|", "=", native):
             continue
         digests.add((dtype, a.shape, a.sha256))
-    return _reconstruct.Inventory(format="joblib", digests=frozenset(digests), findings=(),
-                                  named={})
+    return _reconstruct.Inventory(format="joblib", digests=frozenset(digests), findings=(), named={})
 
 
-def weights(path: str, manifest: P.Manifest,
-            tensors: Mapping[str, torch.Tensor] | None = None,
-            scan: _scan.StaticScan | None = None, reading: Reading | None = None) -> list[Finding]:
+def weights(
+    path: str,
+    manifest: P.Manifest,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    scan: _scan.StaticScan | None = None,
+    reading: Reading | None = None,
+) -> list[Finding]:
     """Compare what the sandbox returned with an independent reading of the file.
 
     ``scan``: the static stage's complete scan of the same file, when there is one (the file
     is not scanned again); ``reading``: that reading, already under way."""
     got = reading.result() if reading is not None else _reconstruct.read(path, scan)
-    if isinstance(got, _reconstruct.NotReconstructed) and scan is not None and \
-            scan.format == "joblib":
+    if isinstance(got, _reconstruct.NotReconstructed) and scan is not None and scan.format == "joblib":
         got = joblib_inventory(scan)
     if isinstance(got, _reconstruct.Reconstruction):
         return list(got.findings) + _reconstruct.compare_digests(
-            got, _returned(manifest, tensors, got.tensors))
+            got, _returned(manifest, tensors, got.tensors)
+        )
     actual = _returned(manifest, tensors, None)
     if not actual:
         return []  # nothing handed over, nothing to verify
@@ -142,34 +161,62 @@ def weights(path: str, manifest: P.Manifest,
         found: list[Finding] = []
     else:
         # a name both readings give (plain containers from the top) must hold the same tensor
-        differ = [n for n, got in sorted(actual.items())
-                  if n in inv.named and got[2] is not None and got != inv.named[n]]
+        differ = [
+            n
+            for n, got in sorted(actual.items())
+            if n in inv.named and got[2] is not None and got != inv.named[n]
+        ]
         changed: list[dict[str, Any]] = [
-            {"name": n, "expected_sha256": inv.named[n][2], "actual_sha256": actual[n][2],
-             "expected_shape": list(inv.named[n][1]), "actual_shape": list(actual[n][1])}
-            for n in differ]
-        unverified = sorted(n for n, (dtype, shape, digest) in actual.items()
-                            if digest is not None and (dtype, shape, digest) not in inv.digests
-                            and n not in differ)
-        reason = ("not among the tensors the file's records describe: computed or changed "
-                  "while loading")
+            {
+                "name": n,
+                "expected_sha256": inv.named[n][2],
+                "actual_sha256": actual[n][2],
+                "expected_shape": list(inv.named[n][1]),
+                "actual_shape": list(actual[n][1]),
+            }
+            for n in differ
+        ]
+        unverified = sorted(
+            n
+            for n, (dtype, shape, digest) in actual.items()
+            if digest is not None and (dtype, shape, digest) not in inv.digests and n not in differ
+        )
+        reason = "not among the tensors the file's records describe: computed or changed while loading"
         found = list(inv.findings)
         if changed:
-            found.append(Finding(
-                rule="weights-tampered", severity=Severity.HIGH, category="evasion",
-                message=("the loader returned other weights than the file holds under these "
-                         "names: " + ", ".join(differ[:5])
-                         + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")),
-                evidence={"tensors": changed[:_MAX_NAMED], "count": len(changed),
-                          "format": inv.format}))
+            found.append(
+                Finding(
+                    rule="weights-tampered",
+                    severity=Severity.HIGH,
+                    category="evasion",
+                    message=(
+                        "the loader returned other weights than the file holds under these "
+                        "names: "
+                        + ", ".join(differ[:5])
+                        + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+                    ),
+                    evidence={"tensors": changed[:_MAX_NAMED], "count": len(changed), "format": inv.format},
+                )
+            )
     if unverified:
-        found.append(Finding(
-            rule="weights-unverified", severity=Severity.MEDIUM, category="integrity",
-            message=(f"{len(unverified)} of the {len(actual)} tensors the loader returned could "
-                     f"not be verified against the file ({reason}): "
-                     + ", ".join(unverified[:5])
-                     + (f" and {len(unverified) - 5} more" if len(unverified) > 5 else "")),
-            evidence={"tensors": unverified[:_MAX_NAMED], "count": len(unverified),
-                      "returned": len(actual), "reason": reason,
-                      "format": inv.format}))
+        found.append(
+            Finding(
+                rule="weights-unverified",
+                severity=Severity.MEDIUM,
+                category="integrity",
+                message=(
+                    f"{len(unverified)} of the {len(actual)} tensors the loader returned could "
+                    f"not be verified against the file ({reason}): "
+                    + ", ".join(unverified[:5])
+                    + (f" and {len(unverified) - 5} more" if len(unverified) > 5 else "")
+                ),
+                evidence={
+                    "tensors": unverified[:_MAX_NAMED],
+                    "count": len(unverified),
+                    "returned": len(actual),
+                    "reason": reason,
+                    "format": inv.format,
+                },
+            )
+        )
     return found

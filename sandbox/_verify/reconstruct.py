@@ -83,13 +83,23 @@ CANCELLED = "the reading was cancelled: its result is no longer wanted"
 _TIME_BUDGET_S = 300.0
 _MAX_EVIDENCE = 20  # tensors named in one finding
 
-_REBUILDERS = frozenset({
-    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
-    "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_parameter",
-})
+_REBUILDERS = frozenset(
+    {
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+    }
+)
 _DTYPE_ALIASES = {
-    "float": "float32", "double": "float64", "half": "float16", "short": "int16",
-    "int": "int32", "long": "int64", "cfloat": "complex64", "cdouble": "complex128",
+    "float": "float32",
+    "double": "float64",
+    "half": "float16",
+    "short": "int16",
+    "int": "int32",
+    "long": "int64",
+    "cfloat": "complex64",
+    "cdouble": "complex128",
     "chalf": "complex32",
 }
 _LEGACY_PROTOCOL_VERSION = 1001
@@ -201,12 +211,18 @@ class _Storage:
 
 
 class _Tensor:
-    __slots__ = ("dtype", "metadata", "offset", "parameter", "shape", "storage", "stride",
-                 "tainted")
+    __slots__ = ("dtype", "metadata", "offset", "parameter", "shape", "storage", "stride", "tainted")
 
-    def __init__(self, storage: _Storage, dtype: str, offset: int, shape: tuple[int, ...],
-                 stride: tuple[int, ...], metadata: tuple[tuple[str, bool], ...] = (),
-                 parameter: bool = False) -> None:
+    def __init__(
+        self,
+        storage: _Storage,
+        dtype: str,
+        offset: int,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+        metadata: tuple[tuple[str, bool], ...] = (),
+        parameter: bool = False,
+    ) -> None:
         self.storage = storage
         self.dtype = dtype
         self.offset = offset
@@ -248,8 +264,7 @@ class _NpArray:
         self.data: bytes | None = None
 
 
-_NP_RECONSTRUCT = frozenset({"numpy.core.multiarray._reconstruct",
-                             "numpy._core.multiarray._reconstruct"})
+_NP_RECONSTRUCT = frozenset({"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"})
 _NP_SCALAR = frozenset({"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"})
 _NP_FROMBUFFER = frozenset({"numpy.core.numeric._frombuffer", "numpy._core.numeric._frombuffer"})
 _NP_CODE = re.compile(r"[<>|=]?[?bBhHiIlLqQefdgFDGuicf][0-9]{0,2}")
@@ -274,8 +289,7 @@ def _storage_type(name: str) -> _StorageType | None:
         return None
     # a quantized storage holds the bytes of its integer representation (what the sandbox
     # returns as a quantized tensor's int_repr)
-    return _StorageType(base, {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}.get(
-        entry[0], entry[0]))
+    return _StorageType(base, {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}.get(entry[0], entry[0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,14 +337,14 @@ def _check_hooks(v: object) -> None:
 def _metadata(v: object) -> tuple[tuple[str, bool], ...]:
     if v is None:
         return ()
-    if not isinstance(v, dict) or not all(k in ("conj", "neg") and isinstance(b, bool)
-                                          for k, b in v.items()):
+    if not isinstance(v, dict) or not all(k in ("conj", "neg") and isinstance(b, bool) for k, b in v.items()):
         raise _Unsupported("tensor metadata other than the conj/neg bits")
     return tuple(sorted((str(k), bool(b)) for k, b in v.items() if b))
 
 
-def _make_tensor(storage: object, offset: object, size: object, stride: object, dtype: str | None,
-                 metadata: object) -> _Tensor:
+def _make_tensor(
+    storage: object, offset: object, size: object, stride: object, dtype: str | None, metadata: object
+) -> _Tensor:
     if not isinstance(storage, _Storage):
         raise _Unsupported("a tensor is rebuilt from something other than a storage record")
     if not _is_int(offset) or not isinstance(offset, int) or offset < 0:
@@ -401,8 +415,7 @@ def _call_known(func: object, args: object, budget: _Budget) -> object:
         _check_hooks(args[5])
         if not isinstance(args[6], _Dtype):
             raise _Unsupported("_rebuild_tensor_v3 without a dtype")
-        return _make_tensor(args[0], args[1], args[2], args[3], args[6].name,
-                            args[7] if n == 8 else None)
+        return _make_tensor(args[0], args[1], args[2], args[3], args[6].name, args[7] if n == 8 else None)
     if name == "torch._utils._rebuild_parameter":
         if n != 3 or not isinstance(args[0], _Tensor) or not isinstance(args[1], bool):
             raise _Unsupported("_rebuild_parameter with unexpected arguments")
@@ -430,8 +443,7 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
         if n == 4 and isinstance(args[0], _Tensor) and isinstance(args[1], bool):
             _check_hooks(args[2])
             t = args[0]
-            p = _Tensor(t.storage, t.dtype, t.offset, t.shape, t.stride, t.metadata,
-                        parameter=True)
+            p = _Tensor(t.storage, t.dtype, t.offset, t.shape, t.stride, t.metadata, parameter=True)
             p.tainted = t.tainted or not _harmless_state(args[3])
             return p
         return _Opaque(name, list(args))
@@ -446,8 +458,12 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
         return b""
     if name == "builtins.bytearray" and n == 0:
         return bytearray()
-    if name == "builtins.bytearray" and n == 2 and isinstance(args[0], str) and \
-            args[1] in ("latin1", "latin-1"):
+    if (
+        name == "builtins.bytearray"
+        and n == 2
+        and isinstance(args[0], str)
+        and args[1] in ("latin1", "latin-1")
+    ):
         try:
             return bytearray(args[0].encode("latin-1"))
         except UnicodeEncodeError:
@@ -465,8 +481,12 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
             return a
         return _Opaque(name, list(args))
     if name in _NP_FROMBUFFER:
-        if n == 4 and isinstance(args[0], (bytes, bytearray)) and isinstance(args[1], _NpDtype) \
-                and args[3] in ("C", "F"):
+        if (
+            n == 4
+            and isinstance(args[0], (bytes, bytearray))
+            and isinstance(args[1], _NpDtype)
+            and args[3] in ("C", "F")
+        ):
             a = _NpArray()
             a.data, a.dtype, a.fortran = bytes(args[0]), args[1], args[3] == "F"
             a.shape = _int_tuple(args[2], "shape") if isinstance(args[2], (tuple, list)) else ()
@@ -484,9 +504,13 @@ def _harmless_state(state: object) -> bool:
         return all(_harmless_state(s) for s in state)
     if not isinstance(state, dict):
         return False
-    return all(isinstance(k, str) and not k.startswith("_data") and k not in
-               ("data", "grad", "real", "imag", "__class__", "__dict__") and
-               (v is None or isinstance(v, (bool, int, float, str))) for k, v in state.items())
+    return all(
+        isinstance(k, str)
+        and not k.startswith("_data")
+        and k not in ("data", "grad", "real", "imag", "__class__", "__dict__")
+        and (v is None or isinstance(v, (bool, int, float, str)))
+        for k, v in state.items()
+    )
 
 
 def _resolve_global(module: str, name: str, proto: int, budget: _Budget) -> object:
@@ -511,8 +535,9 @@ def _resolve_global(module: str, name: str, proto: int, budget: _Budget) -> obje
     raise _Unsupported(f"the pickle imports {full}, which a plain state_dict does not need")
 
 
-def _evaluate(buf: Buf, start: int, end: int, persistent: _Persistent | None,
-              budget: _Budget) -> tuple[object, int]:
+def _evaluate(
+    buf: Buf, start: int, end: int, persistent: _Persistent | None, budget: _Budget
+) -> tuple[object, int]:
     """Evaluate one pickle stream in ``buf[start:end]``; returns (value, offset after STOP).
 
     Raises ``_Unsupported`` for anything a plain ``torch.save`` of a state_dict does not write
@@ -524,8 +549,9 @@ def _evaluate(buf: Buf, start: int, end: int, persistent: _Persistent | None,
         raise _Unsupported(exc.message) from None
 
 
-def _interpret(buf: Buf, pos: int, end: int, persistent: _Persistent | None,
-               budget: _Budget) -> tuple[object, int]:
+def _interpret(
+    buf: Buf, pos: int, end: int, persistent: _Persistent | None, budget: _Budget
+) -> tuple[object, int]:
     """The reconstruction's interpreter over the shared opcode decoder (see :func:`_evaluate`)."""
     proto = 0
     stack: list[object] = []
@@ -569,8 +595,7 @@ def _interpret(buf: Buf, pos: int, end: int, persistent: _Persistent | None,
                 key = items[i]
                 if not _plain_key(key):
                     if not budget.general:
-                        raise _Unsupported("a dict key is not a str/int/float/bool/None/bytes/"
-                                           "tuple")
+                        raise _Unsupported("a dict key is not a str/int/float/bool/None/bytes/tuple")
                     key = _Opaque("<key>", [key])
                 target[key] = items[i + 1]
         except TypeError:
@@ -606,8 +631,8 @@ def _interpret(buf: Buf, pos: int, end: int, persistent: _Persistent | None,
             n = op - 0x84
             if len(stack) - fence() < n:
                 raise _Unsupported("unpickling stack underflow")
-            items = stack[len(stack) - n:]
-            del stack[len(stack) - n:]
+            items = stack[len(stack) - n :]
+            del stack[len(stack) - n :]
             stack.append(tuple(items))
         elif op == 0x6C:  # LIST
             stack.append(pop_mark())
@@ -659,7 +684,7 @@ def _interpret(buf: Buf, pos: int, end: int, persistent: _Persistent | None,
         elif op in (0x58, 0x8C, 0x8D):  # BINUNICODE / SHORT_BINUNICODE / BINUNICODE8
             stack.append(text(buf, arg))
         elif op in (0x42, 0x43, 0x8E):  # BINBYTES / SHORT_BINBYTES / BINBYTES8
-            stack.append(bytes(buf[arg[0]:arg[1]]))
+            stack.append(bytes(buf[arg[0] : arg[1]]))
         elif op == 0x63:  # GLOBAL
             stack.append(_resolve_global(arg[0], arg[1], proto, budget))
         elif op == 0x93:  # STACK_GLOBAL
@@ -678,8 +703,7 @@ def _interpret(buf: Buf, pos: int, end: int, persistent: _Persistent | None,
             if budget.general and not isinstance(inst, (dict, list, tuple)):
                 _build_general(inst, state, budget)
             elif not isinstance(inst, collections.OrderedDict) or not _attr_state(state):
-                raise _Unsupported("BUILD (setstate) on something other than an OrderedDict's "
-                                   "attributes")
+                raise _Unsupported("BUILD (setstate) on something other than an OrderedDict's attributes")
         elif op == 0x51:  # BINPERSID
             pid = pop()
             if persistent is None:
@@ -699,21 +723,25 @@ def _interpret(buf: Buf, pos: int, end: int, persistent: _Persistent | None,
         elif budget.general and op == 0x69:  # INST module\nname\n, MARK args
             stack.append(_Opaque(f"{arg[0]}.{arg[1]}", pop_mark()))
         elif budget.general and op in (0x55, 0x54):  # SHORT_BINSTRING / BINSTRING
-            stack.append(bytes(buf[arg[0]:arg[1]]).decode("latin-1"))
+            stack.append(bytes(buf[arg[0] : arg[1]]).decode("latin-1"))
         elif budget.general and op == 0x96:  # BYTEARRAY8
-            stack.append(bytearray(bytes(buf[arg[0]:arg[1]])))
+            stack.append(bytearray(bytes(buf[arg[0] : arg[1]])))
         elif budget.general and op in (0x82, 0x83, 0x84):  # EXT1/2/4: copyreg's registry
             stack.append(_Global(f"<extension {arg}>"))
         else:
-            raise _Unsupported(f"pickle opcode 0x{op:02x} is not one torch.save writes for a "
-                               "state_dict")
+            raise _Unsupported(f"pickle opcode 0x{op:02x} is not one torch.save writes for a state_dict")
 
 
 _GENERAL_OPS = frozenset({0x81, 0x92, 0x6F, 0x8F, 0x90, 0x91})
 
 
-def _general_op(op: int, stack: list[object], pop: Callable[[], object],
-                pop_mark: Callable[[], list[object]], budget: _Budget) -> None:
+def _general_op(
+    op: int,
+    stack: list[object],
+    pop: Callable[[], object],
+    pop_mark: Callable[[], list[object]],
+    budget: _Budget,
+) -> None:
     """The general reading's object and set opcodes: every new object is inert."""
     if op == 0x81:  # NEWOBJ cls args
         args = pop()
@@ -756,8 +784,12 @@ def _build_general(inst: object, state: object, budget: _Budget) -> None:
         if not isinstance(state, tuple) or len(state) != 4 or inst.data is not None:
             raise _Unsupported("numpy array state is not (shape, dtype, fortran, data)")
         shape, dtype, fortran, data = state
-        if isinstance(dtype, _NpDtype) and isinstance(data, (bytes, bytearray)) and \
-                isinstance(fortran, bool) and isinstance(shape, (tuple, list)):
+        if (
+            isinstance(dtype, _NpDtype)
+            and isinstance(data, (bytes, bytearray))
+            and isinstance(fortran, bool)
+            and isinstance(shape, (tuple, list))
+        ):
             inst.shape, inst.dtype, inst.fortran = _int_tuple(shape, "shape"), dtype, fortran
             inst.data = bytes(data)
         # else: an object array (data is a list) or something odd: not a numeric array
@@ -851,8 +883,9 @@ class _Layout:
     findings: list[Finding] = field(default_factory=list)
 
 
-def _storage_claims(claims: dict[object, _Storage], key: object, stype: object, numel: object,
-                    *, legacy: bool = False) -> _Storage:
+def _storage_claims(
+    claims: dict[object, _Storage], key: object, stype: object, numel: object, *, legacy: bool = False
+) -> _Storage:
     """persistent_load's cache: the first record of a key fixes its dtype and size."""
     try:
         cached = claims.get(key)
@@ -892,15 +925,17 @@ def _zip_layout(buf: Buf, budget: _Budget) -> _Layout:
 
     def stored(e: ZipEntry) -> tuple[int, int]:
         if e.method != 0:
-            raise _Unsupported(f"zip member {e.text} is compressed (method {e.method}); torch's "
-                               "mmap reader would use its compressed bytes")
+            raise _Unsupported(
+                f"zip member {e.text} is compressed (method {e.method}); torch's "
+                "mmap reader would use its compressed bytes"
+            )
         return e.data_start, e.csize
 
     out = _Layout(value=None)
     order = record("byteorder")
     if order is not None:
         at, n = stored(order)
-        mark = bytes(buf[at:at + min(n, 16)])
+        mark = bytes(buf[at : at + min(n, 16)])
         if mark not in (b"little", b"big"):
             raise _Unsupported("byteorder record is neither 'little' nor 'big'")
         out.swap = mark == b"big"
@@ -908,8 +943,7 @@ def _zip_layout(buf: Buf, budget: _Budget) -> _Layout:
 
     def persistent(pid: object) -> object:
         if not isinstance(pid, tuple) or len(pid) != 5 or _decode_ascii(pid[0]) != "storage":
-            raise _Unsupported("persistent id is not a ('storage', type, key, location, numel) "
-                               "record")
+            raise _Unsupported("persistent id is not a ('storage', type, key, location, numel) record")
         return _storage_claims(claims, pid[2], pid[1], pid[4])
 
     at, n = stored(matches[0])
@@ -921,13 +955,19 @@ def _zip_layout(buf: Buf, budget: _Budget) -> _Layout:
         start, size = stored(member)
         out.regions[storage.root] = (start, min(size, storage.nbytes), storage.nbytes)
         if size != storage.nbytes:
-            out.findings.append(Finding(
-                rule="storage-size-mismatch", severity=Severity.MEDIUM, category="evasion",
-                message=(f"zip record data/{storage.root} holds {size} bytes but its storage "
-                         f"claims {storage.nbytes}; torch's mmap reader reads the claimed size "
-                         "from the record's start"),
-                evidence={"storage": storage.root, "record_bytes": size,
-                          "claimed_bytes": storage.nbytes}))
+            out.findings.append(
+                Finding(
+                    rule="storage-size-mismatch",
+                    severity=Severity.MEDIUM,
+                    category="evasion",
+                    message=(
+                        f"zip record data/{storage.root} holds {size} bytes but its storage "
+                        f"claims {storage.nbytes}; torch's mmap reader reads the claimed size "
+                        "from the record's start"
+                    ),
+                    evidence={"storage": storage.root, "record_bytes": size, "claimed_bytes": storage.nbytes},
+                )
+            )
     return out
 
 
@@ -944,8 +984,7 @@ def _legacy_layout(buf: Buf, budget: _Budget) -> _Layout:
     views: dict[object, _Storage] = {}
 
     def persistent(pid: object) -> object:
-        if budget.general and isinstance(pid, tuple) and pid and \
-                _decode_ascii(pid[0]) == "module":
+        if budget.general and isinstance(pid, tuple) and pid and _decode_ascii(pid[0]) == "module":
             return _Global("<module class>")  # (type, source file, source): the class itself
         if not isinstance(pid, tuple) or len(pid) != 6 or _decode_ascii(pid[0]) != "storage":
             raise _Unsupported("persistent id is not a legacy storage record")
@@ -983,23 +1022,30 @@ def _legacy_layout(buf: Buf, budget: _Budget) -> _Layout:
             raise _Unsupported(f"storage key {key!r} is listed but no tensor names it")
         if p + 8 > size:
             raise _Unsupported("the file ends inside the raw storages")
-        count = int.from_bytes(buf[p:p + 8], "little", signed=True)
+        count = int.from_bytes(buf[p : p + 8], "little", signed=True)
         nbytes = count * _element_size(storage.dtype)
         if count < 0 or nbytes != storage.nbytes:
-            raise _Unsupported(f"storage {storage.root} holds {count} elements on disk but "
-                               f"{storage.nbytes // _element_size(storage.dtype)} in its record; "
-                               "torch refuses the file")
+            raise _Unsupported(
+                f"storage {storage.root} holds {count} elements on disk but "
+                f"{storage.nbytes // _element_size(storage.dtype)} in its record; "
+                "torch refuses the file"
+            )
         if p + 8 + nbytes > size:
             raise _Unsupported("the file ends inside the raw storages")
         out.regions[storage.root] = (p + 8, nbytes, nbytes)
         p += 8 + nbytes
     for root in by_root:
         if root not in out.regions:
-            out.findings.append(Finding(
-                rule="storage-data-missing", severity=Severity.MEDIUM, category="evasion",
-                message=f"storage {root} is used by a tensor but the file holds no data for it; "
-                        "torch leaves its memory uninitialised",
-                evidence={"storage": root}))
+            out.findings.append(
+                Finding(
+                    rule="storage-data-missing",
+                    severity=Severity.MEDIUM,
+                    category="evasion",
+                    message=f"storage {root} is used by a tensor but the file holds no data for it; "
+                    "torch leaves its memory uninitialised",
+                    evidence={"storage": root},
+                )
+            )
             out.regions[root] = (0, 0, by_root[root].nbytes)
     return out
 
@@ -1024,13 +1070,17 @@ def _tar_layout(buf: Buf, budget: _Budget) -> _Layout:
     n, p = _evaluate(buf, start, end, None, budget)
     for _ in range(count_of(n, "storages")):
         rec, p = _evaluate(buf, p, end, None, budget)
-        if not isinstance(rec, tuple) or len(rec) != 3 or not isinstance(rec[2], _StorageType) \
-                or rec[2].name == "UntypedStorage":
+        if (
+            not isinstance(rec, tuple)
+            or len(rec) != 3
+            or not isinstance(rec[2], _StorageType)
+            or rec[2].name == "UntypedStorage"
+        ):
             raise _Unsupported("tar storage entry is not (key, location, typed storage type)")
         elem = _element_size(rec[2].dtype)
         if p + 8 > end:
             raise _Unsupported("tar storage header is truncated")
-        numel = int.from_bytes(buf[p:p + 8], "little", signed=True)
+        numel = int.from_bytes(buf[p : p + 8], "little", signed=True)
         if numel < 0 or p + 8 + numel * elem > end:
             raise _Unsupported("tar storage data is truncated")
         try:
@@ -1074,7 +1124,7 @@ def _tar_layout(buf: Buf, budget: _Budget) -> _Layout:
             raise _Unsupported("tar tensor names an unknown storage")
         if p + 8 > end:
             raise _Unsupported("tar tensor header is truncated")
-        ndim = int.from_bytes(buf[p:p + 4], "little", signed=True)
+        ndim = int.from_bytes(buf[p : p + 4], "little", signed=True)
         if ndim < 0 or ndim > P.MAX_NDIM or p + 8 + 16 * ndim + 8 > end:
             raise _Unsupported("tar tensor header is truncated or has too many dimensions")
         q = p + 8
@@ -1117,7 +1167,7 @@ def _storage_copy(buf: Buf, start: int, size: int, swap_as: str | None) -> bytea
     import torch
 
     with memoryview(buf) as file_view:
-        with file_view[start:start + size] as region:
+        with file_view[start : start + size] as region:
             raw = bytearray(region)
     unit = _swap_unit(swap_as) if swap_as is not None else 1
     whole = len(raw) - len(raw) % unit
@@ -1143,8 +1193,9 @@ def _swap_unit(dtype: str) -> int:
     return size // 2 if dtype.startswith("complex") else size
 
 
-def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: Buf, fmt: str,
-                 *, keep_data: bool, budget: _Budget) -> Reconstruction:
+def _materialise(
+    layout: _Layout, named: list[tuple[str, _Tensor]], buf: Buf, fmt: str, *, keep_data: bool, budget: _Budget
+) -> Reconstruction:
     import torch
 
     from sandbox._convert import tensor_digest
@@ -1169,29 +1220,48 @@ def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: Buf, fm
             window = min(t.storage.offset + t.storage.nbytes, available)
             if numel and last > window:
                 unreadable.add(name)
-                findings.append(Finding(
-                    rule="storage-too-short", severity=Severity.MEDIUM, category="evasion",
-                    message=(f"tensor {name} needs bytes {first}..{last} of storage {root} but "
-                             f"the file holds only {window}; torch would read memory that is not "
-                             "the file's"),
-                    evidence={"tensor": name, "storage": root, "needs_bytes": last,
-                              "has_bytes": window}))
+                findings.append(
+                    Finding(
+                        rule="storage-too-short",
+                        severity=Severity.MEDIUM,
+                        category="evasion",
+                        message=(
+                            f"tensor {name} needs bytes {first}..{last} of storage {root} but "
+                            f"the file holds only {window}; torch would read memory that is not "
+                            "the file's"
+                        ),
+                        evidence={"tensor": name, "storage": root, "needs_bytes": last, "has_bytes": window},
+                    )
+                )
                 continue
-            if numel and not keep_data and not layout.swap and not t.metadata and \
-                    row_major(t.shape, t.stride):
+            if (
+                numel
+                and not keep_data
+                and not layout.swap
+                and not t.metadata
+                and row_major(t.shape, t.stride)
+            ):
                 # the common case: the digest of the file's own bytes, with no copy and no torch
                 with memoryview(buf) as file_view:
-                    with file_view[start + first:start + last] as region:
+                    with file_view[start + first : start + last] as region:
                         digest = hashlib.sha256(region).hexdigest()
                 tensors[name] = StaticTensor(
-                    name=name, dtype=t.dtype, shape=t.shape, stride=t.stride, storage_key=root,
-                    storage_offset=t.offset, sha256=digest, metadata=t.metadata)
+                    name=name,
+                    dtype=t.dtype,
+                    shape=t.shape,
+                    stride=t.stride,
+                    storage_key=root,
+                    storage_offset=t.offset,
+                    sha256=digest,
+                    metadata=t.metadata,
+                )
                 continue
             dtype = getattr(torch, t.dtype)
             if numel:
                 if raw is None:
-                    raw = _storage_copy(buf, start, available,
-                                        uses[0][1].storage.dtype if layout.swap else None)
+                    raw = _storage_copy(
+                        buf, start, available, uses[0][1].storage.dtype if layout.swap else None
+                    )
                 flat = torch.frombuffer(raw, dtype=torch.uint8, offset=first, count=last - first)
                 view = flat.view(dtype).as_strided(t.shape, t.stride, 0)
             else:
@@ -1203,24 +1273,48 @@ def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: Buf, fm
                     torch._utils.set_tensor_metadata(view, meta)  # type: ignore[no-untyped-call]
                     view = view.resolve_conj().resolve_neg()
                 except (RuntimeError, NotImplementedError):
-                    raise _Unsupported(f"torch cannot set the {'/'.join(meta)} bit on a {t.dtype} "
-                                       "tensor; the load fails") from None
-                findings.append(Finding(
-                    rule="tensor-metadata-bits", severity=Severity.MEDIUM, category="evasion",
-                    message=(f"the pickle sets the {'/'.join(meta)} bit on tensor {name}: the "
-                             "loaded values are not the stored bytes but their "
-                             + ("negation" if "neg" in meta and "conj" not in meta
-                                else "conjugate" if "neg" not in meta else "negated conjugate")),
-                    evidence={"tensor": name, "bits": sorted(meta)}))
-            data = view.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() \
-                if keep_data and numel else (b"" if keep_data else None)
+                    raise _Unsupported(
+                        f"torch cannot set the {'/'.join(meta)} bit on a {t.dtype} tensor; the load fails"
+                    ) from None
+                findings.append(
+                    Finding(
+                        rule="tensor-metadata-bits",
+                        severity=Severity.MEDIUM,
+                        category="evasion",
+                        message=(
+                            f"the pickle sets the {'/'.join(meta)} bit on tensor {name}: the "
+                            "loaded values are not the stored bytes but their "
+                            + (
+                                "negation"
+                                if "neg" in meta and "conj" not in meta
+                                else "conjugate"
+                                if "neg" not in meta
+                                else "negated conjugate"
+                            )
+                        ),
+                        evidence={"tensor": name, "bits": sorted(meta)},
+                    )
+                )
+            data = (
+                view.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                if keep_data and numel
+                else (b"" if keep_data else None)
+            )
             tensors[name] = StaticTensor(
-                name=name, dtype=t.dtype, shape=t.shape, stride=t.stride, storage_key=root,
-                storage_offset=t.offset, sha256=tensor_digest(view), data=data,
-                metadata=t.metadata)
+                name=name,
+                dtype=t.dtype,
+                shape=t.shape,
+                stride=t.stride,
+                storage_key=root,
+                storage_offset=t.offset,
+                sha256=tensor_digest(view),
+                data=data,
+                metadata=t.metadata,
+            )
     ordered = {name: tensors[name] for name, _ in named if name in tensors}
-    return Reconstruction(format=fmt, tensors=ordered, unreadable=frozenset(unreadable),
-                          findings=tuple(findings))
+    return Reconstruction(
+        format=fmt, tensors=ordered, unreadable=frozenset(unreadable), findings=tuple(findings)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1228,12 +1322,15 @@ def _materialise(layout: _Layout, named: list[tuple[str, _Tensor]], buf: Buf, fm
 # --------------------------------------------------------------------------------------------
 
 _LAYOUTS: dict[str, Callable[[Buf, _Budget], _Layout]] = {
-    "torch-zip": _zip_layout, "torch-legacy": _legacy_layout, "torch-tar": _tar_layout,
+    "torch-zip": _zip_layout,
+    "torch-legacy": _legacy_layout,
+    "torch-tar": _tar_layout,
 }
 
 
-def _scanned(path: str | os.PathLike[str], scan: _scan.StaticScan | None
-             ) -> _scan.StaticScan | NotReconstructed:
+def _scanned(
+    path: str | os.PathLike[str], scan: _scan.StaticScan | None
+) -> _scan.StaticScan | NotReconstructed:
     """The static stage's scan when the caller has it, else a scan of ``path`` now."""
     if scan is not None:
         return scan
@@ -1248,9 +1345,17 @@ def _foreign(scan: _scan.StaticScan) -> list[str]:
     return sorted({g.qualname for g in scan.globals if g.classification != "allowed"})
 
 
-def _tricks(scan: _scan.StaticScan) -> list[str]:
-    """Container or stream tricks the static scan found: the file has no single reading."""
-    return sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
+def _tricky(scan: _scan.StaticScan) -> NotReconstructed | None:
+    """Why the file has no single reading, when the static scan found container or stream
+    tricks in it."""
+    tricks = sorted({f.rule for f in scan.findings if f.category in ("evasion", "resource")})
+    if not tricks:
+        return None
+    return NotReconstructed(
+        f"the static scan found container or stream tricks ({', '.join(tricks)}); the file has "
+        "no single reading",
+        scan.format,
+    )
 
 
 def _named(value: object) -> list[tuple[str, _Tensor]]:
@@ -1277,8 +1382,9 @@ def _guarded(fmt: str, read: Callable[[], _R]) -> _R | NotReconstructed:
         return NotReconstructed("the pickle nests containers too deeply", fmt)
 
 
-def read(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None,
-         cancel: threading.Event | None = None) -> Reconstruction | Inventory | NotReconstructed:
+def read(
+    path: str | os.PathLike[str], scan: _scan.StaticScan | None = None, cancel: threading.Event | None = None
+) -> Reconstruction | Inventory | NotReconstructed:
     """The host's independent reading of the file: the plain reconstruction where it applies,
     else the general inventory (or why there is none), from one static scan. Runs nothing;
     never raises for file content. Setting ``cancel`` ends it soon after (the reason is then
@@ -1287,13 +1393,16 @@ def read(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None,
     if isinstance(scanned, NotReconstructed):
         return scanned
     rec = try_reconstruct(path, scan=scanned, cancel=cancel)
-    return rec if isinstance(rec, Reconstruction) else \
-        try_inventory(path, scan=scanned, cancel=cancel)
+    return rec if isinstance(rec, Reconstruction) else try_inventory(path, scan=scanned, cancel=cancel)
 
 
-def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
-                    scan: _scan.StaticScan | None = None,
-                    cancel: threading.Event | None = None) -> Reconstruction | NotReconstructed:
+def try_reconstruct(
+    path: str | os.PathLike[str],
+    *,
+    keep_data: bool = False,
+    scan: _scan.StaticScan | None = None,
+    cancel: threading.Event | None = None,
+) -> Reconstruction | NotReconstructed:
     """Rebuild every tensor of a plain state_dict at ``path`` from the file's raw records.
 
     Runs :func:`sandbox._scan.scan_file` first: the file must be a torch zip, legacy or legacy
@@ -1311,23 +1420,21 @@ def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
     scan = scanned
     fmt = scan.format
     if fmt not in _LAYOUTS:
-        return NotReconstructed(f"format {fmt} is not a torch checkpoint with raw storage records",
-                                fmt)
+        return NotReconstructed(f"format {fmt} is not a torch checkpoint with raw storage records", fmt)
     foreign = _foreign(scan)
     if foreign:
-        return NotReconstructed("the pickle imports globals a plain state_dict does not: "
-                                + ", ".join(foreign[:5]), fmt)
-    tricks = _tricks(scan)
-    if tricks:
-        return NotReconstructed("the static scan found container or stream tricks ("
-                                + ", ".join(tricks) + "); the file has no single reading", fmt)
+        return NotReconstructed(
+            "the pickle imports globals a plain state_dict does not: " + ", ".join(foreign[:5]), fmt
+        )
+    tricky = _tricky(scan)
+    if tricky is not None:
+        return tricky
 
     def rebuild() -> Reconstruction:
         budget = _Budget(cancel=cancel)
         with open_buffer(path) as buf:
             layout = _LAYOUTS[fmt](buf, budget)
-            return _materialise(layout, _named(layout.value), buf, fmt, keep_data=keep_data,
-                                budget=budget)
+            return _materialise(layout, _named(layout.value), buf, fmt, keep_data=keep_data, budget=budget)
 
     return _guarded(fmt, rebuild)
 
@@ -1335,9 +1442,25 @@ def try_reconstruct(path: str | os.PathLike[str], *, keep_data: bool = False,
 #: one tensor as (torch dtype name, shape, sha256 of its row-major native-order bytes)
 Digest = tuple[str, tuple[int, ...], str]
 
-_NP_TORCH = {n: n for n in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
-                            "uint32", "uint64", "float16", "float32", "float64", "complex64",
-                            "complex128")}
+_NP_TORCH = {
+    n: n
+    for n in (
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    )
+}
 _MAX_INVENTORY_MEMBER = 1 << 31  # bytes of one npz member read to hash it
 
 
@@ -1363,8 +1486,7 @@ class Inventory:
     named: Mapping[str, Digest] = field(default_factory=dict)
 
 
-def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool,
-               data: object) -> Digest | None:
+def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool, data: object) -> Digest | None:
     """The digest of a numeric numpy array as the worker returns it (native byte order,
     C-contiguous, as a torch tensor); None for arrays the worker does not return as tensors
     or that numpy would refuse to build."""
@@ -1388,21 +1510,20 @@ def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool,
     if numel * dt.itemsize != len(data) or len(shape) > P.MAX_NDIM:  # type: ignore[arg-type]
         return None
     a = np.frombuffer(data, dtype=dt, count=numel).reshape(  # type: ignore[call-overload]
-        shape, order="F" if fortran else "C")
+        shape, order="F" if fortran else "C"
+    )
     native = np.ascontiguousarray(a.astype(dt.newbyteorder("="), copy=False))
     return name, tuple(shape), hashlib.sha256(native.reshape(-1).view(np.uint8).data).hexdigest()
 
 
-def _npy_digests(buf: Buf, start: int, end: int, label: str,
-                 budget: _Budget) -> list[Digest]:
+def _npy_digests(buf: Buf, start: int, end: int, label: str, budget: _Budget) -> list[Digest]:
     """A ``.npy`` record: its array's digest, or (an object array) what its pickle builds."""
     header, data_at = npy.header(buf, start, end, label)
     descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
     if npy.descr_has_object(descr):
         _evaluate(buf, data_at, end, None, budget)
         return []  # the arrays and tensors it built are in budget.made
-    if not isinstance(descr, str) or not isinstance(fortran, bool) or \
-            not isinstance(shape, tuple):
+    if not isinstance(descr, str) or not isinstance(fortran, bool) or not isinstance(shape, tuple):
         return []  # a structured array: not returned as a tensor
     shape_t = _int_tuple(shape, "shape")
     with memoryview(buf) as view:
@@ -1421,8 +1542,9 @@ def _npz_digests(path: str | os.PathLike[str], budget: _Budget) -> list[Digest]:
                 if not info.filename.endswith(".npy"):
                     continue
                 if info.file_size > _MAX_INVENTORY_MEMBER:
-                    raise _Unsupported(f"npz member {info.filename!r} is larger than "
-                                       f"{_MAX_INVENTORY_MEMBER} bytes")
+                    raise _Unsupported(
+                        f"npz member {info.filename!r} is larger than {_MAX_INVENTORY_MEMBER} bytes"
+                    )
                 with zf.open(info) as member:
                     data = member.read(_MAX_INVENTORY_MEMBER + 1)
                 if len(data) > _MAX_INVENTORY_MEMBER:
@@ -1433,8 +1555,9 @@ def _npz_digests(path: str | os.PathLike[str], budget: _Budget) -> list[Digest]:
     return out
 
 
-def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None,
-                  cancel: threading.Event | None = None) -> Inventory | NotReconstructed:
+def try_inventory(
+    path: str | os.PathLike[str], scan: _scan.StaticScan | None = None, cancel: threading.Event | None = None
+) -> Inventory | NotReconstructed:
     """The general reading of the file at ``path`` (see :class:`Inventory`), or why there is
     none: a format without one, a container or stream trick that leaves the file without a
     single reading, a budget exhausted. ``scan``: the static stage's scan of the same file
@@ -1444,10 +1567,9 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
         return scanned
     scan = scanned
     fmt = scan.format
-    tricks = _tricks(scan)
-    if tricks:
-        return NotReconstructed("the static scan found container or stream tricks ("
-                                + ", ".join(tricks) + "); the file has no single reading", fmt)
+    tricky = _tricky(scan)
+    if tricky is not None:
+        return tricky
 
     def inventory() -> Inventory:
         budget = _Budget(general=True, cancel=cancel)
@@ -1470,22 +1592,27 @@ def try_inventory(path: str | os.PathLike[str], scan: _scan.StaticScan | None = 
             unique = {id(m): m for m in budget.made}
             if len(unique) > P.MAX_TENSORS:
                 raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
-            tensors = [(f"#{i}", t) for i, t in enumerate(unique.values())
-                       if isinstance(t, _Tensor) and not t.tainted]
+            tensors = [
+                (f"#{i}", t)
+                for i, t in enumerate(unique.values())
+                if isinstance(t, _Tensor) and not t.tainted
+            ]
             rec = _materialise(layout, tensors, buf, fmt, keep_data=False, budget=budget)
             findings += [f for f in rec.findings if f not in findings]
             digests += [(t.dtype, t.shape, t.sha256) for t in rec.tensors.values()]
             by_id = {id(t): rec.tensors[name] for name, t in tensors if name in rec.tensors}
-            named = {name: (st.dtype, st.shape, st.sha256) for name, t in _named(layout.value)
-                     if "#" not in name and (st := by_id.get(id(t))) is not None}
+            named = {
+                name: (st.dtype, st.shape, st.sha256)
+                for name, t in _named(layout.value)
+                if "#" not in name and (st := by_id.get(id(t))) is not None
+            }
             for m in unique.values():
                 if isinstance(m, _NpArray) and m.data is not None and m.dtype is not None:
                     budget.check()
                     d = _np_digest(m.dtype, m.shape, m.fortran, m.data)
                     if d is not None:
                         digests.append(d)
-            return Inventory(format=fmt, digests=frozenset(digests), findings=tuple(findings),
-                             named=named)
+            return Inventory(format=fmt, digests=frozenset(digests), findings=tuple(findings), named=named)
 
     return _guarded(fmt, inventory)
 
@@ -1508,13 +1635,20 @@ class Placement:
 
     def as_layout(self) -> dict[str, Any]:
         """The fields the sandbox's layout document gives for this tensor."""
-        return {"name": self.name, "key": self.storage_key, "dtype": self.dtype,
-                "shape": list(self.shape), "stride": list(self.stride),
-                "offset": self.storage_offset, "parameter": self.parameter}
+        return {
+            "name": self.name,
+            "key": self.storage_key,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "stride": list(self.stride),
+            "offset": self.storage_offset,
+            "parameter": self.parameter,
+        }
 
 
-def try_place(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
-              ) -> list[Placement] | NotReconstructed:
+def try_place(
+    path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
+) -> list[Placement] | NotReconstructed:
     """Every tensor of a plain, little-endian torch-zip state dict at ``path``, placed in the
     file (no tensor bytes are read). The same checks as :func:`try_reconstruct`; in addition
     any finding of the reading (a storage record of another size than its claim), a
@@ -1526,7 +1660,7 @@ def try_place(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
     scan = scanned
     if scan.format != "torch-zip":
         return NotReconstructed(f"format {scan.format} is not a torch zip", scan.format)
-    if _foreign(scan) or _tricks(scan):
+    if _foreign(scan) or _tricky(scan) is not None:
         return NotReconstructed("not a plain state dict without tricks", scan.format)
 
     def place() -> list[Placement]:
@@ -1544,14 +1678,26 @@ def try_place(path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
                 numel = 1
                 for d in t.shape:
                     numel *= d
-                extent = elem * (1 + sum((d - 1) * st for d, st in
-                                         zip(t.shape, t.stride, strict=True))) if numel else 0
+                extent = (
+                    elem * (1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride, strict=True)))
+                    if numel
+                    else 0
+                )
                 if numel and first + extent > min(t.storage.offset + t.storage.nbytes, available):
                     raise _Unsupported(f"tensor {name} reaches past its storage record")
-                placed.append(Placement(
-                    name=name, dtype=t.dtype, shape=t.shape, stride=t.stride,
-                    storage_key=t.storage.root, storage_offset=t.offset,
-                    parameter=t.parameter, file_offset=start + first, extent=extent))
+                placed.append(
+                    Placement(
+                        name=name,
+                        dtype=t.dtype,
+                        shape=t.shape,
+                        stride=t.stride,
+                        storage_key=t.storage.root,
+                        storage_offset=t.offset,
+                        parameter=t.parameter,
+                        file_offset=start + first,
+                        extent=extent,
+                    )
+                )
             return placed
 
     return _guarded(scan.format, place)
@@ -1581,8 +1727,7 @@ def compare(reconstruction: Reconstruction, tensors: Mapping[str, torch.Tensor])
         shape = tuple(int(d) for d in got.shape)
         want = reconstruction.tensors.get(name)
         same_kind = want is not None and (want.dtype, want.shape) == (dtype, shape)
-        actual[name] = (dtype, shape,
-                        tensor_digest(got.resolve_conj().resolve_neg()) if same_kind else None)
+        actual[name] = (dtype, shape, tensor_digest(got.resolve_conj().resolve_neg()) if same_kind else None)
     return compare_digests(reconstruction, actual)
 
 
@@ -1606,27 +1751,55 @@ def compare_digests(reconstruction: Reconstruction, actual: Mapping[str, Actual]
             continue
         got_dtype, got_shape, digest = got
         if got_dtype != want.dtype or tuple(got_shape) != want.shape:
-            changed.append({"name": name, "expected_dtype": want.dtype, "actual_dtype": got_dtype,
-                            "expected_shape": list(want.shape), "actual_shape": list(got_shape),
-                            "expected_sha256": want.sha256, "actual_sha256": digest})
+            changed.append(
+                {
+                    "name": name,
+                    "expected_dtype": want.dtype,
+                    "actual_dtype": got_dtype,
+                    "expected_shape": list(want.shape),
+                    "actual_shape": list(got_shape),
+                    "expected_sha256": want.sha256,
+                    "actual_sha256": digest,
+                }
+            )
         elif digest is not None and digest != want.sha256:
-            changed.append({"name": name, "expected_sha256": want.sha256,
-                            "actual_sha256": digest})
+            changed.append({"name": name, "expected_sha256": want.sha256, "actual_sha256": digest})
     if changed:
         names = [c["name"] for c in changed]
-        findings.append(Finding(
-            rule="weights-tampered", severity=Severity.HIGH, category="evasion",
-            message=("the loader returned weights that are not in the file: "
-                     + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
-                                               else "")),
-            evidence={"tensors": changed[:_MAX_EVIDENCE], "count": len(changed),
-                      "format": reconstruction.format}))
+        findings.append(
+            Finding(
+                rule="weights-tampered",
+                severity=Severity.HIGH,
+                category="evasion",
+                message=(
+                    "the loader returned weights that are not in the file: "
+                    + ", ".join(names[:5])
+                    + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                ),
+                evidence={
+                    "tensors": changed[:_MAX_EVIDENCE],
+                    "count": len(changed),
+                    "format": reconstruction.format,
+                },
+            )
+        )
     if missing or extra:
-        findings.append(Finding(
-            rule="weights-mismatch", severity=Severity.HIGH, category="evasion",
-            message=(f"the loader returned {len(extra)} tensor(s) the file does not describe and "
-                     f"lacks {len(missing)} that it does"),
-            evidence={"missing": missing[:_MAX_EVIDENCE], "extra": extra[:_MAX_EVIDENCE],
-                      "missing_count": len(missing), "extra_count": len(extra),
-                      "format": reconstruction.format}))
+        findings.append(
+            Finding(
+                rule="weights-mismatch",
+                severity=Severity.HIGH,
+                category="evasion",
+                message=(
+                    f"the loader returned {len(extra)} tensor(s) the file does not describe and "
+                    f"lacks {len(missing)} that it does"
+                ),
+                evidence={
+                    "missing": missing[:_MAX_EVIDENCE],
+                    "extra": extra[:_MAX_EVIDENCE],
+                    "missing_count": len(missing),
+                    "extra_count": len(extra),
+                    "format": reconstruction.format,
+                },
+            )
+        )
     return findings

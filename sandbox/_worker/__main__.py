@@ -67,6 +67,7 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
         os.environ.clear()
         os.environ.update(env)  # the canaries: the loader's whole environment
         from . import _loader
+
         if prepare:
             _loader.prepare()  # torch, numpy, safetensors: trusted code, no input yet
         os.write(ch.hand_w, b"R")  # warm: the supervisor says hello only now
@@ -82,6 +83,7 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
             os.close(input_fd)
         source = _loader.Input(P.INPUT_FD)  # probes its descriptor before the filter is in place
         import tempfile
+
         tempfile.gettempdir()  # its one-time probe writes a file: done before monitoring starts
         try:
             if plain:  # gVisor: its trace of this sandbox (read by the host) is the evidence
@@ -114,30 +116,45 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
             _audit.install(ch.audit_w, received)  # one clock for both sources
             if layout is not None:  # a plain state dict: the host maps the bytes itself
                 _loader.write_layout(layout, manifest_fd=ch.manifest)
-                message = {"ok": True, "format": layout["format"],
-                           "tensors": len(layout["layout"]), "handoff": "layout"}
+                message = {
+                    "ok": True,
+                    "format": layout["format"],
+                    "tensors": len(layout["layout"]),
+                    "handoff": "layout",
+                }
             else:
                 obj, fmt, locations = _loader.load(source)
-                manifest = _loader.write_outputs(obj, fmt, locations, tensors_fd=ch.tensors,
-                                                 manifest_fd=ch.manifest,
-                                                 tensors=cfg.write_tensors)
-                message = {"ok": True, "format": fmt, "tensors": len(manifest["tensors"]),
-                           "handoff": "memfd"}
+                manifest = _loader.write_outputs(
+                    obj,
+                    fmt,
+                    locations,
+                    tensors_fd=ch.tensors,
+                    manifest_fd=ch.manifest,
+                    tensors=cfg.write_tensors,
+                )
+                message = {"ok": True, "format": fmt, "tensors": len(manifest["tensors"]), "handoff": "memfd"}
             code = 0
         except _loader.LoaderError as exc:
-            message = {"ok": False, "kind": exc.kind, "message": str(exc)[:4000],
-                       "detected": exc.detected}
+            message = {"ok": False, "kind": exc.kind, "message": str(exc)[:4000], "detected": exc.detected}
             code = 3
         except BaseException as exc:  # whatever torch (or the payload) raised
-            message = {"ok": False, "kind": "load-failed", "type": type(exc).__name__,
-                       "message": str(exc)[:4000]}
+            message = {
+                "ok": False,
+                "kind": "load-failed",
+                "type": type(exc).__name__,
+                "message": str(exc)[:4000],
+            }
             code = 4
     except _MonitorFailed as exc:
         message = {"ok": False, "kind": "monitor-failed", "message": str(exc)[:4000]}
         code = 5
     except BaseException as exc:  # setting up the loader failed: no input was opened
-        message = {"ok": False, "kind": "monitor-failed", "type": type(exc).__name__,
-                   "message": str(exc)[:4000]}
+        message = {
+            "ok": False,
+            "kind": "monitor-failed",
+            "type": type(exc).__name__,
+            "message": str(exc)[:4000],
+        }
         code = 5
     finally:
         try:
@@ -175,6 +192,7 @@ class _ChildEnds:
 
 # -- canary credentials ----------------------------------------------------------------------------
 
+
 def _rand(alphabet: str, n: int) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(n))
 
@@ -194,24 +212,25 @@ def _canaries() -> dict[str, str]:
     }
 
 
-_ENV_CANARIES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "OPENAI_API_KEY",
-                 "GITHUB_TOKEN")
+_ENV_CANARIES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "OPENAI_API_KEY", "GITHUB_TOKEN")
 
 
 def _plant(values: dict[str, str]) -> list[str]:
     """Write the canary files under the canary home. Returns their paths ([] without a home)."""
     home = P.CANARY_HOME
-    ssh_body = "\n".join(textwrap.wrap("b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAAB" +
-                                       values["SSH_PRIVATE_KEY"], 70))
+    ssh_body = "\n".join(
+        textwrap.wrap("b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAAB" + values["SSH_PRIVATE_KEY"], 70)
+    )
     files = {
         ".aws/credentials": f"[default]\naws_access_key_id = {values['AWS_ACCESS_KEY_ID']}\n"
-                            f"aws_secret_access_key = {values['AWS_SECRET_ACCESS_KEY']}\n",
+        f"aws_secret_access_key = {values['AWS_SECRET_ACCESS_KEY']}\n",
         ".cache/huggingface/token": values["HF_TOKEN"],
         ".ssh/id_rsa": f"-----BEGIN OPENSSH PRIVATE KEY-----\n{ssh_body}\n"
-                       "-----END OPENSSH PRIVATE KEY-----\n",
+        "-----END OPENSSH PRIVATE KEY-----\n",
         ".netrc": f"machine github.com\n  login sandbox\n  password {values['NETRC_PASSWORD']}\n",
-        ".docker/config.json": json.dumps({"auths": {"https://index.docker.io/v1/":
-                                                     {"auth": values["DOCKER_AUTH"]}}}),
+        ".docker/config.json": json.dumps(
+            {"auths": {"https://index.docker.io/v1/": {"auth": values["DOCKER_AUTH"]}}}
+        ),
     }
     written = []
     for rel, text in files.items():
@@ -229,6 +248,7 @@ def _plant(values: dict[str, str]) -> list[str]:
 
 # -- the event log ---------------------------------------------------------------------------------
 
+
 class _EventLog:
     """Bounded: kernel and self-reported events have separate budgets; counts stay exact."""
 
@@ -242,11 +262,11 @@ class _EventLog:
         self.canaries = {k: v.encode() for k, v in canaries.items()}
 
     def find_canaries(self, *blobs: bytes) -> list[str]:
-        return sorted(name for name, value in self.canaries.items()
-                      if any(value in b for b in blobs if b))
+        return sorted(name for name, value in self.canaries.items() if any(value in b for b in blobs if b))
 
-    def add(self, source: str, kind: str, detail: dict[str, Any], action: str, t: float,
-            *, keep: bool = True) -> None:
+    def add(
+        self, source: str, kind: str, detail: dict[str, Any], action: str, t: float, *, keep: bool = True
+    ) -> None:
         key = f"{source}:{kind}:{action}"
         if key not in self.counts and len(self.counts) >= _MAX_COUNT_KEYS:
             key = f"{source}:other:{action}"  # kinds are the loader's words: their number is bounded
@@ -271,8 +291,14 @@ class _EventLog:
         self.kept[source] += 1
 
     def _line(self, source: str, kind: str, detail: dict[str, Any], action: str, t: float) -> bytes:
-        ev = {"id": self.next_id, "t": round(max(t, 0.0), 4), "source": source, "kind": kind[:64],
-              "detail": detail, "action": action}
+        ev = {
+            "id": self.next_id,
+            "t": round(max(t, 0.0), 4),
+            "source": source,
+            "kind": kind[:64],
+            "detail": detail,
+            "action": action,
+        }
         try:
             line = json.dumps(ev, default=str, ensure_ascii=True).encode()
         except (ValueError, RecursionError):
@@ -289,13 +315,16 @@ class _EventLog:
 
     def finish(self, t: float) -> None:
         if any(self.dropped.values()):
-            line = self._line("supervisor", "truncated", {"dropped": dict(self.dropped)},
-                              "recorded", t)
+            line = self._line("supervisor", "truncated", {"dropped": dict(self.dropped)}, "recorded", t)
             self.lines.append(line)
 
     def summary(self) -> dict[str, Any]:
-        return {"kept": dict(self.kept), "dropped": dict(self.dropped),
-                "truncated": any(self.dropped.values()), "counts": dict(sorted(self.counts.items()))}
+        return {
+            "kept": dict(self.kept),
+            "dropped": dict(self.dropped),
+            "truncated": any(self.dropped.values()),
+            "counts": dict(sorted(self.counts.items())),
+        }
 
 
 class _SelfReports:
@@ -314,7 +343,7 @@ class _SelfReports:
                 if len(self.buf) > 4096:
                     self.buf, self.skipping = b"", True
                 return
-            line, self.buf = self.buf[:nl], self.buf[nl + 1:]
+            line, self.buf = self.buf[:nl], self.buf[nl + 1 :]
             if self.skipping:
                 self.skipping = False
                 continue
@@ -325,8 +354,12 @@ class _SelfReports:
         try:
             ev = json.loads(line.decode("utf-8", "replace"))
             kind, detail, t = ev["kind"], ev["detail"], ev["t"]
-            if not isinstance(kind, str) or not isinstance(detail, dict) or \
-                    isinstance(t, bool) or not isinstance(t, (int, float)):
+            if (
+                not isinstance(kind, str)
+                or not isinstance(detail, dict)
+                or isinstance(t, bool)
+                or not isinstance(t, (int, float))
+            ):
                 raise ValueError
             t = float(t) if -1e7 < t < 1e7 else 0.0
             detail = _flat(detail)
@@ -343,7 +376,7 @@ def _flat(detail: dict[Any, Any]) -> dict[str, Any]:
         if v is None or isinstance(v, (bool, float)):
             out[str(k)[:64]] = v
         elif isinstance(v, int):
-            out[str(k)[:64]] = v if -2**63 <= v < 2**63 else str(v)[:40]
+            out[str(k)[:64]] = v if -(2**63) <= v < 2**63 else str(v)[:40]
         elif isinstance(v, str):
             out[str(k)[:64]] = v[:1000]
         else:
@@ -355,6 +388,7 @@ def _flat(detail: dict[Any, Any]) -> dict[str, Any]:
 
 
 # -- resources ----------------------------------------------------------------------------------
+
 
 class _Resources:
     """Samples the loader's process tree with psutil: every process in the container's PID
@@ -475,15 +509,22 @@ class _Resources:
 
 # -- supervision ---------------------------------------------------------------------------------
 
+
 class _Monitor:
     """Answers the loader's notifications and records them."""
 
-    def __init__(self, listener: int, loader: int, log: _EventLog, canary_files: list[str],
-                 start: float, cfg: P.JobConfig) -> None:
+    def __init__(
+        self,
+        listener: int,
+        loader: int,
+        log: _EventLog,
+        canary_files: list[str],
+        start: float,
+        cfg: P.JobConfig,
+    ) -> None:
         self.listener = listener
         self.mem = _seccomp.Memory()
-        self.decoder = _seccomp.Decoder(self.mem, loader, frozenset(canary_files),
-                                        extra_quiet=cfg.allow_read)
+        self.decoder = _seccomp.Decoder(self.mem, loader, frozenset(canary_files), extra_quiet=cfg.allow_read)
         self.log = log
         self.start = start
         self.notifications = 0
@@ -515,8 +556,9 @@ class _Monitor:
             _seccomp.respond(self.listener, n.id, deny=None if d.deny is None else self.errno)
             action = "allowed" if d.deny is None else "denied"
             if d.record:
-                strings = [str(v).encode("utf-8", "surrogateescape") for v in d.detail.values()
-                           if isinstance(v, str)]
+                strings = [
+                    str(v).encode("utf-8", "surrogateescape") for v in d.detail.values() if isinstance(v, str)
+                ]
                 found = self.log.find_canaries(d.payload, *strings)
                 if found:
                     d.detail["canaries"] = found
@@ -585,8 +627,11 @@ class _Host:
             try:
                 doc = json.loads(data[1:])
                 t = float(doc["t"])
-                self.stop = {"kind": str(doc["kind"])[:40], "category": str(doc["category"])[:40],
-                             "t": round(t, 4) if 0 <= t < 1e7 else 0.0}
+                self.stop = {
+                    "kind": str(doc["kind"])[:40],
+                    "category": str(doc["category"])[:40],
+                    "t": round(t, 4) if 0 <= t < 1e7 else 0.0,
+                }
                 return False
             except (ValueError, KeyError, TypeError):
                 pass
@@ -618,12 +663,21 @@ def _bounded_result(raw: bytes) -> dict[str, Any] | None:
         if not isinstance(doc, dict):
             return None
         out: dict[str, Any] = {"ok": doc.get("ok") is True}
-        for key, limit in (("kind", 64), ("message", 4000), ("type", 200), ("format", 64),
-                           ("detected", 64), ("handoff", 16)):
+        for key, limit in (
+            ("kind", 64),
+            ("message", 4000),
+            ("type", 200),
+            ("format", 64),
+            ("detected", 64),
+            ("handoff", 16),
+        ):
             if isinstance(doc.get(key), str):
                 out[key] = doc[key][:limit]
-        if isinstance(doc.get("tensors"), int) and not isinstance(doc["tensors"], bool) and \
-                0 <= doc["tensors"] < 2**40:
+        if (
+            isinstance(doc.get("tensors"), int)
+            and not isinstance(doc["tensors"], bool)
+            and 0 <= doc["tensors"] < 2**40
+        ):
             out["tensors"] = doc["tensors"]
         return out
     except Exception:
@@ -656,12 +710,11 @@ class _Supervisor:
         self.values = _canaries()
         self.log = _EventLog(self.values)
         self.sent = 0  # event lines already streamed to the host
-        self.status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION,
-                                       "env_keys": sorted(os.environ)}
+        self.status: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": sorted(os.environ)}
 
     def stream(self) -> None:
         if self.sent < len(self.log.lines):
-            self.host.events(self.log.lines[self.sent:])
+            self.host.events(self.log.lines[self.sent :])
             self.sent = len(self.log.lines)
 
     def run(self) -> None:
@@ -680,8 +733,12 @@ class _Supervisor:
             for fd in (rfd, hand_r, ack_w, audit_r, self.host.sock.fileno()):
                 os.close(fd)
             job_sup.close()
-            _loader_main(_ChildEnds(result_w, hand_w, ack_r, audit_w, job_ldr, tensors, manifest),
-                         env, self.prepare, self.plain)
+            _loader_main(
+                _ChildEnds(result_w, hand_w, ack_r, audit_w, job_ldr, tensors, manifest),
+                env,
+                self.prepare,
+                self.plain,
+            )
         for fd in (result_w, hand_w, ack_r, audit_w):
             os.close(fd)
         job_ldr.close()
@@ -689,16 +746,16 @@ class _Supervisor:
             sys.stderr.write("model-sandbox supervisor: the loader could not get ready\n")
             _kill_all()
             return  # no hello: the host reports a sandbox that could not start
-        self.host.json(P.HELLO, {"protocol": P.PROTOCOL_VERSION, "pid": os.getpid(),
-                                 "warm": True})
+        self.host.json(P.HELLO, {"protocol": P.PROTOCOL_VERSION, "pid": os.getpid(), "warm": True})
         job = self._wait_for_job(pid, rfd)
         if job is None:  # the host went away, or sent no usable job: discard the sandbox
             _kill_all()
             return
         cfg, input_fd = job
         hashed: dict[str, Any] = {}
-        hasher = threading.Thread(target=_hash_fd if cfg.hash_input else _size_fd,
-                                  args=(input_fd, hashed), daemon=True)
+        hasher = threading.Thread(
+            target=_hash_fd if cfg.hash_input else _size_fd, args=(input_fd, hashed), daemon=True
+        )
         hasher.start()
         try:
             socket.send_fds(job_sup, [cfg.to_json()], [input_fd])
@@ -706,18 +763,23 @@ class _Supervisor:
             pass  # the loader died while warm: its result (or its absence) says so
         job_sup.close()
         self.start = time.monotonic()
-        raw, wait_status, limit, resources, monitor_info = self._supervise(pid, cfg, rfd,
-                                                                           hand_r, ack_w,
-                                                                           audit_r, canary_files)
+        raw, wait_status, limit, resources, monitor_info = self._supervise(
+            pid, cfg, rfd, hand_r, ack_w, audit_r, canary_files
+        )
         hasher.join(timeout=60)
         os.close(input_fd)
         self.status.update(hashed)
         self.status["monitor"] = monitor_info
         result = _bounded_result(raw)
         self.status["result"] = result
-        self.status.update({"limit": limit, "timed_out": limit == "wall_clock",
-                            "resources": resources,
-                            "exit_code": os.waitstatus_to_exitcode(wait_status)})
+        self.status.update(
+            {
+                "limit": limit,
+                "timed_out": limit == "wall_clock",
+                "resources": resources,
+                "exit_code": os.waitstatus_to_exitcode(wait_status),
+            }
+        )
         if self.host.gone:
             return
         ok = bool(result and result.get("ok"))
@@ -760,9 +822,15 @@ class _Supervisor:
         try:
             P.Status.from_obj(json.loads(json.dumps(self.status, default=str)))
         except P.ProtocolError as exc:  # our own bug: say so instead of a status the host refuses
-            self.status = {"protocol": P.PROTOCOL_VERSION, "env_keys": self.status["env_keys"],
-                           "result": {"ok": False, "kind": "internal-error",
-                                      "message": f"the supervisor's status is invalid: {exc}"}}
+            self.status = {
+                "protocol": P.PROTOCOL_VERSION,
+                "env_keys": self.status["env_keys"],
+                "result": {
+                    "ok": False,
+                    "kind": "internal-error",
+                    "message": f"the supervisor's status is invalid: {exc}",
+                },
+            }
         return self.status
 
     def _wait_for_job(self, loader: int, rfd: int) -> tuple[P.JobConfig, int] | None:
@@ -787,14 +855,23 @@ class _Supervisor:
                 os.close(fds[0])
                 return None
 
-    def _supervise(self, pid: int, cfg: P.JobConfig, rfd: int, hand_r: int, ack_w: int,
-                   audit_r: int, canary_files: list[str]
-                   ) -> tuple[bytes, int, str | None, dict[str, Any], dict[str, Any]]:
+    def _supervise(
+        self,
+        pid: int,
+        cfg: P.JobConfig,
+        rfd: int,
+        hand_r: int,
+        ack_w: int,
+        audit_r: int,
+        canary_files: list[str],
+    ) -> tuple[bytes, int, str | None, dict[str, Any], dict[str, Any]]:
         log, start = self.log, self.start
         resources = _Resources(pid, cfg.cpu_s, start)
         monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start, cfg, self.plain)
-        monitor_info: dict[str, Any] = {"kernel": monitor is not None,
-                                        "filter": "plain" if self.plain else "notify"}
+        monitor_info: dict[str, Any] = {
+            "kernel": monitor is not None,
+            "filter": "plain" if self.plain else "notify",
+        }
         for fd in (rfd, audit_r):
             os.set_blocking(fd, False)
         reports = _SelfReports(log)
@@ -865,11 +942,16 @@ class _Supervisor:
         log.finish(time.monotonic() - start)
         monitor_info.update(log.summary())
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.status.update({"wall_s": round(elapsed, 4), "cpu_user_s": round(usage.ru_utime, 3),
-                            "cpu_system_s": round(usage.ru_stime, 3),
-                            "max_rss_kb": usage.ru_maxrss})
-        return b"".join(chunks)[:_RESULT_LIMIT], wait_status, limit, resources.finish(), \
-            monitor_info
+        self.status.update(
+            {
+                "wall_s": round(elapsed, 4),
+                "cpu_user_s": round(usage.ru_utime, 3),
+                "cpu_system_s": round(usage.ru_stime, 3),
+                "max_rss_kb": usage.ru_maxrss,
+            }
+        )
+        return b"".join(chunks)[:_RESULT_LIMIT], wait_status, limit, resources.finish(), monitor_info
+
 
 def _read_some(fd: int) -> bytes | None:
     """Bytes from a non-blocking pipe: None when none are waiting, b"" at its end."""
@@ -881,8 +963,16 @@ def _read_some(fd: int) -> bytes | None:
         return b""
 
 
-def _take_listener(pid: int, hand_r: int, ack_w: int, log: _EventLog, canary_files: list[str],
-                   start: float, cfg: P.JobConfig, plain: bool = False) -> _Monitor | None:
+def _take_listener(
+    pid: int,
+    hand_r: int,
+    ack_w: int,
+    log: _EventLog,
+    canary_files: list[str],
+    start: float,
+    cfg: P.JobConfig,
+    plain: bool = False,
+) -> _Monitor | None:
     """Copy the loader's listener fd into this process, then let the loader close its own.
     ``plain`` (gVisor): the loader only says that its plain filter is in; nothing to take."""
     monitor = None
@@ -971,8 +1061,8 @@ def main(argv: list[str]) -> int:
     _seccomp.prctl(_seccomp.PR_SET_DUMPABLE, 0)
     for arg in argv:  # the bwrap runner's process limit: set here, inside the user namespace,
         # it counts this sandbox's processes and threads only (every later one inherits it)
-        if arg.startswith(P.NPROC) and arg[len(P.NPROC):].isdigit():
-            n = int(arg[len(P.NPROC):])
+        if arg.startswith(P.NPROC) and arg[len(P.NPROC) :].isdigit():
+            n = int(arg[len(P.NPROC) :])
             resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
     try:
         sock = _connect()

@@ -29,16 +29,54 @@ MAX_EVENTS = 2000
 MAX_PER_KIND = 200
 MAX_LINE = 2048
 
-ALWAYS = frozenset({
-    "pickle.find_class", "os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn",
-    "os.fork", "os.forkpty", "os.kill", "os.killpg", "socket.__new__", "socket.connect",
-    "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname",
-    "pty.spawn", "shutil.rmtree", "os.remove", "os.rename", "os.chmod", "urllib.Request",
-    "http.client.connect", "ftplib.connect", "smtplib.connect", "webbrowser.open", "sys.setprofile",
-    "sys.settrace", "sys.addaudithook", "ctypes.dlopen",
-})
-ARMED = frozenset({"import", "open", "exec", "compile", "ctypes.dlsym",
-                   "ctypes.call_function", "ctypes.string_at", "ctypes.cdata", "builtins.input"})
+ALWAYS = frozenset(
+    {
+        "pickle.find_class",
+        "os.system",
+        "subprocess.Popen",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.fork",
+        "os.forkpty",
+        "os.kill",
+        "os.killpg",
+        "socket.__new__",
+        "socket.connect",
+        "socket.bind",
+        "socket.sendto",
+        "socket.sendmsg",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "pty.spawn",
+        "shutil.rmtree",
+        "os.remove",
+        "os.rename",
+        "os.chmod",
+        "urllib.Request",
+        "http.client.connect",
+        "ftplib.connect",
+        "smtplib.connect",
+        "webbrowser.open",
+        "sys.setprofile",
+        "sys.settrace",
+        "sys.addaudithook",
+        "ctypes.dlopen",
+    }
+)
+ARMED = frozenset(
+    {
+        "import",
+        "open",
+        "exec",
+        "compile",
+        "ctypes.dlsym",
+        "ctypes.call_function",
+        "ctypes.string_at",
+        "ctypes.cdata",
+        "builtins.input",
+    }
+)
 # stdlib modules that generate code only from validated identifiers (namedtuple, dataclasses),
 # or only parse (ast.parse: inspect reads builtin signatures with it)
 _CODEGEN = ("/collections/__init__.py", "/dataclasses.py", "/ast.py")
@@ -67,13 +105,26 @@ def _harmless_codegen(caller: str, event: str, obj: Any) -> bool:
     if event == "compile":
         return isinstance(obj, str) and bool(_NAME.match(obj))
     code = obj
-    return (getattr(code, "co_filename", "") == "<string>" and not
-            [c for c in getattr(code, "co_consts", (1,)) if c is not None] and
-            len(getattr(code, "co_code", b"x" * 99)) <= 24)
+    return (
+        getattr(code, "co_filename", "") == "<string>"
+        and not [c for c in getattr(code, "co_consts", (1,)) if c is not None]
+        and len(getattr(code, "co_code", b"x" * 99)) <= 24
+    )
+
+
 OWN_PACKAGES = frozenset({"torch", "numpy", "safetensors", "sandbox_worker"})
 INSTALLED = "/opt/python/"
-QUIET_OPEN = ("/opt/python/", "/usr/lib/", "/lib/", "/lib64/", "/proc/self/", "/sys/", "/tmp/",
-              "/dev/null", "/dev/urandom")
+QUIET_OPEN = (
+    "/opt/python/",
+    "/usr/lib/",
+    "/lib/",
+    "/lib64/",
+    "/proc/self/",
+    "/sys/",
+    "/tmp/",
+    "/dev/null",
+    "/dev/urandom",
+)
 
 
 def _short(value: Any, limit: int = 300) -> Any:
@@ -108,8 +159,12 @@ def install(fd: int, start: float) -> None:
             return
         per_kind[kind] = n + 1
         state["total"] += 1
-        line = dumps({"t": round(mono() - start, 4), "kind": kind, "detail": detail},
-                     default=str).encode()[:MAX_LINE - 1] + b"\n"
+        line = (
+            dumps({"t": round(mono() - start, 4), "kind": kind, "detail": detail}, default=str).encode()[
+                : MAX_LINE - 1
+            ]
+            + b"\n"
+        )
         try:
             write(fd, line)
         except OSError:
@@ -156,8 +211,7 @@ def _detail(event: str, args: tuple[Any, ...], seen: set[tuple[str, str]]) -> di
         caller = sys._getframe(2).f_code.co_filename  # _detail <- hook <- the running frame
         if caller.startswith(INSTALLED) and _harmless_codegen(caller, event, args[0]):
             return None
-        if _importing() and (event == "compile" or
-                             getattr(args[0], "co_filename", "<").startswith("<")):
+        if _importing() and (event == "compile" or getattr(args[0], "co_filename", "<").startswith("<")):
             # an installed module generating code while it is imported (torch's lazy
             # submodules, sympy, mpmath): code from a file outside the image is still reported
             return None
@@ -172,8 +226,11 @@ def _detail(event: str, args: tuple[Any, ...], seen: set[tuple[str, str]]) -> di
     if event in ("exec", "ctypes.call_function", "ctypes.cdata"):
         return {"object": _short(args[0] if args else None, 200)}
     if event == "compile":
-        return {"source": _short(args[0], 300), "filename": _short(args[1] if len(args) > 1 else None),
-                "caller": _short(sys._getframe(2).f_code.co_filename, 200)}
+        return {
+            "source": _short(args[0], 300),
+            "filename": _short(args[1] if len(args) > 1 else None),
+            "caller": _short(sys._getframe(2).f_code.co_filename, 200),
+        }
     if event == "socket.__new__":
         return {"family": _short(args[1]), "type": _short(args[2])}
     if event in ("socket.connect", "socket.bind", "socket.sendto"):

@@ -89,8 +89,11 @@ class Extractor:
         if type(obj) is float:
             return obj if math.isfinite(obj) else {"$": "float", "v": repr(obj)}
         if type(obj) is complex:
-            return {"$": "complex", "re": self.walk(obj.real, path, depth + 1),
-                    "im": self.walk(obj.imag, path, depth + 1)}
+            return {
+                "$": "complex",
+                "re": self.walk(obj.real, path, depth + 1),
+                "im": self.walk(obj.imag, path, depth + 1),
+            }
         if isinstance(obj, (bytes, bytearray)):
             if len(obj) > P.MAX_STRING_LEN:
                 return self._opaque(obj, where, "bytes too long")
@@ -154,29 +157,39 @@ class Extractor:
             items = []
             for key, value in obj.items():
                 comp = self._component(key)
-                items.append([self._key(key, path + (comp,), depth),
-                              self.walk(value, path + (comp,), depth + 1)])
+                items.append(
+                    [self._key(key, path + (comp,), depth), self.walk(value, path + (comp,), depth + 1)]
+                )
             return {"$": "dict", "kind": kind, "items": items}
         if isinstance(obj, (list, tuple, set, frozenset)):
-            kind = ("list" if isinstance(obj, list) else "tuple" if isinstance(obj, tuple)
-                    else "set" if isinstance(obj, set) else "frozenset")
+            kind = (
+                "list"
+                if isinstance(obj, list)
+                else "tuple"
+                if isinstance(obj, tuple)
+                else "set"
+                if isinstance(obj, set)
+                else "frozenset"
+            )
             if type(obj) not in (list, tuple, set, frozenset):
                 self.notes.append(f"{where}: {_type_name(obj)} returned as {kind}")
             seq = sorted(obj, key=repr) if kind in ("set", "frozenset") else obj
-            return {"$": kind, "items": [self.walk(v, path + (str(i),), depth + 1)
-                                         for i, v in enumerate(seq)]}
+            return {
+                "$": kind,
+                "items": [self.walk(v, path + (str(i),), depth + 1) for i, v in enumerate(seq)],
+            }
         if isinstance(obj, argparse.Namespace):
-            return {"$": "namespace", "items": [[k, self.walk(v, path + (k,), depth + 1)]
-                                                for k, v in vars(obj).items()]}
-        if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer,
-                            torch.optim.lr_scheduler.LRScheduler)):
+            return {
+                "$": "namespace",
+                "items": [[k, self.walk(v, path + (k,), depth + 1)] for k, v in vars(obj).items()],
+            }
+        if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
             try:
                 state = obj.state_dict()
             except Exception as exc:  # a hostile or broken state_dict()
                 return self._opaque(obj, where, f"state_dict() failed: {type(exc).__name__}")
             self.notes.append(f"{where}: {_type_name(obj)} returned as its state_dict()")
-            return {"$": "module", "type": _type_name(obj),
-                    "state": self.walk(state, path, depth + 1)}
+            return {"$": "module", "type": _type_name(obj), "state": self.walk(state, path, depth + 1)}
         if isinstance(obj, Ghost):
             return self._ghost(obj, path, where, depth)
         return self._opaque(obj, where, "not a data type the host can rebuild")
@@ -187,14 +200,13 @@ class Extractor:
         parts = ghost_parts(obj)
         state = parts.get("state")
         if isinstance(state, dict) and "_parameters" in state and "_modules" in state:
-            self.notes.append(f"{where}: {tname} (not installed in the sandbox) returned as "
-                              "its state_dict")
-            return {"$": "module", "type": tname,
-                    "state": self.walk(_module_state(state), path, depth + 1)}
+            self.notes.append(f"{where}: {tname} (not installed in the sandbox) returned as its state_dict")
+            return {"$": "module", "type": tname, "state": self.walk(_module_state(state), path, depth + 1)}
         if set(parts) <= {"items", "state"} and "items" in parts and not state:
             self.notes.append(f"{where}: {tname} (not installed in the sandbox) returned as dict")
-            return self._container(collections.OrderedDict(parts["items"]), path, where, depth) \
-                | {"kind": "dict"}
+            return self._container(collections.OrderedDict(parts["items"]), path, where, depth) | {
+                "kind": "dict"
+            }
         if set(parts) == {"list"}:
             self.notes.append(f"{where}: {tname} (not installed in the sandbox) returned as list")
             return self._container(parts["list"], path, where, depth)
@@ -220,8 +232,12 @@ class Extractor:
             return self._opaque(t, where, f"dtype {t.dtype} not supported")
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
             self.notes.append(f"{where}: tensor subclass {_type_name(t)} returned as a plain tensor")
-        node = {"$": "tensor", "ref": self._ref(t, path, "tensor"),
-                "parameter": isinstance(t, torch.nn.Parameter), "requires_grad": bool(t.requires_grad)}
+        node = {
+            "$": "tensor",
+            "ref": self._ref(t, path, "tensor"),
+            "parameter": isinstance(t, torch.nn.Parameter),
+            "requires_grad": bool(t.requires_grad),
+        }
         return node
 
     def _composite(self, t: torch.Tensor, path: tuple[str, ...], where: str) -> Any:
@@ -231,31 +247,47 @@ class Extractor:
         try:
             recipe = _recipe(t)
         except Exception as exc:  # a kind or state this torch cannot take apart
-            return self._opaque(t, where, f"{t.layout} tensor cannot be taken apart "
-                                          f"({type(exc).__name__})")
+            return self._opaque(t, where, f"{t.layout} tensor cannot be taken apart ({type(exc).__name__})")
         if recipe is None:
             kind = "quantized" if t.is_quantized else "nested" if t.is_nested else str(t.layout)
             return self._opaque(t, where, f"{kind} tensor of a kind the host cannot reassemble")
         kind, parts, params = recipe
         for part, c in parts.items():
-            if c.layout != torch.strided or c.is_quantized or c.is_nested or \
-                    str(c.dtype).removeprefix("torch.") not in P.TORCH_DTYPES:
+            if (
+                c.layout != torch.strided
+                or c.is_quantized
+                or c.is_nested
+                or str(c.dtype).removeprefix("torch.") not in P.TORCH_DTYPES
+            ):
                 return self._opaque(t, where, f"{kind} tensor whose {part} is not a plain tensor")
         seen = self.composites.get(id(t))
         if seen is not None:  # the same composite twice: the same recipe, the same parts
             return seen
         name = P.tensor_name(path, self.names)  # the composite's own name (nothing stored)
-        nodes = {part: {"$": "tensor", "ref": self._ref(c.detach(), path + (part,), "tensor"),
-                        "parameter": False, "requires_grad": False}
-                 for part, c in parts.items()}
-        self.notes.append(f"{where}: {kind} tensor returned as its components "
-                          + ", ".join(str(n["ref"]) for n in nodes.values()))
-        node = {"$": "composite", "kind": kind, "name": name,
-                "dtype": str(t.dtype).removeprefix("torch."),
-                "shape": None if t.is_nested else [int(d) for d in t.shape],
-                "parts": nodes, "params": params,
-                "parameter": isinstance(t, torch.nn.Parameter),
-                "requires_grad": bool(t.requires_grad)}
+        nodes = {
+            part: {
+                "$": "tensor",
+                "ref": self._ref(c.detach(), path + (part,), "tensor"),
+                "parameter": False,
+                "requires_grad": False,
+            }
+            for part, c in parts.items()
+        }
+        self.notes.append(
+            f"{where}: {kind} tensor returned as its components "
+            + ", ".join(str(n["ref"]) for n in nodes.values())
+        )
+        node = {
+            "$": "composite",
+            "kind": kind,
+            "name": name,
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": None if t.is_nested else [int(d) for d in t.shape],
+            "parts": nodes,
+            "params": params,
+            "parameter": isinstance(t, torch.nn.Parameter),
+            "requires_grad": bool(t.requires_grad),
+        }
         self.composites[id(t)] = node
         self.keep.append(t)
         return node
@@ -314,8 +346,11 @@ class Extractor:
                 hi = lo + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
                 for base in bases:
                     b = base.tensor
-                    if b.dtype == t.dtype and b.storage_offset() <= lo and \
-                            hi < b.storage_offset() + b.numel():
+                    if (
+                        b.dtype == t.dtype
+                        and b.storage_offset() <= lo
+                        and hi < b.storage_offset() + b.numel()
+                    ):
                         view_of[use.name] = (base, int(lo - b.storage_offset()))
                         break
                 else:
@@ -325,25 +360,42 @@ class Extractor:
             if len(shared) > 1:
                 out.notes.append(
                     "tensors share storage but are not views of one another; stored as copies: "
-                    + ", ".join(shared[:8]) + (" ..." if len(shared) > 8 else ""))
+                    + ", ".join(shared[:8])
+                    + (" ..." if len(shared) > 8 else "")
+                )
         owners: collections.Counter[int] = collections.Counter(
-            u.tensor.untyped_storage().data_ptr() for u in self.uses
-            if u.name not in view_of and u.tensor.numel() > 0)
+            u.tensor.untyped_storage().data_ptr()
+            for u in self.uses
+            if u.name not in view_of and u.tensor.numel() > 0
+        )
         for use in self.uses:
             t = use.tensor
             dtype = str(t.dtype).removeprefix("torch.")
-            location = self.locations.get(t.untyped_storage().data_ptr(), str(t.device)) \
-                if use.kind == "tensor" else "cpu"
+            location = (
+                self.locations.get(t.untyped_storage().data_ptr(), str(t.device))
+                if use.kind == "tensor"
+                else "cpu"
+            )
             if use.name in view_of:
                 base, offset = view_of[use.name]
-                out.views.append({"name": use.name, "base": base.name, "offset": offset,
-                                  "shape": list(t.shape), "stride": list(t.stride()),
-                                  "dtype": dtype, "location": location})
+                out.views.append(
+                    {
+                        "name": use.name,
+                        "base": base.name,
+                        "offset": offset,
+                        "shape": list(t.shape),
+                        "stride": list(t.stride()),
+                        "dtype": dtype,
+                        "location": location,
+                    }
+                )
                 continue
             data = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-            if owners[data.untyped_storage().data_ptr()] > 1 or data.data_ptr() != \
-                    data.untyped_storage().data_ptr() or data.untyped_storage().nbytes() != \
-                    data.numel() * data.element_size():
+            if (
+                owners[data.untyped_storage().data_ptr()] > 1
+                or data.data_ptr() != data.untyped_storage().data_ptr()
+                or data.untyped_storage().nbytes() != data.numel() * data.element_size()
+            ):
                 data = data.clone()  # safetensors refuses tensors that share or overhang memory
             stored_as, _ = P.TORCH_DTYPES[dtype]
             raw = data.reshape(-1).view(torch.uint8)
@@ -351,15 +403,25 @@ class Extractor:
                 data = raw
             digest = hashlib.sha256(raw.numpy().data if raw.numel() else b"").hexdigest()
             out.stored[use.name] = data
-            out.entries.append({"name": use.name, "dtype": dtype, "shape": list(t.shape),
-                                "stored_as": stored_as, "nbytes": raw.numel(), "sha256": digest,
-                                "location": location})
+            out.entries.append(
+                {
+                    "name": use.name,
+                    "dtype": dtype,
+                    "shape": list(t.shape),
+                    "stored_as": stored_as,
+                    "nbytes": raw.numel(),
+                    "sha256": digest,
+                    "location": location,
+                }
+            )
         return out
 
 
 _SPARSE_PARTS = {
-    torch.sparse_csr: ("crow_indices", "col_indices"), torch.sparse_csc: ("ccol_indices", "row_indices"),
-    torch.sparse_bsr: ("crow_indices", "col_indices"), torch.sparse_bsc: ("ccol_indices", "row_indices"),
+    torch.sparse_csr: ("crow_indices", "col_indices"),
+    torch.sparse_csc: ("ccol_indices", "row_indices"),
+    torch.sparse_bsr: ("crow_indices", "col_indices"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices"),
 }
 _QUANTIZED = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}
 
@@ -374,9 +436,16 @@ def _recipe(t: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict[str, An
             parts = {"values": t.values(), "offsets": t.offsets()}  # type: ignore[attr-defined]
             return "nested_jagged", parts, {"ragged_idx": int(t._ragged_idx)}  # type: ignore[attr-defined]
         if t.layout == torch.strided:  # what torch.save writes: a buffer and each piece's view
-            return "nested", {"values": t.values(), "sizes": t._nested_tensor_size(),
-                              "strides": t._nested_tensor_strides(),
-                              "storage_offsets": t._nested_tensor_storage_offsets()}, {}
+            return (
+                "nested",
+                {
+                    "values": t.values(),
+                    "sizes": t._nested_tensor_size(),
+                    "strides": t._nested_tensor_strides(),
+                    "storage_offsets": t._nested_tensor_storage_offsets(),
+                },
+                {},
+            )
         return None
     if t.is_quantized:
         dtype = str(t.dtype).removeprefix("torch.")
@@ -387,28 +456,50 @@ def _recipe(t: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict[str, An
             scale = float(t.q_scale())
             if not math.isfinite(scale):
                 return None
-            return "quantized_per_tensor", {"int_repr": t.int_repr()}, {
-                "scale": scale, "zero_point": int(t.q_zero_point())}
+            return (
+                "quantized_per_tensor",
+                {"int_repr": t.int_repr()},
+                {"scale": scale, "zero_point": int(t.q_zero_point())},
+            )
         if scheme == torch.per_channel_affine:
-            return "quantized_per_channel", {
-                "int_repr": t.int_repr(), "scales": t.q_per_channel_scales(),
-                "zero_points": t.q_per_channel_zero_points()}, {"axis": int(t.q_per_channel_axis())}
+            return (
+                "quantized_per_channel",
+                {
+                    "int_repr": t.int_repr(),
+                    "scales": t.q_per_channel_scales(),
+                    "zero_points": t.q_per_channel_zero_points(),
+                },
+                {"axis": int(t.q_per_channel_axis())},
+            )
         return None  # float zero points (per_channel_affine_float_qparams), symmetric schemes
     if t.layout == torch.sparse_coo:
-        return "sparse_coo", {"indices": t._indices(), "values": t._values()}, \
-            {"coalesced": bool(t.is_coalesced())}
+        return (
+            "sparse_coo",
+            {"indices": t._indices(), "values": t._values()},
+            {"coalesced": bool(t.is_coalesced())},
+        )
     if t.layout in _SPARSE_PARTS:
         compressed, plain = _SPARSE_PARTS[t.layout]
-        getter = {"crow_indices": t.crow_indices, "col_indices": t.col_indices,
-                  "ccol_indices": t.ccol_indices, "row_indices": t.row_indices}
-        return str(t.layout).removeprefix("torch."), {
-            compressed: getter[compressed](), plain: getter[plain](), "values": t.values()}, {}
+        getter = {
+            "crow_indices": t.crow_indices,
+            "col_indices": t.col_indices,
+            "ccol_indices": t.ccol_indices,
+            "row_indices": t.row_indices,
+        }
+        return (
+            str(t.layout).removeprefix("torch."),
+            {compressed: getter[compressed](), plain: getter[plain](), "values": t.values()},
+            {},
+        )
     return None
 
 
-def _module_state(attrs: dict[str, Any], prefix: str = "",
-                  out: collections.OrderedDict[str, Any] | None = None,
-                  depth: int = 0) -> collections.OrderedDict[str, Any]:
+def _module_state(
+    attrs: dict[str, Any],
+    prefix: str = "",
+    out: collections.OrderedDict[str, Any] | None = None,
+    depth: int = 0,
+) -> collections.OrderedDict[str, Any]:
     """What ``nn.Module.state_dict()`` would return, from the attributes of a module whose
     class is missing: parameters and persistent buffers, recursively through submodules."""
     out = collections.OrderedDict() if out is None else out
@@ -420,8 +511,7 @@ def _module_state(attrs: dict[str, Any], prefix: str = "",
         if isinstance(table, dict):
             for name, value in table.items():
                 if value is not None and not (key == "_buffers" and name in skip):
-                    out[prefix + str(name)] = value.detach() if isinstance(value, torch.Tensor) \
-                        else value
+                    out[prefix + str(name)] = value.detach() if isinstance(value, torch.Tensor) else value
     modules = attrs.get("_modules")
     if isinstance(modules, dict):
         for name, sub in modules.items():

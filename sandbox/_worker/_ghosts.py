@@ -31,8 +31,9 @@ class Ghost:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Ghost:
         obj = super().__new__(cls)
-        obj.__dict__.update(_ghost_args=args, _ghost_kwargs=kwargs, _ghost_items={},
-                            _ghost_list=[], _ghost_state=None)
+        obj.__dict__.update(
+            _ghost_args=args, _ghost_kwargs=kwargs, _ghost_items={}, _ghost_list=[], _ghost_state=None
+        )
         return obj
 
     def __setstate__(self, state: Any) -> None:

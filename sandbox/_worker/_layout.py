@@ -25,10 +25,18 @@ from . import _protocol as P
 MAX_PICKLE_BYTES = 256 * 2**20
 
 _STORAGE_DTYPES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
 }
 
 
@@ -46,8 +54,14 @@ class _Storage:
 class _Tensor:
     __slots__ = ("offset", "parameter", "requires_grad", "shape", "storage", "stride")
 
-    def __init__(self, storage: _Storage, offset: int, shape: tuple[int, ...],
-                 stride: tuple[int, ...], requires_grad: bool) -> None:
+    def __init__(
+        self,
+        storage: _Storage,
+        offset: int,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+        requires_grad: bool,
+    ) -> None:
         self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
         self.requires_grad, self.parameter = requires_grad, False
 
@@ -58,8 +72,11 @@ class _StorageType:
 
 
 def _ints(v: object, what: str) -> tuple[int, ...]:
-    if not isinstance(v, tuple) or len(v) > P.MAX_NDIM or \
-            not all(type(x) is int and 0 <= x < 2**62 for x in v):
+    if (
+        not isinstance(v, tuple)
+        or len(v) > P.MAX_NDIM
+        or not all(type(x) is int and 0 <= x < 2**62 for x in v)
+    ):
         raise NotPlain(f"tensor {what} is not a tuple of non-negative integers")
     return v
 
@@ -69,10 +86,21 @@ def _no_hooks(v: object) -> None:
         raise NotPlain("tensor backward hooks")
 
 
-def _rebuild_v2(storage: object, offset: object, size: object, stride: object,
-                requires_grad: object, hooks: object, metadata: object = None) -> _Tensor:
-    if not isinstance(storage, _Storage) or type(offset) is not int or offset < 0 or \
-            type(requires_grad) is not bool:
+def _rebuild_v2(
+    storage: object,
+    offset: object,
+    size: object,
+    stride: object,
+    requires_grad: object,
+    hooks: object,
+    metadata: object = None,
+) -> _Tensor:
+    if (
+        not isinstance(storage, _Storage)
+        or type(offset) is not int
+        or offset < 0
+        or type(requires_grad) is not bool
+    ):
         raise NotPlain("a tensor rebuilt from unexpected arguments")
     _no_hooks(hooks)
     if metadata:
@@ -112,13 +140,19 @@ class _Unpickler(pickle.Unpickler):
         return found
 
     def persistent_load(self, pid: Any) -> Any:
-        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage" or \
-                not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str) or \
-                not isinstance(pid[3], str) or type(pid[4]) is not int or pid[4] < 0:
+        if (
+            not isinstance(pid, tuple)
+            or len(pid) != 5
+            or pid[0] != "storage"
+            or not isinstance(pid[1], _StorageType)
+            or not isinstance(pid[2], str)
+            or not isinstance(pid[3], str)
+            or type(pid[4]) is not int
+            or pid[4] < 0
+        ):
             raise NotPlain("a persistent id that is not a storage record")
         key, dtype = pid[2], pid[1].dtype
-        if not key or len(key) > 64 or not key.isprintable() or len(pid[3]) > 64 or \
-                not pid[3].isprintable():
+        if not key or len(key) > 64 or not key.isprintable() or len(pid[3]) > 64 or not pid[3].isprintable():
             raise NotPlain("a storage key or location that is not a short printable name")
         seen = self.storages.get(key)
         if seen is None:
@@ -151,8 +185,12 @@ class _Walker:
         if type(obj) is float:
             return obj if math.isfinite(obj) else {"$": "float", "v": repr(obj)}
         if isinstance(obj, _Tensor):
-            return {"$": "tensor", "ref": self._ref(obj, path), "parameter": obj.parameter,
-                    "requires_grad": obj.requires_grad}
+            return {
+                "$": "tensor",
+                "ref": self._ref(obj, path),
+                "parameter": obj.parameter,
+                "requires_grad": obj.requires_grad,
+            }
         if id(obj) in self.active:
             raise NotPlain("a reference cycle")
         self.active.add(id(obj))
@@ -163,14 +201,20 @@ class _Walker:
                     if key is not None and type(key) not in (bool, int, str):
                         raise NotPlain("a dict key that is not a string or an integer")
                     comp = P.path_component(key)
-                    items.append([self.walk(key, path + (comp, "<key>"), depth + 1),
-                                  self.walk(value, path + (comp,), depth + 1)])
+                    items.append(
+                        [
+                            self.walk(key, path + (comp, "<key>"), depth + 1),
+                            self.walk(value, path + (comp,), depth + 1),
+                        ]
+                    )
                 kind = "OrderedDict" if type(obj) is collections.OrderedDict else "dict"
                 return {"$": "dict", "kind": kind, "items": items}
             if type(obj) in (list, tuple):
                 kind = "list" if type(obj) is list else "tuple"
-                return {"$": kind, "items": [self.walk(v, path + (str(i),), depth + 1)
-                                             for i, v in enumerate(obj)]}
+                return {
+                    "$": kind,
+                    "items": [self.walk(v, path + (str(i),), depth + 1) for i, v in enumerate(obj)],
+                }
         finally:
             self.active.discard(id(obj))
         raise NotPlain(f"a {type(obj).__name__} value")
@@ -179,10 +223,18 @@ class _Walker:
         name = self.by_id.get(id(t))
         if name is None:
             name = self.by_id[id(t)] = P.tensor_name(path, self.names)
-            self.tensors.append({"name": name, "key": t.storage.key, "dtype": t.storage.dtype,
-                                 "shape": list(t.shape), "stride": list(t.stride),
-                                 "offset": t.offset, "parameter": t.parameter,
-                                 "location": t.storage.location})
+            self.tensors.append(
+                {
+                    "name": name,
+                    "key": t.storage.key,
+                    "dtype": t.storage.dtype,
+                    "shape": list(t.shape),
+                    "stride": list(t.stride),
+                    "offset": t.offset,
+                    "parameter": t.parameter,
+                    "location": t.storage.location,
+                }
+            )
         return name
 
 

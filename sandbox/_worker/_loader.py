@@ -74,8 +74,7 @@ class Input:
 
 # joblib.dump(compress=...) writes one compressed stream: these are the magic numbers joblib's
 # own reader recognises (zlib's is checked further, as the host's scan does)
-_COMPRESSED_MAGIC = (b"\x1f\x8b\x08", b"\x04\x22\x4d\x18", b"BZh", b"\xfd7zXZ\x00",
-                     b"\x5d\x00\x00")
+_COMPRESSED_MAGIC = (b"\x1f\x8b\x08", b"\x04\x22\x4d\x18", b"BZh", b"\xfd7zXZ\x00", b"\x5d\x00\x00")
 # joblib >= 0.10 (older files keep arrays in companion files, which a sandbox does not have)
 _JOBLIB_WRAPPERS = ("NumpyArrayWrapper",)
 _IDENTIFY_OPS = 200_000
@@ -93,8 +92,7 @@ def _has_joblib_arrays(inp: Input) -> bool:
             for n, (op, arg, _) in enumerate(pickletools.genops(f)):
                 if n > _IDENTIFY_OPS:
                     break
-                if op.name == "GLOBAL" and isinstance(arg, str) and \
-                        arg.split(" ")[-1] in _JOBLIB_WRAPPERS:
+                if op.name == "GLOBAL" and isinstance(arg, str) and arg.split(" ")[-1] in _JOBLIB_WRAPPERS:
                     return True
                 if isinstance(arg, str) and arg in _JOBLIB_WRAPPERS and "UNICODE" in op.name:
                     return True
@@ -178,8 +176,7 @@ def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
     inp = source if isinstance(source, Input) else _PathInput(source)
     fmt = identify(inp)
     if fmt in ("safetensors", "unknown"):
-        what = {"safetensors": "already SafeTensors",
-                "unknown": "not a format model-sandbox loads"}[fmt]
+        what = {"safetensors": "already SafeTensors", "unknown": "not a format model-sandbox loads"}[fmt]
         raise LoaderError("unsupported-format", f"the file is {what}", detected=fmt)
     import numpy as np
     import torch
@@ -210,12 +207,18 @@ def load(source: str | Input) -> tuple[Any, str, dict[int, str]]:
         os.makedirs(P.LOADER_SCRATCH, mode=0o700, exist_ok=True)
         tempfile.tempdir = P.LOADER_SCRATCH.rstrip("/")
     if inp.path is not None:
-        obj = torch.load(inp.path, map_location=record_location, weights_only=False,
-                         mmap=(fmt == "torch-zip"), pickle_module=_ghosts.pickle_module)
+        obj = torch.load(
+            inp.path,
+            map_location=record_location,
+            weights_only=False,
+            mmap=(fmt == "torch-zip"),
+            pickle_module=_ghosts.pickle_module,
+        )
         return obj, fmt, locations
     with inp.open() as f:
-        obj = torch.load(f, map_location=record_location, weights_only=False,
-                         pickle_module=_ghosts.pickle_module)
+        obj = torch.load(
+            f, map_location=record_location, weights_only=False, pickle_module=_ghosts.pickle_module
+        )
     return obj, fmt, locations
 
 
@@ -256,23 +259,34 @@ def try_layout(source: Input) -> dict[str, Any] | None:
 
 def write_layout(layout: dict[str, Any], *, manifest_fd: int) -> None:
     """The manifest of the layout hand-off: no stored tensors, the layout and the skeleton."""
-    manifest = {"protocol": P.PROTOCOL_VERSION, "format": layout["format"], "tensors": [],
-                "views": [], "layout": layout["layout"], "skeleton": layout["skeleton"],
-                "unrepresentable": [], "notes": []}
+    manifest = {
+        "protocol": P.PROTOCOL_VERSION,
+        "format": layout["format"],
+        "tensors": [],
+        "views": [],
+        "layout": layout["layout"],
+        "skeleton": layout["skeleton"],
+        "unrepresentable": [],
+        "notes": [],
+    }
     # the host's own definition of the document checks it before it is sent
     _write_all(manifest_fd, P.Manifest.from_obj(manifest).to_json())
 
 
-def write_outputs(obj: Any, fmt: str, locations: dict[int, str], *, tensors_fd: int,
-                  manifest_fd: int, tensors: bool = True) -> dict[str, Any]:
+def write_outputs(
+    obj: Any, fmt: str, locations: dict[int, str], *, tensors_fd: int, manifest_fd: int, tensors: bool = True
+) -> dict[str, Any]:
     """Extract tensors from ``obj`` and write the manifest and (unless ``tensors`` is false)
     the SafeTensors bytes to the two output descriptors (memfds the supervisor seals)."""
     from ._extract import extract
 
     ex = extract(obj, locations)
     skeleton_json = json.dumps(ex.skeleton, allow_nan=False, separators=(",", ":"))
-    metadata = {"format": "pt", "model_sandbox.skeleton": skeleton_json,
-                "model_sandbox.views": json.dumps(ex.views, separators=(",", ":"))}
+    metadata = {
+        "format": "pt",
+        "model_sandbox.skeleton": skeleton_json,
+        "model_sandbox.views": json.dumps(ex.views, separators=(",", ":")),
+    }
     if len(skeleton_json) > P.MAX_JSON_BYTES // 2:
         metadata.pop("model_sandbox.skeleton")
     if tensors:
@@ -299,8 +313,12 @@ def write_safetensors(fd: int, stored: dict[str, Any], metadata: dict[str, str])
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in stored.items()}
     head, order = P.safetensors_header(
-        [(name, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size())
-         for name, t in tensors.items()], metadata)
+        [
+            (name, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size())
+            for name, t in tensors.items()
+        ],
+        metadata,
+    )
     _write_all(fd, head)
     for name in order:
         t = tensors[name]

@@ -51,25 +51,25 @@ PROTOCOL_VERSION = 2
 
 # -- the channel --------------------------------------------------------------------------------
 
-CHANNEL_DIR = "/run/sandbox"        # inside the container: the host's socket directory, read-only
+CHANNEL_DIR = "/run/sandbox"  # inside the container: the host's socket directory, read-only
 SOCKET_NAME = "channel"
 SOCKET_PATH = f"{CHANNEL_DIR}/{SOCKET_NAME}"
-COLD = "--cold"                     # the supervisor's argument: do not import torch ahead of a job
-NPROC = "--nproc="                  # the supervisor's argument (bwrap runner): its RLIMIT_NPROC
+COLD = "--cold"  # the supervisor's argument: do not import torch ahead of a job
+NPROC = "--nproc="  # the supervisor's argument (bwrap runner): its RLIMIT_NPROC
 # the supervisor's argument under gVisor (runsc), where seccomp user notification does not exist:
 # the loader's filter refuses in the kernel (SECCOMP_RET_ERRNO) what the supervisor would refuse,
 # and the evidence is gVisor's own trace of the sandbox's system calls, read by the host
 PLAIN_FILTER = "--plain-filter"
 
-LOADER_SCRATCH = "/tmp/.loader/"    # torch's own temporary files (legacy tar extraction)
-INPUT_FD = 1000                     # where the loader keeps the input descriptor (nofile is 1024)
-INPUT_ALIAS = "<input>"             # how events name an open of the input through /proc/self/fd
+LOADER_SCRATCH = "/tmp/.loader/"  # torch's own temporary files (legacy tar extraction)
+INPUT_FD = 1000  # where the loader keeps the input descriptor (nofile is 1024)
+INPUT_ALIAS = "<input>"  # how events name an open of the input through /proc/self/fd
 
 HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE, CHUNK = b"H", b"J", b"E", b"O", b"S", b"D", b"C"
 STOP = b"X"
 FRAME_TYPES = frozenset({HELLO, JOB, EVENTS, OUTPUT, STATUS, DONE, CHUNK, STOP})
-FDS_OF = {JOB: 1, OUTPUT: 1}         # frames that carry descriptors, and how many; others none
-MAX_FRAME = 64 * 1024               # payload bytes; a larger frame is a protocol violation
+FDS_OF = {JOB: 1, OUTPUT: 1}  # frames that carry descriptors, and how many; others none
+MAX_FRAME = 64 * 1024  # payload bytes; a larger frame is a protocol violation
 OUTPUT_NAMES = ("manifest", "tensors")
 
 # memfd seals (linux/fcntl.h): the host maps an output only when all four are set
@@ -92,8 +92,7 @@ def frame(kind: bytes, payload: bytes = b"") -> bytes:
 
 
 def json_frame(kind: bytes, doc: object) -> bytes:
-    return frame(kind, json.dumps(doc, separators=(",", ":"), allow_nan=False,
-                                  default=str).encode())
+    return frame(kind, json.dumps(doc, separators=(",", ":"), allow_nan=False, default=str).encode())
 
 
 class ProtocolError(ValueError):
@@ -114,9 +113,9 @@ def parse_json(data: bytes, what: str) -> object:
 
 # -- typed documents ------------------------------------------------------------------------
 
+
 def _num(v: object, lo: float, hi: float, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-            not lo <= v <= hi:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
         raise ProtocolError(f"{what} is not a number in [{lo:g}, {hi:g}]")
     return float(v)
 
@@ -155,19 +154,26 @@ class JobConfig:
         fatal, allow = d.get("fatal", []), d.get("allow_read", [])
         if not isinstance(fatal, list) or not all(f in FATAL_CATEGORIES for f in fatal):
             raise ProtocolError("job: fatal names an unknown category")
-        if not isinstance(allow, list) or len(allow) > 64 or \
-                not all(isinstance(a, str) and 0 < len(a) <= 4096 for a in allow):
+        if (
+            not isinstance(allow, list)
+            or len(allow) > 64
+            or not all(isinstance(a, str) and 0 < len(a) <= 4096 for a in allow)
+        ):
             raise ProtocolError("job: allow_read malformed")
         for flag in ("write_tensors", "layout", "hash_input"):
             if not isinstance(d.get(flag, True), bool):
                 raise ProtocolError(f"job: {flag} is not a boolean")
-        return cls(wall_clock_s=_num(d.get("wall_clock_s", 120.0), 0.001, 1e7, "wall_clock_s"),
-                   cpu_s=_num(d.get("cpu_s", 0.0), 0, 1e7, "cpu_s"),
-                   max_output_bytes=_int(d.get("max_output_bytes", 0), 0, 2**62, "max_output_bytes"),
-                   write_tensors=d.get("write_tensors", True), fatal=tuple(fatal),
-                   errno=_int(d.get("errno", _errno.EPERM), 1, 4095, "errno"),
-                   allow_read=tuple(allow), layout=d.get("layout", True),
-                   hash_input=d.get("hash_input", True))
+        return cls(
+            wall_clock_s=_num(d.get("wall_clock_s", 120.0), 0.001, 1e7, "wall_clock_s"),
+            cpu_s=_num(d.get("cpu_s", 0.0), 0, 1e7, "cpu_s"),
+            max_output_bytes=_int(d.get("max_output_bytes", 0), 0, 2**62, "max_output_bytes"),
+            write_tensors=d.get("write_tensors", True),
+            fatal=tuple(fatal),
+            errno=_int(d.get("errno", _errno.EPERM), 1, 4095, "errno"),
+            allow_read=tuple(allow),
+            layout=d.get("layout", True),
+            hash_input=d.get("hash_input", True),
+        )
 
 
 @dataclass(frozen=True)
@@ -186,8 +192,7 @@ class Output:
         inline = d.get("inline", False)
         if not isinstance(inline, bool):
             raise ProtocolError("output: inline is not a boolean")
-        return cls(name=str(d["name"]), size=_int(d.get("size"), 0, 2**62, "output size"),
-                   inline=inline)
+        return cls(name=str(d["name"]), size=_int(d.get("size"), 0, 2**62, "output size"), inline=inline)
 
 
 @dataclass(frozen=True)
@@ -201,8 +206,9 @@ class Hello:
         d = parse_json(data, "hello")
         if not isinstance(d, dict) or d.get("protocol") != PROTOCOL_VERSION:
             raise ProtocolError("hello: wrong protocol version")
-        return cls(protocol=PROTOCOL_VERSION, pid=_int(d.get("pid"), 1, 2**31, "pid"),
-                   warm=d.get("warm") is True)
+        return cls(
+            protocol=PROTOCOL_VERSION, pid=_int(d.get("pid"), 1, 2**31, "pid"), warm=d.get("warm") is True
+        )
 
 
 # -- the documents the sandbox sends back: one definition, parsed by the host, checked by the
@@ -234,13 +240,14 @@ def _opt_num(d: dict[str, object], key: str, what: str) -> float | None:
     v = d.get(key)
     if v is None:
         return None
-    _req(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-         f"{what}.{key} is not a number")
+    _req(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        f"{what}.{key} is not a number",
+    )
     return float(v)  # type: ignore[arg-type]
 
 
-def _opt_int(d: dict[str, object], key: str, what: str, lo: int = -(2**63),
-             hi: int = 2**63) -> int | None:
+def _opt_int(d: dict[str, object], key: str, what: str, lo: int = -(2**63), hi: int = 2**63) -> int | None:
     v = d.get(key)
     if v is None:
         return None
@@ -253,14 +260,18 @@ def _sha256(v: object) -> bool:
 
 
 def _dims(v: object, what: str) -> tuple[int, ...]:
-    _req(isinstance(v, list) and len(v) <= MAX_NDIM and
-         all(_is_int(s) and 0 <= s < 2**62 for s in v), f"{what} malformed")  # type: ignore[union-attr]
+    _req(
+        isinstance(v, list) and len(v) <= MAX_NDIM and all(_is_int(s) and 0 <= s < 2**62 for s in v),
+        f"{what} malformed",
+    )  # type: ignore[union-attr]
     return tuple(v)  # type: ignore[arg-type]
 
 
 def _name(v: object, taken: set[str], what: str) -> str:
-    _req(isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN and v != "__metadata__",
-         f"{what}: tensor name malformed")
+    _req(
+        isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN and v != "__metadata__",
+        f"{what}: tensor name malformed",
+    )
     assert isinstance(v, str)
     _req(v not in taken, f"{what}: duplicate tensor name {v[:80]!r}")
     taken.add(v)
@@ -336,8 +347,7 @@ class Unrepresentable:
     reason: str = ""
 
 
-_LAYOUT_KEYS = frozenset({"name", "key", "dtype", "shape", "stride", "offset", "parameter",
-                          "location"})
+_LAYOUT_KEYS = frozenset({"name", "key", "dtype", "shape", "stride", "offset", "parameter", "location"})
 
 
 @dataclass(frozen=True)
@@ -356,11 +366,14 @@ class Manifest:
 
     def to_obj(self) -> dict[str, object]:
         d: dict[str, object] = {
-            "protocol": PROTOCOL_VERSION, "format": self.format,
-            "tensors": [asdict(t) for t in self.tensors], "views": [asdict(v) for v in self.views],
+            "protocol": PROTOCOL_VERSION,
+            "format": self.format,
+            "tensors": [asdict(t) for t in self.tensors],
+            "views": [asdict(v) for v in self.views],
             "skeleton": self.skeleton,  # plain JSON already (asdict would deep-copy it)
             "unrepresentable": [asdict(u) for u in self.unrepresentable],
-            "notes": list(self.notes)}
+            "notes": list(self.notes),
+        }
         if self.layout is not None:
             d["layout"] = [asdict(t) for t in self.layout]
         return d
@@ -378,10 +391,8 @@ class Manifest:
         d = _obj(data, what)
         _req(d.get("protocol") == PROTOCOL_VERSION, f"{what}: wrong protocol version")
         raw_tensors, raw_views = d.get("tensors"), d.get("views")
-        _req(isinstance(raw_tensors, list) and len(raw_tensors) <= MAX_TENSORS,
-             f"{what}: tensors malformed")
-        _req(isinstance(raw_views, list) and len(raw_views) <= MAX_TENSORS,
-             f"{what}: views malformed")
+        _req(isinstance(raw_tensors, list) and len(raw_tensors) <= MAX_TENSORS, f"{what}: tensors malformed")
+        _req(isinstance(raw_views, list) and len(raw_views) <= MAX_TENSORS, f"{what}: views malformed")
         assert isinstance(raw_tensors, list) and isinstance(raw_views, list)
         taken: set[str] = set()
         tensors = tuple(cls._tensor(t, taken) for t in raw_tensors)
@@ -390,8 +401,10 @@ class Manifest:
         layout = None
         if d.get("layout") is not None:
             raw = d["layout"]
-            _req(isinstance(raw, list) and 0 < len(raw) <= MAX_TENSORS and not tensors
-                 and not views, f"{what}: layout malformed")
+            _req(
+                isinstance(raw, list) and 0 < len(raw) <= MAX_TENSORS and not tensors and not views,
+                f"{what}: layout malformed",
+            )
             assert isinstance(raw, list)
             layout = tuple(cls._placed(t, taken) for t in raw)
         unrep = d.get("unrepresentable", [])
@@ -400,20 +413,31 @@ class Manifest:
         unrepresentable = []
         for u in unrep[:10_000]:
             u = _obj(u, f"{what}: unrepresentable entry")
-            _req(isinstance(u.get("path"), str) and isinstance(u.get("type"), str),
-                 f"{what}: unrepresentable entry malformed")
-            unrepresentable.append(Unrepresentable(
-                path=str(u["path"])[:4000], type=str(u["type"])[:400],
-                reason=_opt_str(u, "reason", 400, what) or ""))
+            _req(
+                isinstance(u.get("path"), str) and isinstance(u.get("type"), str),
+                f"{what}: unrepresentable entry malformed",
+            )
+            unrepresentable.append(
+                Unrepresentable(
+                    path=str(u["path"])[:4000],
+                    type=str(u["type"])[:400],
+                    reason=_opt_str(u, "reason", 400, what) or "",
+                )
+            )
         notes = d.get("notes", [])
-        _req(isinstance(notes, list) and all(isinstance(n, str) for n in notes),
-             f"{what}: notes malformed")
+        _req(isinstance(notes, list) and all(isinstance(n, str) for n in notes), f"{what}: notes malformed")
         assert isinstance(notes, list)
         fmt = d.get("format")
         _req(isinstance(fmt, str) and len(fmt) <= 64, f"{what}: format missing")
-        return cls(format=str(fmt), tensors=tensors, views=views, layout=layout,
-                   skeleton=d.get("skeleton"), unrepresentable=tuple(unrepresentable),
-                   notes=tuple(str(n)[:4000] for n in notes[:10_000]))
+        return cls(
+            format=str(fmt),
+            tensors=tensors,
+            views=views,
+            layout=layout,
+            skeleton=d.get("skeleton"),
+            unrepresentable=tuple(unrepresentable),
+            notes=tuple(str(n)[:4000] for n in notes[:10_000]),
+        )
 
     @staticmethod
     def _tensor(raw: object, taken: set[str]) -> TensorEntry:
@@ -421,8 +445,7 @@ class Manifest:
         t = _obj(raw, f"{what}: tensor entry")
         name = _name(t.get("name"), taken, what)
         dtype = t.get("dtype")
-        _req(isinstance(dtype, str) and dtype in TORCH_DTYPES,
-             f"{what}: unknown dtype {str(dtype)[:40]}")
+        _req(isinstance(dtype, str) and dtype in TORCH_DTYPES, f"{what}: unknown dtype {str(dtype)[:40]}")
         assert isinstance(dtype, str)
         stored_as, size = TORCH_DTYPES[dtype]
         _req(t.get("stored_as") == stored_as, f"{what}: {name}: wrong storage dtype")
@@ -432,9 +455,15 @@ class Manifest:
             numel *= s
         _req(t.get("nbytes") == numel * size, f"{what}: {name}: nbytes does not match shape")
         _req(_sha256(t.get("sha256")), f"{what}: {name}: sha256 malformed")
-        return TensorEntry(name=name, dtype=dtype, shape=shape, stored_as=stored_as,
-                           nbytes=numel * size, sha256=str(t["sha256"]),
-                           location=_location(t.get("location"), what))
+        return TensorEntry(
+            name=name,
+            dtype=dtype,
+            shape=shape,
+            stored_as=stored_as,
+            nbytes=numel * size,
+            sha256=str(t["sha256"]),
+            location=_location(t.get("location"), what),
+        )
 
     @staticmethod
     def _view(raw: object, taken: set[str], stored: dict[str, TensorEntry]) -> ViewEntry:
@@ -452,12 +481,24 @@ class Manifest:
         offset = v.get("offset")
         _req(_is_int(offset) and offset >= 0, f"{what}: view {name}: offset")  # type: ignore[operator]
         assert isinstance(offset, int)
-        last = offset + sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) \
-            if all(s > 0 for s in shape) else offset
-        _req(last < base.numel or (base.numel == 0 and 0 in shape),
-             f"{what}: view {name}: reaches past its base")
-        return ViewEntry(name=name, base=base.name, offset=offset, shape=shape, stride=stride,
-                         dtype=base.dtype, location=_location(v.get("location"), what))
+        last = (
+            offset + sum((s - 1) * st for s, st in zip(shape, stride, strict=True))
+            if all(s > 0 for s in shape)
+            else offset
+        )
+        _req(
+            last < base.numel or (base.numel == 0 and 0 in shape),
+            f"{what}: view {name}: reaches past its base",
+        )
+        return ViewEntry(
+            name=name,
+            base=base.name,
+            offset=offset,
+            shape=shape,
+            stride=stride,
+            dtype=base.dtype,
+            location=_location(v.get("location"), what),
+        )
 
     @staticmethod
     def _placed(raw: object, taken: set[str]) -> LayoutEntry:
@@ -466,8 +507,9 @@ class Manifest:
         _req(set(t) == _LAYOUT_KEYS, f"{what}: layout entry malformed")
         name = _name(t["name"], taken, what)
         key = t["key"]
-        _req(isinstance(key, str) and 0 < len(key) <= 64 and key.isprintable(),
-             f"{what}: layout key malformed")
+        _req(
+            isinstance(key, str) and 0 < len(key) <= 64 and key.isprintable(), f"{what}: layout key malformed"
+        )
         dtype = t["dtype"]
         _req(isinstance(dtype, str) and dtype in TORCH_DTYPES, f"{what}: layout dtype unknown")
         shape = _dims(t["shape"], f"{what}: layout shape")
@@ -476,9 +518,16 @@ class Manifest:
         offset = t["offset"]
         _req(_is_int(offset) and 0 <= offset < 2**62, f"{what}: layout offset")  # type: ignore[operator]
         _req(isinstance(t["parameter"], bool), f"{what}: layout parameter flag")
-        return LayoutEntry(name=name, key=str(key), dtype=str(dtype), shape=shape, stride=stride,
-                           offset=int(offset), parameter=bool(t["parameter"]),  # type: ignore[call-overload]
-                           location=_location(t["location"], what))
+        return LayoutEntry(
+            name=name,
+            key=str(key),
+            dtype=str(dtype),
+            shape=shape,
+            stride=stride,
+            offset=int(offset),  # type: ignore[call-overload]
+            parameter=bool(t["parameter"]),
+            location=_location(t["location"], what),
+        )
 
 
 @dataclass(frozen=True)
@@ -553,18 +602,18 @@ class Status:
         sha = d.get("input_sha256")
         _req(sha is None or _sha256(sha), f"{what}: input_sha256 is not a sha256")
         env = d.get("env_keys", [])
-        _req(isinstance(env, list) and all(isinstance(k, str) for k in env),
-             f"{what}: env_keys malformed")
+        _req(isinstance(env, list) and all(isinstance(k, str) for k in env), f"{what}: env_keys malformed")
         assert isinstance(env, list)
         limit = d.get("limit")
-        _req(limit is None or limit in SUPERVISOR_LIMITS,
-             f"{what}: limit is not one the supervisor enforces")
+        _req(limit is None or limit in SUPERVISOR_LIMITS, f"{what}: limit is not one the supervisor enforces")
         timed_out = d.get("timed_out", False)
         _req(isinstance(timed_out, bool), f"{what}: timed_out is not a boolean")
         problems = d.get("output_problems", {})
-        _req(isinstance(problems, dict) and all(k in OUTPUT_NAMES and isinstance(v, str)
-                                                for k, v in problems.items()),
-             f"{what}: output_problems malformed")
+        _req(
+            isinstance(problems, dict)
+            and all(k in OUTPUT_NAMES and isinstance(v, str) for k, v in problems.items()),
+            f"{what}: output_problems malformed",
+        )
         assert isinstance(problems, dict)
         canaries, canary_files = cls._canaries(d.get("canaries"))
         counts, kernel, truncated = cls._monitor(d.get("monitor"))
@@ -573,15 +622,24 @@ class Status:
             input_sha256=str(sha) if sha is not None else None,
             input_size=_opt_int(d, "input_size", what, 0),
             input_error=_opt_str(d, "input_error", 200, what),
-            wall_s=_opt_num(d, "wall_s", what), cpu_user_s=_opt_num(d, "cpu_user_s", what),
+            wall_s=_opt_num(d, "wall_s", what),
+            cpu_user_s=_opt_num(d, "cpu_user_s", what),
             cpu_system_s=_opt_num(d, "cpu_system_s", what),
-            max_rss_kb=_opt_int(d, "max_rss_kb", what), exit_code=_opt_int(d, "exit_code", what),
-            limit=str(limit) if limit is not None else None, timed_out=timed_out is True,
-            resources=cls._resources(d.get("resources")), series=cls._series(d.get("resources")),
+            max_rss_kb=_opt_int(d, "max_rss_kb", what),
+            exit_code=_opt_int(d, "exit_code", what),
+            limit=str(limit) if limit is not None else None,
+            timed_out=timed_out is True,
+            resources=cls._resources(d.get("resources")),
+            series=cls._series(d.get("resources")),
             stopped=cls._stopped(d.get("stopped")),
-            result=cls._result(d.get("result")), canaries=canaries, canary_files=canary_files,
-            kernel_monitor=kernel, counts=counts, truncated=truncated,
-            output_problems=tuple(sorted((str(k), str(v)[:200]) for k, v in problems.items())))
+            result=cls._result(d.get("result")),
+            canaries=canaries,
+            canary_files=canary_files,
+            kernel_monitor=kernel,
+            counts=counts,
+            truncated=truncated,
+            output_problems=tuple(sorted((str(k), str(v)[:200]) for k, v in problems.items())),
+        )
 
     @staticmethod
     def _resources(raw: object) -> tuple[tuple[str, float | int | str], ...]:
@@ -612,16 +670,21 @@ class Status:
             return ()
         what = f"{STATUS_FILE}.resources.series"
         points = raw["series"]
-        _req(isinstance(points, list) and len(points) <= MAX_RESOURCE_POINTS,
-             f"{what} is not a list of at most {MAX_RESOURCE_POINTS} samples")
+        _req(
+            isinstance(points, list) and len(points) <= MAX_RESOURCE_POINTS,
+            f"{what} is not a list of at most {MAX_RESOURCE_POINTS} samples",
+        )
         out: list[tuple[float, float, int]] = []
         for p in points:
-            _req(isinstance(p, list) and len(p) == 3
-                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
-                 and isinstance(p[2], int), f"{what}: a sample is not [t, cpu_s, rss_bytes]")
+            _req(
+                isinstance(p, list)
+                and len(p) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+                and isinstance(p[2], int),
+                f"{what}: a sample is not [t, cpu_s, rss_bytes]",
+            )
             t, cpu, rss = float(p[0]), float(p[1]), int(p[2])
-            _req(0 <= t <= 1e7 and 0 <= cpu <= 1e9 and 0 <= rss < 2**50,
-                 f"{what}: a sample is out of range")
+            _req(0 <= t <= 1e7 and 0 <= cpu <= 1e9 and 0 <= rss < 2**50, f"{what}: a sample is out of range")
             _req(not out or t >= out[-1][0], f"{what}: samples are not in time order")
             out.append((t, cpu, rss))
         return tuple(out)
@@ -646,13 +709,16 @@ class Status:
         r = _obj(raw, what)
         ok = r.get("ok", False)
         _req(isinstance(ok, bool), f"{what}.ok is not a boolean")
-        return LoadResult(ok=bool(ok), kind=_opt_str(r, "kind", 64, what),
-                          message=_opt_str(r, "message", 4000, what),
-                          type=_opt_str(r, "type", 200, what),
-                          format=_opt_str(r, "format", 64, what),
-                          detected=_opt_str(r, "detected", 64, what),
-                          handoff=_opt_str(r, "handoff", 16, what),
-                          tensors=_opt_int(r, "tensors", what, 0, 2**40))
+        return LoadResult(
+            ok=bool(ok),
+            kind=_opt_str(r, "kind", 64, what),
+            message=_opt_str(r, "message", 4000, what),
+            type=_opt_str(r, "type", 200, what),
+            format=_opt_str(r, "format", 64, what),
+            detected=_opt_str(r, "detected", 64, what),
+            handoff=_opt_str(r, "handoff", 16, what),
+            tensors=_opt_int(r, "tensors", what, 0, 2**40),
+        )
 
     @staticmethod
     def _canaries(raw: object) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
@@ -662,11 +728,13 @@ class Status:
         good: list[tuple[str, str]] = []
         if isinstance(values, dict):
             for k, v in list(values.items())[:MAX_CANARIES]:
-                if isinstance(k, str) and isinstance(v, str) and 12 <= len(v) <= 512 and \
-                        len(k) <= 64:
+                if isinstance(k, str) and isinstance(v, str) and 12 <= len(v) <= 512 and len(k) <= 64:
                     good.append((k, v))
-        paths = tuple(p for p in files[:MAX_CANARIES] if isinstance(p, str) and len(p) <= 256) \
-            if isinstance(files, list) else ()
+        paths = (
+            tuple(p for p in files[:MAX_CANARIES] if isinstance(p, str) and len(p) <= 256)
+            if isinstance(files, list)
+            else ()
+        )
         return tuple(good), paths
 
     @staticmethod
@@ -695,8 +763,9 @@ def printable(text: str, limit: int = _MAX_EVENT_STR) -> str:
     text = text[:limit]
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
-                   for c in text)
+    return "".join(
+        c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}") for c in text
+    )
 
 
 def _plain(value: object, depth: int = 0) -> object:
@@ -714,8 +783,9 @@ def _plain(value: object, depth: int = 0) -> object:
     if isinstance(value, list):
         return [_plain(v, depth + 1) for v in value[:_MAX_EVENT_ITEMS]]
     if isinstance(value, dict):
-        return {printable(str(k), 64): _plain(v, depth + 1)
-                for k, v in list(value.items())[:_MAX_EVENT_ITEMS]}
+        return {
+            printable(str(k), 64): _plain(v, depth + 1) for k, v in list(value.items())[:_MAX_EVENT_ITEMS]
+        }
     return None
 
 
@@ -740,18 +810,27 @@ class EventLine:
         detail, action = obj.get("detail", {}), obj.get("action")
         if not (_is_int(eid) and 0 < eid < 2**53):  # type: ignore[operator]
             return None
-        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
-                and t >= 0):
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
             return None
-        if not isinstance(source, str) or not isinstance(action, str) or \
-                source not in EVENT_SOURCES or action not in EVENT_ACTIONS:
+        if (
+            not isinstance(source, str)
+            or not isinstance(action, str)
+            or source not in EVENT_SOURCES
+            or action not in EVENT_ACTIONS
+        ):
             return None
         if not (isinstance(kind, str) and _EVENT_KIND.match(kind)) or not isinstance(detail, dict):
             return None
         clean = _plain(detail)
         assert isinstance(clean, dict)
-        return cls(id=int(eid), t=float(t), source=source, kind=kind,  # type: ignore[arg-type]
-                   detail=clean, action=action)
+        return cls(
+            id=int(eid),  # type: ignore[arg-type]
+            t=float(t),  # type: ignore[arg-type]
+            source=source,
+            kind=kind,
+            detail=clean,
+            action=action,
+        )
 
 
 def memfd_seals(fd: int) -> int:
@@ -765,34 +844,93 @@ def memfd_create(name: str) -> int:
     """A sealable, close-on-exec memfd."""
     return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
 
+
 # The canary home: a small tmpfs the supervisor fills with fake credentials for the loader.
 CANARY_HOME = "/home/user"  # an ordinary name: nothing here says "sandbox"
 
 # Path classes, decided from the normalised path (the supervisor's decoder and the host's reader
 # of gVisor's trace use the same tables). Reads under QUIET_* are not worth an event.
-QUIET_READ_PREFIXES = ("/opt/python/", "/usr/lib/", "/usr/lib64/", "/lib/", "/lib64/", "/usr/share/",
-                       "/sys/", "/tmp/", "/etc/ld.so.cache", "/etc/localtime",
-                       "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/host.conf",
-                       "/etc/gai.conf", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat",
-                       "/proc/sys/", "/proc/filesystems")
-QUIET_EXACT = frozenset({"/dev/null", "/dev/urandom", "/dev/random", "/dev/zero", "/dev/tty",
-                         INPUT_ALIAS, "/tmp", "/", "/opt/python", "/usr/lib", "/etc"})
+QUIET_READ_PREFIXES = (
+    "/opt/python/",
+    "/usr/lib/",
+    "/usr/lib64/",
+    "/lib/",
+    "/lib64/",
+    "/usr/share/",
+    "/sys/",
+    "/tmp/",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/proc/sys/",
+    "/proc/filesystems",
+)
+QUIET_EXACT = frozenset(
+    {
+        "/dev/null",
+        "/dev/urandom",
+        "/dev/random",
+        "/dev/zero",
+        "/dev/tty",
+        INPUT_ALIAS,
+        "/tmp",
+        "/",
+        "/opt/python",
+        "/usr/lib",
+        "/etc",
+    }
+)
 # Reads that tell a container or a sandbox apart from a workstation: evidence of a payload that
 # checks where it runs before it acts (LOW alone)
 PROBE_RE = re.compile(r"^/proc/(\d+|self|thread-self)/(mountinfo|mounts|mountstats|cgroup)$")
-PROBE_PATHS = frozenset({"/.dockerenv", "/run/.containerenv", "/proc/1/sched", "/proc/self/cgroup",
-                         "/sys/class/dmi/id/product_name", "/sys/class/dmi/id/sys_vendor",
-                         "/proc/sys/kernel/hostname", "/etc/hostname"})
+PROBE_PATHS = frozenset(
+    {
+        "/.dockerenv",
+        "/run/.containerenv",
+        "/proc/1/sched",
+        "/proc/self/cgroup",
+        "/sys/class/dmi/id/product_name",
+        "/sys/class/dmi/id/sys_vendor",
+        "/proc/sys/kernel/hostname",
+        "/etc/hostname",
+    }
+)
 PROBE_PREFIXES = ("/sys/class/dmi/", "/sys/devices/virtual/dmi/", "/sys/hypervisor/")
 WRITABLE_PREFIXES = ("/tmp/",)  # the sandbox's own scratch tmpfs: nothing of the host
-SENSITIVE_PREFIXES = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/root", "/home/", "/run/secrets",
-                      "/var/run/", "/run/", "/proc/1/", "/proc/kcore", "/sys/kernel/", "/dev/mem",
-                      "/etc/ssh", "/.dockerenv", "/proc/kallsyms", "/sys/fs/cgroup")
+SENSITIVE_PREFIXES = (
+    "/etc/shadow",
+    "/etc/gshadow",
+    "/etc/sudoers",
+    "/root",
+    "/home/",
+    "/run/secrets",
+    "/var/run/",
+    "/run/",
+    "/proc/1/",
+    "/proc/kcore",
+    "/sys/kernel/",
+    "/dev/mem",
+    "/etc/ssh",
+    "/.dockerenv",
+    "/proc/kallsyms",
+    "/sys/fs/cgroup",
+)
 
 
-def classify_path(path: str, *, canary_files: frozenset[str] | set[str],
-                  own: tuple[str, ...] = (), quiet_prefixes: tuple[str, ...] = QUIET_READ_PREFIXES
-                  ) -> str:
+def classify_path(
+    path: str,
+    *,
+    canary_files: frozenset[str] | set[str],
+    own: tuple[str, ...] = (),
+    quiet_prefixes: tuple[str, ...] = QUIET_READ_PREFIXES,
+) -> str:
     """The class of an opened path: ``canary``, ``canary_home``, ``probe``, ``quiet``,
     ``sensitive`` or ``other``. ``own``: the caller's own ``/proc/<pid>/`` prefixes (its own
     environment is the canaries it already has)."""
@@ -839,27 +977,32 @@ MAX_NDIM = 64
 
 # The skeleton: JSON for the returned structure. Primitives (None, bool, int, finite float,
 # str) stand for themselves; everything else is an object whose "$" key names its kind.
-NODE_KINDS = frozenset({
-    "float",       # {"v": "nan" | "inf" | "-inf"}
-    "bytes",       # {"b64": str}
-    "list", "tuple", "set", "frozenset",   # {"items": [node...]}
-    "dict",        # {"kind": "dict"|"OrderedDict"|"defaultdict", "items": [[key, value]...]}
-    "tensor",      # {"ref": name, "parameter": bool, "requires_grad": bool}
-    "ndarray",     # {"ref": name}
-    "npscalar",    # {"dtype": str, "ref": name}
-    "dtype",       # {"v": "float32"}
-    "device",      # {"v": "cpu"}
-    "size",        # {"v": [int...]}
-    "complex",     # {"re": float-node, "im": float-node}
-    "namespace",   # {"items": [[str, node]...]}  argparse.Namespace
-    "module",      # {"type": "pkg.Class", "state": dict-node}  nn.Module / optimizer -> state_dict
-    "opaque",      # {"type": "pkg.Class", "path": str}  an object we will not rebuild
-    "value",       # {"type": one of VALUE_TYPES, "v": JSON}  a stdlib value type
-    # a sparse / quantized / nested tensor as ordinary component tensors: {"kind": one of
-    # COMPOSITE_KINDS, "name": str, "dtype": str, "shape": [int...], "parts": {part: tensor-node},
-    # "params": {str: JSON}, "parameter": bool, "requires_grad": bool}
-    "composite",
-})
+NODE_KINDS = frozenset(
+    {
+        "float",  # {"v": "nan" | "inf" | "-inf"}
+        "bytes",  # {"b64": str}
+        "list",
+        "tuple",
+        "set",
+        "frozenset",  # {"items": [node...]}
+        "dict",  # {"kind": "dict"|"OrderedDict"|"defaultdict", "items": [[key, value]...]}
+        "tensor",  # {"ref": name, "parameter": bool, "requires_grad": bool}
+        "ndarray",  # {"ref": name}
+        "npscalar",  # {"dtype": str, "ref": name}
+        "dtype",  # {"v": "float32"}
+        "device",  # {"v": "cpu"}
+        "size",  # {"v": [int...]}
+        "complex",  # {"re": float-node, "im": float-node}
+        "namespace",  # {"items": [[str, node]...]}  argparse.Namespace
+        "module",  # {"type": "pkg.Class", "state": dict-node}  nn.Module / optimizer -> state_dict
+        "opaque",  # {"type": "pkg.Class", "path": str}  an object we will not rebuild
+        "value",  # {"type": one of VALUE_TYPES, "v": JSON}  a stdlib value type
+        # a sparse / quantized / nested tensor as ordinary component tensors: {"kind": one of
+        # COMPOSITE_KINDS, "name": str, "dtype": str, "shape": [int...], "parts": {part: tensor-node},
+        # "params": {str: JSON}, "parameter": bool, "requires_grad": bool}
+        "composite",
+    }
+)
 # composite kind -> (the parts it needs, the optional parts); the host's _convert.assemble
 # rebuilds each, the worker's _extract._recipe takes it apart (nested tensors have no fixed
 # shape: "shape" is null).
@@ -877,28 +1020,55 @@ COMPOSITE_KINDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 # Standard-library value types the host rebuilds from plain data (no code runs to make them):
 # "v" is an ISO string (dates, times), [days, seconds, microseconds] (timedelta), the str()
 # of the value (paths, Decimal, Fraction, UUID), or [start, stop, step] (range, slice).
-VALUE_TYPES = frozenset({
-    "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta",
-    "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.WindowsPath", "pathlib.PureWindowsPath",
-    "decimal.Decimal", "fractions.Fraction", "uuid.UUID", "builtins.range", "builtins.slice",
-})
+VALUE_TYPES = frozenset(
+    {
+        "datetime.datetime",
+        "datetime.date",
+        "datetime.time",
+        "datetime.timedelta",
+        "pathlib.PosixPath",
+        "pathlib.PurePosixPath",
+        "pathlib.WindowsPath",
+        "pathlib.PureWindowsPath",
+        "decimal.Decimal",
+        "fractions.Fraction",
+        "uuid.UUID",
+        "builtins.range",
+        "builtins.slice",
+    }
+)
 DICT_KINDS = frozenset({"dict", "OrderedDict", "defaultdict"})
 
 # Tensor dtypes the protocol knows, by torch name. "storage" is how the bytes are stored in
 # the safetensors file: a safetensors dtype of the same name, or raw bytes (U8) viewed back.
 TORCH_DTYPES: dict[str, tuple[str, int]] = {
     # name: (safetensors dtype, element size)
-    "float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
-    "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1),
-    "uint64": ("U64", 8), "uint32": ("U32", 4), "uint16": ("U16", 2), "uint8": ("U8", 1),
+    "float64": ("F64", 8),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8),
+    "int32": ("I32", 4),
+    "int16": ("I16", 2),
+    "int8": ("I8", 1),
+    "uint64": ("U64", 8),
+    "uint32": ("U32", 4),
+    "uint16": ("U16", 2),
+    "uint8": ("U8", 1),
     "bool": ("BOOL", 1),
-    "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1),
-    "float8_e4m3fnuz": ("U8", 1), "float8_e5m2fnuz": ("U8", 1), "float8_e8m0fnu": ("U8", 1),
-    "complex64": ("C64", 8), "complex128": ("U8", 16), "complex32": ("U8", 4),
+    "float8_e4m3fn": ("F8_E4M3", 1),
+    "float8_e5m2": ("F8_E5M2", 1),
+    "float8_e4m3fnuz": ("U8", 1),
+    "float8_e5m2fnuz": ("U8", 1),
+    "float8_e8m0fnu": ("U8", 1),
+    "complex64": ("C64", 8),
+    "complex128": ("U8", 16),
+    "complex32": ("U8", 4),
 }
 
 
 # -- naming, shared by the worker and the host's independent reconstruction --------------------
+
 
 def path_component(key: object) -> str:
     """How one dict key or list index appears in a tensor name."""
@@ -930,14 +1100,36 @@ def tensor_name(path: tuple[str, ...], taken: set[str]) -> str:
 
 FATAL_CATEGORIES = ("exec", "network", "credential", "privilege", "process", "file")
 _CATEGORY_OF_KIND = {
-    "execve": "exec", "execveat": "exec",
-    "connect": "network", "sendto": "network", "sendmsg": "network", "sendmmsg": "network",
-    "bind": "network", "listen": "network", "accept": "network", "accept4": "network",
-    "clone": "process", "fork": "process", "vfork": "process",
-    "open": "file", "openat": "file", "openat2": "file", "creat": "file", "unlink": "file",
-    "unlinkat": "file", "rename": "file", "renameat": "file", "renameat2": "file", "link": "file",
-    "linkat": "file", "symlink": "file", "symlinkat": "file", "chmod": "file", "fchmod": "file",
-    "fchmodat": "file", "fchmodat2": "file",
+    "execve": "exec",
+    "execveat": "exec",
+    "connect": "network",
+    "sendto": "network",
+    "sendmsg": "network",
+    "sendmmsg": "network",
+    "bind": "network",
+    "listen": "network",
+    "accept": "network",
+    "accept4": "network",
+    "clone": "process",
+    "fork": "process",
+    "vfork": "process",
+    "open": "file",
+    "openat": "file",
+    "openat2": "file",
+    "creat": "file",
+    "unlink": "file",
+    "unlinkat": "file",
+    "rename": "file",
+    "renameat": "file",
+    "renameat2": "file",
+    "link": "file",
+    "linkat": "file",
+    "symlink": "file",
+    "symlinkat": "file",
+    "chmod": "file",
+    "fchmod": "file",
+    "fchmodat": "file",
+    "fchmodat2": "file",
 }
 
 
@@ -971,20 +1163,22 @@ def sha256_fd(fd: int) -> tuple[str, int]:
 
 # -- SafeTensors, written by both sides without a second copy of the weights -----------------
 
-ST_DTYPES = {"float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2),
-             "bfloat16": ("BF16", 2), "int64": ("I64", 8), "int32": ("I32", 4),
-             "int16": ("I16", 2), "int8": ("I8", 1), "uint64": ("U64", 8), "uint32": ("U32", 4),
-             "uint16": ("U16", 2), "uint8": ("U8", 1), "bool": ("BOOL", 1),
-             "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1),
-             "complex64": ("C64", 8),
-             # newer safetensors releases read these natively; the host writes them so only
-             # where its safetensors does (the protocol itself carries them as raw bytes)
-             "float8_e4m3fnuz": ("F8_E4M3FNUZ", 1), "float8_e5m2fnuz": ("F8_E5M2FNUZ", 1),
-             "float8_e8m0fnu": ("F8_E8M0", 1)}
+#: torch dtypes the protocol carries as raw bytes that newer safetensors releases read natively;
+#: the host writes their codes only where its safetensors does
+NEWER_ST_CODES = {
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "float8_e8m0fnu": "F8_E8M0",
+}
+#: torch dtype -> (safetensors code, element size) for every dtype a SafeTensors file may name
+ST_DTYPES = {
+    name: (code, size) for name, (code, size) in TORCH_DTYPES.items() if code != "U8" or name == "uint8"
+} | {name: (code, TORCH_DTYPES[name][1]) for name, code in NEWER_ST_CODES.items()}
 
 
-def safetensors_header(entries: list[tuple[str, str, list[int], int]],
-                       metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+def safetensors_header(
+    entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str]
+) -> tuple[bytes, list[str]]:
     """The 8-byte length and the JSON header (sorted keys, space-padded to 8 bytes) for
     ``entries`` of (name, torch dtype name, shape, nbytes); returns it and the order in which
     the tensors' bytes must follow: widest elements first, then by name, so that every tensor
@@ -995,8 +1189,11 @@ def safetensors_header(entries: list[tuple[str, str, list[int], int]],
     offset = 0
     for name in order:
         _, dtype, shape, nbytes = by_name[name]
-        header[name] = {"dtype": ST_DTYPES[dtype][0], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": ST_DTYPES[dtype][0],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
@@ -1020,8 +1217,7 @@ SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 SECCOMP_RET_TRACE = 0x7FF00000
 SECCOMP_RET_ALLOW = 0x7FFF0000
-BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_JSET_K, BPF_RET_K, BPF_AND_K = \
-    0x20, 0x15, 0x35, 0x45, 0x06, 0x54
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_JSET_K, BPF_RET_K, BPF_AND_K = 0x20, 0x15, 0x35, 0x45, 0x06, 0x54
 
 
 def bpf_arg_lo(i: int) -> int:

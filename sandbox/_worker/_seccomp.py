@@ -68,8 +68,8 @@ RET_USER_NOTIF = P.SECCOMP_RET_USER_NOTIF
 RET_ALLOW = P.SECCOMP_RET_ALLOW
 
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
-NOTIF_SIZE = 80            # struct seccomp_notif
-RESP_SIZE = 24             # struct seccomp_notif_resp
+NOTIF_SIZE = 80  # struct seccomp_notif
+RESP_SIZE = 24  # struct seccomp_notif_resp
 
 
 def _iowr(nr: int, size: int) -> int:
@@ -98,38 +98,100 @@ SYS_SECCOMP = 317
 # Syscall numbers the filter sends to the supervisor (the rest are allowed in the kernel).
 SYSCALLS: dict[str, int] = {
     # network
-    "socket": 41, "connect": 42, "accept": 43, "sendto": 44, "sendmsg": 46, "bind": 49,
-    "listen": 50, "socketpair": 53, "accept4": 288, "sendmmsg": 307,
+    "socket": 41,
+    "connect": 42,
+    "accept": 43,
+    "sendto": 44,
+    "sendmsg": 46,
+    "bind": 49,
+    "listen": 50,
+    "socketpair": 53,
+    "accept4": 288,
+    "sendmmsg": 307,
     # processes and programs
-    "fork": 57, "vfork": 58, "execve": 59, "execveat": 322,
+    "fork": 57,
+    "vfork": 58,
+    "execve": 59,
+    "execveat": 322,
     # files
-    "open": 2, "openat": 257, "openat2": 437, "creat": 85,
-    "rename": 82, "renameat": 264, "renameat2": 316, "unlink": 87, "unlinkat": 263,
-    "link": 86, "linkat": 265, "symlink": 88, "symlinkat": 266,
-    "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452,
+    "open": 2,
+    "openat": 257,
+    "openat2": 437,
+    "creat": 85,
+    "rename": 82,
+    "renameat": 264,
+    "renameat2": 316,
+    "unlink": 87,
+    "unlinkat": 263,
+    "link": 86,
+    "linkat": 265,
+    "symlink": 88,
+    "symlinkat": 266,
+    "chmod": 90,
+    "fchmod": 91,
+    "fchmodat": 268,
+    "fchmodat2": 452,
     # other processes, privileges, kernel surfaces
-    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
-    "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308,
-    "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "io_uring_setup": 425,
-    "keyctl": 250, "add_key": 248, "request_key": 249,
-    "setuid": 105, "setgid": 106, "setreuid": 113, "setregid": 114, "setgroups": 116,
-    "setresuid": 117, "setresgid": 119, "setfsuid": 122, "setfsgid": 123,
-    "pidfd_open": SYS_PIDFD_OPEN, "pidfd_getfd": SYS_PIDFD_GETFD, "pidfd_send_signal": 424,
-    "seccomp": SYS_SECCOMP, "memfd_create": 319, "rt_sigqueueinfo": 129, "tkill": 200,
+    "ptrace": 101,
+    "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "mount": 165,
+    "umount2": 166,
+    "pivot_root": 155,
+    "chroot": 161,
+    "unshare": 272,
+    "setns": 308,
+    "bpf": 321,
+    "perf_event_open": 298,
+    "userfaultfd": 323,
+    "io_uring_setup": 425,
+    "keyctl": 250,
+    "add_key": 248,
+    "request_key": 249,
+    "setuid": 105,
+    "setgid": 106,
+    "setreuid": 113,
+    "setregid": 114,
+    "setgroups": 116,
+    "setresuid": 117,
+    "setresgid": 119,
+    "setfsuid": 122,
+    "setfsgid": 123,
+    "pidfd_open": SYS_PIDFD_OPEN,
+    "pidfd_getfd": SYS_PIDFD_GETFD,
+    "pidfd_send_signal": 424,
+    "seccomp": SYS_SECCOMP,
+    "memfd_create": 319,
+    "rt_sigqueueinfo": 129,
+    "tkill": 200,
     "rt_tgsigqueueinfo": 297,
 }
 # Conditionally reported: decided inside the filter from the arguments.
 NR_CLONE, NR_CLONE3, NR_KILL, NR_TGKILL = 56, 435, 62, 234
 NR_MPROTECT, NR_PKEY_MPROTECT, NR_MMAP, NR_PRCTL = 10, 329, 9, 157
 NAMES: dict[int, str] = {nr: name for name, nr in SYSCALLS.items()}
-NAMES.update({NR_CLONE: "clone", NR_KILL: "kill", NR_TGKILL: "tgkill", NR_MPROTECT: "mprotect",
-              NR_PKEY_MPROTECT: "pkey_mprotect", NR_MMAP: "mmap", NR_PRCTL: "prctl"})
+NAMES.update(
+    {
+        NR_CLONE: "clone",
+        NR_KILL: "kill",
+        NR_TGKILL: "tgkill",
+        NR_MPROTECT: "mprotect",
+        NR_PKEY_MPROTECT: "pkey_mprotect",
+        NR_MMAP: "mmap",
+        NR_PRCTL: "prctl",
+    }
+)
 
 # -- classic BPF (the assembler is shared with the host, which compiles the container profile
 # for the bwrap runner: it lives in the protocol module, the one module both sides import) ------
 
-_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = P.BPF_LD_W_ABS, P.BPF_JEQ_K, P.BPF_JGE_K, \
-    P.BPF_JSET_K, P.BPF_RET_K
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = (
+    P.BPF_LD_W_ABS,
+    P.BPF_JEQ_K,
+    P.BPF_JGE_K,
+    P.BPF_JSET_K,
+    P.BPF_RET_K,
+)
 _OFF_NR, _OFF_ARCH = 0, 4
 _arg_lo, _arg_hi = P.bpf_arg_lo, P.bpf_arg_hi
 _Asm = P.BpfAsm
@@ -198,11 +260,31 @@ def build_filter(self_pid: int) -> bytes:
 # depend on a path (a write outside the scratch space) cannot be made in BPF: there the
 # container answers (read-only root). gVisor's trace of the sandbox's system calls is the
 # evidence; the host reads it (sandbox/_gvisor.py).
-PLAIN_ALLOWED = frozenset({
-    "socket", "socketpair", "vfork", "open", "openat", "openat2", "creat",
-    "rename", "renameat", "renameat2", "unlink", "unlinkat", "link", "linkat", "symlink",
-    "symlinkat", "chmod", "fchmod", "fchmodat", "fchmodat2", "memfd_create",
-})
+PLAIN_ALLOWED = frozenset(
+    {
+        "socket",
+        "socketpair",
+        "vfork",
+        "open",
+        "openat",
+        "openat2",
+        "creat",
+        "rename",
+        "renameat",
+        "renameat2",
+        "unlink",
+        "unlinkat",
+        "link",
+        "linkat",
+        "symlink",
+        "symlinkat",
+        "chmod",
+        "fchmod",
+        "fchmodat",
+        "fchmodat2",
+        "memfd_create",
+    }
+)
 # signals: refused when aimed at the supervisor (pid 1) or at every process (-1), as the
 # supervisor refuses them; any other target is allowed (it can only be a sandbox process)
 PLAIN_SIGNAL_CALLS = frozenset({"tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"})
@@ -277,8 +359,7 @@ def _c() -> Any:
         lib.syscall.restype = ctypes.c_long
         lib.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
         lib.ioctl.restype = ctypes.c_int
-        lib.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                              ctypes.c_ulong)
+        lib.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
         lib.prctl.restype = ctypes.c_int
         _libc = lib
     return _libc
@@ -303,16 +384,26 @@ def install(self_pid: int) -> int:
     """In the loader: no-new-privs, then the notifying filter. Returns the listener fd."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     sizes = (ctypes.c_ushort * 3)()
-    _check(_c().syscall(ctypes.c_long(SYS_SECCOMP), ctypes.c_long(SECCOMP_GET_NOTIF_SIZES),
-                        ctypes.c_long(0), sizes), "seccomp(GET_NOTIF_SIZES)")
+    _check(
+        _c().syscall(
+            ctypes.c_long(SYS_SECCOMP), ctypes.c_long(SECCOMP_GET_NOTIF_SIZES), ctypes.c_long(0), sizes
+        ),
+        "seccomp(GET_NOTIF_SIZES)",
+    )
     if sizes[0] != NOTIF_SIZE or sizes[1] != RESP_SIZE:
         raise OSError(errno.EINVAL, f"unexpected seccomp_notif sizes {list(sizes)}")
     code = build_filter(self_pid)
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _SockFprog(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    return _check(_c().syscall(ctypes.c_long(SYS_SECCOMP), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
-                               ctypes.c_long(SECCOMP_FILTER_FLAG_NEW_LISTENER), ctypes.byref(prog)),
-                  "seccomp(SET_MODE_FILTER)")
+    return _check(
+        _c().syscall(
+            ctypes.c_long(SYS_SECCOMP),
+            ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+            ctypes.c_long(SECCOMP_FILTER_FLAG_NEW_LISTENER),
+            ctypes.byref(prog),
+        ),
+        "seccomp(SET_MODE_FILTER)",
+    )
 
 
 def install_plain(self_pid: int, refuse_errno: int) -> None:
@@ -322,17 +413,29 @@ def install_plain(self_pid: int, refuse_errno: int) -> None:
     code = build_plain_filter(self_pid, refuse_errno)
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _SockFprog(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    _check(_c().syscall(ctypes.c_long(SYS_SECCOMP), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
-                        ctypes.c_long(0), ctypes.byref(prog)), "seccomp(SET_MODE_FILTER)")
+    _check(
+        _c().syscall(
+            ctypes.c_long(SYS_SECCOMP),
+            ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+            ctypes.c_long(0),
+            ctypes.byref(prog),
+        ),
+        "seccomp(SET_MODE_FILTER)",
+    )
 
 
 def take_fd(pid: int, fd: int) -> int:
     """In the supervisor: a copy of ``pid``'s descriptor ``fd`` (pidfd_open + pidfd_getfd)."""
-    pidfd = _check(_c().syscall(ctypes.c_long(SYS_PIDFD_OPEN), ctypes.c_long(pid), ctypes.c_long(0)),
-                   "pidfd_open")
+    pidfd = _check(
+        _c().syscall(ctypes.c_long(SYS_PIDFD_OPEN), ctypes.c_long(pid), ctypes.c_long(0)), "pidfd_open"
+    )
     try:
-        return _check(_c().syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_long(pidfd),
-                                   ctypes.c_long(fd), ctypes.c_long(0)), "pidfd_getfd")
+        return _check(
+            _c().syscall(
+                ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_long(pidfd), ctypes.c_long(fd), ctypes.c_long(0)
+            ),
+            "pidfd_getfd",
+        )
     finally:
         os.close(pidfd)
 
@@ -374,6 +477,7 @@ def respond(listener: int, nid: int, *, deny: int | None) -> None:
 
 
 # -- reading the caller's memory ----------------------------------------------------------------
+
 
 class Memory:
     """Reads from ``/proc/<pid>/mem`` of notifying tasks. Every filtered task shares the loader's
@@ -442,9 +546,18 @@ class Memory:
 
 AF_NAMES = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK", 17: "AF_PACKET"}
 SOCK_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 5: "SOCK_SEQPACKET"}
-_O_FLAGS = ((0o1, "O_WRONLY"), (0o2, "O_RDWR"), (0o100, "O_CREAT"), (0o200, "O_EXCL"),
-            (0o1000, "O_TRUNC"), (0o2000, "O_APPEND"), (0o200000, "O_DIRECTORY"),
-            (0o400000, "O_NOFOLLOW"), (0o20000000, "O_TMPFILE"), (0o10000000, "O_PATH"))
+_O_FLAGS = (
+    (0o1, "O_WRONLY"),
+    (0o2, "O_RDWR"),
+    (0o100, "O_CREAT"),
+    (0o200, "O_EXCL"),
+    (0o1000, "O_TRUNC"),
+    (0o2000, "O_APPEND"),
+    (0o200000, "O_DIRECTORY"),
+    (0o400000, "O_NOFOLLOW"),
+    (0o20000000, "O_TMPFILE"),
+    (0o10000000, "O_PATH"),
+)
 WRITE_FLAGS = 0o1 | 0o2 | 0o100 | 0o1000 | 0o2000 | 0o20000000
 MAX_PAYLOAD = 64 * 1024
 
@@ -471,6 +584,7 @@ def sockaddr(raw: bytes) -> dict[str, Any]:
         out["address"] = ".".join(str(b) for b in raw[4:8])
     elif fam == 10 and len(raw) >= 24:
         import ipaddress
+
         out["port"] = struct.unpack_from(">H", raw, 2)[0]
         out["address"] = str(ipaddress.IPv6Address(raw[8:24]))
     elif fam == 1:
@@ -498,9 +612,9 @@ class Decision:
 
     kind: str
     detail: dict[str, Any] = field(default_factory=dict)
-    deny: int | None = errno.EPERM       # None: let the kernel run the call
-    record: bool = True                  # False: counted, not kept as an event
-    payload: bytes = b""                 # data the call would send (searched for canaries)
+    deny: int | None = errno.EPERM  # None: let the kernel run the call
+    record: bool = True  # False: counted, not kept as an event
+    payload: bytes = b""  # data the call would send (searched for canaries)
 
 
 # Path classes (the tables are in the protocol module: the host classifies gVisor's trace with them)
@@ -516,8 +630,9 @@ class Decoder:
     """Turns notifications into :class:`Decision` s. ``loader`` is the loader's pid;
     ``canary_files`` are the planted credential files."""
 
-    def __init__(self, mem: Memory, loader: int, canary_files: frozenset[str],
-                 extra_quiet: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, mem: Memory, loader: int, canary_files: frozenset[str], extra_quiet: tuple[str, ...] = ()
+    ) -> None:
         self.mem = mem
         self.loader = loader
         self.canary_files = canary_files
@@ -525,23 +640,51 @@ class Decoder:
         self.quiet_prefixes = QUIET_READ_PREFIXES + tuple(p for p in extra_quiet if p.startswith("/"))
         self.via_proc = False  # the last path argument went through a /proc link
         self._table: dict[str, Callable[[Notification], Decision]] = {
-            "open": self._open, "openat": self._open, "openat2": self._open, "creat": self._open,
-            "execve": self._exec, "execveat": self._exec,
-            "socket": self._socket, "socketpair": self._socket,
-            "connect": self._addr_call, "bind": self._addr_call, "sendto": self._sendto,
-            "sendmsg": self._sendmsg, "sendmmsg": self._sendmsg,
-            "listen": self._plain, "accept": self._plain, "accept4": self._plain,
-            "clone": self._clone, "fork": self._plain, "vfork": self._vfork,
-            "kill": self._kill, "tgkill": self._kill, "tkill": self._kill,
-            "rt_sigqueueinfo": self._kill, "rt_tgsigqueueinfo": self._kill,
-            "ptrace": self._ptrace, "process_vm_readv": self._target_pid,
-            "process_vm_writev": self._target_pid, "pidfd_open": self._target_pid,
-            "mprotect": self._prot, "pkey_mprotect": self._prot, "mmap": self._prot,
-            "memfd_create": self._memfd, "prctl": self._prctl,
-            "unlink": self._path_op, "unlinkat": self._path_op, "rename": self._path_op,
-            "renameat": self._path_op, "renameat2": self._path_op, "link": self._path_op,
-            "linkat": self._path_op, "symlink": self._path_op, "symlinkat": self._path_op,
-            "chmod": self._path_op, "fchmodat": self._path_op, "fchmodat2": self._path_op,
+            "open": self._open,
+            "openat": self._open,
+            "openat2": self._open,
+            "creat": self._open,
+            "execve": self._exec,
+            "execveat": self._exec,
+            "socket": self._socket,
+            "socketpair": self._socket,
+            "connect": self._addr_call,
+            "bind": self._addr_call,
+            "sendto": self._sendto,
+            "sendmsg": self._sendmsg,
+            "sendmmsg": self._sendmsg,
+            "listen": self._plain,
+            "accept": self._plain,
+            "accept4": self._plain,
+            "clone": self._clone,
+            "fork": self._plain,
+            "vfork": self._vfork,
+            "kill": self._kill,
+            "tgkill": self._kill,
+            "tkill": self._kill,
+            "rt_sigqueueinfo": self._kill,
+            "rt_tgsigqueueinfo": self._kill,
+            "ptrace": self._ptrace,
+            "process_vm_readv": self._target_pid,
+            "process_vm_writev": self._target_pid,
+            "pidfd_open": self._target_pid,
+            "mprotect": self._prot,
+            "pkey_mprotect": self._prot,
+            "mmap": self._prot,
+            "memfd_create": self._memfd,
+            "prctl": self._prctl,
+            "unlink": self._path_op,
+            "unlinkat": self._path_op,
+            "rename": self._path_op,
+            "renameat": self._path_op,
+            "renameat2": self._path_op,
+            "link": self._path_op,
+            "linkat": self._path_op,
+            "symlink": self._path_op,
+            "symlinkat": self._path_op,
+            "chmod": self._path_op,
+            "fchmodat": self._path_op,
+            "fchmodat2": self._path_op,
         }
 
     def decide(self, n: Notification) -> Decision:
@@ -571,7 +714,7 @@ class Decoder:
         path = os.path.normpath(path) if path.startswith("/") else path
         for alias in ("/proc/self", "/proc/thread-self"):
             if path == alias or path.startswith(alias + "/"):
-                path = f"/proc/{pid}" + path[len(alias):]
+                path = f"/proc/{pid}" + path[len(alias) :]
         # A /proc link may name a file of another mount (the input is the host's file): its
         # resolved name says nothing about where a write would land, so no write goes that way.
         self.via_proc = path.startswith("/proc/")
@@ -588,9 +731,12 @@ class Decoder:
         return given, path
 
     def _classify(self, path: str, pid: int) -> str:
-        return P.classify_path(path, canary_files=self.canary_files,
-                               own=(f"/proc/{pid}/", f"/proc/{self.loader}/"),
-                               quiet_prefixes=self.quiet_prefixes)
+        return P.classify_path(
+            path,
+            canary_files=self.canary_files,
+            own=(f"/proc/{pid}/", f"/proc/{self.loader}/"),
+            quiet_prefixes=self.quiet_prefixes,
+        )
 
     # -- handlers -----------------------------------------------------------------------------
     def _plain(self, n: Notification) -> Decision:
@@ -614,8 +760,7 @@ class Decoder:
         if given != path:
             detail["given"] = given
         if writing:
-            ok = not self.via_proc and (path.startswith(WRITABLE_PREFIXES) or
-                                        path in ("/dev/null", "/tmp"))
+            ok = not self.via_proc and (path.startswith(WRITABLE_PREFIXES) or path in ("/dev/null", "/tmp"))
             detail["write"] = True
             if ok and path.startswith(P.LOADER_SCRATCH):
                 detail["class"] = "loader_scratch"  # torch's own extraction of a legacy tar
@@ -623,8 +768,9 @@ class Decoder:
                 detail["class"] = "scratch"
             # every write is kept: legitimate deserialisation writes nothing, and a write in the
             # sandbox's scratch space would land in the user's files under a plain torch.load
-            return Decision(name, detail, deny=None if ok else errno.EPERM,
-                            record=path not in ("/dev/null", "/tmp"))
+            return Decision(
+                name, detail, deny=None if ok else errno.EPERM, record=path not in ("/dev/null", "/tmp")
+            )
         return Decision(name, detail, deny=None, record=cls != "quiet")
 
     def _exec(self, n: Notification) -> Decision:
@@ -643,13 +789,17 @@ class Decoder:
             argv.append(s)
             total += len(s)
         blob = "\0".join(argv).encode("utf-8", "surrogateescape")
-        return Decision(name, {"path": given if given != "<unreadable>" else path, "argv": argv},
-                        payload=blob)
+        return Decision(
+            name, {"path": given if given != "<unreadable>" else path, "argv": argv}, payload=blob
+        )
 
     def _socket(self, n: Notification) -> Decision:
         fam, typ = _i32(n.args[0]), _i32(n.args[1])
-        detail = {"family": AF_NAMES.get(fam, str(fam)), "type": SOCK_TYPES.get(typ & 0xF, str(typ & 0xF)),
-                  "protocol": _i32(n.args[2])}
+        detail = {
+            "family": AF_NAMES.get(fam, str(fam)),
+            "type": SOCK_TYPES.get(typ & 0xF, str(typ & 0xF)),
+            "protocol": _i32(n.args[2]),
+        }
         # Creating a socket is let through (there is no network to reach); using one is not.
         return Decision("", detail, deny=None)
 
@@ -667,8 +817,7 @@ class Decoder:
         size = min(n.args[2], MAX_PAYLOAD)
         data = self.mem.read(n.pid, n.args[1], size)
         a = self._addr(n.pid, n.args[4], n.args[5])
-        detail: dict[str, Any] = {"fd": _i32(n.args[0]), "bytes": n.args[2], **a,
-                                  "preview": _preview(data)}
+        detail: dict[str, Any] = {"fd": _i32(n.args[0]), "bytes": n.args[2], **a, "preview": _preview(data)}
         if a:
             detail["target"] = describe_addr(a)
         return Decision("", detail, payload=data)
@@ -687,8 +836,12 @@ class Decoder:
             total += length
             if len(data) < MAX_PAYLOAD:
                 data += self.mem.read(n.pid, base, min(length, MAX_PAYLOAD - len(data)))
-        detail: dict[str, Any] = {"fd": _i32(n.args[0]), "bytes": total, **a,
-                                  "preview": _preview(bytes(data))}
+        detail: dict[str, Any] = {
+            "fd": _i32(n.args[0]),
+            "bytes": total,
+            **a,
+            "preview": _preview(bytes(data)),
+        }
         if a:
             detail["target"] = describe_addr(a)
         return Decision("", detail, payload=bytes(data))
@@ -712,16 +865,18 @@ class Decoder:
         detail = {"target": target, "signal": sig}
         if name in ("tkill",):  # a thread id: allowed if it is a thread of the caller's process
             mine = os.path.exists(f"/proc/{n.pid}/task/{target}")
-            return Decision("", {**detail, "own_thread": mine}, deny=None if mine else errno.EPERM,
-                            record=not mine)
+            return Decision(
+                "", {**detail, "own_thread": mine}, deny=None if mine else errno.EPERM, record=not mine
+            )
         if target in (1, -1):
             detail["supervisor"] = True
             return Decision("", detail)
         return Decision("", detail, deny=None)
 
     def _ptrace(self, n: Notification) -> Decision:
-        return Decision("", {"request": _i32(n.args[0]), "target": _i32(n.args[1]),
-                             "supervisor": _i32(n.args[1]) == 1})
+        return Decision(
+            "", {"request": _i32(n.args[0]), "target": _i32(n.args[1]), "supervisor": _i32(n.args[1]) == 1}
+        )
 
     def _target_pid(self, n: Notification) -> Decision:
         target = _i32(n.args[0])
@@ -730,8 +885,10 @@ class Decoder:
     def _prot(self, n: Notification) -> Decision:
         name = NAMES[n.nr]
         prot = n.args[2]
-        detail = {"length": n.args[1], "prot": "".join(c for b, c in ((1, "r"), (2, "w"), (4, "x"))
-                                                        if prot & b)}
+        detail = {
+            "length": n.args[1],
+            "prot": "".join(c for b, c in ((1, "r"), (2, "w"), (4, "x")) if prot & b),
+        }
         if name == "mmap":
             detail["anonymous"] = True
         # Recorded, not refused: JIT compilers and some libraries do this legitimately.
@@ -742,18 +899,33 @@ class Decoder:
 
     def _prctl(self, n: Notification) -> Decision:
         option = _i32(n.args[0])
-        return Decision("", {"option": {PR_SET_SECCOMP: "PR_SET_SECCOMP",
-                                        PR_SET_DUMPABLE: "PR_SET_DUMPABLE"}.get(option, str(option)),
-                             "value": n.args[1]})
+        return Decision(
+            "",
+            {
+                "option": {PR_SET_SECCOMP: "PR_SET_SECCOMP", PR_SET_DUMPABLE: "PR_SET_DUMPABLE"}.get(
+                    option, str(option)
+                ),
+                "value": n.args[1],
+            },
+        )
 
     def _path_op(self, n: Notification) -> Decision:
         name = NAMES[n.nr]
         # (dirfd index or None, path index) of each path argument
         spec: dict[str, list[tuple[int | None, int]]] = {
-                "unlink": [(None, 0)], "rename": [(None, 0), (None, 1)], "link": [(None, 0), (None, 1)],
-                "symlink": [(None, 1)], "chmod": [(None, 0)], "unlinkat": [(0, 1)],
-                "renameat": [(0, 1), (2, 3)], "renameat2": [(0, 1), (2, 3)], "linkat": [(0, 1), (2, 3)],
-                "symlinkat": [(1, 2)], "fchmodat": [(0, 1)], "fchmodat2": [(0, 1)]}
+            "unlink": [(None, 0)],
+            "rename": [(None, 0), (None, 1)],
+            "link": [(None, 0), (None, 1)],
+            "symlink": [(None, 1)],
+            "chmod": [(None, 0)],
+            "unlinkat": [(0, 1)],
+            "renameat": [(0, 1), (2, 3)],
+            "renameat2": [(0, 1), (2, 3)],
+            "linkat": [(0, 1), (2, 3)],
+            "symlinkat": [(1, 2)],
+            "fchmodat": [(0, 1)],
+            "fchmodat2": [(0, 1)],
+        }
         paths = []
         for dfd, idx in spec[name]:
             paths.append(self._path(n.pid, AT_FDCWD if dfd is None else n.args[dfd], n.args[idx])[1])
@@ -761,9 +933,13 @@ class Decoder:
         if name in ("symlink", "symlinkat"):
             detail["target"] = self.mem.cstr(n.pid, n.args[0]) or ""
         ok = all(p.startswith(WRITABLE_PREFIXES) for p in paths) and not self.via_proc
-        detail["class"] = ("loader_scratch" if ok and all(p.startswith(P.LOADER_SCRATCH)
-                                                          for p in paths)
-                           else "scratch" if ok else "outside")
+        detail["class"] = (
+            "loader_scratch"
+            if ok and all(p.startswith(P.LOADER_SCRATCH) for p in paths)
+            else "scratch"
+            if ok
+            else "outside"
+        )
         return Decision(name, detail, deny=None if ok else errno.EPERM)
 
 

@@ -38,8 +38,7 @@ def assert_contained(path: Path, marker: Path, *, live: str = "torch") -> sandbo
         "numpy": "import sys, numpy; numpy.load(sys.argv[1], allow_pickle=True)",
         "pickle": "import sys, pickle; pickle.load(open(sys.argv[1], 'rb'))",
     }[live]
-    subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=120,
-                   check=False)
+    subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=120, check=False)
     assert marker.exists(), "the payload is not live"
     marker.unlink()
 
@@ -54,8 +53,11 @@ def assert_contained(path: Path, marker: Path, *, live: str = "torch") -> sandbo
 
 
 def execs(report: sandbox.LoadReport, marker: Path) -> list[sandbox.Event]:
-    return [e for e in report.events if e.source == "kernel" and e.kind == "execve"
-            and str(marker) in " ".join(e.detail.get("argv", []))]
+    return [
+        e
+        for e in report.events
+        if e.source == "kernel" and e.kind == "execve" and str(marker) in " ".join(e.detail.get("argv", []))
+    ]
 
 
 def test_numpy_object_array(tmp_path: Path) -> None:
@@ -100,7 +102,7 @@ def test_zip_with_other_prefix_and_data_pkl_not_first(tmp_path: Path) -> None:
     path = tmp_path / "reordered.pt"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
         for name in sorted(names, key=lambda n: n.endswith("data.pkl")):  # data.pkl last
-            out.writestr("innocent_name" + name[len(prefix):], src.read(name))
+            out.writestr("innocent_name" + name[len(prefix) :], src.read(name))
     report = assert_contained(path, marker)
     assert execs(report, marker)
 
@@ -109,8 +111,7 @@ def test_payload_in_a_nested_pickle(tmp_path: Path) -> None:
     # fickling/picklescan: a pickle whose REDUCE feeds bytes to pickle.loads
     marker = tmp_path / "nested-marker"
     inner = pickle.dumps(system_payload(marker), protocol=4)
-    path = ck.save({"w": torch.ones(2), "payload": ck.Reduce(pickle.loads, inner)},
-                   tmp_path / "nested.pt")
+    path = ck.save({"w": torch.ones(2), "payload": ck.Reduce(pickle.loads, inner)}, tmp_path / "nested.pt")
     report = assert_contained(path, marker)
     assert execs(report, marker)
 
@@ -153,8 +154,10 @@ def _nested_zip_pickle(marker: Path, trailing: bytes) -> bytes:
     the payload. ``trailing`` data after it decides whether zip readers find the inner zip."""
     inner = io.BytesIO()
     torch.save({"payload": system_payload(marker)}, inner)
-    return pickle.dumps({"storage": ck.Reduce(torch.storage._load_from_bytes, inner.getvalue()),
-                         "trailing": trailing}, protocol=4)
+    return pickle.dumps(
+        {"storage": ck.Reduce(torch.storage._load_from_bytes, inner.getvalue()), "trailing": trailing},
+        protocol=4,
+    )
 
 
 def test_payload_in_a_nested_torch_zip_at_the_tail(tmp_path: Path) -> None:
@@ -179,5 +182,6 @@ def test_payload_hidden_from_the_static_view_is_caught_by_behaviour(tmp_path: Pa
     report = assert_contained(path, marker, live="pickle")
     assert execs(report, marker)
     assert not report.static["dangerous"]
-    assert any(f.rule == "static-dynamic-mismatch" and f.severity >= sandbox.Severity.HIGH
-               for f in report.findings)
+    assert any(
+        f.rule == "static-dynamic-mismatch" and f.severity >= sandbox.Severity.HIGH for f in report.findings
+    )

@@ -60,8 +60,10 @@ def test_command_execution_never_reaches_the_host(tmp_path: Path, fmt: str) -> N
     assert not marker.exists()
     assert value != 0  # no shell in the image, and exec is refused: os.system failed
     # ...and the kernel saw the attempt, with the command line
-    assert any(str(marker) in " ".join(e.detail.get("argv", [])) and e.action == "denied"
-               for e in kernel_events(report, "execve"))
+    assert any(
+        str(marker) in " ".join(e.detail.get("argv", [])) and e.action == "denied"
+        for e in kernel_events(report, "execve")
+    )
 
 
 def test_python_level_file_creation_never_reaches_the_host(tmp_path: Path) -> None:
@@ -102,8 +104,10 @@ except OSError as exc:
     time.sleep(0.5)
     assert listener.connections == 0 and not listener.received
     assert value.startswith("failed")
-    assert any(e.detail.get("port") == listener.port and e.action == "denied"
-               for e in kernel_events(report, "connect"))
+    assert any(
+        e.detail.get("port") == listener.port and e.action == "denied"
+        for e in kernel_events(report, "connect")
+    )
 
 
 def test_host_secret_file_is_not_readable(tmp_path: Path) -> None:
@@ -141,14 +145,20 @@ def test_host_environment_is_not_visible(tmp_path: Path, monkeypatch: pytest.Mon
     assert set(env) - {"HOME"} <= CANARY_NAMES
 
 
-CANARY_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "OPENAI_API_KEY",
-                "GITHUB_TOKEN"}
+CANARY_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "OPENAI_API_KEY", "GITHUB_TOKEN"}
 
 
 def test_writes_outside_the_sandbox_scratch_fail(tmp_path: Path) -> None:
     marker = tmp_path / "marker-write"
-    targets = [str(marker), "/etc/passwd", "/opt/python/bin/python3", "/run/sandbox/x",
-               "/new-file-in-root", "/usr/lib/evil.so", "/proc/1/environ"]
+    targets = [
+        str(marker),
+        "/etc/passwd",
+        "/opt/python/bin/python3",
+        "/run/sandbox/x",
+        "/new-file-in-root",
+        "/usr/lib/evil.so",
+        "/proc/1/environ",
+    ]
     code = f"""
 import os
 result = []
@@ -203,8 +213,7 @@ def test_weights_changed_by_tensor_metadata_are_flagged(tmp_path: Path) -> None:
     path = tmp_path / "neg.pt"
     torch.save({"w": w._neg_view(), "b": torch.ones(3)}, path)
     report = sandbox.scan(path)
-    assert any(f.rule == "tensor-metadata-bits" and f.evidence["tensor"] == "w"
-               for f in report.findings)
+    assert any(f.rule == "tensor-metadata-bits" and f.evidence["tensor"] == "w" for f in report.findings)
     assert report.verdict is sandbox.Verdict.SUSPICIOUS
     got = sandbox.safe_load(path)  # suspicious is below the default refusal
     assert torch.equal(got["w"], -w)

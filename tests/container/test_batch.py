@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ import torch
 from sandbox import _batch
 from sandbox._launch import LABEL, connect
 from tests import checkpoints as ck
-from tests.fakes import UNSTABLE, st_content
+from tests.fakes import snapshot
 
 REAL_LOADS = 16
 
@@ -45,10 +44,12 @@ def make_inputs(root: Path) -> Path:
     ck.save(ck.views_checkpoint(), src / "misc/views.pt")
     ck.save({"w": torch.ones(2)}, src / "misc/no extension")
     root_only = ck.save({"w": torch.ones(4)}, src / "misc/root-only.pt")
-    os.chmod(root_only, 0o600)          # staged by the host for the sandbox's uid
+    os.chmod(root_only, 0o600)  # staged by the host for the sandbox's uid
     os.symlink("../models/zip/m0.pt", src / "misc/link-to-m0.pt")
-    ck.save(ck.hostile_checkpoint(ck.code_payload("import os\nos.system('touch /tmp/pwned')")),
-            src / "misc/evil.pt")
+    ck.save(
+        ck.hostile_checkpoint(ck.code_payload("import os\nos.system('touch /tmp/pwned')")),
+        src / "misc/evil.pt",
+    )
     (src / "broken/corrupt.pt").write_bytes(b"\x80\x04\x95garbage that is not a pickle")
     zip_bytes = (src / "models/zip/m0.pt").read_bytes()
     for i in range(20):
@@ -62,30 +63,19 @@ def make_inputs(root: Path) -> Path:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sandbox", *args], capture_output=True, text=True,
-                          timeout=500, check=False, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", *args],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        check=False,
+        cwd=cwd,
+    )
 
 
 def ours(outdir: Path) -> list[str]:
     label = f"{_batch.BATCH_LABEL}={_batch.batch_id(outdir)}"
     return [c.name for c in connect().containers.list(all=True, filters={"label": label})]
-
-
-def snapshot(outdir: Path) -> dict[str, Any]:
-    files: dict[str, Any] = {}
-    for p in sorted(outdir.rglob("*")):
-        rel = p.relative_to(outdir).as_posix()
-        if p.is_dir() or rel in (_batch.MANIFEST_NAME, _batch.LOCK_NAME):
-            continue
-        if p.suffix == ".safetensors":
-            files[rel] = st_content(p)
-        else:
-            report = json.loads(p.read_text())
-            files[rel] = (report["verdict"], sorted(f["rule"] for f in report["findings"]),
-                          (report["error"] or {}).get("reference"))
-    manifest = {k: {f: v for f, v in r.to_record().items() if f not in UNSTABLE}
-                for k, r in _batch.read_manifest(outdir).items()}
-    return {"files": files, "manifest": manifest}
 
 
 def converted(outdir: Path) -> int:
@@ -94,8 +84,12 @@ def converted(outdir: Path) -> int:
 
 def interrupt_after(args: list[str], outdir: Path, sig: int, records: int, cwd: Path) -> int:
     """Start the CLI, send ``sig`` once the manifest holds ``records`` finished loads."""
-    proc = subprocess.Popen([sys.executable, "-m", "sandbox", *args], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     manifest = outdir / _batch.MANIFEST_NAME
     try:
         deadline = time.monotonic() + 300
@@ -118,7 +112,7 @@ def test_large_batch_interrupted_and_resumed_matches_one_run(tmp_path: Path) -> 
     lock = run_cli("lock", "src", cwd=tmp_path)
     assert lock.returncode == 0, lock.stderr
     (tmp_path / "models.lock").write_text(lock.stdout)
-    for i in range(50):                 # changed after locking: refused before any sandbox
+    for i in range(50):  # changed after locking: refused before any sandbox
         ck.save({"w": torch.tensor([float(i) + 0.5])}, src / "pinned" / f"p{i:02d}.pt")
     total = sum(1 for p in src.rglob("*") if not p.is_dir())
     assert total >= 300
@@ -127,7 +121,7 @@ def test_large_batch_interrupted_and_resumed_matches_one_run(tmp_path: Path) -> 
     t0 = time.monotonic()
     ref = run_cli(*common, "-o", "ref", cwd=tmp_path)
     one_run_s = time.monotonic() - t0
-    assert ref.returncode == 2, ref.stdout + ref.stderr       # errors present: exit 2
+    assert ref.returncode == 2, ref.stdout + ref.stderr  # errors present: exit 2
     summary = ref.stdout
     assert "MALICIOUS  misc/evil.pt" in summary or "SUSPICIOUS misc/evil.pt" in summary
     assert "broken/corrupt.pt" in summary and "pinned/p00.pt: hash-mismatch" in summary
@@ -172,8 +166,10 @@ def test_large_batch_interrupted_and_resumed_matches_one_run(tmp_path: Path) -> 
     assert bom.returncode == 0, bom.stderr
     models = json.loads((tmp_path / "bom.json").read_text())["components"]
     assert len(models) == REAL_LOADS - 2
-    print(f"\nbatch of {total} files: one run {one_run_s:.1f} s, resume after SIGINT+SIGKILL "
-          f"{resume_s:.1f} s, no-op re-run {noop_s:.1f} s")
+    print(
+        f"\nbatch of {total} files: one run {one_run_s:.1f} s, resume after SIGINT+SIGKILL "
+        f"{resume_s:.1f} s, no-op re-run {noop_s:.1f} s"
+    )
 
 
 def test_worker_label_filter_shows_nothing_left() -> None:

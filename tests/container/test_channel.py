@@ -29,10 +29,14 @@ def running(label: str) -> list[str]:
 def test_a_sigkilled_scan_leaves_no_running_container(tmp_path: Path) -> None:
     """The host's end of the channel closes with its process; the supervisor sees it and the
     container exits: nothing keeps working for a minute after its owner is gone."""
-    slow = ck.save(ck.hostile_checkpoint(ck.code_payload("import time\ntime.sleep(60)")),
-                   tmp_path / "slow.pt")
-    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "scan", str(slow)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slow = ck.save(
+        ck.hostile_checkpoint(ck.code_payload("import time\ntime.sleep(60)")), tmp_path / "slow.pt"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "scan", str(slow)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     owner = f"{OWNER_LABEL}={os.uname().nodename}:{proc.pid}"
     try:
         deadline = time.monotonic() + 60
@@ -63,8 +67,9 @@ class KillingRunner(DockerRunner):
 
 
 def test_a_supervisor_killed_mid_load_is_monitor_lost_never_clean(tmp_path: Path) -> None:
-    slow = ck.save(ck.hostile_checkpoint(ck.code_payload("import time\ntime.sleep(30)")),
-                   tmp_path / "slow.pt")
+    slow = ck.save(
+        ck.hostile_checkpoint(ck.code_payload("import time\ntime.sleep(30)")), tmp_path / "slow.pt"
+    )
     report = sandbox.scan(slow, policy=ck.observe_policy(), runner=KillingRunner())
     # (the payload's eval makes the file malicious statically; what matters: never clean, an
     # error recorded, and the lost monitor reported)
@@ -78,10 +83,14 @@ def test_a_supervisor_killed_mid_load_is_monitor_lost_never_clean(tmp_path: Path
 def test_pooled_sandboxes_are_warm_single_use_and_leave_nothing(tmp_path: Path) -> None:
     tag = ("org.model-sandbox.test", uuid.uuid4().hex[:12])
     label = f"{tag[0]}={tag[1]}"
-    plant = ck.save(ck.hostile_checkpoint(ck.code_payload(
-        "open('/tmp/persist', 'w').write('x')\nresult = 1")), tmp_path / "plant.pt")
-    probe = ck.save(ck.hostile_checkpoint(ck.code_payload(
-        "import os\nresult = os.path.exists('/tmp/persist')")), tmp_path / "probe.pt")
+    plant = ck.save(
+        ck.hostile_checkpoint(ck.code_payload("open('/tmp/persist', 'w').write('x')\nresult = 1")),
+        tmp_path / "plant.pt",
+    )
+    probe = ck.save(
+        ck.hostile_checkpoint(ck.code_payload("import os\nresult = os.path.exists('/tmp/persist')")),
+        tmp_path / "probe.pt",
+    )
     sd = ck.state_dict()
     good = ck.save(sd, tmp_path / "sd.pt")
     policy = ck.observe_policy()
@@ -97,8 +106,7 @@ def test_pooled_sandboxes_are_warm_single_use_and_leave_nothing(tmp_path: Path) 
         assert report.verdict is sandbox.Verdict.CLEAN and report.resources.get("warm") is True
         assert pool.served_warm >= 3
     deadline = time.monotonic() + 10
-    while connect().containers.list(all=True, filters={"label": label}) and \
-            time.monotonic() < deadline:
+    while connect().containers.list(all=True, filters={"label": label}) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not connect().containers.list(all=True, filters={"label": label})
 
@@ -111,19 +119,21 @@ def test_a_pool_closed_by_an_exception_leaves_nothing() -> None:
         assert running(label)
         raise RuntimeError("the caller's own failure")
     deadline = time.monotonic() + 10
-    while connect().containers.list(all=True, filters={"label": label}) and \
-            time.monotonic() < deadline:
+    while connect().containers.list(all=True, filters={"label": label}) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not connect().containers.list(all=True, filters={"label": label})
 
 
+@pytest.mark.usefixtures("each_runner")
 def test_plain_state_dicts_take_the_layout_the_rest_the_full_loader(tmp_path: Path) -> None:
     """Bit-exact either way; the report names the hand-off."""
-    plain = {f"layer{i}.{p}": ck.dtype_tensor(dt, seed=i)
-             for i, dt in enumerate(ck.ALL_DTYPES) for p in ("weight",)
-             if str(dt).removeprefix("torch.") in ("float32", "float16", "bfloat16", "int64",
-                                                   "int8", "uint8", "bool", "float64",
-                                                   "complex64")}
+    plain = {
+        f"layer{i}.{p}": ck.dtype_tensor(dt, seed=i)
+        for i, dt in enumerate(ck.ALL_DTYPES)
+        for p in ("weight",)
+        if str(dt).removeprefix("torch.")
+        in ("float32", "float16", "bfloat16", "int64", "int8", "uint8", "bool", "float64", "complex64")
+    }
     plain["strided"] = torch.arange(24.0).reshape(4, 6)[:, 1::2]
     lay = ck.save(plain, tmp_path / "plain.pt")
     module = ck.save(torch.nn.Sequential(torch.nn.Linear(4, 3)), tmp_path / "module.pt")

@@ -8,7 +8,9 @@ real sandbox on the real engine.
    a second run through the cluster redoes nothing.
 2. A worker whose model-sandbox differs from the client's (another worker image digest: a copy of
    the package with one worker file changed) refuses tasks with :class:`WorkerNotReady`, which
-   reaches the client and the CLI."""
+   reaches the client and the CLI.
+3. Ctrl-C of ``convert --cluster`` mid-run keeps what finished, leaves the workers idle, and a
+   rerun ends with the local run's tree."""
 
 from __future__ import annotations
 
@@ -34,8 +36,7 @@ from sandbox import WorkerNotReady, _batch, _distribute, _image
 from sandbox._launch import LABEL, OWNER_LABEL, connect
 from sandbox.policy import Policy
 from tests import checkpoints as ck
-from tests.container.test_batch import snapshot
-from tests.fakes import st_content
+from tests.fakes import snapshot, st_content
 
 DASK = Path(sys.executable).with_name("dask")
 BENIGN = 12
@@ -54,24 +55,47 @@ class Cluster:
         self.root = root
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.scheduler = self._start("scheduler", [
-            "scheduler", "--host", "127.0.0.1", "--port", self.address.rsplit(":", 1)[1],
-            "--no-dashboard"])
+        self.scheduler = self._start(
+            "scheduler",
+            ["scheduler", "--host", "127.0.0.1", "--port", self.address.rsplit(":", 1)[1], "--no-dashboard"],
+        )
 
-    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None
-               ) -> subprocess.Popen[bytes]:
+    def _start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "wb")
-        proc = subprocess.Popen([str(DASK), *args], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=self.root, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            [str(DASK), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env={**os.environ, **(env or {})},
+        )
         log.close()
         self.procs.append(proc)
         return proc
 
     def worker(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        return self._start(name, [
-            "worker", self.address, "--name", name, "--nthreads", "1", "--no-nanny",
-            "--host", "127.0.0.1", "--no-dashboard", "--resources", "model-sandbox=1",
-            "--death-timeout", "60"], env)
+        return self._start(
+            name,
+            [
+                "worker",
+                self.address,
+                "--name",
+                name,
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+                "--resources",
+                "model-sandbox=1",
+                "--death-timeout",
+                "60",
+            ],
+            env,
+        )
 
     def client(self, workers: int) -> Client:
         client = Client(self.address, timeout=60, set_as_default=False)  # type: ignore[no-untyped-call]
@@ -123,8 +147,11 @@ def make_tree(root: Path, marker: Path) -> Path:
     (src / "a").mkdir(parents=True)
     (src / "b").mkdir()
     for i in range(BENIGN):
-        ck.save({"w": torch.full((4,), float(i)), "step": i}, src / "ab"[i % 2] / f"m{i:02d}.pt",
-                fmt="legacy" if i % 3 == 0 else "zip")
+        ck.save(
+            {"w": torch.full((4,), float(i)), "step": i},
+            src / "ab"[i % 2] / f"m{i:02d}.pt",
+            fmt="legacy" if i % 3 == 0 else "zip",
+        )
     code = f"open({str(marker)!r}, 'w').write('pwned')"
     ck.save(ck.hostile_checkpoint(ck.code_payload(code)), src / "b" / "evil.pt")
     (src / "a" / "notes.txt").write_text("not a model\n")
@@ -132,12 +159,17 @@ def make_tree(root: Path, marker: Path) -> Path:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sandbox", *args], capture_output=True,
-                          text=True, timeout=300, check=False, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=cwd,
+    )
 
 
-def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
-                                                               cluster: Cluster) -> None:
+def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path, cluster: Cluster) -> None:
     marker = tmp_path / "marker" / "pwned"
     marker.parent.mkdir()
     make_tree(tmp_path, marker)
@@ -151,9 +183,13 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
         t0 = time.monotonic()
         assert local.returncode == 1, local.stdout + local.stderr  # the hostile file: unsafe
         out = tmp_path / "out"
-        proc = subprocess.Popen([sys.executable, "-m", "sandbox", "convert", "src", "-o", "out",
-                                 "--cluster", cluster.address], cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sandbox", "convert", "src", "-o", "out", "--cluster", cluster.address],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         names = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
         w1_address, w2_address = names["w1"], names["w2"]
         deadline = time.monotonic() + 120
@@ -176,8 +212,10 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
     finally:
         client.close()  # type: ignore[no-untyped-call]
     assert proc.returncode == 1, stdout + stderr + cluster.log("w2") + cluster.log("scheduler")
-    rels = [m.group(1) for m in re.finditer(
-        r"^(?:converted|refused|failed|skipped) +\S+ +(\S+)", stdout, flags=re.M)]
+    rels = [
+        m.group(1)
+        for m in re.finditer(r"^(?:converted|refused|failed|skipped) +\S+ +(\S+)", stdout, flags=re.M)
+    ]
     assert len(rels) == len(set(rels)) == BENIGN + 2, stdout  # each file reported once
     assert snapshot(out) == snapshot(tmp_path / "ref")
     records = _batch.read_manifest(out)
@@ -187,23 +225,34 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
     assert not list(out.rglob("*.tmp"))
     assert not marker.exists(), "the payload reached the host"
     # the task w1 was running when it died ran again on w2, and its file was recorded once
-    lost = [r for r in records.values() if r.sha256 and str(lost_key).startswith(
-        f"model-sandbox-{r.sha256[:16]}-")]
+    lost = [
+        r
+        for r in records.values()
+        if r.sha256 and str(lost_key).startswith(f"model-sandbox-{r.sha256[:16]}-")
+    ]
     assert len(lost) == 1, (lost_key, records)
-    assert f"loaded by Dask worker {w2_address}" in json.loads(
-        (out / f"{lost[0].rel}.report.json").read_text())["notes"]
+    assert (
+        f"loaded by Dask worker {w2_address}"
+        in json.loads((out / f"{lost[0].rel}.report.json").read_text())["notes"]
+    )
     # resume through the cluster: nothing is redone, nothing changes
     again = cli("convert", "src", "-o", "out", "--cluster", cluster.address, "-q", cwd=tmp_path)
     assert again.returncode == 1, again.stdout + again.stderr
     assert f"({BENIGN + 1} unchanged since the last run" in again.stdout
     assert snapshot(out) == snapshot(tmp_path / "ref")
     # and its SARIF log says what the local run's says
-    sarif = [cli("convert", "src", "-o", o, *extra, "--format", "sarif", cwd=tmp_path)
-             for o, extra in (("out", ["--cluster", cluster.address]), ("ref", []))]
+    sarif = [
+        cli("convert", "src", "-o", o, *extra, "--format", "sarif", cwd=tmp_path)
+        for o, extra in (("out", ["--cluster", cluster.address]), ("ref", []))
+    ]
     assert [r.returncode for r in sarif] == [1, 1], sarif
-    results = [sorted((r["ruleId"], r["level"], r["locations"][0]["physicalLocation"][
-        "artifactLocation"]["uri"]) for r in json.loads(run.stdout)["runs"][0]["results"])
-        for run in sarif]
+    results = [
+        sorted(
+            (r["ruleId"], r["level"], r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"])
+            for r in json.loads(run.stdout)["runs"][0]["results"]
+        )
+        for run in sarif
+    ]
     assert results[0] == results[1] and any(rule for rule, _, _ in results[0])
     print(f"\nlocal run {local_s:.1f} s, cluster run with a worker killed {cluster_s:.1f} s")
 
@@ -211,8 +260,9 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path,
 def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Cluster) -> None:
     # another model-sandbox: the same package with one worker file changed, first on sys.path
     other = tmp_path / "other"
-    shutil.copytree(Path(_image.__file__).parent, other / "sandbox",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(_image.__file__).parent, other / "sandbox", ignore=shutil.ignore_patterns("__pycache__")
+    )
     with open(other / "sandbox" / "_worker" / "_protocol.py", "a") as f:
         f.write("\n# another release\n")
     cluster.worker("stale", env={"PYTHONPATH": str(other)})
@@ -233,9 +283,19 @@ def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Clust
         assert refused.value.expected == ours
         (address,) = client.scheduler_info()["workers"]
         # a task sent to that worker regardless is refused there, with the reason
-        fut = client.submit(_distribute.convert_task, str(tmp_path / "src" / "m.pt"), "0" * 64,
-                            Policy.default(), "complete", ours, None, 0, 0.0, workers=[address],
-                            pure=False)
+        fut = client.submit(
+            _distribute.convert_task,
+            str(tmp_path / "src" / "m.pt"),
+            "0" * 64,
+            Policy.default(),
+            "complete",
+            ours,
+            None,
+            0,
+            0.0,
+            workers=[address],
+            pure=False,
+        )
         with pytest.raises(WorkerNotReady) as task:
             fut.result(timeout=60)
         assert task.value.worker == address and task.value.found not in ("", ours)
@@ -247,16 +307,77 @@ def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Clust
         client.wait_for_workers(2, timeout=90)
     finally:
         client.close()  # type: ignore[no-untyped-call]
-    run = cli("convert", "src", "-o", "out", "--cluster", cluster.address, "--cluster-output",
-              "shared", cwd=tmp_path)
+    run = cli(
+        "convert",
+        "src",
+        "-o",
+        "out",
+        "--cluster",
+        cluster.address,
+        "--cluster-output",
+        "shared",
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "note: Dask worker refused its tasks: worker" in run.stdout
     assert "runs another model-sandbox" in run.stdout
     (record,) = _batch.read_manifest(tmp_path / "out").values()
     assert record.status is _batch.Status.CONVERTED and record.output == "m.safetensors"
-    assert record.output_sha256 == hashlib.sha256(
-        (tmp_path / "out" / "m.safetensors").read_bytes()).hexdigest()
+    assert (
+        record.output_sha256 == hashlib.sha256((tmp_path / "out" / "m.safetensors").read_bytes()).hexdigest()
+    )
     header, body = st_content(tmp_path / "out" / "m.safetensors")
     assert (header["w"]["dtype"], header["w"]["shape"]) == ("F32", [2])
     assert body == torch.ones(2).numpy().tobytes()
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_an_interrupted_cluster_batch_resumes_to_the_local_runs_tree(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    """Ctrl-C of ``convert --cluster`` mid-run: exit 130, what finished is kept (manifest, outputs,
+    no temporary file), the cluster is left with nothing of ours running, and a rerun does the
+    rest and ends with the local run's tree."""
+    marker = tmp_path / "marker" / "pwned"
+    marker.parent.mkdir()
+    make_tree(tmp_path, marker)
+    cluster.worker("w1")
+    cluster.worker("w2")
+    client = cluster.client(2)
+    try:
+        local = cli("convert", "src", "-o", "ref", "--jobs", "2", "-q", cwd=tmp_path)
+        assert local.returncode == 1, local.stdout + local.stderr
+        out = tmp_path / "out"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sandbox", "convert", "src", "-o", "out", "--cluster", cluster.address],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / _batch.MANIFEST_NAME).exists() and len(_batch.read_manifest(out)) >= 3:
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 130, stdout + stderr
+        kept = _batch.read_manifest(out)
+        assert 3 <= len(kept) < BENIGN + 1, "the batch ended before it could be interrupted"
+        for r in kept.values():  # each record's output is whole, as its hash says
+            if r.status is _batch.Status.CONVERTED:
+                assert r.output is not None
+                assert hashlib.sha256((out / r.output).read_bytes()).hexdigest() == r.output_sha256
+        assert not list(out.rglob("*.tmp"))
+        # the client cancelled what it had in flight: the workers go idle
+        idle_by = time.monotonic() + 60
+        while time.monotonic() < idle_by and any(client.processing().values()):  # type: ignore[no-untyped-call]
+            time.sleep(0.2)
+        assert not any(client.processing().values()), client.processing()  # type: ignore[no-untyped-call]
+    finally:
+        client.close()  # type: ignore[no-untyped-call]
+    again = cli("convert", "src", "-o", "out", "--cluster", cluster.address, "-q", cwd=tmp_path)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert snapshot(out) == snapshot(tmp_path / "ref")
+    assert not marker.exists(), "the payload reached the host"

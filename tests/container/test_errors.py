@@ -79,6 +79,7 @@ def test_pinned_hash_mismatch_refuses_before_loading(tmp_path: Path) -> None:
         sandbox.safe_load(path, expected_sha256="0" * 64)
 
 
+@pytest.mark.usefixtures("each_runner")
 def test_odd_file_names(tmp_path: Path) -> None:
     odd = tmp_path / "we:ird, name ü $(x) 'q'.pt"
     ck.save(ck.state_dict(), odd)
@@ -88,12 +89,14 @@ def test_odd_file_names(tmp_path: Path) -> None:
     assert sandbox.scan(link).verdict is sandbox.Verdict.CLEAN
 
 
+@pytest.mark.usefixtures("each_runner")
 def test_unreadable_by_others_is_staged(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "private.pt")
     os.chmod(path, 0o600)
     assert sandbox.scan(path).verdict is sandbox.Verdict.CLEAN
 
 
+@pytest.mark.usefixtures("each_runner")
 def test_wall_clock_limit(tmp_path: Path) -> None:
     payload = ck.code_payload("import time\ntime.sleep(60)")
     path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "sleep.pt")
@@ -118,12 +121,14 @@ def test_memory_limit(tmp_path: Path, each_runner: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["tensor", "descriptors"])
+@pytest.mark.usefixtures("each_runner")
 def test_output_flood(tmp_path: Path, how: str) -> None:
     """Outputs live in memfds charged to the container; the output cap is the loader's file-size
     limit: a 40 MB tensor from a tiny file, or raw writes into the inherited output descriptors,
     end at the cap."""
-    code = {"tensor": "import torch\nresult = torch.ones(10_000_000)",
-            "descriptors": """
+    code = {
+        "tensor": "import torch\nresult = torch.ones(10_000_000)",
+        "descriptors": """
 import os
 for fd in range(3, 64):
     try:
@@ -133,7 +138,8 @@ for fd in range(3, 64):
     except OSError as exc:
         if exc.errno == 27:  # EFBIG: the cap
             raise
-"""}[how]
+""",
+    }[how]
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "flood.pt")
     with pytest.raises(sandbox.LimitExceeded) as info:
         sandbox.safe_load(path, weights_only=False, policy=policy(output_mb=16))
@@ -167,8 +173,9 @@ for attempt in (lambda: os.symlink("/etc/passwd", "/run/sandbox/manifest"),
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sandbox", *args], capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", *args], capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def test_cli_exit_codes_and_formats(tmp_path: Path) -> None:
@@ -205,14 +212,21 @@ def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
     before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
     payload = ck.code_payload("import time\ntime.sleep(120)")
     path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "slow.pt")
-    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "scan", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "scan", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         ours: list[str] = []
         while not ours and time.monotonic() < deadline:
-            ours = [c.id for c in client.containers.list(filters={"label": f"{LABEL}=worker"})
-                    if c.id not in before]
+            ours = [
+                c.id
+                for c in client.containers.list(filters={"label": f"{LABEL}=worker"})
+                if c.id not in before
+            ]
             time.sleep(0.2)
         assert ours, "the sandbox container never started"
         time.sleep(1.0)
@@ -222,8 +236,9 @@ def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    left = [c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})
-            if c.id in ours]
+    left = [
+        c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"}) if c.id in ours
+    ]
     assert not left, f"{sig} left the sandbox container behind"
     assert proc.returncode != 0
 
@@ -238,13 +253,17 @@ def test_sigkilled_cli_container_is_swept_by_the_next_run(tmp_path: Path) -> Non
     before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
     payload = ck.code_payload("import time\ntime.sleep(120)")
     path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "slow.pt")
-    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "scan", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "scan", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     ours: list[str] = []
     while not ours and time.monotonic() < deadline:
-        ours = [c.id for c in client.containers.list(filters={"label": f"{LABEL}=worker"})
-                if c.id not in before]
+        ours = [
+            c.id for c in client.containers.list(filters={"label": f"{LABEL}=worker"}) if c.id not in before
+        ]
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -292,8 +311,7 @@ def test_a_refused_file_is_an_unpickling_error_with_its_report(tmp_path: Path) -
     import pickle
 
     marker = tmp_path / "marker"
-    path = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")),
-                   tmp_path / "evil.pt")
+    path = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")), tmp_path / "evil.pt")
     with pytest.raises(pickle.UnpicklingError) as info:
         sandbox.safe_load(path)
     assert isinstance(info.value, sandbox.SandboxViolation)

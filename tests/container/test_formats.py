@@ -20,8 +20,11 @@ import sandbox
 from sandbox._worker import _protocol as P
 from tests import checkpoints as ck
 
-pytestmark = [pytest.mark.container, pytest.mark.usefixtures("sandbox_ready"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [
+    pytest.mark.container,
+    pytest.mark.usefixtures("sandbox_ready"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
 
 
 def assert_plain_readers_match(out: Path, expected: dict[str, np.ndarray]) -> dict[str, str]:
@@ -49,19 +52,23 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             return False
         if b.qscheme() == torch.per_tensor_affine:
             return a.q_scale() == b.q_scale() and a.q_zero_point() == b.q_zero_point()
-        return torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales()) and \
-            torch.equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points()) and \
-            a.q_per_channel_axis() == b.q_per_channel_axis()
+        return (
+            torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
+            and torch.equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points())
+            and a.q_per_channel_axis() == b.q_per_channel_axis()
+        )
     if b.layout == torch.sparse_coo:
-        return a.is_coalesced() == b.is_coalesced() and torch.equal(a._indices(), b._indices()) \
+        return (
+            a.is_coalesced() == b.is_coalesced()
+            and torch.equal(a._indices(), b._indices())
             and torch.equal(a._values(), b._values())
+        )
     if b.layout != torch.strided:
         return torch.equal(a.to_dense(), b.to_dense())
     return torch.equal(a, b)
 
 
-def test_sparse_quantized_nested_convert_to_components_and_safe_load_reassembles(
-        tmp_path: Path) -> None:
+def test_sparse_quantized_nested_convert_to_components_and_safe_load_reassembles(tmp_path: Path) -> None:
     original = ck.composite_checkpoint()
     src = tmp_path / "composite.pt"
     torch.save(original, src)
@@ -75,10 +82,15 @@ def test_sparse_quantized_nested_convert_to_components_and_safe_load_reassembles
     recipes: dict[str, Any] = json.loads(meta["model_sandbox.composites"])
     assert sorted(recipes) == sorted(k for k in original if k != "plain")
     assert recipes["csr"]["kind"] == "sparse_csr" and recipes["csr"]["parts"] == {
-        "crow_indices": "csr.crow_indices", "col_indices": "csr.col_indices", "values": "csr.values"}
+        "crow_indices": "csr.crow_indices",
+        "col_indices": "csr.col_indices",
+        "values": "csr.values",
+    }
     assert recipes["q_channel"]["params"] == {"axis": 0}
-    assert recipes["q_tensor"]["params"] == {"scale": original["q_tensor"].q_scale(),
-                                             "zero_point": original["q_tensor"].q_zero_point()}
+    assert recipes["q_tensor"]["params"] == {
+        "scale": original["q_tensor"].q_scale(),
+        "zero_point": original["q_tensor"].q_zero_point(),
+    }
     # the recipes in the metadata rebuild every tensor from the file's components
     rebuilt = sandbox.load_composites(out)
     assert sorted(rebuilt) == sorted(recipes)
@@ -104,8 +116,9 @@ def test_jagged_nested_values_stay_unverified(tmp_path: Path) -> None:
         sandbox.convert(src, out, policy=policy)
     assert info.value.names == ["jagged.values"] and not out.exists()
     report = sandbox.convert(src, out, policy=policy, allow_unverified=True)
-    assert [f.evidence["tensors"] for f in report.findings if f.rule == "weights-unverified"] \
-        == [["jagged.values"]]
+    assert [f.evidence["tensors"] for f in report.findings if f.rule == "weights-unverified"] == [
+        ["jagged.values"]
+    ]
     plain = load_torch(out)
     assert sorted(plain) == ["jagged.offsets", "jagged.values"]
     assert torch.equal(plain["jagged.values"], original.values())
@@ -114,8 +127,9 @@ def test_jagged_nested_values_stay_unverified(tmp_path: Path) -> None:
     assert same_tensor(got, original)
 
 
-@pytest.mark.parametrize("compress", [0, ("zlib", 3), ("gzip", 3), ("lz4", 3)],
-                         ids=["plain", "zlib", "gzip", "lz4"])
+@pytest.mark.parametrize(
+    "compress", [0, ("zlib", 3), ("gzip", 3), ("lz4", 3)], ids=["plain", "zlib", "gzip", "lz4"]
+)
 def test_joblib_archives_convert_exactly(tmp_path: Path, compress: Any) -> None:
     src = ck.dump_joblib(tmp_path / "pipeline.joblib", compress)
     expected = ck.reference_components(src, "joblib")
@@ -128,15 +142,20 @@ def test_joblib_archives_convert_exactly(tmp_path: Path, compress: Any) -> None:
     assert not [f for f in report.findings if f.rule == "weights-unverified"]
 
 
-def test_a_hostile_joblib_file_is_refused_and_its_payload_never_reaches_the_host(
-        tmp_path: Path) -> None:
+def test_a_hostile_joblib_file_is_refused_and_its_payload_never_reaches_the_host(tmp_path: Path) -> None:
     marker = tmp_path / "marker-joblib"
-    src = ck.dump_joblib(tmp_path / "hostile.joblib", ("zlib", 3),
-                         payload_code=f"open({str(marker)!r}, 'w').write('ran')")
+    src = ck.dump_joblib(
+        tmp_path / "hostile.joblib", ("zlib", 3), payload_code=f"open({str(marker)!r}, 'w').write('ran')"
+    )
     import subprocess
     import sys
-    subprocess.run([sys.executable, "-c", "import joblib, sys; joblib.load(sys.argv[1])", str(src)],
-                   check=True, timeout=120, cwd=Path(__file__).parent.parent.parent)
+
+    subprocess.run(
+        [sys.executable, "-c", "import joblib, sys; joblib.load(sys.argv[1])", str(src)],
+        check=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent.parent,
+    )
     assert marker.exists(), "the payload is not live"
     marker.unlink()
     with pytest.raises(sandbox.SandboxViolation) as info:
@@ -149,8 +168,7 @@ def test_a_hostile_joblib_file_is_refused_and_its_payload_never_reaches_the_host
     assert report.verdict is sandbox.Verdict.MALICIOUS
     code = [f for f in report.findings if f.rule == "code-execution"]
     assert any(str(marker) in f.evidence.get("code", "") for f in code), report.findings
-    assert any(f.rule == "file-write" and f.evidence.get("path") == str(marker)
-               for f in report.findings)
+    assert any(f.rule == "file-write" and f.evidence.get("path") == str(marker) for f in report.findings)
     assert not marker.exists()
 
 
@@ -174,15 +192,21 @@ def test_torchscript_code_that_reads_a_credential_is_caught(tmp_path: Path) -> N
     own.unlink()  # plain torch.jit.load runs the archive's code, which opens the file
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-c", "import torch, sys; torch.jit.load(sys.argv[1])",
-                           str(live)], capture_output=True, text=True, timeout=120, check=False)
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "import torch, sys; torch.jit.load(sys.argv[1])", str(live)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode != 0 and str(own) in proc.stderr, "the archive's code is not live"
-    src = ck.save_torchscript(ck.TorchScriptProbe(P.CANARY_HOME + "/.aws/credentials"),
-                              tmp_path / "probe.pt")
+    src = ck.save_torchscript(ck.TorchScriptProbe(P.CANARY_HOME + "/.aws/credentials"), tmp_path / "probe.pt")
     with pytest.raises(sandbox.SandboxViolation) as info:
         sandbox.convert(src, tmp_path / "probe.safetensors")
     report = info.value.report
     assert report is not None and report.verdict is sandbox.Verdict.MALICIOUS
-    assert any(f.rule == "canary-file-read" for f in report.findings), \
-        [(f.rule, f.evidence) for f in report.findings]
+    assert any(f.rule == "canary-file-read" for f in report.findings), [
+        (f.rule, f.evidence) for f in report.findings
+    ]
     assert not (tmp_path / "probe.safetensors").exists()

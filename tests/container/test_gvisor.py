@@ -27,8 +27,8 @@ from sandbox import _gvisor, _launch
 from sandbox._worker import _protocol as P
 from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
 from tests import checkpoints as ck
+from tests.checkpoints import assert_same
 from tests.conftest import IN_CI, Listener
-from tests.container.test_roundtrip import assert_same
 
 pytestmark = pytest.mark.container
 AUDIT = sandbox.Policy.audit()  # record everything, stop nothing
@@ -50,16 +50,20 @@ def runsc() -> Iterator[_launch.DockerRunner]:
 def hostile(tmp_path: Path, code: str, name: str = "payload.pt") -> Path:
     """A realistic checkpoint whose unpickling runs ``code`` (errors swallowed, so that the
     verdict rests on what the payload tried)."""
-    wrapped = "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + \
-              "except BaseException:\n    pass\n"
+    wrapped = (
+        "try:\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
+        + "except BaseException:\n    pass\n"
+    )
     return ck.save(ck.hostile_checkpoint(ck.exec_payload(wrapped)), tmp_path / name)
 
 
 def attempts(tmp_path: Path, *statements: str) -> Path:
     """:func:`hostile` with each statement tried on its own (one failing does not stop the
     next)."""
-    return hostile(tmp_path, "\n".join(f"try:\n    {st}\nexcept BaseException:\n    pass"
-                                        for st in statements))
+    return hostile(
+        tmp_path, "\n".join(f"try:\n    {st}\nexcept BaseException:\n    pass" for st in statements)
+    )
 
 
 def scan(path: Path, runner: _launch.DockerRunner) -> LoadReport:
@@ -88,6 +92,7 @@ def from_the_trace(report: LoadReport, f: Finding) -> None:
 
 # -- benign ----------------------------------------------------------------------------------------
 
+
 def test_a_benign_round_trip_equals_the_original(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
     path = ck.save(ck.nested_checkpoint(), tmp_path / "nested.pt")
     got = sandbox.safe_load(path, weights_only=False, runner=runsc)
@@ -103,14 +108,30 @@ def test_a_benign_round_trip_equals_the_original(tmp_path: Path, runsc: _launch.
     assert not [e for e in report.events if e.source == "gvisor" and e.action == "denied"]
 
 
-def test_a_plain_state_dict_converts_through_the_cli(tmp_path: Path,
-                                                     runsc: _launch.DockerRunner) -> None:
+def test_a_plain_state_dict_converts_through_the_cli(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
     sd = ck.state_dict()
     path = ck.save(sd, tmp_path / "sd.pt")
     dst = tmp_path / "sd.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "sandbox", "convert", str(path), "-o", str(dst),
-                           "--runtime", "runsc", "--format", "json"], capture_output=True,
-                          text=True, timeout=300, check=False, cwd=Path(__file__).parents[2])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sandbox",
+            "convert",
+            str(path),
+            "-o",
+            str(dst),
+            "--runtime",
+            "runsc",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).parents[2],
+    )
     assert proc.returncode == 0, proc.stderr
     report = LoadReport.from_json(proc.stdout)
     assert report.verdict is Verdict.CLEAN and report.tool["runtime"] == "runsc"
@@ -118,7 +139,8 @@ def test_a_plain_state_dict_converts_through_the_cli(tmp_path: Path,
 
 
 def test_the_environment_chooses_gvisor_for_the_module_level_functions(
-        tmp_path: Path, runsc: _launch.DockerRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, runsc: _launch.DockerRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # the process-wide warm pool follows MODEL_SANDBOX_RUNTIME; a warm gVisor sandbox serves a
     # job, and the warm sandbox it refills is discarded (its trace removed) at the end
     monkeypatch.setenv(_launch.RUNTIME_ENV, "runsc")
@@ -132,14 +154,18 @@ def test_the_environment_chooses_gvisor_for_the_module_level_functions(
     from sandbox import _pool
 
     _pool._close_all()
-    assert not [n for n in os.listdir(_gvisor.LOG_DIR) if n.endswith(".boot.txt")] or \
-        os.environ.get("MODEL_SANDBOX_KEEP_TRACE") == "1"
+    assert (
+        not [n for n in os.listdir(_gvisor.LOG_DIR) if n.endswith(".boot.txt")]
+        or os.environ.get("MODEL_SANDBOX_KEEP_TRACE") == "1"
+    )
 
 
 def test_the_payload_really_runs_inside_gvisor(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
     # the payload reads the kernel's version: gVisor's sentry answers with its own
-    path = ck.save(ck.hostile_checkpoint(ck.code_payload(
-        "result = open('/proc/version').read()")), tmp_path / "version.pt")
+    path = ck.save(
+        ck.hostile_checkpoint(ck.code_payload("result = open('/proc/version').read()")),
+        tmp_path / "version.pt",
+    )
     host = Path("/proc/version").read_text()
     obj = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy(), runner=runsc)
     assert obj["payload"] != host and "Linux" in obj["payload"]
@@ -147,10 +173,10 @@ def test_the_payload_really_runs_inside_gvisor(tmp_path: Path, runsc: _launch.Do
 
 # -- hostile: refused (or failed in the sandbox) and recorded from the trace ------------------------
 
+
 def test_a_program_run_is_refused_and_recorded(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
     marker = tmp_path / "marker-system"
-    path = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")),
-                   tmp_path / "system.pt")
+    path = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")), tmp_path / "system.pt")
     ck.prove_marker(path, marker)
     report = scan(path, runsc)
     assert report.verdict is Verdict.MALICIOUS
@@ -165,10 +191,12 @@ def test_a_program_run_is_refused_and_recorded(tmp_path: Path, runsc: _launch.Do
     assert not marker.exists()
 
 
-def test_a_connect_to_127_0_0_1_is_refused_and_recorded(tmp_path: Path, listener: Listener,
-                                                        runsc: _launch.DockerRunner) -> None:
-    path = hostile(tmp_path, "import socket\n"
-                   f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)")
+def test_a_connect_to_127_0_0_1_is_refused_and_recorded(
+    tmp_path: Path, listener: Listener, runsc: _launch.DockerRunner
+) -> None:
+    path = hostile(
+        tmp_path, f"import socket\nsocket.create_connection(('127.0.0.1', {listener.port}), timeout=2)"
+    )
     report = scan(path, runsc)
     assert report.verdict is Verdict.MALICIOUS
     assert [e.action for e in gvisor(report, "connect")] == ["denied"]
@@ -181,23 +209,29 @@ def test_a_connect_to_127_0_0_1_is_refused_and_recorded(tmp_path: Path, listener
 
 
 def test_a_ctypes_connect_without_audit_events_is_still_refused_and_recorded(
-        tmp_path: Path, listener: Listener, runsc: _launch.DockerRunner) -> None:
-    path = hostile(tmp_path, "import ctypes, socket, struct\n"
-                   "libc = ctypes.CDLL(None)\n"
-                   "fd = libc.socket(2, 1, 0)\n"
-                   f"addr = struct.pack('<HH4s8x', 2, socket.htons({listener.port}), "
-                   "bytes([127, 0, 0, 1]))\n"
-                   "libc.connect(fd, addr, 16)")
+    tmp_path: Path, listener: Listener, runsc: _launch.DockerRunner
+) -> None:
+    path = hostile(
+        tmp_path,
+        "import ctypes, socket, struct\n"
+        "libc = ctypes.CDLL(None)\n"
+        "fd = libc.socket(2, 1, 0)\n"
+        f"addr = struct.pack('<HH4s8x', 2, socket.htons({listener.port}), "
+        "bytes([127, 0, 0, 1]))\n"
+        "libc.connect(fd, addr, 16)",
+    )
     report = scan(path, runsc)
     from_the_trace(report, finding(report, "network-connect"))
     assert listener.connections == 0
 
 
-def test_sensitive_and_canary_reads_are_recorded(tmp_path: Path,
-                                                 runsc: _launch.DockerRunner) -> None:
-    path = attempts(tmp_path, "open('/etc/shadow').read()",
-                    "open(__import__('os').path.expanduser('~/.aws/credentials')).read()",
-                    "open('/proc/1/environ').read()")
+def test_sensitive_and_canary_reads_are_recorded(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
+    path = attempts(
+        tmp_path,
+        "open('/etc/shadow').read()",
+        "open(__import__('os').path.expanduser('~/.aws/credentials')).read()",
+        "open('/proc/1/environ').read()",
+    )
     report = scan(path, runsc)
     assert report.verdict is Verdict.MALICIOUS
     read = finding(report, "sensitive-file-read")
@@ -209,11 +243,11 @@ def test_sensitive_and_canary_reads_are_recorded(tmp_path: Path,
     assert canary.evidence["path"] == f"{P.CANARY_HOME}/.aws/credentials"
 
 
-def test_writes_leave_no_marker_and_are_recorded(tmp_path: Path,
-                                                 runsc: _launch.DockerRunner) -> None:
+def test_writes_leave_no_marker_and_are_recorded(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
     marker = tmp_path / "marker-write"
-    path = attempts(tmp_path, f"open({str(marker)!r}, 'w').write('x')",
-                    "open('/usr/lib/marker-outside', 'w').write('x')")
+    path = attempts(
+        tmp_path, f"open({str(marker)!r}, 'w').write('x')", "open('/usr/lib/marker-outside', 'w').write('x')"
+    )
     ck.prove_live(path)
     assert marker.exists(), "the payload is not live"
     marker.unlink()
@@ -233,34 +267,43 @@ def test_a_fork_is_refused_and_recorded(tmp_path: Path, runsc: _launch.DockerRun
     report = scan(path, runsc)
     f = finding(report, "process-creation")
     from_the_trace(report, f)
-    assert [e.action for e in gvisor(report, "clone") if e.detail.get("style") != "vfork"] == \
-        ["denied"]
+    assert [e.action for e in gvisor(report, "clone") if e.detail.get("style") != "vfork"] == ["denied"]
 
 
 def test_threads_are_capped_inside_gvisor(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
     # the sandbox's own count is RLIMIT_NPROC (the control group's, raised for the ptrace
     # platform's host threads, is not what holds the payload)
-    path = ck.save(ck.hostile_checkpoint(ck.code_payload(
-        "import threading\nev = threading.Event()\nresult = 0\n"
-        "try:\n"
-        "    for _ in range(200):\n"
-        "        threading.Thread(target=ev.wait, daemon=True).start()\n"
-        "        result += 1\n"
-        "except RuntimeError:\n"
-        "    pass\n"
-        "ev.set()")), tmp_path / "threads.pt")
+    path = ck.save(
+        ck.hostile_checkpoint(
+            ck.code_payload(
+                "import threading\nev = threading.Event()\nresult = 0\n"
+                "try:\n"
+                "    for _ in range(200):\n"
+                "        threading.Thread(target=ev.wait, daemon=True).start()\n"
+                "        result += 1\n"
+                "except RuntimeError:\n"
+                "    pass\n"
+                "ev.set()"
+            )
+        ),
+        tmp_path / "threads.pt",
+    )
     obj = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy(), runner=runsc)
     assert 0 < obj["payload"] < sandbox.Policy.default().limits.pids
 
 
 def test_the_default_policy_ends_the_load_at_the_first_fatal_refusal(
-        tmp_path: Path, listener: Listener, runsc: _launch.DockerRunner) -> None:
+    tmp_path: Path, listener: Listener, runsc: _launch.DockerRunner
+) -> None:
     # under gVisor the host sees the refusal in the trace and tells the supervisor to stop
     # (within about a tenth of a second: the payload waits longer than that before its connect)
     marker = tmp_path / "marker-fatal"
-    path = hostile(tmp_path, f"import os, socket, time\nos.system('touch {marker}')\n"
-                   "time.sleep(3)\n"
-                   f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)")
+    path = hostile(
+        tmp_path,
+        f"import os, socket, time\nos.system('touch {marker}')\n"
+        "time.sleep(3)\n"
+        f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)",
+    )
     stopped = sandbox.scan(path, runner=runsc)
     assert stopped.verdict is Verdict.MALICIOUS
     assert gvisor(stopped, "execve") and not gvisor(stopped, "connect")
@@ -271,23 +314,29 @@ def test_the_default_policy_ends_the_load_at_the_first_fatal_refusal(
     assert not marker.exists() and listener.connections == 0
 
 
-def test_the_policys_errno_is_the_plain_filters(tmp_path: Path,
-                                                runsc: _launch.DockerRunner) -> None:
+def test_the_policys_errno_is_the_plain_filters(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
     import warnings
 
-    code = ("import socket\n"
-            "try:\n"
-            "    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
-            "    result = 'connected'\n"
-            "except OSError as exc:\n"
-            "    result = exc.errno\n")
+    code = (
+        "import socket\n"
+        "try:\n"
+        "    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
+        "    result = 'connected'\n"
+        "except OSError as exc:\n"
+        "    result = exc.errno\n"
+    )
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "errno.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        policy = sandbox.Policy.from_dict({
-            "name": "eacces", "description": "tests: refusals answer EACCES",
-            "fail_on": "never", "static": {"stop_before_sandbox": "never"},
-            "events": {"fatal": [], "errno": "EACCES"}})
+        policy = sandbox.Policy.from_dict(
+            {
+                "name": "eacces",
+                "description": "tests: refusals answer EACCES",
+                "fail_on": "never",
+                "static": {"stop_before_sandbox": "never"},
+                "events": {"fatal": [], "errno": "EACCES"},
+            }
+        )
     obj = sandbox.safe_load(path, weights_only=False, policy=policy, runner=runsc)
     assert obj["payload"] == 13  # EACCES, as under runc
 
@@ -304,49 +353,57 @@ FORGED = [
 
 
 def test_fake_trace_lines_on_stdout_and_stderr_create_and_erase_nothing(
-        tmp_path: Path, runsc: _launch.DockerRunner) -> None:
+    tmp_path: Path, runsc: _launch.DockerRunner
+) -> None:
     # the host reads only the sentry's log files: what the payload prints goes elsewhere
     lines = "\\n".join(FORGED)
-    path = hostile(tmp_path, "import os, sys\n"
-                   f"print('{lines}', flush=True)\n"
-                   f"sys.stderr.write('{lines}\\n')\n"
-                   f"os.write(2, '{lines}\\n'.encode())\n"
-                   "open(os.path.expanduser('~/.aws/credentials')).read()")
+    path = hostile(
+        tmp_path,
+        "import os, sys\n"
+        f"print('{lines}', flush=True)\n"
+        f"sys.stderr.write('{lines}\\n')\n"
+        f"os.write(2, '{lines}\\n'.encode())\n"
+        "open(os.path.expanduser('~/.aws/credentials')).read()",
+    )
     report = scan(path, runsc)
-    assert not any("gshadow" in json.dumps(e.detail) for e in report.events
-                   if e.source == "gvisor")
+    assert not any("gshadow" in json.dumps(e.detail) for e in report.events if e.source == "gvisor")
     assert not gvisor(report, "execve")
     from_the_trace(report, finding(report, "canary-file-read"))
     assert not any(f.rule == "trace-anomaly" for f in report.findings)
 
 
-def test_a_line_break_in_a_path_is_reported_not_hidden(tmp_path: Path,
-                                                       runsc: _launch.DockerRunner) -> None:
+def test_a_line_break_in_a_path_is_reported_not_hidden(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
     forged = FORGED[2].replace("59", "1")
-    path = hostile(tmp_path, "import os\n"
-                   "os.makedirs('/tmp/x\\n', exist_ok=True)\n"
-                   f"open('/tmp/x\\n{forged}\\n/../../../etc/shadow').read()")
+    path = hostile(
+        tmp_path,
+        "import os\n"
+        "os.makedirs('/tmp/x\\n', exist_ok=True)\n"
+        f"open('/tmp/x\\n{forged}\\n/../../../etc/shadow').read()",
+    )
     report = scan(path, runsc)
     f = finding(report, "trace-anomaly")
     assert f.severity is Severity.HIGH and "/etc/shadow" in json.dumps(f.evidence)
     assert report.verdict is Verdict.MALICIOUS
 
 
-def test_a_thread_name_that_reads_like_a_call_hides_nothing(tmp_path: Path,
-                                                            runsc: _launch.DockerRunner) -> None:
-    path = hostile(tmp_path, "import ctypes\n"
-                   "ctypes.CDLL(None).prctl(15, b'x X seccomp(', 0, 0, 0)\n"
-                   "open('/etc/shadow').read()")
+def test_a_thread_name_that_reads_like_a_call_hides_nothing(
+    tmp_path: Path, runsc: _launch.DockerRunner
+) -> None:
+    path = hostile(
+        tmp_path,
+        "import ctypes\nctypes.CDLL(None).prctl(15, b'x X seccomp(', 0, 0, 0)\nopen('/etc/shadow').read()",
+    )
     report = scan(path, runsc)
     from_the_trace(report, finding(report, "sensitive-file-read"))
 
 
-def test_a_flood_of_traced_calls_stops_the_sandbox(tmp_path: Path, runsc: _launch.DockerRunner,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_flood_of_traced_calls_stops_the_sandbox(
+    tmp_path: Path, runsc: _launch.DockerRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(_gvisor, "MAX_LOG_BYTES", 4 * 2**20)
-    path = hostile(tmp_path, "import os\n"
-                   "for _ in range(2_000_000):\n"
-                   "    os.close(os.open('/etc/passwd', os.O_RDONLY))")
+    path = hostile(
+        tmp_path, "import os\nfor _ in range(2_000_000):\n    os.close(os.open('/etc/passwd', os.O_RDONLY))"
+    )
     report = sandbox.scan(path, policy=AUDIT, runner=runsc)  # stopped: no supervisor status
     f = finding(report, "trace-flood")
     assert f.severity is Severity.HIGH

@@ -39,8 +39,9 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def tiny_gpt2() -> Any:
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -61,18 +62,24 @@ def bin_dir(model: Any, path: Path, shards: int = 1) -> Path:
     wmap = {}
     for i in range(shards):
         shard = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        part = names[i * per:(i + 1) * per]
+        part = names[i * per : (i + 1) * per]
         torch.save({k: sd[k] for k in part}, path / shard)
         wmap.update({k: shard for k in part})
-    (path / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
-         "weight_map": wmap}))
+    (path / "pytorch_model.bin.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                "weight_map": wmap,
+            }
+        )
+    )
     return path
 
 
 @pytest.mark.parametrize("shards", [1, 3])
 def test_transformers_from_pretrained_goes_through_the_sandbox(
-        tmp_path: Path, calls: list[str], shards: int) -> None:
+    tmp_path: Path, calls: list[str], shards: int
+) -> None:
     model = tiny_gpt2()
     path = bin_dir(model, tmp_path / "gpt2", shards)
     with sandbox.patch_torch():
@@ -113,10 +120,16 @@ def test_lightning_style_checkpoint_and_load_state_dict(tmp_path: Path, calls: l
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     net(torch.randn(3, 4)).sum().backward()
     opt.step()
-    ckpt: dict[str, Any] = {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
-            "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()},
-            "hyper_parameters": {"lr": 1e-3, "hidden": 8, "act": "relu"},
-            "optimizer_states": [opt.state_dict()], "lr_schedulers": [], "callbacks": {}}
+    ckpt: dict[str, Any] = {
+        "epoch": 3,
+        "global_step": 120,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()},
+        "hyper_parameters": {"lr": 1e-3, "hidden": 8, "act": "relu"},
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [],
+        "callbacks": {},
+    }
     path = ck.save(ckpt, tmp_path / "last.ckpt")
     plain = ck.save(net.state_dict(), tmp_path / "net.pt")
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -137,9 +150,15 @@ def tiny_unet() -> Any:
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     return diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:
@@ -150,8 +169,7 @@ def _chain(exc: BaseException | None) -> list[BaseException]:
     return seen
 
 
-def test_diffusers_from_pretrained_goes_through_the_sandbox(tmp_path: Path,
-                                                           calls: list[str]) -> None:
+def test_diffusers_from_pretrained_goes_through_the_sandbox(tmp_path: Path, calls: list[str]) -> None:
     diffusers = pytest.importorskip("diffusers")
     model = tiny_unet()
     model.save_pretrained(tmp_path / "unet", safe_serialization=False)

@@ -1,5 +1,6 @@
 """Kernel-level monitoring: every technique below is seen by the supervisor through seccomp user
-notification, recorded as a ``kernel`` event, refused, and judged in the report.
+notification, recorded as a ``kernel`` event, refused, and judged in the report, under the
+Docker runner and under the bwrap runner.
 
 Payloads are harmless: they only try to create a marker file in a directory the test owns or to
 reach a 127.0.0.1 port the test listens on. Each test also proves that nothing reached the host.
@@ -29,10 +30,12 @@ from tests.conftest import Listener
 # ends the load: see test_default_policy_stops_at_the_first_fatal_call).
 AUDIT = sandbox.Policy.audit()
 
-pytestmark = pytest.mark.container
+# every test runs under each runner (the same loader filter and supervisor under both)
+pytestmark = [pytest.mark.container, pytest.mark.usefixtures("each_runner")]
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def udp_port() -> Iterator[tuple[int, socket.socket]]:
@@ -55,8 +58,11 @@ def _udp_silent(s: socket.socket) -> bool:
 def hostile(tmp_path: Path, code: str, name: str = "payload.pt") -> Path:
     """A realistic checkpoint whose unpickling runs ``code`` (wrapped so that the load itself
     succeeds and the verdict rests on what the payload tried, not on an exception)."""
-    wrapped = "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + \
-              "except BaseException:\n    pass\n"
+    wrapped = (
+        "try:\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
+        + "except BaseException:\n    pass\n"
+    )
     return ck.save(ck.hostile_checkpoint(ck.exec_payload(wrapped)), tmp_path / name)
 
 
@@ -89,13 +95,18 @@ def assert_nothing_reached_host(marker: Path | None = None, listener: Listener |
 
 # -- (a) os.system -------------------------------------------------------------------------------
 
+
 def test_os_system_is_an_exec_event_with_argv(tmp_path: Path) -> None:
     # CWE-502 classic: REDUCE of os.system (posix_spawn of /bin/sh -c)
     marker = tmp_path / "marker-system"
     path = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")), tmp_path / "s.pt")
-    proc = subprocess.run([str(Path(sys.executable).parent / "model-sandbox"), "scan", str(path),
-                           "--format", "json"], capture_output=True, text=True, timeout=300,
-                          check=False)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "model-sandbox"), "scan", str(path), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr
     report = LoadReport.from_json(proc.stdout)
     assert report.verdict is Verdict.MALICIOUS
@@ -109,6 +120,7 @@ def test_os_system_is_an_exec_event_with_argv(tmp_path: Path) -> None:
 
 
 # -- (b) subprocess.Popen ------------------------------------------------------------------------
+
 
 def test_subprocess_popen_is_refused_and_recorded(tmp_path: Path) -> None:
     marker = tmp_path / "marker-popen"
@@ -126,9 +138,11 @@ def test_subprocess_popen_is_refused_and_recorded(tmp_path: Path) -> None:
 
 # -- (c) builtins.exec of a connecting code string -------------------------------------------------
 
+
 def test_exec_payload_connect_is_denied_with_address(tmp_path: Path, listener: Listener) -> None:
-    path = hostile(tmp_path, "import socket\n"
-                   f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)")
+    path = hostile(
+        tmp_path, f"import socket\nsocket.create_connection(('127.0.0.1', {listener.port}), timeout=2)"
+    )
     report = sandbox.scan(path, policy=AUDIT)
     assert report.verdict is Verdict.MALICIOUS
     conns = kernel(report, "connect")
@@ -144,19 +158,23 @@ def test_exec_payload_connect_is_denied_with_address(tmp_path: Path, listener: L
 
 # -- (d) ctypes straight into libc: no audit event, the kernel still sees it ------------------------
 
-def test_ctypes_libc_connect_and_system_are_seen_by_the_kernel(tmp_path: Path,
-                                                              listener: Listener) -> None:
+
+def test_ctypes_libc_connect_and_system_are_seen_by_the_kernel(tmp_path: Path, listener: Listener) -> None:
     marker = tmp_path / "marker-ctypes"
-    path = hostile(tmp_path, "import ctypes, socket, struct\n"
-                   "libc = ctypes.CDLL(None)\n"
-                   "fd = libc.socket(2, 1, 0)\n"
-                   f"addr = struct.pack('<HH4s8x', 2, socket.htons({listener.port}), bytes([127, 0, 0, 1]))\n"
-                   "libc.connect(fd, addr, 16)\n"
-                   f"libc.system(b'touch {marker}')")
+    path = hostile(
+        tmp_path,
+        "import ctypes, socket, struct\n"
+        "libc = ctypes.CDLL(None)\n"
+        "fd = libc.socket(2, 1, 0)\n"
+        f"addr = struct.pack('<HH4s8x', 2, socket.htons({listener.port}), bytes([127, 0, 0, 1]))\n"
+        "libc.connect(fd, addr, 16)\n"
+        f"libc.system(b'touch {marker}')",
+    )
     report = sandbox.scan(path, policy=AUDIT)
     assert report.verdict is Verdict.MALICIOUS
-    assert any(e.detail.get("port") == listener.port and e.action == "denied"
-               for e in kernel(report, "connect"))
+    assert any(
+        e.detail.get("port") == listener.port and e.action == "denied" for e in kernel(report, "connect")
+    )
     assert any(f"touch {marker}" in e.detail.get("argv", []) for e in kernel(report, "execve"))
     finding(report, "network-connect")
     finding(report, "exec-attempt")
@@ -165,13 +183,18 @@ def test_ctypes_libc_connect_and_system_are_seen_by_the_kernel(tmp_path: Path,
 
 # -- (e) credential theft: canary file read + exfiltration by sendto --------------------------------
 
-def test_canary_read_and_sendto_is_an_exfiltration_finding(tmp_path: Path,
-                                                           udp_port: tuple[int, socket.socket]) -> None:
+
+def test_canary_read_and_sendto_is_an_exfiltration_finding(
+    tmp_path: Path, udp_port: tuple[int, socket.socket]
+) -> None:
     port, udp = udp_port
-    path = hostile(tmp_path, "import os, socket\n"
-                   "data = open(os.path.expanduser('~/.aws/credentials'), 'rb').read()\n"
-                   "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                   f"s.sendto(data, ('127.0.0.1', {port}))")
+    path = hostile(
+        tmp_path,
+        "import os, socket\n"
+        "data = open(os.path.expanduser('~/.aws/credentials'), 'rb').read()\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"s.sendto(data, ('127.0.0.1', {port}))",
+    )
     report = sandbox.scan(path, policy=AUDIT)
     assert report.verdict is Verdict.MALICIOUS
     opened = finding(report, "canary-file-read")
@@ -188,8 +211,9 @@ def test_canary_read_and_sendto_is_an_exfiltration_finding(tmp_path: Path,
 
 def test_canary_environment_value_in_argv_is_exfiltration(tmp_path: Path) -> None:
     marker = tmp_path / "marker-env"
-    path = hostile(tmp_path, "import os\n"
-                   f"os.system('echo ' + os.environ['AWS_SECRET_ACCESS_KEY'] + ' > {marker}')")
+    path = hostile(
+        tmp_path, f"import os\nos.system('echo ' + os.environ['AWS_SECRET_ACCESS_KEY'] + ' > {marker}')"
+    )
     report = sandbox.scan(path, policy=AUDIT)
     f = finding(report, "canary-exfiltration")
     assert "AWS_SECRET_ACCESS_KEY" in f.evidence["canaries"]
@@ -198,18 +222,22 @@ def test_canary_environment_value_in_argv_is_exfiltration(tmp_path: Path) -> Non
 
 # -- (f) a thread that connects later ----------------------------------------------------------------
 
+
 def test_thread_connecting_after_a_delay_is_seen(tmp_path: Path, listener: Listener) -> None:
-    path = hostile(tmp_path, "import threading\n"
-                   "def later():\n"
-                   "    import socket, time\n"  # exec'd code: the thread has its own globals
-                   "    time.sleep(0.3)\n"
-                   "    try:\n"
-                   f"        socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)\n"
-                   "    except OSError:\n"
-                   "        pass\n"
-                   "t = threading.Thread(target=later)\n"
-                   "t.start()\n"
-                   "t.join()")
+    path = hostile(
+        tmp_path,
+        "import threading\n"
+        "def later():\n"
+        "    import socket, time\n"  # exec'd code: the thread has its own globals
+        "    time.sleep(0.3)\n"
+        "    try:\n"
+        f"        socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "t = threading.Thread(target=later)\n"
+        "t.start()\n"
+        "t.join()",
+    )
     report = sandbox.scan(path, policy=AUDIT)
     conns = [e for e in kernel(report, "connect") if e.detail.get("port") == listener.port]
     assert conns and conns[0].action == "denied" and conns[0].t >= 0.3
@@ -219,16 +247,20 @@ def test_thread_connecting_after_a_delay_is_seen(tmp_path: Path, listener: Liste
 
 # -- (g) going after the supervisor --------------------------------------------------------------------
 
+
 def test_kill_and_ptrace_of_the_supervisor_fail_and_kills_are_recorded(tmp_path: Path) -> None:
-    path = hostile(tmp_path, "import ctypes, os, signal\n"
-                   "for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):\n"
-                   "    try:\n"
-                   "        os.kill(1, sig)\n"
-                   "    except OSError:\n"
-                   "        pass\n"
-                   "libc = ctypes.CDLL(None)\n"
-                   "libc.ptrace(16, 1, 0, 0)\n"          # PTRACE_ATTACH
-                   "libc.kill(-1, 9)\n")
+    path = hostile(
+        tmp_path,
+        "import ctypes, os, signal\n"
+        "for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):\n"
+        "    try:\n"
+        "        os.kill(1, sig)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.ptrace(16, 1, 0, 0)\n"  # PTRACE_ATTACH
+        "libc.kill(-1, 9)\n",
+    )
     report = sandbox.scan(path, policy=AUDIT)
     kills = [e for e in kernel(report, "kill") if e.detail.get("target") == 1]
     assert len(kills) == 3 and all(e.action == "denied" for e in kills)
@@ -245,10 +277,12 @@ def test_kill_and_ptrace_of_the_supervisor_fail_and_kills_are_recorded(tmp_path:
 
 # -- (h) an event flood ---------------------------------------------------------------------------------
 
+
 def test_event_flood_is_truncated_with_exact_counts(tmp_path: Path) -> None:
-    path = hostile(tmp_path, "import socket\n"
-                   "for i in range(20000):\n"
-                   "    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()")
+    path = hostile(
+        tmp_path,
+        "import socket\nfor i in range(20000):\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()",
+    )
     report = sandbox.scan(path, policy=AUDIT)
     sockets = kernel(report, "socket")
     assert 0 < len(sockets) <= 5000
@@ -259,14 +293,16 @@ def test_event_flood_is_truncated_with_exact_counts(tmp_path: Path) -> None:
     assert len(f.events) <= 50
     # the kernel's view alone is suspicious; the loader's audit hook saw the payload's source
     # compiled (before it ran), and the exec global makes the file malicious statically too
-    kernel_findings = [x for x in report.findings
-                       if x.evidence.get("source") not in ("static", "self_reported")]
+    kernel_findings = [
+        x for x in report.findings if x.evidence.get("source") not in ("static", "self_reported")
+    ]
     assert max(x.severity for x in kernel_findings) is Severity.MEDIUM
     assert finding(report, "code-execution").evidence["source"] == "self_reported"
     assert report.verdict is Verdict.MALICIOUS
 
 
 # -- (i) benign ------------------------------------------------------------------------------------------
+
 
 def test_benign_state_dict_is_clean_with_no_findings(tmp_path: Path) -> None:
     path = tmp_path / "benign.pt"
@@ -288,10 +324,14 @@ def test_benign_state_dict_is_clean_with_no_findings(tmp_path: Path) -> None:
 
 # -- policies ------------------------------------------------------------------------------------
 
+
 def test_default_policy_stops_at_the_first_fatal_call(tmp_path: Path, listener: Listener) -> None:
     marker = tmp_path / "marker-fatal"
-    path = hostile(tmp_path, f"import os, socket\nos.system('touch {marker}')\n"
-                   f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)")
+    path = hostile(
+        tmp_path,
+        f"import os, socket\nos.system('touch {marker}')\n"
+        f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)",
+    )
     stopped = sandbox.scan(path)
     assert stopped.verdict is Verdict.MALICIOUS
     assert kernel(stopped, "execve") and not kernel(stopped, "connect")
@@ -306,20 +346,30 @@ def test_default_policy_stops_at_the_first_fatal_call(tmp_path: Path, listener: 
 def test_policy_errno_and_severity_overrides(tmp_path: Path) -> None:
     import warnings
 
-    code = ("import socket\n"
-            "try:\n"
-            "    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
-            "    result = 'connected'\n"
-            "except OSError as exc:\n"
-            "    result = exc.errno\n")
+    code = (
+        "import socket\n"
+        "try:\n"
+        "    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
+        "    result = 'connected'\n"
+        "except OSError as exc:\n"
+        "    result = exc.errno\n"
+    )
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "errno.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        policy = sandbox.Policy.from_dict({
-            "name": "quiet-sockets", "description": "tests: EACCES, sockets are expected",
-            "fail_on": "never", "static": {"stop_before_sandbox": "never"},
-            "events": {"fatal": [], "errno": "EACCES",
-                       "severity": {"network-socket": "ignore", "network-connect": "low"}}})
+        policy = sandbox.Policy.from_dict(
+            {
+                "name": "quiet-sockets",
+                "description": "tests: EACCES, sockets are expected",
+                "fail_on": "never",
+                "static": {"stop_before_sandbox": "never"},
+                "events": {
+                    "fatal": [],
+                    "errno": "EACCES",
+                    "severity": {"network-socket": "ignore", "network-connect": "low"},
+                },
+            }
+        )
     import errno
 
     assert sandbox.safe_load(path, weights_only=False, policy=policy)["payload"] == errno.EACCES
@@ -332,14 +382,17 @@ def test_policy_errno_and_severity_overrides(tmp_path: Path) -> None:
 def test_a_flood_cannot_push_out_the_attack_that_follows(tmp_path: Path, listener: Listener) -> None:
     # 20,000 allowed-but-recorded calls first, then 6,000 refused connects: the log keeps a
     # reserve for refusals, and refusals beyond it still count through the exact totals
-    path = hostile(tmp_path, "import socket\n"
-                   "for i in range(20000):\n"
-                   "    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\n"
-                   "for i in range(6000):\n"
-                   "    try:\n"
-                   f"        socket.create_connection(('127.0.0.1', {listener.port}), timeout=1)\n"
-                   "    except OSError:\n"
-                   "        pass\n")
+    path = hostile(
+        tmp_path,
+        "import socket\n"
+        "for i in range(20000):\n"
+        "    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\n"
+        "for i in range(6000):\n"
+        "    try:\n"
+        f"        socket.create_connection(('127.0.0.1', {listener.port}), timeout=1)\n"
+        "    except OSError:\n"
+        "        pass\n",
+    )
     report = sandbox.scan(path, policy=AUDIT)
     assert kernel(report, "connect"), "the refusals were pushed out of the log"
     assert finding(report, "network-connect").severity is Severity.CRITICAL

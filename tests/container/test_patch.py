@@ -34,13 +34,18 @@ def test_an_unmodified_script_loads_through_the_sandbox(tmp_path: Path) -> None:
     sd = ck.state_dict()
     benign = ck.save(sd, tmp_path / "good.pt")
     marker = tmp_path / "marker"
-    hostile = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")),
-                      tmp_path / "evil.pt")
+    hostile = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")), tmp_path / "evil.pt")
     env = {**os.environ, _autopatch.ENV: "1"}
 
     def run(path: Path) -> str:
-        return subprocess.run([sys.executable, str(script), str(path)], env=env, check=True,
-                              capture_output=True, text=True, timeout=300).stdout.strip()
+        return subprocess.run(
+            [sys.executable, str(script), str(path)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stdout.strip()
 
     assert run(benign) == f"loaded {float(sd['encoder.weight'].sum())}"
     assert run(hostile) == "refused True SandboxViolation"

@@ -25,8 +25,11 @@ def recipes() -> dict[str, tuple[str, str]]:
 
 def run(name: str, cwd: Path) -> str:
     lang, code = recipes()[name]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     argv = [sys.executable, "-c", code] if lang == "python" else ["bash", "-ec", code]
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -40,16 +43,16 @@ def test_every_user_has_a_recipe() -> None:
 def test_safe_load_recipe(tmp_path: Path) -> None:
     torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "linear.pt")
     marker = tmp_path / "marker"
-    ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")),
-            tmp_path / "untrusted.pt")
+    ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")), tmp_path / "untrusted.pt")
     assert run("safe-load", tmp_path).split() == ["malicious", "dangerous-global"]
     assert not marker.exists()
 
 
 def test_transformers_recipe(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64,
-                                  n_positions=32, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(cfg)
     target = tmp_path / "tiny-gpt2"
     cfg.save_pretrained(target)
@@ -72,8 +75,7 @@ def test_convert_archive_recipe(tmp_path: Path) -> None:
 
 def test_evaluate_recipe(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
-    ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")),
-            tmp_path / "suspicious.pt")
+    ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")), tmp_path / "suspicious.pt")
     lines = run("evaluate", tmp_path).splitlines()
     assert lines[0] == "malicious"
     rules = {line.split()[1] for line in lines[1:]}

@@ -55,7 +55,8 @@ def test_hostile_report_page_in_chromium(tmp_path: Path, listener: Listener) -> 
         f"    s.connect(('127.0.0.1', {listener.port}))\n"
         "except OSError:\n"
         "    pass\n"
-        "result = 1\n")
+        "result = 1\n"
+    )
     model = ck.save(ck.hostile_checkpoint(payload), tmp_path / "hostile.pt")
     report = sandbox.scan(model, policy=ck.observe_policy())
     saved = tmp_path / "hostile.report.json"
@@ -63,9 +64,13 @@ def test_hostile_report_page_in_chromium(tmp_path: Path, listener: Listener) -> 
     assert not marker.exists() and listener.connections == 0
 
     page_path = tmp_path / "hostile.html"
-    proc = subprocess.run([sys.executable, "-m", "sandbox", "report", str(saved), "--html",
-                           str(page_path)], capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandbox", "report", str(saved), "--html", str(page_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr  # the report's own exit code: unsafe
     assert "malicious" in proc.stdout and page_path.is_file()
 
@@ -102,15 +107,23 @@ def test_hostile_report_page_in_chromium(tmp_path: Path, listener: Listener) -> 
     listed = tmp_path / "batch.json"
     listed.write_text(json.dumps([benign.to_dict(), report.to_dict()]))
     many = tmp_path / "batch.html"
-    proc = subprocess.run([sys.executable, "-m", "sandbox", "report", str(listed), "--html",
-                           str(many)], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandbox", "report", str(listed), "--html", str(many)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1 and "2 reports" in proc.stdout, proc.stderr
-    page = open_page(many.as_uri(), """JSON.stringify({
+    page = open_page(
+        many.as_uri(),
+        """JSON.stringify({
       rows: [...document.querySelectorAll('#reports tbody tr')].map(r => r.innerText),
       sections: [...document.querySelectorAll('section.report')].map(s => ({
         id: s.id, findings: s.querySelectorAll('.finding').length,
         height: s.getBoundingClientRect().height})),
-    })""")
+    })""",
+    )
     assert [m for m in page.console if m.get("level") in ("error", "assert")] == []
     seen = json.loads(page.value)
     assert len(seen["rows"]) == 2 and seen["rows"][0].startswith("MALICIOUS")

@@ -31,6 +31,7 @@ def kernel(report: LoadReport, kind: str) -> list[Event]:
 
 # -- the CPU-time limit ----------------------------------------------------------------------------
 
+
 def test_cpu_spin_is_stopped_at_the_cpu_limit(tmp_path: Path, each_runner: str) -> None:
     path = payload_file(tmp_path, "while True:\n    pass")
     with pytest.raises(sandbox.LimitExceeded) as info:
@@ -48,14 +49,18 @@ def test_cpu_spin_is_stopped_at_the_cpu_limit(tmp_path: Path, each_runner: str) 
 
 # -- what the samples say ----------------------------------------------------------------------------
 
+
 def test_threads_are_counted(tmp_path: Path) -> None:
-    path = payload_file(tmp_path, "import threading, time\n"
-                        "threads = [threading.Thread(target=time.sleep, args=(0.6,)) for _ in range(20)]\n"
-                        "for t in threads:\n"
-                        "    t.start()\n"
-                        "for t in threads:\n"
-                        "    t.join()\n"
-                        "result = len(threads)")
+    path = payload_file(
+        tmp_path,
+        "import threading, time\n"
+        "threads = [threading.Thread(target=time.sleep, args=(0.6,)) for _ in range(20)]\n"
+        "for t in threads:\n"
+        "    t.start()\n"
+        "for t in threads:\n"
+        "    t.join()\n"
+        "result = len(threads)",
+    )
     report = sandbox.scan(path, policy=ck.observe_policy())
     assert report.error is None and report.tensors > 0
     res = report.resources
@@ -110,6 +115,7 @@ result = {"forks_refused": refused, "threads": len(started)}
 
 # -- calls that would leave the monitor's view -----------------------------------------------------
 
+
 def test_installing_a_seccomp_filter_is_recorded_and_refused(tmp_path: Path) -> None:
     # A filter of the payload's own (here: allow everything) would stack on the monitor's and
     # could answer its calls with fake results; both ways of installing one are refused.
@@ -159,6 +165,7 @@ result = {"returned": seen.get("rc")}
     maps = [e for e in kernel(report, "mmap") if "x" in e.detail.get("prot", "")]
     assert maps and maps[0].detail["anonymous"] is True
     assert any(f.rule == "executable-memory" for f in report.findings)
-    assert any(f.rule == "privileged-call" and set(f.events) & {e.id for e in foreign}
-               for f in report.findings)
+    assert any(
+        f.rule == "privileged-call" and set(f.events) & {e.id for e in foreign} for f in report.findings
+    )
     assert report.error is None and report.tensors > 0

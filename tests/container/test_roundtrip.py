@@ -7,7 +7,6 @@ import argparse
 import collections
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,40 +18,7 @@ from safetensors.torch import load_file
 
 import sandbox
 from tests import checkpoints as ck
-
-
-def assert_same(a: Any, b: Any, where: str = "root") -> None:
-    """Structural equality with bit-exact tensors (dtype, shape, bytes) and exact types."""
-    if isinstance(b, torch.Tensor):
-        assert isinstance(a, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert a.device.type == b.device.type, where
-        assert isinstance(a, torch.nn.Parameter) == isinstance(b, torch.nn.Parameter), where
-        left = a.detach().contiguous().reshape(-1).view(torch.uint8)
-        right = b.detach().contiguous().reshape(-1).view(torch.uint8)
-        assert torch.equal(left, right), where
-        return
-    if isinstance(b, np.ndarray):
-        assert isinstance(a, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert a.tobytes() == b.tobytes(), where
-        return
-    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
-    if isinstance(b, dict):
-        assert list(a.keys()) == list(b.keys()), where
-        for k in b:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(b, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(b, argparse.Namespace):
-        assert_same(vars(a), vars(b), where)
-    elif isinstance(b, float) and math.isnan(b):
-        assert math.isnan(a), where
-    elif isinstance(b, np.generic):
-        assert a.dtype == b.dtype and a == b, where
-    else:
-        assert a == b, where
+from tests.checkpoints import assert_same
 
 
 def reference_load(path: Path) -> Any:
@@ -131,8 +97,7 @@ def test_full_module_and_optimizer_come_back_as_state_dicts(tmp_path: Path) -> N
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     model(torch.randn(5, 4)).sum().backward()
     opt.step()
-    path = ck.save({"model": model, "optimizer": opt.state_dict(), "opt_obj": opt},
-                   tmp_path / "module.pt")
+    path = ck.save({"model": model, "optimizer": opt.state_dict(), "opt_obj": opt}, tmp_path / "module.pt")
     got = sandbox.safe_load(path, weights_only=False)
     assert_same(got["model"], model.state_dict())
     assert_same(got["optimizer"], opt.state_dict())
@@ -170,8 +135,7 @@ def test_map_location_forms(tmp_path: Path) -> None:
     path = tmp_path / "cuda.tar.pt"
     # a checkpoint saved on a GPU: its storages say "cuda:0"
     ck.write_legacy_tar(path, lambda ref: {"w": ref("w")}, tensors, location="cuda:0")
-    for ml in ("cpu", torch.device("cpu"), {"cuda:0": "cpu"},
-               lambda storage, loc: storage):
+    for ml in ("cpu", torch.device("cpu"), {"cuda:0": "cpu"}, lambda storage, loc: storage):
         got = sandbox.safe_load(path, map_location=ml, weights_only=False)
         assert got["w"].device.type == "cpu"
         assert torch.equal(got["w"], tensors["w"])
@@ -204,8 +168,9 @@ def test_weights_only_refuses_arbitrary_objects_but_named_placeholders_otherwise
     got = sandbox.safe_load(path, weights_only=False)
     # Counter is a dict subclass: returned as a dict, with a note
     assert got["obj"] == {"a": 1, "b": 1, "c": 1}
-    path2 = ck.save({"w": torch.ones(2), "obj": ck.TiedModel().embed.__class__.__mro__[0]},
-                    tmp_path / "cls.pt")
+    path2 = ck.save(
+        {"w": torch.ones(2), "obj": ck.TiedModel().embed.__class__.__mro__[0]}, tmp_path / "cls.pt"
+    )
     with pytest.raises(sandbox.UnrepresentableObject):
         sandbox.safe_load(path2)
     placeholder = sandbox.safe_load(path2, weights_only=False)["obj"]
@@ -296,8 +261,11 @@ def test_converted_files_are_complete_for_plain_readers(tmp_path: Path, handoff:
     embed = torch.randn(6, 4)
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     sd: dict[str, Any] = {
-        "embed.weight": embed, "lm_head.weight": embed,            # tied: one tensor
-        "base": base, "rows": base[1:3], "column": base[:, 2],     # views of one storage
+        "embed.weight": embed,
+        "lm_head.weight": embed,  # tied: one tensor
+        "base": base,
+        "rows": base[1:3],
+        "column": base[:, 2],  # views of one storage
     }
     if handoff == "memfd":  # (the torch-free layout reader takes the common dtypes only)
         sd["f8a"] = torch.randn(5).to(torch.float8_e4m3fnuz)
@@ -322,9 +290,15 @@ def test_converted_files_are_complete_for_plain_readers(tmp_path: Path, handoff:
     assert ties == {f"{prefix}lm_head.weight": f"{prefix}embed.weight"}
     plain = {k: v for k, v in want.items() if not k.endswith(("f8a", "f8b"))}
     dst_np = tmp_path / "plain.safetensors"
-    sandbox.convert(ck.save(plain if handoff == "layout" else {"sd": {
-        k.removeprefix("sd."): v for k, v in plain.items()}, "args": argparse.Namespace()},
-        tmp_path / "plain.pt"), dst_np)
+    sandbox.convert(
+        ck.save(
+            plain
+            if handoff == "layout"
+            else {"sd": {k.removeprefix("sd."): v for k, v in plain.items()}, "args": argparse.Namespace()},
+            tmp_path / "plain.pt",
+        ),
+        dst_np,
+    )
     arrays = load_numpy(dst_np)
     assert set(arrays) == set(plain)
     for name, t in plain.items():

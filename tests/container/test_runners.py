@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,8 +38,9 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_auto_converts_with_the_engine_unreachable(tmp_path: Path, bwrap_ready: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_converts_with_the_engine_unreachable(
+    tmp_path: Path, bwrap_ready: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DOCKER_HOST", NO_ENGINE)
     monkeypatch.delenv("MODEL_SANDBOX_RUNNER", raising=False)
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
@@ -50,22 +52,20 @@ def test_auto_converts_with_the_engine_unreachable(tmp_path: Path, bwrap_ready: 
     assert failed.error is not None and failed.error["reference"] == "engine-unavailable"
 
 
-def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(shared_dir: Path,
-                                                                    bwrap_ready: str) -> None:
+def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
+    shared_dir: Path, bwrap_ready: str
+) -> None:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         if IN_CI:
             pytest.fail("CI runs as root with setpriv: this test must run there")
         pytest.skip("needs root (to become uid 65534) and setpriv")
-    python = Path(os.path.realpath(sys.executable))
-    if not _bwrap._traversable(python.parent) or not os.stat(python).st_mode & 0o005:
-        if IN_CI:
-            pytest.fail(f"uid 65534 cannot run this interpreter ({python})")
-        pytest.skip(f"uid 65534 cannot run this interpreter ({python}): a venv under /root?")
+    python, env = _python_for_nobody(shared_dir)
     nobody = pwd.getpwuid(65534).pw_name
     benign = ck.save(ck.state_dict(), shared_dir / "benign.pt")
     marker = shared_dir / "marker-unprivileged"
-    hostile = ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")),
-                      shared_dir / "hostile.pt")
+    hostile = ck.save(
+        ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")), shared_dir / "hostile.pt"
+    )
     ck.prove_live(hostile)
     assert marker.exists(), "the payload is not live"
     marker.unlink()
@@ -74,27 +74,57 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(shared_dir: P
     for p in (benign, hostile):
         p.chmod(0o644)
     os.chown(home, 65534, 65534)
-    env = {"HOME": str(home), "DOCKER_HOST": NO_ENGINE, "PATH": "/usr/bin:/bin",
-           "MODEL_SANDBOX_WARM": "0"}
-    if "LD_LIBRARY_PATH" in os.environ:  # an interpreter that needs it (pyenv's shared build)
-        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+    env.update(
+        {"HOME": str(home), "DOCKER_HOST": NO_ENGINE, "PATH": "/usr/bin:/bin", "MODEL_SANDBOX_WARM": "0"}
+    )
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
-             sys.executable, "-m", "sandbox", *args], env=env, cwd=shared_dir,
-            capture_output=True, text=True, timeout=300, check=False)
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                python,
+                "-m",
+                "sandbox",
+                *args,
+            ],
+            env=env,
+            cwd=shared_dir,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
-    who = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
-                          "id", "-un"], capture_output=True, text=True, check=True)
+    who = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "id", "-un"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert who.stdout.strip() == nobody
     # the root filesystem root made (bwrap_ready), read-only, when that user's Python would
     # make the same one (same digest); else its own, in its own cache under HOME
     version, digest = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", sys.executable,
-         "-c", "import sys; from sandbox import _image; print(sys.version); "
-               "print(_image.worker_digest())"], env=env,
-        cwd=shared_dir, capture_output=True, text=True, check=True).stdout.splitlines()
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            python,
+            "-c",
+            "import sys; from sandbox import _image; print(sys.version); print(_image.worker_digest())",
+        ],
+        env=env,
+        cwd=shared_dir,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     if version != sys.version:  # e.g. a shared libpython it cannot reach, replaced by another
         if IN_CI:
             pytest.fail(f"uid 65534 runs Python {version}, not {sys.version}")
@@ -119,9 +149,51 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(shared_dir: P
     assert scanned.returncode == 1, scanned.stderr
     report = json.loads(scanned.stdout)
     assert report["verdict"] == "malicious" and report["tool"]["runner"] == "bwrap"
-    assert any(e["source"] == "kernel" and e["kind"] == "execve" and e["action"] == "denied"
-               and str(marker) in " ".join(e["detail"].get("argv", [])) for e in report["events"])
+    assert any(
+        e["source"] == "kernel"
+        and e["kind"] == "execve"
+        and e["action"] == "denied"
+        and str(marker) in " ".join(e["detail"].get("argv", []))
+        for e in report["events"]
+    )
     assert not marker.exists()
+
+
+def _python_for_nobody(shared_dir: Path) -> tuple[str, dict[str, str]]:
+    """An interpreter uid 65534 can run, with this environment's packages, and the variables
+    it needs: this one where that user can reach it; else (an interpreter under root's 0700
+    home, as pyenv's is) a copy of its base installation (binary, libpython, standard library)
+    in the test's directory, whose site directory adds this environment's."""
+    python = Path(os.path.realpath(sys.executable))
+    base = Path(sys.base_prefix)
+    libdir = base / "lib"
+    env = {"LD_LIBRARY_PATH": os.environ["LD_LIBRARY_PATH"]} if "LD_LIBRARY_PATH" in os.environ else {}
+    if _bwrap._traversable(python.parent) and os.stat(python).st_mode & 0o005 and _bwrap._traversable(libdir):
+        return str(python), env
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    copy = shared_dir / "python"
+    (copy / "bin").mkdir(parents=True)
+    shutil.copy2(python, copy / "bin" / version)
+    shutil.copytree(
+        libdir / version,
+        copy / "lib" / version,
+        symlinks=True,
+        ignore=shutil.ignore_patterns("site-packages", "test", "__pycache__"),
+    )
+    for lib in libdir.glob("libpython*.so*"):
+        shutil.copy2(lib, copy / "lib" / lib.name, follow_symlinks=True)
+    site = copy / "lib" / version / "site-packages"
+    site.mkdir()
+    packages = sysconfig.get_paths()["purelib"]
+    (site / "this-environment.pth").write_text(f"import site; site.addsitedir({packages!r})\n")
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+    env["LD_LIBRARY_PATH"] = str(copy / "lib")  # before the binary's runpath under /root
+    if not _bwrap._traversable(Path(packages)):
+        if IN_CI:
+            pytest.fail(f"uid 65534 cannot reach this environment's packages ({packages})")
+        pytest.skip(f"uid 65534 cannot reach this environment's packages ({packages})")
+    return str(copy / "bin" / version), env
 
 
 def _children(pid: int) -> list[int]:
@@ -147,17 +219,21 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path,
-                                                            bwrap_ready: str) -> None:
-    plant = ck.save(ck.hostile_checkpoint(ck.code_payload(
-        "open('/tmp/persist', 'w').write('x')\nresult = 1")), tmp_path / "plant.pt")
-    probe = ck.save(ck.hostile_checkpoint(ck.code_payload(
-        "import os\nresult = os.path.exists('/tmp/persist')")), tmp_path / "probe.pt")
+def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path, bwrap_ready: str) -> None:
+    plant = ck.save(
+        ck.hostile_checkpoint(ck.code_payload("open('/tmp/persist', 'w').write('x')\nresult = 1")),
+        tmp_path / "plant.pt",
+    )
+    probe = ck.save(
+        ck.hostile_checkpoint(ck.code_payload("import os\nresult = os.path.exists('/tmp/persist')")),
+        tmp_path / "probe.pt",
+    )
     with sandbox.Pool(size=2, policy=ck.observe_policy(), runner="bwrap") as pool:
         pool.warm(wait=True)
         assert pool.ready == 2 and pool.name == "bwrap"
-        started = [p for p in _children(os.getpid()) if Path(f"/proc/{p}/comm").read_text()
-                   .strip() == "bwrap"]
+        started = [
+            p for p in _children(os.getpid()) if Path(f"/proc/{p}/comm").read_text().strip() == "bwrap"
+        ]
         assert len(started) >= 2
         assert pool.safe_load(plant, weights_only=False)["payload"] == 1
         # the next file gets another sandbox: nothing the last payload left is there
@@ -168,16 +244,21 @@ def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path,
 
 def test_a_sigkilled_cli_leaves_no_bwrap_sandbox(tmp_path: Path, bwrap_ready: str) -> None:
     """--die-with-parent: the sandbox (and the payload in it) ends with its owner."""
-    slow = ck.save(ck.hostile_checkpoint(ck.code_payload("import time\ntime.sleep(60)")),
-                   tmp_path / "slow.pt")
-    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "scan", str(slow), "--runner",
-                             "bwrap"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slow = ck.save(
+        ck.hostile_checkpoint(ck.code_payload("import time\ntime.sleep(60)")), tmp_path / "slow.pt"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "scan", str(slow), "--runner", "bwrap"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         tree: list[int] = []
         while time.monotonic() < deadline:
-            bwraps = [p for p in _children(proc.pid)
-                      if Path(f"/proc/{p}/comm").read_text().strip() == "bwrap"]
+            bwraps = [
+                p for p in _children(proc.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "bwrap"
+            ]
             tree = [q for p in bwraps for q in (p, *_children(p))]
             if len(tree) >= 2:  # bwrap and the supervisor in the sandbox
                 break
@@ -196,8 +277,7 @@ def test_a_sigkilled_cli_leaves_no_bwrap_sandbox(tmp_path: Path, bwrap_ready: st
             proc.wait()
 
 
-def test_without_user_namespaces_the_error_names_the_sysctls(tmp_path: Path,
-                                                            bwrap_ready: str) -> None:
+def test_without_user_namespaces_the_error_names_the_sysctls(tmp_path: Path, bwrap_ready: str) -> None:
     """A user namespace whose own ``user.max_user_namespaces`` is 0 is a host where the kernel
     refuses user namespaces: the CLI says so, naming the sysctls and their values."""
     if shutil.which("unshare") is None:
@@ -206,11 +286,21 @@ def test_without_user_namespaces_the_error_names_the_sysctls(tmp_path: Path,
         pytest.skip("unshare (util-linux) is missing")
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
     cli = f"exec {sys.executable} -m sandbox scan {path} --runner bwrap --format json"
-    done = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-ec",
-                           f"echo 0 > /proc/sys/user/max_user_namespaces; {cli}"],
-                          env={**os.environ,
-                               "XDG_CACHE_HOME": str(_bwrap.cache_root().parent.parent)},
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-ec",
+            f"echo 0 > /proc/sys/user/max_user_namespaces; {cli}",
+        ],
+        env={**os.environ, "XDG_CACHE_HOME": str(_bwrap.cache_root().parent.parent)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2, (done.stdout, done.stderr)
     report = json.loads(done.stdout)
     assert report["verdict"] == "error" and report["error"]["reference"] == "engine-unavailable"

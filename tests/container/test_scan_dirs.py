@@ -12,16 +12,17 @@ from sandbox import _cli
 from tests import checkpoints as ck
 
 
-def test_a_hub_cache_scanned_in_the_sandbox(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_hub_cache_scanned_in_the_sandbox(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     marker = tmp_path / "marker"
     model = tmp_path / "hub" / "models--org--tiny"
     blobs = model / "blobs"
     blobs.mkdir(parents=True)
     ck.save(ck.state_dict(), blobs / "aaa")
     ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")), blobs / "bbb")
-    for rev, files in (("r1", {"pytorch_model.bin": "aaa"}),
-                       ("r2", {"pytorch_model.bin": "aaa", "evil.bin": "bbb"})):
+    for rev, files in (
+        ("r1", {"pytorch_model.bin": "aaa"}),
+        ("r2", {"pytorch_model.bin": "aaa", "evil.bin": "bbb"}),
+    ):
         for name, blob in files.items():
             link = model / "snapshots" / rev / name
             link.parent.mkdir(parents=True, exist_ok=True)

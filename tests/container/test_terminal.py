@@ -23,8 +23,14 @@ SGR_COLOUR = re.compile(rb"\x1b\[[0-9;]*(3[0-7]|9[0-7]|38;[0-9;]+)m")
 def in_pty(args: list[str], env: dict[str, str], timeout: float = 300) -> tuple[int, bytes]:
     """Run the CLI with stdin, stdout and stderr on a pseudo-terminal; return what it drew."""
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "sandbox", *args], stdin=follower,
-                            stdout=follower, stderr=follower, env=env, close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", *args],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+        close_fds=True,
+    )
     os.close(follower)
     out = bytearray()
     deadline = time.monotonic() + timeout
@@ -54,8 +60,7 @@ def test_batch_on_a_terminal_and_through_a_pipe(tmp_path: Path) -> None:
     for i in range(2):
         torch.save(ck.state_dict(), src / f"good{i}.pt")
     marker = tmp_path / "marker"
-    ck.save(ck.hostile_checkpoint(ck.exec_payload(f"open({str(marker)!r}, 'w')")),
-            src / "evil.pt")
+    ck.save(ck.hostile_checkpoint(ck.exec_payload(f"open({str(marker)!r}, 'w')")), src / "evil.pt")
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
     env.update(COLUMNS="200", LINES="40", TERM="xterm-256color")
 
@@ -71,8 +76,9 @@ def test_batch_on_a_terminal_and_through_a_pipe(tmp_path: Path) -> None:
     assert not marker.exists()
 
     # NO_COLOR: the same drawing without a colour (a re-run: every file unchanged, reused)
-    code, drawn = in_pty(["convert", str(src), "-o", str(tmp_path / "out"), "-j", "1"],
-                         {**env, "NO_COLOR": "1"})
+    code, drawn = in_pty(
+        ["convert", str(src), "-o", str(tmp_path / "out"), "-j", "1"], {**env, "NO_COLOR": "1"}
+    )
     assert code == 1 and b"3 files" in drawn and b"MALICIOUS" in drawn
     assert not SGR_COLOUR.search(drawn), drawn[-2000:]
 
@@ -85,9 +91,14 @@ def test_batch_on_a_terminal_and_through_a_pipe(tmp_path: Path) -> None:
     assert not marker.exists()
 
     # a pipe: the plain lines, as before
-    proc = subprocess.run([sys.executable, "-m", "sandbox", "convert", str(src), "-o",
-                           str(tmp_path / "out"), "-j", "1"], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandbox", "convert", str(src), "-o", str(tmp_path / "out"), "-j", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "\x1b" not in proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()

@@ -31,8 +31,10 @@ def test_code_run_through_an_unlisted_stdlib_callable_is_not_clean(tmp_path: Pat
     system call. The loader's audit hook reports the compile before it runs."""
     marker = tmp_path / "marker-timeit"
     stmt = f"open({str(marker)!r}, 'w').write('ran')"
-    path = ck.save(ck.hostile_checkpoint(ck.Reduce(timeit.timeit, stmt, "pass", time.perf_counter, 1)),
-                   tmp_path / "timeit.pt")
+    path = ck.save(
+        ck.hostile_checkpoint(ck.Reduce(timeit.timeit, stmt, "pass", time.perf_counter, 1)),
+        tmp_path / "timeit.pt",
+    )
     ck.prove_marker(path, marker)
     report = sandbox.scan(path, policy=ck.observe_policy())
     assert not marker.exists()
@@ -50,8 +52,9 @@ def test_a_file_written_in_the_sandbox_scratch_space_is_a_finding(tmp_path: Path
     """``shutil.copyfile`` to /tmp succeeds inside the sandbox (its own tmpfs); a plain
     torch.load would have written on the user's machine."""
     target = tmp_path / "marker-copy"
-    path = ck.save(ck.hostile_checkpoint(ck.Reduce(shutil.copyfile, "/etc/hostname", str(target))),
-                   tmp_path / "copy.pt")
+    path = ck.save(
+        ck.hostile_checkpoint(ck.Reduce(shutil.copyfile, "/etc/hostname", str(target))), tmp_path / "copy.pt"
+    )
     ck.prove_marker(path, target)
     report = sandbox.scan(path, policy=ck.observe_policy())
     assert not target.exists()
@@ -68,8 +71,7 @@ def test_benign_configs_stay_clean(tmp_path: Path) -> None:
     classes and an activation bound with ``functools.partial``, as config systems store them."""
     ckpt = {
         "state_dict": ck.state_dict(),
-        "hyper_parameters": {"lr": 1e-3, "dtype": torch.float16, "layers": [4, 4],
-                             "act": "gelu"},
+        "hyper_parameters": {"lr": 1e-3, "dtype": torch.float16, "layers": [4, 4], "act": "gelu"},
         "args": argparse.Namespace(epochs=3, name="run"),
         "model": torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()),
         "counts": collections.Counter(a=1),
@@ -114,8 +116,10 @@ result = seen
 
 
 def test_a_tiny_file_that_allocates_gigabytes_is_a_finding(tmp_path: Path) -> None:
-    path = ck.save(ck.hostile_checkpoint(ck.code_payload(
-        "blob = b'x' * 1_600_000_000\nresult = len(blob)")), tmp_path / "hog.pt")
+    path = ck.save(
+        ck.hostile_checkpoint(ck.code_payload("blob = b'x' * 1_600_000_000\nresult = len(blob)")),
+        tmp_path / "hog.pt",
+    )
     report = sandbox.scan(path, policy=ck.observe_policy())
     abuse = [f for f in report.findings if f.rule == "resource-abuse"]
     assert abuse and abuse[0].evidence["rss_peak_bytes"] > 1_500_000_000
@@ -135,8 +139,10 @@ def sleepy_module_checkpoint(tmp_path: Path) -> tuple[Path, torch.Tensor]:
     poisoned = collections.OrderedDict(sd)
     poisoned["encoder.weight"] = ck.Reduce(torch.nn.functional.normalize, stored)  # type: ignore[assignment]
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
-    return (ck.save({"model": model, "state_dict": poisoned}, tmp_path / "sleepy.pt"),
-            torch.nn.functional.normalize(stored))
+    return (
+        ck.save({"model": model, "state_dict": poisoned}, tmp_path / "sleepy.pt"),
+        torch.nn.functional.normalize(stored),
+    )
 
 
 def test_weights_computed_while_loading_are_refused_under_weights_only(tmp_path: Path) -> None:
@@ -173,8 +179,10 @@ def test_module_optimizer_and_numpy_checkpoints_are_verified(tmp_path: Path) -> 
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
-    path = ck.save({"model": model, "optimizer": opt, "mean": np.arange(4, dtype=">f4"),
-                    "step": np.int64(9)}, tmp_path / "full.pt")
+    path = ck.save(
+        {"model": model, "optimizer": opt, "mean": np.arange(4, dtype=">f4"), "step": np.int64(9)},
+        tmp_path / "full.pt",
+    )
     report = sandbox.scan(path)
     assert "weights-unverified" not in rules(report), report.findings
     got = sandbox.safe_load(path)
@@ -222,11 +230,14 @@ class _Rearranged(dict):  # type: ignore[type-arg]
 def test_weights_rearranged_while_loading_are_tampered(tmp_path: Path) -> None:
     torch.manual_seed(6)
     sd = {"layer1.weight": torch.randn(3, 3), "layer2.weight": torch.randn(3, 3)}
-    path = ck.save({"state_dict": sd, "hook": _Rearranged(sd, "layer1.weight", "layer2.weight")},
-                   tmp_path / "rearranged.pt")
+    path = ck.save(
+        {"state_dict": sd, "hook": _Rearranged(sd, "layer1.weight", "layer2.weight")},
+        tmp_path / "rearranged.pt",
+    )
     # the swap runs under plain torch.load (a benign payload: this process may load it)
-    assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["layer1.weight"],
-                       sd["layer2.weight"])
+    assert torch.equal(
+        torch.load(path, weights_only=False)["state_dict"]["layer1.weight"], sd["layer2.weight"]
+    )
     report = sandbox.scan(path, policy=ck.observe_policy())
     tampered = rules(report).get("weights-tampered")
     assert tampered is not None and tampered.severity is sandbox.Severity.HIGH, report.findings

@@ -19,21 +19,35 @@ from sandbox._worker import _protocol as P
 from sandbox.errors import SandboxError
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False) | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner,
-                                                               max_size=5),
-    max_leaves=40)
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=40,
+)
 KINDS = sorted(P.NODE_KINDS) + ["nope"]
 NODE = st.recursive(
     JSON,
-    lambda inner: st.fixed_dictionaries({"$": st.sampled_from(KINDS) | JSON}, optional={
-        "items": st.lists(inner | st.lists(inner, max_size=2), max_size=4), "v": inner,
-        "type": st.sampled_from(sorted(P.VALUE_TYPES)) | JSON, "ref": JSON, "kind": JSON,
-        "re": inner, "im": inner, "b64": JSON, "state": inner, "dtype": JSON}),
-    max_leaves=30)
-SETTINGS = settings(max_examples=400, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+    lambda inner: st.fixed_dictionaries(
+        {"$": st.sampled_from(KINDS) | JSON},
+        optional={
+            "items": st.lists(inner | st.lists(inner, max_size=2), max_size=4),
+            "v": inner,
+            "type": st.sampled_from(sorted(P.VALUE_TYPES)) | JSON,
+            "ref": JSON,
+            "kind": JSON,
+            "re": inner,
+            "im": inner,
+            "b64": JSON,
+            "state": inner,
+            "dtype": JSON,
+        },
+    ),
+    max_leaves=30,
+)
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def bounded(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -54,12 +68,36 @@ def test_any_skeleton_rebuilds_or_is_refused(node: Any, weights_only: bool) -> N
 
 
 @SETTINGS
-@given(st.dictionaries(st.sampled_from(["protocol", "format", "tensors", "views", "layout",
-                                        "skeleton", "notes", "unrepresentable"]), JSON),
-       st.lists(st.dictionaries(st.sampled_from(["name", "dtype", "shape", "stride", "stored_as",
-                                                 "nbytes", "sha256", "location", "base",
-                                                 "offset", "key", "parameter"]), JSON),
-                max_size=3))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["protocol", "format", "tensors", "views", "layout", "skeleton", "notes", "unrepresentable"]
+        ),
+        JSON,
+    ),
+    st.lists(
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "name",
+                    "dtype",
+                    "shape",
+                    "stride",
+                    "stored_as",
+                    "nbytes",
+                    "sha256",
+                    "location",
+                    "base",
+                    "offset",
+                    "key",
+                    "parameter",
+                ]
+            ),
+            JSON,
+        ),
+        max_size=3,
+    ),
+)
 def test_any_manifest_validates_or_is_refused(doc: dict[str, Any], entries: list[Any]) -> None:
     doc = {"protocol": P.PROTOCOL_VERSION, **doc}
     for key in ("tensors", "views", "layout"):
@@ -76,27 +114,37 @@ def test_any_status_validates_or_is_refused(doc: dict[str, Any]) -> None:
 
 
 @SETTINGS
-@given(st.lists(st.dictionaries(st.sampled_from(["id", "t", "source", "kind", "detail",
-                                                 "action"]), JSON), max_size=5), JSON)
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from(["id", "t", "source", "kind", "detail", "action"]), JSON), max_size=5
+    ),
+    JSON,
+)
 def test_any_event_stream_is_parsed_or_skipped(lines: list[Any], status: Any) -> None:
     data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
     try:
-        doc = P.Status.from_obj({**status, "protocol": P.PROTOCOL_VERSION}) \
-            if isinstance(status, dict) else None
+        doc = (
+            P.Status.from_obj({**status, "protocol": P.PROTOCOL_VERSION})
+            if isinstance(status, dict)
+            else None
+        )
     except P.ProtocolError:
         doc = None  # the host refuses such a status before monitoring reads it
     bounded(_events.read, data, doc, {})
 
 
-@pytest.mark.parametrize("node", [
-    {"$": "value", "type": "fractions.Fraction", "v": "1e999999999"},
-    {"$": "value", "type": "decimal.Decimal", "v": "1e999999999"},
-    {"$": "value", "type": "builtins.range", "v": [0, 10**30, 1]},
-    {"$": "value", "type": "datetime.timedelta", "v": [10**20, 0, 0]},
-    {"$": ["list"], "items": []},
-    {"$": "tensor", "ref": ["t"]},
-    {"$": "dict", "kind": "dict", "items": [[[1], 2]]},
-])
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"$": "value", "type": "fractions.Fraction", "v": "1e999999999"},
+        {"$": "value", "type": "decimal.Decimal", "v": "1e999999999"},
+        {"$": "value", "type": "builtins.range", "v": [0, 10**30, 1]},
+        {"$": "value", "type": "datetime.timedelta", "v": [10**20, 0, 0]},
+        {"$": ["list"], "items": []},
+        {"$": "tensor", "ref": ["t"]},
+        {"$": "dict", "kind": "dict", "items": [[[1], 2]]},
+    ],
+)
 def test_reported_attacks_on_the_skeleton(node: Any) -> None:
     import torch
 

@@ -35,12 +35,23 @@ def _os_system_p4() -> bytes:
 
 
 def _corpus() -> list[bytes]:
-    obj = {"a": [1, 2.5, "x", b"yy", (1, None)], "s": {1, 2}, "od": collections.OrderedDict(k=1),
-           "arr": np.arange(6, dtype=np.float32), "big": list(range(300))}
+    obj = {
+        "a": [1, 2.5, "x", b"yy", (1, None)],
+        "s": {1, 2},
+        "od": collections.OrderedDict(k=1),
+        "arr": np.arange(6, dtype=np.float32),
+        "big": list(range(300)),
+    }
     out = [pickle.dumps(obj, protocol=p) for p in range(6)]
-    out += [_os_system_p4(), b"cos\nsystem\n(S'true'\ntR.", b"(S'true'\nios\nsystem\n.",
-            b"\x80\x04\x8c\x06pickle\x8c\x05loads\x93C" + bytes([len(_os_system_p4())])
-            + _os_system_p4() + b"\x85R."]
+    out += [
+        _os_system_p4(),
+        b"cos\nsystem\n(S'true'\ntR.",
+        b"(S'true'\nios\nsystem\n.",
+        b"\x80\x04\x8c\x06pickle\x8c\x05loads\x93C"
+        + bytes([len(_os_system_p4())])
+        + _os_system_p4()
+        + b"\x85R.",
+    ]
     return out
 
 
@@ -83,11 +94,21 @@ def mutated(draw: st.DrawFn, corpus: list[bytes]) -> bytes:
         elif kind == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=16))
         elif kind == "delete":
-            del data[at:at + draw(st.integers(1, 16))]
+            del data[at : at + draw(st.integers(1, 16))]
         else:
-            chunk = draw(st.sampled_from([b"\xff\xff\xff\xff", b"\x00" * 8, b"(" * 8, b"\x94" * 4,
-                                          struct.pack("<Q", 2**63 - 1), b"PK\x05\x06"]))
-            data[at:at + len(chunk)] = chunk
+            chunk = draw(
+                st.sampled_from(
+                    [
+                        b"\xff\xff\xff\xff",
+                        b"\x00" * 8,
+                        b"(" * 8,
+                        b"\x94" * 4,
+                        struct.pack("<Q", 2**63 - 1),
+                        b"PK\x05\x06",
+                    ]
+                )
+            )
+            data[at : at + len(chunk)] = chunk
     return bytes(data)
 
 
@@ -149,15 +170,23 @@ def test_mutated_torch_zips(data: bytes) -> None:
     scan_as_file(data)
 
 
-_leaves = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-           | st.text(max_size=20) | st.binary(max_size=20))
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
 _values = st.recursive(
     _leaves,
-    lambda inner: (st.lists(inner, max_size=5) | st.tuples(inner, inner)
-                   | st.dictionaries(st.text(max_size=5), inner, max_size=5)
-                   | st.frozensets(st.integers(), max_size=4)
-                   | st.builds(collections.OrderedDict, st.dictionaries(st.text(max_size=3), inner,
-                                                                         max_size=3))),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=5)
+        | st.frozensets(st.integers(), max_size=4)
+        | st.builds(collections.OrderedDict, st.dictionaries(st.text(max_size=3), inner, max_size=3))
+    ),
     max_leaves=30,
 )
 

@@ -12,11 +12,17 @@ from hypothesis import strategies as st
 from sandbox._worker import _protocol as P
 from sandbox._worker.__main__ import _bounded_result, _EventLog, _SelfReports
 
-NASTY = [b"[" * 100_000, b'{"kind": "x", "detail": {}, "t": 1e999999}',
-         b'{"kind": "x", "detail": {}, "t": 123456789012345678901234567890}',
-         b'{"kind": "x", "detail": ' + b"[" * 50_000 + b"]" * 50_000 + b', "t": 1}',
-         b'{"kind": "x", "detail": {"a": ' + b"{\"b\": " * 5000 + b"1" + b"}" * 5000 + b'}, "t": 1}',
-         b"\xff\xfe\x00", b'{"kind": 1, "detail": [], "t": "x"}', b"NaN", b"-Infinity"]
+NASTY = [
+    b"[" * 100_000,
+    b'{"kind": "x", "detail": {}, "t": 1e999999}',
+    b'{"kind": "x", "detail": {}, "t": 123456789012345678901234567890}',
+    b'{"kind": "x", "detail": ' + b"[" * 50_000 + b"]" * 50_000 + b', "t": 1}',
+    b'{"kind": "x", "detail": {"a": ' + b'{"b": ' * 5000 + b"1" + b"}" * 5000 + b'}, "t": 1}',
+    b"\xff\xfe\x00",
+    b'{"kind": 1, "detail": [], "t": "x"}',
+    b"NaN",
+    b"-Infinity",
+]
 
 
 def feed_all(chunks: list[bytes]) -> _EventLog:
@@ -35,8 +41,16 @@ def test_known_attacks_on_the_supervisor_parser() -> None:
         assert len(line) <= P.MAX_EVENT_LINE and json.loads(line)
     for raw in NASTY:
         result = _bounded_result(raw)
-        assert result is None or set(result) <= {"ok", "kind", "message", "type", "format",
-                                                 "detected", "tensors", "handoff"}
+        assert result is None or set(result) <= {
+            "ok",
+            "kind",
+            "message",
+            "type",
+            "format",
+            "detected",
+            "tensors",
+            "handoff",
+        }
 
 
 @settings(max_examples=300, deadline=None)
@@ -48,14 +62,17 @@ def test_any_bytes_are_parsed_totally(chunks: list[bytes]) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
-                    max_leaves=50))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+        max_leaves=50,
+    )
+)
 def test_any_json_event_is_bounded(detail: object) -> None:
     doc = {"kind": "k" * 100, "detail": detail, "t": 1.0}
     line = json.dumps(doc).encode() + b"\n"
-    log = feed_all([line, json.dumps({"kind": "x", "detail": {"d": detail}, "t": 2}).encode()
-                    + b"\n"])
+    log = feed_all([line, json.dumps({"kind": "x", "detail": {"d": detail}, "t": 2}).encode() + b"\n"])
     for out in log.lines:
         ev = json.loads(out)
         assert len(ev["kind"]) <= 64 and len(out) <= P.MAX_EVENT_LINE
@@ -65,12 +82,10 @@ def test_any_json_event_is_bounded(detail: object) -> None:
 @given(st.binary(max_size=5000))
 def test_any_result_message_is_bounded(raw: bytes) -> None:
     result = _bounded_result(raw)
-    assert result is None or (isinstance(result.get("ok"), bool) and
-                              len(json.dumps(result)) < 6000)
+    assert result is None or (isinstance(result.get("ok"), bool) and len(json.dumps(result)) < 6000)
 
 
 def test_the_number_of_counters_is_bounded() -> None:
-    lines = [json.dumps({"kind": f"k{i}", "detail": {}, "t": 1}).encode() + b"\n"
-             for i in range(2000)]
+    lines = [json.dumps({"kind": f"k{i}", "detail": {}, "t": 1}).encode() + b"\n" for i in range(2000)]
     log = feed_all(lines)
     assert len(log.counts) <= 257 and log.counts["self_reported:other:recorded"] > 0

@@ -11,17 +11,25 @@ from pathlib import Path
 
 from sandbox import _autopatch, _cli
 
-PROBE = ("import site, sys; site.addsitedir(sys.argv[1]); "
-         "print('before', 'torch' in sys.modules); import torch; "
-         "print(torch.load.__module__, torch.serialization.load.__module__)")
+PROBE = (
+    "import site, sys; site.addsitedir(sys.argv[1]); "
+    "print('before', 'torch' in sys.modules); import torch; "
+    "print(torch.load.__module__, torch.serialization.load.__module__)"
+)
 
 
 def run_probe(site_dir: Path, value: str | None) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != _autopatch.ENV}
     if value is not None:
         env[_autopatch.ENV] = value
-    out = subprocess.run([sys.executable, "-c", PROBE, str(site_dir)], env=env, check=True,
-                         capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(site_dir)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     return out.split()
 
 

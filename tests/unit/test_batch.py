@@ -25,16 +25,23 @@ def test_tree_is_mirrored_with_odd_names_and_symlink_rules(tmp_path: Path) -> No
     summary = batch(src, out)
     r = by_rel(summary)
     converted = {k for k, v in r.items() if v.status is Status.CONVERTED}
-    assert converted == {"a/b/x.pt", "a/b/x.bin", "sp ace ü/modèle 1.ckpt", "legacy.pth",
-                         "no_extension", "inside-link.pt"}
-    assert r["a/b/x.pt"].output == "a/b/x.pt.safetensors"            # colliding stems keep names
+    assert converted == {
+        "a/b/x.pt",
+        "a/b/x.bin",
+        "sp ace ü/modèle 1.ckpt",
+        "legacy.pth",
+        "no_extension",
+        "inside-link.pt",
+    }
+    assert r["a/b/x.pt"].output == "a/b/x.pt.safetensors"  # colliding stems keep names
     assert r["a/b/x.bin"].output == "a/b/x.bin.safetensors"
     assert r["sp ace ü/modèle 1.ckpt"].output == "sp ace ü/modèle 1.safetensors"
     assert r["no_extension"].output == "no_extension.safetensors"
     got = load_file(str(out / "sp ace ü" / "modèle 1.safetensors"))
     assert torch.equal(got["w"], torch.zeros(3))
-    assert torch.equal(load_file(str(out / "inside-link.safetensors"))["encoder.weight"],
-                       ck.state_dict()["encoder.weight"])
+    assert torch.equal(
+        load_file(str(out / "inside-link.safetensors"))["encoder.weight"], ck.state_dict()["encoder.weight"]
+    )
     reasons = {k: v.reason for k, v in r.items() if v.status is Status.SKIPPED}
     assert reasons == {
         "notes.txt": "not a model file (content not recognised)",
@@ -87,20 +94,24 @@ def test_resume_skips_done_and_redoes_changed_missing_corrupt(tmp_path: Path) ->
     first = batch(src, out)
     runner = Fake()
     second = batch(src, out, runner)
-    assert runner.inputs == []                                    # nothing loaded again
+    assert runner.inputs == []  # nothing loaded again
     assert all(r.reused for r in second.results if r.status is not Status.SKIPPED)
     assert second.exit_code == 0 and second.counts["reused"] == 6
 
-    ck.save({"w": torch.ones(5)}, src / "a" / "b" / "x.bin")        # changed input
-    (out / "legacy.safetensors").unlink()                          # deleted output
-    with open(out / "no_extension.safetensors", "r+b") as f:       # corrupted output
+    ck.save({"w": torch.ones(5)}, src / "a" / "b" / "x.bin")  # changed input
+    (out / "legacy.safetensors").unlink()  # deleted output
+    with open(out / "no_extension.safetensors", "r+b") as f:  # corrupted output
         f.seek(-1, os.SEEK_END)
         f.write(b"\xff")
-    (out / "sp ace ü" / "modèle 1.ckpt.report.json").unlink()     # deleted report
+    (out / "sp ace ü" / "modèle 1.ckpt.report.json").unlink()  # deleted report
     runner = Fake()
     third = batch(src, out, runner)
-    assert sorted(r.rel for r in third.results if not r.reused and r.status is Status.CONVERTED) \
-        == ["a/b/x.bin", "legacy.pth", "no_extension", "sp ace ü/modèle 1.ckpt"]
+    assert sorted(r.rel for r in third.results if not r.reused and r.status is Status.CONVERTED) == [
+        "a/b/x.bin",
+        "legacy.pth",
+        "no_extension",
+        "sp ace ü/modèle 1.ckpt",
+    ]
     assert torch.equal(load_file(str(out / "a/b/x.bin.safetensors"))["w"], torch.ones(5))
     assert len(runner.inputs) == 4
 
@@ -155,24 +166,25 @@ def test_failure_isolation_and_exit_codes(tmp_path: Path) -> None:
     assert not (tmp_path / "o2" / "evil.safetensors").exists()
     assert summary.exit_code == 1
 
-    (src / "corrupt.pt").write_bytes(b"\x80\x04garbage")               # pickle, broken
+    (src / "corrupt.pt").write_bytes(b"\x80\x04garbage")  # pickle, broken
     data = (src / "good.pt").read_bytes()
-    (src / "truncated.pt").write_bytes(data[: len(data) // 2])         # zip without directory
+    (src / "truncated.pt").write_bytes(data[: len(data) // 2])  # zip without directory
     runner = Fake()
     summary = batch(src, tmp_path / "o3", runner)
     r = by_rel(summary)
     assert r["good.pt"].status is Status.CONVERTED
     assert r["corrupt.pt"].status is Status.FAILED and r["corrupt.pt"].verdict is Verdict.ERROR
     assert r["truncated.pt"].reference == "malformed-input"
-    assert "truncated.pt" not in runner.inputs                          # refused statically
+    assert "truncated.pt" not in runner.inputs  # refused statically
     assert summary.exit_code == 2
     assert [p.rel for p in summary.problems] == ["corrupt.pt", "truncated.pt", "evil.pt"]
     report = json.loads((tmp_path / "o3" / "truncated.pt.report.json").read_text())
     assert report["error"]["reference"] == "malformed-input" and report["verdict"] == "error"
 
 
-def test_unreadable_and_unexpected_errors_stay_with_their_file(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_and_unexpected_errors_stay_with_their_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     ck.save(ck.state_dict(), src / "good.pt")
@@ -225,7 +237,7 @@ def test_engine_gone_is_retried_then_stops_resumably(tmp_path: Path) -> None:
     # the first file: 1 try + 2 retries, then stop; the next file may have started meanwhile
     assert gone.calls in (3, 4)
     assert sorted(summary.not_done) == [f"m{i}.pt" for i in range(4)]
-    assert read_manifest(out) == {}                    # nothing recorded for an engine problem
+    assert read_manifest(out) == {}  # nothing recorded for an engine problem
     summary = batch(src, out)
     assert summary.exit_code == 0 and summary.counts["clean"] == 4
 
@@ -264,8 +276,8 @@ def test_pins_and_lock_refuse_before_opening(tmp_path: Path, monkeypatch: pytest
     lock_text = _lock.render_lock(_lock.lock_entries(["src"]))
     assert "\\" in lock_text.splitlines()[-1] or "\\" in lock_text  # the newline is escaped
     pins = _lock.parse_lock(lock_text)
-    ck.save({"w": torch.zeros(2)}, src / "swapped.pt")            # changed after locking
-    ck.save(ck.state_dict(), src / "new.pt")                       # not in the lock
+    ck.save({"w": torch.zeros(2)}, src / "swapped.pt")  # changed after locking
+    ck.save(ck.state_dict(), src / "new.pt")  # not in the lock
     opened: list[str] = []
     real_identify = _scan.identify
 
@@ -279,31 +291,18 @@ def test_pins_and_lock_refuse_before_opening(tmp_path: Path, monkeypatch: pytest
     r = by_rel(summary)
     assert r["good.pt"].status is Status.CONVERTED and r["odd\nname.pt"].status is Status.CONVERTED
     assert r["swapped.pt"].reference == "hash-mismatch" and r["new.pt"].reference == "not-pinned"
-    assert sorted(runner.inputs) == ["good.pt", "odd\nname.pt"]   # the sandbox never saw the others
+    assert sorted(runner.inputs) == ["good.pt", "odd\nname.pt"]  # the sandbox never saw the others
     assert summary.exit_code == 2
 
     # --expect-sha256 FILE:HEX on its own (no lock): only pinned files are checked
     good_sha = pins[str(src / "good.pt")]
     runner = Fake()
-    summary = batch(src, tmp_path / "out2", runner, pins={str(src / "good.pt"): good_sha,
-                                                          str(src / "new.pt"): "0" * 64})
+    summary = batch(
+        src, tmp_path / "out2", runner, pins={str(src / "good.pt"): good_sha, str(src / "new.pt"): "0" * 64}
+    )
     r = by_rel(summary)
     assert r["good.pt"].status is Status.CONVERTED and r["swapped.pt"].status is Status.CONVERTED
     assert r["new.pt"].reference == "hash-mismatch" and "new.pt" not in runner.inputs
-
-
-def test_lock_file_format(tmp_path: Path) -> None:
-    entries = [("a" * 64, "dir/x.pt"), ("b" * 64, "back\\slash\nnew.pt")]
-    text = _lock.render_lock(entries)
-    assert text.splitlines()[1] == f"{'a' * 64}  dir/x.pt"
-    assert text.splitlines()[2].startswith("\\")
-    pins = _lock.parse_lock(text, base=tmp_path)
-    assert pins[str(tmp_path / "dir" / "x.pt")] == "a" * 64
-    assert pins[str(tmp_path / "back\\slash\nnew.pt")] == "b" * 64
-    with pytest.raises(_lock.LockFileError, match="line 2"):
-        _lock.parse_lock("# c\nnot a line\n")
-    with pytest.raises(_lock.LockFileError, match="two different hashes"):
-        _lock.parse_lock(f"{'a' * 64}  x.pt\n{'b' * 64}  x.pt\n", base=tmp_path)
 
 
 class SweepingFake(Fake):
@@ -314,8 +313,9 @@ class SweepingFake(Fake):
         pass
 
 
-def test_cli_batch_formats_and_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_batch_formats_and_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(_batch, "_LabelledRunner", lambda batch_id, jobs, policy, runner=None: SweepingFake())
     src = tmp_path / "src"
     src.mkdir()
@@ -340,9 +340,19 @@ def test_cli_batch_formats_and_exit_codes(tmp_path: Path, monkeypatch: pytest.Mo
     assert any(r["ruleId"] == "input-changed" for r in sarif["runs"][0]["results"])
 
     sha = _batch.hash_input(str(src / "good.pt"), threading.Event())[0]
-    code = _cli.main(["convert", str(src), "-o", str(tmp_path / "o2"), "--quiet",
-                      "--expect-sha256", f"{src / 'good.pt'}:{'0' * 64}",
-                      "--expect-sha256", f"{src / 'evil.pt'}:{sha}"])
+    code = _cli.main(
+        [
+            "convert",
+            str(src),
+            "-o",
+            str(tmp_path / "o2"),
+            "--quiet",
+            "--expect-sha256",
+            f"{src / 'good.pt'}:{'0' * 64}",
+            "--expect-sha256",
+            f"{src / 'evil.pt'}:{sha}",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 2 and "hash-mismatch" in text
 
@@ -364,14 +374,18 @@ def sharded_model(src: Path) -> dict[str, torch.Tensor]:
     weights = {f"layer.{i}.weight": torch.randn(3, 4) for i in range(4)}
     weights["embed.weight"] = torch.randn(5, 4)
     names = sorted(weights)
-    shards = {"pytorch_model-00001-of-00002.bin": names[:3],
-              "pytorch_model-00002-of-00002.bin": names[3:]}
+    shards = {"pytorch_model-00001-of-00002.bin": names[:3], "pytorch_model-00002-of-00002.bin": names[3:]}
     src.mkdir(parents=True)
     for shard, keys in shards.items():
         torch.save({k: weights[k] for k in keys}, src / shard)
-    (src / "pytorch_model.bin.index.json").write_text(json.dumps({
-        "metadata": {"total_size": 0},
-        "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    (src / "pytorch_model.bin.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": 0},
+                "weight_map": {k: shard for shard, keys in shards.items() for k in keys},
+            }
+        )
+    )
     (src / "config.json").write_text(json.dumps({"model_type": "toy", "hidden_size": 4}))
     return weights
 
@@ -384,7 +398,9 @@ def test_a_sharded_checkpoint_converts_to_a_sharded_safetensors_model(tmp_path: 
     assert summary.indexes == ["toy/model.safetensors.index.json"]
     model = out / "toy"
     assert sorted(p.name for p in model.glob("*.safetensors")) == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     index = json.loads((model / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(weights)
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in weights.values())

@@ -36,8 +36,9 @@ def test_worker_imports_only_stdlib_torch_numpy_safetensors() -> None:
                 continue
             top = module.split(".")[0]
             assert top != "sandbox", f"{path.name} imports the host package"
-            assert top in sys.stdlib_module_names or top in WORKER_THIRD_PARTY, \
+            assert top in sys.stdlib_module_names or top in WORKER_THIRD_PARTY, (
                 f"{path.name} imports {module}"
+            )
 
 
 def test_host_imports_only_the_protocol_from_the_worker() -> None:
@@ -53,17 +54,18 @@ def test_host_imports_only_the_protocol_from_the_worker() -> None:
 
 
 def test_import_sandbox_is_light() -> None:
-    code = ("import sys, sandbox\n"
-            "heavy = [m for m in ('torch', 'docker', 'numpy', 'safetensors') if m in sys.modules]\n"
-            "print(','.join(heavy))")
+    code = (
+        "import sys, sandbox\n"
+        "heavy = [m for m in ('torch', 'docker', 'numpy', 'safetensors') if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
 
 def test_all_is_sorted_and_complete() -> None:
     assert sandbox.__all__ == sorted(sandbox.__all__)
-    public = {n for n in vars(sandbox) if not n.startswith("_")} - {
-        "errors", "policy", "report", "policies"}
+    public = {n for n in vars(sandbox) if not n.startswith("_")} - {"errors", "policy", "report", "policies"}
     assert set(sandbox.__all__) == public
 
 
@@ -80,16 +82,31 @@ def _dotted(node: ast.AST) -> str:
 def test_host_never_unpickles() -> None:
     """Belt and braces beside the ruff banned-api rule: no host module calls an unpickler,
     whether by attribute (``torch.load(...)``) or by import (``from pickle import loads``)."""
-    banned = {"torch.load", "torch.serialization.load", "pickle.load", "pickle.loads",
-              "pickle.Unpickler", "_pickle.Unpickler", "np.load", "numpy.load", "dill.load",
-              "joblib.load", "marshal.loads"}
+    banned = {
+        "torch.load",
+        "torch.serialization.load",
+        "pickle.load",
+        "pickle.loads",
+        "pickle.Unpickler",
+        "_pickle.Unpickler",
+        "np.load",
+        "numpy.load",
+        "dill.load",
+        "joblib.load",
+        "marshal.loads",
+    }
     for path in ROOT.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):  # patch_torch may *name* torch.load to replace it
                 name = _dotted(node.func)
                 assert name not in banned, f"{path.name}:{node.lineno} calls {name}"
-            if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "_pickle", "marshal",
-                                                                     "dill", "joblib"):
+            if isinstance(node, ast.ImportFrom) and node.module in (
+                "pickle",
+                "_pickle",
+                "marshal",
+                "dill",
+                "joblib",
+            ):
                 names = {a.name for a in node.names}
                 assert not names & {"load", "loads", "Unpickler"}, f"{path.name} imports {names}"
 
@@ -99,10 +116,14 @@ def test_every_package_directory_is_installed() -> None:
     ``__init__.py`` must be one of them (an editable install would hide the omission)."""
     import tomllib
 
-    listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
-                 ["packages"])
-    on_disk = {".".join(p.parent.relative_to(ROOT.parent).parts) for p in ROOT.rglob("__init__.py")
-               if "__pycache__" not in p.parts}
+    listed = set(
+        tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT.parent).parts)
+        for p in ROOT.rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
     assert on_disk <= listed, f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
 
 
@@ -117,7 +138,7 @@ def test_no_module_imports_a_private_name_of_another() -> None:
         for node in ast.walk(tree):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            base = list(package[:len(package) - node.level + 1]) if node.level else []
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
             module = base + (node.module.split(".") if node.module else [])
             if not module or module[0] != "sandbox":
                 continue
@@ -129,8 +150,32 @@ def test_no_module_imports_a_private_name_of_another() -> None:
                 elif submodule:
                     modules.add(alias.asname or alias.name)
         # ... nor reaches into one: ``_batch._helper`` on a module imported as a name
-        offenders += [f"{path.relative_to(ROOT)}: {node.value.id}.{node.attr}"
-                      for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                      and isinstance(node.value, ast.Name) and node.value.id in modules
-                      and node.attr.startswith("_") and not node.attr.startswith("__")]
+        offenders += [
+            f"{path.relative_to(ROOT)}: {node.value.id}.{node.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ]
+    assert not offenders, offenders
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in tests/fakes.py, tests/checkpoints.py or a conftest."""
+    tests = ROOT.parent / "tests"
+    offenders = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else ([a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            )
+            offenders += [
+                f"{path.relative_to(tests)}: {n}"
+                for n in names
+                if n.startswith("tests.") and n.rpartition(".")[2].startswith("test_")
+            ]
     assert not offenders, offenders

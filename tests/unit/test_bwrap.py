@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import struct
 
 import pytest
 
@@ -15,31 +14,9 @@ from sandbox._worker import _protocol as P
 from sandbox._worker import _seccomp as S  # the constants the loader's filter uses
 from sandbox.errors import PolicyError
 from sandbox.policy import Policy, seccomp_profile
+from tests.fakes import run_bpf
 
 ARCH_I386 = 0x40000003
-
-
-def run_bpf(program: bytes, nr: int, args: tuple[int, ...] = (), arch: int = S.AUDIT_ARCH_X86_64
-            ) -> int:
-    """Evaluate a classic BPF seccomp program on ``struct seccomp_data``."""
-    data = struct.pack("<iIQ6Q", nr, arch, 0, *(list(args) + [0] * (6 - len(args))))
-    ins: list[tuple[int, int, int, int]] = [struct.unpack_from("<HBBI", program, i)
-                                            for i in range(0, len(program), 8)]
-    acc, pc = 0, 0
-    while True:
-        code, jt, jf, k = ins[pc]
-        pc += 1
-        if code == 0x20:  # ld [k]
-            acc = int(struct.unpack_from("<I", data, k)[0])
-        elif code == 0x54:  # and #k
-            acc &= k
-        elif code in (0x15, 0x35, 0x45):  # jeq, jge, jset
-            hit = acc == k if code == 0x15 else acc >= k if code == 0x35 else bool(acc & k)
-            pc += jt if hit else jf
-        elif code == 0x06:  # ret #k
-            return k
-        else:
-            raise AssertionError(f"unexpected instruction 0x{code:x}")
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +31,29 @@ def test_the_profile_compiles_within_the_kernel_bound(program: bytes) -> None:
 def test_the_compiled_filter_answers_as_the_profile_says(program: bytes) -> None:
     profile = json.loads(seccomp_profile())
     deny = S.RET_ERRNO | errno.EPERM
-    plain = {n for r in profile["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" and not r.get("args")
-             for n in r["names"]}
+    plain = {
+        n
+        for r in profile["syscalls"]
+        if r["action"] == "SCMP_ACT_ALLOW" and not r.get("args")
+        for n in r["names"]
+    }
     for name in plain:
         assert run_bpf(program, X86_64[name]) == S.RET_ALLOW, name
     for name, nr in X86_64.items():
         if not any(name in r["names"] for r in profile["syscalls"]):
             assert run_bpf(program, nr) == deny, name
-    for name in ("unshare", "setns", "pivot_root", "chroot", "kexec_load", "init_module",
-                 "userfaultfd", "perf_event_open", "mknod", "open_by_handle_at"):
+    for name in (
+        "unshare",
+        "setns",
+        "pivot_root",
+        "chroot",
+        "kexec_load",
+        "init_module",
+        "userfaultfd",
+        "perf_event_open",
+        "mknod",
+        "open_by_handle_at",
+    ):
         assert run_bpf(program, X86_64[name]) == deny, name
     assert run_bpf(program, X86_64["clone3"]) == S.RET_ERRNO | errno.ENOSYS
 
@@ -71,8 +62,15 @@ def test_argument_checks_are_compiled(program: bytes) -> None:
     clone = X86_64["clone"]
     assert run_bpf(program, clone, (0x3D0F00,)) == S.RET_ALLOW  # threads (glibc's flags)
     assert run_bpf(program, clone, (0x11,)) == S.RET_ALLOW  # a plain child (SIGCHLD)
-    for ns_flag in (0x10000000, 0x20000000, 0x40000000, 0x00020000, 0x04000000, 0x08000000,
-                    0x02000000):  # NEWUSER, NEWPID, NEWNET, NEWNS, NEWUTS, NEWIPC, NEWCGROUP
+    for ns_flag in (
+        0x10000000,
+        0x20000000,
+        0x40000000,
+        0x00020000,
+        0x04000000,
+        0x08000000,
+        0x02000000,
+    ):  # NEWUSER, NEWPID, NEWNET, NEWNS, NEWUTS, NEWIPC, NEWCGROUP
         assert run_bpf(program, clone, (0x11 | ns_flag,)) == S.RET_ERRNO | errno.EPERM
     pers = X86_64["personality"]
     assert run_bpf(program, pers, (0,)) == S.RET_ALLOW
@@ -93,22 +91,44 @@ def test_foreign_abis_reach_the_loaders_filter_and_run_nowhere_else(program: byt
 
 def test_unsupported_profiles_are_refused() -> None:
     profile = json.loads(seccomp_profile())
-    for change in ({"defaultAction": "SCMP_ACT_ALLOW"},
-                   {"syscalls": [{"names": ["read"], "action": "SCMP_ACT_TRACE"}]},
-                   {"syscalls": [{"names": ["no_such_call"], "action": "SCMP_ACT_ALLOW"}]},
-                   {"syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW",
-                                  "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_GT"}]}]}):
+    for change in (
+        {"defaultAction": "SCMP_ACT_ALLOW"},
+        {"syscalls": [{"names": ["read"], "action": "SCMP_ACT_TRACE"}]},
+        {"syscalls": [{"names": ["no_such_call"], "action": "SCMP_ACT_ALLOW"}]},
+        {
+            "syscalls": [
+                {
+                    "names": ["read"],
+                    "action": "SCMP_ACT_ALLOW",
+                    "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_GT"}],
+                }
+            ]
+        },
+    ):
         with pytest.raises(ValueError):
             _bwrap.compile_profile(json.dumps({**profile, **change}))
 
 
 def test_bwrap_options_carry_the_isolation_contract() -> None:
     spec = _launch.make_spec(Policy.default(), image="model-sandbox-worker:test")
-    args = _bwrap.bwrap_args(spec, rootfs_fd=10, channel_fd=11, seccomp_fd=12, info_fd=13,
-                             hostname="ws-box12", etc_fds={"/etc/hostname": 14, "/etc/hosts": 15},
-                             prepare=False)
-    for flag in ("--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
-                 "--as-pid-1", "--clearenv"):
+    args = _bwrap.bwrap_args(
+        spec,
+        rootfs_fd=10,
+        channel_fd=11,
+        seccomp_fd=12,
+        info_fd=13,
+        hostname="ws-box12",
+        etc_fds={"/etc/hostname": 14, "/etc/hosts": 15},
+        prepare=False,
+    )
+    for flag in (
+        "--unshare-all",
+        "--unshare-user",
+        "--die-with-parent",
+        "--new-session",
+        "--as-pid-1",
+        "--clearenv",
+    ):
         assert flag in args, flag
     assert "--share-net" not in args
     joined = " ".join(args)
@@ -124,9 +144,8 @@ def test_bwrap_options_carry_the_isolation_contract() -> None:
     assert "--ro-bind-data 14 /etc/hostname" in joined and "--ro-bind-data 15 /etc/hosts" in joined
     assert "--hostname ws-box12" in joined
     assert _bwrap.etc_files("ws-box12")["/etc/hostname"] == b"ws-box12\n"
-    tail = args[args.index("--") + 1:]
-    assert tail == ["/opt/python/bin/python3", "-I", "-m", "sandbox_worker",
-                    f"{P.NPROC}{spec.pids}", P.COLD]
+    tail = args[args.index("--") + 1 :]
+    assert tail == ["/opt/python/bin/python3", "-I", "-m", "sandbox_worker", f"{P.NPROC}{spec.pids}", P.COLD]
 
 
 def test_rlimits_follow_the_policy() -> None:
@@ -138,8 +157,15 @@ def test_rlimits_follow_the_policy() -> None:
     assert limits["RLIMIT_FSIZE"] == policy.limits.output_mb * 2**20
     assert limits["RLIMIT_NOFILE"] == 1024 and limits["RLIMIT_CORE"] == 0
     assert "RLIMIT_NPROC" not in limits  # the supervisor's, inside the namespace
-    assert set(_bwrap.LIMITS) >= {"memory", "pids", "cpu_time", "file_size", "open_files",
-                                  "wall_clock", "cpus"}
+    assert set(_bwrap.LIMITS) >= {
+        "memory",
+        "pids",
+        "cpu_time",
+        "file_size",
+        "open_files",
+        "wall_clock",
+        "cpus",
+    }
 
 
 def test_the_runner_is_chosen_by_name_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,7 +193,6 @@ def test_the_userns_error_names_the_sysctls() -> None:
     assert "sysctl" in err.hint and err.reference == "engine-unavailable"
 
 
-def test_the_root_filesystem_cache_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: object
-                                               ) -> None:
+def test_the_root_filesystem_cache_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", "/var/tmp")
     assert str(_bwrap.cache_root()) == "/var/tmp/model-sandbox/rootfs"

@@ -77,8 +77,7 @@ def converse(ch: Channel, play: Play, *, deadline_s: float = 5.0) -> Received:
 def test_a_complete_conversation(channel: Channel) -> None:
     def play(s: socket.socket) -> None:
         s.send(P.frame(P.EVENTS, b'{"id":1}\n'))
-        socket.send_fds(s, [P.json_frame(P.OUTPUT, {"name": "manifest", "size": 2})],
-                        [sealed(b"{}")])
+        socket.send_fds(s, [P.json_frame(P.OUTPUT, {"name": "manifest", "size": 2})], [sealed(b"{}")])
         s.send(STATUS)
         s.send(P.frame(P.DONE, b"{}"))
 
@@ -120,37 +119,75 @@ def test_a_peer_that_is_not_the_containers_pid_1_is_refused(channel: Channel) ->
     s.close()
 
 
-@pytest.mark.parametrize("name,play,why", [
-    ("descriptor with events", lambda s: socket.send_fds(s, [P.frame(P.EVENTS, b"x\n")],
-                                                        [sealed(b"x")]), "file descriptors"),
-    ("output without descriptor", lambda s: s.send(
-        P.json_frame(P.OUTPUT, {"name": "manifest", "size": 2})), "0 file descriptors"),
-    ("two descriptors", lambda s: socket.send_fds(
-        s, [P.json_frame(P.OUTPUT, {"name": "manifest", "size": 2})],
-        [sealed(b"{}"), sealed(b"{}")]), "2 file descriptors"),
-    ("unsealed memfd", lambda s: socket.send_fds(
-        s, [P.json_frame(P.OUTPUT, {"name": "manifest", "size": 2})], [sealed(b"{}", False)]),
-     "not sealed"),
-    ("a pipe for an output", lambda s: socket.send_fds(
-        s, [P.json_frame(P.OUTPUT, {"name": "tensors", "size": 0})], [os.pipe()[0]]),
-     "memfd"),
-    ("a lying size", lambda s: socket.send_fds(
-        s, [P.json_frame(P.OUTPUT, {"name": "manifest", "size": 1})], [sealed(b"{}")]),
-     "differs from the declared"),
-    ("over the cap", lambda s: socket.send_fds(
-        s, [P.json_frame(P.OUTPUT, {"name": "tensors", "size": (1 << 20) + 1})],
-        [sealed(b"\0" * ((1 << 20) + 1))]), "over the"),
-    ("unknown output", lambda s: socket.send_fds(
-        s, [P.json_frame(P.OUTPUT, {"name": "../../x", "size": 2})], [sealed(b"{}")]),
-     "unknown name"),
-    ("oversize frame", lambda s: s.send(P.EVENTS + b"x" * (P.MAX_FRAME + 100)), "oversize"),
-    ("unknown frame type", lambda s: s.send(b"Zhello"), "unexpected frame type"),
-    ("a second hello", lambda s: s.send(HELLO), "unexpected frame type"),
-    ("done before status", lambda s: s.send(P.frame(P.DONE, b"{}")), "DONE before any status"),
-    ("two statuses", lambda s: (s.send(STATUS), s.send(STATUS)), "a second status"),
-    ("a frame after done", lambda s: (s.send(STATUS), s.send(P.frame(P.DONE, b"{}")),
-                                      s.send(P.frame(P.EVENTS, b"late\n"))), "after DONE"),
-])
+@pytest.mark.parametrize(
+    "name,play,why",
+    [
+        (
+            "descriptor with events",
+            lambda s: socket.send_fds(s, [P.frame(P.EVENTS, b"x\n")], [sealed(b"x")]),
+            "file descriptors",
+        ),
+        (
+            "output without descriptor",
+            lambda s: s.send(P.json_frame(P.OUTPUT, {"name": "manifest", "size": 2})),
+            "0 file descriptors",
+        ),
+        (
+            "two descriptors",
+            lambda s: socket.send_fds(
+                s, [P.json_frame(P.OUTPUT, {"name": "manifest", "size": 2})], [sealed(b"{}"), sealed(b"{}")]
+            ),
+            "2 file descriptors",
+        ),
+        (
+            "unsealed memfd",
+            lambda s: socket.send_fds(
+                s, [P.json_frame(P.OUTPUT, {"name": "manifest", "size": 2})], [sealed(b"{}", False)]
+            ),
+            "not sealed",
+        ),
+        (
+            "a pipe for an output",
+            lambda s: socket.send_fds(
+                s, [P.json_frame(P.OUTPUT, {"name": "tensors", "size": 0})], [os.pipe()[0]]
+            ),
+            "memfd",
+        ),
+        (
+            "a lying size",
+            lambda s: socket.send_fds(
+                s, [P.json_frame(P.OUTPUT, {"name": "manifest", "size": 1})], [sealed(b"{}")]
+            ),
+            "differs from the declared",
+        ),
+        (
+            "over the cap",
+            lambda s: socket.send_fds(
+                s,
+                [P.json_frame(P.OUTPUT, {"name": "tensors", "size": (1 << 20) + 1})],
+                [sealed(b"\0" * ((1 << 20) + 1))],
+            ),
+            "over the",
+        ),
+        (
+            "unknown output",
+            lambda s: socket.send_fds(
+                s, [P.json_frame(P.OUTPUT, {"name": "../../x", "size": 2})], [sealed(b"{}")]
+            ),
+            "unknown name",
+        ),
+        ("oversize frame", lambda s: s.send(P.EVENTS + b"x" * (P.MAX_FRAME + 100)), "oversize"),
+        ("unknown frame type", lambda s: s.send(b"Zhello"), "unexpected frame type"),
+        ("a second hello", lambda s: s.send(HELLO), "unexpected frame type"),
+        ("done before status", lambda s: s.send(P.frame(P.DONE, b"{}")), "DONE before any status"),
+        ("two statuses", lambda s: (s.send(STATUS), s.send(STATUS)), "a second status"),
+        (
+            "a frame after done",
+            lambda s: (s.send(STATUS), s.send(P.frame(P.DONE, b"{}")), s.send(P.frame(P.EVENTS, b"late\n"))),
+            "after DONE",
+        ),
+    ],
+)
 def test_protocol_breaches_are_refused(channel: Channel, name: str, play: Play, why: str) -> None:
     got = converse(channel, play)
     assert not got.completed, name
@@ -179,8 +216,7 @@ def test_a_supervisor_that_never_completes_runs_into_the_deadline(channel: Chann
     assert not got.completed and not got.closed and got.events
 
 
-def test_events_past_the_cap_are_counted_not_kept(channel: Channel,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_events_past_the_cap_are_counted_not_kept(channel: Channel, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(P, "MAX_EVENTS_BYTES", 100)
 
     def play(s: socket.socket) -> None:

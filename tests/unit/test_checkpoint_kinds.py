@@ -24,8 +24,7 @@ COMPRESSIONS = [0, ("zlib", 3), ("gzip", 3), ("lz4", 3), ("bz2", 3), ("xz", 3)]
 
 
 @pytest.mark.parametrize("compress", COMPRESSIONS, ids=lambda c: c[0] if c else "plain")
-def test_joblib_files_are_identified_and_their_arrays_read_by_the_host(
-        tmp_path: Path, compress: Any) -> None:
+def test_joblib_files_are_identified_and_their_arrays_read_by_the_host(tmp_path: Path, compress: Any) -> None:
     obj = ck.joblib_pipeline()  # what the subprocess dumps (the arrays are deterministic)
     path = ck.dump_joblib(tmp_path / "p.joblib", compress)
     assert _scan.identify(path) == "joblib"
@@ -34,12 +33,12 @@ def test_joblib_files_are_identified_and_their_arrays_read_by_the_host(
     assert st.format == "joblib" and [f.rule for f in st.findings] == ["unknown-global"]  # Estimator
     arrays = ck.joblib_components(obj)
     assert sorted(a.sha256 for a in st.joblib_arrays) == sorted(
-        hashlib.sha256(a.tobytes()).hexdigest() for a in arrays.values())
+        hashlib.sha256(a.tobytes()).hexdigest() for a in arrays.values()
+    )
     inv = _verify.joblib_inventory(st)
     for a in arrays.values():
         t = torch.from_numpy(a)
-        assert (str(t.dtype).removeprefix("torch."), tuple(t.shape), _convert.tensor_digest(t)) \
-            in inv.digests
+        assert (str(t.dtype).removeprefix("torch."), tuple(t.shape), _convert.tensor_digest(t)) in inv.digests
 
 
 def test_joblib_inflation_is_bounded(tmp_path: Path) -> None:
@@ -54,8 +53,9 @@ def test_joblib_inflation_is_bounded(tmp_path: Path) -> None:
 def test_fortran_ordered_joblib_arrays_stay_unverified(tmp_path: Path) -> None:
     st = _scan.scan_file(ck.dump_joblib(tmp_path / "f.joblib"))
     fortran = [dataclasses.replace(a, fortran=True) for a in st.joblib_arrays]
-    assert _verify.joblib_inventory(dataclasses.replace(st, joblib_arrays=tuple(fortran))
-                                    ).digests == {("int64", (3,), fortran[1].sha256)}
+    assert _verify.joblib_inventory(dataclasses.replace(st, joblib_arrays=tuple(fortran))).digests == {
+        ("int64", (3,), fortran[1].sha256)
+    }
 
 
 def test_composites_cross_as_components_and_are_reassembled() -> None:
@@ -107,15 +107,16 @@ def test_load_composites_reads_a_converted_file_and_checks_its_recipes(tmp_path:
 
 
 def test_kinds_without_a_recipe_are_placeholders() -> None:
-    q = torch.quantize_per_channel(torch.randn(2, 3), torch.tensor([0.1, 0.2]),
-                                   torch.tensor([0.0, 1.0]), 0, torch.quint8)  # float qparams
+    q = torch.quantize_per_channel(
+        torch.randn(2, 3), torch.tensor([0.1, 0.2]), torch.tensor([0.0, 1.0]), 0, torch.quint8
+    )  # float qparams
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         holes = torch.nested.nested_tensor_from_jagged(  # a jagged tensor with lengths
-            torch.randn(6, 3), torch.tensor([0, 2, 6]), lengths=torch.tensor([1, 3]))
+            torch.randn(6, 3), torch.tensor([0, 2, 6]), lengths=torch.tensor([1, 3])
+        )
     ex = extract({"q": q, "meta": torch.empty(2, device="meta"), "holes": holes})
-    assert sorted(u["path"] for u in ex.unrepresentable) == [
-        "root['holes']", "root['meta']", "root['q']"]
+    assert sorted(u["path"] for u in ex.unrepresentable) == ["root['holes']", "root['meta']", "root['q']"]
     with pytest.raises(sandbox.UnrepresentableObject):
         _convert.rebuild(ex.skeleton, ex.stored, weights_only=True)
 
@@ -124,28 +125,57 @@ def test_a_tampered_composite_recipe_is_rejected() -> None:
     """The recipe is untrusted: out-of-bounds sparse indices, quantization parameters that do
     not fit the data, nested pieces outside their buffer and unknown kinds are refused."""
     bad: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = [
-        ({"kind": "sparse_coo", "dtype": "float32", "shape": [3], "params": {"coalesced": False}},
-         {"indices": torch.tensor([[0, 9]]), "values": torch.tensor([1.0, 2.0])}),
-        ({"kind": "sparse_coo", "dtype": "float32", "shape": [3], "params": {"coalesced": True}},
-         {"indices": torch.tensor([[2, 0]]), "values": torch.tensor([1.0, 2.0])}),
-        ({"kind": "sparse_csr", "dtype": "float32", "shape": [2, 2], "params": {}},
-         {"crow_indices": torch.tensor([0, 5, 1]), "col_indices": torch.tensor([0]),
-          "values": torch.tensor([1.0])}),
-        ({"kind": "quantized_per_channel", "dtype": "qint8", "shape": [3, 4], "params": {"axis": 0}},
-         {"int_repr": torch.zeros(3, 4, dtype=torch.int8),
-          "scales": torch.ones(2, dtype=torch.float64),
-          "zero_points": torch.zeros(2, dtype=torch.int64)}),
-        ({"kind": "quantized_per_tensor", "dtype": "qint8", "shape": [2],
-          "params": {"scale": float("nan"), "zero_point": 0}},
-         {"int_repr": torch.zeros(2, dtype=torch.int8)}),
-        ({"kind": "nested", "dtype": "float32", "shape": None, "params": {}},
-         {"values": torch.zeros(4), "sizes": torch.tensor([[2, 3]]),
-          "strides": torch.tensor([[3, 1]]), "storage_offsets": torch.tensor([0])}),
-        ({"kind": "nested_jagged", "dtype": "float32", "shape": None, "params": {"ragged_idx": 1}},
-         {"values": torch.zeros(2, 3), "offsets": torch.tensor([0, 5])}),
+        (
+            {"kind": "sparse_coo", "dtype": "float32", "shape": [3], "params": {"coalesced": False}},
+            {"indices": torch.tensor([[0, 9]]), "values": torch.tensor([1.0, 2.0])},
+        ),
+        (
+            {"kind": "sparse_coo", "dtype": "float32", "shape": [3], "params": {"coalesced": True}},
+            {"indices": torch.tensor([[2, 0]]), "values": torch.tensor([1.0, 2.0])},
+        ),
+        (
+            {"kind": "sparse_csr", "dtype": "float32", "shape": [2, 2], "params": {}},
+            {
+                "crow_indices": torch.tensor([0, 5, 1]),
+                "col_indices": torch.tensor([0]),
+                "values": torch.tensor([1.0]),
+            },
+        ),
+        (
+            {"kind": "quantized_per_channel", "dtype": "qint8", "shape": [3, 4], "params": {"axis": 0}},
+            {
+                "int_repr": torch.zeros(3, 4, dtype=torch.int8),
+                "scales": torch.ones(2, dtype=torch.float64),
+                "zero_points": torch.zeros(2, dtype=torch.int64),
+            },
+        ),
+        (
+            {
+                "kind": "quantized_per_tensor",
+                "dtype": "qint8",
+                "shape": [2],
+                "params": {"scale": float("nan"), "zero_point": 0},
+            },
+            {"int_repr": torch.zeros(2, dtype=torch.int8)},
+        ),
+        (
+            {"kind": "nested", "dtype": "float32", "shape": None, "params": {}},
+            {
+                "values": torch.zeros(4),
+                "sizes": torch.tensor([[2, 3]]),
+                "strides": torch.tensor([[3, 1]]),
+                "storage_offsets": torch.tensor([0]),
+            },
+        ),
+        (
+            {"kind": "nested_jagged", "dtype": "float32", "shape": None, "params": {"ragged_idx": 1}},
+            {"values": torch.zeros(2, 3), "offsets": torch.tensor([0, 5])},
+        ),
         ({"kind": "no-such-kind", "dtype": "float32", "shape": [1], "params": {}}, {}),
-        ({"kind": "sparse_coo", "dtype": "float32", "shape": [3], "params": {"coalesced": False}},
-         {"indices": torch.tensor([[0]]), "values": torch.tensor([1.0]), "extra": torch.ones(1)}),
+        (
+            {"kind": "sparse_coo", "dtype": "float32", "shape": [3], "params": {"coalesced": False}},
+            {"indices": torch.tensor([[0]]), "values": torch.tensor([1.0]), "extra": torch.ones(1)},
+        ),
     ]
     for recipe, parts in bad:
         with pytest.raises(sandbox.OutputRejected):

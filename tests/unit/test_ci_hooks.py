@@ -82,15 +82,25 @@ def test_pre_commit_try_repo_passes_benign_and_fails_hostile(tmp_path: Path) -> 
     _git(repo, "add", "good.pt", "notes.md")
     marker = tmp_path / "marker"
     ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, f"touch {marker}")), repo / "evil.bin")
-    env = {**os.environ, "PRE_COMMIT_HOME": str(tmp_path / "pre-commit-home"),
-           "MODEL_SANDBOX_PYTHON": sys.executable, "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    env = {
+        **os.environ,
+        "PRE_COMMIT_HOME": str(tmp_path / "pre-commit-home"),
+        "MODEL_SANDBOX_PYTHON": sys.executable,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
 
     def try_repo() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(pre_commit), "try-repo", str(ROOT), "model-sandbox-scan",
-                               "--verbose"],
-                              cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [str(pre_commit), "try-repo", str(ROOT), "model-sandbox-scan", "--verbose"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     start = time.monotonic()
     done = try_repo()

@@ -79,21 +79,24 @@ def test_weights_only_refuses_placeholders() -> None:
     assert info.value.types == ["builtins.object"]
 
 
-@pytest.mark.parametrize("node", [
-    {"$": "exec", "v": "x"},
-    {"$": "dtype", "v": "load"},                    # torch.load is not a dtype
-    {"$": "dtype", "v": "__class__"},
-    {"$": "device", "v": "cuda; rm -rf /"},
-    {"$": "tensor", "ref": "missing"},
-    {"$": "dict", "kind": "dict", "items": [[[1], 2]]},   # unhashable key
-    {"$": "dict", "kind": "Counter", "items": []},
-    {"$": "float", "v": "1e999"},
-    {"$": "bytes", "b64": "!!"},
-    {"$": "namespace", "items": [[1, 2]]},
-    {"$": "size", "v": ["1"]},
-    [1, 2],                                         # bare JSON arrays are never a node
-    {"plain": "object"},
-])
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"$": "exec", "v": "x"},
+        {"$": "dtype", "v": "load"},  # torch.load is not a dtype
+        {"$": "dtype", "v": "__class__"},
+        {"$": "device", "v": "cuda; rm -rf /"},
+        {"$": "tensor", "ref": "missing"},
+        {"$": "dict", "kind": "dict", "items": [[[1], 2]]},  # unhashable key
+        {"$": "dict", "kind": "Counter", "items": []},
+        {"$": "float", "v": "1e999"},
+        {"$": "bytes", "b64": "!!"},
+        {"$": "namespace", "items": [[1, 2]]},
+        {"$": "size", "v": ["1"]},
+        [1, 2],  # bare JSON arrays are never a node
+        {"plain": "object"},
+    ],
+)
 def test_hostile_skeletons_are_refused(node: Any) -> None:
     with pytest.raises(OutputRejected):
         rebuild(node, {}, weights_only=False)
@@ -116,11 +119,16 @@ def test_standard_library_values() -> None:
 
     obj = {
         "when": datetime.datetime(2024, 5, 6, 7, 8, 9, 10, tzinfo=datetime.UTC),
-        "day": datetime.date(2020, 1, 2), "at": datetime.time(3, 4, 5),
+        "day": datetime.date(2020, 1, 2),
+        "at": datetime.time(3, 4, 5),
         "took": datetime.timedelta(days=1, seconds=2, microseconds=3),
-        "dir": pathlib.PosixPath("/data/run 1"), "pure": pathlib.PurePosixPath("a/b"),
-        "win": pathlib.PureWindowsPath("C:/x"), "d": decimal.Decimal("1.10"),
-        "f": fractions.Fraction(1, 3), "id": uuid.UUID(int=7), "r": range(1, 10, 2),
+        "dir": pathlib.PosixPath("/data/run 1"),
+        "pure": pathlib.PurePosixPath("a/b"),
+        "win": pathlib.PureWindowsPath("C:/x"),
+        "d": decimal.Decimal("1.10"),
+        "f": fractions.Fraction(1, 3),
+        "id": uuid.UUID(int=7),
+        "r": range(1, 10, 2),
         "s": slice(None, 5, None),
     }
     got = round_trip(obj)
@@ -128,12 +136,15 @@ def test_standard_library_values() -> None:
     assert all(type(got[k]) is type(obj[k]) for k in obj)
 
 
-@pytest.mark.parametrize("node", [
-    {"$": "value", "type": "os.system", "v": "id"},
-    {"$": "value", "type": "datetime.datetime", "v": "yesterday"},
-    {"$": "value", "type": "builtins.range", "v": [1, "2", None]},
-    {"$": "value", "type": "uuid.UUID", "v": 5},
-])
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"$": "value", "type": "os.system", "v": "id"},
+        {"$": "value", "type": "datetime.datetime", "v": "yesterday"},
+        {"$": "value", "type": "builtins.range", "v": [1, "2", None]},
+        {"$": "value", "type": "uuid.UUID", "v": 5},
+    ],
+)
 def test_bad_values_are_refused(node: Any) -> None:
     with pytest.raises(OutputRejected):
         rebuild(node, {}, weights_only=False)

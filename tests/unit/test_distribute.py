@@ -21,8 +21,11 @@ SRC_SHA = "ab" * 32
 
 def converted_bytes(tmp: Path, source_sha: str = SRC_SHA) -> bytes:
     path = tmp / "made.safetensors"
-    save_file({"w": np.arange(6, dtype=np.float32), "b": np.zeros((2, 0), dtype=np.int64)},
-              str(path), metadata={"format": "pt", "model_sandbox.source_sha256": source_sha})
+    save_file(
+        {"w": np.arange(6, dtype=np.float32), "b": np.zeros((2, 0), dtype=np.int64)},
+        str(path),
+        metadata={"format": "pt", "model_sandbox.source_sha256": source_sha},
+    )
     return path.read_bytes()
 
 
@@ -35,23 +38,22 @@ def write(tmp: Path, data: bytes) -> Path:
 def test_a_genuine_conversion_passes(tmp_path: Path) -> None:
     data = converted_bytes(tmp_path)
     out_sha = hashlib.sha256(data).hexdigest()
-    assert _distribute.check_safetensors(write(tmp_path, data), out_sha=out_sha,
-                                         source_sha=SRC_SHA) is None
+    assert _distribute.check_safetensors(write(tmp_path, data), out_sha=out_sha, source_sha=SRC_SHA) is None
 
 
 def test_bytes_other_than_the_reported_ones_are_rejected(tmp_path: Path) -> None:
     data = bytearray(converted_bytes(tmp_path))
     out_sha = hashlib.sha256(data).hexdigest()
     data[-1] ^= 1
-    why = _distribute.check_safetensors(write(tmp_path, bytes(data)), out_sha=out_sha,
-                                        source_sha=SRC_SHA)
+    why = _distribute.check_safetensors(write(tmp_path, bytes(data)), out_sha=out_sha, source_sha=SRC_SHA)
     assert why is not None and "do not hash" in why
 
 
 def test_a_conversion_of_another_input_is_rejected(tmp_path: Path) -> None:
     data = converted_bytes(tmp_path, source_sha="cd" * 32)
-    why = _distribute.check_safetensors(write(tmp_path, data),
-                                        out_sha=hashlib.sha256(data).hexdigest(), source_sha=SRC_SHA)
+    why = _distribute.check_safetensors(
+        write(tmp_path, data), out_sha=hashlib.sha256(data).hexdigest(), source_sha=SRC_SHA
+    )
     assert why is not None and "another input" in why
 
 
@@ -60,38 +62,55 @@ def _raw(header: dict[str, object], body: bytes) -> bytes:
     return len(head).to_bytes(8, "little") + head + body
 
 
-@pytest.mark.parametrize(("header", "body", "expected"), [
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "overlap"),
-    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gaps"),
-    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "data region"),
-    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "disagree"),
-    ({"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed"),
-    ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed"),
-    ({"a": [1, 2]}, b"", "malformed"),
-])
-def test_malformed_headers_are_rejected(tmp_path: Path, header: dict[str, object], body: bytes,
-                                        expected: str) -> None:
+@pytest.mark.parametrize(
+    ("header", "body", "expected"),
+    [
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            },
+            b"\0" * 8,
+            "overlap",
+        ),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gaps"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "data region"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "disagree"),
+        ({"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed"),
+        ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed"),
+        ({"a": [1, 2]}, b"", "malformed"),
+    ],
+)
+def test_malformed_headers_are_rejected(
+    tmp_path: Path, header: dict[str, object], body: bytes, expected: str
+) -> None:
     header["__metadata__"] = {"model_sandbox.source_sha256": SRC_SHA}
     data = _raw(header, body)
-    why = _distribute.check_safetensors(write(tmp_path, data),
-                                        out_sha=hashlib.sha256(data).hexdigest(), source_sha=SRC_SHA)
+    why = _distribute.check_safetensors(
+        write(tmp_path, data), out_sha=hashlib.sha256(data).hexdigest(), source_sha=SRC_SHA
+    )
     assert why is not None and expected in why
 
 
 def test_not_safetensors_at_all(tmp_path: Path) -> None:
-    for data in (b"", b"\xff" * 8 + b"{}", (2).to_bytes(8, "little") + b"[]",
-                 (5).to_bytes(8, "little") + b"{nope"):
-        why = _distribute.check_safetensors(write(tmp_path, data),
-                                            out_sha=hashlib.sha256(data).hexdigest(),
-                                            source_sha=SRC_SHA)
+    for data in (
+        b"",
+        b"\xff" * 8 + b"{}",
+        (2).to_bytes(8, "little") + b"[]",
+        (5).to_bytes(8, "little") + b"{nope",
+    ):
+        why = _distribute.check_safetensors(
+            write(tmp_path, data), out_sha=hashlib.sha256(data).hexdigest(), source_sha=SRC_SHA
+        )
         assert why is not None and why.startswith("not SafeTensors"), data
 
 
 # -- the client's handling of one answer --------------------------------------------------------
 
-def setup(tmp_path: Path, output: str = "stream") -> tuple[_distribute.Remote, _batch.BatchContext,
-                                                            _batch.Entry, Path]:
+
+def setup(
+    tmp_path: Path, output: str = "stream"
+) -> tuple[_distribute.Remote, _batch.BatchContext, _batch.Entry, Path]:
     remote = _distribute.Remote.__new__(_distribute.Remote)  # no cluster: only _accept is used
     remote.output = output
     out = tmp_path / "out"
@@ -99,17 +118,25 @@ def setup(tmp_path: Path, output: str = "stream") -> tuple[_distribute.Remote, _
     src = tmp_path / "m.pt"
     src.write_bytes(b"x" * 100)
     entry = _batch.Entry(rel="m.pt", source=str(src), real=str(src), size=100)
-    ctx = _batch.BatchContext(outdir=out, report_root=out, options=_batch.BatchOptions(), runner=None,  # type: ignore[arg-type]
-                      previous={}, out_rels={"m.pt": "m.safetensors"},
-                      tool={"name": "model-sandbox", "version": "0", "worker_digest": "d",
-                            "shared": "complete"}, cancel=threading.Event())
+    ctx = _batch.BatchContext(
+        outdir=out,
+        report_root=out,
+        options=_batch.BatchOptions(),
+        runner=None,  # type: ignore[arg-type]
+        previous={},
+        out_rels={"m.pt": "m.safetensors"},
+        tool={"name": "model-sandbox", "version": "0", "worker_digest": "d", "shared": "complete"},
+        cancel=threading.Event(),
+    )
     return remote, ctx, entry, out / "m.safetensors"
 
 
-def report_json(entry: _batch.Entry, *, sha: str = SRC_SHA, out_sha: str | None = None,
-                verdict: Verdict = Verdict.CLEAN) -> str:
-    rep = LoadReport(input_path=entry.source, input_sha256=sha, input_size=entry.size,
-                     format="torch-zip", verdict=verdict)
+def report_json(
+    entry: _batch.Entry, *, sha: str = SRC_SHA, out_sha: str | None = None, verdict: Verdict = Verdict.CLEAN
+) -> str:
+    rep = LoadReport(
+        input_path=entry.source, input_sha256=sha, input_size=entry.size, format="torch-zip", verdict=verdict
+    )
     if out_sha is not None:
         rep.outputs["safetensors_sha256"] = out_sha
         rep.outputs["safetensors"] = "/worker/tmp/out.safetensors"
@@ -119,8 +146,11 @@ def report_json(entry: _batch.Entry, *, sha: str = SRC_SHA, out_sha: str | None 
 def test_streamed_bytes_are_checked_then_written(tmp_path: Path) -> None:
     remote, ctx, entry, dst = setup(tmp_path)
     data = converted_bytes(tmp_path)
-    answer = {"kind": "converted", "data": data,
-              "report": report_json(entry, out_sha=hashlib.sha256(data).hexdigest())}
+    answer = {
+        "kind": "converted",
+        "data": data,
+        "report": report_json(entry, out_sha=hashlib.sha256(data).hexdigest()),
+    }
     item = remote._accept(answer, entry, ctx, dst, SRC_SHA, "torch-zip", (0.0, 0.0), None)
     assert item.status is _batch.Status.CONVERTED and item.output == "m.safetensors"
     assert dst.read_bytes() == data
@@ -128,14 +158,14 @@ def test_streamed_bytes_are_checked_then_written(tmp_path: Path) -> None:
     assert not list(dst.parent.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("tamper", ["other-input", "bytes", "too-big", "no-sha", "not-a-dict",
-                                    "bad-report", "error-verdict"])
+@pytest.mark.parametrize(
+    "tamper", ["other-input", "bytes", "too-big", "no-sha", "not-a-dict", "bad-report", "error-verdict"]
+)
 def test_tampered_answers_fail_the_file_and_write_nothing(tmp_path: Path, tamper: str) -> None:
     remote, ctx, entry, dst = setup(tmp_path)
     data = converted_bytes(tmp_path)
     out_sha = hashlib.sha256(data).hexdigest()
-    answer: object = {"kind": "converted", "data": data,
-                      "report": report_json(entry, out_sha=out_sha)}
+    answer: object = {"kind": "converted", "data": data, "report": report_json(entry, out_sha=out_sha)}
     assert isinstance(answer, dict)
     if tamper == "other-input":
         answer["report"] = report_json(entry, sha="ef" * 32, out_sha=out_sha)
@@ -178,24 +208,49 @@ def test_a_staged_file_is_checked_and_renamed(tmp_path: Path) -> None:
 
 def test_a_refusal_and_an_error_keep_their_meaning(tmp_path: Path) -> None:
     remote, ctx, entry, dst = setup(tmp_path)
-    refused = remote._accept({"kind": "error", "report": report_json(entry, verdict=Verdict.MALICIOUS),
-                              "message": "unsafe", "reference": "sandbox-violation"},
-                             entry, ctx, dst, SRC_SHA, "torch-zip", (0.0, 0.0), None)
+    refused = remote._accept(
+        {
+            "kind": "error",
+            "report": report_json(entry, verdict=Verdict.MALICIOUS),
+            "message": "unsafe",
+            "reference": "sandbox-violation",
+        },
+        entry,
+        ctx,
+        dst,
+        SRC_SHA,
+        "torch-zip",
+        (0.0, 0.0),
+        None,
+    )
     assert refused.status is _batch.Status.REFUSED and refused.verdict is Verdict.MALICIOUS
-    internal = remote._accept({"kind": "internal", "message": "boom"}, entry, ctx, dst, SRC_SHA,
-                              "torch-zip", (0.0, 0.0), None)
+    internal = remote._accept(
+        {"kind": "internal", "message": "boom"}, entry, ctx, dst, SRC_SHA, "torch-zip", (0.0, 0.0), None
+    )
     assert internal.status is _batch.Status.FAILED and internal.reference == "internal-error"
     with pytest.raises(_batch.EngineGone):
-        remote._accept({"kind": "engine", "message": "no engine"}, entry, ctx, dst, SRC_SHA,
-                       "torch-zip", (0.0, 0.0), None)
+        remote._accept(
+            {"kind": "engine", "message": "no engine"},
+            entry,
+            ctx,
+            dst,
+            SRC_SHA,
+            "torch-zip",
+            (0.0, 0.0),
+            None,
+        )
 
 
 def test_cluster_errors_cross_the_wire_with_their_fields() -> None:
     exc = WorkerNotReady("refused", worker="tcp://w:1", expected="a" * 64, found="b" * 64)
     back = pickle.loads(pickle.dumps(exc))
     assert isinstance(back, WorkerNotReady) and isinstance(back, ClusterError)
-    assert (back.message, back.worker, back.expected, back.found) == \
-        ("refused", "tcp://w:1", "a" * 64, "b" * 64)
+    assert (back.message, back.worker, back.expected, back.found) == (
+        "refused",
+        "tcp://w:1",
+        "a" * 64,
+        "b" * 64,
+    )
     assert back.diagnostics().startswith("error[worker-not-ready]: refused")
 
 
@@ -208,13 +263,15 @@ def test_readiness_plugin_travels_as_its_parameters() -> None:
     assert Policy.default().digest  # the policy object is what convert_task receives
 
 
-def test_cluster_output_without_a_cluster_is_an_error(tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_cluster_output_without_a_cluster_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sandbox._cli import main
 
     (tmp_path / "m.pt").write_bytes(b"x")
-    code = main(["convert", str(tmp_path / "m.pt"), "-o", str(tmp_path / "out"),
-                 "--cluster-output", "shared"])
+    code = main(
+        ["convert", str(tmp_path / "m.pt"), "-o", str(tmp_path / "out"), "--cluster-output", "shared"]
+    )
     assert code == 2 and "error[batch-error]: --cluster-output" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -229,14 +286,18 @@ class _Scheduler:
         return {"workers": self.workers}
 
 
-@pytest.mark.parametrize(("workers", "gone"), [
-    ({"tcp://a:1": {"resources": {"model-sandbox-" + "d" * 16: 2.0}}}, False),
-    ({"tcp://a:1": {"resources": {"model-sandbox-" + "e" * 16: 2.0}}}, True),  # another version
-    ({}, True),
-    (None, True),  # the scheduler does not answer
-])
-def test_a_cluster_without_a_ready_worker_stops_the_batch(workers: dict[str, dict[str, object]] | None,
-                                                          gone: bool) -> None:
+@pytest.mark.parametrize(
+    ("workers", "gone"),
+    [
+        ({"tcp://a:1": {"resources": {"model-sandbox-" + "d" * 16: 2.0}}}, False),
+        ({"tcp://a:1": {"resources": {"model-sandbox-" + "e" * 16: 2.0}}}, True),  # another version
+        ({}, True),
+        (None, True),  # the scheduler does not answer
+    ],
+)
+def test_a_cluster_without_a_ready_worker_stops_the_batch(
+    workers: dict[str, dict[str, object]] | None, gone: bool
+) -> None:
     remote = _distribute.Remote.__new__(_distribute.Remote)
     remote.client = _Scheduler(workers)  # type: ignore[assignment]
     remote.resource = _distribute.resource_name("d" * 64)
@@ -255,15 +316,35 @@ def test_a_cluster_without_a_ready_worker_stops_the_batch(workers: dict[str, dic
 def _full_report() -> LoadReport:
     from sandbox.report import Event, Finding, Severity
 
-    rep = LoadReport(input_path="/in/m.pt", input_sha256=SRC_SHA, input_size=10, format="torch-zip",
-                     verdict=Verdict.MALICIOUS, tensors=2, tensor_bytes=8, duration_s=1.5,
-                     tool={"name": "model-sandbox"}, policy={"name": "default", "digest": "x"},
-                     notes=["n"], error=None, static={"globals": ["os.system"]},
-                     resources={"peak_rss": 1})
-    rep.add(Finding(rule="exec", severity=Severity.CRITICAL, category="process",
-                    message="execve", evidence={"argv": ["sh"]}, events=(1,)))
-    rep.events.append(Event(id=1, t=0.5, source="seccomp", kind="exec", detail={"path": "/bin/sh"},
-                            action="denied"))
+    rep = LoadReport(
+        input_path="/in/m.pt",
+        input_sha256=SRC_SHA,
+        input_size=10,
+        format="torch-zip",
+        verdict=Verdict.MALICIOUS,
+        tensors=2,
+        tensor_bytes=8,
+        duration_s=1.5,
+        tool={"name": "model-sandbox"},
+        policy={"name": "default", "digest": "x"},
+        notes=["n"],
+        error=None,
+        static={"globals": ["os.system"]},
+        resources={"peak_rss": 1},
+    )
+    rep.add(
+        Finding(
+            rule="exec",
+            severity=Severity.CRITICAL,
+            category="process",
+            message="execve",
+            evidence={"argv": ["sh"]},
+            events=(1,),
+        )
+    )
+    rep.events.append(
+        Event(id=1, t=0.5, source="seccomp", kind="exec", detail={"path": "/bin/sh"}, action="denied")
+    )
     return rep
 
 
@@ -273,12 +354,28 @@ def test_a_real_report_parses_back_equal() -> None:
     assert isinstance(back, LoadReport) and back.to_json() == rep.to_json()
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("input_path", 5), ("verdict", "nope"), ("findings", [1]), ("outputs", [1]), ("notes", 5),
-    ("tensors", "x"), ("tensors", True), ("input_sha256", 5), ("events", {}), ("error", 5),
-    ("tool", 3), ("policy", [1]), ("duration_s", "x"), ("unknown", None), ("schema", "other/1"),
-    ("outputs", {"safetensors_sha256": 5}), ("findings", [{"rule": "r"}]),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("input_path", 5),
+        ("verdict", "nope"),
+        ("findings", [1]),
+        ("outputs", [1]),
+        ("notes", 5),
+        ("tensors", "x"),
+        ("tensors", True),
+        ("input_sha256", 5),
+        ("events", {}),
+        ("error", 5),
+        ("tool", 3),
+        ("policy", [1]),
+        ("duration_s", "x"),
+        ("unknown", None),
+        ("schema", "other/1"),
+        ("outputs", {"safetensors_sha256": 5}),
+        ("findings", [{"rule": "r"}]),
+    ],
+)
 def test_reports_of_the_wrong_shape_are_refused(field: str, value: object) -> None:
     data = json.loads(_full_report().to_json())
     data[field] = value

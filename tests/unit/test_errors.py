@@ -12,25 +12,27 @@ from sandbox import errors
 
 
 def test_every_error_has_its_own_reference_on_the_class() -> None:
-    classes = [c for c in vars(errors).values()
-               if isinstance(c, type) and issubclass(c, errors.SandboxError)]
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.SandboxError)]
     refs = {c: c.reference for c in classes}
     assert all(r and r == r.lower() and " " not in r for r in refs.values())
     assert all(c.__name__ in sandbox.__all__ for c in classes)
 
 
-@pytest.mark.parametrize("cls,torch_base", [
-    (errors.SandboxViolation, pickle.UnpicklingError),
-    (errors.UnverifiedWeights, pickle.UnpicklingError),
-    (errors.UnrepresentableObject, pickle.UnpicklingError),
-    (errors.UnsupportedFormat, pickle.UnpicklingError),
-    (errors.UnpicklingFailed, pickle.UnpicklingError),
-    (errors.MalformedInput, RuntimeError),
-    (errors.TruncatedInput, EOFError),
-    (errors.TruncatedInput, pickle.UnpicklingError),
-    (errors.LoadFailed, RuntimeError),
-    (errors.LimitExceeded, RuntimeError),
-])
+@pytest.mark.parametrize(
+    "cls,torch_base",
+    [
+        (errors.SandboxViolation, pickle.UnpicklingError),
+        (errors.UnverifiedWeights, pickle.UnpicklingError),
+        (errors.UnrepresentableObject, pickle.UnpicklingError),
+        (errors.UnsupportedFormat, pickle.UnpicklingError),
+        (errors.UnpicklingFailed, pickle.UnpicklingError),
+        (errors.MalformedInput, RuntimeError),
+        (errors.TruncatedInput, EOFError),
+        (errors.TruncatedInput, pickle.UnpicklingError),
+        (errors.LoadFailed, RuntimeError),
+        (errors.LimitExceeded, RuntimeError),
+    ],
+)
 def test_errors_are_what_torch_raises_too(cls: type, torch_base: type) -> None:
     assert issubclass(cls, torch_base) and issubclass(cls, errors.SandboxError)
 

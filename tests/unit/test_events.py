@@ -12,8 +12,10 @@ from sandbox._worker import _protocol as P
 from sandbox._worker import _seccomp
 from sandbox.report import Severity
 
-CANARIES = {"AWS_SECRET_ACCESS_KEY": "s3cr3tCanaryValue0123456789abcdefABCDEF+/",
-            "HF_TOKEN": "hf_CanaryTokenValueXYZabcdefghijklmnop"}
+CANARIES = {
+    "AWS_SECRET_ACCESS_KEY": "s3cr3tCanaryValue0123456789abcdefABCDEF+/",
+    "HF_TOKEN": "hf_CanaryTokenValueXYZabcdefghijklmnop",
+}
 STATUS: dict[str, Any] = {
     "canaries": {"values": CANARIES, "files": ["/home/user/.aws/credentials"]},
     "monitor": {"kernel": True, "truncated": False, "counts": {}},
@@ -21,10 +23,13 @@ STATUS: dict[str, Any] = {
 }
 
 
-def line(i: int, kind: str, detail: dict[str, Any], action: str = "denied",
-         source: str = "kernel") -> bytes:
-    return json.dumps({"id": i, "t": 0.5, "source": source, "kind": kind, "detail": detail,
-                       "action": action}).encode() + b"\n"
+def line(i: int, kind: str, detail: dict[str, Any], action: str = "denied", source: str = "kernel") -> bytes:
+    return (
+        json.dumps(
+            {"id": i, "t": 0.5, "source": source, "kind": kind, "detail": detail, "action": action}
+        ).encode()
+        + b"\n"
+    )
 
 
 def doc(status: dict[str, Any]) -> P.Status:
@@ -45,11 +50,15 @@ def rules(mon: _events.Monitoring) -> dict[str, Any]:
 def test_malformed_lines_are_rejected_one_by_one() -> None:
     good = line(1, "socket", {"family": "AF_INET"}, "allowed")
     bad = [
-        b"not json\n", b"[1, 2]\n", b'{"id": 2}\n',
-        line(3, "socket", {}, action="exploded"), line(4, "socket", {}, source="host"),
-        line(0, "socket", {}), line(5, "bad kind!", {}),
+        b"not json\n",
+        b"[1, 2]\n",
+        b'{"id": 2}\n',
+        line(3, "socket", {}, action="exploded"),
+        line(4, "socket", {}, source="host"),
+        line(0, "socket", {}),
+        line(5, "bad kind!", {}),
         b'{"id": 6, "t": NaN, "source": "kernel", "kind": "x", "detail": {}, "action": "denied"}\n',
-        line(1, "socket", {}),                       # duplicate id
+        line(1, "socket", {}),  # duplicate id
         b'{"id": 7, "t": 1, "source": "kernel", "kind": "x", "detail": [], "action": "denied"}\n',
         b"x" * (P.MAX_EVENT_LINE + 1) + b"\n",
     ]
@@ -60,8 +69,9 @@ def test_malformed_lines_are_rejected_one_by_one() -> None:
 
 def test_strings_are_bounded_and_printable() -> None:
     deep: Any = {"a": {"b": {"c": {"d": {"e": 1}}}}}
-    events, _ = _events.parse_events(line(1, "openat", {"path": "\x1b[31m/x" + "y" * 10_000,
-                                                        "deep": deep, "many": list(range(500))}))
+    events, _ = _events.parse_events(
+        line(1, "openat", {"path": "\x1b[31m/x" + "y" * 10_000, "deep": deep, "many": list(range(500))})
+    )
     d = events[0].detail
     assert d["path"].startswith("\\x1b[31m/x") and len(d["path"]) <= 2048 + 8
     assert d["deep"]["a"]["b"]["c"] is None or d["deep"]["a"]["b"]["c"] == {"d": None}
@@ -77,8 +87,11 @@ def test_line_count_is_bounded() -> None:
 def test_exec_connect_socket_mapping() -> None:
     mon = judge(
         line(1, "execve", {"path": "/bin/sh", "argv": ["sh", "-c", "touch /tmp/x"]}),
-        line(2, "connect", {"family": "AF_INET", "address": "127.0.0.1", "port": 4444,
-                            "target": "AF_INET 127.0.0.1:4444"}),
+        line(
+            2,
+            "connect",
+            {"family": "AF_INET", "address": "127.0.0.1", "port": 4444, "target": "AF_INET 127.0.0.1:4444"},
+        ),
         line(3, "socket", {"family": "AF_INET", "type": "SOCK_STREAM"}, "allowed"),
         line(4, "socket", {"family": "AF_INET", "type": "SOCK_STREAM"}, "allowed"),
     )
@@ -94,10 +107,17 @@ def test_exec_connect_socket_mapping() -> None:
 
 def test_credentials_and_exfiltration() -> None:
     mon = judge(
-        line(1, "openat", {"path": "/home/user/.aws/credentials", "flags": "O_RDONLY",
-                           "class": "canary"}, "allowed"),
-        line(2, "sendto", {"family": "AF_INET", "address": "10.0.0.1", "port": 53,
-                           "preview": "x" + CANARIES["HF_TOKEN"]}),
+        line(
+            1,
+            "openat",
+            {"path": "/home/user/.aws/credentials", "flags": "O_RDONLY", "class": "canary"},
+            "allowed",
+        ),
+        line(
+            2,
+            "sendto",
+            {"family": "AF_INET", "address": "10.0.0.1", "port": 53, "preview": "x" + CANARIES["HF_TOKEN"]},
+        ),
     )
     r = rules(mon)
     assert r["canary-file-read"].severity is Severity.HIGH
@@ -111,8 +131,11 @@ def test_privilege_and_files() -> None:
         line(1, "kill", {"target": 1, "signal": 9, "supervisor": True}),
         line(2, "mount", {}),
         line(3, "openat", {"path": "/etc/shadow", "flags": "O_RDONLY", "class": "sensitive"}, "allowed"),
-        line(4, "openat", {"path": "/opt/python/x", "flags": "O_WRONLY|O_CREAT", "write": True,
-                           "class": "quiet"}),
+        line(
+            4,
+            "openat",
+            {"path": "/opt/python/x", "flags": "O_WRONLY|O_CREAT", "write": True, "class": "quiet"},
+        ),
         line(5, "memfd_create", {"name": "x"}, "allowed"),
         line(6, "openat", {"path": "/etc/hostname", "flags": "O_RDONLY", "class": "other"}, "allowed"),
     )
@@ -129,12 +152,18 @@ def test_self_reported_events_are_evidence_labelled_as_such() -> None:
     """The audit hook writes each event before the audited action runs: the first one a payload
     triggers is evidence; what follows it may be forged and says so. A kernel-only kind that
     arrives as self-reported (forged) makes no finding."""
-    mon = judge(line(1, "compile", {"source": "import os; os.system('x')", "caller": "<x>"},
-                     "recorded", source="self_reported"),
-                line(2, "os.system", {"args": ["rm -rf /"]}, "recorded", source="self_reported"),
-                line(3, "execve", {"path": "/bin/sh"}, "denied", source="self_reported"),
-                line(4, "open", {"path": "/tmp/x", "mode": "w"}, "recorded",
-                     source="self_reported"))
+    mon = judge(
+        line(
+            1,
+            "compile",
+            {"source": "import os; os.system('x')", "caller": "<x>"},
+            "recorded",
+            source="self_reported",
+        ),
+        line(2, "os.system", {"args": ["rm -rf /"]}, "recorded", source="self_reported"),
+        line(3, "execve", {"path": "/bin/sh"}, "denied", source="self_reported"),
+        line(4, "open", {"path": "/tmp/x", "mode": "w"}, "recorded", source="self_reported"),
+    )
     r = rules(mon)
     assert set(r) == {"code-execution", "process-attempt", "file-write"}
     assert r["code-execution"].severity is Severity.HIGH
@@ -145,8 +174,10 @@ def test_self_reported_events_are_evidence_labelled_as_such() -> None:
 
 
 def test_truncation_reports_exact_counts() -> None:
-    status = {**STATUS, "monitor": {"kernel": True, "truncated": True,
-                                    "counts": {"kernel:socket:allowed": 20000}}}
+    status = {
+        **STATUS,
+        "monitor": {"kernel": True, "truncated": True, "counts": {"kernel:socket:allowed": 20000}},
+    }
     mon = judge(line(1, "socket", {}, "allowed"), status=status)
     f = rules(mon)["event-log-truncated"]
     assert f.evidence["counts"] == {"kernel:socket:allowed": 20000}
@@ -161,25 +192,27 @@ def test_read_scans_outputs_for_canaries() -> None:
     finally:
         os.close(fd)
     r = rules(mon)
-    assert r["canary-exfiltration"].evidence == {"file": "manifest",
-                                                 "canaries": ["AWS_SECRET_ACCESS_KEY"]}
+    assert r["canary-exfiltration"].evidence == {"file": "manifest", "canaries": ["AWS_SECRET_ACCESS_KEY"]}
     assert mon.events == [] and any("3 events past" in n for n in mon.notes)
 
 
 def test_garbage_status_fields_are_ignored() -> None:
-    status = {"canaries": {"values": {"A": 5, "B": "short"}, "files": "x"},
-              "monitor": {"counts": {"k": "v", "j": -1}}}
+    status = {
+        "canaries": {"values": {"A": 5, "B": "short"}, "files": "x"},
+        "monitor": {"counts": {"k": "v", "j": -1}},
+    }
     mon = judge(line(1, "socket", {}, "allowed"), status=status)
     assert mon.counts == {}
 
 
 # -- the worker's filter and decoders (stdlib only, no kernel needed) -----------------------------------
 
+
 def test_filter_assembles_and_checks_the_architecture_first() -> None:
     prog = _seccomp.build_filter(1234)
     assert len(prog) % 8 == 0 and len(prog) // 8 < 4096
     code, _, _, k = struct.unpack_from("<HBBI", prog, 0)
-    assert (code, k) == (0x20, 4)                      # load the arch field
+    assert (code, k) == (0x20, 4)  # load the arch field
     code, _, _, k = struct.unpack_from("<HBBI", prog, 8)
     assert k == _seccomp.AUDIT_ARCH_X86_64
 
@@ -196,8 +229,12 @@ def test_sockaddr_decoding() -> None:
 
 def test_what_follows_a_sandbox_probe_is_one_level_more_severe() -> None:
     probe = line(1, "openat", {"path": "/proc/self/mountinfo", "class": "probe"}, "allowed")
-    write = line(2, "openat", {"path": "/tmp/x", "class": "scratch", "write": True,
-                               "flags": "O_WRONLY|O_CREAT"}, "allowed")
+    write = line(
+        2,
+        "openat",
+        {"path": "/tmp/x", "class": "scratch", "write": True, "flags": "O_WRONLY|O_CREAT"},
+        "allowed",
+    )
     sock = line(3, "socket", {"family": "AF_UNIX"}, "allowed")
     alone = rules(judge(write, sock))
     assert alone["file-write"].severity is Severity.MEDIUM
@@ -208,8 +245,11 @@ def test_what_follows_a_sandbox_probe_is_one_level_more_severe() -> None:
     assert after["file-write"].evidence["after_probe_event"] == 1
     assert after["network-socket"].severity is Severity.HIGH
     # what came before the probe keeps its severity
-    before = rules(judge(line(1, "socket", {"family": "AF_UNIX"}, "allowed"),
-                         line(2, "openat", {"path": "/proc/self/mountinfo", "class": "probe"},
-                              "allowed")))
+    before = rules(
+        judge(
+            line(1, "socket", {"family": "AF_UNIX"}, "allowed"),
+            line(2, "openat", {"path": "/proc/self/mountinfo", "class": "probe"}, "allowed"),
+        )
+    )
     assert before["network-socket"].severity is Severity.MEDIUM
     assert rules(judge(probe))["environment-probe"].severity is Severity.LOW

@@ -29,11 +29,18 @@ def _decoded(data: bytes) -> list[tuple[int, object]]:
     pos = 0
     while True:
         op, arg, pos = pickle_ops.step(data, pos, len(data))
-        if isinstance(arg, tuple) and len(arg) == 2 and all(isinstance(x, int) for x in arg) \
-                and op not in (0x63, 0x69):
-            raw = data[arg[0]:arg[1]]
-            arg = pickle_ops.text(data, arg) if op in (0x58, 0x8C, 0x8D) else (
-                raw.decode("latin-1") if op in (0x54, 0x55) else raw)
+        if (
+            isinstance(arg, tuple)
+            and len(arg) == 2
+            and all(isinstance(x, int) for x in arg)
+            and op not in (0x63, 0x69)
+        ):
+            raw = data[arg[0] : arg[1]]
+            arg = (
+                pickle_ops.text(data, arg)
+                if op in (0x58, 0x8C, 0x8D)
+                else (raw.decode("latin-1") if op in (0x54, 0x55) else raw)
+            )
         elif op in (0x63, 0x69):
             arg = f"{arg[0]} {arg[1]}"
         out.append((op, arg))

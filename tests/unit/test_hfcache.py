@@ -25,8 +25,10 @@ def hub(root: Path, outside: Path) -> Path:
     ck.save(ck.hostile_checkpoint(ck.Reduce(os.system, "true")), blobs / "bbb")
     (blobs / "ccc").write_text(json.dumps({"model_type": "tiny"}))
     ck.save({"w": torch.ones(1)}, outside)
-    for rev, files in (("1111aaaa", {"pytorch_model.bin": "aaa", "config.json": "ccc"}),
-                       ("2222bbbb", {"pytorch_model.bin": "aaa", "extra/evil.bin": "bbb"})):
+    for rev, files in (
+        ("1111aaaa", {"pytorch_model.bin": "aaa", "config.json": "ccc"}),
+        ("2222bbbb", {"pytorch_model.bin": "aaa", "extra/evil.bin": "bbb"}),
+    ):
         for name, blob in files.items():
             link = model / "snapshots" / rev / name
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -41,14 +43,16 @@ def test_a_hub_cache_is_read_as_models_and_revisions(tmp_path: Path) -> None:
     assert [(t.repo, t.revision, t.label.split(": ")[1]) for t in targets] == [
         ("org/tiny", "1111aaaa", "pytorch_model.bin"),
         ("org/tiny", "2222bbbb", "pytorch_model.bin"),
-        ("org/tiny", "2222bbbb", "extra/evil.bin")]  # no config.json, no escaping link
+        ("org/tiny", "2222bbbb", "extra/evil.bin"),
+    ]  # no config.json, no escaping link
     assert targets[0].real == targets[1].real  # one blob
     # one model directory of the cache reads the same
     assert _hfcache.expand(str(root / "models--org--tiny")) == targets
 
 
 def test_scan_of_a_cache_scans_each_blob_once_and_groups_by_revision(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = hub(tmp_path / "hub", tmp_path / "outside.pt")
     scanned: list[str] = []
     real_scan = _api.scan
@@ -68,7 +72,10 @@ def test_scan_of_a_cache_scans_each_blob_once_and_groups_by_revision(
     assert _cli.main(["scan", "--static-only", "--hf-cache", "--format", "json"]) == 1
     reports = json.loads(capsys.readouterr().out)
     assert [Path(r["input_path"]).name for r in reports] == [
-        "pytorch_model.bin", "pytorch_model.bin", "evil.bin"]
+        "pytorch_model.bin",
+        "pytorch_model.bin",
+        "evil.bin",
+    ]
 
 
 def test_a_plain_directory_is_walked_for_checkpoints_by_content(tmp_path: Path) -> None:

@@ -65,8 +65,9 @@ def test_a_file_the_sandbox_could_write_is_replaced_by_a_private_copy(tmp_path: 
         os.close(fd)
 
 
-@pytest.mark.parametrize("head", [b"\x00" * 600, b"\xff\xd8\xff\xe0JFIF", b"#!/bin/sh\n" * 10,
-                                  b"{\"not\": \"a checkpoint\"}"])
+@pytest.mark.parametrize(
+    "head", [b"\x00" * 600, b"\xff\xd8\xff\xe0JFIF", b"#!/bin/sh\n" * 10, b'{"not": "a checkpoint"}']
+)
 def test_non_checkpoints_are_refused_from_their_first_bytes(tmp_path: Path, head: bytes) -> None:
     """(A first byte that is a pickle opcode passes: the static stage judges those.)"""
     path = tmp_path / "x.bin"
@@ -79,9 +80,17 @@ def test_non_checkpoints_are_refused_from_their_first_bytes(tmp_path: Path, head
         os.close(fd)
 
 
-@pytest.mark.parametrize("head", [b"PK\x03\x04", b"\x93NUMPY", b"\x80\x02", b"(lp0\n",
-                                  b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":1}",
-                                  b"\x00" * 257 + b"ustar"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"PK\x03\x04",
+        b"\x93NUMPY",
+        b"\x80\x02",
+        b"(lp0\n",
+        b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":1}',
+        b"\x00" * 257 + b"ustar",
+    ],
+)
 def test_every_loadable_header_passes(tmp_path: Path, head: bytes) -> None:
     path = tmp_path / "x.bin"
     path.write_bytes(head + b"\x00" * 300)

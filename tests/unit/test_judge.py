@@ -17,8 +17,7 @@ _NAMED = {"name": "test", "description": "a policy of this test"}
 
 
 def _finding(rule: str, severity: Severity, category: str = "exec", **evidence: object) -> Finding:
-    return Finding(rule=rule, severity=severity, category=category, message=rule,
-                   evidence=dict(evidence))
+    return Finding(rule=rule, severity=severity, category=category, message=rule, evidence=dict(evidence))
 
 
 def test_high_evidence_is_malicious_even_when_the_load_failed() -> None:
@@ -36,10 +35,17 @@ def test_a_lost_monitor_is_never_clean() -> None:
     assert _judge.verdict(report) is Verdict.MALICIOUS
 
 
-@pytest.mark.parametrize(("severity", "expected"), [
-    (None, Verdict.CLEAN), (Severity.INFO, Verdict.CLEAN), (Severity.LOW, Verdict.CLEAN),
-    (Severity.MEDIUM, Verdict.SUSPICIOUS), (Severity.HIGH, Verdict.MALICIOUS),
-    (Severity.CRITICAL, Verdict.MALICIOUS)])
+@pytest.mark.parametrize(
+    ("severity", "expected"),
+    [
+        (None, Verdict.CLEAN),
+        (Severity.INFO, Verdict.CLEAN),
+        (Severity.LOW, Verdict.CLEAN),
+        (Severity.MEDIUM, Verdict.SUSPICIOUS),
+        (Severity.HIGH, Verdict.MALICIOUS),
+        (Severity.CRITICAL, Verdict.MALICIOUS),
+    ],
+)
 def test_verdict_follows_the_worst_finding(severity: Severity | None, expected: Verdict) -> None:
     report = LoadReport(input_path="x.pt")
     if severity is not None:
@@ -67,7 +73,8 @@ def test_a_file_that_loads_as_another_format_is_evasion(tmp_path: Path) -> None:
     report = LoadReport(input_path=str(path), format="torch-legacy")
     _judge.differential(report, static)
     assert [f.evidence for f in report.findings if f.rule == "format-differential"] == [
-        {"static": "torch-zip", "loaded_as": "torch-legacy"}]
+        {"static": "torch-zip", "loaded_as": "torch-legacy"}
+    ]
 
 
 def test_resource_abuse_scales_with_the_file() -> None:
@@ -82,8 +89,9 @@ def test_resource_abuse_scales_with_the_file() -> None:
 
 
 def test_policy_severities_and_thresholds() -> None:
-    policy = Policy.from_dict({**_NAMED, "events": {"severity": {"file-write": "ignore",
-                                                                 "exec-attempt": "low"}}})
+    policy = Policy.from_dict(
+        {**_NAMED, "events": {"severity": {"file-write": "ignore", "exec-attempt": "low"}}}
+    )
     report = LoadReport(input_path="x.pt")
     report.add(_finding("file-write", Severity.MEDIUM, "file"))
     report.add(_finding("exec-attempt", Severity.HIGH))

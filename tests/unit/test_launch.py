@@ -68,9 +68,21 @@ def test_limits(spec: ContainerSpec) -> None:
     assert P.JobConfig.from_json(job.config.to_json()) == job.config
 
 
-@pytest.mark.parametrize("junk", [b"", b"[]", b"{", b"[" * 50_000, b'{"wall_clock_s": 1e999}',
-                                  b'{"cpu_s": -1}', b'{"fatal": ["everything"]}',
-                                  b'{"errno": true}', b'{"extra": 1}', b"\xff"])
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"",
+        b"[]",
+        b"{",
+        b"[" * 50_000,
+        b'{"wall_clock_s": 1e999}',
+        b'{"cpu_s": -1}',
+        b'{"fatal": ["everything"]}',
+        b'{"errno": true}',
+        b'{"extra": 1}',
+        b"\xff",
+    ],
+)
 def test_job_config_parsing_is_total(junk: bytes) -> None:
     with pytest.raises(P.ProtocolError):
         P.JobConfig.from_json(junk)
@@ -97,20 +109,55 @@ def test_seccomp_profile_is_ours_and_denies_by_default(spec: ContainerSpec) -> N
         if rule["action"] == "SCMP_ACT_ALLOW" and not rule.get("args"):
             allowed |= set(rule["names"])
     # never allowed at all
-    for dangerous in ("pivot_root", "chroot", "unshare", "setns", "perf_event_open",
-                      "kexec_load", "init_module", "finit_module", "delete_module", "reboot",
-                      "userfaultfd", "open_by_handle_at", "io_uring_setup", "mknod", "syslog",
-                      "clone", "swapon", "iopl", "ioperm"):
+    for dangerous in (
+        "pivot_root",
+        "chroot",
+        "unshare",
+        "setns",
+        "perf_event_open",
+        "kexec_load",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "reboot",
+        "userfaultfd",
+        "open_by_handle_at",
+        "io_uring_setup",
+        "mknod",
+        "syslog",
+        "clone",
+        "swapon",
+        "iopl",
+        "ioperm",
+    ):
         assert dangerous not in allowed, dangerous
     # allowed in the container only so that the loader's own filter reports them; the
     # supervisor refuses them (its default answer is EPERM)
-    for watched in ("ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "bpf",
-                    "keyctl", "add_key", "request_key", "setuid", "setgid", "setresuid",
-                    "pidfd_open", "pidfd_getfd", "execve", "execveat", "connect", "sendto"):
+    for watched in (
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "mount",
+        "umount2",
+        "bpf",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "setuid",
+        "setgid",
+        "setresuid",
+        "pidfd_open",
+        "pidfd_getfd",
+        "execve",
+        "execveat",
+        "connect",
+        "sendto",
+    ):
         assert watched in _seccomp.SYSCALLS, f"{watched} is allowed but not reported"
     clone = [r for r in profile["syscalls"] if "clone" in r["names"]]
-    assert clone and all(r["args"][0]["op"] == "SCMP_CMP_MASKED_EQ" for r in clone
-                         if r["action"] == "SCMP_ACT_ALLOW")
+    assert clone and all(
+        r["args"][0]["op"] == "SCMP_CMP_MASKED_EQ" for r in clone if r["action"] == "SCMP_ACT_ALLOW"
+    )
 
 
 def test_spec_is_frozen(spec: ContainerSpec) -> None:

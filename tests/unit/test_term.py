@@ -29,18 +29,29 @@ class _Tty(io.StringIO):
 def _results() -> list[ItemResult]:
     return [
         ItemResult("a.pt", Status.CONVERTED, size=100, verdict=Verdict.CLEAN, duration_s=1.0),
-        ItemResult(HOSTILE, Status.REFUSED, size=50, verdict=Verdict.MALICIOUS,
-                   top_finding="critical exec-attempt: the load tried to run a program",
-                   duration_s=2.0),
+        ItemResult(
+            HOSTILE,
+            Status.REFUSED,
+            size=50,
+            verdict=Verdict.MALICIOUS,
+            top_finding="critical exec-attempt: the load tried to run a program",
+            duration_s=2.0,
+        ),
         ItemResult("notes.txt", Status.SKIPPED, reason="not a model file"),
     ]
 
 
 def _progress(last: ItemResult | None, running: tuple[str, ...]) -> BatchProgress:
-    return BatchProgress(done=2, total=5, bytes_done=150 * 2**20, bytes_total=300 * 2**20,
-                         elapsed_s=10.0, counts={"clean": 1, "suspicious": 0, "malicious": 1,
-                                                 "error": 0, "skipped": 4},
-                         last=last, running=running)
+    return BatchProgress(
+        done=2,
+        total=5,
+        bytes_done=150 * 2**20,
+        bytes_total=300 * 2**20,
+        elapsed_s=10.0,
+        counts={"clean": 1, "suspicious": 0, "malicious": 1, "error": 0, "skipped": 4},
+        last=last,
+        running=running,
+    )
 
 
 def _render_bar(out: Console, *snapshots: BatchProgress) -> str:
@@ -73,11 +84,13 @@ def test_a_refused_file_is_listed_above_the_bar_as_written() -> None:
     assert "\x1b[2J" not in text and "\\x1b[2J" in text
 
 
-@pytest.mark.parametrize(("tty", "env", "colour"), [
-    (True, {}, True), (True, {"NO_COLOR": "1"}, False), (True, {"NO_COLOR": ""}, True),
-    (False, {}, False)])
-def test_colours_follow_the_terminal_and_no_color(monkeypatch: pytest.MonkeyPatch, tty: bool,
-                                                   env: dict[str, str], colour: bool) -> None:
+@pytest.mark.parametrize(
+    ("tty", "env", "colour"),
+    [(True, {}, True), (True, {"NO_COLOR": "1"}, False), (True, {"NO_COLOR": ""}, True), (False, {}, False)],
+)
+def test_colours_follow_the_terminal_and_no_color(
+    monkeypatch: pytest.MonkeyPatch, tty: bool, env: dict[str, str], colour: bool
+) -> None:
     monkeypatch.delenv("NO_COLOR", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -94,8 +107,9 @@ def test_colours_follow_the_terminal_and_no_color(monkeypatch: pytest.MonkeyPatc
 def test_the_summary_is_tables_of_what_matters() -> None:
     stream = _Tty()
     out = Console(file=stream, force_terminal=True, width=200, no_color=True)
-    summary = BatchSummary(outdir=Path("/out"), results=_results(), elapsed_s=3.0,
-                           interrupted=True, not_done=["x.pt"])
+    summary = BatchSummary(
+        outdir=Path("/out"), results=_results(), elapsed_s=3.0, interrupted=True, not_done=["x.pt"]
+    )
     out.print(_term.summary_tables(summary, quiet=False))
     text = stream.getvalue()
     assert "3 files" in text and "refused as unsafe" in text
@@ -112,14 +126,23 @@ def test_the_summary_is_tables_of_what_matters() -> None:
 
 def test_several_scanned_files_are_a_table_worst_first() -> None:
     clean = LoadReport(input_path="a.pt")
-    bad = LoadReport(input_path=HOSTILE, verdict=Verdict.MALICIOUS, findings=[
-        Finding("exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program"),
-        Finding("network-socket", Severity.MEDIUM, "network", "the load created a socket")])
-    broken = LoadReport(input_path="c.pt", verdict=Verdict.ERROR,
-                        error={"reference": "malformed-input", "message": "truncated"})
+    bad = LoadReport(
+        input_path=HOSTILE,
+        verdict=Verdict.MALICIOUS,
+        findings=[
+            Finding("exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program"),
+            Finding("network-socket", Severity.MEDIUM, "network", "the load created a socket"),
+        ],
+    )
+    broken = LoadReport(
+        input_path="c.pt",
+        verdict=Verdict.ERROR,
+        error={"reference": "malformed-input", "message": "truncated"},
+    )
     stream = _Tty()
     Console(file=stream, force_terminal=True, width=200, no_color=True).print(
-        _term.scan_table([clean, bad, broken]))
+        _term.scan_table([clean, bad, broken])
+    )
     plain = re.sub(r"\x1b\[[0-9;]*m", "", stream.getvalue())  # bold stays without colours
     rows = [ln for ln in plain.splitlines() if "│" in ln]
     assert [r.split("│")[1].strip() for r in rows] == ["ERROR", "MALICIOUS", "CLEAN"]
@@ -130,8 +153,11 @@ def test_several_scanned_files_are_a_table_worst_first() -> None:
 def test_the_scan_bar_counts_verdicts_and_lists_what_is_not_clean() -> None:
     stream = _Tty()
     out = Console(file=stream, force_terminal=True, width=220, color_system="standard")
-    bad = LoadReport(input_path=HOSTILE, verdict=Verdict.MALICIOUS, findings=[
-        Finding("exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program")])
+    bad = LoadReport(
+        input_path=HOSTILE,
+        verdict=Verdict.MALICIOUS,
+        findings=[Finding("exec-attempt", Severity.CRITICAL, "exec", "the load tried to run a program")],
+    )
     with _term.ScanBar(out, 3) as bar:
         bar.start("a.pt")
         bar.done(LoadReport(input_path="a.pt"))
@@ -142,6 +168,7 @@ def test_the_scan_bar_counts_verdicts_and_lists_what_is_not_clean() -> None:
     text = stream.getvalue()
     assert "2/3" in text and "ETA" in text and "clean 1" in text and "malicious 1" in text
     assert "c.pt" in text  # the file being scanned
-    listed = [ln for ln in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).splitlines()
-              if "critical exec-attempt" in ln]
+    listed = [
+        ln for ln in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).splitlines() if "critical exec-attempt" in ln
+    ]
     assert listed and "[bold red]fake[/]" in listed[0] and "\x1b[2J" not in text

@@ -51,8 +51,9 @@ def returned(path: Path, **load: Any) -> P.Manifest:
     else:
         obj = torch.load(path, weights_only=False, **load)
     ex = extract(obj)
-    return P.Manifest.from_obj({"protocol": P.PROTOCOL_VERSION, "format": "x",
-                                "tensors": ex.entries, "views": ex.views})
+    return P.Manifest.from_obj(
+        {"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": ex.entries, "views": ex.views}
+    )
 
 
 def findings_for(path: Path) -> list[Any]:
@@ -189,13 +190,15 @@ def test_inventory_of_a_truncated_or_corrupt_file_never_raises(tmp_path: Path, c
     data = buf.getvalue()
     path = tmp_path / "cut.pt"
     path.write_bytes(data[:-cut])
-    assert isinstance(_reconstruct.try_inventory(path),
-                      (_reconstruct.Inventory, _reconstruct.NotReconstructed))
+    assert isinstance(
+        _reconstruct.try_inventory(path), (_reconstruct.Inventory, _reconstruct.NotReconstructed)
+    )
     flipped = bytearray(data)
     flipped[len(data) // 3] ^= 0xFF
     path.write_bytes(bytes(flipped))
-    assert isinstance(_reconstruct.try_inventory(path),
-                      (_reconstruct.Inventory, _reconstruct.NotReconstructed))
+    assert isinstance(
+        _reconstruct.try_inventory(path), (_reconstruct.Inventory, _reconstruct.NotReconstructed)
+    )
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -220,8 +223,7 @@ class _Rearranged(dict):  # type: ignore[type-arg]
 
 def test_a_plain_dict_rearranged_while_loading_is_tampered(tmp_path: Path) -> None:
     torch.manual_seed(4)
-    sd = {"layer1.weight": torch.randn(3, 3), "layer2.weight": torch.randn(3, 3),
-          "bias": torch.zeros(3)}
+    sd = {"layer1.weight": torch.randn(3, 3), "layer2.weight": torch.randn(3, 3), "bias": torch.zeros(3)}
     obj = {"state_dict": sd, "hook": _Rearranged(sd, ("layer1.weight", "layer2.weight"))}
     path = save(obj, tmp_path / "swapped.pt")
     manifest = returned(path)
@@ -231,7 +233,9 @@ def test_a_plain_dict_rearranged_while_loading_is_tampered(tmp_path: Path) -> No
     tampered = [f for f in found if f.rule == "weights-tampered"]
     assert len(tampered) == 1 and tampered[0].severity is Severity.HIGH
     assert [t["name"] for t in tampered[0].evidence["tensors"]] == [
-        "state_dict.layer1.weight", "state_dict.layer2.weight"]
+        "state_dict.layer1.weight",
+        "state_dict.layer2.weight",
+    ]
     # the untouched bias, and the benign twin of the file, are verified by name
     benign = save({"state_dict": sd, "epoch": 1, "args": {"lr": 0.1}}, tmp_path / "ok.pt")
     assert _verify.weights(str(benign), returned(benign)) == []

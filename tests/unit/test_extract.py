@@ -1,0 +1,196 @@
+"""Stage 4: what came out of the sandbox is parsed and typed before anything else reads it.
+Every byte here is untrusted: strict JSON within a count of values, every field of the wire
+format checked, outputs taken from sealed memfds within their caps."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from sandbox import _extract
+from sandbox._channel import Received
+from sandbox._extract import read_outputs, validate_manifest
+from sandbox._worker import _protocol as P
+from sandbox.errors import OutputRejected
+from tests.fakes import sealed
+
+
+def test_status_is_validated() -> None:
+    bad = json.dumps({"protocol": P.PROTOCOL_VERSION, "exit_code": "zero"}).encode()
+    with pytest.raises(OutputRejected, match="exit_code"):
+        read_outputs(Received(status=bad))
+    for junk in (b"NaN", b"[" * 100_000, b"\xff\xfe", b'{"protocol": 1e999999}'):
+        with pytest.raises(OutputRejected):
+            read_outputs(Received(status=junk))
+
+
+def _manifest(**over: Any) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "protocol": P.PROTOCOL_VERSION,
+        "format": "torch-zip",
+        "skeleton": None,
+        "notes": [],
+        "unrepresentable": [],
+        "tensors": [
+            {
+                "name": "a",
+                "dtype": "float32",
+                "shape": [2, 3],
+                "stored_as": "F32",
+                "nbytes": 24,
+                "sha256": "0" * 64,
+                "location": "cpu",
+            }
+        ],
+        "views": [],
+    }
+    m.update(over)
+    return m
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {
+            "tensors": [
+                {
+                    "name": "a",
+                    "dtype": "object",
+                    "shape": [1],
+                    "stored_as": "F32",
+                    "nbytes": 4,
+                    "sha256": "0" * 64,
+                    "location": "cpu",
+                }
+            ]
+        },
+        {
+            "tensors": [
+                {
+                    "name": "a",
+                    "dtype": "float32",
+                    "shape": [2, 3],
+                    "stored_as": "F32",
+                    "nbytes": 25,
+                    "sha256": "0" * 64,
+                    "location": "cpu",
+                }
+            ]
+        },
+        {
+            "tensors": [
+                {
+                    "name": "",
+                    "dtype": "float32",
+                    "shape": [],
+                    "stored_as": "F32",
+                    "nbytes": 4,
+                    "sha256": "0" * 64,
+                    "location": "cpu",
+                }
+            ]
+        },
+        {
+            "views": [
+                {
+                    "name": "v",
+                    "base": "a",
+                    "offset": 5,
+                    "shape": [2],
+                    "stride": [1],
+                    "dtype": "float32",
+                    "location": "cpu",
+                }
+            ]
+        },  # reaches past the base
+        {
+            "views": [
+                {
+                    "name": "a",
+                    "base": "a",
+                    "offset": 0,
+                    "shape": [1],
+                    "stride": [1],
+                    "dtype": "float32",
+                    "location": "cpu",
+                }
+            ]
+        },  # duplicate name
+        {
+            "views": [
+                {
+                    "name": "v",
+                    "base": "zz",
+                    "offset": 0,
+                    "shape": [1],
+                    "stride": [1],
+                    "dtype": "float32",
+                    "location": "cpu",
+                }
+            ]
+        },  # no such base
+        {"protocol": 1},
+    ],
+)
+def test_manifest_validation_rejects(bad: dict[str, Any]) -> None:
+    with pytest.raises(OutputRejected):
+        validate_manifest(_manifest(**bad))
+
+
+def test_manifest_validation_accepts_a_view_inside_its_base() -> None:
+    validate_manifest(
+        _manifest(
+            views=[
+                {
+                    "name": "v",
+                    "base": "a",
+                    "offset": 4,
+                    "shape": [2],
+                    "stride": [1],
+                    "dtype": "float32",
+                    "location": "cpu",
+                }
+            ]
+        )
+    )
+
+
+def test_a_document_of_too_many_values_is_refused_before_it_is_parsed() -> None:
+    doc = b"[" + b"[]," * (_extract.MAX_JSON_VALUES // 2 + 1) + b"[]]"
+    t0 = time.perf_counter()
+    with pytest.raises(OutputRejected, match="JSON values"):
+        read_outputs(Received(status=doc))
+    assert time.perf_counter() - t0 < 30  # counted, not built (a generous bound, not a benchmark)
+
+
+def test_a_manifest_over_its_cap_is_refused_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = json.dumps(_manifest()).encode()
+    monkeypatch.setattr(P, "MAX_JSON_BYTES", len(body) - 1)
+    with pytest.raises(OutputRejected, match="byte cap"):
+        read_outputs(Received(outputs={"manifest": sealed(body)}))
+
+
+def test_outputs_are_read_from_their_memfds() -> None:
+    status = {"protocol": P.PROTOCOL_VERSION, "exit_code": 0, "wall_s": 0.5}
+    tensors = sealed(b"\0" * 16)
+    out = read_outputs(
+        Received(
+            status=json.dumps(status).encode(),
+            outputs={"manifest": sealed(json.dumps(_manifest()).encode()), "tensors": tensors},
+        )
+    )
+    assert out.status is not None and out.status.exit_code == 0 and out.status.wall_s == 0.5
+    assert out.manifest is not None and [t.name for t in out.manifest.tensors] == ["a"]
+    assert out.tensors_path == f"/proc/self/fd/{tensors}"
+    assert read_outputs(Received()).status is None  # no status: None, for the monitor to judge
+
+
+@pytest.mark.parametrize("name", ["", "a" * 100_000, 5, None, ["a"]])
+def test_hostile_tensor_names_are_refused(name: object) -> None:
+    bad = _manifest()
+    bad["tensors"][0]["name"] = name
+    with pytest.raises(OutputRejected):
+        validate_manifest(bad)
