@@ -211,12 +211,27 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> tuple[int, str] | None:
+    """``pid`` with its start time (a pid alone may name another process once it is reused:
+    pid_max is 32768 on these machines), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return pid, stat[stat.rindex(")") + 2 :].split()[19]
+
+
+def _alive(proc: int | tuple[int, str] | None) -> bool:
+    """Whether that process (a pid, or a pid with its start time) still runs (not a zombie)."""
+    if proc is None:
+        return False
+    pid = proc if isinstance(proc, int) else proc[0]
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2] != "Z"
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] != "Z" and (isinstance(proc, int) or fields[19] == proc[1])
 
 
 def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path, bwrap_ready: str) -> None:
@@ -232,13 +247,18 @@ def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path, bwra
         pool.warm(wait=True)
         assert pool.ready == 2 and pool.name == "bwrap"
         started = [
-            p for p in _children(os.getpid()) if Path(f"/proc/{p}/comm").read_text().strip() == "bwrap"
+            _started(p)
+            for p in _children(os.getpid())
+            if Path(f"/proc/{p}/comm").read_text().strip() == "bwrap"
         ]
         assert len(started) >= 2
         assert pool.safe_load(plant, weights_only=False)["payload"] == 1
         # the next file gets another sandbox: nothing the last payload left is there
         assert pool.safe_load(probe, weights_only=False)["payload"] is False
         assert pool.served_warm >= 2
+    gone_by = time.monotonic() + 5.0
+    while any(_alive(p) for p in started) and time.monotonic() < gone_by:
+        time.sleep(0.1)
     assert not [p for p in started if _alive(p)], "a sandbox outlived its pool"
 
 
