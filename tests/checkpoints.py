@@ -261,6 +261,17 @@ def prove_marker(path: Path, marker: Path, content: str | None = None) -> None:
     marker.unlink()
 
 
+#: a payload that connects to 127.0.0.1:9 (nothing listens there) and returns the errno it got
+CONNECT_ERRNO = (
+    "import socket\n"
+    "try:\n"
+    "    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
+    "    result = 'connected'\n"
+    "except OSError as exc:\n"
+    "    result = exc.errno\n"
+)
+
+
 def code_payload(code: str) -> Reduce:
     """Runs the statements in ``code`` (try/except allowed) and becomes the value they leave in
     ``result``: ``eval("exec(code, g) or g['result']")`` with plain-data arguments."""

@@ -346,15 +346,7 @@ def test_default_policy_stops_at_the_first_fatal_call(tmp_path: Path, listener: 
 def test_policy_errno_and_severity_overrides(tmp_path: Path) -> None:
     import warnings
 
-    code = (
-        "import socket\n"
-        "try:\n"
-        "    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
-        "    result = 'connected'\n"
-        "except OSError as exc:\n"
-        "    result = exc.errno\n"
-    )
-    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "errno.pt")
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(ck.CONNECT_ERRNO)), tmp_path / "errno.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         policy = sandbox.Policy.from_dict(
