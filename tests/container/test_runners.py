@@ -221,17 +221,25 @@ def _started(pid: int) -> tuple[int, str] | None:
     return pid, stat[stat.rindex(")") + 2 :].split()[19]
 
 
-def _alive(proc: int | tuple[int, str] | None) -> bool:
-    """Whether that process (a pid, or a pid with its start time) still runs (not a zombie)."""
+def _alive(proc: tuple[int, str] | None) -> bool:
+    """Whether that process (a pid with its start time, from :func:`_started`) still runs (not
+    a zombie)."""
     if proc is None:
         return False
-    pid = proc if isinstance(proc, int) else proc[0]
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{proc[0]}/stat").read_text()
     except OSError:
         return False
     fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0] != "Z" and (isinstance(proc, int) or fields[19] == proc[1])
+    return fields[0] != "Z" and fields[19] == proc[1]
+
+
+def _outliving(procs: list[tuple[int, str] | None], within_s: float) -> list[tuple[int, str]]:
+    """Those of ``procs`` still running after at most ``within_s`` seconds of waiting."""
+    deadline = time.monotonic() + within_s
+    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in procs if p is not None and _alive(p)]
 
 
 def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path, bwrap_ready: str) -> None:
@@ -256,10 +264,7 @@ def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path, bwra
         # the next file gets another sandbox: nothing the last payload left is there
         assert pool.safe_load(probe, weights_only=False)["payload"] is False
         assert pool.served_warm >= 2
-    gone_by = time.monotonic() + 5.0
-    while any(_alive(p) for p in started) and time.monotonic() < gone_by:
-        time.sleep(0.1)
-    assert not [p for p in started if _alive(p)], "a sandbox outlived its pool"
+    assert not _outliving(started, 5.0), "a sandbox outlived its pool"
 
 
 def test_a_sigkilled_cli_leaves_no_bwrap_sandbox(tmp_path: Path, bwrap_ready: str) -> None:
@@ -284,13 +289,11 @@ def test_a_sigkilled_cli_leaves_no_bwrap_sandbox(tmp_path: Path, bwrap_ready: st
                 break
             time.sleep(0.2)
         assert len(tree) >= 2, "the sandbox never started"
+        sandboxed = [_started(p) for p in tree]
         time.sleep(2.0)  # the payload is sleeping inside the load now
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        killed_at = time.monotonic()
-        while any(_alive(p) for p in tree) and time.monotonic() < killed_at + 5.0:
-            time.sleep(0.1)
-        assert not [p for p in tree if _alive(p)], "the sandbox outlived its owner"
+        assert not _outliving(sandboxed, 5.0), "the sandbox outlived its owner"
     finally:
         if proc.poll() is None:
             proc.kill()
