@@ -28,7 +28,7 @@ from .report import Event, Finding, Severity
 if TYPE_CHECKING:
     from ._gvisor import Trace
 
-__all__ = ["Monitoring", "analyse", "parse_events", "read"]
+__all__ = ["Monitoring", "PATH_OPS", "analyse", "parse_events", "read"]
 
 EVIDENCE_SOURCES = frozenset({"kernel", "gvisor"})  # what findings rest on
 
@@ -83,7 +83,8 @@ _OTHER_PROCESS = frozenset(
 _CODE = frozenset({"memfd_create", "mprotect", "pkey_mprotect", "mmap"})
 _SEND = frozenset({"connect", "sendto", "sendmsg", "sendmmsg"})
 _OPEN = frozenset({"open", "openat", "openat2", "creat"})
-_PATH_OPS = frozenset(
+#: system calls that create, rename, link, remove or re-permission a path
+PATH_OPS = frozenset(
     {
         "unlink",
         "unlinkat",
@@ -386,7 +387,7 @@ def _judge(
                 key=path,
                 path=path,
             )
-    elif kind in _PATH_OPS:
+    elif kind in PATH_OPS:
         if (
             action != "denied"
             and d.get("class") == "scratch"

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._events import PATH_OPS
 from ._syscalls import X86_64
 from ._worker import _protocol as P
 from .errors import EngineUnavailable
@@ -362,21 +363,6 @@ _ADDR = re.compile(r", (0x[0-9a-f]+) ")
 _DIRFD = re.compile(r"^(AT_FDCWD|0x[0-9a-f]+) ")
 
 _NAMES = {nr: name for name, nr in X86_64.items()}  # a refused call's number -> name
-_PATH_CALLS = frozenset(
-    {
-        "unlink",
-        "rename",
-        "link",
-        "symlink",
-        "chmod",
-        "unlinkat",
-        "renameat",
-        "renameat2",
-        "linkat",
-        "symlinkat",
-        "fchmodat",
-    }
-)
 _BY_DESIGN = frozenset({"clone3"})  # refused with ENOSYS so that libc falls back: not evidence
 _WRITE_FLAGS = frozenset({"O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND", "O_TMPFILE"})
 
@@ -798,7 +784,7 @@ def _record_event(
             },
             "allowed",
         )
-    if r.name in _PATH_CALLS:
+    if r.name in PATH_OPS:
         kind, detail, action = _path_event(r)
         return kind, {**detail, **base}, action
     if r.name in ("execve", "execveat"):  # only reached if the filter let one through
