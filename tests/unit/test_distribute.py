@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from sandbox import ClusterError, WorkerNotReady, _batch, _distribute
+from sandbox._worker import _protocol as P
 from sandbox.policy import Policy
 from sandbox.report import LoadReport, Verdict
 
@@ -90,6 +91,22 @@ def test_malformed_headers_are_rejected(
         write(tmp_path, data), out_sha=hashlib.sha256(data).hexdigest(), source_sha=SRC_SHA
     )
     assert why is not None and expected in why
+
+
+@pytest.mark.parametrize("torch_dtype", sorted(P.ST_DTYPES))
+def test_every_dtype_the_host_writes_passes_the_header_check(tmp_path: Path, torch_dtype: str) -> None:
+    """The client accepts every dtype code a converted file may carry (the protocol's one
+    table; a copy of its own once refused the fnuz float8 codes)."""
+    code, size = P.ST_DTYPES[torch_dtype]
+    header: dict[str, object] = {
+        "__metadata__": {"model_sandbox.source_sha256": SRC_SHA},
+        "a": {"dtype": code, "shape": [3], "data_offsets": [0, 3 * size]},
+    }
+    data = _raw(header, b"\0" * (3 * size))
+    why = _distribute.check_safetensors(
+        write(tmp_path, data), out_sha=hashlib.sha256(data).hexdigest(), source_sha=SRC_SHA
+    )
+    assert why is None, why
 
 
 def test_not_safetensors_at_all(tmp_path: Path) -> None:
