@@ -34,6 +34,7 @@ from . import (
     _write,
 )
 from ._pool import default_runner as _default_runner
+from ._rules import finding
 from ._worker import _protocol as P
 from .errors import (
     HashMismatch,
@@ -43,7 +44,7 @@ from .errors import (
     UnverifiedWeights,
 )
 from .policy import Policy
-from .report import Finding, LoadReport, Severity, Verdict
+from .report import LoadReport, Severity, Verdict
 
 if TYPE_CHECKING:
     import torch
@@ -75,15 +76,23 @@ class _Loaded:
     reading: _verify.Reading | None = None  # the host's own reading, under way beside the load
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What a public operation hands its sandbox: the policy, the file's pin, and what makes
+    the sandbox (a runner, a pool or a name, and the Docker runtime)."""
+
+    policy: Policy
+    expected_sha256: str | None
+    runner: _launch.Runner | str | None
+    runtime: str | None
+
+
 @contextlib.contextmanager
 def _sandboxed(
     path: str | os.PathLike[str],
+    setup: _Setup,
     *,
-    policy: Policy,
-    runner: _launch.Runner | str | None,
     write_tensors: bool,
-    expected_sha256: str | None,
-    runtime: str | None = None,
     stop_early: bool = False,
     dynamic: bool = True,
     mmap: bool = False,
@@ -91,6 +100,7 @@ def _sandboxed(
 ) -> Iterator[_Loaded]:
     """Run one load in a sandbox; yields the report and the validated outputs. The outputs
     (sealed memfds) are released when the block ends."""
+    policy, expected_sha256 = setup.policy, setup.expected_sha256
     start = time.monotonic()
     report = LoadReport(
         input_path=os.fspath(path),
@@ -135,7 +145,7 @@ def _sandboxed(
                 # not a plain state dict, so no layout hand-off: the host's own reading of the
                 # file runs beside the sandbox
                 loaded.reading = _verify.Reading(loaded.input_path, loaded.static)
-            runner = _runner_for(runner, runtime)
+            runner = _runner_for(setup.runner, setup.runtime)
             image = runner.ensure_image()
             report.tool["image"] = image
             report.tool["worker_digest"] = _image.worker_digest()
@@ -148,12 +158,12 @@ def _sandboxed(
             report.input_sha256 = hasher.result()
             if _input.identity(input_fd) != before:
                 report.add(
-                    Finding(
-                        rule="input-changed",
+                    finding(
+                        "input-changed",
+                        "evasion",
+                        "the input file was modified while it was being loaded",
+                        {"before": list(before), "after": list(_input.identity(input_fd))},
                         severity=Severity.HIGH,
-                        category="evasion",
-                        message="the input file was modified while it was being loaded",
-                        evidence={"before": list(before), "after": list(_input.identity(input_fd))},
                     )
                 )
             try:
@@ -328,11 +338,10 @@ def _placed(
             (i for i, (a, b) in enumerate(zip(mine, said, strict=False)) if a != b), min(len(mine), len(said))
         )
         report.add(
-            Finding(
-                rule="layout-differential",
-                severity=Severity.HIGH,
-                category="evasion",
-                message="the sandbox's reading of the pickle and the host's reading of the archive "
+            finding(
+                "layout-differential",
+                "evasion",
+                "the sandbox's reading of the pickle and the host's reading of the archive "
                 "describe different tensors: the file reads differently to different parsers",
                 evidence={
                     "host_tensors": len(mine),
@@ -373,13 +382,7 @@ def _summarise(report: LoadReport, manifest: P.Manifest) -> None:
     report.tensor_bytes = sum(t.nbytes for t in manifest.tensors)
     for u in manifest.unrepresentable[:50]:
         report.add(
-            Finding(
-                rule="unrepresentable-object",
-                severity=Severity.INFO,
-                category="format",
-                message="an object that is not data was replaced by a placeholder",
-                evidence={"path": u.path[:300], "type": u.type[:200]},
-            )
+            finding("unrepresentable-object", "format", evidence={"path": u.path[:300], "type": u.type[:200]})
         )
     report.notes += [n[:300] for n in manifest.notes[:50]]
 
@@ -442,23 +445,14 @@ def safe_load(
     and the other :class:`SandboxError` subclasses for inputs that cannot be loaded.
     """
     del pickle_module, pickle_load_args
-    policy = policy or Policy.default()
+    setup = _Setup(policy or Policy.default(), expected_sha256, runner, runtime)
     _convert.check_map_location(map_location)
     wo = True if weights_only is None else bool(weights_only)
     with (
         _input.as_path(f) as path,
-        _sandboxed(
-            path,
-            policy=policy,
-            runner=runner,
-            write_tensors=True,
-            expected_sha256=expected_sha256,
-            runtime=runtime,
-            stop_early=True,
-            mmap=bool(mmap),
-        ) as loaded,
+        _sandboxed(path, setup, write_tensors=True, stop_early=True, mmap=bool(mmap)) as loaded,
     ):
-        _raise_if_unsafe(loaded, policy, weights_only=wo)
+        _raise_if_unsafe(loaded, setup.policy, weights_only=wo)
         assert loaded.output is not None and loaded.output.manifest is not None
         manifest = loaded.output.manifest
         assert loaded.tensors is not None
@@ -492,23 +486,14 @@ def convert(
     see the README), unless ``allow_unverified`` (the report keeps the MEDIUM finding).
     ``runner`` and ``runtime`` as for :func:`safe_load`.
     """
-    policy = policy or Policy.default()
+    setup = _Setup(policy or Policy.default(), expected_sha256, runner, runtime)
     if shared not in SHARED_MODES:
         raise ValueError(f"shared must be one of {SHARED_MODES}, not {shared!r}")
     dst_path = Path(dst) if dst is not None else Path(src).with_suffix(".safetensors")
-    with _sandboxed(
-        src,
-        policy=policy,
-        runner=runner,
-        write_tensors=True,
-        expected_sha256=expected_sha256,
-        stop_early=True,
-        runtime=runtime,
-        materialise=False,
-    ) as loaded:
+    with _sandboxed(src, setup, write_tensors=True, stop_early=True, materialise=False) as loaded:
         report = loaded.report
         try:
-            _raise_if_unsafe(loaded, policy, weights_only=not allow_unverified)
+            _raise_if_unsafe(loaded, setup.policy, weights_only=not allow_unverified)
             assert loaded.output is not None and loaded.output.manifest is not None
             manifest = loaded.output.manifest
             if loaded.handoff == "layout":  # byte ranges of the input: no torch on the host
@@ -554,16 +539,8 @@ def scan(
     return the report. ``dynamic=False`` stops after the static scan (no Docker needed).
     Never raises for a bad or hostile file: the report's verdict and error say what happened.
     ``runner`` and ``runtime`` as for :func:`safe_load`."""
-    policy = policy or Policy.default()
-    with _sandboxed(
-        path,
-        policy=policy,
-        runner=runner,
-        write_tensors=False,
-        expected_sha256=expected_sha256,
-        dynamic=dynamic,
-        runtime=runtime,
-    ) as loaded:
+    setup = _Setup(policy or Policy.default(), expected_sha256, runner, runtime)
+    with _sandboxed(path, setup, write_tensors=False, dynamic=dynamic) as loaded:
         return loaded.report
 
 

@@ -649,9 +649,9 @@ def _read_child_pid(fd: int, timeout_s: float) -> int:
     return pid
 
 
-class BwrapSandbox:
-    """One started bwrap sandbox whose supervisor is connected and waiting. Runs exactly one
-    job or is discarded unused; either way its processes and channel are gone afterwards."""
+class BwrapSandbox(_launch.WarmSandbox):
+    """A warm bwrap sandbox: its processes are bwrap's children (no engine to ask), its output
+    read by a thread of ours."""
 
     def __init__(
         self,
@@ -660,13 +660,9 @@ class BwrapSandbox:
         proc: subprocess.Popen[bytes],
         channel: Channel,
     ) -> None:
+        super().__init__(spec, channel)
         self.runner = runner
-        self.spec = spec
         self.proc = proc
-        self.channel = channel
-        self.hello: P.Hello | None = None
-        self.started = time.monotonic()
-        self.used = False
         self._out = bytearray()
         self._reader = threading.Thread(
             target=self._read_output, daemon=True, name="model-sandbox-bwrap-output"
@@ -691,36 +687,15 @@ class BwrapSandbox:
             stream.close()  # at the end of the output: every process of the sandbox is gone
 
     def alive(self) -> bool:
-        return self.proc.poll() is None and _launch.channel_alive(self.channel)
+        return self.proc.poll() is None and super().alive()
 
-    def run(self, job: _launch.Job) -> _launch.RunResult:
-        assert not self.used, "a sandbox runs one job"
-        self.used = True
-        result = _launch.RunResult(exit_code=None, runner=NAME, limits=dict(LIMITS))
-        start = time.monotonic()
-        try:
-            self.channel.send_job(job.config, job.input_fd)
-            deadline = start + job.config.wall_clock_s + 15  # the host's backstop
-            result.received = self.channel.collect(deadline, job.output_bytes)
-            if not result.received.closed:
-                if not result.received.violations:
-                    result.timed_out = True
-                self._kill()
-            self.channel.close()
-            result.exit_code = self._wait(15)
-            if result.exit_code is None:
-                self._kill()
-                result.exit_code = self._wait(15)
-            if result.exit_code != 0 or not result.received.completed:
-                self._reader.join(timeout=2)
-                result.logs = self.logs
-        except BaseException:
-            result.close()
-            raise
-        finally:
-            result.duration_s = time.monotonic() - start
-            self.discard()
-        return result
+    def _result(self, job: _launch.Job) -> _launch.RunResult:
+        return _launch.RunResult(exit_code=None, runner=NAME, limits=dict(LIMITS))
+
+    def _ended(self, result: _launch.RunResult, *, logs: bool) -> None:
+        if logs:
+            self._reader.join(timeout=2)
+            result.logs = self.logs
 
     def _wait(self, timeout_s: float) -> int | None:
         try:

@@ -54,6 +54,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
+import enum
 import hashlib
 import json
 import os
@@ -63,6 +65,9 @@ import stat
 import tempfile
 import threading
 import time
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -556,8 +561,11 @@ class Remote:
         return _batch.finish(entry, ctx, report, _batch.Status.CONVERTED, started_wall=started[1])
 
 
-def _is_str_map(v: object) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+_Check = Callable[[object], bool]
+
+
+def _is(t: type) -> _Check:
+    return lambda v: isinstance(v, t)
 
 
 def _is_int(v: object) -> bool:
@@ -568,71 +576,53 @@ def _is_num(v: object) -> bool:
     return type(v) in (int, float)
 
 
-def _opt(check: Any) -> Any:
-    return lambda v: v is None or check(v)
+def _is_str_map(v: object) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
 
 
-def _list_of(check: Any) -> Any:
-    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+def _check_for(hint: Any) -> _Check:
+    """How a field of this type reads in a report's JSON: enums as their text, tuples as lists,
+    ``X | None`` as X or null, a dataclass as an object of its own fields."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        (inner,) = [a for a in args if a is not type(None)]
+        check = _check_for(inner)
+        return lambda v: v is None or check(v)
+    if typing.get_origin(hint) in (list, tuple):
+        item = _check_for(args[0])
+        return lambda v: isinstance(v, list) and all(item(x) for x in v)
+    if typing.get_origin(hint) is dict:
+        return _is_str_map if args == (str, str) else _is(dict)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _record(hint)
+    simple = {int: _is_int, float: _is_num, str: _is(str)}
+    if hint in simple:
+        return simple[hint]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _is(str)
+    raise TypeError(f"no JSON check for {hint!r}")
 
 
-def _record(spec: dict[str, Any], required: frozenset[str] = frozenset()) -> Any:
+def _record(cls: type, **extra: _Check) -> _Check:
+    """The JSON object of a report dataclass (``LoadReport.to_dict``): every field of the type
+    its annotation gives, the fields without a default present, no other key but ``extra``."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    spec = {f.name: _check_for(hints[f.name]) for f in fields} | extra
+    required = {
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    } | set(extra)
     return lambda v: (
         isinstance(v, dict) and required <= set(v) and all(k in spec and spec[k](x) for k, x in v.items())
     )
 
 
-def _is(t: type) -> Any:
-    return lambda v: isinstance(v, t)
-
-
-#: the type of every field of a load report's JSON (``LoadReport.from_dict`` trusts its input:
-#: it parses our own reports; a worker's answer is checked against this first)
-_FINDING = _record(
-    {
-        "rule": _is(str),
-        "severity": _is(str),
-        "category": _is(str),
-        "message": _is(str),
-        "evidence": _is(dict),
-        "events": _list_of(_is_int),
-    },
-    frozenset({"rule", "severity", "category", "message"}),
-)
-_EVENT = _record(
-    {
-        "id": _is_int,
-        "t": _is_num,
-        "source": _is(str),
-        "kind": _is(str),
-        "detail": _is(dict),
-        "action": _is(str),
-    },
-    frozenset({"id", "t", "source", "kind"}),
-)
-_REPORT = _record(
-    {
-        "schema": _is(str),
-        "input_path": _is(str),
-        "input_sha256": _opt(_is(str)),
-        "input_size": _opt(_is_int),
-        "format": _opt(_is(str)),
-        "verdict": _is(str),
-        "findings": _list_of(_FINDING),
-        "events": _list_of(_EVENT),
-        "tensors": _is_int,
-        "tensor_bytes": _is_int,
-        "outputs": _is_str_map,
-        "resources": _is(dict),
-        "notes": _list_of(_is(str)),
-        "error": _opt(_is_str_map),
-        "static": _is(dict),
-        "tool": _is_str_map,
-        "policy": _is_str_map,
-        "duration_s": _opt(_is_num),
-    },
-    frozenset({"schema", "input_path"}),
-)
+#: the type of every field of a load report's JSON, from the report's own dataclasses
+#: (``LoadReport.from_dict`` trusts its input: it parses our own reports; a worker's answer is
+#: checked against this first)
+_REPORT = _record(LoadReport, schema=_is(str))
 
 
 def parse_report(text: str) -> LoadReport | str:

@@ -16,19 +16,21 @@ kept as context. Each finding names the events that support it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._rules import finding
 from ._worker import _protocol as P
 from .report import Event, Finding, Severity
 
 if TYPE_CHECKING:
     from ._gvisor import Trace
 
-__all__ = ["Monitoring", "PATH_OPS", "analyse", "parse_events", "read"]
+__all__ = ["PATH_CALLS", "PATH_OPS", "Monitoring", "analyse", "parse_events", "read"]
 
 EVIDENCE_SOURCES = frozenset({"kernel", "gvisor"})  # what findings rest on
 
@@ -84,22 +86,10 @@ _CODE = frozenset({"memfd_create", "mprotect", "pkey_mprotect", "mmap"})
 _SEND = frozenset({"connect", "sendto", "sendmsg", "sendmmsg"})
 _OPEN = frozenset({"open", "openat", "openat2", "creat"})
 #: system calls that create, rename, link, remove or re-permission a path
-PATH_OPS = frozenset(
-    {
-        "unlink",
-        "unlinkat",
-        "rename",
-        "renameat",
-        "renameat2",
-        "link",
-        "linkat",
-        "symlink",
-        "symlinkat",
-        "chmod",
-        "fchmodat",
-        "fchmodat2",
-    }
+PATH_CALLS = tuple(
+    "unlink unlinkat rename renameat renameat2 link linkat symlink symlinkat chmod fchmodat fchmodat2".split()
 )
+PATH_OPS = frozenset(PATH_CALLS)
 
 
 @dataclass
@@ -192,12 +182,15 @@ class _Findings:
         self,
         ev: Event,
         rule: str,
-        severity: Severity,
         category: str,
         message: str,
+        evidence: dict[str, Any] | None = None,
+        *,
         key: str = "",
-        **evidence: Any,
+        severity: Severity | None = None,
     ) -> None:
+        """A finding of ``rule`` for ``ev`` (its severity the table's unless given), or one
+        more event for the finding already made for the same rule and ``key``."""
         k = (rule, key)
         if k in self.groups:
             f, ids, n = self.groups[k]
@@ -205,14 +198,8 @@ class _Findings:
                 ids.append(ev.id)
             self.groups[k] = (f, ids, n + 1)
             return
-        ev_text = describe(ev)
-        f = Finding(
-            rule=rule,
-            severity=severity,
-            category=category,
-            message=message,
-            evidence={"event": ev_text, **{k2: v for k2, v in evidence.items() if v is not None}},
-        )
+        kept = {k2: v for k2, v in (evidence or {}).items() if v is not None}
+        f = finding(rule, category, message, {"event": describe(ev), **kept}, severity)
         self.groups[k] = (f, [ev.id], 1)
 
     def add_plain(self, finding: Finding) -> None:
@@ -224,16 +211,7 @@ class _Findings:
             evidence = dict(f.evidence)
             if n > 1:
                 evidence["occurrences"] = n
-            out.append(
-                Finding(
-                    rule=f.rule,
-                    severity=f.severity,
-                    category=f.category,
-                    message=f.message,
-                    evidence=evidence,
-                    events=tuple(ids),
-                )
-            )
+            out.append(dataclasses.replace(f, evidence=evidence, events=tuple(ids)))
         return out
 
 
@@ -259,41 +237,25 @@ def _judge(
         out.add(
             ev,
             "canary-exfiltration",
-            Severity.CRITICAL,
             "credential",
             "exfiltration attempt: a planted credential appeared in a system call's arguments",
+            {"canaries": sorted(found)[:10]},
             key=kind,
-            canaries=sorted(found)[:10],
         )
     if kind in ("execve", "execveat"):
         out.add(
             ev,
             "exec-attempt",
-            Severity.CRITICAL,
             "exec",
             "the load tried to run a program",
+            {"path": d.get("path"), "argv": d.get("argv"), **ctx},
             key=str(d.get("path")),
-            path=d.get("path"),
-            argv=d.get("argv"),
-            **ctx,
         )
     elif kind in ("fork", "vfork", "clone"):
         if d.get("style") == "fork" or action == "denied":
-            out.add(
-                ev,
-                "process-creation",
-                Severity.HIGH,
-                "process",
-                "the load tried to start another process (refused)",
-            )
+            out.add(ev, "process-creation", "process", "the load tried to start another process (refused)")
         else:
-            out.add(
-                ev,
-                "process-spawn",
-                Severity.MEDIUM,
-                "process",
-                "the load started a child process to run a program",
-            )
+            out.add(ev, "process-spawn", "process", "the load started a child process to run a program")
     elif kind in _SEND or kind in ("bind", "listen", "accept", "accept4"):
         fam = d.get("family")
         target = d.get("target")
@@ -305,87 +267,70 @@ def _judge(
             out.add(
                 ev,
                 "network-connect",
-                Severity.CRITICAL,
                 "network",
                 "the load tried to reach a network address",
+                {"address": d.get("address"), "port": d.get("port"), **ctx},
                 key=f"{kind} {target}",
-                address=d.get("address"),
-                port=d.get("port"),
-                **ctx,
             )
         else:
             out.add(
                 ev,
                 f"network-{kind}",
-                Severity.HIGH,
                 "network",
                 f"the load tried to use a socket ({kind})",
                 key=str(target),
+                severity=Severity.HIGH,
             )
     elif kind in ("socket", "socketpair"):
-        out.add(
-            ev,
-            "network-socket",
-            Severity.MEDIUM,
-            "network",
-            "the load created a socket",
-            key=f"{d.get('family')}",
-        )
+        out.add(ev, "network-socket", "network", "the load created a socket", key=f"{d.get('family')}")
     elif kind in _OPEN:
         path, cls = str(d.get("path", "")), d.get("class")
         if cls in ("canary", "canary_home") or path in canary_files:
             out.add(
                 ev,
                 "canary-file-read",
-                Severity.HIGH,
                 "credential",
                 "the load opened a planted credential file",
+                {"path": path},
                 key=path,
-                path=path,
             )
         elif d.get("write") and (action == "denied" or cls == "outside"):
             out.add(
                 ev,
                 "file-write-outside",
-                Severity.HIGH,
                 "file",
                 "the load tried to write outside the sandbox's scratch space",
+                {"path": path, "flags": d.get("flags")},
                 key=path,
-                path=path,
-                flags=d.get("flags"),
             )
         elif d.get("write") and cls == "scratch":
             out.add(
                 ev,
                 "file-write",
-                Severity.MEDIUM,
                 "file",
                 "the load created or wrote a file (in the sandbox's scratch space; a plain "
                 "torch.load would write it on your machine)",
+                {"path": path, "flags": d.get("flags")},
                 key=path,
-                path=path,
-                flags=d.get("flags"),
             )
         elif cls == "sensitive":
             out.add(
                 ev,
                 "sensitive-file-read",
-                Severity.HIGH,
                 "file",
                 "the load opened a sensitive path",
+                {"path": path},
                 key=path,
-                path=path,
             )
         elif cls == "probe":
             out.add(
                 ev,
                 "environment-probe",
-                Severity.LOW,
                 "evasion",
                 "the load looked for signs of a container or a sandbox (a payload that "
                 "stays quiet where it is watched)",
+                {"path": path},
                 key=path,
-                path=path,
             )
     elif kind in PATH_OPS:
         if (
@@ -396,57 +341,44 @@ def _judge(
             out.add(
                 ev,
                 "file-write",
-                Severity.MEDIUM,
                 "file",
                 f"the load changed files ({kind}) in the sandbox's scratch space",
+                {"paths": d.get("paths")},
                 key=str(d.get("paths")),
-                paths=d.get("paths"),
             )
         elif action == "denied" or d.get("class") == "outside":
             out.add(
                 ev,
                 "file-change-outside",
-                Severity.HIGH,
                 "file",
                 "the load tried to change files outside its output and scratch directories",
+                {"paths": d.get("paths")},
                 key=kind,
-                paths=d.get("paths"),
             )
         elif kind in ("symlink", "symlinkat", "link", "linkat"):
             out.add(
                 ev,
                 "file-link",
-                Severity.MEDIUM,
                 "file",
                 "the load created a link",
+                {"paths": d.get("paths"), "target": d.get("target")},
                 key=str(d.get("paths")),
-                paths=d.get("paths"),
-                target=d.get("target"),
             )
     elif kind in _OTHER_PROCESS:
         if d.get("supervisor"):
             out.add(
                 ev,
                 "attack-supervisor",
-                Severity.CRITICAL,
                 "privilege",
                 "the load tried to signal, trace or read the sandbox supervisor",
                 key=kind,
             )
         elif action == "denied":
-            out.add(
-                ev,
-                "other-process",
-                Severity.HIGH,
-                "privilege",
-                "the load tried to act on another process",
-                key=kind,
-            )
+            out.add(ev, "other-process", "privilege", "the load tried to act on another process", key=kind)
     elif kind in _PRIVILEGE:
         out.add(
             ev,
             "privileged-call",
-            Severity.HIGH,
             "privilege",
             f"the load made a privileged or kernel-surface system call ({kind})",
             key=kind,
@@ -455,18 +387,13 @@ def _judge(
         out.add(
             ev,
             "executable-memory",
-            Severity.MEDIUM,
             "code",
             "the load created executable memory or an in-memory file",
             key=kind,
         )
     elif kind == "decode_error":
         out.add(
-            ev,
-            "monitor-decode-error",
-            Severity.MEDIUM,
-            "monitor",
-            "the supervisor could not decode a system call (refused)",
+            ev, "monitor-decode-error", "monitor", "the supervisor could not decode a system call (refused)"
         )
 
 
@@ -488,51 +415,32 @@ _SELF_EVIDENCE: dict[str, tuple[str, Severity, str, str]] = {
         "code",
         "the load executed a code object that is not part of an installed module",
     ),
-    **{
-        k: ("process-attempt", Severity.HIGH, "exec", "the load asked Python to run a program")
-        for k in (
-            "os.system",
-            "subprocess.Popen",
-            "os.exec",
-            "os.posix_spawn",
-            "os.spawn",
-            "pty.spawn",
-            "os.fork",
-            "os.forkpty",
-        )
-    },
-    **{
-        k: ("network-attempt", Severity.HIGH, "network", "the load asked Python for the network")
-        for k in (
-            "socket.connect",
-            "socket.bind",
-            "socket.sendto",
-            "socket.getaddrinfo",
-            "socket.gethostbyname",
-            "urllib.Request",
-            "http.client.connect",
-            "ftplib.connect",
-            "smtplib.connect",
-            "webbrowser.open",
-        )
-    },
-    **{
-        k: ("native-code", Severity.HIGH, "code", "the load reached native code through ctypes")
-        for k in ("ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function", "ctypes.string_at")
-    },
-    **{
-        k: (
+    **dict.fromkeys(
+        "os.system subprocess.Popen os.exec os.posix_spawn os.spawn pty.spawn os.fork os.forkpty".split(),
+        ("process-attempt", Severity.HIGH, "exec", "the load asked Python to run a program"),
+    ),
+    **dict.fromkeys(
+        "socket.connect socket.bind socket.sendto socket.getaddrinfo socket.gethostbyname urllib.Request "
+        "http.client.connect ftplib.connect smtplib.connect webbrowser.open".split(),
+        ("network-attempt", Severity.HIGH, "network", "the load asked Python for the network"),
+    ),
+    **dict.fromkeys(
+        ("ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function", "ctypes.string_at"),
+        ("native-code", Severity.HIGH, "code", "the load reached native code through ctypes"),
+    ),
+    **dict.fromkeys(
+        ("sys.addaudithook", "sys.setprofile", "sys.settrace"),
+        (
             "monitor-tamper",
             Severity.HIGH,
             "monitor",
             "the load tried to install or replace Python's tracing or audit hooks",
-        )
-        for k in ("sys.addaudithook", "sys.setprofile", "sys.settrace")
-    },
-    **{
-        k: ("file-write", Severity.MEDIUM, "file", "the load asked Python to change files")
-        for k in ("os.remove", "os.rename", "os.chmod", "shutil.rmtree")
-    },
+        ),
+    ),
+    **dict.fromkeys(
+        ("os.remove", "os.rename", "os.chmod", "shutil.rmtree"),
+        ("file-write", Severity.MEDIUM, "file", "the load asked Python to change files"),
+    ),
 }
 
 
@@ -559,40 +467,40 @@ def _judge_self(ev: Event, out: _Findings, code_ran: bool) -> bool:
     out.add(
         ev,
         name,
-        severity,
         category,
         message,
+        evidence,
         key=f"{kind}:{evidence.get('code') or evidence.get('object') or evidence.get('path')}",
-        **evidence,
+        severity=severity,
     )
     return severity >= Severity.HIGH
 
 
-def _dropped_refusals(events: list[Event], mon: Monitoring) -> None:
-    """Refused calls the log had no room for still weigh: the counts are exact."""
+def _truncation(say: str, counts: dict[str, int], **more: Any) -> tuple[str, Finding]:
+    """The note and the finding for a log that kept fewer events than there were: ``counts``
+    (exact, by ``source:kind:action`` or ``kind:action``) stand in for what it lost."""
+    note = say + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())[:40])
+    evidence = {"counts": dict(sorted(counts.items())[:100]), **more}
+    return note, finding("event-log-truncated", "monitor", "more events than the log keeps", evidence)
+
+
+def _refusals_not_logged(denied: dict[str, int], logged: list[Event]) -> Finding | None:
+    """Refused calls the log had no room for still weigh: ``denied`` holds the exact counts
+    by kind, ``logged`` the refused events the log kept."""
     kept: dict[str, int] = {}
-    for ev in events:
-        if ev.source == "kernel" and ev.action == "denied":
-            kept[ev.kind] = kept.get(ev.kind, 0) + 1
-    missing: dict[str, int] = {}
-    for key, count in mon.counts.items():
-        source, _, rest = key.partition(":")
-        kind, _, action = rest.rpartition(":")
-        if source == "kernel" and action == "denied" and count > kept.get(kind, 0):
-            missing[kind] = count - kept.get(kind, 0)
+    for ev in logged:
+        kept[ev.kind] = kept.get(ev.kind, 0) + 1
+    missing = {k: n - kept.get(k, 0) for k, n in denied.items() if n > kept.get(k, 0)}
     if not missing:
-        return
+        return None
     categories = {P.event_category(kind, {}) for kind in missing}
-    worst = Severity.CRITICAL if categories & {"exec", "network"} else Severity.HIGH
-    mon.findings.append(
-        Finding(
-            rule="refusals-not-logged",
-            severity=worst,
-            category="monitor",
-            message="the load made refused calls beyond what the event log keeps: "
-            + ", ".join(f"{n} {k}" for k, n in sorted(missing.items())[:8]),
-            evidence={"refused": dict(sorted(missing.items())[:50]), "categories": sorted(categories)},
-        )
+    return finding(
+        "refusals-not-logged",
+        "monitor",
+        "the load made refused calls beyond what the event log keeps: "
+        + ", ".join(f"{n} {k}" for k, n in sorted(missing.items())[:8]),
+        {"refused": dict(sorted(missing.items())[:50]), "categories": sorted(categories)},
+        severity=Severity.CRITICAL if categories & {"exec", "network"} else Severity.HIGH,
     )
 
 
@@ -611,13 +519,11 @@ def _after_probe(findings: list[Finding]) -> list[Finding]:
     out = []
     for f in findings:
         if f.rule != "environment-probe" and f.events and min(f.events) > first and f.severity in _RAISED:
-            f = Finding(
-                rule=f.rule,
+            f = dataclasses.replace(
+                f,
                 severity=_RAISED[f.severity],
-                category=f.category,
                 message=f.message + " (after the load probed for a sandbox)",
                 evidence={**f.evidence, "after_probe_event": first},
-                events=f.events,
             )
         out.append(f)
     return out
@@ -670,20 +576,19 @@ def analyse(events: list[Event], status: P.Status | None) -> Monitoring:
             code_ran = _judge_self(ev, out, code_ran) or code_ran
     mon.findings = _after_probe(out.result())
     if truncated:
-        _dropped_refusals(events, mon)
-        mon.notes.append(
-            "the event log was truncated; per-call counts are exact: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(mon.counts.items())[:40])
-        )
-        mon.findings.append(
-            Finding(
-                rule="event-log-truncated",
-                severity=Severity.LOW,
-                category="monitor",
-                message="more events than the log keeps",
-                evidence={"counts": dict(sorted(mon.counts.items())[:100])},
-            )
-        )
+        denied = {}
+        for key, count in mon.counts.items():
+            source, _, rest = key.partition(":")
+            kind, _, action = rest.rpartition(":")
+            if source == "kernel" and action == "denied":
+                denied[kind] = count
+        refused = [e for e in events if e.source == "kernel" and e.action == "denied"]
+        unlogged = _refusals_not_logged(denied, refused)
+        if unlogged is not None:
+            mon.findings.append(unlogged)
+        note, lost = _truncation("the event log was truncated; per-call counts are exact: ", mon.counts)
+        mon.notes.append(note)
+        mon.findings.append(lost)
     if (
         status.result is not None
         and not status.kernel_monitor
@@ -710,12 +615,11 @@ def _scan_outputs(outputs: dict[str, int], canaries: dict[str, str]) -> list[Fin
             hits = []
         if hits:
             findings.append(
-                Finding(
-                    rule="canary-exfiltration",
-                    severity=Severity.CRITICAL,
-                    category="credential",
-                    message="exfiltration attempt: a planted credential was written to the output",
-                    evidence={"file": name, "canaries": hits[:10]},
+                finding(
+                    "canary-exfiltration",
+                    "credential",
+                    "exfiltration attempt: a planted credential was written to the output",
+                    {"file": name, "canaries": hits[:10]},
                 )
             )
     return findings
@@ -775,74 +679,44 @@ def _with_trace(
     if loaded and not (trace.found and trace.started):
         why = "was not found" if not trace.found else "never showed the loader's filter going in"
         findings.append(
-            Finding(
-                rule="monitor-lost",
-                severity=Severity.HIGH,
-                category="evasion",
-                message=f"the monitor was lost: gVisor's trace of this sandbox {why}; evidence may "
-                "be missing",
-                evidence={"trace": trace.path or "none", "found": trace.found, "started": trace.started},
+            finding(
+                "monitor-lost",
+                "evasion",
+                f"the monitor was lost: gVisor's trace of this sandbox {why}; evidence may be missing",
+                {"trace": trace.path or "none", "found": trace.found, "started": trace.started},
             )
         )
     if trace.anomalies:
         findings.append(
-            Finding(
-                rule="trace-anomaly",
-                severity=Severity.HIGH,
-                category="evasion",
-                message="gVisor's trace of the load holds lines that do not read as whole system "
+            finding(
+                "trace-anomaly",
+                "evasion",
+                "gVisor's trace of the load holds lines that do not read as whole system "
                 "calls (a line break in a path or a thread name): a call may be hidden",
-                evidence={"lines": trace.anomalies[:10], "count": trace.counts.get("anomaly", 0)},
+                {"lines": trace.anomalies[:10], "count": trace.counts.get("anomaly", 0)},
             )
         )
     if trace.flooded:
         findings.append(
-            Finding(
-                rule="trace-flood",
-                severity=Severity.HIGH,
-                category="evasion",
-                message=f"the load made so many traced calls that gVisor's trace outgrew "
+            finding(
+                "trace-flood",
+                "evasion",
+                f"the load made so many traced calls that gVisor's trace outgrew "
                 f"{MAX_LOG_BYTES // 2**20} MiB; the sandbox was stopped",
-                evidence={"limit_bytes": MAX_LOG_BYTES},
+                {"limit_bytes": MAX_LOG_BYTES},
             )
         )
     if trace.dropped or trace.truncated:
-        notes.append(
-            "gVisor's trace held more than the report keeps; exact counts: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(trace.counts.items())[:40])
+        note, lost = _truncation(
+            "gVisor's trace held more than the report keeps; exact counts: ",
+            trace.counts,
+            read_bytes=trace.bytes_read,
+            truncated=trace.truncated,
         )
-        findings.append(
-            Finding(
-                rule="event-log-truncated",
-                severity=Severity.LOW,
-                category="monitor",
-                message="more events than the log keeps",
-                evidence={
-                    "counts": dict(sorted(trace.counts.items())[:100]),
-                    "read_bytes": trace.bytes_read,
-                    "truncated": trace.truncated,
-                },
-            )
-        )
+        notes.append(note)
+        findings.append(lost)
         denied = {k.rpartition(":")[0]: v for k, v in trace.counts.items() if k.endswith(":denied")}
-        kept: dict[str, int] = {}
-        for e in mine:
-            if e.action == "denied":
-                kept[e.kind] = kept.get(e.kind, 0) + 1
-        missing = {k: n - kept.get(k, 0) for k, n in denied.items() if n > kept.get(k, 0)}
-        if missing:
-            categories = {P.event_category(k, {}) for k in missing}
-            findings.append(
-                Finding(
-                    rule="refusals-not-logged",
-                    severity=Severity.CRITICAL if categories & {"exec", "network"} else Severity.HIGH,
-                    category="monitor",
-                    message="the load made refused calls beyond what the event log keeps: "
-                    + ", ".join(f"{n} {k}" for k, n in sorted(missing.items())[:8]),
-                    evidence={
-                        "refused": dict(sorted(missing.items())[:50]),
-                        "categories": sorted(categories),
-                    },
-                )
-            )
+        unlogged = _refusals_not_logged(denied, [e for e in mine if e.action == "denied"])
+        if unlogged is not None:
+            findings.append(unlogged)
     return events, findings, notes

@@ -12,10 +12,11 @@ import sys
 from typing import Any
 
 from . import _scan
+from ._rules import finding
 from ._worker import _protocol as P
 from .errors import SandboxError, UnsupportedFormat
 from .policy import Policy
-from .report import Finding, LoadReport, Severity, Verdict
+from .report import LoadReport, Severity, Verdict
 
 __all__ = [
     "SCAN_STOPPED",
@@ -201,13 +202,12 @@ def differential(report: LoadReport, st: _scan.StaticScan | None) -> None:
     ]
     if acted and not static_saw:
         report.add(
-            Finding(
-                rule="static-dynamic-mismatch",
-                severity=Severity.HIGH,
-                category="evasion",
-                message="the static scan saw no dangerous global, yet the load acted: the file is "
+            finding(
+                "static-dynamic-mismatch",
+                "evasion",
+                "the static scan saw no dangerous global, yet the load acted: the file is "
                 "built to evade pickle scanners",
-                evidence={"static_globals": len(st.globals), "observed": acted[0].message},
+                {"static_globals": len(st.globals), "observed": acted[0].message},
             )
         )
     loaded_as = report.format
@@ -217,13 +217,7 @@ def differential(report: LoadReport, st: _scan.StaticScan | None) -> None:
         and st.format != loaded_as
     ):
         report.add(
-            Finding(
-                rule="format-differential",
-                severity=Severity.HIGH,
-                category="evasion",
-                message="the file reads as one format to a scanner and loads as another",
-                evidence={"static": st.format, "loaded_as": loaded_as},
-            )
+            finding("format-differential", "evasion", evidence={"static": st.format, "loaded_as": loaded_as})
         )
 
 
@@ -239,13 +233,11 @@ def resource_abuse(report: LoadReport) -> None:
     rss = res.get("rss_peak_bytes")
     if isinstance(rss, int) and rss > _GiB + 4 * size:
         report.add(
-            Finding(
-                rule="resource-abuse",
-                severity=Severity.MEDIUM,
-                category="resource",
-                message=f"the load used {rss / 2**20:,.0f} MiB of memory for a file of "
-                f"{size / 2**20:,.1f} MiB",
-                evidence={
+            finding(
+                "resource-abuse",
+                "resource",
+                f"the load used {rss / 2**20:,.0f} MiB of memory for a file of {size / 2**20:,.1f} MiB",
+                {
                     "rss_peak_bytes": rss,
                     "file_bytes": report.input_size,
                     "tensor_bytes": report.tensor_bytes,
@@ -255,12 +247,11 @@ def resource_abuse(report: LoadReport) -> None:
     cpu = res.get("cpu_s")
     if isinstance(cpu, (int, float)) and cpu > 30 + 30 * size / _GiB:
         report.add(
-            Finding(
-                rule="resource-abuse",
-                severity=Severity.MEDIUM,
-                category="resource",
-                message=f"the load used {cpu:,.1f} s of CPU time for a file of {size / 2**20:,.1f} MiB",
-                evidence={"cpu_s": cpu, "file_bytes": report.input_size},
+            finding(
+                "resource-abuse",
+                "resource",
+                f"the load used {cpu:,.1f} s of CPU time for a file of {size / 2**20:,.1f} MiB",
+                {"cpu_s": cpu, "file_bytes": report.input_size},
             )
         )
 

@@ -180,8 +180,8 @@ class Runner(Protocol):
 
 
 class Box(Protocol):
-    """A started sandbox waiting for one job (:class:`Sandbox`, :class:`~sandbox._bwrap.
-    BwrapSandbox`)."""
+    """A started sandbox waiting for one job (a :class:`WarmSandbox`: :class:`Sandbox`,
+    :class:`~sandbox._bwrap.BwrapSandbox`; or a test's fake)."""
 
     hello: P.Hello | None
 
@@ -447,31 +447,91 @@ class DockerRunner:
         return self.start(spec, prepare=False).run(job)
 
 
-class Sandbox:
-    """One started container whose supervisor is connected and waiting (warm). Runs exactly one
-    job (:meth:`run`) or is discarded unused (:meth:`discard`); either way the container and its
-    channel are removed."""
+class WarmSandbox:
+    """One started sandbox whose supervisor is connected and waiting (warm), of either runner.
+    Runs exactly one job (:meth:`run`) or is discarded unused (:meth:`discard`); either way its
+    processes and its channel are gone afterwards. A runner's subclass says how to wait for,
+    kill and discard its sandbox, and what it learns once the sandbox has exited."""
 
-    def __init__(self, runner: DockerRunner, spec: ContainerSpec, container: Any, channel: Channel) -> None:
-        self.runner = runner
+    def __init__(self, spec: ContainerSpec, channel: Channel) -> None:
         self.spec = spec
-        self.container = container
         self.channel = channel
         self.hello: P.Hello | None = None
         self.started = time.monotonic()
-        self.logs = b""
         self.used = False
-        self.watch: _gvisor.Watch | None = None  # under gVisor: the sentry's log of this sandbox
 
     def alive(self) -> bool:
         """The supervisor still holds its end (a warm sandbox that died is not handed out)."""
         return channel_alive(self.channel)
 
     def run(self, job: Job) -> RunResult:
-        import docker.errors
-
         assert not self.used, "a sandbox runs one job"
         self.used = True
+        result = self._result(job)
+        start = time.monotonic()
+        try:
+            self.channel.send_job(job.config, job.input_fd)
+            # Backstop: the supervisor enforces the wall clock itself; this is for a supervisor
+            # that cannot (a frozen sandbox, a host under load).
+            deadline = start + job.config.wall_clock_s + 15
+            result.received = self.channel.collect(deadline, job.output_bytes)
+            if not result.received.closed:
+                if not result.received.violations:
+                    result.timed_out = True
+                self._kill()
+            self.channel.close()  # the supervisor, if alive, ends at once
+            result.exit_code = self._wait(15)
+            if result.exit_code is None:
+                self._kill()
+                result.exit_code = self._wait(15)
+            self._ended(result, logs=result.exit_code != 0 or not result.received.completed)
+        except BaseException as exc:
+            result.close()
+            failure = self._engine_failure(exc)
+            if failure is not None:
+                raise failure from None
+            raise
+        finally:
+            result.duration_s = time.monotonic() - start
+            self.discard(background=True)
+        return result
+
+    def _result(self, job: Job) -> RunResult:
+        """The result this sandbox's run fills in (runner, limits); starts what watches it."""
+        raise NotImplementedError
+
+    def _kill(self) -> None:
+        raise NotImplementedError
+
+    def _wait(self, timeout_s: float) -> int | None:
+        """The exit code, or None when the sandbox is still running after ``timeout_s``."""
+        raise NotImplementedError
+
+    def _ended(self, result: RunResult, *, logs: bool) -> None:
+        """What the runner knows once the sandbox has exited; ``logs``: keep its output (the
+        load failed or the supervisor did not complete)."""
+        raise NotImplementedError
+
+    def _engine_failure(self, exc: BaseException) -> BaseException | None:
+        """The error to raise for an exception of the runner's own machinery, or None."""
+        return None
+
+    def discard(self, *, keep_logs: bool = False, background: bool = False) -> None:
+        raise NotImplementedError
+
+
+class Sandbox(WarmSandbox):
+    """A warm Docker container (under runc, or under gVisor with ``watch`` on the sentry's trace);
+    :meth:`discard` removes the container."""
+
+    def __init__(self, runner: DockerRunner, spec: ContainerSpec, container: Any, channel: Channel) -> None:
+        super().__init__(spec, channel)
+        self.runner = runner
+        self.container = container
+        self.logs = b""
+        self.watch: _gvisor.Watch | None = None  # under gVisor: the sentry's log of this sandbox
+
+    def _result(self, job: Job) -> RunResult:
         result = RunResult(
             exit_code=None, runner="docker", limits=dict(DOCKER_LIMITS), runtime=self.runner.runtime
         )
@@ -480,39 +540,29 @@ class Sandbox:
             self.watch.fatal = frozenset(job.config.fatal)
             self.watch.on_fatal = self._stop_load
             self.watch.start()
-        start = time.monotonic()
-        try:
-            self.channel.send_job(job.config, job.input_fd)
-            # Backstop: the supervisor enforces the wall clock itself; this is for a supervisor
-            # that cannot (a frozen container, a host under load).
-            deadline = start + job.config.wall_clock_s + 15
-            result.received = self.channel.collect(deadline, job.output_bytes)
-            if not result.received.closed:
-                if not result.received.violations:
-                    result.timed_out = True
-                _kill(self.container)
-            self.channel.close()  # the supervisor, if alive, ends at once
-            result.exit_code = _wait(self.runner, self.container, 15)
-            if result.exit_code is None:
-                _kill(self.container)
-                result.exit_code = _wait(self.runner, self.container, 15)
-            self.container.reload()
-            state = self.container.attrs.get("State", {})
-            result.oom_killed = bool(state.get("OOMKilled"))
-            if result.exit_code != 0 or not result.received.completed:
-                result.logs = _bounded_logs(self.container)
-            if self.watch is not None:
-                result.trace = self._trace()
-        except docker.errors.DockerException as exc:
-            result.close()
-            raise _engine_error("run the sandbox", exc) from None
-        except BaseException:
-            result.close()
-            raise
-        finally:
-            result.duration_s = time.monotonic() - start
-            self.discard(background=True)
         return result
+
+    def _kill(self) -> None:
+        _kill(self.container)
+
+    def _wait(self, timeout_s: float) -> int | None:
+        return _wait(self.runner, self.container, timeout_s)
+
+    def _ended(self, result: RunResult, *, logs: bool) -> None:
+        self.container.reload()
+        state = self.container.attrs.get("State", {})
+        result.oom_killed = bool(state.get("OOMKilled"))
+        if logs:
+            result.logs = _bounded_logs(self.container)
+        if self.watch is not None:
+            result.trace = self._trace()
+
+    def _engine_failure(self, exc: BaseException) -> BaseException | None:
+        import docker.errors
+
+        if isinstance(exc, docker.errors.DockerException):
+            return _engine_error("run the sandbox", exc)
+        return None
 
     def _stop_load(self, stopped: dict[str, Any]) -> None:
         """Under gVisor: the policy ends the load at a refusal the host saw in the trace."""

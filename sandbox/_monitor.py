@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._launch import ContainerSpec, Job, RunResult
+from ._rules import finding
 from ._worker import _protocol as P
 from .errors import (
     LimitExceeded,
@@ -23,7 +24,7 @@ from .errors import (
     UnpicklingFailed,
     UnsupportedFormat,
 )
-from .report import Event, Finding, Severity
+from .report import Event, Finding
 
 
 @dataclass
@@ -40,18 +41,14 @@ class Outcome:
 
 
 def _limit(
-    limit: str, value: float | int, message: str, *, by: str = "engine", **evidence: Any
-) -> tuple[Finding, LimitExceeded]:
-    """The finding and the error for a limit that ended the load; ``by``: who enforced it (the
-    engine, or the supervisor inside the container)."""
-    finding = Finding(
-        rule=f"limit-{limit.replace('_', '-')}",
-        severity=Severity.MEDIUM,
-        category="resource",
-        message=message,
-        evidence={"limit": limit, "value": value, "enforced_by": by, **evidence},
-    )
-    return finding, LimitExceeded(message, limit=limit, value=value)
+    out: Outcome, limit: str, value: float | int, message: str, *, by: str = "engine", **evidence: Any
+) -> Outcome:
+    """``out`` as a load that a limit ended: its finding and its error. ``by``: who enforced
+    it (the engine, the supervisor inside the container, or the loader's own rlimit)."""
+    evidence = {"limit": limit, "value": value, "enforced_by": by, **evidence}
+    out.findings.append(finding(f"limit-{limit.replace('_', '-')}", "resource", message, evidence))
+    out.error = LimitExceeded(message, limit=limit, value=value)
+    return out
 
 
 def _cpu_limit(job: Job) -> float:
@@ -87,77 +84,61 @@ def interpret(
             out.resources["series"] = [list(p) for p in status.series]
         if status.env_keys:
             out.findings.append(
-                Finding(
-                    rule="environment-not-empty",
-                    severity=Severity.HIGH,
-                    category="credential",
-                    message="the loader's environment was not empty",
-                    evidence={"keys": list(status.env_keys[:20])},
-                )
+                finding("environment-not-empty", "credential", evidence={"keys": list(status.env_keys[:20])})
             )
     result = (status.result if status is not None else None) or P.LoadResult()
 
     # Engine-level limits first: they are facts.
     if run.oom_killed:
-        f, e = _limit(
+        return _limit(
+            out,
             "memory",
             spec.memory_bytes,
             f"the load exceeded the memory limit of {spec.memory_bytes // 2**20} MiB and was killed",
         )
-        out.findings.append(f)
-        out.error = e
-        return out
     if run.timed_out:
-        f, e = _limit("wall_clock", wall, f"the load did not finish within {wall:g} s and was stopped")
-        out.findings.append(f)
-        out.error = e
-        return out
+        return _limit(out, "wall_clock", wall, f"the load did not finish within {wall:g} s and was stopped")
     # Limits the supervisor enforced: it names them (older statuses only say "timed_out").
     acted = None if status is None else status.limit or ("wall_clock" if status.timed_out else None)
     if acted == "wall_clock":
-        f, e = _limit(
-            "wall_clock", wall, f"the load did not finish within {wall:g} s and was stopped", by="supervisor"
+        return _limit(
+            out,
+            "wall_clock",
+            wall,
+            f"the load did not finish within {wall:g} s and was stopped",
+            by="supervisor",
         )
-        out.findings.append(f)
-        out.error = e
-        return out
     if acted == "output_bytes":
-        f, e = _limit(
+        return _limit(
+            out,
             "output_bytes",
             job.output_bytes,
             f"the load wrote more than {job.output_bytes:,} bytes of output",
             by="supervisor",
         )
-        out.findings.append(f)
-        out.error = e
-        return out
     if acted == "cpu":
         cpu = _cpu_limit(job)
         used = out.resources.get("cpu_s")
-        f, e = _limit(
+        return _limit(
+            out,
             "cpu",
             cpu,
             f"the load used more than {cpu:g} s of CPU time and was stopped",
             by="supervisor",
             **({"used_s": used} if used is not None else {}),
         )
-        out.findings.append(f)
-        out.error = e
-        return out
     if run.runner == "bwrap" and not result.ok and result.type == "MemoryError":
         # without a control group the memory limit is RLIMIT_AS: an allocation past it fails
         # (MemoryError) instead of the kernel killing the container. (The type is the loader's
         # word: a payload raising MemoryError itself only ends its own load as over the limit.)
-        f, e = _limit(
+        return _limit(
+            out,
             "memory",
             spec.memory_bytes,
             f"the load exceeded the memory limit of {spec.memory_bytes // 2**20} MiB "
             "(an allocation failed at the address-space limit)",
             by="rlimit",
         )
-        out.findings.append(f)
-        out.error = e
-        return out
     if lost is not None:
         out.error = LoadFailed(lost.message)
         return out
@@ -196,37 +177,34 @@ def interpret(
     elif isinstance(exit_code, int) and exit_code < 0:
         signal_no = -exit_code
         if signal_no == 9:  # SIGKILL from the kernel: the cgroup's memory limit (or pids)
-            f, e = _limit(
+            _limit(
+                out,
                 "memory",
                 spec.memory_bytes,
                 "the loader was killed by SIGKILL, most likely at the memory limit "
                 f"of {spec.memory_bytes // 2**20} MiB",
             )
-            out.findings.append(f)
-            out.error = e
         elif signal_no == _SIGXCPU:
             cpu = _cpu_limit(job)
-            f, e = _limit(
+            _limit(
+                out,
                 "cpu",
                 cpu,
                 f"the loader used more than {cpu:g} s of CPU time and was stopped by its own CPU rlimit",
                 by="rlimit",
             )
-            out.findings.append(f)
-            out.error = e
         else:
             out.error = LoadFailed(f"the loader was killed by signal {signal_no}")
     else:
         typ = result.type
         detail = f"{typ}: {message}" if typ else message
         if "RLIMIT_FSIZE" in detail or "File too large" in detail:
-            f, e = _limit(
+            _limit(
+                out,
                 "output_bytes",
                 job.output_bytes,
                 f"the load tried to write a file larger than {job.output_bytes:,} bytes",
             )
-            out.findings.append(f)
-            out.error = e
         elif _truncated(result):
             out.error = TruncatedInput(f"the file is truncated: {detail}", path=input_path)
         elif typ == "UnpicklingError":
@@ -264,12 +242,11 @@ def _monitor_lost(run: RunResult, status: P.Status | None) -> Finding | None:
         why = f"the sandbox exited with code {run.exit_code} after its supervisor completed"
     if why is None:
         return None
-    return Finding(
-        rule="monitor-lost",
-        severity=Severity.HIGH,
-        category="evasion",
-        message=f"the monitor was lost: {why}; evidence may be missing",
-        evidence={
+    return finding(
+        "monitor-lost",
+        "evasion",
+        f"the monitor was lost: {why}; evidence may be missing",
+        {
             "exit_code": run.exit_code,
             "completed": got.completed,
             "violations": got.violations[:5],

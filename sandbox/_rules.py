@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
-from .report import Severity
+from .report import Finding, Severity
 
-__all__ = ["GROUPS", "RULES", "Rule", "render_markdown"]
+__all__ = ["GROUPS", "RULES", "Rule", "finding", "render_markdown"]
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,25 @@ default below) and `properties.security-severity` (critical 9.5, high 8.0, mediu
 info 0.0) for code-scanning dashboards. Locations are the input files (relative to `SRCROOT`,
 the current directory, when inside it); each input is also an artifact with its sha256.
 """
+
+
+def finding(
+    rule: str,
+    category: str,
+    message: str | None = None,
+    evidence: dict[str, Any] | None = None,
+    severity: Severity | None = None,
+) -> Finding:
+    """A finding of ``rule`` (an id of the table: a ``KeyError`` otherwise), at the rule's
+    default severity and with its summary as the message unless the caller gives its own."""
+    r = RULES[rule]
+    return Finding(
+        rule=rule,
+        severity=r.severity if severity is None else severity,
+        category=category,
+        message=r.summary if message is None else message,
+        evidence={} if evidence is None else evidence,
+    )
 
 
 def sarif_level(severity: Severity) -> str:

@@ -115,7 +115,8 @@ def emitted_rules() -> set[str]:
         found |= set(re.findall(r'\.add\(\s*(?:ev,\s*)?"([a-z]+(?:-[a-z0-9]+)+)"', src))
         found |= set(re.findall(r'^\s+"([a-z]+(?:-[a-z0-9]+)+)", Severity\.', src, flags=re.M))
         found |= set(re.findall(r'reference = "([a-z0-9-]+)"', src))
-        found |= {f"limit-{m.replace('_', '-')}" for m in re.findall(r'_limit\("([a-z_]+)"', src)}
+        found |= set(re.findall(r'\bfinding\(\s*"([a-z0-9-]+)"', src))
+        found |= {f"limit-{m.replace('_', '-')}" for m in re.findall(r'_limit\(\s*out,\s*"([a-z_]+)"', src)}
     return found - {
         "batch-error",
         "lock-file-invalid",
