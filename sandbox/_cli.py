@@ -24,7 +24,7 @@ from ._launch import RUNNERS, RUNTIMES, Runner, make_runner
 from ._pool import Pool
 from .errors import PolicyError, SandboxError
 from .policy import Policy, builtin_names
-from .report import LoadReport, clean_text
+from .report import LoadReport, clean_text, size_text
 
 EXIT_CLEAN, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
 
@@ -215,14 +215,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # -- batch conversion --------------------------------------------------------------------------
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def _item_line(r: object) -> str:
     from ._batch import ItemResult
 
@@ -250,7 +242,7 @@ def _summary_text(summary: object, *, quiet: bool) -> str:
         f"{f', {summary.excluded} excluded by pattern' if summary.excluded else ''})",
         f"  verdicts: clean {c['clean']}, suspicious {c['suspicious']}, malicious {c['malicious']}, "
         f"error {c['error']}",
-        f"  {_size(summary.bytes_in)} in, {_size(summary.bytes_out)} out, "
+        f"  {size_text(summary.bytes_in)} in, {size_text(summary.bytes_out)} out, "
         f"{summary.elapsed_s:.1f} s; output in {clean_text(str(summary.outdir), 500)}",
     ]
     slow = summary.slowest(5)

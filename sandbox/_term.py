@@ -31,7 +31,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from ._batch import BatchProgress, BatchSummary, ItemResult, Status
-from .report import LoadReport, clean_text
+from .report import LoadReport, clean_text, size_text
 
 __all__ = ["BatchBar", "ScanBar", "console", "no_color", "scan_table", "summary_tables"]
 
@@ -55,14 +55,6 @@ def console(stream: IO[str]) -> Console:
         emoji=False,
         markup=False,
     )
-
-
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
 
 
 def duration(s: float | None) -> str:
@@ -151,8 +143,8 @@ class BatchBar(_Live):
             total=max(p.bytes_total, 1),
             completed=p.bytes_done if p.bytes_total else (1 if p.done >= p.total else 0),
             files=Text(f"{p.done}/{p.total} files", style="bold"),
-            bytes=Text(f"{size(p.bytes_done)}/{size(p.bytes_total)}"),
-            rate=Text(f"{size(p.rate_bytes_s)}/s {files_s:.1f} files/s"),
+            bytes=Text(f"{size_text(p.bytes_done)}/{size_text(p.bytes_total)}"),
+            rate=Text(f"{size_text(p.rate_bytes_s)}/s {files_s:.1f} files/s"),
             eta=Text(f"ETA {duration(p.eta_s)}"),
             counts=_counts_text(p.counts, skipped=True),
             current=Text(clean_text(current, 300) + more, style="cyan"),
@@ -245,7 +237,8 @@ def summary_tables(summary: BatchSummary, *, quiet: bool) -> RenderableType:
         totals.add_row("excluded by pattern", str(summary.excluded))
     totals.add_row("verdicts", _counts_text(c))
     totals.add_row(
-        "data", f"{size(summary.bytes_in)} in, {size(summary.bytes_out)} out, {summary.elapsed_s:.1f} s"
+        "data",
+        f"{size_text(summary.bytes_in)} in, {size_text(summary.bytes_out)} out, {summary.elapsed_s:.1f} s",
     )
     totals.add_row("output", Text(clean_text(str(summary.outdir), 500)))
     slow = summary.slowest(5)
