@@ -95,9 +95,20 @@ class _Fields(ProgressColumn):
 
 
 class _Live:
-    """A rich progress display shown while the ``with`` block runs."""
+    """A rich progress display on ``out`` shown while the ``with`` block runs: ``columns``, then
+    the file being worked on (the task's ``current`` field), across the whole width; gone when
+    it stops."""
 
-    progress: Progress
+    def __init__(self, out: Console, *columns: ProgressColumn) -> None:
+        self.progress = Progress(
+            *columns,
+            _Fields("current", Column(no_wrap=True, overflow="ellipsis", min_width=10, ratio=1)),
+            console=out,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+            expand=True,
+        )
 
     def __enter__(self) -> Self:
         self.progress.start()
@@ -115,7 +126,8 @@ class BatchBar(_Live):
 
     def __init__(self, out: Console) -> None:
         self.console = out
-        self.progress = Progress(
+        super().__init__(
+            out,
             _Fields("files"),
             BarColumn(bar_width=24),
             TaskProgressColumn(),
@@ -123,12 +135,6 @@ class BatchBar(_Live):
             _Fields("rate"),
             _Fields("eta"),
             _Fields("counts"),
-            _Fields("current", Column(no_wrap=True, overflow="ellipsis", min_width=10, ratio=1)),
-            console=out,
-            transient=True,
-            redirect_stdout=False,
-            redirect_stderr=False,
-            expand=True,
         )
         self.task = self.progress.add_task(
             "convert", total=None, files="", bytes="", rate="", eta="", counts=Text(), current=Text()
@@ -163,19 +169,14 @@ class ScanBar(_Live):
     finishes. ``start(path)`` before each file, ``done(report)`` after it."""
 
     def __init__(self, out: Console, total: int) -> None:
-        self.progress = Progress(
+        super().__init__(
+            out,
             MofNCompleteColumn(),
             BarColumn(bar_width=24),
             TimeElapsedColumn(),
             TextColumn("ETA", markup=False),
             TimeRemainingColumn(),
             _Fields("counts"),
-            _Fields("current", Column(no_wrap=True, overflow="ellipsis", min_width=10, ratio=1)),
-            console=out,
-            transient=True,
-            redirect_stdout=False,
-            redirect_stderr=False,
-            expand=True,
         )
         self.counts = {"clean": 0, "suspicious": 0, "malicious": 0, "error": 0}
         self.task = self.progress.add_task(
