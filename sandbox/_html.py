@@ -458,20 +458,21 @@ def _events_html(r: LoadReport, p: str) -> str:
     )
 
 
-_RESOURCE_LABELS = (
-    ("wall_s", "wall time of the load", "s"),
-    ("container_s", "container lifetime", "s"),
-    ("cpu_s", "CPU time of the loader's process tree", "s"),
-    ("cpu_user_s", "CPU user time", "s"),
-    ("cpu_system_s", "CPU system time", "s"),
-    ("rss_peak_bytes", "peak memory (RSS) of the tree", "bytes"),
-    ("max_rss_kb", "largest process's maximum RSS", "kb"),
-    ("threads_peak", "peak threads", ""),
-    ("children_peak", "peak child processes", ""),
-    ("samples", "samples taken", ""),
-    ("handoff", "hand-off of the tensors", ""),
-    ("warm", "started before the job", ""),
-)
+# the figures the page names, in its order; a name's suffix is its unit: _s seconds, _bytes, _kb
+_RESOURCE_LABELS = {
+    "wall_s": "wall time of the load",
+    "container_s": "container lifetime",
+    "cpu_s": "CPU time of the loader's process tree",
+    "cpu_user_s": "CPU user time",
+    "cpu_system_s": "CPU system time",
+    "rss_peak_bytes": "peak memory (RSS) of the tree",
+    "max_rss_kb": "largest process's maximum RSS",
+    "threads_peak": "peak threads",
+    "children_peak": "peak child processes",
+    "samples": "samples taken",
+    "handoff": "hand-off of the tensors",
+    "warm": "started before the job",
+}
 
 
 def _series_svg(points: list[tuple[float, float, int]], p: str) -> str:
@@ -528,20 +529,20 @@ def _resources_html(r: LoadReport, p: str) -> str:
         return '<p class="muted">The report holds no resource figures.</p>'
     series = _series(res.get("series"))
     rows = []
-    for key, label, unit in _RESOURCE_LABELS:
+    for key, label in _RESOURCE_LABELS.items():
         if key not in res:
             continue
         value = res[key]
-        if unit == "s" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key.endswith("_s") and isinstance(value, (int, float)) and not isinstance(value, bool):
             shown = f"{value:.3f} s"
-        elif unit == "bytes" and isinstance(value, int) and not isinstance(value, bool):
+        elif key.endswith("_bytes") and isinstance(value, int) and not isinstance(value, bool):
             shown = size_text(value)
-        elif unit == "kb" and isinstance(value, int) and not isinstance(value, bool):
+        elif key.endswith("_kb") and isinstance(value, int) and not isinstance(value, bool):
             shown = size_text(value * 1024)
         else:
             shown = _e(value, 100)
         rows.append(f"<tr><td>{label}</td><td>{shown}</td></tr>")
-    known = {k for k, _, _ in _RESOURCE_LABELS} | {"series"}
+    known = set(_RESOURCE_LABELS) | {"series"}
     rows += [
         f'<tr><td class="mono">{_e(k, 60)}</td><td>{_e(v, 200)}</td></tr>'
         for k, v in sorted(res.items())
