@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ._launch import RUNNERS, RUNTIMES, Runner, make_runner
 from ._pool import Pool
 from .errors import PolicyError, SandboxError
 from .policy import Policy, builtin_names
-from .report import LoadReport, clean_text
+from .report import LoadReport, clean_text, size_text
 
 EXIT_CLEAN, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
 
@@ -215,14 +215,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # -- batch conversion --------------------------------------------------------------------------
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def _item_line(r: object) -> str:
     from ._batch import ItemResult
 
@@ -250,7 +242,7 @@ def _summary_text(summary: object, *, quiet: bool) -> str:
         f"{f', {summary.excluded} excluded by pattern' if summary.excluded else ''})",
         f"  verdicts: clean {c['clean']}, suspicious {c['suspicious']}, malicious {c['malicious']}, "
         f"error {c['error']}",
-        f"  {_size(summary.bytes_in)} in, {_size(summary.bytes_out)} out, "
+        f"  {size_text(summary.bytes_in)} in, {size_text(summary.bytes_out)} out, "
         f"{summary.elapsed_s:.1f} s; output in {clean_text(str(summary.outdir), 500)}",
     ]
     slow = summary.slowest(5)
@@ -482,6 +474,29 @@ def cmd_report_render(args: argparse.Namespace) -> int:
     return _exit_code(reports)
 
 
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    *,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """The subcommand ``name`` among ``commands``, which ``func`` runs."""
+    p = commands.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
+def _actions(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, *, help: str, description: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """The subcommand ``name`` among ``commands``, whose own subcommands (one required, the
+    ACTION; ``args.NAME_command`` names it) do the work."""
+    p = commands.add_parser(name, help=help, description=description)
+    return p.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="model-sandbox",
@@ -513,6 +528,17 @@ def build_parser() -> argparse.ArgumentParser:
             "(repeatable; plain HEX pins the one input)",
         )
         runner_option(p)
+        p.add_argument(
+            "--runtime",
+            choices=RUNTIMES,
+            default=None,
+            help="the Docker runner's runtime: runc (the engine's default) or "
+            "runsc (gVisor: a kernel in user space between the payload and "
+            "the host's kernel; slower; evidence from gVisor's own trace; "
+            "needs the engine's model-sandbox-runsc runtime, see "
+            "`MODEL_SANDBOX_RUNSC=1 scripts/ensure-docker.sh`) "
+            "(default: $MODEL_SANDBOX_RUNTIME, else runc)",
+        )
 
     def runner_option(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -524,21 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
             "engine answers, else bwrap) (default: $MODEL_SANDBOX_RUNNER, else "
             "auto)",
         )
-        if p.prog.split()[-1] in ("scan", "convert"):
-            p.add_argument(
-                "--runtime",
-                choices=RUNTIMES,
-                default=None,
-                help="the Docker runner's runtime: runc (the engine's default) or "
-                "runsc (gVisor: a kernel in user space between the payload and "
-                "the host's kernel; slower; evidence from gVisor's own trace; "
-                "needs the engine's model-sandbox-runsc runtime, see "
-                "`MODEL_SANDBOX_RUNSC=1 scripts/ensure-docker.sh`) "
-                "(default: $MODEL_SANDBOX_RUNTIME, else runc)",
-            )
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "scan",
+        cmd_scan,
         help="load files in the sandbox without keeping weights; print reports",
         description="Scan each file statically (every pickle read, never run), "
         "then load it in the sandbox, keep no weights, and print the "
@@ -559,10 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--static-only", action="store_true", help="stop after the static scan (no Docker needed)")
     common(p)
-    p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "convert",
+        cmd_convert,
         help="convert checkpoints to SafeTensors through the sandbox",
         description="One file: load SRC in the sandbox and write DST (default: SRC "
         "with the suffix .safetensors) and DST.report.json. Several "
@@ -653,10 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: stream)",
     )
     common(p)
-    p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "bom",
+        cmd_bom,
         help="write a CycloneDX 1.6 ML-BOM for a batch's OUTDIR",
         description="One machine-learning-model component per converted model, "
         "with its legacy source as pedigree ancestor and the verdict, "
@@ -664,10 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("outdir", metavar="OUTDIR")
     p.add_argument("-o", "--output", metavar="FILE", help="output file (default: stdout)")
-    p.set_defaults(func=cmd_bom)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "lock",
+        cmd_lock,
         help="print a lock file pinning the sha256 of model files",
         description="Find model files (by content) under each PATH and print "
         "`HEX  PATH` lines (sha256sum format) to use with "
@@ -677,12 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--include", action="append", metavar="GLOB", help="only matching files")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="leave out matching files")
-    p.set_defaults(func=cmd_lock)
 
-    p = sub.add_parser("image", help="the worker image", description="Manage the worker image.")
-    isub = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
-    b = isub.add_parser(
+    isub = _actions(sub, "image", help="the worker image", description="Manage the worker image.")
+    b = _command(
+        isub,
         "build",
+        cmd_image_build,
         help="build the worker image offline from this environment",
         description="Assemble the worker image from this Python environment "
         "(no registry needed) and import it into Docker; with "
@@ -691,30 +710,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--force", action="store_true", help="rebuild even if it is up to date")
     runner_option(b)
-    b.set_defaults(func=cmd_image_build)
-    t = isub.add_parser(
+    _command(
+        isub,
         "tag",
+        cmd_image_tag,
         help="print the tag this version expects",
         description="Print the content-derived tag of the worker image.",
     )
-    t.set_defaults(func=cmd_image_tag)
 
-    p = sub.add_parser(
+    psub = _actions(
+        sub,
         "policy",
         help="show or check load policies",
         description="Show a built-in policy or check a policy file.",
     )
-    psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
-    s = psub.add_parser("show", help="print a policy as JSON", description="Print a policy.")
+    s = _command(psub, "show", cmd_policy_show, help="print a policy as JSON", description="Print a policy.")
     s.add_argument("name", metavar="NAME|FILE")
-    s.set_defaults(func=cmd_policy_show)
-    c = psub.add_parser(
-        "check", help="validate a policy file", description="Validate a policy file and list every problem."
+    c = _command(
+        psub,
+        "check",
+        cmd_policy_check,
+        help="validate a policy file",
+        description="Validate a policy file and list every problem.",
     )
     c.add_argument("file", metavar="FILE")
-    c.set_defaults(func=cmd_policy_check)
 
-    p = sub.add_parser(
+    patch_sub = _actions(
+        sub,
         "patch",
         help="route torch.load of unmodified scripts through the sandbox",
         description="Install (or remove) a .pth file in site-packages that makes "
@@ -722,25 +744,29 @@ def build_parser() -> argparse.ArgumentParser:
         "torch.load through sandbox.safe_load once torch is "
         "imported. Without the variable the file does nothing.",
     )
-    patch_sub = p.add_subparsers(dest="patch_command", required=True, metavar="ACTION")
     for action, func in (("install", cmd_patch_install), ("uninstall", cmd_patch_uninstall)):
-        a = patch_sub.add_parser(
-            action, help=f"{action} the .pth file", description=f"{action.capitalize()} the .pth file."
+        a = _command(
+            patch_sub,
+            action,
+            func,
+            help=f"{action} the .pth file",
+            description=f"{action.capitalize()} the .pth file.",
         )
         where = a.add_mutually_exclusive_group()
         where.add_argument("--user", action="store_true", help="the user site-packages")
         where.add_argument("--target", metavar="DIR", help="another site directory")
-        a.set_defaults(func=func)
 
-    p = sub.add_parser(
+    rsub = _actions(
+        sub,
         "report",
         help="render a saved report as text, JSON, SARIF or an HTML page",
         description="Render a saved JSON report (or a batch's list of them). "
         "`report FILE ...` is short for `report render FILE ...`.",
     )
-    rsub = p.add_subparsers(dest="report_command", required=True, metavar="ACTION")
-    r = rsub.add_parser(
+    r = _command(
+        rsub,
         "render",
+        cmd_report_render,
         help="print a saved JSON report, or write it as an HTML page",
         description="Print a saved JSON report or list of reports (checked field "
         "by field first), or with --html write one self-contained "
@@ -757,7 +783,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the report as one HTML page (no external assets, no script) "
         "to OUT instead of printing it",
     )
-    r.set_defaults(func=cmd_report_render)
     return parser
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ReportInvalid
-from .report import SCHEMA_VERSION, Event, Finding, LoadReport, Severity, Verdict, clean_text
+from .report import SCHEMA_VERSION, Event, Finding, LoadReport, Severity, Verdict, clean_text, size_text
 
 __all__ = ["MAX_REPORT_BYTES", "read_report", "read_reports", "render_html", "render_html_many", "write_html"]
 
@@ -458,28 +458,21 @@ def _events_html(r: LoadReport, p: str) -> str:
     )
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
-_RESOURCE_LABELS = (
-    ("wall_s", "wall time of the load", "s"),
-    ("container_s", "container lifetime", "s"),
-    ("cpu_s", "CPU time of the loader's process tree", "s"),
-    ("cpu_user_s", "CPU user time", "s"),
-    ("cpu_system_s", "CPU system time", "s"),
-    ("rss_peak_bytes", "peak memory (RSS) of the tree", "bytes"),
-    ("max_rss_kb", "largest process's maximum RSS", "kb"),
-    ("threads_peak", "peak threads", ""),
-    ("children_peak", "peak child processes", ""),
-    ("samples", "samples taken", ""),
-    ("handoff", "hand-off of the tensors", ""),
-    ("warm", "started before the job", ""),
-)
+# the figures the page names, in its order; a name's suffix is its unit: _s seconds, _bytes, _kb
+_RESOURCE_LABELS = {
+    "wall_s": "wall time of the load",
+    "container_s": "container lifetime",
+    "cpu_s": "CPU time of the loader's process tree",
+    "cpu_user_s": "CPU user time",
+    "cpu_system_s": "CPU system time",
+    "rss_peak_bytes": "peak memory (RSS) of the tree",
+    "max_rss_kb": "largest process's maximum RSS",
+    "threads_peak": "peak threads",
+    "children_peak": "peak child processes",
+    "samples": "samples taken",
+    "handoff": "hand-off of the tensors",
+    "warm": "started before the job",
+}
 
 
 def _series_svg(points: list[tuple[float, float, int]], p: str) -> str:
@@ -510,7 +503,7 @@ def _series_svg(points: list[tuple[float, float, int]], p: str) -> str:
         f'<polyline points="{rss_line}" fill="none" stroke="#2d6a9f" stroke-width="2"/>',
         f'<polyline points="{cpu_line}" fill="none" stroke="#c05a00" stroke-width="1.5" '
         f'stroke-dasharray="4 2"/>',
-        f'<text x="{left - 6}" y="{top + 10}" text-anchor="end" fill="#2d6a9f">{_bytes(rss_max)}</text>',
+        f'<text x="{left - 6}" y="{top + 10}" text-anchor="end" fill="#2d6a9f">{size_text(rss_max)}</text>',
         f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" fill="#2d6a9f">0</text>',
         f'<text x="{width - right + 6}" y="{top + 10}" fill="#c05a00">{cpu_max:.0f}%</text>',
         f'<text x="{width - right + 6}" y="{top + plot_h}" fill="#c05a00">0%</text>',
@@ -536,20 +529,20 @@ def _resources_html(r: LoadReport, p: str) -> str:
         return '<p class="muted">The report holds no resource figures.</p>'
     series = _series(res.get("series"))
     rows = []
-    for key, label, unit in _RESOURCE_LABELS:
+    for key, label in _RESOURCE_LABELS.items():
         if key not in res:
             continue
         value = res[key]
-        if unit == "s" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key.endswith("_s") and isinstance(value, (int, float)) and not isinstance(value, bool):
             shown = f"{value:.3f} s"
-        elif unit == "bytes" and isinstance(value, int) and not isinstance(value, bool):
-            shown = _bytes(value)
-        elif unit == "kb" and isinstance(value, int) and not isinstance(value, bool):
-            shown = _bytes(value * 1024)
+        elif key.endswith("_bytes") and isinstance(value, int) and not isinstance(value, bool):
+            shown = size_text(value)
+        elif key.endswith("_kb") and isinstance(value, int) and not isinstance(value, bool):
+            shown = size_text(value * 1024)
         else:
             shown = _e(value, 100)
         rows.append(f"<tr><td>{label}</td><td>{shown}</td></tr>")
-    known = {k for k, _, _ in _RESOURCE_LABELS} | {"series"}
+    known = set(_RESOURCE_LABELS) | {"series"}
     rows += [
         f'<tr><td class="mono">{_e(k, 60)}</td><td>{_e(v, 200)}</td></tr>'
         for k, v in sorted(res.items())

@@ -31,7 +31,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from ._batch import BatchProgress, BatchSummary, ItemResult, Status
-from .report import LoadReport, clean_text
+from .report import LoadReport, clean_text, size_text
 
 __all__ = ["BatchBar", "ScanBar", "console", "no_color", "scan_table", "summary_tables"]
 
@@ -55,14 +55,6 @@ def console(stream: IO[str]) -> Console:
         emoji=False,
         markup=False,
     )
-
-
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
 
 
 def duration(s: float | None) -> str:
@@ -103,9 +95,20 @@ class _Fields(ProgressColumn):
 
 
 class _Live:
-    """A rich progress display shown while the ``with`` block runs."""
+    """A rich progress display on ``out`` shown while the ``with`` block runs: ``columns``, then
+    the file being worked on (the task's ``current`` field), across the whole width; gone when
+    it stops."""
 
-    progress: Progress
+    def __init__(self, out: Console, *columns: ProgressColumn) -> None:
+        self.progress = Progress(
+            *columns,
+            _Fields("current", Column(no_wrap=True, overflow="ellipsis", min_width=10, ratio=1)),
+            console=out,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+            expand=True,
+        )
 
     def __enter__(self) -> Self:
         self.progress.start()
@@ -123,7 +126,8 @@ class BatchBar(_Live):
 
     def __init__(self, out: Console) -> None:
         self.console = out
-        self.progress = Progress(
+        super().__init__(
+            out,
             _Fields("files"),
             BarColumn(bar_width=24),
             TaskProgressColumn(),
@@ -131,12 +135,6 @@ class BatchBar(_Live):
             _Fields("rate"),
             _Fields("eta"),
             _Fields("counts"),
-            _Fields("current", Column(no_wrap=True, overflow="ellipsis", min_width=10, ratio=1)),
-            console=out,
-            transient=True,
-            redirect_stdout=False,
-            redirect_stderr=False,
-            expand=True,
         )
         self.task = self.progress.add_task(
             "convert", total=None, files="", bytes="", rate="", eta="", counts=Text(), current=Text()
@@ -151,8 +149,8 @@ class BatchBar(_Live):
             total=max(p.bytes_total, 1),
             completed=p.bytes_done if p.bytes_total else (1 if p.done >= p.total else 0),
             files=Text(f"{p.done}/{p.total} files", style="bold"),
-            bytes=Text(f"{size(p.bytes_done)}/{size(p.bytes_total)}"),
-            rate=Text(f"{size(p.rate_bytes_s)}/s {files_s:.1f} files/s"),
+            bytes=Text(f"{size_text(p.bytes_done)}/{size_text(p.bytes_total)}"),
+            rate=Text(f"{size_text(p.rate_bytes_s)}/s {files_s:.1f} files/s"),
             eta=Text(f"ETA {duration(p.eta_s)}"),
             counts=_counts_text(p.counts, skipped=True),
             current=Text(clean_text(current, 300) + more, style="cyan"),
@@ -171,19 +169,14 @@ class ScanBar(_Live):
     finishes. ``start(path)`` before each file, ``done(report)`` after it."""
 
     def __init__(self, out: Console, total: int) -> None:
-        self.progress = Progress(
+        super().__init__(
+            out,
             MofNCompleteColumn(),
             BarColumn(bar_width=24),
             TimeElapsedColumn(),
             TextColumn("ETA", markup=False),
             TimeRemainingColumn(),
             _Fields("counts"),
-            _Fields("current", Column(no_wrap=True, overflow="ellipsis", min_width=10, ratio=1)),
-            console=out,
-            transient=True,
-            redirect_stdout=False,
-            redirect_stderr=False,
-            expand=True,
         )
         self.counts = {"clean": 0, "suspicious": 0, "malicious": 0, "error": 0}
         self.task = self.progress.add_task(
@@ -245,7 +238,8 @@ def summary_tables(summary: BatchSummary, *, quiet: bool) -> RenderableType:
         totals.add_row("excluded by pattern", str(summary.excluded))
     totals.add_row("verdicts", _counts_text(c))
     totals.add_row(
-        "data", f"{size(summary.bytes_in)} in, {size(summary.bytes_out)} out, {summary.elapsed_s:.1f} s"
+        "data",
+        f"{size_text(summary.bytes_in)} in, {size_text(summary.bytes_out)} out, {summary.elapsed_s:.1f} s",
     )
     totals.add_row("output", Text(clean_text(str(summary.outdir), 500)))
     slow = summary.slowest(5)

@@ -216,6 +216,16 @@ def clean_text(text: str, limit: int = 300) -> str:
     return joined if len(joined) <= limit else joined[: limit - 1] + "…"
 
 
+def size_text(n: float) -> str:
+    """``n`` bytes for people: whole bytes below 1 KiB, else KiB, MiB or GiB (the largest unit,
+    however large ``n``) with one decimal."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def _short(value: Any, limit: int = 200) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return clean_text(text, limit)
