@@ -52,7 +52,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sandbox import _scan
 from sandbox._formats import npy, tar_archive
 from sandbox._formats.buffer import Buf, open_buffer
-from sandbox._formats.pickle_ops import BIG_INT, LEGACY_MAGIC, Fault, resolve_name, step, text
+from sandbox._formats.pickle_ops import (
+    BIG_INT,
+    LEGACY_MAGIC,
+    STACK_OPS,
+    Fault,
+    resolve_name,
+    stack_op,
+    step,
+    text,
+)
 from sandbox._formats.zip_archive import ZipEntry, find_zip, torch_target
 from sandbox._scan.globals import STORAGE_TYPES
 from sandbox._worker import _protocol as P
@@ -709,15 +718,8 @@ def _interpret(
             if persistent is None:
                 raise _Unsupported("a persistent id where torch has no persistent_load")
             stack.append(persistent(pid))
-        elif op == 0x30:  # POP
-            if marks and marks[-1] == len(stack):
-                marks.pop()
-            else:
-                pop()
-        elif op == 0x31:  # POP_MARK
-            pop_mark()
-        elif op == 0x32:  # DUP
-            stack.append(top())
+        elif op in STACK_OPS:  # POP / POP_MARK / DUP
+            stack_op(op, stack, marks, pop, pop_mark, top)
         elif budget.general and op in _GENERAL_OPS:
             _general_op(op, stack, pop, pop_mark, budget)
         elif budget.general and op == 0x69:  # INST module\nname\n, MARK args
