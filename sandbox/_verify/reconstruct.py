@@ -833,18 +833,13 @@ def _decode_ascii(v: object) -> object:
 # --------------------------------------------------------------------------------------------
 
 
-class _Namer:
+class _Namer(P.TensorNames):
+    """The tensors of a value in the order the worker's extractor names them (its naming state,
+    exactly: :class:`sandbox._worker._protocol.TensorNames`)."""
+
     def __init__(self) -> None:
-        self.names: set[str] = set()
-        self.by_id: dict[int, str] = {}
+        super().__init__()
         self.order: list[tuple[str, _Tensor]] = []
-        self.nodes = 0
-        self.active: set[int] = set()
-
-    def name(self, path: tuple[str, ...]) -> str:
-        return P.tensor_name(path, self.names)  # the worker's naming, exactly
-
-    component = staticmethod(P.path_component)
 
     def walk(self, obj: object, path: tuple[str, ...] = (), depth: int = 0) -> None:
         self.nodes += 1
@@ -855,9 +850,8 @@ class _Namer:
         if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
             return
         if isinstance(obj, _Tensor):
-            if id(obj) not in self.by_id:
-                name = self.name(path)
-                self.by_id[id(obj)] = name
+            name, new = self.name_of(obj, path)
+            if new:
                 self.order.append((name, obj))
             return
         if not isinstance(obj, (dict, list, tuple)):
@@ -868,7 +862,7 @@ class _Namer:
         try:
             if isinstance(obj, dict):
                 for key, value in obj.items():
-                    comp = self.component(key)
+                    comp = P.path_component(key)
                     self.walk(key, path + (comp, "<key>"), depth + 1)
                     self.walk(value, path + (comp,), depth + 1)
             else:

@@ -1096,6 +1096,27 @@ def tensor_name(path: tuple[str, ...], taken: set[str]) -> str:
     return name
 
 
+class TensorNames:
+    """The naming state of one walk over a loaded structure, the same in the worker's walkers
+    and the host's reconstruction (their names must agree byte for byte): the names taken, the
+    name each object got (by ``id``: an object met again keeps the name of its first path),
+    the nodes visited so far and the containers being walked (to find reference cycles)."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.by_id: dict[int, str] = {}
+        self.nodes = 0
+        self.active: set[int] = set()
+
+    def name_of(self, obj: object, path: tuple[str, ...]) -> tuple[str, bool]:
+        """``obj``'s name, and whether it is new: the first time, :func:`tensor_name` of ``path``."""
+        name = self.by_id.get(id(obj))
+        if name is not None:
+            return name, False
+        name = self.by_id[id(obj)] = tensor_name(path, self.names)
+        return name, True
+
+
 # -- what a refused kernel event is, for policies that stop the load at the first one -----------
 
 FATAL_CATEGORIES = ("exec", "network", "credential", "privilege", "process", "file")
