@@ -341,3 +341,31 @@ def step(buf: Buf, pos: int, end: int) -> tuple[int, Any, int]:
         return op, None, pos + 1
     arg, pos = read(buf, pos + 1, end)
     return op, arg, pos
+
+
+#: POP, POP_MARK and DUP: opcodes that only move values on the stack (see :func:`stack_op`)
+STACK_OPS = frozenset({0x30, 0x31, 0x32})
+
+
+def stack_op(
+    op: int,
+    stack: list[object],
+    marks: list[int],
+    pop: Callable[[], object],
+    pop_mark: Callable[[], list[object]],
+    top: Callable[[], object],
+) -> None:
+    """One of :data:`STACK_OPS`, with the C unpickler's rules, over an interpreter's ``stack``,
+    ``marks`` and its own checked ``pop``/``pop_mark``/``top`` (which raise its errors and keep
+    its fence): POP drops the MARK on top of the stack where there is one (an empty
+    ``pop_mark``), else the top value; POP_MARK drops everything down to the last MARK; DUP
+    pushes the top value again."""
+    if op == 0x30:  # POP
+        if marks and marks[-1] == len(stack):
+            pop_mark()
+        else:
+            pop()
+    elif op == 0x31:  # POP_MARK
+        pop_mark()
+    else:  # DUP
+        stack.append(top())

@@ -19,12 +19,14 @@ from sandbox._formats.pickle_ops import BIG_INT as BIG
 from sandbox._formats.pickle_ops import (
     HIGHEST_PROTOCOL,
     OP_PROTO,
+    STACK_OPS,
     Fault,
     Invalid,
     Span,
     Truncated,
     at,
     resolve_name,
+    stack_op,
     step,
     text,
 )
@@ -588,16 +590,8 @@ def walk(
                 value = pop()
                 ctx.protocol_max = max_proto if ctx.protocol_max is None else max(ctx.protocol_max, max_proto)
                 return WalkOut(value, pos, max_proto)
-            elif op == 0x30:  # POP
-                if marks and marks[-1] == len(stack):
-                    marks.pop()
-                    fence = marks[-1] if marks else 0
-                else:
-                    pop()
-            elif op == 0x31:  # POP_MARK
-                pop_mark()
-            elif op == 0x32:  # DUP
-                stack.append(top())
+            elif op in STACK_OPS:  # POP / POP_MARK / DUP
+                stack_op(op, stack, marks, pop, pop_mark, top)
             elif op == 0x6C:  # LIST
                 stack.append(List(pop_mark()))
             elif op == 0x64:  # DICT

@@ -52,7 +52,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sandbox import _scan
 from sandbox._formats import npy, tar_archive
 from sandbox._formats.buffer import Buf, open_buffer
-from sandbox._formats.pickle_ops import BIG_INT, LEGACY_MAGIC, Fault, resolve_name, step, text
+from sandbox._formats.pickle_ops import (
+    BIG_INT,
+    LEGACY_MAGIC,
+    STACK_OPS,
+    Fault,
+    resolve_name,
+    stack_op,
+    step,
+    text,
+)
 from sandbox._formats.zip_archive import ZipEntry, find_zip, torch_target
 from sandbox._scan.globals import STORAGE_TYPES
 from sandbox._worker import _protocol as P
@@ -68,6 +77,7 @@ __all__ = [
     "Placement",
     "Reconstruction",
     "StaticTensor",
+    "TensorRecord",
     "compare",
     "read",
     "reconstruct",
@@ -111,17 +121,13 @@ _LEGACY_PROTOCOL_VERSION = 1001
 
 
 @dataclass(frozen=True)
-class StaticTensor:
-    """One tensor as the file's records describe it.
+class TensorRecord:
+    """One tensor as the file's records describe it: the fields :class:`StaticTensor` and
+    :class:`Placement` share.
 
     ``dtype`` is the torch dtype name (``float32``); ``storage_offset`` and ``stride`` count
     elements, as torch does (the offset is relative to the storage the pickle names, which in
     a legacy file may itself be a view starting inside root storage ``storage_key``).
-    ``sha256`` is the digest of the tensor's bytes in row-major order (what
-    ``sandbox._convert.tensor_digest`` computes for a loaded tensor); ``data`` holds those
-    bytes when :func:`try_reconstruct` was asked to keep them, else ``None``.
-    ``metadata`` is the ``conj``/``neg`` bits the pickle set on the tensor (already applied to
-    ``sha256`` and ``data``, as ``torch.load`` applies them).
     """
 
     name: str
@@ -130,6 +136,19 @@ class StaticTensor:
     stride: tuple[int, ...]
     storage_key: str
     storage_offset: int
+
+
+@dataclass(frozen=True)
+class StaticTensor(TensorRecord):
+    """One tensor as the file's records describe it (see :class:`TensorRecord`), with its bytes.
+
+    ``sha256`` is the digest of the tensor's bytes in row-major order (what
+    ``sandbox._convert.tensor_digest`` computes for a loaded tensor); ``data`` holds those
+    bytes when :func:`try_reconstruct` was asked to keep them, else ``None``.
+    ``metadata`` is the ``conj``/``neg`` bits the pickle set on the tensor (already applied to
+    ``sha256`` and ``data``, as ``torch.load`` applies them).
+    """
+
     sha256: str
     data: bytes | None = None
     metadata: tuple[tuple[str, bool], ...] = ()
@@ -400,22 +419,21 @@ def _call_known(func: object, args: object, budget: _Budget) -> object:
         if n != 4:
             raise _Unsupported(f"{name} with {n} arguments")
         return _make_tensor(args[0], args[1], args[2], args[3], None, None)
-    if name == "torch._utils._rebuild_tensor_v2":
-        if n not in (6, 7):
+    if name in ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3"):
+        # (storage, offset, size, stride, requires_grad, hooks[, dtype: v3 only][, metadata])
+        v3 = name == "torch._utils._rebuild_tensor_v3"
+        fixed = 7 if v3 else 6  # the arguments before the optional metadata
+        if n not in (fixed, fixed + 1):
             raise _Unsupported(f"{name} with {n} arguments")
         if not isinstance(args[4], bool):
             raise _Unsupported("requires_grad is not a bool")
         _check_hooks(args[5])
-        return _make_tensor(args[0], args[1], args[2], args[3], None, args[6] if n == 7 else None)
-    if name == "torch._utils._rebuild_tensor_v3":
-        if n not in (7, 8):
-            raise _Unsupported(f"{name} with {n} arguments")
-        if not isinstance(args[4], bool):
-            raise _Unsupported("requires_grad is not a bool")
-        _check_hooks(args[5])
-        if not isinstance(args[6], _Dtype):
-            raise _Unsupported("_rebuild_tensor_v3 without a dtype")
-        return _make_tensor(args[0], args[1], args[2], args[3], args[6].name, args[7] if n == 8 else None)
+        dtype = None
+        if v3:
+            if not isinstance(args[6], _Dtype):
+                raise _Unsupported("_rebuild_tensor_v3 without a dtype")
+            dtype = args[6].name
+        return _make_tensor(args[0], args[1], args[2], args[3], dtype, args[fixed] if n > fixed else None)
     if name == "torch._utils._rebuild_parameter":
         if n != 3 or not isinstance(args[0], _Tensor) or not isinstance(args[1], bool):
             raise _Unsupported("_rebuild_parameter with unexpected arguments")
@@ -709,15 +727,8 @@ def _interpret(
             if persistent is None:
                 raise _Unsupported("a persistent id where torch has no persistent_load")
             stack.append(persistent(pid))
-        elif op == 0x30:  # POP
-            if marks and marks[-1] == len(stack):
-                marks.pop()
-            else:
-                pop()
-        elif op == 0x31:  # POP_MARK
-            pop_mark()
-        elif op == 0x32:  # DUP
-            stack.append(top())
+        elif op in STACK_OPS:  # POP / POP_MARK / DUP
+            stack_op(op, stack, marks, pop, pop_mark, top)
         elif budget.general and op in _GENERAL_OPS:
             _general_op(op, stack, pop, pop_mark, budget)
         elif budget.general and op == 0x69:  # INST module\nname\n, MARK args
@@ -822,18 +833,13 @@ def _decode_ascii(v: object) -> object:
 # --------------------------------------------------------------------------------------------
 
 
-class _Namer:
+class _Namer(P.TensorNames):
+    """The tensors of a value in the order the worker's extractor names them (its naming state,
+    exactly: :class:`sandbox._worker._protocol.TensorNames`)."""
+
     def __init__(self) -> None:
-        self.names: set[str] = set()
-        self.by_id: dict[int, str] = {}
+        super().__init__()
         self.order: list[tuple[str, _Tensor]] = []
-        self.nodes = 0
-        self.active: set[int] = set()
-
-    def name(self, path: tuple[str, ...]) -> str:
-        return P.tensor_name(path, self.names)  # the worker's naming, exactly
-
-    component = staticmethod(P.path_component)
 
     def walk(self, obj: object, path: tuple[str, ...] = (), depth: int = 0) -> None:
         self.nodes += 1
@@ -844,9 +850,8 @@ class _Namer:
         if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
             return
         if isinstance(obj, _Tensor):
-            if id(obj) not in self.by_id:
-                name = self.name(path)
-                self.by_id[id(obj)] = name
+            name, new = self.name_of(obj, path)
+            if new:
                 self.order.append((name, obj))
             return
         if not isinstance(obj, (dict, list, tuple)):
@@ -857,7 +862,7 @@ class _Namer:
         try:
             if isinstance(obj, dict):
                 for key, value in obj.items():
-                    comp = self.component(key)
+                    comp = P.path_component(key)
                     self.walk(key, path + (comp, "<key>"), depth + 1)
                     self.walk(value, path + (comp,), depth + 1)
             else:
@@ -1065,6 +1070,16 @@ def _tar_layout(buf: Buf, budget: _Budget) -> _Layout:
             raise _Unsupported(f"tar member {what!r} does not start with a count")
         return value
 
+    def storage_of(key: object, key_name: str, unknown: str) -> _Storage:
+        """The storage recorded under ``key``; errors name the key ``key_name``."""
+        try:
+            found = objects.get(key)
+        except TypeError:
+            raise _Unsupported(f"unhashable tar storage {key_name}") from None
+        if not isinstance(found, _Storage):
+            raise _Unsupported(unknown)
+        return found
+
     start, length = members["storages"][-1]  # tarfile (and torch) use the last copy
     end = start + length
     n, p = _evaluate(buf, start, end, None, budget)
@@ -1096,12 +1111,7 @@ def _tar_layout(buf: Buf, budget: _Budget) -> _Layout:
     for v in views:
         if not isinstance(v, tuple) or len(v) != 4 or not all(_is_int(x) for x in v[2:]):
             raise _Unsupported("tar storage view is not (key, root, offset, numel)")
-        try:
-            root_s = objects.get(v[1])
-        except TypeError:
-            raise _Unsupported("unhashable tar storage key") from None
-        if not isinstance(root_s, _Storage):
-            raise _Unsupported("tar storage view of an unknown storage")
+        root_s = storage_of(v[1], "key", "tar storage view of an unknown storage")
         elem = _element_size(root_s.dtype)
         off, cnt = v[2], v[3]
         assert isinstance(off, int) and isinstance(cnt, int)
@@ -1116,12 +1126,7 @@ def _tar_layout(buf: Buf, budget: _Budget) -> _Layout:
         rec, p = _evaluate(buf, p, end, None, budget)
         if not isinstance(rec, tuple) or len(rec) != 3:
             raise _Unsupported("tar tensor entry is not (key, storage id, type)")
-        try:
-            storage = objects.get(rec[1])
-        except TypeError:
-            raise _Unsupported("unhashable tar storage id") from None
-        if not isinstance(storage, _Storage):
-            raise _Unsupported("tar tensor names an unknown storage")
+        storage = storage_of(rec[1], "id", "tar tensor names an unknown storage")
         if p + 8 > end:
             raise _Unsupported("tar tensor header is truncated")
         ndim = int.from_bytes(buf[p : p + 4], "little", signed=True)
@@ -1234,6 +1239,7 @@ def _materialise(
                     )
                 )
                 continue
+            data: bytes | None = None
             if (
                 numel
                 and not keep_data
@@ -1245,61 +1251,34 @@ def _materialise(
                 with memoryview(buf) as file_view:
                     with file_view[start + first : start + last] as region:
                         digest = hashlib.sha256(region).hexdigest()
-                tensors[name] = StaticTensor(
-                    name=name,
-                    dtype=t.dtype,
-                    shape=t.shape,
-                    stride=t.stride,
-                    storage_key=root,
-                    storage_offset=t.offset,
-                    sha256=digest,
-                    metadata=t.metadata,
-                )
-                continue
-            dtype = getattr(torch, t.dtype)
-            if numel:
-                if raw is None:
-                    raw = _storage_copy(
-                        buf, start, available, uses[0][1].storage.dtype if layout.swap else None
-                    )
-                flat = torch.frombuffer(raw, dtype=torch.uint8, offset=first, count=last - first)
-                view = flat.view(dtype).as_strided(t.shape, t.stride, 0)
             else:
-                view = torch.empty(t.shape, dtype=dtype)
-            meta = dict(t.metadata)
-            if meta:
-                view = view.clone()
-                try:
-                    torch._utils.set_tensor_metadata(view, meta)  # type: ignore[no-untyped-call]
-                    view = view.resolve_conj().resolve_neg()
-                except (RuntimeError, NotImplementedError):
-                    raise _Unsupported(
-                        f"torch cannot set the {'/'.join(meta)} bit on a {t.dtype} tensor; the load fails"
-                    ) from None
-                findings.append(
-                    Finding(
-                        rule="tensor-metadata-bits",
-                        severity=Severity.MEDIUM,
-                        category="evasion",
-                        message=(
-                            f"the pickle sets the {'/'.join(meta)} bit on tensor {name}: the "
-                            "loaded values are not the stored bytes but their "
-                            + (
-                                "negation"
-                                if "neg" in meta and "conj" not in meta
-                                else "conjugate"
-                                if "neg" not in meta
-                                else "negated conjugate"
-                            )
-                        ),
-                        evidence={"tensor": name, "bits": sorted(meta)},
-                    )
+                dtype = getattr(torch, t.dtype)
+                if numel:
+                    if raw is None:
+                        raw = _storage_copy(
+                            buf, start, available, uses[0][1].storage.dtype if layout.swap else None
+                        )
+                    flat = torch.frombuffer(raw, dtype=torch.uint8, offset=first, count=last - first)
+                    view = flat.view(dtype).as_strided(t.shape, t.stride, 0)
+                else:
+                    view = torch.empty(t.shape, dtype=dtype)
+                meta = dict(t.metadata)
+                if meta:
+                    view = view.clone()
+                    try:
+                        torch._utils.set_tensor_metadata(view, meta)  # type: ignore[no-untyped-call]
+                        view = view.resolve_conj().resolve_neg()
+                    except (RuntimeError, NotImplementedError):
+                        raise _Unsupported(
+                            f"torch cannot set the {'/'.join(meta)} bit on a {t.dtype} tensor; the load fails"
+                        ) from None
+                    findings.append(_metadata_finding(name, meta))
+                data = (
+                    view.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                    if keep_data and numel
+                    else (b"" if keep_data else None)
                 )
-            data = (
-                view.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                if keep_data and numel
-                else (b"" if keep_data else None)
-            )
+                digest = tensor_digest(view)
             tensors[name] = StaticTensor(
                 name=name,
                 dtype=t.dtype,
@@ -1307,13 +1286,34 @@ def _materialise(
                 stride=t.stride,
                 storage_key=root,
                 storage_offset=t.offset,
-                sha256=tensor_digest(view),
+                sha256=digest,
                 data=data,
                 metadata=t.metadata,
             )
     ordered = {name: tensors[name] for name, _ in named if name in tensors}
     return Reconstruction(
         format=fmt, tensors=ordered, unreadable=frozenset(unreadable), findings=tuple(findings)
+    )
+
+
+def _metadata_finding(name: str, meta: dict[str, bool]) -> Finding:
+    """The finding for a tensor whose pickle sets its conj/neg bits."""
+    return Finding(
+        rule="tensor-metadata-bits",
+        severity=Severity.MEDIUM,
+        category="evasion",
+        message=(
+            f"the pickle sets the {'/'.join(meta)} bit on tensor {name}: the "
+            "loaded values are not the stored bytes but their "
+            + (
+                "negation"
+                if "neg" in meta and "conj" not in meta
+                else "conjugate"
+                if "neg" not in meta
+                else "negated conjugate"
+            )
+        ),
+        evidence={"tensor": name, "bits": sorted(meta)},
     )
 
 
@@ -1618,17 +1618,11 @@ def try_inventory(
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Where one tensor of a plain torch-zip state dict lies in the file: ``file_offset`` is
-    the byte offset of its first element, ``extent`` the bytes from there to its last one; both
-    lie inside the record of its storage (checked)."""
+class Placement(TensorRecord):
+    """Where one tensor of a plain torch-zip state dict (see :class:`TensorRecord`) lies in the
+    file: ``file_offset`` is the byte offset of its first element, ``extent`` the bytes from
+    there to its last one; both lie inside the record of its storage (checked)."""
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    storage_key: str
-    storage_offset: int
     parameter: bool
     file_offset: int
     extent: int

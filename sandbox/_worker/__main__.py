@@ -138,23 +138,13 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
             message = {"ok": False, "kind": exc.kind, "message": str(exc)[:4000], "detected": exc.detected}
             code = 3
         except BaseException as exc:  # whatever torch (or the payload) raised
-            message = {
-                "ok": False,
-                "kind": "load-failed",
-                "type": type(exc).__name__,
-                "message": str(exc)[:4000],
-            }
+            message = _raised("load-failed", exc)
             code = 4
     except _MonitorFailed as exc:
         message = {"ok": False, "kind": "monitor-failed", "message": str(exc)[:4000]}
         code = 5
     except BaseException as exc:  # setting up the loader failed: no input was opened
-        message = {
-            "ok": False,
-            "kind": "monitor-failed",
-            "type": type(exc).__name__,
-            "message": str(exc)[:4000],
-        }
+        message = _raised("monitor-failed", exc)
         code = 5
     finally:
         try:
@@ -162,6 +152,11 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
         except BaseException:
             pass
         os._exit(code)
+
+
+def _raised(kind: str, exc: BaseException) -> dict[str, Any]:
+    """The loader's result when an unexpected exception ended it: ``kind``, and what it was."""
+    return {"ok": False, "kind": kind, "type": type(exc).__name__, "message": str(exc)[:4000]}
 
 
 def _receive_job(sock: socket.socket) -> tuple[P.JobConfig, int]:
@@ -978,23 +973,18 @@ def _take_listener(
     monitor = None
     if plain:
         ok = _seccomp.wait_readable([hand_r], 30) and os.read(hand_r, 32) == PLAIN_HANDOFF
+    else:
         try:
-            os.write(ack_w, b"ok" if ok else b"no")
+            if _seccomp.wait_readable([hand_r], 30):
+                number = os.read(hand_r, 32)
+                if number.isdigit():
+                    listener = _seccomp.take_fd(pid, int(number))
+                    monitor = _Monitor(listener, pid, log, canary_files, start, cfg)
         except OSError:
-            pass
-        os.close(hand_r)
-        os.close(ack_w)
-        return None
+            monitor = None
+        ok = monitor is not None
     try:
-        if _seccomp.wait_readable([hand_r], 30):
-            number = os.read(hand_r, 32)
-            if number.isdigit():
-                listener = _seccomp.take_fd(pid, int(number))
-                monitor = _Monitor(listener, pid, log, canary_files, start, cfg)
-    except OSError:
-        monitor = None
-    try:
-        os.write(ack_w, b"ok" if monitor else b"no")
+        os.write(ack_w, b"ok" if ok else b"no")
     except OSError:
         pass
     os.close(hand_r)

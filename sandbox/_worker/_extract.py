@@ -49,16 +49,13 @@ class Extraction:
     notes: list[str] = field(default_factory=list)
 
 
-class Extractor:
+class Extractor(P.TensorNames):
     def __init__(self, locations: dict[int, str] | None = None) -> None:
+        super().__init__()
         self.locations = locations or {}
         self.uses: list[_TensorUse] = []
-        self.by_id: dict[int, str] = {}
-        self.names: set[str] = set()
-        self.nodes = 0
         self.unrepresentable: list[dict[str, str]] = []
         self.notes: list[str] = []
-        self._stack: set[int] = set()
         self.composites: dict[int, dict[str, Any]] = {}
         self.keep: list[torch.Tensor] = []  # composites stay alive while their ids are keys
 
@@ -121,13 +118,13 @@ class Extractor:
                 if isinstance(obj, base):
                     return self.walk(base(obj), path, depth)
 
-        if id(obj) in self._stack:
+        if id(obj) in self.active:
             return self._opaque(obj, where, "reference cycle")
-        self._stack.add(id(obj))
+        self.active.add(id(obj))
         try:
             return self._container(obj, path, where, depth)
         finally:
-            self._stack.discard(id(obj))
+            self.active.discard(id(obj))
 
     def _value(self, obj: Any, tname: str, path: tuple[str, ...], where: str, depth: int) -> Any:
         if tname in ("datetime.datetime", "datetime.date", "datetime.time"):
@@ -293,12 +290,9 @@ class Extractor:
         return node
 
     def _ref(self, t: torch.Tensor, path: tuple[str, ...], kind: str) -> str:
-        existing = self.by_id.get(id(t))
-        if existing is not None:
-            return existing
-        name = self._name(path)
-        self.by_id[id(t)] = name
-        self.uses.append(_TensorUse(name, t, kind))
+        name, new = self.name_of(t, path)
+        if new:
+            self.uses.append(_TensorUse(name, t, kind))
         return name
 
     def _ndarray(self, a: np.ndarray, path: tuple[str, ...], where: str) -> Any:

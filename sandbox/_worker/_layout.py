@@ -162,15 +162,12 @@ class _Unpickler(pickle.Unpickler):
         return seen
 
 
-class _Walker:
+class _Walker(P.TensorNames):
     """The extractor's skeleton and naming (``_extract.Extractor``), for plain data only."""
 
     def __init__(self) -> None:
-        self.names: set[str] = set()
-        self.by_id: dict[int, str] = {}
+        super().__init__()
         self.tensors: list[dict[str, Any]] = []
-        self.nodes = 0
-        self.active: set[int] = set()
 
     def walk(self, obj: Any, path: tuple[str, ...] = (), depth: int = 0) -> Any:
         self.nodes += 1
@@ -220,9 +217,8 @@ class _Walker:
         raise NotPlain(f"a {type(obj).__name__} value")
 
     def _ref(self, t: _Tensor, path: tuple[str, ...]) -> str:
-        name = self.by_id.get(id(t))
-        if name is None:
-            name = self.by_id[id(t)] = P.tensor_name(path, self.names)
+        name, new = self.name_of(t, path)
+        if new:
             self.tensors.append(
                 {
                     "name": name,

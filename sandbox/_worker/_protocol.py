@@ -45,7 +45,9 @@ import math
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Self, TypeVar
 
 PROTOCOL_VERSION = 2
 
@@ -292,6 +294,44 @@ def _doc(data: bytes, what: str) -> dict[str, object]:
     return _obj(parse_json(data, what), what)
 
 
+def _good_items(raw: object, limit: int, good: Callable[[Any, Any], bool]) -> tuple[tuple[Any, Any], ...]:
+    """The entries among the first ``limit`` of a JSON object that pass ``good``, in order; none
+    where ``raw`` is not an object (for the parts of a document that are read leniently)."""
+    if not isinstance(raw, dict):
+        return ()
+    return tuple((k, v) for k, v in list(raw.items())[:limit] if good(k, v))
+
+
+_T = TypeVar("_T")
+
+
+def _optional(raw: object, what: str, read: Callable[[dict[str, object], str], _T]) -> _T | None:
+    """``read`` of the object ``raw`` (called ``what`` in errors); None where ``raw`` is None."""
+    return None if raw is None else read(_obj(raw, what), what)
+
+
+class _Returned:
+    """A document the sandbox sends back, called :attr:`WHAT` in errors: :meth:`from_json`
+    parses its bytes, ``from_obj`` checks the parsed value."""
+
+    WHAT: ClassVar[str]
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Self:
+        return cls.from_obj(parse_json(data, cls.WHAT))
+
+    @classmethod
+    def from_obj(cls, data: object) -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def _fields(cls, data: object) -> dict[str, object]:
+        """``data`` as an object of this protocol's version."""
+        d = _obj(data, cls.WHAT)
+        _req(d.get("protocol") == PROTOCOL_VERSION, f"{cls.WHAT}: wrong protocol version")
+        return d
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """A stored tensor: its bytes are in the tensors output, ``nbytes`` long, in the safetensors
@@ -351,7 +391,7 @@ _LAYOUT_KEYS = frozenset({"name", "key", "dtype", "shape", "stride", "offset", "
 
 
 @dataclass(frozen=True)
-class Manifest:
+class Manifest(_Returned):
     """What the loader returned, as data: stored tensors, views, or (the layout hand-off) where
     each tensor lies in the input; the skeleton of the returned structure (a JSON tree checked
     node by node where the host rebuilds it); what could not be represented; notes."""
@@ -363,6 +403,8 @@ class Manifest:
     skeleton: object = None
     unrepresentable: tuple[Unrepresentable, ...] = ()
     notes: tuple[str, ...] = ()
+
+    WHAT: ClassVar[str] = MANIFEST_FILE
 
     def to_obj(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -382,14 +424,9 @@ class Manifest:
         return json.dumps(self.to_obj(), separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        return cls.from_obj(parse_json(data, MANIFEST_FILE))
-
-    @classmethod
     def from_obj(cls, data: object) -> Manifest:
         what = MANIFEST_FILE
-        d = _obj(data, what)
-        _req(d.get("protocol") == PROTOCOL_VERSION, f"{what}: wrong protocol version")
+        d = cls._fields(data)
         raw_tensors, raw_views = d.get("tensors"), d.get("views")
         _req(isinstance(raw_tensors, list) and len(raw_tensors) <= MAX_TENSORS, f"{what}: tensors malformed")
         _req(isinstance(raw_views, list) and len(raw_views) <= MAX_TENSORS, f"{what}: views malformed")
@@ -560,7 +597,7 @@ SUPERVISOR_LIMITS = ("wall_clock", "cpu", "output_bytes")
 
 
 @dataclass(frozen=True)
-class Status:
+class Status(_Returned):
     """The supervisor's account of one job: the input it saw, how the loader ended, what it
     used, the limits it enforced, the canary values it planted and the monitor's counts.
 
@@ -590,15 +627,12 @@ class Status:
     truncated: bool = False
     output_problems: tuple[tuple[str, str], ...] = ()
 
-    @classmethod
-    def from_json(cls, data: bytes) -> Status:
-        return cls.from_obj(parse_json(data, STATUS_FILE))
+    WHAT: ClassVar[str] = STATUS_FILE
 
     @classmethod
     def from_obj(cls, data: object) -> Status:
         what = STATUS_FILE
-        d = _obj(data, what)
-        _req(d.get("protocol") == PROTOCOL_VERSION, f"{what}: wrong protocol version")
+        d = cls._fields(data)
         sha = d.get("input_sha256")
         _req(sha is None or _sha256(sha), f"{what}: input_sha256 is not a sha256")
         env = d.get("env_keys", [])
@@ -631,8 +665,8 @@ class Status:
             timed_out=timed_out is True,
             resources=cls._resources(d.get("resources")),
             series=cls._series(d.get("resources")),
-            stopped=cls._stopped(d.get("stopped")),
-            result=cls._result(d.get("result")),
+            stopped=_optional(d.get("stopped"), f"{what}.stopped", cls._stopped),
+            result=_optional(d.get("result"), f"{what}.result", cls._result),
             canaries=canaries,
             canary_files=canary_files,
             kernel_monitor=kernel,
@@ -690,11 +724,7 @@ class Status:
         return tuple(out)
 
     @staticmethod
-    def _stopped(raw: object) -> Stopped | None:
-        if raw is None:
-            return None
-        what = f"{STATUS_FILE}.stopped"
-        s = _obj(raw, what)
+    def _stopped(s: dict[str, object], what: str) -> Stopped:
         kind, category = _opt_str(s, "kind", 40, what), _opt_str(s, "category", 40, what)
         t = _opt_num(s, "t", what)
         _req(kind is not None and category is not None and t is not None, f"{what} malformed")
@@ -702,11 +732,7 @@ class Status:
         return Stopped(kind=kind, category=category, t=t)
 
     @staticmethod
-    def _result(raw: object) -> LoadResult | None:
-        if raw is None:
-            return None
-        what = f"{STATUS_FILE}.result"
-        r = _obj(raw, what)
+    def _result(r: dict[str, object], what: str) -> LoadResult:
         ok = r.get("ok", False)
         _req(isinstance(ok, bool), f"{what}.ok is not a boolean")
         return LoadResult(
@@ -724,30 +750,29 @@ class Status:
     def _canaries(raw: object) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
         if not isinstance(raw, dict):
             return (), ()
-        values, files = raw.get("values"), raw.get("files")
-        good: list[tuple[str, str]] = []
-        if isinstance(values, dict):
-            for k, v in list(values.items())[:MAX_CANARIES]:
-                if isinstance(k, str) and isinstance(v, str) and 12 <= len(v) <= 512 and len(k) <= 64:
-                    good.append((k, v))
+        files = raw.get("files")
+        good = _good_items(
+            raw.get("values"),
+            MAX_CANARIES,
+            lambda k, v: isinstance(k, str) and isinstance(v, str) and 12 <= len(v) <= 512 and len(k) <= 64,
+        )
         paths = (
             tuple(p for p in files[:MAX_CANARIES] if isinstance(p, str) and len(p) <= 256)
             if isinstance(files, list)
             else ()
         )
-        return tuple(good), paths
+        return good, paths
 
     @staticmethod
     def _monitor(raw: object) -> tuple[tuple[tuple[str, int], ...], bool, bool]:
         if not isinstance(raw, dict):
             return (), False, False
-        counts = raw.get("counts")
-        good: list[tuple[str, int]] = []
-        if isinstance(counts, dict):
-            for k, v in list(counts.items())[:1000]:
-                if isinstance(k, str) and len(k) <= 160 and _is_int(v) and 0 <= v < 2**53:
-                    good.append((k, v))
-        return tuple(good), raw.get("kernel") is True, raw.get("truncated") is True
+        good = _good_items(
+            raw.get("counts"),
+            1000,
+            lambda k, v: isinstance(k, str) and len(k) <= 160 and _is_int(v) and 0 <= v < 2**53,
+        )
+        return good, raw.get("kernel") is True, raw.get("truncated") is True
 
 
 # -- event lines: what the supervisor streams while the load runs --------------------------------
@@ -1094,6 +1119,27 @@ def tensor_name(path: tuple[str, ...], taken: set[str]) -> str:
         n += 1
     taken.add(name)
     return name
+
+
+class TensorNames:
+    """The naming state of one walk over a loaded structure, the same in the worker's walkers
+    and the host's reconstruction (their names must agree byte for byte): the names taken, the
+    name each object got (by ``id``: an object met again keeps the name of its first path),
+    the nodes visited so far and the containers being walked (to find reference cycles)."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.by_id: dict[int, str] = {}
+        self.nodes = 0
+        self.active: set[int] = set()
+
+    def name_of(self, obj: object, path: tuple[str, ...]) -> tuple[str, bool]:
+        """``obj``'s name, and whether it is new: the first time, :func:`tensor_name` of ``path``."""
+        name = self.by_id.get(id(obj))
+        if name is not None:
+            return name, False
+        name = self.by_id[id(obj)] = tensor_name(path, self.names)
+        return name, True
 
 
 # -- what a refused kernel event is, for policies that stop the load at the first one -----------

@@ -197,6 +197,38 @@ _arg_lo, _arg_hi = P.bpf_arg_lo, P.bpf_arg_hi
 _Asm = P.BpfAsm
 
 
+def _prologue(refuse: str) -> P.BpfAsm:
+    """The start both filters share: another architecture or the x32 ABI jumps to ``refuse``;
+    ``clone`` to label ``clone``, ``clone3`` to ``enosys``, ``kill``/``tgkill`` to ``kill``."""
+    a = _Asm()
+    a.ld(_OFF_ARCH)
+    a.jmp(_JEQ_K, AUDIT_ARCH_X86_64, 0, refuse)
+    a.ld(_OFF_NR)
+    a.jmp(_JGE_K, X32_SYSCALL_BIT, refuse, 0)
+    a.jmp(_JEQ_K, NR_CLONE, "clone", 0)
+    a.jmp(_JEQ_K, NR_CLONE3, "enosys", 0)
+    a.jmp(_JEQ_K, NR_KILL, "kill", 0)
+    a.jmp(_JEQ_K, NR_TGKILL, "kill", 0)
+    return a
+
+
+def _epilogue(a: P.BpfAsm, refuse: str, refused: int) -> bytes:
+    """The end both filters share, assembled: label ``prctl`` (``PR_SET_SECCOMP`` and
+    ``PR_SET_DUMPABLE`` go to ``refuse``), then the answers ``allow``, ``refuse`` (returns
+    ``refused``) and ``enosys``. They come last: classic BPF only jumps forward."""
+    a.label("prctl")
+    a.ld(_arg_lo(0))
+    a.jmp(_JEQ_K, PR_SET_SECCOMP, refuse, 0)
+    a.jmp(_JEQ_K, PR_SET_DUMPABLE, refuse, "allow")
+    a.label("allow")
+    a.ret(RET_ALLOW)
+    a.label(refuse)
+    a.ret(refused)
+    a.label("enosys")
+    a.ret(RET_ERRNO | errno.ENOSYS)
+    return a.assemble()
+
+
 def build_filter(self_pid: int) -> bytes:
     """The loader's filter as raw ``struct sock_filter`` records.
 
@@ -208,15 +240,7 @@ def build_filter(self_pid: int) -> bytes:
       ``prctl(PR_SET_SECCOMP | PR_SET_DUMPABLE)``: reported;
     * every call in :data:`SYSCALLS`: reported; everything else: allowed.
     """
-    a = _Asm()
-    a.ld(_OFF_ARCH)
-    a.jmp(_JEQ_K, AUDIT_ARCH_X86_64, 0, "notify")
-    a.ld(_OFF_NR)
-    a.jmp(_JGE_K, X32_SYSCALL_BIT, "notify", 0)
-    a.jmp(_JEQ_K, NR_CLONE, "clone", 0)
-    a.jmp(_JEQ_K, NR_CLONE3, "enosys", 0)
-    a.jmp(_JEQ_K, NR_KILL, "kill", 0)
-    a.jmp(_JEQ_K, NR_TGKILL, "kill", 0)
+    a = _prologue("notify")
     a.jmp(_JEQ_K, NR_MPROTECT, "prot2", 0)
     a.jmp(_JEQ_K, NR_PKEY_MPROTECT, "prot2", 0)
     a.jmp(_JEQ_K, NR_MMAP, "mmap", 0)
@@ -240,17 +264,7 @@ def build_filter(self_pid: int) -> bytes:
     a.jmp(_JSET_K, PROT_EXEC, 0, "allow")
     a.ld(_arg_lo(3))
     a.jmp(_JSET_K, MAP_ANONYMOUS, "notify", "allow")
-    a.label("prctl")
-    a.ld(_arg_lo(0))
-    a.jmp(_JEQ_K, PR_SET_SECCOMP, "notify", 0)
-    a.jmp(_JEQ_K, PR_SET_DUMPABLE, "notify", "allow")
-    a.label("allow")  # the shared answers come last: classic BPF only jumps forward
-    a.ret(RET_ALLOW)
-    a.label("notify")
-    a.ret(RET_USER_NOTIF)
-    a.label("enosys")
-    a.ret(RET_ERRNO | errno.ENOSYS)
-    return a.assemble()
+    return _epilogue(a, "notify", RET_USER_NOTIF)
 
 
 # Under gVisor (runsc) there is no seccomp user notification: the loader installs this filter
@@ -307,15 +321,7 @@ def build_plain_filter(self_pid: int, refuse_errno: int) -> bytes:
     * every other call of :data:`SYSCALLS` not in :data:`PLAIN_ALLOWED`: refused.
     """
     deny = RET_ERRNO | (refuse_errno & 0xFFFF)
-    a = _Asm()
-    a.ld(_OFF_ARCH)
-    a.jmp(_JEQ_K, AUDIT_ARCH_X86_64, 0, "deny")
-    a.ld(_OFF_NR)
-    a.jmp(_JGE_K, X32_SYSCALL_BIT, "deny", 0)
-    a.jmp(_JEQ_K, NR_CLONE, "clone", 0)
-    a.jmp(_JEQ_K, NR_CLONE3, "enosys", 0)
-    a.jmp(_JEQ_K, NR_KILL, "kill", 0)
-    a.jmp(_JEQ_K, NR_TGKILL, "kill", 0)
+    a = _prologue("deny")
     a.jmp(_JEQ_K, NR_PRCTL, "prctl", 0)
     for name in sorted(PLAIN_SIGNAL_CALLS):
         a.jmp(_JEQ_K, SYSCALLS[name], "kill", 0)
@@ -334,17 +340,7 @@ def build_plain_filter(self_pid: int, refuse_errno: int) -> bytes:
     a.label("hi0")
     a.ld(_arg_hi(0))
     a.jmp(_JEQ_K, 0, "deny", "allow")
-    a.label("prctl")
-    a.ld(_arg_lo(0))
-    a.jmp(_JEQ_K, PR_SET_SECCOMP, "deny", 0)
-    a.jmp(_JEQ_K, PR_SET_DUMPABLE, "deny", "allow")
-    a.label("allow")
-    a.ret(RET_ALLOW)
-    a.label("deny")
-    a.ret(deny)
-    a.label("enosys")
-    a.ret(RET_ERRNO | errno.ENOSYS)
-    return a.assemble()
+    return _epilogue(a, "deny", deny)
 
 
 # -- libc ----------------------------------------------------------------------------------------
