@@ -10,6 +10,7 @@ headers that disagree, CRC, flag bits, trailing data) becomes a finding here.
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 
 from sandbox._formats import npy, tar_archive
 from sandbox._formats.buffer import Buf, u16, u32
@@ -229,7 +230,7 @@ def scan_npy(ctx: Ctx, data: Buf, end: int, label: str) -> None:
             ctx.limit(label, exc)
         # an object array of plain values (numbers, strings, nested lists) imports nothing a
         # checkpoint does not: numpy still unpickles it, but there is nothing to run
-        plain = plain and all(r.classification == "allowed" for r in ctx.refs if r.member == member)
+        plain = plain and all(r.ref.classification == "allowed" for r in ctx.refs if r.ref.member == member)
         ctx.add(
             "numpy-object-array",
             Severity.INFO if plain else Severity.MEDIUM,
@@ -338,7 +339,7 @@ def _tar_storages(ctx: Ctx, buf: Buf, start: int, end: int) -> None:
             if not (isinstance(rec, tuple) and len(rec) == 3 and isinstance(rec[2], Global)):
                 raise Invalid(p - start, "storage entry is not (key, location, storage type)")
             key, location, stype = rec
-            ref = ctx.refs[stype.idx]
+            ref = ctx.refs[stype.idx].ref
             entry = STORAGE_TYPES.get(ref.name)
             if entry is None or not isinstance(location, str) or not isinstance(key, (str, int)):
                 raise Invalid(p - start, f"storage type {ref.module}.{ref.name} is not known")
@@ -400,7 +401,7 @@ def _tar_tensors(ctx: Ctx, buf: Buf, start: int, end: int) -> None:
 
 
 def has_joblib_wrapper(ctx: Ctx, first_ref: int) -> bool:
-    return any(f"{r.module}.{r.name}" in JOBLIB_WRAPPERS for r in ctx.refs[first_ref:])
+    return any(r.ref.qualname in JOBLIB_WRAPPERS for r in ctx.refs[first_ref:])
 
 
 def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] | None:
@@ -433,7 +434,7 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
         ctx.format = "joblib"
         # Walk again the way joblib.load reads it; the plain walk above (kept) is what
         # pickle.load / torch.load would run on the same bytes.
-        plain_refs = {(r.module, r.name, r.offset) for r in ctx.refs[saved[0] :]}
+        plain_refs = {(r.ref.module, r.ref.name, r.ref.offset) for r in ctx.refs[saved[0] :]}
         plain_findings = len(ctx.findings)
         del ctx.findings[saved[2] : plain_findings]
         mark = len(ctx.refs)
@@ -449,15 +450,17 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
             ctx.limit(label, exc)
             return "joblib", member
         # drop duplicates of what the plain walk already recorded at the same offsets
-        ctx.refs[mark:] = [r for r in ctx.refs[mark:] if (r.module, r.name, r.offset) not in plain_refs]
+        ctx.refs[mark:] = [
+            r for r in ctx.refs[mark:] if (r.ref.module, r.ref.name, r.ref.offset) not in plain_refs
+        ]
         _trailing(ctx, buf, out.end, member)
         return "joblib", member
     if out.value == LEGACY_MAGIC:
         ctx.format, ctx.target = "torch-legacy", "<legacy:3>"
         names = ["<legacy:1>", "<legacy:2>", "<legacy:3>", "<legacy:4>"]
         ctx.pickles[saved[3]] = "<legacy:0>"
-        for ref in ctx.refs[saved[0] :]:
-            ref.member = "<legacy:0>"
+        for rec in ctx.refs[saved[0] :]:
+            rec.ref = replace(rec.ref, member="<legacy:0>")
         p = out.end
         for i, name in enumerate(names):
             try:
