@@ -41,7 +41,7 @@ lint: venv ## ruff (lint and format check) and mypy --strict (the tests too)
 	$(BIN)/ruff format --check sandbox tests examples benchmarks
 	$(BIN)/mypy sandbox tests
 
-docs: venv ## regenerate docs/rules.md from the rule table (sandbox/_rules.py)
+docs: venv ## regenerate docs/rules.md from the rule table (sandbox/rules.toml)
 	$(BIN)/python -m sandbox._rules > docs/rules.md
 
 clean: ## remove the virtual environment and caches

@@ -166,7 +166,7 @@ class MalformedStream(MalformedInput):
         member: str | None = None,
         partial: StaticScan | None = None,
     ) -> None:
-        super().__init__(message, path=None if path is None else os.fspath(path), offset=offset)
+        super().__init__(message, path=path, offset=offset)
         self.member = member
         self.partial = partial
 

@@ -10,6 +10,8 @@ headers that disagree, CRC, flag bits, trailing data) becomes a finding here.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
+from dataclasses import replace
 
 from sandbox._formats import npy, tar_archive
 from sandbox._formats.buffer import Buf, u16, u32
@@ -29,6 +31,9 @@ from .results import StorageRecord
 from .walker import Ctx, Global, Invalid, LimitExceeded, Truncated, WalkOut, walk, walk_quietly
 
 _MAX_TRAILING_STREAMS = 16
+
+# one record of a legacy tar member, read after its pickle: returns where the next one starts
+_TarRecord = Callable[[Ctx, Buf, int, int, WalkOut], int]
 
 
 def _member_bytes(ctx: Ctx, buf: Buf, e: ZipEntry, label: str, *, limit: int | None = None) -> bytes | None:
@@ -229,7 +234,7 @@ def scan_npy(ctx: Ctx, data: Buf, end: int, label: str) -> None:
             ctx.limit(label, exc)
         # an object array of plain values (numbers, strings, nested lists) imports nothing a
         # checkpoint does not: numpy still unpickles it, but there is nothing to run
-        plain = plain and all(r.classification == "allowed" for r in ctx.refs if r.member == member)
+        plain = plain and all(r.ref.classification == "allowed" for r in ctx.refs if r.ref.member == member)
         ctx.add(
             "numpy-object-array",
             Severity.INFO if plain else Severity.MEDIUM,
@@ -292,10 +297,10 @@ def scan_tar(ctx: Ctx, buf: Buf) -> str:
                 f"legacy tar checkpoint has no {missing!r} member",
                 member=f"tar:{missing}",
             )
-    for start, size in members.get("storages", []):
-        _tar_storages(ctx, buf, start, start + size)
+    for start, size in members.get("storages", []):  # the trailer: the storage views
+        _tar_records(ctx, buf, start, start + size, "storages", _tar_storage, trailer=True)
     for start, size in members.get("tensors", []):
-        _tar_tensors(ctx, buf, start, start + size)
+        _tar_records(ctx, buf, start, start + size, "tensors", _tar_tensor)
     for start, size in members.get("pickle", []):
         _walk_member_region(ctx, buf, start, start + size, "tar:pickle")
     return "torch-tar"
@@ -326,81 +331,74 @@ def _tar_count(value: object, p: int, end: int, label: str) -> int:
     return value
 
 
-def _tar_storages(ctx: Ctx, buf: Buf, start: int, end: int) -> None:
-    """``storages``: count, then per storage (key, location, type) + int64 numel + data."""
+def _tar_records(
+    ctx: Ctx, buf: Buf, start: int, end: int, what: str, record: _TarRecord, *, trailer: bool = False
+) -> None:
+    """A legacy tar member of counted records (``storages``, ``tensors``): a pickled count,
+    then per record a pickle and the binary data ``record`` checks (it returns where the next
+    record starts), then (``trailer``) one more pickle. A part that cannot be followed ends
+    the member's scan with a ``legacy-tar-unparsed`` finding; truncated data is fatal."""
+    label = f"tar:{what}"
     try:
-        out = _tar_walk(ctx, buf, start, end, start, "storages")
+        out = _tar_walk(ctx, buf, start, end, start, what)
         p = out.end
-        for _ in range(_tar_count(out.value, p, end, "tar:storages")):
-            out = _tar_walk(ctx, buf, p, end, start, "storages")
-            p = out.end
-            rec = out.value
-            if not (isinstance(rec, tuple) and len(rec) == 3 and isinstance(rec[2], Global)):
-                raise Invalid(p - start, "storage entry is not (key, location, storage type)")
-            key, location, stype = rec
-            ref = ctx.refs[stype.idx]
-            entry = STORAGE_TYPES.get(ref.name)
-            if entry is None or not isinstance(location, str) or not isinstance(key, (str, int)):
-                raise Invalid(p - start, f"storage type {ref.module}.{ref.name} is not known")
-            if p + 8 > end:
-                raise Fatal("tar:storages", p - start, "storage size header is truncated")
-            numel = int.from_bytes(buf[p : p + 8], "little", signed=True)
-            nbytes = numel * entry[1]
-            if numel < 0 or p + 8 + nbytes > end:
-                raise Fatal("tar:storages", p - start, "storage data is truncated")
-            ctx.storages.append(
-                StorageRecord(
-                    key=str(key), dtype=entry[0], numel=numel, location=location, member="tar:storages"
-                )
-            )
-            p += 8 + nbytes
-        _tar_walk(ctx, buf, p, end, start, "storages")  # storage views
+        for _ in range(_tar_count(out.value, p, end, label)):
+            out = _tar_walk(ctx, buf, p, end, start, what)
+            p = record(ctx, buf, start, end, out)
+        if trailer:
+            _tar_walk(ctx, buf, p, end, start, what)
     except Invalid as exc:
         ctx.add(
             "legacy-tar-unparsed",
             Severity.HIGH,
             "evasion",
-            f"tar member 'storages' cannot be followed ({exc.message}); the rest of it was not scanned",
-            member="tar:storages",
+            f"tar member '{what}' cannot be followed ({exc.message}); the rest of it was not scanned",
+            member=label,
             offset=exc.offset,
         )
     except LimitExceeded as exc:
-        ctx.limit("tar:storages", exc)
+        ctx.limit(label, exc)
 
 
-def _tar_tensors(ctx: Ctx, buf: Buf, start: int, end: int) -> None:
-    """``tensors``: count, then per tensor (key, storage id, type) + ndim + sizes + strides."""
-    try:
-        out = _tar_walk(ctx, buf, start, end, start, "tensors")
-        p = out.end
-        for _ in range(_tar_count(out.value, p, end, "tar:tensors")):
-            out = _tar_walk(ctx, buf, p, end, start, "tensors")
-            p = out.end
-            if p + 8 > end:
-                raise Fatal("tar:tensors", p - start, "tensor header is truncated")
-            ndim = int.from_bytes(buf[p : p + 4], "little", signed=True)
-            skip = 8 + 16 * ndim + 8
-            if ndim < 0 or p + skip > end:
-                raise Fatal("tar:tensors", p - start, "tensor header is truncated")
-            p += skip
-    except Invalid as exc:
-        ctx.add(
-            "legacy-tar-unparsed",
-            Severity.HIGH,
-            "evasion",
-            f"tar member 'tensors' cannot be followed ({exc.message}); the rest of it was not scanned",
-            member="tar:tensors",
-            offset=exc.offset,
-        )
-    except LimitExceeded as exc:
-        ctx.limit("tar:tensors", exc)
+def _tar_storage(ctx: Ctx, buf: Buf, start: int, end: int, out: WalkOut) -> int:
+    """One ``storages`` record: (key, location, storage type), then int64 numel and the data."""
+    p, rec = out.end, out.value
+    if not (isinstance(rec, tuple) and len(rec) == 3 and isinstance(rec[2], Global)):
+        raise Invalid(p - start, "storage entry is not (key, location, storage type)")
+    key, location, stype = rec
+    ref = ctx.refs[stype.idx].ref
+    entry = STORAGE_TYPES.get(ref.name)
+    if entry is None or not isinstance(location, str) or not isinstance(key, (str, int)):
+        raise Invalid(p - start, f"storage type {ref.module}.{ref.name} is not known")
+    if p + 8 > end:
+        raise Fatal("tar:storages", p - start, "storage size header is truncated")
+    numel = int.from_bytes(buf[p : p + 8], "little", signed=True)
+    nbytes = numel * entry[1]
+    if numel < 0 or p + 8 + nbytes > end:
+        raise Fatal("tar:storages", p - start, "storage data is truncated")
+    ctx.storages.append(
+        StorageRecord(key=str(key), dtype=entry[0], numel=numel, location=location, member="tar:storages")
+    )
+    return p + 8 + nbytes
+
+
+def _tar_tensor(ctx: Ctx, buf: Buf, start: int, end: int, out: WalkOut) -> int:
+    """One ``tensors`` record: (key, storage id, type), then ndim, sizes and strides."""
+    p = out.end
+    if p + 8 > end:
+        raise Fatal("tar:tensors", p - start, "tensor header is truncated")
+    ndim = int.from_bytes(buf[p : p + 4], "little", signed=True)
+    skip = 8 + 16 * ndim + 8
+    if ndim < 0 or p + skip > end:
+        raise Fatal("tar:tensors", p - start, "tensor header is truncated")
+    return p + skip
 
 
 # ---- stacked pickles ------------------------------------------------------------------------
 
 
 def has_joblib_wrapper(ctx: Ctx, first_ref: int) -> bool:
-    return any(f"{r.module}.{r.name}" in JOBLIB_WRAPPERS for r in ctx.refs[first_ref:])
+    return any(r.ref.qualname in JOBLIB_WRAPPERS for r in ctx.refs[first_ref:])
 
 
 def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] | None:
@@ -433,7 +431,7 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
         ctx.format = "joblib"
         # Walk again the way joblib.load reads it; the plain walk above (kept) is what
         # pickle.load / torch.load would run on the same bytes.
-        plain_refs = {(r.module, r.name, r.offset) for r in ctx.refs[saved[0] :]}
+        plain_refs = {(r.ref.module, r.ref.name, r.ref.offset) for r in ctx.refs[saved[0] :]}
         plain_findings = len(ctx.findings)
         del ctx.findings[saved[2] : plain_findings]
         mark = len(ctx.refs)
@@ -449,15 +447,17 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
             ctx.limit(label, exc)
             return "joblib", member
         # drop duplicates of what the plain walk already recorded at the same offsets
-        ctx.refs[mark:] = [r for r in ctx.refs[mark:] if (r.module, r.name, r.offset) not in plain_refs]
+        ctx.refs[mark:] = [
+            r for r in ctx.refs[mark:] if (r.ref.module, r.ref.name, r.ref.offset) not in plain_refs
+        ]
         _trailing(ctx, buf, out.end, member)
         return "joblib", member
     if out.value == LEGACY_MAGIC:
         ctx.format, ctx.target = "torch-legacy", "<legacy:3>"
         names = ["<legacy:1>", "<legacy:2>", "<legacy:3>", "<legacy:4>"]
         ctx.pickles[saved[3]] = "<legacy:0>"
-        for ref in ctx.refs[saved[0] :]:
-            ref.member = "<legacy:0>"
+        for rec in ctx.refs[saved[0] :]:
+            rec.ref = replace(rec.ref, member="<legacy:0>")
         p = out.end
         for i, name in enumerate(names):
             try:

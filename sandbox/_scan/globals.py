@@ -4,26 +4,43 @@ table of known-dangerous callables, and the classification of any ``module.name`
 
 from __future__ import annotations
 
+from sandbox._worker._protocol import TORCH_DTYPES
+
+# element sizes: SafeTensors' (the wire protocol's) for every dtype it has, and those of the
+# quantized dtypes it has none for
+_ELEMENT_SIZES = {dtype: size for dtype, (_, size) in TORCH_DTYPES.items()} | {
+    "qint8": 1,
+    "qint32": 4,
+    "quint8": 1,
+    "quint4x2": 1,
+    "quint2x4": 1,
+}
+
+_STORAGE_DTYPES = {
+    # storage class name -> dtype; torch/storage.py _dtype_to_storage_type_map
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "BFloat16Storage": "bfloat16",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+    "QInt8Storage": "qint8",
+    "QInt32Storage": "qint32",
+    "QUInt8Storage": "quint8",
+    "QUInt4x2Storage": "quint4x2",
+    "QUInt2x4Storage": "quint2x4",
+    "UntypedStorage": "uint8",
+}
+
+#: storage class name -> (dtype, element size)
 STORAGE_TYPES: dict[str, tuple[str, int]] = {
-    # storage class name -> (dtype, element size); torch/storage.py _dtype_to_storage_type_map
-    "DoubleStorage": ("float64", 8),
-    "FloatStorage": ("float32", 4),
-    "HalfStorage": ("float16", 2),
-    "LongStorage": ("int64", 8),
-    "IntStorage": ("int32", 4),
-    "ShortStorage": ("int16", 2),
-    "CharStorage": ("int8", 1),
-    "ByteStorage": ("uint8", 1),
-    "BoolStorage": ("bool", 1),
-    "BFloat16Storage": ("bfloat16", 2),
-    "ComplexDoubleStorage": ("complex128", 16),
-    "ComplexFloatStorage": ("complex64", 8),
-    "QInt8Storage": ("qint8", 1),
-    "QInt32Storage": ("qint32", 4),
-    "QUInt8Storage": ("quint8", 1),
-    "QUInt4x2Storage": ("quint4x2", 1),
-    "QUInt2x4Storage": ("quint2x4", 1),
-    "UntypedStorage": ("uint8", 1),
+    name: (dtype, _ELEMENT_SIZES[dtype]) for name, dtype in _STORAGE_DTYPES.items()
 }
 
 _TORCH_DTYPE_NAMES = (

@@ -51,14 +51,22 @@ class StorageRecord:
 
 
 @dataclass(frozen=True)
-class PickleScan:
-    """What :func:`scan_pickle_bytes` found in one stream (and the pickles nested in it)."""
+class ScanRecords:
+    """What a static walk records, of one stream (:class:`PickleScan`) or of a whole file
+    (:class:`StaticScan`): the pickle streams walked, the globals they import, the tensor
+    storages they name and the findings."""
 
-    member: str
     pickles: tuple[str, ...]
     globals: tuple[GlobalRef, ...]
     storages: tuple[StorageRecord, ...]
     findings: tuple[Finding, ...]
+
+
+@dataclass(frozen=True)
+class PickleScan(ScanRecords):
+    """What :func:`scan_pickle_bytes` found in one stream (and the pickles nested in it)."""
+
+    member: str
     protocol: int
     end: int  # offset just past the STOP opcode
 
@@ -76,14 +84,10 @@ class JoblibArray:
 
 
 @dataclass(frozen=True)
-class StaticScan:
+class StaticScan(ScanRecords):
     """Everything the static scan of one file found. See the module docstring."""
 
     format: str
-    pickles: tuple[str, ...]
-    globals: tuple[GlobalRef, ...]
-    storages: tuple[StorageRecord, ...]
-    findings: tuple[Finding, ...]
     protocol_max: int | None
     torch_would_load: str | None
     joblib_arrays: tuple[JoblibArray, ...] = ()  # the inline arrays of a joblib file

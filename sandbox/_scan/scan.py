@@ -102,7 +102,7 @@ def _first_pickle_kind(buf: Buf) -> str | None:
         return (
             "pickle"
             if pickle_like(head)
-            or any(_DOTTED.fullmatch(r.module) and _DOTTED.fullmatch(r.name) for r in ctx.refs)
+            or any(_DOTTED.fullmatch(r.ref.module) and _DOTTED.fullmatch(r.ref.name) for r in ctx.refs)
             else None
         )
     if has_joblib_wrapper(ctx, 0):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sandbox._formats import npy
 from sandbox._formats.buffer import Buf
@@ -53,14 +53,13 @@ class LimitExceeded(Exception):
 
 @dataclass
 class RefRec:
-    module: str
-    name: str
-    member: str
-    opcode: str
-    offset: int
-    classification: str
+    """One import as the walk records it. ``ref`` is the public record, kept up to date (its
+    ``called``) as the walk goes; its ``classification`` is the global's own, before the
+    context rule of :func:`classification`. ``category`` is the danger category of a dangerous
+    global, ``unresolved`` marks an import the scanner could not name."""
+
+    ref: GlobalRef
     category: str | None
-    called: bool = False
     unresolved: bool = False
     # functools.partial only: True while every partial it made binds a global that is not
     # dangerous to literal arguments and none of them is called in the stream; False once one
@@ -254,25 +253,29 @@ def walk(
 
     def called(value: object) -> None:
         if isinstance(value, Global):
-            ctx.refs[value.idx].called = True
+            rec = ctx.refs[value.idx]
+            if not rec.ref.called:
+                rec.ref = replace(rec.ref, called=True)
         elif isinstance(value, Obj) and _partial_ref(ctx, value.callee) is not None:
             _partial_ref(ctx, value.callee).inert_partial = False  # type: ignore[union-attr]
 
     def add_global(module: str, name: str, opcode: str) -> Global:
         module, name = resolve_name(module, name, proto)
         classification, category = classify_global(module, name)
-        ctx.refs.append(RefRec(module, name, member, opcode, op_off - start, classification, category))
+        ctx.refs.append(
+            RefRec(
+                GlobalRef(module, name, member, opcode, op_off - start, classification, called=False),
+                category,
+            )
+        )
         return Global(len(ctx.refs) - 1)
 
     def add_unresolved(opcode: str, why: str) -> Global:
         ctx.refs.append(
             RefRec(
-                "<unresolved>",
-                "<unresolved>",
-                member,
-                opcode,
-                op_off - start,
-                "unknown",
+                GlobalRef(
+                    "<unresolved>", "<unresolved>", member, opcode, op_off - start, "unknown", called=False
+                ),
                 None,
                 unresolved=True,
             )
@@ -327,7 +330,7 @@ def walk(
         # Hiding a pickle inside a pickle is evasion when what it hides is not plain data; a
         # nested stream of allowlisted globals is how torch pickles storages (legacy bytes
         # handed to torch.storage._load_from_bytes), so that is only noted.
-        hidden = [ref for ref in ctx.refs[saved[0] :] if ref.classification != "allowed"]
+        hidden = [rec for rec in ctx.refs[saved[0] :] if rec.ref.classification != "allowed"]
         ctx.add(
             "nested-pickle",
             Severity.HIGH if hidden else Severity.INFO,
@@ -665,9 +668,9 @@ _PARTIAL = ("functools", "partial")
 def _partial_ref(ctx: Ctx, value: object) -> RefRec | None:
     """The import record of ``functools.partial`` when ``value`` is that global."""
     if isinstance(value, Global):
-        ref = ctx.refs[value.idx]
-        if (ref.module, ref.name) == _PARTIAL:
-            return ref
+        rec = ctx.refs[value.idx]
+        if (rec.ref.module, rec.ref.name) == _PARTIAL:
+            return rec
     return None
 
 
@@ -682,7 +685,7 @@ def _inert_target(ctx: Ctx, value: object) -> bool:
     optimizer or scheduler class, an activation function); binding never calls it."""
     return (
         isinstance(value, Global)
-        and ctx.refs[value.idx].classification != "dangerous"
+        and ctx.refs[value.idx].ref.classification != "dangerous"
         and not ctx.refs[value.idx].unresolved
     )
 
@@ -708,15 +711,14 @@ def classification(r: RefRec) -> str:
     """A ref's classification, with the one context rule: ``functools.partial`` binding a
     global that is not dangerous to literal arguments, and never called, only stores a
     callable (as configs do with optimizer classes) and counts as allowed."""
-    if (r.module, r.name) == _PARTIAL and r.inert_partial:
+    if (r.ref.module, r.ref.name) == _PARTIAL and r.inert_partial:
         return "allowed"
-    return r.classification
+    return r.ref.classification
 
 
 def _callee_name(ctx: Ctx, obj: Obj) -> str | None:
     if isinstance(obj.callee, Global):
-        ref = ctx.refs[obj.callee.idx]
-        return f"{ref.module}.{ref.name}"
+        return ctx.refs[obj.callee.idx].ref.qualname
     return None
 
 
@@ -727,7 +729,7 @@ def _storage_record(ctx: Ctx, pid: tuple[object, ...], member: str) -> StorageRe
     stype, key, location, numel = pid[1], pid[2], pid[3], pid[4]
     if not isinstance(stype, Global):
         return None
-    ref = ctx.refs[stype.idx]
+    ref = ctx.refs[stype.idx].ref
     entry = STORAGE_TYPES.get(ref.name)
     if entry is None or not ref.module.startswith("torch"):
         return None
@@ -797,18 +799,7 @@ def _joblib_layout(state: object) -> tuple[int, bool, bool] | None:
 
 
 def _global_refs(ctx: Ctx) -> tuple[GlobalRef, ...]:
-    return tuple(
-        GlobalRef(
-            module=r.module,
-            name=r.name,
-            member=r.member,
-            opcode=r.opcode,
-            offset=r.offset,
-            classification=classification(r),
-            called=r.called,
-        )
-        for r in ctx.refs
-    )
+    return tuple(replace(r.ref, classification=classification(r)) for r in ctx.refs)
 
 
 def _global_findings(ctx: Ctx) -> list[Finding]:
@@ -817,7 +808,7 @@ def _global_findings(ctx: Ctx) -> list[Finding]:
     for r in ctx.refs:
         if classification(r) == "allowed" or r.unresolved:
             continue
-        groups.setdefault((r.member, r.module, r.name), []).append(r)
+        groups.setdefault((r.ref.member, r.ref.module, r.ref.name), []).append(r)
     out = []
     for (member, module, name), refs in groups.items():
         first = next((r for r in refs if classification(r) == "dangerous"), refs[0])
@@ -829,15 +820,15 @@ def _global_findings(ctx: Ctx) -> list[Finding]:
                 category=(first.category or "exec") if dangerous else "exec",
                 message=(
                     f"{member} imports {'dangerous' if dangerous else 'non-allowlisted'} "
-                    f"global {module}.{name}" + (" and calls it" if any(r.called for r in refs) else "")
+                    f"global {module}.{name}" + (" and calls it" if any(r.ref.called for r in refs) else "")
                 ),
                 evidence={
                     "global": f"{module}.{name}",
                     "member": member,
-                    "offset": first.offset,
-                    "opcode": first.opcode,
+                    "offset": first.ref.offset,
+                    "opcode": first.ref.opcode,
                     "count": len(refs),
-                    "called": any(r.called for r in refs),
+                    "called": any(r.ref.called for r in refs),
                 },
             )
         )
