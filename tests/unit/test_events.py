@@ -253,3 +253,40 @@ def test_what_follows_a_sandbox_probe_is_one_level_more_severe() -> None:
     )
     assert before["network-socket"].severity is Severity.MEDIUM
     assert rules(judge(probe))["environment-probe"].severity is Severity.LOW
+
+
+def test_every_event_the_judge_can_see_yields_rules_of_the_table() -> None:
+    """Rule ids built at run time (``network-<call>``, the self-reported table) are in the rule
+    table: every system call name, every self-reported kind, each action and the details that
+    steer the judge (path classes, writes, the supervisor, an address, a fork) end in findings
+    whose rules ``docs/rules.md`` and the SARIF log describe, and never in an error."""
+    from sandbox._rules import RULES
+    from sandbox._syscalls import X86_64
+
+    details: list[dict[str, Any]] = [
+        {},
+        {"path": "/home/user/.aws/credentials", "class": "canary", "write": True},
+        {"path": "/etc/x", "class": "outside", "write": True, "flags": "O_WRONLY"},
+        {"path": "/tmp/x", "class": "scratch", "write": True},
+        {"path": "/etc/shadow", "class": "sensitive"},
+        {"path": "/.dockerenv", "class": "probe"},
+        {"paths": ["/tmp/a", "/etc/b"], "class": "outside", "target": "/etc/c"},
+        {"supervisor": True},
+        {"family": "AF_INET", "address": "127.0.0.1", "port": 9, "target": "AF_INET 127.0.0.1:9"},
+        {"style": "fork"},
+        {"mode": "w", "path": "/tmp/x", "args": "['/bin/sh']", "source": "print(1)"},
+    ]
+    kinds = [*X86_64, "decode_error", "open", *_events._SELF_EVIDENCE]
+    seen: set[str] = set()
+    i = 0
+    for kind in kinds:
+        for action in ("denied", "allowed", "recorded"):
+            for source in ("kernel", "self_reported"):
+                events = []
+                for d in details:
+                    i += 1
+                    events.append(line(i, kind, d, action, source))
+                mon = judge(*events)
+                seen |= {f.rule for f in mon.findings}
+    assert seen - set(RULES) == set()
+    assert {"network-bind", "network-sendto", "exec-attempt", "file-link", "native-code"} <= seen
