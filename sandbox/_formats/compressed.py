@@ -77,7 +77,7 @@ def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes, b
                     if not rest or kind not in ("bz2", "xz", "lz4"):
                         break
                     d, pending = fresh(), b""
-                    out += d.decompress(rest, cap + 1 - len(out))
+                    out += d.decompress(rest, min(chunk, cap + 1 - len(out)))
                     continue
                 if d.needs_input:
                     if pending:
@@ -88,8 +88,9 @@ def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes, b
                     else:
                         break
                 else:
-                    data = b""
-                out += d.decompress(data, cap + 1 - len(out))
+                    data = b""  # output held back by the last call's bound
+                # bounded per call: lz4 allocates its whole max_length before it inflates a byte
+                out += d.decompress(data, min(chunk, cap + 1 - len(out)))
     except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError, RuntimeError) as exc:
         raise MalformedInput(f"{kind} data does not decompress: {exc}") from None
     return bytes(out[:cap]), len(out) > cap

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import pickletools
@@ -114,3 +115,26 @@ def test_npy_header_and_compression_readers() -> None:
     assert compressed.detect(packed) == "zlib"
     data, capped = compressed.decompress(packed, "zlib", 100, float("inf"))
     assert (data, capped) == (b"p" * 100, True)
+
+
+@pytest.mark.parametrize("kind", ["lz4", "bz2", "xz"])
+def test_inflating_a_stub_of_a_stream_allocates_nothing_near_the_cap(kind: str) -> None:
+    """Four bytes of an LZ4 frame once made lz4 allocate the whole cap (a GiB) up front: each
+    call's output is bounded, so a stub costs kilobytes whatever the cap."""
+    import bz2
+    import lzma
+    import time
+    import tracemalloc
+
+    import lz4.frame
+
+    whole = {"lz4": lz4.frame.compress, "bz2": bz2.compress, "xz": lzma.compress}[kind](b"x" * 4096)
+    tracemalloc.start()
+    try:
+        for stub in (whole[:4], whole[:12], whole):
+            with contextlib.suppress(MalformedInput):
+                compressed.decompress(memoryview(stub), kind, 1 << 30, time.monotonic() + 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
