@@ -4,7 +4,7 @@ table of known-dangerous callables, and the classification of any ``module.name`
 
 from __future__ import annotations
 
-from sandbox._worker._protocol import TORCH_DTYPES
+from sandbox._worker._protocol import STORAGE_DTYPES, TORCH_DTYPES
 
 # element sizes: SafeTensors' (the wire protocol's) for every dtype it has, and those of the
 # quantized dtypes it has none for
@@ -17,19 +17,9 @@ _ELEMENT_SIZES = {dtype: size for dtype, (_, size) in TORCH_DTYPES.items()} | {
 }
 
 _STORAGE_DTYPES = {
-    # storage class name -> dtype; torch/storage.py _dtype_to_storage_type_map
-    "DoubleStorage": "float64",
-    "FloatStorage": "float32",
-    "HalfStorage": "float16",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-    "BFloat16Storage": "bfloat16",
-    "ComplexDoubleStorage": "complex128",
-    "ComplexFloatStorage": "complex64",
+    # storage class name -> dtype: the protocol's plain ones, the quantized ones, and the
+    # untyped storage of bytes
+    **STORAGE_DTYPES,
     "QInt8Storage": "qint8",
     "QInt32Storage": "qint32",
     "QUInt8Storage": "quint8",

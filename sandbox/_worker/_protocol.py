@@ -1064,6 +1064,23 @@ VALUE_TYPES = frozenset(
 )
 DICT_KINDS = frozenset({"dict", "OrderedDict", "defaultdict"})
 
+#: torch's typed storage classes of plain (not quantized) dtypes, by class name: the dtype of
+#: their elements (torch/storage.py ``_dtype_to_storage_type_map``)
+STORAGE_DTYPES = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "BFloat16Storage": "bfloat16",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+}
+
 # Tensor dtypes the protocol knows, by torch name. "storage" is how the bytes are stored in
 # the safetensors file: a safetensors dtype of the same name, or raw bytes (U8) viewed back.
 TORCH_DTYPES: dict[str, tuple[str, int]] = {
