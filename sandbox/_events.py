@@ -279,7 +279,6 @@ def _judge(
                 "network",
                 f"the load tried to use a socket ({kind})",
                 key=str(target),
-                severity=Severity.HIGH,
             )
     elif kind in ("socket", "socketpair"):
         out.add(ev, "network-socket", "network", "the load created a socket", key=f"{d.get('family')}")
