@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -100,6 +101,8 @@ def _runner(files: int, kind: str | None = None, runtime: str | None = None) -> 
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    """Scan each file statically (every pickle read, never run), then load it in the sandbox, keep
+    no weights, and print the report. Exit code: the worst over all files."""
     policy = _policy(args.policy)
     paths = list(args.paths) + ([str(_hfcache.default_cache())] if args.hf_cache else [])
     if not paths:
@@ -172,6 +175,11 @@ _BATCH_ONLY = ("jobs", "include", "exclude", "force", "report_dir", "quiet", "cl
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    """One file: load SRC in the sandbox and write DST (default: SRC with the suffix .safetensors)
+    and DST.report.json. Several files or directories (recursive): write OUTDIR mirroring
+    the input tree (a/b/x.pt -> OUTDIR/a/b/x.safetensors), one report per file, and a
+    manifest that lets a re-run skip what is done. Files are recognised by content; others
+    are listed as skipped. Nothing is written for a file judged unsafe."""
     srcs: list[str] = args.srcs
     if args.cluster is None and args.cluster_output != "stream":
         from .errors import BatchError
@@ -363,6 +371,8 @@ def _convert_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_bom(args: argparse.Namespace) -> int:
+    """One machine-learning-model component per converted model, with its legacy source as pedigree
+    ancestor and the verdict, hashes, tool, image and policy digests as properties."""
     from ._bom import build_bom
 
     text, problems = build_bom(args.outdir)
@@ -378,6 +388,9 @@ def cmd_bom(args: argparse.Namespace) -> int:
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
+    """Find model files (by content) under each PATH and print `HEX  PATH` lines (sha256sum format)
+    to use with `convert --lock FILE`. Paths are relative to the current directory, as for
+    `sha256sum -c`."""
     from ._lock import lock_entries, render_lock
 
     sys.stdout.write(
@@ -387,6 +400,9 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
+    """Assemble the worker image from this Python environment (no registry needed) and import it
+    into Docker; with --runner bwrap, extract it into the user's cache instead (the bwrap
+    runner also does that on first use)."""
     from ._bwrap import BwrapRunner
     from ._launch import DockerRunner
 
@@ -404,6 +420,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_image_tag(args: argparse.Namespace) -> int:
+    """Print the content-derived tag of the worker image."""
     from ._image import image_tag
 
     print(image_tag())
@@ -417,6 +434,7 @@ def _patch_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_patch_install(args: argparse.Namespace) -> int:
+    """Install the .pth file."""
     from . import _autopatch
 
     path = _autopatch.install(_patch_dir(args))
@@ -427,6 +445,7 @@ def cmd_patch_install(args: argparse.Namespace) -> int:
 
 
 def cmd_patch_uninstall(args: argparse.Namespace) -> int:
+    """Uninstall the .pth file."""
     from . import _autopatch
 
     target = _patch_dir(args)
@@ -436,12 +455,14 @@ def cmd_patch_uninstall(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
+    """Print a policy."""
     policy = _policy(args.name)
     print(json.dumps({**policy.to_dict(), "digest": policy.digest}, indent=2))
     return EXIT_CLEAN
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Validate a policy file and list every problem."""
     try:
         policy = Policy.from_file(args.file)
     except PolicyError as exc:
@@ -454,6 +475,10 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_report_render(args: argparse.Namespace) -> int:
+    """Print a saved JSON report or list of reports (checked field by field first), or with --html
+    write one self-contained page (several reports: a table of them first): verdict,
+    findings with their evidence, a timeline of the events and the resource use (over time
+    where the report has the samples, and the peaks)."""
     from ._html import read_reports, write_html
 
     reports = read_reports(args.file)  # untrusted input: size-capped, strict, each field checked
@@ -480,10 +505,10 @@ def _command(
     func: Callable[[argparse.Namespace], int],
     *,
     help: str,
-    description: str,
 ) -> argparse.ArgumentParser:
-    """The subcommand ``name`` among ``commands``, which ``func`` runs."""
-    p = commands.add_parser(name, help=help, description=description)
+    """The subcommand ``name`` among ``commands``, which ``func`` runs; ``func``'s docstring is
+    its ``--help`` description."""
+    p = commands.add_parser(name, help=help, description=inspect.getdoc(func))
     p.set_defaults(func=func)
     return p
 
@@ -552,13 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     p = _command(
-        sub,
-        "scan",
-        cmd_scan,
-        help="load files in the sandbox without keeping weights; print reports",
-        description="Scan each file statically (every pickle read, never run), "
-        "then load it in the sandbox, keep no weights, and print the "
-        "report. Exit code: the worst over all files.",
+        sub, "scan", cmd_scan, help="load files in the sandbox without keeping weights; print reports"
     )
     p.add_argument(
         "paths",
@@ -576,19 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-only", action="store_true", help="stop after the static scan (no Docker needed)")
     common(p)
 
-    p = _command(
-        sub,
-        "convert",
-        cmd_convert,
-        help="convert checkpoints to SafeTensors through the sandbox",
-        description="One file: load SRC in the sandbox and write DST (default: SRC "
-        "with the suffix .safetensors) and DST.report.json. Several "
-        "files or directories (recursive): write OUTDIR mirroring the "
-        "input tree (a/b/x.pt -> OUTDIR/a/b/x.safetensors), one report "
-        "per file, and a manifest that lets a re-run skip what is done. "
-        "Files are recognised by content; others are listed as skipped. "
-        "Nothing is written for a file judged unsafe.",
-    )
+    p = _command(sub, "convert", cmd_convert, help="convert checkpoints to SafeTensors through the sandbox")
     p.add_argument("srcs", nargs="+", metavar="SRC", help="checkpoint files or directories")
     p.add_argument(
         "-o",
@@ -671,52 +678,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p)
 
-    p = _command(
-        sub,
-        "bom",
-        cmd_bom,
-        help="write a CycloneDX 1.6 ML-BOM for a batch's OUTDIR",
-        description="One machine-learning-model component per converted model, "
-        "with its legacy source as pedigree ancestor and the verdict, "
-        "hashes, tool, image and policy digests as properties.",
-    )
+    p = _command(sub, "bom", cmd_bom, help="write a CycloneDX 1.6 ML-BOM for a batch's OUTDIR")
     p.add_argument("outdir", metavar="OUTDIR")
     p.add_argument("-o", "--output", metavar="FILE", help="output file (default: stdout)")
 
-    p = _command(
-        sub,
-        "lock",
-        cmd_lock,
-        help="print a lock file pinning the sha256 of model files",
-        description="Find model files (by content) under each PATH and print "
-        "`HEX  PATH` lines (sha256sum format) to use with "
-        "`convert --lock FILE`. Paths are relative to the current "
-        "directory, as for `sha256sum -c`.",
-    )
+    p = _command(sub, "lock", cmd_lock, help="print a lock file pinning the sha256 of model files")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--include", action="append", metavar="GLOB", help="only matching files")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="leave out matching files")
 
     isub = _actions(sub, "image", help="the worker image", description="Manage the worker image.")
-    b = _command(
-        isub,
-        "build",
-        cmd_image_build,
-        help="build the worker image offline from this environment",
-        description="Assemble the worker image from this Python environment "
-        "(no registry needed) and import it into Docker; with "
-        "--runner bwrap, extract it into the user's cache instead "
-        "(the bwrap runner also does that on first use).",
-    )
+    b = _command(isub, "build", cmd_image_build, help="build the worker image offline from this environment")
     b.add_argument("--force", action="store_true", help="rebuild even if it is up to date")
     runner_option(b)
-    _command(
-        isub,
-        "tag",
-        cmd_image_tag,
-        help="print the tag this version expects",
-        description="Print the content-derived tag of the worker image.",
-    )
+    _command(isub, "tag", cmd_image_tag, help="print the tag this version expects")
 
     psub = _actions(
         sub,
@@ -724,15 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="show or check load policies",
         description="Show a built-in policy or check a policy file.",
     )
-    s = _command(psub, "show", cmd_policy_show, help="print a policy as JSON", description="Print a policy.")
+    s = _command(psub, "show", cmd_policy_show, help="print a policy as JSON")
     s.add_argument("name", metavar="NAME|FILE")
-    c = _command(
-        psub,
-        "check",
-        cmd_policy_check,
-        help="validate a policy file",
-        description="Validate a policy file and list every problem.",
-    )
+    c = _command(psub, "check", cmd_policy_check, help="validate a policy file")
     c.add_argument("file", metavar="FILE")
 
     patch_sub = _actions(
@@ -745,13 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
         "imported. Without the variable the file does nothing.",
     )
     for action, func in (("install", cmd_patch_install), ("uninstall", cmd_patch_uninstall)):
-        a = _command(
-            patch_sub,
-            action,
-            func,
-            help=f"{action} the .pth file",
-            description=f"{action.capitalize()} the .pth file.",
-        )
+        a = _command(patch_sub, action, func, help=f"{action} the .pth file")
         where = a.add_mutually_exclusive_group()
         where.add_argument("--user", action="store_true", help="the user site-packages")
         where.add_argument("--target", metavar="DIR", help="another site directory")
@@ -764,16 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`report FILE ...` is short for `report render FILE ...`.",
     )
     r = _command(
-        rsub,
-        "render",
-        cmd_report_render,
-        help="print a saved JSON report, or write it as an HTML page",
-        description="Print a saved JSON report or list of reports (checked field "
-        "by field first), or with --html write one self-contained "
-        "page (several reports: a table of them first): verdict, "
-        "findings with their evidence, a timeline of the events "
-        "and the resource use (over time where the report has "
-        "the samples, and the peaks).",
+        rsub, "render", cmd_report_render, help="print a saved JSON report, or write it as an HTML page"
     )
     r.add_argument("file", metavar="FILE")
     r.add_argument("--format", choices=("text", "json", "sarif"), default="text")
