@@ -310,17 +310,7 @@ def _severity_badge(sev: Severity) -> str:
 
 
 def _facts(r: LoadReport) -> str:
-    facts = []
-    if r.format:
-        facts.append(f"format {_e(r.format, 60)}")
-    if r.input_size is not None:
-        facts.append(f"{r.input_size:,} bytes")
-    if r.input_sha256:
-        facts.append(f'sha256 <span class="mono">{_e(r.input_sha256, 80)}</span>')
-    if r.tensors:
-        facts.append(f"{r.tensors:,} tensors, {r.tensor_bytes:,} bytes")
-    if r.duration_s is not None:
-        facts.append(f"{r.duration_s:.2f} s")
+    facts = r.facts(_e, lambda sha: f'<span class="mono">{_e(sha, 80)}</span>')
     if r.policy.get("name") is not None:
         facts.append(f"policy {_e(r.policy.get('name'), 80)}")
     if r.tool.get("version") is not None:

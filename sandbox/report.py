@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import unicodedata
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -158,23 +159,30 @@ class LoadReport:
         return cls.from_dict(json.loads(text))
 
     # -- rendering ---------------------------------------------------------------------------
+    def facts(self, escape: Callable[[str, int], str], sha256: Callable[[str], str]) -> list[str]:
+        """The facts every rendering opens with (format, size, the input's sha256, tensors,
+        duration), with ``escape`` making the file's strings safe for the medium and
+        ``sha256`` rendering the digest."""
+        facts = []
+        if self.format:
+            facts.append(f"format {escape(self.format, 60)}")
+        if self.input_size is not None:
+            facts.append(f"{self.input_size:,} bytes")
+        if self.input_sha256:
+            facts.append(f"sha256 {sha256(self.input_sha256)}")
+        if self.tensors:
+            facts.append(f"{self.tensors:,} tensors, {self.tensor_bytes:,} bytes")
+        if self.duration_s is not None:
+            facts.append(f"{self.duration_s:.2f} s")
+        return facts
+
     def to_text(self) -> str:
         """Readable text. Every string that came from the file or the sandbox is escaped
         (:func:`clean_text`): a file name or a global cannot move the cursor, clear the screen
         or draw a fake verdict."""
         c = clean_text
         lines = [f"{c(self.input_path, 500)}: {self.verdict.value.upper()}"]
-        facts = []
-        if self.format:
-            facts.append(f"format {c(self.format, 40)}")
-        if self.input_size is not None:
-            facts.append(f"{self.input_size:,} bytes")
-        if self.input_sha256:
-            facts.append(f"sha256 {c(self.input_sha256[:16])}…")
-        if self.tensors:
-            facts.append(f"{self.tensors} tensors, {self.tensor_bytes:,} bytes")
-        if self.duration_s is not None:
-            facts.append(f"{self.duration_s:.2f} s")
+        facts = self.facts(c, lambda sha: f"{c(sha[:16])}…")
         if self.tool.get("runner"):
             runtime = self.tool.get("runtime")
             facts.append(
