@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -143,14 +144,19 @@ def _strided(storage: Any, byte_offset: int, p: Placement, dtype: torch.dtype) -
     return raw.clone().view(dtype).as_strided(p.shape, p.stride, 0)
 
 
-def load_tensors(path: str, manifest: P.Manifest, *, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor and view named by the (validated) manifest, checked byte for byte.
+def load_tensors(
+    path: str, manifest: P.Manifest, *, mmap: bool = False
+) -> tuple[dict[str, torch.Tensor], P.Manifest]:
+    """Every tensor and view named by the (validated) manifest, checked against it, and the
+    manifest with each stored tensor's sha256 computed here from the bytes received (the
+    sandbox sends none for bytes it sends; where it did, they must agree).
     ``mmap=True``: the tensors share a private mapping of the file instead of being copied."""
     import torch
     from safetensors import SafetensorError, safe_open
 
     entries = {t.name: t for t in manifest.tensors}
     out: dict[str, torch.Tensor] = {}
+    digests: dict[str, str] = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             keys = set(f.keys())
@@ -181,7 +187,8 @@ def load_tensors(path: str, manifest: P.Manifest, *, mmap: bool = False) -> dict
                     )
                 if t.dtype != target or tuple(t.shape) != entry.shape:
                     raise OutputRejected(f"{name}: dtype/shape differ from the manifest", item=name)
-                if tensor_digest(t) != entry.sha256:
+                digests[name] = tensor_digest(t)
+                if entry.sha256 is not None and digests[name] != entry.sha256:
                     raise OutputRejected(f"{name}: bytes differ from the manifest's sha256", item=name)
                 out[name] = t
     except SafetensorError as exc:
@@ -191,7 +198,8 @@ def load_tensors(path: str, manifest: P.Manifest, *, mmap: bool = False) -> dict
     for v in manifest.views:
         base = out[v.base]
         out[v.name] = base.as_strided(v.shape, v.stride, base.storage_offset() + v.offset)
-    return out
+    hashed = tuple(dataclasses.replace(e, sha256=digests[e.name]) for e in manifest.tensors)
+    return out, dataclasses.replace(manifest, tensors=hashed)
 
 
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[storage, str], storage]

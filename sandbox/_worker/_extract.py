@@ -316,7 +316,9 @@ class Extractor(P.TensorNames):
         return {"$": "npscalar", "dtype": str(s.dtype), "ref": name}
 
     # -- storage planning ----------------------------------------------------------------------
-    def finish(self, skeleton: Any) -> Extraction:
+    def finish(self, skeleton: Any, *, digests: bool = True) -> Extraction:
+        """The stored tensors and their entries; ``digests``: each entry carries the sha256 of
+        its bytes (else ``None``: the bytes go to the host, which hashes them itself)."""
         out = Extraction(skeleton=skeleton, unrepresentable=self.unrepresentable, notes=self.notes)
         if len(self.uses) > P.MAX_TENSORS:
             raise ValueError(f"more than {P.MAX_TENSORS} tensors")
@@ -395,7 +397,8 @@ class Extractor(P.TensorNames):
             raw = data.reshape(-1).view(torch.uint8)
             if stored_as == "U8" and dtype != "uint8":
                 data = raw
-            digest = hashlib.sha256(raw.numpy().data if raw.numel() else b"").hexdigest()
+            # the host hashes the bytes it receives itself; only a scan (no bytes cross) needs ours
+            digest = hashlib.sha256(raw.numpy().data if raw.numel() else b"").hexdigest() if digests else None
             out.stored[use.name] = data
             out.entries.append(
                 {
@@ -517,7 +520,7 @@ def _module_state(
     return out
 
 
-def extract(obj: Any, locations: dict[int, str] | None = None) -> Extraction:
+def extract(obj: Any, locations: dict[int, str] | None = None, *, digests: bool = True) -> Extraction:
     ex = Extractor(locations)
     skeleton = ex.walk(obj)
-    return ex.finish(skeleton)
+    return ex.finish(skeleton, digests=digests)

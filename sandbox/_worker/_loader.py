@@ -277,10 +277,12 @@ def write_outputs(
     obj: Any, fmt: str, locations: dict[int, str], *, tensors_fd: int, manifest_fd: int, tensors: bool = True
 ) -> dict[str, Any]:
     """Extract tensors from ``obj`` and write the manifest and (unless ``tensors`` is false)
-    the SafeTensors bytes to the two output descriptors (memfds the supervisor seals)."""
+    the SafeTensors bytes to the two output descriptors (memfds the supervisor seals). The
+    manifest carries each tensor's sha256 only when the bytes stay here (a scan): the host
+    hashes the bytes it receives itself, and trusts no digest of ours for them."""
     from ._extract import extract
 
-    ex = extract(obj, locations)
+    ex = extract(obj, locations, digests=not tensors)
     skeleton_json = json.dumps(ex.skeleton, allow_nan=False, separators=(",", ":"))
     metadata = {
         "format": "pt",

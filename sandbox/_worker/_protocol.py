@@ -33,7 +33,8 @@ closes, the supervisor kills the load and the container exits.
 Outputs::
 
     tensors    a SafeTensors file of every stored tensor (written by the loader)
-    manifest   JSON: tensors (name, dtype, shape, sha256), views, skeleton, unrepresentable
+    manifest   JSON: tensors (name, dtype, shape; sha256 only when no bytes were sent: a
+               scan), views, skeleton, unrepresentable
 """
 
 from __future__ import annotations
@@ -342,7 +343,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     stored_as: str
     nbytes: int
-    sha256: str
+    sha256: str | None  # None: the bytes came to the host, which hashes them itself
     location: str = "cpu"
 
     @property
@@ -491,14 +492,15 @@ class Manifest(_Returned):
         for s in shape:
             numel *= s
         _req(t.get("nbytes") == numel * size, f"{what}: {name}: nbytes does not match shape")
-        _req(_sha256(t.get("sha256")), f"{what}: {name}: sha256 malformed")
+        sha = t.get("sha256")
+        _req(sha is None or _sha256(sha), f"{what}: {name}: sha256 malformed")
         return TensorEntry(
             name=name,
             dtype=dtype,
             shape=shape,
             stored_as=stored_as,
             nbytes=numel * size,
-            sha256=str(t["sha256"]),
+            sha256=None if sha is None else str(sha),
             location=_location(t.get("location"), what),
         )
 

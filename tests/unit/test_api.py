@@ -349,3 +349,37 @@ def test_the_host_verifies_the_file_it_handed_over_not_what_its_path_names_later
     # compared with that inode's records: a reading by path would call them tampered
     assert "input-changed" in rules, rules
     assert not any(r.startswith("weights-") for r in rules), rules
+
+
+def test_the_host_hashes_the_tensor_bytes_it_receives(tmp_path: Path) -> None:
+    """The sandbox sends no digest for bytes it sends: the host hashes them itself, and those
+    digests are what the verification compares with the file's own records."""
+    path = ck.save(ck.nested_checkpoint(), tmp_path / "n.pt")
+    sent: list[object] = []
+
+    def look(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        sent.extend(t["sha256"] for t in json.loads(out.manifest)["tensors"])
+
+    got = sandbox.safe_load(path, weights_only=False, runner=FakeRunner(look))
+    assert sent and all(s is None for s in sent)
+    assert torch.equal(got["state_dict"]["encoder.weight"], ck.state_dict()["encoder.weight"])
+
+
+def test_a_scan_needs_the_sandboxs_digests(tmp_path: Path) -> None:
+    """A scan keeps the bytes in the sandbox, so its manifest must carry each tensor's digest:
+    a payload that leaves them out does not skip the comparison with the file's records."""
+    path = ck.save(ck.nested_checkpoint(), tmp_path / "n.pt")
+
+    def no_digests(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        assert manifest["tensors"] and all(t["sha256"] for t in manifest["tensors"])
+        for t in manifest["tensors"]:
+            t["sha256"] = None
+        out.manifest = json.dumps(manifest).encode()
+
+    report = sandbox.scan(path, runner=FakeRunner(no_digests))
+    assert report.verdict is sandbox.Verdict.ERROR
+    assert report.error is not None and report.error["reference"] == "output-rejected"
+    assert "no sha256" in report.error["message"]
