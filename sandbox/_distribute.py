@@ -4,7 +4,7 @@
 everything the local batch does on the client -- discovery, hashing, pins, resume, reports,
 the manifest, SARIF/CycloneDX -- and only the load itself, one Dask task per input file, runs
 on a worker, with that worker's local runner. The per-file result handling is the local
-batch's own (``_batch._process``, ``_finish``); this module supplies the step in between.
+batch's own (``_batch._process``, ``finish``); this module supplies the step in between.
 
 Worker side
     :class:`Readiness` (a ``distributed.WorkerPlugin``, registered by the client on every
