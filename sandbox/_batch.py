@@ -598,6 +598,19 @@ class EngineGone(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class Item:
+    """One input on its way through the batch (:func:`_process`): its entry, when it started,
+    and what is learned about it as it goes, refined with :func:`dataclasses.replace`."""
+
+    entry: Entry
+    started: float  # time.monotonic(): the report's duration
+    started_wall: float  # time.time(): the manifest's "started"
+    fmt: str | None = None  # the format identified by content
+    sha: str | None = None  # the sha256 hashed on this host (``entry.size`` then is what was hashed)
+    dst: Path | None = None  # where the converted file goes
+
+
 @dataclass
 class BatchContext:
     outdir: Path
@@ -608,11 +621,9 @@ class BatchContext:
     out_rels: Mapping[str, str]
     tool: dict[str, str]
     cancel: threading.Event
-    # where a file's sandbox runs when it is not this host: (entry, ctx, dst, sha256, format,
-    # started) -> the file's result (``_distribute.Remote``: a Dask cluster)
-    remote: Callable[[Entry, BatchContext, Path, str, str | None, tuple[float, float]], ItemResult] | None = (
-        None
-    )
+    # where a file's sandbox runs when it is not this host: (item, ctx) -> the file's result,
+    # given an item with its sha and dst (``_distribute.Remote``: a Dask cluster)
+    remote: Callable[[Item, BatchContext], ItemResult] | None = None
 
 
 def hash_input(path: str, cancel: threading.Event) -> tuple[str, int]:
@@ -675,48 +686,34 @@ def _top(report: LoadReport) -> str | None:
     return f"{f.severity} {f.rule}: {f.message}"
 
 
-def static_failure(
-    entry: Entry,
-    ctx: BatchContext,
-    started: tuple[float, float],
-    exc: SandboxError,
-    *,
-    sha: str | None = None,
-    fmt: str | None = None,
-) -> ItemResult:
-    """A report for a file refused or failed before any container ran."""
+def static_failure(item: Item, ctx: BatchContext, exc: SandboxError) -> ItemResult:
+    """A report for a file refused or failed before any container ran (or whose worker's
+    answer is not one): what the item knows so far, and the error."""
     report = LoadReport(
-        input_path=entry.source,
-        input_sha256=sha,
-        input_size=entry.size,
-        format=fmt,
+        input_path=item.entry.source,
+        input_sha256=item.sha,
+        input_size=item.entry.size,
+        format=item.fmt,
         verdict=Verdict.ERROR,
         error={"reference": exc.reference, "message": exc.message},
         tool=dict(ctx.tool),
         policy={"name": ctx.options.policy.name, "digest": ctx.options.policy.digest},
-        duration_s=round(time.monotonic() - started[0], 3),
+        duration_s=round(time.monotonic() - item.started, 3),
     )
-    return finish(
-        entry,
-        ctx,
-        report,
-        Status.FAILED,
-        started_wall=started[1],
-        reason=exc.message,
-        reference=exc.reference,
-    )
+    return finish(item, ctx, report, Status.FAILED, reason=exc.message, reference=exc.reference)
 
 
 def finish(
-    entry: Entry,
+    item: Item,
     ctx: BatchContext,
     report: LoadReport,
     status: Status,
     *,
-    started_wall: float,
     reason: str | None = None,
     reference: str | None = None,
 ) -> ItemResult:
+    """Write the item's report and make its result (the manifest record)."""
+    entry = item.entry
     rpath = _safe_join(ctx.report_root, f"{entry.rel}.report.json")
     report.outputs["report"] = str(rpath)
     data = report.to_json().encode()
@@ -738,7 +735,7 @@ def finish(
         top_finding=_top(report),
         tool={**ctx.tool, **report.tool},
         policy=dict(report.policy),
-        started=started_wall,
+        started=item.started_wall,
         finished=time.time(),
         duration_s=report.duration_s or 0.0,
         load_report=report,
@@ -746,20 +743,17 @@ def finish(
 
 
 def not_converted(
-    entry: Entry, ctx: BatchContext, report: LoadReport, *, started_wall: float, reason: str, reference: str
+    item: Item, ctx: BatchContext, report: LoadReport, *, reason: str, reference: str
 ) -> ItemResult:
     """The result of a load that raised: refused (judged unsafe) or failed (an error)."""
     if report.error is None and report.verdict is not Verdict.ERROR:
-        return finish(entry, ctx, report, Status.REFUSED, started_wall=started_wall)
-    return finish(
-        entry, ctx, report, Status.FAILED, started_wall=started_wall, reason=reason, reference=reference
-    )
+        return finish(item, ctx, report, Status.REFUSED)
+    return finish(item, ctx, report, Status.FAILED, reason=reason, reference=reference)
 
 
 def _process(entry: Entry, ctx: BatchContext) -> ItemResult:
     """One input, start to end. Never raises for a problem with the file itself."""
-    started = (time.monotonic(), time.time())
-    started_wall = started[1]
+    item = Item(entry, started=time.monotonic(), started_wall=time.time())
     if ctx.cancel.is_set():
         raise Cancelled
     try:
@@ -769,20 +763,19 @@ def _process(entry: Entry, ctx: BatchContext) -> ItemResult:
     except (MalformedInput, OSError) as exc:
         msg = exc.message if isinstance(exc, SandboxError) else f"cannot read: {exc.strerror}"
         return static_failure(
-            entry, ctx, started, InputUnreadable(f"{entry.rel!r} cannot be read: {msg}", path=entry.source)
+            item, ctx, InputUnreadable(f"{entry.rel!r} cannot be read: {msg}", path=entry.source)
         )
+    item = dataclasses.replace(item, fmt=fmt)
     if fmt not in MODEL_FORMATS:
         if fmt == "unknown" and head == _ZIP_MAGIC:
             return static_failure(
-                entry,
+                item,
                 ctx,
-                started,
                 MalformedInput(
                     f"{entry.rel!r} starts like a zip archive but has no readable central directory "
                     "(truncated?)",
                     path=entry.source,
                 ),
-                fmt=fmt,
             )
         reason = (
             "empty file"
@@ -796,45 +789,37 @@ def _process(entry: Entry, ctx: BatchContext) -> ItemResult:
         sha, size = hash_input(entry.real, ctx.cancel)
     except OSError as exc:
         return static_failure(
-            entry,
-            ctx,
-            started,
-            InputUnreadable(f"{entry.rel!r} cannot be read: {exc.strerror}", path=entry.source),
-            fmt=fmt,
+            item, ctx, InputUnreadable(f"{entry.rel!r} cannot be read: {exc.strerror}", path=entry.source)
         )
     entry = dataclasses.replace(entry, size=size)
+    item = dataclasses.replace(item, entry=entry, sha=sha)
     pin = ctx.options.pins.get(entry.real) or ctx.options.pins.get(entry.source)
     if pin is None and ctx.options.require_pins:
         return static_failure(
-            entry,
+            item,
             ctx,
-            started,
             NotPinned(
                 f"{entry.rel!r} is not listed in the lock file; refusing to open it", path=entry.source
             ),
-            sha=sha,
-            fmt=fmt,
         )
     if pin is not None and pin.lower() != sha:
         return static_failure(
-            entry,
+            item,
             ctx,
-            started,
             HashMismatch(
                 f"{entry.rel!r} has sha256 {sha}, not the pinned {pin.lower()}",
                 path=entry.source,
                 expected=pin.lower(),
                 actual=sha,
             ),
-            sha=sha,
-            fmt=fmt,
         )
     prev = ctx.previous.get(entry.rel)  # pins are checked first: a changed pin is never reused
     if prev is not None and _reusable(prev, sha, size, ctx):
         return dataclasses.replace(prev, reused=True, load_report=None)
     dst = _safe_join(ctx.outdir, ctx.out_rels[entry.rel])
+    item = dataclasses.replace(item, dst=dst)
     if ctx.remote is not None:
-        return ctx.remote(entry, ctx, dst, sha, fmt, started)
+        return ctx.remote(item, ctx)
     delay = ctx.options.backoff_s
     for attempt in range(ctx.options.retries + 1):
         try:
@@ -848,7 +833,7 @@ def _process(entry: Entry, ctx: BatchContext) -> ItemResult:
                 runner=ctx.runner,
                 write_report=False,
             )
-            return finish(entry, ctx, report, Status.CONVERTED, started_wall=started_wall)
+            return finish(item, ctx, report, Status.CONVERTED)
         except EngineUnavailable as exc:
             if attempt == ctx.options.retries or ctx.cancel.wait(min(delay, 30.0)):
                 raise EngineGone(exc.diagnostics()) from None
@@ -857,12 +842,10 @@ def _process(entry: Entry, ctx: BatchContext) -> ItemResult:
             raise EngineGone(exc.diagnostics()) from None
         except SandboxError as exc:
             report = exc.report or LoadReport(input_path=entry.source, verdict=Verdict.ERROR)
-            return not_converted(
-                entry, ctx, report, started_wall=started_wall, reason=exc.message, reference=exc.reference
-            )
+            return not_converted(item, ctx, report, reason=exc.message, reference=exc.reference)
         except Exception as exc:  # a bug or a host I/O error: this file fails, the batch goes on
             bug = InternalError(f"internal error while converting {entry.rel!r}: {type(exc).__name__}: {exc}")
-            return static_failure(entry, ctx, started, bug, sha=sha, fmt=fmt)
+            return static_failure(item, ctx, bug)
     raise AssertionError("unreachable")
 
 

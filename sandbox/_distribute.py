@@ -4,7 +4,7 @@
 everything the local batch does on the client -- discovery, hashing, pins, resume, reports,
 the manifest, SARIF/CycloneDX -- and only the load itself, one Dask task per input file, runs
 on a worker, with that worker's local runner. The per-file result handling is the local
-batch's own (``_batch._process``, ``_finish``); this module supplies the step in between.
+batch's own (``_batch._process``, ``finish``); this module supplies the step in between.
 
 Worker side
     :class:`Readiness` (a ``distributed.WorkerPlugin``, registered by the client on every
@@ -90,7 +90,7 @@ from .report import LoadReport, Verdict
 if TYPE_CHECKING:
     from distributed import Client, Worker
 
-    from ._batch import BatchContext, Entry, ItemResult
+    from ._batch import BatchContext, Item, ItemResult
     from ._launch import StartingRunner
     from ._pool import Pool
 
@@ -364,19 +364,13 @@ class Remote:
                 "scheduler went away)"
             )
 
-    def __call__(
-        self,
-        entry: Entry,
-        ctx: BatchContext,
-        dst: Path,
-        sha: str,
-        fmt: str | None,
-        started: tuple[float, float],
-    ) -> ItemResult:
+    def __call__(self, item: Item, ctx: BatchContext) -> ItemResult:
         from distributed import KilledWorker
 
         from . import _batch
 
+        entry, sha, dst = item.entry, item.sha, item.dst
+        assert sha is not None and dst is not None  # _process hashed the file and placed its output
         opts = ctx.options
         staged = (
             dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp" if self.output == "shared" else None
@@ -415,16 +409,13 @@ class Remote:
                         raise _batch.EngineGone(gone) from None
                 except KilledWorker as exc:
                     return _batch.static_failure(
-                        entry,
+                        item,
                         ctx,
-                        started,
                         ClusterError(
                             f"{entry.rel!r}: the Dask cluster gave up on this file, every worker that "
                             f"ran it died ({exc})",
                             hint="see the workers' logs (memory?); a re-run redoes it",
                         ),
-                        sha=sha,
-                        fmt=fmt,
                     )
                 except WorkerNotReady as exc:
                     raise _batch.EngineGone(exc.diagnostics()) from None
@@ -432,42 +423,29 @@ class Remote:
                     raise _batch.EngineGone(
                         f"the Dask cluster went away: {type(exc).__name__}: {exc}"
                     ) from None
-            return self._accept(answer, entry, ctx, dst, sha, fmt, started, staged)
+            return self._accept(answer, item, ctx, staged)
         finally:
             fut.release()  # type: ignore[no-untyped-call]
             if staged is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(staged)  # still there only when it was not accepted
 
-    def _accept(
-        self,
-        answer: object,
-        entry: Entry,
-        ctx: BatchContext,
-        dst: Path,
-        sha: str,
-        fmt: str | None,
-        started: tuple[float, float],
-        staged: Path | None,
-    ) -> ItemResult:
+    def _accept(self, answer: object, item: Item, ctx: BatchContext, staged: Path | None) -> ItemResult:
         from . import _batch
+
+        entry, sha, dst = item.entry, item.sha, item.dst
+        assert sha is not None and dst is not None
 
         def rejected(why: str, report: LoadReport | None = None) -> ItemResult:
             exc = OutputRejected(f"{entry.rel!r}: a Dask worker's answer is rejected: {why}")
             if report is None:
-                return _batch.static_failure(entry, ctx, started, exc, sha=sha, fmt=fmt)
+                return _batch.static_failure(item, ctx, exc)
             report.verdict = Verdict.ERROR
             report.error = {"reference": exc.reference, "message": exc.message}
             report.outputs.pop("safetensors", None)
             report.outputs.pop("safetensors_sha256", None)
             return _batch.finish(
-                entry,
-                ctx,
-                report,
-                _batch.Status.FAILED,
-                started_wall=started[1],
-                reason=exc.message,
-                reference=exc.reference,
+                item, ctx, report, _batch.Status.FAILED, reason=exc.message, reference=exc.reference
             )
 
         if not isinstance(answer, dict) or answer.get("kind") not in (
@@ -482,15 +460,12 @@ class Remote:
             raise _batch.EngineGone(_text(answer.get("message")))
         if kind == "internal":
             return _batch.static_failure(
-                entry,
+                item,
                 ctx,
-                started,
                 InternalError(
                     f"internal error on a Dask worker while converting {entry.rel!r}: "
                     f"{_text(answer.get('message'))}"
                 ),
-                sha=sha,
-                fmt=fmt,
             )
         text = answer.get("report")
         if not isinstance(text, str) or len(text) > _MAX_REPORT_BYTES:
@@ -506,10 +481,9 @@ class Remote:
             )
         if kind == "error":
             return _batch.not_converted(
-                entry,
+                item,
                 ctx,
                 report,
-                started_wall=started[1],
                 reason=_text(answer.get("message")),
                 reference=_text(answer.get("reference"), 100),
             )
@@ -558,7 +532,7 @@ class Remote:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)  # gone after the rename
         report.outputs["safetensors"] = str(dst)
-        return _batch.finish(entry, ctx, report, _batch.Status.CONVERTED, started_wall=started[1])
+        return _batch.finish(item, ctx, report, _batch.Status.CONVERTED)
 
 
 _Check = Callable[[object], bool]

@@ -127,7 +127,9 @@ def test_not_safetensors_at_all(tmp_path: Path) -> None:
 
 def setup(
     tmp_path: Path, output: str = "stream"
-) -> tuple[_distribute.Remote, _batch.BatchContext, _batch.Entry, Path]:
+) -> tuple[_distribute.Remote, _batch.BatchContext, _batch.Item, Path]:
+    """A client, and an item as ``_process`` hands it over: identified, hashed and placed at
+    the returned destination."""
     remote = _distribute.Remote.__new__(_distribute.Remote)  # no cluster: only _accept is used
     remote.output = output
     out = tmp_path / "out"
@@ -145,7 +147,9 @@ def setup(
         tool={"name": "model-sandbox", "version": "0", "worker_digest": "d", "shared": "complete"},
         cancel=threading.Event(),
     )
-    return remote, ctx, entry, out / "m.safetensors"
+    dst = out / "m.safetensors"
+    item = _batch.Item(entry, started=0.0, started_wall=0.0, fmt="torch-zip", sha=SRC_SHA, dst=dst)
+    return remote, ctx, item, dst
 
 
 def report_json(
@@ -161,17 +165,17 @@ def report_json(
 
 
 def test_streamed_bytes_are_checked_then_written(tmp_path: Path) -> None:
-    remote, ctx, entry, dst = setup(tmp_path)
+    remote, ctx, item, dst = setup(tmp_path)
     data = converted_bytes(tmp_path)
     answer = {
         "kind": "converted",
         "data": data,
-        "report": report_json(entry, out_sha=hashlib.sha256(data).hexdigest()),
+        "report": report_json(item.entry, out_sha=hashlib.sha256(data).hexdigest()),
     }
-    item = remote._accept(answer, entry, ctx, dst, SRC_SHA, "torch-zip", (0.0, 0.0), None)
-    assert item.status is _batch.Status.CONVERTED and item.output == "m.safetensors"
+    result = remote._accept(answer, item, ctx, None)
+    assert result.status is _batch.Status.CONVERTED and result.output == "m.safetensors"
     assert dst.read_bytes() == data
-    assert item.load_report is not None and item.load_report.outputs["safetensors"] == str(dst)
+    assert result.load_report is not None and result.load_report.outputs["safetensors"] == str(dst)
     assert not list(dst.parent.glob(".*.tmp"))
 
 
@@ -179,83 +183,71 @@ def test_streamed_bytes_are_checked_then_written(tmp_path: Path) -> None:
     "tamper", ["other-input", "bytes", "too-big", "no-sha", "not-a-dict", "bad-report", "error-verdict"]
 )
 def test_tampered_answers_fail_the_file_and_write_nothing(tmp_path: Path, tamper: str) -> None:
-    remote, ctx, entry, dst = setup(tmp_path)
+    remote, ctx, item, dst = setup(tmp_path)
     data = converted_bytes(tmp_path)
     out_sha = hashlib.sha256(data).hexdigest()
-    answer: object = {"kind": "converted", "data": data, "report": report_json(entry, out_sha=out_sha)}
+    answer: object = {"kind": "converted", "data": data, "report": report_json(item.entry, out_sha=out_sha)}
     assert isinstance(answer, dict)
     if tamper == "other-input":
-        answer["report"] = report_json(entry, sha="ef" * 32, out_sha=out_sha)
+        answer["report"] = report_json(item.entry, sha="ef" * 32, out_sha=out_sha)
     elif tamper == "bytes":
         answer["data"] = data[:-1] + bytes([data[-1] ^ 1])
     elif tamper == "too-big":
-        answer["data"] = data + b"\0" * ctx.options.policy.limits.output_bytes(entry.size)
+        answer["data"] = data + b"\0" * ctx.options.policy.limits.output_bytes(item.entry.size)
     elif tamper == "no-sha":
-        answer["report"] = report_json(entry)
+        answer["report"] = report_json(item.entry)
     elif tamper == "not-a-dict":
         answer = [data]
     elif tamper == "bad-report":
         answer["report"] = "{" * 100
     elif tamper == "error-verdict":
-        answer["report"] = report_json(entry, out_sha=out_sha, verdict=Verdict.ERROR)
-    item = remote._accept(answer, entry, ctx, dst, SRC_SHA, "torch-zip", (0.0, 0.0), None)
-    assert item.status is _batch.Status.FAILED and item.reference == "output-rejected"
-    assert item.output is None and not dst.exists()
+        answer["report"] = report_json(item.entry, out_sha=out_sha, verdict=Verdict.ERROR)
+    result = remote._accept(answer, item, ctx, None)
+    assert result.status is _batch.Status.FAILED and result.reference == "output-rejected"
+    assert result.output is None and not dst.exists()
     assert not list(dst.parent.glob(".*.tmp"))
     report = json.loads((dst.parent / "m.pt.report.json").read_text())
     assert report["verdict"] == "error" and "safetensors" not in report["outputs"]
 
 
 def test_a_staged_file_is_checked_and_renamed(tmp_path: Path) -> None:
-    remote, ctx, entry, dst = setup(tmp_path, "shared")
+    remote, ctx, item, dst = setup(tmp_path, "shared")
     data = converted_bytes(tmp_path)
     staged = dst.parent / ".m.safetensors.0123abcd.tmp"
-    answer = {"kind": "converted", "report": report_json(entry, out_sha=hashlib.sha256(data).hexdigest())}
-    missing = remote._accept(answer, entry, ctx, dst, SRC_SHA, "torch-zip", (0.0, 0.0), staged)
+    answer = {
+        "kind": "converted",
+        "report": report_json(item.entry, out_sha=hashlib.sha256(data).hexdigest()),
+    }
+    missing = remote._accept(answer, item, ctx, staged)
     assert missing.status is _batch.Status.FAILED and "same path" in (missing.reason or "")
     staged.symlink_to(tmp_path / "made.safetensors")  # a link is not the worker's file
-    linked = remote._accept(answer, entry, ctx, dst, SRC_SHA, "torch-zip", (0.0, 0.0), staged)
+    linked = remote._accept(answer, item, ctx, staged)
     assert linked.status is _batch.Status.FAILED and not dst.exists()
     staged.unlink()
     staged.write_bytes(data)
-    item = remote._accept(answer, entry, ctx, dst, SRC_SHA, "torch-zip", (0.0, 0.0), staged)
-    assert item.status is _batch.Status.CONVERTED and dst.read_bytes() == data
+    result = remote._accept(answer, item, ctx, staged)
+    assert result.status is _batch.Status.CONVERTED and dst.read_bytes() == data
     assert not staged.exists()
 
 
 def test_a_refusal_and_an_error_keep_their_meaning(tmp_path: Path) -> None:
-    remote, ctx, entry, dst = setup(tmp_path)
+    remote, ctx, item, _ = setup(tmp_path)
     refused = remote._accept(
         {
             "kind": "error",
-            "report": report_json(entry, verdict=Verdict.MALICIOUS),
+            "report": report_json(item.entry, verdict=Verdict.MALICIOUS),
             "message": "unsafe",
             "reference": "sandbox-violation",
         },
-        entry,
+        item,
         ctx,
-        dst,
-        SRC_SHA,
-        "torch-zip",
-        (0.0, 0.0),
         None,
     )
     assert refused.status is _batch.Status.REFUSED and refused.verdict is Verdict.MALICIOUS
-    internal = remote._accept(
-        {"kind": "internal", "message": "boom"}, entry, ctx, dst, SRC_SHA, "torch-zip", (0.0, 0.0), None
-    )
+    internal = remote._accept({"kind": "internal", "message": "boom"}, item, ctx, None)
     assert internal.status is _batch.Status.FAILED and internal.reference == "internal-error"
     with pytest.raises(_batch.EngineGone):
-        remote._accept(
-            {"kind": "engine", "message": "no engine"},
-            entry,
-            ctx,
-            dst,
-            SRC_SHA,
-            "torch-zip",
-            (0.0, 0.0),
-            None,
-        )
+        remote._accept({"kind": "engine", "message": "no engine"}, item, ctx, None)
 
 
 def test_cluster_errors_cross_the_wire_with_their_fields() -> None:
