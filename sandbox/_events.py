@@ -597,6 +597,24 @@ def analyse(events: list[Event], status: P.Status | None) -> Monitoring:
     return mon
 
 
+_SEARCH_CHUNK = 128 << 10
+
+
+def _found(m: mmap.mmap, needles: dict[str, bytes]) -> list[str]:
+    """The names of the ``needles`` that occur in ``m``, in one pass: every needle is sought
+    in each chunk (overlapping by the longest needle) while it is in the cache, instead of a
+    pass over the whole of ``m`` per needle (about four times faster on tensor bytes)."""
+    overlap = max(map(len, needles.values())) - 1
+    left = dict(needles)
+    for start in range(0, len(m), _SEARCH_CHUNK):
+        end = start + _SEARCH_CHUNK + overlap
+        for name in [k for k, v in left.items() if m.find(v, start, end) >= 0]:
+            del left[name]
+        if not left:
+            break
+    return sorted(needles.keys() - left.keys())
+
+
 def _scan_outputs(outputs: dict[str, int], canaries: dict[str, str]) -> list[Finding]:
     """A planted credential inside what the loader wrote (the manifest and tensor memfds)."""
     if not canaries:
@@ -609,7 +627,7 @@ def _scan_outputs(outputs: dict[str, int], canaries: dict[str, str]) -> list[Fin
             if size == 0 or size > _OUTPUT_SCAN_BYTES:
                 continue
             with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
-                hits = sorted(k for k, v in needles.items() if m.find(v) >= 0)
+                hits = _found(m, needles)
         except (OSError, ValueError):
             hits = []
         if hits:

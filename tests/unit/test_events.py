@@ -7,6 +7,8 @@ import os
 import struct
 from typing import Any
 
+import pytest
+
 from sandbox import _events
 from sandbox._worker import _protocol as P
 from sandbox._worker import _seccomp
@@ -194,6 +196,42 @@ def test_read_scans_outputs_for_canaries() -> None:
     r = rules(mon)
     assert r["canary-exfiltration"].evidence == {"file": "manifest", "canaries": ["AWS_SECRET_ACCESS_KEY"]}
     assert mon.events == [] and any("3 events past" in n for n in mon.notes)
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        0,
+        _events._SEARCH_CHUNK - 5,  # across the first chunk's end
+        _events._SEARCH_CHUNK,
+        3 * _events._SEARCH_CHUNK - 1,
+        -1,  # the very end
+    ],
+)
+def test_canaries_are_found_anywhere_in_a_large_output(at: int) -> None:
+    """The one-pass search sees a canary wherever it lies, across chunk boundaries too."""
+    needle = CANARIES["HF_TOKEN"].encode()
+    data = bytearray(4 * _events._SEARCH_CHUNK + 7)
+    start = len(data) - len(needle) if at == -1 else at
+    data[start : start + len(needle)] = needle
+    data[100:108] = CANARIES["HF_TOKEN"][:8].encode()  # a prefix alone is no sighting
+    fd = P.memfd_create("tensors")
+    os.write(fd, bytes(data))
+    try:
+        found = _events._scan_outputs({"tensors": fd}, CANARIES)
+    finally:
+        os.close(fd)
+    assert [f.evidence for f in found] == [{"file": "tensors", "canaries": ["HF_TOKEN"]}]
+
+
+def test_every_canary_in_an_output_is_named() -> None:
+    fd = P.memfd_create("tensors")
+    os.write(fd, bytes(2 * _events._SEARCH_CHUNK) + b"".join(v.encode() + b"\0" for v in CANARIES.values()))
+    try:
+        found = _events._scan_outputs({"tensors": fd}, CANARIES)
+    finally:
+        os.close(fd)
+    assert found[0].evidence["canaries"] == sorted(CANARIES)
 
 
 def test_garbage_status_fields_are_ignored() -> None:
