@@ -14,6 +14,8 @@ joblib, lz4 and their requirements) and the worker package, then handed to ``doc
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.metadata as md
 import io
@@ -87,12 +89,28 @@ def _closure(roots: Iterable[str]) -> list[md.Distribution]:
     return [seen[k] for k in sorted(seen)]
 
 
+@functools.lru_cache(maxsize=4)
+def _pinned_closure(environment: tuple[tuple[str, int], ...]) -> str:
+    """``name==version`` lines of the worker's distributions, for one state of ``sys.path``
+    (finding them takes about 10 ms; every load asks)."""
+    return "".join(f"{d.metadata['Name']}=={d.version}\n" for d in _closure(ROOT_DISTRIBUTIONS))
+
+
+def _environment() -> tuple[tuple[str, int], ...]:
+    """``sys.path``'s directories and their modification times: installing, upgrading or
+    removing a distribution changes its directory's."""
+    key = []
+    for entry in sys.path:
+        with contextlib.suppress(OSError):
+            key.append((entry, os.stat(entry or ".").st_mtime_ns))
+    return tuple(key)
+
+
 def worker_digest() -> str:
     """Hex digest of everything that decides what the worker image contains."""
     h = hashlib.sha256()
     h.update(f"recipe={RECIPE_VERSION};python={sys.version_info[:3]}\n".encode())
-    for dist in _closure(ROOT_DISTRIBUTIONS):
-        h.update(f"{dist.metadata['Name']}=={dist.version}\n".encode())
+    h.update(_pinned_closure(_environment()).encode())
     h.update(Path(__file__).read_bytes() + b"\0")  # the recipe itself
     for path in _worker_files():
         h.update(path.relative_to(WORKER_SRC).as_posix().encode() + b"\0")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import sysconfig
+from collections.abc import Iterable
+from importlib.metadata import Distribution
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -26,6 +28,32 @@ def test_the_digest_follows_the_worker_source(tmp_path: Path, monkeypatch: pytes
     assert changed != first
     (copy / "extra.py").write_text("")
     assert _image.worker_digest() not in (first, changed)
+
+
+def test_the_digest_follows_the_installed_distributions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The distributions' versions are looked up once per state of ``sys.path`` (every load
+    asks for the digest), and again when a directory on it changes: an upgrade is seen."""
+    first = _image.worker_digest()
+    calls = []
+    closure = _image._closure
+
+    def counted(roots: Iterable[str]) -> list[Distribution]:
+        calls.append(roots)
+        return closure(roots)
+
+    monkeypatch.setattr(_image, "_closure", counted)
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    assert _image.worker_digest() == first and len(calls) == 1  # a new path: looked up again
+    assert _image.worker_digest() == first and len(calls) == 1  # nothing changed: cached
+    meta = site / "safetensors-99.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: safetensors\nVersion: 99.0\n")
+    upgraded = _image.worker_digest()
+    assert upgraded != first and len(calls) == 2
 
 
 def test_the_closure_is_the_loaders_distributions_only() -> None:
