@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -156,9 +157,11 @@ def load_tensors(
 
     entries = {t.name: t for t in manifest.tensors}
     out: dict[str, torch.Tensor] = {}
-    digests: dict[str, str] = {}
+    # hashed on every core while the next tensors are read (hashlib lets go of the GIL)
+    hashing = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1), "model-sandbox-digest")
+    digests: dict[str, concurrent.futures.Future[str]] = {}
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with hashing, safe_open(path, framework="pt", device="cpu") as f:
             keys = set(f.keys())
             if keys != set(entries):
                 missing = sorted(set(entries) - keys)[:5]
@@ -187,10 +190,11 @@ def load_tensors(
                     )
                 if t.dtype != target or tuple(t.shape) != entry.shape:
                     raise OutputRejected(f"{name}: dtype/shape differ from the manifest", item=name)
-                digests[name] = tensor_digest(t)
-                if entry.sha256 is not None and digests[name] != entry.sha256:
-                    raise OutputRejected(f"{name}: bytes differ from the manifest's sha256", item=name)
+                digests[name] = hashing.submit(tensor_digest, t)
                 out[name] = t
+            for name, entry in entries.items():
+                if entry.sha256 is not None and digests[name].result() != entry.sha256:
+                    raise OutputRejected(f"{name}: bytes differ from the manifest's sha256", item=name)
     except SafetensorError as exc:
         raise OutputRejected(
             f"the tensor file is not valid SafeTensors: {exc}", item=P.TENSORS_FILE
@@ -198,7 +202,7 @@ def load_tensors(
     for v in manifest.views:
         base = out[v.base]
         out[v.name] = base.as_strided(v.shape, v.stride, base.storage_offset() + v.offset)
-    hashed = tuple(dataclasses.replace(e, sha256=digests[e.name]) for e in manifest.tensors)
+    hashed = tuple(dataclasses.replace(e, sha256=digests[e.name].result()) for e in manifest.tensors)
     return out, dataclasses.replace(manifest, tensors=hashed)
 
 
