@@ -34,7 +34,8 @@
 Every class carries a message that says what happened and what to do, and structured details
 (``.path``, ``.offset``, ``.report``, ...). A class declares its details as annotations, a class
 default making one optional, and ``SandboxError``'s one constructor sets them from keywords: a
-keyword the class does not declare, or a required detail left out, is a ``TypeError``.
+keyword the class does not declare, or a required detail left out, is a ``TypeError``. Every
+error pickles with its details (a Dask worker's errors reach the client whole).
 
 The classes also derive from what ``torch.load`` raises in the same case, so code written for
 torch keeps catching them: ``SandboxViolation``, ``UnrepresentableObject`` and
@@ -140,6 +141,12 @@ class SandboxError(Exception):
         for key, value in values.items():
             setattr(self, key, value)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # pickled as its attributes, never by calling the constructor again (which wants the
+        # details as keywords): an error crosses Dask's wire with its fields. _rebuild keeps the
+        # arguments ClusterError's pickles had, so a worker of another version is still understood
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
     def diagnostics(self) -> str:
         """Human text: what happened, then what to do."""
         text = f"error[{self.reference}]: {self.message}"
@@ -173,6 +180,13 @@ def _fspath(path: str | os.PathLike[str] | None) -> str | None:
 
 def _fresh_list(items: Iterable[str] | None) -> list[str]:
     return list(items or [])
+
+
+def _rebuild(cls: type[SandboxError], message: str, state: dict[str, object]) -> SandboxError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.__dict__.update(state)
+    return exc
 
 
 class InputError(SandboxError):
@@ -362,9 +376,6 @@ class ClusterError(SandboxError):
     reference = "cluster-error"
     hint = "check the scheduler address and the workers' logs (docs/dask.md)"
 
-    def __reduce__(self) -> tuple[object, ...]:  # crosses Dask's wire with its fields
-        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
-
 
 class WorkerNotReady(ClusterError):
     """A Dask worker cannot run our sandbox: no working runner, or its model-sandbox (worker
@@ -379,13 +390,6 @@ class WorkerNotReady(ClusterError):
     worker: str = ""
     expected: str = ""  # the client's worker digest
     found: str = ""  # the worker's, when it was the digest that differed
-
-
-def _rebuild(cls: type[ClusterError], message: str, state: dict[str, object]) -> ClusterError:
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, message)
-    exc.__dict__.update(state)
-    return exc
 
 
 class LockFileError(SandboxError):

@@ -66,7 +66,58 @@ def test_an_empty_file_is_an_eof_error(tmp_path: object) -> None:
         sandbox.safe_load(path)
 
 
+# One construction of every error class with each of its details given (a test below checks
+# that the table covers the whole tree).
 _REPORT = sandbox.LoadReport(input_path="x.pt", verdict=sandbox.Verdict.MALICIOUS)
+_EVERY_ERROR: list[tuple[type[errors.SandboxError], dict[str, object]]] = [
+    (errors.SandboxError, {}),
+    (errors.InputError, {"path": "x.pt"}),
+    (errors.InputNotFound, {"path": "x.pt"}),
+    (errors.UnsupportedFormat, {"path": "x.pt", "detected": "safetensors"}),
+    (errors.MalformedInput, {"path": "x.pt", "offset": 8}),
+    (errors.TruncatedInput, {"path": "x.pt", "offset": 0}),
+    (errors.MalformedStream, {"path": "x.pt", "offset": 3, "member": "data.pkl", "partial": None}),
+    (errors.InputUnreadable, {"path": "x.pt"}),
+    (errors.NotPinned, {"path": "x.pt"}),
+    (errors.HashMismatch, {"path": "x.pt", "expected": "a" * 64, "actual": "b" * 64}),
+    (errors.EngineError, {}),
+    (errors.EngineUnavailable, {}),
+    (errors.ImageMissing, {"tag": "model-sandbox-worker:1"}),
+    (errors.ImageMismatch, {"tag": "model-sandbox-worker:1", "expected": "sha256:a", "found": "sha256:b"}),
+    (errors.LoadFailed, {"report": _REPORT}),
+    (errors.UnpicklingFailed, {"report": _REPORT}),
+    (errors.LimitExceeded, {"limit": "memory", "value": 1 << 30, "report": _REPORT}),
+    (errors.OutputRejected, {"item": "manifest.json"}),
+    (errors.UnrepresentableObject, {"types": ["collections.OrderedDict", "argparse.Namespace"]}),
+    (errors.PolicyError, {"source": "p.toml", "problems": ["threshold: unknown verdict"]}),
+    (errors.SandboxViolation, {"report": _REPORT}),
+    (errors.UnverifiedWeights, {"report": _REPORT, "names": ["w", "b"]}),
+    (errors.BatchError, {}),
+    (errors.ClusterError, {}),
+    (errors.WorkerNotReady, {"worker": "tcp://w:1", "expected": "a" * 64, "found": "b" * 64}),
+    (errors.LockFileError, {}),
+    (errors.ReportInvalid, {"path": "r.json", "problem": "verdict"}),
+    (errors.InternalError, {}),
+]
+
+
+def test_the_table_of_constructions_covers_every_error() -> None:
+    assert sorted(cls.__name__ for cls, _ in _EVERY_ERROR) == sorted(errors.__all__)
+
+
+@pytest.mark.parametrize("cls,details", _EVERY_ERROR, ids=lambda v: getattr(v, "__name__", ""))
+def test_every_error_pickles_with_its_message_details_and_class(
+    cls: type[errors.SandboxError], details: dict[str, object]
+) -> None:
+    """Errors cross Dask's wire (and process pools) by pickle: a constructor that wants its
+    details as keywords must not be called again with the message alone."""
+    exc = cls("what happened", hint="what to do", **details)
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is cls
+    assert (back.message, back.args, back.hint) == ("what happened", ("what happened",), "what to do")
+    assert {name: getattr(back, name) for name in details} == details
+    assert vars(back) == vars(exc)
+    assert back.diagnostics() == exc.diagnostics()
 
 
 @pytest.mark.parametrize(
