@@ -31,7 +31,11 @@
     ├── ReportInvalid                 a saved report is not one (not JSON, a field of the wrong type)
     └── InternalError                 model-sandbox failed on this input (a bug)
 
-Every class carries structured fields and a message that says what happened and what to do.
+Every class carries a message that says what happened and what to do, and structured details
+(``.path``, ``.offset``, ``.report``, ...). A class declares its details as annotations, a class
+default making one optional, and ``SandboxError``'s one constructor sets them from keywords: a
+keyword the class does not declare, or a required detail left out, is a ``TypeError``. Every
+error pickles with its details (a Dask worker's errors reach the client whole).
 
 The classes also derive from what ``torch.load`` raises in the same case, so code written for
 torch keeps catching them: ``SandboxViolation``, ``UnrepresentableObject`` and
@@ -42,9 +46,13 @@ torch keeps catching them: ``SandboxViolation``, ``UnrepresentableObject`` and
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 if TYPE_CHECKING:
     from ._scan import StaticScan
@@ -81,20 +89,63 @@ __all__ = [
     "WorkerNotReady",
 ]
 
+_T = TypeVar("_T")
+
 
 class SandboxError(Exception):
-    """Base class. ``reference`` is stable and documented; ``hint`` says what to do."""
+    """Base class. ``reference`` is stable and documented; ``hint`` says what to do.
+
+    A subclass declares its structured details as annotations (a class default makes one
+    optional; :func:`_detail` one that goes through a conversion), and this constructor sets
+    them from keywords: an undeclared keyword, or a missing required one, is a ``TypeError``."""
 
     reference = "sandbox-error"
     hint = ""
     #: the report of the load that raised this, when there was one
     report: LoadReport | None = None
+    #: every detail the class and its bases declare, in declaration order (set per subclass)
+    _details: ClassVar[Mapping[str, _Detail]] = MappingProxyType({})
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        details: dict[str, _Detail] = {}
+        for base in reversed(cls.__mro__[1:]):
+            details.update(vars(base).get("_details", {}))
+        for name in inspect.get_annotations(cls):
+            if name in _NOT_DETAILS:
+                continue
+            declared = vars(cls).get(name, _REQUIRED)
+            if isinstance(declared, _Detail):
+                delattr(cls, name)  # its default is made per instance (a fresh list), never shared
+                details[name] = declared
+            else:
+                details[name] = _Detail(declared)
+        cls._details = MappingProxyType(details)
+
+    def __init__(self, message: str, *, hint: str | None = None, **details: object) -> None:
+        name = type(self).__name__
+        declared = type(self)._details
+        for key in details:
+            if key not in declared:
+                raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+        values: dict[str, object] = {}
+        for key, detail in declared.items():
+            value = details.get(key, detail.default)
+            if value is _REQUIRED:
+                raise TypeError(f"{name}() missing required keyword argument {key!r}")
+            values[key] = value if detail.convert is None else detail.convert(value)
         super().__init__(message)
         self.message = message
         if hint is not None:
             self.hint = hint
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # pickled as its attributes, never by calling the constructor again (which wants the
+        # details as keywords): an error crosses Dask's wire with its fields. _rebuild keeps the
+        # arguments ClusterError's pickles had, so a worker of another version is still understood
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
 
     def diagnostics(self) -> str:
         """Human text: what happened, then what to do."""
@@ -104,12 +155,44 @@ class SandboxError(Exception):
         return text
 
 
+_REQUIRED: Any = object()  # the default of a detail that a keyword must give
+_NOT_DETAILS = frozenset({"reference", "hint", "message"})  # set otherwise, never as details
+
+
+@dataclass(frozen=True)
+class _Detail:
+    """How the constructor sets one detail: from its keyword, else from ``default``
+    (``_REQUIRED``: no default); through ``convert`` when there is one."""
+
+    default: object
+    convert: Callable[[Any], object] | None = None
+
+
+def _detail(convert: Callable[[Any], _T], *, required: bool = False) -> _T:
+    """Declares a detail whose value goes through ``convert``; when optional and not given,
+    ``convert(None)`` makes its default for each instance."""
+    return cast(_T, _Detail(_REQUIRED if required else None, convert))
+
+
+def _fspath(path: str | os.PathLike[str] | None) -> str | None:
+    return None if path is None else os.fspath(path)
+
+
+def _fresh_list(items: Iterable[str] | None) -> list[str]:
+    return list(items or [])
+
+
+def _rebuild(cls: type[SandboxError], message: str, state: dict[str, object]) -> SandboxError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.__dict__.update(state)
+    return exc
+
+
 class InputError(SandboxError):
     reference = "input-error"
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.path = None if path is None else os.fspath(path)
+    path: str | None = _detail(_fspath)
 
 
 class InputNotFound(InputError):
@@ -127,11 +210,7 @@ class UnsupportedFormat(InputError, pickle.UnpicklingError):
         "joblib and TorchScript archives; SafeTensors files need no sandbox"
     )
 
-    def __init__(
-        self, message: str, *, path: str | os.PathLike[str] | None = None, detected: str = "unknown"
-    ):
-        super().__init__(message, path=path)
-        self.detected = detected
+    detected: str = "unknown"
 
 
 class MalformedInput(InputError, RuntimeError):
@@ -140,11 +219,7 @@ class MalformedInput(InputError, RuntimeError):
     reference = "malformed-input"
     hint = "the file is truncated or corrupt; re-download it and compare its sha256"
 
-    def __init__(
-        self, message: str, *, path: str | os.PathLike[str] | None = None, offset: int | None = None
-    ):
-        super().__init__(message, path=path)
-        self.offset = offset
+    offset: int | None = None
 
 
 class TruncatedInput(MalformedInput, EOFError, pickle.UnpicklingError):
@@ -157,18 +232,8 @@ class MalformedStream(MalformedInput):
     read it. ``member`` names the stream, ``offset`` is the position in it; ``partial`` is the
     scan of everything read before the fault (``None`` when nothing was)."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | os.PathLike[str] | None = None,
-        offset: int | None = None,
-        member: str | None = None,
-        partial: StaticScan | None = None,
-    ) -> None:
-        super().__init__(message, path=path, offset=offset)
-        self.member = member
-        self.partial = partial
+    member: str | None = None
+    partial: StaticScan | None = None
 
 
 class InputUnreadable(InputError):
@@ -185,10 +250,9 @@ class HashMismatch(InputError):
     reference = "hash-mismatch"
     hint = "the file is not the one that was pinned: do not load it; re-download from a trusted source"
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None, expected: str, actual: str):
-        super().__init__(message, path=path)
-        self.expected = expected
-        self.actual = actual
+    path: str | None = _detail(_fspath, required=True)
+    expected: str
+    actual: str
 
 
 class EngineError(SandboxError):
@@ -208,20 +272,16 @@ class ImageMissing(EngineError):
     reference = "image-missing"
     hint = "build the worker image once with `model-sandbox image build` (about a minute, offline)"
 
-    def __init__(self, message: str, *, tag: str):
-        super().__init__(message)
-        self.tag = tag
+    tag: str
 
 
 class ImageMismatch(EngineError):
     reference = "image-mismatch"
     hint = "rebuild it with `model-sandbox image build --force`"
 
-    def __init__(self, message: str, *, tag: str, expected: str, found: str):
-        super().__init__(message)
-        self.tag = tag
-        self.expected = expected
-        self.found = found
+    tag: str
+    expected: str
+    found: str
 
 
 class LoadFailed(SandboxError, RuntimeError):
@@ -231,9 +291,7 @@ class LoadFailed(SandboxError, RuntimeError):
     reference = "load-failed"
     hint = "the checkpoint could not be loaded even by torch in the sandbox; see the report"
 
-    def __init__(self, message: str, *, report: LoadReport | None = None):
-        super().__init__(message)
-        self.report = report
+    report: LoadReport | None = None
 
 
 class UnpicklingFailed(LoadFailed, pickle.UnpicklingError):
@@ -245,21 +303,15 @@ class LimitExceeded(LoadFailed):
     reference = "limit-exceeded"
     hint = "if the file is legitimate and large, raise the limit with a policy (see `policy show`)"
 
-    def __init__(
-        self, message: str, *, limit: str, value: float | int | None = None, report: LoadReport | None = None
-    ):
-        super().__init__(message, report=report)
-        self.limit = limit
-        self.value = value
+    limit: str
+    value: float | int | None = None
 
 
 class OutputRejected(SandboxError):
     reference = "output-rejected"
     hint = "the sandbox produced output that fails validation; treat the checkpoint as hostile and report it"
 
-    def __init__(self, message: str, *, item: str | None = None):
-        super().__init__(message)
-        self.item = item
+    item: str | None = None
 
 
 class UnrepresentableObject(SandboxError, pickle.UnpicklingError):
@@ -272,19 +324,15 @@ class UnrepresentableObject(SandboxError, pickle.UnpicklingError):
         "weights_only=False to get named placeholders in their place"
     )
 
-    def __init__(self, message: str, *, types: list[str]):
-        super().__init__(message)
-        self.types = types
+    types: list[str]
 
 
 class PolicyError(SandboxError):
     reference = "policy-error"
     hint = "fix the policy file; `model-sandbox policy check FILE` lists every problem"
 
-    def __init__(self, message: str, *, source: str | None = None, problems: list[str] | None = None):
-        super().__init__(message)
-        self.source = source
-        self.problems = list(problems or [])
+    source: str | None = None
+    problems: list[str] = _detail(_fresh_list)
 
 
 class SandboxViolation(SandboxError, pickle.UnpicklingError):
@@ -299,10 +347,6 @@ class SandboxViolation(SandboxError, pickle.UnpicklingError):
 
     report: LoadReport  # always set: the verdict and its evidence
 
-    def __init__(self, message: str, *, report: LoadReport):
-        super().__init__(message)
-        self.report = report
-
 
 class UnverifiedWeights(SandboxViolation):
     """The loader returned tensors that are not among those the file's records describe
@@ -315,9 +359,7 @@ class UnverifiedWeights(SandboxViolation):
         "safe_load(weights_only=False) and check the report's weights-unverified finding"
     )
 
-    def __init__(self, message: str, *, report: LoadReport, names: list[str] | None = None):
-        super().__init__(message, report=report)
-        self.names = list(names or [])
+    names: list[str] = _detail(_fresh_list)
 
 
 class BatchError(SandboxError):
@@ -334,9 +376,6 @@ class ClusterError(SandboxError):
     reference = "cluster-error"
     hint = "check the scheduler address and the workers' logs (docs/dask.md)"
 
-    def __reduce__(self) -> tuple[object, ...]:  # crosses Dask's wire with its fields
-        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
-
 
 class WorkerNotReady(ClusterError):
     """A Dask worker cannot run our sandbox: no working runner, or its model-sandbox (worker
@@ -348,18 +387,9 @@ class WorkerNotReady(ClusterError):
         "there (`model-sandbox image build`), then restart the worker"
     )
 
-    def __init__(self, message: str, *, worker: str = "", expected: str = "", found: str = "") -> None:
-        super().__init__(message)
-        self.worker = worker
-        self.expected = expected  # the client's worker digest
-        self.found = found  # the worker's, when it was the digest that differed
-
-
-def _rebuild(cls: type[ClusterError], message: str, state: dict[str, object]) -> ClusterError:
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, message)
-    exc.__dict__.update(state)
-    return exc
+    worker: str = ""
+    expected: str = ""  # the client's worker digest
+    found: str = ""  # the worker's, when it was the digest that differed
 
 
 class LockFileError(SandboxError):
@@ -376,10 +406,8 @@ class ReportInvalid(SandboxError):
     reference = "report-invalid"
     hint = "give a report written by model-sandbox (`--format json` or FILE.report.json)"
 
-    def __init__(self, message: str, *, path: str | None = None, problem: str = "") -> None:
-        super().__init__(message)
-        self.path = path
-        self.problem = problem
+    path: str | None = None
+    problem: str = ""
 
 
 class InternalError(SandboxError):
