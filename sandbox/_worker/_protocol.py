@@ -46,7 +46,7 @@ import os
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Self, TypeVar
 
 PROTOCOL_VERSION = 2
@@ -350,30 +350,35 @@ class TensorEntry:
         return self.nbytes // TORCH_DTYPES[self.dtype][1]
 
 
-@dataclass(frozen=True)
-class ViewEntry:
-    """A tensor that is a strided view (``offset``/``stride`` in elements) of a stored one."""
+@dataclass(frozen=True, kw_only=True)
+class StridedTensor:
+    """A tensor as a strided window on the elements of what it lies in (a subclass says what):
+    ``shape`` and ``stride`` from the element at ``offset``, all counted in elements as torch
+    counts them; ``dtype`` is the torch dtype name (``float32``)."""
 
     name: str
-    base: str
-    offset: int
+    dtype: str
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    dtype: str
+    offset: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewEntry(StridedTensor):
+    """A tensor that is a strided view of the stored tensor ``base`` (``offset`` counts from
+    its first element)."""
+
+    base: str
     location: str = "cpu"
 
 
-@dataclass(frozen=True)
-class LayoutEntry:
+@dataclass(frozen=True, kw_only=True)
+class LayoutEntry(StridedTensor):
     """One tensor of the layout hand-off: where it lies in the input's storage record ``key``
-    (``offset``/``stride`` in elements); the host places it in the file itself."""
+    (``offset`` counts from the record's first element); the host places it in the file
+    itself."""
 
-    name: str
     key: str
-    dtype: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
     parameter: bool
     location: str = "cpu"
 
@@ -387,7 +392,7 @@ class Unrepresentable:
     reason: str = ""
 
 
-_LAYOUT_KEYS = frozenset({"name", "key", "dtype", "shape", "stride", "offset", "parameter", "location"})
+_LAYOUT_KEYS = frozenset(f.name for f in fields(LayoutEntry))
 
 
 @dataclass(frozen=True)
