@@ -1621,18 +1621,6 @@ class Placement(TensorRecord):
     file_offset: int
     extent: int
 
-    def as_layout(self) -> dict[str, Any]:
-        """The fields the sandbox's layout document gives for this tensor."""
-        return {
-            "name": self.name,
-            "key": self.key,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "stride": list(self.stride),
-            "offset": self.offset,
-            "parameter": self.parameter,
-        }
-
 
 def try_place(
     path: str | os.PathLike[str], scan: _scan.StaticScan | None = None
