@@ -596,6 +596,18 @@ class LoadResult:
     tensors: int | None = None
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What the loader's processes used, as the kernel counted it (``getrusage`` of the
+    supervisor's children, once they are killed and reaped), and the load's wall time."""
+
+    wall_s: float
+    cpu_user_s: float
+    cpu_system_s: float
+    max_rss_kb: int  # the largest process's peak
+
+
+_USAGE_KEYS = frozenset(f.name for f in fields(Usage))
 _RESOURCE_SECONDS = ("cpu_s", "sample_s")
 _RESOURCE_COUNTS = ("rss_peak_bytes", "threads_peak", "children_peak", "samples")
 SUPERVISOR_LIMITS = ("wall_clock", "cpu", "output_bytes")
@@ -603,28 +615,30 @@ SUPERVISOR_LIMITS = ("wall_clock", "cpu", "output_bytes")
 
 @dataclass(frozen=True)
 class Status(_Returned):
-    """The supervisor's account of one job: the input it saw, how the loader ended, what it
-    used, the limits it enforced, the canary values it planted and the monitor's counts.
+    """The supervisor's account of one job: the input it saw, how the loader ended (and the
+    limit it enforced, if any), what it used, the canary values it planted and the monitor's
+    counts.
 
     ``canaries`` (name -> value) and ``counts`` ((source, kind, action) key -> number) are
     read leniently: a malformed entry is dropped, never the status."""
 
     env_keys: tuple[str, ...] = ()
+    # the input, as the supervisor read it
     input_sha256: str | None = None
     input_size: int | None = None
     input_error: str | None = None
-    wall_s: float | None = None
-    cpu_user_s: float | None = None
-    cpu_system_s: float | None = None
-    max_rss_kb: int | None = None
+    # how the load ended
     exit_code: int | None = None
     limit: str | None = None
     timed_out: bool = False
+    stopped: Stopped | None = None
+    result: LoadResult | None = None
+    # what it used: the kernel's count, and the supervisor's samples (totals, peaks, over time)
+    usage: Usage | None = None
     resources: tuple[tuple[str, float | int | str], ...] = ()
     #: the supervisor's samples over time: (seconds since the job began, CPU seconds, RSS bytes)
     series: tuple[tuple[float, float, int], ...] = ()
-    stopped: Stopped | None = None
-    result: LoadResult | None = None
+    # the canaries, the monitor's counts, the outputs it could not send
     canaries: tuple[tuple[str, str], ...] = ()
     canary_files: tuple[str, ...] = ()
     kernel_monitor: bool = False
@@ -661,23 +675,30 @@ class Status(_Returned):
             input_sha256=str(sha) if sha is not None else None,
             input_size=_opt_int(d, "input_size", what, 0),
             input_error=_opt_str(d, "input_error", 200, what),
-            wall_s=_opt_num(d, "wall_s", what),
-            cpu_user_s=_opt_num(d, "cpu_user_s", what),
-            cpu_system_s=_opt_num(d, "cpu_system_s", what),
-            max_rss_kb=_opt_int(d, "max_rss_kb", what),
             exit_code=_opt_int(d, "exit_code", what),
             limit=str(limit) if limit is not None else None,
             timed_out=timed_out is True,
-            resources=cls._resources(d.get("resources")),
-            series=cls._series(d.get("resources")),
             stopped=_optional(d.get("stopped"), f"{what}.stopped", cls._stopped),
             result=_optional(d.get("result"), f"{what}.result", cls._result),
+            usage=_optional(d.get("usage"), f"{what}.usage", cls._usage),
+            resources=cls._resources(d.get("resources")),
+            series=cls._series(d.get("resources")),
             canaries=canaries,
             canary_files=canary_files,
             kernel_monitor=kernel,
             counts=counts,
             truncated=truncated,
             output_problems=tuple(sorted((str(k), str(v)[:200]) for k, v in problems.items())),
+        )
+
+    @staticmethod
+    def _usage(u: dict[str, object], what: str) -> Usage:
+        _req(set(u) == _USAGE_KEYS, f"{what} is not the figures {', '.join(sorted(_USAGE_KEYS))}")
+        return Usage(
+            wall_s=_num(u["wall_s"], 0, 1e9, f"{what}.wall_s"),
+            cpu_user_s=_num(u["cpu_user_s"], 0, 1e9, f"{what}.cpu_user_s"),
+            cpu_system_s=_num(u["cpu_system_s"], 0, 1e9, f"{what}.cpu_system_s"),
+            max_rss_kb=_int(u["max_rss_kb"], 0, 2**62, f"{what}.max_rss_kb"),
         )
 
     @staticmethod
