@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 import os
 import time
 from collections.abc import Iterator
@@ -333,10 +334,9 @@ def _placed(
     if isinstance(placed, _reconstruct.NotReconstructed):
         raise _LayoutRefused(placed.reason)
     theirs = manifest.layout or ()
-    mine = [
-        (p.name, p.storage_key, p.dtype, p.shape, p.stride, p.storage_offset, p.parameter) for p in placed
-    ]
-    said = [(t.name, t.key, t.dtype, t.shape, t.stride, t.offset, t.parameter) for t in theirs]
+    # what both readings must agree on, under the same names on both sides
+    placing = operator.attrgetter("name", "key", "dtype", "shape", "stride", "offset", "parameter")
+    mine, said = [placing(p) for p in placed], [placing(t) for t in theirs]
     if mine != said:
         differ = next(
             (i for i, (a, b) in enumerate(zip(mine, said, strict=False)) if a != b), min(len(mine), len(said))

@@ -101,8 +101,8 @@ def map_layout(path: str, placements: list[Placement], *, copy: bool) -> dict[st
         spans: dict[str, tuple[int, int]] = {}
         for p in placements:
             if p.extent:
-                lo, hi = spans.get(p.storage_key, (p.file_offset, p.file_offset + p.extent))
-                spans[p.storage_key] = (min(lo, p.file_offset), max(hi, p.file_offset + p.extent))
+                lo, hi = spans.get(p.key, (p.file_offset, p.file_offset + p.extent))
+                spans[p.key] = (min(lo, p.file_offset), max(hi, p.file_offset + p.extent))
         buffers: dict[str, tuple[int, torch.Tensor]] = {}
         with open(path, "rb", buffering=0) as f:
             for key, (lo, hi) in spans.items():
@@ -122,7 +122,7 @@ def map_layout(path: str, placements: list[Placement], *, copy: bool) -> dict[st
             if not p.extent:
                 out[p.name] = torch.empty(p.shape, dtype=dtype)
                 continue
-            lo, buf = buffers[p.storage_key]
+            lo, buf = buffers[p.key]
             out[p.name] = _strided(buf.untyped_storage(), p.file_offset - lo, p, dtype)
         return out
     storage: Any = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)

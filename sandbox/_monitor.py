@@ -9,7 +9,7 @@ never a clean load -- a supervisor that died may have lost evidence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._launch import ContainerSpec, Job, RunResult
@@ -69,14 +69,8 @@ def interpret(
         out.findings.append(lost)
     out.resources = {"container_s": round(run.duration_s, 3)}
     if status is not None:
-        for key, figure in (
-            ("wall_s", status.wall_s),
-            ("cpu_user_s", status.cpu_user_s),
-            ("cpu_system_s", status.cpu_system_s),
-            ("max_rss_kb", status.max_rss_kb),
-        ):
-            if figure is not None:
-                out.resources[key] = figure
+        if status.usage is not None:
+            out.resources.update(asdict(status.usage))
         # the supervisor's samples of the loader's process tree
         for key, value in status.resources:
             out.resources["sampling_error" if key == "error" else key] = value

@@ -88,7 +88,7 @@ class FakeRunner:
             "input_sha256": digest,
             "input_size": size,
             "exit_code": 0,
-            "wall_s": 0.1,
+            "usage": {"wall_s": 0.1, "cpu_user_s": 0.08, "cpu_system_s": 0.02, "max_rss_kb": 90_000},
         }
         layout = _loader.try_layout(source) if self.layout and job.config.layout else None
         try:

@@ -120,25 +120,19 @@ _LEGACY_PROTOCOL_VERSION = 1001
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TensorRecord:
+@dataclass(frozen=True, kw_only=True)
+class TensorRecord(P.StridedTensor):
     """One tensor as the file's records describe it: the fields :class:`StaticTensor` and
     :class:`Placement` share.
 
-    ``dtype`` is the torch dtype name (``float32``); ``storage_offset`` and ``stride`` count
-    elements, as torch does (the offset is relative to the storage the pickle names, which in
-    a legacy file may itself be a view starting inside root storage ``storage_key``).
+    It lies in root storage ``key``; ``offset`` is relative to the storage the pickle names,
+    which in a legacy file may itself be a view starting inside the root storage.
     """
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    storage_key: str
-    storage_offset: int
+    key: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StaticTensor(TensorRecord):
     """One tensor as the file's records describe it (see :class:`TensorRecord`), with its bytes.
 
@@ -1284,8 +1278,8 @@ def _materialise(
                 dtype=t.dtype,
                 shape=t.shape,
                 stride=t.stride,
-                storage_key=root,
-                storage_offset=t.offset,
+                key=root,
+                offset=t.offset,
                 sha256=digest,
                 data=data,
                 metadata=t.metadata,
@@ -1617,7 +1611,7 @@ def try_inventory(
     return _guarded(fmt, inventory)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Placement(TensorRecord):
     """Where one tensor of a plain torch-zip state dict (see :class:`TensorRecord`) lies in the
     file: ``file_offset`` is the byte offset of its first element, ``extent`` the bytes from
@@ -1626,18 +1620,6 @@ class Placement(TensorRecord):
     parameter: bool
     file_offset: int
     extent: int
-
-    def as_layout(self) -> dict[str, Any]:
-        """The fields the sandbox's layout document gives for this tensor."""
-        return {
-            "name": self.name,
-            "key": self.storage_key,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "stride": list(self.stride),
-            "offset": self.storage_offset,
-            "parameter": self.parameter,
-        }
 
 
 def try_place(
@@ -1685,8 +1667,8 @@ def try_place(
                         dtype=t.dtype,
                         shape=t.shape,
                         stride=t.stride,
-                        storage_key=t.storage.root,
-                        storage_offset=t.offset,
+                        key=t.storage.root,
+                        offset=t.offset,
                         parameter=t.parameter,
                         file_offset=start + first,
                         extent=extent,

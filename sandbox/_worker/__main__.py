@@ -937,14 +937,12 @@ class _Supervisor:
         log.finish(time.monotonic() - start)
         monitor_info.update(log.summary())
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.status.update(
-            {
-                "wall_s": round(elapsed, 4),
-                "cpu_user_s": round(usage.ru_utime, 3),
-                "cpu_system_s": round(usage.ru_stime, 3),
-                "max_rss_kb": usage.ru_maxrss,
-            }
-        )
+        self.status["usage"] = {
+            "wall_s": round(elapsed, 4),
+            "cpu_user_s": round(usage.ru_utime, 3),
+            "cpu_system_s": round(usage.ru_stime, 3),
+            "max_rss_kb": usage.ru_maxrss,
+        }
         return b"".join(chunks)[:_RESULT_LIMIT], wait_status, limit, resources.finish(), monitor_info
 
 

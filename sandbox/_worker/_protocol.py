@@ -47,7 +47,7 @@ import os
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Self, TypeVar
 
 PROTOCOL_VERSION = 2
@@ -351,30 +351,35 @@ class TensorEntry:
         return self.nbytes // TORCH_DTYPES[self.dtype][1]
 
 
-@dataclass(frozen=True)
-class ViewEntry:
-    """A tensor that is a strided view (``offset``/``stride`` in elements) of a stored one."""
+@dataclass(frozen=True, kw_only=True)
+class StridedTensor:
+    """A tensor as a strided window on the elements of what it lies in (a subclass says what):
+    ``shape`` and ``stride`` from the element at ``offset``, all counted in elements as torch
+    counts them; ``dtype`` is the torch dtype name (``float32``)."""
 
     name: str
-    base: str
-    offset: int
+    dtype: str
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    dtype: str
+    offset: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewEntry(StridedTensor):
+    """A tensor that is a strided view of the stored tensor ``base`` (``offset`` counts from
+    its first element)."""
+
+    base: str
     location: str = "cpu"
 
 
-@dataclass(frozen=True)
-class LayoutEntry:
+@dataclass(frozen=True, kw_only=True)
+class LayoutEntry(StridedTensor):
     """One tensor of the layout hand-off: where it lies in the input's storage record ``key``
-    (``offset``/``stride`` in elements); the host places it in the file itself."""
+    (``offset`` counts from the record's first element); the host places it in the file
+    itself."""
 
-    name: str
     key: str
-    dtype: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
     parameter: bool
     location: str = "cpu"
 
@@ -388,7 +393,7 @@ class Unrepresentable:
     reason: str = ""
 
 
-_LAYOUT_KEYS = frozenset({"name", "key", "dtype", "shape", "stride", "offset", "parameter", "location"})
+_LAYOUT_KEYS = frozenset(f.name for f in fields(LayoutEntry))
 
 
 @dataclass(frozen=True)
@@ -593,6 +598,18 @@ class LoadResult:
     tensors: int | None = None
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What the loader's processes used, as the kernel counted it (``getrusage`` of the
+    supervisor's children, once they are killed and reaped), and the load's wall time."""
+
+    wall_s: float
+    cpu_user_s: float
+    cpu_system_s: float
+    max_rss_kb: int  # the largest process's peak
+
+
+_USAGE_KEYS = frozenset(f.name for f in fields(Usage))
 _RESOURCE_SECONDS = ("cpu_s", "sample_s")
 _RESOURCE_COUNTS = ("rss_peak_bytes", "threads_peak", "children_peak", "samples")
 SUPERVISOR_LIMITS = ("wall_clock", "cpu", "output_bytes")
@@ -600,28 +617,30 @@ SUPERVISOR_LIMITS = ("wall_clock", "cpu", "output_bytes")
 
 @dataclass(frozen=True)
 class Status(_Returned):
-    """The supervisor's account of one job: the input it saw, how the loader ended, what it
-    used, the limits it enforced, the canary values it planted and the monitor's counts.
+    """The supervisor's account of one job: the input it saw, how the loader ended (and the
+    limit it enforced, if any), what it used, the canary values it planted and the monitor's
+    counts.
 
     ``canaries`` (name -> value) and ``counts`` ((source, kind, action) key -> number) are
     read leniently: a malformed entry is dropped, never the status."""
 
     env_keys: tuple[str, ...] = ()
+    # the input, as the supervisor read it
     input_sha256: str | None = None
     input_size: int | None = None
     input_error: str | None = None
-    wall_s: float | None = None
-    cpu_user_s: float | None = None
-    cpu_system_s: float | None = None
-    max_rss_kb: int | None = None
+    # how the load ended
     exit_code: int | None = None
     limit: str | None = None
     timed_out: bool = False
+    stopped: Stopped | None = None
+    result: LoadResult | None = None
+    # what it used: the kernel's count, and the supervisor's samples (totals, peaks, over time)
+    usage: Usage | None = None
     resources: tuple[tuple[str, float | int | str], ...] = ()
     #: the supervisor's samples over time: (seconds since the job began, CPU seconds, RSS bytes)
     series: tuple[tuple[float, float, int], ...] = ()
-    stopped: Stopped | None = None
-    result: LoadResult | None = None
+    # the canaries, the monitor's counts, the outputs it could not send
     canaries: tuple[tuple[str, str], ...] = ()
     canary_files: tuple[str, ...] = ()
     kernel_monitor: bool = False
@@ -658,23 +677,30 @@ class Status(_Returned):
             input_sha256=str(sha) if sha is not None else None,
             input_size=_opt_int(d, "input_size", what, 0),
             input_error=_opt_str(d, "input_error", 200, what),
-            wall_s=_opt_num(d, "wall_s", what),
-            cpu_user_s=_opt_num(d, "cpu_user_s", what),
-            cpu_system_s=_opt_num(d, "cpu_system_s", what),
-            max_rss_kb=_opt_int(d, "max_rss_kb", what),
             exit_code=_opt_int(d, "exit_code", what),
             limit=str(limit) if limit is not None else None,
             timed_out=timed_out is True,
-            resources=cls._resources(d.get("resources")),
-            series=cls._series(d.get("resources")),
             stopped=_optional(d.get("stopped"), f"{what}.stopped", cls._stopped),
             result=_optional(d.get("result"), f"{what}.result", cls._result),
+            usage=_optional(d.get("usage"), f"{what}.usage", cls._usage),
+            resources=cls._resources(d.get("resources")),
+            series=cls._series(d.get("resources")),
             canaries=canaries,
             canary_files=canary_files,
             kernel_monitor=kernel,
             counts=counts,
             truncated=truncated,
             output_problems=tuple(sorted((str(k), str(v)[:200]) for k, v in problems.items())),
+        )
+
+    @staticmethod
+    def _usage(u: dict[str, object], what: str) -> Usage:
+        _req(set(u) == _USAGE_KEYS, f"{what} is not the figures {', '.join(sorted(_USAGE_KEYS))}")
+        return Usage(
+            wall_s=_num(u["wall_s"], 0, 1e9, f"{what}.wall_s"),
+            cpu_user_s=_num(u["cpu_user_s"], 0, 1e9, f"{what}.cpu_user_s"),
+            cpu_system_s=_num(u["cpu_system_s"], 0, 1e9, f"{what}.cpu_system_s"),
+            max_rss_kb=_int(u["max_rss_kb"], 0, 2**62, f"{what}.max_rss_kb"),
         )
 
     @staticmethod

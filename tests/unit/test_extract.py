@@ -174,7 +174,8 @@ def test_a_manifest_over_its_cap_is_refused_unread(monkeypatch: pytest.MonkeyPat
 
 
 def test_outputs_are_read_from_their_memfds() -> None:
-    status = {"protocol": P.PROTOCOL_VERSION, "exit_code": 0, "wall_s": 0.5}
+    usage = {"wall_s": 0.5, "cpu_user_s": 0.4, "cpu_system_s": 0.1, "max_rss_kb": 90_000}
+    status = {"protocol": P.PROTOCOL_VERSION, "exit_code": 0, "usage": usage}
     tensors = sealed(b"\0" * 16)
     out = read_outputs(
         Received(
@@ -182,7 +183,8 @@ def test_outputs_are_read_from_their_memfds() -> None:
             outputs={"manifest": sealed(json.dumps(_manifest()).encode()), "tensors": tensors},
         )
     )
-    assert out.status is not None and out.status.exit_code == 0 and out.status.wall_s == 0.5
+    assert out.status is not None and out.status.exit_code == 0
+    assert out.status.usage is not None and out.status.usage.wall_s == 0.5
     assert out.manifest is not None and [t.name for t in out.manifest.tensors] == ["a"]
     assert out.tensors_path == f"/proc/self/fd/{tensors}"
     assert read_outputs(Received()).status is None  # no status: None, for the monitor to judge

@@ -1,6 +1,6 @@
 """Resources and the CPU-time limit, host side: the policy key, the supervisor's config, the
-validation of the (untrusted) ``resources`` and ``limit`` in status.json, and how a limit the
-supervisor enforced becomes an error and a finding."""
+validation of the (untrusted) ``usage``, ``resources`` and ``limit`` in status.json, and how a
+limit the supervisor enforced becomes an error and a finding."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from sandbox.policy import Limits, Policy
 from sandbox.report import Severity
 from tests import checkpoints as ck
 
+USAGE = {"wall_s": 2.6, "cpu_user_s": 2.1, "cpu_system_s": 0.3, "max_rss_kb": 225_000}
 RESOURCES = {
     "cpu_s": 2.5,
     "rss_peak_bytes": 230_000_000,
@@ -37,7 +38,7 @@ def status(**extra: Any) -> dict[str, Any]:
         "protocol": P.PROTOCOL_VERSION,
         "env_keys": [],
         "exit_code": 0,
-        "wall_s": 2.6,
+        "usage": dict(USAGE),
         "result": {"ok": True, "format": "torch-zip"},
         "limit": None,
         "resources": dict(RESOURCES),
@@ -123,6 +124,26 @@ def test_malformed_resources_are_rejected(resources: Any) -> None:
 
 
 @pytest.mark.parametrize(
+    "usage",
+    [
+        [],
+        {},
+        {k: v for k, v in USAGE.items() if k != "wall_s"},
+        {**USAGE, "junk": 1},
+        {**USAGE, "wall_s": "2.6"},
+        {**USAGE, "wall_s": None},
+        {**USAGE, "cpu_user_s": -1.0},
+        {**USAGE, "cpu_system_s": float("nan")},
+        {**USAGE, "max_rss_kb": 1.5},
+        {**USAGE, "max_rss_kb": True},
+    ],
+)
+def test_malformed_usage_is_rejected(usage: Any) -> None:
+    with pytest.raises(OutputRejected, match="usage"):
+        validate_status(status(usage=usage))
+
+
+@pytest.mark.parametrize(
     "series",
     [
         "x",
@@ -163,6 +184,7 @@ def test_resources_are_copied_into_the_outcome(tmp_path: Path) -> None:
     out = _monitor.interpret(done(exit_code=0), validate_status(status()), spec(tmp_path), job(), "in.pt")
     assert out.ok and out.error is None
     assert {k: out.resources[k] for k in RESOURCES} == RESOURCES
+    assert {k: out.resources[k] for k in USAGE} == USAGE
     err = status(resources={**RESOURCES, "error": "no psutil"})
     out = _monitor.interpret(done(exit_code=0), validate_status(err), spec(tmp_path), job(), "in.pt")
     assert out.resources["sampling_error"] == "no psutil"

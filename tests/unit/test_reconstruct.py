@@ -115,7 +115,7 @@ def assert_matches_torch_load(path: Path, tmp_path: Path, *, weights_only: bool 
         assert st.dtype == str(t.dtype).removeprefix("torch."), name
         assert st.shape == tuple(t.shape), name
         assert st.stride == tuple(t.stride()), name
-        assert st.storage_offset == t.storage_offset(), name
+        assert st.offset == t.storage_offset(), name
         assert st.data == raw(t), name
         assert st.sha256 == hashlib.sha256(raw(t)).hexdigest(), name
         assert raw(st.to_torch()) == raw(t), name
@@ -168,10 +168,10 @@ def test_legacy_untyped_storage_is_not_compared(tmp_path: Path) -> None:
 def test_views_slices_and_non_contiguous_tensors(fmt: str, tmp_path: Path) -> None:
     path = save(views_checkpoint(), tmp_path / "views.pt", fmt)
     rec = assert_matches_torch_load(path, tmp_path)
-    assert rec.tensors["row_slice"].storage_offset == 6
+    assert rec.tensors["row_slice"].offset == 6
     assert rec.tensors["column"].stride == (6,)
     assert rec.tensors["transposed"].stride == (1, 6)
-    assert rec.tensors["base"].storage_key == rec.tensors["alias"].storage_key
+    assert rec.tensors["base"].key == rec.tensors["alias"].key
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
@@ -180,7 +180,7 @@ def test_tied_weights_and_parameters(fmt: str, tmp_path: Path) -> None:
     obj = {"model": model.state_dict(), "params": dict(model.named_parameters())}
     path = save(obj, tmp_path / "tied.pt", fmt)
     rec = assert_matches_torch_load(path, tmp_path)
-    assert rec.tensors["model.embed.weight"].storage_key == rec.tensors["model.head.weight"].storage_key
+    assert rec.tensors["model.embed.weight"].key == rec.tensors["model.head.weight"].key
 
 
 def test_one_tensor_object_twice_gets_one_name(tmp_path: Path) -> None:
@@ -247,7 +247,7 @@ def test_big_endian_zip_is_byte_swapped_like_torch(tmp_path: Path) -> None:
     change = {f"{prefix}/byteorder": b"big"}
     # swap each storage by its record's dtype, as a big-endian writer would have written it
     for name, t in sd.items():
-        key = rec_little.tensors[name].storage_key  # checked against torch.load below
+        key = rec_little.tensors[name].key  # checked against torch.load below
         unit = t.element_size() // (2 if t.is_complex() else 1)
         data = t.contiguous().view(torch.uint8).reshape(-1, unit).flip(1).reshape(-1)
         change[f"{prefix}/data/{key}"] = data.numpy().tobytes()
@@ -449,8 +449,8 @@ def test_static_tensor_to_torch_for_empty_tensor() -> None:
         dtype="float32",
         shape=(0, 4),
         stride=(4, 1),
-        storage_key="0",
-        storage_offset=0,
+        key="0",
+        offset=0,
         sha256=hashlib.sha256(b"").hexdigest(),
         data=b"",
     )
