@@ -39,6 +39,15 @@ def open_buffer(path: str | os.PathLike[str]) -> Iterator[Buf]:
         fh.close()
 
 
+def release(buf: Buf, begin: int, end: int) -> None:
+    """Unmap from this process the pages of ``buf[begin:end]`` when ``buf`` is a map (its
+    resident size stops counting them; the page cache keeps them, and a later read maps them
+    again): a reader that hashes a large file region by region holds one region, not the file."""
+    if isinstance(buf, mmap.mmap) and end > begin:
+        first = begin - begin % mmap.PAGESIZE
+        buf.madvise(mmap.MADV_DONTNEED, first, min(end, len(buf)) - first)
+
+
 def u16(buf: Buf, at: int) -> int:
     return int.from_bytes(buf[at : at + 2], "little")
 

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sandbox import _scan
 from sandbox._formats import npy, tar_archive
-from sandbox._formats.buffer import Buf, open_buffer
+from sandbox._formats.buffer import Buf, open_buffer, release
 from sandbox._formats.pickle_ops import (
     BIG_INT,
     LEGACY_MAGIC,
@@ -92,6 +92,7 @@ _MAX_MEMO = 5_000_000
 CANCELLED = "the reading was cancelled: its result is no longer wanted"
 _TIME_BUDGET_S = 300.0
 _MAX_EVIDENCE = 20  # tensors named in one finding
+_RELEASE_BYTES = 4 << 20  # a hashed region this large leaves the resident set at once
 
 _REBUILDERS = frozenset(
     {
@@ -1245,6 +1246,8 @@ def _materialise(
                 with memoryview(buf) as file_view:
                     with file_view[start + first : start + last] as region:
                         digest = hashlib.sha256(region).hexdigest()
+                if last - first >= _RELEASE_BYTES:
+                    release(buf, start + first, start + last)
             else:
                 dtype = getattr(torch, t.dtype)
                 if numel:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import pickle
 import pickletools
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sandbox._formats import compressed, npy, pickle_ops, zip_archive
-from sandbox._formats.buffer import open_buffer
+from sandbox._formats.buffer import open_buffer, release
 from sandbox.errors import MalformedInput
 
 _SAMPLES: list[object] = [
@@ -138,3 +139,30 @@ def test_inflating_a_stub_of_a_stream_allocates_nothing_near_the_cap(kind: str) 
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20, peak
+
+
+def _resident_bytes_of(path: Path) -> int:
+    """How much of the mappings of ``path`` is resident in this process (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1]) * 1024
+    return total
+
+
+def test_release_gives_back_the_pages_of_a_hashed_region(tmp_path: Path) -> None:
+    """A region released after hashing leaves the resident set; its bytes read the same after."""
+    path = tmp_path / "big.bin"
+    data = bytes(range(256)) * (32 << 12)  # 32 MiB
+    path.write_bytes(data)
+    with open_buffer(path) as buf:
+        assert hashlib.sha256(buf[:]).hexdigest() == hashlib.sha256(data).hexdigest()  # all touched
+        touched = _resident_bytes_of(path)
+        assert touched >= 16 << 20
+        release(buf, 1000, len(data))  # from inside the first page to the end
+        assert _resident_bytes_of(path) <= touched - (16 << 20)
+        assert buf[5000:5010] == data[5000:5010] and buf[-3:] == data[-3:]
+        release(b"not a map", 0, 9)  # bytes: nothing to give back
