@@ -1,6 +1,7 @@
 """Stage 5, host: open the worker's SafeTensors with the safetensors library, check every
-tensor against the manifest (names, dtypes, shapes, sha256), and rebuild the returned
-structure from the JSON skeleton. No unpickler is involved anywhere.
+tensor against the manifest (names, dtypes, shapes), hash each one's bytes for the verification
+stage, and rebuild the returned structure from the JSON skeleton. No unpickler is involved
+anywhere.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def _returned(
     manifest: P.Manifest, tensors: Mapping[str, torch.Tensor] | None, want_view: Mapping[str, Any] | None
 ) -> dict[str, _reconstruct.Actual]:
     """What the sandbox returned per tensor name: stored tensors by the manifest's sha256
-    (the host has already checked every stored tensor's bytes against it); a view by the
+    (computed by the host from the bytes it received; in a scan, where no bytes cross, the
+    sandbox's own, which the host cannot check); a view by the
     digest of what the caller will see when the host holds the ``tensors`` (and, with
     ``want_view``, only for names in it), else ``None``: its base stands for it."""
     actual: dict[str, _reconstruct.Actual] = {}
