@@ -76,7 +76,7 @@ _INTRO = """# Rule ids
 Every SARIF result that `model-sandbox` writes (`--format sarif`) has a `ruleId` from this table.
 The ids are stable: a finding's `rule` in the JSON report is the same id, and an error's
 `reference` is the id of the result that reports it. This file is generated from the rule table
-in `sandbox/rules.toml` (`python -m sandbox._rules > docs/rules.md`); `tests/unit/test_sarif_bom.py`
+in `sandbox/rules.toml` (`python -m sandbox._rules > docs/rules.md`); `tests/unit/test_rules.py`
 checks that it is current and that every rule the code can emit is listed.
 
 SARIF level: critical and high are `error`, medium is `warning`, low and info are `note`. Each

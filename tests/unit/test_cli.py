@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,32 @@ def test_static_only_scan_exit_codes_and_formats(tmp_path: Path, capsys: pytest.
     assert sarif["version"] == "2.1.0" and sarif["runs"][0]["results"]
 
 
+def test_static_only_scan_needs_no_engine(tmp_path: Path) -> None:
+    import pickle
+
+    import torch
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (eval, ("1 + 1",))
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "good.pt")
+    (tmp_path / "bad.pkl").write_bytes(pickle.dumps({"x": Payload()}))
+    env = {**__import__("os").environ, "DOCKER_HOST": "unix:///nonexistent.sock"}
+    run = [sys.executable, "-m", "sandbox", "scan", "--static-only", "--format", "json"]
+    good = subprocess.run(
+        [*run, str(tmp_path / "good.pt")], capture_output=True, text=True, env=env, check=False
+    )
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["static"]["format"] == "torch-zip"
+    bad = subprocess.run(
+        [*run, str(tmp_path / "bad.pkl")], capture_output=True, text=True, env=env, check=False
+    )
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    assert report["verdict"] == "malicious" and "builtins.eval" in report["static"]["dangerous"]
+
+
 def test_errors_are_one_clean_message_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli.main(["scan", "--static-only", str(tmp_path / "missing.pt")]) == EXIT_ERROR
     assert _cli.main(["convert", str(tmp_path / "missing.pt")]) == EXIT_ERROR
@@ -127,6 +155,21 @@ def test_policy_show_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert _cli.main(["policy", "check", str(bad)]) != 0
     out = capsys.readouterr()
     assert "bad.toml" in out.out + out.err
+
+
+def test_policy_cli_check_and_show(tmp_path: Path) -> None:
+    good = tmp_path / "p.toml"
+    good.write_text('name = "mine"\ndescription = "for tests"\n[limits]\nwall_clock_s = 10\n')
+    run = [sys.executable, "-m", "sandbox", "policy"]
+    out = subprocess.run([*run, "check", str(good)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and "valid policy 'mine'" in out.stdout
+    (tmp_path / "bad.toml").write_text("name = 3\n")
+    out = subprocess.run(
+        [*run, "check", str(tmp_path / "bad.toml")], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 2 and "'name' is required" in out.stderr
+    out = subprocess.run([*run, "show", "strict"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["fail_on"] == "suspicious"
 
 
 def test_lock_prints_sha256sum_lines(
