@@ -221,16 +221,20 @@ class Pool:
 
     def _start_one(self, spec: _launch.ContainerSpec, delay: float) -> None:
         box: _launch.Box | None = None
-        try:
-            if delay:
-                time.sleep(delay)  # the engine failed just before: back off
-            box = self.runner.start(spec, prepare=self._prepare)
-            failed = False
-        except Exception as exc:  # the engine went away, an image problem: jobs go cold
-            failed = True
-            with self._lock:
-                self.failures += 1
-                self.last_error = str(exc)[:300]
+        failed = False
+        with self._lock:
+            if delay:  # the engine failed just before: back off, unless the pool closes
+                self._lock.wait_for(lambda: self._closed, timeout=delay)
+            # closed since this start was counted: none is made (close() may not wait for it)
+            closed = self._closed
+        if not closed:
+            try:
+                box = self.runner.start(spec, prepare=self._prepare)
+            except Exception as exc:  # the engine went away, an image problem: jobs go cold
+                failed = True
+                with self._lock:
+                    self.failures += 1
+                    self.last_error = str(exc)[:300]
         with self._lock:
             self._failures_in_a_row = self._failures_in_a_row + 1 if failed else 0
             self._starting -= 1

@@ -11,6 +11,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -298,6 +299,54 @@ def test_close_goes_on_when_removing_a_sandbox_fails(
     first.discard_error = EngineError("could not remove the container")
     pool.close()
     assert first.discards == 1 and second.discards == 1
+
+
+def test_close_ends_a_back_off_and_starts_nothing_after(
+    new: Callable[..., Pool], runner: FakeStartingRunner
+) -> None:
+    runner.down = True
+    pool = new(1).warm()
+    # the first start failed, and the filler has set off the next, which waits out its back-off
+    assert until(pool, lambda: pool._failures_in_a_row == 1 and pool._starting == 1)
+    calls = len(runner.calls)
+    pool.close()
+    assert len(runner.calls) == calls and runner.in_flight == 0  # that start is never made
+
+
+def test_a_start_the_filler_sets_off_as_close_runs_is_not_made(
+    new: Callable[..., Pool], runner: FakeStartingRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filler counts a start, then hands it to a thread of its own: a close() in between
+    must not leave that start to happen after it returned (an exit then leaves its sandbox)."""
+    held, closing, returned = threading.Event(), threading.Event(), threading.Event()
+    threads: list[threading.Thread] = []
+
+    class Thread(threading.Thread):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if kwargs.get("name") == "model-sandbox-pool-start":
+                held.set()
+                closing.wait(WAIT_S)  # the filler waits here until close() waits for it
+            super().__init__(*args, **kwargs)
+            threads.append(self)
+
+        def join(self, timeout: float | None = None) -> None:
+            closing.set()
+            super().join(timeout)
+
+    shim = SimpleNamespace(
+        Thread=Thread, Condition=threading.Condition, current_thread=threading.current_thread
+    )
+    monkeypatch.setattr(_pool, "threading", shim)
+    runner.hold = lambda: returned.wait(WAIT_S)  # a start made now is still on when close() returns
+    pool = new(1).warm()
+    assert held.wait(WAIT_S)
+    pool.close()
+    in_flight, calls = runner.in_flight, len(runner.calls)
+    returned.set()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert (in_flight, len(runner.calls)) == (0, calls) == (0, 0)
+    assert runner.live == []
 
 
 # -- failing starts -------------------------------------------------------------------------------
