@@ -154,6 +154,7 @@ class Pool:
                 and self._starting
                 and not self._closed
                 and self.failures == failures
+                and not self._failures_in_a_row  # a retry waits out its back-off first
                 and time.monotonic() < deadline
             ):
                 self._lock.wait(0.05)

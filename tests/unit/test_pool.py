@@ -366,6 +366,33 @@ def test_a_start_that_fails_reaches_the_job_and_the_pool_recovers(
     assert pool.run(SPEC, job(3)).warm
 
 
+def test_after_a_failed_start_a_job_does_not_wait_out_the_back_off(
+    new: Callable[..., Pool], runner: FakeStartingRunner
+) -> None:
+    """A sandbox already starting is worth waiting for, not a retry that first waits out its
+    back-off (a second, doubling to 30 s): after a failed start the job takes a fresh one."""
+    runner.fail_next = 1
+    release = threading.Event()
+    results: list[RunResult] = []
+    job_thread = threading.Thread(target=lambda: results.append(pool.run(SPEC, job())), daemon=True)
+
+    def hold() -> None:  # the filler's retry hangs (an engine slow to come back), not the job's start
+        if threading.current_thread() is not job_thread:
+            release.wait(WAIT_S)
+
+    pool = new(1).warm()
+    assert until(pool, lambda: pool.failures == 1)
+    runner.hold = hold
+    job_thread.start()
+    try:
+        job_thread.join(WAIT_S)
+        assert not job_thread.is_alive()
+    finally:
+        release.set()
+        job_thread.join(WAIT_S)
+    assert len(results) == 1 and not results[0].warm and results[0].exit_code == 0
+
+
 def test_a_failing_engine_is_retried_with_back_off_not_in_a_loop(
     new: Callable[..., Pool], runner: FakeStartingRunner
 ) -> None:
