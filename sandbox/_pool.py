@@ -171,7 +171,7 @@ class Pool:
     # -- warming ------------------------------------------------------------------------------
     def warm(self, wait: bool = False, timeout_s: float = 120.0) -> Pool:
         """Start filling now (by default the first job starts it). ``wait=True`` blocks until
-        ``size`` sandboxes are ready (or the timeout passes)."""
+        ``size`` sandboxes are ready (or the timeout passes, or three starts fail meanwhile)."""
         with self._lock:
             if self._spec is None:
                 policy = self.policy or Policy.default()
@@ -179,11 +179,12 @@ class Pool:
             self._ensure_thread()
             if wait:
                 deadline = time.monotonic() + timeout_s
+                failures = self.failures  # those before this call say nothing of the engine now
                 while (
                     len(self._ready) < self.size
                     and not self._closed
                     and time.monotonic() < deadline
-                    and self.failures < 3
+                    and self.failures < failures + 3
                 ):
                     self._lock.wait(0.1)
         return self

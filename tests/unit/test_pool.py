@@ -418,6 +418,31 @@ def test_warm_wait_gives_up_on_an_engine_that_keeps_failing(
     assert pool.ready == 0 and pool.failures >= 3
 
 
+def test_warm_wait_gives_up_on_failures_while_it_waits_not_on_old_ones(
+    new: Callable[..., Pool], runner: FakeStartingRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waiting = threading.Event()  # this test's thread waits on the pool (warm() is waiting)
+    me = threading.current_thread()
+
+    class Condition(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            if threading.current_thread() is me:
+                waiting.set()
+            return super().wait(timeout)
+
+    shim = SimpleNamespace(
+        Thread=threading.Thread, Condition=Condition, current_thread=threading.current_thread
+    )
+    monkeypatch.setattr(_pool, "threading", shim)
+    runner.hold = lambda: waiting.wait(WAIT_S)  # the sandbox comes up once warm() waits for it
+    pool = new(1)
+    pool.failures = 3  # starts failed long ago (an engine restarted, say): the engine is fine now
+    try:
+        assert pool.warm(wait=True).ready == 1
+    finally:
+        waiting.set()
+
+
 # -- prepare (torch imported ahead) ---------------------------------------------------------------
 def test_prepare_follows_what_recent_jobs_needed(
     new: Callable[..., Pool], runner: FakeStartingRunner
