@@ -2,13 +2,14 @@
 background), with a fake starting runner: no engine. The real sandboxes behind a pool are tested
 in tests/container (test_channel, test_runners).
 
-Waits are on the pool's condition (it is notified at every change) or the fake's, bounded by
-``WAIT_S``, which only a broken pool reaches: no test asserts on timings."""
+Waits are for the pool's state (read under its lock) or the fake's, bounded by ``WAIT_S``,
+which only a broken pool reaches: no test asserts on timings."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from types import SimpleNamespace
@@ -33,9 +34,15 @@ def job(n: int = 0) -> Job:
 
 
 def until(pool: Pool, predicate: Callable[[], bool]) -> bool:
-    """Whether ``predicate``, read under the pool's lock, came true."""
+    """Whether ``predicate``, read under the pool's lock, came true: read at each notification
+    of the pool's condition, and every 10 ms (not every change of the pool notifies)."""
+    deadline = time.monotonic() + WAIT_S
     with pool._lock:
-        return pool._lock.wait_for(predicate, WAIT_S)
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            pool._lock.wait(0.01)
+        return True
 
 
 def waiting_in(pool: Pool) -> list[FakeBox]:
@@ -304,13 +311,15 @@ def test_close_goes_on_when_removing_a_sandbox_fails(
 def test_close_ends_a_back_off_and_starts_nothing_after(
     new: Callable[..., Pool], runner: FakeStartingRunner
 ) -> None:
-    runner.down = True
-    pool = new(1).warm()
-    # the first start failed, and the filler has set off the next, which waits out its back-off
-    assert until(pool, lambda: pool._failures_in_a_row == 1 and pool._starting == 1)
-    calls = len(runner.calls)
-    pool.close()
-    assert len(runner.calls) == calls and runner.in_flight == 0  # that start is never made
+    pool = new(1)
+    pool._failures_in_a_row = 6  # the engine failed for a while: the next start backs off 30 s
+    pool.warm()
+    assert until(pool, lambda: pool._starting == 1)
+    closer = threading.Thread(target=pool.close, daemon=True)
+    closer.start()
+    closer.join(WAIT_S)  # well before the back-off would end
+    assert not closer.is_alive()
+    assert runner.calls == []  # the start it backed off for is never made
 
 
 def test_a_start_the_filler_sets_off_as_close_runs_is_not_made(
@@ -345,7 +354,7 @@ def test_a_start_the_filler_sets_off_as_close_runs_is_not_made(
     returned.set()
     for thread in threads:
         thread.join(WAIT_S)
-    assert (in_flight, len(runner.calls)) == (0, calls) == (0, 0)
+    assert in_flight == 0 and len(runner.calls) == calls == 0
     assert runner.live == []
 
 
@@ -377,12 +386,12 @@ def test_after_a_failed_start_a_job_does_not_wait_out_the_back_off(
     job_thread = threading.Thread(target=lambda: results.append(pool.run(SPEC, job())), daemon=True)
 
     def hold() -> None:  # the filler's retry hangs (an engine slow to come back), not the job's start
-        if threading.current_thread() is not job_thread:
+        if len(runner.calls) > 1 and threading.current_thread() is not job_thread:
             release.wait(WAIT_S)
 
+    runner.hold = hold
     pool = new(1).warm()
     assert until(pool, lambda: pool.failures == 1)
-    runner.hold = hold
     job_thread.start()
     try:
         job_thread.join(WAIT_S)
@@ -410,7 +419,7 @@ def test_warm_wait_gives_up_on_an_engine_that_keeps_failing(
     new: Callable[..., Pool], runner: FakeStartingRunner
 ) -> None:
     runner.down = True
-    pool = new(1)
+    pool = new(3)
     waiter = threading.Thread(target=pool.warm, kwargs={"wait": True, "timeout_s": 600.0}, daemon=True)
     waiter.start()
     waiter.join(WAIT_S)  # after three failed starts, not at its timeout
