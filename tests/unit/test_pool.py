@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import pytest
 
-from sandbox import Policy, _launch, _pool
+from sandbox import Policy, _api, _launch, _pool
 from sandbox._launch import Job, RunResult, make_job, make_spec
 from sandbox._pool import Pool
 from sandbox.errors import EngineError, PolicyError, SandboxError
@@ -274,6 +274,7 @@ def test_leaving_the_with_block_closes_the_pool(runner: FakeStartingRunner, fail
             raise RuntimeError("boom")  # not swallowed by the pool
     assert len(waiting) == 2 and all(box.discards == 1 for box in waiting)
     assert runner.live == [] and runner.in_flight == 0
+    assert pool._thread is not None and not pool._thread.is_alive()
     with pytest.raises(SandboxError, match="closed"):
         pool.run(SPEC, job())
 
@@ -515,6 +516,35 @@ def test_a_runner_named_is_checked_at_once_and_made_on_first_use(
         assert made == ["bwrap"]  # once
     finally:
         pool.close()
+
+
+def test_the_operations_run_through_the_pool_with_its_policy(
+    new: Callable[..., Pool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def fake(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append((name, args, kwargs))
+            return name
+
+        return call
+
+    for name in ("safe_load", "convert", "scan"):
+        monkeypatch.setattr(_api, name, fake(name))
+    policy, other = Policy.default(), Policy.default()
+    pool = new(1, policy=policy)
+    results: list[Any] = [
+        pool.safe_load("a.pt", weights_only=False),
+        pool.convert("b.pt", "b.safetensors"),
+        pool.scan("c.pt", policy=other),  # a policy of the call's own wins
+    ]
+    assert results == ["safe_load", "convert", "scan"]
+    assert calls == [
+        ("safe_load", ("a.pt", None), {"runner": pool, "policy": policy, "weights_only": False}),
+        ("convert", ("b.pt", "b.safetensors"), {"runner": pool, "policy": policy}),
+        ("scan", ("c.pt",), {"runner": pool, "policy": other}),
+    ]
 
 
 # -- the default pool of the module-level functions -----------------------------------------------
