@@ -154,6 +154,7 @@ class Pool:
                 and self._starting
                 and not self._closed
                 and self.failures == failures
+                and not self._failures_in_a_row  # a retry waits out its back-off first
                 and time.monotonic() < deadline
             ):
                 self._lock.wait(0.05)
@@ -170,7 +171,7 @@ class Pool:
     # -- warming ------------------------------------------------------------------------------
     def warm(self, wait: bool = False, timeout_s: float = 120.0) -> Pool:
         """Start filling now (by default the first job starts it). ``wait=True`` blocks until
-        ``size`` sandboxes are ready (or the timeout passes)."""
+        ``size`` sandboxes are ready (or the timeout passes, or three starts fail meanwhile)."""
         with self._lock:
             if self._spec is None:
                 policy = self.policy or Policy.default()
@@ -178,11 +179,12 @@ class Pool:
             self._ensure_thread()
             if wait:
                 deadline = time.monotonic() + timeout_s
+                failures = self.failures  # those before this call say nothing of the engine now
                 while (
                     len(self._ready) < self.size
                     and not self._closed
                     and time.monotonic() < deadline
-                    and self.failures < 3
+                    and self.failures < failures + 3
                 ):
                     self._lock.wait(0.1)
         return self
@@ -221,16 +223,20 @@ class Pool:
 
     def _start_one(self, spec: _launch.ContainerSpec, delay: float) -> None:
         box: _launch.Box | None = None
-        try:
-            if delay:
-                time.sleep(delay)  # the engine failed just before: back off
-            box = self.runner.start(spec, prepare=self._prepare)
-            failed = False
-        except Exception as exc:  # the engine went away, an image problem: jobs go cold
-            failed = True
-            with self._lock:
-                self.failures += 1
-                self.last_error = str(exc)[:300]
+        failed = False
+        with self._lock:
+            if delay:  # the engine failed just before: back off, unless the pool closes
+                self._lock.wait_for(lambda: self._closed, timeout=delay)
+            # closed since this start was counted: none is made (close() may not wait for it)
+            closed = self._closed
+        if not closed:
+            try:
+                box = self.runner.start(spec, prepare=self._prepare)
+            except Exception as exc:  # the engine went away, an image problem: jobs go cold
+                failed = True
+                with self._lock:
+                    self.failures += 1
+                    self.last_error = str(exc)[:300]
         with self._lock:
             self._failures_in_a_row = self._failures_in_a_row + 1 if failed else 0
             self._starting -= 1

@@ -1,6 +1,7 @@
 """Fakes shared by the tests that need no daemon: a runner that plays the container (benign
 files only, loaded in this process by the worker's own code, its outputs sealed in memfds as the
-supervisor does), and the small batch helpers built on it. The real sandbox is tested in
+supervisor does), the small batch helpers built on it, and a starting runner whose
+sandboxes run no load (for the pool's own logic). The real sandbox is tested in
 tests/container and tests/adversarial."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sandbox._channel import Received
 from sandbox._launch import ContainerSpec, Job, RunResult
 from sandbox._worker import _loader
 from sandbox._worker import _protocol as P
+from sandbox.errors import EngineError
 from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
 from tests import checkpoints as ck
 
@@ -139,6 +141,108 @@ class Fake(FakeRunner):
             else:
                 self.tamper = None
             return super().run(spec, job)
+
+
+class FakeBox:
+    """A warm sandbox of :class:`FakeStartingRunner`. Like a real one it runs one job and then
+    discards itself (a second job is refused); ``dead`` plays a sandbox that died while it
+    waited, ``discard_error`` an engine that fails to remove it."""
+
+    def __init__(self, runner: FakeStartingRunner, spec: ContainerSpec, prepare: bool, serial: int) -> None:
+        self.runner = runner
+        self.spec = spec
+        self.prepare = prepare
+        self.serial = serial
+        self.hello: P.Hello | None = None
+        self.dead = False
+        self.discard_error: Exception | None = None
+        self.jobs: list[Job] = []
+        self.discards = 0
+
+    def alive(self) -> bool:
+        return not self.dead and not self.discards
+
+    def run(self, job: Job) -> RunResult:
+        with self.runner.cond:
+            self.jobs.append(job)
+            if len(self.jobs) > 1 or self.discards:
+                raise AssertionError(f"sandbox {self.serial} was handed a second job, or after its discard")
+        try:
+            self.runner.on_run(self)
+            # the supervisor's status says how the tensors were handed off (compact JSON, as sent)
+            result = {"ok": True, "format": "torch-zip", "handoff": self.runner.handoff}
+            status = json.dumps({"protocol": P.PROTOCOL_VERSION, "result": result}, separators=(",", ":"))
+            out = RunResult(exit_code=0, runner=self.runner.name)
+            out.received = Received(status=status.encode(), completed=True, closed=True)
+            out.notes.append(f"box {self.serial}")
+            return out
+        finally:
+            self.discard(background=True)
+
+    def discard(self, *, keep_logs: bool = False, background: bool = False) -> None:
+        with self.runner.cond:
+            self.discards += 1
+            self.runner.cond.notify_all()
+        if self.discard_error is not None:
+            raise self.discard_error
+
+
+class FakeStartingRunner:
+    """A :class:`~sandbox._launch.StartingRunner` without containers, for :class:`~sandbox.Pool`:
+    :meth:`start` hands out :class:`FakeBox` es and records every call. A test can make starts
+    fail (``down``: all of them; ``fail_next``: that many) or hold them (``hold`` is called
+    first by every start, in the starting thread, and may block)."""
+
+    name = "fake"
+
+    def __init__(self, *, fail_next: int = 0, handoff: str = "memfd") -> None:
+        self.cond = threading.Condition()
+        self.calls: list[tuple[ContainerSpec, bool]] = []  # every start(): (spec, prepare)
+        self.boxes: list[FakeBox] = []  # every sandbox started, in order
+        self.in_flight = 0
+        self.failures = 0
+        self.down = False
+        self.fail_next = fail_next
+        self.handoff = handoff  # what the next job's status says: "memfd" (full loader) or "layout"
+        self.hold: Callable[[], object] = lambda: None
+        self.on_run: Callable[[FakeBox], object] = lambda box: None
+
+    def ensure_image(self) -> str:
+        return "model-sandbox-worker:fake"
+
+    def start(self, spec: ContainerSpec, *, connect_s: float = 120.0, prepare: bool = True) -> FakeBox:
+        with self.cond:
+            self.calls.append((spec, prepare))
+            self.in_flight += 1
+            self.cond.notify_all()
+        try:
+            self.hold()
+            with self.cond:
+                if self.down or self.fail_next > 0:
+                    self.fail_next = max(0, self.fail_next - 1)
+                    self.failures += 1
+                    raise EngineError("could not start the sandbox: the engine is gone")
+                box = FakeBox(self, spec, prepare, len(self.boxes))
+                self.boxes.append(box)
+            return box
+        finally:
+            with self.cond:
+                self.in_flight -= 1
+                self.cond.notify_all()
+
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        return self.start(spec, prepare=False).run(job)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 20.0) -> bool:
+        """Whether ``predicate`` (read under this runner's lock) came true within ``timeout_s``."""
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout_s)
+
+    @property
+    def live(self) -> list[FakeBox]:
+        """Sandboxes started and not discarded."""
+        with self.cond:
+            return [box for box in self.boxes if not box.discards]
 
 
 def tree(root: Path) -> Path:
