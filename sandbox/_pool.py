@@ -77,6 +77,7 @@ class Pool:
         self._ready: deque[_launch.Box] = deque()
         self._starting = 0
         self._lock = threading.Condition()
+        self._making = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
         self._starters: set[threading.Thread] = set()
@@ -90,9 +91,10 @@ class Pool:
     # -- the runner protocol ----------------------------------------------------------------
     @property
     def runner(self) -> _launch.StartingRunner:
-        if self._runner is None:
-            self._runner = _launch.make_runner(self._runner_kind)
-        return self._runner
+        with self._making:  # threads asking first at once get one runner (making it may probe)
+            if self._runner is None:
+                self._runner = _launch.make_runner(self._runner_kind)
+            return self._runner
 
     @property
     def name(self) -> str:

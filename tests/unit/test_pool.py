@@ -344,7 +344,10 @@ def test_a_start_the_filler_sets_off_as_close_runs_is_not_made(
             super().join(timeout)
 
     shim = SimpleNamespace(
-        Thread=Thread, Condition=threading.Condition, current_thread=threading.current_thread
+        Thread=Thread,
+        Condition=threading.Condition,
+        Lock=threading.Lock,
+        current_thread=threading.current_thread,
     )
     monkeypatch.setattr(_pool, "threading", shim)
     runner.hold = lambda: returned.wait(WAIT_S)  # a start made now is still on when close() returns
@@ -441,7 +444,10 @@ def test_warm_wait_gives_up_on_failures_while_it_waits_not_on_old_ones(
             return super().wait(timeout)
 
     shim = SimpleNamespace(
-        Thread=threading.Thread, Condition=Condition, current_thread=threading.current_thread
+        Thread=threading.Thread,
+        Condition=Condition,
+        Lock=threading.Lock,
+        current_thread=threading.current_thread,
     )
     monkeypatch.setattr(_pool, "threading", shim)
     runner.hold = lambda: waiting.wait(WAIT_S)  # the sandbox comes up once warm() waits for it
@@ -516,6 +522,36 @@ def test_a_runner_named_is_checked_at_once_and_made_on_first_use(
         assert made == ["bwrap"]  # once
     finally:
         pool.close()
+
+
+def test_threads_asking_for_the_runner_at_once_get_one(
+    monkeypatch: pytest.MonkeyPatch, runner: FakeStartingRunner
+) -> None:
+    """Making a runner may probe an engine for seconds: threads that ask meanwhile wait for it
+    instead of making (and leaking) runners of their own."""
+    made: list[str | None] = []
+    asked = threading.Barrier(4)
+
+    def make_runner(kind: str | None = None, **kwargs: Any) -> FakeStartingRunner:
+        made.append(kind)
+        time.sleep(0.2)  # a slow probe, so that the other threads ask meanwhile
+        return runner
+
+    monkeypatch.setattr(_launch, "make_runner", make_runner)
+    pool = Pool(runner="docker")
+    got: list[object] = []
+
+    def ask() -> None:
+        asked.wait()
+        got.append(pool.runner)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pool.close()
+    assert made == ["docker"] and got == [runner] * 4
 
 
 def test_the_operations_run_through_the_pool_with_its_policy(
