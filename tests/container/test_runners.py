@@ -27,6 +27,8 @@ from tests import checkpoints as ck
 from tests.conftest import IN_CI
 
 NO_ENGINE = "unix:///nonexistent/model-sandbox-no-engine.sock"
+# what follows it runs as uid 65534 (nobody)
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
 
 @pytest.fixture
@@ -80,17 +82,7 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-                python,
-                "-m",
-                "sandbox",
-                *args,
-            ],
+            [*AS_NOBODY, python, "-m", "sandbox", *args],
             env=env,
             cwd=shared_dir,
             capture_output=True,
@@ -100,7 +92,7 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
         )
 
     who = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "id", "-un"],
+        [*AS_NOBODY, "id", "-un"],
         capture_output=True,
         text=True,
         check=True,
@@ -110,11 +102,7 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
     # make the same one (same digest); else its own, in its own cache under HOME
     version, digest = subprocess.run(
         [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--",
+            *AS_NOBODY,
             python,
             "-c",
             "import sys; from sandbox import _image; print(sys.version); print(_image.worker_digest())",
