@@ -278,6 +278,21 @@ def code_payload(code: str) -> Reduce:
     return Reduce(builtins.eval, "exec(code, g) or g.get('result')", {"code": code, "g": {}})
 
 
+def plant_and_probe(directory: Path) -> tuple[Path, Path]:
+    """Two hostile files for sandboxes that must be single-use: ``plant.pt`` leaves
+    /tmp/persist in its sandbox (its ``payload``: 1); ``probe.pt``'s ``payload`` says whether
+    /tmp/persist is there (False in a fresh sandbox)."""
+    plant = save(
+        hostile_checkpoint(code_payload("open('/tmp/persist', 'w').write('x')\nresult = 1")),
+        directory / "plant.pt",
+    )
+    probe = save(
+        hostile_checkpoint(code_payload("import os\nresult = os.path.exists('/tmp/persist')")),
+        directory / "probe.pt",
+    )
+    return plant, probe
+
+
 def observe_policy(fail_on: str = "never", **limits: float) -> Any:
     """A policy that always runs the sandbox (no refusal on the static scan), lets the load go
     on after a refused call (no fatal events), and, with

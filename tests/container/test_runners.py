@@ -231,14 +231,7 @@ def _outliving(procs: list[tuple[int, str] | None], within_s: float) -> list[tup
 
 
 def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path, bwrap_ready: str) -> None:
-    plant = ck.save(
-        ck.hostile_checkpoint(ck.code_payload("open('/tmp/persist', 'w').write('x')\nresult = 1")),
-        tmp_path / "plant.pt",
-    )
-    probe = ck.save(
-        ck.hostile_checkpoint(ck.code_payload("import os\nresult = os.path.exists('/tmp/persist')")),
-        tmp_path / "probe.pt",
-    )
+    plant, probe = ck.plant_and_probe(tmp_path)
     with sandbox.Pool(size=2, policy=ck.observe_policy(), runner="bwrap") as pool:
         pool.warm(wait=True)
         assert pool.ready == 2 and pool.name == "bwrap"
