@@ -278,6 +278,17 @@ def code_payload(code: str) -> Reduce:
     return Reduce(builtins.eval, "exec(code, g) or g.get('result')", {"code": code, "g": {}})
 
 
+def hostile_file(directory: Path, code: str, name: str = "payload.pt") -> Path:
+    """A realistic checkpoint whose unpickling runs ``code`` (errors swallowed, so that the load
+    itself succeeds and the verdict rests on what the payload tried, not on an exception)."""
+    wrapped = (
+        "try:\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
+        + "except BaseException:\n    pass\n"
+    )
+    return save(hostile_checkpoint(exec_payload(wrapped)), directory / name)
+
+
 def plant_and_probe(directory: Path) -> tuple[Path, Path]:
     """Two hostile files for sandboxes that must be single-use: ``plant.pt`` leaves
     /tmp/persist in its sandbox (its ``payload``: 1); ``probe.pt``'s ``payload`` says whether

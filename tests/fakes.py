@@ -1,7 +1,8 @@
 """Fakes shared by the tests that need no daemon: a runner that plays the container (benign
 files only, loaded in this process by the worker's own code, its outputs sealed in memfds as the
 supervisor does), and the small batch helpers built on it. The real sandbox is tested in
-tests/container and tests/adversarial."""
+tests/container and tests/adversarial; the helpers those tests share (a batch's snapshot, a
+report's finding) live here too."""
 
 from __future__ import annotations
 
@@ -206,6 +207,13 @@ def snapshot(outdir: Path) -> dict[str, Any]:
         for k, r in _batch.read_manifest(outdir).items()
     }
     return {"files": files, "manifest": manifest}
+
+
+def finding(report: LoadReport, rule: str) -> Finding:
+    """The report's first finding of ``rule``; there must be one."""
+    found = [f for f in report.findings if f.rule == rule]
+    assert found, f"no {rule} finding in {[f.rule for f in report.findings]}"
+    return found[0]
 
 
 def hostile_report() -> LoadReport:
