@@ -36,6 +36,7 @@ from sandbox import WorkerNotReady, _batch, _distribute, _image
 from sandbox._launch import LABEL, OWNER_LABEL, connect
 from sandbox.policy import Policy
 from tests import checkpoints as ck
+from tests.container.conftest import Cli
 from tests.fakes import snapshot, st_content
 
 DASK = Path(sys.executable).with_name("dask")
@@ -158,18 +159,9 @@ def make_tree(root: Path, marker: Path) -> Path:
     return src
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandbox", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=cwd,
-    )
-
-
-def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path, cluster: Cluster) -> None:
+def test_cluster_batch_with_a_killed_worker_equals_a_local_run(
+    tmp_path: Path, cluster: Cluster, cli: Cli
+) -> None:
     marker = tmp_path / "marker" / "pwned"
     marker.parent.mkdir()
     make_tree(tmp_path, marker)
@@ -257,7 +249,7 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path, c
     print(f"\nlocal run {local_s:.1f} s, cluster run with a worker killed {cluster_s:.1f} s")
 
 
-def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Cluster) -> None:
+def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Cluster, cli: Cli) -> None:
     # another model-sandbox: the same package with one worker file changed, first on sys.path
     other = tmp_path / "other"
     shutil.copytree(
@@ -333,7 +325,7 @@ def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Clust
 
 
 def test_an_interrupted_cluster_batch_resumes_to_the_local_runs_tree(
-    tmp_path: Path, cluster: Cluster
+    tmp_path: Path, cluster: Cluster, cli: Cli
 ) -> None:
     """Ctrl-C of ``convert --cluster`` mid-run: exit 130, what finished is kept (manifest, outputs,
     no temporary file), the cluster is left with nothing of ours running, and a rerun does the

@@ -14,6 +14,7 @@ import torch
 
 import sandbox
 from tests import checkpoints as ck
+from tests.container.conftest import Cli
 
 
 def policy(**limits: float) -> sandbox.Policy:
@@ -172,32 +173,26 @@ for attempt in (lambda: os.symlink("/etc/passwd", "/run/sandbox/manifest"),
     assert {"symlink", "connect"} <= kinds, kinds
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandbox", *args], capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def test_cli_exit_codes_and_formats(tmp_path: Path) -> None:
+def test_cli_exit_codes_and_formats(tmp_path: Path, cli: Cli) -> None:
     good = ck.save(ck.state_dict(), tmp_path / "good.pt")
-    proc = run_cli("scan", str(good), "--format", "json")
+    proc = cli("scan", str(good), "--format", "json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["verdict"] == "clean"
 
     (tmp_path / "bad.pt").write_bytes(b"\x80\x04garbage")
-    proc = run_cli("scan", str(good), str(tmp_path / "bad.pt"))
+    proc = cli("scan", str(good), str(tmp_path / "bad.pt"))
     assert proc.returncode == 2
     assert "ERROR" in proc.stdout and "CLEAN" in proc.stdout
 
-    proc = run_cli("convert", str(good), "-o", str(tmp_path / "out" / "good.safetensors"))
+    proc = cli("convert", str(good), "-o", str(tmp_path / "out" / "good.safetensors"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "good.safetensors").exists()
     assert (tmp_path / "out" / "good.safetensors.report.json").exists()
 
-    proc = run_cli("report", "render", str(tmp_path / "out" / "good.safetensors.report.json"))
+    proc = cli("report", "render", str(tmp_path / "out" / "good.safetensors.report.json"))
     assert proc.returncode == 0 and "CLEAN" in proc.stdout
 
-    proc = run_cli("scan", str(tmp_path / "missing.pt"))
+    proc = cli("scan", str(tmp_path / "missing.pt"))
     assert proc.returncode == 2 and "input-not-found" in proc.stdout + proc.stderr
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
 from tests import checkpoints as ck
 from tests.checkpoints import assert_same
 from tests.conftest import IN_CI, Listener
+from tests.container.conftest import Cli
 from tests.fakes import finding
 
 pytestmark = pytest.mark.container
@@ -92,28 +91,21 @@ def test_a_benign_round_trip_equals_the_original(tmp_path: Path, runsc: _launch.
     assert not [e for e in report.events if e.source == "gvisor" and e.action == "denied"]
 
 
-def test_a_plain_state_dict_converts_through_the_cli(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
+def test_a_plain_state_dict_converts_through_the_cli(
+    tmp_path: Path, runsc: _launch.DockerRunner, cli: Cli
+) -> None:
     sd = ck.state_dict()
     path = ck.save(sd, tmp_path / "sd.pt")
     dst = tmp_path / "sd.safetensors"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sandbox",
-            "convert",
-            str(path),
-            "-o",
-            str(dst),
-            "--runtime",
-            "runsc",
-            "--format",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    proc = cli(
+        "convert",
+        str(path),
+        "-o",
+        str(dst),
+        "--runtime",
+        "runsc",
+        "--format",
+        "json",
         cwd=Path(__file__).parents[2],
     )
     assert proc.returncode == 0, proc.stderr
