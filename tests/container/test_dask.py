@@ -159,6 +159,17 @@ def make_tree(root: Path, marker: Path) -> Path:
     return src
 
 
+def start_convert(cluster: Cluster, cwd: Path) -> subprocess.Popen[str]:
+    """``convert src -o out --cluster`` in ``cwd``, started and left running, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "convert", "src", "-o", "out", "--cluster", cluster.address],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_cluster_batch_with_a_killed_worker_equals_a_local_run(
     tmp_path: Path, cluster: Cluster, cli: Cli
 ) -> None:
@@ -175,13 +186,7 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(
         t0 = time.monotonic()
         assert local.returncode == 1, local.stdout + local.stderr  # the hostile file: unsafe
         out = tmp_path / "out"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbox", "convert", "src", "-o", "out", "--cluster", cluster.address],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_convert(cluster, tmp_path)
         names = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
         w1_address, w2_address = names["w1"], names["w2"]
         deadline = time.monotonic() + 120
@@ -340,13 +345,7 @@ def test_an_interrupted_cluster_batch_resumes_to_the_local_runs_tree(
         local = cli("convert", "src", "-o", "ref", "--jobs", "2", "-q", cwd=tmp_path)
         assert local.returncode == 1, local.stdout + local.stderr
         out = tmp_path / "out"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbox", "convert", "src", "-o", "out", "--cluster", cluster.address],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_convert(cluster, tmp_path)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / _batch.MANIFEST_NAME).exists() and len(_batch.read_manifest(out)) >= 3:
