@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -196,22 +197,21 @@ def test_cli_exit_codes_and_formats(tmp_path: Path, cli: Cli) -> None:
     assert proc.returncode == 2 and "input-not-found" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
-    import signal
+def scan_a_sleeper(
+    tmp_path: Path, client: Any, output: int = subprocess.DEVNULL
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start the CLI's scan of a file whose payload sleeps for two minutes (its stdout and
+    stderr to ``output``) and wait, 60 s at most, for its sandbox: the process, and the ids of
+    the worker containers that started meanwhile (none: the sandbox never started)."""
     import time
 
-    from sandbox._launch import LABEL, connect
+    from sandbox._launch import LABEL
 
-    client = connect()
     before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
     payload = ck.code_payload("import time\ntime.sleep(120)")
     path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "slow.pt")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "scan", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "sandbox", "scan", str(path)], stdout=output, stderr=output, text=True
     )
     try:
         deadline = time.monotonic() + 60
@@ -223,6 +223,23 @@ def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
                 if c.id not in before
             ]
             time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, ours
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
+    import signal
+    import time
+
+    from sandbox._launch import LABEL, connect
+
+    client = connect()
+    proc, ours = scan_a_sleeper(tmp_path, client, output=subprocess.PIPE)
+    try:
         assert ours, "the sandbox container never started"
         time.sleep(1.0)
         proc.send_signal(getattr(signal, sig))
@@ -240,26 +257,11 @@ def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
 
 def test_sigkilled_cli_container_is_swept_by_the_next_run(tmp_path: Path) -> None:
     import signal
-    import time
 
-    from sandbox._launch import LABEL, DockerRunner, connect
+    from sandbox._launch import DockerRunner, connect
 
     client = connect()
-    before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
-    payload = ck.code_payload("import time\ntime.sleep(120)")
-    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "slow.pt")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "scan", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    ours: list[str] = []
-    while not ours and time.monotonic() < deadline:
-        ours = [
-            c.id for c in client.containers.list(filters={"label": f"{LABEL}=worker"}) if c.id not in before
-        ]
-        time.sleep(0.2)
+    proc, ours = scan_a_sleeper(tmp_path, client)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert ours, "the sandbox container never started"
