@@ -24,6 +24,15 @@ def policy(**limits: float) -> sandbox.Policy:
     return policy
 
 
+def over_limit(tmp_path: Path, code: str, name: str, **limits: float) -> sandbox.LimitExceeded:
+    """``safe_load`` of a file (``name``) whose payload runs ``code``, under :func:`policy`
+    with ``limits``: the LimitExceeded it must raise."""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / name)
+    with pytest.raises(sandbox.LimitExceeded) as info:
+        sandbox.safe_load(path, weights_only=False, policy=policy(**limits))
+    return info.value
+
+
 def test_truncated_zip_is_malformed(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "full.pt")
     cut = tmp_path / "cut.pt"
@@ -100,23 +109,17 @@ def test_unreadable_by_others_is_staged(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("each_runner")
 def test_wall_clock_limit(tmp_path: Path) -> None:
-    payload = ck.code_payload("import time\ntime.sleep(60)")
-    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "sleep.pt")
-    with pytest.raises(sandbox.LimitExceeded) as info:
-        sandbox.safe_load(path, weights_only=False, policy=policy(wall_clock_s=3))
-    assert info.value.limit == "wall_clock"
-    report = info.value.report
+    exceeded = over_limit(tmp_path, "import time\ntime.sleep(60)", "sleep.pt", wall_clock_s=3)
+    assert exceeded.limit == "wall_clock"
+    report = exceeded.report
     assert report is not None and report.duration_s is not None and report.duration_s < 30
     assert any(f.category == "resource" for f in report.findings)
 
 
 def test_memory_limit(tmp_path: Path, each_runner: str) -> None:
-    payload = ck.code_payload("blob = b'x' * (2 * 1024 ** 3)")
-    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "membomb.pt")
-    with pytest.raises(sandbox.LimitExceeded) as info:
-        sandbox.safe_load(path, weights_only=False, policy=policy(memory_mb=768))
-    assert info.value.limit == "memory"
-    report = info.value.report
+    exceeded = over_limit(tmp_path, "blob = b'x' * (2 * 1024 ** 3)", "membomb.pt", memory_mb=768)
+    assert exceeded.limit == "memory"
+    report = exceeded.report
     assert report is not None and report.tool["runner"] == each_runner
     (f,) = [f for f in report.findings if f.rule == "limit-memory"]
     assert f.evidence["enforced_by"] == ("rlimit" if each_runner == "bwrap" else "engine")
@@ -142,10 +145,7 @@ for fd in range(3, 64):
             raise
 """,
     }[how]
-    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "flood.pt")
-    with pytest.raises(sandbox.LimitExceeded) as info:
-        sandbox.safe_load(path, weights_only=False, policy=policy(output_mb=16))
-    assert info.value.limit == "output_bytes"
+    assert over_limit(tmp_path, code, "flood.pt", output_mb=16).limit == "output_bytes"
 
 
 def test_nothing_can_be_planted_where_the_host_looks(tmp_path: Path) -> None:
