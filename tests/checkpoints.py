@@ -309,22 +309,28 @@ def observe_policy(fail_on: str = "never", **limits: float) -> Any:
     on after a refused call (no fatal events), and, with
     ``fail_on="never"``, hands back the validated data even of hostile files: what the tests
     need to see what a payload achieved inside the sandbox."""
+    return policy_from_dict(
+        {
+            "name": "observe",
+            "description": "tests: always load, report everything",
+            "fail_on": fail_on,
+            "limits": limits,
+            "static": {"stop_before_sandbox": "never"},
+            "events": {"fatal": []},
+        }
+    )
+
+
+def policy_from_dict(spec: dict[str, Any]) -> Any:
+    """``Policy.from_dict(spec)`` without the warning that a ``fail_on = "never"`` policy draws
+    (it hands back the data of files judged malicious: what these tests look at)."""
     import warnings
 
     import sandbox
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return sandbox.Policy.from_dict(
-            {
-                "name": "observe",
-                "description": "tests: always load, report everything",
-                "fail_on": fail_on,
-                "limits": limits,
-                "static": {"stop_before_sandbox": "never"},
-                "events": {"fatal": []},
-            }
-        )
+        return sandbox.Policy.from_dict(spec)
 
 
 # -- the formats of issue 11: composites, joblib, TorchScript --------------------------------------

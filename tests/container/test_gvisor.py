@@ -291,20 +291,16 @@ def test_the_default_policy_ends_the_load_at_the_first_fatal_refusal(
 
 
 def test_the_policys_errno_is_the_plain_filters(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
-    import warnings
-
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(ck.CONNECT_ERRNO)), tmp_path / "errno.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        policy = sandbox.Policy.from_dict(
-            {
-                "name": "eacces",
-                "description": "tests: refusals answer EACCES",
-                "fail_on": "never",
-                "static": {"stop_before_sandbox": "never"},
-                "events": {"fatal": [], "errno": "EACCES"},
-            }
-        )
+    policy = ck.policy_from_dict(
+        {
+            "name": "eacces",
+            "description": "tests: refusals answer EACCES",
+            "fail_on": "never",
+            "static": {"stop_before_sandbox": "never"},
+            "events": {"fatal": [], "errno": "EACCES"},
+        }
+    )
     obj = sandbox.safe_load(path, weights_only=False, policy=policy, runner=runsc)
     assert obj["payload"] == 13  # EACCES, as under runc
 

@@ -330,24 +330,20 @@ def test_default_policy_stops_at_the_first_fatal_call(tmp_path: Path, listener: 
 
 
 def test_policy_errno_and_severity_overrides(tmp_path: Path) -> None:
-    import warnings
-
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(ck.CONNECT_ERRNO)), tmp_path / "errno.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        policy = sandbox.Policy.from_dict(
-            {
-                "name": "quiet-sockets",
-                "description": "tests: EACCES, sockets are expected",
-                "fail_on": "never",
-                "static": {"stop_before_sandbox": "never"},
-                "events": {
-                    "fatal": [],
-                    "errno": "EACCES",
-                    "severity": {"network-socket": "ignore", "network-connect": "low"},
-                },
-            }
-        )
+    policy = ck.policy_from_dict(
+        {
+            "name": "quiet-sockets",
+            "description": "tests: EACCES, sockets are expected",
+            "fail_on": "never",
+            "static": {"stop_before_sandbox": "never"},
+            "events": {
+                "fatal": [],
+                "errno": "EACCES",
+                "severity": {"network-socket": "ignore", "network-connect": "low"},
+            },
+        }
+    )
     import errno
 
     assert sandbox.safe_load(path, weights_only=False, policy=policy)["payload"] == errno.EACCES
