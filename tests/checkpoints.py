@@ -278,27 +278,59 @@ def code_payload(code: str) -> Reduce:
     return Reduce(builtins.eval, "exec(code, g) or g.get('result')", {"code": code, "g": {}})
 
 
+def hostile_file(directory: Path, code: str, name: str = "payload.pt") -> Path:
+    """A realistic checkpoint whose unpickling runs ``code`` (errors swallowed, so that the load
+    itself succeeds and the verdict rests on what the payload tried, not on an exception)."""
+    wrapped = (
+        "try:\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
+        + "except BaseException:\n    pass\n"
+    )
+    return save(hostile_checkpoint(exec_payload(wrapped)), directory / name)
+
+
+def plant_and_probe(directory: Path) -> tuple[Path, Path]:
+    """Two hostile files for sandboxes that must be single-use: ``plant.pt`` leaves
+    /tmp/persist in its sandbox (its ``payload``: 1); ``probe.pt``'s ``payload`` says whether
+    /tmp/persist is there (False in a fresh sandbox)."""
+    plant = save(
+        hostile_checkpoint(code_payload("open('/tmp/persist', 'w').write('x')\nresult = 1")),
+        directory / "plant.pt",
+    )
+    probe = save(
+        hostile_checkpoint(code_payload("import os\nresult = os.path.exists('/tmp/persist')")),
+        directory / "probe.pt",
+    )
+    return plant, probe
+
+
 def observe_policy(fail_on: str = "never", **limits: float) -> Any:
     """A policy that always runs the sandbox (no refusal on the static scan), lets the load go
     on after a refused call (no fatal events), and, with
     ``fail_on="never"``, hands back the validated data even of hostile files: what the tests
     need to see what a payload achieved inside the sandbox."""
+    return policy_from_dict(
+        {
+            "name": "observe",
+            "description": "tests: always load, report everything",
+            "fail_on": fail_on,
+            "limits": limits,
+            "static": {"stop_before_sandbox": "never"},
+            "events": {"fatal": []},
+        }
+    )
+
+
+def policy_from_dict(spec: dict[str, Any]) -> Any:
+    """``Policy.from_dict(spec)`` without the warning that a ``fail_on = "never"`` policy draws
+    (it hands back the data of files judged malicious: what these tests look at)."""
     import warnings
 
     import sandbox
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return sandbox.Policy.from_dict(
-            {
-                "name": "observe",
-                "description": "tests: always load, report everything",
-                "fail_on": fail_on,
-                "limits": limits,
-                "static": {"stop_before_sandbox": "never"},
-                "events": {"fatal": []},
-            }
-        )
+        return sandbox.Policy.from_dict(spec)
 
 
 # -- the formats of issue 11: composites, joblib, TorchScript --------------------------------------

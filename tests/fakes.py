@@ -2,7 +2,8 @@
 files only, loaded in this process by the worker's own code, its outputs sealed in memfds as the
 supervisor does), the small batch helpers built on it, and a starting runner whose
 sandboxes run no load (for the pool's own logic). The real sandbox is tested in
-tests/container and tests/adversarial."""
+tests/container and tests/adversarial; the helpers those tests share (a batch's snapshot, a
+report's finding) live here too."""
 
 from __future__ import annotations
 
@@ -310,6 +311,13 @@ def snapshot(outdir: Path) -> dict[str, Any]:
         for k, r in _batch.read_manifest(outdir).items()
     }
     return {"files": files, "manifest": manifest}
+
+
+def finding(report: LoadReport, rule: str) -> Finding:
+    """The report's first finding of ``rule``; there must be one."""
+    found = [f for f in report.findings if f.rule == rule]
+    assert found, f"no {rule} finding in {[f.rule for f in report.findings]}"
+    return found[0]
 
 
 def hostile_report() -> LoadReport:

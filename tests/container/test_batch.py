@@ -25,6 +25,7 @@ import torch
 from sandbox import _batch
 from sandbox._launch import LABEL, connect
 from tests import checkpoints as ck
+from tests.container.conftest import Cli
 from tests.fakes import snapshot
 
 REAL_LOADS = 16
@@ -62,17 +63,6 @@ def make_inputs(root: Path) -> Path:
     return src
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandbox", *args],
-        capture_output=True,
-        text=True,
-        timeout=500,
-        check=False,
-        cwd=cwd,
-    )
-
-
 def ours(outdir: Path) -> list[str]:
     label = f"{_batch.BATCH_LABEL}={_batch.batch_id(outdir)}"
     return [c.name for c in connect().containers.list(all=True, filters={"label": label})]
@@ -107,9 +97,9 @@ def interrupt_after(args: list[str], outdir: Path, sig: int, records: int, cwd: 
             proc.wait()
 
 
-def test_large_batch_interrupted_and_resumed_matches_one_run(tmp_path: Path) -> None:
+def test_large_batch_interrupted_and_resumed_matches_one_run(tmp_path: Path, cli: Cli) -> None:
     src = make_inputs(tmp_path)
-    lock = run_cli("lock", "src", cwd=tmp_path)
+    lock = cli("lock", "src", cwd=tmp_path, timeout=500)
     assert lock.returncode == 0, lock.stderr
     (tmp_path / "models.lock").write_text(lock.stdout)
     for i in range(50):  # changed after locking: refused before any sandbox
@@ -119,7 +109,7 @@ def test_large_batch_interrupted_and_resumed_matches_one_run(tmp_path: Path) -> 
 
     common = ["convert", "src", "--lock", "models.lock", "--jobs", "2", "-q"]
     t0 = time.monotonic()
-    ref = run_cli(*common, "-o", "ref", cwd=tmp_path)
+    ref = cli(*common, "-o", "ref", cwd=tmp_path, timeout=500)
     one_run_s = time.monotonic() - t0
     assert ref.returncode == 2, ref.stdout + ref.stderr  # errors present: exit 2
     summary = ref.stdout
@@ -148,7 +138,7 @@ def test_large_batch_interrupted_and_resumed_matches_one_run(tmp_path: Path) -> 
     killed = interrupt_after([*common, "-o", "out"], out, signal.SIGKILL, after_int + 3, tmp_path)
     assert killed == -signal.SIGKILL
     t0 = time.monotonic()
-    final = run_cli(*common, "-o", "out", cwd=tmp_path)
+    final = cli(*common, "-o", "out", cwd=tmp_path, timeout=500)
     resume_s = time.monotonic() - t0
     assert final.returncode == 2, final.stdout + final.stderr
     assert "unchanged since the last run" in final.stdout
@@ -158,11 +148,11 @@ def test_large_batch_interrupted_and_resumed_matches_one_run(tmp_path: Path) -> 
 
     # a second full run redoes nothing; the BOM lists every converted model
     t0 = time.monotonic()
-    again = run_cli(*common, "-o", "out", cwd=tmp_path)
+    again = cli(*common, "-o", "out", cwd=tmp_path, timeout=500)
     noop_s = time.monotonic() - t0
     assert f"({REAL_LOADS} unchanged since the last run" in again.stdout  # static ones recomputed
     assert noop_s < one_run_s
-    bom = run_cli("bom", "out", "-o", "bom.json", cwd=tmp_path)
+    bom = cli("bom", "out", "-o", "bom.json", cwd=tmp_path, timeout=500)
     assert bom.returncode == 0, bom.stderr
     models = json.loads((tmp_path / "bom.json").read_text())["components"]
     assert len(models) == REAL_LOADS - 2

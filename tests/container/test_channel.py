@@ -83,14 +83,7 @@ def test_a_supervisor_killed_mid_load_is_monitor_lost_never_clean(tmp_path: Path
 def test_pooled_sandboxes_are_warm_single_use_and_leave_nothing(tmp_path: Path) -> None:
     tag = ("org.model-sandbox.test", uuid.uuid4().hex[:12])
     label = f"{tag[0]}={tag[1]}"
-    plant = ck.save(
-        ck.hostile_checkpoint(ck.code_payload("open('/tmp/persist', 'w').write('x')\nresult = 1")),
-        tmp_path / "plant.pt",
-    )
-    probe = ck.save(
-        ck.hostile_checkpoint(ck.code_payload("import os\nresult = os.path.exists('/tmp/persist')")),
-        tmp_path / "probe.pt",
-    )
+    plant, probe = ck.plant_and_probe(tmp_path)
     sd = ck.state_dict()
     good = ck.save(sd, tmp_path / "sd.pt")
     policy = ck.observe_policy()

@@ -36,6 +36,7 @@ from sandbox import WorkerNotReady, _batch, _distribute, _image
 from sandbox._launch import LABEL, OWNER_LABEL, connect
 from sandbox.policy import Policy
 from tests import checkpoints as ck
+from tests.container.conftest import Cli
 from tests.fakes import snapshot, st_content
 
 DASK = Path(sys.executable).with_name("dask")
@@ -158,18 +159,20 @@ def make_tree(root: Path, marker: Path) -> Path:
     return src
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandbox", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+def start_convert(cluster: Cluster, cwd: Path) -> subprocess.Popen[str]:
+    """``convert src -o out --cluster`` in ``cwd``, started and left running, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "convert", "src", "-o", "out", "--cluster", cluster.address],
         cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
-def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path, cluster: Cluster) -> None:
+def test_cluster_batch_with_a_killed_worker_equals_a_local_run(
+    tmp_path: Path, cluster: Cluster, cli: Cli
+) -> None:
     marker = tmp_path / "marker" / "pwned"
     marker.parent.mkdir()
     make_tree(tmp_path, marker)
@@ -183,13 +186,7 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path, c
         t0 = time.monotonic()
         assert local.returncode == 1, local.stdout + local.stderr  # the hostile file: unsafe
         out = tmp_path / "out"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbox", "convert", "src", "-o", "out", "--cluster", cluster.address],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_convert(cluster, tmp_path)
         names = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
         w1_address, w2_address = names["w1"], names["w2"]
         deadline = time.monotonic() + 120
@@ -257,7 +254,7 @@ def test_cluster_batch_with_a_killed_worker_equals_a_local_run(tmp_path: Path, c
     print(f"\nlocal run {local_s:.1f} s, cluster run with a worker killed {cluster_s:.1f} s")
 
 
-def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Cluster) -> None:
+def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Cluster, cli: Cli) -> None:
     # another model-sandbox: the same package with one worker file changed, first on sys.path
     other = tmp_path / "other"
     shutil.copytree(
@@ -333,7 +330,7 @@ def test_worker_with_another_digest_refuses_tasks(tmp_path: Path, cluster: Clust
 
 
 def test_an_interrupted_cluster_batch_resumes_to_the_local_runs_tree(
-    tmp_path: Path, cluster: Cluster
+    tmp_path: Path, cluster: Cluster, cli: Cli
 ) -> None:
     """Ctrl-C of ``convert --cluster`` mid-run: exit 130, what finished is kept (manifest, outputs,
     no temporary file), the cluster is left with nothing of ours running, and a rerun does the
@@ -348,13 +345,7 @@ def test_an_interrupted_cluster_batch_resumes_to_the_local_runs_tree(
         local = cli("convert", "src", "-o", "ref", "--jobs", "2", "-q", cwd=tmp_path)
         assert local.returncode == 1, local.stdout + local.stderr
         out = tmp_path / "out"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbox", "convert", "src", "-o", "out", "--cluster", cluster.address],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_convert(cluster, tmp_path)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / _batch.MANIFEST_NAME).exists() and len(_batch.read_manifest(out)) >= 3:

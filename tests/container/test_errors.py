@@ -8,18 +8,29 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import sandbox
 from tests import checkpoints as ck
+from tests.container.conftest import Cli
 
 
 def policy(**limits: float) -> sandbox.Policy:
     """Tight limits; the sandbox always runs, and the limit's error is what comes back."""
     policy: sandbox.Policy = ck.observe_policy(**limits)  # type: ignore[arg-type]
     return policy
+
+
+def over_limit(tmp_path: Path, code: str, name: str, **limits: float) -> sandbox.LimitExceeded:
+    """``safe_load`` of a file (``name``) whose payload runs ``code``, under :func:`policy`
+    with ``limits``: the LimitExceeded it must raise."""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / name)
+    with pytest.raises(sandbox.LimitExceeded) as info:
+        sandbox.safe_load(path, weights_only=False, policy=policy(**limits))
+    return info.value
 
 
 def test_truncated_zip_is_malformed(tmp_path: Path) -> None:
@@ -98,23 +109,17 @@ def test_unreadable_by_others_is_staged(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("each_runner")
 def test_wall_clock_limit(tmp_path: Path) -> None:
-    payload = ck.code_payload("import time\ntime.sleep(60)")
-    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "sleep.pt")
-    with pytest.raises(sandbox.LimitExceeded) as info:
-        sandbox.safe_load(path, weights_only=False, policy=policy(wall_clock_s=3))
-    assert info.value.limit == "wall_clock"
-    report = info.value.report
+    exceeded = over_limit(tmp_path, "import time\ntime.sleep(60)", "sleep.pt", wall_clock_s=3)
+    assert exceeded.limit == "wall_clock"
+    report = exceeded.report
     assert report is not None and report.duration_s is not None and report.duration_s < 30
     assert any(f.category == "resource" for f in report.findings)
 
 
 def test_memory_limit(tmp_path: Path, each_runner: str) -> None:
-    payload = ck.code_payload("blob = b'x' * (2 * 1024 ** 3)")
-    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "membomb.pt")
-    with pytest.raises(sandbox.LimitExceeded) as info:
-        sandbox.safe_load(path, weights_only=False, policy=policy(memory_mb=768))
-    assert info.value.limit == "memory"
-    report = info.value.report
+    exceeded = over_limit(tmp_path, "blob = b'x' * (2 * 1024 ** 3)", "membomb.pt", memory_mb=768)
+    assert exceeded.limit == "memory"
+    report = exceeded.report
     assert report is not None and report.tool["runner"] == each_runner
     (f,) = [f for f in report.findings if f.rule == "limit-memory"]
     assert f.evidence["enforced_by"] == ("rlimit" if each_runner == "bwrap" else "engine")
@@ -140,10 +145,7 @@ for fd in range(3, 64):
             raise
 """,
     }[how]
-    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "flood.pt")
-    with pytest.raises(sandbox.LimitExceeded) as info:
-        sandbox.safe_load(path, weights_only=False, policy=policy(output_mb=16))
-    assert info.value.limit == "output_bytes"
+    assert over_limit(tmp_path, code, "flood.pt", output_mb=16).limit == "output_bytes"
 
 
 def test_nothing_can_be_planted_where_the_host_looks(tmp_path: Path) -> None:
@@ -172,51 +174,44 @@ for attempt in (lambda: os.symlink("/etc/passwd", "/run/sandbox/manifest"),
     assert {"symlink", "connect"} <= kinds, kinds
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandbox", *args], capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def test_cli_exit_codes_and_formats(tmp_path: Path) -> None:
+def test_cli_exit_codes_and_formats(tmp_path: Path, cli: Cli) -> None:
     good = ck.save(ck.state_dict(), tmp_path / "good.pt")
-    proc = run_cli("scan", str(good), "--format", "json")
+    proc = cli("scan", str(good), "--format", "json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["verdict"] == "clean"
 
     (tmp_path / "bad.pt").write_bytes(b"\x80\x04garbage")
-    proc = run_cli("scan", str(good), str(tmp_path / "bad.pt"))
+    proc = cli("scan", str(good), str(tmp_path / "bad.pt"))
     assert proc.returncode == 2
     assert "ERROR" in proc.stdout and "CLEAN" in proc.stdout
 
-    proc = run_cli("convert", str(good), "-o", str(tmp_path / "out" / "good.safetensors"))
+    proc = cli("convert", str(good), "-o", str(tmp_path / "out" / "good.safetensors"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "good.safetensors").exists()
     assert (tmp_path / "out" / "good.safetensors.report.json").exists()
 
-    proc = run_cli("report", "render", str(tmp_path / "out" / "good.safetensors.report.json"))
+    proc = cli("report", "render", str(tmp_path / "out" / "good.safetensors.report.json"))
     assert proc.returncode == 0 and "CLEAN" in proc.stdout
 
-    proc = run_cli("scan", str(tmp_path / "missing.pt"))
+    proc = cli("scan", str(tmp_path / "missing.pt"))
     assert proc.returncode == 2 and "input-not-found" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
-    import signal
+def scan_a_sleeper(
+    tmp_path: Path, client: Any, output: int = subprocess.DEVNULL
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start the CLI's scan of a file whose payload sleeps for two minutes (its stdout and
+    stderr to ``output``) and wait, 60 s at most, for its sandbox: the process, and the ids of
+    the worker containers that started meanwhile (none: the sandbox never started)."""
     import time
 
-    from sandbox._launch import LABEL, connect
+    from sandbox._launch import LABEL
 
-    client = connect()
     before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
     payload = ck.code_payload("import time\ntime.sleep(120)")
     path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "slow.pt")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "scan", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "sandbox", "scan", str(path)], stdout=output, stderr=output, text=True
     )
     try:
         deadline = time.monotonic() + 60
@@ -228,6 +223,23 @@ def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
                 if c.id not in before
             ]
             time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, ours
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
+    import signal
+    import time
+
+    from sandbox._launch import LABEL, connect
+
+    client = connect()
+    proc, ours = scan_a_sleeper(tmp_path, client, output=subprocess.PIPE)
+    try:
         assert ours, "the sandbox container never started"
         time.sleep(1.0)
         proc.send_signal(getattr(signal, sig))
@@ -245,26 +257,11 @@ def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
 
 def test_sigkilled_cli_container_is_swept_by_the_next_run(tmp_path: Path) -> None:
     import signal
-    import time
 
-    from sandbox._launch import LABEL, DockerRunner, connect
+    from sandbox._launch import DockerRunner, connect
 
     client = connect()
-    before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
-    payload = ck.code_payload("import time\ntime.sleep(120)")
-    path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "slow.pt")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "scan", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    ours: list[str] = []
-    while not ours and time.monotonic() < deadline:
-        ours = [
-            c.id for c in client.containers.list(filters={"label": f"{LABEL}=worker"}) if c.id not in before
-        ]
-        time.sleep(0.2)
+    proc, ours = scan_a_sleeper(tmp_path, client)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert ours, "the sandbox container never started"

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
 from tests import checkpoints as ck
 from tests.checkpoints import assert_same
 from tests.conftest import IN_CI, Listener
+from tests.container.conftest import Cli
+from tests.fakes import finding
 
 pytestmark = pytest.mark.container
 AUDIT = sandbox.Policy.audit()  # record everything, stop nothing
@@ -47,21 +47,10 @@ def runsc() -> Iterator[_launch.DockerRunner]:
     yield runner
 
 
-def hostile(tmp_path: Path, code: str, name: str = "payload.pt") -> Path:
-    """A realistic checkpoint whose unpickling runs ``code`` (errors swallowed, so that the
-    verdict rests on what the payload tried)."""
-    wrapped = (
-        "try:\n"
-        + "".join(f"    {line}\n" for line in code.splitlines())
-        + "except BaseException:\n    pass\n"
-    )
-    return ck.save(ck.hostile_checkpoint(ck.exec_payload(wrapped)), tmp_path / name)
-
-
 def attempts(tmp_path: Path, *statements: str) -> Path:
-    """:func:`hostile` with each statement tried on its own (one failing does not stop the
-    next)."""
-    return hostile(
+    """:func:`checkpoints.hostile_file` with each statement tried on its own (one failing does
+    not stop the next)."""
+    return ck.hostile_file(
         tmp_path, "\n".join(f"try:\n    {st}\nexcept BaseException:\n    pass" for st in statements)
     )
 
@@ -76,12 +65,6 @@ def scan(path: Path, runner: _launch.DockerRunner) -> LoadReport:
 
 def gvisor(report: LoadReport, kind: str) -> list[Event]:
     return [e for e in report.events if e.source == "gvisor" and e.kind == kind]
-
-
-def finding(report: LoadReport, rule: str) -> Finding:
-    found = [f for f in report.findings if f.rule == rule]
-    assert found, f"no {rule} finding in {[f.rule for f in report.findings]}"
-    return found[0]
 
 
 def from_the_trace(report: LoadReport, f: Finding) -> None:
@@ -108,28 +91,21 @@ def test_a_benign_round_trip_equals_the_original(tmp_path: Path, runsc: _launch.
     assert not [e for e in report.events if e.source == "gvisor" and e.action == "denied"]
 
 
-def test_a_plain_state_dict_converts_through_the_cli(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
+def test_a_plain_state_dict_converts_through_the_cli(
+    tmp_path: Path, runsc: _launch.DockerRunner, cli: Cli
+) -> None:
     sd = ck.state_dict()
     path = ck.save(sd, tmp_path / "sd.pt")
     dst = tmp_path / "sd.safetensors"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sandbox",
-            "convert",
-            str(path),
-            "-o",
-            str(dst),
-            "--runtime",
-            "runsc",
-            "--format",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    proc = cli(
+        "convert",
+        str(path),
+        "-o",
+        str(dst),
+        "--runtime",
+        "runsc",
+        "--format",
+        "json",
         cwd=Path(__file__).parents[2],
     )
     assert proc.returncode == 0, proc.stderr
@@ -194,7 +170,7 @@ def test_a_program_run_is_refused_and_recorded(tmp_path: Path, runsc: _launch.Do
 def test_a_connect_to_127_0_0_1_is_refused_and_recorded(
     tmp_path: Path, listener: Listener, runsc: _launch.DockerRunner
 ) -> None:
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path, f"import socket\nsocket.create_connection(('127.0.0.1', {listener.port}), timeout=2)"
     )
     report = scan(path, runsc)
@@ -211,7 +187,7 @@ def test_a_connect_to_127_0_0_1_is_refused_and_recorded(
 def test_a_ctypes_connect_without_audit_events_is_still_refused_and_recorded(
     tmp_path: Path, listener: Listener, runsc: _launch.DockerRunner
 ) -> None:
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         "import ctypes, socket, struct\n"
         "libc = ctypes.CDLL(None)\n"
@@ -263,7 +239,7 @@ def test_writes_leave_no_marker_and_are_recorded(tmp_path: Path, runsc: _launch.
 
 
 def test_a_fork_is_refused_and_recorded(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
-    path = hostile(tmp_path, "import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)")
+    path = ck.hostile_file(tmp_path, "import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)")
     report = scan(path, runsc)
     f = finding(report, "process-creation")
     from_the_trace(report, f)
@@ -298,7 +274,7 @@ def test_the_default_policy_ends_the_load_at_the_first_fatal_refusal(
     # under gVisor the host sees the refusal in the trace and tells the supervisor to stop
     # (within about a tenth of a second: the payload waits longer than that before its connect)
     marker = tmp_path / "marker-fatal"
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         f"import os, socket, time\nos.system('touch {marker}')\n"
         "time.sleep(3)\n"
@@ -315,20 +291,16 @@ def test_the_default_policy_ends_the_load_at_the_first_fatal_refusal(
 
 
 def test_the_policys_errno_is_the_plain_filters(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
-    import warnings
-
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(ck.CONNECT_ERRNO)), tmp_path / "errno.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        policy = sandbox.Policy.from_dict(
-            {
-                "name": "eacces",
-                "description": "tests: refusals answer EACCES",
-                "fail_on": "never",
-                "static": {"stop_before_sandbox": "never"},
-                "events": {"fatal": [], "errno": "EACCES"},
-            }
-        )
+    policy = ck.policy_from_dict(
+        {
+            "name": "eacces",
+            "description": "tests: refusals answer EACCES",
+            "fail_on": "never",
+            "static": {"stop_before_sandbox": "never"},
+            "events": {"fatal": [], "errno": "EACCES"},
+        }
+    )
     obj = sandbox.safe_load(path, weights_only=False, policy=policy, runner=runsc)
     assert obj["payload"] == 13  # EACCES, as under runc
 
@@ -349,7 +321,7 @@ def test_fake_trace_lines_on_stdout_and_stderr_create_and_erase_nothing(
 ) -> None:
     # the host reads only the sentry's log files: what the payload prints goes elsewhere
     lines = "\\n".join(FORGED)
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         "import os, sys\n"
         f"print('{lines}', flush=True)\n"
@@ -366,7 +338,7 @@ def test_fake_trace_lines_on_stdout_and_stderr_create_and_erase_nothing(
 
 def test_a_line_break_in_a_path_is_reported_not_hidden(tmp_path: Path, runsc: _launch.DockerRunner) -> None:
     forged = FORGED[2].replace("59", "1")
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         "import os\n"
         "os.makedirs('/tmp/x\\n', exist_ok=True)\n"
@@ -381,7 +353,7 @@ def test_a_line_break_in_a_path_is_reported_not_hidden(tmp_path: Path, runsc: _l
 def test_a_thread_name_that_reads_like_a_call_hides_nothing(
     tmp_path: Path, runsc: _launch.DockerRunner
 ) -> None:
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         "import ctypes\nctypes.CDLL(None).prctl(15, b'x X seccomp(', 0, 0, 0)\nopen('/etc/shadow').read()",
     )
@@ -393,7 +365,7 @@ def test_a_flood_of_traced_calls_stops_the_sandbox(
     tmp_path: Path, runsc: _launch.DockerRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_gvisor, "MAX_LOG_BYTES", 4 * 2**20)
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path, "import os\nfor _ in range(2_000_000):\n    os.close(os.open('/etc/passwd', os.O_RDONLY))"
     )
     report = sandbox.scan(path, policy=AUDIT, runner=runsc)  # stopped: no supervisor status

@@ -24,6 +24,7 @@ from sandbox._worker import _protocol as P
 from sandbox.report import Event, Finding, LoadReport, Severity, Verdict
 from tests import checkpoints as ck
 from tests.conftest import Listener
+from tests.fakes import finding
 
 # Record everything and stop nothing, so that each test sees every attempt its payload makes
 # (under the default policy the first refused exec, network, credential or privilege call
@@ -55,26 +56,9 @@ def _udp_silent(s: socket.socket) -> bool:
     return False
 
 
-def hostile(tmp_path: Path, code: str, name: str = "payload.pt") -> Path:
-    """A realistic checkpoint whose unpickling runs ``code`` (wrapped so that the load itself
-    succeeds and the verdict rests on what the payload tried, not on an exception)."""
-    wrapped = (
-        "try:\n"
-        + "".join(f"    {line}\n" for line in code.splitlines())
-        + "except BaseException:\n    pass\n"
-    )
-    return ck.save(ck.hostile_checkpoint(ck.exec_payload(wrapped)), tmp_path / name)
-
-
 def kernel(report: LoadReport, kind: str | tuple[str, ...]) -> list[Event]:
     kinds = (kind,) if isinstance(kind, str) else kind
     return [e for e in report.events if e.source == "kernel" and e.kind in kinds]
-
-
-def finding(report: LoadReport, rule: str) -> Finding:
-    found = [f for f in report.findings if f.rule == rule]
-    assert found, f"no {rule} finding in {[f.rule for f in report.findings]}"
-    return found[0]
 
 
 def assert_supported(report: LoadReport, f: Finding) -> None:
@@ -124,7 +108,9 @@ def test_os_system_is_an_exec_event_with_argv(tmp_path: Path) -> None:
 
 def test_subprocess_popen_is_refused_and_recorded(tmp_path: Path) -> None:
     marker = tmp_path / "marker-popen"
-    path = hostile(tmp_path, f"import subprocess\nsubprocess.Popen(['touch', {str(marker)!r}]).wait()")
+    path = ck.hostile_file(
+        tmp_path, f"import subprocess\nsubprocess.Popen(['touch', {str(marker)!r}]).wait()"
+    )
     report = sandbox.scan(path, policy=AUDIT)
     assert report.verdict is Verdict.MALICIOUS
     execs = kernel(report, "execve")
@@ -140,7 +126,7 @@ def test_subprocess_popen_is_refused_and_recorded(tmp_path: Path) -> None:
 
 
 def test_exec_payload_connect_is_denied_with_address(tmp_path: Path, listener: Listener) -> None:
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path, f"import socket\nsocket.create_connection(('127.0.0.1', {listener.port}), timeout=2)"
     )
     report = sandbox.scan(path, policy=AUDIT)
@@ -161,7 +147,7 @@ def test_exec_payload_connect_is_denied_with_address(tmp_path: Path, listener: L
 
 def test_ctypes_libc_connect_and_system_are_seen_by_the_kernel(tmp_path: Path, listener: Listener) -> None:
     marker = tmp_path / "marker-ctypes"
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         "import ctypes, socket, struct\n"
         "libc = ctypes.CDLL(None)\n"
@@ -188,7 +174,7 @@ def test_canary_read_and_sendto_is_an_exfiltration_finding(
     tmp_path: Path, udp_port: tuple[int, socket.socket]
 ) -> None:
     port, udp = udp_port
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         "import os, socket\n"
         "data = open(os.path.expanduser('~/.aws/credentials'), 'rb').read()\n"
@@ -211,7 +197,7 @@ def test_canary_read_and_sendto_is_an_exfiltration_finding(
 
 def test_canary_environment_value_in_argv_is_exfiltration(tmp_path: Path) -> None:
     marker = tmp_path / "marker-env"
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path, f"import os\nos.system('echo ' + os.environ['AWS_SECRET_ACCESS_KEY'] + ' > {marker}')"
     )
     report = sandbox.scan(path, policy=AUDIT)
@@ -224,7 +210,7 @@ def test_canary_environment_value_in_argv_is_exfiltration(tmp_path: Path) -> Non
 
 
 def test_thread_connecting_after_a_delay_is_seen(tmp_path: Path, listener: Listener) -> None:
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         "import threading\n"
         "def later():\n"
@@ -249,7 +235,7 @@ def test_thread_connecting_after_a_delay_is_seen(tmp_path: Path, listener: Liste
 
 
 def test_kill_and_ptrace_of_the_supervisor_fail_and_kills_are_recorded(tmp_path: Path) -> None:
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         "import ctypes, os, signal\n"
         "for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):\n"
@@ -279,7 +265,7 @@ def test_kill_and_ptrace_of_the_supervisor_fail_and_kills_are_recorded(tmp_path:
 
 
 def test_event_flood_is_truncated_with_exact_counts(tmp_path: Path) -> None:
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         "import socket\nfor i in range(20000):\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()",
     )
@@ -327,7 +313,7 @@ def test_benign_state_dict_is_clean_with_no_findings(tmp_path: Path) -> None:
 
 def test_default_policy_stops_at_the_first_fatal_call(tmp_path: Path, listener: Listener) -> None:
     marker = tmp_path / "marker-fatal"
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         f"import os, socket\nos.system('touch {marker}')\n"
         f"socket.create_connection(('127.0.0.1', {listener.port}), timeout=2)",
@@ -344,24 +330,20 @@ def test_default_policy_stops_at_the_first_fatal_call(tmp_path: Path, listener: 
 
 
 def test_policy_errno_and_severity_overrides(tmp_path: Path) -> None:
-    import warnings
-
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(ck.CONNECT_ERRNO)), tmp_path / "errno.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        policy = sandbox.Policy.from_dict(
-            {
-                "name": "quiet-sockets",
-                "description": "tests: EACCES, sockets are expected",
-                "fail_on": "never",
-                "static": {"stop_before_sandbox": "never"},
-                "events": {
-                    "fatal": [],
-                    "errno": "EACCES",
-                    "severity": {"network-socket": "ignore", "network-connect": "low"},
-                },
-            }
-        )
+    policy = ck.policy_from_dict(
+        {
+            "name": "quiet-sockets",
+            "description": "tests: EACCES, sockets are expected",
+            "fail_on": "never",
+            "static": {"stop_before_sandbox": "never"},
+            "events": {
+                "fatal": [],
+                "errno": "EACCES",
+                "severity": {"network-socket": "ignore", "network-connect": "low"},
+            },
+        }
+    )
     import errno
 
     assert sandbox.safe_load(path, weights_only=False, policy=policy)["payload"] == errno.EACCES
@@ -374,7 +356,7 @@ def test_policy_errno_and_severity_overrides(tmp_path: Path) -> None:
 def test_a_flood_cannot_push_out_the_attack_that_follows(tmp_path: Path, listener: Listener) -> None:
     # 20,000 allowed-but-recorded calls first, then 6,000 refused connects: the log keeps a
     # reserve for refusals, and refusals beyond it still count through the exact totals
-    path = hostile(
+    path = ck.hostile_file(
         tmp_path,
         "import socket\n"
         "for i in range(20000):\n"

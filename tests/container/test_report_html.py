@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import sandbox
 from tests import checkpoints as ck
 from tests.browser import open_page, save_screenshot
 from tests.conftest import Listener
+from tests.container.conftest import Cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +44,7 @@ _SCRIPT = """JSON.stringify({
 })"""
 
 
-def test_hostile_report_page_in_chromium(tmp_path: Path, listener: Listener) -> None:
+def test_hostile_report_page_in_chromium(tmp_path: Path, listener: Listener, cli: Cli) -> None:
     marker = tmp_path / "marker"
     payload = ck.code_payload(
         "import os, socket\n"
@@ -64,13 +63,7 @@ def test_hostile_report_page_in_chromium(tmp_path: Path, listener: Listener) -> 
     assert not marker.exists() and listener.connections == 0
 
     page_path = tmp_path / "hostile.html"
-    proc = subprocess.run(
-        [sys.executable, "-m", "sandbox", "report", str(saved), "--html", str(page_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = cli("report", str(saved), "--html", str(page_path), timeout=120)
     assert proc.returncode == 1, proc.stderr  # the report's own exit code: unsafe
     assert "malicious" in proc.stdout and page_path.is_file()
 
@@ -107,13 +100,7 @@ def test_hostile_report_page_in_chromium(tmp_path: Path, listener: Listener) -> 
     listed = tmp_path / "batch.json"
     listed.write_text(json.dumps([benign.to_dict(), report.to_dict()]))
     many = tmp_path / "batch.html"
-    proc = subprocess.run(
-        [sys.executable, "-m", "sandbox", "report", str(listed), "--html", str(many)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = cli("report", str(listed), "--html", str(many), timeout=120)
     assert proc.returncode == 1 and "2 reports" in proc.stdout, proc.stderr
     page = open_page(
         many.as_uri(),

@@ -27,6 +27,8 @@ from tests import checkpoints as ck
 from tests.conftest import IN_CI
 
 NO_ENGINE = "unix:///nonexistent/model-sandbox-no-engine.sock"
+# what follows it runs as uid 65534 (nobody)
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
 
 @pytest.fixture
@@ -80,17 +82,7 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-                python,
-                "-m",
-                "sandbox",
-                *args,
-            ],
+            [*AS_NOBODY, python, "-m", "sandbox", *args],
             env=env,
             cwd=shared_dir,
             capture_output=True,
@@ -100,7 +92,7 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
         )
 
     who = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "id", "-un"],
+        [*AS_NOBODY, "id", "-un"],
         capture_output=True,
         text=True,
         check=True,
@@ -110,11 +102,7 @@ def test_the_whole_pipeline_as_an_unprivileged_user_without_docker(
     # make the same one (same digest); else its own, in its own cache under HOME
     version, digest = subprocess.run(
         [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--",
+            *AS_NOBODY,
             python,
             "-c",
             "import sys; from sandbox import _image; print(sys.version); print(_image.worker_digest())",
@@ -243,14 +231,7 @@ def _outliving(procs: list[tuple[int, str] | None], within_s: float) -> list[tup
 
 
 def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path, bwrap_ready: str) -> None:
-    plant = ck.save(
-        ck.hostile_checkpoint(ck.code_payload("open('/tmp/persist', 'w').write('x')\nresult = 1")),
-        tmp_path / "plant.pt",
-    )
-    probe = ck.save(
-        ck.hostile_checkpoint(ck.code_payload("import os\nresult = os.path.exists('/tmp/persist')")),
-        tmp_path / "probe.pt",
-    )
+    plant, probe = ck.plant_and_probe(tmp_path)
     with sandbox.Pool(size=2, policy=ck.observe_policy(), runner="bwrap") as pool:
         pool.warm(wait=True)
         assert pool.ready == 2 and pool.name == "bwrap"

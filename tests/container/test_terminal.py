@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tests import checkpoints as ck
+from tests.container.conftest import Cli
 
 SGR_COLOUR = re.compile(rb"\x1b\[[0-9;]*(3[0-7]|9[0-7]|38;[0-9;]+)m")
 
@@ -54,7 +55,7 @@ def in_pty(args: list[str], env: dict[str, str], timeout: float = 300) -> tuple[
     return code, bytes(out)
 
 
-def test_batch_on_a_terminal_and_through_a_pipe(tmp_path: Path) -> None:
+def test_batch_on_a_terminal_and_through_a_pipe(tmp_path: Path, cli: Cli) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for i in range(2):
@@ -91,14 +92,7 @@ def test_batch_on_a_terminal_and_through_a_pipe(tmp_path: Path) -> None:
     assert not marker.exists()
 
     # a pipe: the plain lines, as before
-    proc = subprocess.run(
-        [sys.executable, "-m", "sandbox", "convert", str(src), "-o", str(tmp_path / "out"), "-j", "1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    proc = cli("convert", str(src), "-o", str(tmp_path / "out"), "-j", "1", env=env)
     assert proc.returncode == 1
     assert "\x1b" not in proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()

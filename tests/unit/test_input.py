@@ -65,6 +65,15 @@ def test_a_file_the_sandbox_could_write_is_replaced_by_a_private_copy(tmp_path: 
         os.close(fd)
 
 
+def refuse_non_checkpoint(path: Path) -> None:
+    """:func:`_input.refuse_non_checkpoint` on a read-only descriptor of ``path``, closed after."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _input.refuse_non_checkpoint(fd, path)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize(
     "head", [b"\x00" * 600, b"\xff\xd8\xff\xe0JFIF", b"#!/bin/sh\n" * 10, b'{"not": "a checkpoint"}']
 )
@@ -72,12 +81,8 @@ def test_non_checkpoints_are_refused_from_their_first_bytes(tmp_path: Path, head
     """(A first byte that is a pickle opcode passes: the static stage judges those.)"""
     path = tmp_path / "x.bin"
     path.write_bytes(head)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with pytest.raises(UnsupportedFormat):
-            _input.refuse_non_checkpoint(fd, path)
-    finally:
-        os.close(fd)
+    with pytest.raises(UnsupportedFormat):
+        refuse_non_checkpoint(path)
 
 
 @pytest.mark.parametrize(
@@ -94,22 +99,14 @@ def test_non_checkpoints_are_refused_from_their_first_bytes(tmp_path: Path, head
 def test_every_loadable_header_passes(tmp_path: Path, head: bytes) -> None:
     path = tmp_path / "x.bin"
     path.write_bytes(head + b"\x00" * 300)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _input.refuse_non_checkpoint(fd, path)
-    finally:
-        os.close(fd)
+    refuse_non_checkpoint(path)
 
 
 def test_empty_input_is_truncated(tmp_path: Path) -> None:
     path = tmp_path / "empty.pt"
     path.write_bytes(b"")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with pytest.raises(TruncatedInput):
-            _input.refuse_non_checkpoint(fd, path)
-    finally:
-        os.close(fd)
+    with pytest.raises(TruncatedInput):
+        refuse_non_checkpoint(path)
 
 
 def test_hasher_and_identity(tmp_path: Path) -> None:
