@@ -501,7 +501,7 @@ def convert(
             assert loaded.output is not None and loaded.output.manifest is not None
             manifest = loaded.output.manifest
             if loaded.handoff == "layout":  # byte ranges of the input: no torch on the host
-                _write.write_placed(
+                written = _write.write_placed(
                     dst_path,
                     loaded.input_path,
                     loaded.placements,
@@ -511,11 +511,11 @@ def convert(
                 )
             else:
                 assert loaded.tensors is not None
-                _write.write_safetensors(
+                written = _write.write_safetensors(
                     dst_path, loaded.tensors, manifest, report, dedupe=shared == "dedupe"
                 )
             report.outputs["safetensors"] = str(dst_path)
-            report.outputs["safetensors_sha256"] = _files.sha256_file(str(dst_path))[0]
+            report.outputs["safetensors_sha256"] = written
         except SandboxError as exc:
             if exc.report is None:
                 exc.report = report

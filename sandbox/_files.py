@@ -3,6 +3,7 @@ replace (temporary file beside the target, fsync, rename, fsync of the directory
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import tempfile
@@ -19,16 +20,20 @@ def sha256_file(path: str) -> tuple[str, int]:
     return P.sha256_file(path)
 
 
-def atomic_stream(dst: Path, head: bytes, body: Callable[[int], None]) -> None:
+def atomic_stream(dst: Path, head: bytes, body: Callable[[int], None]) -> str:
     """``head`` then whatever ``body`` writes, to a temporary file beside ``dst``, fsynced and
-    renamed into place."""
+    renamed into place. Returns the sha256 of the file written, read back from the temporary
+    file while the fsync waits for the disk."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     try:
         try:
             P.write_all(fd, head)
             body(fd)
-            os.fsync(fd)
+            with concurrent.futures.ThreadPoolExecutor(1, "model-sandbox-hash") as hashing:
+                digest = hashing.submit(P.sha256_fd, fd)
+                os.fsync(fd)
+            sha = digest.result()[0]
         finally:
             os.close(fd)
         os.replace(tmp, dst)
@@ -37,6 +42,7 @@ def atomic_stream(dst: Path, head: bytes, body: Callable[[int], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return sha
 
 
 def atomic_write(path: Path, data: bytes) -> None:

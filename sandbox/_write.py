@@ -38,14 +38,15 @@ def write_safetensors(
     report: LoadReport,
     *,
     dedupe: bool = False,
-) -> None:
+) -> str:
     """Re-serialise the checked tensors on the host (the worker's file is never copied),
     streaming each tensor's bytes to a temporary file, then renaming it into place.
 
     Complete: every tensor name is a tensor in the file, as plain readers expect (a view is
     written as its own contiguous copy, a tie once per name it has in the structure).
     ``dedupe``: Hugging Face's convention instead: a tied tensor under one name only (the
-    others are in ``model_sandbox.ties``; ``from_pretrained`` re-ties them from the config)."""
+    others are in ``model_sandbox.ties``; ``from_pretrained`` re-ties them from the config).
+    Returns the file's sha256."""
     import torch
 
     stored: dict[str, torch.Tensor] = {}
@@ -68,7 +69,7 @@ def write_safetensors(
             if t.numel():
                 P.write_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy().data))
 
-    _files.atomic_stream(dst, head, body)
+    return _files.atomic_stream(dst, head, body)
 
 
 def _code(dtype: str) -> str | None:
@@ -188,10 +189,10 @@ def write_placed(
     report: LoadReport,
     *,
     dedupe: bool = False,
-) -> None:
+) -> str:
     """The layout hand-off's SafeTensors file, copied from the input's own byte ranges (checked
     placements): contiguous tensors with ``copy_file_range``, strided ones gathered by numpy.
-    torch is not imported."""
+    torch is not imported. Returns the file's sha256."""
     by_name = {p.name: p for p in placements}
     out = _outputs(manifest, dedupe=dedupe)
     entries = []
@@ -210,7 +211,7 @@ def write_placed(
             for name in order:
                 _copy_placed(src, fd, by_name[name])
 
-    _files.atomic_stream(dst, head, body)
+    return _files.atomic_stream(dst, head, body)
 
 
 def _copy_placed(src: IO[bytes], fd: int, p: Placement) -> None:

@@ -41,3 +41,17 @@ def test_sha256_file(tmp_path: Path) -> None:
     data = os.urandom(3 << 20)
     (tmp_path / "f").write_bytes(data)
     assert _files.sha256_file(str(tmp_path / "f")) == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_atomic_stream_returns_the_sha256_of_what_it_wrote(tmp_path: Path) -> None:
+    """The digest is read back from the file while the fsync runs: it is the file's own."""
+    dst = tmp_path / "out.bin"
+    chunks = [os.urandom(1 << 20) for _ in range(5)]
+
+    def body(fd: int) -> None:
+        for c in chunks:
+            os.write(fd, c)
+
+    digest = _files.atomic_stream(dst, b"head", body)
+    assert digest == hashlib.sha256(dst.read_bytes()).hexdigest()
+    assert digest == hashlib.sha256(b"head" + b"".join(chunks)).hexdigest()
