@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal, overload
 
 from ._worker import _protocol as P
 
@@ -20,20 +21,30 @@ def sha256_file(path: str) -> tuple[str, int]:
     return P.sha256_file(path)
 
 
-def atomic_stream(dst: Path, head: bytes, body: Callable[[int], None]) -> str:
+@overload
+def atomic_stream(dst: Path, head: bytes, body: Callable[[int], None], *, sha256: Literal[True]) -> str: ...
+@overload
+def atomic_stream(
+    dst: Path, head: bytes, body: Callable[[int], None], *, sha256: Literal[False] = False
+) -> None: ...
+def atomic_stream(dst: Path, head: bytes, body: Callable[[int], None], *, sha256: bool = False) -> str | None:
     """``head`` then whatever ``body`` writes, to a temporary file beside ``dst``, fsynced and
-    renamed into place. Returns the sha256 of the file written, read back from the temporary
-    file while the fsync waits for the disk."""
+    renamed into place. ``sha256=True``: returns the sha256 of the file written, read back from
+    the temporary file while the fsync waits for the disk (a converted file's digest)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    sha = None
     try:
         try:
             P.write_all(fd, head)
             body(fd)
-            with concurrent.futures.ThreadPoolExecutor(1, "model-sandbox-hash") as hashing:
-                digest = hashing.submit(P.sha256_fd, fd)
+            if sha256:
+                with concurrent.futures.ThreadPoolExecutor(1, "model-sandbox-hash") as hashing:
+                    digest = hashing.submit(P.sha256_fd, fd)
+                    os.fsync(fd)
+                sha = digest.result()[0]
+            else:
                 os.fsync(fd)
-            sha = digest.result()[0]
         finally:
             os.close(fd)
         os.replace(tmp, dst)

@@ -69,7 +69,7 @@ def write_safetensors(
             if t.numel():
                 P.write_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy().data))
 
-    return _files.atomic_stream(dst, head, body)
+    return _files.atomic_stream(dst, head, body, sha256=True)
 
 
 def _code(dtype: str) -> str | None:
@@ -211,7 +211,7 @@ def write_placed(
             for name in order:
                 _copy_placed(src, fd, by_name[name])
 
-    return _files.atomic_stream(dst, head, body)
+    return _files.atomic_stream(dst, head, body, sha256=True)
 
 
 def _copy_placed(src: IO[bytes], fd: int, p: Placement) -> None:

@@ -52,6 +52,6 @@ def test_atomic_stream_returns_the_sha256_of_what_it_wrote(tmp_path: Path) -> No
         for c in chunks:
             os.write(fd, c)
 
-    digest = _files.atomic_stream(dst, b"head", body)
+    digest = _files.atomic_stream(dst, b"head", body, sha256=True)
     assert digest == hashlib.sha256(dst.read_bytes()).hexdigest()
     assert digest == hashlib.sha256(b"head" + b"".join(chunks)).hexdigest()
