@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sandbox import _scan
 from sandbox._formats import npy, tar_archive
-from sandbox._formats.buffer import Buf, open_buffer, release
+from sandbox._formats.buffer import Buf, open_buffer, sha256_region
 from sandbox._formats.pickle_ops import (
     BIG_INT,
     LEGACY_MAGIC,
@@ -92,7 +92,6 @@ _MAX_MEMO = 5_000_000
 CANCELLED = "the reading was cancelled: its result is no longer wanted"
 _TIME_BUDGET_S = 300.0
 _MAX_EVIDENCE = 20  # tensors named in one finding
-_RELEASE_BYTES = 4 << 20  # a hashed region this large leaves the resident set at once
 
 _REBUILDERS = frozenset(
     {
@@ -1210,6 +1209,9 @@ def _materialise(
         budget.check()
         start, available, _claimed = layout.regions[root]
         raw: bytearray | None = None  # the storage's bytes, copied only when torch needs them
+        # one digest per distinct view: a module's Parameter and the tensor it wraps, or two
+        # names for one tensor, are the same bytes (hashed once)
+        seen: dict[tuple[object, ...], tuple[str, bytes | None]] = {}
         for name, t in uses:
             elem = _element_size(t.dtype)
             numel = 1
@@ -1235,19 +1237,20 @@ def _materialise(
                 )
                 continue
             data: bytes | None = None
-            if (
+            same = (t.storage.offset, t.storage.dtype, t.dtype, t.offset, t.shape, t.stride, t.metadata)
+            if same in seen:
+                digest, data = seen[same]
+                if t.metadata:
+                    findings.append(_metadata_finding(name, dict(t.metadata)))
+            elif (
                 numel
                 and not keep_data
                 and not layout.swap
                 and not t.metadata
                 and row_major(t.shape, t.stride)
             ):
-                # the common case: the digest of the file's own bytes, with no copy and no torch
-                with memoryview(buf) as file_view:
-                    with file_view[start + first : start + last] as region:
-                        digest = hashlib.sha256(region).hexdigest()
-                if last - first >= _RELEASE_BYTES:
-                    release(buf, start + first, start + last)
+                # the common case: the digest of the file's own bytes, with no torch
+                digest = sha256_region(buf, start + first, start + last)
             else:
                 dtype = getattr(torch, t.dtype)
                 if numel:
@@ -1276,6 +1279,7 @@ def _materialise(
                     else (b"" if keep_data else None)
                 )
                 digest = tensor_digest(view)
+            seen[same] = (digest, data)
             tensors[name] = StaticTensor(
                 name=name,
                 dtype=t.dtype,

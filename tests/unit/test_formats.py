@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sandbox._formats import compressed, npy, pickle_ops, zip_archive
-from sandbox._formats.buffer import open_buffer, release
+from sandbox._formats.buffer import open_buffer, sha256_region
 from sandbox.errors import MalformedInput
 
 _SAMPLES: list[object] = [
@@ -153,16 +153,20 @@ def _resident_bytes_of(path: Path) -> int:
     return total
 
 
-def test_release_gives_back_the_pages_of_a_hashed_region(tmp_path: Path) -> None:
-    """A region released after hashing leaves the resident set; its bytes read the same after."""
+def test_a_region_is_hashed_from_the_file_without_touching_the_map(tmp_path: Path) -> None:
+    """``sha256_region`` gives the region's digest at any offset and length (one chunk, many,
+    a partial last one) and reads it through the file: the map's pages stay out of the
+    resident set. A file that shrank under the map is an error, not a bus error."""
     path = tmp_path / "big.bin"
-    data = bytes(range(256)) * (32 << 12)  # 32 MiB
+    data = bytes(range(256)) * (12 << 12) + b"tail"  # 12 MiB and 4 bytes
     path.write_bytes(data)
     with open_buffer(path) as buf:
-        assert hashlib.sha256(buf[:]).hexdigest() == hashlib.sha256(data).hexdigest()  # all touched
-        touched = _resident_bytes_of(path)
-        assert touched >= 16 << 20
-        release(buf, 1000, len(data))  # from inside the first page to the end
-        assert _resident_bytes_of(path) <= touched - (16 << 20)
-        assert buf[5000:5010] == data[5000:5010] and buf[-3:] == data[-3:]
-        release(b"not a map", 0, 9)  # bytes: nothing to give back
+        for begin, end in [(0, len(data)), (1000, len(data) - 3), (5, 6), (7, 7), (1 << 20, 2 << 20)]:
+            want = hashlib.sha256(data[begin:end]).hexdigest()
+            assert sha256_region(buf, begin, end) == want
+            assert sha256_region(data, begin, end) == want  # bytes: hashed in place
+        assert _resident_bytes_of(path) < 1 << 20
+        with open(path, "r+b") as f:
+            f.truncate(1 << 20)
+        with pytest.raises(MalformedInput, match="shrank"):
+            sha256_region(buf, 0, len(data))

@@ -263,3 +263,25 @@ def test_a_reading_nobody_wants_stops_instead_of_hashing_the_whole_file(tmp_path
     assert got.reason == _reconstruct.CANCELLED
     whole = _verify.Reading(str(path), scan).result()
     assert isinstance(whole, _reconstruct.Inventory) and len(whole.digests) == 30_000
+
+
+def test_a_parameter_and_the_tensor_it_wraps_are_hashed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pickled module rebuilds each weight twice (the tensor, then the ``Parameter`` around
+    it): the reading hashes those bytes once, and a tensor the file names twice once too."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    path = save({"model": model, "again": model[0].weight}, tmp_path / "module.pt")
+    hashed: list[int] = []
+    from sandbox._formats.buffer import sha256_region as real
+
+    def counting(buf: Any, begin: int, end: int) -> str:
+        hashed.append(end - begin)
+        return real(buf, begin, end)
+
+    monkeypatch.setattr("sandbox._verify.reconstruct.sha256_region", counting)
+    inv = _reconstruct.try_inventory(path)
+    assert isinstance(inv, _reconstruct.Inventory) and len(inv.digests) == 4
+    assert sorted(hashed) == sorted([64 * 64 * 4] * 2 + [64 * 4] * 2)
+    assert findings_for(path) == []
