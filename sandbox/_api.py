@@ -140,9 +140,8 @@ def _sandboxed(
                 if dynamic:
                     report.notes.append("refused on the static scan: the sandbox did not run")
                 raise _StaticOnly
-            if loaded.static is not None and any(
-                g.classification != "allowed" for g in loaded.static.globals
-            ):
+            plain = loaded.static is None or all(g.classification == "allowed" for g in loaded.static.globals)
+            if not plain:
                 # not a plain state dict, so no layout hand-off: the host's own reading of the
                 # file runs beside the sandbox
                 loaded.reading = _verify.Reading(loaded.input_path, loaded.static)
@@ -153,7 +152,12 @@ def _sandboxed(
             spec = _launch.make_spec(policy, image=image)
             static_count = len(report.findings)
             job = _launch.make_job(
-                policy, input_fd=input_fd, input_size=before[1], write_tensors=write_tensors
+                policy,
+                input_fd=input_fd,
+                input_size=before[1],
+                write_tensors=write_tensors,
+                # the hand-off reads plain torch zips only: anything else goes to the full loader
+                layout=plain and (loaded.static is None or loaded.static.format == "torch-zip"),
             )
             run = runner.run(spec, job)
             report.input_sha256 = hasher.result()

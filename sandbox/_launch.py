@@ -133,7 +133,12 @@ class Job:
         return self.config.max_output_bytes
 
 
-def make_job(policy: Policy, *, input_fd: int, input_size: int, write_tensors: bool = True) -> Job:
+def make_job(
+    policy: Policy, *, input_fd: int, input_size: int, write_tensors: bool = True, layout: bool = True
+) -> Job:
+    """The job for one input. ``layout=False``: the host's scan found a pickle that is not a
+    plain state dict, so the sandbox goes straight to the full loader (and imports torch before
+    its monitoring starts, where a sandbox started cold has not yet)."""
     lim, ev = policy.limits, policy.events
     return Job(
         P.JobConfig(
@@ -145,6 +150,7 @@ def make_job(policy: Policy, *, input_fd: int, input_size: int, write_tensors: b
             errno=ev.errno_number,
             allow_read=tuple(ev.allow_read),
             hash_input=input_size <= HASH_IN_SANDBOX_BYTES,
+            layout=layout,
         ),
         input_fd,
     )

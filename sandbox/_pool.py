@@ -109,7 +109,7 @@ class Pool:
     def run(self, spec: _launch.ContainerSpec, job: _launch.Job) -> _launch.RunResult:
         """Run ``job`` in a warm sandbox of ``spec`` if one is ready, else in a fresh one."""
         spec = self._labelled(spec)
-        box = self._take(spec)
+        box = self._take(spec, full=not job.config.layout)
         if box is None:
             with self._lock:
                 self.served_cold += 1
@@ -119,25 +119,26 @@ class Pool:
                 self.served_warm += 1
             result = box.run(job)
             result.warm = True
-        self._learn(result)
         return result
 
-    def _learn(self, result: _launch.RunResult) -> None:
-        """Adapt ``prepare`` to the jobs (the status is untrusted: this is only a speed hint)."""
-        status = result.received.status or b""
+    def _learn(self, full: bool) -> None:
+        """Adapt ``prepare`` to the jobs, as each arrives (so the sandbox started to replace
+        the one it takes already follows it): on from a job the host's scan sends to the full
+        loader, off after three that may take the layout hand-off in a row. Under the lock."""
         if not self._adaptive:
             return
-        if b'"handoff":"memfd"' in status:
+        if full:
             self._prepare, self._layouts_in_a_row = True, 0
-        elif b'"handoff":"layout"' in status:
+        else:
             self._layouts_in_a_row += 1
             if self._layouts_in_a_row >= 3:
                 self._prepare = False
 
-    def _take(self, spec: _launch.ContainerSpec) -> _launch.Box | None:
+    def _take(self, spec: _launch.ContainerSpec, full: bool = False) -> _launch.Box | None:
         with self._lock:
             if self._closed:
                 raise SandboxError("the pool is closed")
+            self._learn(full)
             if self._spec is None:
                 self._spec = spec
             elif self._spec != spec:

@@ -73,6 +73,10 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
         os.write(ch.hand_w, b"R")  # warm: the supervisor says hello only now
         cfg, input_fd = _receive_job(ch.job)
         received = time.monotonic()  # the supervisor's kernel events count from (about) here
+        if not cfg.layout and not prepare:
+            # the host's scan says the full loader: import torch now, before the filter (no
+            # byte of the input has been read; under it, the import notifies ~1,200 opens)
+            _loader.prepare()
         if cfg.max_output_bytes > 0:
             resource.setrlimit(resource.RLIMIT_FSIZE, (cfg.max_output_bytes, cfg.max_output_bytes))
         if cfg.cpu_s > 0:  # a backstop per process: the supervisor stops the whole tree before this

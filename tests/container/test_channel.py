@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import sandbox
+from sandbox import _extract
 from sandbox._launch import LABEL, OWNER_LABEL, ContainerSpec, DockerRunner, Job, RunResult, connect
+from sandbox._worker import _protocol as P
 from tests import checkpoints as ck
 
 
@@ -138,3 +140,35 @@ def test_plain_state_dicts_take_the_layout_the_rest_the_full_loader(tmp_path: Pa
     whole = sandbox.safe_load(module, weights_only=False, policy=policy)
     assert set(whole) == {"0.weight", "0.bias"}
     assert sandbox.scan(module, policy=policy).resources["handoff"] == "memfd"
+
+
+class StatusRunner(DockerRunner):
+    """Fresh sandboxes (started cold: torch not imported ahead); keeps each job's status."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: list[P.Status | None] = []
+
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        result = super().run(spec, job)
+        self.statuses.append(_extract.read_status(result.received))
+        return result
+
+
+def test_a_cold_sandbox_imports_torch_before_monitoring_when_the_host_needs_the_full_loader(
+    tmp_path: Path,
+) -> None:
+    """The host's scan says a pickled module needs the full loader: a sandbox started cold
+    imports torch as soon as its job arrives, before the filter goes in (trusted code, no byte
+    of the input read). Under the filter, that import notified some 1,200 opens, each a round
+    trip to the supervisor (about a second); the file's own loading still runs monitored."""
+    module = ck.save(torch.nn.Sequential(torch.nn.Linear(4, 3)), tmp_path / "module.pt")
+    runner = StatusRunner()
+    got = sandbox.safe_load(module, weights_only=False, runner=runner)
+    assert set(got) == {"0.weight", "0.bias"}
+    (status,) = runner.statuses
+    assert status is not None
+    counts = dict(status.counts)
+    opens = sum(n for key, n in counts.items() if key.startswith("kernel:open"))
+    assert 0 < opens < 100, counts
+    assert counts.get("self_reported:pickle.find_class:recorded", 0) >= 2  # the load was watched

@@ -29,8 +29,9 @@ SPEC = make_spec(Policy.default(), image="model-sandbox-worker:fake")
 OTHER = replace(SPEC, memory_bytes=SPEC.memory_bytes * 2)
 
 
-def job(n: int = 0) -> Job:
-    return make_job(Policy.default(), input_fd=1000 + n, input_size=1)  # the fake never reads it
+def job(n: int = 0, *, full: bool = False) -> Job:
+    """A job (the fake never reads its input); ``full``: the host's scan sends it to the full loader."""
+    return make_job(Policy.default(), input_fd=1000 + n, input_size=1, layout=not full)
 
 
 def until(pool: Pool, predicate: Callable[[], bool]) -> bool:
@@ -460,31 +461,26 @@ def test_warm_wait_gives_up_on_failures_while_it_waits_not_on_old_ones(
 
 
 # -- prepare (torch imported ahead) ---------------------------------------------------------------
-def test_prepare_follows_what_recent_jobs_needed(
-    new: Callable[..., Pool], runner: FakeStartingRunner
-) -> None:
+def test_prepare_follows_what_the_jobs_need(new: Callable[..., Pool], runner: FakeStartingRunner) -> None:
+    """Each job says whether the host's scan sends it to the full loader; the sandbox started
+    to replace the one it takes already follows it (not the job before)."""
     pool = new(1).warm(wait=True)
     assert runner.calls[0] == (SPEC, False) and pool._prepare is False  # nothing known yet
 
-    def one(handoff: str) -> bool:
-        runner.handoff = handoff
-        assert pool.run(SPEC, job()).warm
+    def one(full: bool) -> bool:
+        """Whether the start this job set off imports torch ahead."""
+        n = len(runner.calls)
+        assert pool.run(SPEC, job(full=full)).warm
         assert until(pool, lambda: len(pool._ready) == 1)
-        return pool._prepare
+        assert len(runner.calls) == n + 1
+        return runner.calls[n][1]
 
-    # runner.calls[j] is the start job j set off (as it took its sandbox): it reads whether to
-    # prepare after job j - 1 and maybe job j learned; only starts where both agree are checked
-    assert one("memfd") is True  # the full loader: the next sandboxes import torch ahead
-    assert one("memfd") is True
-    assert runner.calls[2][1] is True
-    assert [one("layout"), one("layout")] == [True, True]  # one or two layouts: still
-    assert runner.calls[4][1] is True
-    assert [one("layout"), one("layout")] == [False, False]  # three in a row: off
-    assert runner.calls[6][1] is False
-    assert one("memfd") is True
-    assert [one("layout"), one("layout")] == [True, True]  # in a row: the memfd job reset it
-    assert runner.calls[9][1] is True
-    assert not pool.run(OTHER, job()).warm and runner.calls[-1] == (OTHER, False)  # cold: never
+    assert one(True) is True  # the full loader: from the very next sandbox on
+    assert [one(False), one(False)] == [True, True]  # one or two plain ones: still
+    assert one(False) is False  # three in a row: off
+    assert one(True) is True
+    assert [one(False), one(False), one(False)] == [True, True, False]  # the full one reset it
+    assert not pool.run(OTHER, job(full=True)).warm and runner.calls[-1] == (OTHER, False)  # cold
 
 
 @pytest.mark.parametrize("prepare", [True, False])
@@ -492,9 +488,8 @@ def test_a_fixed_prepare_ignores_the_jobs(
     new: Callable[..., Pool], runner: FakeStartingRunner, prepare: bool
 ) -> None:
     pool = new(1, prepare=prepare).warm(wait=True)
-    for handoff in ("memfd", "layout", "layout", "layout", "layout", "memfd"):
-        runner.handoff = handoff
-        assert pool.run(SPEC, job()).warm
+    for full in (True, False, False, False, False, True):
+        assert pool.run(SPEC, job(full=full)).warm
         assert until(pool, lambda: len(pool._ready) == 1)
         assert pool._prepare is prepare
     assert [p for _, p in runner.calls] == [prepare] * 7
