@@ -1,8 +1,8 @@
 """Warm, single-use sandboxes: :class:`Pool`.
 
 A pool keeps ``size`` sandboxes started ahead of demand -- container up, supervisor connected to
-its channel, loader forked (torch imported ahead when recent jobs needed the full loader; a
-plain state dict's layout hand-off never does) -- each waiting for exactly one job and
+its channel, loader forked (torch imported ahead once the host's scan sent a job to the full
+loader; a plain state dict's layout hand-off never needs it) -- each waiting for exactly one job and
 discarded after it. A background thread refills the pool as sandboxes are used; :meth:`close`
 (also on ``with`` exit, Ctrl-C or an exception) removes every sandbox that is still waiting.
 Nothing is reused across jobs: a payload can never see the next file.
@@ -61,7 +61,8 @@ class Pool:
         self.size = size
         # Whether waiting sandboxes import torch ahead of their job. A plain state dict (the
         # layout hand-off) never needs it, the full loader always does: by default the pool
-        # follows what its recent jobs needed (``prepare=True``/``False`` fixes it).
+        # follows what the host's scan says of each job as it arrives (``prepare=True``/``False``
+        # fixes it). A job that finds torch not imported yet imports it before its monitoring.
         self._adaptive = prepare is None
         self._prepare = bool(prepare)
         self._layouts_in_a_row = 0
