@@ -15,7 +15,7 @@ import dataclasses
 import operator
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -160,28 +160,47 @@ def _sandboxed(
                 layout=plain and (loaded.static is None or loaded.static.format == "torch-zip"),
             )
             run = runner.run(spec, job)
-            report.input_sha256 = hasher.result()
-            if _input.identity(input_fd) != before:
-                report.add(
-                    finding(
-                        "input-changed",
-                        "evasion",
-                        "the input file was modified while it was being loaded",
-                        {"before": list(before), "after": list(_input.identity(input_fd))},
-                        severity=Severity.HIGH,
-                    )
+            hashed = hasher
+
+            def monitored(run: _launch.RunResult, job: _launch.Job) -> None:
+                _monitored(
+                    report,
+                    loaded,
+                    run,
+                    spec,
+                    job,
+                    shown=os.fspath(path),
+                    host_sha256=hashed.result,
+                    write_tensors=write_tensors,
+                    mmap=mmap,
+                    materialise=materialise,
                 )
+
             try:
-                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors, mmap, materialise)
-            except _LayoutRefused as exc:
-                # the sandbox read a plain state dict that the host cannot place in the file:
-                # the full loader decides, in a fresh sandbox
-                run.close()
-                report.notes.append(f"layout hand-off refused ({exc}); loaded in full")
-                report.findings, report.events = list(report.findings[:static_count]), []
-                job = dataclasses.replace(job, config=dataclasses.replace(job.config, layout=False))
-                run = runner.run(spec, job)
-                _monitored(report, loaded, run, spec, job, os.fspath(path), write_tensors, mmap, materialise)
+                try:
+                    monitored(run, job)
+                except _LayoutRefused as exc:
+                    # the sandbox read a plain state dict that the host cannot place in the file:
+                    # the full loader decides, in a fresh sandbox
+                    run.close()
+                    report.notes.append(f"layout hand-off refused ({exc}); loaded in full")
+                    report.findings, report.events = list(report.findings[:static_count]), []
+                    job = dataclasses.replace(job, config=dataclasses.replace(job.config, layout=False))
+                    run = runner.run(spec, job)
+                    monitored(run, job)
+            finally:
+                # awaited only now: the host placed or read the tensors while the hash ran
+                report.input_sha256 = hasher.result()
+                if _input.identity(input_fd) != before:
+                    report.add(
+                        finding(
+                            "input-changed",
+                            "evasion",
+                            "the input file was modified while it was being loaded",
+                            {"before": list(before), "after": list(_input.identity(input_fd))},
+                            severity=Severity.HIGH,
+                        )
+                    )
             assert loaded.output is not None and loaded.output.manifest is not None
             if loaded.handoff == "layout":
                 report.notes.append(
@@ -228,14 +247,18 @@ def _monitored(
     run: _launch.RunResult,
     spec: _launch.ContainerSpec,
     job: _launch.Job,
+    *,
     shown: str,
+    host_sha256: Callable[[], str],
     write_tensors: bool,
     mmap: bool,
     materialise: bool = True,
 ) -> None:
     """Stages 3-5 over what the sandbox sent: engine facts and the supervisor's status,
     events, then the validated manifest and tensors. Evidence is kept even when the outputs
-    are rejected."""
+    are rejected. ``host_sha256`` waits for the host's hash of the input: called only where
+    the sandbox hashed the input too (a small one), so a large input's tensors are placed or
+    read while its hash is still running."""
     rejected: SandboxError | None = None
     try:
         output = _extract.read_outputs(run.received)
@@ -267,9 +290,11 @@ def _monitored(
     report.findings += monitored.findings
     report.notes += monitored.notes + outcome.notes
     report.format = outcome.format
-    changed = _verify.input_identity(report.input_sha256 or "", output.status)
-    if changed:
-        report.add(changed)
+    if output.status is not None and output.status.input_sha256 is not None:
+        report.input_sha256 = host_sha256()
+        changed = _verify.input_identity(report.input_sha256, output.status)
+        if changed:
+            report.add(changed)
     if outcome.error is not None:
         raise outcome.error
     if rejected is not None:

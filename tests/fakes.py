@@ -88,7 +88,7 @@ class FakeRunner:
         status: dict[str, Any] = {
             "protocol": P.PROTOCOL_VERSION,
             "env_keys": [],
-            "input_sha256": digest,
+            "input_sha256": digest if job.config.hash_input else None,  # as the supervisor: small inputs
             "input_size": size,
             "exit_code": 0,
             "usage": {"wall_s": 0.1, "cpu_user_s": 0.08, "cpu_system_s": 0.02, "max_rss_kb": 90_000},

@@ -383,3 +383,44 @@ def test_a_scan_needs_the_sandboxs_digests(tmp_path: Path) -> None:
     assert report.verdict is sandbox.Verdict.ERROR
     assert report.error is not None and report.error["reference"] == "output-rejected"
     assert "no sha256" in report.error["message"]
+
+
+def test_a_large_inputs_tensors_are_placed_while_the_host_hashes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sandbox hashes only small inputs; for a larger one, the host's own hash is awaited
+    after the tensors are placed and read (both run side by side), and a file changed by then
+    is still caught."""
+    from sandbox import _convert, _input, _launch
+
+    path, sd = plain(tmp_path)
+    order: list[str] = []
+
+    class Hasher(_input.Hasher):
+        def result(self) -> str:
+            order.append("hash")
+            return super().result()
+
+    real = _convert.map_layout
+
+    def map_layout(*args: Any, **kwargs: Any) -> Any:
+        order.append("read")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_input, "Hasher", Hasher)
+    monkeypatch.setattr(_convert, "map_layout", map_layout)
+    monkeypatch.setattr(_launch, "HASH_IN_SANDBOX_BYTES", 0)
+    got = sandbox.safe_load(path, runner=FakeRunner(layout=True))
+    assert torch.equal(got["model"]["encoder.weight"], sd["encoder.weight"])
+    assert order[0] == "read" and "hash" in order
+    monkeypatch.setattr(_launch, "HASH_IN_SANDBOX_BYTES", 1 << 30)  # small: compared first
+    order.clear()
+    sandbox.safe_load(path, runner=FakeRunner(layout=True))
+    assert order[0] == "hash"
+
+    def touch(out: Played, status: dict[str, Any]) -> None:
+        os.utime(path, ns=(1, 1))  # the file changes while the sandbox has it
+
+    monkeypatch.setattr(_launch, "HASH_IN_SANDBOX_BYTES", 0)
+    report = sandbox.scan(path, runner=FakeRunner(touch, layout=True))
+    assert any(f.rule == "input-changed" for f in report.findings)
