@@ -144,7 +144,8 @@ def _sandboxed(
             if not plain:
                 # not a plain state dict, so no layout hand-off: the host's own reading of the
                 # file runs beside the sandbox
-                loaded.reading = _verify.Reading(loaded.input_path, loaded.static)
+                # (located, not hashed, where the tensors' bytes will be here to compare)
+                loaded.reading = _verify.Reading(loaded.input_path, loaded.static, spans=write_tensors)
             runner = _runner_for(setup.runner, setup.runtime)
             image = runner.ensure_image()
             report.tool["image"] = image
@@ -316,10 +317,8 @@ def _monitored(
         return
     report.resources["handoff"] = "memfd"
     _summarise(report, output.manifest)
-    if output.tensors_path is not None:  # the host hashes what it received: the digests to verify
-        loaded.tensors, output.manifest = _convert.load_tensors(
-            output.tensors_path, output.manifest, mmap=mmap
-        )
+    if output.tensors_path is not None:  # checked against the file by _verify.weights
+        loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest, mmap=mmap)
     elif any(e.sha256 is None for e in output.manifest.tensors):
         raise OutputRejected("the manifest gives no sha256 for tensors whose bytes stayed in the sandbox")
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
-import concurrent.futures
-import dataclasses
 import hashlib
 import json
 import math
@@ -146,23 +144,19 @@ def _strided(storage: Any, byte_offset: int, p: Placement, dtype: torch.dtype) -
     return raw.clone().view(dtype).as_strided(p.shape, p.stride, 0)
 
 
-def load_tensors(
-    path: str, manifest: P.Manifest, *, mmap: bool = False
-) -> tuple[dict[str, torch.Tensor], P.Manifest]:
-    """Every tensor and view named by the (validated) manifest, checked against it, and the
-    manifest with each stored tensor's sha256 computed here from the bytes received (the
-    sandbox sends none for bytes it sends; where it did, they must agree).
+def load_tensors(path: str, manifest: P.Manifest, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor and view named by the (validated) manifest, checked against it: names,
+    dtypes, shapes and sizes. The bytes are not hashed here: the verification compares them
+    with the file's (``_verify``), hashing only what it cannot compare directly. A digest the
+    sandbox sent for bytes it sent (it sends none) must still agree with them.
     ``mmap=True``: the tensors share a private mapping of the file instead of being copied."""
     import torch
     from safetensors import SafetensorError, safe_open
 
     entries = {t.name: t for t in manifest.tensors}
     out: dict[str, torch.Tensor] = {}
-    # hashed on every core while the next tensors are read (hashlib lets go of the GIL)
-    hashing = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1), "model-sandbox-digest")
-    digests: dict[str, concurrent.futures.Future[str]] = {}
     try:
-        with hashing, safe_open(path, framework="pt", device="cpu") as f:
+        with safe_open(path, framework="pt", device="cpu") as f:
             keys = set(f.keys())
             if keys != set(entries):
                 missing = sorted(set(entries) - keys)[:5]
@@ -191,11 +185,9 @@ def load_tensors(
                     )
                 if t.dtype != target or tuple(t.shape) != entry.shape:
                     raise OutputRejected(f"{name}: dtype/shape differ from the manifest", item=name)
-                digests[name] = hashing.submit(tensor_digest, t)
-                out[name] = t
-            for name, entry in entries.items():
-                if entry.sha256 is not None and digests[name].result() != entry.sha256:
+                if entry.sha256 is not None and tensor_digest(t) != entry.sha256:
                     raise OutputRejected(f"{name}: bytes differ from the manifest's sha256", item=name)
+                out[name] = t
     except SafetensorError as exc:
         raise OutputRejected(
             f"the tensor file is not valid SafeTensors: {exc}", item=P.TENSORS_FILE
@@ -203,8 +195,7 @@ def load_tensors(
     for v in manifest.views:
         base = out[v.base]
         out[v.name] = base.as_strided(v.shape, v.stride, base.storage_offset() + v.offset)
-    hashed = tuple(dataclasses.replace(e, sha256=digests[e.name].result()) for e in manifest.tensors)
-    return out, dataclasses.replace(manifest, tensors=hashed)
+    return out
 
 
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[storage, str], storage]

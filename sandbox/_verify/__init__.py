@@ -15,8 +15,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sandbox import _scan
@@ -43,45 +44,87 @@ def input_identity(host_sha256: str, status: P.Status | None) -> Finding | None:
     )
 
 
-def _returned(
-    manifest: P.Manifest, tensors: Mapping[str, torch.Tensor] | None, want_view: Mapping[str, Any] | None
-) -> dict[str, _reconstruct.Actual]:
-    """What the sandbox returned per tensor name: stored tensors by the manifest's sha256
-    (computed by the host from the bytes it received; in a scan, where no bytes cross, the
-    sandbox's own, which the host cannot check); a view by the
-    digest of what the caller will see when the host holds the ``tensors`` (and, with
-    ``want_view``, only for names in it), else ``None``: its base stands for it."""
-    actual: dict[str, _reconstruct.Actual] = {}
-    for e in manifest.tensors:
-        actual[e.name] = (e.dtype, e.shape, e.sha256)
-    for v in manifest.views:
-        digest = None
-        if tensors is not None and v.name in tensors and (want_view is None or v.name in want_view):
+class _Returned:
+    """What the sandbox returned, by tensor name: dtype and shape, and the sha256 of the bytes,
+    asked for only where needed. A stored tensor's digest is the manifest's where it gives one
+    (a scan, where no bytes cross: the sandbox's own, which the host cannot check), else the
+    host's, computed from the bytes it holds when first asked; a tensor matched byte for byte
+    with the file is never hashed. A view has a digest only where the host holds it (with
+    ``want_view``, only for names in it); otherwise its base stands for it."""
+
+    def __init__(
+        self,
+        manifest: P.Manifest,
+        tensors: Mapping[str, torch.Tensor] | None,
+        want_view: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.tensors = tensors
+        self.kinds: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._digests: dict[str, str] = {}
+        self._hashable: set[str] = set()
+        for e in manifest.tensors:
+            self.kinds[e.name] = (e.dtype, e.shape)
+            if e.sha256 is not None:
+                self._digests[e.name] = e.sha256
+            elif tensors is not None and e.name in tensors:
+                self._hashable.add(e.name)
+        for v in manifest.views:
+            self.kinds[v.name] = (v.dtype, v.shape)
+            if tensors is not None and v.name in tensors and (want_view is None or v.name in want_view):
+                self._hashable.add(v.name)
+
+    def compared(self, name: str) -> bool:
+        """Whether ``name``'s bytes are compared at all (else its base stands for it)."""
+        return name in self._digests or name in self._hashable
+
+    def digest(self, name: str) -> str | None:
+        if name not in self._digests and name in self._hashable:
             from sandbox._convert import tensor_digest
 
-            digest = tensor_digest(tensors[v.name])
-        actual[v.name] = (v.dtype, v.shape, digest)
-    return actual
+            assert self.tensors is not None
+            self._digests[name] = tensor_digest(self.tensors[name])
+        return self._digests.get(name)
+
+    def raw(self, name: str) -> memoryview | None:
+        """The row-major bytes the host holds under ``name`` (what ``tensor_digest`` hashes)."""
+        return _held(self.tensors, name) if self.compared(name) else None
+
+    def actual(self) -> dict[str, _reconstruct.Actual]:
+        """Every name with its digest (``None``: not compared), those still to compute hashed
+        on every core (hashlib lets go of the GIL)."""
+        todo = [n for n in self._hashable if n not in self._digests]
+        if len(todo) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from sandbox._convert import tensor_digest
+
+            assert self.tensors is not None
+            held = self.tensors
+            with ThreadPoolExecutor(min(4, os.cpu_count() or 1), "model-sandbox-digest") as pool:
+                for name, digest in zip(todo, pool.map(lambda n: tensor_digest(held[n]), todo), strict=True):
+                    self._digests[name] = digest
+        return {n: (dtype, shape, self.digest(n)) for n, (dtype, shape) in self.kinds.items()}
 
 
 _Reading: TypeAlias = "_reconstruct.Reconstruction | _reconstruct.Inventory | _reconstruct.NotReconstructed"
 
 
 class Reading:
-    """:func:`.reconstruct.read` in a background thread, started while the sandbox loads the same file
-    (hashing the file's tensors then costs no wall-clock time); :meth:`result` waits."""
+    """:func:`.reconstruct.read` in a background thread, started while the sandbox loads the same
+    file; :meth:`result` waits. ``spans``: the host will hold the returned tensors' bytes, so the
+    file's own tensors are located, not hashed (see :func:`weights`)."""
 
-    def __init__(self, path: str, scan: _scan.StaticScan | None) -> None:
+    def __init__(self, path: str, scan: _scan.StaticScan | None, *, spans: bool = False) -> None:
         self._result: _Reading | BaseException | None = None
         self._cancel = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(path, scan), daemon=True, name="model-sandbox-verify"
+            target=self._run, args=(path, scan, spans), daemon=True, name="model-sandbox-verify"
         )
         self._thread.start()
 
-    def _run(self, path: str, scan: _scan.StaticScan | None) -> None:
+    def _run(self, path: str, scan: _scan.StaticScan | None, spans: bool) -> None:
         try:
-            self._result = _reconstruct.read(path, scan, cancel=self._cancel)
+            self._result = _reconstruct.read(path, scan, cancel=self._cancel, spans=spans)
         except BaseException as exc:  # handed to the caller by result()
             self._result = exc
 
@@ -134,6 +177,109 @@ def joblib_inventory(scan: _scan.StaticScan) -> _reconstruct.Inventory:
     return _reconstruct.Inventory(format="joblib", digests=frozenset(digests), findings=(), named={})
 
 
+_SAMPLE = 64  # bytes at each end of a tensor that pick the file's candidates for it
+_MAX_COMPARED = 4  # candidates compared in full; past that, by digest (each hashed once)
+_CHUNK = 1 << 20
+
+
+class _FileBytes:
+    """The file's stored tensors (``Inventory.stored``) held against tensors the host holds,
+    byte for byte, read from the file with ``pread``. A returned tensor's candidates share its
+    dtype, shape and first and last bytes (an index built once per dtype and shape); at most
+    :data:`_MAX_COMPARED` are compared in full, and where more share those bytes the rest are
+    matched by digest, each span hashed at most once: the work stays linear in the file."""
+
+    def __init__(self, path: str, stored: Mapping[tuple[str, tuple[int, ...]], tuple[tuple[int, int], ...]]):
+        self._stored = stored
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if stored else -1
+        self._index: dict[tuple[str, tuple[int, ...]], dict[tuple[bytes, bytes], list[tuple[int, int]]]] = {}
+        self._digests: dict[tuple[int, int], str] = {}
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> _FileBytes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ends(self, begin: int, end: int) -> tuple[bytes, bytes]:
+        n = min(_SAMPLE, end - begin)
+        return os.pread(self._fd, n, begin), os.pread(self._fd, n, end - n)
+
+    def digest(self, span: tuple[int, int]) -> str:
+        """The sha256 of the file's bytes in ``span`` (for evidence, and past the candidates)."""
+        if span not in self._digests:
+            import hashlib
+
+            h, (pos, end) = hashlib.sha256(), span
+            while pos < end:
+                got = os.pread(self._fd, min(_CHUNK, end - pos), pos)
+                if not got:
+                    break  # the file shrank: a digest of what is left never matches
+                h.update(got)
+                pos += len(got)
+            self._digests[span] = h.hexdigest() if pos == end else ""
+        return self._digests[span]
+
+    def equal(self, span: tuple[int, int], raw: memoryview) -> bool:
+        """Whether the file's bytes in ``span`` are exactly ``raw``."""
+        begin, end = span
+        if end - begin != len(raw):
+            return False
+        chunk = bytearray(min(_CHUNK, len(raw)))
+        with memoryview(chunk) as view:
+            pos = 0
+            while pos < len(raw):
+                got = os.preadv(self._fd, [view[: min(len(chunk), len(raw) - pos)]], begin + pos)
+                if got <= 0:
+                    return False
+                if (chunk if got == len(chunk) else chunk[:got]) != raw[pos : pos + got]:
+                    return False
+                pos += got
+        return True
+
+    def matches(
+        self, dtype: str, shape: tuple[int, ...], raw: memoryview | None, digest: Callable[[], str | None]
+    ) -> bool:
+        """Whether the file stores a tensor of this dtype and shape with these bytes (``raw``;
+        without them, the ``digest()`` of the returned tensor, asked for only if needed)."""
+        key = (dtype, shape)
+        spans = self._stored.get(key)
+        if not spans:
+            return False
+        if raw is None:
+            want = digest()
+            return any(self.digest(span) == want for span in spans)
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = {}
+            for span in spans:
+                index.setdefault(self._ends(*span), []).append(span)
+        n = min(_SAMPLE, len(raw))
+        candidates = index.get((bytes(raw[:n]), bytes(raw[len(raw) - n :])), [])
+        if any(self.equal(span, raw) for span in candidates[:_MAX_COMPARED]):
+            return True
+        rest = candidates[_MAX_COMPARED:]
+        return bool(rest) and any(self.digest(span) == digest() for span in rest)
+
+
+def _held(tensors: Mapping[str, torch.Tensor] | None, name: str) -> memoryview | None:
+    """The row-major bytes of the tensor the host holds under ``name`` (what ``tensor_digest``
+    hashes), or None."""
+    if tensors is None or name not in tensors:
+        return None
+    import torch
+
+    flat = tensors[name].detach().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return flat.contiguous().view(torch.uint8).numpy().data
+
+
 def weights(
     path: str,
     manifest: P.Manifest,
@@ -150,38 +296,67 @@ def weights(
         got = joblib_inventory(scan)
     if isinstance(got, _reconstruct.Reconstruction):
         return list(got.findings) + _reconstruct.compare_digests(
-            got, _returned(manifest, tensors, got.tensors)
+            got, _Returned(manifest, tensors, got.tensors).actual()
         )
-    actual = _returned(manifest, tensors, None)
-    if not actual:
+    returned = _Returned(manifest, tensors)
+    kinds = returned.kinds
+    if not kinds:
         return []  # nothing handed over, nothing to verify
     inv = got
     if isinstance(inv, _reconstruct.NotReconstructed):
-        unverified = sorted(actual)
+        unverified = sorted(kinds)
         reason = f"the file has no independent reading: {inv.reason}"
         found: list[Finding] = []
     else:
-        # a name both readings give (plain containers from the top) must hold the same tensor
-        differ = [
-            n
-            for n, got in sorted(actual.items())
-            if n in inv.named and got[2] is not None and got != inv.named[n]
-        ]
-        changed: list[dict[str, Any]] = [
-            {
-                "name": n,
-                "expected_sha256": inv.named[n][2],
-                "actual_sha256": actual[n][2],
-                "expected_shape": list(inv.named[n][1]),
-                "actual_shape": list(actual[n][1]),
-            }
-            for n in differ
-        ]
-        unverified = sorted(
-            n
-            for n, (dtype, shape, digest) in actual.items()
-            if digest is not None and (dtype, shape, digest) not in inv.digests and n not in differ
-        )
+        with _FileBytes(path, inv.stored) as file_bytes:
+
+            def same(name: str, ref: _reconstruct.Digest | _reconstruct.Stored) -> bool:
+                if kinds[name] != ref[:2]:
+                    return False
+                if isinstance(ref[2], str):
+                    return returned.digest(name) == ref[2]
+                raw = returned.raw(name)
+                if raw is None:
+                    return file_bytes.digest(ref[2]) == returned.digest(name)
+                return file_bytes.equal(ref[2], raw)
+
+            def expected(ref: _reconstruct.Digest | _reconstruct.Stored) -> str:
+                return ref[2] if isinstance(ref[2], str) else file_bytes.digest(ref[2])
+
+            def verified(name: str) -> bool:
+                """The bytes are a tensor the file stores, or the digest one it describes."""
+                dtype, shape = kinds[name]
+                raw = returned.raw(name)
+                if raw is not None and file_bytes.matches(dtype, shape, raw, lambda: returned.digest(name)):
+                    return True
+                digest = returned.digest(name)
+                if (dtype, shape, digest) in inv.digests:
+                    return True
+                return (
+                    raw is None
+                    and digest is not None
+                    and file_bytes.matches(dtype, shape, None, lambda: digest)
+                )
+
+            # a name both readings give (plain containers from the top) must hold the same tensor
+            differ = [
+                n
+                for n in sorted(kinds)
+                if n in inv.named and returned.compared(n) and not same(n, inv.named[n])
+            ]
+            changed: list[dict[str, Any]] = [
+                {
+                    "name": n,
+                    "expected_sha256": expected(inv.named[n]),
+                    "actual_sha256": returned.digest(n),
+                    "expected_shape": list(inv.named[n][1]),
+                    "actual_shape": list(kinds[n][1]),
+                }
+                for n in differ
+            ]
+            unverified = sorted(
+                n for n in kinds if returned.compared(n) and n not in differ and not verified(n)
+            )
         reason = "not among the tensors the file's records describe: computed or changed while loading"
         found = list(inv.findings)
         if changed:
@@ -206,7 +381,7 @@ def weights(
                 severity=Severity.MEDIUM,
                 category="integrity",
                 message=(
-                    f"{len(unverified)} of the {len(actual)} tensors the loader returned could "
+                    f"{len(unverified)} of the {len(kinds)} tensors the loader returned could "
                     f"not be verified against the file ({reason}): "
                     + ", ".join(unverified[:5])
                     + (f" and {len(unverified) - 5} more" if len(unverified) > 5 else "")
@@ -214,7 +389,7 @@ def weights(
                 evidence={
                     "tensors": unverified[:_MAX_NAMED],
                     "count": len(unverified),
-                    "returned": len(actual),
+                    "returned": len(kinds),
                     "reason": reason,
                     "format": inv.format,
                 },

@@ -1193,8 +1193,18 @@ def _swap_unit(dtype: str) -> int:
 
 
 def _materialise(
-    layout: _Layout, named: list[tuple[str, _Tensor]], buf: Buf, fmt: str, *, keep_data: bool, budget: _Budget
+    layout: _Layout,
+    named: list[tuple[str, _Tensor]],
+    buf: Buf,
+    fmt: str,
+    *,
+    keep_data: bool,
+    budget: _Budget,
+    spans: dict[str, tuple[int, int]] | None = None,
 ) -> Reconstruction:
+    """The tensors ``named`` describes, each with its digest. ``spans``: a tensor whose bytes
+    lie in the file as they are (row-major, native order, no metadata bits) is not hashed: its
+    byte range in the file goes into ``spans`` by name, and its ``sha256`` is empty."""
     import torch
 
     from sandbox._convert import tensor_digest
@@ -1212,6 +1222,7 @@ def _materialise(
         # one digest per distinct view: a module's Parameter and the tensor it wraps, or two
         # names for one tensor, are the same bytes (hashed once)
         seen: dict[tuple[object, ...], tuple[str, bytes | None]] = {}
+        seen_as: dict[tuple[object, ...], str] = {}  # the first name of each
         for name, t in uses:
             elem = _element_size(t.dtype)
             numel = 1
@@ -1240,6 +1251,8 @@ def _materialise(
             same = (t.storage.offset, t.storage.dtype, t.dtype, t.offset, t.shape, t.stride, t.metadata)
             if same in seen:
                 digest, data = seen[same]
+                if spans is not None and not digest:
+                    spans[name] = spans[seen_as[same]]
                 if t.metadata:
                     findings.append(_metadata_finding(name, dict(t.metadata)))
             elif (
@@ -1249,8 +1262,12 @@ def _materialise(
                 and not t.metadata
                 and row_major(t.shape, t.stride)
             ):
-                # the common case: the digest of the file's own bytes, with no torch
-                digest = sha256_region(buf, start + first, start + last)
+                # the common case: the digest of the file's own bytes, with no torch (or,
+                # where the caller compares bytes, only where those bytes are)
+                if spans is not None:
+                    digest, spans[name] = "", (start + first, start + last)
+                else:
+                    digest = sha256_region(buf, start + first, start + last)
             else:
                 dtype = getattr(torch, t.dtype)
                 if numel:
@@ -1280,6 +1297,7 @@ def _materialise(
                 )
                 digest = tensor_digest(view)
             seen[same] = (digest, data)
+            seen_as.setdefault(same, name)
             tensors[name] = StaticTensor(
                 name=name,
                 dtype=t.dtype,
@@ -1384,17 +1402,23 @@ def _guarded(fmt: str, read: Callable[[], _R]) -> _R | NotReconstructed:
 
 
 def read(
-    path: str | os.PathLike[str], scan: _scan.StaticScan | None = None, cancel: threading.Event | None = None
+    path: str | os.PathLike[str],
+    scan: _scan.StaticScan | None = None,
+    cancel: threading.Event | None = None,
+    *,
+    spans: bool = False,
 ) -> Reconstruction | Inventory | NotReconstructed:
     """The host's independent reading of the file: the plain reconstruction where it applies,
     else the general inventory (or why there is none), from one static scan. Runs nothing;
     never raises for file content. Setting ``cancel`` ends it soon after (the reason is then
-    :data:`CANCELLED`)."""
+    :data:`CANCELLED`). ``spans``: see :func:`try_inventory`."""
     scanned = _scanned(path, scan)
     if isinstance(scanned, NotReconstructed):
         return scanned
     rec = try_reconstruct(path, scan=scanned, cancel=cancel)
-    return rec if isinstance(rec, Reconstruction) else try_inventory(path, scan=scanned, cancel=cancel)
+    if isinstance(rec, Reconstruction):
+        return rec
+    return try_inventory(path, scan=scanned, cancel=cancel, spans=spans)
 
 
 def try_reconstruct(
@@ -1442,6 +1466,9 @@ def try_reconstruct(
 
 #: one tensor as (torch dtype name, shape, sha256 of its row-major native-order bytes)
 Digest = tuple[str, tuple[int, ...], str]
+#: one tensor the file stores as it is (row-major, native order): (torch dtype name, shape,
+#: (begin, end) of its bytes in the file), compared byte for byte rather than hashed
+Stored = tuple[str, tuple[int, ...], tuple[int, int]]
 
 _NP_TORCH = {
     n: n
@@ -1475,8 +1502,10 @@ class Inventory:
     object (whose arguments and state are still read): nothing is run, and no stand-in's
     behaviour is guessed. A tensor whose state is set after it was built (``__setstate__``
     that could swap its data) is left out, so what the loader returns for it is unverified.
-    ``digests`` holds what the file describes; a tensor the sandbox returns that is not among
-    them was computed while loading."""
+    ``digests`` and ``stored`` hold what the file describes; a tensor the sandbox returns that
+    is not among them was computed while loading. ``stored`` (read with ``spans=True``, for a
+    host that holds the returned bytes) lists where the tensors the file stores as they are
+    lie, by dtype and shape, instead of hashing them; ``digests`` then holds the rest."""
 
     format: str
     digests: frozenset[Digest]
@@ -1484,7 +1513,8 @@ class Inventory:
     #: tensors reachable from the top through plain dicts, lists and tuples only, by the name
     #: the worker gives them: the host compares these by name (a payload that rearranges a
     #: plain container after it was built is caught even when the bytes are the file's)
-    named: Mapping[str, Digest] = field(default_factory=dict)
+    named: Mapping[str, Digest | Stored] = field(default_factory=dict)
+    stored: Mapping[tuple[str, tuple[int, ...]], tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
 
 def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool, data: object) -> Digest | None:
@@ -1557,12 +1587,17 @@ def _npz_digests(path: str | os.PathLike[str], budget: _Budget) -> list[Digest]:
 
 
 def try_inventory(
-    path: str | os.PathLike[str], scan: _scan.StaticScan | None = None, cancel: threading.Event | None = None
+    path: str | os.PathLike[str],
+    scan: _scan.StaticScan | None = None,
+    cancel: threading.Event | None = None,
+    *,
+    spans: bool = False,
 ) -> Inventory | NotReconstructed:
     """The general reading of the file at ``path`` (see :class:`Inventory`), or why there is
     none: a format without one, a container or stream trick that leaves the file without a
     single reading, a budget exhausted. ``scan``: the static stage's scan of the same file
-    when the caller has it. Never raises for file content."""
+    when the caller has it; ``spans``: where the file's own bytes are (``Inventory.stored``)
+    instead of their digests. Never raises for file content."""
     scanned = _scanned(path, scan)
     if isinstance(scanned, NotReconstructed):
         return scanned
@@ -1598,14 +1633,23 @@ def try_inventory(
                 for i, t in enumerate(unique.values())
                 if isinstance(t, _Tensor) and not t.tainted
             ]
-            rec = _materialise(layout, tensors, buf, fmt, keep_data=False, budget=budget)
+            where: dict[str, tuple[int, int]] | None = {} if spans else None
+            rec = _materialise(layout, tensors, buf, fmt, keep_data=False, budget=budget, spans=where)
             findings += [f for f in rec.findings if f not in findings]
-            digests += [(t.dtype, t.shape, t.sha256) for t in rec.tensors.values()]
-            by_id = {id(t): rec.tensors[name] for name, t in tensors if name in rec.tensors}
+            stored: dict[tuple[str, tuple[int, ...]], set[tuple[int, int]]] = collections.defaultdict(set)
+            kept: dict[str, Digest | Stored] = {}
+            for name, st in rec.tensors.items():
+                if where is not None and name in where:
+                    stored[(st.dtype, st.shape)].add(where[name])
+                    kept[name] = (st.dtype, st.shape, where[name])
+                else:
+                    digests.append((st.dtype, st.shape, st.sha256))
+                    kept[name] = (st.dtype, st.shape, st.sha256)
+            by_id = {id(t): kept[name] for name, t in tensors if name in kept}
             named = {
-                name: (st.dtype, st.shape, st.sha256)
+                name: ref
                 for name, t in _named(layout.value)
-                if "#" not in name and (st := by_id.get(id(t))) is not None
+                if "#" not in name and (ref := by_id.get(id(t))) is not None
             }
             for m in unique.values():
                 if isinstance(m, _NpArray) and m.data is not None and m.dtype is not None:
@@ -1613,7 +1657,13 @@ def try_inventory(
                     d = _np_digest(m.dtype, m.shape, m.fortran, m.data)
                     if d is not None:
                         digests.append(d)
-            return Inventory(format=fmt, digests=frozenset(digests), findings=tuple(findings), named=named)
+            return Inventory(
+                format=fmt,
+                digests=frozenset(digests),
+                findings=tuple(findings),
+                named=named,
+                stored={k: tuple(sorted(v)) for k, v in stored.items()},
+            )
 
     return _guarded(fmt, inventory)
 

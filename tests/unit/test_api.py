@@ -351,9 +351,9 @@ def test_the_host_verifies_the_file_it_handed_over_not_what_its_path_names_later
     assert not any(r.startswith("weights-") for r in rules), rules
 
 
-def test_the_host_hashes_the_tensor_bytes_it_receives(tmp_path: Path) -> None:
-    """The sandbox sends no digest for bytes it sends: the host hashes them itself, and those
-    digests are what the verification compares with the file's own records."""
+def test_the_host_checks_the_tensor_bytes_it_receives_itself(tmp_path: Path) -> None:
+    """The sandbox sends no digest for bytes it sends: the verification compares the bytes the
+    host received with the file's own records (byte for byte, or by the host's digests)."""
     path = ck.save(ck.nested_checkpoint(), tmp_path / "n.pt")
     sent: list[object] = []
 

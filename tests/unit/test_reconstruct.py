@@ -70,7 +70,7 @@ def sandbox_tensors(obj: Any, tmp_path: Path) -> dict[str, torch.Tensor]:
     manifest = P.Manifest.from_obj(
         {"protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "tensors": ex.entries, "views": ex.views}
     )
-    return _convert.load_tensors(str(path), manifest)[0]
+    return _convert.load_tensors(str(path), manifest)
 
 
 def raw(t: torch.Tensor) -> bytes:

@@ -39,7 +39,29 @@ class Block(torch.nn.Module):
 
 
 def returned(path: Path, **load: Any) -> P.Manifest:
-    """The manifest the sandbox would send for ``path``."""
+    """The manifest the sandbox would send for ``path`` (with the sandbox's digests, as in a scan)."""
+    return _extracted(path, **load)[0]
+
+
+def held(path: Path) -> tuple[dict[str, torch.Tensor], P.Manifest]:
+    """What the host holds after a load of ``path``: the tensors read back from the sandbox's
+    SafeTensors, and the manifest, which gives no digests for them (as the sandbox sends it)."""
+    from safetensors.torch import save_file
+
+    from sandbox._convert import load_tensors
+
+    manifest, stored = _extracted(path, digests=False)
+    out = path.with_name(path.name + ".handoff.safetensors")
+    save_file(stored, str(out))
+    try:
+        return load_tensors(str(out), manifest), manifest
+    finally:
+        out.unlink()
+
+
+def _extracted(
+    path: Path, *, digests: bool = True, **load: Any
+) -> tuple[P.Manifest, dict[str, torch.Tensor]]:
     if path.suffix == ".npy":
         obj = np.load(path, allow_pickle=True)
     elif path.suffix == ".npz":
@@ -50,14 +72,35 @@ def returned(path: Path, **load: Any) -> P.Manifest:
             obj = pickle.load(f)
     else:
         obj = torch.load(path, weights_only=False, **load)
-    ex = extract(obj)
-    return P.Manifest.from_obj(
+    ex = extract(obj, digests=digests)
+    manifest = P.Manifest.from_obj(
         {"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": ex.entries, "views": ex.views}
     )
+    return manifest, ex.stored
+
+
+def by_bytes(path: Path, tensors: dict[str, torch.Tensor], manifest: P.Manifest) -> list[Any]:
+    """``weights`` as a load runs it: the file's stored tensors located, not hashed, and
+    compared byte for byte with the tensors the host holds."""
+    return _verify.weights(str(path), manifest, tensors, reading=_verify.Reading(str(path), None, spans=True))
 
 
 def findings_for(path: Path) -> list[Any]:
-    return _verify.weights(str(path), returned(path))
+    """The findings for what a load of ``path`` returns, the same by every route: the sandbox's
+    digests alone (a scan), the host's tensors against the file's digests, and the host's
+    tensors against the file's bytes."""
+    found = _verify.weights(str(path), returned(path))
+    tensors, manifest = held(path)
+    hashed = _verify.weights(str(path), manifest, tensors)
+    assert by_bytes(path, tensors, manifest) == hashed
+    views = {v.name for v in manifest.views}  # checked only where the host holds them
+    assert [f for f in hashed if f.rule != "weights-unverified"] == [
+        f for f in found if f.rule != "weights-unverified"
+    ]
+    assert {n for f in hashed if f.rule == "weights-unverified" for n in f.evidence["tensors"]} - views == {
+        n for f in found if f.rule == "weights-unverified" for n in f.evidence["tensors"]
+    }
+    return found
 
 
 def unverified(path: Path) -> list[str]:
@@ -236,9 +279,13 @@ def test_a_plain_dict_rearranged_while_loading_is_tampered(tmp_path: Path) -> No
         "state_dict.layer1.weight",
         "state_dict.layer2.weight",
     ]
+    # the same by the file's bytes, the evidence naming the file's digests
+    tensors, host = held(path)
+    assert by_bytes(path, tensors, host) == _verify.weights(str(path), host, tensors) == tampered
     # the untouched bias, and the benign twin of the file, are verified by name
     benign = save({"state_dict": sd, "epoch": 1, "args": {"lr": 0.1}}, tmp_path / "ok.pt")
     assert _verify.weights(str(benign), returned(benign)) == []
+    assert by_bytes(benign, *held(benign)) == []
 
 
 class _Holder:
@@ -285,3 +332,86 @@ def test_a_parameter_and_the_tensor_it_wraps_are_hashed_once(
     assert isinstance(inv, _reconstruct.Inventory) and len(inv.digests) == 4
     assert sorted(hashed) == sorted([64 * 64 * 4] * 2 + [64 * 4] * 2)
     assert findings_for(path) == []
+
+
+def _module(**buffers: torch.Tensor) -> torch.nn.Module:
+    """A module holding ``buffers``: the host's reading finds their tensors, but names none."""
+    m = torch.nn.Module()
+    for name, t in buffers.items():
+        m.register_buffer(name, t)
+    return m
+
+
+def _forged(tensors: dict[str, torch.Tensor], manifest: P.Manifest, name: str, value: torch.Tensor) -> Any:
+    """The host's tensors (and the manifest) with ``name`` holding ``value`` instead."""
+    return {**tensors, name: value}, manifest
+
+
+def test_a_load_compares_the_files_bytes_instead_of_hashing_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the host holds what the loader returned, the file's stored tensors are located,
+    not hashed, and compared byte for byte: one changed byte between equal first and last
+    bytes is still found."""
+    torch.manual_seed(5)
+    other = _module(big=torch.randn(64, 64), huge=torch.randn(600, 600))  # 1.4 MB: over one read
+    path = save({"model": Block(), "other": other}, tmp_path / "m.pt")
+    tensors, manifest = held(path)
+    hashed: list[int] = []
+    from sandbox._formats.buffer import sha256_region as real
+
+    def counting(buf: Any, begin: int, end: int) -> str:
+        hashed.append(end - begin)
+        return real(buf, begin, end)
+
+    monkeypatch.setattr("sandbox._verify.reconstruct.sha256_region", counting)
+    assert by_bytes(path, tensors, manifest) == []
+    assert hashed == []  # nothing of the file was hashed
+    changed = tensors["other.big"].clone()
+    changed[32, 7] += 1.0
+    found = by_bytes(path, *_forged(tensors, manifest, "other.big", changed))
+    assert [f.rule for f in found] == ["weights-unverified"] and found[0].evidence["tensors"] == ["other.big"]
+    changed = tensors["other.huge"].clone()
+    changed[550, 3] = -changed[550, 3]  # a sign bit past the first MiB
+    found = by_bytes(path, *_forged(tensors, manifest, "other.huge", changed))
+    assert [f.rule for f in found] == ["weights-unverified"] and found[0].evidence["tensors"] == [
+        "other.huge"
+    ]
+
+
+def test_many_tensors_with_the_same_ends_are_matched_by_digest_past_a_few(tmp_path: Path) -> None:
+    """Tensors of one shape whose first and last bytes agree are candidates for each other:
+    a few are compared in full, the rest by digest (each hashed once), so a file of many such
+    tensors costs linear work, and each is still told apart."""
+    rows = []
+    for i in range(12):
+        t = torch.zeros(4096)
+        t[2048] = float(i + 1)  # unique, far from either end
+        rows.append(t)
+    path = save({"rows": _module(**{f"r{i}": t for i, t in enumerate(rows)})}, tmp_path / "rows.pt")
+    tensors, manifest = held(path)
+    assert len(manifest.tensors) == 12
+    assert by_bytes(path, tensors, manifest) == []  # the 5th to 12th: past the full compares
+    name = manifest.tensors[-1].name
+    forged = torch.zeros(4096)
+    forged[2048] = 99.0
+    found = by_bytes(path, *_forged(tensors, manifest, name, forged))
+    assert [f.rule for f in found] == ["weights-unverified"] and found[0].evidence["tensors"] == [name]
+    again = rows[9].clone()  # the file's own bytes, under another tensor's name: the file's
+    assert by_bytes(path, *_forged(tensors, manifest, name, again)) == []
+
+
+def test_a_file_that_shrank_before_the_comparison_is_never_verified(tmp_path: Path) -> None:
+    """Bytes that are no longer there match nothing: the tensors in objects are unverified, a
+    named one no longer holds the file's tensor."""
+    torch.manual_seed(6)
+    path = save({"model": _module(big=torch.randn(64, 64)), "named": torch.randn(64, 64)}, tmp_path / "m.pt")
+    tensors, manifest = held(path)
+    reading = _verify.Reading(str(path), None, spans=True)
+    reading.result()
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    found = {f.rule: f for f in _verify.weights(str(path), manifest, tensors, reading=reading)}
+    assert set(found) == {"weights-unverified", "weights-tampered"}
+    assert "model.big" in found["weights-unverified"].evidence["tensors"]
+    assert [t["name"] for t in found["weights-tampered"].evidence["tensors"]] == ["named"]
