@@ -112,7 +112,7 @@ def _sandboxed(
     st: _scan.StaticScan | None = None
     run: _launch.RunResult | None = None
     hasher: _input.Hasher | None = None
-    input_fd = -1
+    input_fd = job_fd = -1
     try:
         try:
             real, input_fd = _input.open_input(path)
@@ -147,6 +147,7 @@ def _sandboxed(
                 # (located, not hashed, where the tensors' bytes will be here to compare)
                 loaded.reading = _verify.Reading(loaded.input_path, loaded.static, spans=write_tensors)
             runner = _runner_for(setup.runner, setup.runtime)
+            job_fd = _input.for_sandbox(input_fd, getattr(runner, "name", ""))
             image = runner.ensure_image()
             report.tool["image"] = image
             report.tool["worker_digest"] = _image.worker_digest()
@@ -154,7 +155,7 @@ def _sandboxed(
             static_count = len(report.findings)
             job = _launch.make_job(
                 policy,
-                input_fd=input_fd,
+                input_fd=job_fd,
                 input_size=before[1],
                 write_tensors=write_tensors,
                 # the hand-off reads plain torch zips only: anything else goes to the full loader
@@ -238,8 +239,8 @@ def _sandboxed(
             loaded.reading.cancel()  # finished when its result was used; else no longer wanted
         if run is not None:
             run.close()
-        if input_fd >= 0:
-            os.close(input_fd)
+        for fd in {input_fd, job_fd} - {-1}:
+            os.close(fd)
 
 
 def _monitored(

@@ -449,6 +449,10 @@ class _LabelledRunner:
         self.batch_id = batch_id
         self.pool = Pool(size=jobs, policy=policy, labels=((BATCH_LABEL, batch_id),), runner=runner)
 
+    @property
+    def name(self) -> str:
+        return self.pool.name
+
     def ensure_image(self) -> str:
         return self.pool.ensure_image()
 

@@ -118,12 +118,38 @@ def _sandbox_may_write(st: os.stat_result) -> bool:
     )
 
 
+def for_sandbox(fd: int, runner_name: str) -> int:
+    """The descriptor the sandbox gets for the input ``fd``: ``fd`` itself, or a private,
+    read-only copy where the loader would run as this process's own uid (bubblewrap started by
+    a user other than root: no uid of its own to drop to) and that uid may write the file. A
+    loader that reopened the input through ``/proc/self/fd`` (past the monitor, in a race on
+    the path it checks) could otherwise change the user's file."""
+    if runner_name != "bwrap":
+        return fd
+    from ._bwrap import host_root
+
+    if host_root() or not _we_may_write(os.fstat(fd)):
+        return fd
+    return _private_copy(os.dup(fd))
+
+
+def _we_may_write(st: os.stat_result) -> bool:
+    """Whether this process's uid (or one of its groups) may open the file for writing."""
+    groups = {os.getegid(), *os.getgroups()}
+    return bool(
+        st.st_mode & stat.S_IWOTH
+        or (st.st_uid == os.geteuid() and st.st_mode & stat.S_IWUSR)
+        or (st.st_gid in groups and st.st_mode & stat.S_IWGRP)
+    )
+
+
 def _private_copy(fd: int) -> int:
     """A read-only, already unlinked copy of ``fd``'s file (closes ``fd``): what the sandbox
     gets instead of a file it could modify."""
     try:
         tmp = tempfile.TemporaryFile(prefix=f"{WORK_PREFIX}{os.getpid()}-in-")
         with os.fdopen(fd, "rb") as src:
+            src.seek(0)
             shutil.copyfileobj(src, tmp, 1 << 20)
         tmp.flush()
         os.fchmod(tmp.fileno(), 0o444)

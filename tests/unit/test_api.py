@@ -424,3 +424,39 @@ def test_a_large_inputs_tensors_are_placed_while_the_host_hashes_it(
     monkeypatch.setattr(_launch, "HASH_IN_SANDBOX_BYTES", 0)
     report = sandbox.scan(path, runner=FakeRunner(touch, layout=True))
     assert any(f.rule == "input-changed" for f in report.findings)
+
+
+class _Seeing(FakeRunner):
+    """A fake of runner ``name`` that notes the file each job's descriptor is."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.seen: list[os.stat_result] = []
+
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        self.seen.append(os.fstat(job.input_fd))
+        return super().run(spec, job)
+
+
+@pytest.mark.parametrize(
+    ("name", "root", "copied"),
+    [("bwrap", False, True), ("bwrap", True, False), ("docker", False, False)],
+)
+def test_a_loader_running_as_our_own_uid_gets_a_private_copy_of_a_file_we_may_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, root: bool, copied: bool
+) -> None:
+    """bubblewrap started by a user other than root runs the loader as that user: a file the
+    user may write goes in as a read-only private copy (a reopen through /proc/self/fd cannot
+    reach the user's file). Root's bwrap drops to its own uid, and Docker's sandbox is 65534."""
+    monkeypatch.setattr("sandbox._bwrap.host_root", lambda: root)
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+    path.chmod(0o644)
+    runner = _Seeing(name)
+    got = sandbox.safe_load(path, runner=runner)
+    assert torch.equal(got["encoder.weight"], ck.state_dict()["encoder.weight"])
+    (st,) = runner.seen
+    original = path.stat()
+    assert ((st.st_dev, st.st_ino) != (original.st_dev, original.st_ino)) is copied
+    if copied:
+        assert st.st_mode & 0o777 == 0o444 and st.st_size == original.st_size and st.st_nlink == 0
