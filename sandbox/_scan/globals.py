@@ -393,6 +393,16 @@ _MATH_BUILTINS: frozenset[str] = frozenset(
     )
 )
 
+# Allowlisted callables that call their first argument with arguments the pickle chose
+# (``_rebuild_from_type(func, type, args, state)`` runs ``func(*args)``): whatever the pickle
+# hands them there is called, as if by REDUCE. ``torch.tensor`` is what torch's unpickler maps
+# to ``torch._tensor``.
+CALLS_FIRST_ARGUMENT: frozenset[str] = frozenset(
+    f"{module}.{name}"
+    for module in ("torch._tensor", "torch.tensor")
+    for name in ("_rebuild_from_type", "_rebuild_from_type_v2")
+)
+
 # Callables that unpickle their bytes argument (nested pickles).
 NESTED_LOADERS: frozenset[str] = frozenset(
     {

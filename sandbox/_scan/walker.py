@@ -32,7 +32,7 @@ from sandbox._formats.pickle_ops import (
 )
 from sandbox.report import Finding, Severity
 
-from .globals import JOBLIB_WRAPPERS, STORAGE_TYPES, classify_global
+from .globals import CALLS_FIRST_ARGUMENT, JOBLIB_WRAPPERS, STORAGE_TYPES, classify_global
 from .results import GlobalRef, JoblibArray, StaticScan, StorageRecord
 
 _MAX_NESTING = 4  # pickles inside pickles inside ...
@@ -259,6 +259,19 @@ def walk(
         elif isinstance(value, Obj) and _partial_ref(ctx, value.callee) is not None:
             _partial_ref(ctx, value.callee).inert_partial = False  # type: ignore[union-attr]
 
+    def call(func: object, args: object) -> None:
+        """``func(*args)``: ``func`` is called, and so is the callable an allowlisted
+        trampoline calls on its behalf (``_rebuild_from_type(func, type, args, state)`` runs
+        ``func(*args)``: an unknown function handed to it is called, not merely named)."""
+        called(func)
+        if (
+            isinstance(func, Global)
+            and ctx.refs[func.idx].ref.qualname in CALLS_FIRST_ARGUMENT
+            and isinstance(args, tuple)
+            and args
+        ):
+            called(args[0])
+
     def add_global(module: str, name: str, opcode: str) -> Global:
         module, name = resolve_name(module, name, proto)
         classification, category = classify_global(module, name)
@@ -290,6 +303,23 @@ def walk(
             opcode=opcode,
         )
         return Global(len(ctx.refs) - 1)
+
+    def mutated(target: object, opcode: str) -> None:
+        # pickle never emits BUILD or an item opcode on a bare global: on a module, class or
+        # function it sets attributes (or calls its append/extend/add), so a later import of
+        # an allowlisted name can resolve to whatever the stream planted there
+        if isinstance(target, Global):
+            ref = ctx.refs[target.idx].ref
+            ctx.add(
+                "global-mutation",
+                Severity.HIGH,
+                "evasion",
+                f"{opcode} in {member} changes the imported global {ref.qualname} itself",
+                member=member,
+                offset=op_off - start,
+                opcode=opcode,
+                target=ref.qualname,
+            )
 
     def push_text(span: Span) -> None:
         if span[1] - span[0] > _MAX_STR:
@@ -448,7 +478,7 @@ def walk(
             elif op == 0x52:  # REDUCE
                 args = pop()
                 func = pop()
-                called(func)
+                call(func, args)
                 _note_partial(
                     ctx,
                     func,
@@ -461,6 +491,7 @@ def walk(
             elif op == 0x62:  # BUILD
                 state = pop()
                 inst = top()
+                mutated(inst, "BUILD")
                 if isinstance(inst, Obj) and _partial_ref(ctx, inst.callee) is not None:
                     # partial.__setstate__((func, args, keywords, __dict__)): still not a call
                     _note_partial(
@@ -491,7 +522,7 @@ def walk(
                     stack.append(g)
                 else:
                     items = pop_mark()
-                    called(g)
+                    call(g, tuple(items))
                     stack.append(Obj("inst", g, tuple(items)))
             elif op == 0x93:  # STACK_GLOBAL
                 name_v = pop()
@@ -506,7 +537,7 @@ def walk(
                 items = pop_mark()
                 if not items:
                     raise Invalid(-1, "unpickling stack underflow")
-                called(items[0])
+                call(items[0], tuple(items[1:]))
                 stack.append(Obj("obj", items[0], tuple(items[1:])))
             elif op == 0x7D:  # EMPTY_DICT
                 stack.append(Dict())
@@ -517,6 +548,7 @@ def walk(
                 if len(items) % 2:
                     raise Invalid(-1, "odd number of items for SETITEMS")
                 target = top()
+                mutated(target, "SETITEMS")
                 if isinstance(target, Dict):
                     for i in range(0, min(len(items), 2 * _MAX_KEEP), 2):
                         target.add(items[i], items[i + 1])
@@ -525,16 +557,19 @@ def walk(
                 value = pop()
                 key = pop()
                 target = top()
+                mutated(target, "SETITEM")
                 if isinstance(target, Dict):
                     target.add(key, value)
             elif op == 0x61:  # APPEND
                 value = pop()
                 target = top()
+                mutated(target, "APPEND")
                 if isinstance(target, List):
                     target.extend([value])
             elif op == 0x65:  # APPENDS
                 items = pop_mark()
                 target = top()
+                mutated(target, "APPENDS")
                 if isinstance(target, List):
                     target.extend(items)
             elif op == 0x51:  # BINPERSID
@@ -610,7 +645,7 @@ def walk(
                 stack.append(OPAQUE)
             elif op == 0x90:  # ADDITEMS
                 pop_mark()
-                top()
+                mutated(top(), "ADDITEMS")
             elif op == 0x91:  # FROZENSET
                 pop_mark()
                 stack.append(OPAQUE)

@@ -1292,3 +1292,97 @@ def test_a_string_with_an_invalid_escape_is_read_quietly() -> None:
         warnings.simplefilter("error")
         scan = scan_pickle_bytes(b"(S'\\\x00true'\nios\nsystem\n.")
     assert "os.system" in {g.qualname for g in scan.globals}
+
+
+class SubTensor(torch.Tensor):
+    pass
+
+
+def _p4_global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+@pytest.mark.parametrize("rebuild", ["_rebuild_from_type", "_rebuild_from_type_v2"])
+@pytest.mark.parametrize("how", ["REDUCE", "INST", "OBJ"])
+def test_a_function_an_allowlisted_rebuilder_calls_is_called(rebuild: str, how: str) -> None:
+    """``torch._tensor._rebuild_from_type(func, type, args, state)`` runs ``func(*args)``:
+    an unknown function handed to it is called (here ``pathlib.Path.touch``, which creates a
+    file), not merely named, and the verdict cannot be clean."""
+    func = _p4_global("pathlib", "Path.touch") + _p4_global("torch", "Tensor")
+    path_obj = _p4_global("pathlib", "Path") + b"(" + bu("/tmp/marker") + b"tR"
+    rest = b"(" + path_obj + b"t}"
+    if how == "REDUCE":
+        body = _p4_global("torch._tensor", rebuild) + b"(" + func + rest + b"tR"
+    elif how == "INST":
+        body = b"(" + func + rest + b"i" + b"torch._tensor\n" + rebuild.encode() + b"\n"
+    else:
+        body = b"(" + _p4_global("torch._tensor", rebuild) + func + rest + b"o"
+    scan = scan_pickle_bytes(b"\x80\x04" + body + b".")
+    touch = [g for g in scan.globals if g.qualname == "pathlib.Path.touch"]
+    assert touch and all(g.called for g in touch), scan.globals
+    found = [f for f in scan.findings if f.evidence.get("global") == "pathlib.Path.touch"]
+    assert found and found[0].evidence["called"], scan.findings
+    # a partial handed to it is called as well: it is no longer an inert configuration value
+    part = (
+        _p4_global("functools", "partial")
+        + b"("
+        + _p4_global("pathlib", "Path.touch")
+        + path_obj
+        + b"tR"
+        + _p4_global("torch", "Tensor")
+        + b")}"
+    )
+    scan = scan_pickle_bytes(b"\x80\x04" + _p4_global("torch._tensor", rebuild) + b"(" + part + b"tR.")
+    assert "functools.partial" in qualnames(scan.globals, "dangerous")
+
+
+def test_the_rebuilder_called_with_an_allowlisted_rebuild_stays_clean(tmp_path: Path) -> None:
+    """What torch writes for a tensor subclass: ``_rebuild_from_type_v2`` around an allowlisted
+    rebuilder, which stays the only call."""
+
+    data = pickle.dumps(torch.ones(2).as_subclass(SubTensor), protocol=2)
+    scan = scan_pickle_bytes(data)
+    assert "torch._tensor._rebuild_from_type_v2" in qualnames(scan.globals, "allowed")
+    assert not by_rule(scan, "global-mutation")
+
+
+@pytest.mark.parametrize(
+    "mutation,opcode",
+    [
+        (b"N}" + bu("_rebuild_tensor_v2") + _p4_global("pathlib", "Path.touch") + b"s\x86b", "BUILD"),
+        (b"}" + bu("_rebuild_tensor_v2") + _p4_global("pathlib", "Path.touch") + b"sb", "BUILD"),
+        (bu("k") + _p4_global("pathlib", "Path.touch") + b"s", "SETITEM"),
+        (b"(" + bu("k") + _p4_global("pathlib", "Path.touch") + b"u", "SETITEMS"),
+        (_p4_global("pathlib", "Path.touch") + b"a", "APPEND"),
+        (b"(" + _p4_global("pathlib", "Path.touch") + b"e", "APPENDS"),
+        (b"(" + _p4_global("pathlib", "Path.touch") + b"\x90", "ADDITEMS"),
+    ],
+    ids=["BUILD-slotstate", "BUILD-dict", "SETITEM", "SETITEMS", "APPEND", "APPENDS", "ADDITEMS"],
+)
+def test_changing_an_imported_module_is_evasion(mutation: bytes, opcode: str) -> None:
+    """BUILD on a module sets its attributes: ``torch._utils._rebuild_tensor_v2`` replaced by
+    an unknown function, then called under its allowlisted name (live with pickle.loads: the
+    file is created). Pickle never emits BUILD or an item opcode on a bare global."""
+    data = (
+        b"\x80\x04"
+        + _p4_global("torch", "_utils")
+        + mutation
+        + b"0"
+        + _p4_global("torch._utils", "_rebuild_tensor_v2")
+        + b"("
+        + _p4_global("pathlib", "Path")
+        + bu("/tmp/marker")
+        + b"\x85RtR."
+    )
+    scan = scan_pickle_bytes(data)
+    found = by_rule(scan, "global-mutation")
+    assert len(found) == 1 and found[0].severity is Severity.HIGH, scan.findings
+    assert found[0].evidence["target"] == "torch._utils" and found[0].evidence["opcode"] == opcode
+
+
+def test_item_opcodes_on_rebuilt_objects_are_not_mutation(tmp_path: Path) -> None:
+    """Dicts, lists, sets and objects the stream built itself are what those opcodes are for."""
+    obj = {"a": [1, 2], "s": {1, 2}, "o": collections.OrderedDict(x=1), "n": argparse.Namespace(lr=0.1)}
+    for protocol in range(0, pickle.HIGHEST_PROTOCOL + 1):
+        assert not by_rule(scan_pickle_bytes(pickle.dumps(obj, protocol=protocol)), "global-mutation")
+    assert not by_rule(scan_file(torch_zip(tmp_path, {"w": torch.nn.Linear(2, 2)})), "global-mutation")
