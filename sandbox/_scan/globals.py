@@ -279,6 +279,22 @@ DANGEROUS_GLOBALS: tuple[tuple[str, str], ...] = (
     ("torch.utils.bottleneck", "exec"),
     ("torch.utils.data.datapipes.utils.decoder", "exec"),
     ("torch.utils._config_module", "exec"),
+    # classes and helpers in torch and numpy whose construction or call runs a program, reads
+    # or writes a file, or unpickles: no checkpoint rebuilds them (a class is otherwise only
+    # an unknown global, and the published lists above name none of these)
+    ("torch.testing", "exec"),  # _internal.common_utils.shell: subprocess.Popen(command)
+    ("torch.distributed.elastic", "exec"),  # ...subprocess_handler.SubprocessHandler: Popen
+    ("torch.backends.xeon", "exec"),  # run_cpu: launches programs
+    ("torch.utils.benchmark", "exec"),  # valgrind wrapper: runs programs
+    ("torch._strobelight", "exec"),
+    ("torch.utils._strobelight", "exec"),
+    ("torch._vendor", "exec"),  # quack: compile workers
+    ("torch.cuda._memory_viz", "exec"),
+    ("torch.utils._get_clean_triton", "exec"),
+    ("numpy.lib._npyio_impl", "exec"),  # numpy 2's numpy.load (allow_pickle) and savers
+    ("numpy.lib._format_impl", "exec"),  # numpy 2's read_array (allow_pickle)
+    ("numpy.lib._datasource", "network"),  # opens URLs and files
+    ("yaml", "exec"),  # yaml.load with UnsafeLoader: !!python/object/apply
     ("logging.FileHandler", "file"),
     ("logging.handlers", "network"),
     # network

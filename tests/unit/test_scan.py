@@ -1249,6 +1249,17 @@ def test_a_deflated_storage_record_that_declares_far_more_is_a_bomb(tmp_path: Pa
         ("torch.utils._config_module", "ConfigModule.load_config"),
         ("logging", "FileHandler"),
         ("logging.handlers", "SocketHandler"),
+        ("torch.testing._internal.common_utils", "shell"),
+        (
+            "torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler",
+            "SubprocessHandler",
+        ),
+        ("torch.backends.xeon.run_cpu", "_Launcher"),
+        ("torch.utils.benchmark.utils.valgrind_wrapper.timer_interface", "_ValgrindWrapper"),
+        ("numpy.lib._npyio_impl", "load"),
+        ("numpy.lib._format_impl", "read_array"),
+        ("numpy.lib._datasource", "open"),
+        ("yaml", "unsafe_load"),
     ],
 )
 def test_published_gadgets_are_dangerous(module: str, name: str) -> None:
