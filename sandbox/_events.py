@@ -75,6 +75,7 @@ _OTHER_PROCESS = frozenset(
         "process_vm_writev",
         "pidfd_open",
         "pidfd_getfd",
+        "prlimit64",
         "kill",
         "tgkill",
         "tkill",

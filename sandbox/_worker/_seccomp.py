@@ -169,6 +169,7 @@ SYSCALLS: dict[str, int] = {
 # Conditionally reported: decided inside the filter from the arguments.
 NR_CLONE, NR_CLONE3, NR_KILL, NR_TGKILL = 56, 435, 62, 234
 NR_MPROTECT, NR_PKEY_MPROTECT, NR_MMAP, NR_PRCTL = 10, 329, 9, 157
+NR_PRLIMIT64 = 302  # on another process: its limits (the supervisor's) are changed or read
 NAMES: dict[int, str] = {nr: name for name, nr in SYSCALLS.items()}
 NAMES.update(
     {
@@ -179,6 +180,7 @@ NAMES.update(
         NR_PKEY_MPROTECT: "pkey_mprotect",
         NR_MMAP: "mmap",
         NR_PRCTL: "prctl",
+        NR_PRLIMIT64: "prlimit64",
     }
 )
 
@@ -236,6 +238,8 @@ def build_filter(self_pid: int) -> bytes:
     * ``clone`` with ``CLONE_THREAD`` (threads): allowed; other clones reported;
     * ``clone3``: ``ENOSYS`` (its flags live in memory the filter cannot see; libc falls back);
     * ``kill``/``tgkill`` aimed at the loader itself: allowed; at anything else: reported;
+    * ``prlimit64`` of the caller (pid 0) or of the loader: allowed; of any other process (the
+      supervisor: the same uid may set its limits, dumpable or not): reported;
     * ``mprotect``/``pkey_mprotect`` adding ``PROT_EXEC``, anonymous executable ``mmap`` and
       ``prctl(PR_SET_SECCOMP | PR_SET_DUMPABLE)``: reported;
     * every call in :data:`SYSCALLS`: reported; everything else: allowed.
@@ -245,9 +249,14 @@ def build_filter(self_pid: int) -> bytes:
     a.jmp(_JEQ_K, NR_PKEY_MPROTECT, "prot2", 0)
     a.jmp(_JEQ_K, NR_MMAP, "mmap", 0)
     a.jmp(_JEQ_K, NR_PRCTL, "prctl", 0)
+    a.jmp(_JEQ_K, NR_PRLIMIT64, "prlimit", 0)
     for nr in sorted(set(SYSCALLS.values())):
         a.jmp(_JEQ_K, nr, "notify", 0)
     a.ret(RET_ALLOW)
+    a.label("prlimit")  # the target pid is argument 0, an int (the kernel reads 32 bits)
+    a.ld(_arg_lo(0))
+    a.jmp(_JEQ_K, 0, "allow", 0)
+    a.jmp(_JEQ_K, self_pid, "allow", "notify")
     a.label("clone")
     a.ld(_arg_lo(0))
     a.jmp(_JSET_K, CLONE_THREAD, "allow", "notify")
@@ -317,6 +326,7 @@ def build_plain_filter(self_pid: int, refuse_errno: int) -> bytes:
     * ``clone`` of a thread, or vfork-style (``CLONE_VM|CLONE_VFORK``): allowed; others refused;
     * ``clone3``: ``ENOSYS``, as in :func:`build_filter`;
     * ``kill``/``tgkill``/``tkill``/``rt_(tg)sigqueueinfo`` aimed at pid 1 or -1: refused;
+    * ``prlimit64`` of pid 1 (the supervisor): refused;
     * ``prctl(PR_SET_SECCOMP | PR_SET_DUMPABLE)``: refused;
     * every other call of :data:`SYSCALLS` not in :data:`PLAIN_ALLOWED`: refused.
     """
@@ -325,6 +335,7 @@ def build_plain_filter(self_pid: int, refuse_errno: int) -> bytes:
     a.jmp(_JEQ_K, NR_PRCTL, "prctl", 0)
     for name in sorted(PLAIN_SIGNAL_CALLS):
         a.jmp(_JEQ_K, SYSCALLS[name], "kill", 0)
+    a.jmp(_JEQ_K, NR_PRLIMIT64, "kill", 0)
     for nr in sorted({SYSCALLS[n] for n in plain_refused()}):
         a.jmp(_JEQ_K, nr, "deny", 0)
     a.ret(RET_ALLOW)
@@ -664,6 +675,7 @@ class Decoder:
             "process_vm_readv": self._target_pid,
             "process_vm_writev": self._target_pid,
             "pidfd_open": self._target_pid,
+            "prlimit64": self._target_pid,
             "mprotect": self._prot,
             "pkey_mprotect": self._prot,
             "mmap": self._prot,

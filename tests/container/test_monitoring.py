@@ -261,6 +261,36 @@ def test_kill_and_ptrace_of_the_supervisor_fail_and_kills_are_recorded(tmp_path:
     assert report.error is None and "wall_s" in report.resources and report.tensors > 0
 
 
+def test_the_supervisors_limits_cannot_be_changed_and_the_attempt_is_recorded(tmp_path: Path) -> None:
+    # prlimit64 needs only the same uid (a non-dumpable target does not stop it): a loader that
+    # lowered the supervisor's open-files or CPU limit blinded or killed it without any event,
+    # and what it did next went unrecorded (the report said only monitor-lost)
+    marker = tmp_path / "after-prlimit"
+    path = ck.hostile_file(
+        tmp_path,
+        "import os, resource\n"
+        "for res in (resource.RLIMIT_NOFILE, resource.RLIMIT_CPU):\n"
+        "    try:\n"
+        "        resource.prlimit(1, res, (0, 0))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"  # its own limits: the kernel's business
+        f"os.system('touch {marker}')\n",
+    )
+    report = sandbox.scan(path, policy=AUDIT)
+    limits = kernel(report, "prlimit64")
+    assert len(limits) == 2 and all(e.action == "denied" and e.detail.get("target") == 1 for e in limits)
+    f = finding(report, "attack-supervisor")
+    assert f.severity is Severity.CRITICAL
+    assert_supported(report, f)
+    # the supervisor kept watching: the program the payload ran next is a kernel event too
+    assert any(str(marker) in " ".join(e.detail.get("argv", [])) for e in kernel(report, "execve"))
+    assert not any(x.rule == "monitor-lost" for x in report.findings)
+    assert report.error is None and "wall_s" in report.resources and report.tensors > 0
+    assert report.verdict is Verdict.MALICIOUS
+    assert_nothing_reached_host(marker)
+
+
 # -- (h) an event flood ---------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from sandbox import _events
 from sandbox._worker import _protocol as P
 from sandbox._worker import _seccomp
 from sandbox.report import Severity
+from tests.fakes import run_bpf
 
 CANARIES = {
     "AWS_SECRET_ACCESS_KEY": "s3cr3tCanaryValue0123456789abcdefABCDEF+/",
@@ -253,6 +254,30 @@ def test_filter_assembles_and_checks_the_architecture_first() -> None:
     assert (code, k) == (0x20, 4)  # load the arch field
     code, _, _, k = struct.unpack_from("<HBBI", prog, 8)
     assert k == _seccomp.AUDIT_ARCH_X86_64
+
+
+def test_prlimit_of_another_process_is_reported_and_refused_as_an_attack_on_the_supervisor() -> None:
+    """prlimit64 needs only the same uid, not a dumpable target: the loader could lower the
+    supervisor's RLIMIT_NOFILE or RLIMIT_CPU and blind or kill it with no event at all. Its own
+    limits (pid 0, as glibc's setrlimit asks, or its pid) stay the kernel's business."""
+    prog = _seccomp.build_filter(1234)
+    nr = _seccomp.NR_PRLIMIT64
+    assert run_bpf(prog, nr, (0, 7, 0, 0)) == P.SECCOMP_RET_ALLOW
+    assert run_bpf(prog, nr, (1234, 7, 0, 0)) == P.SECCOMP_RET_ALLOW
+    for target in (1, 1235, 0xFFFFFFFF):
+        assert run_bpf(prog, nr, (target, 7, 0, 0)) == P.SECCOMP_RET_USER_NOTIF, target
+    decoder = _seccomp.Decoder(_seccomp.Memory(), 1234, frozenset())
+    d = decoder.decide(_seccomp.Notification(1, 1234, nr, _seccomp.AUDIT_ARCH_X86_64, (1, 7, 0, 0, 0, 0)))
+    assert d.kind == "prlimit64" and d.deny is not None and d.record
+    assert d.detail == {"target": 1, "supervisor": True}
+    found = rules(judge(line(1, "prlimit64", d.detail, "denied")))
+    assert found["attack-supervisor"].severity is Severity.CRITICAL
+    other = rules(judge(line(1, "prlimit64", {"target": 5, "supervisor": False}, "denied")))
+    assert other["other-process"].severity is Severity.HIGH
+    # under gVisor the plain filter refuses it in the kernel
+    plain = _seccomp.build_plain_filter(1234, 1)
+    assert run_bpf(plain, nr, (1, 7, 0, 0)) == P.SECCOMP_RET_ERRNO | 1
+    assert run_bpf(plain, nr, (0, 7, 0, 0)) == P.SECCOMP_RET_ALLOW
 
 
 def test_sockaddr_decoding() -> None:
