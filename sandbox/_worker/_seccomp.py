@@ -166,6 +166,16 @@ SYSCALLS: dict[str, int] = {
     "tkill": 200,
     "rt_tgsigqueueinfo": 297,
 }
+# Calls the container profile refuses (with an errno, which outranks a notification: the
+# supervisor would never see them) and that no load makes: the loader's filter kills the
+# loader outright (SECCOMP_RET_KILL_PROCESS outranks the profile's errno and cannot be caught),
+# and the supervisor records the kill (`seccomp_kill`). Before, io_uring, userfaultfd or a new
+# namespace were refused without a trace.
+KILLED: frozenset[str] = frozenset(
+    {"io_uring_setup", "userfaultfd", "unshare", "setns", "chroot", "pivot_root"}
+)
+NR_IO_URING_ENTER, NR_IO_URING_REGISTER = 426, 427
+
 # Conditionally reported: decided inside the filter from the arguments.
 NR_CLONE, NR_CLONE3, NR_KILL, NR_TGKILL = 56, 435, 62, 234
 NR_MPROTECT, NR_PKEY_MPROTECT, NR_MMAP, NR_PRCTL = 10, 329, 9, 157
@@ -242,7 +252,9 @@ def build_filter(self_pid: int) -> bytes:
       supervisor: the same uid may set its limits, dumpable or not): reported;
     * ``mprotect``/``pkey_mprotect`` adding ``PROT_EXEC``, anonymous executable ``mmap`` and
       ``prctl(PR_SET_SECCOMP | PR_SET_DUMPABLE)``: reported;
-    * every call in :data:`SYSCALLS`: reported; everything else: allowed.
+    * the calls of :data:`KILLED` and the rest of io_uring: the loader is killed (the supervisor
+      records it);
+    * every other call in :data:`SYSCALLS`: reported; everything else: allowed.
     """
     a = _prologue("notify")
     a.jmp(_JEQ_K, NR_MPROTECT, "prot2", 0)
@@ -250,9 +262,13 @@ def build_filter(self_pid: int) -> bytes:
     a.jmp(_JEQ_K, NR_MMAP, "mmap", 0)
     a.jmp(_JEQ_K, NR_PRCTL, "prctl", 0)
     a.jmp(_JEQ_K, NR_PRLIMIT64, "prlimit", 0)
-    for nr in sorted(set(SYSCALLS.values())):
+    for nr in sorted({SYSCALLS[n] for n in KILLED} | {NR_IO_URING_ENTER, NR_IO_URING_REGISTER}):
+        a.jmp(_JEQ_K, nr, "kill_process", 0)
+    for nr in sorted({nr for n, nr in SYSCALLS.items() if n not in KILLED}):
         a.jmp(_JEQ_K, nr, "notify", 0)
     a.ret(RET_ALLOW)
+    a.label("kill_process")
+    a.ret(RET_KILL_PROCESS)
     a.label("prlimit")  # the target pid is argument 0, an int (the kernel reads 32 bits)
     a.ld(_arg_lo(0))
     a.jmp(_JEQ_K, 0, "allow", 0)

@@ -291,6 +291,34 @@ def test_the_supervisors_limits_cannot_be_changed_and_the_attempt_is_recorded(tm
     assert_nothing_reached_host(marker)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        "libc.syscall(425, 8, ctypes.create_string_buffer(120))",  # io_uring_setup
+        "libc.syscall(323, 0)",  # userfaultfd
+        "libc.unshare(0x10000000)",  # CLONE_NEWUSER
+    ],
+    ids=["io_uring_setup", "userfaultfd", "unshare"],
+)
+def test_calls_the_container_refuses_silently_leave_kernel_evidence(tmp_path: Path, call: str) -> None:
+    # the container profile refuses these with an errno, which outranks the loader's
+    # notification: the supervisor never saw them, and the report had no kernel evidence of
+    # the attempt (only the payload's own, forgeable, audit events)
+    marker = tmp_path / "after-the-call"
+    path = ck.hostile_file(
+        tmp_path, f"import ctypes, os\nlibc = ctypes.CDLL(None)\n{call}\nos.system('touch {marker}')\n"
+    )
+    report = sandbox.scan(path, policy=AUDIT)
+    killed = kernel(report, "seccomp_kill")
+    assert len(killed) == 1 and killed[0].action == "denied", report.events
+    f = finding(report, "privileged-call")
+    assert f.severity >= Severity.HIGH
+    assert_supported(report, f)
+    assert report.verdict is Verdict.MALICIOUS
+    assert not kernel(report, "execve")  # nothing ran after the call: the loader is gone
+    assert_nothing_reached_host(marker)
+
+
 # -- (h) an event flood ---------------------------------------------------------------------------------
 
 

@@ -280,6 +280,23 @@ def test_prlimit_of_another_process_is_reported_and_refused_as_an_attack_on_the_
     assert run_bpf(plain, nr, (0, 7, 0, 0)) == P.SECCOMP_RET_ALLOW
 
 
+def test_calls_the_container_refuses_silently_kill_the_loader_and_the_kill_is_a_finding() -> None:
+    """io_uring, userfaultfd and new namespaces: the container profile answers them with an
+    errno, which outranks the loader's notification, so the supervisor never saw them. The
+    loader's filter kills the loader instead (outranks the errno, cannot be caught), and the
+    supervisor's ``seccomp_kill`` event is a finding."""
+    prog = _seccomp.build_filter(1234)
+    for name in ("io_uring_setup", "userfaultfd", "unshare", "setns", "chroot", "pivot_root"):
+        assert run_bpf(prog, _seccomp.SYSCALLS[name]) == _seccomp.RET_KILL_PROCESS, name
+    for nr in (_seccomp.NR_IO_URING_ENTER, _seccomp.NR_IO_URING_REGISTER):
+        assert run_bpf(prog, nr) == _seccomp.RET_KILL_PROCESS
+    for name in ("mount", "bpf", "perf_event_open", "execve", "openat"):  # still reported
+        assert run_bpf(prog, _seccomp.SYSCALLS[name]) == P.SECCOMP_RET_USER_NOTIF, name
+    assert run_bpf(prog, 0) == P.SECCOMP_RET_ALLOW  # read
+    f = rules(judge(line(1, "seccomp_kill", {"signal": "SIGSYS", "calls": sorted(_seccomp.KILLED)})))
+    assert f["privileged-call"].severity is Severity.HIGH and f["privileged-call"].events == (1,)
+
+
 def test_sockaddr_decoding() -> None:
     v4 = struct.pack("<H", 2) + struct.pack(">H", 4444) + bytes([127, 0, 0, 1]) + bytes(8)
     assert _seccomp.describe_addr(_seccomp.sockaddr(v4)) == "AF_INET 127.0.0.1:4444"
