@@ -567,6 +567,44 @@ class Memory:
 
 # -- decoding ------------------------------------------------------------------------------------
 
+_MAX_LINKS = 40  # the kernel's limit on links followed in one walk
+
+
+def resolve(path: str, pid: int, readlink: Callable[[str], str] = os.readlink) -> str:
+    """The absolute ``path`` as the kernel walks it for process ``pid``: each link followed
+    where it stands (before a ``..`` after it), ``/proc/self`` and ``/proc/thread-self`` as
+    ``pid``'s. Below ``/proc/<pid>/`` the walk stops (its links are the kernel's own and name
+    files, not paths): the rest is joined lexically."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    out: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(part)
+        if out[0] == "proc" and len(out) == 2 and part in ("self", "thread-self"):
+            out[1] = str(pid)
+        if out[0] == "proc" and len(out) >= 2:
+            if len(out) > 2 or not parts:
+                return os.path.normpath("/" + "/".join(out + parts))
+            continue
+        try:
+            target = readlink("/" + "/".join(out))
+        except (OSError, ValueError):
+            continue  # not a link, or not there: the name stands
+        links += 1
+        if links > _MAX_LINKS:
+            return os.path.normpath("/" + "/".join(out + parts))
+        out.pop()
+        if target.startswith("/"):
+            out = []
+        parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+    return "/" + "/".join(out)
+
+
 AF_NAMES = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK", 17: "AF_PACKET"}
 SOCK_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 5: "SOCK_SEQPACKET"}
 _O_FLAGS = (
@@ -735,23 +773,22 @@ class Decoder:
                 path = os.readlink(base) + "/" + path
             except OSError:
                 path = "<unknown>/" + path
+        raw = path  # as the kernel walks it: a link is followed before a ".." after it
         path = os.path.normpath(path) if path.startswith("/") else path
         for alias in ("/proc/self", "/proc/thread-self"):
             if path == alias or path.startswith(alias + "/"):
                 path = f"/proc/{pid}" + path[len(alias) :]
+        # Links can only be planted in the writable places; /proc links name other files. The
+        # path is walked as the kernel walks it for the caller, not in its lexical normal form:
+        # "/tmp/l/../.aws/credentials" with /tmp/l -> /home/user/.aws/ normalises to a /tmp
+        # path but opens the canary, and /tmp/p -> /proc/self/fd names the caller's descriptors.
+        if raw.startswith("/") and (path.startswith(("/tmp/", "/home/", "/proc/")) or ".." in raw.split("/")):
+            path = resolve(raw, pid)
         # A /proc link may name a file of another mount (the input is the host's file): its
         # resolved name says nothing about where a write would land, so no write goes that way.
         self.via_proc = path.startswith("/proc/")
         if path in (f"/proc/{pid}/fd/{P.INPUT_FD}", f"/proc/{self.loader}/fd/{P.INPUT_FD}"):
             return given, P.INPUT_ALIAS  # the input, reopened through its descriptor
-        # Links can only be planted in the writable places; /proc links name other files.
-        if path.startswith(("/tmp/", "/home/", "/proc/")):
-            try:
-                real = os.path.realpath(path)
-                if not real.startswith("/proc/1/") or path.startswith("/proc/1/"):
-                    path = real
-            except (OSError, ValueError):
-                pass
         return given, path
 
     def _classify(self, path: str, pid: int) -> str:

@@ -319,6 +319,54 @@ def test_calls_the_container_refuses_silently_leave_kernel_evidence(tmp_path: Pa
     assert_nothing_reached_host(marker)
 
 
+def test_a_canary_read_through_a_link_and_dotdot_is_seen(tmp_path: Path) -> None:
+    # /tmp/l -> ~/.aws/, then "/tmp/l/../.aws/credentials": the kernel follows the link before
+    # the "..", a lexical normal form reads "/tmp/.aws/credentials" (a scratch path). The
+    # monitor judged the normal form: the read of the planted credentials went unrecorded and
+    # the report said only "created a link" (medium)
+    path = ck.hostile_file(
+        tmp_path,
+        f"import os\nos.symlink('{P.CANARY_HOME}/.aws/', '/tmp/l')\n"
+        "open('/tmp/l/../.aws/credentials').read()\n",
+    )
+    report = sandbox.scan(path, policy=AUDIT)
+    opens = [
+        e for e in kernel(report, "openat") if e.detail.get("path") == f"{P.CANARY_HOME}/.aws/credentials"
+    ]
+    assert opens, [e.detail for e in kernel(report, ("openat", "symlink"))]
+    f = finding(report, "canary-file-read")
+    assert f.severity >= Severity.HIGH
+    assert_supported(report, f)
+
+
+def test_a_write_to_the_input_through_a_link_to_proc_self_fd_is_refused(tmp_path: Path) -> None:
+    # /tmp/p -> /proc/self/fd: "/tmp/p/1000" is the input's descriptor, reopened. The monitor
+    # resolved the link in its own process (/proc/self = PID 1), kept the /tmp name and let the
+    # write-open through as a scratch write: only the file's permissions stood between the
+    # payload and the host's file (under bwrap, a file of the calling user is the sandbox's)
+    code = (
+        "import os\n"
+        "os.symlink('/proc/self/fd', '/tmp/p')\n"
+        "try:\n"
+        f"    with open('/tmp/p/{P.INPUT_FD}', 'r+b') as f:\n"
+        "        f.seek(0, 2)\n"
+        "        result = f.write(b'x')\n"
+        "except OSError as exc:\n"
+        "    result = exc.errno\n"
+    )
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "input-write.pt")
+    data = path.read_bytes()
+    report = sandbox.scan(path, policy=AUDIT)
+    opens = [e for e in kernel(report, "openat") if e.detail.get("path") == P.INPUT_ALIAS]
+    assert opens and all(e.action == "denied" for e in opens), [e.detail for e in kernel(report, "openat")]
+    f = finding(report, "file-write-outside")
+    assert f.severity >= Severity.HIGH
+    assert_supported(report, f)
+    obj = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy())
+    assert obj["payload"] == 1  # EPERM: the monitor's answer
+    assert path.read_bytes() == data
+
+
 # -- (h) an event flood ---------------------------------------------------------------------------------
 
 

@@ -297,6 +297,36 @@ def test_calls_the_container_refuses_silently_kill_the_loader_and_the_kill_is_a_
     assert f["privileged-call"].severity is Severity.HIGH and f["privileged-call"].events == (1,)
 
 
+def test_paths_are_walked_as_the_kernel_walks_them_for_the_caller() -> None:
+    """Links before "..", and /proc/self as the caller's: a lexical normal form or the
+    supervisor's own realpath (its /proc/self is PID 1) named scratch files where the kernel
+    opened a canary or the input's descriptor."""
+    links = {
+        "/tmp/l": "/home/user/.aws/",
+        "/tmp/p": "/proc/self/fd",
+        "/tmp/r": "sub/x",
+        "/tmp/sub/x": "../../home/user/.aws/credentials",
+        "/tmp/loop": "/tmp/loop",
+    }
+
+    def readlink(path: str) -> str:
+        if path in links:
+            return links[path]
+        raise OSError(22, "not a link")
+
+    def resolve(path: str) -> str:
+        return _seccomp.resolve(path, 77, readlink)
+
+    assert resolve("/tmp/l/../.aws/credentials") == "/home/user/.aws/credentials"
+    assert resolve("/tmp/p/1000") == "/proc/77/fd/1000"
+    assert resolve("/tmp/../proc/self/fd/3") == "/proc/77/fd/3"
+    assert resolve("/tmp/r") == "/home/user/.aws/credentials"
+    assert resolve("/tmp/x/../y") == "/tmp/y"
+    assert resolve("/proc/thread-self") == "/proc/77"
+    assert resolve("/tmp/loop/a").startswith("/tmp/loop")  # a loop ends the walk
+    assert resolve("/") == "/"
+
+
 def test_sockaddr_decoding() -> None:
     v4 = struct.pack("<H", 2) + struct.pack(">H", 4444) + bytes([127, 0, 0, 1]) + bytes(8)
     assert _seccomp.describe_addr(_seccomp.sockaddr(v4)) == "AF_INET 127.0.0.1:4444"
