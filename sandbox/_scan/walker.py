@@ -40,6 +40,7 @@ _MAX_STACK = 5_000_000  # symbolic stack entries in one stream
 _MAX_KEEP = 64  # container items kept for symbolic evaluation
 _MAX_STR = 1 << 16  # longer strings are kept only as their length
 _SEVERITY_OF = {"dangerous": Severity.CRITICAL, "unknown": Severity.MEDIUM}
+_ZIP_MAGIC = b"PK\x03\x04"
 
 __all__ = ["BIG_INT", "Ctx", "Invalid", "LimitExceeded", "Truncated", "WalkOut", "new_ctx", "result", "walk"]
 
@@ -83,6 +84,7 @@ class Ctx:
     protocol_max: int | None = None
     format: str = "unknown"  # as far as known; reported in MalformedStream.partial
     target: str | None = None
+    zip_nest: int = 0  # zip archives inside bytes constants being scanned, one in another
 
     def add(self, rule: str, severity: Severity, category: str, message: str, **evidence: object) -> None:
         self.findings.append(
@@ -341,6 +343,56 @@ def walk(
         stack.append(Bytes(buf, a, b))
         if b - a >= 4 and buf[a] == 0x80 and buf[a + 1] <= HIGHEST_PROTOCOL:
             nested(buf, a, b, a - start, is_str=False)
+        elif b - a >= 22 and bytes(buf[a : a + 4]) == _ZIP_MAGIC:
+            nested_zip(a, b)
+
+    def nested_zip(a: int, b: int) -> None:
+        # a torch zip as a bytes constant: what torch.storage._load_from_bytes (every tensor
+        # that plain pickle.dump wrote) and torch.load(io.BytesIO(...)) read, from the
+        # constant's own end, whatever follows it in this stream
+        from sandbox._formats.zip_archive import find_zip, zip_format
+        from sandbox.errors import MalformedInput
+
+        from .containers import Fatal, parse_error, scan_zip
+
+        name = f"{member}#zip@{a - start}"
+        if nest + ctx.zip_nest + 1 > _MAX_NESTING:
+            ctx.add(
+                "scan-limit-exceeded",
+                Severity.HIGH,
+                "resource",
+                f"archives nested more than {_MAX_NESTING} deep in {member}; not scanned",
+                member=name,
+                offset=a - start,
+            )
+            return
+        data = bytes(buf[a:b])
+        try:
+            z = find_zip(data)
+        except MalformedInput:
+            return
+        if z is None or not z.entries:
+            return  # no zip reader (torch's either) finds an archive there
+        saved = ctx.mark()
+        ctx.zip_nest += 1
+        try:
+            scan_zip(ctx, data, z, zip_format(z)[0], prefix=f"{name}:")
+        except Fatal as exc:
+            parse_error(ctx, exc.member, exc.offset, exc.message)
+        except MalformedInput:
+            pass
+        finally:
+            ctx.zip_nest -= 1
+        del ctx.storages[saved[1] :]  # its tensors are not the file's own records
+        hidden = [rec for rec in ctx.refs[saved[0] :] if rec.ref.classification != "allowed"]
+        ctx.add(
+            "nested-pickle",
+            Severity.HIGH if hidden else Severity.INFO,
+            "evasion",
+            f"{member} holds a bytes constant that is a zip archive ({name}); its pickles scanned too",
+            member=name,
+            offset=a - start,
+        )
 
     def nested(data: Buf, a: int, b: int, rel: int, *, is_str: bool) -> None:
         name = f"{member}#nested@{rel}"

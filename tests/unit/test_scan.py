@@ -38,6 +38,7 @@ from sandbox._formats import pickle_ops
 from sandbox._scan import (
     GlobalRef,
     MalformedStream,
+    PickleScan,
     StaticScan,
     classify_global,
     identify,
@@ -83,7 +84,7 @@ def write(tmp_path: Path, name: str, data: bytes) -> Path:
     return p
 
 
-def by_rule(scan: StaticScan, rule: str) -> list[Any]:
+def by_rule(scan: StaticScan | PickleScan, rule: str) -> list[Any]:
     return [f for f in scan.findings if f.rule == rule]
 
 
@@ -1398,3 +1399,46 @@ def test_item_opcodes_on_rebuilt_objects_are_not_mutation(tmp_path: Path) -> Non
         scan = scan_pickle_bytes(pickle.dumps(obj, protocol=protocol))
         assert not [f for f in scan.findings if f.rule == "global-mutation"]
     assert not by_rule(scan_file(torch_zip(tmp_path, {"w": torch.nn.Linear(2, 2)})), "global-mutation")
+
+
+def _torch_zip_bytes(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("padding", [0, 128 * 1024])
+def test_a_torch_zip_in_a_bytes_constant_is_scanned(padding: int) -> None:
+    """torch.storage._load_from_bytes(b) is torch.load(io.BytesIO(b)): a bytes constant that is
+    a torch zip is read as a zip from its own end. With enough data after it in the stream, no
+    reader of the whole file found that zip, and its payload scanned clean."""
+    inner = evil_torch_zip(payload=os_system_p2())
+    outer = (
+        b"\x80\x02ctorch.storage\n_load_from_bytes\n"
+        + binbytes(inner)
+        + b"\x85R"
+        + (binbytes(bytes(padding)) + b"0" if padding else b"")
+        + b"."
+    )
+    res = scan_pickle_bytes(outer)
+    assert "os.system" in qualnames(res.globals, "dangerous")
+    nested = by_rule(res, "nested-pickle")
+    assert nested and nested[0].severity is Severity.HIGH, res.findings
+    assert any(m.startswith("<raw>#zip@") for m in res.pickles), res.pickles
+
+
+def test_tensors_pickled_with_plain_pickle_stay_clean() -> None:
+    """What plain pickle.dump writes for tensors: a nested torch zip per storage, of allowlisted
+    globals only, noted (info) and walked; its storage records are not the file's own."""
+    data = pickle.dumps({"w": torch.ones(3), "b": torch.zeros(2, dtype=torch.int64)}, protocol=4)
+    res = scan_pickle_bytes(data)
+    nested = by_rule(res, "nested-pickle")
+    assert len(nested) == 2 and all(f.severity is Severity.INFO for f in nested)
+    assert not qualnames(res.globals, "dangerous") and res.storages == ()
+    # an archive inside an archive inside ... stops at the nesting limit
+    deep = _torch_zip_bytes({"x": 1})
+    for _ in range(6):
+        deep = b"\x80\x02ctorch.storage\n_load_from_bytes\n" + binbytes(deep) + b"\x85R."
+        deep = _torch_zip_bytes(deep)
+    res = scan_pickle_bytes(b"\x80\x02ctorch.storage\n_load_from_bytes\n" + binbytes(deep) + b"\x85R.")
+    assert by_rule(res, "scan-limit-exceeded")
