@@ -9,9 +9,13 @@ Nothing the stream names is imported or called.
 
 from __future__ import annotations
 
+import codecs
+import functools
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sandbox._formats import npy
 from sandbox._formats.buffer import Buf
@@ -41,6 +45,7 @@ _MAX_KEEP = 64  # container items kept for symbolic evaluation
 _MAX_STR = 1 << 16  # longer strings are kept only as their length
 _SEVERITY_OF = {"dangerous": Severity.CRITICAL, "unknown": Severity.MEDIUM}
 _ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_TEXT = _ZIP_MAGIC.decode("latin-1")
 
 __all__ = ["BIG_INT", "Ctx", "Invalid", "LimitExceeded", "Truncated", "WalkOut", "new_ctx", "result", "walk"]
 
@@ -196,9 +201,18 @@ class Opaque:
         self.what = what
 
 
+class LongStr(Opaque):
+    """A str constant longer than :data:`_MAX_STR`: kept as a way to read it again, not as text."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[], str]) -> None:
+        super().__init__("long str")
+        self.read = read
+
+
 MISSING = Opaque("missing")
 OPAQUE = Opaque("value")
-LONG_STR = Opaque("long str")
 BIG_INT = Opaque("big int")
 
 
@@ -324,29 +338,71 @@ def walk(
             )
 
     def push_text(span: Span) -> None:
-        if span[1] - span[0] > _MAX_STR:
-            text(buf, span)  # still checked: the unpickler fails on invalid UTF-8
-            stack.append(LONG_STR)
+        s = text(buf, span)  # checked even when long: the unpickler fails on invalid UTF-8
+        if len(s) > _MAX_STR:
+            stack.append(LongStr(lambda: text(buf, span)))
+            str_content(s, span[0] - start)
             return
-        push_str(text(buf, span), span[0])
+        push_str(s, span[0])
 
     def push_str(s: str, a: int) -> None:
         stack.append(s)
-        if len(s) >= 4 and s[0] == "\x80" and ord(s[1]) <= HIGHEST_PROTOCOL:
+        str_content(s, a - start)
+
+    def str_content(s: str, rel: int) -> None:
+        # a str that, as latin-1 bytes (how protocol 2 writes bytes), is a pickle or a zip
+        if len(s) >= 4 and (
+            (s[0] == "\x80" and ord(s[1]) <= HIGHEST_PROTOCOL) or (len(s) >= 22 and s[:4] == _ZIP_TEXT)
+        ):
             try:
                 data = s.encode("latin-1")
             except UnicodeEncodeError:
                 return
-            nested(data, 0, len(data), a - start, is_str=True)
+            content(data, 0, len(data), rel, is_str=True)
+
+    def content(data: Buf, a: int, b: int, rel: int, *, is_str: bool) -> None:
+        """A bytes-like region that torch.load or pickle would read: a pickle or a zip."""
+        if b - a >= 4 and data[a] == 0x80 and data[a + 1] <= HIGHEST_PROTOCOL:
+            nested(data, a, b, rel, is_str=is_str)
+        elif b - a >= 22 and bytes(data[a : a + 4]) == _ZIP_MAGIC:
+            nested_zip(bytes(data[a:b]), rel)
 
     def push_bytes(a: int, b: int) -> None:
         stack.append(Bytes(buf, a, b))
-        if b - a >= 4 and buf[a] == 0x80 and buf[a + 1] <= HIGHEST_PROTOCOL:
-            nested(buf, a, b, a - start, is_str=False)
-        elif b - a >= 22 and bytes(buf[a : a + 4]) == _ZIP_MAGIC:
-            nested_zip(a, b)
+        content(buf, a, b, a - start, is_str=False)
 
-    def nested_zip(a: int, b: int) -> None:
+    def computed(func: object, args: object) -> object:
+        """The value of a call the scan can compute without running anything of the file's:
+        ``codecs.encode`` with a standard codec, ``bytes``/``bytearray`` of literals. A payload
+        built that way (a zip as UTF-16 text, a pickle as a list of ints) is then scanned as
+        the bytes it becomes. None: not computed."""
+        if not isinstance(func, Global) or not isinstance(args, tuple):
+            return None
+        name = ctx.refs[func.idx].ref.qualname
+        if name not in _COMPUTED:
+            return None
+        value = _compute(name, args, ctx.max_pickle_bytes)
+        if value is _TOO_LONG:
+            ctx.add(
+                "scan-limit-exceeded",
+                Severity.HIGH,
+                "resource",
+                f"{name} in {member} builds a value the scan kept only in part; what it builds "
+                "is not scanned",
+                member=member,
+                offset=op_off - start,
+            )
+            return None
+        if isinstance(value, str):
+            str_content(value, op_off - start)
+            return value
+        if isinstance(value, bytes):
+            if not (isinstance(args[0], str) and _latin1_of(args[0]) == value):  # else seen as text
+                content(value, 0, len(value), op_off - start, is_str=False)
+            return Bytes(value, 0, len(value))
+        return None
+
+    def nested_zip(data: bytes, rel: int) -> None:
         # a torch zip as a bytes constant: what torch.storage._load_from_bytes (every tensor
         # that plain pickle.dump wrote) and torch.load(io.BytesIO(...)) read, from the
         # constant's own end, whatever follows it in this stream
@@ -355,7 +411,7 @@ def walk(
 
         from .containers import Fatal, parse_error, scan_zip
 
-        name = f"{member}#zip@{a - start}"
+        name = f"{member}#zip@{rel}"
         if nest + ctx.zip_nest + 1 > _MAX_NESTING:
             ctx.add(
                 "scan-limit-exceeded",
@@ -363,10 +419,9 @@ def walk(
                 "resource",
                 f"archives nested more than {_MAX_NESTING} deep in {member}; not scanned",
                 member=name,
-                offset=a - start,
+                offset=rel,
             )
             return
-        data = bytes(buf[a:b])
         try:
             z = find_zip(data)
         except MalformedInput:
@@ -389,9 +444,9 @@ def walk(
             "nested-pickle",
             Severity.HIGH if hidden else Severity.INFO,
             "evasion",
-            f"{member} holds a bytes constant that is a zip archive ({name}); its pickles scanned too",
+            f"{member} holds a bytes value that is a zip archive ({name}); its pickles scanned too",
             member=name,
-            offset=a - start,
+            offset=rel,
         )
 
     def nested(data: Buf, a: int, b: int, rel: int, *, is_str: bool) -> None:
@@ -531,6 +586,7 @@ def walk(
                 args = pop()
                 func = pop()
                 call(func, args)
+                value = computed(func, args)
                 _note_partial(
                     ctx,
                     func,
@@ -539,7 +595,7 @@ def walk(
                     and _inert_target(ctx, args[0])
                     and _literal(args[1:]),
                 )
-                stack.append(Obj("reduce", func, args))
+                stack.append(Obj("reduce", func, args) if value is None else value)
             elif op == 0x62:  # BUILD
                 state = pop()
                 inst = top()
@@ -575,7 +631,8 @@ def walk(
                 else:
                     items = pop_mark()
                     call(g, tuple(items))
-                    stack.append(Obj("inst", g, tuple(items)))
+                    value = computed(g, tuple(items))
+                    stack.append(Obj("inst", g, tuple(items)) if value is None else value)
             elif op == 0x93:  # STACK_GLOBAL
                 name_v = pop()
                 module_v = pop()
@@ -590,7 +647,8 @@ def walk(
                 if not items:
                     raise Invalid(-1, "unpickling stack underflow")
                 call(items[0], tuple(items[1:]))
-                stack.append(Obj("obj", items[0], tuple(items[1:])))
+                value = computed(items[0], tuple(items[1:]))
+                stack.append(Obj("obj", items[0], tuple(items[1:])) if value is None else value)
             elif op == 0x7D:  # EMPTY_DICT
                 stack.append(Dict())
             elif op == 0x5D:  # EMPTY_LIST
@@ -642,18 +700,28 @@ def walk(
                 push_bytes(arg[0], arg[1])
             elif op == 0x96:  # BYTEARRAY8
                 stack.append(OPAQUE)
+                content(buf, arg[0], arg[1], arg[0] - start, is_str=False)
             elif op == 0x54 or op == 0x55:  # BINSTRING / SHORT_BINSTRING
                 if arg[1] - arg[0] > _MAX_STR:
-                    stack.append(LONG_STR)
+                    lo, hi = arg
+                    stack.append(LongStr(functools.partial(_latin1, buf, lo, hi)))
+                    content(buf, lo, hi, lo - start, is_str=True)
                 else:
                     push_str(bytes(buf[arg[0] : arg[1]]).decode("latin-1"), arg[0])
             elif op == 0x53:  # STRING
                 if len(arg) > _MAX_STR:
-                    stack.append(LONG_STR)
+                    raw = arg
+                    stack.append(LongStr(functools.partial(_latin1, raw, 0, len(raw))))
+                    content(raw, 0, len(raw), op_off + 1 - start, is_str=True)
                 else:
                     push_str(arg.decode("latin-1"), op_off + 1)
             elif op == 0x56:  # UNICODE
-                stack.append(arg if len(arg) <= _MAX_STR else LONG_STR)
+                if len(arg) > _MAX_STR:
+                    long_text = arg
+                    stack.append(LongStr(functools.partial(str, long_text)))
+                    str_content(arg, op_off + 1 - start)
+                else:
+                    push_str(arg, op_off + 1)
             elif op == 0x49 or op == 0x4C:  # INT / LONG
                 stack.append(arg)
             elif op == 0x80:  # PROTO
@@ -747,6 +815,92 @@ def walk_quietly(ctx: Ctx, buf: Buf, start: int, end: int, label: str, *, nest: 
 
 # operands that make STACK_GLOBAL fail in the unpickler (anything else may be a str at run time)
 _NOT_A_NAME = (Bytes, int, float, tuple, List, Dict, type(None))
+
+
+_COMPUTED = frozenset({"_codecs.encode", "codecs.encode", "builtins.bytes", "builtins.bytearray"})
+_TOO_LONG = Opaque("too long")
+# codecs whose encoder is the standard library's own (the codec search can find others that a
+# module of this process registered: those are not run)
+_STDLIB_CODEC_MODULES = ("_codecs", "encodings.", "_codecs_", "_multibytecodec")
+
+
+def _latin1(data: Buf, lo: int, hi: int) -> str:
+    return bytes(data[lo:hi]).decode("latin-1")
+
+
+def _plain_text(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, LongStr):
+        return value.read()
+    return None
+
+
+def _latin1_of(text_value: str) -> bytes | None:
+    try:
+        return text_value.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def _plain_bytes(value: object) -> bytes | None:
+    if isinstance(value, Bytes):
+        return bytes(value.buf[value.start : value.end])
+    return None
+
+
+def _stdlib_codec(encoding: object) -> codecs.CodecInfo | None:
+    if not isinstance(encoding, str) or len(encoding) > 100:
+        return None
+    try:
+        info = codecs.lookup(encoding)
+    except (LookupError, ValueError, TypeError):
+        return None
+    module = str(getattr(info.encode, "__module__", "") or "")
+    return info if module == "_codecs" or module.startswith(_STDLIB_CODEC_MODULES) else None
+
+
+def _compute(name: str, args: tuple[object, ...], limit: int) -> object:
+    """``name(*args)`` for the calls of :data:`_COMPUTED` on literal arguments: str, bytes,
+    :data:`_TOO_LONG` (a list the walk kept only in part) or None (not computed)."""
+    if name in ("builtins.bytes", "builtins.bytearray"):
+        if len(args) == 1 and isinstance(args[0], List):
+            items = args[0]
+            if items.count != len(items.items):
+                return _TOO_LONG
+            ints = [v for v in items.items if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 256]
+            return bytes(ints) if len(ints) == len(items.items) else None
+        if len(args) in (2, 3) and all(isinstance(a, str) for a in args[1:]):
+            text_arg = _plain_text(args[0])
+            info = _stdlib_codec(args[1])
+            if text_arg is None or info is None or not info._is_text_encoding:
+                return None
+            try:
+                out = text_arg.encode(info.name, *(a for a in args[2:] if isinstance(a, str)))
+            except (UnicodeError, LookupError, ValueError, TypeError):
+                return None
+            return out if len(out) <= limit else None
+        return None
+    if len(args) not in (2, 3) or not all(isinstance(a, str) for a in args[1:]):
+        return None
+    info = _stdlib_codec(args[1])
+    if info is None:
+        return None
+    value: object = _plain_text(args[0])
+    if value is None:
+        value = _plain_bytes(args[0])
+    if value is None:
+        return None
+    if info.name == "iso8859-1" and isinstance(args[0], LongStr):
+        return None  # protocol 2's bytes: the same characters, already looked at as text
+    encode: Any = info.encode
+    try:
+        out = encode(value, *(a for a in args[2:] if isinstance(a, str)))[0]
+    except Exception:  # a codec's own complaint about its input: not computed
+        return None
+    if isinstance(out, (str, bytes)) and len(out) <= limit:
+        return out
+    return None
 
 
 _PARTIAL = ("functools", "partial")

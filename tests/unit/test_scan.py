@@ -1442,3 +1442,86 @@ def test_tensors_pickled_with_plain_pickle_stay_clean() -> None:
         deep = _torch_zip_bytes(deep)
     res = scan_pickle_bytes(b"\x80\x02ctorch.storage\n_load_from_bytes\n" + binbytes(deep) + b"\x85R.")
     assert by_rule(res, "scan-limit-exceeded")
+
+
+def _utf16(data: bytes) -> str:
+    return (data + b"\0" * (len(data) % 2)).decode("utf-16-le", "surrogatepass")
+
+
+def _bu_any(text_value: str) -> bytes:
+    raw = text_value.encode("utf-8", "surrogatepass")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+_LOAD_FROM_BYTES = b"\x80\x02ctorch.storage\n_load_from_bytes\n"
+
+
+def _hidden_payloads() -> dict[str, bytes]:
+    """A pickle or a torch zip running os.system, handed to torch.storage._load_from_bytes (a
+    legacy torch.load runs the first pickle of its bytes) in forms no constant shows."""
+    evil = os_system_p2()
+    out: dict[str, bytes] = {}
+    for kind, inner in (("pickle", evil), ("zip", evil_torch_zip(payload=evil))):
+        encode = b"c_codecs\nencode\n" + _bu_any(_utf16(inner)) + bu("utf-16-le") + bu("surrogatepass")
+        out[f"{kind}-utf16"] = _LOAD_FROM_BYTES + encode + b"\x87R\x85R."
+        out[f"{kind}-bytearray8"] = (
+            b"\x80\x05ctorch.storage\n_load_from_bytes\n"
+            + b"\x96"
+            + struct.pack("<Q", len(inner))
+            + inner
+            + b"\x85R."
+        )
+        latin = inner.decode("latin-1")
+        out[f"{kind}-latin1"] = (
+            _LOAD_FROM_BYTES + b"c_codecs\nencode\n" + bu(latin) + bu("latin1") + b"\x86R\x85R."
+        )
+        ints = b"(" + b"".join(b"K" + bytes([c]) for c in inner) + b"l"
+        if len(inner) <= 64:
+            out[f"{kind}-list-of-ints"] = _LOAD_FROM_BYTES + b"c__builtin__\nbytes\n" + ints + b"\x85R\x85R."
+    long_zip = evil_torch_zip(payload=evil + b"\x80\x02N." * 20000)  # a str past 64 KiB
+    out["zip-long-latin1"] = (
+        _LOAD_FROM_BYTES + b"c_codecs\nencode\n" + bu(long_zip.decode("latin-1")) + bu("latin1")
+    )
+    out["zip-long-latin1"] += b"\x86R\x85R."
+    return out
+
+
+@pytest.mark.parametrize("form", sorted(_hidden_payloads()))
+def test_a_pickle_or_zip_built_by_an_allowlisted_call_is_scanned(form: str) -> None:
+    """codecs.encode with any standard codec, bytes() of a list of ints, a BYTEARRAY8 constant
+    and long str constants: each made the pickle or zip that _load_from_bytes loads, and the
+    scan, which looked only at bytes constants and short latin-1 strs, saw nothing dangerous."""
+    res = scan_pickle_bytes(_hidden_payloads()[form])
+    assert qualnames(res.globals, "dangerous") == {"os.system"}, res.globals
+    assert any(f.rule == "nested-pickle" and f.severity is Severity.HIGH for f in res.findings)
+
+
+def test_names_computed_by_a_standard_codec_are_resolved() -> None:
+    """rot13 of a constant is the module name: computed, not unresolved."""
+    data = (
+        b"\x80\x04"
+        + b"\x8c\x07_codecs\x94\x8c\x06encode\x94\x93\x94"
+        + su("bf")
+        + su("rot13")
+        + b"\x86R"
+        + su("system")
+        + b"\x93"
+        + su("true")
+        + b"\x85R."
+    )
+    res = scan_pickle_bytes(data)
+    assert "os.system" in qualnames(res.globals, "dangerous")
+    # a list of ints the walk kept only in part: what bytes() makes of it is not known
+    ints = b"(" + b"K\x01" * 100 + b"l"
+    res = scan_pickle_bytes(_LOAD_FROM_BYTES + b"c__builtin__\nbytes\n" + ints + b"\x85R\x85R.")
+    assert by_rule(res, "scan-limit-exceeded")
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_bytes_and_arrays_in_every_protocol_stay_clean(protocol: int) -> None:
+    data = pickle.dumps(
+        {"b": b"PK\x03\x04" + bytes(40), "s": "\x80\x02 text", "a": bytearray(b"xy"), "n": np.arange(70000)},
+        protocol=protocol,
+    )
+    res = scan_pickle_bytes(data)
+    assert not [f for f in res.findings if f.severity > Severity.INFO], res.findings
