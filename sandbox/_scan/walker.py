@@ -817,7 +817,9 @@ def walk_quietly(ctx: Ctx, buf: Buf, start: int, end: int, label: str, *, nest: 
 _NOT_A_NAME = (Bytes, int, float, tuple, List, Dict, type(None))
 
 
-_COMPUTED = frozenset({"_codecs.encode", "codecs.encode", "builtins.bytes", "builtins.bytearray"})
+_COMPUTED = frozenset(
+    {"_codecs.encode", "codecs.encode", "builtins.bytes", "builtins.bytearray", "builtins.str"}
+)
 _TOO_LONG = Opaque("too long")
 # codecs whose encoder is the standard library's own (the codec search can find others that a
 # module of this process registered: those are not run)
@@ -863,6 +865,20 @@ def _stdlib_codec(encoding: object) -> codecs.CodecInfo | None:
 def _compute(name: str, args: tuple[object, ...], limit: int) -> object:
     """``name(*args)`` for the calls of :data:`_COMPUTED` on literal arguments: str, bytes,
     :data:`_TOO_LONG` (a list the walk kept only in part) or None (not computed)."""
+    if name == "builtins.str":  # str(bytes, encoding[, errors]): a decode
+        raw = _plain_bytes(args[0]) if args else None
+        info = _stdlib_codec(args[1]) if len(args) in (2, 3) else None
+        if (
+            raw is None
+            or info is None
+            or not info._is_text_encoding
+            or not all(isinstance(a, str) for a in args[1:])
+        ):
+            return None
+        try:
+            return raw.decode(info.name, *(a for a in args[2:] if isinstance(a, str)))
+        except (UnicodeError, LookupError, ValueError, TypeError):
+            return None
     if name in ("builtins.bytes", "builtins.bytearray"):
         if len(args) == 1 and isinstance(args[0], List):
             items = args[0]

@@ -1478,6 +1478,10 @@ def _hidden_payloads() -> dict[str, bytes]:
         ints = b"(" + b"".join(b"K" + bytes([c]) for c in inner) + b"l"
         if len(inner) <= 64:
             out[f"{kind}-list-of-ints"] = _LOAD_FROM_BYTES + b"c__builtin__\nbytes\n" + ints + b"\x85R\x85R."
+    # a zip as UTF-16 bytes, decoded by str() and encoded back as latin-1
+    wide = "".join(chr(c) for c in evil_torch_zip(payload=evil)).encode("utf-16-le")
+    decode = b"c__builtin__\nstr\n" + binbytes(wide) + bu("utf-16-le") + b"\x86R"
+    out["zip-str-decode"] = _LOAD_FROM_BYTES + b"c_codecs\nencode\n" + decode + bu("latin1") + b"\x86R\x85R."
     long_zip = evil_torch_zip(payload=evil + b"\x80\x02N." * 20000)  # a str past 64 KiB
     out["zip-long-latin1"] = (
         _LOAD_FROM_BYTES + b"c_codecs\nencode\n" + bu(long_zip.decode("latin-1")) + bu("latin1")
