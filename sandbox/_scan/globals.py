@@ -295,6 +295,15 @@ DANGEROUS_GLOBALS: tuple[tuple[str, str], ...] = (
     ("numpy.lib._format_impl", "exec"),  # numpy 2's read_array (allow_pickle)
     ("numpy.lib._datasource", "network"),  # opens URLs and files
     ("yaml", "exec"),  # yaml.load with UnsafeLoader: !!python/object/apply
+    ("torch._utils._import_dotted_name", "exec"),  # "os.system" -> os.system
+    # network servers and clients, file databases
+    ("wsgiref", "network"),
+    ("asyncore", "network"),
+    ("asynchat", "network"),
+    ("smtpd", "network"),
+    ("sqlite3", "file"),
+    ("_sqlite3", "file"),
+    ("dbm", "file"),
     ("logging.FileHandler", "file"),
     ("logging.handlers", "network"),
     # network

@@ -275,11 +275,12 @@ def walk(
         elif isinstance(value, Obj) and _partial_ref(ctx, value.callee) is not None:
             _partial_ref(ctx, value.callee).inert_partial = False  # type: ignore[union-attr]
 
-    def call(func: object, args: object) -> None:
+    def call(func: object, args: object, opcode: str) -> None:
         """``func(*args)``: ``func`` is called, and so is the callable an allowlisted
         trampoline calls on its behalf (``_rebuild_from_type(func, type, args, state)`` runs
         ``func(*args)``: an unknown function handed to it is called, not merely named)."""
         called(func)
+        computed_callee(func, opcode)
         if (
             isinstance(func, Global)
             and ctx.refs[func.idx].ref.qualname in CALLS_FIRST_ARGUMENT
@@ -287,6 +288,33 @@ def walk(
             and args
         ):
             called(args[0])
+            computed_callee(args[0], opcode)
+
+    def computed_callee(func: object, opcode: str) -> None:
+        # pickle calls only what it imported; calling what a call returned (a name resolved by
+        # torch._utils._import_dotted_name("os.system"), any importer or getattr helper) runs
+        # a callable no import names, whatever the allowlist says of the helper
+        # (torch's legacy format returns a module's class from persistent_load: NEWOBJ of it;
+        # what a dangerous global returns, getattr's attribute, is that global's finding)
+        if (
+            isinstance(func, Obj)
+            and func.kind != "persid"
+            and _partial_ref(ctx, func.callee) is None
+            and not (
+                isinstance(func.callee, Global)
+                and ctx.refs[func.callee.idx].ref.classification == "dangerous"
+            )
+        ):
+            ctx.add(
+                "computed-call",
+                Severity.HIGH,
+                "evasion",
+                f"{opcode} in {member} calls a value the load computes (what "
+                f"{_callee_name(ctx, func) or 'another call'} returns): a callable no import names",
+                member=member,
+                offset=op_off - start,
+                opcode=opcode,
+            )
 
     def add_global(module: str, name: str, opcode: str) -> Global:
         module, name = resolve_name(module, name, proto)
@@ -585,7 +613,7 @@ def walk(
             elif op == 0x52:  # REDUCE
                 args = pop()
                 func = pop()
-                call(func, args)
+                call(func, args, "REDUCE")
                 value = computed(func, args)
                 _note_partial(
                     ctx,
@@ -622,6 +650,7 @@ def walk(
                 args = pop()
                 cls = pop()
                 called(cls)
+                computed_callee(cls, "NEWOBJ")
                 stack.append(Obj("newobj", cls, args))
             elif op == 0x63 or op == 0x69:  # GLOBAL / INST
                 module, name = arg
@@ -630,7 +659,7 @@ def walk(
                     stack.append(g)
                 else:
                     items = pop_mark()
-                    call(g, tuple(items))
+                    call(g, tuple(items), "INST")
                     value = computed(g, tuple(items))
                     stack.append(Obj("inst", g, tuple(items)) if value is None else value)
             elif op == 0x93:  # STACK_GLOBAL
@@ -646,7 +675,7 @@ def walk(
                 items = pop_mark()
                 if not items:
                     raise Invalid(-1, "unpickling stack underflow")
-                call(items[0], tuple(items[1:]))
+                call(items[0], tuple(items[1:]), "OBJ")
                 value = computed(items[0], tuple(items[1:]))
                 stack.append(Obj("obj", items[0], tuple(items[1:])) if value is None else value)
             elif op == 0x7D:  # EMPTY_DICT

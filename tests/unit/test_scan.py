@@ -1261,6 +1261,10 @@ def test_a_deflated_storage_record_that_declares_far_more_is_a_bomb(tmp_path: Pa
         ("numpy.lib._format_impl", "read_array"),
         ("numpy.lib._datasource", "open"),
         ("yaml", "unsafe_load"),
+        ("torch._utils", "_import_dotted_name"),
+        ("wsgiref.simple_server", "make_server"),
+        ("asyncore", "dispatcher"),
+        ("sqlite3", "connect"),
     ],
 )
 def test_published_gadgets_are_dangerous(module: str, name: str) -> None:
@@ -1529,3 +1533,24 @@ def test_bytes_and_arrays_in_every_protocol_stay_clean(protocol: int) -> None:
     )
     res = scan_pickle_bytes(data)
     assert not [f for f in res.findings if f.severity > Severity.INFO], res.findings
+
+
+@pytest.mark.parametrize("opcode", ["REDUCE", "INST-trampoline", "NEWOBJ"])
+def test_calling_what_a_call_returned_is_a_computed_call(opcode: str) -> None:
+    """torch._utils._import_dotted_name("os.system") returns os.system; the pickle then calls
+    that value. Only the helper is imported, and it was an unknown private function (info):
+    the scan was clean for a live payload. Any helper that resolves a name works the same."""
+    resolve = b"cthird_party.util\nresolve\n" + bu("os.system") + b"\x85R"
+    if opcode == "REDUCE":
+        body = resolve + bu("true") + b"\x85R"
+    elif opcode == "INST-trampoline":
+        body = b"(" + resolve + b"ctorch\nTensor\n(" + bu("true") + b"t}itorch._tensor\n_rebuild_from_type\n"
+    else:
+        body = resolve + b")\x81"
+    res = scan_pickle_bytes(b"\x80\x02" + body + b".")
+    found = by_rule(res, "computed-call")
+    assert len(found) == 1 and found[0].severity is Severity.HIGH, res.findings
+    assert "third_party.util.resolve" in found[0].message
+    # getattr's result is getattr's finding (critical): no second one
+    res = scan_pickle_bytes(b"\x80\x02cbuiltins\ngetattr\n(cos\nsystem\nS'x'\ntR)R.")
+    assert not by_rule(res, "computed-call") and "builtins.getattr" in qualnames(res.globals, "dangerous")
