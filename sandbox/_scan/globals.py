@@ -296,6 +296,8 @@ DANGEROUS_GLOBALS: tuple[tuple[str, str], ...] = (
     ("numpy.lib._datasource", "network"),  # opens URLs and files
     ("yaml", "exec"),  # yaml.load with UnsafeLoader: !!python/object/apply
     ("torch._utils._import_dotted_name", "exec"),  # "os.system" -> os.system
+    ("antigravity", "exec"),  # importing it starts a web browser (webbrowser.open)
+    ("pipes", "exec"),  # pipes.Template: shell pipelines (os.popen)
     # network servers and clients, file databases
     ("wsgiref", "network"),
     ("asyncore", "network"),
