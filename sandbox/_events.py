@@ -75,6 +75,7 @@ _OTHER_PROCESS = frozenset(
         "process_vm_writev",
         "pidfd_open",
         "pidfd_getfd",
+        "prlimit64",
         "kill",
         "tgkill",
         "tkill",
@@ -374,6 +375,15 @@ def _judge(
             )
         elif action == "denied":
             out.add(ev, "other-process", "privilege", "the load tried to act on another process", key=kind)
+    elif kind == "seccomp_kill":
+        out.add(
+            ev,
+            "privileged-call",
+            "privilege",
+            "the kernel killed the loader for a system call no load makes (io_uring, userfaultfd, "
+            "a new namespace, chroot)",
+            key=kind,
+        )
     elif kind in _PRIVILEGE:
         out.add(
             ev,

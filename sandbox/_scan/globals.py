@@ -279,6 +279,33 @@ DANGEROUS_GLOBALS: tuple[tuple[str, str], ...] = (
     ("torch.utils.bottleneck", "exec"),
     ("torch.utils.data.datapipes.utils.decoder", "exec"),
     ("torch.utils._config_module", "exec"),
+    # classes and helpers in torch and numpy whose construction or call runs a program, reads
+    # or writes a file, or unpickles: no checkpoint rebuilds them (a class is otherwise only
+    # an unknown global, and the published lists above name none of these)
+    ("torch.testing", "exec"),  # _internal.common_utils.shell: subprocess.Popen(command)
+    ("torch.distributed.elastic", "exec"),  # ...subprocess_handler.SubprocessHandler: Popen
+    ("torch.backends.xeon", "exec"),  # run_cpu: launches programs
+    ("torch.utils.benchmark", "exec"),  # valgrind wrapper: runs programs
+    ("torch._strobelight", "exec"),
+    ("torch.utils._strobelight", "exec"),
+    ("torch._vendor", "exec"),  # quack: compile workers
+    ("torch.cuda._memory_viz", "exec"),
+    ("torch.utils._get_clean_triton", "exec"),
+    ("numpy.lib._npyio_impl", "exec"),  # numpy 2's numpy.load (allow_pickle) and savers
+    ("numpy.lib._format_impl", "exec"),  # numpy 2's read_array (allow_pickle)
+    ("numpy.lib._datasource", "network"),  # opens URLs and files
+    ("yaml", "exec"),  # yaml.load with UnsafeLoader: !!python/object/apply
+    ("torch._utils._import_dotted_name", "exec"),  # "os.system" -> os.system
+    ("antigravity", "exec"),  # importing it starts a web browser (webbrowser.open)
+    ("pipes", "exec"),  # pipes.Template: shell pipelines (os.popen)
+    # network servers and clients, file databases
+    ("wsgiref", "network"),
+    ("asyncore", "network"),
+    ("asynchat", "network"),
+    ("smtpd", "network"),
+    ("sqlite3", "file"),
+    ("_sqlite3", "file"),
+    ("dbm", "file"),
     ("logging.FileHandler", "file"),
     ("logging.handlers", "network"),
     # network
@@ -391,6 +418,16 @@ _MATH_BUILTINS: frozenset[str] = frozenset(
         "softshrink",
         "hardshrink",
     )
+)
+
+# Allowlisted callables that call their first argument with arguments the pickle chose
+# (``_rebuild_from_type(func, type, args, state)`` runs ``func(*args)``): whatever the pickle
+# hands them there is called, as if by REDUCE. ``torch.tensor`` is what torch's unpickler maps
+# to ``torch._tensor``.
+CALLS_FIRST_ARGUMENT: frozenset[str] = frozenset(
+    f"{module}.{name}"
+    for module in ("torch._tensor", "torch.tensor")
+    for name in ("_rebuild_from_type", "_rebuild_from_type_v2")
 )
 
 # Callables that unpickle their bytes argument (nested pickles).

@@ -9,9 +9,13 @@ Nothing the stream names is imported or called.
 
 from __future__ import annotations
 
+import codecs
+import functools
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sandbox._formats import npy
 from sandbox._formats.buffer import Buf
@@ -32,7 +36,7 @@ from sandbox._formats.pickle_ops import (
 )
 from sandbox.report import Finding, Severity
 
-from .globals import JOBLIB_WRAPPERS, STORAGE_TYPES, classify_global
+from .globals import CALLS_FIRST_ARGUMENT, JOBLIB_WRAPPERS, STORAGE_TYPES, classify_global
 from .results import GlobalRef, JoblibArray, StaticScan, StorageRecord
 
 _MAX_NESTING = 4  # pickles inside pickles inside ...
@@ -40,6 +44,8 @@ _MAX_STACK = 5_000_000  # symbolic stack entries in one stream
 _MAX_KEEP = 64  # container items kept for symbolic evaluation
 _MAX_STR = 1 << 16  # longer strings are kept only as their length
 _SEVERITY_OF = {"dangerous": Severity.CRITICAL, "unknown": Severity.MEDIUM}
+_ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_TEXT = _ZIP_MAGIC.decode("latin-1")
 
 __all__ = ["BIG_INT", "Ctx", "Invalid", "LimitExceeded", "Truncated", "WalkOut", "new_ctx", "result", "walk"]
 
@@ -83,6 +89,7 @@ class Ctx:
     protocol_max: int | None = None
     format: str = "unknown"  # as far as known; reported in MalformedStream.partial
     target: str | None = None
+    zip_nest: int = 0  # zip archives inside bytes constants being scanned, one in another
 
     def add(self, rule: str, severity: Severity, category: str, message: str, **evidence: object) -> None:
         self.findings.append(
@@ -194,9 +201,18 @@ class Opaque:
         self.what = what
 
 
+class LongStr(Opaque):
+    """A str constant longer than :data:`_MAX_STR`: kept as a way to read it again, not as text."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[], str]) -> None:
+        super().__init__("long str")
+        self.read = read
+
+
 MISSING = Opaque("missing")
 OPAQUE = Opaque("value")
-LONG_STR = Opaque("long str")
 BIG_INT = Opaque("big int")
 
 
@@ -259,6 +275,47 @@ def walk(
         elif isinstance(value, Obj) and _partial_ref(ctx, value.callee) is not None:
             _partial_ref(ctx, value.callee).inert_partial = False  # type: ignore[union-attr]
 
+    def call(func: object, args: object, opcode: str) -> None:
+        """``func(*args)``: ``func`` is called, and so is the callable an allowlisted
+        trampoline calls on its behalf (``_rebuild_from_type(func, type, args, state)`` runs
+        ``func(*args)``: an unknown function handed to it is called, not merely named)."""
+        called(func)
+        computed_callee(func, opcode)
+        if (
+            isinstance(func, Global)
+            and ctx.refs[func.idx].ref.qualname in CALLS_FIRST_ARGUMENT
+            and isinstance(args, tuple)
+            and args
+        ):
+            called(args[0])
+            computed_callee(args[0], opcode)
+
+    def computed_callee(func: object, opcode: str) -> None:
+        # pickle calls only what it imported; calling what a call returned (a name resolved by
+        # torch._utils._import_dotted_name("os.system"), any importer or getattr helper) runs
+        # a callable no import names, whatever the allowlist says of the helper
+        # (torch's legacy format returns a module's class from persistent_load: NEWOBJ of it;
+        # what a dangerous global returns, getattr's attribute, is that global's finding)
+        if (
+            isinstance(func, Obj)
+            and func.kind != "persid"
+            and _partial_ref(ctx, func.callee) is None
+            and not (
+                isinstance(func.callee, Global)
+                and ctx.refs[func.callee.idx].ref.classification == "dangerous"
+            )
+        ):
+            ctx.add(
+                "computed-call",
+                Severity.HIGH,
+                "evasion",
+                f"{opcode} in {member} calls a value the load computes (what "
+                f"{_callee_name(ctx, func) or 'another call'} returns): a callable no import names",
+                member=member,
+                offset=op_off - start,
+                opcode=opcode,
+            )
+
     def add_global(module: str, name: str, opcode: str) -> Global:
         module, name = resolve_name(module, name, proto)
         classification, category = classify_global(module, name)
@@ -291,26 +348,134 @@ def walk(
         )
         return Global(len(ctx.refs) - 1)
 
+    def mutated(target: object, opcode: str) -> None:
+        # pickle never emits BUILD or an item opcode on a bare global: on a module, class or
+        # function it sets attributes (or calls its append/extend/add), so a later import of
+        # an allowlisted name can resolve to whatever the stream planted there
+        if isinstance(target, Global):
+            ref = ctx.refs[target.idx].ref
+            ctx.add(
+                "global-mutation",
+                Severity.HIGH,
+                "evasion",
+                f"{opcode} in {member} changes the imported global {ref.qualname} itself",
+                member=member,
+                offset=op_off - start,
+                opcode=opcode,
+                target=ref.qualname,
+            )
+
     def push_text(span: Span) -> None:
-        if span[1] - span[0] > _MAX_STR:
-            text(buf, span)  # still checked: the unpickler fails on invalid UTF-8
-            stack.append(LONG_STR)
+        s = text(buf, span)  # checked even when long: the unpickler fails on invalid UTF-8
+        if len(s) > _MAX_STR:
+            stack.append(LongStr(lambda: text(buf, span)))
+            str_content(s, span[0] - start)
             return
-        push_str(text(buf, span), span[0])
+        push_str(s, span[0])
 
     def push_str(s: str, a: int) -> None:
         stack.append(s)
-        if len(s) >= 4 and s[0] == "\x80" and ord(s[1]) <= HIGHEST_PROTOCOL:
+        str_content(s, a - start)
+
+    def str_content(s: str, rel: int) -> None:
+        # a str that, as latin-1 bytes (how protocol 2 writes bytes), is a pickle or a zip
+        if len(s) >= 4 and (
+            (s[0] == "\x80" and ord(s[1]) <= HIGHEST_PROTOCOL) or (len(s) >= 22 and s[:4] == _ZIP_TEXT)
+        ):
             try:
                 data = s.encode("latin-1")
             except UnicodeEncodeError:
                 return
-            nested(data, 0, len(data), a - start, is_str=True)
+            content(data, 0, len(data), rel, is_str=True)
+
+    def content(data: Buf, a: int, b: int, rel: int, *, is_str: bool) -> None:
+        """A bytes-like region that torch.load or pickle would read: a pickle or a zip."""
+        if b - a >= 4 and data[a] == 0x80 and data[a + 1] <= HIGHEST_PROTOCOL:
+            nested(data, a, b, rel, is_str=is_str)
+        elif b - a >= 22 and bytes(data[a : a + 4]) == _ZIP_MAGIC:
+            nested_zip(bytes(data[a:b]), rel)
 
     def push_bytes(a: int, b: int) -> None:
         stack.append(Bytes(buf, a, b))
-        if b - a >= 4 and buf[a] == 0x80 and buf[a + 1] <= HIGHEST_PROTOCOL:
-            nested(buf, a, b, a - start, is_str=False)
+        content(buf, a, b, a - start, is_str=False)
+
+    def computed(func: object, args: object) -> object:
+        """The value of a call the scan can compute without running anything of the file's:
+        ``codecs.encode`` with a standard codec, ``bytes``/``bytearray`` of literals. A payload
+        built that way (a zip as UTF-16 text, a pickle as a list of ints) is then scanned as
+        the bytes it becomes. None: not computed."""
+        if not isinstance(func, Global) or not isinstance(args, tuple):
+            return None
+        name = ctx.refs[func.idx].ref.qualname
+        if name not in _COMPUTED:
+            return None
+        value = _compute(name, args, ctx.max_pickle_bytes)
+        if value is _TOO_LONG:
+            ctx.add(
+                "scan-limit-exceeded",
+                Severity.HIGH,
+                "resource",
+                f"{name} in {member} builds a value the scan kept only in part; what it builds "
+                "is not scanned",
+                member=member,
+                offset=op_off - start,
+            )
+            return None
+        if isinstance(value, str):
+            str_content(value, op_off - start)
+            return value
+        if isinstance(value, bytes):
+            if not (isinstance(args[0], str) and _latin1_of(args[0]) == value):  # else seen as text
+                content(value, 0, len(value), op_off - start, is_str=False)
+            return Bytes(value, 0, len(value))
+        return None
+
+    def nested_zip(data: bytes, rel: int) -> None:
+        # a torch zip as a bytes constant: what torch.storage._load_from_bytes (every tensor
+        # that plain pickle.dump wrote) and torch.load(io.BytesIO(...)) read, from the
+        # constant's own end, whatever follows it in this stream
+        from sandbox._formats.zip_archive import find_zip, zip_format
+        from sandbox.errors import MalformedInput
+
+        from .containers import Fatal, parse_error, scan_zip
+
+        name = f"{member}#zip@{rel}"
+        if nest + ctx.zip_nest + 1 > _MAX_NESTING:
+            ctx.add(
+                "scan-limit-exceeded",
+                Severity.HIGH,
+                "resource",
+                f"archives nested more than {_MAX_NESTING} deep in {member}; not scanned",
+                member=name,
+                offset=rel,
+            )
+            return
+        try:
+            z = find_zip(data)
+        except MalformedInput:
+            return
+        if z is None or not z.entries:
+            return  # no zip reader (torch's either) finds an archive there
+        saved = ctx.mark()
+        ctx.zip_nest += 1
+        try:
+            scan_zip(ctx, data, z, zip_format(z)[0], prefix=f"{name}:")
+        except Fatal as exc:
+            parse_error(ctx, exc.member, exc.offset, exc.message)
+        except MalformedInput:
+            pass
+        finally:
+            ctx.zip_nest -= 1
+        del ctx.storages[saved[1] :]  # its tensors are not the file's own records
+        hidden = [rec for rec in ctx.refs[saved[0] :] if rec.ref.classification != "allowed"]
+        ctx.add(
+            "nested-pickle",
+            Severity.HIGH if hidden else Severity.INFO,
+            "evasion",
+            f"{member} holds a bytes value that is a zip archive ({name}); its pickles scanned too",
+            member=name,
+            offset=rel,
+        )
 
     def nested(data: Buf, a: int, b: int, rel: int, *, is_str: bool) -> None:
         name = f"{member}#nested@{rel}"
@@ -448,7 +613,8 @@ def walk(
             elif op == 0x52:  # REDUCE
                 args = pop()
                 func = pop()
-                called(func)
+                call(func, args, "REDUCE")
+                value = computed(func, args)
                 _note_partial(
                     ctx,
                     func,
@@ -457,10 +623,11 @@ def walk(
                     and _inert_target(ctx, args[0])
                     and _literal(args[1:]),
                 )
-                stack.append(Obj("reduce", func, args))
+                stack.append(Obj("reduce", func, args) if value is None else value)
             elif op == 0x62:  # BUILD
                 state = pop()
                 inst = top()
+                mutated(inst, "BUILD")
                 if isinstance(inst, Obj) and _partial_ref(ctx, inst.callee) is not None:
                     # partial.__setstate__((func, args, keywords, __dict__)): still not a call
                     _note_partial(
@@ -483,6 +650,7 @@ def walk(
                 args = pop()
                 cls = pop()
                 called(cls)
+                computed_callee(cls, "NEWOBJ")
                 stack.append(Obj("newobj", cls, args))
             elif op == 0x63 or op == 0x69:  # GLOBAL / INST
                 module, name = arg
@@ -491,8 +659,9 @@ def walk(
                     stack.append(g)
                 else:
                     items = pop_mark()
-                    called(g)
-                    stack.append(Obj("inst", g, tuple(items)))
+                    call(g, tuple(items), "INST")
+                    value = computed(g, tuple(items))
+                    stack.append(Obj("inst", g, tuple(items)) if value is None else value)
             elif op == 0x93:  # STACK_GLOBAL
                 name_v = pop()
                 module_v = pop()
@@ -506,8 +675,9 @@ def walk(
                 items = pop_mark()
                 if not items:
                     raise Invalid(-1, "unpickling stack underflow")
-                called(items[0])
-                stack.append(Obj("obj", items[0], tuple(items[1:])))
+                call(items[0], tuple(items[1:]), "OBJ")
+                value = computed(items[0], tuple(items[1:]))
+                stack.append(Obj("obj", items[0], tuple(items[1:])) if value is None else value)
             elif op == 0x7D:  # EMPTY_DICT
                 stack.append(Dict())
             elif op == 0x5D:  # EMPTY_LIST
@@ -517,6 +687,7 @@ def walk(
                 if len(items) % 2:
                     raise Invalid(-1, "odd number of items for SETITEMS")
                 target = top()
+                mutated(target, "SETITEMS")
                 if isinstance(target, Dict):
                     for i in range(0, min(len(items), 2 * _MAX_KEEP), 2):
                         target.add(items[i], items[i + 1])
@@ -525,16 +696,19 @@ def walk(
                 value = pop()
                 key = pop()
                 target = top()
+                mutated(target, "SETITEM")
                 if isinstance(target, Dict):
                     target.add(key, value)
             elif op == 0x61:  # APPEND
                 value = pop()
                 target = top()
+                mutated(target, "APPEND")
                 if isinstance(target, List):
                     target.extend([value])
             elif op == 0x65:  # APPENDS
                 items = pop_mark()
                 target = top()
+                mutated(target, "APPENDS")
                 if isinstance(target, List):
                     target.extend(items)
             elif op == 0x51:  # BINPERSID
@@ -555,18 +729,28 @@ def walk(
                 push_bytes(arg[0], arg[1])
             elif op == 0x96:  # BYTEARRAY8
                 stack.append(OPAQUE)
+                content(buf, arg[0], arg[1], arg[0] - start, is_str=False)
             elif op == 0x54 or op == 0x55:  # BINSTRING / SHORT_BINSTRING
                 if arg[1] - arg[0] > _MAX_STR:
-                    stack.append(LONG_STR)
+                    lo, hi = arg
+                    stack.append(LongStr(functools.partial(_latin1, buf, lo, hi)))
+                    content(buf, lo, hi, lo - start, is_str=True)
                 else:
                     push_str(bytes(buf[arg[0] : arg[1]]).decode("latin-1"), arg[0])
             elif op == 0x53:  # STRING
                 if len(arg) > _MAX_STR:
-                    stack.append(LONG_STR)
+                    raw = arg
+                    stack.append(LongStr(functools.partial(_latin1, raw, 0, len(raw))))
+                    content(raw, 0, len(raw), op_off + 1 - start, is_str=True)
                 else:
                     push_str(arg.decode("latin-1"), op_off + 1)
             elif op == 0x56:  # UNICODE
-                stack.append(arg if len(arg) <= _MAX_STR else LONG_STR)
+                if len(arg) > _MAX_STR:
+                    long_text = arg
+                    stack.append(LongStr(functools.partial(str, long_text)))
+                    str_content(arg, op_off + 1 - start)
+                else:
+                    push_str(arg, op_off + 1)
             elif op == 0x49 or op == 0x4C:  # INT / LONG
                 stack.append(arg)
             elif op == 0x80:  # PROTO
@@ -610,7 +794,7 @@ def walk(
                 stack.append(OPAQUE)
             elif op == 0x90:  # ADDITEMS
                 pop_mark()
-                top()
+                mutated(top(), "ADDITEMS")
             elif op == 0x91:  # FROZENSET
                 pop_mark()
                 stack.append(OPAQUE)
@@ -660,6 +844,108 @@ def walk_quietly(ctx: Ctx, buf: Buf, start: int, end: int, label: str, *, nest: 
 
 # operands that make STACK_GLOBAL fail in the unpickler (anything else may be a str at run time)
 _NOT_A_NAME = (Bytes, int, float, tuple, List, Dict, type(None))
+
+
+_COMPUTED = frozenset(
+    {"_codecs.encode", "codecs.encode", "builtins.bytes", "builtins.bytearray", "builtins.str"}
+)
+_TOO_LONG = Opaque("too long")
+# codecs whose encoder is the standard library's own (the codec search can find others that a
+# module of this process registered: those are not run)
+_STDLIB_CODEC_MODULES = ("_codecs", "encodings.", "_codecs_", "_multibytecodec")
+
+
+def _latin1(data: Buf, lo: int, hi: int) -> str:
+    return bytes(data[lo:hi]).decode("latin-1")
+
+
+def _plain_text(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, LongStr):
+        return value.read()
+    return None
+
+
+def _latin1_of(text_value: str) -> bytes | None:
+    try:
+        return text_value.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def _plain_bytes(value: object) -> bytes | None:
+    if isinstance(value, Bytes):
+        return bytes(value.buf[value.start : value.end])
+    return None
+
+
+def _stdlib_codec(encoding: object) -> codecs.CodecInfo | None:
+    if not isinstance(encoding, str) or len(encoding) > 100:
+        return None
+    try:
+        info = codecs.lookup(encoding)
+    except (LookupError, ValueError, TypeError):
+        return None
+    module = str(getattr(info.encode, "__module__", "") or "")
+    return info if module == "_codecs" or module.startswith(_STDLIB_CODEC_MODULES) else None
+
+
+def _compute(name: str, args: tuple[object, ...], limit: int) -> object:
+    """``name(*args)`` for the calls of :data:`_COMPUTED` on literal arguments: str, bytes,
+    :data:`_TOO_LONG` (a list the walk kept only in part) or None (not computed)."""
+    if name == "builtins.str":  # str(bytes, encoding[, errors]): a decode
+        raw = _plain_bytes(args[0]) if args else None
+        info = _stdlib_codec(args[1]) if len(args) in (2, 3) else None
+        if (
+            raw is None
+            or info is None
+            or not info._is_text_encoding
+            or not all(isinstance(a, str) for a in args[1:])
+        ):
+            return None
+        try:
+            return raw.decode(info.name, *(a for a in args[2:] if isinstance(a, str)))
+        except (UnicodeError, LookupError, ValueError, TypeError):
+            return None
+    if name in ("builtins.bytes", "builtins.bytearray"):
+        if len(args) == 1 and isinstance(args[0], List):
+            items = args[0]
+            if items.count != len(items.items):
+                return _TOO_LONG
+            ints = [v for v in items.items if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 256]
+            return bytes(ints) if len(ints) == len(items.items) else None
+        if len(args) in (2, 3) and all(isinstance(a, str) for a in args[1:]):
+            text_arg = _plain_text(args[0])
+            info = _stdlib_codec(args[1])
+            if text_arg is None or info is None or not info._is_text_encoding:
+                return None
+            try:
+                out = text_arg.encode(info.name, *(a for a in args[2:] if isinstance(a, str)))
+            except (UnicodeError, LookupError, ValueError, TypeError):
+                return None
+            return out if len(out) <= limit else None
+        return None
+    if len(args) not in (2, 3) or not all(isinstance(a, str) for a in args[1:]):
+        return None
+    info = _stdlib_codec(args[1])
+    if info is None:
+        return None
+    value: object = _plain_text(args[0])
+    if value is None:
+        value = _plain_bytes(args[0])
+    if value is None:
+        return None
+    if info.name == "iso8859-1" and isinstance(args[0], LongStr):
+        return None  # protocol 2's bytes: the same characters, already looked at as text
+    encode: Any = info.encode
+    try:
+        out = encode(value, *(a for a in args[2:] if isinstance(a, str)))[0]
+    except Exception:  # a codec's own complaint about its input: not computed
+        return None
+    if isinstance(out, (str, bytes)) and len(out) <= limit:
+        return out
+    return None
 
 
 _PARTIAL = ("functools", "partial")

@@ -927,6 +927,16 @@ class _Supervisor:
         reaped = _kill_all()
         if wait_status is None:
             wait_status = reaped.get(pid, signal.SIGKILL)
+        if os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGSYS:
+            # the loader's filter kills it for a call no load makes (io_uring, userfaultfd, a new
+            # namespace: _seccomp.KILLED), which the container would refuse without a trace
+            log.add(
+                "kernel",
+                "seccomp_kill",
+                {"signal": "SIGSYS", "calls": sorted(_seccomp.KILLED)},
+                "denied",
+                elapsed,
+            )
         if monitor:
             monitor_info.update(notifications=monitor.notifications, vanished=monitor.vanished)
             monitor.close()

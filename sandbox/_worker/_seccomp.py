@@ -166,9 +166,20 @@ SYSCALLS: dict[str, int] = {
     "tkill": 200,
     "rt_tgsigqueueinfo": 297,
 }
+# Calls the container profile refuses (with an errno, which outranks a notification: the
+# supervisor would never see them) and that no load makes: the loader's filter kills the
+# loader outright (SECCOMP_RET_KILL_PROCESS outranks the profile's errno and cannot be caught),
+# and the supervisor records the kill (`seccomp_kill`). Before, io_uring, userfaultfd or a new
+# namespace were refused without a trace.
+KILLED: frozenset[str] = frozenset(
+    {"io_uring_setup", "userfaultfd", "unshare", "setns", "chroot", "pivot_root"}
+)
+NR_IO_URING_ENTER, NR_IO_URING_REGISTER = 426, 427
+
 # Conditionally reported: decided inside the filter from the arguments.
 NR_CLONE, NR_CLONE3, NR_KILL, NR_TGKILL = 56, 435, 62, 234
 NR_MPROTECT, NR_PKEY_MPROTECT, NR_MMAP, NR_PRCTL = 10, 329, 9, 157
+NR_PRLIMIT64 = 302  # on another process: its limits (the supervisor's) are changed or read
 NAMES: dict[int, str] = {nr: name for name, nr in SYSCALLS.items()}
 NAMES.update(
     {
@@ -179,6 +190,7 @@ NAMES.update(
         NR_PKEY_MPROTECT: "pkey_mprotect",
         NR_MMAP: "mmap",
         NR_PRCTL: "prctl",
+        NR_PRLIMIT64: "prlimit64",
     }
 )
 
@@ -236,18 +248,31 @@ def build_filter(self_pid: int) -> bytes:
     * ``clone`` with ``CLONE_THREAD`` (threads): allowed; other clones reported;
     * ``clone3``: ``ENOSYS`` (its flags live in memory the filter cannot see; libc falls back);
     * ``kill``/``tgkill`` aimed at the loader itself: allowed; at anything else: reported;
+    * ``prlimit64`` of the caller (pid 0) or of the loader: allowed; of any other process (the
+      supervisor: the same uid may set its limits, dumpable or not): reported;
     * ``mprotect``/``pkey_mprotect`` adding ``PROT_EXEC``, anonymous executable ``mmap`` and
       ``prctl(PR_SET_SECCOMP | PR_SET_DUMPABLE)``: reported;
-    * every call in :data:`SYSCALLS`: reported; everything else: allowed.
+    * the calls of :data:`KILLED` and the rest of io_uring: the loader is killed (the supervisor
+      records it);
+    * every other call in :data:`SYSCALLS`: reported; everything else: allowed.
     """
     a = _prologue("notify")
     a.jmp(_JEQ_K, NR_MPROTECT, "prot2", 0)
     a.jmp(_JEQ_K, NR_PKEY_MPROTECT, "prot2", 0)
     a.jmp(_JEQ_K, NR_MMAP, "mmap", 0)
     a.jmp(_JEQ_K, NR_PRCTL, "prctl", 0)
-    for nr in sorted(set(SYSCALLS.values())):
+    a.jmp(_JEQ_K, NR_PRLIMIT64, "prlimit", 0)
+    for nr in sorted({SYSCALLS[n] for n in KILLED} | {NR_IO_URING_ENTER, NR_IO_URING_REGISTER}):
+        a.jmp(_JEQ_K, nr, "kill_process", 0)
+    for nr in sorted({nr for n, nr in SYSCALLS.items() if n not in KILLED}):
         a.jmp(_JEQ_K, nr, "notify", 0)
     a.ret(RET_ALLOW)
+    a.label("kill_process")
+    a.ret(RET_KILL_PROCESS)
+    a.label("prlimit")  # the target pid is argument 0, an int (the kernel reads 32 bits)
+    a.ld(_arg_lo(0))
+    a.jmp(_JEQ_K, 0, "allow", 0)
+    a.jmp(_JEQ_K, self_pid, "allow", "notify")
     a.label("clone")
     a.ld(_arg_lo(0))
     a.jmp(_JSET_K, CLONE_THREAD, "allow", "notify")
@@ -317,6 +342,7 @@ def build_plain_filter(self_pid: int, refuse_errno: int) -> bytes:
     * ``clone`` of a thread, or vfork-style (``CLONE_VM|CLONE_VFORK``): allowed; others refused;
     * ``clone3``: ``ENOSYS``, as in :func:`build_filter`;
     * ``kill``/``tgkill``/``tkill``/``rt_(tg)sigqueueinfo`` aimed at pid 1 or -1: refused;
+    * ``prlimit64`` of pid 1 (the supervisor): refused;
     * ``prctl(PR_SET_SECCOMP | PR_SET_DUMPABLE)``: refused;
     * every other call of :data:`SYSCALLS` not in :data:`PLAIN_ALLOWED`: refused.
     """
@@ -325,6 +351,7 @@ def build_plain_filter(self_pid: int, refuse_errno: int) -> bytes:
     a.jmp(_JEQ_K, NR_PRCTL, "prctl", 0)
     for name in sorted(PLAIN_SIGNAL_CALLS):
         a.jmp(_JEQ_K, SYSCALLS[name], "kill", 0)
+    a.jmp(_JEQ_K, NR_PRLIMIT64, "kill", 0)
     for nr in sorted({SYSCALLS[n] for n in plain_refused()}):
         a.jmp(_JEQ_K, nr, "deny", 0)
     a.ret(RET_ALLOW)
@@ -540,6 +567,44 @@ class Memory:
 
 # -- decoding ------------------------------------------------------------------------------------
 
+_MAX_LINKS = 40  # the kernel's limit on links followed in one walk
+
+
+def resolve(path: str, pid: int, readlink: Callable[[str], str] = os.readlink) -> str:
+    """The absolute ``path`` as the kernel walks it for process ``pid``: each link followed
+    where it stands (before a ``..`` after it), ``/proc/self`` and ``/proc/thread-self`` as
+    ``pid``'s. Below ``/proc/<pid>/`` the walk stops (its links are the kernel's own and name
+    files, not paths): the rest is joined lexically."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    out: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(part)
+        if out[0] == "proc" and len(out) == 2 and part in ("self", "thread-self"):
+            out[1] = str(pid)
+        if out[0] == "proc" and len(out) >= 2:
+            if len(out) > 2 or not parts:
+                return os.path.normpath("/" + "/".join(out + parts))
+            continue
+        try:
+            target = readlink("/" + "/".join(out))
+        except (OSError, ValueError):
+            continue  # not a link, or not there: the name stands
+        links += 1
+        if links > _MAX_LINKS:
+            return os.path.normpath("/" + "/".join(out + parts))
+        out.pop()
+        if target.startswith("/"):
+            out = []
+        parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+    return "/" + "/".join(out)
+
+
 AF_NAMES = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK", 17: "AF_PACKET"}
 SOCK_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 5: "SOCK_SEQPACKET"}
 _O_FLAGS = (
@@ -664,6 +729,7 @@ class Decoder:
             "process_vm_readv": self._target_pid,
             "process_vm_writev": self._target_pid,
             "pidfd_open": self._target_pid,
+            "prlimit64": self._target_pid,
             "mprotect": self._prot,
             "pkey_mprotect": self._prot,
             "mmap": self._prot,
@@ -707,23 +773,22 @@ class Decoder:
                 path = os.readlink(base) + "/" + path
             except OSError:
                 path = "<unknown>/" + path
+        raw = path  # as the kernel walks it: a link is followed before a ".." after it
         path = os.path.normpath(path) if path.startswith("/") else path
         for alias in ("/proc/self", "/proc/thread-self"):
             if path == alias or path.startswith(alias + "/"):
                 path = f"/proc/{pid}" + path[len(alias) :]
+        # Links can only be planted in the writable places; /proc links name other files. The
+        # path is walked as the kernel walks it for the caller, not in its lexical normal form:
+        # "/tmp/l/../.aws/credentials" with /tmp/l -> /home/user/.aws/ normalises to a /tmp
+        # path but opens the canary, and /tmp/p -> /proc/self/fd names the caller's descriptors.
+        if raw.startswith("/") and (path.startswith(("/tmp/", "/home/", "/proc/")) or ".." in raw.split("/")):
+            path = resolve(raw, pid)
         # A /proc link may name a file of another mount (the input is the host's file): its
         # resolved name says nothing about where a write would land, so no write goes that way.
         self.via_proc = path.startswith("/proc/")
         if path in (f"/proc/{pid}/fd/{P.INPUT_FD}", f"/proc/{self.loader}/fd/{P.INPUT_FD}"):
             return given, P.INPUT_ALIAS  # the input, reopened through its descriptor
-        # Links can only be planted in the writable places; /proc links name other files.
-        if path.startswith(("/tmp/", "/home/", "/proc/")):
-            try:
-                real = os.path.realpath(path)
-                if not real.startswith("/proc/1/") or path.startswith("/proc/1/"):
-                    path = real
-            except (OSError, ValueError):
-                pass
         return given, path
 
     def _classify(self, path: str, pid: int) -> str:

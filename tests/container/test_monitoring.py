@@ -261,6 +261,112 @@ def test_kill_and_ptrace_of_the_supervisor_fail_and_kills_are_recorded(tmp_path:
     assert report.error is None and "wall_s" in report.resources and report.tensors > 0
 
 
+def test_the_supervisors_limits_cannot_be_changed_and_the_attempt_is_recorded(tmp_path: Path) -> None:
+    # prlimit64 needs only the same uid (a non-dumpable target does not stop it): a loader that
+    # lowered the supervisor's open-files or CPU limit blinded or killed it without any event,
+    # and what it did next went unrecorded (the report said only monitor-lost)
+    marker = tmp_path / "after-prlimit"
+    path = ck.hostile_file(
+        tmp_path,
+        "import os, resource\n"
+        "for res in (resource.RLIMIT_NOFILE, resource.RLIMIT_CPU):\n"
+        "    try:\n"
+        "        resource.prlimit(1, res, (0, 0))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"  # its own limits: the kernel's business
+        f"os.system('touch {marker}')\n",
+    )
+    report = sandbox.scan(path, policy=AUDIT)
+    limits = kernel(report, "prlimit64")
+    assert len(limits) == 2 and all(e.action == "denied" and e.detail.get("target") == 1 for e in limits)
+    f = finding(report, "attack-supervisor")
+    assert f.severity is Severity.CRITICAL
+    assert_supported(report, f)
+    # the supervisor kept watching: the program the payload ran next is a kernel event too
+    assert any(str(marker) in " ".join(e.detail.get("argv", [])) for e in kernel(report, "execve"))
+    assert not any(x.rule == "monitor-lost" for x in report.findings)
+    assert report.error is None and "wall_s" in report.resources and report.tensors > 0
+    assert report.verdict is Verdict.MALICIOUS
+    assert_nothing_reached_host(marker)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "libc.syscall(425, 8, ctypes.create_string_buffer(120))",  # io_uring_setup
+        "libc.syscall(323, 0)",  # userfaultfd
+        "libc.unshare(0x10000000)",  # CLONE_NEWUSER
+    ],
+    ids=["io_uring_setup", "userfaultfd", "unshare"],
+)
+def test_calls_the_container_refuses_silently_leave_kernel_evidence(tmp_path: Path, call: str) -> None:
+    # the container profile refuses these with an errno, which outranks the loader's
+    # notification: the supervisor never saw them, and the report had no kernel evidence of
+    # the attempt (only the payload's own, forgeable, audit events)
+    marker = tmp_path / "after-the-call"
+    path = ck.hostile_file(
+        tmp_path, f"import ctypes, os\nlibc = ctypes.CDLL(None)\n{call}\nos.system('touch {marker}')\n"
+    )
+    report = sandbox.scan(path, policy=AUDIT)
+    killed = kernel(report, "seccomp_kill")
+    assert len(killed) == 1 and killed[0].action == "denied", report.events
+    f = finding(report, "privileged-call")
+    assert f.severity >= Severity.HIGH
+    assert_supported(report, f)
+    assert report.verdict is Verdict.MALICIOUS
+    assert not kernel(report, "execve")  # nothing ran after the call: the loader is gone
+    assert_nothing_reached_host(marker)
+
+
+def test_a_canary_read_through_a_link_and_dotdot_is_seen(tmp_path: Path) -> None:
+    # /tmp/l -> ~/.aws/, then "/tmp/l/../.aws/credentials": the kernel follows the link before
+    # the "..", a lexical normal form reads "/tmp/.aws/credentials" (a scratch path). The
+    # monitor judged the normal form: the read of the planted credentials went unrecorded and
+    # the report said only "created a link" (medium)
+    path = ck.hostile_file(
+        tmp_path,
+        f"import os\nos.symlink('{P.CANARY_HOME}/.aws/', '/tmp/l')\n"
+        "open('/tmp/l/../.aws/credentials').read()\n",
+    )
+    report = sandbox.scan(path, policy=AUDIT)
+    opens = [
+        e for e in kernel(report, "openat") if e.detail.get("path") == f"{P.CANARY_HOME}/.aws/credentials"
+    ]
+    assert opens, [e.detail for e in kernel(report, ("openat", "symlink"))]
+    f = finding(report, "canary-file-read")
+    assert f.severity >= Severity.HIGH
+    assert_supported(report, f)
+
+
+def test_a_write_to_the_input_through_a_link_to_proc_self_fd_is_refused(tmp_path: Path) -> None:
+    # /tmp/p -> /proc/self/fd: "/tmp/p/1000" is the input's descriptor, reopened. The monitor
+    # resolved the link in its own process (/proc/self = PID 1), kept the /tmp name and let the
+    # write-open through as a scratch write: only the file's permissions stood between the
+    # payload and the host's file (under bwrap, a file of the calling user is the sandbox's)
+    code = (
+        "import os\n"
+        "os.symlink('/proc/self/fd', '/tmp/p')\n"
+        "try:\n"
+        f"    with open('/tmp/p/{P.INPUT_FD}', 'r+b') as f:\n"
+        "        f.seek(0, 2)\n"
+        "        result = f.write(b'x')\n"
+        "except OSError as exc:\n"
+        "    result = exc.errno\n"
+    )
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "input-write.pt")
+    data = path.read_bytes()
+    report = sandbox.scan(path, policy=AUDIT)
+    opens = [e for e in kernel(report, "openat") if e.detail.get("path") == P.INPUT_ALIAS]
+    assert opens and all(e.action == "denied" for e in opens), [e.detail for e in kernel(report, "openat")]
+    f = finding(report, "file-write-outside")
+    assert f.severity >= Severity.HIGH
+    assert_supported(report, f)
+    obj = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy())
+    assert obj["payload"] == 1  # EPERM: the monitor's answer
+    assert path.read_bytes() == data
+
+
 # -- (h) an event flood ---------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from sandbox import _events
 from sandbox._worker import _protocol as P
 from sandbox._worker import _seccomp
 from sandbox.report import Severity
+from tests.fakes import run_bpf
 
 CANARIES = {
     "AWS_SECRET_ACCESS_KEY": "s3cr3tCanaryValue0123456789abcdefABCDEF+/",
@@ -253,6 +254,77 @@ def test_filter_assembles_and_checks_the_architecture_first() -> None:
     assert (code, k) == (0x20, 4)  # load the arch field
     code, _, _, k = struct.unpack_from("<HBBI", prog, 8)
     assert k == _seccomp.AUDIT_ARCH_X86_64
+
+
+def test_prlimit_of_another_process_is_reported_and_refused_as_an_attack_on_the_supervisor() -> None:
+    """prlimit64 needs only the same uid, not a dumpable target: the loader could lower the
+    supervisor's RLIMIT_NOFILE or RLIMIT_CPU and blind or kill it with no event at all. Its own
+    limits (pid 0, as glibc's setrlimit asks, or its pid) stay the kernel's business."""
+    prog = _seccomp.build_filter(1234)
+    nr = _seccomp.NR_PRLIMIT64
+    assert run_bpf(prog, nr, (0, 7, 0, 0)) == P.SECCOMP_RET_ALLOW
+    assert run_bpf(prog, nr, (1234, 7, 0, 0)) == P.SECCOMP_RET_ALLOW
+    for target in (1, 1235, 0xFFFFFFFF):
+        assert run_bpf(prog, nr, (target, 7, 0, 0)) == P.SECCOMP_RET_USER_NOTIF, target
+    decoder = _seccomp.Decoder(_seccomp.Memory(), 1234, frozenset())
+    d = decoder.decide(_seccomp.Notification(1, 1234, nr, _seccomp.AUDIT_ARCH_X86_64, (1, 7, 0, 0, 0, 0)))
+    assert d.kind == "prlimit64" and d.deny is not None and d.record
+    assert d.detail == {"target": 1, "supervisor": True}
+    found = rules(judge(line(1, "prlimit64", d.detail, "denied")))
+    assert found["attack-supervisor"].severity is Severity.CRITICAL
+    other = rules(judge(line(1, "prlimit64", {"target": 5, "supervisor": False}, "denied")))
+    assert other["other-process"].severity is Severity.HIGH
+    # under gVisor the plain filter refuses it in the kernel
+    plain = _seccomp.build_plain_filter(1234, 1)
+    assert run_bpf(plain, nr, (1, 7, 0, 0)) == P.SECCOMP_RET_ERRNO | 1
+    assert run_bpf(plain, nr, (0, 7, 0, 0)) == P.SECCOMP_RET_ALLOW
+
+
+def test_calls_the_container_refuses_silently_kill_the_loader_and_the_kill_is_a_finding() -> None:
+    """io_uring, userfaultfd and new namespaces: the container profile answers them with an
+    errno, which outranks the loader's notification, so the supervisor never saw them. The
+    loader's filter kills the loader instead (outranks the errno, cannot be caught), and the
+    supervisor's ``seccomp_kill`` event is a finding."""
+    prog = _seccomp.build_filter(1234)
+    for name in ("io_uring_setup", "userfaultfd", "unshare", "setns", "chroot", "pivot_root"):
+        assert run_bpf(prog, _seccomp.SYSCALLS[name]) == _seccomp.RET_KILL_PROCESS, name
+    for nr in (_seccomp.NR_IO_URING_ENTER, _seccomp.NR_IO_URING_REGISTER):
+        assert run_bpf(prog, nr) == _seccomp.RET_KILL_PROCESS
+    for name in ("mount", "bpf", "perf_event_open", "execve", "openat"):  # still reported
+        assert run_bpf(prog, _seccomp.SYSCALLS[name]) == P.SECCOMP_RET_USER_NOTIF, name
+    assert run_bpf(prog, 0) == P.SECCOMP_RET_ALLOW  # read
+    f = rules(judge(line(1, "seccomp_kill", {"signal": "SIGSYS", "calls": sorted(_seccomp.KILLED)})))
+    assert f["privileged-call"].severity is Severity.HIGH and f["privileged-call"].events == (1,)
+
+
+def test_paths_are_walked_as_the_kernel_walks_them_for_the_caller() -> None:
+    """Links before "..", and /proc/self as the caller's: a lexical normal form or the
+    supervisor's own realpath (its /proc/self is PID 1) named scratch files where the kernel
+    opened a canary or the input's descriptor."""
+    links = {
+        "/tmp/l": "/home/user/.aws/",
+        "/tmp/p": "/proc/self/fd",
+        "/tmp/r": "sub/x",
+        "/tmp/sub/x": "../../home/user/.aws/credentials",
+        "/tmp/loop": "/tmp/loop",
+    }
+
+    def readlink(path: str) -> str:
+        if path in links:
+            return links[path]
+        raise OSError(22, "not a link")
+
+    def resolve(path: str) -> str:
+        return _seccomp.resolve(path, 77, readlink)
+
+    assert resolve("/tmp/l/../.aws/credentials") == "/home/user/.aws/credentials"
+    assert resolve("/tmp/p/1000") == "/proc/77/fd/1000"
+    assert resolve("/tmp/../proc/self/fd/3") == "/proc/77/fd/3"
+    assert resolve("/tmp/r") == "/home/user/.aws/credentials"
+    assert resolve("/tmp/x/../y") == "/tmp/y"
+    assert resolve("/proc/thread-self") == "/proc/77"
+    assert resolve("/tmp/loop/a").startswith("/tmp/loop")  # a loop ends the walk
+    assert resolve("/") == "/"
 
 
 def test_sockaddr_decoding() -> None:

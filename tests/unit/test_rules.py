@@ -32,6 +32,7 @@ def emitted_rules() -> set[str]:
     for path in (ROOT / "sandbox").rglob("*.py"):
         src = path.read_text("utf-8")
         found |= set(re.findall(r'\brule="([a-z0-9-]+)"', src))
+        found |= set(re.findall(r'\brule="[a-z0-9-]+" if .+? else "([a-z0-9-]+)"', src))
         found |= set(re.findall(r'\.add\(\s*(?:ev,\s*)?"([a-z]+(?:-[a-z0-9]+)+)"', src))
         found |= set(re.findall(r'^\s+"([a-z]+(?:-[a-z0-9]+)+)", Severity\.', src, flags=re.M))
         found |= set(re.findall(r'reference = "([a-z0-9-]+)"', src))

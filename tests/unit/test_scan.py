@@ -38,6 +38,7 @@ from sandbox._formats import pickle_ops
 from sandbox._scan import (
     GlobalRef,
     MalformedStream,
+    PickleScan,
     StaticScan,
     classify_global,
     identify,
@@ -83,7 +84,7 @@ def write(tmp_path: Path, name: str, data: bytes) -> Path:
     return p
 
 
-def by_rule(scan: StaticScan, rule: str) -> list[Any]:
+def by_rule(scan: StaticScan | PickleScan, rule: str) -> list[Any]:
     return [f for f in scan.findings if f.rule == rule]
 
 
@@ -1249,6 +1250,23 @@ def test_a_deflated_storage_record_that_declares_far_more_is_a_bomb(tmp_path: Pa
         ("torch.utils._config_module", "ConfigModule.load_config"),
         ("logging", "FileHandler"),
         ("logging.handlers", "SocketHandler"),
+        ("torch.testing._internal.common_utils", "shell"),
+        (
+            "torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler",
+            "SubprocessHandler",
+        ),
+        ("torch.backends.xeon.run_cpu", "_Launcher"),
+        ("torch.utils.benchmark.utils.valgrind_wrapper.timer_interface", "_ValgrindWrapper"),
+        ("numpy.lib._npyio_impl", "load"),
+        ("numpy.lib._format_impl", "read_array"),
+        ("numpy.lib._datasource", "open"),
+        ("yaml", "unsafe_load"),
+        ("torch._utils", "_import_dotted_name"),
+        ("wsgiref.simple_server", "make_server"),
+        ("asyncore", "dispatcher"),
+        ("sqlite3", "connect"),
+        ("antigravity", "geohash"),  # any name: the import itself runs a browser
+        ("pipes", "Template"),
     ],
 )
 def test_published_gadgets_are_dangerous(module: str, name: str) -> None:
@@ -1292,3 +1310,249 @@ def test_a_string_with_an_invalid_escape_is_read_quietly() -> None:
         warnings.simplefilter("error")
         scan = scan_pickle_bytes(b"(S'\\\x00true'\nios\nsystem\n.")
     assert "os.system" in {g.qualname for g in scan.globals}
+
+
+class SubTensor(torch.Tensor):
+    pass
+
+
+def _p4_global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+@pytest.mark.parametrize("rebuild", ["_rebuild_from_type", "_rebuild_from_type_v2"])
+@pytest.mark.parametrize("how", ["REDUCE", "INST", "OBJ"])
+def test_a_function_an_allowlisted_rebuilder_calls_is_called(rebuild: str, how: str) -> None:
+    """``torch._tensor._rebuild_from_type(func, type, args, state)`` runs ``func(*args)``:
+    an unknown function handed to it is called (here ``pathlib.Path.touch``, which creates a
+    file), not merely named, and the verdict cannot be clean."""
+    func = _p4_global("pathlib", "Path.touch") + _p4_global("torch", "Tensor")
+    path_obj = _p4_global("pathlib", "Path") + b"(" + bu("/tmp/marker") + b"tR"
+    rest = b"(" + path_obj + b"t}"
+    if how == "REDUCE":
+        body = _p4_global("torch._tensor", rebuild) + b"(" + func + rest + b"tR"
+    elif how == "INST":
+        body = b"(" + func + rest + b"i" + b"torch._tensor\n" + rebuild.encode() + b"\n"
+    else:
+        body = b"(" + _p4_global("torch._tensor", rebuild) + func + rest + b"o"
+    scan = scan_pickle_bytes(b"\x80\x04" + body + b".")
+    touch = [g for g in scan.globals if g.qualname == "pathlib.Path.touch"]
+    assert touch and all(g.called for g in touch), scan.globals
+    found = [f for f in scan.findings if f.evidence.get("global") == "pathlib.Path.touch"]
+    assert found and found[0].evidence["called"], scan.findings
+    # a partial handed to it is called as well: it is no longer an inert configuration value
+    part = (
+        _p4_global("functools", "partial")
+        + b"("
+        + _p4_global("pathlib", "Path.touch")
+        + path_obj
+        + b"tR"
+        + _p4_global("torch", "Tensor")
+        + b")}"
+    )
+    scan = scan_pickle_bytes(b"\x80\x04" + _p4_global("torch._tensor", rebuild) + b"(" + part + b"tR.")
+    assert "functools.partial" in qualnames(scan.globals, "dangerous")
+
+
+def test_the_rebuilder_called_with_an_allowlisted_rebuild_stays_clean(tmp_path: Path) -> None:
+    """What torch writes for a tensor subclass: ``_rebuild_from_type_v2`` around an allowlisted
+    rebuilder, which stays the only call."""
+
+    data = pickle.dumps(torch.ones(2).as_subclass(SubTensor), protocol=2)
+    scan = scan_pickle_bytes(data)
+    assert "torch._tensor._rebuild_from_type_v2" in qualnames(scan.globals, "allowed")
+    assert not [f for f in scan.findings if f.rule == "global-mutation"]
+
+
+@pytest.mark.parametrize(
+    "mutation,opcode",
+    [
+        (b"N}" + bu("_rebuild_tensor_v2") + _p4_global("pathlib", "Path.touch") + b"s\x86b", "BUILD"),
+        (b"}" + bu("_rebuild_tensor_v2") + _p4_global("pathlib", "Path.touch") + b"sb", "BUILD"),
+        (bu("k") + _p4_global("pathlib", "Path.touch") + b"s", "SETITEM"),
+        (b"(" + bu("k") + _p4_global("pathlib", "Path.touch") + b"u", "SETITEMS"),
+        (_p4_global("pathlib", "Path.touch") + b"a", "APPEND"),
+        (b"(" + _p4_global("pathlib", "Path.touch") + b"e", "APPENDS"),
+        (b"(" + _p4_global("pathlib", "Path.touch") + b"\x90", "ADDITEMS"),
+    ],
+    ids=["BUILD-slotstate", "BUILD-dict", "SETITEM", "SETITEMS", "APPEND", "APPENDS", "ADDITEMS"],
+)
+def test_changing_an_imported_module_is_evasion(mutation: bytes, opcode: str) -> None:
+    """BUILD on a module sets its attributes: ``torch._utils._rebuild_tensor_v2`` replaced by
+    an unknown function, then called under its allowlisted name (live with pickle.loads: the
+    file is created). Pickle never emits BUILD or an item opcode on a bare global."""
+    data = (
+        b"\x80\x04"
+        + _p4_global("torch", "_utils")
+        + mutation
+        + b"0"
+        + _p4_global("torch._utils", "_rebuild_tensor_v2")
+        + b"("
+        + _p4_global("pathlib", "Path")
+        + bu("/tmp/marker")
+        + b"\x85RtR."
+    )
+    scan = scan_pickle_bytes(data)
+    found = [f for f in scan.findings if f.rule == "global-mutation"]
+    assert len(found) == 1 and found[0].severity is Severity.HIGH, scan.findings
+    assert found[0].evidence["target"] == "torch._utils" and found[0].evidence["opcode"] == opcode
+
+
+def test_item_opcodes_on_rebuilt_objects_are_not_mutation(tmp_path: Path) -> None:
+    """Dicts, lists, sets and objects the stream built itself are what those opcodes are for."""
+    obj = {"a": [1, 2], "s": {1, 2}, "o": collections.OrderedDict(x=1), "n": argparse.Namespace(lr=0.1)}
+    for protocol in range(0, pickle.HIGHEST_PROTOCOL + 1):
+        scan = scan_pickle_bytes(pickle.dumps(obj, protocol=protocol))
+        assert not [f for f in scan.findings if f.rule == "global-mutation"]
+    assert not by_rule(scan_file(torch_zip(tmp_path, {"w": torch.nn.Linear(2, 2)})), "global-mutation")
+
+
+def _torch_zip_bytes(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("padding", [0, 128 * 1024])
+def test_a_torch_zip_in_a_bytes_constant_is_scanned(padding: int) -> None:
+    """torch.storage._load_from_bytes(b) is torch.load(io.BytesIO(b)): a bytes constant that is
+    a torch zip is read as a zip from its own end. With enough data after it in the stream, no
+    reader of the whole file found that zip, and its payload scanned clean."""
+    inner = evil_torch_zip(payload=os_system_p2())
+    outer = (
+        b"\x80\x02ctorch.storage\n_load_from_bytes\n"
+        + binbytes(inner)
+        + b"\x85R"
+        + (binbytes(bytes(padding)) + b"0" if padding else b"")
+        + b"."
+    )
+    res = scan_pickle_bytes(outer)
+    assert "os.system" in qualnames(res.globals, "dangerous")
+    nested = by_rule(res, "nested-pickle")
+    assert nested and nested[0].severity is Severity.HIGH, res.findings
+    assert any(m.startswith("<raw>#zip@") for m in res.pickles), res.pickles
+
+
+def test_tensors_pickled_with_plain_pickle_stay_clean() -> None:
+    """What plain pickle.dump writes for tensors: a nested torch zip per storage, of allowlisted
+    globals only, noted (info) and walked; its storage records are not the file's own."""
+    data = pickle.dumps({"w": torch.ones(3), "b": torch.zeros(2, dtype=torch.int64)}, protocol=4)
+    res = scan_pickle_bytes(data)
+    nested = by_rule(res, "nested-pickle")
+    assert len(nested) == 2 and all(f.severity is Severity.INFO for f in nested)
+    assert not qualnames(res.globals, "dangerous") and res.storages == ()
+    # an archive inside an archive inside ... stops at the nesting limit
+    deep = _torch_zip_bytes({"x": 1})
+    for _ in range(6):
+        deep = b"\x80\x02ctorch.storage\n_load_from_bytes\n" + binbytes(deep) + b"\x85R."
+        deep = _torch_zip_bytes(deep)
+    res = scan_pickle_bytes(b"\x80\x02ctorch.storage\n_load_from_bytes\n" + binbytes(deep) + b"\x85R.")
+    assert by_rule(res, "scan-limit-exceeded")
+
+
+def _utf16(data: bytes) -> str:
+    return (data + b"\0" * (len(data) % 2)).decode("utf-16-le", "surrogatepass")
+
+
+def _bu_any(text_value: str) -> bytes:
+    raw = text_value.encode("utf-8", "surrogatepass")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+_LOAD_FROM_BYTES = b"\x80\x02ctorch.storage\n_load_from_bytes\n"
+
+
+def _hidden_payloads() -> dict[str, bytes]:
+    """A pickle or a torch zip running os.system, handed to torch.storage._load_from_bytes (a
+    legacy torch.load runs the first pickle of its bytes) in forms no constant shows."""
+    evil = os_system_p2()
+    out: dict[str, bytes] = {}
+    for kind, inner in (("pickle", evil), ("zip", evil_torch_zip(payload=evil))):
+        encode = b"c_codecs\nencode\n" + _bu_any(_utf16(inner)) + bu("utf-16-le") + bu("surrogatepass")
+        out[f"{kind}-utf16"] = _LOAD_FROM_BYTES + encode + b"\x87R\x85R."
+        out[f"{kind}-bytearray8"] = (
+            b"\x80\x05ctorch.storage\n_load_from_bytes\n"
+            + b"\x96"
+            + struct.pack("<Q", len(inner))
+            + inner
+            + b"\x85R."
+        )
+        latin = inner.decode("latin-1")
+        out[f"{kind}-latin1"] = (
+            _LOAD_FROM_BYTES + b"c_codecs\nencode\n" + bu(latin) + bu("latin1") + b"\x86R\x85R."
+        )
+        ints = b"(" + b"".join(b"K" + bytes([c]) for c in inner) + b"l"
+        if len(inner) <= 64:
+            out[f"{kind}-list-of-ints"] = _LOAD_FROM_BYTES + b"c__builtin__\nbytes\n" + ints + b"\x85R\x85R."
+    # a zip as UTF-16 bytes, decoded by str() and encoded back as latin-1
+    wide = "".join(chr(c) for c in evil_torch_zip(payload=evil)).encode("utf-16-le")
+    decode = b"c__builtin__\nstr\n" + binbytes(wide) + bu("utf-16-le") + b"\x86R"
+    out["zip-str-decode"] = _LOAD_FROM_BYTES + b"c_codecs\nencode\n" + decode + bu("latin1") + b"\x86R\x85R."
+    long_zip = evil_torch_zip(payload=evil + b"\x80\x02N." * 20000)  # a str past 64 KiB
+    out["zip-long-latin1"] = (
+        _LOAD_FROM_BYTES + b"c_codecs\nencode\n" + bu(long_zip.decode("latin-1")) + bu("latin1")
+    )
+    out["zip-long-latin1"] += b"\x86R\x85R."
+    return out
+
+
+@pytest.mark.parametrize("form", sorted(_hidden_payloads()))
+def test_a_pickle_or_zip_built_by_an_allowlisted_call_is_scanned(form: str) -> None:
+    """codecs.encode with any standard codec, bytes() of a list of ints, a BYTEARRAY8 constant
+    and long str constants: each made the pickle or zip that _load_from_bytes loads, and the
+    scan, which looked only at bytes constants and short latin-1 strs, saw nothing dangerous."""
+    res = scan_pickle_bytes(_hidden_payloads()[form])
+    assert qualnames(res.globals, "dangerous") == {"os.system"}, res.globals
+    assert any(f.rule == "nested-pickle" and f.severity is Severity.HIGH for f in res.findings)
+
+
+def test_names_computed_by_a_standard_codec_are_resolved() -> None:
+    """rot13 of a constant is the module name: computed, not unresolved."""
+    data = (
+        b"\x80\x04"
+        + b"\x8c\x07_codecs\x94\x8c\x06encode\x94\x93\x94"
+        + su("bf")
+        + su("rot13")
+        + b"\x86R"
+        + su("system")
+        + b"\x93"
+        + su("true")
+        + b"\x85R."
+    )
+    res = scan_pickle_bytes(data)
+    assert "os.system" in qualnames(res.globals, "dangerous")
+    # a list of ints the walk kept only in part: what bytes() makes of it is not known
+    ints = b"(" + b"K\x01" * 100 + b"l"
+    res = scan_pickle_bytes(_LOAD_FROM_BYTES + b"c__builtin__\nbytes\n" + ints + b"\x85R\x85R.")
+    assert by_rule(res, "scan-limit-exceeded")
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_bytes_and_arrays_in_every_protocol_stay_clean(protocol: int) -> None:
+    data = pickle.dumps(
+        {"b": b"PK\x03\x04" + bytes(40), "s": "\x80\x02 text", "a": bytearray(b"xy"), "n": np.arange(70000)},
+        protocol=protocol,
+    )
+    res = scan_pickle_bytes(data)
+    assert not [f for f in res.findings if f.severity > Severity.INFO], res.findings
+
+
+@pytest.mark.parametrize("opcode", ["REDUCE", "INST-trampoline", "NEWOBJ"])
+def test_calling_what_a_call_returned_is_a_computed_call(opcode: str) -> None:
+    """torch._utils._import_dotted_name("os.system") returns os.system; the pickle then calls
+    that value. Only the helper is imported, and it was an unknown private function (info):
+    the scan was clean for a live payload. Any helper that resolves a name works the same."""
+    resolve = b"cthird_party.util\nresolve\n" + bu("os.system") + b"\x85R"
+    if opcode == "REDUCE":
+        body = resolve + bu("true") + b"\x85R"
+    elif opcode == "INST-trampoline":
+        body = b"(" + resolve + b"ctorch\nTensor\n(" + bu("true") + b"t}itorch._tensor\n_rebuild_from_type\n"
+    else:
+        body = resolve + b")\x81"
+    res = scan_pickle_bytes(b"\x80\x02" + body + b".")
+    found = by_rule(res, "computed-call")
+    assert len(found) == 1 and found[0].severity is Severity.HIGH, res.findings
+    assert "third_party.util.resolve" in found[0].message
+    # getattr's result is getattr's finding (critical): no second one
+    res = scan_pickle_bytes(b"\x80\x02cbuiltins\ngetattr\n(cos\nsystem\nS'x'\ntR)R.")
+    assert not by_rule(res, "computed-call") and "builtins.getattr" in qualnames(res.globals, "dangerous")
