@@ -664,12 +664,8 @@ def check_safetensors(path: Path, *, out_sha: str, source_sha: str) -> str | Non
             or not all(type(o) is int for o in offsets)
         ):
             return f"SafeTensors entry {name[:100]!r} is malformed"
-        count = 1
-        for d in shape:
-            count *= d
-        if (
-            not 0 <= offsets[0] <= offsets[1]
-            or offsets[1] - offsets[0] != count * safetensors_header.DTYPES[dtype]
+        if not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != safetensors_header.byte_count(
+            shape, safetensors_header.DTYPES[dtype], offsets[1] - offsets[0]
         ):
             return f"SafeTensors entry {name[:100]!r}: shape and byte range disagree"
         spans.append((offsets[0], offsets[1]))

@@ -15,6 +15,20 @@ MAX_HEADER = 100_000_000
 DTYPES: dict[str, int] = dict(P.ST_DTYPES.values())
 
 
+def byte_count(shape: list[int] | tuple[int, ...], itemsize: int, limit: int) -> int | None:
+    """Bytes a tensor of ``shape`` (naturals) and ``itemsize`` holds, or ``None`` when that is
+    more than ``limit``. Stops multiplying once past it: a header of a million dimensions of
+    2**62 would otherwise build a 60-million-bit product digit by digit (minutes of CPU)."""
+    if 0 in shape:
+        return 0
+    count = itemsize
+    for d in shape:
+        count *= d
+        if count > limit:
+            return None
+    return count
+
+
 def looks_like(buf: Buf) -> bool:
     if len(buf) < 10:
         return False
@@ -57,8 +71,5 @@ def check(buf: Buf) -> None:
             or not 0 <= offsets[0] <= offsets[1] <= data_len
         ):
             raise MalformedInput(f"safetensors entry {key!r} has invalid data_offsets", offset=8)
-        count = 1
-        for d in shape:
-            count *= d
-        if count * DTYPES[dtype] != offsets[1] - offsets[0]:
+        if byte_count(shape, DTYPES[dtype], data_len) != offsets[1] - offsets[0]:
             raise MalformedInput(f"safetensors entry {key!r}: shape and byte range disagree", offset=8)

@@ -472,7 +472,7 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
                     "pickle-parse-error",
                     Severity.MEDIUM,
                     "format",
-                    f"legacy torch protocol version is {step.value!r}, not 1001; torch "
+                    f"legacy torch protocol version is {_shown(step.value)}, not 1001; torch "
                     "refuses the file after unpickling the first two streams",
                     member=name,
                 )
@@ -480,6 +480,20 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
         return "torch-legacy", "<legacy:3>"
     _trailing(ctx, buf, out.end, member)
     return "pickle", member
+
+
+def _shown(value: object) -> str:
+    """A value a stream built, for a message: a small number or short string as written,
+    anything else by its kind (the repr of a tuple the stream nested 200,000 deep raises
+    ``RecursionError``)."""
+    if (
+        value is None
+        or isinstance(value, (bool, float))
+        or (isinstance(value, int) and value.bit_length() <= 128)
+        or (isinstance(value, str) and len(value) <= 40)
+    ):
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 def _trailing(ctx: Ctx, buf: Buf, p: int, member: str) -> None:

@@ -4,14 +4,18 @@ is unpickled or loaded."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import struct
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from sandbox._formats import tar_archive
+from sandbox import _distribute
+from sandbox._formats import safetensors_header, tar_archive
 from sandbox._scan import identify, scan_file
 from sandbox.errors import MalformedInput
 
@@ -83,3 +87,46 @@ def test_well_formed_pax_headers_still_read(tmp_path: Path) -> None:
             tar.addfile(info, io.BytesIO(body))
     found, odd, capped = tar_archive.members(out.getvalue())
     assert list(found) == ["pickle"] and not odd and not capped
+
+
+def test_a_legacy_stream_nested_deeper_than_the_recursion_limit_is_a_finding(tmp_path: Path) -> None:
+    # the second legacy stream (the protocol version) is a tuple nested 200,000 deep: the
+    # finding's message once took its repr and the scan died with RecursionError
+    magic = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little") + b"."
+    deep = b"\x80\x02K\x01" + b"\x85" * 200_000 + b"."
+    p = _write(tmp_path, "deep.pt", magic + deep + b"\x80\x02].\x80\x02].\x80\x02].")
+    scan = scan_file(p)
+    assert scan.format == "torch-legacy"
+    assert any("protocol version is a tuple" in f.message for f in scan.findings)
+
+
+def _safetensors_with_shape(shape: list[int]) -> bytes:
+    meta = {"model_sandbox.source_sha256": "0" * 64}
+    head = json.dumps({"__metadata__": meta, "a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}})
+    return struct.pack("<Q", len(head)) + head.encode() + b"\0" * 4
+
+
+def test_a_safetensors_shape_of_many_huge_dimensions_is_refused_quickly(tmp_path: Path) -> None:
+    # 60,000 dimensions of 2**62: the check multiplied them all out (a 3.7-million-bit
+    # product, seconds; a 100 MB header of them, hours) before comparing with the byte range
+    p = _write(tmp_path, "x.safetensors", _safetensors_with_shape([2**62] * 60_000))
+    start = time.monotonic()
+    with pytest.raises(MalformedInput, match="shape and byte range disagree"):
+        scan_file(p)
+    assert time.monotonic() - start < 2.0
+
+
+def test_a_remote_workers_safetensors_with_many_huge_dimensions_is_refused_quickly(tmp_path: Path) -> None:
+    data = _safetensors_with_shape([2**62] * 60_000)
+    p = _write(tmp_path, "out.safetensors", data)
+    start = time.monotonic()
+    why = _distribute.check_safetensors(p, out_sha=hashlib.sha256(data).hexdigest(), source_sha="0" * 64)
+    assert why is not None and "disagree" in why and time.monotonic() - start < 2.0
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "expected"),
+    [([], 4, 4), ([3, 0, 2**62], 4, 0), ([2, 3], 2, 12), ([2**62, 2**62], 1, None), ([5], 4, None)],
+)
+def test_byte_count(shape: list[int], size: int, expected: int | None) -> None:
+    assert safetensors_header.byte_count(shape, size, 16) == expected
