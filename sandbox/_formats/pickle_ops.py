@@ -90,7 +90,7 @@ BIG_INT = _Big()  # a LONG1/LONG4 literal longer than 64 bytes (its value is not
 Span = tuple[int, int]  # a counted argument: buf[start:end]
 
 
-def pickle_like(head: bytes) -> bool:
+def pickle_like(head: bytes | bytearray) -> bool:
     """``head`` starts with a PROTO opcode of a protocol pickle knows."""
     return len(head) >= 2 and head[0] == 0x80 and head[1] <= HIGHEST_PROTOCOL
 

@@ -36,7 +36,9 @@ _MAX_TRAILING_STREAMS = 16
 _TarRecord = Callable[[Ctx, Buf, int, int, WalkOut], int]
 
 
-def _member_bytes(ctx: Ctx, buf: Buf, e: ZipEntry, label: str, *, limit: int | None = None) -> bytes | None:
+def _member_bytes(
+    ctx: Ctx, buf: Buf, e: ZipEntry, label: str, *, limit: int | None = None
+) -> bytes | bytearray | None:
     """Uncompressed bytes of a zip member: its first ``limit`` bytes, or (without ``limit``)
     all of them within the scan limit; ``None`` with a finding when it cannot be scanned."""
     cap = ctx.max_pickle_bytes if limit is None else limit
@@ -118,7 +120,7 @@ def _check_zip(ctx: Ctx, buf: Buf, z: Zip, prefix: str) -> None:
             )
 
 
-def _check_crc(ctx: Ctx, e: ZipEntry, data: bytes, label: str) -> None:
+def _check_crc(ctx: Ctx, e: ZipEntry, data: bytes | bytearray, label: str) -> None:
     if len(data) != e.usize:
         ctx.add(
             "zip-header-mismatch",

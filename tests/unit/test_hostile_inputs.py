@@ -4,18 +4,25 @@ is unpickled or loaded."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
+import os
 import struct
 import tarfile
 import time
+import tracemalloc
+import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sandbox import _distribute
-from sandbox._formats import safetensors_header, tar_archive
+from sandbox._formats import compressed, safetensors_header, tar_archive, zip_archive
+from sandbox._formats.buffer import open_buffer
 from sandbox._scan import identify, scan_file
 from sandbox.errors import MalformedInput
 
@@ -130,3 +137,59 @@ def test_a_remote_workers_safetensors_with_many_huge_dimensions_is_refused_quick
 )
 def test_byte_count(shape: list[int], size: int, expected: int | None) -> None:
     assert safetensors_header.byte_count(shape, size, 16) == expected
+
+
+def _traced_peak(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_zip_bomb_member_costs_about_the_cap_not_a_multiple_of_it(tmp_path: Path) -> None:
+    # 96 MiB of zeros deflate to ~100 KB; inflating to a cap of 32 MiB once held the cap
+    # three times over (one unbounded inflate call, the growing buffer, a trimmed copy and
+    # its bytes copy): at the default cap of 1 GiB, a 1 MB file cost 3.2 GB resident
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z, z.open("archive/data.pkl", "w") as f:
+        for _ in range(96):
+            f.write(bytes(1 << 20))
+    cap = 32 << 20
+    with open_buffer(path) as buf:
+        found = zip_archive.find_zip(buf)
+        assert found is not None
+        entry = found.entries[0]
+        peak = _traced_peak(lambda: zip_archive.read_member(buf, entry, cap, "data.pkl"))
+        data, over = zip_archive.read_member(buf, entry, cap, "data.pkl")
+    assert over and len(data) == cap and not any(data[:: 1 << 16])
+    assert peak < 1.6 * cap, peak
+
+
+@pytest.mark.parametrize("kind", ["zlib", "gzip"])
+def test_a_compressed_bomb_costs_about_the_cap_not_a_multiple_of_it(kind: str) -> None:
+    raw = bytes(96 << 20)
+    packed = zlib.compress(raw, 9) if kind == "zlib" else gzip.compress(raw, 9)
+    del raw
+    cap = 32 << 20
+    peak = _traced_peak(lambda: compressed.decompress(packed, kind, cap, time.monotonic() + 30))
+    data, capped = compressed.decompress(packed, kind, cap, time.monotonic() + 30)
+    assert capped and len(data) == cap
+    assert peak < 1.6 * cap, peak
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000, 1 << 20])
+def test_bounded_inflation_still_returns_every_byte(tmp_path: Path, size: int) -> None:
+    body = os.urandom(size // 2) + bytes(size - size // 2)  # incompressible, then zeros
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", body)
+    with open_buffer(path) as buf:
+        found = zip_archive.find_zip(buf)
+        assert found is not None
+        assert zip_archive.read_member(buf, found.entries[0], size + 1, "x") == (body, False)
+    assert compressed.decompress(gzip.compress(body) * 2, "gzip", 2 * size + 1, time.monotonic() + 30) == (
+        body * 2,
+        False,
+    )
