@@ -345,8 +345,8 @@ def walk(
         if not isinstance(pid, tuple) or not pid:
             return
         tag = pid[0]
-        if isinstance(tag, Bytes):
-            tag = bytes(tag.buf[tag.start : tag.end]).decode("latin-1")
+        if isinstance(tag, Bytes):  # only its 7 bytes are copied: a tag may be a GiB constant
+            tag = _small_text(tag, len("storage"))
         if tag != "storage":
             return
         rec = _storage_record(ctx, pid, member)
@@ -734,12 +734,20 @@ def _storage_record(ctx: Ctx, pid: tuple[object, ...], member: str) -> StorageRe
     if entry is None or not ref.module.startswith("torch"):
         return None
     if isinstance(location, Bytes):
-        location = bytes(location.buf[location.start : location.end]).decode("latin-1")
+        location = _small_text(location, _MAX_STR)
     if not isinstance(key, (str, int)) or isinstance(key, bool) or not isinstance(location, str):
         return None
     if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
         return None
     return StorageRecord(key=str(key), dtype=entry[0], numel=numel, location=location, member=member)
+
+
+def _small_text(b: Bytes, limit: int) -> str | None:
+    """A bytes constant as latin-1 text when it holds at most ``limit`` bytes, else ``None``
+    (never a copy of a large constant: the stream's buffer is the file, mapped)."""
+    if b.end - b.start > limit:
+        return None
+    return bytes(b.buf[b.start : b.end]).decode("latin-1")
 
 
 def _joblib_digest(state: Dict, sha256: str) -> JoblibArray:

@@ -193,3 +193,24 @@ def test_bounded_inflation_still_returns_every_byte(tmp_path: Path, size: int) -
         body * 2,
         False,
     )
+
+
+@pytest.mark.parametrize("where", ["tag", "location"])
+def test_a_huge_bytes_constant_in_a_persistent_id_is_not_copied(tmp_path: Path, where: str) -> None:
+    # persistent_load(('storage', ...)) with a 64 MiB bytes constant as the tag or the
+    # location: the walk decoded the whole constant (a copy the size of the file: GiBs for a
+    # large one) to compare it with 'storage'
+    big = b"\x8e" + struct.pack("<Q", 64 << 20) + bytes(64 << 20)  # BINBYTES8
+    small = b"\x8c\x07storage"
+    storage_type = b"\x8c\x05torch\x8c\x0cFloatStorage\x93"
+    key, numel = b"\x8c\x010", b"K\x03"
+    parts = [
+        big if where == "tag" else small,
+        storage_type,
+        key,
+        big if where == "location" else b"\x8c\x03cpu",
+    ]
+    stream = b"\x80\x04(" + b"".join(parts) + numel + b"tQ."
+    p = _write(tmp_path, "pid.pkl", stream)
+    peak = _traced_peak(lambda: scan_file(p))
+    assert peak < 16 << 20, peak
