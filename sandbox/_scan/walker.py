@@ -37,6 +37,15 @@ from .results import GlobalRef, JoblibArray, StaticScan, StorageRecord
 
 _MAX_NESTING = 4  # pickles inside pickles inside ...
 _MAX_STACK = 5_000_000  # symbolic stack entries in one stream
+# Symbolic containers (dicts, lists, tuples, call results) built over the whole file: each one
+# can stay alive (kept in a tuple, a memo slot, a container's first items), so this bounds the
+# walk's memory (~125 bytes each) the way _MAX_STACK bounds the stack alone. 12 million empty
+# dicts gathered into tuples once cost 1.5 GB; at the opcode limit, 6 GB.
+_MAX_VALUES = 4_000_000
+# Import records, storage records, findings, joblib arrays and streams over the whole file: a
+# stream of 3 million GLOBAL/POP pairs (36 MB) once held 3 million records (1.7 GB) and put
+# every one of them in the report. Legitimate checkpoints hold a few per tensor.
+_MAX_RECORDS = 500_000
 _MAX_KEEP = 64  # container items kept for symbolic evaluation
 _MAX_STR = 1 << 16  # longer strings are kept only as their length
 _SEVERITY_OF = {"dangerous": Severity.CRITICAL, "unknown": Severity.MEDIUM}
@@ -83,6 +92,17 @@ class Ctx:
     protocol_max: int | None = None
     format: str = "unknown"  # as far as known; reported in MalformedStream.partial
     target: str | None = None
+    values: int = 0  # symbolic containers built so far (see walker._MAX_VALUES)
+
+    def records(self) -> int:
+        """Records kept for the result so far (see walker._MAX_RECORDS)."""
+        return (
+            len(self.refs)
+            + len(self.storages)
+            + len(self.findings)
+            + len(self.pickles)
+            + len(self.joblib_arrays)
+        )
 
     def add(self, rule: str, severity: Severity, category: str, message: str, **evidence: object) -> None:
         self.findings.append(
@@ -230,6 +250,7 @@ def walk(
     max_ops = ctx.max_ops
     deadline = ctx.deadline
     fence = 0
+    built = 0  # symbolic containers this walk made (added to ctx.values when it ends)
 
     def pop() -> object:
         if len(stack) <= fence:
@@ -405,6 +426,12 @@ def walk(
                     raise LimitExceeded(pos - start, "time budget exhausted")
                 if len(stack) > _MAX_STACK:
                     raise LimitExceeded(pos - start, f"more than {_MAX_STACK} values on the stack")
+                if ctx.values + built > _MAX_VALUES:
+                    raise LimitExceeded(pos - start, f"more than {_MAX_VALUES} containers built")
+                if ctx.records() > _MAX_RECORDS:
+                    raise LimitExceeded(
+                        pos - start, f"more than {_MAX_RECORDS} records (imports, findings...)"
+                    )
             op_off = pos
             op, arg, pos = step(buf, pos, end)
             op_proto = OP_PROTO[op]
@@ -435,7 +462,9 @@ def walk(
             elif op == 0x4B or op == 0x4D or op == 0x4A or op == 0x47 or op == 0x46:
                 stack.append(arg)  # BININT1 / BININT2 / BININT / BINFLOAT / FLOAT
             elif op == 0x74:  # TUPLE
-                stack.append(tuple(pop_mark()))
+                items = pop_mark()
+                stack.append(tuple(items))
+                built += 1 + len(items) // 8  # a long tuple keeps every item alive
             elif op == 0x85 or op == 0x86 or op == 0x87:  # TUPLE1/2/3
                 n = op - 0x84
                 if len(stack) - fence < n:
@@ -443,6 +472,7 @@ def walk(
                 items = stack[len(stack) - n :]
                 del stack[len(stack) - n :]
                 stack.append(tuple(items))
+                built += 1
             elif op == 0x29:  # EMPTY_TUPLE
                 stack.append(())
             elif op == 0x52:  # REDUCE
@@ -458,6 +488,7 @@ def walk(
                     and _literal(args[1:]),
                 )
                 stack.append(Obj("reduce", func, args))
+                built += 1
             elif op == 0x62:  # BUILD
                 state = pop()
                 inst = top()
@@ -484,6 +515,7 @@ def walk(
                 cls = pop()
                 called(cls)
                 stack.append(Obj("newobj", cls, args))
+                built += 1
             elif op == 0x63 or op == 0x69:  # GLOBAL / INST
                 module, name = arg
                 g = add_global(module, name, "GLOBAL" if op == 0x63 else "INST")
@@ -493,6 +525,7 @@ def walk(
                     items = pop_mark()
                     called(g)
                     stack.append(Obj("inst", g, tuple(items)))
+                    built += 1
             elif op == 0x93:  # STACK_GLOBAL
                 name_v = pop()
                 module_v = pop()
@@ -508,10 +541,13 @@ def walk(
                     raise Invalid(-1, "unpickling stack underflow")
                 called(items[0])
                 stack.append(Obj("obj", items[0], tuple(items[1:])))
+                built += 1
             elif op == 0x7D:  # EMPTY_DICT
                 stack.append(Dict())
+                built += 1
             elif op == 0x5D:  # EMPTY_LIST
                 stack.append(List([]))
+                built += 1
             elif op == 0x75:  # SETITEMS
                 items = pop_mark()
                 if len(items) % 2:
@@ -541,8 +577,10 @@ def walk(
                 pid = pop()
                 record_persistent(pid)
                 stack.append(Obj("persid", None, pid))
+                built += 1
             elif op == 0x50:  # PERSID
                 stack.append(Obj("persid", None, arg))
+                built += 1
             elif op == 0x4E:  # NONE
                 stack.append(None)
             elif op == 0x88:
@@ -597,6 +635,7 @@ def walk(
                 stack_op(op, stack, marks, pop, pop_mark, top)
             elif op == 0x6C:  # LIST
                 stack.append(List(pop_mark()))
+                built += 1
             elif op == 0x64:  # DICT
                 items = pop_mark()
                 if len(items) % 2:
@@ -606,6 +645,7 @@ def walk(
                     d.add(items[i], items[i + 1])
                 d.count += max(0, len(items) // 2 - _MAX_KEEP)
                 stack.append(d)
+                built += 1
             elif op == 0x8F:  # EMPTY_SET
                 stack.append(OPAQUE)
             elif op == 0x90:  # ADDITEMS
@@ -641,6 +681,8 @@ def walk(
     except Fault as exc:
         at(exc, op_off - start)
         raise
+    finally:
+        ctx.values += built
 
 
 def walk_quietly(ctx: Ctx, buf: Buf, start: int, end: int, label: str, *, nest: int = 0) -> WalkOut | None:

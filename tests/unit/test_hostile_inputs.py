@@ -23,7 +23,7 @@ import pytest
 from sandbox import _distribute
 from sandbox._formats import compressed, safetensors_header, tar_archive, zip_archive
 from sandbox._formats.buffer import open_buffer
-from sandbox._scan import identify, scan_file
+from sandbox._scan import StaticScan, identify, scan_file, walker
 from sandbox.errors import MalformedInput
 
 
@@ -214,3 +214,35 @@ def test_a_huge_bytes_constant_in_a_persistent_id_is_not_copied(tmp_path: Path, 
     p = _write(tmp_path, "pid.pkl", stream)
     peak = _traced_peak(lambda: scan_file(p))
     assert peak < 16 << 20, peak
+
+
+def _limit_findings(scan: StaticScan) -> list[str]:
+    return [f.message for f in scan.findings if f.rule == "scan-limit-exceeded"]
+
+
+def test_containers_gathered_into_tuples_end_the_walk_at_the_value_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 12 million empty dicts gathered into three tuples once kept 1.5 GB alive (no stack or
+    # memo limit saw them); at the opcode limit, 6 GB from a 50 MB file
+    monkeypatch.setattr(walker, "_MAX_VALUES", 20_000)
+    p = _write(tmp_path, "dicts.pkl", b"\x80\x04" + (b"(" + b"}" * 100_000 + b"t") * 3 + b".")
+    peak = _traced_peak(lambda: scan_file(p))
+    assert any("containers built" in m for m in _limit_findings(scan_file(p)))
+    assert peak < 8 << 20, peak
+
+
+def test_a_flood_of_imports_ends_the_walk_at_the_record_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GLOBAL/POP pairs: 3 million of them (36 MB) once made 3 million import records (1.7 GB,
+    # all of them in the report); EXT codes and lying FRAMEs add a finding per opcode
+    monkeypatch.setattr(walker, "_MAX_RECORDS", 5_000)
+    for name, stream in (
+        ("globals.pkl", b"\x80\x02" + b"cos\nsystem\n0" * 50_000 + b"N."),
+        ("ext.pkl", b"\x80\x02" + b"\x82\x01" * 50_000 + b"N."),
+        ("frames.pkl", b"\x80\x04" + (b"\x95" + b"\xff" * 8) * 50_000 + b"N."),
+    ):
+        scan = scan_file(_write(tmp_path, name, stream))
+        assert any("records" in m for m in _limit_findings(scan)), name
+        assert len(scan.globals) + len(scan.findings) < 20_000, name
