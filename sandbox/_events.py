@@ -114,7 +114,7 @@ def _event(obj: Any) -> Event | None:
     )
 
 
-def parse_events(data: bytes) -> tuple[list[Event], int]:
+def parse_events(data: bytes | bytearray) -> tuple[list[Event], int]:
     """Events from the bytes of ``events.jsonl``. Returns (events, rejected lines)."""
     events: list[Event] = []
     rejected = 0
@@ -643,7 +643,7 @@ def _scan_outputs(outputs: dict[str, int], canaries: dict[str, str]) -> list[Fin
 
 
 def read(
-    events: bytes,
+    events: bytes | bytearray,
     status: P.Status | None,
     outputs: dict[str, int],
     dropped: int = 0,

@@ -227,3 +227,15 @@ def test_events_past_the_cap_are_counted_not_kept(channel: Channel, monkeypatch:
 
     got = converse(channel, play)
     assert got.completed and len(got.events) == 80 and got.events_dropped == 3
+
+
+def test_a_flood_of_small_event_frames_costs_linear_time(channel: Channel) -> None:
+    # 16 MiB of events in 400-byte frames: kept as immutable bytes, every frame copied all the
+    # events before it (320 GB of copying: the host's CPU spent until the deadline)
+    got = Received()
+    frame = P.frame(P.EVENTS, b"x" * 399 + b"\n")
+    start = time.monotonic()
+    for _ in range(P.MAX_EVENTS_BYTES // 400 + 10):
+        assert channel._take(got, frame, [], 1 << 20) is None
+        assert time.monotonic() - start < 5.0
+    assert len(got.events) == P.MAX_EVENTS_BYTES // 400 * 400 and got.events_dropped == 10
