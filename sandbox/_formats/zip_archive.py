@@ -23,7 +23,7 @@ BOMB_RATIO = 200  # compressed more than this, is a decompression bomb
 INFLATE_STEP = 1 << 20  # the most one inflate call may produce
 
 
-@dataclass
+@dataclass(slots=True)
 class ZipEntry:
     index: int
     name: bytes

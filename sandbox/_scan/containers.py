@@ -26,6 +26,7 @@ from sandbox._formats.zip_archive import (
 )
 from sandbox.report import Severity
 
+from . import walker
 from .globals import JOBLIB_WRAPPERS, STORAGE_TYPES
 from .results import StorageRecord
 from .walker import Ctx, Global, Invalid, LimitExceeded, Truncated, WalkOut, walk, walk_quietly
@@ -75,6 +76,9 @@ def _check_zip(ctx: Ctx, buf: Buf, z: Zip, prefix: str) -> None:
     # its flag bits (an encrypted text file, say) are no evasion
     loadable = any(e.name.lower().endswith((b".pkl", b".npy")) for e in z.entries)
     for e in z.entries:
+        if ctx.over_records():
+            _too_many(ctx, prefix, "checked for container tricks")
+            return
         label = prefix + e.text
         key = e.name.lower()
         if key in seen:
@@ -120,6 +124,16 @@ def _check_zip(ctx: Ctx, buf: Buf, z: Zip, prefix: str) -> None:
             )
 
 
+def _too_many(ctx: Ctx, prefix: str, what: str) -> None:
+    ctx.limit(
+        prefix + "zip",
+        LimitExceeded(
+            0,
+            f"more than {walker.MAX_RECORDS} records (members, findings); the rest were not {what}",
+        ),
+    )
+
+
 def _check_crc(ctx: Ctx, e: ZipEntry, data: bytes | bytearray, label: str) -> None:
     if len(data) != e.usize:
         ctx.add(
@@ -145,7 +159,14 @@ def scan_zip(ctx: Ctx, buf: Buf, z: Zip, fmt: str, prefix: str = "") -> None:
     _check_zip(ctx, buf, z, prefix)
     target, matches, arch = torch_target(z.entries)
     data_dir = (arch.lower() + b"/data/") if arch is not None else None
+    wanted_first = {id(e) for e in matches}
+    over = False
     for e in z.entries:
+        if ctx.over_records() and id(e) not in wanted_first:
+            # past the record limit only what torch would unpickle is still walked (a million
+            # members ahead of it must not hide it)
+            over = True
+            continue
         label = prefix + e.text
         lname = e.name.lower()
         if lname.endswith(b"/") and e.usize == 0:
@@ -179,6 +200,8 @@ def scan_zip(ctx: Ctx, buf: Buf, z: Zip, fmt: str, prefix: str = "") -> None:
             continue
         _check_crc(ctx, e, data, label)
         _walk_member(ctx, data, label, truncation_fatal=(e in matches))
+    if over:
+        _too_many(ctx, prefix, "scanned")
     if fmt in ("torch-zip", "torchscript") and target is None:
         ctx.add(
             "zip-no-data-pkl",

@@ -45,7 +45,7 @@ _MAX_VALUES = 4_000_000
 # Import records, storage records, findings, joblib arrays and streams over the whole file: a
 # stream of 3 million GLOBAL/POP pairs (36 MB) once held 3 million records (1.7 GB) and put
 # every one of them in the report. Legitimate checkpoints hold a few per tensor.
-_MAX_RECORDS = 500_000
+MAX_RECORDS = 500_000
 _MAX_KEEP = 64  # container items kept for symbolic evaluation
 _MAX_STR = 1 << 16  # longer strings are kept only as their length
 _SEVERITY_OF = {"dangerous": Severity.CRITICAL, "unknown": Severity.MEDIUM}
@@ -95,7 +95,7 @@ class Ctx:
     values: int = 0  # symbolic containers built so far (see walker._MAX_VALUES)
 
     def records(self) -> int:
-        """Records kept for the result so far (see walker._MAX_RECORDS)."""
+        """Records kept for the result so far (see walker.MAX_RECORDS)."""
         return (
             len(self.refs)
             + len(self.storages)
@@ -103,6 +103,9 @@ class Ctx:
             + len(self.pickles)
             + len(self.joblib_arrays)
         )
+
+    def over_records(self) -> bool:
+        return self.records() > MAX_RECORDS
 
     def add(self, rule: str, severity: Severity, category: str, message: str, **evidence: object) -> None:
         self.findings.append(
@@ -428,9 +431,9 @@ def walk(
                     raise LimitExceeded(pos - start, f"more than {_MAX_STACK} values on the stack")
                 if ctx.values + built > _MAX_VALUES:
                     raise LimitExceeded(pos - start, f"more than {_MAX_VALUES} containers built")
-                if ctx.records() > _MAX_RECORDS:
+                if ctx.over_records():
                     raise LimitExceeded(
-                        pos - start, f"more than {_MAX_RECORDS} records (imports, findings...)"
+                        pos - start, f"more than {MAX_RECORDS} records (imports, findings...)"
                     )
             op_off = pos
             op, arg, pos = step(buf, pos, end)

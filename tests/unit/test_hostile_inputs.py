@@ -237,7 +237,7 @@ def test_a_flood_of_imports_ends_the_walk_at_the_record_limit(
 ) -> None:
     # GLOBAL/POP pairs: 3 million of them (36 MB) once made 3 million import records (1.7 GB,
     # all of them in the report); EXT codes and lying FRAMEs add a finding per opcode
-    monkeypatch.setattr(walker, "_MAX_RECORDS", 5_000)
+    monkeypatch.setattr(walker, "MAX_RECORDS", 5_000)
     for name, stream in (
         ("globals.pkl", b"\x80\x02" + b"cos\nsystem\n0" * 50_000 + b"N."),
         ("ext.pkl", b"\x80\x02" + b"\x82\x01" * 50_000 + b"N."),
@@ -246,3 +246,82 @@ def test_a_flood_of_imports_ends_the_walk_at_the_record_limit(
         scan = scan_file(_write(tmp_path, name, stream))
         assert any("records" in m for m in _limit_findings(scan)), name
         assert len(scan.globals) + len(scan.findings) < 20_000, name
+
+
+def _zip_of_many_members(count: int, last: bytes) -> bytes:
+    """``count`` central directory entries ``archive/dNNNNNNN.pkl`` that all point at one
+    local header (named otherwise: a header mismatch each), then ``archive/data.pkl``."""
+    small = b"\x80\x02N."
+    out = bytearray()
+    cd = bytearray()
+
+    def local(name: bytes, data: bytes) -> int:
+        at = len(out)
+        out.extend(
+            struct.pack(
+                "<4sHHHHHIIIHH",
+                b"PK\x03\x04",
+                20,
+                0,
+                0,
+                0,
+                0,
+                zlib.crc32(data),
+                len(data),
+                len(data),
+                len(name),
+                0,
+            )
+            + name
+            + data
+        )
+        return at
+
+    def central(name: bytes, data: bytes, at: int) -> None:
+        cd.extend(
+            struct.pack(
+                "<4sHHHHHHIIIHHHHHII",
+                *(
+                    b"PK\x01\x02",
+                    20,
+                    20,
+                    0,
+                    0,
+                    0,
+                    0,
+                    zlib.crc32(data),
+                    len(data),
+                    len(data),
+                    len(name),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    at,
+                ),
+            )
+            + name
+        )
+
+    shared = local(b"archive/shared", small)
+    for i in range(count):
+        central(b"archive/d%07d.pkl" % i, small, shared)
+    central(b"archive/data.pkl", last, local(b"archive/data.pkl", last))
+    n = count + 1
+    cd_at = len(out)
+    return bytes(out + cd + struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, len(cd), cd_at, 0))
+
+
+def test_a_zip_of_many_tricky_members_ends_at_the_record_limit_but_still_walks_data_pkl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 300,000 central directory entries, each pointing at one shared local header under
+    # another name: one finding per entry and one walk per member (1M entries, ~1.3 GB and
+    # half a minute); past the record limit only the member torch unpickles is still walked
+    monkeypatch.setattr(walker, "MAX_RECORDS", 2_000)
+    evil = b"\x80\x04\x8c\x02os\x8c\x06system\x93\x8c\x04true\x85R."
+    scan = scan_file(_write(tmp_path, "many.pt", _zip_of_many_members(10_000, evil)))
+    assert len(scan.findings) < 3_000 and len(scan.pickles) < 3_000
+    assert any("records (members, findings)" in m for m in _limit_findings(scan))
+    assert any(g.qualname == "os.system" and g.member == "archive/data.pkl" for g in scan.globals)
