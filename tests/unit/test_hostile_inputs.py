@@ -189,10 +189,8 @@ def test_bounded_inflation_still_returns_every_byte(tmp_path: Path, size: int) -
         found = zip_archive.find_zip(buf)
         assert found is not None
         assert zip_archive.read_member(buf, found.entries[0], size + 1, "x") == (body, False)
-    assert compressed.decompress(gzip.compress(body) * 2, "gzip", 2 * size + 1, time.monotonic() + 30) == (
-        body * 2,
-        False,
-    )
+    data, capped = compressed.decompress(gzip.compress(body) * 2, "gzip", 2 * size + 1, time.monotonic() + 30)
+    assert (bytes(data), capped) == (body * 2, False)
 
 
 @pytest.mark.parametrize("where", ["tag", "location"])
