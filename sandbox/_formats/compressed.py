@@ -31,7 +31,7 @@ def detect(buf: Buf) -> str | None:
     return None
 
 
-def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytearray, bool]:
+def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes | bytearray, bool]:
     """Decompress ``buf`` with the stdlib, at most ``cap`` bytes. Returns (data, capped).
     Each call's output is bounded, so the peak is about ``cap``, never a multiple of it."""
     out = bytearray()
