@@ -4,6 +4,8 @@ member bytes inflated within a cap."""
 
 from __future__ import annotations
 
+import math
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -54,6 +56,10 @@ class ZipEntry:
 class Zip:
     entries: list[ZipEntry]
     shift: int  # bytes before the archive that the central directory does not account for
+
+
+class OutOfTime(Exception):
+    """The deadline passed while a member was being inflated."""
 
 
 class UnsupportedCompression(Exception):
@@ -159,13 +165,17 @@ def _zip64_fields(extra: bytes, usize: int, csize: int, header: int) -> tuple[in
     return usize, csize, header
 
 
-def read_member(buf: Buf, e: ZipEntry, cap: int, label: str) -> tuple[bytes | bytearray, bool]:
+def read_member(
+    buf: Buf, e: ZipEntry, cap: int, label: str, *, deadline: float = math.inf
+) -> tuple[bytes | bytearray, bool]:
     """The member's uncompressed bytes, at most ``cap`` of them, and whether there were more.
 
     Memory: about ``cap`` bytes at the peak, never a multiple of it (inflated in bounded steps,
     trimmed in place: a 1 MB zip bomb once cost 3 GB of resident memory at the default cap).
-    Raises ``UnsupportedCompression`` for a method other than stored or deflate, and
-    ``MalformedInput`` when deflated data does not inflate.
+    Raises ``UnsupportedCompression`` for a method other than stored or deflate,
+    ``MalformedInput`` when deflated data does not inflate, and ``OutOfTime`` once
+    ``time.monotonic()`` passes ``deadline`` (checked between steps: a GiB takes a second or
+    two, and a hundred directory entries may share one bomb's data).
     """
     raw_end = e.data_start + e.csize
     if e.method == 0:
@@ -184,6 +194,8 @@ def read_member(buf: Buf, e: ZipEntry, cap: int, label: str) -> tuple[bytes | by
                 p += len(data)
             else:
                 data = b""  # input all read: drain what the last bounded call held back
+            if time.monotonic() > deadline:
+                raise OutOfTime(label)
             got = d.decompress(data, min(INFLATE_STEP, cap + 1 - len(out)))
             if not got and not data:
                 break

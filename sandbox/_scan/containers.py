@@ -9,6 +9,7 @@ headers that disagree, CRC, flag bits, trailing data) becomes a finding here.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,6 +19,7 @@ from sandbox._formats.buffer import Buf, u16, u32
 from sandbox._formats.pickle_ops import LEGACY_MAGIC, LEGACY_PROTOCOL_VERSION, pickle_like
 from sandbox._formats.zip_archive import (
     SUSPICIOUS_FLAGS,
+    OutOfTime,
     UnsupportedCompression,
     Zip,
     ZipEntry,
@@ -44,7 +46,10 @@ def _member_bytes(
     all of them within the scan limit; ``None`` with a finding when it cannot be scanned."""
     cap = ctx.max_pickle_bytes if limit is None else limit
     try:
-        data, over = read_member(buf, e, cap, label)
+        data, over = read_member(buf, e, cap, label, deadline=ctx.deadline)
+    except OutOfTime:
+        ctx.limit(label, LimitExceeded(0, "time budget exhausted while inflating it"))
+        return None
     except UnsupportedCompression:
         ctx.add(
             "zip-unsupported-compression",
@@ -125,13 +130,12 @@ def _check_zip(ctx: Ctx, buf: Buf, z: Zip, prefix: str) -> None:
 
 
 def _too_many(ctx: Ctx, prefix: str, what: str) -> None:
-    ctx.limit(
-        prefix + "zip",
-        LimitExceeded(
-            0,
-            f"more than {walker.MAX_RECORDS} records (members, findings); the rest were not {what}",
-        ),
+    why = (
+        "time budget exhausted"
+        if time.monotonic() > ctx.deadline
+        else f"more than {walker.MAX_RECORDS} records"
     )
+    ctx.limit(prefix + "zip", LimitExceeded(0, f"{why}; the other members were not {what}"))
 
 
 def _check_crc(ctx: Ctx, e: ZipEntry, data: bytes | bytearray, label: str) -> None:
@@ -161,12 +165,12 @@ def scan_zip(ctx: Ctx, buf: Buf, z: Zip, fmt: str, prefix: str = "") -> None:
     data_dir = (arch.lower() + b"/data/") if arch is not None else None
     wanted_first = {id(e) for e in matches}
     over = False
-    for e in z.entries:
-        if ctx.over_records() and id(e) not in wanted_first:
-            # past the record limit only what torch would unpickle is still walked (a million
-            # members ahead of it must not hide it)
+    # what torch unpickles first: members ahead of it (a million of them, or bombs that use up
+    # the time budget) must not keep it from being walked
+    for e in matches + [e for e in z.entries if id(e) not in wanted_first]:
+        if id(e) not in wanted_first and (ctx.over_records() or time.monotonic() > ctx.deadline):
             over = True
-            continue
+            break
         label = prefix + e.text
         lname = e.name.lower()
         if lname.endswith(b"/") and e.usize == 0:
@@ -202,6 +206,7 @@ def scan_zip(ctx: Ctx, buf: Buf, z: Zip, fmt: str, prefix: str = "") -> None:
         _walk_member(ctx, data, label, truncation_fatal=(e in matches))
     if over:
         _too_many(ctx, prefix, "scanned")
+
     if fmt in ("torch-zip", "torchscript") and target is None:
         ctx.add(
             "zip-no-data-pkl",

@@ -321,5 +321,48 @@ def test_a_zip_of_many_tricky_members_ends_at_the_record_limit_but_still_walks_d
     evil = b"\x80\x04\x8c\x02os\x8c\x06system\x93\x8c\x04true\x85R."
     scan = scan_file(_write(tmp_path, "many.pt", _zip_of_many_members(10_000, evil)))
     assert len(scan.findings) < 3_000 and len(scan.pickles) < 3_000
-    assert any("records (members, findings)" in m for m in _limit_findings(scan))
+    assert any("records; the other members were not scanned" in m for m in _limit_findings(scan))
+    assert any(g.qualname == "os.system" and g.member == "archive/data.pkl" for g in scan.globals)
+
+
+def _overlapping_bombs_then(count: int, megabytes: int, last: bytes) -> bytes:
+    """``count`` directory entries ``archive/xNNNNN.pkl`` that share one deflated run of zeros
+    (``megabytes`` MiB inflated), then ``archive/data.pkl`` holding ``last``."""
+    co = zlib.compressobj(1, zlib.DEFLATED, -15)
+    comp = b"".join(co.compress(bytes(1 << 20)) for _ in range(megabytes)) + co.flush()
+    size = megabytes << 20
+    out = bytearray()
+    cd = bytearray()
+
+    def local(name: bytes, method: int, crc: int, data: bytes, usize: int) -> int:
+        at = len(out)
+        head = struct.pack(
+            "<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 0, crc, len(data), usize, len(name), 0
+        )
+        out.extend(head + name + data)
+        return at
+
+    def central(name: bytes, method: int, crc: int, csize: int, usize: int, at: int) -> None:
+        fields = (b"PK\x01\x02", 20, 20, 0, method, 0, 0, crc, csize, usize, len(name), 0, 0, 0, 0, 0, at)
+        cd.extend(struct.pack("<4sHHHHHHIIIHHHHHII", *fields) + name)
+
+    bomb = local(b"archive/x.pkl", 8, 0, comp, size)
+    for i in range(count):
+        central(b"archive/x%05d.pkl" % i, 8, 0, len(comp), size, bomb)
+    evil_at = local(b"archive/data.pkl", 0, zlib.crc32(last), last, len(last))
+    central(b"archive/data.pkl", 0, zlib.crc32(last), len(last), len(last), evil_at)
+    n, cd_at = count + 1, len(out)
+    return bytes(out + cd + struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, len(cd), cd_at, 0))
+
+
+def test_zip_members_sharing_one_bomb_stop_at_the_time_budget_after_data_pkl(tmp_path: Path) -> None:
+    # one deflated run of zeros named by many directory entries: each was inflated in full,
+    # whatever the time budget (a 1 MB file of 1,000 entries sharing a 1 GiB bomb: ~20
+    # minutes); data.pkl, listed last, was walked only after all of them
+    evil = b"\x80\x04\x8c\x02os\x8c\x06system\x93\x8c\x04true\x85R."
+    p = _write(tmp_path, "shared.pt", _overlapping_bombs_then(40, 128, evil))
+    start = time.monotonic()
+    scan = scan_file(p, time_budget_s=0.5)
+    assert time.monotonic() - start < 3.0
+    assert any("time budget exhausted" in m for m in _limit_findings(scan))
     assert any(g.qualname == "os.system" and g.member == "archive/data.pkl" for g in scan.globals)
