@@ -23,10 +23,10 @@ def byte_count(shape: list[int] | tuple[int, ...], itemsize: int, limit: int) ->
         return 0
     count = itemsize
     for d in shape:
-        count *= d
         if count > limit:
             return None
-    return count
+        count *= d
+    return count if count <= limit else None
 
 
 def looks_like(buf: Buf) -> bool:
