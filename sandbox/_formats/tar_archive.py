@@ -114,6 +114,10 @@ def members(buf: Buf) -> tuple[dict[str, list[tuple[int, int]]], list[str], bool
                 if info.offset_data + info.size > len(buf):
                     raise MalformedInput(f"tar member {info.name!r} is truncated", offset=info.offset_data)
                 members.setdefault(info.name, []).append((info.offset_data, info.size))
-    except (tarfile.TarError, _Hostile, OSError, ValueError, EOFError, UnicodeError, OverflowError) as exc:
-        raise MalformedInput(f"unreadable tar archive: {exc}") from None
+    except MalformedInput:
+        raise
+    except Exception as exc:  # tarfile is not written for hostile archives
+        # besides its own errors it raises what its parsing runs into: IndexError for a GNU
+        # sparse header whose extension block is missing, ValueError, OverflowError, ...
+        raise MalformedInput(f"unreadable tar archive: {exc or type(exc).__name__}") from None
     return members, odd, False

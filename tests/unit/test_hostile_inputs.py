@@ -366,3 +366,18 @@ def test_zip_members_sharing_one_bomb_stop_at_the_time_budget_after_data_pkl(tmp
     assert time.monotonic() - start < 3.0
     assert any("time budget exhausted" in m for m in _limit_findings(scan))
     assert any(g.qualname == "os.system" and g.member == "archive/data.pkl" for g in scan.globals)
+
+
+def test_a_gnu_sparse_header_whose_extension_block_is_missing_is_malformed(tmp_path: Path) -> None:
+    # tarfile reads the extension block past the end and indexes the empty result: an
+    # IndexError escaped the reader and the CLI printed a traceback
+    info = tarfile.TarInfo("pickle")
+    info.size, info.type = 0, tarfile.GNUTYPE_SPARSE
+    block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    block[482] = 1  # isextended: another block of sparse entries follows (it does not)
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    p = _write(tmp_path, "sparse.tar", bytes(block))
+    with pytest.raises(MalformedInput, match="unreadable tar archive"):
+        scan_file(p)
+    assert identify(p) == "unknown"
