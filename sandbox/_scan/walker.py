@@ -609,7 +609,7 @@ def walk(
             elif op == 0x56:  # UNICODE
                 stack.append(arg if len(arg) <= _MAX_STR else LONG_STR)
             elif op == 0x49 or op == 0x4C:  # INT / LONG
-                stack.append(arg)
+                stack.append(BIG_INT if arg is BIG else arg)
             elif op == 0x80:  # PROTO
                 proto = arg
                 if proto > max_proto:

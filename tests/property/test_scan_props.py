@@ -206,3 +206,37 @@ def test_valid_pickles_agree_with_pickletools(value: object, protocol: int) -> N
     declared = ops[0][1] if ops[0][0].name == "PROTO" else 0
     assert isinstance(declared, int)
     assert res.protocol == max(declared, *(op.proto for op, _, _ in ops))
+
+
+_NUMBER_CHARS = st.sampled_from(
+    list("0123456789") * 4 + list("xXoObBaAfFeE+-_ .Lnita") + ["\t", "\x0b", "\x00"]
+)
+_NUMBER_LINES = st.one_of(
+    st.lists(_NUMBER_CHARS, max_size=24).map(lambda cs: "".join(cs).encode("latin-1")),
+    st.tuples(
+        st.sampled_from(["", "-", "0x", "0o"]), st.integers(4290, 4310), st.sampled_from(["", "L", "\x00z"])
+    ).map(lambda t: (t[0] + "7" * t[1] + t[2]).encode()),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([b"I", b"L", b"F", b"p", b"g"]), _NUMBER_LINES)
+def test_number_and_memo_lines_read_as_the_c_unpickler_reads_them(op: bytes, line: bytes) -> None:
+    """A literal the scanner refuses while the unpickler reads on would hide everything after
+    it (``I1\\0junk`` did). The streams here hold one number or memo opcode and STOP: loading
+    them builds an int, a float, a bool or None, and imports nothing."""
+    if op in (b"p", b"g"):
+        stream = b"N" + (b"p0\n0g" if op == b"g" else b"p") + line + b"\n."
+    else:
+        stream = op + line + b"\n."
+    try:
+        pickle.loads(stream)
+        loads = True
+    except Exception:
+        loads = False
+    try:
+        scan_pickle_bytes(stream)
+        scans = True
+    except MalformedInput:
+        scans = False
+    assert scans == loads, (stream[:60], loads)

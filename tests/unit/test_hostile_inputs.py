@@ -23,7 +23,7 @@ import pytest
 from sandbox import _distribute
 from sandbox._formats import compressed, safetensors_header, tar_archive, zip_archive
 from sandbox._formats.buffer import open_buffer
-from sandbox._scan import StaticScan, identify, scan_file, walker
+from sandbox._scan import StaticScan, identify, scan_file, scan_pickle_bytes, walker
 from sandbox.errors import MalformedInput
 
 
@@ -381,3 +381,25 @@ def test_a_gnu_sparse_header_whose_extension_block_is_missing_is_malformed(tmp_p
     with pytest.raises(MalformedInput, match="unreadable tar archive"):
         scan_file(p)
     assert identify(p) == "unknown"
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        pytest.param(b"I1\x00junk\n", id="INT-with-a-NUL"),  # strtol stops at the NUL
+        pytest.param(b"L1\x00junk\n", id="LONG-with-a-NUL"),
+        pytest.param(b"F1.5\x00junk\n", id="FLOAT-with-a-NUL"),
+        pytest.param(b"I\x00\n", id="INT-of-an-empty-C-string"),  # strtol: no digits, 0
+        pytest.param(b"I" + b"7" * 4100 + b"\n", id="INT-of-4100-digits"),  # the limit is 4300
+        pytest.param(b"L" + b"7" * 4300 + b"L\n", id="LONG-of-4300-digits"),
+        pytest.param(b"L0x1fL\n", id="hexadecimal-LONG"),  # PyLong_FromString, base 0
+        pytest.param(b"N" + b"p1\x00x\n" + b"0" + b"g1\x00y\n", id="PUT-and-GET-with-a-NUL"),
+    ],
+)
+def test_a_literal_the_unpickler_reads_does_not_end_the_scan(literal: bytes) -> None:
+    # each made the walk fault ("bad integer literal", "integer literal too long", ...) while
+    # pickle reads on: the os.system call after it was invisible to the static scan, which
+    # reported a MEDIUM parse error instead of a CRITICAL dangerous global
+    stream = literal + b"0cos\nsystem\n(S'true'\ntR."
+    scan = scan_pickle_bytes(stream)
+    assert [g.qualname for g in scan.globals] == ["os.system"]
