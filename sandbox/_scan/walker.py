@@ -25,6 +25,7 @@ from sandbox._formats.pickle_ops import (
     Span,
     Truncated,
     at,
+    check_text,
     resolve_name,
     stack_op,
     step,
@@ -317,7 +318,7 @@ def walk(
 
     def push_text(span: Span) -> None:
         if span[1] - span[0] > _MAX_STR:
-            text(buf, span)  # still checked: the unpickler fails on invalid UTF-8
+            check_text(buf, span)  # still checked: the unpickler fails on invalid UTF-8
             stack.append(LONG_STR)
             return
         push_str(text(buf, span), span[0])

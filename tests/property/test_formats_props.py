@@ -15,7 +15,7 @@ import zlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandbox._formats import compressed, safetensors_header, tar_archive, zip_archive
+from sandbox._formats import compressed, pickle_ops, safetensors_header, tar_archive, zip_archive
 from sandbox._formats.zip_archive import ZipEntry
 from sandbox.errors import MalformedInput
 
@@ -110,3 +110,37 @@ def test_byte_count_is_the_product_within_the_limit(shape: list[int], size: int,
     product = size * math.prod(shape)
     expected = product if product <= limit else None
     assert safetensors_header.byte_count(shape, size, limit) == expected
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b"a",
+                b"\xc3\xa9",
+                b"\xe2\x82\xac",
+                b"\xf0\x9f\x98\x80",
+                b"\xed\xa0\x80",
+                b"\xc3",
+                b"\xff",
+                b"\x80",
+            ]
+        ),
+        max_size=40,
+    ),
+    st.integers(1, 7),
+)
+def test_checking_text_in_chunks_agrees_with_decoding_it(parts: list[bytes], chunk: int) -> None:
+    data = b"".join(parts)
+    try:
+        pickle_ops.text(data, (0, len(data)))
+        whole = True
+    except pickle_ops.Invalid:
+        whole = False
+    try:
+        pickle_ops.check_text(data, (0, len(data)), chunk)
+        chunked = True
+    except pickle_ops.Invalid:
+        chunked = False
+    assert chunked == whole

@@ -403,3 +403,20 @@ def test_a_literal_the_unpickler_reads_does_not_end_the_scan(literal: bytes) -> 
     stream = literal + b"0cos\nsystem\n(S'true'\ntR."
     scan = scan_pickle_bytes(stream)
     assert [g.qualname for g in scan.globals] == ["os.system"]
+
+
+def test_a_huge_string_constant_is_checked_without_a_copy(tmp_path: Path) -> None:
+    # a BINUNICODE8 of 64 MiB: checking its UTF-8 copied it and built the string (for a
+    # file-sized one: the file's size twice over, and up to four times that for the string)
+    n = 64 << 20
+    p = tmp_path / "str.pkl"
+    with open(p, "wb") as f:
+        f.write(b"\x80\x04\x8d" + struct.pack("<Q", n))
+        f.write("\u00e9".encode() * (n // 2))
+        f.write(b".")
+    peak = _traced_peak(lambda: scan_file(p))
+    assert peak < 16 << 20, peak
+    with open(p, "r+b") as f:  # a broken character at the very end is still refused
+        f.seek(11 + n - 1)
+        f.write(b"\xc3")
+    assert any("invalid UTF-8" in f.message for f in scan_file(p).findings)
