@@ -22,7 +22,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandbox._scan import identify, scan_file, scan_pickle_bytes
+from sandbox._scan import DANGEROUS_GLOBALS, identify, scan_file, scan_pickle_bytes
+from sandbox._scan.globals import _dangerous_suffix
 from sandbox.errors import MalformedInput, UnsupportedFormat
 
 ALLOWED_ERRORS = (MalformedInput, UnsupportedFormat)
@@ -240,3 +241,24 @@ def test_number_and_memo_lines_read_as_the_c_unpickler_reads_them(op: bytes, lin
     except MalformedInput:
         scans = False
     assert scans == loads, (stream[:60], loads)
+
+
+def _suffix_reference(full: str) -> str | None:
+    """The dotted-suffix rule written plainly (quadratic): every suffix after a dot, joined."""
+    parts = full.split(".")
+    for i in range(1, len(parts)):
+        for prefix, category in DANGEROUS_GLOBALS:
+            suffix = ".".join(parts[i:])
+            if suffix == prefix or suffix.startswith(prefix + "."):
+                return category
+    return None
+
+
+_WORDS = sorted({w for p, _ in DANGEROUS_GLOBALS for w in p.split(".")} | {"", "a", "torch", "nn", "path"})
+_DOTTED = st.lists(st.sampled_from(_WORDS), min_size=1, max_size=6).map(".".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_DOTTED)
+def test_the_dangerous_suffix_search_agrees_with_its_plain_statement(full: str) -> None:
+    assert _dangerous_suffix(full) == _suffix_reference(full)

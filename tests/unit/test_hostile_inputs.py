@@ -416,7 +416,19 @@ def test_a_huge_string_constant_is_checked_without_a_copy(tmp_path: Path) -> Non
         f.write(b".")
     peak = _traced_peak(lambda: scan_file(p))
     assert peak < 16 << 20, peak
-    with open(p, "r+b") as f:  # a broken character at the very end is still refused
-        f.seek(11 + n - 1)
-        f.write(b"\xc3")
+    with open(p, "r+b") as g:  # a broken character at the very end is still refused
+        g.seek(11 + n - 1)
+        g.write(b"\xc3")
     assert any("invalid UTF-8" in f.message for f in scan_file(p).findings)
+
+
+def test_a_global_with_a_long_attribute_chain_is_classified_in_linear_time() -> None:
+    # protocol 0 GLOBAL lines have no length limit: every suffix of the dotted path was joined
+    # and tested against every dangerous prefix (80 KB of "a.": 5 s; 1 MB: ~15 minutes)
+    start = time.monotonic()
+    scan = scan_pickle_bytes(b"cx\n" + b"a." * 40_000 + b"b\n)R.")
+    assert time.monotonic() - start < 1.0
+    assert [g.classification for g in scan.globals] == ["unknown"]
+    # the chain is still followed: a dangerous prefix at any depth is found
+    deep = scan_pickle_bytes(b"ctorch\n" + b"nn." * 20_000 + b"os.system\n)R.")
+    assert [(g.classification, g.called) for g in deep.globals] == [("dangerous", True)]
