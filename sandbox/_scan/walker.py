@@ -286,10 +286,18 @@ def walk(
 
     def add_global(module: str, name: str, opcode: str) -> Global:
         module, name = resolve_name(module, name, proto)
-        classification, category = classify_global(module, name)
+        classification, category = classify_global(module, name)  # on the whole names
         ctx.refs.append(
             RefRec(
-                GlobalRef(module, name, member, opcode, op_off - start, classification, called=False),
+                GlobalRef(
+                    _kept_name(module),
+                    _kept_name(name),
+                    member,
+                    opcode,
+                    op_off - start,
+                    classification,
+                    called=False,
+                ),
                 category,
             )
         )
@@ -702,6 +710,15 @@ def walk_quietly(ctx: Ctx, buf: Buf, start: int, end: int, label: str, *, nest: 
     except LimitExceeded as exc:
         ctx.limit(label, exc)
     return None
+
+
+_MAX_NAME = 512  # characters of a global's module or name kept for the report
+
+
+def _kept_name(s: str) -> str:
+    """A module or attribute name as the record keeps it: a GLOBAL line has no length limit,
+    and a 20 MB one was copied into the report three times (63 MB of JSON)."""
+    return s if len(s) <= _MAX_NAME else f"{s[:_MAX_NAME]}…[{len(s)} characters]"
 
 
 # operands that make STACK_GLOBAL fail in the unpickler (anything else may be a str at run time)

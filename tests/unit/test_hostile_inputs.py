@@ -432,3 +432,12 @@ def test_a_global_with_a_long_attribute_chain_is_classified_in_linear_time() -> 
     # the chain is still followed: a dangerous prefix at any depth is found
     deep = scan_pickle_bytes(b"ctorch\n" + b"nn." * 20_000 + b"os.system\n)R.")
     assert [(g.classification, g.called) for g in deep.globals] == [("dangerous", True)]
+
+
+def test_a_huge_global_name_is_kept_short_in_the_report(tmp_path: Path) -> None:
+    # GLOBAL lines have no length limit: a 2 MB module name went into the report whole, three
+    # times over (the import list, the finding's message and its evidence)
+    p = _write(tmp_path, "name.pkl", b"c" + b"m" * (2 << 20) + b"\nsystem\n)R.")
+    scan = scan_file(p)
+    assert [len(g.module) < 600 and g.module.endswith("[2097152 characters]") for g in scan.globals] == [True]
+    assert all(len(f.message) < 2000 for f in scan.findings)
