@@ -80,6 +80,7 @@ from .errors import (
     EngineError,
     EngineUnavailable,
     InternalError,
+    MalformedInput,
     OutputRejected,
     SandboxError,
     WorkerNotReady,
@@ -640,9 +641,9 @@ def check_safetensors(path: Path, *, out_sha: str, source_sha: str) -> str | Non
         if not 2 <= n <= min(safetensors_header.MAX_HEADER, size - 8):
             return "not SafeTensors: bad header length"
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (ValueError, RecursionError):
-            return "not SafeTensors: the header is not JSON"
+            header = safetensors_header.load_header(f.read(n))
+        except MalformedInput as exc:
+            return f"not SafeTensors: {exc.message}"
     if not isinstance(header, dict):
         return "not SafeTensors: the header is not an object"
     meta = header.pop("__metadata__", None)

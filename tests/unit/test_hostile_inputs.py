@@ -441,3 +441,21 @@ def test_a_huge_global_name_is_kept_short_in_the_report(tmp_path: Path) -> None:
     scan = scan_file(p)
     assert [len(g.module) < 600 and g.module.endswith("[2097152 characters]") for g in scan.globals] == [True]
     assert all(len(f.message) < 2000 for f in scan.findings)
+
+
+def test_a_safetensors_header_of_millions_of_values_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    # a 60 MB header of "{}," built 20 million dicts (1.5 GB) three times over (identify,
+    # looks_like, check); a remote worker's output was parsed the same way
+    body = b'{"a":[' + b"{}," * 5_000_000 + b"{}]}"
+    data = struct.pack("<Q", len(body)) + body
+    p = _write(tmp_path, "x.safetensors", data)
+
+    def refused() -> None:
+        with pytest.raises(MalformedInput, match="JSON values"):
+            scan_file(p)
+
+    peak = _traced_peak(refused)
+    assert peak < 64 << 20, peak
+    assert identify(p) == "safetensors"
+    why = _distribute.check_safetensors(p, out_sha=hashlib.sha256(data).hexdigest(), source_sha="0" * 64)
+    assert why is not None and "JSON values" in why
