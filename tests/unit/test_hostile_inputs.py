@@ -459,3 +459,18 @@ def test_a_safetensors_header_of_millions_of_values_is_refused_before_it_is_pars
     assert identify(p) == "safetensors"
     why = _distribute.check_safetensors(p, out_sha=hashlib.sha256(data).hexdigest(), source_sha="0" * 64)
     assert why is not None and "JSON values" in why
+
+
+def test_a_gnu_sparse_1_0_map_is_not_read(tmp_path: Path) -> None:
+    # tarfile reads a sparse 1.0 map (a count, then that many numbers, one per line) into one
+    # list: a map of "1\n" lines costs 8 bytes a line and more, 4 GB for a 1 GB archive
+    sparse_map = b"25000\n" + b"1\n" * 50_000  # 25,000 (offset, size) pairs
+    pax = b"".join(
+        f"{len(rec) + len(str(len(rec) + 3)) + 1} {rec}".encode()
+        for rec in ("GNU.sparse.major=1\n", "GNU.sparse.minor=0\n", "GNU.sparse.name=pickle\n")
+    )
+    data = _tar_with_pax(pax, members=("sparse",))
+    cut = data.index(b"\x80\x02K\x01.")  # the member's data: the sparse map instead
+    data = data[:cut] + sparse_map + b"\0" * (-len(sparse_map) % 512) + b"\0" * 1024
+    with pytest.raises(MalformedInput, match="sparse"):
+        tar_archive.members(data)
