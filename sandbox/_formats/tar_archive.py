@@ -66,6 +66,13 @@ class _TarInfo(tarfile.TarInfo):
         _bounded(self)
         return super()._proc_gnulong(tarfile)  # type: ignore[misc]
 
+    def _proc_sparse(self, tarfile: Any) -> Any:
+        # an old GNU sparse header may chain extension blocks without end, 21 entries each,
+        # all kept in one list (about five times the archive's size in memory)
+        if getattr(self, "_sparse_structs", (None, False))[1]:
+            raise _Hostile("GNU sparse member with extension blocks")
+        return super()._proc_sparse(tarfile)  # type: ignore[misc]
+
     def _proc_gnusparse_10(self, next: Any, pax_headers: Any, tarfile: Any) -> None:
         # a GNU sparse 1.0 map is a count and then that many lines of numbers in the member's
         # data, all read into one list (a 1 GB map of "1\n": 500 million entries, 4 GB); torch

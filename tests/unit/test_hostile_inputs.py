@@ -474,3 +474,22 @@ def test_a_gnu_sparse_1_0_map_is_not_read(tmp_path: Path) -> None:
     data = data[:cut] + sparse_map + b"\0" * (-len(sparse_map) % 512) + b"\0" * 1024
     with pytest.raises(MalformedInput, match="sparse"):
         tar_archive.members(data)
+
+
+def test_an_old_gnu_sparse_member_with_extension_blocks_is_not_read(tmp_path: Path) -> None:
+    # each extension block adds 21 (offset, size) entries to one list and may chain another:
+    # about five times the archive's size in memory
+    info = tarfile.TarInfo("pickle")
+    info.size, info.type = 0, tarfile.GNUTYPE_SPARSE
+    block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    block[482] = 1  # isextended
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    entry = b"%011o\0%011o\0" % (1, 1)
+    extension = bytearray(entry * 21 + b"\0" * (512 - 24 * 21))
+    extension[504] = 1  # and another one follows
+    last = bytearray(extension)
+    last[504] = 0
+    data = bytes(block) + bytes(extension) * 2_000 + bytes(last) + b"\0" * 1024
+    with pytest.raises(MalformedInput, match="sparse"):
+        tar_archive.members(data)
