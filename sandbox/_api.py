@@ -500,6 +500,8 @@ def convert(
             _raise_if_unsafe(loaded, setup.policy, weights_only=not allow_unverified)
             assert loaded.output is not None and loaded.output.manifest is not None
             manifest = loaded.output.manifest
+            # what the host writes is held to the sandbox's own output cap (views are copied)
+            cap = setup.policy.limits.output_bytes(report.input_size or 0)
             if loaded.handoff == "layout":  # byte ranges of the input: no torch on the host
                 written = _write.write_placed(
                     dst_path,
@@ -508,11 +510,12 @@ def convert(
                     manifest,
                     report,
                     dedupe=shared == "dedupe",
+                    max_bytes=cap,
                 )
             else:
                 assert loaded.tensors is not None
                 written = _write.write_safetensors(
-                    dst_path, loaded.tensors, manifest, report, dedupe=shared == "dedupe"
+                    dst_path, loaded.tensors, manifest, report, dedupe=shared == "dedupe", max_bytes=cap
                 )
             report.outputs["safetensors"] = str(dst_path)
             report.outputs["safetensors_sha256"] = written

@@ -4,6 +4,7 @@ mapping can be tested quickly and exhaustively. The real sandbox is tested in te
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -383,3 +384,19 @@ def test_a_scan_needs_the_sandboxs_digests(tmp_path: Path) -> None:
     assert report.verdict is sandbox.Verdict.ERROR
     assert report.error is not None and report.error["reference"] == "output-rejected"
     assert "no sha256" in report.error["message"]
+
+
+@pytest.mark.parametrize("layout", [False, True], ids=["full-loader", "layout-hand-off"])
+def test_a_view_is_not_materialised_past_the_output_cap(tmp_path: Path, layout: bool) -> None:
+    # a view is written to the converted file as its own copy: base[:1].expand(2**27) in a
+    # 1.6 KB checkpoint made the host write 512 MB (and ask the allocator for 4 TiB for a
+    # 2**20 x 2**20 one), past the output cap the sandbox itself is held to
+    base = torch.ones(4)
+    path = tmp_path / "views.pt"
+    torch.save({"a": base, "b": base[0:1].expand(2**20)}, path)  # 4 MiB as a copy
+    policy = sandbox.Policy.default()
+    policy = dataclasses.replace(policy, limits=dataclasses.replace(policy.limits, output_mb=1))
+    dst = tmp_path / "views.safetensors"
+    with pytest.raises(OutputRejected, match="output cap"):
+        sandbox.convert(path, dst, policy=policy, runner=FakeRunner(layout=layout))
+    assert not dst.exists()
