@@ -400,3 +400,33 @@ def test_a_view_is_not_materialised_past_the_output_cap(tmp_path: Path, layout: 
     with pytest.raises(OutputRejected, match="output cap"):
         sandbox.convert(path, dst, policy=policy, runner=FakeRunner(layout=layout))
     assert not dst.exists()
+
+
+def test_views_that_would_be_huge_once_made_are_refused(tmp_path: Path) -> None:
+    # a view costs nothing to send, but where the file has no plain reading the verification
+    # hashes every view's elements (a copy): a manifest's view of one element, shaped
+    # 2**20 x 2**20 with strides 0, asked the host's allocator for 4 TiB (RuntimeError out of
+    # safe_load; smaller ones were simply allocated)
+    path = ck.save(ck.nested_checkpoint(), tmp_path / "n.pt")  # a config object: no plain reading
+
+    def add_view(shape: list[int]) -> Any:
+        def tamper(out: Played, status: dict[str, Any]) -> None:
+            assert out.manifest is not None
+            manifest = json.loads(out.manifest)
+            base = manifest["tensors"][0]
+            view = {
+                "name": "extra",
+                "base": base["name"],
+                "offset": 0,
+                "dtype": base["dtype"],
+                "location": "cpu",
+            }
+            manifest["views"] = [{**view, "shape": shape, "stride": [0] * len(shape)}]
+            out.manifest = json.dumps(manifest).encode()
+
+        return tamper
+
+    with pytest.raises(OutputRejected, match="views would hold more than"):
+        sandbox.safe_load(path, weights_only=False, runner=FakeRunner(add_view([2**20, 2**20])))
+    for shape in ([3, 5], [0, 2**40]):  # small, and empty: past this check
+        sandbox.safe_load(path, weights_only=False, runner=FakeRunner(add_view(shape)))
