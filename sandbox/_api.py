@@ -318,10 +318,34 @@ def _monitored(
         return
     report.resources["handoff"] = "memfd"
     _summarise(report, output.manifest)
+    _check_views(output.manifest, job.output_bytes)
     if output.tensors_path is not None:  # checked against the file by _verify.weights
         loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest, mmap=mmap)
     elif any(e.sha256 is None for e in output.manifest.tensors):
         raise OutputRejected("the manifest gives no sha256 for tensors whose bytes stayed in the sandbox")
+
+
+def _check_views(manifest: P.Manifest, cap: int) -> None:
+    """Refuse views that would hold more than ``cap`` bytes (the sandbox's output cap) once
+    made: the verification hashes each view's elements, which copies them (a view is cheap to
+    return and free to send: ``base[:1].expand(2**20, 2**20)`` in a 1.6 KB checkpoint asked the
+    host's allocator for 4 TiB and raised RuntimeError out of safe_load)."""
+    total = 0
+    for v in manifest.views:
+        if 0 in v.shape:
+            continue
+        size = P.TORCH_DTYPES[v.dtype][1]
+        for d in v.shape:
+            size *= d
+            if size > cap:
+                break
+        total += size
+        if total > cap:
+            raise OutputRejected(
+                f"the views would hold more than {cap:,} bytes (the output cap) once made, "
+                f"by {v.name[:100]!r}",
+                item=v.name[:200],
+            )
 
 
 def _monitoring(run: _launch.RunResult) -> str:
@@ -529,6 +553,8 @@ def convert(
             _raise_if_unsafe(loaded, setup.policy, weights_only=not allow_unverified)
             assert loaded.output is not None and loaded.output.manifest is not None
             manifest = loaded.output.manifest
+            # what the host writes is held to the sandbox's own output cap (views are copied)
+            cap = setup.policy.limits.output_bytes(report.input_size or 0)
             if loaded.handoff == "layout":  # byte ranges of the input: no torch on the host
                 written = _write.write_placed(
                     dst_path,
@@ -537,11 +563,12 @@ def convert(
                     manifest,
                     report,
                     dedupe=shared == "dedupe",
+                    max_bytes=cap,
                 )
             else:
                 assert loaded.tensors is not None
                 written = _write.write_safetensors(
-                    dst_path, loaded.tensors, manifest, report, dedupe=shared == "dedupe"
+                    dst_path, loaded.tensors, manifest, report, dedupe=shared == "dedupe", max_bytes=cap
                 )
             report.outputs["safetensors"] = str(dst_path)
             report.outputs["safetensors_sha256"] = written

@@ -80,6 +80,7 @@ from .errors import (
     EngineError,
     EngineUnavailable,
     InternalError,
+    MalformedInput,
     OutputRejected,
     SandboxError,
     WorkerNotReady,
@@ -640,9 +641,9 @@ def check_safetensors(path: Path, *, out_sha: str, source_sha: str) -> str | Non
         if not 2 <= n <= min(safetensors_header.MAX_HEADER, size - 8):
             return "not SafeTensors: bad header length"
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (ValueError, RecursionError):
-            return "not SafeTensors: the header is not JSON"
+            header = safetensors_header.load_header(f.read(n))
+        except MalformedInput as exc:
+            return f"not SafeTensors: {exc.message}"
     if not isinstance(header, dict):
         return "not SafeTensors: the header is not an object"
     meta = header.pop("__metadata__", None)
@@ -664,12 +665,8 @@ def check_safetensors(path: Path, *, out_sha: str, source_sha: str) -> str | Non
             or not all(type(o) is int for o in offsets)
         ):
             return f"SafeTensors entry {name[:100]!r} is malformed"
-        count = 1
-        for d in shape:
-            count *= d
-        if (
-            not 0 <= offsets[0] <= offsets[1]
-            or offsets[1] - offsets[0] != count * safetensors_header.DTYPES[dtype]
+        if not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != safetensors_header.byte_count(
+            shape, safetensors_header.DTYPES[dtype], offsets[1] - offsets[0]
         ):
             return f"SafeTensors entry {name[:100]!r}: shape and byte range disagree"
         spans.append((offsets[0], offsets[1]))

@@ -480,7 +480,9 @@ class WarmSandbox:
             # Backstop: the supervisor enforces the wall clock itself; this is for a supervisor
             # that cannot (a frozen sandbox, a host under load).
             deadline = start + job.config.wall_clock_s + 15
-            result.received = self.channel.collect(deadline, job.output_bytes)
+            result.received = self.channel.collect(
+                deadline, job.output_bytes, inline=result.runtime == "runsc"
+            )
             if not result.received.closed:
                 if not result.received.violations:
                     result.timed_out = True

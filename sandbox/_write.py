@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -38,6 +39,7 @@ def write_safetensors(
     report: LoadReport,
     *,
     dedupe: bool = False,
+    max_bytes: int | None = None,
 ) -> str:
     """Re-serialise the checked tensors on the host (the worker's file is never copied),
     streaming each tensor's bytes to a temporary file, then renaming it into place.
@@ -46,12 +48,20 @@ def write_safetensors(
     written as its own contiguous copy, a tie once per name it has in the structure).
     ``dedupe``: Hugging Face's convention instead: a tied tensor under one name only (the
     others are in ``model_sandbox.ties``; ``from_pretrained`` re-ties them from the config).
-    Returns the file's sha256."""
+    ``max_bytes``: refuse (``OutputRejected``) before anything is copied when the file would
+    be larger. Returns the file's sha256."""
     import torch
 
     stored: dict[str, torch.Tensor] = {}
     entries = []
     out = _outputs(manifest, dedupe=dedupe)
+    _check_size(
+        (
+            (name, tensors[source].numel() * tensors[source].element_size())
+            for name, (source, _) in out.items()
+        ),
+        max_bytes,
+    )
     for name, (source, dtype) in out.items():
         t = tensors[source].contiguous()
         code = _code(dtype)
@@ -70,6 +80,25 @@ def write_safetensors(
                 P.write_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy().data))
 
     return _files.atomic_stream(dst, head, body, sha256=True)
+
+
+def _check_size(sizes: Iterable[tuple[str, int]], max_bytes: int | None) -> None:
+    """Refuse an output over ``max_bytes`` before any of it is made: a view is written as its
+    own copy, and a view the sandbox returns cheaply (``base[:1].expand(2**27)``: a 1.6 KB
+    checkpoint) would otherwise be materialised on the host, whatever its size (512 MB written
+    for that one; 4 TiB asked of the allocator for a 2**20 x 2**20 one). The sandbox's own output
+    cap bounds what it writes; this bounds what the host writes for it."""
+    if max_bytes is None:
+        return
+    total = 0
+    for name, nbytes in sizes:
+        total += nbytes
+        if total > max_bytes:
+            raise OutputRejected(
+                f"the converted file would hold more than {max_bytes:,} bytes (the output cap) by "
+                f"{name[:100]!r}: views are written as copies",
+                item=name[:200],
+            )
 
 
 def _code(dtype: str) -> str | None:
@@ -189,6 +218,7 @@ def write_placed(
     report: LoadReport,
     *,
     dedupe: bool = False,
+    max_bytes: int | None = None,
 ) -> str:
     """The layout hand-off's SafeTensors file, copied from the input's own byte ranges (checked
     placements): contiguous tensors with ``copy_file_range``, strided ones gathered by numpy.
@@ -203,6 +233,7 @@ def write_placed(
             nbytes *= d
         raw = _code(dtype) is None
         entries.append((name, "uint8" if raw else dtype, [nbytes] if raw else list(p.shape), nbytes))
+    _check_size(((e[0], e[3]) for e in entries), max_bytes)
     head, order = P.safetensors_header(entries, _st_metadata(manifest, report, out, dedupe))
     by_name = {name: by_name[origin] for name, (origin, _) in out.items()}
 

@@ -31,8 +31,9 @@ def detect(buf: Buf) -> str | None:
     return None
 
 
-def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes, bool]:
-    """Decompress ``buf`` with the stdlib, at most ``cap`` bytes. Returns (data, capped)."""
+def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes | bytearray, bool]:
+    """Decompress ``buf`` with the stdlib, at most ``cap`` bytes. Returns (data, capped).
+    Each call's output is bounded, so the peak is about ``cap``, never a multiple of it."""
     out = bytearray()
     p = 0
     size = len(buf)
@@ -56,8 +57,11 @@ def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes, b
                     data = bytes(buf[p : p + chunk])
                     p += len(data)
                 else:
+                    data = b""  # input all read: drain what the last bounded call held back
+                got = z.decompress(data, min(chunk, cap + 1 - len(out)))
+                if not got and not data:
                     break
-                out += z.decompress(data, cap + 1 - len(out))
+                out += got
         else:
 
             def fresh() -> Any:  # bz2, lzma and lz4 decompressors share one interface
@@ -93,4 +97,6 @@ def decompress(buf: Buf, kind: str, cap: int, deadline: float) -> tuple[bytes, b
                 out += d.decompress(data, min(chunk, cap + 1 - len(out)))
     except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError, RuntimeError) as exc:
         raise MalformedInput(f"{kind} data does not decompress: {exc}") from None
-    return bytes(out[:cap]), len(out) > cap
+    over = len(out) > cap
+    del out[cap:]  # in place: a copy would double the peak (``cap`` is a GiB by default)
+    return out, over

@@ -14,7 +14,8 @@ argument, by opcode:
 * an ``int`` for PROTO, BININT*, EXT1/2/4, FRAME (the frame length), the memo opcodes
   (PUT/BINPUT/LONG_BINPUT, GET/BINGET/LONG_BINGET: the memo index; MEMOIZE has none);
 * an ``int`` (or ``bool`` for ``INT 00``/``01``) for INT and LONG, and for LONG1/LONG4 an
-  ``int``, or :data:`BIG_INT` when the literal is longer than 64 bytes;
+  ``int``, or :data:`BIG_INT` when the literal is longer than 64 bytes (INT/LONG: 640
+  digits);
 * a ``float`` for FLOAT and BINFLOAT;
 * a span ``(start, end)`` of the buffer for BINUNICODE*, BINBYTES*, BYTEARRAY8, BINSTRING and
   SHORT_BINSTRING: the interpreter decides whether to copy or decode it (:func:`text`
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 import _compat_pickle
 import codecs
+import math
+import re
 import struct
 import warnings
 from collections.abc import Callable
@@ -90,7 +93,7 @@ BIG_INT = _Big()  # a LONG1/LONG4 literal longer than 64 bytes (its value is not
 Span = tuple[int, int]  # a counted argument: buf[start:end]
 
 
-def pickle_like(head: bytes) -> bool:
+def pickle_like(head: bytes | bytearray) -> bool:
     """``head`` starts with a PROTO opcode of a protocol pickle knows."""
     return len(head) >= 2 and head[0] == 0x80 and head[1] <= HIGHEST_PROTOCOL
 
@@ -118,6 +121,19 @@ def text(buf: Buf, span: Span) -> str:
     """A BINUNICODE argument decoded as pickle does (UTF-8, lone surrogates allowed)."""
     try:
         return codecs.decode(bytes(buf[span[0] : span[1]]), "utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise Invalid(-1, "invalid UTF-8 in string") from None
+
+
+def check_text(buf: Buf, span: Span, chunk: int = 1 << 20) -> None:
+    """Raise :class:`Invalid` where :func:`text` would, without building the string: the
+    bytes are decoded a chunk at a time and dropped (a 4 GB BINUNICODE8 once cost a 4 GB copy
+    and a string of up to 16 GB, only to be checked)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogatepass")
+    try:
+        for at in range(span[0], span[1], chunk):
+            decoder.decode(buf[at : min(at + chunk, span[1])])
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise Invalid(-1, "invalid UTF-8 in string") from None
 
@@ -201,13 +217,69 @@ def _long_reader(width: int) -> _ArgReader:
     return read
 
 
+def _c_string(line: bytes) -> bytes:
+    """``line`` as the C unpickler's number parsers see it: a C string, which ends at its first
+    NUL (``I1\\0junk`` is the int 1 to the unpickler)."""
+    nul = line.find(b"\0")
+    return line if nul < 0 else line[:nul]
+
+
+# What CPython's PyLong_FromString accepts with base 0 (Python's int literal syntax, ASCII
+# whitespace around it), and C's strtol with base 0 (octal after a leading 0; no underscores).
+_PY_INT = re.compile(
+    rb"[ \t\n\r\v\f]*[+-]?(?:[1-9](?:_?[0-9])*|0(?:_?0)*|0[xX](?:_?[0-9a-fA-F])+|0[oO](?:_?[0-7])+"
+    rb"|0[bB](?:_?[01])+)[ \t\n\r\v\f]*"
+)
+_STRTOL = re.compile(rb"[ \t\n\r\v\f]*([+-]?)(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))")
+_C_LONG = 1 << 63
+#: CPython's default limit on decimal digits in a str -> int conversion: the loader runs
+#: ``python -I`` (no PYTHONINTMAXSTRDIGITS), so the unpickler there refuses only longer ones
+MAX_STR_DIGITS = 4300
+
+
+def _py_int(text: bytes) -> object:
+    """``PyLong_FromString(text, NULL, 0)``: an int (:data:`BIG_INT` past 640 digits, the lowest
+    digit limit an interpreter can be given: the host's own int() may refuse what the loader's
+    reads), or ``None`` where the unpickler fails."""
+    if not _PY_INT.fullmatch(text):
+        return None
+    body = text.strip(b" \t\n\r\v\f").lstrip(b"+-").replace(b"_", b"")
+    decimal = body[:2].lower() not in (b"0x", b"0o", b"0b")
+    if decimal and len(body) > MAX_STR_DIGITS:
+        return None  # ValueError: exceeds the limit for integer string conversion
+    if len(body) > 640:
+        return BIG_INT
+    return int(text, 0)
+
+
+def _strtol(text: bytes) -> int | None:
+    """C's ``strtol(text, &end, 0)`` when it consumes all of ``text`` without overflow."""
+    m = _STRTOL.fullmatch(text)
+    if m is None:
+        return None
+    sign, hexa, octal, dec = m.groups()
+    if len((hexa or octal or dec).lstrip(b"0")) > 22:
+        return None  # out of a C long's range (ERANGE): never a long number computed here
+    value = int(hexa, 16) if hexa is not None else int(octal, 8) if octal is not None else int(dec)
+    value = -value if sign == b"-" else value
+    return value if -_C_LONG <= value < _C_LONG else None
+
+
 def _memo_line(what: str) -> _ArgReader:
+    """PUT/GET: ``PyLong_FromString(line, NULL, 10)`` of the line up to its first NUL."""
+
     def read(buf: Buf, pos: int, end: int) -> tuple[object, int]:
         line, pos = _line(buf, pos, end)
+        text = _c_string(line)
+        if len(text) > MAX_STR_DIGITS + 64:
+            raise Invalid(-1, f"bad {what} argument")
         try:
-            return int(line), pos
+            index = int(text)
         except ValueError:
             raise Invalid(-1, f"bad {what} argument") from None
+        if not -_C_LONG <= index < _C_LONG:  # PyLong_AsSsize_t: OverflowError
+            raise Invalid(-1, f"{what} argument out of range")
+        return index, pos
 
     return read
 
@@ -246,34 +318,51 @@ def _unicode(buf: Buf, pos: int, end: int) -> tuple[object, int]:
 
 
 def _int_reader(long: bool) -> _ArgReader:
-    """INT (``00``/``01`` are booleans, any base prefix) and LONG (a trailing ``L``)."""
+    """INT and LONG as the C unpickler reads them. INT: ``strtol(line, &end, 0)`` when it
+    consumes the line (a two-character line of 0 or 1 is a bool), else
+    ``PyLong_FromString(line, NULL, 0)``; LONG: a last ``L`` dropped, then
+    ``PyLong_FromString``. Either ends at the line's first NUL. Every difference from what the
+    unpickler accepts is a scanner blind spot: a 4,100-digit literal, a NUL in the line or a
+    hexadecimal LONG once ended the walk while the unpickler read on."""
 
     def read(buf: Buf, pos: int, end: int) -> tuple[object, int]:
         line, pos = _line(buf, pos, end)
-        digits = line.strip()
-        if long and digits.endswith(b"L"):
-            digits = digits[:-1]
-        if not long and digits in (b"00", b"01"):
-            return digits == b"01", pos
-        if len(digits) > 4000:
-            raise Invalid(-1, "integer literal too long")
-        try:
-            return (int(digits) if long else int(digits, 0)), pos
-        except ValueError:
-            try:
-                return int(digits), pos
-            except ValueError:
-                raise Invalid(-1, "bad integer literal") from None
+        if not line:
+            raise Invalid(-1, "bad integer literal")
+        if long and line.endswith(b"L"):
+            line = line[:-1]
+        text = _c_string(line)
+        if not long:
+            # strtol of an empty C string (the line starts with a NUL) reads no digit and stops
+            # at its end: 0, accepted
+            value = _strtol(text) if text else 0
+            if value is not None:
+                return (bool(value) if len(line) == 2 and value in (0, 1) else value), pos
+        parsed = _py_int(text)
+        if parsed is None:
+            raise Invalid(-1, "bad integer literal")
+        return parsed, pos
 
     return read
 
 
 def _float(buf: Buf, pos: int, end: int) -> tuple[object, int]:
+    """FLOAT as ``PyOS_string_to_double`` reads it: up to the line's first NUL, no whitespace
+    or underscores (which Python's float() allows), an overflow an error."""
     line, pos = _line(buf, pos, end)
+    text = _c_string(line)
+    if _NOT_IN_C_FLOAT.search(text):
+        raise Invalid(-1, "bad FLOAT literal")
     try:
-        return float(line), pos
+        value = float(text)
     except ValueError:
         raise Invalid(-1, "bad FLOAT literal") from None
+    if math.isinf(value) and b"inf" not in text.lower():
+        raise Invalid(-1, "FLOAT literal out of range")
+    return value, pos
+
+
+_NOT_IN_C_FLOAT = re.compile(rb"[ \t\n\r\v\f_]")
 
 
 def _persid(buf: Buf, pos: int, end: int) -> tuple[object, int]:

@@ -4,6 +4,8 @@ member bytes inflated within a cap."""
 
 from __future__ import annotations
 
+import math
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -20,9 +22,10 @@ SUSPICIOUS_FLAGS = 0x0001 | 0x0020 | 0x0040 | 0x2000  # encrypted, patch, strong
 MAX_ENTRIES = 1_000_000
 BOMB_MIN_BYTES = 256 << 20  # a compressed member this large when inflated, and
 BOMB_RATIO = 200  # compressed more than this, is a decompression bomb
+INFLATE_STEP = 1 << 20  # the most one inflate call may produce
 
 
-@dataclass
+@dataclass(slots=True)
 class ZipEntry:
     index: int
     name: bytes
@@ -53,6 +56,10 @@ class ZipEntry:
 class Zip:
     entries: list[ZipEntry]
     shift: int  # bytes before the archive that the central directory does not account for
+
+
+class OutOfTime(Exception):
+    """The deadline passed while a member was being inflated."""
 
 
 class UnsupportedCompression(Exception):
@@ -158,11 +165,17 @@ def _zip64_fields(extra: bytes, usize: int, csize: int, header: int) -> tuple[in
     return usize, csize, header
 
 
-def read_member(buf: Buf, e: ZipEntry, cap: int, label: str) -> tuple[bytes, bool]:
+def read_member(
+    buf: Buf, e: ZipEntry, cap: int, label: str, *, deadline: float = math.inf
+) -> tuple[bytes | bytearray, bool]:
     """The member's uncompressed bytes, at most ``cap`` of them, and whether there were more.
 
-    Raises ``UnsupportedCompression`` for a method other than stored or deflate, and
-    ``MalformedInput`` when deflated data does not inflate.
+    Memory: about ``cap`` bytes at the peak, never a multiple of it (inflated in bounded steps,
+    trimmed in place: a 1 MB zip bomb once cost 3 GB of resident memory at the default cap).
+    Raises ``UnsupportedCompression`` for a method other than stored or deflate,
+    ``MalformedInput`` when deflated data does not inflate, and ``OutOfTime`` once
+    ``time.monotonic()`` passes ``deadline`` (checked between steps: a GiB takes a second or
+    two, and a hundred directory entries may share one bomb's data).
     """
     raw_end = e.data_start + e.csize
     if e.method == 0:
@@ -173,17 +186,25 @@ def read_member(buf: Buf, e: ZipEntry, cap: int, label: str) -> tuple[bytes, boo
     out = bytearray()
     p = e.data_start
     try:
-        while p < raw_end and len(out) <= cap:
-            chunk = bytes(buf[p : min(raw_end, p + (1 << 20))])
-            p += len(chunk)
-            out += d.decompress(chunk, cap + 1 - len(out))
-            while d.unconsumed_tail and len(out) <= cap:
-                out += d.decompress(d.unconsumed_tail, cap + 1 - len(out))
-            if d.eof:
+        while len(out) <= cap and not d.eof:
+            if d.unconsumed_tail:
+                data = d.unconsumed_tail
+            elif p < raw_end:
+                data = bytes(buf[p : min(raw_end, p + (1 << 20))])
+                p += len(data)
+            else:
+                data = b""  # input all read: drain what the last bounded call held back
+            if time.monotonic() > deadline:
+                raise OutOfTime(label)
+            got = d.decompress(data, min(INFLATE_STEP, cap + 1 - len(out)))
+            if not got and not data:
                 break
+            out += got
     except zlib.error as exc:
         raise MalformedInput(f"zip member {label} does not inflate: {exc}", offset=e.data_start) from None
-    return bytes(out[:cap]), len(out) > cap
+    over = len(out) > cap
+    del out[cap:]
+    return out, over
 
 
 def torch_target(entries: list[ZipEntry]) -> tuple[str | None, list[ZipEntry], bytes | None]:

@@ -9,6 +9,7 @@ headers that disagree, CRC, flag bits, trailing data) becomes a finding here.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,6 +19,7 @@ from sandbox._formats.buffer import Buf, u16, u32
 from sandbox._formats.pickle_ops import LEGACY_MAGIC, LEGACY_PROTOCOL_VERSION, pickle_like
 from sandbox._formats.zip_archive import (
     SUSPICIOUS_FLAGS,
+    OutOfTime,
     UnsupportedCompression,
     Zip,
     ZipEntry,
@@ -26,6 +28,7 @@ from sandbox._formats.zip_archive import (
 )
 from sandbox.report import Severity
 
+from . import walker
 from .globals import JOBLIB_WRAPPERS, STORAGE_TYPES
 from .results import StorageRecord
 from .walker import Ctx, Global, Invalid, LimitExceeded, Truncated, WalkOut, walk, walk_quietly
@@ -36,12 +39,17 @@ _MAX_TRAILING_STREAMS = 16
 _TarRecord = Callable[[Ctx, Buf, int, int, WalkOut], int]
 
 
-def _member_bytes(ctx: Ctx, buf: Buf, e: ZipEntry, label: str, *, limit: int | None = None) -> bytes | None:
+def _member_bytes(
+    ctx: Ctx, buf: Buf, e: ZipEntry, label: str, *, limit: int | None = None
+) -> bytes | bytearray | None:
     """Uncompressed bytes of a zip member: its first ``limit`` bytes, or (without ``limit``)
     all of them within the scan limit; ``None`` with a finding when it cannot be scanned."""
     cap = ctx.max_pickle_bytes if limit is None else limit
     try:
-        data, over = read_member(buf, e, cap, label)
+        data, over = read_member(buf, e, cap, label, deadline=ctx.deadline)
+    except OutOfTime:
+        ctx.limit(label, LimitExceeded(0, "time budget exhausted while inflating it"))
+        return None
     except UnsupportedCompression:
         ctx.add(
             "zip-unsupported-compression",
@@ -73,6 +81,9 @@ def _check_zip(ctx: Ctx, buf: Buf, z: Zip, prefix: str) -> None:
     # its flag bits (an encrypted text file, say) are no evasion
     loadable = any(e.name.lower().endswith((b".pkl", b".npy")) for e in z.entries)
     for e in z.entries:
+        if ctx.over_records():
+            _too_many(ctx, prefix, "checked for container tricks")
+            return
         label = prefix + e.text
         key = e.name.lower()
         if key in seen:
@@ -118,7 +129,16 @@ def _check_zip(ctx: Ctx, buf: Buf, z: Zip, prefix: str) -> None:
             )
 
 
-def _check_crc(ctx: Ctx, e: ZipEntry, data: bytes, label: str) -> None:
+def _too_many(ctx: Ctx, prefix: str, what: str) -> None:
+    why = (
+        "time budget exhausted"
+        if time.monotonic() > ctx.deadline
+        else f"more than {walker.MAX_RECORDS} records"
+    )
+    ctx.limit(prefix + "zip", LimitExceeded(0, f"{why}; the other members were not {what}"))
+
+
+def _check_crc(ctx: Ctx, e: ZipEntry, data: bytes | bytearray, label: str) -> None:
     if len(data) != e.usize:
         ctx.add(
             "zip-header-mismatch",
@@ -143,7 +163,14 @@ def scan_zip(ctx: Ctx, buf: Buf, z: Zip, fmt: str, prefix: str = "") -> None:
     _check_zip(ctx, buf, z, prefix)
     target, matches, arch = torch_target(z.entries)
     data_dir = (arch.lower() + b"/data/") if arch is not None else None
-    for e in z.entries:
+    wanted_first = {id(e) for e in matches}
+    over = False
+    # what torch unpickles first: members ahead of it (a million of them, or bombs that use up
+    # the time budget) must not keep it from being walked
+    for e in matches + [e for e in z.entries if id(e) not in wanted_first]:
+        if id(e) not in wanted_first and (ctx.over_records() or time.monotonic() > ctx.deadline):
+            over = True
+            break
         label = prefix + e.text
         lname = e.name.lower()
         if lname.endswith(b"/") and e.usize == 0:
@@ -177,6 +204,9 @@ def scan_zip(ctx: Ctx, buf: Buf, z: Zip, fmt: str, prefix: str = "") -> None:
             continue
         _check_crc(ctx, e, data, label)
         _walk_member(ctx, data, label, truncation_fatal=(e in matches))
+    if over:
+        _too_many(ctx, prefix, "scanned")
+
     if fmt in ("torch-zip", "torchscript") and target is None:
         ctx.add(
             "zip-no-data-pkl",
@@ -472,7 +502,7 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
                     "pickle-parse-error",
                     Severity.MEDIUM,
                     "format",
-                    f"legacy torch protocol version is {step.value!r}, not 1001; torch "
+                    f"legacy torch protocol version is {_shown(step.value)}, not 1001; torch "
                     "refuses the file after unpickling the first two streams",
                     member=name,
                 )
@@ -480,6 +510,20 @@ def scan_pickle_file(ctx: Ctx, buf: Buf, member: str) -> tuple[str, str | None] 
         return "torch-legacy", "<legacy:3>"
     _trailing(ctx, buf, out.end, member)
     return "pickle", member
+
+
+def _shown(value: object) -> str:
+    """A value a stream built, for a message: a small number or short string as written,
+    anything else by its kind (the repr of a tuple the stream nested 200,000 deep raises
+    ``RecursionError``)."""
+    if (
+        value is None
+        or isinstance(value, (bool, float))
+        or (isinstance(value, int) and value.bit_length() <= 128)
+        or (isinstance(value, str) and len(value) <= 40)
+    ):
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 def _trailing(ctx: Ctx, buf: Buf, p: int, member: str) -> None:

@@ -29,6 +29,7 @@ from sandbox._formats.pickle_ops import (
     Span,
     Truncated,
     at,
+    check_text,
     resolve_name,
     stack_op,
     step,
@@ -41,6 +42,15 @@ from .results import GlobalRef, JoblibArray, StaticScan, StorageRecord
 
 _MAX_NESTING = 4  # pickles inside pickles inside ...
 _MAX_STACK = 5_000_000  # symbolic stack entries in one stream
+# Symbolic containers (dicts, lists, tuples, call results) built over the whole file: each one
+# can stay alive (kept in a tuple, a memo slot, a container's first items), so this bounds the
+# walk's memory (~125 bytes each) the way _MAX_STACK bounds the stack alone. 12 million empty
+# dicts gathered into tuples once cost 1.5 GB; at the opcode limit, 6 GB.
+_MAX_VALUES = 4_000_000
+# Import records, storage records, findings, joblib arrays and streams over the whole file: a
+# stream of 3 million GLOBAL/POP pairs (36 MB) once held 3 million records (1.7 GB) and put
+# every one of them in the report. Legitimate checkpoints hold a few per tensor.
+MAX_RECORDS = 500_000
 _MAX_KEEP = 64  # container items kept for symbolic evaluation
 _MAX_STR = 1 << 16  # longer strings are kept only as their length
 _SEVERITY_OF = {"dangerous": Severity.CRITICAL, "unknown": Severity.MEDIUM}
@@ -90,6 +100,20 @@ class Ctx:
     format: str = "unknown"  # as far as known; reported in MalformedStream.partial
     target: str | None = None
     zip_nest: int = 0  # zip archives inside bytes constants being scanned, one in another
+    values: int = 0  # symbolic containers built so far (see walker._MAX_VALUES)
+
+    def records(self) -> int:
+        """Records kept for the result so far (see walker.MAX_RECORDS)."""
+        return (
+            len(self.refs)
+            + len(self.storages)
+            + len(self.findings)
+            + len(self.pickles)
+            + len(self.joblib_arrays)
+        )
+
+    def over_records(self) -> bool:
+        return self.records() > MAX_RECORDS
 
     def add(self, rule: str, severity: Severity, category: str, message: str, **evidence: object) -> None:
         self.findings.append(
@@ -246,6 +270,7 @@ def walk(
     max_ops = ctx.max_ops
     deadline = ctx.deadline
     fence = 0
+    built = 0  # symbolic containers this walk made (added to ctx.values when it ends)
 
     def pop() -> object:
         if len(stack) <= fence:
@@ -318,10 +343,18 @@ def walk(
 
     def add_global(module: str, name: str, opcode: str) -> Global:
         module, name = resolve_name(module, name, proto)
-        classification, category = classify_global(module, name)
+        classification, category = classify_global(module, name)  # on the whole names
         ctx.refs.append(
             RefRec(
-                GlobalRef(module, name, member, opcode, op_off - start, classification, called=False),
+                GlobalRef(
+                    _kept_name(module),
+                    _kept_name(name),
+                    member,
+                    opcode,
+                    op_off - start,
+                    classification,
+                    called=False,
+                ),
                 category,
             )
         )
@@ -366,11 +399,15 @@ def walk(
             )
 
     def push_text(span: Span) -> None:
-        s = text(buf, span)  # checked even when long: the unpickler fails on invalid UTF-8
-        if len(s) > _MAX_STR:
+        if span[1] - span[0] > _MAX_STR:
+            check_text(buf, span)  # still checked: the unpickler fails on invalid UTF-8
             stack.append(LongStr(lambda: text(buf, span)))
-            str_content(s, span[0] - start)
+            # decoded whole only where it may be a pickle or a zip (see str_content)
+            head = codecs.getincrementaldecoder("utf-8")("surrogatepass").decode(buf[span[0] : span[0] + 64])
+            if head[:1] == "\x80" or head[:4] == _ZIP_TEXT:
+                str_content(text(buf, span), span[0] - start)
             return
+        s = text(buf, span)
         push_str(s, span[0])
 
     def push_str(s: str, a: int) -> None:
@@ -510,8 +547,8 @@ def walk(
         if not isinstance(pid, tuple) or not pid:
             return
         tag = pid[0]
-        if isinstance(tag, Bytes):
-            tag = bytes(tag.buf[tag.start : tag.end]).decode("latin-1")
+        if isinstance(tag, Bytes):  # only its 7 bytes are copied: a tag may be a GiB constant
+            tag = _small_text(tag, len("storage"))
         if tag != "storage":
             return
         rec = _storage_record(ctx, pid, member)
@@ -570,6 +607,12 @@ def walk(
                     raise LimitExceeded(pos - start, "time budget exhausted")
                 if len(stack) > _MAX_STACK:
                     raise LimitExceeded(pos - start, f"more than {_MAX_STACK} values on the stack")
+                if ctx.values + built > _MAX_VALUES:
+                    raise LimitExceeded(pos - start, f"more than {_MAX_VALUES} containers built")
+                if ctx.over_records():
+                    raise LimitExceeded(
+                        pos - start, f"more than {MAX_RECORDS} records (imports, findings...)"
+                    )
             op_off = pos
             op, arg, pos = step(buf, pos, end)
             op_proto = OP_PROTO[op]
@@ -600,7 +643,9 @@ def walk(
             elif op == 0x4B or op == 0x4D or op == 0x4A or op == 0x47 or op == 0x46:
                 stack.append(arg)  # BININT1 / BININT2 / BININT / BINFLOAT / FLOAT
             elif op == 0x74:  # TUPLE
-                stack.append(tuple(pop_mark()))
+                items = pop_mark()
+                stack.append(tuple(items))
+                built += 1 + len(items) // 8  # a long tuple keeps every item alive
             elif op == 0x85 or op == 0x86 or op == 0x87:  # TUPLE1/2/3
                 n = op - 0x84
                 if len(stack) - fence < n:
@@ -608,6 +653,7 @@ def walk(
                 items = stack[len(stack) - n :]
                 del stack[len(stack) - n :]
                 stack.append(tuple(items))
+                built += 1
             elif op == 0x29:  # EMPTY_TUPLE
                 stack.append(())
             elif op == 0x52:  # REDUCE
@@ -624,6 +670,7 @@ def walk(
                     and _literal(args[1:]),
                 )
                 stack.append(Obj("reduce", func, args) if value is None else value)
+                built += 1
             elif op == 0x62:  # BUILD
                 state = pop()
                 inst = top()
@@ -652,6 +699,7 @@ def walk(
                 called(cls)
                 computed_callee(cls, "NEWOBJ")
                 stack.append(Obj("newobj", cls, args))
+                built += 1
             elif op == 0x63 or op == 0x69:  # GLOBAL / INST
                 module, name = arg
                 g = add_global(module, name, "GLOBAL" if op == 0x63 else "INST")
@@ -662,6 +710,7 @@ def walk(
                     call(g, tuple(items), "INST")
                     value = computed(g, tuple(items))
                     stack.append(Obj("inst", g, tuple(items)) if value is None else value)
+                    built += 1
             elif op == 0x93:  # STACK_GLOBAL
                 name_v = pop()
                 module_v = pop()
@@ -678,10 +727,13 @@ def walk(
                 call(items[0], tuple(items[1:]), "OBJ")
                 value = computed(items[0], tuple(items[1:]))
                 stack.append(Obj("obj", items[0], tuple(items[1:])) if value is None else value)
+                built += 1
             elif op == 0x7D:  # EMPTY_DICT
                 stack.append(Dict())
+                built += 1
             elif op == 0x5D:  # EMPTY_LIST
                 stack.append(List([]))
+                built += 1
             elif op == 0x75:  # SETITEMS
                 items = pop_mark()
                 if len(items) % 2:
@@ -715,8 +767,10 @@ def walk(
                 pid = pop()
                 record_persistent(pid)
                 stack.append(Obj("persid", None, pid))
+                built += 1
             elif op == 0x50:  # PERSID
                 stack.append(Obj("persid", None, arg))
+                built += 1
             elif op == 0x4E:  # NONE
                 stack.append(None)
             elif op == 0x88:
@@ -752,7 +806,7 @@ def walk(
                 else:
                     push_str(arg, op_off + 1)
             elif op == 0x49 or op == 0x4C:  # INT / LONG
-                stack.append(arg)
+                stack.append(BIG_INT if arg is BIG else arg)
             elif op == 0x80:  # PROTO
                 proto = arg
                 if proto > max_proto:
@@ -781,6 +835,7 @@ def walk(
                 stack_op(op, stack, marks, pop, pop_mark, top)
             elif op == 0x6C:  # LIST
                 stack.append(List(pop_mark()))
+                built += 1
             elif op == 0x64:  # DICT
                 items = pop_mark()
                 if len(items) % 2:
@@ -790,6 +845,7 @@ def walk(
                     d.add(items[i], items[i + 1])
                 d.count += max(0, len(items) // 2 - _MAX_KEEP)
                 stack.append(d)
+                built += 1
             elif op == 0x8F:  # EMPTY_SET
                 stack.append(OPAQUE)
             elif op == 0x90:  # ADDITEMS
@@ -825,6 +881,8 @@ def walk(
     except Fault as exc:
         at(exc, op_off - start)
         raise
+    finally:
+        ctx.values += built
 
 
 def walk_quietly(ctx: Ctx, buf: Buf, start: int, end: int, label: str, *, nest: int = 0) -> WalkOut | None:
@@ -840,6 +898,15 @@ def walk_quietly(ctx: Ctx, buf: Buf, start: int, end: int, label: str, *, nest: 
     except LimitExceeded as exc:
         ctx.limit(label, exc)
     return None
+
+
+_MAX_NAME = 512  # characters of a global's module or name kept for the report
+
+
+def _kept_name(s: str) -> str:
+    """A module or attribute name as the record keeps it: a GLOBAL line has no length limit,
+    and a 20 MB one was copied into the report three times (63 MB of JSON)."""
+    return s if len(s) <= _MAX_NAME else f"{s[:_MAX_NAME]}…[{len(s)} characters]"
 
 
 # operands that make STACK_GLOBAL fail in the unpickler (anything else may be a str at run time)
@@ -1020,12 +1087,20 @@ def _storage_record(ctx: Ctx, pid: tuple[object, ...], member: str) -> StorageRe
     if entry is None or not ref.module.startswith("torch"):
         return None
     if isinstance(location, Bytes):
-        location = bytes(location.buf[location.start : location.end]).decode("latin-1")
+        location = _small_text(location, _MAX_STR)
     if not isinstance(key, (str, int)) or isinstance(key, bool) or not isinstance(location, str):
         return None
     if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
         return None
     return StorageRecord(key=str(key), dtype=entry[0], numel=numel, location=location, member=member)
+
+
+def _small_text(b: Bytes, limit: int) -> str | None:
+    """A bytes constant as latin-1 text when it holds at most ``limit`` bytes, else ``None``
+    (never a copy of a large constant: the stream's buffer is the file, mapped)."""
+    if b.end - b.start > limit:
+        return None
+    return bytes(b.buf[b.start : b.end]).decode("latin-1")
 
 
 def _joblib_digest(state: Dict, sha256: str) -> JoblibArray:

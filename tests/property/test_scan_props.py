@@ -22,7 +22,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandbox._scan import identify, scan_file, scan_pickle_bytes
+from sandbox._scan import DANGEROUS_GLOBALS, identify, scan_file, scan_pickle_bytes
+from sandbox._scan.globals import _dangerous_suffix
 from sandbox.errors import MalformedInput, UnsupportedFormat
 
 ALLOWED_ERRORS = (MalformedInput, UnsupportedFormat)
@@ -206,3 +207,60 @@ def test_valid_pickles_agree_with_pickletools(value: object, protocol: int) -> N
     declared = ops[0][1] if ops[0][0].name == "PROTO" else 0
     assert isinstance(declared, int)
     assert res.protocol == max(declared, *(op.proto for op, _, _ in ops))
+
+
+_NUMBER_CHARS = st.sampled_from(
+    list("0123456789") * 4 + list("xXoObBaAfFeE+-_ .Lnita") + ["\t", "\x0b", "\x00"]
+)
+_NUMBER_LINES = st.one_of(
+    st.lists(_NUMBER_CHARS, max_size=24).map(lambda cs: "".join(cs).encode("latin-1")),
+    st.tuples(
+        st.sampled_from(["", "-", "0x", "0o"]), st.integers(4290, 4310), st.sampled_from(["", "L", "\x00z"])
+    ).map(lambda t: (t[0] + "7" * t[1] + t[2]).encode()),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([b"I", b"L", b"F", b"p", b"g"]), _NUMBER_LINES)
+def test_number_and_memo_lines_read_as_the_c_unpickler_reads_them(op: bytes, line: bytes) -> None:
+    """A literal the scanner refuses while the unpickler reads on would hide everything after
+    it (``I1\\0junk`` did). The streams here hold one number or memo opcode and STOP: loading
+    them builds an int, a float, a bool or None, and imports nothing."""
+    if op in (b"p", b"g"):
+        stream = b"N" + (b"p0\n0g" if op == b"g" else b"p") + line + b"\n."
+    else:
+        stream = op + line + b"\n."
+    try:
+        pickle.loads(stream)
+        loads = True
+    except MemoryError:
+        return  # a memo index in the billions: the C unpickler fails for memory, not syntax
+    except Exception:
+        loads = False
+    try:
+        scan_pickle_bytes(stream)
+        scans = True
+    except MalformedInput:
+        scans = False
+    assert scans == loads, (stream[:60], loads)
+
+
+def _suffix_reference(full: str) -> str | None:
+    """The dotted-suffix rule written plainly (quadratic): every suffix after a dot, joined."""
+    parts = full.split(".")
+    for i in range(1, len(parts)):
+        for prefix, category in DANGEROUS_GLOBALS:
+            suffix = ".".join(parts[i:])
+            if suffix == prefix or suffix.startswith(prefix + "."):
+                return category
+    return None
+
+
+_WORDS = sorted({w for p, _ in DANGEROUS_GLOBALS for w in p.split(".")} | {"", "a", "torch", "nn", "path"})
+_DOTTED = st.lists(st.sampled_from(_WORDS), min_size=1, max_size=6).map(".".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_DOTTED)
+def test_the_dangerous_suffix_search_agrees_with_its_plain_statement(full: str) -> None:
+    assert _dangerous_suffix(full) == _suffix_reference(full)

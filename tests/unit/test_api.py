@@ -4,6 +4,7 @@ mapping can be tested quickly and exhaustively. The real sandbox is tested in te
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -460,3 +461,49 @@ def test_a_loader_running_as_our_own_uid_gets_a_private_copy_of_a_file_we_may_wr
     assert ((st.st_dev, st.st_ino) != (original.st_dev, original.st_ino)) is copied
     if copied:
         assert st.st_mode & 0o777 == 0o444 and st.st_size == original.st_size and st.st_nlink == 0
+
+
+@pytest.mark.parametrize("layout", [False, True], ids=["full-loader", "layout-hand-off"])
+def test_a_view_is_not_materialised_past_the_output_cap(tmp_path: Path, layout: bool) -> None:
+    # a view is written to the converted file as its own copy: base[:1].expand(2**27) in a
+    # 1.6 KB checkpoint made the host write 512 MB (and ask the allocator for 4 TiB for a
+    # 2**20 x 2**20 one), past the output cap the sandbox itself is held to
+    base = torch.ones(4)
+    path = tmp_path / "views.pt"
+    torch.save({"a": base, "b": base[0:1].expand(2**20)}, path)  # 4 MiB as a copy
+    policy = sandbox.Policy.default()
+    policy = dataclasses.replace(policy, limits=dataclasses.replace(policy.limits, output_mb=1))
+    dst = tmp_path / "views.safetensors"
+    with pytest.raises(OutputRejected, match="output cap"):
+        sandbox.convert(path, dst, policy=policy, runner=FakeRunner(layout=layout))
+    assert not dst.exists()
+
+
+def test_views_that_would_be_huge_once_made_are_refused(tmp_path: Path) -> None:
+    # a view costs nothing to send, but where the file has no plain reading the verification
+    # hashes every view's elements (a copy): a manifest's view of one element, shaped
+    # 2**20 x 2**20 with strides 0, asked the host's allocator for 4 TiB (RuntimeError out of
+    # safe_load; smaller ones were simply allocated)
+    path = ck.save(ck.nested_checkpoint(), tmp_path / "n.pt")  # a config object: no plain reading
+
+    def add_view(shape: list[int]) -> Any:
+        def tamper(out: Played, status: dict[str, Any]) -> None:
+            assert out.manifest is not None
+            manifest = json.loads(out.manifest)
+            base = manifest["tensors"][0]
+            view = {
+                "name": "extra",
+                "base": base["name"],
+                "offset": 0,
+                "dtype": base["dtype"],
+                "location": "cpu",
+            }
+            manifest["views"] = [{**view, "shape": shape, "stride": [0] * len(shape)}]
+            out.manifest = json.dumps(manifest).encode()
+
+        return tamper
+
+    with pytest.raises(OutputRejected, match="views would hold more than"):
+        sandbox.safe_load(path, weights_only=False, runner=FakeRunner(add_view([2**20, 2**20])))
+    for shape in ([3, 5], [0, 2**40]):  # small, and empty: past this check
+        sandbox.safe_load(path, weights_only=False, runner=FakeRunner(add_view(shape)))

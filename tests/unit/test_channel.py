@@ -227,3 +227,30 @@ def test_events_past_the_cap_are_counted_not_kept(channel: Channel, monkeypatch:
 
     got = converse(channel, play)
     assert got.completed and len(got.events) == 80 and got.events_dropped == 3
+
+
+def test_a_flood_of_small_event_frames_costs_linear_time(channel: Channel) -> None:
+    # 16 MiB of events in 400-byte frames: kept as immutable bytes, every frame copied all the
+    # events before it (320 GB of copying: the host's CPU spent until the deadline)
+    got = Received()
+    frame = P.frame(P.EVENTS, b"x" * 399 + b"\n")
+    start = time.monotonic()
+    for _ in range(P.MAX_EVENTS_BYTES // 400 + 10):
+        assert channel._take(got, frame, [], 1 << 20) is None
+        assert time.monotonic() - start < 5.0
+    assert len(got.events) == P.MAX_EVENTS_BYTES // 400 * 400 and got.events_dropped == 10
+
+
+def test_an_inline_output_is_refused_where_descriptors_pass(channel: Channel) -> None:
+    # inline outputs (CHUNK frames into a memfd the host makes) exist for gVisor only: under
+    # runc they let a supervisor put a whole output cap of bytes in the host's memory, outside
+    # the container's memory limit that a sealed memfd of its own counts against
+    def play(s: socket.socket) -> None:
+        s.send(P.json_frame(P.OUTPUT, {"name": "tensors", "size": 1000, "inline": True}))
+        s.send(P.frame(P.CHUNK, b"x" * 1000))
+        s.send(STATUS)
+        s.send(P.frame(P.DONE, b"{}"))
+
+    got = converse(channel, play)
+    assert got.violations and "inline tensors output" in got.violations[0]
+    assert not got.outputs and not got.completed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -400,3 +401,17 @@ def test_every_event_the_judge_can_see_yields_rules_of_the_table() -> None:
                 seen |= {f.rule for f in mon.findings}
     assert seen - set(RULES) == set()
     assert {"network-bind", "network-sendto", "exec-attempt", "file-link", "native-code"} <= seen
+
+
+def test_an_event_stream_of_tiny_lines_is_cut_lazily() -> None:
+    # 16 MiB of "ab\n": splitting it whole made 5.6 million objects (~500 MB) to keep the
+    # first few thousand lines
+    data = bytearray(b"ab\n" * (P.MAX_EVENTS_BYTES // 3))
+    tracemalloc.start()
+    try:
+        events, rejected = _events.parse_events(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not events and rejected > 0
+    assert peak < 16 << 20, peak

@@ -473,7 +473,7 @@ def test_inline_outputs_land_in_a_sealed_host_memfd() -> None:
     sup.send(P.json_frame(P.STATUS, {"protocol": P.PROTOCOL_VERSION}))
     sup.send(P.frame(P.DONE, b"{}"))
     sup.close()
-    got = ch.collect(time.monotonic() + 5, 10**6)
+    got = ch.collect(time.monotonic() + 5, 10**6, inline=True)
     assert got.completed and not got.violations
     fd = got.outputs["tensors"]
     assert _channel.check_memfd(fd, len(body), 10**6) is None
@@ -508,7 +508,7 @@ def test_inline_outputs_are_checked_frame_by_frame(frames: list[bytes], why: str
     for f in frames:
         sup.send(f)
     sup.close()
-    got = ch.collect(time.monotonic() + 5, 1000)
+    got = ch.collect(time.monotonic() + 5, 1000, inline=True)
     assert got.violations and why in got.violations[0] and not got.outputs
     assert got.pending is None or got.pending[1] >= 0
     got.close()
