@@ -135,6 +135,15 @@ def _sandboxed(
             st = _judge.static_stage(real, report, policy, source=loaded.input_path)
             if not any(n.startswith(_judge.SCAN_STOPPED) for n in report.notes):
                 loaded.static = st  # a complete scan: the layout check need not read it again
+            if not dynamic and loaded.static is None:
+                # no sandbox will load it either: a file the scan could not read is not clean
+                report.add(
+                    finding(
+                        "static-incomplete",
+                        "format",
+                        evidence={"why": [n[:300] for n in report.notes if n.startswith("static scan")][:3]},
+                    )
+                )
             if not dynamic or (stop_early and _judge.static_stops(report, policy)):
                 loaded.stopped_early = dynamic
                 if dynamic:

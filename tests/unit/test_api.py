@@ -507,3 +507,20 @@ def test_views_that_would_be_huge_once_made_are_refused(tmp_path: Path) -> None:
         sandbox.safe_load(path, weights_only=False, runner=FakeRunner(add_view([2**20, 2**20])))
     for shape in ([3, 5], [0, 2**40]):  # small, and empty: past this check
         sandbox.safe_load(path, weights_only=False, runner=FakeRunner(add_view(shape)))
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_a_static_only_scan_of_a_file_it_cannot_read_is_not_clean(tmp_path: Path, cut: float) -> None:
+    """``--static-only`` runs no sandbox: a truncated or corrupt file, which the scan cannot
+    read to its end, must not come out clean (a CI gate would pass it)."""
+    whole = ck.save(ck.state_dict(), tmp_path / "sd.pt").read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(whole[: int(len(whole) * cut)])
+    report = sandbox.scan(path, dynamic=False)
+    assert report.verdict is not sandbox.Verdict.CLEAN
+    (found,) = [f for f in report.findings if f.rule == "static-incomplete"]
+    assert found.severity is Severity.MEDIUM and found.evidence["why"]
+    assert (
+        sandbox.scan(ck.save(ck.state_dict(), tmp_path / "ok.pt"), dynamic=False).verdict
+        is sandbox.Verdict.CLEAN
+    )
