@@ -296,6 +296,19 @@ def _judge(
             )
     elif kind in ("socket", "socketpair"):
         out.add(ev, "network-socket", "network", "the load created a socket", key=f"{d.get('family')}")
+    elif kind == "inotify" and ev.source == "kernel":
+        # the kernel's own record (an inotify watch the supervisor alone holds): whatever path
+        # the call named, and whatever the monitor read of it, this file was used
+        path = str(d.get("path", ""))
+        if path in canary_files or d.get("class") == "canary":
+            out.add(
+                ev,
+                "canary-file-read",
+                "credential",
+                "the load opened a planted credential file",
+                {"path": path, "seen_by": "inotify", "event": str(d.get("event", ""))[:16]},
+                key=path,
+            )
     elif kind in _OPEN:
         path, cls = str(d.get("path", "")), d.get("class")
         if cls in ("canary", "canary_home") or path in canary_files:

@@ -719,6 +719,10 @@ class _Supervisor:
     def run(self) -> None:
         canary_files = _plant(self.values)
         self.status["canaries"] = {"values": self.values, "files": canary_files}
+        try:  # before the loader exists: it never holds this descriptor
+            self.canary_watch: _seccomp.CanaryWatch | None = _seccomp.CanaryWatch(canary_files)
+        except OSError:
+            self.canary_watch = None
         env = {k: self.values[k] for k in _ENV_CANARIES}
         env["HOME"] = P.CANARY_HOME
         tensors, manifest = P.memfd_create("tensors"), P.memfd_create("manifest")
@@ -731,6 +735,8 @@ class _Supervisor:
         if pid == 0:
             for fd in (rfd, hand_r, ack_w, audit_r, self.host.sock.fileno()):
                 os.close(fd)
+            if self.canary_watch is not None:
+                self.canary_watch.close()
             job_sup.close()
             _loader_main(
                 _ChildEnds(result_w, hand_w, ack_r, audit_w, job_ldr, tensors, manifest),
@@ -756,6 +762,9 @@ class _Supervisor:
             target=_hash_fd if cfg.hash_input else _size_fd, args=(input_fd, hashed), daemon=True
         )
         hasher.start()
+        if self.canary_watch is not None:
+            self.canary_watch.take()  # what the warm-up touched (trusted code) is not the file's
+            self.canary_watch.seen.clear()
         try:
             socket.send_fds(job_sup, [cfg.to_json()], [input_fd])
         except OSError:
@@ -874,6 +883,15 @@ class _Supervisor:
         for fd in (rfd, audit_r):
             os.set_blocking(fd, False)
         reports = _SelfReports(log)
+        canaries = self.canary_watch
+        monitor_info["inotify"] = canaries is not None
+
+        def canary_events() -> None:
+            """The kernel's record of the canary files' use (see ``_seccomp.CanaryWatch``)."""
+            for path, what in canaries.take() if canaries is not None else ():
+                detail = {"path": path, "class": "canary", "event": what}
+                log.add("kernel", "inotify", detail, "recorded", time.monotonic() - start)
+
         chunks: list[bytes] = []
         received = 0
         wait_status: int | None = None
@@ -882,7 +900,11 @@ class _Supervisor:
         host_fd = self.host.sock.fileno()
         while wait_status is None:
             watch = open_fds + [host_fd] + ([monitor.listener] if monitor else [])
+            if canaries is not None:
+                watch.append(canaries.fd)
             ready = _seccomp.wait_readable(watch, resources.wait_s(time.monotonic(), 0.05))
+            if canaries is not None and canaries.fd in ready:
+                canary_events()
             if host_fd in ready and self.host.hung_up():
                 break  # nobody is waiting for this load: end it now
             if self.host.stop is not None:  # gVisor: the host saw a fatal refusal in the trace
@@ -925,6 +947,7 @@ class _Supervisor:
                     break
         elapsed = time.monotonic() - start
         reaped = _kill_all()
+        canary_events()  # what the kernel queued before the loader ended
         if wait_status is None:
             wait_status = reaped.get(pid, signal.SIGKILL)
         if os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGSYS:

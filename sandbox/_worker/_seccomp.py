@@ -384,8 +384,76 @@ def _c() -> Any:
         lib.ioctl.restype = ctypes.c_int
         lib.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
         lib.prctl.restype = ctypes.c_int
+        lib.inotify_init1.argtypes = (ctypes.c_int,)
+        lib.inotify_init1.restype = ctypes.c_int
+        lib.inotify_add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+        lib.inotify_add_watch.restype = ctypes.c_int
         _libc = lib
     return _libc
+
+
+# -- inotify: the kernel's own record of every use of the canary files ---------------------------
+
+IN_ACCESS, IN_MODIFY, IN_ATTRIB, IN_OPEN = 0x1, 0x2, 0x4, 0x20
+IN_MOVE_SELF, IN_DELETE_SELF, IN_Q_OVERFLOW, IN_IGNORED = 0x800, 0x400, 0x4000, 0x8000
+_WATCHED = {
+    IN_OPEN: "open",
+    IN_ACCESS: "read",
+    IN_MODIFY: "write",
+    IN_ATTRIB: "attrib",
+    IN_MOVE_SELF: "move",
+    IN_DELETE_SELF: "delete",
+}
+_IN_NONBLOCK_CLOEXEC = os.O_NONBLOCK | os.O_CLOEXEC
+_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
+
+
+class CanaryWatch:
+    """inotify watches on the planted credential files, held by the supervisor alone. The
+    kernel queues an event for every open, read, write, move or removal of a watched file by
+    any path (a link, ``..``, ``/proc/self/fd``, a path rewritten while the monitor looked at
+    it): evidence the loader can neither see nor drain, since it never holds this descriptor."""
+
+    def __init__(self, paths: list[str]) -> None:
+        c = _c()
+        self.fd = _check(c.inotify_init1(_IN_NONBLOCK_CLOEXEC), "inotify_init1")
+        self.paths: dict[int, str] = {}
+        mask = sum(_WATCHED)
+        for path in paths:
+            wd = c.inotify_add_watch(self.fd, os.fsencode(path), mask)
+            if wd >= 0:
+                self.paths[wd] = path
+        self.seen: set[tuple[str, str]] = set()
+
+    def take(self) -> list[tuple[str, str]]:
+        """(path, what) of the events queued since the last call, each pair once per watch's
+        life (a read loop makes one event, not a million); ``("*", "overflow")`` when the
+        kernel's queue overflowed."""
+        out: list[tuple[str, str]] = []
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return out
+            if not data:
+                return out
+            at = 0
+            while at + _INOTIFY_EVENT.size <= len(data):
+                wd, mask, _cookie, n = _INOTIFY_EVENT.unpack_from(data, at)
+                at += _INOTIFY_EVENT.size + n
+                found = [("*", "overflow")] if mask & IN_Q_OVERFLOW else []
+                path = self.paths.get(wd)
+                if path is not None:
+                    found += [(path, what) for bit, what in _WATCHED.items() if mask & bit]
+                for pair in found:
+                    if pair not in self.seen:
+                        self.seen.add(pair)
+                        out.append(pair)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _check(ret: int, what: str) -> int:

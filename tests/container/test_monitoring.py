@@ -339,6 +339,41 @@ def test_a_canary_read_through_a_link_and_dotdot_is_seen(tmp_path: Path) -> None
     assert_supported(report, f)
 
 
+def test_a_canary_read_that_races_the_monitor_is_still_seen_by_the_kernel(tmp_path: Path) -> None:
+    """A thread rewrites the path between the monitor's look at it and the kernel's open: a
+    call the monitor saw as a file of the image opens the canary file. Only the kernel's own record
+    (the supervisor's inotify watch on the planted files) is sure to name it."""
+    canary = f"{P.CANARY_HOME}/.aws/credentials"
+    code = (
+        "import ctypes, os, threading, time\n"
+        "buf = ctypes.create_string_buffer(256)\n"  # a quiet file of the image, then the canary
+        f"paths = [os.__file__.encode() + b'\\0', {canary.encode() + bytes(1)!r}]\n"
+        "ctypes.memmove(buf, paths[0], len(paths[0]))\n"
+        "done = []\n"
+        "def flip(buf=buf, paths=paths, done=done, move=ctypes.memmove):\n"  # exec's locals
+        "    while not done:\n"
+        "        for p in paths:\n"
+        "            move(buf, p, len(p))\n"
+        "threading.Thread(target=flip, daemon=True).start()\n"
+        "time.sleep(0.05)\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "for _ in range(20000):\n"
+        "    fd = libc.open(buf, 0)\n"
+        "    if fd >= 0:\n"
+        "        got = os.read(fd, 16)\n"
+        "        os.close(fd)\n"
+        "        if got.startswith(b'[default]'):\n"
+        "            break\n"
+        "done.append(1)\n"
+    )
+    report = sandbox.scan(ck.hostile_file(tmp_path, code), policy=AUDIT)
+    seen = [e for e in kernel(report, "inotify") if e.detail.get("path") == canary]
+    assert {e.detail.get("event") for e in seen} >= {"open"}, [e.detail for e in kernel(report, "inotify")]
+    f = finding(report, "canary-file-read")
+    assert f.severity >= Severity.HIGH
+    assert_supported(report, f)
+
+
 def test_a_write_to_the_input_through_a_link_to_proc_self_fd_is_refused(tmp_path: Path) -> None:
     # /tmp/p -> /proc/self/fd: "/tmp/p/1000" is the input's descriptor, reopened. The monitor
     # resolved the link in its own process (/proc/self = PID 1), kept the /tmp name and let the

@@ -415,3 +415,48 @@ def test_an_event_stream_of_tiny_lines_is_cut_lazily() -> None:
         tracemalloc.stop()
     assert not events and rejected > 0
     assert peak < 16 << 20, peak
+
+
+def test_the_kernels_record_of_a_canary_file_is_a_credential_read() -> None:
+    """An inotify event (the supervisor's watch) names the canary file whatever path the call
+    used; a self-reported one of the same shape is not the kernel's and proves nothing."""
+    canary = "/home/user/.aws/credentials"
+    event = {"path": canary, "class": "canary", "event": "open"}
+    found = rules(judge(line(1, "openat", {"path": "/tmp/x", "class": "scratch"}, "allowed"),
+                        line(2, "inotify", event, "recorded")))  # fmt: skip
+    assert found["canary-file-read"].evidence == {"path": canary, "seen_by": "inotify", "event": "open"}
+    assert found["canary-file-read"].severity is Severity.HIGH
+    assert "canary-file-read" not in rules(
+        judge(line(1, "inotify", event, "recorded", source="self_reported"))
+    )
+
+
+def test_the_canary_watch_sees_every_use_of_a_file_by_any_path(tmp_path: Any) -> None:
+    """The watch reports opens, reads, writes and removals of the watched files, through a
+    link and ``..`` too, once per kind until cleared, and nothing of other files."""
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    creds = home / ".aws" / "credentials"
+    creds.write_text("[default]\n")
+    other = tmp_path / "other"
+    other.write_text("x")
+    (tmp_path / "link").symlink_to(home / ".aws")
+    watch = _seccomp.CanaryWatch([str(creds)])
+    try:
+        assert watch.take() == []
+        other.read_text()
+        assert watch.take() == []
+        for _ in range(3):
+            assert (tmp_path / "link" / ".." / ".aws" / "credentials").read_text() == "[default]\n"
+        inner = os.open(creds, os.O_RDONLY)
+        os.close(os.open(f"/proc/self/fd/{inner}", os.O_RDONLY))
+        os.close(inner)
+        assert sorted(watch.take()) == [(str(creds), "open"), (str(creds), "read")]  # once each
+        watch.seen.clear()
+        with open(creds, "a") as f:
+            f.write("more")
+        creds.unlink()
+        got = {what for path, what in watch.take() if path == str(creds)}
+        assert {"open", "write", "delete"} <= got
+    finally:
+        watch.close()
