@@ -72,11 +72,13 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
             _loader.prepare()  # torch, numpy, safetensors: trusted code, no input yet
         os.write(ch.hand_w, b"R")  # warm: the supervisor says hello only now
         cfg, input_fd = _receive_job(ch.job)
-        received = time.monotonic()  # the supervisor's kernel events count from (about) here
         if not cfg.layout and not prepare:
             # the host's scan says the full loader: import torch now, before the filter (no
             # byte of the input has been read; under it, the import notifies ~1,200 opens)
             _loader.prepare()
+        # every clock of the evidence counts from (about) here: the supervisor's, when it takes
+        # the filter's listener; gVisor's trace, when it sees the filter go in
+        received = time.monotonic()
         if cfg.max_output_bytes > 0:
             resource.setrlimit(resource.RLIMIT_FSIZE, (cfg.max_output_bytes, cfg.max_output_bytes))
         if cfg.cpu_s > 0:  # a backstop per process: the supervisor stops the whole tree before this
@@ -433,7 +435,9 @@ class _Resources:
         return 0 < self.cpu_limit_s < self.cpu_s
 
     def sample(self, now: float) -> None:
-        self.next_at = now + _SAMPLE_EVERY_S
+        # 10, 20, 40, 80 ms apart at first, then every _SAMPLE_EVERY_S: a short load still
+        # has a few points, a long one costs no more
+        self.next_at = now + min(_SAMPLE_EVERY_S, 0.01 * 2**self.samples)
         self.at = now
         t0 = time.perf_counter()
         try:
@@ -873,9 +877,10 @@ class _Supervisor:
         audit_r: int,
         canary_files: list[str],
     ) -> tuple[bytes, int, str | None, dict[str, Any], dict[str, Any]]:
-        log, start = self.log, self.start
+        log, job_start = self.log, self.start
+        monitor, start = _take_listener(pid, hand_r, ack_w, log, canary_files, cfg, self.plain)
+        self.start = start  # events and samples count from the filter's start, as the loader's do
         resources = _Resources(pid, cfg.cpu_s, start)
-        monitor = _take_listener(pid, hand_r, ack_w, log, canary_files, start, cfg, self.plain)
         monitor_info: dict[str, Any] = {
             "kernel": monitor is not None,
             "filter": "plain" if self.plain else "notify",
@@ -937,7 +942,7 @@ class _Supervisor:
             if wait_status is not None:
                 break
             now = time.monotonic()
-            if now - start > cfg.wall_clock_s:
+            if now - job_start > cfg.wall_clock_s:
                 limit = "wall_clock"
                 break
             if resources.due(now):
@@ -999,19 +1004,22 @@ def _take_listener(
     ack_w: int,
     log: _EventLog,
     canary_files: list[str],
-    start: float,
     cfg: P.JobConfig,
     plain: bool = False,
-) -> _Monitor | None:
+) -> tuple[_Monitor | None, float]:
     """Copy the loader's listener fd into this process, then let the loader close its own.
-    ``plain`` (gVisor): the loader only says that its plain filter is in; nothing to take."""
+    ``plain`` (gVisor): the loader only says that its plain filter is in; nothing to take.
+    Returns the monitor and when monitoring began (the handshake: the clock of the evidence)."""
     monitor = None
     if plain:
         ok = _seccomp.wait_readable([hand_r], 30) and os.read(hand_r, 32) == PLAIN_HANDOFF
+        start = time.monotonic()
     else:
+        start = time.monotonic()
         try:
             if _seccomp.wait_readable([hand_r], 30):
                 number = os.read(hand_r, 32)
+                start = time.monotonic()
                 if number.isdigit():
                     listener = _seccomp.take_fd(pid, int(number))
                     monitor = _Monitor(listener, pid, log, canary_files, start, cfg)
@@ -1024,7 +1032,7 @@ def _take_listener(
         pass
     os.close(hand_r)
     os.close(ack_w)
-    return monitor
+    return monitor, start
 
 
 def _reap_others(loader: int) -> int | None:
