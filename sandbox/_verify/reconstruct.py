@@ -834,6 +834,8 @@ class _Namer(P.TensorNames):
     def __init__(self) -> None:
         super().__init__()
         self.order: list[tuple[str, _Tensor]] = []
+        #: every path at which each named tensor lies (an object met again keeps its name)
+        self.paths: dict[str, list[tuple[str, ...]]] = {}
 
     def walk(self, obj: object, path: tuple[str, ...] = (), depth: int = 0) -> None:
         self.nodes += 1
@@ -847,6 +849,7 @@ class _Namer(P.TensorNames):
             name, new = self.name_of(obj, path)
             if new:
                 self.order.append((name, obj))
+            self.paths.setdefault(name, []).append(path)
             return
         if not isinstance(obj, (dict, list, tuple)):
             return  # a storage, dtype or class as a value: no tensor, opaque or a leaf
@@ -1379,11 +1382,16 @@ def _tricky(scan: _scan.StaticScan) -> NotReconstructed | None:
 
 def _named(value: object) -> list[tuple[str, _Tensor]]:
     """The tensors of ``value`` under the worker's names (plain containers only)."""
+    return _walked(value).order
+
+
+def _walked(value: object) -> _Namer:
+    """The walk of ``value`` that names its tensors (plain containers only)."""
     namer = _Namer()
     namer.walk(value)
     if len(namer.order) > P.MAX_TENSORS:
         raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
-    return namer.order
+    return namer
 
 
 _R = TypeVar("_R")
@@ -1515,6 +1523,11 @@ class Inventory:
     #: plain container after it was built is caught even when the bytes are the file's)
     named: Mapping[str, Digest | Stored] = field(default_factory=dict)
     stored: Mapping[tuple[str, tuple[int, ...]], tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    #: where each of ``named`` lies: every path (dict keys and list indices, as the worker
+    #: writes them) through plain containers from the top at which the file puts it. The
+    #: host rebuilds the returned structure from the sandbox's skeleton, so a tensor the
+    #: skeleton puts at one of these paths must be the one named here
+    paths: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
 
 
 def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool, data: object) -> Digest | None:
@@ -1646,11 +1659,13 @@ def try_inventory(
                     digests.append((st.dtype, st.shape, st.sha256))
                     kept[name] = (st.dtype, st.shape, st.sha256)
             by_id = {id(t): kept[name] for name, t in tensors if name in kept}
+            namer = _walked(layout.value)
             named = {
                 name: ref
-                for name, t in _named(layout.value)
+                for name, t in namer.order
                 if "#" not in name and (ref := by_id.get(id(t))) is not None
             }
+            paths = {name: tuple(namer.paths[name]) for name in named}
             for m in unique.values():
                 if isinstance(m, _NpArray) and m.data is not None and m.dtype is not None:
                     budget.check()
@@ -1663,6 +1678,7 @@ def try_inventory(
                 findings=tuple(findings),
                 named=named,
                 stored={k: tuple(sorted(v)) for k, v in stored.items()},
+                paths=paths,
             )
 
     return _guarded(fmt, inventory)

@@ -559,3 +559,25 @@ def test_a_file_rewritten_after_the_identity_check_is_still_caught(
         sandbox.safe_load(path, weights_only=False, runner=FakeRunner(payload))
     rules = [f.rule for f in info.value.report.findings]
     assert "input-changed" in rules, rules
+
+
+def test_a_skeleton_that_swaps_the_files_weights_is_refused(tmp_path: Path) -> None:
+    """Honest names and bytes, but a skeleton that puts each of two weights where the file
+    puts the other: safe_load returned the swapped dict, with no finding."""
+    module = torch.nn.Module()  # not a plain state dict: the general reading names sd.a, sd.b
+    module.register_buffer("w", torch.ones(2))
+    path = ck.save(
+        {"model": module, "sd": {"a": torch.full((4,), 1.0), "b": torch.full((4,), 2.0)}}, tmp_path / "m.pt"
+    )
+
+    def swap(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        (_, a), (_, b) = next(v for k, v in manifest["skeleton"]["items"] if k == "sd")["items"]
+        a["ref"], b["ref"] = b["ref"], a["ref"]
+        out.manifest = json.dumps(manifest).encode()
+
+    with pytest.raises(sandbox.SandboxViolation) as info:
+        sandbox.safe_load(path, weights_only=True, runner=FakeRunner(swap))
+    tampered = [f for f in info.value.report.findings if f.rule == "weights-tampered"]
+    assert [t["name"] for t in tampered[0].evidence["tensors"]] == ["sd.a", "sd.b"]
