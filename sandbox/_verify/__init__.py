@@ -354,6 +354,41 @@ def _misplaced(
     return out
 
 
+def _unquantized(
+    skeleton: object,
+    kinds: Mapping[str, tuple[str, tuple[int, ...]]],
+    quantizers: frozenset[_reconstruct.Quantizer],
+) -> list[str]:
+    """The names of the quantized tensors in ``skeleton`` (anywhere in it) whose quantizer
+    (scale and zero point, or axis) is none the file describes for integer values of their
+    dtype and shape."""
+    out: list[str] = []
+    stack: list[object] = [skeleton]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        stack.extend(node.values())
+        kind, parts, params = node.get("kind"), node.get("parts"), node.get("params")
+        if node.get("$") != "composite" or kind not in ("quantized_per_tensor", "quantized_per_channel"):
+            continue
+        values = parts.get("int_repr") if isinstance(parts, dict) else None
+        ref = values.get("ref") if isinstance(values, dict) else None
+        if not isinstance(ref, str) or ref not in kinds or not isinstance(params, dict):
+            continue  # the host cannot rebuild it
+        dtype, shape = kinds[ref]
+        if kind == "quantized_per_tensor":
+            want: _reconstruct.Quantizer = (kind, dtype, shape, params.get("scale"), params.get("zero_point"))
+        else:
+            want = (kind, dtype, shape, params.get("axis"))
+        if want not in quantizers:
+            out.append(str(node.get("name")))
+    return out
+
+
 def weights(
     path: str,
     manifest: P.Manifest,
@@ -438,6 +473,9 @@ def weights(
             if name not in differ:
                 differ.append(name)
                 changed.append({"name": name, "path": list(at), "actual_tensor": put})
+        # a quantized tensor is rebuilt from its integer values (verified above) and the
+        # skeleton's parameters, which must be a quantizer the file describes for them
+        unverified = sorted({*unverified, *_unquantized(manifest.skeleton, kinds, inv.quantizers)})
         reason = "not among the tensors the file's records describe: computed or changed while loading"
         found = list(inv.findings)
         if changed:

@@ -320,6 +320,8 @@ class _Budget:
         self.deadline = time.monotonic() + _TIME_BUDGET_S
         self.general = general
         self.made: list[_Tensor | _NpArray] = []
+        #: the quantizer of each quantized tensor the pickle rebuilds (see Inventory.quantizers)
+        self.quantizers: set[Quantizer] = set()
         self.cancel = cancel
 
     def check(self) -> None:
@@ -464,7 +466,11 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
         # holds the integer representation, which the sandbox returns as ``<name>.int_repr``
         # (the quantizer's per-channel tensors are read where the params build them)
         if n == 7 and isinstance(args[0], _Storage):
-            return _make_tensor(args[0], args[1], args[2], args[3], None, None)
+            t = _make_tensor(args[0], args[1], args[2], args[3], None, None)
+            q = _quantizer(t, args[4])
+            if q is not None:
+                budget.quantizers.add(q)
+            return t
         return _Opaque(name, list(args))
     if name == "builtins.bytes" and n == 0:  # protocol 2 pickles b"" as bytes()
         return b""
@@ -504,6 +510,28 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
             a.shape = _int_tuple(args[2], "shape") if isinstance(args[2], (tuple, list)) else ()
             return a
         return _Opaque(name, list(args))
+    return None
+
+
+#: a quantized tensor's quantizer as the worker returns it (its composite's kind and the
+#: parameters that are not tensors), with the dtype and shape of its integer values:
+#: ("quantized_per_tensor", dtype, shape, scale, zero point) or ("quantized_per_channel",
+#: dtype, shape, axis)
+Quantizer = tuple[object, ...]
+
+
+def _quantizer(t: _Tensor, params: object) -> Quantizer | None:
+    """The quantizer of ``t`` that ``_rebuild_qtensor``'s parameters describe, where they are
+    literals (else None: none the file describes, so a returned one is unverified)."""
+    if not isinstance(params, tuple) or not params or not isinstance(params[0], _Global):
+        return None
+    scheme = params[0].name
+    if scheme == "torch.per_tensor_affine" and len(params) == 3:
+        scale, zero = params[1], params[2]
+        if isinstance(scale, float) and _is_int(zero):
+            return ("quantized_per_tensor", t.dtype, t.shape, scale, zero)
+    if scheme == "torch.per_channel_affine" and len(params) == 4 and _is_int(params[3]):
+        return ("quantized_per_channel", t.dtype, t.shape, params[3])
     return None
 
 
@@ -1528,6 +1556,9 @@ class Inventory:
     #: host rebuilds the returned structure from the sandbox's skeleton, so a tensor the
     #: skeleton puts at one of these paths must be the one named here
     paths: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    #: the quantizers of the quantized tensors the file describes (see :data:`Quantizer`):
+    #: a returned quantized tensor's parameters must be one of them
+    quantizers: frozenset[Quantizer] = frozenset()
 
 
 def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool, data: object) -> Digest | None:
@@ -1679,6 +1710,7 @@ def try_inventory(
                 named=named,
                 stored={k: tuple(sorted(v)) for k, v in stored.items()},
                 paths=paths,
+                quantizers=frozenset(budget.quantizers),
             )
 
     return _guarded(fmt, inventory)

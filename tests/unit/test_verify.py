@@ -491,3 +491,38 @@ def test_a_skeleton_that_moves_the_files_tensors_is_tampered(tmp_path: Path) -> 
     assert moved(as_module) == ["sd.a", "sd.b"]
     # a quantized tensor's integer values from another one's
     assert moved(lambda s: swap(_items(s, "sd"), 4, 5, "int_repr")) == ["sd.q", "sd.q2"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch calls quantized tensors deprecated
+def test_a_quantized_tensors_parameters_must_be_the_files(tmp_path: Path) -> None:
+    """The host rebuilds a quantized tensor from its integer values (compared with the file)
+    and the skeleton's scale and zero point (or axis): a payload that keeps the values but
+    sends another scale changes every weight it dequantizes to (safe_load returned it)."""
+    q = torch.quantize_per_tensor(torch.randn(4), 0.1, 3, torch.qint8)
+    top = {"model": _module(w=torch.randn(2)), "q": q, "more": composite_checkpoint()}
+    path = save(top, tmp_path / "m.pt")
+    tensors, manifest = held(path)
+    inv = _reconstruct.read(str(path), spans=True)
+    assert isinstance(inv, _reconstruct.Inventory) and ("quantized_per_tensor", "int8", (4,), 0.1, 3) in (
+        inv.quantizers
+    )
+    assert by_bytes(path, tensors, manifest) == []
+
+    def unverified_by(change: Any) -> list[str]:
+        forged = _skeleton(manifest, change)
+        found = by_bytes(path, tensors, forged)
+        assert found == _verify.weights(str(path), forged, tensors)
+        assert [f.rule for f in found] == ["weights-unverified"], found
+        names: list[str] = found[0].evidence["tensors"]
+        return names
+
+    def params(s: Any, *keys: str) -> dict[str, Any]:
+        node = s
+        for key in keys:
+            node = next(v for k, v in node["items"] if k == key)
+        out: dict[str, Any] = node["params"]
+        return out
+
+    assert unverified_by(lambda s: params(s, "q").update(scale=100.0)) == ["q"]
+    assert unverified_by(lambda s: params(s, "q").update(zero_point=-5)) == ["q"]
+    assert unverified_by(lambda s: params(s, "more", "q_channel").update(axis=1)) == ["more.q_channel"]
