@@ -318,7 +318,9 @@ def _component(key: object) -> str | None:
 
     try:
         return P.path_component(rebuild(key, {}, weights_only=False))
-    except (OutputRejected, TypeError, ValueError, RecursionError):
+    except (OutputRejected, RecursionError):
+        return None
+    except Exception:  # anything torch or the builders raise for a key nobody can rebuild
         return None
 
 
@@ -384,7 +386,8 @@ def _unquantized(
             want: _reconstruct.Quantizer = (kind, dtype, shape, params.get("scale"), params.get("zero_point"))
         else:
             want = (kind, dtype, shape, params.get("axis"))
-        if want not in quantizers:
+        literal = all(v is None or isinstance(v, (int, float, str)) for v in want[3:])
+        if not literal or want not in quantizers:
             out.append(str(node.get("name")))
     return out
 

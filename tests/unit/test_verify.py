@@ -489,6 +489,8 @@ def test_a_skeleton_that_moves_the_files_tensors_is_tampered(tmp_path: Path) -> 
         s["items"][1][1] = {"$": "module", "type": "x.Y", "state": sd_node}
 
     assert moved(as_module) == ["sd.a", "sd.b"]
+    odd = _skeleton(manifest, lambda s: s["items"].append([{"$": "size", "v": [2**70]}, 1]))
+    assert by_bytes(path, tensors, odd) == []  # a key nobody can rebuild: nothing placed, no error
     # a quantized tensor's integer values from another one's
     assert moved(lambda s: swap(_items(s, "sd"), 4, 5, "int_repr")) == ["sd.q", "sd.q2"]
 
@@ -526,3 +528,4 @@ def test_a_quantized_tensors_parameters_must_be_the_files(tmp_path: Path) -> Non
     assert unverified_by(lambda s: params(s, "q").update(scale=100.0)) == ["q"]
     assert unverified_by(lambda s: params(s, "q").update(zero_point=-5)) == ["q"]
     assert unverified_by(lambda s: params(s, "more", "q_channel").update(axis=1)) == ["more.q_channel"]
+    assert unverified_by(lambda s: params(s, "q").update(scale=[0.1])) == ["q"]  # never raises
