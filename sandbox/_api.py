@@ -202,16 +202,7 @@ def _sandboxed(
             finally:
                 # awaited only now: the host placed or read the tensors while the hash ran
                 report.input_sha256 = hasher.result()
-                if _input.identity(input_fd) != before:
-                    report.add(
-                        finding(
-                            "input-changed",
-                            "evasion",
-                            "the input file was modified while it was being loaded",
-                            {"before": list(before), "after": list(_input.identity(input_fd))},
-                            severity=Severity.HIGH,
-                        )
-                    )
+                modified = _changed(report, input_fd, before)
             assert loaded.output is not None and loaded.output.manifest is not None
             if loaded.handoff == "layout":
                 report.notes.append(
@@ -226,6 +217,11 @@ def _sandboxed(
                     scan=loaded.static,
                     reading=loaded.reading,
                 )
+                # the comparison reads the file again (its bytes, not digests taken while the
+                # sandbox ran): a write since the check above would make the payload's bytes
+                # the file's
+                if not modified:
+                    _changed(report, input_fd, before)
         except _StaticOnly:
             pass
         except SandboxError as exc:
@@ -250,6 +246,22 @@ def _sandboxed(
             run.close()
         for fd in {input_fd, job_fd} - {-1}:
             os.close(fd)
+
+
+def _changed(report: LoadReport, input_fd: int, before: tuple[int, int, int, int]) -> bool:
+    """Whether the input is no longer what it was at ``before`` (an ``input-changed`` finding)."""
+    after = _input.identity(input_fd)
+    if after != before:
+        report.add(
+            finding(
+                "input-changed",
+                "evasion",
+                "the input file was modified while it was being loaded",
+                {"before": list(before), "after": list(after)},
+                severity=Severity.HIGH,
+            )
+        )
+    return after != before
 
 
 def _monitored(

@@ -280,6 +280,118 @@ def _held(tensors: Mapping[str, torch.Tensor] | None, name: str) -> memoryview |
     return flat.contiguous().view(torch.uint8).numpy().data
 
 
+def _skeleton_refs(skeleton: object) -> dict[tuple[str, ...], list[object]]:
+    """What the sandbox's skeleton puts at each path through the containers the host rebuilds
+    as containers (dicts, lists, tuples, namespaces, a module's state, which the worker names
+    at the module's own path): each tensor's ref, or a composite tensor's node."""
+    out: dict[tuple[str, ...], list[object]] = {}
+    stack: list[tuple[object, tuple[str, ...], int]] = [(skeleton, (), 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > P.MAX_SKELETON_DEPTH + 2 or not isinstance(node, dict):
+            continue
+        kind, items = node.get("$"), node.get("items")
+        if kind in ("tensor", "ndarray", "npscalar"):
+            out.setdefault(path, []).append(node.get("ref"))
+        elif kind == "composite":
+            out.setdefault(path, []).append(node)
+        elif kind == "module":
+            stack.append((node.get("state"), path, depth + 1))
+        elif kind in ("list", "tuple") and isinstance(items, list):
+            stack.extend((item, path + (str(i),), depth + 1) for i, item in enumerate(items))
+        elif kind in ("dict", "namespace") and isinstance(items, list):
+            for pair in items:
+                if isinstance(pair, list) and len(pair) == 2:
+                    comp = _component(pair[0])
+                    if comp is not None:
+                        stack.append((pair[1], path + (comp,), depth + 1))
+    return out
+
+
+def _component(key: object) -> str | None:
+    """The path component of a skeleton's dict key, as the worker names it (None: a key
+    the host cannot rebuild, under which it places nothing)."""
+    if isinstance(key, (str, bool, int)) or key is None:
+        return P.path_component(key)
+    from sandbox._convert import rebuild
+    from sandbox.errors import OutputRejected
+
+    try:
+        return P.path_component(rebuild(key, {}, weights_only=False))
+    except (OutputRejected, RecursionError):
+        return None
+    except Exception:  # anything torch or the builders raise for a key nobody can rebuild
+        return None
+
+
+def _misplaced(
+    skeleton: object, paths: Mapping[str, tuple[tuple[str, ...], ...]]
+) -> list[tuple[str, tuple[str, ...], object]]:
+    """(name, path, what the skeleton puts there) for each path at which the file puts the
+    tensor ``name`` (plain containers from the top) where the skeleton puts another one."""
+    if not paths:
+        return []
+    refs = _skeleton_refs(skeleton)
+    out: list[tuple[str, tuple[str, ...], object]] = []
+    for name, where in sorted(paths.items()):
+        for path in where:
+            for got in refs.get(path, ()):
+                if isinstance(got, dict):  # a composite: its own name, its parts under it
+                    parts = got.get("parts")
+                    fits = (
+                        got.get("name") == name
+                        and isinstance(parts, dict)
+                        and all(
+                            isinstance(p, dict)
+                            and isinstance(p.get("ref"), str)
+                            and p["ref"].split("#")[0] == P.tensor_name((*path, str(part)), set())
+                            for part, p in parts.items()
+                        )
+                    )
+                    got = got.get("name")
+                else:
+                    fits = got == name
+                if not fits:
+                    out.append((name, path, got if isinstance(got, str) else None))
+    return out
+
+
+def _unquantized(
+    skeleton: object,
+    kinds: Mapping[str, tuple[str, tuple[int, ...]]],
+    quantizers: frozenset[_reconstruct.Quantizer],
+) -> list[str]:
+    """The names of the quantized tensors in ``skeleton`` (anywhere in it) whose quantizer
+    (scale and zero point, or axis) is none the file describes for integer values of their
+    dtype and shape."""
+    out: list[str] = []
+    stack: list[object] = [skeleton]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        stack.extend(node.values())
+        kind, parts, params = node.get("kind"), node.get("parts"), node.get("params")
+        if node.get("$") != "composite" or kind not in ("quantized_per_tensor", "quantized_per_channel"):
+            continue
+        values = parts.get("int_repr") if isinstance(parts, dict) else None
+        ref = values.get("ref") if isinstance(values, dict) else None
+        if not isinstance(ref, str) or ref not in kinds or not isinstance(params, dict):
+            continue  # the host cannot rebuild it
+        dtype, shape = kinds[ref]
+        if kind == "quantized_per_tensor":
+            want: _reconstruct.Quantizer = (kind, dtype, shape, params.get("scale"), params.get("zero_point"))
+        else:
+            want = (kind, dtype, shape, params.get("axis"))
+        literal = all(v is None or isinstance(v, (int, float, str)) for v in want[3:])
+        if not literal or want not in quantizers:
+            out.append(str(node.get("name")))
+    return out
+
+
 def weights(
     path: str,
     manifest: P.Manifest,
@@ -357,6 +469,16 @@ def weights(
             unverified = sorted(
                 n for n in kinds if returned.compared(n) and n not in differ and not verified(n)
             )
+        # ... and the skeleton the host rebuilds the returned structure from must put it there:
+        # a skeleton that puts another tensor at its place swaps weights however honest the
+        # names and bytes are
+        for name, at, put in _misplaced(manifest.skeleton, inv.paths):
+            if name not in differ:
+                differ.append(name)
+                changed.append({"name": name, "path": list(at), "actual_tensor": put})
+        # a quantized tensor is rebuilt from its integer values (verified above) and the
+        # skeleton's parameters, which must be a quantizer the file describes for them
+        unverified = sorted({*unverified, *_unquantized(manifest.skeleton, kinds, inv.quantizers)})
         reason = "not among the tensors the file's records describe: computed or changed while loading"
         found = list(inv.findings)
         if changed:

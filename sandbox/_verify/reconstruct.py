@@ -320,6 +320,8 @@ class _Budget:
         self.deadline = time.monotonic() + _TIME_BUDGET_S
         self.general = general
         self.made: list[_Tensor | _NpArray] = []
+        #: the quantizer of each quantized tensor the pickle rebuilds (see Inventory.quantizers)
+        self.quantizers: set[Quantizer] = set()
         self.cancel = cancel
 
     def check(self) -> None:
@@ -464,7 +466,11 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
         # holds the integer representation, which the sandbox returns as ``<name>.int_repr``
         # (the quantizer's per-channel tensors are read where the params build them)
         if n == 7 and isinstance(args[0], _Storage):
-            return _make_tensor(args[0], args[1], args[2], args[3], None, None)
+            t = _make_tensor(args[0], args[1], args[2], args[3], None, None)
+            q = _quantizer(t, args[4])
+            if q is not None:
+                budget.quantizers.add(q)
+            return t
         return _Opaque(name, list(args))
     if name == "builtins.bytes" and n == 0:  # protocol 2 pickles b"" as bytes()
         return b""
@@ -504,6 +510,28 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
             a.shape = _int_tuple(args[2], "shape") if isinstance(args[2], (tuple, list)) else ()
             return a
         return _Opaque(name, list(args))
+    return None
+
+
+#: a quantized tensor's quantizer as the worker returns it (its composite's kind and the
+#: parameters that are not tensors), with the dtype and shape of its integer values:
+#: ("quantized_per_tensor", dtype, shape, scale, zero point) or ("quantized_per_channel",
+#: dtype, shape, axis)
+Quantizer = tuple[object, ...]
+
+
+def _quantizer(t: _Tensor, params: object) -> Quantizer | None:
+    """The quantizer of ``t`` that ``_rebuild_qtensor``'s parameters describe, where they are
+    literals (else None: none the file describes, so a returned one is unverified)."""
+    if not isinstance(params, tuple) or not params or not isinstance(params[0], _Global):
+        return None
+    scheme = params[0].name
+    if scheme == "torch.per_tensor_affine" and len(params) == 3:
+        scale, zero = params[1], params[2]
+        if isinstance(scale, float) and _is_int(zero):
+            return ("quantized_per_tensor", t.dtype, t.shape, scale, zero)
+    if scheme == "torch.per_channel_affine" and len(params) == 4 and _is_int(params[3]):
+        return ("quantized_per_channel", t.dtype, t.shape, params[3])
     return None
 
 
@@ -834,6 +862,8 @@ class _Namer(P.TensorNames):
     def __init__(self) -> None:
         super().__init__()
         self.order: list[tuple[str, _Tensor]] = []
+        #: every path at which each named tensor lies (an object met again keeps its name)
+        self.paths: dict[str, list[tuple[str, ...]]] = {}
 
     def walk(self, obj: object, path: tuple[str, ...] = (), depth: int = 0) -> None:
         self.nodes += 1
@@ -847,6 +877,7 @@ class _Namer(P.TensorNames):
             name, new = self.name_of(obj, path)
             if new:
                 self.order.append((name, obj))
+            self.paths.setdefault(name, []).append(path)
             return
         if not isinstance(obj, (dict, list, tuple)):
             return  # a storage, dtype or class as a value: no tensor, opaque or a leaf
@@ -1379,11 +1410,16 @@ def _tricky(scan: _scan.StaticScan) -> NotReconstructed | None:
 
 def _named(value: object) -> list[tuple[str, _Tensor]]:
     """The tensors of ``value`` under the worker's names (plain containers only)."""
+    return _walked(value).order
+
+
+def _walked(value: object) -> _Namer:
+    """The walk of ``value`` that names its tensors (plain containers only)."""
     namer = _Namer()
     namer.walk(value)
     if len(namer.order) > P.MAX_TENSORS:
         raise _Unsupported(f"more than {P.MAX_TENSORS} tensors")
-    return namer.order
+    return namer
 
 
 _R = TypeVar("_R")
@@ -1515,6 +1551,14 @@ class Inventory:
     #: plain container after it was built is caught even when the bytes are the file's)
     named: Mapping[str, Digest | Stored] = field(default_factory=dict)
     stored: Mapping[tuple[str, tuple[int, ...]], tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    #: where each of ``named`` lies: every path (dict keys and list indices, as the worker
+    #: writes them) through plain containers from the top at which the file puts it. The
+    #: host rebuilds the returned structure from the sandbox's skeleton, so a tensor the
+    #: skeleton puts at one of these paths must be the one named here
+    paths: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    #: the quantizers of the quantized tensors the file describes (see :data:`Quantizer`):
+    #: a returned quantized tensor's parameters must be one of them
+    quantizers: frozenset[Quantizer] = frozenset()
 
 
 def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool, data: object) -> Digest | None:
@@ -1646,11 +1690,13 @@ def try_inventory(
                     digests.append((st.dtype, st.shape, st.sha256))
                     kept[name] = (st.dtype, st.shape, st.sha256)
             by_id = {id(t): kept[name] for name, t in tensors if name in kept}
+            namer = _walked(layout.value)
             named = {
                 name: ref
-                for name, t in _named(layout.value)
+                for name, t in namer.order
                 if "#" not in name and (ref := by_id.get(id(t))) is not None
             }
+            paths = {name: tuple(namer.paths[name]) for name in named}
             for m in unique.values():
                 if isinstance(m, _NpArray) and m.data is not None and m.dtype is not None:
                     budget.check()
@@ -1663,6 +1709,8 @@ def try_inventory(
                 findings=tuple(findings),
                 named=named,
                 stored={k: tuple(sorted(v)) for k, v in stored.items()},
+                paths=paths,
+                quantizers=frozenset(budget.quantizers),
             )
 
     return _guarded(fmt, inventory)

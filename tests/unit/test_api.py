@@ -524,3 +524,60 @@ def test_a_static_only_scan_of_a_file_it_cannot_read_is_not_clean(tmp_path: Path
         sandbox.scan(ck.save(ck.state_dict(), tmp_path / "ok.pt"), dynamic=False).verdict
         is sandbox.Verdict.CLEAN
     )
+
+
+def test_a_file_rewritten_after_the_identity_check_is_still_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load compares the bytes it received with the file's, read again after the sandbox
+    ended (no longer hashed while it ran): a writer who puts the payload's bytes into the file
+    between the identity check and that comparison must not make them the file's."""
+    from sandbox import _verify
+
+    honest, forged = torch.full((64,), 1.5), torch.full((64,), 2.5)
+    module = torch.nn.Module()  # not a plain state dict: the file is compared byte for byte
+    module.register_buffer("w", honest)
+    path = ck.save({"model": module}, tmp_path / "m.pt")
+    old, new = honest.numpy().tobytes(), forged.numpy().tobytes()
+    assert path.read_bytes().count(old) == 1
+
+    def payload(out: Played, status: dict[str, Any]) -> None:  # what a Sleepy Pickle returns
+        assert out.tensors and out.tensors.count(old) == 1
+        out.tensors = out.tensors.replace(old, new)
+
+    real = _verify.weights
+
+    def racing(*args: Any, **kwargs: Any) -> Any:  # the writer wins the race
+        data = path.read_bytes()
+        with open(path, "r+b") as f:
+            f.seek(data.index(old))
+            f.write(new)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_verify, "weights", racing)
+    with pytest.raises(sandbox.SandboxViolation) as info:
+        sandbox.safe_load(path, weights_only=False, runner=FakeRunner(payload))
+    rules = [f.rule for f in info.value.report.findings]
+    assert "input-changed" in rules, rules
+
+
+def test_a_skeleton_that_swaps_the_files_weights_is_refused(tmp_path: Path) -> None:
+    """Honest names and bytes, but a skeleton that puts each of two weights where the file
+    puts the other: safe_load returned the swapped dict, with no finding."""
+    module = torch.nn.Module()  # not a plain state dict: the general reading names sd.a, sd.b
+    module.register_buffer("w", torch.ones(2))
+    path = ck.save(
+        {"model": module, "sd": {"a": torch.full((4,), 1.0), "b": torch.full((4,), 2.0)}}, tmp_path / "m.pt"
+    )
+
+    def swap(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        (_, a), (_, b) = next(v for k, v in manifest["skeleton"]["items"] if k == "sd")["items"]
+        a["ref"], b["ref"] = b["ref"], a["ref"]
+        out.manifest = json.dumps(manifest).encode()
+
+    with pytest.raises(sandbox.SandboxViolation) as info:
+        sandbox.safe_load(path, weights_only=True, runner=FakeRunner(swap))
+    tampered = [f for f in info.value.report.findings if f.rule == "weights-tampered"]
+    assert [t["name"] for t in tampered[0].evidence["tensors"]] == ["sd.a", "sd.b"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from sandbox._verify import reconstruct as _reconstruct
 from sandbox._worker import _protocol as P
 from sandbox._worker._extract import extract
 from sandbox.report import Severity
-from tests.checkpoints import Reduce, save, state_dict
+from tests.checkpoints import Reduce, composite_checkpoint, save, state_dict
 
 
 class Block(torch.nn.Module):
@@ -74,7 +75,13 @@ def _extracted(
         obj = torch.load(path, weights_only=False, **load)
     ex = extract(obj, digests=digests)
     manifest = P.Manifest.from_obj(
-        {"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": ex.entries, "views": ex.views}
+        {
+            "protocol": P.PROTOCOL_VERSION,
+            "format": "x",
+            "tensors": ex.entries,
+            "views": ex.views,
+            "skeleton": ex.skeleton,
+        }
     )
     return manifest, ex.stored
 
@@ -415,3 +422,110 @@ def test_a_file_that_shrank_before_the_comparison_is_never_verified(tmp_path: Pa
     assert set(found) == {"weights-unverified", "weights-tampered"}
     assert "model.big" in found["weights-unverified"].evidence["tensors"]
     assert [t["name"] for t in found["weights-tampered"].evidence["tensors"]] == ["named"]
+
+
+def _skeleton(manifest: P.Manifest, change: Any) -> P.Manifest:
+    """``manifest`` with its skeleton as ``change`` leaves it (it edits a JSON copy in place)."""
+    skeleton = json.loads(json.dumps(manifest.skeleton))
+    change(skeleton)
+    return dataclasses.replace(manifest, skeleton=skeleton)
+
+
+def _items(skeleton: Any, *keys: str) -> list[Any]:
+    """The items of the container node at ``keys`` (dict keys from the top)."""
+    node = skeleton
+    for key in keys:
+        node = next(v for k, v in node["items"] if k == key)
+        if node["$"] == "module":
+            node = node["state"]
+    items: list[Any] = node["items"]
+    return items
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch calls quantized tensors deprecated
+def test_a_skeleton_that_moves_the_files_tensors_is_tampered(tmp_path: Path) -> None:
+    """The host rebuilds the returned structure from the sandbox's skeleton, which names each
+    tensor it places: a payload that sends honest names and bytes but a skeleton putting one
+    weight where the file puts another swaps them as surely as rearranging the dict while
+    loading (safe_load returned the swapped dict, clean)."""
+    torch.manual_seed(8)
+    a, b, c = torch.randn(4), torch.randn(4), torch.randn(4)
+    q = torch.quantize_per_tensor(torch.randn(4), 0.1, 3, torch.qint8)
+    q2 = torch.quantize_per_tensor(torch.randn(4), 0.2, 1, torch.qint8)
+    sd = {"a": a, "b": b, "again": [a, c], (1, "x"): c, "q": q, "q2": q2, "n": np.arange(3.0)}
+    top = {"model": _module(w=torch.randn(2)), "sd": sd, 7: [b], "composites": composite_checkpoint()}
+    path = save(top, tmp_path / "m.pt")
+    tensors, manifest = held(path)
+    inv = _reconstruct.read(str(path), spans=True)
+    assert isinstance(inv, _reconstruct.Inventory) and {"sd.a", "sd.b", "sd.again.1"} <= set(inv.paths)
+    assert by_bytes(path, tensors, manifest) == []  # the honest skeleton: every tensor in place
+
+    def moved(change: Any) -> list[str]:
+        forged = _skeleton(manifest, change)
+        found = by_bytes(path, tensors, forged)
+        assert found == _verify.weights(str(path), forged, tensors)  # also by digests
+        assert [f.rule for f in found] == ["weights-tampered"], found
+        return sorted(t["name"] for t in found[0].evidence["tensors"])
+
+    def swap(items: list[Any], i: int, j: int, part: str = "") -> None:
+        x, y = (
+            (items[i][1]["parts"][part] if part else items[i][1]),
+            (items[j][1]["parts"][part] if part else items[j][1]),
+        )
+        x["ref"], y["ref"] = y["ref"], x["ref"]
+
+    assert moved(lambda s: swap(_items(s, "sd"), 0, 1)) == ["sd.a", "sd.b"]
+    # the second place of a tensor the file puts twice
+    assert moved(lambda s: _items(s, "sd", "again").__setitem__(0, _items(s, "sd")[1][1])) == ["sd.a"]
+    # a key given twice: the host's dict keeps the last
+    assert moved(lambda s: _items(s, "sd").append(["a", _items(s, "sd")[1][1]])) == ["sd.a"]
+    # under an integer key (b again, so named where the file first puts it), and as a
+    # module's state (rebuilt as that dict)
+    assert moved(lambda s: _items(s)[2][1]["items"].__setitem__(0, _items(s, "sd")[0][1])) == ["sd.b"]
+
+    def as_module(s: Any) -> None:
+        sd_node = next(v for k, v in s["items"] if k == "sd")
+        swap(sd_node["items"], 0, 1)
+        s["items"][1][1] = {"$": "module", "type": "x.Y", "state": sd_node}
+
+    assert moved(as_module) == ["sd.a", "sd.b"]
+    odd = _skeleton(manifest, lambda s: s["items"].append([{"$": "size", "v": [2**70]}, 1]))
+    assert by_bytes(path, tensors, odd) == []  # a key nobody can rebuild: nothing placed, no error
+    # a quantized tensor's integer values from another one's
+    assert moved(lambda s: swap(_items(s, "sd"), 4, 5, "int_repr")) == ["sd.q", "sd.q2"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch calls quantized tensors deprecated
+def test_a_quantized_tensors_parameters_must_be_the_files(tmp_path: Path) -> None:
+    """The host rebuilds a quantized tensor from its integer values (compared with the file)
+    and the skeleton's scale and zero point (or axis): a payload that keeps the values but
+    sends another scale changes every weight it dequantizes to (safe_load returned it)."""
+    q = torch.quantize_per_tensor(torch.randn(4), 0.1, 3, torch.qint8)
+    top = {"model": _module(w=torch.randn(2)), "q": q, "more": composite_checkpoint()}
+    path = save(top, tmp_path / "m.pt")
+    tensors, manifest = held(path)
+    inv = _reconstruct.read(str(path), spans=True)
+    assert isinstance(inv, _reconstruct.Inventory) and ("quantized_per_tensor", "int8", (4,), 0.1, 3) in (
+        inv.quantizers
+    )
+    assert by_bytes(path, tensors, manifest) == []
+
+    def unverified_by(change: Any) -> list[str]:
+        forged = _skeleton(manifest, change)
+        found = by_bytes(path, tensors, forged)
+        assert found == _verify.weights(str(path), forged, tensors)
+        assert [f.rule for f in found] == ["weights-unverified"], found
+        names: list[str] = found[0].evidence["tensors"]
+        return names
+
+    def params(s: Any, *keys: str) -> dict[str, Any]:
+        node = s
+        for key in keys:
+            node = next(v for k, v in node["items"] if k == key)
+        out: dict[str, Any] = node["params"]
+        return out
+
+    assert unverified_by(lambda s: params(s, "q").update(scale=100.0)) == ["q"]
+    assert unverified_by(lambda s: params(s, "q").update(zero_point=-5)) == ["q"]
+    assert unverified_by(lambda s: params(s, "more", "q_channel").update(axis=1)) == ["more.q_channel"]
+    assert unverified_by(lambda s: params(s, "q").update(scale=[0.1])) == ["q"]  # never raises
