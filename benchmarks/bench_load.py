@@ -612,7 +612,7 @@ class Bench:
 
         text = f"batch of 12 x 100 MB >= {BATCH_MIN_SPEED}x in-process MB/s"
         ours, base = get("big:ours"), get("big:base")
-        if ours and base and "big" in self.info:
+        if ours and base and self.info.get("big", (0, 0))[1]:
             n, nbytes = self.info["big"]
             o, b = nbytes / MB / ours.median, nbytes / MB / base.median
             caveat = (
@@ -626,7 +626,7 @@ class Bench:
 
         text = f"batch of 200 small files >= {SMALL_MIN_FILES_S:g} files/s"
         ours = get("small:ours")
-        if ours and "small" in self.info:
+        if ours and self.info.get("small", (0,))[0]:
             n = self.info["small"][0]
             rate = n / ours.median
             caveat = "" if n == 200 else f" [measured on {n} files]"
