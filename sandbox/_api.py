@@ -329,13 +329,13 @@ def _monitored(
 
         raise LoadFailed("the loader reported success but sent no manifest/tensors")
     if output.manifest.layout is not None:
-        output.manifest, loaded.placements = _placed(report, output.manifest, job, loaded.static)
+        output.manifest, loaded.placements = _placed(
+            report, output.manifest, loaded.input_path, loaded.static
+        )
         loaded.handoff = report.resources["handoff"] = "layout"
         _summarise(report, output.manifest)
         if write_tensors and materialise:
-            loaded.tensors = _convert.map_layout(
-                f"/proc/self/fd/{job.input_fd}", loaded.placements, copy=not mmap
-            )
+            loaded.tensors = _convert.map_layout(loaded.input_path, loaded.placements, copy=not mmap)
         return
     report.resources["handoff"] = "memfd"
     _summarise(report, output.manifest)
@@ -398,13 +398,15 @@ class _LayoutRefused(Exception):
 
 
 def _placed(
-    report: LoadReport, manifest: P.Manifest, job: _launch.Job, static: _scan.StaticScan | None
+    report: LoadReport, manifest: P.Manifest, source: str, static: _scan.StaticScan | None
 ) -> tuple[P.Manifest, list[Placement]]:
-    """The layout hand-off: the host places every tensor in the input itself and requires the
-    sandbox's layout to agree exactly; returns the manifest the later stages use."""
+    """The layout hand-off: the host places every tensor in the input itself (``source``: its
+    own descriptor of the input, never the copy a sandbox may have been given and may have
+    changed) and requires the sandbox's layout to agree exactly; returns the manifest the later
+    stages use."""
     from ._verify import reconstruct as _reconstruct
 
-    placed = _reconstruct.try_place(f"/proc/self/fd/{job.input_fd}", static)
+    placed = _reconstruct.try_place(source, static)
     if isinstance(placed, _reconstruct.NotReconstructed):
         raise _LayoutRefused(placed.reason)
     theirs = manifest.layout or ()

@@ -111,10 +111,16 @@ class Hasher:
 
 def _sandbox_may_write(st: os.stat_result) -> bool:
     """Whether the sandbox's uid could reopen the file for writing through its descriptor
-    (``/proc/self/fd``): world-writable, or owned or group-writable by that uid."""
-    uid = _image.SANDBOX_UID
+    (``/proc/self/fd``)."""
+    return _may_write(st, _image.SANDBOX_UID, {_image.SANDBOX_UID})
+
+
+def _may_write(st: os.stat_result, uid: int, gids: set[int]) -> bool:
+    """Whether ``uid`` (in groups ``gids``) may write the file, now or after a ``fchmod``:
+    world-writable, owned by ``uid`` (whatever the mode: its owner may change it), or
+    group-writable by one of ``gids``."""
     return bool(
-        st.st_mode & stat.S_IWOTH or st.st_uid == uid or (st.st_mode & stat.S_IWGRP and st.st_gid == uid)
+        st.st_mode & stat.S_IWOTH or st.st_uid == uid or (st.st_mode & stat.S_IWGRP and st.st_gid in gids)
     )
 
 
@@ -128,19 +134,9 @@ def for_sandbox(fd: int, runner_name: str) -> int:
         return fd
     from ._bwrap import host_root
 
-    if host_root() or not _we_may_write(os.fstat(fd)):
+    if host_root() or not _may_write(os.fstat(fd), os.geteuid(), {os.getegid(), *os.getgroups()}):
         return fd
     return _private_copy(os.dup(fd))
-
-
-def _we_may_write(st: os.stat_result) -> bool:
-    """Whether this process's uid (or one of its groups) may open the file for writing."""
-    groups = {os.getegid(), *os.getgroups()}
-    return bool(
-        st.st_mode & stat.S_IWOTH
-        or (st.st_uid == os.geteuid() and st.st_mode & stat.S_IWUSR)
-        or (st.st_gid in groups and st.st_mode & stat.S_IWGRP)
-    )
 
 
 def _private_copy(fd: int) -> int:

@@ -581,3 +581,43 @@ def test_a_skeleton_that_swaps_the_files_weights_is_refused(tmp_path: Path) -> N
         sandbox.safe_load(path, weights_only=True, runner=FakeRunner(swap))
     tampered = [f for f in info.value.report.findings if f.rule == "weights-tampered"]
     assert [t["name"] for t in tampered[0].evidence["tensors"]] == ["sd.a", "sd.b"]
+
+
+class _ChangingItsCopy(_Seeing):
+    """A non-root bwrap sandbox whose loader owns its private copy of the input: it makes the
+    copy writable and overwrites the tensor bytes in it, then plays the layout hand-off."""
+
+    def __init__(self, find: bytes) -> None:
+        super().__init__("bwrap")
+        self.layout = True
+        self.find = find
+
+    def run(self, spec: ContainerSpec, job: Job) -> RunResult:
+        os.fchmod(job.input_fd, 0o600)  # the owner may, whatever the mode
+        with open(f"/proc/self/fd/{job.input_fd}", "r+b") as f:
+            data = f.read()
+            at = data.index(self.find)
+            f.seek(at)
+            f.write(bytes(len(self.find)))
+        return super().run(spec, job)
+
+
+def test_the_host_takes_a_plain_state_dicts_bytes_from_its_own_descriptor_not_the_sandboxs_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy a non-root bwrap loader gets is its own to change; the tensors the host hands
+    back come from the host's descriptor of the user's file."""
+    from sandbox import _launch
+
+    monkeypatch.setattr("sandbox._bwrap.host_root", lambda: False)
+    monkeypatch.setattr(_launch, "HASH_IN_SANDBOX_BYTES", 0)  # a large input: the sandbox hashes none
+    sd = {"w": torch.arange(1.0, 65.0)}
+    path = ck.save(sd, tmp_path / "sd.pt")
+    original = path.read_bytes()
+    path.chmod(0o444)  # read-only, but ours: we could make it writable, so the loader gets a copy
+    runner = _ChangingItsCopy(sd["w"].numpy().tobytes())
+    got = sandbox.safe_load(path, runner=runner)
+    assert torch.equal(got["w"], sd["w"])
+    assert path.read_bytes() == original
+    (seen,) = runner.seen
+    assert (seen.st_dev, seen.st_ino) != (path.stat().st_dev, path.stat().st_ino)
