@@ -47,14 +47,19 @@ class Unrepresentable:
         return f"<Unrepresentable {self.type_name} at {self.path}>"
 
 
-def tensor_digest(t: torch.Tensor) -> str:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` in row-major order (a contiguous copy where it is not): what
+    :func:`tensor_digest` hashes and the verification compares with the file's."""
     import torch
 
     flat = t.detach().reshape(-1)
     if flat.numel() == 0:
-        return hashlib.sha256(b"").hexdigest()
-    raw = flat.contiguous().view(torch.uint8)
-    return hashlib.sha256(raw.numpy().data).hexdigest()
+        return memoryview(b"")
+    return flat.contiguous().view(torch.uint8).numpy().data
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
 def _mapped(path: str, keys: set[str]) -> dict[str, torch.Tensor]:

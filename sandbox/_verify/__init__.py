@@ -21,8 +21,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sandbox import _scan
+from sandbox._formats.buffer import sha256_file_region
 from sandbox._verify import reconstruct as _reconstruct
 from sandbox._worker import _protocol as P
+from sandbox.errors import MalformedInput
 from sandbox.report import Finding, Severity
 
 if TYPE_CHECKING:
@@ -213,16 +215,10 @@ class _FileBytes:
     def digest(self, span: tuple[int, int]) -> str:
         """The sha256 of the file's bytes in ``span`` (for evidence, and past the candidates)."""
         if span not in self._digests:
-            import hashlib
-
-            h, (pos, end) = hashlib.sha256(), span
-            while pos < end:
-                got = os.pread(self._fd, min(_CHUNK, end - pos), pos)
-                if not got:
-                    break  # the file shrank: a digest of what is left never matches
-                h.update(got)
-                pos += len(got)
-            self._digests[span] = h.hexdigest() if pos == end else ""
+            try:
+                self._digests[span] = sha256_file_region(self._fd, *span)
+            except MalformedInput:  # the file shrank: an empty digest never matches
+                self._digests[span] = ""
         return self._digests[span]
 
     def equal(self, span: tuple[int, int], raw: memoryview) -> bool:
@@ -272,12 +268,9 @@ def _held(tensors: Mapping[str, torch.Tensor] | None, name: str) -> memoryview |
     hashes), or None."""
     if tensors is None or name not in tensors:
         return None
-    import torch
+    from sandbox._convert import tensor_bytes
 
-    flat = tensors[name].detach().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return flat.contiguous().view(torch.uint8).numpy().data
+    return tensor_bytes(tensors[name])
 
 
 def _skeleton_refs(skeleton: object) -> dict[tuple[str, ...], list[object]]:
