@@ -171,7 +171,7 @@ def _sandboxed(
                 layout=plain and (loaded.static is None or loaded.static.format == "torch-zip"),
             )
             run = runner.run(spec, job)
-            hashed = hasher
+            host_sha256 = hasher.result
 
             def monitored(run: _launch.RunResult, job: _launch.Job) -> None:
                 _monitored(
@@ -181,7 +181,7 @@ def _sandboxed(
                     spec,
                     job,
                     shown=os.fspath(path),
-                    host_sha256=hashed.result,
+                    host_sha256=host_sha256,
                     write_tensors=write_tensors,
                     mmap=mmap,
                     materialise=materialise,

@@ -767,8 +767,7 @@ class _Supervisor:
         )
         hasher.start()
         if self.canary_watch is not None:
-            self.canary_watch.take()  # what the warm-up touched (trusted code) is not the file's
-            self.canary_watch.seen.clear()
+            self.canary_watch.begin()
         try:
             socket.send_fds(job_sup, [cfg.to_json()], [input_fd])
         except OSError:

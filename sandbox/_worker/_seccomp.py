@@ -425,6 +425,11 @@ class CanaryWatch:
                 self.paths[wd] = path
         self.seen: set[tuple[str, str]] = set()
 
+    def begin(self) -> None:
+        """Forget what was queued so far (the warm-up: trusted code): what follows is the job's."""
+        self.take()
+        self.seen.clear()
+
     def take(self) -> list[tuple[str, str]]:
         """(path, what) of the events queued since the last call, each pair once per watch's
         life (a read loop makes one event, not a million); ``("*", "overflow")`` when the
