@@ -341,17 +341,30 @@ def _monitored(
     _summarise(report, output.manifest)
     _check_views(output.manifest, job.output_bytes)
     if output.tensors_path is not None:  # checked against the file by _verify.weights
-        loaded.tensors = _convert.load_tensors(output.tensors_path, output.manifest, mmap=mmap)
+        loaded.tensors = _convert.load_tensors(
+            output.tensors_path,
+            output.manifest,
+            mmap=mmap,
+            source=loaded.input_path,  # ours: tensors named by span are the input's bytes
+            map_source=not materialise,
+        )
+        from_input = sum(1 for e in output.manifest.tensors if e.span is not None)
+        if from_input:
+            report.resources["tensors_from_input"] = from_input
     elif any(e.sha256 is None for e in output.manifest.tensors):
         raise OutputRejected("the manifest gives no sha256 for tensors whose bytes stayed in the sandbox")
 
 
 def _check_views(manifest: P.Manifest, cap: int) -> None:
-    """Refuse views that would hold more than ``cap`` bytes (the sandbox's output cap) once
-    made: the verification hashes each view's elements, which copies them (a view is cheap to
-    return and free to send: ``base[:1].expand(2**20, 2**20)`` in a 1.6 KB checkpoint asked the
-    host's allocator for 4 TiB and raised RuntimeError out of safe_load)."""
-    total = 0
+    """Refuse views, and tensors named by their span in the input, that would hold more than
+    ``cap`` bytes (the sandbox's output cap) once made: the verification hashes each view's
+    elements, which copies them (a view is cheap to return and free to send:
+    ``base[:1].expand(2**20, 2**20)`` in a 1.6 KB checkpoint asked the host's allocator for
+    4 TiB and raised RuntimeError out of safe_load), and the host reads each span into memory
+    of its own (a manifest of 10,000 entries each naming the whole input is as cheap)."""
+    total = sum(e.nbytes for e in manifest.tensors if e.span is not None)
+    if total > cap:
+        raise OutputRejected(f"the tensors named by span in the input would hold more than {cap:,} bytes")
     for v in manifest.views:
         if 0 in v.shape:
             continue

@@ -138,6 +138,49 @@ def map_layout(path: str, placements: list[Placement], *, copy: bool) -> dict[st
     return out
 
 
+def _from_input(source: str | None, manifest: P.Manifest, *, mapped: bool) -> dict[str, torch.Tensor]:
+    """The tensors the manifest names by their span in the input, from the input at ``source``:
+    each span read into memory of its own (``mapped``: a private mapping of the input instead).
+    Raises ``OutputRejected`` for a span past the end of the file (the sizes were checked
+    against the output cap before)."""
+    import torch
+
+    named = [t for t in manifest.tensors if t.span is not None]
+    if not named:
+        return {}
+    if source is None:
+        raise OutputRejected("the manifest names spans of an input the host does not hold")
+    out: dict[str, torch.Tensor] = {}
+    with open(source, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        storage: Any = None
+        for e in named:
+            assert e.span is not None
+            begin, end = e.span
+            if end > size:
+                raise OutputRejected(f"{e.name}: its span ends past the input's end", item=e.name)
+            dtype = getattr(torch, e.dtype, None)
+            if dtype is None:
+                raise OutputRejected(f"{e.name}: dtype {e.dtype} is unknown to this torch")
+            elem = P.TORCH_DTYPES[e.dtype][1]
+            if mapped and begin % elem == 0 and end > begin:
+                if storage is None:
+                    storage = torch.UntypedStorage.from_file(source, shared=False, nbytes=size)
+                flat = torch.empty(0, dtype=torch.uint8).set_(storage, begin, (end - begin,), (1,))
+            else:
+                flat = torch.empty(end - begin, dtype=torch.uint8)
+                view = memoryview(flat.numpy().data) if end > begin else memoryview(b"")
+                got = 0
+                while got < end - begin:
+                    n = os.preadv(f.fileno(), [view[got:]], begin + got)
+                    if n <= 0:
+                        raise OutputRejected("the input file shrank while it was read", item=e.name)
+                    got += n
+            empty = end == begin
+            out[e.name] = torch.empty(e.shape, dtype=dtype) if empty else flat.view(dtype).reshape(e.shape)
+    return out
+
+
 def _strided(storage: Any, byte_offset: int, p: Placement, dtype: torch.dtype) -> torch.Tensor:
     import torch
 
@@ -149,17 +192,27 @@ def _strided(storage: Any, byte_offset: int, p: Placement, dtype: torch.dtype) -
     return raw.clone().view(dtype).as_strided(p.shape, p.stride, 0)
 
 
-def load_tensors(path: str, manifest: P.Manifest, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+def load_tensors(
+    path: str,
+    manifest: P.Manifest,
+    *,
+    mmap: bool = False,
+    source: str | None = None,
+    map_source: bool = False,
+) -> dict[str, torch.Tensor]:
     """Every tensor and view named by the (validated) manifest, checked against it: names,
     dtypes, shapes and sizes. The bytes are not hashed here: the verification compares them
     with the file's (``_verify``), hashing only what it cannot compare directly. A digest the
     sandbox sent for bytes it sent (it sends none) must still agree with them.
-    ``mmap=True``: the tensors share a private mapping of the file instead of being copied."""
+    ``mmap=True``: the tensors share a private mapping of the file instead of being copied.
+    A tensor the manifest names by its span in the input is the input's own bytes, read from
+    ``source`` (the host's descriptor of the input; mapped with ``mmap`` or ``map_source``);
+    without ``source`` such an entry is refused."""
     import torch
     from safetensors import SafetensorError, safe_open
 
-    entries = {t.name: t for t in manifest.tensors}
-    out: dict[str, torch.Tensor] = {}
+    entries = {t.name: t for t in manifest.tensors if t.span is None}
+    out: dict[str, torch.Tensor] = _from_input(source, manifest, mapped=mmap or map_source)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             keys = set(f.keys())

@@ -64,8 +64,12 @@ class _Returned:
         self.kinds: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._digests: dict[str, str] = {}
         self._hashable: set[str] = set()
+        #: where in the input the host read a tensor's bytes (the manifest named it by span)
+        self.spans: dict[str, tuple[int, int]] = {}
         for e in manifest.tensors:
             self.kinds[e.name] = (e.dtype, e.shape)
+            if e.span is not None and tensors is not None and e.name in tensors:
+                self.spans[e.name] = e.span
             if e.sha256 is not None:
                 self._digests[e.name] = e.sha256
             elif tensors is not None and e.name in tensors:
@@ -418,6 +422,8 @@ def weights(
             def same(name: str, ref: _reconstruct.Digest | _reconstruct.Stored) -> bool:
                 if kinds[name] != ref[:2]:
                     return False
+                if returned.spans.get(name) == ref[2]:
+                    return True  # the host read these very bytes from the file, there
                 if isinstance(ref[2], str):
                     return returned.digest(name) == ref[2]
                 raw = returned.raw(name)
@@ -431,6 +437,8 @@ def weights(
             def verified(name: str) -> bool:
                 """The bytes are a tensor the file stores, or the digest one it describes."""
                 dtype, shape = kinds[name]
+                if returned.spans.get(name) in inv.stored.get((dtype, shape), ()):
+                    return True  # read by the host from the file where it stores this tensor
                 raw = returned.raw(name)
                 if raw is not None and file_bytes.matches(dtype, shape, raw, lambda: returned.digest(name)):
                     return True

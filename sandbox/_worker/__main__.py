@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _protocol as P
-from . import _seccomp
+from . import _seccomp, _spans
 
 STAGE2 = "--stage2"
 PLAIN_HANDOFF = b"plain"  # the loader's word, under gVisor, that its plain filter is in place
@@ -88,6 +88,7 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
             os.dup2(input_fd, P.INPUT_FD)
             os.close(input_fd)
         source = _loader.Input(P.INPUT_FD)  # probes its descriptor before the filter is in place
+        views: _spans.SelfViews | None = None
         import tempfile
 
         tempfile.gettempdir()  # its one-time probe writes a file: done before monitoring starts
@@ -100,6 +101,9 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
                 # Dumpable, so that the supervisor may take the listener and read our memory;
                 # after the filter, prctl(PR_SET_DUMPABLE) is refused.
                 _seccomp.prctl(_seccomp.PR_SET_DUMPABLE, 1)
+                # where a returned tensor still is the input's own bytes: read after the load,
+                # opened now (our /proc files are ours only once we are dumpable)
+                views = _spans.SelfViews() if cfg.write_tensors else None
                 listener = _seccomp.install(os.getpid())
                 os.write(ch.hand_w, str(listener).encode())
                 ack = os.read(ch.ack_r, 16)
@@ -137,6 +141,7 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
                     tensors_fd=ch.tensors,
                     manifest_fd=ch.manifest,
                     tensors=cfg.write_tensors,
+                    views=views,
                 )
                 message = {"ok": True, "format": fmt, "tensors": len(manifest["tensors"]), "handoff": "memfd"}
             code = 0

@@ -14,7 +14,7 @@ import tarfile
 import zipfile
 from typing import IO, Any
 
-from . import _ghosts
+from . import _ghosts, _spans
 from . import _protocol as P
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -274,15 +274,28 @@ def write_layout(layout: dict[str, Any], *, manifest_fd: int) -> None:
 
 
 def write_outputs(
-    obj: Any, fmt: str, locations: dict[int, str], *, tensors_fd: int, manifest_fd: int, tensors: bool = True
+    obj: Any,
+    fmt: str,
+    locations: dict[int, str],
+    *,
+    tensors_fd: int,
+    manifest_fd: int,
+    tensors: bool = True,
+    views: _spans.SelfViews | None = None,
 ) -> dict[str, Any]:
     """Extract tensors from ``obj`` and write the manifest and (unless ``tensors`` is false)
     the SafeTensors bytes to the two output descriptors (memfds the supervisor seals). The
     manifest carries each tensor's sha256 only when the bytes stay here (a scan): the host
-    hashes the bytes it receives itself, and trusts no digest of ours for them."""
+    hashes the bytes it receives itself, and trusts no digest of ours for them. With ``views``
+    (this process's memory map), a tensor that is still the input's own bytes is named by its
+    span in the input instead of being copied (see ``_spans``)."""
     from ._extract import extract
 
     ex = extract(obj, locations, digests=not tensors)
+    spans = _spans.file_spans(ex.stored, views, P.INPUT_FD) if tensors and views is not None else {}
+    for entry in ex.entries:
+        if entry["name"] in spans:
+            entry["span"] = list(spans[entry["name"]])
     skeleton_json = json.dumps(ex.skeleton, allow_nan=False, separators=(",", ":"))
     metadata = {
         "format": "pt",
@@ -292,7 +305,7 @@ def write_outputs(
     if len(skeleton_json) > P.MAX_JSON_BYTES // 2:
         metadata.pop("model_sandbox.skeleton")
     if tensors:
-        write_safetensors(tensors_fd, ex.stored, metadata)
+        write_safetensors(tensors_fd, {k: t for k, t in ex.stored.items() if k not in spans}, metadata)
     manifest = {
         "protocol": P.PROTOCOL_VERSION,
         "format": fmt,

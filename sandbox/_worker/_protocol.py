@@ -336,7 +336,10 @@ class _Returned:
 @dataclass(frozen=True)
 class TensorEntry:
     """A stored tensor: its bytes are in the tensors output, ``nbytes`` long, in the safetensors
-    dtype ``stored_as`` (raw ``U8`` where safetensors has no such dtype)."""
+    dtype ``stored_as`` (raw ``U8`` where safetensors has no such dtype); or, with ``span``,
+    they are the input's own bytes ``span[0]:span[1]``, untouched by the load, which the host
+    reads from its own descriptor of the input instead (the claim is checked there: see
+    ``_verify``)."""
 
     name: str
     dtype: str
@@ -345,6 +348,7 @@ class TensorEntry:
     nbytes: int
     sha256: str | None  # None: the bytes came to the host, which hashes them itself
     location: str = "cpu"
+    span: tuple[int, int] | None = None
 
     @property
     def numel(self) -> int:
@@ -499,6 +503,18 @@ class Manifest(_Returned):
         _req(t.get("nbytes") == numel * size, f"{what}: {name}: nbytes does not match shape")
         sha = t.get("sha256")
         _req(sha is None or _sha256(sha), f"{what}: {name}: sha256 malformed")
+        raw_span = t.get("span")
+        span = None
+        if raw_span is not None:
+            _req(
+                isinstance(raw_span, list)
+                and len(raw_span) == 2
+                and all(_is_int(x) and 0 <= x < 2**62 for x in raw_span)
+                and raw_span[1] - raw_span[0] == numel * size,  # type: ignore[index]
+                f"{what}: {name}: span malformed",
+            )
+            assert isinstance(raw_span, list)
+            span = (int(raw_span[0]), int(raw_span[1]))
         return TensorEntry(
             name=name,
             dtype=dtype,
@@ -507,6 +523,7 @@ class Manifest(_Returned):
             nbytes=numel * size,
             sha256=None if sha is None else str(sha),
             location=_location(t.get("location"), what),
+            span=span,
         )
 
     @staticmethod

@@ -303,3 +303,31 @@ def test_converted_files_are_complete_for_plain_readers(tmp_path: Path, handoff:
     assert set(arrays) == set(plain)
     for name, t in plain.items():
         assert arrays[name].tobytes() == _bits(t), name
+
+
+def test_a_full_loads_untouched_tensors_come_from_the_hosts_own_input(
+    tmp_path: Path, each_runner: str
+) -> None:
+    """A checkpoint that needs the full loader: the tensors its load leaves as the file's own
+    bytes are named by their span in the input, and the host reads them from its own
+    descriptor (none of their bytes crosses); every dtype comes back bit-exact, in memory of
+    the host's own (not the file's pages), and converts to the same tensors."""
+    data = {str(dt): ck.dtype_tensor(dt, seed=i) for i, dt in enumerate(ck.ALL_DTYPES)}
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    path = ck.save({"model": model, "data": data}, tmp_path / "full.pt")
+    before = path.read_bytes()
+    got = sandbox.safe_load(path, weights_only=False)
+    assert_same(got, {"model": model.state_dict(), "data": data})
+    for t in got["data"].values():
+        t.zero_()
+    assert path.read_bytes() == before
+    dst = tmp_path / "full.safetensors"
+    report = sandbox.convert(path, dst)
+    assert report.resources["handoff"] == "memfd" and report.tool["runner"] == each_runner
+    assert report.resources["tensors_from_input"] == len(data) + 4, report.resources
+    written = load_file(dst)
+    for name, t in {
+        **{f"data.{k}": v for k, v in data.items()},
+        "model.0.weight": model.state_dict()["0.weight"],
+    }.items():
+        assert _bits(written[name]) == _bits(t), name

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import operator
 import shutil
 import time
 import timeit
@@ -245,4 +246,51 @@ def test_weights_rearranged_while_loading_are_tampered(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     with pytest.raises(sandbox.SandboxViolation):
         sandbox.convert(path, out)
+    assert not out.exists()
+
+
+def test_a_payload_that_forges_the_spans_it_names_gets_the_files_bytes_and_is_tampered(
+    tmp_path: Path,
+) -> None:
+    """The payload controls the loader, so it can name any span of the input for any tensor:
+    here it swaps the spans of two weights the file names, and changes a third in place (which
+    the kernel's page map shows, so its changed bytes cross). The host returns the file's own
+    bytes at each span named, and the verification calls all three tampered."""
+    torch.manual_seed(8)
+    # (16 KiB each; the spacer keeps b off the pages c shares with its neighbour)
+    sd = {k: torch.randn(64, 64) for k in ("a", "b", "spacer", "c")}
+    forge = (
+        "import sys\n"
+        "spans = next(m for k, m in sys.modules.items() if k.endswith('_worker._spans'))\n"
+        "real = spans.file_spans\n"
+        "def forged(stored, views, fd):\n"
+        "    out = real(stored, views, fd)\n"
+        "    a, b = 'state_dict.a', 'state_dict.b'\n"
+        "    out[a], out[b] = out[b], out[a]\n"
+        "    return out\n"
+        "spans.file_spans = forged\n"
+        "result = 'forged'\n"
+    )
+    obj = {
+        "state_dict": sd,
+        "model": torch.nn.Linear(2, 2),
+        "payload": ck.code_payload(forge),
+        "hook": ck.Reduce(operator.imul, sd["c"], 2.0),
+    }
+    path = ck.save(obj, tmp_path / "forged.pt")
+    got = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy())
+    assert got["payload"] == "forged"  # the payload ran, in the sandbox
+    assert torch.equal(got["state_dict"]["a"], sd["b"]) and torch.equal(got["state_dict"]["b"], sd["a"])
+    assert torch.equal(got["state_dict"]["c"], sd["c"] * 2.0)  # what the load made of it
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(sandbox.SandboxViolation) as exc:  # the sandbox runs; the verdict refuses
+        sandbox.convert(path, out, policy=ck.observe_policy(fail_on="malicious"))
+    assert exc.value.report is not None
+    tampered = rules(exc.value.report)["weights-tampered"]
+    assert sorted(t["name"] for t in tampered.evidence["tensors"]) == [
+        "state_dict.a",
+        "state_dict.b",
+        "state_dict.c",
+    ]
+    assert exc.value.report.resources["tensors_from_input"] >= 2
     assert not out.exists()

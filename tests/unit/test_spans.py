@@ -1,0 +1,197 @@
+"""Tensors a full load leaves as the input's own bytes are named by their span in the input
+(``_worker._spans``), read by the host from its own descriptor, and verified like any other
+returned tensor: a forged span gets the file's bytes, never the payload's, and the same
+findings as forged bytes would."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sandbox import _api, _convert, _verify
+from sandbox._worker import _protocol as P
+from sandbox._worker import _spans
+from sandbox._worker._extract import extract
+from sandbox.errors import OutputRejected
+from tests.checkpoints import Reduce, save
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(11)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+
+
+def _mapped_load(path: Path) -> tuple[Any, dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """What the loader has after a full load of ``path`` (mapped, as in the sandbox): the
+    object, the extraction's stored tensors and entries, and its skeleton and views."""
+    obj = torch.load(path, mmap=True, weights_only=False)
+    ex = extract(obj, digests=False)
+    return obj, ex.stored, ex.entries, {"skeleton": ex.skeleton, "views": ex.views}
+
+
+def _spans_of(path: Path, stored: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _spans.file_spans(stored, _spans.SelfViews(), fd)
+    finally:
+        os.close(fd)
+
+
+def _handed_over(
+    path: Path, stored: dict[str, Any], entries: list[dict[str, Any]], rest: dict[str, Any], spans: Any
+) -> tuple[dict[str, torch.Tensor], P.Manifest]:
+    """What the host holds once the sandbox sent ``spans`` (by name) and the other tensors'
+    bytes: the manifest as the host validates it, and the tensors ``load_tensors`` makes."""
+    for e in entries:
+        e.pop("span", None)
+        if e["name"] in spans:
+            e["span"] = list(spans[e["name"]])
+    manifest = P.Manifest.from_obj(
+        {"protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "tensors": entries, **rest}
+    )
+    out = path.with_name(path.name + ".handoff.safetensors")
+    save_file({k: t.contiguous() for k, t in stored.items() if k not in spans}, str(out))
+    try:
+        return _convert.load_tensors(str(out), manifest, source=str(path)), manifest
+    finally:
+        out.unlink()
+
+
+def _findings(path: Path, manifest: P.Manifest, tensors: dict[str, torch.Tensor]) -> list[Any]:
+    return _verify.weights(str(path), manifest, tensors, reading=_verify.Reading(str(path), None, spans=True))
+
+
+def test_a_mapped_loads_untouched_tensors_are_named_by_span_and_verified_without_a_compare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model()
+    path = save({"model": model, "extra": torch.arange(10.0)}, tmp_path / "m.pt")
+    _, stored, entries, rest = _mapped_load(path)
+    spans = _spans_of(path, stored)
+    assert set(spans) == set(stored)
+    data = path.read_bytes()
+    for name, (begin, end) in spans.items():
+        assert data[begin:end] == stored[name].contiguous().view(torch.uint8).numpy().tobytes()
+
+    def no_compare(*_: Any) -> bool:
+        raise AssertionError("a tensor the host read from its span was compared again")
+
+    monkeypatch.setattr(_verify._FileBytes, "equal", no_compare)
+    tensors, manifest = _handed_over(path, stored, entries, rest, spans)
+    assert _findings(path, manifest, tensors) == []
+    want = torch.load(path, weights_only=False)
+    assert torch.equal(tensors["model.0.weight"], want["model"][0].weight.detach())
+    assert torch.equal(tensors["extra"], want["extra"])
+    # the host's tensors are its own memory, not the file's pages: writing one changes nothing
+    tensors["extra"].fill_(7.0)
+    assert path.read_bytes() == data
+
+
+def test_a_tensor_changed_in_place_while_loading_is_sent_not_named(tmp_path: Path) -> None:
+    """The kernel's page map tells a page the load wrote (an anonymous copy) from the file's:
+    the changed tensor's bytes cross, and the host compares them with the file's."""
+    torch.manual_seed(12)
+    big = torch.randn(64, 64)  # 16 KiB: pages of its own
+    path = save({"model": _model(), "w": big, "hook": Reduce(operator.imul, big, 2.0)}, tmp_path / "m.pt")
+    _, stored, entries, rest = _mapped_load(path)
+    assert torch.equal(stored["w"], big * 2.0)  # what torch.load returns
+    spans = _spans_of(path, stored)
+    assert "w" not in spans and "model.0.weight" in spans
+    tensors, manifest = _handed_over(path, stored, entries, rest, spans)
+    assert torch.equal(tensors["w"], big * 2.0)  # the load's result, not the file's bytes
+    found = {f.rule: f for f in _findings(path, manifest, tensors)}
+    assert [t["name"] for t in found["weights-tampered"].evidence["tensors"]] == ["w"]
+    # a copy made while loading lies in no mapping of the input; no page map: nothing is named
+    assert _spans_of(path, {"copy": stored["model.0.weight"].clone()}) == {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        blind = _spans.SelfViews()
+        os.close(blind.pagemap)
+        blind.pagemap = -1
+        assert _spans.file_spans(stored, blind, fd) == {}
+    finally:
+        os.close(fd)
+        os.close(blind.maps)
+
+
+def test_forged_spans_give_the_files_bytes_and_the_same_findings_as_forged_bytes(tmp_path: Path) -> None:
+    """A payload controls what the loader names. Swapped spans of two tensors the file names:
+    the host returns the file's bytes at each span and calls both tampered; a span over
+    bytes that are no tensor of the file (the pickle's): unverified."""
+    torch.manual_seed(13)
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+    path = save({"model": _model(), "a": a, "b": b}, tmp_path / "m.pt")
+    _, stored, entries, rest = _mapped_load(path)
+    spans = _spans_of(path, stored)
+    swapped = {**spans, "a": spans["b"], "b": spans["a"]}
+    tensors, manifest = _handed_over(path, stored, entries, rest, swapped)
+    assert torch.equal(tensors["a"], b) and torch.equal(tensors["b"], a)
+    found = {f.rule: f for f in _findings(path, manifest, tensors)}
+    assert sorted(t["name"] for t in found["weights-tampered"].evidence["tensors"]) == ["a", "b"]
+    # a span of the right length over the archive's first bytes (headers and the pickle)
+    n = spans["model.0.weight"][1] - spans["model.0.weight"][0]
+    elsewhere = {**spans, "model.0.weight": (0, n)}
+    tensors, manifest = _handed_over(path, stored, entries, rest, elsewhere)
+    found = {f.rule: f for f in _findings(path, manifest, tensors)}
+    assert found["weights-unverified"].evidence["tensors"] == ["model.0.weight"]
+
+
+def test_spans_the_host_cannot_read_are_refused(tmp_path: Path) -> None:
+    path = save({"model": _model()}, tmp_path / "m.pt")
+    _, stored, entries, rest = _mapped_load(path)
+    spans = _spans_of(path, stored)
+    size = path.stat().st_size
+    name = "model.2.bias"
+    n = spans[name][1] - spans[name][0]
+    with pytest.raises(OutputRejected, match="past the input's end"):
+        _handed_over(path, stored, entries, rest, {**spans, name: (size - n + 4, size + 4)})
+    # the length must be the tensor's; no negative offsets
+    for bad in ([spans[name][0], spans[name][1] + 4], [-4, n - 4], [0], "0-128"):
+        forged = [dict(e, span=bad) if e["name"] == name else e for e in entries]
+        with pytest.raises(P.ProtocolError, match="span malformed"):
+            P.Manifest.from_obj({"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": forged, **rest})
+    # without the host's own descriptor of the input, a span names nothing it may read
+    for e in entries:
+        e["span"] = list(spans[e["name"]])
+    manifest = P.Manifest.from_obj(
+        {"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": entries, **rest}
+    )
+    out = tmp_path / "empty.safetensors"
+    save_file({}, str(out))
+    with pytest.raises(OutputRejected, match="does not hold"):
+        _convert.load_tensors(str(out), manifest)
+
+
+def test_spans_count_against_the_output_cap(tmp_path: Path) -> None:
+    """Naming the whole input ten thousand times costs the loader nothing; the host would read
+    each span into memory of its own, so their sum is held to the output cap."""
+    path = save({"model": _model()}, tmp_path / "m.pt")
+    _, stored, entries, _ = _mapped_load(path)
+    e = next(e for e in entries if e["name"] == "model.0.weight")
+    span = list(_spans_of(path, stored)["model.0.weight"])
+    many = [dict(e, name=f"t{i}", span=span) for i in range(10_000)]
+    manifest = P.Manifest.from_obj(
+        {"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": many, "views": [], "skeleton": None}
+    )
+    cap = 10 * path.stat().st_size
+    with pytest.raises(OutputRejected, match="span in the input would hold more than"):
+        _api._check_views(manifest, cap)
+    _api._check_views(dataclasses.replace(manifest, tensors=manifest.tensors[:5]), cap)
+
+
+def test_a_manifest_keeps_its_spans_across_the_wire() -> None:
+    entry = P.TensorEntry(
+        name="w", dtype="float32", shape=(2, 2), stored_as="F32", nbytes=16, sha256=None, span=(64, 80)
+    )
+    manifest = P.Manifest(format="torch-zip", tensors=(entry,))
+    again = P.Manifest.from_json(manifest.to_json())
+    assert again.tensors[0].span == (64, 80)
+    assert pickle.dumps(again) == pickle.dumps(manifest)  # equal documents (a dataclass, no torch)
