@@ -226,6 +226,20 @@ def test_canaries_are_found_anywhere_in_a_large_output(at: int) -> None:
     assert [f.evidence for f in found] == [{"file": "tensors", "canaries": ["HF_TOKEN"]}]
 
 
+def test_a_canary_past_any_padding_of_the_output_is_found() -> None:
+    """A payload that pads its output (here 600 MiB of holes) before the credential it copied
+    is still caught: the whole output is searched."""
+    needle = CANARIES["HF_TOKEN"].encode()
+    fd = P.memfd_create("tensors")
+    try:
+        os.ftruncate(fd, 600 * 2**20)
+        os.pwrite(fd, needle, 600 * 2**20 - len(needle) - 3)
+        found = _events._scan_outputs({"tensors": fd}, CANARIES)
+    finally:
+        os.close(fd)
+    assert [f.evidence for f in found] == [{"file": "tensors", "canaries": ["HF_TOKEN"]}]
+
+
 def test_every_canary_in_an_output_is_named() -> None:
     fd = P.memfd_create("tensors")
     os.write(fd, bytes(2 * _events._SEARCH_CHUNK) + b"".join(v.encode() + b"\0" for v in CANARIES.values()))
