@@ -89,3 +89,39 @@ def test_the_number_of_counters_is_bounded() -> None:
     lines = [json.dumps({"kind": f"k{i}", "detail": {}, "t": 1}).encode() + b"\n" for i in range(2000)]
     log = feed_all(lines)
     assert len(log.counts) <= 257 and log.counts["self_reported:other:recorded"] > 0
+
+
+def _records(log: _EventLog) -> list[tuple[object, object, object]]:
+    return [(e["source"], e["kind"], e["detail"]) for e in map(json.loads, log.lines)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.builds(
+                lambda k, n: json.dumps({"kind": k, "detail": {"n": n}, "t": 0.5}).encode(),
+                st.text(max_size=8),
+                st.integers(),
+            ),
+            st.binary(max_size=5000),
+        ),
+        max_size=30,
+    ),
+    st.lists(st.integers(min_value=1, max_value=7000), min_size=1, max_size=10),
+)
+def test_how_the_stream_is_cut_into_chunks_changes_no_record(lines: list[bytes], cuts: list[int]) -> None:
+    """The same bytes give the same records, read at once or in chunks of any sizes (a line
+    split across reads, a long partial line dropped as it grows past the bound only if it
+    never ends within the bound)."""
+    stream = b"\n".join(lines) + b"\n"
+    chunks, at, i = [], 0, 0
+    while at < len(stream):
+        n = cuts[i % len(cuts)]
+        chunks.append(stream[at : at + n])
+        at, i = at + n, i + 1
+    whole = feed_all([stream])
+    cut = feed_all(chunks)
+    if all(len(line) <= 4096 for line in lines):
+        assert _records(cut) == _records(whole)
+        assert cut.counts == whole.counts
