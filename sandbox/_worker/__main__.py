@@ -63,6 +63,10 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
     try:
         os.setsid()
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        # no real-time policy and no priority above the supervisor's for the loader and its
+        # children, whatever the engine's defaults (its filter lets it schedule itself)
+        for limit in (resource.RLIMIT_RTPRIO, resource.RLIMIT_NICE):
+            resource.setrlimit(limit, (0, 0))
         os.chdir("/tmp")
         os.environ.clear()
         os.environ.update(env)  # the canaries: the loader's whole environment

@@ -180,7 +180,22 @@ NR_IO_URING_ENTER, NR_IO_URING_REGISTER = 426, 427
 NR_CLONE, NR_CLONE3, NR_KILL, NR_TGKILL = 56, 435, 62, 234
 NR_MPROTECT, NR_PKEY_MPROTECT, NR_MMAP, NR_PRCTL = 10, 329, 9, 157
 NR_PRLIMIT64 = 302  # on another process: its limits (the supervisor's) are changed or read
+# Scheduling another process needs only the same uid, like prlimit64: a loader could renice the
+# supervisor, pin it to one busy core or demote it to SCHED_IDLE, and so delay every answer and
+# sample it owes while the load spins. The target is argument 0 (a pid), or for setpriority and
+# ioprio_set argument 1, whose kind (a process, a process group, a user) is argument 0.
+SCHED_CALLS: dict[int, str] = {
+    142: "sched_setparam",
+    144: "sched_setscheduler",
+    203: "sched_setaffinity",
+    314: "sched_setattr",
+}
+NR_SETPRIORITY, NR_IOPRIO_SET = 141, 251
+PRIO_PROCESS, PRIO_PGRP = 0, 1  # setpriority's kinds of target (else PRIO_USER)
+IOPRIO_WHO_PROCESS, IOPRIO_WHO_PGRP = 1, 2  # ioprio_set's (else IOPRIO_WHO_USER)
 NAMES: dict[int, str] = {nr: name for name, nr in SYSCALLS.items()}
+NAMES.update(SCHED_CALLS)
+NAMES.update({NR_SETPRIORITY: "setpriority", NR_IOPRIO_SET: "ioprio_set"})
 NAMES.update(
     {
         NR_CLONE: "clone",
@@ -262,6 +277,10 @@ def build_filter(self_pid: int) -> bytes:
     a.jmp(_JEQ_K, NR_MMAP, "mmap", 0)
     a.jmp(_JEQ_K, NR_PRCTL, "prctl", 0)
     a.jmp(_JEQ_K, NR_PRLIMIT64, "prlimit", 0)
+    for nr in sorted(SCHED_CALLS):
+        a.jmp(_JEQ_K, nr, "prlimit", 0)  # the same test: pid 0 or the loader's own
+    a.jmp(_JEQ_K, NR_SETPRIORITY, "setpriority", 0)
+    a.jmp(_JEQ_K, NR_IOPRIO_SET, "ioprio_set", 0)
     for nr in sorted({SYSCALLS[n] for n in KILLED} | {NR_IO_URING_ENTER, NR_IO_URING_REGISTER}):
         a.jmp(_JEQ_K, nr, "kill_process", 0)
     for nr in sorted({nr for n, nr in SYSCALLS.items() if n not in KILLED}):
@@ -271,6 +290,16 @@ def build_filter(self_pid: int) -> bytes:
     a.ret(RET_KILL_PROCESS)
     a.label("prlimit")  # the target pid is argument 0, an int (the kernel reads 32 bits)
     a.ld(_arg_lo(0))
+    a.jmp(_JEQ_K, 0, "allow", 0)
+    a.jmp(_JEQ_K, self_pid, "allow", "notify")
+    a.label("setpriority")  # a process (else reported), then the same test on argument 1
+    a.ld(_arg_lo(0))
+    a.jmp(_JEQ_K, PRIO_PROCESS, "who", "notify")
+    a.label("ioprio_set")
+    a.ld(_arg_lo(0))
+    a.jmp(_JEQ_K, IOPRIO_WHO_PROCESS, 0, "notify")
+    a.label("who")
+    a.ld(_arg_lo(1))
     a.jmp(_JEQ_K, 0, "allow", 0)
     a.jmp(_JEQ_K, self_pid, "allow", "notify")
     a.label("clone")
@@ -352,6 +381,10 @@ def build_plain_filter(self_pid: int, refuse_errno: int) -> bytes:
     for name in sorted(PLAIN_SIGNAL_CALLS):
         a.jmp(_JEQ_K, SYSCALLS[name], "kill", 0)
     a.jmp(_JEQ_K, NR_PRLIMIT64, "kill", 0)
+    for nr in sorted(SCHED_CALLS):
+        a.jmp(_JEQ_K, nr, "kill", 0)  # the same test: pid 1 or -1 is refused
+    a.jmp(_JEQ_K, NR_SETPRIORITY, "setpriority", 0)
+    a.jmp(_JEQ_K, NR_IOPRIO_SET, "ioprio_set", 0)
     for nr in sorted({SYSCALLS[n] for n in plain_refused()}):
         a.jmp(_JEQ_K, nr, "deny", 0)
     a.ret(RET_ALLOW)
@@ -367,6 +400,19 @@ def build_plain_filter(self_pid: int, refuse_errno: int) -> bytes:
     a.label("hi0")
     a.ld(_arg_hi(0))
     a.jmp(_JEQ_K, 0, "deny", "allow")
+    # setpriority/ioprio_set: a user's processes (the supervisor's among them) are refused; a
+    # process or group is refused when it is 1 (the supervisor, and its group)
+    a.label("setpriority")
+    a.ld(_arg_lo(0))
+    a.jmp(_JEQ_K, PRIO_PROCESS, "target1", 0)
+    a.jmp(_JEQ_K, PRIO_PGRP, "target1", "deny")
+    a.label("ioprio_set")
+    a.ld(_arg_lo(0))
+    a.jmp(_JEQ_K, IOPRIO_WHO_PROCESS, "target1", 0)
+    a.jmp(_JEQ_K, IOPRIO_WHO_PGRP, "target1", "deny")
+    a.label("target1")
+    a.ld(_arg_lo(1))
+    a.jmp(_JEQ_K, 1, "deny", "allow")
     return _epilogue(a, "deny", deny)
 
 
@@ -803,6 +849,7 @@ class Decoder:
             "process_vm_writev": self._target_pid,
             "pidfd_open": self._target_pid,
             "prlimit64": self._target_pid,
+            **dict.fromkeys((*SCHED_CALLS.values(), "setpriority", "ioprio_set"), self._sched),
             "mprotect": self._prot,
             "pkey_mprotect": self._prot,
             "mmap": self._prot,
@@ -1015,6 +1062,41 @@ class Decoder:
     def _target_pid(self, n: Notification) -> Decision:
         target = _i32(n.args[0])
         return Decision("", {"target": target, "supervisor": target == 1})
+
+    def _sched(self, n: Notification) -> Decision:
+        """Scheduling of a process other than the caller: refused (and an attack) when it
+        reaches the supervisor (its pid or group, every process of the uid); a thread of the
+        caller's own (``pthread_setaffinity_np`` names it by its thread id): allowed and only
+        counted; another sandbox process (the loader's child): allowed and recorded."""
+        name = NAMES[n.nr]
+        supervisor = {1, os.getpid()}
+        if name in ("setpriority", "ioprio_set"):
+            process, group = (
+                (PRIO_PROCESS, PRIO_PGRP) if name == "setpriority" else (IOPRIO_WHO_PROCESS, IOPRIO_WHO_PGRP)
+            )
+            which, who = _i32(n.args[0]), _i32(n.args[1])
+            kind = {process: "process", group: "group"}.get(which, "user")
+            detail: dict[str, Any] = {"which": kind, "target": who}
+            if kind == "user":
+                return Decision("", {**detail, "supervisor": True})
+            if kind == "group":
+                try:
+                    ours = os.getpgid(0)
+                    theirs = os.getpgid(n.pid) if who == 0 else who
+                except OSError:
+                    theirs = ours = -1
+                if theirs == ours or who in supervisor:
+                    return Decision("", {**detail, "supervisor": True})
+                return Decision("", detail, deny=None)
+            target = who
+        else:
+            target = _i32(n.args[0])
+            detail = {"target": target}
+        if target in supervisor or target == -1:
+            return Decision("", {**detail, "supervisor": True})
+        if target == 0 or os.path.exists(f"/proc/{n.pid}/task/{target}"):
+            return Decision("", detail, deny=None, record=False)
+        return Decision("", detail, deny=None)
 
     def _prot(self, n: Notification) -> Decision:
         name = NAMES[n.nr]

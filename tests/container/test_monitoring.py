@@ -291,6 +291,50 @@ def test_the_supervisors_limits_cannot_be_changed_and_the_attempt_is_recorded(tm
     assert_nothing_reached_host(marker)
 
 
+def test_the_supervisor_cannot_be_reniced_pinned_or_demoted_and_the_attempt_is_recorded(
+    tmp_path: Path,
+) -> None:
+    # setpriority and the sched_set* calls need only the same uid: a loader that reniced the
+    # supervisor, pinned it to one core or demoted it to SCHED_IDLE while it spun delayed every
+    # answer and sample the supervisor owes, without any event
+    attack = (
+        "import os\n"
+        "cpus = len(os.sched_getaffinity(0))\n"
+        "calls = [\n"
+        "    lambda: os.setpriority(os.PRIO_PROCESS, 1, 19),\n"
+        "    lambda: os.setpriority(os.PRIO_USER, 0, 19),\n"
+        "    lambda: os.sched_setaffinity(1, {0}),\n"
+        "    lambda: os.sched_setscheduler(1, os.SCHED_IDLE, os.sched_param(0)),\n"
+        "]\n"
+        "refused = 0\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except OSError:\n"
+        "        refused += 1\n"
+        "os.setpriority(os.PRIO_PROCESS, 0, 5)\n"  # its own: the kernel's business
+        "own = 0\n"  # ... which refuses it a real-time policy or a priority above the supervisor's
+        "for call in (lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1)),\n"
+        "             lambda: os.setpriority(os.PRIO_PROCESS, 0, -5)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except OSError:\n"
+        "        own += 1\n"
+        "result = [refused, own, open('/proc/1/stat').read().rsplit(')', 1)[1].split()[16],\n"
+        "          len(os.sched_getaffinity(1)) == cpus, os.sched_getscheduler(1)]\n"
+    )
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(attack)), tmp_path / "renice.pt")
+    got = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy())
+    assert got["payload"] == [4, 2, "0", True, os.SCHED_OTHER]  # refused; PID 1 untouched
+    report = sandbox.scan(path, policy=AUDIT)
+    calls = kernel(report, ("setpriority", "sched_setaffinity", "sched_setscheduler"))
+    assert len(calls) == 4 and all(e.action == "denied" and e.detail.get("supervisor") for e in calls)
+    f = finding(report, "attack-supervisor")
+    assert f.severity is Severity.CRITICAL
+    assert_supported(report, f)
+    assert report.verdict is Verdict.MALICIOUS
+
+
 @pytest.mark.parametrize(
     "call",
     [

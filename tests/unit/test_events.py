@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import tracemalloc
 from typing import Any
 
@@ -293,6 +294,55 @@ def test_prlimit_of_another_process_is_reported_and_refused_as_an_attack_on_the_
     plain = _seccomp.build_plain_filter(1234, 1)
     assert run_bpf(plain, nr, (1, 7, 0, 0)) == P.SECCOMP_RET_ERRNO | 1
     assert run_bpf(plain, nr, (0, 7, 0, 0)) == P.SECCOMP_RET_ALLOW
+
+
+def test_scheduling_the_supervisor_is_refused_as_an_attack_and_the_loaders_own_is_its_business() -> None:
+    """setpriority, ioprio_set and the sched_set* calls need only the same uid: the loader could
+    renice the supervisor, pin it to a busy core or demote it to SCHED_IDLE, and so delay every
+    answer it owes. Its own process and threads (pid 0, its pid) stay the kernel's business."""
+    prog = _seccomp.build_filter(1234)
+    affinity, setprio, ioprio = 203, _seccomp.NR_SETPRIORITY, _seccomp.NR_IOPRIO_SET
+    for nr in (*_seccomp.SCHED_CALLS, setprio, ioprio):
+        process = _seccomp.IOPRIO_WHO_PROCESS if nr == ioprio else _seccomp.PRIO_PROCESS
+        for target in (0, 1234, 1, 1240, 0xFFFFFFFF):
+            args = (process, target, 0, 0) if nr in (setprio, ioprio) else (target, 8, 0, 0)
+            want = P.SECCOMP_RET_ALLOW if target in (0, 1234) else P.SECCOMP_RET_USER_NOTIF
+            assert run_bpf(prog, nr, args) == want, (nr, target)
+    for which in (_seccomp.PRIO_PGRP, 2):  # a process group, a user: always the supervisor's to judge
+        assert run_bpf(prog, setprio, (which, 0, 0, 0)) == P.SECCOMP_RET_USER_NOTIF
+    decoder = _seccomp.Decoder(_seccomp.Memory(), 1234, frozenset())
+
+    def decide(nr: int, *args: int) -> _seccomp.Decision:
+        return decoder.decide(
+            _seccomp.Notification(1, os.getpid(), nr, _seccomp.AUDIT_ARCH_X86_64, (*args, 0, 0, 0, 0)[:6])
+        )
+
+    d = decide(setprio, _seccomp.PRIO_PROCESS, 1, 19)
+    assert d.kind == "setpriority" and d.deny is not None and d.detail["supervisor"] is True
+    d = decide(setprio, 2, 0, 19)  # every process of the uid: the supervisor's too
+    assert d.deny is not None and d.detail == {"which": "user", "target": 0, "supervisor": True}
+    d = decide(affinity, 1, 8, 0)
+    assert d.kind == "sched_setaffinity" and d.deny is not None and d.detail["supervisor"] is True
+    done = threading.Event()
+    worker = threading.Thread(target=done.wait)
+    worker.start()
+    try:  # a thread of the caller's own process (not its main one): counted only
+        assert worker.native_id is not None
+        d = decide(affinity, worker.native_id, 8, 0)
+    finally:
+        done.set()
+        worker.join()
+    assert d.deny is None and not d.record
+    found = rules(judge(line(1, "sched_setaffinity", {"target": 1, "supervisor": True}, "denied")))
+    assert found["attack-supervisor"].severity is Severity.CRITICAL
+    # under gVisor the plain filter refuses it in the kernel
+    plain = _seccomp.build_plain_filter(1234, 1)
+    assert run_bpf(plain, affinity, (1, 8, 0, 0)) == P.SECCOMP_RET_ERRNO | 1
+    assert run_bpf(plain, affinity, (0, 8, 0, 0)) == P.SECCOMP_RET_ALLOW
+    assert run_bpf(plain, setprio, (_seccomp.PRIO_PROCESS, 1, 19, 0)) == P.SECCOMP_RET_ERRNO | 1
+    assert run_bpf(plain, setprio, (_seccomp.PRIO_PROCESS, 0, 19, 0)) == P.SECCOMP_RET_ALLOW
+    assert run_bpf(plain, setprio, (2, 0, 19, 0)) == P.SECCOMP_RET_ERRNO | 1
+    assert run_bpf(plain, ioprio, (_seccomp.IOPRIO_WHO_PGRP, 1, 0, 0)) == P.SECCOMP_RET_ERRNO | 1
 
 
 def test_calls_the_container_refuses_silently_kill_the_loader_and_the_kill_is_a_finding() -> None:
