@@ -153,8 +153,10 @@ def _sandboxed(
             if not plain:
                 # not a plain state dict, so no layout hand-off: the host's own reading of the
                 # file runs beside the sandbox
-                # (located, not hashed, where the tensors' bytes will be here to compare)
-                loaded.reading = _verify.Reading(loaded.input_path, loaded.static, spans=write_tensors)
+                # (the file's tensors located, not hashed: the sandbox names most by their span,
+                # the host compares the bytes it holds, and hashes a span only where a digest
+                # is all it has to compare)
+                loaded.reading = _verify.Reading(loaded.input_path, loaded.static, spans=True)
             runner = _runner_for(setup.runner, setup.runtime)
             job_fd = _input.for_sandbox(input_fd, getattr(runner, "name", ""))
             image = runner.ensure_image()
@@ -351,8 +353,11 @@ def _monitored(
         from_input = sum(1 for e in output.manifest.tensors if e.span is not None)
         if from_input:
             report.resources["tensors_from_input"] = from_input
-    elif any(e.sha256 is None for e in output.manifest.tensors):
-        raise OutputRejected("the manifest gives no sha256 for tensors whose bytes stayed in the sandbox")
+    elif any(e.sha256 is None and e.span is None for e in output.manifest.tensors):
+        raise OutputRejected(
+            "the manifest gives neither a sha256 nor a span of the input for tensors whose bytes "
+            "stayed in the sandbox"
+        )
 
 
 def _check_views(manifest: P.Manifest, cap: int) -> None:

@@ -51,28 +51,37 @@ class _Returned:
     asked for only where needed. A stored tensor's digest is the manifest's where it gives one
     (a scan, where no bytes cross: the sandbox's own, which the host cannot check), else the
     host's, computed from the bytes it holds when first asked; a tensor matched byte for byte
-    with the file is never hashed. A view has a digest only where the host holds it (with
-    ``want_view``, only for names in it); otherwise its base stands for it."""
+    with the file is never hashed. A tensor the manifest names by its span in the input has
+    the file's bytes there: the host read them (a load), or the sandbox says so (a scan, its
+    word like a digest): its digest is the file's at that span (``span_digest``). A view has a
+    digest only where the host holds it (with ``want_view``, only for names in it); otherwise
+    its base stands for it."""
 
     def __init__(
         self,
         manifest: P.Manifest,
         tensors: Mapping[str, torch.Tensor] | None,
         want_view: Mapping[str, Any] | None = None,
+        span_digest: Callable[[tuple[int, int]], str] | None = None,
     ) -> None:
         self.tensors = tensors
+        self.span_digest = span_digest
         self.kinds: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._digests: dict[str, str] = {}
         self._hashable: set[str] = set()
-        #: where in the input the host read a tensor's bytes (the manifest named it by span)
+        #: where in the input a tensor's bytes are (the manifest named it by span)
         self.spans: dict[str, tuple[int, int]] = {}
+        self._claimed: set[str] = set()  # ... and only there: the host holds no bytes for it
         for e in manifest.tensors:
             self.kinds[e.name] = (e.dtype, e.shape)
-            if e.span is not None and tensors is not None and e.name in tensors:
+            held = tensors is not None and e.name in tensors
+            if e.span is not None:
                 self.spans[e.name] = e.span
+                if not held:
+                    self._claimed.add(e.name)
             if e.sha256 is not None:
                 self._digests[e.name] = e.sha256
-            elif tensors is not None and e.name in tensors:
+            elif held:
                 self._hashable.add(e.name)
         for v in manifest.views:
             self.kinds[v.name] = (v.dtype, v.shape)
@@ -81,7 +90,7 @@ class _Returned:
 
     def compared(self, name: str) -> bool:
         """Whether ``name``'s bytes are compared at all (else its base stands for it)."""
-        return name in self._digests or name in self._hashable
+        return name in self._digests or name in self._hashable or name in self._claimed
 
     def digest(self, name: str) -> str | None:
         if name not in self._digests and name in self._hashable:
@@ -89,6 +98,8 @@ class _Returned:
 
             assert self.tensors is not None
             self._digests[name] = tensor_digest(self.tensors[name])
+        elif name not in self._digests and name in self._claimed and self.span_digest is not None:
+            self._digests[name] = self.span_digest(self.spans[name])
         return self._digests.get(name)
 
     def raw(self, name: str) -> memoryview | None:
@@ -197,7 +208,8 @@ class _FileBytes:
 
     def __init__(self, path: str, stored: Mapping[tuple[str, tuple[int, ...]], tuple[tuple[int, int], ...]]):
         self._stored = stored
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if stored else -1
+        self._path = path
+        self._fd = -1  # opened when first needed
         self._index: dict[tuple[str, tuple[int, ...]], dict[tuple[bytes, bytes], list[tuple[int, int]]]] = {}
         self._digests: dict[tuple[int, int], str] = {}
 
@@ -212,15 +224,21 @@ class _FileBytes:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        return self._fd
+
     def _ends(self, begin: int, end: int) -> tuple[bytes, bytes]:
         n = min(_SAMPLE, end - begin)
-        return os.pread(self._fd, n, begin), os.pread(self._fd, n, end - n)
+        return os.pread(self.fd, n, begin), os.pread(self.fd, n, end - n)
 
     def digest(self, span: tuple[int, int]) -> str:
         """The sha256 of the file's bytes in ``span`` (for evidence, and past the candidates)."""
         if span not in self._digests:
             try:
-                self._digests[span] = sha256_file_region(self._fd, *span)
+                self._digests[span] = sha256_file_region(self.fd, *span)
             except MalformedInput:  # the file shrank: an empty digest never matches
                 self._digests[span] = ""
         return self._digests[span]
@@ -234,7 +252,7 @@ class _FileBytes:
         with memoryview(chunk) as view:
             pos = 0
             while pos < len(raw):
-                got = os.preadv(self._fd, [view[: min(len(chunk), len(raw) - pos)]], begin + pos)
+                got = os.preadv(self.fd, [view[: min(len(chunk), len(raw) - pos)]], begin + pos)
                 if got <= 0:
                     return False
                 if (chunk if got == len(chunk) else chunk[:got]) != raw[pos : pos + got]:
@@ -404,9 +422,10 @@ def weights(
     if isinstance(got, _reconstruct.NotReconstructed) and scan is not None and scan.format == "joblib":
         got = joblib_inventory(scan)
     if isinstance(got, _reconstruct.Reconstruction):
-        return list(got.findings) + _reconstruct.compare_digests(
-            got, _Returned(manifest, tensors, got.tensors).actual()
-        )
+        with _FileBytes(path, {}) as whole:  # the file's digests at the spans the manifest names
+            return list(got.findings) + _reconstruct.compare_digests(
+                got, _Returned(manifest, tensors, got.tensors, span_digest=whole.digest).actual()
+            )
     returned = _Returned(manifest, tensors)
     kinds = returned.kinds
     if not kinds:
@@ -418,6 +437,7 @@ def weights(
         found: list[Finding] = []
     else:
         with _FileBytes(path, inv.stored) as file_bytes:
+            returned.span_digest = file_bytes.digest
 
             def same(name: str, ref: _reconstruct.Digest | _reconstruct.Stored) -> bool:
                 if kinds[name] != ref[:2]:

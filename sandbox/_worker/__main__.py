@@ -107,7 +107,7 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
                 _seccomp.prctl(_seccomp.PR_SET_DUMPABLE, 1)
                 # where a returned tensor still is the input's own bytes: read after the load,
                 # opened now (our /proc files are ours only once we are dumpable)
-                views = _spans.SelfViews() if cfg.write_tensors else None
+                views = _spans.SelfViews()
                 listener = _seccomp.install(os.getpid())
                 os.write(ch.hand_w, str(listener).encode())
                 ack = os.read(ch.ack_r, 16)

@@ -397,8 +397,8 @@ class Extractor(P.TensorNames):
             raw = data.reshape(-1).view(torch.uint8)
             if stored_as == "U8" and dtype != "uint8":
                 data = raw
-            # the host hashes the bytes it receives itself; only a scan (no bytes cross) needs ours
-            digest = hashlib.sha256(raw.numpy().data if raw.numel() else b"").hexdigest() if digests else None
+            # the host compares the bytes it receives itself; only a scan (no bytes cross) needs ours
+            digest = tensor_sha256(raw) if digests else None
             out.stored[use.name] = data
             out.entries.append(
                 {
@@ -412,6 +412,12 @@ class Extractor(P.TensorNames):
                 }
             )
         return out
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """The sha256 of a stored (contiguous, CPU) tensor's bytes in row-major order."""
+    raw = t.reshape(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy().data if raw.numel() else b"").hexdigest()
 
 
 _SPARSE_PARTS = {

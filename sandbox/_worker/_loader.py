@@ -284,18 +284,20 @@ def write_outputs(
     views: _spans.SelfViews | None = None,
 ) -> dict[str, Any]:
     """Extract tensors from ``obj`` and write the manifest and (unless ``tensors`` is false)
-    the SafeTensors bytes to the two output descriptors (memfds the supervisor seals). The
-    manifest carries each tensor's sha256 only when the bytes stay here (a scan): the host
-    hashes the bytes it receives itself, and trusts no digest of ours for them. With ``views``
-    (this process's memory map), a tensor that is still the input's own bytes is named by its
-    span in the input instead of being copied (see ``_spans``)."""
-    from ._extract import extract
+    the SafeTensors bytes to the two output descriptors (memfds the supervisor seals). With
+    ``views`` (this process's memory map), a tensor that is still the input's own bytes is
+    named by its span in the input instead of being copied or hashed (see ``_spans``). The
+    manifest carries the sha256 of every other tensor only when the bytes stay here (a scan):
+    the host compares the bytes it receives itself, and trusts no digest of ours for them."""
+    from ._extract import extract, tensor_sha256
 
-    ex = extract(obj, locations, digests=not tensors)
-    spans = _spans.file_spans(ex.stored, views, P.INPUT_FD) if tensors and views is not None else {}
+    ex = extract(obj, locations, digests=False)
+    spans = _spans.file_spans(ex.stored, views, P.INPUT_FD) if views is not None else {}
     for entry in ex.entries:
         if entry["name"] in spans:
             entry["span"] = list(spans[entry["name"]])
+        elif not tensors:
+            entry["sha256"] = tensor_sha256(ex.stored[entry["name"]])
     skeleton_json = json.dumps(ex.skeleton, allow_nan=False, separators=(",", ":"))
     metadata = {
         "format": "pt",

@@ -195,3 +195,101 @@ def test_a_manifest_keeps_its_spans_across_the_wire() -> None:
     again = P.Manifest.from_json(manifest.to_json())
     assert again.tensors[0].span == (64, 80)
     assert pickle.dumps(again) == pickle.dumps(manifest)  # equal documents (a dataclass, no torch)
+
+
+def _scanned(path: Path) -> P.Manifest:
+    """The manifest the loader sends in a scan of ``path`` (no bytes cross), made by the
+    worker's own code: a span for each tensor the load left as the file's bytes, else the
+    sandbox's digest."""
+    from sandbox._worker import _loader
+
+    obj = torch.load(path, mmap=True, weights_only=False)
+    fd = os.open(path, os.O_RDONLY)
+    os.dup2(fd, P.INPUT_FD)
+    os.close(fd)
+    tensors_fd, manifest_fd = P.memfd_create("tensors"), P.memfd_create("manifest")
+    try:
+        _loader.write_outputs(
+            obj,
+            "torch-zip",
+            {},
+            tensors_fd=tensors_fd,
+            manifest_fd=manifest_fd,
+            tensors=False,
+            views=_spans.SelfViews(),
+        )
+        assert os.fstat(tensors_fd).st_size == 0  # nothing of the tensors is written in a scan
+        return P.Manifest.from_json(os.pread(manifest_fd, 1 << 24, 0))
+    finally:
+        for f in (tensors_fd, manifest_fd, P.INPUT_FD):
+            os.close(f)
+
+
+def test_a_scan_names_untouched_tensors_by_span_and_hashes_only_the_rest(tmp_path: Path) -> None:
+    """In a scan no bytes cross: a span is the sandbox's word, as a digest is, and verifies
+    the same way (a span where the file stores that tensor; any other, the file's digest
+    there), so neither side hashes the tensors the load left alone."""
+    torch.manual_seed(14)
+    big = torch.randn(64, 64)
+    obj = {
+        "model": _model(),
+        "a": torch.randn(64, 64),
+        "spacer": torch.randn(64, 64),  # keeps a off the page w shares with its neighbour
+        "w": big,
+        "hook": Reduce(operator.imul, big, 2.0),
+    }
+    path = save(obj, tmp_path / "m.pt")
+    manifest = _scanned(path)
+    by_name = {e.name: e for e in manifest.tensors}
+    assert by_name["model.0.weight"].span is not None and by_name["model.0.weight"].sha256 is None
+    assert by_name["w"].span is None and by_name["w"].sha256 is not None  # changed: hashed
+    found = {f.rule: f for f in _findings_scan(path, manifest)}
+    assert [t["name"] for t in found["weights-tampered"].evidence["tensors"]] == ["w"]
+    # a span over bytes that are no tensor of the file, under a name the file gives
+    a_span = by_name["a"].span
+    assert a_span is not None
+    elsewhere = dataclasses.replace(
+        manifest,
+        tensors=tuple(
+            dataclasses.replace(e, span=(0, a_span[1] - a_span[0])) if e.name == "a" else e
+            for e in manifest.tensors
+        ),
+    )
+    found = {f.rule: f for f in _findings_scan(path, elsewhere)}
+    assert sorted(t["name"] for t in found["weights-tampered"].evidence["tensors"]) == ["a", "w"]
+    # ... and under a name only a module gives: no tensor of the file
+    inner = by_name["model.0.weight"].span
+    assert inner is not None
+    elsewhere = dataclasses.replace(
+        manifest,
+        tensors=tuple(
+            dataclasses.replace(e, span=(0, inner[1] - inner[0])) if e.name == "model.0.weight" else e
+            for e in manifest.tensors
+        ),
+    )
+    found = {f.rule: f for f in _findings_scan(path, elsewhere)}
+    assert found["weights-unverified"].evidence["tensors"] == ["model.0.weight"]
+
+
+def _findings_scan(path: Path, manifest: P.Manifest) -> list[Any]:
+    return _verify.weights(str(path), manifest, None, reading=_verify.Reading(str(path), None, spans=True))
+
+
+def test_a_plain_state_dicts_scan_by_span_is_compared_with_the_files_digests(tmp_path: Path) -> None:
+    """A plain state dict the full loader read (its reading is a reconstruction): the span
+    each tensor is named by stands for the file's digest there, compared name by name."""
+    torch.manual_seed(15)
+    sd = {"a": torch.randn(16, 16), "b": torch.randn(16, 16)}
+    path = save(sd, tmp_path / "sd.pt")
+    manifest = _scanned(path)
+    assert all(e.span is not None for e in manifest.tensors)
+    assert _verify.weights(str(path), manifest, None) == []
+    spans = {e.name: e.span for e in manifest.tensors}
+    swapped = dataclasses.replace(
+        manifest,
+        tensors=tuple(
+            dataclasses.replace(e, span=spans["b" if e.name == "a" else "a"]) for e in manifest.tensors
+        ),
+    )
+    found = {f.rule for f in _verify.weights(str(path), swapped, None)}
+    assert "weights-tampered" in found
