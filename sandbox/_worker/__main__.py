@@ -28,6 +28,7 @@ first sample, after the loader has been forked.
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib
 import json
 import os
@@ -64,9 +65,11 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
         os.setsid()
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         # no real-time policy and no priority above the supervisor's for the loader and its
-        # children, whatever the engine's defaults (its filter lets it schedule itself)
+        # children, whatever the engine's defaults (its filter lets it schedule itself); gVisor
+        # has neither limit (nor real-time scheduling) and refuses to set them
         for limit in (resource.RLIMIT_RTPRIO, resource.RLIMIT_NICE):
-            resource.setrlimit(limit, (0, 0))
+            with contextlib.suppress(OSError, ValueError):
+                resource.setrlimit(limit, (0, 0))
         os.chdir("/tmp")
         os.environ.clear()
         os.environ.update(env)  # the canaries: the loader's whole environment
