@@ -339,7 +339,7 @@ class TensorEntry:
     dtype ``stored_as`` (raw ``U8`` where safetensors has no such dtype); or, with ``span``,
     they are the input's own bytes ``span[0]:span[1]``, untouched by the load, which the host
     reads from its own descriptor of the input instead (the claim is checked there: see
-    ``_verify``)."""
+    ``_verify``; such an entry has no ``sha256``: the file's bytes at the span stand for it)."""
 
     name: str
     dtype: str
@@ -513,6 +513,9 @@ class Manifest(_Returned):
                 and raw_span[1] - raw_span[0] == numel * size,  # type: ignore[index]
                 f"{what}: {name}: span malformed",
             )
+            # the bytes are the input's at the span, hashed by the host where it must: a digest
+            # of the sandbox's beside it would stand for bytes nobody checked against it
+            _req(sha is None, f"{what}: {name}: a span and a sha256")
             assert isinstance(raw_span, list)
             span = (int(raw_span[0]), int(raw_span[1]))
         return TensorEntry(

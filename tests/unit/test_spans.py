@@ -293,3 +293,23 @@ def test_a_plain_state_dicts_scan_by_span_is_compared_with_the_files_digests(tmp
     )
     found = {f.rule for f in _verify.weights(str(path), swapped, None)}
     assert "weights-tampered" in found
+
+
+def test_a_span_never_comes_with_a_digest_of_the_sandboxs(tmp_path: Path) -> None:
+    """A span tensor's bytes are the file's, read by the host; a sha256 beside the span was
+    never checked against them, yet the verification took it for the tensor's digest: b's
+    bytes under a's name with a's digest came out of a plain state dict's load clean."""
+    torch.manual_seed(16)
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+    path = save({"a": a, "b": b}, tmp_path / "sd.pt")
+    _, stored, entries, rest = _mapped_load(path)
+    spans = _spans_of(path, stored)
+    for e in entries:
+        if e["name"] == "a":
+            e["sha256"] = _convert.tensor_digest(a)
+    with pytest.raises(P.ProtocolError, match="a span and a sha256"):
+        _handed_over(path, stored, entries, rest, {**spans, "a": spans["b"]})
+    # ... in a scan too, where the span is the claim and the file's digest there stands for it
+    scanned = {**next(e for e in entries if e["name"] == "a"), "span": list(spans["a"])}
+    with pytest.raises(P.ProtocolError, match="a span and a sha256"):
+        P.Manifest.from_obj({"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": [scanned], **rest})
