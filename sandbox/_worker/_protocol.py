@@ -543,7 +543,8 @@ class Manifest(_Returned):
         stride = _dims(v.get("stride"), f"{what}: view {name}: stride")
         _req(len(stride) == len(shape), f"{what}: view {name}: stride rank")
         offset = v.get("offset")
-        _req(_is_int(offset) and offset >= 0, f"{what}: view {name}: offset")  # type: ignore[operator]
+        # bounded like every count of the manifest (an empty view's is not held to its base's)
+        _req(_is_int(offset) and 0 <= offset < 2**62, f"{what}: view {name}: offset")  # type: ignore[operator]
         assert isinstance(offset, int)
         last = (
             offset + sum((s - 1) * st for s, st in zip(shape, stride, strict=True))
