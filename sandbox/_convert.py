@@ -303,7 +303,8 @@ def _move(t: torch.Tensor, location: str, map_location: MapLocation) -> torch.Te
 
 
 def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bool) -> Any:
-    """The structure the skeleton describes, with tensors from ``tensors``."""
+    """The structure the skeleton describes, with tensors from ``tensors``. Raises
+    ``OutputRejected`` for a skeleton it cannot rebuild, whatever refused it."""
     import torch
 
     params: dict[str, torch.Tensor] = {}
@@ -388,9 +389,9 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
                 t.requires_grad_(True)
             return t
         if kind == "ndarray":
-            return tensor(node.get("ref")).cpu().numpy()
+            return tensor(node.get("ref")).detach().cpu().numpy()
         if kind == "npscalar":
-            arr = tensor(node.get("ref")).cpu().numpy()
+            arr = tensor(node.get("ref")).detach().cpu().numpy()
             if arr.ndim != 0 or str(arr.dtype) != node.get("dtype"):
                 raise OutputRejected("skeleton: numpy scalar does not match its tensor")
             return arr[()]
@@ -435,7 +436,14 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
         state = build(node["state"], depth + 1) if "state" in node else None
         return Unrepresentable(type_name[:200], path[:500], state)
 
-    result = build(skeleton, 0)
+    try:
+        result = build(skeleton, 0)
+    except OutputRejected:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        # what torch or numpy refuse to build from a hostile node (a numpy array of a dtype
+        # numpy lacks, an integer Parameter that requires grad, a namespace's __class__)
+        raise OutputRejected(f"skeleton cannot be rebuilt: {str(exc)[:200]}") from None
     if weights_only and opaque:
         raise UnrepresentableObject(
             f"the checkpoint holds {len(opaque)} object(s) that cannot be rebuilt as data: "
