@@ -554,8 +554,14 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
                     out = torch._make_per_channel_quantized_tensor(data, scales, zeros, axis)
             elif kind == "nested":
                 _check_nested_views(parts)
+                values = parts["values"]
+                if values.storage_offset():
+                    # the pieces' offsets count from the buffer's storage, not from the buffer:
+                    # a buffer mapped at an offset in a whole file (``mmap=True``) gets one of
+                    # its own, or the pieces are that file's first bytes
+                    values = values.clone()
                 out = torch._nested_view_from_buffer(
-                    parts["values"], parts["sizes"], parts["strides"], parts["storage_offsets"]
+                    values, parts["sizes"], parts["strides"], parts["storage_offsets"]
                 )
             else:  # nested_jagged
                 values, offsets = parts["values"], parts["offsets"]

@@ -313,3 +313,32 @@ def test_a_span_never_comes_with_a_digest_of_the_sandboxs(tmp_path: Path) -> Non
     scanned = {**next(e for e in entries if e["name"] == "a"), "span": list(spans["a"])}
     with pytest.raises(P.ProtocolError, match="a span and a sha256"):
         P.Manifest.from_obj({"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": [scanned], **rest})
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("by_span", [True, False], ids=["named-by-span", "sent"])
+def test_a_strided_nested_tensor_comes_back_whole_from_a_mapping(tmp_path: Path, by_span: bool) -> None:
+    """With ``mmap=True`` a returned tensor lies at an offset in a mapping of a whole file (the
+    input, or the tensors memfd), and ``_nested_view_from_buffer`` counts the pieces' offsets
+    from its buffer's storage, not from the buffer: a nested tensor came back as the file's
+    first bytes (its zip header and pickle), and the verification, which checks the parts,
+    found nothing."""
+    torch.manual_seed(17)
+    nested = torch.nested.nested_tensor([torch.randn(300), torch.randn(500)])
+    path = save({"pad": torch.randn(1000), "nt": nested}, tmp_path / "nt.pt")
+    _, stored, entries, rest = _mapped_load(path)
+    spans = _spans_of(path, stored) if by_span else {}
+    assert ("nt.values" in spans) is by_span
+    for e in entries:
+        e.pop("span", None)
+        if e["name"] in spans:
+            e["span"] = list(spans[e["name"]])
+    manifest = P.Manifest.from_obj(
+        {"protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "tensors": entries, **rest}
+    )
+    out = tmp_path / "handoff.safetensors"
+    save_file({k: t.contiguous() for k, t in stored.items() if k not in spans}, str(out))
+    for mmap in (False, True):
+        tensors = _convert.load_tensors(str(out), manifest, mmap=mmap, source=str(path))
+        got = _convert.rebuild(manifest.skeleton, tensors, weights_only=False)["nt"]
+        assert [p.tolist() for p in got.unbind()] == [p.tolist() for p in nested.unbind()], mmap
