@@ -264,7 +264,9 @@ def place(
 ) -> dict[str, torch.Tensor]:
     """Move tensors where ``torch.load(map_location=...)`` would have put them.
 
-    Views follow their base, so storage sharing survives the move."""
+    Views follow their base, so storage sharing survives the move. A callable is handed the
+    part of a tensor's storage its elements span, as torch hands it each storage of the file
+    (not a whole file that ``mmap=True`` maps them from)."""
 
     moved: dict[str, torch.Tensor] = {}
     for entry in manifest.tensors:
@@ -285,21 +287,36 @@ def _move(t: torch.Tensor, location: str, map_location: MapLocation) -> torch.Te
     elif isinstance(map_location, dict):
         target = map_location.get(location, location)
     elif callable(map_location):
-        result = map_location(t.untyped_storage(), location)
+        own, offset = _own_storage(t)
+        result = map_location(own, location)
         if result is None:
             target = "cpu"
         elif isinstance(result, (torch.UntypedStorage, torch.TypedStorage)):
-            if result.device == t.device and result.data_ptr() == t.untyped_storage().data_ptr():
+            if result.device == t.device and result.data_ptr() == own.data_ptr():
                 return t
             storage = result.untyped() if isinstance(result, torch.TypedStorage) else result  # type: ignore[no-untyped-call]
             fresh = torch.empty(0, dtype=t.dtype, device=storage.device)
-            return fresh.set_(storage, t.storage_offset(), t.shape, t.stride())
+            return fresh.set_(storage, offset, t.shape, t.stride())
         else:
             target = result
     else:
         raise TypeError(f"map_location of type {type(map_location).__name__} is not supported")
     device = torch.device(target)
     return t if device == t.device else t.to(device)
+
+
+def _own_storage(t: torch.Tensor) -> tuple[Any, int]:
+    """The part of ``t``'s storage that its elements span (sharing its memory), and ``t``'s
+    offset in it: what ``map_location`` is handed, as torch hands it each storage of the file,
+    where ``t`` lies at an offset in a mapping of a whole file (``mmap=True``)."""
+    storage = t.untyped_storage()
+    if t.numel() == 0:
+        return storage, t.storage_offset()
+    elem, first = t.element_size(), t.storage_offset()
+    end = (first + 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride(), strict=True))) * elem
+    if first == 0 and end == storage.nbytes():
+        return storage, 0
+    return storage[first * elem : end], 0
 
 
 def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bool) -> Any:

@@ -342,3 +342,35 @@ def test_a_strided_nested_tensor_comes_back_whole_from_a_mapping(tmp_path: Path,
         tensors = _convert.load_tensors(str(out), manifest, mmap=mmap, source=str(path))
         got = _convert.rebuild(manifest.skeleton, tensors, weights_only=False)["nt"]
         assert [p.tolist() for p in got.unbind()] == [p.tolist() for p in nested.unbind()], mmap
+
+
+def test_map_location_is_handed_each_tensors_own_bytes_not_the_whole_mapping(tmp_path: Path) -> None:
+    """With ``mmap=True`` the tensors named by span share one mapping of the whole input; a
+    callable ``map_location`` (``lambda s, loc: s.cuda()``) was handed that whole storage for
+    each of them, so it copied the input once per tensor (a payload naming 10,000 small spans
+    of a large input made that 10,000 copies). torch hands it each storage of the file."""
+    path = save({"model": _model(), "extra": torch.arange(10.0)}, tmp_path / "m.pt")
+    _, stored, entries, rest = _mapped_load(path)
+    spans = _spans_of(path, stored)
+    for e in entries:
+        e["span"] = list(spans[e["name"]])
+    manifest = P.Manifest.from_obj(
+        {"protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "tensors": entries, **rest}
+    )
+    out = tmp_path / "empty.safetensors"
+    save_file({}, str(out))
+    tensors = _convert.load_tensors(str(out), manifest, mmap=True, source=str(path))
+    handed: list[int] = []
+
+    def copy(storage: Any, location: str) -> Any:
+        handed.append(storage.nbytes())
+        return storage.clone()
+
+    placed = _convert.place(tensors, manifest, copy)
+    assert sorted(handed) == sorted(e.nbytes for e in manifest.tensors)
+    for name, t in tensors.items():
+        assert placed[name].untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        assert placed[name].view(torch.uint8).tolist() == t.view(torch.uint8).tolist(), name
+    # a map_location that keeps the storage keeps the tensor, mapped
+    kept = _convert.place(tensors, manifest, lambda storage, location: storage)
+    assert all(kept[n] is t for n, t in tensors.items())
