@@ -311,8 +311,8 @@ def _own_storage(t: torch.Tensor) -> tuple[Any, int]:
     where ``t`` lies at an offset in a mapping of a whole file (``mmap=True``)."""
     storage = t.untyped_storage()
     if t.numel() == 0:
-        return storage, t.storage_offset()
-    elem, first = t.element_size(), t.storage_offset()
+        return storage, int(t.storage_offset())
+    elem, first = t.element_size(), int(t.storage_offset())
     end = (first + 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride(), strict=True))) * elem
     if first == 0 and end == storage.nbytes():
         return storage, 0
