@@ -529,9 +529,10 @@ def safe_load(
     :class:`Unrepresentable` placeholders. ``nn.Module`` and optimizer objects come back as
     their ``state_dict()``. ``pickle_module`` and ``pickle_load_args`` are accepted for
     compatibility and ignored: nothing is unpickled on the host. ``mmap=True``: the returned
-    CPU tensors share a private memory mapping of the checked SafeTensors file instead of being
-    copied (as with torch, writes to them never reach a file); the sandbox always maps torch
-    zip inputs.
+    CPU tensors share a private memory mapping instead of being copied: of the checked
+    SafeTensors file, or, for tensors the load left as the input's own bytes, of the input
+    itself (as with torch, writes to them never reach a file, and a later write to the input
+    shows in them); the sandbox always maps torch zip inputs.
 
     ``runner``: what makes the sandbox: a runner or :class:`Pool`, or a name (``"docker"``,
     ``"bwrap"``, ``"auto"``: a fresh sandbox of that kind); by default the process-wide pool,

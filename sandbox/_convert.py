@@ -264,7 +264,9 @@ def place(
 ) -> dict[str, torch.Tensor]:
     """Move tensors where ``torch.load(map_location=...)`` would have put them.
 
-    Views follow their base, so storage sharing survives the move."""
+    Views follow their base, so storage sharing survives the move. A callable is handed the
+    part of a tensor's storage its elements span, as torch hands it each storage of the file
+    (not a whole file that ``mmap=True`` maps them from)."""
 
     moved: dict[str, torch.Tensor] = {}
     for entry in manifest.tensors:
@@ -285,15 +287,16 @@ def _move(t: torch.Tensor, location: str, map_location: MapLocation) -> torch.Te
     elif isinstance(map_location, dict):
         target = map_location.get(location, location)
     elif callable(map_location):
-        result = map_location(t.untyped_storage(), location)
+        own, offset = _own_storage(t)
+        result = map_location(own, location)
         if result is None:
             target = "cpu"
         elif isinstance(result, (torch.UntypedStorage, torch.TypedStorage)):
-            if result.device == t.device and result.data_ptr() == t.untyped_storage().data_ptr():
+            if result.device == t.device and result.data_ptr() == own.data_ptr():
                 return t
             storage = result.untyped() if isinstance(result, torch.TypedStorage) else result  # type: ignore[no-untyped-call]
             fresh = torch.empty(0, dtype=t.dtype, device=storage.device)
-            return fresh.set_(storage, t.storage_offset(), t.shape, t.stride())
+            return fresh.set_(storage, offset, t.shape, t.stride())
         else:
             target = result
     else:
@@ -302,8 +305,23 @@ def _move(t: torch.Tensor, location: str, map_location: MapLocation) -> torch.Te
     return t if device == t.device else t.to(device)
 
 
+def _own_storage(t: torch.Tensor) -> tuple[Any, int]:
+    """The part of ``t``'s storage that its elements span (sharing its memory), and ``t``'s
+    offset in it: what ``map_location`` is handed, as torch hands it each storage of the file,
+    where ``t`` lies at an offset in a mapping of a whole file (``mmap=True``)."""
+    storage = t.untyped_storage()
+    if t.numel() == 0:
+        return storage, int(t.storage_offset())
+    elem, first = t.element_size(), int(t.storage_offset())
+    end = (first + 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride(), strict=True))) * elem
+    if first == 0 and end == storage.nbytes():
+        return storage, 0
+    return storage[first * elem : end], 0
+
+
 def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bool) -> Any:
-    """The structure the skeleton describes, with tensors from ``tensors``."""
+    """The structure the skeleton describes, with tensors from ``tensors``. Raises
+    ``OutputRejected`` for a skeleton it cannot rebuild, whatever refused it."""
     import torch
 
     params: dict[str, torch.Tensor] = {}
@@ -388,9 +406,9 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
                 t.requires_grad_(True)
             return t
         if kind == "ndarray":
-            return tensor(node.get("ref")).cpu().numpy()
+            return tensor(node.get("ref")).detach().cpu().numpy()
         if kind == "npscalar":
-            arr = tensor(node.get("ref")).cpu().numpy()
+            arr = tensor(node.get("ref")).detach().cpu().numpy()
             if arr.ndim != 0 or str(arr.dtype) != node.get("dtype"):
                 raise OutputRejected("skeleton: numpy scalar does not match its tensor")
             return arr[()]
@@ -435,7 +453,14 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
         state = build(node["state"], depth + 1) if "state" in node else None
         return Unrepresentable(type_name[:200], path[:500], state)
 
-    result = build(skeleton, 0)
+    try:
+        result = build(skeleton, 0)
+    except OutputRejected:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        # what torch or numpy refuse to build from a hostile node (a numpy array of a dtype
+        # numpy lacks, an integer Parameter that requires grad, a namespace's __class__)
+        raise OutputRejected(f"skeleton cannot be rebuilt: {str(exc)[:200]}") from None
     if weights_only and opaque:
         raise UnrepresentableObject(
             f"the checkpoint holds {len(opaque)} object(s) that cannot be rebuilt as data: "
@@ -546,8 +571,14 @@ def assemble(recipe: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Te
                     out = torch._make_per_channel_quantized_tensor(data, scales, zeros, axis)
             elif kind == "nested":
                 _check_nested_views(parts)
+                values = parts["values"]
+                if values.storage_offset():
+                    # the pieces' offsets count from the buffer's storage, not from the buffer:
+                    # a buffer mapped at an offset in a whole file (``mmap=True``) gets one of
+                    # its own, or the pieces are that file's first bytes
+                    values = values.clone()
                 out = torch._nested_view_from_buffer(
-                    parts["values"], parts["sizes"], parts["strides"], parts["storage_offsets"]
+                    values, parts["sizes"], parts["strides"], parts["storage_offsets"]
                 )
             else:  # nested_jagged
                 values, offsets = parts["values"], parts["offsets"]

@@ -339,7 +339,7 @@ class TensorEntry:
     dtype ``stored_as`` (raw ``U8`` where safetensors has no such dtype); or, with ``span``,
     they are the input's own bytes ``span[0]:span[1]``, untouched by the load, which the host
     reads from its own descriptor of the input instead (the claim is checked there: see
-    ``_verify``)."""
+    ``_verify``; such an entry has no ``sha256``: the file's bytes at the span stand for it)."""
 
     name: str
     dtype: str
@@ -513,6 +513,9 @@ class Manifest(_Returned):
                 and raw_span[1] - raw_span[0] == numel * size,  # type: ignore[index]
                 f"{what}: {name}: span malformed",
             )
+            # the bytes are the input's at the span, hashed by the host where it must: a digest
+            # of the sandbox's beside it would stand for bytes nobody checked against it
+            _req(sha is None, f"{what}: {name}: a span and a sha256")
             assert isinstance(raw_span, list)
             span = (int(raw_span[0]), int(raw_span[1]))
         return TensorEntry(
@@ -540,7 +543,8 @@ class Manifest(_Returned):
         stride = _dims(v.get("stride"), f"{what}: view {name}: stride")
         _req(len(stride) == len(shape), f"{what}: view {name}: stride rank")
         offset = v.get("offset")
-        _req(_is_int(offset) and offset >= 0, f"{what}: view {name}: offset")  # type: ignore[operator]
+        # bounded like every count of the manifest (an empty view's is not held to its base's)
+        _req(_is_int(offset) and 0 <= offset < 2**62, f"{what}: view {name}: offset")  # type: ignore[operator]
         assert isinstance(offset, int)
         last = (
             offset + sum((s - 1) * st for s, st in zip(shape, stride, strict=True))

@@ -383,7 +383,7 @@ def test_a_scan_needs_the_sandboxs_digests(tmp_path: Path) -> None:
     report = sandbox.scan(path, runner=FakeRunner(no_digests))
     assert report.verdict is sandbox.Verdict.ERROR
     assert report.error is not None and report.error["reference"] == "output-rejected"
-    assert "no sha256" in report.error["message"]
+    assert "neither a sha256 nor a span" in report.error["message"]
 
 
 def test_a_large_inputs_tensors_are_placed_while_the_host_hashes_it(

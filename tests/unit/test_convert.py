@@ -148,3 +148,33 @@ def test_standard_library_values() -> None:
 def test_bad_values_are_refused(node: Any) -> None:
     with pytest.raises(OutputRejected):
         rebuild(node, {}, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"$": "ndarray", "ref": "bf16"},  # numpy has no bfloat16: TypeError
+        {"$": "npscalar", "ref": "bf16", "dtype": "float32"},
+        {"$": "tensor", "ref": "int", "parameter": True, "requires_grad": True},  # RuntimeError
+        {"$": "namespace", "items": [["__class__", 1]]},  # TypeError
+    ],
+    ids=["ndarray-bf16", "npscalar-bf16", "int-parameter-grad", "namespace-class"],
+)
+def test_skeleton_nodes_torch_or_numpy_refuse_are_refused(node: Any) -> None:
+    """Nodes the host's builders raise for (no worker sends them for an honest load) are
+    ``OutputRejected``, not a TypeError or RuntimeError out of ``safe_load``."""
+    tensors = {"bf16": torch.zeros(2, dtype=torch.bfloat16), "int": torch.zeros(2, dtype=torch.int64)}
+    with pytest.raises(OutputRejected, match="skeleton"):
+        rebuild(node, tensors, weights_only=False)
+
+
+def test_an_array_of_a_tensor_that_requires_grad_is_its_values() -> None:
+    """One tensor the skeleton both marks as requiring grad and returns as a numpy array:
+    the array holds its values (numpy() refused a tensor that requires grad)."""
+    t = torch.arange(3.0)
+    node = {
+        "$": "list",
+        "items": [{"$": "tensor", "ref": "t", "requires_grad": True}, {"$": "ndarray", "ref": "t"}],
+    }
+    got = rebuild(node, {"t": t}, weights_only=False)
+    assert got[0].requires_grad and got[1].tolist() == [0.0, 1.0, 2.0]

@@ -196,3 +196,25 @@ def test_hostile_tensor_names_are_refused(name: object) -> None:
     bad["tensors"][0]["name"] = name
     with pytest.raises(OutputRejected):
         validate_manifest(bad)
+
+
+def test_an_empty_views_offset_is_bounded(tmp_path: Any) -> None:
+    """A view with no elements lies anywhere in an empty base, so its offset was checked only
+    for sign: 2**63 passed, and torch's ``as_strided`` raised ValueError (an int64 overflow)
+    out of the host's reading of the tensors, not ``OutputRejected``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sandbox import _convert
+
+    empty = dict(_manifest()["tensors"][0], name="b", shape=[0], nbytes=0, sha256=None)
+    view = {"name": "v", "base": "b", "shape": [0], "stride": [1], "dtype": "float32", "location": "cpu"}
+    path = str(tmp_path / "t.safetensors")
+    save_file({"b": torch.empty(0)}, path)
+    fine = validate_manifest(_manifest(tensors=[empty], views=[dict(view, offset=2**62 - 1)]))
+    assert _convert.load_tensors(path, fine)["v"].numel() == 0
+    for offset in (2**63, 2**80):
+        with pytest.raises(OutputRejected, match="offset"):
+            _convert.load_tensors(
+                path, validate_manifest(_manifest(tensors=[empty], views=[dict(view, offset=offset)]))
+            )

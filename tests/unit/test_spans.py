@@ -293,3 +293,84 @@ def test_a_plain_state_dicts_scan_by_span_is_compared_with_the_files_digests(tmp
     )
     found = {f.rule for f in _verify.weights(str(path), swapped, None)}
     assert "weights-tampered" in found
+
+
+def test_a_span_never_comes_with_a_digest_of_the_sandboxs(tmp_path: Path) -> None:
+    """A span tensor's bytes are the file's, read by the host; a sha256 beside the span was
+    never checked against them, yet the verification took it for the tensor's digest: b's
+    bytes under a's name with a's digest came out of a plain state dict's load clean."""
+    torch.manual_seed(16)
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+    path = save({"a": a, "b": b}, tmp_path / "sd.pt")
+    _, stored, entries, rest = _mapped_load(path)
+    spans = _spans_of(path, stored)
+    for e in entries:
+        if e["name"] == "a":
+            e["sha256"] = _convert.tensor_digest(a)
+    with pytest.raises(P.ProtocolError, match="a span and a sha256"):
+        _handed_over(path, stored, entries, rest, {**spans, "a": spans["b"]})
+    # ... in a scan too, where the span is the claim and the file's digest there stands for it
+    scanned = {**next(e for e in entries if e["name"] == "a"), "span": list(spans["a"])}
+    with pytest.raises(P.ProtocolError, match="a span and a sha256"):
+        P.Manifest.from_obj({"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": [scanned], **rest})
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("by_span", [True, False], ids=["named-by-span", "sent"])
+def test_a_strided_nested_tensor_comes_back_whole_from_a_mapping(tmp_path: Path, by_span: bool) -> None:
+    """With ``mmap=True`` a returned tensor lies at an offset in a mapping of a whole file (the
+    input, or the tensors memfd), and ``_nested_view_from_buffer`` counts the pieces' offsets
+    from its buffer's storage, not from the buffer: a nested tensor came back as the file's
+    first bytes (its zip header and pickle), and the verification, which checks the parts,
+    found nothing."""
+    torch.manual_seed(17)
+    nested = torch.nested.nested_tensor([torch.randn(300), torch.randn(500)])
+    path = save({"pad": torch.randn(1000), "nt": nested}, tmp_path / "nt.pt")
+    _, stored, entries, rest = _mapped_load(path)
+    spans = _spans_of(path, stored) if by_span else {}
+    assert ("nt.values" in spans) is by_span
+    for e in entries:
+        e.pop("span", None)
+        if e["name"] in spans:
+            e["span"] = list(spans[e["name"]])
+    manifest = P.Manifest.from_obj(
+        {"protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "tensors": entries, **rest}
+    )
+    out = tmp_path / "handoff.safetensors"
+    save_file({k: t.contiguous() for k, t in stored.items() if k not in spans}, str(out))
+    for mmap in (False, True):
+        tensors = _convert.load_tensors(str(out), manifest, mmap=mmap, source=str(path))
+        got = _convert.rebuild(manifest.skeleton, tensors, weights_only=False)["nt"]
+        assert [p.tolist() for p in got.unbind()] == [p.tolist() for p in nested.unbind()], mmap
+
+
+def test_map_location_is_handed_each_tensors_own_bytes_not_the_whole_mapping(tmp_path: Path) -> None:
+    """With ``mmap=True`` the tensors named by span share one mapping of the whole input; a
+    callable ``map_location`` (``lambda s, loc: s.cuda()``) was handed that whole storage for
+    each of them, so it copied the input once per tensor (a payload naming 10,000 small spans
+    of a large input made that 10,000 copies). torch hands it each storage of the file."""
+    path = save({"model": _model(), "extra": torch.arange(10.0)}, tmp_path / "m.pt")
+    _, stored, entries, rest = _mapped_load(path)
+    spans = _spans_of(path, stored)
+    for e in entries:
+        e["span"] = list(spans[e["name"]])
+    manifest = P.Manifest.from_obj(
+        {"protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "tensors": entries, **rest}
+    )
+    out = tmp_path / "empty.safetensors"
+    save_file({}, str(out))
+    tensors = _convert.load_tensors(str(out), manifest, mmap=True, source=str(path))
+    handed: list[int] = []
+
+    def copy(storage: Any, location: str) -> Any:
+        handed.append(storage.nbytes())
+        return storage.clone()
+
+    placed = _convert.place(tensors, manifest, copy)
+    assert sorted(handed) == sorted(e.nbytes for e in manifest.tensors)
+    for name, t in tensors.items():
+        assert placed[name].untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        assert placed[name].view(torch.uint8).tolist() == t.view(torch.uint8).tolist(), name
+    # a map_location that keeps the storage keeps the tensor, mapped
+    kept = _convert.place(tensors, manifest, lambda storage, location: storage)
+    assert all(kept[n] is t for n, t in tensors.items())
