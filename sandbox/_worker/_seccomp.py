@@ -1,8 +1,9 @@
 """Seccomp user notification, in pure ctypes: the kernel half of the monitor.
 
 The loader (forked by the supervisor) installs the filter :func:`build_filter` describes, with
-``SECCOMP_FILTER_FLAG_NEW_LISTENER``. Every *interesting* system call of the loader and of
-every thread it starts then stops in the kernel until the supervisor answers it through the
+``SECCOMP_FILTER_FLAG_NEW_LISTENER`` and ``SECCOMP_FILTER_FLAG_TSYNC``. Every *interesting*
+system call of the loader, of every thread it already has (numpy's import starts OpenBLAS's) and
+of every thread it starts then stops in the kernel until the supervisor answers it through the
 listener: it reads the arguments from ``/proc/<pid>/mem``, re-checks that the notification is
 still valid (``SECCOMP_IOCTL_NOTIF_ID_VALID``: the caller may have died or been interrupted, and
 its memory reused), records an event and answers either ``EPERM`` (the call never runs) or
@@ -60,7 +61,14 @@ X32_SYSCALL_BIT = P.X32_SYSCALL_BIT
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_GET_NOTIF_SIZES = 3
+SECCOMP_FILTER_FLAG_TSYNC = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_FILTER_FLAG_TSYNC_ESRCH = 1 << 4  # with TSYNC and a listener: ESRCH when a thread fails
+# Every thread of the loader gets the filter, not the installing one alone: numpy's import
+# starts OpenBLAS's worker threads before the filter goes in, and a payload with ctypes can hand
+# one of them a function (exec_blas) that then ran unmonitored. A thread that cannot be
+# synchronised fails the install (ESRCH): the loader fails closed.
+INSTALL_FLAGS = SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_TSYNC_ESRCH
 
 RET_KILL_PROCESS = 0x80000000
 RET_ERRNO = P.SECCOMP_RET_ERRNO
@@ -523,7 +531,8 @@ class _SockFprog(ctypes.Structure):
 
 
 def install(self_pid: int) -> int:
-    """In the loader: no-new-privs, then the notifying filter. Returns the listener fd."""
+    """In the loader: no-new-privs, then the notifying filter on all its threads. Returns the
+    listener fd."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     sizes = (ctypes.c_ushort * 3)()
     _check(
@@ -541,7 +550,7 @@ def install(self_pid: int) -> int:
         _c().syscall(
             ctypes.c_long(SYS_SECCOMP),
             ctypes.c_long(SECCOMP_SET_MODE_FILTER),
-            ctypes.c_long(SECCOMP_FILTER_FLAG_NEW_LISTENER),
+            ctypes.c_long(INSTALL_FLAGS),
             ctypes.byref(prog),
         ),
         "seccomp(SET_MODE_FILTER)",
@@ -549,21 +558,23 @@ def install(self_pid: int) -> int:
 
 
 def install_plain(self_pid: int, refuse_errno: int) -> None:
-    """In the loader, under gVisor: no-new-privs, then :func:`build_plain_filter` (no listener:
-    there is nothing to hand over)."""
+    """In the loader, under gVisor: no-new-privs, then :func:`build_plain_filter` on all its
+    threads (no listener: there is nothing to hand over)."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     code = build_plain_filter(self_pid, refuse_errno)
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _SockFprog(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    _check(
+    unsynced = _check(
         _c().syscall(
             ctypes.c_long(SYS_SECCOMP),
             ctypes.c_long(SECCOMP_SET_MODE_FILTER),
-            ctypes.c_long(0),
+            ctypes.c_long(SECCOMP_FILTER_FLAG_TSYNC),
             ctypes.byref(prog),
         ),
         "seccomp(SET_MODE_FILTER)",
     )
+    if unsynced:  # TSYNC without a listener names the thread it could not synchronise
+        raise OSError(errno.ESRCH, f"seccomp(SET_MODE_FILTER): thread {unsynced} kept its filters")
 
 
 def take_fd(pid: int, fd: int) -> int:

@@ -226,3 +226,42 @@ def test_sandbox_weights_are_compared_with_the_file(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
     report = sandbox.scan(path)
     assert report.verdict is sandbox.Verdict.CLEAN and not report.findings
+
+
+# The loader imports numpy before its filter goes in, and OpenBLAS starts its worker threads
+# then: a filter installed without SECCOMP_FILTER_FLAG_TSYNC binds only the installing thread.
+# This payload hands libc's creat() to OpenBLAS's pre-started worker through its exported
+# exec_blas (queue item: routine at 0, args at 24, next at 64): that thread's call must
+# notify the supervisor like any other.
+_BLAS_THREAD = """
+import ctypes, glob, os, numpy
+libc = ctypes.CDLL(None, use_errno=True)
+libs = os.path.join(os.path.dirname(numpy.__file__), '..', 'numpy.libs', '*openblas*')
+blas = ctypes.CDLL(sorted(glob.glob(libs))[0])
+path = ctypes.create_string_buffer(b'/tmp/blas-thread-marker')
+q0, q1 = ctypes.create_string_buffer(1024), ctypes.create_string_buffer(1024)
+def put(buf, off, val):
+    ctypes.c_void_p.from_buffer(buf, off).value = val
+put(q0, 0, ctypes.cast(libc.getpid, ctypes.c_void_p).value)
+put(q0, 64, ctypes.addressof(q1))
+put(q1, 0, ctypes.cast(libc.creat, ctypes.c_void_p).value)
+put(q1, 24, ctypes.addressof(path))
+put(q1, 32, 0o644)
+blas.exec_blas(ctypes.c_long(2), q0)
+filters = [
+    open(f'/proc/self/task/{t}/status').read().split('Seccomp_filters:')[1].split()[0]
+    for t in os.listdir('/proc/self/task')
+]
+result = (os.path.exists('/tmp/blas-thread-marker'), filters)
+"""
+
+
+def test_threads_started_before_the_filter_are_monitored(tmp_path: Path) -> None:
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(_BLAS_THREAD)), tmp_path / "blas.pt")
+    value, report = load_in_sandbox(path)
+    assert value is not None, report.to_text()
+    created, filters = value
+    assert created  # the worker thread ran creat()
+    assert len(filters) > 1 and len(set(filters)) == 1, filters  # every thread: the same filters
+    opens = [e for e in report.events if e.source == "kernel" and "blas-thread-marker" in str(e.detail)]
+    assert opens, report.to_text()
