@@ -139,6 +139,20 @@ SYSCALLS: dict[str, int] = {
     "fchmod": 91,
     "fchmodat": 268,
     "fchmodat2": 452,
+    # a path's contents, existence or metadata changed without an open (see PATH_CHANGES)
+    "truncate": 76,
+    "mkdir": 83,
+    "rmdir": 84,
+    "mkdirat": 258,
+    "mknod": 133,  # killed (see KILLED)
+    "mknodat": 259,
+    "chown": 92,
+    "lchown": 94,
+    "fchownat": 260,
+    "utime": 132,
+    "utimes": 235,
+    "futimesat": 261,
+    "utimensat": 280,
     # other processes, privileges, kernel surfaces
     "ptrace": 101,
     "process_vm_readv": 310,
@@ -177,12 +191,18 @@ SYSCALLS: dict[str, int] = {
 # Calls the container profile refuses (with an errno, which outranks a notification: the
 # supervisor would never see them) and that no load makes: the loader's filter kills the
 # loader outright (SECCOMP_RET_KILL_PROCESS outranks the profile's errno and cannot be caught),
-# and the supervisor records the kill (`seccomp_kill`). Before, io_uring, userfaultfd or a new
-# namespace were refused without a trace.
+# and the supervisor records the kill (`seccomp_kill`). Before, io_uring, userfaultfd, a new
+# namespace or a file made by mknod were refused without a trace.
 KILLED: frozenset[str] = frozenset(
-    {"io_uring_setup", "userfaultfd", "unshare", "setns", "chroot", "pivot_root"}
+    {"io_uring_setup", "userfaultfd", "unshare", "setns", "chroot", "pivot_root", "mknod", "mknodat"}
 )
 NR_IO_URING_ENTER, NR_IO_URING_REGISTER = 426, 427
+# Calls that change a path without opening it: truncate(2) empties a file, mkdir/rmdir create
+# or remove one, chown and the utime family change its metadata (a payload's way to hide
+# a change). Decided like unlink and rename (:meth:`Decoder._path_op`): let through in the
+# scratch space, refused elsewhere; before, none of them notified, so a payload's truncate of
+# the user's files left no trace.
+PATH_CHANGES = frozenset(P.PATH_CHANGES)
 
 # Conditionally reported: decided inside the filter from the arguments.
 NR_CLONE, NR_CLONE3, NR_KILL, NR_TGKILL = 56, 435, 62, 234
@@ -358,6 +378,7 @@ PLAIN_ALLOWED = frozenset(
         "fchmod",
         "fchmodat",
         "fchmodat2",
+        *PATH_CHANGES,
         "memfd_create",
     }
 )
@@ -878,6 +899,7 @@ class Decoder:
             "chmod": self._path_op,
             "fchmodat": self._path_op,
             "fchmodat2": self._path_op,
+            **dict.fromkeys(PATH_CHANGES, self._path_op),
         }
 
     def decide(self, n: Notification) -> Decision:
@@ -1152,17 +1174,33 @@ class Decoder:
             "symlinkat": [(1, 2)],
             "fchmodat": [(0, 1)],
             "fchmodat2": [(0, 1)],
+            **{c: [(None, 0)] for c in ("truncate", "mkdir", "rmdir", "chown", "lchown", "utime", "utimes")},
+            **{c: [(0, 1)] for c in ("mkdirat", "fchownat", "futimesat", "utimensat")},
         }
         paths = []
         for dfd, idx in spec[name]:
+            if name == "utimensat" and n.args[idx] == 0:  # futimens(fd): the descriptor's file
+                try:
+                    paths.append(os.readlink(f"/proc/{n.pid}/fd/{_i32(n.args[0])}"))
+                except OSError:
+                    paths.append("<unknown>")
+                self.via_proc = False
+                continue
             paths.append(self._path(n.pid, AT_FDCWD if dfd is None else n.args[dfd], n.args[idx])[1])
         detail: dict[str, Any] = {"paths": paths}
+        if (
+            name in ("mkdir", "mkdirat")
+            and paths[0].startswith("/opt/python/")
+            and paths[0].endswith("/__pycache__")
+        ):
+            # an import writing bytecode beside an installed module: the read-only root refuses
+            return Decision(name, detail, deny=None, record=False)
         if name in ("symlink", "symlinkat"):
             detail["target"] = self.mem.cstr(n.pid, n.args[0]) or ""
         ok = all(p.startswith(WRITABLE_PREFIXES) for p in paths) and not self.via_proc
         detail["class"] = (
             "loader_scratch"
-            if ok and all(p.startswith(P.LOADER_SCRATCH) for p in paths)
+            if ok and all((p + "/").startswith(P.LOADER_SCRATCH) for p in paths)  # the directory too
             else "scratch"
             if ok
             else "outside"
