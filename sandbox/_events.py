@@ -92,11 +92,12 @@ _OTHER_PROCESS = frozenset(
 _CODE = frozenset({"memfd_create", "mprotect", "pkey_mprotect", "mmap"})
 _SEND = frozenset({"connect", "sendto", "sendmsg", "sendmmsg"})
 _OPEN = frozenset({"open", "openat", "openat2", "creat"})
-#: system calls that create, rename, link, remove or re-permission a path
+#: system calls that create, rename, link, remove or re-permission a path (gVisor traces these)
 PATH_CALLS = tuple(
     "unlink unlinkat rename renameat renameat2 link linkat symlink symlinkat chmod fchmodat fchmodat2".split()
 )
-PATH_OPS = frozenset(PATH_CALLS)
+#: ...and those that empty, create or remove one, or change its owner or times, without an open
+PATH_OPS = frozenset(PATH_CALLS + P.PATH_CHANGES)
 
 
 @dataclass
@@ -412,7 +413,7 @@ def _judge(
             "privileged-call",
             "privilege",
             "the kernel killed the loader for a system call no load makes (io_uring, userfaultfd, "
-            "a new namespace, chroot)",
+            "a new namespace, chroot, mknod)",
             key=kind,
         )
     elif kind in _PRIVILEGE:

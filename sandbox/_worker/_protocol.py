@@ -1211,6 +1211,12 @@ class TensorNames:
 # -- what a refused kernel event is, for policies that stop the load at the first one -----------
 
 FATAL_CATEGORIES = ("exec", "network", "credential", "privilege", "process", "file")
+#: calls that change a path without opening it: truncate(2) empties a file, mkdir and rmdir
+#: create or remove one, chown and the utime family change its metadata (a payload's way to
+#: hide a change); the loader's filter reports them like unlink(2)
+PATH_CHANGES = tuple(
+    "truncate mkdir rmdir mkdirat chown lchown fchownat utime utimes futimesat utimensat".split()
+)
 _CATEGORY_OF_KIND = {
     "execve": "exec",
     "execveat": "exec",
@@ -1242,6 +1248,7 @@ _CATEGORY_OF_KIND = {
     "fchmod": "file",
     "fchmodat": "file",
     "fchmodat2": "file",
+    **dict.fromkeys(PATH_CHANGES, "file"),
 }
 
 

@@ -1,8 +1,9 @@
 """Seccomp user notification, in pure ctypes: the kernel half of the monitor.
 
 The loader (forked by the supervisor) installs the filter :func:`build_filter` describes, with
-``SECCOMP_FILTER_FLAG_NEW_LISTENER``. Every *interesting* system call of the loader and of
-every thread it starts then stops in the kernel until the supervisor answers it through the
+``SECCOMP_FILTER_FLAG_NEW_LISTENER`` and ``SECCOMP_FILTER_FLAG_TSYNC``. Every *interesting*
+system call of the loader, of every thread it already has (numpy's import starts OpenBLAS's) and
+of every thread it starts then stops in the kernel until the supervisor answers it through the
 listener: it reads the arguments from ``/proc/<pid>/mem``, re-checks that the notification is
 still valid (``SECCOMP_IOCTL_NOTIF_ID_VALID``: the caller may have died or been interrupted, and
 its memory reused), records an event and answers either ``EPERM`` (the call never runs) or
@@ -60,7 +61,14 @@ X32_SYSCALL_BIT = P.X32_SYSCALL_BIT
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_GET_NOTIF_SIZES = 3
+SECCOMP_FILTER_FLAG_TSYNC = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_FILTER_FLAG_TSYNC_ESRCH = 1 << 4  # with TSYNC and a listener: ESRCH when a thread fails
+# Every thread of the loader gets the filter, not the installing one alone: numpy's import
+# starts OpenBLAS's worker threads before the filter goes in, and a payload with ctypes can hand
+# one of them a function (exec_blas) that then ran unmonitored. A thread that cannot be
+# synchronised fails the install (ESRCH): the loader fails closed.
+INSTALL_FLAGS = SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_TSYNC_ESRCH
 
 RET_KILL_PROCESS = 0x80000000
 RET_ERRNO = P.SECCOMP_RET_ERRNO
@@ -131,6 +139,20 @@ SYSCALLS: dict[str, int] = {
     "fchmod": 91,
     "fchmodat": 268,
     "fchmodat2": 452,
+    # a path's contents, existence or metadata changed without an open (see PATH_CHANGES)
+    "truncate": 76,
+    "mkdir": 83,
+    "rmdir": 84,
+    "mkdirat": 258,
+    "mknod": 133,  # killed (see KILLED)
+    "mknodat": 259,
+    "chown": 92,
+    "lchown": 94,
+    "fchownat": 260,
+    "utime": 132,
+    "utimes": 235,
+    "futimesat": 261,
+    "utimensat": 280,
     # other processes, privileges, kernel surfaces
     "ptrace": 101,
     "process_vm_readv": 310,
@@ -169,12 +191,18 @@ SYSCALLS: dict[str, int] = {
 # Calls the container profile refuses (with an errno, which outranks a notification: the
 # supervisor would never see them) and that no load makes: the loader's filter kills the
 # loader outright (SECCOMP_RET_KILL_PROCESS outranks the profile's errno and cannot be caught),
-# and the supervisor records the kill (`seccomp_kill`). Before, io_uring, userfaultfd or a new
-# namespace were refused without a trace.
+# and the supervisor records the kill (`seccomp_kill`). Before, io_uring, userfaultfd, a new
+# namespace or a file made by mknod were refused without a trace.
 KILLED: frozenset[str] = frozenset(
-    {"io_uring_setup", "userfaultfd", "unshare", "setns", "chroot", "pivot_root"}
+    {"io_uring_setup", "userfaultfd", "unshare", "setns", "chroot", "pivot_root", "mknod", "mknodat"}
 )
 NR_IO_URING_ENTER, NR_IO_URING_REGISTER = 426, 427
+# Calls that change a path without opening it: truncate(2) empties a file, mkdir/rmdir create
+# or remove one, chown and the utime family change its metadata (a payload's way to hide
+# a change). Decided like unlink and rename (:meth:`Decoder._path_op`): let through in the
+# scratch space, refused elsewhere; before, none of them notified, so a payload's truncate of
+# the user's files left no trace.
+PATH_CHANGES = frozenset(P.PATH_CHANGES)
 
 # Conditionally reported: decided inside the filter from the arguments.
 NR_CLONE, NR_CLONE3, NR_KILL, NR_TGKILL = 56, 435, 62, 234
@@ -350,6 +378,7 @@ PLAIN_ALLOWED = frozenset(
         "fchmod",
         "fchmodat",
         "fchmodat2",
+        *PATH_CHANGES,
         "memfd_create",
     }
 )
@@ -523,7 +552,8 @@ class _SockFprog(ctypes.Structure):
 
 
 def install(self_pid: int) -> int:
-    """In the loader: no-new-privs, then the notifying filter. Returns the listener fd."""
+    """In the loader: no-new-privs, then the notifying filter on all its threads. Returns the
+    listener fd."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     sizes = (ctypes.c_ushort * 3)()
     _check(
@@ -541,7 +571,7 @@ def install(self_pid: int) -> int:
         _c().syscall(
             ctypes.c_long(SYS_SECCOMP),
             ctypes.c_long(SECCOMP_SET_MODE_FILTER),
-            ctypes.c_long(SECCOMP_FILTER_FLAG_NEW_LISTENER),
+            ctypes.c_long(INSTALL_FLAGS),
             ctypes.byref(prog),
         ),
         "seccomp(SET_MODE_FILTER)",
@@ -549,21 +579,23 @@ def install(self_pid: int) -> int:
 
 
 def install_plain(self_pid: int, refuse_errno: int) -> None:
-    """In the loader, under gVisor: no-new-privs, then :func:`build_plain_filter` (no listener:
-    there is nothing to hand over)."""
+    """In the loader, under gVisor: no-new-privs, then :func:`build_plain_filter` on all its
+    threads (no listener: there is nothing to hand over)."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     code = build_plain_filter(self_pid, refuse_errno)
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _SockFprog(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    _check(
+    unsynced = _check(
         _c().syscall(
             ctypes.c_long(SYS_SECCOMP),
             ctypes.c_long(SECCOMP_SET_MODE_FILTER),
-            ctypes.c_long(0),
+            ctypes.c_long(SECCOMP_FILTER_FLAG_TSYNC),
             ctypes.byref(prog),
         ),
         "seccomp(SET_MODE_FILTER)",
     )
+    if unsynced:  # TSYNC without a listener names the thread it could not synchronise
+        raise OSError(errno.ESRCH, f"seccomp(SET_MODE_FILTER): thread {unsynced} kept its filters")
 
 
 def take_fd(pid: int, fd: int) -> int:
@@ -867,6 +899,7 @@ class Decoder:
             "chmod": self._path_op,
             "fchmodat": self._path_op,
             "fchmodat2": self._path_op,
+            **dict.fromkeys(PATH_CHANGES, self._path_op),
         }
 
     def decide(self, n: Notification) -> Decision:
@@ -1141,17 +1174,33 @@ class Decoder:
             "symlinkat": [(1, 2)],
             "fchmodat": [(0, 1)],
             "fchmodat2": [(0, 1)],
+            **{c: [(None, 0)] for c in ("truncate", "mkdir", "rmdir", "chown", "lchown", "utime", "utimes")},
+            **{c: [(0, 1)] for c in ("mkdirat", "fchownat", "futimesat", "utimensat")},
         }
         paths = []
         for dfd, idx in spec[name]:
+            if name == "utimensat" and n.args[idx] == 0:  # futimens(fd): the descriptor's file
+                try:
+                    paths.append(os.readlink(f"/proc/{n.pid}/fd/{_i32(n.args[0])}"))
+                except OSError:
+                    paths.append("<unknown>")
+                self.via_proc = False
+                continue
             paths.append(self._path(n.pid, AT_FDCWD if dfd is None else n.args[dfd], n.args[idx])[1])
         detail: dict[str, Any] = {"paths": paths}
+        if (
+            name in ("mkdir", "mkdirat")
+            and paths[0].startswith("/opt/python/")
+            and paths[0].endswith("/__pycache__")
+        ):
+            # an import writing bytecode beside an installed module: the read-only root refuses
+            return Decision(name, detail, deny=None, record=False)
         if name in ("symlink", "symlinkat"):
             detail["target"] = self.mem.cstr(n.pid, n.args[0]) or ""
         ok = all(p.startswith(WRITABLE_PREFIXES) for p in paths) and not self.via_proc
         detail["class"] = (
             "loader_scratch"
-            if ok and all(p.startswith(P.LOADER_SCRATCH) for p in paths)
+            if ok and all((p + "/").startswith(P.LOADER_SCRATCH) for p in paths)  # the directory too
             else "scratch"
             if ok
             else "outside"

@@ -226,3 +226,86 @@ def test_sandbox_weights_are_compared_with_the_file(tmp_path: Path) -> None:
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
     report = sandbox.scan(path)
     assert report.verdict is sandbox.Verdict.CLEAN and not report.findings
+
+
+# The loader imports numpy before its filter goes in, and OpenBLAS starts its worker threads
+# then: a filter installed without SECCOMP_FILTER_FLAG_TSYNC binds only the installing thread.
+# This payload hands libc's creat() to OpenBLAS's pre-started worker through its exported
+# exec_blas (queue item: routine at 0, args at 24, next at 64): that thread's call must
+# notify the supervisor like any other.
+_BLAS_THREAD = """
+import ctypes, glob, os, numpy
+libc = ctypes.CDLL(None, use_errno=True)
+libs = os.path.join(os.path.dirname(numpy.__file__), '..', 'numpy.libs', '*openblas*')
+blas = ctypes.CDLL(sorted(glob.glob(libs))[0])
+path = ctypes.create_string_buffer(b'/tmp/blas-thread-marker')
+q0, q1 = ctypes.create_string_buffer(1024), ctypes.create_string_buffer(1024)
+def put(buf, off, val):
+    ctypes.c_void_p.from_buffer(buf, off).value = val
+put(q0, 0, ctypes.cast(libc.getpid, ctypes.c_void_p).value)
+put(q0, 64, ctypes.addressof(q1))
+put(q1, 0, ctypes.cast(libc.creat, ctypes.c_void_p).value)
+put(q1, 24, ctypes.addressof(path))
+put(q1, 32, 0o644)
+blas.exec_blas(ctypes.c_long(2), q0)
+filters = [
+    open(f'/proc/self/task/{t}/status').read().split('Seccomp_filters:')[1].split()[0]
+    for t in os.listdir('/proc/self/task')
+]
+result = (os.path.exists('/tmp/blas-thread-marker'), filters)
+"""
+
+
+def test_threads_started_before_the_filter_are_monitored(tmp_path: Path) -> None:
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(_BLAS_THREAD)), tmp_path / "blas.pt")
+    value, report = load_in_sandbox(path)
+    assert value is not None, report.to_text()
+    created, filters = value
+    assert created  # the worker thread ran creat()
+    assert len(filters) > 1 and len(set(filters)) == 1, filters  # every thread: the same filters
+    opens = [e for e in report.events if e.source == "kernel" and "blas-thread-marker" in str(e.detail)]
+    assert opens, report.to_text()
+
+
+def test_path_changes_without_an_open_are_recorded(tmp_path: Path) -> None:
+    # A file's contents, a directory or a timestamp change without any open(): truncate(2),
+    # mkdir(2), rmdir(2), utimensat(2) and chown(2) name a path, like unlink(2) and rename(2)
+    # do, and the report must name it; mknod(2), which the container refuses, kills the loader
+    # (a refusal the supervisor would never see).
+    victim, made, gone, node = (tmp_path / n for n in ("victim", "made-dir", "gone-dir", "node"))
+    victim.write_text("precious")
+    gone.mkdir()
+    code = f"""
+import os
+for call, args in [(os.truncate, ({str(victim)!r}, 0)), (os.mkdir, ({str(made)!r},)),
+                   (os.rmdir, ({str(gone)!r},)), (os.utime, ({str(victim)!r}, (0, 0))),
+                   (os.chown, ({str(victim)!r}, os.getuid(), os.getgid())),
+                   (os.truncate, ("/opt/python/bin/python3", 0)),
+                   (os.mknod, ({str(node)!r},))]:  # last: the container refuses it, the filter kills
+    try:
+        call(*args)
+    except OSError:
+        pass
+"""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "paths.pt")
+    ck.prove_live(path)
+    assert victim.read_text() == "" and made.is_dir() and not gone.exists() and node.exists()
+    assert victim.stat().st_mtime == 0, "the payload is not live"
+
+    _, report = load_in_sandbox(path)
+    kernel = [e for e in report.events if e.source == "kernel"]
+    for kinds, target in [
+        ("truncate", victim),
+        ("mkdir mkdirat", made),
+        ("rmdir unlinkat", gone),
+        ("utimensat utimes utime futimesat", victim),
+        ("chown lchown fchownat", victim),
+    ]:  # whichever of a family libc calls
+        assert [e for e in kernel if e.kind in kinds.split() and str(target) in str(e.detail)], kinds
+    # the test's directory lies in the sandbox's scratch /tmp: scratch changes; the image's
+    # own files are outside it, and the attempt is refused
+    assert any(f.rule == "file-write" and str(victim) in str(f.evidence) for f in report.findings)
+    outside = [e for e in kernel if e.kind == "truncate" and "/opt/python/bin/python3" in str(e.detail)]
+    assert outside and outside[0].action == "denied", report.to_text()
+    assert any(f.rule == "file-change-outside" for f in report.findings)
+    assert [e for e in kernel if e.kind == "seccomp_kill" and "mknod" in e.detail["calls"]]
