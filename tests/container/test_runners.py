@@ -232,14 +232,15 @@ def _outliving(procs: list[tuple[int, str] | None], within_s: float) -> list[tup
 
 def test_a_bwrap_pool_is_warm_single_use_and_leaves_nothing(tmp_path: Path, bwrap_ready: str) -> None:
     plant, probe = ck.plant_and_probe(tmp_path)
+
+    def bwraps() -> set[int]:
+        return {p for p in _children(os.getpid()) if Path(f"/proc/{p}/comm").read_text().strip() == "bwrap"}
+
+    others = bwraps()  # e.g. the process-wide pool's warm sandbox, left by an earlier test
     with sandbox.Pool(size=2, policy=ck.observe_policy(), runner="bwrap") as pool:
         pool.warm(wait=True)
         assert pool.ready == 2 and pool.name == "bwrap"
-        started = [
-            _started(p)
-            for p in _children(os.getpid())
-            if Path(f"/proc/{p}/comm").read_text().strip() == "bwrap"
-        ]
+        started = [_started(p) for p in bwraps() - others]
         assert len(started) >= 2
         assert pool.safe_load(plant, weights_only=False)["payload"] == 1
         # the next file gets another sandbox: nothing the last payload left is there
