@@ -45,11 +45,11 @@ def _spans_of(path: Path, stored: dict[str, Any]) -> dict[str, tuple[int, int]]:
         os.close(fd)
 
 
-def _handed_over(
-    path: Path, stored: dict[str, Any], entries: list[dict[str, Any]], rest: dict[str, Any], spans: Any
-) -> tuple[dict[str, torch.Tensor], P.Manifest]:
-    """What the host holds once the sandbox sent ``spans`` (by name) and the other tensors'
-    bytes: the manifest as the host validates it, and the tensors ``load_tensors`` makes."""
+def _sent(
+    out: Path, stored: dict[str, Any], entries: list[dict[str, Any]], rest: dict[str, Any], spans: Any
+) -> P.Manifest:
+    """What the sandbox sends: the manifest naming ``spans`` (by tensor name), as the host
+    validates it, and the SafeTensors file ``out`` of the other tensors of ``stored``."""
     for e in entries:
         e.pop("span", None)
         if e["name"] in spans:
@@ -57,12 +57,29 @@ def _handed_over(
     manifest = P.Manifest.from_obj(
         {"protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "tensors": entries, **rest}
     )
-    out = path.with_name(path.name + ".handoff.safetensors")
     save_file({k: t.contiguous() for k, t in stored.items() if k not in spans}, str(out))
+    return manifest
+
+
+def _handed_over(
+    path: Path, stored: dict[str, Any], entries: list[dict[str, Any]], rest: dict[str, Any], spans: Any
+) -> tuple[dict[str, torch.Tensor], P.Manifest]:
+    """What the host holds once the sandbox sent ``spans`` and the other tensors' bytes: the
+    manifest, and the tensors ``load_tensors`` makes of them."""
+    out = path.with_name(path.name + ".handoff.safetensors")
+    manifest = _sent(out, stored, entries, rest, spans)
     try:
         return _convert.load_tensors(str(out), manifest, source=str(path)), manifest
     finally:
         out.unlink()
+
+
+def _all_by_span(
+    tmp_path: Path, entries: list[dict[str, Any]], rest: dict[str, Any], spans: dict[str, tuple[int, int]]
+) -> tuple[P.Manifest, Path]:
+    """The manifest naming every tensor by its span, and the (empty) tensors file beside it."""
+    out = tmp_path / "empty.safetensors"
+    return _sent(out, {}, entries, rest, spans), out
 
 
 def _findings(path: Path, manifest: P.Manifest, tensors: dict[str, torch.Tensor]) -> list[Any]:
@@ -159,13 +176,7 @@ def test_spans_the_host_cannot_read_are_refused(tmp_path: Path) -> None:
         with pytest.raises(P.ProtocolError, match="span malformed"):
             P.Manifest.from_obj({"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": forged, **rest})
     # without the host's own descriptor of the input, a span names nothing it may read
-    for e in entries:
-        e["span"] = list(spans[e["name"]])
-    manifest = P.Manifest.from_obj(
-        {"protocol": P.PROTOCOL_VERSION, "format": "x", "tensors": entries, **rest}
-    )
-    out = tmp_path / "empty.safetensors"
-    save_file({}, str(out))
+    manifest, out = _all_by_span(tmp_path, entries, rest, spans)
     with pytest.raises(OutputRejected, match="does not hold"):
         _convert.load_tensors(str(out), manifest)
 
@@ -246,29 +257,22 @@ def test_a_scan_names_untouched_tensors_by_span_and_hashes_only_the_rest(tmp_pat
     found = {f.rule: f for f in _findings_scan(path, manifest)}
     assert [t["name"] for t in found["weights-tampered"].evidence["tensors"]] == ["w"]
     # a span over bytes that are no tensor of the file, under a name the file gives
-    a_span = by_name["a"].span
-    assert a_span is not None
-    elsewhere = dataclasses.replace(
-        manifest,
-        tensors=tuple(
-            dataclasses.replace(e, span=(0, a_span[1] - a_span[0])) if e.name == "a" else e
-            for e in manifest.tensors
-        ),
-    )
-    found = {f.rule: f for f in _findings_scan(path, elsewhere)}
+    found = {f.rule: f for f in _findings_scan(path, _at_the_start(manifest, "a"))}
     assert sorted(t["name"] for t in found["weights-tampered"].evidence["tensors"]) == ["a", "w"]
     # ... and under a name only a module gives: no tensor of the file
-    inner = by_name["model.0.weight"].span
-    assert inner is not None
-    elsewhere = dataclasses.replace(
-        manifest,
-        tensors=tuple(
-            dataclasses.replace(e, span=(0, inner[1] - inner[0])) if e.name == "model.0.weight" else e
-            for e in manifest.tensors
-        ),
-    )
-    found = {f.rule: f for f in _findings_scan(path, elsewhere)}
+    found = {f.rule: f for f in _findings_scan(path, _at_the_start(manifest, "model.0.weight"))}
     assert found["weights-unverified"].evidence["tensors"] == ["model.0.weight"]
+
+
+def _at_the_start(manifest: P.Manifest, name: str) -> P.Manifest:
+    """``manifest`` with ``name``'s span moved to the file's first bytes (its length kept)."""
+    out = []
+    for e in manifest.tensors:
+        if e.name == name:
+            assert e.span is not None
+            e = dataclasses.replace(e, span=(0, e.span[1] - e.span[0]))
+        out.append(e)
+    return dataclasses.replace(manifest, tensors=tuple(out))
 
 
 def _findings_scan(path: Path, manifest: P.Manifest) -> list[Any]:
@@ -329,15 +333,8 @@ def test_a_strided_nested_tensor_comes_back_whole_from_a_mapping(tmp_path: Path,
     _, stored, entries, rest = _mapped_load(path)
     spans = _spans_of(path, stored) if by_span else {}
     assert ("nt.values" in spans) is by_span
-    for e in entries:
-        e.pop("span", None)
-        if e["name"] in spans:
-            e["span"] = list(spans[e["name"]])
-    manifest = P.Manifest.from_obj(
-        {"protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "tensors": entries, **rest}
-    )
     out = tmp_path / "handoff.safetensors"
-    save_file({k: t.contiguous() for k, t in stored.items() if k not in spans}, str(out))
+    manifest = _sent(out, stored, entries, rest, spans)
     for mmap in (False, True):
         tensors = _convert.load_tensors(str(out), manifest, mmap=mmap, source=str(path))
         got = _convert.rebuild(manifest.skeleton, tensors, weights_only=False)["nt"]
@@ -351,14 +348,7 @@ def test_map_location_is_handed_each_tensors_own_bytes_not_the_whole_mapping(tmp
     of a large input made that 10,000 copies). torch hands it each storage of the file."""
     path = save({"model": _model(), "extra": torch.arange(10.0)}, tmp_path / "m.pt")
     _, stored, entries, rest = _mapped_load(path)
-    spans = _spans_of(path, stored)
-    for e in entries:
-        e["span"] = list(spans[e["name"]])
-    manifest = P.Manifest.from_obj(
-        {"protocol": P.PROTOCOL_VERSION, "format": "torch-zip", "tensors": entries, **rest}
-    )
-    out = tmp_path / "empty.safetensors"
-    save_file({}, str(out))
+    manifest, out = _all_by_span(tmp_path, entries, rest, _spans_of(path, stored))
     tensors = _convert.load_tensors(str(out), manifest, mmap=True, source=str(path))
     handed: list[int] = []
 
