@@ -111,16 +111,7 @@ def map_layout(path: str, placements: list[Placement], *, copy: bool) -> dict[st
         with open(path, "rb", buffering=0) as f:
             for key, (lo, hi) in spans.items():
                 lo -= lo % 8  # keeps every element of the span as aligned as in the file
-                buf = torch.empty(hi - lo, dtype=torch.uint8)
-                view = memoryview(buf.numpy().data)
-                f.seek(lo)
-                got = 0
-                while got < hi - lo:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise OutputRejected("the input file shrank while it was read")
-                    got += n
-                buffers[key] = (lo, buf)
+                buffers[key] = (lo, _read_range(f.fileno(), lo, hi))
         for p in placements:
             dtype = getattr(torch, p.dtype)
             if not p.extent:
@@ -162,23 +153,33 @@ def _from_input(source: str | None, manifest: P.Manifest, *, mapped: bool) -> di
             dtype = getattr(torch, e.dtype, None)
             if dtype is None:
                 raise OutputRejected(f"{e.name}: dtype {e.dtype} is unknown to this torch")
-            elem = P.TORCH_DTYPES[e.dtype][1]
-            if mapped and begin % elem == 0 and end > begin:
+            if end == begin:
+                out[e.name] = torch.empty(e.shape, dtype=dtype)
+                continue
+            if mapped and begin % P.TORCH_DTYPES[e.dtype][1] == 0:
                 if storage is None:
                     storage = torch.UntypedStorage.from_file(source, shared=False, nbytes=size)
                 flat = torch.empty(0, dtype=torch.uint8).set_(storage, begin, (end - begin,), (1,))
             else:
-                flat = torch.empty(end - begin, dtype=torch.uint8)
-                view = memoryview(flat.numpy().data) if end > begin else memoryview(b"")
-                got = 0
-                while got < end - begin:
-                    n = os.preadv(f.fileno(), [view[got:]], begin + got)
-                    if n <= 0:
-                        raise OutputRejected("the input file shrank while it was read", item=e.name)
-                    got += n
-            empty = end == begin
-            out[e.name] = torch.empty(e.shape, dtype=dtype) if empty else flat.view(dtype).reshape(e.shape)
+                flat = _read_range(f.fileno(), begin, end, item=e.name)
+            out[e.name] = flat.view(dtype).reshape(e.shape)
     return out
+
+
+def _read_range(fd: int, begin: int, end: int, *, item: str | None = None) -> torch.Tensor:
+    """Bytes ``begin`` to ``end`` of the file at ``fd``, read into a tensor of their own.
+    Raises ``OutputRejected`` when the file ends before ``end`` (it shrank)."""
+    import torch
+
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    view = memoryview(buf.numpy().data)
+    got = 0
+    while got < end - begin:
+        n = os.preadv(fd, [view[got:]], begin + got)
+        if n <= 0:
+            raise OutputRejected("the input file shrank while it was read", item=item)
+        got += n
+    return buf
 
 
 def _strided(storage: Any, byte_offset: int, p: Placement, dtype: torch.dtype) -> torch.Tensor:
