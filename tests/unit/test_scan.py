@@ -405,21 +405,25 @@ def test_stack_global_through_memo_and_decoys() -> None:
     assert qualnames(scan_pickle_bytes(data).globals, "dangerous") == {"subprocess.call"}
 
 
-def test_stack_global_with_computed_operands_is_evasion() -> None:
-    # module name computed at load time: _codecs.decode('bnQ=', 'base64')-style indirection
-    data = (
+def _system_of_a_codec(codec: bytes, text: str, encoding: str) -> bytes:
+    """A protocol-4 pickle calling ``<module>.system('true')``, the module's name computed by
+    ``codec`` (the opcodes that push a codec function) from ``text`` in ``encoding``."""
+    return (
         b"\x80\x04"
-        + su("_codecs")
-        + su("decode")
-        + b"\x93"
-        + su("b3M=")
-        + su("base64")
+        + codec
+        + su(text)
+        + su(encoding)
         + b"\x86R"
         + su("system")
         + b"\x93"
         + su("true")
         + b"\x85R."
     )
+
+
+def test_stack_global_with_computed_operands_is_evasion() -> None:
+    # module name computed at load time: _codecs.decode('bnQ=', 'base64')-style indirection
+    data = _system_of_a_codec(su("_codecs") + su("decode") + b"\x93", "b3M=", "base64")
     res = scan_pickle_bytes(data)
     assert any(
         f.rule == "unresolved-global" and f.severity == Severity.HIGH and f.category == "evasion"
@@ -1508,17 +1512,7 @@ def test_a_pickle_or_zip_built_by_an_allowlisted_call_is_scanned(form: str) -> N
 
 def test_names_computed_by_a_standard_codec_are_resolved() -> None:
     """rot13 of a constant is the module name: computed, not unresolved."""
-    data = (
-        b"\x80\x04"
-        + b"\x8c\x07_codecs\x94\x8c\x06encode\x94\x93\x94"
-        + su("bf")
-        + su("rot13")
-        + b"\x86R"
-        + su("system")
-        + b"\x93"
-        + su("true")
-        + b"\x85R."
-    )
+    data = _system_of_a_codec(b"\x8c\x07_codecs\x94\x8c\x06encode\x94\x93\x94", "bf", "rot13")
     res = scan_pickle_bytes(data)
     assert "os.system" in qualnames(res.globals, "dangerous")
     # a list of ints the walk kept only in part: what bytes() makes of it is not known
