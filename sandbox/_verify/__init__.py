@@ -295,15 +295,22 @@ def _held(tensors: Mapping[str, torch.Tensor] | None, name: str) -> memoryview |
     return tensor_bytes(tensors[name])
 
 
-def _skeleton_refs(skeleton: object) -> dict[tuple[str, ...], list[object]]:
+def _skeleton_refs(
+    skeleton: object,
+) -> tuple[dict[tuple[str, ...], list[object]], dict[tuple[str, ...], str]]:
     """What the sandbox's skeleton puts at each path through the containers the host rebuilds
     as containers (dicts, lists, tuples, namespaces, a module's state, which the worker names
-    at the module's own path): each tensor's ref, or a composite tensor's node."""
+    at the module's own path): each tensor's ref, or a composite tensor's node; and, for the
+    evidence, what else it puts at a path (a kind, or an opaque object's type)."""
     out: dict[tuple[str, ...], list[object]] = {}
+    other: dict[tuple[str, ...], str] = {}
     stack: list[tuple[object, tuple[str, ...], int]] = [(skeleton, (), 0)]
     while stack:
         node, path, depth = stack.pop()
-        if depth > P.MAX_SKELETON_DEPTH + 2 or not isinstance(node, dict):
+        if depth > P.MAX_SKELETON_DEPTH + 2:
+            continue
+        if not isinstance(node, dict):
+            other[path] = type(node).__name__
             continue
         kind, items = node.get("$"), node.get("items")
         if kind in ("tensor", "ndarray", "npscalar"):
@@ -320,7 +327,9 @@ def _skeleton_refs(skeleton: object) -> dict[tuple[str, ...], list[object]]:
                     comp = _component(pair[0])
                     if comp is not None:
                         stack.append((pair[1], path + (comp,), depth + 1))
-    return out
+        else:
+            other[path] = f"{kind} {node.get('type')}" if kind == "opaque" else str(kind)[:40]
+    return out, other
 
 
 def _component(key: object) -> str | None:
@@ -339,35 +348,51 @@ def _component(key: object) -> str | None:
         return None
 
 
+def _fits(got: object, name: str, path: tuple[str, ...]) -> bool:
+    """Whether ``got`` (a ref, or a composite's node, that the skeleton puts at ``path``) is
+    the tensor ``name``: a composite by its own name, with its parts named under it."""
+    if not isinstance(got, dict):
+        return got == name
+    parts = got.get("parts")
+    return (
+        got.get("name") == name
+        and isinstance(parts, dict)
+        and all(
+            isinstance(p, dict)
+            and isinstance(p.get("ref"), str)
+            and p["ref"].split("#")[0] == P.tensor_name((*path, str(part)), set())
+            for part, p in parts.items()
+        )
+    )
+
+
 def _misplaced(
     skeleton: object, paths: Mapping[str, tuple[tuple[str, ...], ...]]
-) -> list[tuple[str, tuple[str, ...], object]]:
-    """(name, path, what the skeleton puts there) for each path at which the file puts the
-    tensor ``name`` (plain containers from the top) where the skeleton puts another one."""
+) -> list[tuple[str, tuple[str, ...], object, str | None]]:
+    """(name, path, the tensor the skeleton puts there, what else it puts there) for each path
+    at which the file puts the tensor ``name`` (plain containers from the top) where the
+    skeleton puts another tensor, or none: a weight dropped, or replaced by a value or a
+    tensor without data (a meta tensor), while loading. Paths inside dict keys are left out
+    (the worker returns a tensor key as an opaque value)."""
     if not paths:
         return []
-    refs = _skeleton_refs(skeleton)
-    out: list[tuple[str, tuple[str, ...], object]] = []
+    refs, other = _skeleton_refs(skeleton)
+    expected: dict[tuple[str, ...], set[str]] = {}
+    for name, where in paths.items():
+        for path in where:
+            expected.setdefault(path, set()).add(name)
+    out: list[tuple[str, tuple[str, ...], object, str | None]] = []
     for name, where in sorted(paths.items()):
         for path in where:
-            for got in refs.get(path, ()):
-                if isinstance(got, dict):  # a composite: its own name, its parts under it
-                    parts = got.get("parts")
-                    fits = (
-                        got.get("name") == name
-                        and isinstance(parts, dict)
-                        and all(
-                            isinstance(p, dict)
-                            and isinstance(p.get("ref"), str)
-                            and p["ref"].split("#")[0] == P.tensor_name((*path, str(part)), set())
-                            for part, p in parts.items()
-                        )
-                    )
-                    got = got.get("name")
-                else:
-                    fits = got == name
-                if not fits:
-                    out.append((name, path, got if isinstance(got, str) else None))
+            if "<key>" in path:
+                continue
+            got = refs.get(path, [])
+            # where two keys give one path component (1 and "1"), each may hold its own
+            stray = [g for g in got if not any(_fits(g, n, path) for n in expected[path])]
+            if stray or not any(_fits(g, name, path) for g in got):
+                put = (stray or got or [None])[0]
+                put = put.get("name") if isinstance(put, dict) else put
+                out.append((name, path, put if isinstance(put, str) else None, other.get(path)))
     return out
 
 
@@ -492,11 +517,15 @@ def weights(
             )
         # ... and the skeleton the host rebuilds the returned structure from must put it there:
         # a skeleton that puts another tensor at its place swaps weights however honest the
-        # names and bytes are
-        for name, at, put in _misplaced(manifest.skeleton, inv.paths):
+        # names and bytes are, and one that puts none there (a value, a meta tensor, a key
+        # taken out) leaves the model without it
+        for name, at, put, instead in _misplaced(manifest.skeleton, inv.paths):
             if name not in differ:
                 differ.append(name)
-                changed.append({"name": name, "path": list(at), "actual_tensor": put})
+                entry: dict[str, Any] = {"name": name, "path": list(at), "actual_tensor": put}
+                if put is None:
+                    entry["actual"] = instead or "nothing"
+                changed.append(entry)
         # a quantized tensor is rebuilt from its integer values (verified above) and the
         # skeleton's parameters, which must be a quantizer the file describes for them
         unverified = sorted({*unverified, *_unquantized(manifest.skeleton, kinds, inv.quantizers)})

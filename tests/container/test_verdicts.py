@@ -249,6 +249,33 @@ def test_weights_rearranged_while_loading_are_tampered(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_a_payload_that_drops_or_blanks_a_weight_is_tampered(tmp_path: Path) -> None:
+    """The load deletes one weight from the state dict and puts a meta tensor (no data) in
+    another's place: every byte that crosses is the file's, yet the model would run on
+    whatever fills the gaps. Both are weights-tampered, each with what took its place."""
+    torch.manual_seed(11)
+    sd = {k: torch.randn(8, 8) for k in ("a", "b", "c")}
+    obj = {
+        "state_dict": sd,
+        "model": torch.nn.Linear(2, 2),
+        "drop": ck.Reduce(operator.delitem, sd, "b"),
+        "blank": ck.Reduce(operator.setitem, sd, "a", torch.empty(8, 8, device="meta")),
+    }
+    path = ck.save(obj, tmp_path / "gaps.pt")
+    got = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy())
+    assert set(got["state_dict"]) == {"a", "c"} and torch.equal(got["state_dict"]["c"], sd["c"])
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(sandbox.SandboxViolation) as exc:
+        sandbox.convert(path, out, policy=ck.observe_policy(fail_on="malicious"))
+    assert exc.value.report is not None
+    tampered = rules(exc.value.report)["weights-tampered"]
+    assert sorted((t["name"], t["actual"]) for t in tampered.evidence["tensors"]) == [
+        ("state_dict.a", "opaque torch.Tensor"),
+        ("state_dict.b", "nothing"),
+    ]
+    assert not out.exists()
+
+
 def test_a_payload_that_forges_the_spans_it_names_gets_the_files_bytes_and_is_tampered(
     tmp_path: Path,
 ) -> None:

@@ -495,6 +495,42 @@ def test_a_skeleton_that_moves_the_files_tensors_is_tampered(tmp_path: Path) -> 
     assert moved(lambda s: swap(_items(s, "sd"), 4, 5, "int_repr")) == ["sd.q", "sd.q2"]
 
 
+def test_a_weight_the_skeleton_drops_or_blanks_is_tampered(tmp_path: Path) -> None:
+    """A payload that takes a weight out of a plain container while loading, or puts a value
+    or a meta tensor (no data) in its place, leaves the host's structure without the file's
+    weight: the model then runs on whatever fills the gap. Every path at which the file puts
+    a tensor must hold it; keys that share a path component (1 and "1") and a tensor used as
+    a key are not gaps."""
+    torch.manual_seed(9)
+    a, b, c, k = (torch.randn(3) for _ in range(4))
+    top = {"model": _module(w=torch.randn(2)), "sd": {"a": a, "b": b, "pair": [c, a]}, 1: a, "1": b, k: "k"}
+    path = save(top, tmp_path / "m.pt")
+    tensors, manifest = held(path)
+    assert by_bytes(path, tensors, manifest) == []  # nothing is missing from the honest skeleton
+
+    def gone(change: Any) -> list[tuple[str, Any]]:
+        forged = _skeleton(manifest, change)
+        found = by_bytes(path, tensors, forged)
+        assert found == _verify.weights(str(path), forged, tensors)  # also by digests
+        assert [f.rule for f in found] == ["weights-tampered"], found
+        return sorted((t["name"], t.get("actual")) for t in found[0].evidence["tensors"])
+
+    def put(value: Any, *keys: str, index: int = 1) -> Any:
+        return lambda s: _items(s, *keys).__setitem__(index, ["b", value] if keys == ("sd",) else value)
+
+    assert gone(lambda s: _items(s, "sd").pop(1)) == [("sd.b", "nothing")]
+    assert gone(put(None, "sd")) == [("sd.b", "NoneType")]
+    meta = {"$": "opaque", "type": "torch.Tensor", "path": "root['sd']['b']"}
+    assert gone(put(meta, "sd")) == [("sd.b", "opaque torch.Tensor")]
+    assert gone(put(None, "sd", "pair", index=0)) == [("sd.pair.0", "NoneType")]
+    # the whole container: each of its weights (a and b are still at 1 and "1")
+    assert gone(lambda s: next(p for p in s["items"] if p[0] == "sd").__setitem__(1, "x")) == [
+        ("sd.a", "nothing"),
+        ("sd.b", "nothing"),
+        ("sd.pair.0", "nothing"),
+    ]
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch calls quantized tensors deprecated
 def test_a_quantized_tensors_parameters_must_be_the_files(tmp_path: Path) -> None:
     """The host rebuilds a quantized tensor from its integer values (compared with the file)
