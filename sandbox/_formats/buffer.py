@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from sandbox._worker import _protocol as P
 from sandbox.errors import MalformedInput
 
 
@@ -20,7 +21,7 @@ class FileMap(mmap.mmap):
 
 Buf = bytes | bytearray | mmap.mmap
 
-_HASH_CHUNK = 1 << 20  # bytes read per pread when hashing: stays in the CPU's cache
+_HASH_CHUNK = P.HASH_CHUNK
 
 
 @contextmanager

@@ -1259,24 +1259,29 @@ def event_category(kind: str, detail: dict[str, object]) -> str:
     return _CATEGORY_OF_KIND.get(kind, "privilege")
 
 
+#: bytes read per pread when hashing a file: one reused buffer that stays in the CPU's cache
+#: while the hash reads it (a fresh 1 MiB ``bytes`` per read measured 5-7% slower)
+HASH_CHUNK = 128 << 10
+
+
 def sha256_file(path: str) -> tuple[str, int]:
-    """(hex sha256, size) of a file, read in 1 MiB chunks: how both sides identify the input."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+    """(hex sha256, size) of a file: how both sides identify the input."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return sha256_fd(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_fd(fd: int) -> tuple[str, int]:
-    """(hex sha256, size) of an open file, read with pread from offset 0."""
+    """(hex sha256, size) of an open file, read with pread from offset 0 into one buffer."""
     h = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
     pos = 0
-    while chunk := os.pread(fd, 1 << 20, pos):
-        h.update(chunk)
-        pos += len(chunk)
+    with memoryview(buf) as view:
+        while got := os.preadv(fd, [buf], pos):
+            h.update(view[:got])
+            pos += got
     return h.hexdigest(), pos
 
 
