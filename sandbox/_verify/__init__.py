@@ -396,6 +396,17 @@ def _misplaced(
     return out
 
 
+def _moved(skeleton: object, paths: Mapping[str, tuple[tuple[str, ...], ...]]) -> list[dict[str, Any]]:
+    """The evidence for :func:`_misplaced`: one entry per tensor (its first wrong place)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, at, put, instead in _misplaced(skeleton, paths):
+        if name not in out:
+            out[name] = {"name": name, "path": list(at), "actual_tensor": put}
+            if put is None:
+                out[name]["actual"] = instead or "nothing"
+    return list(out.values())
+
+
 def _unquantized(
     skeleton: object,
     kinds: Mapping[str, tuple[str, tuple[int, ...]]],
@@ -449,7 +460,9 @@ def weights(
     if isinstance(got, _reconstruct.Reconstruction):
         with _FileBytes(path, {}) as whole:  # the file's digests at the spans the manifest names
             return list(got.findings) + _reconstruct.compare_digests(
-                got, _Returned(manifest, tensors, got.tensors, span_digest=whole.digest).actual()
+                got,
+                _Returned(manifest, tensors, got.tensors, span_digest=whole.digest).actual(),
+                _moved(manifest.skeleton, got.paths),
             )
     returned = _Returned(manifest, tensors)
     kinds = returned.kinds
@@ -519,12 +532,9 @@ def weights(
         # a skeleton that puts another tensor at its place swaps weights however honest the
         # names and bytes are, and one that puts none there (a value, a meta tensor, a key
         # taken out) leaves the model without it
-        for name, at, put, instead in _misplaced(manifest.skeleton, inv.paths):
-            if name not in differ:
-                differ.append(name)
-                entry: dict[str, Any] = {"name": name, "path": list(at), "actual_tensor": put}
-                if put is None:
-                    entry["actual"] = instead or "nothing"
+        for entry in _moved(manifest.skeleton, inv.paths):
+            if entry["name"] not in differ:
+                differ.append(entry["name"])
                 changed.append(entry)
         # a quantized tensor is rebuilt from its integer values (verified above) and the
         # skeleton's parameters, which must be a quantizer the file describes for them

@@ -39,13 +39,14 @@ torch and numpy are imported only inside the functions that build tensors.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import os
 import re
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -174,6 +175,9 @@ class Reconstruction:
     tensors: Mapping[str, StaticTensor]
     unreadable: frozenset[str] = frozenset()
     findings: tuple[Finding, ...] = ()
+    #: every path (dict keys and list indices from the top) at which the file puts each
+    #: tensor: the skeleton the host rebuilds the returned structure from must put it there
+    paths: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -1495,7 +1499,9 @@ def try_reconstruct(
         budget = _Budget(cancel=cancel)
         with open_buffer(path) as buf:
             layout = _LAYOUTS[fmt](buf, budget)
-            return _materialise(layout, _named(layout.value), buf, fmt, keep_data=keep_data, budget=budget)
+            namer = _walked(layout.value)
+            rec = _materialise(layout, namer.order, buf, fmt, keep_data=keep_data, budget=budget)
+            return dataclasses.replace(rec, paths={n: tuple(namer.paths[n]) for n in rec.tensors})
 
     return _guarded(fmt, rebuild)
 
@@ -1812,13 +1818,17 @@ def compare(reconstruction: Reconstruction, tensors: Mapping[str, torch.Tensor])
     return compare_digests(reconstruction, actual)
 
 
-def compare_digests(reconstruction: Reconstruction, actual: Mapping[str, Actual]) -> list[Finding]:
+def compare_digests(
+    reconstruction: Reconstruction, actual: Mapping[str, Actual], moved: Sequence[Mapping[str, Any]] = ()
+) -> list[Finding]:
     """Findings where what the sandbox returned differs from the file's records.
 
     A tensor whose dtype, shape or bytes differ is listed in one HIGH ``weights-tampered``
     finding (expected and actual sha256 per tensor); names on one side only are listed in one
     HIGH ``weights-mismatch`` finding. Tensors in ``reconstruction.unreadable`` are skipped
-    (their findings are in the reconstruction). Returns ``[]`` when everything matches.
+    (their findings are in the reconstruction). ``moved``: tensors the returned structure does
+    not put where the file does (name, path, what is there instead), listed as tampered unless
+    already listed. Returns ``[]`` when everything matches.
     """
     findings: list[Finding] = []
     expected = reconstruction.tensors
@@ -1845,6 +1855,11 @@ def compare_digests(reconstruction: Reconstruction, actual: Mapping[str, Actual]
             )
         elif digest is not None and digest != want.sha256:
             changed.append({"name": name, "expected_sha256": want.sha256, "actual_sha256": digest})
+    listed = {c["name"] for c in changed} | set(missing)
+    for m in moved:
+        if m["name"] not in listed:
+            listed.add(m["name"])
+            changed.append(dict(m))
     if changed:
         names = [c["name"] for c in changed]
         findings.append(

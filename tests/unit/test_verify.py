@@ -531,6 +531,35 @@ def test_a_weight_the_skeleton_drops_or_blanks_is_tampered(tmp_path: Path) -> No
     ]
 
 
+def test_a_plain_state_dicts_skeleton_must_put_each_weight_where_the_file_does(tmp_path: Path) -> None:
+    """A plain state dict is compared name by name with the file's records, but the host builds
+    the structure from the skeleton: one that swaps two refs, or leaves a weight out, returned
+    the swapped (or gapped) dict clean, with every name and byte honest."""
+    torch.manual_seed(10)
+    sd = collections.OrderedDict(a=torch.randn(4), b=torch.randn(4), blocks=[torch.randn(2), torch.randn(2)])
+    path = save(sd, tmp_path / "sd.pt")
+    assert isinstance(_reconstruct.read(str(path)), _reconstruct.Reconstruction)
+    tensors, manifest = held(path)
+    assert _verify.weights(str(path), manifest, tensors) == []
+
+    def tampered(change: Any) -> list[tuple[str, Any]]:
+        forged = _skeleton(manifest, change)
+        for found in (_verify.weights(str(path), forged, tensors), _verify.weights(str(path), forged)):
+            assert [f.rule for f in found] == ["weights-tampered"], found
+        return sorted((t["name"], t["actual_tensor"]) for t in found[0].evidence["tensors"])
+
+    def swap(s: Any) -> None:
+        a, b = _items(s)[0][1], _items(s)[1][1]
+        a["ref"], b["ref"] = b["ref"], a["ref"]
+
+    assert tampered(swap) == [("a", "b"), ("b", "a")]
+    assert tampered(lambda s: _items(s, "blocks").reverse()) == [
+        ("blocks.0", "blocks.1"),
+        ("blocks.1", "blocks.0"),
+    ]
+    assert tampered(lambda s: _items(s).pop(1)) == [("b", None)]
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch calls quantized tensors deprecated
 def test_a_quantized_tensors_parameters_must_be_the_files(tmp_path: Path) -> None:
     """The host rebuilds a quantized tensor from its integer values (compared with the file)
