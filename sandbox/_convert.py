@@ -265,13 +265,19 @@ def place(
 ) -> dict[str, torch.Tensor]:
     """Move tensors where ``torch.load(map_location=...)`` would have put them.
 
-    Views follow their base, so storage sharing survives the move. A callable is handed the
+    A tensor the manifest gives its own strides (channels_last, a transpose) is laid out that
+    way again. Views follow their base, so storage sharing survives the move. A callable is handed the
     part of a tensor's storage its elements span, as torch hands it each storage of the file
     (not a whole file that ``mmap=True`` maps them from)."""
 
+    import torch
+
     moved: dict[str, torch.Tensor] = {}
     for entry in manifest.tensors:
-        moved[entry.name] = _move(tensors[entry.name], entry.location, map_location)
+        t = tensors[entry.name]
+        if entry.stride is not None and tuple(t.stride()) != entry.stride:  # its own layout again
+            t = torch.empty_strided(entry.shape, entry.stride, dtype=t.dtype, device=t.device).copy_(t)
+        moved[entry.name] = _move(t, entry.location, map_location)
     for v in manifest.views:
         base = moved[v.base]
         moved[v.name] = base.as_strided(v.shape, v.stride, base.storage_offset() + v.offset)
@@ -388,9 +394,17 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             dkind = node.get("kind")
             if not isinstance(dkind, str) or dkind not in P.DICT_KINDS:
                 raise OutputRejected("skeleton: unknown dict kind")
+            meta = node.get("metadata")
+            if meta is not None and (dkind != "OrderedDict" or P.state_dict_metadata(meta) is None):
+                raise OutputRejected("skeleton: a dict's metadata is not a state dict's module versions")
             try:
                 if dkind == "OrderedDict":
-                    return collections.OrderedDict(pairs)
+                    od: collections.OrderedDict[Any, Any] = collections.OrderedDict(pairs)
+                    if meta is not None:
+                        od._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
+                            (prefix, dict(record)) for prefix, record in meta
+                        )
+                    return od
                 if dkind == "defaultdict":
                     return collections.defaultdict(None, pairs)
                 return dict(pairs)

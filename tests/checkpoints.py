@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sandbox._worker import _protocol as P
+
 # -- benign --------------------------------------------------------------------------------------
 
 ALL_DTYPES = [
@@ -67,8 +69,10 @@ def dtype_tensor(dtype: torch.dtype, shape: tuple[int, ...] = (3, 5), seed: int 
 
 
 def state_dict() -> collections.OrderedDict[str, torch.Tensor]:
+    """A small state dict as ``Module.state_dict()`` makes it: with the module versions
+    (``_metadata``) that ``load_state_dict`` reads."""
     g = torch.Generator().manual_seed(1)
-    return collections.OrderedDict(
+    sd = collections.OrderedDict(
         [
             ("encoder.weight", torch.randn(16, 8, generator=g)),
             ("encoder.bias", torch.randn(16, generator=g)),
@@ -76,6 +80,10 @@ def state_dict() -> collections.OrderedDict[str, torch.Tensor]:
             ("steps", torch.tensor(7)),
         ]
     )
+    sd._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
+        [("", {"version": 1}), ("encoder", {"version": 1}), ("decoder", {"version": 1})]
+    )
+    return sd
 
 
 def nested_checkpoint() -> dict[str, Any]:
@@ -100,6 +108,9 @@ def nested_checkpoint() -> dict[str, Any]:
         "set": {1, 2, 3},
         "empty": torch.empty(0, 4),
         "scalar": torch.tensor(3.25, dtype=torch.float64),
+        # dense layouts other than row-major, each the only user of its storage
+        "conv": torch.arange(120.0).reshape(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        "lone_t": torch.arange(12).reshape(3, 4).t(),
         "saved_at": datetime.datetime(2024, 5, 6, 7, 8, 9),
         "run_dir": pathlib.PosixPath("/runs/exp 1"),
         "keep": slice(None, 10, 2),
@@ -540,6 +551,8 @@ def assert_same(a: Any, b: Any, where: str = "root") -> None:
         assert a.dtype == b.dtype and a.shape == b.shape, where
         assert a.device.type == b.device.type, where
         assert isinstance(a, torch.nn.Parameter) == isinstance(b, torch.nn.Parameter), where
+        if b.layout == torch.strided and P.dense_strides(list(b.shape), list(b.stride())):
+            assert a.stride() == b.stride(), f"{where}: strides {a.stride()} != {b.stride()}"
         left = a.detach().contiguous().reshape(-1).view(torch.uint8)
         right = b.detach().contiguous().reshape(-1).view(torch.uint8)
         assert torch.equal(left, right), where
@@ -551,6 +564,7 @@ def assert_same(a: Any, b: Any, where: str = "root") -> None:
     assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
     if isinstance(b, dict):
         assert list(a.keys()) == list(b.keys()), where
+        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), f"{where}: _metadata"
         for k in b:
             assert_same(a[k], b[k], f"{where}[{k!r}]")
     elif isinstance(b, (list, tuple)):

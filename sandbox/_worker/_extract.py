@@ -157,7 +157,10 @@ class Extractor(P.TensorNames):
                 items.append(
                     [self._key(key, path + (comp,), depth), self.walk(value, path + (comp,), depth + 1)]
                 )
-            return {"$": "dict", "kind": kind, "items": items}
+            node = {"$": "dict", "kind": kind, "items": items}
+            if kind == "OrderedDict":
+                self._metadata(obj, node, where)
+            return node
         if isinstance(obj, (list, tuple, set, frozenset)):
             kind = (
                 "list"
@@ -190,6 +193,18 @@ class Extractor(P.TensorNames):
         if isinstance(obj, Ghost):
             return self._ghost(obj, path, where, depth)
         return self._opaque(obj, where, "not a data type the host can rebuild")
+
+    def _metadata(self, obj: Any, node: dict[str, Any], where: str) -> None:
+        """A state dict's ``_metadata`` (the module versions ``load_state_dict`` reads) on its
+        dict node, where it is one the host can rebuild."""
+        raw = getattr(obj, "__dict__", {}).get("_metadata")
+        if raw is None:
+            return
+        meta = P.state_dict_metadata(raw)
+        if meta is None:
+            self.notes.append(f"{where}: its _metadata is not module versions; left out")
+        else:
+            node["metadata"] = meta
 
     def _ghost(self, obj: Ghost, path: tuple[str, ...], where: str, depth: int) -> Any:
         """An object of a class the sandbox does not have: keep what it holds, as data."""
@@ -359,6 +374,7 @@ class Extractor(P.TensorNames):
                     + ", ".join(shared[:8])
                     + (" ..." if len(shared) > 8 else "")
                 )
+        bases_of_views = {base.name for base, _ in view_of.values()}
         owners: collections.Counter[int] = collections.Counter(
             u.tensor.untyped_storage().data_ptr()
             for u in self.uses
@@ -400,17 +416,22 @@ class Extractor(P.TensorNames):
             # the host compares the bytes it receives itself; only a scan (no bytes cross) needs ours
             digest = tensor_sha256(raw) if digests else None
             out.stored[use.name] = data
-            out.entries.append(
-                {
-                    "name": use.name,
-                    "dtype": dtype,
-                    "shape": list(t.shape),
-                    "stored_as": stored_as,
-                    "nbytes": raw.numel(),
-                    "sha256": digest,
-                    "location": location,
-                }
-            )
+            entry = {
+                "name": use.name,
+                "dtype": dtype,
+                "shape": list(t.shape),
+                "stored_as": stored_as,
+                "nbytes": raw.numel(),
+                "sha256": digest,
+                "location": location,
+            }
+            # a dense layout other than row-major (channels_last, a transpose) is kept: the
+            # bytes cross row-major, the host lays them out again (a view's base stays as it is)
+            stride = [int(s) for s in t.stride()]
+            if use.kind == "tensor" and not t.is_contiguous() and P.dense_strides(list(t.shape), stride):
+                if use.name not in bases_of_views:
+                    entry["stride"] = stride
+            out.entries.append(entry)
         return out
 
 

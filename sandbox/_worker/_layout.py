@@ -189,8 +189,16 @@ class _Walker(P.TensorNames):
                             self.walk(value, path + (comp,), depth + 1),
                         ]
                     )
-                kind = "OrderedDict" if type(obj) is collections.OrderedDict else "dict"
-                return {"$": "dict", "kind": kind, "items": items}
+                if type(obj) is not collections.OrderedDict:
+                    return {"$": "dict", "kind": "dict", "items": items}
+                node = {"$": "dict", "kind": "OrderedDict", "items": items}
+                raw = obj.__dict__.get("_metadata")  # the module versions, as the extractor
+                if raw is not None:
+                    meta = P.state_dict_metadata(raw)
+                    if meta is None:  # the full loader's extractor notes it
+                        raise NotPlain("a state dict's _metadata that is not module versions")
+                    node["metadata"] = meta
+                return node
             if type(obj) in (list, tuple):
                 kind = "list" if type(obj) is list else "tuple"
                 return {

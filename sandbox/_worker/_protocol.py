@@ -46,7 +46,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -349,6 +349,9 @@ class TensorEntry:
     sha256: str | None  # None: the bytes came to the host, which hashes them itself
     location: str = "cpu"
     span: tuple[int, int] | None = None
+    #: the tensor's own strides where they are not row-major (channels_last, a transpose): a
+    #: dense layout (:func:`dense_strides`); its bytes cross in row-major order all the same
+    stride: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:
@@ -518,6 +521,13 @@ class Manifest(_Returned):
             _req(sha is None, f"{what}: {name}: a span and a sha256")
             assert isinstance(raw_span, list)
             span = (int(raw_span[0]), int(raw_span[1]))
+        stride = None
+        if t.get("stride") is not None:
+            stride = _dims(t.get("stride"), f"{what}: {name}: stride")
+            _req(
+                len(stride) == len(shape) and dense_strides(shape, stride),
+                f"{what}: {name}: stride is not a dense layout of its shape",
+            )
         return TensorEntry(
             name=name,
             dtype=dtype,
@@ -527,6 +537,7 @@ class Manifest(_Returned):
             sha256=None if sha is None else str(sha),
             location=_location(t.get("location"), what),
             span=span,
+            stride=stride,
         )
 
     @staticmethod
@@ -539,6 +550,7 @@ class Manifest(_Returned):
         _req(base is not None, f"{what}: view {name} names no stored base")
         assert base is not None
         _req(v.get("dtype") == base.dtype, f"{what}: view {name}: dtype differs from base")
+        _req(base.stride is None, f"{what}: view {name}: its base is not row-major")
         shape = _dims(v.get("shape"), f"{what}: view {name}: shape")
         stride = _dims(v.get("stride"), f"{what}: view {name}: stride")
         _req(len(stride) == len(shape), f"{what}: view {name}: stride rank")
@@ -1059,7 +1071,9 @@ NODE_KINDS = frozenset(
         "tuple",
         "set",
         "frozenset",  # {"items": [node...]}
-        "dict",  # {"kind": "dict"|"OrderedDict"|"defaultdict", "items": [[key, value]...]}
+        # {"kind": "dict"|"OrderedDict"|"defaultdict", "items": [[key, value]...]}; an
+        # OrderedDict may add "metadata": its ``_metadata`` (see :func:`state_dict_metadata`)
+        "dict",
         "tensor",  # {"ref": name, "parameter": bool, "requires_grad": bool}
         "ndarray",  # {"ref": name}
         "npscalar",  # {"dtype": str, "ref": name}
@@ -1112,6 +1126,49 @@ VALUE_TYPES = frozenset(
     }
 )
 DICT_KINDS = frozenset({"dict", "OrderedDict", "defaultdict"})
+#: the most entries (module prefixes, and their keys) a state dict's ``_metadata`` may have
+MAX_METADATA_ENTRIES = 200_000
+_METADATA_SCALARS = (int, str, bool, float, type(None))
+
+
+def state_dict_metadata(value: object) -> list[list[Any]] | None:
+    """torch's ``state_dict()._metadata`` (module prefix -> ``{"version": 1, ...}``, which
+    ``load_state_dict`` hands to each module's ``_load_from_state_dict``) as JSON: ``[[prefix,
+    {key: scalar}]...]``. Takes the attribute (a mapping; the worker) or that JSON (a list;
+    the host), and returns None for anything else: other shapes, values that are not finite
+    scalars, or more than :data:`MAX_METADATA_ENTRIES` entries. Both sides use it, so the host
+    rebuilds only what an honest worker can send."""
+    if isinstance(value, Mapping):
+        pairs: Iterable[object] = ([k, v] for k, v in value.items())
+    elif isinstance(value, list):
+        pairs = value
+    else:
+        return None
+    out: list[list[Any]] = []
+    entries = 0
+    for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2:
+            return None
+        prefix, record = pair
+        if type(prefix) is not str or len(prefix) > MAX_STRING_LEN or not isinstance(record, Mapping):
+            return None
+        entries += 1 + len(record)
+        if entries > MAX_METADATA_ENTRIES:
+            return None
+        kept: dict[str, Any] = {}
+        for key, v in record.items():
+            if type(key) is not str or len(key) > 200 or type(v) not in _METADATA_SCALARS:
+                return None
+            if (
+                (type(v) is float and not math.isfinite(v))
+                or (type(v) is str and len(v) > 10_000)
+                or (type(v) is int and not -(2**63) <= v < 2**63)
+            ):
+                return None
+            kept[key] = v
+        out.append([prefix, kept])
+    return out
+
 
 #: torch's typed storage classes of plain (not quantized) dtypes, by class name: the dtype of
 #: their elements (torch/storage.py ``_dtype_to_storage_type_map``)
@@ -1159,6 +1216,22 @@ TORCH_DTYPES: dict[str, tuple[str, int]] = {
 
 
 # -- naming, shared by the worker and the host's independent reconstruction --------------------
+
+
+def dense_strides(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether ``stride`` lays ``shape`` out densely, every element once with no gap: row-major
+    order of some permutation of the dimensions (channels_last, a transpose). A dimension of
+    size 1 may have any stride; an empty tensor has no layout to keep."""
+    if len(shape) != len(stride) or any(s < 0 for s in stride):
+        return False
+    if any(d == 0 for d in shape):
+        return False
+    expected = 1
+    for d, s in sorted(((d, s) for d, s in zip(shape, stride, strict=True) if d > 1), key=lambda x: x[1]):
+        if s != expected:
+            return False
+        expected *= d
+    return True
 
 
 def path_component(key: object) -> str:

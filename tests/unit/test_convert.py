@@ -178,3 +178,58 @@ def test_an_array_of_a_tensor_that_requires_grad_is_its_values() -> None:
     }
     got = rebuild(node, {"t": t}, weights_only=False)
     assert got[0].requires_grad and got[1].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_lone_tensors_own_layout_and_a_state_dicts_versions_survive() -> None:
+    """torch.load keeps a channels_last or transposed tensor's strides and a state dict's
+    ``_metadata`` (which ``load_state_dict`` hands each module): both came back lost (row-major
+    and a bare OrderedDict)."""
+    from sandbox._convert import place
+    from sandbox._worker import _protocol as P
+
+    sd = ck.state_dict()
+    obj = {
+        "sd": sd,
+        "conv": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        "t": torch.randn(3, 4).t(),
+    }
+    ex = extract(obj)
+    manifest = P.Manifest.from_obj(
+        {
+            "protocol": P.PROTOCOL_VERSION,
+            "format": "x",
+            "tensors": ex.entries,
+            "views": ex.views,
+            "skeleton": ex.skeleton,
+        }
+    )
+    strides = {e.name: e.stride for e in manifest.tensors}
+    assert (
+        strides["conv"] == (60, 1, 15, 3) and strides["t"] == (1, 4) and strides["sd.encoder.weight"] is None
+    )
+    tensors = {}
+    for e in ex.entries:  # what crossed: row-major bytes
+        tensors[e["name"]] = ex.stored[e["name"]].reshape(e["shape"])
+    got = rebuild(manifest.skeleton, place(tensors, manifest, None), weights_only=True)
+    ck.assert_same(got, obj)
+    assert got["conv"].is_contiguous(memory_format=torch.channels_last)
+    assert got["sd"]._metadata == sd._metadata  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        [["", {"version": [1]}]],
+        {"": {"version": 1}},
+        "x",
+    ],
+)
+def test_a_dicts_metadata_must_be_module_versions_on_an_ordered_dict(meta: Any) -> None:
+    with pytest.raises(OutputRejected):
+        rebuild({"$": "dict", "kind": "OrderedDict", "items": [], "metadata": meta}, {}, weights_only=True)
+    with pytest.raises(OutputRejected):  # a plain dict holds no attributes
+        rebuild(
+            {"$": "dict", "kind": "dict", "items": [], "metadata": [["", {"version": 1}]]},
+            {},
+            weights_only=True,
+        )

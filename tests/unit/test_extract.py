@@ -218,3 +218,114 @@ def test_an_empty_views_offset_is_bounded(tmp_path: Any) -> None:
             _convert.load_tensors(
                 path, validate_manifest(_manifest(tensors=[empty], views=[dict(view, offset=offset)]))
             )
+
+
+def _strided(stride: object) -> dict[str, Any]:
+    return _manifest(
+        tensors=[
+            {
+                "name": "a",
+                "dtype": "float32",
+                "shape": [2, 3],
+                "stored_as": "F32",
+                "nbytes": 24,
+                "sha256": "0" * 64,
+                "location": "cpu",
+                "stride": stride,
+            }
+        ]
+    )
+
+
+@pytest.mark.parametrize("stride", [[3, 1], [1, 2]])
+def test_a_stored_tensors_own_dense_layout_is_accepted(stride: list[int]) -> None:
+    assert validate_manifest(_strided(stride)).tensors[0].stride == tuple(stride)
+
+
+@pytest.mark.parametrize(
+    "stride",
+    [
+        [1, 1],  # overlapping
+        [6, 1],  # gaps: the bytes would not fill it
+        [0, 1],  # an expanded dimension
+        [3],  # rank
+        [-3, 1],
+        [1.5, 2],
+        "3,1",
+    ],
+)
+def test_a_stored_tensors_layout_must_be_dense(stride: object) -> None:
+    with pytest.raises(OutputRejected):
+        validate_manifest(_strided(stride))
+
+
+def test_a_view_of_a_base_with_its_own_layout_is_refused() -> None:
+    """A view's offset and strides count the base's row-major elements: a base laid out
+    otherwise would move every view onto other elements."""
+    bad = _strided([1, 2])
+    bad["views"] = [
+        {
+            "name": "v",
+            "base": "a",
+            "offset": 0,
+            "shape": [2],
+            "stride": [1],
+            "dtype": "float32",
+            "location": "cpu",
+        }
+    ]
+    with pytest.raises(OutputRejected):
+        validate_manifest(bad)
+
+
+@pytest.mark.parametrize(
+    ("shape", "stride", "dense"),
+    [
+        ((2, 3, 4, 5), (60, 1, 15, 3), True),  # channels_last
+        ((4, 3), (1, 4), True),  # a transpose
+        ((3, 1, 4), (4, 99, 1), True),  # a size-1 dimension's stride is free
+        ((), (), True),
+        ((2, 0), (1, 2), False),  # empty: nothing to lay out
+        ((4, 3), (1, 3), False),  # overlapping
+        ((4, 3), (0, 1), False),  # expanded
+        ((4, 3), (6, 2), False),  # gaps
+    ],
+)
+def test_dense_strides(shape: tuple[int, ...], stride: tuple[int, ...], dense: bool) -> None:
+    assert P.dense_strides(shape, stride) is dense
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        [["", {"version": 1}], ["encoder", {"version": 2, "note": "x", "f": 1.5, "b": True, "n": None}]],
+        [],
+    ],
+)
+def test_a_state_dicts_module_versions_read_the_same_from_either_side(meta: list[Any]) -> None:
+    import collections
+
+    assert P.state_dict_metadata(meta) == meta
+    assert P.state_dict_metadata(collections.OrderedDict((k, v) for k, v in meta)) == meta
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        [["", {"version": [1]}]],  # not a scalar
+        [["", {"version": float("nan")}]],
+        [["", {"version": 2**70}]],
+        [[1, {"version": 1}]],  # not a prefix
+        [["", {1: 1}]],
+        [["", 1]],
+        [["a"]],
+        "x",
+        {"": {"version": 1}},  # the host's JSON is pairs
+        [["", {"version": 1}]] * (P.MAX_METADATA_ENTRIES // 2 + 1),
+    ],
+)
+def test_a_state_dicts_module_versions_that_are_anything_else_are_refused(meta: Any) -> None:
+    if isinstance(meta, dict):  # the worker's mapping form is accepted; JSON never has one
+        assert P.state_dict_metadata(meta) is not None
+        return
+    assert P.state_dict_metadata(meta) is None
