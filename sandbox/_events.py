@@ -98,6 +98,9 @@ PATH_CALLS = tuple(
 )
 #: ...and those that empty, create or remove one, or change its owner or times, without an open
 PATH_OPS = frozenset(PATH_CALLS + P.PATH_CHANGES)
+#: ...and the loader's filter's calls on a descriptor's file or on extended attributes (judged
+#: like the path calls; gVisor's trace does not list them)
+_FILE_CHANGES = PATH_OPS | frozenset(P.METADATA_CHANGES)
 
 
 @dataclass
@@ -364,7 +367,7 @@ def _judge(
                 {"path": path},
                 key=path,
             )
-    elif kind in PATH_OPS:
+    elif kind in _FILE_CHANGES:
         if (
             action != "denied"
             and d.get("class") == "scratch"
@@ -413,7 +416,7 @@ def _judge(
             "privileged-call",
             "privilege",
             "the kernel killed the loader for a system call no load makes (io_uring, userfaultfd, "
-            "a new namespace, chroot, mknod)",
+            "a new namespace, chroot, mknod, fchmodat2, setxattrat)",
             key=kind,
         )
     elif kind in _PRIVILEGE:

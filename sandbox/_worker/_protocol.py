@@ -1290,6 +1290,12 @@ FATAL_CATEGORIES = ("exec", "network", "credential", "privilege", "process", "fi
 PATH_CHANGES = tuple(
     "truncate mkdir rmdir mkdirat chown lchown fchownat utime utimes futimesat utimensat".split()
 )
+#: calls that change a file's metadata through a descriptor (a read-only one will do for the
+#: file's owner: no open for writing precedes them) or its extended attributes; the loader's
+#: filter reports them like chmod(2), with the descriptor's file as their path
+METADATA_CHANGES = tuple(
+    "fchmod fchown setxattr lsetxattr fsetxattr removexattr lremovexattr fremovexattr".split()
+)
 _CATEGORY_OF_KIND = {
     "execve": "exec",
     "execveat": "exec",
@@ -1318,10 +1324,9 @@ _CATEGORY_OF_KIND = {
     "symlink": "file",
     "symlinkat": "file",
     "chmod": "file",
-    "fchmod": "file",
     "fchmodat": "file",
     "fchmodat2": "file",
-    **dict.fromkeys(PATH_CHANGES, "file"),
+    **dict.fromkeys(PATH_CHANGES + METADATA_CHANGES, "file"),
 }
 
 

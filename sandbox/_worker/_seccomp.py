@@ -153,6 +153,17 @@ SYSCALLS: dict[str, int] = {
     "utimes": 235,
     "futimesat": 261,
     "utimensat": 280,
+    # a file's metadata changed through a descriptor, or its extended attributes (see
+    # METADATA_CHANGES); the *xattrat calls (Linux 6.13) are killed (see KILLED)
+    "fchown": 93,
+    "setxattr": 188,
+    "lsetxattr": 189,
+    "fsetxattr": 190,
+    "removexattr": 197,
+    "lremovexattr": 198,
+    "fremovexattr": 199,
+    "setxattrat": 463,
+    "removexattrat": 466,
     # other processes, privileges, kernel surfaces
     "ptrace": 101,
     "process_vm_readv": 310,
@@ -192,9 +203,24 @@ SYSCALLS: dict[str, int] = {
 # supervisor would never see them) and that no load makes: the loader's filter kills the
 # loader outright (SECCOMP_RET_KILL_PROCESS outranks the profile's errno and cannot be caught),
 # and the supervisor records the kill (`seccomp_kill`). Before, io_uring, userfaultfd, a new
-# namespace or a file made by mknod were refused without a trace.
+# namespace or a file made by mknod were refused without a trace. fchmodat2 (Linux 6.6) and the
+# *xattrat calls (6.13) are newer than the container engine's libseccomp (Debian 12's 2.5.4):
+# Docker's runc answers them ENOSYS and the bwrap profile leaves them out, so a payload's
+# fchmodat2(fd, "", mode, AT_EMPTY_PATH) or setxattrat was refused with no trace either.
 KILLED: frozenset[str] = frozenset(
-    {"io_uring_setup", "userfaultfd", "unshare", "setns", "chroot", "pivot_root", "mknod", "mknodat"}
+    {
+        "io_uring_setup",
+        "userfaultfd",
+        "unshare",
+        "setns",
+        "chroot",
+        "pivot_root",
+        "mknod",
+        "mknodat",
+        "fchmodat2",
+        "setxattrat",
+        "removexattrat",
+    }
 )
 NR_IO_URING_ENTER, NR_IO_URING_REGISTER = 426, 427
 # Calls that change a path without opening it: truncate(2) empties a file, mkdir/rmdir create
@@ -203,6 +229,14 @@ NR_IO_URING_ENTER, NR_IO_URING_REGISTER = 426, 427
 # scratch space, refused elsewhere; before, none of them notified, so a payload's truncate of
 # the user's files left no trace.
 PATH_CHANGES = frozenset(P.PATH_CHANGES)
+# Calls that change a file's metadata through a descriptor (fchmod, fchown: a read-only one is
+# enough for the file's owner, so no open for writing recorded it) or its extended attributes
+# (by path, link or descriptor): decided like chmod, the descriptor's file (/proc/<pid>/fd/<n>)
+# standing for the path; before, fchown and the xattr calls were not notified (the container
+# profile refused the xattr calls without a trace, fchown ran), and fchmod was refused everywhere
+# with no path. ftruncate and fallocate need no notification: they need a descriptor open for
+# writing, and every such open is recorded with its path.
+METADATA_CHANGES = frozenset(P.METADATA_CHANGES)
 
 # Conditionally reported: decided inside the filter from the arguments.
 NR_CLONE, NR_CLONE3, NR_KILL, NR_TGKILL = 56, 435, 62, 234
@@ -379,6 +413,7 @@ PLAIN_ALLOWED = frozenset(
         "fchmodat",
         "fchmodat2",
         *PATH_CHANGES,
+        "fchown",
         "memfd_create",
     }
 )
@@ -899,7 +934,7 @@ class Decoder:
             "chmod": self._path_op,
             "fchmodat": self._path_op,
             "fchmodat2": self._path_op,
-            **dict.fromkeys(PATH_CHANGES, self._path_op),
+            **dict.fromkeys(PATH_CHANGES | METADATA_CHANGES, self._path_op),
         }
 
     def decide(self, n: Notification) -> Decision:
@@ -1158,10 +1193,20 @@ class Decoder:
             },
         )
 
+    def _fd_path(self, pid: int, fd: int) -> str:
+        """The file a descriptor of ``pid`` names (``/proc/<pid>/fd/<n>``): its path as the
+        kernel keeps it (``... (deleted)`` once unlinked; a memfd or pipe names no path)."""
+        self.via_proc = False
+        try:
+            return os.readlink(f"/proc/{pid}/fd/{_i32(fd)}")
+        except OSError:
+            return "<unknown>"
+
     def _path_op(self, n: Notification) -> Decision:
         name = NAMES[n.nr]
-        # (dirfd index or None, path index) of each path argument
-        spec: dict[str, list[tuple[int | None, int]]] = {
+        # (dirfd index or None, path index) of each path argument; (fd index, None) for a call
+        # on a descriptor's file
+        spec: dict[str, list[tuple[int | None, int | None]]] = {
             "unlink": [(None, 0)],
             "rename": [(None, 0), (None, 1)],
             "link": [(None, 0), (None, 1)],
@@ -1176,18 +1221,19 @@ class Decoder:
             "fchmodat2": [(0, 1)],
             **{c: [(None, 0)] for c in ("truncate", "mkdir", "rmdir", "chown", "lchown", "utime", "utimes")},
             **{c: [(0, 1)] for c in ("mkdirat", "fchownat", "futimesat", "utimensat")},
+            **{c: [(None, 0)] for c in ("setxattr", "lsetxattr", "removexattr", "lremovexattr")},
+            **{c: [(0, None)] for c in ("fchmod", "fchown", "fsetxattr", "fremovexattr")},
         }
         paths = []
         for dfd, idx in spec[name]:
-            if name == "utimensat" and n.args[idx] == 0:  # futimens(fd): the descriptor's file
-                try:
-                    paths.append(os.readlink(f"/proc/{n.pid}/fd/{_i32(n.args[0])}"))
-                except OSError:
-                    paths.append("<unknown>")
-                self.via_proc = False
+            if idx is None or (name in ("utimensat", "futimesat") and n.args[idx] == 0):
+                # fchmod(fd), futimens(fd), futimesat(fd, NULL): the descriptor's file
+                paths.append(self._fd_path(n.pid, n.args[0] if dfd is None else n.args[dfd]))
                 continue
             paths.append(self._path(n.pid, AT_FDCWD if dfd is None else n.args[dfd], n.args[idx])[1])
         detail: dict[str, Any] = {"paths": paths}
+        if name in METADATA_CHANGES and "xattr" in name:  # the attribute's name (argument 1)
+            detail["attribute"] = self.mem.cstr(n.pid, n.args[1], 256) or ""
         if (
             name in ("mkdir", "mkdirat")
             and paths[0].startswith("/opt/python/")

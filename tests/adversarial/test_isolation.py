@@ -309,3 +309,123 @@ for call, args in [(os.truncate, ({str(victim)!r}, 0)), (os.mkdir, ({str(made)!r
     assert outside and outside[0].action == "denied", report.to_text()
     assert any(f.rule == "file-change-outside" for f in report.findings)
     assert [e for e in kernel if e.kind == "seccomp_kill" and "mknod" in e.detail["calls"]]
+
+
+# What each call of the payload below does to one file in a directory the test owns (on the
+# host: the live proof) or in the sandbox's scratch /tmp (the same path inside it): xattr
+# changes by path, link and descriptor, and the descriptor-based metadata calls, on a
+# descriptor opened read-only (enough for the file's owner), as libc or a ctypes payload makes
+# them: fchmod, fchown, futimens, futimesat(fd, NULL), and fchownat/utimensat(fd, "",
+# AT_EMPTY_PATH); then the calls in {last} (one kills the loader). Each result is "ok" or the
+# errno's name, so a test can see what reached the kernel.
+_METADATA_BY_FD = """
+import ctypes, errno, os
+d = {directory!r}
+os.makedirs(d, exist_ok=True)
+f = os.path.join(d, "victim")
+with open(f, "w") as out:
+    out.write("precious")
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def sc(nr, *args):
+    if libc.syscall(ctypes.c_long(nr), *args) < 0:
+        raise OSError(ctypes.get_errno(), "")
+L = ctypes.c_long
+EMPTY = 0x1000  # AT_EMPTY_PATH
+class XattrArgs(ctypes.Structure):  # struct xattr_args (setxattrat)
+    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+val = ctypes.create_string_buffer(b"1")
+xa = XattrArgs(ctypes.addressof(val), 1, 0)
+fd = os.open(f, os.O_RDONLY)
+uid, gid = os.getuid(), os.getgid()
+calls = [
+    ("setxattr", lambda: os.setxattr(f, "user.m", b"1")),
+    ("lsetxattr", lambda: os.setxattr(f, "user.l", b"1", follow_symlinks=False)),
+    ("fsetxattr", lambda: os.setxattr(fd, "user.f", b"1")),
+    ("removexattr", lambda: os.removexattr(f, "user.m")),
+    ("lremovexattr", lambda: os.removexattr(f, "user.l", follow_symlinks=False)),
+    ("fremovexattr", lambda: os.removexattr(fd, "user.f")),
+    ("fchmod", lambda: os.fchmod(fd, 0o640)),
+    ("fchown", lambda: os.fchown(fd, uid, gid)),
+    ("futimens", lambda: os.utime(fd, (5, 5))),
+    ("futimesat", lambda: sc(261, L(fd), None, None)),
+    ("fchownat", lambda: sc(260, L(fd), b"", L(uid), L(gid), L(EMPTY))),
+    ("utimensat", lambda: sc(280, L(fd), b"", None, L(EMPTY))),
+]
+newer = {{
+    "fchmodat2": lambda: sc(452, L(fd), b"", L(0o600), L(EMPTY)),
+    "setxattrat": lambda: sc(463, L(-100), f.encode(), L(0), b"user.a", ctypes.byref(xa), L(16)),
+    "removexattrat": lambda: sc(466, L(-100), f.encode(), L(0), b"user.a"),
+}}
+result = {{}}
+for name, call in calls + [(n, newer[n]) for n in {last}]:
+    try:
+        call()
+        result[name] = "ok"
+    except OSError as e:
+        result[name] = errno.errorcode.get(e.errno, str(e.errno))
+os.close(fd)
+"""
+
+
+def test_metadata_changes_by_descriptor_or_xattr_are_recorded(tmp_path: Path) -> None:
+    # Extended attributes (setxattr(2) and removexattr(2), by path, by link, by descriptor and
+    # the *xattrat calls of Linux 6.13) and the descriptor forms of chmod, chown and utime change
+    # a file without an open for writing: a payload's way to tag or re-time a file (or hide
+    # that it changed it) with no trace. Each must be named in the report with its file, and
+    # decided like chmod(2): in the sandbox's scratch space let through and recorded.
+    assert str(tmp_path).startswith("/tmp/"), "the payload's directory must lie in the sandbox's /tmp"
+    code = _METADATA_BY_FD.format(directory=str(tmp_path / "meta"), last=[])
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "meta.pt")
+    live = ck.prove_live(path)
+    assert "'fchmod': 'ok'" in live and "'futimens': 'ok'" in live, live
+    victim = str(tmp_path / "meta" / "victim")
+
+    value, report = load_in_sandbox(path)
+    assert isinstance(value, dict), report.to_text()
+    kernel = [e for e in report.events if e.source == "kernel"]
+    unseen = []
+    for call, kinds in [
+        ("setxattr", "setxattr"),
+        ("lsetxattr", "lsetxattr"),
+        ("fsetxattr", "fsetxattr"),
+        ("removexattr", "removexattr"),
+        ("lremovexattr", "lremovexattr"),
+        ("fremovexattr", "fremovexattr"),
+        ("fchmod", "fchmod"),
+        ("fchown", "fchown"),
+        ("futimens", "utimensat"),
+        ("futimesat", "futimesat"),
+        ("fchownat", "fchownat"),
+        ("utimensat", "utimensat"),
+    ]:
+        if not [e for e in kernel if e.kind == kinds and victim in str(e.detail)]:
+            unseen.append(f"{call} ({value.get(call)})")
+    assert not unseen, f"no kernel event names {victim} for: {unseen}"
+    # let through in the scratch space (the kernel answers as it would for the file's owner)
+    for call in ("fchmod", "fchown", "futimens", "futimesat", "fchownat", "utimensat"):
+        assert value[call] == "ok", (call, value)
+    assert value["fsetxattr"] in ("ok", "EOPNOTSUPP"), value  # tmpfs has user.* xattrs since 6.6
+    xattr = [e for e in kernel if e.kind == "fsetxattr"]
+    assert xattr[0].action == "allowed" and xattr[0].detail["attribute"] == "user.f", xattr
+    assert any(
+        f.rule == "file-write" and "paths" in f.evidence and victim in str(f.evidence)
+        for f in report.findings
+    )
+    assert not [f for f in report.findings if f.rule == "file-change-outside"], report.to_text()
+
+
+@pytest.mark.parametrize("call", ["fchmodat2", "setxattrat", "removexattrat"])
+def test_metadata_calls_the_container_refuses_kill_the_loader(tmp_path: Path, call: str) -> None:
+    # fchmodat2 (Linux 6.6) and setxattrat/removexattrat (6.13) are newer than the engine's
+    # libseccomp: the container refuses them (ENOSYS under Docker, EPERM under bwrap), an errno
+    # the supervisor never sees. Like mknod, they kill the loader, and the kill is recorded.
+    assert str(tmp_path).startswith("/tmp/"), "the payload's directory must lie in the sandbox's /tmp"
+    code = _METADATA_BY_FD.format(directory=str(tmp_path / "meta"), last=[call])
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "newer.pt")
+    ck.prove_live(path)
+
+    _, report = load_in_sandbox(path)
+    kills = kernel_events(report, "seccomp_kill")
+    assert kills and call in kills[0].detail["calls"], report.to_text()
+    assert any(f.rule == "privileged-call" for f in report.findings)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
 import threading
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -294,6 +296,50 @@ def test_prlimit_of_another_process_is_reported_and_refused_as_an_attack_on_the_
     plain = _seccomp.build_plain_filter(1234, 1)
     assert run_bpf(plain, nr, (1, 7, 0, 0)) == P.SECCOMP_RET_ERRNO | 1
     assert run_bpf(plain, nr, (0, 7, 0, 0)) == P.SECCOMP_RET_ALLOW
+
+
+def test_metadata_changes_by_descriptor_or_xattr_notify_and_name_the_descriptors_file(tmp_path: Path) -> None:
+    """fchown and the xattr calls reached the kernel with no notification (the container
+    profile refused the xattr ones silently), fchmod was refused everywhere with no path, and
+    futimesat(fd, NULL) named no file: each is now decided like chmod, on the descriptor's file."""
+    prog = _seccomp.build_filter(1234)
+    for name in P.METADATA_CHANGES:
+        assert run_bpf(prog, _seccomp.SYSCALLS[name]) == P.SECCOMP_RET_USER_NOTIF, name
+    for name in ("fchmodat2", "setxattrat", "removexattrat"):  # the container refuses them: killed
+        assert run_bpf(prog, _seccomp.SYSCALLS[name]) == _seccomp.RET_KILL_PROCESS, name
+    assert run_bpf(prog, 226, arch=0x40000003) == P.SECCOMP_RET_USER_NOTIF  # i386 setxattr: foreign ABI
+    decoder = _seccomp.Decoder(_seccomp.Memory(), os.getpid(), frozenset())
+    scratch = tmp_path / "victim"
+    scratch.write_text("x")
+    attribute = ctypes.create_string_buffer(b"user.tag")
+    attribute_p = ctypes.addressof(attribute)
+
+    def decide(name: str, *args: int) -> _seccomp.Decision:
+        nr = _seccomp.SYSCALLS[name]
+        return decoder.decide(
+            _seccomp.Notification(1, os.getpid(), nr, _seccomp.AUDIT_ARCH_X86_64, (*args, 0, 0, 0, 0, 0)[:6])
+        )
+
+    mine, system = os.open(scratch, os.O_RDONLY), os.open("/etc/hostname", os.O_RDONLY)
+    try:
+        for name in ("fchmod", "fchown", "fsetxattr", "fremovexattr", "futimesat"):
+            d = decide(name, mine, attribute_p if "xattr" in name else 0)
+            assert d.kind == name and d.deny is None and d.record, (name, d)
+            assert d.detail["paths"] == [str(scratch)] and d.detail["class"] == "scratch", (name, d)
+            if "xattr" in name:
+                assert d.detail["attribute"] == "user.tag"
+            d = decide(name, system, attribute_p if "xattr" in name else 0)
+            assert d.deny is not None and d.detail["paths"] == ["/etc/hostname"], (name, d)
+    finally:
+        os.close(mine)
+        os.close(system)
+    path = ctypes.create_string_buffer(str(scratch).encode())
+    d = decide("lsetxattr", ctypes.addressof(path), attribute_p)
+    assert d.deny is None and d.detail["paths"] == [str(scratch)]
+    found = rules(judge(line(1, "fchown", d.detail, "allowed")))
+    assert "file-write" in found and str(scratch) in str(found["file-write"].evidence)
+    outside = rules(judge(line(1, "fsetxattr", {"paths": ["/etc/hostname"], "class": "outside"}, "denied")))
+    assert "file-change-outside" in outside
 
 
 def test_scheduling_the_supervisor_is_refused_as_an_attack_and_the_loaders_own_is_its_business() -> None:
