@@ -136,8 +136,9 @@ def _remove_containers_of(procs: list[subprocess.Popen[bytes]]) -> None:
     import docker.errors
 
     pids = {str(p.pid) for p in procs}
-    for c in connect().containers.list(all=True, filters={"label": f"{LABEL}=worker"}):
-        if (c.labels or {}).get(OWNER_LABEL, "").rpartition(":")[2] in pids:
+    # sparse: no inspection of each listed container, which another process may remove first
+    for c in connect().containers.list(all=True, sparse=True, filters={"label": f"{LABEL}=worker"}):
+        if (c.attrs.get("Labels") or {}).get(OWNER_LABEL, "").rpartition(":")[2] in pids:
             # another process's orphan sweep may be removing it at the same moment
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                 c.remove(force=True, v=True)
