@@ -117,10 +117,18 @@ def parse_json(data: bytes, what: str) -> object:
 # -- typed documents ------------------------------------------------------------------------
 
 
+def _finite(v: object) -> bool:
+    """Whether ``v`` is a JSON number a float holds: JSON integers have any number of digits,
+    and ``math.isfinite``/``float()`` raise OverflowError for one past 2**1024."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**1000) < v < 2**1000
+
+
 def _num(v: object, lo: float, hi: float, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+    if not _finite(v) or not lo <= v <= hi:  # type: ignore[operator]
         raise ProtocolError(f"{what} is not a number in [{lo:g}, {hi:g}]")
-    return float(v)
+    return float(v)  # type: ignore[arg-type]
 
 
 def _int(v: object, lo: int, hi: int, what: str) -> int:
@@ -243,10 +251,7 @@ def _opt_num(d: dict[str, object], key: str, what: str) -> float | None:
     v = d.get(key)
     if v is None:
         return None
-    _req(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-        f"{what}.{key} is not a number",
-    )
+    _req(_finite(v), f"{what}.{key} is not a number")
     return float(v)  # type: ignore[arg-type]
 
 
@@ -760,10 +765,7 @@ class Status(_Returned):
         out: list[tuple[float, float, int]] = []
         for p in points:
             _req(
-                isinstance(p, list)
-                and len(p) == 3
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
-                and isinstance(p[2], int),
+                isinstance(p, list) and len(p) == 3 and all(_finite(v) for v in p) and isinstance(p[2], int),
                 f"{what}: a sample is not [t, cpu_s, rss_bytes]",
             )
             t, cpu, rss = float(p[0]), float(p[1]), int(p[2])
@@ -804,6 +806,7 @@ class Status(_Returned):
             raw.get("values"),
             MAX_CANARIES,
             lambda k, v: isinstance(k, str) and isinstance(v, str) and 12 <= len(v) <= 512 and len(k) <= 64,
+        ),
         )
         paths = (
             tuple(p for p in files[:MAX_CANARIES] if isinstance(p, str) and len(p) <= 256)
@@ -884,7 +887,7 @@ class EventLine:
         detail, action = obj.get("detail", {}), obj.get("action")
         if not (_is_int(eid) and 0 < eid < 2**53):  # type: ignore[operator]
             return None
-        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
+        if not (_finite(t) and t >= 0):  # type: ignore[operator]
             return None
         if (
             not isinstance(source, str)

@@ -218,3 +218,25 @@ def test_an_empty_views_offset_is_bounded(tmp_path: Any) -> None:
             _convert.load_tensors(
                 path, validate_manifest(_manifest(tensors=[empty], views=[dict(view, offset=offset)]))
             )
+
+
+_HUGE = 10**400  # a JSON integer: any number of digits parses, and no float holds it
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"usage": {"wall_s": _HUGE, "cpu_user_s": 0, "cpu_system_s": 0, "max_rss_kb": 0}},
+        {"resources": {"cpu_s": _HUGE}},
+        {"resources": {"series": [[_HUGE, 0, 0]]}},
+        {"resources": {"series": [[0, -_HUGE, 0]]}},
+        {"stopped": {"kind": "connect", "category": "network", "t": _HUGE}},
+    ],
+)
+def test_a_status_number_no_float_holds_is_refused(field: dict[str, Any]) -> None:
+    """Every number of the status was checked with ``math.isfinite`` or ``float()``, which raise
+    OverflowError (not a ProtocolError) for an integer past 2**1024: a status with
+    ``"wall_s": 1000...0`` (401 digits) raised OverflowError out of safe_load."""
+    doc = json.dumps({"protocol": P.PROTOCOL_VERSION, **field}).encode()
+    with pytest.raises(OutputRejected):
+        read_outputs(Received(status=doc))
