@@ -805,8 +805,16 @@ class Status(_Returned):
         good = _good_items(
             raw.get("values"),
             MAX_CANARIES,
-            lambda k, v: isinstance(k, str) and isinstance(v, str) and 12 <= len(v) <= 512 and len(k) <= 64,
-        ),
+            # values the host searches the outputs for as bytes: the supervisor's are printable
+            # ASCII, and a lone surrogate has no bytes (UnicodeEncodeError in the search)
+            lambda k, v: (
+                isinstance(k, str)
+                and isinstance(v, str)
+                and 12 <= len(v) <= 512
+                and len(k) <= 64
+                and v.isascii()
+                and v.isprintable()
+            ),
         )
         paths = (
             tuple(p for p in files[:MAX_CANARIES] if isinstance(p, str) and len(p) <= 256)
