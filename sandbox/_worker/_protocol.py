@@ -286,8 +286,13 @@ def _name(v: object, taken: set[str], what: str) -> str:
     return v
 
 
+#: a tensor's location as torch.load's restore functions name it: a device type (a backend's
+#: own name for privateuse1 ones), and an index
+_LOCATION = re.compile(r"[a-z][a-z0-9_]{0,31}(:[0-9]{1,4})?")
+
+
 def _location(v: object, what: str) -> str:
-    _req(isinstance(v, str) and len(v) <= 64 and v.isprintable(), f"{what}: location malformed")
+    _req(isinstance(v, str) and _LOCATION.fullmatch(v) is not None, f"{what}: location malformed")
     return v  # type: ignore[return-value]
 
 

@@ -621,3 +621,28 @@ def test_the_host_takes_a_plain_state_dicts_bytes_from_its_own_descriptor_not_th
     assert path.read_bytes() == original
     (seen,) = runner.seen
     assert (seen.st_dev, seen.st_ino) != (path.stat().st_dev, path.stat().st_ino)
+
+
+@pytest.mark.parametrize("location", ["garbage", "cuda:0", "", "cpu\x00", "Cpu"])
+def test_a_location_this_host_cannot_restore_to_is_a_documented_error(tmp_path: Path, location: str) -> None:
+    """The manifest's location of a tensor is the sandbox's word: one torch has no device for
+    (``"garbage"``) raised RuntimeError out of ``torch.device``, and ``"cuda:0"`` on a host
+    without CUDA an AssertionError out of ``Tensor.to``, from safe_load. Now a malformed one is
+    OutputRejected and one this host lacks is LoadFailed (a RuntimeError, as torch.load's);
+    ``map_location`` still places it."""
+    if location == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+
+    def move(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        manifest["tensors"][0]["location"] = location
+        out.manifest = json.dumps(manifest).encode()
+
+    expected = sandbox.LoadFailed if location in ("garbage", "cuda:0") else OutputRejected
+    with pytest.raises(expected):
+        sandbox.safe_load(path, runner=FakeRunner(move))
+    if expected is sandbox.LoadFailed:
+        got = sandbox.safe_load(path, map_location="cpu", runner=FakeRunner(move))
+        assert torch.equal(got["encoder.weight"], ck.state_dict()["encoder.weight"])
