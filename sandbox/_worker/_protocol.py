@@ -275,6 +275,18 @@ def _dims(v: object, what: str) -> tuple[int, ...]:
     return tuple(v)  # type: ignore[arg-type]
 
 
+def _shape(v: object, what: str) -> tuple[int, ...]:
+    """The dims of a tensor the host makes contiguous: its row-major strides (the product of
+    the dims after each, an empty dim counted as 1, as torch computes them) fit in an int64,
+    or ``torch.empty`` of an empty tensor of shape [0, 2**61, 2**61] raises RuntimeError."""
+    shape = _dims(v, what)
+    stride = 1
+    for d in shape[:0:-1]:
+        stride *= max(d, 1)
+        _req(stride < 2**63, f"{what}: its strides overflow")
+    return shape
+
+
 def _name(v: object, taken: set[str], what: str) -> str:
     _req(
         isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN and v != "__metadata__",
@@ -506,7 +518,7 @@ class Manifest(_Returned):
         assert isinstance(dtype, str)
         stored_as, size = TORCH_DTYPES[dtype]
         _req(t.get("stored_as") == stored_as, f"{what}: {name}: wrong storage dtype")
-        shape = _dims(t.get("shape"), f"{what}: {name}: shape")
+        shape = _shape(t.get("shape"), f"{what}: {name}: shape")
         numel = 1
         for s in shape:
             numel *= s
@@ -587,7 +599,7 @@ class Manifest(_Returned):
         )
         dtype = t["dtype"]
         _req(isinstance(dtype, str) and dtype in TORCH_DTYPES, f"{what}: layout dtype unknown")
-        shape = _dims(t["shape"], f"{what}: layout shape")
+        shape = _shape(t["shape"], f"{what}: layout shape")
         stride = _dims(t["stride"], f"{what}: layout stride")
         _req(len(shape) == len(stride), f"{what}: layout stride rank")
         offset = t["offset"]

@@ -240,3 +240,31 @@ def test_a_status_number_no_float_holds_is_refused(field: dict[str, Any]) -> Non
     doc = json.dumps({"protocol": P.PROTOCOL_VERSION, **field}).encode()
     with pytest.raises(OutputRejected):
         read_outputs(Received(status=doc))
+
+
+@pytest.mark.parametrize("stored", ["file", "span", "raw"])
+def test_an_empty_tensor_whose_strides_overflow_is_refused(tmp_path: Any, stored: str) -> None:
+    """Each dim was bounded alone, so an empty tensor of shape [0, 2**61, 2**61] passed (it
+    holds no bytes): ``torch.empty`` of it, for a tensor named by its span or stored as raw
+    bytes, raised RuntimeError ("Stride calculation overflowed") out of the host's reading."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sandbox import _convert
+
+    entry = dict(_manifest()["tensors"][0], name="e", shape=[0, 2**61, 2**61], nbytes=0, sha256=None)
+    held = {"e": torch.empty(0)}
+    if stored == "span":
+        entry["span"], held = [0, 0], {}
+    elif stored == "raw":
+        entry.update(dtype="complex128", stored_as="U8")
+        held = {"e": torch.empty(0, dtype=torch.uint8)}
+    path, source = str(tmp_path / "t.safetensors"), tmp_path / "input"
+    save_file(held, path)
+    source.write_bytes(b"\0" * 8)
+    with pytest.raises(OutputRejected, match="strides overflow"):
+        manifest = validate_manifest(_manifest(tensors=[entry]))
+        _convert.load_tensors(path, manifest, source=str(source))
+    # torch makes one whose strides fit, however large its dims
+    fits = dict(entry, shape=[2**62 - 1, 0, 2])
+    assert validate_manifest(_manifest(tensors=[fits])).tensors[0].shape == (2**62 - 1, 0, 2)
