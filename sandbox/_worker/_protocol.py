@@ -288,8 +288,10 @@ def _shape(v: object, what: str) -> tuple[int, ...]:
 
 
 def _name(v: object, taken: set[str], what: str) -> str:
+    # printable, as tensor_name makes every name: a name reaches messages, reports and the
+    # headers of converted files, and a lone surrogate there cannot even be encoded
     _req(
-        isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN and v != "__metadata__",
+        isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN and v != "__metadata__" and v.isprintable(),
         f"{what}: tensor name malformed",
     )
     assert isinstance(v, str)

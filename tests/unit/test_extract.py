@@ -190,7 +190,7 @@ def test_outputs_are_read_from_their_memfds() -> None:
     assert read_outputs(Received()).status is None  # no status: None, for the monitor to judge
 
 
-@pytest.mark.parametrize("name", ["", "a" * 100_000, 5, None, ["a"]])
+@pytest.mark.parametrize("name", ["", "a" * 100_000, 5, None, ["a"], "a\ud800", "a\x00b", "\u202ea", "a\nb"])
 def test_hostile_tensor_names_are_refused(name: object) -> None:
     bad = _manifest()
     bad["tensors"][0]["name"] = name
