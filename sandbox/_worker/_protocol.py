@@ -238,13 +238,25 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _text(v: str, limit: int) -> str:
+    """``v`` cut to ``limit`` characters, as text any stream can carry: a JSON string may hold
+    a lone surrogate (``"\\ud800"``), which has no UTF-8 and would stop whatever prints or
+    writes the report it reaches; it is kept as its escape."""
+    v = v[:limit]
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    return v
+
+
 def _opt_str(d: dict[str, object], key: str, limit: int, what: str) -> str | None:
     v = d.get(key)
     if v is None:
         return None
     _req(isinstance(v, str), f"{what}.{key} is not a string")
     assert isinstance(v, str)
-    return v[:limit]
+    return _text(v, limit)
 
 
 def _opt_num(d: dict[str, object], key: str, what: str) -> float | None:
@@ -490,8 +502,8 @@ class Manifest(_Returned):
             )
             unrepresentable.append(
                 Unrepresentable(
-                    path=str(u["path"])[:4000],
-                    type=str(u["type"])[:400],
+                    path=_text(str(u["path"]), 4000),
+                    type=_text(str(u["type"]), 400),
                     reason=_opt_str(u, "reason", 400, what) or "",
                 )
             )
@@ -501,13 +513,13 @@ class Manifest(_Returned):
         fmt = d.get("format")
         _req(isinstance(fmt, str) and len(fmt) <= 64, f"{what}: format missing")
         return cls(
-            format=str(fmt),
+            format=_text(str(fmt), 64),
             tensors=tensors,
             views=views,
             layout=layout,
             skeleton=d.get("skeleton"),
             unrepresentable=tuple(unrepresentable),
-            notes=tuple(str(n)[:4000] for n in notes[:10_000]),
+            notes=tuple(_text(str(n), 4000) for n in notes[:10_000]),
         )
 
     @staticmethod
@@ -718,7 +730,7 @@ class Status(_Returned):
         canaries, canary_files = cls._canaries(d.get("canaries"))
         counts, kernel, truncated = cls._monitor(d.get("monitor"))
         return cls(
-            env_keys=tuple(k[:200] for k in env[:1000]),
+            env_keys=tuple(_text(k, 200) for k in env[:1000]),
             input_sha256=str(sha) if sha is not None else None,
             input_size=_opt_int(d, "input_size", what, 0),
             input_error=_opt_str(d, "input_error", 200, what),
@@ -735,7 +747,7 @@ class Status(_Returned):
             kernel_monitor=kernel,
             counts=counts,
             truncated=truncated,
-            output_problems=tuple(sorted((str(k), str(v)[:200]) for k, v in problems.items())),
+            output_problems=tuple(sorted((str(k), _text(str(v), 200)) for k, v in problems.items())),
         )
 
     @staticmethod
@@ -831,6 +843,7 @@ class Status(_Returned):
                 and isinstance(v, str)
                 and 12 <= len(v) <= 512
                 and len(k) <= 64
+                and k.isprintable()
                 and v.isascii()
                 and v.isprintable()
             ),
@@ -849,7 +862,9 @@ class Status(_Returned):
         good = _good_items(
             raw.get("counts"),
             1000,
-            lambda k, v: isinstance(k, str) and len(k) <= 160 and _is_int(v) and 0 <= v < 2**53,
+            lambda k, v: (
+                isinstance(k, str) and len(k) <= 160 and k.isprintable() and _is_int(v) and 0 <= v < 2**53
+            ),
         )
         return good, raw.get("kernel") is True, raw.get("truncated") is True
 

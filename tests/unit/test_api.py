@@ -689,3 +689,44 @@ def test_a_name_that_cannot_be_encoded_never_reaches_a_message(tmp_path: Path) -
         )
     info.value.diagnostics().encode()
     assert isinstance(info.value, OutputRejected)
+
+
+_SURROGATE = "\ud800"  # valid JSON ("\\ud800"), no UTF-8
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["result", "unrepresentable", "notes", "format", "env_keys", "stopped", "input_error", "counts"],
+)
+def test_text_the_sandbox_sends_is_text_every_report_format_can_carry(tmp_path: Path, where: str) -> None:
+    """A lone surrogate in a string of the status or the manifest reached the report: its
+    SARIF rendering (which the CLI prints with ensure_ascii=False) raised UnicodeEncodeError.
+    Such a string is now kept as its escape; a count or canary key is dropped."""
+    from sandbox._sarif import render_sarif
+
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+    bad = f"x{_SURROGATE}y"
+
+    def plant(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        if where == "result":
+            status.update(result={"ok": False, "kind": "load", "message": bad, "type": bad}, exit_code=3)
+        elif where == "unrepresentable":
+            manifest["unrepresentable"] = [{"path": bad, "type": bad, "reason": bad}]
+        elif where in ("notes", "format"):
+            manifest[where] = [bad] if where == "notes" else bad
+        elif where == "env_keys":
+            status["env_keys"] = [bad]
+        elif where == "stopped":
+            status["stopped"] = {"kind": bad, "category": bad, "t": 1.0}
+        elif where == "input_error":
+            status["input_error"] = bad
+        else:
+            status["monitor"] = {"kernel": True, "counts": {f"kernel:open{_SURROGATE}:denied": 3}}
+        out.manifest = json.dumps(manifest).encode()
+
+    report = sandbox.scan(path, runner=FakeRunner(plant))
+    json.dumps(render_sarif([report]), ensure_ascii=False).encode()
+    report.to_text().encode()
+    assert _SURROGATE not in report.to_json().encode().decode("unicode_escape", "surrogatepass")
