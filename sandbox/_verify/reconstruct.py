@@ -322,6 +322,8 @@ class _Budget:
         self.made: list[_Tensor | _NpArray] = []
         #: the quantizer of each quantized tensor the pickle rebuilds (see Inventory.quantizers)
         self.quantizers: set[Quantizer] = set()
+        #: the size of each sparse tensor the pickle rebuilds (see Inventory.sparse_sizes)
+        self.sparse_sizes: set[SparseSize] = set()
         self.cancel = cancel
 
     def check(self) -> None:
@@ -472,6 +474,14 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
                 budget.quantizers.add(q)
             return t
         return _Opaque(name, list(args))
+    if name == "torch._utils._rebuild_sparse_tensor":
+        # (layout, (indices, values, size[, coalesced])) or, compressed, (layout,
+        # (compressed indices, plain indices, values, size)): the parts are tensors found like
+        # any other; the size is a torch.Size of literals, which the skeleton must repeat
+        size = _sparse_size(args)
+        if size is not None:
+            budget.sparse_sizes.add(size)
+        return _Opaque(name, list(args))
     if name == "builtins.bytes" and n == 0:  # protocol 2 pickles b"" as bytes()
         return b""
     if name == "builtins.bytearray" and n == 0:
@@ -518,6 +528,25 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
 #: ("quantized_per_tensor", dtype, shape, scale, zero point) or ("quantized_per_channel",
 #: dtype, shape, axis)
 Quantizer = tuple[object, ...]
+
+
+#: a sparse tensor's size with the dtype of its values: (dtype, size)
+SparseSize = tuple[str, tuple[int, ...]]
+
+
+def _sparse_size(args: tuple[object, ...]) -> SparseSize | None:
+    """The (values dtype, size) of a ``_rebuild_sparse_tensor`` call, where both are literals."""
+    data = args[1] if len(args) == 2 else None
+    if not isinstance(data, tuple) or len(data) not in (3, 4):
+        return None
+    # COO: (indices, values, size[, coalesced]); compressed: (crow, col, values, size)
+    values, size = (data[1], data[2]) if not isinstance(data[2], _Tensor) else (data[2], data[3])
+    if not isinstance(values, _Tensor) or not isinstance(size, _Opaque) or size.name != "torch.Size":
+        return None
+    dims = size.parts[0] if len(size.parts) == 1 else None  # torch.Size's one argument
+    if not isinstance(dims, (tuple, list)) or not all(_is_int(d) for d in dims):
+        return None
+    return (values.dtype, tuple(dims))
 
 
 def _quantizer(t: _Tensor, params: object) -> Quantizer | None:
@@ -1559,6 +1588,9 @@ class Inventory:
     #: the quantizers of the quantized tensors the file describes (see :data:`Quantizer`):
     #: a returned quantized tensor's parameters must be one of them
     quantizers: frozenset[Quantizer] = frozenset()
+    #: the sizes of the sparse tensors the file describes (see :data:`SparseSize`): a returned
+    #: sparse tensor's size must be one of them
+    sparse_sizes: frozenset[SparseSize] = frozenset()
 
 
 def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool, data: object) -> Digest | None:
@@ -1711,6 +1743,7 @@ def try_inventory(
                 stored={k: tuple(sorted(v)) for k, v in stored.items()},
                 paths=paths,
                 quantizers=frozenset(budget.quantizers),
+                sparse_sizes=frozenset(budget.sparse_sizes),
             )
 
     return _guarded(fmt, inventory)

@@ -210,13 +210,10 @@ def _tensors_of(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.is_nested or b.is_nested:
         return a.is_nested == b.is_nested and a.dtype == b.dtype and a.layout == b.layout
-    if a.layout != torch.strided or b.layout != torch.strided:
-        # a sparse tensor's parts are tensors of the manifest, verified like any other; its
-        # size is the skeleton's word, which nothing checks yet (see test_api's
-        # test_a_sparse_tensors_size_is_checked_against_the_file, strictly xfailed)
-        return a.layout == b.layout and a.dtype == b.dtype
-    if a.dtype != b.dtype or a.shape != b.shape or a.is_quantized != b.is_quantized:
+    if a.layout != b.layout or a.dtype != b.dtype or a.shape != b.shape or a.is_quantized != b.is_quantized:
         return False
+    if a.layout != torch.strided:
+        a, b = a.to_dense(), b.to_dense()
     if a.is_quantized:
         a, b = a.int_repr(), b.int_repr()
     left = a.detach().contiguous().reshape(-1).view(torch.uint8)
