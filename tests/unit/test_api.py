@@ -670,6 +670,28 @@ def test_a_sparse_tensors_size_is_checked_against_the_file(tmp_path: Path) -> No
     assert [f.evidence["tensors"] for f in report.findings if f.rule == "weights-unverified"] == [["coo"]]
 
 
+def test_a_name_that_cannot_be_encoded_never_reaches_a_message(tmp_path: Path) -> None:
+    """Names were any string: a view named ``"w\\ud800"`` (a lone surrogate, valid JSON) came
+    back in UnverifiedWeights' message, which no UTF-8 stream can print (the CLI raised
+    UnicodeEncodeError printing it). The worker names every tensor printably; the host now
+    holds the sandbox to that."""
+    path = ck.save({"w": ck.Reduce(torch.ones, 3)}, tmp_path / "computed.pt")
+
+    def rename(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        view = {"name": "w\ud800", "base": "w", "offset": 0, "shape": [3], "stride": [1]}
+        manifest["views"] = [{**view, "dtype": "float32", "location": "cpu"}]
+        out.manifest = json.dumps(manifest).encode()
+
+    with pytest.raises(sandbox.SandboxError) as info:
+        sandbox.convert(
+            path, tmp_path / "o.safetensors", runner=FakeRunner(rename), policy=ck.observe_policy()
+        )
+    info.value.diagnostics().encode()
+    assert isinstance(info.value, OutputRejected)
+
+
 _SURROGATE = "\ud800"  # valid JSON ("\\ud800"), no UTF-8
 
 
