@@ -623,15 +623,13 @@ def test_the_host_takes_a_plain_state_dicts_bytes_from_its_own_descriptor_not_th
     assert (seen.st_dev, seen.st_ino) != (path.stat().st_dev, path.stat().st_ino)
 
 
-@pytest.mark.parametrize("location", ["garbage", "cuda:0", "", "cpu\x00", "Cpu"])
-def test_a_location_this_host_cannot_restore_to_is_a_documented_error(tmp_path: Path, location: str) -> None:
-    """The manifest's location of a tensor is the sandbox's word: one torch has no device for
-    (``"garbage"``) raised RuntimeError out of ``torch.device``, and ``"cuda:0"`` on a host
-    without CUDA an AssertionError out of ``Tensor.to``, from safe_load. Now a malformed one is
-    OutputRejected and one this host lacks is LoadFailed (a RuntimeError, as torch.load's);
-    ``map_location`` still places it."""
-    if location == "cuda:0" and torch.cuda.is_available():
-        pytest.skip("this host has CUDA")
+@pytest.mark.parametrize("location", ["garbage", "cuda:0", "meta", "", "cpu\x00", "Cpu"])
+def test_a_location_the_file_does_not_name_is_refused(tmp_path: Path, location: str) -> None:
+    """The manifest's location of a tensor is the sandbox's word: ``"garbage"`` raised
+    RuntimeError out of ``torch.device``, ``"cuda:0"`` on a host without CUDA an AssertionError
+    out of ``Tensor.to``, and ``"meta"`` handed the user meta tensors (every weight gone),
+    verdict clean. A location is a device string, and one no storage of the file names is
+    refused."""
     path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
 
     def move(out: Played, status: dict[str, Any]) -> None:
@@ -640,12 +638,25 @@ def test_a_location_this_host_cannot_restore_to_is_a_documented_error(tmp_path: 
         manifest["tensors"][0]["location"] = location
         out.manifest = json.dumps(manifest).encode()
 
-    expected = sandbox.LoadFailed if location in ("garbage", "cuda:0") else OutputRejected
-    with pytest.raises(expected):
+    with pytest.raises(OutputRejected):
         sandbox.safe_load(path, runner=FakeRunner(move))
-    if expected is sandbox.LoadFailed:
-        got = sandbox.safe_load(path, map_location="cpu", runner=FakeRunner(move))
-        assert torch.equal(got["encoder.weight"], ck.state_dict()["encoder.weight"])
+    with pytest.raises(OutputRejected):
+        sandbox.safe_load(path, map_location="cpu", runner=FakeRunner(move))
+
+
+def test_a_location_this_host_lacks_is_load_failed(tmp_path: Path) -> None:
+    """A file whose storages are on cuda:0, on a host without CUDA: torch.load raises
+    RuntimeError; safe_load raised torch's AssertionError, and now LoadFailed (a
+    RuntimeError); ``map_location`` places it."""
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    path = tmp_path / "legacy.tar"
+    tensors = {"w": torch.arange(4, dtype=torch.float32)}
+    ck.write_legacy_tar(path, lambda ref: {"w": ref("w")}, tensors, location="cuda:0")
+    with pytest.raises(sandbox.LoadFailed, match="cuda:0"):
+        sandbox.safe_load(path, runner=FakeRunner())
+    got = sandbox.safe_load(path, map_location="cpu", runner=FakeRunner())
+    assert torch.equal(got["w"], tensors["w"])
 
 
 def test_a_sparse_tensors_size_is_checked_against_the_file(tmp_path: Path) -> None:
