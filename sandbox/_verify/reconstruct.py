@@ -893,6 +893,9 @@ class _Namer(P.TensorNames):
         self.order: list[tuple[str, _Tensor]] = []
         #: every path at which each named tensor lies (an object met again keeps its name)
         self.paths: dict[str, list[tuple[str, ...]]] = {}
+        #: the sparse and nested tensors (rebuilt by a call the general reading keeps opaque)
+        #: and the paths at which each lies, by object
+        self.composites: dict[int, list[tuple[str, ...]]] = {}
 
     def walk(self, obj: object, path: tuple[str, ...] = (), depth: int = 0) -> None:
         self.nodes += 1
@@ -907,6 +910,9 @@ class _Namer(P.TensorNames):
             if new:
                 self.order.append((name, obj))
             self.paths.setdefault(name, []).append(path)
+            return
+        if isinstance(obj, _Opaque) and obj.name in _COMPOSITE_REBUILDS:
+            self.composites.setdefault(id(obj), []).append(path)
             return
         if not isinstance(obj, (dict, list, tuple)):
             return  # a storage, dtype or class as a value: no tensor, opaque or a leaf
@@ -1442,6 +1448,26 @@ def _named(value: object) -> list[tuple[str, _Tensor]]:
     return _walked(value).order
 
 
+#: the calls that rebuild a tensor the worker returns as a composite of ordinary tensors (a
+#: quantized one is rebuilt from its storage as any tensor is, and named like one)
+_COMPOSITE_REBUILDS = frozenset(
+    {"torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_nested_tensor"}
+)
+
+
+def _composite_paths(namer: _Namer) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Where the file puts each sparse or nested tensor that it puts in one place, by the name
+    the worker gives its composite (that of its path; left out where a tensor's name is the
+    same, so that the worker's may differ)."""
+    out: dict[str, tuple[tuple[str, ...], ...]] = {}
+    for where in namer.composites.values():
+        if len(where) == 1 and "<key>" not in where[0]:
+            name = P.tensor_name(where[0], set())
+            if name not in namer.paths and "#" not in name:
+                out[name] = (where[0],)
+    return out
+
+
 def _walked(value: object) -> _Namer:
     """The walk of ``value`` that names its tensors (plain containers only)."""
     namer = _Namer()
@@ -1728,7 +1754,7 @@ def try_inventory(
                 for name, t in namer.order
                 if "#" not in name and (ref := by_id.get(id(t))) is not None
             }
-            paths = {name: tuple(namer.paths[name]) for name in named}
+            paths = {name: tuple(namer.paths[name]) for name in named} | _composite_paths(namer)
             for m in unique.values():
                 if isinstance(m, _NpArray) and m.data is not None and m.dtype is not None:
                     budget.check()

@@ -703,6 +703,31 @@ def test_a_name_that_cannot_be_encoded_never_reaches_a_message(tmp_path: Path) -
     assert isinstance(info.value, OutputRejected)
 
 
+@pytest.mark.parametrize("key", ["coo", "csr", "nested"])
+@pytest.mark.parametrize("instead", ["a tensor", "a value"])
+def test_a_skeleton_that_swaps_out_a_sparse_or_nested_tensor_is_refused(
+    tmp_path: Path, key: str, instead: str
+) -> None:
+    """Found by tests/property/test_sandbox_result_props.py: a skeleton that put the tensor
+    ``plain`` (or the value 0) where the file has a nested or sparse tensor handed the user
+    that, verdict clean: the host's reading of the file knew where its plain and quantized
+    tensors lie, not its sparse and nested ones (rebuilt by calls it keeps opaque)."""
+    composites = ck.composite_checkpoint()
+    path = ck.save({k: composites[k] for k in ("plain", "coo", "csr", "nested")}, tmp_path / "composites.pt")
+
+    def swap(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        for pair in manifest["skeleton"]["items"]:
+            if pair[0] == key:
+                pair[1] = {"$": "tensor", "ref": "plain"} if instead == "a tensor" else 0
+        out.manifest = json.dumps(manifest).encode()
+
+    assert sandbox.scan(path, runner=FakeRunner()).verdict is sandbox.Verdict.CLEAN
+    with pytest.raises(sandbox.SandboxViolation, match=key):
+        sandbox.safe_load(path, runner=FakeRunner(swap))
+
+
 _SURROGATE = "\ud800"  # valid JSON ("\\ud800"), no UTF-8
 
 
