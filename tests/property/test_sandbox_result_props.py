@@ -134,6 +134,9 @@ HOSTILE: st.SearchStrategy[Any] = st.sampled_from(
         "float8_e4m3fn",
         "U8",
         "nan",
+        "sparse_csr",
+        "quantized_per_channel",
+        "nested",
         [],
         {},
         [0],
@@ -162,12 +165,21 @@ def _slots(doc: Any) -> list[tuple[Any, Any]]:
     return out
 
 
-Op = tuple[str, int, int, Any]
-#: changes to a JSON document: a value replaced by a hostile one or by another part of the
-#: document, a key dropped, a list entry repeated, an integer moved by a little
+Op = tuple[str, str | None, int, int, Any]
+#: the keys of the documents (manifest, status, SafeTensors header) a mutation may aim at
+KEYS = [
+    *("name", "dtype", "shape", "stride", "offset", "base", "nbytes", "stored_as", "span"),
+    *("location", "sha256", "ref", "parts", "params", "kind", "items", "v", "$", "data_offsets"),
+    *("scale", "zero_point", "axis", "coalesced", "ragged_idx", "skeleton", "tensors", "views"),
+    *("result", "usage", "resources", "series", "monitor", "canaries", "input_sha256", "exit_code"),
+]
+#: changes to a JSON document: a value (anywhere, or under one of KEYS) replaced by a hostile
+#: one or by another part of the document, a key dropped, a list entry repeated, an integer
+#: moved by a little
 MUTATIONS = st.lists(
     st.tuples(
         st.sampled_from(["set", "copy", "drop", "repeat", "bump"]),
+        st.none() | st.sampled_from(KEYS),
         st.integers(0, 10**6),
         st.integers(0, 10**6),
         VALUE,
@@ -178,11 +190,12 @@ MUTATIONS = st.lists(
 
 
 def mutate(doc: Any, ops: list[Op]) -> None:
-    for op, i, j, value in ops:
+    for op, aim, i, j, value in ops:
         slots = _slots(doc)
-        if not slots:
-            return
-        node, key = slots[i % len(slots)]
+        aimed = [(n, k) for n, k in slots if k == aim] if aim is not None else slots
+        if not aimed:
+            continue
+        node, key = aimed[i % len(aimed)]
         if op == "set":
             node[key] = copy.deepcopy(value)
         elif op == "copy":
