@@ -330,6 +330,7 @@ def _monitored(
         from .errors import LoadFailed
 
         raise LoadFailed("the loader reported success but sent no manifest/tensors")
+    _check_locations(output.manifest, loaded.static)
     if output.manifest.layout is not None:
         output.manifest, loaded.placements = _placed(
             report, output.manifest, loaded.input_path, loaded.static
@@ -358,6 +359,28 @@ def _monitored(
             "the manifest gives neither a sha256 nor a span of the input for tensors whose bytes "
             "stayed in the sandbox"
         )
+
+
+def _check_locations(manifest: P.Manifest, static: _scan.StaticScan | None) -> None:
+    """Refuse a tensor the manifest places on a device that no storage record of the file
+    names (where the static scan read them all): the loader loads every storage onto the CPU
+    and reports the location its record gives, so any other location is the sandbox's
+    invention, and ``place`` would move the tensor there (``"meta"``: every weight gone,
+    verified bytes and all)."""
+    if static is None:
+        return
+    named = {s.location for s in static.storages} | {"cpu"}
+    entries: list[P.TensorEntry | P.ViewEntry | P.LayoutEntry] = [
+        *manifest.tensors,
+        *manifest.views,
+        *(manifest.layout or ()),
+    ]
+    for e in entries:
+        if e.location not in named:
+            raise OutputRejected(
+                f"the manifest places {e.name[:100]!r} on {e.location!r}, which no storage of the file names",
+                item=e.name[:200],
+            )
 
 
 def _check_views(manifest: P.Manifest, cap: int) -> None:

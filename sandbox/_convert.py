@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._worker import _protocol as P
-from .errors import OutputRejected, UnrepresentableObject
+from .errors import LoadFailed, OutputRejected, UnrepresentableObject
 
 if TYPE_CHECKING:
     import torch
@@ -308,8 +308,17 @@ def _move(t: torch.Tensor, location: str, map_location: MapLocation) -> torch.Te
             target = result
     else:
         raise TypeError(f"map_location of type {type(map_location).__name__} is not supported")
-    device = torch.device(target)
-    return t if device == t.device else t.to(device)
+    try:
+        device = torch.device(target)
+        return t if device == t.device else t.to(device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        # torch.load raises RuntimeError for a location it cannot restore to (no such device
+        # type, no CUDA here: torch's own check is an AssertionError); the location is the
+        # sandbox's word, so nothing of torch's may come out unwrapped
+        raise LoadFailed(
+            f"a tensor stored on {location!r} cannot be placed on {str(target)[:64]!r} here "
+            f"({str(exc)[:200]}): pass map_location"
+        ) from None
 
 
 def _own_storage(t: torch.Tensor) -> tuple[Any, int]:

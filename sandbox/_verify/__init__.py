@@ -443,6 +443,43 @@ def _unquantized(
     return out
 
 
+def _unsized(
+    skeleton: object,
+    kinds: Mapping[str, tuple[str, tuple[int, ...]]],
+    sizes: frozenset[_reconstruct.SparseSize],
+) -> list[str]:
+    """The names of the sparse tensors in ``skeleton`` (anywhere in it) whose size is none the
+    file describes for a sparse tensor of their values' dtype: the size is the skeleton's word
+    (its parts, verified as tensors, do not fix it)."""
+    out: list[str] = []
+    stack: list[object] = [skeleton]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        stack.extend(node.values())
+        kind, parts, shape = node.get("kind"), node.get("parts"), node.get("shape")
+        if node.get("$") != "composite" or not isinstance(kind, str) or not kind.startswith("sparse_"):
+            continue
+        values = parts.get("values") if isinstance(parts, dict) else None
+        ref = values.get("ref") if isinstance(values, dict) else None
+        if not isinstance(ref, str) or ref not in kinds or not isinstance(shape, list):
+            continue  # the host cannot rebuild it
+        if (
+            not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+            or (
+                kinds[ref][0],
+                tuple(shape),
+            )
+            not in sizes
+        ):
+            out.append(str(node.get("name")))
+    return out
+
+
 def weights(
     path: str,
     manifest: P.Manifest,
@@ -539,6 +576,8 @@ def weights(
         # a quantized tensor is rebuilt from its integer values (verified above) and the
         # skeleton's parameters, which must be a quantizer the file describes for them
         unverified = sorted({*unverified, *_unquantized(manifest.skeleton, kinds, inv.quantizers)})
+        # ... and a sparse tensor from its parts (verified above) and the skeleton's size
+        unverified = sorted({*unverified, *_unsized(manifest.skeleton, kinds, inv.sparse_sizes)})
         reason = "not among the tensors the file's records describe: computed or changed while loading"
         found = list(inv.findings)
         if changed:

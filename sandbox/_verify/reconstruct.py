@@ -326,6 +326,8 @@ class _Budget:
         self.made: list[_Tensor | _NpArray] = []
         #: the quantizer of each quantized tensor the pickle rebuilds (see Inventory.quantizers)
         self.quantizers: set[Quantizer] = set()
+        #: the size of each sparse tensor the pickle rebuilds (see Inventory.sparse_sizes)
+        self.sparse_sizes: set[SparseSize] = set()
         self.cancel = cancel
 
     def check(self) -> None:
@@ -476,6 +478,14 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
                 budget.quantizers.add(q)
             return t
         return _Opaque(name, list(args))
+    if name == "torch._utils._rebuild_sparse_tensor":
+        # (layout, (indices, values, size[, coalesced])) or, compressed, (layout,
+        # (compressed indices, plain indices, values, size)): the parts are tensors found like
+        # any other; the size is a torch.Size of literals, which the skeleton must repeat
+        size = _sparse_size(args)
+        if size is not None:
+            budget.sparse_sizes.add(size)
+        return _Opaque(name, list(args))
     if name == "builtins.bytes" and n == 0:  # protocol 2 pickles b"" as bytes()
         return b""
     if name == "builtins.bytearray" and n == 0:
@@ -522,6 +532,25 @@ def _call_general(name: str, args: tuple[object, ...], budget: _Budget) -> objec
 #: ("quantized_per_tensor", dtype, shape, scale, zero point) or ("quantized_per_channel",
 #: dtype, shape, axis)
 Quantizer = tuple[object, ...]
+
+
+#: a sparse tensor's size with the dtype of its values: (dtype, size)
+SparseSize = tuple[str, tuple[int, ...]]
+
+
+def _sparse_size(args: tuple[object, ...]) -> SparseSize | None:
+    """The (values dtype, size) of a ``_rebuild_sparse_tensor`` call, where both are literals."""
+    data = args[1] if len(args) == 2 else None
+    if not isinstance(data, tuple) or len(data) not in (3, 4):
+        return None
+    # COO: (indices, values, size[, coalesced]); compressed: (crow, col, values, size)
+    values, size = (data[1], data[2]) if not isinstance(data[2], _Tensor) else (data[2], data[3])
+    if not isinstance(values, _Tensor) or not isinstance(size, _Opaque) or size.name != "torch.Size":
+        return None
+    dims = size.parts[0] if len(size.parts) == 1 else None  # torch.Size's one argument
+    if not isinstance(dims, (tuple, list)) or not all(_is_int(d) for d in dims):
+        return None
+    return (values.dtype, tuple(dims))
 
 
 def _quantizer(t: _Tensor, params: object) -> Quantizer | None:
@@ -868,6 +897,9 @@ class _Namer(P.TensorNames):
         self.order: list[tuple[str, _Tensor]] = []
         #: every path at which each named tensor lies (an object met again keeps its name)
         self.paths: dict[str, list[tuple[str, ...]]] = {}
+        #: the sparse and nested tensors (rebuilt by a call the general reading keeps opaque)
+        #: and the paths at which each lies, by object
+        self.composites: dict[int, list[tuple[str, ...]]] = {}
 
     def walk(self, obj: object, path: tuple[str, ...] = (), depth: int = 0) -> None:
         self.nodes += 1
@@ -882,6 +914,9 @@ class _Namer(P.TensorNames):
             if new:
                 self.order.append((name, obj))
             self.paths.setdefault(name, []).append(path)
+            return
+        if isinstance(obj, _Opaque) and obj.name in _COMPOSITE_REBUILDS:
+            self.composites.setdefault(id(obj), []).append(path)
             return
         if not isinstance(obj, (dict, list, tuple)):
             return  # a storage, dtype or class as a value: no tensor, opaque or a leaf
@@ -1417,6 +1452,26 @@ def _named(value: object) -> list[tuple[str, _Tensor]]:
     return _walked(value).order
 
 
+#: the calls that rebuild a tensor the worker returns as a composite of ordinary tensors (a
+#: quantized one is rebuilt from its storage as any tensor is, and named like one)
+_COMPOSITE_REBUILDS = frozenset(
+    {"torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_nested_tensor"}
+)
+
+
+def _composite_paths(namer: _Namer) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Where the file puts each sparse or nested tensor that it puts in one place, by the name
+    the worker gives its composite (that of its path; left out where a tensor's name is the
+    same, so that the worker's may differ)."""
+    out: dict[str, tuple[tuple[str, ...], ...]] = {}
+    for where in namer.composites.values():
+        if len(where) == 1 and "<key>" not in where[0]:
+            name = P.tensor_name(where[0], set())
+            if name not in namer.paths and "#" not in name:
+                out[name] = (where[0],)
+    return out
+
+
 def _walked(value: object) -> _Namer:
     """The walk of ``value`` that names its tensors (plain containers only)."""
     namer = _Namer()
@@ -1565,6 +1620,9 @@ class Inventory:
     #: the quantizers of the quantized tensors the file describes (see :data:`Quantizer`):
     #: a returned quantized tensor's parameters must be one of them
     quantizers: frozenset[Quantizer] = frozenset()
+    #: the sizes of the sparse tensors the file describes (see :data:`SparseSize`): a returned
+    #: sparse tensor's size must be one of them
+    sparse_sizes: frozenset[SparseSize] = frozenset()
 
 
 def _np_digest(dtype: _NpDtype | str, shape: tuple[int, ...], fortran: bool, data: object) -> Digest | None:
@@ -1702,7 +1760,7 @@ def try_inventory(
                 for name, t in namer.order
                 if "#" not in name and (ref := by_id.get(id(t))) is not None
             }
-            paths = {name: tuple(namer.paths[name]) for name in named}
+            paths = {name: tuple(namer.paths[name]) for name in named} | _composite_paths(namer)
             for m in unique.values():
                 if isinstance(m, _NpArray) and m.data is not None and m.dtype is not None:
                     budget.check()
@@ -1717,6 +1775,7 @@ def try_inventory(
                 stored={k: tuple(sorted(v)) for k, v in stored.items()},
                 paths=paths,
                 quantizers=frozenset(budget.quantizers),
+                sparse_sizes=frozenset(budget.sparse_sizes),
             )
 
     return _guarded(fmt, inventory)

@@ -117,10 +117,18 @@ def parse_json(data: bytes, what: str) -> object:
 # -- typed documents ------------------------------------------------------------------------
 
 
+def _finite(v: object) -> bool:
+    """Whether ``v`` is a JSON number a float holds: JSON integers have any number of digits,
+    and ``math.isfinite``/``float()`` raise OverflowError for one past 2**1024."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**1000) < v < 2**1000
+
+
 def _num(v: object, lo: float, hi: float, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+    if not _finite(v) or not lo <= v <= hi:  # type: ignore[operator]
         raise ProtocolError(f"{what} is not a number in [{lo:g}, {hi:g}]")
-    return float(v)
+    return float(v)  # type: ignore[arg-type]
 
 
 def _int(v: object, lo: int, hi: int, what: str) -> int:
@@ -230,23 +238,32 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _text(v: str, limit: int) -> str:
+    """``v`` cut to ``limit`` characters, as text any stream can carry: a JSON string may hold
+    a lone surrogate (``"\\ud800"``), which has no UTF-8 and would stop whatever prints or
+    writes the report it reaches; it is kept as its escape."""
+    v = v[:limit]
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    return v
+
+
 def _opt_str(d: dict[str, object], key: str, limit: int, what: str) -> str | None:
     v = d.get(key)
     if v is None:
         return None
     _req(isinstance(v, str), f"{what}.{key} is not a string")
     assert isinstance(v, str)
-    return v[:limit]
+    return _text(v, limit)
 
 
 def _opt_num(d: dict[str, object], key: str, what: str) -> float | None:
     v = d.get(key)
     if v is None:
         return None
-    _req(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-        f"{what}.{key} is not a number",
-    )
+    _req(_finite(v), f"{what}.{key} is not a number")
     return float(v)  # type: ignore[arg-type]
 
 
@@ -270,9 +287,23 @@ def _dims(v: object, what: str) -> tuple[int, ...]:
     return tuple(v)  # type: ignore[arg-type]
 
 
+def _shape(v: object, what: str) -> tuple[int, ...]:
+    """The dims of a tensor the host makes contiguous: its row-major strides (the product of
+    the dims after each, an empty dim counted as 1, as torch computes them) fit in an int64,
+    or ``torch.empty`` of an empty tensor of shape [0, 2**61, 2**61] raises RuntimeError."""
+    shape = _dims(v, what)
+    stride = 1
+    for d in shape[:0:-1]:
+        stride *= max(d, 1)
+        _req(stride < 2**63, f"{what}: its strides overflow")
+    return shape
+
+
 def _name(v: object, taken: set[str], what: str) -> str:
+    # printable, as tensor_name makes every name: a name reaches messages, reports and the
+    # headers of converted files, and a lone surrogate there cannot even be encoded
     _req(
-        isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN and v != "__metadata__",
+        isinstance(v, str) and 0 < len(v) <= MAX_NAME_LEN and v != "__metadata__" and v.isprintable(),
         f"{what}: tensor name malformed",
     )
     assert isinstance(v, str)
@@ -281,8 +312,13 @@ def _name(v: object, taken: set[str], what: str) -> str:
     return v
 
 
+#: a tensor's location as torch.load's restore functions name it: a device type (a backend's
+#: own name for privateuse1 ones), and an index
+_LOCATION = re.compile(r"[a-z][a-z0-9_]{0,31}(:[0-9]{1,4})?")
+
+
 def _location(v: object, what: str) -> str:
-    _req(isinstance(v, str) and len(v) <= 64 and v.isprintable(), f"{what}: location malformed")
+    _req(isinstance(v, str) and _LOCATION.fullmatch(v) is not None, f"{what}: location malformed")
     return v  # type: ignore[return-value]
 
 
@@ -469,8 +505,8 @@ class Manifest(_Returned):
             )
             unrepresentable.append(
                 Unrepresentable(
-                    path=str(u["path"])[:4000],
-                    type=str(u["type"])[:400],
+                    path=_text(str(u["path"]), 4000),
+                    type=_text(str(u["type"]), 400),
                     reason=_opt_str(u, "reason", 400, what) or "",
                 )
             )
@@ -480,13 +516,13 @@ class Manifest(_Returned):
         fmt = d.get("format")
         _req(isinstance(fmt, str) and len(fmt) <= 64, f"{what}: format missing")
         return cls(
-            format=str(fmt),
+            format=_text(str(fmt), 64),
             tensors=tensors,
             views=views,
             layout=layout,
             skeleton=d.get("skeleton"),
             unrepresentable=tuple(unrepresentable),
-            notes=tuple(str(n)[:4000] for n in notes[:10_000]),
+            notes=tuple(_text(str(n), 4000) for n in notes[:10_000]),
         )
 
     @staticmethod
@@ -499,7 +535,7 @@ class Manifest(_Returned):
         assert isinstance(dtype, str)
         stored_as, size = TORCH_DTYPES[dtype]
         _req(t.get("stored_as") == stored_as, f"{what}: {name}: wrong storage dtype")
-        shape = _dims(t.get("shape"), f"{what}: {name}: shape")
+        shape = _shape(t.get("shape"), f"{what}: {name}: shape")
         numel = 1
         for s in shape:
             numel *= s
@@ -589,7 +625,7 @@ class Manifest(_Returned):
         )
         dtype = t["dtype"]
         _req(isinstance(dtype, str) and dtype in TORCH_DTYPES, f"{what}: layout dtype unknown")
-        shape = _dims(t["shape"], f"{what}: layout shape")
+        shape = _shape(t["shape"], f"{what}: layout shape")
         stride = _dims(t["stride"], f"{what}: layout stride")
         _req(len(shape) == len(stride), f"{what}: layout stride rank")
         offset = t["offset"]
@@ -706,7 +742,7 @@ class Status(_Returned):
         canaries, canary_files = cls._canaries(d.get("canaries"))
         counts, kernel, truncated = cls._monitor(d.get("monitor"))
         return cls(
-            env_keys=tuple(k[:200] for k in env[:1000]),
+            env_keys=tuple(_text(k, 200) for k in env[:1000]),
             input_sha256=str(sha) if sha is not None else None,
             input_size=_opt_int(d, "input_size", what, 0),
             input_error=_opt_str(d, "input_error", 200, what),
@@ -723,7 +759,7 @@ class Status(_Returned):
             kernel_monitor=kernel,
             counts=counts,
             truncated=truncated,
-            output_problems=tuple(sorted((str(k), str(v)[:200]) for k, v in problems.items())),
+            output_problems=tuple(sorted((str(k), _text(str(v), 200)) for k, v in problems.items())),
         )
 
     @staticmethod
@@ -772,10 +808,7 @@ class Status(_Returned):
         out: list[tuple[float, float, int]] = []
         for p in points:
             _req(
-                isinstance(p, list)
-                and len(p) == 3
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
-                and isinstance(p[2], int),
+                isinstance(p, list) and len(p) == 3 and all(_finite(v) for v in p) and isinstance(p[2], int),
                 f"{what}: a sample is not [t, cpu_s, rss_bytes]",
             )
             t, cpu, rss = float(p[0]), float(p[1]), int(p[2])
@@ -815,7 +848,17 @@ class Status(_Returned):
         good = _good_items(
             raw.get("values"),
             MAX_CANARIES,
-            lambda k, v: isinstance(k, str) and isinstance(v, str) and 12 <= len(v) <= 512 and len(k) <= 64,
+            # values the host searches the outputs for as bytes: the supervisor's are printable
+            # ASCII, and a lone surrogate has no bytes (UnicodeEncodeError in the search)
+            lambda k, v: (
+                isinstance(k, str)
+                and isinstance(v, str)
+                and 12 <= len(v) <= 512
+                and len(k) <= 64
+                and k.isprintable()
+                and v.isascii()
+                and v.isprintable()
+            ),
         )
         paths = (
             tuple(p for p in files[:MAX_CANARIES] if isinstance(p, str) and len(p) <= 256)
@@ -831,7 +874,9 @@ class Status(_Returned):
         good = _good_items(
             raw.get("counts"),
             1000,
-            lambda k, v: isinstance(k, str) and len(k) <= 160 and _is_int(v) and 0 <= v < 2**53,
+            lambda k, v: (
+                isinstance(k, str) and len(k) <= 160 and k.isprintable() and _is_int(v) and 0 <= v < 2**53
+            ),
         )
         return good, raw.get("kernel") is True, raw.get("truncated") is True
 
@@ -896,7 +941,7 @@ class EventLine:
         detail, action = obj.get("detail", {}), obj.get("action")
         if not (_is_int(eid) and 0 < eid < 2**53):  # type: ignore[operator]
             return None
-        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
+        if not (_finite(t) and t >= 0):  # type: ignore[operator]
             return None
         if (
             not isinstance(source, str)

@@ -621,3 +621,149 @@ def test_the_host_takes_a_plain_state_dicts_bytes_from_its_own_descriptor_not_th
     assert path.read_bytes() == original
     (seen,) = runner.seen
     assert (seen.st_dev, seen.st_ino) != (path.stat().st_dev, path.stat().st_ino)
+
+
+@pytest.mark.parametrize("location", ["garbage", "cuda:0", "meta", "", "cpu\x00", "Cpu"])
+def test_a_location_the_file_does_not_name_is_refused(tmp_path: Path, location: str) -> None:
+    """The manifest's location of a tensor is the sandbox's word: ``"garbage"`` raised
+    RuntimeError out of ``torch.device``, ``"cuda:0"`` on a host without CUDA an AssertionError
+    out of ``Tensor.to``, and ``"meta"`` handed the user meta tensors (every weight gone),
+    verdict clean. A location is a device string, and one no storage of the file names is
+    refused."""
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+
+    def move(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        manifest["tensors"][0]["location"] = location
+        out.manifest = json.dumps(manifest).encode()
+
+    with pytest.raises(OutputRejected):
+        sandbox.safe_load(path, runner=FakeRunner(move))
+    with pytest.raises(OutputRejected):
+        sandbox.safe_load(path, map_location="cpu", runner=FakeRunner(move))
+
+
+def test_a_location_this_host_lacks_is_load_failed(tmp_path: Path) -> None:
+    """A file whose storages are on cuda:0, on a host without CUDA: torch.load raises
+    RuntimeError; safe_load raised torch's AssertionError, and now LoadFailed (a
+    RuntimeError); ``map_location`` places it."""
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    path = tmp_path / "legacy.tar"
+    tensors = {"w": torch.arange(4, dtype=torch.float32)}
+    ck.write_legacy_tar(path, lambda ref: {"w": ref("w")}, tensors, location="cuda:0")
+    with pytest.raises(sandbox.LoadFailed, match="cuda:0"):
+        sandbox.safe_load(path, runner=FakeRunner())
+    got = sandbox.safe_load(path, map_location="cpu", runner=FakeRunner())
+    assert torch.equal(got["w"], tensors["w"])
+
+
+def test_a_sparse_tensors_size_is_checked_against_the_file(tmp_path: Path) -> None:
+    """Found by tests/property/test_sandbox_result_props.py: a skeleton that says a sparse
+    COO tensor of size (3, 4) is (4, 4) gave the user a (4, 4) tensor, verdict clean: its
+    indices and values were verified, its size was not (the host's reading of the file did not
+    keep ``_rebuild_sparse_tensor``'s size). Now a size the file does not describe leaves the
+    tensor unverified, as a quantizer it does not describe does."""
+    path = ck.save({"coo": ck.composite_checkpoint()["coo"]}, tmp_path / "coo.pt")
+
+    def grow(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        manifest["skeleton"]["items"][0][1]["shape"] = [4, 4]
+        out.manifest = json.dumps(manifest).encode()
+
+    assert sandbox.safe_load(path, runner=FakeRunner())["coo"].shape == (3, 4)
+    with pytest.raises(sandbox.UnverifiedWeights) as info:
+        sandbox.safe_load(path, runner=FakeRunner(grow))
+    assert info.value.names == ["coo"]
+    report = sandbox.scan(path, runner=FakeRunner(grow))
+    assert [f.evidence["tensors"] for f in report.findings if f.rule == "weights-unverified"] == [["coo"]]
+
+
+def test_a_name_that_cannot_be_encoded_never_reaches_a_message(tmp_path: Path) -> None:
+    """Names were any string: a view named ``"w\\ud800"`` (a lone surrogate, valid JSON) came
+    back in UnverifiedWeights' message, which no UTF-8 stream can print (the CLI raised
+    UnicodeEncodeError printing it). The worker names every tensor printably; the host now
+    holds the sandbox to that."""
+    path = ck.save({"w": ck.Reduce(torch.ones, 3)}, tmp_path / "computed.pt")
+
+    def rename(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        view = {"name": "w\ud800", "base": "w", "offset": 0, "shape": [3], "stride": [1]}
+        manifest["views"] = [{**view, "dtype": "float32", "location": "cpu"}]
+        out.manifest = json.dumps(manifest).encode()
+
+    with pytest.raises(sandbox.SandboxError) as info:
+        sandbox.convert(
+            path, tmp_path / "o.safetensors", runner=FakeRunner(rename), policy=ck.observe_policy()
+        )
+    info.value.diagnostics().encode()
+    assert isinstance(info.value, OutputRejected)
+
+
+@pytest.mark.parametrize("key", ["coo", "csr", "nested"])
+@pytest.mark.parametrize("instead", ["a tensor", "a value"])
+def test_a_skeleton_that_swaps_out_a_sparse_or_nested_tensor_is_refused(
+    tmp_path: Path, key: str, instead: str
+) -> None:
+    """Found by tests/property/test_sandbox_result_props.py: a skeleton that put the tensor
+    ``plain`` (or the value 0) where the file has a nested or sparse tensor handed the user
+    that, verdict clean: the host's reading of the file knew where its plain and quantized
+    tensors lie, not its sparse and nested ones (rebuilt by calls it keeps opaque)."""
+    composites = ck.composite_checkpoint()
+    path = ck.save({k: composites[k] for k in ("plain", "coo", "csr", "nested")}, tmp_path / "composites.pt")
+
+    def swap(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        for pair in manifest["skeleton"]["items"]:
+            if pair[0] == key:
+                pair[1] = {"$": "tensor", "ref": "plain"} if instead == "a tensor" else 0
+        out.manifest = json.dumps(manifest).encode()
+
+    assert sandbox.scan(path, runner=FakeRunner()).verdict is sandbox.Verdict.CLEAN
+    with pytest.raises(sandbox.SandboxViolation, match=key):
+        sandbox.safe_load(path, runner=FakeRunner(swap))
+
+
+_SURROGATE = "\ud800"  # valid JSON ("\\ud800"), no UTF-8
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["result", "unrepresentable", "notes", "format", "env_keys", "stopped", "input_error", "counts"],
+)
+def test_text_the_sandbox_sends_is_text_every_report_format_can_carry(tmp_path: Path, where: str) -> None:
+    """A lone surrogate in a string of the status or the manifest reached the report: its
+    SARIF rendering (which the CLI prints with ensure_ascii=False) raised UnicodeEncodeError.
+    Such a string is now kept as its escape; a count or canary key is dropped."""
+    from sandbox._sarif import render_sarif
+
+    path = ck.save(ck.state_dict(), tmp_path / "sd.pt")
+    bad = f"x{_SURROGATE}y"
+
+    def plant(out: Played, status: dict[str, Any]) -> None:
+        assert out.manifest is not None
+        manifest = json.loads(out.manifest)
+        if where == "result":
+            status.update(result={"ok": False, "kind": "load", "message": bad, "type": bad}, exit_code=3)
+        elif where == "unrepresentable":
+            manifest["unrepresentable"] = [{"path": bad, "type": bad, "reason": bad}]
+        elif where in ("notes", "format"):
+            manifest[where] = [bad] if where == "notes" else bad
+        elif where == "env_keys":
+            status["env_keys"] = [bad]
+        elif where == "stopped":
+            status["stopped"] = {"kind": bad, "category": bad, "t": 1.0}
+        elif where == "input_error":
+            status["input_error"] = bad
+        else:
+            status["monitor"] = {"kernel": True, "counts": {f"kernel:open{_SURROGATE}:denied": 3}}
+        out.manifest = json.dumps(manifest).encode()
+
+    report = sandbox.scan(path, runner=FakeRunner(plant))
+    json.dumps(render_sarif([report]), ensure_ascii=False).encode()
+    report.to_text().encode()
+    assert _SURROGATE not in report.to_json().encode().decode("unicode_escape", "surrogatepass")

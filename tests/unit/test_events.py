@@ -67,6 +67,10 @@ def test_malformed_lines_are_rejected_one_by_one() -> None:
         b'{"id": 6, "t": NaN, "source": "kernel", "kind": "x", "detail": {}, "action": "denied"}\n',
         line(1, "socket", {}),  # duplicate id
         b'{"id": 7, "t": 1, "source": "kernel", "kind": "x", "detail": [], "action": "denied"}\n',
+        # a time no float holds: math.isfinite raised OverflowError out of the host's reading
+        b'{"id": 8, "t": 1'
+        + b"0" * 400
+        + b', "source": "kernel", "kind": "x", "detail": {}, "action": "denied"}\n',
         b"x" * (P.MAX_EVENT_LINE + 1) + b"\n",
     ]
     events, rejected = _events.parse_events(good + b"".join(bad))
@@ -251,6 +255,21 @@ def test_every_canary_in_an_output_is_named() -> None:
     finally:
         os.close(fd)
     assert found[0].evidence["canaries"] == sorted(CANARIES)
+
+
+def test_a_canary_value_that_is_not_text_is_ignored() -> None:
+    """A canary value with a lone surrogate (valid JSON: ``"\\ud800..."``) has no bytes to search
+    the outputs for: ``str.encode`` raised UnicodeEncodeError out of safe_load."""
+    values = {"HF_TOKEN": "\ud800" + "x" * 20, "OTHER": "tab\tseparated value", **CANARIES}
+    status = doc({"canaries": {"values": values, "files": []}})
+    assert dict(status.canaries) == CANARIES
+    fd = P.memfd_create("tensors")
+    os.write(fd, CANARIES["HF_TOKEN"].encode())
+    try:
+        mon = _events.read(b"", status, {"tensors": fd})
+    finally:
+        os.close(fd)
+    assert rules(mon)["canary-exfiltration"].evidence["canaries"] == ["HF_TOKEN"]
 
 
 def test_garbage_status_fields_are_ignored() -> None:

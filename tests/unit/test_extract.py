@@ -190,7 +190,7 @@ def test_outputs_are_read_from_their_memfds() -> None:
     assert read_outputs(Received()).status is None  # no status: None, for the monitor to judge
 
 
-@pytest.mark.parametrize("name", ["", "a" * 100_000, 5, None, ["a"]])
+@pytest.mark.parametrize("name", ["", "a" * 100_000, 5, None, ["a"], "a\ud800", "a\x00b", "\u202ea", "a\nb"])
 def test_hostile_tensor_names_are_refused(name: object) -> None:
     bad = _manifest()
     bad["tensors"][0]["name"] = name
@@ -329,3 +329,53 @@ def test_a_state_dicts_module_versions_that_are_anything_else_are_refused(meta: 
         assert P.state_dict_metadata(meta) is not None
         return
     assert P.state_dict_metadata(meta) is None
+
+
+_HUGE = 10**400  # a JSON integer: any number of digits parses, and no float holds it
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"usage": {"wall_s": _HUGE, "cpu_user_s": 0, "cpu_system_s": 0, "max_rss_kb": 0}},
+        {"resources": {"cpu_s": _HUGE}},
+        {"resources": {"series": [[_HUGE, 0, 0]]}},
+        {"resources": {"series": [[0, -_HUGE, 0]]}},
+        {"stopped": {"kind": "connect", "category": "network", "t": _HUGE}},
+    ],
+)
+def test_a_status_number_no_float_holds_is_refused(field: dict[str, Any]) -> None:
+    """Every number of the status was checked with ``math.isfinite`` or ``float()``, which raise
+    OverflowError (not a ProtocolError) for an integer past 2**1024: a status with
+    ``"wall_s": 1000...0`` (401 digits) raised OverflowError out of safe_load."""
+    doc = json.dumps({"protocol": P.PROTOCOL_VERSION, **field}).encode()
+    with pytest.raises(OutputRejected):
+        read_outputs(Received(status=doc))
+
+
+@pytest.mark.parametrize("stored", ["file", "span", "raw"])
+def test_an_empty_tensor_whose_strides_overflow_is_refused(tmp_path: Any, stored: str) -> None:
+    """Each dim was bounded alone, so an empty tensor of shape [0, 2**61, 2**61] passed (it
+    holds no bytes): ``torch.empty`` of it, for a tensor named by its span or stored as raw
+    bytes, raised RuntimeError ("Stride calculation overflowed") out of the host's reading."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sandbox import _convert
+
+    entry = dict(_manifest()["tensors"][0], name="e", shape=[0, 2**61, 2**61], nbytes=0, sha256=None)
+    held = {"e": torch.empty(0)}
+    if stored == "span":
+        entry["span"], held = [0, 0], {}
+    elif stored == "raw":
+        entry.update(dtype="complex128", stored_as="U8")
+        held = {"e": torch.empty(0, dtype=torch.uint8)}
+    path, source = str(tmp_path / "t.safetensors"), tmp_path / "input"
+    save_file(held, path)
+    source.write_bytes(b"\0" * 8)
+    with pytest.raises(OutputRejected, match="strides overflow"):
+        manifest = validate_manifest(_manifest(tensors=[entry]))
+        _convert.load_tensors(path, manifest, source=str(source))
+    # torch makes one whose strides fit, however large its dims
+    fits = dict(entry, shape=[2**62 - 1, 0, 2])
+    assert validate_manifest(_manifest(tensors=[fits])).tensors[0].shape == (2**62 - 1, 0, 2)
