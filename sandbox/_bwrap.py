@@ -381,6 +381,7 @@ def bwrap_args(
         "-m",
         "sandbox_worker",
         f"{P.NPROC}{spec.pids}",
+        P.SHMEM_UNBOUNDED,
     ]
     if not prepare:
         args.append(P.COLD)

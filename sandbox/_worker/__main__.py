@@ -546,10 +546,14 @@ class _Monitor:
         canary_files: list[str],
         start: float,
         cfg: P.JobConfig,
+        *,
+        memfds: bool = True,
     ) -> None:
         self.listener = listener
         self.mem = _seccomp.Memory()
-        self.decoder = _seccomp.Decoder(self.mem, loader, frozenset(canary_files), extra_quiet=cfg.allow_read)
+        self.decoder = _seccomp.Decoder(
+            self.mem, loader, frozenset(canary_files), extra_quiet=cfg.allow_read, memfds=memfds
+        )
         self.log = log
         self.start = start
         self.notifications = 0
@@ -727,10 +731,11 @@ def _seal(fd: int, limit: int) -> tuple[int, str | None]:
 class _Supervisor:
     """One sandbox, one job: warm loader, job hand-off, supervision, sealed outputs."""
 
-    def __init__(self, host: _Host, prepare: bool = True, plain: bool = False) -> None:
+    def __init__(self, host: _Host, prepare: bool = True, plain: bool = False, memfds: bool = True) -> None:
         self.host = host
         self.prepare = prepare
         self.plain = plain  # gVisor: the loader's filter refuses itself; no notifications
+        self.memfds = memfds  # False: no control group bounds them, so the loader's are refused
         self.start = time.monotonic()
         self.values = _canaries()
         self.log = _EventLog(self.values)
@@ -899,7 +904,9 @@ class _Supervisor:
         canary_files: list[str],
     ) -> tuple[bytes, int, str | None, dict[str, Any], dict[str, Any]]:
         log, job_start = self.log, self.start
-        monitor, start = _take_listener(pid, hand_r, ack_w, log, canary_files, cfg, self.plain)
+        monitor, start = _take_listener(
+            pid, hand_r, ack_w, log, canary_files, cfg, self.plain, memfds=self.memfds
+        )
         self.start = start  # events and samples count from the filter's start, as the loader's do
         resources = _Resources(pid, cfg.cpu_s, start)
         monitor_info: dict[str, Any] = {
@@ -1027,6 +1034,8 @@ def _take_listener(
     canary_files: list[str],
     cfg: P.JobConfig,
     plain: bool = False,
+    *,
+    memfds: bool = True,
 ) -> tuple[_Monitor | None, float]:
     """Copy the loader's listener fd into this process, then let the loader close its own.
     ``plain`` (gVisor): the loader only says that its plain filter is in; nothing to take.
@@ -1043,7 +1052,7 @@ def _take_listener(
                 start = time.monotonic()
                 if number.isdigit():
                     listener = _seccomp.take_fd(pid, int(number))
-                    monitor = _Monitor(listener, pid, log, canary_files, start, cfg)
+                    monitor = _Monitor(listener, pid, log, canary_files, start, cfg, memfds=memfds)
         except OSError:
             monitor = None
         ok = monitor is not None
@@ -1123,7 +1132,12 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         sys.stderr.write(f"model-sandbox supervisor: cannot reach the host's channel: {exc}\n")
         return 6
-    _Supervisor(_Host(sock), prepare=P.COLD not in argv, plain=P.PLAIN_FILTER in argv).run()
+    _Supervisor(
+        _Host(sock),
+        prepare=P.COLD not in argv,
+        plain=P.PLAIN_FILTER in argv,
+        memfds=P.SHMEM_UNBOUNDED not in argv,
+    ).run()
     return 0
 
 

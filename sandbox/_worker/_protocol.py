@@ -59,6 +59,10 @@ SOCKET_NAME = "channel"
 SOCKET_PATH = f"{CHANNEL_DIR}/{SOCKET_NAME}"
 COLD = "--cold"  # the supervisor's argument: do not import torch ahead of a job
 NPROC = "--nproc="  # the supervisor's argument (bwrap runner): its RLIMIT_NPROC
+# the supervisor's argument (bwrap runner): no control group bounds the sandbox's shared memory,
+# so the loader may not make memfds of its own (each is held only to RLIMIT_FSIZE, and
+# RLIMIT_AS does not count one that is not mapped: a payload held gigabytes past the limit)
+SHMEM_UNBOUNDED = "--shmem-unbounded"
 # the supervisor's argument under gVisor (runsc), where seccomp user notification does not exist:
 # the loader's filter refuses in the kernel (SECCOMP_RET_ERRNO) what the supervisor would refuse,
 # and the evidence is gVisor's own trace of the sandbox's system calls, read by the host

@@ -878,9 +878,16 @@ class Decoder:
     ``canary_files`` are the planted credential files."""
 
     def __init__(
-        self, mem: Memory, loader: int, canary_files: frozenset[str], extra_quiet: tuple[str, ...] = ()
+        self,
+        mem: Memory,
+        loader: int,
+        canary_files: frozenset[str],
+        extra_quiet: tuple[str, ...] = (),
+        *,
+        memfds: bool = True,
     ) -> None:
         self.mem = mem
+        self.memfds = memfds  # False (bwrap: no control group bounds them): memfd_create refused
         self.loader = loader
         self.canary_files = canary_files
         # reads under these prefixes are expected (the policy's events.allow_read)
@@ -1179,7 +1186,11 @@ class Decoder:
         return Decision("", detail, deny=None)
 
     def _memfd(self, n: Notification) -> Decision:
-        return Decision("", {"name": self.mem.cstr(n.pid, n.args[0], 256) or ""}, deny=None)
+        detail = {"name": self.mem.cstr(n.pid, n.args[0], 256) or ""}
+        if self.memfds:
+            return Decision("", detail, deny=None)
+        # no control group bounds a memfd's pages (RLIMIT_AS counts only those mapped): refused
+        return Decision("", detail | {"reason": "no control group bounds its memory"})
 
     def _prctl(self, n: Notification) -> Decision:
         option = _i32(n.args[0])

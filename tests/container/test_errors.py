@@ -125,6 +125,33 @@ def test_memory_limit(tmp_path: Path, each_runner: str) -> None:
     assert f.evidence["enforced_by"] == ("rlimit" if each_runner == "bwrap" else "engine")
 
 
+def test_memfds_past_the_memory_limit_are_killed_or_refused(tmp_path: Path, each_runner: str) -> None:
+    """A memfd's pages are charged to Docker's control group, but RLIMIT_AS (the bwrap runner's
+    only bound) counts them only while mapped: written with write(), 48 memfds of 32 MiB held
+    1.5 GiB past a 1 GiB limit, each within the output cap. Docker kills the load at its
+    limit; the bwrap runner refuses the loader's own memfds, with kernel evidence."""
+    code = """
+import os
+fds = []
+for i in range(48):
+    fd = os.memfd_create('m%d' % i)
+    fds.append(fd)
+    for _ in range(32):
+        os.write(fd, b'x' * (1 << 20))
+"""
+    path = ck.save({"r": ck.code_payload(code)}, tmp_path / "memfds.pt")
+    with pytest.raises(sandbox.SandboxError) as info:
+        sandbox.safe_load(path, weights_only=False, policy=policy(memory_mb=1024))
+    if each_runner == "docker":
+        assert isinstance(info.value, sandbox.LimitExceeded) and info.value.limit == "memory"
+        return
+    assert isinstance(info.value, sandbox.LoadFailed) and "PermissionError" in str(info.value)
+    report = info.value.report
+    assert report is not None
+    (refused,) = [e for e in report.events if e.kind == "memfd_create"]
+    assert refused.source == "kernel" and refused.action == "denied" and refused.detail["name"] == "m0"
+
+
 @pytest.mark.parametrize("how", ["tensor", "descriptors"])
 @pytest.mark.usefixtures("each_runner")
 def test_output_flood(tmp_path: Path, how: str) -> None:

@@ -145,7 +145,15 @@ def test_bwrap_options_carry_the_isolation_contract() -> None:
     assert "--hostname ws-box12" in joined
     assert _bwrap.etc_files("ws-box12")["/etc/hostname"] == b"ws-box12\n"
     tail = args[args.index("--") + 1 :]
-    assert tail == ["/opt/python/bin/python3", "-I", "-m", "sandbox_worker", f"{P.NPROC}{spec.pids}", P.COLD]
+    assert tail == [
+        "/opt/python/bin/python3",
+        "-I",
+        "-m",
+        "sandbox_worker",
+        f"{P.NPROC}{spec.pids}",
+        P.SHMEM_UNBOUNDED,
+        P.COLD,
+    ]
 
 
 def test_rlimits_follow_the_policy() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import struct
@@ -589,3 +590,24 @@ def test_the_canary_watch_sees_every_use_of_a_file_by_any_path(tmp_path: Any) ->
         assert {"open", "write", "delete"} <= got
     finally:
         watch.close()
+
+
+def test_the_loaders_memfds_are_refused_where_no_control_group_bounds_them() -> None:
+    """Under Docker a memfd is charged to the container's memory; under bwrap nothing bounds an
+    unmapped one but RLIMIT_FSIZE, per memfd: the supervisor refuses the loader's there."""
+    name = ctypes.create_string_buffer(b"stash")
+    note = _seccomp.Notification(
+        1,
+        os.getpid(),
+        _seccomp.SYSCALLS["memfd_create"],
+        _seccomp.AUDIT_ARCH_X86_64,
+        (ctypes.addressof(name), 0, 0, 0, 0, 0),
+    )
+    bounded = _seccomp.Decoder(_seccomp.Memory(), os.getpid(), frozenset()).decide(note)
+    assert bounded.deny is None and bounded.detail["name"] == "stash"
+    unbounded = _seccomp.Decoder(_seccomp.Memory(), os.getpid(), frozenset(), memfds=False).decide(note)
+    assert (
+        unbounded.deny == errno.EPERM and unbounded.detail["reason"] == "no control group bounds its memory"
+    )
+    found = rules(judge(line(1, "memfd_create", unbounded.detail, "denied")))
+    assert "executable-memory" in found
