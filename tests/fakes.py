@@ -42,6 +42,19 @@ class Played:
     tensors: bytes | None = None
 
 
+def manifest_of(ex: Any, fmt: str = "x") -> P.Manifest:
+    """The manifest the sandbox sends for the worker's extraction ``ex``, as the host reads it."""
+    return P.Manifest.from_obj(
+        {
+            "protocol": P.PROTOCOL_VERSION,
+            "format": fmt,
+            "tensors": ex.entries,
+            "views": ex.views,
+            "skeleton": ex.skeleton,
+        }
+    )
+
+
 def sealed(data: bytes, name: str = "out") -> int:
     fd = P.memfd_create(name)
     os.write(fd, data)

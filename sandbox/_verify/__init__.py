@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sandbox import _scan
@@ -407,6 +407,19 @@ def _moved(skeleton: object, paths: Mapping[str, tuple[tuple[str, ...], ...]]) -
     return list(out.values())
 
 
+def _composites(skeleton: object) -> Iterator[dict[str, Any]]:
+    """Every composite tensor's node anywhere in ``skeleton`` (any JSON: nothing assumed)."""
+    stack: list[object] = [skeleton]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+            if node.get("$") == "composite":
+                yield node
+
+
 def _unquantized(
     skeleton: object,
     kinds: Mapping[str, tuple[str, tuple[int, ...]]],
@@ -416,17 +429,9 @@ def _unquantized(
     (scale and zero point, or axis) is none the file describes for integer values of their
     dtype and shape."""
     out: list[str] = []
-    stack: list[object] = [skeleton]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        stack.extend(node.values())
+    for node in _composites(skeleton):
         kind, parts, params = node.get("kind"), node.get("parts"), node.get("params")
-        if node.get("$") != "composite" or kind not in ("quantized_per_tensor", "quantized_per_channel"):
+        if kind not in ("quantized_per_tensor", "quantized_per_channel"):
             continue
         values = parts.get("int_repr") if isinstance(parts, dict) else None
         ref = values.get("ref") if isinstance(values, dict) else None
@@ -452,17 +457,9 @@ def _unsized(
     file describes for a sparse tensor of their values' dtype: the size is the skeleton's word
     (its parts, verified as tensors, do not fix it)."""
     out: list[str] = []
-    stack: list[object] = [skeleton]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        stack.extend(node.values())
+    for node in _composites(skeleton):
         kind, parts, shape = node.get("kind"), node.get("parts"), node.get("shape")
-        if node.get("$") != "composite" or not isinstance(kind, str) or not kind.startswith("sparse_"):
+        if not isinstance(kind, str) or not kind.startswith("sparse_"):
             continue
         values = parts.get("values") if isinstance(parts, dict) else None
         ref = values.get("ref") if isinstance(values, dict) else None

@@ -185,7 +185,7 @@ def test_a_lone_tensors_own_layout_and_a_state_dicts_versions_survive() -> None:
     ``_metadata`` (which ``load_state_dict`` hands each module): both came back lost (row-major
     and a bare OrderedDict)."""
     from sandbox._convert import place
-    from sandbox._worker import _protocol as P
+    from tests.fakes import manifest_of
 
     sd = ck.state_dict()
     obj = {
@@ -194,15 +194,7 @@ def test_a_lone_tensors_own_layout_and_a_state_dicts_versions_survive() -> None:
         "t": torch.randn(3, 4).t(),
     }
     ex = extract(obj)
-    manifest = P.Manifest.from_obj(
-        {
-            "protocol": P.PROTOCOL_VERSION,
-            "format": "x",
-            "tensors": ex.entries,
-            "views": ex.views,
-            "skeleton": ex.skeleton,
-        }
-    )
+    manifest = manifest_of(ex)
     strides = {e.name: e.stride for e in manifest.tensors}
     assert (
         strides["conv"] == (60, 1, 15, 3) and strides["t"] == (1, 4) and strides["sd.encoder.weight"] is None

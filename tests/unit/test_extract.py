@@ -221,20 +221,10 @@ def test_an_empty_views_offset_is_bounded(tmp_path: Any) -> None:
 
 
 def _strided(stride: object) -> dict[str, Any]:
-    return _manifest(
-        tensors=[
-            {
-                "name": "a",
-                "dtype": "float32",
-                "shape": [2, 3],
-                "stored_as": "F32",
-                "nbytes": 24,
-                "sha256": "0" * 64,
-                "location": "cpu",
-                "stride": stride,
-            }
-        ]
-    )
+    """The test manifest with its tensor ``a`` given ``stride``."""
+    m = _manifest()
+    m["tensors"][0]["stride"] = stride
+    return m
 
 
 @pytest.mark.parametrize("stride", [[3, 1], [1, 2]])

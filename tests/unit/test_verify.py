@@ -25,6 +25,7 @@ from sandbox._worker import _protocol as P
 from sandbox._worker._extract import extract
 from sandbox.report import Severity
 from tests.checkpoints import Reduce, composite_checkpoint, save, state_dict
+from tests.fakes import manifest_of
 
 
 class Block(torch.nn.Module):
@@ -74,16 +75,7 @@ def _extracted(
     else:
         obj = torch.load(path, weights_only=False, **load)
     ex = extract(obj, digests=digests)
-    manifest = P.Manifest.from_obj(
-        {
-            "protocol": P.PROTOCOL_VERSION,
-            "format": "x",
-            "tensors": ex.entries,
-            "views": ex.views,
-            "skeleton": ex.skeleton,
-        }
-    )
-    return manifest, ex.stored
+    return manifest_of(ex), ex.stored
 
 
 def by_bytes(path: Path, tensors: dict[str, torch.Tensor], manifest: P.Manifest) -> list[Any]:
