@@ -153,3 +153,23 @@ result = 1
     report, _ = scan(tmp_path, code)
     kept_evidence(report)
     assert report.error is None and report.tensors > 0
+
+
+def test_the_loader_is_the_oom_killers_first_choice_and_cannot_change_that(tmp_path: Path) -> None:
+    # At a memory limit the kernel kills the process with the highest score; memory the
+    # payload holds outside its RSS (tmpfs pages, unmapped memfds, pipe buffers) does not count
+    # for it, so only oom_score_adj (raised before the filter, never lowered by the payload)
+    # keeps the supervisor from being chosen.
+    code = """
+out = [open('/proc/self/oom_score_adj').read().strip()]
+try:
+    with open('/proc/self/oom_score_adj', 'wb', buffering=0) as f:
+        f.write(b'0')
+except OSError as e:
+    out.append(e.errno)
+out.append(open('/proc/self/oom_score_adj').read().strip())
+result = out
+"""
+    path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "p.pt")
+    obj = sandbox.safe_load(path, weights_only=False, policy=ck.observe_policy())
+    assert obj["payload"] == ["1000", 1, "1000"]  # EPERM from the monitor
