@@ -108,6 +108,12 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
                 # Dumpable, so that the supervisor may take the listener and read our memory;
                 # after the filter, prctl(PR_SET_DUMPABLE) is refused.
                 _seccomp.prctl(_seccomp.PR_SET_DUMPABLE, 1)
+                # the OOM killer's first choice, whatever the sizes: memory the payload holds
+                # outside its RSS (tmpfs, memfds, pipe buffers) must never make the supervisor
+                # the victim. Writable only once we are dumpable (our /proc files are ours);
+                # the filter's monitor refuses the payload's write that would lower it again.
+                with open("/proc/self/oom_score_adj", "wb", buffering=0) as f:
+                    f.write(b"1000")
                 # where a returned tensor still is the input's own bytes: read after the load,
                 # opened now (our /proc files are ours only once we are dumpable)
                 views = _spans.SelfViews()
