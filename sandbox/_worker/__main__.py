@@ -112,8 +112,11 @@ def _loader_main(ch: _ChildEnds, env: dict[str, str], prepare: bool, plain: bool
                 # outside its RSS (tmpfs, memfds, pipe buffers) must never make the supervisor
                 # the victim. Writable only once we are dumpable (our /proc files are ours);
                 # the filter's monitor refuses the payload's write that would lower it again.
-                with open("/proc/self/oom_score_adj", "wb", buffering=0) as f:
-                    f.write(b"1000")
+                try:
+                    with open("/proc/self/oom_score_adj", "wb", buffering=0) as f:
+                        f.write(b"1000")
+                except OSError:  # a runtime without it (the control group still bounds the tree)
+                    pass
                 # where a returned tensor still is the input's own bytes: read after the load,
                 # opened now (our /proc files are ours only once we are dumpable)
                 views = _spans.SelfViews()
