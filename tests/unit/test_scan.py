@@ -915,6 +915,47 @@ def test_legacy_tar_payload_in_storages(tmp_path: Path) -> None:
     assert [s.key for s in scan.storages] == ["0"]
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        pytest.param(lambda c: b"%06o\0Z" % c, id="junk-after-nul"),  # nts() ends the field at NUL
+        pytest.param(lambda c: b"0_%05o\0" % c, id="underscore"),  # int(..., 8) takes "0_7"
+        pytest.param(lambda c: b"\x80" + c.to_bytes(7, "big"), id="base-256"),
+    ],
+)
+def test_a_tar_checksum_field_tarfile_reads_is_a_tar(tmp_path: Path, field: Callable[[int], bytes]) -> None:
+    # torch.load first tries tarfile.open(mode="r:") on the file; tarfile reads the checksum
+    # field with nti(): up to its first NUL, underscores allowed, or base-256. The scanner
+    # once refused all three as "not a tar": format unknown, no finding, the payload unscanned
+    data = bytearray(_replace_storage_count(b"\x80\x02cos\nsystem\n" + bu("true") + b"\x85R0K\x01."))
+    checksum = _tar_checksum(data)
+    data[148:156] = field(checksum)
+    assert tarfile.open(fileobj=io.BytesIO(bytes(data)), mode="r:").getnames()[0] == "sys_info"
+    scan = scan_file(write(tmp_path, "evil.tar", bytes(data)))
+    assert scan.format == "torch-tar"
+    assert ("tar:storages@0", "os.system") in {(g.member, g.qualname) for g in scan.globals}
+
+
+def test_a_first_block_tarfile_refuses_is_not_a_tar(tmp_path: Path) -> None:
+    # a checksum that adds up but a mode field tarfile cannot read: tarfile.open fails, so
+    # torch.load reads the file as a pickle, and so must the scanner (it once called the file
+    # an unreadable tar archive, MalformedInput, and never walked the pickle)
+    block = bytearray(b"\x80\x02cos\nsystem\n" + bu("true") + b"\x85R.")
+    block += bytes(512 - len(block))
+    block[100:108] = b"9999999\0"  # not octal
+    block[148:156] = b"%06o\0 " % _tar_checksum(block)
+    with pytest.raises(tarfile.ReadError):
+        tarfile.open(fileobj=io.BytesIO(bytes(block)), mode="r:")
+    scan = scan_file(write(tmp_path, "evil.pt", bytes(block)))
+    assert scan.format == "pickle"
+    assert "os.system" in {g.qualname for g in scan.globals}
+
+
+def _tar_checksum(block: bytes | bytearray) -> int:
+    """The unsigned checksum of a tar header block (its checksum field counted as spaces)."""
+    return 8 * 0x20 + sum(block[:148]) + sum(block[156:512])
+
+
 def _replace_storage_count(count_pickle: bytes) -> bytes:
     """legacy_tar() with the storage-count pickle replaced by ``count_pickle``."""
     src = tarfile.open(fileobj=io.BytesIO(legacy_tar()))
