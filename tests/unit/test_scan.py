@@ -990,6 +990,31 @@ def test_legacy_stacked_payload_in_object(tmp_path: Path) -> None:
     assert {(g.member, g.qualname) for g in scan.globals} == {("<legacy:3>", "os.system")}
 
 
+_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+@pytest.mark.parametrize(
+    "magic",
+    [
+        pytest.param(b"\x80\x02\x8a\x64" + _MAGIC.to_bytes(100, "little") + b".", id="LONG1-padded"),
+        pytest.param(
+            b"\x80\x02\x8b" + struct.pack("<i", 300) + _MAGIC.to_bytes(300, "little") + b".",
+            id="LONG4-padded",
+        ),
+        pytest.param(b"L0x" + b"0" * 700 + b"%xL\n." % _MAGIC, id="LONG-hex-leading-zeros"),
+        pytest.param(b"L0b" + b"0" * 700 + b"%sL\n." % f"{_MAGIC:b}".encode(), id="LONG-binary-zeros"),
+    ],
+)
+def test_a_legacy_magic_written_long_is_still_the_magic(tmp_path: Path, magic: bytes) -> None:
+    # the unpickler reads each as torch's legacy magic number, so torch.load reads the file as
+    # a legacy checkpoint; a literal longer than 64 bytes (or 640 digits) was an opaque big
+    # int to the scanner, which took the file for a plain pickle with trailing data
+    assert pickle.loads(magic) == _MAGIC
+    scan = scan_file(write(tmp_path, "l.pt", legacy_stacked(os_system_p2(), magic=magic)))
+    assert scan.format == "torch-legacy"
+    assert {(g.member, g.qualname) for g in scan.globals} == {("<legacy:3>", "os.system")}
+
+
 def test_legacy_payload_in_magic_slot_is_a_plain_pickle(tmp_path: Path) -> None:
     scan = scan_file(write(tmp_path, "m.pt", legacy_stacked(pickle.dumps({}, 2), magic=os_system_p2())))
     assert scan.format == "pickle" and scan.torch_would_load == "<raw>"
