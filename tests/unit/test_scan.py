@@ -795,6 +795,65 @@ def test_deflated_members_and_zip64_records(tmp_path: Path) -> None:
     assert not by_rule(scan, "zip-bad-crc")
 
 
+def _stored_zip_parts(members: list[tuple[bytes, bytes]]) -> tuple[bytes, dict[bytes, int]]:
+    """Local headers and data of stored members, and each one's offset."""
+    out, offsets = bytearray(), {}
+    for name, data in members:
+        offsets[name] = len(out)
+        crc = zlib.crc32(data)
+        out += struct.pack(
+            "<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0, crc, len(data), len(data), len(name), 0
+        )
+        out += name + data
+    return bytes(out), offsets
+
+
+def _central(members: list[tuple[bytes, bytes, int]]) -> bytes:
+    out = bytearray()
+    for name, data, offset in members:
+        crc, n = zlib.crc32(data), len(data)
+        out += struct.pack(
+            "<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, crc, n, n, len(name), 0, 0, 0, 0, 0, offset
+        )
+        out += name
+    return bytes(out)
+
+
+@pytest.mark.parametrize("locator_points_to_the_record", [True, False])
+def test_a_zip64_record_readers_find_in_different_places(
+    tmp_path: Path, locator_points_to_the_record: bool
+) -> None:
+    # torch's miniz reads the zip64 end record at the offset the locator gives, and the end
+    # record's own fields when there is none there; Python's zipfile (and this scanner, once)
+    # reads the record right before the locator. Two central directories, one for each: the
+    # scanner walked the honest data.pkl while torch.load ran the other one
+    honest, evil = pickle.dumps({}, protocol=2), os_system_p2()
+    body, at = _stored_zip_parts([(b"archive/data.pkl", honest), (b"archive/evil", evil)])
+    cd_honest = _central([(b"archive/data.pkl", honest, at[b"archive/data.pkl"])])
+    cd_evil = _central([(b"archive/data.pkl", evil, at[b"archive/evil"])])
+
+    def zip64(cd: bytes, cd_off: int) -> bytes:
+        return struct.pack("<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, 1, 1, len(cd), cd_off)
+
+    def end(cd: bytes, cd_off: int) -> bytes:
+        return struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 1, 1, len(cd), cd_off, 0)
+
+    evil_at, honest_at = len(body), len(body) + len(cd_evil)
+    data = body + cd_evil + cd_honest
+    if locator_points_to_the_record:  # torch: the record (evil); the scanner: the end record
+        record = len(data)
+        data += zip64(cd_evil, evil_at) + b"JUNK" + struct.pack("<4sIQI", b"PK\x06\x07", 0, record, 1)
+        data += end(cd_honest, honest_at)
+    else:  # torch: the end record (evil); zipfile: the record before the locator (honest)
+        data += zip64(cd_honest, honest_at) + struct.pack("<4sIQI", b"PK\x06\x07", 0, 8, 1)
+        data += end(cd_evil, evil_at)
+    if not locator_points_to_the_record:
+        assert zipfile.ZipFile(io.BytesIO(data)).read("archive/data.pkl") == honest
+    scan = scan_file(write(tmp_path, "z64.pt", data))
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+    assert by_rule(scan, "zip-header-mismatch")
+
+
 def test_truncated_zip_is_malformed(tmp_path: Path) -> None:
     data = torch_zip(tmp_path, {"w": torch.ones(100)}).read_bytes()
     p = write(tmp_path, "cut.pt", data[: len(data) // 2])
