@@ -211,10 +211,24 @@ def _long_reader(width: int) -> _ArgReader:
         pos += width
         if pos + n > end:
             raise _short(n)
-        value = int.from_bytes(buf[pos : pos + n], "little", signed=True) if n <= 64 else BIG_INT
-        return value, pos + n
+        return _long_value(buf, pos, pos + n), pos + n
 
     return read
+
+
+def _long_value(buf: Buf, start: int, end: int, chunk: int = 1 << 20) -> object:
+    """The LONG1/LONG4 literal ``buf[start:end]``: an ``int`` when its value fits in 64 bytes,
+    whatever its length (bytes past the 64th that only extend the sign are read through, a
+    chunk at a time, never copied whole), else :data:`BIG_INT`. The unpickler reads a magic
+    number padded to 300 bytes as the magic number."""
+    head = min(end, start + 64)
+    value = int.from_bytes(buf[start:head], "little", signed=True)
+    fill = 0xFF if value < 0 else 0x00
+    for at in range(head, end, chunk):
+        part = bytes(buf[at : min(at + chunk, end)])
+        if part.count(fill) != len(part):
+            return BIG_INT
+    return value
 
 
 def _c_string(line: bytes) -> bytes:
@@ -247,7 +261,8 @@ def _py_int(text: bytes) -> object:
     decimal = body[:2].lower() not in (b"0x", b"0o", b"0b")
     if decimal and len(body) > MAX_STR_DIGITS:
         return None  # ValueError: exceeds the limit for integer string conversion
-    if len(body) > 640:
+    # a power-of-two base takes leading zeros without limit: only the digits after them count
+    if len(body if decimal else body[2:].lstrip(b"0")) > 640:
         return BIG_INT
     return int(text, 0)
 

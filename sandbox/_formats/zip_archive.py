@@ -56,6 +56,7 @@ class ZipEntry:
 class Zip:
     entries: list[ZipEntry]
     shift: int  # bytes before the archive that the central directory does not account for
+    disagreement: str | None = None  # why zip readers would find another directory, if they would
 
 
 class OutOfTime(Exception):
@@ -89,23 +90,42 @@ def find_zip(buf: Buf) -> Zip | None:
     cd_size = u32(buf, eocd + 12)
     cd_off = u32(buf, eocd + 16)
     cd_end = eocd
+    disagreement = None
     loc = eocd - 20
     if loc >= 56 and buf[loc : loc + 4] == _ZIP64_LOCATOR:
-        # the zip64 end record sits right before its locator (its recorded offset is off by
-        # the length of any data prepended to the archive)
-        rec = loc - 56
-        if buf[rec : rec + 4] == _ZIP64_EOCD:
-            total = u64(buf, rec + 32)
-            cd_size = u64(buf, rec + 40)
-            cd_off = u64(buf, rec + 48)
-            cd_end = rec
+        # torch's miniz reads the zip64 end record at the offset its locator gives; Python's
+        # zipfile (and a reader of an archive with data prepended, whose recorded offset is
+        # off by its length) reads the one right before the locator
+        adjacent = loc - 56
+        pointed = u64(buf, loc + 8)
+        at_pointer = pointed <= size - 56 and buf[pointed : pointed + 4] == _ZIP64_EOCD
+        rec = pointed if at_pointer else adjacent if buf[adjacent : adjacent + 4] == _ZIP64_EOCD else -1
+        if rec >= 0:
+            plain = (total, cd_size, cd_off)
+            wide = (u64(buf, rec + 32), u64(buf, rec + 40), u64(buf, rec + 48))
+            if at_pointer and rec != adjacent:
+                disagreement = (
+                    f"the zip64 end record its locator points to (at {pointed}) is not the one "
+                    f"right before the locator (at {adjacent}): zip readers disagree on which "
+                    "central directory the archive has"
+                )
+            elif not at_pointer and pointed <= size - 56 and plain != wide:
+                disagreement = (
+                    f"the zip64 locator points to no zip64 end record (at {pointed}): torch's "
+                    "reader uses the end record's own directory, other readers the zip64 "
+                    "record's, and the two differ"
+                )
+            if at_pointer or disagreement is None or not zip_like_start(buf):
+                (total, cd_size, cd_off), cd_end = wide, rec
+            # else: an archive torch reads as a zip (it starts with a local header): its
+            # reader ignores the zip64 record, and so does this one
     shift = cd_end - cd_size - cd_off
     if cd_off + cd_size <= size and buf[cd_off : cd_off + 4] == _CENTRAL:
         base, shift = cd_off, 0
     elif shift > 0 and buf[cd_off + shift : cd_off + shift + 4] == _CENTRAL:
         base = cd_off + shift
     elif total == 0 and cd_size == 0:
-        return Zip([], 0)
+        return Zip([], 0, disagreement)
     else:
         if eocd < 4 or not zip_like_start(buf):
             return None  # stray signature inside other data
@@ -139,7 +159,7 @@ def find_zip(buf: Buf) -> Zip | None:
         e.data_start = h + 30 + lnlen + lelen
         if e.data_start + e.csize > size:
             raise MalformedInput(f"zip member {e.text!r} runs past the end of the file", offset=e.data_start)
-    return Zip(entries, shift)
+    return Zip(entries, shift, disagreement)
 
 
 def zip_like_start(buf: Buf) -> bool:

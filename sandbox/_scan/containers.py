@@ -80,6 +80,8 @@ def _check_zip(ctx: Ctx, buf: Buf, z: Zip, prefix: str) -> None:
     # an archive without a pickle or an array in it is no checkpoint: the loader refuses it, so
     # its flag bits (an encrypted text file, say) are no evasion
     loadable = any(e.name.lower().endswith((b".pkl", b".npy")) for e in z.entries)
+    if z.disagreement is not None:
+        ctx.add("zip-header-mismatch", Severity.HIGH, "evasion", z.disagreement, member=prefix + "zip")
     for e in z.entries:
         if ctx.over_records():
             _too_many(ctx, prefix, "checked for container tricks")

@@ -977,7 +977,7 @@ def _storage_claims(
 
 def _zip_layout(buf: Buf, budget: _Budget) -> _Layout:
     z = find_zip(buf)
-    if z is None or z.shift:
+    if z is None or z.shift or z.disagreement is not None:
         raise _Unsupported("the zip directory cannot be located unambiguously")
     target, matches, prefix = torch_target(z.entries)
     if target is None or prefix is None or len(matches) != 1:

@@ -795,6 +795,65 @@ def test_deflated_members_and_zip64_records(tmp_path: Path) -> None:
     assert not by_rule(scan, "zip-bad-crc")
 
 
+def _stored_zip_parts(members: list[tuple[bytes, bytes]]) -> tuple[bytes, dict[bytes, int]]:
+    """Local headers and data of stored members, and each one's offset."""
+    out, offsets = bytearray(), {}
+    for name, data in members:
+        offsets[name] = len(out)
+        crc = zlib.crc32(data)
+        out += struct.pack(
+            "<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0, crc, len(data), len(data), len(name), 0
+        )
+        out += name + data
+    return bytes(out), offsets
+
+
+def _central(members: list[tuple[bytes, bytes, int]]) -> bytes:
+    out = bytearray()
+    for name, data, offset in members:
+        crc, n = zlib.crc32(data), len(data)
+        out += struct.pack(
+            "<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, crc, n, n, len(name), 0, 0, 0, 0, 0, offset
+        )
+        out += name
+    return bytes(out)
+
+
+@pytest.mark.parametrize("locator_points_to_the_record", [True, False])
+def test_a_zip64_record_readers_find_in_different_places(
+    tmp_path: Path, locator_points_to_the_record: bool
+) -> None:
+    # torch's miniz reads the zip64 end record at the offset the locator gives, and the end
+    # record's own fields when there is none there; Python's zipfile (and this scanner, once)
+    # reads the record right before the locator. Two central directories, one for each: the
+    # scanner walked the honest data.pkl while torch.load ran the other one
+    honest, evil = pickle.dumps({}, protocol=2), os_system_p2()
+    body, at = _stored_zip_parts([(b"archive/data.pkl", honest), (b"archive/evil", evil)])
+    cd_honest = _central([(b"archive/data.pkl", honest, at[b"archive/data.pkl"])])
+    cd_evil = _central([(b"archive/data.pkl", evil, at[b"archive/evil"])])
+
+    def zip64(cd: bytes, cd_off: int) -> bytes:
+        return struct.pack("<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, 1, 1, len(cd), cd_off)
+
+    def end(cd: bytes, cd_off: int) -> bytes:
+        return struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 1, 1, len(cd), cd_off, 0)
+
+    evil_at, honest_at = len(body), len(body) + len(cd_evil)
+    data = body + cd_evil + cd_honest
+    if locator_points_to_the_record:  # torch: the record (evil); the scanner: the end record
+        record = len(data)
+        data += zip64(cd_evil, evil_at) + b"JUNK" + struct.pack("<4sIQI", b"PK\x06\x07", 0, record, 1)
+        data += end(cd_honest, honest_at)
+    else:  # torch: the end record (evil); zipfile: the record before the locator (honest)
+        data += zip64(cd_honest, honest_at) + struct.pack("<4sIQI", b"PK\x06\x07", 0, 8, 1)
+        data += end(cd_evil, evil_at)
+    if not locator_points_to_the_record:
+        assert zipfile.ZipFile(io.BytesIO(data)).read("archive/data.pkl") == honest
+    scan = scan_file(write(tmp_path, "z64.pt", data))
+    assert "os.system" in qualnames(scan.globals, "dangerous")
+    assert by_rule(scan, "zip-header-mismatch")
+
+
 def test_truncated_zip_is_malformed(tmp_path: Path) -> None:
     data = torch_zip(tmp_path, {"w": torch.ones(100)}).read_bytes()
     p = write(tmp_path, "cut.pt", data[: len(data) // 2])
@@ -915,6 +974,47 @@ def test_legacy_tar_payload_in_storages(tmp_path: Path) -> None:
     assert [s.key for s in scan.storages] == ["0"]
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        pytest.param(lambda c: b"%06o\0Z" % c, id="junk-after-nul"),  # nts() ends the field at NUL
+        pytest.param(lambda c: b"0_%05o\0" % c, id="underscore"),  # int(..., 8) takes "0_7"
+        pytest.param(lambda c: b"\x80" + c.to_bytes(7, "big"), id="base-256"),
+    ],
+)
+def test_a_tar_checksum_field_tarfile_reads_is_a_tar(tmp_path: Path, field: Callable[[int], bytes]) -> None:
+    # torch.load first tries tarfile.open(mode="r:") on the file; tarfile reads the checksum
+    # field with nti(): up to its first NUL, underscores allowed, or base-256. The scanner
+    # once refused all three as "not a tar": format unknown, no finding, the payload unscanned
+    data = bytearray(_replace_storage_count(b"\x80\x02cos\nsystem\n" + bu("true") + b"\x85R0K\x01."))
+    checksum = _tar_checksum(data)
+    data[148:156] = field(checksum)
+    assert tarfile.open(fileobj=io.BytesIO(bytes(data)), mode="r:").getnames()[0] == "sys_info"
+    scan = scan_file(write(tmp_path, "evil.tar", bytes(data)))
+    assert scan.format == "torch-tar"
+    assert ("tar:storages@0", "os.system") in {(g.member, g.qualname) for g in scan.globals}
+
+
+def test_a_first_block_tarfile_refuses_is_not_a_tar(tmp_path: Path) -> None:
+    # a checksum that adds up but a mode field tarfile cannot read: tarfile.open fails, so
+    # torch.load reads the file as a pickle, and so must the scanner (it once called the file
+    # an unreadable tar archive, MalformedInput, and never walked the pickle)
+    block = bytearray(b"\x80\x02cos\nsystem\n" + bu("true") + b"\x85R.")
+    block += bytes(512 - len(block))
+    block[100:108] = b"9999999\0"  # not octal
+    block[148:156] = b"%06o\0 " % _tar_checksum(block)
+    with pytest.raises(tarfile.ReadError):
+        tarfile.open(fileobj=io.BytesIO(bytes(block)), mode="r:")
+    scan = scan_file(write(tmp_path, "evil.pt", bytes(block)))
+    assert scan.format == "pickle"
+    assert "os.system" in {g.qualname for g in scan.globals}
+
+
+def _tar_checksum(block: bytes | bytearray) -> int:
+    """The unsigned checksum of a tar header block (its checksum field counted as spaces)."""
+    return 8 * 0x20 + sum(block[:148]) + sum(block[156:512])
+
+
 def _replace_storage_count(count_pickle: bytes) -> bytes:
     """legacy_tar() with the storage-count pickle replaced by ``count_pickle``."""
     src = tarfile.open(fileobj=io.BytesIO(legacy_tar()))
@@ -945,6 +1045,31 @@ def legacy_stacked(obj_pickle: bytes, magic: bytes | None = None) -> bytes:
 
 def test_legacy_stacked_payload_in_object(tmp_path: Path) -> None:
     scan = scan_file(write(tmp_path, "l.pt", legacy_stacked(os_system_p2())))
+    assert scan.format == "torch-legacy"
+    assert {(g.member, g.qualname) for g in scan.globals} == {("<legacy:3>", "os.system")}
+
+
+_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+@pytest.mark.parametrize(
+    "magic",
+    [
+        pytest.param(b"\x80\x02\x8a\x64" + _MAGIC.to_bytes(100, "little") + b".", id="LONG1-padded"),
+        pytest.param(
+            b"\x80\x02\x8b" + struct.pack("<i", 300) + _MAGIC.to_bytes(300, "little") + b".",
+            id="LONG4-padded",
+        ),
+        pytest.param(b"L0x" + b"0" * 700 + b"%xL\n." % _MAGIC, id="LONG-hex-leading-zeros"),
+        pytest.param(b"L0b" + b"0" * 700 + b"%sL\n." % f"{_MAGIC:b}".encode(), id="LONG-binary-zeros"),
+    ],
+)
+def test_a_legacy_magic_written_long_is_still_the_magic(tmp_path: Path, magic: bytes) -> None:
+    # the unpickler reads each as torch's legacy magic number, so torch.load reads the file as
+    # a legacy checkpoint; a literal longer than 64 bytes (or 640 digits) was an opaque big
+    # int to the scanner, which took the file for a plain pickle with trailing data
+    assert pickle.loads(magic) == _MAGIC
+    scan = scan_file(write(tmp_path, "l.pt", legacy_stacked(os_system_p2(), magic=magic)))
     assert scan.format == "torch-legacy"
     assert {(g.member, g.qualname) for g in scan.globals} == {("<legacy:3>", "os.system")}
 
