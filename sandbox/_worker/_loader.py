@@ -164,10 +164,12 @@ def _is_zip(inp: Input) -> bool:
 
 
 def _is_tar(inp: Input) -> bool:
+    """An uncompressed tar, as torch.load's first try reads one (``tarfile.open(mode="r:")``);
+    ``tarfile.is_tarfile`` also takes compressed ones, which torch does not."""
     try:
-        with inp.open() as f:
-            return tarfile.is_tarfile(f)
-    except (OSError, tarfile.TarError):
+        with inp.open() as f, tarfile.open(fileobj=f, mode="r:"):
+            return True
+    except (OSError, tarfile.TarError, EOFError, ValueError):
         return False
 
 

@@ -190,3 +190,24 @@ def test_torchscript_static_stage_lists_the_code_and_reads_its_own_names(tmp_pat
     names = [c["name"] for c in report.static["code_files"]]
     assert "net/code/__torch__/tests/checkpoints.py" in names
     assert report.static["code_bytes"] == sum(c["size"] for c in report.static["code_files"])
+
+
+def test_the_loader_calls_only_an_uncompressed_tar_a_torch_tar(tmp_path: Path) -> None:
+    """torch.load tries ``tarfile.open(mode="r:")``: an uncompressed tar only. The loader's
+    ``tarfile.is_tarfile`` also took a gzip-compressed one, which torch never reads as a tar."""
+    import io
+    import tarfile
+
+    def tar(mode: str) -> Path:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode=mode) as t:  # type: ignore[call-overload]
+            info = tarfile.TarInfo("sys_info")
+            info.size = 5
+            t.addfile(info, io.BytesIO(b"hello"))
+        path = tmp_path / f"t.{mode.replace(':', '')}"
+        path.write_bytes(buf.getvalue())
+        return path
+
+    assert _loader.identify(str(tar("w"))) == "torch-tar"
+    for mode in ("w:gz", "w:bz2", "w:xz"):
+        assert _loader.identify(str(tar(mode))) != "torch-tar", mode
