@@ -298,6 +298,23 @@ DANGEROUS_GLOBALS: tuple[tuple[str, str], ...] = (
     ("torch._utils._import_dotted_name", "exec"),  # "os.system" -> os.system
     ("antigravity", "exec"),  # importing it starts a web browser (webbrowser.open)
     ("pipes", "exec"),  # pipes.Template: shell pipelines (os.popen)
+    ("_signal", "exec"),  # signal's C module: pthread_kill, raise_signal under another name
+    ("faulthandler", "exec"),  # _sigsegv, _read_null, _fatal_error: crash the loading process
+    ("gc", "exec"),  # get_objects, get_referrers: every live object, the loader's own included
+    ("operator.call", "exec"),  # Python 3.11: calls its first argument with the rest
+    ("_operator.call", "exec"),
+    ("numexpr", "exec"),  # evaluate(): eval of the expression (CVE-2023-39631)
+    ("pandas.eval", "exec"),
+    ("pandas.core.computation", "exec"),  # pandas.eval's engines
+    ("pandas.read_pickle", "exec"),
+    ("pandas.io.pickle", "exec"),
+    ("sympy.sympify", "exec"),  # eval of a string
+    ("sympy.core.sympify", "exec"),
+    ("sympy.parsing", "exec"),
+    ("IPython", "exec"),
+    ("transformers.dynamic_module_utils", "exec"),  # imports a model repository's own code
+    ("datasets.load", "exec"),  # load_dataset: a dataset repository's loading script
+    ("huggingface_hub", "network"),
     # network servers and clients, file databases
     ("wsgiref", "network"),
     ("asyncore", "network"),
@@ -344,6 +361,17 @@ DANGEROUS_GLOBALS: tuple[tuple[str, str], ...] = (
     ("numpy.save", "file"),
     ("numpy.savez", "file"),
     ("numpy.savetxt", "file"),
+    ("codecs.open", "file"),  # codecs.encode is allowlisted; open reads or writes any file
+    ("linecache", "file"),  # getline/getlines/updatecache: any file's lines
+    ("glob", "file"),  # directory listings
+    ("tarfile", "file"),  # extraction writes anywhere the archive names
+    ("zipfile", "file"),
+    ("gzip.open", "file"),
+    ("gzip.GzipFile", "file"),
+    ("bz2.open", "file"),
+    ("bz2.BZ2File", "file"),
+    ("lzma.open", "file"),
+    ("lzma.LZMAFile", "file"),
     # credentials and privileges
     ("getpass", "credential"),
     ("keyring", "credential"),

@@ -1396,6 +1396,21 @@ def test_a_deflated_storage_record_that_declares_far_more_is_a_bomb(tmp_path: Pa
         ("sqlite3", "connect"),
         ("antigravity", "geohash"),  # any name: the import itself runs a browser
         ("pipes", "Template"),
+        ("_signal", "pthread_kill"),
+        ("faulthandler", "_sigsegv"),
+        ("gc", "get_objects"),
+        ("operator", "call"),
+        ("_operator", "call"),
+        ("numexpr", "evaluate"),
+        ("pandas", "eval"),
+        ("pandas", "read_pickle"),
+        ("sympy", "sympify"),
+        ("transformers.dynamic_module_utils", "get_class_from_dynamic_module"),
+        ("codecs", "open"),
+        ("linecache", "getline"),
+        ("glob", "glob"),
+        ("tarfile", "open"),
+        ("gzip", "open"),
     ],
 )
 def test_published_gadgets_are_dangerous(module: str, name: str) -> None:
