@@ -238,6 +238,8 @@ class Extractor(P.TensorNames):
     def _tensor(self, t: torch.Tensor, path: tuple[str, ...], where: str) -> Any:
         if t.device.type == "meta":
             return self._opaque(t, where, "meta tensor (it has no data)")
+        if isinstance(t, getattr(torch.nn.parameter, "UninitializedTensorMixin", ())):
+            return self._opaque(t, where, "uninitialized parameter of a lazy module (it has no data)")
         if t.layout != torch.strided or t.is_quantized or t.is_nested:
             return self._composite(t, path, where)
         if str(t.dtype).removeprefix("torch.") not in P.TORCH_DTYPES:
