@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from sandbox._scan import identify, scan_file
 from sandbox._verify import reconstruct as R
 from tests.checkpoints import write_legacy_tar
-from tests.property.test_scan_props import bounded
+from tests.property.bounds import bounded
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -13,9 +13,6 @@ import pickle
 import pickletools
 import struct
 import tempfile
-import tracemalloc
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,10 +21,9 @@ from hypothesis import strategies as st
 
 from sandbox._scan import DANGEROUS_GLOBALS, identify, scan_file, scan_pickle_bytes
 from sandbox._scan.globals import _dangerous_suffix
-from sandbox.errors import MalformedInput, UnsupportedFormat
+from sandbox.errors import MalformedInput
+from tests.property.bounds import bounded
 
-ALLOWED_ERRORS = (MalformedInput, UnsupportedFormat)
-PEAK_LIMIT = 48 * 1024 * 1024  # bytes traced during one scan of a <= 64 KiB input
 SETTINGS = settings(max_examples=150, deadline=3000, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -111,19 +107,6 @@ def mutated(draw: st.DrawFn, corpus: list[bytes]) -> bytes:
             )
             data[at : at + len(chunk)] = chunk
     return bytes(data)
-
-
-def bounded(fn: Callable[[], Any]) -> None:
-    """Run ``fn``; only the allowed errors may escape, and its traced peak stays small."""
-    tracemalloc.start()
-    try:
-        fn()
-    except ALLOWED_ERRORS:
-        pass
-    finally:
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-    assert peak < PEAK_LIMIT, peak
 
 
 def scan_as_file(data: bytes) -> None:
