@@ -403,15 +403,19 @@ def rebuild(skeleton: Any, tensors: dict[str, torch.Tensor], *, weights_only: bo
             dkind = node.get("kind")
             if not isinstance(dkind, str) or dkind not in P.DICT_KINDS:
                 raise OutputRejected("skeleton: unknown dict kind")
-            meta = node.get("metadata")
-            if meta is not None and (dkind != "OrderedDict" or P.state_dict_metadata(meta) is None):
-                raise OutputRejected("skeleton: a dict's metadata is not a state dict's module versions")
+            meta = None
+            if node.get("metadata") is not None:
+                raw = node["metadata"]  # JSON: the pairs (the worker's mapping form never crosses)
+                ordered = dkind == "OrderedDict" and isinstance(raw, list)
+                meta = P.state_dict_metadata(raw) if ordered else None
+                if meta is None:
+                    raise OutputRejected("skeleton: a dict's metadata is not a state dict's module versions")
             try:
                 if dkind == "OrderedDict":
                     od: collections.OrderedDict[Any, Any] = collections.OrderedDict(pairs)
-                    if meta is not None:
+                    if meta is not None:  # the checked copy, never the sandbox's own objects
                         od._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
-                            (prefix, dict(record)) for prefix, record in meta
+                            (prefix, record) for prefix, record in meta
                         )
                     return od
                 if dkind == "defaultdict":
