@@ -376,10 +376,7 @@ def bwrap_args(
         "--info-fd",
         str(info_fd),
         "--",
-        f"{_image.PY}/bin/python3",
-        "-I",
-        "-m",
-        "sandbox_worker",
+        *_image.ENTRYPOINT,
         f"{P.NPROC}{spec.pids}",
         P.SHMEM_UNBOUNDED,
     ]

@@ -39,6 +39,8 @@ DIGEST_LABEL = "org.model-sandbox.worker-digest"
 WORKER_SRC = Path(__file__).parent / "_worker"
 ROOT_DISTRIBUTIONS = ("torch", "numpy", "safetensors", "psutil", "joblib", "lz4")
 PY = "/opt/python"
+#: how a sandbox starts its supervisor (the image's entrypoint; bwrap runs it too)
+ENTRYPOINT = (f"{PY}/bin/python3", "-I", "-S", "-c", P.BOOT)
 SANDBOX_UID = 65534
 
 # Parts of distributions the worker never uses: headers, test suites, build tooling.

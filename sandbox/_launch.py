@@ -12,6 +12,7 @@ timeout, Ctrl-C, or discarded unused).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -365,7 +366,7 @@ class DockerRunner:
         changes = [
             f"USER {_image.SANDBOX_UID}:{_image.SANDBOX_UID}",
             "WORKDIR /tmp",
-            f'ENTRYPOINT ["{_image.PY}/bin/python3", "-I", "-m", "sandbox_worker"]',
+            f"ENTRYPOINT {json.dumps(list(_image.ENTRYPOINT))}",
             f'LABEL {_image.DIGEST_LABEL}="{digest}"',
             f'LABEL {LABEL}="worker-image"',
         ]

@@ -1,9 +1,12 @@
 """Container side entry point: the supervisor.
 
-Started by the engine as the container's PID 1 (``python -I -m sandbox_worker CONFIG``), it
+Started as the container's PID 1 with an **empty environment** (the engine always injects
+PATH, HOSTNAME and HOME, and nothing of ours is to be visible to the payload: the image's
+entrypoint, ``python3 -I -S -c BOOT``, imports nothing and re-executes ``python3 -I -m
+sandbox_worker --stage2 ARGS`` with no variables; started any other way, :func:`main` does the
+same before anything else), it
 
-1. re-executes itself with an **empty environment** (the engine always injects PATH,
-   HOSTNAME and HOME, and nothing of ours is to be visible to the payload);
+1. connects to the host's channel and waits for its job;
 2. hashes the input, plants *canary* credentials (fresh fake AWS/HF/OpenAI/GitHub values in
    the loader's environment and under its ``HOME``, a small tmpfs), then forks the *loader* in a
    new session with resource limits;
@@ -16,10 +19,10 @@ Started by the engine as the container's PID 1 (``python -I -m sandbox_worker CO
    the kernel drops signals to a namespace's init that it has no handler for, and we keep none:
    Python's SIGINT handler is reset; kill/ptrace of PID 1 are refused by the filter, and this
    process is not dumpable, so its memory and descriptors are out of the loader's reach);
-5. writes ``events.jsonl`` (bounded: separate budgets for kernel and self-reported events, exact
-   counts in the status) and then ``status.json`` (with the canary values, so that the host can
-   search for them, the ``resources`` the tree used and the ``limit`` the supervisor enforced,
-   if any) to the output directory, replacing anything the loader planted there.
+5. sends the host, over the channel the loader never holds, the events (bounded: separate
+   budgets for kernel and self-reported events, exact counts in the status) and then the status
+   (with the canary values, so that the host can search for them, the ``resources`` the tree
+   used and the ``limit`` the supervisor enforced, if any) and the sealed outputs.
 
 The supervisor never imports torch and never unpickles anything; psutil is imported on the
 first sample, after the loader has been forked.
@@ -47,7 +50,7 @@ from typing import Any
 from . import _protocol as P
 from . import _seccomp, _spans
 
-STAGE2 = "--stage2"
+STAGE2 = P.STAGE2
 PLAIN_HANDOFF = b"plain"  # the loader's word, under gVisor, that its plain filter is in place
 _RESULT_LIMIT = 64 * 1024
 _SAMPLE_EVERY_S = 0.1

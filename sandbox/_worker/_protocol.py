@@ -57,6 +57,14 @@ PROTOCOL_VERSION = 2
 CHANNEL_DIR = "/run/sandbox"  # inside the container: the host's socket directory, read-only
 SOCKET_NAME = "channel"
 SOCKET_PATH = f"{CHANNEL_DIR}/{SOCKET_NAME}"
+STAGE2 = "--stage2"  # the supervisor's argument: its environment is already empty
+# The sandbox's first interpreter (``python3 -I -S -c BOOT ARGS...``) only re-executes the
+# supervisor with an empty environment (the engine always adds PATH, HOSTNAME and HOME; bwrap,
+# PWD): it imports nothing, so a sandbox pays the supervisor's imports once, not twice.
+BOOT = (
+    "import os,sys;e=sys.executable;"
+    f"os.execve(e,[e,'-I','-m','sandbox_worker','{STAGE2}',*sys.argv[1:]],{{}})"
+)
 COLD = "--cold"  # the supervisor's argument: do not import torch ahead of a job
 NPROC = "--nproc="  # the supervisor's argument (bwrap runner): its RLIMIT_NPROC
 # the supervisor's argument (bwrap runner): no control group bounds the sandbox's shared memory,

@@ -131,13 +131,23 @@ except OSError as exc:
 def test_host_environment_is_not_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     token = f"ENVSECRET-{uuid.uuid4().hex}"
     monkeypatch.setenv("MODEL_SANDBOX_TEST_SECRET", token)
-    code = "import os\nresult = sorted(os.environ.items())"
+    # os.environ, and the block the kernel keeps from the last exec (/proc/self/environ)
+    code = """import os
+try:
+    with open("/proc/self/environ", "rb") as f:
+        block = f.read()
+except OSError as exc:
+    block = repr(exc).encode()
+result = (sorted(os.environ.items()), block)"""
     path = ck.save(ck.hostile_checkpoint(ck.code_payload(code)), tmp_path / "env-secret.pt")
     assert token in ck.prove_live(path, env={"MODEL_SANDBOX_TEST_SECRET": token})
 
     value, report = load_in_sandbox(path)
     assert token not in repr(value) and token not in report.to_json()
-    env = dict(value)
+    items, block = value
+    # the supervisor's exec had no variables at all (the loader is its fork)
+    assert block == b"", block[:200]
+    env = dict(items)
     # nothing of the host's, nor what the engine injects (PATH, HOSTNAME, HOME)
     assert not set(env) & {"PATH", "HOSTNAME", "MODEL_SANDBOX_TEST_SECRET"}
     assert env["HOME"] == P.CANARY_HOME

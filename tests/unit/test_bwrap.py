@@ -145,11 +145,14 @@ def test_bwrap_options_carry_the_isolation_contract() -> None:
     assert "--hostname ws-box12" in joined
     assert _bwrap.etc_files("ws-box12")["/etc/hostname"] == b"ws-box12\n"
     tail = args[args.index("--") + 1 :]
+    # the boot interpreter imports nothing and re-executes the supervisor with no environment
+    # (bwrap's --clearenv still leaves PWD)
     assert tail == [
         "/opt/python/bin/python3",
         "-I",
-        "-m",
-        "sandbox_worker",
+        "-S",
+        "-c",
+        P.BOOT,
         f"{P.NPROC}{spec.pids}",
         P.SHMEM_UNBOUNDED,
         P.COLD,
