@@ -75,6 +75,10 @@ class _Loaded:
     static: _scan.StaticScan | None = None  # the static stage's scan, reused by the layout check
     placements: list[Placement] = dataclasses.field(default_factory=list)
     reading: _verify.Reading | None = None  # the host's own reading, under way beside the load
+    # a plain state dict: the host's placement of its tensors, and their records' bytes being
+    # read (and the file hashed) beside the sandbox
+    early: list[Placement] | None = None
+    prefetch: _input.Prefetch | None = None
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,9 @@ def _sandboxed(
     loaded = _Loaded(report=report, output=None, error=None)
     st: _scan.StaticScan | None = None
     run: _launch.RunResult | None = None
-    hasher: _input.Hasher | None = None
+    hasher: _input.Hasher | _input.Prefetch | None = None
     input_fd = job_fd = -1
+    hashed = False
     try:
         try:
             real, input_fd = _input.open_input(path)
@@ -121,8 +126,9 @@ def _sandboxed(
             _input.refuse_non_checkpoint(input_fd, path)  # from a bounded prefix, before any full read
             before = _input.identity(input_fd)
             report.input_size = before[1]
-            hasher = _input.Hasher(input_fd)  # runs beside the static scan and the sandbox
+            hashed = True  # from here on the report gets the file's sha256, whatever happens
             if expected_sha256 is not None:  # a pin is checked before anything reads the file
+                hasher = _input.Hasher(input_fd)
                 report.input_sha256 = hasher.result()
                 if report.input_sha256 != expected_sha256.lower():
                     raise HashMismatch(
@@ -135,6 +141,20 @@ def _sandboxed(
             st = _judge.static_stage(real, report, policy, source=loaded.input_path)
             if not any(n.startswith(_judge.SCAN_STOPPED) for n in report.notes):
                 loaded.static = st  # a complete scan: the layout check need not read it again
+            plain = loaded.static is None or all(g.classification == "allowed" for g in loaded.static.globals)
+            # the layout hand-off reads plain torch zips only: anything else goes to the full loader
+            layout = plain and (loaded.static is None or loaded.static.format == "torch-zip")
+            if hasher is None:  # runs beside the sandbox
+                hasher = _hash_or_prefetch(
+                    loaded,
+                    input_fd,
+                    read_ahead=layout
+                    and dynamic
+                    and write_tensors
+                    and materialise
+                    and not mmap
+                    and not (stop_early and _judge.static_stops(report, policy)),
+                )
             if not dynamic and loaded.static is None:
                 # no sandbox will load it either: a file the scan could not read is not clean
                 report.add(
@@ -149,7 +169,6 @@ def _sandboxed(
                 if dynamic:
                     report.notes.append("refused on the static scan: the sandbox did not run")
                 raise _StaticOnly
-            plain = loaded.static is None or all(g.classification == "allowed" for g in loaded.static.globals)
             if not plain:
                 # not a plain state dict, so no layout hand-off: the host's own reading of the
                 # file runs beside the sandbox
@@ -169,8 +188,7 @@ def _sandboxed(
                 input_fd=job_fd,
                 input_size=before[1],
                 write_tensors=write_tensors,
-                # the hand-off reads plain torch zips only: anything else goes to the full loader
-                layout=plain and (loaded.static is None or loaded.static.format == "torch-zip"),
+                layout=layout,
             )
             run = runner.run(spec, job)
             host_sha256 = hasher.result
@@ -197,6 +215,8 @@ def _sandboxed(
                     # the full loader decides, in a fresh sandbox
                     run.close()
                     report.notes.append(f"layout hand-off refused ({exc}); loaded in full")
+                    if loaded.prefetch is not None:
+                        loaded.prefetch.release()  # the full loader's tensors come instead
                     report.findings, report.events = list(report.findings[:static_count]), []
                     job = dataclasses.replace(job, config=dataclasses.replace(job.config, layout=False))
                     run = runner.run(spec, job)
@@ -229,9 +249,9 @@ def _sandboxed(
         except SandboxError as exc:
             loaded.error = exc
             report.error = {"reference": exc.reference, "message": exc.message}
-        if hasher is not None and report.input_sha256 is None:
+        if report.input_sha256 is None and hashed:  # also of a file the static stage refused
             with contextlib.suppress(OSError):
-                report.input_sha256 = hasher.result()
+                report.input_sha256 = (hasher or _input.Hasher(input_fd)).result()
         if run is not None:  # also when the load failed or was stopped: what it did still counts
             _judge.differential(report, st)
             _judge.resource_abuse(report)
@@ -248,6 +268,23 @@ def _sandboxed(
             run.close()
         for fd in {input_fd, job_fd} - {-1}:
             os.close(fd)
+
+
+def _hash_or_prefetch(loaded: _Loaded, input_fd: int, *, read_ahead: bool) -> _input.Hasher | _input.Prefetch:
+    """What hashes the input beside the sandbox. ``read_ahead`` (a plain torch zip whose tensors
+    the host will hold in memory): the host places the tensors in the file now, from its own
+    reading, and reads their records once while it hashes (:class:`_input.Prefetch`); the
+    sandbox's layout must still agree with that placement before any of it is used."""
+    if read_ahead and loaded.static is not None:
+        from ._verify import reconstruct as _reconstruct
+
+        placed = _reconstruct.try_place(loaded.input_path, loaded.static)
+        if not isinstance(placed, _reconstruct.NotReconstructed):
+            loaded.early = placed
+            with contextlib.suppress(ValueError):
+                loaded.prefetch = _input.Prefetch(input_fd, _convert.layout_spans(placed))
+                return loaded.prefetch
+    return _input.Hasher(input_fd)
 
 
 def _changed(report: LoadReport, input_fd: int, before: tuple[int, int, int, int]) -> bool:
@@ -333,12 +370,17 @@ def _monitored(
     _check_locations(output.manifest, loaded.static)
     if output.manifest.layout is not None:
         output.manifest, loaded.placements = _placed(
-            report, output.manifest, loaded.input_path, loaded.static
+            report, output.manifest, loaded.input_path, loaded.static, loaded.early
         )
         loaded.handoff = report.resources["handoff"] = "layout"
         _summarise(report, output.manifest)
         if write_tensors and materialise:
-            loaded.tensors = _convert.map_layout(loaded.input_path, loaded.placements, copy=not mmap)
+            loaded.tensors = _convert.map_layout(
+                loaded.input_path,
+                loaded.placements,
+                copy=not mmap,
+                prefetched=None if loaded.prefetch is None else loaded.prefetch.buffers(),
+            )
         return
     report.resources["handoff"] = "memfd"
     _summarise(report, output.manifest)
@@ -439,15 +481,19 @@ class _LayoutRefused(Exception):
 
 
 def _placed(
-    report: LoadReport, manifest: P.Manifest, source: str, static: _scan.StaticScan | None
+    report: LoadReport,
+    manifest: P.Manifest,
+    source: str,
+    static: _scan.StaticScan | None,
+    early: list[Placement] | None = None,
 ) -> tuple[P.Manifest, list[Placement]]:
     """The layout hand-off: the host places every tensor in the input itself (``source``: its
     own descriptor of the input, never the copy a sandbox may have been given and may have
-    changed) and requires the sandbox's layout to agree exactly; returns the manifest the later
-    stages use."""
+    changed; ``early``: that placement, made before the sandbox answered) and requires the
+    sandbox's layout to agree exactly; returns the manifest the later stages use."""
     from ._verify import reconstruct as _reconstruct
 
-    placed = _reconstruct.try_place(source, static)
+    placed = early if early is not None else _reconstruct.try_place(source, static)
     if isinstance(placed, _reconstruct.NotReconstructed):
         raise _LayoutRefused(placed.reason)
     theirs = manifest.layout or ()

@@ -91,27 +91,44 @@ def _mapped(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def map_layout(path: str, placements: list[Placement], *, copy: bool) -> dict[str, torch.Tensor]:
+def layout_spans(placements: list[Placement]) -> dict[str, tuple[int, int]]:
+    """The bytes of the input that each storage's tensors span, ``key -> [lo, hi)``: what
+    :func:`map_layout` reads of it (``lo`` rounded down to 8 bytes, which keeps every element as
+    aligned in memory as in the file)."""
+    spans: dict[str, tuple[int, int]] = {}
+    for p in placements:
+        if p.extent:
+            lo, hi = spans.get(p.key, (p.file_offset, p.file_offset + p.extent))
+            spans[p.key] = (min(lo, p.file_offset), max(hi, p.file_offset + p.extent))
+    return {key: (lo - lo % 8, hi) for key, (lo, hi) in spans.items()}
+
+
+def map_layout(
+    path: str,
+    placements: list[Placement],
+    *,
+    copy: bool,
+    prefetched: dict[str, tuple[int, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
     """The tensors of a plain state dict, straight from the input file's own records (the
     placements were checked against the file and against the sandbox's layout). ``copy=False``:
     they share one private, copy-on-write mapping of the file (tensors of one storage share
     memory, as after ``torch.load(mmap=True)``); ``copy=True``: each storage's bytes are read
-    once into memory, and tensors of one storage still share it."""
+    once into memory, and tensors of one storage still share it. ``prefetched``: those bytes,
+    already read (:class:`._input.Prefetch`, given the same spans); used only where its spans
+    are exactly :func:`layout_spans` of ``placements``, else the file is read here."""
     import torch
 
-    size = os.path.getsize(path)
     out: dict[str, torch.Tensor] = {}
     if copy:
-        spans: dict[str, tuple[int, int]] = {}
-        for p in placements:
-            if p.extent:
-                lo, hi = spans.get(p.key, (p.file_offset, p.file_offset + p.extent))
-                spans[p.key] = (min(lo, p.file_offset), max(hi, p.file_offset + p.extent))
+        spans = layout_spans(placements)
         buffers: dict[str, tuple[int, torch.Tensor]] = {}
-        with open(path, "rb", buffering=0) as f:
-            for key, (lo, hi) in spans.items():
-                lo -= lo % 8  # keeps every element of the span as aligned as in the file
-                buffers[key] = (lo, _read_range(f.fileno(), lo, hi))
+        if prefetched is not None and {k: (lo, lo + b.numel()) for k, (lo, b) in prefetched.items()} == spans:
+            buffers = dict(prefetched)
+        else:
+            with open(path, "rb", buffering=0) as f:
+                for key, (lo, hi) in spans.items():
+                    buffers[key] = (lo, _read_range(f.fileno(), lo, hi))
         for p in placements:
             dtype = getattr(torch, p.dtype)
             if not p.extent:
@@ -120,6 +137,7 @@ def map_layout(path: str, placements: list[Placement], *, copy: bool) -> dict[st
             lo, buf = buffers[p.key]
             out[p.name] = _strided(buf.untyped_storage(), p.file_offset - lo, p, dtype)
         return out
+    size = os.path.getsize(path)
     storage: Any = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     for p in placements:
         dtype = getattr(torch, p.dtype)

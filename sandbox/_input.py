@@ -9,8 +9,10 @@ private file, and the sweep of work directories a killed process left behind."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickletools
+import queue
 import shutil
 import stat
 import tempfile
@@ -107,6 +109,123 @@ class Hasher:
             raise self._error
         assert self._digest is not None
         return self._digest
+
+
+class Prefetch:
+    """The input read once, in file order, beside the sandbox: the bytes of each storage record
+    that a plain state dict's tensors lie in (``spans``: key -> ``[lo, hi)``, from the host's own
+    placement of them, see :func:`._convert.layout_spans`) go straight into memory of their own
+    (the tensors' storage, if the sandbox's layout then agrees), the bytes between them into
+    scratch buffers; a second thread hashes every byte in the same order, each chunk just after
+    it was read, while it is still in the cache. One pass over the file instead of two (a hash,
+    then a copy once the sandbox has answered), started before the sandbox answers.
+
+    :meth:`result` is the sha256 of the whole file, as :class:`Hasher`'s (to its end, wherever
+    that is by then); :meth:`buffers` the records' bytes, or ``None`` where the file ended before
+    the last of them (the caller then reads them itself, and finds that the file shrank)."""
+
+    CHUNK = 4 << 20  # read and hashed in pieces this size: a few of them stay in the cache
+
+    def __init__(self, fd: int, spans: dict[str, tuple[int, int]]) -> None:
+        import torch
+
+        self._fd = fd
+        self._segments = sorted((lo, hi, key) for key, (lo, hi) in spans.items() if hi > lo)
+        if any(b[0] < a[1] for a, b in zip(self._segments, self._segments[1:], strict=False)):
+            raise ValueError("overlapping records")  # not what try_place accepts: hash only
+        self._buffers = {key: torch.empty(hi - lo, dtype=torch.uint8) for lo, hi, key in self._segments}
+        self._complete = False
+        self._digest: str | None = None
+        self._error: OSError | None = None
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=4)
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(6):
+            self._free.put(bytearray(self.CHUNK))
+        self._reader = threading.Thread(target=self._read, name="model-sandbox-prefetch", daemon=True)
+        self._hasher = threading.Thread(target=self._hash, name="model-sandbox-hash", daemon=True)
+        self._hasher.start()
+        self._reader.start()
+
+    def _read(self) -> None:
+        pos = 0
+        try:
+            for lo, hi, key in self._segments:
+                if not self._scratch(pos, lo):
+                    return
+                view = memoryview(self._buffers[key].numpy().data).cast("B")
+                for at in range(lo, hi, self.CHUNK):
+                    piece = view[at - lo : min(hi, at + self.CHUNK) - lo]
+                    got = _pread_full(self._fd, piece, at)
+                    if got:
+                        self._queue.put(piece[:got])
+                    if got < len(piece):
+                        return  # the file ends early: what was read is hashed; no buffers
+                pos = hi
+            self._complete = True
+            self._scratch(pos, None)  # the rest, to the end of the file
+        except OSError as exc:
+            self._error = exc
+            self._complete = False
+        finally:
+            self._queue.put(None)
+
+    def _scratch(self, pos: int, end: int | None) -> bool:
+        """Bytes ``pos`` to ``end`` (``None``: the end of the file) through the scratch buffers,
+        to the hash only; False where the file ended before ``end``."""
+        while end is None or pos < end:
+            buf = self._free.get()
+            want = self.CHUNK if end is None else min(self.CHUNK, end - pos)
+            got = _pread_full(self._fd, memoryview(buf)[:want], pos)
+            if got:
+                self._queue.put(memoryview(buf)[:got])
+            else:
+                self._free.put(buf)
+            if got < want:
+                return end is None
+            pos += got
+        return True
+
+    def _hash(self) -> None:
+        h = hashlib.sha256()
+        while (piece := self._queue.get()) is not None:
+            h.update(piece)
+            if isinstance(piece.obj, bytearray):
+                self._free.put(piece.obj)
+            piece.release()
+        self._digest = h.hexdigest()
+
+    def result(self) -> str:
+        self._hasher.join()
+        self._reader.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+    def release(self) -> None:
+        """Gives the records' memory back once they are read (the hash goes on)."""
+        self._reader.join()
+        self._complete = False
+        self._buffers = {}
+
+    def buffers(self) -> dict[str, tuple[int, Any]] | None:
+        """Each record's first byte and its bytes (a uint8 tensor), once all are read; None
+        where the file ended early or a read failed."""
+        self._reader.join()
+        if not self._complete:
+            return None
+        return {key: (lo, self._buffers[key]) for lo, _hi, key in self._segments}
+
+
+def _pread_full(fd: int, view: memoryview, pos: int) -> int:
+    """Reads into all of ``view`` from ``pos``; fewer bytes only at the end of the file."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], pos + got)
+        if n <= 0:
+            break
+        got += n
+    return got
 
 
 def _sandbox_may_write(st: os.stat_result) -> bool:

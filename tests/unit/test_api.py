@@ -402,18 +402,32 @@ def test_a_large_inputs_tensors_are_placed_while_the_host_hashes_it(
             order.append("hash")
             return super().result()
 
+    class Prefetch(_input.Prefetch):
+        def result(self) -> str:
+            order.append("hash")
+            return super().result()
+
     real = _convert.map_layout
 
     def map_layout(*args: Any, **kwargs: Any) -> Any:
         order.append("read")
         return real(*args, **kwargs)
 
+    def read_range(*args: Any, **kwargs: Any) -> Any:
+        order.append("read again")
+        return real_range(*args, **kwargs)
+
+    real_range = _convert._read_range
     monkeypatch.setattr(_input, "Hasher", Hasher)
+    monkeypatch.setattr(_input, "Prefetch", Prefetch)
     monkeypatch.setattr(_convert, "map_layout", map_layout)
+    monkeypatch.setattr(_convert, "_read_range", read_range)
     monkeypatch.setattr(_launch, "HASH_IN_SANDBOX_BYTES", 0)
     got = sandbox.safe_load(path, runner=FakeRunner(layout=True))
     assert torch.equal(got["model"]["encoder.weight"], sd["encoder.weight"])
-    assert order[0] == "read" and "hash" in order
+    assert got["model"]["tied"].data_ptr() == got["model"]["encoder.weight"].data_ptr()
+    # the records were read once, beside the sandbox, while the file was hashed
+    assert order[0] == "read" and "hash" in order and "read again" not in order
     monkeypatch.setattr(_launch, "HASH_IN_SANDBOX_BYTES", 1 << 30)  # small: compared first
     order.clear()
     sandbox.safe_load(path, runner=FakeRunner(layout=True))

@@ -241,3 +241,31 @@ def test_a_lazy_modules_uninitialized_parameters_are_placeholders() -> None:
     assert all(isinstance(v, Unrepresentable) for v in got.values())
     with pytest.raises(UnrepresentableObject):
         round_trip(sd, weights_only=True)
+
+
+def test_map_layout_uses_prefetched_records_only_where_their_spans_are_its_own(tmp_path: Any) -> None:
+    """Bytes read ahead (``_input.Prefetch``) stand in for the file's only where they are exactly
+    the spans ``map_layout`` would read: anything else, and the file is read here."""
+    from sandbox import _convert
+    from sandbox._verify import reconstruct as _reconstruct
+
+    sd = ck.state_dict()
+    path = ck.save(sd, tmp_path / "plain.pt")
+    placed = _reconstruct.try_place(path)
+    assert isinstance(placed, list)
+    spans = _convert.layout_spans(placed)
+    data = path.read_bytes()
+    ahead = {
+        k: (lo, torch.frombuffer(bytearray(data[lo:hi]), dtype=torch.uint8)) for k, (lo, hi) in spans.items()
+    }
+    got = _convert.map_layout(str(path), placed, copy=True, prefetched=ahead)
+    first = next(iter(spans))
+    assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
+    shared = [t for t in got.values() if t.untyped_storage().data_ptr() == ahead[first][1].data_ptr()]
+    assert shared, "the prefetched bytes are the tensors' storage"
+    # spans that are not its own (one record cut short): read from the file instead
+    lo, buf = ahead[first]
+    wrong = {**ahead, first: (lo, buf[:-1])}
+    again = _convert.map_layout(str(path), placed, copy=True, prefetched=wrong)
+    assert set(again) == set(sd) and all(torch.equal(again[k], v) for k, v in sd.items())
+    assert not any(t.untyped_storage().data_ptr() == buf.data_ptr() for t in again.values())

@@ -133,3 +133,57 @@ def test_file_objects_become_paths_and_text_mode_is_refused() -> None:
         pass
     with pytest.raises(TypeError), _input.as_path(42):
         pass
+
+
+def _records(tmp_path: Path) -> tuple[Path, bytes, dict[str, tuple[int, int]]]:
+    data = os.urandom(5000)
+    path = tmp_path / "records.bin"
+    path.write_bytes(data)
+    # two records with bytes before, between and after them
+    return path, data, {"b": (3000, 4100), "a": (100, 2048)}
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 1 << 20])
+def test_prefetch_reads_each_record_once_and_hashes_the_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    path, data, spans = _records(tmp_path)
+    monkeypatch.setattr(_input.Prefetch, "CHUNK", chunk)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pre = _input.Prefetch(fd, spans)
+        assert pre.result() == hashlib.sha256(data).hexdigest()
+        got = pre.buffers()
+        assert got is not None and set(got) == {"a", "b"}
+        for key, (lo, hi) in spans.items():
+            start, buf = got[key]
+            assert start == lo and bytes(buf.numpy()) == data[lo:hi]
+        pre.release()
+        assert pre.buffers() is None
+    finally:
+        os.close(fd)
+
+
+def test_prefetch_of_a_file_shorter_than_its_records_gives_no_buffers(tmp_path: Path) -> None:
+    """A file that ends inside a record (it shrank since it was placed): the hash is of what is
+    there, and no record's bytes are handed out half read."""
+    path, data, spans = _records(tmp_path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pre = _input.Prefetch(fd, {**spans, "c": (4900, 6000)})
+        assert pre.result() == hashlib.sha256(data).hexdigest()
+        assert pre.buffers() is None
+        pre = _input.Prefetch(fd, {"far": (9000, 9100)})  # past the end, after a gap
+        assert pre.result() == hashlib.sha256(data).hexdigest() and pre.buffers() is None
+    finally:
+        os.close(fd)
+
+
+def test_prefetch_refuses_overlapping_records(tmp_path: Path) -> None:
+    path, _data, _spans = _records(tmp_path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="overlapping"):
+            _input.Prefetch(fd, {"a": (0, 100), "b": (50, 200)})
+    finally:
+        os.close(fd)
