@@ -12,7 +12,8 @@ runs, the peak host RSS the case added to this process, and a ratio (ours / base
   ``Pool.convert`` warm;
 * batch conversion of ``--small-files`` small files and ``--big-files`` files of
   ``--big-file-mb``: ``run_batch`` with ``--jobs`` (default: the number of cores) against
-  ``torch.load`` + ``save_file`` in as many processes, as files/s and MB/s;
+  ``torch.load`` + ``save_file`` in as many processes, as files/s and MB/s; through the Docker
+  runner and, where bubblewrap can run, the daemonless bwrap runner;
 * ``model-sandbox convert small.pt -o out`` in a new process, end to end;
 
 then one MET/MISSED line per performance target. Asserts nothing; a case that raises prints
@@ -331,6 +332,7 @@ class Bench:
     pool: sandbox.Pool
     results: dict[str, Result] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    bwrap: bool = False  # the batches run through the daemonless runner too
 
     def settle(self) -> None:
         """Let background work end before a timed call: containers being removed (the
@@ -460,10 +462,10 @@ class Bench:
             finally:
                 shutil.rmtree(d, ignore_errors=True)
 
-        def ours() -> _batch.BatchSummary:
+        def ours(runner: str | None = None) -> _batch.BatchSummary:
             d = fresh_dir()  # a fresh OUTDIR: nothing is resumed
             try:
-                summary = _batch.run_batch([src], d, _batch.BatchOptions(jobs=jobs))
+                summary = _batch.run_batch([src], d, _batch.BatchOptions(jobs=jobs, runner=runner))
             finally:
                 shutil.rmtree(d, ignore_errors=True)
             if summary.stopped:
@@ -485,6 +487,11 @@ class Bench:
         rate_row(f"ours: run_batch(jobs={jobs})", mine, len(files), nbytes, base)
         self.results[f"{key}:base"] = base
         self.results[f"{key}:ours"] = mine
+        if self.bwrap:  # the daemonless runner: the same sandbox, no engine between
+            self.settle()
+            daemonless = measure(lambda: ours("bwrap"), self.args.repeat, before=self.settle)
+            rate_row(f"ours: run_batch(jobs={jobs}, runner=bwrap)", daemonless, len(files), nbytes, base)
+            self.results[f"{key}:bwrap"] = daemonless
 
     def batches(self) -> None:
         small = self.tmp / "small"
@@ -636,18 +643,21 @@ class Bench:
         else:
             missing(text, "a case failed or was not run")
 
-        text = f"batch of 200 small files >= {SMALL_MIN_FILES_S:g} files/s"
-        ours = get("small:ours")
-        if ours and self.info.get("small", (0,))[0]:
-            n = self.info["small"][0]
-            rate = n / ours.median
-            caveat = "" if n == 200 else f" [measured on {n} files]"
-            verdict(
-                rate >= SMALL_MIN_FILES_S,
-                f"{text}: {rate:.2f} files/s ({n} files in {_s(ours.median)} s){caveat}",
-            )
-        else:
-            missing(text, "a case failed or was not run")
+        for key, how in (("small:ours", "Docker runner"), ("small:bwrap", "bwrap runner")):
+            text = f"batch of 200 small files >= {SMALL_MIN_FILES_S:g} files/s, {how}"
+            ours = get(key)
+            if ours and self.info.get("small", (0,))[0]:
+                n = self.info["small"][0]
+                rate = n / ours.median
+                caveat = "" if n == 200 else f" [measured on {n} files]"
+                verdict(
+                    rate >= SMALL_MIN_FILES_S,
+                    f"{text}: {rate:.2f} files/s ({n} files in {_s(ours.median)} s){caveat}",
+                )
+            elif key == "small:bwrap" and not self.bwrap:
+                missing(text, "bubblewrap cannot run here")
+            else:
+                missing(text, "a case failed or was not run")
 
         text = f"cold `model-sandbox convert` of a small state dict in a new process < {CLI_MAX_S:g} s"
         ours = get("cli:ours")
@@ -758,6 +768,19 @@ def header(args: argparse.Namespace, tmp: Path) -> None:
     out("  (warm-up untimed); back-to-back = the same pool, calls with no wait (refill in the background).")
 
 
+def _bwrap_usable() -> bool:
+    """Whether the bwrap runner can start here (its root filesystem made if it is missing)."""
+    from sandbox import _bwrap
+
+    try:
+        image = _bwrap.BwrapRunner().ensure_image()
+    except Exception as exc:
+        out(f"bwrap: cannot run here ({_failure(exc)}): its batch rows are left out")
+        return False
+    out(f"bwrap runner: root filesystem of {image}")
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     with (
@@ -766,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         tmp = Path(tmp_s)
         header(args, tmp)
-        bench = Bench(args=args, tmp=tmp, pool=pool)
+        bench = Bench(args=args, tmp=tmp, pool=pool, bwrap=_bwrap_usable())
         # untimed: imports, engine connection, page cache of the worker image, one warm sandbox
         try:
             prime = tmp / "prime.pt"
