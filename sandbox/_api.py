@@ -281,7 +281,9 @@ def _hash_or_prefetch(loaded: _Loaded, input_fd: int, *, read_ahead: bool) -> _i
         placed = _reconstruct.try_place(loaded.input_path, loaded.static)
         if not isinstance(placed, _reconstruct.NotReconstructed):
             loaded.early = placed
-            with contextlib.suppress(ValueError):
+            # overlapping records, or no memory for them now: the hash alone, and the records
+            # are read (or the error raised) where they are placed
+            with contextlib.suppress(ValueError, RuntimeError, MemoryError):
                 loaded.prefetch = _input.Prefetch(input_fd, _convert.layout_spans(placed))
                 return loaded.prefetch
     return _input.Hasher(input_fd)

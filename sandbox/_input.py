@@ -163,8 +163,8 @@ class Prefetch:
                 pos = hi
             self._complete = True
             self._scratch(pos, None)  # the rest, to the end of the file
-        except OSError as exc:
-            self._error = exc
+        except Exception as exc:  # no digest of part of the file may pass for the file's
+            self._error = exc if isinstance(exc, OSError) else OSError(f"reading the input: {exc!r}")
             self._complete = False
         finally:
             self._queue.put(None)

@@ -187,3 +187,29 @@ def test_prefetch_refuses_overlapping_records(tmp_path: Path) -> None:
             _input.Prefetch(fd, {"a": (0, 100), "b": (50, 200)})
     finally:
         os.close(fd)
+
+
+def test_a_prefetch_that_fails_midway_gives_no_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that fails part of the way (any error) must not leave the digest of the part that
+    was read to pass for the file's."""
+    path, _data, spans = _records(tmp_path)
+    monkeypatch.setattr(_input.Prefetch, "CHUNK", 1000)
+    calls = iter(range(100))
+    real = _input._pread_full
+
+    def flaky(fd: int, view: memoryview, pos: int) -> int:
+        if next(calls) == 2:
+            raise ValueError("a bug, not an OSError")
+        return real(fd, view, pos)
+
+    monkeypatch.setattr(_input, "_pread_full", flaky)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pre = _input.Prefetch(fd, spans)
+        with pytest.raises(OSError, match="a bug"):
+            pre.result()
+        assert pre.buffers() is None
+    finally:
+        os.close(fd)
