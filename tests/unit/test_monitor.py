@@ -309,3 +309,35 @@ def test_an_oversize_status_drops_the_series_before_the_counts() -> None:
     out = sup._bounded_status()
     assert "series" not in out["resources"] and out["monitor"]["counts"] == counts
     assert len(json.dumps(out)) <= P.MAX_FRAME
+
+
+def test_proc_stat_reads_past_a_hostile_command_name(tmp_path: Path) -> None:
+    """The supervisor samples the tree from /proc/PID/stat; the command name in it is the
+    loader's to choose (prctl(PR_SET_NAME)), so it must never shift the fields read after it."""
+    import os
+
+    from sandbox._worker.__main__ import proc_stat
+
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+
+    def stat(pid: int, comm: bytes, state: bytes = b"R") -> None:
+        # fields 4..13, then utime stime cutime cstime (14-17), priority nice threads (18-20),
+        # itrealvalue starttime vsize (21-23), rss (24), and the rest
+        rest = b"1 1 1 0 -1 0 0 0 0 0 " + b"%d %d %d %d " % (tick, 2 * tick, 3 * tick, 4 * tick)
+        rest += b"20 0 7 0 100 12345 " + b"%d " % 50 + b"0 " * 20
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_bytes(b"%d (%s) %s %s" % (pid, comm, state, rest))
+
+    stat(2, b"loader")
+    stat(3, b"x) Z 1 1 1 0 -1 (")  # reads as a zombie to a parser that splits at the first ')'
+    stat(4, b"dead", state=b"Z")
+    for pid in (2, 3):
+        assert proc_stat(pid, str(tmp_path)) == (10.0, 50 * page, 7)
+    assert proc_stat(4, str(tmp_path)) is None  # a zombie: its time is its parent's when reaped
+    assert proc_stat(5, str(tmp_path)) is None  # gone
+    (tmp_path / "6").mkdir()
+    (tmp_path / "6" / "stat").write_bytes(b"6 (short) R 1 2")
+    assert proc_stat(6, str(tmp_path)) is None
+    # and the real thing: this process
+    me = proc_stat(os.getpid())
+    assert me is not None and me[1] > 0 and me[2] >= 1 and me[0] >= 0
