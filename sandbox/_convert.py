@@ -189,14 +189,11 @@ def _read_range(fd: int, begin: int, end: int, *, item: str | None = None) -> to
     Raises ``OutputRejected`` when the file ends before ``end`` (it shrank)."""
     import torch
 
+    from ._input import pread_full
+
     buf = torch.empty(end - begin, dtype=torch.uint8)
-    view = memoryview(buf.numpy().data)
-    got = 0
-    while got < end - begin:
-        n = os.preadv(fd, [view[got:]], begin + got)
-        if n <= 0:
-            raise OutputRejected("the input file shrank while it was read", item=item)
-        got += n
+    if pread_full(fd, memoryview(buf.numpy().data), begin) < end - begin:
+        raise OutputRejected("the input file shrank while it was read", item=item)
     return buf
 
 

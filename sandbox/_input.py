@@ -155,7 +155,7 @@ class Prefetch:
                 view = memoryview(self._buffers[key].numpy().data).cast("B")
                 for at in range(lo, hi, self.CHUNK):
                     piece = view[at - lo : min(hi, at + self.CHUNK) - lo]
-                    got = _pread_full(self._fd, piece, at)
+                    got = pread_full(self._fd, piece, at)
                     if got:
                         self._queue.put(piece[:got])
                     if got < len(piece):
@@ -175,7 +175,7 @@ class Prefetch:
         while end is None or pos < end:
             buf = self._free.get()
             want = self.CHUNK if end is None else min(self.CHUNK, end - pos)
-            got = _pread_full(self._fd, memoryview(buf)[:want], pos)
+            got = pread_full(self._fd, memoryview(buf)[:want], pos)
             if got:
                 self._queue.put(memoryview(buf)[:got])
             else:
@@ -217,7 +217,7 @@ class Prefetch:
         return {key: (lo, self._buffers[key]) for lo, _hi, key in self._segments}
 
 
-def _pread_full(fd: int, view: memoryview, pos: int) -> int:
+def pread_full(fd: int, view: memoryview, pos: int) -> int:
     """Reads into all of ``view`` from ``pos``; fewer bytes only at the end of the file."""
     got = 0
     while got < len(view):

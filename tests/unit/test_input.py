@@ -197,14 +197,14 @@ def test_a_prefetch_that_fails_midway_gives_no_digest(
     path, _data, spans = _records(tmp_path)
     monkeypatch.setattr(_input.Prefetch, "CHUNK", 1000)
     calls = iter(range(100))
-    real = _input._pread_full
+    real = _input.pread_full
 
     def flaky(fd: int, view: memoryview, pos: int) -> int:
         if next(calls) == 2:
             raise ValueError("a bug, not an OSError")
         return real(fd, view, pos)
 
-    monkeypatch.setattr(_input, "_pread_full", flaky)
+    monkeypatch.setattr(_input, "pread_full", flaky)
     fd = os.open(path, os.O_RDONLY)
     try:
         pre = _input.Prefetch(fd, spans)
