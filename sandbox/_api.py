@@ -144,17 +144,10 @@ def _sandboxed(
             plain = loaded.static is None or all(g.classification == "allowed" for g in loaded.static.globals)
             # the layout hand-off reads plain torch zips only: anything else goes to the full loader
             layout = plain and (loaded.static is None or loaded.static.format == "torch-zip")
+            stops = stop_early and _judge.static_stops(report, policy)
             if hasher is None:  # runs beside the sandbox
-                hasher = _hash_or_prefetch(
-                    loaded,
-                    input_fd,
-                    read_ahead=layout
-                    and dynamic
-                    and write_tensors
-                    and materialise
-                    and not mmap
-                    and not (stop_early and _judge.static_stops(report, policy)),
-                )
+                ahead = layout and dynamic and write_tensors and materialise and not mmap and not stops
+                hasher = _hash_or_prefetch(loaded, input_fd, read_ahead=ahead)
             if not dynamic and loaded.static is None:
                 # no sandbox will load it either: a file the scan could not read is not clean
                 report.add(
@@ -164,7 +157,7 @@ def _sandboxed(
                         evidence={"why": [n[:300] for n in report.notes if n.startswith("static scan")][:3]},
                     )
                 )
-            if not dynamic or (stop_early and _judge.static_stops(report, policy)):
+            if not dynamic or stops:
                 loaded.stopped_early = dynamic
                 if dynamic:
                     report.notes.append("refused on the static scan: the sandbox did not run")
