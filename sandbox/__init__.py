@@ -2,7 +2,7 @@
 
 The checkpoint is loaded for real, inside a network-less, credential-free, seccomp-confined
 container; the host receives only SafeTensors (checked against a manifest) and a report.
-``import sandbox`` imports neither torch nor docker: the stages that need them do.
+``import sandbox`` imports neither torch nor numpy: the stages that need them do.
 """
 
 from . import _version, errors

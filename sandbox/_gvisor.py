@@ -32,7 +32,7 @@ cannot make one of its calls disappear without a finding. Where a line can be sp
 arguments in more than one way (a path containing ``, 0x...``), every reading is classified and
 the most severe one kept. What the payload prints on stdout/stderr never reaches this log.
 
-This module never imports docker: :mod:`._launch` hands it the engine's facts.
+This module never calls the engine: :mod:`._launch` hands it the engine's facts.
 """
 
 from __future__ import annotations

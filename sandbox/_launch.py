@@ -1,17 +1,19 @@
 """Stage 2, host: Policy -> ContainerSpec + Job (pure) -> Runner -> DockerRunner.
 
-This is the only module that imports ``docker``. :class:`ContainerSpec` is a frozen, typed
-description of one disposable container (everything fixed when it starts: image, limits,
-profile); a :class:`Job` is what one load asks of it (its config and the input descriptor),
-sent over the channel (:mod:`._channel`), so a container can be started before its job exists.
-:meth:`ContainerSpec.docker_kwargs` is the one place that turns a spec into engine arguments, so
-unit tests can assert every hardening option without a daemon. :class:`DockerRunner` starts
+The Docker engine is spoken to through :mod:`._engine` (the API on its local socket).
+:class:`ContainerSpec` is a frozen, typed description of one disposable container (everything
+fixed when it starts: image, limits, profile); a :class:`Job` is what one load asks of it (its
+config and the input descriptor), sent over the channel (:mod:`._channel`), so a container can
+be started before its job exists. :meth:`ContainerSpec.engine_config` is the one place that
+turns a spec into the engine's container configuration, so unit tests can assert every
+hardening option without a daemon. :class:`DockerRunner` starts
 :class:`Sandbox` es; a sandbox runs exactly one job and is always removed (success, error,
 timeout, Ctrl-C, or discarded unused).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -22,15 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import _image
+from . import _engine, _image
 from ._channel import Channel, Received
 from ._worker import _protocol as P
 from .errors import EngineError, EngineUnavailable, ImageMismatch, ImageMissing
 from .policy import Policy, seccomp_profile
 
 if TYPE_CHECKING:
-    import docker
-
     from . import _gvisor
 
 LABEL = "org.model-sandbox"
@@ -58,42 +58,46 @@ class ContainerSpec:
     cpu_s: float = 0.0
     file_bytes: int = 0
 
-    def docker_kwargs(self, channel_dir: str) -> dict[str, Any]:
-        """Arguments for ``containers.create``. Every isolation choice is made here. The only
-        host path the container sees is ``channel_dir``, read-only: no directory of the host is
-        writable from inside."""
-        from docker.types import LogConfig, Mount, Ulimit
-
+    def engine_config(self, channel_dir: str) -> dict[str, Any]:
+        """The body of the engine's ``POST /containers/create``. Every isolation choice is
+        made here. The only host path the container sees is ``channel_dir``, read-only: no
+        directory of the host is writable from inside."""
         return {
-            "image": self.image,
-            "command": [],
-            "detach": True,
-            "network_mode": "none",
-            "cap_drop": ["ALL"],
-            "security_opt": ["no-new-privileges:true", f"seccomp={self.seccomp}"],
-            "read_only": True,
-            "user": self.user,
-            "environment": {},
-            "working_dir": "/tmp",
-            "hostname": ordinary_hostname(),
-            "ipc_mode": "none",
-            "privileged": False,
-            "init": False,
-            "tmpfs": {
-                "/tmp": f"rw,noexec,nosuid,nodev,size={self.tmp_bytes}",
-                # the canary home: fake credentials the supervisor plants for the loader
-                P.CANARY_HOME: f"rw,noexec,nosuid,nodev,size=1m,uid={_image.SANDBOX_UID},"
-                f"gid={_image.SANDBOX_UID}",
+            "Image": self.image,
+            "Cmd": [],
+            "Env": [],
+            "User": self.user,
+            "WorkingDir": "/tmp",
+            "Hostname": ordinary_hostname(),
+            "Labels": dict(self.labels),
+            "StopSignal": "SIGKILL",
+            "HostConfig": {
+                "NetworkMode": "none",
+                "CapDrop": ["ALL"],
+                "SecurityOpt": ["no-new-privileges:true", f"seccomp={self.seccomp}"],
+                "ReadonlyRootfs": True,
+                "IpcMode": "none",
+                "Privileged": False,
+                "Init": False,
+                "Tmpfs": {
+                    "/tmp": f"rw,noexec,nosuid,nodev,size={self.tmp_bytes}",
+                    # the canary home: fake credentials the supervisor plants for the loader
+                    P.CANARY_HOME: f"rw,noexec,nosuid,nodev,size=1m,uid={_image.SANDBOX_UID},"
+                    f"gid={_image.SANDBOX_UID}",
+                },
+                "Mounts": [
+                    {"Type": "bind", "Source": channel_dir, "Target": P.CHANNEL_DIR, "ReadOnly": True}
+                ],
+                "Memory": self.memory_bytes,
+                "MemorySwap": self.memory_bytes,
+                "PidsLimit": self.pids,
+                "NanoCpus": self.nano_cpus,
+                "Ulimits": [
+                    {"Name": "core", "Soft": 0, "Hard": 0},
+                    {"Name": "nofile", "Soft": 1024, "Hard": 1024},
+                ],
+                "LogConfig": {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
             },
-            "mounts": [Mount(P.CHANNEL_DIR, channel_dir, type="bind", read_only=True)],
-            "mem_limit": self.memory_bytes,
-            "memswap_limit": self.memory_bytes,
-            "pids_limit": self.pids,
-            "nano_cpus": self.nano_cpus,
-            "ulimits": [Ulimit(name="core", soft=0, hard=0), Ulimit(name="nofile", soft=1024, hard=1024)],
-            "log_config": LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
-            "labels": dict(self.labels),
-            "stop_signal": "SIGKILL",
         }
 
 
@@ -274,13 +278,12 @@ def make_runner(kind: str | None = None, *, runtime: str | None = None) -> Start
         return DockerRunner(runtime="runsc")
     if value == "auto":
         try:
-            client = connect()
-            _refuse_remote_engine(client)
+            engine = connect()
         except EngineUnavailable:
             value = "bwrap"
         else:
-            sweep_orphans(client)
-            return DockerRunner(client)
+            sweep_orphans(engine)
+            return DockerRunner(engine)
     if value == "bwrap":
         from ._bwrap import BwrapRunner
 
@@ -289,14 +292,14 @@ def make_runner(kind: str | None = None, *, runtime: str | None = None) -> Start
 
 
 class DockerRunner:
-    """Runs specs on a Docker engine through the docker SDK."""
+    """Runs specs on the local Docker engine (its API, :mod:`._engine`)."""
 
     name = "docker"
 
     def __init__(
-        self, client: docker.DockerClient | None = None, *, poll_s: float = 0.1, runtime: str = "runc"
+        self, engine: _engine.Engine | None = None, *, poll_s: float = 0.1, runtime: str = "runc"
     ) -> None:
-        self._client = client
+        self._engine = engine
         self.poll_s = poll_s
         self.runtime = runtime_kind(runtime)
         self._trace_dir: str | None = None
@@ -308,33 +311,31 @@ class DockerRunner:
             from . import _gvisor
 
             try:
-                runtimes = self.client.info().get("Runtimes") or {}
+                runtimes = self.engine.info().get("Runtimes") or {}
             except Exception as exc:
                 raise _engine_error("ask the engine for its runtimes", exc) from None
             self._trace_dir = _gvisor.check_runtime(runtimes)
         return self._trace_dir
 
     @property
-    def client(self) -> docker.DockerClient:
-        if self._client is None:
-            self._client = connect()
-            sweep_orphans(self._client)
-        return self._client
+    def engine(self) -> _engine.Engine:
+        if self._engine is None:
+            self._engine = connect()
+            sweep_orphans(self._engine)
+        return self._engine
 
     # -- images -------------------------------------------------------------------------------
     def ensure_image(self) -> str:
         """The tag of the worker image matching this code; raises if missing or stale."""
-        import docker.errors
-
         digest = _image.worker_digest()
         tag = _image.image_tag(digest)
         try:
-            img = self.client.images.get(tag)
-        except docker.errors.ImageNotFound:
+            img = self.engine.image(tag)
+        except _engine.NotFound:
             raise ImageMissing(f"the worker image {tag} is not built", tag=tag) from None
-        except docker.errors.DockerException as exc:
-            raise EngineError(f"cannot query images: {exc}") from None
-        found = (img.labels or {}).get(_image.DIGEST_LABEL, "")
+        except (_engine.ApiError, _engine.Gone) as exc:
+            raise _engine_error("query the engine's images", exc) from None
+        found = str(_image_labels(img).get(_image.DIGEST_LABEL, ""))
         if found != digest:
             raise ImageMismatch(
                 f"the image {tag} was built from other worker code (digest {found[:16] or 'none'}, "
@@ -351,17 +352,17 @@ class DockerRunner:
         """Build the worker image offline. Returns (tag, seconds, size in bytes)."""
         import tempfile
 
-        import docker.errors
-
         digest = _image.worker_digest()
         tag = _image.image_tag(digest)
         if not force:
             try:
-                img = self.client.images.get(tag)
-                if (img.labels or {}).get(_image.DIGEST_LABEL) == digest:
-                    return tag, 0.0, int(img.attrs.get("Size", 0))
-            except docker.errors.ImageNotFound:
+                img = self.engine.image(tag)
+                if _image_labels(img).get(_image.DIGEST_LABEL) == digest:
+                    return tag, 0.0, _image_size(img)
+            except _engine.NotFound:
                 pass
+            except (_engine.ApiError, _engine.Gone) as exc:
+                raise _engine_error("query the engine's images", exc) from None
         start = time.monotonic()
         changes = [
             f"USER {_image.SANDBOX_UID}:{_image.SANDBOX_UID}",
@@ -380,13 +381,11 @@ class DockerRunner:
                 progress(f"importing {count} files ({tar_path.stat().st_size / 2**20:.0f} MiB)")
             repo, _, version = tag.partition(":")
             try:
-                self.client.api.import_image_from_file(
-                    str(tar_path), repository=repo, tag=version, changes=changes
-                )
-            except docker.errors.DockerException as exc:
+                self.engine.import_image(str(tar_path), repository=repo, tag=version, changes=changes)
+                img = self.engine.image(tag)
+            except (_engine.ApiError, _engine.Gone) as exc:
                 raise EngineError(f"docker import failed: {exc}") from None
-        img = self.client.images.get(tag)
-        return tag, time.monotonic() - start, int(img.attrs.get("Size", 0))
+        return tag, time.monotonic() - start, _image_size(img)
 
     # -- containers ---------------------------------------------------------------------------
     def start(self, spec: ContainerSpec, *, connect_s: float = 120.0, prepare: bool = True) -> Sandbox:
@@ -394,55 +393,53 @@ class DockerRunner:
         and said hello: a sandbox ready for exactly one job. ``prepare=True`` (a warm sandbox
         for later) imports torch before the hello; ``False`` (the job is waiting now) leaves
         that to the job, which a plain state dict's layout hand-off does not need."""
-        import docker.errors
-
-        _refuse_remote_engine(self.client)
+        engine = self.engine
         trace_dir = self.trace_dir() if self.runtime == "runsc" else None
         channel = Channel()
-        kwargs = spec.docker_kwargs(channel.directory)
+        config = spec.engine_config(channel.directory)
+        host = config["HostConfig"]
         if not prepare:
-            kwargs["command"] = [P.COLD]
+            config["Cmd"] = [P.COLD]
         if trace_dir is not None:  # gVisor: the loader's filter refuses; the trace is evidence
             from . import _gvisor
 
-            kwargs["runtime"] = _gvisor.ENGINE_RUNTIME
-            kwargs["command"] = [*kwargs["command"], P.PLAIN_FILTER]
-            kwargs["security_opt"] = [
+            host["Runtime"] = _gvisor.ENGINE_RUNTIME
+            config["Cmd"] = [*config["Cmd"], P.PLAIN_FILTER]
+            host["SecurityOpt"] = [
                 f"seccomp={_gvisor.profile(spec.seccomp)}" if o.startswith("seccomp=") else o
-                for o in kwargs["security_opt"]
+                for o in host["SecurityOpt"]
             ]
             # the ptrace platform backs every task of the sandbox with host threads, which the
             # control group counts: the sandbox's own count is RLIMIT_NPROC, set inside it
-            kwargs["pids_limit"] = _gvisor.host_pids(spec.pids)
-            kwargs["command"] = [*kwargs["command"], f"{P.NPROC}{spec.pids}"]
-        kwargs["labels"] = {**kwargs["labels"], OWNER_LABEL: _owner()}
+            host["PidsLimit"] = _gvisor.host_pids(spec.pids)
+            config["Cmd"] = [*config["Cmd"], f"{P.NPROC}{spec.pids}"]
+        config["Labels"] = {**config["Labels"], OWNER_LABEL: _owner()}
         created = time.time()
         try:
-            container = self.client.containers.create(**kwargs)
-        except docker.errors.ImageNotFound:
+            cid = engine.create(config)
+        except _engine.NotFound:
             channel.remove()
             raise ImageMissing(f"the worker image {spec.image} is not built", tag=spec.image) from None
-        except docker.errors.DockerException as exc:
+        except (_engine.ApiError, _engine.Gone) as exc:
             channel.remove()
             raise _engine_error("create the sandbox container", exc) from None
-        box = Sandbox(self, spec, container, channel)
+        box = Sandbox(self, spec, cid, channel)
         if trace_dir is not None:
             from . import _gvisor
 
-            box.watch = _gvisor.Watch(trace_dir, str(container.id), created, lambda: _kill(container))
+            box.watch = _gvisor.Watch(trace_dir, cid, created, lambda: _kill(engine, cid))
         try:
-            container.start()
-            container.reload()
-            pid = int(container.attrs.get("State", {}).get("Pid") or 0)
+            engine.start(cid)
+            pid = int(engine.inspect(cid).get("State", {}).get("Pid") or 0)
             expected: int | frozenset[int] | None = pid or None
             if trace_dir is not None and pid:
                 from . import _gvisor
 
-                expected = frozenset({pid, *_gvisor.gofers(pid, str(container.id))})
+                expected = frozenset({pid, *_gvisor.gofers(pid, cid)})
             box.hello = channel.accept(connect_s, expected_pid=expected)
         except BaseException as exc:
             box.discard(keep_logs=True)
-            if isinstance(exc, docker.errors.DockerException):
+            if isinstance(exc, _engine.ApiError | _engine.Gone):
                 raise _engine_error("start the sandbox", exc) from None
             if isinstance(exc, EngineError) and box.logs:
                 raise EngineError(f"{exc.message}; its output: {printable_output(box.logs[-400:])}") from None
@@ -533,10 +530,11 @@ class Sandbox(WarmSandbox):
     """A warm Docker container (under runc, or under gVisor with ``watch`` on the sentry's trace);
     :meth:`discard` removes the container."""
 
-    def __init__(self, runner: DockerRunner, spec: ContainerSpec, container: Any, channel: Channel) -> None:
+    def __init__(self, runner: DockerRunner, spec: ContainerSpec, cid: str, channel: Channel) -> None:
         super().__init__(spec, channel)
         self.runner = runner
-        self.container = container
+        self.engine = runner.engine
+        self.cid = cid  # the container's id
         self.logs = b""
         self.watch: _gvisor.Watch | None = None  # under gVisor: the sentry's log of this sandbox
 
@@ -552,24 +550,21 @@ class Sandbox(WarmSandbox):
         return result
 
     def _kill(self) -> None:
-        _kill(self.container)
+        _kill(self.engine, self.cid)
 
     def _wait(self, timeout_s: float) -> int | None:
-        return _wait(self.runner, self.container, timeout_s)
+        return self.engine.wait(self.cid, timeout_s)
 
     def _ended(self, result: RunResult, *, logs: bool) -> None:
-        self.container.reload()
-        state = self.container.attrs.get("State", {})
+        state = self.engine.inspect(self.cid).get("State", {})
         result.oom_killed = bool(state.get("OOMKilled"))
         if logs:
-            result.logs = _bounded_logs(self.container)
+            result.logs = _bounded_logs(self.engine, self.cid)
         if self.watch is not None:
             result.trace = self._trace()
 
     def _engine_failure(self, exc: BaseException) -> BaseException | None:
-        import docker.errors
-
-        if isinstance(exc, docker.errors.DockerException):
+        if isinstance(exc, _engine.ApiError | _engine.Gone):
             return _engine_error("run the sandbox", exc)
         return None
 
@@ -609,11 +604,13 @@ class Sandbox(WarmSandbox):
 
                 _gvisor.remove(self.watch.locate())
         if keep_logs:
-            self.logs = _bounded_logs(self.container)
+            self.logs = _bounded_logs(self.engine, self.cid)
         if background:
-            threading.Thread(target=_remove, args=(self.container,), name="model-sandbox-remove").start()
+            threading.Thread(
+                target=_remove, args=(self.engine, self.cid), name="model-sandbox-remove"
+            ).start()
         else:
-            _remove(self.container)
+            _remove(self.engine, self.cid)
 
 
 def channel_alive(channel: Channel) -> bool:
@@ -629,106 +626,76 @@ def channel_alive(channel: Channel) -> bool:
         return False
 
 
-def _wait(runner: DockerRunner, container: Any, timeout_s: float) -> int | None:
-    import requests.exceptions
-
-    try:
-        res = runner.client.api.wait(container.id, timeout=timeout_s)
-        return int(res.get("StatusCode", -1))
-    except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-        return None
-
-
 def printable_output(data: bytes) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in data.decode("utf-8", "replace"))
 
 
-def _refuse_remote_engine(client: Any) -> None:
-    """The channel is a socket in a host directory: the engine must share this filesystem."""
-    host = os.environ.get("DOCKER_HOST", "")
-    base = str(getattr(getattr(client, "api", None), "base_url", ""))
-    if host.startswith(("tcp://", "ssh://", "http://", "https://")) or (
-        base.startswith(("http://", "https://")) and "localhost" not in base
-    ):
-        raise EngineUnavailable(
-            f"the Docker engine at {host or base} is remote: model-sandbox hands files to the "
-            "sandbox through a local socket, so it needs an engine on this machine (a local "
-            "or rootless dockerd)"
-        )
+def _image_labels(img: dict[str, Any]) -> dict[str, Any]:
+    labels = (img.get("Config") or {}).get("Labels") or {}
+    return labels if isinstance(labels, dict) else {}
 
 
-def _kill(container: Any) -> None:
-    import docker.errors
-
-    try:
-        container.kill()
-    except docker.errors.APIError:
-        pass  # already stopped
+def _image_size(img: dict[str, Any]) -> int:
+    size = img.get("Size", 0)
+    return size if isinstance(size, int) else 0
 
 
-def _remove(container: Any) -> None:
-    import docker.errors
+def _kill(engine: _engine.Engine, cid: str) -> None:
+    with contextlib.suppress(_engine.ApiError, _engine.Gone):
+        engine.kill(cid)
 
+
+def _remove(engine: _engine.Engine, cid: str) -> None:
     for attempt in range(3):
         try:
-            container.remove(force=True, v=True)
+            engine.remove(cid)
             return
-        except docker.errors.NotFound:
-            return
-        except docker.errors.APIError:
+        except _engine.ApiError:  # e.g. 409, a removal already under way
             time.sleep(0.2 * (attempt + 1))
         except Exception:
             break  # the engine is gone; nothing more we can do here
 
 
-def _bounded_logs(container: Any) -> bytes:
-    out = bytearray()
+def _bounded_logs(engine: _engine.Engine, cid: str) -> bytes:
     try:
-        for chunk in container.logs(stdout=True, stderr=True, stream=True):
-            out += chunk
-            if len(out) >= _LOG_LIMIT:
-                break
-    except Exception:  # noqa: S110 - logs are a diagnostic nicety; the engine may be gone
-        pass
-    return bytes(out[:_LOG_LIMIT])
+        return engine.logs(cid, _LOG_LIMIT)
+    except Exception:  # logs are a diagnostic nicety; the engine may be gone
+        return b""
 
 
 def _engine_error(doing: str, exc: Exception) -> EngineError:
     text = str(exc)
-    if "Connection" in type(exc).__name__ or "connection" in text.lower() or "No such file" in text:
+    if isinstance(exc, _engine.Gone | TimeoutError):
         return EngineUnavailable(f"lost the Docker engine while trying to {doing}: {text[:300]}")
     return EngineError(f"could not {doing}: {text[:500]}")
 
 
-def connect() -> docker.DockerClient:
-    """A client for the engine named by DOCKER_HOST (default: the local socket)."""
+def connect() -> _engine.Engine:
+    """A client of the engine named by ``DOCKER_HOST`` (default: the local socket), which
+    answered; raises :class:`EngineUnavailable` (none answers, or a remote one is named)."""
+    engine = _engine.Engine(_engine.socket_path(), timeout=120)
     try:
-        import docker
-    except ImportError:  # pragma: no cover - a runtime dependency
-        raise EngineUnavailable("the docker SDK is not installed (pip install docker)") from None
-    try:
-        client = docker.from_env(timeout=120)
-        client.ping()
-    except docker.errors.DockerException as exc:
+        engine.negotiate()
+    except (_engine.ApiError, _engine.Gone) as exc:
         raise EngineUnavailable(f"no Docker engine is reachable: {str(exc)[:300]}") from None
-    return client
+    return engine
 
 
 def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def sweep_orphans(client: docker.DockerClient) -> int:
+def sweep_orphans(engine: _engine.Engine) -> int:
     """Remove worker containers whose creating process on this host is gone (a CLI killed
     with SIGKILL cannot remove its own). Returns how many were removed."""
     host = socket.gethostname()
     removed = 0
     try:
-        containers = client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})
+        containers = engine.containers([f"{LABEL}=worker"])
     except Exception:
         return 0
     for c in containers:
-        owner = (c.labels or {}).get(OWNER_LABEL, "")
+        owner = str((c.get("Labels") or {}).get(OWNER_LABEL, ""))
         owner_host, _, pid = owner.rpartition(":")
         if owner_host != host or not pid.isdigit():
             continue
@@ -739,16 +706,16 @@ def sweep_orphans(client: docker.DockerClient) -> int:
             pass
         except PermissionError:
             continue  # alive, another user's
-        _remove(c)
+        _remove(engine, str(c.get("Id", "")))
         removed += 1
     return removed
 
 
-def cleanup_leftovers(client: docker.DockerClient | None = None) -> int:
+def cleanup_leftovers(engine: _engine.Engine | None = None) -> int:
     """Remove any worker container of ours still present (a crashed host process). Returns count."""
-    client = client or connect()
+    engine = engine or connect()
     count = 0
-    for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"}):
-        _remove(c)
+    for c in engine.containers([f"{LABEL}=worker"]):
+        _remove(engine, str(c.get("Id", "")))
         count += 1
     return count

@@ -93,7 +93,7 @@ def _workers(client: Any) -> dict[str, dict[str, str]]:
     which fails when another run on the same engine removes one in between."""
     from sandbox._launch import LABEL
 
-    rows = client.api.containers(all=True, filters={"label": f"{LABEL}=worker"})
+    rows = client.containers([f"{LABEL}=worker"])
     return {str(r["Id"]): dict(r.get("Labels") or {}) for r in rows}
 
 

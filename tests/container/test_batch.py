@@ -65,7 +65,7 @@ def make_inputs(root: Path) -> Path:
 
 def ours(outdir: Path) -> list[str]:
     label = f"{_batch.BATCH_LABEL}={_batch.batch_id(outdir)}"
-    return [c.name for c in connect().containers.list(all=True, filters={"label": label})]
+    return [str(c["Names"][0]).lstrip("/") for c in connect().containers([label])]
 
 
 def converted(outdir: Path) -> int:
@@ -165,5 +165,5 @@ def test_large_batch_interrupted_and_resumed_matches_one_run(tmp_path: Path, cli
 def test_worker_label_filter_shows_nothing_left() -> None:
     """After the batches above, ``docker ps -a --filter label=org.model-sandbox=worker`` lists
     no container of a batch (other sessions' single loads may come and go)."""
-    left = connect().containers.list(all=True, filters={"label": f"{LABEL}=worker"})
-    assert not [c for c in left if _batch.BATCH_LABEL in (c.labels or {})]
+    left = connect().containers([f"{LABEL}=worker"])
+    assert not [c for c in left if _batch.BATCH_LABEL in (c.get("Labels") or {})]

@@ -25,7 +25,7 @@ from tests import checkpoints as ck
 
 def running(label: str) -> list[str]:
     """Ids of running containers of ours carrying ``label`` (``key=value``)."""
-    return [c.id for c in connect().containers.list(filters={"label": [f"{LABEL}=worker", label]})]
+    return [c["Id"] for c in connect().containers([f"{LABEL}=worker", label], running=True)]
 
 
 def test_a_sigkilled_scan_leaves_no_running_container(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_a_sigkilled_scan_leaves_no_running_container(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    _ = DockerRunner().client  # a new runner sweeps the stopped container of a dead owner
+    _ = DockerRunner().engine  # a new runner sweeps the stopped container of a dead owner
 
 
 class KillingRunner(DockerRunner):
@@ -64,7 +64,7 @@ class KillingRunner(DockerRunner):
 
     def run(self, spec: ContainerSpec, job: Job) -> RunResult:
         box = self.start(spec)
-        threading.Timer(2.0, box.container.kill).start()
+        threading.Timer(2.0, box.engine.kill, args=(box.cid,)).start()
         return box.run(job)
 
 
@@ -101,9 +101,9 @@ def test_pooled_sandboxes_are_warm_single_use_and_leave_nothing(tmp_path: Path) 
         assert report.verdict is sandbox.Verdict.CLEAN and report.resources.get("warm") is True
         assert pool.served_warm >= 3
     deadline = time.monotonic() + 10
-    while connect().containers.list(all=True, filters={"label": label}) and time.monotonic() < deadline:
+    while connect().containers([label]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not connect().containers.list(all=True, filters={"label": label})
+    assert not connect().containers([label])
 
 
 def test_a_pool_closed_by_an_exception_leaves_nothing() -> None:
@@ -114,9 +114,9 @@ def test_a_pool_closed_by_an_exception_leaves_nothing() -> None:
         assert running(label)
         raise RuntimeError("the caller's own failure")
     deadline = time.monotonic() + 10
-    while connect().containers.list(all=True, filters={"label": label}) and time.monotonic() < deadline:
+    while connect().containers([label]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not connect().containers.list(all=True, filters={"label": label})
+    assert not connect().containers([label])
 
 
 @pytest.mark.usefixtures("each_runner")

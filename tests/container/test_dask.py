@@ -133,15 +133,15 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 def _remove_containers_of(procs: list[subprocess.Popen[bytes]]) -> None:
     """A SIGKILLed worker cannot remove its warm sandboxes: remove those it created."""
-    import docker.errors
+    from sandbox import _engine
 
     pids = {str(p.pid) for p in procs}
-    # sparse: no inspection of each listed container, which another process may remove first
-    for c in connect().containers.list(all=True, sparse=True, filters={"label": f"{LABEL}=worker"}):
-        if (c.attrs.get("Labels") or {}).get(OWNER_LABEL, "").rpartition(":")[2] in pids:
+    engine = connect()
+    for c in engine.containers([f"{LABEL}=worker"]):
+        if (c.get("Labels") or {}).get(OWNER_LABEL, "").rpartition(":")[2] in pids:
             # another process's orphan sweep may be removing it at the same moment
-            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-                c.remove(force=True, v=True)
+            with contextlib.suppress(_engine.ApiError):
+                engine.remove(c["Id"])
 
 
 def make_tree(root: Path, marker: Path) -> Path:

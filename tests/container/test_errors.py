@@ -234,7 +234,7 @@ def scan_a_sleeper(
 
     from sandbox._launch import LABEL
 
-    before = {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"})}
+    before = {c["Id"] for c in client.containers([f"{LABEL}=worker"])}
     payload = ck.code_payload("import time\ntime.sleep(120)")
     path = ck.save(ck.hostile_checkpoint(payload), tmp_path / "slow.pt")
     proc = subprocess.Popen(
@@ -244,11 +244,8 @@ def scan_a_sleeper(
         deadline = time.monotonic() + 60
         ours: list[str] = []
         while not ours and time.monotonic() < deadline:
-            ours = [
-                c.id
-                for c in client.containers.list(filters={"label": f"{LABEL}=worker"})
-                if c.id not in before
-            ]
+            running = client.containers([f"{LABEL}=worker"], running=True)
+            ours = [c["Id"] for c in running if c["Id"] not in before]
             time.sleep(0.2)
     except BaseException:
         proc.kill()
@@ -275,9 +272,7 @@ def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    left = [
-        c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=worker"}) if c.id in ours
-    ]
+    left = [c["Id"] for c in client.containers([f"{LABEL}=worker"]) if c["Id"] in ours]
     assert not left, f"{sig} left the sandbox container behind"
     assert proc.returncode != 0
 
@@ -292,10 +287,10 @@ def test_sigkilled_cli_container_is_swept_by_the_next_run(tmp_path: Path) -> Non
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert ours, "the sandbox container never started"
-    still = [c.id for c in client.containers.list(all=True) if c.id in ours]
+    still = [c["Id"] for c in client.containers() if c["Id"] in ours]
     assert still, "nothing to sweep: the container vanished by itself"
-    _ = DockerRunner().client  # a new run sweeps containers whose owner is dead
-    left = [c.id for c in client.containers.list(all=True) if c.id in ours]
+    _ = DockerRunner().engine  # a new run sweeps containers whose owner is dead
+    left = [c["Id"] for c in client.containers() if c["Id"] in ours]
     assert not left
 
 

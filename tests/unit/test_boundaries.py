@@ -1,5 +1,5 @@
 """Module boundaries: the worker never imports the host package; the host imports only the
-worker's wire protocol; ``import sandbox`` imports neither torch nor docker."""
+worker's wire protocol; ``import sandbox`` imports neither torch nor a third-party HTTP stack."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sandbox
 ROOT = Path(sandbox.__file__).parent
 WORKER = ROOT / "_worker"
 # what the worker image carries (sandbox._image.ROOT_DISTRIBUTIONS): joblib for joblib archives
-WORKER_THIRD_PARTY = {"torch", "numpy", "safetensors", "psutil", "joblib"}
+WORKER_THIRD_PARTY = {"torch", "numpy", "safetensors", "joblib"}
 
 
 def imports(path: Path) -> list[tuple[str, int]]:
@@ -54,9 +54,14 @@ def test_host_imports_only_the_protocol_from_the_worker() -> None:
 
 
 def test_import_sandbox_is_light() -> None:
+    """Neither the loaders' stack nor an HTTP client library, nor the metadata parser of the
+    standard library (the version and the image's digest read the headers directly): what
+    every new process, every CLI call, pays before its first sandbox."""
+    heavy = ("torch", "docker", "numpy", "safetensors", "requests", "urllib3", "importlib.metadata")
     code = (
-        "import sys, sandbox\n"
-        "heavy = [m for m in ('torch', 'docker', 'numpy', 'safetensors') if m in sys.modules]\n"
+        "import sys, sandbox, sandbox._cli, sandbox._image\n"
+        "sandbox._image.worker_digest()\n"
+        f"heavy = [m for m in {heavy!r} if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

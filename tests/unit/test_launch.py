@@ -22,45 +22,49 @@ CHANNEL = "/tmp/model-sandbox-work-1-ch-x"
 
 
 def test_network_capabilities_privileges(spec: ContainerSpec) -> None:
-    kw = spec.docker_kwargs(CHANNEL)
-    assert kw["network_mode"] == "none"
-    assert kw["cap_drop"] == ["ALL"] and "cap_add" not in kw
-    assert kw["privileged"] is False
-    assert "no-new-privileges:true" in kw["security_opt"]
-    assert kw["ipc_mode"] == "none"
-    assert kw["user"] == "65534:65534"
+    cfg = spec.engine_config(CHANNEL)
+    kw = cfg["HostConfig"]
+    assert kw["NetworkMode"] == "none"
+    assert kw["CapDrop"] == ["ALL"] and "CapAdd" not in kw
+    assert kw["Privileged"] is False
+    assert "no-new-privileges:true" in kw["SecurityOpt"]
+    assert kw["IpcMode"] == "none"
+    assert cfg["User"] == "65534:65534"
+    # nothing of the engine's that would widen it
+    assert not {"Binds", "Devices", "PidMode", "UsernsMode", "CgroupnsMode", "Sysctls"} & set(kw)
 
 
 def test_filesystem(spec: ContainerSpec) -> None:
-    kw = spec.docker_kwargs(CHANNEL)
-    assert kw["read_only"] is True
-    assert set(kw["tmpfs"]) <= {"/tmp", P.CANARY_HOME}
-    for options in kw["tmpfs"].values():
+    cfg = spec.engine_config(CHANNEL)
+    kw = cfg["HostConfig"]
+    assert kw["ReadonlyRootfs"] is True
+    assert set(kw["Tmpfs"]) <= {"/tmp", P.CANARY_HOME}
+    for options in kw["Tmpfs"].values():
         assert {"noexec", "nosuid", "nodev"} <= set(options.split(","))
         assert "size=" in options
     # the one host path inside is the channel's directory, read-only: nothing of the host is
     # writable from the sandbox, and the input arrives as a descriptor, not a mount
-    mounts = {m["Target"]: m for m in kw["mounts"]}
+    mounts = {m["Target"]: m for m in kw["Mounts"]}
     assert set(mounts) == {P.CHANNEL_DIR}
     assert mounts[P.CHANNEL_DIR]["ReadOnly"] is True and mounts[P.CHANNEL_DIR]["Source"] == CHANNEL
-    assert all(m["ReadOnly"] for m in kw["mounts"])
-    for m in kw["mounts"]:
+    assert mounts[P.CHANNEL_DIR]["Type"] == "bind"
+    for m in kw["Mounts"]:
         assert "docker.sock" not in m["Source"] and not m["Source"].startswith(("/root", "/home"))
-    assert "volumes" not in kw
+    assert "Binds" not in kw and "Volumes" not in cfg
 
 
 def test_environment_is_empty(spec: ContainerSpec) -> None:
-    assert spec.docker_kwargs(CHANNEL)["environment"] == {}
+    assert spec.engine_config(CHANNEL)["Env"] == []
 
 
 def test_limits(spec: ContainerSpec) -> None:
-    kw = spec.docker_kwargs(CHANNEL)
+    kw = spec.engine_config(CHANNEL)["HostConfig"]
     lim = Policy.default().limits
-    assert kw["mem_limit"] == kw["memswap_limit"] == lim.memory_mb * 2**20  # no swap
-    assert kw["pids_limit"] == lim.pids
-    assert kw["nano_cpus"] == int(lim.cpus * 1e9)
-    assert {u["Name"]: u["Hard"] for u in kw["ulimits"]}["core"] == 0
-    assert kw["log_config"]["Config"]["max-size"] == "1m"  # payload output cannot fill the disk
+    assert kw["Memory"] == kw["MemorySwap"] == lim.memory_mb * 2**20  # no swap
+    assert kw["PidsLimit"] == lim.pids
+    assert kw["NanoCpus"] == int(lim.cpus * 1e9)
+    assert {u["Name"]: u["Hard"] for u in kw["Ulimits"]}["core"] == 0
+    assert kw["LogConfig"]["Config"]["max-size"] == "1m"  # payload output cannot fill the disk
     job = make_job(Policy.default(), input_fd=3, input_size=10 * 2**20)
     cfg = json.loads(job.config.to_json())
     assert cfg["wall_clock_s"] == lim.wall_clock_s
@@ -96,7 +100,7 @@ def test_output_cap_scales_with_input_within_the_ceiling() -> None:
 
 
 def test_seccomp_profile_is_ours_and_denies_by_default(spec: ContainerSpec) -> None:
-    opts = [o for o in spec.docker_kwargs(CHANNEL)["security_opt"] if o.startswith("seccomp=")]
+    opts = [o for o in spec.engine_config(CHANNEL)["HostConfig"]["SecurityOpt"] if o.startswith("seccomp=")]
     assert len(opts) == 1
     profile = json.loads(opts[0].removeprefix("seccomp="))
     assert profile == json.loads(seccomp_profile())
