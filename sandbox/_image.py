@@ -7,8 +7,8 @@ that tag but another digest label is refused (:class:`~sandbox.errors.ImageMisma
 
 Offline build (no registry needed): a root filesystem is assembled as a tar stream from the
 running interpreter (binary, standard library, and the shared-library closure that ``ldd``
-reports), the installed distributions the worker needs (torch, numpy, safetensors, psutil,
-joblib, lz4 and their requirements) and the worker package, then handed to ``docker import``.
+reports), the installed distributions the worker needs (torch, numpy, safetensors, joblib,
+lz4 and their requirements) and the worker package, then handed to ``docker import``.
 ``images/Dockerfile`` is the equivalent for machines that can pull a base image.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.metadata as md
 import io
 import os
 import re
@@ -30,14 +29,19 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from . import _version
 from ._worker import _protocol as P
+
+if TYPE_CHECKING:
+    import importlib.metadata as md
 
 RECIPE_VERSION = "2"
 REPOSITORY = "model-sandbox-worker"
 DIGEST_LABEL = "org.model-sandbox.worker-digest"
 WORKER_SRC = Path(__file__).parent / "_worker"
-ROOT_DISTRIBUTIONS = ("torch", "numpy", "safetensors", "psutil", "joblib", "lz4")
+ROOT_DISTRIBUTIONS = ("torch", "numpy", "safetensors", "joblib", "lz4")
 PY = "/opt/python"
 #: how a sandbox starts its supervisor (the image's entrypoint; bwrap runs it too)
 ENTRYPOINT = (f"{PY}/bin/python3", "-I", "-S", "-c", P.BOOT)
@@ -72,30 +76,37 @@ def _worker_files() -> list[Path]:
     return sorted(p for p in WORKER_SRC.rglob("*.py") if "__pycache__" not in p.parts)
 
 
-def _closure(roots: Iterable[str]) -> list[md.Distribution]:
-    """The installed distributions ``roots`` need (their non-extra requirements, recursively)."""
-    seen: dict[str, md.Distribution] = {}
+def _closure(roots: Iterable[str]) -> list[tuple[str, str, str]]:
+    """(normalised name, name, version) of the installed distributions ``roots`` need (their
+    non-extra requirements, recursively), sorted; read from their metadata headers."""
+    index = _version.installed()
+    seen: dict[str, tuple[str, str, str]] = {}
     todo = list(roots)
     while todo:
-        name = re.split(r"[\s<>=!~;\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
-        if not name or name in seen:
+        key = _version.normalise(re.split(r"[\s<>=!~;\[(]", todo.pop().strip(), maxsplit=1)[0])
+        meta = index.get(key)
+        if not key or key in seen or meta is None:
             continue
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            continue
-        seen[name] = dist
-        for req in dist.requires or []:
+        fields = _version.headers(meta)
+        seen[key] = (key, fields.get("Name", [key])[0], fields.get("Version", [""])[0])
+        for req in fields.get("Requires-Dist", []):
             if "extra ==" not in req and "extra==" not in req:
                 todo.append(req)
     return [seen[k] for k in sorted(seen)]
 
 
+def _distributions() -> list[md.Distribution]:
+    """The distributions of :func:`_closure`, with their file lists (for the build)."""
+    import importlib.metadata as md
+
+    return [md.distribution(key) for key, _name, _version_ in _closure(ROOT_DISTRIBUTIONS)]
+
+
 @functools.lru_cache(maxsize=4)
 def _pinned_closure(environment: tuple[tuple[str, int], ...]) -> str:
     """``name==version`` lines of the worker's distributions, for one state of ``sys.path``
-    (finding them takes about 10 ms; every load asks)."""
-    return "".join(f"{d.metadata['Name']}=={d.version}\n" for d in _closure(ROOT_DISTRIBUTIONS))
+    (every load asks)."""
+    return "".join(f"{name}=={version}\n" for _key, name, version in _closure(ROOT_DISTRIBUTIONS))
 
 
 def _environment() -> tuple[tuple[str, int], ...]:
@@ -178,7 +189,7 @@ def _rootfs_entries(site_dirs: list[Path]) -> Iterator[_Entry]:
             binaries.append(path)
         yield _Entry(f"{dest_lib}/{rel}", path, mode=0o755 if path.suffix == ".so" else 0o644)
 
-    for dist in _closure(ROOT_DISTRIBUTIONS):
+    for dist in _distributions():
         for f in dist.files or []:
             rel = f.as_posix()
             if rel.startswith("..") or any(rel.startswith(p) for p in _SKIP_PREFIXES):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import sysconfig
 from collections.abc import Iterable
-from importlib.metadata import Distribution
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -39,7 +38,7 @@ def test_the_digest_follows_the_installed_distributions(
     calls = []
     closure = _image._closure
 
-    def counted(roots: Iterable[str]) -> list[Distribution]:
+    def counted(roots: Iterable[str]) -> list[tuple[str, str, str]]:
         calls.append(roots)
         return closure(roots)
 
@@ -57,10 +56,13 @@ def test_the_digest_follows_the_installed_distributions(
 
 
 def test_the_closure_is_the_loaders_distributions_only() -> None:
-    names = {d.metadata["Name"].lower().replace("_", "-") for d in _image._closure(_image.ROOT_DISTRIBUTIONS)}
-    assert {"torch", "numpy", "safetensors", "psutil", "joblib", "lz4"} <= names
+    names = {key for key, _name, _version in _image._closure(_image.ROOT_DISTRIBUTIONS)}
+    assert {"torch", "numpy", "safetensors", "joblib", "lz4"} <= names
     assert "filelock" in names  # a requirement of torch's, found recursively
-    assert not names & {"docker", "rich", "model-sandbox", "distributed", "requests"}
+    assert not names & {"docker", "rich", "model-sandbox", "distributed", "requests", "psutil"}
+    # the build ships the same distributions the digest names, with their versions
+    shipped = {d.metadata["Name"]: d.version for d in _image._distributions()}
+    assert shipped == {name: version for _key, name, version in _image._closure(_image.ROOT_DISTRIBUTIONS)}
 
 
 @pytest.fixture(scope="module")
