@@ -442,12 +442,24 @@ class _LabelledRunner:
     own containers, and a later run remove what a SIGKILLed one left -- never anyone else's."""
 
     def __init__(
-        self, batch_id: str, jobs: int = 1, policy: Policy | None = None, runner: str | None = None
+        self,
+        batch_id: str,
+        jobs: int = 1,
+        policy: Policy | None = None,
+        runner: str | None = None,
+        files: int | None = None,
     ) -> None:
         from ._pool import Pool
 
         self.batch_id = batch_id
-        self.pool = Pool(size=jobs, policy=policy, labels=((BATCH_LABEL, batch_id),), runner=runner)
+        # no more sandboxes ahead than files: a one-file batch starts one, not ``jobs`` + refills
+        self.pool = Pool(
+            size=jobs if files is None else min(jobs, files),
+            policy=policy,
+            labels=((BATCH_LABEL, batch_id),),
+            runner=runner,
+            limit=files,
+        )
 
     @property
     def name(self) -> str:
@@ -467,11 +479,11 @@ class _LabelledRunner:
         try:
             from ._launch import connect
 
-            client = connect()
+            engine = connect()
             count = 0
-            for c in client.containers.list(all=True, filters={"label": f"{BATCH_LABEL}={self.batch_id}"}):
+            for c in engine.containers([f"{BATCH_LABEL}={self.batch_id}"]):
                 with contextlib.suppress(Exception):
-                    c.remove(force=True, v=True)
+                    engine.remove(str(c.get("Id", "")))
                     count += 1
             return count
         except Exception:
@@ -1026,7 +1038,7 @@ def run_batch(
     manifest = _Manifest(out)
     jobs = max(1, options.jobs or (remote.slots if remote else os.cpu_count()) or 1)
     labelled = (
-        _LabelledRunner(batch_id(out), jobs, options.policy, options.runner)
+        _LabelledRunner(batch_id(out), jobs, options.policy, options.runner, files=len(entries))
         if runner is None and remote is None
         else None
     )

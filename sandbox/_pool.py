@@ -45,7 +45,9 @@ class Pool:
 
     It is a runner too: ``sandbox.safe_load(f, runner=pool)``. Thread-safe. ``runner``: the
     runner its sandboxes come from, or its name (``"docker"``, ``"bwrap"``, ``"auto"``); by
-    default ``$MODEL_SANDBOX_RUNNER``, else ``auto``."""
+    default ``$MODEL_SANDBOX_RUNNER``, else ``auto``. ``limit``: at most this many sandboxes
+    started ahead in the pool's life (a batch knows how many files it has: none is started
+    for a job that will never come); jobs past it get a fresh sandbox each."""
 
     def __init__(
         self,
@@ -55,10 +57,13 @@ class Pool:
         runner: _launch.StartingRunner | str | None = None,
         labels: tuple[tuple[str, str], ...] = (),
         prepare: bool | None = None,
+        limit: int | None = None,
     ) -> None:
-        if size < 0:
-            raise ValueError("size must be >= 0")
+        if size < 0 or (limit is not None and limit < 0):
+            raise ValueError("size and limit must be >= 0")
         self.size = size
+        self.limit = limit
+        self.started = 0  # sandboxes started ahead so far (counted against ``limit``)
         # Whether waiting sandboxes import torch ahead of their job. A plain state dict (the
         # layout hand-off) never needs it, the full loader always does: by default the pool
         # follows what the host's scan says of each job as it arrives (``prepare=True``/``False``
@@ -151,7 +156,13 @@ class Pool:
             now = time.monotonic()
             deadline = now + _WAIT_FOR_STARTING_S
             failures = self.failures
-            while not self._ready and not self._starting and self.size and time.monotonic() < now + 0.5:
+            while (
+                not self._ready
+                and not self._starting
+                and self.size
+                and not self._spent()
+                and time.monotonic() < now + 0.5
+            ):
                 self._lock.wait(0.02)  # the filler, just woken, is about to start one
             while (
                 not self._ready
@@ -203,19 +214,24 @@ class Pool:
             self._thread = threading.Thread(target=self._fill, name="model-sandbox-pool", daemon=True)
             self._thread.start()
 
+    def _spent(self) -> bool:
+        """Every start ``limit`` allows has been made (under the lock)."""
+        return self.limit is not None and self.started >= self.limit
+
     def _fill(self) -> None:
-        """Keep ``size`` sandboxes ready or starting; starts run side by side (one start is
-        mostly waiting on the engine), each in a thread of its own."""
+        """Keep ``size`` sandboxes ready or starting (within ``limit``); starts run side by side
+        (one start is mostly waiting on the engine), each in a thread of its own."""
         while True:
             with self._lock:
                 while not self._closed and (
-                    len(self._ready) + self._starting >= self.size or self._spec is None
+                    len(self._ready) + self._starting >= self.size or self._spec is None or self._spent()
                 ):
                     self._lock.wait(1.0)
                 if self._closed:
                     return
                 spec = self._spec
                 self._starting += 1
+                self.started += 1
                 delay = min(30.0, 0.5 * 2**self._failures_in_a_row) if self._failures_in_a_row else 0.0
             assert spec is not None
             starter = threading.Thread(

@@ -313,10 +313,25 @@ class SweepingFake(Fake):
         pass
 
 
+def test_a_batch_pool_starts_no_more_sandboxes_than_files() -> None:
+    small = _batch._LabelledRunner("b", jobs=4, files=1)
+    assert (small.pool.size, small.pool.limit) == (1, 1)
+    big = _batch._LabelledRunner("b", jobs=2, files=10)
+    assert (big.pool.size, big.pool.limit) == (2, 10)
+
+
 def test_cli_batch_formats_and_exit_codes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(_batch, "_LabelledRunner", lambda batch_id, jobs, policy, runner=None: SweepingFake())
+    made: list[tuple[int, int | None]] = []
+
+    def labelled(
+        batch_id: str, jobs: int, policy: object, runner: object = None, files: int | None = None
+    ) -> Fake:
+        made.append((jobs, files))
+        return SweepingFake()
+
+    monkeypatch.setattr(_batch, "_LabelledRunner", labelled)
     src = tmp_path / "src"
     src.mkdir()
     ck.save(ck.state_dict(), src / "good.pt")
@@ -325,6 +340,9 @@ def test_cli_batch_formats_and_exit_codes(
     assert _cli.main(["convert", str(src), "-o", str(out), "--format", "json"]) == 0
     reports = json.loads(capsys.readouterr().out)
     assert isinstance(reports, list) and [r["verdict"] for r in reports] == ["clean"]
+    # the batch's pool starts no more sandboxes ahead than the files it found (the readme is
+    # one until its content is read)
+    assert made[-1][1] == 2
 
     ck.save(ck.state_dict(), src / "evil.pt")
     code = _cli.main(["convert", str(src), "-o", str(out), "--report-dir", str(tmp_path / "rep")])

@@ -134,6 +134,28 @@ def test_each_job_runs_in_a_sandbox_of_its_own_and_the_pool_refills(
     assert len(runner.calls) == 2 + 5  # exactly one start per sandbox used
 
 
+def test_a_limited_pool_starts_no_sandbox_past_its_limit(
+    new: Callable[..., Pool], runner: FakeStartingRunner
+) -> None:
+    """A batch of three files on a pool of two: three sandboxes started ahead, in all, and none
+    left warm for a fourth job that will never come; a job past the limit (a retry) runs in a
+    fresh sandbox at once, without waiting for a start that is not coming."""
+    pool = new(2, limit=3)
+    results = [pool.run(SPEC, job(n)) for n in range(3)]
+    assert all(r.warm for r in results)
+    assert until(pool, lambda: pool._starting == 0)
+    assert pool.started == 3 and pool.ready == 0
+    assert len(runner.calls) == 3
+    extra = pool.run(SPEC, job(3))
+    assert not extra.warm and runner.calls[-1] == (SPEC, False)
+    assert (pool.served_warm, pool.served_cold, pool.started) == (3, 1, 3)
+
+
+def test_a_negative_limit_is_refused(runner: FakeStartingRunner) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        Pool(size=1, runner=runner, limit=-1)
+
+
 def test_concurrent_jobs_never_share_a_sandbox(new: Callable[..., Pool], runner: FakeStartingRunner) -> None:
     pool = new(3).warm(wait=True)
     threads_n, jobs_n = 6, 6
