@@ -204,3 +204,36 @@ def test_an_import_that_fails_in_its_stream_is_an_error(fake: Callable[[Route], 
     with pytest.raises(_engine.ApiError, match="invalid tar header"):
         engine.import_image(str(tar), repository="r", tag="t", changes=["USER 1:1"])
     assert sizes == [4096]
+
+
+def test_an_engine_that_hangs_up_is_gone_and_the_runner_says_so(tmp_path: Path) -> None:
+    """A daemon that dies mid-call (here: accepts, then closes without answering) is
+    :class:`_engine.Gone`, which the runner reports as an unavailable engine (a batch retries
+    those, then stops resumably)."""
+    import socket
+
+    path = str(tmp_path / "hangup.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(4)
+
+    def hang_up() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        engine = _engine.Engine(path, timeout=5)
+        with pytest.raises(_engine.Gone) as gone:
+            engine.create({"Image": "x"})
+        err = _launch._engine_error("create the sandbox container", gone.value)
+        assert isinstance(err, EngineUnavailable) and "lost the Docker engine" in err.message
+        with pytest.raises(_engine.Gone):
+            engine.logs("c", 100)
+    finally:
+        server.close()
