@@ -754,7 +754,7 @@ def header(args: argparse.Namespace, tmp: Path) -> None:
     )
     try:
         runner = _launch.DockerRunner()
-        engine = runner.client.version().get("Version", "?")
+        engine = runner.engine.negotiate().get("Version", "?")
         out(f"docker engine {engine}, worker image {runner.ensure_image()}")
     except Exception as exc:
         out(
