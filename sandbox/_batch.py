@@ -454,7 +454,7 @@ class _LabelledRunner:
         self.batch_id = batch_id
         # no more sandboxes ahead than files: a one-file batch starts one, not ``jobs`` + refills
         self.pool = Pool(
-            size=jobs if files is None else min(jobs, files),
+            size=jobs,
             policy=policy,
             labels=((BATCH_LABEL, batch_id),),
             runner=runner,

@@ -9,8 +9,8 @@ per call (a unix socket connects in microseconds; calls from several threads nev
 
 The engine is the host's own daemon, but what it returns is still read with bounds: a JSON
 answer past :data:`JSON_LIMIT` is an error, logs stop at the caller's limit.
-Transport failures raise :class:`Gone`; the engine's refusals raise :class:`ApiError`
-(:class:`NotFound` for 404).
+Transport failures raise :class:`Gone` (:class:`Timeout` past a call's time); the engine's
+refusals raise :class:`ApiError` (:class:`NotFound` for 404).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import EngineUnavailable
 
-__all__ = ["ApiError", "Engine", "Gone", "NotFound", "socket_path"]
+__all__ = ["ApiError", "Engine", "Gone", "NotFound", "Timeout", "socket_path"]
 
 DEFAULT_SOCKET = "/var/run/docker.sock"
 API_VERSION = (1, 41)  # Docker 20.10; newer engines serve it too, an older one gets its own
@@ -37,6 +37,10 @@ _FRAME = struct.Struct(">BxxxI")  # a log frame of a container without a termina
 
 class Gone(Exception):
     """The engine could not be reached, or stopped answering (timeout, connection reset)."""
+
+
+class Timeout(Gone):
+    """The engine did not answer a call within its time."""
 
 
 class ApiError(Exception):
@@ -115,6 +119,13 @@ class Engine:
         self.api = "/v{}.{}".format(*API_VERSION)
 
     # -- transport ----------------------------------------------------------------------------
+    def _failed(self, exc: BaseException, method: str, url: str, timeout: float | None) -> Gone:
+        """The :class:`Gone` (or :class:`Timeout`) for a transport error of one call."""
+        if isinstance(exc, TimeoutError):
+            waited = self.timeout if timeout is None else timeout
+            return Timeout(f"the Docker engine at {self.path} did not answer {method} {url} in {waited:g} s")
+        return Gone(f"the Docker engine at {self.path}: {exc}")
+
     def _send(
         self,
         method: str,
@@ -126,6 +137,7 @@ class Engine:
         timeout: float | None = None,
         versioned: bool = True,
     ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        """Send one request; the open connection and the response, its headers read."""
         target = (self.api if versioned else "") + url
         if query:
             target += "?" + urllib.parse.urlencode(query, doseq=True)
@@ -133,12 +145,38 @@ class Engine:
         try:
             conn.request(method, target, body=body, headers=dict(headers or {}))
             return conn, conn.getresponse()
-        except TimeoutError:
-            conn.close()
-            raise
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise Gone(f"the Docker engine at {self.path}: {exc}") from None
+            raise self._failed(exc, method, url, timeout) from None
+
+    def _exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        versioned: bool = True,
+    ) -> tuple[int, bytes]:
+        """One call: its status and its whole answer, at most :data:`JSON_LIMIT` bytes.
+        Raises :class:`ApiError` for an error status or a longer answer, :class:`Gone`
+        (:class:`Timeout`) when the engine is unreachable or too slow."""
+        conn, resp = self._send(
+            method, url, query=query, body=body, headers=headers, timeout=timeout, versioned=versioned
+        )
+        try:
+            data = resp.read(JSON_LIMIT + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._failed(exc, method, url, timeout) from None
+        finally:
+            conn.close()
+        if len(data) > JSON_LIMIT:
+            raise ApiError(resp.status, f"an answer over {JSON_LIMIT} bytes to {method} {url}")
+        if resp.status >= 400:
+            raise _error(resp.status, data)
+        return resp.status, data
 
     def _call(
         self,
@@ -150,41 +188,25 @@ class Engine:
         timeout: float | None = None,
         versioned: bool = True,
     ) -> Any:
-        """One call; its JSON answer (None when empty). Raises :class:`ApiError` for an error
-        status, :class:`Gone` when the engine is unreachable, ``TimeoutError`` past ``timeout``."""
+        """One call with a JSON ``payload`` (if any); its JSON answer (None when empty)."""
         body, headers = None, {}
         if payload is not None:
             body, headers = json.dumps(payload).encode(), {"Content-Type": "application/json"}
-        conn, resp = self._send(
+        status, data = self._exchange(
             method, url, query=query, body=body, headers=headers, timeout=timeout, versioned=versioned
         )
-        try:
-            data = resp.read(JSON_LIMIT + 1)
-        except TimeoutError:
-            raise
-        except (OSError, http.client.HTTPException) as exc:
-            raise Gone(f"the Docker engine at {self.path}: {exc}") from None
-        finally:
-            conn.close()
-        if len(data) > JSON_LIMIT:
-            raise ApiError(resp.status, f"an answer over {JSON_LIMIT} bytes to {method} {url}")
-        if resp.status >= 400:
-            raise _error(resp.status, data)
         if not data.strip():
             return None
         try:
             return json.loads(data)
         except ValueError:
-            raise ApiError(resp.status, f"an answer to {method} {url} that is not JSON") from None
+            raise ApiError(status, f"an answer to {method} {url} that is not JSON") from None
 
     # -- the engine ---------------------------------------------------------------------------
     def negotiate(self) -> dict[str, Any]:
         """Ask the engine its version (a ping) and speak the newer of its API and ours that
         both know. Raises :class:`Gone` or ``EngineUnavailable`` (an engine too old)."""
-        try:
-            found = self._call("GET", "/version", versioned=False)
-        except TimeoutError:
-            raise Gone(f"the Docker engine at {self.path} did not answer in {self.timeout:.0f} s") from None
+        found = self._call("GET", "/version", versioned=False)
         if not isinstance(found, dict):
             raise Gone(f"the Docker engine at {self.path} answered /version with no object")
         theirs = _version(found.get("ApiVersion"))
@@ -214,22 +236,16 @@ class Engine:
         query = {"fromSrc": "-", "repo": repository, "tag": tag, "changes": list(changes)}
         headers = {"Content-Type": "application/x-tar", "Content-Length": str(size)}
         with open(tar_path, "rb") as f:
-            conn, resp = self._send(
+            status, data = self._exchange(
                 "POST", "/images/create", query=query, body=f, headers=headers, timeout=3600
             )
-            try:
-                data = resp.read(JSON_LIMIT + 1)
-            finally:
-                conn.close()
-        if resp.status >= 400:
-            raise _error(resp.status, data)
         for line in data.decode("utf-8", "replace").splitlines():
             try:
                 item = json.loads(line)
             except ValueError:
                 continue
             if isinstance(item, dict) and item.get("error"):
-                raise ApiError(resp.status, str(item["error"])[:500])
+                raise ApiError(status, str(item["error"])[:500])
 
     # -- containers ---------------------------------------------------------------------------
     def create(self, config: Mapping[str, Any]) -> str:
@@ -252,7 +268,7 @@ class Engine:
         ``timeout_s`` (or vanished: -1)."""
         try:
             found = self._call("POST", f"/containers/{cid}/wait", timeout=timeout_s)
-        except TimeoutError:
+        except Timeout:
             return None
         code = found.get("StatusCode") if isinstance(found, dict) else None
         return code if isinstance(code, int) else -1
@@ -274,7 +290,8 @@ class Engine:
 
     def logs(self, cid: str, limit: int) -> bytes:
         """The container's stdout and stderr, interleaved as written, at most ``limit`` bytes."""
-        conn, resp = self._send("GET", f"/containers/{cid}/logs", query={"stdout": "1", "stderr": "1"})
+        url = f"/containers/{cid}/logs"
+        conn, resp = self._send("GET", url, query={"stdout": "1", "stderr": "1"})
         out = bytearray()
         try:
             if resp.status >= 400:
@@ -289,7 +306,7 @@ class Engine:
                     break
                 out += resp.read(min(size, limit - len(out)))
         except (OSError, http.client.HTTPException) as exc:
-            raise Gone(f"the Docker engine at {self.path}: {exc}") from None
+            raise self._failed(exc, "GET", url, None) from None
         finally:
             conn.close()
         return bytes(out[:limit])

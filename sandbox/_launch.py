@@ -665,7 +665,7 @@ def _bounded_logs(engine: _engine.Engine, cid: str) -> bytes:
 
 def _engine_error(doing: str, exc: Exception) -> EngineError:
     text = str(exc)
-    if isinstance(exc, _engine.Gone | TimeoutError):
+    if isinstance(exc, _engine.Gone):
         return EngineUnavailable(f"lost the Docker engine while trying to {doing}: {text[:300]}")
     return EngineError(f"could not {doing}: {text[:500]}")
 

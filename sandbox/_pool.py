@@ -61,7 +61,8 @@ class Pool:
     ) -> None:
         if size < 0 or (limit is not None and limit < 0):
             raise ValueError("size and limit must be >= 0")
-        self.size = size
+        # never more waiting or starting than the limit allows in all
+        self.size = size if limit is None else min(size, limit)
         self.limit = limit
         self.started = 0  # sandboxes started ahead so far (counted against ``limit``)
         # Whether waiting sandboxes import torch ahead of their job. A plain state dict (the

@@ -237,3 +237,20 @@ def test_an_engine_that_hangs_up_is_gone_and_the_runner_says_so(tmp_path: Path) 
             engine.logs("c", 100)
     finally:
         server.close()
+
+
+def test_an_engine_that_stops_answering_is_a_timeout_of_the_call_not_a_hang(
+    fake: Callable[[Route], str],
+) -> None:
+    """Any call, not only ``wait``, gives up after the engine's time: :class:`_engine.Timeout`,
+    a kind of :class:`_engine.Gone`, which the runner reports as an unavailable engine."""
+
+    def route(method: str, path: str, body: bytes) -> Reply:
+        time.sleep(3)
+        return 201, b'{"Id": "late"}'
+
+    engine = _engine.Engine(fake(route), timeout=0.3)
+    with pytest.raises(_engine.Timeout, match=r"did not answer POST /containers/create in 0\.3 s") as late:
+        engine.create({"Image": "x"})
+    err = _launch._engine_error("create the sandbox container", late.value)
+    assert isinstance(err, EngineUnavailable)

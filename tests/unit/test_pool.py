@@ -151,6 +151,15 @@ def test_a_limited_pool_starts_no_sandbox_past_its_limit(
     assert (pool.served_warm, pool.served_cold, pool.started) == (3, 1, 3)
 
 
+def test_a_pool_never_keeps_more_waiting_than_its_limit(
+    new: Callable[..., Pool], runner: FakeStartingRunner
+) -> None:
+    pool = new(2, limit=1)
+    assert pool.size == 1
+    assert pool.warm(wait=True, timeout_s=WAIT_S).ready == 1  # not a wait for a second one
+    assert len(runner.calls) == 1
+
+
 def test_a_negative_limit_is_refused(runner: FakeStartingRunner) -> None:
     with pytest.raises(ValueError, match="limit"):
         Pool(size=1, runner=runner, limit=-1)
