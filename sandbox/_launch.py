@@ -597,20 +597,25 @@ class Sandbox(WarmSandbox):
         unused = not self.used
         self.used = True
         self.channel.remove()
-        if self.watch is not None:
-            self.watch.stop()
-            if unused:  # a warm sandbox never used: its trace is of no load
-                from . import _gvisor
-
-                _gvisor.remove(self.watch.locate())
+        watch = self.watch
+        if watch is not None:
+            watch.stop()
         if keep_logs:
             self.logs = _bounded_logs(self.engine, self.cid)
-        if background:
-            threading.Thread(
-                target=_remove, args=(self.engine, self.cid), name="model-sandbox-remove"
-            ).start()
-        else:
+
+        def remove() -> None:
             _remove(self.engine, self.cid)
+            if watch is not None and unused:
+                # a warm sandbox never used: its trace is of no load. Looked for once the
+                # container is gone: a sentry still booting may not have named it in its log yet
+                from . import _gvisor
+
+                _gvisor.remove(watch.locate())
+
+        if background:
+            threading.Thread(target=remove, name="model-sandbox-remove").start()
+        else:
+            remove()
 
 
 def channel_alive(channel: Channel) -> bool:
@@ -709,13 +714,3 @@ def sweep_orphans(engine: _engine.Engine) -> int:
         _remove(engine, str(c.get("Id", "")))
         removed += 1
     return removed
-
-
-def cleanup_leftovers(engine: _engine.Engine | None = None) -> int:
-    """Remove any worker container of ours still present (a crashed host process). Returns count."""
-    engine = engine or connect()
-    count = 0
-    for c in engine.containers([f"{LABEL}=worker"]):
-        _remove(engine, str(c.get("Id", "")))
-        count += 1
-    return count
