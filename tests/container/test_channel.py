@@ -28,6 +28,7 @@ def running(label: str) -> list[str]:
     return [c["Id"] for c in connect().containers([f"{LABEL}=worker", label], running=True)]
 
 
+@pytest.mark.serial  # another process's orphan sweep would remove what this test watches
 def test_a_sigkilled_scan_leaves_no_running_container(tmp_path: Path) -> None:
     """The host's end of the channel closes with its process; the supervisor sees it and the
     container exits: nothing keeps working for a minute after its owner is gone."""

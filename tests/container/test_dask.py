@@ -39,6 +39,9 @@ from tests import checkpoints as ck
 from tests.container.conftest import Cli
 from tests.fakes import snapshot, st_content
 
+# Alone on the engine: a SIGKILLed worker's sandboxes are orphans until the test removes them, and
+# another test process's end-of-session check would count them as its own leftovers meanwhile.
+pytestmark = pytest.mark.serial
 DASK = Path(sys.executable).with_name("dask")
 BENIGN = 12
 

@@ -229,10 +229,10 @@ def scan_a_sleeper(
 ) -> tuple[subprocess.Popen[str], list[str]]:
     """Start the CLI's scan of a file whose payload sleeps for two minutes (its stdout and
     stderr to ``output``) and wait, 60 s at most, for its sandbox: the process, and the ids of
-    the worker containers that started meanwhile (none: the sandbox never started)."""
+    the worker containers it started (none: the sandbox never started)."""
     import time
 
-    from sandbox._launch import LABEL
+    from sandbox._launch import LABEL, OWNER_LABEL
 
     before = {c["Id"] for c in client.containers([f"{LABEL}=worker"])}
     payload = ck.code_payload("import time\ntime.sleep(120)")
@@ -240,11 +240,12 @@ def scan_a_sleeper(
     proc = subprocess.Popen(
         [sys.executable, "-m", "sandbox", "scan", str(path)], stdout=output, stderr=output, text=True
     )
+    owner = f"{os.uname().nodename}:{proc.pid}"  # its containers, not another test process's
     try:
         deadline = time.monotonic() + 60
         ours: list[str] = []
         while not ours and time.monotonic() < deadline:
-            running = client.containers([f"{LABEL}=worker"], running=True)
+            running = client.containers([f"{LABEL}=worker", f"{OWNER_LABEL}={owner}"], running=True)
             ours = [c["Id"] for c in running if c["Id"] not in before]
             time.sleep(0.2)
     except BaseException:
@@ -254,6 +255,7 @@ def scan_a_sleeper(
     return proc, ours
 
 
+@pytest.mark.serial  # another process's orphan sweep would remove what this test watches
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
     import signal
@@ -277,6 +279,7 @@ def test_interrupted_cli_leaves_no_container(tmp_path: Path, sig: str) -> None:
     assert proc.returncode != 0
 
 
+@pytest.mark.serial  # another process's orphan sweep would remove what this test watches
 def test_sigkilled_cli_container_is_swept_by_the_next_run(tmp_path: Path) -> None:
     import signal
 

@@ -30,7 +30,8 @@ from tests.conftest import IN_CI, Listener
 from tests.container.conftest import Cli
 from tests.fakes import finding
 
-pytestmark = pytest.mark.container
+# one worker runs them all, in order: the last looks for traces left in the runtime's shared log directory
+pytestmark = [pytest.mark.container, pytest.mark.xdist_group("gvisor")]
 AUDIT = sandbox.Policy.audit()  # record everything, stop nothing
 
 
