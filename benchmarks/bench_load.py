@@ -13,7 +13,9 @@ runs, the peak host RSS the case added to this process, and a ratio (ours / base
 * batch conversion of ``--small-files`` small files and ``--big-files`` files of
   ``--big-file-mb``: ``run_batch`` with ``--jobs`` (default: the number of cores) against
   ``torch.load`` + ``save_file`` in as many processes, as files/s and MB/s; through the Docker
-  runner and, where bubblewrap can run, the daemonless bwrap runner;
+  runner and, where bubblewrap can run, the daemonless bwrap runner; beside the small files,
+  the engine's floor: as many containers that run an empty interpreter, as many at once (one
+  container per file costs that much on this machine before any sandbox work);
 * ``model-sandbox convert small.pt -o out`` in a new process, end to end;
 
 then one MET/MISSED line per performance target. Asserts nothing; a case that raises prints
@@ -320,6 +322,52 @@ def sha256_file(path: str) -> str:
         os.close(fd)
 
 
+def empty_containers(count: int, jobs: int) -> int:
+    """The engine's own floor: ``count`` containers of the worker image that run an empty
+    interpreter (``python3 -I -S -c pass``, no network), created, started, waited for and removed
+    through the engine client, ``jobs`` at a time. No sandbox work at all: what one container per
+    file costs on this machine before the first byte of a checkpoint is read."""
+    runner = _launch.DockerRunner()
+    image, engine = runner.ensure_image(), runner.engine
+    tasks = iter(range(count))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if errors or next(tasks, None) is None:
+                    return
+            try:
+                cid = engine.create(
+                    {
+                        "Image": image,
+                        "Entrypoint": ["/opt/python/bin/python3", "-I", "-S", "-c", "pass"],
+                        "Cmd": [],
+                        "Labels": {"model-sandbox.bench": "floor"},
+                        "HostConfig": {"NetworkMode": "none"},
+                    }
+                )
+                try:
+                    engine.start(cid)
+                    engine.wait(cid, 60.0)
+                finally:
+                    engine.remove(cid)
+            except BaseException as exc:  # reported by the row, after every thread ends
+                with lock:
+                    errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(max(1, jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return count
+
+
 def in_process_batch(pairs: Sequence[tuple[str, str]], jobs: int) -> int:
     """``hf_style_convert`` over ``pairs`` in ``jobs`` spawned processes (their start-up, each
     importing torch, is counted, as the sandbox batch's start-up is)."""
@@ -502,6 +550,11 @@ class Bench:
         rate_row(f"ours: run_batch(jobs={jobs})", mine, len(files), nbytes, base)
         self.results[f"{key}:base"] = base
         self.results[f"{key}:ours"] = mine
+        if key == "small":  # what one container per file costs before any work: the ceiling
+            self.settle()
+            floor = measure(lambda: empty_containers(len(files), jobs), self.args.repeat, before=self.settle)
+            rate_row(f"floor: {len(files)} empty containers, {jobs} at once", floor, len(files), nbytes, base)
+            self.results[f"{key}:floor"] = floor
         if self.bwrap:  # the daemonless runner: the same sandbox, no engine between
             self.settle()
             daemonless = measure(lambda: ours("bwrap"), self.args.repeat, before=self.settle)
@@ -668,6 +721,9 @@ class Bench:
                 n = self.info["small"][0]
                 rate = n / ours.median
                 caveat = "" if n == 200 else f" [measured on {n} files]"
+                floor = get("small:floor") if key == "small:ours" else None
+                if floor:  # the engine's ceiling on this machine, whatever the sandbox does
+                    caveat += f"; empty containers alone: {n / floor.median:.2f} files/s"
                 verdict(
                     rate >= SMALL_MIN_FILES_S,
                     f"{text}: {rate:.2f} files/s ({n} files in {_s(ours.median)} s){caveat}",
