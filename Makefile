@@ -33,13 +33,13 @@ image: venv engine ## build the worker image (offline) and the bwrap runner's ro
 demo: image ## convert a benign and a hostile checkpoint that the demo generates
 	$(BIN)/python examples/demo.py
 
-# The suite runs in TEST_JOBS processes (pytest-xdist; the gVisor tests share one), then the tests
+# The suite runs in TEST_JOBS processes (pytest-xdist), then the tests
 # marked `serial` alone on the engine (they kill processes that own containers). Exit code 5 of a
 # part: PYTEST_ARGS selected none of its tests.
 TEST_JOBS ?= 2
 
 test: image browser ## the whole suite, container tests included (TEST_JOBS=2 processes, then the serial tests)
-	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadgroup -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-unit: venv ## tests that need no Docker engine

@@ -132,6 +132,7 @@ class Job:
 
     config: P.JobConfig
     input_fd: int
+    input_size: int = 0  # the host's own figure (not sent): a pool holds its refill for big ones
 
     @property
     def output_bytes(self) -> int:
@@ -158,6 +159,7 @@ def make_job(
             layout=layout,
         ),
         input_fd,
+        input_size,
     )
 
 
@@ -179,9 +181,13 @@ class RunResult:
     limits: dict[str, str] = field(default_factory=dict)  # limit -> what enforced it
     runtime: str = "runc"  # the engine's runtime: runc, or runsc (gVisor)
     trace: _gvisor.Trace | None = None  # under gVisor: what the host read of the sentry's trace
+    on_close: Callable[[], None] | None = None  # called once, by the first close
 
     def close(self) -> None:
         self.received.close()
+        done, self.on_close = self.on_close, None
+        if done is not None:
+            done()
 
 
 class Runner(Protocol):
@@ -597,25 +603,20 @@ class Sandbox(WarmSandbox):
         unused = not self.used
         self.used = True
         self.channel.remove()
-        watch = self.watch
-        if watch is not None:
-            watch.stop()
-        if keep_logs:
-            self.logs = _bounded_logs(self.engine, self.cid)
-
-        def remove() -> None:
-            _remove(self.engine, self.cid)
-            if watch is not None and unused:
-                # a warm sandbox never used: its trace is of no load. Looked for once the
-                # container is gone: a sentry still booting may not have named it in its log yet
+        if self.watch is not None:
+            self.watch.stop()
+            if unused:  # a warm sandbox never used: its trace is of no load
                 from . import _gvisor
 
-                _gvisor.remove(watch.locate())
-
+                _gvisor.remove(self.watch.locate())
+        if keep_logs:
+            self.logs = _bounded_logs(self.engine, self.cid)
         if background:
-            threading.Thread(target=remove, name="model-sandbox-remove").start()
+            threading.Thread(
+                target=_remove, args=(self.engine, self.cid), name="model-sandbox-remove"
+            ).start()
         else:
-            remove()
+            _remove(self.engine, self.cid)
 
 
 def channel_alive(channel: Channel) -> bool:

@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 __all__ = ["Pool"]
 
 _WAIT_FOR_STARTING_S = 60.0
+# A job on an input this large holds back the start of the sandbox that replaces the one it took
+# until its result is closed (the caller has what it asked for): its load keeps the host's cores
+# busy (hash, read, placement), and a container start beside it (~0.4 s of CPU) slows it more
+# than a ready sandbox would save the next call.
+HOLD_REFILL_BYTES = 256 * 2**20
 
 
 class Pool:
@@ -47,7 +52,9 @@ class Pool:
     runner its sandboxes come from, or its name (``"docker"``, ``"bwrap"``, ``"auto"``); by
     default ``$MODEL_SANDBOX_RUNNER``, else ``auto``. ``limit``: at most this many sandboxes
     started ahead in the pool's life (a batch knows how many files it has: none is started
-    for a job that will never come); jobs past it get a fresh sandbox each."""
+    for a job that will never come); jobs past it get a fresh sandbox each. A job on an input of
+    :data:`HOLD_REFILL_BYTES` or more holds back the start of its replacement until the call
+    that made it returns."""
 
     def __init__(
         self,
@@ -83,6 +90,7 @@ class Pool:
         self._spec: _launch.ContainerSpec | None = None
         self._ready: deque[_launch.Box] = deque()
         self._starting = 0
+        self._held = 0  # jobs on big inputs in flight: each holds back one refill
         self._lock = threading.Condition()
         self._making = threading.Lock()
         self._closed = False
@@ -116,17 +124,31 @@ class Pool:
     def run(self, spec: _launch.ContainerSpec, job: _launch.Job) -> _launch.RunResult:
         """Run ``job`` in a warm sandbox of ``spec`` if one is ready, else in a fresh one."""
         spec = self._labelled(spec)
-        box = self._take(spec, full=not job.config.layout)
-        if box is None:
-            with self._lock:
-                self.served_cold += 1
-            result = self.runner.start(spec, prepare=False).run(job)
-        else:
-            with self._lock:
-                self.served_warm += 1
-            result = box.run(job)
-            result.warm = True
+        hold = job.input_size >= HOLD_REFILL_BYTES
+        box = self._take(spec, full=not job.config.layout, hold=hold)
+        try:
+            if box is None:
+                with self._lock:
+                    self.served_cold += 1
+                result = self.runner.start(spec, prepare=False).run(job)
+            else:
+                with self._lock:
+                    self.served_warm += 1
+                result = box.run(job)
+                result.warm = True
+        except BaseException:
+            if hold:
+                self._release()
+            raise
+        if hold:
+            result.on_close = self._release
         return result
+
+    def _release(self) -> None:
+        """A big job's result was closed: the refill it held back may start."""
+        with self._lock:
+            self._held -= 1
+            self._lock.notify_all()
 
     def _learn(self, full: bool) -> None:
         """Adapt ``prepare`` to the jobs, as each arrives (so the sandbox started to replace
@@ -141,7 +163,12 @@ class Pool:
             if self._layouts_in_a_row >= 3:
                 self._prepare = False
 
-    def _take(self, spec: _launch.ContainerSpec, full: bool = False) -> _launch.Box | None:
+    def _take(
+        self, spec: _launch.ContainerSpec, full: bool = False, hold: bool = False
+    ) -> _launch.Box | None:
+        """A ready sandbox of ``spec`` (waiting for one already starting), or None: the job
+        goes cold. ``hold``: the refill waits until :meth:`_release` (counted here, under the
+        lock, before the filler is woken)."""
         with self._lock:
             if self._closed:
                 raise SandboxError("the pool is closed")
@@ -149,6 +176,7 @@ class Pool:
             if self._spec is None:
                 self._spec = spec
             elif self._spec != spec:
+                self._held += hold  # released as any other: the pool's own refills wait too
                 return None
             self._ensure_thread()
             self._lock.notify_all()  # wake the filler: a job wants a sandbox
@@ -181,6 +209,7 @@ class Pool:
                     box = candidate
                     break
                 threading.Thread(target=candidate.discard, daemon=True).start()
+            self._held += hold
             self._lock.notify_all()  # the filler replaces what was taken
             return box
 
@@ -225,7 +254,9 @@ class Pool:
         while True:
             with self._lock:
                 while not self._closed and (
-                    len(self._ready) + self._starting >= self.size or self._spec is None or self._spent()
+                    len(self._ready) + self._starting >= self.size - self._held
+                    or self._spec is None
+                    or self._spent()
                 ):
                     self._lock.wait(1.0)
                 if self._closed:

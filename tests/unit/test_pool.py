@@ -134,6 +134,48 @@ def test_each_job_runs_in_a_sandbox_of_its_own_and_the_pool_refills(
     assert len(runner.calls) == 2 + 5  # exactly one start per sandbox used
 
 
+def big_job(n: int = 0) -> Job:
+    """A job on an input of :data:`_pool.HOLD_REFILL_BYTES`: its refill waits for its close."""
+    return make_job(Policy.default(), input_fd=2000 + n, input_size=_pool.HOLD_REFILL_BYTES)
+
+
+def test_a_big_job_holds_back_its_refill_until_its_result_is_closed(
+    new: Callable[..., Pool], runner: FakeStartingRunner
+) -> None:
+    pool = new(1).warm(wait=True)
+    result = pool.run(SPEC, big_job())
+    assert result.warm and len(runner.calls) == 1
+    # nothing starts beside the big load while the caller still works on its result
+    assert pool.warm(wait=True, timeout_s=0.5).ready == 0
+    assert len(runner.calls) == 1 and pool._starting == 0
+    result.close()
+    assert until(pool, lambda: len(pool._ready) == 1)
+    result.close()  # a second close releases nothing more
+    assert pool._held == 0 and len(runner.calls) == 2
+    # a small job's refill starts at once, before its result is closed
+    small = pool.run(SPEC, job(1))
+    assert until(pool, lambda: len(pool._ready) == 1)
+    small.close()
+
+
+def test_a_big_job_that_fails_releases_its_hold(new: Callable[..., Pool], runner: FakeStartingRunner) -> None:
+    pool = new(1).warm(wait=True)
+
+    def fail(box: FakeBox) -> None:
+        raise EngineError("the engine went away mid-job")
+
+    runner.on_run = fail
+    with pytest.raises(EngineError):
+        pool.run(SPEC, big_job())
+    runner.on_run = lambda box: None
+    assert until(pool, lambda: len(pool._ready) == 1 and pool._held == 0)
+    # and a big job of another spec (a fresh sandbox) holds and releases as well
+    other = pool.run(OTHER, big_job(1))
+    assert not other.warm and pool._held == 1
+    other.close()
+    assert pool._held == 0
+
+
 def test_a_limited_pool_starts_no_sandbox_past_its_limit(
     new: Callable[..., Pool], runner: FakeStartingRunner
 ) -> None:
