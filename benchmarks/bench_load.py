@@ -839,7 +839,8 @@ def header(args: argparse.Namespace, tmp: Path) -> None:
         "row's median."
     )
     out("ours: cold = safe_load(runner=DockerRunner()); warm = Pool(size=1).safe_load with a ready sandbox")
-    out("  (warm-up untimed); back-to-back = the same pool, calls with no wait (refill in the background).")
+    out("  (warm-up untimed); back-to-back = the same pool, calls with no wait (refill in the background,")
+    out("  started only once the last call returned for inputs of 256 MiB or more: HOLD_REFILL_BYTES).")
 
 
 def _bwrap_usable() -> bool:
